@@ -1,0 +1,259 @@
+//! API errors, rendered as upstream `Status` objects.
+
+use serde_json::{json, Value};
+
+/// One invalid field, as upstream's `field.Error`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// `FieldValueRequired`, `FieldValueInvalid`, `FieldValueNotSupported`, `FieldValueForbidden`, ...
+    pub reason: &'static str,
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn required(field: impl Into<String>, detail: &str) -> Self {
+        let message = if detail.is_empty() {
+            "Required value".to_string()
+        } else {
+            format!("Required value: {detail}")
+        };
+        Self { reason: "FieldValueRequired", field: field.into(), message }
+    }
+
+    pub fn invalid(field: impl Into<String>, value: &Value, detail: &str) -> Self {
+        Self {
+            reason: "FieldValueInvalid",
+            field: field.into(),
+            message: format!("Invalid value: {}: {detail}", render_value(value)),
+        }
+    }
+
+    pub fn not_supported(field: impl Into<String>, value: &Value, allowed: &[&str]) -> Self {
+        let allowed: Vec<String> = allowed.iter().map(|a| format!("\"{a}\"")).collect();
+        Self {
+            reason: "FieldValueNotSupported",
+            field: field.into(),
+            message: format!(
+                "Unsupported value: {}: supported values: {}",
+                render_value(value),
+                allowed.join(", ")
+            ),
+        }
+    }
+
+    pub fn forbidden(field: impl Into<String>, detail: &str) -> Self {
+        Self { reason: "FieldValueForbidden", field: field.into(), message: format!("Forbidden: {detail}") }
+    }
+
+    pub fn duplicate(field: impl Into<String>, value: &Value) -> Self {
+        Self {
+            reason: "FieldValueDuplicate",
+            field: field.into(),
+            message: format!("Duplicate value: {}", render_value(value)),
+        }
+    }
+
+    /// Upstream's rendering: `spec.replicas: Invalid value: -1: must be ...`.
+    pub fn to_line(&self) -> String {
+        format!("{}: {}", self.field, self.message)
+    }
+}
+
+fn render_value(value: &Value) -> String {
+    match value {
+        Value::String(s) => format!("\"{s}\""),
+        other => other.to_string(),
+    }
+}
+
+/// An error the API answers with: an HTTP code, an upstream reason, and a message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiError {
+    pub code: u16,
+    pub reason: &'static str,
+    pub message: String,
+    pub details: Option<Value>,
+    /// Extra headers such as `Retry-After`.
+    pub retry_after_seconds: Option<u64>,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.code, self.reason, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
+        Self { code, reason, message: message.into(), details: None, retry_after_seconds: None }
+    }
+
+    fn with_details(mut self, details: Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "BadRequest", message)
+    }
+
+    /// `pods "x" not found`
+    pub fn not_found(group: &str, resource: &str, name: &str) -> Self {
+        Self::new(404, "NotFound", format!("{} \"{name}\" not found", qualified(group, resource)))
+            .with_details(details(group, resource, name))
+    }
+
+    pub fn already_exists(group: &str, resource: &str, name: &str) -> Self {
+        Self::new(409, "AlreadyExists", format!("{} \"{name}\" already exists", qualified(group, resource)))
+            .with_details(details(group, resource, name))
+    }
+
+    pub fn conflict(group: &str, resource: &str, name: &str, detail: &str) -> Self {
+        Self::new(
+            409,
+            "Conflict",
+            format!("Operation cannot be fulfilled on {} \"{name}\": {detail}", qualified(group, resource)),
+        )
+        .with_details(details(group, resource, name))
+    }
+
+    /// The standard optimistic-concurrency conflict.
+    pub fn modified(group: &str, resource: &str, name: &str) -> Self {
+        Self::conflict(
+            group,
+            resource,
+            name,
+            "the object has been modified; please apply your changes to the latest version and try again",
+        )
+    }
+
+    /// 422 with one cause per invalid field: `Deployment.apps "x" is invalid: [...]`.
+    pub fn invalid(group: &str, kind: &str, name: &str, errors: &[FieldError]) -> Self {
+        let qualified_kind = if group.is_empty() { kind.to_string() } else { format!("{kind}.{group}") };
+        let summary = match errors {
+            [one] => one.to_line(),
+            many => format!("[{}]", many.iter().map(FieldError::to_line).collect::<Vec<_>>().join(", ")),
+        };
+        let causes: Vec<Value> = errors
+            .iter()
+            .map(|e| json!({"reason": e.reason, "message": e.message, "field": e.field}))
+            .collect();
+        let mut d = json!({"name": name, "kind": kind, "causes": causes});
+        if !group.is_empty() {
+            d["group"] = json!(group);
+        }
+        Self::new(422, "Invalid", format!("{qualified_kind} \"{name}\" is invalid: {summary}")).with_details(d)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(403, "Forbidden", message)
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(401, "Unauthorized", "Unauthorized")
+    }
+
+    pub fn method_not_allowed(message: impl Into<String>) -> Self {
+        Self::new(405, "MethodNotAllowed", message)
+    }
+
+    pub fn gone(message: impl Into<String>) -> Self {
+        Self::new(410, "Expired", message)
+    }
+
+    pub fn too_large() -> Self {
+        Self::new(413, "RequestEntityTooLarge", "the server rejected our request because the request body is too large")
+    }
+
+    pub fn unsupported_media_type(content_type: &str) -> Self {
+        Self::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/json-patch+json, application/merge-patch+json (got {content_type:?})"))
+    }
+
+    pub fn not_acceptable(message: impl Into<String>) -> Self {
+        Self::new(406, "NotAcceptable", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "InternalError", format!("Internal error occurred: {}", message.into()))
+    }
+
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(504, "Timeout", message)
+    }
+
+    pub fn service_unavailable(message: impl Into<String>) -> Self {
+        Self::new(503, "ServiceUnavailable", message)
+    }
+
+    /// The `Status` object for this error.
+    pub fn to_status(&self) -> Value {
+        let mut status = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        });
+        if let Some(details) = &self.details {
+            status["details"] = details.clone();
+        }
+        if let Some(seconds) = self.retry_after_seconds {
+            status["details"]["retryAfterSeconds"] = json!(seconds);
+        }
+        status
+    }
+}
+
+/// `deployments.apps` or `pods`.
+pub fn qualified(group: &str, resource: &str) -> String {
+    if group.is_empty() {
+        resource.to_string()
+    } else {
+        format!("{resource}.{group}")
+    }
+}
+
+fn details(group: &str, resource: &str, name: &str) -> Value {
+    let mut d = json!({"name": name, "kind": resource});
+    if !group.is_empty() {
+        d["group"] = json!(group);
+    }
+    d
+}
+
+/// A successful `Status`, as returned by deletes.
+pub fn success_status(group: &str, resource: &str, name: &str, uid: &str) -> Value {
+    let mut d = details(group, resource, name);
+    d["uid"] = json!(uid);
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": d})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_match_upstream_wording() {
+        assert_eq!(ApiError::not_found("apps", "deployments", "web").message, "deployments.apps \"web\" not found");
+        assert_eq!(ApiError::not_found("", "pods", "p").message, "pods \"p\" not found");
+        let e = ApiError::invalid(
+            "",
+            "ConfigMap",
+            "Bad_Name",
+            &[FieldError::invalid("metadata.name", &json!("Bad_Name"), "must be lower case")],
+        );
+        assert_eq!(e.code, 422);
+        assert_eq!(
+            e.message,
+            "ConfigMap \"Bad_Name\" is invalid: metadata.name: Invalid value: \"Bad_Name\": must be lower case"
+        );
+        assert_eq!(e.to_status()["details"]["causes"][0]["field"], "metadata.name");
+    }
+}

@@ -1,0 +1,480 @@
+//! The table of served kinds. Everything kind-specific the generic REST path needs is
+//! here: scope, names, subresources, storage location, the typed schema used for
+//! validation, field selectors and the strategy with per-kind defaulting and validation.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::{
+    apps::v1 as apps, autoscaling::v1 as autoscaling1, autoscaling::v2 as autoscaling2, batch::v1 as batch,
+    certificates::v1 as certificates, coordination::v1 as coordination, core::v1 as core,
+    discovery::v1 as discovery, events::v1 as events, networking::v1 as networking, node::v1 as node,
+    policy::v1 as policy, rbac::v1 as rbac, scheduling::v1 as scheduling, storage::v1 as storage,
+};
+use k8s_openapi::{ClusterResourceScope, NamespaceResourceScope, Resource};
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::Value;
+
+use crate::convert::{self, Conversion};
+use crate::strategy::{self, Strategy};
+use crate::validation::NameRule;
+
+/// Verbs of a fully served resource.
+pub const ALL_VERBS: &[&str] = &["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
+
+/// Maps a k8s-openapi scope type to "is namespaced".
+pub trait ScopeInfo {
+    const NAMESPACED: bool;
+}
+impl ScopeInfo for NamespaceResourceScope {
+    const NAMESPACED: bool = true;
+}
+impl ScopeInfo for ClusterResourceScope {
+    const NAMESPACED: bool = false;
+}
+
+/// Checks a JSON object against a typed schema and returns its canonical form (unknown
+/// fields dropped), or the decoding error.
+pub type TypedRoundTrip = fn(&Value) -> Result<Value, String>;
+
+fn round_trip<T: DeserializeOwned + Serialize>(value: &Value) -> Result<Value, String> {
+    let typed = T::deserialize(value).map_err(|e| e.to_string())?;
+    serde_json::to_value(typed).map_err(|e| e.to_string())
+}
+
+/// Where a resource's objects live in the store; several served versions may share one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StorageResource {
+    pub group: &'static str,
+    pub resource: &'static str,
+}
+
+/// The scale subresource's view of a kind.
+#[derive(Clone, Copy, Debug)]
+pub struct ScaleInfo {
+    pub spec_replicas: &'static [&'static str],
+    pub status_replicas: &'static [&'static str],
+    pub selector: &'static [&'static str],
+}
+
+pub const STANDARD_SCALE: ScaleInfo = ScaleInfo {
+    spec_replicas: &["spec", "replicas"],
+    status_replicas: &["status", "replicas"],
+    selector: &["spec", "selector"],
+};
+
+/// One served group/version/resource.
+pub struct KindInfo {
+    pub group: String,
+    pub version: String,
+    pub kind: String,
+    pub plural: String,
+    pub singular: String,
+    pub namespaced: bool,
+    pub short_names: Vec<String>,
+    pub categories: Vec<String>,
+    pub verbs: Vec<String>,
+    pub status: bool,
+    pub scale: Option<ScaleInfo>,
+    /// `metadata.generation` moves when anything outside metadata and status changes.
+    pub generation: bool,
+    pub name_rule: NameRule,
+    pub storage: StorageResource,
+    /// The version objects are stored in converts from/to this one (None: stored as is).
+    pub conversion: Option<&'static dyn Conversion>,
+    pub typed: Option<TypedRoundTrip>,
+    pub strategy: &'static dyn Strategy,
+    /// Extra field selectors beyond metadata.name/metadata.namespace: (label, path into
+    /// the stored form of the object).
+    pub field_selectors: &'static [(&'static str, &'static [&'static str])],
+}
+
+impl KindInfo {
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    pub fn list_kind(&self) -> String {
+        format!("{}List", self.kind)
+    }
+
+    /// The value of a supported field selector on `obj`, or None if unsupported.
+    pub fn field_value(&self, obj: &Value, field: &str) -> Option<String> {
+        let path: &[&str] = match field {
+            "metadata.name" => &["metadata", "name"],
+            "metadata.namespace" => &["metadata", "namespace"],
+            other => self.field_selectors.iter().find(|(label, _)| *label == other)?.1,
+        };
+        Some(match crate::object::get(obj, path) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Null) | None => String::new(),
+            Some(other) => other.to_string(),
+        })
+    }
+
+    pub fn supports_field(&self, field: &str) -> bool {
+        matches!(field, "metadata.name" | "metadata.namespace")
+            || self.field_selectors.iter().any(|(label, _)| *label == field)
+    }
+
+    pub fn field_labels(&self) -> Vec<&str> {
+        let mut labels = vec!["metadata.name", "metadata.namespace"];
+        labels.extend(self.field_selectors.iter().map(|(l, _)| *l));
+        labels
+    }
+}
+
+struct Builder(KindInfo);
+
+fn kind<T>() -> Builder
+where
+    T: Resource + DeserializeOwned + Serialize,
+    T::Scope: ScopeInfo,
+{
+    let info = KindInfo {
+        group: T::GROUP.to_string(),
+        version: T::VERSION.to_string(),
+        kind: T::KIND.to_string(),
+        plural: T::URL_PATH_SEGMENT.to_string(),
+        singular: T::KIND.to_lowercase(),
+        namespaced: <T::Scope as ScopeInfo>::NAMESPACED,
+        short_names: vec![],
+        categories: vec![],
+        verbs: ALL_VERBS.iter().map(|v| v.to_string()).collect(),
+        status: false,
+        scale: None,
+        generation: false,
+        name_rule: NameRule::Subdomain,
+        storage: StorageResource { group: T::GROUP, resource: T::URL_PATH_SEGMENT },
+        conversion: None,
+        typed: Some(round_trip::<T>),
+        strategy: &strategy::Plain,
+        field_selectors: &[],
+    };
+    Builder(info)
+}
+
+impl Builder {
+    fn short(mut self, names: &[&str]) -> Self {
+        self.0.short_names = names.iter().map(|s| s.to_string()).collect();
+        self
+    }
+    fn all(mut self) -> Self {
+        self.0.categories = vec!["all".to_string()];
+        self
+    }
+    /// Has a status subresource (and so a generation).
+    fn status(mut self) -> Self {
+        self.0.status = true;
+        self.0.generation = true;
+        self
+    }
+    fn status_only(mut self) -> Self {
+        self.0.status = true;
+        self
+    }
+    fn scale(mut self) -> Self {
+        self.0.scale = Some(STANDARD_SCALE);
+        self
+    }
+    fn names(mut self, rule: NameRule) -> Self {
+        self.0.name_rule = rule;
+        self
+    }
+    fn strategy(mut self, s: &'static dyn Strategy) -> Self {
+        self.0.strategy = s;
+        self
+    }
+    fn fields(mut self, f: &'static [(&'static str, &'static [&'static str])]) -> Self {
+        self.0.field_selectors = f;
+        self
+    }
+    fn verbs(mut self, verbs: &[&str]) -> Self {
+        self.0.verbs = verbs.iter().map(|s| s.to_string()).collect();
+        self
+    }
+    /// Served from another version's storage through `conversion`.
+    fn stored_as(mut self, group: &'static str, resource: &'static str, conversion: &'static dyn Conversion) -> Self {
+        self.0.storage = StorageResource { group, resource };
+        self.0.conversion = Some(conversion);
+        self
+    }
+}
+
+const POD_FIELDS: &[(&str, &[&str])] = &[
+    ("spec.nodeName", &["spec", "nodeName"]),
+    ("spec.restartPolicy", &["spec", "restartPolicy"]),
+    ("spec.schedulerName", &["spec", "schedulerName"]),
+    ("spec.serviceAccountName", &["spec", "serviceAccountName"]),
+    ("spec.hostNetwork", &["spec", "hostNetwork"]),
+    ("status.phase", &["status", "phase"]),
+    ("status.podIP", &["status", "podIP"]),
+    ("status.nominatedNodeName", &["status", "nominatedNodeName"]),
+];
+const EVENT_FIELDS: &[(&str, &[&str])] = &[
+    ("involvedObject.kind", &["involvedObject", "kind"]),
+    ("involvedObject.namespace", &["involvedObject", "namespace"]),
+    ("involvedObject.name", &["involvedObject", "name"]),
+    ("involvedObject.uid", &["involvedObject", "uid"]),
+    ("involvedObject.apiVersion", &["involvedObject", "apiVersion"]),
+    ("involvedObject.resourceVersion", &["involvedObject", "resourceVersion"]),
+    ("involvedObject.fieldPath", &["involvedObject", "fieldPath"]),
+    ("reason", &["reason"]),
+    ("reportingComponent", &["reportingComponent"]),
+    ("source", &["source", "component"]),
+    ("type", &["type"]),
+];
+/// events.k8s.io/v1 selects under its own field names; paths are into the stored (core/v1) form.
+const EVENTS_V1_FIELDS: &[(&str, &[&str])] = &[
+    ("regarding.kind", &["involvedObject", "kind"]),
+    ("regarding.namespace", &["involvedObject", "namespace"]),
+    ("regarding.name", &["involvedObject", "name"]),
+    ("regarding.uid", &["involvedObject", "uid"]),
+    ("reason", &["reason"]),
+    ("reportingController", &["reportingComponent"]),
+    ("type", &["type"]),
+];
+const SECRET_FIELDS: &[(&str, &[&str])] = &[("type", &["type"])];
+const NAMESPACE_FIELDS: &[(&str, &[&str])] = &[("status.phase", &["status", "phase"])];
+const NODE_FIELDS: &[(&str, &[&str])] = &[("spec.unschedulable", &["spec", "unschedulable"])];
+const REPLICAS_FIELDS: &[(&str, &[&str])] = &[("status.replicas", &["status", "replicas"])];
+const JOB_FIELDS: &[(&str, &[&str])] = &[("status.successful", &["status", "successful"])];
+const CSR_FIELDS: &[(&str, &[&str])] = &[("spec.signerName", &["spec", "signerName"])];
+const SERVICE_FIELDS: &[(&str, &[&str])] = &[("spec.clusterIP", &["spec", "clusterIP"]), ("spec.type", &["spec", "type"])];
+
+/// Every built-in kind krate serves.
+pub fn builtin_kinds() -> Vec<KindInfo> {
+    use strategy::*;
+    vec![
+        // core/v1
+        kind::<core::ConfigMap>().short(&["cm"]).strategy(&ConfigMapStrategy).0,
+        kind::<core::Endpoints>().short(&["ep"]).strategy(&EndpointsStrategy).0,
+        kind::<core::Event>().short(&["ev"]).fields(EVENT_FIELDS).0,
+        kind::<core::LimitRange>().short(&["limits"]).0,
+        kind::<core::Namespace>()
+            .short(&["ns"])
+            .status_only()
+            .names(NameRule::Label)
+            .fields(NAMESPACE_FIELDS)
+            .strategy(&NamespaceStrategy)
+            .0,
+        kind::<core::Node>().short(&["no"]).status_only().fields(NODE_FIELDS).strategy(&NodeStrategy).0,
+        kind::<core::PersistentVolumeClaim>().short(&["pvc"]).status_only().strategy(&PvcStrategy).0,
+        kind::<core::PersistentVolume>().short(&["pv"]).status_only().strategy(&PvStrategy).0,
+        kind::<core::Pod>().short(&["po"]).all().status().fields(POD_FIELDS).strategy(&PodStrategy).0,
+        kind::<core::PodTemplate>().strategy(&PodTemplateStrategy).0,
+        kind::<core::ReplicationController>()
+            .short(&["rc"])
+            .all()
+            .status()
+            .scale()
+            .fields(REPLICAS_FIELDS)
+            .strategy(&ReplicationControllerStrategy)
+            .0,
+        kind::<core::ResourceQuota>().short(&["quota"]).status_only().strategy(&ResetStatusStrategy).0,
+        kind::<core::Secret>().fields(SECRET_FIELDS).strategy(&SecretStrategy).0,
+        kind::<core::ServiceAccount>().short(&["sa"]).0,
+        kind::<core::Service>()
+            .short(&["svc"])
+            .all()
+            .status_only()
+            .names(NameRule::Dns1035)
+            .fields(SERVICE_FIELDS)
+            .strategy(&ServiceStrategy)
+            .0,
+        // apps/v1
+        kind::<apps::ControllerRevision>().0,
+        kind::<apps::DaemonSet>().short(&["ds"]).all().status().strategy(&DaemonSetStrategy).0,
+        kind::<apps::Deployment>().short(&["deploy"]).all().status().scale().strategy(&DeploymentStrategy).0,
+        kind::<apps::ReplicaSet>()
+            .short(&["rs"])
+            .all()
+            .status()
+            .scale()
+            .fields(REPLICAS_FIELDS)
+            .strategy(&ReplicaSetStrategy)
+            .0,
+        kind::<apps::StatefulSet>().short(&["sts"]).all().status().scale().strategy(&StatefulSetStrategy).0,
+        // batch/v1
+        kind::<batch::CronJob>().short(&["cj"]).all().status().strategy(&CronJobStrategy).0,
+        kind::<batch::Job>().all().status().fields(JOB_FIELDS).strategy(&JobStrategy).0,
+        // autoscaling: v2 is the storage version, v1 converts.
+        kind::<autoscaling2::HorizontalPodAutoscaler>().short(&["hpa"]).all().status().strategy(&HpaStrategy).0,
+        kind::<autoscaling1::HorizontalPodAutoscaler>()
+            .short(&["hpa"])
+            .all()
+            .status()
+            .stored_as("autoscaling", "horizontalpodautoscalers", &convert::HPA_V1)
+            .strategy(&HpaStrategy)
+            .0,
+        kind::<coordination::Lease>().0,
+        kind::<discovery::EndpointSlice>().strategy(&EndpointSliceStrategy).0,
+        // events.k8s.io/v1 is a view of core/v1 events.
+        kind::<events::Event>()
+            .short(&["ev"])
+            .fields(EVENTS_V1_FIELDS)
+            .stored_as("", "events", convert::EVENTS_V1)
+            .0,
+        // networking.k8s.io/v1
+        kind::<networking::IngressClass>().0,
+        kind::<networking::Ingress>().short(&["ing"]).status_only().strategy(&ResetStatusStrategy).0,
+        kind::<networking::NetworkPolicy>().short(&["netpol"]).strategy(&NetworkPolicyStrategy).0,
+        kind::<networking::IPAddress>().short(&["ip"]).0,
+        kind::<networking::ServiceCIDR>().status_only().0,
+        kind::<policy::PodDisruptionBudget>().short(&["pdb"]).status().strategy(&ResetStatusStrategy).0,
+        // rbac.authorization.k8s.io/v1
+        kind::<rbac::ClusterRoleBinding>().names(NameRule::PathSegment).strategy(&RoleBindingStrategy).0,
+        kind::<rbac::ClusterRole>().names(NameRule::PathSegment).0,
+        kind::<rbac::RoleBinding>().names(NameRule::PathSegment).strategy(&RoleBindingStrategy).0,
+        kind::<rbac::Role>().names(NameRule::PathSegment).0,
+        kind::<scheduling::PriorityClass>().short(&["pc"]).strategy(&PriorityClassStrategy).0,
+        // storage.k8s.io/v1
+        kind::<storage::CSIDriver>().0,
+        kind::<storage::CSINode>().0,
+        kind::<storage::CSIStorageCapacity>().0,
+        kind::<storage::StorageClass>().short(&["sc"]).strategy(&StorageClassStrategy).0,
+        kind::<storage::VolumeAttachment>().status_only().0,
+        kind::<storage::VolumeAttributesClass>().short(&["vac"]).0,
+        kind::<node::RuntimeClass>().0,
+        kind::<certificates::CertificateSigningRequest>()
+            .short(&["csr"])
+            .status_only()
+            .fields(CSR_FIELDS)
+            .strategy(&ResetStatusStrategy)
+            .0,
+        // core/v1 bindings: create-only, used by schedulers (pods/binding is the subresource form).
+        kind::<core::Binding>().verbs(&["create"]).0,
+        kind::<core::ComponentStatus>().short(&["cs"]).verbs(&["get", "list"]).0,
+    ]
+}
+
+/// Preferred version per group, in upstream's discovery order.
+pub const GROUP_ORDER: &[(&str, &str)] = &[
+    ("", "v1"),
+    ("apps", "v1"),
+    ("events.k8s.io", "v1"),
+    ("autoscaling", "v2"),
+    ("batch", "v1"),
+    ("certificates.k8s.io", "v1"),
+    ("networking.k8s.io", "v1"),
+    ("policy", "v1"),
+    ("rbac.authorization.k8s.io", "v1"),
+    ("storage.k8s.io", "v1"),
+    ("scheduling.k8s.io", "v1"),
+    ("coordination.k8s.io", "v1"),
+    ("node.k8s.io", "v1"),
+    ("discovery.k8s.io", "v1"),
+];
+
+/// One API group as discovery shows it.
+#[derive(Clone, Debug)]
+pub struct GroupInfo {
+    pub name: String,
+    /// Served versions, preferred first.
+    pub versions: Vec<String>,
+}
+
+/// The lookup structure over served kinds. Immutable; rebuilt when kinds change (CRDs).
+pub struct Registry {
+    kinds: Vec<Arc<KindInfo>>,
+    by_resource: HashMap<(String, String, String), Arc<KindInfo>>,
+    groups: Vec<GroupInfo>,
+}
+
+impl Registry {
+    pub fn new(kinds: Vec<KindInfo>) -> Self {
+        let kinds: Vec<Arc<KindInfo>> = kinds.into_iter().map(Arc::new).collect();
+        let by_resource = kinds
+            .iter()
+            .map(|k| ((k.group.clone(), k.version.clone(), k.plural.clone()), k.clone()))
+            .collect();
+        let mut groups: Vec<GroupInfo> = Vec::new();
+        for (group, preferred) in GROUP_ORDER {
+            groups.push(GroupInfo { name: group.to_string(), versions: vec![preferred.to_string()] });
+        }
+        for k in &kinds {
+            match groups.iter_mut().find(|g| g.name == k.group) {
+                Some(g) if !g.versions.contains(&k.version) => g.versions.push(k.version.clone()),
+                Some(_) => {}
+                None => groups.push(GroupInfo { name: k.group.clone(), versions: vec![k.version.clone()] }),
+            }
+        }
+        groups.retain(|g| kinds.iter().any(|k| k.group == g.name));
+        Self { kinds, by_resource, groups }
+    }
+
+    pub fn builtin() -> Self {
+        Self::new(builtin_kinds())
+    }
+
+    pub fn lookup(&self, group: &str, version: &str, plural: &str) -> Option<&Arc<KindInfo>> {
+        self.by_resource.get(&(group.to_string(), version.to_string(), plural.to_string()))
+    }
+
+    pub fn kinds(&self) -> &[Arc<KindInfo>] {
+        &self.kinds
+    }
+
+    pub fn groups(&self) -> &[GroupInfo] {
+        &self.groups
+    }
+
+    pub fn group(&self, name: &str) -> Option<&GroupInfo> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+
+    pub fn kinds_in(&self, group: &str, version: &str) -> impl Iterator<Item = &Arc<KindInfo>> {
+        let (group, version) = (group.to_string(), version.to_string());
+        self.kinds.iter().filter(move |k| k.group == group && k.version == version)
+    }
+
+    /// The served kind that stores its objects natively at `storage` (no conversion).
+    pub fn storage_kind(&self, storage: StorageResource) -> Option<&Arc<KindInfo>> {
+        self.kinds.iter().find(|k| k.storage == storage && k.conversion.is_none())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_has_upstream_scopes_and_names() {
+        let r = Registry::builtin();
+        let pods = r.lookup("", "v1", "pods").unwrap();
+        assert!(pods.namespaced && pods.status && pods.short_names == ["po"]);
+        let ns = r.lookup("", "v1", "namespaces").unwrap();
+        assert!(!ns.namespaced);
+        let deploy = r.lookup("apps", "v1", "deployments").unwrap();
+        assert!(deploy.scale.is_some());
+        assert_eq!(deploy.singular, "deployment");
+        assert_eq!(r.group("autoscaling").unwrap().versions, ["v2", "v1"]);
+        let ev = r.lookup("events.k8s.io", "v1", "events").unwrap();
+        assert_eq!(ev.storage, StorageResource { group: "", resource: "events" });
+        assert!(r.lookup("", "v1", "nosuch").is_none());
+        assert!(pods.supports_field("spec.nodeName") && !pods.supports_field("spec.bogus"));
+    }
+
+    #[test]
+    fn typed_round_trip_drops_unknown_fields_and_rejects_bad_types() {
+        let r = Registry::builtin();
+        let deploy = r.lookup("apps", "v1", "deployments").unwrap();
+        let typed = deploy.typed.unwrap();
+        let out = typed(&serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},
+            "spec": {"replicas": 2, "bogus": true, "selector": {}, "template": {}}
+        }))
+        .unwrap();
+        assert_eq!(out["spec"]["replicas"], 2);
+        assert!(out["spec"].get("bogus").is_none());
+        assert!(typed(&serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},
+            "spec": {"replicas": "two"}
+        }))
+        .is_err());
+    }
+}

@@ -1,0 +1,14 @@
+//! The krate API model: which kinds exist and how each behaves, independent of HTTP and
+//! storage. The API server drives these pieces through one generic REST path.
+
+pub mod convert;
+pub mod error;
+pub mod kinds;
+pub mod object;
+pub mod patch;
+pub mod selectors;
+pub mod strategy;
+pub mod validation;
+
+pub use error::{ApiError, ApiResult, FieldError};
+pub use kinds::{KindInfo, Registry, StorageResource};

@@ -1,0 +1,366 @@
+//! Pods and pod templates: upstream's PodSpec defaults and validation, shared with every
+//! workload kind that embeds a pod template.
+
+use serde_json::{json, Value};
+
+use super::{check_min, Errors, Strategy};
+use crate::error::FieldError;
+use crate::object::{default, for_each_mut, get, get_str};
+use crate::validation;
+
+const CONTAINER_LISTS: &[&str] = &["initContainers", "containers", "ephemeralContainers"];
+
+fn default_probe(probe: &mut Value) {
+    if probe.is_null() {
+        return;
+    }
+    default(probe, &["timeoutSeconds"], json!(1));
+    default(probe, &["periodSeconds"], json!(10));
+    default(probe, &["successThreshold"], json!(1));
+    default(probe, &["failureThreshold"], json!(3));
+    if probe.get("httpGet").is_some() {
+        default(probe, &["httpGet", "scheme"], json!("HTTP"));
+        default(probe, &["httpGet", "path"], json!("/"));
+    }
+}
+
+fn default_container(c: &mut Value) {
+    default(c, &["terminationMessagePath"], json!("/dev/termination-log"));
+    default(c, &["terminationMessagePolicy"], json!("File"));
+    default(c, &["resources"], json!({}));
+    // Upstream: Always for ":latest" or untagged images, IfNotPresent otherwise.
+    let image = get_str(c, &["image"]).unwrap_or_default();
+    let last = image.rsplit('/').next().unwrap_or_default();
+    let tagged = last.contains(':') && !last.ends_with(":latest");
+    let policy = if tagged || image.contains('@') { "IfNotPresent" } else { "Always" };
+    default(c, &["imagePullPolicy"], json!(policy));
+    for_each_mut(c, &["ports"], |p| default(p, &["protocol"], json!("TCP")));
+    for_each_mut(c, &["env"], |e| {
+        if get(e, &["valueFrom", "fieldRef"]).is_some() {
+            default(e, &["valueFrom", "fieldRef", "apiVersion"], json!("v1"));
+        }
+    });
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        if let Some(p) = c.get_mut(probe) {
+            default_probe(p);
+        }
+    }
+    // Requests default to limits when only limits are given.
+    if let Some(Value::Object(limits)) = get(c, &["resources", "limits"]).cloned() {
+        for (resource, quantity) in limits {
+            default(c, &["resources", "requests", &resource], quantity);
+        }
+    }
+}
+
+/// Upstream's SetDefaults for a PodSpec (pods and templates alike).
+pub fn default_pod_spec(spec: &mut Value) {
+    default(spec, &["restartPolicy"], json!("Always"));
+    default(spec, &["terminationGracePeriodSeconds"], json!(30));
+    default(spec, &["dnsPolicy"], json!("ClusterFirst"));
+    default(spec, &["securityContext"], json!({}));
+    default(spec, &["schedulerName"], json!("default-scheduler"));
+    default(spec, &["enableServiceLinks"], json!(true));
+    for list in CONTAINER_LISTS {
+        for_each_mut(spec, &[list], default_container);
+    }
+    for_each_mut(spec, &["volumes"], |v| {
+        for source in ["configMap", "secret"] {
+            if v.get(source).is_some() {
+                default(v, &[source, "defaultMode"], json!(420));
+            }
+        }
+        if v.get("downwardAPI").is_some() {
+            default(v, &["downwardAPI", "defaultMode"], json!(420));
+        }
+        if v.get("projected").is_some() {
+            default(v, &["projected", "defaultMode"], json!(420));
+        }
+        if v.get("hostPath").is_some() {
+            default(v, &["hostPath", "type"], json!(""));
+        }
+    });
+}
+
+/// Validates a PodSpec found at `path` (e.g. `spec.template.spec`).
+pub fn validate_pod_spec(spec: &Value, path: &str, errs: &mut Errors) {
+    let containers = spec.get("containers").and_then(Value::as_array);
+    if containers.is_none_or(Vec::is_empty) {
+        errs.push(FieldError::required(format!("{path}.containers"), ""));
+    }
+    let mut names = std::collections::HashSet::new();
+    for list in ["initContainers", "containers"] {
+        let Some(items) = spec.get(list).and_then(Value::as_array) else { continue };
+        for (i, c) in items.iter().enumerate() {
+            let at = format!("{path}.{list}[{i}]");
+            let name = get_str(c, &["name"]).unwrap_or_default();
+            if name.is_empty() {
+                errs.push(FieldError::required(format!("{at}.name"), ""));
+            } else {
+                for msg in validation::is_dns1123_label(name) {
+                    errs.push(FieldError::invalid(format!("{at}.name"), &json!(name), &msg));
+                }
+                if !names.insert(name.to_string()) {
+                    errs.push(FieldError::duplicate(format!("{at}.name"), &json!(name)));
+                }
+            }
+            if get_str(c, &["image"]).is_none_or(str::is_empty) {
+                errs.push(FieldError::required(format!("{at}.image"), ""));
+            }
+            if let Some(policy) = get_str(c, &["imagePullPolicy"]) {
+                if !["Always", "IfNotPresent", "Never"].contains(&policy) {
+                    errs.push(FieldError::not_supported(format!("{at}.imagePullPolicy"), &json!(policy), &["Always", "IfNotPresent", "Never"]));
+                }
+            }
+            if let Some(ports) = c.get("ports").and_then(Value::as_array) {
+                for (j, p) in ports.iter().enumerate() {
+                    let port = p.get("containerPort").and_then(Value::as_i64).unwrap_or(0);
+                    if !(1..=65535).contains(&port) {
+                        errs.push(FieldError::invalid(
+                            format!("{at}.ports[{j}].containerPort"),
+                            &json!(port),
+                            "must be between 1 and 65535, inclusive",
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(policy) = get_str(spec, &["restartPolicy"]) {
+        if !["Always", "OnFailure", "Never"].contains(&policy) {
+            errs.push(FieldError::not_supported(format!("{path}.restartPolicy"), &json!(policy), &["Always", "OnFailure", "Never"]));
+        }
+    }
+    if let Some(policy) = get_str(spec, &["dnsPolicy"]) {
+        if !["ClusterFirstWithHostNet", "ClusterFirst", "Default", "None"].contains(&policy) {
+            errs.push(FieldError::not_supported(
+                format!("{path}.dnsPolicy"),
+                &json!(policy),
+                &["ClusterFirstWithHostNet", "ClusterFirst", "Default", "None"],
+            ));
+        }
+    }
+    check_min(spec, &["terminationGracePeriodSeconds"], &format!("{path}.terminationGracePeriodSeconds"), 0, errs);
+    check_min(spec, &["activeDeadlineSeconds"], &format!("{path}.activeDeadlineSeconds"), 1, errs);
+    let mut volume_names = std::collections::HashSet::new();
+    if let Some(volumes) = spec.get("volumes").and_then(Value::as_array) {
+        for (i, v) in volumes.iter().enumerate() {
+            let name = get_str(v, &["name"]).unwrap_or_default();
+            if name.is_empty() {
+                errs.push(FieldError::required(format!("{path}.volumes[{i}].name"), ""));
+            } else if !volume_names.insert(name.to_string()) {
+                errs.push(FieldError::duplicate(format!("{path}.volumes[{i}].name"), &json!(name)));
+            }
+        }
+    }
+    for list in ["initContainers", "containers"] {
+        let Some(items) = spec.get(list).and_then(Value::as_array) else { continue };
+        for (i, c) in items.iter().enumerate() {
+            let Some(mounts) = c.get("volumeMounts").and_then(Value::as_array) else { continue };
+            for (j, m) in mounts.iter().enumerate() {
+                let name = get_str(m, &["name"]).unwrap_or_default();
+                if !volume_names.contains(name) {
+                    errs.push(FieldError {
+                        reason: "FieldValueNotFound",
+                        field: format!("{path}.{list}[{i}].volumeMounts[{j}].name"),
+                        message: format!("Not found: \"{name}\""),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Upstream's QoS class: Guaranteed, Burstable or BestEffort.
+pub fn qos_class(spec: &Value) -> &'static str {
+    let containers: Vec<&Value> = ["initContainers", "containers"]
+        .iter()
+        .filter_map(|l| spec.get(*l).and_then(Value::as_array))
+        .flatten()
+        .collect();
+    let mut any = false;
+    let mut guaranteed = true;
+    for c in &containers {
+        let requests = get(c, &["resources", "requests"]).and_then(Value::as_object);
+        let limits = get(c, &["resources", "limits"]).and_then(Value::as_object);
+        let relevant = |m: Option<&serde_json::Map<String, Value>>| {
+            m.map(|m| m.keys().filter(|k| *k == "cpu" || *k == "memory").count()).unwrap_or(0)
+        };
+        if relevant(requests) + relevant(limits) > 0 {
+            any = true;
+        }
+        for resource in ["cpu", "memory"] {
+            let limit = limits.and_then(|l| l.get(resource));
+            let request = requests.and_then(|r| r.get(resource));
+            if limit.is_none() || (request.is_some() && request != limit) {
+                guaranteed = false;
+            }
+        }
+    }
+    if !any {
+        "BestEffort"
+    } else if guaranteed {
+        "Guaranteed"
+    } else {
+        "Burstable"
+    }
+}
+
+pub struct PodStrategy;
+
+/// Spec fields a pod update may change (upstream's ValidatePodUpdate).
+fn mutable_pod_spec_view(spec: &Value) -> Value {
+    let mut view = spec.clone();
+    for list in ["containers", "initContainers"] {
+        for_each_mut(&mut view, &[list], |c| {
+            if let Some(c) = c.as_object_mut() {
+                c.remove("image");
+            }
+        });
+    }
+    if let Some(v) = view.as_object_mut() {
+        v.remove("activeDeadlineSeconds");
+        v.remove("tolerations");
+        v.remove("terminationGracePeriodSeconds");
+        v.remove("schedulingGates");
+    }
+    view
+}
+
+impl Strategy for PodStrategy {
+    fn default(&self, obj: &mut Value) {
+        if let Some(spec) = obj.get_mut("spec") {
+            default_pod_spec(spec);
+        }
+    }
+
+    /// What upstream's admission plugins add to a new pod.
+    fn prepare_for_create(&self, obj: &mut Value) {
+        let spec = crate::object::object_at(obj, &["spec"]).expect("spec is an object");
+        let sa = spec
+            .get("serviceAccountName")
+            .and_then(Value::as_str)
+            .or_else(|| spec.get("serviceAccount").and_then(Value::as_str))
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default")
+            .to_string();
+        spec.insert("serviceAccountName".into(), json!(sa));
+        spec.insert("serviceAccount".into(), json!(sa));
+        spec.entry("priority").or_insert(json!(0));
+        spec.entry("preemptionPolicy").or_insert(json!("PreemptLowerPriority"));
+        let tolerations = spec.entry("tolerations").or_insert(json!([]));
+        if let Some(list) = tolerations.as_array_mut() {
+            for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {
+                let present = list.iter().any(|t| {
+                    get_str(t, &["key"]) == Some(key) && get_str(t, &["effect"]).is_none_or(|e| e == "NoExecute")
+                });
+                if !present {
+                    list.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}));
+                }
+            }
+        }
+    }
+
+    fn initial_status(&self, obj: &Value) -> Option<Value> {
+        let qos = qos_class(obj.get("spec").unwrap_or(&Value::Null));
+        Some(json!({"phase": "Pending", "qosClass": qos}))
+    }
+
+    fn validate(&self, obj: &Value, errs: &mut Errors) {
+        validate_pod_spec(obj.get("spec").unwrap_or(&Value::Null), "spec", errs);
+    }
+
+    fn validate_update(&self, new: &Value, old: &Value, errs: &mut Errors) {
+        self.validate(new, errs);
+        let (n, o) = (new.get("spec").unwrap_or(&Value::Null), old.get("spec").unwrap_or(&Value::Null));
+        if mutable_pod_spec_view(n) != mutable_pod_spec_view(o) {
+            errs.push(FieldError::forbidden(
+                "spec",
+                "pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)",
+            ));
+        }
+    }
+
+    /// A pod on a node is deleted gracefully: the node agent stops its containers and then
+    /// finishes the deletion. Unscheduled pods go at once.
+    fn graceful_delete_seconds(&self, obj: &Value, requested: Option<i64>) -> Option<i64> {
+        if get_str(obj, &["spec", "nodeName"]).is_none_or(str::is_empty) {
+            return None;
+        }
+        if matches!(get_str(obj, &["status", "phase"]), Some("Succeeded" | "Failed")) {
+            return None;
+        }
+        let grace = requested
+            .or_else(|| get(obj, &["spec", "terminationGracePeriodSeconds"]).and_then(Value::as_i64))
+            .unwrap_or(30);
+        (grace > 0).then_some(grace)
+    }
+}
+
+pub struct PodTemplateStrategy;
+impl Strategy for PodTemplateStrategy {
+    fn default(&self, obj: &mut Value) {
+        if let Some(spec) = obj.pointer_mut("/template/spec") {
+            default_pod_spec(spec);
+        }
+    }
+    fn validate(&self, obj: &Value, errs: &mut Errors) {
+        validate_pod_spec(get(obj, &["template", "spec"]).unwrap_or(&Value::Null), "template.spec", errs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_defaults_match_upstream() {
+        let mut pod = json!({"spec": {"containers": [
+            {"name": "a", "image": "busybox", "ports": [{"containerPort": 80}]},
+            {"name": "b", "image": "registry:5000/app:1.2", "livenessProbe": {"httpGet": {"port": 80}}}
+        ]}});
+        PodStrategy.default(&mut pod);
+        PodStrategy.prepare_for_create(&mut pod);
+        let spec = &pod["spec"];
+        assert_eq!(spec["restartPolicy"], "Always");
+        assert_eq!(spec["dnsPolicy"], "ClusterFirst");
+        assert_eq!(spec["serviceAccountName"], "default");
+        assert_eq!(spec["tolerations"].as_array().unwrap().len(), 2);
+        assert_eq!(spec["containers"][0]["imagePullPolicy"], "Always");
+        assert_eq!(spec["containers"][1]["imagePullPolicy"], "IfNotPresent");
+        assert_eq!(spec["containers"][0]["ports"][0]["protocol"], "TCP");
+        assert_eq!(spec["containers"][1]["livenessProbe"]["periodSeconds"], 10);
+        assert_eq!(PodStrategy.initial_status(&pod).unwrap()["qosClass"], "BestEffort");
+    }
+
+    #[test]
+    fn qos_classes() {
+        let guaranteed = json!({"containers": [{"resources": {"limits": {"cpu": "1", "memory": "1Gi"}, "requests": {"cpu": "1", "memory": "1Gi"}}}]});
+        assert_eq!(qos_class(&guaranteed), "Guaranteed");
+        let burstable = json!({"containers": [{"resources": {"requests": {"cpu": "100m"}}}]});
+        assert_eq!(qos_class(&burstable), "Burstable");
+    }
+
+    #[test]
+    fn pod_validation_reports_fields() {
+        let pod = json!({"spec": {"containers": [{"name": "A"}, {"name": "b", "image": "x", "volumeMounts": [{"name": "v", "mountPath": "/v"}]}]}});
+        let mut errs = Vec::new();
+        PodStrategy.validate(&pod, &mut errs);
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"spec.containers[0].name"));
+        assert!(fields.contains(&"spec.containers[0].image"));
+        assert!(fields.contains(&"spec.containers[1].volumeMounts[0].name"));
+    }
+
+    #[test]
+    fn only_images_may_change_on_pod_update() {
+        let old = json!({"spec": {"containers": [{"name": "a", "image": "x:1"}]}});
+        let ok = json!({"spec": {"containers": [{"name": "a", "image": "x:2"}]}});
+        let bad = json!({"spec": {"containers": [{"name": "a", "image": "x:1", "command": ["sh"]}]}});
+        let mut errs = Vec::new();
+        PodStrategy.validate_update(&ok, &old, &mut errs);
+        assert!(errs.is_empty(), "{errs:?}");
+        PodStrategy.validate_update(&bad, &old, &mut errs);
+        assert_eq!(errs.len(), 1);
+    }
+}
