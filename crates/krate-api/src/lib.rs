@@ -6,6 +6,7 @@ pub mod error;
 pub mod kinds;
 pub mod object;
 pub mod patch;
+pub mod protobuf;
 pub mod selectors;
 pub mod strategy;
 pub mod validation;

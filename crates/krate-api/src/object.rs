@@ -27,12 +27,13 @@ pub fn object_at<'a>(obj: &'a mut Value, path: &[&str]) -> Option<&'a mut Map<St
     cur.as_object_mut()
 }
 
-/// Sets `path` to `value` unless it is already set (upstream "defaulting").
+/// Sets `path` to `value` unless it is already set (upstream "defaulting"; as in Go, an
+/// empty string counts as unset).
 pub fn default(obj: &mut Value, path: &[&str], value: Value) {
     let Some((last, parent)) = path.split_last() else { return };
     if let Some(map) = object_at(obj, parent) {
         let slot = map.entry(last.to_string()).or_insert(Value::Null);
-        if slot.is_null() {
+        if slot.is_null() || slot.as_str() == Some("") {
             *slot = value;
         }
     }

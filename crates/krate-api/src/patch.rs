@@ -1,6 +1,8 @@
-//! Patch engines: JSON patch (RFC 6902) and JSON merge patch (RFC 7386).
+//! Patch engines: JSON patch (RFC 6902), JSON merge patch (RFC 7386) and strategic
+//! merge patch (lists merged by key, with upstream's `$patch`, `$retainKeys`,
+//! `$setElementOrder` and `$deleteFromPrimitiveList` directives).
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 
@@ -43,6 +45,174 @@ pub fn apply_merge_patch(target: &mut Value, patch: &Value) -> Result<(), ApiErr
     Ok(())
 }
 
+/// The key list elements of `field` merge on (upstream's `patchMergeKey` tags), judged
+/// from the field name and, where names are shared, from the elements themselves.
+fn merge_key(field: &str, items: &[&Value]) -> Option<&'static str> {
+    let has = |k: &str| items.iter().any(|i| i.get(k).is_some());
+    match field {
+        "containers" | "initContainers" | "ephemeralContainers" | "env" | "volumes" | "imagePullSecrets"
+        | "resourceClaims" | "schedulingGates" => Some("name"),
+        "volumeMounts" => Some("mountPath"),
+        "volumeDevices" => Some("devicePath"),
+        "ports" if has("containerPort") => Some("containerPort"),
+        "ports" if has("port") => Some("port"),
+        "conditions" => Some("type"),
+        "addresses" if has("type") && has("address") => Some("type"),
+        "ownerReferences" => Some("uid"),
+        "hostAliases" | "podIPs" | "hostIPs" => Some("ip"),
+        "topologySpreadConstraints" => Some("topologyKey"),
+        _ => None,
+    }
+}
+
+/// Lists of scalars that merge as sets instead of being replaced.
+fn merges_as_set(field: &str) -> bool {
+    field == "finalizers"
+}
+
+fn strip_directives(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter().filter(|(k, _)| !k.starts_with('$')).map(|(k, v)| (k.clone(), strip_directives(v))).collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(strip_directives).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Applies a strategic merge patch.
+pub fn apply_strategic_merge_patch(target: &mut Value, patch: &Value) -> Result<(), ApiError> {
+    if !patch.is_object() {
+        return Err(ApiError::bad_request("the strategic merge patch must be a JSON object"));
+    }
+    merge_map(target, patch)
+}
+
+fn merge_map(target: &mut Value, patch: &Value) -> Result<(), ApiError> {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return Ok(());
+    };
+    match p.get("$patch").and_then(Value::as_str) {
+        Some("replace") => {
+            *target = strip_directives(patch);
+            return Ok(());
+        }
+        Some("delete") => {
+            *target = Value::Null;
+            return Ok(());
+        }
+        Some(other) if other != "merge" => {
+            return Err(ApiError::bad_request(format!("unknown patch directive $patch: {other:?}")));
+        }
+        _ => {}
+    }
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    let t = target.as_object_mut().expect("made an object above");
+    for (key, value) in p {
+        if key.starts_with('$') {
+            continue;
+        }
+        match value {
+            Value::Null => {
+                t.remove(key);
+            }
+            Value::Object(_) => {
+                let slot = t.entry(key.clone()).or_insert(Value::Null);
+                merge_map(slot, value)?;
+                if slot.is_null() {
+                    t.remove(key);
+                }
+            }
+            Value::Array(items) => {
+                let slot = t.entry(key.clone()).or_insert(Value::Array(vec![]));
+                merge_list(key, slot, items)?;
+            }
+            scalar => {
+                t.insert(key.clone(), scalar.clone());
+            }
+        }
+    }
+    for (key, value) in p {
+        if let Some(field) = key.strip_prefix("$deleteFromPrimitiveList/") {
+            let remove: Vec<&Value> = value.as_array().map(|v| v.iter().collect()).unwrap_or_default();
+            if let Some(Value::Array(list)) = t.get_mut(field) {
+                list.retain(|v| !remove.contains(&v));
+            }
+        }
+    }
+    for (key, value) in p {
+        if let Some(field) = key.strip_prefix("$setElementOrder/") {
+            if let (Some(Value::Array(list)), Some(order)) = (t.get_mut(field), value.as_array()) {
+                reorder(field, list, order);
+            }
+        }
+    }
+    if let Some(Value::Array(retain)) = p.get("$retainKeys") {
+        let keep: Vec<&str> = retain.iter().filter_map(Value::as_str).collect();
+        t.retain(|k, _| keep.contains(&k.as_str()));
+    }
+    Ok(())
+}
+
+fn merge_list(field: &str, target: &mut Value, patch: &[Value]) -> Result<(), ApiError> {
+    if patch.iter().any(|i| i.get("$patch").and_then(Value::as_str) == Some("replace")) {
+        *target = Value::Array(patch.iter().filter(|i| i.get("$patch").is_none()).map(strip_directives).collect());
+        return Ok(());
+    }
+    if !target.is_array() {
+        *target = Value::Array(vec![]);
+    }
+    let list = target.as_array_mut().expect("made an array above");
+    let all: Vec<&Value> = list.iter().chain(patch.iter()).collect();
+    let Some(key) = merge_key(field, &all) else {
+        if merges_as_set(field) {
+            for item in patch {
+                if !list.contains(item) {
+                    list.push(item.clone());
+                }
+            }
+        } else {
+            *list = patch.iter().map(strip_directives).collect();
+        }
+        return Ok(());
+    };
+    for item in patch {
+        let id = item.get(key);
+        let position = id.and_then(|id| list.iter().position(|t| t.get(key) == Some(id)));
+        if item.get("$patch").and_then(Value::as_str) == Some("delete") {
+            list.retain(|t| t.get(key) != id);
+            continue;
+        }
+        match position {
+            Some(i) => merge_map(&mut list[i], item)?,
+            None => list.push(strip_directives(item)),
+        }
+    }
+    Ok(())
+}
+
+/// Orders `list` as `order` names its elements; elements not named keep their relative
+/// order after the named ones.
+fn reorder(field: &str, list: &mut Vec<Value>, order: &[Value]) {
+    let all: Vec<&Value> = list.iter().collect();
+    let key = merge_key(field, &all);
+    let id = |v: &Value| match key {
+        Some(k) => v.get(k).cloned(),
+        None => Some(v.clone()),
+    };
+    let rank = |v: &Value| {
+        let own = id(v);
+        order.iter().position(|o| match key {
+            Some(k) => o.get(k).cloned() == own,
+            None => Some(o.clone()) == own,
+        })
+    };
+    list.sort_by_key(|v| rank(v).unwrap_or(usize::MAX));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,5 +228,38 @@ mod tests {
         let err = apply_json_patch(&mut obj, &json!([{"op": "test", "path": "/spec/replicas", "value": 9}])).unwrap_err();
         assert_eq!(err.code, 422);
         assert_eq!(apply_json_patch(&mut obj, &json!({"not": "a list"})).unwrap_err().code, 400);
+    }
+
+    #[test]
+    fn strategic_merge_patch_merges_lists_by_key() {
+        let mut pod = json!({"spec": {"containers": [
+            {"name": "a", "image": "a:1", "env": [{"name": "X", "value": "1"}, {"name": "Y", "value": "2"}]},
+            {"name": "b", "image": "b:1"}
+        ]}, "metadata": {"finalizers": ["f1"]}});
+        let patch = json!({
+            "spec": {"containers": [
+                {"name": "a", "image": "a:2", "env": [{"name": "Y", "$patch": "delete"}]},
+                {"name": "c", "image": "c:1"}
+            ], "$setElementOrder/containers": [{"name": "c"}, {"name": "a"}, {"name": "b"}]},
+            "metadata": {"finalizers": ["f2"]}
+        });
+        apply_strategic_merge_patch(&mut pod, &patch).unwrap();
+        let names: Vec<_> = pod["spec"]["containers"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["c", "a", "b"]);
+        assert_eq!(pod["spec"]["containers"][1]["image"], "a:2");
+        assert_eq!(pod["spec"]["containers"][1]["env"], json!([{"name": "X", "value": "1"}]));
+        assert_eq!(pod["metadata"]["finalizers"], json!(["f1", "f2"]));
+    }
+
+    #[test]
+    fn strategic_merge_patch_directives() {
+        let mut obj = json!({"spec": {"strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1}}, "args": ["a", "b"]}});
+        let patch = json!({"spec": {"strategy": {"type": "Recreate", "rollingUpdate": null, "$retainKeys": ["type"]}, "args": ["c"]}});
+        apply_strategic_merge_patch(&mut obj, &patch).unwrap();
+        assert_eq!(obj["spec"]["strategy"], json!({"type": "Recreate"}));
+        assert_eq!(obj["spec"]["args"], json!(["c"]));
+        let mut obj = json!({"data": {"a": "1", "b": "2"}});
+        apply_strategic_merge_patch(&mut obj, &json!({"data": {"$patch": "replace", "c": "3"}})).unwrap();
+        assert_eq!(obj["data"], json!({"c": "3"}));
     }
 }

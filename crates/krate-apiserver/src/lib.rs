@@ -1,1 +1,212 @@
+//! krate's Kubernetes-compatible API server.
+//!
+//! Request flow: TLS accept ([`auth`]) → [`http::handle`] (routing, negotiation, body
+//! decoding) → [`registry::Storage`] (the one generic create/get/list/update/patch/delete
+//! path, per-kind behaviour from `krate_api::kinds`) → [`krate_store::Store`] for writes;
+//! reads and watches come from the [`cache::WatchCache`], which follows the store.
 
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use krate_api::kinds::Registry;
+use krate_store::Store;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+pub mod auth;
+pub mod cache;
+pub mod http;
+pub mod metrics;
+pub mod registry;
+
+use cache::WatchCache;
+use registry::{Scope, Storage};
+
+/// Tunables of a running API server.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The address clients are told to use (discovery's serverAddressByClientCIDRs).
+    pub advertise_address: String,
+    /// How often watches with `allowWatchBookmarks` get a bookmark.
+    pub bookmark_interval: Duration,
+    /// Watches without `timeoutSeconds` last between this and twice this.
+    pub min_request_timeout: Duration,
+    /// Events kept per resource for watches that resume from a resourceVersion.
+    pub watch_cache_size: usize,
+    /// How often history older than the previous interval is compacted.
+    pub compaction_interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            advertise_address: "127.0.0.1:6443".into(),
+            bookmark_interval: Duration::from_secs(60),
+            min_request_timeout: Duration::from_secs(1800),
+            watch_cache_size: 10_000,
+            compaction_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+pub struct ApiServer {
+    pub storage: Storage,
+    kinds: RwLock<Arc<Registry>>,
+    pub settings: Settings,
+    pub metrics: metrics::Metrics,
+}
+
+/// Namespaces every cluster starts with.
+const SYSTEM_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
+
+/// Field-selector paths per store prefix, from every served kind that stores there.
+fn field_paths(kinds: &Registry) -> cache::FieldPaths {
+    let mut map: HashMap<String, Vec<(&'static str, &'static [&'static str])>> = HashMap::new();
+    for k in kinds.kinds() {
+        let entry = map.entry(registry::storage_prefix(k)).or_default();
+        for field in k.field_selectors {
+            if !entry.iter().any(|(l, _)| *l == field.0) {
+                entry.push(*field);
+            }
+        }
+    }
+    Arc::new(move |prefix: &str| map.get(prefix).cloned().unwrap_or_default())
+}
+
+impl ApiServer {
+    /// Loads the watch cache from `store`, creates the system namespaces and starts
+    /// background compaction.
+    pub async fn start(store: Arc<dyn Store>, settings: Settings) -> anyhow::Result<Arc<Self>> {
+        let kinds = Arc::new(Registry::builtin());
+        let cache = WatchCache::start(store.clone(), settings.watch_cache_size, field_paths(&kinds)).await?;
+        let server = Arc::new(Self {
+            storage: Storage::new(store, cache),
+            kinds: RwLock::new(kinds),
+            settings,
+            metrics: metrics::Metrics::new(),
+        });
+        server.bootstrap().await?;
+        server.clone().start_compactor();
+        Ok(server)
+    }
+
+    pub fn kinds(&self) -> Arc<Registry> {
+        self.kinds.read().expect("kinds lock").clone()
+    }
+
+    async fn bootstrap(&self) -> anyhow::Result<()> {
+        let kinds = self.kinds();
+        let ns_kind = kinds.lookup("", "v1", "namespaces").expect("namespaces are built in").clone();
+        for ns in SYSTEM_NAMESPACES {
+            let scope = Scope { kind: ns_kind.clone(), namespace: None };
+            self.storage
+                .ensure(&scope, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
+                .await
+                .map_err(|e| anyhow::anyhow!("creating namespace {ns}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Every interval, compacts history up to the revision seen one interval earlier, so
+    /// clients always have at least one interval to resume watches and pages.
+    fn start_compactor(self: Arc<Self>) {
+        let interval = self.settings.compaction_interval;
+        tokio::spawn(async move {
+            let mut previous = None;
+            loop {
+                tokio::time::sleep(interval).await;
+                if let Some(rev) = previous {
+                    match self.storage.store.compact(rev).await {
+                        Ok(()) => {
+                            self.storage.cache.compacted(rev);
+                            tracing::debug!(revision = rev, "compacted storage history");
+                        }
+                        Err(err) => tracing::warn!(error = %err, "compaction failed"),
+                    }
+                }
+                previous = self.storage.store.current_revision().await.ok();
+            }
+        });
+    }
+
+    async fn health(&self, check: &str, verbose: bool) -> axum::http::Response<Body> {
+        let store_ok = self.storage.store.current_revision().await.is_ok();
+        let cache_ok = check != "readyz" || self.storage.cache.sync().await;
+        let ok = store_ok && cache_ok;
+        let body = if verbose {
+            let mark = |b: bool| if b { "ok" } else { "failed" };
+            format!(
+                "[+]ping ok\n[{}]etcd {}\n[{}]watch-cache {}\n{check} check {}\n",
+                if store_ok { "+" } else { "-" },
+                mark(store_ok),
+                if cache_ok { "+" } else { "-" },
+                mark(cache_ok),
+                if ok { "passed" } else { "failed" }
+            )
+        } else if ok {
+            "ok".to_string()
+        } else {
+            format!("{check} check failed")
+        };
+        http::bytes_response(if ok { 200 } else { 500 }, body.into(), "text/plain; charset=utf-8")
+    }
+
+    /// Accepts TLS connections on `listener` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) -> anyhow::Result<()> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let server = self.clone();
+            tokio::spawn(async move {
+                let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(err)) => {
+                        tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let user = auth::User::from_peer(stream.get_ref().1.peer_certificates());
+                let service = hyper::service::service_fn(move |req| {
+                    let server = server.clone();
+                    let user = user.clone();
+                    async move { Ok::<_, Infallible>(http::handle(server, user, req).await) }
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                if let Err(err) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
+                    tracing::debug!(%peer, error = %err, "connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
+/// `/version`: the Kubernetes API version served (the k8s-openapi feature) and krate's own.
+pub fn version_info() -> Value {
+    json!({
+        "major": "1",
+        "minor": "37",
+        "emulationMajor": "1",
+        "emulationMinor": "37",
+        "gitVersion": format!("v1.37.0+krate-{}", env!("CARGO_PKG_VERSION")),
+        "gitCommit": option_env!("KRATE_GIT_COMMIT").unwrap_or("unknown"),
+        "gitTreeState": "clean",
+        "buildDate": "1970-01-01T00:00:00Z",
+        "goVersion": "n/a (rust)",
+        "compiler": "rustc",
+        "platform": format!("{}/{}", std::env::consts::OS, if std::env::consts::ARCH == "x86_64" { "amd64" } else { std::env::consts::ARCH }),
+    })
+}

@@ -1,1 +1,73 @@
-fn main() {}
+//! `krate`: a Kubernetes-compatible container orchestrator in one binary.
+
+use clap::{Parser, Subcommand};
+
+mod pki;
+mod server;
+
+#[derive(Parser)]
+#[command(
+    name = "krate",
+    version,
+    about = "A Kubernetes-compatible container orchestrator in one binary",
+    long_about = "krate runs a Kubernetes-compatible control plane that stock kubectl and client \
+libraries talk to.\n\nStart a single-node cluster:\n    krate server\nthen point kubectl at the \
+kubeconfig it prints:\n    export KUBECONFIG=/var/lib/krate/admin.kubeconfig\n    kubectl get namespaces"
+)]
+struct Cli {
+    /// Log format: human-readable `text` or structured `json`.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the API server (and, as they arrive, the rest of the control plane).
+    Server(server::ServerArgs),
+    /// Print the admin kubeconfig of a data directory.
+    Kubeconfig {
+        /// The server's data directory.
+        #[arg(long, default_value = server::DEFAULT_DATA_DIR)]
+        data_dir: std::path::PathBuf,
+    },
+    /// Print version information.
+    Version,
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KRATE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let result = match cli.command {
+        Command::Server(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(server::run(args))),
+        Command::Kubeconfig { data_dir } => std::fs::read_to_string(data_dir.join("admin.kubeconfig"))
+            .map(|k| print!("{k}"))
+            .map_err(|e| anyhow::anyhow!("reading {}/admin.kubeconfig: {e}; has `krate server --data-dir {}` run yet?", data_dir.display(), data_dir.display())),
+        Command::Version => {
+            println!("krate {} (Kubernetes API {})", env!("CARGO_PKG_VERSION"), krate_apiserver::version_info()["gitVersion"].as_str().unwrap_or_default());
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

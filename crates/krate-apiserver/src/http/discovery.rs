@@ -1,0 +1,86 @@
+//! Legacy discovery documents (`/api`, `/apis`, `/apis/{group}`, `/api/v1`, ...).
+
+use krate_api::kinds::Registry;
+use krate_api::{ApiError, ApiResult, KindInfo};
+use serde_json::{json, Value};
+
+pub fn legacy_root(advertise_address: &str) -> Value {
+    json!({
+        "kind": "APIVersions",
+        "versions": ["v1"],
+        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": advertise_address}],
+    })
+}
+
+fn group_json(name: &str, versions: &[String]) -> Value {
+    let versions: Vec<Value> = versions
+        .iter()
+        .map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v}))
+        .collect();
+    json!({"name": name, "versions": versions, "preferredVersion": versions[0]})
+}
+
+pub fn group_list(kinds: &Registry) -> Value {
+    let groups: Vec<Value> = kinds
+        .groups()
+        .iter()
+        .filter(|g| !g.name.is_empty())
+        .map(|g| group_json(&g.name, &g.versions))
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+pub fn group(kinds: &Registry, name: &str) -> ApiResult<Value> {
+    let g = kinds.group(name).filter(|g| !g.name.is_empty()).ok_or_else(not_found)?;
+    let mut v = group_json(&g.name, &g.versions);
+    v["kind"] = json!("APIGroup");
+    v["apiVersion"] = json!("v1");
+    Ok(v)
+}
+
+fn not_found() -> ApiError {
+    ApiError::new(404, "NotFound", "the server could not find the requested resource")
+}
+
+/// The resources and subresources of one kind, as discovery lists them.
+pub fn api_resources(k: &KindInfo) -> Vec<Value> {
+    let mut main = json!({
+        "name": k.plural,
+        "singularName": k.singular,
+        "namespaced": k.namespaced,
+        "kind": k.kind,
+        "verbs": k.verbs,
+    });
+    if !k.short_names.is_empty() {
+        main["shortNames"] = json!(k.short_names);
+    }
+    if !k.categories.is_empty() {
+        main["categories"] = json!(k.categories);
+    }
+    let mut out = vec![main];
+    let sub = |name: &str, kind: &str, verbs: &[&str]| {
+        json!({"name": format!("{}/{name}", k.plural), "singularName": "", "namespaced": k.namespaced, "kind": kind, "verbs": verbs})
+    };
+    if k.status {
+        out.push(sub("status", &k.kind, &["get", "patch", "update"]));
+    }
+    if k.scale.is_some() {
+        let mut s = sub("scale", "Scale", &["get", "patch", "update"]);
+        s["group"] = json!("autoscaling");
+        s["version"] = json!("v1");
+        out.push(s);
+    }
+    if k.plural == "namespaces" && k.group.is_empty() {
+        out.push(sub("finalize", "Namespace", &["update"]));
+    }
+    out
+}
+
+pub fn resource_list(kinds: &Registry, group: &str, version: &str) -> ApiResult<Value> {
+    let resources: Vec<Value> = kinds.kinds_in(group, version).flat_map(|k| api_resources(k)).collect();
+    if resources.is_empty() {
+        return Err(not_found());
+    }
+    let group_version = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
+    Ok(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}))
+}

@@ -1,0 +1,457 @@
+//! The HTTP front: routing, content negotiation, body decoding and the REST verbs,
+//! all generic over the kinds table.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use krate_api::patch::PatchType;
+use krate_api::selectors::{FieldSelector, LabelSelector};
+use krate_api::{ApiError, ApiResult, KindInfo};
+use serde_json::{json, Value};
+
+use crate::auth::User;
+use crate::registry::{
+    self, check_unknown_fields, decode_body, served_json, DeleteOptions, FieldValidation, ListOptions, Scope,
+    Subresource, WriteOptions, Written,
+};
+use crate::ApiServer;
+
+pub mod discovery;
+pub mod negotiate;
+pub mod openapi;
+pub mod route;
+pub mod table;
+pub mod watch;
+
+use negotiate::Format;
+use route::{parse_path, parse_query, ResourcePath, Route};
+
+/// Upstream's limit on request bodies.
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+
+pub type Query = HashMap<String, String>;
+
+pub fn json_response(code: u16, body: &Value) -> Response<Body> {
+    bytes_response(code, Bytes::from(serde_json::to_vec(body).unwrap_or_default()), "application/json")
+}
+
+pub fn bytes_response(code: u16, body: Bytes, content_type: &str) -> Response<Body> {
+    let mut resp = Response::new(Body::from(body));
+    *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("application/json")));
+    resp
+}
+
+pub fn error_response(err: &ApiError) -> Response<Body> {
+    let mut resp = json_response(err.code, &err.to_status());
+    if let Some(seconds) = err.retry_after_seconds {
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    resp
+}
+
+fn with_warnings(mut resp: Response<Body>, warnings: &[String]) -> Response<Body> {
+    for w in warnings {
+        let text = format!("299 - {}", serde_json::to_string(w).unwrap_or_default());
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            resp.headers_mut().append(header::WARNING, v);
+        }
+    }
+    resp
+}
+
+/// Entry point for every request.
+pub async fn handle(server: Arc<ApiServer>, user: User, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let route = parse_path(&path);
+    let (verb, resource) = metrics_labels(&method, &route, req.uri().query());
+    let response = match dispatch(&server, &user, route, req).await {
+        Ok(resp) => resp,
+        Err(err) => error_response(&err),
+    };
+    let code = response.status().as_u16();
+    server.metrics.observe_request(&verb, &resource, code, started.elapsed());
+    if code >= 500 {
+        tracing::warn!(%method, %path, code, user = %user.name, "request failed");
+    } else {
+        tracing::debug!(%method, %path, code, user = %user.name, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "request");
+    }
+    response
+}
+
+fn metrics_labels(method: &Method, route: &Route, query: Option<&str>) -> (String, String) {
+    let watch = query.is_some_and(|q| q.contains("watch=true") || q.contains("watch=1"));
+    match route {
+        Route::Resource(r) => {
+            let verb = match (method.as_str(), r.name.is_some()) {
+                ("GET", _) if watch => "WATCH",
+                ("GET", false) => "LIST",
+                ("DELETE", false) => "DELETECOLLECTION",
+                (m, _) => m,
+            };
+            let mut resource = r.resource.clone();
+            if let Some(sub) = &r.subresource {
+                resource = format!("{resource}/{sub}");
+            }
+            (verb.to_string(), resource)
+        }
+        _ => (method.as_str().to_string(), String::new()),
+    }
+}
+
+async fn dispatch(server: &Arc<ApiServer>, user: &User, route: Route, req: Request<hyper::body::Incoming>) -> ApiResult<Response<Body>> {
+    let public = matches!(route, Route::Health(_) | Route::Version);
+    if !public && user.is_anonymous() {
+        let path = req.uri().path();
+        return Err(ApiError::forbidden(format!(
+            "forbidden: User \"system:anonymous\" cannot {} path \"{path}\"",
+            req.method().as_str().to_lowercase()
+        )));
+    }
+    let query = parse_query(req.uri().query());
+    match route {
+        Route::Health(check) => Ok(server.health(check, query.contains_key("verbose")).await),
+        Route::Version => Ok(json_response(200, &crate::version_info())),
+        Route::Metrics => Ok(bytes_response(200, Bytes::from(server.metrics.render(&server.storage.cache)), "text/plain; version=0.0.4; charset=utf-8")),
+        Route::LegacyRoot => Ok(json_response(200, &discovery::legacy_root(&server.settings.advertise_address))),
+        Route::GroupList => Ok(json_response(200, &discovery::group_list(&server.kinds()))),
+        Route::Group(group) => discovery::group(&server.kinds(), &group).map(|v| json_response(200, &v)),
+        Route::GroupVersion { group, version } => {
+            discovery::resource_list(&server.kinds(), &group, &version).map(|v| json_response(200, &v))
+        }
+        Route::OpenApiV3Root => Ok(json_response(200, &openapi::root(&server.kinds()))),
+        Route::OpenApiV3 { group, version } => openapi::group_version(&server.kinds(), &group, &version).map(|v| json_response(200, &v)),
+        Route::OpenApiV2 => Err(ApiError::new(404, "NotFound", "the server could not find the requested resource (OpenAPI v2 is not served; use /openapi/v3)")),
+        Route::Resource(path) => resource_request(server, path, query, req).await,
+        Route::NotFound => Err(ApiError::new(404, "NotFound", "the server could not find the requested resource")),
+    }
+}
+
+fn lookup(server: &ApiServer, path: &ResourcePath) -> ApiResult<Arc<KindInfo>> {
+    let kinds = server.kinds();
+    let not_found = || ApiError::new(404, "NotFound", "the server could not find the requested resource");
+    let kind = kinds.lookup(&path.group, &path.version, &path.resource).cloned().ok_or_else(not_found)?;
+    if path.namespace.is_some() && !kind.namespaced {
+        return Err(not_found());
+    }
+    Ok(kind)
+}
+
+fn subresource(kind: &KindInfo, path: &ResourcePath) -> ApiResult<Subresource> {
+    let not_found = || ApiError::new(404, "NotFound", "the server could not find the requested resource");
+    match path.subresource.as_deref() {
+        None => Ok(Subresource::Main),
+        Some("status") if kind.status => Ok(Subresource::Status),
+        Some("scale") if kind.scale.is_some() => Ok(Subresource::Scale),
+        Some("finalize") if kind.plural == "namespaces" && kind.group.is_empty() => Ok(Subresource::Finalize),
+        Some(_) => Err(not_found()),
+    }
+}
+
+fn flag(query: &Query, key: &str) -> bool {
+    matches!(query.get(key).map(String::as_str), Some("true" | "1"))
+}
+
+fn write_options(query: &Query) -> ApiResult<WriteOptions> {
+    let dry_run = match query.get("dryRun").map(String::as_str) {
+        None | Some("") => false,
+        Some("All") => true,
+        Some(other) => return Err(ApiError::bad_request(format!("dryRun: Unsupported value: {other:?}: supported values: \"All\""))),
+    };
+    let field_validation = match query.get("fieldValidation").map(String::as_str) {
+        None | Some("") | Some("Warn") => FieldValidation::Warn,
+        Some("Strict") => FieldValidation::Strict,
+        Some("Ignore") => FieldValidation::Ignore,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "fieldValidation: Unsupported value: {other:?}: supported values: \"Ignore\", \"Strict\", \"Warn\""
+            )))
+        }
+    };
+    Ok(WriteOptions { dry_run, field_validation })
+}
+
+fn list_options(kind: &KindInfo, query: &Query) -> ApiResult<ListOptions> {
+    let labels = LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or_default())
+        .map_err(ApiError::bad_request)?;
+    let fields = FieldSelector::parse(query.get("fieldSelector").map(String::as_str).unwrap_or_default())
+        .map_err(ApiError::bad_request)?;
+    for r in &fields.requirements {
+        if !kind.supports_field(&r.field) {
+            return Err(ApiError::bad_request(format!(
+                "field label not supported: {}",
+                r.field
+            )));
+        }
+    }
+    let limit = match query.get("limit").map(String::as_str) {
+        None | Some("") | Some("0") => None,
+        Some(l) => Some(l.parse::<usize>().map_err(|_| ApiError::bad_request(format!("limit: Invalid value: {l:?}")))?),
+    };
+    Ok(ListOptions {
+        labels,
+        fields,
+        limit,
+        continue_token: query.get("continue").filter(|c| !c.is_empty()).cloned(),
+        resource_version: query.get("resourceVersion").cloned(),
+        resource_version_match: query.get("resourceVersionMatch").filter(|m| !m.is_empty()).cloned(),
+    })
+}
+
+async fn read_body(req: Request<hyper::body::Incoming>) -> ApiResult<(HeaderMap, Bytes)> {
+    let (parts, body) = req.into_parts();
+    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
+        if len > MAX_BODY_BYTES {
+            return Err(ApiError::too_large());
+        }
+    }
+    let limited = http_body_util::Limited::new(body, MAX_BODY_BYTES);
+    match limited.collect().await {
+        Ok(collected) => Ok((parts.headers, collected.to_bytes())),
+        Err(err) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::too_large()),
+        Err(err) => Err(ApiError::bad_request(format!("reading the request body failed: {err}"))),
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> String {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json").to_string()
+}
+
+/// Parses a JSON or YAML body into a value.
+pub fn parse_body(content_type: &str, body: &[u8]) -> ApiResult<Value> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("the request body is empty"));
+    }
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    if essence == krate_api::protobuf::CONTENT_TYPE {
+        return krate_api::protobuf::decode(body).map_err(|e| ApiError::bad_request(format!("the protobuf body could not be decoded: {e}")));
+    }
+    let yaml = essence.ends_with("yaml");
+    let parsed = if yaml {
+        serde_yaml::from_slice::<Value>(body).map_err(|e| format!("yaml: {e}"))
+    } else {
+        serde_json::from_slice::<Value>(body).map_err(|e| format!("json parse error: {e}"))
+    };
+    parsed.map_err(|e| ApiError::bad_request(format!("couldn't get version/kind; {e}")))
+}
+
+fn decode_object_body(kind: &KindInfo, headers: &HeaderMap, body: &[u8], opts: &WriteOptions) -> ApiResult<(Value, Vec<String>)> {
+    let ct = content_type(headers);
+    let essence = ct.split(';').next().unwrap_or_default().trim();
+    if !matches!(essence, "application/json" | "application/yaml" | "application/x-yaml" | "text/yaml" | "" | krate_api::protobuf::CONTENT_TYPE) {
+        return Err(ApiError::unsupported_media_type(&ct));
+    }
+    let value = parse_body(&ct, body)?;
+    let (canonical, unknown) = decode_body(kind, value)?;
+    let warnings = check_unknown_fields(kind, &unknown, opts.field_validation)?;
+    Ok((canonical, warnings))
+}
+
+fn written_response(w: Written, format: &Format, kind: &KindInfo) -> Response<Body> {
+    let body = match format {
+        Format::Table { .. } => table::object_table(kind, &w.body),
+        Format::Metadata => negotiate::partial_metadata(&w.body),
+        _ => w.body,
+    };
+    let content_type = format.content_type();
+    with_warnings(bytes_response(w.code, Bytes::from(serde_json::to_vec(&body).unwrap_or_default()), &content_type), &w.warnings)
+}
+
+async fn resource_request(
+    server: &Arc<ApiServer>,
+    path: ResourcePath,
+    query: Query,
+    req: Request<hyper::body::Incoming>,
+) -> ApiResult<Response<Body>> {
+    let kind = lookup(server, &path)?;
+    let sub = subresource(&kind, &path)?;
+    let method = req.method().clone();
+    let verb_allowed = |verb: &str| kind.verbs.iter().any(|v| v == verb);
+    let format = negotiate::negotiate(req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()))?
+        .with_include_object(query.get("includeObject").map(String::as_str));
+    let scope = Scope { kind: kind.clone(), namespace: path.namespace.clone() };
+    let storage = &server.storage;
+    let not_allowed = || ApiError::method_not_allowed(format!("the server does not allow this method on the requested resource"));
+    match (&method, path.name.as_deref()) {
+        (&Method::GET, None) if flag(&query, "watch") => {
+            if !verb_allowed("watch") {
+                return Err(not_allowed());
+            }
+            let opts = list_options(&kind, &query)?;
+            watch::serve(server.clone(), scope, opts, &query, format).await
+        }
+        (&Method::GET, None) => {
+            if !verb_allowed("list") {
+                return Err(not_allowed());
+            }
+            let opts = list_options(&kind, &query)?;
+            let result = storage.list(&scope, &opts).await?;
+            Ok(list_response(&kind, result, &format))
+        }
+        (&Method::GET, Some(name)) => {
+            if !verb_allowed("get") {
+                return Err(not_allowed());
+            }
+            let obj = storage.get(&scope, name).await?;
+            match sub {
+                Subresource::Scale => Ok(json_response(200, &registry::scale_of(&kind, &obj.parse()))),
+                _ => Ok(object_response(&kind, &obj, &format)),
+            }
+        }
+        (&Method::POST, None) => {
+            if !verb_allowed("create") {
+                return Err(not_allowed());
+            }
+            if kind.namespaced && scope.namespace.is_none() {
+                return Err(not_allowed());
+            }
+            let opts = write_options(&query)?;
+            let (headers, body) = read_body(req).await?;
+            let (obj, warnings) = decode_object_body(&kind, &headers, &body, &opts)?;
+            let mut written = storage.create(&scope, obj, &opts).await?;
+            written.warnings.extend(warnings);
+            Ok(written_response(written, &format, &kind))
+        }
+        (&Method::PUT, Some(name)) => {
+            if !verb_allowed("update") {
+                return Err(not_allowed());
+            }
+            let opts = write_options(&query)?;
+            let (headers, body) = read_body(req).await?;
+            let (obj, warnings) = if sub == Subresource::Scale {
+                (parse_body(&content_type(&headers), &body)?, vec![])
+            } else {
+                decode_object_body(&kind, &headers, &body, &opts)?
+            };
+            let mut written = storage.update(&scope, name, sub, obj, &opts).await?;
+            written.warnings.extend(warnings);
+            Ok(written_response(written, &format, &kind))
+        }
+        (&Method::PATCH, Some(name)) => {
+            if !verb_allowed("patch") {
+                return Err(not_allowed());
+            }
+            let opts = write_options(&query)?;
+            let (headers, body) = read_body(req).await?;
+            let ct = content_type(&headers);
+            let patch_type = PatchType::from_content_type(&ct).ok_or_else(|| ApiError::unsupported_media_type(&ct))?;
+            if patch_type == PatchType::Apply {
+                return Err(ApiError::unsupported_media_type(&ct));
+            }
+            let patch = parse_body(&ct, &body)?;
+            let written = storage.patch(&scope, name, sub, patch_type, patch, &opts).await?;
+            Ok(written_response(written, &format, &kind))
+        }
+        (&Method::DELETE, name) => {
+            let verb = if name.is_some() { "delete" } else { "deletecollection" };
+            if !verb_allowed(verb) {
+                return Err(not_allowed());
+            }
+            let (headers, body) = read_body(req).await?;
+            let opts = delete_options(&query, &headers, &body)?;
+            match name {
+                Some(name) => {
+                    let written = storage.delete(&scope, name, &opts).await?;
+                    Ok(json_response(written.code, &written.body))
+                }
+                None => {
+                    let list = list_options(&kind, &query)?;
+                    let deleted = storage.delete_collection(&scope, &list, &opts).await?;
+                    let rev = server.storage.cache.revision();
+                    Ok(json_response(200, &json!({
+                        "kind": kind.list_kind(), "apiVersion": kind.api_version(),
+                        "metadata": {"resourceVersion": rev.to_string()}, "items": deleted,
+                    })))
+                }
+            }
+        }
+        _ => Err(not_allowed()),
+    }
+}
+
+fn delete_options(query: &Query, headers: &HeaderMap, body: &[u8]) -> ApiResult<DeleteOptions> {
+    let from_body = if body.iter().all(u8::is_ascii_whitespace) { Value::Null } else { parse_body(&content_type(headers), body)? };
+    let field = |name: &str| from_body.get(name).cloned().filter(|v| !v.is_null());
+    let grace_period_seconds = match (field("gracePeriodSeconds"), query.get("gracePeriodSeconds")) {
+        (Some(v), _) => v.as_i64(),
+        (None, Some(q)) => Some(q.parse::<i64>().map_err(|_| ApiError::bad_request(format!("gracePeriodSeconds: Invalid value: {q:?}")))?),
+        _ => None,
+    };
+    let propagation_policy = field("propagationPolicy").and_then(|v| v.as_str().map(str::to_string)).or_else(|| query.get("propagationPolicy").cloned());
+    if let Some(p) = &propagation_policy {
+        if !["Orphan", "Background", "Foreground"].contains(&p.as_str()) {
+            return Err(ApiError::invalid("", "DeleteOptions", "", &[krate_api::FieldError::not_supported("propagationPolicy", &json!(p), &["Foreground", "Background", "Orphan"])]));
+        }
+    }
+    let orphan_dependents = field("orphanDependents").and_then(|v| v.as_bool()).or_else(|| query.get("orphanDependents").map(|v| v == "true"));
+    let dry_run = field("dryRun").and_then(|v| v.as_array().map(|a| a.iter().any(|x| x == "All"))).unwrap_or(false)
+        || query.get("dryRun").is_some_and(|v| v == "All");
+    Ok(DeleteOptions {
+        grace_period_seconds,
+        propagation_policy,
+        orphan_dependents,
+        precondition_uid: from_body.pointer("/preconditions/uid").and_then(Value::as_str).map(str::to_string),
+        precondition_resource_version: from_body.pointer("/preconditions/resourceVersion").and_then(Value::as_str).map(str::to_string),
+        dry_run,
+    })
+}
+
+fn object_response(kind: &KindInfo, obj: &crate::cache::CachedObject, format: &Format) -> Response<Body> {
+    match format {
+        Format::Json => bytes_response(200, served_json(kind, obj), "application/json"),
+        Format::Table { .. } => json_response(200, &table::object_table(kind, &registry::to_served(kind, obj.parse()))),
+        Format::Metadata => json_response(200, &negotiate::partial_metadata(&obj.parse())),
+    }
+}
+
+fn list_response(kind: &KindInfo, result: registry::ListResult, format: &Format) -> Response<Body> {
+    match format {
+        Format::Table { include_object } => {
+            let items: Vec<Value> = result.items.iter().map(|o| registry::to_served(kind, o.parse())).collect();
+            let mut t = table::list_table(kind, &items, *include_object);
+            t["metadata"] = list_metadata(&result);
+            json_response(200, &t)
+        }
+        Format::Metadata => {
+            let items: Vec<Value> = result.items.iter().map(|o| negotiate::partial_metadata(&o.parse())).collect();
+            json_response(200, &json!({
+                "kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1",
+                "metadata": list_metadata(&result), "items": items,
+            }))
+        }
+        Format::Json => {
+            // Assembled from the cached JSON of each item, without re-encoding objects.
+            let mut out = BytesMut::with_capacity(64 + result.items.iter().map(|o| o.json.len() + 1).sum::<usize>());
+            let head = json!({"kind": kind.list_kind(), "apiVersion": kind.api_version(), "metadata": list_metadata(&result)});
+            let head = serde_json::to_string(&head).unwrap_or_default();
+            out.put_slice(&head.as_bytes()[..head.len() - 1]);
+            out.put_slice(b",\"items\":[");
+            for (i, obj) in result.items.iter().enumerate() {
+                if i > 0 {
+                    out.put_u8(b',');
+                }
+                out.put_slice(&served_json(kind, obj));
+            }
+            out.put_slice(b"]}");
+            bytes_response(200, out.freeze(), "application/json")
+        }
+    }
+}
+
+fn list_metadata(result: &registry::ListResult) -> Value {
+    let mut meta = json!({"resourceVersion": result.revision.to_string()});
+    if let Some(token) = &result.continue_token {
+        meta["continue"] = json!(token);
+    }
+    if let Some(remaining) = result.remaining {
+        meta["remainingItemCount"] = json!(remaining);
+    }
+    meta
+}

@@ -1,0 +1,1014 @@
+//! The generic REST storage path: one implementation of create, get, list, update,
+//! patch and delete for every kind, with per-kind behaviour taken from the kinds table
+//! (`KindInfo`) and its strategy.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use krate_api::error::success_status;
+use krate_api::object::{self, get, get_str};
+use krate_api::patch::{apply_json_patch, apply_merge_patch, PatchType};
+use krate_api::selectors::{FieldSelector, LabelSelector};
+use krate_api::validation::{self, validate_annotations, validate_labels};
+use krate_api::{ApiError, ApiResult, FieldError, KindInfo};
+use krate_store::{ListRequest, Revision, Store, StoreError};
+use serde_json::{json, Value};
+
+use crate::cache::{CachedObject, WatchCache};
+
+/// How unknown fields in a request body are treated (`fieldValidation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FieldValidation {
+    Ignore,
+    #[default]
+    Warn,
+    Strict,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct WriteOptions {
+    pub dry_run: bool,
+    pub field_validation: FieldValidation,
+}
+
+/// Which part of an object a write addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subresource {
+    Main,
+    Status,
+    Scale,
+    Finalize,
+}
+
+/// The resource a request addresses.
+#[derive(Clone)]
+pub struct Scope {
+    pub kind: Arc<KindInfo>,
+    pub namespace: Option<String>,
+}
+
+/// A successful write: HTTP code, served-form body and warnings for the `Warning` header.
+pub struct Written {
+    pub code: u16,
+    pub body: Value,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct DeleteOptions {
+    pub grace_period_seconds: Option<i64>,
+    pub propagation_policy: Option<String>,
+    pub orphan_dependents: Option<bool>,
+    pub precondition_uid: Option<String>,
+    pub precondition_resource_version: Option<String>,
+    pub dry_run: bool,
+}
+
+/// List parameters shared by list and watch.
+#[derive(Clone, Debug, Default)]
+pub struct ListOptions {
+    pub labels: LabelSelector,
+    pub fields: FieldSelector,
+    pub limit: Option<usize>,
+    pub continue_token: Option<String>,
+    pub resource_version: Option<String>,
+    pub resource_version_match: Option<String>,
+}
+
+pub struct ListResult {
+    pub items: Vec<Arc<CachedObject>>,
+    pub revision: Revision,
+    pub continue_token: Option<String>,
+    pub remaining: Option<usize>,
+}
+
+/// The generic storage for all kinds.
+pub struct Storage {
+    pub store: Arc<dyn Store>,
+    pub cache: Arc<WatchCache>,
+}
+
+const CONFLICT_RETRIES: usize = 16;
+const GENERATE_NAME_RETRIES: usize = 8;
+
+pub fn storage_prefix(kind: &KindInfo) -> String {
+    let group = if kind.storage.group.is_empty() { "core" } else { kind.storage.group };
+    format!("{}{}/{}/", crate::cache::REGISTRY_PREFIX, group, kind.storage.resource)
+}
+
+pub fn key_for(kind: &KindInfo, namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(ns) if kind.namespaced => format!("{}{ns}/{name}", storage_prefix(kind)),
+        _ => format!("{}{name}", storage_prefix(kind)),
+    }
+}
+
+/// The served form of a stored object.
+pub fn to_served(kind: &KindInfo, stored: Value) -> Value {
+    match kind.conversion {
+        Some(c) => c.from_storage(stored),
+        None => stored,
+    }
+}
+
+fn to_storage(kind: &KindInfo, served: Value) -> Value {
+    match kind.conversion {
+        Some(c) => c.to_storage(served),
+        None => served,
+    }
+}
+
+/// The served JSON of a cached object, without re-encoding when no conversion applies.
+pub fn served_json(kind: &KindInfo, obj: &CachedObject) -> Bytes {
+    match kind.conversion {
+        Some(c) => Bytes::from(serde_json::to_vec(&c.from_storage(obj.parse())).unwrap_or_default()),
+        None => obj.json.clone(),
+    }
+}
+
+fn store_error(kind: &KindInfo, name: &str, err: StoreError) -> ApiError {
+    match err {
+        StoreError::AlreadyExists(_) => ApiError::already_exists(&kind.group, &kind.plural, name),
+        StoreError::NotFound(_) => ApiError::not_found(&kind.group, &kind.plural, name),
+        StoreError::Conflict { .. } => ApiError::modified(&kind.group, &kind.plural, name),
+        StoreError::Compacted { requested, compacted } => {
+            ApiError::gone(format!("too old resource version: {requested} ({compacted})"))
+        }
+        StoreError::FutureRevision { requested, current } => {
+            let mut e = ApiError::timeout(format!("Too large resource version: {requested}, current: {current}"));
+            e.retry_after_seconds = Some(1);
+            e
+        }
+        StoreError::Backend(msg) => ApiError::internal(msg),
+    }
+}
+
+fn parse_revision(rv: &str) -> ApiResult<Revision> {
+    rv.parse::<Revision>()
+        .map_err(|_| ApiError::bad_request(format!("invalid resource version {rv:?}: expected an integer")))
+}
+
+/// Upstream's check of a decoded body: apiVersion and kind must match the endpoint
+/// (missing ones are defaulted from it), then the object must decode as the typed kind.
+/// Returns the canonical object and the paths of unknown fields.
+pub fn decode_body(kind: &KindInfo, mut body: Value) -> ApiResult<(Value, Vec<String>)> {
+    let Some(map) = body.as_object_mut() else {
+        return Err(ApiError::bad_request(format!("{} in version {:?} cannot be handled as a {}: the body must be a JSON object", kind.kind, kind.version, kind.kind)));
+    };
+    let api_version = kind.api_version();
+    match map.get("apiVersion").and_then(Value::as_str) {
+        None | Some("") => {
+            map.insert("apiVersion".into(), json!(api_version));
+        }
+        Some(v) if v != api_version => {
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({v}) does not match the expected API version ({api_version})"
+            )))
+        }
+        _ => {}
+    }
+    match map.get("kind").and_then(Value::as_str) {
+        None | Some("") => {
+            map.insert("kind".into(), json!(kind.kind));
+        }
+        Some(k) if k != kind.kind => {
+            return Err(ApiError::bad_request(format!(
+                "the kind in the data ({k}) does not match the expected kind ({})",
+                kind.kind
+            )))
+        }
+        _ => {}
+    }
+    let Some(typed) = kind.typed else { return Ok((body, vec![])) };
+    let canonical = typed(&body).map_err(|e| {
+        ApiError::bad_request(format!("{} in version {:?} cannot be handled as a {}: {e}", kind.kind, kind.version, kind.kind))
+    })?;
+    let mut unknown = Vec::new();
+    unknown_fields(&body, &canonical, "", &mut unknown);
+    Ok((canonical, unknown))
+}
+
+/// Paths present in `input` but dropped by the typed round trip.
+fn unknown_fields(input: &Value, canonical: &Value, path: &str, out: &mut Vec<String>) {
+    match (input, canonical) {
+        (Value::Object(i), Value::Object(c)) => {
+            for (k, v) in i {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                match c.get(k) {
+                    Some(cv) => unknown_fields(v, cv, &p, out),
+                    None if !v.is_null() => out.push(p),
+                    None => {}
+                }
+            }
+        }
+        (Value::Array(i), Value::Array(c)) => {
+            for (n, (iv, cv)) in i.iter().zip(c).enumerate() {
+                unknown_fields(iv, cv, &format!("{path}[{n}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Applies the field validation directive to unknown fields.
+pub fn check_unknown_fields(kind: &KindInfo, unknown: &[String], mode: FieldValidation) -> ApiResult<Vec<String>> {
+    if unknown.is_empty() {
+        return Ok(vec![]);
+    }
+    match mode {
+        FieldValidation::Ignore => Ok(vec![]),
+        FieldValidation::Warn => Ok(unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect()),
+        FieldValidation::Strict => {
+            let fields: Vec<String> = unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect();
+            Err(ApiError::bad_request(format!(
+                "{} in version {:?} cannot be handled as a {}: strict decoding error: {}",
+                kind.kind,
+                kind.version,
+                kind.kind,
+                fields.join(", ")
+            )))
+        }
+    }
+}
+
+fn validate_metadata(kind: &KindInfo, obj: &Value, errs: &mut Vec<FieldError>) {
+    let name = object::name(obj);
+    if name.is_empty() {
+        errs.push(FieldError::required("metadata.name", "name or generateName is required"));
+    } else {
+        for msg in validation::validate_name(kind.name_rule, name) {
+            errs.push(FieldError::invalid("metadata.name", &json!(name), &msg));
+        }
+    }
+    validate_labels(get(obj, &["metadata", "labels"]), "metadata.labels", errs);
+    validate_annotations(get(obj, &["metadata", "annotations"]), "metadata.annotations", errs);
+    for (i, f) in object::finalizers(obj).iter().enumerate() {
+        for msg in validation::is_qualified_name(f) {
+            errs.push(FieldError::invalid(format!("metadata.finalizers[{i}]"), &json!(f), &msg));
+        }
+    }
+    if let Some(refs) = get(obj, &["metadata", "ownerReferences"]).and_then(Value::as_array) {
+        for (i, r) in refs.iter().enumerate() {
+            for field in ["apiVersion", "kind", "name", "uid"] {
+                if get_str(r, &[field]).is_none_or(str::is_empty) {
+                    errs.push(FieldError::required(format!("metadata.ownerReferences[{i}].{field}"), ""));
+                }
+            }
+        }
+    }
+}
+
+fn validate(kind: &KindInfo, obj: &Value, old: Option<&Value>) -> ApiResult<()> {
+    let mut errs = Vec::new();
+    validate_metadata(kind, obj, &mut errs);
+    match old {
+        None => kind.strategy.validate(obj, &mut errs),
+        Some(old) => {
+            kind.strategy.validate_update(obj, old, &mut errs);
+            if get(old, &["metadata", "deletionTimestamp"]).is_some() {
+                let old_f = object::finalizers(old);
+                if object::finalizers(obj).iter().any(|f| !old_f.contains(f)) {
+                    errs.push(FieldError::forbidden("metadata.finalizers", "no new finalizers can be added if the object is being deleted"));
+                }
+            }
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(&kind.group, &kind.kind, object::name(obj), &errs))
+    }
+}
+
+/// Upstream's generateName suffix alphabet (no vowels, no confusable characters).
+fn generate_name(prefix: &str) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::rng();
+    let suffix: String = (0..5).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect();
+    let prefix = if prefix.len() > 58 { &prefix[..58] } else { prefix };
+    format!("{prefix}{suffix}")
+}
+
+fn encode(obj: &Value) -> ApiResult<Bytes> {
+    let mut stored = obj.clone();
+    if let Some(meta) = stored.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+    }
+    serde_json::to_vec(&stored).map(Bytes::from).map_err(|e| ApiError::internal(e.to_string()))
+}
+
+fn decode_stored(bytes: &[u8], revision: Revision) -> ApiResult<Value> {
+    let mut v: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::internal(format!("stored object is corrupt: {e}")))?;
+    object::set(&mut v, &["metadata", "resourceVersion"], json!(revision.to_string()));
+    Ok(v)
+}
+
+fn with_revision(mut obj: Value, revision: Revision) -> Value {
+    object::set(&mut obj, &["metadata", "resourceVersion"], json!(revision.to_string()));
+    obj
+}
+
+/// How a read-modify-write ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Done {
+    Stored,
+    Removed,
+    Unchanged,
+}
+
+/// What a mutation closure decided for the current object.
+enum Mutation {
+    Write(Value),
+    /// The object is finished (deletion with no finalizers left): remove it.
+    Remove,
+}
+
+impl Storage {
+    pub fn new(store: Arc<dyn Store>, cache: Arc<WatchCache>) -> Self {
+        Self { store, cache }
+    }
+
+    async fn ensure_namespace_usable(&self, scope: &Scope) -> ApiResult<()> {
+        let Some(ns) = scope.namespace.as_deref().filter(|_| scope.kind.namespaced) else { return Ok(()) };
+        let key = format!("{}core/namespaces/{ns}", crate::cache::REGISTRY_PREFIX);
+        let lookup = || {
+            let rc = self.cache.resource(&format!("{}core/namespaces/", crate::cache::REGISTRY_PREFIX));
+            let state = rc.state.read().expect("cache lock");
+            state.objects.get(&key).cloned()
+        };
+        let found = match lookup() {
+            Some(found) => Some(found),
+            None => {
+                self.cache.sync().await;
+                lookup()
+            }
+        };
+        let Some(found) = found else {
+            return Err(ApiError::not_found("", "namespaces", ns));
+        };
+        if found.parse().pointer("/metadata/deletionTimestamp").is_some() {
+            let mut e = ApiError::forbidden(format!(
+                "unable to create new content in namespace {ns} because it is being terminated"
+            ));
+            e.details = Some(json!({"name": ns, "kind": "namespaces", "causes": [{"reason": "NamespaceTerminating", "message": format!("namespace {ns} is being terminated"), "field": "metadata.namespace"}]}));
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Creates an object from a decoded (served-form) body.
+    pub async fn create(&self, scope: &Scope, body: Value, opts: &WriteOptions) -> ApiResult<Written> {
+        let kind = &scope.kind;
+        let mut obj = to_storage(kind, body);
+        let meta = object::object_at(&mut obj, &["metadata"]).ok_or_else(|| ApiError::bad_request("metadata must be an object"))?;
+        if kind.namespaced {
+            let url_ns = scope.namespace.clone().unwrap_or_default();
+            match meta.get("namespace").and_then(Value::as_str) {
+                Some(ns) if !ns.is_empty() && ns != url_ns => {
+                    return Err(ApiError::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    ))
+                }
+                _ => {
+                    meta.insert("namespace".into(), json!(url_ns));
+                }
+            }
+        } else {
+            meta.remove("namespace");
+        }
+        for field in ["resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink", "managedFields"] {
+            meta.remove(field);
+        }
+        meta.insert("uid".into(), json!(uuid_v4()));
+        meta.insert("creationTimestamp".into(), json!(object::now_rfc3339()));
+        if kind.generation {
+            meta.insert("generation".into(), json!(1));
+        } else {
+            meta.remove("generation");
+        }
+        let generate = meta
+            .get("name")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+            .then(|| meta.get("generateName").and_then(Value::as_str).map(str::to_string))
+            .flatten()
+            .filter(|g| !g.is_empty());
+        self.ensure_namespace_usable(scope).await?;
+
+        kind.strategy.default(&mut obj);
+        kind.strategy.prepare_for_create(&mut obj);
+        if kind.status {
+            match kind.strategy.initial_status(&obj) {
+                Some(status) => object::set(&mut obj, &["status"], status),
+                None => {
+                    object::remove(&mut obj, &["status"]);
+                }
+            }
+        }
+        for attempt in 0..GENERATE_NAME_RETRIES {
+            if let Some(prefix) = &generate {
+                object::set(&mut obj, &["metadata", "name"], json!(generate_name(prefix)));
+            }
+            validate(kind, &obj, None)?;
+            let name = object::name(&obj).to_string();
+            if opts.dry_run {
+                return Ok(Written { code: 201, body: to_served(kind, obj), warnings: vec![] });
+            }
+            let key = key_for(kind, scope.namespace.as_deref(), &name);
+            match self.store.create(&key, encode(&obj)?).await {
+                Ok(kv) => {
+                    return Ok(Written { code: 201, body: to_served(kind, with_revision(obj, kv.mod_revision)), warnings: vec![] })
+                }
+                Err(StoreError::AlreadyExists(_)) if generate.is_some() && attempt + 1 < GENERATE_NAME_RETRIES => continue,
+                Err(err) => return Err(store_error(kind, &name, err)),
+            }
+        }
+        unreachable!("the create loop always returns")
+    }
+
+    /// A consistent read of one object from the cache.
+    pub async fn get(&self, scope: &Scope, name: &str) -> ApiResult<Arc<CachedObject>> {
+        self.cache.sync().await;
+        let key = key_for(&scope.kind, scope.namespace.as_deref(), name);
+        let rc = self.cache.resource(&storage_prefix(&scope.kind));
+        let found = rc.state.read().expect("cache lock").objects.get(&key).cloned();
+        found.ok_or_else(|| ApiError::not_found(&scope.kind.group, &scope.kind.plural, name))
+    }
+
+    /// Reads an object straight from the store (for read-modify-write).
+    async fn read_current(&self, scope: &Scope, name: &str) -> ApiResult<(Value, Revision)> {
+        let key = key_for(&scope.kind, scope.namespace.as_deref(), name);
+        match self.store.get(&key).await.map_err(|e| store_error(&scope.kind, name, e))? {
+            Some(kv) => Ok((decode_stored(&kv.value, kv.mod_revision)?, kv.mod_revision)),
+            None => Err(ApiError::not_found(&scope.kind.group, &scope.kind.plural, name)),
+        }
+    }
+
+    /// Read-modify-write with optimistic concurrency, retried on conflicts unless the
+    /// mutation pinned a resourceVersion. `mutate` gets the current stored object.
+    async fn guaranteed_update(
+        &self,
+        scope: &Scope,
+        name: &str,
+        dry_run: bool,
+        mut mutate: impl FnMut(&Value) -> ApiResult<(Mutation, bool)>,
+    ) -> ApiResult<(Value, Done)> {
+        let kind = &scope.kind;
+        let key = key_for(kind, scope.namespace.as_deref(), name);
+        for _ in 0..CONFLICT_RETRIES {
+            let (current, revision) = self.read_current(scope, name).await?;
+            let (mutation, pinned) = mutate(&current)?;
+            let result = match mutation {
+                Mutation::Write(new) if new == current => return Ok((new, Done::Unchanged)),
+                Mutation::Write(new) if dry_run => return Ok((new, Done::Stored)),
+                Mutation::Remove if dry_run => return Ok((current, Done::Removed)),
+                Mutation::Write(new) => self
+                    .store
+                    .update(&key, encode(&new)?, revision)
+                    .await
+                    .map(|kv| (with_revision(new, kv.mod_revision), Done::Stored)),
+                Mutation::Remove => {
+                    self.store.delete(&key, Some(revision)).await.map(|(rev, _)| (with_revision(current, rev), Done::Removed))
+                }
+            };
+            match result {
+                Ok(done) => return Ok(done),
+                Err(StoreError::Conflict { .. }) if !pinned => continue,
+                Err(err) => return Err(store_error(kind, name, err)),
+            }
+        }
+        Err(ApiError::modified(&kind.group, &kind.plural, name))
+    }
+
+    /// Builds the object an update of `sub` produces from `current` and the new served
+    /// body, applying generic rules and the strategy; validates it.
+    fn prepare_update(scope: &Scope, sub: Subresource, current: &Value, body: Value) -> ApiResult<Mutation> {
+        let kind = &scope.kind;
+        let mut new = match sub {
+            Subresource::Main | Subresource::Finalize => {
+                let mut new = to_storage(kind, body);
+                // System-owned metadata always comes from the stored object.
+                for field in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation", "namespace", "name"] {
+                    match get(current, &["metadata", field]) {
+                        Some(v) => object::set(&mut new, &["metadata", field], v.clone()),
+                        None => {
+                            object::remove(&mut new, &["metadata", field]);
+                        }
+                    }
+                }
+                object::remove(&mut new, &["metadata", "managedFields"]);
+                if kind.status && sub == Subresource::Main {
+                    match current.get("status") {
+                        Some(s) => object::set(&mut new, &["status"], s.clone()),
+                        None => {
+                            object::remove(&mut new, &["status"]);
+                        }
+                    }
+                }
+                if sub == Subresource::Finalize {
+                    // namespaces/finalize changes only spec.finalizers.
+                    let finalizers = get(&new, &["spec", "finalizers"]).cloned().unwrap_or(json!([]));
+                    let mut updated = current.clone();
+                    object::set(&mut updated, &["spec", "finalizers"], finalizers);
+                    new = updated;
+                } else {
+                    kind.strategy.default(&mut new);
+                }
+                new
+            }
+            Subresource::Status => {
+                let served = to_storage(kind, body);
+                let mut new = current.clone();
+                match served.get("status") {
+                    Some(s) => object::set(&mut new, &["status"], s.clone()),
+                    None => {
+                        object::remove(&mut new, &["status"]);
+                    }
+                }
+                new
+            }
+            Subresource::Scale => unreachable!("scale writes go through update_scale"),
+        };
+        object::set(&mut new, &["metadata", "resourceVersion"], get(current, &["metadata", "resourceVersion"]).cloned().unwrap_or(Value::Null));
+        if kind.generation && sub == Subresource::Main && spec_changed(&new, current) {
+            let generation = get(current, &["metadata", "generation"]).and_then(Value::as_i64).unwrap_or(0);
+            object::set(&mut new, &["metadata", "generation"], json!(generation + 1));
+        }
+        validate(kind, &new, Some(current))?;
+        let deleting = get(&new, &["metadata", "deletionTimestamp"]).is_some();
+        if deleting && object::finalizers(&new).is_empty() && !awaits_graceful_termination(&new) {
+            return Ok(Mutation::Remove);
+        }
+        Ok(Mutation::Write(new))
+    }
+
+    /// PUT of the main resource or a subresource.
+    pub async fn update(&self, scope: &Scope, name: &str, sub: Subresource, body: Value, opts: &WriteOptions) -> ApiResult<Written> {
+        let kind = scope.kind.clone();
+        let body_name = get_str(&body, &["metadata", "name"]).unwrap_or_default().to_string();
+        if !body_name.is_empty() && body_name != name {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({body_name}) does not match the name on the URL ({name})"
+            )));
+        }
+        if sub == Subresource::Scale {
+            return self.update_scale(scope, name, ScaleChange::Replace(body), opts).await;
+        }
+        let precondition = object::resource_version(&body).map(parse_revision).transpose()?;
+        let (obj, _) = self
+            .guaranteed_update(scope, name, opts.dry_run, |current| {
+                if let Some(rv) = precondition {
+                    if get_str(current, &["metadata", "resourceVersion"]) != Some(rv.to_string().as_str()) {
+                        return Err(ApiError::modified(&kind.group, &kind.plural, name));
+                    }
+                }
+                let mut body = body.clone();
+                object::set(&mut body, &["metadata", "name"], json!(name));
+                Ok((Self::prepare_update(scope, sub, current, body)?, precondition.is_some()))
+            })
+            .await?;
+        Ok(Written { code: 200, body: to_served(&kind, obj), warnings: vec![] })
+    }
+
+    /// PATCH of the main resource or a subresource.
+    pub async fn patch(
+        &self,
+        scope: &Scope,
+        name: &str,
+        sub: Subresource,
+        patch_type: PatchType,
+        patch: Value,
+        opts: &WriteOptions,
+    ) -> ApiResult<Written> {
+        let kind = scope.kind.clone();
+        if sub == Subresource::Scale {
+            return self.update_scale(scope, name, ScaleChange::Patch(patch_type, patch), opts).await;
+        }
+        let mut warnings = Vec::new();
+        let (obj, _) = self
+            .guaranteed_update(scope, name, opts.dry_run, |current| {
+                let served = to_served(&kind, current.clone());
+                let mut patched = served.clone();
+                apply_patch(&mut patched, patch_type, &patch)?;
+                let (canonical, unknown) = decode_body(&kind, patched.clone())?;
+                warnings = check_unknown_fields(&kind, &unknown, opts.field_validation)?;
+                // A resourceVersion in the patch is a precondition.
+                let pinned = match (object::resource_version(&patched), object::resource_version(&served)) {
+                    (Some(p), Some(c)) if p != c => return Err(ApiError::modified(&kind.group, &kind.plural, name)),
+                    (Some(_), _) => patch_sets_resource_version(&patch),
+                    _ => false,
+                };
+                if object::name(&patched) != name {
+                    return Err(ApiError::bad_request(format!("metadata.name: Invalid value: {:?}: field is immutable", object::name(&patched))));
+                }
+                Ok((Self::prepare_update(scope, sub, current, canonical)?, pinned))
+            })
+            .await?;
+        Ok(Written { code: 200, body: to_served(&kind, obj), warnings })
+    }
+
+    async fn update_scale(&self, scope: &Scope, name: &str, change: ScaleChange, opts: &WriteOptions) -> ApiResult<Written> {
+        let kind = scope.kind.clone();
+        let Some(info) = kind.scale else {
+            return Err(ApiError::not_found(&kind.group, &format!("{}/scale", kind.plural), name));
+        };
+        let (obj, _) = self
+            .guaranteed_update(scope, name, opts.dry_run, |current| {
+                let scale = scale_of(&kind, current);
+                let new_scale = match &change {
+                    ScaleChange::Replace(body) => body.clone(),
+                    ScaleChange::Patch(t, p) => {
+                        let mut s = scale.clone();
+                        apply_patch(&mut s, *t, p)?;
+                        s
+                    }
+                };
+                let pinned = match object::resource_version(&new_scale) {
+                    Some(rv) if Some(rv) != object::resource_version(current) => {
+                        return Err(ApiError::modified(&kind.group, &kind.plural, name))
+                    }
+                    Some(_) => matches!(change, ScaleChange::Replace(_)),
+                    None => false,
+                };
+                let replicas = get(&new_scale, &["spec", "replicas"]).and_then(Value::as_i64).unwrap_or(0);
+                if replicas < 0 {
+                    return Err(ApiError::invalid("autoscaling", "Scale", name, &[FieldError::invalid("spec.replicas", &json!(replicas), "must be greater than or equal to 0")]));
+                }
+                let mut new = current.clone();
+                object::set(&mut new, info.spec_replicas, json!(replicas));
+                if kind.generation && new != *current {
+                    let generation = get(current, &["metadata", "generation"]).and_then(Value::as_i64).unwrap_or(0);
+                    object::set(&mut new, &["metadata", "generation"], json!(generation + 1));
+                }
+                Ok((Mutation::Write(new), pinned))
+            })
+            .await?;
+        Ok(Written { code: 200, body: scale_of(&kind, &obj), warnings: vec![] })
+    }
+
+    /// DELETE: immediate, or pending (graceful pods, finalizers, namespaces).
+    pub async fn delete(&self, scope: &Scope, name: &str, opts: &DeleteOptions) -> ApiResult<Written> {
+        let kind = scope.kind.clone();
+        let (obj, done) = self
+            .guaranteed_update(scope, name, opts.dry_run, |current| {
+                if let Some(uid) = &opts.precondition_uid {
+                    if object::uid(current) != uid {
+                        return Err(ApiError::conflict(&kind.group, &kind.plural, name, &format!(
+                            "Precondition failed: UID in precondition: {uid}, UID in object meta: {}", object::uid(current))));
+                    }
+                }
+                if let Some(rv) = &opts.precondition_resource_version {
+                    let actual = object::resource_version(current).unwrap_or_default();
+                    if actual != rv {
+                        return Err(ApiError::conflict(&kind.group, &kind.plural, name, &format!(
+                            "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {actual}")));
+                    }
+                }
+                let pinned = opts.precondition_resource_version.is_some();
+                Ok((plan_delete(&kind, current, opts), pinned))
+            })
+            .await?;
+        let served = to_served(&kind, obj);
+        if done == Done::Removed {
+            // Upstream returns the deleted pod itself, a Status for other kinds.
+            let body = if kind.plural == "pods" && kind.group.is_empty() {
+                served
+            } else {
+                success_status(&kind.group, &kind.plural, name, object::uid(&served))
+            };
+            return Ok(Written { code: 200, body, warnings: vec![] });
+        }
+        let code = if opts.orphan_dependents == Some(false) { 202 } else { 200 };
+        Ok(Written { code, body: served, warnings: vec![] })
+    }
+
+    /// Lists from the cache (or, for pages of an older snapshot, from the store).
+    pub async fn list(&self, scope: &Scope, opts: &ListOptions) -> ApiResult<ListResult> {
+        let kind = &scope.kind;
+        let prefix = match scope.namespace.as_deref().filter(|_| kind.namespaced) {
+            Some(ns) => format!("{}{ns}/", storage_prefix(kind)),
+            None => storage_prefix(kind),
+        };
+        let token = opts.continue_token.as_deref().map(ContinueToken::decode).transpose()?;
+        let exact = opts.resource_version_match.as_deref() == Some("Exact");
+        let requested = opts.resource_version.as_deref().filter(|rv| !rv.is_empty()).map(parse_revision).transpose()?;
+        match requested {
+            _ if token.is_some() => {}
+            None => {
+                if !self.cache.sync().await {
+                    return Err(ApiError::timeout("Timeout: the watch cache did not catch up with storage"));
+                }
+            }
+            Some(0) => {}
+            Some(rv) => {
+                if !self.cache.wait_for(rv, Duration::from_secs(3)).await {
+                    let mut e = ApiError::timeout(format!("Timeout: Too large resource version: {rv}, current: {}", self.cache.revision()));
+                    e.retry_after_seconds = Some(1);
+                    return Err(e);
+                }
+            }
+        }
+        let snapshot_rev = token.as_ref().map(|t| t.rv).or(requested.filter(|_| exact));
+        let start = token.as_ref().map(|t| format!("{prefix}{}", t.start));
+        if let Some(page) = self.list_from_cache(kind, &prefix, snapshot_rev, start.clone(), opts) {
+            return Ok(page);
+        }
+        let revision = snapshot_rev.expect("only snapshots read the store");
+        self.list_from_store(kind, &prefix, revision, start, opts, exact && token.is_none()).await
+    }
+
+    /// A page from the cache, or None when the requested snapshot is older than what the
+    /// cache holds (the cache has only the newest state; an older snapshot is servable
+    /// from it only if nothing in this resource changed since).
+    fn list_from_cache(
+        &self,
+        kind: &KindInfo,
+        prefix: &str,
+        snapshot_rev: Option<Revision>,
+        start: Option<String>,
+        opts: &ListOptions,
+    ) -> Option<ListResult> {
+        let rc = self.cache.resource(&storage_prefix(kind));
+        let state = rc.state.read().expect("cache lock");
+        if snapshot_rev.is_some_and(|rev| state.last_change > rev) {
+            return None;
+        }
+        let revision = snapshot_rev.unwrap_or_else(|| self.cache.revision().max(state.last_change));
+        let lower = start.unwrap_or_else(|| prefix.to_string());
+        let upper = krate_store::prefix_end(prefix);
+        let matches = |o: &CachedObject| opts.labels.matches(&o.labels) && opts.fields.matches(|f| o.field(f).map(str::to_string));
+        let mut items = Vec::new();
+        let mut iter = state.objects.range(lower..upper).map(|(_, o)| o).filter(|o| matches(o));
+        for obj in iter.by_ref() {
+            items.push(obj.clone());
+            if opts.limit.is_some_and(|l| items.len() >= l) {
+                break;
+            }
+        }
+        let remaining = iter.count();
+        let continue_token = (remaining > 0).then(|| {
+            let last = items.last().expect("a page before the remainder");
+            ContinueToken { rv: revision, start: format!("{}\u{0}", &last.key[prefix.len()..]) }.encode()
+        });
+        Some(ListResult { items, revision, continue_token, remaining: (remaining > 0).then_some(remaining) })
+    }
+
+    async fn list_from_store(
+        &self,
+        kind: &KindInfo,
+        prefix: &str,
+        revision: Revision,
+        start: Option<String>,
+        opts: &ListOptions,
+        exact: bool,
+    ) -> ApiResult<ListResult> {
+        let mut items = Vec::new();
+        let mut cursor = start;
+        let paths = kind.field_selectors;
+        loop {
+            let page = self
+                .store
+                .list(ListRequest { prefix: prefix.to_string(), start_key: cursor.clone(), limit: Some(500), revision: Some(revision) })
+                .await
+                .map_err(|e| match e {
+                    StoreError::Compacted { .. } if !exact => ApiError::gone("The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list."),
+                    other => store_error(kind, "", other),
+                })?;
+            for kv in &page.items {
+                let Some(obj) = CachedObject::from_kv(kv, kv.mod_revision, paths) else { continue };
+                if opts.labels.matches(&obj.labels) && opts.fields.matches(|f| obj.field(f).map(str::to_string)) {
+                    items.push(Arc::new(obj));
+                }
+            }
+            if let Some(last) = page.items.last() {
+                cursor = Some(format!("{}\u{0}", last.key));
+            }
+            let enough = opts.limit.is_some_and(|l| items.len() > l);
+            if !page.more || enough {
+                break;
+            }
+        }
+        let more = opts.limit.is_some_and(|l| items.len() > l);
+        if let Some(limit) = opts.limit {
+            items.truncate(limit);
+        }
+        let continue_token = more.then(|| {
+            let last = items.last().expect("a page before the remainder");
+            ContinueToken { rv: revision, start: format!("{}\u{0}", &last.key[prefix.len()..]) }.encode()
+        });
+        Ok(ListResult { items, revision, continue_token, remaining: None })
+    }
+
+    /// DELETE on a collection: every matching object, each with the same options.
+    pub async fn delete_collection(&self, scope: &Scope, list: &ListOptions, opts: &DeleteOptions) -> ApiResult<Vec<Value>> {
+        let listed = self.list(scope, &ListOptions { limit: None, continue_token: None, ..list.clone() }).await?;
+        let mut deleted = Vec::new();
+        for obj in listed.items {
+            let item_scope = Scope { kind: scope.kind.clone(), namespace: obj.namespace.clone() };
+            match self.delete(&item_scope, &obj.name, opts).await {
+                Ok(_) => deleted.push(to_served(&scope.kind, obj.parse())),
+                Err(e) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Creates `scope`'s object unless it exists (bootstrap of built-in objects).
+    pub async fn ensure(&self, scope: &Scope, obj: Value) -> ApiResult<()> {
+        match self.create(scope, obj, &WriteOptions::default()).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == 409 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+enum ScaleChange {
+    Replace(Value),
+    Patch(PatchType, Value),
+}
+
+fn apply_patch(target: &mut Value, patch_type: PatchType, patch: &Value) -> ApiResult<()> {
+    match patch_type {
+        PatchType::Json => apply_json_patch(target, patch),
+        PatchType::Merge => apply_merge_patch(target, patch),
+        PatchType::StrategicMerge => krate_api::patch::apply_strategic_merge_patch(target, patch),
+        PatchType::Apply => Err(ApiError::unsupported_media_type("application/apply-patch+yaml")),
+    }
+}
+
+fn patch_sets_resource_version(patch: &Value) -> bool {
+    match patch {
+        Value::Object(_) => patch.pointer("/metadata/resourceVersion").is_some_and(|v| !v.is_null()),
+        Value::Array(ops) => ops.iter().any(|op| get_str(op, &["path"]) == Some("/metadata/resourceVersion")),
+        _ => false,
+    }
+}
+
+/// True when everything outside metadata and status differs.
+fn spec_changed(new: &Value, old: &Value) -> bool {
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(m) = v.as_object_mut() {
+            m.remove("metadata");
+            m.remove("status");
+        }
+        v
+    };
+    strip(new) != strip(old)
+}
+
+/// A pod whose deletion grace period is still running stays until its node agent
+/// finishes it (deletionGracePeriodSeconds reaches 0).
+fn awaits_graceful_termination(obj: &Value) -> bool {
+    get(obj, &["metadata", "deletionGracePeriodSeconds"]).and_then(Value::as_i64).is_some_and(|g| g > 0)
+}
+
+/// Decides what a DELETE does to `current`.
+fn plan_delete(kind: &KindInfo, current: &Value, opts: &DeleteOptions) -> Mutation {
+    let mut obj = current.clone();
+    let mut finalizers = object::finalizers(&obj);
+    let propagation = opts.propagation_policy.as_deref().or(match opts.orphan_dependents {
+        Some(true) => Some("Orphan"),
+        Some(false) => Some("Background"),
+        None => None,
+    });
+    match propagation {
+        Some("Foreground") if !finalizers.iter().any(|f| f == "foregroundDeletion") => finalizers.push("foregroundDeletion".into()),
+        Some("Orphan") if !finalizers.iter().any(|f| f == "orphan") => finalizers.push("orphan".into()),
+        _ => {}
+    }
+    // Namespaces wait for their content to be removed (spec.finalizers).
+    let namespace_pending = kind.plural == "namespaces" && kind.group.is_empty()
+        && get(&obj, &["spec", "finalizers"]).and_then(Value::as_array).is_some_and(|f| !f.is_empty());
+    if namespace_pending {
+        object::set(&mut obj, &["status", "phase"], json!("Terminating"));
+    }
+    let already_deleting = get(&obj, &["metadata", "deletionTimestamp"]).is_some();
+    let grace = kind.strategy.graceful_delete_seconds(&obj, opts.grace_period_seconds);
+    if let Some(grace) = grace {
+        // A shorter grace period may replace a longer one, never the reverse.
+        let current_grace = get(&obj, &["metadata", "deletionGracePeriodSeconds"]).and_then(Value::as_i64);
+        if current_grace.is_none_or(|g| grace < g) {
+            object::set(&mut obj, &["metadata", "deletionGracePeriodSeconds"], json!(grace));
+            object::set(&mut obj, &["metadata", "deletionTimestamp"], json!(object::rfc3339_in(grace)));
+        }
+        if !finalizers.is_empty() {
+            object::set(&mut obj, &["metadata", "finalizers"], json!(finalizers));
+        }
+        return Mutation::Write(obj);
+    }
+    if opts.grace_period_seconds == Some(0) && already_deleting && kind.plural == "pods" {
+        object::set(&mut obj, &["metadata", "deletionGracePeriodSeconds"], json!(0));
+    }
+    if finalizers.is_empty() && !namespace_pending && !awaits_graceful_termination(&obj) {
+        return Mutation::Remove;
+    }
+    if !already_deleting {
+        object::set(&mut obj, &["metadata", "deletionTimestamp"], json!(object::now_rfc3339()));
+        object::set(&mut obj, &["metadata", "deletionGracePeriodSeconds"], json!(0));
+    }
+    if !finalizers.is_empty() {
+        object::set(&mut obj, &["metadata", "finalizers"], json!(finalizers));
+    }
+    Mutation::Write(obj)
+}
+
+/// The autoscaling/v1 Scale view of an object.
+pub fn scale_of(kind: &KindInfo, obj: &Value) -> Value {
+    let info = kind.scale.unwrap_or(krate_api::kinds::STANDARD_SCALE);
+    let selector = get(obj, info.selector)
+        .and_then(|s| LabelSelector::from_json(s).ok())
+        .map(|s| s.to_query())
+        .unwrap_or_default();
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": object::name(obj),
+            "namespace": object::namespace(obj),
+            "uid": object::uid(obj),
+            "resourceVersion": object::resource_version(obj),
+            "creationTimestamp": get(obj, &["metadata", "creationTimestamp"]),
+        },
+        "spec": {"replicas": get(obj, info.spec_replicas).and_then(Value::as_i64).unwrap_or(0)},
+        "status": {"replicas": get(obj, info.status_replicas).and_then(Value::as_i64).unwrap_or(0), "selector": selector},
+    })
+}
+
+fn uuid_v4() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    format!(
+        "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
+        b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]
+    )
+}
+
+/// Upstream's continue token: base64 of `{"v":"meta.k8s.io/v1","rv":N,"start":"key\0"}`.
+struct ContinueToken {
+    rv: Revision,
+    start: String,
+}
+
+impl ContinueToken {
+    fn encode(&self) -> String {
+        use base64::Engine;
+        let raw = json!({"v": "meta.k8s.io/v1", "rv": self.rv, "start": self.start});
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw.to_string())
+    }
+
+    fn decode(token: &str) -> ApiResult<Self> {
+        use base64::Engine;
+        let invalid = || ApiError::bad_request("continue key is not valid: the continue token is malformed");
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.trim_end_matches('='))
+            .or_else(|_| base64::engine::general_purpose::STANDARD.decode(token))
+            .map_err(|_| invalid())?;
+        let v: Value = serde_json::from_slice(&raw).map_err(|_| invalid())?;
+        if v.get("v").and_then(Value::as_str) != Some("meta.k8s.io/v1") {
+            return Err(invalid());
+        }
+        let rv = v.get("rv").and_then(Value::as_i64).ok_or_else(invalid)?;
+        let start = v.get("start").and_then(Value::as_str).ok_or_else(invalid)?.to_string();
+        if start.contains('/') && !start.ends_with('\u{0}') {
+            return Err(invalid());
+        }
+        Ok(Self { rv, start })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_reported_with_paths() {
+        let input = json!({"spec": {"replicas": 1, "bogus": 2, "template": {"spec": {"containers": [{"name": "a", "x": 1}]}}}, "nul": null});
+        let canonical = json!({"spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "a"}]}}}});
+        let mut out = Vec::new();
+        unknown_fields(&input, &canonical, "", &mut out);
+        assert_eq!(out, ["spec.bogus", "spec.template.spec.containers[0].x"]);
+    }
+
+    #[test]
+    fn continue_tokens_round_trip() {
+        let t = ContinueToken { rv: 42, start: "web-1\u{0}".into() }.encode();
+        let back = ContinueToken::decode(&t).unwrap();
+        assert_eq!((back.rv, back.start.as_str()), (42, "web-1\u{0}"));
+        assert_eq!(ContinueToken::decode("garbage!").err().unwrap().code, 400);
+    }
+
+    #[test]
+    fn uuids_are_version_4() {
+        let u = uuid_v4();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+    }
+}

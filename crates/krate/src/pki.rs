@@ -1,0 +1,128 @@
+//! The cluster's built-in certificate authority and the certificates krate serves and
+//! hands out: created on first start under `<data-dir>/pki`, reused afterwards.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca_cert_pem: String,
+    ca_key: KeyPair,
+}
+
+/// A certificate and its key, PEM-encoded.
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+fn validity(params: &mut CertificateParams, days: i64) {
+    let now = jiff::Timestamp::now();
+    let to_date = |t: jiff::Timestamp| {
+        let d = t.to_zoned(jiff::tz::TimeZone::UTC).date();
+        rcgen::date_time_ymd(d.year() as i32, d.month() as u8, d.day() as u8)
+    };
+    params.not_before = to_date(now - jiff::SignedDuration::from_hours(24));
+    params.not_after = to_date(now + jiff::SignedDuration::from_hours(24 * days));
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+impl Pki {
+    /// Loads the CA from `dir`, creating it on first use.
+    pub fn load_or_create(dir: &Path) -> Result<Self> {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
+        if cert_path.exists() && key_path.exists() {
+            let ca_cert_pem = fs::read_to_string(&cert_path)?;
+            let ca_key = KeyPair::from_pem(&fs::read_to_string(&key_path)?).context("reading the CA key")?;
+            return Ok(Self { dir: dir.to_path_buf(), ca_cert_pem, ca_key });
+        }
+        let ca_key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, "krate-ca");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        validity(&mut params, 3650);
+        let cert = params.self_signed(&ca_key)?;
+        write_private(&key_path, &ca_key.serialize_pem())?;
+        fs::write(&cert_path, cert.pem())?;
+        Ok(Self { dir: dir.to_path_buf(), ca_cert_pem: cert.pem(), ca_key })
+    }
+
+    fn issue(&self, common_name: &str, organizations: &[&str], sans: &[String], server: bool) -> Result<Leaf> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        for o in organizations {
+            params.distinguished_name.push(DnType::OrganizationName, *o);
+        }
+        for san in sans {
+            params.subject_alt_names.push(match san.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(san.as_str().try_into()?),
+            });
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages =
+            vec![if server { ExtendedKeyUsagePurpose::ServerAuth } else { ExtendedKeyUsagePurpose::ClientAuth }];
+        validity(&mut params, 365);
+        let issuer = Issuer::from_ca_cert_pem(&self.ca_cert_pem, &self.ca_key)?;
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// A fresh serving certificate for the API server's names and addresses.
+    pub fn serving_certificate(&self, sans: &[String]) -> Result<Leaf> {
+        let leaf = self.issue("kube-apiserver", &[], sans, true)?;
+        fs::write(self.dir.join("apiserver.crt"), &leaf.cert_pem)?;
+        write_private(&self.dir.join("apiserver.key"), &leaf.key_pem)?;
+        Ok(leaf)
+    }
+
+    /// The cluster-admin client certificate (group system:masters), created once.
+    pub fn admin_certificate(&self) -> Result<Leaf> {
+        let (cert_path, key_path) = (self.dir.join("admin.crt"), self.dir.join("admin.key"));
+        if cert_path.exists() && key_path.exists() {
+            return Ok(Leaf { cert_pem: fs::read_to_string(cert_path)?, key_pem: fs::read_to_string(key_path)? });
+        }
+        let leaf = self.issue("krate-admin", &["system:masters"], &[], false)?;
+        fs::write(&cert_path, &leaf.cert_pem)?;
+        write_private(&key_path, &leaf.key_pem)?;
+        Ok(leaf)
+    }
+
+    /// Writes a kubeconfig for `leaf` that points at `server`.
+    pub fn write_kubeconfig(&self, path: &Path, server: &str, leaf: &Leaf) -> Result<()> {
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "krate", "cluster": {"server": server, "certificate-authority-data": b64(&self.ca_cert_pem)}}],
+            "users": [{"name": "krate-admin", "user": {"client-certificate-data": b64(&leaf.cert_pem), "client-key-data": b64(&leaf.key_pem)}}],
+            "contexts": [{"name": "krate", "context": {"cluster": "krate", "user": "krate-admin"}}],
+            "current-context": "krate",
+            "preferences": {},
+        });
+        write_private(path, &serde_yaml::to_string(&config)?)
+    }
+}

@@ -1,0 +1,109 @@
+//! `krate server`: the control plane on one machine.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use krate_apiserver::{auth, ApiServer, Settings};
+use krate_store::sqlite::SqliteStore;
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/krate";
+
+#[derive(clap::Args, Debug)]
+pub struct ServerArgs {
+    /// Where krate keeps its database, certificates and kubeconfigs.
+    #[arg(long, default_value = DEFAULT_DATA_DIR, env = "KRATE_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Address the API server listens on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind_address: IpAddr,
+    /// HTTPS port of the API server.
+    #[arg(long, default_value_t = 6443)]
+    pub port: u16,
+    /// Extra names or IPs to put in the serving certificate (repeatable).
+    #[arg(long = "tls-san")]
+    pub tls_san: Vec<String>,
+    /// Events kept per resource for resuming watches.
+    #[arg(long, default_value_t = 10_000)]
+    pub watch_cache_size: usize,
+    /// Seconds between compactions of storage history.
+    #[arg(long, default_value_t = 300)]
+    pub compaction_interval_seconds: u64,
+    /// Seconds between bookmarks on watches that allow them.
+    #[arg(long, default_value_t = 60)]
+    pub bookmark_interval_seconds: u64,
+}
+
+pub async fn run(args: ServerArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.data_dir).with_context(|| {
+        format!("cannot create the data directory {} (run as root, or pass --data-dir to a writable place)", args.data_dir.display())
+    })?;
+    let lock_path = args.data_dir.join("server.lock");
+    let lock = std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    lock.try_lock().map_err(|_| {
+        anyhow::anyhow!("another krate server is already using {} (stop it, or pass a different --data-dir)", args.data_dir.display())
+    })?;
+
+    let pki = crate::pki::Pki::load_or_create(&args.data_dir.join("pki"))?;
+    let host = match args.bind_address {
+        IpAddr::V4(v4) if v4.is_unspecified() => "127.0.0.1".to_string(),
+        ip => ip.to_string(),
+    };
+    let mut sans = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "kubernetes".to_string(),
+        "kubernetes.default".to_string(),
+        "kubernetes.default.svc".to_string(),
+        "kubernetes.default.svc.cluster.local".to_string(),
+        host.clone(),
+    ];
+    sans.extend(args.tls_san.iter().cloned());
+    sans.dedup();
+    let serving = pki.serving_certificate(&sans)?;
+    let tls = auth::server_config(&auth::TlsFiles { ca_pem: pki.ca_cert_pem.clone(), cert_pem: serving.cert_pem, key_pem: serving.key_pem })?;
+
+    let db_dir = args.data_dir.join("db");
+    std::fs::create_dir_all(&db_dir)?;
+    let store = SqliteStore::open(db_dir.join("state.db")).context("opening the database")?;
+    let advertise = format!("{host}:{}", args.port);
+    let settings = Settings {
+        advertise_address: advertise.clone(),
+        watch_cache_size: args.watch_cache_size,
+        compaction_interval: Duration::from_secs(args.compaction_interval_seconds.max(1)),
+        bookmark_interval: Duration::from_secs(args.bookmark_interval_seconds.max(1)),
+        ..Settings::default()
+    };
+    let server = ApiServer::start(Arc::new(store), settings).await?;
+    let listener = tokio::net::TcpListener::bind((args.bind_address, args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{} (is another API server running? pick another --port)", args.bind_address, args.port))?;
+
+    let url = format!("https://{advertise}");
+    let kubeconfig = args.data_dir.join("admin.kubeconfig");
+    pki.write_kubeconfig(&kubeconfig, &url, &pki.admin_certificate()?)?;
+    tracing::info!(%url, kubeconfig = %kubeconfig.display(), "krate server is ready");
+    println!("krate server is running at {url}");
+    println!("Use it with kubectl:");
+    println!("    export KUBECONFIG={}", kubeconfig.display());
+    println!("    kubectl get namespaces");
+
+    tokio::select! {
+        result = server.serve(listener, tls) => result,
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
