@@ -33,6 +33,8 @@ use route::{parse_path, parse_query, ResourcePath, Route};
 
 /// Upstream's limit on request bodies.
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// Past this, an oversized body is no longer drained and the connection is dropped.
+const MAX_DRAINED_BYTES: usize = 64 * 1024 * 1024;
 
 pub type Query = HashMap<String, String>;
 
@@ -206,18 +208,32 @@ fn list_options(kind: &KindInfo, query: &Query) -> ApiResult<ListOptions> {
 }
 
 async fn read_body(req: Request<hyper::body::Incoming>) -> ApiResult<(HeaderMap, Bytes)> {
-    let (parts, body) = req.into_parts();
-    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
-        if len > MAX_BODY_BYTES {
-            return Err(ApiError::too_large());
+    let (parts, mut body) = req.into_parts();
+    let mut buf = BytesMut::new();
+    let mut too_large = false;
+    let mut drained = 0usize;
+    // Oversized bodies are drained (up to a bound) rather than cut off, so the client
+    // reads the 413 instead of a broken connection.
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the request body failed: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            drained += data.len();
+            if drained > MAX_DRAINED_BYTES {
+                return Err(ApiError::too_large());
+            }
+            if buf.len() + data.len() > MAX_BODY_BYTES {
+                too_large = true;
+                buf.clear();
+            }
+            if !too_large {
+                buf.extend_from_slice(&data);
+            }
         }
     }
-    let limited = http_body_util::Limited::new(body, MAX_BODY_BYTES);
-    match limited.collect().await {
-        Ok(collected) => Ok((parts.headers, collected.to_bytes())),
-        Err(err) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::too_large()),
-        Err(err) => Err(ApiError::bad_request(format!("reading the request body failed: {err}"))),
+    if too_large {
+        return Err(ApiError::too_large());
     }
+    Ok((parts.headers, buf.freeze()))
 }
 
 fn content_type(headers: &HeaderMap) -> String {

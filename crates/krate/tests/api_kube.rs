@@ -1,0 +1,289 @@
+//! The API server driven by kube-rs: CRUD, conflicts, pagination, watches, selectors,
+//! subresources and deletion semantics.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestServer;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+use kube::core::Status;
+use serde_json::json;
+
+fn cm(name: &str, labels: serde_json::Value) -> ConfigMap {
+    serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}, "data": {"k": "v"}})).unwrap()
+}
+
+fn api_error(err: kube::Error) -> Status {
+    match err {
+        kube::Error::Api(e) => *e,
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn crud_with_optimistic_concurrency() {
+    let server = TestServer::start();
+    let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
+    let created = cms.create(&PostParams::default(), &cm("one", json!({"app": "a"}))).await.unwrap();
+    let meta = &created.metadata;
+    assert!(meta.uid.as_ref().is_some_and(|u| u.len() == 36));
+    assert!(meta.creation_timestamp.is_some());
+    let rv1 = meta.resource_version.clone().unwrap();
+
+    let got = cms.get("one").await.unwrap();
+    assert_eq!(got.metadata.resource_version.as_deref(), Some(rv1.as_str()));
+    assert_eq!(got.data.as_ref().unwrap()["k"], "v");
+
+    // Update with the current resourceVersion works; with the stale one it is a 409.
+    let mut changed = got.clone();
+    changed.data = Some([("k".to_string(), "v2".to_string())].into());
+    let updated = cms.replace("one", &PostParams::default(), &changed).await.unwrap();
+    let rv2 = updated.metadata.resource_version.clone().unwrap();
+    assert!(rv2.parse::<i64>().unwrap() > rv1.parse::<i64>().unwrap());
+    let err = api_error(cms.replace("one", &PostParams::default(), &changed).await.unwrap_err());
+    assert_eq!((err.code, err.reason.as_str()), (409, "Conflict"));
+    assert!(err.message.contains("the object has been modified"), "{}", err.message);
+
+    // Creating it again is AlreadyExists.
+    let err = api_error(cms.create(&PostParams::default(), &cm("one", json!({}))).await.unwrap_err());
+    assert_eq!((err.code, err.reason.as_str()), (409, "AlreadyExists"));
+
+    // Merge and JSON patches.
+    let merged = cms.patch("one", &PatchParams::default(), &Patch::Merge(json!({"data": {"extra": "1"}}))).await.unwrap();
+    assert_eq!(merged.data.as_ref().unwrap().len(), 2);
+    let jp: json_patch::Patch = serde_json::from_value(json!([{"op": "remove", "path": "/data/extra"}])).unwrap();
+    let patched = cms.patch("one", &PatchParams::default(), &Patch::<()>::Json(jp)).await.unwrap();
+    assert_eq!(patched.data.as_ref().unwrap().len(), 1);
+
+    cms.delete("one", &DeleteParams::default()).await.unwrap();
+    let err = api_error(cms.get("one").await.unwrap_err());
+    assert_eq!((err.code, err.reason.as_str()), (404, "NotFound"));
+    assert_eq!(err.message, "configmaps \"one\" not found");
+}
+
+#[tokio::test]
+async fn pagination_is_consistent_and_expires_after_compaction() {
+    let server = TestServer::start_with(&["--compaction-interval-seconds", "1"]);
+    let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
+    for i in 0..25 {
+        cms.create(&PostParams::default(), &cm(&format!("cm-{i:02}"), json!({"batch": "p"}))).await.unwrap();
+    }
+    let first = cms.list(&ListParams::default().limit(10)).await.unwrap();
+    assert_eq!(first.items.len(), 10);
+    assert_eq!(first.metadata.remaining_item_count, Some(15));
+    let token = first.metadata.continue_.clone().expect("a continue token");
+
+    // Changes after the first page do not leak into the snapshot.
+    cms.create(&PostParams::default(), &cm("cm-99", json!({}))).await.unwrap();
+    cms.delete("cm-20", &DeleteParams::default()).await.unwrap();
+    let mut names: Vec<String> = first.items.iter().map(|c| c.metadata.name.clone().unwrap()).collect();
+    let mut next = Some(token);
+    while let Some(token) = next {
+        let page = cms.list(&ListParams::default().limit(10).continue_token(&token)).await.unwrap();
+        assert_eq!(page.metadata.resource_version, first.metadata.resource_version);
+        names.extend(page.items.iter().map(|c| c.metadata.name.clone().unwrap()));
+        next = page.metadata.continue_.clone().filter(|t| !t.is_empty());
+    }
+    let expected: Vec<String> = (0..25).map(|i| format!("cm-{i:02}")).collect();
+    assert_eq!(names, expected);
+
+    // Once compaction has passed the snapshot, its token is 410 Gone.
+    let stale = cms.list(&ListParams::default().limit(5)).await.unwrap().metadata.continue_.unwrap();
+    cms.create(&PostParams::default(), &cm("after", json!({}))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let err = api_error(cms.list(&ListParams::default().limit(5).continue_token(&stale)).await.unwrap_err());
+    assert_eq!((err.code, err.reason.as_str()), (410, "Expired"));
+}
+
+#[tokio::test]
+async fn watch_resumes_from_a_resource_version_and_follows_selectors() {
+    let server = TestServer::start();
+    let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
+    let start = cms.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
+    cms.create(&PostParams::default(), &cm("w", json!({"team": "a"}))).await.unwrap();
+    cms.patch("w", &PatchParams::default(), &Patch::Merge(json!({"data": {"k": "v2"}}))).await.unwrap();
+    cms.patch("w", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"team": "b"}}}))).await.unwrap();
+    cms.delete("w", &DeleteParams::default()).await.unwrap();
+
+    // Everything after `start`, in order.
+    let events: Vec<_> = cms
+        .watch(&WatchParams::default().timeout(2), &start)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| match e {
+            WatchEvent::Added(_) => "ADDED",
+            WatchEvent::Modified(_) => "MODIFIED",
+            WatchEvent::Deleted(_) => "DELETED",
+            WatchEvent::Bookmark(_) => "BOOKMARK",
+            WatchEvent::Error(_) => "ERROR",
+        })
+        .filter(|k| *k != "BOOKMARK")
+        .collect();
+    assert_eq!(kinds, ["ADDED", "MODIFIED", "MODIFIED", "DELETED"]);
+
+    // With a selector, leaving the selection is a DELETED event.
+    let selected: Vec<_> = cms
+        .watch(&WatchParams::default().labels("team=a").timeout(2), &start)
+        .await
+        .unwrap()
+        .try_filter(|e| futures::future::ready(!matches!(e, WatchEvent::Bookmark(_))))
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(matches!(selected.as_slice(), [WatchEvent::Added(_), WatchEvent::Modified(_), WatchEvent::Deleted(_)]), "{selected:?}");
+}
+
+#[tokio::test]
+async fn watch_sends_bookmarks_and_live_events() {
+    let server = TestServer::start();
+    let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
+    let rv = cms.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
+    let mut stream = cms.watch(&WatchParams::default().timeout(3), &rv).await.unwrap().boxed();
+    cms.create(&PostParams::default(), &cm("live", json!({}))).await.unwrap();
+    let first = stream.try_next().await.unwrap().unwrap();
+    assert!(matches!(first, WatchEvent::Added(ref c) if c.metadata.name.as_deref() == Some("live")));
+    let rest: Vec<_> = stream.try_collect().await.unwrap();
+    assert!(rest.iter().any(|e| matches!(e, WatchEvent::Bookmark(_))), "a bookmark before the timeout: {rest:?}");
+}
+
+#[tokio::test]
+async fn watch_from_a_compacted_revision_is_gone() {
+    let server = TestServer::start_with(&["--compaction-interval-seconds", "1"]);
+    let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
+    let old = cms.create(&PostParams::default(), &cm("c1", json!({}))).await.unwrap().metadata.resource_version.unwrap();
+    cms.create(&PostParams::default(), &cm("c2", json!({}))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    cms.create(&PostParams::default(), &cm("c3", json!({}))).await.unwrap();
+    let events: Vec<_> = cms.watch(&WatchParams::default().disable_bookmarks().timeout(2), &old).await.unwrap().try_collect().await.unwrap();
+    match events.as_slice() {
+        [WatchEvent::Error(e)] => assert_eq!((e.code, e.reason.as_str()), (410, "Expired")),
+        other => panic!("expected a single 410 error event, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn label_and_field_selectors() {
+    let server = TestServer::start();
+    let pods: Api<Pod> = Api::namespaced(server.client().await, "default");
+    for (name, node, tier) in [("a", "n1", "web"), ("b", "n2", "web"), ("c", "n1", "db")] {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"tier": tier}},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]}
+        }))
+        .unwrap();
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+    }
+    let names = |list: kube::core::ObjectList<Pod>| list.items.into_iter().map(|p| p.metadata.name.unwrap()).collect::<Vec<_>>();
+    assert_eq!(names(pods.list(&ListParams::default().labels("tier=web")).await.unwrap()), ["a", "b"]);
+    assert_eq!(names(pods.list(&ListParams::default().labels("tier in (db),tier!=web")).await.unwrap()), ["c"]);
+    assert_eq!(names(pods.list(&ListParams::default().fields("spec.nodeName=n1")).await.unwrap()), ["a", "c"]);
+    assert_eq!(names(pods.list(&ListParams::default().fields("spec.nodeName=n1,metadata.name!=a")).await.unwrap()), ["c"]);
+    assert_eq!(names(pods.list(&ListParams::default().fields("status.phase=Pending").labels("tier=db")).await.unwrap()), ["c"]);
+    let err = api_error(pods.list(&ListParams::default().fields("spec.bogus=1")).await.unwrap_err());
+    assert_eq!(err.code, 400);
+    let err = api_error(pods.list(&ListParams::default().labels("tier in web")).await.unwrap_err());
+    assert_eq!(err.code, 400);
+
+    // Pods on a node are deleted gracefully: marked, not removed, until their node
+    // agent finishes (grace period 0).
+    pods.delete("a", &DeleteParams::default()).await.unwrap();
+    let pending = pods.get("a").await.unwrap();
+    assert!(pending.metadata.deletion_timestamp.is_some());
+    assert_eq!(pending.metadata.deletion_grace_period_seconds, Some(30));
+    pods.delete("a", &DeleteParams::default().grace_period(0)).await.unwrap();
+    assert_eq!(api_error(pods.get("a").await.unwrap_err()).code, 404);
+}
+
+#[tokio::test]
+async fn status_and_scale_subresources() {
+    let server = TestServer::start();
+    let deploys: Api<Deployment> = Api::namespaced(server.client().await, "default");
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "w", "image": "nginx"}]}}},
+        "status": {"replicas": 99}
+    }))
+    .unwrap();
+    let created = deploys.create(&PostParams::default(), &d).await.unwrap();
+    assert!(created.status.is_none_or(|s| s.replicas.is_none()), "status is reset on create");
+    assert_eq!(created.metadata.generation, Some(1));
+
+    let with_status = deploys
+        .patch_status("web", &PatchParams::default(), &Patch::Merge(json!({"status": {"replicas": 2, "readyReplicas": 1}, "spec": {"replicas": 7}})))
+        .await
+        .unwrap();
+    assert_eq!(with_status.status.unwrap().ready_replicas, Some(1));
+    assert_eq!(with_status.spec.replicas, Some(2), "the status endpoint ignores spec");
+    assert_eq!(with_status.metadata.generation, Some(1));
+
+    let main = deploys.patch("web", &PatchParams::default(), &Patch::Merge(json!({"status": {"readyReplicas": 0}, "spec": {"replicas": 3}}))).await.unwrap();
+    assert_eq!(main.status.unwrap().ready_replicas, Some(1), "the main endpoint ignores status");
+    assert_eq!(main.metadata.generation, Some(2));
+
+    let scale = deploys.get_scale("web").await.unwrap();
+    assert_eq!(scale.spec.unwrap().replicas, Some(3));
+    assert_eq!(scale.status.unwrap().selector.as_deref(), Some("app=web"));
+    deploys.patch_scale("web", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 5}}))).await.unwrap();
+    assert_eq!(deploys.get("web").await.unwrap().spec.replicas, Some(5));
+}
+
+#[tokio::test]
+async fn finalizers_dry_run_generate_name_and_namespaces() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+
+    let mut guarded = cm("guarded", json!({}));
+    guarded.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+    cms.create(&PostParams::default(), &guarded).await.unwrap();
+    cms.delete("guarded", &DeleteParams::default()).await.unwrap();
+    let held = cms.get("guarded").await.unwrap();
+    assert!(held.metadata.deletion_timestamp.is_some(), "a finalizer keeps the object");
+    let err = api_error(
+        cms.patch("guarded", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": ["example.com/hold", "new/one"]}})))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code, 422, "no new finalizers while deleting");
+    cms.patch("guarded", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}}))).await.unwrap();
+    assert_eq!(api_error(cms.get("guarded").await.unwrap_err()).code, 404, "gone once the last finalizer is removed");
+
+    let dry = cms.create(&PostParams { dry_run: true, ..Default::default() }, &cm("dry", json!({}))).await.unwrap();
+    assert_eq!(dry.metadata.name.as_deref(), Some("dry"));
+    assert_eq!(api_error(cms.get("dry").await.unwrap_err()).code, 404, "dry run stores nothing");
+
+    let mut generated = cm("", json!({}));
+    generated.metadata.name = None;
+    generated.metadata.generate_name = Some("gen-".into());
+    let made = cms.create(&PostParams::default(), &generated).await.unwrap();
+    let name = made.metadata.name.unwrap();
+    assert!(name.starts_with("gen-") && name.len() == 9, "{name}");
+
+    let elsewhere: Api<ConfigMap> = Api::namespaced(client.clone(), "nope");
+    let err = api_error(elsewhere.create(&PostParams::default(), &cm("x", json!({}))).await.unwrap_err());
+    assert_eq!((err.code, err.message.as_str()), (404, "namespaces \"nope\" not found"));
+
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        let n = namespaces.get(ns).await.unwrap();
+        assert_eq!(n.status.unwrap().phase.as_deref(), Some("Active"));
+    }
+    namespaces.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "doomed"}})).unwrap()).await.unwrap();
+    namespaces.delete("doomed", &DeleteParams::default()).await.unwrap();
+    let doomed = namespaces.get("doomed").await.unwrap();
+    assert_eq!(doomed.status.unwrap().phase.as_deref(), Some("Terminating"));
+    let inside: Api<ConfigMap> = Api::namespaced(client, "doomed");
+    let err = api_error(inside.create(&PostParams::default(), &cm("x", json!({}))).await.unwrap_err());
+    assert_eq!(err.code, 403);
+    assert!(err.message.contains("being terminated"), "{}", err.message);
+}

@@ -1,0 +1,147 @@
+//! Bad input gets upstream's status codes and a clear Status; nothing is half-written and
+//! the server never panics.
+
+mod common;
+
+use common::{raw, TestServer};
+use serde_json::json;
+
+const CMS: &str = "/api/v1/namespaces/default/configmaps";
+
+#[tokio::test]
+async fn malformed_and_mismatched_bodies() {
+    let server = TestServer::start();
+    let client = server.client().await;
+
+    let (code, status) = raw(&client, "POST", CMS, "application/json", b"{not json".to_vec()).await;
+    assert_eq!((code, status["reason"].as_str()), (400, Some("BadRequest")), "{status}");
+    assert_eq!(status["kind"], "Status");
+    assert!(status["message"].as_str().unwrap().contains("json parse error"), "{status}");
+
+    let (code, status) = raw(&client, "POST", CMS, "application/yaml", b"a: [unclosed".to_vec()).await;
+    assert_eq!(code, 400, "{status}");
+
+    let wrong_version = json!({"apiVersion": "apps/v1", "kind": "ConfigMap", "metadata": {"name": "x"}});
+    let (code, status) = raw(&client, "POST", CMS, "application/json", wrong_version.to_string().into_bytes()).await;
+    assert_eq!(code, 400);
+    assert!(status["message"].as_str().unwrap().contains("does not match the expected API version"), "{status}");
+
+    let wrong_kind = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}});
+    let (code, status) = raw(&client, "POST", CMS, "application/json", wrong_kind.to_string().into_bytes()).await;
+    assert_eq!(code, 400);
+    assert!(status["message"].as_str().unwrap().contains("does not match the expected kind"), "{status}");
+
+    let wrong_type = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"k": 5}});
+    let (code, status) = raw(&client, "POST", CMS, "application/json", wrong_type.to_string().into_bytes()).await;
+    assert_eq!(code, 400);
+    assert!(status["message"].as_str().unwrap().contains("cannot be handled as a ConfigMap"), "{status}");
+
+    let (code, _) = raw(&client, "POST", CMS, "text/csv", b"a,b".to_vec()).await;
+    assert_eq!(code, 415);
+
+    let (code, list) = raw(&client, "GET", CMS, "application/json", vec![]).await;
+    assert_eq!(code, 200);
+    assert_eq!(list["items"], json!([]), "nothing was written");
+}
+
+#[tokio::test]
+async fn invalid_names_missing_namespaces_and_huge_bodies() {
+    let server = TestServer::start();
+    let client = server.client().await;
+
+    let bad_name = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "Bad_Name"}});
+    let (code, status) = raw(&client, "POST", CMS, "application/json", bad_name.to_string().into_bytes()).await;
+    assert_eq!((code, status["reason"].as_str()), (422, Some("Invalid")), "{status}");
+    assert_eq!(status["details"]["causes"][0]["field"], "metadata.name");
+    assert!(status["message"].as_str().unwrap().starts_with("ConfigMap \"Bad_Name\" is invalid: metadata.name: Invalid value"), "{status}");
+
+    let no_ns = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}});
+    let (code, status) = raw(&client, "POST", "/api/v1/namespaces/missing/configmaps", "application/json", no_ns.to_string().into_bytes()).await;
+    assert_eq!((code, status["message"].as_str()), (404, Some("namespaces \"missing\" not found")));
+
+    let invalid_deploy = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+        "spec": {"replicas": -1, "selector": {"matchLabels": {"app": "a"}},
+                 "template": {"metadata": {"labels": {"app": "b"}}, "spec": {"containers": [{"name": "c"}]}}}});
+    let (code, status) = raw(&client, "POST", "/apis/apps/v1/namespaces/default/deployments", "application/json", invalid_deploy.to_string().into_bytes()).await;
+    assert_eq!(code, 422, "{status}");
+    let fields: Vec<&str> = status["details"]["causes"].as_array().unwrap().iter().map(|c| c["field"].as_str().unwrap()).collect();
+    for f in ["spec.replicas", "spec.template.metadata.labels", "spec.template.spec.containers[0].image"] {
+        assert!(fields.contains(&f), "{f} in {fields:?}");
+    }
+
+    let big = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "big"}, "data": {"k": "x".repeat(3 * 1024 * 1024 + 10)}});
+    let (code, status) = raw(&client, "POST", CMS, "application/json", big.to_string().into_bytes()).await;
+    assert_eq!((code, status["reason"].as_str()), (413, Some("RequestEntityTooLarge")), "{status}");
+
+    let (code, _) = raw(&client, "GET", "/api/v1/namespaces/default/nosuchthings", "application/json", vec![]).await;
+    assert_eq!(code, 404);
+    let (code, _) = raw(&client, "GET", "/api/v1/namespaces/default/configmaps?labelSelector=a%20in%20b", "application/json", vec![]).await;
+    assert_eq!(code, 400);
+}
+
+#[tokio::test]
+async fn stale_updates_unknown_fields_and_bad_patches() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let body = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"a": "1"}});
+    let (code, created) = raw(&client, "POST", CMS, "application/json", body.to_string().into_bytes()).await;
+    assert_eq!(code, 201);
+    let rv = created["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    let mut changed = body.clone();
+    changed["data"]["a"] = json!("2");
+    let (code, _) = raw(&client, "PUT", &format!("{CMS}/c"), "application/json", changed.to_string().into_bytes()).await;
+    assert_eq!(code, 200, "an update without resourceVersion is unconditional");
+
+    let mut stale = body.clone();
+    stale["metadata"]["resourceVersion"] = json!(rv);
+    let (code, status) = raw(&client, "PUT", &format!("{CMS}/c"), "application/json", stale.to_string().into_bytes()).await;
+    assert_eq!((code, status["reason"].as_str()), (409, Some("Conflict")));
+
+    let unknown = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "u"}, "bogus": 1});
+    let (code, status) = raw(&client, "POST", &format!("{CMS}?fieldValidation=Strict"), "application/json", unknown.to_string().into_bytes()).await;
+    assert_eq!(code, 400);
+    assert!(status["message"].as_str().unwrap().contains("strict decoding error: unknown field \"bogus\""), "{status}");
+    let (code, stored) = raw(&client, "POST", &format!("{CMS}?fieldValidation=Ignore"), "application/json", unknown.to_string().into_bytes()).await;
+    assert_eq!(code, 201);
+    assert!(stored.get("bogus").is_none(), "unknown fields are pruned");
+
+    let (code, _) = raw(&client, "PATCH", &format!("{CMS}/c"), "application/json-patch+json", b"{\"op\":1}".to_vec()).await;
+    assert_eq!(code, 400);
+    let (code, _) = raw(&client, "PATCH", &format!("{CMS}/c"), "application/json-patch+json", br#"[{"op":"test","path":"/data/a","value":"nope"}]"#.to_vec()).await;
+    assert_eq!(code, 422);
+    let (code, _) = raw(&client, "PATCH", &format!("{CMS}/c"), "application/xml", b"<x/>".to_vec()).await;
+    assert_eq!(code, 415);
+    let (code, _) = raw(&client, "PATCH", &format!("{CMS}/missing"), "application/merge-patch+json", b"{}".to_vec()).await;
+    assert_eq!(code, 404);
+    let (code, _) = raw(&client, "DELETE", "/api/v1/namespaces/default/configmaps/c", "application/json", br#"{"preconditions":{"uid":"wrong"}}"#.to_vec()).await;
+    assert_eq!(code, 409);
+
+    let (_, got) = raw(&client, "GET", &format!("{CMS}/c"), "application/json", vec![]).await;
+    assert_eq!(got["data"], json!({"a": "2"}), "failed writes changed nothing");
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+}
+
+#[tokio::test]
+async fn anonymous_requests_are_forbidden_except_health() {
+    let server = TestServer::start();
+    // A client that trusts the cluster CA but presents no certificate.
+    let admin = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(server.kubeconfig()).unwrap(),
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    let mut config = kube::Config::new(admin.cluster_url.clone());
+    config.root_cert = admin.root_cert.clone();
+    let anonymous = kube::Client::try_from(config).unwrap();
+    let (code, body) = raw(&anonymous, "GET", "/readyz", "application/json", vec![]).await;
+    assert_eq!((code, body), (200, json!("ok")));
+    let (code, _) = raw(&anonymous, "GET", "/version", "application/json", vec![]).await;
+    assert_eq!(code, 200);
+    let (code, status) = raw(&anonymous, "GET", CMS, "application/json", vec![]).await;
+    assert_eq!((code, status["reason"].as_str()), (403, Some("Forbidden")), "{status}");
+    assert!(status["message"].as_str().unwrap().contains("system:anonymous"), "{status}");
+    let body = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}});
+    let (code, _) = raw(&anonymous, "POST", CMS, "application/json", body.to_string().into_bytes()).await;
+    assert_eq!(code, 403, "no anonymous writes");
+}
