@@ -538,7 +538,7 @@ impl Storage {
         }
         validate(kind, &new, Some(current))?;
         let deleting = get(&new, &["metadata", "deletionTimestamp"]).is_some();
-        if deleting && object::finalizers(&new).is_empty() && !awaits_graceful_termination(&new) {
+        if deleting && object::finalizers(&new).is_empty() && !awaits_graceful_termination(&new) && !kind.strategy.deletion_blocked(&new) {
             return Ok(Mutation::Remove);
         }
         Ok(Mutation::Write(new))
@@ -881,11 +881,9 @@ fn plan_delete(kind: &KindInfo, current: &Value, opts: &DeleteOptions) -> Mutati
         Some("Orphan") if !finalizers.iter().any(|f| f == "orphan") => finalizers.push("orphan".into()),
         _ => {}
     }
-    // Namespaces wait for their content to be removed (spec.finalizers).
-    let namespace_pending = kind.plural == "namespaces" && kind.group.is_empty()
-        && get(&obj, &["spec", "finalizers"]).and_then(Value::as_array).is_some_and(|f| !f.is_empty());
-    if namespace_pending {
-        object::set(&mut obj, &["status", "phase"], json!("Terminating"));
+    let blocked = kind.strategy.deletion_blocked(&obj);
+    if blocked || !finalizers.is_empty() {
+        kind.strategy.prepare_for_delete(&mut obj);
     }
     let already_deleting = get(&obj, &["metadata", "deletionTimestamp"]).is_some();
     let grace = kind.strategy.graceful_delete_seconds(&obj, opts.grace_period_seconds);
@@ -904,7 +902,7 @@ fn plan_delete(kind: &KindInfo, current: &Value, opts: &DeleteOptions) -> Mutati
     if opts.grace_period_seconds == Some(0) && already_deleting && kind.plural == "pods" {
         object::set(&mut obj, &["metadata", "deletionGracePeriodSeconds"], json!(0));
     }
-    if finalizers.is_empty() && !namespace_pending && !awaits_graceful_termination(&obj) {
+    if finalizers.is_empty() && !blocked && !awaits_graceful_termination(&obj) {
         return Mutation::Remove;
     }
     if !already_deleting {

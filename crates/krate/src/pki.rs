@@ -98,16 +98,21 @@ impl Pki {
         Ok(leaf)
     }
 
-    /// The cluster-admin client certificate (group system:masters), created once.
-    pub fn admin_certificate(&self) -> Result<Leaf> {
-        let (cert_path, key_path) = (self.dir.join("admin.crt"), self.dir.join("admin.key"));
+    /// A client certificate stored as `<file>.crt`/`<file>.key`, created once.
+    pub fn client_certificate(&self, file: &str, user: &str, groups: &[&str]) -> Result<Leaf> {
+        let (cert_path, key_path) = (self.dir.join(format!("{file}.crt")), self.dir.join(format!("{file}.key")));
         if cert_path.exists() && key_path.exists() {
             return Ok(Leaf { cert_pem: fs::read_to_string(cert_path)?, key_pem: fs::read_to_string(key_path)? });
         }
-        let leaf = self.issue("krate-admin", &["system:masters"], &[], false)?;
+        let leaf = self.issue(user, groups, &[], false)?;
         fs::write(&cert_path, &leaf.cert_pem)?;
         write_private(&key_path, &leaf.key_pem)?;
         Ok(leaf)
+    }
+
+    /// The cluster-admin client certificate (group system:masters).
+    pub fn admin_certificate(&self) -> Result<Leaf> {
+        self.client_certificate("admin", "krate-admin", &["system:masters"])
     }
 
     /// Writes a kubeconfig for `leaf` that points at `server`.

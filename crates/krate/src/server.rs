@@ -34,6 +34,9 @@ pub struct ServerArgs {
     /// Seconds between bookmarks on watches that allow them.
     #[arg(long, default_value_t = 60)]
     pub bookmark_interval_seconds: u64,
+    /// Serve the API only; do not run the built-in controllers.
+    #[arg(long)]
+    pub disable_controllers: bool,
 }
 
 pub async fn run(args: ServerArgs) -> Result<()> {
@@ -90,13 +93,32 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     println!("    export KUBECONFIG={}", kubeconfig.display());
     println!("    kubectl get namespaces");
 
+    let serving = tokio::spawn(server.serve(listener, tls));
+    if !args.disable_controllers {
+        let path = args.data_dir.join("controller-manager.kubeconfig");
+        let leaf = pki.client_certificate("controller-manager", "system:kube-controller-manager", &[])?;
+        pki.write_kubeconfig(&path, &url, &leaf)?;
+        let client = kube_client(&path).await?;
+        tokio::spawn(async move {
+            if let Err(err) = krate_controllers::run(client).await {
+                tracing::error!(error = %err, "controllers stopped");
+            }
+        });
+    }
+
     tokio::select! {
-        result = server.serve(listener, tls) => result,
+        result = serving => result.context("the API server task failed")?,
         _ = shutdown_signal() => {
             tracing::info!("shutting down");
             Ok(())
         }
     }
+}
+
+async fn kube_client(kubeconfig: &std::path::Path) -> Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?;
+    Ok(kube::Client::try_from(config)?)
 }
 
 async fn shutdown_signal() {

@@ -279,11 +279,30 @@ async fn finalizers_dry_run_generate_name_and_namespaces() {
         assert_eq!(n.status.unwrap().phase.as_deref(), Some("Active"));
     }
     namespaces.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "doomed"}})).unwrap()).await.unwrap();
+    let inside: Api<ConfigMap> = Api::namespaced(client, "doomed");
+    let mut held = cm("held", json!({}));
+    held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+    inside.create(&PostParams::default(), &held).await.unwrap();
+    inside.create(&PostParams::default(), &cm("plain", json!({}))).await.unwrap();
     namespaces.delete("doomed", &DeleteParams::default()).await.unwrap();
     let doomed = namespaces.get("doomed").await.unwrap();
     assert_eq!(doomed.status.unwrap().phase.as_deref(), Some("Terminating"));
-    let inside: Api<ConfigMap> = Api::namespaced(client, "doomed");
     let err = api_error(inside.create(&PostParams::default(), &cm("x", json!({}))).await.unwrap_err());
     assert_eq!(err.code, 403);
     assert!(err.message.contains("being terminated"), "{}", err.message);
+
+    // The namespace controller empties the namespace; the finalizer holds it until removed.
+    let mut waited = 0;
+    while inside.get_opt("plain").await.unwrap().is_some() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+        assert!(waited < 100, "the namespace controller did not delete the content");
+    }
+    assert!(namespaces.get_opt("doomed").await.unwrap().is_some(), "held by the finalizer of its content");
+    inside.patch("held", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}}))).await.unwrap();
+    while namespaces.get_opt("doomed").await.unwrap().is_some() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+        assert!(waited < 200, "the namespace was not finalized");
+    }
 }

@@ -164,6 +164,13 @@ fn mutate_and_delete() {
     assert_eq!(left.trim(), "", "everything from the manifest is gone");
     let missing = server.kubectl(&["delete", "deploy", "web", "-n", "shop"]);
     assert!(stderr(&missing).contains("NotFound") && stderr(&missing).contains("deployments.apps \"web\" not found"), "{}", stderr(&missing));
+
+    // Deleting a namespace removes what is in it, then the namespace itself.
+    server.kubectl_ok(&["create", "configmap", "leftover", "-n", "shop"]);
+    let gone = server.kubectl_ok(&["delete", "namespace", "shop", "--timeout=30s"]);
+    assert!(gone.contains("namespace \"shop\" deleted"), "{gone}");
+    let after = server.kubectl(&["get", "namespace", "shop"]);
+    assert!(stderr(&after).contains("not found"), "{}", stderr(&after));
 }
 
 #[test]

@@ -33,6 +33,13 @@ pub trait Strategy: Sync {
     fn validate_update(&self, new: &Value, _old: &Value, errs: &mut Errors) {
         self.validate(new, errs)
     }
+    /// Whether a deleted object must stay until something else finishes it, beyond
+    /// metadata.finalizers (namespaces wait for their content: spec.finalizers).
+    fn deletion_blocked(&self, _obj: &Value) -> bool {
+        false
+    }
+    /// Called when a deletion starts (namespaces turn Terminating).
+    fn prepare_for_delete(&self, _obj: &mut Value) {}
     /// For kinds deleted gracefully (bound pods): the grace period to wait, if any.
     fn graceful_delete_seconds(&self, _obj: &Value, _requested: Option<i64>) -> Option<i64> {
         None
@@ -177,6 +184,12 @@ impl Strategy for NamespaceStrategy {
     }
     fn initial_status(&self, _obj: &Value) -> Option<Value> {
         Some(json!({"phase": "Active"}))
+    }
+    fn deletion_blocked(&self, obj: &Value) -> bool {
+        get(obj, &["spec", "finalizers"]).and_then(Value::as_array).is_some_and(|f| !f.is_empty())
+    }
+    fn prepare_for_delete(&self, obj: &mut Value) {
+        crate::object::set(obj, &["status", "phase"], json!("Terminating"));
     }
 }
 

@@ -1,0 +1,286 @@
+//! API server benchmark: create, get, list and watch throughput and latency for N
+//! ConfigMaps through a real `krate server` (kube-rs client over HTTPS), beside the same
+//! bytes inserted straight into SQLite with the same settings in the same run. Also the
+//! server's resident memory at N and 10×N objects.
+//!
+//!     cargo bench -p krate --bench api            # N = 10,000
+//!     KRATE_BENCH_N=2000 cargo bench -p krate --bench api
+//!
+//! Prints a report; numbers are recorded in BENCHMARKS.md.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use serde_json::json;
+
+const CONCURRENCY: usize = 32;
+
+fn configmap(i: usize) -> ConfigMap {
+    serde_json::from_value(json!({
+        "metadata": {"name": format!("bench-{i:06}"), "labels": {"app": "bench", "shard": (i % 16).to_string()}},
+        "data": {"key": "value", "payload": "x".repeat(200), "index": i.to_string()},
+    }))
+    .unwrap()
+}
+
+struct Stats {
+    latencies: Vec<Duration>,
+    elapsed: Duration,
+}
+
+impl Stats {
+    fn percentile(&self, p: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        sorted[((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1).min(sorted.len() - 1)]
+    }
+    fn rate(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64()
+    }
+    fn row(&self, name: &str) {
+        println!(
+            "{name:<28} {:>8} ops {:>10.0} ops/s   p50 {:>8.2} ms   p99 {:>8.2} ms",
+            self.latencies.len(),
+            self.rate(),
+            self.percentile(0.50).as_secs_f64() * 1e3,
+            self.percentile(0.99).as_secs_f64() * 1e3
+        );
+    }
+}
+
+/// Runs `op(i)` for i in range with CONCURRENCY workers, timing each call.
+async fn run<F, Fut>(range: std::ops::Range<usize>, op: F) -> Stats
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    run_with(CONCURRENCY, range, op).await
+}
+
+async fn run_with<F, Fut>(concurrency: usize, range: std::ops::Range<usize>, op: F) -> Stats
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(range.start));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (op, next, end) = (op.clone(), next.clone(), range.end);
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= end {
+                    return lat;
+                }
+                let t = Instant::now();
+                op(i).await;
+                lat.push(t.elapsed());
+            }
+        }));
+    }
+    let mut latencies = Vec::new();
+    for w in workers {
+        latencies.extend(w.await.unwrap());
+    }
+    Stats { latencies, elapsed: start.elapsed() }
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// The same bytes, inserted straight into SQLite with the server's settings (WAL,
+/// synchronous=FULL, one transaction per write), one writer at a time.
+fn raw_sqlite(dir: &Path, payloads: &[Vec<u8>]) -> Stats {
+    let conn = rusqlite::Connection::open(dir.join("raw.db")).unwrap();
+    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+    conn.pragma_update(None, "synchronous", "FULL").unwrap();
+    conn.execute_batch("CREATE TABLE kv (rev INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, value BLOB)").unwrap();
+    let start = Instant::now();
+    let mut latencies = Vec::new();
+    for (i, p) in payloads.iter().enumerate() {
+        let t = Instant::now();
+        conn.execute("INSERT INTO kv (key, value) VALUES (?1, ?2)", rusqlite::params![format!("/registry/core/configmaps/default/bench-{i:06}"), p]).unwrap();
+        latencies.push(t.elapsed());
+    }
+    Stats { latencies, elapsed: start.elapsed() }
+}
+
+/// The store layer alone (group commit, same concurrency as the API run).
+async fn store_only(dir: &Path, payloads: Arc<Vec<Vec<u8>>>) -> Stats {
+    use krate_store::Store;
+    let store = Arc::new(krate_store::sqlite::SqliteStore::open(dir.join("store.db")).unwrap());
+    let n = payloads.len();
+    run(0..n, move |i| {
+        let (store, payloads) = (store.clone(), payloads.clone());
+        async move {
+            store.create(&format!("/registry/core/configmaps/default/bench-{i:06}"), bytes::Bytes::from(payloads[i].clone())).await.unwrap();
+        }
+    })
+    .await
+}
+
+struct Server {
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = std::env::var("KRATE_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let data = dir.path().join("data");
+    let child = Command::new(env!("CARGO_BIN_EXE_krate"))
+        .args(["server", "--data-dir", data.to_str().unwrap(), "--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start krate server");
+    let server = Server { child };
+    let kubeconfig = data.join("admin.kubeconfig");
+    while !(kubeconfig.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let config = kube::Config::from_custom_kubeconfig(Kubeconfig::read_from(&kubeconfig).unwrap(), &KubeConfigOptions::default()).await.unwrap();
+    let client = kube::Client::try_from(config).unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let pid = server.child.id();
+    println!("krate API benchmark: N = {n} ConfigMaps (~300 B each), {CONCURRENCY} concurrent clients, {} cores", std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1));
+    println!("idle server RSS: {:.1} MiB", rss_mib(pid));
+
+    let start_rv = cms.list(&ListParams::default().limit(1)).await.unwrap().metadata.resource_version.unwrap();
+    let api = cms.clone();
+    let create = run(0..n, move |i| {
+        let api = api.clone();
+        async move {
+            api.create(&PostParams::default(), &configmap(i)).await.unwrap();
+        }
+    })
+    .await;
+    let api = cms.clone();
+    let get = run(0..n, move |i| {
+        let api = api.clone();
+        async move {
+            api.get(&format!("bench-{i:06}")).await.unwrap();
+        }
+    })
+    .await;
+    let api = cms.clone();
+    let lists = 20;
+    let list = run(0..lists, move |_| {
+        let api = api.clone();
+        async move {
+            assert!(api.list(&ListParams::default()).await.unwrap().items.len() >= n);
+        }
+    })
+    .await;
+    let api = cms.clone();
+    let selector_list = run(0..lists, move |_| {
+        let api = api.clone();
+        async move {
+            api.list(&ListParams::default().labels("shard=3")).await.unwrap();
+        }
+    })
+    .await;
+
+    // Watch replay: every create since start_rv, served from the watch cache.
+    let t = Instant::now();
+    let replayed = cms
+        .watch(&WatchParams::default().timeout(30), &start_rv)
+        .await
+        .unwrap()
+        .try_take_while(|e| futures::future::ready(Ok(!matches!(e, WatchEvent::Bookmark(_)))))
+        .take(n)
+        .try_fold(0usize, |c, _| async move { Ok(c + 1) })
+        .await
+        .unwrap();
+    let replay_elapsed = t.elapsed();
+
+    // One client at a time, for a latency comparison with the one-writer raw insert.
+    let api = cms.clone();
+    let sequential = run_with(1, n * 20..n * 20 + 1000.min(n), move |i| {
+        let api = api.clone();
+        async move {
+            api.create(&PostParams::default(), &configmap(i)).await.unwrap();
+        }
+    })
+    .await;
+    // Live watch latency: time from sending a patch to seeing its event.
+    let rv = cms.list(&ListParams::default().limit(1)).await.unwrap().metadata.resource_version.unwrap();
+    let mut stream = cms.watch(&WatchParams::default().timeout(120), &rv).await.unwrap().boxed();
+    let live = 1000.min(n);
+    let mut live_lat = Vec::new();
+    let live_start = Instant::now();
+    for i in 0..live {
+        let t = Instant::now();
+        cms.patch(&format!("bench-{i:06}"), &PatchParams::default(), &Patch::Merge(json!({"data": {"key": format!("v{i}")}}))).await.unwrap();
+        loop {
+            match stream.try_next().await.unwrap() {
+                Some(WatchEvent::Modified(cm)) if cm.metadata.name.as_deref() == Some(&format!("bench-{i:06}")) => break,
+                Some(_) => continue,
+                None => panic!("watch ended early"),
+            }
+        }
+        live_lat.push(t.elapsed());
+    }
+    let live_stats = Stats { latencies: live_lat, elapsed: live_start.elapsed() };
+    let rss_n = rss_mib(pid);
+
+    let payloads: Vec<Vec<u8>> = (0..n).map(|i| serde_json::to_vec(&configmap(i)).unwrap()).collect();
+    let raw = raw_sqlite(dir.path(), &payloads);
+    let store = store_only(dir.path(), Arc::new(payloads)).await;
+
+    println!();
+    create.row("API create");
+    sequential.row("API create (1 client)");
+    get.row("API get");
+    list.row(&format!("API list (all {n})"));
+    selector_list.row("API list (labelSelector)");
+    println!("{:<28} {:>8} ev  {:>10.0} ev/s", "API watch replay", replayed, replayed as f64 / replay_elapsed.as_secs_f64());
+    live_stats.row("API patch→watch event");
+    raw.row("raw SQLite insert (1 writer)");
+    store.row("store create (32 writers)");
+    println!();
+    println!("create throughput, API vs raw SQLite insert: {:.2}x", create.rate() / raw.rate());
+    println!("create p50 latency, API (1 client) vs raw SQLite insert: {:.2}x", sequential.percentile(0.5).as_secs_f64() / raw.percentile(0.5).as_secs_f64());
+    println!("create throughput, API vs store layer:       {:.2}x", create.rate() / store.rate());
+    println!("objects listed per second: {:.0}", list.rate() * n as f64);
+    println!("server RSS with {n} ConfigMaps: {rss_n:.1} MiB");
+
+    if std::env::var("KRATE_BENCH_SKIP_100K").is_err() {
+        let api = cms.clone();
+        let more = run(n..n * 10, move |i| {
+            let api = api.clone();
+            async move {
+                api.create(&PostParams::default(), &configmap(i)).await.unwrap();
+            }
+        })
+        .await;
+        more.row(&format!("API create (to {})", n * 10));
+        println!("server RSS with {} ConfigMaps: {:.1} MiB", n * 10, rss_mib(pid));
+    }
+    drop(server);
+}
