@@ -196,7 +196,7 @@ fn merge_list(field: &str, target: &mut Value, patch: &[Value]) -> Result<(), Ap
 
 /// Orders `list` as `order` names its elements; elements not named keep their relative
 /// order after the named ones.
-fn reorder(field: &str, list: &mut Vec<Value>, order: &[Value]) {
+fn reorder(field: &str, list: &mut [Value], order: &[Value]) {
     let all: Vec<&Value> = list.iter().collect();
     let key = merge_key(field, &all);
     let id = |v: &Value| match key {

@@ -107,14 +107,14 @@ pub fn key_for(kind: &KindInfo, namespace: Option<&str>, name: &str) -> String {
 /// The served form of a stored object.
 pub fn to_served(kind: &KindInfo, stored: Value) -> Value {
     match kind.conversion {
-        Some(c) => c.from_storage(stored),
+        Some(c) => c.serve(stored),
         None => stored,
     }
 }
 
 fn to_storage(kind: &KindInfo, served: Value) -> Value {
     match kind.conversion {
-        Some(c) => c.to_storage(served),
+        Some(c) => c.store(served),
         None => served,
     }
 }
@@ -122,7 +122,7 @@ fn to_storage(kind: &KindInfo, served: Value) -> Value {
 /// The served JSON of a cached object, without re-encoding when no conversion applies.
 pub fn served_json(kind: &KindInfo, obj: &CachedObject) -> Bytes {
     match kind.conversion {
-        Some(c) => Bytes::from(serde_json::to_vec(&c.from_storage(obj.parse())).unwrap_or_default()),
+        Some(c) => Bytes::from(serde_json::to_vec(&c.serve(obj.parse())).unwrap_or_default()),
         None => obj.json.clone(),
     }
 }

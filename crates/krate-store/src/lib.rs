@@ -148,8 +148,8 @@ mod tests {
     #[test]
     fn prefix_end_bounds_the_range() {
         assert_eq!(prefix_end("/registry/pods/"), "/registry/pods0");
-        assert!("/registry/pods/zzz".to_string() < prefix_end("/registry/pods/"));
-        assert!("/registry/podsx".to_string() > prefix_end("/registry/pods/"));
+        assert!(*"/registry/pods/zzz" < *prefix_end("/registry/pods/"));
+        assert!(*"/registry/podsx" > *prefix_end("/registry/pods/"));
         assert_eq!(prefix_end(""), "\u{80}");
     }
 }

@@ -149,10 +149,10 @@ impl Strategy for SecretStrategy {
         validate_data_keys(obj, &["data"], errs);
         let data_has = |k: &str| get(obj, &["data", k]).is_some();
         match get_str(obj, &["type"]).unwrap_or_default() {
-            "kubernetes.io/service-account-token" => {
-                if get_str(obj, &["metadata", "annotations", "kubernetes.io/service-account.name"]).is_none() {
-                    errs.push(FieldError::required("metadata.annotations[kubernetes.io/service-account.name]", ""));
-                }
+            "kubernetes.io/service-account-token"
+                if get_str(obj, &["metadata", "annotations", "kubernetes.io/service-account.name"]).is_none() =>
+            {
+                errs.push(FieldError::required("metadata.annotations[kubernetes.io/service-account.name]", ""));
             }
             "kubernetes.io/dockerconfigjson" if !data_has(".dockerconfigjson") => {
                 errs.push(FieldError::required("data[.dockerconfigjson]", ""));

@@ -289,56 +289,37 @@ async fn resource_request(
     let kind = lookup(server, &path)?;
     let sub = subresource(&kind, &path)?;
     let method = req.method().clone();
-    let verb_allowed = |verb: &str| kind.verbs.iter().any(|v| v == verb);
     let format = negotiate::negotiate(req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()))?
         .with_include_object(query.get("includeObject").map(String::as_str));
     let scope = Scope { kind: kind.clone(), namespace: path.namespace.clone() };
     let storage = &server.storage;
-    let not_allowed = || ApiError::method_not_allowed(format!("the server does not allow this method on the requested resource"));
-    match (&method, path.name.as_deref()) {
-        (&Method::GET, None) if flag(&query, "watch") => {
-            if !verb_allowed("watch") {
-                return Err(not_allowed());
-            }
-            let opts = list_options(&kind, &query)?;
-            watch::serve(server.clone(), scope, opts, &query, format).await
-        }
-        (&Method::GET, None) => {
-            if !verb_allowed("list") {
-                return Err(not_allowed());
-            }
-            let opts = list_options(&kind, &query)?;
-            let result = storage.list(&scope, &opts).await?;
-            Ok(list_response(&kind, result, &format))
-        }
-        (&Method::GET, Some(name)) => {
-            if !verb_allowed("get") {
-                return Err(not_allowed());
-            }
+    let not_allowed = || ApiError::method_not_allowed("the server does not allow this method on the requested resource");
+    let verb = match (&method, path.name.as_deref()) {
+        (&Method::GET, None) if flag(&query, "watch") => "watch",
+        (&Method::GET, None) => "list",
+        (&Method::GET, Some(_)) => "get",
+        (&Method::POST, None) if !kind.namespaced || scope.namespace.is_some() => "create",
+        (&Method::PUT, Some(_)) => "update",
+        (&Method::PATCH, Some(_)) => "patch",
+        (&Method::DELETE, Some(_)) => "delete",
+        (&Method::DELETE, None) => "deletecollection",
+        _ => return Err(not_allowed()),
+    };
+    if !kind.verbs.iter().any(|v| v == verb) {
+        return Err(not_allowed());
+    }
+    let name = path.name.as_deref().unwrap_or_default();
+    match verb {
+        "watch" => watch::serve(server.clone(), scope, list_options(&kind, &query)?, &query, format).await,
+        "list" => Ok(list_response(&kind, storage.list(&scope, &list_options(&kind, &query)?).await?, &format)),
+        "get" => {
             let obj = storage.get(&scope, name).await?;
             match sub {
                 Subresource::Scale => Ok(json_response(200, &registry::scale_of(&kind, &obj.parse()))),
                 _ => Ok(object_response(&kind, &obj, &format)),
             }
         }
-        (&Method::POST, None) => {
-            if !verb_allowed("create") {
-                return Err(not_allowed());
-            }
-            if kind.namespaced && scope.namespace.is_none() {
-                return Err(not_allowed());
-            }
-            let opts = write_options(&query)?;
-            let (headers, body) = read_body(req).await?;
-            let (obj, warnings) = decode_object_body(&kind, &headers, &body, &opts)?;
-            let mut written = storage.create(&scope, obj, &opts).await?;
-            written.warnings.extend(warnings);
-            Ok(written_response(written, &format, &kind))
-        }
-        (&Method::PUT, Some(name)) => {
-            if !verb_allowed("update") {
-                return Err(not_allowed());
-            }
+        "create" | "update" => {
             let opts = write_options(&query)?;
             let (headers, body) = read_body(req).await?;
             let (obj, warnings) = if sub == Subresource::Scale {
@@ -346,49 +327,39 @@ async fn resource_request(
             } else {
                 decode_object_body(&kind, &headers, &body, &opts)?
             };
-            let mut written = storage.update(&scope, name, sub, obj, &opts).await?;
+            let mut written = if verb == "create" {
+                storage.create(&scope, obj, &opts).await?
+            } else {
+                storage.update(&scope, name, sub, obj, &opts).await?
+            };
             written.warnings.extend(warnings);
             Ok(written_response(written, &format, &kind))
         }
-        (&Method::PATCH, Some(name)) => {
-            if !verb_allowed("patch") {
-                return Err(not_allowed());
-            }
+        "patch" => {
             let opts = write_options(&query)?;
             let (headers, body) = read_body(req).await?;
             let ct = content_type(&headers);
-            let patch_type = PatchType::from_content_type(&ct).ok_or_else(|| ApiError::unsupported_media_type(&ct))?;
-            if patch_type == PatchType::Apply {
-                return Err(ApiError::unsupported_media_type(&ct));
-            }
+            let patch_type = PatchType::from_content_type(&ct)
+                .filter(|t| *t != PatchType::Apply)
+                .ok_or_else(|| ApiError::unsupported_media_type(&ct))?;
             let patch = parse_body(&ct, &body)?;
             let written = storage.patch(&scope, name, sub, patch_type, patch, &opts).await?;
             Ok(written_response(written, &format, &kind))
         }
-        (&Method::DELETE, name) => {
-            let verb = if name.is_some() { "delete" } else { "deletecollection" };
-            if !verb_allowed(verb) {
-                return Err(not_allowed());
-            }
+        "delete" => {
+            let (headers, body) = read_body(req).await?;
+            let written = storage.delete(&scope, name, &delete_options(&query, &headers, &body)?).await?;
+            Ok(json_response(written.code, &written.body))
+        }
+        _ => {
             let (headers, body) = read_body(req).await?;
             let opts = delete_options(&query, &headers, &body)?;
-            match name {
-                Some(name) => {
-                    let written = storage.delete(&scope, name, &opts).await?;
-                    Ok(json_response(written.code, &written.body))
-                }
-                None => {
-                    let list = list_options(&kind, &query)?;
-                    let deleted = storage.delete_collection(&scope, &list, &opts).await?;
-                    let rev = server.storage.cache.revision();
-                    Ok(json_response(200, &json!({
-                        "kind": kind.list_kind(), "apiVersion": kind.api_version(),
-                        "metadata": {"resourceVersion": rev.to_string()}, "items": deleted,
-                    })))
-                }
-            }
+            let deleted = storage.delete_collection(&scope, &list_options(&kind, &query)?, &opts).await?;
+            Ok(json_response(200, &json!({
+                "kind": kind.list_kind(), "apiVersion": kind.api_version(),
+                "metadata": {"resourceVersion": storage.cache.revision().to_string()}, "items": deleted,
+            })))
         }
-        _ => Err(not_allowed()),
     }
 }
 

@@ -46,33 +46,22 @@ fn operations(k: &KindInfo) -> Vec<(String, Value)> {
     let op = |action: &str, params: Vec<Value>| {
         json!({"x-kubernetes-action": action, "x-kubernetes-group-version-kind": gvk, "parameters": params, "responses": {"200": {"description": "OK"}}})
     };
-    let verbs = |v: &str| k.verbs.iter().any(|x| x == v);
-    let mut out = Vec::new();
-    let mut coll = Map::new();
-    if verbs("list") {
-        coll.insert("get".into(), op("list", vec![]));
-    }
-    if verbs("create") {
-        coll.insert("post".into(), op("post", write_params()));
-    }
-    if verbs("deletecollection") {
-        coll.insert("delete".into(), op("deletecollection", vec![]));
-    }
-    out.push((collection, Value::Object(coll)));
-    let mut it = Map::new();
-    if verbs("get") {
-        it.insert("get".into(), op("get", vec![]));
-    }
-    if verbs("update") {
-        it.insert("put".into(), op("put", write_params()));
-    }
-    if verbs("patch") {
-        it.insert("patch".into(), op("patch", write_params()));
-    }
-    if verbs("delete") {
-        it.insert("delete".into(), op("delete", vec![]));
-    }
-    out.push((item.clone(), Value::Object(it)));
+    // (verb, HTTP method, x-kubernetes-action, takes write parameters)
+    let table = |entries: &[(&str, &str, &str, bool)]| {
+        let mut ops = Map::new();
+        for (verb, method, action, writes) in entries {
+            if k.verbs.iter().any(|v| v == verb) {
+                ops.insert(method.to_string(), op(action, if *writes { write_params() } else { vec![] }));
+            }
+        }
+        Value::Object(ops)
+    };
+    let mut out = vec![(
+        collection,
+        table(&[("list", "get", "list", false), ("create", "post", "post", true), ("deletecollection", "delete", "deletecollection", false)]),
+    )];
+    let it = table(&[("get", "get", "get", false), ("update", "put", "put", true), ("patch", "patch", "patch", true), ("delete", "delete", "delete", false)]);
+    out.push((item.clone(), it));
     if k.status {
         out.push((format!("{item}/status"), json!({"get": op("get", vec![]), "put": op("put", write_params()), "patch": op("patch", write_params())})));
     }

@@ -395,7 +395,7 @@ fn cells_for(kind: &KindInfo, obj: &Value) -> Vec<Value> {
         ("coordination.k8s.io", "leases") => vec![name, json!(s(obj, &["spec", "holderIdentity"])), age],
         ("", "events") | ("events.k8s.io", "events") => {
             // Stored form is core/v1 either way for the fields used here.
-            let core = if kind.group.is_empty() { obj.clone() } else { krate_api::convert::EVENTS_V1.to_storage(obj.clone()) };
+            let core = if kind.group.is_empty() { obj.clone() } else { krate_api::convert::EVENTS_V1.store(obj.clone()) };
             let last = get_str(&core, &["lastTimestamp"]).or(get_str(&core, &["eventTime"])).or(get_str(&core, &["metadata", "creationTimestamp"]));
             let first = get_str(&core, &["firstTimestamp"]).or(get_str(&core, &["eventTime"]));
             let object = format!("{}/{}", s(&core, &["involvedObject", "kind"]).to_lowercase(), s(&core, &["involvedObject", "name"]));
