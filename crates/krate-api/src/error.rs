@@ -31,6 +31,11 @@ impl FieldError {
 
     pub fn not_supported(field: impl Into<String>, value: &Value, allowed: &[&str]) -> Self {
         let allowed: Vec<String> = allowed.iter().map(|a| format!("\"{a}\"")).collect();
+        Self::not_supported_values(field, value, &allowed)
+    }
+
+    /// Like `not_supported`, with the allowed values already rendered.
+    pub fn not_supported_values(field: impl Into<String>, value: &Value, allowed: &[String]) -> Self {
         Self {
             reason: "FieldValueNotSupported",
             field: field.into(),
@@ -44,6 +49,14 @@ impl FieldError {
 
     pub fn forbidden(field: impl Into<String>, detail: &str) -> Self {
         Self { reason: "FieldValueForbidden", field: field.into(), message: format!("Forbidden: {detail}") }
+    }
+
+    pub fn too_many(field: impl Into<String>, actual: usize, max: u64) -> Self {
+        Self { reason: "FieldValueTooMany", field: field.into(), message: format!("Too many: {actual}: must have at most {max} items") }
+    }
+
+    pub fn too_long(field: impl Into<String>, max: u64) -> Self {
+        Self { reason: "FieldValueTooLong", field: field.into(), message: format!("Too long: may not be more than {max} bytes") }
     }
 
     pub fn duplicate(field: impl Into<String>, value: &Value) -> Self {

@@ -16,6 +16,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 
 use crate::convert::{self, Conversion};
+use crate::schema::KindSchema;
 use crate::strategy::{self, Strategy};
 use crate::validation::NameRule;
 
@@ -83,6 +84,8 @@ pub struct KindInfo {
     /// The version objects are stored in converts from/to this one (None: stored as is).
     pub conversion: Option<&'static dyn Conversion>,
     pub typed: Option<TypedRoundTrip>,
+    /// The structural schema (patch strategies, list types, CRD validation).
+    pub schema: Option<KindSchema>,
     pub strategy: &'static dyn Strategy,
     /// Extra field selectors beyond metadata.name/metadata.namespace: (label, path into
     /// the stored form of the object).
@@ -152,6 +155,7 @@ where
         storage: StorageResource { group: T::GROUP, resource: T::URL_PATH_SEGMENT },
         conversion: None,
         typed: Some(round_trip::<T>),
+        schema: crate::schema::builtin_kind(T::GROUP, T::VERSION, T::KIND),
         strategy: &strategy::Plain,
         field_selectors: &[],
     };

@@ -7,6 +7,7 @@ pub mod kinds;
 pub mod object;
 pub mod patch;
 pub mod protobuf;
+pub mod schema;
 pub mod selectors;
 pub mod strategy;
 pub mod validation;

@@ -5,6 +5,7 @@
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
+use crate::schema::Node;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PatchType {
@@ -45,31 +46,6 @@ pub fn apply_merge_patch(target: &mut Value, patch: &Value) -> Result<(), ApiErr
     Ok(())
 }
 
-/// The key list elements of `field` merge on (upstream's `patchMergeKey` tags), judged
-/// from the field name and, where names are shared, from the elements themselves.
-fn merge_key(field: &str, items: &[&Value]) -> Option<&'static str> {
-    let has = |k: &str| items.iter().any(|i| i.get(k).is_some());
-    match field {
-        "containers" | "initContainers" | "ephemeralContainers" | "env" | "volumes" | "imagePullSecrets"
-        | "resourceClaims" | "schedulingGates" => Some("name"),
-        "volumeMounts" => Some("mountPath"),
-        "volumeDevices" => Some("devicePath"),
-        "ports" if has("containerPort") => Some("containerPort"),
-        "ports" if has("port") => Some("port"),
-        "conditions" => Some("type"),
-        "addresses" if has("type") && has("address") => Some("type"),
-        "ownerReferences" => Some("uid"),
-        "hostAliases" | "podIPs" | "hostIPs" => Some("ip"),
-        "topologySpreadConstraints" => Some("topologyKey"),
-        _ => None,
-    }
-}
-
-/// Lists of scalars that merge as sets instead of being replaced.
-fn merges_as_set(field: &str) -> bool {
-    field == "finalizers"
-}
-
 fn strip_directives(v: &Value) -> Value {
     match v {
         Value::Object(m) => Value::Object(
@@ -80,15 +56,18 @@ fn strip_directives(v: &Value) -> Value {
     }
 }
 
-/// Applies a strategic merge patch.
-pub fn apply_strategic_merge_patch(target: &mut Value, patch: &Value) -> Result<(), ApiError> {
+/// Applies a strategic merge patch. How each list merges (by which key, or as a set) and
+/// which objects are replaced whole comes from the kind's schema (upstream's
+/// `patchStrategy`/`patchMergeKey`); fields the schema does not know merge like JSON
+/// merge patch.
+pub fn apply_strategic_merge_patch(target: &mut Value, patch: &Value, schema: &Node) -> Result<(), ApiError> {
     if !patch.is_object() {
         return Err(ApiError::bad_request("the strategic merge patch must be a JSON object"));
     }
-    merge_map(target, patch)
+    merge_map(target, patch, Some(schema))
 }
 
-fn merge_map(target: &mut Value, patch: &Value) -> Result<(), ApiError> {
+fn merge_map(target: &mut Value, patch: &Value, schema: Option<&Node>) -> Result<(), ApiError> {
     let Value::Object(p) = patch else {
         *target = patch.clone();
         return Ok(());
@@ -115,20 +94,24 @@ fn merge_map(target: &mut Value, patch: &Value) -> Result<(), ApiError> {
         if key.starts_with('$') {
             continue;
         }
+        let field = schema.and_then(|s| s.field(key));
         match value {
             Value::Null => {
                 t.remove(key);
             }
+            Value::Object(_) if field.is_some_and(Node::is_atomic_map) => {
+                t.insert(key.clone(), strip_directives(value));
+            }
             Value::Object(_) => {
                 let slot = t.entry(key.clone()).or_insert(Value::Null);
-                merge_map(slot, value)?;
+                merge_map(slot, value, field)?;
                 if slot.is_null() {
                     t.remove(key);
                 }
             }
             Value::Array(items) => {
                 let slot = t.entry(key.clone()).or_insert(Value::Array(vec![]));
-                merge_list(key, slot, items)?;
+                merge_list(field, slot, items)?;
             }
             scalar => {
                 t.insert(key.clone(), scalar.clone());
@@ -145,50 +128,58 @@ fn merge_map(target: &mut Value, patch: &Value) -> Result<(), ApiError> {
     }
     for (key, value) in p {
         if let Some(field) = key.strip_prefix("$setElementOrder/") {
+            let merge_key = schema.and_then(|s| s.field(field)).and_then(Node::merge_key);
             if let (Some(Value::Array(list)), Some(order)) = (t.get_mut(field), value.as_array()) {
-                reorder(field, list, order);
+                reorder(merge_key, list, order);
             }
         }
     }
-    if let Some(Value::Array(retain)) = p.get("$retainKeys") {
-        let keep: Vec<&str> = retain.iter().filter_map(Value::as_str).collect();
-        t.retain(|k, _| keep.contains(&k.as_str()));
+    match p.get("$retainKeys") {
+        Some(Value::Array(retain)) => {
+            let keep: Vec<&str> = retain.iter().filter_map(Value::as_str).collect();
+            t.retain(|k, _| keep.contains(&k.as_str()));
+        }
+        Some(other) => return Err(ApiError::bad_request(format!("$retainKeys must be a list of strings, got {other}"))),
+        None => {}
     }
     Ok(())
 }
 
-fn merge_list(field: &str, target: &mut Value, patch: &[Value]) -> Result<(), ApiError> {
+fn merge_list(schema: Option<&Node>, target: &mut Value, patch: &[Value]) -> Result<(), ApiError> {
     if patch.iter().any(|i| i.get("$patch").and_then(Value::as_str) == Some("replace")) {
         *target = Value::Array(patch.iter().filter(|i| i.get("$patch").is_none()).map(strip_directives).collect());
         return Ok(());
     }
-    if !target.is_array() {
-        *target = Value::Array(vec![]);
+    if !target.is_array() || !schema.is_some_and(Node::merges) {
+        *target = Value::Array(patch.iter().map(strip_directives).collect());
+        return Ok(());
     }
-    let list = target.as_array_mut().expect("made an array above");
-    let all: Vec<&Value> = list.iter().chain(patch.iter()).collect();
-    let Some(key) = merge_key(field, &all) else {
-        if merges_as_set(field) {
-            for item in patch {
-                if !list.contains(item) {
-                    list.push(item.clone());
-                }
+    let list = target.as_array_mut().expect("checked above");
+    let Some(key) = schema.and_then(Node::merge_key) else {
+        // A merging list of scalars is a set.
+        for item in patch {
+            if !list.contains(item) {
+                list.push(item.clone());
             }
-        } else {
-            *list = patch.iter().map(strip_directives).collect();
         }
         return Ok(());
     };
+    let element = schema.and_then(Node::element);
     for item in patch {
-        let id = item.get(key);
-        let position = id.and_then(|id| list.iter().position(|t| t.get(key) == Some(id)));
+        let Some(id) = item.get(key) else {
+            return Err(ApiError::bad_request(format!("map: {item} does not contain declared merge key: {key}")));
+        };
         if item.get("$patch").and_then(Value::as_str) == Some("delete") {
-            list.retain(|t| t.get(key) != id);
+            list.retain(|t| t.get(key) != Some(id));
             continue;
         }
-        match position {
-            Some(i) => merge_map(&mut list[i], item)?,
-            None => list.push(strip_directives(item)),
+        match list.iter().position(|t| t.get(key) == Some(id)) {
+            Some(i) => merge_map(&mut list[i], item, element)?,
+            None => {
+                let mut fresh = Value::Object(Map::new());
+                merge_map(&mut fresh, item, element)?;
+                list.push(fresh);
+            }
         }
     }
     Ok(())
@@ -196,21 +187,15 @@ fn merge_list(field: &str, target: &mut Value, patch: &[Value]) -> Result<(), Ap
 
 /// Orders `list` as `order` names its elements; elements not named keep their relative
 /// order after the named ones.
-fn reorder(field: &str, list: &mut [Value], order: &[Value]) {
-    let all: Vec<&Value> = list.iter().collect();
-    let key = merge_key(field, &all);
+fn reorder(key: Option<&str>, list: &mut [Value], order: &[Value]) {
     let id = |v: &Value| match key {
         Some(k) => v.get(k).cloned(),
         None => Some(v.clone()),
     };
-    let rank = |v: &Value| {
+    list.sort_by_key(|v| {
         let own = id(v);
-        order.iter().position(|o| match key {
-            Some(k) => o.get(k).cloned() == own,
-            None => Some(o.clone()) == own,
-        })
-    };
-    list.sort_by_key(|v| rank(v).unwrap_or(usize::MAX));
+        order.iter().position(|o| id(o) == own).unwrap_or(usize::MAX)
+    });
 }
 
 #[cfg(test)]
@@ -230,6 +215,10 @@ mod tests {
         assert_eq!(apply_json_patch(&mut obj, &json!({"not": "a list"})).unwrap_err().code, 400);
     }
 
+    fn schema(group: &str, kind: &str) -> crate::schema::KindSchema {
+        crate::schema::builtin_kind(group, "v1", kind).unwrap()
+    }
+
     #[test]
     fn strategic_merge_patch_merges_lists_by_key() {
         let mut pod = json!({"spec": {"containers": [
@@ -243,7 +232,7 @@ mod tests {
             ], "$setElementOrder/containers": [{"name": "c"}, {"name": "a"}, {"name": "b"}]},
             "metadata": {"finalizers": ["f2"]}
         });
-        apply_strategic_merge_patch(&mut pod, &patch).unwrap();
+        apply_strategic_merge_patch(&mut pod, &patch, &schema("", "Pod")).unwrap();
         let names: Vec<_> = pod["spec"]["containers"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["c", "a", "b"]);
         assert_eq!(pod["spec"]["containers"][1]["image"], "a:2");
@@ -253,13 +242,22 @@ mod tests {
 
     #[test]
     fn strategic_merge_patch_directives() {
-        let mut obj = json!({"spec": {"strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1}}, "args": ["a", "b"]}});
-        let patch = json!({"spec": {"strategy": {"type": "Recreate", "rollingUpdate": null, "$retainKeys": ["type"]}, "args": ["c"]}});
-        apply_strategic_merge_patch(&mut obj, &patch).unwrap();
+        let deploy = schema("apps", "Deployment");
+        let mut obj = json!({"spec": {"strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1}},
+            "selector": {"matchLabels": {"a": "1"}},
+            "template": {"spec": {"containers": [{"name": "c", "args": ["a", "b"]}]}}}});
+        let patch = json!({"spec": {"strategy": {"type": "Recreate", "rollingUpdate": null, "$retainKeys": ["type"]},
+            "selector": {"matchLabels": {"b": "2"}},
+            "template": {"spec": {"containers": [{"name": "c", "args": ["c"]}]}}}});
+        apply_strategic_merge_patch(&mut obj, &patch, &deploy).unwrap();
         assert_eq!(obj["spec"]["strategy"], json!({"type": "Recreate"}));
-        assert_eq!(obj["spec"]["args"], json!(["c"]));
+        // args is not a merging list; the selector is an atomic map.
+        assert_eq!(obj["spec"]["template"]["spec"]["containers"][0]["args"], json!(["c"]));
+        assert_eq!(obj["spec"]["selector"], json!({"matchLabels": {"b": "2"}}));
+        let bad = json!({"spec": {"template": {"spec": {"containers": [{"image": "x"}]}}}});
+        assert_eq!(apply_strategic_merge_patch(&mut obj.clone(), &bad, &deploy).unwrap_err().code, 400);
         let mut obj = json!({"data": {"a": "1", "b": "2"}});
-        apply_strategic_merge_patch(&mut obj, &json!({"data": {"$patch": "replace", "c": "3"}})).unwrap();
+        apply_strategic_merge_patch(&mut obj, &json!({"data": {"$patch": "replace", "c": "3"}}), &schema("", "ConfigMap")).unwrap();
         assert_eq!(obj["data"], json!({"c": "3"}));
     }
 }

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use krate_api::error::success_status;
 use krate_api::object::{self, get, get_str};
 use krate_api::patch::{apply_json_patch, apply_merge_patch, PatchType};
+use krate_api::schema::{self, Node};
 use krate_api::selectors::{FieldSelector, LabelSelector};
 use krate_api::validation::{self, validate_annotations, validate_labels};
 use krate_api::{ApiError, ApiResult, FieldError, KindInfo};
@@ -90,6 +91,8 @@ pub struct Storage {
 }
 
 const CONFLICT_RETRIES: usize = 16;
+static SCALE_SCHEMA: std::sync::LazyLock<Option<schema::KindSchema>> =
+    std::sync::LazyLock::new(|| schema::builtin_kind("autoscaling", "v1", "Scale"));
 const GENERATE_NAME_RETRIES: usize = 8;
 
 pub fn storage_prefix(kind: &KindInfo) -> String {
@@ -591,7 +594,7 @@ impl Storage {
             .guaranteed_update(scope, name, opts.dry_run, |current| {
                 let served = to_served(&kind, current.clone());
                 let mut patched = served.clone();
-                apply_patch(&mut patched, patch_type, &patch)?;
+                apply_patch(&mut patched, patch_type, &patch, kind.schema.as_deref())?;
                 let (canonical, unknown) = decode_body(&kind, patched.clone())?;
                 warnings = check_unknown_fields(&kind, &unknown, opts.field_validation)?;
                 // A resourceVersion in the patch is a precondition.
@@ -621,7 +624,7 @@ impl Storage {
                     ScaleChange::Replace(body) => body.clone(),
                     ScaleChange::Patch(t, p) => {
                         let mut s = scale.clone();
-                        apply_patch(&mut s, *t, p)?;
+                        apply_patch(&mut s, *t, p, SCALE_SCHEMA.as_deref())?;
                         s
                     }
                 };
@@ -831,11 +834,16 @@ enum ScaleChange {
     Patch(PatchType, Value),
 }
 
-fn apply_patch(target: &mut Value, patch_type: PatchType, patch: &Value) -> ApiResult<()> {
+/// Applies a non-apply patch; strategic merge needs the built-in schema (custom
+/// resources do not support it, as upstream).
+fn apply_patch(target: &mut Value, patch_type: PatchType, patch: &Value, schema: Option<&Node>) -> ApiResult<()> {
     match patch_type {
         PatchType::Json => apply_json_patch(target, patch),
         PatchType::Merge => apply_merge_patch(target, patch),
-        PatchType::StrategicMerge => krate_api::patch::apply_strategic_merge_patch(target, patch),
+        PatchType::StrategicMerge => match schema {
+            Some(schema) => krate_api::patch::apply_strategic_merge_patch(target, patch, schema),
+            None => Err(ApiError::unsupported_media_type("application/strategic-merge-patch+json")),
+        },
         PatchType::Apply => Err(ApiError::unsupported_media_type("application/apply-patch+yaml")),
     }
 }
