@@ -86,6 +86,9 @@ pub struct KindInfo {
     pub typed: Option<TypedRoundTrip>,
     /// The structural schema (patch strategies, list types, CRD validation).
     pub schema: Option<KindSchema>,
+    /// A custom kind's schema as its CRD declares it (published in OpenAPI documents;
+    /// built-in kinds publish upstream's definitions instead).
+    pub schema_json: Option<Arc<Value>>,
     pub strategy: &'static dyn Strategy,
     /// Extra field selectors beyond metadata.name/metadata.namespace: (label, path into
     /// the stored form of the object).
@@ -156,6 +159,7 @@ where
         conversion: None,
         typed: Some(round_trip::<T>),
         schema: crate::schema::builtin_kind(T::GROUP, T::VERSION, T::KIND),
+        schema_json: None,
         strategy: &strategy::Plain,
         field_selectors: &[],
     };

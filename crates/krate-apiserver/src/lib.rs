@@ -56,6 +56,7 @@ impl Default for Settings {
 pub struct ApiServer {
     pub storage: Storage,
     kinds: RwLock<Arc<Registry>>,
+    pub documents: http::docs::Documents,
     pub settings: Settings,
     pub metrics: metrics::Metrics,
 }
@@ -86,6 +87,7 @@ impl ApiServer {
         let server = Arc::new(Self {
             storage: Storage::new(store, cache),
             kinds: RwLock::new(kinds),
+            documents: Default::default(),
             settings,
             metrics: metrics::Metrics::new(),
         });

@@ -84,3 +84,83 @@ pub fn resource_list(kinds: &Registry, group: &str, version: &str) -> ApiResult<
     let group_version = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
     Ok(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}))
 }
+
+/// The media type of aggregated discovery documents, if `accept` asks for one first.
+pub fn wants_aggregated(accept: Option<&str>) -> Option<&'static str> {
+    for media in accept?.split(',') {
+        let params: Vec<&str> = media.split(';').map(str::trim).collect();
+        let has = |p: &str| params.contains(&p);
+        if has("g=apidiscovery.k8s.io") && has("as=APIGroupDiscoveryList") {
+            if has("v=v2") {
+                return Some("application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList");
+            }
+            if has("v=v2beta1") {
+                return Some("application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList");
+            }
+        }
+        if params.first().is_some_and(|e| matches!(*e, "application/json" | "*/*" | "application/*")) && params.len() == 1 {
+            return None;
+        }
+    }
+    None
+}
+
+fn scope(k: &KindInfo) -> &'static str {
+    if k.namespaced {
+        "Namespaced"
+    } else {
+        "Cluster"
+    }
+}
+
+/// One resource in aggregated discovery (`APIResourceDiscovery`).
+fn resource_discovery(k: &KindInfo) -> Value {
+    let mut r = json!({
+        "resource": k.plural,
+        "responseKind": {"group": k.group, "version": k.version, "kind": k.kind},
+        "scope": scope(k),
+        "singularResource": k.singular,
+        "verbs": k.verbs,
+    });
+    if !k.short_names.is_empty() {
+        r["shortNames"] = json!(k.short_names);
+    }
+    if !k.categories.is_empty() {
+        r["categories"] = json!(k.categories);
+    }
+    let subresources: Vec<Value> = api_resources(k)
+        .iter()
+        .skip(1)
+        .map(|s| {
+            let name = s["name"].as_str().unwrap_or_default().split_once('/').map(|(_, sub)| sub).unwrap_or_default();
+            let group = s.get("group").cloned().unwrap_or(json!(k.group));
+            let version = s.get("version").cloned().unwrap_or(json!(k.version));
+            json!({"subresource": name, "responseKind": {"group": group, "version": version, "kind": s["kind"]}, "verbs": s["verbs"]})
+        })
+        .collect();
+    if !subresources.is_empty() {
+        r["subresources"] = json!(subresources);
+    }
+    r
+}
+
+/// `APIGroupDiscoveryList` for `/api` (core) or `/apis` (every named group).
+pub fn aggregated(kinds: &Registry, core: bool, api_version: &str) -> Value {
+    let items: Vec<Value> = kinds
+        .groups()
+        .iter()
+        .filter(|g| g.name.is_empty() == core)
+        .map(|g| {
+            let versions: Vec<Value> = g
+                .versions
+                .iter()
+                .map(|v| {
+                    let resources: Vec<Value> = kinds.kinds_in(&g.name, v).map(|k| resource_discovery(k)).collect();
+                    json!({"version": v, "resources": resources, "freshness": "Current"})
+                })
+                .collect();
+            json!({"metadata": {"name": g.name, "creationTimestamp": null}, "versions": versions})
+        })
+        .collect();
+    json!({"kind": "APIGroupDiscoveryList", "apiVersion": api_version, "metadata": {}, "items": items})
+}

@@ -22,6 +22,7 @@ use crate::registry::{
 use crate::ApiServer;
 
 pub mod discovery;
+pub mod docs;
 pub mod negotiate;
 pub mod openapi;
 pub mod route;
@@ -122,18 +123,64 @@ async fn dispatch(server: &Arc<ApiServer>, user: &User, route: Route, req: Reque
         Route::Health(check) => Ok(server.health(check, query.contains_key("verbose")).await),
         Route::Version => Ok(json_response(200, &crate::version_info())),
         Route::Metrics => Ok(bytes_response(200, Bytes::from(server.metrics.render(&server.storage.cache)), "text/plain; version=0.0.4; charset=utf-8")),
-        Route::LegacyRoot => Ok(json_response(200, &discovery::legacy_root(&server.settings.advertise_address))),
-        Route::GroupList => Ok(json_response(200, &discovery::group_list(&server.kinds()))),
+        Route::LegacyRoot | Route::GroupList => {
+            let core = route == Route::LegacyRoot;
+            let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
+            match discovery::wants_aggregated(accept) {
+                Some(media) => {
+                    let kinds = server.kinds();
+                    let api_version = if media.contains("v=v2beta1") { "apidiscovery.k8s.io/v2beta1" } else { "apidiscovery.k8s.io/v2" };
+                    let doc = server.documents.get(&kinds, &format!("discovery {core} {api_version}"), || Ok(discovery::aggregated(&kinds, core, api_version)))?;
+                    Ok(document_response(&doc, media, req.headers()))
+                }
+                None if core => Ok(json_response(200, &discovery::legacy_root(&server.settings.advertise_address))),
+                None => Ok(json_response(200, &discovery::group_list(&server.kinds()))),
+            }
+        }
         Route::Group(group) => discovery::group(&server.kinds(), &group).map(|v| json_response(200, &v)),
         Route::GroupVersion { group, version } => {
             discovery::resource_list(&server.kinds(), &group, &version).map(|v| json_response(200, &v))
         }
-        Route::OpenApiV3Root => Ok(json_response(200, &openapi::root(&server.kinds()))),
-        Route::OpenApiV3 { group, version } => openapi::group_version(&server.kinds(), &group, &version).map(|v| json_response(200, &v)),
-        Route::OpenApiV2 => Err(ApiError::new(404, "NotFound", "the server could not find the requested resource (OpenAPI v2 is not served; use /openapi/v3)")),
+        Route::OpenApiV2 => {
+            let kinds = server.kinds();
+            let doc = server.documents.get(&kinds, "openapi/v2", || Ok(openapi::v2(&kinds)))?;
+            Ok(document_response(&doc, "application/json", req.headers()))
+        }
+        Route::OpenApiV3Root => {
+            let kinds = server.kinds();
+            let mut etags = HashMap::new();
+            for g in kinds.groups() {
+                for v in &g.versions {
+                    let doc = openapi_v3_document(server, &kinds, &g.name, v)?;
+                    etags.insert(route::gv_path(&g.name, v), doc.etag);
+                }
+            }
+            Ok(json_response(200, &openapi::v3_root(&kinds, |p| etags.get(p).cloned().unwrap_or_default())))
+        }
+        Route::OpenApiV3 { group, version } => {
+            let kinds = server.kinds();
+            let doc = openapi_v3_document(server, &kinds, &group, &version)?;
+            Ok(document_response(&doc, "application/json", req.headers()))
+        }
         Route::Resource(path) => resource_request(server, path, query, req).await,
         Route::NotFound => Err(ApiError::new(404, "NotFound", "the server could not find the requested resource")),
     }
+}
+
+fn openapi_v3_document(server: &ApiServer, kinds: &Arc<krate_api::Registry>, group: &str, version: &str) -> ApiResult<docs::Document> {
+    server.documents.get(kinds, &format!("openapi/v3/{group}/{version}"), || openapi::v3_group_version(kinds, group, version))
+}
+
+/// A cached document, or 304 when the client already has this version of it.
+fn document_response(doc: &docs::Document, content_type: &str, request: &HeaderMap) -> Response<Body> {
+    let etag = format!("\"{}\"", doc.etag);
+    let fresh = request.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    let mut resp = if fresh { bytes_response(304, Bytes::new(), content_type) } else { bytes_response(200, doc.body.clone(), content_type) };
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp.headers_mut().insert(header::VARY, HeaderValue::from_static("Accept"));
+    resp
 }
 
 fn lookup(server: &ApiServer, path: &ResourcePath) -> ApiResult<Arc<KindInfo>> {

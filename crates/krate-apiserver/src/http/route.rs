@@ -37,6 +37,15 @@ pub struct ResourcePath {
 /// Subresources of a namespace, which share the path shape of namespaced resources.
 const NAMESPACE_SUBRESOURCES: &[&str] = &["status", "finalize"];
 
+/// `api/v1` or `apis/{group}/{version}`: how OpenAPI v3 names a group/version.
+pub fn gv_path(group: &str, version: &str) -> String {
+    if group.is_empty() {
+        format!("api/{version}")
+    } else {
+        format!("apis/{group}/{version}")
+    }
+}
+
 pub fn parse_path(path: &str) -> Route {
     let trimmed = path.trim_end_matches('/');
     let parts: Vec<&str> = trimmed.split('/').filter(|p| !p.is_empty()).collect();
