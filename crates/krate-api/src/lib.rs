@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod error;
 pub mod kinds;
+pub mod managed;
 pub mod object;
 pub mod patch;
 pub mod protobuf;

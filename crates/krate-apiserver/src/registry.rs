@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use krate_api::error::success_status;
+use krate_api::managed::{self, Manager};
 use krate_api::object::{self, get, get_str};
 use krate_api::patch::{apply_json_patch, apply_merge_patch, PatchType};
 use krate_api::schema::{self, Node};
@@ -31,6 +32,23 @@ pub enum FieldValidation {
 pub struct WriteOptions {
     pub dry_run: bool,
     pub field_validation: FieldValidation,
+    /// `fieldManager`, or the client's user-agent prefix as upstream defaults it.
+    pub field_manager: String,
+    /// `force` (server-side apply takes conflicting fields over).
+    pub force: bool,
+}
+
+fn manager<'a>(kind: &KindInfo, opts: &'a WriteOptions, api_version: &'a str, sub: Subresource) -> Manager<'a> {
+    Manager {
+        name: &opts.field_manager,
+        api_version,
+        subresource: match sub {
+            Subresource::Status => Some("status"),
+            Subresource::Scale => Some("scale"),
+            _ => None,
+        },
+        ignore_status: kind.status,
+    }
 }
 
 /// Which part of an object a write addresses.
@@ -381,7 +399,7 @@ impl Storage {
         } else {
             meta.remove("namespace");
         }
-        for field in ["resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink", "managedFields"] {
+        for field in ["resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink"] {
             meta.remove(field);
         }
         meta.insert("uid".into(), json!(uuid_v4()));
@@ -410,6 +428,8 @@ impl Storage {
                 }
             }
         }
+        let api_version = kind.api_version();
+        managed::track_update(kind.schema.as_deref(), None, &mut obj, &manager(kind, opts, &api_version, Subresource::Main));
         for attempt in 0..GENERATE_NAME_RETRIES {
             if let Some(prefix) = &generate {
                 object::set(&mut obj, &["metadata", "name"], json!(generate_name(prefix)));
@@ -487,7 +507,7 @@ impl Storage {
 
     /// Builds the object an update of `sub` produces from `current` and the new served
     /// body, applying generic rules and the strategy; validates it.
-    fn prepare_update(scope: &Scope, sub: Subresource, current: &Value, body: Value) -> ApiResult<Mutation> {
+    fn prepare_update(scope: &Scope, sub: Subresource, current: &Value, body: Value, opts: &WriteOptions) -> ApiResult<Mutation> {
         let kind = &scope.kind;
         let mut new = match sub {
             Subresource::Main | Subresource::Finalize => {
@@ -501,7 +521,14 @@ impl Storage {
                         }
                     }
                 }
-                object::remove(&mut new, &["metadata", "managedFields"]);
+                if get(&new, &["metadata", "managedFields"]).is_none_or(Value::is_null) {
+                    match get(current, &["metadata", "managedFields"]) {
+                        Some(m) => object::set(&mut new, &["metadata", "managedFields"], m.clone()),
+                        None => {
+                            object::remove(&mut new, &["metadata", "managedFields"]);
+                        }
+                    }
+                }
                 if kind.status && sub == Subresource::Main {
                     match current.get("status") {
                         Some(s) => object::set(&mut new, &["status"], s.clone()),
@@ -539,6 +566,10 @@ impl Storage {
             let generation = get(current, &["metadata", "generation"]).and_then(Value::as_i64).unwrap_or(0);
             object::set(&mut new, &["metadata", "generation"], json!(generation + 1));
         }
+        if sub != Subresource::Finalize {
+            let api_version = kind.api_version();
+            managed::track_update(kind.schema.as_deref(), Some(current), &mut new, &manager(kind, opts, &api_version, sub));
+        }
         validate(kind, &new, Some(current))?;
         let deleting = get(&new, &["metadata", "deletionTimestamp"]).is_some();
         if deleting && object::finalizers(&new).is_empty() && !awaits_graceful_termination(&new) && !kind.strategy.deletion_blocked(&new) {
@@ -569,7 +600,7 @@ impl Storage {
                 }
                 let mut body = body.clone();
                 object::set(&mut body, &["metadata", "name"], json!(name));
-                Ok((Self::prepare_update(scope, sub, current, body)?, precondition.is_some()))
+                Ok((Self::prepare_update(scope, sub, current, body, opts)?, precondition.is_some()))
             })
             .await?;
         Ok(Written { code: 200, body: to_served(&kind, obj), warnings: vec![] })
@@ -589,6 +620,9 @@ impl Storage {
         if sub == Subresource::Scale {
             return self.update_scale(scope, name, ScaleChange::Patch(patch_type, patch), opts).await;
         }
+        if patch_type == PatchType::Apply {
+            return self.apply(scope, name, sub, patch, opts).await;
+        }
         let mut warnings = Vec::new();
         let (obj, _) = self
             .guaranteed_update(scope, name, opts.dry_run, |current| {
@@ -606,7 +640,68 @@ impl Storage {
                 if object::name(&patched) != name {
                     return Err(ApiError::bad_request(format!("metadata.name: Invalid value: {:?}: field is immutable", object::name(&patched))));
                 }
-                Ok((Self::prepare_update(scope, sub, current, canonical)?, pinned))
+                Ok((Self::prepare_update(scope, sub, current, canonical, opts)?, pinned))
+            })
+            .await?;
+        Ok(Written { code: 200, body: to_served(&kind, obj), warnings })
+    }
+
+    /// Server-side apply: creates the object if needed, else merges the configuration
+    /// into it under field management.
+    async fn apply(&self, scope: &Scope, name: &str, sub: Subresource, config: Value, opts: &WriteOptions) -> ApiResult<Written> {
+        let kind = scope.kind.clone();
+        if opts.field_manager.is_empty() {
+            return Err(ApiError::invalid("meta.k8s.io", "PatchOptions", "", &[FieldError::required("fieldManager", "is required for apply patch")]));
+        }
+        if !config.is_object() {
+            return Err(ApiError::bad_request("the apply configuration must be an object"));
+        }
+        let (api_version, kind_name) = (get_str(&config, &["apiVersion"]).unwrap_or_default(), get_str(&config, &["kind"]).unwrap_or_default());
+        if api_version != kind.api_version() || kind_name != kind.kind {
+            return Err(ApiError::bad_request(format!(
+                "the apply configuration is for {api_version:?}, kind {kind_name:?}; this endpoint serves {:?}, kind {:?}",
+                kind.api_version(), kind.kind
+            )));
+        }
+        match get_str(&config, &["metadata", "name"]) {
+            Some(n) if n == name => {}
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "the name of the object ({}) does not match the name on the URL ({name})",
+                    other.unwrap_or_default()
+                )))
+            }
+        }
+        let schema = kind.schema.clone();
+        let served_version = kind.api_version();
+        let who = manager(&kind, opts, &served_version, sub);
+        let exists = match self.read_current(scope, name).await {
+            Ok(_) => true,
+            Err(e) if e.code == 404 && sub == Subresource::Main => false,
+            Err(e) => return Err(e),
+        };
+        if !exists {
+            let obj = managed::apply(schema.as_deref(), None, &config, &who, opts.force)?;
+            let (canonical, unknown) = decode_body(&kind, obj)?;
+            let warnings = check_unknown_fields(&kind, &unknown, opts.field_validation)?;
+            return match self.create(scope, canonical, opts).await {
+                Ok(mut written) => {
+                    written.warnings.extend(warnings);
+                    Ok(written)
+                }
+                // Lost a race with another creator: apply onto what they made.
+                Err(e) if e.code == 409 => Box::pin(self.apply(scope, name, sub, config, opts)).await,
+                Err(e) => Err(e),
+            };
+        }
+        let mut warnings = Vec::new();
+        let (obj, _) = self
+            .guaranteed_update(scope, name, opts.dry_run, |current| {
+                let served = to_served(&kind, current.clone());
+                let merged = managed::apply(schema.as_deref(), Some(&served), &config, &who, opts.force)?;
+                let (canonical, unknown) = decode_body(&kind, merged)?;
+                warnings = check_unknown_fields(&kind, &unknown, opts.field_validation)?;
+                Ok((Self::prepare_update(scope, sub, current, canonical, opts)?, false))
             })
             .await?;
         Ok(Written { code: 200, body: to_served(&kind, obj), warnings })
@@ -619,6 +714,7 @@ impl Storage {
         };
         let (obj, _) = self
             .guaranteed_update(scope, name, opts.dry_run, |current| {
+                let api_version = kind.api_version();
                 let scale = scale_of(&kind, current);
                 let new_scale = match &change {
                     ScaleChange::Replace(body) => body.clone(),
@@ -641,6 +737,7 @@ impl Storage {
                 }
                 let mut new = current.clone();
                 object::set(&mut new, info.spec_replicas, json!(replicas));
+                managed::track_update(kind.schema.as_deref(), Some(current), &mut new, &manager(&kind, opts, &api_version, Subresource::Scale));
                 if kind.generation && new != *current {
                     let generation = get(current, &["metadata", "generation"]).and_then(Value::as_i64).unwrap_or(0);
                     object::set(&mut new, &["metadata", "generation"], json!(generation + 1));

@@ -208,7 +208,15 @@ fn flag(query: &Query, key: &str) -> bool {
     matches!(query.get(key).map(String::as_str), Some("true" | "1"))
 }
 
-fn write_options(query: &Query) -> ApiResult<WriteOptions> {
+/// Upstream's default field manager: the user agent up to its first '/'.
+fn default_field_manager(headers: &HeaderMap) -> String {
+    let agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    agent.split('/').next().unwrap_or_default().chars().take(128).collect()
+}
+
+/// Write parameters. Server-side apply requires an explicit field manager; other
+/// writes default to the user agent's.
+fn write_options(query: &Query, headers: &HeaderMap, apply: bool) -> ApiResult<WriteOptions> {
     let dry_run = match query.get("dryRun").map(String::as_str) {
         None | Some("") => false,
         Some("All") => true,
@@ -224,7 +232,16 @@ fn write_options(query: &Query) -> ApiResult<WriteOptions> {
             )))
         }
     };
-    Ok(WriteOptions { dry_run, field_validation })
+    let field_manager = match query.get("fieldManager") {
+        Some(m) if m.chars().count() > 128 => {
+            return Err(ApiError::invalid("meta.k8s.io", "PatchOptions", "", &[krate_api::FieldError::too_long("fieldManager", 128)]))
+        }
+        Some(m) if !m.is_empty() => m.clone(),
+        _ if apply => String::new(),
+        _ => default_field_manager(headers),
+    };
+    let force = flag(query, "force");
+    Ok(WriteOptions { dry_run, field_validation, field_manager, force })
 }
 
 fn list_options(kind: &KindInfo, query: &Query) -> ApiResult<ListOptions> {
@@ -367,8 +384,8 @@ async fn resource_request(
             }
         }
         "create" | "update" => {
-            let opts = write_options(&query)?;
             let (headers, body) = read_body(req).await?;
+            let opts = write_options(&query, &headers, false)?;
             let (obj, warnings) = if sub == Subresource::Scale {
                 (parse_body(&content_type(&headers), &body)?, vec![])
             } else {
@@ -383,12 +400,13 @@ async fn resource_request(
             Ok(written_response(written, &format, &kind))
         }
         "patch" => {
-            let opts = write_options(&query)?;
             let (headers, body) = read_body(req).await?;
             let ct = content_type(&headers);
-            let patch_type = PatchType::from_content_type(&ct)
-                .filter(|t| *t != PatchType::Apply)
-                .ok_or_else(|| ApiError::unsupported_media_type(&ct))?;
+            let patch_type = PatchType::from_content_type(&ct).ok_or_else(|| ApiError::unsupported_media_type(&ct))?;
+            let opts = write_options(&query, &headers, patch_type == PatchType::Apply)?;
+            if opts.force && patch_type != PatchType::Apply {
+                return Err(ApiError::invalid("meta.k8s.io", "PatchOptions", "", &[krate_api::FieldError::forbidden("force", "may not be specified for non-apply patch")]));
+            }
             let patch = parse_body(&ct, &body)?;
             let written = storage.patch(&scope, name, sub, patch_type, patch, &opts).await?;
             Ok(written_response(written, &format, &kind))
