@@ -9,7 +9,7 @@ pub trait Conversion: Sync {
 }
 
 /// Renames top-level fields and rewrites apiVersion.
-struct Renames {
+pub struct Renames {
     served_api_version: &'static str,
     storage_api_version: &'static str,
     /// (served name, stored name)
@@ -25,6 +25,13 @@ fn rename(obj: Value, api_version: &str, pairs: impl Iterator<Item = (&'static s
     }
     map.insert("apiVersion".to_string(), json!(api_version));
     Value::Object(map)
+}
+
+impl Renames {
+    /// Versions that differ only in name (custom resources, conversion strategy None).
+    pub fn api_version_only(served: &'static str, storage: &'static str) -> Self {
+        Renames { served_api_version: served, storage_api_version: storage, fields: &[] }
+    }
 }
 
 impl Conversion for Renames {

@@ -11,6 +11,7 @@ use k8s_openapi::api::{
     discovery::v1 as discovery, events::v1 as events, networking::v1 as networking, node::v1 as node,
     policy::v1 as policy, rbac::v1 as rbac, scheduling::v1 as scheduling, storage::v1 as storage,
 };
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiextensions;
 use k8s_openapi::{ClusterResourceScope, NamespaceResourceScope, Resource};
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
@@ -93,6 +94,8 @@ pub struct KindInfo {
     /// Extra field selectors beyond metadata.name/metadata.namespace: (label, path into
     /// the stored form of the object).
     pub field_selectors: &'static [(&'static str, &'static [&'static str])],
+    /// Set for kinds defined by a CustomResourceDefinition.
+    pub custom: Option<crate::custom::CustomKind>,
 }
 
 impl KindInfo {
@@ -162,6 +165,7 @@ where
         schema_json: None,
         strategy: &strategy::Plain,
         field_selectors: &[],
+        custom: None,
     };
     Builder(info)
 }
@@ -348,6 +352,11 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
         kind::<storage::VolumeAttachment>().status_only().0,
         kind::<storage::VolumeAttributesClass>().short(&["vac"]).0,
         kind::<node::RuntimeClass>().0,
+        kind::<apiextensions::CustomResourceDefinition>()
+            .short(&["crd", "crds"])
+            .status_only()
+            .strategy(&crate::custom::CrdStrategy)
+            .0,
         kind::<certificates::CertificateSigningRequest>()
             .short(&["csr"])
             .status_only()
@@ -376,6 +385,7 @@ pub const GROUP_ORDER: &[(&str, &str)] = &[
     ("coordination.k8s.io", "v1"),
     ("node.k8s.io", "v1"),
     ("discovery.k8s.io", "v1"),
+    ("apiextensions.k8s.io", "v1"),
 ];
 
 /// One API group as discovery shows it.

@@ -2,6 +2,7 @@
 //! storage. The API server drives these pieces through one generic REST path.
 
 pub mod convert;
+pub mod custom;
 pub mod error;
 pub mod kinds;
 pub mod managed;

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 
 pub mod auth;
 pub mod cache;
+pub mod crd;
 pub mod http;
 pub mod metrics;
 pub mod registry;
@@ -92,12 +93,18 @@ impl ApiServer {
             metrics: metrics::Metrics::new(),
         });
         server.bootstrap().await?;
+        crd::start(server.clone()).await;
         server.clone().start_compactor();
         Ok(server)
     }
 
     pub fn kinds(&self) -> Arc<Registry> {
         self.kinds.read().expect("kinds lock").clone()
+    }
+
+    /// Replaces the served kinds (custom resources came or went).
+    pub fn set_kinds(&self, kinds: Registry) {
+        *self.kinds.write().expect("kinds lock") = Arc::new(kinds);
     }
 
     async fn bootstrap(&self) -> anyhow::Result<()> {

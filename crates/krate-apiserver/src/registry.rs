@@ -201,6 +201,9 @@ pub fn decode_body(kind: &KindInfo, mut body: Value) -> ApiResult<(Value, Vec<St
         }
         _ => {}
     }
+    if let (Some(schema), None) = (&kind.schema, kind.typed) {
+        return krate_api::custom::check_object(kind, schema, body);
+    }
     let Some(typed) = kind.typed else { return Ok((body, vec![])) };
     let canonical = typed(&body).map_err(|e| {
         ApiError::bad_request(format!("{} in version {:?} cannot be handled as a {}: {e}", kind.kind, kind.version, kind.kind))

@@ -61,7 +61,7 @@ fn walk(schema: &Node, value: &mut Value, path: &str, root: bool, out: &mut Chec
     }
     if !type_matches(node, value) {
         let t = node.type_.as_deref().unwrap_or("integer or string");
-        out.errors.push(FieldError::invalid(shown, value, &format!("{shown} in body must be of type {t}: \"{}\"", type_name(value))));
+        out.errors.push(FieldError::invalid(shown, &Value::from(type_name(value)), &format!("{shown} in body must be of type {t}: \"{}\"", type_name(value))));
         return;
     }
     validate_scalar(node, value, shown, out);

@@ -408,7 +408,51 @@ fn cells_for(kind: &KindInfo, obj: &Value) -> Vec<Value> {
     }
 }
 
+/// A custom kind's `additionalPrinterColumns` (Name first), if it declares any.
+fn custom_columns(kind: &KindInfo) -> Option<&[krate_api::custom::PrinterColumn]> {
+    kind.custom.as_ref().map(|c| c.printer_columns.as_slice()).filter(|c| !c.is_empty())
+}
+
+/// Evaluates the simple JSONPath printer columns use: `.a.b`, `.a[0].b`, `.a[*].b`.
+fn json_path(obj: &Value, path: &str) -> Vec<Value> {
+    let mut current = vec![obj.clone()];
+    for segment in path.trim_start_matches('.').split('.').filter(|s| !s.is_empty()) {
+        let (field, index) = match segment.split_once('[') {
+            Some((f, rest)) => (f, Some(rest.trim_end_matches(']'))),
+            None => (segment, None),
+        };
+        let mut next = Vec::new();
+        for v in current {
+            let Some(child) = (if field.is_empty() { Some(v) } else { v.get(field).cloned() }) else { continue };
+            match (index, child) {
+                (None, c) => next.push(c),
+                (Some("*"), Value::Array(items)) => next.extend(items),
+                (Some(i), Value::Array(items)) => next.extend(i.parse::<usize>().ok().and_then(|i| items.get(i).cloned())),
+                _ => {}
+            }
+        }
+        current = next;
+    }
+    current
+}
+
+fn custom_cell(column: &krate_api::custom::PrinterColumn, obj: &Value) -> Value {
+    let values = json_path(obj, &column.json_path);
+    match (column.type_.as_str(), values.as_slice()) {
+        (_, []) => Value::Null,
+        ("date", [Value::String(ts)]) => json!(seconds_since(ts).map(human_duration).unwrap_or_else(|| "<unknown>".into())),
+        (_, [one]) => one.clone(),
+        (_, many) => json!(many.iter().map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).collect::<Vec<_>>().join(",")),
+    }
+}
+
 fn column_definitions(kind: &KindInfo) -> Vec<Value> {
+    if let Some(columns) = custom_columns(kind) {
+        let name = json!({"name": NAME_COLUMN.0, "type": NAME_COLUMN.1, "format": NAME_COLUMN.2, "description": NAME_COLUMN.4, "priority": 0});
+        return std::iter::once(name)
+            .chain(columns.iter().map(|c| json!({"name": c.name, "type": c.type_, "format": c.format, "description": c.description, "priority": c.priority})))
+            .collect();
+    }
     columns_for(kind)
         .into_iter()
         .map(|(name, ty, format, priority, description)| {
@@ -418,7 +462,11 @@ fn column_definitions(kind: &KindInfo) -> Vec<Value> {
 }
 
 fn row(kind: &KindInfo, obj: &Value, include: IncludeObject) -> Value {
-    let mut row = json!({"cells": cells_for(kind, obj)});
+    let cells = match custom_columns(kind) {
+        Some(columns) => std::iter::once(json!(krate_api::object::name(obj))).chain(columns.iter().map(|c| custom_cell(c, obj))).collect(),
+        None => cells_for(kind, obj),
+    };
+    let mut row = json!({"cells": cells});
     match include {
         IncludeObject::None => {}
         IncludeObject::Metadata => row["object"] = partial_metadata(obj),
@@ -456,6 +504,15 @@ pub fn event_table(kind: &KindInfo, obj: &Value, include: IncludeObject, headers
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printer_column_paths() {
+        let obj = json!({"spec": {"size": 3, "items": [{"n": "a"}, {"n": "b"}]}});
+        assert_eq!(json_path(&obj, ".spec.size"), vec![json!(3)]);
+        assert_eq!(json_path(&obj, ".spec.items[1].n"), vec![json!("b")]);
+        assert_eq!(json_path(&obj, ".spec.items[*].n"), vec![json!("a"), json!("b")]);
+        assert!(json_path(&obj, ".spec.nothing").is_empty());
+    }
 
     #[test]
     fn human_durations_match_upstream() {
