@@ -183,8 +183,14 @@ impl ApiError {
         Self::new(413, "RequestEntityTooLarge", "the server rejected our request because the request body is too large")
     }
 
+    /// An object body in a media type the server does not read.
     pub fn unsupported_media_type(content_type: &str) -> Self {
-        Self::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/vnd.kubernetes.protobuf, application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got {content_type:?})"))
+        Self::unsupported_among(content_type, &["application/json", "application/yaml", "application/vnd.kubernetes.protobuf"])
+    }
+
+    /// A body whose media type is not among `accepted` (upstream's 415 wording).
+    pub fn unsupported_among(content_type: &str, accepted: &[&str]) -> Self {
+        Self::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: {} (got {content_type:?})", accepted.join(", ")))
     }
 
     pub fn not_acceptable(message: impl Into<String>) -> Self {

@@ -398,6 +398,8 @@ pub struct GroupInfo {
 
 /// The lookup structure over served kinds. Immutable; rebuilt when kinds change (CRDs).
 pub struct Registry {
+    /// Unique per registry built, so caches can tell tables apart.
+    generation: u64,
     kinds: Vec<Arc<KindInfo>>,
     by_resource: HashMap<(String, String, String), Arc<KindInfo>>,
     groups: Vec<GroupInfo>,
@@ -422,7 +424,13 @@ impl Registry {
             }
         }
         groups.retain(|g| kinds.iter().any(|k| k.group == g.name));
-        Self { kinds, by_resource, groups }
+        static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let generation = GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self { generation, kinds, by_resource, groups }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn builtin() -> Self {

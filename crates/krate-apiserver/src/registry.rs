@@ -631,7 +631,7 @@ impl Storage {
             .guaranteed_update(scope, name, opts.dry_run, |current| {
                 let served = to_served(&kind, current.clone());
                 let mut patched = served.clone();
-                apply_patch(&mut patched, patch_type, &patch, kind.schema.as_deref())?;
+                apply_patch(&mut patched, patch_type, &patch, kind.schema.as_deref().filter(|_| kind.custom.is_none()))?;
                 let (canonical, unknown) = decode_body(&kind, patched.clone())?;
                 warnings = check_unknown_fields(&kind, &unknown, opts.field_validation)?;
                 // A resourceVersion in the patch is a precondition.
@@ -934,6 +934,19 @@ enum ScaleChange {
     Patch(PatchType, Value),
 }
 
+const CUSTOM_PATCH_TYPES: &[&str] = &["application/json-patch+json", "application/merge-patch+json", "application/apply-patch+yaml"];
+const BUILTIN_PATCH_TYPES: &[&str] =
+    &["application/json-patch+json", "application/merge-patch+json", "application/strategic-merge-patch+json", "application/apply-patch+yaml"];
+
+/// The patch media types a kind accepts.
+pub fn patch_types(kind: &KindInfo) -> &'static [&'static str] {
+    if kind.custom.is_some() {
+        CUSTOM_PATCH_TYPES
+    } else {
+        BUILTIN_PATCH_TYPES
+    }
+}
+
 /// Applies a non-apply patch; strategic merge needs the built-in schema (custom
 /// resources do not support it, as upstream).
 fn apply_patch(target: &mut Value, patch_type: PatchType, patch: &Value, schema: Option<&Node>) -> ApiResult<()> {
@@ -942,9 +955,11 @@ fn apply_patch(target: &mut Value, patch_type: PatchType, patch: &Value, schema:
         PatchType::Merge => apply_merge_patch(target, patch),
         PatchType::StrategicMerge => match schema {
             Some(schema) => krate_api::patch::apply_strategic_merge_patch(target, patch, schema),
-            None => Err(ApiError::unsupported_media_type("application/strategic-merge-patch+json")),
+            None => Err(ApiError::unsupported_among("application/strategic-merge-patch+json", CUSTOM_PATCH_TYPES)),
         },
-        PatchType::Apply => Err(ApiError::unsupported_media_type("application/apply-patch+yaml")),
+        // Objects are applied through Storage::apply; a configuration applied to the
+        // scale subresource simply sets what it names.
+        PatchType::Apply => apply_merge_patch(target, patch),
     }
 }
 

@@ -45,11 +45,19 @@ fn default_container(c: &mut Value) {
             default_probe(p);
         }
     }
-    // Requests default to limits when only limits are given.
-    if let Some(Value::Object(limits)) = get(c, &["resources", "limits"]).cloned() {
-        for (resource, quantity) in limits {
-            default(c, &["resources", "requests", &resource], quantity);
-        }
+}
+
+/// Pods only (upstream's SetDefaults_Pod, not templates): requests default to limits
+/// when only limits are given.
+fn default_requests_from_limits(spec: &mut Value) {
+    for list in CONTAINER_LISTS {
+        for_each_mut(spec, &[list], |c| {
+            if let Some(Value::Object(limits)) = get(c, &["resources", "limits"]).cloned() {
+                for (resource, quantity) in limits {
+                    default(c, &["resources", "requests", &resource], quantity);
+                }
+            }
+        });
     }
 }
 
@@ -231,6 +239,7 @@ impl Strategy for PodStrategy {
     fn default(&self, obj: &mut Value) {
         if let Some(spec) = obj.get_mut("spec") {
             default_pod_spec(spec);
+            default_requests_from_limits(spec);
         }
     }
 

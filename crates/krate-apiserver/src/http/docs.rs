@@ -25,15 +25,15 @@ pub struct Documents {
 
 #[derive(Default)]
 struct Cached {
-    /// Identity of the registry the entries were built from.
-    registry: usize,
+    /// Generation of the registry the entries were built from.
+    registry: u64,
     entries: HashMap<String, Document>,
 }
 
 impl Documents {
     /// The document `key`, built by `build` unless cached for this registry.
     pub fn get(&self, kinds: &Arc<Registry>, key: &str, build: impl FnOnce() -> ApiResult<Value>) -> ApiResult<Document> {
-        let identity = Arc::as_ptr(kinds) as usize;
+        let identity = kinds.generation();
         {
             let mut cached = self.inner.lock().expect("documents lock");
             if cached.registry != identity {

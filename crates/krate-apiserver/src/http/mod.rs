@@ -402,7 +402,7 @@ async fn resource_request(
         "patch" => {
             let (headers, body) = read_body(req).await?;
             let ct = content_type(&headers);
-            let patch_type = PatchType::from_content_type(&ct).ok_or_else(|| ApiError::unsupported_media_type(&ct))?;
+            let patch_type = PatchType::from_content_type(&ct).ok_or_else(|| ApiError::unsupported_among(&ct, registry::patch_types(&kind)))?;
             let opts = write_options(&query, &headers, patch_type == PatchType::Apply)?;
             if opts.force && patch_type != PatchType::Apply {
                 return Err(ApiError::invalid("meta.k8s.io", "PatchOptions", "", &[krate_api::FieldError::forbidden("force", "may not be specified for non-apply patch")]));
