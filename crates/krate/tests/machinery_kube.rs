@@ -1,0 +1,199 @@
+//! Server-side apply and CustomResourceDefinitions driven by kube-rs, as controllers
+//! and operators use them.
+
+mod common;
+
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+use kube::core::{DynamicObject, GroupVersionKind};
+use kube::discovery::ApiResource;
+use kube::{CustomResource, CustomResourceExt, ResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use common::TestServer;
+
+fn conflict_causes(err: &kube::Error) -> (u16, String, Vec<String>) {
+    match err {
+        kube::Error::Api(status) => {
+            let fields = status.details.as_ref().map(|d| d.causes.iter().map(|c| c.field.clone()).collect()).unwrap_or_default();
+            (status.code, status.message.clone(), fields)
+        }
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn server_side_apply_from_two_managers() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client, "default");
+    let config = |value: &str| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": {"color": value}})
+    };
+
+    let created = cms.patch("shared", &PatchParams::apply("alpha"), &Patch::Apply(config("blue"))).await.unwrap();
+    assert_eq!(created.data.unwrap()["color"], "blue");
+    // Same value from another manager: shared ownership, no conflict.
+    cms.patch("shared", &PatchParams::apply("beta"), &Patch::Apply(config("blue"))).await.unwrap();
+    // A different value conflicts with both owners.
+    let err = cms.patch("shared", &PatchParams::apply("gamma"), &Patch::Apply(config("red"))).await.unwrap_err();
+    let (code, message, fields) = conflict_causes(&err);
+    assert_eq!(code, 409);
+    assert!(message.starts_with("Apply failed with 2 conflicts"), "{message}");
+    assert_eq!(fields, [".data.color", ".data.color"]);
+    assert_eq!(cms.get("shared").await.unwrap().data.unwrap()["color"], "blue", "a refused apply writes nothing");
+
+    // Forced: gamma takes the field over.
+    let forced = cms.patch("shared", &PatchParams::apply("gamma").force(), &Patch::Apply(config("red"))).await.unwrap();
+    assert_eq!(forced.data.as_ref().unwrap()["color"], "red");
+    let managers: Vec<(String, bool)> = forced
+        .managed_fields()
+        .iter()
+        .map(|m| (m.manager.clone().unwrap(), m.fields_v1.as_ref().is_some_and(|f| f.0.pointer("/f:data/f:color").is_some())))
+        .collect();
+    assert_eq!(managers, [("gamma".to_string(), true)], "alpha and beta own nothing any more");
+
+    // A manager that stops applying a field removes it.
+    cms.patch("shared", &PatchParams::apply("gamma"), &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": {"size": "L"}})))
+        .await
+        .unwrap();
+    let data = cms.get("shared").await.unwrap().data.unwrap();
+    assert_eq!(data.len(), 1);
+    assert_eq!(data["size"], "L");
+
+    // Bad input: no field manager; wrong kind; a malformed body.
+    let raw_client = server.client().await;
+    let (status, body) = common::raw(&raw_client, "PATCH", "/api/v1/namespaces/default/configmaps/shared", "application/apply-patch+yaml", b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: shared}\n".to_vec()).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("fieldManager: Required value"), "{body}");
+    let (status, body) = common::raw(&raw_client, "PATCH", "/api/v1/namespaces/default/configmaps/shared?fieldManager=x", "application/apply-patch+yaml", b"apiVersion: v1\nkind: Secret\nmetadata: {name: shared}\n".to_vec()).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = common::raw(&raw_client, "PATCH", "/api/v1/namespaces/default/configmaps/shared?fieldManager=x", "application/apply-patch+yaml", b"data: [unclosed".to_vec()).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(cms.get("shared").await.unwrap().data.unwrap()["size"], "L");
+}
+
+fn default_color() -> String {
+    "blue".to_string()
+}
+
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, JsonSchema)]
+#[kube(group = "example.com", version = "v1", kind = "Gadget", namespaced, status = "GadgetStatus", shortname = "gd")]
+struct GadgetSpec {
+    size: i32,
+    #[serde(default = "default_color")]
+    color: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
+struct GadgetStatus {
+    ready: bool,
+}
+
+#[tokio::test]
+async fn custom_resource_from_kube_derive() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(&PostParams::default(), &Gadget::crd()).await.unwrap();
+    let established = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let crd = crds.get("gadgets.example.com").await.unwrap();
+            let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
+            if conditions.iter().any(|c| c.type_ == "Established" && c.status == "True") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    established.await.expect("the CRD becomes Established");
+
+    let gadgets: Api<Gadget> = Api::namespaced(client.clone(), "default");
+    let mut events = gadgets.watch(&WatchParams::default(), "0").await.unwrap().boxed();
+    gadgets.create(&PostParams::default(), &Gadget::new("g1", GadgetSpec { size: 1, color: "red".into() })).await.unwrap();
+
+    // A defaulted field: created without color through the dynamic API.
+    let gvk = GroupVersionKind::gvk("example.com", "v1", "Gadget");
+    let dynamic: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &ApiResource::from_gvk(&gvk));
+    let obj: DynamicObject = serde_json::from_value(json!({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": "g2"}, "spec": {"size": 2}})).unwrap();
+    dynamic.create(&PostParams::default(), &obj).await.unwrap();
+    assert_eq!(gadgets.get("g2").await.unwrap().spec.color, "blue");
+
+    // An invalid object is refused.
+    let bad: DynamicObject = serde_json::from_value(json!({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": "g3"}, "spec": {"size": "big"}})).unwrap();
+    let err = dynamic.create(&PostParams::default(), &bad).await.unwrap_err();
+    match err {
+        kube::Error::Api(s) => {
+            assert_eq!(s.code, 422);
+            assert!(s.message.contains("spec.size in body must be of type integer"), "{}", s.message);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let listed = gadgets.list(&ListParams::default()).await.unwrap();
+    let names: Vec<String> = listed.items.iter().map(|g| g.name_any()).collect();
+    assert_eq!(names, ["g1", "g2"]);
+
+    // Status through the status subresource; the main resource ignores status.
+    let patched = gadgets
+        .patch_status("g1", &PatchParams::default(), &Patch::Merge(json!({"status": {"ready": true}})))
+        .await
+        .unwrap();
+    assert!(patched.status.unwrap().ready);
+    let mut replaced = gadgets.get("g1").await.unwrap();
+    replaced.status = Some(GadgetStatus { ready: false });
+    replaced.spec.size = 5;
+    let after = gadgets.replace("g1", &PostParams::default(), &replaced).await.unwrap();
+    assert!(after.status.unwrap().ready, "status is not written through the main resource");
+    assert_eq!(after.metadata.generation, Some(2));
+
+    // Server-side apply works on custom resources too: spec.size belongs to whoever
+    // replaced the object last, so taking it over needs force.
+    let config = Patch::Apply(json!({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": "g1"}, "spec": {"size": 6}}));
+    let err = gadgets.patch("g1", &PatchParams::apply("op"), &config).await.unwrap_err();
+    assert_eq!(conflict_causes(&err).2, [".spec.size"]);
+    let applied = gadgets.patch("g1", &PatchParams::apply("op").force(), &config).await.unwrap();
+    assert_eq!(applied.spec.size, 6);
+
+    // The watch saw both creations and the updates.
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        match tokio::time::timeout(Duration::from_secs(10), events.try_next()).await.expect("watch event").unwrap().unwrap() {
+            WatchEvent::Added(g) => seen.push(format!("ADDED {}", g.name_any())),
+            WatchEvent::Modified(g) => seen.push(format!("MODIFIED {}", g.name_any())),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(seen, ["ADDED g1", "ADDED g2", "MODIFIED g1", "MODIFIED g1", "MODIFIED g1"]);
+
+    // Deleting the CRD deletes the gadgets.
+    crds.delete("gadgets.example.com", &DeleteParams::default()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while crds.get_opt("gadgets.example.com").await.unwrap().is_some() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the CRD goes away after its objects");
+    let gone = server.kubectl(&["get", "--raw", "/apis/example.com/v1/namespaces/default/gadgets"]);
+    assert!(!gone.status.success(), "gadgets are not served any more");
+    // Recreated, the CRD starts empty: the old objects were deleted, not hidden.
+    crds.create(&PostParams::default(), &Gadget::crd()).await.unwrap();
+    let listed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Ok(list) = gadgets.list(&ListParams::default()).await {
+                return list;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("served again");
+    assert!(listed.items.is_empty());
+}
