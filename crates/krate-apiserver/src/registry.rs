@@ -236,23 +236,25 @@ fn unknown_fields(input: &Value, canonical: &Value, path: &str, out: &mut Vec<St
 }
 
 /// Applies the field validation directive to unknown fields.
-pub fn check_unknown_fields(kind: &KindInfo, unknown: &[String], mode: FieldValidation) -> ApiResult<Vec<String>> {
-    if unknown.is_empty() {
-        return Ok(vec![]);
-    }
+/// Applies the field validation directive to unknown and duplicate fields: an error
+/// (Strict), warnings (Warn) or nothing (Ignore).
+pub fn check_fields(kind: &KindInfo, unknown: &[String], duplicate: &[String], mode: FieldValidation) -> ApiResult<Vec<String>> {
+    let problems: Vec<String> = unknown
+        .iter()
+        .map(|f| format!("unknown field \"{f}\""))
+        .chain(duplicate.iter().map(|f| format!("duplicate field \"{f}\"")))
+        .collect();
     match mode {
+        _ if problems.is_empty() => Ok(vec![]),
         FieldValidation::Ignore => Ok(vec![]),
-        FieldValidation::Warn => Ok(unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect()),
-        FieldValidation::Strict => {
-            let fields: Vec<String> = unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect();
-            Err(ApiError::bad_request(format!(
-                "{} in version {:?} cannot be handled as a {}: strict decoding error: {}",
-                kind.kind,
-                kind.version,
-                kind.kind,
-                fields.join(", ")
-            )))
-        }
+        FieldValidation::Warn => Ok(problems),
+        FieldValidation::Strict => Err(ApiError::bad_request(format!(
+            "{} in version {:?} cannot be handled as a {}: strict decoding error: {}",
+            kind.kind,
+            kind.version,
+            kind.kind,
+            problems.join(", ")
+        ))),
     }
 }
 
@@ -633,7 +635,7 @@ impl Storage {
                 let mut patched = served.clone();
                 apply_patch(&mut patched, patch_type, &patch, kind.schema.as_deref().filter(|_| kind.custom.is_none()))?;
                 let (canonical, unknown) = decode_body(&kind, patched.clone())?;
-                warnings = check_unknown_fields(&kind, &unknown, opts.field_validation)?;
+                warnings = check_fields(&kind, &unknown, &[], opts.field_validation)?;
                 // A resourceVersion in the patch is a precondition.
                 let pinned = match (object::resource_version(&patched), object::resource_version(&served)) {
                     (Some(p), Some(c)) if p != c => return Err(ApiError::modified(&kind.group, &kind.plural, name)),
@@ -686,7 +688,7 @@ impl Storage {
         if !exists {
             let obj = managed::apply(schema.as_deref(), None, &config, &who, opts.force)?;
             let (canonical, unknown) = decode_body(&kind, obj)?;
-            let warnings = check_unknown_fields(&kind, &unknown, opts.field_validation)?;
+            let warnings = check_fields(&kind, &unknown, &[], opts.field_validation)?;
             return match self.create(scope, canonical, opts).await {
                 Ok(mut written) => {
                     written.warnings.extend(warnings);
@@ -703,7 +705,7 @@ impl Storage {
                 let served = to_served(&kind, current.clone());
                 let merged = managed::apply(schema.as_deref(), Some(&served), &config, &who, opts.force)?;
                 let (canonical, unknown) = decode_body(&kind, merged)?;
-                warnings = check_unknown_fields(&kind, &unknown, opts.field_validation)?;
+                warnings = check_fields(&kind, &unknown, &[], opts.field_validation)?;
                 Ok((Self::prepare_update(scope, sub, current, canonical, opts)?, false))
             })
             .await?;

@@ -104,6 +104,22 @@ async fn stale_updates_unknown_fields_and_bad_patches() {
     let (code, stored) = raw(&client, "POST", &format!("{CMS}?fieldValidation=Ignore"), "application/json", unknown.to_string().into_bytes()).await;
     assert_eq!(code, 201);
     assert!(stored.get("bogus").is_none(), "unknown fields are pruned");
+    let duplicate = br#"{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "d"}, "data": {"a": "1", "a": "2"}}"#;
+    let (code, status) = raw(&client, "POST", &format!("{CMS}?fieldValidation=Strict"), "application/json", duplicate.to_vec()).await;
+    assert_eq!(code, 400);
+    assert!(status["message"].as_str().unwrap().contains("strict decoding error: duplicate field \"data.a\""), "{status}");
+    let (code, stored) = raw(&client, "POST", &format!("{CMS}?fieldValidation=Warn"), "application/json", duplicate.to_vec()).await;
+    assert_eq!((code, &stored["data"]), (201, &json!({"a": "2"})), "Warn keeps the last value, as upstream");
+    // A strategic merge patch whose list element lacks the merge key.
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i:1"}]}});
+    let (code, _) = raw(&client, "POST", "/api/v1/namespaces/default/pods", "application/json", pod.to_string().into_bytes()).await;
+    assert_eq!(code, 201);
+    let keyless = br#"{"spec": {"containers": [{"image": "i:2"}]}}"#;
+    let (code, status) = raw(&client, "PATCH", "/api/v1/namespaces/default/pods/p", "application/strategic-merge-patch+json", keyless.to_vec()).await;
+    assert_eq!(code, 400, "{status}");
+    assert!(status["message"].as_str().unwrap().contains("does not contain declared merge key: name"), "{status}");
+    let (_, got) = raw(&client, "GET", "/api/v1/namespaces/default/pods/p", "application/json", vec![]).await;
+    assert_eq!(got["spec"]["containers"][0]["image"], "i:1");
 
     let (code, _) = raw(&client, "PATCH", &format!("{CMS}/c"), "application/json-patch+json", b"{\"op\":1}".to_vec()).await;
     assert_eq!(code, 400);

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::auth::User;
 use crate::registry::{
-    self, check_unknown_fields, decode_body, served_json, DeleteOptions, FieldValidation, ListOptions, Scope,
+    self, check_fields, decode_body, served_json, DeleteOptions, FieldValidation, ListOptions, Scope,
     Subresource, WriteOptions, Written,
 };
 use crate::ApiServer;
@@ -329,8 +329,13 @@ fn decode_object_body(kind: &KindInfo, headers: &HeaderMap, body: &[u8], opts: &
         return Err(ApiError::unsupported_media_type(&ct));
     }
     let value = parse_body(&ct, body)?;
+    let duplicate = if essence == "application/json" && opts.field_validation != FieldValidation::Ignore {
+        krate_api::validation::duplicate_json_fields(body)
+    } else {
+        vec![]
+    };
     let (canonical, unknown) = decode_body(kind, value)?;
-    let warnings = check_unknown_fields(kind, &unknown, opts.field_validation)?;
+    let warnings = check_fields(kind, &unknown, &duplicate, opts.field_validation)?;
     Ok((canonical, warnings))
 }
 
