@@ -219,6 +219,35 @@ async fn main() {
         .unwrap();
     let replay_elapsed = t.elapsed();
 
+    let rss_created = rss_mib(pid);
+    let api = cms.clone();
+    let merge_patch = run(0..n, move |i| {
+        let api = api.clone();
+        async move {
+            let patch = Patch::Merge(json!({"metadata": {"labels": {"patched": "merge"}}}));
+            api.patch(&format!("bench-{i:06}"), &PatchParams::default(), &patch).await.unwrap();
+        }
+    })
+    .await;
+    let api = cms.clone();
+    let strategic_patch = run(0..n, move |i| {
+        let api = api.clone();
+        async move {
+            let patch = Patch::Strategic(json!({"metadata": {"labels": {"patched": "strategic"}}, "data": {"extra": "x"}}));
+            api.patch(&format!("bench-{i:06}"), &PatchParams::default(), &patch).await.unwrap();
+        }
+    })
+    .await;
+    let api = cms.clone();
+    let apply = run(0..n, move |i| {
+        let api = api.clone();
+        async move {
+            let name = format!("bench-{i:06}");
+            let config = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "labels": {"applied": "yes"}}, "data": {"owned": "by-bench"}});
+            api.patch(&name, &PatchParams::apply("bench").force(), &Patch::Apply(config)).await.unwrap();
+        }
+    })
+    .await;
     // One client at a time, for a latency comparison with the one-writer raw insert.
     let api = cms.clone();
     let sequential = run_with(1, n * 20..n * 20 + 1000.min(n), move |i| {
@@ -257,6 +286,9 @@ async fn main() {
     create.row("API create");
     sequential.row("API create (1 client)");
     get.row("API get");
+    merge_patch.row("API merge patch");
+    strategic_patch.row("API strategic merge patch");
+    apply.row("API server-side apply");
     list.row(&format!("API list (all {n})"));
     selector_list.row("API list (labelSelector)");
     println!("{:<28} {:>8} ev  {:>10.0} ev/s", "API watch replay", replayed, replayed as f64 / replay_elapsed.as_secs_f64());
@@ -268,7 +300,8 @@ async fn main() {
     println!("create p50 latency, API (1 client) vs raw SQLite insert: {:.2}x", sequential.percentile(0.5).as_secs_f64() / raw.percentile(0.5).as_secs_f64());
     println!("create throughput, API vs store layer:       {:.2}x", create.rate() / store.rate());
     println!("objects listed per second: {:.0}", list.rate() * n as f64);
-    println!("server RSS with {n} ConfigMaps: {rss_n:.1} MiB");
+    println!("server-side apply vs merge patch throughput: {:.2}x", apply.rate() / merge_patch.rate());
+    println!("server RSS with {n} ConfigMaps: {rss_created:.1} MiB after create; {rss_n:.1} MiB after patches and apply");
 
     if std::env::var("KRATE_BENCH_SKIP_100K").is_err() {
         let api = cms.clone();

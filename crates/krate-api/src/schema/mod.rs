@@ -27,7 +27,6 @@ pub struct Node {
     #[serde(rename = "type")]
     pub type_: Option<String>,
     pub format: Option<String>,
-    pub description: Option<String>,
     #[serde(rename = "$ref")]
     pub reference: Option<String>,
     #[serde(default)]
@@ -80,6 +79,15 @@ pub struct Node {
     pub embedded_resource: bool,
     #[serde(rename = "x-kubernetes-int-or-string", default)]
     pub int_or_string: bool,
+    #[serde(rename = "x-kubernetes-group-version-kind", default)]
+    group_version_kind: Vec<GroupVersionKind>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct GroupVersionKind {
+    group: String,
+    version: String,
+    kind: String,
 }
 
 /// `additionalProperties`: a schema for map values, or a bare boolean.
@@ -183,10 +191,10 @@ impl Node {
     }
 }
 
-/// Upstream's definitions, keyed by name (e.g. `io.k8s.api.apps.v1.Deployment`).
+/// Upstream's definitions, keyed by name (e.g. `io.k8s.api.apps.v1.Deployment`), as
+/// the machinery uses them (descriptions are not kept; `raw` has them).
 pub struct Definitions {
     nodes: HashMap<String, Node>,
-    raw: serde_json::Map<String, Value>,
     by_gvk: HashMap<(String, String, String), String>,
 }
 
@@ -196,12 +204,12 @@ impl Definitions {
     }
 
     /// The definition as published in OpenAPI documents.
-    pub fn raw(&self, name: &str) -> Option<&Value> {
-        self.raw.get(name)
+    pub fn raw(&self, name: &str) -> Option<&'static Value> {
+        RAW.get(name)
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &String> {
-        self.raw.keys()
+    pub fn names(&self) -> impl Iterator<Item = &'static String> {
+        RAW.keys()
     }
 
     /// The definition name of a kind.
@@ -211,19 +219,19 @@ impl Definitions {
 }
 
 static BUILTIN: LazyLock<Definitions> = LazyLock::new(|| {
-    let raw: serde_json::Map<String, Value> = serde_json::from_str(DEFINITIONS).expect("embedded definitions are valid JSON");
-    let mut nodes = HashMap::new();
+    let nodes: HashMap<String, Node> = serde_json::from_str(DEFINITIONS).expect("embedded definitions are valid");
     let mut by_gvk = HashMap::new();
-    for (name, def) in &raw {
-        let node: Node = serde_json::from_value(def.clone()).unwrap_or_else(|e| panic!("definition {name}: {e}"));
-        nodes.insert(name.clone(), node);
-        for gvk in def.get("x-kubernetes-group-version-kind").and_then(Value::as_array).into_iter().flatten() {
-            let part = |k: &str| gvk.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
-            by_gvk.insert((part("group"), part("version"), part("kind")), name.clone());
+    for (name, node) in &nodes {
+        for gvk in &node.group_version_kind {
+            by_gvk.insert((gvk.group.clone(), gvk.version.clone(), gvk.kind.clone()), name.clone());
         }
     }
-    Definitions { nodes, raw, by_gvk }
+    Definitions { nodes, by_gvk }
 });
+
+/// The full definitions, parsed only when an OpenAPI document is first built.
+static RAW: LazyLock<serde_json::Map<String, Value>> =
+    LazyLock::new(|| serde_json::from_str(DEFINITIONS).expect("embedded definitions are valid JSON"));
 
 pub fn builtin() -> &'static Definitions {
     &BUILTIN
