@@ -474,8 +474,21 @@ impl Storage {
         }
     }
 
+    /// The cached object and its revision, if the cache has it (possibly stale).
+    fn cached_current(&self, scope: &Scope, name: &str) -> Option<(Value, Revision)> {
+        let key = key_for(&scope.kind, scope.namespace.as_deref(), name);
+        let rc = self.cache.resource(&storage_prefix(&scope.kind));
+        let found = rc.state.read().expect("cache lock").objects.get(&key).cloned()?;
+        Some((found.parse(), found.revision))
+    }
+
     /// Read-modify-write with optimistic concurrency, retried on conflicts unless the
     /// mutation pinned a resourceVersion. `mutate` gets the current stored object.
+    ///
+    /// The first attempt starts from the watch cache, as upstream's GuaranteedUpdate does:
+    /// the compare-and-swap on the revision catches a stale copy, and anything decided on
+    /// the cached copy other than a successful write (an error, "unchanged", a pinned
+    /// conflict, a dry run) is decided again on a fresh read from the store.
     async fn guaranteed_update(
         &self,
         scope: &Scope,
@@ -485,10 +498,20 @@ impl Storage {
     ) -> ApiResult<(Value, Done)> {
         let kind = &scope.kind;
         let key = key_for(kind, scope.namespace.as_deref(), name);
-        for _ in 0..CONFLICT_RETRIES {
-            let (current, revision) = self.read_current(scope, name).await?;
-            let (mutation, pinned) = mutate(&current)?;
+        for attempt in 0..CONFLICT_RETRIES {
+            let cached = if attempt == 0 && !dry_run { self.cached_current(scope, name) } else { None };
+            let from_cache = cached.is_some();
+            let (current, revision) = match cached {
+                Some(c) => c,
+                None => self.read_current(scope, name).await?,
+            };
+            let (mutation, pinned) = match mutate(&current) {
+                Ok(m) => m,
+                Err(_) if from_cache => continue,
+                Err(e) => return Err(e),
+            };
             let result = match mutation {
+                Mutation::Write(new) if new == current && from_cache => continue,
                 Mutation::Write(new) if new == current => return Ok((new, Done::Unchanged)),
                 Mutation::Write(new) if dry_run => return Ok((new, Done::Stored)),
                 Mutation::Remove if dry_run => return Ok((current, Done::Removed)),
@@ -503,7 +526,7 @@ impl Storage {
             };
             match result {
                 Ok(done) => return Ok(done),
-                Err(StoreError::Conflict { .. }) if !pinned => continue,
+                Err(StoreError::Conflict { .. }) if !pinned || from_cache => continue,
                 Err(err) => return Err(store_error(kind, name, err)),
             }
         }

@@ -235,6 +235,9 @@ fn custom_resource_definitions_with_kubectl() {
     server.kubectl_stdin(&["apply", "-f", "-"], Some(CRD));
     server.kubectl_ok(&["wait", "--for=condition=Established", "crd/widgets.example.com", "--timeout=20s"]);
     assert!(server.kubectl_ok(&["api-resources", "--api-group=example.com"]).contains("widgets"));
+    let crds = server.kubectl_ok(&["get", "crds"]);
+    assert!(crds.starts_with("NAME") && crds.lines().next().unwrap().contains("CREATED AT"), "{crds}");
+    assert!(crds.contains("widgets.example.com"), "{crds}");
 
     let widget = "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w1}\nspec: {size: 3, extra: {deep: {kept: true}}}\n";
     let out = server.kubectl_stdin(&["apply", "-f", "-"], Some(widget));

@@ -89,6 +89,7 @@ fn columns_for(kind: &KindInfo) -> Vec<Column> {
         ("", "serviceaccounts") => named(&[("Secrets", 0), ("Age", 0)]),
         ("", "endpoints") => named(&[("Endpoints", 0), ("Age", 0)]),
         ("coordination.k8s.io", "leases") => named(&[("Holder", 0), ("Age", 0)]),
+        ("apiextensions.k8s.io", "customresourcedefinitions") => vec![NAME_COLUMN, ("Created At", "date", "", 0, "")],
         ("", "events") | ("events.k8s.io", "events") => vec![
             col("Last Seen", 0), col("Type", 0), col("Reason", 0), col("Object", 0), col("Subobject", 1),
             col("Source", 1), col("Message", 0), col("First Seen", 1), col("Count", 1), NAME_COLUMN_WIDE,
@@ -393,6 +394,7 @@ fn cells_for(kind: &KindInfo, obj: &Value) -> Vec<Value> {
             vec![name, json!(or_none(shown)), age]
         }
         ("coordination.k8s.io", "leases") => vec![name, json!(s(obj, &["spec", "holderIdentity"])), age],
+        ("apiextensions.k8s.io", "customresourcedefinitions") => vec![name, json!(s(obj, &["metadata", "creationTimestamp"]))],
         ("", "events") | ("events.k8s.io", "events") => {
             // Stored form is core/v1 either way for the fields used here.
             let core = if kind.group.is_empty() { obj.clone() } else { krate_api::convert::EVENTS_V1.store(obj.clone()) };
