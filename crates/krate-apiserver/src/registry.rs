@@ -703,11 +703,12 @@ impl Storage {
         let schema = kind.schema.clone();
         let served_version = kind.api_version();
         let who = manager(&kind, opts, &served_version, sub);
-        let exists = match self.read_current(scope, name).await {
-            Ok(_) => true,
-            Err(e) if e.code == 404 && sub == Subresource::Main => false,
-            Err(e) => return Err(e),
-        };
+        let exists = self.cached_current(scope, name).is_some()
+            || match self.read_current(scope, name).await {
+                Ok(_) => true,
+                Err(e) if e.code == 404 && sub == Subresource::Main => false,
+                Err(e) => return Err(e),
+            };
         if !exists {
             let obj = managed::apply(schema.as_deref(), None, &config, &who, opts.force)?;
             let (canonical, unknown) = decode_body(&kind, obj)?;
