@@ -58,6 +58,8 @@ pub enum Subresource {
     Status,
     Scale,
     Finalize,
+    /// `pods/binding`: assigns a pod to a node.
+    Binding,
 }
 
 /// The resource a request addresses.
@@ -587,7 +589,7 @@ impl Storage {
                 }
                 new
             }
-            Subresource::Scale => unreachable!("scale writes go through update_scale"),
+            Subresource::Scale | Subresource::Binding => unreachable!("scale and binding writes have their own paths"),
         };
         object::set(&mut new, &["metadata", "resourceVersion"], get(current, &["metadata", "resourceVersion"]).cloned().unwrap_or(Value::Null));
         if kind.generation && sub == Subresource::Main && spec_changed(&new, current) {
@@ -672,6 +674,43 @@ impl Storage {
             })
             .await?;
         Ok(Written { code: 200, body: to_served(&kind, obj), warnings })
+    }
+
+    /// `pods/binding` (and the `bindings` resource): sets spec.nodeName once and marks the
+    /// pod PodScheduled, as the scheduler's bind step does upstream.
+    pub async fn bind(&self, scope: &Scope, name: &str, binding: &Value, opts: &WriteOptions) -> ApiResult<Written> {
+        let kind = scope.kind.clone();
+        let node = get_str(binding, &["target", "name"]).unwrap_or_default().to_string();
+        if node.is_empty() {
+            return Err(ApiError::invalid("", "Binding", name, &[FieldError::required("target.name", "")]));
+        }
+        let (obj, _) = self
+            .guaranteed_update(scope, name, opts.dry_run, |current| {
+                if get(current, &["metadata", "deletionTimestamp"]).is_some() {
+                    return Err(ApiError::conflict("", "pods", name, &format!("pod {name} is being deleted, cannot be assigned to a host")));
+                }
+                if let Some(uid) = get_str(binding, &["metadata", "uid"]).filter(|u| !u.is_empty()) {
+                    if object::uid(current) != uid {
+                        return Err(ApiError::conflict("", "pods", name, "the UID in the binding does not match the pod"));
+                    }
+                }
+                match get_str(current, &["spec", "nodeName"]).filter(|n| !n.is_empty()) {
+                    Some(assigned) => Err(ApiError::conflict("", "pods", name, &format!("pod {name} is already assigned to node \"{assigned}\""))),
+                    None => {
+                        let mut new = current.clone();
+                        object::set(&mut new, &["spec", "nodeName"], json!(node));
+                        let mut conditions: Vec<Value> = get(current, &["status", "conditions"]).and_then(Value::as_array).cloned().unwrap_or_default();
+                        conditions.retain(|c| c["type"] != "PodScheduled");
+                        conditions.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": object::now_rfc3339()}));
+                        object::set(&mut new, &["status", "conditions"], json!(conditions));
+                        let api_version = kind.api_version();
+                        managed::track_update(kind.schema.as_deref(), Some(current), &mut new, &manager(&kind, opts, &api_version, Subresource::Main));
+                        Ok((Mutation::Write(new), false))
+                    }
+                }
+            })
+            .await?;
+        Ok(Written { code: 201, body: success_status("", "pods", name, object::uid(&obj)), warnings: vec![] })
     }
 
     /// Server-side apply: creates the object if needed, else merges the configuration

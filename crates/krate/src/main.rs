@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod hollow;
 mod pki;
 mod server;
 
@@ -26,6 +27,10 @@ struct Cli {
 enum Command {
     /// Run the API server (and, as they arrive, the rest of the control plane).
     Server(server::ServerArgs),
+    /// Simulate nodes (like kwok/kubemark): register Nodes, renew their Leases and report
+    /// the pods bound to them as Running (or Succeeded/Failed when annotated
+    /// `hollow.krate.io/exit-code`), without running anything. For testing and scale runs.
+    HollowNodes(hollow::HollowArgs),
     /// Print the admin kubeconfig of a data directory.
     Kubeconfig {
         /// The server's data directory.
@@ -46,15 +51,16 @@ fn init_logging(format: &str) {
     }
 }
 
+fn block_on(task: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(task)
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
     let result = match cli.command {
-        Command::Server(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(server::run(args))),
+        Command::Server(args) => block_on(server::run(args)),
+        Command::HollowNodes(args) => block_on(hollow::run(args)),
         Command::Kubeconfig { data_dir } => std::fs::read_to_string(data_dir.join("admin.kubeconfig"))
             .map(|k| print!("{k}"))
             .map_err(|e| anyhow::anyhow!("reading {}/admin.kubeconfig: {e}; has `krate server --data-dir {}` run yet?", data_dir.display(), data_dir.display())),

@@ -73,6 +73,9 @@ pub fn api_resources(k: &KindInfo) -> Vec<Value> {
     if k.plural == "namespaces" && k.group.is_empty() {
         out.push(sub("finalize", "Namespace", &["update"]));
     }
+    if k.plural == "pods" && k.group.is_empty() {
+        out.push(sub("binding", "Binding", &["create"]));
+    }
     out
 }
 

@@ -200,6 +200,7 @@ fn subresource(kind: &KindInfo, path: &ResourcePath) -> ApiResult<Subresource> {
         Some("status") if kind.status => Ok(Subresource::Status),
         Some("scale") if kind.scale.is_some() => Ok(Subresource::Scale),
         Some("finalize") if kind.plural == "namespaces" && kind.group.is_empty() => Ok(Subresource::Finalize),
+        Some("binding") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Binding),
         Some(_) => Err(not_found()),
     }
 }
@@ -368,13 +369,14 @@ async fn resource_request(
         (&Method::GET, None) => "list",
         (&Method::GET, Some(_)) => "get",
         (&Method::POST, None) if !kind.namespaced || scope.namespace.is_some() => "create",
+        (&Method::POST, Some(_)) if sub == Subresource::Binding => "create",
         (&Method::PUT, Some(_)) => "update",
         (&Method::PATCH, Some(_)) => "patch",
         (&Method::DELETE, Some(_)) => "delete",
         (&Method::DELETE, None) => "deletecollection",
         _ => return Err(not_allowed()),
     };
-    if !kind.verbs.iter().any(|v| v == verb) {
+    if !kind.verbs.iter().any(|v| v == verb) || (sub == Subresource::Binding && verb != "create") {
         return Err(not_allowed());
     }
     let name = path.name.as_deref().unwrap_or_default();
@@ -391,6 +393,13 @@ async fn resource_request(
         "create" | "update" => {
             let (headers, body) = read_body(req).await?;
             let opts = write_options(&query, &headers, false)?;
+            if sub == Subresource::Binding || (kind.group.is_empty() && kind.plural == "bindings") {
+                let binding = parse_body(&content_type(&headers), &body)?;
+                let pods = lookup(server, &ResourcePath { resource: "pods".into(), name: None, subresource: None, ..path.clone() })?;
+                let pod_name = if sub == Subresource::Binding { name.to_string() } else { krate_api::object::name(&binding).to_string() };
+                let written = storage.bind(&Scope { kind: pods, namespace: scope.namespace.clone() }, &pod_name, &binding, &opts).await?;
+                return Ok(json_response(written.code, &written.body));
+            }
             let (obj, warnings) = if sub == Subresource::Scale {
                 (parse_body(&content_type(&headers), &body)?, vec![])
             } else {
