@@ -34,7 +34,7 @@ pub struct ServerArgs {
     /// Seconds between bookmarks on watches that allow them.
     #[arg(long, default_value_t = 60)]
     pub bookmark_interval_seconds: u64,
-    /// Serve the API only; do not run the built-in controllers.
+    /// Serve the API only; do not run the built-in controllers and scheduler.
     #[arg(long)]
     pub disable_controllers: bool,
 }
@@ -99,9 +99,15 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         let leaf = pki.client_certificate("controller-manager", "system:kube-controller-manager", &[])?;
         pki.write_kubeconfig(&path, &url, &leaf)?;
         let client = kube_client(&path).await?;
+        let controllers = client.clone();
         tokio::spawn(async move {
-            if let Err(err) = krate_controllers::run(client).await {
+            if let Err(err) = krate_controllers::run(controllers).await {
                 tracing::error!(error = %err, "controllers stopped");
+            }
+        });
+        tokio::spawn(async move {
+            if let Err(err) = krate_scheduler::run(client, krate_scheduler::DEFAULT_SCHEDULER).await {
+                tracing::error!(error = %err, "scheduler stopped");
             }
         });
     }

@@ -1,0 +1,296 @@
+//! The scheduler: an API client that watches pods and nodes, and assigns each pending
+//! pod (of its `schedulerName`) to the best node that fits, through `pods/binding`.
+//!
+//! Event-driven: pods are tried when they appear; pods that fit nowhere wait, marked
+//! `PodScheduled=False` with a `FailedScheduling` event, until the cluster changes (a
+//! node joins or changes, a pod goes away or finishes), never on a timer.
+
+pub mod plugins;
+pub mod quantity;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use anyhow::Result;
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::watcher::{self, Event};
+use serde_json::json;
+use tokio::sync::{mpsc, Semaphore};
+
+use plugins::NodeUsage;
+
+pub const DEFAULT_SCHEDULER: &str = "default-scheduler";
+/// Bindings in flight at once.
+const BIND_CONCURRENCY: usize = 32;
+
+fn uid(pod: &Pod) -> String {
+    pod.metadata.uid.clone().unwrap_or_default()
+}
+
+fn is_terminal(pod: &Pod) -> bool {
+    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+}
+
+fn node_of(pod: &Pod) -> Option<&str> {
+    pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).filter(|n| !n.is_empty())
+}
+
+/// What came back from a binding attempt.
+enum Outcome {
+    Bound,
+    /// Binding failed; try the pod again.
+    Retry(String),
+}
+
+#[derive(Default)]
+struct State {
+    name: String,
+    nodes: BTreeMap<String, Node>,
+    pods: HashMap<String, Pod>,
+    /// Pending pods to try on the next pass.
+    active: HashSet<String>,
+    /// Pods that fit nowhere, with the message they were marked with.
+    unschedulable: HashMap<String, String>,
+    /// Pods bound by us whose binding the watch has not shown yet.
+    assumed: HashMap<String, String>,
+    pods_synced: bool,
+    nodes_synced: bool,
+}
+
+impl State {
+    fn wants(&self, pod: &Pod) -> bool {
+        let spec = pod.spec.as_ref();
+        node_of(pod).is_none()
+            && pod.metadata.deletion_timestamp.is_none()
+            && !is_terminal(pod)
+            && spec.and_then(|s| s.scheduler_name.as_deref()).unwrap_or(DEFAULT_SCHEDULER) == self.name
+    }
+
+    /// Something freed or added capacity: every waiting pod gets another try.
+    fn cluster_changed(&mut self) {
+        let waiting: Vec<String> = self.unschedulable.keys().cloned().collect();
+        self.active.extend(waiting);
+    }
+
+    fn on_pod(&mut self, event: Event<Pod>) {
+        match event {
+            Event::Init => self.pods.clear(),
+            Event::InitDone => self.pods_synced = true,
+            Event::Apply(pod) | Event::InitApply(pod) => {
+                let id = uid(&pod);
+                let was_running = self.pods.get(&id).is_some_and(|old| node_of(old).is_some() && !is_terminal(old));
+                if node_of(&pod).is_some() {
+                    self.assumed.remove(&id);
+                    self.unschedulable.remove(&id);
+                    self.active.remove(&id);
+                    if was_running && (is_terminal(&pod) || pod.metadata.deletion_timestamp.is_some()) {
+                        self.cluster_changed();
+                    }
+                } else if self.wants(&pod) && !self.unschedulable.contains_key(&id) && !self.assumed.contains_key(&id) {
+                    self.active.insert(id.clone());
+                }
+                self.pods.insert(id, pod);
+            }
+            Event::Delete(pod) => {
+                let id = uid(&pod);
+                self.pods.remove(&id);
+                self.active.remove(&id);
+                self.unschedulable.remove(&id);
+                self.assumed.remove(&id);
+                if node_of(&pod).is_some() {
+                    self.cluster_changed();
+                }
+            }
+        }
+    }
+
+    fn on_node(&mut self, event: Event<Node>) {
+        match event {
+            Event::Init => self.nodes.clear(),
+            Event::InitDone => self.nodes_synced = true,
+            Event::Apply(node) | Event::InitApply(node) => {
+                let name = node.metadata.name.clone().unwrap_or_default();
+                let changed = self.nodes.get(&name).is_none_or(|old| old.spec != node.spec || old.metadata.labels != node.metadata.labels || allocatable_of(old) != allocatable_of(&node));
+                self.nodes.insert(name, node);
+                if changed {
+                    self.cluster_changed();
+                }
+            }
+            Event::Delete(node) => {
+                self.nodes.remove(node.metadata.name.as_deref().unwrap_or_default());
+            }
+        }
+    }
+
+    fn usage(&self) -> HashMap<String, NodeUsage> {
+        let mut usage: HashMap<String, NodeUsage> = HashMap::new();
+        for pod in self.pods.values() {
+            if is_terminal(pod) {
+                continue;
+            }
+            let node = node_of(pod).map(str::to_string).or_else(|| self.assumed.get(&uid(pod)).cloned());
+            if let Some(node) = node {
+                usage.entry(node).or_default().add(pod);
+            }
+        }
+        usage
+    }
+}
+
+fn allocatable_of(node: &Node) -> Option<&BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>> {
+    node.status.as_ref().and_then(|s| s.allocatable.as_ref())
+}
+
+/// Where a pod goes, or why it goes nowhere.
+fn place(pod: &Pod, nodes: &BTreeMap<String, Node>, usage: &HashMap<String, NodeUsage>) -> Result<String, String> {
+    let empty = NodeUsage::default();
+    let mut reasons = Vec::new();
+    let mut best: Option<(f64, &str)> = None;
+    for (name, node) in nodes {
+        let u = usage.get(name).unwrap_or(&empty);
+        match plugins::filter(pod, node, u) {
+            Some(reason) => reasons.push(reason),
+            None => {
+                let s = plugins::score(pod, node, u);
+                if best.is_none_or(|(b, _)| s > b) {
+                    best = Some((s, name));
+                }
+            }
+        }
+    }
+    best.map(|(_, n)| n.to_string()).ok_or_else(|| plugins::unschedulable_message(nodes.len(), &reasons))
+}
+
+fn event(pod: &Pod, type_: &str, reason: &str, message: &str) -> serde_json::Value {
+    let now = jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    json!({
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": format!("{name}."), "namespace": pod.metadata.namespace},
+        "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": name, "namespace": pod.metadata.namespace, "uid": pod.metadata.uid},
+        "reason": reason, "message": message, "type": type_, "count": 1,
+        "firstTimestamp": now, "lastTimestamp": now,
+        "source": {"component": DEFAULT_SCHEDULER}, "reportingComponent": DEFAULT_SCHEDULER, "reportingInstance": DEFAULT_SCHEDULER,
+    })
+}
+
+async fn record_event(client: &kube::Client, pod: &Pod, type_: &str, reason: &str, message: &str) {
+    let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), pod.metadata.namespace.as_deref().unwrap_or_default());
+    let Ok(ev) = serde_json::from_value(event(pod, type_, reason, message)) else { return };
+    if let Err(e) = api.create(&PostParams::default(), &ev).await {
+        tracing::debug!(error = %e, "recording a scheduling event failed");
+    }
+}
+
+async fn bind(client: kube::Client, pod: Pod, node: String) -> Outcome {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name, "namespace": ns, "uid": pod.metadata.uid}, "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
+    match api.create_subresource::<serde_json::Value, serde_json::Value>("binding", &name, &PostParams::default(), &binding).await {
+        Ok(_) => {
+            record_event(&client, &pod, "Normal", "Scheduled", &format!("Successfully assigned {ns}/{name} to {node}")).await;
+            Outcome::Bound
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Outcome::Bound,
+        Err(e) => Outcome::Retry(e.to_string()),
+    }
+}
+
+/// Marks a pod unschedulable (once per distinct reason).
+async fn mark_unschedulable(client: &kube::Client, pod: &Pod, message: &str) {
+    let api: Api<Pod> = Api::namespaced(client.clone(), pod.metadata.namespace.as_deref().unwrap_or_default());
+    let now = jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default();
+    let mut conditions: Vec<serde_json::Value> =
+        pod.status.as_ref().and_then(|s| s.conditions.as_ref()).map(|c| c.iter().filter(|c| c.type_ != "PodScheduled").filter_map(|c| serde_json::to_value(c).ok()).collect()).unwrap_or_default();
+    conditions.push(json!({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message, "lastProbeTime": null, "lastTransitionTime": now}));
+    let patch = Patch::Merge(json!({"status": {"conditions": conditions}}));
+    if let Err(e) = api.patch_status(pod.metadata.name.as_deref().unwrap_or_default(), &PatchParams::default(), &patch).await {
+        tracing::debug!(error = %e, "marking a pod unschedulable failed");
+    }
+    record_event(client, pod, "Warning", "FailedScheduling", message).await;
+}
+
+fn existing_unschedulable_message(pod: &Pod) -> Option<String> {
+    pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "PodScheduled" && c.status == "False").and_then(|c| c.message.clone())
+}
+
+/// One pass over the active queue: highest priority first, then oldest.
+fn schedule_pass(state: &mut State, client: &kube::Client, binds: &Arc<Semaphore>, done: &mpsc::UnboundedSender<(String, Outcome)>) {
+    let mut queue: Vec<Pod> = state.active.drain().filter_map(|id| state.pods.get(&id).cloned()).collect();
+    queue.sort_by_key(|p| (std::cmp::Reverse(p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)), p.metadata.creation_timestamp.clone().map(|t| t.0)));
+    let mut usage = state.usage();
+    for pod in queue {
+        if !state.wants(&pod) {
+            continue;
+        }
+        let id = uid(&pod);
+        match place(&pod, &state.nodes, &usage) {
+            Ok(node) => {
+                usage.entry(node.clone()).or_default().add(&pod);
+                state.assumed.insert(id.clone(), node.clone());
+                let (client, binds, done) = (client.clone(), binds.clone(), done.clone());
+                tokio::spawn(async move {
+                    let _permit = binds.acquire_owned().await;
+                    let outcome = bind(client, pod, node).await;
+                    let _ = done.send((id, outcome));
+                });
+            }
+            Err(message) => {
+                let already = existing_unschedulable_message(&pod).as_deref() == Some(message.as_str());
+                state.unschedulable.insert(id, message.clone());
+                if !already {
+                    let client = client.clone();
+                    tokio::spawn(async move { mark_unschedulable(&client, &pod, &message).await });
+                }
+            }
+        }
+    }
+}
+
+/// Schedules pods for `scheduler_name` until the watches end.
+pub async fn run(client: kube::Client, scheduler_name: &str) -> Result<()> {
+    let mut pods = watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).boxed();
+    let mut nodes = watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).boxed();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let binds = Arc::new(Semaphore::new(BIND_CONCURRENCY));
+    let mut state = State { name: scheduler_name.to_string(), ..Default::default() };
+    loop {
+        tokio::select! {
+            ev = pods.try_next() => match ev? { Some(e) => state.on_pod(e), None => return Ok(()) },
+            ev = nodes.try_next() => match ev? { Some(e) => state.on_node(e), None => return Ok(()) },
+            Some((id, outcome)) = done_rx.recv() => {
+                if let Outcome::Retry(err) = outcome {
+                    tracing::warn!(pod = %id, error = %err, "binding failed; will retry");
+                    state.assumed.remove(&id);
+                    state.active.insert(id);
+                }
+            }
+        }
+        // Take everything already delivered before deciding, so one pass sees a batch.
+        while let Some(Ok(Some(e))) = pods.try_next().now_or_never() {
+            state.on_pod(e);
+        }
+        while let Some(Ok(Some(e))) = nodes.try_next().now_or_never() {
+            state.on_node(e);
+        }
+        if state.pods_synced && state.nodes_synced && !state.active.is_empty() {
+            schedule_pass(&mut state, &client, &binds, &done_tx);
+        }
+    }
+}
+
+/// Merges JSON `b` into `a` (test fixtures).
+#[cfg(test)]
+pub(crate) fn merge(a: &mut serde_json::Value, b: &serde_json::Value) {
+    match (a, b) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (a, b) => *a = b.clone(),
+    }
+}

@@ -1,0 +1,262 @@
+//! Filter and score plugins, as upstream's default profile has them. Pure functions of a
+//! pod, a node and what is already placed on the node.
+
+use std::collections::{BTreeMap, HashSet};
+
+use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Taint, Toleration};
+
+use crate::quantity::{parse, Resources};
+
+/// What is placed on a node (bound or assumed pods).
+#[derive(Clone, Debug, Default)]
+pub struct NodeUsage {
+    pub requested: Resources,
+    pub pods: usize,
+    /// (protocol, hostIP, hostPort)
+    pub host_ports: HashSet<(String, String, i32)>,
+}
+
+impl NodeUsage {
+    pub fn add(&mut self, pod: &Pod) {
+        self.requested.add(&pod_requests(pod));
+        self.pods += 1;
+        self.host_ports.extend(host_ports(pod));
+    }
+}
+
+/// Why a node was filtered out; counted into upstream's FailedScheduling message.
+pub type Reason = String;
+
+/// The effective requests of a pod: the sum over app containers, at least the largest
+/// init container, plus overhead.
+pub fn pod_requests(pod: &Pod) -> Resources {
+    let Some(spec) = &pod.spec else { return Resources::default() };
+    let requests_of = |r: Option<&k8s_openapi::api::core::v1::ResourceRequirements>| {
+        let mut out = Resources::default();
+        for (k, v) in r.and_then(|r| r.requests.as_ref()).into_iter().flatten() {
+            out.set(k, parse(&v.0).unwrap_or(0.0));
+        }
+        out
+    };
+    let mut sum = Resources::default();
+    for c in &spec.containers {
+        sum.add(&requests_of(c.resources.as_ref()));
+    }
+    for c in spec.init_containers.iter().flatten() {
+        sum.max_with(&requests_of(c.resources.as_ref()));
+    }
+    for (k, v) in spec.overhead.iter().flatten() {
+        sum.add_one(k, parse(&v.0).unwrap_or(0.0));
+    }
+    sum
+}
+
+fn host_ports(pod: &Pod) -> Vec<(String, String, i32)> {
+    let Some(spec) = &pod.spec else { return vec![] };
+    spec.containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            p.host_port.filter(|hp| *hp > 0).map(|hp| (p.protocol.clone().unwrap_or_else(|| "TCP".into()), p.host_ip.clone().unwrap_or_else(|| "0.0.0.0".into()), hp))
+        })
+        .collect()
+}
+
+fn allocatable(node: &Node) -> Resources {
+    let mut out = Resources::default();
+    for (k, v) in node.status.as_ref().and_then(|s| s.allocatable.as_ref()).into_iter().flatten() {
+        out.set(k, parse(&v.0).unwrap_or(0.0));
+    }
+    out
+}
+
+fn tolerates(tolerations: &[Toleration], taint: &Taint) -> bool {
+    tolerations.iter().any(|t| {
+        let key_ok = match t.key.as_deref() {
+            None | Some("") => t.operator.as_deref() == Some("Exists"),
+            Some(k) => k == taint.key,
+        };
+        let value_ok = match t.operator.as_deref() {
+            Some("Exists") => true,
+            _ => t.value.as_deref().unwrap_or_default() == taint.value.as_deref().unwrap_or_default(),
+        };
+        let effect_ok = t.effect.as_deref().is_none_or(|e| e.is_empty() || e == taint.effect);
+        key_ok && value_ok && effect_ok
+    })
+}
+
+fn requirement_matches(req: &NodeSelectorRequirement, labels: &BTreeMap<String, String>) -> bool {
+    let value = labels.get(&req.key);
+    let values = req.values.clone().unwrap_or_default();
+    match req.operator.as_str() {
+        "In" => value.is_some_and(|v| values.contains(v)),
+        "NotIn" => value.is_none_or(|v| !values.contains(v)),
+        "Exists" => value.is_some(),
+        "DoesNotExist" => value.is_none(),
+        "Gt" | "Lt" => {
+            let (Some(v), Some(bound)) = (value.and_then(|v| v.parse::<i64>().ok()), values.first().and_then(|b| b.parse::<i64>().ok())) else { return false };
+            if req.operator == "Gt" { v > bound } else { v < bound }
+        }
+        _ => false,
+    }
+}
+
+pub(crate) fn term_matches(term: &NodeSelectorTerm, node: &Node) -> bool {
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let exprs_ok = term.match_expressions.iter().flatten().all(|r| requirement_matches(r, &labels));
+    let fields_ok = term.match_fields.iter().flatten().all(|r| {
+        r.key == "metadata.name" && requirement_matches(&NodeSelectorRequirement { key: r.key.clone(), ..r.clone() }, &BTreeMap::from([(r.key.clone(), name.clone())]))
+    });
+    let non_empty = term.match_expressions.as_ref().is_some_and(|e| !e.is_empty()) || term.match_fields.as_ref().is_some_and(|f| !f.is_empty());
+    non_empty && exprs_ok && fields_ok
+}
+
+/// Runs every filter; `None` when the pod fits the node, else why not.
+pub fn filter(pod: &Pod, node: &Node, usage: &NodeUsage) -> Option<Reason> {
+    let spec = pod.spec.as_ref()?;
+    let node_name = node.metadata.name.as_deref().unwrap_or_default();
+    let tolerations = spec.tolerations.clone().unwrap_or_default();
+    if spec.node_name.as_deref().is_some_and(|n| !n.is_empty() && n != node_name) {
+        return Some("node(s) didn't match the requested node name".into());
+    }
+    let node_spec = node.spec.clone().unwrap_or_default();
+    if node_spec.unschedulable == Some(true) {
+        let taint = Taint { key: "node.kubernetes.io/unschedulable".into(), effect: "NoSchedule".into(), ..Default::default() };
+        if !tolerates(&tolerations, &taint) {
+            return Some("node(s) were unschedulable".into());
+        }
+    }
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    let selector_ok = spec.node_selector.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let affinity_ok = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|na| na.required_during_scheduling_ignored_during_execution.as_ref())
+        .is_none_or(|required| required.node_selector_terms.iter().any(|t| term_matches(t, node)));
+    if !selector_ok || !affinity_ok {
+        return Some("node(s) didn't match Pod's node affinity/selector".into());
+    }
+    for taint in node_spec.taints.iter().flatten() {
+        if matches!(taint.effect.as_str(), "NoSchedule" | "NoExecute") && !tolerates(&tolerations, taint) {
+            return Some(format!("node(s) had untolerated taint {{{}: {}}}", taint.key, taint.value.clone().unwrap_or_default()));
+        }
+    }
+    let wanted = host_ports(pod);
+    if wanted.iter().any(|(proto, ip, port)| {
+        usage.host_ports.iter().any(|(p2, ip2, port2)| p2 == proto && port2 == port && (ip == ip2 || ip == "0.0.0.0" || ip2 == "0.0.0.0"))
+    }) {
+        return Some("node(s) didn't have free ports for the requested pod ports".into());
+    }
+    let alloc = allocatable(node);
+    let max_pods = alloc.get("pods").unwrap_or(110.0) as usize;
+    if usage.pods + 1 > max_pods {
+        return Some("Too many pods".into());
+    }
+    let requests = pod_requests(pod);
+    for (resource, amount) in requests.iter() {
+        if amount <= 0.0 || resource == "pods" {
+            continue;
+        }
+        let free = alloc.get(resource).unwrap_or(0.0) - usage.requested.get(resource).unwrap_or(0.0);
+        if amount > free + 1e-9 {
+            return Some(format!("Insufficient {resource}"));
+        }
+    }
+    None
+}
+
+/// Upstream's defaults for pods that request nothing, used only for scoring.
+const DEFAULT_CPU: f64 = 0.1;
+const DEFAULT_MEMORY: f64 = 200.0 * 1024.0 * 1024.0;
+
+/// NodeResourcesFit (least allocated) + NodeResourcesBalancedAllocation + preferred node
+/// affinity, each 0..=100.
+pub fn score(pod: &Pod, node: &Node, usage: &NodeUsage) -> f64 {
+    let alloc = allocatable(node);
+    let req = pod_requests(pod);
+    let cpu_req = req.get("cpu").filter(|c| *c > 0.0).unwrap_or(DEFAULT_CPU);
+    let mem_req = req.get("memory").filter(|m| *m > 0.0).unwrap_or(DEFAULT_MEMORY);
+    let fraction = |resource: &str, add: f64| {
+        let cap = alloc.get(resource).unwrap_or(0.0);
+        if cap <= 0.0 {
+            return 1.0;
+        }
+        ((usage.requested.get(resource).unwrap_or(0.0) + add) / cap).min(1.0)
+    };
+    let (cpu, mem) = (fraction("cpu", cpu_req), fraction("memory", mem_req));
+    let least_allocated = ((1.0 - cpu) + (1.0 - mem)) / 2.0 * 100.0;
+    let balanced = (1.0 - (cpu - mem).abs()) * 100.0;
+    let preferred: f64 = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|na| na.preferred_during_scheduling_ignored_during_execution.as_ref())
+        .map(|prefs| prefs.iter().filter(|p| term_matches(&p.preference, node)).map(|p| p.weight as f64).sum())
+        .unwrap_or(0.0);
+    least_allocated + balanced + preferred
+}
+
+/// Upstream's "0/3 nodes are available: 1 Insufficient cpu, 2 node(s) were unschedulable."
+pub fn unschedulable_message(total: usize, reasons: &[Reason]) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in reasons {
+        *counts.entry(r.as_str()).or_default() += 1;
+    }
+    let parts: Vec<String> = counts.iter().map(|(r, n)| format!("{n} {r}")).collect();
+    if parts.is_empty() {
+        format!("0/{total} nodes are available: no nodes available to schedule pods.")
+    } else {
+        format!("0/{total} nodes are available: {}.", parts.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(name: &str, cpu: &str, extra: serde_json::Value) -> Node {
+        let mut n = json!({"metadata": {"name": name, "labels": {"zone": "a"}}, "spec": {},
+            "status": {"allocatable": {"cpu": cpu, "memory": "4Gi", "pods": "3"}}});
+        crate::merge(&mut n, &extra);
+        serde_json::from_value(n).unwrap()
+    }
+
+    fn pod(cpu: &str, extra: serde_json::Value) -> Pod {
+        let mut p = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "resources": {"requests": {"cpu": cpu}}}]}});
+        crate::merge(&mut p, &extra);
+        serde_json::from_value(p).unwrap()
+    }
+
+    #[test]
+    fn filters_explain_themselves() {
+        let usage = NodeUsage::default();
+        assert_eq!(filter(&pod("1", json!({})), &node("n", "2", json!({})), &usage), None);
+        assert_eq!(filter(&pod("3", json!({})), &node("n", "2", json!({})), &usage).as_deref(), Some("Insufficient cpu"));
+        let tainted = node("n", "2", json!({"spec": {"taints": [{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]}}));
+        assert_eq!(filter(&pod("1", json!({})), &tainted, &usage).as_deref(), Some("node(s) had untolerated taint {dedicated: gpu}"));
+        let tolerant = pod("1", json!({"spec": {"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]}}));
+        assert_eq!(filter(&tolerant, &tainted, &usage), None);
+        let picky = pod("1", json!({"spec": {"nodeSelector": {"zone": "b"}}}));
+        assert_eq!(filter(&picky, &node("n", "2", json!({})), &usage).as_deref(), Some("node(s) didn't match Pod's node affinity/selector"));
+        let affine = pod("1", json!({"spec": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}}}}));
+        assert_eq!(filter(&affine, &node("n", "2", json!({})), &usage), None);
+        let cordoned = node("n", "2", json!({"spec": {"unschedulable": true}}));
+        assert_eq!(filter(&pod("1", json!({})), &cordoned, &usage).as_deref(), Some("node(s) were unschedulable"));
+        let full = NodeUsage { pods: 3, ..Default::default() };
+        assert_eq!(filter(&pod("0", json!({})), &node("n", "2", json!({})), &full).as_deref(), Some("Too many pods"));
+    }
+
+    #[test]
+    fn emptier_nodes_score_higher_and_messages_match_upstream() {
+        let mut busy = NodeUsage::default();
+        busy.add(&pod("1500m", json!({})));
+        let n = node("n", "2", json!({}));
+        assert!(score(&pod("100m", json!({})), &n, &NodeUsage::default()) > score(&pod("100m", json!({})), &n, &busy));
+        let reasons = vec!["Insufficient cpu".to_string(), "node(s) were unschedulable".into(), "Insufficient cpu".into()];
+        assert_eq!(unschedulable_message(3, &reasons), "0/3 nodes are available: 2 Insufficient cpu, 1 node(s) were unschedulable.");
+    }
+}
