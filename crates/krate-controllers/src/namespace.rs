@@ -11,14 +11,10 @@ use kube::discovery::{verbs, Discovery, Scope};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 
+use crate::Error;
+
 /// The finalizer the API server puts on every namespace (spec.finalizers).
 const FINALIZER: &str = "kubernetes";
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("kubernetes API: {0}")]
-    Api(#[from] kube::Error),
-}
 
 struct Context {
     client: kube::Client,

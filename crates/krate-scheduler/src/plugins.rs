@@ -14,14 +14,25 @@ pub struct NodeUsage {
     pub pods: usize,
     /// (protocol, hostIP, hostPort)
     pub host_ports: HashSet<(String, String, i32)>,
+    /// CPU and memory with upstream's defaults for pods that request none (scoring
+    /// only, so that such pods spread instead of piling onto one node).
+    pub non_zero: (f64, f64),
 }
 
 impl NodeUsage {
     pub fn add(&mut self, pod: &Pod) {
-        self.requested.add(&pod_requests(pod));
+        let requests = pod_requests(pod);
+        let (cpu, memory) = non_zero(&requests);
+        self.non_zero.0 += cpu;
+        self.non_zero.1 += memory;
+        self.requested.add(&requests);
         self.pods += 1;
         self.host_ports.extend(host_ports(pod));
     }
+}
+
+fn non_zero(requests: &Resources) -> (f64, f64) {
+    (requests.get("cpu").filter(|c| *c > 0.0).unwrap_or(DEFAULT_CPU), requests.get("memory").filter(|m| *m > 0.0).unwrap_or(DEFAULT_MEMORY))
 }
 
 /// Why a node was filtered out; counted into upstream's FailedScheduling message.
@@ -175,17 +186,15 @@ const DEFAULT_MEMORY: f64 = 200.0 * 1024.0 * 1024.0;
 /// affinity, each 0..=100.
 pub fn score(pod: &Pod, node: &Node, usage: &NodeUsage) -> f64 {
     let alloc = allocatable(node);
-    let req = pod_requests(pod);
-    let cpu_req = req.get("cpu").filter(|c| *c > 0.0).unwrap_or(DEFAULT_CPU);
-    let mem_req = req.get("memory").filter(|m| *m > 0.0).unwrap_or(DEFAULT_MEMORY);
-    let fraction = |resource: &str, add: f64| {
+    let (cpu_req, mem_req) = non_zero(&pod_requests(pod));
+    let fraction = |resource: &str, used: f64, add: f64| {
         let cap = alloc.get(resource).unwrap_or(0.0);
         if cap <= 0.0 {
             return 1.0;
         }
-        ((usage.requested.get(resource).unwrap_or(0.0) + add) / cap).min(1.0)
+        ((used + add) / cap).min(1.0)
     };
-    let (cpu, mem) = (fraction("cpu", cpu_req), fraction("memory", mem_req));
+    let (cpu, mem) = (fraction("cpu", usage.non_zero.0, cpu_req), fraction("memory", usage.non_zero.1, mem_req));
     let least_allocated = ((1.0 - cpu) + (1.0 - mem)) / 2.0 * 100.0;
     let balanced = (1.0 - (cpu - mem).abs()) * 100.0;
     let preferred: f64 = pod
