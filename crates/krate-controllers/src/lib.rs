@@ -1,6 +1,7 @@
 //! Controllers: API clients (kube-rs watchers and reconcilers) that work against any
 //! Kubernetes API server. `krate server` runs them in-process.
 
+pub mod deployment;
 pub mod namespace;
 pub mod replicas;
 pub mod selector;
@@ -24,6 +25,7 @@ fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     tokio::try_join!(
         namespace::run(client.clone()),
+        deployment::run(client.clone()),
         replicas::run(client.clone(), resource("apps", "v1", "ReplicaSet", "replicasets")),
         replicas::run(client.clone(), resource("", "v1", "ReplicationController", "replicationcontrollers")),
     )?;

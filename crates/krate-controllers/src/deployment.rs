@@ -1,0 +1,305 @@
+//! Deployments: one ReplicaSet per distinct pod template (named by the template's hash),
+//! rolled from old to new with RollingUpdate (maxSurge/maxUnavailable) or Recreate, with
+//! revisions in annotations so `kubectl rollout status|history|undo|restart|pause`
+//! work as upstream.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::{json, Value};
+
+use crate::selector::label_selector_string;
+use crate::Error;
+
+pub const REVISION: &str = "deployment.kubernetes.io/revision";
+const DESIRED: &str = "deployment.kubernetes.io/desired-replicas";
+const MAX: &str = "deployment.kubernetes.io/max-replicas";
+const HASH_LABEL: &str = "pod-template-hash";
+
+struct Context {
+    client: kube::Client,
+}
+
+/// Upstream's pod-template-hash alphabet (no vowels, no confusable characters).
+fn template_hash(template: &Value, collisions: i64) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut hasher = DefaultHasher::new();
+    template.to_string().hash(&mut hasher);
+    collisions.hash(&mut hasher);
+    let mut n = hasher.finish();
+    (0..10)
+        .map(|_| {
+            let c = ALPHABET[(n % ALPHABET.len() as u64) as usize] as char;
+            n /= ALPHABET.len() as u64;
+            c
+        })
+        .collect()
+}
+
+/// A ReplicaSet's template without the hash label, for comparing with the Deployment's.
+fn comparable_template(rs: &ReplicaSet) -> Value {
+    let mut t = serde_json::to_value(&rs.spec.template).unwrap_or_default();
+    if let Some(labels) = t.pointer_mut("/metadata/labels").and_then(Value::as_object_mut) {
+        labels.remove(HASH_LABEL);
+    }
+    t
+}
+
+fn revision(rs: &ReplicaSet) -> i64 {
+    rs.annotations().get(REVISION).and_then(|r| r.parse().ok()).unwrap_or(0)
+}
+
+fn spec_replicas(rs: &ReplicaSet) -> i32 {
+    rs.spec.replicas.unwrap_or(0)
+}
+
+fn status_of(rs: &ReplicaSet) -> (i32, i32, i32) {
+    let s = rs.status.clone().unwrap_or_default();
+    (s.replicas, s.ready_replicas.unwrap_or(0), s.available_replicas.unwrap_or(0))
+}
+
+/// An int-or-percent of `total`, rounded up (surge) or down (unavailable).
+fn scaled(value: Option<&IntOrString>, total: i32, default: &str, round_up: bool) -> i32 {
+    match value.cloned().unwrap_or(IntOrString::String(default.into())) {
+        IntOrString::Int(n) => n,
+        IntOrString::String(s) => {
+            let pct: f64 = s.trim_end_matches('%').parse().unwrap_or(0.0);
+            let exact = pct * total as f64 / 100.0;
+            (if round_up { exact.ceil() } else { exact.floor() }) as i32
+        }
+    }
+}
+
+fn new_replica_set(d: &Deployment, template: &Value, hash: &str, replicas: i32, revision: i64) -> Result<ReplicaSet, Error> {
+    let mut template = template.clone();
+    template["metadata"]["labels"][HASH_LABEL] = json!(hash);
+    let mut selector = serde_json::to_value(&d.spec.selector).unwrap_or_default();
+    selector["matchLabels"][HASH_LABEL] = json!(hash);
+    let wanted = d.spec.replicas.unwrap_or(1);
+    let mut annotations = d.annotations().clone();
+    annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    annotations.insert(REVISION.into(), revision.to_string());
+    annotations.insert(DESIRED.into(), wanted.to_string());
+    let owner = d.controller_owner_ref(&()).expect("a stored deployment has a name and uid");
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": {"name": format!("{}-{hash}", d.name_any()), "namespace": d.namespace(), "labels": template["metadata"]["labels"],
+                     "annotations": annotations, "ownerReferences": [owner]},
+        "spec": {"replicas": replicas, "minReadySeconds": d.spec.min_ready_seconds, "selector": selector, "template": template},
+    }))?)
+}
+
+async fn scale(api: &Api<ReplicaSet>, rs: &ReplicaSet, replicas: i32, d: &Deployment, max: i32) -> Result<(), Error> {
+    let wanted = d.spec.replicas.unwrap_or(1);
+    let patch = json!({"metadata": {"annotations": {DESIRED: wanted.to_string(), MAX: max.to_string()}}, "spec": {"replicas": replicas}});
+    api.patch(&rs.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+    Ok(())
+}
+
+fn condition(type_: &str, status: &str, reason: &str, message: &str) -> Value {
+    let now = jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default();
+    json!({"type": type_, "status": status, "reason": reason, "message": message, "lastUpdateTime": now, "lastTransitionTime": now})
+}
+
+async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if d.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let ns = d.namespace().unwrap_or_default();
+    let spec = d.spec.clone();
+    let wanted = spec.replicas.unwrap_or(1);
+    let rs_api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let uid = d.uid().unwrap_or_default();
+    let selector = label_selector_string(&serde_json::to_value(&spec.selector)?);
+    let mut owned: Vec<ReplicaSet> = rs_api
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+        .into_iter()
+        .filter(|rs| rs.owner_references().iter().any(|r| r.controller == Some(true) && r.uid == uid))
+        .collect();
+    owned.sort_by_key(|rs| rs.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()));
+    let template = serde_json::to_value(&spec.template)?;
+    let max_revision = owned.iter().map(revision).max().unwrap_or(0);
+    let mut new_rs = owned.iter().find(|rs| comparable_template(rs) == template).cloned();
+    let surge = scaled(spec.strategy.as_ref().and_then(|s| s.rolling_update.as_ref()).and_then(|r| r.max_surge.as_ref()), wanted, "25%", true);
+    let mut unavailable = scaled(spec.strategy.as_ref().and_then(|s| s.rolling_update.as_ref()).and_then(|r| r.max_unavailable.as_ref()), wanted, "25%", false);
+    if surge == 0 && unavailable == 0 {
+        unavailable = 1;
+    }
+    let recreate = spec.strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("Recreate");
+    let paused = spec.paused == Some(true);
+
+    match &new_rs {
+        // A template seen before (rollback): it becomes the newest revision again.
+        Some(rs) if revision(rs) < max_revision && !paused => {
+            let patch = json!({"metadata": {"annotations": {REVISION: (max_revision + 1).to_string()}}});
+            new_rs = Some(rs_api.patch(&rs.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?);
+        }
+        Some(_) => {}
+        None if paused => {}
+        None => {
+            let old_total: i32 = owned.iter().map(spec_replicas).sum();
+            let initial = if recreate || owned.is_empty() { if recreate && old_total > 0 { 0 } else { wanted } } else { (wanted + surge - old_total).clamp(0, wanted) };
+            let collisions = d.status.as_ref().and_then(|s| s.collision_count).unwrap_or(0) as i64;
+            let rs = new_replica_set(&d, &template, &template_hash(&template, collisions), initial, max_revision + 1)?;
+            match rs_api.create(&PostParams::default(), &rs).await {
+                Ok(created) => new_rs = Some(created),
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    // The name is taken by a ReplicaSet with another template: a hash collision.
+                    let status = json!({"status": {"collisionCount": collisions + 1}});
+                    Api::<Deployment>::namespaced(ctx.client.clone(), &ns).patch_status(&d.name_any(), &PatchParams::default(), &Patch::Merge(status)).await?;
+                    return Ok(Action::requeue(Duration::from_millis(10)));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    // The Deployment carries its current revision, as upstream (kubectl rollout undo
+    // patches it).
+    if let Some(rev) = new_rs.as_ref().map(revision).filter(|r| *r > 0) {
+        if d.annotations().get(REVISION) != Some(&rev.to_string()) {
+            let patch = json!({"metadata": {"annotations": {REVISION: rev.to_string()}}});
+            Api::<Deployment>::namespaced(ctx.client.clone(), &ns).patch(&d.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+        }
+    }
+    let new_name = new_rs.as_ref().map(|rs| rs.name_any());
+    let old: Vec<&ReplicaSet> = owned.iter().filter(|rs| Some(rs.name_any()) != new_name).collect();
+
+    if !paused {
+        if let Some(new) = &new_rs {
+            let new_spec = spec_replicas(new);
+            if recreate {
+                for rs in old.iter().filter(|rs| spec_replicas(rs) > 0) {
+                    scale(&rs_api, rs, 0, &d, wanted).await?;
+                }
+                let old_running: i32 = old.iter().map(|rs| status_of(rs).0).sum();
+                if old_running == 0 && new_spec != wanted {
+                    scale(&rs_api, new, wanted, &d, wanted).await?;
+                }
+            } else {
+                let total: i32 = owned.iter().map(spec_replicas).sum();
+                // Scale up the new ReplicaSet within maxSurge.
+                if new_spec < wanted {
+                    let room = wanted + surge - total;
+                    if room > 0 {
+                        scale(&rs_api, new, (new_spec + room).min(wanted), &d, wanted + surge).await?;
+                    }
+                } else if new_spec > wanted {
+                    scale(&rs_api, new, wanted, &d, wanted + surge).await?;
+                }
+                // Scale down old ReplicaSets while keeping wanted - maxUnavailable available.
+                let available: i32 = owned.iter().map(|rs| status_of(rs).2).sum();
+                let mut can_remove = available - (wanted - unavailable);
+                // Old pods that are not available do not count against the budget.
+                for rs in &old {
+                    let unavailable_old = (spec_replicas(rs) - status_of(rs).2).max(0);
+                    can_remove += unavailable_old;
+                }
+                for rs in &old {
+                    if can_remove <= 0 {
+                        break;
+                    }
+                    let current = spec_replicas(rs);
+                    if current == 0 {
+                        continue;
+                    }
+                    let remove = current.min(can_remove);
+                    scale(&rs_api, rs, current - remove, &d, wanted + surge).await?;
+                    can_remove -= remove;
+                }
+            }
+        }
+        // Keep revisionHistoryLimit old, empty ReplicaSets.
+        let limit = spec.revision_history_limit.unwrap_or(10).max(0) as usize;
+        let mut empty: Vec<&&ReplicaSet> = old.iter().filter(|rs| spec_replicas(rs) == 0 && status_of(rs).0 == 0).collect();
+        empty.sort_by_key(|rs| revision(rs));
+        if empty.len() > limit {
+            for rs in &empty[..empty.len() - limit] {
+                let _ = rs_api.delete(&rs.name_any(), &DeleteParams::background()).await;
+            }
+        }
+    }
+
+    // Status, from what the ReplicaSets report.
+    let replicas: i32 = owned.iter().map(|rs| status_of(rs).0).sum();
+    let ready: i32 = owned.iter().map(|rs| status_of(rs).1).sum();
+    let available: i32 = owned.iter().map(|rs| status_of(rs).2).sum();
+    let updated = new_rs.as_ref().map(|rs| status_of(rs).0).unwrap_or(0);
+    let complete = updated == wanted && replicas == wanted && available == wanted;
+    let available_condition = if available >= wanted - unavailable {
+        condition("Available", "True", "MinimumReplicasAvailable", "Deployment has minimum availability.")
+    } else {
+        condition("Available", "False", "MinimumReplicasUnavailable", "Deployment does not have minimum availability.")
+    };
+    let progressing = match (&new_name, complete, paused) {
+        (_, _, true) => condition("Progressing", "Unknown", "DeploymentPaused", "Deployment is paused"),
+        (Some(n), true, _) => condition("Progressing", "True", "NewReplicaSetAvailable", &format!("ReplicaSet \"{n}\" has successfully progressed.")),
+        (Some(n), false, _) => condition("Progressing", "True", "ReplicaSetUpdated", &format!("ReplicaSet \"{n}\" is progressing.")),
+        (None, _, _) => condition("Progressing", "Unknown", "NoReplicaSet", "no ReplicaSet yet"),
+    };
+    let current = d.status.clone().unwrap_or_default();
+    let same_condition = |c: &Value| {
+        current.conditions.iter().flatten().any(|old| old.type_.as_deref() == c["type"].as_str() && old.status.as_deref() == c["status"].as_str() && old.reason.as_deref() == c["reason"].as_str())
+    };
+    let counts_same = current.replicas == Some(replicas)
+        && current.ready_replicas.unwrap_or(0) == ready
+        && current.available_replicas.unwrap_or(0) == available
+        && current.updated_replicas.unwrap_or(0) == updated
+        && current.observed_generation == d.metadata.generation;
+    if !(counts_same && same_condition(&available_condition) && same_condition(&progressing)) {
+        let status = json!({"status": {
+            "replicas": replicas, "readyReplicas": ready, "availableReplicas": available, "updatedReplicas": updated,
+            "unavailableReplicas": (wanted - available).max(0), "observedGeneration": d.metadata.generation,
+            "conditions": [available_condition, progressing],
+        }});
+        Api::<Deployment>::namespaced(ctx.client.clone(), &ns).patch_status(&d.name_any(), &PatchParams::default(), &Patch::Merge(status)).await?;
+    }
+    Ok(Action::await_change())
+}
+
+fn error_policy(d: Arc<Deployment>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(deployment = %d.name_any(), error = %err, "deployment sync failed; retrying");
+    Action::requeue(Duration::from_secs(1))
+}
+
+pub async fn run(client: kube::Client) -> anyhow::Result<()> {
+    Controller::new(Api::<Deployment>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<ReplicaSet>::all(client.clone()), watcher::Config::default())
+        .run(reconcile, error_policy, Arc::new(Context { client }))
+        .for_each(|_| futures::future::ready(()))
+        .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn surge_rounds_up_and_unavailable_rounds_down() {
+        assert_eq!(scaled(None, 10, "25%", true), 3);
+        assert_eq!(scaled(None, 10, "25%", false), 2);
+        assert_eq!(scaled(Some(&IntOrString::Int(1)), 10, "25%", true), 1);
+        assert_eq!(scaled(Some(&IntOrString::String("50%".into())), 3, "25%", false), 1);
+    }
+
+    #[test]
+    fn template_hashes_are_stable_and_distinct() {
+        let a = json!({"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "nginx:1"}]}});
+        let b = json!({"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "nginx:2"}]}});
+        assert_eq!(template_hash(&a, 0), template_hash(&a, 0));
+        assert_ne!(template_hash(&a, 0), template_hash(&b, 0));
+        assert_ne!(template_hash(&a, 0), template_hash(&a, 1));
+        assert_eq!(template_hash(&a, 0).len(), 10);
+    }
+}
