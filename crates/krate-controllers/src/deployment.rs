@@ -153,7 +153,10 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
             let collisions = d.status.as_ref().and_then(|s| s.collision_count).unwrap_or(0) as i64;
             let rs = new_replica_set(&d, &template, &template_hash(&template, collisions), initial, max_revision + 1)?;
             match rs_api.create(&PostParams::default(), &rs).await {
-                Ok(created) => new_rs = Some(created),
+                Ok(created) => {
+                    owned.push(created.clone());
+                    new_rs = Some(created);
+                }
                 Err(kube::Error::Api(e)) if e.code == 409 => {
                     // The name is taken by a ReplicaSet with another template: a hash collision.
                     let status = json!({"status": {"collisionCount": collisions + 1}});
@@ -187,7 +190,9 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
                     scale(&rs_api, new, wanted, &d, wanted).await?;
                 }
             } else {
-                let total: i32 = owned.iter().map(spec_replicas).sum();
+                // Pods of a ReplicaSet that was just scaled down still count until they
+                // are gone, so observed pods never exceed wanted + maxSurge.
+                let total: i32 = owned.iter().map(|rs| spec_replicas(rs).max(status_of(rs).0)).sum();
                 // Scale up the new ReplicaSet within maxSurge.
                 if new_spec < wanted {
                     let room = wanted + surge - total;
@@ -198,7 +203,9 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
                     scale(&rs_api, new, wanted, &d, wanted + surge).await?;
                 }
                 // Scale down old ReplicaSets while keeping wanted - maxUnavailable available.
-                let available: i32 = owned.iter().map(|rs| status_of(rs).2).sum();
+                // A ReplicaSet's status may predate its last scale-down; never count
+                // more available pods than it is meant to keep.
+                let available: i32 = owned.iter().map(|rs| status_of(rs).2.min(spec_replicas(rs))).sum();
                 let mut can_remove = available - (wanted - unavailable);
                 // Old pods that are not available do not count against the budget.
                 for rs in &old {

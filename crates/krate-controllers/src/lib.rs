@@ -2,6 +2,7 @@
 //! Kubernetes API server. `krate server` runs them in-process.
 
 pub mod deployment;
+pub mod gc;
 pub mod namespace;
 pub mod replicas;
 pub mod selector;
@@ -21,13 +22,30 @@ fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource
     ApiResource { group: group.into(), version: version.into(), api_version, kind: kind.into(), plural: plural.into() }
 }
 
-/// Runs every controller until one fails irrecoverably.
+/// Runs `controller` forever: a controller that fails (its watches end, discovery is
+/// not ready yet) is logged and started again, without affecting the others.
+async fn supervise<F, Fut>(name: &'static str, client: kube::Client, controller: F)
+where
+    F: Fn(kube::Client) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    loop {
+        match controller(client.clone()).await {
+            Ok(()) => tracing::warn!(controller = name, "controller stopped; restarting"),
+            Err(e) => tracing::warn!(controller = name, error = %e, "controller failed; restarting"),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// Runs every controller, each restarted on failure.
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
-    tokio::try_join!(
-        namespace::run(client.clone()),
-        deployment::run(client.clone()),
-        replicas::run(client.clone(), resource("apps", "v1", "ReplicaSet", "replicasets")),
-        replicas::run(client.clone(), resource("", "v1", "ReplicationController", "replicationcontrollers")),
-    )?;
+    tokio::join!(
+        supervise("namespace", client.clone(), namespace::run),
+        supervise("deployment", client.clone(), deployment::run),
+        supervise("garbagecollector", client.clone(), gc::run),
+        supervise("replicaset", client.clone(), |c| replicas::run(c, resource("apps", "v1", "ReplicaSet", "replicasets"))),
+        supervise("replicationcontroller", client.clone(), |c| replicas::run(c, resource("", "v1", "ReplicationController", "replicationcontrollers"))),
+    );
     Ok(())
 }

@@ -229,15 +229,13 @@ impl Hollow {
                 }
                 let uid = pod.metadata.uid.clone().unwrap_or_default();
                 let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
-                if phase.is_empty() || phase == "Pending" {
-                    if started.insert(uid) {
-                        let me = self.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = me.run_pod(pod).await {
-                                tracing::warn!(error = %e, "reporting a hollow pod failed");
-                            }
-                        });
-                    }
+                if (phase.is_empty() || phase == "Pending") && started.insert(uid) {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = me.run_pod(pod).await {
+                            tracing::warn!(error = %e, "reporting a hollow pod failed");
+                        }
+                    });
                 }
             }
         }

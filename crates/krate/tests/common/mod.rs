@@ -160,3 +160,50 @@ pub async fn raw(client: &kube::Client, method: &str, path: &str, content_type: 
     let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     (status, value)
 }
+
+/// A `krate hollow-nodes` process joined to a test server; stopped on drop.
+pub struct HollowNodes {
+    child: Child,
+}
+
+impl HollowNodes {
+    pub fn start(server: &TestServer, prefix: &str, count: usize, extra: &[&str]) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_krate"))
+            .args(["hollow-nodes", "--count", &count.to_string(), "--name-prefix", prefix, "--kubeconfig"])
+            .arg(server.kubeconfig())
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start krate hollow-nodes");
+        Self { child }
+    }
+
+    /// SIGKILL: the nodes stop renewing their leases.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for HollowNodes {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` until it returns Some, or panics after `seconds` with `what`.
+pub async fn eventually<T, F, Fut>(seconds: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

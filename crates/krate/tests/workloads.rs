@@ -1,0 +1,194 @@
+//! Scheduler and controllers against a real server with hollow nodes: desired state
+//! becomes (simulated) running pods.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{eventually, HollowNodes, TestServer};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::api::{Api, DeleteParams, ListParams, PostParams, WatchEvent, WatchParams};
+use kube::ResourceExt;
+use serde_json::json;
+
+fn running(pods: &[Pod]) -> Vec<&Pod> {
+    pods.iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .collect()
+}
+
+async fn running_pods(api: &Api<Pod>, selector: &str, n: usize) -> Vec<Pod> {
+    eventually(30, &format!("{n} running pods for {selector}"), || async {
+        let pods = api.list(&ListParams::default().labels(selector)).await.ok()?.items;
+        let all_running = pods.len() == n && running(&pods).len() == n;
+        all_running.then_some(pods)
+    })
+    .await
+}
+
+fn image_of(p: &Pod) -> String {
+    p.spec.as_ref().unwrap().containers[0].image.clone().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn deployments_schedule_heal_scale_roll_and_delete() {
+    let server = TestServer::start();
+    let _nodes = HollowNodes::start(&server, "hollow", 3, &[]);
+    let client = server.client().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let replica_sets: Api<ReplicaSet> = Api::namespaced(client.clone(), "default");
+
+    server.kubectl_ok(&["create", "deployment", "web", "--image=nginx:1", "--replicas=3"]);
+    let first = running_pods(&pods, "app=web", 3).await;
+    let nodes: HashSet<String> = first.iter().map(|p| p.spec.as_ref().unwrap().node_name.clone().unwrap()).collect();
+    assert_eq!(nodes.len(), 3, "pods that request nothing spread over the nodes");
+    let ips: HashSet<String> = first.iter().map(|p| p.status.as_ref().unwrap().pod_ip.clone().unwrap()).collect();
+    assert_eq!(ips.len(), 3);
+
+    // A deleted pod is replaced.
+    let victim = first[0].name_any();
+    pods.delete(&victim, &DeleteParams::default()).await.unwrap();
+    let healed = running_pods(&pods, "app=web", 3).await;
+    assert!(healed.iter().all(|p| p.name_any() != victim));
+
+    // Scale up and down.
+    server.kubectl_ok(&["scale", "deployment", "web", "--replicas=10"]);
+    running_pods(&pods, "app=web", 10).await;
+    server.kubectl_ok(&["scale", "deployment", "web", "--replicas=2"]);
+    running_pods(&pods, "app=web", 2).await;
+
+    // A rolling update within maxSurge=1 / maxUnavailable=0, observed pod by pod.
+    server.kubectl_ok(&["scale", "deployment", "web", "--replicas=4"]);
+    running_pods(&pods, "app=web", 4).await;
+    server.kubectl_ok(&["patch", "deployment", "web", "-p", r#"{"spec":{"strategy":{"rollingUpdate":{"maxSurge":1,"maxUnavailable":0}}}}"#]);
+    let rv = pods.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
+    let mut stream = pods.watch(&WatchParams::default().labels("app=web").timeout(60), &rv).await.unwrap().boxed();
+    let mut alive: HashMap<String, (String, bool)> = running_pods(&pods, "app=web", 4)
+        .await
+        .iter()
+        .map(|p| (p.name_any(), (image_of(p), true)))
+        .collect();
+    server.kubectl_ok(&["set", "image", "deployment/web", "nginx=nginx:2"]);
+    let (mut max_alive, mut min_ready) = (alive.len(), alive.len());
+    while !(alive.len() == 4 && alive.values().all(|(image, ready)| image == "nginx:2" && *ready)) {
+        let event = tokio::time::timeout(Duration::from_secs(30), stream.try_next()).await.expect("rollout progresses").unwrap().unwrap();
+        match event {
+            WatchEvent::Added(p) | WatchEvent::Modified(p) if p.metadata.deletion_timestamp.is_none() => {
+                let ready = p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                alive.insert(p.name_any(), (image_of(&p), ready));
+            }
+            WatchEvent::Modified(p) | WatchEvent::Deleted(p) => {
+                alive.remove(&p.name_any());
+            }
+            _ => continue,
+        }
+        max_alive = max_alive.max(alive.len());
+        min_ready = min_ready.min(alive.values().filter(|(_, r)| *r).count());
+    }
+    assert!(max_alive <= 5, "maxSurge=1 allows at most 5 pods, saw {max_alive}");
+    assert!(min_ready >= 4, "maxUnavailable=0 keeps 4 ready pods, saw {min_ready}");
+    server.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=30s"]);
+
+    // Undo returns to the first ReplicaSet.
+    let before: Vec<String> = replica_sets.list(&ListParams::default()).await.unwrap().items.iter().map(|r| r.name_any()).collect();
+    assert_eq!(before.len(), 2);
+    server.kubectl_ok(&["rollout", "undo", "deployment/web"]);
+    server.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=30s"]);
+    let back = running_pods(&pods, "app=web", 4).await;
+    assert!(back.iter().all(|p| image_of(p) == "nginx:1"));
+    let sets = replica_sets.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(sets.len(), 2, "undo reuses the old ReplicaSet");
+    let active: Vec<&ReplicaSet> = sets.iter().filter(|r| r.spec.replicas == Some(4)).collect();
+    assert_eq!(active.len(), 1);
+    assert_eq!(active[0].annotations()["deployment.kubernetes.io/revision"], "3");
+    let history = server.kubectl_ok(&["rollout", "history", "deployment/web"]);
+    assert!(history.contains('2') && history.contains('3'), "{history}");
+
+    // Foreground deletion takes the ReplicaSets and pods first.
+    deployments.delete("web", &DeleteParams::foreground()).await.unwrap();
+    eventually(30, "the deployment, its ReplicaSets and pods to go", || async {
+        let gone = deployments.get_opt("web").await.ok()?.is_none()
+            && replica_sets.list(&ListParams::default()).await.ok()?.items.is_empty()
+            && pods.list(&ListParams::default()).await.ok()?.items.is_empty();
+        gone.then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_pod_too_big_for_every_node_waits_for_one_that_fits() {
+    let server = TestServer::start();
+    let _nodes = HollowNodes::start(&server, "small", 3, &["--cpu", "2"]);
+    let client = server.client().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    eventually(30, "three nodes", || async {
+        let nodes = server.kubectl_ok(&["get", "nodes", "-o", "name"]);
+        (nodes.lines().count() == 3).then_some(())
+    })
+    .await;
+    let big: Pod = serde_json::from_value(json!({"metadata": {"name": "big"}, "spec": {"containers": [
+        {"name": "c", "image": "x:1", "resources": {"requests": {"cpu": "16", "memory": "1Gi"}}}]}})).unwrap();
+    pods.create(&PostParams::default(), &big).await.unwrap();
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let message = eventually(30, "a FailedScheduling event", || async {
+        let list = events.list(&ListParams::default().fields("involvedObject.name=big,reason=FailedScheduling")).await.ok()?;
+        list.items.first().and_then(|e| e.message.clone())
+    })
+    .await;
+    assert_eq!(message, "0/3 nodes are available: 3 Insufficient cpu.");
+    let pod = pods.get("big").await.unwrap();
+    let condition = pod.status.unwrap().conditions.unwrap().into_iter().find(|c| c.type_ == "PodScheduled").unwrap();
+    assert_eq!((condition.status.as_str(), condition.reason.as_deref()), ("False", Some("Unschedulable")));
+    let described = server.kubectl_ok(&["describe", "pod", "big"]);
+    assert!(described.contains("FailedScheduling") && described.contains("Insufficient cpu"), "{described}");
+
+    // A big enough node joins: the pod is scheduled there, with no timer involved.
+    let _large = HollowNodes::start(&server, "large", 1, &["--cpu", "32"]);
+    let placed = eventually(30, "the big pod to run on the large node", || async {
+        let p = pods.get("big").await.ok()?;
+        let node = p.spec.as_ref()?.node_name.clone()?;
+        (p.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(node)
+    })
+    .await;
+    assert_eq!(placed, "large-0");
+}
+
+#[tokio::test]
+async fn replica_sets_and_replication_controllers_keep_their_count() {
+    let server = TestServer::start();
+    let _nodes = HollowNodes::start(&server, "hollow", 2, &[]);
+    let client = server.client().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let rc = r#"
+apiVersion: v1
+kind: ReplicationController
+metadata: {name: legacy}
+spec:
+  replicas: 2
+  selector: {app: legacy}
+  template:
+    metadata: {labels: {app: legacy}}
+    spec: {containers: [{name: c, image: "x:1"}]}
+"#;
+    server.kubectl_stdin(&["apply", "-f", "-"], Some(rc));
+    let two = running_pods(&pods, "app=legacy", 2).await;
+    assert!(two.iter().all(|p| p.owner_references()[0].kind == "ReplicationController"));
+    let status = eventually(10, "the controller's status", || {
+        let s = server.kubectl_ok(&["get", "rc", "legacy", "-o", "jsonpath={.status.replicas}/{.status.readyReplicas}"]);
+        async move { (s == "2/2").then_some(s) }
+    })
+    .await;
+    assert_eq!(status, "2/2");
+    // Orphan deletion keeps the pods, without owner.
+    server.kubectl_ok(&["delete", "rc", "legacy", "--cascade=orphan"]);
+    let orphans = eventually(20, "orphaned pods", || async {
+        let list = pods.list(&ListParams::default().labels("app=legacy")).await.ok()?.items;
+        (list.len() == 2 && list.iter().all(|p| p.owner_references().is_empty())).then_some(list)
+    })
+    .await;
+    assert_eq!(orphans.len(), 2);
+}
