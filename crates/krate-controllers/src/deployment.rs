@@ -3,8 +3,6 @@
 //! revisions in annotations so `kubectl rollout status|history|undo|restart|pause`
 //! work as upstream.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +16,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
 use crate::selector::label_selector_string;
+use crate::template_hash;
 use crate::Error;
 
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
@@ -27,22 +26,6 @@ const HASH_LABEL: &str = "pod-template-hash";
 
 struct Context {
     client: kube::Client,
-}
-
-/// Upstream's pod-template-hash alphabet (no vowels, no confusable characters).
-fn template_hash(template: &Value, collisions: i64) -> String {
-    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let mut hasher = DefaultHasher::new();
-    template.to_string().hash(&mut hasher);
-    collisions.hash(&mut hasher);
-    let mut n = hasher.finish();
-    (0..10)
-        .map(|_| {
-            let c = ALPHABET[(n % ALPHABET.len() as u64) as usize] as char;
-            n /= ALPHABET.len() as u64;
-            c
-        })
-        .collect()
 }
 
 /// A ReplicaSet's template without the hash label, for comparing with the Deployment's.

@@ -1,11 +1,14 @@
 //! Controllers: API clients (kube-rs watchers and reconcilers) that work against any
 //! Kubernetes API server. `krate server` runs them in-process.
 
+pub mod daemonset;
 pub mod deployment;
 pub mod gc;
+pub mod job;
 pub mod namespace;
 pub mod replicas;
 pub mod selector;
+pub mod statefulset;
 
 use kube::api::ApiResource;
 
@@ -20,6 +23,23 @@ pub enum Error {
 fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
     let api_version = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
     ApiResource { group: group.into(), version: version.into(), api_version, kind: kind.into(), plural: plural.into() }
+}
+
+/// A short, stable name for a pod template (plus a collision count), in upstream's
+/// pod-template-hash alphabet (no vowels, no confusable characters).
+pub(crate) fn template_hash(template: &serde_json::Value, collisions: i64) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&template.to_string(), &mut hasher);
+    std::hash::Hash::hash(&collisions, &mut hasher);
+    let mut n = std::hash::Hasher::finish(&hasher);
+    (0..10)
+        .map(|_| {
+            let c = ALPHABET[(n % ALPHABET.len() as u64) as usize] as char;
+            n /= ALPHABET.len() as u64;
+            c
+        })
+        .collect()
 }
 
 /// Runs `controller` forever: a controller that fails (its watches end, discovery is
@@ -44,6 +64,9 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
         supervise("namespace", client.clone(), namespace::run),
         supervise("deployment", client.clone(), deployment::run),
         supervise("garbagecollector", client.clone(), gc::run),
+        supervise("job", client.clone(), job::run),
+        supervise("daemonset", client.clone(), daemonset::run),
+        supervise("statefulset", client.clone(), statefulset::run),
         supervise("replicaset", client.clone(), |c| replicas::run(c, resource("apps", "v1", "ReplicaSet", "replicasets"))),
         supervise("replicationcontroller", client.clone(), |c| replicas::run(c, resource("", "v1", "ReplicationController", "replicationcontrollers"))),
     );

@@ -123,8 +123,9 @@ pub(crate) fn term_matches(term: &NodeSelectorTerm, node: &Node) -> bool {
     non_empty && exprs_ok && fields_ok
 }
 
-/// Runs every filter; `None` when the pod fits the node, else why not.
-pub fn filter(pod: &Pod, node: &Node, usage: &NodeUsage) -> Option<Reason> {
+/// The placement filters (node name, cordon, node selector and affinity, taints):
+/// `None` when the pod may run on the node at all. DaemonSets use these alone.
+pub fn node_selected(pod: &Pod, node: &Node) -> Option<Reason> {
     let spec = pod.spec.as_ref()?;
     let node_name = node.metadata.name.as_deref().unwrap_or_default();
     let tolerations = spec.tolerations.clone().unwrap_or_default();
@@ -153,6 +154,14 @@ pub fn filter(pod: &Pod, node: &Node, usage: &NodeUsage) -> Option<Reason> {
         if matches!(taint.effect.as_str(), "NoSchedule" | "NoExecute") && !tolerates(&tolerations, taint) {
             return Some(format!("node(s) had untolerated taint {{{}: {}}}", taint.key, taint.value.clone().unwrap_or_default()));
         }
+    }
+    None
+}
+
+/// Runs every filter; `None` when the pod fits the node, else why not.
+pub fn filter(pod: &Pod, node: &Node, usage: &NodeUsage) -> Option<Reason> {
+    if let Some(reason) = node_selected(pod, node) {
+        return Some(reason);
     }
     let wanted = host_ports(pod);
     if wanted.iter().any(|(proto, ip, port)| {

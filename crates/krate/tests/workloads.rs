@@ -192,3 +192,122 @@ spec:
     .await;
     assert_eq!(orphans.len(), 2);
 }
+
+#[tokio::test]
+async fn daemonsets_jobs_and_statefulsets() {
+    let server = TestServer::start();
+    let _nodes = HollowNodes::start(&server, "hollow", 3, &[]);
+    let client = server.client().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let manifest = r#"
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: agent}
+spec:
+  selector: {matchLabels: {app: agent}}
+  template:
+    metadata: {labels: {app: agent}}
+    spec: {containers: [{name: c, image: "x:1"}]}
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: work}
+spec:
+  completions: 5
+  parallelism: 2
+  template:
+    metadata: {annotations: {hollow.krate.io/exit-code: "0", hollow.krate.io/run-seconds: "0.1"}}
+    spec: {restartPolicy: Never, containers: [{name: c, image: "x:1"}]}
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: broken}
+spec:
+  backoffLimit: 2
+  template:
+    metadata: {annotations: {hollow.krate.io/exit-code: "1"}}
+    spec: {restartPolicy: Never, containers: [{name: c, image: "x:1"}]}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: web}
+spec:
+  replicas: 3
+  serviceName: web
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: c, image: "x:1"}]}
+  volumeClaimTemplates:
+  - metadata: {name: data}
+    spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}
+"#;
+    let rv = pods.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
+    let mut stream = pods.watch(&WatchParams::default().labels("app=web").timeout(60), &rv).await.unwrap().boxed();
+    let out = server.kubectl_stdin(&["apply", "-f", "-"], Some(manifest));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // StatefulSet pods appear in order, each after its predecessor runs.
+    let mut created = Vec::new();
+    while created.len() < 3 {
+        if let WatchEvent::Added(p) = tokio::time::timeout(Duration::from_secs(30), stream.try_next()).await.expect("statefulset pods").unwrap().unwrap() {
+            created.push(p.name_any());
+        }
+    }
+    assert_eq!(created, ["web-0", "web-1", "web-2"]);
+    let web = running_pods(&pods, "app=web", 3).await;
+    assert!(web.iter().all(|p| p.spec.as_ref().unwrap().hostname.as_deref() == Some(p.name_any().as_str())));
+    let claims = server.kubectl_ok(&["get", "pvc", "-o", "name"]);
+    assert_eq!(claims.lines().collect::<Vec<_>>(), ["persistentvolumeclaim/data-web-0", "persistentvolumeclaim/data-web-1", "persistentvolumeclaim/data-web-2"]);
+
+    // One daemon pod per node, and one more when a node joins.
+    let daemons = running_pods(&pods, "app=agent", 3).await;
+    let nodes: HashSet<String> = daemons.iter().map(|p| p.spec.as_ref().unwrap().node_name.clone().unwrap()).collect();
+    assert_eq!(nodes.len(), 3);
+    let _extra = HollowNodes::start(&server, "extra", 1, &[]);
+    let daemons = running_pods(&pods, "app=agent", 4).await;
+    assert!(daemons.iter().any(|p| p.spec.as_ref().unwrap().node_name.as_deref() == Some("extra-0")));
+
+    // Jobs: five successes two at a time; a failing job stops at its backoff limit.
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), "default");
+    let done = eventually(30, "job work to complete", || async {
+        let j = jobs.get("work").await.ok()?;
+        let s = j.status?;
+        s.conditions?.iter().any(|c| c.type_ == "Complete" && c.status == "True").then_some(s.succeeded)
+    })
+    .await;
+    assert_eq!(done, Some(5));
+    let work_pods = pods.list(&ListParams::default().labels("job-name=work")).await.unwrap().items;
+    assert_eq!(work_pods.len(), 5, "exactly five pods ran");
+    let failed = eventually(30, "job broken to fail", || async {
+        let s = jobs.get("broken").await.ok()?.status?;
+        let reason = s.conditions?.into_iter().find(|c| c.type_ == "Failed" && c.status == "True")?.reason;
+        Some((reason, s.failed))
+    })
+    .await;
+    assert_eq!(failed, (Some("BackoffLimitExceeded".to_string()), Some(3)));
+    let table = server.kubectl_ok(&["get", "jobs"]);
+    assert!(table.contains("Complete") && table.contains("5/5") && table.contains("Failed"), "{table}");
+
+    // Deleting the namespace's content: the StatefulSet scales down from the top.
+    server.kubectl_ok(&["scale", "statefulset", "web", "--replicas=1"]);
+    let left = running_pods(&pods, "app=web", 1).await;
+    assert_eq!(left[0].name_any(), "web-0");
+}
+
+#[tokio::test]
+async fn deleting_a_namespace_deletes_its_workloads() {
+    let server = TestServer::start();
+    let _nodes = HollowNodes::start(&server, "hollow", 2, &[]);
+    let client = server.client().await;
+    server.kubectl_ok(&["create", "namespace", "shop"]);
+    server.kubectl_ok(&["create", "deployment", "web", "--image=x:1", "--replicas=3", "-n", "shop"]);
+    server.kubectl_ok(&["create", "configmap", "settings", "--from-literal=a=b", "-n", "shop"]);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
+    running_pods(&pods, "app=web", 3).await;
+    server.kubectl_ok(&["delete", "namespace", "shop", "--timeout=60s"]);
+    let all: Api<Pod> = Api::all(client.clone());
+    let left = all.list(&ListParams::default()).await.unwrap().items;
+    assert!(left.iter().all(|p| p.namespace().as_deref() != Some("shop")), "no pod of shop remains");
+    assert!(!server.kubectl(&["get", "namespace", "shop"]).status.success());
+}

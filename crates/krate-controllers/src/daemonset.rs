@@ -1,0 +1,179 @@
+//! DaemonSets: one pod per eligible node (node selector, affinity and taints decide,
+//! as the scheduler's placement filters do), following nodes as they come and go, and
+//! rolling updates that replace at most maxUnavailable pods at a time.
+//!
+//! Pods are pinned with node affinity on `metadata.name` and placed by the scheduler,
+//! as upstream does.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::{Resource, ResourceExt};
+use serde_json::{json, Value};
+
+use crate::replicas::is_ready;
+use crate::selector::label_selector_string;
+use crate::Error;
+
+const HASH_LABEL: &str = "controller-revision-hash";
+
+struct Context {
+    client: kube::Client,
+    nodes: reflector::Store<Node>,
+}
+
+/// Tolerations every daemon pod gets, as upstream adds them.
+fn daemon_tolerations() -> Value {
+    json!([
+        {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"},
+        {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"},
+        {"key": "node.kubernetes.io/disk-pressure", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "node.kubernetes.io/memory-pressure", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "node.kubernetes.io/pid-pressure", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "node.kubernetes.io/unschedulable", "operator": "Exists", "effect": "NoSchedule"},
+    ])
+}
+
+/// The pod the DaemonSet runs on `node`.
+fn daemon_pod(ds: &DaemonSet, node: &str, hash: &str) -> Result<Pod, Error> {
+    let template = serde_json::to_value(&ds.spec.template)?;
+    let mut metadata = template.get("metadata").cloned().unwrap_or_else(|| json!({}));
+    let mut spec = template.get("spec").cloned().unwrap_or_default();
+    metadata["generateName"] = json!(format!("{}-", ds.name_any()));
+    metadata["namespace"] = json!(ds.namespace());
+    metadata["labels"][HASH_LABEL] = json!(hash);
+    metadata["ownerReferences"] = json!([ds.controller_owner_ref(&()).expect("a stored daemonset has a name and uid")]);
+    spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] =
+        json!({"nodeSelectorTerms": [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}]});
+    let mut tolerations = spec.get("tolerations").and_then(Value::as_array).cloned().unwrap_or_default();
+    tolerations.extend(daemon_tolerations().as_array().cloned().unwrap_or_default());
+    spec["tolerations"] = json!(tolerations);
+    Ok(serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}))?)
+}
+
+/// The node a daemon pod is for: where it runs, or where its affinity pins it.
+fn target_node(pod: &Pod) -> Option<String> {
+    if let Some(n) = pod.spec.as_ref().and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty()) {
+        return Some(n);
+    }
+    let terms = pod.spec.as_ref()?.affinity.as_ref()?.node_affinity.as_ref()?.required_during_scheduling_ignored_during_execution.as_ref()?;
+    terms.node_selector_terms.iter().flat_map(|t| t.match_fields.iter().flatten()).find(|f| f.key == "metadata.name")?.values.as_ref()?.first().cloned()
+}
+
+async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if ds.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let ns = ds.namespace().unwrap_or_default();
+    let spec = ds.spec.clone();
+    let template = serde_json::to_value(&spec.template)?;
+    let hash = crate::template_hash(&template, 0);
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let uid = ds.uid().unwrap_or_default();
+    let selector = label_selector_string(&serde_json::to_value(&spec.selector)?);
+    let pods: Vec<Pod> = pods_api
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| p.owner_references().iter().any(|r| r.controller == Some(true) && r.uid == uid))
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Failed" | "Succeeded")))
+        .collect();
+    let mut by_node: HashMap<String, Vec<&Pod>> = HashMap::new();
+    for p in &pods {
+        if let Some(n) = target_node(p) {
+            by_node.entry(n).or_default().push(p);
+        }
+    }
+    let probe = daemon_pod(&ds, "", &hash)?;
+    let nodes = ctx.nodes.state();
+    let eligible: Vec<String> = nodes
+        .iter()
+        .filter(|n| {
+            let mut p = probe.clone();
+            if let Some(s) = p.spec.as_mut() {
+                s.affinity = spec.template.spec.as_ref().and_then(|t| t.affinity.clone());
+            }
+            krate_scheduler::plugins::node_selected(&p, n).is_none()
+        })
+        .map(|n| n.name_any())
+        .collect();
+    let mut misscheduled = 0;
+    // Daemon pods on nodes that should not run one, and duplicates.
+    let mut to_delete: Vec<&Pod> = Vec::new();
+    for (node, list) in &by_node {
+        if !eligible.contains(node) {
+            misscheduled += list.len();
+            to_delete.extend(list.iter().copied());
+        } else {
+            to_delete.extend(list.iter().skip(1).copied());
+        }
+    }
+    for node in eligible.iter().filter(|n| !by_node.contains_key(*n)) {
+        pods_api.create(&PostParams::default(), &daemon_pod(&ds, node, &hash)?).await?;
+    }
+    // Rolling update: replace outdated pods, at most maxUnavailable unavailable at once.
+    let max_unavailable = match spec.update_strategy.as_ref().and_then(|s| s.rolling_update.as_ref()).and_then(|r| r.max_unavailable.clone()) {
+        Some(IntOrString::Int(n)) => n.max(1) as usize,
+        Some(IntOrString::String(p)) => ((p.trim_end_matches('%').parse::<f64>().unwrap_or(0.0) * eligible.len() as f64 / 100.0).floor() as usize).max(1),
+        None => 1,
+    };
+    let on_delete = spec.update_strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("OnDelete");
+    let current: Vec<&Pod> = eligible.iter().filter_map(|n| by_node.get(n).and_then(|l| l.first().copied())).collect();
+    let unavailable = eligible.len() - current.iter().filter(|p| is_ready(p)).count();
+    if !on_delete {
+        let budget = max_unavailable.saturating_sub(unavailable);
+        let outdated = current.iter().filter(|p| p.labels().get(HASH_LABEL) != Some(&hash));
+        to_delete.extend(outdated.take(budget));
+    }
+    for pod in to_delete {
+        match pods_api.delete(&pod.name_any(), &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let scheduled = current.iter().filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()).count();
+    let ready = current.iter().filter(|p| is_ready(p)).count();
+    let updated = current.iter().filter(|p| p.labels().get(HASH_LABEL) == Some(&hash)).count();
+    let status = json!({
+        "desiredNumberScheduled": eligible.len(), "currentNumberScheduled": scheduled, "numberReady": ready,
+        "numberAvailable": ready, "numberUnavailable": eligible.len() - ready, "updatedNumberScheduled": updated,
+        "numberMisscheduled": misscheduled, "observedGeneration": ds.metadata.generation,
+    });
+    let before = serde_json::to_value(ds.status.clone().unwrap_or_default())?;
+    if status.as_object().expect("status is an object").iter().any(|(k, v)| before.get(k).cloned().unwrap_or(json!(0)) != *v) {
+        Api::<DaemonSet>::namespaced(ctx.client.clone(), &ns).patch_status(&ds.name_any(), &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await?;
+    }
+    Ok(Action::await_change())
+}
+
+fn error_policy(ds: Arc<DaemonSet>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(daemonset = %ds.name_any(), error = %err, "daemonset sync failed; retrying");
+    Action::requeue(Duration::from_secs(1))
+}
+
+pub async fn run(client: kube::Client) -> anyhow::Result<()> {
+    let (store, writer) = reflector::store();
+    // Every node change re-examines every DaemonSet.
+    let node_changes = watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects()
+        .map(|_| ());
+    Controller::new(Api::<DaemonSet>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        .reconcile_all_on(node_changes)
+        .run(reconcile, error_policy, Arc::new(Context { client, nodes: store }))
+        .for_each(|_| futures::future::ready(()))
+        .await;
+    Ok(())
+}

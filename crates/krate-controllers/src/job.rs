@@ -1,0 +1,232 @@
+//! Jobs: run pods to completion. completions/parallelism, backoffLimit,
+//! activeDeadlineSeconds, suspend, Indexed completion mode and ttlSecondsAfterFinished,
+//! with upstream's conditions (Complete/Failed, SuccessCriteriaMet/FailureTarget).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::{json, Value};
+
+use crate::Error;
+
+const INDEX_ANNOTATION: &str = "batch.kubernetes.io/job-completion-index";
+
+struct Context {
+    client: kube::Client,
+}
+
+fn phase(pod: &Pod) -> &str {
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("Pending")
+}
+
+fn index_of(pod: &Pod) -> Option<i32> {
+    pod.annotations().get(INDEX_ANNOTATION).and_then(|i| i.parse().ok())
+}
+
+fn now() -> jiff::Timestamp {
+    jiff::Timestamp::now()
+}
+
+fn timestamp(t: jiff::Timestamp) -> String {
+    t.round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default()
+}
+
+fn finished(job: &Job) -> Option<(String, jiff::Timestamp)> {
+    let status = job.status.as_ref()?;
+    let cond = status.conditions.iter().flatten().find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")?;
+    let at = cond.last_transition_time.as_ref().map(|t| t.0).unwrap_or_else(now);
+    Some((cond.type_.clone(), at))
+}
+
+/// "0,2-4" from a set of indexes, as upstream's completedIndexes.
+fn index_ranges(indexes: &BTreeSet<i32>) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut iter = indexes.iter().peekable();
+    while let Some(&start) = iter.next() {
+        let mut end = start;
+        while iter.peek() == Some(&&(end + 1)) {
+            end += 1;
+            iter.next();
+        }
+        out.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
+    }
+    out.join(",")
+}
+
+fn new_pod(job: &Job, index: Option<i32>) -> Result<Pod, Error> {
+    let template = serde_json::to_value(job.spec.as_ref().map(|s| &s.template))?;
+    let mut metadata = template.get("metadata").cloned().unwrap_or_else(|| json!({}));
+    let name = job.name_any();
+    let mut spec = template.get("spec").cloned().unwrap_or_default();
+    metadata["generateName"] = json!(match index {
+        Some(i) => format!("{name}-{i}-"),
+        None => format!("{name}-"),
+    });
+    metadata["namespace"] = json!(job.namespace());
+    metadata["ownerReferences"] = json!([job.controller_owner_ref(&()).expect("a stored job has a name and uid")]);
+    if let Some(i) = index {
+        metadata["annotations"][INDEX_ANNOTATION] = json!(i.to_string());
+        metadata["labels"][INDEX_ANNOTATION] = json!(i.to_string());
+        spec["hostname"] = json!(format!("{name}-{i}"));
+        if let Some(containers) = spec.get_mut("containers").and_then(Value::as_array_mut) {
+            for c in containers {
+                let env = c.as_object_mut().expect("containers are objects").entry("env").or_insert(json!([]));
+                if let Some(list) = env.as_array_mut() {
+                    list.push(json!({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": format!("metadata.annotations['{INDEX_ANNOTATION}']")}}}));
+                }
+            }
+        }
+    }
+    Ok(serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}))?)
+}
+
+async fn delete_pods(api: &Api<Pod>, pods: &[&Pod]) -> Result<(), Error> {
+    for pod in pods {
+        match api.delete(&pod.name_any(), &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn condition(type_: &str, reason: &str, message: &str) -> Value {
+    let t = timestamp(now());
+    json!({"type": type_, "status": "True", "reason": reason, "message": message, "lastProbeTime": t, "lastTransitionTime": t})
+}
+
+async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if job.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let ns = job.namespace().unwrap_or_default();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let spec = job.spec.clone().unwrap_or_default();
+    if let Some((_, at)) = finished(&job) {
+        let Some(ttl) = spec.ttl_seconds_after_finished else { return Ok(Action::await_change()) };
+        let expires = at + jiff::SignedDuration::from_secs(ttl as i64);
+        if now() >= expires {
+            jobs.delete(&job.name_any(), &DeleteParams::background()).await?;
+            return Ok(Action::await_change());
+        }
+        let wait = expires.duration_since(now()).as_secs_f64().max(0.0);
+        return Ok(Action::requeue(Duration::from_secs_f64(wait)));
+    }
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let uid = job.uid().unwrap_or_default();
+    let pods: Vec<Pod> = pods_api
+        .list(&ListParams::default().labels(&format!("batch.kubernetes.io/controller-uid={uid}")))
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| p.owner_references().iter().any(|r| r.uid == uid))
+        .collect();
+    let indexed = spec.completion_mode.as_deref() == Some("Indexed");
+    let completions = spec.completions;
+    let parallelism = spec.parallelism.unwrap_or(1);
+    let backoff_limit = spec.backoff_limit.unwrap_or(6);
+    let active: Vec<&Pod> = pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none() && !matches!(phase(p), "Succeeded" | "Failed")).collect();
+    let succeeded_pods: Vec<&Pod> = pods.iter().filter(|p| phase(p) == "Succeeded").collect();
+    let failed = pods.iter().filter(|p| phase(p) == "Failed").count() as i32;
+    let completed_indexes: BTreeSet<i32> = succeeded_pods.iter().filter_map(|p| index_of(p)).collect();
+    let succeeded = if indexed { completed_indexes.len() as i32 } else { succeeded_pods.len() as i32 };
+    let status = job.status.clone().unwrap_or_default();
+    let start = status.start_time.as_ref().map(|t| t.0).unwrap_or_else(now);
+
+    let deadline = spec.active_deadline_seconds.map(|s| start + jiff::SignedDuration::from_secs(s));
+    let mut new_conditions = Vec::new();
+    let mut completion_time = None;
+    let mut requeue = None;
+    if failed > backoff_limit {
+        delete_pods(&pods_api, &active).await?;
+        let message = "Job has reached the specified backoff limit";
+        new_conditions = vec![condition("FailureTarget", "BackoffLimitExceeded", message), condition("Failed", "BackoffLimitExceeded", message)];
+    } else if deadline.is_some_and(|d| now() >= d) {
+        delete_pods(&pods_api, &active).await?;
+        let message = "Job was active longer than specified deadline";
+        new_conditions = vec![condition("FailureTarget", "DeadlineExceeded", message), condition("Failed", "DeadlineExceeded", message)];
+    } else if completions.is_some_and(|c| succeeded >= c) || (completions.is_none() && succeeded > 0 && active.is_empty()) {
+        let message = "Reached expected number of succeeded pods";
+        new_conditions = vec![condition("SuccessCriteriaMet", "CompletionsReached", message), condition("Complete", "CompletionsReached", message)];
+        completion_time = Some(timestamp(now()));
+    } else if spec.suspend != Some(true) {
+        let remaining = match completions {
+            Some(c) => (c - succeeded - active.len() as i32).max(0),
+            None if succeeded > 0 => 0,
+            None => parallelism,
+        };
+        let to_create = (parallelism - active.len() as i32).min(remaining).max(0);
+        if indexed {
+            let busy: BTreeSet<i32> = active.iter().filter_map(|p| index_of(p)).collect();
+            let free = (0..completions.unwrap_or(parallelism)).filter(|i| !completed_indexes.contains(i) && !busy.contains(i));
+            for i in free.take(to_create as usize) {
+                pods_api.create(&PostParams::default(), &new_pod(&job, Some(i))?).await?;
+            }
+        } else {
+            for _ in 0..to_create {
+                pods_api.create(&PostParams::default(), &new_pod(&job, None)?).await?;
+            }
+        }
+        if let Some(d) = deadline {
+            requeue = Some(Duration::from_secs_f64(d.duration_since(now()).as_secs_f64().max(0.0)));
+        }
+    } else {
+        delete_pods(&pods_api, &active).await?;
+    }
+
+    let mut conditions: Vec<Value> = status.conditions.iter().flatten().filter_map(|c| serde_json::to_value(c).ok()).collect();
+    if spec.suspend == Some(true) && !conditions.iter().any(|c| c["type"] == "Suspended") {
+        conditions.push(condition("Suspended", "JobSuspended", "Job suspended"));
+    }
+    conditions.extend(new_conditions);
+    let ready = active.iter().filter(|p| crate::replicas::is_ready(p)).count();
+    let mut patch = json!({"status": {
+        "startTime": timestamp(start), "active": active.len(), "succeeded": succeeded.max(status.succeeded.unwrap_or(0)),
+        "failed": failed.max(status.failed.unwrap_or(0)), "ready": ready, "terminating": pods.iter().filter(|p| p.metadata.deletion_timestamp.is_some()).count(),
+        "conditions": conditions,
+    }});
+    if indexed {
+        patch["status"]["completedIndexes"] = json!(index_ranges(&completed_indexes));
+    }
+    if let Some(t) = completion_time {
+        patch["status"]["completionTime"] = json!(t);
+    }
+    let before = serde_json::to_value(&status)?;
+    let changed = patch["status"].as_object().expect("status is an object").iter().any(|(k, v)| before.get(k) != Some(v));
+    if changed {
+        jobs.patch_status(&job.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+    }
+    Ok(requeue.map(Action::requeue).unwrap_or_else(Action::await_change))
+}
+
+fn error_policy(job: Arc<Job>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(job = %job.name_any(), error = %err, "job sync failed; retrying");
+    Action::requeue(Duration::from_secs(1))
+}
+
+pub async fn run(client: kube::Client) -> anyhow::Result<()> {
+    Controller::new(Api::<Job>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        .run(reconcile, error_policy, Arc::new(Context { client }))
+        .for_each(|_| futures::future::ready(()))
+        .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn completed_indexes_render_as_ranges() {
+        let set = [0, 2, 3, 4, 7].into_iter().collect();
+        assert_eq!(super::index_ranges(&set), "0,2-4,7");
+    }
+}

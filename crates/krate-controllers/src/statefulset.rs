@@ -1,0 +1,181 @@
+//! StatefulSets: pods with stable names (`web-0`, `web-1`, ...) and hostnames, created
+//! in order (OrderedReady: each waits for the previous to be Running and Ready) or all at
+//! once (Parallel), removed from the highest ordinal down, with a PersistentVolumeClaim
+//! per volumeClaimTemplate and pod, and rolling updates from the highest ordinal down to
+//! the partition.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::{json, Value};
+
+use crate::replicas::is_ready;
+use crate::selector::label_selector_string;
+use crate::Error;
+
+const REVISION_LABEL: &str = "controller-revision-hash";
+
+struct Context {
+    client: kube::Client,
+}
+
+fn revision(sts: &StatefulSet) -> Result<String, Error> {
+    Ok(format!("{}-{}", sts.name_any(), crate::template_hash(&serde_json::to_value(&sts.spec.template)?, 0)))
+}
+
+fn ordinal(sts: &StatefulSet, pod: &Pod) -> Option<i32> {
+    pod.name_any().strip_prefix(&format!("{}-", sts.name_any()))?.parse().ok()
+}
+
+fn claim_name(template: &Value, sts: &str, i: i32) -> String {
+    format!("{}-{sts}-{i}", template.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default())
+}
+
+fn pod_for(sts: &StatefulSet, i: i32, revision: &str) -> Result<Pod, Error> {
+    let template = serde_json::to_value(&sts.spec.template)?;
+    let name = format!("{}-{i}", sts.name_any());
+    let mut metadata = template.get("metadata").cloned().unwrap_or_else(|| json!({}));
+    metadata["name"] = json!(name);
+    metadata["namespace"] = json!(sts.namespace());
+    metadata["labels"][REVISION_LABEL] = json!(revision);
+    metadata["labels"]["statefulset.kubernetes.io/pod-name"] = json!(name);
+    metadata["labels"]["apps.kubernetes.io/pod-index"] = json!(i.to_string());
+    metadata["ownerReferences"] = json!([sts.controller_owner_ref(&()).expect("a stored statefulset has a name and uid")]);
+    let mut spec = template.get("spec").cloned().unwrap_or_default();
+    spec["hostname"] = json!(name);
+    if let Some(service) = &sts.spec.service_name {
+        spec["subdomain"] = json!(service);
+    }
+    let mut volumes = spec.get("volumes").and_then(Value::as_array).cloned().unwrap_or_default();
+    for claim in sts.spec.volume_claim_templates.iter().flatten() {
+        let claim = serde_json::to_value(claim)?;
+        let volume = claim.pointer("/metadata/name").cloned().unwrap_or_default();
+        volumes.retain(|v| v["name"] != volume);
+        volumes.push(json!({"name": volume, "persistentVolumeClaim": {"claimName": claim_name(&claim, &sts.name_any(), i)}}));
+    }
+    if !volumes.is_empty() {
+        spec["volumes"] = json!(volumes);
+    }
+    Ok(serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}))?)
+}
+
+async fn ensure_claims(client: &kube::Client, sts: &StatefulSet, i: i32) -> Result<(), Error> {
+    let ns = sts.namespace().unwrap_or_default();
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+    for claim in sts.spec.volume_claim_templates.iter().flatten() {
+        let mut c = serde_json::to_value(claim)?;
+        let name = claim_name(&c, &sts.name_any(), i);
+        c["metadata"] = json!({"name": name, "namespace": ns, "labels": sts.spec.selector.match_labels});
+        c["apiVersion"] = json!("v1");
+        c["kind"] = json!("PersistentVolumeClaim");
+        if let Some(obj) = c.as_object_mut() {
+            obj.remove("status");
+        }
+        match api.create(&PostParams::default(), &serde_json::from_value(c)?).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn running_and_ready(pod: &Pod) -> bool {
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") && is_ready(pod)
+}
+
+async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if sts.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let ns = sts.namespace().unwrap_or_default();
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let uid = sts.uid().unwrap_or_default();
+    let selector = label_selector_string(&serde_json::to_value(&sts.spec.selector)?);
+    let pods: BTreeMap<i32, Pod> = api
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| p.owner_references().iter().any(|r| r.controller == Some(true) && r.uid == uid))
+        .filter_map(|p| ordinal(&sts, &p).map(|i| (i, p)))
+        .collect();
+    let wanted = sts.spec.replicas.unwrap_or(1);
+    let parallel = sts.spec.pod_management_policy.as_deref() == Some("Parallel");
+    let update_revision = revision(&sts)?;
+    let live = |p: &Pod| p.metadata.deletion_timestamp.is_none();
+
+    // Create missing pods in order; OrderedReady waits for each predecessor.
+    for i in 0..wanted {
+        match pods.get(&i) {
+            Some(p) if live(p) => {
+                if !parallel && !running_and_ready(p) {
+                    break;
+                }
+            }
+            Some(_) => break, // still terminating: its name is not free yet
+            None => {
+                ensure_claims(&ctx.client, &sts, i).await?;
+                match api.create(&PostParams::default(), &pod_for(&sts, i, &update_revision)?).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 409 => {}
+                    Err(e) => return Err(e.into()),
+                }
+                if !parallel {
+                    break;
+                }
+            }
+        }
+    }
+    // Scale down from the highest ordinal.
+    let extra: Vec<&Pod> = pods.range(wanted..).rev().map(|(_, p)| p).filter(|p| live(p)).collect();
+    for p in extra.iter().take(if parallel { extra.len() } else { 1 }) {
+        let _ = api.delete(&p.name_any(), &DeleteParams::default()).await;
+    }
+    // Rolling update: highest outdated ordinal at or above the partition, once all are ready.
+    let on_delete = sts.spec.update_strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("OnDelete");
+    let partition = sts.spec.update_strategy.as_ref().and_then(|s| s.rolling_update.as_ref()).and_then(|r| r.partition).unwrap_or(0);
+    let all_ready = (0..wanted).all(|i| pods.get(&i).is_some_and(|p| live(p) && running_and_ready(p)));
+    if !on_delete && all_ready && extra.is_empty() {
+        let outdated = (partition..wanted).rev().find_map(|i| pods.get(&i).filter(|p| p.labels().get(REVISION_LABEL) != Some(&update_revision)));
+        if let Some(p) = outdated {
+            let _ = api.delete(&p.name_any(), &DeleteParams::default()).await;
+        }
+    }
+
+    let current: Vec<&Pod> = pods.values().filter(|p| live(p)).collect();
+    let ready = current.iter().filter(|p| is_ready(p)).count();
+    let updated = current.iter().filter(|p| p.labels().get(REVISION_LABEL) == Some(&update_revision)).count();
+    let status = json!({
+        "replicas": current.len(), "readyReplicas": ready, "availableReplicas": ready, "currentReplicas": updated,
+        "updatedReplicas": updated, "updateRevision": update_revision, "currentRevision": update_revision,
+        "observedGeneration": sts.metadata.generation,
+    });
+    let before = serde_json::to_value(sts.status.clone().unwrap_or_default())?;
+    if status.as_object().expect("status is an object").iter().any(|(k, v)| before.get(k).cloned().unwrap_or(json!(0)) != *v) {
+        Api::<StatefulSet>::namespaced(ctx.client.clone(), &ns).patch_status(&sts.name_any(), &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await?;
+    }
+    Ok(Action::await_change())
+}
+
+fn error_policy(sts: Arc<StatefulSet>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(statefulset = %sts.name_any(), error = %err, "statefulset sync failed; retrying");
+    Action::requeue(Duration::from_secs(1))
+}
+
+pub async fn run(client: kube::Client) -> anyhow::Result<()> {
+    Controller::new(Api::<StatefulSet>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        .run(reconcile, error_policy, Arc::new(Context { client }))
+        .for_each(|_| futures::future::ready(()))
+        .await;
+    Ok(())
+}
