@@ -6,6 +6,7 @@ pub mod deployment;
 pub mod gc;
 pub mod job;
 pub mod namespace;
+pub mod nodelifecycle;
 pub mod replicas;
 pub mod selector;
 pub mod statefulset;
@@ -58,8 +59,22 @@ where
     }
 }
 
+/// Settings of the controllers.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// How long a node's Lease may go unrenewed before the node is unreachable.
+    pub node_monitor_grace_period: std::time::Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { node_monitor_grace_period: std::time::Duration::from_secs(40) }
+    }
+}
+
 /// Runs every controller, each restarted on failure.
-pub async fn run(client: kube::Client) -> anyhow::Result<()> {
+pub async fn run(client: kube::Client, config: Config) -> anyhow::Result<()> {
+    let grace = config.node_monitor_grace_period;
     tokio::join!(
         supervise("namespace", client.clone(), namespace::run),
         supervise("deployment", client.clone(), deployment::run),
@@ -67,6 +82,7 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
         supervise("job", client.clone(), job::run),
         supervise("daemonset", client.clone(), daemonset::run),
         supervise("statefulset", client.clone(), statefulset::run),
+        supervise("nodelifecycle", client.clone(), |c| nodelifecycle::run(c, grace)),
         supervise("replicaset", client.clone(), |c| replicas::run(c, resource("apps", "v1", "ReplicaSet", "replicasets"))),
         supervise("replicationcontroller", client.clone(), |c| replicas::run(c, resource("", "v1", "ReplicationController", "replicationcontrollers"))),
     );

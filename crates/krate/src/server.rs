@@ -34,6 +34,10 @@ pub struct ServerArgs {
     /// Seconds between bookmarks on watches that allow them.
     #[arg(long, default_value_t = 60)]
     pub bookmark_interval_seconds: u64,
+    /// Seconds a node's Lease may go unrenewed before the node is marked unreachable
+    /// (NotReady, tainted) and its pods are evicted after their tolerations.
+    #[arg(long, default_value_t = 40)]
+    pub node_monitor_grace_period_seconds: u64,
     /// Serve the API only; do not run the built-in controllers and scheduler.
     #[arg(long)]
     pub disable_controllers: bool,
@@ -100,8 +104,9 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         pki.write_kubeconfig(&path, &url, &leaf)?;
         let client = kube_client(&path).await?;
         let controllers = client.clone();
+        let controller_config = krate_controllers::Config { node_monitor_grace_period: std::time::Duration::from_secs(args.node_monitor_grace_period_seconds) };
         tokio::spawn(async move {
-            if let Err(err) = krate_controllers::run(controllers).await {
+            if let Err(err) = krate_controllers::run(controllers, controller_config).await {
                 tracing::error!(error = %err, "controllers stopped");
             }
         });

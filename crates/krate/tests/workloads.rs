@@ -311,3 +311,46 @@ async fn deleting_a_namespace_deletes_its_workloads() {
     assert!(left.iter().all(|p| p.namespace().as_deref() != Some("shop")), "no pod of shop remains");
     assert!(!server.kubectl(&["get", "namespace", "shop"]).status.success());
 }
+
+#[tokio::test]
+async fn pods_leave_a_node_that_stops_heartbeating() {
+    let server = TestServer::start_with(&["--node-monitor-grace-period-seconds", "2"]);
+    let mut doomed = HollowNodes::start(&server, "doomed", 1, &[]);
+    let _healthy = HollowNodes::start(&server, "healthy", 1, &[]);
+    let client = server.client().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let deployment = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 4
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      tolerations: [{key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 1}]
+      containers: [{name: c, image: "x:1"}]
+"#;
+    eventually(30, "two nodes", || async { (server.kubectl_ok(&["get", "nodes", "-o", "name"]).lines().count() == 2).then_some(()) }).await;
+    server.kubectl_stdin(&["apply", "-f", "-"], Some(deployment));
+    let before = running_pods(&pods, "app=web", 4).await;
+    assert!(before.iter().any(|p| p.spec.as_ref().unwrap().node_name.as_deref() == Some("doomed-0")), "pods spread to both nodes");
+
+    doomed.kill();
+    let ready = eventually(30, "doomed-0 to become NotReady", || async {
+        let node = server.kubectl_ok(&["get", "node", "doomed-0", "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status} {.spec.taints[*].key}"]);
+        node.starts_with("Unknown").then_some(node)
+    })
+    .await;
+    assert!(ready.contains("node.kubernetes.io/unreachable"), "{ready}");
+    let table = server.kubectl_ok(&["get", "nodes"]);
+    assert!(table.contains("NotReady"), "{table}");
+    // Evicted after their 1s toleration and recreated on the healthy node.
+    eventually(30, "all replicas on the healthy node", || async {
+        let list = pods.list(&ListParams::default().labels("app=web")).await.ok()?.items;
+        let live = running(&list);
+        (live.len() == 4 && live.iter().all(|p| p.spec.as_ref().unwrap().node_name.as_deref() == Some("healthy-0"))).then_some(())
+    })
+    .await;
+}
