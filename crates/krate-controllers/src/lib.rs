@@ -1,6 +1,8 @@
 //! Controllers: API clients (kube-rs watchers and reconcilers) that work against any
 //! Kubernetes API server. `krate server` runs them in-process.
 
+pub mod cron;
+pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
 pub mod gc;
@@ -80,6 +82,7 @@ pub async fn run(client: kube::Client, config: Config) -> anyhow::Result<()> {
         supervise("deployment", client.clone(), deployment::run),
         supervise("garbagecollector", client.clone(), gc::run),
         supervise("job", client.clone(), job::run),
+        supervise("cronjob", client.clone(), cronjob::run),
         supervise("daemonset", client.clone(), daemonset::run),
         supervise("statefulset", client.clone(), statefulset::run),
         supervise("nodelifecycle", client.clone(), |c| nodelifecycle::run(c, grace)),

@@ -354,3 +354,34 @@ spec:
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_cronjob_fires() {
+    let server = TestServer::start();
+    let _nodes = HollowNodes::start(&server, "hollow", 1, &[]);
+    let client = server.client().await;
+    let cronjob = r#"
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: tick}
+spec:
+  schedule: "* * * * *"
+  jobTemplate:
+    spec:
+      template:
+        metadata: {annotations: {hollow.krate.io/exit-code: "0"}}
+        spec: {restartPolicy: Never, containers: [{name: c, image: "x:1"}]}
+"#;
+    server.kubectl_stdin(&["apply", "-f", "-"], Some(cronjob));
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), "default");
+    // The next minute boundary is at most 60 s away.
+    let job = eventually(75, "the first scheduled job to complete", || async {
+        let list = jobs.list(&ListParams::default()).await.ok()?.items;
+        list.into_iter().find(|j| j.status.as_ref().and_then(|s| s.succeeded) == Some(1))
+    })
+    .await;
+    assert!(job.name_any().starts_with("tick-"));
+    assert_eq!(job.owner_references()[0].kind, "CronJob");
+    let last = server.kubectl_ok(&["get", "cronjob", "tick", "-o", "jsonpath={.status.lastScheduleTime}"]);
+    assert!(last.ends_with(":00Z"), "scheduled on the minute: {last}");
+}
