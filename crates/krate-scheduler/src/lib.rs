@@ -19,7 +19,8 @@ use kube::runtime::watcher::{self, Event};
 use serde_json::json;
 use tokio::sync::{mpsc, Semaphore};
 
-use plugins::NodeUsage;
+use plugins::{NodeInfo, NodeUsage};
+use quantity::Resources;
 
 pub const DEFAULT_SCHEDULER: &str = "default-scheduler";
 /// Bindings in flight at once.
@@ -47,8 +48,10 @@ enum Outcome {
 #[derive(Default)]
 struct State {
     name: String,
-    nodes: BTreeMap<String, Node>,
-    pods: HashMap<String, Pod>,
+    nodes: BTreeMap<String, NodeInfo>,
+    /// Where the next search over nodes starts (spreads work as upstream does).
+    next_start: usize,
+    pods: HashMap<String, Arc<Pod>>,
     /// Pending pods to try on the next pass.
     active: HashSet<String>,
     /// Pods that fit nowhere, with the message they were marked with.
@@ -91,7 +94,7 @@ impl State {
                 } else if self.wants(&pod) && !self.unschedulable.contains_key(&id) && !self.assumed.contains_key(&id) {
                     self.active.insert(id.clone());
                 }
-                self.pods.insert(id, pod);
+                self.pods.insert(id, Arc::new(pod));
             }
             Event::Delete(pod) => {
                 let id = uid(&pod);
@@ -112,8 +115,11 @@ impl State {
             Event::InitDone => self.nodes_synced = true,
             Event::Apply(node) | Event::InitApply(node) => {
                 let name = node.metadata.name.clone().unwrap_or_default();
-                let changed = self.nodes.get(&name).is_none_or(|old| old.spec != node.spec || old.metadata.labels != node.metadata.labels || allocatable_of(old) != allocatable_of(&node));
-                self.nodes.insert(name, node);
+                let changed = self.nodes.get(&name).is_none_or(|old| {
+                    let old = &old.node;
+                    old.spec != node.spec || old.metadata.labels != node.metadata.labels || allocatable_of(old) != allocatable_of(&node)
+                });
+                self.nodes.insert(name, NodeInfo::new(node));
                 if changed {
                     self.cluster_changed();
                 }
@@ -132,7 +138,7 @@ impl State {
             }
             let node = node_of(pod).map(str::to_string).or_else(|| self.assumed.get(&uid(pod)).cloned());
             if let Some(node) = node {
-                usage.entry(node).or_default().add(pod);
+                usage.entry(node).or_default().add(pod.clone());
             }
         }
         usage
@@ -143,24 +149,53 @@ fn allocatable_of(node: &Node) -> Option<&BTreeMap<String, k8s_openapi::apimachi
     node.status.as_ref().and_then(|s| s.allocatable.as_ref())
 }
 
-/// Where a pod goes, or why it goes nowhere.
-fn place(pod: &Pod, nodes: &BTreeMap<String, Node>, usage: &HashMap<String, NodeUsage>) -> Result<String, String> {
+/// The nodes of one scheduling pass, indexed.
+struct Cluster<'a> {
+    nodes: Vec<&'a NodeInfo>,
+    by_name: HashMap<String, &'a NodeInfo>,
+    /// Placed pods with required anti-affinity, and their nodes.
+    anti_holders: Vec<(String, Arc<Pod>)>,
+}
+
+/// How many feasible nodes to find before scoring: all in small clusters, a share of
+/// them in large ones (upstream's adaptive percentageOfNodesToScore).
+fn feasible_wanted(nodes: usize) -> usize {
+    let percent = 50usize.saturating_sub(nodes / 125).max(5);
+    (nodes * percent / 100).max(100).min(nodes)
+}
+
+/// Where a pod goes, or why it goes nowhere. The search starts at `start` and wraps.
+fn place(pod: &Pod, cluster: &Cluster, usage: &HashMap<String, NodeUsage>, start: usize) -> Result<(String, usize), String> {
+    let nodes = &cluster.nodes;
     let empty = NodeUsage::default();
+    let requests: Resources = plugins::pod_requests(pod);
+    let topology = plugins::PodTopology::new(pod, &cluster.by_name, usage, &cluster.anti_holders);
+    let wanted = feasible_wanted(nodes.len());
     let mut reasons = Vec::new();
     let mut best: Option<(f64, &str)> = None;
-    for (name, node) in nodes {
+    let mut found = 0;
+    let mut examined = 0;
+    for k in 0..nodes.len() {
+        let info = nodes[(start + k) % nodes.len()];
+        let name = info.node.metadata.name.as_deref().unwrap_or_default();
         let u = usage.get(name).unwrap_or(&empty);
-        match plugins::filter(pod, node, u) {
+        examined += 1;
+        let verdict = plugins::filter(pod, &requests, info, u).or_else(|| if topology.is_trivial() { None } else { topology.filter(&info.node) });
+        match verdict {
             Some(reason) => reasons.push(reason),
             None => {
-                let s = plugins::score(pod, node, u);
+                found += 1;
+                let s = plugins::score(pod, &requests, info, u);
                 if best.is_none_or(|(b, _)| s > b) {
                     best = Some((s, name));
+                }
+                if found >= wanted {
+                    break;
                 }
             }
         }
     }
-    best.map(|(_, n)| n.to_string()).ok_or_else(|| plugins::unschedulable_message(nodes.len(), &reasons))
+    best.map(|(_, n)| (n.to_string(), examined)).ok_or_else(|| plugins::unschedulable_message(nodes.len(), &reasons))
 }
 
 fn event(pod: &Pod, type_: &str, reason: &str, message: &str) -> serde_json::Value {
@@ -184,14 +219,14 @@ async fn record_event(client: &kube::Client, pod: &Pod, type_: &str, reason: &st
     }
 }
 
-async fn bind(client: kube::Client, pod: Pod, node: String) -> Outcome {
+async fn bind(client: kube::Client, pod: &Pod, node: String) -> Outcome {
     let name = pod.metadata.name.clone().unwrap_or_default();
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name, "namespace": ns, "uid": pod.metadata.uid}, "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
     match api.create_subresource::<serde_json::Value, serde_json::Value>("binding", &name, &PostParams::default(), &binding).await {
         Ok(_) => {
-            record_event(&client, &pod, "Normal", "Scheduled", &format!("Successfully assigned {ns}/{name} to {node}")).await;
+            record_event(&client, pod, "Normal", "Scheduled", &format!("Successfully assigned {ns}/{name} to {node}")).await;
             Outcome::Bound
         }
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Outcome::Bound,
@@ -219,33 +254,56 @@ fn existing_unschedulable_message(pod: &Pod) -> Option<String> {
 
 /// One pass over the active queue: highest priority first, then oldest.
 fn schedule_pass(state: &mut State, client: &kube::Client, binds: &Arc<Semaphore>, done: &mpsc::UnboundedSender<(String, Outcome)>) {
-    let mut queue: Vec<Pod> = state.active.drain().filter_map(|id| state.pods.get(&id).cloned()).collect();
+    let mut queue: Vec<Arc<Pod>> = state.active.drain().filter_map(|id| state.pods.get(&id).cloned()).collect();
     queue.sort_by_key(|p| (std::cmp::Reverse(p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)), p.metadata.creation_timestamp.clone().map(|t| t.0)));
     let mut usage = state.usage();
+    let nodes: Vec<&NodeInfo> = state.nodes.values().collect();
+    let mut cluster = Cluster {
+        by_name: nodes.iter().map(|n| (n.node.metadata.name.clone().unwrap_or_default(), *n)).collect(),
+        anti_holders: usage
+            .iter()
+            .flat_map(|(node, u)| u.placed.iter().filter(|p| plugins::PodTopology::holds_anti_affinity(p)).map(move |p| (node.clone(), p.clone())))
+            .collect(),
+        nodes,
+    };
+    let mut next_start = state.next_start;
+    let mut assumed = Vec::new();
+    let mut unschedulable = Vec::new();
     for pod in queue {
         if !state.wants(&pod) {
             continue;
         }
         let id = uid(&pod);
-        match place(&pod, &state.nodes, &usage) {
-            Ok(node) => {
-                usage.entry(node.clone()).or_default().add(&pod);
-                state.assumed.insert(id.clone(), node.clone());
+        if cluster.nodes.is_empty() {
+            unschedulable.push((id, pod, plugins::unschedulable_message(0, &[])));
+            continue;
+        }
+        match place(&pod, &cluster, &usage, next_start) {
+            Ok((node, examined)) => {
+                next_start = (next_start + examined) % cluster.nodes.len();
+                if plugins::PodTopology::holds_anti_affinity(&pod) {
+                    cluster.anti_holders.push((node.clone(), pod.clone()));
+                }
+                usage.entry(node.clone()).or_default().add(pod.clone());
+                assumed.push((id.clone(), node.clone()));
                 let (client, binds, done) = (client.clone(), binds.clone(), done.clone());
                 tokio::spawn(async move {
                     let _permit = binds.acquire_owned().await;
-                    let outcome = bind(client, pod, node).await;
+                    let outcome = bind(client, &pod, node).await;
                     let _ = done.send((id, outcome));
                 });
             }
-            Err(message) => {
-                let already = existing_unschedulable_message(&pod).as_deref() == Some(message.as_str());
-                state.unschedulable.insert(id, message.clone());
-                if !already {
-                    let client = client.clone();
-                    tokio::spawn(async move { mark_unschedulable(&client, &pod, &message).await });
-                }
-            }
+            Err(message) => unschedulable.push((id, pod, message)),
+        }
+    }
+    state.next_start = next_start;
+    state.assumed.extend(assumed);
+    for (id, pod, message) in unschedulable {
+        let already = existing_unschedulable_message(&pod).as_deref() == Some(message.as_str());
+        state.unschedulable.insert(id, message.clone());
+        if !already {
+            let client = client.clone();
+            tokio::spawn(async move { mark_unschedulable(&client, &pod, &message).await });
         }
     }
 }

@@ -1,9 +1,11 @@
 //! Filter and score plugins, as upstream's default profile has them. Pure functions of a
 //! pod, a node and what is already placed on the node.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Taint, Toleration};
+use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodAffinityTerm, Taint, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::quantity::{parse, Resources};
 
@@ -17,17 +19,20 @@ pub struct NodeUsage {
     /// CPU and memory with upstream's defaults for pods that request none (scoring
     /// only, so that such pods spread instead of piling onto one node).
     pub non_zero: (f64, f64),
+    /// The pods placed here (for inter-pod affinity).
+    pub placed: Vec<Arc<Pod>>,
 }
 
 impl NodeUsage {
-    pub fn add(&mut self, pod: &Pod) {
-        let requests = pod_requests(pod);
+    pub fn add(&mut self, pod: Arc<Pod>) {
+        let requests = pod_requests(&pod);
         let (cpu, memory) = non_zero(&requests);
         self.non_zero.0 += cpu;
         self.non_zero.1 += memory;
         self.requested.add(&requests);
         self.pods += 1;
-        self.host_ports.extend(host_ports(pod));
+        self.host_ports.extend(host_ports(&pod));
+        self.placed.push(pod);
     }
 }
 
@@ -73,12 +78,21 @@ fn host_ports(pod: &Pod) -> Vec<(String, String, i32)> {
         .collect()
 }
 
-fn allocatable(node: &Node) -> Resources {
-    let mut out = Resources::default();
-    for (k, v) in node.status.as_ref().and_then(|s| s.allocatable.as_ref()).into_iter().flatten() {
-        out.set(k, parse(&v.0).unwrap_or(0.0));
+/// A node with what the plugins read from it parsed once.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    pub node: Node,
+    pub allocatable: Resources,
+}
+
+impl NodeInfo {
+    pub fn new(node: Node) -> Self {
+        let mut allocatable = Resources::default();
+        for (k, v) in node.status.as_ref().and_then(|s| s.allocatable.as_ref()).into_iter().flatten() {
+            allocatable.set(k, parse(&v.0).unwrap_or(0.0));
+        }
+        Self { node, allocatable }
     }
-    out
 }
 
 fn tolerates(tolerations: &[Toleration], taint: &Taint) -> bool {
@@ -159,8 +173,8 @@ pub fn node_selected(pod: &Pod, node: &Node) -> Option<Reason> {
 }
 
 /// Runs every filter; `None` when the pod fits the node, else why not.
-pub fn filter(pod: &Pod, node: &Node, usage: &NodeUsage) -> Option<Reason> {
-    if let Some(reason) = node_selected(pod, node) {
+pub fn filter(pod: &Pod, requests: &Resources, info: &NodeInfo, usage: &NodeUsage) -> Option<Reason> {
+    if let Some(reason) = node_selected(pod, &info.node) {
         return Some(reason);
     }
     let wanted = host_ports(pod);
@@ -169,12 +183,11 @@ pub fn filter(pod: &Pod, node: &Node, usage: &NodeUsage) -> Option<Reason> {
     }) {
         return Some("node(s) didn't have free ports for the requested pod ports".into());
     }
-    let alloc = allocatable(node);
+    let alloc = &info.allocatable;
     let max_pods = alloc.get("pods").unwrap_or(110.0) as usize;
     if usage.pods + 1 > max_pods {
         return Some("Too many pods".into());
     }
-    let requests = pod_requests(pod);
     for (resource, amount) in requests.iter() {
         if amount <= 0.0 || resource == "pods" {
             continue;
@@ -187,15 +200,137 @@ pub fn filter(pod: &Pod, node: &Node, usage: &NodeUsage) -> Option<Reason> {
     None
 }
 
+fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let labels_ok = selector.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let exprs_ok = selector.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.clone().unwrap_or_default();
+        let value = labels.get(&e.key);
+        match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    });
+    labels_ok && exprs_ok
+}
+
+/// Does `term` (declared by a pod in `owner_ns`) select `pod`?
+fn term_selects(term: &PodAffinityTerm, owner_ns: &str, pod: &Pod) -> bool {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+    let namespaces = term.namespaces.clone().unwrap_or_default();
+    let ns_ok = if namespaces.is_empty() && term.namespace_selector.is_none() { ns == owner_ns } else { namespaces.iter().any(|n| n == ns) || term.namespace_selector.is_some() };
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    ns_ok && term.label_selector.as_ref().is_some_and(|s| selector_matches(s, &labels))
+}
+
+fn required_terms(pod: &Pod, anti: bool) -> Vec<PodAffinityTerm> {
+    let affinity = pod.spec.as_ref().and_then(|s| s.affinity.as_ref());
+    let terms = if anti {
+        affinity.and_then(|a| a.pod_anti_affinity.as_ref()).and_then(|a| a.required_during_scheduling_ignored_during_execution.clone())
+    } else {
+        affinity.and_then(|a| a.pod_affinity.as_ref()).and_then(|a| a.required_during_scheduling_ignored_during_execution.clone())
+    };
+    terms.unwrap_or_default()
+}
+
+/// Inter-pod (anti-)affinity, computed once per pod to place: which topology domains
+/// (topologyKey, value) it must avoid, and which it must land in.
+#[derive(Debug, Default)]
+pub struct PodTopology {
+    forbidden: HashSet<(String, String)>,
+    /// Per required affinity term: the domains that hold a matching pod (None: the pod
+    /// matches its own term and no pod does yet, so any domain will do).
+    required: Vec<(String, Option<HashSet<String>>)>,
+}
+
+impl PodTopology {
+    /// `anti_holders`: placed pods that declare required anti-affinity, with their node
+    /// (their rules apply to newcomers too).
+    pub fn new(pod: &Pod, nodes: &HashMap<String, &NodeInfo>, usage: &HashMap<String, NodeUsage>, anti_holders: &[(String, Arc<Pod>)]) -> Self {
+        let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let anti = required_terms(pod, true);
+        let affinity = required_terms(pod, false);
+        let mut out = PodTopology::default();
+        let label = |node: &str, key: &str| nodes.get(node).and_then(|n| n.node.metadata.labels.as_ref()?.get(key).cloned());
+        for (node, other) in anti_holders {
+            let other_ns = other.metadata.namespace.as_deref().unwrap_or_default();
+            for term in required_terms(other, true) {
+                if term_selects(&term, other_ns, pod) {
+                    if let Some(v) = label(node, &term.topology_key) {
+                        out.forbidden.insert((term.topology_key.clone(), v));
+                    }
+                }
+            }
+        }
+        if anti.is_empty() && affinity.is_empty() {
+            return out;
+        }
+        let mut found: Vec<HashSet<String>> = vec![HashSet::new(); affinity.len()];
+        for (node, u) in usage {
+            for other in &u.placed {
+                for term in &anti {
+                    if term_selects(term, ns, other) {
+                        if let Some(v) = label(node, &term.topology_key) {
+                            out.forbidden.insert((term.topology_key.clone(), v));
+                        }
+                    }
+                }
+                for (i, term) in affinity.iter().enumerate() {
+                    if term_selects(term, ns, other) {
+                        if let Some(v) = label(node, &term.topology_key) {
+                            found[i].insert(v);
+                        }
+                    }
+                }
+            }
+        }
+        for (term, domains) in affinity.iter().zip(found) {
+            let self_match = term_selects(term, ns, pod);
+            out.required.push((term.topology_key.clone(), if domains.is_empty() && self_match { None } else { Some(domains) }));
+        }
+        out
+    }
+
+    /// Whether `pod` declares required anti-affinity (and so constrains newcomers).
+    pub fn holds_anti_affinity(pod: &Pod) -> bool {
+        !required_terms(pod, true).is_empty()
+    }
+
+    pub fn is_trivial(&self) -> bool {
+        self.forbidden.is_empty() && self.required.is_empty()
+    }
+
+    /// `None` when the node satisfies the pod's inter-pod (anti-)affinity.
+    pub fn filter(&self, node: &Node) -> Option<Reason> {
+        let labels = node.metadata.labels.clone().unwrap_or_default();
+        if self.forbidden.iter().any(|(k, v)| labels.get(k) == Some(v)) {
+            return Some("node(s) didn't match pod anti-affinity rules".into());
+        }
+        for (key, domains) in &self.required {
+            let ok = match (labels.get(key), domains) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(v), Some(d)) => d.contains(v),
+            };
+            if !ok {
+                return Some("node(s) didn't match pod affinity rules".into());
+            }
+        }
+        None
+    }
+}
+
 /// Upstream's defaults for pods that request nothing, used only for scoring.
 const DEFAULT_CPU: f64 = 0.1;
 const DEFAULT_MEMORY: f64 = 200.0 * 1024.0 * 1024.0;
 
 /// NodeResourcesFit (least allocated) + NodeResourcesBalancedAllocation + preferred node
 /// affinity, each 0..=100.
-pub fn score(pod: &Pod, node: &Node, usage: &NodeUsage) -> f64 {
-    let alloc = allocatable(node);
-    let (cpu_req, mem_req) = non_zero(&pod_requests(pod));
+pub fn score(pod: &Pod, requests: &Resources, info: &NodeInfo, usage: &NodeUsage) -> f64 {
+    let (alloc, node) = (&info.allocatable, &info.node);
+    let (cpu_req, mem_req) = non_zero(requests);
     let fraction = |resource: &str, used: f64, add: f64| {
         let cap = alloc.get(resource).unwrap_or(0.0);
         if cap <= 0.0 {
@@ -236,11 +371,15 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn node(name: &str, cpu: &str, extra: serde_json::Value) -> Node {
+    fn node(name: &str, cpu: &str, extra: serde_json::Value) -> NodeInfo {
         let mut n = json!({"metadata": {"name": name, "labels": {"zone": "a"}}, "spec": {},
             "status": {"allocatable": {"cpu": cpu, "memory": "4Gi", "pods": "3"}}});
         crate::merge(&mut n, &extra);
-        serde_json::from_value(n).unwrap()
+        NodeInfo::new(serde_json::from_value(n).unwrap())
+    }
+
+    fn fits(pod: &Pod, node: &NodeInfo, usage: &NodeUsage) -> Option<Reason> {
+        filter(pod, &pod_requests(pod), node, usage)
     }
 
     fn pod(cpu: &str, extra: serde_json::Value) -> Pod {
@@ -252,28 +391,48 @@ mod tests {
     #[test]
     fn filters_explain_themselves() {
         let usage = NodeUsage::default();
-        assert_eq!(filter(&pod("1", json!({})), &node("n", "2", json!({})), &usage), None);
-        assert_eq!(filter(&pod("3", json!({})), &node("n", "2", json!({})), &usage).as_deref(), Some("Insufficient cpu"));
+        assert_eq!(fits(&pod("1", json!({})), &node("n", "2", json!({})), &usage), None);
+        assert_eq!(fits(&pod("3", json!({})), &node("n", "2", json!({})), &usage).as_deref(), Some("Insufficient cpu"));
         let tainted = node("n", "2", json!({"spec": {"taints": [{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]}}));
-        assert_eq!(filter(&pod("1", json!({})), &tainted, &usage).as_deref(), Some("node(s) had untolerated taint {dedicated: gpu}"));
+        assert_eq!(fits(&pod("1", json!({})), &tainted, &usage).as_deref(), Some("node(s) had untolerated taint {dedicated: gpu}"));
         let tolerant = pod("1", json!({"spec": {"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]}}));
-        assert_eq!(filter(&tolerant, &tainted, &usage), None);
+        assert_eq!(fits(&tolerant, &tainted, &usage), None);
         let picky = pod("1", json!({"spec": {"nodeSelector": {"zone": "b"}}}));
-        assert_eq!(filter(&picky, &node("n", "2", json!({})), &usage).as_deref(), Some("node(s) didn't match Pod's node affinity/selector"));
+        assert_eq!(fits(&picky, &node("n", "2", json!({})), &usage).as_deref(), Some("node(s) didn't match Pod's node affinity/selector"));
         let affine = pod("1", json!({"spec": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}}}}));
-        assert_eq!(filter(&affine, &node("n", "2", json!({})), &usage), None);
+        assert_eq!(fits(&affine, &node("n", "2", json!({})), &usage), None);
         let cordoned = node("n", "2", json!({"spec": {"unschedulable": true}}));
-        assert_eq!(filter(&pod("1", json!({})), &cordoned, &usage).as_deref(), Some("node(s) were unschedulable"));
+        assert_eq!(fits(&pod("1", json!({})), &cordoned, &usage).as_deref(), Some("node(s) were unschedulable"));
         let full = NodeUsage { pods: 3, ..Default::default() };
-        assert_eq!(filter(&pod("0", json!({})), &node("n", "2", json!({})), &full).as_deref(), Some("Too many pods"));
+        assert_eq!(fits(&pod("0", json!({})), &node("n", "2", json!({})), &full).as_deref(), Some("Too many pods"));
+    }
+
+    #[test]
+    fn pod_anti_affinity_keeps_matching_pods_apart() {
+        let labeled = |name: &str| node(name, "2", json!({"metadata": {"labels": {"kubernetes.io/hostname": name}}}));
+        let (n1, n2) = (labeled("n1"), labeled("n2"));
+        let nodes: HashMap<String, &NodeInfo> = [("n1".to_string(), &n1), ("n2".to_string(), &n2)].into_iter().collect();
+        let mut usage: HashMap<String, NodeUsage> = HashMap::new();
+        usage.entry("n1".into()).or_default().add(Arc::new(pod("0", json!({"metadata": {"labels": {"app": "x"}}}))));
+        let term = json!({"labelSelector": {"matchLabels": {"app": "x"}}, "topologyKey": "kubernetes.io/hostname"});
+        let loner = pod("0", json!({"spec": {"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}}}));
+        let topology = PodTopology::new(&loner, &nodes, &usage, &[]);
+        assert_eq!(topology.filter(&n1.node).as_deref(), Some("node(s) didn't match pod anti-affinity rules"));
+        assert_eq!(topology.filter(&n2.node), None);
+        let friend = pod("0", json!({"spec": {"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}}}));
+        let topology = PodTopology::new(&friend, &nodes, &usage, &[]);
+        assert_eq!(topology.filter(&n1.node), None);
+        assert!(topology.filter(&n2.node).is_some());
     }
 
     #[test]
     fn emptier_nodes_score_higher_and_messages_match_upstream() {
         let mut busy = NodeUsage::default();
-        busy.add(&pod("1500m", json!({})));
+        busy.add(Arc::new(pod("1500m", json!({}))));
         let n = node("n", "2", json!({}));
-        assert!(score(&pod("100m", json!({})), &n, &NodeUsage::default()) > score(&pod("100m", json!({})), &n, &busy));
+        let small = pod("100m", json!({}));
+        let r = pod_requests(&small);
+        assert!(score(&small, &r, &n, &NodeUsage::default()) > score(&small, &r, &n, &busy));
         let reasons = vec!["Insufficient cpu".to_string(), "node(s) were unschedulable".into(), "Insufficient cpu".into()];
         assert_eq!(unschedulable_message(3, &reasons), "0/3 nodes are available: 2 Insufficient cpu, 1 node(s) were unschedulable.");
     }
