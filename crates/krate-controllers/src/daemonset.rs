@@ -13,6 +13,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::core::PartialObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
@@ -170,7 +171,7 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
         .touched_objects()
         .map(|_| ());
     Controller::new(Api::<DaemonSet>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
         .reconcile_all_on(node_changes)
         .run(reconcile, error_policy, Arc::new(Context { client, nodes: store }))
         .for_each(|_| futures::future::ready(()))

@@ -14,6 +14,7 @@ use futures::StreamExt;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PropagationPolicy};
 use kube::discovery::{verbs, Discovery, Scope};
 use kube::runtime::watcher::{self, Event};
+use kube::core::PartialObjectMeta;
 use kube::ResourceExt;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -136,7 +137,7 @@ async fn process(client: &kube::Client, graph: &Graph, uid: &str) {
     }
 }
 
-fn item_of(resource: &ApiResource, namespaced: bool, obj: &DynamicObject) -> Item {
+fn item_of(resource: &ApiResource, namespaced: bool, obj: &PartialObjectMeta<DynamicObject>) -> Item {
     Item {
         resource: resource.clone(),
         namespaced,
@@ -184,7 +185,8 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
             let (client, tx) = (client.clone(), tx.clone());
             let namespaced = caps.scope == Scope::Namespaced;
             tokio::spawn(async move {
-                let api: Api<DynamicObject> = Api::all_with(client, &resource);
+                // Metadata is all the collector reads.
+                let api: Api<PartialObjectMeta<DynamicObject>> = Api::all_with(client, &resource);
                 let mut events = watcher::watcher(api, watcher::Config::default()).boxed();
                 let mut synced = false;
                 while let Some(event) = events.next().await {

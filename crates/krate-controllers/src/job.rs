@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
+use kube::core::PartialObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
@@ -215,7 +216,7 @@ fn error_policy(job: Arc<Job>, err: &Error, _ctx: Arc<Context>) -> Action {
 
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     Controller::new(Api::<Job>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
         .run(reconcile, error_policy, Arc::new(Context { client }))
         .for_each(|_| futures::future::ready(()))
         .await;

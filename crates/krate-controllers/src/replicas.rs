@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use kube::core::PartialObjectMeta;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
@@ -132,7 +133,7 @@ fn error_policy(owner: Arc<DynamicObject>, err: &Error, _ctx: Arc<Context>) -> A
 pub async fn run(client: kube::Client, resource: ApiResource) -> anyhow::Result<()> {
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
     Controller::new_with(api, watcher::Config::default(), resource.clone())
-        .owns(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
         .run(reconcile, error_policy, Arc::new(Context { client, resource }))
         .for_each(|_| futures::future::ready(()))
         .await;

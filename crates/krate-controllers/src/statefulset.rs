@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::core::PartialObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
@@ -173,7 +174,7 @@ fn error_policy(sts: Arc<StatefulSet>, err: &Error, _ctx: Arc<Context>) -> Actio
 
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     Controller::new(Api::<StatefulSet>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
         .run(reconcile, error_policy, Arc::new(Context { client }))
         .for_each(|_| futures::future::ready(()))
         .await;

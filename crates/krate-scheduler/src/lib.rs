@@ -58,6 +58,10 @@ struct State {
     unschedulable: HashMap<String, String>,
     /// Pods bound by us whose binding the watch has not shown yet.
     assumed: HashMap<String, String>,
+    /// What is placed on each node, kept up to date as pods change.
+    usage: HashMap<String, NodeUsage>,
+    /// The node each counted pod is counted on.
+    counted: HashMap<String, String>,
     pods_synced: bool,
     nodes_synced: bool,
 }
@@ -79,7 +83,11 @@ impl State {
 
     fn on_pod(&mut self, event: Event<Pod>) {
         match event {
-            Event::Init => self.pods.clear(),
+            Event::Init => {
+                self.pods.clear();
+                self.usage.clear();
+                self.counted.clear();
+            }
             Event::InitDone => self.pods_synced = true,
             Event::Apply(pod) | Event::InitApply(pod) => {
                 let id = uid(&pod);
@@ -94,7 +102,8 @@ impl State {
                 } else if self.wants(&pod) && !self.unschedulable.contains_key(&id) && !self.assumed.contains_key(&id) {
                     self.active.insert(id.clone());
                 }
-                self.pods.insert(id, Arc::new(pod));
+                self.pods.insert(id.clone(), Arc::new(pod));
+                self.account(&id);
             }
             Event::Delete(pod) => {
                 let id = uid(&pod);
@@ -102,6 +111,7 @@ impl State {
                 self.active.remove(&id);
                 self.unschedulable.remove(&id);
                 self.assumed.remove(&id);
+                self.account(&id);
                 if node_of(&pod).is_some() {
                     self.cluster_changed();
                 }
@@ -130,18 +140,22 @@ impl State {
         }
     }
 
-    fn usage(&self) -> HashMap<String, NodeUsage> {
-        let mut usage: HashMap<String, NodeUsage> = HashMap::new();
-        for pod in self.pods.values() {
-            if is_terminal(pod) {
-                continue;
-            }
-            let node = node_of(pod).map(str::to_string).or_else(|| self.assumed.get(&uid(pod)).cloned());
-            if let Some(node) = node {
-                usage.entry(node).or_default().add(pod.clone());
+    /// Re-counts pod `id` in the node usage: bound or assumed, and not finished.
+    fn account(&mut self, id: &str) {
+        if let Some(node) = self.counted.remove(id) {
+            if let Some(u) = self.usage.get_mut(&node) {
+                u.remove(id);
             }
         }
-        usage
+        let Some(pod) = self.pods.get(id) else { return };
+        if is_terminal(pod) {
+            return;
+        }
+        let node = node_of(pod).map(str::to_string).or_else(|| self.assumed.get(id).cloned());
+        if let Some(node) = node {
+            self.usage.entry(node.clone()).or_default().add(pod.clone());
+            self.counted.insert(id.to_string(), node);
+        }
     }
 }
 
@@ -256,7 +270,7 @@ fn existing_unschedulable_message(pod: &Pod) -> Option<String> {
 fn schedule_pass(state: &mut State, client: &kube::Client, binds: &Arc<Semaphore>, done: &mpsc::UnboundedSender<(String, Outcome)>) {
     let mut queue: Vec<Arc<Pod>> = state.active.drain().filter_map(|id| state.pods.get(&id).cloned()).collect();
     queue.sort_by_key(|p| (std::cmp::Reverse(p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)), p.metadata.creation_timestamp.clone().map(|t| t.0)));
-    let mut usage = state.usage();
+    let mut usage = std::mem::take(&mut state.usage);
     let nodes: Vec<&NodeInfo> = state.nodes.values().collect();
     let mut cluster = Cluster {
         by_name: nodes.iter().map(|n| (n.node.metadata.name.clone().unwrap_or_default(), *n)).collect(),
@@ -285,6 +299,7 @@ fn schedule_pass(state: &mut State, client: &kube::Client, binds: &Arc<Semaphore
                     cluster.anti_holders.push((node.clone(), pod.clone()));
                 }
                 usage.entry(node.clone()).or_default().add(pod.clone());
+                state.counted.insert(id.clone(), node.clone());
                 assumed.push((id.clone(), node.clone()));
                 let (client, binds, done) = (client.clone(), binds.clone(), done.clone());
                 tokio::spawn(async move {
@@ -297,6 +312,7 @@ fn schedule_pass(state: &mut State, client: &kube::Client, binds: &Arc<Semaphore
         }
     }
     state.next_start = next_start;
+    state.usage = usage;
     state.assumed.extend(assumed);
     for (id, pod, message) in unschedulable {
         let already = existing_unschedulable_message(&pod).as_deref() == Some(message.as_str());
@@ -312,7 +328,7 @@ fn schedule_pass(state: &mut State, client: &kube::Client, binds: &Arc<Semaphore
 pub async fn run(client: kube::Client, scheduler_name: &str) -> Result<()> {
     let mut pods = watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).boxed();
     let mut nodes = watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).boxed();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Outcome)>();
     let binds = Arc::new(Semaphore::new(BIND_CONCURRENCY));
     let mut state = State { name: scheduler_name.to_string(), ..Default::default() };
     loop {
@@ -323,6 +339,7 @@ pub async fn run(client: kube::Client, scheduler_name: &str) -> Result<()> {
                 if let Outcome::Retry(err) = outcome {
                     tracing::warn!(pod = %id, error = %err, "binding failed; will retry");
                     state.assumed.remove(&id);
+                    state.account(&id);
                     state.active.insert(id);
                 }
             }

@@ -34,6 +34,21 @@ impl NodeUsage {
         self.host_ports.extend(host_ports(&pod));
         self.placed.push(pod);
     }
+
+    /// Takes pod `uid` (counted earlier) off this node.
+    pub fn remove(&mut self, uid: &str) {
+        let Some(i) = self.placed.iter().position(|p| p.metadata.uid.as_deref() == Some(uid)) else { return };
+        let pod = self.placed.swap_remove(i);
+        let requests = pod_requests(&pod);
+        let (cpu, memory) = non_zero(&requests);
+        self.non_zero.0 -= cpu;
+        self.non_zero.1 -= memory;
+        self.requested.subtract(&requests);
+        self.pods -= 1;
+        for port in host_ports(&pod) {
+            self.host_ports.remove(&port);
+        }
+    }
 }
 
 fn non_zero(requests: &Resources) -> (f64, f64) {
@@ -142,18 +157,20 @@ pub(crate) fn term_matches(term: &NodeSelectorTerm, node: &Node) -> bool {
 pub fn node_selected(pod: &Pod, node: &Node) -> Option<Reason> {
     let spec = pod.spec.as_ref()?;
     let node_name = node.metadata.name.as_deref().unwrap_or_default();
-    let tolerations = spec.tolerations.clone().unwrap_or_default();
+    let tolerations: &[Toleration] = spec.tolerations.as_deref().unwrap_or_default();
     if spec.node_name.as_deref().is_some_and(|n| !n.is_empty() && n != node_name) {
         return Some("node(s) didn't match the requested node name".into());
     }
-    let node_spec = node.spec.clone().unwrap_or_default();
+    let no_spec = Default::default();
+    let node_spec = node.spec.as_ref().unwrap_or(&no_spec);
     if node_spec.unschedulable == Some(true) {
         let taint = Taint { key: "node.kubernetes.io/unschedulable".into(), effect: "NoSchedule".into(), ..Default::default() };
-        if !tolerates(&tolerations, &taint) {
+        if !tolerates(tolerations, &taint) {
             return Some("node(s) were unschedulable".into());
         }
     }
-    let labels = node.metadata.labels.clone().unwrap_or_default();
+    let no_labels = BTreeMap::new();
+    let labels = node.metadata.labels.as_ref().unwrap_or(&no_labels);
     let selector_ok = spec.node_selector.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
     let affinity_ok = spec
         .affinity
@@ -165,7 +182,7 @@ pub fn node_selected(pod: &Pod, node: &Node) -> Option<Reason> {
         return Some("node(s) didn't match Pod's node affinity/selector".into());
     }
     for taint in node_spec.taints.iter().flatten() {
-        if matches!(taint.effect.as_str(), "NoSchedule" | "NoExecute") && !tolerates(&tolerations, taint) {
+        if matches!(taint.effect.as_str(), "NoSchedule" | "NoExecute") && !tolerates(tolerations, taint) {
             return Some(format!("node(s) had untolerated taint {{{}: {}}}", taint.key, taint.value.clone().unwrap_or_default()));
         }
     }

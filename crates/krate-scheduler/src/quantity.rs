@@ -55,6 +55,12 @@ impl Resources {
         }
     }
 
+    pub fn subtract(&mut self, other: &Resources) {
+        for (k, v) in &other.0 {
+            self.add_one(k, -*v);
+        }
+    }
+
     /// Per resource, the larger of the two (init containers run one at a time).
     pub fn max_with(&mut self, other: &Resources) {
         for (k, v) in &other.0 {
