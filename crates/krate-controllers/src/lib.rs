@@ -5,10 +5,13 @@ pub mod cron;
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
+pub mod endpoints;
 pub mod gc;
 pub mod job;
 pub mod namespace;
 pub mod nodelifecycle;
+pub mod perns;
+pub mod podgc;
 pub mod replicas;
 pub mod selector;
 pub mod statefulset;
@@ -26,6 +29,16 @@ pub enum Error {
 fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
     let api_version = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
     ApiResource { group: group.into(), version: version.into(), api_version, kind: kind.into(), plural: plural.into() }
+}
+
+/// `result`, with the API errors of the given HTTP codes counted as success (a 404 on
+/// delete, a 409 on create: someone else already did it).
+pub(crate) fn tolerate<T>(result: Result<T, kube::Error>, codes: &[u16]) -> Result<(), kube::Error> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if codes.contains(&e.code) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// A short, stable name for a pod template (plus a collision count), in upstream's
@@ -66,17 +79,17 @@ where
 pub struct Config {
     /// How long a node's Lease may go unrenewed before the node is unreachable.
     pub node_monitor_grace_period: std::time::Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self { node_monitor_grace_period: std::time::Duration::from_secs(40) }
-    }
+    /// Finished pods kept before the oldest are deleted.
+    pub terminated_pod_gc_threshold: usize,
+    /// The cluster CA (PEM) published in every namespace as `kube-root-ca.crt`.
+    pub root_ca_pem: String,
 }
 
 /// Runs every controller, each restarted on failure.
 pub async fn run(client: kube::Client, config: Config) -> anyhow::Result<()> {
     let grace = config.node_monitor_grace_period;
+    let gc_threshold = config.terminated_pod_gc_threshold;
+    let root_ca = perns::PerNamespace::root_ca(&config.root_ca_pem);
     tokio::join!(
         supervise("namespace", client.clone(), namespace::run),
         supervise("deployment", client.clone(), deployment::run),
@@ -86,6 +99,10 @@ pub async fn run(client: kube::Client, config: Config) -> anyhow::Result<()> {
         supervise("daemonset", client.clone(), daemonset::run),
         supervise("statefulset", client.clone(), statefulset::run),
         supervise("nodelifecycle", client.clone(), |c| nodelifecycle::run(c, grace)),
+        supervise("endpoints", client.clone(), endpoints::run),
+        supervise("podgc", client.clone(), |c| podgc::run(c, gc_threshold)),
+        supervise("serviceaccount", client.clone(), |c| perns::run(c, perns::PerNamespace::default_service_account())),
+        supervise("root-ca-cert-publisher", client.clone(), |c| perns::run(c, root_ca.clone())),
         supervise("replicaset", client.clone(), |c| replicas::run(c, resource("apps", "v1", "ReplicaSet", "replicasets"))),
         supervise("replicationcontroller", client.clone(), |c| replicas::run(c, resource("", "v1", "ReplicationController", "replicationcontrollers"))),
     );

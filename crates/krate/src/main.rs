@@ -2,7 +2,9 @@
 
 use clap::{Parser, Subcommand};
 
+mod components;
 mod hollow;
+mod leader;
 mod pki;
 mod server;
 
@@ -27,6 +29,14 @@ struct Cli {
 enum Command {
     /// Run the API server (and, as they arrive, the rest of the control plane).
     Server(server::ServerArgs),
+    /// Run the controllers (replication, deployments, jobs, garbage collection, node
+    /// lifecycle, ...) against any Kubernetes API server, under leader election.
+    /// `krate server` already runs them; use this for extra standby copies or other clusters.
+    ControllerManager(components::ControllerManagerArgs),
+    /// Run the scheduler against any Kubernetes API server, under leader election.
+    /// `krate server` already runs one for `default-scheduler`; run more with
+    /// `--scheduler-name` for pods that ask for another scheduler.
+    Scheduler(components::SchedulerArgs),
     /// Simulate nodes (like kwok/kubemark): register Nodes, renew their Leases and report
     /// the pods bound to them as Running (or Succeeded/Failed when annotated
     /// `hollow.krate.io/exit-code`), without running anything. For testing and scale runs.
@@ -60,6 +70,8 @@ fn main() -> std::process::ExitCode {
     init_logging(&cli.log_format);
     let result = match cli.command {
         Command::Server(args) => block_on(server::run(args)),
+        Command::ControllerManager(args) => block_on(components::run_controller_manager(args)),
+        Command::Scheduler(args) => block_on(components::run_scheduler(args)),
         Command::HollowNodes(args) => block_on(hollow::run(args)),
         Command::Kubeconfig { data_dir } => std::fs::read_to_string(data_dir.join("admin.kubeconfig"))
             .map(|k| print!("{k}"))

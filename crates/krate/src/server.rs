@@ -9,6 +9,8 @@ use anyhow::{Context, Result};
 use krate_apiserver::{auth, ApiServer, Settings};
 use krate_store::sqlite::SqliteStore;
 
+use crate::components::{self, ControllerManagerArgs, ElectionArgs, SchedulerArgs};
+
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/krate";
 
 #[derive(clap::Args, Debug)]
@@ -99,20 +101,26 @@ pub async fn run(args: ServerArgs) -> Result<()> {
 
     let serving = tokio::spawn(server.serve(listener, tls));
     if !args.disable_controllers {
-        let path = args.data_dir.join("controller-manager.kubeconfig");
-        let leaf = pki.client_certificate("controller-manager", "system:kube-controller-manager", &[])?;
-        pki.write_kubeconfig(&path, &url, &leaf)?;
-        let client = kube_client(&path).await?;
-        let controllers = client.clone();
-        let controller_config = krate_controllers::Config { node_monitor_grace_period: std::time::Duration::from_secs(args.node_monitor_grace_period_seconds) };
+        let election = ElectionArgs { leader_elect: true, leader_elect_lease_duration_seconds: 15 };
+        let kubeconfig = args.data_dir.join("controller-manager.kubeconfig");
+        pki.write_kubeconfig(&kubeconfig, &url, &pki.client_certificate("controller-manager", "system:kube-controller-manager", &[])?)?;
+        let controllers = ControllerManagerArgs {
+            kubeconfig,
+            node_monitor_grace_period_seconds: args.node_monitor_grace_period_seconds,
+            terminated_pod_gc_threshold: 12_500,
+            election: election.clone(),
+        };
+        let kubeconfig = args.data_dir.join("scheduler.kubeconfig");
+        pki.write_kubeconfig(&kubeconfig, &url, &pki.client_certificate("scheduler", "system:kube-scheduler", &[])?)?;
+        let scheduler = SchedulerArgs { kubeconfig, scheduler_name: krate_scheduler::DEFAULT_SCHEDULER.into(), election };
         tokio::spawn(async move {
-            if let Err(err) = krate_controllers::run(controllers, controller_config).await {
-                tracing::error!(error = %err, "controllers stopped");
+            if let Err(err) = components::run_controller_manager(controllers).await {
+                tracing::error!(error = %format!("{err:#}"), "controllers stopped");
             }
         });
         tokio::spawn(async move {
-            if let Err(err) = krate_scheduler::run(client, krate_scheduler::DEFAULT_SCHEDULER).await {
-                tracing::error!(error = %err, "scheduler stopped");
+            if let Err(err) = components::run_scheduler(scheduler).await {
+                tracing::error!(error = %format!("{err:#}"), "scheduler stopped");
             }
         });
     }
@@ -124,12 +132,6 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             Ok(())
         }
     }
-}
-
-async fn kube_client(kubeconfig: &std::path::Path) -> Result<kube::Client> {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?;
-    Ok(kube::Client::try_from(config)?)
 }
 
 async fn shutdown_signal() {

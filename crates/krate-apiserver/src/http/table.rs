@@ -88,6 +88,10 @@ fn columns_for(kind: &KindInfo) -> Vec<Column> {
         ("", "secrets") => named(&[("Type", 0), ("Data", 0), ("Age", 0)]),
         ("", "serviceaccounts") => named(&[("Secrets", 0), ("Age", 0)]),
         ("", "endpoints") => named(&[("Endpoints", 0), ("Age", 0)]),
+        ("discovery.k8s.io", "endpointslices") => named(&[("AddressType", 0), ("Ports", 0), ("Endpoints", 0), ("Age", 0)]),
+        ("policy", "poddisruptionbudgets") => named(&[("Min Available", 0), ("Max Unavailable", 0), ("Allowed Disruptions", 0), ("Age", 0)]),
+        ("scheduling.k8s.io", "priorityclasses") => named(&[("Value", 0), ("Global-Default", 0), ("Age", 0), ("PreemptionPolicy", 0)]),
+        ("", "resourcequotas") => named(&[("Age", 0), ("Request", 0), ("Limit", 0)]),
         ("coordination.k8s.io", "leases") => named(&[("Holder", 0), ("Age", 0)]),
         ("apiextensions.k8s.io", "customresourcedefinitions") => vec![NAME_COLUMN, ("Created At", "date", "", 0, "")],
         ("", "events") | ("events.k8s.io", "events") => vec![
@@ -392,6 +396,44 @@ fn cells_for(kind: &KindInfo, obj: &Value) -> Vec<Value> {
             }
             let shown = if eps.len() > 3 { format!("{} + {} more...", eps[..3].join(","), eps.len() - 3) } else { eps.join(",") };
             vec![name, json!(or_none(shown)), age]
+        }
+        ("discovery.k8s.io", "endpointslices") => {
+            let ports: Vec<String> = obj.get("ports").and_then(Value::as_array).into_iter().flatten().map(|p| int(p, &["port"]).to_string()).collect();
+            let addresses: Vec<String> = obj
+                .get("endpoints")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .flat_map(|e| e.get("addresses").and_then(Value::as_array).cloned().unwrap_or_default())
+                .filter_map(|a| a.as_str().map(String::from))
+                .collect();
+            let unset = |v: String| if v.is_empty() { "<unset>".to_string() } else { v };
+            let shown = if addresses.len() > 3 { format!("{} + {} more...", addresses[..3].join(","), addresses.len() - 3) } else { addresses.join(",") };
+            vec![name, json!(s(obj, &["addressType"])), json!(unset(ports.join(","))), json!(unset(shown)), age]
+        }
+        ("policy", "poddisruptionbudgets") => {
+            let bound = |key: &str| krate_api::object::get(obj, &["spec", key]).map(|v| v.as_str().map(String::from).unwrap_or_else(|| v.to_string())).unwrap_or_else(|| "N/A".into());
+            vec![name, json!(bound("minAvailable")), json!(bound("maxUnavailable")), json!(int(obj, &["status", "disruptionsAllowed"])), age]
+        }
+        ("scheduling.k8s.io", "priorityclasses") => {
+            let global = obj.get("globalDefault").and_then(Value::as_bool).unwrap_or(false);
+            vec![name, json!(int(obj, &["value"])), json!(global), age, json!(s(obj, &["preemptionPolicy"]))]
+        }
+        ("", "resourcequotas") => {
+            let used_of = |prefix: Option<&str>| {
+                let hard = obj.pointer("/status/hard").and_then(Value::as_object).cloned().unwrap_or_default();
+                let mut parts: Vec<String> = hard
+                    .iter()
+                    .filter(|(k, _)| match prefix {
+                        Some(p) => k.starts_with(p),
+                        None => !k.starts_with("limits."),
+                    })
+                    .map(|(k, h)| format!("{k}: {}/{}", obj.pointer(&format!("/status/used/{k}")).and_then(Value::as_str).unwrap_or("0"), h.as_str().unwrap_or_default()))
+                    .collect();
+                parts.sort();
+                parts.join(", ")
+            };
+            vec![name, age, json!(used_of(None)), json!(used_of(Some("limits.")))]
         }
         ("coordination.k8s.io", "leases") => vec![name, json!(s(obj, &["spec", "holderIdentity"])), age],
         ("apiextensions.k8s.io", "customresourcedefinitions") => vec![name, json!(s(obj, &["metadata", "creationTimestamp"]))],

@@ -1,0 +1,111 @@
+//! `krate controller-manager` and `krate scheduler`: the control loops as stand-alone
+//! API clients of any Kubernetes API server, each under leader election so several
+//! copies can run safely. `krate server` runs the same two in-process.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::leader::{self, Election};
+
+#[derive(Args, Debug, Clone)]
+pub struct ElectionArgs {
+    /// Run only while holding the Lease in kube-system, so that several copies can run
+    /// (one works, the others stand by). Pass `--leader-elect=false` for a single copy.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Seconds a leader's Lease lasts without renewal before a standby takes over.
+    #[arg(long, default_value_t = 15)]
+    pub leader_elect_lease_duration_seconds: u64,
+}
+
+impl ElectionArgs {
+    fn timing(&self) -> leader::Timing {
+        let lease = self.leader_elect_lease_duration_seconds.max(2);
+        leader::Timing {
+            lease_duration: Duration::from_secs(lease),
+            renew_deadline: Duration::from_secs(lease * 2 / 3),
+            retry_period: Duration::from_secs((lease * 2 / 15).max(1)),
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ControllerManagerArgs {
+    /// Kubeconfig of the cluster to manage.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: PathBuf,
+    /// Seconds a node's Lease may go unrenewed before the node is marked unreachable
+    /// (NotReady, tainted) and its pods are evicted after their tolerations.
+    #[arg(long, default_value_t = 40)]
+    pub node_monitor_grace_period_seconds: u64,
+    /// Finished pods kept before the oldest are deleted (pod garbage collection).
+    #[arg(long, default_value_t = 12_500)]
+    pub terminated_pod_gc_threshold: usize,
+    #[command(flatten)]
+    pub election: ElectionArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SchedulerArgs {
+    /// Kubeconfig of the cluster to schedule for.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: PathBuf,
+    /// Schedule the pods whose `spec.schedulerName` is this.
+    #[arg(long, default_value = krate_scheduler::DEFAULT_SCHEDULER)]
+    pub scheduler_name: String,
+    #[command(flatten)]
+    pub election: ElectionArgs,
+}
+
+pub async fn kube_client(kubeconfig: &Path) -> Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig).with_context(|| format!("reading the kubeconfig {}", kubeconfig.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// The cluster CA as PEM, from the kubeconfig (for the `kube-root-ca.crt` ConfigMaps).
+fn cluster_ca_pem(kubeconfig: &Path) -> Result<String> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let cluster = kc.clusters.first().and_then(|c| c.cluster.as_ref()).context("the kubeconfig names no cluster")?;
+    if let Some(data) = &cluster.certificate_authority_data {
+        use base64::Engine;
+        let pem = base64::engine::general_purpose::STANDARD.decode(data).context("decoding certificate-authority-data")?;
+        return Ok(String::from_utf8(pem)?);
+    }
+    if let Some(path) = &cluster.certificate_authority {
+        return std::fs::read_to_string(path).with_context(|| format!("reading {path}"));
+    }
+    anyhow::bail!("the kubeconfig has no certificate authority; kube-root-ca.crt ConfigMaps need one")
+}
+
+/// Runs `work` directly, or under leader election of Lease `kube-system/<lease>`.
+async fn elected<F, Fut>(client: kube::Client, lease: &str, election: &ElectionArgs, work: F) -> Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    if !election.leader_elect {
+        return work().await;
+    }
+    Election::new(client, lease, leader::identity(), election.timing()).run(work).await
+}
+
+pub async fn run_controller_manager(args: ControllerManagerArgs) -> Result<()> {
+    let client = kube_client(&args.kubeconfig).await?;
+    let config = krate_controllers::Config {
+        node_monitor_grace_period: Duration::from_secs(args.node_monitor_grace_period_seconds),
+        terminated_pod_gc_threshold: args.terminated_pod_gc_threshold,
+        root_ca_pem: cluster_ca_pem(&args.kubeconfig)?,
+    };
+    elected(client.clone(), "kube-controller-manager", &args.election, || krate_controllers::run(client.clone(), config.clone())).await
+}
+
+pub async fn run_scheduler(args: SchedulerArgs) -> Result<()> {
+    let client = kube_client(&args.kubeconfig).await?;
+    // Each scheduler name elects its own leader, as upstream's profiles do.
+    let lease = if args.scheduler_name == krate_scheduler::DEFAULT_SCHEDULER { "kube-scheduler".to_string() } else { args.scheduler_name.clone() };
+    elected(client.clone(), &lease, &args.election, || krate_scheduler::run(client.clone(), &args.scheduler_name)).await
+}
