@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 pub mod auth;
 pub mod cache;
 pub mod crd;
+pub mod eviction;
 pub mod http;
 pub mod metrics;
 pub mod registry;

@@ -60,6 +60,8 @@ pub enum Subresource {
     Finalize,
     /// `pods/binding`: assigns a pod to a node.
     Binding,
+    /// `pods/eviction`: a deletion that respects disruption budgets.
+    Eviction,
 }
 
 /// The resource a request addresses.
@@ -589,7 +591,7 @@ impl Storage {
                 }
                 new
             }
-            Subresource::Scale | Subresource::Binding => unreachable!("scale and binding writes have their own paths"),
+            Subresource::Scale | Subresource::Binding | Subresource::Eviction => unreachable!("scale, binding and eviction writes have their own paths"),
         };
         object::set(&mut new, &["metadata", "resourceVersion"], get(current, &["metadata", "resourceVersion"]).cloned().unwrap_or(Value::Null));
         if kind.generation && sub == Subresource::Main && spec_changed(&new, current) {

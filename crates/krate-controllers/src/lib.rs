@@ -5,6 +5,7 @@ pub mod cron;
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
+pub mod disruption;
 pub mod endpoints;
 pub mod gc;
 pub mod job;
@@ -100,6 +101,7 @@ pub async fn run(client: kube::Client, config: Config) -> anyhow::Result<()> {
         supervise("statefulset", client.clone(), statefulset::run),
         supervise("nodelifecycle", client.clone(), |c| nodelifecycle::run(c, grace)),
         supervise("endpoints", client.clone(), endpoints::run),
+        supervise("disruption", client.clone(), disruption::run),
         supervise("podgc", client.clone(), |c| podgc::run(c, gc_threshold)),
         supervise("serviceaccount", client.clone(), |c| perns::run(c, perns::PerNamespace::default_service_account())),
         supervise("root-ca-cert-publisher", client.clone(), |c| perns::run(c, root_ca.clone())),

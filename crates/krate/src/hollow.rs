@@ -14,6 +14,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
 use serde_json::json;
 use tokio::sync::Mutex;
 
@@ -203,7 +204,8 @@ impl Hollow {
     async fn pods(self: Arc<Self>) -> Result<()> {
         let api: Api<Pod> = Api::all(self.client.clone());
         let mut started: std::collections::HashSet<String> = Default::default();
-        let mut events = watcher::watcher(api, watcher::Config::default().fields("spec.nodeName!=")).boxed();
+        // Back-off keeps the nodes alive across API server restarts, as a kubelet does.
+        let mut events = watcher::watcher(api, watcher::Config::default().fields("spec.nodeName!=")).default_backoff().boxed();
         while let Some(event) = events.try_next().await? {
             let pods = match event {
                 Event::Apply(p) | Event::InitApply(p) => vec![p],
@@ -245,9 +247,7 @@ impl Hollow {
 
 /// Runs `args.count` hollow nodes until the process is stopped.
 pub async fn run(args: HollowArgs) -> Result<()> {
-    let kc = kube::config::Kubeconfig::read_from(&args.kubeconfig).with_context(|| format!("reading {}", args.kubeconfig.display()))?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?;
-    let client = kube::Client::try_from(config)?;
+    let client = crate::components::kube_client(&args.kubeconfig).await?;
     let nodes = (0..args.count).map(|i| (format!("{}-{i}", args.name_prefix), i)).collect();
     let hollow = Arc::new(Hollow { client, args: args.clone(), nodes, next_ip: Mutex::new(HashMap::new()) });
     hollow.register().await?;

@@ -201,6 +201,7 @@ fn subresource(kind: &KindInfo, path: &ResourcePath) -> ApiResult<Subresource> {
         Some("scale") if kind.scale.is_some() => Ok(Subresource::Scale),
         Some("finalize") if kind.plural == "namespaces" && kind.group.is_empty() => Ok(Subresource::Finalize),
         Some("binding") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Binding),
+        Some("eviction") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Eviction),
         Some(_) => Err(not_found()),
     }
 }
@@ -369,14 +370,14 @@ async fn resource_request(
         (&Method::GET, None) => "list",
         (&Method::GET, Some(_)) => "get",
         (&Method::POST, None) if !kind.namespaced || scope.namespace.is_some() => "create",
-        (&Method::POST, Some(_)) if sub == Subresource::Binding => "create",
+        (&Method::POST, Some(_)) if matches!(sub, Subresource::Binding | Subresource::Eviction) => "create",
         (&Method::PUT, Some(_)) => "update",
         (&Method::PATCH, Some(_)) => "patch",
         (&Method::DELETE, Some(_)) => "delete",
         (&Method::DELETE, None) => "deletecollection",
         _ => return Err(not_allowed()),
     };
-    if !kind.verbs.iter().any(|v| v == verb) || (sub == Subresource::Binding && verb != "create") {
+    if !kind.verbs.iter().any(|v| v == verb) || (matches!(sub, Subresource::Binding | Subresource::Eviction) && verb != "create") {
         return Err(not_allowed());
     }
     let name = path.name.as_deref().unwrap_or_default();
@@ -392,6 +393,14 @@ async fn resource_request(
         }
         "create" | "update" => {
             let (headers, body) = read_body(req).await?;
+            if sub == Subresource::Eviction {
+                let eviction = parse_body(&content_type(&headers), &body)?;
+                let delete_body = serde_json::to_vec(eviction.get("deleteOptions").unwrap_or(&Value::Null)).unwrap_or_default();
+                let delete = delete_options(&query, &HeaderMap::new(), &delete_body)?;
+                let budgets = lookup(server, &ResourcePath { group: "policy".into(), version: "v1".into(), resource: "poddisruptionbudgets".into(), name: None, subresource: None, namespace: path.namespace.clone() })?;
+                let written = storage.evict(&scope, &Scope { kind: budgets, namespace: scope.namespace.clone() }, name, &delete).await?;
+                return Ok(json_response(written.code, &written.body));
+            }
             let opts = write_options(&query, &headers, false)?;
             if sub == Subresource::Binding || (kind.group.is_empty() && kind.plural == "bindings") {
                 let binding = parse_body(&content_type(&headers), &body)?;
