@@ -9,6 +9,8 @@ pub mod managed;
 pub mod object;
 pub mod patch;
 pub mod protobuf;
+pub mod quantity;
+pub mod quota;
 pub mod schema;
 pub mod selectors;
 pub mod strategy;

@@ -17,6 +17,7 @@ use krate_store::Store;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
+pub mod admission;
 pub mod auth;
 pub mod cache;
 pub mod crd;
@@ -117,6 +118,14 @@ impl ApiServer {
                 .ensure(&scope, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
                 .await
                 .map_err(|e| anyhow::anyhow!("creating namespace {ns}: {e}"))?;
+        }
+        let classes = kinds.lookup("scheduling.k8s.io", "v1", "priorityclasses").expect("priority classes are built in").clone();
+        for (name, value, description) in admission::SYSTEM_PRIORITY_CLASSES {
+            let class = json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": name}, "value": value, "description": description});
+            self.storage
+                .ensure(&Scope { kind: classes.clone(), namespace: None }, class)
+                .await
+                .map_err(|e| anyhow::anyhow!("creating priority class {name}: {e}"))?;
         }
         Ok(())
     }

@@ -117,6 +117,13 @@ static SCALE_SCHEMA: std::sync::LazyLock<Option<schema::KindSchema>> =
     std::sync::LazyLock::new(|| schema::builtin_kind("autoscaling", "v1", "Scale"));
 const GENERATE_NAME_RETRIES: usize = 8;
 
+/// A built-in kind by group, version and plural (for storage paths that reach across
+/// kinds, such as admission reading quotas).
+pub fn builtin_kind(group: &str, version: &str, plural: &str) -> Arc<KindInfo> {
+    static BUILTIN: std::sync::LazyLock<krate_api::kinds::Registry> = std::sync::LazyLock::new(krate_api::kinds::Registry::builtin);
+    BUILTIN.lookup(group, version, plural).unwrap_or_else(|| panic!("{group}/{version} {plural} is a built-in kind")).clone()
+}
+
 pub fn storage_prefix(kind: &KindInfo) -> String {
     let group = if kind.storage.group.is_empty() { "core" } else { kind.storage.group };
     format!("{}{}/{}/", crate::cache::REGISTRY_PREFIX, group, kind.storage.resource)
@@ -429,6 +436,7 @@ impl Storage {
 
         kind.strategy.default(&mut obj);
         kind.strategy.prepare_for_create(&mut obj);
+        self.admit_create(kind, &mut obj, opts.dry_run).await?;
         if kind.status {
             match kind.strategy.initial_status(&obj) {
                 Some(status) => object::set(&mut obj, &["status"], status),

@@ -13,6 +13,7 @@ pub mod namespace;
 pub mod nodelifecycle;
 pub mod perns;
 pub mod podgc;
+pub mod quota;
 pub mod replicas;
 pub mod selector;
 pub mod statefulset;
@@ -102,6 +103,7 @@ pub async fn run(client: kube::Client, config: Config) -> anyhow::Result<()> {
         supervise("nodelifecycle", client.clone(), |c| nodelifecycle::run(c, grace)),
         supervise("endpoints", client.clone(), endpoints::run),
         supervise("disruption", client.clone(), disruption::run),
+        supervise("resourcequota", client.clone(), quota::run),
         supervise("podgc", client.clone(), |c| podgc::run(c, gc_threshold)),
         supervise("serviceaccount", client.clone(), |c| perns::run(c, perns::PerNamespace::default_service_account())),
         supervise("root-ca-cert-publisher", client.clone(), |c| perns::run(c, root_ca.clone())),

@@ -6,7 +6,8 @@
 //! node joins or changes, a pod goes away or finishes), never on a timer.
 
 pub mod plugins;
-pub mod quantity;
+pub mod preemption;
+pub use krate_api::quantity;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -248,6 +249,33 @@ async fn bind(client: kube::Client, pod: &Pod, node: String) -> Outcome {
     }
 }
 
+/// Evicts a plan's victims for `preemptor` and nominates the node for it; the preemptor
+/// is tried again when the victims are gone (a cluster change).
+async fn preempt(client: &kube::Client, preemptor: &Pod, plan: preemption::Plan) {
+    let preemptor_ns = preemptor.metadata.namespace.clone().unwrap_or_default();
+    let preemptor_name = preemptor.metadata.name.clone().unwrap_or_default();
+    let nominate = Patch::Merge(json!({"status": {"nominatedNodeName": plan.node}}));
+    if let Err(e) = Api::<Pod>::namespaced(client.clone(), &preemptor_ns).patch_status(&preemptor_name, &PatchParams::default(), &nominate).await {
+        tracing::debug!(error = %e, "nominating a node failed");
+    }
+    for victim in &plan.victims {
+        let api: Api<Pod> = Api::namespaced(client.clone(), victim.metadata.namespace.as_deref().unwrap_or_default());
+        let name = victim.metadata.name.clone().unwrap_or_default();
+        let now = jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default();
+        let condition = json!({"status": {"conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+            "message": format!("{DEFAULT_SCHEDULER}: preempting to accommodate a higher priority pod"), "lastTransitionTime": now}]}});
+        let _ = api.patch_status(&name, &PatchParams::default(), &Patch::Strategic(condition)).await;
+        match api.delete(&name, &Default::default()).await {
+            Ok(_) => {
+                tracing::info!(victim = %name, preemptor = %preemptor_name, node = %plan.node, "preempted a lower-priority pod");
+                let message = format!("Preempted by pod {} on node {}", preemptor.metadata.uid.as_deref().unwrap_or_default(), plan.node);
+                record_event(client, victim, "Normal", "Preempted", &message).await;
+            }
+            Err(e) => tracing::debug!(victim = %name, error = %e, "preempting a pod failed"),
+        }
+    }
+}
+
 /// Marks a pod unschedulable (once per distinct reason).
 async fn mark_unschedulable(client: &kube::Client, pod: &Pod, message: &str) {
     let api: Api<Pod> = Api::namespaced(client.clone(), pod.metadata.namespace.as_deref().unwrap_or_default());
@@ -308,7 +336,15 @@ fn schedule_pass(state: &mut State, client: &kube::Client, binds: &Arc<Semaphore
                     let _ = done.send((id, outcome));
                 });
             }
-            Err(message) => unschedulable.push((id, pod, message)),
+            Err(message) => {
+                if preemption::may_preempt(&pod) {
+                    if let Some(plan) = preemption::plan(&pod, &cluster.nodes, &usage).filter(|p| !p.victims.is_empty()) {
+                        let (client, preemptor) = (client.clone(), pod.clone());
+                        tokio::spawn(async move { preempt(&client, &preemptor, plan).await });
+                    }
+                }
+                unschedulable.push((id, pod, message));
+            }
         }
     }
     state.next_start = next_start;

@@ -19,6 +19,10 @@ pub struct ElectionArgs {
     /// Seconds a leader's Lease lasts without renewal before a standby takes over.
     #[arg(long, default_value_t = 15)]
     pub leader_elect_lease_duration_seconds: u64,
+    /// Name this copy holds the Lease under (default: host name and a random suffix).
+    /// A copy restarted under the same identity takes its Lease back at once.
+    #[arg(long)]
+    pub leader_elect_identity: Option<String>,
 }
 
 impl ElectionArgs {
@@ -90,7 +94,8 @@ where
     if !election.leader_elect {
         return work().await;
     }
-    Election::new(client, lease, leader::identity(), election.timing()).run(work).await
+    let identity = election.leader_elect_identity.clone().unwrap_or_else(leader::identity);
+    Election::new(client, lease, identity, election.timing()).run(work).await
 }
 
 pub async fn run_controller_manager(args: ControllerManagerArgs) -> Result<()> {

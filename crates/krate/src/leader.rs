@@ -34,9 +34,12 @@ pub struct Election {
 
 /// A unique identity for this process: host name plus a random suffix, as upstream.
 pub fn identity() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "krate".into());
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or_default();
-    format!("{host}_{:08x}{:04x}", nanos, std::process::id() & 0xffff)
+    format!("{}_{:08x}{:04x}", host_name(), nanos, std::process::id() & 0xffff)
+}
+
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "krate".into())
 }
 
 fn micro_now() -> String {

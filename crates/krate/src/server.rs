@@ -101,7 +101,15 @@ pub async fn run(args: ServerArgs) -> Result<()> {
 
     let serving = tokio::spawn(server.serve(listener, tls));
     if !args.disable_controllers {
-        let election = ElectionArgs { leader_elect: true, leader_elect_lease_duration_seconds: 15 };
+        // One server per data directory (the lock above), so an identity derived from it
+        // lets a restarted server take its Leases back without waiting for them to expire.
+        let identity = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::fs::canonicalize(&args.data_dir).unwrap_or_else(|_| args.data_dir.clone()).hash(&mut h);
+            format!("{}_server-{:016x}", crate::leader::host_name(), h.finish())
+        };
+        let election = ElectionArgs { leader_elect: true, leader_elect_lease_duration_seconds: 15, leader_elect_identity: Some(identity) };
         let kubeconfig = args.data_dir.join("controller-manager.kubeconfig");
         pki.write_kubeconfig(&kubeconfig, &url, &pki.client_certificate("controller-manager", "system:kube-controller-manager", &[])?)?;
         let controllers = ControllerManagerArgs {

@@ -255,8 +255,6 @@ impl Strategy for PodStrategy {
             .to_string();
         spec.insert("serviceAccountName".into(), json!(sa));
         spec.insert("serviceAccount".into(), json!(sa));
-        spec.entry("priority").or_insert(json!(0));
-        spec.entry("preemptionPolicy").or_insert(json!("PreemptLowerPriority"));
         let tolerations = spec.entry("tolerations").or_insert(json!([]));
         if let Some(list) = tolerations.as_array_mut() {
             for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {

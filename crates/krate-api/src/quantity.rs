@@ -74,8 +74,70 @@ impl Resources {
     }
 }
 
+/// A quantity in canonical form: whole numbers plain (with `Ki`/`Mi`/`Gi` when exact),
+/// fractions in milli-units.
+pub fn format(value: f64) -> String {
+    let rounded = value.round();
+    if (value - rounded).abs() < 1e-9 {
+        let n = rounded as i64;
+        for (suffix, unit) in [("Gi", 1i64 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+            if n != 0 && n % unit == 0 {
+                return format!("{}{suffix}", n / unit);
+            }
+        }
+        return n.to_string();
+    }
+    format!("{}m", (value * 1000.0).round() as i64)
+}
+
+/// A pod's effective `requests` or `limits` (`which`) from its JSON: per resource, the
+/// larger of the containers' sum and any one init container, plus the pod overhead.
+pub fn pod_amounts(pod: &serde_json::Value, which: &str) -> Resources {
+    let of = |c: &serde_json::Value| {
+        let mut r = Resources::default();
+        for (name, q) in c.pointer(&format!("/resources/{which}")).and_then(serde_json::Value::as_object).into_iter().flatten() {
+            if let Some(v) = q.as_str().and_then(parse).or_else(|| q.as_f64()) {
+                r.add_one(name, v);
+            }
+        }
+        r
+    };
+    let list = |key: &str| pod.pointer(&format!("/spec/{key}")).and_then(serde_json::Value::as_array).cloned().unwrap_or_default();
+    let mut total = Resources::default();
+    for c in list("containers") {
+        total.add(&of(&c));
+    }
+    for c in list("initContainers") {
+        total.max_with(&of(&c));
+    }
+    if let Some(overhead) = pod.pointer("/spec/overhead") {
+        total.add(&of(&serde_json::json!({"resources": {which: overhead}})));
+    }
+    total
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn formats_canonically() {
+        assert_eq!(super::format(0.5), "500m");
+        assert_eq!(super::format(2.0), "2");
+        assert_eq!(super::format(128.0 * 1024.0 * 1024.0), "128Mi");
+        assert_eq!(super::format(1e9), "1000000000");
+    }
+
+    #[test]
+    fn pod_amounts_take_init_containers_and_overhead() {
+        let pod = serde_json::json!({"spec": {
+            "containers": [{"resources": {"requests": {"cpu": "100m"}}}, {"resources": {"requests": {"cpu": "200m", "memory": "1Gi"}}}],
+            "initContainers": [{"resources": {"requests": {"cpu": "1"}}}],
+            "overhead": {"memory": "1Mi"},
+        }});
+        let r = super::pod_amounts(&pod, "requests");
+        assert_eq!(r.get("cpu"), Some(1.0));
+        assert_eq!(r.get("memory"), Some((1024.0 + 1.0) * 1024.0 * 1024.0));
+    }
+
     #[test]
     fn quantities() {
         assert_eq!(super::parse("100m"), Some(0.1));
