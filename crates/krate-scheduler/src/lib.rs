@@ -7,6 +7,7 @@
 
 pub mod plugins;
 pub mod preemption;
+pub mod spread;
 pub use krate_api::quantity;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -185,6 +186,7 @@ fn place(pod: &Pod, cluster: &Cluster, usage: &HashMap<String, NodeUsage>, start
     let empty = NodeUsage::default();
     let requests: Resources = plugins::pod_requests(pod);
     let topology = plugins::PodTopology::new(pod, &cluster.by_name, usage, &cluster.anti_holders);
+    let spread = spread::Spread::new(pod, nodes, usage);
     let wanted = feasible_wanted(nodes.len());
     let mut reasons = Vec::new();
     let mut best: Option<(f64, &str)> = None;
@@ -195,12 +197,14 @@ fn place(pod: &Pod, cluster: &Cluster, usage: &HashMap<String, NodeUsage>, start
         let name = info.node.metadata.name.as_deref().unwrap_or_default();
         let u = usage.get(name).unwrap_or(&empty);
         examined += 1;
-        let verdict = plugins::filter(pod, &requests, info, u).or_else(|| if topology.is_trivial() { None } else { topology.filter(&info.node) });
+        let verdict = plugins::filter(pod, &requests, info, u)
+            .or_else(|| if topology.is_trivial() { None } else { topology.filter(&info.node) })
+            .or_else(|| if spread.is_trivial() { None } else { spread.filter(&info.node) });
         match verdict {
             Some(reason) => reasons.push(reason),
             None => {
                 found += 1;
-                let s = plugins::score(pod, &requests, info, u);
+                let s = plugins::score(pod, &requests, info, u) + if spread.is_trivial() { 0.0 } else { spread.score(&info.node) };
                 if best.is_none_or(|(b, _)| s > b) {
                     best = Some((s, name));
                 }
