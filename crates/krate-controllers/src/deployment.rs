@@ -231,21 +231,46 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
     } else {
         condition("Available", "False", "MinimumReplicasUnavailable", "Deployment does not have minimum availability.")
     };
-    let progressing = match (&new_name, complete, paused) {
-        (_, _, true) => condition("Progressing", "Unknown", "DeploymentPaused", "Deployment is paused"),
-        (Some(n), true, _) => condition("Progressing", "True", "NewReplicaSetAvailable", &format!("ReplicaSet \"{n}\" has successfully progressed.")),
-        (Some(n), false, _) => condition("Progressing", "True", "ReplicaSetUpdated", &format!("ReplicaSet \"{n}\" is progressing.")),
-        (None, _, _) => condition("Progressing", "Unknown", "NoReplicaSet", "no ReplicaSet yet"),
-    };
     let current = d.status.clone().unwrap_or_default();
-    let same_condition = |c: &Value| {
-        current.conditions.iter().flatten().any(|old| old.type_.as_deref() == c["type"].as_str() && old.status.as_deref() == c["status"].as_str() && old.reason.as_deref() == c["reason"].as_str())
-    };
     let counts_same = current.replicas == Some(replicas)
         && current.ready_replicas.unwrap_or(0) == ready
         && current.available_replicas.unwrap_or(0) == available
         && current.updated_replicas.unwrap_or(0) == updated
         && current.observed_generation == d.metadata.generation;
+    // progressDeadlineSeconds: a rollout that makes no progress (no count changes) for
+    // that long is marked ProgressDeadlineExceeded, and again progressing once it moves.
+    let old_progressing = current.conditions.iter().flatten().find(|c| c.type_.as_deref() == Some("Progressing"));
+    let last_progress = old_progressing
+        .filter(|c| counts_same && matches!(c.reason.as_deref(), Some("ReplicaSetUpdated" | "ProgressDeadlineExceeded")))
+        .and_then(|c| c.last_update_time.as_ref().map(|t| t.0));
+    let deadline = spec.progress_deadline_seconds.filter(|s| *s > 0).map(|s| Duration::from_secs(s as u64));
+    let overdue = match (deadline, last_progress) {
+        (Some(deadline), Some(at)) => jiff::Timestamp::now().duration_since(at).as_secs() >= deadline.as_secs() as i64,
+        _ => false,
+    };
+    let mut progressing = match (&new_name, complete, paused) {
+        (_, _, true) => condition("Progressing", "Unknown", "DeploymentPaused", "Deployment is paused"),
+        (Some(n), true, _) => condition("Progressing", "True", "NewReplicaSetAvailable", &format!("ReplicaSet \"{n}\" has successfully progressed.")),
+        (Some(n), false, _) if overdue => condition("Progressing", "False", "ProgressDeadlineExceeded", &format!("ReplicaSet \"{n}\" has timed out progressing.")),
+        (Some(n), false, _) => condition("Progressing", "True", "ReplicaSetUpdated", &format!("ReplicaSet \"{n}\" is progressing.")),
+        (None, _, _) => condition("Progressing", "Unknown", "NoReplicaSet", "no ReplicaSet yet"),
+    };
+    // No progress since the last update: keep its time, so the deadline counts from it.
+    if let (Some(at), Some("ReplicaSetUpdated")) = (last_progress, progressing["reason"].as_str()) {
+        progressing["lastUpdateTime"] = json!(at.to_string());
+        progressing["lastTransitionTime"] = json!(old_progressing.map(|c| c.last_transition_time.as_ref().map(|t| t.0.to_string())).unwrap_or_default());
+    }
+    // Wake up when the deadline passes without any event.
+    let wake = match (deadline, progressing["reason"].as_str()) {
+        (Some(deadline), Some("ReplicaSetUpdated")) => {
+            let since = last_progress.map_or(0, |at| jiff::Timestamp::now().duration_since(at).as_secs().max(0) as u64);
+            Action::requeue(deadline.saturating_sub(Duration::from_secs(since)) + Duration::from_secs(1))
+        }
+        _ => Action::await_change(),
+    };
+    let same_condition = |c: &Value| {
+        current.conditions.iter().flatten().any(|old| old.type_.as_deref() == c["type"].as_str() && old.status.as_deref() == c["status"].as_str() && old.reason.as_deref() == c["reason"].as_str())
+    };
     if !(counts_same && same_condition(&available_condition) && same_condition(&progressing)) {
         let status = json!({"status": {
             "replicas": replicas, "readyReplicas": ready, "availableReplicas": available, "updatedReplicas": updated,
@@ -254,7 +279,7 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
         }});
         Api::<Deployment>::namespaced(ctx.client.clone(), &ns).patch_status(&d.name_any(), &PatchParams::default(), &Patch::Merge(status)).await?;
     }
-    Ok(Action::await_change())
+    Ok(wake)
 }
 
 fn error_policy(d: Arc<Deployment>, err: &Error, _ctx: Arc<Context>) -> Action {

@@ -105,6 +105,38 @@ fn condition(type_: &str, reason: &str, message: &str) -> Value {
     json!({"type": type_, "status": "True", "reason": reason, "message": message, "lastProbeTime": t, "lastTransitionTime": t})
 }
 
+/// The first podFailurePolicy rule that matches a failed pod: its action, and upstream's
+/// message for it.
+fn failure_action(spec: &k8s_openapi::api::batch::v1::JobSpec, pod: &Pod) -> Option<(String, String)> {
+    let rules = &spec.pod_failure_policy.as_ref()?.rules;
+    let pod_name = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+    let statuses = pod.status.as_ref().and_then(|s| s.container_statuses.clone()).unwrap_or_default();
+    for (i, rule) in rules.iter().enumerate() {
+        if let Some(codes) = &rule.on_exit_codes {
+            let hit = statuses.iter().filter(|c| codes.container_name.as_ref().is_none_or(|n| *n == c.name)).find_map(|c| {
+                let code = c.state.as_ref()?.terminated.as_ref()?.exit_code;
+                let listed = codes.values.contains(&code);
+                let matches = if codes.operator == "In" { listed } else { !listed && code != 0 };
+                matches.then(|| (c.name.clone(), code))
+            });
+            if let Some((container, code)) = hit {
+                let message = format!("Container {container} for pod {pod_name} failed with exit code {code} matching {} rule at index {i}", rule.action);
+                return Some((rule.action.clone(), message));
+            }
+        }
+        for wanted in rule.on_pod_conditions.iter().flatten() {
+            let present = pod.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
+                cs.iter().any(|c| c.type_ == wanted.type_ && c.status == wanted.status.clone().unwrap_or_else(|| "True".into()))
+            });
+            if present {
+                let message = format!("Pod {pod_name} has condition {} matching {} rule at index {i}", wanted.type_, rule.action);
+                return Some((rule.action.clone(), message));
+            }
+        }
+    }
+    None
+}
+
 async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
     if job.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
@@ -137,7 +169,19 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
     let backoff_limit = spec.backoff_limit.unwrap_or(6);
     let active: Vec<&Pod> = pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none() && !matches!(phase(p), "Succeeded" | "Failed")).collect();
     let succeeded_pods: Vec<&Pod> = pods.iter().filter(|p| phase(p) == "Succeeded").collect();
-    let failed = pods.iter().filter(|p| phase(p) == "Failed").count() as i32;
+    // podFailurePolicy decides per failed pod: fail the Job, ignore the failure, or count it.
+    let mut fail_job: Option<String> = None;
+    let mut failed = 0;
+    for pod in pods.iter().filter(|p| phase(p) == "Failed") {
+        match failure_action(&spec, pod) {
+            Some((action, message)) if action == "FailJob" => {
+                fail_job.get_or_insert(message);
+                failed += 1;
+            }
+            Some((action, _)) if action == "Ignore" => {}
+            _ => failed += 1,
+        }
+    }
     let completed_indexes: BTreeSet<i32> = succeeded_pods.iter().filter_map(|p| index_of(p)).collect();
     let succeeded = if indexed { completed_indexes.len() as i32 } else { succeeded_pods.len() as i32 };
     let status = job.status.clone().unwrap_or_default();
@@ -147,7 +191,10 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
     let mut new_conditions = Vec::new();
     let mut completion_time = None;
     let mut requeue = None;
-    if failed > backoff_limit {
+    if let Some(message) = fail_job {
+        delete_pods(&pods_api, &active).await?;
+        new_conditions = vec![condition("FailureTarget", "PodFailurePolicy", &message), condition("Failed", "PodFailurePolicy", &message)];
+    } else if failed > backoff_limit {
         delete_pods(&pods_api, &active).await?;
         let message = "Job has reached the specified backoff limit";
         new_conditions = vec![condition("FailureTarget", "BackoffLimitExceeded", message), condition("Failed", "BackoffLimitExceeded", message)];
@@ -225,6 +272,23 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pod_failure_policy_picks_the_first_matching_rule() {
+        let spec: k8s_openapi::api::batch::v1::JobSpec = serde_json::from_value(serde_json::json!({"template": {}, "podFailurePolicy": {"rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            {"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In", "values": [42]}},
+        ]}})).unwrap();
+        let failed = |code: i32, conditions: serde_json::Value| -> super::Pod {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "p", "namespace": "d"}, "status": {"phase": "Failed", "conditions": conditions,
+                "containerStatuses": [{"name": "main", "image": "x", "imageID": "", "ready": false, "restartCount": 0, "state": {"terminated": {"exitCode": code}}}]}})).unwrap()
+        };
+        let (action, message) = super::failure_action(&spec, &failed(42, serde_json::json!([]))).unwrap();
+        assert_eq!(action, "FailJob");
+        assert_eq!(message, "Container main for pod d/p failed with exit code 42 matching FailJob rule at index 1");
+        assert_eq!(super::failure_action(&spec, &failed(1, serde_json::json!([{"type": "DisruptionTarget", "status": "True"}]))).unwrap().0, "Ignore");
+        assert!(super::failure_action(&spec, &failed(1, serde_json::json!([]))).is_none());
+    }
+
     #[test]
     fn completed_indexes_render_as_ranges() {
         let set = [0, 2, 3, 4, 7].into_iter().collect();
