@@ -265,7 +265,7 @@ impl Controller {
         }
         let selector = format!("{SERVICE_NAME}={name},{MANAGED_BY}={CONTROLLER_NAME}");
         let mut existing = api.list(&ListParams::default().labels(&selector)).await?.items;
-        existing.sort_by(|a, b| a.name_any().cmp(&b.name_any()));
+        existing.sort_by_key(|s| s.name_any());
         let owner = json!([{"apiVersion": "v1", "kind": "Service", "name": name, "uid": service.uid(), "controller": true, "blockOwnerDeletion": true}]);
         let address_type = if members_ipv6(groups) { "IPv6" } else { "IPv4" };
         let mut existing = existing.into_iter();
