@@ -14,12 +14,13 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::cron::Schedule;
-use crate::Error;
+use crate::{reference, Error, Events};
 
 const SCHEDULED_AT: &str = "batch.kubernetes.io/cronjob-scheduled-timestamp";
 
 struct Context {
     client: kube::Client,
+    events: Events,
 }
 
 fn finished(job: &Job) -> Option<&str> {
@@ -97,7 +98,7 @@ async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Context>) -> Result<Action, Error>
             job["metadata"]["annotations"][SCHEDULED_AT] = json!(timestamp(at));
             job["metadata"]["ownerReferences"] = json!([cj.controller_owner_ref(&()).expect("a stored cronjob has a name and uid")]);
             match jobs_api.create(&PostParams::default(), &serde_json::from_value(job)?).await {
-                Ok(_) => {}
+                Ok(created) => ctx.events.normal(&reference(&*cj), "SuccessfulCreate", &format!("Created job {}", created.name_any())).await,
                 Err(kube::Error::Api(e)) if e.code == 409 => {}
                 Err(e) => return Err(e.into()),
             }
@@ -139,7 +140,7 @@ fn error_policy(cj: Arc<CronJob>, err: &Error, _ctx: Arc<Context>) -> Action {
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     Controller::new(Api::<CronJob>::all(client.clone()), watcher::Config::default())
         .owns(Api::<Job>::all(client.clone()), watcher::Config::default())
-        .run(reconcile, error_policy, Arc::new(Context { client }))
+        .run(reconcile, error_policy, Arc::new(Context { events: Events::new(client.clone(), "cronjob-controller"), client }))
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

@@ -22,13 +22,14 @@ use serde_json::{json, Value};
 
 use crate::replicas::is_ready;
 use crate::selector::label_selector_string;
-use crate::Error;
+use crate::{reference, Error, Events};
 
 const HASH_LABEL: &str = "controller-revision-hash";
 
 struct Context {
     client: kube::Client,
     nodes: reflector::Store<Node>,
+    events: Events,
 }
 
 /// Tolerations every daemon pod gets, as upstream adds them.
@@ -119,7 +120,8 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Erro
         }
     }
     for node in eligible.iter().filter(|n| !by_node.contains_key(*n)) {
-        pods_api.create(&PostParams::default(), &daemon_pod(&ds, node, &hash)?).await?;
+        let pod = pods_api.create(&PostParams::default(), &daemon_pod(&ds, node, &hash)?).await?;
+        ctx.events.normal(&reference(&*ds), "SuccessfulCreate", &format!("Created pod: {}", pod.name_any())).await;
     }
     // Rolling update: replace outdated pods, at most maxUnavailable unavailable at once.
     let max_unavailable = match spec.update_strategy.as_ref().and_then(|s| s.rolling_update.as_ref()).and_then(|r| r.max_unavailable.clone()) {
@@ -173,7 +175,7 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     Controller::new(Api::<DaemonSet>::all(client.clone()), watcher::Config::default())
         .owns(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
         .reconcile_all_on(node_changes)
-        .run(reconcile, error_policy, Arc::new(Context { client, nodes: store }))
+        .run(reconcile, error_policy, Arc::new(Context { events: Events::new(client.clone(), "daemonset-controller"), client, nodes: store }))
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::selector::label_selector_string;
 use crate::template_hash;
-use crate::Error;
+use crate::{reference, Error, Events};
 
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
 const DESIRED: &str = "deployment.kubernetes.io/desired-replicas";
@@ -26,6 +26,7 @@ const HASH_LABEL: &str = "pod-template-hash";
 
 struct Context {
     client: kube::Client,
+    events: Events,
 }
 
 /// A ReplicaSet's template without the hash label, for comparing with the Deployment's.
@@ -81,11 +82,20 @@ fn new_replica_set(d: &Deployment, template: &Value, hash: &str, replicas: i32, 
     }))?)
 }
 
-async fn scale(api: &Api<ReplicaSet>, rs: &ReplicaSet, replicas: i32, d: &Deployment, max: i32) -> Result<(), Error> {
+async fn scale(ctx: &Context, api: &Api<ReplicaSet>, rs: &ReplicaSet, replicas: i32, d: &Deployment, max: i32) -> Result<(), Error> {
     let wanted = d.spec.replicas.unwrap_or(1);
     let patch = json!({"metadata": {"annotations": {DESIRED: wanted.to_string(), MAX: max.to_string()}}, "spec": {"replicas": replicas}});
     api.patch(&rs.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+    scaled_event(ctx, d, &rs.name_any(), spec_replicas(rs), replicas).await;
     Ok(())
+}
+
+/// Upstream's ScalingReplicaSet event.
+async fn scaled_event(ctx: &Context, d: &Deployment, rs: &str, from: i32, to: i32) {
+    if from != to {
+        let direction = if to > from { "up" } else { "down" };
+        ctx.events.normal(&reference(d), "ScalingReplicaSet", &format!("Scaled {direction} replica set {rs} from {from} to {to}")).await;
+    }
 }
 
 fn condition(type_: &str, status: &str, reason: &str, message: &str) -> Value {
@@ -137,6 +147,7 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
             let rs = new_replica_set(&d, &template, &template_hash(&template, collisions), initial, max_revision + 1)?;
             match rs_api.create(&PostParams::default(), &rs).await {
                 Ok(created) => {
+                    scaled_event(&ctx, &d, &created.name_any(), 0, initial).await;
                     owned.push(created.clone());
                     new_rs = Some(created);
                 }
@@ -166,11 +177,11 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
             let new_spec = spec_replicas(new);
             if recreate {
                 for rs in old.iter().filter(|rs| spec_replicas(rs) > 0) {
-                    scale(&rs_api, rs, 0, &d, wanted).await?;
+                    scale(&ctx, &rs_api, rs, 0, &d, wanted).await?;
                 }
                 let old_running: i32 = old.iter().map(|rs| status_of(rs).0).sum();
                 if old_running == 0 && new_spec != wanted {
-                    scale(&rs_api, new, wanted, &d, wanted).await?;
+                    scale(&ctx, &rs_api, new, wanted, &d, wanted).await?;
                 }
             } else {
                 // Pods of a ReplicaSet that was just scaled down still count until they
@@ -180,10 +191,10 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
                 if new_spec < wanted {
                     let room = wanted + surge - total;
                     if room > 0 {
-                        scale(&rs_api, new, (new_spec + room).min(wanted), &d, wanted + surge).await?;
+                        scale(&ctx, &rs_api, new, (new_spec + room).min(wanted), &d, wanted + surge).await?;
                     }
                 } else if new_spec > wanted {
-                    scale(&rs_api, new, wanted, &d, wanted + surge).await?;
+                    scale(&ctx, &rs_api, new, wanted, &d, wanted + surge).await?;
                 }
                 // Scale down old ReplicaSets while keeping wanted - maxUnavailable available.
                 // A ReplicaSet's status may predate its last scale-down; never count
@@ -204,7 +215,7 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
                         continue;
                     }
                     let remove = current.min(can_remove);
-                    scale(&rs_api, rs, current - remove, &d, wanted + surge).await?;
+                    scale(&ctx, &rs_api, rs, current - remove, &d, wanted + surge).await?;
                     can_remove -= remove;
                 }
             }
@@ -290,7 +301,7 @@ fn error_policy(d: Arc<Deployment>, err: &Error, _ctx: Arc<Context>) -> Action {
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     Controller::new(Api::<Deployment>::all(client.clone()), watcher::Config::default())
         .owns(Api::<ReplicaSet>::all(client.clone()), watcher::Config::default())
-        .run(reconcile, error_policy, Arc::new(Context { client }))
+        .run(reconcile, error_policy, Arc::new(Context { events: Events::new(client.clone(), "deployment-controller"), client }))
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

@@ -13,6 +13,7 @@ use std::collections::{HashMap, HashSet};
 use futures::StreamExt;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PropagationPolicy};
 use kube::discovery::{verbs, Discovery, Scope};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::core::PartialObjectMeta;
 use kube::ResourceExt;
@@ -187,7 +188,7 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
             tokio::spawn(async move {
                 // Metadata is all the collector reads.
                 let api: Api<PartialObjectMeta<DynamicObject>> = Api::all_with(client, &resource);
-                let mut events = watcher::watcher(api, watcher::Config::default()).boxed();
+                let mut events = watcher::watcher(api, watcher::Config::default()).default_backoff().boxed();
                 let mut synced = false;
                 while let Some(event) = events.next().await {
                     let change = match event {

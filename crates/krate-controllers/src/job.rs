@@ -16,12 +16,13 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
-use crate::Error;
+use crate::{reference, Error, Events};
 
 const INDEX_ANNOTATION: &str = "batch.kubernetes.io/job-completion-index";
 
 struct Context {
     client: kube::Client,
+    events: Events,
 }
 
 fn phase(pod: &Pod) -> &str {
@@ -217,11 +218,13 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
             let busy: BTreeSet<i32> = active.iter().filter_map(|p| index_of(p)).collect();
             let free = (0..completions.unwrap_or(parallelism)).filter(|i| !completed_indexes.contains(i) && !busy.contains(i));
             for i in free.take(to_create as usize) {
-                pods_api.create(&PostParams::default(), &new_pod(&job, Some(i))?).await?;
+                let pod = pods_api.create(&PostParams::default(), &new_pod(&job, Some(i))?).await?;
+                ctx.events.normal(&reference(&*job), "SuccessfulCreate", &format!("Created pod: {}", pod.name_any())).await;
             }
         } else {
             for _ in 0..to_create {
-                pods_api.create(&PostParams::default(), &new_pod(&job, None)?).await?;
+                let pod = pods_api.create(&PostParams::default(), &new_pod(&job, None)?).await?;
+                ctx.events.normal(&reference(&*job), "SuccessfulCreate", &format!("Created pod: {}", pod.name_any())).await;
             }
         }
         if let Some(d) = deadline {
@@ -234,6 +237,13 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
     let mut conditions: Vec<Value> = status.conditions.iter().flatten().filter_map(|c| serde_json::to_value(c).ok()).collect();
     if spec.suspend == Some(true) && !conditions.iter().any(|c| c["type"] == "Suspended") {
         conditions.push(condition("Suspended", "JobSuspended", "Job suspended"));
+    }
+    if let Some(done) = new_conditions.last() {
+        let (reason, message) = (done["reason"].as_str().unwrap_or_default(), done["message"].as_str().unwrap_or_default());
+        match done["type"].as_str() {
+            Some("Complete") => ctx.events.normal(&reference(&*job), "Completed", "Job completed").await,
+            _ => ctx.events.warning(&reference(&*job), reason, message).await,
+        }
     }
     conditions.extend(new_conditions);
     let ready = active.iter().filter(|p| crate::replicas::is_ready(p)).count();
@@ -264,7 +274,7 @@ fn error_policy(job: Arc<Job>, err: &Error, _ctx: Arc<Context>) -> Action {
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     Controller::new(Api::<Job>::all(client.clone()), watcher::Config::default())
         .owns(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
-        .run(reconcile, error_policy, Arc::new(Context { client }))
+        .run(reconcile, error_policy, Arc::new(Context { events: Events::new(client.clone(), "job-controller"), client }))
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

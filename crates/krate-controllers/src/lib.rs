@@ -33,14 +33,12 @@ fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource
     ApiResource { group: group.into(), version: version.into(), api_version, kind: kind.into(), plural: plural.into() }
 }
 
-/// `result`, with the API errors of the given HTTP codes counted as success (a 404 on
-/// delete, a 409 on create: someone else already did it).
-pub(crate) fn tolerate<T>(result: Result<T, kube::Error>, codes: &[u16]) -> Result<(), kube::Error> {
-    match result {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if codes.contains(&e.code) => Ok(()),
-        Err(e) => Err(e),
-    }
+pub(crate) use krate_client::events::Recorder as Events;
+pub(crate) use krate_client::tolerate;
+
+/// A reference to `obj` for events.
+pub(crate) fn reference<K: kube::Resource<DynamicType = ()>>(obj: &K) -> k8s_openapi::api::core::v1::ObjectReference {
+    obj.object_ref(&())
 }
 
 /// A short, stable name for a pod template (plus a collision count), in upstream's

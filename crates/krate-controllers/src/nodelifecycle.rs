@@ -13,6 +13,7 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::ResourceExt;
 use serde_json::json;
@@ -116,8 +117,8 @@ async fn plan_evictions(client: &kube::Client, node: &Node, due: &mut BTreeMap<(
 }
 
 pub async fn run(client: kube::Client, grace: Duration) -> anyhow::Result<()> {
-    let mut leases = watcher::watcher(Api::<Lease>::namespaced(client.clone(), "kube-node-lease"), watcher::Config::default()).boxed();
-    let mut node_events = watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).boxed();
+    let mut leases = watcher::watcher(Api::<Lease>::namespaced(client.clone(), "kube-node-lease"), watcher::Config::default()).default_backoff().boxed();
+    let mut node_events = watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff().boxed();
     let mut nodes: HashMap<String, Node> = HashMap::new();
     let mut expiries: HashMap<String, Instant> = HashMap::new();
     let mut evictions: BTreeMap<(Instant, String), (String, String)> = BTreeMap::new();

@@ -12,15 +12,16 @@ use kube::core::PartialObjectMeta;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
-use kube::ResourceExt;
+use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
 use crate::selector::{label_selector_string, map_selector_string};
-use crate::Error;
+use crate::{tolerate, Error, Events};
 
 struct Context {
     client: kube::Client,
     resource: ApiResource,
+    events: Events,
 }
 
 fn is_active(pod: &Pod) -> bool {
@@ -87,17 +88,16 @@ async fn reconcile(owner: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Actio
     if active.len() < wanted {
         let pod = pod_from_template(&owner, &ctx.resource)?;
         for _ in active.len()..wanted {
-            active.push(pods.create(&PostParams::default(), &pod).await?);
+            let created = pods.create(&PostParams::default(), &pod).await?;
+            ctx.events.normal(&owner.object_ref(&ctx.resource), "SuccessfulCreate", &format!("Created pod: {}", created.name_any())).await;
+            active.push(created);
         }
     } else if active.len() > wanted {
         active.sort_by_key(deletion_rank);
         let excess: Vec<Pod> = active.drain(..active.len() - wanted).collect();
         for pod in excess {
-            match pods.delete(&pod.name_any(), &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            tolerate(pods.delete(&pod.name_any(), &DeleteParams::default()).await, &[404])?;
+            ctx.events.normal(&owner.object_ref(&ctx.resource), "SuccessfulDelete", &format!("Deleted pod: {}", pod.name_any())).await;
         }
     }
     let template_labels = owner.data.pointer("/spec/template/metadata/labels").and_then(Value::as_object).cloned().unwrap_or_default();
@@ -129,12 +129,17 @@ fn error_policy(owner: Arc<DynamicObject>, err: &Error, _ctx: Arc<Context>) -> A
     Action::requeue(Duration::from_secs(1))
 }
 
+/// Upstream's component names, as events show them.
+fn controller_name(resource: &ApiResource) -> &'static str {
+    if resource.kind == "ReplicaSet" { "replicaset-controller" } else { "replication-controller" }
+}
+
 /// Runs the controller for one kind (ReplicaSet or ReplicationController).
 pub async fn run(client: kube::Client, resource: ApiResource) -> anyhow::Result<()> {
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
     Controller::new_with(api, watcher::Config::default(), resource.clone())
         .owns(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
-        .run(reconcile, error_policy, Arc::new(Context { client, resource }))
+        .run(reconcile, error_policy, Arc::new(Context { events: Events::new(client.clone(), controller_name(&resource)), client, resource }))
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

@@ -20,12 +20,13 @@ use serde_json::{json, Value};
 
 use crate::replicas::is_ready;
 use crate::selector::label_selector_string;
-use crate::Error;
+use crate::{reference, Error, Events};
 
 const REVISION_LABEL: &str = "controller-revision-hash";
 
 struct Context {
     client: kube::Client,
+    events: Events,
 }
 
 fn revision(sts: &StatefulSet) -> Result<String, Error> {
@@ -126,7 +127,10 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action, E
             None => {
                 ensure_claims(&ctx.client, &sts, i).await?;
                 match api.create(&PostParams::default(), &pod_for(&sts, i, &update_revision)?).await {
-                    Ok(_) => {}
+                    Ok(pod) => {
+                        let message = format!("create Pod {} in StatefulSet {} successful", pod.name_any(), sts.name_any());
+                        ctx.events.normal(&reference(&*sts), "SuccessfulCreate", &message).await;
+                    }
                     Err(kube::Error::Api(e)) if e.code == 409 => {}
                     Err(e) => return Err(e.into()),
                 }
@@ -175,7 +179,7 @@ fn error_policy(sts: Arc<StatefulSet>, err: &Error, _ctx: Arc<Context>) -> Actio
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     Controller::new(Api::<StatefulSet>::all(client.clone()), watcher::Config::default())
         .owns(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
-        .run(reconcile, error_policy, Arc::new(Context { client }))
+        .run(reconcile, error_policy, Arc::new(Context { events: Events::new(client.clone(), "statefulset-controller"), client }))
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

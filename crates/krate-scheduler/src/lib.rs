@@ -18,8 +18,11 @@ use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
 use serde_json::json;
 use tokio::sync::{mpsc, Semaphore};
+
+use krate_client::events::Recorder;
 
 use plugins::{NodeInfo, NodeUsage};
 use quantity::Resources;
@@ -217,35 +220,26 @@ fn place(pod: &Pod, cluster: &Cluster, usage: &HashMap<String, NodeUsage>, start
     best.map(|(_, n)| (n.to_string(), examined)).ok_or_else(|| plugins::unschedulable_message(nodes.len(), &reasons))
 }
 
-fn event(pod: &Pod, type_: &str, reason: &str, message: &str) -> serde_json::Value {
-    let now = jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default();
-    let name = pod.metadata.name.clone().unwrap_or_default();
-    json!({
-        "apiVersion": "v1", "kind": "Event",
-        "metadata": {"generateName": format!("{name}."), "namespace": pod.metadata.namespace},
-        "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": name, "namespace": pod.metadata.namespace, "uid": pod.metadata.uid},
-        "reason": reason, "message": message, "type": type_, "count": 1,
-        "firstTimestamp": now, "lastTimestamp": now,
-        "source": {"component": DEFAULT_SCHEDULER}, "reportingComponent": DEFAULT_SCHEDULER, "reportingInstance": DEFAULT_SCHEDULER,
-    })
+/// What scheduling talks to: the API, and the event recorder.
+#[derive(Clone)]
+struct Io {
+    client: kube::Client,
+    events: Recorder,
 }
 
-async fn record_event(client: &kube::Client, pod: &Pod, type_: &str, reason: &str, message: &str) {
-    let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), pod.metadata.namespace.as_deref().unwrap_or_default());
-    let Ok(ev) = serde_json::from_value(event(pod, type_, reason, message)) else { return };
-    if let Err(e) = api.create(&PostParams::default(), &ev).await {
-        tracing::debug!(error = %e, "recording a scheduling event failed");
-    }
+fn pod_reference(pod: &Pod) -> k8s_openapi::api::core::v1::ObjectReference {
+    kube::Resource::object_ref(pod, &())
 }
 
-async fn bind(client: kube::Client, pod: &Pod, node: String) -> Outcome {
+async fn bind(io: Io, pod: &Pod, node: String) -> Outcome {
+    let client = io.client.clone();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name, "namespace": ns, "uid": pod.metadata.uid}, "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
     match api.create_subresource::<serde_json::Value, serde_json::Value>("binding", &name, &PostParams::default(), &binding).await {
         Ok(_) => {
-            record_event(&client, pod, "Normal", "Scheduled", &format!("Successfully assigned {ns}/{name} to {node}")).await;
+            io.events.normal(&pod_reference(pod), "Scheduled", &format!("Successfully assigned {ns}/{name} to {node}")).await;
             Outcome::Bound
         }
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Outcome::Bound,
@@ -255,7 +249,8 @@ async fn bind(client: kube::Client, pod: &Pod, node: String) -> Outcome {
 
 /// Evicts a plan's victims for `preemptor` and nominates the node for it; the preemptor
 /// is tried again when the victims are gone (a cluster change).
-async fn preempt(client: &kube::Client, preemptor: &Pod, plan: preemption::Plan) {
+async fn preempt(io: &Io, preemptor: &Pod, plan: preemption::Plan) {
+    let client = &io.client;
     let preemptor_ns = preemptor.metadata.namespace.clone().unwrap_or_default();
     let preemptor_name = preemptor.metadata.name.clone().unwrap_or_default();
     let nominate = Patch::Merge(json!({"status": {"nominatedNodeName": plan.node}}));
@@ -273,7 +268,7 @@ async fn preempt(client: &kube::Client, preemptor: &Pod, plan: preemption::Plan)
             Ok(_) => {
                 tracing::info!(victim = %name, preemptor = %preemptor_name, node = %plan.node, "preempted a lower-priority pod");
                 let message = format!("Preempted by pod {} on node {}", preemptor.metadata.uid.as_deref().unwrap_or_default(), plan.node);
-                record_event(client, victim, "Normal", "Preempted", &message).await;
+                io.events.normal(&pod_reference(victim), "Preempted", &message).await;
             }
             Err(e) => tracing::debug!(victim = %name, error = %e, "preempting a pod failed"),
         }
@@ -281,7 +276,8 @@ async fn preempt(client: &kube::Client, preemptor: &Pod, plan: preemption::Plan)
 }
 
 /// Marks a pod unschedulable (once per distinct reason).
-async fn mark_unschedulable(client: &kube::Client, pod: &Pod, message: &str) {
+async fn mark_unschedulable(io: &Io, pod: &Pod, message: &str) {
+    let client = &io.client;
     let api: Api<Pod> = Api::namespaced(client.clone(), pod.metadata.namespace.as_deref().unwrap_or_default());
     let now = jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default();
     let mut conditions: Vec<serde_json::Value> =
@@ -291,7 +287,7 @@ async fn mark_unschedulable(client: &kube::Client, pod: &Pod, message: &str) {
     if let Err(e) = api.patch_status(pod.metadata.name.as_deref().unwrap_or_default(), &PatchParams::default(), &patch).await {
         tracing::debug!(error = %e, "marking a pod unschedulable failed");
     }
-    record_event(client, pod, "Warning", "FailedScheduling", message).await;
+    io.events.warning(&pod_reference(pod), "FailedScheduling", message).await;
 }
 
 fn existing_unschedulable_message(pod: &Pod) -> Option<String> {
@@ -299,7 +295,7 @@ fn existing_unschedulable_message(pod: &Pod) -> Option<String> {
 }
 
 /// One pass over the active queue: highest priority first, then oldest.
-fn schedule_pass(state: &mut State, client: &kube::Client, binds: &Arc<Semaphore>, done: &mpsc::UnboundedSender<(String, Outcome)>) {
+fn schedule_pass(state: &mut State, io: &Io, binds: &Arc<Semaphore>, done: &mpsc::UnboundedSender<(String, Outcome)>) {
     let mut queue: Vec<Arc<Pod>> = state.active.drain().filter_map(|id| state.pods.get(&id).cloned()).collect();
     queue.sort_by_key(|p| (std::cmp::Reverse(p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)), p.metadata.creation_timestamp.clone().map(|t| t.0)));
     let mut usage = std::mem::take(&mut state.usage);
@@ -333,18 +329,18 @@ fn schedule_pass(state: &mut State, client: &kube::Client, binds: &Arc<Semaphore
                 usage.entry(node.clone()).or_default().add(pod.clone());
                 state.counted.insert(id.clone(), node.clone());
                 assumed.push((id.clone(), node.clone()));
-                let (client, binds, done) = (client.clone(), binds.clone(), done.clone());
+                let (io, binds, done) = (io.clone(), binds.clone(), done.clone());
                 tokio::spawn(async move {
                     let _permit = binds.acquire_owned().await;
-                    let outcome = bind(client, &pod, node).await;
+                    let outcome = bind(io, &pod, node).await;
                     let _ = done.send((id, outcome));
                 });
             }
             Err(message) => {
                 if preemption::may_preempt(&pod) {
                     if let Some(plan) = preemption::plan(&pod, &cluster.nodes, &usage).filter(|p| !p.victims.is_empty()) {
-                        let (client, preemptor) = (client.clone(), pod.clone());
-                        tokio::spawn(async move { preempt(&client, &preemptor, plan).await });
+                        let (io, preemptor) = (io.clone(), pod.clone());
+                        tokio::spawn(async move { preempt(&io, &preemptor, plan).await });
                     }
                 }
                 unschedulable.push((id, pod, message));
@@ -358,23 +354,33 @@ fn schedule_pass(state: &mut State, client: &kube::Client, binds: &Arc<Semaphore
         let already = existing_unschedulable_message(&pod).as_deref() == Some(message.as_str());
         state.unschedulable.insert(id, message.clone());
         if !already {
-            let client = client.clone();
-            tokio::spawn(async move { mark_unschedulable(&client, &pod, &message).await });
+            let io = io.clone();
+            tokio::spawn(async move { mark_unschedulable(&io, &pod, &message).await });
         }
     }
 }
 
 /// Schedules pods for `scheduler_name` until the watches end.
 pub async fn run(client: kube::Client, scheduler_name: &str) -> Result<()> {
-    let mut pods = watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).boxed();
-    let mut nodes = watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).boxed();
+    let mut pods = watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).default_backoff().boxed();
+    let mut nodes = watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff().boxed();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Outcome)>();
     let binds = Arc::new(Semaphore::new(BIND_CONCURRENCY));
+    let io = Io { client: client.clone(), events: Recorder::new(client.clone(), scheduler_name) };
     let mut state = State { name: scheduler_name.to_string(), ..Default::default() };
     loop {
         tokio::select! {
-            ev = pods.try_next() => match ev? { Some(e) => state.on_pod(e), None => return Ok(()) },
-            ev = nodes.try_next() => match ev? { Some(e) => state.on_node(e), None => return Ok(()) },
+            // A failed watch is retried by the watcher (with back-off) and re-lists.
+            ev = pods.next() => match ev {
+                Some(Ok(e)) => state.on_pod(e),
+                Some(Err(e)) => tracing::warn!(error = %e, "pod watch failed; retrying"),
+                None => return Ok(()),
+            },
+            ev = nodes.next() => match ev {
+                Some(Ok(e)) => state.on_node(e),
+                Some(Err(e)) => tracing::warn!(error = %e, "node watch failed; retrying"),
+                None => return Ok(()),
+            },
             Some((id, outcome)) = done_rx.recv() => {
                 if let Outcome::Retry(err) = outcome {
                     tracing::warn!(pod = %id, error = %err, "binding failed; will retry");
@@ -392,7 +398,7 @@ pub async fn run(client: kube::Client, scheduler_name: &str) -> Result<()> {
             state.on_node(e);
         }
         if state.pods_synced && state.nodes_synced && !state.active.is_empty() {
-            schedule_pass(&mut state, &client, &binds, &done_tx);
+            schedule_pass(&mut state, &io, &binds, &done_tx);
         }
     }
 }

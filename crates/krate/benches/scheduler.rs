@@ -5,7 +5,8 @@
 //! (observed through a watch). The reference, measured in the same run, is creating the
 //! same pods for a scheduler that does not exist (the API's own pod create rate).
 //!
-//! `cargo bench -p krate --bench scheduler` (KRATE_BENCH_NODES, KRATE_BENCH_PODS).
+//! `cargo bench -p krate --bench scheduler` (KRATE_BENCH_NODES, KRATE_BENCH_PODS;
+//! KRATE_BENCH_SERVER_LOG=<file> keeps the server's log).
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -115,7 +116,10 @@ async fn main() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_krate"))
         .args(["server", "--data-dir", data.to_str().unwrap(), "--port", &port.to_string(), "--watch-cache-size", "200000"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(match std::env::var_os("KRATE_BENCH_SERVER_LOG") {
+            Some(path) => Stdio::from(std::fs::File::create(path).expect("server log file")),
+            None => Stdio::null(),
+        })
         .spawn()
         .expect("start krate server");
     let kubeconfig = data.join("admin.kubeconfig");

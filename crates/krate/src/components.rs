@@ -92,7 +92,8 @@ where
     Fut: std::future::Future<Output = Result<()>>,
 {
     if !election.leader_elect {
-        return work().await;
+        leader::supervised(lease, &work).await;
+        return Ok(());
     }
     let identity = election.leader_elect_identity.clone().unwrap_or_else(leader::identity);
     Election::new(client, lease, identity, election.timing()).run(work).await

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
@@ -206,7 +206,14 @@ impl Hollow {
         let mut started: std::collections::HashSet<String> = Default::default();
         // Back-off keeps the nodes alive across API server restarts, as a kubelet does.
         let mut events = watcher::watcher(api, watcher::Config::default().fields("spec.nodeName!=")).default_backoff().boxed();
-        while let Some(event) = events.try_next().await? {
+        while let Some(event) = events.next().await {
+            let event = match event {
+                Ok(event) => event,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pod watch failed; retrying");
+                    continue;
+                }
+            };
             let pods = match event {
                 Event::Apply(p) | Event::InitApply(p) => vec![p],
                 Event::Delete(p) => {
