@@ -252,13 +252,15 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
     // that long is marked ProgressDeadlineExceeded, and again progressing once it moves.
     let old_progressing = current.conditions.iter().flatten().find(|c| c.type_.as_deref() == Some("Progressing"));
     let last_progress = old_progressing
-        .filter(|c| counts_same && matches!(c.reason.as_deref(), Some("ReplicaSetUpdated" | "ProgressDeadlineExceeded")))
+        .filter(|c| counts_same && c.reason.as_deref() == Some("ReplicaSetUpdated"))
         .and_then(|c| c.last_update_time.as_ref().map(|t| t.0));
     let deadline = spec.progress_deadline_seconds.filter(|s| *s > 0).map(|s| Duration::from_secs(s as u64));
-    let overdue = match (deadline, last_progress) {
-        (Some(deadline), Some(at)) => jiff::Timestamp::now().duration_since(at).as_secs() >= deadline.as_secs() as i64,
-        _ => false,
-    };
+    let still_stalled = counts_same && old_progressing.is_some_and(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
+    let overdue = still_stalled
+        || match (deadline, last_progress) {
+            (Some(deadline), Some(at)) => jiff::Timestamp::now().duration_since(at).as_secs() >= deadline.as_secs() as i64,
+            _ => false,
+        };
     let mut progressing = match (&new_name, complete, paused) {
         (_, _, true) => condition("Progressing", "Unknown", "DeploymentPaused", "Deployment is paused"),
         (Some(n), true, _) => condition("Progressing", "True", "NewReplicaSetAvailable", &format!("ReplicaSet \"{n}\" has successfully progressed.")),

@@ -250,6 +250,10 @@ async fn failure_policies_and_progress_deadlines() {
     assert_eq!(failed.reason.as_deref(), Some("PodFailurePolicy"));
     assert!(failed.message.unwrap().contains("failed with exit code 42 matching FailJob rule at index 0"));
     assert_eq!(jobs.get("fatal").await.unwrap().status.unwrap().failed, Some(1));
+    // What the controllers did shows in `kubectl describe`, as upstream's events.
+    let described = server.kubectl_ok(&["describe", "job", "fatal"]);
+    assert!(described.contains("SuccessfulCreate") && described.contains("job-controller") && described.contains("Created pod: fatal-"), "{described}");
+    assert!(described.contains("Warning  PodFailurePolicy"), "{described}");
 
     // A rollout that cannot progress is reported after progressDeadlineSeconds.
     let mut stuck = deployment("stuck", 1, json!({"nodeSelector": {"no": "such-node"}, "containers": [{"name": "c", "image": "x"}]}));
@@ -262,6 +266,8 @@ async fn failure_policies_and_progress_deadlines() {
     })
     .await;
     assert_eq!(condition.status.as_deref(), Some("False"));
+    let described = server.kubectl_ok(&["describe", "deployment", "stuck"]);
+    assert!(described.contains("ScalingReplicaSet") && described.contains("from 0 to 1"), "{described}");
     let out = server.kubectl(&["rollout", "status", "deployment/stuck", "--timeout=10s"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("exceeded its progress deadline"), "{}", String::from_utf8_lossy(&out.stderr));
