@@ -155,6 +155,52 @@ async fn watch_sends_bookmarks_and_live_events() {
     assert!(rest.iter().any(|e| matches!(e, WatchEvent::Bookmark(_))), "a bookmark before the timeout: {rest:?}");
 }
 
+/// A slow watcher that gets bookmarks while writes pour in must still see every event:
+/// a bookmark never moves past changes it has not sent.
+#[tokio::test]
+async fn bookmarks_never_skip_events_a_slow_watcher_has_not_seen() {
+    const COUNT: usize = 1200;
+    let server = TestServer::start_with(&["--bookmark-interval-seconds", "1"]);
+    let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
+    let rv = cms.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
+    let mut stream = cms.watch(&WatchParams::default().timeout(120), &rv).await.unwrap().boxed();
+    let writer = cms.clone();
+    // Large objects, written over several bookmark intervals, so that the server's side
+    // of the watch lags (transport buffers full) when bookmarks fall due.
+    let bulk = "x".repeat(16 * 1024);
+    let creator = tokio::spawn(async move {
+        futures::stream::iter(0..COUNT)
+            .for_each_concurrent(4, |i| {
+                let api = writer.clone();
+                let obj: ConfigMap = serde_json::from_value(json!({"metadata": {"name": format!("cm-{i}")}, "data": {"bulk": bulk}})).unwrap();
+                async move {
+                    api.create(&PostParams::default(), &obj).await.unwrap();
+                }
+            })
+            .await;
+    });
+    let mut seen = std::collections::HashSet::new();
+    let mut bookmarks = 0;
+    while seen.len() < COUNT {
+        let event = tokio::time::timeout(Duration::from_secs(20), stream.try_next())
+            .await
+            .unwrap_or_else(|_| panic!("events stopped after {} of {COUNT} ({bookmarks} bookmarks)", seen.len()))
+            .unwrap()
+            .expect("the watch stays open");
+        match event {
+            WatchEvent::Added(c) => {
+                seen.insert(c.metadata.name.unwrap());
+                // Consume slowly, so that changes pile up while bookmarks fall due.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            WatchEvent::Bookmark(_) => bookmarks += 1,
+            _ => {}
+        }
+    }
+    creator.await.unwrap();
+    assert!(bookmarks > 0, "the watch saw bookmarks while it lagged");
+}
+
 #[tokio::test]
 async fn watch_from_a_compacted_revision_is_gone() {
     let server = TestServer::start_with(&["--compaction-interval-seconds", "1"]);

@@ -250,7 +250,13 @@ async fn run(
                 }
             }
             _ = tokio::time::sleep_until(bookmark_at), if w.bookmarks && bookmark_at < deadline => {
-                last = last.max(cache.revision());
+                // A bookmark may only move past revisions whose events were all sent:
+                // changes applied since the last read are sent first (next loop turn).
+                let applied = cache.revision();
+                let caught_up = rc.state.read().expect("cache lock").events_after(last).is_some_and(|e| e.is_empty());
+                if caught_up {
+                    last = last.max(applied);
+                }
                 if !send(w.bookmark(last, false)).await {
                     return;
                 }
