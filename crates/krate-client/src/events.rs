@@ -14,12 +14,16 @@ use tokio::sync::Mutex;
 /// Distinct events remembered for counting repeats (older ones are forgotten).
 const REMEMBERED: usize = 4096;
 
+/// (object uid, type, reason, message): what makes two events the same.
+type EventKey = (String, String, String, String);
+/// Where the first of a kind was written, and how often it happened: (namespace, name, count).
+type Written = (String, String, i32);
+
 #[derive(Clone)]
 pub struct Recorder {
     client: kube::Client,
     component: String,
-    /// (object uid, type, reason, message) → (event namespace, name, count).
-    seen: Arc<Mutex<HashMap<(String, String, String, String), (String, String, i32)>>>,
+    seen: Arc<Mutex<HashMap<EventKey, Written>>>,
 }
 
 fn now() -> String {

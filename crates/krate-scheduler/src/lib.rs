@@ -67,6 +67,9 @@ struct State {
     usage: HashMap<String, NodeUsage>,
     /// The node each counted pod is counted on.
     counted: HashMap<String, String>,
+    /// Counted pods that declare required anti-affinity (their rules bind newcomers),
+    /// kept here so that a pass need not look through every placed pod.
+    anti_holders: HashMap<String, String>,
     pods_synced: bool,
     nodes_synced: bool,
 }
@@ -92,6 +95,7 @@ impl State {
                 self.pods.clear();
                 self.usage.clear();
                 self.counted.clear();
+                self.anti_holders.clear();
             }
             Event::InitDone => self.pods_synced = true,
             Event::Apply(pod) | Event::InitApply(pod) => {
@@ -147,6 +151,7 @@ impl State {
 
     /// Re-counts pod `id` in the node usage: bound or assumed, and not finished.
     fn account(&mut self, id: &str) {
+        self.anti_holders.remove(id);
         if let Some(node) = self.counted.remove(id) {
             if let Some(u) = self.usage.get_mut(&node) {
                 u.remove(id);
@@ -158,6 +163,9 @@ impl State {
         }
         let node = node_of(pod).map(str::to_string).or_else(|| self.assumed.get(id).cloned());
         if let Some(node) = node {
+            if plugins::PodTopology::holds_anti_affinity(pod) {
+                self.anti_holders.insert(id.to_string(), node.clone());
+            }
             self.usage.entry(node.clone()).or_default().add(pod.clone());
             self.counted.insert(id.to_string(), node);
         }
@@ -171,7 +179,7 @@ fn allocatable_of(node: &Node) -> Option<&BTreeMap<String, k8s_openapi::apimachi
 /// The nodes of one scheduling pass, indexed.
 struct Cluster<'a> {
     nodes: Vec<&'a NodeInfo>,
-    by_name: HashMap<String, &'a NodeInfo>,
+    by_name: &'a BTreeMap<String, NodeInfo>,
     /// Placed pods with required anti-affinity, and their nodes.
     anti_holders: Vec<(String, Arc<Pod>)>,
 }
@@ -188,7 +196,7 @@ fn place(pod: &Pod, cluster: &Cluster, usage: &HashMap<String, NodeUsage>, start
     let nodes = &cluster.nodes;
     let empty = NodeUsage::default();
     let requests: Resources = plugins::pod_requests(pod);
-    let topology = plugins::PodTopology::new(pod, &cluster.by_name, usage, &cluster.anti_holders);
+    let topology = plugins::PodTopology::new(pod, cluster.by_name, usage, &cluster.anti_holders);
     let spread = spread::Spread::new(pod, nodes, usage);
     let wanted = feasible_wanted(nodes.len());
     let mut reasons = Vec::new();
@@ -301,11 +309,8 @@ fn schedule_pass(state: &mut State, io: &Io, binds: &Arc<Semaphore>, done: &mpsc
     let mut usage = std::mem::take(&mut state.usage);
     let nodes: Vec<&NodeInfo> = state.nodes.values().collect();
     let mut cluster = Cluster {
-        by_name: nodes.iter().map(|n| (n.node.metadata.name.clone().unwrap_or_default(), *n)).collect(),
-        anti_holders: usage
-            .iter()
-            .flat_map(|(node, u)| u.placed.iter().filter(|p| plugins::PodTopology::holds_anti_affinity(p)).map(move |p| (node.clone(), p.clone())))
-            .collect(),
+        by_name: &state.nodes,
+        anti_holders: state.anti_holders.iter().filter_map(|(id, node)| Some((node.clone(), state.pods.get(id)?.clone()))).collect(),
         nodes,
     };
     let mut next_start = state.next_start;
@@ -328,6 +333,9 @@ fn schedule_pass(state: &mut State, io: &Io, binds: &Arc<Semaphore>, done: &mpsc
                 }
                 usage.entry(node.clone()).or_default().add(pod.clone());
                 state.counted.insert(id.clone(), node.clone());
+                if plugins::PodTopology::holds_anti_affinity(&pod) {
+                    state.anti_holders.insert(id.clone(), node.clone());
+                }
                 assumed.push((id.clone(), node.clone()));
                 let (io, binds, done) = (io.clone(), binds.clone(), done.clone());
                 tokio::spawn(async move {

@@ -226,7 +226,7 @@ pub fn filter(pod: &Pod, requests: &Resources, info: &NodeInfo, usage: &NodeUsag
 pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
     let labels_ok = selector.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
     let exprs_ok = selector.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.clone().unwrap_or_default();
+        let values: &[String] = e.values.as_deref().unwrap_or_default();
         let value = labels.get(&e.key);
         match e.operator.as_str() {
             "In" => value.is_some_and(|v| values.contains(v)),
@@ -241,19 +241,20 @@ pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, Stri
 
 /// Does `term` (declared by a pod in `owner_ns`) select `pod`?
 fn term_selects(term: &PodAffinityTerm, owner_ns: &str, pod: &Pod) -> bool {
+    static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
     let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
-    let namespaces = term.namespaces.clone().unwrap_or_default();
+    let namespaces: &[String] = term.namespaces.as_deref().unwrap_or_default();
     let ns_ok = if namespaces.is_empty() && term.namespace_selector.is_none() { ns == owner_ns } else { namespaces.iter().any(|n| n == ns) || term.namespace_selector.is_some() };
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
-    ns_ok && term.label_selector.as_ref().is_some_and(|s| selector_matches(s, &labels))
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS);
+    ns_ok && term.label_selector.as_ref().is_some_and(|s| selector_matches(s, labels))
 }
 
-fn required_terms(pod: &Pod, anti: bool) -> Vec<PodAffinityTerm> {
+fn required_terms(pod: &Pod, anti: bool) -> &[PodAffinityTerm] {
     let affinity = pod.spec.as_ref().and_then(|s| s.affinity.as_ref());
     let terms = if anti {
-        affinity.and_then(|a| a.pod_anti_affinity.as_ref()).and_then(|a| a.required_during_scheduling_ignored_during_execution.clone())
+        affinity.and_then(|a| a.pod_anti_affinity.as_ref()).and_then(|a| a.required_during_scheduling_ignored_during_execution.as_deref())
     } else {
-        affinity.and_then(|a| a.pod_affinity.as_ref()).and_then(|a| a.required_during_scheduling_ignored_during_execution.clone())
+        affinity.and_then(|a| a.pod_affinity.as_ref()).and_then(|a| a.required_during_scheduling_ignored_during_execution.as_deref())
     };
     terms.unwrap_or_default()
 }
@@ -271,7 +272,7 @@ pub struct PodTopology {
 impl PodTopology {
     /// `anti_holders`: placed pods that declare required anti-affinity, with their node
     /// (their rules apply to newcomers too).
-    pub fn new(pod: &Pod, nodes: &HashMap<String, &NodeInfo>, usage: &HashMap<String, NodeUsage>, anti_holders: &[(String, Arc<Pod>)]) -> Self {
+    pub fn new(pod: &Pod, nodes: &BTreeMap<String, NodeInfo>, usage: &HashMap<String, NodeUsage>, anti_holders: &[(String, Arc<Pod>)]) -> Self {
         let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
         let anti = required_terms(pod, true);
         let affinity = required_terms(pod, false);
@@ -280,7 +281,7 @@ impl PodTopology {
         for (node, other) in anti_holders {
             let other_ns = other.metadata.namespace.as_deref().unwrap_or_default();
             for term in required_terms(other, true) {
-                if term_selects(&term, other_ns, pod) {
+                if term_selects(term, other_ns, pod) {
                     if let Some(v) = label(node, &term.topology_key) {
                         out.forbidden.insert((term.topology_key.clone(), v));
                     }
@@ -293,7 +294,7 @@ impl PodTopology {
         let mut found: Vec<HashSet<String>> = vec![HashSet::new(); affinity.len()];
         for (node, u) in usage {
             for other in &u.placed {
-                for term in &anti {
+                for term in anti {
                     if term_selects(term, ns, other) {
                         if let Some(v) = label(node, &term.topology_key) {
                             out.forbidden.insert((term.topology_key.clone(), v));
@@ -468,7 +469,7 @@ mod tests {
     fn pod_anti_affinity_keeps_matching_pods_apart() {
         let labeled = |name: &str| node(name, "2", json!({"metadata": {"labels": {"kubernetes.io/hostname": name}}}));
         let (n1, n2) = (labeled("n1"), labeled("n2"));
-        let nodes: HashMap<String, &NodeInfo> = [("n1".to_string(), &n1), ("n2".to_string(), &n2)].into_iter().collect();
+        let nodes: BTreeMap<String, NodeInfo> = [("n1".to_string(), n1.clone()), ("n2".to_string(), n2.clone())].into_iter().collect();
         let mut usage: HashMap<String, NodeUsage> = HashMap::new();
         usage.entry("n1".into()).or_default().add(Arc::new(pod("0", json!({"metadata": {"labels": {"app": "x"}}}))));
         let term = json!({"labelSelector": {"matchLabels": {"app": "x"}}, "topologyKey": "kubernetes.io/hostname"});
