@@ -67,7 +67,8 @@ async fn crud_with_optimistic_concurrency() {
 
 #[tokio::test]
 async fn pagination_is_consistent_and_expires_after_compaction() {
-    let server = TestServer::start_with(&["--compaction-interval-seconds", "1"]);
+    // API only: no controller adds objects (kube-root-ca.crt) to the counts.
+    let server = TestServer::start_with(&["--compaction-interval-seconds", "1", "--disable-controllers"]);
     let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
     for i in 0..25 {
         cms.create(&PostParams::default(), &cm(&format!("cm-{i:02}"), json!({"batch": "p"}))).await.unwrap();
@@ -101,7 +102,7 @@ async fn pagination_is_consistent_and_expires_after_compaction() {
 
 #[tokio::test]
 async fn watch_resumes_from_a_resource_version_and_follows_selectors() {
-    let server = TestServer::start();
+    let server = TestServer::start_with(&["--disable-controllers"]);
     let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
     let start = cms.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
     cms.create(&PostParams::default(), &cm("w", json!({"team": "a"}))).await.unwrap();
@@ -218,7 +219,7 @@ async fn watch_from_a_compacted_revision_is_gone() {
 
 #[tokio::test]
 async fn label_and_field_selectors() {
-    let server = TestServer::start();
+    let server = TestServer::start_with(&["--disable-controllers"]);
     let pods: Api<Pod> = Api::namespaced(server.client().await, "default");
     for (name, node, tier) in [("a", "n1", "web"), ("b", "n2", "web"), ("c", "n1", "db")] {
         let pod: Pod = serde_json::from_value(json!({

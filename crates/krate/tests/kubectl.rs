@@ -160,7 +160,8 @@ fn mutate_and_delete() {
     std::fs::write(&manifest, MANIFEST).unwrap();
     let by_file = server.kubectl(&["delete", "-f", manifest.to_str().unwrap(), "--ignore-not-found"]);
     assert!(by_file.status.success(), "{}", stderr(&by_file));
-    let left = server.kubectl_ok(&["get", "deploy,svc,job,cm,secret", "-n", "shop", "-o", "name"]);
+    // (Every namespace keeps its kube-root-ca.crt, as upstream.)
+    let left = server.kubectl_ok(&["get", "deploy,svc,job,cm,secret", "-n", "shop", "-o", "name", "--field-selector", "metadata.name!=kube-root-ca.crt"]);
     assert_eq!(left.trim(), "", "everything from the manifest is gone");
     let missing = server.kubectl(&["delete", "deploy", "web", "-n", "shop"]);
     assert!(stderr(&missing).contains("NotFound") && stderr(&missing).contains("deployments.apps \"web\" not found"), "{}", stderr(&missing));
