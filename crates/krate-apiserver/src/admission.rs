@@ -11,7 +11,7 @@ use krate_api::object::{self, get, get_str};
 use krate_api::{ApiError, ApiResult, FieldError, KindInfo};
 use serde_json::{json, Value};
 
-use crate::registry::Storage;
+use crate::registry::{builtin_kind, storage_prefix, Scope, Storage};
 
 /// The built-in priority classes every cluster has.
 pub const SYSTEM_PRIORITY_CLASSES: &[(&str, i64, &str)] = &[
@@ -23,19 +23,18 @@ const HIGHEST_USER_PRIORITY: i64 = 1_000_000_000;
 const QUOTA_RETRIES: usize = 16;
 
 impl Storage {
-    /// The cached objects of a resource (`group` "" for the core group), in `namespace`
-    /// if given. As upstream's admission reads informers, this does not wait for the
-    /// cache to catch up with the store unless `fresh` is asked for.
-    pub(crate) async fn cached_objects(&self, group: &str, resource: &str, namespace: Option<&str>, fresh: bool) -> Vec<Value> {
-        let group = if group.is_empty() { "core" } else { group };
-        let prefix = match namespace {
-            Some(ns) => format!("{}{group}/{resource}/{ns}/", crate::cache::REGISTRY_PREFIX),
-            None => format!("{}{group}/{resource}/", crate::cache::REGISTRY_PREFIX),
+    /// The cached objects of `scope`. As upstream's admission reads informers, this does
+    /// not wait for the cache to catch up with the store unless `fresh` is asked for.
+    pub(crate) async fn cached_objects(&self, scope: &Scope, fresh: bool) -> Vec<Value> {
+        let resource_prefix = storage_prefix(&scope.kind);
+        let prefix = match scope.namespace.as_deref() {
+            Some(ns) => format!("{resource_prefix}{ns}/"),
+            None => resource_prefix.clone(),
         };
         if fresh {
             self.cache.sync().await;
         }
-        let rc = self.cache.resource(&format!("{}{group}/{resource}/", crate::cache::REGISTRY_PREFIX));
+        let rc = self.cache.resource(&resource_prefix);
         let state = rc.state.read().expect("cache lock");
         state.objects.range(prefix.clone()..).take_while(|(k, _)| k.starts_with(&prefix)).map(|(_, o)| o.parse()).collect()
     }
@@ -53,11 +52,12 @@ impl Storage {
 
     async fn admit_pod_priority(&self, pod: &mut Value) -> ApiResult<()> {
         let name = object::name(pod).to_string();
-        let mut classes = self.cached_objects("scheduling.k8s.io", "priorityclasses", None, false).await;
+        let classes_scope = Scope { kind: builtin_kind("scheduling.k8s.io", "v1", "priorityclasses"), namespace: None };
+        let mut classes = self.cached_objects(&classes_scope, false).await;
         let wanted = get_str(pod, &["spec", "priorityClassName"]).filter(|c| !c.is_empty());
         if wanted.is_some_and(|w| !classes.iter().any(|c| object::name(c) == w)) {
             // Perhaps created a moment ago.
-            classes = self.cached_objects("scheduling.k8s.io", "priorityclasses", None, true).await;
+            classes = self.cached_objects(&classes_scope, true).await;
         }
         let class = match wanted {
             Some(wanted) => Some(classes.iter().find(|c| object::name(c) == wanted).ok_or_else(|| {
@@ -98,7 +98,8 @@ impl Storage {
             object::set(class, &["preemptionPolicy"], json!("PreemptLowerPriority"));
         }
         if class.get("globalDefault") == Some(&json!(true)) {
-            let classes = self.cached_objects("scheduling.k8s.io", "priorityclasses", None, true).await;
+            let scope = Scope { kind: builtin_kind("scheduling.k8s.io", "v1", "priorityclasses"), namespace: None };
+            let classes = self.cached_objects(&scope, true).await;
             if let Some(other) = classes.iter().find(|c| c.get("globalDefault") == Some(&json!(true))) {
                 return Err(ApiError::invalid("scheduling.k8s.io", "PriorityClass", &name, &[FieldError::invalid(
                     "globalDefault",
@@ -116,9 +117,8 @@ impl Storage {
     async fn admit_quota(&self, kind: &KindInfo, obj: &Value, dry_run: bool) -> ApiResult<()> {
         let Some(ns) = get_str(obj, &["metadata", "namespace"]).filter(|_| kind.namespaced).map(String::from) else { return Ok(()) };
         let delta = krate_api::quota::usage(&kind.group, &kind.plural, obj);
-        let quotas = self.cached_objects("", "resourcequotas", Some(&ns), false).await;
-        let quota_kind = crate::registry::builtin_kind("", "v1", "resourcequotas");
-        let scope = crate::registry::Scope { kind: quota_kind, namespace: Some(ns.clone()) };
+        let scope = Scope { kind: builtin_kind("", "v1", "resourcequotas"), namespace: Some(ns.clone()) };
+        let quotas = self.cached_objects(&scope, false).await;
         let name = object::name(obj).to_string();
         let forbidden = |detail: String| ApiError::forbidden(format!("{} {name:?} is forbidden: {detail}", krate_api::error::qualified(&kind.group, &kind.plural)));
         for quota in quotas {

@@ -2,6 +2,22 @@
 
 pub mod events;
 
+/// Runs `work` forever, starting it again a second after it stops or fails, so that one
+/// failing component (watches ended, discovery not ready) does not stop the others.
+pub async fn supervised<F, Fut>(what: &str, work: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    loop {
+        match work().await {
+            Ok(()) => tracing::warn!(component = what, "stopped; starting again"),
+            Err(e) => tracing::warn!(component = what, error = %format!("{e:#}"), "failed; starting again"),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
 /// `result`, with the API errors of the given HTTP codes counted as success (a 404 on
 /// delete, a 409 on create: someone else already did it).
 pub fn tolerate<T>(result: Result<T, kube::Error>, codes: &[u16]) -> Result<(), kube::Error> {

@@ -14,13 +14,13 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::cron::Schedule;
-use crate::{reference, Error, Events};
+use crate::{reference, Error, Recorder};
 
 const SCHEDULED_AT: &str = "batch.kubernetes.io/cronjob-scheduled-timestamp";
 
 struct Context {
     client: kube::Client,
-    events: Events,
+    events: Recorder,
 }
 
 fn finished(job: &Job) -> Option<&str> {
@@ -140,7 +140,7 @@ fn error_policy(cj: Arc<CronJob>, err: &Error, _ctx: Arc<Context>) -> Action {
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     Controller::new(Api::<CronJob>::all(client.clone()), watcher::Config::default())
         .owns(Api::<Job>::all(client.clone()), watcher::Config::default())
-        .run(reconcile, error_policy, Arc::new(Context { events: Events::new(client.clone(), "cronjob-controller"), client }))
+        .run(reconcile, error_policy, Arc::new(Context { events: Recorder::new(client.clone(), "cronjob-controller"), client }))
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

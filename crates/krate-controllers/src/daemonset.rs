@@ -22,14 +22,14 @@ use serde_json::{json, Value};
 
 use crate::replicas::is_ready;
 use crate::selector::label_selector_string;
-use crate::{reference, Error, Events};
+use crate::{reference, tolerate, Error, Recorder};
 
 const HASH_LABEL: &str = "controller-revision-hash";
 
 struct Context {
     client: kube::Client,
     nodes: reflector::Store<Node>,
-    events: Events,
+    events: Recorder,
 }
 
 /// Tolerations every daemon pod gets, as upstream adds them.
@@ -138,11 +138,7 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Erro
         to_delete.extend(outdated.take(budget));
     }
     for pod in to_delete {
-        match pods_api.delete(&pod.name_any(), &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
+        tolerate(pods_api.delete(&pod.name_any(), &DeleteParams::default()).await, &[404])?;
     }
     let scheduled = current.iter().filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()).count();
     let ready = current.iter().filter(|p| is_ready(p)).count();
@@ -175,7 +171,7 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     Controller::new(Api::<DaemonSet>::all(client.clone()), watcher::Config::default())
         .owns(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
         .reconcile_all_on(node_changes)
-        .run(reconcile, error_policy, Arc::new(Context { events: Events::new(client.clone(), "daemonset-controller"), client, nodes: store }))
+        .run(reconcile, error_policy, Arc::new(Context { events: Recorder::new(client.clone(), "daemonset-controller"), client, nodes: store }))
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::selector::label_selector_string;
 use crate::template_hash;
-use crate::{reference, Error, Events};
+use crate::{int_or_percent, reference, Error, Recorder};
 
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
 const DESIRED: &str = "deployment.kubernetes.io/desired-replicas";
@@ -26,7 +26,7 @@ const HASH_LABEL: &str = "pod-template-hash";
 
 struct Context {
     client: kube::Client,
-    events: Events,
+    events: Recorder,
 }
 
 /// A ReplicaSet's template without the hash label, for comparing with the Deployment's.
@@ -53,13 +53,9 @@ fn status_of(rs: &ReplicaSet) -> (i32, i32, i32) {
 
 /// An int-or-percent of `total`, rounded up (surge) or down (unavailable).
 fn scaled(value: Option<&IntOrString>, total: i32, default: &str, round_up: bool) -> i32 {
-    match value.cloned().unwrap_or(IntOrString::String(default.into())) {
-        IntOrString::Int(n) => n,
-        IntOrString::String(s) => {
-            let pct: f64 = s.trim_end_matches('%').parse().unwrap_or(0.0);
-            let exact = pct * total as f64 / 100.0;
-            (if round_up { exact.ceil() } else { exact.floor() }) as i32
-        }
+    match value {
+        Some(v) => int_or_percent(v, total, round_up),
+        None => int_or_percent(&IntOrString::String(default.into()), total, round_up),
     }
 }
 
@@ -303,7 +299,7 @@ fn error_policy(d: Arc<Deployment>, err: &Error, _ctx: Arc<Context>) -> Action {
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     Controller::new(Api::<Deployment>::all(client.clone()), watcher::Config::default())
         .owns(Api::<ReplicaSet>::all(client.clone()), watcher::Config::default())
-        .run(reconcile, error_policy, Arc::new(Context { events: Events::new(client.clone(), "deployment-controller"), client }))
+        .run(reconcile, error_policy, Arc::new(Context { events: Recorder::new(client.clone(), "deployment-controller"), client }))
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

@@ -19,7 +19,7 @@ use kube::ResourceExt;
 use serde_json::{json, Value};
 
 use crate::replicas::is_ready;
-use crate::{resource, Error};
+use crate::{int_or_percent, resource, Error};
 
 /// How long an eviction's mark on a pod counts before the pod is judged by itself again.
 const DISRUPTION_TIMEOUT: Duration = Duration::from_secs(120);
@@ -30,13 +30,7 @@ struct Context {
 
 /// `value` of a count-or-percentage field against `total` (percentages round up).
 fn scaled(value: &IntOrString, total: i64) -> i64 {
-    match value {
-        IntOrString::Int(n) => i64::from(*n),
-        IntOrString::String(s) => {
-            let percent: i64 = s.trim_end_matches('%').parse().unwrap_or(0);
-            (percent * total + 99) / 100
-        }
-    }
+    i64::from(int_or_percent(value, i32::try_from(total).unwrap_or(i32::MAX), true))
 }
 
 /// The owner kinds whose `spec.replicas` says how many pods a budget should expect.

@@ -100,8 +100,9 @@ struct Controller {
     client: kube::Client,
     services: Store<Service>,
     pods: Store<Pod>,
-    /// Pod → the services whose endpoints listed it last time.
-    listed_in: Mutex<HashMap<Key, HashSet<Key>>>,
+    /// Service → the pods its endpoints listed last time (a pod that stops matching
+    /// still wakes the service that listed it).
+    listed: Mutex<HashMap<Key, HashSet<Key>>>,
     pending: Mutex<HashSet<Key>>,
     wake: Notify,
 }
@@ -113,11 +114,14 @@ impl Controller {
     }
 
     fn services_for_pod(&self, pod: &Pod) -> Vec<Key> {
-        let mut keys: Vec<Key> = self.services.state().iter().filter(|s| selects(s, pod)).map(|s| key_of(&**s)).collect();
-        if let Some(before) = self.listed_in.lock().unwrap().get(&key_of(pod)) {
-            keys.extend(before.iter().cloned());
-        }
-        keys
+        let pod_key = key_of(pod);
+        let listed = self.listed.lock().unwrap();
+        self.services
+            .state()
+            .iter()
+            .filter(|s| selects(s, pod) || listed.get(&key_of(&***s)).is_some_and(|pods| pods.contains(&pod_key)))
+            .map(|s| key_of(&**s))
+            .collect()
     }
 
     fn members(&self, service: &Service) -> Vec<Member> {
@@ -164,18 +168,11 @@ impl Controller {
     }
 
     fn remember(&self, key: &Key, members: &[Member]) {
-        let mut listed = self.listed_in.lock().unwrap();
-        for services in listed.values_mut() {
-            services.remove(key);
-        }
-        for m in members {
-            listed.entry(key_of(&*m.pod)).or_default().insert(key.clone());
-        }
-        listed.retain(|_, s| !s.is_empty());
+        self.listed.lock().unwrap().insert(key.clone(), members.iter().map(|m| key_of(&*m.pod)).collect());
     }
 
     fn forget_service(&self, key: &Key) {
-        self.remember(key, &[]);
+        self.listed.lock().unwrap().remove(key);
     }
 
     async fn write_endpoints(&self, service: &Service, groups: &BTreeMap<Vec<ResolvedPort>, Vec<&Member>>) -> Result<(), Error> {
@@ -310,7 +307,7 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
         client: client.clone(),
         services,
         pods,
-        listed_in: Mutex::default(),
+        listed: Mutex::default(),
         pending: Mutex::default(),
         wake: Notify::new(),
     });

@@ -16,13 +16,13 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
-use crate::{reference, Error, Events};
+use crate::{reference, tolerate, Error, Recorder};
 
 const INDEX_ANNOTATION: &str = "batch.kubernetes.io/job-completion-index";
 
 struct Context {
     client: kube::Client,
-    events: Events,
+    events: Recorder,
 }
 
 fn phase(pod: &Pod) -> &str {
@@ -92,11 +92,7 @@ fn new_pod(job: &Job, index: Option<i32>) -> Result<Pod, Error> {
 
 async fn delete_pods(api: &Api<Pod>, pods: &[&Pod]) -> Result<(), Error> {
     for pod in pods {
-        match api.delete(&pod.name_any(), &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
+        tolerate(api.delete(&pod.name_any(), &DeleteParams::background()).await, &[404])?;
     }
     Ok(())
 }
@@ -274,7 +270,7 @@ fn error_policy(job: Arc<Job>, err: &Error, _ctx: Arc<Context>) -> Action {
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     Controller::new(Api::<Job>::all(client.clone()), watcher::Config::default())
         .owns(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
-        .run(reconcile, error_policy, Arc::new(Context { events: Events::new(client.clone(), "job-controller"), client }))
+        .run(reconcile, error_policy, Arc::new(Context { events: Recorder::new(client.clone(), "job-controller"), client }))
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

@@ -33,7 +33,7 @@ fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource
     ApiResource { group: group.into(), version: version.into(), api_version, kind: kind.into(), plural: plural.into() }
 }
 
-pub(crate) use krate_client::events::Recorder as Events;
+pub(crate) use krate_client::events::Recorder;
 pub(crate) use krate_client::tolerate;
 
 /// A reference to `obj` for events.
@@ -58,19 +58,25 @@ pub(crate) fn template_hash(template: &serde_json::Value, collisions: i64) -> St
         .collect()
 }
 
-/// Runs `controller` forever: a controller that fails (its watches end, discovery is
-/// not ready yet) is logged and started again, without affecting the others.
+/// Runs `controller` forever with its own client, restarted when it stops or fails.
 async fn supervise<F, Fut>(name: &'static str, client: kube::Client, controller: F)
 where
     F: Fn(kube::Client) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    loop {
-        match controller(client.clone()).await {
-            Ok(()) => tracing::warn!(controller = name, "controller stopped; restarting"),
-            Err(e) => tracing::warn!(controller = name, error = %e, "controller failed; restarting"),
+    krate_client::supervised(name, || controller(client.clone())).await
+}
+
+/// An int-or-percent field (maxSurge, maxUnavailable, minAvailable) as a count of
+/// `total`; percentages round up or down as the field's rules say.
+pub(crate) fn int_or_percent(value: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString, total: i32, round_up: bool) -> i32 {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    match value {
+        IntOrString::Int(n) => *n,
+        IntOrString::String(s) => {
+            let exact = s.trim_end_matches('%').parse::<f64>().unwrap_or(0.0) * f64::from(total) / 100.0;
+            (if round_up { exact.ceil() } else { exact.floor() }) as i32
         }
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }
 

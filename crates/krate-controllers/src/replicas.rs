@@ -16,12 +16,12 @@ use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
 use crate::selector::{label_selector_string, map_selector_string};
-use crate::{tolerate, Error, Events};
+use crate::{tolerate, Error, Recorder};
 
 struct Context {
     client: kube::Client,
     resource: ApiResource,
-    events: Events,
+    events: Recorder,
 }
 
 fn is_active(pod: &Pod) -> bool {
@@ -139,7 +139,7 @@ pub async fn run(client: kube::Client, resource: ApiResource) -> anyhow::Result<
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
     Controller::new_with(api, watcher::Config::default(), resource.clone())
         .owns(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
-        .run(reconcile, error_policy, Arc::new(Context { events: Events::new(client.clone(), controller_name(&resource)), client, resource }))
+        .run(reconcile, error_policy, Arc::new(Context { events: Recorder::new(client.clone(), controller_name(&resource)), client, resource }))
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

@@ -20,13 +20,13 @@ use serde_json::{json, Value};
 
 use crate::replicas::is_ready;
 use crate::selector::label_selector_string;
-use crate::{reference, Error, Events};
+use crate::{reference, tolerate, Error, Recorder};
 
 const REVISION_LABEL: &str = "controller-revision-hash";
 
 struct Context {
     client: kube::Client,
-    events: Events,
+    events: Recorder,
 }
 
 fn revision(sts: &StatefulSet) -> Result<String, Error> {
@@ -81,11 +81,7 @@ async fn ensure_claims(client: &kube::Client, sts: &StatefulSet, i: i32) -> Resu
         if let Some(obj) = c.as_object_mut() {
             obj.remove("status");
         }
-        match api.create(&PostParams::default(), &serde_json::from_value(c)?).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(e.into()),
-        }
+        tolerate(api.create(&PostParams::default(), &serde_json::from_value(c)?).await, &[409])?;
     }
     Ok(())
 }
@@ -179,7 +175,7 @@ fn error_policy(sts: Arc<StatefulSet>, err: &Error, _ctx: Arc<Context>) -> Actio
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     Controller::new(Api::<StatefulSet>::all(client.clone()), watcher::Config::default())
         .owns(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
-        .run(reconcile, error_policy, Arc::new(Context { events: Events::new(client.clone(), "statefulset-controller"), client }))
+        .run(reconcile, error_policy, Arc::new(Context { events: Recorder::new(client.clone(), "statefulset-controller"), client }))
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

@@ -92,7 +92,7 @@ where
     Fut: std::future::Future<Output = Result<()>>,
 {
     if !election.leader_elect {
-        leader::supervised(lease, &work).await;
+        krate_client::supervised(lease, &work).await;
         return Ok(());
     }
     let identity = election.leader_elect_identity.clone().unwrap_or_else(leader::identity);

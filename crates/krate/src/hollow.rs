@@ -108,11 +108,8 @@ impl Hollow {
         let nodes: Api<Node> = Api::all(self.client.clone());
         for (name, index) in &self.nodes {
             let desired = self.node_object(name, *index);
-            match nodes.create(&PostParams::default(), &serde_json::from_value(desired.clone())?).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 409 => {}
-                Err(e) => return Err(e).with_context(|| format!("registering node {name}")),
-            }
+            krate_client::tolerate(nodes.create(&PostParams::default(), &serde_json::from_value(desired.clone())?).await, &[409])
+                .with_context(|| format!("registering node {name}"))?;
             nodes
                 .patch_status(name, &PatchParams::default(), &Patch::Merge(json!({"status": desired["status"]})))
                 .await
@@ -193,11 +190,7 @@ impl Hollow {
     async fn finish_deletion(&self, pod: &Pod) -> Result<()> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), pod.metadata.namespace.as_deref().unwrap_or_default());
         let params = DeleteParams { grace_period_seconds: Some(0), preconditions: Some(Preconditions { uid: pod.metadata.uid.clone(), resource_version: None }), ..Default::default() };
-        match api.delete(pod.metadata.name.as_deref().unwrap_or_default(), &params).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        Ok(krate_client::tolerate(api.delete(pod.metadata.name.as_deref().unwrap_or_default(), &params).await, &[404, 409])?)
     }
 
     /// Watches every pod and acts on those bound to one of our nodes.

@@ -46,21 +46,6 @@ fn micro_now() -> String {
     jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
 }
 
-/// Runs `work` forever, starting it again a second after it stops or fails.
-pub async fn supervised<F, Fut>(what: &str, work: &F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Result<()>>,
-{
-    loop {
-        match work().await {
-            Ok(()) => tracing::warn!(component = what, "stopped; starting again"),
-            Err(e) => tracing::error!(component = what, error = %format!("{e:#}"), "failed; starting again"),
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
 /// What a candidate remembers of the Lease: its version and when it was seen to change.
 struct Observed {
     resource_version: String,
@@ -85,7 +70,7 @@ impl Election {
             self.acquire().await;
             tracing::info!(lease = %self.name, identity = %self.identity, "became leader");
             tokio::select! {
-                _ = supervised(&self.name, &work) => {}
+                _ = krate_client::supervised(&self.name, &work) => {}
                 lost = self.keep_renewing() => tracing::error!(lease = %self.name, reason = %lost, "lost leadership; stopping work"),
             }
         }
