@@ -32,45 +32,95 @@ pub fn parse(q: &str) -> Option<f64> {
     Some(value * factor)
 }
 
+/// The resources every node and pod speaks of, kept in fixed slots: the scheduler
+/// compares them on every node it considers, where name lookups would dominate.
+const WELL_KNOWN: [&str; 4] = ["cpu", "ephemeral-storage", "memory", "pods"];
+
+fn well_known(resource: &str) -> Option<usize> {
+    WELL_KNOWN.iter().position(|k| *k == resource)
+}
+
 /// Amounts per resource name.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Resources(BTreeMap<String, f64>);
+pub struct Resources {
+    well_known: [Option<f64>; 4],
+    extended: BTreeMap<String, f64>,
+}
 
 impl Resources {
     pub fn get(&self, resource: &str) -> Option<f64> {
-        self.0.get(resource).copied()
+        match well_known(resource) {
+            Some(i) => self.well_known[i],
+            None => self.extended.get(resource).copied(),
+        }
+    }
+
+    pub fn cpu(&self) -> Option<f64> {
+        self.well_known[0]
+    }
+
+    pub fn memory(&self) -> Option<f64> {
+        self.well_known[2]
+    }
+
+    pub fn pods(&self) -> Option<f64> {
+        self.well_known[3]
+    }
+
+    fn slot(&mut self, resource: &str) -> &mut f64 {
+        match well_known(resource) {
+            Some(i) => self.well_known[i].get_or_insert(0.0),
+            None => self.extended.entry(resource.to_string()).or_default(),
+        }
     }
 
     pub fn set(&mut self, resource: &str, amount: f64) {
-        self.0.insert(resource.to_string(), amount);
+        *self.slot(resource) = amount;
     }
 
     pub fn add_one(&mut self, resource: &str, amount: f64) {
-        *self.0.entry(resource.to_string()).or_default() += amount;
+        *self.slot(resource) += amount;
     }
 
     pub fn add(&mut self, other: &Resources) {
-        for (k, v) in &other.0 {
-            self.add_one(k, *v);
+        for (k, v) in other.iter() {
+            self.add_one(k, v);
         }
     }
 
     pub fn subtract(&mut self, other: &Resources) {
-        for (k, v) in &other.0 {
-            self.add_one(k, -*v);
+        for (k, v) in other.iter() {
+            self.add_one(k, -v);
         }
     }
 
     /// Per resource, the larger of the two (init containers run one at a time).
     pub fn max_with(&mut self, other: &Resources) {
-        for (k, v) in &other.0 {
-            let slot = self.0.entry(k.clone()).or_default();
-            *slot = slot.max(*v);
+        for (k, v) in other.iter() {
+            let slot = self.slot(k);
+            *slot = slot.max(v);
         }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, f64)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), *v))
+        let known = WELL_KNOWN.iter().zip(&self.well_known).filter_map(|(k, v)| Some((*k, (*v)?)));
+        known.chain(self.extended.iter().map(|(k, v)| (k.as_str(), *v)))
+    }
+
+    /// The first resource (other than the pod count) of which these requests want more
+    /// than `allocatable` has left after `used`.
+    pub fn first_shortfall(&self, allocatable: &Resources, used: &Resources) -> Option<&str> {
+        // The first three slots: cpu, ephemeral-storage, memory (not pods).
+        for (i, name) in WELL_KNOWN.iter().enumerate().take(3) {
+            if let Some(amount) = self.well_known[i].filter(|a| *a > 0.0) {
+                if amount > allocatable.well_known[i].unwrap_or(0.0) - used.well_known[i].unwrap_or(0.0) + 1e-9 {
+                    return Some(name);
+                }
+            }
+        }
+        self.extended.iter().find(|(name, amount)| {
+            **amount > 0.0 && **amount > allocatable.get(name).unwrap_or(0.0) - used.get(name).unwrap_or(0.0) + 1e-9
+        }).map(|(name, _)| name.as_str())
     }
 }
 
@@ -136,6 +186,23 @@ mod tests {
         let r = super::pod_amounts(&pod, "requests");
         assert_eq!(r.get("cpu"), Some(1.0));
         assert_eq!(r.get("memory"), Some((1024.0 + 1.0) * 1024.0 * 1024.0));
+    }
+
+    #[test]
+    fn well_known_and_extended_resources_sum_and_compare() {
+        let mut requests = super::Resources::default();
+        requests.set("cpu", 1.0);
+        requests.add_one("example.com/gpu", 2.0);
+        let mut allocatable = requests.clone();
+        allocatable.set("cpu", 4.0);
+        let mut used = super::Resources::default();
+        assert_eq!(requests.first_shortfall(&allocatable, &used), None);
+        used.add_one("example.com/gpu", 1.0);
+        assert_eq!(requests.first_shortfall(&allocatable, &used), Some("example.com/gpu"));
+        used.add_one("cpu", 3.5);
+        assert_eq!(requests.first_shortfall(&allocatable, &used), Some("cpu"));
+        assert_eq!(requests.iter().collect::<Vec<_>>(), vec![("cpu", 1.0), ("example.com/gpu", 2.0)]);
+        assert_eq!((requests.cpu(), requests.memory(), requests.get("memory")), (Some(1.0), None, None));
     }
 
     #[test]

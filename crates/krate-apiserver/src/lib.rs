@@ -202,7 +202,7 @@ impl ApiServer {
                 let service = hyper::service::service_fn(move |req| {
                     let server = server.clone();
                     let user = user.clone();
-                    async move { Ok::<_, Infallible>(http::handle(server, user, req).await) }
+                    async move { Ok::<_, Infallible>(http::handle(server, user, req.map(Body::new)).await) }
                 });
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 if let Err(err) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
@@ -210,6 +210,43 @@ impl ApiServer {
                 }
             });
         }
+    }
+}
+
+/// An HTTP service that hands requests straight to the API server as `user`, without
+/// TCP or TLS: how components running inside `krate server` (controllers, scheduler)
+/// reach it. `user_agent` fills in for clients that send none (managedFields names the
+/// manager after it).
+#[derive(Clone)]
+pub struct LocalService {
+    server: Arc<ApiServer>,
+    user: auth::User,
+    user_agent: ::http::HeaderValue,
+}
+
+impl ApiServer {
+    pub fn local_service(self: &Arc<Self>, user: auth::User, user_agent: &'static str) -> LocalService {
+        LocalService { server: self.clone(), user, user_agent: ::http::HeaderValue::from_static(user_agent) }
+    }
+}
+
+impl<B> tower::Service<::http::Request<B>> for LocalService
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = ::http::Response<Body>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: ::http::Request<B>) -> Self::Future {
+        req.headers_mut().entry(::http::header::USER_AGENT).or_insert_with(|| self.user_agent.clone());
+        let (server, user) = (self.server.clone(), self.user.clone());
+        Box::pin(async move { Ok(http::handle(server, user, req.map(Body::new)).await) })
     }
 }
 

@@ -1,6 +1,7 @@
 //! Helpers shared by krate's API clients: the scheduler, the controllers and the nodes.
 
 pub mod events;
+pub mod node_lease;
 
 /// Runs `work` forever, starting it again a second after it stops or fails, so that one
 /// failing component (watches ended, discovery not ready) does not stop the others.

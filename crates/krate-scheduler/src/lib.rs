@@ -24,8 +24,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use krate_client::events::Recorder;
 
-use plugins::{NodeInfo, NodeUsage};
-use quantity::Resources;
+use plugins::{Needs, NodeInfo, NodeUsage};
 
 pub const DEFAULT_SCHEDULER: &str = "default-scheduler";
 /// Bindings in flight at once.
@@ -53,7 +52,10 @@ enum Outcome {
 #[derive(Default)]
 struct State {
     name: String,
-    nodes: BTreeMap<String, NodeInfo>,
+    nodes: BTreeMap<String, Arc<NodeInfo>>,
+    /// The nodes in name order for passes, rebuilt only when a node comes, goes or
+    /// changes (passes are many and small; nodes change rarely).
+    node_list: Option<Arc<[Arc<NodeInfo>]>>,
     /// Where the next search over nodes starts (spreads work as upstream does).
     next_start: usize,
     pods: HashMap<String, Arc<Pod>>,
@@ -130,7 +132,10 @@ impl State {
 
     fn on_node(&mut self, event: Event<Node>) {
         match event {
-            Event::Init => self.nodes.clear(),
+            Event::Init => {
+                self.nodes.clear();
+                self.node_list = None;
+            }
             Event::InitDone => self.nodes_synced = true,
             Event::Apply(node) | Event::InitApply(node) => {
                 let name = node.metadata.name.clone().unwrap_or_default();
@@ -138,13 +143,15 @@ impl State {
                     let old = &old.node;
                     old.spec != node.spec || old.metadata.labels != node.metadata.labels || allocatable_of(old) != allocatable_of(&node)
                 });
-                self.nodes.insert(name, NodeInfo::new(node));
+                self.nodes.insert(name, Arc::new(NodeInfo::new(node)));
+                self.node_list = None;
                 if changed {
                     self.cluster_changed();
                 }
             }
             Event::Delete(node) => {
                 self.nodes.remove(node.metadata.name.as_deref().unwrap_or_default());
+                self.node_list = None;
             }
         }
     }
@@ -178,8 +185,8 @@ fn allocatable_of(node: &Node) -> Option<&BTreeMap<String, k8s_openapi::apimachi
 
 /// The nodes of one scheduling pass, indexed.
 struct Cluster<'a> {
-    nodes: Vec<&'a NodeInfo>,
-    by_name: &'a BTreeMap<String, NodeInfo>,
+    nodes: Arc<[Arc<NodeInfo>]>,
+    by_name: &'a BTreeMap<String, Arc<NodeInfo>>,
     /// Placed pods with required anti-affinity, and their nodes.
     anti_holders: Vec<(String, Arc<Pod>)>,
 }
@@ -195,7 +202,7 @@ fn feasible_wanted(nodes: usize) -> usize {
 fn place(pod: &Pod, cluster: &Cluster, usage: &HashMap<String, NodeUsage>, start: usize) -> Result<(String, usize), String> {
     let nodes = &cluster.nodes;
     let empty = NodeUsage::default();
-    let requests: Resources = plugins::pod_requests(pod);
+    let needs = Needs::of(pod);
     let topology = plugins::PodTopology::new(pod, cluster.by_name, usage, &cluster.anti_holders);
     let spread = spread::Spread::new(pod, nodes, usage);
     let wanted = feasible_wanted(nodes.len());
@@ -204,18 +211,18 @@ fn place(pod: &Pod, cluster: &Cluster, usage: &HashMap<String, NodeUsage>, start
     let mut found = 0;
     let mut examined = 0;
     for k in 0..nodes.len() {
-        let info = nodes[(start + k) % nodes.len()];
+        let info = &nodes[(start + k) % nodes.len()];
         let name = info.node.metadata.name.as_deref().unwrap_or_default();
         let u = usage.get(name).unwrap_or(&empty);
         examined += 1;
-        let verdict = plugins::filter(pod, &requests, info, u)
+        let verdict = plugins::filter(pod, &needs, info, u)
             .or_else(|| if topology.is_trivial() { None } else { topology.filter(&info.node) })
             .or_else(|| if spread.is_trivial() { None } else { spread.filter(&info.node) });
         match verdict {
             Some(reason) => reasons.push(reason),
             None => {
                 found += 1;
-                let s = plugins::score(pod, &requests, info, u) + if spread.is_trivial() { 0.0 } else { spread.score(&info.node) };
+                let s = plugins::score(pod, &needs, info, u) + if spread.is_trivial() { 0.0 } else { spread.score(&info.node) };
                 if best.is_none_or(|(b, _)| s > b) {
                     best = Some((s, name));
                 }
@@ -307,7 +314,7 @@ fn schedule_pass(state: &mut State, io: &Io, binds: &Arc<Semaphore>, done: &mpsc
     let mut queue: Vec<Arc<Pod>> = state.active.drain().filter_map(|id| state.pods.get(&id).cloned()).collect();
     queue.sort_by_key(|p| (std::cmp::Reverse(p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)), p.metadata.creation_timestamp.clone().map(|t| t.0)));
     let mut usage = std::mem::take(&mut state.usage);
-    let nodes: Vec<&NodeInfo> = state.nodes.values().collect();
+    let nodes = state.node_list.get_or_insert_with(|| state.nodes.values().cloned().collect()).clone();
     let mut cluster = Cluster {
         by_name: &state.nodes,
         anti_holders: state.anti_holders.iter().filter_map(|(id, node)| Some((node.clone(), state.pods.get(id)?.clone()))).collect(),

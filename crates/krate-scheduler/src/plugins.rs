@@ -52,7 +52,22 @@ impl NodeUsage {
 }
 
 fn non_zero(requests: &Resources) -> (f64, f64) {
-    (requests.get("cpu").filter(|c| *c > 0.0).unwrap_or(DEFAULT_CPU), requests.get("memory").filter(|m| *m > 0.0).unwrap_or(DEFAULT_MEMORY))
+    (requests.cpu().filter(|c| *c > 0.0).unwrap_or(DEFAULT_CPU), requests.memory().filter(|m| *m > 0.0).unwrap_or(DEFAULT_MEMORY))
+}
+
+/// What a pod to place asks of any node, worked out once rather than per node.
+#[derive(Clone, Debug)]
+pub struct Needs {
+    pub requests: Resources,
+    host_ports: Vec<(String, String, i32)>,
+    non_zero: (f64, f64),
+}
+
+impl Needs {
+    pub fn of(pod: &Pod) -> Self {
+        let requests = pod_requests(pod);
+        Self { non_zero: non_zero(&requests), host_ports: host_ports(pod), requests }
+    }
 }
 
 /// Why a node was filtered out; counted into upstream's FailedScheduling message.
@@ -125,12 +140,12 @@ fn tolerates(tolerations: &[Toleration], taint: &Taint) -> bool {
     })
 }
 
-fn requirement_matches(req: &NodeSelectorRequirement, labels: &BTreeMap<String, String>) -> bool {
-    let value = labels.get(&req.key);
-    let values = req.values.clone().unwrap_or_default();
+/// Does a node selector requirement accept `value` (the node's label or field, if any)?
+fn requirement_matches(req: &NodeSelectorRequirement, value: Option<&str>) -> bool {
+    let values: &[String] = req.values.as_deref().unwrap_or_default();
     match req.operator.as_str() {
-        "In" => value.is_some_and(|v| values.contains(v)),
-        "NotIn" => value.is_none_or(|v| !values.contains(v)),
+        "In" => value.is_some_and(|v| values.iter().any(|x| x == v)),
+        "NotIn" => value.is_none_or(|v| !values.iter().any(|x| x == v)),
         "Exists" => value.is_some(),
         "DoesNotExist" => value.is_none(),
         "Gt" | "Lt" => {
@@ -142,12 +157,9 @@ fn requirement_matches(req: &NodeSelectorRequirement, labels: &BTreeMap<String, 
 }
 
 pub(crate) fn term_matches(term: &NodeSelectorTerm, node: &Node) -> bool {
-    let labels = node.metadata.labels.clone().unwrap_or_default();
-    let name = node.metadata.name.clone().unwrap_or_default();
-    let exprs_ok = term.match_expressions.iter().flatten().all(|r| requirement_matches(r, &labels));
-    let fields_ok = term.match_fields.iter().flatten().all(|r| {
-        r.key == "metadata.name" && requirement_matches(&NodeSelectorRequirement { key: r.key.clone(), ..r.clone() }, &BTreeMap::from([(r.key.clone(), name.clone())]))
-    });
+    let labels = node.metadata.labels.as_ref();
+    let exprs_ok = term.match_expressions.iter().flatten().all(|r| requirement_matches(r, labels.and_then(|l| l.get(&r.key)).map(String::as_str)));
+    let fields_ok = term.match_fields.iter().flatten().all(|r| r.key == "metadata.name" && requirement_matches(r, node.metadata.name.as_deref()));
     let non_empty = term.match_expressions.as_ref().is_some_and(|e| !e.is_empty()) || term.match_fields.as_ref().is_some_and(|f| !f.is_empty());
     non_empty && exprs_ok && fields_ok
 }
@@ -196,31 +208,20 @@ pub fn node_selected(pod: &Pod, node: &Node) -> Option<Reason> {
 }
 
 /// Runs every filter; `None` when the pod fits the node, else why not.
-pub fn filter(pod: &Pod, requests: &Resources, info: &NodeInfo, usage: &NodeUsage) -> Option<Reason> {
+pub fn filter(pod: &Pod, needs: &Needs, info: &NodeInfo, usage: &NodeUsage) -> Option<Reason> {
     if let Some(reason) = node_selected(pod, &info.node) {
         return Some(reason);
     }
-    let wanted = host_ports(pod);
-    if wanted.iter().any(|(proto, ip, port)| {
+    if needs.host_ports.iter().any(|(proto, ip, port)| {
         usage.host_ports.iter().any(|(p2, ip2, port2)| p2 == proto && port2 == port && (ip == ip2 || ip == "0.0.0.0" || ip2 == "0.0.0.0"))
     }) {
         return Some("node(s) didn't have free ports for the requested pod ports".into());
     }
-    let alloc = &info.allocatable;
-    let max_pods = alloc.get("pods").unwrap_or(110.0) as usize;
+    let max_pods = info.allocatable.pods().unwrap_or(110.0) as usize;
     if usage.pods + 1 > max_pods {
         return Some("Too many pods".into());
     }
-    for (resource, amount) in requests.iter() {
-        if amount <= 0.0 || resource == "pods" {
-            continue;
-        }
-        let free = alloc.get(resource).unwrap_or(0.0) - usage.requested.get(resource).unwrap_or(0.0);
-        if amount > free + 1e-9 {
-            return Some(format!("Insufficient {resource}"));
-        }
-    }
-    None
+    needs.requests.first_shortfall(&info.allocatable, &usage.requested).map(|resource| format!("Insufficient {resource}"))
 }
 
 pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
@@ -263,7 +264,8 @@ fn required_terms(pod: &Pod, anti: bool) -> &[PodAffinityTerm] {
 /// (topologyKey, value) it must avoid, and which it must land in.
 #[derive(Debug, Default)]
 pub struct PodTopology {
-    forbidden: HashSet<(String, String)>,
+    /// Topology key → the domains (label values) a newcomer may not join.
+    forbidden: BTreeMap<String, HashSet<String>>,
     /// Per required affinity term: the domains that hold a matching pod (None: the pod
     /// matches its own term and no pod does yet, so any domain will do).
     required: Vec<(String, Option<HashSet<String>>)>,
@@ -272,7 +274,7 @@ pub struct PodTopology {
 impl PodTopology {
     /// `anti_holders`: placed pods that declare required anti-affinity, with their node
     /// (their rules apply to newcomers too).
-    pub fn new(pod: &Pod, nodes: &BTreeMap<String, NodeInfo>, usage: &HashMap<String, NodeUsage>, anti_holders: &[(String, Arc<Pod>)]) -> Self {
+    pub fn new(pod: &Pod, nodes: &BTreeMap<String, Arc<NodeInfo>>, usage: &HashMap<String, NodeUsage>, anti_holders: &[(String, Arc<Pod>)]) -> Self {
         let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
         let anti = required_terms(pod, true);
         let affinity = required_terms(pod, false);
@@ -283,7 +285,7 @@ impl PodTopology {
             for term in required_terms(other, true) {
                 if term_selects(term, other_ns, pod) {
                     if let Some(v) = label(node, &term.topology_key) {
-                        out.forbidden.insert((term.topology_key.clone(), v));
+                        out.forbidden.entry(term.topology_key.clone()).or_default().insert(v);
                     }
                 }
             }
@@ -297,7 +299,7 @@ impl PodTopology {
                 for term in anti {
                     if term_selects(term, ns, other) {
                         if let Some(v) = label(node, &term.topology_key) {
-                            out.forbidden.insert((term.topology_key.clone(), v));
+                            out.forbidden.entry(term.topology_key.clone()).or_default().insert(v);
                         }
                     }
                 }
@@ -328,8 +330,9 @@ impl PodTopology {
 
     /// `None` when the node satisfies the pod's inter-pod (anti-)affinity.
     pub fn filter(&self, node: &Node) -> Option<Reason> {
-        let labels = node.metadata.labels.clone().unwrap_or_default();
-        if self.forbidden.iter().any(|(k, v)| labels.get(k) == Some(v)) {
+        static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+        let labels = node.metadata.labels.as_ref().unwrap_or(&NO_LABELS);
+        if self.forbidden.iter().any(|(key, domains)| labels.get(key).is_some_and(|v| domains.contains(v))) {
             return Some("node(s) didn't match pod anti-affinity rules".into());
         }
         for (key, domains) in &self.required {
@@ -352,17 +355,17 @@ const DEFAULT_MEMORY: f64 = 200.0 * 1024.0 * 1024.0;
 
 /// NodeResourcesFit (least allocated) + NodeResourcesBalancedAllocation + preferred node
 /// affinity, each 0..=100.
-pub fn score(pod: &Pod, requests: &Resources, info: &NodeInfo, usage: &NodeUsage) -> f64 {
+pub fn score(pod: &Pod, needs: &Needs, info: &NodeInfo, usage: &NodeUsage) -> f64 {
     let (alloc, node) = (&info.allocatable, &info.node);
-    let (cpu_req, mem_req) = non_zero(requests);
-    let fraction = |resource: &str, used: f64, add: f64| {
-        let cap = alloc.get(resource).unwrap_or(0.0);
+    let (cpu_req, mem_req) = needs.non_zero;
+    let fraction = |cap: Option<f64>, used: f64, add: f64| {
+        let cap = cap.unwrap_or(0.0);
         if cap <= 0.0 {
             return 1.0;
         }
         ((used + add) / cap).min(1.0)
     };
-    let (cpu, mem) = (fraction("cpu", usage.non_zero.0, cpu_req), fraction("memory", usage.non_zero.1, mem_req));
+    let (cpu, mem) = (fraction(alloc.cpu(), usage.non_zero.0, cpu_req), fraction(alloc.memory(), usage.non_zero.1, mem_req));
     let least_allocated = ((1.0 - cpu) + (1.0 - mem)) / 2.0 * 100.0;
     let balanced = (1.0 - (cpu - mem).abs()) * 100.0;
     let preferred: f64 = pod
@@ -437,7 +440,7 @@ mod tests {
     }
 
     fn fits(pod: &Pod, node: &NodeInfo, usage: &NodeUsage) -> Option<Reason> {
-        filter(pod, &pod_requests(pod), node, usage)
+        filter(pod, &Needs::of(pod), node, usage)
     }
 
     fn pod(cpu: &str, extra: serde_json::Value) -> Pod {
@@ -469,7 +472,7 @@ mod tests {
     fn pod_anti_affinity_keeps_matching_pods_apart() {
         let labeled = |name: &str| node(name, "2", json!({"metadata": {"labels": {"kubernetes.io/hostname": name}}}));
         let (n1, n2) = (labeled("n1"), labeled("n2"));
-        let nodes: BTreeMap<String, NodeInfo> = [("n1".to_string(), n1.clone()), ("n2".to_string(), n2.clone())].into_iter().collect();
+        let nodes: BTreeMap<String, Arc<NodeInfo>> = [("n1".to_string(), Arc::new(n1.clone())), ("n2".to_string(), Arc::new(n2.clone()))].into_iter().collect();
         let mut usage: HashMap<String, NodeUsage> = HashMap::new();
         usage.entry("n1".into()).or_default().add(Arc::new(pod("0", json!({"metadata": {"labels": {"app": "x"}}}))));
         let term = json!({"labelSelector": {"matchLabels": {"app": "x"}}, "topologyKey": "kubernetes.io/hostname"});
@@ -501,7 +504,7 @@ mod tests {
         busy.add(Arc::new(pod("1500m", json!({}))));
         let n = node("n", "2", json!({}));
         let small = pod("100m", json!({}));
-        let r = pod_requests(&small);
+        let r = Needs::of(&small);
         assert!(score(&small, &r, &n, &NodeUsage::default()) > score(&small, &r, &n, &busy));
         let reasons = vec!["Insufficient cpu".to_string(), "node(s) were unschedulable".into(), "Insufficient cpu".into()];
         assert_eq!(unschedulable_message(3, &reasons), "0/3 nodes are available: 2 Insufficient cpu, 1 node(s) were unschedulable.");

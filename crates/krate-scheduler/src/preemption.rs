@@ -9,8 +9,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::plugins::{self, NodeInfo, NodeUsage};
-use crate::quantity::Resources;
+use crate::plugins::{self, Needs, NodeInfo, NodeUsage};
 
 pub fn priority(pod: &Pod) -> i32 {
     pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)
@@ -30,7 +29,7 @@ pub struct Plan {
 
 /// The pods to evict from `info`'s node so that `pod` fits, if any set does. An empty
 /// list means pods already terminating there will make room: wait for them.
-fn victims_on(pod: &Pod, requests: &Resources, info: &NodeInfo, usage: &NodeUsage) -> Option<Vec<Arc<Pod>>> {
+fn victims_on(pod: &Pod, needs: &Needs, info: &NodeInfo, usage: &NodeUsage) -> Option<Vec<Arc<Pod>>> {
     let mine = priority(pod);
     if !usage.placed.iter().any(|p| p.metadata.deletion_timestamp.is_some() || priority(p) < mine) {
         return None;
@@ -46,7 +45,7 @@ fn victims_on(pod: &Pod, requests: &Resources, info: &NodeInfo, usage: &NodeUsag
             candidates.push(placed.clone());
         }
     }
-    if plugins::filter(pod, requests, info, &reduced).is_some() {
+    if plugins::filter(pod, needs, info, &reduced).is_some() {
         return None;
     }
     // Give back as many as possible, the most important first.
@@ -55,7 +54,7 @@ fn victims_on(pod: &Pod, requests: &Resources, info: &NodeInfo, usage: &NodeUsag
     for candidate in candidates {
         let mut trial = reduced.clone();
         trial.add(candidate.clone());
-        if plugins::filter(pod, requests, info, &trial).is_none() {
+        if plugins::filter(pod, needs, info, &trial).is_none() {
             reduced = trial;
         } else {
             victims.push(candidate);
@@ -65,13 +64,13 @@ fn victims_on(pod: &Pod, requests: &Resources, info: &NodeInfo, usage: &NodeUsag
 }
 
 /// The best node to preempt on, or `None` when preemption cannot help.
-pub fn plan(pod: &Pod, nodes: &[&NodeInfo], usage: &HashMap<String, NodeUsage>) -> Option<Plan> {
-    let requests = plugins::pod_requests(pod);
+pub fn plan(pod: &Pod, nodes: &[Arc<NodeInfo>], usage: &HashMap<String, NodeUsage>) -> Option<Plan> {
+    let needs = Needs::of(pod);
     let empty = NodeUsage::default();
     let mut best: Option<((i32, i64, usize), Plan)> = None;
     for info in nodes {
         let name = info.node.metadata.name.clone().unwrap_or_default();
-        let Some(victims) = victims_on(pod, &requests, info, usage.get(&name).unwrap_or(&empty)) else { continue };
+        let Some(victims) = victims_on(pod, &needs, info, usage.get(&name).unwrap_or(&empty)) else { continue };
         let cost = (
             victims.iter().map(|v| priority(v)).max().unwrap_or(i32::MIN),
             victims.iter().map(|v| i64::from(priority(v))).sum(),
@@ -103,7 +102,7 @@ mod tests {
 
     #[test]
     fn evicts_the_fewest_lowest_priority_pods() {
-        let (a, b) = (node("a", "2"), node("b", "2"));
+        let nodes = [Arc::new(node("a", "2")), Arc::new(node("b", "2"))];
         let mut usage = HashMap::new();
         let on_a = usage.entry("a".to_string()).or_insert_with(NodeUsage::default);
         on_a.add(pod("a-low", "1", 1));
@@ -111,10 +110,10 @@ mod tests {
         let on_b = usage.entry("b".to_string()).or_insert_with(NodeUsage::default);
         on_b.add(pod("b-mid1", "1", 5));
         on_b.add(pod("b-mid2", "1", 5));
-        let plan = plan(&pod("big", "1", 10), &[&a, &b], &usage).unwrap();
+        let plan = plan(&pod("big", "1", 10), &nodes, &usage).unwrap();
         assert_eq!(plan.node, "a");
         assert_eq!(plan.victims.iter().map(|v| v.metadata.name.clone().unwrap()).collect::<Vec<_>>(), vec!["a-low"]);
         // Nothing of lower priority to evict: no plan.
-        assert!(super::plan(&pod("low", "1", 0), &[&a, &b], &usage).is_none());
+        assert!(super::plan(&pod("low", "1", 0), &nodes, &usage).is_none());
     }
 }

@@ -4,6 +4,7 @@
 //! the least-loaded domain is out); `ScheduleAnyway` ones score (emptier domains win).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Pod, TopologySpreadConstraint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -41,7 +42,7 @@ fn effective_selector(c: &TopologySpreadConstraint, pod: &Pod) -> Option<LabelSe
 }
 
 impl Spread {
-    pub fn new(pod: &Pod, nodes: &[&NodeInfo], usage: &HashMap<String, NodeUsage>) -> Self {
+    pub fn new(pod: &Pod, nodes: &[Arc<NodeInfo>], usage: &HashMap<String, NodeUsage>) -> Self {
         let constraints = pod.spec.as_ref().and_then(|s| s.topology_spread_constraints.as_deref()).unwrap_or_default();
         if constraints.is_empty() {
             return Self::default();
@@ -119,7 +120,6 @@ impl Spread {
 mod tests {
     use super::*;
     use serde_json::json;
-    use std::sync::Arc;
 
     fn node(name: &str, zone: &str) -> NodeInfo {
         NodeInfo::new(serde_json::from_value(json!({"metadata": {"name": name, "labels": {"zone": zone}}, "status": {"allocatable": {"cpu": "4", "pods": "110"}}})).unwrap())
@@ -133,10 +133,10 @@ mod tests {
 
     #[test]
     fn spreads_over_zones() {
-        let (a1, a2, b1) = (node("a1", "a"), node("a2", "a"), node("b1", "b"));
+        let (a1, a2, b1) = (Arc::new(node("a1", "a")), Arc::new(node("a2", "a")), Arc::new(node("b1", "b")));
         let mut usage: HashMap<String, NodeUsage> = HashMap::new();
         usage.entry("a1".into()).or_default().add(Arc::new(web(false)));
-        let nodes = [&a1, &a2, &b1];
+        let nodes = [a1.clone(), a2.clone(), b1.clone()];
         let spread = Spread::new(&web(false), &nodes, &usage);
         assert_eq!(spread.filter(&a2.node).as_deref(), Some("node(s) didn't match pod topology spread constraints"));
         assert_eq!(spread.filter(&b1.node), None);

@@ -154,7 +154,7 @@ async fn main() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let data = dir.path().join("data");
     let child = Command::new(env!("CARGO_BIN_EXE_krate"))
-        .args(["server", "--data-dir", data.to_str().unwrap(), "--port", &port.to_string()])
+        .args(["server", "--disable-agent", "--data-dir", data.to_str().unwrap(), "--port", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -76,7 +76,7 @@ async fn main() {
     let data = dir.path().join("data");
     let server = Killed(
         Command::new(env!("CARGO_BIN_EXE_krate"))
-            .args(["server", "--data-dir", data.to_str().unwrap(), "--port", &port.to_string()])
+            .args(["server", "--disable-agent", "--data-dir", data.to_str().unwrap(), "--port", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

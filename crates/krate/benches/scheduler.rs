@@ -115,7 +115,7 @@ async fn main() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let data = dir.path().join("data");
     let mut child = Command::new(env!("CARGO_BIN_EXE_krate"))
-        .args(["server", "--data-dir", data.to_str().unwrap(), "--port", &port.to_string(), "--watch-cache-size", "200000"])
+        .args(["server", "--disable-agent", "--data-dir", data.to_str().unwrap(), "--port", &port.to_string(), "--watch-cache-size", "200000"])
         .stdout(Stdio::null())
         .stderr(match std::env::var_os("KRATE_BENCH_SERVER_LOG") {
             Some(path) => Stdio::from(std::fs::File::create(path).expect("server log file")),

@@ -41,6 +41,12 @@ pub struct ControllerManagerArgs {
     /// Kubeconfig of the cluster to manage.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: PathBuf,
+    #[command(flatten)]
+    pub settings: ControllerSettings,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ControllerSettings {
     /// Seconds a node's Lease may go unrenewed before the node is marked unreachable
     /// (NotReady, tainted) and its pods are evicted after their tolerations.
     #[arg(long, default_value_t = 40)]
@@ -57,6 +63,12 @@ pub struct SchedulerArgs {
     /// Kubeconfig of the cluster to schedule for.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: PathBuf,
+    #[command(flatten)]
+    pub settings: SchedulerSettings,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SchedulerSettings {
     /// Schedule the pods whose `spec.schedulerName` is this.
     #[arg(long, default_value = krate_scheduler::DEFAULT_SCHEDULER)]
     pub scheduler_name: String,
@@ -101,17 +113,27 @@ where
 
 pub async fn run_controller_manager(args: ControllerManagerArgs) -> Result<()> {
     let client = kube_client(&args.kubeconfig).await?;
+    controller_manager(client, cluster_ca_pem(&args.kubeconfig)?, &args.settings).await
+}
+
+/// The controllers as `client`, under `settings`' election.
+pub async fn controller_manager(client: kube::Client, root_ca_pem: String, settings: &ControllerSettings) -> Result<()> {
     let config = krate_controllers::Config {
-        node_monitor_grace_period: Duration::from_secs(args.node_monitor_grace_period_seconds),
-        terminated_pod_gc_threshold: args.terminated_pod_gc_threshold,
-        root_ca_pem: cluster_ca_pem(&args.kubeconfig)?,
+        node_monitor_grace_period: Duration::from_secs(settings.node_monitor_grace_period_seconds),
+        terminated_pod_gc_threshold: settings.terminated_pod_gc_threshold,
+        root_ca_pem,
     };
-    elected(client.clone(), "kube-controller-manager", &args.election, || krate_controllers::run(client.clone(), config.clone())).await
+    elected(client.clone(), "kube-controller-manager", &settings.election, || krate_controllers::run(client.clone(), config.clone())).await
 }
 
 pub async fn run_scheduler(args: SchedulerArgs) -> Result<()> {
-    let client = kube_client(&args.kubeconfig).await?;
+    scheduler(kube_client(&args.kubeconfig).await?, &args.settings).await
+}
+
+/// The scheduler as `client`, under `settings`' election.
+pub async fn scheduler(client: kube::Client, settings: &SchedulerSettings) -> Result<()> {
     // Each scheduler name elects its own leader, as upstream's profiles do.
-    let lease = if args.scheduler_name == krate_scheduler::DEFAULT_SCHEDULER { "kube-scheduler".to_string() } else { args.scheduler_name.clone() };
-    elected(client.clone(), &lease, &args.election, || krate_scheduler::run(client.clone(), &args.scheduler_name)).await
+    let name = &settings.scheduler_name;
+    let lease = if name == krate_scheduler::DEFAULT_SCHEDULER { "kube-scheduler".to_string() } else { name.clone() };
+    elected(client.clone(), &lease, &settings.election, || krate_scheduler::run(client.clone(), name)).await
 }

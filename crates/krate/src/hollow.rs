@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use krate_client::node_lease;
 use serde_json::json;
 use tokio::sync::Mutex;
 
@@ -23,9 +24,6 @@ pub const EXIT_CODE_ANNOTATION: &str = "hollow.krate.io/exit-code";
 /// Annotation: how long a hollow pod's containers run before exiting (seconds).
 pub const RUN_SECONDS_ANNOTATION: &str = "hollow.krate.io/run-seconds";
 
-const LEASE_NAMESPACE: &str = "kube-node-lease";
-const LEASE_SECONDS: i32 = 40;
-const RENEW_EVERY: Duration = Duration::from_secs(10);
 const MANAGER: &str = "krate-hollow-node";
 
 #[derive(Args, Debug, Clone)]
@@ -55,10 +53,6 @@ pub struct HollowArgs {
 
 fn now() -> String {
     jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default()
-}
-
-fn micro_now() -> String {
-    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
 }
 
 struct Hollow {
@@ -120,19 +114,14 @@ impl Hollow {
 
     /// Renews every node's Lease, forever.
     async fn heartbeat(self: Arc<Self>) -> Result<()> {
-        let leases: Api<Lease> = Api::namespaced(self.client.clone(), LEASE_NAMESPACE);
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), node_lease::NAMESPACE);
         loop {
             for name in self.nodes.keys() {
-                let lease = json!({
-                    "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                    "metadata": {"name": name, "namespace": LEASE_NAMESPACE},
-                    "spec": {"holderIdentity": name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": micro_now()},
-                });
-                if let Err(e) = leases.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(lease)).await {
+                if let Err(e) = node_lease::renew(&leases, name, MANAGER).await {
                     tracing::warn!(node = %name, error = %e, "renewing the node lease failed");
                 }
             }
-            tokio::time::sleep(RENEW_EVERY).await;
+            tokio::time::sleep(node_lease::RENEW_EVERY).await;
         }
     }
 

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod agent;
 mod components;
 mod hollow;
 mod leader;
@@ -37,6 +38,24 @@ enum Command {
     /// `krate server` already runs one for `default-scheduler`; run more with
     /// `--scheduler-name` for pods that ask for another scheduler.
     Scheduler(components::SchedulerArgs),
+    /// Run the node agent: join a cluster as a node and run the pods bound to it as
+    /// containers (containerd + runc, started and supervised by krate). `krate server`
+    /// already runs one for its own machine.
+    Agent(agent::AgentArgs),
+    /// Remove what krate set up on this machine under a data directory: the node agent's
+    /// containers and sandboxes, its containerd, pod bridge and nftables table. The
+    /// server or agent using it must be stopped first.
+    Reset {
+        /// The server's data directory (or an agent's `--dir` parent).
+        #[arg(long, default_value = server::DEFAULT_DATA_DIR)]
+        data_dir: std::path::PathBuf,
+    },
+    /// Build krate's test images (busybox, test-server) and push them to a registry
+    /// reached over plain HTTP, e.g. a local docker-registry at 127.0.0.1:5000.
+    TestImages {
+        #[arg(long, default_value = "127.0.0.1:5000")]
+        registry: String,
+    },
     /// Simulate nodes (like kwok/kubemark): register Nodes, renew their Leases and report
     /// the pods bound to them as Running (or Succeeded/Failed when annotated
     /// `hollow.krate.io/exit-code`), without running anything. For testing and scale runs.
@@ -73,6 +92,9 @@ fn main() -> std::process::ExitCode {
         Command::ControllerManager(args) => block_on(components::run_controller_manager(args)),
         Command::Scheduler(args) => block_on(components::run_scheduler(args)),
         Command::HollowNodes(args) => block_on(hollow::run(args)),
+        Command::Agent(args) => block_on(agent::run(args)),
+        Command::Reset { data_dir } => block_on(agent::reset(data_dir)),
+        Command::TestImages { registry } => krate_agent::testimages::push_all(&registry).map(|()| println!("pushed {registry}/busybox:1 and {registry}/test-server:1 (also :latest)")),
         Command::Kubeconfig { data_dir } => std::fs::read_to_string(data_dir.join("admin.kubeconfig"))
             .map(|k| print!("{k}"))
             .map_err(|e| anyhow::anyhow!("reading {}/admin.kubeconfig: {e}; has `krate server --data-dir {}` run yet?", data_dir.display(), data_dir.display())),

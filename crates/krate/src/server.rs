@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use krate_apiserver::{auth, ApiServer, Settings};
 use krate_store::sqlite::SqliteStore;
 
-use crate::components::{self, ControllerManagerArgs, ElectionArgs, SchedulerArgs};
+use crate::components::{self, ControllerSettings, ElectionArgs, SchedulerSettings};
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/krate";
 
@@ -43,6 +43,12 @@ pub struct ServerArgs {
     /// Serve the API only; do not run the built-in controllers and scheduler.
     #[arg(long)]
     pub disable_controllers: bool,
+    /// Do not run pods on this machine (no node agent, no containerd): a control plane
+    /// only, for nodes that join with `krate agent`.
+    #[arg(long)]
+    pub disable_agent: bool,
+    #[command(flatten)]
+    pub agent: crate::agent::AgentOptions,
 }
 
 pub async fn run(args: ServerArgs) -> Result<()> {
@@ -99,7 +105,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     println!("    export KUBECONFIG={}", kubeconfig.display());
     println!("    kubectl get namespaces");
 
-    let serving = tokio::spawn(server.serve(listener, tls));
+    let serving = tokio::spawn(server.clone().serve(listener, tls));
     if !args.disable_controllers {
         // One server per data directory (the lock above), so an identity derived from it
         // lets a restarted server take its Leases back without waiting for them to expire.
@@ -110,25 +116,40 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             format!("{}_server-{:016x}", crate::leader::host_name(), h.finish())
         };
         let election = ElectionArgs { leader_elect: true, leader_elect_lease_duration_seconds: 15, leader_elect_identity: Some(identity) };
-        let kubeconfig = args.data_dir.join("controller-manager.kubeconfig");
-        pki.write_kubeconfig(&kubeconfig, &url, &pki.client_certificate("controller-manager", "system:kube-controller-manager", &[])?)?;
-        let controllers = ControllerManagerArgs {
-            kubeconfig,
+        // In-process components reach the API without TCP and TLS, as the users their
+        // stand-alone certificates would name.
+        let local_client = |user: &str, agent: &'static str| {
+            let user = auth::User { name: user.to_string(), groups: vec!["system:authenticated".to_string()] };
+            kube::Client::new(server.local_service(user, agent), "default")
+        };
+        let controllers = ControllerSettings {
             node_monitor_grace_period_seconds: args.node_monitor_grace_period_seconds,
             terminated_pod_gc_threshold: 12_500,
             election: election.clone(),
         };
-        let kubeconfig = args.data_dir.join("scheduler.kubeconfig");
-        pki.write_kubeconfig(&kubeconfig, &url, &pki.client_certificate("scheduler", "system:kube-scheduler", &[])?)?;
-        let scheduler = SchedulerArgs { kubeconfig, scheduler_name: krate_scheduler::DEFAULT_SCHEDULER.into(), election };
+        let client = local_client("system:kube-controller-manager", "kube-controller-manager/v1.37.0 (krate)");
+        let root_ca_pem = pki.ca_cert_pem.clone();
         tokio::spawn(async move {
-            if let Err(err) = components::run_controller_manager(controllers).await {
+            if let Err(err) = components::controller_manager(client, root_ca_pem, &controllers).await {
                 tracing::error!(error = %format!("{err:#}"), "controllers stopped");
             }
         });
+        let scheduler = SchedulerSettings { scheduler_name: krate_scheduler::DEFAULT_SCHEDULER.into(), election };
+        let client = local_client("system:kube-scheduler", "kube-scheduler/v1.37.0 (krate)");
         tokio::spawn(async move {
-            if let Err(err) = components::run_scheduler(scheduler).await {
+            if let Err(err) = components::scheduler(client, &scheduler).await {
                 tracing::error!(error = %format!("{err:#}"), "scheduler stopped");
+            }
+        });
+    }
+
+    if !args.disable_agent {
+        let config = args.agent.config(args.data_dir.join("agent"))?;
+        let user = auth::User { name: format!("system:node:{}", config.node.name), groups: vec!["system:nodes".to_string(), "system:authenticated".to_string()] };
+        let client = kube::Client::new(server.local_service(user, "kubelet/v1.37.0 (krate)"), "default");
+        tokio::spawn(async move {
+            if let Err(err) = krate_agent::run(client, config).await {
+                tracing::error!(error = %format!("{err:#}"), "the node agent stopped; this server runs no pods (pass --disable-agent to run a control plane only)");
             }
         });
     }

@@ -69,7 +69,7 @@ fn with_warnings(mut resp: Response<Body>, warnings: &[String]) -> Response<Body
 }
 
 /// Entry point for every request.
-pub async fn handle(server: Arc<ApiServer>, user: User, req: Request<hyper::body::Incoming>) -> Response<Body> {
+pub async fn handle(server: Arc<ApiServer>, user: User, req: Request<Body>) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -109,7 +109,7 @@ fn metrics_labels(method: &Method, route: &Route, query: Option<&str>) -> (Strin
     }
 }
 
-async fn dispatch(server: &Arc<ApiServer>, user: &User, route: Route, req: Request<hyper::body::Incoming>) -> ApiResult<Response<Body>> {
+async fn dispatch(server: &Arc<ApiServer>, user: &User, route: Route, req: Request<Body>) -> ApiResult<Response<Body>> {
     let public = matches!(route, Route::Health(_) | Route::Version);
     if !public && user.is_anonymous() {
         let path = req.uri().path();
@@ -273,7 +273,7 @@ fn list_options(kind: &KindInfo, query: &Query) -> ApiResult<ListOptions> {
     })
 }
 
-async fn read_body(req: Request<hyper::body::Incoming>) -> ApiResult<(HeaderMap, Bytes)> {
+async fn read_body(req: Request<Body>) -> ApiResult<(HeaderMap, Bytes)> {
     let (parts, mut body) = req.into_parts();
     let mut buf = BytesMut::new();
     let mut too_large = false;
@@ -355,7 +355,7 @@ async fn resource_request(
     server: &Arc<ApiServer>,
     path: ResourcePath,
     query: Query,
-    req: Request<hyper::body::Incoming>,
+    req: Request<Body>,
 ) -> ApiResult<Response<Body>> {
     let kind = lookup(server, &path)?;
     let sub = subresource(&kind, &path)?;
@@ -482,7 +482,7 @@ fn object_response(kind: &KindInfo, obj: &crate::cache::CachedObject, format: &F
     match format {
         Format::Json => bytes_response(200, served_json(kind, obj), "application/json"),
         Format::Table { .. } => json_response(200, &table::object_table(kind, &registry::to_served(kind, obj.parse()))),
-        Format::Metadata => json_response(200, &negotiate::partial_metadata(&obj.parse())),
+        Format::Metadata => bytes_response(200, negotiate::partial_metadata_json(&obj.json), "application/json"),
     }
 }
 
@@ -494,30 +494,27 @@ fn list_response(kind: &KindInfo, result: registry::ListResult, format: &Format)
             t["metadata"] = list_metadata(&result);
             json_response(200, &t)
         }
-        Format::Metadata => {
-            let items: Vec<Value> = result.items.iter().map(|o| negotiate::partial_metadata(&o.parse())).collect();
-            json_response(200, &json!({
-                "kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1",
-                "metadata": list_metadata(&result), "items": items,
-            }))
-        }
-        Format::Json => {
-            // Assembled from the cached JSON of each item, without re-encoding objects.
-            let mut out = BytesMut::with_capacity(64 + result.items.iter().map(|o| o.json.len() + 1).sum::<usize>());
-            let head = json!({"kind": kind.list_kind(), "apiVersion": kind.api_version(), "metadata": list_metadata(&result)});
-            let head = serde_json::to_string(&head).unwrap_or_default();
-            out.put_slice(&head.as_bytes()[..head.len() - 1]);
-            out.put_slice(b",\"items\":[");
-            for (i, obj) in result.items.iter().enumerate() {
-                if i > 0 {
-                    out.put_u8(b',');
-                }
-                out.put_slice(&served_json(kind, obj));
-            }
-            out.put_slice(b"]}");
-            bytes_response(200, out.freeze(), "application/json")
-        }
+        Format::Metadata => assembled_list("PartialObjectMetadataList", "meta.k8s.io/v1", &result, |o| negotiate::partial_metadata_json(&o.json)),
+        Format::Json => assembled_list(&kind.list_kind(), &kind.api_version(), &result, |o| served_json(kind, o)),
     }
+}
+
+/// A list assembled from each item's encoded JSON, without re-encoding objects.
+fn assembled_list(list_kind: &str, api_version: &str, result: &registry::ListResult, item: impl Fn(&crate::cache::CachedObject) -> Bytes) -> Response<Body> {
+    let items: Vec<Bytes> = result.items.iter().map(|o| item(o)).collect();
+    let mut out = BytesMut::with_capacity(64 + items.iter().map(|i| i.len() + 1).sum::<usize>());
+    let head = json!({"kind": list_kind, "apiVersion": api_version, "metadata": list_metadata(result)});
+    let head = serde_json::to_string(&head).unwrap_or_default();
+    out.put_slice(&head.as_bytes()[..head.len() - 1]);
+    out.put_slice(b",\"items\":[");
+    for (i, encoded) in items.iter().enumerate() {
+        if i > 0 {
+            out.put_u8(b',');
+        }
+        out.put_slice(encoded);
+    }
+    out.put_slice(b"]}");
+    bytes_response(200, out.freeze(), "application/json")
 }
 
 fn list_metadata(result: &registry::ListResult) -> Value {

@@ -1,6 +1,7 @@
 //! Content negotiation on the `Accept` header: plain JSON, server-side tables, or
 //! metadata-only objects.
 
+use bytes::Bytes;
 use krate_api::{ApiError, ApiResult};
 use serde_json::{json, Value};
 
@@ -79,9 +80,35 @@ pub fn partial_metadata(obj: &Value) -> Value {
     })
 }
 
+/// The same as [`partial_metadata`] from stored JSON, without parsing the whole object:
+/// every metadata-only watcher (the garbage collector watches everything so) sends this.
+pub fn partial_metadata_json(json: &[u8]) -> Bytes {
+    #[derive(serde::Deserialize)]
+    struct Metadata<'a> {
+        #[serde(borrow)]
+        metadata: Option<&'a serde_json::value::RawValue>,
+    }
+    let metadata = serde_json::from_slice::<Metadata>(json).ok().and_then(|m| m.metadata).map_or("{}", |m| m.get());
+    const HEAD: &[u8] = br#"{"kind":"PartialObjectMetadata","apiVersion":"meta.k8s.io/v1","metadata":"#;
+    let mut out = Vec::with_capacity(HEAD.len() + metadata.len() + 1);
+    out.extend_from_slice(HEAD);
+    out.extend_from_slice(metadata.as_bytes());
+    out.push(b'}');
+    Bytes::from(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metadata_from_stored_json_matches_the_parsed_form() {
+        let obj = json!({"kind": "Pod", "metadata": {"name": "a", "labels": {"x": "y"}}, "spec": {"containers": [{"name": "c"}]}});
+        let bytes = partial_metadata_json(&serde_json::to_vec(&obj).unwrap());
+        assert_eq!(serde_json::from_slice::<Value>(&bytes).unwrap(), partial_metadata(&obj));
+        let bare = partial_metadata_json(br#"{"kind":"X"}"#);
+        assert_eq!(serde_json::from_slice::<Value>(&bare).unwrap(), partial_metadata(&json!({"kind": "X"})));
+    }
 
     #[test]
     fn kubectl_accept_headers() {

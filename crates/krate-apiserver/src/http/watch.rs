@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::negotiate::{partial_metadata, Format};
+use super::negotiate::{partial_metadata_json, Format};
 use super::{table, Query};
 use crate::cache::{CacheEvent, CachedObject, EventType};
 use crate::registry::{self, storage_prefix, ListOptions, Scope};
@@ -66,25 +66,23 @@ impl Watcher {
 
     fn encode(&mut self, kind: &str, obj: &CachedObject) -> Bytes {
         let object = match &self.format {
-            Format::Json => {
-                let json = registry::served_json(&self.kind, obj);
-                let mut line = Vec::with_capacity(json.len() + 32);
-                line.extend_from_slice(b"{\"type\":\"");
-                line.extend_from_slice(kind.as_bytes());
-                line.extend_from_slice(b"\",\"object\":");
-                line.extend_from_slice(&json);
-                line.extend_from_slice(b"}\n");
-                return Bytes::from(line);
-            }
+            Format::Json => registry::served_json(&self.kind, obj),
+            Format::Metadata => partial_metadata_json(&obj.json),
             Format::Table { include_object } => {
                 let served = registry::to_served(&self.kind, obj.parse());
                 let t = table::event_table(&self.kind, &served, *include_object, !self.sent_table_headers);
                 self.sent_table_headers = true;
-                t
+                return line(json!({"type": kind, "object": t}));
             }
-            Format::Metadata => partial_metadata(&obj.parse()),
         };
-        line(json!({"type": kind, "object": object}))
+        // Framed around the already-encoded object rather than re-encoding it.
+        let mut line = Vec::with_capacity(object.len() + 32);
+        line.extend_from_slice(b"{\"type\":\"");
+        line.extend_from_slice(kind.as_bytes());
+        line.extend_from_slice(b"\",\"object\":");
+        line.extend_from_slice(&object);
+        line.extend_from_slice(b"}\n");
+        Bytes::from(line)
     }
 
     fn bookmark(&self, revision: Revision, initial_events_end: bool) -> Bytes {

@@ -10,14 +10,19 @@ use std::time::{Duration, Instant};
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+pub mod registry;
+
 pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub port: u16,
     child: Option<Child>,
     extra_args: Vec<String>,
+    /// Whether the server runs its node agent (containers on containerd); the agent's
+    /// containers, containerd, bridge and nftables table are reset on drop.
+    agent: bool,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().unwrap().port()
 }
 
@@ -28,7 +33,15 @@ impl TestServer {
 
     pub fn start_with(extra_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = Self { dir, port: free_port(), child: None, extra_args: extra_args.iter().map(|s| s.to_string()).collect() };
+        let mut server = Self { dir, port: free_port(), child: None, extra_args: extra_args.iter().map(|s| s.to_string()).collect(), agent: false };
+        server.spawn();
+        server
+    }
+
+    /// A server with its embedded node agent running real containers.
+    pub fn start_with_agent(extra_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = Self { dir, port: free_port(), child: None, extra_args: extra_args.iter().map(|s| s.to_string()).collect(), agent: true };
         server.spawn();
         server
     }
@@ -40,6 +53,7 @@ impl TestServer {
             .arg(self.data_dir())
             .args(["--port", &self.port.to_string()])
             .args(&self.extra_args)
+            .args(if self.agent { &[][..] } else { &["--disable-agent"][..] })
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -133,6 +147,12 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill();
+        if self.agent {
+            let out = Command::new(env!("CARGO_BIN_EXE_krate")).args(["reset", "--data-dir"]).arg(self.data_dir()).output().expect("run krate reset");
+            if !out.status.success() {
+                eprintln!("krate reset failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
     }
 }
 

@@ -1,0 +1,110 @@
+//! The CRI v1 client: gRPC over the runtime's unix socket, plus containerd's own event
+//! stream (task exits and OOMs), which containerd 1.6 offers where its CRI
+//! `GetContainerEvents` does not.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub use k8s_cri::v1 as api;
+
+/// A connection to a CRI runtime. Cheap to clone: clones share one HTTP/2 connection.
+#[derive(Clone)]
+pub struct Cri {
+    pub runtime: RuntimeServiceClient<Channel>,
+    pub images: ImageServiceClient<Channel>,
+    channel: Channel,
+}
+
+async fn channel(socket: &Path) -> Result<Channel> {
+    let path: PathBuf = socket.to_path_buf();
+    Ok(Endpoint::try_from("http://localhost")?
+        .connect_timeout(Duration::from_secs(2))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+        }))
+        .await?)
+}
+
+impl Cri {
+    /// Connects and asks the runtime its version (so a socket nobody serves fails here).
+    pub async fn connect(socket: &Path) -> Result<(Cri, api::VersionResponse)> {
+        let channel = channel(socket).await.with_context(|| format!("connecting to the container runtime at {}", socket.display()))?;
+        let mut cri = Cri { runtime: RuntimeServiceClient::new(channel.clone()), images: ImageServiceClient::new(channel.clone()), channel };
+        let version = cri.runtime.version(api::VersionRequest { version: "v1".into() }).await.context("asking the container runtime its CRI version")?.into_inner();
+        Ok((cri, version))
+    }
+
+    /// containerd's event stream for `namespace`, filtered to task exits and OOMs.
+    pub async fn task_events(&self, namespace: &str) -> Result<tonic::Streaming<events::Envelope>> {
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        grpc.ready().await.context("containerd's event service is not ready")?;
+        let request = events::SubscribeRequest {
+            filters: vec![format!("namespace=={namespace},topic==\"/tasks/exit\""), format!("namespace=={namespace},topic==\"/tasks/oom\"")],
+        };
+        let path = http::uri::PathAndQuery::from_static("/containerd.services.events.v1.Events/Subscribe");
+        let codec = tonic_prost::ProstCodec::<events::SubscribeRequest, events::Envelope>::default();
+        Ok(grpc.server_streaming(tonic::Request::new(request), path, codec).await.context("subscribing to containerd's events")?.into_inner())
+    }
+}
+
+/// The few messages of containerd's events API (`containerd/api/services/events/v1` and
+/// `containerd/api/events/task.proto`) that the agent reads.
+pub mod events {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SubscribeRequest {
+        #[prost(string, repeated, tag = "1")]
+        pub filters: Vec<String>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Envelope {
+        #[prost(message, optional, tag = "1")]
+        pub timestamp: Option<prost_types::Timestamp>,
+        #[prost(string, tag = "2")]
+        pub namespace: String,
+        #[prost(string, tag = "3")]
+        pub topic: String,
+        #[prost(message, optional, tag = "4")]
+        pub event: Option<prost_types::Any>,
+    }
+
+    /// `/tasks/exit`: the process `id` of task `container_id` exited.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct TaskExit {
+        #[prost(string, tag = "1")]
+        pub container_id: String,
+        #[prost(string, tag = "2")]
+        pub id: String,
+        #[prost(uint32, tag = "3")]
+        pub pid: u32,
+        #[prost(uint32, tag = "4")]
+        pub exit_status: u32,
+    }
+
+    /// `/tasks/oom`: a task of `container_id` hit its memory limit.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct TaskOom {
+        #[prost(string, tag = "1")]
+        pub container_id: String,
+    }
+
+    impl Envelope {
+        /// The container the event is about, for the topics the agent subscribes to.
+        pub fn container_id(&self) -> Option<String> {
+            use prost::Message;
+            let any = self.event.as_ref()?;
+            match self.topic.as_str() {
+                "/tasks/exit" => TaskExit::decode(any.value.as_slice()).ok().map(|e| e.container_id),
+                "/tasks/oom" => TaskOom::decode(any.value.as_slice()).ok().map(|e| e.container_id),
+                _ => None,
+            }
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Images: pulls through the runtime under the container's imagePullPolicy, with the
+//! Normal/Warning events upstream's kubelet records; the sandbox image is krate's own,
+//! imported rather than pulled; an air-gap directory of archives is imported at start.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use k8s_openapi::api::core::v1::ObjectReference;
+
+use crate::cri::{api, Cri};
+use crate::oci;
+use crate::pods::Shared;
+
+/// The sandbox image krate builds from its embedded pause program.
+pub const SANDBOX_IMAGE: &str = "krate.local/pause:1";
+const PAUSE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pause"));
+
+/// Upstream's default policy: Always for `:latest` or untagged images, else IfNotPresent.
+pub fn effective_policy(image: &str, policy: Option<&str>) -> String {
+    if let Some(p) = policy.filter(|p| !p.is_empty()) {
+        return p.to_string();
+    }
+    let name = image.rsplit('/').next().unwrap_or(image);
+    if image.contains('@') || name.contains(':') && !name.ends_with(":latest") {
+        "IfNotPresent".into()
+    } else {
+        "Always".into()
+    }
+}
+
+async fn present(cri: &mut Cri, image: &str) -> Result<Option<String>> {
+    let status = cri.images.image_status(api::ImageStatusRequest { image: Some(api::ImageSpec { image: image.into(), ..Default::default() }), verbose: false }).await?.into_inner();
+    Ok(status.image.map(|i| i.id))
+}
+
+/// Makes `image` available per `policy`; returns the reference to create containers from.
+pub async fn ensure(shared: &Shared, image: &str, policy: Option<&str>, sandbox: &api::PodSandboxConfig, object: &ObjectReference) -> Result<String> {
+    let mut cri = shared.cri.clone();
+    let policy = effective_policy(image, policy);
+    if policy != "Always" {
+        if let Some(id) = present(&mut cri, image).await? {
+            return Ok(id);
+        }
+        if policy == "Never" {
+            let message = format!("Container image \"{image}\" is not present with pull policy of Never");
+            shared.events.warning(object, "ErrImageNeverPull", &message).await;
+            return Err(anyhow!(message));
+        }
+    }
+    shared.events.normal(object, "Pulling", &format!("Pulling image \"{image}\"")).await;
+    let started = std::time::Instant::now();
+    let request = api::PullImageRequest { image: Some(api::ImageSpec { image: image.into(), ..Default::default() }), auth: None, sandbox_config: Some(sandbox.clone()) };
+    match cri.images.pull_image(request).await {
+        Ok(r) => {
+            let reference = r.into_inner().image_ref;
+            shared.events.normal(object, "Pulled", &format!("Successfully pulled image \"{image}\" in {:.3}s", started.elapsed().as_secs_f64())).await;
+            Ok(reference)
+        }
+        Err(e) => {
+            let message = format!("Failed to pull image \"{image}\": {}", e.message());
+            shared.events.warning(object, "Failed", &message).await;
+            Err(anyhow!(message))
+        }
+    }
+}
+
+/// Imports krate's sandbox image unless the runtime already has it.
+pub async fn ensure_sandbox_image(cri: &mut Cri, socket: &Path, scratch: &Path) -> Result<()> {
+    if present(cri, SANDBOX_IMAGE).await?.is_some() {
+        return Ok(());
+    }
+    let image = oci::Image::build(
+        &[oci::Entry::File { path: "pause".into(), data: PAUSE.to_vec(), mode: 0o755 }],
+        &oci::RunConfig { entrypoint: vec!["/pause".into()], ..Default::default() },
+    )?;
+    std::fs::create_dir_all(scratch)?;
+    let archive = scratch.join("pause.oci.tar");
+    image.write_archive(std::fs::File::create(&archive)?, SANDBOX_IMAGE)?;
+    crate::containerd::import_archive(socket, &archive).await.context("importing krate's sandbox image")?;
+    let _ = std::fs::remove_file(&archive);
+    Ok(())
+}
+
+/// Imports every archive (`*.tar`, OCI or docker format) in `dir`.
+pub async fn import_dir(socket: &Path, dir: &Path) -> Result<usize> {
+    let mut count = 0;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "tar") {
+            crate::containerd::import_archive(socket, &path).await?;
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pull_policy_defaults() {
+        assert_eq!(effective_policy("busybox", None), "Always");
+        assert_eq!(effective_policy("busybox:latest", None), "Always");
+        assert_eq!(effective_policy("127.0.0.1:5000/busybox", None), "Always");
+        assert_eq!(effective_policy("127.0.0.1:5000/busybox:1", None), "IfNotPresent");
+        assert_eq!(effective_policy("busybox@sha256:abc", None), "IfNotPresent");
+        assert_eq!(effective_policy("busybox", Some("Never")), "Never");
+    }
+}

@@ -1,0 +1,170 @@
+//! krate's node agent (its kubelet). It registers the Node and keeps its Lease fresh,
+//! starts (or adopts) containerd, sets up the node's pod network, and runs the pods bound
+//! to the node as containers through CRI v1. It is an API client like any other: `krate
+//! agent` runs it against a cluster, `krate server` embeds one for a single-node cluster.
+//!
+//! Rooms: `containerd.rs` (the supervised runtime), `cri.rs` (the gRPC client and
+//! containerd's events), `network.rs` (bridge CNI and nftables), `node.rs` (Node and
+//! Lease), `images.rs` (pulls, the sandbox image, air-gap imports), `oci.rs` (building
+//! images), `pods/` (the per-pod workers, CRI configs, status).
+
+pub mod containerd;
+pub mod cri;
+pub mod images;
+pub mod network;
+pub mod node;
+pub mod oci;
+pub mod pods;
+pub mod testimages;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+pub use node::NodeSettings;
+
+/// Everything the agent needs to run.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The agent's own directory (containerd's state, CNI config, pod logs).
+    pub dir: PathBuf,
+    pub node: NodeSettings,
+    /// Use this running CRI runtime instead of starting krate's containerd.
+    pub runtime_endpoint: Option<PathBuf>,
+    pub cni_bin_dir: PathBuf,
+    /// The Linux bridge pods attach to.
+    pub bridge: String,
+    /// Registries (`host:port`) reached over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// `registry=mirror-url` pairs: pulls from `registry` try the mirror first.
+    pub registry_mirrors: Vec<(String, String)>,
+    /// OCI/docker archives imported at start (for machines without registry access).
+    pub airgap_images: Option<PathBuf>,
+}
+
+impl AgentConfig {
+    pub fn containerd_settings(&self) -> containerd::ContainerdSettings {
+        containerd::ContainerdSettings {
+            dir: self.dir.join("containerd"),
+            cni_bin_dir: self.cni_bin_dir.clone(),
+            cni_conf_dir: self.dir.join("cni/net.d"),
+            sandbox_image: images::SANDBOX_IMAGE.into(),
+            registry_config_dir: self.dir.join("containerd/certs.d"),
+        }
+    }
+
+    pub fn runtime_socket(&self) -> PathBuf {
+        self.runtime_endpoint.clone().unwrap_or_else(|| self.containerd_settings().socket())
+    }
+
+    /// containerd's `hosts.toml` per registry, for plain-HTTP registries and mirrors.
+    fn write_registry_hosts(&self) -> Result<()> {
+        let dir = self.containerd_settings().registry_config_dir;
+        let mut hosts: std::collections::BTreeMap<String, String> = Default::default();
+        for registry in &self.insecure_registries {
+            hosts.insert(registry.clone(), format!("server = \"http://{registry}\"\n\n[host.\"http://{registry}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  skip_verify = true\n"));
+        }
+        for (registry, mirror) in &self.registry_mirrors {
+            let upstream = if registry == "docker.io" { "https://registry-1.docker.io".to_string() } else { format!("https://{registry}") };
+            let entry = hosts.entry(registry.clone()).or_insert_with(|| format!("server = \"{upstream}\"\n"));
+            entry.push_str(&format!("\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  skip_verify = true\n"));
+        }
+        for (registry, text) in hosts {
+            let d = dir.join(&registry);
+            std::fs::create_dir_all(&d)?;
+            std::fs::write(d.join("hosts.toml"), text).with_context(|| format!("writing the registry configuration of {registry}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the agent until the process stops.
+pub async fn run(client: kube::Client, config: AgentConfig) -> Result<()> {
+    std::fs::create_dir_all(&config.dir).with_context(|| format!("creating the agent directory {} (run as root)", config.dir.display()))?;
+    let socket = config.runtime_socket();
+    let mut cri = match &config.runtime_endpoint {
+        Some(endpoint) => cri::Cri::connect(endpoint).await?.0,
+        None => {
+            containerd::check_installed(&config.cni_bin_dir)?;
+            config.write_registry_hosts()?;
+            containerd::start_or_adopt(&config.containerd_settings()).await?
+        }
+    };
+    let version = cri.runtime.version(cri::api::VersionRequest { version: "v1".into() }).await?.into_inner();
+    let runtime_version = format!("{}://{}", version.runtime_name, version.runtime_version);
+    let pod_cidr = node::register(&client, &config.node, &runtime_version).await?;
+    let network = network::PodNetwork { bridge: config.bridge.clone(), pod_cidr };
+    // What `reset` needs to undo, should this process not be there to tell it.
+    let state = serde_json::json!({"bridge": config.bridge, "podCIDR": pod_cidr.to_string(), "runtimeEndpoint": config.runtime_endpoint});
+    std::fs::write(config.dir.join(STATE_FILE), serde_json::to_vec_pretty(&state)?)?;
+    if config.runtime_endpoint.is_none() {
+        let settings = config.containerd_settings();
+        network.write_cni_config(&settings.cni_conf_dir, &config.dir.join("cni/ipam"))?;
+        images::ensure_sandbox_image(&mut cri, &socket, &config.dir.join("tmp")).await?;
+    }
+    network.install_rules().await?;
+    if let Some(dir) = &config.airgap_images {
+        let n = images::import_dir(&socket, dir).await?;
+        tracing::info!(count = n, dir = %dir.display(), "imported air-gap images");
+    }
+    tracing::info!(node = %config.node.name, pod_cidr = %pod_cidr, runtime = %runtime_version, "node agent ready");
+    let shared = pods::Shared::new(client.clone(), cri, config.node.name.clone(), config.node.ip.to_string(), config.dir.join("pods"));
+    tokio::select! {
+        r = node::heartbeat(client, config.node.clone(), runtime_version) => r,
+        r = pods::run(shared) => r,
+    }
+}
+
+const STATE_FILE: &str = "agent.json";
+
+/// Removes everything the agent that used `dir` created on this machine: its pods'
+/// sandboxes and containers, its containerd and what it mounted, its bridge and nftables
+/// table, and then `dir` itself. The agent must be stopped.
+pub async fn reset(dir: &std::path::Path) -> Result<()> {
+    let state: serde_json::Value = match std::fs::read(dir.join(STATE_FILE)) {
+        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("reading {}", dir.join(STATE_FILE).display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
+        Err(e) => return Err(e.into()),
+    };
+    let endpoint = state["runtimeEndpoint"].as_str().map(PathBuf::from);
+    let containerd_dir = dir.join("containerd");
+    let socket = endpoint.clone().unwrap_or_else(|| containerd_dir.join("containerd.sock"));
+    if let Ok((mut cri, _)) = cri::Cri::connect(&socket).await {
+        let filter = cri::api::PodSandboxFilter {
+            label_selector: std::collections::HashMap::from([(pods::spec::MANAGED_BY.to_string(), pods::spec::MANAGED_BY_AGENT.to_string())]),
+            ..Default::default()
+        };
+        let sandboxes = cri.runtime.list_pod_sandbox(cri::api::ListPodSandboxRequest { filter: Some(filter) }).await?.into_inner().items;
+        for s in sandboxes {
+            let _ = cri.runtime.stop_pod_sandbox(cri::api::StopPodSandboxRequest { pod_sandbox_id: s.id.clone() }).await;
+            cri.runtime.remove_pod_sandbox(cri::api::RemovePodSandboxRequest { pod_sandbox_id: s.id.clone() }).await.with_context(|| format!("removing pod sandbox {}", s.id))?;
+        }
+    }
+    if endpoint.is_none() {
+        containerd::stop(&containerd_dir).await;
+    }
+    if let (Some(bridge), Some(cidr)) = (state["bridge"].as_str(), state["podCIDR"].as_str()) {
+        network::PodNetwork { bridge: bridge.to_string(), pod_cidr: cidr.parse()? }.remove().await?;
+    }
+    unmount_under(dir)?;
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("removing {}", dir.display())),
+        _ => Ok(()),
+    }
+}
+
+/// Unmounts every mount point below `dir`, deepest first, so removing `dir` cannot reach
+/// into a mounted filesystem.
+fn unmount_under(dir: &std::path::Path) -> Result<()> {
+    let Ok(dir) = std::fs::canonicalize(dir) else { return Ok(()) };
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mut points: Vec<PathBuf> = info.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(p.replace("\\040", " "))).filter(|p| p.starts_with(&dir)).collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())?;
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            anyhow::bail!("unmounting {}: {}", p.display(), std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! The pods of this node: a watch on the pods bound to it feeds one worker task per pod
+//! (`worker.rs`); containerd's task events wake the worker that owns the container.
+//! After each (re)list, sandboxes of pods the API no longer has are removed.
+
+mod env;
+pub mod spec;
+pub mod status;
+mod worker;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use tokio::sync::{watch, Notify};
+
+use crate::cri::{api, Cri};
+
+struct WorkerHandle {
+    pod: watch::Sender<Option<Arc<Pod>>>,
+    wake: Arc<Notify>,
+}
+
+/// What every pod worker shares.
+pub struct Shared {
+    pub client: kube::Client,
+    pub cri: Cri,
+    pub node_name: String,
+    pub node_ip: String,
+    /// Container logs: `<log_root>/<ns>_<name>_<uid>/<container>/<restarts>.log`.
+    pub log_root: PathBuf,
+    pub events: krate_client::events::Recorder,
+    workers: Mutex<HashMap<String, WorkerHandle>>,
+    /// Runtime container and sandbox IDs → the UID of the pod they belong to.
+    owners: Mutex<HashMap<String, String>>,
+}
+
+impl Shared {
+    pub fn new(client: kube::Client, cri: Cri, node_name: String, node_ip: String, log_root: PathBuf) -> Arc<Self> {
+        let events = krate_client::events::Recorder::new(client.clone(), "kubelet");
+        Arc::new(Shared { client, cri, node_name, node_ip, log_root, events, workers: Mutex::default(), owners: Mutex::default() })
+    }
+
+    fn own(&self, id: &str, uid: &str) {
+        self.owners.lock().unwrap().insert(id.to_string(), uid.to_string());
+    }
+
+    fn disown(&self, id: &str) {
+        self.owners.lock().unwrap().remove(id);
+    }
+
+    fn forget_worker(&self, uid: &str) {
+        self.workers.lock().unwrap().remove(uid);
+    }
+
+    /// Hands the pod's latest version to its worker, starting one if needed.
+    fn dispatch(self: &Arc<Self>, pod: Pod) {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let mut workers = self.workers.lock().unwrap();
+        if let Some(w) = workers.get(&uid) {
+            w.pod.send_replace(Some(Arc::new(pod)));
+            return;
+        }
+        let (tx, rx) = watch::channel(Some(Arc::new(pod)));
+        let wake = Arc::new(Notify::new());
+        workers.insert(uid.clone(), WorkerHandle { pod: tx, wake: wake.clone() });
+        tokio::spawn(worker::PodWorker::new(self.clone(), uid, rx, wake).run());
+    }
+
+    /// The pod left the API: its worker tears it down.
+    fn gone(&self, uid: &str) {
+        if let Some(w) = self.workers.lock().unwrap().get(uid) {
+            w.pod.send_replace(None);
+        }
+    }
+
+    /// Wakes the worker of the pod that owns runtime object `id` now, and twice more
+    /// shortly after: containerd publishes a task's exit before its CRI plugin has recorded
+    /// it, so the first look may still see the container running.
+    fn wake_owner_of(&self, id: &str) {
+        let uid = self.owners.lock().unwrap().get(id).cloned();
+        let Some(wake) = uid.and_then(|uid| self.workers.lock().unwrap().get(&uid).map(|w| w.wake.clone())) else { return };
+        wake.notify_one();
+        tokio::spawn(async move {
+            for delay in [100, 900] {
+                tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+                wake.notify_one();
+            }
+        });
+    }
+
+    /// Removes sandboxes (and their containers) of pods this agent has no worker for.
+    async fn remove_orphans(&self) -> Result<()> {
+        let filter = api::PodSandboxFilter { label_selector: HashMap::from([(spec::MANAGED_BY.to_string(), spec::MANAGED_BY_AGENT.to_string())]), ..Default::default() };
+        let mut cri = self.cri.clone();
+        let sandboxes = cri.runtime.list_pod_sandbox(api::ListPodSandboxRequest { filter: Some(filter) }).await?.into_inner().items;
+        let known: HashSet<String> = self.workers.lock().unwrap().keys().cloned().collect();
+        for s in sandboxes {
+            let uid = s.labels.get(spec::POD_UID).cloned().unwrap_or_default();
+            if known.contains(&uid) {
+                continue;
+            }
+            tracing::info!(sandbox = %s.id, pod_uid = %uid, "removing the sandbox of a pod that no longer exists");
+            let _ = cri.runtime.stop_pod_sandbox(api::StopPodSandboxRequest { pod_sandbox_id: s.id.clone() }).await;
+            let _ = cri.runtime.remove_pod_sandbox(api::RemovePodSandboxRequest { pod_sandbox_id: s.id }).await;
+        }
+        Ok(())
+    }
+
+    /// Wakes pod workers on containerd's task exits and OOMs; resubscribes if the stream ends.
+    async fn follow_runtime_events(self: Arc<Self>) {
+        loop {
+            match self.cri.task_events(crate::containerd::CRI_NAMESPACE).await {
+                Ok(mut stream) => {
+                    while let Some(Ok(envelope)) = stream.next().await {
+                        if let Some(id) = envelope.container_id() {
+                            self.wake_owner_of(&id);
+                        }
+                    }
+                    tracing::warn!("containerd's event stream ended; subscribing again");
+                }
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "subscribing to containerd's events failed; retrying"),
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            // Anything may have exited while the stream was down.
+            let uids: Vec<Arc<Notify>> = self.workers.lock().unwrap().values().map(|w| w.wake.clone()).collect();
+            uids.iter().for_each(|w| w.notify_one());
+        }
+    }
+}
+
+/// Runs the pods bound to this node until the process stops.
+pub async fn run(shared: Arc<Shared>) -> Result<()> {
+    tokio::spawn(shared.clone().follow_runtime_events());
+    let pods: Api<Pod> = Api::all(shared.client.clone());
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={}", shared.node_name));
+    // Back-off keeps the agent coasting while the API server is away.
+    let mut stream = watcher::watcher(pods, config).default_backoff().boxed();
+    let mut listed: HashSet<String> = HashSet::new();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(Event::Init) => listed.clear(),
+            Ok(Event::InitApply(pod)) => {
+                listed.insert(pod.metadata.uid.clone().unwrap_or_default());
+                shared.dispatch(pod);
+            }
+            Ok(Event::InitDone) => {
+                let known: Vec<String> = shared.workers.lock().unwrap().keys().cloned().collect();
+                for uid in known.iter().filter(|u| !listed.contains(*u)) {
+                    shared.gone(uid);
+                }
+                if let Err(e) = shared.remove_orphans().await {
+                    tracing::warn!(error = %format!("{e:#}"), "removing orphaned sandboxes failed");
+                }
+            }
+            Ok(Event::Apply(pod)) => shared.dispatch(pod),
+            Ok(Event::Delete(pod)) => shared.gone(pod.metadata.uid.as_deref().unwrap_or_default()),
+            Err(e) => tracing::warn!(error = %e, "pod watch failed; retrying"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,476 @@
+//! One task per pod: it drives the pod's sandbox and containers towards its spec (init
+//! containers in order, app containers, restarts under the restart policy with
+//! CrashLoopBackOff), reports its status, and tears it down when the pod is deleted. It
+//! wakes on pod changes, on the runtime's events for its containers, and on back-off
+//! deadlines; it never polls. Everything it knows it reads back from the runtime, so an
+//! agent restarted mid-way adopts what runs without restarting it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::{Container, ObjectReference, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use serde_json::{json, Value};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use super::status::{self, Observed, Waiting};
+use super::{env, spec, Shared};
+use crate::cri::api;
+
+const BACKOFF_START: Duration = Duration::from_secs(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// A container that ran this long before exiting starts its back-off afresh.
+const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(600);
+
+/// Exponential back-off per key (a container's restarts, its image pulls), as upstream:
+/// the first retry is immediate, then 10 s, 20 s, ... up to 5 minutes after the failure.
+#[derive(Default)]
+struct Backoffs(HashMap<String, (Duration, Instant)>);
+
+impl Backoffs {
+    /// When `key` is in back-off, the instant it ends and its delay. The delay counts
+    /// from `since` (a container's exit) or else from the last failure recorded.
+    fn waiting(&self, key: &str, since: Option<Instant>) -> Option<(Instant, Duration)> {
+        let (delay, last) = self.0.get(key)?;
+        let until = since.unwrap_or(*last) + *delay;
+        (until > Instant::now()).then_some((until, *delay))
+    }
+    /// Records a failure (or a restart): the next retry waits longer.
+    fn bump(&mut self, key: &str) {
+        let entry = self.0.entry(key.to_string()).or_insert((Duration::ZERO, Instant::now()));
+        entry.0 = if entry.0.is_zero() { BACKOFF_START } else { (entry.0 * 2).min(BACKOFF_MAX) };
+        entry.1 = Instant::now();
+    }
+    fn reset(&mut self, key: &str) {
+        self.0.remove(key);
+    }
+}
+
+pub(super) struct PodWorker {
+    shared: Arc<Shared>,
+    uid: String,
+    pod_rx: watch::Receiver<Option<Arc<Pod>>>,
+    wake: Arc<Notify>,
+    backoff: Backoffs,
+    waiting: HashMap<String, Waiting>,
+    published: Option<Value>,
+    last: Option<Arc<Pod>>,
+    /// Consecutive failed passes (runtime errors): the next retry waits 2^n s, ≤ 60 s.
+    failures: u32,
+}
+
+fn nanos_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+fn reference(pod: &Pod, field: Option<String>) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: pod.metadata.name.clone(),
+        namespace: pod.metadata.namespace.clone(),
+        uid: pod.metadata.uid.clone(),
+        resource_version: pod.metadata.resource_version.clone(),
+        field_path: field,
+    }
+}
+
+fn container_ref(pod: &Pod, c: &Container, init: bool) -> ObjectReference {
+    reference(pod, Some(format!("spec.{}{{{}}}", if init { "initContainers" } else { "containers" }, c.name)))
+}
+
+/// Whether the restart policy restarts a container that exited with `code`.
+fn restarts(pod: &Pod, code: i32) -> bool {
+    match pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()).unwrap_or("Always") {
+        "Always" => true,
+        "OnFailure" => code != 0,
+        _ => false,
+    }
+}
+
+impl PodWorker {
+    pub(super) fn new(shared: Arc<Shared>, uid: String, pod_rx: watch::Receiver<Option<Arc<Pod>>>, wake: Arc<Notify>) -> Self {
+        PodWorker { shared, uid, pod_rx, wake, backoff: Backoffs::default(), waiting: HashMap::new(), published: None, last: None, failures: 0 }
+    }
+
+    pub(super) async fn run(mut self) {
+        loop {
+            let current = self.pod_rx.borrow_and_update().clone();
+            let mut next: Option<Instant> = None;
+            match current {
+                None => {
+                    // Gone from the API (deleted, or force-deleted): stop everything.
+                    let grace = self.last.as_ref().and_then(|p| p.metadata.deletion_grace_period_seconds).unwrap_or(0);
+                    self.teardown(grace).await;
+                    break;
+                }
+                Some(pod) => {
+                    self.last = Some(pod.clone());
+                    if pod.metadata.deletion_timestamp.is_some() {
+                        self.teardown(pod.metadata.deletion_grace_period_seconds.unwrap_or(30)).await;
+                        self.finish_deletion(&pod).await;
+                    } else {
+                        match self.sync(&pod).await {
+                            Ok(n) => {
+                                self.failures = 0;
+                                next = n;
+                            }
+                            Err(e) => {
+                                let wait = Duration::from_secs(1 << self.failures.min(6)).min(Duration::from_secs(60));
+                                self.failures += 1;
+                                tracing::warn!(pod = %pod.metadata.name.as_deref().unwrap_or_default(), error = %format!("{e:#}"), retry_in = ?wait, "pod sync failed");
+                                next = Some(Instant::now() + wait);
+                            }
+                        }
+                    }
+                }
+            }
+            let sleep = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                changed = self.pod_rx.changed() => if changed.is_err() { break },
+                _ = self.wake.notified() => {}
+                _ = sleep => {}
+            }
+        }
+        self.shared.forget_worker(&self.uid);
+    }
+
+    fn cri(&self) -> crate::cri::Cri {
+        self.shared.cri.clone()
+    }
+
+    async fn sandboxes(&self) -> Result<Vec<api::PodSandbox>> {
+        let filter = api::PodSandboxFilter { label_selector: HashMap::from([(spec::POD_UID.to_string(), self.uid.clone())]), ..Default::default() };
+        let mut list = self.cri().runtime.list_pod_sandbox(api::ListPodSandboxRequest { filter: Some(filter) }).await?.into_inner().items;
+        list.sort_by_key(|s| s.created_at);
+        Ok(list)
+    }
+
+    /// The latest two attempts of each container in `sandbox_id`, by name.
+    async fn observe(&self, sandbox_id: &str) -> Result<HashMap<String, Observed>> {
+        let filter = api::ContainerFilter { pod_sandbox_id: sandbox_id.to_string(), ..Default::default() };
+        let mut list = self.cri().runtime.list_containers(api::ListContainersRequest { filter: Some(filter) }).await?.into_inner().containers;
+        list.sort_by_key(|c| std::cmp::Reverse(c.metadata.as_ref().map(|m| m.attempt).unwrap_or(0)));
+        let mut out: HashMap<String, Observed> = HashMap::new();
+        let mut stale = Vec::new();
+        for c in list {
+            let name = c.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+            self.shared.own(&c.id, &self.uid);
+            let entry = out.entry(name).or_default();
+            if entry.latest.is_some() && entry.previous.is_some() {
+                stale.push(c.id);
+                continue;
+            }
+            let st = self.cri().runtime.container_status(api::ContainerStatusRequest { container_id: c.id.clone(), verbose: false }).await?.into_inner().status;
+            if entry.latest.is_none() {
+                entry.latest = st;
+            } else {
+                entry.previous = st;
+            }
+        }
+        // Attempts older than the previous one are of no more use (logs --previous
+        // reads the previous one only).
+        for id in stale {
+            let _ = self.cri().runtime.remove_container(api::RemoveContainerRequest { container_id: id.clone() }).await;
+            self.shared.disown(&id);
+        }
+        Ok(out)
+    }
+
+    /// A ready sandbox for the pod, creating one (and clearing dead ones) if needed.
+    async fn ensure_sandbox(&mut self, pod: &Pod) -> Result<(String, api::PodSandboxConfig, String)> {
+        let sandboxes = self.sandboxes().await?;
+        let attempt = sandboxes.iter().map(|s| s.metadata.as_ref().map(|m| m.attempt + 1).unwrap_or(0)).max().unwrap_or(0);
+        let ready = sandboxes.iter().rev().find(|s| s.state == api::PodSandboxState::SandboxReady as i32);
+        let (id, config) = match ready {
+            Some(s) => (s.id.clone(), spec::sandbox_config(pod, s.metadata.as_ref().map(|m| m.attempt).unwrap_or(0), &self.shared.log_root)),
+            None => {
+                for dead in &sandboxes {
+                    self.remove_sandbox(&dead.id).await;
+                }
+                let config = spec::sandbox_config(pod, attempt, &self.shared.log_root);
+                std::fs::create_dir_all(&config.log_directory).with_context(|| format!("creating {}", config.log_directory))?;
+                let id = match self.cri().runtime.run_pod_sandbox(api::RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() }).await {
+                    Ok(r) => r.into_inner().pod_sandbox_id,
+                    Err(e) => {
+                        let message = format!("Failed to create pod sandbox: {}", e.message());
+                        self.shared.events.warning(&reference(pod, None), "FailedCreatePodSandBox", &message).await;
+                        anyhow::bail!(message);
+                    }
+                };
+                self.shared.own(&id, &self.uid);
+                (id, config)
+            }
+        };
+        let st = self.cri().runtime.pod_sandbox_status(api::PodSandboxStatusRequest { pod_sandbox_id: id.clone(), verbose: false }).await?.into_inner();
+        let ip = st.status.and_then(|s| s.network).map(|n| n.ip).unwrap_or_default();
+        Ok((id, config, ip))
+    }
+
+    async fn remove_sandbox(&self, id: &str) {
+        let _ = self.cri().runtime.stop_pod_sandbox(api::StopPodSandboxRequest { pod_sandbox_id: id.to_string() }).await;
+        if let Err(e) = self.cri().runtime.remove_pod_sandbox(api::RemovePodSandboxRequest { pod_sandbox_id: id.to_string() }).await {
+            tracing::warn!(sandbox = %id, error = %e.message(), "removing a pod sandbox failed");
+        }
+        self.shared.disown(id);
+    }
+
+    fn is_terminal(&self) -> bool {
+        self.published.as_ref().and_then(|s| s["phase"].as_str()).is_some_and(|p| p == "Succeeded" || p == "Failed")
+    }
+
+    /// One pass: acts on the runtime, then reports. Returns when to look again (back-off).
+    async fn sync(&mut self, pod: &Pod) -> Result<Option<Instant>> {
+        if self.published.is_none() {
+            self.published = pod.status.as_ref().map(serde_json::to_value).transpose()?.filter(|s| s.get("phase").is_some());
+        }
+        if self.is_terminal() {
+            // A finished pod keeps its containers (for logs) but not its sandbox.
+            for s in self.sandboxes().await? {
+                if s.state == api::PodSandboxState::SandboxReady as i32 {
+                    let _ = self.cri().runtime.stop_pod_sandbox(api::StopPodSandboxRequest { pod_sandbox_id: s.id }).await;
+                }
+            }
+            return Ok(None);
+        }
+        let (sandbox_id, sandbox_config, pod_ip) = self.ensure_sandbox(pod).await?;
+        let mut next: Option<Instant> = None;
+        let observed = self.observe(&sandbox_id).await?;
+        let spec = pod.spec.clone().unwrap_or_default();
+        let host_ip = self.shared.node_ip.clone();
+        let rt = env::Runtime { pod_ip: &pod_ip, host_ip: &host_ip };
+
+        // Init containers: one at a time, each must succeed before the next.
+        let mut init_done = true;
+        let mut init_failed = false;
+        for c in spec.init_containers.iter().flatten() {
+            let o = observed.get(&c.name).cloned().unwrap_or_default();
+            match &o.latest {
+                Some(s) if status::is_exited(s) && s.exit_code == 0 => continue,
+                Some(s) if status::is_exited(s) => {
+                    init_done = false;
+                    if !restarts(pod, s.exit_code) {
+                        init_failed = true;
+                    } else {
+                        self.restart_or_wait(pod, c, true, s, &sandbox_id, &sandbox_config, &rt, &mut next).await;
+                    }
+                }
+                Some(_) => init_done = false,
+                None => {
+                    init_done = false;
+                    self.start(pod, c, true, 0, &sandbox_id, &sandbox_config, &rt, &mut next).await;
+                }
+            }
+            break;
+        }
+        if init_done {
+            for c in &spec.containers {
+                let o = observed.get(&c.name).cloned().unwrap_or_default();
+                match &o.latest {
+                    None => self.start(pod, c, false, 0, &sandbox_id, &sandbox_config, &rt, &mut next).await,
+                    Some(s) if status::is_exited(s) && restarts(pod, s.exit_code) => {
+                        self.restart_or_wait(pod, c, false, s, &sandbox_id, &sandbox_config, &rt, &mut next).await
+                    }
+                    Some(_) => {
+                        self.waiting.remove(&c.name);
+                    }
+                }
+            }
+        }
+        let observed = self.observe(&sandbox_id).await?;
+        self.publish(pod, &observed, init_done, init_failed, &pod_ip).await?;
+        if self.is_terminal() {
+            let _ = self.cri().runtime.stop_pod_sandbox(api::StopPodSandboxRequest { pod_sandbox_id: sandbox_id }).await;
+        }
+        Ok(next)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn restart_or_wait(&mut self, pod: &Pod, c: &Container, init: bool, last: &api::ContainerStatus, sandbox_id: &str, sandbox_config: &api::PodSandboxConfig, rt: &env::Runtime<'_>, next: &mut Option<Instant>) {
+        let key = format!("container/{}", c.name);
+        if Duration::from_nanos((last.finished_at - last.started_at).max(0) as u64) > BACKOFF_RESET_AFTER {
+            self.backoff.reset(&key);
+        }
+        let ago = Duration::from_nanos((nanos_now() - last.finished_at).max(0) as u64);
+        let exited = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
+        match self.backoff.waiting(&key, Some(exited)) {
+            None => {
+                self.backoff.bump(&key);
+                self.start(pod, c, init, status::restart_count(last) + 1, sandbox_id, sandbox_config, rt, next).await;
+            }
+            Some((until, delay)) => {
+                let (ns, name, uid) = spec::pod_key(pod);
+                let message = format!("back-off {}s restarting failed container={} pod={name}_{ns}({uid})", delay.as_secs(), c.name);
+                if self.waiting.get(&c.name).map(|w| w.reason.as_str()) != Some("CrashLoopBackOff") {
+                    self.shared.events.warning(&container_ref(pod, c, init), "BackOff", "Back-off restarting failed container").await;
+                }
+                self.waiting.insert(c.name.clone(), Waiting { reason: "CrashLoopBackOff".into(), message });
+                *next = Some(next.map_or(until, |n| n.min(until)));
+            }
+        }
+    }
+
+    /// Pulls (per imagePullPolicy), creates and starts one container. Failures become
+    /// the container's waiting reason and an event; back-offs set `next`.
+    #[allow(clippy::too_many_arguments)]
+    async fn start(&mut self, pod: &Pod, c: &Container, init: bool, restart_count: u32, sandbox_id: &str, sandbox_config: &api::PodSandboxConfig, rt: &env::Runtime<'_>, next: &mut Option<Instant>) {
+        let object = container_ref(pod, c, init);
+        let image = c.image.clone().unwrap_or_default();
+        let pull_key = format!("image/{}", c.name);
+        if let Some((until, _)) = self.backoff.waiting(&pull_key, None) {
+            self.waiting.insert(c.name.clone(), Waiting { reason: "ImagePullBackOff".into(), message: format!("Back-off pulling image \"{image}\"") });
+            *next = Some(next.map_or(until, |n| n.min(until)));
+            return;
+        }
+        let image_ref = match crate::images::ensure(&self.shared, &image, c.image_pull_policy.as_deref(), sandbox_config, &object).await {
+            Ok(r) => {
+                self.backoff.reset(&pull_key);
+                r
+            }
+            Err(e) => {
+                self.backoff.bump(&pull_key);
+                let until = self.backoff.waiting(&pull_key, None).map_or(Instant::now() + BACKOFF_START, |(until, _)| until);
+                *next = Some(next.map_or(until, |n| n.min(until)));
+                self.waiting.insert(c.name.clone(), Waiting { reason: "ErrImagePull".into(), message: format!("{e:#}") });
+                return;
+            }
+        };
+        let env = match env::resolve(&self.shared.client, pod, c, rt).await {
+            Ok(env) => env,
+            Err(e) => {
+                let message = format!("{e:#}");
+                self.shared.events.warning(&object, "Failed", &format!("Error: {message}")).await;
+                self.waiting.insert(c.name.clone(), Waiting { reason: "CreateContainerConfigError".into(), message });
+                *next = Some(Instant::now() + BACKOFF_START);
+                return;
+            }
+        };
+        let plan = spec::ContainerPlan { pod, container: c, image_ref, restart_count, env };
+        let created = self
+            .cri()
+            .runtime
+            .create_container(api::CreateContainerRequest { pod_sandbox_id: sandbox_id.to_string(), config: Some(plan.config()), sandbox_config: Some(sandbox_config.clone()) })
+            .await;
+        let id = match created {
+            Ok(r) => r.into_inner().container_id,
+            Err(e) => {
+                let message = e.message().to_string();
+                self.shared.events.warning(&object, "Failed", &format!("Error: {message}")).await;
+                self.waiting.insert(c.name.clone(), Waiting { reason: "CreateContainerError".into(), message });
+                *next = Some(Instant::now() + BACKOFF_START);
+                return;
+            }
+        };
+        self.shared.own(&id, &self.uid);
+        self.shared.events.normal(&object, "Created", &format!("Created container {}", c.name)).await;
+        self.waiting.remove(&c.name);
+        match self.cri().runtime.start_container(api::StartContainerRequest { container_id: id }).await {
+            Ok(_) => self.shared.events.normal(&object, "Started", &format!("Started container {}", c.name)).await,
+            // The runtime records the failure as the container's exit (StartError); the
+            // next pass restarts it under the back-off.
+            Err(e) => self.shared.events.warning(&object, "Failed", &format!("Error: {}", e.message())).await,
+        }
+    }
+
+    async fn publish(&mut self, pod: &Pod, observed: &HashMap<String, Observed>, init_done: bool, init_failed: bool, pod_ip: &str) -> Result<()> {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let app: Vec<(Observed, Option<Waiting>)> = spec.containers.iter().map(|c| (observed.get(&c.name).cloned().unwrap_or_default(), self.waiting.get(&c.name).cloned())).collect();
+        let phase = status::phase(pod, init_done, init_failed, &app);
+        let statuses: Vec<Value> = spec.containers.iter().zip(&app).map(|(c, (o, w))| status::container_status(c, o, w.as_ref(), true)).collect();
+        let init_statuses: Vec<Value> = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .map(|c| status::container_status(c, &observed.get(&c.name).cloned().unwrap_or_default(), self.waiting.get(&c.name), true))
+            .collect();
+        let all_ready = statuses.iter().all(|s| s["ready"] == true) && phase == "Running";
+        let previous = self.published.as_ref();
+        let start_time = previous.and_then(|p| p.get("startTime").cloned()).filter(|t| !t.is_null()).unwrap_or_else(|| json!(status::time(nanos_now())));
+        let host_ip = &self.shared.node_ip;
+        let mut status = json!({
+            "phase": phase,
+            "conditions": [
+                status::condition("PodReadyToStartContainers", !pod_ip.is_empty() || phase == "Running", None),
+                status::condition("Initialized", init_done, Some("ContainersNotInitialized")),
+                status::condition("Ready", all_ready, Some("ContainersNotReady")),
+                status::condition("ContainersReady", all_ready, Some("ContainersNotReady")),
+                status::condition("PodScheduled", true, None),
+            ],
+            "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
+            "startTime": start_time,
+            "qosClass": status::qos_class(pod),
+            "containerStatuses": statuses,
+        });
+        if !pod_ip.is_empty() {
+            status["podIP"] = json!(pod_ip);
+            status["podIPs"] = json!([{"ip": pod_ip}]);
+        }
+        if !init_statuses.is_empty() {
+            status["initContainerStatuses"] = json!(init_statuses);
+        }
+        if Some(&status) == self.published.as_ref() {
+            return Ok(());
+        }
+        // Condition transition times change only when the status does.
+        let now = status::time(nanos_now());
+        if let Some(conditions) = status["conditions"].as_array_mut() {
+            for c in conditions {
+                let before = previous.and_then(|p| p["conditions"].as_array()).and_then(|l| l.iter().find(|x| x["type"] == c["type"]));
+                let time = match before {
+                    Some(b) if b["status"] == c["status"] => b["lastTransitionTime"].clone(),
+                    _ => json!(now),
+                };
+                c["lastTransitionTime"] = time;
+            }
+        }
+        if Some(&status) == self.published.as_ref() {
+            return Ok(());
+        }
+        let (ns, name, _) = spec::pod_key(pod);
+        let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), &ns);
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await.with_context(|| format!("reporting the status of pod {ns}/{name}"))?;
+        self.published = Some(status);
+        Ok(())
+    }
+
+    /// Stops the pod's containers (SIGTERM, SIGKILL after `grace` seconds) and removes its
+    /// sandboxes with them.
+    async fn teardown(&mut self, grace: i64) {
+        let Ok(sandboxes) = self.sandboxes().await else { return };
+        let filter = api::ContainerFilter { label_selector: HashMap::from([(spec::POD_UID.to_string(), self.uid.clone())]), ..Default::default() };
+        let containers = match self.cri().runtime.list_containers(api::ListContainersRequest { filter: Some(filter) }).await {
+            Ok(r) => r.into_inner().containers,
+            Err(_) => Vec::new(),
+        };
+        let stops = containers.iter().filter(|c| c.state == api::ContainerState::ContainerRunning as i32).map(|c| {
+            let mut cri = self.cri();
+            let id = c.id.clone();
+            async move { cri.runtime.stop_container(api::StopContainerRequest { container_id: id, timeout: grace }).await }
+        });
+        futures::future::join_all(stops).await;
+        for s in &sandboxes {
+            self.remove_sandbox(&s.id).await;
+        }
+        for c in &containers {
+            self.shared.disown(&c.id);
+        }
+    }
+
+    /// Tells the API the pod's containers are gone, so its object can go.
+    async fn finish_deletion(&self, pod: &Pod) {
+        let (ns, name, uid) = spec::pod_key(pod);
+        let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), &ns);
+        let params = DeleteParams { grace_period_seconds: Some(0), preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }), ..Default::default() };
+        if let Err(e) = krate_client::tolerate(api.delete(&name, &params).await, &[404, 409]) {
+            tracing::warn!(pod = %format!("{ns}/{name}"), error = %e, "finishing a pod deletion failed");
+        }
+    }
+}

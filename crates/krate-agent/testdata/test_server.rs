@@ -1,0 +1,82 @@
+//! krate's test server, packed into the `test-server` test image (built static, std
+//! only, by the test fixture). HTTP on $PORT (default 8080):
+//!   GET /                  "<hostname> <path>" (an echo)
+//!   GET /healthz, /readyz  200 "ok", or 500 once failed
+//!   GET /fail/healthz, /fail/readyz, /ok/healthz, /ok/readyz   toggles them
+//!   GET /exit/<code>       exits with <code>
+//!   GET /alloc/<MiB>       allocates and touches <MiB> of memory, and keeps it
+//!   GET /env/<NAME>        the value of an environment variable
+//! With EXIT_AFTER_SECONDS set, exits with EXIT_CODE (default 0) after that long.
+//! `test-server sleep <seconds>` just sleeps.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+static HEALTHY: AtomicBool = AtomicBool::new(true);
+static READY: AtomicBool = AtomicBool::new(true);
+static HELD: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+fn reply(stream: &mut TcpStream, code: u16, body: &str) {
+    let reason = if code == 200 { "OK" } else { "Error" };
+    let _ = write!(stream, "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+}
+
+fn handle(mut stream: TcpStream) {
+    let mut line = String::new();
+    if BufReader::new(&stream).read_line(&mut line).is_err() {
+        return;
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
+    let status = |flag: &AtomicBool| if flag.load(Ordering::SeqCst) { (200, "ok".to_string()) } else { (500, "failing".to_string()) };
+    let (code, body) = match path.as_str() {
+        "/healthz" => status(&HEALTHY),
+        "/readyz" => status(&READY),
+        "/fail/healthz" => (200, format!("{}", HEALTHY.swap(false, Ordering::SeqCst))),
+        "/ok/healthz" => (200, format!("{}", HEALTHY.swap(true, Ordering::SeqCst))),
+        "/fail/readyz" => (200, format!("{}", READY.swap(false, Ordering::SeqCst))),
+        "/ok/readyz" => (200, format!("{}", READY.swap(true, Ordering::SeqCst))),
+        p if p.starts_with("/exit/") => {
+            reply(&mut stream, 200, "bye");
+            let _ = stream.flush();
+            std::process::exit(p[6..].parse().unwrap_or(1));
+        }
+        p if p.starts_with("/alloc/") => {
+            let mib: usize = p[7..].parse().unwrap_or(0);
+            let mut block = vec![0u8; mib << 20];
+            for i in (0..block.len()).step_by(4096) {
+                block[i] = 1;
+            }
+            HELD.lock().unwrap().push(block);
+            (200, format!("holding {mib} MiB more"))
+        }
+        p if p.starts_with("/env/") => (200, std::env::var(&p[5..]).unwrap_or_default()),
+        p => (200, format!("{hostname} {p}")),
+    };
+    reply(&mut stream, code, &body);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("sleep") {
+        let seconds: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(u64::MAX / 2);
+        std::thread::sleep(Duration::from_secs(seconds));
+        return;
+    }
+    if let Some(after) = std::env::var("EXIT_AFTER_SECONDS").ok().and_then(|s| s.parse::<f64>().ok()) {
+        let code: i32 = std::env::var("EXIT_CODE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs_f64(after));
+            std::process::exit(code);
+        });
+    }
+    let port = std::env::var("PORT").unwrap_or_else(|_| "8080".into());
+    let listener = TcpListener::bind(format!("0.0.0.0:{port}")).expect("listen");
+    println!("test-server listening on :{port}");
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || handle(stream));
+    }
+}

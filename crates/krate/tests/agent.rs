@@ -1,0 +1,211 @@
+//! The node agent with real containers: `krate server` with its embedded agent, which
+//! starts its own containerd (runc, Debian's CNI bridge plugin), pulls krate's test
+//! images from a real registry on 127.0.0.1, and runs pods. Each test has its own
+//! server, containerd, bridge, pod CIDR and nftables table, all reset on drop.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::registry::TestRegistry;
+use common::{eventually, TestServer};
+use k8s_openapi::api::core::v1::{Event, Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use serde_json::json;
+
+/// A server whose agent gets a bridge and pod CIDR of its own (`n` tells tests apart).
+fn server_with_agent(registry: &TestRegistry, n: u8) -> TestServer {
+    let id = std::process::id() % 200;
+    TestServer::start_with_agent(&[
+        "--node-name",
+        "node-1",
+        "--bridge",
+        &format!("kt{n}p{id}"),
+        "--pod-cidr",
+        &format!("10.{}.{}.0/24", 200 + n, id),
+        "--insecure-registry",
+        &registry.address,
+    ])
+}
+
+/// One HTTP GET to a pod, straight to its IP on the node's bridge.
+fn http_get(ip: &str, port: u16, path: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect_timeout(&format!("{ip}:{port}").parse().ok()?, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+}
+
+async fn wait_node_ready(client: &kube::Client, server: &TestServer) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    eventually(60, &format!("node-1 Ready\n{}", server.log()), || async {
+        let node = nodes.get_opt("node-1").await.ok()??;
+        let ready = node.status?.conditions?.into_iter().any(|c| c.type_ == "Ready" && c.status == "True");
+        ready.then_some(())
+    })
+    .await;
+}
+
+fn container_status(pod: &Pod) -> Option<serde_json::Value> {
+    let status = serde_json::to_value(pod.status.as_ref()?).ok()?;
+    status["containerStatuses"].get(0).cloned()
+}
+
+async fn running_pods(pods: &Api<Pod>, selector: &str, count: usize) -> Vec<Pod> {
+    eventually(120, &format!("{count} running pods ({selector})"), || async {
+        let list = pods.list(&ListParams::default().labels(selector)).await.ok()?.items;
+        let running: Vec<Pod> = list.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none() && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")).collect();
+        (running.len() == count && running.iter().all(|p| p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some())).then_some(running)
+    })
+    .await
+}
+
+/// Sandboxes the server's containerd still has (through `ctr`, as an operator would look).
+fn containerd_containers(server: &TestServer) -> String {
+    let socket = server.data_dir().join("agent/containerd/containerd.sock");
+    let out = std::process::Command::new("ctr").arg("--address").arg(&socket).args(["--namespace", "k8s.io", "containers", "list", "--quiet"]).output().expect("run ctr");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_runs_as_real_containers_with_their_own_ips() {
+    let registry = TestRegistry::start();
+    let server = server_with_agent(&registry, 1);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    let node: Node = Api::all(client.clone()).get("node-1").await.unwrap();
+    let info = node.status.as_ref().unwrap().node_info.as_ref().unwrap();
+    assert!(info.container_runtime_version.starts_with("containerd://"), "{info:?}");
+    assert!(node.status.as_ref().unwrap().allocatable.as_ref().unwrap().contains_key("memory"));
+
+    server.kubectl_ok(&["create", "deployment", "web", &format!("--image={}", registry.image("test-server")), "--replicas=3"]);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let running = running_pods(&pods, "app=web", 3).await;
+    let ips: HashSet<String> = running.iter().map(|p| p.status.as_ref().unwrap().pod_ip.clone().unwrap()).collect();
+    assert_eq!(ips.len(), 3, "pod IPs are distinct: {ips:?}");
+    for pod in &running {
+        let ip = pod.status.as_ref().unwrap().pod_ip.clone().unwrap();
+        let name = pod.metadata.name.clone().unwrap();
+        let body = eventually(30, "the test server answering on its pod IP", || async { http_get(&ip, 8080, "/hello") }).await;
+        assert_eq!(body, format!("{name} /hello"), "the pod's hostname is its name");
+        let status = container_status(pod).unwrap();
+        assert_eq!(status["restartCount"], 0);
+        assert!(status["containerID"].as_str().unwrap().starts_with("containerd://"));
+        assert_eq!(pod.status.as_ref().unwrap().qos_class.as_deref(), Some("BestEffort"));
+    }
+
+    // The container's process exits: it is restarted, and restartCount says so.
+    let victim = running[0].clone();
+    let victim_name = victim.metadata.name.clone().unwrap();
+    let ip = victim.status.as_ref().unwrap().pod_ip.clone().unwrap();
+    http_get(&ip, 8080, "/exit/3");
+    let restarted = eventually(60, "the container restarted", || async {
+        let pod = pods.get(&victim_name).await.ok()?;
+        let s = container_status(&pod)?;
+        (s["restartCount"] == 1 && s["state"]["running"].is_object()).then_some(s)
+    })
+    .await;
+    assert_eq!(restarted["lastState"]["terminated"]["exitCode"], 3, "{restarted}");
+    assert_eq!(restarted["lastState"]["terminated"]["reason"], "Error");
+
+    // Deleting the deployment removes every container and sandbox.
+    server.kubectl_ok(&["delete", "deployment", "web", "--wait=false"]);
+    eventually(90, "every pod gone", || async { pods.list(&ListParams::default().labels("app=web")).await.ok()?.items.is_empty().then_some(()) }).await;
+    eventually(30, "containerd holds no containers", || async { containerd_containers(&server).trim().is_empty().then_some(()) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_images_and_commands_get_clear_statuses_and_the_agent_survives() {
+    let registry = TestRegistry::start();
+    let server = server_with_agent(&registry, 2);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod = |name: &str, image: String, command: serde_json::Value, policy: &str| -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"restartPolicy": policy, "containers": [{"name": "c", "image": image, "command": command}]}})).unwrap()
+    };
+    let missing = format!("{}/does-not-exist:1", registry.address);
+    pods.create(&PostParams::default(), &pod("no-image", missing.clone(), json!(null), "Always")).await.unwrap();
+    pods.create(&PostParams::default(), &pod("no-command", registry.image("busybox"), json!(["/no/such/command"]), "Never")).await.unwrap();
+    pods.create(&PostParams::default(), &pod("exits-3", registry.image("busybox"), json!(["sh", "-c", "echo bye; exit 3"]), "Never")).await.unwrap();
+    pods.create(&PostParams::default(), &pod("succeeds", registry.image("busybox"), json!(["true"]), "Never")).await.unwrap();
+
+    let waiting = eventually(60, "an image pull error", || async {
+        let s = container_status(&pods.get("no-image").await.ok()?)?;
+        let reason = s["state"]["waiting"]["reason"].as_str()?.to_string();
+        (reason == "ErrImagePull" || reason == "ImagePullBackOff").then_some(s)
+    })
+    .await;
+    assert!(waiting["state"]["waiting"]["message"].as_str().unwrap_or_default().contains("does-not-exist"), "{waiting}");
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    eventually(30, "a Failed event for the pull", || async {
+        let list = events.list(&ListParams::default().fields("involvedObject.name=no-image")).await.ok()?;
+        list.items.iter().any(|e| e.reason.as_deref() == Some("Failed") && e.message.as_deref().unwrap_or_default().contains("Failed to pull image")).then_some(())
+    })
+    .await;
+    eventually(60, "ImagePullBackOff", || async {
+        let s = container_status(&pods.get("no-image").await.ok()?)?;
+        (s["state"]["waiting"]["reason"] == "ImagePullBackOff").then_some(())
+    })
+    .await;
+
+    let phase_of = |name: &'static str| {
+        let pods = pods.clone();
+        async move { pods.get(name).await.ok()?.status?.phase }
+    };
+    eventually(60, "exits-3 Failed", || async { (phase_of("exits-3").await.as_deref() == Some("Failed")).then_some(()) }).await;
+    let s = container_status(&pods.get("exits-3").await.unwrap()).unwrap();
+    assert_eq!(s["state"]["terminated"]["exitCode"], 3, "{s}");
+    eventually(60, "succeeds Succeeded", || async { (phase_of("succeeds").await.as_deref() == Some("Succeeded")).then_some(()) }).await;
+    let s = container_status(&pods.get("succeeds").await.unwrap()).unwrap();
+    assert_eq!(s["state"]["terminated"]["reason"], "Completed", "{s}");
+
+    let failed = eventually(60, "no-command Failed", || async {
+        let p = pods.get("no-command").await.ok()?;
+        (p.status.as_ref()?.phase.as_deref() == Some("Failed")).then_some(p)
+    })
+    .await;
+    let s = container_status(&failed).unwrap();
+    assert_ne!(s["state"]["terminated"]["exitCode"], 0, "{s}");
+    assert!(s["state"]["terminated"]["message"].as_str().unwrap_or_default().contains("/no/such/command"), "{s}");
+
+    // The agent is still there: a good pod still runs.
+    pods.create(&PostParams::default(), &pod("fine", registry.image("test-server"), json!(null), "Always")).await.unwrap();
+    running_pods(&pods, "", 1).await;
+    for name in ["no-image", "no-command", "exits-3", "succeeds", "fine"] {
+        pods.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    eventually(90, "every pod gone", || async { pods.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(()) }).await;
+    eventually(30, "containerd holds no containers", || async { containerd_containers(&server).trim().is_empty().then_some(()) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_agent_leaves_containers_running_and_the_next_one_adopts_them() {
+    let registry = TestRegistry::start();
+    let mut server = server_with_agent(&registry, 3);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    server.kubectl_ok(&["create", "deployment", "keep", &format!("--image={}", registry.image("test-server")), "--replicas=2"]);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let before = running_pods(&pods, "app=keep", 2).await;
+    let ids = |pods: &[Pod]| -> HashSet<String> { pods.iter().filter_map(|p| container_status(p)?["containerID"].as_str().map(String::from)).collect() };
+
+    server.kill();
+    for pod in &before {
+        let ip = pod.status.as_ref().unwrap().pod_ip.clone().unwrap();
+        assert!(http_get(&ip, 8080, "/").is_some(), "pod {ip} keeps serving while the agent is down");
+    }
+    server.restart();
+    let client = server.client().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = running_pods(&pods, "app=keep", 2).await;
+    assert_eq!(ids(&after), ids(&before), "the same containers run");
+    for pod in &after {
+        assert_eq!(container_status(pod).unwrap()["restartCount"], 0);
+    }
+}

@@ -1,0 +1,51 @@
+//! A real container registry (Debian's docker-registry) on a free loopback port, holding
+//! krate's test images; stopped on drop.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct TestRegistry {
+    pub address: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl TestRegistry {
+    /// Starts the registry and pushes `busybox` and `test-server` (tags `1`, `latest`).
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = super::free_port();
+        let address = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {address}\n", dir.path().join("data").display()),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("registry.log")).unwrap())
+            .spawn()
+            .expect("start docker-registry (apt-get install -y docker-registry)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&address).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        krate_agent::testimages::push_all(&address).expect("push the test images");
+        TestRegistry { address, child, _dir: dir }
+    }
+
+    pub fn image(&self, name: &str) -> String {
+        format!("{}/{name}:1", self.address)
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
