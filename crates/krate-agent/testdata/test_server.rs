@@ -25,9 +25,16 @@ fn reply(stream: &mut TcpStream, code: u16, body: &str) {
 }
 
 fn handle(mut stream: TcpStream) {
+    // Read the whole request head: closing with unread bytes would reset the connection
+    // before the client reads the reply.
+    let mut reader = BufReader::new(&stream);
     let mut line = String::new();
-    if BufReader::new(&stream).read_line(&mut line).is_err() {
+    if reader.read_line(&mut line).is_err() {
         return;
+    }
+    let mut header = String::new();
+    while reader.read_line(&mut header).map(|n| n > 0).unwrap_or(false) && header != "\r\n" {
+        header.clear();
     }
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();

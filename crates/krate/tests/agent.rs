@@ -209,3 +209,79 @@ async fn killing_the_agent_leaves_containers_running_and_the_next_one_adopts_the
         assert_eq!(container_status(pod).unwrap()["restartCount"], 0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_restart_unhealthy_containers_and_gate_readiness_and_oom_kills_are_reported() {
+    let registry = TestRegistry::start();
+    let server = server_with_agent(&registry, 4);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let probe = |path: &str| json!({"httpGet": {"path": path, "port": 8080}, "periodSeconds": 1, "failureThreshold": 1});
+    let probed: Pod = serde_json::from_value(json!({"metadata": {"name": "probed"}, "spec": {"containers": [{
+        "name": "c", "image": registry.image("test-server"),
+        "startupProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+        "livenessProbe": probe("/healthz"), "readinessProbe": probe("/readyz"),
+    }]}}))
+    .unwrap();
+    let exec_probed: Pod = serde_json::from_value(json!({"metadata": {"name": "exec-probed"}, "spec": {"containers": [{
+        "name": "c", "image": registry.image("busybox"), "command": ["sh", "-c", "touch /tmp/ready; sleep 3600"],
+        "readinessProbe": {"exec": {"command": ["cat", "/tmp/ready"]}, "periodSeconds": 1, "failureThreshold": 1},
+    }]}}))
+    .unwrap();
+    let hungry: Pod = serde_json::from_value(json!({"metadata": {"name": "hungry"}, "spec": {"containers": [{
+        "name": "c", "image": registry.image("test-server"), "resources": {"limits": {"memory": "32Mi", "cpu": "500m"}},
+    }]}}))
+    .unwrap();
+    for p in [&probed, &exec_probed, &hungry] {
+        pods.create(&PostParams::default(), p).await.unwrap();
+    }
+    let ready = |name: &'static str, want: bool| {
+        let pods = pods.clone();
+        async move {
+            let pod = pods.get(name).await.ok()?;
+            let cond = pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "Ready")?.status.clone();
+            ((cond == "True") == want).then_some(pod)
+        }
+    };
+    let pod = eventually(60, "probed Ready", || ready("probed", true)).await;
+    eventually(30, "exec-probed Ready", || ready("exec-probed", true)).await;
+    let ip = pod.status.as_ref().unwrap().pod_ip.clone().unwrap();
+
+    // Readiness failing: not Ready, not restarted.
+    http_get(&ip, 8080, "/fail/readyz").unwrap();
+    let pod = eventually(30, "probed not Ready", || ready("probed", false)).await;
+    assert_eq!(container_status(&pod).unwrap()["restartCount"], 0);
+    assert_eq!(container_status(&pod).unwrap()["ready"], false);
+    http_get(&ip, 8080, "/ok/readyz").unwrap();
+    eventually(30, "probed Ready again", || ready("probed", true)).await;
+
+    // Liveness failing: the container is restarted.
+    http_get(&ip, 8080, "/fail/healthz").unwrap();
+    eventually(60, "probed restarted by its liveness probe", || async {
+        let s = container_status(&pods.get("probed").await.ok()?)?;
+        (s["restartCount"] == 1 && s["state"]["running"].is_object()).then_some(())
+    })
+    .await;
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let list = events.list(&ListParams::default().fields("involvedObject.name=probed")).await.unwrap();
+    assert!(list.items.iter().any(|e| e.reason.as_deref() == Some("Unhealthy") && e.message.as_deref().unwrap_or_default().starts_with("Liveness probe failed")), "{:?}", list.items.iter().map(|e| e.message.clone()).collect::<Vec<_>>());
+    assert!(list.items.iter().any(|e| e.reason.as_deref() == Some("Killing")));
+
+    // Over its memory limit: OOMKilled, restarted, and reported so.
+    let hungry = eventually(60, "hungry running", || async {
+        let p = pods.get("hungry").await.ok()?;
+        (p.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(p)
+    })
+    .await;
+    assert_eq!(hungry.status.as_ref().unwrap().qos_class.as_deref(), Some("Guaranteed"));
+    let hungry_ip = hungry.status.as_ref().unwrap().pod_ip.clone().unwrap();
+    eventually(30, "the test server answering", || async { http_get(&hungry_ip, 8080, "/") }).await;
+    let _ = http_get(&hungry_ip, 8080, "/alloc/64");
+    let s = eventually(60, "an OOM kill reported", || async {
+        let s = container_status(&pods.get("hungry").await.ok()?)?;
+        (s["lastState"]["terminated"]["reason"] == "OOMKilled").then_some(s)
+    })
+    .await;
+    assert_eq!(s["lastState"]["terminated"]["exitCode"], 137, "{s}");
+}

@@ -3,6 +3,7 @@
 //! After each (re)list, sandboxes of pods the API no longer has are removed.
 
 mod env;
+mod probe;
 pub mod spec;
 pub mod status;
 mod worker;

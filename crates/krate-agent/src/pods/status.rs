@@ -50,8 +50,9 @@ fn terminated(s: &api::ContainerStatus) -> Value {
     json!({"terminated": t})
 }
 
-/// One entry of `containerStatuses`.
-pub fn container_status(spec: &Container, observed: &Observed, waiting: Option<&Waiting>, ready: bool) -> Value {
+/// One entry of `containerStatuses`. `started`: its startup probe (if any) passed;
+/// `ready`: its readiness probe (if any) passed.
+pub fn container_status(spec: &Container, observed: &Observed, waiting: Option<&Waiting>, started: bool, ready: bool) -> Value {
     let image = spec.image.clone().unwrap_or_default();
     let mut out = json!({"name": spec.name, "image": image, "imageID": "", "ready": false, "started": false, "restartCount": 0, "lastState": {}});
     let state = match (&observed.latest, waiting) {
@@ -65,7 +66,7 @@ pub fn container_status(spec: &Container, observed: &Observed, waiting: Option<&
         out["restartCount"] = json!(restart_count(s));
         out["containerID"] = json!(format!("containerd://{}", s.id));
         out["imageID"] = json!(s.image_ref);
-        out["started"] = json!(is_running(s) && waiting.is_none());
+        out["started"] = json!(started && is_running(s) && waiting.is_none());
         out["ready"] = json!(ready && is_running(s) && waiting.is_none());
         // A container waiting to restart shows its last run as lastState.
         if waiting.is_some() && is_exited(s) {
@@ -187,7 +188,7 @@ mod tests {
     fn a_container_in_back_off_shows_its_last_run() {
         let c: Container = serde_json::from_value(json!({"name": "c", "image": "i"})).unwrap();
         let w = Waiting { reason: "CrashLoopBackOff".into(), message: "back-off 10s".into() };
-        let s = container_status(&c, &exited(1), Some(&w), true);
+        let s = container_status(&c, &exited(1), Some(&w), true, true);
         assert_eq!(s["state"]["waiting"]["reason"], "CrashLoopBackOff");
         assert_eq!(s["lastState"]["terminated"]["exitCode"], 1);
         assert_eq!(s["lastState"]["terminated"]["reason"], "Error");

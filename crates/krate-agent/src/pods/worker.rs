@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
+use super::probe::{self, Kind, Probers, Verdict};
 use super::status::{self, Observed, Waiting};
 use super::{env, spec, Shared};
 use crate::cri::api;
@@ -60,6 +61,7 @@ pub(super) struct PodWorker {
     last: Option<Arc<Pod>>,
     /// Consecutive failed passes (runtime errors): the next retry waits 2^n s, ≤ 60 s.
     failures: u32,
+    probers: Probers,
 }
 
 fn nanos_now() -> i64 {
@@ -93,7 +95,7 @@ fn restarts(pod: &Pod, code: i32) -> bool {
 
 impl PodWorker {
     pub(super) fn new(shared: Arc<Shared>, uid: String, pod_rx: watch::Receiver<Option<Arc<Pod>>>, wake: Arc<Notify>) -> Self {
-        PodWorker { shared, uid, pod_rx, wake, backoff: Backoffs::default(), waiting: HashMap::new(), published: None, last: None, failures: 0 }
+        PodWorker { shared, uid, pod_rx, wake, backoff: Backoffs::default(), waiting: HashMap::new(), published: None, last: None, failures: 0, probers: Probers::default() }
     }
 
     pub(super) async fn run(mut self) {
@@ -279,13 +281,17 @@ impl PodWorker {
                     Some(s) if status::is_exited(s) && restarts(pod, s.exit_code) => {
                         self.restart_or_wait(pod, c, false, s, &sandbox_id, &sandbox_config, &rt, &mut next).await
                     }
-                    Some(_) => {
+                    Some(s) => {
                         self.waiting.remove(&c.name);
+                        if status::is_running(s) {
+                            self.kill_if_unhealthy(pod, c, s).await;
+                        }
                     }
                 }
             }
         }
         let observed = self.observe(&sandbox_id).await?;
+        self.update_probes(pod, &observed, &pod_ip);
         self.publish(pod, &observed, init_done, init_failed, &pod_ip).await?;
         if self.is_terminal() {
             let _ = self.cri().runtime.stop_pod_sandbox(api::StopPodSandboxRequest { pod_sandbox_id: sandbox_id }).await;
@@ -380,16 +386,71 @@ impl PodWorker {
         }
     }
 
+    /// Runs the probes of running app containers: the startup probe until it succeeds,
+    /// then liveness and readiness.
+    fn update_probes(&mut self, pod: &Pod, observed: &HashMap<String, Observed>, pod_ip: &str) {
+        let running: std::collections::HashSet<String> = observed.values().filter_map(|o| o.latest.as_ref().filter(|s| status::is_running(s)).map(|s| s.id.clone())).collect();
+        self.probers.retain(&running);
+        for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+            let Some(s) = observed.get(&c.name).and_then(|o| o.latest.as_ref()).filter(|s| status::is_running(s)) else { continue };
+            let kinds: &[Kind] = if self.started(c, &s.id) { &[Kind::Liveness, Kind::Readiness] } else { &[Kind::Startup] };
+            for kind in kinds {
+                let target = probe::Target {
+                    cri: self.cri(),
+                    container: c.clone(),
+                    container_id: s.id.clone(),
+                    pod_ip: pod_ip.to_string(),
+                    events: self.shared.events.clone(),
+                    object: container_ref(pod, c, false),
+                    wake: self.wake.clone(),
+                };
+                self.probers.ensure(target, *kind);
+            }
+        }
+    }
+
+    /// Whether the container's startup probe (if any) has succeeded.
+    fn started(&self, c: &Container, id: &str) -> bool {
+        c.startup_probe.is_none() || self.probers.verdict(id, Kind::Startup) == Some(Verdict::Success)
+    }
+
+    /// Whether the running container counts as ready (its readiness probe, if any, passed).
+    fn ready(&self, c: &Container, id: &str) -> bool {
+        self.started(c, id) && (c.readiness_probe.is_none() || self.probers.verdict(id, Kind::Readiness) == Some(Verdict::Success))
+    }
+
+    /// Stops a container whose liveness or startup probe failed; its exit then restarts it
+    /// under the restart policy.
+    async fn kill_if_unhealthy(&mut self, pod: &Pod, c: &Container, s: &api::ContainerStatus) {
+        let failed = [Kind::Liveness, Kind::Startup].into_iter().find(|k| matches!(self.probers.verdict(&s.id, *k), Some(Verdict::Failure(_))));
+        let Some(kind) = failed else { return };
+        let object = container_ref(pod, c, false);
+        let message = format!("Container {} failed {} probe, will be restarted", c.name, kind.name().to_lowercase());
+        self.shared.events.normal(&object, "Killing", &message).await;
+        let grace = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
+        if let Err(e) = self.cri().runtime.stop_container(api::StopContainerRequest { container_id: s.id.clone(), timeout: grace }).await {
+            tracing::warn!(container = %s.id, error = %e.message(), "stopping an unhealthy container failed");
+        }
+    }
+
     async fn publish(&mut self, pod: &Pod, observed: &HashMap<String, Observed>, init_done: bool, init_failed: bool, pod_ip: &str) -> Result<()> {
         let spec = pod.spec.clone().unwrap_or_default();
         let app: Vec<(Observed, Option<Waiting>)> = spec.containers.iter().map(|c| (observed.get(&c.name).cloned().unwrap_or_default(), self.waiting.get(&c.name).cloned())).collect();
         let phase = status::phase(pod, init_done, init_failed, &app);
-        let statuses: Vec<Value> = spec.containers.iter().zip(&app).map(|(c, (o, w))| status::container_status(c, o, w.as_ref(), true)).collect();
+        let statuses: Vec<Value> = spec
+            .containers
+            .iter()
+            .zip(&app)
+            .map(|(c, (o, w))| {
+                let id = o.latest.as_ref().map(|s| s.id.as_str()).unwrap_or_default();
+                status::container_status(c, o, w.as_ref(), self.started(c, id), self.ready(c, id))
+            })
+            .collect();
         let init_statuses: Vec<Value> = spec
             .init_containers
             .iter()
             .flatten()
-            .map(|c| status::container_status(c, &observed.get(&c.name).cloned().unwrap_or_default(), self.waiting.get(&c.name), true))
+            .map(|c| status::container_status(c, &observed.get(&c.name).cloned().unwrap_or_default(), self.waiting.get(&c.name), true, false))
             .collect();
         let all_ready = statuses.iter().all(|s| s["ready"] == true) && phase == "Running";
         let previous = self.published.as_ref();
