@@ -40,6 +40,8 @@ pub struct AgentConfig {
     pub registry_mirrors: Vec<(String, String)>,
     /// OCI/docker archives imported at start (for machines without registry access).
     pub airgap_images: Option<PathBuf>,
+    /// How often ConfigMap, Secret and downward API volumes are brought up to date.
+    pub sync_frequency: std::time::Duration,
 }
 
 impl AgentConfig {
@@ -108,7 +110,7 @@ pub async fn run(client: kube::Client, config: AgentConfig) -> Result<()> {
         tracing::info!(count = n, dir = %dir.display(), "imported air-gap images");
     }
     tracing::info!(node = %config.node.name, pod_cidr = %pod_cidr, runtime = %runtime_version, "node agent ready");
-    let shared = pods::Shared::new(client.clone(), cri, config.node.name.clone(), config.node.ip.to_string(), config.dir.join("pods"));
+    let shared = pods::Shared::new(client.clone(), cri, config.node.name.clone(), config.node.ip.to_string(), &config.dir, config.sync_frequency);
     tokio::select! {
         r = node::heartbeat(client, config.node.clone(), runtime_version) => r,
         r = pods::run(shared) => r,

@@ -6,6 +6,7 @@
 //!   GET /exit/<code>       exits with <code>
 //!   GET /alloc/<MiB>       allocates and touches <MiB> of memory, and keeps it
 //!   GET /env/<NAME>        the value of an environment variable
+//!   GET /file/<path>       the content of a file (404 if it cannot be read)
 //! With EXIT_AFTER_SECONDS set, exits with EXIT_CODE (default 0) after that long.
 //! `test-server sleep <seconds>` just sleeps.
 
@@ -61,6 +62,10 @@ fn handle(mut stream: TcpStream) {
             (200, format!("holding {mib} MiB more"))
         }
         p if p.starts_with("/env/") => (200, std::env::var(&p[5..]).unwrap_or_default()),
+        p if p.starts_with("/file/") => match std::fs::read_to_string(&p[5..]) {
+            Ok(text) => (200, text),
+            Err(e) => (404, e.to_string()),
+        },
         p => (200, format!("{hostname} {p}")),
     };
     reply(&mut stream, code, &body);

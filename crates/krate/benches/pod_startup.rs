@@ -1,6 +1,7 @@
-//! Pod-startup benchmark: P pods (default 100) of krate's test-server image, created with
-//! C concurrent clients (default 10) against a release `krate server` whose embedded agent
-//! runs them on its own containerd; creation → Running is timed through a watch. The
+//! Pod-startup benchmark: P pods (default 100) of krate's test-server image against a
+//! release `krate server` whose embedded agent runs them on its own containerd; C clients
+//! (default 10) each create a pod and wait until a watch sees it Running before creating
+//! the next; creation → Running is timed per pod. The
 //! reference, measured in the same run on the same containerd, is `ctr run -d` of the same
 //! image with the same concurrency: the ratio is krate's own overhead (API, scheduler,
 //! sandbox with its network, status). The image is pulled once before either is timed.
@@ -130,46 +131,45 @@ async fn main() {
 
     let reference = ctr_reference(&socket, &image, n, concurrency).await;
 
+    // The same closed loop as the reference: each client creates a pod and waits until
+    // the watch sees it Running before creating the next, so `concurrency` are in flight.
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let created: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
-    let watch = pods.watch(&WatchParams::default(), "0").await.unwrap().boxed();
-    let (c, p, img) = (created.clone(), pods.clone(), image.clone());
-    let creator = tokio::spawn(async move {
-        let sem = Arc::new(Semaphore::new(concurrency));
-        let mut tasks = Vec::new();
-        for i in 0..n {
-            let permit = sem.clone().acquire_owned().await.unwrap();
-            let (c, p, img) = (c.clone(), p.clone(), img.clone());
-            tasks.push(tokio::spawn(async move {
-                let name = format!("startup-{i:03}");
-                let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"containers": [{"name": "c", "image": img}], "terminationGracePeriodSeconds": 1}})).unwrap();
-                let t = Instant::now();
-                p.create(&PostParams::default(), &pod).await.unwrap();
-                c.lock().await.insert(name, t);
-                drop(permit);
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-    });
-    let mut running: HashMap<String, Instant> = HashMap::new();
-    let mut watch = watch;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while running.len() < n && Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(30), watch.try_next()).await {
-            Ok(Ok(Some(WatchEvent::Added(pod) | WatchEvent::Modified(pod)))) => {
+    let waiters: Arc<Mutex<HashMap<String, tokio::sync::oneshot::Sender<Instant>>>> = Default::default();
+    let mut watch = pods.watch(&WatchParams::default(), "0").await.unwrap().boxed();
+    let w = waiters.clone();
+    let watcher = tokio::spawn(async move {
+        while let Ok(Some(event)) = watch.try_next().await {
+            if let WatchEvent::Added(pod) | WatchEvent::Modified(pod) = event {
                 if pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
-                    running.entry(pod.metadata.name.clone().unwrap()).or_insert_with(Instant::now);
+                    if let Some(tx) = w.lock().await.remove(pod.metadata.name.as_deref().unwrap_or_default()) {
+                        let _ = tx.send(Instant::now());
+                    }
                 }
             }
-            Ok(Ok(Some(_))) => {}
-            _ => panic!("the watch ended with {} of {n} pods running", running.len()),
         }
+    });
+    let sem = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        let (p, img, w) = (pods.clone(), image.clone(), waiters.clone());
+        tasks.push(tokio::spawn(async move {
+            let name = format!("startup-{i:03}");
+            let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"containers": [{"name": "c", "image": img}], "terminationGracePeriodSeconds": 1}})).unwrap();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            w.lock().await.insert(name.clone(), tx);
+            let t = Instant::now();
+            p.create(&PostParams::default(), &pod).await.unwrap();
+            let running = tokio::time::timeout(Duration::from_secs(120), rx).await.expect("pod Running within 120 s").unwrap();
+            drop(permit);
+            running.saturating_duration_since(t)
+        }));
     }
-    creator.await.unwrap();
-    let created = created.lock().await;
-    let latencies: Vec<Duration> = running.iter().map(|(name, t)| t.saturating_duration_since(created[name])).collect();
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.push(t.await.unwrap());
+    }
+    watcher.abort();
     let (k50, k99) = percentiles(latencies);
     let (r50, r99) = percentiles(reference);
     println!();

@@ -52,6 +52,10 @@ pub struct AgentOptions {
     /// machines that cannot reach a registry.
     #[arg(long)]
     pub airgap_images: Option<PathBuf>,
+    /// Seconds between refreshes of ConfigMap, Secret and downward API volumes (a
+    /// changed object shows in running containers within this period).
+    #[arg(long, default_value_t = 60)]
+    pub sync_frequency_seconds: u64,
 }
 
 #[derive(Args, Debug)]
@@ -98,6 +102,7 @@ impl AgentOptions {
             insecure_registries: self.insecure_registries.clone(),
             registry_mirrors: self.registry_mirrors.iter().map(|m| pair(m, "--registry-mirror")).collect::<Result<_>>()?,
             airgap_images: self.airgap_images.clone(),
+            sync_frequency: std::time::Duration::from_secs(self.sync_frequency_seconds.max(1)),
         })
     }
 }

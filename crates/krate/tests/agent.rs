@@ -285,3 +285,89 @@ async fn probes_restart_unhealthy_containers_and_gate_readiness_and_oom_kills_ar
     .await;
     assert_eq!(s["lastState"]["terminated"]["exitCode"], 137, "{s}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_and_environment_reach_the_container_and_follow_their_objects() {
+    let registry = TestRegistry::start();
+    let id = std::process::id() % 200;
+    let host_dir = tempfile::tempdir().unwrap();
+    std::fs::write(host_dir.path().join("host.txt"), "from the host").unwrap();
+    let server = TestServer::start_with_agent(&[
+        "--node-name", "node-1", "--bridge", &format!("kt5p{id}"), "--pod-cidr", &format!("10.205.{id}.0/24"),
+        "--insecure-registry", &registry.address, "--sync-frequency-seconds", "1",
+    ]);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    server.kubectl_ok(&["create", "configmap", "cfg", "--from-literal=greeting=hello", "--from-literal=color=blue"]);
+    server.kubectl_ok(&["create", "secret", "generic", "sec", "--from-literal=token=s3cret"]);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "vols", "labels": {"app": "vols"}}, "spec": {
+        "containers": [{
+            "name": "c", "image": registry.image("test-server"),
+            "env": [
+                {"name": "GREETING", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "greeting"}}},
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "MESSAGE", "value": "$(GREETING) from $(POD_NAME)"},
+            ],
+            "envFrom": [{"secretRef": {"name": "sec"}, "prefix": "SEC_"}],
+            "volumeMounts": [
+                {"name": "cfg", "mountPath": "/cfg"}, {"name": "sec", "mountPath": "/sec", "readOnly": true},
+                {"name": "scratch", "mountPath": "/scratch"}, {"name": "mem", "mountPath": "/mem"},
+                {"name": "info", "mountPath": "/info"}, {"name": "host", "mountPath": "/host"},
+                {"name": "scratch", "mountPath": "/sub", "subPath": "inner"},
+            ],
+        }],
+        "volumes": [
+            {"name": "cfg", "configMap": {"name": "cfg"}},
+            {"name": "sec", "secret": {"secretName": "sec", "defaultMode": 256}},
+            {"name": "scratch", "emptyDir": {}},
+            {"name": "mem", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+            {"name": "info", "downwardAPI": {"items": [{"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}, {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+            {"name": "host", "hostPath": {"path": host_dir.path().to_str().unwrap(), "type": "Directory"}},
+        ],
+    }})).unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let running = running_pods(&pods, "app=vols", 1).await;
+    let ip = running[0].status.as_ref().unwrap().pod_ip.clone().unwrap();
+    let get = |path: &str| http_get(&ip, 8080, path).unwrap_or_default();
+    eventually(30, "the test server", || async { http_get(&ip, 8080, "/") }).await;
+    assert_eq!(get("/file/cfg/greeting"), "hello");
+    assert_eq!(get("/file/sec/token"), "s3cret");
+    assert_eq!(get("/file/info/name"), "vols");
+    assert_eq!(get("/file/info/labels"), "app=\"vols\"");
+    assert_eq!(get("/file/host/host.txt"), "from the host");
+    assert_eq!(get("/env/MESSAGE"), "hello from vols");
+    assert_eq!(get("/env/SEC_token"), "s3cret");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(mounts.lines().any(|l| l.contains(&running[0].metadata.uid.clone().unwrap()) && l.contains(" tmpfs ")), "the Memory emptyDir is a tmpfs");
+
+    // A changed ConfigMap reaches the running container.
+    let patch = json!({"data": {"greeting": "bonjour"}});
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), "default")
+        .patch("cfg", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(patch))
+        .await
+        .unwrap();
+    eventually(30, "the updated ConfigMap in the volume", || async { (http_get(&ip, 8080, "/file/cfg/greeting")? == "bonjour").then_some(()) }).await;
+
+    // A missing ConfigMap: the pod waits with a clear event, and starts once it exists.
+    let waiting: Pod = serde_json::from_value(json!({"metadata": {"name": "needs-cm", "labels": {"app": "needs-cm"}}, "spec": {
+        "containers": [{"name": "c", "image": registry.image("test-server"), "volumeMounts": [{"name": "v", "mountPath": "/v"}]}],
+        "volumes": [{"name": "v", "configMap": {"name": "later"}}],
+    }})).unwrap();
+    pods.create(&PostParams::default(), &waiting).await.unwrap();
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    eventually(30, "a FailedMount event", || async {
+        let list = events.list(&ListParams::default().fields("involvedObject.name=needs-cm")).await.ok()?;
+        list.items.iter().any(|e| e.reason.as_deref() == Some("FailedMount") && e.message.as_deref().unwrap_or_default().contains("configmap \"later\" not found")).then_some(())
+    })
+    .await;
+    server.kubectl_ok(&["create", "configmap", "later", "--from-literal=k=v"]);
+    running_pods(&pods, "app=needs-cm", 1).await;
+
+    pods.delete("vols", &DeleteParams::default()).await.unwrap();
+    let uid = running[0].metadata.uid.clone().unwrap();
+    eventually(60, "vols gone", || async { pods.get_opt("vols").await.ok()?.is_none().then_some(()) }).await;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&uid), "the pod's tmpfs is unmounted");
+    assert!(!server.data_dir().join("agent/volumes").join(&uid).exists(), "the pod's volumes are removed");
+}

@@ -4,6 +4,7 @@
 
 mod env;
 mod probe;
+pub mod volumes;
 pub mod spec;
 pub mod status;
 mod worker;
@@ -35,16 +36,24 @@ pub struct Shared {
     pub node_ip: String,
     /// Container logs: `<log_root>/<ns>_<name>_<uid>/<container>/<restarts>.log`.
     pub log_root: PathBuf,
+    /// Pod volumes: `<volume_root>/<uid>/<volume>`.
+    pub volume_root: PathBuf,
+    /// How often volumes that follow API objects (ConfigMaps, Secrets) are refreshed.
+    pub sync_frequency: std::time::Duration,
     pub events: krate_client::events::Recorder,
     workers: Mutex<HashMap<String, WorkerHandle>>,
     /// Runtime container and sandbox IDs → the UID of the pod they belong to.
     owners: Mutex<HashMap<String, String>>,
+    /// Containers whose exit containerd announced and CRI may not have recorded yet.
+    exits: Mutex<HashSet<String>>,
 }
 
 impl Shared {
-    pub fn new(client: kube::Client, cri: Cri, node_name: String, node_ip: String, log_root: PathBuf) -> Arc<Self> {
+    /// `dir`: the agent's directory, which holds pod logs and volumes.
+    pub fn new(client: kube::Client, cri: Cri, node_name: String, node_ip: String, dir: &std::path::Path, sync_frequency: std::time::Duration) -> Arc<Self> {
         let events = krate_client::events::Recorder::new(client.clone(), "kubelet");
-        Arc::new(Shared { client, cri, node_name, node_ip, log_root, events, workers: Mutex::default(), owners: Mutex::default() })
+        let (log_root, volume_root) = (dir.join("pods"), dir.join("volumes"));
+        Arc::new(Shared { client, cri, node_name, node_ip, log_root, volume_root, sync_frequency, events, workers: Mutex::default(), owners: Mutex::default(), exits: Mutex::default() })
     }
 
     fn own(&self, id: &str, uid: &str) {
@@ -53,6 +62,18 @@ impl Shared {
 
     fn disown(&self, id: &str) {
         self.owners.lock().unwrap().remove(id);
+        self.exits.lock().unwrap().remove(id);
+    }
+
+    /// Whether containerd said `id` exited while CRI still reports it running; `seen`
+    /// (CRI reports the exit) clears it.
+    fn exit_pending(&self, id: &str, seen: bool) -> bool {
+        let mut exits = self.exits.lock().unwrap();
+        if seen {
+            exits.remove(id);
+            return false;
+        }
+        exits.contains(id)
     }
 
     fn forget_worker(&self, uid: &str) {
@@ -80,19 +101,11 @@ impl Shared {
         }
     }
 
-    /// Wakes the worker of the pod that owns runtime object `id` now, and twice more
-    /// shortly after: containerd publishes a task's exit before its CRI plugin has recorded
-    /// it, so the first look may still see the container running.
     fn wake_owner_of(&self, id: &str) {
         let uid = self.owners.lock().unwrap().get(id).cloned();
-        let Some(wake) = uid.and_then(|uid| self.workers.lock().unwrap().get(&uid).map(|w| w.wake.clone())) else { return };
-        wake.notify_one();
-        tokio::spawn(async move {
-            for delay in [100, 900] {
-                tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
-                wake.notify_one();
-            }
-        });
+        if let Some(w) = uid.and_then(|uid| self.workers.lock().unwrap().get(&uid).map(|w| w.wake.clone())) {
+            w.notify_one();
+        }
     }
 
     /// Removes sandboxes (and their containers) of pods this agent has no worker for.
@@ -120,6 +133,9 @@ impl Shared {
                 Ok(mut stream) => {
                     while let Some(Ok(envelope)) = stream.next().await {
                         if let Some(id) = envelope.container_id() {
+                            if envelope.topic == "/tasks/exit" {
+                                self.exits.lock().unwrap().insert(id.clone());
+                            }
                             self.wake_owner_of(&id);
                         }
                     }

@@ -173,6 +173,7 @@ pub struct ContainerPlan<'a> {
     pub image_ref: String,
     pub restart_count: u32,
     pub env: Vec<(String, String)>,
+    pub mounts: Vec<api::Mount>,
 }
 
 impl ContainerPlan<'_> {
@@ -196,6 +197,7 @@ impl ContainerPlan<'_> {
             args: expand_all(&c.args),
             working_dir: c.working_dir.clone().unwrap_or_default(),
             envs: self.env.iter().map(|(key, value)| api::KeyValue { key: key.clone(), value: value.clone() }).collect(),
+            mounts: self.mounts.clone(),
             labels,
             annotations: HashMap::from([
                 (RESTART_COUNT.to_string(), self.restart_count.to_string()),

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::probe::{self, Kind, Probers, Verdict};
 use super::status::{self, Observed, Waiting};
-use super::{env, spec, Shared};
+use super::{env, spec, volumes, Shared};
 use crate::cri::api;
 
 const BACKOFF_START: Duration = Duration::from_secs(10);
@@ -290,7 +290,21 @@ impl PodWorker {
                 }
             }
         }
+        if volumes::has_live_content(pod) && observed.values().any(|o| o.latest.as_ref().is_some_and(status::is_running)) {
+            // Running containers see ConfigMap/Secret/downward API changes within a period.
+            if let Err(e) = volumes::set_up_all(&self.shared.client, pod, &self.shared.volume_root, &rt).await {
+                tracing::warn!(pod = %spec::pod_key(pod).1, error = %format!("{e:#}"), "refreshing volumes failed");
+            }
+            let at = Instant::now() + self.shared.sync_frequency;
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
         let observed = self.observe(&sandbox_id).await?;
+        // containerd announces an exit before its CRI plugin records it: look again shortly.
+        let exit_pending = observed.values().filter_map(|o| o.latest.as_ref()).map(|s| self.shared.exit_pending(&s.id, status::is_exited(s))).fold(false, |a, b| a | b);
+        if exit_pending {
+            let at = Instant::now() + Duration::from_millis(200);
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
         self.update_probes(pod, &observed, &pod_ip);
         self.publish(pod, &observed, init_done, init_failed, &pod_ip).await?;
         if self.is_terminal() {
@@ -349,6 +363,26 @@ impl PodWorker {
                 return;
             }
         };
+        let volumes = match volumes::set_up_all(&self.shared.client, pod, &self.shared.volume_root, rt).await {
+            Ok(v) => v,
+            Err(e) => {
+                let message = format!("{e:#}");
+                self.shared.events.warning(&reference(pod, None), "FailedMount", &message).await;
+                self.waiting.insert(c.name.clone(), Waiting { reason: "ContainerCreating".into(), message });
+                *next = Some(Instant::now() + BACKOFF_START);
+                return;
+            }
+        };
+        let mounts = match volumes::mounts(c, &volumes) {
+            Ok(m) => m,
+            Err(e) => {
+                let message = format!("{e:#}");
+                self.shared.events.warning(&object, "Failed", &format!("Error: {message}")).await;
+                self.waiting.insert(c.name.clone(), Waiting { reason: "CreateContainerConfigError".into(), message });
+                *next = Some(Instant::now() + BACKOFF_START);
+                return;
+            }
+        };
         let env = match env::resolve(&self.shared.client, pod, c, rt).await {
             Ok(env) => env,
             Err(e) => {
@@ -359,7 +393,7 @@ impl PodWorker {
                 return;
             }
         };
-        let plan = spec::ContainerPlan { pod, container: c, image_ref, restart_count, env };
+        let plan = spec::ContainerPlan { pod, container: c, image_ref, restart_count, env, mounts };
         let created = self
             .cri()
             .runtime
@@ -523,6 +557,7 @@ impl PodWorker {
         for c in &containers {
             self.shared.disown(&c.id);
         }
+        volumes::tear_down(&self.shared.volume_root, &self.uid);
     }
 
     /// Tells the API the pod's containers are gone, so its object can go.

@@ -1,0 +1,345 @@
+//! A pod's volumes on the node: a directory per volume under
+//! `<agent dir>/volumes/<pod uid>/<volume>`, bind-mounted into the containers that mount
+//! it (CRI mounts, with subPath and readOnly). emptyDir (disk, or tmpfs for
+//! `medium: Memory`), hostPath (with its type checks), configMap, secret, downwardAPI and
+//! projected (files written atomically: a new timestamped directory, then the `..data`
+//! link swapped, so a container never reads half an update), and persistentVolumeClaim
+//! bound to hostPath or local PersistentVolumes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Volume};
+use kube::Api;
+
+use super::env::{field, Runtime};
+use crate::cri::api;
+
+/// Where the volumes of pod `uid` live.
+pub fn pod_dir(root: &Path, uid: &str) -> PathBuf {
+    root.join(uid)
+}
+
+/// Files of a projected-style volume: relative path → (content, mode).
+type Files = BTreeMap<String, (Vec<u8>, u32)>;
+
+fn key_files(data: BTreeMap<String, Vec<u8>>, items: Option<&Vec<KeyToPath>>, default_mode: u32, what: &str, optional: bool) -> Result<Files> {
+    let mut out = Files::new();
+    match items {
+        None => {
+            for (k, v) in data {
+                out.insert(k, (v, default_mode));
+            }
+        }
+        Some(items) => {
+            for item in items {
+                match data.get(&item.key) {
+                    Some(v) => {
+                        out.insert(item.path.clone(), (v.clone(), item.mode.map(|m| m as u32).unwrap_or(default_mode)));
+                    }
+                    None if optional => {}
+                    None => bail!("{what} has no key {:?}", item.key),
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn config_map_files(client: &kube::Client, ns: &str, name: &str, items: Option<&Vec<KeyToPath>>, mode: u32, optional: bool) -> Result<Files> {
+    let data = match Api::<ConfigMap>::namespaced(client.clone(), ns).get_opt(name).await? {
+        Some(cm) => {
+            let mut d: BTreeMap<String, Vec<u8>> = cm.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+            d.extend(cm.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
+            d
+        }
+        None if optional => BTreeMap::new(),
+        None => bail!("configmap \"{name}\" not found"),
+    };
+    key_files(data, items, mode, &format!("configmap \"{name}\""), optional)
+}
+
+async fn secret_files(client: &kube::Client, ns: &str, name: &str, items: Option<&Vec<KeyToPath>>, mode: u32, optional: bool) -> Result<Files> {
+    let data = match Api::<Secret>::namespaced(client.clone(), ns).get_opt(name).await? {
+        Some(s) => {
+            let mut d: BTreeMap<String, Vec<u8>> = s.string_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+            d.extend(s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
+            d
+        }
+        None if optional => BTreeMap::new(),
+        None => bail!("secret \"{name}\" not found"),
+    };
+    key_files(data, items, mode, &format!("secret \"{name}\""), optional)
+}
+
+fn downward_files(pod: &Pod, items: &[k8s_openapi::api::core::v1::DownwardAPIVolumeFile], mode: u32, rt: &Runtime) -> Result<Files> {
+    let mut out = Files::new();
+    for item in items {
+        let value = if let Some(f) = &item.field_ref {
+            match f.field_path.as_str() {
+                // Whole maps, one `key="value"` per line as upstream writes them.
+                "metadata.labels" | "metadata.annotations" => {
+                    let map = if f.field_path == "metadata.labels" { &pod.metadata.labels } else { &pod.metadata.annotations };
+                    map.iter().flatten().map(|(k, v)| format!("{k}={v:?}")).collect::<Vec<_>>().join("\n")
+                }
+                path => field(pod, path, rt)?,
+            }
+        } else if item.resource_field_ref.is_some() {
+            bail!("resourceFieldRef in downwardAPI volumes is not supported by this agent yet");
+        } else {
+            String::new()
+        };
+        out.insert(item.path.clone(), (value.into_bytes(), item.mode.map(|m| m as u32).unwrap_or(mode)));
+    }
+    Ok(out)
+}
+
+/// Writes `files` into `dir` atomically: into `..<timestamp>`, then `..data` is swapped to
+/// it, and each top-level name links through `..data`.
+fn write_atomically(dir: &Path, files: &Files) -> Result<()> {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    std::fs::create_dir_all(dir)?;
+    let current = std::fs::read_link(dir.join("..data")).ok();
+    if let Some(cur) = &current {
+        if files_equal(&dir.join(cur), files) {
+            return Ok(());
+        }
+    }
+    let stamp = format!("..{}", jiff::Timestamp::now().strftime("%Y_%m_%d_%H_%M_%S.%f"));
+    let staging = dir.join(&stamp);
+    for (path, (bytes, mode)) in files {
+        if path.split('/').any(|c| c == ".." || c.is_empty()) {
+            bail!("invalid path {path:?} in a volume");
+        }
+        let target = staging.join(path);
+        std::fs::create_dir_all(target.parent().unwrap_or(&staging))?;
+        std::fs::write(&target, bytes)?;
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(*mode))?;
+    }
+    std::fs::create_dir_all(&staging)?;
+    let tmp_link = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp_link);
+    symlink(&stamp, &tmp_link)?;
+    std::fs::rename(&tmp_link, dir.join("..data"))?;
+    let tops: std::collections::BTreeSet<&str> = files.keys().map(|p| p.split('/').next().unwrap_or(p)).collect();
+    for top in &tops {
+        let link = dir.join(top);
+        if std::fs::symlink_metadata(&link).is_err() {
+            symlink(format!("..data/{top}"), &link)?;
+        }
+    }
+    // Names no longer in the volume go, and so does the previous generation.
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("..") && !tops.contains(name.as_str()) {
+            let _ = std::fs::remove_file(dir.join(&name));
+        }
+    }
+    if let Some(cur) = current {
+        let _ = std::fs::remove_dir_all(dir.join(cur));
+    }
+    Ok(())
+}
+
+fn files_equal(dir: &Path, files: &Files) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    files.iter().all(|(p, (bytes, mode))| {
+        let path = dir.join(p);
+        std::fs::read(&path).ok().as_ref() == Some(bytes) && std::fs::metadata(&path).is_ok_and(|m| m.permissions().mode() & 0o7777 == *mode)
+    }) && count_files(dir) == files.len()
+}
+
+fn count_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| if e.path().is_dir() { count_files(&e.path()) } else { 1 }).sum()).unwrap_or(0)
+}
+
+fn is_mount_point(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let p = path.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(&p))
+}
+
+fn mount_tmpfs(path: &Path, size: Option<u64>) -> Result<()> {
+    if is_mount_point(path) {
+        return Ok(());
+    }
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let options = std::ffi::CString::new(size.map(|s| format!("size={s}")).unwrap_or_default())?;
+    let rc = unsafe { libc::mount(c"tmpfs".as_ptr(), target.as_ptr(), c"tmpfs".as_ptr(), libc::MS_NOSUID | libc::MS_NODEV, options.as_ptr() as *const libc::c_void) };
+    if rc != 0 {
+        bail!("mounting a tmpfs at {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn check_host_path(path: &Path, kind: &str) -> Result<()> {
+    let meta = std::fs::metadata(path);
+    match kind {
+        "DirectoryOrCreate" => std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?,
+        "FileOrCreate" => {
+            if meta.is_err() {
+                std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("creating {}", path.display()))?;
+            }
+        }
+        "Directory" if !meta.as_ref().is_ok_and(|m| m.is_dir()) => bail!("hostPath type check failed: {} is not a directory", path.display()),
+        "File" if !meta.as_ref().is_ok_and(|m| m.is_file()) => bail!("hostPath type check failed: {} is not a file", path.display()),
+        "Socket" | "CharDevice" | "BlockDevice" if meta.is_err() => bail!("hostPath type check failed: {} does not exist", path.display()),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Sets up (or refreshes) one volume; returns the host path containers mount.
+async fn set_up(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, rt: &Runtime<'_>) -> Result<PathBuf> {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let path = dir.join(&v.name);
+    if let Some(e) = &v.empty_dir {
+        std::fs::create_dir_all(&path)?;
+        if e.medium.as_deref() == Some("Memory") {
+            mount_tmpfs(&path, e.size_limit.as_ref().and_then(|q| krate_api::quantity::parse(&q.0)).map(|b| b as u64))?;
+        }
+        return Ok(path);
+    }
+    if let Some(h) = &v.host_path {
+        let host = PathBuf::from(&h.path);
+        check_host_path(&host, h.type_.as_deref().unwrap_or(""))?;
+        return Ok(host);
+    }
+    let files = if let Some(c) = &v.config_map {
+        config_map_files(client, ns, &c.name, c.items.as_ref(), c.default_mode.unwrap_or(0o644) as u32, c.optional.unwrap_or(false)).await?
+    } else if let Some(s) = &v.secret {
+        let name = s.secret_name.clone().unwrap_or_default();
+        secret_files(client, ns, &name, s.items.as_ref(), s.default_mode.unwrap_or(0o644) as u32, s.optional.unwrap_or(false)).await?
+    } else if let Some(d) = &v.downward_api {
+        downward_files(pod, d.items.as_deref().unwrap_or_default(), d.default_mode.unwrap_or(0o644) as u32, rt)?
+    } else if let Some(p) = &v.projected {
+        let mode = p.default_mode.unwrap_or(0o644) as u32;
+        let mut all = Files::new();
+        for source in p.sources.iter().flatten() {
+            let files = if let Some(c) = &source.config_map {
+                config_map_files(client, ns, &c.name, c.items.as_ref(), mode, c.optional.unwrap_or(false)).await?
+            } else if let Some(s) = &source.secret {
+                secret_files(client, ns, &s.name, s.items.as_ref(), mode, s.optional.unwrap_or(false)).await?
+            } else if let Some(d) = &source.downward_api {
+                downward_files(pod, d.items.as_deref().unwrap_or_default(), mode, rt)?
+            } else if source.service_account_token.is_some() {
+                bail!("serviceAccountToken projections need the TokenRequest API, which this cluster does not serve yet");
+            } else {
+                Files::new()
+            };
+            all.extend(files);
+        }
+        all
+    } else if let Some(claim) = &v.persistent_volume_claim {
+        return claim_path(client, ns, &claim.claim_name).await;
+    } else {
+        bail!("volume {:?}: this volume type is not supported by this agent", v.name);
+    };
+    write_atomically(&path, &files)?;
+    Ok(path)
+}
+
+async fn claim_path(client: &kube::Client, ns: &str, claim: &str) -> Result<PathBuf> {
+    let pvc = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns).get_opt(claim).await?.ok_or_else(|| anyhow!("persistentvolumeclaim \"{claim}\" not found"))?;
+    let volume = pvc.spec.and_then(|s| s.volume_name).filter(|v| !v.is_empty()).ok_or_else(|| anyhow!("persistentvolumeclaim \"{claim}\" is not bound to a volume yet"))?;
+    let pv = Api::<PersistentVolume>::all(client.clone()).get(&volume).await.with_context(|| format!("reading persistentvolume {volume}"))?;
+    let spec = pv.spec.unwrap_or_default();
+    let path = spec.host_path.map(|h| h.path).or(spec.local.map(|l| l.path)).ok_or_else(|| anyhow!("persistentvolume {volume} is neither hostPath nor local; this agent mounts only those"))?;
+    std::fs::create_dir_all(&path).with_context(|| format!("creating {path}"))?;
+    Ok(PathBuf::from(path))
+}
+
+/// Sets up every volume of the pod: volume name → host path.
+pub async fn set_up_all(client: &kube::Client, pod: &Pod, root: &Path, rt: &Runtime<'_>) -> Result<BTreeMap<String, PathBuf>> {
+    let dir = pod_dir(root, pod.metadata.uid.as_deref().unwrap_or_default());
+    let mut out = BTreeMap::new();
+    for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+        let path = set_up(client, pod, v, &dir, rt).await.map_err(|e| anyhow!("MountVolume.SetUp failed for volume \"{}\" : {e:#}", v.name))?;
+        out.insert(v.name.clone(), path);
+    }
+    Ok(out)
+}
+
+/// Whether the pod has volumes whose content follows API objects (refreshed on resync).
+pub fn has_live_content(pod: &Pod) -> bool {
+    pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()).any(|v| v.config_map.is_some() || v.secret.is_some() || v.projected.is_some() || v.downward_api.is_some())
+}
+
+/// The CRI mounts of one container.
+pub fn mounts(container: &Container, volumes: &BTreeMap<String, PathBuf>) -> Result<Vec<api::Mount>> {
+    let mut out = Vec::new();
+    for m in container.volume_mounts.iter().flatten() {
+        let base = volumes.get(&m.name).ok_or_else(|| anyhow!("volume {:?} is not defined in the pod", m.name))?;
+        let mut host = base.clone();
+        if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+            if Path::new(sub).is_absolute() || sub.split('/').any(|c| c == "..") {
+                bail!("subPath {sub:?} must be a relative path within the volume");
+            }
+            host = base.join(sub);
+            if std::fs::symlink_metadata(&host).is_err() {
+                std::fs::create_dir_all(&host).with_context(|| format!("creating subPath {sub}"))?;
+            }
+        }
+        out.push(api::Mount { container_path: m.mount_path.clone(), host_path: host.display().to_string(), readonly: m.read_only.unwrap_or(false), ..Default::default() });
+    }
+    Ok(out)
+}
+
+/// Removes the pod's volume directories (unmounting tmpfs volumes first).
+pub fn tear_down(root: &Path, uid: &str) {
+    let dir = pod_dir(root, uid);
+    let Ok(entries) = std::fs::read_dir(&dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if is_mount_point(&path) {
+            if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "removing a pod's volumes failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_writes_swap_generations_and_drop_removed_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = dir.path().join("cfg");
+        let files = Files::from([("a".to_string(), (b"1".to_vec(), 0o644)), ("sub/b".to_string(), (b"2".to_vec(), 0o600))]);
+        write_atomically(&v, &files).unwrap();
+        assert_eq!(std::fs::read_to_string(v.join("a")).unwrap(), "1");
+        assert_eq!(std::fs::read_to_string(v.join("sub/b")).unwrap(), "2");
+        let first = std::fs::read_link(v.join("..data")).unwrap();
+        write_atomically(&v, &files).unwrap();
+        assert_eq!(std::fs::read_link(v.join("..data")).unwrap(), first, "no new generation without a change");
+        write_atomically(&v, &Files::from([("a".to_string(), (b"3".to_vec(), 0o644))])).unwrap();
+        assert_eq!(std::fs::read_to_string(v.join("a")).unwrap(), "3");
+        assert!(std::fs::symlink_metadata(v.join("sub")).is_err(), "removed keys go");
+        assert!(!v.join(&first).exists(), "the old generation goes");
+        assert!(write_atomically(&v, &Files::from([("../x".to_string(), (vec![], 0o644))])).is_err());
+    }
+
+    #[test]
+    fn sub_paths_stay_inside_their_volume() {
+        let c: Container = serde_json::from_value(serde_json::json!({"name": "c", "volumeMounts": [{"name": "v", "mountPath": "/x", "subPath": "../etc"}]})).unwrap();
+        let vols = BTreeMap::from([("v".to_string(), PathBuf::from("/tmp"))]);
+        assert!(mounts(&c, &vols).is_err());
+        let missing: Container = serde_json::from_value(serde_json::json!({"name": "c", "volumeMounts": [{"name": "nope", "mountPath": "/x"}]})).unwrap();
+        assert!(mounts(&missing, &vols).unwrap_err().to_string().contains("nope"));
+    }
+
+    #[test]
+    fn host_path_types_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_host_path(&dir.path().join("missing"), "Directory").is_err());
+        check_host_path(&dir.path().join("made"), "DirectoryOrCreate").unwrap();
+        assert!(dir.path().join("made").is_dir());
+        assert!(check_host_path(&dir.path().join("made"), "File").is_err());
+    }
+}
