@@ -11,10 +11,12 @@
 pub mod containerd;
 pub mod cri;
 pub mod images;
+pub mod logs;
 pub mod network;
 pub mod node;
 pub mod oci;
 pub mod pods;
+pub mod server;
 pub mod testimages;
 
 use std::path::PathBuf;
@@ -42,6 +44,9 @@ pub struct AgentConfig {
     pub airgap_images: Option<PathBuf>,
     /// How often ConfigMap, Secret and downward API volumes are brought up to date.
     pub sync_frequency: std::time::Duration,
+    /// The cluster CA (PEM) that signs the API server's client certificate; the agent's
+    /// HTTPS API (logs) accepts only clients it signed. None: no agent API.
+    pub cluster_ca_pem: Option<String>,
 }
 
 impl AgentConfig {
@@ -110,6 +115,17 @@ pub async fn run(client: kube::Client, config: AgentConfig) -> Result<()> {
         tracing::info!(count = n, dir = %dir.display(), "imported air-gap images");
     }
     tracing::info!(node = %config.node.name, pod_cidr = %pod_cidr, runtime = %runtime_version, "node agent ready");
+    if let Some(ca) = &config.cluster_ca_pem {
+        let names = vec![config.node.name.clone(), config.node.ip.to_string()];
+        let tls = server::tls_config(&config.dir.join("pki"), names, ca)?;
+        let addr = std::net::SocketAddr::new(config.node.ip, config.node.kubelet_port);
+        let api_cri = cri.clone();
+        tokio::spawn(async move {
+            if let Err(e) = server::serve(addr, tls, api_cri).await {
+                tracing::error!(error = %format!("{e:#}"), "the agent API stopped; kubectl logs will not reach this node");
+            }
+        });
+    }
     let shared = pods::Shared::new(client.clone(), cri, config.node.name.clone(), config.node.ip.to_string(), &config.dir, config.sync_frequency);
     tokio::select! {
         r = node::heartbeat(client, config.node.clone(), runtime_version) => r,

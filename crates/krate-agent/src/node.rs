@@ -33,6 +33,8 @@ pub struct NodeSettings {
     /// The filesystem whose size is the node's ephemeral-storage.
     pub data_dir: PathBuf,
     pub agent_version: String,
+    /// The port of the agent's HTTPS API (logs), published in the Node's daemonEndpoints.
+    pub kubelet_port: u16,
 }
 
 /// Total and available bytes of the filesystem holding `path`.
@@ -93,7 +95,7 @@ pub fn status(settings: &NodeSettings, runtime_version: &str) -> Value {
         "allocatable": allocatable,
         "addresses": [{"type": "InternalIP", "address": settings.ip.to_string()}, {"type": "Hostname", "address": settings.name}],
         "conditions": conditions,
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": settings.kubelet_port}},
         "nodeInfo": {
             "kubeletVersion": settings.agent_version, "kubeProxyVersion": "", "containerRuntimeVersion": runtime_version,
             "osImage": os_image(), "kernelVersion": read_trimmed("/proc/sys/kernel/osrelease"), "operatingSystem": "linux",

@@ -42,6 +42,8 @@ pub struct Settings {
     pub watch_cache_size: usize,
     /// How often history older than the previous interval is compacted.
     pub compaction_interval: Duration,
+    /// TLS client configuration for reaching node agents (`pods/log`); None: not possible.
+    pub kubelet_client: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for Settings {
@@ -52,6 +54,7 @@ impl Default for Settings {
             min_request_timeout: Duration::from_secs(1800),
             watch_cache_size: 10_000,
             compaction_interval: Duration::from_secs(300),
+            kubelet_client: None,
         }
     }
 }

@@ -62,6 +62,8 @@ pub enum Subresource {
     Binding,
     /// `pods/eviction`: a deletion that respects disruption budgets.
     Eviction,
+    /// `pods/log`: read from the pod's node agent, never written.
+    Log,
 }
 
 /// The resource a request addresses.
@@ -599,7 +601,7 @@ impl Storage {
                 }
                 new
             }
-            Subresource::Scale | Subresource::Binding | Subresource::Eviction => unreachable!("scale, binding and eviction writes have their own paths"),
+            Subresource::Scale | Subresource::Binding | Subresource::Eviction | Subresource::Log => unreachable!("scale, binding, eviction and log have their own paths"),
         };
         object::set(&mut new, &["metadata", "resourceVersion"], get(current, &["metadata", "resourceVersion"]).cloned().unwrap_or(Value::Null));
         if kind.generation && sub == Subresource::Main && spec_changed(&new, current) {

@@ -56,6 +56,9 @@ pub struct AgentOptions {
     /// changed object shows in running containers within this period).
     #[arg(long, default_value_t = 60)]
     pub sync_frequency_seconds: u64,
+    /// Port of the agent's HTTPS API, which the API server reaches for `kubectl logs`.
+    #[arg(long, default_value_t = 10250)]
+    pub kubelet_port: u16,
 }
 
 #[derive(Args, Debug)]
@@ -79,7 +82,8 @@ fn quantity(value: &str, scale: f64, what: &str) -> Result<u64> {
 }
 
 impl AgentOptions {
-    pub fn config(&self, dir: PathBuf) -> Result<AgentConfig> {
+    /// `cluster_ca_pem`: the CA whose client certificates may use the agent's API.
+    pub fn config(&self, dir: PathBuf, cluster_ca_pem: Option<String>) -> Result<AgentConfig> {
         let pair = |s: &String, what: &str| -> Result<(String, String)> {
             s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).with_context(|| format!("{what} {s:?} must look like key=value"))
         };
@@ -94,6 +98,7 @@ impl AgentOptions {
                 labels: self.node_labels.iter().map(|l| pair(l, "--node-label")).collect::<Result<_>>()?,
                 data_dir: dir.clone(),
                 agent_version: krate_apiserver::version_info()["gitVersion"].as_str().unwrap_or_default().to_string(),
+                kubelet_port: self.kubelet_port,
             },
             dir,
             runtime_endpoint: self.container_runtime_endpoint.clone(),
@@ -103,12 +108,16 @@ impl AgentOptions {
             registry_mirrors: self.registry_mirrors.iter().map(|m| pair(m, "--registry-mirror")).collect::<Result<_>>()?,
             airgap_images: self.airgap_images.clone(),
             sync_frequency: std::time::Duration::from_secs(self.sync_frequency_seconds.max(1)),
+            cluster_ca_pem,
         })
     }
 }
 
 pub async fn run(args: AgentArgs) -> Result<()> {
-    let config = args.options.config(args.dir)?;
+    let kubeconfig = kube::config::Kubeconfig::read_from(&args.kubeconfig).with_context(|| format!("reading {}", args.kubeconfig.display()))?;
+    let ca = kubeconfig.clusters.first().and_then(|c| c.cluster.as_ref()?.certificate_authority_data.clone());
+    let ca_pem = ca.map(|b64| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64.trim())).transpose().context("decoding the kubeconfig's certificate-authority-data")?;
+    let config = args.options.config(args.dir, ca_pem.map(|b| String::from_utf8_lossy(&b).into_owned()))?;
     let client = crate::components::kube_client(&args.kubeconfig).await?;
     krate_agent::run(client, config).await
 }

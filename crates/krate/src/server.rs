@@ -84,7 +84,9 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     std::fs::create_dir_all(&db_dir)?;
     let store = SqliteStore::open(db_dir.join("state.db")).context("opening the database")?;
     let advertise = format!("{host}:{}", args.port);
+    let kubelet_client = pki.client_certificate("apiserver-kubelet-client", "kube-apiserver-kubelet-client", &["system:masters"])?;
     let settings = Settings {
+        kubelet_client: Some(krate_apiserver::http::nodeproxy::kubelet_client_config(&kubelet_client.cert_pem, &kubelet_client.key_pem)?),
         advertise_address: advertise.clone(),
         watch_cache_size: args.watch_cache_size,
         compaction_interval: Duration::from_secs(args.compaction_interval_seconds.max(1)),
@@ -144,7 +146,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     }
 
     if !args.disable_agent {
-        let config = args.agent.config(args.data_dir.join("agent"))?;
+        let config = args.agent.config(args.data_dir.join("agent"), Some(pki.ca_cert_pem.clone()))?;
         let user = auth::User { name: format!("system:node:{}", config.node.name), groups: vec!["system:nodes".to_string(), "system:authenticated".to_string()] };
         let client = kube::Client::new(server.local_service(user, "kubelet/v1.37.0 (krate)"), "default");
         tokio::spawn(async move {

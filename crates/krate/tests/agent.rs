@@ -27,6 +27,8 @@ fn server_with_agent(registry: &TestRegistry, n: u8) -> TestServer {
         &format!("10.{}.{}.0/24", 200 + n, id),
         "--insecure-registry",
         &registry.address,
+        "--kubelet-port",
+        &common::free_port().to_string(),
     ])
 }
 
@@ -112,6 +114,15 @@ async fn a_deployment_runs_as_real_containers_with_their_own_ips() {
     assert_eq!(restarted["lastState"]["terminated"]["exitCode"], 3, "{restarted}");
     assert_eq!(restarted["lastState"]["terminated"]["reason"], "Error");
 
+    // kubectl logs reaches the container's output through the API server and the agent.
+    let logs = server.kubectl_ok(&["logs", &victim_name]);
+    assert_eq!(logs, "test-server listening on :8080\n");
+    let previous = server.kubectl_ok(&["logs", &victim_name, "--previous", "--timestamps"]);
+    assert!(previous.ends_with(" test-server listening on :8080\n") && previous.starts_with("20"), "{previous:?}");
+    let out = server.kubectl(&["logs", &victim_name, "-c", "nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("container nope is not valid for pod"), "{}", String::from_utf8_lossy(&out.stderr));
+
     // Deleting the deployment removes every container and sandbox.
     server.kubectl_ok(&["delete", "deployment", "web", "--wait=false"]);
     eventually(90, "every pod gone", || async { pods.list(&ListParams::default().labels("app=web")).await.ok()?.items.is_empty().then_some(()) }).await;
@@ -160,6 +171,9 @@ async fn bad_images_and_commands_get_clear_statuses_and_the_agent_survives() {
     eventually(60, "exits-3 Failed", || async { (phase_of("exits-3").await.as_deref() == Some("Failed")).then_some(()) }).await;
     let s = container_status(&pods.get("exits-3").await.unwrap()).unwrap();
     assert_eq!(s["state"]["terminated"]["exitCode"], 3, "{s}");
+    assert_eq!(server.kubectl_ok(&["logs", "exits-3", "--tail=1"]), "bye\n");
+    let out = server.kubectl(&["logs", "no-image"]);
+    assert!(!out.status.success(), "no logs for a container that never started");
     eventually(60, "succeeds Succeeded", || async { (phase_of("succeeds").await.as_deref() == Some("Succeeded")).then_some(()) }).await;
     let s = container_status(&pods.get("succeeds").await.unwrap()).unwrap();
     assert_eq!(s["state"]["terminated"]["reason"], "Completed", "{s}");
@@ -294,7 +308,7 @@ async fn volumes_and_environment_reach_the_container_and_follow_their_objects() 
     std::fs::write(host_dir.path().join("host.txt"), "from the host").unwrap();
     let server = TestServer::start_with_agent(&[
         "--node-name", "node-1", "--bridge", &format!("kt5p{id}"), "--pod-cidr", &format!("10.205.{id}.0/24"),
-        "--insecure-registry", &registry.address, "--sync-frequency-seconds", "1",
+        "--insecure-registry", &registry.address, "--sync-frequency-seconds", "1", "--kubelet-port", &common::free_port().to_string(),
     ]);
     let client = server.client().await;
     wait_node_ready(&client, &server).await;

@@ -177,10 +177,8 @@ fn check_host_path(path: &Path, kind: &str) -> Result<()> {
     let meta = std::fs::metadata(path);
     match kind {
         "DirectoryOrCreate" => std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?,
-        "FileOrCreate" => {
-            if meta.is_err() {
-                std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("creating {}", path.display()))?;
-            }
+        "FileOrCreate" if meta.is_err() => {
+            std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("creating {}", path.display()))?;
         }
         "Directory" if !meta.as_ref().is_ok_and(|m| m.is_dir()) => bail!("hostPath type check failed: {} is not a directory", path.display()),
         "File" if !meta.as_ref().is_ok_and(|m| m.is_file()) => bail!("hostPath type check failed: {} is not a file", path.display()),

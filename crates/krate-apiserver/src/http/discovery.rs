@@ -75,6 +75,7 @@ pub fn api_resources(k: &KindInfo) -> Vec<Value> {
     }
     if k.plural == "pods" && k.group.is_empty() {
         out.push(sub("binding", "Binding", &["create"]));
+        out.push(sub("log", "Pod", &["get"]));
         let mut eviction = sub("eviction", "Eviction", &["create"]);
         eviction["group"] = json!("policy");
         eviction["version"] = json!("v1");

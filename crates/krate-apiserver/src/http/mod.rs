@@ -24,6 +24,7 @@ use crate::ApiServer;
 pub mod discovery;
 pub mod docs;
 pub mod negotiate;
+pub mod nodeproxy;
 pub mod openapi;
 pub mod route;
 pub mod table;
@@ -202,6 +203,7 @@ fn subresource(kind: &KindInfo, path: &ResourcePath) -> ApiResult<Subresource> {
         Some("finalize") if kind.plural == "namespaces" && kind.group.is_empty() => Ok(Subresource::Finalize),
         Some("binding") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Binding),
         Some("eviction") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Eviction),
+        Some("log") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Log),
         Some(_) => Err(not_found()),
     }
 }
@@ -377,13 +379,14 @@ async fn resource_request(
         (&Method::DELETE, None) => "deletecollection",
         _ => return Err(not_allowed()),
     };
-    if !kind.verbs.iter().any(|v| v == verb) || (matches!(sub, Subresource::Binding | Subresource::Eviction) && verb != "create") {
+    if !kind.verbs.iter().any(|v| v == verb) || (matches!(sub, Subresource::Binding | Subresource::Eviction) && verb != "create") || (sub == Subresource::Log && verb != "get") {
         return Err(not_allowed());
     }
     let name = path.name.as_deref().unwrap_or_default();
     match verb {
         "watch" => watch::serve(server.clone(), scope, list_options(&kind, &query)?, &query, format).await,
         "list" => Ok(list_response(&kind, storage.list(&scope, &list_options(&kind, &query)?).await?, &format)),
+        "get" if sub == Subresource::Log => nodeproxy::pod_log(server, &scope, name, &query).await,
         "get" => {
             let obj = storage.get(&scope, name).await?;
             match sub {
