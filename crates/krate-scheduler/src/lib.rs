@@ -199,11 +199,11 @@ fn feasible_wanted(nodes: usize) -> usize {
 }
 
 /// Where a pod goes, or why it goes nowhere. The search starts at `start` and wraps.
-fn place(pod: &Pod, cluster: &Cluster, usage: &HashMap<String, NodeUsage>, start: usize) -> Result<(String, usize), String> {
+fn place(pod: &Pod, cluster: &Cluster, usage: &HashMap<String, NodeUsage>, terms: &mut plugins::TermDomains, start: usize) -> Result<(String, usize), String> {
     let nodes = &cluster.nodes;
     let empty = NodeUsage::default();
     let needs = Needs::of(pod);
-    let topology = plugins::PodTopology::new(pod, cluster.by_name, usage, &cluster.anti_holders);
+    let topology = plugins::PodTopology::new(pod, cluster.by_name, usage, &cluster.anti_holders, terms);
     let spread = spread::Spread::new(pod, nodes, usage);
     let wanted = feasible_wanted(nodes.len());
     let mut reasons = Vec::new();
@@ -321,6 +321,7 @@ fn schedule_pass(state: &mut State, io: &Io, binds: &Arc<Semaphore>, done: &mpsc
         nodes,
     };
     let mut next_start = state.next_start;
+    let mut terms = plugins::TermDomains::default();
     let mut assumed = Vec::new();
     let mut unschedulable = Vec::new();
     for pod in queue {
@@ -332,9 +333,10 @@ fn schedule_pass(state: &mut State, io: &Io, binds: &Arc<Semaphore>, done: &mpsc
             unschedulable.push((id, pod, plugins::unschedulable_message(0, &[])));
             continue;
         }
-        match place(&pod, &cluster, &usage, next_start) {
+        match place(&pod, &cluster, &usage, &mut terms, next_start) {
             Ok((node, examined)) => {
                 next_start = (next_start + examined) % cluster.nodes.len();
+                terms.placed(&pod, &node, cluster.by_name);
                 if plugins::PodTopology::holds_anti_affinity(&pod) {
                     cluster.anti_holders.push((node.clone(), pod.clone()));
                 }

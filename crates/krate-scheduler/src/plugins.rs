@@ -271,48 +271,75 @@ pub struct PodTopology {
     required: Vec<(String, Option<HashSet<String>>)>,
 }
 
+/// For each required (anti-)affinity term met during one scheduling pass: the topology
+/// domains that hold a placed pod the term selects. Computed once per term and pass by
+/// one scan of the placed pods, then kept current as the pass places pods, so a pass of
+/// many pods with the same terms (a ReplicaSet's) does not rescan per pod.
+#[derive(Default)]
+pub struct TermDomains {
+    /// (namespace of the term's owner, the term as JSON) → (term, domains).
+    cache: HashMap<String, (PodAffinityTerm, String, HashSet<String>)>,
+}
+
+fn domain(nodes: &BTreeMap<String, Arc<NodeInfo>>, node: &str, key: &str) -> Option<String> {
+    nodes.get(node).and_then(|n| n.node.metadata.labels.as_ref()?.get(key).cloned())
+}
+
+impl TermDomains {
+    fn get(&mut self, term: &PodAffinityTerm, ns: &str, nodes: &BTreeMap<String, Arc<NodeInfo>>, usage: &HashMap<String, NodeUsage>) -> &HashSet<String> {
+        let key = format!("{ns}\u{0}{}", serde_json::to_string(term).unwrap_or_default());
+        &self
+            .cache
+            .entry(key)
+            .or_insert_with(|| {
+                let mut domains = HashSet::new();
+                for (node, u) in usage {
+                    if u.placed.iter().any(|other| term_selects(term, ns, other)) {
+                        domains.extend(domain(nodes, node, &term.topology_key));
+                    }
+                }
+                (term.clone(), ns.to_string(), domains)
+            })
+            .2
+    }
+
+    /// Records that the pass placed `pod` on `node`.
+    pub fn placed(&mut self, pod: &Pod, node: &str, nodes: &BTreeMap<String, Arc<NodeInfo>>) {
+        for (term, ns, domains) in self.cache.values_mut() {
+            if term_selects(term, ns, pod) {
+                domains.extend(domain(nodes, node, &term.topology_key));
+            }
+        }
+    }
+}
+
 impl PodTopology {
     /// `anti_holders`: placed pods that declare required anti-affinity, with their node
-    /// (their rules apply to newcomers too).
-    pub fn new(pod: &Pod, nodes: &BTreeMap<String, Arc<NodeInfo>>, usage: &HashMap<String, NodeUsage>, anti_holders: &[(String, Arc<Pod>)]) -> Self {
+    /// (their rules apply to newcomers too). `terms`: the pass's cache of what the placed
+    /// pods' domains are per term.
+    pub fn new(pod: &Pod, nodes: &BTreeMap<String, Arc<NodeInfo>>, usage: &HashMap<String, NodeUsage>, anti_holders: &[(String, Arc<Pod>)], terms: &mut TermDomains) -> Self {
         let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
         let anti = required_terms(pod, true);
         let affinity = required_terms(pod, false);
         let mut out = PodTopology::default();
-        let label = |node: &str, key: &str| nodes.get(node).and_then(|n| n.node.metadata.labels.as_ref()?.get(key).cloned());
         for (node, other) in anti_holders {
             let other_ns = other.metadata.namespace.as_deref().unwrap_or_default();
             for term in required_terms(other, true) {
                 if term_selects(term, other_ns, pod) {
-                    if let Some(v) = label(node, &term.topology_key) {
+                    if let Some(v) = domain(nodes, node, &term.topology_key) {
                         out.forbidden.entry(term.topology_key.clone()).or_default().insert(v);
                     }
                 }
             }
         }
-        if anti.is_empty() && affinity.is_empty() {
-            return out;
-        }
-        let mut found: Vec<HashSet<String>> = vec![HashSet::new(); affinity.len()];
-        for (node, u) in usage {
-            for other in &u.placed {
-                for term in anti {
-                    if term_selects(term, ns, other) {
-                        if let Some(v) = label(node, &term.topology_key) {
-                            out.forbidden.entry(term.topology_key.clone()).or_default().insert(v);
-                        }
-                    }
-                }
-                for (i, term) in affinity.iter().enumerate() {
-                    if term_selects(term, ns, other) {
-                        if let Some(v) = label(node, &term.topology_key) {
-                            found[i].insert(v);
-                        }
-                    }
-                }
+        for term in anti {
+            let domains = terms.get(term, ns, nodes, usage);
+            if !domains.is_empty() {
+                out.forbidden.entry(term.topology_key.clone()).or_default().extend(domains.iter().cloned());
             }
         }
-        for (term, domains) in affinity.iter().zip(found) {
+        for term in affinity {
+            let domains = terms.get(term, ns, nodes, usage).clone();
             let self_match = term_selects(term, ns, pod);
             out.required.push((term.topology_key.clone(), if domains.is_empty() && self_match { None } else { Some(domains) }));
         }
@@ -477,11 +504,11 @@ mod tests {
         usage.entry("n1".into()).or_default().add(Arc::new(pod("0", json!({"metadata": {"labels": {"app": "x"}}}))));
         let term = json!({"labelSelector": {"matchLabels": {"app": "x"}}, "topologyKey": "kubernetes.io/hostname"});
         let loner = pod("0", json!({"spec": {"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}}}));
-        let topology = PodTopology::new(&loner, &nodes, &usage, &[]);
+        let topology = PodTopology::new(&loner, &nodes, &usage, &[], &mut TermDomains::default());
         assert_eq!(topology.filter(&n1.node).as_deref(), Some("node(s) didn't match pod anti-affinity rules"));
         assert_eq!(topology.filter(&n2.node), None);
         let friend = pod("0", json!({"spec": {"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}}}));
-        let topology = PodTopology::new(&friend, &nodes, &usage, &[]);
+        let topology = PodTopology::new(&friend, &nodes, &usage, &[], &mut TermDomains::default());
         assert_eq!(topology.filter(&n1.node), None);
         assert!(topology.filter(&n2.node).is_some());
     }
