@@ -153,9 +153,16 @@ pub async fn reset(dir: &std::path::Path) -> Result<()> {
             ..Default::default()
         };
         let sandboxes = cri.runtime.list_pod_sandbox(cri::api::ListPodSandboxRequest { filter: Some(filter) }).await?.into_inner().items;
-        for s in sandboxes {
-            let _ = cri.runtime.stop_pod_sandbox(cri::api::StopPodSandboxRequest { pod_sandbox_id: s.id.clone() }).await;
-            cri.runtime.remove_pod_sandbox(cri::api::RemovePodSandboxRequest { pod_sandbox_id: s.id.clone() }).await.with_context(|| format!("removing pod sandbox {}", s.id))?;
+        // All at once: each stop waits for its containers.
+        let removals = sandboxes.into_iter().map(|s| {
+            let mut cri = cri.clone();
+            async move {
+                let _ = cri.runtime.stop_pod_sandbox(cri::api::StopPodSandboxRequest { pod_sandbox_id: s.id.clone() }).await;
+                cri.runtime.remove_pod_sandbox(cri::api::RemovePodSandboxRequest { pod_sandbox_id: s.id.clone() }).await.with_context(|| format!("removing pod sandbox {}", s.id))
+            }
+        });
+        for result in futures::future::join_all(removals).await {
+            result?;
         }
     }
     if endpoint.is_none() {

@@ -142,7 +142,7 @@ async fn bad_images_and_commands_get_clear_statuses_and_the_agent_survives() {
     let missing = format!("{}/does-not-exist:1", registry.address);
     pods.create(&PostParams::default(), &pod("no-image", missing.clone(), json!(null), "Always")).await.unwrap();
     pods.create(&PostParams::default(), &pod("no-command", registry.image("busybox"), json!(["/no/such/command"]), "Never")).await.unwrap();
-    pods.create(&PostParams::default(), &pod("exits-3", registry.image("busybox"), json!(["sh", "-c", "echo bye; exit 3"]), "Never")).await.unwrap();
+    pods.create(&PostParams::default(), &pod("exits-3", registry.image("busybox"), json!(["sh", "-c", "echo bye; echo -n went wrong > /dev/termination-log; exit 3"]), "Never")).await.unwrap();
     pods.create(&PostParams::default(), &pod("succeeds", registry.image("busybox"), json!(["true"]), "Never")).await.unwrap();
 
     let waiting = eventually(60, "an image pull error", || async {
@@ -171,6 +171,7 @@ async fn bad_images_and_commands_get_clear_statuses_and_the_agent_survives() {
     eventually(60, "exits-3 Failed", || async { (phase_of("exits-3").await.as_deref() == Some("Failed")).then_some(()) }).await;
     let s = container_status(&pods.get("exits-3").await.unwrap()).unwrap();
     assert_eq!(s["state"]["terminated"]["exitCode"], 3, "{s}");
+    assert_eq!(s["state"]["terminated"]["message"], "went wrong", "the termination message file: {s}");
     assert_eq!(server.kubectl_ok(&["logs", "exits-3", "--tail=1"]), "bye\n");
     let out = server.kubectl(&["logs", "no-image"]);
     assert!(!out.status.success(), "no logs for a container that never started");

@@ -284,6 +284,32 @@ pub fn mounts(container: &Container, volumes: &BTreeMap<String, PathBuf>) -> Res
     Ok(out)
 }
 
+/// Most of a termination message the agent reports (upstream's limit).
+const TERMINATION_MESSAGE_LIMIT: u64 = 4096;
+
+fn termination_file(root: &Path, uid: &str, container: &str, attempt: u32) -> PathBuf {
+    pod_dir(root, uid).join(".termination").join(format!("{container}-{attempt}"))
+}
+
+/// An empty host file mounted at the container's terminationMessagePath, one per run.
+pub fn termination_log(root: &Path, uid: &str, c: &Container, attempt: u32) -> Result<api::Mount> {
+    use std::os::unix::fs::PermissionsExt;
+    let file = termination_file(root, uid, &c.name, attempt);
+    std::fs::create_dir_all(file.parent().unwrap_or(root))?;
+    std::fs::write(&file, b"")?;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666))?;
+    let path = c.termination_message_path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/dev/termination-log".into());
+    Ok(api::Mount { container_path: path, host_path: file.display().to_string(), ..Default::default() })
+}
+
+/// What a finished container wrote to its termination message file, if anything.
+pub fn termination_message(root: &Path, uid: &str, container: &str, attempt: u32) -> Option<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(termination_file(root, uid, container, attempt)).ok()?.take(TERMINATION_MESSAGE_LIMIT).read_to_string(&mut text).ok()?;
+    (!text.is_empty()).then_some(text)
+}
+
 /// Removes the pod's volume directories (unmounting tmpfs volumes first).
 pub fn tear_down(root: &Path, uid: &str) {
     let dir = pod_dir(root, uid);

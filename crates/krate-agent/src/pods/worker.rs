@@ -166,12 +166,18 @@ impl PodWorker {
         for c in list {
             let name = c.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
             self.shared.own(&c.id, &self.uid);
-            let entry = out.entry(name).or_default();
+            let entry = out.entry(name.clone()).or_default();
             if entry.latest.is_some() && entry.previous.is_some() {
                 stale.push(c.id);
                 continue;
             }
-            let st = self.cri().runtime.container_status(api::ContainerStatusRequest { container_id: c.id.clone(), verbose: false }).await?.into_inner().status;
+            let mut st = self.cri().runtime.container_status(api::ContainerStatusRequest { container_id: c.id.clone(), verbose: false }).await?.into_inner().status;
+            if let Some(st) = st.as_mut().filter(|st| status::is_exited(st)) {
+                let attempt = st.metadata.as_ref().map(|m| m.attempt).unwrap_or(0);
+                if let Some(message) = volumes::termination_message(&self.shared.volume_root, &self.uid, &name, attempt) {
+                    st.message = message;
+                }
+            }
             if entry.latest.is_none() {
                 entry.latest = st;
             } else {
@@ -373,7 +379,7 @@ impl PodWorker {
                 return;
             }
         };
-        let mounts = match volumes::mounts(c, &volumes) {
+        let mut mounts = match volumes::mounts(c, &volumes) {
             Ok(m) => m,
             Err(e) => {
                 let message = format!("{e:#}");
@@ -383,6 +389,10 @@ impl PodWorker {
                 return;
             }
         };
+        match volumes::termination_log(&self.shared.volume_root, &self.uid, c, restart_count) {
+            Ok(m) => mounts.push(m),
+            Err(e) => tracing::warn!(container = %c.name, error = %format!("{e:#}"), "no termination message file"),
+        }
         let env = match env::resolve(&self.shared.client, pod, c, rt).await {
             Ok(env) => env,
             Err(e) => {
