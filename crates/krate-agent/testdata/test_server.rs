@@ -8,7 +8,7 @@
 //!   GET /env/<NAME>        the value of an environment variable
 //!   GET /file/<path>       the content of a file (404 if it cannot be read)
 //! With EXIT_AFTER_SECONDS set, exits with EXIT_CODE (default 0) after that long.
-//! `test-server sleep <seconds>` just sleeps.
+//! `test-server sleep <seconds>` just sleeps. SIGTERM exits at once (code 0).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -71,7 +71,17 @@ fn handle(mut stream: TcpStream) {
     reply(&mut stream, code, &body);
 }
 
+extern "C" {
+    fn signal(sig: i32, handler: extern "C" fn(i32)) -> usize;
+}
+
+extern "C" fn on_term(_: i32) {
+    std::process::exit(0);
+}
+
 fn main() {
+    // As PID 1 the process would ignore SIGTERM without a handler.
+    unsafe { signal(15, on_term) };
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("sleep") {
         let seconds: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(u64::MAX / 2);

@@ -325,6 +325,10 @@ async fn volumes_and_environment_reach_the_container_and_follow_their_objects() 
                 {"name": "MESSAGE", "value": "$(GREETING) from $(POD_NAME)"},
             ],
             "envFrom": [{"secretRef": {"name": "sec"}, "prefix": "SEC_"}],
+            "lifecycle": {
+                "postStart": {"exec": {"command": ["sh", "-c", "echo started > /scratch/post-start"]}},
+                "preStop": {"exec": {"command": ["sh", "-c", "echo stopping > /host/pre-stop"]}},
+            },
             "volumeMounts": [
                 {"name": "cfg", "mountPath": "/cfg"}, {"name": "sec", "mountPath": "/sec", "readOnly": true},
                 {"name": "scratch", "mountPath": "/scratch"}, {"name": "mem", "mountPath": "/mem"},
@@ -353,6 +357,7 @@ async fn volumes_and_environment_reach_the_container_and_follow_their_objects() 
     assert_eq!(get("/file/host/host.txt"), "from the host");
     assert_eq!(get("/env/MESSAGE"), "hello from vols");
     assert_eq!(get("/env/SEC_token"), "s3cret");
+    assert_eq!(get("/file/scratch/post-start"), "started\n", "the postStart hook ran");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(mounts.lines().any(|l| l.contains(&running[0].metadata.uid.clone().unwrap()) && l.contains(" tmpfs ")), "the Memory emptyDir is a tmpfs");
 
@@ -385,4 +390,5 @@ async fn volumes_and_environment_reach_the_container_and_follow_their_objects() 
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&uid), "the pod's tmpfs is unmounted");
     assert!(!server.data_dir().join("agent/volumes").join(&uid).exists(), "the pod's volumes are removed");
+    assert_eq!(std::fs::read_to_string(host_dir.path().join("pre-stop")).unwrap(), "stopping\n", "the preStop hook ran before the stop");
 }

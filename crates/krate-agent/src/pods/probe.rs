@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Container, ObjectReference, Probe};
+use k8s_openapi::api::core::v1::{Container, LifecycleHandler, ObjectReference, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -145,6 +145,19 @@ async fn run(target: Target, kind: Kind, probe: Probe, results: Results) {
             }
         }
         tokio::time::sleep(period).await;
+    }
+}
+
+/// Runs a lifecycle hook (postStart, preStop) with the probes' handlers, or its sleep.
+pub async fn run_hook(target: &Target, hook: &LifecycleHandler, timeout: Duration) -> Result<(), String> {
+    if let Some(sleep) = &hook.sleep {
+        tokio::time::sleep(Duration::from_secs(sleep.seconds.max(0) as u64).min(timeout)).await;
+        return Ok(());
+    }
+    let probe = Probe { exec: hook.exec.clone(), http_get: hook.http_get.clone(), tcp_socket: hook.tcp_socket.clone(), ..Default::default() };
+    match tokio::time::timeout(timeout, check(target, &probe, timeout)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("the hook did not finish within {}s", timeout.as_secs())),
     }
 }
 

@@ -22,6 +22,8 @@ use super::{env, spec, volumes, Shared};
 use crate::cri::api;
 
 const BACKOFF_START: Duration = Duration::from_secs(10);
+/// How long a postStart hook may run.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// A container that ran this long before exiting starts its back-off afresh.
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(600);
@@ -422,8 +424,18 @@ impl PodWorker {
         self.shared.own(&id, &self.uid);
         self.shared.events.normal(&object, "Created", &format!("Created container {}", c.name)).await;
         self.waiting.remove(&c.name);
-        match self.cri().runtime.start_container(api::StartContainerRequest { container_id: id }).await {
-            Ok(_) => self.shared.events.normal(&object, "Started", &format!("Started container {}", c.name)).await,
+        match self.cri().runtime.start_container(api::StartContainerRequest { container_id: id.clone() }).await {
+            Ok(_) => {
+                self.shared.events.normal(&object, "Started", &format!("Started container {}", c.name)).await;
+                if let Some(hook) = c.lifecycle.as_ref().and_then(|l| l.post_start.as_ref()) {
+                    // A failed postStart hook kills the container; the restart policy decides.
+                    if let Err(message) = probe::run_hook(&self.target(pod, c, &id, rt.pod_ip), hook, HOOK_TIMEOUT).await {
+                        self.shared.events.warning(&object, "FailedPostStartHook", &message).await;
+                        let grace = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
+                        let _ = self.cri().runtime.stop_container(api::StopContainerRequest { container_id: id, timeout: grace }).await;
+                    }
+                }
+            }
             // The runtime records the failure as the container's exit (StartError); the
             // next pass restarts it under the back-off.
             Err(e) => self.shared.events.warning(&object, "Failed", &format!("Error: {}", e.message())).await,
@@ -439,17 +451,22 @@ impl PodWorker {
             let Some(s) = observed.get(&c.name).and_then(|o| o.latest.as_ref()).filter(|s| status::is_running(s)) else { continue };
             let kinds: &[Kind] = if self.started(c, &s.id) { &[Kind::Liveness, Kind::Readiness] } else { &[Kind::Startup] };
             for kind in kinds {
-                let target = probe::Target {
-                    cri: self.cri(),
-                    container: c.clone(),
-                    container_id: s.id.clone(),
-                    pod_ip: pod_ip.to_string(),
-                    events: self.shared.events.clone(),
-                    object: container_ref(pod, c, false),
-                    wake: self.wake.clone(),
-                };
+                let target = self.target(pod, c, &s.id, pod_ip);
                 self.probers.ensure(target, *kind);
             }
+        }
+    }
+
+    /// How probes and hooks reach container `id`.
+    fn target(&self, pod: &Pod, c: &Container, id: &str, pod_ip: &str) -> probe::Target {
+        probe::Target {
+            cri: self.cri(),
+            container: c.clone(),
+            container_id: id.to_string(),
+            pod_ip: pod_ip.to_string(),
+            events: self.shared.events.clone(),
+            object: container_ref(pod, c, false),
+            wake: self.wake.clone(),
         }
     }
 
@@ -555,10 +572,29 @@ impl PodWorker {
             Ok(r) => r.into_inner().containers,
             Err(_) => Vec::new(),
         };
+        let pod = self.last.clone();
+        let pod_ip = pod.as_ref().and_then(|p| p.status.as_ref()?.pod_ip.clone()).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(grace.max(0) as u64);
         let stops = containers.iter().filter(|c| c.state == api::ContainerState::ContainerRunning as i32).map(|c| {
             let mut cri = self.cri();
             let id = c.id.clone();
-            async move { cri.runtime.stop_container(api::StopContainerRequest { container_id: id, timeout: grace }).await }
+            let name = c.labels.get(spec::CONTAINER_NAME).cloned().unwrap_or_default();
+            // The preStop hook runs first, within the grace period; the stop gets the rest.
+            let hook = pod.as_ref().filter(|_| grace > 0).and_then(|p| {
+                let spec = p.spec.as_ref()?.containers.iter().find(|s| s.name == name)?;
+                let hook = spec.lifecycle.as_ref()?.pre_stop.clone()?;
+                Some((self.target(p, spec, &id, &pod_ip), hook, container_ref(p, spec, false)))
+            });
+            let events = self.shared.events.clone();
+            async move {
+                if let Some((target, hook, object)) = hook {
+                    if let Err(message) = probe::run_hook(&target, &hook, deadline.saturating_duration_since(Instant::now())).await {
+                        events.warning(&object, "FailedPreStopHook", &message).await;
+                    }
+                }
+                let left = deadline.saturating_duration_since(Instant::now()).as_secs() as i64;
+                cri.runtime.stop_container(api::StopContainerRequest { container_id: id, timeout: left }).await
+            }
         });
         futures::future::join_all(stops).await;
         for s in &sandboxes {
