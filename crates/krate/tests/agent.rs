@@ -315,6 +315,9 @@ async fn volumes_and_environment_reach_the_container_and_follow_their_objects() 
     wait_node_ready(&client, &server).await;
     server.kubectl_ok(&["create", "configmap", "cfg", "--from-literal=greeting=hello", "--from-literal=color=blue"]);
     server.kubectl_ok(&["create", "secret", "generic", "sec", "--from-literal=token=s3cret"]);
+    // (Service IPs are not allocated yet: the service names its own.)
+    server.kubectl_ok(&["create", "service", "clusterip", "backend", "--tcp=80:8080", "--clusterip=10.43.0.10"]);
+    let backend_ip = "10.43.0.10";
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "vols", "labels": {"app": "vols"}}, "spec": {
         "containers": [{
@@ -358,6 +361,8 @@ async fn volumes_and_environment_reach_the_container_and_follow_their_objects() 
     assert_eq!(get("/env/MESSAGE"), "hello from vols");
     assert_eq!(get("/env/SEC_token"), "s3cret");
     assert_eq!(get("/file/scratch/post-start"), "started\n", "the postStart hook ran");
+    assert_eq!(get("/env/BACKEND_SERVICE_HOST"), backend_ip, "service environment variables");
+    assert_eq!(get("/env/BACKEND_PORT"), format!("tcp://{backend_ip}:80"));
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(mounts.lines().any(|l| l.contains(&running[0].metadata.uid.clone().unwrap()) && l.contains(" tmpfs ")), "the Memory emptyDir is a tmpfs");
 

@@ -1,11 +1,12 @@
-//! A container's environment as upstream builds it: `envFrom` (ConfigMaps and Secrets,
-//! with prefixes), then `env` in order (values with `$(VAR)` references to earlier
+//! A container's environment as upstream builds it: the service variables (unless
+//! `enableServiceLinks: false`, only the `kubernetes` service's), `envFrom` (ConfigMaps
+//! and Secrets, with prefixes), then `env` in order (values with `$(VAR)` references to earlier
 //! variables, fieldRef, resourceFieldRef, configMapKeyRef, secretKeyRef).
 
 use std::collections::BTreeMap;
 
 use anyhow::{anyhow, Context, Result};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret, Service};
 use kube::Api;
 
 use super::spec::expand;
@@ -76,6 +77,44 @@ fn resource_field(container: &Container, resource: &str, divisor: Option<&str>) 
     Ok(((value / divisor).ceil() as i64).to_string())
 }
 
+/// The variables one Service gives pods (`{NAME}_SERVICE_HOST`, `{NAME}_SERVICE_PORT`,
+/// and the Docker-link style `{NAME}_PORT_...`), empty for headless services.
+fn service_vars(svc: &Service) -> Vec<(String, String)> {
+    let Some(spec) = svc.spec.as_ref() else { return vec![] };
+    let Some(ip) = spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty() && *ip != "None") else { return vec![] };
+    let Some(ports) = spec.ports.as_ref().filter(|p| !p.is_empty()) else { return vec![] };
+    let name = svc.metadata.name.as_deref().unwrap_or_default().to_uppercase().replace('-', "_");
+    let mut out = vec![(format!("{name}_SERVICE_HOST"), ip.to_string()), (format!("{name}_SERVICE_PORT"), ports[0].port.to_string())];
+    for p in ports {
+        if let Some(port_name) = p.name.as_deref().filter(|n| !n.is_empty()) {
+            out.push((format!("{name}_SERVICE_PORT_{}", port_name.to_uppercase().replace('-', "_")), p.port.to_string()));
+        }
+    }
+    let proto = |p: &k8s_openapi::api::core::v1::ServicePort| p.protocol.clone().unwrap_or_else(|| "TCP".into());
+    out.push((format!("{name}_PORT"), format!("{}://{ip}:{}", proto(&ports[0]).to_lowercase(), ports[0].port)));
+    for p in ports {
+        let prefix = format!("{name}_PORT_{}_{}", p.port, proto(p));
+        out.push((prefix.clone(), format!("{}://{ip}:{}", proto(p).to_lowercase(), p.port)));
+        out.push((format!("{prefix}_PROTO"), proto(p).to_lowercase()));
+        out.push((format!("{prefix}_PORT"), p.port.to_string()));
+        out.push((format!("{prefix}_ADDR"), ip.to_string()));
+    }
+    out
+}
+
+/// The service variables of a pod in `ns`: the `kubernetes` service's always, the
+/// namespace's other services' when service links are on.
+async fn service_environment(client: &kube::Client, ns: &str, links: bool) -> Result<Vec<(String, String)>> {
+    let mut services: Vec<Service> = Vec::new();
+    if links {
+        services.extend(Api::<Service>::namespaced(client.clone(), ns).list(&Default::default()).await?.items);
+    }
+    if !links || ns != "default" {
+        services.extend(Api::<Service>::namespaced(client.clone(), "default").get_opt("kubernetes").await?);
+    }
+    Ok(services.iter().flat_map(service_vars).collect())
+}
+
 /// The container's environment, in order, with later definitions replacing earlier ones.
 pub async fn resolve(client: &kube::Client, pod: &Pod, container: &Container, rt: &Runtime<'_>) -> Result<Vec<(String, String)>> {
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
@@ -87,6 +126,10 @@ pub async fn resolve(client: &kube::Client, pod: &Pod, container: &Container, rt
         }
         vars.insert(k, v);
     };
+    let links = pod.spec.as_ref().and_then(|s| s.enable_service_links).unwrap_or(true);
+    for (k, v) in service_environment(client, ns, links).await.context("listing the services for the environment")? {
+        set(&mut vars, k, v);
+    }
     for from in container.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
         let data = if let Some(r) = &from.config_map_ref {
@@ -149,6 +192,20 @@ mod tests {
         assert_eq!(field(&pod, "spec.nodeName", &rt).unwrap(), "n1");
         assert_eq!(field(&pod, "status.podIP", &rt).unwrap(), "10.42.0.5");
         assert!(field(&pod, "spec.bogus", &rt).is_err());
+    }
+
+    #[test]
+    fn services_give_upstream_variables() {
+        let svc: Service = serde_json::from_value(json!({"metadata": {"name": "my-db"}, "spec": {"clusterIP": "10.43.0.7", "ports": [{"name": "sql", "port": 5432}, {"port": 53, "protocol": "UDP"}]}})).unwrap();
+        let vars: BTreeMap<String, String> = service_vars(&svc).into_iter().collect();
+        assert_eq!(vars["MY_DB_SERVICE_HOST"], "10.43.0.7");
+        assert_eq!(vars["MY_DB_SERVICE_PORT"], "5432");
+        assert_eq!(vars["MY_DB_SERVICE_PORT_SQL"], "5432");
+        assert_eq!(vars["MY_DB_PORT"], "tcp://10.43.0.7:5432");
+        assert_eq!(vars["MY_DB_PORT_53_UDP"], "udp://10.43.0.7:53");
+        assert_eq!(vars["MY_DB_PORT_53_UDP_ADDR"], "10.43.0.7");
+        let headless: Service = serde_json::from_value(json!({"metadata": {"name": "h"}, "spec": {"clusterIP": "None", "ports": [{"port": 80}]}})).unwrap();
+        assert!(service_vars(&headless).is_empty());
     }
 
     #[test]
