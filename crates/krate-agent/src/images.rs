@@ -33,8 +33,49 @@ async fn present(cri: &mut Cri, image: &str) -> Result<Option<String>> {
     Ok(status.image.map(|i| i.id))
 }
 
+/// The registry host of an image reference (`docker.io` for bare names like `busybox`).
+pub fn registry_of(image: &str) -> &str {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => first,
+        _ => "docker.io",
+    }
+}
+
+/// Credentials for pulling `image` from the pod's imagePullSecrets
+/// (`kubernetes.io/dockerconfigjson` or the older `kubernetes.io/dockercfg`).
+pub async fn pull_auth(client: &kube::Client, pod: &k8s_openapi::api::core::v1::Pod, image: &str) -> Result<Option<api::AuthConfig>> {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let registry = registry_of(image);
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client.clone(), ns);
+    for reference in pod.spec.iter().flat_map(|s| s.image_pull_secrets.iter().flatten()) {
+        let Some(secret) = secrets.get_opt(&reference.name).await? else {
+            tracing::warn!(secret = %reference.name, "an imagePullSecret does not exist; pulling without it");
+            continue;
+        };
+        let data = secret.data.unwrap_or_default();
+        let auths: serde_json::Value = if let Some(json) = data.get(".dockerconfigjson") {
+            serde_json::from_slice::<serde_json::Value>(&json.0).unwrap_or_default()["auths"].clone()
+        } else if let Some(json) = data.get(".dockercfg") {
+            serde_json::from_slice(&json.0).unwrap_or_default()
+        } else {
+            continue;
+        };
+        for (server, entry) in auths.as_object().into_iter().flatten() {
+            let host = server.trim_start_matches("https://").trim_start_matches("http://").split('/').next().unwrap_or_default();
+            let host = if host == "index.docker.io" || host == "registry-1.docker.io" { "docker.io" } else { host };
+            if host == registry {
+                let text = |k: &str| entry[k].as_str().unwrap_or_default().to_string();
+                // No server_address: containerd 1.6 cannot parse a bare host:port there, and
+                // the credentials are for this one pull anyway.
+                return Ok(Some(api::AuthConfig { username: text("username"), password: text("password"), auth: text("auth"), ..Default::default() }));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Makes `image` available per `policy`; returns the reference to create containers from.
-pub async fn ensure(shared: &Shared, image: &str, policy: Option<&str>, sandbox: &api::PodSandboxConfig, object: &ObjectReference) -> Result<String> {
+pub async fn ensure(shared: &Shared, image: &str, policy: Option<&str>, auth: Option<api::AuthConfig>, sandbox: &api::PodSandboxConfig, object: &ObjectReference) -> Result<String> {
     let mut cri = shared.cri.clone();
     let policy = effective_policy(image, policy);
     if policy != "Always" {
@@ -49,7 +90,7 @@ pub async fn ensure(shared: &Shared, image: &str, policy: Option<&str>, sandbox:
     }
     shared.events.normal(object, "Pulling", &format!("Pulling image \"{image}\"")).await;
     let started = std::time::Instant::now();
-    let request = api::PullImageRequest { image: Some(api::ImageSpec { image: image.into(), ..Default::default() }), auth: None, sandbox_config: Some(sandbox.clone()) };
+    let request = api::PullImageRequest { image: Some(api::ImageSpec { image: image.into(), ..Default::default() }), auth, sandbox_config: Some(sandbox.clone()) };
     match cri.images.pull_image(request).await {
         Ok(r) => {
             let reference = r.into_inner().image_ref;
@@ -102,6 +143,15 @@ pub async fn import_dir(socket: &Path, dir: &Path) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registry_hosts() {
+        assert_eq!(registry_of("busybox"), "docker.io");
+        assert_eq!(registry_of("library/busybox:1"), "docker.io");
+        assert_eq!(registry_of("127.0.0.1:5000/test-server:1"), "127.0.0.1:5000");
+        assert_eq!(registry_of("ghcr.io/a/b"), "ghcr.io");
+        assert_eq!(registry_of("localhost/x"), "localhost");
+    }
 
     #[test]
     fn pull_policy_defaults() {

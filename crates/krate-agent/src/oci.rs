@@ -141,20 +141,28 @@ impl Image {
 
     /// Pushes the image to a plain-HTTP registry (`host:port`) as `repository:tag`.
     pub fn push(&self, registry: &str, repository: &str, tag: &str) -> Result<()> {
+        self.push_as(registry, repository, tag, None)
+    }
+
+    /// Pushes with HTTP basic authentication (`user:password`), as registries with
+    /// htpasswd accounts want.
+    pub fn push_as(&self, registry: &str, repository: &str, tag: &str, credentials: Option<&str>) -> Result<()> {
+        let authorization = credentials.map(|c| format!("Basic {}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, c)));
+        let http = |method: &str, path: &str, content_type: Option<&str>, body: &[u8]| http(registry, method, path, content_type, authorization.as_deref(), body);
         for (d, bytes) in &self.blobs {
-            let (status, headers, _) = http(registry, "POST", &format!("/v2/{repository}/blobs/uploads/"), None, &[])?;
+            let (status, headers, _) = http("POST", &format!("/v2/{repository}/blobs/uploads/"), None, &[])?;
             if status != 202 {
                 bail!("registry {registry} refused to start an upload to {repository} (HTTP {status})");
             }
             let location = header(&headers, "location").context("the registry gave no upload location")?;
             let path = location.split_once("://").map(|(_, rest)| rest.find('/').map(|i| &rest[i..]).unwrap_or("/")).unwrap_or(location);
             let sep = if path.contains('?') { '&' } else { '?' };
-            let (status, _, body) = http(registry, "PUT", &format!("{path}{sep}digest={d}"), Some("application/octet-stream"), bytes)?;
+            let (status, _, body) = http("PUT", &format!("{path}{sep}digest={d}"), Some("application/octet-stream"), bytes)?;
             if status != 201 {
                 bail!("registry {registry} refused blob {d} (HTTP {status}): {}", String::from_utf8_lossy(&body));
             }
         }
-        let (status, _, body) = http(registry, "PUT", &format!("/v2/{repository}/manifests/{tag}"), Some(MANIFEST_MEDIA_TYPE), &self.manifest)?;
+        let (status, _, body) = http("PUT", &format!("/v2/{repository}/manifests/{tag}"), Some(MANIFEST_MEDIA_TYPE), &self.manifest)?;
         if status != 201 {
             bail!("registry {registry} refused the manifest of {repository}:{tag} (HTTP {status}): {}", String::from_utf8_lossy(&body));
         }
@@ -171,11 +179,14 @@ fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
 }
 
 /// One HTTP/1.1 request on its own connection: (status, raw headers, body).
-fn http(host: &str, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> Result<(u16, String, Vec<u8>)> {
+fn http(host: &str, method: &str, path: &str, content_type: Option<&str>, authorization: Option<&str>, body: &[u8]) -> Result<(u16, String, Vec<u8>)> {
     let mut stream = std::net::TcpStream::connect(host).with_context(|| format!("connecting to the registry at {host}"))?;
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     if let Some(ct) = content_type {
         request.push_str(&format!("Content-Type: {ct}\r\n"));
+    }
+    if let Some(a) = authorization {
+        request.push_str(&format!("Authorization: {a}\r\n"));
     }
     request.push_str("\r\n");
     stream.write_all(request.as_bytes())?;

@@ -15,21 +15,20 @@ use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
-/// A server whose agent gets a bridge and pod CIDR of its own (`n` tells tests apart).
-fn server_with_agent(registry: &TestRegistry, n: u8) -> TestServer {
+/// A server whose agent gets a bridge and pod CIDR of its own (`n` tells tests apart),
+/// pulling from `registries` over plain HTTP.
+fn server_with_agent(registries: &[&TestRegistry], n: u8) -> TestServer {
     let id = std::process::id() % 200;
-    TestServer::start_with_agent(&[
-        "--node-name",
-        "node-1",
-        "--bridge",
-        &format!("kt{n}p{id}"),
-        "--pod-cidr",
-        &format!("10.{}.{}.0/24", 200 + n, id),
-        "--insecure-registry",
-        &registry.address,
-        "--kubelet-port",
-        &common::free_port().to_string(),
-    ])
+    let mut args: Vec<String> = vec![
+        "--node-name".into(), "node-1".into(),
+        "--bridge".into(), format!("kt{n}p{id}"),
+        "--pod-cidr".into(), format!("10.{}.{}.0/24", 200 + n, id),
+        "--kubelet-port".into(), common::free_port().to_string(),
+    ];
+    for r in registries {
+        args.extend(["--insecure-registry".to_string(), r.address.clone()]);
+    }
+    TestServer::start_with_agent(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// One HTTP GET to a pod, straight to its IP on the node's bridge.
@@ -76,7 +75,7 @@ fn containerd_containers(server: &TestServer) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deployment_runs_as_real_containers_with_their_own_ips() {
     let registry = TestRegistry::start();
-    let server = server_with_agent(&registry, 1);
+    let server = server_with_agent(&[&registry], 1);
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
     let node: Node = Api::all(client.clone()).get("node-1").await.unwrap();
@@ -132,7 +131,8 @@ async fn a_deployment_runs_as_real_containers_with_their_own_ips() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_images_and_commands_get_clear_statuses_and_the_agent_survives() {
     let registry = TestRegistry::start();
-    let server = server_with_agent(&registry, 2);
+    let private = TestRegistry::start_as(Some("puller:hunter2"));
+    let server = server_with_agent(&[&registry, &private], 2);
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
@@ -144,6 +144,16 @@ async fn bad_images_and_commands_get_clear_statuses_and_the_agent_survives() {
     pods.create(&PostParams::default(), &pod("no-command", registry.image("busybox"), json!(["/no/such/command"]), "Never")).await.unwrap();
     pods.create(&PostParams::default(), &pod("exits-3", registry.image("busybox"), json!(["sh", "-c", "echo bye; echo -n went wrong > /dev/termination-log; exit 3"]), "Never")).await.unwrap();
     pods.create(&PostParams::default(), &pod("succeeds", registry.image("busybox"), json!(["true"]), "Never")).await.unwrap();
+
+    // A registry that wants credentials: refused without the pod's imagePullSecrets,
+    // pulled with them.
+    let image = private.image("test-server");
+    server.kubectl_ok(&["create", "secret", "docker-registry", "regcred", &format!("--docker-server={}", private.address), "--docker-username=puller", "--docker-password=hunter2"]);
+    pods.create(&PostParams::default(), &pod("no-creds", image.clone(), json!(null), "Always")).await.unwrap();
+    let mut with_creds = pod("with-creds", image, json!(null), "Always");
+    with_creds.metadata.labels = Some([("app".to_string(), "with-creds".to_string())].into());
+    with_creds.spec.as_mut().unwrap().image_pull_secrets = Some(vec![k8s_openapi::api::core::v1::LocalObjectReference { name: "regcred".into() }]);
+    pods.create(&PostParams::default(), &with_creds).await.unwrap();
 
     let waiting = eventually(60, "an image pull error", || async {
         let s = container_status(&pods.get("no-image").await.ok()?)?;
@@ -161,6 +171,15 @@ async fn bad_images_and_commands_get_clear_statuses_and_the_agent_survives() {
     eventually(60, "ImagePullBackOff", || async {
         let s = container_status(&pods.get("no-image").await.ok()?)?;
         (s["state"]["waiting"]["reason"] == "ImagePullBackOff").then_some(())
+    })
+    .await;
+
+    running_pods(&pods, "app=with-creds", 1).await;
+    eventually(60, "the pull without credentials refused (401)", || async {
+        let s = container_status(&pods.get("no-creds").await.ok()?)?;
+        s["state"]["waiting"]["reason"].as_str().filter(|r| *r == "ErrImagePull" || *r == "ImagePullBackOff")?;
+        let list = events.list(&ListParams::default().fields("involvedObject.name=no-creds")).await.ok()?;
+        list.items.iter().any(|e| e.reason.as_deref() == Some("Failed") && e.message.as_deref().unwrap_or_default().contains("401")).then_some(())
     })
     .await;
 
@@ -189,9 +208,11 @@ async fn bad_images_and_commands_get_clear_statuses_and_the_agent_survives() {
     assert!(s["state"]["terminated"]["message"].as_str().unwrap_or_default().contains("/no/such/command"), "{s}");
 
     // The agent is still there: a good pod still runs.
-    pods.create(&PostParams::default(), &pod("fine", registry.image("test-server"), json!(null), "Always")).await.unwrap();
-    running_pods(&pods, "", 1).await;
-    for name in ["no-image", "no-command", "exits-3", "succeeds", "fine"] {
+    let mut fine = pod("fine", registry.image("test-server"), json!(null), "Always");
+    fine.metadata.labels = Some([("app".to_string(), "fine".to_string())].into());
+    pods.create(&PostParams::default(), &fine).await.unwrap();
+    running_pods(&pods, "app=fine", 1).await;
+    for name in ["no-image", "no-command", "exits-3", "succeeds", "fine", "no-creds", "with-creds"] {
         pods.delete(name, &DeleteParams::default()).await.unwrap();
     }
     eventually(90, "every pod gone", || async { pods.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(()) }).await;
@@ -201,7 +222,7 @@ async fn bad_images_and_commands_get_clear_statuses_and_the_agent_survives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_agent_leaves_containers_running_and_the_next_one_adopts_them() {
     let registry = TestRegistry::start();
-    let mut server = server_with_agent(&registry, 3);
+    let mut server = server_with_agent(&[&registry], 3);
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
     server.kubectl_ok(&["create", "deployment", "keep", &format!("--image={}", registry.image("test-server")), "--replicas=2"]);
@@ -228,7 +249,7 @@ async fn killing_the_agent_leaves_containers_running_and_the_next_one_adopts_the
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_restart_unhealthy_containers_and_gate_readiness_and_oom_kills_are_reported() {
     let registry = TestRegistry::start();
-    let server = server_with_agent(&registry, 4);
+    let server = server_with_agent(&[&registry], 4);
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");

@@ -358,7 +358,14 @@ impl PodWorker {
             *next = Some(next.map_or(until, |n| n.min(until)));
             return;
         }
-        let image_ref = match crate::images::ensure(&self.shared, &image, c.image_pull_policy.as_deref(), sandbox_config, &object).await {
+        let auth = match crate::images::pull_auth(&self.shared.client, pod, &image).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "reading imagePullSecrets failed; pulling without them");
+                None
+            }
+        };
+        let image_ref = match crate::images::ensure(&self.shared, &image, c.image_pull_policy.as_deref(), auth, sandbox_config, &object).await {
             Ok(r) => {
                 self.backoff.reset(&pull_key);
                 r
