@@ -2,6 +2,10 @@
 //! from the namespace's objects (pods, services and claims wake it when they change;
 //! other counted kinds are recounted every five minutes, as upstream resyncs). Admission
 //! in the API server refuses creates over the limits and counts them meanwhile.
+//!
+//! Admission charges a quota just before the object is stored, so a recount can run in
+//! between and see one object too few. A recount that would lower usage is therefore
+//! written only once the quota has stayed unchanged for a second (`LOWER_AFTER`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -24,9 +28,19 @@ use krate_api::quota::{counted_resource, usage};
 use crate::Error;
 
 const RESYNC: Duration = Duration::from_secs(300);
+const LOWER_AFTER: Duration = Duration::from_secs(1);
 
 struct Context {
     client: kube::Client,
+    /// Quotas whose recount came out lower than their usage: (namespace/name) → the
+    /// quota's resourceVersion then, and when.
+    lowering: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
+}
+
+/// Whether `after` is below `before` for some resource.
+fn lowers(before: Option<&BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>, after: &BTreeMap<String, Value>) -> bool {
+    let amount = |q: Option<&str>| q.and_then(krate_api::quantity::parse).unwrap_or(0.0);
+    after.iter().any(|(k, v)| amount(v.as_str()) + 1e-9 < amount(before.and_then(|b| b.get(k)).map(|q| q.0.as_str())))
 }
 
 /// The API resource for `group/plural` (preferred version).
@@ -49,6 +63,23 @@ async fn reconcile(quota: Arc<ResourceQuota>, ctx: Arc<Context>) -> Result<Actio
         }
     }
     let used: BTreeMap<String, Value> = hard.keys().map(|k| (k.clone(), json!(format(total.get(k).unwrap_or(0.0))))).collect();
+    let key = format!("{ns}/{}", quota.name_any());
+    let rv = quota.resource_version().unwrap_or_default();
+    if lowers(quota.status.as_ref().and_then(|s| s.used.as_ref()), &used) {
+        let mut lowering = ctx.lowering.lock().unwrap();
+        match lowering.get(&key) {
+            Some((seen, since)) if *seen == rv && since.elapsed() >= LOWER_AFTER => {
+                lowering.remove(&key);
+            }
+            Some((seen, _)) if *seen == rv => return Ok(Action::requeue(LOWER_AFTER)),
+            _ => {
+                lowering.insert(key, (rv, std::time::Instant::now()));
+                return Ok(Action::requeue(LOWER_AFTER));
+            }
+        }
+    } else {
+        ctx.lowering.lock().unwrap().remove(&key);
+    }
     let status = json!({"hard": hard, "used": used});
     if serde_json::to_value(quota.status.clone().unwrap_or_default())? != status {
         let mut updated = (*quota).clone();
@@ -76,8 +107,22 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
         .watches(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default(), move |o| pods(o.namespace()))
         .watches(Api::<PartialObjectMeta<Service>>::all(client.clone()), watcher::Config::default(), move |o| services(o.namespace()))
         .watches(Api::<PartialObjectMeta<PersistentVolumeClaim>>::all(client.clone()), watcher::Config::default(), move |o| claims(o.namespace()))
-        .run(reconcile, error_policy, Arc::new(Context { client }))
+        .run(reconcile, error_policy, Arc::new(Context { client, lowering: Default::default() }))
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    #[test]
+    fn only_decreases_count_as_lowering() {
+        let before = BTreeMap::from([("pods".to_string(), Quantity("2".into())), ("requests.cpu".to_string(), Quantity("900m".into()))]);
+        assert!(lowers(Some(&before), &BTreeMap::from([("pods".to_string(), json!("1"))])));
+        assert!(!lowers(Some(&before), &BTreeMap::from([("pods".to_string(), json!("2")), ("requests.cpu".to_string(), json!("1"))])));
+        assert!(!lowers(None, &BTreeMap::from([("pods".to_string(), json!("0"))])));
+    }
 }
