@@ -254,7 +254,8 @@ async fn label_and_field_selectors() {
 
 #[tokio::test]
 async fn status_and_scale_subresources() {
-    let server = TestServer::start();
+    // API only: the deployment controller would write the status this test writes.
+    let server = TestServer::start_with(&["--disable-controllers"]);
     let deploys: Api<Deployment> = Api::namespaced(server.client().await, "default");
     let d: Deployment = serde_json::from_value(json!({
         "metadata": {"name": "web"},
