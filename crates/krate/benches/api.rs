@@ -8,16 +8,17 @@
 //!
 //! Prints a report; numbers are recorded in BENCHMARKS.md.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
+use common::BenchServer;
 
 const CONCURRENCY: usize = 32;
 
@@ -136,38 +137,14 @@ async fn store_only(dir: &Path, payloads: Arc<Vec<Vec<u8>>>) -> Stats {
     .await
 }
 
-struct Server {
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::main]
 async fn main() {
     let n: usize = std::env::var("KRATE_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let data = dir.path().join("data");
-    let child = Command::new(env!("CARGO_BIN_EXE_krate"))
-        .args(["server", "--disable-agent", "--data-dir", data.to_str().unwrap(), "--port", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start krate server");
-    let server = Server { child };
-    let kubeconfig = data.join("admin.kubeconfig");
-    while !(kubeconfig.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let config = kube::Config::from_custom_kubeconfig(Kubeconfig::read_from(&kubeconfig).unwrap(), &KubeConfigOptions::default()).await.unwrap();
-    let client = kube::Client::try_from(config).unwrap();
+    let server = BenchServer::start(&["--disable-agent"]).await;
+    let client = server.client.clone();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    let pid = server.child.id();
+    let pid = server.pid();
     println!("krate API benchmark: N = {n} ConfigMaps (~300 B each), {CONCURRENCY} concurrent clients, {} cores", std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1));
     println!("idle server RSS: {:.1} MiB", rss_mib(pid));
 

@@ -11,14 +11,16 @@
 //!
 //! `cargo bench -p krate --bench controllers`
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams, WatchEvent, WatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
+use common::{BenchServer, Killed};
 
 const ROUNDS: usize = 20;
 const QUIET: Duration = Duration::from_secs(20);
@@ -44,15 +46,6 @@ fn is_running(p: &Pod) -> bool {
     p.metadata.deletion_timestamp.is_none() && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
@@ -71,24 +64,9 @@ async fn next_running(stream: &mut (impl futures::Stream<Item = kube::Result<Wat
 
 #[tokio::main]
 async fn main() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let data = dir.path().join("data");
-    let server = Killed(
-        Command::new(env!("CARGO_BIN_EXE_krate"))
-            .args(["server", "--disable-agent", "--data-dir", data.to_str().unwrap(), "--port", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start krate server"),
-    );
-    let kubeconfig = data.join("admin.kubeconfig");
-    while !(kubeconfig.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let config = kube::Config::from_custom_kubeconfig(Kubeconfig::read_from(&kubeconfig).unwrap(), &KubeConfigOptions::default()).await.unwrap();
-    let client = kube::Client::try_from(config).unwrap();
-    let pid = server.0.id();
+    let server = BenchServer::start(&["--disable-agent"]).await;
+    let (client, kubeconfig) = (server.client.clone(), server.kubeconfig.clone());
+    let pid = server.pid();
     println!("krate controllers benchmark: {} cores", std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1));
 
     // (2) reference: the server idle with nothing in it.

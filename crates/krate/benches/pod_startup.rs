@@ -10,32 +10,23 @@
 //! plugins, docker-registry and busybox-static: ./scripts/install-deps).
 //! KRATE_BENCH_PODS, KRATE_BENCH_CONCURRENCY.
 
+mod common;
+
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
+use common::registry::TestRegistry;
+use common::BenchServer;
 use tokio::sync::{Mutex, Semaphore};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration) {
@@ -85,37 +76,16 @@ async fn ctr_reference(socket: &std::path::Path, image: &str, n: usize, concurre
 async fn main() {
     let n = env("KRATE_BENCH_PODS", 100);
     let concurrency = env("KRATE_BENCH_CONCURRENCY", 10);
-    let dir = tempfile::tempdir().unwrap();
-
-    // A registry with the test images.
-    let registry_port = free_port();
-    let registry_address = format!("127.0.0.1:{registry_port}");
-    let config = dir.path().join("registry.yml");
-    std::fs::write(&config, format!("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {registry_address}\n", dir.path().join("registry").display())).unwrap();
-    let _registry = Killed(Command::new("docker-registry").arg("serve").arg(&config).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start docker-registry"));
-    while std::net::TcpStream::connect(&registry_address).is_err() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    krate_agent::testimages::push_all(&registry_address).expect("push the test images");
-    let image = format!("{registry_address}/test-server:1");
-
-    let port = free_port();
-    let data = dir.path().join("data");
-    let server = Killed(
-        Command::new(env!("CARGO_BIN_EXE_krate"))
-            .args(["server", "--data-dir", data.to_str().unwrap(), "--port", &port.to_string(), "--node-name", "bench-node", "--bridge", "kbench0", "--pod-cidr", "10.250.0.0/24"])
-            .args(["--insecure-registry", &registry_address, "--max-pods", &(n + 10).to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start krate server"),
-    );
-    let kubeconfig = data.join("admin.kubeconfig");
-    while !(kubeconfig.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let config = kube::Config::from_custom_kubeconfig(Kubeconfig::read_from(&kubeconfig).unwrap(), &KubeConfigOptions::default()).await.unwrap();
-    let client = kube::Client::try_from(config).unwrap();
+    let registry = TestRegistry::start();
+    let image = registry.image("test-server");
+    let max_pods = (n + 10).to_string();
+    let mut server = BenchServer::start(&[
+        "--node-name", "bench-node", "--bridge", "kbench0", "--pod-cidr", "10.250.0.0/24",
+        "--insecure-registry", &registry.address, "--max-pods", &max_pods,
+    ])
+    .await;
+    let client = server.client.clone();
+    let data = server.data.clone();
     let nodes: Api<Node> = Api::all(client.clone());
     loop {
         let ready = nodes.get_opt("bench-node").await.ok().flatten().and_then(|n| n.status?.conditions).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
@@ -181,7 +151,7 @@ async fn main() {
 
     // Clean up: delete the pods, then reset the agent (containers, containerd, bridge).
     let _ = pods.delete_collection(&Default::default(), &ListParams::default()).await;
-    drop(server);
+    server.stop();
     let out = Command::new(env!("CARGO_BIN_EXE_krate")).args(["reset", "--data-dir"]).arg(&data).output().expect("krate reset");
     assert!(out.status.success(), "krate reset: {}", String::from_utf8_lossy(&out.stderr));
 }

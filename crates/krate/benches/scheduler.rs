@@ -9,16 +9,17 @@
 //! KRATE_BENCH_ANTI_PODS (default 1,000, as upstream's SchedulingPodAntiAffinity);
 //! KRATE_BENCH_SERVER_LOG=<file> keeps the server's log).
 
+mod common;
+
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::{json, Value};
+use common::BenchServer;
 use tokio::sync::{Mutex, Semaphore};
 
 const CONCURRENCY: usize = 32;
@@ -111,24 +112,8 @@ async fn run_phase(pods: &Api<Pod>, phase: &'static str, count: usize, extra: Va
 async fn main() {
     let n_nodes = env("KRATE_BENCH_NODES", 5_000);
     let n_pods = env("KRATE_BENCH_PODS", 10_000);
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let data = dir.path().join("data");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_krate"))
-        .args(["server", "--disable-agent", "--data-dir", data.to_str().unwrap(), "--port", &port.to_string(), "--watch-cache-size", "200000"])
-        .stdout(Stdio::null())
-        .stderr(match std::env::var_os("KRATE_BENCH_SERVER_LOG") {
-            Some(path) => Stdio::from(std::fs::File::create(path).expect("server log file")),
-            None => Stdio::null(),
-        })
-        .spawn()
-        .expect("start krate server");
-    let kubeconfig = data.join("admin.kubeconfig");
-    while !(kubeconfig.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let config = kube::Config::from_custom_kubeconfig(Kubeconfig::read_from(&kubeconfig).unwrap(), &KubeConfigOptions::default()).await.unwrap();
-    let client = kube::Client::try_from(config).unwrap();
+    let server = BenchServer::start(&["--disable-agent", "--watch-cache-size", "200000"]).await;
+    let client = server.client.clone();
     println!("krate scheduler benchmark: {n_nodes} nodes, {n_pods} pods per phase, {CONCURRENCY} concurrent clients, {} cores", std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1));
 
     let t = Instant::now();
@@ -169,8 +154,7 @@ async fn main() {
     println!("scheduled vs created throughput (basic): {:.2}x", basic.pods_per_sec / reference);
     println!("upstream's CI thresholds for the same shapes: 680 / 220 / 60 pods/s; krate here: {:.1}x / {:.1}x / {:.1}x",
         basic.pods_per_sec / 680.0, affinity.pods_per_sec / 220.0, anti.pods_per_sec / 60.0);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
 }
 
 /// The API's own pod create rate: pods for a scheduler that does not exist.
