@@ -17,26 +17,46 @@ pub struct Runtime<'a> {
     pub host_ip: &'a str,
 }
 
-async fn config_map(client: &kube::Client, ns: &str, name: &str, optional: bool) -> Result<BTreeMap<String, String>> {
+/// A ConfigMap's keys as bytes: `data`, and `binaryData` too when `binary` (volumes use
+/// both, the environment only `data`). Empty when it does not exist and is optional.
+pub(super) async fn config_map_bytes(client: &kube::Client, ns: &str, name: &str, optional: bool, binary: bool) -> Result<BTreeMap<String, Vec<u8>>> {
     match Api::<ConfigMap>::namespaced(client.clone(), ns).get_opt(name).await? {
-        Some(cm) => Ok(cm.data.unwrap_or_default()),
+        Some(cm) => {
+            let mut out: BTreeMap<String, Vec<u8>> = cm.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+            if binary {
+                out.extend(cm.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
+            }
+            Ok(out)
+        }
         None if optional => Ok(BTreeMap::new()),
         None => Err(anyhow!("configmap \"{name}\" not found")),
     }
 }
 
-async fn secret(client: &kube::Client, ns: &str, name: &str, optional: bool) -> Result<BTreeMap<String, String>> {
+/// A Secret's keys as bytes (`stringData`, overridden by `data`). Empty when it does not
+/// exist and is optional.
+pub(super) async fn secret_bytes(client: &kube::Client, ns: &str, name: &str, optional: bool) -> Result<BTreeMap<String, Vec<u8>>> {
     match Api::<Secret>::namespaced(client.clone(), ns).get_opt(name).await? {
         Some(s) => {
-            let mut out: BTreeMap<String, String> = s.string_data.unwrap_or_default();
-            for (k, v) in s.data.unwrap_or_default() {
-                out.insert(k, String::from_utf8_lossy(&v.0).into_owned());
-            }
+            let mut out: BTreeMap<String, Vec<u8>> = s.string_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+            out.extend(s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
             Ok(out)
         }
         None if optional => Ok(BTreeMap::new()),
         None => Err(anyhow!("secret \"{name}\" not found")),
     }
+}
+
+fn text(bytes: BTreeMap<String, Vec<u8>>) -> BTreeMap<String, String> {
+    bytes.into_iter().map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned())).collect()
+}
+
+async fn config_map(client: &kube::Client, ns: &str, name: &str, optional: bool) -> Result<BTreeMap<String, String>> {
+    Ok(text(config_map_bytes(client, ns, name, optional, false).await?))
+}
+
+async fn secret(client: &kube::Client, ns: &str, name: &str, optional: bool) -> Result<BTreeMap<String, String>> {
+    Ok(text(secret_bytes(client, ns, name, optional).await?))
 }
 
 /// The value of a `fieldRef` path.

@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Volume};
+use k8s_openapi::api::core::v1::{Container, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod, Volume};
 use kube::Api;
 
-use super::env::{field, Runtime};
+use super::env::{config_map_bytes, field, secret_bytes, Runtime};
 use crate::cri::api;
 
 /// Where the volumes of pod `uid` live.
@@ -48,28 +48,12 @@ fn key_files(data: BTreeMap<String, Vec<u8>>, items: Option<&Vec<KeyToPath>>, de
 }
 
 async fn config_map_files(client: &kube::Client, ns: &str, name: &str, items: Option<&Vec<KeyToPath>>, mode: u32, optional: bool) -> Result<Files> {
-    let data = match Api::<ConfigMap>::namespaced(client.clone(), ns).get_opt(name).await? {
-        Some(cm) => {
-            let mut d: BTreeMap<String, Vec<u8>> = cm.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
-            d.extend(cm.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
-            d
-        }
-        None if optional => BTreeMap::new(),
-        None => bail!("configmap \"{name}\" not found"),
-    };
+    let data = config_map_bytes(client, ns, name, optional, true).await?;
     key_files(data, items, mode, &format!("configmap \"{name}\""), optional)
 }
 
 async fn secret_files(client: &kube::Client, ns: &str, name: &str, items: Option<&Vec<KeyToPath>>, mode: u32, optional: bool) -> Result<Files> {
-    let data = match Api::<Secret>::namespaced(client.clone(), ns).get_opt(name).await? {
-        Some(s) => {
-            let mut d: BTreeMap<String, Vec<u8>> = s.string_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
-            d.extend(s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
-            d
-        }
-        None if optional => BTreeMap::new(),
-        None => bail!("secret \"{name}\" not found"),
-    };
+    let data = secret_bytes(client, ns, name, optional).await?;
     key_files(data, items, mode, &format!("secret \"{name}\""), optional)
 }
 
