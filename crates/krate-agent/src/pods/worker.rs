@@ -66,6 +66,18 @@ pub(super) struct PodWorker {
     probers: Probers,
 }
 
+/// The pod's running sandbox, as containers are started in it.
+struct Sandbox<'a> {
+    id: &'a str,
+    config: &'a api::PodSandboxConfig,
+    rt: &'a env::Runtime<'a>,
+}
+
+/// Asks for the next pass at `at`, unless an earlier one is already due.
+fn wake_at(next: &mut Option<Instant>, at: Instant) {
+    *next = Some(next.map_or(at, |n| n.min(at)));
+}
+
 fn nanos_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
@@ -257,6 +269,7 @@ impl PodWorker {
         let spec = pod.spec.clone().unwrap_or_default();
         let host_ip = self.shared.node_ip.clone();
         let rt = env::Runtime { pod_ip: &pod_ip, host_ip: &host_ip };
+        let sandbox = Sandbox { id: &sandbox_id, config: &sandbox_config, rt: &rt };
 
         // Init containers: one at a time, each must succeed before the next.
         let mut init_done = true;
@@ -270,13 +283,13 @@ impl PodWorker {
                     if !restarts(pod, s.exit_code) {
                         init_failed = true;
                     } else {
-                        self.restart_or_wait(pod, c, true, s, &sandbox_id, &sandbox_config, &rt, &mut next).await;
+                        self.restart_or_wait(pod, c, true, s, &sandbox, &mut next).await;
                     }
                 }
                 Some(_) => init_done = false,
                 None => {
                     init_done = false;
-                    self.start(pod, c, true, 0, &sandbox_id, &sandbox_config, &rt, &mut next).await;
+                    self.start(pod, c, true, 0, &sandbox, &mut next).await;
                 }
             }
             break;
@@ -285,9 +298,9 @@ impl PodWorker {
             for c in &spec.containers {
                 let o = observed.get(&c.name).cloned().unwrap_or_default();
                 match &o.latest {
-                    None => self.start(pod, c, false, 0, &sandbox_id, &sandbox_config, &rt, &mut next).await,
+                    None => self.start(pod, c, false, 0, &sandbox, &mut next).await,
                     Some(s) if status::is_exited(s) && restarts(pod, s.exit_code) => {
-                        self.restart_or_wait(pod, c, false, s, &sandbox_id, &sandbox_config, &rt, &mut next).await
+                        self.restart_or_wait(pod, c, false, s, &sandbox, &mut next).await
                     }
                     Some(s) => {
                         self.waiting.remove(&c.name);
@@ -304,14 +317,14 @@ impl PodWorker {
                 tracing::warn!(pod = %spec::pod_key(pod).1, error = %format!("{e:#}"), "refreshing volumes failed");
             }
             let at = Instant::now() + self.shared.sync_frequency;
-            next = Some(next.map_or(at, |n| n.min(at)));
+            wake_at(&mut next, at);
         }
         let observed = self.observe(&sandbox_id).await?;
         // containerd announces an exit before its CRI plugin records it: look again shortly.
         let exit_pending = observed.values().filter_map(|o| o.latest.as_ref()).map(|s| self.shared.exit_pending(&s.id, status::is_exited(s))).fold(false, |a, b| a | b);
         if exit_pending {
             let at = Instant::now() + Duration::from_millis(200);
-            next = Some(next.map_or(at, |n| n.min(at)));
+            wake_at(&mut next, at);
         }
         self.update_probes(pod, &observed, &pod_ip);
         self.publish(pod, &observed, init_done, init_failed, &pod_ip).await?;
@@ -321,8 +334,7 @@ impl PodWorker {
         Ok(next)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn restart_or_wait(&mut self, pod: &Pod, c: &Container, init: bool, last: &api::ContainerStatus, sandbox_id: &str, sandbox_config: &api::PodSandboxConfig, rt: &env::Runtime<'_>, next: &mut Option<Instant>) {
+    async fn restart_or_wait(&mut self, pod: &Pod, c: &Container, init: bool, last: &api::ContainerStatus, sandbox: &Sandbox<'_>, next: &mut Option<Instant>) {
         let key = format!("container/{}", c.name);
         if Duration::from_nanos((last.finished_at - last.started_at).max(0) as u64) > BACKOFF_RESET_AFTER {
             self.backoff.reset(&key);
@@ -332,7 +344,7 @@ impl PodWorker {
         match self.backoff.waiting(&key, Some(exited)) {
             None => {
                 self.backoff.bump(&key);
-                self.start(pod, c, init, status::restart_count(last) + 1, sandbox_id, sandbox_config, rt, next).await;
+                self.start(pod, c, init, status::restart_count(last) + 1, sandbox, next).await;
             }
             Some((until, delay)) => {
                 let (ns, name, uid) = spec::pod_key(pod);
@@ -341,21 +353,21 @@ impl PodWorker {
                     self.shared.events.warning(&container_ref(pod, c, init), "BackOff", "Back-off restarting failed container").await;
                 }
                 self.waiting.insert(c.name.clone(), Waiting { reason: "CrashLoopBackOff".into(), message });
-                *next = Some(next.map_or(until, |n| n.min(until)));
+                wake_at(next, until);
             }
         }
     }
 
     /// Pulls (per imagePullPolicy), creates and starts one container. Failures become
     /// the container's waiting reason and an event; back-offs set `next`.
-    #[allow(clippy::too_many_arguments)]
-    async fn start(&mut self, pod: &Pod, c: &Container, init: bool, restart_count: u32, sandbox_id: &str, sandbox_config: &api::PodSandboxConfig, rt: &env::Runtime<'_>, next: &mut Option<Instant>) {
+    async fn start(&mut self, pod: &Pod, c: &Container, init: bool, restart_count: u32, sandbox: &Sandbox<'_>, next: &mut Option<Instant>) {
+        let rt = sandbox.rt;
         let object = container_ref(pod, c, init);
         let image = c.image.clone().unwrap_or_default();
         let pull_key = format!("image/{}", c.name);
         if let Some((until, _)) = self.backoff.waiting(&pull_key, None) {
             self.waiting.insert(c.name.clone(), Waiting { reason: "ImagePullBackOff".into(), message: format!("Back-off pulling image \"{image}\"") });
-            *next = Some(next.map_or(until, |n| n.min(until)));
+            wake_at(next, until);
             return;
         }
         let auth = match crate::images::pull_auth(&self.shared.client, pod, &image).await {
@@ -365,7 +377,7 @@ impl PodWorker {
                 None
             }
         };
-        let image_ref = match crate::images::ensure(&self.shared, &image, c.image_pull_policy.as_deref(), auth, sandbox_config, &object).await {
+        let image_ref = match crate::images::ensure(&self.shared, &image, c.image_pull_policy.as_deref(), auth, sandbox.config, &object).await {
             Ok(r) => {
                 self.backoff.reset(&pull_key);
                 r
@@ -373,7 +385,7 @@ impl PodWorker {
             Err(e) => {
                 self.backoff.bump(&pull_key);
                 let until = self.backoff.waiting(&pull_key, None).map_or(Instant::now() + BACKOFF_START, |(until, _)| until);
-                *next = Some(next.map_or(until, |n| n.min(until)));
+                wake_at(next, until);
                 self.waiting.insert(c.name.clone(), Waiting { reason: "ErrImagePull".into(), message: format!("{e:#}") });
                 return;
             }
@@ -384,19 +396,13 @@ impl PodWorker {
                 let message = format!("{e:#}");
                 self.shared.events.warning(&reference(pod, None), "FailedMount", &message).await;
                 self.waiting.insert(c.name.clone(), Waiting { reason: "ContainerCreating".into(), message });
-                *next = Some(Instant::now() + BACKOFF_START);
+                wake_at(next, Instant::now() + BACKOFF_START);
                 return;
             }
         };
         let mut mounts = match volumes::mounts(c, &volumes) {
             Ok(m) => m,
-            Err(e) => {
-                let message = format!("{e:#}");
-                self.shared.events.warning(&object, "Failed", &format!("Error: {message}")).await;
-                self.waiting.insert(c.name.clone(), Waiting { reason: "CreateContainerConfigError".into(), message });
-                *next = Some(Instant::now() + BACKOFF_START);
-                return;
-            }
+            Err(e) => return self.not_created(&object, c, "CreateContainerConfigError", format!("{e:#}"), next).await,
         };
         match volumes::termination_log(&self.shared.volume_root, &self.uid, c, restart_count) {
             Ok(m) => mounts.push(m),
@@ -404,29 +410,17 @@ impl PodWorker {
         }
         let env = match env::resolve(&self.shared.client, pod, c, rt).await {
             Ok(env) => env,
-            Err(e) => {
-                let message = format!("{e:#}");
-                self.shared.events.warning(&object, "Failed", &format!("Error: {message}")).await;
-                self.waiting.insert(c.name.clone(), Waiting { reason: "CreateContainerConfigError".into(), message });
-                *next = Some(Instant::now() + BACKOFF_START);
-                return;
-            }
+            Err(e) => return self.not_created(&object, c, "CreateContainerConfigError", format!("{e:#}"), next).await,
         };
         let plan = spec::ContainerPlan { pod, container: c, image_ref, restart_count, env, mounts };
         let created = self
             .cri()
             .runtime
-            .create_container(api::CreateContainerRequest { pod_sandbox_id: sandbox_id.to_string(), config: Some(plan.config()), sandbox_config: Some(sandbox_config.clone()) })
+            .create_container(api::CreateContainerRequest { pod_sandbox_id: sandbox.id.to_string(), config: Some(plan.config()), sandbox_config: Some(sandbox.config.clone()) })
             .await;
         let id = match created {
             Ok(r) => r.into_inner().container_id,
-            Err(e) => {
-                let message = e.message().to_string();
-                self.shared.events.warning(&object, "Failed", &format!("Error: {message}")).await;
-                self.waiting.insert(c.name.clone(), Waiting { reason: "CreateContainerError".into(), message });
-                *next = Some(Instant::now() + BACKOFF_START);
-                return;
-            }
+            Err(e) => return self.not_created(&object, c, "CreateContainerError", e.message().to_string(), next).await,
         };
         self.shared.own(&id, &self.uid);
         self.shared.events.normal(&object, "Created", &format!("Created container {}", c.name)).await;
@@ -499,6 +493,14 @@ impl PodWorker {
         if let Err(e) = self.cri().runtime.stop_container(api::StopContainerRequest { container_id: s.id.clone(), timeout: grace }).await {
             tracing::warn!(container = %s.id, error = %e.message(), "stopping an unhealthy container failed");
         }
+    }
+
+    /// A container that could not be created this pass: a Failed event, its waiting
+    /// reason, and another try after the first back-off step.
+    async fn not_created(&mut self, object: &ObjectReference, c: &Container, reason: &str, message: String, next: &mut Option<Instant>) {
+        self.shared.events.warning(object, "Failed", &format!("Error: {message}")).await;
+        self.waiting.insert(c.name.clone(), Waiting { reason: reason.into(), message });
+        wake_at(next, Instant::now() + BACKOFF_START);
     }
 
     async fn publish(&mut self, pod: &Pod, observed: &HashMap<String, Observed>, init_done: bool, init_failed: bool, pod_ip: &str) -> Result<()> {
