@@ -41,6 +41,19 @@ impl Cri {
         Ok((cri, version))
     }
 
+    /// The sandboxes labelled `key=value`.
+    pub async fn sandboxes_labelled(&mut self, key: &str, value: &str) -> Result<Vec<api::PodSandbox>, tonic::Status> {
+        let filter = api::PodSandboxFilter { label_selector: std::collections::HashMap::from([(key.to_string(), value.to_string())]), ..Default::default() };
+        Ok(self.runtime.list_pod_sandbox(api::ListPodSandboxRequest { filter: Some(filter) }).await?.into_inner().items)
+    }
+
+    /// Stops a sandbox (killing its containers) and removes it with them.
+    pub async fn remove_sandbox(&mut self, id: &str) -> Result<(), tonic::Status> {
+        // A sandbox that is already stopped (or half gone) is still removed.
+        let _ = self.runtime.stop_pod_sandbox(api::StopPodSandboxRequest { pod_sandbox_id: id.to_string() }).await;
+        self.runtime.remove_pod_sandbox(api::RemovePodSandboxRequest { pod_sandbox_id: id.to_string() }).await.map(|_| ())
+    }
+
     /// containerd's event stream for `namespace`, filtered to task exits and OOMs.
     pub async fn task_events(&self, namespace: &str) -> Result<tonic::Streaming<events::Envelope>> {
         let mut grpc = tonic::client::Grpc::new(self.channel.clone());

@@ -148,18 +148,11 @@ pub async fn reset(dir: &std::path::Path) -> Result<()> {
     let containerd_dir = dir.join("containerd");
     let socket = endpoint.clone().unwrap_or_else(|| containerd_dir.join("containerd.sock"));
     if let Ok((mut cri, _)) = cri::Cri::connect(&socket).await {
-        let filter = cri::api::PodSandboxFilter {
-            label_selector: std::collections::HashMap::from([(pods::spec::MANAGED_BY.to_string(), pods::spec::MANAGED_BY_AGENT.to_string())]),
-            ..Default::default()
-        };
-        let sandboxes = cri.runtime.list_pod_sandbox(cri::api::ListPodSandboxRequest { filter: Some(filter) }).await?.into_inner().items;
+        let sandboxes = cri.sandboxes_labelled(pods::spec::MANAGED_BY, pods::spec::MANAGED_BY_AGENT).await?;
         // All at once: each stop waits for its containers.
         let removals = sandboxes.into_iter().map(|s| {
             let mut cri = cri.clone();
-            async move {
-                let _ = cri.runtime.stop_pod_sandbox(cri::api::StopPodSandboxRequest { pod_sandbox_id: s.id.clone() }).await;
-                cri.runtime.remove_pod_sandbox(cri::api::RemovePodSandboxRequest { pod_sandbox_id: s.id.clone() }).await.with_context(|| format!("removing pod sandbox {}", s.id))
-            }
+            async move { cri.remove_sandbox(&s.id).await.with_context(|| format!("removing pod sandbox {}", s.id)) }
         });
         for result in futures::future::join_all(removals).await {
             result?;

@@ -21,7 +21,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use tokio::sync::{watch, Notify};
 
-use crate::cri::{api, Cri};
+use crate::cri::Cri;
 
 struct WorkerHandle {
     pod: watch::Sender<Option<Arc<Pod>>>,
@@ -110,9 +110,8 @@ impl Shared {
 
     /// Removes sandboxes (and their containers) of pods this agent has no worker for.
     async fn remove_orphans(&self) -> Result<()> {
-        let filter = api::PodSandboxFilter { label_selector: HashMap::from([(spec::MANAGED_BY.to_string(), spec::MANAGED_BY_AGENT.to_string())]), ..Default::default() };
         let mut cri = self.cri.clone();
-        let sandboxes = cri.runtime.list_pod_sandbox(api::ListPodSandboxRequest { filter: Some(filter) }).await?.into_inner().items;
+        let sandboxes = cri.sandboxes_labelled(spec::MANAGED_BY, spec::MANAGED_BY_AGENT).await?;
         let known: HashSet<String> = self.workers.lock().unwrap().keys().cloned().collect();
         for s in sandboxes {
             let uid = s.labels.get(spec::POD_UID).cloned().unwrap_or_default();
@@ -120,8 +119,7 @@ impl Shared {
                 continue;
             }
             tracing::info!(sandbox = %s.id, pod_uid = %uid, "removing the sandbox of a pod that no longer exists");
-            let _ = cri.runtime.stop_pod_sandbox(api::StopPodSandboxRequest { pod_sandbox_id: s.id.clone() }).await;
-            let _ = cri.runtime.remove_pod_sandbox(api::RemovePodSandboxRequest { pod_sandbox_id: s.id }).await;
+            let _ = cri.remove_sandbox(&s.id).await;
         }
         Ok(())
     }

@@ -164,8 +164,7 @@ impl PodWorker {
     }
 
     async fn sandboxes(&self) -> Result<Vec<api::PodSandbox>> {
-        let filter = api::PodSandboxFilter { label_selector: HashMap::from([(spec::POD_UID.to_string(), self.uid.clone())]), ..Default::default() };
-        let mut list = self.cri().runtime.list_pod_sandbox(api::ListPodSandboxRequest { filter: Some(filter) }).await?.into_inner().items;
+        let mut list = self.cri().sandboxes_labelled(spec::POD_UID, &self.uid).await?;
         list.sort_by_key(|s| s.created_at);
         Ok(list)
     }
@@ -238,8 +237,7 @@ impl PodWorker {
     }
 
     async fn remove_sandbox(&self, id: &str) {
-        let _ = self.cri().runtime.stop_pod_sandbox(api::StopPodSandboxRequest { pod_sandbox_id: id.to_string() }).await;
-        if let Err(e) = self.cri().runtime.remove_pod_sandbox(api::RemovePodSandboxRequest { pod_sandbox_id: id.to_string() }).await {
+        if let Err(e) = self.cri().remove_sandbox(id).await {
             tracing::warn!(sandbox = %id, error = %e.message(), "removing a pod sandbox failed");
         }
         self.shared.disown(id);
