@@ -13,6 +13,8 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{json, Value};
 
+use krate_client::now;
+
 use crate::network::Cidr;
 
 pub const MANAGER: &str = "krate-agent";
@@ -44,6 +46,11 @@ pub fn filesystem_bytes(path: &Path) -> Option<(u64, u64)> {
     (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0).then(|| (st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize))
 }
 
+/// This machine's architecture as Kubernetes and OCI name it (`amd64`, `arm64`).
+pub fn arch() -> String {
+    std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64")
+}
+
 fn meminfo(field: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     text.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.trim().strip_suffix(" kB")?.trim().parse::<u64>().ok()).map(|kb| kb * 1024)
@@ -56,10 +63,6 @@ fn read_trimmed(path: &str) -> String {
 fn os_image() -> String {
     let text = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
     text.lines().find_map(|l| l.strip_prefix("PRETTY_NAME=")).map(|v| v.trim_matches('"').to_string()).unwrap_or_else(|| "Linux".into())
-}
-
-fn now() -> String {
-    jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default()
 }
 
 /// The machine's pressure conditions: (type, under pressure, reason, message).
@@ -99,7 +102,7 @@ pub fn status(settings: &NodeSettings, runtime_version: &str) -> Value {
         "nodeInfo": {
             "kubeletVersion": settings.agent_version, "kubeProxyVersion": "", "containerRuntimeVersion": runtime_version,
             "osImage": os_image(), "kernelVersion": read_trimmed("/proc/sys/kernel/osrelease"), "operatingSystem": "linux",
-            "architecture": std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"),
+            "architecture": arch(),
             "machineID": read_trimmed("/etc/machine-id"), "systemUUID": read_trimmed("/sys/class/dmi/id/product_uuid"), "bootID": read_trimmed("/proc/sys/kernel/random/boot_id"),
         },
     })
@@ -112,7 +115,7 @@ pub async fn register(client: &kube::Client, settings: &NodeSettings, runtime_ve
     let mut labels = settings.labels.clone();
     labels.insert("kubernetes.io/hostname".into(), settings.name.clone());
     labels.insert("kubernetes.io/os".into(), "linux".into());
-    labels.insert("kubernetes.io/arch".into(), std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"));
+    labels.insert("kubernetes.io/arch".into(), arch());
     let node: Node = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": settings.name, "labels": labels},

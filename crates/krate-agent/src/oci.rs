@@ -91,7 +91,7 @@ impl Image {
             config["WorkingDir"] = json!(dir);
         }
         let config = serde_json::to_vec(&json!({
-            "architecture": std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"),
+            "architecture": crate::node::arch(),
             "os": "linux",
             "config": config,
             "rootfs": {"type": "layers", "diff_ids": [layer_digest]},

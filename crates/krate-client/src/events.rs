@@ -11,6 +11,8 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio::sync::Mutex;
 
+use crate::now;
+
 /// Distinct events remembered for counting repeats (older ones are forgotten).
 const REMEMBERED: usize = 4096;
 
@@ -24,10 +26,6 @@ pub struct Recorder {
     client: kube::Client,
     component: String,
     seen: Arc<Mutex<HashMap<EventKey, Written>>>,
-}
-
-fn now() -> String {
-    jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default()
 }
 
 impl Recorder {

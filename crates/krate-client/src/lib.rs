@@ -3,6 +3,11 @@
 pub mod events;
 pub mod node_lease;
 
+/// The current time as the API writes timestamps (RFC 3339, whole seconds).
+pub fn now() -> String {
+    jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default()
+}
+
 /// Runs `work` forever, starting it again a second after it stops or fails, so that one
 /// failing component (watches ended, discovery not ready) does not stop the others.
 pub async fn supervised<F, Fut>(what: &str, work: F)

@@ -95,7 +95,7 @@ async fn scaled_event(ctx: &Context, d: &Deployment, rs: &str, from: i32, to: i3
 }
 
 fn condition(type_: &str, status: &str, reason: &str, message: &str) -> Value {
-    let now = jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default();
+    let now = krate_client::now();
     json!({"type": type_, "status": status, "reason": reason, "message": message, "lastUpdateTime": now, "lastTransitionTime": now})
 }
 

@@ -21,10 +21,6 @@ use tokio::time::Instant;
 
 pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
 
-fn now_string() -> String {
-    jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default()
-}
-
 /// When the lease stops counting as fresh.
 fn expiry(lease: &Lease, grace: Duration) -> Option<Instant> {
     let renewed = lease.spec.as_ref()?.renew_time.as_ref()?.0;
@@ -71,12 +67,12 @@ async fn mark_unreachable(client: &kube::Client, node: &Node, reachable: bool) -
                 v["status"] = json!("True");
                 v["reason"] = json!("KubeletReady");
                 v["message"] = json!("the node's lease is being renewed again");
-                v["lastTransitionTime"] = json!(now_string());
+                v["lastTransitionTime"] = json!(krate_client::now());
             } else if !reachable {
                 v["status"] = json!("Unknown");
                 v["reason"] = json!("NodeStatusUnknown");
                 v["message"] = json!("Kubelet stopped posting node status.");
-                v["lastTransitionTime"] = json!(now_string());
+                v["lastTransitionTime"] = json!(krate_client::now());
             }
             v
         })

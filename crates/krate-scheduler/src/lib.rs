@@ -275,7 +275,7 @@ async fn preempt(io: &Io, preemptor: &Pod, plan: preemption::Plan) {
     for victim in &plan.victims {
         let api: Api<Pod> = Api::namespaced(client.clone(), victim.metadata.namespace.as_deref().unwrap_or_default());
         let name = victim.metadata.name.clone().unwrap_or_default();
-        let now = jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default();
+        let now = krate_client::now();
         let condition = json!({"status": {"conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
             "message": format!("{DEFAULT_SCHEDULER}: preempting to accommodate a higher priority pod"), "lastTransitionTime": now}]}});
         let _ = api.patch_status(&name, &PatchParams::default(), &Patch::Strategic(condition)).await;
@@ -294,7 +294,7 @@ async fn preempt(io: &Io, preemptor: &Pod, plan: preemption::Plan) {
 async fn mark_unschedulable(io: &Io, pod: &Pod, message: &str) {
     let client = &io.client;
     let api: Api<Pod> = Api::namespaced(client.clone(), pod.metadata.namespace.as_deref().unwrap_or_default());
-    let now = jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default();
+    let now = krate_client::now();
     let mut conditions: Vec<serde_json::Value> =
         pod.status.as_ref().and_then(|s| s.conditions.as_ref()).map(|c| c.iter().filter(|c| c.type_ != "PodScheduled").filter_map(|c| serde_json::to_value(c).ok()).collect()).unwrap_or_default();
     conditions.push(json!({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message, "lastProbeTime": null, "lastTransitionTime": now}));

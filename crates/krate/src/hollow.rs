@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
-use krate_client::node_lease;
+use krate_client::{node_lease, now};
 use serde_json::json;
 use tokio::sync::Mutex;
 
@@ -49,10 +49,6 @@ pub struct HollowArgs {
     /// Extra node labels, `key=value` (repeatable).
     #[arg(long = "label")]
     pub labels: Vec<String>,
-}
-
-fn now() -> String {
-    jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default()
 }
 
 struct Hollow {
