@@ -41,10 +41,22 @@ impl Cri {
         Ok((cri, version))
     }
 
-    /// The sandboxes labelled `key=value`.
-    pub async fn sandboxes_labelled(&mut self, key: &str, value: &str) -> Result<Vec<api::PodSandbox>, tonic::Status> {
-        let filter = api::PodSandboxFilter { label_selector: std::collections::HashMap::from([(key.to_string(), value.to_string())]), ..Default::default() };
+    /// The sandboxes carrying all of `labels`.
+    pub async fn sandboxes_labelled(&mut self, labels: &[(&str, &str)]) -> Result<Vec<api::PodSandbox>, tonic::Status> {
+        let filter = api::PodSandboxFilter { label_selector: selector(labels), ..Default::default() };
         Ok(self.runtime.list_pod_sandbox(api::ListPodSandboxRequest { filter: Some(filter) }).await?.into_inner().items)
+    }
+
+    /// The containers carrying all of `labels`, latest attempt first.
+    pub async fn containers_labelled(&mut self, labels: &[(&str, &str)]) -> Result<Vec<api::Container>, tonic::Status> {
+        self.containers(api::ContainerFilter { label_selector: selector(labels), ..Default::default() }).await
+    }
+
+    /// The containers `filter` selects, latest attempt first.
+    pub async fn containers(&mut self, filter: api::ContainerFilter) -> Result<Vec<api::Container>, tonic::Status> {
+        let mut list = self.runtime.list_containers(api::ListContainersRequest { filter: Some(filter) }).await?.into_inner().containers;
+        list.sort_by_key(|c| std::cmp::Reverse(c.metadata.as_ref().map(|m| m.attempt).unwrap_or(0)));
+        Ok(list)
     }
 
     /// Stops a sandbox (killing its containers) and removes it with them.
@@ -65,6 +77,10 @@ impl Cri {
         let codec = tonic_prost::ProstCodec::<events::SubscribeRequest, events::Envelope>::default();
         Ok(grpc.server_streaming(tonic::Request::new(request), path, codec).await.context("subscribing to containerd's events")?.into_inner())
     }
+}
+
+fn selector(labels: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+    labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 /// The few messages of containerd's events API (`containerd/api/services/events/v1` and

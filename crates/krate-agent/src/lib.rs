@@ -6,7 +6,9 @@
 //! Rooms: `containerd.rs` (the supervised runtime), `cri.rs` (the gRPC client and
 //! containerd's events), `network.rs` (bridge CNI and nftables), `node.rs` (Node and
 //! Lease), `images.rs` (pulls, the sandbox image, air-gap imports), `oci.rs` (building
-//! images), `pods/` (the per-pod workers, CRI configs, status).
+//! images), `pods/` (the per-pod workers, CRI configs, status), `server.rs` (the HTTPS
+//! API the API server calls), `logs.rs` and `streaming/` (logs, exec, attach,
+//! port-forward).
 
 pub mod containerd;
 pub mod cri;
@@ -17,6 +19,7 @@ pub mod node;
 pub mod oci;
 pub mod pods;
 pub mod server;
+pub mod streaming;
 pub mod testimages;
 
 use std::path::PathBuf;
@@ -148,7 +151,7 @@ pub async fn reset(dir: &std::path::Path) -> Result<()> {
     let containerd_dir = dir.join("containerd");
     let socket = endpoint.clone().unwrap_or_else(|| containerd_dir.join("containerd.sock"));
     if let Ok((mut cri, _)) = cri::Cri::connect(&socket).await {
-        let sandboxes = cri.sandboxes_labelled(pods::spec::MANAGED_BY, pods::spec::MANAGED_BY_AGENT).await?;
+        let sandboxes = cri.sandboxes_labelled(&[(pods::spec::MANAGED_BY, pods::spec::MANAGED_BY_AGENT)]).await?;
         // All at once: each stop waits for its containers.
         let removals = sandboxes.into_iter().map(|s| {
             let mut cri = cri.clone();

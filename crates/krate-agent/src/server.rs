@@ -1,10 +1,10 @@
 //! The agent's HTTPS API, on upstream's kubelet port (10250): what the API server
-//! proxies to for `kubectl logs` (`/containerLogs/{namespace}/{pod}/{container}`), plus
-//! `/healthz`. The serving certificate is self-signed (as a kubelet's is by default, and
+//! proxies to for `kubectl logs` (`/containerLogs/{namespace}/{pod}/{container}`),
+//! `exec`/`attach` (`/exec|attach/{namespace}/{pod}/{container}`) and `port-forward`
+//! (`/portForward/{namespace}/{pod}`), plus `/healthz`. The serving certificate is self-signed (as a kubelet's is by default, and
 //! the API server does not verify it unless told to); clients must present a
 //! certificate signed by the cluster CA.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -22,6 +22,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use crate::cri::{api, Cri};
 use crate::logs::{self, LogOptions};
 use crate::pods::spec;
+use crate::streaming;
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -62,7 +63,7 @@ pub async fn serve(addr: SocketAddr, tls: Arc<rustls::ServerConfig>, cri: Cri) -
                 let cri = cri.clone();
                 async move { Ok::<_, Infallible>(handle(req, cri).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades().await;
         });
     }
 }
@@ -75,12 +76,15 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
 }
 
 async fn handle(req: Request<Incoming>, cri: Cri) -> Response<Body> {
-    if req.method() != http::Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
-    }
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or_default().to_string();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if let Some((action, ns, pod, container)) = streaming::route(&parts) {
+        return streaming::serve(req, cri, action, &ns, &pod, container.as_deref()).await;
+    }
+    if req.method() != http::Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    }
     match parts.as_slice() {
         ["healthz"] => text(StatusCode::OK, "ok"),
         ["containerLogs", ns, pod, container] => container_logs(cri, ns, pod, container, &query).await,
@@ -93,17 +97,10 @@ async fn container_logs(mut cri: Cri, ns: &str, pod: &str, container: &str, quer
         Ok(o) => o,
         Err(e) => return text(StatusCode::BAD_REQUEST, e),
     };
-    let labels = HashMap::from([
-        (spec::POD_NAMESPACE.to_string(), ns.to_string()),
-        (spec::POD_NAME.to_string(), pod.to_string()),
-        (spec::CONTAINER_NAME.to_string(), container.to_string()),
-    ]);
-    let filter = api::ContainerFilter { label_selector: labels, ..Default::default() };
-    let mut list = match cri.runtime.list_containers(api::ListContainersRequest { filter: Some(filter) }).await {
-        Ok(r) => r.into_inner().containers,
+    let list = match cri.containers_labelled(&[(spec::POD_NAMESPACE, ns), (spec::POD_NAME, pod), (spec::CONTAINER_NAME, container)]).await {
+        Ok(list) => list,
         Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, e.message().to_string()),
     };
-    list.sort_by_key(|c| std::cmp::Reverse(c.metadata.as_ref().map(|m| m.attempt).unwrap_or(0)));
     let target = if opts.previous { list.get(1) } else { list.first() };
     let Some(target) = target else {
         return if opts.previous {

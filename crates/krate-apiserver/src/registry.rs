@@ -64,6 +64,17 @@ pub enum Subresource {
     Eviction,
     /// `pods/log`: read from the pod's node agent, never written.
     Log,
+    /// `pods/exec`, `pods/attach`, `pods/portforward`: connections upgraded through to the
+    /// pod's node agent.
+    Connect(Connect),
+}
+
+/// The streaming subresources of pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Connect {
+    Exec,
+    Attach,
+    PortForward,
 }
 
 /// The resource a request addresses.
@@ -601,7 +612,7 @@ impl Storage {
                 }
                 new
             }
-            Subresource::Scale | Subresource::Binding | Subresource::Eviction | Subresource::Log => unreachable!("scale, binding, eviction and log have their own paths"),
+            Subresource::Scale | Subresource::Binding | Subresource::Eviction | Subresource::Log | Subresource::Connect(_) => unreachable!("scale, binding, eviction, log and connect have their own paths"),
         };
         object::set(&mut new, &["metadata", "resourceVersion"], get(current, &["metadata", "resourceVersion"]).cloned().unwrap_or(Value::Null));
         if kind.generation && sub == Subresource::Main && spec_changed(&new, current) {

@@ -14,6 +14,7 @@ use common::{eventually, TestServer};
 use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 
 /// A server whose agent gets a bridge and pod CIDR of its own (`n` tells tests apart),
 /// pulling from `registries` over plain HTTP.
@@ -417,4 +418,119 @@ async fn volumes_and_environment_reach_the_container_and_follow_their_objects() 
     assert!(!mounts.contains(&uid), "the pod's tmpfs is unmounted");
     assert!(!server.data_dir().join("agent/volumes").join(&uid).exists(), "the pod's volumes are removed");
     assert_eq!(std::fs::read_to_string(host_dir.path().join("pre-stop")).unwrap(), "stopping\n", "the preStop hook ran before the stop");
+}
+
+/// Runs kubectl with `env` set, feeding `stdin`.
+fn kubectl_env(server: &TestServer, env: &[(&str, &str)], args: &[&str], stdin: &str) -> std::process::Output {
+    let mut child = std::process::Command::new(common::kubectl_path())
+        .args(args)
+        .env("KUBECONFIG", server.kubeconfig())
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `kubectl port-forward` (`env` picks WebSocket or SPDY) to `pod`'s 8080 on a free
+/// local port: one HTTP GET through it.
+fn through_port_forward(server: &TestServer, env: &[(&str, &str)], pod: &str, path: &str) -> String {
+    let port = common::free_port();
+    let mut child = std::process::Command::new(common::kubectl_path())
+        .args(["port-forward", pod, &format!("{port}:8080")])
+        .env("KUBECONFIG", server.kubeconfig())
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run kubectl port-forward");
+    // kubectl says "Forwarding from 127.0.0.1:<port> -> 8080" once it listens.
+    // Its stdout stays open: it reports each connection there.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let body = http_get("127.0.0.1", port, path);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.starts_with("Forwarding from"), "{line:?}");
+    body.unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_attach_cp_and_port_forward_reach_containers_through_the_api_server() {
+    let registry = TestRegistry::start();
+    let server = server_with_agent(&[&registry], 6);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    server.kubectl_ok(&["run", "shell", &format!("--image={}", registry.image("busybox")), "--labels=app=shell", "--", "sleep", "3600"]);
+    server.kubectl_ok(&["run", "web", &format!("--image={}", registry.image("test-server")), "--labels=app=web"]);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    running_pods(&pods, "app=shell", 1).await;
+    running_pods(&pods, "app=web", 1).await;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+
+    // exec over WebSocket (kubectl's default) and over SPDY (its fallback): separate
+    // stdout and stderr, stdin up to its end, and the exit code.
+    for env in [&[][..], &[("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")][..]] {
+        let out = kubectl_env(&server, env, &["exec", "-i", "shell", "--", "sh", "-c", "wc -c; echo to-stderr >&2; exit 3"], "twelve bytes");
+        assert_eq!(out.status.code(), Some(3), "{env:?}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), "12", "{env:?}");
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains("to-stderr") && stderr.contains("command terminated with exit code 3"), "{env:?}: {stderr}");
+    }
+    // With a terminal (-it): the shell sees a tty and its exit code comes back.
+    let script = format!("KUBECONFIG={} {} exec -it shell -- sh", server.kubeconfig().display(), common::kubectl_path().display());
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &script, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("script (util-linux) runs kubectl on a terminal");
+    child.stdin.take().unwrap().write_all(b"tty; echo answer=$((6*7)); exit 4\n").unwrap();
+    let tty = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    let shown = text(&tty.stdout);
+    assert!(shown.contains("/dev/pts/") && shown.contains("answer=42"), "{shown}");
+    assert_eq!(tty.status.code(), Some(4), "{shown}");
+
+    // kubectl cp both ways (tar through exec, stdin closed at the end of the archive).
+    let local = tempfile::tempdir().unwrap();
+    std::fs::write(local.path().join("in.txt"), "copied in\n").unwrap();
+    server.kubectl_ok(&["cp", local.path().join("in.txt").to_str().unwrap(), "shell:/tmp/in.txt"]);
+    assert_eq!(server.kubectl_ok(&["exec", "shell", "--", "cat", "/tmp/in.txt"]), "copied in\n");
+    server.kubectl_ok(&["cp", "shell:/tmp/in.txt", local.path().join("back.txt").to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(local.path().join("back.txt")).unwrap(), "copied in\n");
+
+    // attach: `kubectl run -i` attaches to the new container's stdin and output.
+    let out = kubectl_env(&server, &[], &["run", "reader", "-i", "--rm", "--restart=Never", &format!("--image={}", registry.image("busybox")), "--", "sh", "-c", "read x; echo got $x"], "typed\n");
+    assert!(text(&out.stdout).contains("got typed"), "stdout: {}\nstderr: {}", text(&out.stdout), text(&out.stderr));
+
+    // port-forward over WebSocket (SPDY tunnelled) and plain SPDY.
+    for env in [&[][..], &[("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")][..]] {
+        assert_eq!(through_port_forward(&server, env, "pod/web", "/hello"), "web /hello", "{env:?}");
+    }
+
+    // kube-rs: exec and port-forward over WebSocket channels (v5 and v4's framing).
+    let mut exec = pods.exec("shell", ["sh", "-c", "read line; echo kube-rs says $line"], &kube::api::AttachParams::default().stdin(true).stderr(false)).await.unwrap();
+    exec.stdin().unwrap().write_all(b"hi\n").await.unwrap();
+    let mut output = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut exec.stdout().unwrap(), &mut output).await.unwrap();
+    assert_eq!(output, "kube-rs says hi\n");
+    let status = exec.take_status().unwrap().await.unwrap();
+    assert_eq!(status.status.as_deref(), Some("Success"), "{status:?}");
+    let mut forwarder = pods.portforward("web", &[8080]).await.unwrap();
+    let mut stream = forwarder.take_stream(8080).unwrap();
+    stream.write_all(b"GET /kube-rs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response).await.unwrap();
+    assert!(response.ends_with("web /kube-rs"), "{response}");
+
+    // Bad requests: a container the pod lacks, a command the image lacks.
+    let out = server.kubectl(&["exec", "shell", "-c", "nope", "--", "true"]);
+    assert!(text(&out.stderr).contains("container nope is not valid for pod shell"), "{}", text(&out.stderr));
+    let out = server.kubectl(&["exec", "shell", "--", "/no/such/command"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no such file or directory"), "{}", text(&out.stderr));
 }

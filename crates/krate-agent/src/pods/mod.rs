@@ -111,7 +111,7 @@ impl Shared {
     /// Removes sandboxes (and their containers) of pods this agent has no worker for.
     async fn remove_orphans(&self) -> Result<()> {
         let mut cri = self.cri.clone();
-        let sandboxes = cri.sandboxes_labelled(spec::MANAGED_BY, spec::MANAGED_BY_AGENT).await?;
+        let sandboxes = cri.sandboxes_labelled(&[(spec::MANAGED_BY, spec::MANAGED_BY_AGENT)]).await?;
         let known: HashSet<String> = self.workers.lock().unwrap().keys().cloned().collect();
         for s in sandboxes {
             let uid = s.labels.get(spec::POD_UID).cloned().unwrap_or_default();

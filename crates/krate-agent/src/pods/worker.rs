@@ -164,7 +164,7 @@ impl PodWorker {
     }
 
     async fn sandboxes(&self) -> Result<Vec<api::PodSandbox>> {
-        let mut list = self.cri().sandboxes_labelled(spec::POD_UID, &self.uid).await?;
+        let mut list = self.cri().sandboxes_labelled(&[(spec::POD_UID, &self.uid)]).await?;
         list.sort_by_key(|s| s.created_at);
         Ok(list)
     }
@@ -172,8 +172,7 @@ impl PodWorker {
     /// The latest two attempts of each container in `sandbox_id`, by name.
     async fn observe(&self, sandbox_id: &str) -> Result<HashMap<String, Observed>> {
         let filter = api::ContainerFilter { pod_sandbox_id: sandbox_id.to_string(), ..Default::default() };
-        let mut list = self.cri().runtime.list_containers(api::ListContainersRequest { filter: Some(filter) }).await?.into_inner().containers;
-        list.sort_by_key(|c| std::cmp::Reverse(c.metadata.as_ref().map(|m| m.attempt).unwrap_or(0)));
+        let list = self.cri().containers(filter).await?;
         let mut out: HashMap<String, Observed> = HashMap::new();
         let mut stale = Vec::new();
         for c in list {
@@ -574,11 +573,7 @@ impl PodWorker {
     /// sandboxes with them.
     async fn teardown(&mut self, grace: i64) {
         let Ok(sandboxes) = self.sandboxes().await else { return };
-        let filter = api::ContainerFilter { label_selector: HashMap::from([(spec::POD_UID.to_string(), self.uid.clone())]), ..Default::default() };
-        let containers = match self.cri().runtime.list_containers(api::ListContainersRequest { filter: Some(filter) }).await {
-            Ok(r) => r.into_inner().containers,
-            Err(_) => Vec::new(),
-        };
+        let containers = self.cri().containers_labelled(&[(spec::POD_UID, &self.uid)]).await.unwrap_or_default();
         let pod = self.last.clone();
         let pod_ip = pod.as_ref().and_then(|p| p.status.as_ref()?.pod_ip.clone()).unwrap_or_default();
         let deadline = Instant::now() + Duration::from_secs(grace.max(0) as u64);

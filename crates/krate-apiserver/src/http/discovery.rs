@@ -76,6 +76,9 @@ pub fn api_resources(k: &KindInfo) -> Vec<Value> {
     if k.plural == "pods" && k.group.is_empty() {
         out.push(sub("binding", "Binding", &["create"]));
         out.push(sub("log", "Pod", &["get"]));
+        out.push(sub("exec", "PodExecOptions", &["create", "get"]));
+        out.push(sub("attach", "PodAttachOptions", &["create", "get"]));
+        out.push(sub("portforward", "PodPortForwardOptions", &["create", "get"]));
         let mut eviction = sub("eviction", "Eviction", &["create"]);
         eviction["group"] = json!("policy");
         eviction["version"] = json!("v1");

@@ -204,6 +204,9 @@ fn subresource(kind: &KindInfo, path: &ResourcePath) -> ApiResult<Subresource> {
         Some("binding") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Binding),
         Some("eviction") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Eviction),
         Some("log") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Log),
+        Some("exec") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Connect(registry::Connect::Exec)),
+        Some("attach") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Connect(registry::Connect::Attach)),
+        Some("portforward") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Connect(registry::Connect::PortForward)),
         Some(_) => Err(not_found()),
     }
 }
@@ -367,6 +370,12 @@ async fn resource_request(
     let scope = Scope { kind: kind.clone(), namespace: path.namespace.clone() };
     let storage = &server.storage;
     let not_allowed = || ApiError::method_not_allowed("the server does not allow this method on the requested resource");
+    if let (Subresource::Connect(action), Some(name)) = (sub, path.name.as_deref()) {
+        if method != Method::GET && method != Method::POST {
+            return Err(not_allowed());
+        }
+        return nodeproxy::connect(server, &scope, name, action, &query, req).await;
+    }
     let verb = match (&method, path.name.as_deref()) {
         (&Method::GET, None) if flag(&query, "watch") => "watch",
         (&Method::GET, None) => "list",

@@ -1,7 +1,10 @@
-//! Requests the API server forwards to a node's agent: `pods/log` today. The pod names
-//! its node; the Node names its address and agent port; the agent is reached over TLS
-//! with the API server's own client certificate (`Settings::kubelet_client`), and its
-//! response is streamed back as it comes.
+//! Requests the API server forwards to a node's agent: `pods/log`, and the upgraded
+//! connections of `pods/exec`, `pods/attach` and `pods/portforward`. The pod names its
+//! node; the Node names its address and agent port; the agent is reached over TLS with
+//! the API server's own client certificate (`Settings::kubelet_client`). Log responses
+//! are streamed back as they come; upgrade requests are passed on unchanged (WebSocket
+//! or SPDY, the agent speaks both) and, once both sides switched protocols, the two
+//! connections are joined byte for byte.
 
 use std::sync::Arc;
 
@@ -12,27 +15,15 @@ use serde_json::Value;
 
 use super::route::ResourcePath;
 use super::Query;
-use crate::registry::Scope;
+use crate::registry::{Connect, Scope};
 use crate::ApiServer;
 
 /// `GET pods/{name}/log`: the container's log from the pod's node.
 pub async fn pod_log(server: &Arc<ApiServer>, pods: &Scope, name: &str, query: &Query) -> ApiResult<Response<Body>> {
     let pod = server.storage.get(pods, name).await?.parse();
     let ns = pods.namespace.clone().unwrap_or_default();
-    let containers: Vec<&str> = pod["spec"]["containers"].as_array().into_iter().flatten().filter_map(|c| c["name"].as_str()).collect();
-    let init: Vec<&str> = pod["spec"]["initContainers"].as_array().into_iter().flatten().filter_map(|c| c["name"].as_str()).collect();
-    let container = match query.get("container").filter(|c| !c.is_empty()) {
-        Some(c) if containers.contains(&c.as_str()) || init.contains(&c.as_str()) => c.clone(),
-        Some(c) => return Err(ApiError::bad_request(format!("container {c} is not valid for pod {name}"))),
-        None if containers.len() == 1 => containers[0].to_string(),
-        None => return Err(ApiError::bad_request(format!("a container name must be specified for pod {name}, choose one of: [{}]", containers.join(" ")))),
-    };
-    let Some(node_name) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) else {
-        return Err(ApiError::bad_request(format!("pod {name} does not have a host assigned")));
-    };
-    let nodes = super::lookup(server, &ResourcePath { group: String::new(), version: "v1".into(), resource: "nodes".into(), name: None, subresource: None, namespace: None })?;
-    let node = server.storage.get(&Scope { kind: nodes, namespace: None }, node_name).await?.parse();
-    let (host, port) = agent_address(&node).ok_or_else(|| ApiError::internal(format!("node {node_name} reports no address for its agent")))?;
+    let container = container_of(&pod, name, query)?;
+    let (host, port) = agent_of(server, &pod, name).await?;
     let mut forwarded: Vec<(String, String)> = Vec::new();
     for key in ["follow", "previous", "timestamps", "tailLines", "limitBytes", "sinceSeconds", "sinceTime"] {
         if let Some(v) = query.get(key) {
@@ -41,16 +32,86 @@ pub async fn pod_log(server: &Arc<ApiServer>, pods: &Scope, name: &str, query: &
     }
     let qs = form_urlencoded::Serializer::new(String::new()).extend_pairs(&forwarded).finish();
     let path = format!("/containerLogs/{ns}/{name}/{container}?{qs}");
-    let response = get(server, &host, port, &path).await.map_err(|e| ApiError::internal(format!("Get \"https://{host}:{port}{path}\": {e}")))?;
+    let request = Request::get(path.as_str()).body(Body::empty()).map_err(|e| ApiError::internal(e.to_string()))?;
+    let response = send(server, &host, port, request).await?;
     if response.status() != StatusCode::OK {
-        let code = response.status().as_u16();
-        let body = http_body_util::BodyExt::collect(response.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
-        let message = String::from_utf8_lossy(&body).trim().to_string();
-        return Err(if code == 404 { ApiError::new(404, "NotFound", message) } else if code < 500 { ApiError::bad_request(message) } else { ApiError::internal(message) });
+        return Err(agent_error(response).await);
     }
     let mut out = Response::new(Body::new(response.into_body()));
     out.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain"));
     Ok(out)
+}
+
+/// Headers of an upgrade handshake, passed on both ways.
+const UPGRADE_HEADERS: &[&str] = &["connection", "upgrade", "sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol", "sec-websocket-accept", "x-stream-protocol-version"];
+
+/// `GET|POST pods/{name}/exec|attach|portforward`: the client's upgrade request goes to
+/// the pod's node; the agent's answer (101 or an error) comes back.
+pub async fn connect(server: &Arc<ApiServer>, pods: &Scope, name: &str, action: Connect, query: &Query, mut req: Request<Body>) -> ApiResult<Response<Body>> {
+    let pod = server.storage.get(pods, name).await?.parse();
+    let ns = pods.namespace.clone().unwrap_or_default();
+    let phase = pod["status"]["phase"].as_str().unwrap_or_default();
+    if matches!(phase, "Succeeded" | "Failed") && action != Connect::PortForward {
+        let verb = if action == Connect::Exec { "exec into" } else { "attach to" };
+        return Err(ApiError::bad_request(format!("cannot {verb} a container in a completed pod; current phase is {phase}")));
+    }
+    let path = match action {
+        Connect::PortForward => format!("/portForward/{ns}/{name}"),
+        Connect::Exec => format!("/exec/{ns}/{name}/{}", container_of(&pod, name, query)?),
+        Connect::Attach => format!("/attach/{ns}/{name}/{}", container_of(&pod, name, query)?),
+    };
+    let (host, port) = agent_of(server, &pod, name).await?;
+    let path = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut forwarded = Request::builder().method(req.method()).uri(path.as_str());
+    for name in UPGRADE_HEADERS {
+        for value in req.headers().get_all(*name) {
+            forwarded = forwarded.header(*name, value);
+        }
+    }
+    let forwarded = forwarded.body(Body::empty()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let mut response = send(server, &host, port, forwarded).await?;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(agent_error(response).await);
+    }
+    let mut out = Response::new(Body::empty());
+    *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    for name in UPGRADE_HEADERS {
+        for value in response.headers().get_all(*name) {
+            out.headers_mut().append(*name, value.clone());
+        }
+    }
+    let (client, agent) = (hyper::upgrade::on(&mut req), hyper::upgrade::on(&mut response));
+    tokio::spawn(async move {
+        let (Ok(client), Ok(agent)) = (client.await, agent.await) else { return };
+        let (mut client, mut agent) = (hyper_util::rt::TokioIo::new(client), hyper_util::rt::TokioIo::new(agent));
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut agent).await;
+    });
+    Ok(out)
+}
+
+/// The container a request names (`container=`), or the pod's only container.
+fn container_of(pod: &Value, name: &str, query: &Query) -> ApiResult<String> {
+    let names = |key: &str| -> Vec<String> { pod["spec"][key].as_array().into_iter().flatten().filter_map(|c| c["name"].as_str().map(str::to_string)).collect() };
+    let (containers, init) = (names("containers"), names("initContainers"));
+    match query.get("container").filter(|c| !c.is_empty()) {
+        Some(c) if containers.contains(c) || init.contains(c) => Ok(c.clone()),
+        Some(c) => Err(ApiError::bad_request(format!("container {c} is not valid for pod {name}"))),
+        None if containers.len() == 1 => Ok(containers[0].clone()),
+        None => Err(ApiError::bad_request(format!("a container name must be specified for pod {name}, choose one of: [{}]", containers.join(" ")))),
+    }
+}
+
+/// The address and port of the agent on the pod's node.
+async fn agent_of(server: &ApiServer, pod: &Value, name: &str) -> ApiResult<(String, u16)> {
+    let Some(node_name) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) else {
+        return Err(ApiError::bad_request(format!("pod {name} does not have a host assigned")));
+    };
+    let nodes = super::lookup(server, &ResourcePath { group: String::new(), version: "v1".into(), resource: "nodes".into(), name: None, subresource: None, namespace: None })?;
+    let node = server.storage.get(&Scope { kind: nodes, namespace: None }, node_name).await?.parse();
+    agent_address(&node).ok_or_else(|| ApiError::internal(format!("node {node_name} reports no address for its agent")))
 }
 
 /// The node's InternalIP (else its first address) and agent port.
@@ -61,15 +122,38 @@ fn agent_address(node: &Value) -> Option<(String, u16)> {
     Some((ip, port))
 }
 
-async fn get(server: &ApiServer, host: &str, port: u16, path: &str) -> anyhow::Result<Response<hyper::body::Incoming>> {
-    let tls = server.settings.kubelet_client.clone().ok_or_else(|| anyhow::anyhow!("this API server has no client certificate for node agents"))?;
-    let tcp = tokio::time::timeout(std::time::Duration::from_secs(10), tokio::net::TcpStream::connect((host, port))).await??;
-    let name = rustls::pki_types::ServerName::try_from(host.to_string())?;
-    let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let request = Request::get(path).header(header::HOST, format!("{host}:{port}")).body(http_body_util::Empty::<bytes::Bytes>::new())?;
-    Ok(sender.send_request(request).await?)
+/// An agent's error answer as the API error a client sees.
+async fn agent_error(response: Response<hyper::body::Incoming>) -> ApiError {
+    let code = response.status().as_u16();
+    let body = http_body_util::BodyExt::collect(response.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
+    let message = String::from_utf8_lossy(&body).trim().to_string();
+    match code {
+        404 => ApiError::new(404, "NotFound", message),
+        400..=499 => ApiError::bad_request(message),
+        _ => ApiError::internal(message),
+    }
+}
+
+/// Sends `request` to the agent at `host:port` over TLS (one connection per request,
+/// which upgraded requests keep).
+async fn send(server: &ApiServer, host: &str, port: u16, mut request: Request<Body>) -> ApiResult<Response<hyper::body::Incoming>> {
+    // Worded as Go's HTTP client words it, e.g. `Get "https://10.0.0.1:10250/...": ...`.
+    let method = request.method().as_str();
+    let verb = format!("{}{}", &method[..1], method[1..].to_ascii_lowercase());
+    let target = format!("{verb} \"https://{host}:{port}{}\"", request.uri());
+    let failed = |e: anyhow::Error| ApiError::internal(format!("{target}: {e}"));
+    let tls = server.settings.kubelet_client.clone().ok_or_else(|| failed(anyhow::anyhow!("this API server has no client certificate for node agents")))?;
+    let connect = async {
+        let tcp = tokio::time::timeout(std::time::Duration::from_secs(10), tokio::net::TcpStream::connect((host, port))).await??;
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())?;
+        let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn.with_upgrades());
+        anyhow::Ok(sender)
+    };
+    let mut sender = connect.await.map_err(failed)?;
+    request.headers_mut().insert(header::HOST, header::HeaderValue::from_str(&format!("{host}:{port}")).map_err(|e| failed(e.into()))?);
+    sender.send_request(request).await.map_err(|e| failed(e.into()))
 }
 
 /// A client configuration for node agents: the API server's client certificate, and, as
