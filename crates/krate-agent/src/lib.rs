@@ -50,6 +50,9 @@ pub struct AgentConfig {
     /// The cluster CA (PEM) that signs the API server's client certificate; the agent's
     /// HTTPS API (logs) accepts only clients it signed. None: no agent API.
     pub cluster_ca_pem: Option<String>,
+    /// Static pod manifests, and how often the directory is read again.
+    pub pod_manifest_path: PathBuf,
+    pub file_check_frequency: std::time::Duration,
 }
 
 impl AgentConfig {
@@ -132,7 +135,7 @@ pub async fn run(client: kube::Client, config: AgentConfig) -> Result<()> {
     let shared = pods::Shared::new(client.clone(), cri, config.node.name.clone(), config.node.ip.to_string(), &config.dir, config.sync_frequency);
     tokio::select! {
         r = node::heartbeat(client, config.node.clone(), runtime_version) => r,
-        r = pods::run(shared) => r,
+        r = pods::run(shared, (config.pod_manifest_path.clone(), config.file_check_frequency)) => r,
     }
 }
 

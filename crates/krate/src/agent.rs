@@ -56,9 +56,18 @@ pub struct AgentOptions {
     /// changed object shows in running containers within this period).
     #[arg(long, default_value_t = 60)]
     pub sync_frequency_seconds: u64,
-    /// Port of the agent's HTTPS API, which the API server reaches for `kubectl logs`.
+    /// Port of the agent's HTTPS API, which the API server reaches for `kubectl logs`,
+    /// `exec`, `attach` and `port-forward`.
     #[arg(long, default_value_t = 10250)]
     pub kubelet_port: u16,
+    /// Directory of static pod manifests (one Pod per .yaml/.json file) that this node
+    /// runs by itself, each shown in the API as a mirror pod named `<name>-<node>`
+    /// (default: pod-manifests in the agent's directory).
+    #[arg(long)]
+    pub pod_manifest_path: Option<PathBuf>,
+    /// Seconds between reads of the static pod directory.
+    #[arg(long, default_value_t = 20)]
+    pub file_check_frequency_seconds: u64,
 }
 
 #[derive(Args, Debug)]
@@ -100,7 +109,7 @@ impl AgentOptions {
                 agent_version: krate_apiserver::version_info()["gitVersion"].as_str().unwrap_or_default().to_string(),
                 kubelet_port: self.kubelet_port,
             },
-            dir,
+            dir: dir.clone(),
             runtime_endpoint: self.container_runtime_endpoint.clone(),
             cni_bin_dir: self.cni_bin_dir.clone(),
             bridge: self.bridge.clone(),
@@ -109,6 +118,8 @@ impl AgentOptions {
             airgap_images: self.airgap_images.clone(),
             sync_frequency: std::time::Duration::from_secs(self.sync_frequency_seconds.max(1)),
             cluster_ca_pem,
+            pod_manifest_path: self.pod_manifest_path.clone().unwrap_or_else(|| dir.join("pod-manifests")),
+            file_check_frequency: std::time::Duration::from_secs(self.file_check_frequency_seconds.max(1)),
         })
     }
 }

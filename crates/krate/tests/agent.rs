@@ -17,8 +17,8 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
 /// A server whose agent gets a bridge and pod CIDR of its own (`n` tells tests apart),
-/// pulling from `registries` over plain HTTP.
-fn server_with_agent(registries: &[&TestRegistry], n: u8) -> TestServer {
+/// pulling from `registries` over plain HTTP, with `extra` arguments.
+fn server_with_agent(registries: &[&TestRegistry], n: u8, extra: &[&str]) -> TestServer {
     let id = std::process::id() % 200;
     let mut args: Vec<String> = vec![
         "--node-name".into(), "node-1".into(),
@@ -29,6 +29,7 @@ fn server_with_agent(registries: &[&TestRegistry], n: u8) -> TestServer {
     for r in registries {
         args.extend(["--insecure-registry".to_string(), r.address.clone()]);
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     TestServer::start_with_agent(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
@@ -76,7 +77,7 @@ fn containerd_containers(server: &TestServer) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deployment_runs_as_real_containers_with_their_own_ips() {
     let registry = TestRegistry::start();
-    let server = server_with_agent(&[&registry], 1);
+    let server = server_with_agent(&[&registry], 1, &[]);
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
     let node: Node = Api::all(client.clone()).get("node-1").await.unwrap();
@@ -133,7 +134,7 @@ async fn a_deployment_runs_as_real_containers_with_their_own_ips() {
 async fn bad_images_and_commands_get_clear_statuses_and_the_agent_survives() {
     let registry = TestRegistry::start();
     let private = TestRegistry::start_as(Some("puller:hunter2"));
-    let server = server_with_agent(&[&registry, &private], 2);
+    let server = server_with_agent(&[&registry, &private], 2, &[]);
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
@@ -223,7 +224,7 @@ async fn bad_images_and_commands_get_clear_statuses_and_the_agent_survives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_agent_leaves_containers_running_and_the_next_one_adopts_them() {
     let registry = TestRegistry::start();
-    let mut server = server_with_agent(&[&registry], 3);
+    let mut server = server_with_agent(&[&registry], 3, &[]);
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
     server.kubectl_ok(&["create", "deployment", "keep", &format!("--image={}", registry.image("test-server")), "--replicas=2"]);
@@ -250,7 +251,7 @@ async fn killing_the_agent_leaves_containers_running_and_the_next_one_adopts_the
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_restart_unhealthy_containers_and_gate_readiness_and_oom_kills_are_reported() {
     let registry = TestRegistry::start();
-    let server = server_with_agent(&[&registry], 4);
+    let server = server_with_agent(&[&registry], 4, &[]);
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
@@ -462,7 +463,7 @@ fn through_port_forward(server: &TestServer, env: &[(&str, &str)], pod: &str, pa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_attach_cp_and_port_forward_reach_containers_through_the_api_server() {
     let registry = TestRegistry::start();
-    let server = server_with_agent(&[&registry], 6);
+    let server = server_with_agent(&[&registry], 6, &[]);
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
     server.kubectl_ok(&["run", "shell", &format!("--image={}", registry.image("busybox")), "--labels=app=shell", "--", "sleep", "3600"]);
@@ -533,4 +534,59 @@ async fn exec_attach_cp_and_port_forward_reach_containers_through_the_api_server
     let out = server.kubectl(&["exec", "shell", "--", "/no/such/command"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("no such file or directory"), "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_pods_run_from_manifests_and_show_as_mirror_pods() {
+    let registry = TestRegistry::start();
+    let manifests = tempfile::tempdir().unwrap();
+    let manifest = manifests.path().join("web.yaml");
+    let write = |labels: &str| {
+        let yaml = format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: static-web\n  labels: {{{labels}}}\nspec:\n  containers:\n  - name: web\n    image: {}\n", registry.image("test-server"));
+        std::fs::write(&manifest, yaml).unwrap();
+    };
+    write("tier: one");
+    std::fs::write(manifests.path().join("broken.yaml"), "kind: [").unwrap();
+    let dir = manifests.path().to_str().unwrap();
+    let server = server_with_agent(&[&registry], 7, &["--pod-manifest-path", dir, "--file-check-frequency-seconds", "1"]);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let annotation = |p: &Pod, key: &str| p.metadata.annotations.as_ref().and_then(|a| a.get(key)).cloned().unwrap_or_default();
+
+    // The manifest runs; the API shows its mirror, owned by the Node, with its status.
+    let first = running_pods(&pods, "tier=one", 1).await.remove(0);
+    assert_eq!(first.metadata.name.as_deref(), Some("static-web-node-1"));
+    assert_eq!(annotation(&first, "kubernetes.io/config.source"), "file");
+    assert_eq!(annotation(&first, "kubernetes.io/config.mirror"), annotation(&first, "kubernetes.io/config.hash"));
+    let owner = &first.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Node", "node-1"));
+    let ip = first.status.as_ref().unwrap().pod_ip.clone().unwrap();
+    assert_eq!(eventually(30, "the static pod serving", || async { http_get(&ip, 8080, "/s") }).await, "static-web-node-1 /s");
+    let container = container_status(&first).unwrap()["containerID"].clone();
+    assert_eq!(server.kubectl_ok(&["logs", "static-web-node-1"]), "test-server listening on :8080\n");
+
+    // Deleting the mirror brings it back; the container was never stopped.
+    server.kubectl_ok(&["delete", "pod", "static-web-node-1", "--wait=false"]);
+    let back = eventually(30, "the mirror pod back", || async {
+        let pod = pods.get_opt("static-web-node-1").await.ok()??;
+        (pod.metadata.uid != first.metadata.uid && container_status(&pod)?["ready"] == true).then_some(pod)
+    })
+    .await;
+    assert_eq!(container_status(&back).unwrap()["containerID"], container, "same container");
+    assert_eq!(container_status(&back).unwrap()["restartCount"], 0);
+
+    // An edited manifest is a new pod; a removed one stops, and its mirror goes.
+    write("tier: two");
+    let second = running_pods(&pods, "tier=two", 1).await.remove(0);
+    assert_ne!(annotation(&second, "kubernetes.io/config.hash"), annotation(&first, "kubernetes.io/config.hash"));
+    assert_ne!(container_status(&second).unwrap()["containerID"], container);
+    std::fs::remove_file(&manifest).unwrap();
+    eventually(60, "the mirror pod gone", || async { pods.get_opt("static-web-node-1").await.ok()?.is_none().then_some(()) }).await;
+    eventually(60, "containerd holds no containers", || async { containerd_containers(&server).trim().is_empty().then_some(()) }).await;
+
+    // The broken manifest was reported once, by name, and disturbed nothing else.
+    let log = server.log();
+    assert_eq!(log.matches("skipping an invalid static pod manifest").count(), 1, "{log}");
+    assert!(log.contains("broken.yaml"));
 }

@@ -1,8 +1,10 @@
-//! The pods of this node: a watch on the pods bound to it feeds one worker task per pod
-//! (`worker.rs`); containerd's task events wake the worker that owns the container.
-//! After each (re)list, sandboxes of pods the API no longer has are removed.
+//! The pods of this node: a watch on the pods bound to it, and the static pod manifests
+//! (`manifests.rs`), feed one worker task per pod (`worker.rs`); containerd's task
+//! events wake the worker that owns the container. After each (re)list, sandboxes of
+//! pods neither source has are removed.
 
 mod env;
+pub mod manifests;
 mod probe;
 pub mod volumes;
 pub mod spec;
@@ -11,6 +13,7 @@ mod worker;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
@@ -26,6 +29,8 @@ use crate::cri::Cri;
 struct WorkerHandle {
     pod: watch::Sender<Option<Arc<Pod>>>,
     wake: Arc<Notify>,
+    /// Set when the pod's status must be written even if unchanged (a new mirror pod).
+    republish: Arc<AtomicBool>,
 }
 
 /// What every pod worker shares.
@@ -46,6 +51,10 @@ pub struct Shared {
     owners: Mutex<HashMap<String, String>>,
     /// Containers whose exit containerd announced and CRI may not have recorded yet.
     exits: Mutex<HashSet<String>>,
+    /// UIDs of the static pods running (their workers are not the API watch's).
+    statics: Mutex<HashSet<String>>,
+    /// The API showed a mirror pod deleted or being deleted.
+    mirrors_changed: Notify,
 }
 
 impl Shared {
@@ -53,7 +62,7 @@ impl Shared {
     pub fn new(client: kube::Client, cri: Cri, node_name: String, node_ip: String, dir: &std::path::Path, sync_frequency: std::time::Duration) -> Arc<Self> {
         let events = krate_client::events::Recorder::new(client.clone(), "kubelet");
         let (log_root, volume_root) = (dir.join("pods"), dir.join("volumes"));
-        Arc::new(Shared { client, cri, node_name, node_ip, log_root, volume_root, sync_frequency, events, workers: Mutex::default(), owners: Mutex::default(), exits: Mutex::default() })
+        Arc::new(Shared { client, cri, node_name, node_ip, log_root, volume_root, sync_frequency, events, workers: Mutex::default(), owners: Mutex::default(), exits: Mutex::default(), statics: Mutex::default(), mirrors_changed: Notify::new() })
     }
 
     fn own(&self, id: &str, uid: &str) {
@@ -90,8 +99,17 @@ impl Shared {
         }
         let (tx, rx) = watch::channel(Some(Arc::new(pod)));
         let wake = Arc::new(Notify::new());
-        workers.insert(uid.clone(), WorkerHandle { pod: tx, wake: wake.clone() });
-        tokio::spawn(worker::PodWorker::new(self.clone(), uid, rx, wake).run());
+        let republish = Arc::new(AtomicBool::new(false));
+        workers.insert(uid.clone(), WorkerHandle { pod: tx, wake: wake.clone(), republish: republish.clone() });
+        tokio::spawn(worker::PodWorker::new(self.clone(), uid, rx, wake, republish).run());
+    }
+
+    /// Has the pod's worker write its status again, changed or not.
+    fn republish(&self, uid: &str) {
+        if let Some(w) = self.workers.lock().unwrap().get(uid) {
+            w.republish.store(true, Ordering::Relaxed);
+            w.wake.notify_one();
+        }
     }
 
     /// The pod left the API: its worker tears it down.
@@ -150,8 +168,10 @@ impl Shared {
 }
 
 /// Runs the pods bound to this node until the process stops.
-pub async fn run(shared: Arc<Shared>) -> Result<()> {
+/// `manifests`: the static pod directory and how often it is read.
+pub async fn run(shared: Arc<Shared>, manifests: (PathBuf, std::time::Duration)) -> Result<()> {
     tokio::spawn(shared.clone().follow_runtime_events());
+    tokio::spawn(manifests::run(shared.clone(), manifests.0, manifests.1));
     let pods: Api<Pod> = Api::all(shared.client.clone());
     let config = watcher::Config::default().fields(&format!("spec.nodeName={}", shared.node_name));
     // Back-off keeps the agent coasting while the API server is away.
@@ -160,13 +180,20 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
     while let Some(event) = stream.next().await {
         match event {
             Ok(Event::Init) => listed.clear(),
+            Ok(Event::InitApply(pod) | Event::Apply(pod)) if manifests::is_mirror(&pod) => {
+                if pod.metadata.deletion_timestamp.is_some() {
+                    shared.mirrors_changed.notify_one();
+                }
+            }
+            Ok(Event::Delete(pod)) if manifests::is_mirror(&pod) => shared.mirrors_changed.notify_one(),
             Ok(Event::InitApply(pod)) => {
                 listed.insert(pod.metadata.uid.clone().unwrap_or_default());
                 shared.dispatch(pod);
             }
             Ok(Event::InitDone) => {
                 let known: Vec<String> = shared.workers.lock().unwrap().keys().cloned().collect();
-                for uid in known.iter().filter(|u| !listed.contains(*u)) {
+                let statics = shared.statics.lock().unwrap().clone();
+                for uid in known.iter().filter(|u| !listed.contains(*u) && !statics.contains(*u)) {
                     shared.gone(uid);
                 }
                 if let Err(e) = shared.remove_orphans().await {

@@ -6,6 +6,7 @@
 //! agent restarted mid-way adopts what runs without restarting it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -60,6 +61,8 @@ pub(super) struct PodWorker {
     backoff: Backoffs,
     waiting: HashMap<String, Waiting>,
     published: Option<Value>,
+    /// Write the status even if `published` matches (the API object was replaced).
+    republish: Arc<AtomicBool>,
     last: Option<Arc<Pod>>,
     /// Consecutive failed passes (runtime errors): the next retry waits 2^n s, ≤ 60 s.
     failures: u32,
@@ -108,8 +111,8 @@ fn restarts(pod: &Pod, code: i32) -> bool {
 }
 
 impl PodWorker {
-    pub(super) fn new(shared: Arc<Shared>, uid: String, pod_rx: watch::Receiver<Option<Arc<Pod>>>, wake: Arc<Notify>) -> Self {
-        PodWorker { shared, uid, pod_rx, wake, backoff: Backoffs::default(), waiting: HashMap::new(), published: None, last: None, failures: 0, probers: Probers::default() }
+    pub(super) fn new(shared: Arc<Shared>, uid: String, pod_rx: watch::Receiver<Option<Arc<Pod>>>, wake: Arc<Notify>, republish: Arc<AtomicBool>) -> Self {
+        PodWorker { shared, uid, pod_rx, wake, republish, backoff: Backoffs::default(), waiting: HashMap::new(), published: None, last: None, failures: 0, probers: Probers::default() }
     }
 
     pub(super) async fn run(mut self) {
@@ -544,7 +547,8 @@ impl PodWorker {
         if !init_statuses.is_empty() {
             status["initContainerStatuses"] = json!(init_statuses);
         }
-        if Some(&status) == self.published.as_ref() {
+        let force = self.republish.swap(false, Ordering::Relaxed);
+        if !force && Some(&status) == self.published.as_ref() {
             return Ok(());
         }
         // Condition transition times change only when the status does.
@@ -559,7 +563,7 @@ impl PodWorker {
                 c["lastTransitionTime"] = time;
             }
         }
-        if Some(&status) == self.published.as_ref() {
+        if !force && Some(&status) == self.published.as_ref() {
             return Ok(());
         }
         let (ns, name, _) = spec::pod_key(pod);

@@ -11,7 +11,7 @@ mod pod;
 mod services;
 mod workloads;
 
-pub use pod::{PodStrategy, PodTemplateStrategy};
+pub use pod::{default_pod_spec, validate_pod_spec, PodStrategy, PodTemplateStrategy};
 pub use services::{EndpointSliceStrategy, EndpointsStrategy, NetworkPolicyStrategy, ServiceStrategy};
 pub use workloads::{
     CronJobStrategy, DaemonSetStrategy, DeploymentStrategy, JobStrategy, ReplicaSetStrategy,
