@@ -30,7 +30,7 @@ pub const CONFIG_MIRROR: &str = "kubernetes.io/config.mirror";
 
 /// Whether an API pod is the mirror of a static pod (its worker is the static pod's).
 pub fn is_mirror(pod: &Pod) -> bool {
-    pod.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(CONFIG_MIRROR))
+    mirror_hash(pod).is_some()
 }
 
 /// The static pod a manifest describes on `node`.
@@ -127,12 +127,11 @@ pub async fn run(shared: Arc<Shared>, dir: PathBuf, period: Duration) {
                 shared.statics.lock().unwrap().insert(uid.clone());
                 shared.dispatch(pod.clone());
             }
-            if let Err(e) = ensure_mirror(&shared, pod).await {
-                tracing::warn!(pod = %pod.metadata.name.as_deref().unwrap_or_default(), error = %format!("{e:#}"), "keeping the mirror pod of a static pod failed");
-            }
         }
         running = uids;
-        remove_stale_mirrors(&shared, &running).await;
+        if let Err(e) = sync_mirrors(&shared, &pods).await {
+            tracing::warn!(error = %format!("{e:#}"), "keeping the mirror pods of static pods failed");
+        }
         tokio::select! {
             _ = tokio::time::sleep(period) => {}
             _ = shared.mirrors_changed.notified() => {}
@@ -140,21 +139,42 @@ pub async fn run(shared: Arc<Shared>, dir: PathBuf, period: Duration) {
     }
 }
 
-/// Makes the API hold a current mirror of `pod`: creates it, or replaces one that is
-/// being deleted or mirrors an older manifest. A fresh mirror gets the status at once.
-async fn ensure_mirror(shared: &Shared, pod: &Pod) -> Result<()> {
+/// Brings the API's mirror pods on this node in line with the static `pods`, from one
+/// list of the node's pods: mirrors of static pods that are gone are deleted, missing
+/// ones are created, and those being deleted or of an older manifest are replaced.
+async fn sync_mirrors(shared: &Shared, pods: &[Pod]) -> Result<()> {
+    let api: Api<Pod> = Api::all(shared.client.clone());
+    let params = kube::api::ListParams::default().fields(&format!("spec.nodeName={}", shared.node_name));
+    let on_node = api.list(&params).await.context("listing the pods of this node")?.items;
+    let wanted: HashSet<&str> = pods.iter().filter_map(|p| p.metadata.uid.as_deref()).collect();
+    for mirror in on_node.iter().filter(|p| mirror_hash(p).is_some_and(|h| !wanted.contains(h))) {
+        if let Err(e) = delete_mirror(shared, mirror).await {
+            tracing::warn!(pod = %mirror.metadata.name.as_deref().unwrap_or_default(), error = %format!("{e:#}"), "removing the mirror pod of a removed static pod failed");
+        }
+    }
+    for pod in pods {
+        let existing = on_node.iter().find(|p| p.metadata.namespace == pod.metadata.namespace && p.metadata.name == pod.metadata.name);
+        if let Err(e) = ensure_mirror(shared, pod, existing).await {
+            tracing::warn!(pod = %pod.metadata.name.as_deref().unwrap_or_default(), error = %format!("{e:#}"), "keeping the mirror pod of a static pod failed");
+        }
+    }
+    Ok(())
+}
+
+fn mirror_hash(pod: &Pod) -> Option<&str> {
+    pod.metadata.annotations.as_ref()?.get(CONFIG_MIRROR).map(String::as_str)
+}
+
+/// Makes the API hold a current mirror of `pod`, given the pod of its name on this node
+/// (`existing`). A fresh mirror gets the status at once.
+async fn ensure_mirror(shared: &Shared, pod: &Pod, existing: Option<&Pod>) -> Result<()> {
     let (ns, name, uid) = super::spec::pod_key(pod);
-    let api: Api<Pod> = Api::namespaced(shared.client.clone(), &ns);
-    if let Some(existing) = api.get_opt(&name).await? {
-        let hash = existing.metadata.annotations.as_ref().and_then(|a| a.get(CONFIG_MIRROR));
-        match hash {
-            Some(h) if *h == uid && existing.metadata.deletion_timestamp.is_none() => return Ok(()),
-            Some(_) => {
-                let precondition = Preconditions { uid: existing.metadata.uid.clone(), resource_version: None };
-                let params = DeleteParams { grace_period_seconds: Some(0), preconditions: Some(precondition), ..Default::default() };
-                krate_client::tolerate(api.delete(&name, &params).await.map(|_| ()), &[404, 409])?;
-            }
-            None => bail!("pod {ns}/{name} exists in the API and is not a mirror pod; the static pod runs without one"),
+    let not_a_mirror = || anyhow::anyhow!("pod {ns}/{name} exists in the API and is not a mirror pod of this node; the static pod runs without one");
+    if let Some(existing) = existing {
+        match mirror_hash(existing) {
+            Some(h) if h == uid && existing.metadata.deletion_timestamp.is_none() => return Ok(()),
+            Some(_) => delete_mirror(shared, existing).await?,
+            None => return Err(not_a_mirror()),
         }
     }
     let mut mirror = pod.clone();
@@ -166,26 +186,23 @@ async fn ensure_mirror(shared: &Shared, pod: &Pod) -> Result<()> {
     if let Some(node_uid) = nodes.get_opt(&shared.node_name).await?.and_then(|n| n.metadata.uid) {
         mirror.metadata.owner_references = Some(vec![serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node", "name": shared.node_name, "uid": node_uid, "controller": true}))?]);
     }
-    krate_client::tolerate(api.create(&PostParams::default(), &mirror).await.map(|_| ()), &[409])?;
+    let api: Api<Pod> = Api::namespaced(shared.client.clone(), &ns);
+    match api.create(&PostParams::default(), &mirror).await {
+        // The name is held by a pod this node's list did not show.
+        Err(kube::Error::Api(e)) if e.code == 409 => return Err(not_a_mirror()),
+        other => other?,
+    };
     shared.republish(&uid);
     Ok(())
 }
 
-/// Deletes mirror pods on this node whose static pod is gone.
-async fn remove_stale_mirrors(shared: &Shared, running: &HashSet<String>) {
-    let pods: Api<Pod> = Api::all(shared.client.clone());
-    let params = kube::api::ListParams::default().fields(&format!("spec.nodeName={}", shared.node_name));
-    let Ok(list) = pods.list(&params).await else { return };
-    for mirror in list.items.iter().filter(|p| is_mirror(p)) {
-        let hash = mirror.metadata.annotations.as_ref().and_then(|a| a.get(CONFIG_MIRROR)).cloned().unwrap_or_default();
-        if running.contains(&hash) {
-            continue;
-        }
-        let (ns, name, _) = super::spec::pod_key(mirror);
-        let api: Api<Pod> = Api::namespaced(shared.client.clone(), &ns);
-        let params = DeleteParams { grace_period_seconds: Some(0), preconditions: Some(Preconditions { uid: mirror.metadata.uid.clone(), resource_version: None }), ..Default::default() };
-        let _ = api.delete(&name, &params).await;
-    }
+/// Deletes a mirror pod at once (that very object: a successor may take its name).
+async fn delete_mirror(shared: &Shared, mirror: &Pod) -> Result<()> {
+    let (ns, name, _) = super::spec::pod_key(mirror);
+    let api: Api<Pod> = Api::namespaced(shared.client.clone(), &ns);
+    let precondition = Preconditions { uid: mirror.metadata.uid.clone(), resource_version: None };
+    let params = DeleteParams { grace_period_seconds: Some(0), preconditions: Some(precondition), ..Default::default() };
+    Ok(krate_client::tolerate(api.delete(&name, &params).await.map(|_| ()), &[404, 409])?)
 }
 
 #[cfg(test)]

@@ -97,7 +97,7 @@ pub async fn serve(mut req: Request<hyper::body::Incoming>, mut cri: Cri, action
     let query = req.uri().query().unwrap_or_default().to_string();
     let opts = StreamOptions::from_query(&query);
     let upgrade = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_ascii_lowercase();
-    let offered = websocket_protocols(req.headers());
+    let offered = header_list(req.headers(), "Sec-WebSocket-Protocol");
     let url = match streaming_url(&mut cri, action, namespace, pod, container, &opts).await {
         Ok(url) => url,
         Err((status, message)) => return text(status, message),
@@ -127,39 +127,41 @@ pub async fn serve(mut req: Request<hyper::body::Incoming>, mut cri: Cri, action
                 tracing::debug!(error = %e, "streaming session ended with an error");
             }
         });
-        let mut response = Response::new(http_body_util::Empty::new().boxed());
-        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let mut response = switching_to("websocket");
         let headers = response.headers_mut();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert("Sec-WebSocket-Protocol", HeaderValue::from_static(protocol));
         headers.insert("Sec-WebSocket-Accept", HeaderValue::from_str(&accept).expect("base64 is a valid header value"));
         return response;
     }
     if upgrade.starts_with("spdy/") {
-        let protocols: Vec<String> = req.headers().get_all(STREAM_PROTOCOL_HEADER).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(|v| v.trim().to_string()).collect();
+        let protocols = header_list(req.headers(), STREAM_PROTOCOL_HEADER);
         let (runtime, chosen) = match dial(&url, &protocols).await {
             Ok(dialed) => dialed,
             Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("connecting to the container runtime's streaming server: {e:#}")),
         };
         tokio::spawn(pipe(on_upgrade, runtime));
-        let mut response = Response::new(http_body_util::Empty::new().boxed());
-        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        let headers = response.headers_mut();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        headers.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+        let mut response = switching_to("SPDY/3.1");
         if let Some(chosen) = chosen {
-            headers.insert(STREAM_PROTOCOL_HEADER, chosen);
+            response.headers_mut().insert(STREAM_PROTOCOL_HEADER, chosen);
         }
         return response;
     }
     text(StatusCode::BAD_REQUEST, "Upgrade request required: connect with a WebSocket (v5.channel.k8s.io) or SPDY/3.1 client such as kubectl")
 }
 
-/// The protocols a WebSocket client offers (`Sec-WebSocket-Protocol`, comma-separated,
-/// possibly over several headers).
-fn websocket_protocols(headers: &HeaderMap) -> Vec<String> {
-    headers.get_all("Sec-WebSocket-Protocol").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect()
+/// The values of a comma-separated list header, possibly given over several headers
+/// (the protocols a WebSocket or SPDY client offers).
+fn header_list(headers: &HeaderMap, name: &str) -> Vec<String> {
+    headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect()
+}
+
+/// A `101 Switching Protocols` answer to `upgrade`.
+fn switching_to(upgrade: &'static str) -> Response<Body> {
+    let mut response = Response::new(http_body_util::Empty::new().boxed());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    response.headers_mut().insert(header::UPGRADE, HeaderValue::from_static(upgrade));
+    response
 }
 
 /// Asks CRI for the streaming URL of the request. Errors carry the HTTP status to answer.
@@ -228,6 +230,18 @@ fn closing() -> Message {
     Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "".into() }))
 }
 
+/// A SPDY session with the runtime speaking `protocol`; if there is none, the WebSocket
+/// client is told why and closed.
+async fn runtime_session(url: &str, protocol: &str, ws: &mut futures::stream::SplitSink<Socket, Message>) -> Option<spdy::Session> {
+    match dial(url, &[protocol.to_string()]).await {
+        Ok((io, _)) => Some(spdy::Session::start(TokioIo::new(io))),
+        Err(e) => {
+            fail(ws, format!("connecting to the container runtime's streaming server: {e:#}")).await;
+            None
+        }
+    }
+}
+
 /// Tells a WebSocket client why its session failed (on the error channel, as a Status)
 /// and closes.
 async fn fail(ws: &mut futures::stream::SplitSink<Socket, Message>, message: String) {
@@ -236,6 +250,19 @@ async fn fail(ws: &mut futures::stream::SplitSink<Socket, Message>, message: Str
     frame.extend_from_slice(&serde_json::to_vec(&status).unwrap_or_default());
     let _ = ws.send(Message::Binary(frame.into())).await;
     let _ = ws.send(closing()).await;
+}
+
+/// The client's next binary message; None once it closed or the connection ended
+/// (other messages are skipped; pings are answered by the WebSocket layer).
+async fn next_binary(source: &mut futures::stream::SplitStream<Socket>) -> Option<Bytes> {
+    while let Some(Ok(message)) = source.next().await {
+        match message {
+            Message::Binary(data) => return Some(data),
+            Message::Close(_) => return None,
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Sends what a runtime stream carries as messages on `channel`, until it ends.
@@ -263,13 +290,7 @@ async fn write_frames(mut sink: futures::stream::SplitSink<Socket, Message>, mut
 /// Exec/attach over WebSocket channels, translated to a SPDY session with the runtime.
 async fn channels(ws: Socket, url: &str, opts: &StreamOptions, v5: bool) -> Result<()> {
     let (mut sink, mut source) = ws.split();
-    let session = match dial(url, &[CHANNEL_V4.to_string()]).await {
-        Ok((io, _)) => spdy::Session::start(TokioIo::new(io)),
-        Err(e) => {
-            fail(&mut sink, format!("connecting to the container runtime's streaming server: {e:#}")).await;
-            return Ok(());
-        }
-    };
+    let Some(session) = runtime_session(url, CHANNEL_V4, &mut sink).await else { return Ok(()) };
     // The runtime waits for exactly the streams the request named, error first.
     let mut error = session.open(&[("streamtype", "error")]).await?;
     let open = |wanted: bool, kind: &'static str| {
@@ -306,13 +327,7 @@ async fn channels(ws: Socket, url: &str, opts: &StreamOptions, v5: bool) -> Resu
     let writer = write_frames(sink, outgoing);
     let (stdin_writer, resize_writer) = (stdin.map(|s| s.writer), resize.map(|s| s.writer));
     let input = async move {
-        while let Some(Ok(message)) = source.next().await {
-            let Message::Binary(data) = message else {
-                if matches!(message, Message::Close(_)) {
-                    break;
-                }
-                continue;
-            };
+        while let Some(data) = next_binary(&mut source).await {
             match (data.first().copied(), &stdin_writer, &resize_writer) {
                 (Some(STDIN), Some(stdin), _) => stdin.send(data.slice(1..)).await?,
                 (Some(RESIZE), _, Some(resize)) => resize.send(data.slice(1..)).await?,
@@ -335,13 +350,7 @@ async fn channels(ws: Socket, url: &str, opts: &StreamOptions, v5: bool) -> Resu
 /// stream pair with the runtime per port.
 async fn port_channels(ws: Socket, url: &str, ports: &[u16], v5: bool) -> Result<()> {
     let (mut sink, mut source) = ws.split();
-    let session = match dial(url, &[PORT_FORWARD.to_string()]).await {
-        Ok((io, _)) => spdy::Session::start(TokioIo::new(io)),
-        Err(e) => {
-            fail(&mut sink, format!("connecting to the container runtime's streaming server: {e:#}")).await;
-            return Ok(());
-        }
-    };
+    let Some(session) = runtime_session(url, PORT_FORWARD, &mut sink).await else { return Ok(()) };
     let (frames, outgoing) = mpsc::channel::<Message>(16);
     let mut writers = Vec::new();
     let mut pumps = Vec::new();
@@ -364,13 +373,7 @@ async fn port_channels(ws: Socket, url: &str, ports: &[u16], v5: bool) -> Result
     };
     let writer = write_frames(sink, outgoing);
     let input = async move {
-        while let Some(Ok(message)) = source.next().await {
-            let Message::Binary(data) = message else {
-                if matches!(message, Message::Close(_)) {
-                    break;
-                }
-                continue;
-            };
+        while let Some(data) = next_binary(&mut source).await {
             match data.first().copied() {
                 Some(CHANNEL_CLOSE) if v5 => {
                     if let Some(w) = data.get(1).and_then(|ch| writers.get(*ch as usize / 2)) {
@@ -407,12 +410,8 @@ async fn tunnel(ws: Socket, url: &str) -> Result<()> {
     };
     let (mut from_runtime, mut to_runtime) = tokio::io::split(TokioIo::new(runtime));
     let upstream = async move {
-        while let Some(Ok(message)) = source.next().await {
-            match message {
-                Message::Binary(data) => to_runtime.write_all(&data).await?,
-                Message::Close(_) => break,
-                _ => {}
-            }
+        while let Some(data) = next_binary(&mut source).await {
+            to_runtime.write_all(&data).await?;
         }
         to_runtime.shutdown().await?;
         anyhow::Ok(())
