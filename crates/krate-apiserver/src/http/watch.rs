@@ -229,6 +229,14 @@ async fn run(
             }
         };
         for event in &events {
+            // A watcher that lags behind a steady stream of writes still gets its bookmarks,
+            // placed between revisions so that each covers only events already sent.
+            if w.bookmarks && event.revision > last && Instant::now() >= next_bookmark {
+                if !send(w.bookmark(last, false)).await {
+                    return;
+                }
+                next_bookmark = Instant::now() + bookmark_interval;
+            }
             if let Some(kind) = w.translate(event) {
                 if !send(w.encode(kind.as_str(), &event.object)).await {
                     return;
@@ -241,12 +249,10 @@ async fn run(
         let pre_timeout = deadline.checked_sub(Duration::from_secs(2)).unwrap_or(deadline);
         let bookmark_at = if w.bookmarks { next_bookmark.min(pre_timeout.max(Instant::now())) } else { deadline };
         tokio::select! {
-            changed = changes.changed() => {
-                if changed.is_err() {
-                    let _ = send(error_line(&too_old(last, cache.revision()))).await;
-                    return;
-                }
-            }
+            // A due bookmark goes first: under constant writes `changes` is always ready.
+            biased;
+            _ = tx.closed() => return,
+            _ = tokio::time::sleep_until(deadline) => return,
             _ = tokio::time::sleep_until(bookmark_at), if w.bookmarks && bookmark_at < deadline => {
                 // A bookmark may only move past revisions whose events were all sent:
                 // changes applied since the last read are sent first (next loop turn).
@@ -264,8 +270,12 @@ async fn run(
                     w.bookmarks = false;
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => return,
-            _ = tx.closed() => return,
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    let _ = send(error_line(&too_old(last, cache.revision()))).await;
+                    return;
+                }
+            }
         }
     }
 }
