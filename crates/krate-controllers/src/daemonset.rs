@@ -13,7 +13,6 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::core::PartialObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
@@ -160,7 +159,7 @@ fn error_policy(ds: Arc<DaemonSet>, err: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(1))
 }
 
-pub async fn run(client: kube::Client) -> anyhow::Result<()> {
+pub async fn run(client: kube::Client, pods: crate::PodChanges) -> anyhow::Result<()> {
     let (store, writer) = reflector::store();
     // Every node change re-examines every DaemonSet.
     let node_changes = watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
@@ -169,7 +168,7 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
         .touched_objects()
         .map(|_| ());
     Controller::new(Api::<DaemonSet>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
+        .owns_shared_stream(pods)
         .reconcile_all_on(node_changes)
         .run(reconcile, error_policy, Arc::new(Context { events: Recorder::new(client.clone(), "daemonset-controller"), client, nodes: store }))
         .for_each(|_| futures::future::ready(()))

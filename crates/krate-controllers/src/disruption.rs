@@ -129,11 +129,11 @@ fn error_policy(pdb: Arc<PodDisruptionBudget>, err: &Error, _ctx: Arc<Context>) 
     Action::requeue(Duration::from_millis(500))
 }
 
-pub async fn run(client: kube::Client) -> anyhow::Result<()> {
+pub async fn run(client: kube::Client, pods: crate::PodChanges) -> anyhow::Result<()> {
     let controller = Controller::new(Api::<PodDisruptionBudget>::all(client.clone()), watcher::Config::default());
     let budgets = controller.store();
     // A pod change wakes the budgets of its namespace that cover it.
-    let covering = move |pod: Pod| {
+    let covering = move |pod: Arc<Pod>| {
         budgets
             .state()
             .into_iter()
@@ -145,7 +145,7 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
     };
     controller
-        .watches(Api::<Pod>::all(client.clone()), watcher::Config::default(), covering)
+        .watches_shared_stream(pods, covering)
         .run(reconcile, error_policy, Arc::new(Context { client }))
         .for_each(|_| futures::future::ready(()))
         .await;

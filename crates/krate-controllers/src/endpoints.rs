@@ -300,19 +300,17 @@ fn members_ipv6(groups: &BTreeMap<Vec<ResolvedPort>, Vec<&Member>>) -> bool {
     groups.values().flatten().next().is_some_and(|m| m.ip.contains(':'))
 }
 
-pub async fn run(client: kube::Client) -> anyhow::Result<()> {
+pub async fn run(client: kube::Client, pod_informer: &crate::Informer<Pod>) -> anyhow::Result<()> {
     let (services, service_writer) = reflector::store::<Service>();
-    let (pods, pod_writer) = reflector::store::<Pod>();
     let controller = Arc::new(Controller {
         client: client.clone(),
         services,
-        pods,
+        pods: pod_informer.store(),
         listed: Mutex::default(),
         pending: Mutex::default(),
         wake: Notify::new(),
     });
     let service_events = watcher::watcher(Api::<Service>::all(client.clone()), watcher::Config::default()).default_backoff().reflect(service_writer);
-    let pod_events = watcher::watcher(Api::<Pod>::all(client), watcher::Config::default()).default_backoff().reflect(pod_writer);
     let feeder = {
         let c = controller.clone();
         let services = service_events.map(move |event| {
@@ -321,11 +319,7 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
             }
         });
         let c = controller.clone();
-        let pods = pod_events.map(move |event| {
-            if let Ok(Event::Apply(p) | Event::Delete(p) | Event::InitApply(p)) = &event {
-                c.enqueue(c.services_for_pod(p));
-            }
-        });
+        let pods = pod_informer.subscribe().map(move |p| c.enqueue(c.services_for_pod(&p)));
         futures::stream::select(services, pods).for_each(|_| futures::future::ready(()))
     };
     let worker = async {

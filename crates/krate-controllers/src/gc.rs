@@ -16,6 +16,12 @@ use kube::discovery::{verbs, Discovery, Scope};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::ObjectRef;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use std::sync::Arc;
+
+use crate::informer::Informer;
 use kube::ResourceExt;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -138,15 +144,15 @@ async fn process(client: &kube::Client, graph: &Graph, uid: &str) {
     }
 }
 
-fn item_of(resource: &ApiResource, namespaced: bool, obj: &PartialObjectMeta<DynamicObject>) -> Item {
+fn item_of(resource: &ApiResource, namespaced: bool, meta: &ObjectMeta) -> Item {
     Item {
         resource: resource.clone(),
         namespaced,
-        namespace: obj.namespace(),
-        name: obj.name_any(),
-        owners: obj.owner_references().iter().map(|r| r.uid.clone()).collect(),
-        deleting: obj.metadata.deletion_timestamp.is_some(),
-        finalizers: obj.finalizers().to_vec(),
+        namespace: meta.namespace.clone(),
+        name: meta.name.clone().unwrap_or_default(),
+        owners: meta.owner_references.iter().flatten().map(|r| r.uid.clone()).collect(),
+        deleting: meta.deletion_timestamp.is_some(),
+        finalizers: meta.finalizers.clone().unwrap_or_default(),
     }
 }
 
@@ -173,16 +179,53 @@ fn absorb(change: Change, graph: &mut Graph, pending: &mut HashSet<String>, sync
     pending.extend(touched_owners.into_iter().filter(|o| graph.items.get(o).is_some_and(|i| i.deleting)));
 }
 
-pub async fn run(client: kube::Client) -> anyhow::Result<()> {
+/// Pods come from the process's shared pod watch rather than from a watch of their own.
+async fn feed_pods(pods: Informer<Pod>, resource: ApiResource, tx: mpsc::UnboundedSender<Change>) {
+    let store = pods.store();
+    if store.wait_until_ready().await.is_err() {
+        return;
+    }
+    // A change names the pod; the store says whether it is still there (same uid).
+    let change = |pod: Arc<Pod>| match store.get(&ObjectRef::from_obj(&*pod)).filter(|live| live.uid() == pod.uid()) {
+        Some(live) => Change::Seen(Box::new(item_of(&resource, true, &live.metadata)), live.uid().unwrap_or_default()),
+        None => Change::Gone(pod.uid().unwrap_or_default()),
+    };
+    let mut changes = pods.subscribe();
+    // Subscribing queued every known pod: those make up the initial list.
+    while let Ok(pod) = changes.try_recv() {
+        if tx.send(change(pod)).is_err() {
+            return;
+        }
+    }
+    if tx.send(Change::Synced).is_err() {
+        return;
+    }
+    while let Some(pod) = changes.next().await {
+        if tx.send(change(pod)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Upstream's collector ignores events: they have no dependents and are many.
+fn ignored(resource: &ApiResource) -> bool {
+    resource.plural == "events" && (resource.group.is_empty() || resource.group == "events.k8s.io")
+}
+
+pub async fn run(client: kube::Client, pods: Informer<Pod>) -> anyhow::Result<()> {
     let discovery = Discovery::new(client.clone()).run().await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut watches = 0;
     for group in discovery.groups() {
         for (resource, caps) in group.recommended_resources() {
-            if !(caps.supports_operation(verbs::WATCH) && caps.supports_operation(verbs::DELETE)) {
+            if !(caps.supports_operation(verbs::WATCH) && caps.supports_operation(verbs::DELETE)) || ignored(&resource) {
                 continue;
             }
             watches += 1;
+            if resource.group.is_empty() && resource.plural == "pods" {
+                tokio::spawn(feed_pods(pods.clone(), resource, tx.clone()));
+                continue;
+            }
             let (client, tx) = (client.clone(), tx.clone());
             let namespaced = caps.scope == Scope::Namespaced;
             tokio::spawn(async move {
@@ -192,7 +235,7 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
                 let mut synced = false;
                 while let Some(event) = events.next().await {
                     let change = match event {
-                        Ok(Event::Apply(obj)) | Ok(Event::InitApply(obj)) => Change::Seen(Box::new(item_of(&resource, namespaced, &obj)), obj.uid().unwrap_or_default()),
+                        Ok(Event::Apply(obj)) | Ok(Event::InitApply(obj)) => Change::Seen(Box::new(item_of(&resource, namespaced, &obj.metadata)), obj.uid().unwrap_or_default()),
                         Ok(Event::Delete(obj)) => Change::Gone(obj.uid().unwrap_or_default()),
                         Ok(Event::InitDone) if !synced => {
                             synced = true;

@@ -9,7 +9,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::core::PartialObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
@@ -267,9 +266,9 @@ fn error_policy(job: Arc<Job>, err: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(1))
 }
 
-pub async fn run(client: kube::Client) -> anyhow::Result<()> {
+pub async fn run(client: kube::Client, pods: crate::PodChanges) -> anyhow::Result<()> {
     Controller::new(Api::<Job>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
+        .owns_shared_stream(pods)
         .run(reconcile, error_policy, Arc::new(Context { events: Recorder::new(client.clone(), "job-controller"), client }))
         .for_each(|_| futures::future::ready(()))
         .await;

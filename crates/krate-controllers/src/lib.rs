@@ -8,6 +8,7 @@ pub mod deployment;
 pub mod disruption;
 pub mod endpoints;
 pub mod gc;
+pub mod informer;
 pub mod job;
 pub mod namespace;
 pub mod nodelifecycle;
@@ -18,7 +19,12 @@ pub mod replicas;
 pub mod selector;
 pub mod statefulset;
 
-use kube::api::ApiResource;
+use informer::Informer;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ApiResource};
+
+/// Changes of pods from the process's one shared pod watch.
+pub type PodChanges = futures::channel::mpsc::UnboundedReceiver<std::sync::Arc<Pod>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -96,23 +102,25 @@ pub async fn run(client: kube::Client, config: Config) -> anyhow::Result<()> {
     let grace = config.node_monitor_grace_period;
     let gc_threshold = config.terminated_pod_gc_threshold;
     let root_ca = perns::PerNamespace::root_ca(&config.root_ca_pem);
+    let pods = Informer::<Pod>::default();
     tokio::join!(
+        supervise("pod-informer", client.clone(), |c| pods.run(Api::all(c))),
         supervise("namespace", client.clone(), namespace::run),
         supervise("deployment", client.clone(), deployment::run),
-        supervise("garbagecollector", client.clone(), gc::run),
-        supervise("job", client.clone(), job::run),
+        supervise("garbagecollector", client.clone(), |c| gc::run(c, pods.clone())),
+        supervise("job", client.clone(), |c| job::run(c, pods.subscribe())),
         supervise("cronjob", client.clone(), cronjob::run),
-        supervise("daemonset", client.clone(), daemonset::run),
-        supervise("statefulset", client.clone(), statefulset::run),
+        supervise("daemonset", client.clone(), |c| daemonset::run(c, pods.subscribe())),
+        supervise("statefulset", client.clone(), |c| statefulset::run(c, pods.subscribe())),
         supervise("nodelifecycle", client.clone(), |c| nodelifecycle::run(c, grace)),
-        supervise("endpoints", client.clone(), endpoints::run),
-        supervise("disruption", client.clone(), disruption::run),
-        supervise("resourcequota", client.clone(), quota::run),
-        supervise("podgc", client.clone(), |c| podgc::run(c, gc_threshold)),
+        supervise("endpoints", client.clone(), |c| endpoints::run(c, &pods)),
+        supervise("disruption", client.clone(), |c| disruption::run(c, pods.subscribe())),
+        supervise("resourcequota", client.clone(), |c| quota::run(c, pods.subscribe())),
+        supervise("podgc", client.clone(), |c| podgc::run(c, &pods, gc_threshold)),
         supervise("serviceaccount", client.clone(), |c| perns::run(c, perns::PerNamespace::default_service_account())),
         supervise("root-ca-cert-publisher", client.clone(), |c| perns::run(c, root_ca.clone())),
-        supervise("replicaset", client.clone(), |c| replicas::run(c, resource("apps", "v1", "ReplicaSet", "replicasets"))),
-        supervise("replicationcontroller", client.clone(), |c| replicas::run(c, resource("", "v1", "ReplicationController", "replicationcontrollers"))),
+        supervise("replicaset", client.clone(), |c| replicas::run(c, pods.subscribe(), resource("apps", "v1", "ReplicaSet", "replicasets"))),
+        supervise("replicationcontroller", client.clone(), |c| replicas::run(c, pods.subscribe(), resource("", "v1", "ReplicationController", "replicationcontrollers"))),
     );
     Ok(())
 }

@@ -67,10 +67,10 @@ fn error_policy(pod: Arc<Pod>, err: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(5))
 }
 
-pub async fn run(client: kube::Client, terminated_threshold: usize) -> anyhow::Result<()> {
+pub async fn run(client: kube::Client, pod_informer: &crate::Informer<Pod>, terminated_threshold: usize) -> anyhow::Result<()> {
     let (nodes, writer) = reflector::store();
     let node_changes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff().reflect(writer).touched_objects();
-    let controller = Controller::new(Api::<Pod>::all(client.clone()), watcher::Config::default());
+    let controller = Controller::for_shared_stream(pod_informer.subscribe(), pod_informer.store());
     let pods = controller.store();
     let pods_for_mapper = pods.clone();
     // A node that goes (or comes) wakes the pods bound to it.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ResourceQuota, Service};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, ResourceQuota, Service};
 use kube::api::{Api, DynamicObject, ListParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::discovery::ApiResource;
@@ -100,11 +100,11 @@ fn quotas_in(store: Store<ResourceQuota>) -> impl Fn(Option<String>) -> Vec<Obje
     move |ns| store.state().into_iter().filter(|q| q.namespace() == ns).map(|q| ObjectRef::from_obj(&*q)).collect()
 }
 
-pub async fn run(client: kube::Client) -> anyhow::Result<()> {
+pub async fn run(client: kube::Client, pod_changes: crate::PodChanges) -> anyhow::Result<()> {
     let controller = Controller::new(Api::<ResourceQuota>::all(client.clone()), watcher::Config::default());
     let (pods, services, claims) = (quotas_in(controller.store()), quotas_in(controller.store()), quotas_in(controller.store()));
     controller
-        .watches(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default(), move |o| pods(o.namespace()))
+        .watches_shared_stream(pod_changes, move |o| pods(o.namespace()))
         .watches(Api::<PartialObjectMeta<Service>>::all(client.clone()), watcher::Config::default(), move |o| services(o.namespace()))
         .watches(Api::<PartialObjectMeta<PersistentVolumeClaim>>::all(client.clone()), watcher::Config::default(), move |o| claims(o.namespace()))
         .run(reconcile, error_policy, Arc::new(Context { client, lowering: Default::default() }))

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::core::PartialObjectMeta;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
@@ -135,10 +134,10 @@ fn controller_name(resource: &ApiResource) -> &'static str {
 }
 
 /// Runs the controller for one kind (ReplicaSet or ReplicationController).
-pub async fn run(client: kube::Client, resource: ApiResource) -> anyhow::Result<()> {
+pub async fn run(client: kube::Client, pods: crate::PodChanges, resource: ApiResource) -> anyhow::Result<()> {
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
     Controller::new_with(api, watcher::Config::default(), resource.clone())
-        .owns(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
+        .owns_shared_stream(pods)
         .run(reconcile, error_policy, Arc::new(Context { events: Recorder::new(client.clone(), controller_name(&resource)), client, resource }))
         .for_each(|_| futures::future::ready(()))
         .await;

@@ -11,7 +11,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
-use kube::core::PartialObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
@@ -172,9 +171,9 @@ fn error_policy(sts: Arc<StatefulSet>, err: &Error, _ctx: Arc<Context>) -> Actio
     Action::requeue(Duration::from_secs(1))
 }
 
-pub async fn run(client: kube::Client) -> anyhow::Result<()> {
+pub async fn run(client: kube::Client, pods: crate::PodChanges) -> anyhow::Result<()> {
     Controller::new(Api::<StatefulSet>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
+        .owns_shared_stream(pods)
         .run(reconcile, error_policy, Arc::new(Context { events: Recorder::new(client.clone(), "statefulset-controller"), client }))
         .for_each(|_| futures::future::ready(()))
         .await;
