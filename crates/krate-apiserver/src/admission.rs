@@ -4,6 +4,10 @@
 //!   `spec.priority` and `spec.preemptionPolicy`; unknown classes are refused.
 //! - PriorityClasses: at most one global default; values above one billion and the
 //!   `system-` prefix are reserved for the built-in classes.
+//! - ServiceAccount: pods that do not opt out (`automountServiceAccountToken: false`
+//!   on the pod or its account) get upstream's `kube-api-access-*` projected volume (a
+//!   bound token, the cluster CA, the namespace) mounted in every container at
+//!   /var/run/secrets/kubernetes.io/serviceaccount. Mirror pods are left alone.
 //! - ResourceQuota: a create that would take a namespace over a quota's `hard` limits
 //!   is refused (counts and pod requests/limits).
 
@@ -18,6 +22,9 @@ pub const SYSTEM_PRIORITY_CLASSES: &[(&str, i64, &str)] = &[
     ("system-cluster-critical", 2_000_000_000, "Used for system critical pods that must run in the cluster, but can be moved to another node if necessary."),
     ("system-node-critical", 2_000_001_000, "Used for system critical pods that must not be moved from their current node."),
 ];
+/// Upstream's name prefix and mount path of the service-account volume.
+const API_ACCESS_PREFIX: &str = "kube-api-access-";
+const API_ACCESS_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 const HIGHEST_USER_PRIORITY: i64 = 1_000_000_000;
 /// Attempts at counting a create in a quota that others update concurrently.
 const QUOTA_RETRIES: usize = 16;
@@ -43,7 +50,10 @@ impl Storage {
     /// (A dry run is checked but counts in no quota.)
     pub(crate) async fn admit_create(&self, kind: &KindInfo, obj: &mut Value, dry_run: bool) -> ApiResult<()> {
         match (kind.group.as_str(), kind.plural.as_str()) {
-            ("", "pods") => self.admit_pod_priority(obj).await?,
+            ("", "pods") => {
+                self.admit_pod_priority(obj).await?;
+                self.admit_pod_service_account(obj).await;
+            }
             ("scheduling.k8s.io", "priorityclasses") => self.admit_priority_class(obj).await?,
             _ => {}
         }
@@ -82,6 +92,43 @@ impl Storage {
             object::set(pod, &["spec", "preemptionPolicy"], json!(policy));
         }
         Ok(())
+    }
+
+    async fn admit_pod_service_account(&self, pod: &mut Value) {
+        if get(pod, &["metadata", "annotations", "kubernetes.io/config.mirror"]).is_some() {
+            return;
+        }
+        let ns = object::namespace(pod).unwrap_or("default").to_string();
+        let account = get_str(pod, &["spec", "serviceAccountName"]).unwrap_or("default").to_string();
+        let automount = match get(pod, &["spec", "automountServiceAccountToken"]).and_then(Value::as_bool) {
+            Some(set) => set,
+            None => {
+                let accounts = self.cached_objects(&Scope { kind: builtin_kind("", "v1", "serviceaccounts"), namespace: Some(ns) }, false).await;
+                accounts.iter().find(|a| object::name(a) == account).and_then(|a| a.get("automountServiceAccountToken")).and_then(Value::as_bool) != Some(false)
+            }
+        };
+        let volumes = get(pod, &["spec", "volumes"]).and_then(Value::as_array).cloned().unwrap_or_default();
+        if !automount || volumes.iter().any(|v| v.get("name").and_then(Value::as_str).unwrap_or_default().starts_with(API_ACCESS_PREFIX)) {
+            return;
+        }
+        let volume_name = format!("{API_ACCESS_PREFIX}{}", crate::registry::random_suffix(5));
+        let mut volumes = volumes;
+        volumes.push(json!({"name": volume_name, "projected": {"defaultMode": 420, "sources": [
+            {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+        ]}}));
+        object::set(pod, &["spec", "volumes"], json!(volumes));
+        for list in ["initContainers", "containers"] {
+            let Some(containers) = pod.get_mut("spec").and_then(|s| s.get_mut(list)).and_then(Value::as_array_mut) else { continue };
+            for container in containers {
+                let mounts = container.as_object_mut().map(|c| c.entry("volumeMounts").or_insert_with(|| json!([])));
+                let Some(mounts) = mounts.and_then(Value::as_array_mut) else { continue };
+                if !mounts.iter().any(|m| m.get("mountPath").and_then(Value::as_str) == Some(API_ACCESS_PATH)) {
+                    mounts.push(json!({"name": volume_name, "readOnly": true, "mountPath": API_ACCESS_PATH}));
+                }
+            }
+        }
     }
 
     async fn admit_priority_class(&self, class: &mut Value) -> ApiResult<()> {

@@ -25,6 +25,7 @@ pub mod eviction;
 pub mod http;
 pub mod metrics;
 pub mod registry;
+pub mod tokens;
 
 use cache::WatchCache;
 use registry::{Scope, Storage};
@@ -44,6 +45,9 @@ pub struct Settings {
     pub compaction_interval: Duration,
     /// TLS client configuration for reaching node agents (`pods/log`); None: not possible.
     pub kubelet_client: Option<Arc<rustls::ClientConfig>>,
+    /// What service-account tokens are signed under (the cluster CA key, so that every
+    /// server of a cluster accepts the others' tokens).
+    pub token_secret: Vec<u8>,
 }
 
 impl Default for Settings {
@@ -55,6 +59,7 @@ impl Default for Settings {
             watch_cache_size: 10_000,
             compaction_interval: Duration::from_secs(300),
             kubelet_client: None,
+            token_secret: rand::random::<[u8; 32]>().to_vec(),
         }
     }
 }
@@ -65,6 +70,7 @@ pub struct ApiServer {
     pub documents: http::docs::Documents,
     pub settings: Settings,
     pub metrics: metrics::Metrics,
+    pub tokens: tokens::Tokens,
 }
 
 /// Namespaces every cluster starts with.
@@ -94,6 +100,7 @@ impl ApiServer {
             storage: Storage::new(store, cache),
             kinds: RwLock::new(kinds),
             documents: Default::default(),
+            tokens: tokens::Tokens::new(&settings.token_secret),
             settings,
             metrics: metrics::Metrics::new(),
         });

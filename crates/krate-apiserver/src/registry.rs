@@ -62,6 +62,8 @@ pub enum Subresource {
     Binding,
     /// `pods/eviction`: a deletion that respects disruption budgets.
     Eviction,
+    /// `serviceaccounts/token`: issues a token (TokenRequest), stores nothing.
+    Token,
     /// `pods/log`: read from the pod's node agent, never written.
     Log,
     /// `pods/exec`, `pods/attach`, `pods/portforward`: connections upgraded through to the
@@ -331,14 +333,18 @@ fn validate(kind: &KindInfo, obj: &Value, old: Option<&Value>) -> ApiResult<()> 
     }
 }
 
-/// Upstream's generateName suffix alphabet (no vowels, no confusable characters).
-fn generate_name(prefix: &str) -> String {
+/// `len` random characters of upstream's generateName suffix alphabet (no vowels, no
+/// confusable characters).
+pub(crate) fn random_suffix(len: usize) -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut rng = rand::rng();
-    let suffix: String = (0..5).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect();
+    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+}
+
+fn generate_name(prefix: &str) -> String {
     let prefix = if prefix.len() > 58 { &prefix[..58] } else { prefix };
-    format!("{prefix}{suffix}")
+    format!("{prefix}{}", random_suffix(5))
 }
 
 fn encode(obj: &Value) -> ApiResult<Bytes> {
@@ -612,7 +618,7 @@ impl Storage {
                 }
                 new
             }
-            Subresource::Scale | Subresource::Binding | Subresource::Eviction | Subresource::Log | Subresource::Connect(_) => unreachable!("scale, binding, eviction, log and connect have their own paths"),
+            Subresource::Scale | Subresource::Binding | Subresource::Eviction | Subresource::Token | Subresource::Log | Subresource::Connect(_) => unreachable!("scale, binding, eviction, token, log and connect have their own paths"),
         };
         object::set(&mut new, &["metadata", "resourceVersion"], get(current, &["metadata", "resourceVersion"]).cloned().unwrap_or(Value::Null));
         if kind.generation && sub == Subresource::Main && spec_changed(&new, current) {
@@ -1148,7 +1154,7 @@ pub fn scale_of(kind: &KindInfo, obj: &Value) -> Value {
     })
 }
 
-fn uuid_v4() -> String {
+pub(crate) fn uuid_v4() -> String {
     use rand::RngCore;
     let mut b = [0u8; 16];
     rand::rng().fill_bytes(&mut b);

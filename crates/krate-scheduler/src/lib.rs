@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use krate_client::events::Recorder;
 
-use plugins::{Needs, NodeInfo, NodeUsage};
+use plugins::{Needs, NodeInfo, Usage};
 
 pub const DEFAULT_SCHEDULER: &str = "default-scheduler";
 /// Bindings in flight at once.
@@ -55,7 +55,7 @@ struct State {
     nodes: BTreeMap<String, Arc<NodeInfo>>,
     /// The nodes in name order for passes, rebuilt only when a node comes, goes or
     /// changes (passes are many and small; nodes change rarely).
-    node_list: Option<Arc<[Arc<NodeInfo>]>>,
+    node_list: Option<NodeList>,
     /// Where the next search over nodes starts (spreads work as upstream does).
     next_start: usize,
     pods: HashMap<String, Arc<Pod>>,
@@ -66,7 +66,7 @@ struct State {
     /// Pods bound by us whose binding the watch has not shown yet.
     assumed: HashMap<String, String>,
     /// What is placed on each node, kept up to date as pods change.
-    usage: HashMap<String, NodeUsage>,
+    usage: Usage,
     /// The node each counted pod is counted on.
     counted: HashMap<String, String>,
     /// Counted pods that declare required anti-affinity (their rules bind newcomers),
@@ -173,7 +173,7 @@ impl State {
             if plugins::PodTopology::holds_anti_affinity(pod) {
                 self.anti_holders.insert(id.to_string(), node.clone());
             }
-            self.usage.entry(node.clone()).or_default().add(pod.clone());
+            self.usage.on(&node).add(pod.clone());
             self.counted.insert(id.to_string(), node);
         }
     }
@@ -183,9 +183,23 @@ fn allocatable_of(node: &Node) -> Option<&BTreeMap<String, k8s_openapi::apimachi
     node.status.as_ref().and_then(|s| s.allocatable.as_ref())
 }
 
+/// The nodes in name order, and each one's usage slot.
+#[derive(Clone)]
+struct NodeList {
+    nodes: Arc<[Arc<NodeInfo>]>,
+    slots: Arc<[usize]>,
+}
+
+impl NodeList {
+    fn new(nodes: &BTreeMap<String, Arc<NodeInfo>>, usage: &mut Usage) -> Self {
+        Self { slots: nodes.keys().map(|name| usage.slot(name)).collect(), nodes: nodes.values().cloned().collect() }
+    }
+}
+
 /// The nodes of one scheduling pass, indexed.
 struct Cluster<'a> {
     nodes: Arc<[Arc<NodeInfo>]>,
+    slots: Arc<[usize]>,
     by_name: &'a BTreeMap<String, Arc<NodeInfo>>,
     /// Placed pods with required anti-affinity, and their nodes.
     anti_holders: Vec<(String, Arc<Pod>)>,
@@ -199,9 +213,8 @@ fn feasible_wanted(nodes: usize) -> usize {
 }
 
 /// Where a pod goes, or why it goes nowhere. The search starts at `start` and wraps.
-fn place(pod: &Pod, cluster: &Cluster, usage: &HashMap<String, NodeUsage>, terms: &mut plugins::TermDomains, start: usize) -> Result<(String, usize), String> {
+fn place(pod: &Pod, cluster: &Cluster, usage: &Usage, terms: &mut plugins::TermDomains, start: usize) -> Result<(String, usize), String> {
     let nodes = &cluster.nodes;
-    let empty = NodeUsage::default();
     let needs = Needs::of(pod);
     let topology = plugins::PodTopology::new(pod, cluster.by_name, usage, &cluster.anti_holders, terms);
     let spread = spread::Spread::new(pod, nodes, usage);
@@ -211,9 +224,10 @@ fn place(pod: &Pod, cluster: &Cluster, usage: &HashMap<String, NodeUsage>, terms
     let mut found = 0;
     let mut examined = 0;
     for k in 0..nodes.len() {
-        let info = &nodes[(start + k) % nodes.len()];
+        let i = (start + k) % nodes.len();
+        let info = &nodes[i];
         let name = info.node.metadata.name.as_deref().unwrap_or_default();
-        let u = usage.get(name).unwrap_or(&empty);
+        let u = usage.at(cluster.slots[i]);
         examined += 1;
         let verdict = plugins::filter(pod, &needs, info, u)
             .or_else(|| if topology.is_trivial() { None } else { topology.filter(&info.node) })
@@ -246,7 +260,10 @@ fn pod_reference(pod: &Pod) -> k8s_openapi::api::core::v1::ObjectReference {
     kube::Resource::object_ref(pod, &())
 }
 
-async fn bind(io: Io, pod: &Pod, node: String) -> Outcome {
+/// Binds `pod` to `node` holding a permit of `binds`, then records the Scheduled event
+/// without it: bindings, not events, are what the permits ration.
+async fn bind(io: Io, binds: Arc<Semaphore>, pod: &Pod, node: String) -> Outcome {
+    let permit = binds.acquire_owned().await;
     let client = io.client.clone();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
@@ -254,6 +271,7 @@ async fn bind(io: Io, pod: &Pod, node: String) -> Outcome {
     let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name, "namespace": ns, "uid": pod.metadata.uid}, "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
     match api.create_subresource::<serde_json::Value, serde_json::Value>("binding", &name, &PostParams::default(), &binding).await {
         Ok(_) => {
+            drop(permit);
             io.events.normal(&pod_reference(pod), "Scheduled", &format!("Successfully assigned {ns}/{name} to {node}")).await;
             Outcome::Bound
         }
@@ -314,11 +332,12 @@ fn schedule_pass(state: &mut State, io: &Io, binds: &Arc<Semaphore>, done: &mpsc
     let mut queue: Vec<Arc<Pod>> = state.active.drain().filter_map(|id| state.pods.get(&id).cloned()).collect();
     queue.sort_by_key(|p| (std::cmp::Reverse(p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)), p.metadata.creation_timestamp.clone().map(|t| t.0)));
     let mut usage = std::mem::take(&mut state.usage);
-    let nodes = state.node_list.get_or_insert_with(|| state.nodes.values().cloned().collect()).clone();
+    let NodeList { nodes, slots } = state.node_list.get_or_insert_with(|| NodeList::new(&state.nodes, &mut usage)).clone();
     let mut cluster = Cluster {
         by_name: &state.nodes,
         anti_holders: state.anti_holders.iter().filter_map(|(id, node)| Some((node.clone(), state.pods.get(id)?.clone()))).collect(),
         nodes,
+        slots,
     };
     let mut next_start = state.next_start;
     let mut terms = plugins::TermDomains::default();
@@ -340,7 +359,7 @@ fn schedule_pass(state: &mut State, io: &Io, binds: &Arc<Semaphore>, done: &mpsc
                 if plugins::PodTopology::holds_anti_affinity(&pod) {
                     cluster.anti_holders.push((node.clone(), pod.clone()));
                 }
-                usage.entry(node.clone()).or_default().add(pod.clone());
+                usage.on(&node).add(pod.clone());
                 state.counted.insert(id.clone(), node.clone());
                 if plugins::PodTopology::holds_anti_affinity(&pod) {
                     state.anti_holders.insert(id.clone(), node.clone());
@@ -348,8 +367,7 @@ fn schedule_pass(state: &mut State, io: &Io, binds: &Arc<Semaphore>, done: &mpsc
                 assumed.push((id.clone(), node.clone()));
                 let (io, binds, done) = (io.clone(), binds.clone(), done.clone());
                 tokio::spawn(async move {
-                    let _permit = binds.acquire_owned().await;
-                    let outcome = bind(io, &pod, node).await;
+                    let outcome = bind(io, binds, &pod, node).await;
                     let _ = done.send((id, outcome));
                 });
             }

@@ -61,17 +61,68 @@ pub struct Needs {
     pub requests: Resources,
     host_ports: Vec<(String, String, i32)>,
     non_zero: (f64, f64),
+    /// The pod's images, normalized.
+    images: Vec<String>,
 }
 
 impl Needs {
     pub fn of(pod: &Pod) -> Self {
         let requests = pod_requests(pod);
-        Self { non_zero: non_zero(&requests), host_ports: host_ports(pod), requests }
+        let images = pod.spec.iter().flat_map(|s| &s.containers).filter_map(|c| c.image.as_deref()).map(normalize_image).collect();
+        Self { non_zero: non_zero(&requests), host_ports: host_ports(pod), requests, images }
     }
 }
 
 /// Why a node was filtered out; counted into upstream's FailedScheduling message.
-pub type Reason = String;
+pub type Reason = std::borrow::Cow<'static, str>;
+
+/// What is placed on each node. Every node name gets a slot for good, so that the search
+/// over thousands of nodes per pod reads usage by index (a pass knows each node's slot)
+/// rather than hashing and comparing every node's name.
+#[derive(Clone, Debug, Default)]
+pub struct Usage {
+    slots: HashMap<String, usize, foldhash::fast::RandomState>,
+    by_slot: Vec<NodeUsage>,
+}
+
+impl Usage {
+    /// The slot of `node`, given one if it has none.
+    pub fn slot(&mut self, node: &str) -> usize {
+        if let Some(&slot) = self.slots.get(node) {
+            return slot;
+        }
+        self.by_slot.push(NodeUsage::default());
+        self.slots.insert(node.to_string(), self.by_slot.len() - 1);
+        self.by_slot.len() - 1
+    }
+
+    pub fn at(&self, slot: usize) -> &NodeUsage {
+        &self.by_slot[slot]
+    }
+
+    pub fn get(&self, node: &str) -> Option<&NodeUsage> {
+        self.slots.get(node).map(|&slot| &self.by_slot[slot])
+    }
+
+    pub fn get_mut(&mut self, node: &str) -> Option<&mut NodeUsage> {
+        self.slots.get(node).map(|&slot| &mut self.by_slot[slot])
+    }
+
+    /// The usage of `node`, empty if nothing was placed there yet.
+    pub fn on(&mut self, node: &str) -> &mut NodeUsage {
+        let slot = self.slot(node);
+        &mut self.by_slot[slot]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &NodeUsage)> {
+        self.slots.iter().map(|(node, &slot)| (node.as_str(), &self.by_slot[slot]))
+    }
+
+    /// Forgets every placed pod; slots stay valid.
+    pub fn clear(&mut self) {
+        self.by_slot.iter_mut().for_each(|u| *u = NodeUsage::default());
+    }
+}
 
 /// The effective requests of a pod: the sum over app containers, at least the largest
 /// init container, plus overhead.
@@ -113,6 +164,8 @@ fn host_ports(pod: &Pod) -> Vec<(String, String, i32)> {
 pub struct NodeInfo {
     pub node: Node,
     pub allocatable: Resources,
+    /// The node's images: normalized names and size.
+    images: Vec<(HashSet<String>, f64)>,
 }
 
 impl NodeInfo {
@@ -121,7 +174,10 @@ impl NodeInfo {
         for (k, v) in node.status.as_ref().and_then(|s| s.allocatable.as_ref()).into_iter().flatten() {
             allocatable.set(k, parse(&v.0).unwrap_or(0.0));
         }
-        Self { node, allocatable }
+        let images = node.status.as_ref().and_then(|s| s.images.as_ref()).into_iter().flatten()
+            .map(|i| (i.names.iter().flatten().map(|n| normalize_image(n)).collect(), i.size_bytes.unwrap_or(0) as f64))
+            .collect();
+        Self { node, allocatable, images }
     }
 }
 
@@ -201,7 +257,7 @@ pub fn node_selected(pod: &Pod, node: &Node) -> Option<Reason> {
     }
     for taint in node_spec.taints.iter().flatten() {
         if matches!(taint.effect.as_str(), "NoSchedule" | "NoExecute") && !tolerates(tolerations, taint) {
-            return Some(format!("node(s) had untolerated taint {{{}: {}}}", taint.key, taint.value.clone().unwrap_or_default()));
+            return Some(format!("node(s) had untolerated taint {{{}: {}}}", taint.key, taint.value.clone().unwrap_or_default()).into());
         }
     }
     None
@@ -221,7 +277,7 @@ pub fn filter(pod: &Pod, needs: &Needs, info: &NodeInfo, usage: &NodeUsage) -> O
     if usage.pods + 1 > max_pods {
         return Some("Too many pods".into());
     }
-    needs.requests.first_shortfall(&info.allocatable, &usage.requested).map(|resource| format!("Insufficient {resource}"))
+    needs.requests.first_shortfall(&info.allocatable, &usage.requested).map(|resource| format!("Insufficient {resource}").into())
 }
 
 pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
@@ -286,14 +342,14 @@ fn domain(nodes: &BTreeMap<String, Arc<NodeInfo>>, node: &str, key: &str) -> Opt
 }
 
 impl TermDomains {
-    fn get(&mut self, term: &PodAffinityTerm, ns: &str, nodes: &BTreeMap<String, Arc<NodeInfo>>, usage: &HashMap<String, NodeUsage>) -> &HashSet<String> {
+    fn get(&mut self, term: &PodAffinityTerm, ns: &str, nodes: &BTreeMap<String, Arc<NodeInfo>>, usage: &Usage) -> &HashSet<String> {
         let key = format!("{ns}\u{0}{}", serde_json::to_string(term).unwrap_or_default());
         &self
             .cache
             .entry(key)
             .or_insert_with(|| {
                 let mut domains = HashSet::new();
-                for (node, u) in usage {
+                for (node, u) in usage.iter() {
                     if u.placed.iter().any(|other| term_selects(term, ns, other)) {
                         domains.extend(domain(nodes, node, &term.topology_key));
                     }
@@ -317,7 +373,7 @@ impl PodTopology {
     /// `anti_holders`: placed pods that declare required anti-affinity, with their node
     /// (their rules apply to newcomers too). `terms`: the pass's cache of what the placed
     /// pods' domains are per term.
-    pub fn new(pod: &Pod, nodes: &BTreeMap<String, Arc<NodeInfo>>, usage: &HashMap<String, NodeUsage>, anti_holders: &[(String, Arc<Pod>)], terms: &mut TermDomains) -> Self {
+    pub fn new(pod: &Pod, nodes: &BTreeMap<String, Arc<NodeInfo>>, usage: &Usage, anti_holders: &[(String, Arc<Pod>)], terms: &mut TermDomains) -> Self {
         let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
         let anti = required_terms(pod, true);
         let affinity = required_terms(pod, false);
@@ -403,7 +459,7 @@ pub fn score(pod: &Pod, needs: &Needs, info: &NodeInfo, usage: &NodeUsage) -> f6
         .and_then(|na| na.preferred_during_scheduling_ignored_during_execution.as_ref())
         .map(|prefs| prefs.iter().filter(|p| term_matches(&p.preference, node)).map(|p| p.weight as f64).sum())
         .unwrap_or(0.0);
-    least_allocated + balanced + preferred + image_locality(pod, node)
+    least_allocated + balanced + preferred + image_locality(needs, info)
 }
 
 /// An image reference in full form: registry, repository and tag (`nginx` →
@@ -428,15 +484,10 @@ pub fn normalize_image(image: &str) -> String {
 
 /// ImageLocality, 0..=100: nodes that already hold the pod's images (by size, from
 /// 23 MB up to 1000 MB as upstream) score higher, since the pod starts sooner there.
-fn image_locality(pod: &Pod, node: &Node) -> f64 {
+fn image_locality(needs: &Needs, info: &NodeInfo) -> f64 {
     const MIN: f64 = 23.0 * 1024.0 * 1024.0;
     const MAX: f64 = 1000.0 * 1024.0 * 1024.0;
-    let Some(images) = node.status.as_ref().and_then(|s| s.images.as_ref()).filter(|i| !i.is_empty()) else { return 0.0 };
-    let wanted: Vec<String> = pod.spec.as_ref().map(|s| s.containers.iter().filter_map(|c| c.image.as_deref()).map(normalize_image).collect()).unwrap_or_default();
-    let present: f64 = wanted
-        .iter()
-        .filter_map(|w| images.iter().find(|i| i.names.iter().flatten().any(|n| normalize_image(n) == *w)).map(|i| i.size_bytes.unwrap_or(0) as f64))
-        .sum();
+    let present: f64 = needs.images.iter().filter_map(|w| info.images.iter().find(|(names, _)| names.contains(w)).map(|(_, size)| size)).sum();
     if present <= MIN { 0.0 } else { (present.min(MAX) - MIN) / (MAX - MIN) * 100.0 }
 }
 
@@ -444,7 +495,7 @@ fn image_locality(pod: &Pod, node: &Node) -> f64 {
 pub fn unschedulable_message(total: usize, reasons: &[Reason]) -> String {
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for r in reasons {
-        *counts.entry(r.as_str()).or_default() += 1;
+        *counts.entry(r.as_ref()).or_default() += 1;
     }
     let parts: Vec<String> = counts.iter().map(|(r, n)| format!("{n} {r}")).collect();
     if parts.is_empty() {
@@ -500,8 +551,8 @@ mod tests {
         let labeled = |name: &str| node(name, "2", json!({"metadata": {"labels": {"kubernetes.io/hostname": name}}}));
         let (n1, n2) = (labeled("n1"), labeled("n2"));
         let nodes: BTreeMap<String, Arc<NodeInfo>> = [("n1".to_string(), Arc::new(n1.clone())), ("n2".to_string(), Arc::new(n2.clone()))].into_iter().collect();
-        let mut usage: HashMap<String, NodeUsage> = HashMap::new();
-        usage.entry("n1".into()).or_default().add(Arc::new(pod("0", json!({"metadata": {"labels": {"app": "x"}}}))));
+        let mut usage = Usage::default();
+        usage.on("n1").add(Arc::new(pod("0", json!({"metadata": {"labels": {"app": "x"}}}))));
         let term = json!({"labelSelector": {"matchLabels": {"app": "x"}}, "topologyKey": "kubernetes.io/hostname"});
         let loner = pod("0", json!({"spec": {"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}}}));
         let topology = PodTopology::new(&loner, &nodes, &usage, &[], &mut TermDomains::default());
@@ -521,8 +572,9 @@ mod tests {
         assert_eq!(normalize_image("registry.k8s.io/pause:3.10"), "registry.k8s.io/pause:3.10");
         let with_image = node("n", "2", json!({"status": {"images": [{"names": ["docker.io/library/nginx:latest"], "sizeBytes": 500_000_000}]}}));
         let nginx = pod("0", json!({"spec": {"containers": [{"name": "c", "image": "nginx"}]}}));
-        assert!(image_locality(&nginx, &with_image.node) > 40.0);
-        assert_eq!(image_locality(&nginx, &node("m", "2", json!({})).node), 0.0);
+        let needs = Needs::of(&nginx);
+        assert!(image_locality(&needs, &with_image) > 40.0);
+        assert_eq!(image_locality(&needs, &node("m", "2", json!({}))), 0.0);
     }
 
     #[test]
@@ -533,7 +585,7 @@ mod tests {
         let small = pod("100m", json!({}));
         let r = Needs::of(&small);
         assert!(score(&small, &r, &n, &NodeUsage::default()) > score(&small, &r, &n, &busy));
-        let reasons = vec!["Insufficient cpu".to_string(), "node(s) were unschedulable".into(), "Insufficient cpu".into()];
+        let reasons: Vec<Reason> = vec!["Insufficient cpu".into(), "node(s) were unschedulable".into(), "Insufficient cpu".into()];
         assert_eq!(unschedulable_message(3, &reasons), "0/3 nodes are available: 2 Insufficient cpu, 1 node(s) were unschedulable.");
     }
 }

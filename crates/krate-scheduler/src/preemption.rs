@@ -4,12 +4,11 @@
 //! highest-priority ones that are not needed); the chosen node is the one whose worst
 //! victim has the lowest priority, then the lowest priority sum, then the fewest victims.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::plugins::{self, Needs, NodeInfo, NodeUsage};
+use crate::plugins::{self, Needs, NodeInfo, NodeUsage, Usage};
 
 pub fn priority(pod: &Pod) -> i32 {
     pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)
@@ -64,7 +63,7 @@ fn victims_on(pod: &Pod, needs: &Needs, info: &NodeInfo, usage: &NodeUsage) -> O
 }
 
 /// The best node to preempt on, or `None` when preemption cannot help.
-pub fn plan(pod: &Pod, nodes: &[Arc<NodeInfo>], usage: &HashMap<String, NodeUsage>) -> Option<Plan> {
+pub fn plan(pod: &Pod, nodes: &[Arc<NodeInfo>], usage: &Usage) -> Option<Plan> {
     let needs = Needs::of(pod);
     let empty = NodeUsage::default();
     let mut best: Option<((i32, i64, usize), Plan)> = None;
@@ -103,11 +102,11 @@ mod tests {
     #[test]
     fn evicts_the_fewest_lowest_priority_pods() {
         let nodes = [Arc::new(node("a", "2")), Arc::new(node("b", "2"))];
-        let mut usage = HashMap::new();
-        let on_a = usage.entry("a".to_string()).or_insert_with(NodeUsage::default);
+        let mut usage = Usage::default();
+        let on_a = usage.on("a");
         on_a.add(pod("a-low", "1", 1));
         on_a.add(pod("a-mid", "1", 5));
-        let on_b = usage.entry("b".to_string()).or_insert_with(NodeUsage::default);
+        let on_b = usage.on("b");
         on_b.add(pod("b-mid1", "1", 5));
         on_b.add(pod("b-mid2", "1", 5));
         let plan = plan(&pod("big", "1", 10), &nodes, &usage).unwrap();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Node, Pod, TopologySpreadConstraint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use crate::plugins::{matches_node_affinity, selector_matches, NodeInfo, NodeUsage, Reason};
+use crate::plugins::{matches_node_affinity, selector_matches, NodeInfo, Reason, Usage};
 
 #[derive(Debug)]
 struct Domains {
@@ -42,7 +42,7 @@ fn effective_selector(c: &TopologySpreadConstraint, pod: &Pod) -> Option<LabelSe
 }
 
 impl Spread {
-    pub fn new(pod: &Pod, nodes: &[Arc<NodeInfo>], usage: &HashMap<String, NodeUsage>) -> Self {
+    pub fn new(pod: &Pod, nodes: &[Arc<NodeInfo>], usage: &Usage) -> Self {
         let constraints = pod.spec.as_ref().and_then(|s| s.topology_spread_constraints.as_deref()).unwrap_or_default();
         if constraints.is_empty() {
             return Self::default();
@@ -134,8 +134,8 @@ mod tests {
     #[test]
     fn spreads_over_zones() {
         let (a1, a2, b1) = (Arc::new(node("a1", "a")), Arc::new(node("a2", "a")), Arc::new(node("b1", "b")));
-        let mut usage: HashMap<String, NodeUsage> = HashMap::new();
-        usage.entry("a1".into()).or_default().add(Arc::new(web(false)));
+        let mut usage = Usage::default();
+        usage.on("a1").add(Arc::new(web(false)));
         let nodes = [a1.clone(), a2.clone(), b1.clone()];
         let spread = Spread::new(&web(false), &nodes, &usage);
         assert_eq!(spread.filter(&a2.node).as_deref(), Some("node(s) didn't match pod topology spread constraints"));

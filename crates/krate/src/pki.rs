@@ -45,6 +45,12 @@ fn write_private(path: &Path, contents: &str) -> Result<()> {
 }
 
 impl Pki {
+    /// What service-account tokens are signed under: the CA key, which every API server
+    /// of the cluster holds.
+    pub fn token_secret(&self) -> Vec<u8> {
+        self.ca_key.serialize_der()
+    }
+
     /// Loads the CA from `dir`, creating it on first use.
     pub fn load_or_create(dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -91,6 +91,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         watch_cache_size: args.watch_cache_size,
         compaction_interval: Duration::from_secs(args.compaction_interval_seconds.max(1)),
         bookmark_interval: Duration::from_secs(args.bookmark_interval_seconds.max(1)),
+        token_secret: pki.token_secret(),
         ..Settings::default()
     };
     let server = ApiServer::start(Arc::new(store), settings).await?;

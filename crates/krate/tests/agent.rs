@@ -496,6 +496,21 @@ async fn exec_attach_cp_and_port_forward_reach_containers_through_the_api_server
     assert!(shown.contains("/dev/pts/") && shown.contains("answer=42"), "{shown}");
     assert_eq!(tty.status.code(), Some(4), "{shown}");
 
+    // The pod's service-account volume: a token the API server accepts as the pod's
+    // account, the cluster CA and the namespace.
+    let secrets = "/var/run/secrets/kubernetes.io/serviceaccount";
+    assert_eq!(server.kubectl_ok(&["exec", "shell", "--", "cat", &format!("{secrets}/namespace")]), "default");
+    let ca = server.kubectl_ok(&["exec", "shell", "--", "cat", &format!("{secrets}/ca.crt")]);
+    assert_eq!(ca, std::fs::read_to_string(server.data_dir().join("pki/ca.crt")).unwrap());
+    let token = server.kubectl_ok(&["exec", "shell", "--", "cat", &format!("{secrets}/token")]);
+    let as_pod = std::process::Command::new(common::kubectl_path())
+        .args(["--kubeconfig", "/dev/null", "--server", &server.url(), "--token", &token, "--certificate-authority"])
+        .arg(server.data_dir().join("pki/ca.crt"))
+        .args(["get", "pod", "shell", "-o", "jsonpath={.metadata.name}"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&as_pod.stdout), "shell", "{}", text(&as_pod.stderr));
+
     // kubectl cp both ways (tar through exec, stdin closed at the end of the archive).
     let local = tempfile::tempdir().unwrap();
     std::fs::write(local.path().join("in.txt"), "copied in\n").unwrap();

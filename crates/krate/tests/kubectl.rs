@@ -227,3 +227,54 @@ fn protobuf_clients_and_dry_run() {
     let invalid = server.kubectl(&["create", "configmap", "Bad_Name"]);
     assert!(stderr(&invalid).contains("is invalid"), "{}", stderr(&invalid));
 }
+
+#[test]
+fn service_account_tokens_authenticate_while_their_account_lives() {
+    let server = TestServer::start();
+    let ca = server.data_dir().join("pki/ca.crt");
+    let as_token = |token: &str, args: &[&str]| {
+        std::process::Command::new(common::kubectl_path())
+            .args(["--kubeconfig", "/dev/null", "--server", &server.url(), "--token", token, "--certificate-authority"])
+            .arg(&ca)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    server.kubectl_ok(&["create", "serviceaccount", "robot"]);
+    let token = server.kubectl_ok(&["create", "token", "robot"]).trim().to_string();
+    let listed = as_token(&token, &["get", "serviceaccounts", "-n", "default", "-o", "name"]);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("serviceaccount/robot"));
+
+    // A token whose payload was changed no longer matches its signature.
+    let (head, rest) = token.split_once('.').unwrap();
+    let (payload, signature) = rest.split_once('.').unwrap();
+    let forged_payload = String::from_utf8(base64_url(payload).into_iter().map(|b| if b == b'r' { b'R' } else { b }).collect()).unwrap();
+    let forged = format!("{head}.{}.{signature}", encode_url(forged_payload.as_bytes()));
+    let refused = as_token(&forged, &["get", "serviceaccounts"]);
+    assert!(!refused.status.success() && stderr(&refused).contains("Unauthorized"), "{}", stderr(&refused));
+    let short = server.kubectl(&["create", "token", "robot", "--duration", "1m"]);
+    assert!(stderr(&short).contains("may not specify a duration less than 10 minutes"), "{}", stderr(&short));
+
+    // Deleting the account revokes its tokens.
+    server.kubectl_ok(&["delete", "serviceaccount", "robot"]);
+    let revoked = as_token(&token, &["get", "serviceaccounts"]);
+    assert!(!revoked.status.success() && stderr(&revoked).contains("Unauthorized"), "{}", stderr(&revoked));
+
+    // Pods get the API-access volume unless they opt out.
+    server.kubectl_ok(&["run", "with-token", "--image=registry.local/web:1.0"]);
+    let volumes = server.kubectl_ok(&["get", "pod", "with-token", "-o", "jsonpath={.spec.volumes[*].name} {.spec.containers[0].volumeMounts[*].mountPath}"]);
+    assert!(volumes.starts_with("kube-api-access-") && volumes.ends_with(" /var/run/secrets/kubernetes.io/serviceaccount"), "{volumes}");
+    server.kubectl_ok(&["run", "without", "--image=registry.local/web:1.0", "--overrides", r#"{"spec": {"automountServiceAccountToken": false}}"#]);
+    assert_eq!(server.kubectl_ok(&["get", "pod", "without", "-o", "jsonpath={.spec.volumes}"]), "");
+}
+
+fn base64_url(text: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).unwrap()
+}
+
+fn encode_url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}

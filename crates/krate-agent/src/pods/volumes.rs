@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use k8s_openapi::api::core::v1::{Container, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod, Volume};
+use k8s_openapi::api::core::v1::{Container, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod, ServiceAccount, ServiceAccountTokenProjection, Volume};
 use kube::Api;
 
 use super::env::{config_map_bytes, field, secret_bytes, Runtime};
@@ -205,8 +205,8 @@ async fn set_up(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, rt: &R
                 secret_files(client, ns, &s.name, s.items.as_ref(), mode, s.optional.unwrap_or(false)).await?
             } else if let Some(d) = &source.downward_api {
                 downward_files(pod, d.items.as_deref().unwrap_or_default(), mode, rt)?
-            } else if source.service_account_token.is_some() {
-                bail!("serviceAccountToken projections need the TokenRequest API, which this cluster does not serve yet");
+            } else if let Some(t) = &source.service_account_token {
+                token_files(client, pod, t, &path, mode).await?
             } else {
                 Files::new()
             };
@@ -220,6 +220,50 @@ async fn set_up(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, rt: &R
     };
     write_atomically(&path, &files)?;
     Ok(path)
+}
+
+/// A projected service-account token: the one already in the volume while it is fresh
+/// (younger than 80% of its lifetime, as upstream's token manager), else a new one from
+/// the TokenRequest API, bound to the pod. Reading it back from the volume keeps it
+/// across agent restarts without asking again.
+async fn token_files(client: &kube::Client, pod: &Pod, source: &ServiceAccountTokenProjection, volume: &Path, mode: u32) -> Result<Files> {
+    let audiences: Vec<String> = source.audience.iter().filter(|a| !a.is_empty()).cloned().collect();
+    let current = std::fs::read_to_string(volume.join(&source.path)).ok().filter(|t| token_is_fresh(t, &audiences, unix_now()));
+    let token = match current {
+        Some(token) => token,
+        None => {
+            let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+            let account = pod.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).filter(|a| !a.is_empty()).unwrap_or("default");
+            let request = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {
+                "audiences": audiences,
+                "expirationSeconds": source.expiration_seconds.unwrap_or(3600),
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod.metadata.name, "uid": pod.metadata.uid},
+            }});
+            let issued: serde_json::Value = Api::<ServiceAccount>::namespaced(client.clone(), ns)
+                .create_subresource("token", account, &Default::default(), &request)
+                .await
+                .with_context(|| format!("requesting a token for service account {ns}/{account}"))?;
+            issued["status"]["token"].as_str().map(str::to_string).ok_or_else(|| anyhow!("the TokenRequest came back without a token"))?
+        }
+    };
+    Ok(Files::from([(source.path.clone(), (token.into_bytes(), mode))]))
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
+}
+
+/// Whether `token` (a JWT) is for `audiences` (empty: the API server's) and younger than
+/// 80% of its lifetime at `now`. Its signature is the API server's business.
+fn token_is_fresh(token: &str, audiences: &[String], now: i64) -> bool {
+    use base64::Engine;
+    let Some(payload) = token.split('.').nth(1) else { return false };
+    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload) else { return false };
+    let Ok(claims) = serde_json::from_slice::<serde_json::Value>(&bytes) else { return false };
+    let (Some(iat), Some(exp)) = (claims["iat"].as_i64(), claims["exp"].as_i64()) else { return false };
+    let aud: Vec<&str> = claims["aud"].as_array().into_iter().flatten().filter_map(|a| a.as_str()).collect();
+    let audience_ok = audiences.is_empty() || audiences.iter().all(|a| aud.contains(&a.as_str()));
+    audience_ok && now < iat + (exp - iat) * 8 / 10
 }
 
 async fn claim_path(client: &kube::Client, ns: &str, claim: &str) -> Result<PathBuf> {
@@ -314,6 +358,17 @@ pub fn tear_down(root: &Path, uid: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn projected_tokens_are_reused_until_80_percent_of_their_life() {
+        use base64::Engine;
+        let jwt = |claims: serde_json::Value| format!("h.{}.s", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string()));
+        let token = jwt(serde_json::json!({"iat": 1000, "exp": 2000, "aud": ["https://kubernetes.default.svc.cluster.local"]}));
+        assert!(token_is_fresh(&token, &[], 1799));
+        assert!(!token_is_fresh(&token, &[], 1800));
+        assert!(!token_is_fresh(&token, &["vault".to_string()], 1100), "another audience needs another token");
+        assert!(!token_is_fresh("garbage", &[], 1100));
+    }
 
     #[test]
     fn atomic_writes_swap_generations_and_drop_removed_keys() {

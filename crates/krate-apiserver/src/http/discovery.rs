@@ -84,6 +84,12 @@ pub fn api_resources(k: &KindInfo) -> Vec<Value> {
         eviction["version"] = json!("v1");
         out.push(eviction);
     }
+    if k.plural == "serviceaccounts" && k.group.is_empty() {
+        let mut token = sub("token", "TokenRequest", &["create"]);
+        token["group"] = json!("authentication.k8s.io");
+        token["version"] = json!("v1");
+        out.push(token);
+    }
     out
 }
 

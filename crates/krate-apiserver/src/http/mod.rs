@@ -76,7 +76,19 @@ pub async fn handle(server: Arc<ApiServer>, user: User, req: Request<Body>) -> R
     let path = req.uri().path().to_string();
     let route = parse_path(&path);
     let (verb, resource) = metrics_labels(&method, &route, req.uri().query());
-    let response = match dispatch(&server, &user, route, req).await {
+    let authenticated = match bearer_token(req.headers()) {
+        // A client certificate comes first, as upstream's union of authenticators.
+        Some(token) if user.is_anonymous() => server.authenticate_token(token).await,
+        _ => Ok(user),
+    };
+    let (user, response) = match authenticated {
+        Ok(user) => {
+            let response = dispatch(&server, &user, route, req).await;
+            (user, response)
+        }
+        Err(err) => (User::anonymous(), Err(err)),
+    };
+    let response = match response {
         Ok(resp) => resp,
         Err(err) => error_response(&err),
     };
@@ -88,6 +100,12 @@ pub async fn handle(server: Arc<ApiServer>, user: User, req: Request<Body>) -> R
         tracing::debug!(%method, %path, code, user = %user.name, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "request");
     }
     response
+}
+
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
 fn metrics_labels(method: &Method, route: &Route, query: Option<&str>) -> (String, String) {
@@ -204,6 +222,7 @@ fn subresource(kind: &KindInfo, path: &ResourcePath) -> ApiResult<Subresource> {
         Some("binding") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Binding),
         Some("eviction") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Eviction),
         Some("log") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Log),
+        Some("token") if kind.plural == "serviceaccounts" && kind.group.is_empty() => Ok(Subresource::Token),
         Some("exec") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Connect(registry::Connect::Exec)),
         Some("attach") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Connect(registry::Connect::Attach)),
         Some("portforward") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Connect(registry::Connect::PortForward)),
@@ -381,14 +400,14 @@ async fn resource_request(
         (&Method::GET, None) => "list",
         (&Method::GET, Some(_)) => "get",
         (&Method::POST, None) if !kind.namespaced || scope.namespace.is_some() => "create",
-        (&Method::POST, Some(_)) if matches!(sub, Subresource::Binding | Subresource::Eviction) => "create",
+        (&Method::POST, Some(_)) if matches!(sub, Subresource::Binding | Subresource::Eviction | Subresource::Token) => "create",
         (&Method::PUT, Some(_)) => "update",
         (&Method::PATCH, Some(_)) => "patch",
         (&Method::DELETE, Some(_)) => "delete",
         (&Method::DELETE, None) => "deletecollection",
         _ => return Err(not_allowed()),
     };
-    if !kind.verbs.iter().any(|v| v == verb) || (matches!(sub, Subresource::Binding | Subresource::Eviction) && verb != "create") || (sub == Subresource::Log && verb != "get") {
+    if !kind.verbs.iter().any(|v| v == verb) || (matches!(sub, Subresource::Binding | Subresource::Eviction | Subresource::Token) && verb != "create") || (sub == Subresource::Log && verb != "get") {
         return Err(not_allowed());
     }
     let name = path.name.as_deref().unwrap_or_default();
@@ -405,6 +424,11 @@ async fn resource_request(
         }
         "create" | "update" => {
             let (headers, body) = read_body(req).await?;
+            if sub == Subresource::Token {
+                let request = parse_body(&content_type(&headers), &body)?;
+                let issued = server.request_token(scope.namespace.as_deref().unwrap_or_default(), name, &request).await?;
+                return Ok(json_response(201, &issued));
+            }
             if sub == Subresource::Eviction {
                 let eviction = parse_body(&content_type(&headers), &body)?;
                 let delete_body = serde_json::to_vec(eviction.get("deleteOptions").unwrap_or(&Value::Null)).unwrap_or_default();
