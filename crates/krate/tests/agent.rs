@@ -16,6 +16,13 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
+/// The agent port of test `n`: below the ephemeral range, because a port merely free now
+/// could be handed to a test's containerd (its streaming server binds port 0) before the
+/// agent binds it.
+fn kubelet_port(n: u8) -> String {
+    (20_000 + std::process::id() % 200 * 20 + u32::from(n)).to_string()
+}
+
 /// A server whose agent gets a bridge and pod CIDR of its own (`n` tells tests apart),
 /// pulling from `registries` over plain HTTP, with `extra` arguments.
 fn server_with_agent(registries: &[&TestRegistry], n: u8, extra: &[&str]) -> TestServer {
@@ -24,7 +31,7 @@ fn server_with_agent(registries: &[&TestRegistry], n: u8, extra: &[&str]) -> Tes
         "--node-name".into(), "node-1".into(),
         "--bridge".into(), format!("kt{n}p{id}"),
         "--pod-cidr".into(), format!("10.{}.{}.0/24", 200 + n, id),
-        "--kubelet-port".into(), common::free_port().to_string(),
+        "--kubelet-port".into(), kubelet_port(n),
     ];
     for r in registries {
         args.extend(["--insecure-registry".to_string(), r.address.clone()]);
@@ -332,7 +339,7 @@ async fn volumes_and_environment_reach_the_container_and_follow_their_objects() 
     std::fs::write(host_dir.path().join("host.txt"), "from the host").unwrap();
     let server = TestServer::start_with_agent(&[
         "--node-name", "node-1", "--bridge", &format!("kt5p{id}"), "--pod-cidr", &format!("10.205.{id}.0/24"),
-        "--insecure-registry", &registry.address, "--sync-frequency-seconds", "1", "--kubelet-port", &common::free_port().to_string(),
+        "--insecure-registry", &registry.address, "--sync-frequency-seconds", "1", "--kubelet-port", &kubelet_port(5),
     ]);
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
