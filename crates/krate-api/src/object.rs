@@ -90,6 +90,11 @@ pub fn finalizers(obj: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Seconds since the Unix epoch (JWT times, for one).
+pub fn unix_seconds() -> i64 {
+    jiff::Timestamp::now().as_second()
+}
+
 /// RFC 3339 UTC timestamp with second precision, as upstream's `metav1.Time`.
 pub fn now_rfc3339() -> String {
     jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()

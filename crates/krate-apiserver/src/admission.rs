@@ -103,8 +103,8 @@ impl Storage {
         let automount = match get(pod, &["spec", "automountServiceAccountToken"]).and_then(Value::as_bool) {
             Some(set) => set,
             None => {
-                let accounts = self.cached_objects(&Scope { kind: builtin_kind("", "v1", "serviceaccounts"), namespace: Some(ns) }, false).await;
-                accounts.iter().find(|a| object::name(a) == account).and_then(|a| a.get("automountServiceAccountToken")).and_then(Value::as_bool) != Some(false)
+                let account = self.cached(&Scope { kind: builtin_kind("", "v1", "serviceaccounts"), namespace: Some(ns) }, &account);
+                account.ok().and_then(|a| a.parse().get("automountServiceAccountToken").and_then(Value::as_bool)) != Some(false)
             }
         };
         let volumes = get(pod, &["spec", "volumes"]).and_then(Value::as_array).cloned().unwrap_or_default();

@@ -490,6 +490,11 @@ impl Storage {
     /// A consistent read of one object from the cache.
     pub async fn get(&self, scope: &Scope, name: &str) -> ApiResult<Arc<CachedObject>> {
         self.cache.sync().await;
+        self.cached(scope, name)
+    }
+
+    /// One object as the cache holds it now (after a `cache.sync()`, consistent).
+    pub fn cached(&self, scope: &Scope, name: &str) -> ApiResult<Arc<CachedObject>> {
         let key = key_for(&scope.kind, scope.namespace.as_deref(), name);
         let rc = self.cache.resource(&storage_prefix(&scope.kind));
         let found = rc.state.read().expect("cache lock").objects.get(&key).cloned();

@@ -8,11 +8,12 @@
 //! Only API servers verify them; nothing outside needs the key.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use krate_api::object::unix_seconds;
 use krate_api::{ApiError, ApiResult, FieldError};
 use serde_json::{json, Value};
 
 use crate::auth::User;
-use crate::registry::Scope;
+use crate::registry::{builtin_kind, Scope};
 use crate::ApiServer;
 use base64::Engine;
 use ring::hmac;
@@ -102,20 +103,17 @@ impl Tokens {
     }
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
-}
-
 impl ApiServer {
-    async fn object(&self, resource: &str, namespace: &str, name: &str) -> ApiResult<Value> {
-        let kind = self.kinds().lookup("", "v1", resource).expect("a built-in kind").clone();
-        Ok(self.storage.get(&Scope { kind, namespace: Some(namespace.to_string()) }, name).await?.parse())
+    /// A core object from the cache (callers sync it once for all their reads).
+    fn object(&self, resource: &str, namespace: &str, name: &str) -> ApiResult<Value> {
+        Ok(self.storage.cached(&Scope { kind: builtin_kind("", "v1", resource), namespace: Some(namespace.to_string()) }, name)?.parse())
     }
 
     /// `POST serviceaccounts/{name}/token`: a token for the account, bound to a pod when
     /// the request names one (it stops working when that pod is gone).
     pub async fn request_token(&self, namespace: &str, name: &str, request: &Value) -> ApiResult<Value> {
-        let account = self.object("serviceaccounts", namespace, name).await?;
+        self.storage.cache.sync().await;
+        let account = self.object("serviceaccounts", namespace, name)?;
         let spec = &request["spec"];
         let expiration = spec["expirationSeconds"].as_i64().unwrap_or(DEFAULT_EXPIRATION_SECONDS);
         let invalid = |field: &str, value: Value, detail: &str| ApiError::invalid("authentication.k8s.io", "TokenRequest", name, &[FieldError::invalid(field, &value, detail)]);
@@ -134,7 +132,7 @@ impl ApiServer {
             None => None,
             Some("Pod") => {
                 let pod_name = bound["name"].as_str().unwrap_or_default();
-                let pod = self.object("pods", namespace, pod_name).await?;
+                let pod = self.object("pods", namespace, pod_name)?;
                 let uid = pod["metadata"]["uid"].as_str().unwrap_or_default();
                 if bound["uid"].as_str().is_some_and(|wanted| !wanted.is_empty() && wanted != uid) {
                     return Err(ApiError::conflict("", "pods", pod_name, &format!(
@@ -146,7 +144,7 @@ impl ApiServer {
             }
             Some(other) => return Err(invalid("spec.boundObjectRef.kind", json!(other), "supported values: \"Pod\"")),
         };
-        let now = unix_now();
+        let now = unix_seconds();
         let claims = Claims {
             iss: ISSUER.to_string(),
             sub: format!("system:serviceaccount:{namespace}:{name}"),
@@ -177,18 +175,19 @@ impl ApiServer {
     /// The service account a bearer token stands for, while the account (and the pod it
     /// is bound to) still exist as they were when it was issued. Anything else is 401.
     pub async fn authenticate_token(&self, token: &str) -> ApiResult<User> {
-        let claims = self.tokens.verify(token, unix_now()).map_err(|why| {
+        let claims = self.tokens.verify(token, unix_seconds()).map_err(|why| {
             tracing::debug!(reason = %why, "bearer token refused");
             ApiError::unauthorized()
         })?;
         let k = &claims.kubernetes;
         let uid_of = |obj: ApiResult<Value>| obj.ok().and_then(|o| o["metadata"]["uid"].as_str().map(str::to_string));
-        if uid_of(self.object("serviceaccounts", &k.namespace, &k.serviceaccount.name).await).as_deref() != Some(k.serviceaccount.uid.as_str()) {
+        self.storage.cache.sync().await;
+        if uid_of(self.object("serviceaccounts", &k.namespace, &k.serviceaccount.name)).as_deref() != Some(k.serviceaccount.uid.as_str()) {
             tracing::debug!(account = %claims.sub, "bearer token of a service account that is gone");
             return Err(ApiError::unauthorized());
         }
         if let Some(pod) = &k.pod {
-            if uid_of(self.object("pods", &k.namespace, &pod.name).await).as_deref() != Some(pod.uid.as_str()) {
+            if uid_of(self.object("pods", &k.namespace, &pod.name)).as_deref() != Some(pod.uid.as_str()) {
                 tracing::debug!(account = %claims.sub, pod = %pod.name, "bearer token bound to a pod that is gone");
                 return Err(ApiError::unauthorized());
             }

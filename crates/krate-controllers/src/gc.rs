@@ -9,6 +9,7 @@
 //! every watch has listed once, so a missing owner is never a not-yet-seen one.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PropagationPolicy};
@@ -19,12 +20,11 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::ObjectRef;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use std::sync::Arc;
-
-use crate::informer::Informer;
 use kube::ResourceExt;
 use serde_json::json;
 use tokio::sync::mpsc;
+
+use crate::informer::Informer;
 
 const FOREGROUND: &str = "foregroundDeletion";
 const ORPHAN: &str = "orphan";

@@ -228,7 +228,7 @@ async fn set_up(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, rt: &R
 /// across agent restarts without asking again.
 async fn token_files(client: &kube::Client, pod: &Pod, source: &ServiceAccountTokenProjection, volume: &Path, mode: u32) -> Result<Files> {
     let audiences: Vec<String> = source.audience.iter().filter(|a| !a.is_empty()).cloned().collect();
-    let current = std::fs::read_to_string(volume.join(&source.path)).ok().filter(|t| token_is_fresh(t, &audiences, unix_now()));
+    let current = std::fs::read_to_string(volume.join(&source.path)).ok().filter(|t| token_is_fresh(t, &audiences, krate_api::object::unix_seconds()));
     let token = match current {
         Some(token) => token,
         None => {
@@ -247,10 +247,6 @@ async fn token_files(client: &kube::Client, pod: &Pod, source: &ServiceAccountTo
         }
     };
     Ok(Files::from([(source.path.clone(), (token.into_bytes(), mode))]))
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
 }
 
 /// Whether `token` (a JWT) is for `audiences` (empty: the API server's) and younger than
