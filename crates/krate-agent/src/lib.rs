@@ -5,20 +5,25 @@
 //!
 //! Rooms: `containerd.rs` (the supervised runtime), `cri.rs` (the gRPC client and
 //! containerd's events), `network.rs` (bridge CNI and nftables), `node.rs` (Node and
-//! Lease), `images.rs` (pulls, the sandbox image, air-gap imports), `oci.rs` (building
-//! images), `pods/` (the per-pod workers, CRI configs, status), `server.rs` (the HTTPS
-//! API the API server calls), `logs.rs` and `streaming/` (logs, exec, attach,
-//! port-forward).
+//! Lease, status and housekeeping), `pressure.rs` (eviction signals and the pressure
+//! conditions), `images.rs` (pulls, the sandbox image, air-gap imports), `imagegc.rs`
+//! (unused images removed when the disk fills), `oci.rs` (building images), `pods/` (the
+//! per-pod workers, admission, CRI configs, status), `shutdown.rs` (graceful node
+//! shutdown and the control socket), `server.rs` (the HTTPS API the API server calls),
+//! `logs.rs` and `streaming/` (logs, exec, attach, port-forward).
 
 pub mod containerd;
 pub mod cri;
+pub mod imagegc;
 pub mod images;
 pub mod logs;
 pub mod network;
 pub mod node;
 pub mod oci;
 pub mod pods;
+pub mod pressure;
 pub mod server;
+pub mod shutdown;
 pub mod streaming;
 pub mod testimages;
 
@@ -53,6 +58,13 @@ pub struct AgentConfig {
     /// Static pod manifests, and how often the directory is read again.
     pub pod_manifest_path: PathBuf,
     pub file_check_frequency: std::time::Duration,
+    /// Signals below these make the node report pressure (`--eviction-hard`).
+    pub eviction_hard: Vec<pressure::Threshold>,
+    /// How long a pressure condition outlasts the signal's last crossing.
+    pub eviction_pressure_transition_period: std::time::Duration,
+    pub image_gc: imagegc::ImageGcPolicy,
+    /// How long the node's shutdown may take (`krate shutdown-node`).
+    pub shutdown_grace: shutdown::ShutdownGrace,
 }
 
 impl AgentConfig {
@@ -105,7 +117,7 @@ pub async fn run(client: kube::Client, config: AgentConfig) -> Result<()> {
     };
     let version = cri.runtime.version(cri::api::VersionRequest { version: "v1".into() }).await?.into_inner();
     let runtime_version = format!("{}://{}", version.runtime_name, version.runtime_version);
-    let pod_cidr = node::register(&client, &config.node, &runtime_version).await?;
+    let pod_cidr = node::register(&client, &config.node).await?;
     let network = network::PodNetwork { bridge: config.bridge.clone(), pod_cidr };
     // What `reset` needs to undo, should this process not be there to tell it.
     let state = serde_json::json!({"bridge": config.bridge, "podCIDR": pod_cidr.to_string(), "runtimeEndpoint": config.runtime_endpoint});
@@ -132,11 +144,29 @@ pub async fn run(client: kube::Client, config: AgentConfig) -> Result<()> {
             }
         });
     }
-    let shared = pods::Shared::new(client.clone(), cri, config.node.name.clone(), config.node.ip.to_string(), &config.dir, config.sync_frequency);
+    let (conditions, conditions_rx) = tokio::sync::watch::channel(Vec::new());
+    let housekeeping = node::Housekeeping {
+        filesystems: pressure::Filesystems { nodefs: config.dir.clone(), imagefs: image_filesystem(&mut cri).await.unwrap_or_else(|| config.dir.clone()) },
+        pressure: pressure::Pressure::new(config.eviction_hard.clone(), config.eviction_pressure_transition_period),
+        image_gc: imagegc::ImageGc::new(config.image_gc),
+        cri: cri.clone(),
+        conditions,
+        events: krate_client::events::Recorder::new(client.clone(), "kubelet"),
+    };
+    let shared = pods::Shared::new(client.clone(), cri, config.node.name.clone(), config.node.ip.to_string(), &config.dir, config.sync_frequency, conditions_rx);
+    let control = shutdown::serve(&config.dir, shared.clone(), config.shutdown_grace);
     tokio::select! {
-        r = node::heartbeat(client, config.node.clone(), runtime_version) => r,
+        r = node::heartbeat(client, config.node.clone(), runtime_version, housekeeping, shared.shutting_down.subscribe()) => r,
+        r = control => r.context("the agent's control socket failed"),
         r = pods::run(shared, (config.pod_manifest_path.clone(), config.file_check_frequency)) => r,
     }
+}
+
+/// Where the runtime keeps its images (its image filesystem's mount point, as CRI says).
+async fn image_filesystem(cri: &mut cri::Cri) -> Option<PathBuf> {
+    let info = cri.images.image_fs_info(cri::api::ImageFsInfoRequest {}).await.ok()?.into_inner();
+    let mountpoint = info.image_filesystems.first()?.fs_id.as_ref()?.mountpoint.clone();
+    (!mountpoint.is_empty()).then(|| PathBuf::from(mountpoint))
 }
 
 const STATE_FILE: &str = "agent.json";

@@ -4,18 +4,21 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use krate_client::now;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{json, Value};
+use tokio::sync::watch;
 
-use krate_client::now;
-
+use crate::cri::Cri;
+use crate::imagegc::ImageGc;
 use crate::network::Cidr;
+use crate::pressure::{Condition, Filesystems, FsStats, Pressure};
 
 pub const MANAGER: &str = "krate-agent";
 const STATUS_EVERY: Duration = Duration::from_secs(300);
@@ -39,13 +42,6 @@ pub struct NodeSettings {
     pub kubelet_port: u16,
 }
 
-/// Total and available bytes of the filesystem holding `path`.
-pub fn filesystem_bytes(path: &Path) -> Option<(u64, u64)> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0).then(|| (st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize))
-}
-
 /// This machine's architecture as Kubernetes and OCI name it (`amd64`, `arm64`).
 pub fn arch() -> String {
     std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64")
@@ -65,22 +61,11 @@ fn os_image() -> String {
     text.lines().find_map(|l| l.strip_prefix("PRETTY_NAME=")).map(|v| v.trim_matches('"').to_string()).unwrap_or_else(|| "Linux".into())
 }
 
-/// The machine's pressure conditions: (type, under pressure, reason, message).
-fn pressure(settings: &NodeSettings) -> [(&'static str, bool, &'static str, &'static str); 3] {
-    let memory_low = meminfo("MemAvailable").is_some_and(|avail| avail < 100 << 20);
-    let disk_low = filesystem_bytes(&settings.data_dir).is_some_and(|(total, avail)| total > 0 && avail * 10 < total);
-    [
-        if memory_low { ("MemoryPressure", true, "KubeletHasInsufficientMemory", "less than 100Mi of memory available") } else { ("MemoryPressure", false, "KubeletHasSufficientMemory", "kubelet has sufficient memory available") },
-        if disk_low { ("DiskPressure", true, "KubeletHasDiskPressure", "less than 10% of the disk available") } else { ("DiskPressure", false, "KubeletHasNoDiskPressure", "kubelet has no disk pressure") },
-        ("PIDPressure", false, "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
-    ]
-}
-
-/// The Node's status as this machine reports it.
-pub fn status(settings: &NodeSettings, runtime_version: &str) -> Value {
+/// The Node's status as this machine reports it, with `conditions`.
+pub fn status(settings: &NodeSettings, runtime_version: &str, conditions: Vec<Value>) -> Value {
     let cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
     let memory = meminfo("MemTotal").unwrap_or(0);
-    let disk = filesystem_bytes(&settings.data_dir).map(|(total, _)| total).unwrap_or(0);
+    let disk = FsStats::of(&settings.data_dir).map(|fs| fs.bytes).unwrap_or(0);
     let capacity = json!({"cpu": cpus.to_string(), "memory": format!("{}Ki", memory / 1024), "pods": settings.max_pods.to_string(), "ephemeral-storage": format!("{}Ki", disk / 1024)});
     let allocatable = json!({
         "cpu": format!("{}m", (cpus * 1000).saturating_sub(settings.reserved_cpu_millis)),
@@ -88,11 +73,6 @@ pub fn status(settings: &NodeSettings, runtime_version: &str) -> Value {
         "pods": settings.max_pods.to_string(),
         "ephemeral-storage": format!("{}Ki", disk * 9 / 10 / 1024),
     });
-    let mut conditions: Vec<Value> = pressure(settings)
-        .into_iter()
-        .map(|(t, on, reason, message)| json!({"type": t, "status": if on { "True" } else { "False" }, "reason": reason, "message": message, "lastHeartbeatTime": now(), "lastTransitionTime": now()}))
-        .collect();
-    conditions.push(json!({"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status", "lastHeartbeatTime": now(), "lastTransitionTime": now()}));
     json!({
         "capacity": capacity,
         "allocatable": allocatable,
@@ -108,9 +88,32 @@ pub fn status(settings: &NodeSettings, runtime_version: &str) -> Value {
     })
 }
 
-/// Creates (or re-takes) the Node, reports its status and returns its podCIDR (the one
+/// The node's conditions: a pressure condition per `Condition`, true for those in
+/// `pressure`, and Ready (false while the node shuts down). A condition keeps its lastTransitionTime from `previous` while its
+/// status stays.
+fn conditions(pressure: &[Condition], shutting_down: bool, previous: &[Value]) -> Vec<Value> {
+    let now = now();
+    let mut out: Vec<Value> = Condition::ALL
+        .iter()
+        .map(|c| {
+            let on = pressure.contains(c);
+            let (reason, message) = c.reason_and_message(on);
+            (c.type_name(), if on { "True" } else { "False" }, reason, message)
+        })
+        .chain([if shutting_down { ("Ready", "False", "KubeletNotReady", "node is shutting down") } else { ("Ready", "True", "KubeletReady", "kubelet is posting ready status") }])
+        .map(|(type_, status, reason, message)| {
+            let before = previous.iter().find(|p| p["type"] == type_ && p["status"] == status);
+            let since = before.map(|b| b["lastTransitionTime"].clone()).unwrap_or_else(|| json!(now));
+            json!({"type": type_, "status": status, "reason": reason, "message": message, "lastHeartbeatTime": now, "lastTransitionTime": since})
+        })
+        .collect();
+    out.sort_by_key(|c| c["type"] == "Ready");
+    out
+}
+
+/// Creates (or re-takes) the Node and returns its podCIDR (the one
 /// already assigned, else `settings.pod_cidr`, which is then recorded on the Node).
-pub async fn register(client: &kube::Client, settings: &NodeSettings, runtime_version: &str) -> Result<Cidr> {
+pub async fn register(client: &kube::Client, settings: &NodeSettings) -> Result<Cidr> {
     let nodes: Api<Node> = Api::all(client.clone());
     let mut labels = settings.labels.clone();
     labels.insert("kubernetes.io/hostname".into(), settings.name.clone());
@@ -135,34 +138,101 @@ pub async fn register(client: &kube::Client, settings: &NodeSettings, runtime_ve
         .patch(&settings.name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": labels}})))
         .await
         .with_context(|| format!("labelling node {}", settings.name))?;
-    report_status(&nodes, settings, runtime_version).await?;
     Ok(cidr)
 }
 
-async fn report_status(nodes: &Api<Node>, settings: &NodeSettings, runtime_version: &str) -> Result<()> {
-    nodes
-        .patch_status(&settings.name, &PatchParams::default(), &Patch::Merge(json!({"status": status(settings, runtime_version)})))
-        .await
-        .with_context(|| format!("reporting the status of node {}", settings.name))?;
-    Ok(())
+/// What the agent watches on its node besides the Lease: pressure, and the images it may
+/// collect.
+pub struct Housekeeping {
+    pub filesystems: Filesystems,
+    pub pressure: Pressure,
+    pub image_gc: ImageGc,
+    pub cri: Cri,
+    /// The pressure conditions now true, for the pod workers' admission.
+    pub conditions: watch::Sender<Vec<Condition>>,
+    pub events: krate_client::events::Recorder,
 }
 
-/// Renews the node's Lease every 10 s and its status every 5 minutes, forever; failures
-/// are logged and retried (the agent coasts while the API server is away).
-pub async fn heartbeat(client: kube::Client, settings: NodeSettings, runtime_version: String) -> Result<()> {
+impl Housekeeping {
+    /// One look at the node: returns the pressure conditions now true. Under disk pressure
+    /// every unused image goes first (as upstream reclaims node-level resources before it
+    /// evicts); otherwise images are collected down to the low threshold when the image
+    /// filesystem is over the high one.
+    async fn tick(&mut self, node: &ObjectReference) -> Vec<Condition> {
+        let observation = self.filesystems.observe();
+        let on = self.pressure.update(&observation, tokio::time::Instant::now());
+        self.conditions.send_if_modified(|current| std::mem::replace(current, on.clone()) != on);
+        let collected = if on.contains(&Condition::Disk) {
+            self.image_gc.remove_all_unused(&mut self.cri).await
+        } else {
+            match FsStats::of(&self.filesystems.imagefs) {
+                Some(fs) => self.image_gc.collect(&mut self.cri, fs).await,
+                None => self.image_gc.observe(&mut self.cri).await.map(|()| Default::default()),
+            }
+        };
+        match collected {
+            Ok(c) if c.wanted > 0 && c.freed < c.wanted && c.wanted != u64::MAX => {
+                let message = format!("Failed to garbage collect required amount of images. Attempted to free {} bytes, but only found {} bytes eligible to free.", c.wanted, c.freed);
+                self.events.warning(node, "FreeDiskSpaceFailed", &message).await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "image garbage collection failed"),
+        }
+        on
+    }
+}
+
+fn node_reference(name: &str) -> ObjectReference {
+    ObjectReference { api_version: Some("v1".into()), kind: Some("Node".into()), name: Some(name.into()), uid: Some(name.into()), ..Default::default() }
+}
+
+/// Reports the status with the pressure conditions `pressure`; returns the conditions
+/// written.
+async fn report_status(nodes: &Api<Node>, settings: &NodeSettings, runtime_version: &str, state: &NodeState, previous: &[Value]) -> Result<Vec<Value>> {
+    let conditions = conditions(&state.0, state.1, previous);
+    nodes
+        .patch_status(&settings.name, &PatchParams::default(), &Patch::Merge(json!({"status": status(settings, runtime_version, conditions.clone())})))
+        .await
+        .with_context(|| format!("reporting the status of node {}", settings.name))?;
+    Ok(conditions)
+}
+
+/// Renews the node's Lease every 10 s and looks after the node as often (pressure, image
+/// garbage collection); reports the status when a condition changes, and at least every
+/// 5 minutes. Failures are logged and retried (the agent coasts while the API server is
+/// away).
+/// What the status reports besides machine facts: (pressure conditions, shutting down).
+type NodeState = (Vec<Condition>, bool);
+
+pub async fn heartbeat(client: kube::Client, settings: NodeSettings, runtime_version: String, mut housekeeping: Housekeeping, mut shutting_down: watch::Receiver<bool>) -> Result<()> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), krate_client::node_lease::NAMESPACE);
     let nodes: Api<Node> = Api::all(client);
-    let mut last_status = tokio::time::Instant::now();
+    let node = node_reference(&settings.name);
+    let mut reported: Option<(NodeState, tokio::time::Instant)> = None;
+    let mut previous: Vec<Value> = nodes.get_opt(&settings.name).await.ok().flatten().and_then(|n| n.status?.conditions).into_iter().flatten().filter_map(|c| serde_json::to_value(c).ok()).collect();
     loop {
         if let Err(e) = krate_client::node_lease::renew(&leases, &settings.name, MANAGER).await {
             tracing::warn!(node = %settings.name, error = %e, "renewing the node lease failed");
         }
-        if last_status.elapsed() >= STATUS_EVERY {
-            match report_status(&nodes, &settings, &runtime_version).await {
-                Ok(()) => last_status = tokio::time::Instant::now(),
+        let state = (housekeeping.tick(&node).await, *shutting_down.borrow_and_update());
+        let due = reported.as_ref().is_none_or(|(was, at)| *was != state || at.elapsed() >= STATUS_EVERY);
+        if due {
+            match report_status(&nodes, &settings, &runtime_version, &state, &previous).await {
+                Ok(written) => {
+                    for c in Condition::ALL {
+                        let (on, was) = (state.0.contains(&c), reported.as_ref().map(|((was, _), _)| was.contains(&c)));
+                        if was.is_some_and(|was| was != on) {
+                            let reason = format!("Node{}", c.reason_and_message(on).0.trim_start_matches("Kubelet"));
+                            housekeeping.events.normal(&node, &reason, &format!("Node {} status is now: {reason}", settings.name)).await;
+                        }
+                    }
+                    previous = written;
+                    reported = Some((state, tokio::time::Instant::now()));
+                }
                 Err(e) => tracing::warn!(node = %settings.name, error = %format!("{e:#}"), "reporting node status failed"),
             }
         }
-        tokio::time::sleep(krate_client::node_lease::RENEW_EVERY).await;
+        // A shutdown is reported at once.
+        let _ = tokio::time::timeout(krate_client::node_lease::RENEW_EVERY, shutting_down.changed()).await;
     }
 }

@@ -44,7 +44,14 @@ fn busybox_entries(busybox: &Path) -> Result<Vec<Entry>> {
 const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub fn busybox() -> Result<Image> {
-    Image::build(&busybox_entries(Path::new(BUSYBOX))?, &RunConfig { cmd: vec!["sh".into()], env: vec![PATH_ENV.into()], ..Default::default() })
+    busybox_with(Vec::new())
+}
+
+/// The busybox image with `extra` files (e.g. filler that makes an image big).
+pub fn busybox_with(extra: Vec<Entry>) -> Result<Image> {
+    let mut entries = busybox_entries(Path::new(BUSYBOX))?;
+    entries.extend(extra);
+    Image::build(&entries, &RunConfig { cmd: vec!["sh".into()], env: vec![PATH_ENV.into()], ..Default::default() })
 }
 
 pub fn test_server() -> Result<Image> {

@@ -3,6 +3,10 @@
 //! pods on it that do not tolerate the NoExecute taint are evicted, at once or after
 //! their `tolerationSeconds`. A renewed Lease lifts the taints again.
 //!
+//! Nodes not ready or under pressure get upstream's NoSchedule taints by condition
+//! (`node.kubernetes.io/not-ready`, `memory-pressure`, `disk-pressure`, `pid-pressure`),
+//! lifted when the condition clears, so the scheduler places new pods elsewhere.
+//!
 //! Timers, not polling: the loop sleeps until the next Lease expires or the next
 //! eviction is due, and wakes for Lease and Node changes.
 
@@ -31,6 +35,46 @@ fn expiry(lease: &Lease, grace: Duration) -> Option<Instant> {
 
 fn unreachable(node: &Node) -> bool {
     node.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|ts| ts.iter().any(|t| t.key == UNREACHABLE))
+}
+
+/// Node conditions and the NoSchedule taint each puts on its node while it has the
+/// status given. (Ready Unknown is the unreachable taint's, above.)
+const CONDITION_TAINTS: [(&str, &str, &str); 4] = [
+    ("Ready", "False", "node.kubernetes.io/not-ready"),
+    ("MemoryPressure", "True", "node.kubernetes.io/memory-pressure"),
+    ("DiskPressure", "True", "node.kubernetes.io/disk-pressure"),
+    ("PIDPressure", "True", "node.kubernetes.io/pid-pressure"),
+];
+
+/// The node's taints with the condition taints matching its conditions, when they differ
+/// from what it has.
+fn condition_taints(node: &Node) -> Option<Vec<Taint>> {
+    let conditions = node.status.as_ref().and_then(|s| s.conditions.as_ref());
+    let current: Vec<Taint> = node.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
+    let mut wanted = current.clone();
+    for (condition, status, key) in CONDITION_TAINTS {
+        let on = conditions.is_some_and(|cs| cs.iter().any(|c| c.type_ == condition && c.status == status));
+        let has = current.iter().any(|t| t.key == key && t.effect == "NoSchedule");
+        if on && !has {
+            wanted.push(Taint { key: key.into(), effect: "NoSchedule".into(), time_added: None, value: None });
+        } else if !on && has {
+            wanted.retain(|t| !(t.key == key && t.effect == "NoSchedule"));
+        }
+    }
+    (wanted != current).then_some(wanted)
+}
+
+/// Sets the condition taints; on a conflict (the node changed meanwhile) the next event
+/// of the node tries again.
+async fn taint_by_conditions(client: &kube::Client, node: &Node, taints: Vec<Taint>) -> anyhow::Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let patch = json!({"metadata": {"resourceVersion": node.metadata.resource_version}, "spec": {"taints": taints}});
+    match nodes.patch(&node.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await {
+        Ok(_) => tracing::info!(node = %node.name_any(), "node taints follow its conditions"),
+        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
 }
 
 fn tolerated_for(tolerations: &[Toleration], taint: &Taint) -> Option<Option<i64>> {
@@ -145,6 +189,9 @@ pub async fn run(client: kube::Client, grace: Duration) -> anyhow::Result<()> {
                     if newly_tainted {
                         plan_evictions(&client, &node, &mut evictions).await?;
                     }
+                    if let Some(taints) = condition_taints(&node) {
+                        taint_by_conditions(&client, &node, taints).await?;
+                    }
                     nodes.insert(node.name_any(), node);
                 }
                 Some(Ok(Event::Delete(node))) => { nodes.remove(&node.name_any()); }
@@ -178,5 +225,29 @@ pub async fn run(client: kube::Client, grace: Duration) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(conditions: serde_json::Value, taints: serde_json::Value) -> Node {
+        serde_json::from_value(json!({"metadata": {"name": "n"}, "spec": {"taints": taints}, "status": {"conditions": conditions}})).unwrap()
+    }
+
+    #[test]
+    fn pressure_conditions_put_and_lift_their_taints() {
+        let keys = |t: Option<Vec<Taint>>| t.map(|ts| ts.into_iter().map(|t| format!("{}:{}", t.key, t.effect)).collect::<Vec<_>>());
+        let other = json!([{"key": "dedicated", "value": "db", "effect": "NoSchedule"}]);
+        let pressured = json!([{"type": "DiskPressure", "status": "True"}, {"type": "MemoryPressure", "status": "False"}]);
+        assert_eq!(keys(condition_taints(&node(pressured.clone(), other.clone()))), Some(vec!["dedicated:NoSchedule".to_string(), "node.kubernetes.io/disk-pressure:NoSchedule".into()]));
+        let tainted = json!([{"key": "dedicated", "value": "db", "effect": "NoSchedule"}, {"key": "node.kubernetes.io/disk-pressure", "effect": "NoSchedule"}]);
+        assert_eq!(keys(condition_taints(&node(pressured, tainted.clone()))), None, "nothing to change");
+        let shutting_down = json!([{"type": "Ready", "status": "False"}]);
+        assert_eq!(keys(condition_taints(&node(shutting_down, json!([])))), Some(vec!["node.kubernetes.io/not-ready:NoSchedule".to_string()]));
+        let relieved = json!([{"type": "DiskPressure", "status": "False"}]);
+        assert_eq!(keys(condition_taints(&node(relieved, tainted))), Some(vec!["dedicated:NoSchedule".to_string()]));
+        assert_eq!(keys(condition_taints(&node(json!([]), other))), None);
     }
 }

@@ -82,6 +82,8 @@ async fn main() {
     let mut server = BenchServer::start(&[
         "--node-name", "bench-node", "--bridge", "kbench0", "--pod-cidr", "10.250.0.0/24",
         "--insecure-registry", &registry.address, "--max-pods", &max_pods,
+        // How full this machine's disk is must not refuse the benchmark's pods.
+        "--eviction-hard", "memory.available<100Mi,nodefs.available<512Mi,imagefs.available<512Mi",
     ])
     .await;
     let client = server.client.clone();

@@ -68,6 +68,34 @@ pub struct AgentOptions {
     /// Seconds between reads of the static pod directory.
     #[arg(long, default_value_t = 20)]
     pub file_check_frequency_seconds: u64,
+    /// When the node reports pressure (MemoryPressure, DiskPressure, PIDPressure; new pods
+    /// are then refused and the node tainted): `signal<quantity` or `signal<percent%`,
+    /// comma-separated. Signals: memory.available, nodefs.available (the agent's
+    /// directory), nodefs.inodesFree, imagefs.available (the runtime's image
+    /// filesystem), imagefs.inodesFree, pid.available. Empty: never.
+    #[arg(long, default_value = krate_agent::pressure::DEFAULT_EVICTION_HARD)]
+    pub eviction_hard: String,
+    /// How long a pressure condition stays after its signal last crossed the threshold
+    /// (keeps a node hovering at a threshold from flapping), e.g. 5m, 30s, 0s.
+    #[arg(long, default_value = "5m")]
+    pub eviction_pressure_transition_period: String,
+    /// Image filesystem usage (percent) above which unused images are removed...
+    #[arg(long, default_value_t = 85, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub image_gc_high_threshold: u8,
+    /// ...until usage is below this percent again.
+    #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub image_gc_low_threshold: u8,
+    /// Images are never removed within this time of being first seen unused, e.g. 2m.
+    #[arg(long, default_value = "2m")]
+    pub minimum_image_ttl_duration: String,
+    /// How long `krate shutdown-node` may take to stop this node's pods before it powers
+    /// off; regular pods get this minus the critical pods' share.
+    #[arg(long, default_value = "30s")]
+    pub shutdown_grace_period: String,
+    /// The last part of the shutdown grace period, kept for critical pods (static pods,
+    /// system-critical priority).
+    #[arg(long, default_value = "10s")]
+    pub shutdown_grace_period_critical_pods: String,
 }
 
 #[derive(Args, Debug)]
@@ -84,6 +112,34 @@ pub struct AgentArgs {
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_lowercase()).unwrap_or_else(|_| "localhost".into())
+}
+
+/// A duration as Kubernetes writes them: `1h30m`, `2m`, `45s`, `500ms`, `0s`.
+fn duration(value: &str, what: &str) -> Result<std::time::Duration> {
+    let bad = || anyhow::anyhow!("{what}: {value:?} is not a duration (like 5m, 30s or 0s)");
+    let mut rest = value.trim();
+    if rest == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.').ok_or_else(bad)?;
+        let number: f64 = rest[..digits].parse().map_err(|_| bad())?;
+        let unit_len = rest[digits..].find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len() - digits);
+        let seconds = match &rest[digits..digits + unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            _ => return Err(bad()),
+        };
+        total += number * seconds;
+        rest = &rest[digits + unit_len..];
+    }
+    Ok(std::time::Duration::from_secs_f64(total))
 }
 
 fn quantity(value: &str, scale: f64, what: &str) -> Result<u64> {
@@ -120,6 +176,30 @@ impl AgentOptions {
             cluster_ca_pem,
             pod_manifest_path: self.pod_manifest_path.clone().unwrap_or_else(|| dir.join("pod-manifests")),
             file_check_frequency: std::time::Duration::from_secs(self.file_check_frequency_seconds.max(1)),
+            eviction_hard: krate_agent::pressure::parse_thresholds(&self.eviction_hard).context("--eviction-hard")?,
+            eviction_pressure_transition_period: duration(&self.eviction_pressure_transition_period, "--eviction-pressure-transition-period")?,
+            image_gc: self.image_gc_policy()?,
+            shutdown_grace: self.shutdown_grace()?,
+        })
+    }
+
+    fn shutdown_grace(&self) -> Result<krate_agent::shutdown::ShutdownGrace> {
+        let total = duration(&self.shutdown_grace_period, "--shutdown-grace-period")?;
+        let critical = duration(&self.shutdown_grace_period_critical_pods, "--shutdown-grace-period-critical-pods")?;
+        if critical > total {
+            anyhow::bail!("--shutdown-grace-period-critical-pods ({critical:?}) is part of --shutdown-grace-period ({total:?}) and cannot be longer");
+        }
+        Ok(krate_agent::shutdown::ShutdownGrace { total, critical })
+    }
+
+    fn image_gc_policy(&self) -> Result<krate_agent::imagegc::ImageGcPolicy> {
+        if self.image_gc_low_threshold > self.image_gc_high_threshold {
+            anyhow::bail!("--image-gc-low-threshold ({}) must not be above --image-gc-high-threshold ({})", self.image_gc_low_threshold, self.image_gc_high_threshold);
+        }
+        Ok(krate_agent::imagegc::ImageGcPolicy {
+            high_percent: self.image_gc_high_threshold,
+            low_percent: self.image_gc_low_threshold,
+            min_age: duration(&self.minimum_image_ttl_duration, "--minimum-image-ttl-duration")?,
         })
     }
 }
@@ -146,4 +226,23 @@ pub async fn reset(data_dir: PathBuf) -> Result<()> {
     krate_agent::reset(&dir).await?;
     println!("removed the node agent's containers, containerd, pod network and {}", dir.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn durations_read_as_kubernetes_writes_them() {
+        assert_eq!(super::duration("5m", "x").unwrap(), Duration::from_secs(300));
+        assert_eq!(super::duration("1h30m", "x").unwrap(), Duration::from_secs(5400));
+        assert_eq!(super::duration("0s", "x").unwrap(), Duration::ZERO);
+        assert_eq!(super::duration("0", "x").unwrap(), Duration::ZERO);
+        assert_eq!(super::duration("1.5s", "x").unwrap(), Duration::from_millis(1500));
+        assert_eq!(super::duration("250ms", "x").unwrap(), Duration::from_millis(250));
+        for bad in ["5", "5d", "m", "", "1m x"] {
+            let e = super::duration(bad, "--flag").unwrap_err().to_string();
+            assert!(e.contains("--flag") && e.contains("is not a duration"), "{bad}: {e}");
+        }
+    }
 }

@@ -50,6 +50,17 @@ enum Command {
         #[arg(long, default_value = server::DEFAULT_DATA_DIR)]
         data_dir: std::path::PathBuf,
     },
+    /// Shut this node down gracefully, before it powers off: its agent reports the node
+    /// not ready, refuses new pods and stops the ones it runs (regular pods first, then
+    /// critical ones, within the agent's --shutdown-grace-period), reporting each Failed
+    /// with reason Terminated so that their controllers replace them elsewhere. Run it
+    /// from a systemd unit ordered before shutdown.target (see the README); stopping or
+    /// restarting the agent alone stops no pod.
+    ShutdownNode {
+        /// The server's data directory (or an agent's `--dir` parent).
+        #[arg(long, default_value = server::DEFAULT_DATA_DIR)]
+        data_dir: std::path::PathBuf,
+    },
     /// Build krate's test images (busybox, test-server) and push them to a registry
     /// reached over plain HTTP, e.g. a local docker-registry at 127.0.0.1:5000.
     TestImages {
@@ -94,6 +105,7 @@ fn main() -> std::process::ExitCode {
         Command::HollowNodes(args) => block_on(hollow::run(args)),
         Command::Agent(args) => block_on(agent::run(args)),
         Command::Reset { data_dir } => block_on(agent::reset(data_dir)),
+        Command::ShutdownNode { data_dir } => block_on(async move { krate_agent::shutdown::request(&data_dir.join("agent"), &mut std::io::stdout()).await }),
         Command::TestImages { registry } => krate_agent::testimages::push_all(&registry).map(|()| println!("pushed {registry}/busybox:1 and {registry}/test-server:1 (also :latest)")),
         Command::Kubeconfig { data_dir } => std::fs::read_to_string(data_dir.join("admin.kubeconfig"))
             .map(|k| print!("{k}"))

@@ -62,6 +62,8 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     })?;
 
     let pki = crate::pki::Pki::load_or_create(&args.data_dir.join("pki"))?;
+    // Bad agent flags fail before anything starts.
+    let agent_config = (!args.disable_agent).then(|| args.agent.config(args.data_dir.join("agent"), Some(pki.ca_cert_pem.clone()))).transpose()?;
     let host = match args.bind_address {
         IpAddr::V4(v4) if v4.is_unspecified() => "127.0.0.1".to_string(),
         ip => ip.to_string(),
@@ -146,8 +148,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         });
     }
 
-    if !args.disable_agent {
-        let config = args.agent.config(args.data_dir.join("agent"), Some(pki.ca_cert_pem.clone()))?;
+    if let Some(config) = agent_config {
         let user = auth::User { name: format!("system:node:{}", config.node.name), groups: vec!["system:nodes".to_string(), "system:authenticated".to_string()] };
         let client = kube::Client::new(server.local_service(user, "kubelet/v1.37.0 (krate)"), "default");
         tokio::spawn(async move {

@@ -26,6 +26,11 @@ fn kubelet_port(n: u8) -> String {
 /// A server whose agent gets a bridge and pod CIDR of its own (`n` tells tests apart),
 /// pulling from `registries` over plain HTTP, with `extra` arguments.
 fn server_with_agent(registries: &[&TestRegistry], n: u8, extra: &[&str]) -> TestServer {
+    let args = agent_args(registries, n, extra);
+    TestServer::start_with_agent(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn agent_args(registries: &[&TestRegistry], n: u8, extra: &[&str]) -> Vec<String> {
     let id = std::process::id() % 200;
     let mut args: Vec<String> = vec![
         "--node-name".into(), "node-1".into(),
@@ -36,9 +41,16 @@ fn server_with_agent(registries: &[&TestRegistry], n: u8, extra: &[&str]) -> Tes
     for r in registries {
         args.extend(["--insecure-registry".to_string(), r.address.clone()]);
     }
+    // How full this machine's disk happens to be must not refuse the tests' pods
+    // (the default, nodefs.available<5%, would on a big, mostly full disk).
+    if !extra.contains(&"--eviction-hard") {
+        args.extend(["--eviction-hard".to_string(), LENIENT_EVICTION.to_string()]);
+    }
     args.extend(extra.iter().map(|a| a.to_string()));
-    TestServer::start_with_agent(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    args
 }
+
+const LENIENT_EVICTION: &str = "memory.available<100Mi,nodefs.available<512Mi,imagefs.available<512Mi";
 
 /// One HTTP GET to a pod, straight to its IP on the node's bridge.
 fn http_get(ip: &str, port: u16, path: &str) -> Option<String> {
@@ -177,11 +189,12 @@ async fn bad_images_and_commands_get_clear_statuses_and_the_agent_survives() {
         list.items.iter().any(|e| e.reason.as_deref() == Some("Failed") && e.message.as_deref().unwrap_or_default().contains("Failed to pull image")).then_some(())
     })
     .await;
-    eventually(60, "ImagePullBackOff", || async {
+    let waiting = eventually(60, "ImagePullBackOff", || async {
         let s = container_status(&pods.get("no-image").await.ok()?)?;
-        (s["state"]["waiting"]["reason"] == "ImagePullBackOff").then_some(())
+        (s["state"]["waiting"]["reason"] == "ImagePullBackOff").then_some(s["state"]["waiting"]["message"].as_str()?.to_string())
     })
     .await;
+    assert!(waiting.starts_with("Back-off pulling image \"") && waiting.contains(": ErrImagePull: Failed to pull image"), "the back-off says what failed: {waiting}");
 
     running_pods(&pods, "app=with-creds", 1).await;
     eventually(60, "the pull without credentials refused (401)", || async {
@@ -334,13 +347,9 @@ async fn probes_restart_unhealthy_containers_and_gate_readiness_and_oom_kills_ar
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volumes_and_environment_reach_the_container_and_follow_their_objects() {
     let registry = TestRegistry::start();
-    let id = std::process::id() % 200;
     let host_dir = tempfile::tempdir().unwrap();
     std::fs::write(host_dir.path().join("host.txt"), "from the host").unwrap();
-    let server = TestServer::start_with_agent(&[
-        "--node-name", "node-1", "--bridge", &format!("kt5p{id}"), "--pod-cidr", &format!("10.205.{id}.0/24"),
-        "--insecure-registry", &registry.address, "--sync-frequency-seconds", "1", "--kubelet-port", &kubelet_port(5),
-    ]);
+    let server = server_with_agent(&[&registry], 5, &["--sync-frequency-seconds", "1"]);
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
     server.kubectl_ok(&["create", "configmap", "cfg", "--from-literal=greeting=hello", "--from-literal=color=blue"]);
@@ -611,4 +620,246 @@ async fn static_pods_run_from_manifests_and_show_as_mirror_pods() {
     let log = server.log();
     assert_eq!(log.matches("skipping an invalid static pod manifest").count(), 1, "{log}");
     assert!(log.contains("broken.yaml"));
+}
+
+/// A tmpfs mounted for a test (a small disk that can be filled); unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, mib: u64) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "krate-test"]).arg(dir).output().unwrap();
+        assert!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+        Tmpfs(dir.to_path_buf())
+    }
+
+    fn stats(&self) -> krate_agent::pressure::FsStats {
+        krate_agent::pressure::FsStats::of(&self.0).unwrap()
+    }
+
+    /// Writes a file of `bytes` (real pages: a sparse file would take no room).
+    fn fill(&self, name: &str, bytes: u64) {
+        let mut f = std::fs::File::create(self.0.join(name)).unwrap();
+        let chunk = vec![0x5au8; 1 << 20];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            f.write_all(&chunk[..n]).unwrap();
+            left -= n as u64;
+        }
+    }
+
+    /// Fills the disk until `free_percent` of it is left.
+    fn fill_to(&self, name: &str, free_percent: u64) {
+        let s = self.stats();
+        let keep = s.bytes / 100 * free_percent;
+        assert!(s.bytes_available > keep, "the disk is fuller already: {s:?}");
+        self.fill(name, s.bytes_available - keep);
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // The server's reset unmounts it first; this is for when it could not.
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
+/// The images the server's containerd holds (through `ctr`, as an operator would look).
+fn containerd_images(server: &TestServer) -> String {
+    let socket = server.data_dir().join("agent/containerd/containerd.sock");
+    let out = std::process::Command::new("ctr").arg("--address").arg(&socket).args(["--namespace", "k8s.io", "images", "list", "--quiet"]).output().expect("run ctr");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn node_condition(node: &Node, type_: &str) -> Option<(String, String)> {
+    let c = node.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == type_)?.clone();
+    Some((c.status, c.reason.unwrap_or_default()))
+}
+
+fn has_taint(node: &Node, key: &str) -> bool {
+    node.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|ts| ts.iter().any(|t| t.key == key))
+}
+
+async fn events_of(client: &kube::Client, kind: &str, name: &str) -> Vec<Event> {
+    let events: Api<Event> = Api::all(client.clone());
+    let list = events.list(&ListParams::default()).await.unwrap().items;
+    list.into_iter().filter(|e| e.involved_object.kind.as_deref() == Some(kind) && e.involved_object.name.as_deref() == Some(name)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filling_disk_collects_unused_images_then_reports_disk_pressure_and_refuses_new_pods() {
+    let registry = TestRegistry::start();
+    // 48 MiB of random bytes: an image that takes a fifth of the node's disk to unpack.
+    let mut filler = vec![0u8; 48 << 20];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut filler);
+    let image = krate_agent::testimages::busybox_with(vec![krate_agent::oci::Entry::File { path: "filler".into(), data: filler, mode: 0o644 }]).unwrap();
+    image.push(&registry.address, "filler", "1").unwrap();
+    let filler = registry.image("filler");
+    let args = agent_args(&[&registry], 8, &[
+        "--image-gc-high-threshold", "50", "--image-gc-low-threshold", "40", "--minimum-image-ttl-duration", "0s",
+        "--eviction-hard", "nodefs.available<10%,imagefs.available<10%", "--eviction-pressure-transition-period", "0s",
+    ]);
+    // The agent's directory (containerd's images and containers, pod logs) on a 256 MiB disk.
+    let (disk, server) = TestServer::start_with_agent_prepared(&args.iter().map(String::as_str).collect::<Vec<_>>(), |data| Tmpfs::mount(&data.join("agent"), 256));
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node = nodes.get("node-1").await.unwrap();
+    assert_eq!(node.status.as_ref().unwrap().capacity.as_ref().unwrap()["ephemeral-storage"].0, "262144Ki", "the node's disk is the agent's directory");
+    assert_eq!(node_condition(&node, "DiskPressure"), Some(("False".into(), "KubeletHasNoDiskPressure".into())));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let phase = |name: &'static str, want: &'static str| {
+        let pods = pods.clone();
+        async move { eventually(120, &format!("pod {name} {want}"), || async { (pods.get(name).await.ok()?.status?.phase? == want).then_some(()) }).await }
+    };
+
+    // An image a running container uses, and one no container uses any more.
+    server.kubectl_ok(&["run", "keeper", &format!("--image={}", registry.image("busybox")), "--restart=Never", "--", "sleep", "3600"]);
+    server.kubectl_ok(&["run", "once", &format!("--image={filler}"), "--restart=Never", "--command", "--", "true"]);
+    phase("keeper", "Running").await;
+    phase("once", "Succeeded").await;
+    server.kubectl_ok(&["delete", "pod", "once"]);
+    assert!(containerd_images(&server).contains("/filler:1"), "{}", containerd_images(&server));
+
+    // Past the high threshold: unused images go, down to the low threshold.
+    disk.fill_to("ballast-1", 40);
+    eventually(60, "the unused image removed", || async { (!containerd_images(&server).contains("/filler:1")).then_some(()) }).await;
+    let images = containerd_images(&server);
+    assert!(images.contains("/busybox:1"), "the image a container uses stays: {images}");
+    assert!(images.contains("krate.local/pause:1"), "the sandbox image stays: {images}");
+    assert!(disk.stats().used_percent() < 50.0, "{:?}", disk.stats());
+
+    // An image bigger than the space left: the pull fails, and says why.
+    disk.fill_to("ballast-2", 14);
+    server.kubectl_ok(&["run", "toobig", &format!("--image={filler}"), "--restart=Never", "--command", "--", "true"]);
+    let waiting = eventually(120, "the pull failing for want of space", || async {
+        let pod = pods.get("toobig").await.ok()?;
+        let w = container_status(&pod)?["state"]["waiting"].clone();
+        (w["reason"] == "ErrImagePull" || w["reason"] == "ImagePullBackOff").then_some(w)
+    })
+    .await;
+    assert!(waiting["message"].as_str().unwrap().contains("no space left on device"), "{waiting}");
+    let events = events_of(&client, "Pod", "toobig").await;
+    assert!(events.iter().any(|e| e.reason.as_deref() == Some("Failed") && e.message.as_deref().unwrap_or_default().contains("no space left on device")), "{events:?}");
+    server.kubectl_ok(&["delete", "pod", "toobig"]);
+
+    // Under the eviction threshold: DiskPressure, the node tainted, new pods refused,
+    // running ones left alone.
+    if disk.stats().bytes_available > disk.stats().bytes / 100 * 5 {
+        disk.fill_to("ballast-3", 5);
+    }
+    let node = eventually(60, "DiskPressure", || async {
+        let node = nodes.get("node-1").await.ok()?;
+        (node_condition(&node, "DiskPressure")? == ("True".into(), "KubeletHasDiskPressure".into()) && has_taint(&node, "node.kubernetes.io/disk-pressure")).then_some(node)
+    })
+    .await;
+    assert_eq!(node_condition(&node, "Ready").unwrap().0, "True", "a node under pressure is still Ready");
+    server.kubectl_ok(&["run", "later", &format!("--image={}", registry.image("busybox")), "--", "sleep", "3600"]);
+    let pinned = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "pinned"}, "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": registry.image("busybox"), "command": ["sleep", "3600"]}]}});
+    pods.create(&PostParams::default(), &serde_json::from_value(pinned).unwrap()).await.unwrap();
+    phase("pinned", "Failed").await;
+    let status = pods.get("pinned").await.unwrap().status.unwrap();
+    assert_eq!(status.reason.as_deref(), Some("Evicted"));
+    assert_eq!(status.message.as_deref(), Some("Pod was rejected: The node had condition: [DiskPressure]. "));
+    let events = events_of(&client, "Pod", "pinned").await;
+    assert!(events.iter().any(|e| e.reason.as_deref() == Some("Evicted") && e.type_.as_deref() == Some("Warning")), "{events:?}");
+    let events = eventually(30, "the scheduler naming the taint", || async {
+        let events = events_of(&client, "Pod", "later").await;
+        events.iter().any(|e| e.reason.as_deref() == Some("FailedScheduling") && e.message.as_deref().unwrap_or_default().contains("node.kubernetes.io/disk-pressure")).then_some(events)
+    })
+    .await;
+    assert!(pods.get("later").await.unwrap().spec.unwrap().node_name.is_none(), "{events:?}");
+    let keeper = pods.get("keeper").await.unwrap();
+    assert_eq!(keeper.status.as_ref().unwrap().phase.as_deref(), Some("Running"));
+    assert_eq!(container_status(&keeper).unwrap()["restartCount"], 0);
+    let sandboxes = containerd_containers(&server);
+    assert_eq!(sandboxes.lines().count(), 2, "the keeper's sandbox and container only, nothing of the refused or failed pods: {sandboxes}");
+    let events = events_of(&client, "Node", "node-1").await;
+    assert!(events.iter().any(|e| e.reason.as_deref() == Some("NodeHasDiskPressure")), "{events:?}");
+
+    // Space again: the condition and the taint go, and the waiting pod runs.
+    for name in ["ballast-1", "ballast-2", "ballast-3"] {
+        let _ = std::fs::remove_file(disk.0.join(name));
+    }
+    eventually(60, "DiskPressure gone", || async {
+        let node = nodes.get("node-1").await.ok()?;
+        (node_condition(&node, "DiskPressure")?.0 == "False" && !has_taint(&node, "node.kubernetes.io/disk-pressure")).then_some(())
+    })
+    .await;
+    let later = running_pods(&pods, "run=later", 1).await;
+    assert_eq!(later.len(), 1);
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_the_node_down_stops_regular_pods_then_critical_ones_and_reports_them_terminated() {
+    let registry = TestRegistry::start();
+    let manifests = tempfile::tempdir().unwrap();
+    let yaml = format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: critical\nspec:\n  containers:\n  - name: web\n    image: {}\n", registry.image("test-server"));
+    std::fs::write(manifests.path().join("critical.yaml"), yaml).unwrap();
+    let dir = manifests.path().to_str().unwrap();
+    let server = server_with_agent(&[&registry], 9, &["--pod-manifest-path", dir, "--file-check-frequency-seconds", "1", "--shutdown-grace-period", "20s", "--shutdown-grace-period-critical-pods", "5s"]);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let nodes: Api<Node> = Api::all(client.clone());
+
+    // Two regular pods whose preStop hook takes 2 s, and a static (critical) pod.
+    let deployment = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}}, "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{
+            "name": "web", "image": registry.image("test-server"),
+            "lifecycle": {"preStop": {"exec": {"command": ["sleep", "2"]}}},
+        }]}}},
+    });
+    server.kubectl_stdin(&["apply", "-f", "-"], Some(&deployment.to_string()));
+    let regular = running_pods(&pods, "app=web", 2).await;
+    running_pods(&pods, "", 3).await;
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_krate")).args(["shutdown-node", "--data-dir"]).arg(server.data_dir()).output().unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{printed}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(printed.contains("stopping 2 regular pod(s) within 15s\nstopping 1 critical pod(s) within 5s\n") && printed.ends_with("the node can power off\n"), "{printed}");
+
+    // Every pod Failed as upstream reports a shutdown, regular ones stopped first.
+    let finished = |p: &Pod| container_status(p).unwrap()["state"]["terminated"]["finishedAt"].as_str().unwrap().to_string();
+    let mut regular_finished = Vec::new();
+    for name in regular.iter().map(|p| p.metadata.name.clone().unwrap()).chain(["critical-node-1".to_string()]) {
+        let pod = eventually(30, &format!("{name} reported stopped"), || async { let p = pods.get(&name).await.ok()?; (p.status.as_ref()?.phase.as_deref() == Some("Failed")).then_some(p) }).await;
+        let status = pod.status.clone().unwrap();
+        assert_eq!(status.reason.as_deref(), Some("Terminated"), "{name}");
+        assert_eq!(status.message.as_deref(), Some("Pod was terminated in response to imminent node shutdown."));
+        let target = status.conditions.unwrap().into_iter().find(|c| c.type_ == "DisruptionTarget").expect("a DisruptionTarget condition");
+        assert_eq!((target.status.as_str(), target.reason.as_deref()), ("True", Some("TerminationByKubelet")));
+        assert_eq!(container_status(&pod).unwrap()["state"]["terminated"]["exitCode"], 0, "stopped with SIGTERM, not killed: {name}");
+        if name == "critical-node-1" {
+            assert!(regular_finished.iter().all(|r| *r <= finished(&pod)), "critical pods stop last: {regular_finished:?} vs {}", finished(&pod));
+        } else {
+            regular_finished.push(finished(&pod));
+        }
+    }
+
+    // The node says it is going away, and takes no more pods.
+    let node = nodes.get("node-1").await.unwrap();
+    let ready = node.status.unwrap().conditions.unwrap().into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_deref(), ready.message.as_deref()), ("False", Some("KubeletNotReady"), Some("node is shutting down")));
+    eventually(30, "the not-ready taint", || async { has_taint(&nodes.get("node-1").await.ok()?, "node.kubernetes.io/not-ready").then_some(()) }).await;
+    let pinned = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "pinned"}, "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": registry.image("busybox")}]}});
+    pods.create(&PostParams::default(), &serde_json::from_value(pinned).unwrap()).await.unwrap();
+    let status = eventually(30, "the pod refused", || async { let s = pods.get("pinned").await.ok()?.status?; (s.phase.as_deref() == Some("Failed")).then_some(s) }).await;
+    assert_eq!(status.reason.as_deref(), Some("NodeShutdown"));
+    assert_eq!(status.message.as_deref(), Some("Pod was rejected: Pod was rejected as the node is shutting down."));
+    // The Deployment replaces its pods, but not here.
+    let replacements = eventually(30, "replacement pods", || async {
+        let list = pods.list(&ListParams::default().labels("app=web")).await.ok()?.items;
+        let fresh: Vec<Pod> = list.into_iter().filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Failed")).collect();
+        (fresh.len() == 2).then_some(fresh)
+    })
+    .await;
+    assert!(replacements.iter().all(|p| p.spec.as_ref().unwrap().node_name.is_none()), "no pod is scheduled to a node shutting down");
+    let socket = server.data_dir().join("agent/containerd/containerd.sock");
+    let tasks = std::process::Command::new("ctr").arg("--address").arg(&socket).args(["--namespace", "k8s.io", "tasks", "list"]).output().unwrap();
+    let tasks = String::from_utf8_lossy(&tasks.stdout);
+    assert!(!tasks.contains("RUNNING"), "nothing runs any more: {tasks}");
 }

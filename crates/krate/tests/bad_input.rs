@@ -163,3 +163,41 @@ async fn anonymous_requests_are_forbidden_except_health() {
     let (code, _) = raw(&anonymous, "POST", CMS, "application/json", body.to_string().into_bytes()).await;
     assert_eq!(code, 403, "no anonymous writes");
 }
+
+/// Bad node agent flags stop `krate server` before it serves anything, saying what is wrong.
+#[test]
+fn bad_agent_flags_are_refused_at_start() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["--eviction-hard", "disk.free<1Gi"], "unknown eviction signal \"disk.free\"; known signals: memory.available"),
+        (&["--eviction-hard", "nodefs.available<lots"], "is not a quantity (like 100Mi) or a percentage"),
+        (&["--eviction-pressure-transition-period", "5 minutes"], "--eviction-pressure-transition-period: \"5 minutes\" is not a duration"),
+        (&["--image-gc-high-threshold", "70", "--image-gc-low-threshold", "90"], "--image-gc-low-threshold (90) must not be above --image-gc-high-threshold (70)"),
+        (&["--shutdown-grace-period", "10s", "--shutdown-grace-period-critical-pods", "20s"], "cannot be longer"),
+    ];
+    for (args, message) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_krate"))
+            .args(["server", "--port", &common::free_port().to_string(), "--data-dir"])
+            .arg(dir.path())
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{args:?}: the server started instead of refusing the flags");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(!status.success() && stderr.contains(message), "{args:?}: {stderr}");
+        assert!(!dir.path().join("admin.kubeconfig").exists(), "{args:?}: nothing was started");
+    }
+}

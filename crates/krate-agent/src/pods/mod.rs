@@ -3,6 +3,7 @@
 //! events wake the worker that owns the container. After each (re)list, sandboxes of
 //! pods neither source has are removed.
 
+pub mod admission;
 mod env;
 pub mod manifests;
 mod probe;
@@ -31,6 +32,7 @@ struct WorkerHandle {
     wake: Arc<Notify>,
     /// Set when the pod's status must be written even if unchanged (a new mirror pod).
     republish: Arc<AtomicBool>,
+    stop: Arc<Mutex<Option<worker::StopRequest>>>,
 }
 
 /// What every pod worker shares.
@@ -55,14 +57,18 @@ pub struct Shared {
     statics: Mutex<HashSet<String>>,
     /// The API showed a mirror pod deleted or being deleted.
     mirrors_changed: Notify,
+    /// The node's pressure conditions now true (new pods are rejected under some).
+    pub conditions: watch::Receiver<Vec<crate::pressure::Condition>>,
+    /// The node is shutting down: no new pods; the heartbeat reports it not ready.
+    pub shutting_down: watch::Sender<bool>,
 }
 
 impl Shared {
     /// `dir`: the agent's directory, which holds pod logs and volumes.
-    pub fn new(client: kube::Client, cri: Cri, node_name: String, node_ip: String, dir: &std::path::Path, sync_frequency: std::time::Duration) -> Arc<Self> {
+    pub fn new(client: kube::Client, cri: Cri, node_name: String, node_ip: String, dir: &std::path::Path, sync_frequency: std::time::Duration, conditions: watch::Receiver<Vec<crate::pressure::Condition>>) -> Arc<Self> {
         let events = krate_client::events::Recorder::new(client.clone(), "kubelet");
         let (log_root, volume_root) = (dir.join("pods"), dir.join("volumes"));
-        Arc::new(Shared { client, cri, node_name, node_ip, log_root, volume_root, sync_frequency, events, workers: Mutex::default(), owners: Mutex::default(), exits: Mutex::default(), statics: Mutex::default(), mirrors_changed: Notify::new() })
+        Arc::new(Shared { client, cri, node_name, node_ip, log_root, volume_root, sync_frequency, events, workers: Mutex::default(), owners: Mutex::default(), exits: Mutex::default(), statics: Mutex::default(), mirrors_changed: Notify::new(), conditions, shutting_down: watch::Sender::new(false) })
     }
 
     fn own(&self, id: &str, uid: &str) {
@@ -100,8 +106,31 @@ impl Shared {
         let (tx, rx) = watch::channel(Some(Arc::new(pod)));
         let wake = Arc::new(Notify::new());
         let republish = Arc::new(AtomicBool::new(false));
-        workers.insert(uid.clone(), WorkerHandle { pod: tx, wake: wake.clone(), republish: republish.clone() });
-        tokio::spawn(worker::PodWorker::new(self.clone(), uid, rx, wake, republish).run());
+        let stop = Arc::new(Mutex::new(None));
+        workers.insert(uid.clone(), WorkerHandle { pod: tx, wake: wake.clone(), republish: republish.clone(), stop: stop.clone() });
+        tokio::spawn(worker::PodWorker::new(self.clone(), uid, rx, wake, republish, stop).run());
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutting_down.borrow()
+    }
+
+    /// Has the workers of the pods `which` selects stop them within `grace` (the node
+    /// shuts down); returns how many were asked and a future that ends when all have.
+    pub fn stop_pods(&self, which: impl Fn(&Pod) -> bool, grace: std::time::Duration) -> (usize, impl std::future::Future<Output = ()>) {
+        let mut waits = Vec::new();
+        for w in self.workers.lock().unwrap().values() {
+            let selected = w.pod.borrow().as_ref().is_some_and(|p| p.metadata.deletion_timestamp.is_none() && which(p));
+            if selected {
+                let (done, wait) = tokio::sync::oneshot::channel();
+                *w.stop.lock().unwrap() = Some(worker::StopRequest { grace, done });
+                w.wake.notify_one();
+                waits.push(wait);
+            }
+        }
+        (waits.len(), async move {
+            futures::future::join_all(waits).await;
+        })
     }
 
     /// Has the pod's worker write its status again, changed or not.

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::probe::{self, Kind, Probers, Verdict};
 use super::status::{self, Observed, Waiting};
-use super::{env, spec, volumes, Shared};
+use super::{admission, env, spec, volumes, Shared};
 use crate::cri::api;
 
 const BACKOFF_START: Duration = Duration::from_secs(10);
@@ -67,7 +67,19 @@ pub(super) struct PodWorker {
     /// Consecutive failed passes (runtime errors): the next retry waits 2^n s, ≤ 60 s.
     failures: u32,
     probers: Probers,
+    /// Set when the node shuts down: stop the pod within the grace period given.
+    stop: Arc<std::sync::Mutex<Option<StopRequest>>>,
 }
+
+/// Stop the pod for the node's shutdown, within `grace`; `done` tells when it has.
+pub(super) struct StopRequest {
+    pub grace: Duration,
+    pub done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Upstream's words for pods stopped by a node shutdown.
+const SHUTDOWN_REASON: &str = "Terminated";
+const SHUTDOWN_MESSAGE: &str = "Pod was terminated in response to imminent node shutdown.";
 
 /// The pod's running sandbox, as containers are started in it.
 struct Sandbox<'a> {
@@ -111,8 +123,8 @@ fn restarts(pod: &Pod, code: i32) -> bool {
 }
 
 impl PodWorker {
-    pub(super) fn new(shared: Arc<Shared>, uid: String, pod_rx: watch::Receiver<Option<Arc<Pod>>>, wake: Arc<Notify>, republish: Arc<AtomicBool>) -> Self {
-        PodWorker { shared, uid, pod_rx, wake, republish, backoff: Backoffs::default(), waiting: HashMap::new(), published: None, last: None, failures: 0, probers: Probers::default() }
+    pub(super) fn new(shared: Arc<Shared>, uid: String, pod_rx: watch::Receiver<Option<Arc<Pod>>>, wake: Arc<Notify>, republish: Arc<AtomicBool>, stop: Arc<std::sync::Mutex<Option<StopRequest>>>) -> Self {
+        PodWorker { shared, uid, pod_rx, wake, republish, stop, backoff: Backoffs::default(), waiting: HashMap::new(), published: None, last: None, failures: 0, probers: Probers::default() }
     }
 
     pub(super) async fn run(mut self) {
@@ -128,7 +140,13 @@ impl PodWorker {
                 }
                 Some(pod) => {
                     self.last = Some(pod.clone());
-                    if pod.metadata.deletion_timestamp.is_some() {
+                    let stop = self.stop.lock().unwrap().take();
+                    if let Some(request) = stop.filter(|_| pod.metadata.deletion_timestamp.is_none()) {
+                        if let Err(e) = self.shut_down(&pod, request.grace).await {
+                            tracing::warn!(pod = %pod.metadata.name.as_deref().unwrap_or_default(), error = %format!("{e:#}"), "reporting a pod stopped for the node's shutdown failed");
+                        }
+                        let _ = request.done.send(());
+                    } else if pod.metadata.deletion_timestamp.is_some() {
                         self.teardown(pod.metadata.deletion_grace_period_seconds.unwrap_or(30)).await;
                         self.finish_deletion(&pod).await;
                     } else {
@@ -263,6 +281,14 @@ impl PodWorker {
             }
             return Ok(None);
         }
+        let new = pod.status.as_ref().and_then(|s| s.start_time.as_ref()).is_none() && self.published.as_ref().is_none_or(|p| p.get("startTime").is_none());
+        if new {
+            let conditions = self.shared.conditions.borrow().clone();
+            if let Some((reason, message)) = admission::rejection(pod, &conditions, self.shared.is_shutting_down()) {
+                self.reject(pod, reason, &message).await?;
+                return Ok(None);
+            }
+        }
         let (sandbox_id, sandbox_config, pod_ip) = self.ensure_sandbox(pod).await?;
         let mut next: Option<Instant> = None;
         let observed = self.observe(&sandbox_id).await?;
@@ -327,7 +353,7 @@ impl PodWorker {
             wake_at(&mut next, at);
         }
         self.update_probes(pod, &observed, &pod_ip);
-        self.publish(pod, &observed, init_done, init_failed, &pod_ip).await?;
+        self.publish(pod, &observed, init_done, init_failed, &pod_ip, None).await?;
         if self.is_terminal() {
             let _ = self.cri().runtime.stop_pod_sandbox(api::StopPodSandboxRequest { pod_sandbox_id: sandbox_id }).await;
         }
@@ -366,7 +392,17 @@ impl PodWorker {
         let image = c.image.clone().unwrap_or_default();
         let pull_key = format!("image/{}", c.name);
         if let Some((until, _)) = self.backoff.waiting(&pull_key, None) {
-            self.waiting.insert(c.name.clone(), Waiting { reason: "ImagePullBackOff".into(), message: format!("Back-off pulling image \"{image}\"") });
+            // As upstream (1.30+): the waiting message carries the failed pull's error.
+            let back_off = format!("Back-off pulling image \"{image}\"");
+            let message = match self.waiting.get(&c.name) {
+                Some(w) if w.reason == "ErrImagePull" => format!("{back_off}: ErrImagePull: {}", w.message),
+                Some(w) if w.reason == "ImagePullBackOff" => w.message.clone(),
+                _ => back_off.clone(),
+            };
+            if self.waiting.get(&c.name).is_none_or(|w| w.reason != "ImagePullBackOff") {
+                self.shared.events.normal(&object, "BackOff", &back_off).await;
+            }
+            self.waiting.insert(c.name.clone(), Waiting { reason: "ImagePullBackOff".into(), message });
             wake_at(next, until);
             return;
         }
@@ -503,10 +539,12 @@ impl PodWorker {
         wake_at(next, Instant::now() + BACKOFF_START);
     }
 
-    async fn publish(&mut self, pod: &Pod, observed: &HashMap<String, Observed>, init_done: bool, init_failed: bool, pod_ip: &str) -> Result<()> {
+    /// Reports the pod's status from what the runtime shows. `ended`: the agent stopped the
+    /// pod (node shutdown) and says so: Failed, with this reason and message.
+    async fn publish(&mut self, pod: &Pod, observed: &HashMap<String, Observed>, init_done: bool, init_failed: bool, pod_ip: &str, ended: Option<(&str, &str)>) -> Result<()> {
         let spec = pod.spec.clone().unwrap_or_default();
         let app: Vec<(Observed, Option<Waiting>)> = spec.containers.iter().map(|c| (observed.get(&c.name).cloned().unwrap_or_default(), self.waiting.get(&c.name).cloned())).collect();
-        let phase = status::phase(pod, init_done, init_failed, &app);
+        let phase = if ended.is_some() { "Failed" } else { status::phase(pod, init_done, init_failed, &app) };
         let statuses: Vec<Value> = spec
             .containers
             .iter()
@@ -547,6 +585,14 @@ impl PodWorker {
         if !init_statuses.is_empty() {
             status["initContainerStatuses"] = json!(init_statuses);
         }
+        if let Some((reason, message)) = ended {
+            status["reason"] = json!(reason);
+            status["message"] = json!(message);
+            let mut target = status::condition("DisruptionTarget", true, None);
+            target["reason"] = json!("TerminationByKubelet");
+            target["message"] = json!(message);
+            status["conditions"].as_array_mut().into_iter().for_each(|c| c.push(target.clone()));
+        }
         let force = self.republish.swap(false, Ordering::Relaxed);
         if !force && Some(&status) == self.published.as_ref() {
             return Ok(());
@@ -573,10 +619,53 @@ impl PodWorker {
         Ok(())
     }
 
+    /// Refuses to run a pod, as upstream's kubelet does: a Warning event, and the pod
+    /// Failed with `reason` before any of it ran.
+    async fn reject(&mut self, pod: &Pod, reason: &str, message: &str) -> Result<()> {
+        self.shared.events.warning(&reference(pod, None), reason, message).await;
+        let status = json!({"phase": "Failed", "reason": reason, "message": format!("Pod was rejected: {message}"), "qosClass": status::qos_class(pod)});
+        let (ns, name, _) = spec::pod_key(pod);
+        let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), &ns);
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await.with_context(|| format!("rejecting pod {ns}/{name}"))?;
+        tracing::info!(pod = %format!("{ns}/{name}"), reason, message, "rejected a pod");
+        self.published = Some(status);
+        Ok(())
+    }
+
+    /// Stops the pod for the node's shutdown: its containers within `grace` (or the pod's
+    /// own shorter grace period), then its sandbox, and reports it Failed as upstream does.
+    async fn shut_down(&mut self, pod: &Pod, grace: Duration) -> Result<()> {
+        let own = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
+        let grace = own.min(grace.as_secs() as i64);
+        self.stop_containers(grace).await;
+        let sandboxes = self.sandboxes().await?;
+        let Some(sandbox) = sandboxes.last() else { return Ok(()) };
+        let _ = self.cri().runtime.stop_pod_sandbox(api::StopPodSandboxRequest { pod_sandbox_id: sandbox.id.clone() }).await;
+        let observed = self.observe(&sandbox.id).await?;
+        let init_done = self.published.as_ref().and_then(|p| p["conditions"].as_array()?.iter().find(|c| c["type"] == "Initialized").cloned()).is_none_or(|c| c["status"] == "True");
+        let pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
+        self.probers = Probers::default();
+        self.publish(pod, &observed, init_done, false, &pod_ip, Some((SHUTDOWN_REASON, SHUTDOWN_MESSAGE))).await
+    }
+
     /// Stops the pod's containers (SIGTERM, SIGKILL after `grace` seconds) and removes its
     /// sandboxes with them.
     async fn teardown(&mut self, grace: i64) {
         let Ok(sandboxes) = self.sandboxes().await else { return };
+        let containers = self.stop_containers(grace).await;
+        for s in &sandboxes {
+            self.remove_sandbox(&s.id).await;
+        }
+        for c in &containers {
+            self.shared.disown(&c.id);
+        }
+        volumes::tear_down(&self.shared.volume_root, &self.uid);
+    }
+
+    /// Stops the pod's running containers: each one's preStop hook, then SIGTERM, then
+    /// SIGKILL once `grace` seconds have passed since the start. Returns every container
+    /// of the pod.
+    async fn stop_containers(&self, grace: i64) -> Vec<api::Container> {
         let containers = self.cri().containers_labelled(&[(spec::POD_UID, &self.uid)]).await.unwrap_or_default();
         let pod = self.last.clone();
         let pod_ip = pod.as_ref().and_then(|p| p.status.as_ref()?.pod_ip.clone()).unwrap_or_default();
@@ -603,13 +692,7 @@ impl PodWorker {
             }
         });
         futures::future::join_all(stops).await;
-        for s in &sandboxes {
-            self.remove_sandbox(&s.id).await;
-        }
-        for c in &containers {
-            self.shared.disown(&c.id);
-        }
-        volumes::tear_down(&self.shared.volume_root, &self.uid);
+        containers
     }
 
     /// Tells the API the pod's containers are gone, so its object can go.

@@ -40,10 +40,17 @@ impl TestServer {
 
     /// A server with its embedded node agent running real containers.
     pub fn start_with_agent(extra_args: &[&str]) -> Self {
+        Self::start_with_agent_prepared(extra_args, |_| ()).1
+    }
+
+    /// Like `start_with_agent`, after `prepare` had the data directory to itself; what it
+    /// returns comes first, so that (bound in order) it is dropped after the server.
+    pub fn start_with_agent_prepared<T>(extra_args: &[&str], prepare: impl FnOnce(&Path) -> T) -> (T, Self) {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut server = Self { dir, port: free_port(), child: None, extra_args: extra_args.iter().map(|s| s.to_string()).collect(), agent: true };
+        let prepared = prepare(&server.data_dir());
         server.spawn();
-        server
+        (prepared, server)
     }
 
     fn spawn(&mut self) {
