@@ -47,15 +47,6 @@ pub struct ImageGc {
     records: HashMap<String, Record>,
 }
 
-/// What a collection did.
-#[derive(Debug, Default, PartialEq)]
-pub struct Collected {
-    pub removed: Vec<String>,
-    pub freed: u64,
-    /// The bytes it set out to free (zero: the filesystem was under the high threshold).
-    pub wanted: u64,
-}
-
 fn pinned(image: &api::Image) -> bool {
     image.pinned || image.repo_tags.iter().any(|t| t == crate::images::SANDBOX_IMAGE)
 }
@@ -97,44 +88,46 @@ impl ImageGc {
     }
 
     /// Records which images are in use (the least recently used go first).
-    pub async fn observe(&mut self, cri: &mut Cri) -> Result<()> {
+    async fn observe(&mut self, cri: &mut Cri) -> Result<()> {
         self.candidates(cri).await.map(|_| ())
     }
 
-    /// Removes unused images, least recently used first, until `bytes` are freed.
-    async fn free(&mut self, cri: &mut Cri, bytes: u64) -> Result<Collected> {
-        let mut collected = Collected { wanted: bytes, ..Default::default() };
+    /// Removes unused images, least recently used first, until `bytes` are freed; returns
+    /// the bytes freed (as the runtime counts image sizes).
+    async fn free(&mut self, cri: &mut Cri, bytes: u64) -> Result<u64> {
+        let mut freed = 0;
         for candidate in self.candidates(cri).await? {
-            if collected.freed >= bytes {
+            if freed >= bytes {
                 break;
             }
             match cri.images.remove_image(api::RemoveImageRequest { image: Some(api::ImageSpec { image: candidate.id.clone(), ..Default::default() }) }).await {
                 Ok(_) => {
                     tracing::info!(image = %candidate.name, id = %candidate.id, size = candidate.size, "removed an unused image");
                     self.records.remove(&candidate.id);
-                    collected.freed += candidate.size;
-                    collected.removed.push(candidate.name);
+                    freed += candidate.size;
                 }
                 Err(e) => tracing::warn!(image = %candidate.name, error = %e.message(), "removing an unused image failed"),
             }
         }
-        Ok(collected)
+        Ok(freed)
     }
 
-    /// Frees space down to the low threshold when the image filesystem is over the high one.
-    pub async fn collect(&mut self, cri: &mut Cri, imagefs: FsStats) -> Result<Collected> {
+    /// Frees space down to the low threshold when the image filesystem is over the high
+    /// one. Returns upstream's FreeDiskSpaceFailed message when too little was eligible.
+    pub async fn collect(&mut self, cri: &mut Cri, imagefs: FsStats) -> Result<Option<String>> {
         if imagefs.bytes == 0 || imagefs.used_percent() < f64::from(self.policy.high_percent) {
-            return Ok(Collected::default());
+            return self.observe(cri).await.map(|()| None);
         }
         let keep_free = imagefs.bytes / 100 * u64::from(100 - self.policy.low_percent.min(100));
         let wanted = keep_free.saturating_sub(imagefs.bytes_available);
         tracing::info!(usage = format!("{:.0}%", imagefs.used_percent()), high = self.policy.high_percent, low = self.policy.low_percent, bytes = wanted, "the image filesystem is over the high threshold; removing unused images");
-        self.free(cri, wanted).await
+        let freed = self.free(cri, wanted).await?;
+        Ok((freed < wanted).then(|| format!("Failed to garbage collect required amount of images. Attempted to free {wanted} bytes, but only found {freed} bytes eligible to free.")))
     }
 
     /// Removes every unused image old enough (the node is under disk pressure).
-    pub async fn remove_all_unused(&mut self, cri: &mut Cri) -> Result<Collected> {
-        self.free(cri, u64::MAX).await
+    pub async fn remove_all_unused(&mut self, cri: &mut Cri) -> Result<()> {
+        self.free(cri, u64::MAX).await.map(|_| ())
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use crate::cri::Cri;
 use crate::imagegc::ImageGc;
 use crate::network::Cidr;
-use crate::pressure::{Condition, Filesystems, FsStats, Pressure};
+use crate::pressure::{meminfo, Condition, Filesystems, FsStats, Pressure};
 
 pub const MANAGER: &str = "krate-agent";
 const STATUS_EVERY: Duration = Duration::from_secs(300);
@@ -45,11 +45,6 @@ pub struct NodeSettings {
 /// This machine's architecture as Kubernetes and OCI name it (`amd64`, `arm64`).
 pub fn arch() -> String {
     std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64")
-}
-
-fn meminfo(field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    text.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.trim().strip_suffix(" kB")?.trim().parse::<u64>().ok()).map(|kb| kb * 1024)
 }
 
 fn read_trimmed(path: &str) -> String {
@@ -89,8 +84,8 @@ pub fn status(settings: &NodeSettings, runtime_version: &str, conditions: Vec<Va
 }
 
 /// The node's conditions: a pressure condition per `Condition`, true for those in
-/// `pressure`, and Ready (false while the node shuts down). A condition keeps its lastTransitionTime from `previous` while its
-/// status stays.
+/// `pressure`, and Ready (false while the node shuts down). A condition keeps its
+/// lastTransitionTime from `previous` while its status stays.
 fn conditions(pressure: &[Condition], shutting_down: bool, previous: &[Value]) -> Vec<Value> {
     let now = now();
     let mut out: Vec<Value> = Condition::ALL
@@ -111,8 +106,9 @@ fn conditions(pressure: &[Condition], shutting_down: bool, previous: &[Value]) -
     out
 }
 
-/// Creates (or re-takes) the Node and returns its podCIDR (the one
-/// already assigned, else `settings.pod_cidr`, which is then recorded on the Node).
+/// Creates (or re-takes) the Node and returns its podCIDR (the one already assigned, else
+/// `settings.pod_cidr`, which is then recorded on the Node). The heartbeat reports its
+/// status.
 pub async fn register(client: &kube::Client, settings: &NodeSettings) -> Result<Cidr> {
     let nodes: Api<Node> = Api::all(client.clone());
     let mut labels = settings.labels.clone();
@@ -162,20 +158,15 @@ impl Housekeeping {
         let observation = self.filesystems.observe();
         let on = self.pressure.update(&observation, tokio::time::Instant::now());
         self.conditions.send_if_modified(|current| std::mem::replace(current, on.clone()) != on);
-        let collected = if on.contains(&Condition::Disk) {
-            self.image_gc.remove_all_unused(&mut self.cri).await
+        let shortfall = if on.contains(&Condition::Disk) {
+            self.image_gc.remove_all_unused(&mut self.cri).await.map(|()| None)
         } else {
-            match FsStats::of(&self.filesystems.imagefs) {
-                Some(fs) => self.image_gc.collect(&mut self.cri, fs).await,
-                None => self.image_gc.observe(&mut self.cri).await.map(|()| Default::default()),
-            }
+            let imagefs = FsStats::of(&self.filesystems.imagefs).unwrap_or_default();
+            self.image_gc.collect(&mut self.cri, imagefs).await
         };
-        match collected {
-            Ok(c) if c.wanted > 0 && c.freed < c.wanted && c.wanted != u64::MAX => {
-                let message = format!("Failed to garbage collect required amount of images. Attempted to free {} bytes, but only found {} bytes eligible to free.", c.wanted, c.freed);
-                self.events.warning(node, "FreeDiskSpaceFailed", &message).await;
-            }
-            Ok(_) => {}
+        match shortfall {
+            Ok(Some(message)) => self.events.warning(node, "FreeDiskSpaceFailed", &message).await,
+            Ok(None) => {}
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "image garbage collection failed"),
         }
         on
@@ -186,8 +177,7 @@ fn node_reference(name: &str) -> ObjectReference {
     ObjectReference { api_version: Some("v1".into()), kind: Some("Node".into()), name: Some(name.into()), uid: Some(name.into()), ..Default::default() }
 }
 
-/// Reports the status with the pressure conditions `pressure`; returns the conditions
-/// written.
+/// Reports the status for `state`; returns the conditions written.
 async fn report_status(nodes: &Api<Node>, settings: &NodeSettings, runtime_version: &str, state: &NodeState, previous: &[Value]) -> Result<Vec<Value>> {
     let conditions = conditions(&state.0, state.1, previous);
     nodes
@@ -197,13 +187,13 @@ async fn report_status(nodes: &Api<Node>, settings: &NodeSettings, runtime_versi
     Ok(conditions)
 }
 
-/// Renews the node's Lease every 10 s and looks after the node as often (pressure, image
-/// garbage collection); reports the status when a condition changes, and at least every
-/// 5 minutes. Failures are logged and retried (the agent coasts while the API server is
-/// away).
 /// What the status reports besides machine facts: (pressure conditions, shutting down).
 type NodeState = (Vec<Condition>, bool);
 
+/// Renews the node's Lease every 10 s and looks after the node as often (pressure, image
+/// garbage collection); reports the status when a condition changes (a shutdown at once),
+/// and at least every 5 minutes. Failures are logged and retried (the agent coasts while
+/// the API server is away).
 pub async fn heartbeat(client: kube::Client, settings: NodeSettings, runtime_version: String, mut housekeeping: Housekeeping, mut shutting_down: watch::Receiver<bool>) -> Result<()> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), krate_client::node_lease::NAMESPACE);
     let nodes: Api<Node> = Api::all(client);

@@ -153,8 +153,10 @@ impl FsStats {
 #[derive(Clone, Debug, Default)]
 pub struct Observation(pub HashMap<Signal, (f64, f64)>);
 
-fn meminfo_bytes(text: &str, field: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.trim().strip_suffix(" kB")?.trim().parse::<f64>().ok()).map(|kb| kb * 1024.0)
+/// A field of /proc/meminfo, in bytes.
+pub(crate) fn meminfo(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.trim().strip_suffix(" kB")?.trim().parse::<u64>().ok()).map(|kb| kb * 1024)
 }
 
 /// Where the node's filesystems are: the agent's directory (nodefs) and the runtime's
@@ -169,10 +171,8 @@ pub struct Filesystems {
 impl Filesystems {
     pub fn observe(&self) -> Observation {
         let mut signals = HashMap::new();
-        if let Ok(text) = std::fs::read_to_string("/proc/meminfo") {
-            if let (Some(total), Some(available)) = (meminfo_bytes(&text, "MemTotal"), meminfo_bytes(&text, "MemAvailable")) {
-                signals.insert(Signal::MemoryAvailable, (total, available));
-            }
+        if let (Some(total), Some(available)) = (meminfo("MemTotal"), meminfo("MemAvailable")) {
+            signals.insert(Signal::MemoryAvailable, (total as f64, available as f64));
         }
         for (path, bytes, inodes) in [(&self.nodefs, Signal::NodefsAvailable, Signal::NodefsInodesFree), (&self.imagefs, Signal::ImagefsAvailable, Signal::ImagefsInodesFree)] {
             if let Some(fs) = FsStats::of(path) {

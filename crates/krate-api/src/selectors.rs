@@ -1,9 +1,27 @@
 //! Label selectors (equality- and set-based) and field selectors, parsed from the query
-//! string syntax and from `LabelSelector` objects.
+//! string syntax and from `LabelSelector` objects; and whether a toleration tolerates a
+//! taint.
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::{Taint, Toleration};
 use serde_json::Value;
+
+/// Upstream's `ToleratesTaint`: the key matches (an empty key with `Exists` matches every
+/// key), the value matches unless the operator is `Exists`, and the effect matches (an
+/// empty effect matches every effect).
+pub fn toleration_matches(t: &Toleration, taint: &Taint) -> bool {
+    let key_ok = match t.key.as_deref() {
+        None | Some("") => t.operator.as_deref() == Some("Exists"),
+        Some(k) => k == taint.key,
+    };
+    let value_ok = match t.operator.as_deref() {
+        Some("Exists") => true,
+        _ => t.value.as_deref().unwrap_or_default() == taint.value.as_deref().unwrap_or_default(),
+    };
+    let effect_ok = t.effect.as_deref().is_none_or(|e| e.is_empty() || e == taint.effect);
+    key_ok && value_ok && effect_ok
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {

@@ -69,23 +69,12 @@ fn condition_taints(node: &Node) -> Option<Vec<Taint>> {
 async fn taint_by_conditions(client: &kube::Client, node: &Node, taints: Vec<Taint>) -> anyhow::Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     let patch = json!({"metadata": {"resourceVersion": node.metadata.resource_version}, "spec": {"taints": taints}});
-    match nodes.patch(&node.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await {
-        Ok(_) => tracing::info!(node = %node.name_any(), "node taints follow its conditions"),
-        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
-        Err(e) => return Err(e.into()),
-    }
+    crate::tolerate(nodes.patch(&node.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await, &[404, 409])?;
     Ok(())
 }
 
 fn tolerated_for(tolerations: &[Toleration], taint: &Taint) -> Option<Option<i64>> {
-    tolerations
-        .iter()
-        .find(|t| {
-            let key = t.key.as_deref().unwrap_or_default();
-            (key.is_empty() && t.operator.as_deref() == Some("Exists") || key == taint.key)
-                && t.effect.as_deref().is_none_or(|e| e.is_empty() || e == taint.effect)
-        })
-        .map(|t| t.toleration_seconds)
+    tolerations.iter().find(|t| krate_api::selectors::toleration_matches(t, taint)).map(|t| t.toleration_seconds)
 }
 
 async fn mark_unreachable(client: &kube::Client, node: &Node, reachable: bool) -> anyhow::Result<()> {

@@ -182,18 +182,7 @@ impl NodeInfo {
 }
 
 fn tolerates(tolerations: &[Toleration], taint: &Taint) -> bool {
-    tolerations.iter().any(|t| {
-        let key_ok = match t.key.as_deref() {
-            None | Some("") => t.operator.as_deref() == Some("Exists"),
-            Some(k) => k == taint.key,
-        };
-        let value_ok = match t.operator.as_deref() {
-            Some("Exists") => true,
-            _ => t.value.as_deref().unwrap_or_default() == taint.value.as_deref().unwrap_or_default(),
-        };
-        let effect_ok = t.effect.as_deref().is_none_or(|e| e.is_empty() || e == taint.effect);
-        key_ok && value_ok && effect_ok
-    })
+    tolerations.iter().any(|t| krate_api::selectors::toleration_matches(t, taint))
 }
 
 /// Does a node selector requirement accept `value` (the node's label or field, if any)?

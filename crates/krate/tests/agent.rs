@@ -86,11 +86,22 @@ async fn running_pods(pods: &Api<Pod>, selector: &str, count: usize) -> Vec<Pod>
     .await
 }
 
-/// Sandboxes the server's containerd still has (through `ctr`, as an operator would look).
-fn containerd_containers(server: &TestServer) -> String {
+/// What the server's containerd lists as `ctr <what> list` shows it (as an operator
+/// would look): `containers` (sandboxes too), `images`, `tasks`.
+fn containerd_list(server: &TestServer, what: &str, quiet: bool) -> String {
     let socket = server.data_dir().join("agent/containerd/containerd.sock");
-    let out = std::process::Command::new("ctr").arg("--address").arg(&socket).args(["--namespace", "k8s.io", "containers", "list", "--quiet"]).output().expect("run ctr");
+    let mut ctr = std::process::Command::new("ctr");
+    ctr.arg("--address").arg(&socket).args(["--namespace", "k8s.io", what, "list"]);
+    if quiet {
+        ctr.arg("--quiet");
+    }
+    let out = ctr.output().expect("run ctr");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Sandboxes and containers the server's containerd still has.
+fn containerd_containers(server: &TestServer) -> String {
+    containerd_list(server, "containers", true)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -665,11 +676,9 @@ impl Drop for Tmpfs {
     }
 }
 
-/// The images the server's containerd holds (through `ctr`, as an operator would look).
+/// The images the server's containerd holds.
 fn containerd_images(server: &TestServer) -> String {
-    let socket = server.data_dir().join("agent/containerd/containerd.sock");
-    let out = std::process::Command::new("ctr").arg("--address").arg(&socket).args(["--namespace", "k8s.io", "images", "list", "--quiet"]).output().expect("run ctr");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    containerd_list(server, "images", true)
 }
 
 fn node_condition(node: &Node, type_: &str) -> Option<(String, String)> {
@@ -858,8 +867,6 @@ async fn shutting_the_node_down_stops_regular_pods_then_critical_ones_and_report
     })
     .await;
     assert!(replacements.iter().all(|p| p.spec.as_ref().unwrap().node_name.is_none()), "no pod is scheduled to a node shutting down");
-    let socket = server.data_dir().join("agent/containerd/containerd.sock");
-    let tasks = std::process::Command::new("ctr").arg("--address").arg(&socket).args(["--namespace", "k8s.io", "tasks", "list"]).output().unwrap();
-    let tasks = String::from_utf8_lossy(&tasks.stdout);
+    let tasks = containerd_list(&server, "tasks", false);
     assert!(!tasks.contains("RUNNING"), "nothing runs any more: {tasks}");
 }

@@ -3,7 +3,7 @@
 //! under disk or PID pressure every pod is; critical pods (static pods, and pods of
 //! system-critical priority) still run. A node shutting down refuses every pod.
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Taint};
 
 use super::{manifests, status};
 use crate::pressure::Condition;
@@ -18,10 +18,8 @@ pub fn is_critical(pod: &Pod) -> bool {
 }
 
 fn tolerates_memory_pressure(pod: &Pod) -> bool {
-    pod.spec.iter().flat_map(|s| s.tolerations.iter().flatten()).any(|t| {
-        let key_matches = t.key.as_deref() == Some(MEMORY_PRESSURE_TAINT) || t.key.as_deref().unwrap_or_default().is_empty() && t.operator.as_deref() == Some("Exists");
-        key_matches && t.effect.as_deref().is_none_or(|e| e.is_empty() || e == "NoSchedule")
-    })
+    let taint = Taint { key: MEMORY_PRESSURE_TAINT.into(), effect: "NoSchedule".into(), ..Default::default() };
+    pod.spec.iter().flat_map(|s| s.tolerations.iter().flatten()).any(|t| krate_api::selectors::toleration_matches(t, &taint))
 }
 
 /// Why the pod may not start on a node under `conditions` or `shutting_down`: upstream's

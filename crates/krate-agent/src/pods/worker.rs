@@ -394,12 +394,14 @@ impl PodWorker {
         if let Some((until, _)) = self.backoff.waiting(&pull_key, None) {
             // As upstream (1.30+): the waiting message carries the failed pull's error.
             let back_off = format!("Back-off pulling image \"{image}\"");
-            let message = match self.waiting.get(&c.name) {
+            let previous = self.waiting.get(&c.name);
+            let started_backing_off = previous.is_none_or(|w| w.reason != "ImagePullBackOff");
+            let message = match previous {
                 Some(w) if w.reason == "ErrImagePull" => format!("{back_off}: ErrImagePull: {}", w.message),
                 Some(w) if w.reason == "ImagePullBackOff" => w.message.clone(),
                 _ => back_off.clone(),
             };
-            if self.waiting.get(&c.name).is_none_or(|w| w.reason != "ImagePullBackOff") {
+            if started_backing_off {
                 self.shared.events.normal(&object, "BackOff", &back_off).await;
             }
             self.waiting.insert(c.name.clone(), Waiting { reason: "ImagePullBackOff".into(), message });
@@ -612,6 +614,11 @@ impl PodWorker {
         if !force && Some(&status) == self.published.as_ref() {
             return Ok(());
         }
+        self.write_status(pod, status).await
+    }
+
+    /// Merges `status` into the pod's status in the API and remembers it as published.
+    async fn write_status(&mut self, pod: &Pod, status: Value) -> Result<()> {
         let (ns, name, _) = spec::pod_key(pod);
         let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), &ns);
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await.with_context(|| format!("reporting the status of pod {ns}/{name}"))?;
@@ -624,12 +631,8 @@ impl PodWorker {
     async fn reject(&mut self, pod: &Pod, reason: &str, message: &str) -> Result<()> {
         self.shared.events.warning(&reference(pod, None), reason, message).await;
         let status = json!({"phase": "Failed", "reason": reason, "message": format!("Pod was rejected: {message}"), "qosClass": status::qos_class(pod)});
-        let (ns, name, _) = spec::pod_key(pod);
-        let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), &ns);
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await.with_context(|| format!("rejecting pod {ns}/{name}"))?;
-        tracing::info!(pod = %format!("{ns}/{name}"), reason, message, "rejected a pod");
-        self.published = Some(status);
-        Ok(())
+        tracing::info!(pod = %spec::pod_key(pod).1, reason, message, "rejected a pod");
+        self.write_status(pod, status).await
     }
 
     /// Stops the pod for the node's shutdown: its containers within `grace` (or the pod's
@@ -644,6 +647,7 @@ impl PodWorker {
         let observed = self.observe(&sandbox.id).await?;
         let init_done = self.published.as_ref().and_then(|p| p["conditions"].as_array()?.iter().find(|c| c["type"] == "Initialized").cloned()).is_none_or(|c| c["status"] == "True");
         let pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
+        // No later pass prunes the probes of a terminal pod.
         self.probers = Probers::default();
         self.publish(pod, &observed, init_done, false, &pod_ip, Some((SHUTDOWN_REASON, SHUTDOWN_MESSAGE))).await
     }

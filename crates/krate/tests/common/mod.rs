@@ -32,10 +32,14 @@ impl TestServer {
     }
 
     pub fn start_with(extra_args: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = Self { dir, port: free_port(), child: None, extra_args: extra_args.iter().map(|s| s.to_string()).collect(), agent: false };
+        let mut server = Self::unstarted(extra_args, false);
         server.spawn();
         server
+    }
+
+    fn unstarted(extra_args: &[&str], agent: bool) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self { dir, port: free_port(), child: None, extra_args: extra_args.iter().map(|s| s.to_string()).collect(), agent }
     }
 
     /// A server with its embedded node agent running real containers.
@@ -46,8 +50,7 @@ impl TestServer {
     /// Like `start_with_agent`, after `prepare` had the data directory to itself; what it
     /// returns comes first, so that (bound in order) it is dropped after the server.
     pub fn start_with_agent_prepared<T>(extra_args: &[&str], prepare: impl FnOnce(&Path) -> T) -> (T, Self) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = Self { dir, port: free_port(), child: None, extra_args: extra_args.iter().map(|s| s.to_string()).collect(), agent: true };
+        let mut server = Self::unstarted(extra_args, true);
         let prepared = prepare(&server.data_dir());
         server.spawn();
         (prepared, server)
