@@ -20,7 +20,12 @@ pub struct Metrics {
     latency: Family<Labels, Histogram>,
     watchers: Gauge,
     open_watchers: AtomicI64,
+    /// Text from other parts of the process (the in-process controllers' cache readiness).
+    sources: std::sync::Mutex<Vec<Source>>,
 }
+
+/// Renders metrics of another part of the process in Prometheus text format.
+pub type Source = Box<dyn Fn() -> String + Send + Sync>;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -37,7 +42,7 @@ impl Metrics {
         registry.register("apiserver_request", "Requests by verb, resource and HTTP code", requests.clone());
         registry.register("apiserver_request_duration_seconds", "Request latency by verb and resource", latency.clone());
         registry.register("apiserver_registered_watchers", "Open watch streams", watchers.clone());
-        Self { registry, requests, latency, watchers, open_watchers: AtomicI64::new(0) }
+        Self { registry, requests, latency, watchers, open_watchers: AtomicI64::new(0), sources: Default::default() }
     }
 
     pub fn observe_request(&self, verb: &str, resource: &str, code: u16, elapsed: Duration) {
@@ -59,6 +64,11 @@ impl Metrics {
         self.watchers.set(self.open_watchers.fetch_sub(1, Ordering::Relaxed) - 1);
     }
 
+    /// Adds metrics rendered by another part of the process to every scrape.
+    pub fn add_source(&self, source: Source) {
+        self.sources.lock().expect("metrics sources").push(source);
+    }
+
     pub fn render(&self, cache: &WatchCache) -> String {
         let mut out = String::new();
         let _ = encode_registry(&mut out, &self.registry);
@@ -74,6 +84,9 @@ impl Metrics {
             "# HELP krate_store_revision Newest revision applied to the watch cache.\n# TYPE krate_store_revision gauge\nkrate_store_revision {}\n",
             cache.revision()
         ));
+        for source in self.sources.lock().expect("metrics sources").iter() {
+            out.push_str(&source());
+        }
         let _ = encode_eof(&mut out);
         out
     }

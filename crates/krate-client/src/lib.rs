@@ -1,6 +1,8 @@
 //! Helpers shared by krate's API clients: the scheduler, the controllers and the nodes.
 
+pub mod caches;
 pub mod events;
+pub mod informer;
 pub mod node_lease;
 
 /// The current time as the API writes timestamps (RFC 3339, whole seconds).

@@ -24,6 +24,8 @@ use kube::ResourceExt;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
+use krate_client::caches::Caches;
+
 use crate::replicas::is_ready;
 use crate::{tolerate, Error};
 
@@ -301,6 +303,7 @@ fn members_ipv6(groups: &BTreeMap<Vec<ResolvedPort>, Vec<&Member>>) -> bool {
 }
 
 pub async fn run(client: kube::Client, pod_informer: &crate::Informer<Pod>) -> anyhow::Result<()> {
+    let caches = Caches::new("endpoints", ["services", "pods"]);
     let (services, service_writer) = reflector::store::<Service>();
     let controller = Arc::new(Controller {
         client: client.clone(),
@@ -313,18 +316,20 @@ pub async fn run(client: kube::Client, pod_informer: &crate::Informer<Pod>) -> a
     let service_events = watcher::watcher(Api::<Service>::all(client.clone()), watcher::Config::default()).default_backoff().reflect(service_writer);
     let feeder = {
         let c = controller.clone();
-        let services = service_events.map(move |event| {
-            if let Ok(Event::Apply(s) | Event::Delete(s) | Event::InitApply(s)) = &event {
-                c.enqueue([key_of(s)]);
-            }
+        let caches = caches.clone();
+        let services = service_events.map(move |event| match &event {
+            Ok(Event::Apply(s) | Event::Delete(s) | Event::InitApply(s)) => c.enqueue([key_of(s)]),
+            Ok(Event::InitDone) => caches.mark_synced("services"),
+            _ => {}
         });
         let c = controller.clone();
         let pods = pod_informer.subscribe().map(move |p| c.enqueue(c.services_for_pod(&p)));
         futures::stream::select(services, pods).for_each(|_| futures::future::ready(()))
     };
     let worker = async {
-        let _ = controller.services.wait_until_ready().await;
-        let _ = controller.pods.wait_until_ready().await;
+        pod_informer.synced().await;
+        caches.mark_synced("pods");
+        caches.wait_all().await;
         // Services listed before the pods were known: look at all of them again.
         controller.enqueue(controller.services.state().iter().map(|s| key_of(&**s)));
         loop {

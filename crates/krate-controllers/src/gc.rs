@@ -6,25 +6,34 @@
 //!   from its dependents, then loses the finalizer.
 //!
 //! Event-driven: one watch per resource feeds an in-memory graph; nothing acts before
-//! every watch has listed once, so a missing owner is never a not-yet-seen one.
+//! every watch has listed once (`caches`: a log line when they have, a warning naming
+//! any that has not after a while, gauges on `/metrics`). Discovery runs again every
+//! [`REDISCOVERY`], so resources that appear later (custom resources) are followed too.
+//! Before a dependent is collected its owners are looked up live, as upstream's
+//! `isDangling`, so an owner the graph does not hold is never mistaken for a gone one.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PropagationPolicy};
-use kube::discovery::{verbs, Discovery, Scope};
-use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event};
-use kube::core::PartialObjectMeta;
-use kube::runtime::reflector::ObjectRef;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use krate_client::caches::Caches;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PropagationPolicy};
+use kube::core::PartialObjectMeta;
+use kube::discovery::{verbs, Discovery, Scope};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
 use kube::ResourceExt;
 use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::informer::Informer;
+
+/// How often discovery runs again to find resources that appeared since.
+pub const REDISCOVERY: Duration = Duration::from_secs(30);
 
 const FOREGROUND: &str = "foregroundDeletion";
 const ORPHAN: &str = "orphan";
@@ -44,8 +53,12 @@ struct Item {
 enum Change {
     Seen(Box<Item>, String),
     Gone(String),
-    Synced,
+    /// The watch of this cache has listed once.
+    Synced(String),
 }
+
+/// Where owners are looked up: (apiVersion, kind) to the resource and whether it is namespaced.
+type Kinds = HashMap<(String, String), (ApiResource, bool)>;
 
 #[derive(Default)]
 struct Graph {
@@ -100,8 +113,30 @@ async fn set_finalizers(client: &kube::Client, item: &Item, finalizers: Vec<Stri
     }
 }
 
+/// Whether the owner a reference names is gone, asked of the API server: the graph may
+/// not hold it yet (a resource discovered since) or hold it under a kind it cannot map.
+async fn owner_gone(client: &kube::Client, kinds: &Kinds, namespace: Option<&str>, owner: &OwnerReference) -> bool {
+    let Some((resource, namespaced)) = kinds.get(&(owner.api_version.clone(), owner.kind.clone())) else {
+        tracing::debug!(kind = %owner.kind, api_version = %owner.api_version, "owner of an unknown kind; not collecting");
+        return false;
+    };
+    let api: Api<PartialObjectMeta<DynamicObject>> = match (namespaced, namespace) {
+        (true, Some(ns)) => Api::namespaced_with(client.clone(), ns, resource),
+        (true, None) => return false,
+        (false, _) => Api::all_with(client.clone(), resource),
+    };
+    match api.get_metadata_opt(&owner.name).await {
+        Ok(Some(live)) => live.uid().as_deref() != Some(owner.uid.as_str()),
+        Ok(None) => true,
+        Err(e) => {
+            tracing::debug!(owner = %owner.name, error = %e, "looking up an owner failed");
+            false
+        }
+    }
+}
+
 /// Acts on one object given the current graph.
-async fn process(client: &kube::Client, graph: &Graph, uid: &str) {
+async fn process(client: &kube::Client, kinds: &Kinds, graph: &Graph, uid: &str) {
     let Some(item) = graph.items.get(uid) else { return };
     // Owners all gone: collect (unless the object is already going).
     if !item.owners.is_empty() && !item.deleting && item.owners.iter().all(|o| !graph.items.contains_key(o)) {
@@ -111,10 +146,16 @@ async fn process(client: &kube::Client, graph: &Graph, uid: &str) {
             Ok(obj) if obj.uid().as_deref() == Some(uid) => obj,
             _ => return,
         };
-        let owners: Vec<String> = live.owner_references().iter().map(|r| r.uid.clone()).collect();
-        if !owners.is_empty() && owners.iter().all(|o| !graph.items.contains_key(o)) {
-            delete(client, item, uid, PropagationPolicy::Background).await;
+        let owners = live.owner_references();
+        if owners.is_empty() || owners.iter().any(|o| graph.items.contains_key(&o.uid)) {
+            return;
         }
+        for owner in owners {
+            if !owner_gone(client, kinds, item.namespace.as_deref(), owner).await {
+                return;
+            }
+        }
+        delete(client, item, uid, PropagationPolicy::Background).await;
         return;
     }
     if !item.deleting {
@@ -157,7 +198,7 @@ fn item_of(resource: &ApiResource, namespaced: bool, meta: &ObjectMeta) -> Item 
 }
 
 /// Applies one change to the graph and notes which objects need a look.
-fn absorb(change: Change, graph: &mut Graph, pending: &mut HashSet<String>, synced: &mut usize) {
+fn absorb(change: Change, graph: &mut Graph, pending: &mut HashSet<String>, caches: &Caches) {
     let touched_owners = match change {
         Change::Seen(item, uid) => {
             let owners = item.owners.clone();
@@ -170,8 +211,8 @@ fn absorb(change: Change, graph: &mut Graph, pending: &mut HashSet<String>, sync
             pending.extend(graph.dependents_of(&uid));
             graph.remove(&uid).map(|i| i.owners).unwrap_or_default()
         }
-        Change::Synced => {
-            *synced += 1;
+        Change::Synced(name) => {
+            caches.mark_synced(&name);
             vec![]
         }
     };
@@ -181,10 +222,8 @@ fn absorb(change: Change, graph: &mut Graph, pending: &mut HashSet<String>, sync
 
 /// Pods come from the process's shared pod watch rather than from a watch of their own.
 async fn feed_pods(pods: Informer<Pod>, resource: ApiResource, tx: mpsc::UnboundedSender<Change>) {
+    pods.synced().await;
     let store = pods.store();
-    if store.wait_until_ready().await.is_err() {
-        return;
-    }
     // A change names the pod; the store says whether it is still there (same uid).
     let change = |pod: Arc<Pod>| match store.get(&ObjectRef::from_obj(&*pod)).filter(|live| live.uid() == pod.uid()) {
         Some(live) => Change::Seen(Box::new(item_of(&resource, true, &live.metadata)), live.uid().unwrap_or_default()),
@@ -197,7 +236,7 @@ async fn feed_pods(pods: Informer<Pod>, resource: ApiResource, tx: mpsc::Unbound
             return;
         }
     }
-    if tx.send(Change::Synced).is_err() {
+    if tx.send(Change::Synced(cache_name(&resource))).is_err() {
         return;
     }
     while let Some(pod) = changes.next().await {
@@ -207,68 +246,105 @@ async fn feed_pods(pods: Informer<Pod>, resource: ApiResource, tx: mpsc::Unbound
     }
 }
 
+/// Follows one resource's objects (metadata only: that is all the collector reads).
+async fn feed(client: kube::Client, resource: ApiResource, namespaced: bool, tx: mpsc::UnboundedSender<Change>) {
+    let api: Api<PartialObjectMeta<DynamicObject>> = Api::all_with(client, &resource);
+    let mut events = watcher::watcher(api, watcher::Config::default()).default_backoff().boxed();
+    let mut synced = false;
+    while let Some(event) = events.next().await {
+        let change = match event {
+            Ok(Event::Apply(obj)) | Ok(Event::InitApply(obj)) => {
+                Change::Seen(Box::new(item_of(&resource, namespaced, &obj.metadata)), obj.uid().unwrap_or_default())
+            }
+            Ok(Event::Delete(obj)) => Change::Gone(obj.uid().unwrap_or_default()),
+            Ok(Event::InitDone) if !synced => {
+                synced = true;
+                Change::Synced(cache_name(&resource))
+            }
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::debug!(resource = %cache_name(&resource), error = %e, "garbage collector watch error");
+                continue;
+            }
+        };
+        if tx.send(change).is_err() {
+            return;
+        }
+    }
+}
+
+/// `plural.group` (`pods` for the core group), as upstream names resources in logs.
+fn cache_name(resource: &ApiResource) -> String {
+    if resource.group.is_empty() { resource.plural.clone() } else { format!("{}.{}", resource.plural, resource.group) }
+}
+
 /// Upstream's collector ignores events: they have no dependents and are many.
 fn ignored(resource: &ApiResource) -> bool {
     resource.plural == "events" && (resource.group.is_empty() || resource.group == "events.k8s.io")
 }
 
-pub async fn run(client: kube::Client, pods: Informer<Pod>) -> anyhow::Result<()> {
+/// Runs discovery and starts a watch for every watchable, deletable resource not yet
+/// followed; refreshes the kinds owners are looked up by.
+async fn discover(
+    client: &kube::Client,
+    pods: &Informer<Pod>,
+    caches: &Caches,
+    kinds: &mut Kinds,
+    tx: &mpsc::UnboundedSender<Change>,
+) -> anyhow::Result<()> {
     let discovery = Discovery::new(client.clone()).run().await?;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut watches = 0;
     for group in discovery.groups() {
+        for version in group.versions() {
+            for (resource, caps) in group.versioned_resources(version) {
+                kinds.insert((resource.api_version.clone(), resource.kind.clone()), (resource, caps.scope == Scope::Namespaced));
+            }
+        }
         for (resource, caps) in group.recommended_resources() {
-            if !(caps.supports_operation(verbs::WATCH) && caps.supports_operation(verbs::DELETE)) || ignored(&resource) {
+            let followed = caps.supports_operation(verbs::WATCH) && caps.supports_operation(verbs::DELETE);
+            let name = cache_name(&resource);
+            if !followed || ignored(&resource) || caches.contains(&name) {
                 continue;
             }
-            watches += 1;
+            caches.add([name.clone()]);
+            tracing::debug!(resource = %name, "garbage collector follows a resource");
             if resource.group.is_empty() && resource.plural == "pods" {
                 tokio::spawn(feed_pods(pods.clone(), resource, tx.clone()));
-                continue;
+            } else {
+                let namespaced = caps.scope == Scope::Namespaced;
+                tokio::spawn(feed(client.clone(), resource, namespaced, tx.clone()));
             }
-            let (client, tx) = (client.clone(), tx.clone());
-            let namespaced = caps.scope == Scope::Namespaced;
-            tokio::spawn(async move {
-                // Metadata is all the collector reads.
-                let api: Api<PartialObjectMeta<DynamicObject>> = Api::all_with(client, &resource);
-                let mut events = watcher::watcher(api, watcher::Config::default()).default_backoff().boxed();
-                let mut synced = false;
-                while let Some(event) = events.next().await {
-                    let change = match event {
-                        Ok(Event::Apply(obj)) | Ok(Event::InitApply(obj)) => Change::Seen(Box::new(item_of(&resource, namespaced, &obj.metadata)), obj.uid().unwrap_or_default()),
-                        Ok(Event::Delete(obj)) => Change::Gone(obj.uid().unwrap_or_default()),
-                        Ok(Event::InitDone) if !synced => {
-                            synced = true;
-                            Change::Synced
-                        }
-                        Ok(_) => continue,
-                        Err(e) => {
-                            tracing::debug!(resource = %resource.plural, error = %e, "garbage collector watch error");
-                            continue;
-                        }
-                    };
-                    if tx.send(change).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    }
-    drop(tx);
-    let mut graph = Graph::default();
-    let mut synced = 0;
-    let mut pending: HashSet<String> = HashSet::new();
-    while let Some(change) = rx.recv().await {
-        absorb(change, &mut graph, &mut pending, &mut synced);
-        if synced < watches {
-            continue;
-        }
-        while let Ok(change) = rx.try_recv() {
-            absorb(change, &mut graph, &mut pending, &mut synced);
-        }
-        for uid in std::mem::take(&mut pending) {
-            process(&client, &graph, &uid).await;
         }
     }
     Ok(())
+}
+
+pub async fn run(client: kube::Client, pods: Informer<Pod>) -> anyhow::Result<()> {
+    let caches = Caches::new("garbagecollector", Vec::<String>::new());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut kinds = Kinds::new();
+    discover(&client, &pods, &caches, &mut kinds, &tx).await?;
+    let mut rediscovery = tokio::time::interval_at(tokio::time::Instant::now() + REDISCOVERY, REDISCOVERY);
+    let mut graph = Graph::default();
+    let mut pending: HashSet<String> = HashSet::new();
+    loop {
+        let change = tokio::select! {
+            change = rx.recv() => change.expect("the collector holds a sender"),
+            _ = rediscovery.tick() => {
+                if let Err(e) = discover(&client, &pods, &caches, &mut kinds, &tx).await {
+                    tracing::warn!(error = %format!("{e:#}"), "garbage collector discovery failed; trying again later");
+                }
+                continue;
+            }
+        };
+        absorb(change, &mut graph, &mut pending, &caches);
+        if !caches.all_synced() {
+            continue;
+        }
+        while let Ok(change) = rx.try_recv() {
+            absorb(change, &mut graph, &mut pending, &caches);
+        }
+        for uid in std::mem::take(&mut pending) {
+            process(&client, &kinds, &graph, &uid).await;
+        }
+    }
 }

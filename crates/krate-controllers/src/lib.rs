@@ -8,7 +8,6 @@ pub mod deployment;
 pub mod disruption;
 pub mod endpoints;
 pub mod gc;
-pub mod informer;
 pub mod job;
 pub mod namespace;
 pub mod nodelifecycle;
@@ -19,7 +18,7 @@ pub mod replicas;
 pub mod selector;
 pub mod statefulset;
 
-use informer::Informer;
+pub use krate_client::informer::{self, Informer};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ApiResource};
 

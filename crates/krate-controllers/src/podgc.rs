@@ -16,11 +16,14 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::ResourceExt;
+use krate_client::caches::Caches;
 
 use crate::{tolerate, Error};
 
 struct Context {
     client: kube::Client,
+    /// `nodes`: a node missing from a store that has not listed yet is not gone.
+    caches: Arc<Caches>,
     nodes: Store<Node>,
     pods: Store<Pod>,
     terminated_threshold: usize,
@@ -39,10 +42,7 @@ async fn force_delete(client: &kube::Client, pod: &Pod, why: &str) -> Result<(),
 }
 
 async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
-    // A node missing from a store that has not listed yet is not gone.
-    if ctx.nodes.wait_until_ready().await.is_err() {
-        return Ok(Action::await_change());
-    }
+    ctx.caches.wait("nodes").await;
     let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).filter(|n| !n.is_empty());
     match node {
         Some(node) if ctx.nodes.get(&ObjectRef::new(node)).is_none() => return force_delete(&ctx.client, &pod, "its node is gone").await.map(|_| Action::await_change()),
@@ -68,8 +68,22 @@ fn error_policy(pod: Arc<Pod>, err: &Error, _ctx: Arc<Context>) -> Action {
 }
 
 pub async fn run(client: kube::Client, pod_informer: &crate::Informer<Pod>, terminated_threshold: usize) -> anyhow::Result<()> {
+    let caches = Caches::new("podgc", ["pods", "nodes"]);
     let (nodes, writer) = reflector::store();
-    let node_changes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff().reflect(writer).touched_objects();
+    let nodes_synced = caches.clone();
+    let node_changes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .inspect(move |event| {
+            if let Ok(watcher::Event::InitDone) = event {
+                nodes_synced.mark_synced("nodes");
+            }
+        })
+        .touched_objects();
+    // The controller waits for its store with kube-rs's `wait_until_ready`, which may
+    // not wake when other tasks wait on the same shared store: only hand it over ready.
+    pod_informer.synced().await;
+    caches.mark_synced("pods");
     let controller = Controller::for_shared_stream(pod_informer.subscribe(), pod_informer.store());
     let pods = controller.store();
     let pods_for_mapper = pods.clone();
@@ -85,7 +99,7 @@ pub async fn run(client: kube::Client, pod_informer: &crate::Informer<Pod>, term
     };
     controller
         .watches_stream(node_changes, on_node)
-        .run(reconcile, error_policy, Arc::new(Context { client, nodes, pods, terminated_threshold }))
+        .run(reconcile, error_policy, Arc::new(Context { client, caches, nodes, pods, terminated_threshold }))
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

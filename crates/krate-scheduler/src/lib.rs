@@ -403,6 +403,7 @@ pub async fn run(client: kube::Client, scheduler_name: &str) -> Result<()> {
     let binds = Arc::new(Semaphore::new(BIND_CONCURRENCY));
     let io = Io { client: client.clone(), events: Recorder::new(client.clone(), scheduler_name) };
     let mut state = State { name: scheduler_name.to_string(), ..Default::default() };
+    let caches = krate_client::caches::Caches::new(format!("scheduler/{scheduler_name}"), ["pods", "nodes"]);
     loop {
         tokio::select! {
             // A failed watch is retried by the watcher (with back-off) and re-lists.
@@ -431,6 +432,13 @@ pub async fn run(client: kube::Client, scheduler_name: &str) -> Result<()> {
         }
         while let Some(Ok(Some(e))) = nodes.try_next().now_or_never() {
             state.on_node(e);
+        }
+        if !caches.all_synced() {
+            for (name, synced) in [("pods", state.pods_synced), ("nodes", state.nodes_synced)] {
+                if synced {
+                    caches.mark_synced(name);
+                }
+            }
         }
         if state.pods_synced && state.nodes_synced && !state.active.is_empty() {
             schedule_pass(&mut state, &io, &binds, &done_tx);

@@ -97,6 +97,8 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         ..Settings::default()
     };
     let server = ApiServer::start(Arc::new(store), settings).await?;
+    // The in-process components' cache readiness shows on the API server's /metrics.
+    server.metrics.add_source(Box::new(krate_client::caches::render_metrics));
     let listener = tokio::net::TcpListener::bind((args.bind_address, args.port))
         .await
         .with_context(|| format!("cannot listen on {}:{} (is another API server running? pick another --port)", args.bind_address, args.port))?;

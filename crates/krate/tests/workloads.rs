@@ -385,3 +385,92 @@ spec:
     let last = server.kubectl_ok(&["get", "cronjob", "tick", "-o", "jsonpath={.status.lastScheduleTime}"]);
     assert!(last.ends_with(":00Z"), "scheduled on the minute: {last}");
 }
+
+/// One fresh server's deletions, started the moment it serves: owners `bg`, `fg` and
+/// `or` each with a ConfigMap and a Pod depending on them, deleted with background,
+/// foreground and orphan propagation.
+async fn collects_on_a_fresh_server(server: &TestServer) {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let client = server.client().await;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    for owner in ["bg", "fg", "or"] {
+        let created = maps.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": owner}})).unwrap()).await.unwrap();
+        let refs = json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": owner, "uid": created.uid().unwrap()}]);
+        let map = json!({"metadata": {"name": format!("{owner}-cm"), "ownerReferences": refs}});
+        maps.create(&PostParams::default(), &serde_json::from_value(map).unwrap()).await.unwrap();
+        let pod = json!({"metadata": {"name": format!("{owner}-pod"), "ownerReferences": refs},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+        pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
+    }
+    maps.delete("bg", &DeleteParams::background()).await.unwrap();
+    maps.delete("fg", &DeleteParams::foreground()).await.unwrap();
+    maps.delete("or", &DeleteParams::orphan()).await.unwrap();
+    let port = server.port;
+    eventually(20, &format!("server on port {port}: background dependents to go"), || async {
+        (maps.get_opt("bg-cm").await.ok()?.is_none() && pods.get_opt("bg-pod").await.ok()?.is_none()).then_some(())
+    })
+    .await;
+    eventually(20, &format!("server on port {port}: foreground owner to go after its dependents"), || async {
+        let gone = maps.get_opt("fg").await.ok()?.is_none();
+        (gone && maps.get_opt("fg-cm").await.ok()?.is_none() && pods.get_opt("fg-pod").await.ok()?.is_none()).then_some(())
+    })
+    .await;
+    eventually(20, &format!("server on port {port}: orphan owner to go and leave its dependents"), || async {
+        (maps.get_opt("or").await.ok()?.is_none()).then_some(())
+    })
+    .await;
+    let orphans = (maps.get("or-cm").await.unwrap().metadata, pods.get("or-pod").await.unwrap().metadata);
+    assert!(orphans.0.owner_references.unwrap_or_default().is_empty(), "the orphaned ConfigMap keeps no reference");
+    assert!(orphans.1.owner_references.unwrap_or_default().is_empty(), "the orphaned Pod keeps no reference");
+}
+
+#[tokio::test]
+async fn a_server_restarted_with_many_pods_collects_garbage_at_once() {
+    // With many pods the shared pod cache lists slowly after a restart, and the collector
+    // used to start waiting on it before the other controllers, which took its wake-up:
+    // it never acted (the debug build's slower discovery hides this on fresh servers).
+    let mut server = TestServer::start();
+    let pods: Api<Pod> = Api::namespaced(server.client().await, "default");
+    futures::stream::iter(0..2000)
+        .map(|i| {
+            let pods = pods.clone();
+            async move {
+                let pod = json!({"metadata": {"name": format!("filler-{i}")}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+                pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    for round in 0..3 {
+        server.restart();
+        collects_on_a_fresh_server(&server).await;
+        // The orphans stay; clear them for the next round.
+        let client = server.client().await;
+        let maps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), "default");
+        maps.delete("or-cm", &DeleteParams::default()).await.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        Api::<Pod>::namespaced(client, "default").delete("or-pod", &DeleteParams::default()).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn fresh_servers_collect_garbage_at_once() {
+    // Servers started together load the machine, which is when the collector used to
+    // lose the wake-up of the shared pod cache and never act. Several rounds, each of
+    // several servers starting at once, so that a race lost one time in five shows.
+    for _round in 0..3 {
+        let servers: Vec<TestServer> = std::thread::scope(|s| {
+            let started: Vec<_> = (0..5).map(|_| s.spawn(TestServer::start)).collect();
+            started.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        futures::future::join_all(servers.iter().map(collects_on_a_fresh_server)).await;
+        for server in &servers {
+            let metrics = server.kubectl_ok(&["get", "--raw", "/metrics"]);
+            assert!(metrics.contains("garbage_collector_graph_synced 1\n"), "the collector reports its graph synced");
+            let log = server.log();
+            let synced = log.lines().any(|l| l.contains("caches synced") && l.contains("garbagecollector"));
+            assert!(synced, "the collector logs that its graph is synced:\n{log}");
+        }
+    }
+}

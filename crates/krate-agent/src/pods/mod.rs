@@ -206,6 +206,8 @@ pub async fn run(shared: Arc<Shared>, manifests: (PathBuf, std::time::Duration))
     // Back-off keeps the agent coasting while the API server is away.
     let mut stream = watcher::watcher(pods, config).default_backoff().boxed();
     let mut listed: HashSet<String> = HashSet::new();
+    // Orphaned sandboxes are only removed once the list is in.
+    let caches = krate_client::caches::Caches::new("node-agent", ["pods"]);
     while let Some(event) = stream.next().await {
         match event {
             Ok(Event::Init) => listed.clear(),
@@ -220,6 +222,7 @@ pub async fn run(shared: Arc<Shared>, manifests: (PathBuf, std::time::Duration))
                 shared.dispatch(pod);
             }
             Ok(Event::InitDone) => {
+                caches.mark_synced("pods");
                 let known: Vec<String> = shared.workers.lock().unwrap().keys().cloned().collect();
                 let statics = shared.statics.lock().unwrap().clone();
                 for uid in known.iter().filter(|u| !listed.contains(*u) && !statics.contains(*u)) {

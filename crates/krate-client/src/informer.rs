@@ -26,6 +26,8 @@ impl<K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug 
 pub struct Informer<K: Watched> {
     store: Store<K>,
     hub: Arc<Mutex<Hub<K>>>,
+    /// Whether the first list is in; a `watch` wakes every waiter (see [`crate::caches`]).
+    synced: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 struct Hub<K: Watched> {
@@ -38,14 +40,23 @@ struct Hub<K: Watched> {
 impl<K: Watched> Default for Informer<K> {
     fn default() -> Self {
         let (store, writer) = reflector::store();
-        Self { store, hub: Arc::new(Mutex::new(Hub { writer, subscribers: Vec::new(), before_relist: Vec::new() })) }
+        let hub = Hub { writer, subscribers: Vec::new(), before_relist: Vec::new() };
+        Self { store, hub: Arc::new(Mutex::new(hub)), synced: Arc::new(tokio::sync::watch::Sender::new(false)) }
     }
 }
 
 impl<K: Watched> Informer<K> {
-    /// The objects as last seen (ready once the first list is in).
+    /// The objects as last seen, complete once [`Self::synced`] has returned. Never wait
+    /// on this store's `wait_until_ready` (nor hand it, unsynced, to a kube-rs
+    /// `Controller`, which does): with several tasks waiting, some never wake.
     pub fn store(&self) -> Store<K> {
         self.store.clone()
+    }
+
+    /// Waits until the first list is in. Use this rather than the store's
+    /// `wait_until_ready`, which may never wake a task when several wait.
+    pub async fn synced(&self) {
+        let _ = self.synced.subscribe().wait_for(|synced| *synced).await;
     }
 
     /// Every object known now, then every change.
@@ -85,6 +96,7 @@ impl<K: Watched> Informer<K> {
                 let now = self.store.state();
                 let present: HashSet<ObjectRef<K>> = now.iter().map(|o| ObjectRef::from_obj(&**o)).collect();
                 let vanished: Vec<Arc<K>> = std::mem::take(&mut hub.before_relist).into_iter().filter(|o| !present.contains(&ObjectRef::from_obj(&**o))).collect();
+                self.synced.send_replace(true);
                 now.into_iter().chain(vanished).collect()
             }
         };
@@ -142,6 +154,24 @@ mod tests {
         let mut seen = drain(&mut rx);
         seen.sort();
         assert_eq!(seen, [("a".into(), "5".into()), ("b".into(), "2".into())]);
+    }
+
+    #[tokio::test]
+    async fn every_task_waiting_for_the_first_list_wakes() {
+        let informer = Informer::<Pod>::default();
+        let waiters: Vec<_> = (0..4)
+            .map(|_| {
+                let informer = informer.clone();
+                tokio::spawn(async move { informer.synced().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        for event in [Event::Init, Event::InitApply(pod("a", "1")), Event::InitDone] {
+            informer.dispatch(event);
+        }
+        for waiter in waiters {
+            tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.expect("a waiter never woke").unwrap();
+        }
     }
 
     #[test]
