@@ -10,7 +10,19 @@ fn build(source: &str, out: &Path) {
     println!("cargo:rerun-if-changed={source}");
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let status = Command::new(rustc)
-        .args(["-O", "-C", "panic=abort", "-C", "target-feature=+crt-static", "-C", "strip=symbols", "--edition", "2021", source, "-o"])
+        .args([
+            "-O",
+            "-C",
+            "panic=abort",
+            "-C",
+            "target-feature=+crt-static",
+            "-C",
+            "strip=symbols",
+            "--edition",
+            "2021",
+            source,
+            "-o",
+        ])
         .arg(out)
         .status()
         .unwrap_or_else(|e| panic!("running rustc for {source}: {e}"));

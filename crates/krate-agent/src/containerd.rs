@@ -82,12 +82,14 @@ fn has_capability(cap: u32) -> bool {
 
 /// Finds `program` on PATH.
 pub fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(program)).find(|p| p.is_file()))
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(program)).find(|p| p.is_file()))
 }
 
 /// Fails with the packages to install when containerd's parts are missing.
 pub fn check_installed(cni_bin_dir: &Path) -> Result<()> {
-    let mut missing: Vec<String> = ["containerd", "runc", "ctr"].into_iter().filter(|p| which(p).is_none()).map(String::from).collect();
+    let mut missing: Vec<String> =
+        ["containerd", "runc", "ctr"].into_iter().filter(|p| which(p).is_none()).map(String::from).collect();
     if !cni_bin_dir.join("bridge").is_file() {
         missing.push(format!("the CNI plugins in {}", cni_bin_dir.display()));
     }
@@ -119,7 +121,12 @@ fn spawn(settings: &ContainerdSettings) -> Result<()> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(settings.dir.join("containerd.log"))?;
     let _ = std::fs::remove_file(settings.socket());
     let mut command = std::process::Command::new("containerd");
-    command.arg("--config").arg(settings.dir.join("config.toml")).stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    command
+        .arg("--config")
+        .arg(settings.dir.join("config.toml"))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
     // Its own process group: a Ctrl-C to the agent does not reach it (fail-static).
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     let child = command.spawn().context(format!("starting containerd ({PACKAGES})"))?;
@@ -141,7 +148,10 @@ async fn wait_ready(settings: &ContainerdSettings) -> Result<Cri> {
             Err(e) if tokio::time::Instant::now() > deadline => {
                 let log = std::fs::read_to_string(settings.dir.join("containerd.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(5).collect();
-                bail!("containerd did not come up within 30 s ({e:#}); its log ends:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                bail!(
+                    "containerd did not come up within 30 s ({e:#}); its log ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }

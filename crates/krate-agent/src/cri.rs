@@ -35,9 +35,20 @@ async fn channel(socket: &Path) -> Result<Channel> {
 impl Cri {
     /// Connects and asks the runtime its version (so a socket nobody serves fails here).
     pub async fn connect(socket: &Path) -> Result<(Cri, api::VersionResponse)> {
-        let channel = channel(socket).await.with_context(|| format!("connecting to the container runtime at {}", socket.display()))?;
-        let mut cri = Cri { runtime: RuntimeServiceClient::new(channel.clone()), images: ImageServiceClient::new(channel.clone()), channel };
-        let version = cri.runtime.version(api::VersionRequest { version: "v1".into() }).await.context("asking the container runtime its CRI version")?.into_inner();
+        let channel = channel(socket)
+            .await
+            .with_context(|| format!("connecting to the container runtime at {}", socket.display()))?;
+        let mut cri = Cri {
+            runtime: RuntimeServiceClient::new(channel.clone()),
+            images: ImageServiceClient::new(channel.clone()),
+            channel,
+        };
+        let version = cri
+            .runtime
+            .version(api::VersionRequest { version: "v1".into() })
+            .await
+            .context("asking the container runtime its CRI version")?
+            .into_inner();
         Ok((cri, version))
     }
 
@@ -54,7 +65,12 @@ impl Cri {
 
     /// The containers `filter` selects, latest attempt first.
     pub async fn containers(&mut self, filter: api::ContainerFilter) -> Result<Vec<api::Container>, tonic::Status> {
-        let mut list = self.runtime.list_containers(api::ListContainersRequest { filter: Some(filter) }).await?.into_inner().containers;
+        let mut list = self
+            .runtime
+            .list_containers(api::ListContainersRequest { filter: Some(filter) })
+            .await?
+            .into_inner()
+            .containers;
         list.sort_by_key(|c| std::cmp::Reverse(c.metadata.as_ref().map(|m| m.attempt).unwrap_or(0)));
         Ok(list)
     }
@@ -63,7 +79,10 @@ impl Cri {
     pub async fn remove_sandbox(&mut self, id: &str) -> Result<(), tonic::Status> {
         // A sandbox that is already stopped (or half gone) is still removed.
         let _ = self.runtime.stop_pod_sandbox(api::StopPodSandboxRequest { pod_sandbox_id: id.to_string() }).await;
-        self.runtime.remove_pod_sandbox(api::RemovePodSandboxRequest { pod_sandbox_id: id.to_string() }).await.map(|_| ())
+        self.runtime
+            .remove_pod_sandbox(api::RemovePodSandboxRequest { pod_sandbox_id: id.to_string() })
+            .await
+            .map(|_| ())
     }
 
     /// containerd's event stream for `namespace`, filtered to task exits and OOMs.
@@ -71,11 +90,18 @@ impl Cri {
         let mut grpc = tonic::client::Grpc::new(self.channel.clone());
         grpc.ready().await.context("containerd's event service is not ready")?;
         let request = events::SubscribeRequest {
-            filters: vec![format!("namespace=={namespace},topic==\"/tasks/exit\""), format!("namespace=={namespace},topic==\"/tasks/oom\"")],
+            filters: vec![
+                format!("namespace=={namespace},topic==\"/tasks/exit\""),
+                format!("namespace=={namespace},topic==\"/tasks/oom\""),
+            ],
         };
         let path = http::uri::PathAndQuery::from_static("/containerd.services.events.v1.Events/Subscribe");
         let codec = tonic_prost::ProstCodec::<events::SubscribeRequest, events::Envelope>::default();
-        Ok(grpc.server_streaming(tonic::Request::new(request), path, codec).await.context("subscribing to containerd's events")?.into_inner())
+        Ok(grpc
+            .server_streaming(tonic::Request::new(request), path, codec)
+            .await
+            .context("subscribing to containerd's events")?
+            .into_inner())
     }
 }
 

@@ -60,13 +60,18 @@ impl ImageGc {
     /// marks every image a container uses as used), and returns the unused images old
     /// enough to remove, least recently used first.
     fn detect(&mut self, images: &[api::Image], containers: &[api::Container], now: Instant) -> Vec<Candidate> {
-        let in_use: HashSet<&str> = containers.iter().flat_map(|c| [c.image.as_ref().map(|i| i.image.as_str()).unwrap_or_default(), c.image_ref.as_str()]).filter(|s| !s.is_empty()).collect();
+        let in_use: HashSet<&str> = containers
+            .iter()
+            .flat_map(|c| [c.image.as_ref().map(|i| i.image.as_str()).unwrap_or_default(), c.image_ref.as_str()])
+            .filter(|s| !s.is_empty())
+            .collect();
         let present: HashSet<&str> = images.iter().map(|i| i.id.as_str()).collect();
         self.records.retain(|id, _| present.contains(id.as_str()));
         let mut candidates = Vec::new();
         for image in images {
             let record = self.records.entry(image.id.clone()).or_insert(Record { first_detected: now, last_used: now });
-            let used = in_use.contains(image.id.as_str()) || image.repo_tags.iter().chain(&image.repo_digests).any(|r| in_use.contains(r.as_str()));
+            let used = in_use.contains(image.id.as_str())
+                || image.repo_tags.iter().chain(&image.repo_digests).any(|r| in_use.contains(r.as_str()));
             if used {
                 record.last_used = now;
                 continue;
@@ -74,8 +79,13 @@ impl ImageGc {
             if pinned(image) || now.duration_since(record.first_detected) < self.policy.min_age {
                 continue;
             }
-            let name = image.repo_tags.first().or(image.repo_digests.first()).cloned().unwrap_or_else(|| image.id.clone());
-            candidates.push((record.last_used, record.first_detected, Candidate { id: image.id.clone(), name, size: image.size }));
+            let name =
+                image.repo_tags.first().or(image.repo_digests.first()).cloned().unwrap_or_else(|| image.id.clone());
+            candidates.push((
+                record.last_used,
+                record.first_detected,
+                Candidate { id: image.id.clone(), name, size: image.size },
+            ));
         }
         candidates.sort_by_key(|(used, detected, _)| (*used, *detected));
         candidates.into_iter().map(|(_, _, c)| c).collect()
@@ -100,13 +110,21 @@ impl ImageGc {
             if freed >= bytes {
                 break;
             }
-            match cri.images.remove_image(api::RemoveImageRequest { image: Some(api::ImageSpec { image: candidate.id.clone(), ..Default::default() }) }).await {
+            match cri
+                .images
+                .remove_image(api::RemoveImageRequest {
+                    image: Some(api::ImageSpec { image: candidate.id.clone(), ..Default::default() }),
+                })
+                .await
+            {
                 Ok(_) => {
                     tracing::info!(image = %candidate.name, id = %candidate.id, size = candidate.size, "removed an unused image");
                     self.records.remove(&candidate.id);
                     freed += candidate.size;
                 }
-                Err(e) => tracing::warn!(image = %candidate.name, error = %e.message(), "removing an unused image failed"),
+                Err(e) => {
+                    tracing::warn!(image = %candidate.name, error = %e.message(), "removing an unused image failed")
+                }
             }
         }
         Ok(freed)
@@ -120,7 +138,13 @@ impl ImageGc {
         }
         let keep_free = imagefs.bytes / 100 * u64::from(100 - self.policy.low_percent.min(100));
         let wanted = keep_free.saturating_sub(imagefs.bytes_available);
-        tracing::info!(usage = format!("{:.0}%", imagefs.used_percent()), high = self.policy.high_percent, low = self.policy.low_percent, bytes = wanted, "the image filesystem is over the high threshold; removing unused images");
+        tracing::info!(
+            usage = format!("{:.0}%", imagefs.used_percent()),
+            high = self.policy.high_percent,
+            low = self.policy.low_percent,
+            bytes = wanted,
+            "the image filesystem is over the high threshold; removing unused images"
+        );
         let freed = self.free(cri, wanted).await?;
         Ok((freed < wanted).then(|| format!("Failed to garbage collect required amount of images. Attempted to free {wanted} bytes, but only found {freed} bytes eligible to free.")))
     }
@@ -136,20 +160,38 @@ mod tests {
     use super::*;
 
     fn image(id: &str, tag: &str, size: u64) -> api::Image {
-        api::Image { id: id.into(), repo_tags: vec![tag.into()], repo_digests: vec![format!("{}@sha256:{id}", tag.split(':').next().unwrap())], size, ..Default::default() }
+        api::Image {
+            id: id.into(),
+            repo_tags: vec![tag.into()],
+            repo_digests: vec![format!("{}@sha256:{id}", tag.split(':').next().unwrap())],
+            size,
+            ..Default::default()
+        }
     }
 
     fn container(image: &str) -> api::Container {
-        api::Container { image: Some(api::ImageSpec { image: image.into(), ..Default::default() }), ..Default::default() }
+        api::Container {
+            image: Some(api::ImageSpec { image: image.into(), ..Default::default() }),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn unused_images_go_least_recently_used_first_and_the_rest_stay() {
-        let mut gc = ImageGc::new(ImageGcPolicy { high_percent: 80, low_percent: 70, min_age: Duration::from_secs(60) });
+        let mut gc =
+            ImageGc::new(ImageGcPolicy { high_percent: 80, low_percent: 70, min_age: Duration::from_secs(60) });
         let t0 = Instant::now();
-        let images = vec![image("a", "r/a:1", 10), image("b", "r/b:1", 20), image("c", "r/c:1", 30), image("p", crate::images::SANDBOX_IMAGE, 1)];
+        let images = vec![
+            image("a", "r/a:1", 10),
+            image("b", "r/b:1", 20),
+            image("c", "r/c:1", 30),
+            image("p", crate::images::SANDBOX_IMAGE, 1),
+        ];
         // a and b are in use at first (one by id, one by tag); c never is.
-        assert!(gc.detect(&images, &[container("a"), container("r/b:1")], t0).is_empty(), "images younger than the minimum age stay");
+        assert!(
+            gc.detect(&images, &[container("a"), container("r/b:1")], t0).is_empty(),
+            "images younger than the minimum age stay"
+        );
         gc.detect(&images, &[container("a"), container("r/b:1")], t0 + Duration::from_secs(30));
         let later = t0 + Duration::from_secs(61);
         // b stops being used before a does; c was never used.
@@ -157,7 +199,10 @@ mod tests {
         let names = |c: Vec<Candidate>| c.into_iter().map(|c| c.name).collect::<Vec<_>>();
         assert_eq!(names(gc.detect(&images, &[], later + Duration::from_secs(10))), ["r/c:1", "r/b:1", "r/a:1"]);
         // An image used by any container, exited or not, by digest too, is not a candidate.
-        assert_eq!(names(gc.detect(&images, &[container("r/c@sha256:c")], later + Duration::from_secs(20))), ["r/b:1", "r/a:1"]);
+        assert_eq!(
+            names(gc.detect(&images, &[container("r/c@sha256:c")], later + Duration::from_secs(20))),
+            ["r/b:1", "r/a:1"]
+        );
     }
 
     #[test]

@@ -29,7 +29,14 @@ pub fn effective_policy(image: &str, policy: Option<&str>) -> String {
 }
 
 async fn present(cri: &mut Cri, image: &str) -> Result<Option<String>> {
-    let status = cri.images.image_status(api::ImageStatusRequest { image: Some(api::ImageSpec { image: image.into(), ..Default::default() }), verbose: false }).await?.into_inner();
+    let status = cri
+        .images
+        .image_status(api::ImageStatusRequest {
+            image: Some(api::ImageSpec { image: image.into(), ..Default::default() }),
+            verbose: false,
+        })
+        .await?
+        .into_inner();
     Ok(status.image.map(|i| i.id))
 }
 
@@ -43,7 +50,11 @@ pub fn registry_of(image: &str) -> &str {
 
 /// Credentials for pulling `image` from the pod's imagePullSecrets
 /// (`kubernetes.io/dockerconfigjson` or the older `kubernetes.io/dockercfg`).
-pub async fn pull_auth(client: &kube::Client, pod: &k8s_openapi::api::core::v1::Pod, image: &str) -> Result<Option<api::AuthConfig>> {
+pub async fn pull_auth(
+    client: &kube::Client,
+    pod: &k8s_openapi::api::core::v1::Pod,
+    image: &str,
+) -> Result<Option<api::AuthConfig>> {
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
     let registry = registry_of(image);
     let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client.clone(), ns);
@@ -61,13 +72,23 @@ pub async fn pull_auth(client: &kube::Client, pod: &k8s_openapi::api::core::v1::
             continue;
         };
         for (server, entry) in auths.as_object().into_iter().flatten() {
-            let host = server.trim_start_matches("https://").trim_start_matches("http://").split('/').next().unwrap_or_default();
+            let host = server
+                .trim_start_matches("https://")
+                .trim_start_matches("http://")
+                .split('/')
+                .next()
+                .unwrap_or_default();
             let host = if host == "index.docker.io" || host == "registry-1.docker.io" { "docker.io" } else { host };
             if host == registry {
                 let text = |k: &str| entry[k].as_str().unwrap_or_default().to_string();
                 // No server_address: containerd 1.6 cannot parse a bare host:port there, and
                 // the credentials are for this one pull anyway.
-                return Ok(Some(api::AuthConfig { username: text("username"), password: text("password"), auth: text("auth"), ..Default::default() }));
+                return Ok(Some(api::AuthConfig {
+                    username: text("username"),
+                    password: text("password"),
+                    auth: text("auth"),
+                    ..Default::default()
+                }));
             }
         }
     }
@@ -75,7 +96,14 @@ pub async fn pull_auth(client: &kube::Client, pod: &k8s_openapi::api::core::v1::
 }
 
 /// Makes `image` available per `policy`; returns the reference to create containers from.
-pub async fn ensure(shared: &Shared, image: &str, policy: Option<&str>, auth: Option<api::AuthConfig>, sandbox: &api::PodSandboxConfig, object: &ObjectReference) -> Result<String> {
+pub async fn ensure(
+    shared: &Shared,
+    image: &str,
+    policy: Option<&str>,
+    auth: Option<api::AuthConfig>,
+    sandbox: &api::PodSandboxConfig,
+    object: &ObjectReference,
+) -> Result<String> {
     let mut cri = shared.cri.clone();
     let policy = effective_policy(image, policy);
     if policy != "Always" {
@@ -90,11 +118,22 @@ pub async fn ensure(shared: &Shared, image: &str, policy: Option<&str>, auth: Op
     }
     shared.events.normal(object, "Pulling", &format!("Pulling image \"{image}\"")).await;
     let started = std::time::Instant::now();
-    let request = api::PullImageRequest { image: Some(api::ImageSpec { image: image.into(), ..Default::default() }), auth, sandbox_config: Some(sandbox.clone()) };
+    let request = api::PullImageRequest {
+        image: Some(api::ImageSpec { image: image.into(), ..Default::default() }),
+        auth,
+        sandbox_config: Some(sandbox.clone()),
+    };
     match cri.images.pull_image(request).await {
         Ok(r) => {
             let reference = r.into_inner().image_ref;
-            shared.events.normal(object, "Pulled", &format!("Successfully pulled image \"{image}\" in {:.3}s", started.elapsed().as_secs_f64())).await;
+            shared
+                .events
+                .normal(
+                    object,
+                    "Pulled",
+                    &format!("Successfully pulled image \"{image}\" in {:.3}s", started.elapsed().as_secs_f64()),
+                )
+                .await;
             Ok(reference)
         }
         Err(e) => {

@@ -90,14 +90,21 @@ impl AgentConfig {
             hosts.insert(registry.clone(), format!("server = \"http://{registry}\"\n\n[host.\"http://{registry}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  skip_verify = true\n"));
         }
         for (registry, mirror) in &self.registry_mirrors {
-            let upstream = if registry == "docker.io" { "https://registry-1.docker.io".to_string() } else { format!("https://{registry}") };
+            let upstream = if registry == "docker.io" {
+                "https://registry-1.docker.io".to_string()
+            } else {
+                format!("https://{registry}")
+            };
             let entry = hosts.entry(registry.clone()).or_insert_with(|| format!("server = \"{upstream}\"\n"));
-            entry.push_str(&format!("\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  skip_verify = true\n"));
+            entry.push_str(&format!(
+                "\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  skip_verify = true\n"
+            ));
         }
         for (registry, text) in hosts {
             let d = dir.join(&registry);
             std::fs::create_dir_all(&d)?;
-            std::fs::write(d.join("hosts.toml"), text).with_context(|| format!("writing the registry configuration of {registry}"))?;
+            std::fs::write(d.join("hosts.toml"), text)
+                .with_context(|| format!("writing the registry configuration of {registry}"))?;
         }
         Ok(())
     }
@@ -105,7 +112,8 @@ impl AgentConfig {
 
 /// Runs the agent until the process stops.
 pub async fn run(client: kube::Client, config: AgentConfig) -> Result<()> {
-    std::fs::create_dir_all(&config.dir).with_context(|| format!("creating the agent directory {} (run as root)", config.dir.display()))?;
+    std::fs::create_dir_all(&config.dir)
+        .with_context(|| format!("creating the agent directory {} (run as root)", config.dir.display()))?;
     let socket = config.runtime_socket();
     let mut cri = match &config.runtime_endpoint {
         Some(endpoint) => cri::Cri::connect(endpoint).await?.0,
@@ -146,14 +154,25 @@ pub async fn run(client: kube::Client, config: AgentConfig) -> Result<()> {
     }
     let (conditions, conditions_rx) = tokio::sync::watch::channel(Vec::new());
     let housekeeping = node::Housekeeping {
-        filesystems: pressure::Filesystems { nodefs: config.dir.clone(), imagefs: image_filesystem(&mut cri).await.unwrap_or_else(|| config.dir.clone()) },
+        filesystems: pressure::Filesystems {
+            nodefs: config.dir.clone(),
+            imagefs: image_filesystem(&mut cri).await.unwrap_or_else(|| config.dir.clone()),
+        },
         pressure: pressure::Pressure::new(config.eviction_hard.clone(), config.eviction_pressure_transition_period),
         image_gc: imagegc::ImageGc::new(config.image_gc),
         cri: cri.clone(),
         conditions,
         events: krate_client::events::Recorder::new(client.clone(), "kubelet"),
     };
-    let shared = pods::Shared::new(client.clone(), cri, config.node.name.clone(), config.node.ip.to_string(), &config.dir, config.sync_frequency, conditions_rx);
+    let shared = pods::Shared::new(
+        client.clone(),
+        cri,
+        config.node.name.clone(),
+        config.node.ip.to_string(),
+        &config.dir,
+        config.sync_frequency,
+        conditions_rx,
+    );
     let control = shutdown::serve(&config.dir, shared.clone(), config.shutdown_grace);
     tokio::select! {
         r = node::heartbeat(client, config.node.clone(), runtime_version, housekeeping, shared.shutting_down.subscribe()) => r,
@@ -176,7 +195,9 @@ const STATE_FILE: &str = "agent.json";
 /// table, and then `dir` itself. The agent must be stopped.
 pub async fn reset(dir: &std::path::Path) -> Result<()> {
     let state: serde_json::Value = match std::fs::read(dir.join(STATE_FILE)) {
-        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("reading {}", dir.join(STATE_FILE).display()))?,
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).with_context(|| format!("reading {}", dir.join(STATE_FILE).display()))?
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
         Err(e) => return Err(e.into()),
     };
@@ -202,7 +223,9 @@ pub async fn reset(dir: &std::path::Path) -> Result<()> {
     }
     unmount_under(dir)?;
     match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("removing {}", dir.display())),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", dir.display()))
+        }
         _ => Ok(()),
     }
 }
@@ -212,7 +235,12 @@ pub async fn reset(dir: &std::path::Path) -> Result<()> {
 fn unmount_under(dir: &std::path::Path) -> Result<()> {
     let Ok(dir) = std::fs::canonicalize(dir) else { return Ok(()) };
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let mut points: Vec<PathBuf> = info.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(p.replace("\\040", " "))).filter(|p| p.starts_with(&dir)).collect();
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(&dir))
+        .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for p in points {
         let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())?;

@@ -31,7 +31,9 @@ impl LogOptions {
                 "previous" => o.previous = flag,
                 "timestamps" => o.timestamps = flag,
                 "tailLines" => o.tail_lines = Some(v.parse().map_err(|_| format!("tailLines: invalid value {v:?}"))?),
-                "limitBytes" => o.limit_bytes = Some(v.parse().map_err(|_| format!("limitBytes: invalid value {v:?}"))?),
+                "limitBytes" => {
+                    o.limit_bytes = Some(v.parse().map_err(|_| format!("limitBytes: invalid value {v:?}"))?)
+                }
                 "sinceSeconds" => {
                     let s: i64 = v.parse().map_err(|_| format!("sinceSeconds: invalid value {v:?}"))?;
                     o.since = jiff::Timestamp::now().checked_sub(jiff::SignedDuration::from_secs(s)).ok();
@@ -160,7 +162,11 @@ mod tests {
 
     #[test]
     fn partial_lines_join_and_timestamps_prefix_whole_lines() {
-        let lines = ["2026-11-23T10:00:00.000000001Z stdout P hel", "2026-11-23T10:00:00.000000002Z stdout F lo", "2026-11-23T10:00:01Z stderr F bye"];
+        let lines = [
+            "2026-11-23T10:00:00.000000001Z stdout P hel",
+            "2026-11-23T10:00:00.000000002Z stdout F lo",
+            "2026-11-23T10:00:01Z stderr F bye",
+        ];
         let mut carry = String::new();
         assert_eq!(render(&lines, &LogOptions::default(), &mut carry), "hello\nbye\n");
         let opts = LogOptions { timestamps: true, ..Default::default() };

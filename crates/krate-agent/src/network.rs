@@ -20,7 +20,11 @@ impl std::str::FromStr for Cidr {
     fn from_str(s: &str) -> Result<Cidr> {
         let (ip, prefix) = s.split_once('/').with_context(|| format!("{s:?} is not a CIDR (like 10.42.0.0/24)"))?;
         let ip: Ipv4Addr = ip.parse().with_context(|| format!("{s:?}: {ip:?} is not an IPv4 address"))?;
-        let prefix: u8 = prefix.parse().ok().filter(|p| (8..=30).contains(p)).with_context(|| format!("{s:?}: the prefix must be 8..30"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| (8..=30).contains(p))
+            .with_context(|| format!("{s:?}: the prefix must be 8..30"))?;
         let mask = u32::MAX << (32 - prefix);
         Ok(Cidr { network: Ipv4Addr::from(u32::from(ip) & mask), prefix })
     }
@@ -97,7 +101,8 @@ impl PodNetwork {
     /// Installs the masquerade rules and turns on IPv4 forwarding.
     pub async fn install_rules(&self) -> Result<()> {
         nft(&self.ruleset()).await.context("installing the pod network's nftables rules")?;
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding (is the agent running as root?)")?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .context("enabling IPv4 forwarding (is the agent running as root?)")?;
         Ok(())
     }
 
@@ -147,7 +152,10 @@ mod tests {
     fn masquerade_excludes_pod_to_pod_traffic() {
         let net = PodNetwork { bridge: "krate0".into(), pod_cidr: "10.42.0.0/24".parse().unwrap() };
         let rules = net.ruleset();
-        assert!(rules.contains("ip saddr 10.42.0.0/24 ip daddr != 10.42.0.0/24 oifname != \"krate0\" masquerade"), "{rules}");
+        assert!(
+            rules.contains("ip saddr 10.42.0.0/24 ip daddr != 10.42.0.0/24 oifname != \"krate0\" masquerade"),
+            "{rules}"
+        );
         assert_eq!(net.cni_config(Path::new("/x"))["plugins"][0]["ipam"]["ranges"][0][0]["gateway"], "10.42.0.1");
     }
 }

@@ -53,7 +53,10 @@ fn read_trimmed(path: &str) -> String {
 
 fn os_image() -> String {
     let text = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
-    text.lines().find_map(|l| l.strip_prefix("PRETTY_NAME=")).map(|v| v.trim_matches('"').to_string()).unwrap_or_else(|| "Linux".into())
+    text.lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|v| v.trim_matches('"').to_string())
+        .unwrap_or_else(|| "Linux".into())
 }
 
 /// The Node's status as this machine reports it, with `conditions`.
@@ -120,7 +123,8 @@ pub async fn register(client: &kube::Client, settings: &NodeSettings) -> Result<
         "metadata": {"name": settings.name, "labels": labels},
         "spec": {"podCIDR": settings.pod_cidr.to_string(), "podCIDRs": [settings.pod_cidr.to_string()]},
     }))?;
-    krate_client::tolerate(nodes.create(&PostParams::default(), &node).await, &[409]).with_context(|| format!("registering node {}", settings.name))?;
+    krate_client::tolerate(nodes.create(&PostParams::default(), &node).await, &[409])
+        .with_context(|| format!("registering node {}", settings.name))?;
     let current = nodes.get(&settings.name).await?;
     let cidr = match current.spec.as_ref().and_then(|s| s.pod_cidr.as_deref()) {
         Some(assigned) => assigned.parse()?,
@@ -174,14 +178,30 @@ impl Housekeeping {
 }
 
 fn node_reference(name: &str) -> ObjectReference {
-    ObjectReference { api_version: Some("v1".into()), kind: Some("Node".into()), name: Some(name.into()), uid: Some(name.into()), ..Default::default() }
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(name.into()),
+        uid: Some(name.into()),
+        ..Default::default()
+    }
 }
 
 /// Reports the status for `state`; returns the conditions written.
-async fn report_status(nodes: &Api<Node>, settings: &NodeSettings, runtime_version: &str, state: &NodeState, previous: &[Value]) -> Result<Vec<Value>> {
+async fn report_status(
+    nodes: &Api<Node>,
+    settings: &NodeSettings,
+    runtime_version: &str,
+    state: &NodeState,
+    previous: &[Value],
+) -> Result<Vec<Value>> {
     let conditions = conditions(&state.0, state.1, previous);
     nodes
-        .patch_status(&settings.name, &PatchParams::default(), &Patch::Merge(json!({"status": status(settings, runtime_version, conditions.clone())})))
+        .patch_status(
+            &settings.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": status(settings, runtime_version, conditions.clone())})),
+        )
         .await
         .with_context(|| format!("reporting the status of node {}", settings.name))?;
     Ok(conditions)
@@ -194,12 +214,27 @@ type NodeState = (Vec<Condition>, bool);
 /// garbage collection); reports the status when a condition changes (a shutdown at once),
 /// and at least every 5 minutes. Failures are logged and retried (the agent coasts while
 /// the API server is away).
-pub async fn heartbeat(client: kube::Client, settings: NodeSettings, runtime_version: String, mut housekeeping: Housekeeping, mut shutting_down: watch::Receiver<bool>) -> Result<()> {
+pub async fn heartbeat(
+    client: kube::Client,
+    settings: NodeSettings,
+    runtime_version: String,
+    mut housekeeping: Housekeeping,
+    mut shutting_down: watch::Receiver<bool>,
+) -> Result<()> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), krate_client::node_lease::NAMESPACE);
     let nodes: Api<Node> = Api::all(client);
     let node = node_reference(&settings.name);
     let mut reported: Option<(NodeState, tokio::time::Instant)> = None;
-    let mut previous: Vec<Value> = nodes.get_opt(&settings.name).await.ok().flatten().and_then(|n| n.status?.conditions).into_iter().flatten().filter_map(|c| serde_json::to_value(c).ok()).collect();
+    let mut previous: Vec<Value> = nodes
+        .get_opt(&settings.name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|n| n.status?.conditions)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| serde_json::to_value(c).ok())
+        .collect();
     loop {
         if let Err(e) = krate_client::node_lease::renew(&leases, &settings.name, MANAGER).await {
             tracing::warn!(node = %settings.name, error = %e, "renewing the node lease failed");
@@ -213,13 +248,18 @@ pub async fn heartbeat(client: kube::Client, settings: NodeSettings, runtime_ver
                         let (on, was) = (state.0.contains(&c), reported.as_ref().map(|((was, _), _)| was.contains(&c)));
                         if was.is_some_and(|was| was != on) {
                             let reason = format!("Node{}", c.reason_and_message(on).0.trim_start_matches("Kubelet"));
-                            housekeeping.events.normal(&node, &reason, &format!("Node {} status is now: {reason}", settings.name)).await;
+                            housekeeping
+                                .events
+                                .normal(&node, &reason, &format!("Node {} status is now: {reason}", settings.name))
+                                .await;
                         }
                     }
                     previous = written;
                     reported = Some((state, tokio::time::Instant::now()));
                 }
-                Err(e) => tracing::warn!(node = %settings.name, error = %format!("{e:#}"), "reporting node status failed"),
+                Err(e) => {
+                    tracing::warn!(node = %settings.name, error = %format!("{e:#}"), "reporting node status failed")
+                }
             }
         }
         // A shutdown is reported at once.

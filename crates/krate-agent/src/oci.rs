@@ -147,24 +147,35 @@ impl Image {
     /// Pushes with HTTP basic authentication (`user:password`), as registries with
     /// htpasswd accounts want.
     pub fn push_as(&self, registry: &str, repository: &str, tag: &str, credentials: Option<&str>) -> Result<()> {
-        let authorization = credentials.map(|c| format!("Basic {}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, c)));
-        let http = |method: &str, path: &str, content_type: Option<&str>, body: &[u8]| http(registry, method, path, content_type, authorization.as_deref(), body);
+        let authorization = credentials
+            .map(|c| format!("Basic {}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, c)));
+        let http = |method: &str, path: &str, content_type: Option<&str>, body: &[u8]| {
+            http(registry, method, path, content_type, authorization.as_deref(), body)
+        };
         for (d, bytes) in &self.blobs {
             let (status, headers, _) = http("POST", &format!("/v2/{repository}/blobs/uploads/"), None, &[])?;
             if status != 202 {
                 bail!("registry {registry} refused to start an upload to {repository} (HTTP {status})");
             }
             let location = header(&headers, "location").context("the registry gave no upload location")?;
-            let path = location.split_once("://").map(|(_, rest)| rest.find('/').map(|i| &rest[i..]).unwrap_or("/")).unwrap_or(location);
+            let path = location
+                .split_once("://")
+                .map(|(_, rest)| rest.find('/').map(|i| &rest[i..]).unwrap_or("/"))
+                .unwrap_or(location);
             let sep = if path.contains('?') { '&' } else { '?' };
-            let (status, _, body) = http("PUT", &format!("{path}{sep}digest={d}"), Some("application/octet-stream"), bytes)?;
+            let (status, _, body) =
+                http("PUT", &format!("{path}{sep}digest={d}"), Some("application/octet-stream"), bytes)?;
             if status != 201 {
                 bail!("registry {registry} refused blob {d} (HTTP {status}): {}", String::from_utf8_lossy(&body));
             }
         }
-        let (status, _, body) = http("PUT", &format!("/v2/{repository}/manifests/{tag}"), Some(MANIFEST_MEDIA_TYPE), &self.manifest)?;
+        let (status, _, body) =
+            http("PUT", &format!("/v2/{repository}/manifests/{tag}"), Some(MANIFEST_MEDIA_TYPE), &self.manifest)?;
         if status != 201 {
-            bail!("registry {registry} refused the manifest of {repository}:{tag} (HTTP {status}): {}", String::from_utf8_lossy(&body));
+            bail!(
+                "registry {registry} refused the manifest of {repository}:{tag} (HTTP {status}): {}",
+                String::from_utf8_lossy(&body)
+            );
         }
         Ok(())
     }
@@ -175,13 +186,24 @@ fn blob_path(digest: &str) -> String {
 }
 
 fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
-    headers.lines().find_map(|l| l.split_once(':').filter(|(k, _)| k.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v.trim()))
+    headers
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v.trim()))
 }
 
 /// One HTTP/1.1 request on its own connection: (status, raw headers, body).
-fn http(host: &str, method: &str, path: &str, content_type: Option<&str>, authorization: Option<&str>, body: &[u8]) -> Result<(u16, String, Vec<u8>)> {
-    let mut stream = std::net::TcpStream::connect(host).with_context(|| format!("connecting to the registry at {host}"))?;
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+fn http(
+    host: &str,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    authorization: Option<&str>,
+    body: &[u8],
+) -> Result<(u16, String, Vec<u8>)> {
+    let mut stream =
+        std::net::TcpStream::connect(host).with_context(|| format!("connecting to the registry at {host}"))?;
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     if let Some(ct) = content_type {
         request.push_str(&format!("Content-Type: {ct}\r\n"));
     }
@@ -193,9 +215,14 @@ fn http(host: &str, method: &str, path: &str, content_type: Option<&str>, author
     stream.write_all(body)?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
-    let split = response.windows(4).position(|w| w == b"\r\n\r\n").context("malformed HTTP response from the registry")?;
+    let split =
+        response.windows(4).position(|w| w == b"\r\n\r\n").context("malformed HTTP response from the registry")?;
     let head = String::from_utf8_lossy(&response[..split]).into_owned();
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("malformed HTTP status from the registry")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("malformed HTTP status from the registry")?;
     Ok((status, head, response[split + 4..].to_vec()))
 }
 
@@ -205,10 +232,18 @@ mod tests {
 
     #[test]
     fn archive_holds_the_layout_and_every_blob() {
-        let image = Image::build(&[Entry::File { path: "pause".into(), data: b"x".to_vec(), mode: 0o755 }], &RunConfig { entrypoint: vec!["/pause".into()], ..Default::default() }).unwrap();
+        let image = Image::build(
+            &[Entry::File { path: "pause".into(), data: b"x".to_vec(), mode: 0o755 }],
+            &RunConfig { entrypoint: vec!["/pause".into()], ..Default::default() },
+        )
+        .unwrap();
         let mut archive = Vec::new();
         image.write_archive(&mut archive, "krate.local/pause:1").unwrap();
-        let mut names: Vec<String> = tar::Archive::new(archive.as_slice()).entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
+        let mut names: Vec<String> = tar::Archive::new(archive.as_slice())
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
         names.sort();
         assert_eq!(names.len(), 5, "{names:?}");
         assert!(names.contains(&"index.json".to_string()) && names.contains(&"oci-layout".to_string()));

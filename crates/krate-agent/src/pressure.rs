@@ -14,7 +14,8 @@ use tokio::time::Instant;
 
 /// Upstream's signals with k3s's disk thresholds: upstream's 10% and 15% would call a
 /// big disk with tens of gigabytes free full.
-pub const DEFAULT_EVICTION_HARD: &str = "memory.available<100Mi,nodefs.available<5%,nodefs.inodesFree<5%,imagefs.available<5%";
+pub const DEFAULT_EVICTION_HARD: &str =
+    "memory.available<100Mi,nodefs.available<5%,nodefs.inodesFree<5%,imagefs.available<5%";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Signal {
@@ -100,7 +101,9 @@ pub struct Threshold {
 pub fn parse_thresholds(text: &str) -> Result<Vec<Threshold>> {
     let mut out = Vec::new();
     for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let Some((name, value)) = item.split_once('<') else { bail!("eviction threshold {item:?} must look like signal<quantity (e.g. nodefs.available<10%)") };
+        let Some((name, value)) = item.split_once('<') else {
+            bail!("eviction threshold {item:?} must look like signal<quantity (e.g. nodefs.available<10%)")
+        };
         let Some(signal) = SIGNALS.iter().find(|(n, _)| *n == name.trim()).map(|(_, s)| *s) else {
             let known: Vec<&str> = SIGNALS.iter().map(|(n, _)| *n).collect();
             bail!("unknown eviction signal {name:?}; known signals: {}", known.join(", "));
@@ -108,13 +111,16 @@ pub fn parse_thresholds(text: &str) -> Result<Vec<Threshold>> {
         let value = value.trim();
         let below = match value.strip_suffix('%') {
             Some(p) => {
-                let p: f64 = p.parse().with_context(|| format!("eviction threshold {item:?}: {value:?} is not a percentage"))?;
+                let p: f64 =
+                    p.parse().with_context(|| format!("eviction threshold {item:?}: {value:?} is not a percentage"))?;
                 if !(0.0..=100.0).contains(&p) {
                     bail!("eviction threshold {item:?}: the percentage must be between 0% and 100%");
                 }
                 Amount::Percent(p)
             }
-            None => Amount::Quantity(krate_api::quantity::parse(value).with_context(|| format!("eviction threshold {item:?}: {value:?} is not a quantity (like 100Mi) or a percentage"))?),
+            None => Amount::Quantity(krate_api::quantity::parse(value).with_context(|| {
+                format!("eviction threshold {item:?}: {value:?} is not a quantity (like 100Mi) or a percentage")
+            })?),
         };
         out.push(Threshold { signal, below });
     }
@@ -137,7 +143,12 @@ impl FsStats {
         if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
             return None;
         }
-        Some(FsStats { bytes: st.f_blocks * st.f_frsize, bytes_available: st.f_bavail * st.f_frsize, inodes: st.f_files, inodes_free: st.f_favail })
+        Some(FsStats {
+            bytes: st.f_blocks * st.f_frsize,
+            bytes_available: st.f_bavail * st.f_frsize,
+            inodes: st.f_files,
+            inodes_free: st.f_favail,
+        })
     }
 
     /// Percent of the bytes in use, as the image garbage collector counts.
@@ -156,7 +167,9 @@ pub struct Observation(pub HashMap<Signal, (f64, f64)>);
 /// A field of /proc/meminfo, in bytes.
 pub(crate) fn meminfo(field: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    text.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.trim().strip_suffix(" kB")?.trim().parse::<u64>().ok()).map(|kb| kb * 1024)
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.trim().strip_suffix(" kB")?.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
 }
 
 /// Where the node's filesystems are: the agent's directory (nodefs) and the runtime's
@@ -174,7 +187,10 @@ impl Filesystems {
         if let (Some(total), Some(available)) = (meminfo("MemTotal"), meminfo("MemAvailable")) {
             signals.insert(Signal::MemoryAvailable, (total as f64, available as f64));
         }
-        for (path, bytes, inodes) in [(&self.nodefs, Signal::NodefsAvailable, Signal::NodefsInodesFree), (&self.imagefs, Signal::ImagefsAvailable, Signal::ImagefsInodesFree)] {
+        for (path, bytes, inodes) in [
+            (&self.nodefs, Signal::NodefsAvailable, Signal::NodefsInodesFree),
+            (&self.imagefs, Signal::ImagefsAvailable, Signal::ImagefsInodesFree),
+        ] {
             if let Some(fs) = FsStats::of(path) {
                 signals.insert(bytes, (fs.bytes as f64, fs.bytes_available as f64));
                 // Filesystems without an inode table (btrfs, some tmpfs) report zero.
@@ -193,7 +209,11 @@ impl Filesystems {
 /// (the most PIDs, PIDs still free): kernel.pid_max against the processes running.
 fn pids() -> Option<(f64, f64)> {
     let max: f64 = std::fs::read_to_string("/proc/sys/kernel/pid_max").ok()?.trim().parse().ok()?;
-    let running = std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()).filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))).count();
+    let running = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .count();
     Some((max, (max - running as f64).max(0.0)))
 }
 
@@ -254,7 +274,10 @@ mod tests {
     fn thresholds_parse_as_upstream_writes_them() {
         let t = parse_thresholds(DEFAULT_EVICTION_HARD).unwrap();
         assert_eq!(t.len(), 4);
-        assert_eq!(t[0], Threshold { signal: Signal::MemoryAvailable, below: Amount::Quantity(100.0 * 1024.0 * 1024.0) });
+        assert_eq!(
+            t[0],
+            Threshold { signal: Signal::MemoryAvailable, below: Amount::Quantity(100.0 * 1024.0 * 1024.0) }
+        );
         assert_eq!(t[1], Threshold { signal: Signal::NodefsAvailable, below: Amount::Percent(5.0) });
         assert!(parse_thresholds("").unwrap().is_empty());
         let e = parse_thresholds("disk.free<1Gi").unwrap_err().to_string();
@@ -267,12 +290,20 @@ mod tests {
     #[test]
     fn crossings_set_conditions_that_outlast_them_by_the_transition_period() {
         let thresholds = parse_thresholds("memory.available<100,nodefs.available<10%").unwrap();
-        let reading = |mem: f64, disk: f64| Observation(HashMap::from([(Signal::MemoryAvailable, (1000.0, mem)), (Signal::NodefsAvailable, (1000.0, disk))]));
+        let reading = |mem: f64, disk: f64| {
+            Observation(HashMap::from([
+                (Signal::MemoryAvailable, (1000.0, mem)),
+                (Signal::NodefsAvailable, (1000.0, disk)),
+            ]))
+        };
         let mut p = Pressure::new(thresholds, Duration::from_secs(60));
         let t0 = Instant::now();
         assert!(p.update(&reading(500.0, 500.0), t0).is_empty());
         assert_eq!(p.update(&reading(500.0, 99.0), t0 + Duration::from_secs(10)), vec![Condition::Disk]);
-        assert_eq!(p.update(&reading(50.0, 500.0), t0 + Duration::from_secs(20)), vec![Condition::Memory, Condition::Disk]);
+        assert_eq!(
+            p.update(&reading(50.0, 500.0), t0 + Duration::from_secs(20)),
+            vec![Condition::Memory, Condition::Disk]
+        );
         assert_eq!(p.update(&reading(500.0, 500.0), t0 + Duration::from_secs(75)), vec![Condition::Memory]);
         assert!(p.update(&reading(500.0, 500.0), t0 + Duration::from_secs(81)).is_empty());
         // No transition period: the condition follows the signal.

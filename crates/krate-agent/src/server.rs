@@ -38,21 +38,29 @@ pub fn tls_config(dir: &Path, names: Vec<String>, cluster_ca_pem: &str) -> Resul
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
     }
-    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut std::fs::read(&cert_path)?.as_slice()).collect::<Result<_, _>>()?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut std::fs::read(&key_path)?.as_slice())?.context("no key in kubelet.key")?;
+    let certs: Vec<CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut std::fs::read(&cert_path)?.as_slice()).collect::<Result<_, _>>()?;
+    let key: PrivateKeyDer<'static> =
+        rustls_pemfile::private_key(&mut std::fs::read(&key_path)?.as_slice())?.context("no key in kubelet.key")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut cluster_ca_pem.as_bytes()) {
         roots.add(cert?)?;
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
-    let config = rustls::ServerConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?.with_client_cert_verifier(verifier).with_single_cert(certs, key)?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)?;
     Ok(Arc::new(config))
 }
 
 /// Serves until the process stops.
 pub async fn serve(addr: SocketAddr, tls: Arc<rustls::ServerConfig>, cri: Cri) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr} for the agent API (is another agent running? pick another --kubelet-port)"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("listening on {addr} for the agent API (is another agent running? pick another --kubelet-port)")
+    })?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let (tcp, _) = listener.accept().await?;
@@ -63,7 +71,10 @@ pub async fn serve(addr: SocketAddr, tls: Arc<rustls::ServerConfig>, cri: Cri) -
                 let cri = cri.clone();
                 async move { Ok::<_, Infallible>(handle(req, cri).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades().await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
         });
     }
 }
@@ -97,20 +108,33 @@ async fn container_logs(mut cri: Cri, ns: &str, pod: &str, container: &str, quer
         Ok(o) => o,
         Err(e) => return text(StatusCode::BAD_REQUEST, e),
     };
-    let list = match cri.containers_labelled(&[(spec::POD_NAMESPACE, ns), (spec::POD_NAME, pod), (spec::CONTAINER_NAME, container)]).await {
+    let list = match cri
+        .containers_labelled(&[(spec::POD_NAMESPACE, ns), (spec::POD_NAME, pod), (spec::CONTAINER_NAME, container)])
+        .await
+    {
         Ok(list) => list,
         Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, e.message().to_string()),
     };
     let target = if opts.previous { list.get(1) } else { list.first() };
     let Some(target) = target else {
         return if opts.previous {
-            text(StatusCode::BAD_REQUEST, format!("previous terminated container \"{container}\" in pod \"{pod}\" not found"))
+            text(
+                StatusCode::BAD_REQUEST,
+                format!("previous terminated container \"{container}\" in pod \"{pod}\" not found"),
+            )
         } else {
-            text(StatusCode::BAD_REQUEST, format!("container \"{container}\" in pod \"{pod}\" is waiting to start: ContainerCreating"))
+            text(
+                StatusCode::BAD_REQUEST,
+                format!("container \"{container}\" in pod \"{pod}\" is waiting to start: ContainerCreating"),
+            )
         };
     };
     let id = target.id.clone();
-    let status = match cri.runtime.container_status(api::ContainerStatusRequest { container_id: id.clone(), verbose: false }).await {
+    let status = match cri
+        .runtime
+        .container_status(api::ContainerStatusRequest { container_id: id.clone(), verbose: false })
+        .await
+    {
         Ok(r) => r.into_inner().status.unwrap_or_default(),
         Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, e.message().to_string()),
     };
@@ -127,7 +151,8 @@ async fn container_logs(mut cri: Cri, ns: &str, pod: &str, container: &str, quer
         }
     };
     tokio::spawn(logs::stream(status.log_path.into(), opts, tx, running));
-    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b))));
+    let body =
+        StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b))));
     let mut r = Response::new(BodyExt::boxed(body));
     r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
     r

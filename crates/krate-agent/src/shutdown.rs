@@ -31,7 +31,11 @@ pub struct ShutdownGrace {
 }
 
 /// Stops every pod of the node for its shutdown, reporting progress line by line.
-pub async fn shut_down(shared: &Arc<Shared>, grace: ShutdownGrace, progress: &mut (impl AsyncWriteExt + Unpin)) -> Result<()> {
+pub async fn shut_down(
+    shared: &Arc<Shared>,
+    grace: ShutdownGrace,
+    progress: &mut (impl AsyncWriteExt + Unpin),
+) -> Result<()> {
     if shared.shutting_down.send_replace(true) {
         progress.write_all(b"the node is already shutting down\n").await?;
     }
@@ -42,7 +46,9 @@ pub async fn shut_down(shared: &Arc<Shared>, grace: ShutdownGrace, progress: &mu
         progress.write_all(format!("stopping {count} {kind} pod(s) within {}s\n", period.as_secs()).as_bytes()).await?;
         // A little beyond the grace period for reporting the statuses.
         if tokio::time::timeout(period + Duration::from_secs(5), stopped).await.is_err() {
-            progress.write_all(format!("some {kind} pods did not stop within {}s; going on\n", period.as_secs()).as_bytes()).await?;
+            progress
+                .write_all(format!("some {kind} pods did not stop within {}s; going on\n", period.as_secs()).as_bytes())
+                .await?;
         }
     }
     progress.write_all(b"every pod of this node is stopped; the node can power off\n").await?;
@@ -74,7 +80,9 @@ async fn handle(stream: UnixStream, shared: &Arc<Shared>, grace: ShutdownGrace) 
     BufReader::new(read).read_line(&mut line).await?;
     match line.trim() {
         SHUTDOWN => shut_down(shared, grace, &mut write).await,
-        other => Ok(write.write_all(format!("error: unknown command {other:?}; the agent knows: {SHUTDOWN}\n").as_bytes()).await?),
+        other => Ok(write
+            .write_all(format!("error: unknown command {other:?}; the agent knows: {SHUTDOWN}\n").as_bytes())
+            .await?),
     }
 }
 
@@ -82,7 +90,9 @@ async fn handle(stream: UnixStream, shared: &Arc<Shared>, grace: ShutdownGrace) 
 /// progress and returns when every pod is stopped.
 pub async fn request(dir: &Path, out: &mut (impl std::io::Write + ?Sized)) -> Result<()> {
     let path = dir.join(CONTROL_SOCKET);
-    let mut stream = UnixStream::connect(&path).await.with_context(|| format!("connecting to the node agent at {} (is the agent running on this machine?)", path.display()))?;
+    let mut stream = UnixStream::connect(&path).await.with_context(|| {
+        format!("connecting to the node agent at {} (is the agent running on this machine?)", path.display())
+    })?;
     stream.write_all(format!("{SHUTDOWN}\n").as_bytes()).await?;
     let mut lines = BufReader::new(stream).lines();
     let mut last = String::new();

@@ -26,18 +26,35 @@ fn is_static_elf(bytes: &[u8]) -> bool {
 }
 
 fn busybox_entries(busybox: &Path) -> Result<Vec<Entry>> {
-    let data = std::fs::read(busybox).with_context(|| format!("reading {} (apt-get install -y busybox-static)", busybox.display()))?;
+    let data = std::fs::read(busybox)
+        .with_context(|| format!("reading {} (apt-get install -y busybox-static)", busybox.display()))?;
     if !is_static_elf(&data) {
-        bail!("{} is linked dynamically and would not run in an image; apt-get install -y busybox-static", busybox.display());
+        bail!(
+            "{} is linked dynamically and would not run in an image; apt-get install -y busybox-static",
+            busybox.display()
+        );
     }
     let list = std::process::Command::new(busybox).arg("--list").output().context("listing busybox's applets")?;
-    let mut entries = vec![Entry::Dir { path: "bin".into() }, Entry::Dir { path: "tmp".into() }, Entry::Dir { path: "etc".into() }, Entry::Dir { path: "root".into() }];
+    let mut entries = vec![
+        Entry::Dir { path: "bin".into() },
+        Entry::Dir { path: "tmp".into() },
+        Entry::Dir { path: "etc".into() },
+        Entry::Dir { path: "root".into() },
+    ];
     entries.push(Entry::File { path: "bin/busybox".into(), data, mode: 0o755 });
     for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| !a.is_empty() && *a != "busybox") {
         entries.push(Entry::Symlink { path: format!("bin/{applet}"), target: "busybox".into() });
     }
-    entries.push(Entry::File { path: "etc/passwd".into(), data: b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n".to_vec(), mode: 0o644 });
-    entries.push(Entry::File { path: "etc/group".into(), data: b"root:x:0:\nnogroup:x:65534:\n".to_vec(), mode: 0o644 });
+    entries.push(Entry::File {
+        path: "etc/passwd".into(),
+        data: b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n".to_vec(),
+        mode: 0o644,
+    });
+    entries.push(Entry::File {
+        path: "etc/group".into(),
+        data: b"root:x:0:\nnogroup:x:65534:\n".to_vec(),
+        mode: 0o644,
+    });
     Ok(entries)
 }
 
@@ -57,7 +74,10 @@ pub fn busybox_with(extra: Vec<Entry>) -> Result<Image> {
 pub fn test_server() -> Result<Image> {
     let mut entries = busybox_entries(Path::new(BUSYBOX))?;
     entries.push(Entry::File { path: "test-server".into(), data: TEST_SERVER.to_vec(), mode: 0o755 });
-    Image::build(&entries, &RunConfig { entrypoint: vec!["/test-server".into()], env: vec![PATH_ENV.into()], ..Default::default() })
+    Image::build(
+        &entries,
+        &RunConfig { entrypoint: vec!["/test-server".into()], env: vec![PATH_ENV.into()], ..Default::default() },
+    )
 }
 
 /// Builds both images and pushes them to `registry` (plain HTTP) as `busybox` and

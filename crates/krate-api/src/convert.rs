@@ -87,7 +87,10 @@ impl Conversion for HpaV1 {
         }
         if let Some(status) = obj.get_mut("status").and_then(Value::as_object_mut) {
             if let Some(pct) = status.remove("currentCPUUtilizationPercentage") {
-                status.insert("currentMetrics".into(), json!([cpu_metric("current", json!({"averageUtilization": pct}))]));
+                status.insert(
+                    "currentMetrics".into(),
+                    json!([cpu_metric("current", json!({"averageUtilization": pct}))]),
+                );
             }
         }
         obj

@@ -56,7 +56,8 @@ fn intern_path(json_path: &str) -> &'static [&'static str] {
     if let Some(v) = map.get(json_path) {
         return v;
     }
-    let parts: Vec<&'static str> = json_path.trim_start_matches('.').split('.').filter(|p| !p.is_empty()).map(intern).collect();
+    let parts: Vec<&'static str> =
+        json_path.trim_start_matches('.').split('.').filter(|p| !p.is_empty()).map(intern).collect();
     let leaked: &'static [&'static str] = Box::leak(parts.into_boxed_slice());
     map.insert(json_path.to_string(), leaked);
     leaked
@@ -76,7 +77,9 @@ fn version_conversion(served: &str, storage: &str) -> &'static dyn Conversion {
 }
 
 fn strings(v: Option<&Value>) -> Vec<String> {
-    v.and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect()).unwrap_or_default()
+    v.and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .unwrap_or_default()
 }
 
 /// The kinds a CRD serves (one per served version).
@@ -87,12 +90,16 @@ pub fn kinds_of(crd: &Value) -> Vec<KindInfo> {
     let plural = get_str(&names, &["plural"]).unwrap_or_default().to_string();
     let kind = get_str(&names, &["kind"]).unwrap_or_default().to_string();
     let versions = spec.get("versions").and_then(Value::as_array).cloned().unwrap_or_default();
-    let storage_version = versions.iter().find(|v| v["storage"] == true).and_then(|v| v["name"].as_str()).unwrap_or_default().to_string();
+    let storage_version =
+        versions.iter().find(|v| v["storage"] == true).and_then(|v| v["name"].as_str()).unwrap_or_default().to_string();
     let storage_api_version = format!("{group}/{storage_version}");
     let mut out = Vec::new();
     for v in versions.iter().filter(|v| v["served"] == true) {
         let version = v["name"].as_str().unwrap_or_default().to_string();
-        let schema_json = v.pointer("/schema/openAPIV3Schema").cloned().unwrap_or(json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}));
+        let schema_json = v
+            .pointer("/schema/openAPIV3Schema")
+            .cloned()
+            .unwrap_or(json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}));
         let Ok(schema) = serde_json::from_value::<Node>(schema_json.clone()) else { continue };
         let api_version = format!("{group}/{version}");
         let scale = v.pointer("/subresources/scale").map(|s| ScaleInfo {
@@ -122,7 +129,10 @@ pub fn kinds_of(crd: &Value) -> Vec<KindInfo> {
             version: version.clone(),
             kind: kind.clone(),
             plural: plural.clone(),
-            singular: get_str(&names, &["singular"]).filter(|s| !s.is_empty()).map(str::to_string).unwrap_or_else(|| kind.to_lowercase()),
+            singular: get_str(&names, &["singular"])
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .unwrap_or_else(|| kind.to_lowercase()),
             namespaced: get_str(&spec, &["scope"]) == Some("Namespaced"),
             short_names: strings(names.get("shortNames")),
             categories: strings(names.get("categories")),
@@ -132,7 +142,8 @@ pub fn kinds_of(crd: &Value) -> Vec<KindInfo> {
             generation: true,
             name_rule: NameRule::Subdomain,
             storage: StorageResource { group: intern(&group), resource: intern(&plural) },
-            conversion: (api_version != storage_api_version).then(|| version_conversion(&api_version, &storage_api_version)),
+            conversion: (api_version != storage_api_version)
+                .then(|| version_conversion(&api_version, &storage_api_version)),
             typed: None,
             schema: Some(Arc::new(schema)),
             schema_json: Some(Arc::new(schema_json)),
@@ -148,8 +159,13 @@ pub fn kinds_of(crd: &Value) -> Vec<KindInfo> {
 /// validated against the CRD's schema.
 pub fn check_object(kind: &KindInfo, schema: &Node, mut body: Value) -> crate::ApiResult<(Value, Vec<String>)> {
     if let Some(meta) = body.get("metadata") {
-        if let Err(e) = serde_json::from_value::<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>(meta.clone()) {
-            return Err(crate::ApiError::bad_request(format!("{} in version {:?} cannot be handled as a {}: metadata: {e}", kind.kind, kind.version, kind.kind)));
+        if let Err(e) =
+            serde_json::from_value::<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>(meta.clone())
+        {
+            return Err(crate::ApiError::bad_request(format!(
+                "{} in version {:?} cannot be handled as a {}: metadata: {e}",
+                kind.kind, kind.version, kind.kind
+            )));
         }
     }
     let checked = crate::schema::check(schema, &mut body);
@@ -182,7 +198,8 @@ impl Strategy for CrdStrategy {
     }
 
     fn prepare_for_create(&self, obj: &mut Value) {
-        let finalizers = crate::object::object_at(obj, &["metadata"]).map(|m| m.entry("finalizers").or_insert(json!([])));
+        let finalizers =
+            crate::object::object_at(obj, &["metadata"]).map(|m| m.entry("finalizers").or_insert(json!([])));
         if let Some(Value::Array(list)) = finalizers {
             if !list.iter().any(|f| f == CLEANUP_FINALIZER) {
                 list.push(json!(CLEANUP_FINALIZER));
@@ -191,8 +208,14 @@ impl Strategy for CrdStrategy {
     }
 
     fn initial_status(&self, obj: &Value) -> Option<Value> {
-        let storage = obj.pointer("/spec/versions").and_then(Value::as_array).and_then(|vs| vs.iter().find(|v| v["storage"] == true)).map(|v| v["name"].clone());
-        Some(json!({"conditions": [], "acceptedNames": {"plural": "", "kind": ""}, "storedVersions": storage.into_iter().collect::<Vec<_>>()}))
+        let storage = obj
+            .pointer("/spec/versions")
+            .and_then(Value::as_array)
+            .and_then(|vs| vs.iter().find(|v| v["storage"] == true))
+            .map(|v| v["name"].clone());
+        Some(
+            json!({"conditions": [], "acceptedNames": {"plural": "", "kind": ""}, "storedVersions": storage.into_iter().collect::<Vec<_>>()}),
+        )
     }
 
     fn validate(&self, obj: &Value, errs: &mut Errors) {
@@ -218,7 +241,11 @@ fn validate_crd(obj: &Value, errs: &mut Errors) {
     if plural.is_empty() {
         errs.push(FieldError::required("spec.names.plural", ""));
     } else if !crate::validation::is_dns1123_label(plural).is_empty() {
-        errs.push(FieldError::invalid("spec.names.plural", &json!(plural), "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-'"));
+        errs.push(FieldError::invalid(
+            "spec.names.plural",
+            &json!(plural),
+            "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-'",
+        ));
     }
     if !group.is_empty() && !plural.is_empty() && name != format!("{plural}.{group}") {
         errs.push(FieldError::invalid("metadata.name", &json!(name), "must be spec.names.plural+\".\"+spec.group"));
@@ -235,7 +262,11 @@ fn validate_crd(obj: &Value, errs: &mut Errors) {
     if versions.is_empty() {
         errs.push(FieldError::required("spec.versions", "must have exactly one version marked as storage version"));
     } else if versions.iter().filter(|v| v["storage"] == true).count() != 1 {
-        errs.push(FieldError::invalid("spec.versions", &json!(versions.iter().map(|v| v["name"].clone()).collect::<Vec<_>>()), "must have exactly one version marked as storage version"));
+        errs.push(FieldError::invalid(
+            "spec.versions",
+            &json!(versions.iter().map(|v| v["name"].clone()).collect::<Vec<_>>()),
+            "must have exactly one version marked as storage version",
+        ));
     }
     for (i, v) in versions.iter().enumerate() {
         let base = format!("spec.versions[{i}]");
@@ -248,10 +279,16 @@ fn validate_crd(obj: &Value, errs: &mut Errors) {
         };
         let path = format!("{base}.schema.openAPIV3Schema");
         match serde_json::from_value::<Node>(schema.clone()) {
-            Err(e) => errs.push(FieldError::invalid(path, &json!("<schema>"), &format!("the schema could not be read: {e}"))),
+            Err(e) => {
+                errs.push(FieldError::invalid(path, &json!("<schema>"), &format!("the schema could not be read: {e}")))
+            }
             Ok(node) => {
                 if node.type_.as_deref() != Some("object") {
-                    errs.push(FieldError::invalid(format!("{path}.type"), &json!(node.type_.clone().unwrap_or_default()), "must be object at the root"));
+                    errs.push(FieldError::invalid(
+                        format!("{path}.type"),
+                        &json!(node.type_.clone().unwrap_or_default()),
+                        "must be object at the root",
+                    ));
                 }
                 check_structural(&node, &path, errs);
             }
@@ -259,7 +296,11 @@ fn validate_crd(obj: &Value, errs: &mut Errors) {
         for (j, c) in v.get("additionalPrinterColumns").and_then(Value::as_array).into_iter().flatten().enumerate() {
             let cpath = format!("{base}.additionalPrinterColumns[{j}]");
             if c["jsonPath"].as_str().is_none_or(|p| !p.starts_with('.')) {
-                errs.push(FieldError::invalid(format!("{cpath}.jsonPath"), &c["jsonPath"], "must be a simple json path starting with ."));
+                errs.push(FieldError::invalid(
+                    format!("{cpath}.jsonPath"),
+                    &c["jsonPath"],
+                    "must be a simple json path starting with .",
+                ));
             }
             let allowed = ["integer", "number", "string", "boolean", "date"];
             if !allowed.contains(&c["type"].as_str().unwrap_or_default()) {
@@ -275,7 +316,9 @@ const TYPES: &[&str] = &["array", "boolean", "integer", "number", "object", "str
 /// has a known type (unless int-or-string or preserve-unknown-fields), arrays have items.
 fn check_structural(node: &Node, path: &str, errs: &mut Errors) {
     match node.type_.as_deref() {
-        Some(t) if !TYPES.contains(&t) => errs.push(FieldError::not_supported(format!("{path}.type"), &json!(t), TYPES)),
+        Some(t) if !TYPES.contains(&t) => {
+            errs.push(FieldError::not_supported(format!("{path}.type"), &json!(t), TYPES))
+        }
         None if !node.int_or_string && !node.preserve_unknown_fields => {
             errs.push(FieldError::required(format!("{path}.type"), "must not be empty for specified object fields"));
         }
@@ -335,7 +378,8 @@ mod tests {
         assert!(errs.is_empty(), "{errs:?}");
         let mut bad = crd();
         bad["metadata"]["name"] = json!("wrong");
-        bad["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["size"]["type"] = json!("integr");
+        bad["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["size"]["type"] =
+            json!("integr");
         bad["spec"]["versions"][1]["storage"] = json!(true);
         let mut errs = vec![];
         validate_crd(&bad, &mut errs);

@@ -13,11 +13,8 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn required(field: impl Into<String>, detail: &str) -> Self {
-        let message = if detail.is_empty() {
-            "Required value".to_string()
-        } else {
-            format!("Required value: {detail}")
-        };
+        let message =
+            if detail.is_empty() { "Required value".to_string() } else { format!("Required value: {detail}") };
         Self { reason: "FieldValueRequired", field: field.into(), message }
     }
 
@@ -39,11 +36,7 @@ impl FieldError {
         Self {
             reason: "FieldValueNotSupported",
             field: field.into(),
-            message: format!(
-                "Unsupported value: {}: supported values: {}",
-                render_value(value),
-                allowed.join(", ")
-            ),
+            message: format!("Unsupported value: {}: supported values: {}", render_value(value), allowed.join(", ")),
         }
     }
 
@@ -52,11 +45,19 @@ impl FieldError {
     }
 
     pub fn too_many(field: impl Into<String>, actual: usize, max: u64) -> Self {
-        Self { reason: "FieldValueTooMany", field: field.into(), message: format!("Too many: {actual}: must have at most {max} items") }
+        Self {
+            reason: "FieldValueTooMany",
+            field: field.into(),
+            message: format!("Too many: {actual}: must have at most {max} items"),
+        }
     }
 
     pub fn too_long(field: impl Into<String>, max: u64) -> Self {
-        Self { reason: "FieldValueTooLong", field: field.into(), message: format!("Too long: may not be more than {max} bytes") }
+        Self {
+            reason: "FieldValueTooLong",
+            field: field.into(),
+            message: format!("Too long: may not be more than {max} bytes"),
+        }
     }
 
     pub fn duplicate(field: impl Into<String>, value: &Value) -> Self {
@@ -152,10 +153,8 @@ impl ApiError {
             [one] => one.to_line(),
             many => format!("[{}]", many.iter().map(FieldError::to_line).collect::<Vec<_>>().join(", ")),
         };
-        let causes: Vec<Value> = errors
-            .iter()
-            .map(|e| json!({"reason": e.reason, "message": e.message, "field": e.field}))
-            .collect();
+        let causes: Vec<Value> =
+            errors.iter().map(|e| json!({"reason": e.reason, "message": e.message, "field": e.field})).collect();
         let mut d = json!({"name": name, "kind": kind, "causes": causes});
         if !group.is_empty() {
             d["group"] = json!(group);
@@ -185,7 +184,10 @@ impl ApiError {
 
     /// An object body in a media type the server does not read.
     pub fn unsupported_media_type(content_type: &str) -> Self {
-        Self::unsupported_among(content_type, &["application/json", "application/yaml", "application/vnd.kubernetes.protobuf"])
+        Self::unsupported_among(
+            content_type,
+            &["application/json", "application/yaml", "application/vnd.kubernetes.protobuf"],
+        )
     }
 
     /// A body whose media type is not among `accepted` (upstream's 415 wording).

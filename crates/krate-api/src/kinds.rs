@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use k8s_openapi::api::{
     apps::v1 as apps, autoscaling::v1 as autoscaling1, autoscaling::v2 as autoscaling2, batch::v1 as batch,
-    certificates::v1 as certificates, coordination::v1 as coordination, core::v1 as core,
-    discovery::v1 as discovery, events::v1 as events, networking::v1 as networking, node::v1 as node,
-    policy::v1 as policy, rbac::v1 as rbac, scheduling::v1 as scheduling, storage::v1 as storage,
+    certificates::v1 as certificates, coordination::v1 as coordination, core::v1 as core, discovery::v1 as discovery,
+    events::v1 as events, networking::v1 as networking, node::v1 as node, policy::v1 as policy, rbac::v1 as rbac,
+    scheduling::v1 as scheduling, storage::v1 as storage,
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiextensions;
 use k8s_openapi::{ClusterResourceScope, NamespaceResourceScope, Resource};
@@ -256,7 +256,8 @@ const NODE_FIELDS: &[(&str, &[&str])] = &[("spec.unschedulable", &["spec", "unsc
 const REPLICAS_FIELDS: &[(&str, &[&str])] = &[("status.replicas", &["status", "replicas"])];
 const JOB_FIELDS: &[(&str, &[&str])] = &[("status.successful", &["status", "successful"])];
 const CSR_FIELDS: &[(&str, &[&str])] = &[("spec.signerName", &["spec", "signerName"])];
-const SERVICE_FIELDS: &[(&str, &[&str])] = &[("spec.clusterIP", &["spec", "clusterIP"]), ("spec.type", &["spec", "type"])];
+const SERVICE_FIELDS: &[(&str, &[&str])] =
+    &[("spec.clusterIP", &["spec", "clusterIP"]), ("spec.type", &["spec", "type"])];
 
 /// Every built-in kind krate serves.
 pub fn builtin_kinds() -> Vec<KindInfo> {
@@ -326,11 +327,7 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
         kind::<coordination::Lease>().0,
         kind::<discovery::EndpointSlice>().strategy(&EndpointSliceStrategy).0,
         // events.k8s.io/v1 is a view of core/v1 events.
-        kind::<events::Event>()
-            .short(&["ev"])
-            .fields(EVENTS_V1_FIELDS)
-            .stored_as("", "events", convert::EVENTS_V1)
-            .0,
+        kind::<events::Event>().short(&["ev"]).fields(EVENTS_V1_FIELDS).stored_as("", "events", convert::EVENTS_V1).0,
         // networking.k8s.io/v1
         kind::<networking::IngressClass>().0,
         kind::<networking::Ingress>().short(&["ing"]).status_only().strategy(&ResetStatusStrategy).0,
@@ -408,10 +405,8 @@ pub struct Registry {
 impl Registry {
     pub fn new(kinds: Vec<KindInfo>) -> Self {
         let kinds: Vec<Arc<KindInfo>> = kinds.into_iter().map(Arc::new).collect();
-        let by_resource = kinds
-            .iter()
-            .map(|k| ((k.group.clone(), k.version.clone(), k.plural.clone()), k.clone()))
-            .collect();
+        let by_resource =
+            kinds.iter().map(|k| ((k.group.clone(), k.version.clone(), k.plural.clone()), k.clone())).collect();
         let mut groups: Vec<GroupInfo> = Vec::new();
         for (group, preferred) in GROUP_ORDER {
             groups.push(GroupInfo { name: group.to_string(), versions: vec![preferred.to_string()] });

@@ -33,8 +33,9 @@ pub fn apply_json_patch(target: &mut Value, patch: &Value) -> Result<(), ApiErro
     let patch: json_patch::Patch = serde_json::from_value(patch.clone())
         .map_err(|e| ApiError::bad_request(format!("the JSON patch is malformed: {e}")))?;
     // Upstream answers a failed test or a missing path with 422 Invalid.
-    json_patch::patch(target, &patch)
-        .map_err(|e| ApiError::new(422, "Invalid", format!("the server rejected our request due to an error in our request: {e}")))
+    json_patch::patch(target, &patch).map_err(|e| {
+        ApiError::new(422, "Invalid", format!("the server rejected our request due to an error in our request: {e}"))
+    })
 }
 
 /// Applies an RFC 7386 merge patch.
@@ -139,7 +140,9 @@ fn merge_map(target: &mut Value, patch: &Value, schema: Option<&Node>) -> Result
             let keep: Vec<&str> = retain.iter().filter_map(Value::as_str).collect();
             t.retain(|k, _| keep.contains(&k.as_str()));
         }
-        Some(other) => return Err(ApiError::bad_request(format!("$retainKeys must be a list of strings, got {other}"))),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!("$retainKeys must be a list of strings, got {other}")))
+        }
         None => {}
     }
     Ok(())
@@ -210,7 +213,8 @@ mod tests {
         assert_eq!(obj["spec"]["replicas"], 3);
         apply_merge_patch(&mut obj, &json!({"metadata": {"labels": {"a": null, "b": "2"}}})).unwrap();
         assert_eq!(obj["metadata"]["labels"], json!({"b": "2"}));
-        let err = apply_json_patch(&mut obj, &json!([{"op": "test", "path": "/spec/replicas", "value": 9}])).unwrap_err();
+        let err =
+            apply_json_patch(&mut obj, &json!([{"op": "test", "path": "/spec/replicas", "value": 9}])).unwrap_err();
         assert_eq!(err.code, 422);
         assert_eq!(apply_json_patch(&mut obj, &json!({"not": "a list"})).unwrap_err().code, 400);
     }
@@ -233,7 +237,8 @@ mod tests {
             "metadata": {"finalizers": ["f2"]}
         });
         apply_strategic_merge_patch(&mut pod, &patch, &schema("", "Pod")).unwrap();
-        let names: Vec<_> = pod["spec"]["containers"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        let names: Vec<_> =
+            pod["spec"]["containers"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["c", "a", "b"]);
         assert_eq!(pod["spec"]["containers"][1]["image"], "a:2");
         assert_eq!(pod["spec"]["containers"][1]["env"], json!([{"name": "X", "value": "1"}]));
@@ -257,7 +262,12 @@ mod tests {
         let bad = json!({"spec": {"template": {"spec": {"containers": [{"image": "x"}]}}}});
         assert_eq!(apply_strategic_merge_patch(&mut obj.clone(), &bad, &deploy).unwrap_err().code, 400);
         let mut obj = json!({"data": {"a": "1", "b": "2"}});
-        apply_strategic_merge_patch(&mut obj, &json!({"data": {"$patch": "replace", "c": "3"}}), &schema("", "ConfigMap")).unwrap();
+        apply_strategic_merge_patch(
+            &mut obj,
+            &json!({"data": {"$patch": "replace", "c": "3"}}),
+            &schema("", "ConfigMap"),
+        )
+        .unwrap();
         assert_eq!(obj["data"], json!({"c": "3"}));
     }
 }

@@ -118,9 +118,12 @@ impl Resources {
                 }
             }
         }
-        self.extended.iter().find(|(name, amount)| {
-            **amount > 0.0 && **amount > allocatable.get(name).unwrap_or(0.0) - used.get(name).unwrap_or(0.0) + 1e-9
-        }).map(|(name, _)| name.as_str())
+        self.extended
+            .iter()
+            .find(|(name, amount)| {
+                **amount > 0.0 && **amount > allocatable.get(name).unwrap_or(0.0) - used.get(name).unwrap_or(0.0) + 1e-9
+            })
+            .map(|(name, _)| name.as_str())
     }
 }
 
@@ -145,14 +148,18 @@ pub fn format(value: f64) -> String {
 pub fn pod_amounts(pod: &serde_json::Value, which: &str) -> Resources {
     let of = |c: &serde_json::Value| {
         let mut r = Resources::default();
-        for (name, q) in c.pointer(&format!("/resources/{which}")).and_then(serde_json::Value::as_object).into_iter().flatten() {
+        for (name, q) in
+            c.pointer(&format!("/resources/{which}")).and_then(serde_json::Value::as_object).into_iter().flatten()
+        {
             if let Some(v) = q.as_str().and_then(parse).or_else(|| q.as_f64()) {
                 r.add_one(name, v);
             }
         }
         r
     };
-    let list = |key: &str| pod.pointer(&format!("/spec/{key}")).and_then(serde_json::Value::as_array).cloned().unwrap_or_default();
+    let list = |key: &str| {
+        pod.pointer(&format!("/spec/{key}")).and_then(serde_json::Value::as_array).cloned().unwrap_or_default()
+    };
     let mut total = Resources::default();
     for c in list("containers") {
         total.add(&of(&c));

@@ -6,7 +6,15 @@ use serde_json::Value;
 use crate::quantity::{pod_amounts, Resources};
 
 /// Core resources that quotas may count by their bare plural name.
-const LEGACY_COUNTED: &[&str] = &["pods", "services", "configmaps", "secrets", "persistentvolumeclaims", "replicationcontrollers", "resourcequotas"];
+const LEGACY_COUNTED: &[&str] = &[
+    "pods",
+    "services",
+    "configmaps",
+    "secrets",
+    "persistentvolumeclaims",
+    "replicationcontrollers",
+    "resourcequotas",
+];
 
 /// The compute resources quotas track on pods, with the request-side aliases.
 const POD_COMPUTE: &[&str] = &["cpu", "memory", "ephemeral-storage"];
@@ -36,7 +44,8 @@ pub fn usage(group: &str, plural: &str, obj: &Value) -> Resources {
     }
     match (group, plural) {
         ("", "pods") => {
-            for (which, amounts) in [("requests", pod_amounts(obj, "requests")), ("limits", pod_amounts(obj, "limits"))] {
+            for (which, amounts) in [("requests", pod_amounts(obj, "requests")), ("limits", pod_amounts(obj, "limits"))]
+            {
                 for (resource, amount) in amounts.iter() {
                     used.set(&format!("{which}.{resource}"), amount);
                     if which == "requests" && POD_COMPUTE.contains(&resource) {
@@ -56,7 +65,9 @@ pub fn usage(group: &str, plural: &str, obj: &Value) -> Resources {
             }
         }
         ("", "persistentvolumeclaims") => {
-            if let Some(storage) = obj.pointer("/spec/resources/requests/storage").and_then(Value::as_str).and_then(crate::quantity::parse) {
+            if let Some(storage) =
+                obj.pointer("/spec/resources/requests/storage").and_then(Value::as_str).and_then(crate::quantity::parse)
+            {
                 used.set("requests.storage", storage);
             }
         }

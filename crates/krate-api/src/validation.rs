@@ -82,11 +82,7 @@ fn is_path_segment(s: &str) -> Vec<String> {
     if s == "." || s == ".." {
         return vec![format!("may not be '{s}'")];
     }
-    s.chars()
-        .filter(|c| *c == '/' || *c == '%')
-        .map(|c| format!("may not contain '{c}'"))
-        .take(1)
-        .collect()
+    s.chars().filter(|c| *c == '/' || *c == '%').map(|c| format!("may not contain '{c}'")).take(1).collect()
 }
 
 /// Errors for an object name under `rule` (empty when valid).

@@ -19,8 +19,16 @@ use crate::registry::{builtin_kind, storage_prefix, Scope, Storage};
 
 /// The built-in priority classes every cluster has.
 pub const SYSTEM_PRIORITY_CLASSES: &[(&str, i64, &str)] = &[
-    ("system-cluster-critical", 2_000_000_000, "Used for system critical pods that must run in the cluster, but can be moved to another node if necessary."),
-    ("system-node-critical", 2_000_001_000, "Used for system critical pods that must not be moved from their current node."),
+    (
+        "system-cluster-critical",
+        2_000_000_000,
+        "Used for system critical pods that must run in the cluster, but can be moved to another node if necessary.",
+    ),
+    (
+        "system-node-critical",
+        2_000_001_000,
+        "Used for system critical pods that must not be moved from their current node.",
+    ),
 ];
 /// Upstream's name prefix and mount path of the service-account volume.
 const API_ACCESS_PREFIX: &str = "kube-api-access-";
@@ -43,7 +51,12 @@ impl Storage {
         }
         let rc = self.cache.resource(&resource_prefix);
         let state = rc.state.read().expect("cache lock");
-        state.objects.range(prefix.clone()..).take_while(|(k, _)| k.starts_with(&prefix)).map(|(_, o)| o.parse()).collect()
+        state
+            .objects
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, o)| o.parse())
+            .collect()
     }
 
     /// Admission for a new object of `kind` (storage form, defaulted).
@@ -71,7 +84,9 @@ impl Storage {
         }
         let class = match wanted {
             Some(wanted) => Some(classes.iter().find(|c| object::name(c) == wanted).ok_or_else(|| {
-                ApiError::forbidden(format!("pods {name:?} is forbidden: no PriorityClass with name {wanted} was found"))
+                ApiError::forbidden(format!(
+                    "pods {name:?} is forbidden: no PriorityClass with name {wanted} was found"
+                ))
             })?),
             None => classes.iter().find(|c| c.get("globalDefault") == Some(&json!(true))),
         };
@@ -103,12 +118,18 @@ impl Storage {
         let automount = match get(pod, &["spec", "automountServiceAccountToken"]).and_then(Value::as_bool) {
             Some(set) => set,
             None => {
-                let account = self.cached(&Scope { kind: builtin_kind("", "v1", "serviceaccounts"), namespace: Some(ns) }, &account);
-                account.ok().and_then(|a| a.parse().get("automountServiceAccountToken").and_then(Value::as_bool)) != Some(false)
+                let account = self
+                    .cached(&Scope { kind: builtin_kind("", "v1", "serviceaccounts"), namespace: Some(ns) }, &account);
+                account.ok().and_then(|a| a.parse().get("automountServiceAccountToken").and_then(Value::as_bool))
+                    != Some(false)
             }
         };
         let volumes = get(pod, &["spec", "volumes"]).and_then(Value::as_array).cloned().unwrap_or_default();
-        if !automount || volumes.iter().any(|v| v.get("name").and_then(Value::as_str).unwrap_or_default().starts_with(API_ACCESS_PREFIX)) {
+        if !automount
+            || volumes
+                .iter()
+                .any(|v| v.get("name").and_then(Value::as_str).unwrap_or_default().starts_with(API_ACCESS_PREFIX))
+        {
             return;
         }
         let volume_name = format!("{API_ACCESS_PREFIX}{}", crate::registry::random_suffix(5));
@@ -120,7 +141,10 @@ impl Storage {
         ]}}));
         object::set(pod, &["spec", "volumes"], json!(volumes));
         for list in ["initContainers", "containers"] {
-            let Some(containers) = pod.get_mut("spec").and_then(|s| s.get_mut(list)).and_then(Value::as_array_mut) else { continue };
+            let Some(containers) = pod.get_mut("spec").and_then(|s| s.get_mut(list)).and_then(Value::as_array_mut)
+            else {
+                continue;
+            };
             for container in containers {
                 let mounts = container.as_object_mut().map(|c| c.entry("volumeMounts").or_insert_with(|| json!([])));
                 let Some(mounts) = mounts.and_then(Value::as_array_mut) else { continue };
@@ -139,7 +163,15 @@ impl Storage {
             return Err(ApiError::forbidden(format!("priorityclasses.scheduling.k8s.io {name:?} is forbidden: priority class names with 'system-' prefix are reserved for system use only")));
         }
         if !builtin && value > HIGHEST_USER_PRIORITY {
-            return Err(ApiError::invalid("scheduling.k8s.io", "PriorityClass", &name, &[FieldError::forbidden("value", &format!("maximum allowed value of a user defined priority is {HIGHEST_USER_PRIORITY}"))]));
+            return Err(ApiError::invalid(
+                "scheduling.k8s.io",
+                "PriorityClass",
+                &name,
+                &[FieldError::forbidden(
+                    "value",
+                    &format!("maximum allowed value of a user defined priority is {HIGHEST_USER_PRIORITY}"),
+                )],
+            ));
         }
         if class.get("preemptionPolicy").is_none() {
             object::set(class, &["preemptionPolicy"], json!("PreemptLowerPriority"));
@@ -148,11 +180,19 @@ impl Storage {
             let scope = Scope { kind: builtin_kind("scheduling.k8s.io", "v1", "priorityclasses"), namespace: None };
             let classes = self.cached_objects(&scope, true).await;
             if let Some(other) = classes.iter().find(|c| c.get("globalDefault") == Some(&json!(true))) {
-                return Err(ApiError::invalid("scheduling.k8s.io", "PriorityClass", &name, &[FieldError::invalid(
-                    "globalDefault",
-                    &json!(true),
-                    &format!("PriorityClass {} is already marked as default. Only one default can exist", object::name(other)),
-                )]));
+                return Err(ApiError::invalid(
+                    "scheduling.k8s.io",
+                    "PriorityClass",
+                    &name,
+                    &[FieldError::invalid(
+                        "globalDefault",
+                        &json!(true),
+                        &format!(
+                            "PriorityClass {} is already marked as default. Only one default can exist",
+                            object::name(other)
+                        ),
+                    )],
+                ));
             }
         }
         Ok(())
@@ -162,12 +202,19 @@ impl Storage {
     /// it in the quotas' `status.used` (compare-and-swap, so concurrent creates cannot
     /// both take the last unit); the quota controller later recounts from scratch.
     async fn admit_quota(&self, kind: &KindInfo, obj: &Value, dry_run: bool) -> ApiResult<()> {
-        let Some(ns) = get_str(obj, &["metadata", "namespace"]).filter(|_| kind.namespaced).map(String::from) else { return Ok(()) };
+        let Some(ns) = get_str(obj, &["metadata", "namespace"]).filter(|_| kind.namespaced).map(String::from) else {
+            return Ok(());
+        };
         let delta = krate_api::quota::usage(&kind.group, &kind.plural, obj);
         let scope = Scope { kind: builtin_kind("", "v1", "resourcequotas"), namespace: Some(ns.clone()) };
         let quotas = self.cached_objects(&scope, false).await;
         let name = object::name(obj).to_string();
-        let forbidden = |detail: String| ApiError::forbidden(format!("{} {name:?} is forbidden: {detail}", krate_api::error::qualified(&kind.group, &kind.plural)));
+        let forbidden = |detail: String| {
+            ApiError::forbidden(format!(
+                "{} {name:?} is forbidden: {detail}",
+                krate_api::error::qualified(&kind.group, &kind.plural)
+            ))
+        };
         for quota in quotas {
             let quota_name = object::name(&quota).to_string();
             let mut current = quota;
@@ -180,18 +227,29 @@ impl Storage {
                 if kind.group.is_empty() && kind.plural == "pods" {
                     let missing = krate_api::quota::missing_pod_amounts(&hard, obj);
                     if !missing.is_empty() {
-                        return Err(forbidden(format!("failed quota: {quota_name}: must specify {}", missing.join(","))));
+                        return Err(forbidden(format!(
+                            "failed quota: {quota_name}: must specify {}",
+                            missing.join(",")
+                        )));
                     }
                 }
                 let used = get(&current, &["status", "used"]).and_then(Value::as_object).cloned().unwrap_or_default();
                 let unknown: Vec<&str> = tracked.iter().map(|(r, _)| *r).filter(|r| !used.contains_key(*r)).collect();
                 if !unknown.is_empty() {
-                    return Err(forbidden(format!("status unknown for quota: {quota_name}, resources: {}", unknown.join(","))));
+                    return Err(forbidden(format!(
+                        "status unknown for quota: {quota_name}, resources: {}",
+                        unknown.join(",")
+                    )));
                 }
-                let amount = |m: &serde_json::Map<String, Value>, r: &str| m.get(r).and_then(Value::as_str).and_then(krate_api::quantity::parse).unwrap_or(0.0);
-                let over: Vec<&(&str, f64)> = tracked.iter().filter(|(r, d)| amount(&used, r) + d > amount(&hard, r) + 1e-9).collect();
+                let amount = |m: &serde_json::Map<String, Value>, r: &str| {
+                    m.get(r).and_then(Value::as_str).and_then(krate_api::quantity::parse).unwrap_or(0.0)
+                };
+                let over: Vec<&(&str, f64)> =
+                    tracked.iter().filter(|(r, d)| amount(&used, r) + d > amount(&hard, r) + 1e-9).collect();
                 if !over.is_empty() {
-                    let list = |f: &dyn Fn(&str, f64) -> String| over.iter().map(|(r, d)| format!("{r}={}", f(r, *d))).collect::<Vec<_>>().join(",");
+                    let list = |f: &dyn Fn(&str, f64) -> String| {
+                        over.iter().map(|(r, d)| format!("{r}={}", f(r, *d))).collect::<Vec<_>>().join(",")
+                    };
                     return Err(forbidden(format!(
                         "exceeded quota: {quota_name}, requested: {}, used: {}, limited: {}",
                         list(&|_, d| krate_api::quantity::format(d)),
@@ -204,9 +262,16 @@ impl Storage {
                 }
                 let mut updated = current.clone();
                 for (r, d) in &tracked {
-                    object::set(&mut updated, &["status", "used", r], json!(krate_api::quantity::format(amount(&used, r) + d)));
+                    object::set(
+                        &mut updated,
+                        &["status", "used", r],
+                        json!(krate_api::quantity::format(amount(&used, r) + d)),
+                    );
                 }
-                let opts = crate::registry::WriteOptions { field_manager: "resourcequota-admission".into(), ..Default::default() };
+                let opts = crate::registry::WriteOptions {
+                    field_manager: "resourcequota-admission".into(),
+                    ..Default::default()
+                };
                 match self.update(&scope, &quota_name, crate::registry::Subresource::Status, updated, &opts).await {
                     Ok(_) => break,
                     Err(e) if e.code == 409 => current = self.get(&scope, &quota_name).await?.parse(),

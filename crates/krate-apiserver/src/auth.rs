@@ -56,7 +56,8 @@ pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()?;
-    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut files.cert_pem.as_bytes()).collect::<Result<_, _>>()?;
+    let certs: Vec<CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut files.cert_pem.as_bytes()).collect::<Result<_, _>>()?;
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut files.key_pem.as_bytes())?
         .ok_or_else(|| anyhow::anyhow!("no private key in the serving key file"))?;
     let mut config = ServerConfig::builder_with_provider(provider)

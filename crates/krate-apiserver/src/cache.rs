@@ -46,7 +46,11 @@ impl CachedObject {
         }
     }
 
-    pub fn from_kv(kv: &KeyValue, revision: Revision, field_paths: &[(&'static str, &'static [&'static str])]) -> Option<Self> {
+    pub fn from_kv(
+        kv: &KeyValue,
+        revision: Revision,
+        field_paths: &[(&'static str, &'static [&'static str])],
+    ) -> Option<Self> {
         let mut value: Value = match serde_json::from_slice(&kv.value) {
             Ok(v) => v,
             Err(err) => {
@@ -264,7 +268,8 @@ impl WatchCache {
                 Event::Delete { prev, .. } => {
                     let old = state.objects.remove(&prev.key);
                     // The object's last state, stamped with the deletion revision.
-                    let last = KeyValue { value: old.as_ref().map_or(prev.value.clone(), |o| o.json.clone()), ..prev.clone() };
+                    let last =
+                        KeyValue { value: old.as_ref().map_or(prev.value.clone(), |o| o.json.clone()), ..prev.clone() };
                     let Some(obj) = CachedObject::from_kv(&last, rev, &paths) else { continue };
                     CacheEvent { kind: EventType::Deleted, revision: rev, object: Arc::new(obj), prev: old }
                 }
@@ -328,7 +333,12 @@ impl WatchCache {
     }
 
     pub fn object_count(&self) -> usize {
-        self.resources.read().expect("cache lock").values().map(|rc| rc.state.read().expect("cache lock").objects.len()).sum()
+        self.resources
+            .read()
+            .expect("cache lock")
+            .values()
+            .map(|rc| rc.state.read().expect("cache lock").objects.len())
+            .sum()
     }
 
     pub fn counts(&self) -> Vec<(String, usize)> {
@@ -347,8 +357,14 @@ mod tests {
 
     #[test]
     fn keys_split_into_resource_namespace_and_name() {
-        assert_eq!(split_key("/registry/core/pods/default/web"), Some(("/registry/core/pods/", Some("default"), "web")));
-        assert_eq!(split_key("/registry/core/namespaces/default"), Some(("/registry/core/namespaces/", None, "default")));
+        assert_eq!(
+            split_key("/registry/core/pods/default/web"),
+            Some(("/registry/core/pods/", Some("default"), "web"))
+        );
+        assert_eq!(
+            split_key("/registry/core/namespaces/default"),
+            Some(("/registry/core/namespaces/", None, "default"))
+        );
         assert_eq!(split_key("/elsewhere/x"), None);
     }
 }

@@ -47,7 +47,11 @@ async fn reconcile(server: &Arc<ApiServer>, prefix: &str) {
     let mut verdicts = Vec::new();
     for crd in &crds {
         let custom = custom::kinds_of(crd);
-        let clash = custom.iter().find(|c| kinds.iter().any(|k| k.group == c.group && k.version == c.version && (k.plural == c.plural || k.kind == c.kind)));
+        let clash = custom.iter().find(|c| {
+            kinds
+                .iter()
+                .any(|k| k.group == c.group && k.version == c.version && (k.plural == c.plural || k.kind == c.kind))
+        });
         let accepted = clash.is_none();
         if accepted {
             kinds.extend(custom);
@@ -71,13 +75,21 @@ async fn reconcile(server: &Arc<ApiServer>, prefix: &str) {
 }
 
 /// Writes NamesAccepted/Established (and acceptedNames) when they are not yet right.
-async fn update_status(server: &ApiServer, crd_kind: &Arc<KindInfo>, crd: &Value, accepted: bool) -> krate_api::ApiResult<()> {
+async fn update_status(
+    server: &ApiServer,
+    crd_kind: &Arc<KindInfo>,
+    crd: &Value,
+    accepted: bool,
+) -> krate_api::ApiResult<()> {
     let names = crd.pointer("/spec/names").cloned().unwrap_or_default();
     let state = if accepted { "True" } else { "False" };
     let has = |t: &str| {
-        crd.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|cs| cs.iter().any(|c| c["type"] == t && c["status"] == state))
+        crd.pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .is_some_and(|cs| cs.iter().any(|c| c["type"] == t && c["status"] == state))
     };
-    if has("NamesAccepted") && has("Established") && (!accepted || crd.pointer("/status/acceptedNames") == Some(&names)) {
+    if has("NamesAccepted") && has("Established") && (!accepted || crd.pointer("/status/acceptedNames") == Some(&names))
+    {
         return Ok(());
     }
     let mut status = crd.get("status").cloned().unwrap_or_else(|| json!({}));
@@ -88,14 +100,23 @@ async fn update_status(server: &ApiServer, crd_kind: &Arc<KindInfo>, crd: &Value
         ])
     } else {
         json!([
-            condition("NamesAccepted", "False", "ResourceConflict", "the resource or kind is already served in this group and version"),
+            condition(
+                "NamesAccepted",
+                "False",
+                "ResourceConflict",
+                "the resource or kind is already served in this group and version"
+            ),
             condition("Established", "False", "NotAccepted", "not all names are accepted"),
         ])
     };
     if accepted {
         status["acceptedNames"] = names;
     }
-    let storage = crd.pointer("/spec/versions").and_then(Value::as_array).and_then(|vs| vs.iter().find(|v| v["storage"] == true)).map(|v| v["name"].clone());
+    let storage = crd
+        .pointer("/spec/versions")
+        .and_then(Value::as_array)
+        .and_then(|vs| vs.iter().find(|v| v["storage"] == true))
+        .map(|v| v["name"].clone());
     let mut stored: Vec<Value> = status.get("storedVersions").and_then(Value::as_array).cloned().unwrap_or_default();
     if let Some(s) = storage.filter(|s| !stored.contains(s)) {
         stored.push(s);
@@ -109,13 +130,22 @@ async fn update_status(server: &ApiServer, crd_kind: &Arc<KindInfo>, crd: &Value
 }
 
 /// A deleted CRD: delete every object it defines, then release the CRD.
-async fn clean_up(server: &ApiServer, kinds: &Registry, crd_kind: &Arc<KindInfo>, crd: &Value) -> krate_api::ApiResult<()> {
+async fn clean_up(
+    server: &ApiServer,
+    kinds: &Registry,
+    crd_kind: &Arc<KindInfo>,
+    crd: &Value,
+) -> krate_api::ApiResult<()> {
     if !object::finalizers(crd).iter().any(|f| f == CLEANUP_FINALIZER) {
         return Ok(());
     }
     let group = get_str(crd, &["spec", "group"]).unwrap_or_default();
     let plural = get_str(crd, &["spec", "names", "plural"]).unwrap_or_default();
-    let served = kinds.kinds().iter().find(|k| k.custom.is_some() && k.group == group && k.plural == plural && k.conversion.is_none()).cloned();
+    let served = kinds
+        .kinds()
+        .iter()
+        .find(|k| k.custom.is_some() && k.group == group && k.plural == plural && k.conversion.is_none())
+        .cloned();
     if let Some(kind) = served {
         let scope = Scope { kind, namespace: None };
         server.storage.delete_collection(&scope, &ListOptions::default(), &DeleteOptions::default()).await?;

@@ -15,7 +15,8 @@ use crate::registry::{DeleteOptions, ListOptions, Scope, Storage, Subresource, W
 const BUDGET_RETRIES: usize = 8;
 
 fn too_many_requests(cause: String) -> ApiError {
-    let mut err = ApiError::new(429, "TooManyRequests", "Cannot evict pod as it would violate the pod's disruption budget.");
+    let mut err =
+        ApiError::new(429, "TooManyRequests", "Cannot evict pod as it would violate the pod's disruption budget.");
     err.details = Some(json!({"causes": [{"reason": "DisruptionBudget", "message": cause}]}));
     err
 }
@@ -38,7 +39,8 @@ impl Storage {
     /// scope of the same namespace, `delete` the Eviction's deleteOptions.
     pub async fn evict(&self, pods: &Scope, budgets: &Scope, name: &str, delete: &DeleteOptions) -> ApiResult<Written> {
         let pod = self.get(pods, name).await?.parse();
-        let opts = WriteOptions { dry_run: delete.dry_run, field_manager: "eviction".into(), ..WriteOptions::default() };
+        let opts =
+            WriteOptions { dry_run: delete.dry_run, field_manager: "eviction".into(), ..WriteOptions::default() };
         if needs_budget(&pod) {
             let matching: Vec<Value> = self
                 .list(budgets, &ListOptions::default())
@@ -51,7 +53,9 @@ impl Storage {
             match matching.as_slice() {
                 [] => {}
                 [pdb] => self.spend_budget(budgets, object::name(pdb), name, &opts).await?,
-                _ => return Err(ApiError::internal("This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.")),
+                _ => return Err(ApiError::internal(
+                    "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
+                )),
             }
         }
         self.delete(pods, name, delete).await?;
@@ -65,7 +69,9 @@ impl Storage {
             let generation = get(&pdb, &["metadata", "generation"]).and_then(Value::as_i64).unwrap_or(0);
             let observed = get(&pdb, &["status", "observedGeneration"]).and_then(Value::as_i64).unwrap_or(0);
             if observed < generation {
-                return Err(too_many_requests(format!("The disruption budget {pdb_name} is still being processed by the server.")));
+                return Err(too_many_requests(format!(
+                    "The disruption budget {pdb_name} is still being processed by the server."
+                )));
             }
             let allowed = get(&pdb, &["status", "disruptionsAllowed"]).and_then(Value::as_i64).unwrap_or(0);
             if allowed < 0 {
@@ -74,7 +80,9 @@ impl Storage {
             if allowed == 0 {
                 let desired = get(&pdb, &["status", "desiredHealthy"]).and_then(Value::as_i64).unwrap_or(0);
                 let current = get(&pdb, &["status", "currentHealthy"]).and_then(Value::as_i64).unwrap_or(0);
-                return Err(too_many_requests(format!("The disruption budget {pdb_name} needs {desired} healthy pods and has {current} currently")));
+                return Err(too_many_requests(format!(
+                    "The disruption budget {pdb_name} needs {desired} healthy pods and has {current} currently"
+                )));
             }
             object::set(&mut pdb, &["status", "disruptionsAllowed"], json!(allowed - 1));
             object::set(&mut pdb, &["status", "disruptedPods", pod], json!(object::now_rfc3339()));

@@ -129,7 +129,8 @@ impl ApiServer {
                 .await
                 .map_err(|e| anyhow::anyhow!("creating namespace {ns}: {e}"))?;
         }
-        let classes = kinds.lookup("scheduling.k8s.io", "v1", "priorityclasses").expect("priority classes are built in").clone();
+        let classes =
+            kinds.lookup("scheduling.k8s.io", "v1", "priorityclasses").expect("priority classes are built in").clone();
         for (name, value, description) in admission::SYSTEM_PRIORITY_CLASSES {
             let class = json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": name}, "value": value, "description": description});
             self.storage

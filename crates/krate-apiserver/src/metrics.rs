@@ -37,17 +37,26 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<Labels, Counter>::default();
-        let latency = Family::<Labels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 16)));
+        let latency =
+            Family::<Labels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 16)));
         let watchers = Gauge::default();
         registry.register("apiserver_request", "Requests by verb, resource and HTTP code", requests.clone());
-        registry.register("apiserver_request_duration_seconds", "Request latency by verb and resource", latency.clone());
+        registry.register(
+            "apiserver_request_duration_seconds",
+            "Request latency by verb and resource",
+            latency.clone(),
+        );
         registry.register("apiserver_registered_watchers", "Open watch streams", watchers.clone());
         Self { registry, requests, latency, watchers, open_watchers: AtomicI64::new(0), sources: Default::default() }
     }
 
     pub fn observe_request(&self, verb: &str, resource: &str, code: u16, elapsed: Duration) {
         self.requests
-            .get_or_create(&vec![("verb", verb.to_string()), ("resource", resource.to_string()), ("code", code.to_string())])
+            .get_or_create(&vec![
+                ("verb", verb.to_string()),
+                ("resource", resource.to_string()),
+                ("code", code.to_string()),
+            ])
             .inc();
         if verb != "WATCH" {
             self.latency
@@ -73,11 +82,14 @@ impl Metrics {
         let mut out = String::new();
         let _ = encode_registry(&mut out, &self.registry);
         // Point-in-time gauges read from the cache.
-        out.push_str("# HELP apiserver_storage_objects Objects stored, by resource.\n# TYPE apiserver_storage_objects gauge\n");
+        out.push_str(
+            "# HELP apiserver_storage_objects Objects stored, by resource.\n# TYPE apiserver_storage_objects gauge\n",
+        );
         let mut counts = cache.counts();
         counts.sort();
         for (prefix, count) in counts {
-            let resource = prefix.trim_start_matches(crate::cache::REGISTRY_PREFIX).trim_end_matches('/').replace('/', ".");
+            let resource =
+                prefix.trim_start_matches(crate::cache::REGISTRY_PREFIX).trim_end_matches('/').replace('/', ".");
             out.push_str(&format!("apiserver_storage_objects{{resource=\"{resource}\"}} {count}\n"));
         }
         out.push_str(&format!(

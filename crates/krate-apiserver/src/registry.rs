@@ -135,8 +135,12 @@ const GENERATE_NAME_RETRIES: usize = 8;
 /// A built-in kind by group, version and plural (for storage paths that reach across
 /// kinds, such as admission reading quotas).
 pub fn builtin_kind(group: &str, version: &str, plural: &str) -> Arc<KindInfo> {
-    static BUILTIN: std::sync::LazyLock<krate_api::kinds::Registry> = std::sync::LazyLock::new(krate_api::kinds::Registry::builtin);
-    BUILTIN.lookup(group, version, plural).unwrap_or_else(|| panic!("{group}/{version} {plural} is a built-in kind")).clone()
+    static BUILTIN: std::sync::LazyLock<krate_api::kinds::Registry> =
+        std::sync::LazyLock::new(krate_api::kinds::Registry::builtin);
+    BUILTIN
+        .lookup(group, version, plural)
+        .unwrap_or_else(|| panic!("{group}/{version} {plural} is a built-in kind"))
+        .clone()
 }
 
 pub fn storage_prefix(kind: &KindInfo) -> String {
@@ -201,7 +205,10 @@ fn parse_revision(rv: &str) -> ApiResult<Revision> {
 /// Returns the canonical object and the paths of unknown fields.
 pub fn decode_body(kind: &KindInfo, mut body: Value) -> ApiResult<(Value, Vec<String>)> {
     let Some(map) = body.as_object_mut() else {
-        return Err(ApiError::bad_request(format!("{} in version {:?} cannot be handled as a {}: the body must be a JSON object", kind.kind, kind.version, kind.kind)));
+        return Err(ApiError::bad_request(format!(
+            "{} in version {:?} cannot be handled as a {}: the body must be a JSON object",
+            kind.kind, kind.version, kind.kind
+        )));
     };
     let api_version = kind.api_version();
     match map.get("apiVersion").and_then(Value::as_str) {
@@ -232,7 +239,10 @@ pub fn decode_body(kind: &KindInfo, mut body: Value) -> ApiResult<(Value, Vec<St
     }
     let Some(typed) = kind.typed else { return Ok((body, vec![])) };
     let canonical = typed(&body).map_err(|e| {
-        ApiError::bad_request(format!("{} in version {:?} cannot be handled as a {}: {e}", kind.kind, kind.version, kind.kind))
+        ApiError::bad_request(format!(
+            "{} in version {:?} cannot be handled as a {}: {e}",
+            kind.kind, kind.version, kind.kind
+        ))
     })?;
     let mut unknown = Vec::new();
     unknown_fields(&body, &canonical, "", &mut unknown);
@@ -264,7 +274,12 @@ fn unknown_fields(input: &Value, canonical: &Value, path: &str, out: &mut Vec<St
 /// Applies the field validation directive to unknown fields.
 /// Applies the field validation directive to unknown and duplicate fields: an error
 /// (Strict), warnings (Warn) or nothing (Ignore).
-pub fn check_fields(kind: &KindInfo, unknown: &[String], duplicate: &[String], mode: FieldValidation) -> ApiResult<Vec<String>> {
+pub fn check_fields(
+    kind: &KindInfo,
+    unknown: &[String],
+    duplicate: &[String],
+    mode: FieldValidation,
+) -> ApiResult<Vec<String>> {
     let problems: Vec<String> = unknown
         .iter()
         .map(|f| format!("unknown field \"{f}\""))
@@ -321,7 +336,10 @@ fn validate(kind: &KindInfo, obj: &Value, old: Option<&Value>) -> ApiResult<()> 
             if get(old, &["metadata", "deletionTimestamp"]).is_some() {
                 let old_f = object::finalizers(old);
                 if object::finalizers(obj).iter().any(|f| !old_f.contains(f)) {
-                    errs.push(FieldError::forbidden("metadata.finalizers", "no new finalizers can be added if the object is being deleted"));
+                    errs.push(FieldError::forbidden(
+                        "metadata.finalizers",
+                        "no new finalizers can be added if the object is being deleted",
+                    ));
                 }
             }
         }
@@ -356,7 +374,8 @@ fn encode(obj: &Value) -> ApiResult<Bytes> {
 }
 
 fn decode_stored(bytes: &[u8], revision: Revision) -> ApiResult<Value> {
-    let mut v: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::internal(format!("stored object is corrupt: {e}")))?;
+    let mut v: Value =
+        serde_json::from_slice(bytes).map_err(|e| ApiError::internal(format!("stored object is corrupt: {e}")))?;
     object::set(&mut v, &["metadata", "resourceVersion"], json!(revision.to_string()));
     Ok(v)
 }
@@ -408,7 +427,9 @@ impl Storage {
             let mut e = ApiError::forbidden(format!(
                 "unable to create new content in namespace {ns} because it is being terminated"
             ));
-            e.details = Some(json!({"name": ns, "kind": "namespaces", "causes": [{"reason": "NamespaceTerminating", "message": format!("namespace {ns} is being terminated"), "field": "metadata.namespace"}]}));
+            e.details = Some(
+                json!({"name": ns, "kind": "namespaces", "causes": [{"reason": "NamespaceTerminating", "message": format!("namespace {ns} is being terminated"), "field": "metadata.namespace"}]}),
+            );
             return Err(e);
         }
         Ok(())
@@ -418,7 +439,8 @@ impl Storage {
     pub async fn create(&self, scope: &Scope, body: Value, opts: &WriteOptions) -> ApiResult<Written> {
         let kind = &scope.kind;
         let mut obj = to_storage(kind, body);
-        let meta = object::object_at(&mut obj, &["metadata"]).ok_or_else(|| ApiError::bad_request("metadata must be an object"))?;
+        let meta = object::object_at(&mut obj, &["metadata"])
+            .ok_or_else(|| ApiError::bad_request("metadata must be an object"))?;
         if kind.namespaced {
             let url_ns = scope.namespace.clone().unwrap_or_default();
             match meta.get("namespace").and_then(Value::as_str) {
@@ -465,7 +487,12 @@ impl Storage {
             }
         }
         let api_version = kind.api_version();
-        managed::track_update(kind.schema.as_deref(), None, &mut obj, &manager(kind, opts, &api_version, Subresource::Main));
+        managed::track_update(
+            kind.schema.as_deref(),
+            None,
+            &mut obj,
+            &manager(kind, opts, &api_version, Subresource::Main),
+        );
         for attempt in 0..GENERATE_NAME_RETRIES {
             if let Some(prefix) = &generate {
                 object::set(&mut obj, &["metadata", "name"], json!(generate_name(prefix)));
@@ -478,9 +505,15 @@ impl Storage {
             let key = key_for(kind, scope.namespace.as_deref(), &name);
             match self.store.create(&key, encode(&obj)?).await {
                 Ok(kv) => {
-                    return Ok(Written { code: 201, body: to_served(kind, with_revision(obj, kv.mod_revision)), warnings: vec![] })
+                    return Ok(Written {
+                        code: 201,
+                        body: to_served(kind, with_revision(obj, kv.mod_revision)),
+                        warnings: vec![],
+                    })
                 }
-                Err(StoreError::AlreadyExists(_)) if generate.is_some() && attempt + 1 < GENERATE_NAME_RETRIES => continue,
+                Err(StoreError::AlreadyExists(_)) if generate.is_some() && attempt + 1 < GENERATE_NAME_RETRIES => {
+                    continue
+                }
                 Err(err) => return Err(store_error(kind, &name, err)),
             }
         }
@@ -556,9 +589,11 @@ impl Storage {
                     .update(&key, encode(&new)?, revision)
                     .await
                     .map(|kv| (with_revision(new, kv.mod_revision), Done::Stored)),
-                Mutation::Remove => {
-                    self.store.delete(&key, Some(revision)).await.map(|(rev, _)| (with_revision(current, rev), Done::Removed))
-                }
+                Mutation::Remove => self
+                    .store
+                    .delete(&key, Some(revision))
+                    .await
+                    .map(|(rev, _)| (with_revision(current, rev), Done::Removed)),
             };
             match result {
                 Ok(done) => return Ok(done),
@@ -571,13 +606,27 @@ impl Storage {
 
     /// Builds the object an update of `sub` produces from `current` and the new served
     /// body, applying generic rules and the strategy; validates it.
-    fn prepare_update(scope: &Scope, sub: Subresource, current: &Value, body: Value, opts: &WriteOptions) -> ApiResult<Mutation> {
+    fn prepare_update(
+        scope: &Scope,
+        sub: Subresource,
+        current: &Value,
+        body: Value,
+        opts: &WriteOptions,
+    ) -> ApiResult<Mutation> {
         let kind = &scope.kind;
         let mut new = match sub {
             Subresource::Main | Subresource::Finalize => {
                 let mut new = to_storage(kind, body);
                 // System-owned metadata always comes from the stored object.
-                for field in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation", "namespace", "name"] {
+                for field in [
+                    "uid",
+                    "creationTimestamp",
+                    "deletionTimestamp",
+                    "deletionGracePeriodSeconds",
+                    "generation",
+                    "namespace",
+                    "name",
+                ] {
                     match get(current, &["metadata", field]) {
                         Some(v) => object::set(&mut new, &["metadata", field], v.clone()),
                         None => {
@@ -623,27 +672,54 @@ impl Storage {
                 }
                 new
             }
-            Subresource::Scale | Subresource::Binding | Subresource::Eviction | Subresource::Token | Subresource::Log | Subresource::Connect(_) => unreachable!("scale, binding, eviction, token, log and connect have their own paths"),
+            Subresource::Scale
+            | Subresource::Binding
+            | Subresource::Eviction
+            | Subresource::Token
+            | Subresource::Log
+            | Subresource::Connect(_) => {
+                unreachable!("scale, binding, eviction, token, log and connect have their own paths")
+            }
         };
-        object::set(&mut new, &["metadata", "resourceVersion"], get(current, &["metadata", "resourceVersion"]).cloned().unwrap_or(Value::Null));
+        object::set(
+            &mut new,
+            &["metadata", "resourceVersion"],
+            get(current, &["metadata", "resourceVersion"]).cloned().unwrap_or(Value::Null),
+        );
         if kind.generation && sub == Subresource::Main && spec_changed(&new, current) {
             let generation = get(current, &["metadata", "generation"]).and_then(Value::as_i64).unwrap_or(0);
             object::set(&mut new, &["metadata", "generation"], json!(generation + 1));
         }
         if sub != Subresource::Finalize {
             let api_version = kind.api_version();
-            managed::track_update(kind.schema.as_deref(), Some(current), &mut new, &manager(kind, opts, &api_version, sub));
+            managed::track_update(
+                kind.schema.as_deref(),
+                Some(current),
+                &mut new,
+                &manager(kind, opts, &api_version, sub),
+            );
         }
         validate(kind, &new, Some(current))?;
         let deleting = get(&new, &["metadata", "deletionTimestamp"]).is_some();
-        if deleting && object::finalizers(&new).is_empty() && !awaits_graceful_termination(&new) && !kind.strategy.deletion_blocked(&new) {
+        if deleting
+            && object::finalizers(&new).is_empty()
+            && !awaits_graceful_termination(&new)
+            && !kind.strategy.deletion_blocked(&new)
+        {
             return Ok(Mutation::Remove);
         }
         Ok(Mutation::Write(new))
     }
 
     /// PUT of the main resource or a subresource.
-    pub async fn update(&self, scope: &Scope, name: &str, sub: Subresource, body: Value, opts: &WriteOptions) -> ApiResult<Written> {
+    pub async fn update(
+        &self,
+        scope: &Scope,
+        name: &str,
+        sub: Subresource,
+        body: Value,
+        opts: &WriteOptions,
+    ) -> ApiResult<Written> {
         let kind = scope.kind.clone();
         let body_name = get_str(&body, &["metadata", "name"]).unwrap_or_default().to_string();
         if !body_name.is_empty() && body_name != name {
@@ -692,7 +768,12 @@ impl Storage {
             .guaranteed_update(scope, name, opts.dry_run, |current| {
                 let served = to_served(&kind, current.clone());
                 let mut patched = served.clone();
-                apply_patch(&mut patched, patch_type, &patch, kind.schema.as_deref().filter(|_| kind.custom.is_none()))?;
+                apply_patch(
+                    &mut patched,
+                    patch_type,
+                    &patch,
+                    kind.schema.as_deref().filter(|_| kind.custom.is_none()),
+                )?;
                 let (canonical, unknown) = decode_body(&kind, patched.clone())?;
                 warnings = check_fields(&kind, &unknown, &[], opts.field_validation)?;
                 // A resourceVersion in the patch is a precondition.
@@ -702,7 +783,10 @@ impl Storage {
                     _ => false,
                 };
                 if object::name(&patched) != name {
-                    return Err(ApiError::bad_request(format!("metadata.name: Invalid value: {:?}: field is immutable", object::name(&patched))));
+                    return Err(ApiError::bad_request(format!(
+                        "metadata.name: Invalid value: {:?}: field is immutable",
+                        object::name(&patched)
+                    )));
                 }
                 Ok((Self::prepare_update(scope, sub, current, canonical, opts)?, pinned))
             })
@@ -749,15 +833,28 @@ impl Storage {
 
     /// Server-side apply: creates the object if needed, else merges the configuration
     /// into it under field management.
-    async fn apply(&self, scope: &Scope, name: &str, sub: Subresource, config: Value, opts: &WriteOptions) -> ApiResult<Written> {
+    async fn apply(
+        &self,
+        scope: &Scope,
+        name: &str,
+        sub: Subresource,
+        config: Value,
+        opts: &WriteOptions,
+    ) -> ApiResult<Written> {
         let kind = scope.kind.clone();
         if opts.field_manager.is_empty() {
-            return Err(ApiError::invalid("meta.k8s.io", "PatchOptions", "", &[FieldError::required("fieldManager", "is required for apply patch")]));
+            return Err(ApiError::invalid(
+                "meta.k8s.io",
+                "PatchOptions",
+                "",
+                &[FieldError::required("fieldManager", "is required for apply patch")],
+            ));
         }
         if !config.is_object() {
             return Err(ApiError::bad_request("the apply configuration must be an object"));
         }
-        let (api_version, kind_name) = (get_str(&config, &["apiVersion"]).unwrap_or_default(), get_str(&config, &["kind"]).unwrap_or_default());
+        let (api_version, kind_name) =
+            (get_str(&config, &["apiVersion"]).unwrap_or_default(), get_str(&config, &["kind"]).unwrap_or_default());
         if api_version != kind.api_version() || kind_name != kind.kind {
             return Err(ApiError::bad_request(format!(
                 "the apply configuration is for {api_version:?}, kind {kind_name:?}; this endpoint serves {:?}, kind {:?}",
@@ -809,7 +906,13 @@ impl Storage {
         Ok(Written { code: 200, body: to_served(&kind, obj), warnings })
     }
 
-    async fn update_scale(&self, scope: &Scope, name: &str, change: ScaleChange, opts: &WriteOptions) -> ApiResult<Written> {
+    async fn update_scale(
+        &self,
+        scope: &Scope,
+        name: &str,
+        change: ScaleChange,
+        opts: &WriteOptions,
+    ) -> ApiResult<Written> {
         let kind = scope.kind.clone();
         let Some(info) = kind.scale else {
             return Err(ApiError::not_found(&kind.group, &format!("{}/scale", kind.plural), name));
@@ -835,11 +938,21 @@ impl Storage {
                 };
                 let replicas = get(&new_scale, &["spec", "replicas"]).and_then(Value::as_i64).unwrap_or(0);
                 if replicas < 0 {
-                    return Err(ApiError::invalid("autoscaling", "Scale", name, &[FieldError::invalid("spec.replicas", &json!(replicas), "must be greater than or equal to 0")]));
+                    return Err(ApiError::invalid(
+                        "autoscaling",
+                        "Scale",
+                        name,
+                        &[FieldError::invalid("spec.replicas", &json!(replicas), "must be greater than or equal to 0")],
+                    ));
                 }
                 let mut new = current.clone();
                 object::set(&mut new, info.spec_replicas, json!(replicas));
-                managed::track_update(kind.schema.as_deref(), Some(current), &mut new, &manager(&kind, opts, &api_version, Subresource::Scale));
+                managed::track_update(
+                    kind.schema.as_deref(),
+                    Some(current),
+                    &mut new,
+                    &manager(&kind, opts, &api_version, Subresource::Scale),
+                );
                 if kind.generation && new != *current {
                     let generation = get(current, &["metadata", "generation"]).and_then(Value::as_i64).unwrap_or(0);
                     object::set(&mut new, &["metadata", "generation"], json!(generation + 1));
@@ -906,7 +1019,10 @@ impl Storage {
             Some(0) => {}
             Some(rv) => {
                 if !self.cache.wait_for(rv, Duration::from_secs(3)).await {
-                    let mut e = ApiError::timeout(format!("Timeout: Too large resource version: {rv}, current: {}", self.cache.revision()));
+                    let mut e = ApiError::timeout(format!(
+                        "Timeout: Too large resource version: {rv}, current: {}",
+                        self.cache.revision()
+                    ));
                     e.retry_after_seconds = Some(1);
                     return Err(e);
                 }
@@ -940,7 +1056,9 @@ impl Storage {
         let revision = snapshot_rev.unwrap_or_else(|| self.cache.revision().max(state.last_change));
         let lower = start.unwrap_or_else(|| prefix.to_string());
         let upper = krate_store::prefix_end(prefix);
-        let matches = |o: &CachedObject| opts.labels.matches(&o.labels) && opts.fields.matches(|f| o.field(f).map(str::to_string));
+        let matches = |o: &CachedObject| {
+            opts.labels.matches(&o.labels) && opts.fields.matches(|f| o.field(f).map(str::to_string))
+        };
         let mut items = Vec::new();
         let mut iter = state.objects.range(lower..upper).map(|(_, o)| o).filter(|o| matches(o));
         for obj in iter.by_ref() {
@@ -1004,7 +1122,12 @@ impl Storage {
     }
 
     /// DELETE on a collection: every matching object, each with the same options.
-    pub async fn delete_collection(&self, scope: &Scope, list: &ListOptions, opts: &DeleteOptions) -> ApiResult<Vec<Value>> {
+    pub async fn delete_collection(
+        &self,
+        scope: &Scope,
+        list: &ListOptions,
+        opts: &DeleteOptions,
+    ) -> ApiResult<Vec<Value>> {
         let listed = self.list(scope, &ListOptions { limit: None, continue_token: None, ..list.clone() }).await?;
         let mut deleted = Vec::new();
         for obj in listed.items {
@@ -1033,9 +1156,14 @@ enum ScaleChange {
     Patch(PatchType, Value),
 }
 
-const CUSTOM_PATCH_TYPES: &[&str] = &["application/json-patch+json", "application/merge-patch+json", "application/apply-patch+yaml"];
-const BUILTIN_PATCH_TYPES: &[&str] =
-    &["application/json-patch+json", "application/merge-patch+json", "application/strategic-merge-patch+json", "application/apply-patch+yaml"];
+const CUSTOM_PATCH_TYPES: &[&str] =
+    &["application/json-patch+json", "application/merge-patch+json", "application/apply-patch+yaml"];
+const BUILTIN_PATCH_TYPES: &[&str] = &[
+    "application/json-patch+json",
+    "application/merge-patch+json",
+    "application/strategic-merge-patch+json",
+    "application/apply-patch+yaml",
+];
 
 /// The patch media types a kind accepts.
 pub fn patch_types(kind: &KindInfo) -> &'static [&'static str] {
@@ -1099,7 +1227,9 @@ fn plan_delete(kind: &KindInfo, current: &Value, opts: &DeleteOptions) -> Mutati
         None => None,
     });
     match propagation {
-        Some("Foreground") if !finalizers.iter().any(|f| f == "foregroundDeletion") => finalizers.push("foregroundDeletion".into()),
+        Some("Foreground") if !finalizers.iter().any(|f| f == "foregroundDeletion") => {
+            finalizers.push("foregroundDeletion".into())
+        }
         Some("Orphan") if !finalizers.iter().any(|f| f == "orphan") => finalizers.push("orphan".into()),
         _ => {}
     }

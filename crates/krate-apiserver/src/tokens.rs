@@ -106,7 +106,10 @@ impl Tokens {
 impl ApiServer {
     /// A core object from the cache (callers sync it once for all their reads).
     fn object(&self, resource: &str, namespace: &str, name: &str) -> ApiResult<Value> {
-        Ok(self.storage.cached(&Scope { kind: builtin_kind("", "v1", resource), namespace: Some(namespace.to_string()) }, name)?.parse())
+        Ok(self
+            .storage
+            .cached(&Scope { kind: builtin_kind("", "v1", resource), namespace: Some(namespace.to_string()) }, name)?
+            .parse())
     }
 
     /// `POST serviceaccounts/{name}/token`: a token for the account, bound to a pod when
@@ -116,12 +119,27 @@ impl ApiServer {
         let account = self.object("serviceaccounts", namespace, name)?;
         let spec = &request["spec"];
         let expiration = spec["expirationSeconds"].as_i64().unwrap_or(DEFAULT_EXPIRATION_SECONDS);
-        let invalid = |field: &str, value: Value, detail: &str| ApiError::invalid("authentication.k8s.io", "TokenRequest", name, &[FieldError::invalid(field, &value, detail)]);
+        let invalid = |field: &str, value: Value, detail: &str| {
+            ApiError::invalid(
+                "authentication.k8s.io",
+                "TokenRequest",
+                name,
+                &[FieldError::invalid(field, &value, detail)],
+            )
+        };
         if expiration < MIN_EXPIRATION_SECONDS {
-            return Err(invalid("spec.expirationSeconds", json!(expiration), "may not specify a duration less than 10 minutes"));
+            return Err(invalid(
+                "spec.expirationSeconds",
+                json!(expiration),
+                "may not specify a duration less than 10 minutes",
+            ));
         }
         if expiration > 1 << 32 {
-            return Err(invalid("spec.expirationSeconds", json!(expiration), "may not specify a duration larger than 2^32 seconds"));
+            return Err(invalid(
+                "spec.expirationSeconds",
+                json!(expiration),
+                "may not specify a duration larger than 2^32 seconds",
+            ));
         }
         let audiences: Vec<String> = match spec["audiences"].as_array().filter(|a| !a.is_empty()) {
             Some(list) => list.iter().filter_map(|a| a.as_str().map(str::to_string)).collect(),
@@ -155,11 +173,16 @@ impl ApiServer {
             jti: crate::registry::uuid_v4(),
             kubernetes: KubernetesClaims {
                 namespace: namespace.to_string(),
-                serviceaccount: ObjectRef { name: name.to_string(), uid: account["metadata"]["uid"].as_str().unwrap_or_default().to_string() },
+                serviceaccount: ObjectRef {
+                    name: name.to_string(),
+                    uid: account["metadata"]["uid"].as_str().unwrap_or_default().to_string(),
+                },
                 pod,
             },
         };
-        let expires = jiff::Timestamp::from_second(claims.exp).map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default();
+        let expires = jiff::Timestamp::from_second(claims.exp)
+            .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+            .unwrap_or_default();
         let mut echoed = json!({"audiences": audiences, "expirationSeconds": expiration, "boundObjectRef": null});
         if !bound.is_null() {
             echoed["boundObjectRef"] = bound.clone();
@@ -182,7 +205,9 @@ impl ApiServer {
         let k = &claims.kubernetes;
         let uid_of = |obj: ApiResult<Value>| obj.ok().and_then(|o| o["metadata"]["uid"].as_str().map(str::to_string));
         self.storage.cache.sync().await;
-        if uid_of(self.object("serviceaccounts", &k.namespace, &k.serviceaccount.name)).as_deref() != Some(k.serviceaccount.uid.as_str()) {
+        if uid_of(self.object("serviceaccounts", &k.namespace, &k.serviceaccount.name)).as_deref()
+            != Some(k.serviceaccount.uid.as_str())
+        {
             tracing::debug!(account = %claims.sub, "bearer token of a service account that is gone");
             return Err(ApiError::unauthorized());
         }
@@ -194,7 +219,11 @@ impl ApiServer {
         }
         Ok(User {
             name: claims.sub.clone(),
-            groups: vec!["system:serviceaccounts".into(), format!("system:serviceaccounts:{}", k.namespace), "system:authenticated".into()],
+            groups: vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{}", k.namespace),
+                "system:authenticated".into(),
+            ],
         })
     }
 }
@@ -212,7 +241,11 @@ mod tests {
             iat: 1000,
             nbf: 1000,
             jti: "j".into(),
-            kubernetes: KubernetesClaims { namespace: "ns".into(), serviceaccount: ObjectRef { name: "default".into(), uid: "u".into() }, pod: None },
+            kubernetes: KubernetesClaims {
+                namespace: "ns".into(),
+                serviceaccount: ObjectRef { name: "default".into(), uid: "u".into() },
+                pod: None,
+            },
         }
     }
 

@@ -55,8 +55,8 @@ impl Caches {
         self.synced.send_modify(|map| {
             for name in names {
                 let name = name.into();
-                if !map.contains_key(&name) {
-                    map.insert(name, false);
+                if let std::collections::btree_map::Entry::Vacant(entry) = map.entry(name) {
+                    entry.insert(false);
                     added = true;
                 }
             }
@@ -157,11 +157,18 @@ fn render(all: &[Arc<Caches>]) -> String {
     for c in all {
         let _ = writeln!(out, "krate_component_caches_synced{{component=\"{}\"}} {}", c.component, c.counts().0);
     }
-    out.push_str("# HELP krate_component_cache_synced Whether one cache of a component has listed once (1) or not (0).\n");
+    out.push_str(
+        "# HELP krate_component_cache_synced Whether one cache of a component has listed once (1) or not (0).\n",
+    );
     out.push_str("# TYPE krate_component_cache_synced gauge\n");
     for c in all {
         for (name, synced) in c.synced.borrow().iter() {
-            let _ = writeln!(out, "krate_component_cache_synced{{component=\"{}\",cache=\"{name}\"}} {}", c.component, u8::from(*synced));
+            let _ = writeln!(
+                out,
+                "krate_component_cache_synced{{component=\"{}\",cache=\"{name}\"}} {}",
+                c.component,
+                u8::from(*synced)
+            );
         }
     }
     if let Some(gc) = all.iter().find(|c| c.component == "garbagecollector") {
@@ -217,10 +224,13 @@ mod tests {
         let gc = Arc::new(Caches::unregistered("garbagecollector".into()));
         gc.add(["pods", "replicasets"]);
         gc.mark_synced("replicasets");
-        let text = render(&[gc.clone()]);
+        let text = render(std::slice::from_ref(&gc));
         assert!(text.contains("krate_component_caches{component=\"garbagecollector\"} 2\n"), "{text}");
         assert!(text.contains("krate_component_caches_synced{component=\"garbagecollector\"} 1\n"), "{text}");
-        assert!(text.contains("krate_component_cache_synced{component=\"garbagecollector\",cache=\"pods\"} 0\n"), "{text}");
+        assert!(
+            text.contains("krate_component_cache_synced{component=\"garbagecollector\",cache=\"pods\"} 0\n"),
+            "{text}"
+        );
         assert!(text.contains("garbage_collector_graph_synced 0\n"), "{text}");
         gc.mark_synced("pods");
         assert!(render(&[gc]).contains("garbage_collector_graph_synced 1\n"));

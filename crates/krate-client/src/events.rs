@@ -48,7 +48,13 @@ impl Recorder {
         }
     }
 
-    async fn try_record(&self, object: &ObjectReference, type_: &str, reason: &str, message: &str) -> Result<(), kube::Error> {
+    async fn try_record(
+        &self,
+        object: &ObjectReference,
+        type_: &str,
+        reason: &str,
+        message: &str,
+    ) -> Result<(), kube::Error> {
         let key = (object.uid.clone().unwrap_or_default(), type_.to_string(), reason.to_string(), message.to_string());
         let repeat = self.seen.lock().await.get(&key).cloned();
         if let Some((ns, name, count)) = repeat {
@@ -60,7 +66,10 @@ impl Recorder {
             }
         }
         let ns = object.namespace.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into());
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
         let name = format!("{}.{nanos:x}", object.name.clone().unwrap_or_default());
         let time = now();
         let event: Event = serde_json::from_value(json!({

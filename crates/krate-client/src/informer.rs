@@ -19,7 +19,10 @@ use kube::runtime::WatchStreamExt;
 use kube::Resource;
 use serde::de::DeserializeOwned;
 
-pub trait Watched: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static {}
+pub trait Watched:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+}
 impl<K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static> Watched for K {}
 
 #[derive(Clone)]
@@ -95,7 +98,10 @@ impl<K: Watched> Informer<K> {
             Event::InitDone => {
                 let now = self.store.state();
                 let present: HashSet<ObjectRef<K>> = now.iter().map(|o| ObjectRef::from_obj(&**o)).collect();
-                let vanished: Vec<Arc<K>> = std::mem::take(&mut hub.before_relist).into_iter().filter(|o| !present.contains(&ObjectRef::from_obj(&**o))).collect();
+                let vanished: Vec<Arc<K>> = std::mem::take(&mut hub.before_relist)
+                    .into_iter()
+                    .filter(|o| !present.contains(&ObjectRef::from_obj(&**o)))
+                    .collect();
                 self.synced.send_replace(true);
                 now.into_iter().chain(vanished).collect()
             }
@@ -110,11 +116,16 @@ mod tests {
     use k8s_openapi::api::core::v1::Pod;
 
     fn pod(name: &str, rv: &str) -> Pod {
-        serde_json::from_value(serde_json::json!({"metadata": {"name": name, "namespace": "ns", "resourceVersion": rv}})).unwrap()
+        serde_json::from_value(
+            serde_json::json!({"metadata": {"name": name, "namespace": "ns", "resourceVersion": rv}}),
+        )
+        .unwrap()
     }
 
     fn drain(rx: &mut mpsc::UnboundedReceiver<Arc<Pod>>) -> Vec<(String, String)> {
-        std::iter::from_fn(|| rx.try_recv().ok()).map(|p| (p.metadata.name.clone().unwrap(), p.metadata.resource_version.clone().unwrap())).collect()
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|p| (p.metadata.name.clone().unwrap(), p.metadata.resource_version.clone().unwrap()))
+            .collect()
     }
 
     #[test]
@@ -170,7 +181,10 @@ mod tests {
             informer.dispatch(event);
         }
         for waiter in waiters {
-            tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.expect("a waiter never woke").unwrap();
+            tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+                .await
+                .expect("a waiter never woke")
+                .unwrap();
         }
     }
 

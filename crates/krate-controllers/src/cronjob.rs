@@ -24,7 +24,13 @@ struct Context {
 }
 
 fn finished(job: &Job) -> Option<&str> {
-    job.status.as_ref()?.conditions.as_ref()?.iter().find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True").map(|c| c.type_.as_str())
+    job.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+        .map(|c| c.type_.as_str())
 }
 
 fn timestamp(t: jiff::Timestamp) -> String {
@@ -39,11 +45,20 @@ async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Context>) -> Result<Action, Error>
     let spec = cj.spec.clone();
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let uid = cj.uid().unwrap_or_default();
-    let mut jobs: Vec<Job> = jobs_api.list(&ListParams::default()).await?.items.into_iter().filter(|j| j.owner_references().iter().any(|r| r.uid == uid)).collect();
+    let mut jobs: Vec<Job> = jobs_api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|j| j.owner_references().iter().any(|r| r.uid == uid))
+        .collect();
     jobs.sort_by_key(|j| j.metadata.creation_timestamp.as_ref().map(|t| t.0));
 
     // History limits.
-    for (kind, limit) in [("Complete", spec.successful_jobs_history_limit.unwrap_or(3)), ("Failed", spec.failed_jobs_history_limit.unwrap_or(1))] {
+    for (kind, limit) in [
+        ("Complete", spec.successful_jobs_history_limit.unwrap_or(3)),
+        ("Failed", spec.failed_jobs_history_limit.unwrap_or(1)),
+    ] {
         let done: Vec<&Job> = jobs.iter().filter(|j| finished(j) == Some(kind)).collect();
         let excess = done.len().saturating_sub(limit.max(0) as usize);
         for j in &done[..excess] {
@@ -70,7 +85,12 @@ async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Context>) -> Result<Action, Error>
         },
     };
     let status = cj.status.clone().unwrap_or_default();
-    let since = status.last_schedule_time.as_ref().map(|t| t.0).or(cj.metadata.creation_timestamp.as_ref().map(|t| t.0)).unwrap_or_else(jiff::Timestamp::now);
+    let since = status
+        .last_schedule_time
+        .as_ref()
+        .map(|t| t.0)
+        .or(cj.metadata.creation_timestamp.as_ref().map(|t| t.0))
+        .unwrap_or_else(jiff::Timestamp::now);
     let now = jiff::Timestamp::now();
     // The most recent missed firing, if any.
     let mut due = None;
@@ -96,9 +116,14 @@ async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Context>) -> Result<Action, Error>
             job["metadata"]["name"] = json!(format!("{}-{}", cj.name_any(), at.as_second() / 60));
             job["metadata"]["namespace"] = json!(ns);
             job["metadata"]["annotations"][SCHEDULED_AT] = json!(timestamp(at));
-            job["metadata"]["ownerReferences"] = json!([cj.controller_owner_ref(&()).expect("a stored cronjob has a name and uid")]);
+            job["metadata"]["ownerReferences"] =
+                json!([cj.controller_owner_ref(&()).expect("a stored cronjob has a name and uid")]);
             match jobs_api.create(&PostParams::default(), &serde_json::from_value(job)?).await {
-                Ok(created) => ctx.events.normal(&reference(&*cj), "SuccessfulCreate", &format!("Created job {}", created.name_any())).await,
+                Ok(created) => {
+                    ctx.events
+                        .normal(&reference(&*cj), "SuccessfulCreate", &format!("Created job {}", created.name_any()))
+                        .await
+                }
                 Err(kube::Error::Api(e)) if e.code == 409 => {}
                 Err(e) => return Err(e.into()),
             }
@@ -113,9 +138,15 @@ async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Context>) -> Result<Action, Error>
         .items
         .iter()
         .filter(|j| j.owner_references().iter().any(|r| r.uid == uid) && finished(j).is_none())
-        .map(|j| json!({"apiVersion": "batch/v1", "kind": "Job", "name": j.name_any(), "namespace": ns, "uid": j.uid()}))
+        .map(
+            |j| json!({"apiVersion": "batch/v1", "kind": "Job", "name": j.name_any(), "namespace": ns, "uid": j.uid()}),
+        )
         .collect();
-    let last_success = jobs.iter().filter(|j| finished(j) == Some("Complete")).filter_map(|j| j.status.as_ref()?.completion_time.as_ref().map(|t| t.0)).max();
+    let last_success = jobs
+        .iter()
+        .filter(|j| finished(j) == Some("Complete"))
+        .filter_map(|j| j.status.as_ref()?.completion_time.as_ref().map(|t| t.0))
+        .max();
     let mut patch = json!({"status": {"active": active_refs}});
     if let Some(t) = last_scheduled {
         patch["status"]["lastScheduleTime"] = json!(timestamp(t));
@@ -124,11 +155,18 @@ async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Context>) -> Result<Action, Error>
         patch["status"]["lastSuccessfulTime"] = json!(timestamp(t));
     }
     let before = serde_json::to_value(&status)?;
-    let changed = patch["status"].as_object().expect("status is an object").iter().any(|(k, v)| before.get(k).unwrap_or(&json!([])) != v);
+    let changed = patch["status"]
+        .as_object()
+        .expect("status is an object")
+        .iter()
+        .any(|(k, v)| before.get(k).unwrap_or(&json!([])) != v);
     if changed {
-        Api::<CronJob>::namespaced(ctx.client.clone(), &ns).patch_status(&cj.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+        Api::<CronJob>::namespaced(ctx.client.clone(), &ns)
+            .patch_status(&cj.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
     }
-    let next = schedule.next_after(now, &tz).map(|n| n.duration_since(jiff::Timestamp::now()).as_secs_f64().max(0.0) + 0.01);
+    let next =
+        schedule.next_after(now, &tz).map(|n| n.duration_since(jiff::Timestamp::now()).as_secs_f64().max(0.0) + 0.01);
     Ok(next.map(|s| Action::requeue(Duration::from_secs_f64(s))).unwrap_or_else(Action::await_change))
 }
 
@@ -140,7 +178,11 @@ fn error_policy(cj: Arc<CronJob>, err: &Error, _ctx: Arc<Context>) -> Action {
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     Controller::new(Api::<CronJob>::all(client.clone()), watcher::Config::default())
         .owns(Api::<Job>::all(client.clone()), watcher::Config::default())
-        .run(reconcile, error_policy, Arc::new(Context { events: Recorder::new(client.clone(), "cronjob-controller"), client }))
+        .run(
+            reconcile,
+            error_policy,
+            Arc::new(Context { events: Recorder::new(client.clone(), "cronjob-controller"), client }),
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

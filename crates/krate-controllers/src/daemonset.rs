@@ -65,8 +65,24 @@ fn target_node(pod: &Pod) -> Option<String> {
     if let Some(n) = pod.spec.as_ref().and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty()) {
         return Some(n);
     }
-    let terms = pod.spec.as_ref()?.affinity.as_ref()?.node_affinity.as_ref()?.required_during_scheduling_ignored_during_execution.as_ref()?;
-    terms.node_selector_terms.iter().flat_map(|t| t.match_fields.iter().flatten()).find(|f| f.key == "metadata.name")?.values.as_ref()?.first().cloned()
+    let terms = pod
+        .spec
+        .as_ref()?
+        .affinity
+        .as_ref()?
+        .node_affinity
+        .as_ref()?
+        .required_during_scheduling_ignored_during_execution
+        .as_ref()?;
+    terms
+        .node_selector_terms
+        .iter()
+        .flat_map(|t| t.match_fields.iter().flatten())
+        .find(|f| f.key == "metadata.name")?
+        .values
+        .as_ref()?
+        .first()
+        .cloned()
 }
 
 async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -86,7 +102,10 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Erro
         .items
         .into_iter()
         .filter(|p| p.owner_references().iter().any(|r| r.controller == Some(true) && r.uid == uid))
-        .filter(|p| p.metadata.deletion_timestamp.is_none() && !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Failed" | "Succeeded")))
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Failed" | "Succeeded"))
+        })
         .collect();
     let mut by_node: HashMap<String, Vec<&Pod>> = HashMap::new();
     for p in &pods {
@@ -123,9 +142,17 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Erro
         ctx.events.normal(&reference(&*ds), "SuccessfulCreate", &format!("Created pod: {}", pod.name_any())).await;
     }
     // Rolling update: replace outdated pods, at most maxUnavailable unavailable at once.
-    let max_unavailable = match spec.update_strategy.as_ref().and_then(|s| s.rolling_update.as_ref()).and_then(|r| r.max_unavailable.clone()) {
+    let max_unavailable = match spec
+        .update_strategy
+        .as_ref()
+        .and_then(|s| s.rolling_update.as_ref())
+        .and_then(|r| r.max_unavailable.clone())
+    {
         Some(IntOrString::Int(n)) => n.max(1) as usize,
-        Some(IntOrString::String(p)) => ((p.trim_end_matches('%').parse::<f64>().unwrap_or(0.0) * eligible.len() as f64 / 100.0).floor() as usize).max(1),
+        Some(IntOrString::String(p)) => {
+            ((p.trim_end_matches('%').parse::<f64>().unwrap_or(0.0) * eligible.len() as f64 / 100.0).floor() as usize)
+                .max(1)
+        }
         None => 1,
     };
     let on_delete = spec.update_strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("OnDelete");
@@ -148,8 +175,15 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Erro
         "numberMisscheduled": misscheduled, "observedGeneration": ds.metadata.generation,
     });
     let before = serde_json::to_value(ds.status.clone().unwrap_or_default())?;
-    if status.as_object().expect("status is an object").iter().any(|(k, v)| before.get(k).cloned().unwrap_or(json!(0)) != *v) {
-        Api::<DaemonSet>::namespaced(ctx.client.clone(), &ns).patch_status(&ds.name_any(), &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await?;
+    if status
+        .as_object()
+        .expect("status is an object")
+        .iter()
+        .any(|(k, v)| before.get(k).cloned().unwrap_or(json!(0)) != *v)
+    {
+        Api::<DaemonSet>::namespaced(ctx.client.clone(), &ns)
+            .patch_status(&ds.name_any(), &PatchParams::default(), &Patch::Merge(json!({"status": status})))
+            .await?;
     }
     Ok(Action::await_change())
 }
@@ -170,7 +204,11 @@ pub async fn run(client: kube::Client, pods: crate::PodChanges) -> anyhow::Resul
     Controller::new(Api::<DaemonSet>::all(client.clone()), watcher::Config::default())
         .owns_shared_stream(pods)
         .reconcile_all_on(node_changes)
-        .run(reconcile, error_policy, Arc::new(Context { events: Recorder::new(client.clone(), "daemonset-controller"), client, nodes: store }))
+        .run(
+            reconcile,
+            error_policy,
+            Arc::new(Context { events: Recorder::new(client.clone(), "daemonset-controller"), client, nodes: store }),
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

@@ -59,7 +59,13 @@ fn scaled(value: Option<&IntOrString>, total: i32, default: &str, round_up: bool
     }
 }
 
-fn new_replica_set(d: &Deployment, template: &Value, hash: &str, replicas: i32, revision: i64) -> Result<ReplicaSet, Error> {
+fn new_replica_set(
+    d: &Deployment,
+    template: &Value,
+    hash: &str,
+    replicas: i32,
+    revision: i64,
+) -> Result<ReplicaSet, Error> {
     let mut template = template.clone();
     template["metadata"]["labels"][HASH_LABEL] = json!(hash);
     let mut selector = serde_json::to_value(&d.spec.selector).unwrap_or_default();
@@ -78,7 +84,14 @@ fn new_replica_set(d: &Deployment, template: &Value, hash: &str, replicas: i32, 
     }))?)
 }
 
-async fn scale(ctx: &Context, api: &Api<ReplicaSet>, rs: &ReplicaSet, replicas: i32, d: &Deployment, max: i32) -> Result<(), Error> {
+async fn scale(
+    ctx: &Context,
+    api: &Api<ReplicaSet>,
+    rs: &ReplicaSet,
+    replicas: i32,
+    d: &Deployment,
+    max: i32,
+) -> Result<(), Error> {
     let wanted = d.spec.replicas.unwrap_or(1);
     let patch = json!({"metadata": {"annotations": {DESIRED: wanted.to_string(), MAX: max.to_string()}}, "spec": {"replicas": replicas}});
     api.patch(&rs.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
@@ -90,7 +103,13 @@ async fn scale(ctx: &Context, api: &Api<ReplicaSet>, rs: &ReplicaSet, replicas: 
 async fn scaled_event(ctx: &Context, d: &Deployment, rs: &str, from: i32, to: i32) {
     if from != to {
         let direction = if to > from { "up" } else { "down" };
-        ctx.events.normal(&reference(d), "ScalingReplicaSet", &format!("Scaled {direction} replica set {rs} from {from} to {to}")).await;
+        ctx.events
+            .normal(
+                &reference(d),
+                "ScalingReplicaSet",
+                &format!("Scaled {direction} replica set {rs} from {from} to {to}"),
+            )
+            .await;
     }
 }
 
@@ -120,8 +139,18 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
     let template = serde_json::to_value(&spec.template)?;
     let max_revision = owned.iter().map(revision).max().unwrap_or(0);
     let mut new_rs = owned.iter().find(|rs| comparable_template(rs) == template).cloned();
-    let surge = scaled(spec.strategy.as_ref().and_then(|s| s.rolling_update.as_ref()).and_then(|r| r.max_surge.as_ref()), wanted, "25%", true);
-    let mut unavailable = scaled(spec.strategy.as_ref().and_then(|s| s.rolling_update.as_ref()).and_then(|r| r.max_unavailable.as_ref()), wanted, "25%", false);
+    let surge = scaled(
+        spec.strategy.as_ref().and_then(|s| s.rolling_update.as_ref()).and_then(|r| r.max_surge.as_ref()),
+        wanted,
+        "25%",
+        true,
+    );
+    let mut unavailable = scaled(
+        spec.strategy.as_ref().and_then(|s| s.rolling_update.as_ref()).and_then(|r| r.max_unavailable.as_ref()),
+        wanted,
+        "25%",
+        false,
+    );
     if surge == 0 && unavailable == 0 {
         unavailable = 1;
     }
@@ -138,7 +167,15 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
         None if paused => {}
         None => {
             let old_total: i32 = owned.iter().map(spec_replicas).sum();
-            let initial = if recreate || owned.is_empty() { if recreate && old_total > 0 { 0 } else { wanted } } else { (wanted + surge - old_total).clamp(0, wanted) };
+            let initial = if recreate || owned.is_empty() {
+                if recreate && old_total > 0 {
+                    0
+                } else {
+                    wanted
+                }
+            } else {
+                (wanted + surge - old_total).clamp(0, wanted)
+            };
             let collisions = d.status.as_ref().and_then(|s| s.collision_count).unwrap_or(0) as i64;
             let rs = new_replica_set(&d, &template, &template_hash(&template, collisions), initial, max_revision + 1)?;
             match rs_api.create(&PostParams::default(), &rs).await {
@@ -150,7 +187,9 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
                 Err(kube::Error::Api(e)) if e.code == 409 => {
                     // The name is taken by a ReplicaSet with another template: a hash collision.
                     let status = json!({"status": {"collisionCount": collisions + 1}});
-                    Api::<Deployment>::namespaced(ctx.client.clone(), &ns).patch_status(&d.name_any(), &PatchParams::default(), &Patch::Merge(status)).await?;
+                    Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+                        .patch_status(&d.name_any(), &PatchParams::default(), &Patch::Merge(status))
+                        .await?;
                     return Ok(Action::requeue(Duration::from_millis(10)));
                 }
                 Err(e) => return Err(e.into()),
@@ -162,7 +201,9 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
     if let Some(rev) = new_rs.as_ref().map(revision).filter(|r| *r > 0) {
         if d.annotations().get(REVISION) != Some(&rev.to_string()) {
             let patch = json!({"metadata": {"annotations": {REVISION: rev.to_string()}}});
-            Api::<Deployment>::namespaced(ctx.client.clone(), &ns).patch(&d.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+            Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+                .patch(&d.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+                .await?;
         }
     }
     let new_name = new_rs.as_ref().map(|rs| rs.name_any());
@@ -218,7 +259,8 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
         }
         // Keep revisionHistoryLimit old, empty ReplicaSets.
         let limit = spec.revision_history_limit.unwrap_or(10).max(0) as usize;
-        let mut empty: Vec<&&ReplicaSet> = old.iter().filter(|rs| spec_replicas(rs) == 0 && status_of(rs).0 == 0).collect();
+        let mut empty: Vec<&&ReplicaSet> =
+            old.iter().filter(|rs| spec_replicas(rs) == 0 && status_of(rs).0 == 0).collect();
         empty.sort_by_key(|rs| revision(rs));
         if empty.len() > limit {
             for rs in &empty[..empty.len() - limit] {
@@ -251,23 +293,40 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
         .filter(|c| counts_same && c.reason.as_deref() == Some("ReplicaSetUpdated"))
         .and_then(|c| c.last_update_time.as_ref().map(|t| t.0));
     let deadline = spec.progress_deadline_seconds.filter(|s| *s > 0).map(|s| Duration::from_secs(s as u64));
-    let still_stalled = counts_same && old_progressing.is_some_and(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
+    let still_stalled =
+        counts_same && old_progressing.is_some_and(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
     let overdue = still_stalled
         || match (deadline, last_progress) {
-            (Some(deadline), Some(at)) => jiff::Timestamp::now().duration_since(at).as_secs() >= deadline.as_secs() as i64,
+            (Some(deadline), Some(at)) => {
+                jiff::Timestamp::now().duration_since(at).as_secs() >= deadline.as_secs() as i64
+            }
             _ => false,
         };
     let mut progressing = match (&new_name, complete, paused) {
         (_, _, true) => condition("Progressing", "Unknown", "DeploymentPaused", "Deployment is paused"),
-        (Some(n), true, _) => condition("Progressing", "True", "NewReplicaSetAvailable", &format!("ReplicaSet \"{n}\" has successfully progressed.")),
-        (Some(n), false, _) if overdue => condition("Progressing", "False", "ProgressDeadlineExceeded", &format!("ReplicaSet \"{n}\" has timed out progressing.")),
-        (Some(n), false, _) => condition("Progressing", "True", "ReplicaSetUpdated", &format!("ReplicaSet \"{n}\" is progressing.")),
+        (Some(n), true, _) => condition(
+            "Progressing",
+            "True",
+            "NewReplicaSetAvailable",
+            &format!("ReplicaSet \"{n}\" has successfully progressed."),
+        ),
+        (Some(n), false, _) if overdue => condition(
+            "Progressing",
+            "False",
+            "ProgressDeadlineExceeded",
+            &format!("ReplicaSet \"{n}\" has timed out progressing."),
+        ),
+        (Some(n), false, _) => {
+            condition("Progressing", "True", "ReplicaSetUpdated", &format!("ReplicaSet \"{n}\" is progressing."))
+        }
         (None, _, _) => condition("Progressing", "Unknown", "NoReplicaSet", "no ReplicaSet yet"),
     };
     // No progress since the last update: keep its time, so the deadline counts from it.
     if let (Some(at), Some("ReplicaSetUpdated")) = (last_progress, progressing["reason"].as_str()) {
         progressing["lastUpdateTime"] = json!(at.to_string());
-        progressing["lastTransitionTime"] = json!(old_progressing.map(|c| c.last_transition_time.as_ref().map(|t| t.0.to_string())).unwrap_or_default());
+        progressing["lastTransitionTime"] = json!(old_progressing
+            .map(|c| c.last_transition_time.as_ref().map(|t| t.0.to_string()))
+            .unwrap_or_default());
     }
     // Wake up when the deadline passes without any event.
     let wake = match (deadline, progressing["reason"].as_str()) {
@@ -278,7 +337,11 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
         _ => Action::await_change(),
     };
     let same_condition = |c: &Value| {
-        current.conditions.iter().flatten().any(|old| old.type_.as_deref() == c["type"].as_str() && old.status.as_deref() == c["status"].as_str() && old.reason.as_deref() == c["reason"].as_str())
+        current.conditions.iter().flatten().any(|old| {
+            old.type_.as_deref() == c["type"].as_str()
+                && old.status.as_deref() == c["status"].as_str()
+                && old.reason.as_deref() == c["reason"].as_str()
+        })
     };
     if !(counts_same && same_condition(&available_condition) && same_condition(&progressing)) {
         let status = json!({"status": {
@@ -286,7 +349,9 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
             "unavailableReplicas": (wanted - available).max(0), "observedGeneration": d.metadata.generation,
             "conditions": [available_condition, progressing],
         }});
-        Api::<Deployment>::namespaced(ctx.client.clone(), &ns).patch_status(&d.name_any(), &PatchParams::default(), &Patch::Merge(status)).await?;
+        Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+            .patch_status(&d.name_any(), &PatchParams::default(), &Patch::Merge(status))
+            .await?;
     }
     Ok(wake)
 }
@@ -299,7 +364,11 @@ fn error_policy(d: Arc<Deployment>, err: &Error, _ctx: Arc<Context>) -> Action {
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     Controller::new(Api::<Deployment>::all(client.clone()), watcher::Config::default())
         .owns(Api::<ReplicaSet>::all(client.clone()), watcher::Config::default())
-        .run(reconcile, error_policy, Arc::new(Context { events: Recorder::new(client.clone(), "deployment-controller"), client }))
+        .run(
+            reconcile,
+            error_policy,
+            Arc::new(Context { events: Recorder::new(client.clone(), "deployment-controller"), client }),
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

@@ -54,7 +54,10 @@ async fn expected_pods(client: &kube::Client, ns: &str, pods: &[Pod]) -> Result<
             Some((owner, res)) => {
                 if seen.insert(owner.uid.clone()) {
                     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &res);
-                    let replicas = api.get_opt(&owner.name).await?.and_then(|o| o.data.pointer("/spec/replicas").and_then(Value::as_i64));
+                    let replicas = api
+                        .get_opt(&owner.name)
+                        .await?
+                        .and_then(|o| o.data.pointer("/spec/replicas").and_then(Value::as_i64));
                     expected += replicas.unwrap_or(1);
                 }
             }
@@ -72,7 +75,13 @@ async fn reconcile(pdb: Arc<PodDisruptionBudget>, ctx: Arc<Context>) -> Result<A
         None => vec![],
         Some(sel) => {
             let query = crate::selector::label_selector_string(&serde_json::to_value(sel)?);
-            pods_api.list(&ListParams::default().labels(&query)).await?.items.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect()
+            pods_api
+                .list(&ListParams::default().labels(&query))
+                .await?
+                .items
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .collect()
         }
     };
     let now = jiff::Timestamp::now();
@@ -84,7 +93,9 @@ async fn reconcile(pdb: Arc<PodDisruptionBudget>, ctx: Arc<Context>) -> Result<A
         .clone()
         .unwrap_or_default()
         .into_iter()
-        .filter(|(name, at)| present.contains(name) && now.duration_since(at.0).as_secs() < DISRUPTION_TIMEOUT.as_secs() as i64)
+        .filter(|(name, at)| {
+            present.contains(name) && now.duration_since(at.0).as_secs() < DISRUPTION_TIMEOUT.as_secs() as i64
+        })
         .map(|(name, at)| (name, json!(at.0.to_string())))
         .collect();
     let healthy = pods.iter().filter(|p| is_ready(p) && !disrupted.contains_key(&p.name_any())).count() as i64;
@@ -96,8 +107,10 @@ async fn reconcile(pdb: Arc<PodDisruptionBudget>, ctx: Arc<Context>) -> Result<A
     };
     let allowed = (healthy - desired).max(0);
     let generation = pdb.metadata.generation.unwrap_or(0);
-    let (cond_status, reason, message) = if allowed > 0 { ("True", "SufficientPods", "") } else { ("False", "InsufficientPods", "") };
-    let old_condition = old_status.conditions.as_ref().and_then(|cs| cs.iter().find(|c| c.type_ == "DisruptionAllowed"));
+    let (cond_status, reason, message) =
+        if allowed > 0 { ("True", "SufficientPods", "") } else { ("False", "InsufficientPods", "") };
+    let old_condition =
+        old_status.conditions.as_ref().and_then(|cs| cs.iter().find(|c| c.type_ == "DisruptionAllowed"));
     let transition = match old_condition {
         Some(c) if c.status == cond_status => json!(c.last_transition_time.0.to_string()),
         _ => json!(now.round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default()),
@@ -139,7 +152,10 @@ pub async fn run(client: kube::Client, pods: crate::PodChanges) -> anyhow::Resul
             .into_iter()
             .filter(|b| b.namespace() == pod.namespace())
             .filter(|b| {
-                b.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|sel| krate_scheduler::plugins::selector_matches(sel, pod.labels()))
+                b.spec
+                    .as_ref()
+                    .and_then(|s| s.selector.as_ref())
+                    .is_some_and(|sel| krate_scheduler::plugins::selector_matches(sel, pod.labels()))
             })
             .map(|b| ObjectRef::from_obj(&*b))
             .collect::<Vec<_>>()

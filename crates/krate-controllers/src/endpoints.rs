@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Endpoints;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::core::v1::Endpoints;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -51,7 +51,9 @@ fn key_of<K: kube::Resource>(obj: &K) -> Key {
 }
 
 fn selects(service: &Service, pod: &Pod) -> bool {
-    let Some(selector) = service.spec.as_ref().and_then(|s| s.selector.as_ref()).filter(|s| !s.is_empty()) else { return false };
+    let Some(selector) = service.spec.as_ref().and_then(|s| s.selector.as_ref()).filter(|s| !s.is_empty()) else {
+        return false;
+    };
     let selector = LabelSelector { match_labels: Some(selector.clone()), match_expressions: None };
     service.namespace() == pod.namespace() && krate_scheduler::plugins::selector_matches(&selector, pod.labels())
 }
@@ -70,7 +72,9 @@ fn resolve_ports(service: &Service, pod: &Pod) -> Vec<ResolvedPort> {
             Some(IntOrString::String(name)) => containers
                 .iter()
                 .flat_map(|c| c.ports.iter().flatten())
-                .find(|p| p.name.as_deref() == Some(name.as_str()) && p.protocol.as_deref().unwrap_or("TCP") == protocol)
+                .find(|p| {
+                    p.name.as_deref() == Some(name.as_str()) && p.protocol.as_deref().unwrap_or("TCP") == protocol
+                })
                 .map(|p| p.container_port),
         };
         if let Some(number) = number {
@@ -89,13 +93,16 @@ fn port_list(ports: &[ResolvedPort]) -> Value {
     if ports.is_empty() {
         return Value::Null;
     }
-    ports.iter().map(|(name, port, protocol)| {
-        let mut p = json!({"port": port, "protocol": protocol});
-        if !name.is_empty() {
-            p["name"] = json!(name);
-        }
-        p
-    }).collect()
+    ports
+        .iter()
+        .map(|(name, port, protocol)| {
+            let mut p = json!({"port": port, "protocol": protocol});
+            if !name.is_empty() {
+                p["name"] = json!(name);
+            }
+            p
+        })
+        .collect()
 }
 
 struct Controller {
@@ -177,7 +184,11 @@ impl Controller {
         self.listed.lock().unwrap().remove(key);
     }
 
-    async fn write_endpoints(&self, service: &Service, groups: &BTreeMap<Vec<ResolvedPort>, Vec<&Member>>) -> Result<(), Error> {
+    async fn write_endpoints(
+        &self,
+        service: &Service,
+        groups: &BTreeMap<Vec<ResolvedPort>, Vec<&Member>>,
+    ) -> Result<(), Error> {
         let address = |m: &Member| {
             let mut a = json!({"ip": m.ip, "targetRef": target_ref(&m.pod)});
             if let Some(node) = m.pod.spec.as_ref().and_then(|s| s.node_name.as_ref()) {
@@ -227,7 +238,11 @@ impl Controller {
         Ok(())
     }
 
-    async fn write_slices(&self, service: &Service, groups: &BTreeMap<Vec<ResolvedPort>, Vec<&Member>>) -> Result<(), Error> {
+    async fn write_slices(
+        &self,
+        service: &Service,
+        groups: &BTreeMap<Vec<ResolvedPort>, Vec<&Member>>,
+    ) -> Result<(), Error> {
         let (ns, name) = key_of(service);
         let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &ns);
         let mut labels = service.labels().clone();
@@ -313,7 +328,9 @@ pub async fn run(client: kube::Client, pod_informer: &crate::Informer<Pod>) -> a
         pending: Mutex::default(),
         wake: Notify::new(),
     });
-    let service_events = watcher::watcher(Api::<Service>::all(client.clone()), watcher::Config::default()).default_backoff().reflect(service_writer);
+    let service_events = watcher::watcher(Api::<Service>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(service_writer);
     let feeder = {
         let c = controller.clone();
         let caches = caches.clone();

@@ -98,11 +98,17 @@ fn api_for(client: &kube::Client, item: &Item) -> Api<DynamicObject> {
 }
 
 async fn delete(client: &kube::Client, item: &Item, uid: &str, policy: PropagationPolicy) {
-    let params = DeleteParams { propagation_policy: Some(policy), preconditions: Some(kube::api::Preconditions { uid: Some(uid.to_string()), resource_version: None }), ..Default::default() };
+    let params = DeleteParams {
+        propagation_policy: Some(policy),
+        preconditions: Some(kube::api::Preconditions { uid: Some(uid.to_string()), resource_version: None }),
+        ..Default::default()
+    };
     match api_for(client, item).delete(&item.name, &params).await {
         Ok(_) => tracing::debug!(kind = %item.resource.kind, name = %item.name, "garbage collected"),
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-        Err(e) => tracing::warn!(kind = %item.resource.kind, name = %item.name, error = %e, "garbage collection failed"),
+        Err(e) => {
+            tracing::warn!(kind = %item.resource.kind, name = %item.name, error = %e, "garbage collection failed")
+        }
     }
 }
 
@@ -168,7 +174,13 @@ async fn process(client: &kube::Client, kinds: &Kinds, graph: &Graph, uid: &str)
             let api = api_for(client, dep);
             if let Ok(obj) = api.get(&dep.name).await {
                 let refs: Vec<_> = obj.owner_references().iter().filter(|r| r.uid != uid).cloned().collect();
-                let _ = api.patch(&dep.name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"ownerReferences": refs}}))).await;
+                let _ = api
+                    .patch(
+                        &dep.name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"ownerReferences": refs}})),
+                    )
+                    .await;
             }
         }
         set_finalizers(client, item, item.finalizers.iter().filter(|f| *f != ORPHAN).cloned().collect()).await;
@@ -275,7 +287,11 @@ async fn feed(client: kube::Client, resource: ApiResource, namespaced: bool, tx:
 
 /// `plural.group` (`pods` for the core group), as upstream names resources in logs.
 fn cache_name(resource: &ApiResource) -> String {
-    if resource.group.is_empty() { resource.plural.clone() } else { format!("{}.{}", resource.plural, resource.group) }
+    if resource.group.is_empty() {
+        resource.plural.clone()
+    } else {
+        format!("{}.{}", resource.plural, resource.group)
+    }
 }
 
 /// Upstream's collector ignores events: they have no dependents and are many.
@@ -296,7 +312,10 @@ async fn discover(
     for group in discovery.groups() {
         for version in group.versions() {
             for (resource, caps) in group.versioned_resources(version) {
-                kinds.insert((resource.api_version.clone(), resource.kind.clone()), (resource, caps.scope == Scope::Namespaced));
+                kinds.insert(
+                    (resource.api_version.clone(), resource.kind.clone()),
+                    (resource, caps.scope == Scope::Namespaced),
+                );
             }
         }
         for (resource, caps) in group.recommended_resources() {

@@ -42,7 +42,11 @@ fn timestamp(t: jiff::Timestamp) -> String {
 
 fn finished(job: &Job) -> Option<(String, jiff::Timestamp)> {
     let status = job.status.as_ref()?;
-    let cond = status.conditions.iter().flatten().find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")?;
+    let cond = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")?;
     let at = cond.last_transition_time.as_ref().map(|t| t.0).unwrap_or_else(now);
     Some((cond.type_.clone(), at))
 }
@@ -109,12 +113,13 @@ fn failure_action(spec: &k8s_openapi::api::batch::v1::JobSpec, pod: &Pod) -> Opt
     let statuses = pod.status.as_ref().and_then(|s| s.container_statuses.clone()).unwrap_or_default();
     for (i, rule) in rules.iter().enumerate() {
         if let Some(codes) = &rule.on_exit_codes {
-            let hit = statuses.iter().filter(|c| codes.container_name.as_ref().is_none_or(|n| *n == c.name)).find_map(|c| {
-                let code = c.state.as_ref()?.terminated.as_ref()?.exit_code;
-                let listed = codes.values.contains(&code);
-                let matches = if codes.operator == "In" { listed } else { !listed && code != 0 };
-                matches.then(|| (c.name.clone(), code))
-            });
+            let hit =
+                statuses.iter().filter(|c| codes.container_name.as_ref().is_none_or(|n| *n == c.name)).find_map(|c| {
+                    let code = c.state.as_ref()?.terminated.as_ref()?.exit_code;
+                    let listed = codes.values.contains(&code);
+                    let matches = if codes.operator == "In" { listed } else { !listed && code != 0 };
+                    matches.then(|| (c.name.clone(), code))
+                });
             if let Some((container, code)) = hit {
                 let message = format!("Container {container} for pod {pod_name} failed with exit code {code} matching {} rule at index {i}", rule.action);
                 return Some((rule.action.clone(), message));
@@ -122,10 +127,13 @@ fn failure_action(spec: &k8s_openapi::api::batch::v1::JobSpec, pod: &Pod) -> Opt
         }
         for wanted in rule.on_pod_conditions.iter().flatten() {
             let present = pod.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
-                cs.iter().any(|c| c.type_ == wanted.type_ && c.status == wanted.status.clone().unwrap_or_else(|| "True".into()))
+                cs.iter().any(|c| {
+                    c.type_ == wanted.type_ && c.status == wanted.status.clone().unwrap_or_else(|| "True".into())
+                })
             });
             if present {
-                let message = format!("Pod {pod_name} has condition {} matching {} rule at index {i}", wanted.type_, rule.action);
+                let message =
+                    format!("Pod {pod_name} has condition {} matching {} rule at index {i}", wanted.type_, rule.action);
                 return Some((rule.action.clone(), message));
             }
         }
@@ -163,7 +171,10 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
     let completions = spec.completions;
     let parallelism = spec.parallelism.unwrap_or(1);
     let backoff_limit = spec.backoff_limit.unwrap_or(6);
-    let active: Vec<&Pod> = pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none() && !matches!(phase(p), "Succeeded" | "Failed")).collect();
+    let active: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && !matches!(phase(p), "Succeeded" | "Failed"))
+        .collect();
     let succeeded_pods: Vec<&Pod> = pods.iter().filter(|p| phase(p) == "Succeeded").collect();
     // podFailurePolicy decides per failed pod: fail the Job, ignore the failure, or count it.
     let mut fail_job: Option<String> = None;
@@ -189,18 +200,32 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
     let mut requeue = None;
     if let Some(message) = fail_job {
         delete_pods(&pods_api, &active).await?;
-        new_conditions = vec![condition("FailureTarget", "PodFailurePolicy", &message), condition("Failed", "PodFailurePolicy", &message)];
+        new_conditions = vec![
+            condition("FailureTarget", "PodFailurePolicy", &message),
+            condition("Failed", "PodFailurePolicy", &message),
+        ];
     } else if failed > backoff_limit {
         delete_pods(&pods_api, &active).await?;
         let message = "Job has reached the specified backoff limit";
-        new_conditions = vec![condition("FailureTarget", "BackoffLimitExceeded", message), condition("Failed", "BackoffLimitExceeded", message)];
+        new_conditions = vec![
+            condition("FailureTarget", "BackoffLimitExceeded", message),
+            condition("Failed", "BackoffLimitExceeded", message),
+        ];
     } else if deadline.is_some_and(|d| now() >= d) {
         delete_pods(&pods_api, &active).await?;
         let message = "Job was active longer than specified deadline";
-        new_conditions = vec![condition("FailureTarget", "DeadlineExceeded", message), condition("Failed", "DeadlineExceeded", message)];
-    } else if completions.is_some_and(|c| succeeded >= c) || (completions.is_none() && succeeded > 0 && active.is_empty()) {
+        new_conditions = vec![
+            condition("FailureTarget", "DeadlineExceeded", message),
+            condition("Failed", "DeadlineExceeded", message),
+        ];
+    } else if completions.is_some_and(|c| succeeded >= c)
+        || (completions.is_none() && succeeded > 0 && active.is_empty())
+    {
         let message = "Reached expected number of succeeded pods";
-        new_conditions = vec![condition("SuccessCriteriaMet", "CompletionsReached", message), condition("Complete", "CompletionsReached", message)];
+        new_conditions = vec![
+            condition("SuccessCriteriaMet", "CompletionsReached", message),
+            condition("Complete", "CompletionsReached", message),
+        ];
         completion_time = Some(timestamp(now()));
     } else if spec.suspend != Some(true) {
         let remaining = match completions {
@@ -211,15 +236,20 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
         let to_create = (parallelism - active.len() as i32).min(remaining).max(0);
         if indexed {
             let busy: BTreeSet<i32> = active.iter().filter_map(|p| index_of(p)).collect();
-            let free = (0..completions.unwrap_or(parallelism)).filter(|i| !completed_indexes.contains(i) && !busy.contains(i));
+            let free =
+                (0..completions.unwrap_or(parallelism)).filter(|i| !completed_indexes.contains(i) && !busy.contains(i));
             for i in free.take(to_create as usize) {
                 let pod = pods_api.create(&PostParams::default(), &new_pod(&job, Some(i))?).await?;
-                ctx.events.normal(&reference(&*job), "SuccessfulCreate", &format!("Created pod: {}", pod.name_any())).await;
+                ctx.events
+                    .normal(&reference(&*job), "SuccessfulCreate", &format!("Created pod: {}", pod.name_any()))
+                    .await;
             }
         } else {
             for _ in 0..to_create {
                 let pod = pods_api.create(&PostParams::default(), &new_pod(&job, None)?).await?;
-                ctx.events.normal(&reference(&*job), "SuccessfulCreate", &format!("Created pod: {}", pod.name_any())).await;
+                ctx.events
+                    .normal(&reference(&*job), "SuccessfulCreate", &format!("Created pod: {}", pod.name_any()))
+                    .await;
             }
         }
         if let Some(d) = deadline {
@@ -229,12 +259,14 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
         delete_pods(&pods_api, &active).await?;
     }
 
-    let mut conditions: Vec<Value> = status.conditions.iter().flatten().filter_map(|c| serde_json::to_value(c).ok()).collect();
+    let mut conditions: Vec<Value> =
+        status.conditions.iter().flatten().filter_map(|c| serde_json::to_value(c).ok()).collect();
     if spec.suspend == Some(true) && !conditions.iter().any(|c| c["type"] == "Suspended") {
         conditions.push(condition("Suspended", "JobSuspended", "Job suspended"));
     }
     if let Some(done) = new_conditions.last() {
-        let (reason, message) = (done["reason"].as_str().unwrap_or_default(), done["message"].as_str().unwrap_or_default());
+        let (reason, message) =
+            (done["reason"].as_str().unwrap_or_default(), done["message"].as_str().unwrap_or_default());
         match done["type"].as_str() {
             Some("Complete") => ctx.events.normal(&reference(&*job), "Completed", "Job completed").await,
             _ => ctx.events.warning(&reference(&*job), reason, message).await,
@@ -254,7 +286,8 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
         patch["status"]["completionTime"] = json!(t);
     }
     let before = serde_json::to_value(&status)?;
-    let changed = patch["status"].as_object().expect("status is an object").iter().any(|(k, v)| before.get(k) != Some(v));
+    let changed =
+        patch["status"].as_object().expect("status is an object").iter().any(|(k, v)| before.get(k) != Some(v));
     if changed {
         jobs.patch_status(&job.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
     }
@@ -269,7 +302,11 @@ fn error_policy(job: Arc<Job>, err: &Error, _ctx: Arc<Context>) -> Action {
 pub async fn run(client: kube::Client, pods: crate::PodChanges) -> anyhow::Result<()> {
     Controller::new(Api::<Job>::all(client.clone()), watcher::Config::default())
         .owns_shared_stream(pods)
-        .run(reconcile, error_policy, Arc::new(Context { events: Recorder::new(client.clone(), "job-controller"), client }))
+        .run(
+            reconcile,
+            error_policy,
+            Arc::new(Context { events: Recorder::new(client.clone(), "job-controller"), client }),
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())
@@ -279,10 +316,12 @@ pub async fn run(client: kube::Client, pods: crate::PodChanges) -> anyhow::Resul
 mod tests {
     #[test]
     fn pod_failure_policy_picks_the_first_matching_rule() {
-        let spec: k8s_openapi::api::batch::v1::JobSpec = serde_json::from_value(serde_json::json!({"template": {}, "podFailurePolicy": {"rules": [
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-            {"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In", "values": [42]}},
-        ]}})).unwrap();
+        let spec: k8s_openapi::api::batch::v1::JobSpec =
+            serde_json::from_value(serde_json::json!({"template": {}, "podFailurePolicy": {"rules": [
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                {"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In", "values": [42]}},
+            ]}}))
+            .unwrap();
         let failed = |code: i32, conditions: serde_json::Value| -> super::Pod {
             serde_json::from_value(serde_json::json!({"metadata": {"name": "p", "namespace": "d"}, "status": {"phase": "Failed", "conditions": conditions,
                 "containerStatuses": [{"name": "main", "image": "x", "imageID": "", "ready": false, "restartCount": 0, "state": {"terminated": {"exitCode": code}}}]}})).unwrap()
@@ -290,7 +329,15 @@ mod tests {
         let (action, message) = super::failure_action(&spec, &failed(42, serde_json::json!([]))).unwrap();
         assert_eq!(action, "FailJob");
         assert_eq!(message, "Container main for pod d/p failed with exit code 42 matching FailJob rule at index 1");
-        assert_eq!(super::failure_action(&spec, &failed(1, serde_json::json!([{"type": "DisruptionTarget", "status": "True"}]))).unwrap().0, "Ignore");
+        assert_eq!(
+            super::failure_action(
+                &spec,
+                &failed(1, serde_json::json!([{"type": "DisruptionTarget", "status": "True"}]))
+            )
+            .unwrap()
+            .0,
+            "Ignore"
+        );
         assert!(super::failure_action(&spec, &failed(1, serde_json::json!([]))).is_none());
     }
 

@@ -18,8 +18,8 @@ pub mod replicas;
 pub mod selector;
 pub mod statefulset;
 
-pub use krate_client::informer::{self, Informer};
 use k8s_openapi::api::core::v1::Pod;
+pub use krate_client::informer::{self, Informer};
 use kube::api::{Api, ApiResource};
 
 /// Changes of pods from the process's one shared pod watch.
@@ -74,7 +74,11 @@ where
 
 /// An int-or-percent field (maxSurge, maxUnavailable, minAvailable) as a count of
 /// `total`; percentages round up or down as the field's rules say.
-pub(crate) fn int_or_percent(value: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString, total: i32, round_up: bool) -> i32 {
+pub(crate) fn int_or_percent(
+    value: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString,
+    total: i32,
+    round_up: bool,
+) -> i32 {
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     match value {
         IntOrString::Int(n) => *n,
@@ -118,8 +122,16 @@ pub async fn run(client: kube::Client, config: Config) -> anyhow::Result<()> {
         supervise("podgc", client.clone(), |c| podgc::run(c, &pods, gc_threshold)),
         supervise("serviceaccount", client.clone(), |c| perns::run(c, perns::PerNamespace::default_service_account())),
         supervise("root-ca-cert-publisher", client.clone(), |c| perns::run(c, root_ca.clone())),
-        supervise("replicaset", client.clone(), |c| replicas::run(c, pods.subscribe(), resource("apps", "v1", "ReplicaSet", "replicasets"))),
-        supervise("replicationcontroller", client.clone(), |c| replicas::run(c, pods.subscribe(), resource("", "v1", "ReplicationController", "replicationcontrollers"))),
+        supervise("replicaset", client.clone(), |c| replicas::run(
+            c,
+            pods.subscribe(),
+            resource("apps", "v1", "ReplicaSet", "replicasets")
+        )),
+        supervise("replicationcontroller", client.clone(), |c| replicas::run(
+            c,
+            pods.subscribe(),
+            resource("", "v1", "ReplicationController", "replicationcontrollers")
+        )),
     );
     Ok(())
 }

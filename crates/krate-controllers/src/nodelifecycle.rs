@@ -17,8 +17,8 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
 use kube::ResourceExt;
 use serde_json::json;
 use tokio::time::Instant;
@@ -84,7 +84,12 @@ async fn mark_unreachable(client: &kube::Client, node: &Node, reachable: bool) -
     taints.retain(|t| t.key != UNREACHABLE);
     if !reachable {
         for effect in ["NoSchedule", "NoExecute"] {
-            taints.push(Taint { key: UNREACHABLE.into(), effect: effect.into(), time_added: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now())), value: None });
+            taints.push(Taint {
+                key: UNREACHABLE.into(),
+                effect: effect.into(),
+                time_added: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now())),
+                value: None,
+            });
         }
     }
     nodes.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"taints": taints}}))).await?;
@@ -110,14 +115,27 @@ async fn mark_unreachable(client: &kube::Client, node: &Node, reachable: bool) -
             v
         })
         .collect();
-    nodes.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": {"conditions": conditions}}))).await?;
+    nodes
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": {"conditions": conditions}})))
+        .await?;
     tracing::info!(node = %name, reachable, "node reachability changed");
     Ok(())
 }
 
 /// Schedules the eviction of pods on a NoExecute-tainted node.
-async fn plan_evictions(client: &kube::Client, node: &Node, due: &mut BTreeMap<(Instant, String), (String, String)>) -> anyhow::Result<()> {
-    let taints: Vec<Taint> = node.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default().into_iter().filter(|t| t.effect == "NoExecute").collect();
+async fn plan_evictions(
+    client: &kube::Client,
+    node: &Node,
+    due: &mut BTreeMap<(Instant, String), (String, String)>,
+) -> anyhow::Result<()> {
+    let taints: Vec<Taint> = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| t.effect == "NoExecute")
+        .collect();
     if taints.is_empty() {
         return Ok(());
     }
@@ -146,14 +164,22 @@ async fn plan_evictions(client: &kube::Client, node: &Node, due: &mut BTreeMap<(
 }
 
 pub async fn run(client: kube::Client, grace: Duration) -> anyhow::Result<()> {
-    let mut leases = watcher::watcher(Api::<Lease>::namespaced(client.clone(), "kube-node-lease"), watcher::Config::default()).default_backoff().boxed();
-    let mut node_events = watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff().boxed();
+    let mut leases =
+        watcher::watcher(Api::<Lease>::namespaced(client.clone(), "kube-node-lease"), watcher::Config::default())
+            .default_backoff()
+            .boxed();
+    let mut node_events =
+        watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff().boxed();
     let mut nodes: HashMap<String, Node> = HashMap::new();
     let mut expiries: HashMap<String, Instant> = HashMap::new();
     let mut evictions: BTreeMap<(Instant, String), (String, String)> = BTreeMap::new();
     let far = Duration::from_secs(3600);
     loop {
-        let next_expiry = expiries.iter().filter(|(n, _)| nodes.get(*n).is_some_and(|node| !unreachable(node))).map(|(_, t)| *t).min();
+        let next_expiry = expiries
+            .iter()
+            .filter(|(n, _)| nodes.get(*n).is_some_and(|node| !unreachable(node)))
+            .map(|(_, t)| *t)
+            .min();
         let next_eviction = evictions.keys().next().map(|(t, _)| *t);
         let wake = [next_expiry, next_eviction].into_iter().flatten().min().unwrap_or_else(|| Instant::now() + far);
         tokio::select! {
@@ -222,19 +248,31 @@ mod tests {
     use super::*;
 
     fn node(conditions: serde_json::Value, taints: serde_json::Value) -> Node {
-        serde_json::from_value(json!({"metadata": {"name": "n"}, "spec": {"taints": taints}, "status": {"conditions": conditions}})).unwrap()
+        serde_json::from_value(
+            json!({"metadata": {"name": "n"}, "spec": {"taints": taints}, "status": {"conditions": conditions}}),
+        )
+        .unwrap()
     }
 
     #[test]
     fn pressure_conditions_put_and_lift_their_taints() {
-        let keys = |t: Option<Vec<Taint>>| t.map(|ts| ts.into_iter().map(|t| format!("{}:{}", t.key, t.effect)).collect::<Vec<_>>());
+        let keys = |t: Option<Vec<Taint>>| {
+            t.map(|ts| ts.into_iter().map(|t| format!("{}:{}", t.key, t.effect)).collect::<Vec<_>>())
+        };
         let other = json!([{"key": "dedicated", "value": "db", "effect": "NoSchedule"}]);
-        let pressured = json!([{"type": "DiskPressure", "status": "True"}, {"type": "MemoryPressure", "status": "False"}]);
-        assert_eq!(keys(condition_taints(&node(pressured.clone(), other.clone()))), Some(vec!["dedicated:NoSchedule".to_string(), "node.kubernetes.io/disk-pressure:NoSchedule".into()]));
+        let pressured =
+            json!([{"type": "DiskPressure", "status": "True"}, {"type": "MemoryPressure", "status": "False"}]);
+        assert_eq!(
+            keys(condition_taints(&node(pressured.clone(), other.clone()))),
+            Some(vec!["dedicated:NoSchedule".to_string(), "node.kubernetes.io/disk-pressure:NoSchedule".into()])
+        );
         let tainted = json!([{"key": "dedicated", "value": "db", "effect": "NoSchedule"}, {"key": "node.kubernetes.io/disk-pressure", "effect": "NoSchedule"}]);
         assert_eq!(keys(condition_taints(&node(pressured, tainted.clone()))), None, "nothing to change");
         let shutting_down = json!([{"type": "Ready", "status": "False"}]);
-        assert_eq!(keys(condition_taints(&node(shutting_down, json!([])))), Some(vec!["node.kubernetes.io/not-ready:NoSchedule".to_string()]));
+        assert_eq!(
+            keys(condition_taints(&node(shutting_down, json!([])))),
+            Some(vec!["node.kubernetes.io/not-ready:NoSchedule".to_string()])
+        );
         let relieved = json!([{"type": "DiskPressure", "status": "False"}]);
         assert_eq!(keys(condition_taints(&node(relieved, tainted))), Some(vec!["dedicated:NoSchedule".to_string()]));
         assert_eq!(keys(condition_taints(&node(json!([]), other))), None);

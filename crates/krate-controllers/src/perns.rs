@@ -31,7 +31,12 @@ pub struct PerNamespace {
 
 impl PerNamespace {
     pub fn default_service_account() -> Self {
-        Self { resource: resource("", "v1", "ServiceAccount", "serviceaccounts"), name: "default", content: None, annotations: &[] }
+        Self {
+            resource: resource("", "v1", "ServiceAccount", "serviceaccounts"),
+            name: "default",
+            content: None,
+            annotations: &[],
+        }
     }
 
     pub fn root_ca(ca_pem: &str) -> Self {

@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
+use krate_client::caches::Caches;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::ResourceExt;
-use krate_client::caches::Caches;
 
 use crate::{tolerate, Error};
 
@@ -35,7 +35,8 @@ fn is_finished(pod: &Pod) -> bool {
 
 async fn force_delete(client: &kube::Client, pod: &Pod, why: &str) -> Result<(), Error> {
     let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
-    let params = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() }.preconditions(kube::api::Preconditions { uid: pod.uid(), resource_version: None });
+    let params = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() }
+        .preconditions(kube::api::Preconditions { uid: pod.uid(), resource_version: None });
     tolerate(api.delete(&pod.name_any(), &params).await, &[404, 409])?;
     tracing::info!(pod = %pod.name_any(), namespace = ?pod.namespace(), reason = why, "pod garbage-collected");
     Ok(())
@@ -45,12 +46,23 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.caches.wait("nodes").await;
     let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).filter(|n| !n.is_empty());
     match node {
-        Some(node) if ctx.nodes.get(&ObjectRef::new(node)).is_none() => return force_delete(&ctx.client, &pod, "its node is gone").await.map(|_| Action::await_change()),
-        None if pod.metadata.deletion_timestamp.is_some() => return force_delete(&ctx.client, &pod, "deleted before it was scheduled").await.map(|_| Action::await_change()),
+        Some(node) if ctx.nodes.get(&ObjectRef::new(node)).is_none() => {
+            return force_delete(&ctx.client, &pod, "its node is gone").await.map(|_| Action::await_change())
+        }
+        None if pod.metadata.deletion_timestamp.is_some() => {
+            return force_delete(&ctx.client, &pod, "deleted before it was scheduled")
+                .await
+                .map(|_| Action::await_change())
+        }
         _ => {}
     }
     if is_finished(&pod) {
-        let mut finished: Vec<Arc<Pod>> = ctx.pods.state().into_iter().filter(|p| is_finished(p) && p.metadata.deletion_timestamp.is_none()).collect();
+        let mut finished: Vec<Arc<Pod>> = ctx
+            .pods
+            .state()
+            .into_iter()
+            .filter(|p| is_finished(p) && p.metadata.deletion_timestamp.is_none())
+            .collect();
         if finished.len() > ctx.terminated_threshold {
             finished.sort_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0));
             let excess = finished.len() - ctx.terminated_threshold;
@@ -67,7 +79,11 @@ fn error_policy(pod: Arc<Pod>, err: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(5))
 }
 
-pub async fn run(client: kube::Client, pod_informer: &crate::Informer<Pod>, terminated_threshold: usize) -> anyhow::Result<()> {
+pub async fn run(
+    client: kube::Client,
+    pod_informer: &crate::Informer<Pod>,
+    terminated_threshold: usize,
+) -> anyhow::Result<()> {
     let caches = Caches::new("podgc", ["pods", "nodes"]);
     let (nodes, writer) = reflector::store();
     let nodes_synced = caches.clone();

@@ -38,7 +38,10 @@ struct Context {
 }
 
 /// Whether `after` is below `before` for some resource.
-fn lowers(before: Option<&BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>, after: &BTreeMap<String, Value>) -> bool {
+fn lowers(
+    before: Option<&BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+    after: &BTreeMap<String, Value>,
+) -> bool {
     let amount = |q: Option<&str>| q.and_then(krate_api::quantity::parse).unwrap_or(0.0);
     after.iter().any(|(k, v)| amount(v.as_str()) + 1e-9 < amount(before.and_then(|b| b.get(k)).map(|q| q.0.as_str())))
 }
@@ -62,7 +65,8 @@ async fn reconcile(quota: Arc<ResourceQuota>, ctx: Arc<Context>) -> Result<Actio
             total.add(&usage(group, plural, &serde_json::to_value(&obj)?));
         }
     }
-    let used: BTreeMap<String, Value> = hard.keys().map(|k| (k.clone(), json!(format(total.get(k).unwrap_or(0.0))))).collect();
+    let used: BTreeMap<String, Value> =
+        hard.keys().map(|k| (k.clone(), json!(format(total.get(k).unwrap_or(0.0))))).collect();
     let key = format!("{ns}/{}", quota.name_any());
     let rv = quota.resource_version().unwrap_or_default();
     if lowers(quota.status.as_ref().and_then(|s| s.used.as_ref()), &used) {
@@ -102,11 +106,18 @@ fn quotas_in(store: Store<ResourceQuota>) -> impl Fn(Option<String>) -> Vec<Obje
 
 pub async fn run(client: kube::Client, pod_changes: crate::PodChanges) -> anyhow::Result<()> {
     let controller = Controller::new(Api::<ResourceQuota>::all(client.clone()), watcher::Config::default());
-    let (pods, services, claims) = (quotas_in(controller.store()), quotas_in(controller.store()), quotas_in(controller.store()));
+    let (pods, services, claims) =
+        (quotas_in(controller.store()), quotas_in(controller.store()), quotas_in(controller.store()));
     controller
         .watches_shared_stream(pod_changes, move |o| pods(o.namespace()))
-        .watches(Api::<PartialObjectMeta<Service>>::all(client.clone()), watcher::Config::default(), move |o| services(o.namespace()))
-        .watches(Api::<PartialObjectMeta<PersistentVolumeClaim>>::all(client.clone()), watcher::Config::default(), move |o| claims(o.namespace()))
+        .watches(Api::<PartialObjectMeta<Service>>::all(client.clone()), watcher::Config::default(), move |o| {
+            services(o.namespace())
+        })
+        .watches(
+            Api::<PartialObjectMeta<PersistentVolumeClaim>>::all(client.clone()),
+            watcher::Config::default(),
+            move |o| claims(o.namespace()),
+        )
         .run(reconcile, error_policy, Arc::new(Context { client, lowering: Default::default() }))
         .for_each(|_| futures::future::ready(()))
         .await;
@@ -120,9 +131,15 @@ mod tests {
 
     #[test]
     fn only_decreases_count_as_lowering() {
-        let before = BTreeMap::from([("pods".to_string(), Quantity("2".into())), ("requests.cpu".to_string(), Quantity("900m".into()))]);
+        let before = BTreeMap::from([
+            ("pods".to_string(), Quantity("2".into())),
+            ("requests.cpu".to_string(), Quantity("900m".into())),
+        ]);
         assert!(lowers(Some(&before), &BTreeMap::from([("pods".to_string(), json!("1"))])));
-        assert!(!lowers(Some(&before), &BTreeMap::from([("pods".to_string(), json!("2")), ("requests.cpu".to_string(), json!("1"))])));
+        assert!(!lowers(
+            Some(&before),
+            &BTreeMap::from([("pods".to_string(), json!("2")), ("requests.cpu".to_string(), json!("1"))])
+        ));
         assert!(!lowers(None, &BTreeMap::from([("pods".to_string(), json!("0"))])));
     }
 }

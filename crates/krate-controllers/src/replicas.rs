@@ -29,7 +29,10 @@ fn is_active(pod: &Pod) -> bool {
 }
 
 pub(crate) fn is_ready(pod: &Pod) -> bool {
-    pod.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// The selector as a label-selector query, and whether the object has one.
@@ -88,7 +91,13 @@ async fn reconcile(owner: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Actio
         let pod = pod_from_template(&owner, &ctx.resource)?;
         for _ in active.len()..wanted {
             let created = pods.create(&PostParams::default(), &pod).await?;
-            ctx.events.normal(&owner.object_ref(&ctx.resource), "SuccessfulCreate", &format!("Created pod: {}", created.name_any())).await;
+            ctx.events
+                .normal(
+                    &owner.object_ref(&ctx.resource),
+                    "SuccessfulCreate",
+                    &format!("Created pod: {}", created.name_any()),
+                )
+                .await;
             active.push(created);
         }
     } else if active.len() > wanted {
@@ -96,10 +105,17 @@ async fn reconcile(owner: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Actio
         let excess: Vec<Pod> = active.drain(..active.len() - wanted).collect();
         for pod in excess {
             tolerate(pods.delete(&pod.name_any(), &DeleteParams::default()).await, &[404])?;
-            ctx.events.normal(&owner.object_ref(&ctx.resource), "SuccessfulDelete", &format!("Deleted pod: {}", pod.name_any())).await;
+            ctx.events
+                .normal(
+                    &owner.object_ref(&ctx.resource),
+                    "SuccessfulDelete",
+                    &format!("Deleted pod: {}", pod.name_any()),
+                )
+                .await;
         }
     }
-    let template_labels = owner.data.pointer("/spec/template/metadata/labels").and_then(Value::as_object).cloned().unwrap_or_default();
+    let template_labels =
+        owner.data.pointer("/spec/template/metadata/labels").and_then(Value::as_object).cloned().unwrap_or_default();
     let fully_labeled = active
         .iter()
         .filter(|p| template_labels.iter().all(|(k, v)| p.labels().get(k).map(String::as_str) == v.as_str()))
@@ -130,7 +146,11 @@ fn error_policy(owner: Arc<DynamicObject>, err: &Error, _ctx: Arc<Context>) -> A
 
 /// Upstream's component names, as events show them.
 fn controller_name(resource: &ApiResource) -> &'static str {
-    if resource.kind == "ReplicaSet" { "replicaset-controller" } else { "replication-controller" }
+    if resource.kind == "ReplicaSet" {
+        "replicaset-controller"
+    } else {
+        "replication-controller"
+    }
 }
 
 /// Runs the controller for one kind (ReplicaSet or ReplicationController).
@@ -138,7 +158,11 @@ pub async fn run(client: kube::Client, pods: crate::PodChanges, resource: ApiRes
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
     Controller::new_with(api, watcher::Config::default(), resource.clone())
         .owns_shared_stream(pods)
-        .run(reconcile, error_policy, Arc::new(Context { events: Recorder::new(client.clone(), controller_name(&resource)), client, resource }))
+        .run(
+            reconcile,
+            error_policy,
+            Arc::new(Context { events: Recorder::new(client.clone(), controller_name(&resource)), client, resource }),
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

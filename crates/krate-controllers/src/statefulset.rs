@@ -49,7 +49,8 @@ fn pod_for(sts: &StatefulSet, i: i32, revision: &str) -> Result<Pod, Error> {
     metadata["labels"][REVISION_LABEL] = json!(revision);
     metadata["labels"]["statefulset.kubernetes.io/pod-name"] = json!(name);
     metadata["labels"]["apps.kubernetes.io/pod-index"] = json!(i.to_string());
-    metadata["ownerReferences"] = json!([sts.controller_owner_ref(&()).expect("a stored statefulset has a name and uid")]);
+    metadata["ownerReferences"] =
+        json!([sts.controller_owner_ref(&()).expect("a stored statefulset has a name and uid")]);
     let mut spec = template.get("spec").cloned().unwrap_or_default();
     spec["hostname"] = json!(name);
     if let Some(service) = &sts.spec.service_name {
@@ -60,7 +61,9 @@ fn pod_for(sts: &StatefulSet, i: i32, revision: &str) -> Result<Pod, Error> {
         let claim = serde_json::to_value(claim)?;
         let volume = claim.pointer("/metadata/name").cloned().unwrap_or_default();
         volumes.retain(|v| v["name"] != volume);
-        volumes.push(json!({"name": volume, "persistentVolumeClaim": {"claimName": claim_name(&claim, &sts.name_any(), i)}}));
+        volumes.push(
+            json!({"name": volume, "persistentVolumeClaim": {"claimName": claim_name(&claim, &sts.name_any(), i)}}),
+        );
     }
     if !volumes.is_empty() {
         spec["volumes"] = json!(volumes);
@@ -123,7 +126,8 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action, E
                 ensure_claims(&ctx.client, &sts, i).await?;
                 match api.create(&PostParams::default(), &pod_for(&sts, i, &update_revision)?).await {
                     Ok(pod) => {
-                        let message = format!("create Pod {} in StatefulSet {} successful", pod.name_any(), sts.name_any());
+                        let message =
+                            format!("create Pod {} in StatefulSet {} successful", pod.name_any(), sts.name_any());
                         ctx.events.normal(&reference(&*sts), "SuccessfulCreate", &message).await;
                     }
                     Err(kube::Error::Api(e)) if e.code == 409 => {}
@@ -142,10 +146,18 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action, E
     }
     // Rolling update: highest outdated ordinal at or above the partition, once all are ready.
     let on_delete = sts.spec.update_strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("OnDelete");
-    let partition = sts.spec.update_strategy.as_ref().and_then(|s| s.rolling_update.as_ref()).and_then(|r| r.partition).unwrap_or(0);
+    let partition = sts
+        .spec
+        .update_strategy
+        .as_ref()
+        .and_then(|s| s.rolling_update.as_ref())
+        .and_then(|r| r.partition)
+        .unwrap_or(0);
     let all_ready = (0..wanted).all(|i| pods.get(&i).is_some_and(|p| live(p) && running_and_ready(p)));
     if !on_delete && all_ready && extra.is_empty() {
-        let outdated = (partition..wanted).rev().find_map(|i| pods.get(&i).filter(|p| p.labels().get(REVISION_LABEL) != Some(&update_revision)));
+        let outdated = (partition..wanted)
+            .rev()
+            .find_map(|i| pods.get(&i).filter(|p| p.labels().get(REVISION_LABEL) != Some(&update_revision)));
         if let Some(p) = outdated {
             let _ = api.delete(&p.name_any(), &DeleteParams::default()).await;
         }
@@ -160,8 +172,15 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action, E
         "observedGeneration": sts.metadata.generation,
     });
     let before = serde_json::to_value(sts.status.clone().unwrap_or_default())?;
-    if status.as_object().expect("status is an object").iter().any(|(k, v)| before.get(k).cloned().unwrap_or(json!(0)) != *v) {
-        Api::<StatefulSet>::namespaced(ctx.client.clone(), &ns).patch_status(&sts.name_any(), &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await?;
+    if status
+        .as_object()
+        .expect("status is an object")
+        .iter()
+        .any(|(k, v)| before.get(k).cloned().unwrap_or(json!(0)) != *v)
+    {
+        Api::<StatefulSet>::namespaced(ctx.client.clone(), &ns)
+            .patch_status(&sts.name_any(), &PatchParams::default(), &Patch::Merge(json!({"status": status})))
+            .await?;
     }
     Ok(Action::await_change())
 }
@@ -174,7 +193,11 @@ fn error_policy(sts: Arc<StatefulSet>, err: &Error, _ctx: Arc<Context>) -> Actio
 pub async fn run(client: kube::Client, pods: crate::PodChanges) -> anyhow::Result<()> {
     Controller::new(Api::<StatefulSet>::all(client.clone()), watcher::Config::default())
         .owns_shared_stream(pods)
-        .run(reconcile, error_policy, Arc::new(Context { events: Recorder::new(client.clone(), "statefulset-controller"), client }))
+        .run(
+            reconcile,
+            error_policy,
+            Arc::new(Context { events: Recorder::new(client.clone(), "statefulset-controller"), client }),
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

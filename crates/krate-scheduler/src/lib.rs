@@ -141,7 +141,9 @@ impl State {
                 let name = node.metadata.name.clone().unwrap_or_default();
                 let changed = self.nodes.get(&name).is_none_or(|old| {
                     let old = &old.node;
-                    old.spec != node.spec || old.metadata.labels != node.metadata.labels || allocatable_of(old) != allocatable_of(&node)
+                    old.spec != node.spec
+                        || old.metadata.labels != node.metadata.labels
+                        || allocatable_of(old) != allocatable_of(&node)
                 });
                 self.nodes.insert(name, Arc::new(NodeInfo::new(node)));
                 self.node_list = None;
@@ -213,7 +215,13 @@ fn feasible_wanted(nodes: usize) -> usize {
 }
 
 /// Where a pod goes, or why it goes nowhere. The search starts at `start` and wraps.
-fn place(pod: &Pod, cluster: &Cluster, usage: &Usage, terms: &mut plugins::TermDomains, start: usize) -> Result<(String, usize), String> {
+fn place(
+    pod: &Pod,
+    cluster: &Cluster,
+    usage: &Usage,
+    terms: &mut plugins::TermDomains,
+    start: usize,
+) -> Result<(String, usize), String> {
     let nodes = &cluster.nodes;
     let needs = Needs::of(pod);
     let topology = plugins::PodTopology::new(pod, cluster.by_name, usage, &cluster.anti_holders, terms);
@@ -236,7 +244,8 @@ fn place(pod: &Pod, cluster: &Cluster, usage: &Usage, terms: &mut plugins::TermD
             Some(reason) => reasons.push(reason),
             None => {
                 found += 1;
-                let s = plugins::score(pod, &needs, info, u) + if spread.is_trivial() { 0.0 } else { spread.score(&info.node) };
+                let s = plugins::score(pod, &needs, info, u)
+                    + if spread.is_trivial() { 0.0 } else { spread.score(&info.node) };
                 if best.is_none_or(|(b, _)| s > b) {
                     best = Some((s, name));
                 }
@@ -269,10 +278,15 @@ async fn bind(io: Io, binds: Arc<Semaphore>, pod: &Pod, node: String) -> Outcome
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name, "namespace": ns, "uid": pod.metadata.uid}, "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
-    match api.create_subresource::<serde_json::Value, serde_json::Value>("binding", &name, &PostParams::default(), &binding).await {
+    match api
+        .create_subresource::<serde_json::Value, serde_json::Value>("binding", &name, &PostParams::default(), &binding)
+        .await
+    {
         Ok(_) => {
             drop(permit);
-            io.events.normal(&pod_reference(pod), "Scheduled", &format!("Successfully assigned {ns}/{name} to {node}")).await;
+            io.events
+                .normal(&pod_reference(pod), "Scheduled", &format!("Successfully assigned {ns}/{name} to {node}"))
+                .await;
             Outcome::Bound
         }
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Outcome::Bound,
@@ -287,7 +301,10 @@ async fn preempt(io: &Io, preemptor: &Pod, plan: preemption::Plan) {
     let preemptor_ns = preemptor.metadata.namespace.clone().unwrap_or_default();
     let preemptor_name = preemptor.metadata.name.clone().unwrap_or_default();
     let nominate = Patch::Merge(json!({"status": {"nominatedNodeName": plan.node}}));
-    if let Err(e) = Api::<Pod>::namespaced(client.clone(), &preemptor_ns).patch_status(&preemptor_name, &PatchParams::default(), &nominate).await {
+    if let Err(e) = Api::<Pod>::namespaced(client.clone(), &preemptor_ns)
+        .patch_status(&preemptor_name, &PatchParams::default(), &nominate)
+        .await
+    {
         tracing::debug!(error = %e, "nominating a node failed");
     }
     for victim in &plan.victims {
@@ -300,7 +317,11 @@ async fn preempt(io: &Io, preemptor: &Pod, plan: preemption::Plan) {
         match api.delete(&name, &Default::default()).await {
             Ok(_) => {
                 tracing::info!(victim = %name, preemptor = %preemptor_name, node = %plan.node, "preempted a lower-priority pod");
-                let message = format!("Preempted by pod {} on node {}", preemptor.metadata.uid.as_deref().unwrap_or_default(), plan.node);
+                let message = format!(
+                    "Preempted by pod {} on node {}",
+                    preemptor.metadata.uid.as_deref().unwrap_or_default(),
+                    plan.node
+                );
                 io.events.normal(&pod_reference(victim), "Preempted", &message).await;
             }
             Err(e) => tracing::debug!(victim = %name, error = %e, "preempting a pod failed"),
@@ -313,29 +334,51 @@ async fn mark_unschedulable(io: &Io, pod: &Pod, message: &str) {
     let client = &io.client;
     let api: Api<Pod> = Api::namespaced(client.clone(), pod.metadata.namespace.as_deref().unwrap_or_default());
     let now = krate_client::now();
-    let mut conditions: Vec<serde_json::Value> =
-        pod.status.as_ref().and_then(|s| s.conditions.as_ref()).map(|c| c.iter().filter(|c| c.type_ != "PodScheduled").filter_map(|c| serde_json::to_value(c).ok()).collect()).unwrap_or_default();
+    let mut conditions: Vec<serde_json::Value> = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .map(|c| c.iter().filter(|c| c.type_ != "PodScheduled").filter_map(|c| serde_json::to_value(c).ok()).collect())
+        .unwrap_or_default();
     conditions.push(json!({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message, "lastProbeTime": null, "lastTransitionTime": now}));
     let patch = Patch::Merge(json!({"status": {"conditions": conditions}}));
-    if let Err(e) = api.patch_status(pod.metadata.name.as_deref().unwrap_or_default(), &PatchParams::default(), &patch).await {
+    if let Err(e) =
+        api.patch_status(pod.metadata.name.as_deref().unwrap_or_default(), &PatchParams::default(), &patch).await
+    {
         tracing::debug!(error = %e, "marking a pod unschedulable failed");
     }
     io.events.warning(&pod_reference(pod), "FailedScheduling", message).await;
 }
 
 fn existing_unschedulable_message(pod: &Pod) -> Option<String> {
-    pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "PodScheduled" && c.status == "False").and_then(|c| c.message.clone())
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+        .and_then(|c| c.message.clone())
 }
 
 /// One pass over the active queue: highest priority first, then oldest.
 fn schedule_pass(state: &mut State, io: &Io, binds: &Arc<Semaphore>, done: &mpsc::UnboundedSender<(String, Outcome)>) {
     let mut queue: Vec<Arc<Pod>> = state.active.drain().filter_map(|id| state.pods.get(&id).cloned()).collect();
-    queue.sort_by_key(|p| (std::cmp::Reverse(p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)), p.metadata.creation_timestamp.clone().map(|t| t.0)));
+    queue.sort_by_key(|p| {
+        (
+            std::cmp::Reverse(p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)),
+            p.metadata.creation_timestamp.clone().map(|t| t.0),
+        )
+    });
     let mut usage = std::mem::take(&mut state.usage);
-    let NodeList { nodes, slots } = state.node_list.get_or_insert_with(|| NodeList::new(&state.nodes, &mut usage)).clone();
+    let NodeList { nodes, slots } =
+        state.node_list.get_or_insert_with(|| NodeList::new(&state.nodes, &mut usage)).clone();
     let mut cluster = Cluster {
         by_name: &state.nodes,
-        anti_holders: state.anti_holders.iter().filter_map(|(id, node)| Some((node.clone(), state.pods.get(id)?.clone()))).collect(),
+        anti_holders: state
+            .anti_holders
+            .iter()
+            .filter_map(|(id, node)| Some((node.clone(), state.pods.get(id)?.clone())))
+            .collect(),
         nodes,
         slots,
     };
@@ -373,7 +416,8 @@ fn schedule_pass(state: &mut State, io: &Io, binds: &Arc<Semaphore>, done: &mpsc
             }
             Err(message) => {
                 if preemption::may_preempt(&pod) {
-                    if let Some(plan) = preemption::plan(&pod, &cluster.nodes, &usage).filter(|p| !p.victims.is_empty()) {
+                    if let Some(plan) = preemption::plan(&pod, &cluster.nodes, &usage).filter(|p| !p.victims.is_empty())
+                    {
                         let (io, preemptor) = (io.clone(), pod.clone());
                         tokio::spawn(async move { preempt(&io, &preemptor, plan).await });
                     }
@@ -397,8 +441,10 @@ fn schedule_pass(state: &mut State, io: &Io, binds: &Arc<Semaphore>, done: &mpsc
 
 /// Schedules pods for `scheduler_name` until the watches end.
 pub async fn run(client: kube::Client, scheduler_name: &str) -> Result<()> {
-    let mut pods = watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).default_backoff().boxed();
-    let mut nodes = watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff().boxed();
+    let mut pods =
+        watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).default_backoff().boxed();
+    let mut nodes =
+        watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff().boxed();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Outcome)>();
     let binds = Arc::new(Semaphore::new(BIND_CONCURRENCY));
     let io = Io { client: client.clone(), events: Recorder::new(client.clone(), scheduler_name) };

@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodAffinityTerm, Taint, Toleration};
+use k8s_openapi::api::core::v1::{
+    Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodAffinityTerm, Taint, Toleration,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::quantity::{parse, Resources};
@@ -52,7 +54,10 @@ impl NodeUsage {
 }
 
 fn non_zero(requests: &Resources) -> (f64, f64) {
-    (requests.cpu().filter(|c| *c > 0.0).unwrap_or(DEFAULT_CPU), requests.memory().filter(|m| *m > 0.0).unwrap_or(DEFAULT_MEMORY))
+    (
+        requests.cpu().filter(|c| *c > 0.0).unwrap_or(DEFAULT_CPU),
+        requests.memory().filter(|m| *m > 0.0).unwrap_or(DEFAULT_MEMORY),
+    )
 }
 
 /// What a pod to place asks of any node, worked out once rather than per node.
@@ -68,7 +73,13 @@ pub struct Needs {
 impl Needs {
     pub fn of(pod: &Pod) -> Self {
         let requests = pod_requests(pod);
-        let images = pod.spec.iter().flat_map(|s| &s.containers).filter_map(|c| c.image.as_deref()).map(normalize_image).collect();
+        let images = pod
+            .spec
+            .iter()
+            .flat_map(|s| &s.containers)
+            .filter_map(|c| c.image.as_deref())
+            .map(normalize_image)
+            .collect();
         Self { non_zero: non_zero(&requests), host_ports: host_ports(pod), requests, images }
     }
 }
@@ -154,7 +165,13 @@ fn host_ports(pod: &Pod) -> Vec<(String, String, i32)> {
         .iter()
         .flat_map(|c| c.ports.iter().flatten())
         .filter_map(|p| {
-            p.host_port.filter(|hp| *hp > 0).map(|hp| (p.protocol.clone().unwrap_or_else(|| "TCP".into()), p.host_ip.clone().unwrap_or_else(|| "0.0.0.0".into()), hp))
+            p.host_port.filter(|hp| *hp > 0).map(|hp| {
+                (
+                    p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                    p.host_ip.clone().unwrap_or_else(|| "0.0.0.0".into()),
+                    hp,
+                )
+            })
         })
         .collect()
 }
@@ -174,7 +191,12 @@ impl NodeInfo {
         for (k, v) in node.status.as_ref().and_then(|s| s.allocatable.as_ref()).into_iter().flatten() {
             allocatable.set(k, parse(&v.0).unwrap_or(0.0));
         }
-        let images = node.status.as_ref().and_then(|s| s.images.as_ref()).into_iter().flatten()
+        let images = node
+            .status
+            .as_ref()
+            .and_then(|s| s.images.as_ref())
+            .into_iter()
+            .flatten()
             .map(|i| (i.names.iter().flatten().map(|n| normalize_image(n)).collect(), i.size_bytes.unwrap_or(0) as f64))
             .collect();
         Self { node, allocatable, images }
@@ -194,8 +216,16 @@ fn requirement_matches(req: &NodeSelectorRequirement, value: Option<&str>) -> bo
         "Exists" => value.is_some(),
         "DoesNotExist" => value.is_none(),
         "Gt" | "Lt" => {
-            let (Some(v), Some(bound)) = (value.and_then(|v| v.parse::<i64>().ok()), values.first().and_then(|b| b.parse::<i64>().ok())) else { return false };
-            if req.operator == "Gt" { v > bound } else { v < bound }
+            let (Some(v), Some(bound)) =
+                (value.and_then(|v| v.parse::<i64>().ok()), values.first().and_then(|b| b.parse::<i64>().ok()))
+            else {
+                return false;
+            };
+            if req.operator == "Gt" {
+                v > bound
+            } else {
+                v < bound
+            }
         }
         _ => false,
     }
@@ -203,9 +233,18 @@ fn requirement_matches(req: &NodeSelectorRequirement, value: Option<&str>) -> bo
 
 pub(crate) fn term_matches(term: &NodeSelectorTerm, node: &Node) -> bool {
     let labels = node.metadata.labels.as_ref();
-    let exprs_ok = term.match_expressions.iter().flatten().all(|r| requirement_matches(r, labels.and_then(|l| l.get(&r.key)).map(String::as_str)));
-    let fields_ok = term.match_fields.iter().flatten().all(|r| r.key == "metadata.name" && requirement_matches(r, node.metadata.name.as_deref()));
-    let non_empty = term.match_expressions.as_ref().is_some_and(|e| !e.is_empty()) || term.match_fields.as_ref().is_some_and(|f| !f.is_empty());
+    let exprs_ok = term
+        .match_expressions
+        .iter()
+        .flatten()
+        .all(|r| requirement_matches(r, labels.and_then(|l| l.get(&r.key)).map(String::as_str)));
+    let fields_ok = term
+        .match_fields
+        .iter()
+        .flatten()
+        .all(|r| r.key == "metadata.name" && requirement_matches(r, node.metadata.name.as_deref()));
+    let non_empty = term.match_expressions.as_ref().is_some_and(|e| !e.is_empty())
+        || term.match_fields.as_ref().is_some_and(|f| !f.is_empty());
     non_empty && exprs_ok && fields_ok
 }
 
@@ -236,7 +275,8 @@ pub fn node_selected(pod: &Pod, node: &Node) -> Option<Reason> {
     let no_spec = Default::default();
     let node_spec = node.spec.as_ref().unwrap_or(&no_spec);
     if node_spec.unschedulable == Some(true) {
-        let taint = Taint { key: "node.kubernetes.io/unschedulable".into(), effect: "NoSchedule".into(), ..Default::default() };
+        let taint =
+            Taint { key: "node.kubernetes.io/unschedulable".into(), effect: "NoSchedule".into(), ..Default::default() };
         if !tolerates(tolerations, &taint) {
             return Some("node(s) were unschedulable".into());
         }
@@ -246,7 +286,10 @@ pub fn node_selected(pod: &Pod, node: &Node) -> Option<Reason> {
     }
     for taint in node_spec.taints.iter().flatten() {
         if matches!(taint.effect.as_str(), "NoSchedule" | "NoExecute") && !tolerates(tolerations, taint) {
-            return Some(format!("node(s) had untolerated taint {{{}: {}}}", taint.key, taint.value.clone().unwrap_or_default()).into());
+            return Some(
+                format!("node(s) had untolerated taint {{{}: {}}}", taint.key, taint.value.clone().unwrap_or_default())
+                    .into(),
+            );
         }
     }
     None
@@ -258,7 +301,10 @@ pub fn filter(pod: &Pod, needs: &Needs, info: &NodeInfo, usage: &NodeUsage) -> O
         return Some(reason);
     }
     if needs.host_ports.iter().any(|(proto, ip, port)| {
-        usage.host_ports.iter().any(|(p2, ip2, port2)| p2 == proto && port2 == port && (ip == ip2 || ip == "0.0.0.0" || ip2 == "0.0.0.0"))
+        usage
+            .host_ports
+            .iter()
+            .any(|(p2, ip2, port2)| p2 == proto && port2 == port && (ip == ip2 || ip == "0.0.0.0" || ip2 == "0.0.0.0"))
     }) {
         return Some("node(s) didn't have free ports for the requested pod ports".into());
     }
@@ -266,7 +312,10 @@ pub fn filter(pod: &Pod, needs: &Needs, info: &NodeInfo, usage: &NodeUsage) -> O
     if usage.pods + 1 > max_pods {
         return Some("Too many pods".into());
     }
-    needs.requests.first_shortfall(&info.allocatable, &usage.requested).map(|resource| format!("Insufficient {resource}").into())
+    needs
+        .requests
+        .first_shortfall(&info.allocatable, &usage.requested)
+        .map(|resource| format!("Insufficient {resource}").into())
 }
 
 pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
@@ -290,7 +339,11 @@ fn term_selects(term: &PodAffinityTerm, owner_ns: &str, pod: &Pod) -> bool {
     static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
     let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
     let namespaces: &[String] = term.namespaces.as_deref().unwrap_or_default();
-    let ns_ok = if namespaces.is_empty() && term.namespace_selector.is_none() { ns == owner_ns } else { namespaces.iter().any(|n| n == ns) || term.namespace_selector.is_some() };
+    let ns_ok = if namespaces.is_empty() && term.namespace_selector.is_none() {
+        ns == owner_ns
+    } else {
+        namespaces.iter().any(|n| n == ns) || term.namespace_selector.is_some()
+    };
     let labels = pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS);
     ns_ok && term.label_selector.as_ref().is_some_and(|s| selector_matches(s, labels))
 }
@@ -298,9 +351,13 @@ fn term_selects(term: &PodAffinityTerm, owner_ns: &str, pod: &Pod) -> bool {
 fn required_terms(pod: &Pod, anti: bool) -> &[PodAffinityTerm] {
     let affinity = pod.spec.as_ref().and_then(|s| s.affinity.as_ref());
     let terms = if anti {
-        affinity.and_then(|a| a.pod_anti_affinity.as_ref()).and_then(|a| a.required_during_scheduling_ignored_during_execution.as_deref())
+        affinity
+            .and_then(|a| a.pod_anti_affinity.as_ref())
+            .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_deref())
     } else {
-        affinity.and_then(|a| a.pod_affinity.as_ref()).and_then(|a| a.required_during_scheduling_ignored_during_execution.as_deref())
+        affinity
+            .and_then(|a| a.pod_affinity.as_ref())
+            .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_deref())
     };
     terms.unwrap_or_default()
 }
@@ -331,7 +388,13 @@ fn domain(nodes: &BTreeMap<String, Arc<NodeInfo>>, node: &str, key: &str) -> Opt
 }
 
 impl TermDomains {
-    fn get(&mut self, term: &PodAffinityTerm, ns: &str, nodes: &BTreeMap<String, Arc<NodeInfo>>, usage: &Usage) -> &HashSet<String> {
+    fn get(
+        &mut self,
+        term: &PodAffinityTerm,
+        ns: &str,
+        nodes: &BTreeMap<String, Arc<NodeInfo>>,
+        usage: &Usage,
+    ) -> &HashSet<String> {
         let key = format!("{ns}\u{0}{}", serde_json::to_string(term).unwrap_or_default());
         &self
             .cache
@@ -362,7 +425,13 @@ impl PodTopology {
     /// `anti_holders`: placed pods that declare required anti-affinity, with their node
     /// (their rules apply to newcomers too). `terms`: the pass's cache of what the placed
     /// pods' domains are per term.
-    pub fn new(pod: &Pod, nodes: &BTreeMap<String, Arc<NodeInfo>>, usage: &Usage, anti_holders: &[(String, Arc<Pod>)], terms: &mut TermDomains) -> Self {
+    pub fn new(
+        pod: &Pod,
+        nodes: &BTreeMap<String, Arc<NodeInfo>>,
+        usage: &Usage,
+        anti_holders: &[(String, Arc<Pod>)],
+        terms: &mut TermDomains,
+    ) -> Self {
         let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
         let anti = required_terms(pod, true);
         let affinity = required_terms(pod, false);
@@ -386,7 +455,8 @@ impl PodTopology {
         for term in affinity {
             let domains = terms.get(term, ns, nodes, usage).clone();
             let self_match = term_selects(term, ns, pod);
-            out.required.push((term.topology_key.clone(), if domains.is_empty() && self_match { None } else { Some(domains) }));
+            out.required
+                .push((term.topology_key.clone(), if domains.is_empty() && self_match { None } else { Some(domains) }));
         }
         out
     }
@@ -437,7 +507,8 @@ pub fn score(pod: &Pod, needs: &Needs, info: &NodeInfo, usage: &NodeUsage) -> f6
         }
         ((used + add) / cap).min(1.0)
     };
-    let (cpu, mem) = (fraction(alloc.cpu(), usage.non_zero.0, cpu_req), fraction(alloc.memory(), usage.non_zero.1, mem_req));
+    let (cpu, mem) =
+        (fraction(alloc.cpu(), usage.non_zero.0, cpu_req), fraction(alloc.memory(), usage.non_zero.1, mem_req));
     let least_allocated = ((1.0 - cpu) + (1.0 - mem)) / 2.0 * 100.0;
     let balanced = (1.0 - (cpu - mem).abs()) * 100.0;
     let preferred: f64 = pod
@@ -476,8 +547,16 @@ pub fn normalize_image(image: &str) -> String {
 fn image_locality(needs: &Needs, info: &NodeInfo) -> f64 {
     const MIN: f64 = 23.0 * 1024.0 * 1024.0;
     const MAX: f64 = 1000.0 * 1024.0 * 1024.0;
-    let present: f64 = needs.images.iter().filter_map(|w| info.images.iter().find(|(names, _)| names.contains(w)).map(|(_, size)| size)).sum();
-    if present <= MIN { 0.0 } else { (present.min(MAX) - MIN) / (MAX - MIN) * 100.0 }
+    let present: f64 = needs
+        .images
+        .iter()
+        .filter_map(|w| info.images.iter().find(|(names, _)| names.contains(w)).map(|(_, size)| size))
+        .sum();
+    if present <= MIN {
+        0.0
+    } else {
+        (present.min(MAX) - MIN) / (MAX - MIN) * 100.0
+    }
 }
 
 /// Upstream's "0/3 nodes are available: 1 Insufficient cpu, 2 node(s) were unschedulable."
@@ -521,13 +600,26 @@ mod tests {
         let usage = NodeUsage::default();
         assert_eq!(fits(&pod("1", json!({})), &node("n", "2", json!({})), &usage), None);
         assert_eq!(fits(&pod("3", json!({})), &node("n", "2", json!({})), &usage).as_deref(), Some("Insufficient cpu"));
-        let tainted = node("n", "2", json!({"spec": {"taints": [{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]}}));
-        assert_eq!(fits(&pod("1", json!({})), &tainted, &usage).as_deref(), Some("node(s) had untolerated taint {dedicated: gpu}"));
-        let tolerant = pod("1", json!({"spec": {"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]}}));
+        let tainted =
+            node("n", "2", json!({"spec": {"taints": [{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]}}));
+        assert_eq!(
+            fits(&pod("1", json!({})), &tainted, &usage).as_deref(),
+            Some("node(s) had untolerated taint {dedicated: gpu}")
+        );
+        let tolerant = pod(
+            "1",
+            json!({"spec": {"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]}}),
+        );
         assert_eq!(fits(&tolerant, &tainted, &usage), None);
         let picky = pod("1", json!({"spec": {"nodeSelector": {"zone": "b"}}}));
-        assert_eq!(fits(&picky, &node("n", "2", json!({})), &usage).as_deref(), Some("node(s) didn't match Pod's node affinity/selector"));
-        let affine = pod("1", json!({"spec": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}}}}));
+        assert_eq!(
+            fits(&picky, &node("n", "2", json!({})), &usage).as_deref(),
+            Some("node(s) didn't match Pod's node affinity/selector")
+        );
+        let affine = pod(
+            "1",
+            json!({"spec": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}}}}),
+        );
         assert_eq!(fits(&affine, &node("n", "2", json!({})), &usage), None);
         let cordoned = node("n", "2", json!({"spec": {"unschedulable": true}}));
         assert_eq!(fits(&pod("1", json!({})), &cordoned, &usage).as_deref(), Some("node(s) were unschedulable"));
@@ -539,15 +631,22 @@ mod tests {
     fn pod_anti_affinity_keeps_matching_pods_apart() {
         let labeled = |name: &str| node(name, "2", json!({"metadata": {"labels": {"kubernetes.io/hostname": name}}}));
         let (n1, n2) = (labeled("n1"), labeled("n2"));
-        let nodes: BTreeMap<String, Arc<NodeInfo>> = [("n1".to_string(), Arc::new(n1.clone())), ("n2".to_string(), Arc::new(n2.clone()))].into_iter().collect();
+        let nodes: BTreeMap<String, Arc<NodeInfo>> =
+            [("n1".to_string(), Arc::new(n1.clone())), ("n2".to_string(), Arc::new(n2.clone()))].into_iter().collect();
         let mut usage = Usage::default();
         usage.on("n1").add(Arc::new(pod("0", json!({"metadata": {"labels": {"app": "x"}}}))));
         let term = json!({"labelSelector": {"matchLabels": {"app": "x"}}, "topologyKey": "kubernetes.io/hostname"});
-        let loner = pod("0", json!({"spec": {"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}}}));
+        let loner = pod(
+            "0",
+            json!({"spec": {"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}}}),
+        );
         let topology = PodTopology::new(&loner, &nodes, &usage, &[], &mut TermDomains::default());
         assert_eq!(topology.filter(&n1.node).as_deref(), Some("node(s) didn't match pod anti-affinity rules"));
         assert_eq!(topology.filter(&n2.node), None);
-        let friend = pod("0", json!({"spec": {"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}}}));
+        let friend = pod(
+            "0",
+            json!({"spec": {"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}}}),
+        );
         let topology = PodTopology::new(&friend, &nodes, &usage, &[], &mut TermDomains::default());
         assert_eq!(topology.filter(&n1.node), None);
         assert!(topology.filter(&n2.node).is_some());
@@ -559,7 +658,11 @@ mod tests {
         assert_eq!(normalize_image("user/app:1"), "docker.io/user/app:1");
         assert_eq!(normalize_image("127.0.0.1:5000/test-server"), "127.0.0.1:5000/test-server:latest");
         assert_eq!(normalize_image("registry.k8s.io/pause:3.10"), "registry.k8s.io/pause:3.10");
-        let with_image = node("n", "2", json!({"status": {"images": [{"names": ["docker.io/library/nginx:latest"], "sizeBytes": 500_000_000}]}}));
+        let with_image = node(
+            "n",
+            "2",
+            json!({"status": {"images": [{"names": ["docker.io/library/nginx:latest"], "sizeBytes": 500_000_000}]}}),
+        );
         let nginx = pod("0", json!({"spec": {"containers": [{"name": "c", "image": "nginx"}]}}));
         let needs = Needs::of(&nginx);
         assert!(image_locality(&needs, &with_image) > 40.0);
@@ -574,7 +677,11 @@ mod tests {
         let small = pod("100m", json!({}));
         let r = Needs::of(&small);
         assert!(score(&small, &r, &n, &NodeUsage::default()) > score(&small, &r, &n, &busy));
-        let reasons: Vec<Reason> = vec!["Insufficient cpu".into(), "node(s) were unschedulable".into(), "Insufficient cpu".into()];
-        assert_eq!(unschedulable_message(3, &reasons), "0/3 nodes are available: 2 Insufficient cpu, 1 node(s) were unschedulable.");
+        let reasons: Vec<Reason> =
+            vec!["Insufficient cpu".into(), "node(s) were unschedulable".into(), "Insufficient cpu".into()];
+        assert_eq!(
+            unschedulable_message(3, &reasons),
+            "0/3 nodes are available: 2 Insufficient cpu, 1 node(s) were unschedulable."
+        );
     }
 }

@@ -89,14 +89,22 @@ mod tests {
     use serde_json::json;
 
     fn pod(name: &str, cpu: &str, priority: i32) -> Arc<Pod> {
-        Arc::new(serde_json::from_value(json!({
-            "metadata": {"name": name, "uid": name},
-            "spec": {"priority": priority, "containers": [{"name": "c", "resources": {"requests": {"cpu": cpu}}}]},
-        })).unwrap())
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "uid": name},
+                "spec": {"priority": priority, "containers": [{"name": "c", "resources": {"requests": {"cpu": cpu}}}]},
+            }))
+            .unwrap(),
+        )
     }
 
     fn node(name: &str, cpu: &str) -> NodeInfo {
-        NodeInfo::new(serde_json::from_value::<Node>(json!({"metadata": {"name": name}, "status": {"allocatable": {"cpu": cpu, "pods": "110"}}})).unwrap())
+        NodeInfo::new(
+            serde_json::from_value::<Node>(
+                json!({"metadata": {"name": name}, "status": {"allocatable": {"cpu": cpu, "pods": "110"}}}),
+            )
+            .unwrap(),
+        )
     }
 
     #[test]

@@ -55,7 +55,9 @@ impl Spread {
             let honor_affinity = c.node_affinity_policy.as_deref() != Some("Ignore");
             let mut counts: HashMap<String, usize> = HashMap::new();
             for info in nodes {
-                let Some(domain) = info.node.metadata.labels.as_ref().and_then(|l| l.get(&c.topology_key)) else { continue };
+                let Some(domain) = info.node.metadata.labels.as_ref().and_then(|l| l.get(&c.topology_key)) else {
+                    continue;
+                };
                 if honor_affinity && !matches_node_affinity(pod, &info.node) {
                     continue;
                 }
@@ -64,7 +66,11 @@ impl Spread {
                     u.placed
                         .iter()
                         .filter(|p| p.metadata.namespace == ns && p.metadata.deletion_timestamp.is_none())
-                        .filter(|p| selector.as_ref().is_some_and(|s| selector_matches(s, p.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()))))
+                        .filter(|p| {
+                            selector.as_ref().is_some_and(|s| {
+                                selector_matches(s, p.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()))
+                            })
+                        })
                         .count()
                 });
                 *counts.entry(domain.clone()).or_default() += matching;
@@ -109,8 +115,19 @@ impl Spread {
             .filter(|c| !c.hard)
             .map(|c| {
                 let most = c.counts.values().copied().max().unwrap_or(0) as f64;
-                let here = node.metadata.labels.as_ref().and_then(|l| l.get(&c.key)).and_then(|d| c.counts.get(d)).copied().unwrap_or(0) as f64;
-                if most == 0.0 { 100.0 } else { (most - here) / most * 100.0 }
+                let here = node
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(&c.key))
+                    .and_then(|d| c.counts.get(d))
+                    .copied()
+                    .unwrap_or(0) as f64;
+                if most == 0.0 {
+                    100.0
+                } else {
+                    (most - here) / most * 100.0
+                }
             })
             .sum()
     }

@@ -62,21 +62,11 @@ pub enum StoreError {
     #[error("key {0:?} not found")]
     NotFound(String),
     #[error("key {key:?} was modified: expected revision {expected}, found {actual}")]
-    Conflict {
-        key: String,
-        expected: Revision,
-        actual: Revision,
-    },
+    Conflict { key: String, expected: Revision, actual: Revision },
     #[error("revision {requested} has been compacted; the oldest available revision is {compacted}")]
-    Compacted {
-        requested: Revision,
-        compacted: Revision,
-    },
+    Compacted { requested: Revision, compacted: Revision },
     #[error("revision {requested} is newer than the current revision {current}")]
-    FutureRevision {
-        requested: Revision,
-        current: Revision,
-    },
+    FutureRevision { requested: Revision, current: Revision },
     #[error("storage backend failure: {0}")]
     Backend(String),
 }

@@ -17,10 +17,7 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{oneshot, watch};
 
-use crate::{
-    prefix_end, Event, KeyValue, ListRequest, ListResponse, Result, Revision, Store, StoreError,
-    WatchStream,
-};
+use crate::{prefix_end, Event, KeyValue, ListRequest, ListResponse, Result, Revision, Store, StoreError, WatchStream};
 
 /// Largest number of queued writes committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -93,9 +90,8 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let conn = open_connection(&path)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
-        let max_rev: Revision = conn
-            .query_row("SELECT COALESCE(MAX(rev), 0) FROM kv_log", [], |r| r.get(0))
-            .map_err(backend)?;
+        let max_rev: Revision =
+            conn.query_row("SELECT COALESCE(MAX(rev), 0) FROM kv_log", [], |r| r.get(0)).map_err(backend)?;
         let compacted = read_meta(&conn, "compacted")?;
         // The counter also persists in kv_meta so compaction (which may drop the newest
         // tombstones) can never make revisions go backwards after a restart.
@@ -109,28 +105,17 @@ impl SqliteStore {
             .name("krate-store-writer".into())
             .spawn(move || writer_loop(conn, rx, current, rev_tx, writer_compacted))
             .map_err(backend)?;
-        Ok(Self {
-            path,
-            writer: tx,
-            readers: Mutex::new(Vec::new()),
-            revision: rev_rx,
-            compacted,
-        })
+        Ok(Self { path, writer: tx, readers: Mutex::new(Vec::new()), revision: rev_rx, compacted })
     }
 
     async fn write(&self, op: WriteOp) -> Result<WriteOutcome> {
         let (reply, rx) = oneshot::channel();
-        self.writer
-            .send(WriteRequest { op, reply })
-            .map_err(|_| backend("store writer has stopped"))?;
+        self.writer.send(WriteRequest { op, reply }).map_err(|_| backend("store writer has stopped"))?;
         rx.await.map_err(|_| backend("store writer has stopped"))?
     }
 
     /// Runs `f` on a pooled read connection on the blocking thread pool.
-    async fn read<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
+    async fn read<T: Send + 'static>(&self, f: impl FnOnce(&Connection) -> Result<T> + Send + 'static) -> Result<T> {
         let conn = match self.readers.lock().expect("reader pool poisoned").pop() {
             Some(conn) => conn,
             None => open_connection(&self.path)?,
@@ -230,12 +215,8 @@ fn apply(
     op: &WriteOp,
 ) -> rusqlite::Result<Result<WriteOutcome>> {
     let current = |key: &str| -> rusqlite::Result<Option<(Revision, Revision)>> {
-        tx.query_row(
-            "SELECT rev, create_rev FROM kv_current WHERE key = ?1",
-            [key],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()
+        tx.query_row("SELECT rev, create_rev FROM kv_current WHERE key = ?1", [key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
     };
     match op {
         WriteOp::Create { key, value } => {
@@ -248,10 +229,7 @@ fn apply(
                 "INSERT INTO kv_log(rev, key, create_rev, prev_rev, deleted, value) VALUES (?1, ?2, ?1, 0, 0, ?3)",
                 params![rev, key, &value[..]],
             )?;
-            tx.execute(
-                "INSERT INTO kv_current(key, rev, create_rev) VALUES (?1, ?2, ?2)",
-                params![key, rev],
-            )?;
+            tx.execute("INSERT INTO kv_current(key, rev, create_rev) VALUES (?1, ?2, ?2)", params![key, rev])?;
             Ok(Ok(WriteOutcome::Put(KeyValue {
                 key: key.clone(),
                 value: value.clone(),
@@ -264,11 +242,7 @@ fn apply(
                 return Ok(Err(StoreError::NotFound(key.clone())));
             };
             if actual != *expected {
-                return Ok(Err(StoreError::Conflict {
-                    key: key.clone(),
-                    expected: *expected,
-                    actual,
-                }));
+                return Ok(Err(StoreError::Conflict { key: key.clone(), expected: *expected, actual }));
             }
             *revision += 1;
             let rev = *revision;
@@ -290,11 +264,7 @@ fn apply(
             };
             if let Some(expected) = expected {
                 if actual != *expected {
-                    return Ok(Err(StoreError::Conflict {
-                        key: key.clone(),
-                        expected: *expected,
-                        actual,
-                    }));
+                    return Ok(Err(StoreError::Conflict { key: key.clone(), expected: *expected, actual }));
                 }
             }
             let prev_value: Vec<u8> =
@@ -404,12 +374,7 @@ fn read_events(conn: &Connection, prefix: &str, from: Revision) -> Result<Vec<Ev
             let rev: Revision = row.get(2)?;
             if row.get::<_, i64>(3)? == 0 {
                 let value: Vec<u8> = row.get(4)?;
-                Ok(Event::Put(KeyValue {
-                    key,
-                    value: Bytes::from(value),
-                    create_revision,
-                    mod_revision: rev,
-                }))
+                Ok(Event::Put(KeyValue { key, value: Bytes::from(value), create_revision, mod_revision: rev }))
             } else {
                 let prev_value: Option<Vec<u8>> = row.get(6)?;
                 Ok(Event::Delete {
@@ -462,10 +427,8 @@ impl Store for SqliteStore {
                 // The revision is read in the same read transaction as the rows, so the
                 // pair stays consistent while writes commit.
                 let tx = conn.unchecked_transaction().map_err(backend)?;
-                let newest: Revision = read_meta(&tx, "revision")?.max(
-                    tx.query_row("SELECT COALESCE(MAX(rev), 0) FROM kv_log", [], |r| r.get(0))
-                        .map_err(backend)?,
-                );
+                let newest: Revision = read_meta(&tx, "revision")?
+                    .max(tx.query_row("SELECT COALESCE(MAX(rev), 0) FROM kv_log", [], |r| r.get(0)).map_err(backend)?);
                 let (at, revision) = match request.revision {
                     Some(rev) if rev < newest => (Some(rev), rev),
                     _ => (None, newest),
@@ -482,40 +445,21 @@ impl Store for SqliteStore {
     }
 
     async fn create(&self, key: &str, value: Bytes) -> Result<KeyValue> {
-        match self
-            .write(WriteOp::Create {
-                key: key.to_string(),
-                value,
-            })
-            .await?
-        {
+        match self.write(WriteOp::Create { key: key.to_string(), value }).await? {
             WriteOutcome::Put(kv) => Ok(kv),
             _ => unreachable!("create yields a put"),
         }
     }
 
     async fn update(&self, key: &str, value: Bytes, expected_revision: Revision) -> Result<KeyValue> {
-        match self
-            .write(WriteOp::Update {
-                key: key.to_string(),
-                value,
-                expected: expected_revision,
-            })
-            .await?
-        {
+        match self.write(WriteOp::Update { key: key.to_string(), value, expected: expected_revision }).await? {
             WriteOutcome::Put(kv) => Ok(kv),
             _ => unreachable!("update yields a put"),
         }
     }
 
     async fn delete(&self, key: &str, expected_revision: Option<Revision>) -> Result<(Revision, KeyValue)> {
-        match self
-            .write(WriteOp::Delete {
-                key: key.to_string(),
-                expected: expected_revision,
-            })
-            .await?
-        {
+        match self.write(WriteOp::Delete { key: key.to_string(), expected: expected_revision }).await? {
             WriteOutcome::Deleted(rev, kv) => Ok((rev, kv)),
             _ => unreachable!("delete yields a deletion"),
         }
@@ -548,13 +492,7 @@ impl Store for SqliteStore {
                 let compacted = st.compacted.load(std::sync::atomic::Ordering::Acquire);
                 if st.next <= compacted {
                     st.failed = true;
-                    return Some((
-                        Err(StoreError::Compacted {
-                            requested: st.next,
-                            compacted,
-                        }),
-                        st,
-                    ));
+                    return Some((Err(StoreError::Compacted { requested: st.next, compacted }), st));
                 }
                 // Mark the current revision as seen before reading, so a commit that
                 // lands during the read wakes the next wait.
@@ -571,12 +509,11 @@ impl Store for SqliteStore {
                         },
                     };
                     let (prefix, from) = (st.prefix.clone(), st.next);
-                    let joined =
-                        tokio::task::spawn_blocking(move || {
-                            let events = read_events(&conn, &prefix, from);
-                            (conn, events)
-                        })
-                        .await;
+                    let joined = tokio::task::spawn_blocking(move || {
+                        let events = read_events(&conn, &prefix, from);
+                        (conn, events)
+                    })
+                    .await;
                     let (conn, events) = match joined {
                         Ok(pair) => pair,
                         Err(err) => {

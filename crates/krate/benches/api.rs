@@ -14,11 +14,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::BenchServer;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use serde_json::json;
-use common::BenchServer;
 
 const CONCURRENCY: usize = 32;
 
@@ -117,7 +117,11 @@ fn raw_sqlite(dir: &Path, payloads: &[Vec<u8>]) -> Stats {
     let mut latencies = Vec::new();
     for (i, p) in payloads.iter().enumerate() {
         let t = Instant::now();
-        conn.execute("INSERT INTO kv (key, value) VALUES (?1, ?2)", rusqlite::params![format!("/registry/core/configmaps/default/bench-{i:06}"), p]).unwrap();
+        conn.execute(
+            "INSERT INTO kv (key, value) VALUES (?1, ?2)",
+            rusqlite::params![format!("/registry/core/configmaps/default/bench-{i:06}"), p],
+        )
+        .unwrap();
         latencies.push(t.elapsed());
     }
     Stats { latencies, elapsed: start.elapsed() }
@@ -131,7 +135,13 @@ async fn store_only(dir: &Path, payloads: Arc<Vec<Vec<u8>>>) -> Stats {
     run(0..n, move |i| {
         let (store, payloads) = (store.clone(), payloads.clone());
         async move {
-            store.create(&format!("/registry/core/configmaps/default/bench-{i:06}"), bytes::Bytes::from(payloads[i].clone())).await.unwrap();
+            store
+                .create(
+                    &format!("/registry/core/configmaps/default/bench-{i:06}"),
+                    bytes::Bytes::from(payloads[i].clone()),
+                )
+                .await
+                .unwrap();
         }
     })
     .await
@@ -145,7 +155,10 @@ async fn main() {
     let client = server.client.clone();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     let pid = server.pid();
-    println!("krate API benchmark: N = {n} ConfigMaps (~300 B each), {CONCURRENCY} concurrent clients, {} cores", std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1));
+    println!(
+        "krate API benchmark: N = {n} ConfigMaps (~300 B each), {CONCURRENCY} concurrent clients, {} cores",
+        std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1)
+    );
     println!("idle server RSS: {:.1} MiB", rss_mib(pid));
 
     let start_rv = cms.list(&ListParams::default().limit(1)).await.unwrap().metadata.resource_version.unwrap();
@@ -210,7 +223,8 @@ async fn main() {
     let strategic_patch = run(0..n, move |i| {
         let api = api.clone();
         async move {
-            let patch = Patch::Strategic(json!({"metadata": {"labels": {"patched": "strategic"}}, "data": {"extra": "x"}}));
+            let patch =
+                Patch::Strategic(json!({"metadata": {"labels": {"patched": "strategic"}}, "data": {"extra": "x"}}));
             api.patch(&format!("bench-{i:06}"), &PatchParams::default(), &patch).await.unwrap();
         }
     })
@@ -242,10 +256,18 @@ async fn main() {
     let live_start = Instant::now();
     for i in 0..live {
         let t = Instant::now();
-        cms.patch(&format!("bench-{i:06}"), &PatchParams::default(), &Patch::Merge(json!({"data": {"key": format!("v{i}")}}))).await.unwrap();
+        cms.patch(
+            &format!("bench-{i:06}"),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"key": format!("v{i}")}})),
+        )
+        .await
+        .unwrap();
         loop {
             match stream.try_next().await.unwrap() {
-                Some(WatchEvent::Modified(cm)) if cm.metadata.name.as_deref() == Some(&format!("bench-{i:06}")) => break,
+                Some(WatchEvent::Modified(cm)) if cm.metadata.name.as_deref() == Some(&format!("bench-{i:06}")) => {
+                    break
+                }
                 Some(_) => continue,
                 None => panic!("watch ended early"),
             }
@@ -268,17 +290,27 @@ async fn main() {
     apply.row("API server-side apply");
     list.row(&format!("API list (all {n})"));
     selector_list.row("API list (labelSelector)");
-    println!("{:<28} {:>8} ev  {:>10.0} ev/s", "API watch replay", replayed, replayed as f64 / replay_elapsed.as_secs_f64());
+    println!(
+        "{:<28} {:>8} ev  {:>10.0} ev/s",
+        "API watch replay",
+        replayed,
+        replayed as f64 / replay_elapsed.as_secs_f64()
+    );
     live_stats.row("API patch→watch event");
     raw.row("raw SQLite insert (1 writer)");
     store.row("store create (32 writers)");
     println!();
     println!("create throughput, API vs raw SQLite insert: {:.2}x", create.rate() / raw.rate());
-    println!("create p50 latency, API (1 client) vs raw SQLite insert: {:.2}x", sequential.percentile(0.5).as_secs_f64() / raw.percentile(0.5).as_secs_f64());
+    println!(
+        "create p50 latency, API (1 client) vs raw SQLite insert: {:.2}x",
+        sequential.percentile(0.5).as_secs_f64() / raw.percentile(0.5).as_secs_f64()
+    );
     println!("create throughput, API vs store layer:       {:.2}x", create.rate() / store.rate());
     println!("objects listed per second: {:.0}", list.rate() * n as f64);
     println!("server-side apply vs merge patch throughput: {:.2}x", apply.rate() / merge_patch.rate());
-    println!("server RSS with {n} ConfigMaps: {rss_created:.1} MiB after create; {rss_n:.1} MiB after patches and apply");
+    println!(
+        "server RSS with {n} ConfigMaps: {rss_created:.1} MiB after create; {rss_n:.1} MiB after patches and apply"
+    );
 
     if std::env::var("KRATE_BENCH_SKIP_100K").is_err() {
         let api = cms.clone();

@@ -16,11 +16,11 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{BenchServer, Killed};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams, WatchEvent, WatchParams};
 use serde_json::json;
-use common::{BenchServer, Killed};
 
 const ROUNDS: usize = 20;
 const QUIET: Duration = Duration::from_secs(20);
@@ -51,9 +51,16 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Waits on `stream` until a pod other than `except` runs; returns when it was seen.
-async fn next_running(stream: &mut (impl futures::Stream<Item = kube::Result<WatchEvent<Pod>>> + Unpin), except: &str) -> Instant {
+async fn next_running(
+    stream: &mut (impl futures::Stream<Item = kube::Result<WatchEvent<Pod>>> + Unpin),
+    except: &str,
+) -> Instant {
     loop {
-        let event = tokio::time::timeout(Duration::from_secs(30), stream.try_next()).await.expect("a pod starts running").unwrap().unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(30), stream.try_next())
+            .await
+            .expect("a pod starts running")
+            .unwrap()
+            .unwrap();
         if let WatchEvent::Added(p) | WatchEvent::Modified(p) = event {
             if is_running(&p) && p.metadata.name.as_deref() != Some(except) {
                 return Instant::now();
@@ -67,7 +74,10 @@ async fn main() {
     let server = BenchServer::start(&["--disable-agent"]).await;
     let (client, kubeconfig) = (server.client.clone(), server.kubeconfig.clone());
     let pid = server.pid();
-    println!("krate controllers benchmark: {} cores", std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1));
+    println!(
+        "krate controllers benchmark: {} cores",
+        std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1)
+    );
 
     // (2) reference: the server idle with nothing in it.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -103,11 +113,19 @@ async fn main() {
     }
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     for i in 0..760 {
-        let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": format!("cm-{i}")}, "data": {"k": "v"}})).unwrap();
+        let cm: ConfigMap =
+            serde_json::from_value(json!({"metadata": {"name": format!("cm-{i}")}, "data": {"k": "v"}})).unwrap();
         maps.create(&PostParams::default(), &cm).await.unwrap();
     }
     loop {
-        let running = pods.list(&ListParams::default().labels("app=web")).await.unwrap().items.iter().filter(|p| is_running(p)).count();
+        let running = pods
+            .list(&ListParams::default().labels("app=web"))
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .filter(|p| is_running(p))
+            .count();
         if running == 200 {
             break;
         }
@@ -133,7 +151,14 @@ async fn main() {
     let mut replaced = Vec::new();
     for _ in 0..ROUNDS {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let victim = pods.list(&ListParams::default().labels("app=web")).await.unwrap().items.into_iter().find(is_running).unwrap();
+        let victim = pods
+            .list(&ListParams::default().labels("app=web"))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(is_running)
+            .unwrap();
         let name = victim.metadata.name.clone().unwrap();
         let start = Instant::now();
         pods.delete(&name, &DeleteParams::default()).await.unwrap();
@@ -144,10 +169,27 @@ async fn main() {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!();
     println!("{:<48} {:>9} {:>9}", "", "p50", "max");
-    println!("{:<48} {:>7.1}ms {:>7.1}ms", "bare pod create -> Running (ref)", ms(pct(&bare, 0.5)), ms(*bare.last().unwrap()));
-    println!("{:<48} {:>7.1}ms {:>7.1}ms", "replica deleted -> replacement Running", ms(pct(&replaced, 0.5)), ms(*replaced.last().unwrap()));
-    println!("replacement vs bare pod start (p50): {:.2}x", pct(&replaced, 0.5).as_secs_f64() / pct(&bare, 0.5).as_secs_f64());
+    println!(
+        "{:<48} {:>7.1}ms {:>7.1}ms",
+        "bare pod create -> Running (ref)",
+        ms(pct(&bare, 0.5)),
+        ms(*bare.last().unwrap())
+    );
+    println!(
+        "{:<48} {:>7.1}ms {:>7.1}ms",
+        "replica deleted -> replacement Running",
+        ms(pct(&replaced, 0.5)),
+        ms(*replaced.last().unwrap())
+    );
+    println!(
+        "replacement vs bare pod start (p50): {:.2}x",
+        pct(&replaced, 0.5).as_secs_f64() / pct(&bare, 0.5).as_secs_f64()
+    );
     println!();
     println!("server CPU, idle, empty (ref):              {:.2}% of one core", empty * 100.0);
-    println!("server CPU, idle, 1,000 objects + 5 nodes:  {:.2}% of one core ({:.2}x the empty server)", loaded * 100.0, loaded / empty.max(1e-4));
+    println!(
+        "server CPU, idle, 1,000 objects + 5 nodes:  {:.2}% of one core ({:.2}x the empty server)",
+        loaded * 100.0,
+        loaded / empty.max(1e-4)
+    );
 }

@@ -17,12 +17,12 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::registry::TestRegistry;
+use common::BenchServer;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use serde_json::json;
-use common::registry::TestRegistry;
-use common::BenchServer;
 use tokio::sync::{Mutex, Semaphore};
 
 fn env(name: &str, default: usize) -> usize {
@@ -36,7 +36,13 @@ fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration) {
 }
 
 fn ctr(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new("ctr").arg("--address").arg(socket).args(["--namespace", "k8s.io"]).args(args).output().expect("run ctr")
+    Command::new("ctr")
+        .arg("--address")
+        .arg(socket)
+        .args(["--namespace", "k8s.io"])
+        .args(args)
+        .output()
+        .expect("run ctr")
 }
 
 /// `ctr run -d` of `image`, `n` times with `concurrency` at once: each start's latency.
@@ -80,17 +86,32 @@ async fn main() {
     let image = registry.image("test-server");
     let max_pods = (n + 10).to_string();
     let mut server = BenchServer::start(&[
-        "--node-name", "bench-node", "--bridge", "kbench0", "--pod-cidr", "10.250.0.0/24",
-        "--insecure-registry", &registry.address, "--max-pods", &max_pods,
+        "--node-name",
+        "bench-node",
+        "--bridge",
+        "kbench0",
+        "--pod-cidr",
+        "10.250.0.0/24",
+        "--insecure-registry",
+        &registry.address,
+        "--max-pods",
+        &max_pods,
         // How full this machine's disk is must not refuse the benchmark's pods.
-        "--eviction-hard", "memory.available<100Mi,nodefs.available<512Mi,imagefs.available<512Mi",
+        "--eviction-hard",
+        "memory.available<100Mi,nodefs.available<512Mi,imagefs.available<512Mi",
     ])
     .await;
     let client = server.client.clone();
     let data = server.data.clone();
     let nodes: Api<Node> = Api::all(client.clone());
     loop {
-        let ready = nodes.get_opt("bench-node").await.ok().flatten().and_then(|n| n.status?.conditions).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let ready = nodes
+            .get_opt("bench-node")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|n| n.status?.conditions)
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
         if ready {
             break;
         }
@@ -99,7 +120,10 @@ async fn main() {
     let socket = data.join("agent/containerd/containerd.sock");
     let pull = ctr(&socket, &["images", "pull", "--plain-http", &image]);
     assert!(pull.status.success(), "ctr pull: {}", String::from_utf8_lossy(&pull.stderr));
-    println!("krate pod-startup benchmark: {n} pods, {concurrency} concurrent clients, {} cores", std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1));
+    println!(
+        "krate pod-startup benchmark: {n} pods, {concurrency} concurrent clients, {} cores",
+        std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1)
+    );
 
     let reference = ctr_reference(&socket, &image, n, concurrency).await;
 
@@ -146,14 +170,32 @@ async fn main() {
     let (r50, r99) = percentiles(reference);
     println!();
     println!("{:<44} {:>9} {:>9}", "", "p50", "p99");
-    println!("{:<44} {:>7.0}ms {:>7.0}ms", "ctr run -d (reference, same containerd)", r50.as_secs_f64() * 1e3, r99.as_secs_f64() * 1e3);
-    println!("{:<44} {:>7.0}ms {:>7.0}ms", "krate pod: create → Running (watch)", k50.as_secs_f64() * 1e3, k99.as_secs_f64() * 1e3);
+    println!(
+        "{:<44} {:>7.0}ms {:>7.0}ms",
+        "ctr run -d (reference, same containerd)",
+        r50.as_secs_f64() * 1e3,
+        r99.as_secs_f64() * 1e3
+    );
+    println!(
+        "{:<44} {:>7.0}ms {:>7.0}ms",
+        "krate pod: create → Running (watch)",
+        k50.as_secs_f64() * 1e3,
+        k99.as_secs_f64() * 1e3
+    );
     println!();
-    println!("p50 ratio krate / ctr run: {:.2}x (aim: under 2); p99 {:.2} s (upstream SLO: ≤ 5 s)", k50.as_secs_f64() / r50.as_secs_f64(), k99.as_secs_f64());
+    println!(
+        "p50 ratio krate / ctr run: {:.2}x (aim: under 2); p99 {:.2} s (upstream SLO: ≤ 5 s)",
+        k50.as_secs_f64() / r50.as_secs_f64(),
+        k99.as_secs_f64()
+    );
 
     // Clean up: delete the pods, then reset the agent (containers, containerd, bridge).
     let _ = pods.delete_collection(&Default::default(), &ListParams::default()).await;
     server.stop();
-    let out = Command::new(env!("CARGO_BIN_EXE_krate")).args(["reset", "--data-dir"]).arg(&data).output().expect("krate reset");
+    let out = Command::new(env!("CARGO_BIN_EXE_krate"))
+        .args(["reset", "--data-dir"])
+        .arg(&data)
+        .output()
+        .expect("krate reset");
     assert!(out.status.success(), "krate reset: {}", String::from_utf8_lossy(&out.stderr));
 }

@@ -18,11 +18,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::BenchServer;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use serde_json::{json, Value};
-use common::BenchServer;
 use tokio::sync::{Mutex, Semaphore};
 
 const CONCURRENCY: usize = 32;
@@ -75,7 +75,8 @@ struct Phase {
 /// Creates `count` pods of `phase` and waits until the scheduler has bound them all.
 async fn run_phase(pods: &Api<Pod>, phase: &'static str, count: usize, extra: Value) -> Phase {
     let rv = pods.list(&ListParams::default().limit(1)).await.unwrap().metadata.resource_version.unwrap();
-    let mut stream = pods.watch(&WatchParams::default().labels(&format!("phase={phase}")).timeout(290), &rv).await.unwrap().boxed();
+    let mut stream =
+        pods.watch(&WatchParams::default().labels(&format!("phase={phase}")).timeout(290), &rv).await.unwrap().boxed();
     let created: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
     let start = Instant::now();
     let api = pods.clone();
@@ -97,17 +98,24 @@ async fn run_phase(pods: &Api<Pod>, phase: &'static str, count: usize, extra: Va
     let elapsed = start.elapsed();
     creator.await.unwrap();
     let created = created.lock().await;
-    let mut latencies: Vec<Duration> = bound.iter().map(|(n, t)| t.saturating_duration_since(created.get(n).copied().unwrap_or(start))).collect();
+    let mut latencies: Vec<Duration> =
+        bound.iter().map(|(n, t)| t.saturating_duration_since(created.get(n).copied().unwrap_or(start))).collect();
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     Phase { pods_per_sec: count as f64 / elapsed.as_secs_f64(), p50: pct(0.5), p99: pct(0.99) }
 }
 
 /// When each pod of a watch (by name) was first seen bound, once `count` are.
-async fn wait_bound(stream: &mut (impl futures::Stream<Item = kube::Result<WatchEvent<Pod>>> + Unpin), count: usize) -> HashMap<String, Instant> {
+async fn wait_bound(
+    stream: &mut (impl futures::Stream<Item = kube::Result<WatchEvent<Pod>>> + Unpin),
+    count: usize,
+) -> HashMap<String, Instant> {
     let mut bound: HashMap<String, Instant> = HashMap::new();
     while bound.len() < count {
-        let event = tokio::time::timeout(Duration::from_secs(120), stream.try_next()).await.expect("pods keep being bound").unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(120), stream.try_next())
+            .await
+            .expect("pods keep being bound")
+            .unwrap();
         if let Some(WatchEvent::Added(p) | WatchEvent::Modified(p)) = event {
             if p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some() {
                 bound.entry(p.metadata.name.clone().unwrap()).or_insert_with(Instant::now);
@@ -122,7 +130,8 @@ async fn wait_bound(stream: &mut (impl futures::Stream<Item = kube::Result<Watch
 /// stand-alone `krate scheduler` of that name started now. Pods per second from its start.
 async fn run_backlog(pods: &Api<Pod>, kubeconfig: &std::path::Path, count: usize) -> f64 {
     let rv = pods.list(&ListParams::default().limit(1)).await.unwrap().metadata.resource_version.unwrap();
-    let mut stream = pods.watch(&WatchParams::default().labels("phase=reference").timeout(290), &rv).await.unwrap().boxed();
+    let mut stream =
+        pods.watch(&WatchParams::default().labels("phase=reference").timeout(290), &rv).await.unwrap().boxed();
     let start = Instant::now();
     let _scheduler = common::Killed(
         std::process::Command::new(env!("CARGO_BIN_EXE_krate"))
@@ -164,7 +173,13 @@ async fn main() {
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let report = |name: &str, p: &Phase| {
-        println!("{:<34} {:>10.0} {:>8.1}ms {:>8.1}ms", name, p.pods_per_sec, p.p50.as_secs_f64() * 1e3, p.p99.as_secs_f64() * 1e3);
+        println!(
+            "{:<34} {:>10.0} {:>8.1}ms {:>8.1}ms",
+            name,
+            p.pods_per_sec,
+            p.p50.as_secs_f64() * 1e3,
+            p.p99.as_secs_f64() * 1e3
+        );
     };
     println!();
     println!("{:<34} {:>10} {:>10} {:>10}", "phase", "pods/s", "p50", "p99");
@@ -176,8 +191,14 @@ async fn main() {
         "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["zone-1", "zone-2", "zone-3"]}]}]}}}})).await;
     report("required node affinity", &affinity);
     // Upstream's SchedulingPodAntiAffinity measures 1,000 such pods on 5,000 nodes.
-    let anti = run_phase(&pods, "anti", env("KRATE_BENCH_ANTI_PODS", 1_000).min(n_nodes), json!({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
-        {"labelSelector": {"matchLabels": {"phase": "anti"}}, "topologyKey": "kubernetes.io/hostname"}]}}})).await;
+    let anti = run_phase(
+        &pods,
+        "anti",
+        env("KRATE_BENCH_ANTI_PODS", 1_000).min(n_nodes),
+        json!({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": {"phase": "anti"}}, "topologyKey": "kubernetes.io/hostname"}]}}}),
+    )
+    .await;
     report("required pod anti-affinity", &anti);
     let backlog = run_backlog(&pods, &server.kubeconfig, n_pods).await;
     println!("{:<34} {:>10.0}", "backlog of basic pods (standalone)", backlog);

@@ -111,7 +111,9 @@ pub struct AgentArgs {
 }
 
 fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_lowercase()).unwrap_or_else(|_| "localhost".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_lowercase())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 /// A duration as Kubernetes writes them: `1h30m`, `2m`, `45s`, `500ms`, `0s`.
@@ -143,14 +145,18 @@ fn duration(value: &str, what: &str) -> Result<std::time::Duration> {
 }
 
 fn quantity(value: &str, scale: f64, what: &str) -> Result<u64> {
-    krate_api::quantity::parse(value).map(|v| (v * scale).round() as u64).with_context(|| format!("{what}: {value:?} is not a quantity (like 100m or 256Mi)"))
+    krate_api::quantity::parse(value)
+        .map(|v| (v * scale).round() as u64)
+        .with_context(|| format!("{what}: {value:?} is not a quantity (like 100m or 256Mi)"))
 }
 
 impl AgentOptions {
     /// `cluster_ca_pem`: the CA whose client certificates may use the agent's API.
     pub fn config(&self, dir: PathBuf, cluster_ca_pem: Option<String>) -> Result<AgentConfig> {
         let pair = |s: &String, what: &str| -> Result<(String, String)> {
-            s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).with_context(|| format!("{what} {s:?} must look like key=value"))
+            s.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("{what} {s:?} must look like key=value"))
         };
         Ok(AgentConfig {
             node: NodeSettings {
@@ -170,14 +176,21 @@ impl AgentOptions {
             cni_bin_dir: self.cni_bin_dir.clone(),
             bridge: self.bridge.clone(),
             insecure_registries: self.insecure_registries.clone(),
-            registry_mirrors: self.registry_mirrors.iter().map(|m| pair(m, "--registry-mirror")).collect::<Result<_>>()?,
+            registry_mirrors: self
+                .registry_mirrors
+                .iter()
+                .map(|m| pair(m, "--registry-mirror"))
+                .collect::<Result<_>>()?,
             airgap_images: self.airgap_images.clone(),
             sync_frequency: std::time::Duration::from_secs(self.sync_frequency_seconds.max(1)),
             cluster_ca_pem,
             pod_manifest_path: self.pod_manifest_path.clone().unwrap_or_else(|| dir.join("pod-manifests")),
             file_check_frequency: std::time::Duration::from_secs(self.file_check_frequency_seconds.max(1)),
             eviction_hard: krate_agent::pressure::parse_thresholds(&self.eviction_hard).context("--eviction-hard")?,
-            eviction_pressure_transition_period: duration(&self.eviction_pressure_transition_period, "--eviction-pressure-transition-period")?,
+            eviction_pressure_transition_period: duration(
+                &self.eviction_pressure_transition_period,
+                "--eviction-pressure-transition-period",
+            )?,
             image_gc: self.image_gc_policy()?,
             shutdown_grace: self.shutdown_grace()?,
         })
@@ -194,7 +207,11 @@ impl AgentOptions {
 
     fn image_gc_policy(&self) -> Result<krate_agent::imagegc::ImageGcPolicy> {
         if self.image_gc_low_threshold > self.image_gc_high_threshold {
-            anyhow::bail!("--image-gc-low-threshold ({}) must not be above --image-gc-high-threshold ({})", self.image_gc_low_threshold, self.image_gc_high_threshold);
+            anyhow::bail!(
+                "--image-gc-low-threshold ({}) must not be above --image-gc-high-threshold ({})",
+                self.image_gc_low_threshold,
+                self.image_gc_high_threshold
+            );
         }
         Ok(krate_agent::imagegc::ImageGcPolicy {
             high_percent: self.image_gc_high_threshold,
@@ -205,9 +222,13 @@ impl AgentOptions {
 }
 
 pub async fn run(args: AgentArgs) -> Result<()> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(&args.kubeconfig).with_context(|| format!("reading {}", args.kubeconfig.display()))?;
+    let kubeconfig = kube::config::Kubeconfig::read_from(&args.kubeconfig)
+        .with_context(|| format!("reading {}", args.kubeconfig.display()))?;
     let ca = kubeconfig.clusters.first().and_then(|c| c.cluster.as_ref()?.certificate_authority_data.clone());
-    let ca_pem = ca.map(|b64| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64.trim())).transpose().context("decoding the kubeconfig's certificate-authority-data")?;
+    let ca_pem = ca
+        .map(|b64| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64.trim()))
+        .transpose()
+        .context("decoding the kubeconfig's certificate-authority-data")?;
     let config = args.options.config(args.dir, ca_pem.map(|b| String::from_utf8_lossy(&b).into_owned()))?;
     let client = crate::components::kube_client(&args.kubeconfig).await?;
     krate_agent::run(client, config).await

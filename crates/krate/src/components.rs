@@ -77,7 +77,8 @@ pub struct SchedulerSettings {
 }
 
 pub async fn kube_client(kubeconfig: &Path) -> Result<kube::Client> {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig).with_context(|| format!("reading the kubeconfig {}", kubeconfig.display()))?;
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("reading the kubeconfig {}", kubeconfig.display()))?;
     let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?;
     Ok(kube::Client::try_from(config)?)
 }
@@ -88,7 +89,8 @@ fn cluster_ca_pem(kubeconfig: &Path) -> Result<String> {
     let cluster = kc.clusters.first().and_then(|c| c.cluster.as_ref()).context("the kubeconfig names no cluster")?;
     if let Some(data) = &cluster.certificate_authority_data {
         use base64::Engine;
-        let pem = base64::engine::general_purpose::STANDARD.decode(data).context("decoding certificate-authority-data")?;
+        let pem =
+            base64::engine::general_purpose::STANDARD.decode(data).context("decoding certificate-authority-data")?;
         return Ok(String::from_utf8(pem)?);
     }
     if let Some(path) = &cluster.certificate_authority {
@@ -117,13 +119,20 @@ pub async fn run_controller_manager(args: ControllerManagerArgs) -> Result<()> {
 }
 
 /// The controllers as `client`, under `settings`' election.
-pub async fn controller_manager(client: kube::Client, root_ca_pem: String, settings: &ControllerSettings) -> Result<()> {
+pub async fn controller_manager(
+    client: kube::Client,
+    root_ca_pem: String,
+    settings: &ControllerSettings,
+) -> Result<()> {
     let config = krate_controllers::Config {
         node_monitor_grace_period: Duration::from_secs(settings.node_monitor_grace_period_seconds),
         terminated_pod_gc_threshold: settings.terminated_pod_gc_threshold,
         root_ca_pem,
     };
-    elected(client.clone(), "kube-controller-manager", &settings.election, || krate_controllers::run(client.clone(), config.clone())).await
+    elected(client.clone(), "kube-controller-manager", &settings.election, || {
+        krate_controllers::run(client.clone(), config.clone())
+    })
+    .await
 }
 
 pub async fn run_scheduler(args: SchedulerArgs) -> Result<()> {

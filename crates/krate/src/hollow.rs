@@ -12,10 +12,10 @@ use clap::Args;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
+use krate_client::{node_lease, now};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
-use krate_client::{node_lease, now};
 use serde_json::json;
 use tokio::sync::Mutex;
 
@@ -98,8 +98,11 @@ impl Hollow {
         let nodes: Api<Node> = Api::all(self.client.clone());
         for (name, index) in &self.nodes {
             let desired = self.node_object(name, *index);
-            krate_client::tolerate(nodes.create(&PostParams::default(), &serde_json::from_value(desired.clone())?).await, &[409])
-                .with_context(|| format!("registering node {name}"))?;
+            krate_client::tolerate(
+                nodes.create(&PostParams::default(), &serde_json::from_value(desired.clone())?).await,
+                &[409],
+            )
+            .with_context(|| format!("registering node {name}"))?;
             nodes
                 .patch_status(name, &PatchParams::default(), &Patch::Merge(json!({"status": desired["status"]})))
                 .await
@@ -136,9 +139,13 @@ impl Hollow {
         let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
         let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-        let containers: Vec<String> = pod.spec.as_ref().map(|s| s.containers.iter().map(|c| c.name.clone()).collect()).unwrap_or_default();
-        let images: HashMap<String, String> =
-            pod.spec.as_ref().map(|s| s.containers.iter().map(|c| (c.name.clone(), c.image.clone().unwrap_or_default())).collect()).unwrap_or_default();
+        let containers: Vec<String> =
+            pod.spec.as_ref().map(|s| s.containers.iter().map(|c| c.name.clone()).collect()).unwrap_or_default();
+        let images: HashMap<String, String> = pod
+            .spec
+            .as_ref()
+            .map(|s| s.containers.iter().map(|c| (c.name.clone(), c.image.clone().unwrap_or_default())).collect())
+            .unwrap_or_default();
         let started = now();
         let ip = self.pod_ip(&node).await;
         let host_ip = format!("172.20.{}.{}", self.nodes[&node] / 250, self.nodes[&node] % 250 + 1);
@@ -157,7 +164,9 @@ impl Hollow {
         }});
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(running)).await?;
 
-        let Some(code) = annotations.get(EXIT_CODE_ANNOTATION).and_then(|c| c.parse::<i32>().ok()) else { return Ok(()) };
+        let Some(code) = annotations.get(EXIT_CODE_ANNOTATION).and_then(|c| c.parse::<i32>().ok()) else {
+            return Ok(());
+        };
         let seconds = annotations.get(RUN_SECONDS_ANNOTATION).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
         tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
         let finished = now();
@@ -174,8 +183,15 @@ impl Hollow {
     /// Finishes a graceful deletion (the containers "stopped" at once).
     async fn finish_deletion(&self, pod: &Pod) -> Result<()> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), pod.metadata.namespace.as_deref().unwrap_or_default());
-        let params = DeleteParams { grace_period_seconds: Some(0), preconditions: Some(Preconditions { uid: pod.metadata.uid.clone(), resource_version: None }), ..Default::default() };
-        Ok(krate_client::tolerate(api.delete(pod.metadata.name.as_deref().unwrap_or_default(), &params).await, &[404, 409])?)
+        let params = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions { uid: pod.metadata.uid.clone(), resource_version: None }),
+            ..Default::default()
+        };
+        Ok(krate_client::tolerate(
+            api.delete(pod.metadata.name.as_deref().unwrap_or_default(), &params).await,
+            &[404, 409],
+        )?)
     }
 
     /// Watches every pod and acts on those bound to one of our nodes.
@@ -183,7 +199,8 @@ impl Hollow {
         let api: Api<Pod> = Api::all(self.client.clone());
         let mut started: std::collections::HashSet<String> = Default::default();
         // Back-off keeps the nodes alive across API server restarts, as a kubelet does.
-        let mut events = watcher::watcher(api, watcher::Config::default().fields("spec.nodeName!=")).default_backoff().boxed();
+        let mut events =
+            watcher::watcher(api, watcher::Config::default().fields("spec.nodeName!=")).default_backoff().boxed();
         while let Some(event) = events.next().await {
             let event = match event {
                 Ok(event) => event,
@@ -236,7 +253,13 @@ pub async fn run(args: HollowArgs) -> Result<()> {
     let nodes = (0..args.count).map(|i| (format!("{}-{i}", args.name_prefix), i)).collect();
     let hollow = Arc::new(Hollow { client, args: args.clone(), nodes, next_ip: Mutex::new(HashMap::new()) });
     hollow.register().await?;
-    eprintln!("{} hollow node(s) registered ({}-0 .. {}-{}); running until stopped", args.count, args.name_prefix, args.name_prefix, args.count.saturating_sub(1));
+    eprintln!(
+        "{} hollow node(s) registered ({}-0 .. {}-{}); running until stopped",
+        args.count,
+        args.name_prefix,
+        args.name_prefix,
+        args.count.saturating_sub(1)
+    );
     tokio::select! {
         r = hollow.clone().heartbeat() => r,
         r = hollow.clone().pods() => r,

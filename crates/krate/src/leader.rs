@@ -21,7 +21,11 @@ pub struct Timing {
 
 impl Default for Timing {
     fn default() -> Self {
-        Self { lease_duration: Duration::from_secs(15), renew_deadline: Duration::from_secs(10), retry_period: Duration::from_secs(2) }
+        Self {
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
     }
 }
 
@@ -34,12 +38,17 @@ pub struct Election {
 
 /// A unique identity for this process: host name plus a random suffix, as upstream.
 pub fn identity() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or_default();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
     format!("{}_{:08x}{:04x}", host_name(), nanos, std::process::id() & 0xffff)
 }
 
 pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "krate".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "krate".into())
 }
 
 fn micro_now() -> String {
@@ -112,7 +121,8 @@ impl Election {
         }
         let spec = lease.spec.get_or_insert_with(Default::default);
         let holder = spec.holder_identity.clone().unwrap_or_default();
-        let duration = spec.lease_duration_seconds.map_or(self.timing.lease_duration, |s| Duration::from_secs(s.max(0) as u64));
+        let duration =
+            spec.lease_duration_seconds.map_or(self.timing.lease_duration, |s| Duration::from_secs(s.max(0) as u64));
         let expired = observed.as_ref().is_some_and(|o| o.at.elapsed() > duration);
         if !holder.is_empty() && holder != self.identity && !expired {
             return Ok(false);
@@ -138,7 +148,9 @@ impl Election {
             match self.renew().await {
                 Ok(true) => last_renewal = Instant::now(),
                 Ok(false) => return "another instance holds the lease".into(),
-                Err(e) if last_renewal.elapsed() > self.timing.renew_deadline => return format!("could not renew within the deadline: {e}"),
+                Err(e) if last_renewal.elapsed() > self.timing.renew_deadline => {
+                    return format!("could not renew within the deadline: {e}")
+                }
                 Err(e) => tracing::warn!(lease = %self.name, error = %e, "renewing the leader lease failed; retrying"),
             }
         }

@@ -82,7 +82,8 @@ enum Command {
 }
 
 fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KRATE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KRATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
@@ -98,23 +99,37 @@ fn block_on(task: impl std::future::Future<Output = anyhow::Result<()>>) -> anyh
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
-    let result = match cli.command {
-        Command::Server(args) => block_on(server::run(args)),
-        Command::ControllerManager(args) => block_on(components::run_controller_manager(args)),
-        Command::Scheduler(args) => block_on(components::run_scheduler(args)),
-        Command::HollowNodes(args) => block_on(hollow::run(args)),
-        Command::Agent(args) => block_on(agent::run(args)),
-        Command::Reset { data_dir } => block_on(agent::reset(data_dir)),
-        Command::ShutdownNode { data_dir } => block_on(async move { krate_agent::shutdown::request(&data_dir.join("agent"), &mut std::io::stdout()).await }),
-        Command::TestImages { registry } => krate_agent::testimages::push_all(&registry).map(|()| println!("pushed {registry}/busybox:1 and {registry}/test-server:1 (also :latest)")),
-        Command::Kubeconfig { data_dir } => std::fs::read_to_string(data_dir.join("admin.kubeconfig"))
-            .map(|k| print!("{k}"))
-            .map_err(|e| anyhow::anyhow!("reading {}/admin.kubeconfig: {e}; has `krate server --data-dir {}` run yet?", data_dir.display(), data_dir.display())),
-        Command::Version => {
-            println!("krate {} (Kubernetes API {})", env!("CARGO_PKG_VERSION"), krate_apiserver::version_info()["gitVersion"].as_str().unwrap_or_default());
-            Ok(())
-        }
-    };
+    let result =
+        match cli.command {
+            Command::Server(args) => block_on(server::run(args)),
+            Command::ControllerManager(args) => block_on(components::run_controller_manager(args)),
+            Command::Scheduler(args) => block_on(components::run_scheduler(args)),
+            Command::HollowNodes(args) => block_on(hollow::run(args)),
+            Command::Agent(args) => block_on(agent::run(args)),
+            Command::Reset { data_dir } => block_on(agent::reset(data_dir)),
+            Command::ShutdownNode { data_dir } => block_on(async move {
+                krate_agent::shutdown::request(&data_dir.join("agent"), &mut std::io::stdout()).await
+            }),
+            Command::TestImages { registry } => krate_agent::testimages::push_all(&registry)
+                .map(|()| println!("pushed {registry}/busybox:1 and {registry}/test-server:1 (also :latest)")),
+            Command::Kubeconfig { data_dir } => {
+                std::fs::read_to_string(data_dir.join("admin.kubeconfig")).map(|k| print!("{k}")).map_err(|e| {
+                    anyhow::anyhow!(
+                        "reading {}/admin.kubeconfig: {e}; has `krate server --data-dir {}` run yet?",
+                        data_dir.display(),
+                        data_dir.display()
+                    )
+                })
+            }
+            Command::Version => {
+                println!(
+                    "krate {} (Kubernetes API {})",
+                    env!("CARGO_PKG_VERSION"),
+                    krate_apiserver::version_info()["gitVersion"].as_str().unwrap_or_default()
+                );
+                Ok(())
+            }
+        };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

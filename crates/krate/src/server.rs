@@ -53,17 +53,25 @@ pub struct ServerArgs {
 
 pub async fn run(args: ServerArgs) -> Result<()> {
     std::fs::create_dir_all(&args.data_dir).with_context(|| {
-        format!("cannot create the data directory {} (run as root, or pass --data-dir to a writable place)", args.data_dir.display())
+        format!(
+            "cannot create the data directory {} (run as root, or pass --data-dir to a writable place)",
+            args.data_dir.display()
+        )
     })?;
     let lock_path = args.data_dir.join("server.lock");
     let lock = std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
     lock.try_lock().map_err(|_| {
-        anyhow::anyhow!("another krate server is already using {} (stop it, or pass a different --data-dir)", args.data_dir.display())
+        anyhow::anyhow!(
+            "another krate server is already using {} (stop it, or pass a different --data-dir)",
+            args.data_dir.display()
+        )
     })?;
 
     let pki = crate::pki::Pki::load_or_create(&args.data_dir.join("pki"))?;
     // Bad agent flags fail before anything starts.
-    let agent_config = (!args.disable_agent).then(|| args.agent.config(args.data_dir.join("agent"), Some(pki.ca_cert_pem.clone()))).transpose()?;
+    let agent_config = (!args.disable_agent)
+        .then(|| args.agent.config(args.data_dir.join("agent"), Some(pki.ca_cert_pem.clone())))
+        .transpose()?;
     let host = match args.bind_address {
         IpAddr::V4(v4) if v4.is_unspecified() => "127.0.0.1".to_string(),
         ip => ip.to_string(),
@@ -80,15 +88,23 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     sans.extend(args.tls_san.iter().cloned());
     sans.dedup();
     let serving = pki.serving_certificate(&sans)?;
-    let tls = auth::server_config(&auth::TlsFiles { ca_pem: pki.ca_cert_pem.clone(), cert_pem: serving.cert_pem, key_pem: serving.key_pem })?;
+    let tls = auth::server_config(&auth::TlsFiles {
+        ca_pem: pki.ca_cert_pem.clone(),
+        cert_pem: serving.cert_pem,
+        key_pem: serving.key_pem,
+    })?;
 
     let db_dir = args.data_dir.join("db");
     std::fs::create_dir_all(&db_dir)?;
     let store = SqliteStore::open(db_dir.join("state.db")).context("opening the database")?;
     let advertise = format!("{host}:{}", args.port);
-    let kubelet_client = pki.client_certificate("apiserver-kubelet-client", "kube-apiserver-kubelet-client", &["system:masters"])?;
+    let kubelet_client =
+        pki.client_certificate("apiserver-kubelet-client", "kube-apiserver-kubelet-client", &["system:masters"])?;
     let settings = Settings {
-        kubelet_client: Some(krate_apiserver::http::nodeproxy::kubelet_client_config(&kubelet_client.cert_pem, &kubelet_client.key_pem)?),
+        kubelet_client: Some(krate_apiserver::http::nodeproxy::kubelet_client_config(
+            &kubelet_client.cert_pem,
+            &kubelet_client.key_pem,
+        )?),
         advertise_address: advertise.clone(),
         watch_cache_size: args.watch_cache_size,
         compaction_interval: Duration::from_secs(args.compaction_interval_seconds.max(1)),
@@ -99,9 +115,12 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let server = ApiServer::start(Arc::new(store), settings).await?;
     // The in-process components' cache readiness shows on the API server's /metrics.
     server.metrics.add_source(Box::new(krate_client::caches::render_metrics));
-    let listener = tokio::net::TcpListener::bind((args.bind_address, args.port))
-        .await
-        .with_context(|| format!("cannot listen on {}:{} (is another API server running? pick another --port)", args.bind_address, args.port))?;
+    let listener = tokio::net::TcpListener::bind((args.bind_address, args.port)).await.with_context(|| {
+        format!(
+            "cannot listen on {}:{} (is another API server running? pick another --port)",
+            args.bind_address, args.port
+        )
+    })?;
 
     let url = format!("https://{advertise}");
     let kubeconfig = args.data_dir.join("admin.kubeconfig");
@@ -122,7 +141,11 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             std::fs::canonicalize(&args.data_dir).unwrap_or_else(|_| args.data_dir.clone()).hash(&mut h);
             format!("{}_server-{:016x}", crate::leader::host_name(), h.finish())
         };
-        let election = ElectionArgs { leader_elect: true, leader_elect_lease_duration_seconds: 15, leader_elect_identity: Some(identity) };
+        let election = ElectionArgs {
+            leader_elect: true,
+            leader_elect_lease_duration_seconds: 15,
+            leader_elect_identity: Some(identity),
+        };
         // In-process components reach the API without TCP and TLS, as the users their
         // stand-alone certificates would name.
         let local_client = |user: &str, agent: &'static str| {
@@ -151,7 +174,10 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     }
 
     if let Some(config) = agent_config {
-        let user = auth::User { name: format!("system:node:{}", config.node.name), groups: vec!["system:nodes".to_string(), "system:authenticated".to_string()] };
+        let user = auth::User {
+            name: format!("system:node:{}", config.node.name),
+            groups: vec!["system:nodes".to_string(), "system:authenticated".to_string()],
+        };
         let client = kube::Client::new(server.local_service(user, "kubelet/v1.37.0 (krate)"), "default");
         tokio::spawn(async move {
             if let Err(err) = krate_agent::run(client, config).await {

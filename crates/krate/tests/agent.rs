@@ -33,10 +33,14 @@ fn server_with_agent(registries: &[&TestRegistry], n: u8, extra: &[&str]) -> Tes
 fn agent_args(registries: &[&TestRegistry], n: u8, extra: &[&str]) -> Vec<String> {
     let id = std::process::id() % 200;
     let mut args: Vec<String> = vec![
-        "--node-name".into(), "node-1".into(),
-        "--bridge".into(), format!("kt{n}p{id}"),
-        "--pod-cidr".into(), format!("10.{}.{}.0/24", 200 + n, id),
-        "--kubelet-port".into(), kubelet_port(n),
+        "--node-name".into(),
+        "node-1".into(),
+        "--bridge".into(),
+        format!("kt{n}p{id}"),
+        "--pod-cidr".into(),
+        format!("10.{}.{}.0/24", 200 + n, id),
+        "--kubelet-port".into(),
+        kubelet_port(n),
     ];
     for r in registries {
         args.extend(["--insecure-registry".to_string(), r.address.clone()]);
@@ -54,7 +58,8 @@ const LENIENT_EVICTION: &str = "memory.available<100Mi,nodefs.available<512Mi,im
 
 /// One HTTP GET to a pod, straight to its IP on the node's bridge.
 fn http_get(ip: &str, port: u16, path: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect_timeout(&format!("{ip}:{port}").parse().ok()?, Duration::from_secs(2)).ok()?;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&format!("{ip}:{port}").parse().ok()?, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n").ok()?;
     let mut out = String::new();
@@ -80,8 +85,15 @@ fn container_status(pod: &Pod) -> Option<serde_json::Value> {
 async fn running_pods(pods: &Api<Pod>, selector: &str, count: usize) -> Vec<Pod> {
     eventually(120, &format!("{count} running pods ({selector})"), || async {
         let list = pods.list(&ListParams::default().labels(selector)).await.ok()?.items;
-        let running: Vec<Pod> = list.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none() && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")).collect();
-        (running.len() == count && running.iter().all(|p| p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some())).then_some(running)
+        let running: Vec<Pod> = list
+            .into_iter()
+            .filter(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            })
+            .collect();
+        (running.len() == count && running.iter().all(|p| p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some()))
+            .then_some(running)
     })
     .await
 }
@@ -115,7 +127,13 @@ async fn a_deployment_runs_as_real_containers_with_their_own_ips() {
     assert!(info.container_runtime_version.starts_with("containerd://"), "{info:?}");
     assert!(node.status.as_ref().unwrap().allocatable.as_ref().unwrap().contains_key("memory"));
 
-    server.kubectl_ok(&["create", "deployment", "web", &format!("--image={}", registry.image("test-server")), "--replicas=3"]);
+    server.kubectl_ok(&[
+        "create",
+        "deployment",
+        "web",
+        &format!("--image={}", registry.image("test-server")),
+        "--replicas=3",
+    ]);
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let running = running_pods(&pods, "app=web", 3).await;
     let ips: HashSet<String> = running.iter().map(|p| p.status.as_ref().unwrap().pod_ip.clone().unwrap()).collect();
@@ -123,7 +141,8 @@ async fn a_deployment_runs_as_real_containers_with_their_own_ips() {
     for pod in &running {
         let ip = pod.status.as_ref().unwrap().pod_ip.clone().unwrap();
         let name = pod.metadata.name.clone().unwrap();
-        let body = eventually(30, "the test server answering on its pod IP", || async { http_get(&ip, 8080, "/hello") }).await;
+        let body =
+            eventually(30, "the test server answering on its pod IP", || async { http_get(&ip, 8080, "/hello") }).await;
         assert_eq!(body, format!("{name} /hello"), "the pod's hostname is its name");
         let status = container_status(pod).unwrap();
         assert_eq!(status["restartCount"], 0);
@@ -152,12 +171,22 @@ async fn a_deployment_runs_as_real_containers_with_their_own_ips() {
     assert!(previous.ends_with(" test-server listening on :8080\n") && previous.starts_with("20"), "{previous:?}");
     let out = server.kubectl(&["logs", &victim_name, "-c", "nope"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("container nope is not valid for pod"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("container nope is not valid for pod"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Deleting the deployment removes every container and sandbox.
     server.kubectl_ok(&["delete", "deployment", "web", "--wait=false"]);
-    eventually(90, "every pod gone", || async { pods.list(&ListParams::default().labels("app=web")).await.ok()?.items.is_empty().then_some(()) }).await;
-    eventually(30, "containerd holds no containers", || async { containerd_containers(&server).trim().is_empty().then_some(()) }).await;
+    eventually(90, "every pod gone", || async {
+        pods.list(&ListParams::default().labels("app=web")).await.ok()?.items.is_empty().then_some(())
+    })
+    .await;
+    eventually(30, "containerd holds no containers", || async {
+        containerd_containers(&server).trim().is_empty().then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,18 +202,44 @@ async fn bad_images_and_commands_get_clear_statuses_and_the_agent_survives() {
     };
     let missing = format!("{}/does-not-exist:1", registry.address);
     pods.create(&PostParams::default(), &pod("no-image", missing.clone(), json!(null), "Always")).await.unwrap();
-    pods.create(&PostParams::default(), &pod("no-command", registry.image("busybox"), json!(["/no/such/command"]), "Never")).await.unwrap();
-    pods.create(&PostParams::default(), &pod("exits-3", registry.image("busybox"), json!(["sh", "-c", "echo bye; echo -n went wrong > /dev/termination-log; exit 3"]), "Never")).await.unwrap();
-    pods.create(&PostParams::default(), &pod("succeeds", registry.image("busybox"), json!(["true"]), "Never")).await.unwrap();
+    pods.create(
+        &PostParams::default(),
+        &pod("no-command", registry.image("busybox"), json!(["/no/such/command"]), "Never"),
+    )
+    .await
+    .unwrap();
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "exits-3",
+            registry.image("busybox"),
+            json!(["sh", "-c", "echo bye; echo -n went wrong > /dev/termination-log; exit 3"]),
+            "Never",
+        ),
+    )
+    .await
+    .unwrap();
+    pods.create(&PostParams::default(), &pod("succeeds", registry.image("busybox"), json!(["true"]), "Never"))
+        .await
+        .unwrap();
 
     // A registry that wants credentials: refused without the pod's imagePullSecrets,
     // pulled with them.
     let image = private.image("test-server");
-    server.kubectl_ok(&["create", "secret", "docker-registry", "regcred", &format!("--docker-server={}", private.address), "--docker-username=puller", "--docker-password=hunter2"]);
+    server.kubectl_ok(&[
+        "create",
+        "secret",
+        "docker-registry",
+        "regcred",
+        &format!("--docker-server={}", private.address),
+        "--docker-username=puller",
+        "--docker-password=hunter2",
+    ]);
     pods.create(&PostParams::default(), &pod("no-creds", image.clone(), json!(null), "Always")).await.unwrap();
     let mut with_creds = pod("with-creds", image, json!(null), "Always");
     with_creds.metadata.labels = Some([("app".to_string(), "with-creds".to_string())].into());
-    with_creds.spec.as_mut().unwrap().image_pull_secrets = Some(vec![k8s_openapi::api::core::v1::LocalObjectReference { name: "regcred".into() }]);
+    with_creds.spec.as_mut().unwrap().image_pull_secrets =
+        Some(vec![k8s_openapi::api::core::v1::LocalObjectReference { name: "regcred".into() }]);
     pods.create(&PostParams::default(), &with_creds).await.unwrap();
 
     let waiting = eventually(60, "an image pull error", || async {
@@ -193,26 +248,42 @@ async fn bad_images_and_commands_get_clear_statuses_and_the_agent_survives() {
         (reason == "ErrImagePull" || reason == "ImagePullBackOff").then_some(s)
     })
     .await;
-    assert!(waiting["state"]["waiting"]["message"].as_str().unwrap_or_default().contains("does-not-exist"), "{waiting}");
+    assert!(
+        waiting["state"]["waiting"]["message"].as_str().unwrap_or_default().contains("does-not-exist"),
+        "{waiting}"
+    );
     let events: Api<Event> = Api::namespaced(client.clone(), "default");
     eventually(30, "a Failed event for the pull", || async {
         let list = events.list(&ListParams::default().fields("involvedObject.name=no-image")).await.ok()?;
-        list.items.iter().any(|e| e.reason.as_deref() == Some("Failed") && e.message.as_deref().unwrap_or_default().contains("Failed to pull image")).then_some(())
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("Failed")
+                    && e.message.as_deref().unwrap_or_default().contains("Failed to pull image")
+            })
+            .then_some(())
     })
     .await;
     let waiting = eventually(60, "ImagePullBackOff", || async {
         let s = container_status(&pods.get("no-image").await.ok()?)?;
-        (s["state"]["waiting"]["reason"] == "ImagePullBackOff").then_some(s["state"]["waiting"]["message"].as_str()?.to_string())
+        (s["state"]["waiting"]["reason"] == "ImagePullBackOff")
+            .then_some(s["state"]["waiting"]["message"].as_str()?.to_string())
     })
     .await;
-    assert!(waiting.starts_with("Back-off pulling image \"") && waiting.contains(": ErrImagePull: Failed to pull image"), "the back-off says what failed: {waiting}");
+    assert!(
+        waiting.starts_with("Back-off pulling image \"") && waiting.contains(": ErrImagePull: Failed to pull image"),
+        "the back-off says what failed: {waiting}"
+    );
 
     running_pods(&pods, "app=with-creds", 1).await;
     eventually(60, "the pull without credentials refused (401)", || async {
         let s = container_status(&pods.get("no-creds").await.ok()?)?;
         s["state"]["waiting"]["reason"].as_str().filter(|r| *r == "ErrImagePull" || *r == "ImagePullBackOff")?;
         let list = events.list(&ListParams::default().fields("involvedObject.name=no-creds")).await.ok()?;
-        list.items.iter().any(|e| e.reason.as_deref() == Some("Failed") && e.message.as_deref().unwrap_or_default().contains("401")).then_some(())
+        list.items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Failed") && e.message.as_deref().unwrap_or_default().contains("401"))
+            .then_some(())
     })
     .await;
 
@@ -220,14 +291,20 @@ async fn bad_images_and_commands_get_clear_statuses_and_the_agent_survives() {
         let pods = pods.clone();
         async move { pods.get(name).await.ok()?.status?.phase }
     };
-    eventually(60, "exits-3 Failed", || async { (phase_of("exits-3").await.as_deref() == Some("Failed")).then_some(()) }).await;
+    eventually(60, "exits-3 Failed", || async {
+        (phase_of("exits-3").await.as_deref() == Some("Failed")).then_some(())
+    })
+    .await;
     let s = container_status(&pods.get("exits-3").await.unwrap()).unwrap();
     assert_eq!(s["state"]["terminated"]["exitCode"], 3, "{s}");
     assert_eq!(s["state"]["terminated"]["message"], "went wrong", "the termination message file: {s}");
     assert_eq!(server.kubectl_ok(&["logs", "exits-3", "--tail=1"]), "bye\n");
     let out = server.kubectl(&["logs", "no-image"]);
     assert!(!out.status.success(), "no logs for a container that never started");
-    eventually(60, "succeeds Succeeded", || async { (phase_of("succeeds").await.as_deref() == Some("Succeeded")).then_some(()) }).await;
+    eventually(60, "succeeds Succeeded", || async {
+        (phase_of("succeeds").await.as_deref() == Some("Succeeded")).then_some(())
+    })
+    .await;
     let s = container_status(&pods.get("succeeds").await.unwrap()).unwrap();
     assert_eq!(s["state"]["terminated"]["reason"], "Completed", "{s}");
 
@@ -248,8 +325,14 @@ async fn bad_images_and_commands_get_clear_statuses_and_the_agent_survives() {
     for name in ["no-image", "no-command", "exits-3", "succeeds", "fine", "no-creds", "with-creds"] {
         pods.delete(name, &DeleteParams::default()).await.unwrap();
     }
-    eventually(90, "every pod gone", || async { pods.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(()) }).await;
-    eventually(30, "containerd holds no containers", || async { containerd_containers(&server).trim().is_empty().then_some(()) }).await;
+    eventually(90, "every pod gone", || async {
+        pods.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(())
+    })
+    .await;
+    eventually(30, "containerd holds no containers", || async {
+        containerd_containers(&server).trim().is_empty().then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,10 +341,18 @@ async fn killing_the_agent_leaves_containers_running_and_the_next_one_adopts_the
     let mut server = server_with_agent(&[&registry], 3, &[]);
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
-    server.kubectl_ok(&["create", "deployment", "keep", &format!("--image={}", registry.image("test-server")), "--replicas=2"]);
+    server.kubectl_ok(&[
+        "create",
+        "deployment",
+        "keep",
+        &format!("--image={}", registry.image("test-server")),
+        "--replicas=2",
+    ]);
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let before = running_pods(&pods, "app=keep", 2).await;
-    let ids = |pods: &[Pod]| -> HashSet<String> { pods.iter().filter_map(|p| container_status(p)?["containerID"].as_str().map(String::from)).collect() };
+    let ids = |pods: &[Pod]| -> HashSet<String> {
+        pods.iter().filter_map(|p| container_status(p)?["containerID"].as_str().map(String::from)).collect()
+    };
 
     server.kill();
     for pod in &before {
@@ -286,18 +377,20 @@ async fn probes_restart_unhealthy_containers_and_gate_readiness_and_oom_kills_ar
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let probe = |path: &str| json!({"httpGet": {"path": path, "port": 8080}, "periodSeconds": 1, "failureThreshold": 1});
+    let probe =
+        |path: &str| json!({"httpGet": {"path": path, "port": 8080}, "periodSeconds": 1, "failureThreshold": 1});
     let probed: Pod = serde_json::from_value(json!({"metadata": {"name": "probed"}, "spec": {"containers": [{
         "name": "c", "image": registry.image("test-server"),
         "startupProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
         "livenessProbe": probe("/healthz"), "readinessProbe": probe("/readyz"),
     }]}}))
     .unwrap();
-    let exec_probed: Pod = serde_json::from_value(json!({"metadata": {"name": "exec-probed"}, "spec": {"containers": [{
-        "name": "c", "image": registry.image("busybox"), "command": ["sh", "-c", "touch /tmp/ready; sleep 3600"],
-        "readinessProbe": {"exec": {"command": ["cat", "/tmp/ready"]}, "periodSeconds": 1, "failureThreshold": 1},
-    }]}}))
-    .unwrap();
+    let exec_probed: Pod =
+        serde_json::from_value(json!({"metadata": {"name": "exec-probed"}, "spec": {"containers": [{
+            "name": "c", "image": registry.image("busybox"), "command": ["sh", "-c", "touch /tmp/ready; sleep 3600"],
+            "readinessProbe": {"exec": {"command": ["cat", "/tmp/ready"]}, "periodSeconds": 1, "failureThreshold": 1},
+        }]}}))
+        .unwrap();
     let hungry: Pod = serde_json::from_value(json!({"metadata": {"name": "hungry"}, "spec": {"containers": [{
         "name": "c", "image": registry.image("test-server"), "resources": {"limits": {"memory": "32Mi", "cpu": "500m"}},
     }]}}))
@@ -334,7 +427,12 @@ async fn probes_restart_unhealthy_containers_and_gate_readiness_and_oom_kills_ar
     .await;
     let events: Api<Event> = Api::namespaced(client.clone(), "default");
     let list = events.list(&ListParams::default().fields("involvedObject.name=probed")).await.unwrap();
-    assert!(list.items.iter().any(|e| e.reason.as_deref() == Some("Unhealthy") && e.message.as_deref().unwrap_or_default().starts_with("Liveness probe failed")), "{:?}", list.items.iter().map(|e| e.message.clone()).collect::<Vec<_>>());
+    assert!(
+        list.items.iter().any(|e| e.reason.as_deref() == Some("Unhealthy")
+            && e.message.as_deref().unwrap_or_default().starts_with("Liveness probe failed")),
+        "{:?}",
+        list.items.iter().map(|e| e.message.clone()).collect::<Vec<_>>()
+    );
     assert!(list.items.iter().any(|e| e.reason.as_deref() == Some("Killing")));
 
     // Over its memory limit: OOMKilled, restarted, and reported so.
@@ -414,7 +512,10 @@ async fn volumes_and_environment_reach_the_container_and_follow_their_objects() 
     assert_eq!(get("/env/BACKEND_SERVICE_HOST"), backend_ip, "service environment variables");
     assert_eq!(get("/env/BACKEND_PORT"), format!("tcp://{backend_ip}:80"));
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(mounts.lines().any(|l| l.contains(&running[0].metadata.uid.clone().unwrap()) && l.contains(" tmpfs ")), "the Memory emptyDir is a tmpfs");
+    assert!(
+        mounts.lines().any(|l| l.contains(&running[0].metadata.uid.clone().unwrap()) && l.contains(" tmpfs ")),
+        "the Memory emptyDir is a tmpfs"
+    );
 
     // A changed ConfigMap reaches the running container.
     let patch = json!({"data": {"greeting": "bonjour"}});
@@ -422,7 +523,10 @@ async fn volumes_and_environment_reach_the_container_and_follow_their_objects() 
         .patch("cfg", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(patch))
         .await
         .unwrap();
-    eventually(30, "the updated ConfigMap in the volume", || async { (http_get(&ip, 8080, "/file/cfg/greeting")? == "bonjour").then_some(()) }).await;
+    eventually(30, "the updated ConfigMap in the volume", || async {
+        (http_get(&ip, 8080, "/file/cfg/greeting")? == "bonjour").then_some(())
+    })
+    .await;
 
     // A missing ConfigMap: the pod waits with a clear event, and starts once it exists.
     let waiting: Pod = serde_json::from_value(json!({"metadata": {"name": "needs-cm", "labels": {"app": "needs-cm"}}, "spec": {
@@ -433,7 +537,13 @@ async fn volumes_and_environment_reach_the_container_and_follow_their_objects() 
     let events: Api<Event> = Api::namespaced(client.clone(), "default");
     eventually(30, "a FailedMount event", || async {
         let list = events.list(&ListParams::default().fields("involvedObject.name=needs-cm")).await.ok()?;
-        list.items.iter().any(|e| e.reason.as_deref() == Some("FailedMount") && e.message.as_deref().unwrap_or_default().contains("configmap \"later\" not found")).then_some(())
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("FailedMount")
+                    && e.message.as_deref().unwrap_or_default().contains("configmap \"later\" not found")
+            })
+            .then_some(())
     })
     .await;
     server.kubectl_ok(&["create", "configmap", "later", "--from-literal=k=v"]);
@@ -445,7 +555,11 @@ async fn volumes_and_environment_reach_the_container_and_follow_their_objects() 
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&uid), "the pod's tmpfs is unmounted");
     assert!(!server.data_dir().join("agent/volumes").join(&uid).exists(), "the pod's volumes are removed");
-    assert_eq!(std::fs::read_to_string(host_dir.path().join("pre-stop")).unwrap(), "stopping\n", "the preStop hook ran before the stop");
+    assert_eq!(
+        std::fs::read_to_string(host_dir.path().join("pre-stop")).unwrap(),
+        "stopping\n",
+        "the preStop hook ran before the stop"
+    );
 }
 
 /// Runs kubectl with `env` set, feeding `stdin`.
@@ -493,7 +607,15 @@ async fn exec_attach_cp_and_port_forward_reach_containers_through_the_api_server
     let server = server_with_agent(&[&registry], 6, &[]);
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
-    server.kubectl_ok(&["run", "shell", &format!("--image={}", registry.image("busybox")), "--labels=app=shell", "--", "sleep", "3600"]);
+    server.kubectl_ok(&[
+        "run",
+        "shell",
+        &format!("--image={}", registry.image("busybox")),
+        "--labels=app=shell",
+        "--",
+        "sleep",
+        "3600",
+    ]);
     server.kubectl_ok(&["run", "web", &format!("--image={}", registry.image("test-server")), "--labels=app=web"]);
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     running_pods(&pods, "app=shell", 1).await;
@@ -503,14 +625,26 @@ async fn exec_attach_cp_and_port_forward_reach_containers_through_the_api_server
     // exec over WebSocket (kubectl's default) and over SPDY (its fallback): separate
     // stdout and stderr, stdin up to its end, and the exit code.
     for env in [&[][..], &[("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")][..]] {
-        let out = kubectl_env(&server, env, &["exec", "-i", "shell", "--", "sh", "-c", "wc -c; echo to-stderr >&2; exit 3"], "twelve bytes");
+        let out = kubectl_env(
+            &server,
+            env,
+            &["exec", "-i", "shell", "--", "sh", "-c", "wc -c; echo to-stderr >&2; exit 3"],
+            "twelve bytes",
+        );
         assert_eq!(out.status.code(), Some(3), "{env:?}: {}", text(&out.stderr));
         assert_eq!(text(&out.stdout).trim(), "12", "{env:?}");
         let stderr = text(&out.stderr);
-        assert!(stderr.contains("to-stderr") && stderr.contains("command terminated with exit code 3"), "{env:?}: {stderr}");
+        assert!(
+            stderr.contains("to-stderr") && stderr.contains("command terminated with exit code 3"),
+            "{env:?}: {stderr}"
+        );
     }
     // With a terminal (-it): the shell sees a tty and its exit code comes back.
-    let script = format!("KUBECONFIG={} {} exec -it shell -- sh", server.kubeconfig().display(), common::kubectl_path().display());
+    let script = format!(
+        "KUBECONFIG={} {} exec -it shell -- sh",
+        server.kubeconfig().display(),
+        common::kubectl_path().display()
+    );
     let mut child = std::process::Command::new("script")
         .args(["-qec", &script, "/dev/null"])
         .stdin(std::process::Stdio::piped())
@@ -547,7 +681,23 @@ async fn exec_attach_cp_and_port_forward_reach_containers_through_the_api_server
     assert_eq!(std::fs::read_to_string(local.path().join("back.txt")).unwrap(), "copied in\n");
 
     // attach: `kubectl run -i` attaches to the new container's stdin and output.
-    let out = kubectl_env(&server, &[], &["run", "reader", "-i", "--rm", "--restart=Never", &format!("--image={}", registry.image("busybox")), "--", "sh", "-c", "read x; echo got $x"], "typed\n");
+    let out = kubectl_env(
+        &server,
+        &[],
+        &[
+            "run",
+            "reader",
+            "-i",
+            "--rm",
+            "--restart=Never",
+            &format!("--image={}", registry.image("busybox")),
+            "--",
+            "sh",
+            "-c",
+            "read x; echo got $x",
+        ],
+        "typed\n",
+    );
     assert!(text(&out.stdout).contains("got typed"), "stdout: {}\nstderr: {}", text(&out.stdout), text(&out.stderr));
 
     // port-forward over WebSocket (SPDY tunnelled) and plain SPDY.
@@ -556,7 +706,14 @@ async fn exec_attach_cp_and_port_forward_reach_containers_through_the_api_server
     }
 
     // kube-rs: exec and port-forward over WebSocket channels (v5 and v4's framing).
-    let mut exec = pods.exec("shell", ["sh", "-c", "read line; echo kube-rs says $line"], &kube::api::AttachParams::default().stdin(true).stderr(false)).await.unwrap();
+    let mut exec = pods
+        .exec(
+            "shell",
+            ["sh", "-c", "read line; echo kube-rs says $line"],
+            &kube::api::AttachParams::default().stdin(true).stderr(false),
+        )
+        .await
+        .unwrap();
     exec.stdin().unwrap().write_all(b"hi\n").await.unwrap();
     let mut output = String::new();
     tokio::io::AsyncReadExt::read_to_string(&mut exec.stdout().unwrap(), &mut output).await.unwrap();
@@ -590,11 +747,13 @@ async fn static_pods_run_from_manifests_and_show_as_mirror_pods() {
     write("tier: one");
     std::fs::write(manifests.path().join("broken.yaml"), "kind: [").unwrap();
     let dir = manifests.path().to_str().unwrap();
-    let server = server_with_agent(&[&registry], 7, &["--pod-manifest-path", dir, "--file-check-frequency-seconds", "1"]);
+    let server =
+        server_with_agent(&[&registry], 7, &["--pod-manifest-path", dir, "--file-check-frequency-seconds", "1"]);
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let annotation = |p: &Pod, key: &str| p.metadata.annotations.as_ref().and_then(|a| a.get(key)).cloned().unwrap_or_default();
+    let annotation =
+        |p: &Pod, key: &str| p.metadata.annotations.as_ref().and_then(|a| a.get(key)).cloned().unwrap_or_default();
 
     // The manifest runs; the API shows its mirror, owned by the Node, with its status.
     let first = running_pods(&pods, "tier=one", 1).await.remove(0);
@@ -604,7 +763,10 @@ async fn static_pods_run_from_manifests_and_show_as_mirror_pods() {
     let owner = &first.metadata.owner_references.as_ref().unwrap()[0];
     assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Node", "node-1"));
     let ip = first.status.as_ref().unwrap().pod_ip.clone().unwrap();
-    assert_eq!(eventually(30, "the static pod serving", || async { http_get(&ip, 8080, "/s") }).await, "static-web-node-1 /s");
+    assert_eq!(
+        eventually(30, "the static pod serving", || async { http_get(&ip, 8080, "/s") }).await,
+        "static-web-node-1 /s"
+    );
     let container = container_status(&first).unwrap()["containerID"].clone();
     assert_eq!(server.kubectl_ok(&["logs", "static-web-node-1"]), "test-server listening on :8080\n");
 
@@ -624,8 +786,14 @@ async fn static_pods_run_from_manifests_and_show_as_mirror_pods() {
     assert_ne!(annotation(&second, "kubernetes.io/config.hash"), annotation(&first, "kubernetes.io/config.hash"));
     assert_ne!(container_status(&second).unwrap()["containerID"], container);
     std::fs::remove_file(&manifest).unwrap();
-    eventually(60, "the mirror pod gone", || async { pods.get_opt("static-web-node-1").await.ok()?.is_none().then_some(()) }).await;
-    eventually(60, "containerd holds no containers", || async { containerd_containers(&server).trim().is_empty().then_some(()) }).await;
+    eventually(60, "the mirror pod gone", || async {
+        pods.get_opt("static-web-node-1").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    eventually(60, "containerd holds no containers", || async {
+        containerd_containers(&server).trim().is_empty().then_some(())
+    })
+    .await;
 
     // The broken manifest was reported once, by name, and disturbed nothing else.
     let log = server.log();
@@ -639,7 +807,11 @@ struct Tmpfs(std::path::PathBuf);
 impl Tmpfs {
     fn mount(dir: &std::path::Path, mib: u64) -> Tmpfs {
         std::fs::create_dir_all(dir).unwrap();
-        let out = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "krate-test"]).arg(dir).output().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "krate-test"])
+            .arg(dir)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
         Tmpfs(dir.to_path_buf())
     }
@@ -693,7 +865,9 @@ fn has_taint(node: &Node, key: &str) -> bool {
 async fn events_of(client: &kube::Client, kind: &str, name: &str) -> Vec<Event> {
     let events: Api<Event> = Api::all(client.clone());
     let list = events.list(&ListParams::default()).await.unwrap().items;
-    list.into_iter().filter(|e| e.involved_object.kind.as_deref() == Some(kind) && e.involved_object.name.as_deref() == Some(name)).collect()
+    list.into_iter()
+        .filter(|e| e.involved_object.kind.as_deref() == Some(kind) && e.involved_object.name.as_deref() == Some(name))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -702,29 +876,66 @@ async fn a_filling_disk_collects_unused_images_then_reports_disk_pressure_and_re
     // 48 MiB of random bytes: an image that takes a fifth of the node's disk to unpack.
     let mut filler = vec![0u8; 48 << 20];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut filler);
-    let image = krate_agent::testimages::busybox_with(vec![krate_agent::oci::Entry::File { path: "filler".into(), data: filler, mode: 0o644 }]).unwrap();
+    let image = krate_agent::testimages::busybox_with(vec![krate_agent::oci::Entry::File {
+        path: "filler".into(),
+        data: filler,
+        mode: 0o644,
+    }])
+    .unwrap();
     image.push(&registry.address, "filler", "1").unwrap();
     let filler = registry.image("filler");
-    let args = agent_args(&[&registry], 8, &[
-        "--image-gc-high-threshold", "50", "--image-gc-low-threshold", "40", "--minimum-image-ttl-duration", "0s",
-        "--eviction-hard", "nodefs.available<10%,imagefs.available<10%", "--eviction-pressure-transition-period", "0s",
-    ]);
+    let args = agent_args(
+        &[&registry],
+        8,
+        &[
+            "--image-gc-high-threshold",
+            "50",
+            "--image-gc-low-threshold",
+            "40",
+            "--minimum-image-ttl-duration",
+            "0s",
+            "--eviction-hard",
+            "nodefs.available<10%,imagefs.available<10%",
+            "--eviction-pressure-transition-period",
+            "0s",
+        ],
+    );
     // The agent's directory (containerd's images and containers, pod logs) on a 256 MiB disk.
-    let (disk, server) = TestServer::start_with_agent_prepared(&args.iter().map(String::as_str).collect::<Vec<_>>(), |data| Tmpfs::mount(&data.join("agent"), 256));
+    let (disk, server) =
+        TestServer::start_with_agent_prepared(&args.iter().map(String::as_str).collect::<Vec<_>>(), |data| {
+            Tmpfs::mount(&data.join("agent"), 256)
+        });
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
     let nodes: Api<Node> = Api::all(client.clone());
     let node = nodes.get("node-1").await.unwrap();
-    assert_eq!(node.status.as_ref().unwrap().capacity.as_ref().unwrap()["ephemeral-storage"].0, "262144Ki", "the node's disk is the agent's directory");
+    assert_eq!(
+        node.status.as_ref().unwrap().capacity.as_ref().unwrap()["ephemeral-storage"].0,
+        "262144Ki",
+        "the node's disk is the agent's directory"
+    );
     assert_eq!(node_condition(&node, "DiskPressure"), Some(("False".into(), "KubeletHasNoDiskPressure".into())));
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let phase = |name: &'static str, want: &'static str| {
         let pods = pods.clone();
-        async move { eventually(120, &format!("pod {name} {want}"), || async { (pods.get(name).await.ok()?.status?.phase? == want).then_some(()) }).await }
+        async move {
+            eventually(120, &format!("pod {name} {want}"), || async {
+                (pods.get(name).await.ok()?.status?.phase? == want).then_some(())
+            })
+            .await
+        }
     };
 
     // An image a running container uses, and one no container uses any more.
-    server.kubectl_ok(&["run", "keeper", &format!("--image={}", registry.image("busybox")), "--restart=Never", "--", "sleep", "3600"]);
+    server.kubectl_ok(&[
+        "run",
+        "keeper",
+        &format!("--image={}", registry.image("busybox")),
+        "--restart=Never",
+        "--",
+        "sleep",
+        "3600",
+    ]);
     server.kubectl_ok(&["run", "once", &format!("--image={filler}"), "--restart=Never", "--command", "--", "true"]);
     phase("keeper", "Running").await;
     phase("once", "Succeeded").await;
@@ -733,7 +944,10 @@ async fn a_filling_disk_collects_unused_images_then_reports_disk_pressure_and_re
 
     // Past the high threshold: unused images go, down to the low threshold.
     disk.fill_to("ballast-1", 40);
-    eventually(60, "the unused image removed", || async { (!containerd_images(&server).contains("/filler:1")).then_some(()) }).await;
+    eventually(60, "the unused image removed", || async {
+        (!containerd_images(&server).contains("/filler:1")).then_some(())
+    })
+    .await;
     let images = containerd_images(&server);
     assert!(images.contains("/busybox:1"), "the image a container uses stays: {images}");
     assert!(images.contains("krate.local/pause:1"), "the sandbox image stays: {images}");
@@ -750,7 +964,11 @@ async fn a_filling_disk_collects_unused_images_then_reports_disk_pressure_and_re
     .await;
     assert!(waiting["message"].as_str().unwrap().contains("no space left on device"), "{waiting}");
     let events = events_of(&client, "Pod", "toobig").await;
-    assert!(events.iter().any(|e| e.reason.as_deref() == Some("Failed") && e.message.as_deref().unwrap_or_default().contains("no space left on device")), "{events:?}");
+    assert!(
+        events.iter().any(|e| e.reason.as_deref() == Some("Failed")
+            && e.message.as_deref().unwrap_or_default().contains("no space left on device")),
+        "{events:?}"
+    );
     server.kubectl_ok(&["delete", "pod", "toobig"]);
 
     // Under the eviction threshold: DiskPressure, the node tainted, new pods refused,
@@ -760,7 +978,9 @@ async fn a_filling_disk_collects_unused_images_then_reports_disk_pressure_and_re
     }
     let node = eventually(60, "DiskPressure", || async {
         let node = nodes.get("node-1").await.ok()?;
-        (node_condition(&node, "DiskPressure")? == ("True".into(), "KubeletHasDiskPressure".into()) && has_taint(&node, "node.kubernetes.io/disk-pressure")).then_some(node)
+        (node_condition(&node, "DiskPressure")? == ("True".into(), "KubeletHasDiskPressure".into())
+            && has_taint(&node, "node.kubernetes.io/disk-pressure"))
+        .then_some(node)
     })
     .await;
     assert_eq!(node_condition(&node, "Ready").unwrap().0, "True", "a node under pressure is still Ready");
@@ -772,10 +992,19 @@ async fn a_filling_disk_collects_unused_images_then_reports_disk_pressure_and_re
     assert_eq!(status.reason.as_deref(), Some("Evicted"));
     assert_eq!(status.message.as_deref(), Some("Pod was rejected: The node had condition: [DiskPressure]. "));
     let events = events_of(&client, "Pod", "pinned").await;
-    assert!(events.iter().any(|e| e.reason.as_deref() == Some("Evicted") && e.type_.as_deref() == Some("Warning")), "{events:?}");
+    assert!(
+        events.iter().any(|e| e.reason.as_deref() == Some("Evicted") && e.type_.as_deref() == Some("Warning")),
+        "{events:?}"
+    );
     let events = eventually(30, "the scheduler naming the taint", || async {
         let events = events_of(&client, "Pod", "later").await;
-        events.iter().any(|e| e.reason.as_deref() == Some("FailedScheduling") && e.message.as_deref().unwrap_or_default().contains("node.kubernetes.io/disk-pressure")).then_some(events)
+        events
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("FailedScheduling")
+                    && e.message.as_deref().unwrap_or_default().contains("node.kubernetes.io/disk-pressure")
+            })
+            .then_some(events)
     })
     .await;
     assert!(pods.get("later").await.unwrap().spec.unwrap().node_name.is_none(), "{events:?}");
@@ -783,7 +1012,11 @@ async fn a_filling_disk_collects_unused_images_then_reports_disk_pressure_and_re
     assert_eq!(keeper.status.as_ref().unwrap().phase.as_deref(), Some("Running"));
     assert_eq!(container_status(&keeper).unwrap()["restartCount"], 0);
     let sandboxes = containerd_containers(&server);
-    assert_eq!(sandboxes.lines().count(), 2, "the keeper's sandbox and container only, nothing of the refused or failed pods: {sandboxes}");
+    assert_eq!(
+        sandboxes.lines().count(),
+        2,
+        "the keeper's sandbox and container only, nothing of the refused or failed pods: {sandboxes}"
+    );
     let events = events_of(&client, "Node", "node-1").await;
     assert!(events.iter().any(|e| e.reason.as_deref() == Some("NodeHasDiskPressure")), "{events:?}");
 
@@ -793,7 +1026,8 @@ async fn a_filling_disk_collects_unused_images_then_reports_disk_pressure_and_re
     }
     eventually(60, "DiskPressure gone", || async {
         let node = nodes.get("node-1").await.ok()?;
-        (node_condition(&node, "DiskPressure")?.0 == "False" && !has_taint(&node, "node.kubernetes.io/disk-pressure")).then_some(())
+        (node_condition(&node, "DiskPressure")?.0 == "False" && !has_taint(&node, "node.kubernetes.io/disk-pressure"))
+            .then_some(())
     })
     .await;
     let later = running_pods(&pods, "run=later", 1).await;
@@ -805,10 +1039,26 @@ async fn a_filling_disk_collects_unused_images_then_reports_disk_pressure_and_re
 async fn shutting_the_node_down_stops_regular_pods_then_critical_ones_and_reports_them_terminated() {
     let registry = TestRegistry::start();
     let manifests = tempfile::tempdir().unwrap();
-    let yaml = format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: critical\nspec:\n  containers:\n  - name: web\n    image: {}\n", registry.image("test-server"));
+    let yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: critical\nspec:\n  containers:\n  - name: web\n    image: {}\n",
+        registry.image("test-server")
+    );
     std::fs::write(manifests.path().join("critical.yaml"), yaml).unwrap();
     let dir = manifests.path().to_str().unwrap();
-    let server = server_with_agent(&[&registry], 9, &["--pod-manifest-path", dir, "--file-check-frequency-seconds", "1", "--shutdown-grace-period", "20s", "--shutdown-grace-period-critical-pods", "5s"]);
+    let server = server_with_agent(
+        &[&registry],
+        9,
+        &[
+            "--pod-manifest-path",
+            dir,
+            "--file-check-frequency-seconds",
+            "1",
+            "--shutdown-grace-period",
+            "20s",
+            "--shutdown-grace-period-critical-pods",
+            "5s",
+        ],
+    );
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
@@ -826,24 +1076,50 @@ async fn shutting_the_node_down_stops_regular_pods_then_critical_ones_and_report
     let regular = running_pods(&pods, "app=web", 2).await;
     running_pods(&pods, "", 3).await;
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_krate")).args(["shutdown-node", "--data-dir"]).arg(server.data_dir()).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_krate"))
+        .args(["shutdown-node", "--data-dir"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{printed}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(printed.contains("stopping 2 regular pod(s) within 15s\nstopping 1 critical pod(s) within 5s\n") && printed.ends_with("the node can power off\n"), "{printed}");
+    assert!(
+        printed.contains("stopping 2 regular pod(s) within 15s\nstopping 1 critical pod(s) within 5s\n")
+            && printed.ends_with("the node can power off\n"),
+        "{printed}"
+    );
 
     // Every pod Failed as upstream reports a shutdown, regular ones stopped first.
-    let finished = |p: &Pod| container_status(p).unwrap()["state"]["terminated"]["finishedAt"].as_str().unwrap().to_string();
+    let finished =
+        |p: &Pod| container_status(p).unwrap()["state"]["terminated"]["finishedAt"].as_str().unwrap().to_string();
     let mut regular_finished = Vec::new();
     for name in regular.iter().map(|p| p.metadata.name.clone().unwrap()).chain(["critical-node-1".to_string()]) {
-        let pod = eventually(30, &format!("{name} reported stopped"), || async { let p = pods.get(&name).await.ok()?; (p.status.as_ref()?.phase.as_deref() == Some("Failed")).then_some(p) }).await;
+        let pod = eventually(30, &format!("{name} reported stopped"), || async {
+            let p = pods.get(&name).await.ok()?;
+            (p.status.as_ref()?.phase.as_deref() == Some("Failed")).then_some(p)
+        })
+        .await;
         let status = pod.status.clone().unwrap();
         assert_eq!(status.reason.as_deref(), Some("Terminated"), "{name}");
         assert_eq!(status.message.as_deref(), Some("Pod was terminated in response to imminent node shutdown."));
-        let target = status.conditions.unwrap().into_iter().find(|c| c.type_ == "DisruptionTarget").expect("a DisruptionTarget condition");
+        let target = status
+            .conditions
+            .unwrap()
+            .into_iter()
+            .find(|c| c.type_ == "DisruptionTarget")
+            .expect("a DisruptionTarget condition");
         assert_eq!((target.status.as_str(), target.reason.as_deref()), ("True", Some("TerminationByKubelet")));
-        assert_eq!(container_status(&pod).unwrap()["state"]["terminated"]["exitCode"], 0, "stopped with SIGTERM, not killed: {name}");
+        assert_eq!(
+            container_status(&pod).unwrap()["state"]["terminated"]["exitCode"],
+            0,
+            "stopped with SIGTERM, not killed: {name}"
+        );
         if name == "critical-node-1" {
-            assert!(regular_finished.iter().all(|r| *r <= finished(&pod)), "critical pods stop last: {regular_finished:?} vs {}", finished(&pod));
+            assert!(
+                regular_finished.iter().all(|r| *r <= finished(&pod)),
+                "critical pods stop last: {regular_finished:?} vs {}",
+                finished(&pod)
+            );
         } else {
             regular_finished.push(finished(&pod));
         }
@@ -852,21 +1128,35 @@ async fn shutting_the_node_down_stops_regular_pods_then_critical_ones_and_report
     // The node says it is going away, and takes no more pods.
     let node = nodes.get("node-1").await.unwrap();
     let ready = node.status.unwrap().conditions.unwrap().into_iter().find(|c| c.type_ == "Ready").unwrap();
-    assert_eq!((ready.status.as_str(), ready.reason.as_deref(), ready.message.as_deref()), ("False", Some("KubeletNotReady"), Some("node is shutting down")));
-    eventually(30, "the not-ready taint", || async { has_taint(&nodes.get("node-1").await.ok()?, "node.kubernetes.io/not-ready").then_some(()) }).await;
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_deref(), ready.message.as_deref()),
+        ("False", Some("KubeletNotReady"), Some("node is shutting down"))
+    );
+    eventually(30, "the not-ready taint", || async {
+        has_taint(&nodes.get("node-1").await.ok()?, "node.kubernetes.io/not-ready").then_some(())
+    })
+    .await;
     let pinned = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "pinned"}, "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": registry.image("busybox")}]}});
     pods.create(&PostParams::default(), &serde_json::from_value(pinned).unwrap()).await.unwrap();
-    let status = eventually(30, "the pod refused", || async { let s = pods.get("pinned").await.ok()?.status?; (s.phase.as_deref() == Some("Failed")).then_some(s) }).await;
+    let status = eventually(30, "the pod refused", || async {
+        let s = pods.get("pinned").await.ok()?.status?;
+        (s.phase.as_deref() == Some("Failed")).then_some(s)
+    })
+    .await;
     assert_eq!(status.reason.as_deref(), Some("NodeShutdown"));
     assert_eq!(status.message.as_deref(), Some("Pod was rejected: Pod was rejected as the node is shutting down."));
     // The Deployment replaces its pods, but not here.
     let replacements = eventually(30, "replacement pods", || async {
         let list = pods.list(&ListParams::default().labels("app=web")).await.ok()?.items;
-        let fresh: Vec<Pod> = list.into_iter().filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Failed")).collect();
+        let fresh: Vec<Pod> =
+            list.into_iter().filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Failed")).collect();
         (fresh.len() == 2).then_some(fresh)
     })
     .await;
-    assert!(replacements.iter().all(|p| p.spec.as_ref().unwrap().node_name.is_none()), "no pod is scheduled to a node shutting down");
+    assert!(
+        replacements.iter().all(|p| p.spec.as_ref().unwrap().node_name.is_none()),
+        "no pod is scheduled to a node shutting down"
+    );
     let tasks = containerd_list(&server, "tasks", false);
     assert!(!tasks.contains("RUNNING"), "nothing runs any more: {tasks}");
 }

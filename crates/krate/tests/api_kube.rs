@@ -53,7 +53,8 @@ async fn crud_with_optimistic_concurrency() {
     assert_eq!((err.code, err.reason.as_str()), (409, "AlreadyExists"));
 
     // Merge and JSON patches.
-    let merged = cms.patch("one", &PatchParams::default(), &Patch::Merge(json!({"data": {"extra": "1"}}))).await.unwrap();
+    let merged =
+        cms.patch("one", &PatchParams::default(), &Patch::Merge(json!({"data": {"extra": "1"}}))).await.unwrap();
     assert_eq!(merged.data.as_ref().unwrap().len(), 2);
     let jp: json_patch::Patch = serde_json::from_value(json!([{"op": "remove", "path": "/data/extra"}])).unwrap();
     let patched = cms.patch("one", &PatchParams::default(), &Patch::<()>::Json(jp)).await.unwrap();
@@ -107,17 +108,14 @@ async fn watch_resumes_from_a_resource_version_and_follows_selectors() {
     let start = cms.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
     cms.create(&PostParams::default(), &cm("w", json!({"team": "a"}))).await.unwrap();
     cms.patch("w", &PatchParams::default(), &Patch::Merge(json!({"data": {"k": "v2"}}))).await.unwrap();
-    cms.patch("w", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"team": "b"}}}))).await.unwrap();
+    cms.patch("w", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"team": "b"}}})))
+        .await
+        .unwrap();
     cms.delete("w", &DeleteParams::default()).await.unwrap();
 
     // Everything after `start`, in order.
-    let events: Vec<_> = cms
-        .watch(&WatchParams::default().timeout(2), &start)
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let events: Vec<_> =
+        cms.watch(&WatchParams::default().timeout(2), &start).await.unwrap().try_collect().await.unwrap();
     let kinds: Vec<&str> = events
         .iter()
         .map(|e| match e {
@@ -140,7 +138,10 @@ async fn watch_resumes_from_a_resource_version_and_follows_selectors() {
         .try_collect()
         .await
         .unwrap();
-    assert!(matches!(selected.as_slice(), [WatchEvent::Added(_), WatchEvent::Modified(_), WatchEvent::Deleted(_)]), "{selected:?}");
+    assert!(
+        matches!(selected.as_slice(), [WatchEvent::Added(_), WatchEvent::Modified(_), WatchEvent::Deleted(_)]),
+        "{selected:?}"
+    );
 }
 
 #[tokio::test]
@@ -149,7 +150,11 @@ async fn watch_sends_bookmarks_and_live_events() {
     let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
     let rv = cms.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
     // The controllers may still be adding the namespace's `kube-root-ca.crt`.
-    let not_root_ca = |e: &WatchEvent<ConfigMap>| futures::future::ready(!matches!(e, WatchEvent::Added(c) | WatchEvent::Modified(c) if c.metadata.name.as_deref() == Some("kube-root-ca.crt")));
+    let not_root_ca = |e: &WatchEvent<ConfigMap>| {
+        futures::future::ready(
+            !matches!(e, WatchEvent::Added(c) | WatchEvent::Modified(c) if c.metadata.name.as_deref() == Some("kube-root-ca.crt")),
+        )
+    };
     let mut stream = cms.watch(&WatchParams::default().timeout(3), &rv).await.unwrap().try_filter(not_root_ca).boxed();
     cms.create(&PostParams::default(), &cm("live", json!({}))).await.unwrap();
     let first = stream.try_next().await.unwrap().unwrap();
@@ -175,7 +180,9 @@ async fn bookmarks_never_skip_events_a_slow_watcher_has_not_seen() {
         futures::stream::iter(0..COUNT)
             .for_each_concurrent(4, |i| {
                 let api = writer.clone();
-                let obj: ConfigMap = serde_json::from_value(json!({"metadata": {"name": format!("cm-{i}")}, "data": {"bulk": bulk}})).unwrap();
+                let obj: ConfigMap =
+                    serde_json::from_value(json!({"metadata": {"name": format!("cm-{i}")}, "data": {"bulk": bulk}}))
+                        .unwrap();
                 async move {
                     api.create(&PostParams::default(), &obj).await.unwrap();
                 }
@@ -208,11 +215,18 @@ async fn bookmarks_never_skip_events_a_slow_watcher_has_not_seen() {
 async fn watch_from_a_compacted_revision_is_gone() {
     let server = TestServer::start_with(&["--compaction-interval-seconds", "1"]);
     let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
-    let old = cms.create(&PostParams::default(), &cm("c1", json!({}))).await.unwrap().metadata.resource_version.unwrap();
+    let old =
+        cms.create(&PostParams::default(), &cm("c1", json!({}))).await.unwrap().metadata.resource_version.unwrap();
     cms.create(&PostParams::default(), &cm("c2", json!({}))).await.unwrap();
     tokio::time::sleep(Duration::from_millis(2600)).await;
     cms.create(&PostParams::default(), &cm("c3", json!({}))).await.unwrap();
-    let events: Vec<_> = cms.watch(&WatchParams::default().disable_bookmarks().timeout(2), &old).await.unwrap().try_collect().await.unwrap();
+    let events: Vec<_> = cms
+        .watch(&WatchParams::default().disable_bookmarks().timeout(2), &old)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
     match events.as_slice() {
         [WatchEvent::Error(e)] => assert_eq!((e.code, e.reason.as_str()), (410, "Expired")),
         other => panic!("expected a single 410 error event, got {other:?}"),
@@ -231,12 +245,20 @@ async fn label_and_field_selectors() {
         .unwrap();
         pods.create(&PostParams::default(), &pod).await.unwrap();
     }
-    let names = |list: kube::core::ObjectList<Pod>| list.items.into_iter().map(|p| p.metadata.name.unwrap()).collect::<Vec<_>>();
+    let names = |list: kube::core::ObjectList<Pod>| {
+        list.items.into_iter().map(|p| p.metadata.name.unwrap()).collect::<Vec<_>>()
+    };
     assert_eq!(names(pods.list(&ListParams::default().labels("tier=web")).await.unwrap()), ["a", "b"]);
     assert_eq!(names(pods.list(&ListParams::default().labels("tier in (db),tier!=web")).await.unwrap()), ["c"]);
     assert_eq!(names(pods.list(&ListParams::default().fields("spec.nodeName=n1")).await.unwrap()), ["a", "c"]);
-    assert_eq!(names(pods.list(&ListParams::default().fields("spec.nodeName=n1,metadata.name!=a")).await.unwrap()), ["c"]);
-    assert_eq!(names(pods.list(&ListParams::default().fields("status.phase=Pending").labels("tier=db")).await.unwrap()), ["c"]);
+    assert_eq!(
+        names(pods.list(&ListParams::default().fields("spec.nodeName=n1,metadata.name!=a")).await.unwrap()),
+        ["c"]
+    );
+    assert_eq!(
+        names(pods.list(&ListParams::default().fields("status.phase=Pending").labels("tier=db")).await.unwrap()),
+        ["c"]
+    );
     let err = api_error(pods.list(&ListParams::default().fields("spec.bogus=1")).await.unwrap_err());
     assert_eq!(err.code, 400);
     let err = api_error(pods.list(&ListParams::default().labels("tier in web")).await.unwrap_err());
@@ -269,14 +291,25 @@ async fn status_and_scale_subresources() {
     assert_eq!(created.metadata.generation, Some(1));
 
     let with_status = deploys
-        .patch_status("web", &PatchParams::default(), &Patch::Merge(json!({"status": {"replicas": 2, "readyReplicas": 1}, "spec": {"replicas": 7}})))
+        .patch_status(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"replicas": 2, "readyReplicas": 1}, "spec": {"replicas": 7}})),
+        )
         .await
         .unwrap();
     assert_eq!(with_status.status.unwrap().ready_replicas, Some(1));
     assert_eq!(with_status.spec.replicas, Some(2), "the status endpoint ignores spec");
     assert_eq!(with_status.metadata.generation, Some(1));
 
-    let main = deploys.patch("web", &PatchParams::default(), &Patch::Merge(json!({"status": {"readyReplicas": 0}, "spec": {"replicas": 3}}))).await.unwrap();
+    let main = deploys
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"readyReplicas": 0}, "spec": {"replicas": 3}})),
+        )
+        .await
+        .unwrap();
     assert_eq!(main.status.unwrap().ready_replicas, Some(1), "the main endpoint ignores status");
     assert_eq!(main.metadata.generation, Some(2));
 
@@ -300,12 +333,18 @@ async fn finalizers_dry_run_generate_name_and_namespaces() {
     let held = cms.get("guarded").await.unwrap();
     assert!(held.metadata.deletion_timestamp.is_some(), "a finalizer keeps the object");
     let err = api_error(
-        cms.patch("guarded", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": ["example.com/hold", "new/one"]}})))
-            .await
-            .unwrap_err(),
+        cms.patch(
+            "guarded",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": ["example.com/hold", "new/one"]}})),
+        )
+        .await
+        .unwrap_err(),
     );
     assert_eq!(err.code, 422, "no new finalizers while deleting");
-    cms.patch("guarded", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}}))).await.unwrap();
+    cms.patch("guarded", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
+        .await
+        .unwrap();
     assert_eq!(api_error(cms.get("guarded").await.unwrap_err()).code, 404, "gone once the last finalizer is removed");
 
     let dry = cms.create(&PostParams { dry_run: true, ..Default::default() }, &cm("dry", json!({}))).await.unwrap();
@@ -328,7 +367,10 @@ async fn finalizers_dry_run_generate_name_and_namespaces() {
         let n = namespaces.get(ns).await.unwrap();
         assert_eq!(n.status.unwrap().phase.as_deref(), Some("Active"));
     }
-    namespaces.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "doomed"}})).unwrap()).await.unwrap();
+    namespaces
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "doomed"}})).unwrap())
+        .await
+        .unwrap();
     let inside: Api<ConfigMap> = Api::namespaced(client, "doomed");
     let mut held = cm("held", json!({}));
     held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
@@ -349,7 +391,10 @@ async fn finalizers_dry_run_generate_name_and_namespaces() {
         assert!(waited < 100, "the namespace controller did not delete the content");
     }
     assert!(namespaces.get_opt("doomed").await.unwrap().is_some(), "held by the finalizer of its content");
-    inside.patch("held", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}}))).await.unwrap();
+    inside
+        .patch("held", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
+        .await
+        .unwrap();
     while namespaces.get_opt("doomed").await.unwrap().is_some() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         waited += 1;

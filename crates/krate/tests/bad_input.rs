@@ -42,7 +42,13 @@ async fn malformed_and_mismatched_bodies() {
     let (code, list) = raw(&client, "GET", CMS, "application/json", vec![]).await;
     assert_eq!(code, 200);
     // Only what the controllers put in every namespace.
-    let names: Vec<&str> = list["items"].as_array().unwrap().iter().filter_map(|i| i["metadata"]["name"].as_str()).filter(|n| *n != "kube-root-ca.crt").collect();
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["metadata"]["name"].as_str())
+        .filter(|n| *n != "kube-root-ca.crt")
+        .collect();
     assert!(names.is_empty(), "nothing was written: {names:?}");
 }
 
@@ -55,18 +61,39 @@ async fn invalid_names_missing_namespaces_and_huge_bodies() {
     let (code, status) = raw(&client, "POST", CMS, "application/json", bad_name.to_string().into_bytes()).await;
     assert_eq!((code, status["reason"].as_str()), (422, Some("Invalid")), "{status}");
     assert_eq!(status["details"]["causes"][0]["field"], "metadata.name");
-    assert!(status["message"].as_str().unwrap().starts_with("ConfigMap \"Bad_Name\" is invalid: metadata.name: Invalid value"), "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("ConfigMap \"Bad_Name\" is invalid: metadata.name: Invalid value"),
+        "{status}"
+    );
 
     let no_ns = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}});
-    let (code, status) = raw(&client, "POST", "/api/v1/namespaces/missing/configmaps", "application/json", no_ns.to_string().into_bytes()).await;
+    let (code, status) = raw(
+        &client,
+        "POST",
+        "/api/v1/namespaces/missing/configmaps",
+        "application/json",
+        no_ns.to_string().into_bytes(),
+    )
+    .await;
     assert_eq!((code, status["message"].as_str()), (404, Some("namespaces \"missing\" not found")));
 
     let invalid_deploy = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
         "spec": {"replicas": -1, "selector": {"matchLabels": {"app": "a"}},
                  "template": {"metadata": {"labels": {"app": "b"}}, "spec": {"containers": [{"name": "c"}]}}}});
-    let (code, status) = raw(&client, "POST", "/apis/apps/v1/namespaces/default/deployments", "application/json", invalid_deploy.to_string().into_bytes()).await;
+    let (code, status) = raw(
+        &client,
+        "POST",
+        "/apis/apps/v1/namespaces/default/deployments",
+        "application/json",
+        invalid_deploy.to_string().into_bytes(),
+    )
+    .await;
     assert_eq!(code, 422, "{status}");
-    let fields: Vec<&str> = status["details"]["causes"].as_array().unwrap().iter().map(|c| c["field"].as_str().unwrap()).collect();
+    let fields: Vec<&str> =
+        status["details"]["causes"].as_array().unwrap().iter().map(|c| c["field"].as_str().unwrap()).collect();
     for f in ["spec.replicas", "spec.template.metadata.labels", "spec.template.spec.containers[0].image"] {
         assert!(fields.contains(&f), "{f} in {fields:?}");
     }
@@ -77,7 +104,14 @@ async fn invalid_names_missing_namespaces_and_huge_bodies() {
 
     let (code, _) = raw(&client, "GET", "/api/v1/namespaces/default/nosuchthings", "application/json", vec![]).await;
     assert_eq!(code, 404);
-    let (code, _) = raw(&client, "GET", "/api/v1/namespaces/default/configmaps?labelSelector=a%20in%20b", "application/json", vec![]).await;
+    let (code, _) = raw(
+        &client,
+        "GET",
+        "/api/v1/namespaces/default/configmaps?labelSelector=a%20in%20b",
+        "application/json",
+        vec![],
+    )
+    .await;
     assert_eq!(code, 400);
 }
 
@@ -91,47 +125,93 @@ async fn stale_updates_unknown_fields_and_bad_patches() {
     let rv = created["metadata"]["resourceVersion"].as_str().unwrap().to_string();
     let mut changed = body.clone();
     changed["data"]["a"] = json!("2");
-    let (code, _) = raw(&client, "PUT", &format!("{CMS}/c"), "application/json", changed.to_string().into_bytes()).await;
+    let (code, _) =
+        raw(&client, "PUT", &format!("{CMS}/c"), "application/json", changed.to_string().into_bytes()).await;
     assert_eq!(code, 200, "an update without resourceVersion is unconditional");
 
     let mut stale = body.clone();
     stale["metadata"]["resourceVersion"] = json!(rv);
-    let (code, status) = raw(&client, "PUT", &format!("{CMS}/c"), "application/json", stale.to_string().into_bytes()).await;
+    let (code, status) =
+        raw(&client, "PUT", &format!("{CMS}/c"), "application/json", stale.to_string().into_bytes()).await;
     assert_eq!((code, status["reason"].as_str()), (409, Some("Conflict")));
 
     let unknown = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "u"}, "bogus": 1});
-    let (code, status) = raw(&client, "POST", &format!("{CMS}?fieldValidation=Strict"), "application/json", unknown.to_string().into_bytes()).await;
+    let (code, status) = raw(
+        &client,
+        "POST",
+        &format!("{CMS}?fieldValidation=Strict"),
+        "application/json",
+        unknown.to_string().into_bytes(),
+    )
+    .await;
     assert_eq!(code, 400);
     assert!(status["message"].as_str().unwrap().contains("strict decoding error: unknown field \"bogus\""), "{status}");
-    let (code, stored) = raw(&client, "POST", &format!("{CMS}?fieldValidation=Ignore"), "application/json", unknown.to_string().into_bytes()).await;
+    let (code, stored) = raw(
+        &client,
+        "POST",
+        &format!("{CMS}?fieldValidation=Ignore"),
+        "application/json",
+        unknown.to_string().into_bytes(),
+    )
+    .await;
     assert_eq!(code, 201);
     assert!(stored.get("bogus").is_none(), "unknown fields are pruned");
-    let duplicate = br#"{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "d"}, "data": {"a": "1", "a": "2"}}"#;
-    let (code, status) = raw(&client, "POST", &format!("{CMS}?fieldValidation=Strict"), "application/json", duplicate.to_vec()).await;
+    let duplicate =
+        br#"{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "d"}, "data": {"a": "1", "a": "2"}}"#;
+    let (code, status) =
+        raw(&client, "POST", &format!("{CMS}?fieldValidation=Strict"), "application/json", duplicate.to_vec()).await;
     assert_eq!(code, 400);
-    assert!(status["message"].as_str().unwrap().contains("strict decoding error: duplicate field \"data.a\""), "{status}");
-    let (code, stored) = raw(&client, "POST", &format!("{CMS}?fieldValidation=Warn"), "application/json", duplicate.to_vec()).await;
+    assert!(
+        status["message"].as_str().unwrap().contains("strict decoding error: duplicate field \"data.a\""),
+        "{status}"
+    );
+    let (code, stored) =
+        raw(&client, "POST", &format!("{CMS}?fieldValidation=Warn"), "application/json", duplicate.to_vec()).await;
     assert_eq!((code, &stored["data"]), (201, &json!({"a": "2"})), "Warn keeps the last value, as upstream");
     // A strategic merge patch whose list element lacks the merge key.
     let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i:1"}]}});
-    let (code, _) = raw(&client, "POST", "/api/v1/namespaces/default/pods", "application/json", pod.to_string().into_bytes()).await;
+    let (code, _) =
+        raw(&client, "POST", "/api/v1/namespaces/default/pods", "application/json", pod.to_string().into_bytes()).await;
     assert_eq!(code, 201);
     let keyless = br#"{"spec": {"containers": [{"image": "i:2"}]}}"#;
-    let (code, status) = raw(&client, "PATCH", "/api/v1/namespaces/default/pods/p", "application/strategic-merge-patch+json", keyless.to_vec()).await;
+    let (code, status) = raw(
+        &client,
+        "PATCH",
+        "/api/v1/namespaces/default/pods/p",
+        "application/strategic-merge-patch+json",
+        keyless.to_vec(),
+    )
+    .await;
     assert_eq!(code, 400, "{status}");
     assert!(status["message"].as_str().unwrap().contains("does not contain declared merge key: name"), "{status}");
     let (_, got) = raw(&client, "GET", "/api/v1/namespaces/default/pods/p", "application/json", vec![]).await;
     assert_eq!(got["spec"]["containers"][0]["image"], "i:1");
 
-    let (code, _) = raw(&client, "PATCH", &format!("{CMS}/c"), "application/json-patch+json", b"{\"op\":1}".to_vec()).await;
+    let (code, _) =
+        raw(&client, "PATCH", &format!("{CMS}/c"), "application/json-patch+json", b"{\"op\":1}".to_vec()).await;
     assert_eq!(code, 400);
-    let (code, _) = raw(&client, "PATCH", &format!("{CMS}/c"), "application/json-patch+json", br#"[{"op":"test","path":"/data/a","value":"nope"}]"#.to_vec()).await;
+    let (code, _) = raw(
+        &client,
+        "PATCH",
+        &format!("{CMS}/c"),
+        "application/json-patch+json",
+        br#"[{"op":"test","path":"/data/a","value":"nope"}]"#.to_vec(),
+    )
+    .await;
     assert_eq!(code, 422);
     let (code, _) = raw(&client, "PATCH", &format!("{CMS}/c"), "application/xml", b"<x/>".to_vec()).await;
     assert_eq!(code, 415);
-    let (code, _) = raw(&client, "PATCH", &format!("{CMS}/missing"), "application/merge-patch+json", b"{}".to_vec()).await;
+    let (code, _) =
+        raw(&client, "PATCH", &format!("{CMS}/missing"), "application/merge-patch+json", b"{}".to_vec()).await;
     assert_eq!(code, 404);
-    let (code, _) = raw(&client, "DELETE", "/api/v1/namespaces/default/configmaps/c", "application/json", br#"{"preconditions":{"uid":"wrong"}}"#.to_vec()).await;
+    let (code, _) = raw(
+        &client,
+        "DELETE",
+        "/api/v1/namespaces/default/configmaps/c",
+        "application/json",
+        br#"{"preconditions":{"uid":"wrong"}}"#.to_vec(),
+    )
+    .await;
     assert_eq!(code, 409);
 
     let (_, got) = raw(&client, "GET", &format!("{CMS}/c"), "application/json", vec![]).await;
@@ -168,10 +248,19 @@ async fn anonymous_requests_are_forbidden_except_health() {
 #[test]
 fn bad_agent_flags_are_refused_at_start() {
     let cases: [(&[&str], &str); 5] = [
-        (&["--eviction-hard", "disk.free<1Gi"], "unknown eviction signal \"disk.free\"; known signals: memory.available"),
+        (
+            &["--eviction-hard", "disk.free<1Gi"],
+            "unknown eviction signal \"disk.free\"; known signals: memory.available",
+        ),
         (&["--eviction-hard", "nodefs.available<lots"], "is not a quantity (like 100Mi) or a percentage"),
-        (&["--eviction-pressure-transition-period", "5 minutes"], "--eviction-pressure-transition-period: \"5 minutes\" is not a duration"),
-        (&["--image-gc-high-threshold", "70", "--image-gc-low-threshold", "90"], "--image-gc-low-threshold (90) must not be above --image-gc-high-threshold (70)"),
+        (
+            &["--eviction-pressure-transition-period", "5 minutes"],
+            "--eviction-pressure-transition-period: \"5 minutes\" is not a duration",
+        ),
+        (
+            &["--image-gc-high-threshold", "70", "--image-gc-low-threshold", "90"],
+            "--image-gc-low-threshold (90) must not be above --image-gc-high-threshold (70)",
+        ),
         (&["--shutdown-grace-period", "10s", "--shutdown-grace-period-critical-pods", "20s"], "cannot be longer"),
     ];
     for (args, message) in cases {

@@ -25,7 +25,14 @@ fn is_running(p: &Pod) -> bool {
 
 async fn running(api: &Api<Pod>, selector: &str, n: usize) -> Vec<Pod> {
     eventually(30, &format!("{n} running pods for {selector}"), || async {
-        let pods: Vec<Pod> = api.list(&ListParams::default().labels(selector)).await.ok()?.items.into_iter().filter(is_running).collect();
+        let pods: Vec<Pod> = api
+            .list(&ListParams::default().labels(selector))
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .filter(is_running)
+            .collect();
         (pods.len() == n).then_some(pods)
     })
     .await
@@ -53,46 +60,79 @@ async fn services_get_endpoints_and_namespaces_get_their_defaults() {
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "team");
     eventually(15, "the default service account", || async { accounts.get_opt("default").await.ok().flatten() }).await;
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "team");
-    let ca = eventually(15, "kube-root-ca.crt", || async { maps.get_opt("kube-root-ca.crt").await.ok().flatten() }).await;
+    let ca =
+        eventually(15, "kube-root-ca.crt", || async { maps.get_opt("kube-root-ca.crt").await.ok().flatten() }).await;
     let ca_pem = ca.data.unwrap()["ca.crt"].clone();
     assert!(ca_pem.starts_with("-----BEGIN CERTIFICATE-----"));
     assert_eq!(ca_pem, std::fs::read_to_string(server.data_dir().join("pki/ca.crt")).unwrap());
     // Deleted or edited, they come back as they were.
     accounts.delete("default", &DeleteParams::default()).await.unwrap();
     eventually(15, "the service account back", || async { accounts.get_opt("default").await.ok().flatten() }).await;
-    server.kubectl_ok(&["-n", "team", "patch", "configmap", "kube-root-ca.crt", "-p", r#"{"data":{"ca.crt":"tampered"}}"#]);
-    eventually(15, "the CA restored", || async { (maps.get("kube-root-ca.crt").await.ok()?.data?["ca.crt"] == ca_pem).then_some(()) }).await;
+    server.kubectl_ok(&[
+        "-n",
+        "team",
+        "patch",
+        "configmap",
+        "kube-root-ca.crt",
+        "-p",
+        r#"{"data":{"ca.crt":"tampered"}}"#,
+    ]);
+    eventually(15, "the CA restored", || async {
+        (maps.get("kube-root-ca.crt").await.ok()?.data?["ca.crt"] == ca_pem).then_some(())
+    })
+    .await;
 
     // A service whose named target port resolves against each pod.
     let container = json!({"name": "web", "image": "nginx", "ports": [{"name": "http", "containerPort": 8080}]});
     apply(&server, deployment("web", 2, json!({"containers": [container]})));
-    apply(&server, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
-        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}));
+    apply(
+        &server,
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}),
+    );
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     running(&pods, "app=web", 2).await;
     let endpoints: Api<Endpoints> = Api::namespaced(client.clone(), "default");
     let addresses = |e: &Endpoints| e.subsets.iter().flatten().flat_map(|s| s.addresses.iter().flatten()).count();
-    let ep = eventually(15, "two endpoints", || async { endpoints.get_opt("web").await.ok().flatten().filter(|e| addresses(e) == 2) }).await;
+    let ep = eventually(15, "two endpoints", || async {
+        endpoints.get_opt("web").await.ok().flatten().filter(|e| addresses(e) == 2)
+    })
+    .await;
     let subset = &ep.subsets.as_ref().unwrap()[0];
     assert_eq!(subset.ports.as_ref().unwrap()[0].port, 8080, "the named target port resolves to the container port");
-    assert!(subset.addresses.as_ref().unwrap().iter().all(|a| a.target_ref.as_ref().unwrap().kind.as_deref() == Some("Pod")));
+    assert!(subset
+        .addresses
+        .as_ref()
+        .unwrap()
+        .iter()
+        .all(|a| a.target_ref.as_ref().unwrap().kind.as_deref() == Some("Pod")));
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
     let by_service = ListParams::default().labels("kubernetes.io/service-name=web");
     eventually(15, "an EndpointSlice with both pods", || async {
         let list = slices.list(&by_service).await.ok()?.items;
         let endpoints = list.first()?.endpoints.clone()?;
-        (list.len() == 1 && endpoints.len() == 2 && endpoints.iter().all(|e| e.conditions.as_ref().is_some_and(|c| c.ready == Some(true)))).then_some(())
+        (list.len() == 1
+            && endpoints.len() == 2
+            && endpoints.iter().all(|e| e.conditions.as_ref().is_some_and(|c| c.ready == Some(true))))
+        .then_some(())
     })
     .await;
     // Scaling shows up in both; kubectl prints them.
     server.kubectl_ok(&["scale", "deployment", "web", "--replicas=3"]);
-    eventually(15, "three endpoints", || async { endpoints.get_opt("web").await.ok().flatten().filter(|e| addresses(e) == 3) }).await;
+    eventually(15, "three endpoints", || async {
+        endpoints.get_opt("web").await.ok().flatten().filter(|e| addresses(e) == 3)
+    })
+    .await;
     let table = server.kubectl_ok(&["get", "endpointslices"]);
     assert!(table.contains("IPv4") && table.contains("8080"), "{table}");
     // The service goes, its endpoints and slices go.
     server.kubectl_ok(&["delete", "service", "web"]);
-    eventually(15, "endpoints removed", || async { endpoints.get_opt("web").await.ok().flatten().is_none().then_some(()) }).await;
-    eventually(15, "slices removed", || async { slices.list(&by_service).await.ok()?.items.is_empty().then_some(()) }).await;
+    eventually(15, "endpoints removed", || async {
+        endpoints.get_opt("web").await.ok().flatten().is_none().then_some(())
+    })
+    .await;
+    eventually(15, "slices removed", || async { slices.list(&by_service).await.ok()?.items.is_empty().then_some(()) })
+        .await;
 }
 
 #[tokio::test]
@@ -101,8 +141,10 @@ async fn eviction_respects_disruption_budgets() {
     let _nodes = HollowNodes::start(&server, "hollow", 2, &[]);
     let client = server.client().await;
     // Bare pods: nothing replaces an evicted one behind the test's back.
-    let db_pod = |name: &str| json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default", "labels": {"app": "db"}},
-        "spec": {"containers": [{"name": "db", "image": "postgres"}]}});
+    let db_pod = |name: &str| {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default", "labels": {"app": "db"}},
+        "spec": {"containers": [{"name": "db", "image": "postgres"}]}})
+    };
     for name in ["db-0", "db-1", "db-2"] {
         apply(&server, db_pod(name));
     }
@@ -112,7 +154,11 @@ async fn eviction_respects_disruption_budgets() {
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), "default");
     eventually(15, "one disruption allowed", || async {
         let s = budgets.get("db").await.ok()?.status?;
-        (s.disruptions_allowed == Some(1) && s.current_healthy == Some(3) && s.desired_healthy == Some(2) && s.expected_pods == Some(3)).then_some(())
+        (s.disruptions_allowed == Some(1)
+            && s.current_healthy == Some(3)
+            && s.desired_healthy == Some(2)
+            && s.expected_pods == Some(3))
+        .then_some(())
     })
     .await;
 
@@ -120,19 +166,33 @@ async fn eviction_respects_disruption_budgets() {
     pods.evict(&first[0].name_any(), &EvictParams::default()).await.expect("first eviction allowed");
     // (kubectl: kube-rs retries 429s with back-off for minutes, as against any server.)
     let second = first[1].name_any();
-    let eviction = json!({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": second, "namespace": "default"}}).to_string();
-    let out = server.kubectl_stdin(&["create", "--raw", &format!("/api/v1/namespaces/default/pods/{second}/eviction"), "-f", "-"], Some(&eviction));
+    let eviction =
+        json!({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": second, "namespace": "default"}})
+            .to_string();
+    let out = server.kubectl_stdin(
+        &["create", "--raw", &format!("/api/v1/namespaces/default/pods/{second}/eviction"), "-f", "-"],
+        Some(&eviction),
+    );
     assert!(!out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim(),
         "Error from server (TooManyRequests): Cannot evict pod as it would violate the pod's disruption budget."
     );
-    assert!(pods.get(&first[1].name_any()).await.unwrap().metadata.deletion_timestamp.is_none(), "the refused pod keeps running");
+    assert!(
+        pods.get(&first[1].name_any()).await.unwrap().metadata.deletion_timestamp.is_none(),
+        "the refused pod keeps running"
+    );
     // Once a replacement runs, the budget allows one disruption again.
-    eventually(15, "the evicted pod gone", || async { pods.get_opt(&first[0].name_any()).await.ok()?.is_none().then_some(()) }).await;
+    eventually(15, "the evicted pod gone", || async {
+        pods.get_opt(&first[0].name_any()).await.ok()?.is_none().then_some(())
+    })
+    .await;
     apply(&server, db_pod("db-3"));
     running(&pods, "app=db", 3).await;
-    eventually(15, "the budget replenished", || async { (budgets.get("db").await.ok()?.status?.disruptions_allowed == Some(1)).then_some(()) }).await;
+    eventually(15, "the budget replenished", || async {
+        (budgets.get("db").await.ok()?.status?.disruptions_allowed == Some(1)).then_some(())
+    })
+    .await;
     let table = server.kubectl_ok(&["get", "pdb", "db"]);
     assert!(table.contains("ALLOWED DISRUPTIONS"), "{table}");
 }
@@ -153,15 +213,22 @@ async fn quotas_refuse_creates_over_their_limits_and_count_usage() {
         serde_json::from_value::<Pod>(json!({"metadata": {"name": name}, "spec": {"containers": [{"name": "c", "image": "x", "resources": resources}]}})).unwrap()
     };
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let err = pods.create(&PostParams::default(), &pod("no-requests", None)).await.expect_err("a pod without cpu requests is refused");
+    let err = pods
+        .create(&PostParams::default(), &pod("no-requests", None))
+        .await
+        .expect_err("a pod without cpu requests is refused");
     assert!(err.to_string().contains("must specify requests.cpu"), "{err}");
     pods.create(&PostParams::default(), &pod("a", Some("500m"))).await.unwrap();
     pods.create(&PostParams::default(), &pod("b", Some("400m"))).await.unwrap();
-    let err = pods.create(&PostParams::default(), &pod("c", Some("100m"))).await.expect_err("a third pod is over the quota");
+    let err =
+        pods.create(&PostParams::default(), &pod("c", Some("100m"))).await.expect_err("a third pod is over the quota");
     match err {
         kube::Error::Api(s) => {
             assert_eq!(s.code, 403);
-            assert_eq!(s.message, "pods \"c\" is forbidden: exceeded quota: small, requested: pods=1, used: pods=2, limited: pods=2");
+            assert_eq!(
+                s.message,
+                "pods \"c\" is forbidden: exceeded quota: small, requested: pods=1, used: pods=2, limited: pods=2"
+            );
         }
         other => panic!("unexpected error {other}"),
     }
@@ -182,7 +249,10 @@ async fn higher_priority_pods_preempt_lower_ones() {
         .await
         .expect_err("an unknown priority class is refused");
     assert!(unknown.to_string().contains("no PriorityClass with name nope was found"), "{unknown}");
-    apply(&server, json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "high"}, "value": 1000}));
+    apply(
+        &server,
+        json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "high"}, "value": 1000}),
+    );
     let pod = |name: &str, cpu: &str, class: Option<&str>| {
         json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default", "labels": {"tier": name}},
             "spec": {"priorityClassName": class, "containers": [{"name": "c", "image": "x", "resources": {"requests": {"cpu": cpu}}}]}})
@@ -209,9 +279,19 @@ async fn topology_spread_evens_out_zones() {
     let _zone_b = HollowNodes::start(&server, "b", 1, &["--label", "zone=b"]);
     let client = server.client().await;
     let nodes: Api<Node> = Api::all(client.clone());
-    eventually(15, "four nodes", || async { (nodes.list(&ListParams::default()).await.ok()?.items.len() == 4).then_some(()) }).await;
+    eventually(15, "four nodes", || async {
+        (nodes.list(&ListParams::default()).await.ok()?.items.len() == 4).then_some(())
+    })
+    .await;
     let spread = json!([{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"app": "spread"}}}]);
-    apply(&server, deployment("spread", 4, json!({"topologySpreadConstraints": spread, "containers": [{"name": "c", "image": "x"}]})));
+    apply(
+        &server,
+        deployment(
+            "spread",
+            4,
+            json!({"topologySpreadConstraints": spread, "containers": [{"name": "c", "image": "x"}]}),
+        ),
+    );
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let placed = running(&pods, "app=spread", 4).await;
     let in_b = placed.iter().filter(|p| p.spec.as_ref().unwrap().node_name.as_deref() == Some("b-0")).count();
@@ -223,7 +303,10 @@ async fn pods_of_a_deleted_node_are_collected() {
     let server = TestServer::start();
     let _nodes = HollowNodes::start(&server, "gone", 1, &[]);
     let client = server.client().await;
-    apply(&server, json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "orphan", "namespace": "default"}, "spec": {"containers": [{"name": "c", "image": "x"}]}}));
+    apply(
+        &server,
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "orphan", "namespace": "default"}, "spec": {"containers": [{"name": "c", "image": "x"}]}}),
+    );
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     eventually(30, "the pod running", || async { pods.get("orphan").await.ok().filter(is_running) }).await;
     server.kubectl_ok(&["delete", "node", "gone-0"]);
@@ -236,11 +319,14 @@ async fn failure_policies_and_progress_deadlines() {
     let _nodes = HollowNodes::start(&server, "hollow", 1, &[]);
     let client = server.client().await;
     // Exit code 42 fails the Job at once, well before backoffLimit.
-    apply(&server, json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "fatal", "namespace": "default"}, "spec": {
+    apply(
+        &server,
+        json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "fatal", "namespace": "default"}, "spec": {
         "backoffLimit": 6,
         "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In", "values": [42]}}]},
         "template": {"metadata": {"annotations": {"hollow.krate.io/exit-code": "42"}},
-                     "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "x"}]}}}}));
+                     "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "x"}]}}}}),
+    );
     let jobs: Api<Job> = Api::namespaced(client.clone(), "default");
     let failed = eventually(30, "the job failed", || async {
         let job = jobs.get("fatal").await.ok()?;
@@ -252,17 +338,28 @@ async fn failure_policies_and_progress_deadlines() {
     assert_eq!(jobs.get("fatal").await.unwrap().status.unwrap().failed, Some(1));
     // What the controllers did shows in `kubectl describe`, as upstream's events.
     let described = server.kubectl_ok(&["describe", "job", "fatal"]);
-    assert!(described.contains("SuccessfulCreate") && described.contains("job-controller") && described.contains("Created pod: fatal-"), "{described}");
+    assert!(
+        described.contains("SuccessfulCreate")
+            && described.contains("job-controller")
+            && described.contains("Created pod: fatal-"),
+        "{described}"
+    );
     assert!(described.contains("Warning  PodFailurePolicy"), "{described}");
 
     // A rollout that cannot progress is reported after progressDeadlineSeconds.
-    let mut stuck = deployment("stuck", 1, json!({"nodeSelector": {"no": "such-node"}, "containers": [{"name": "c", "image": "x"}]}));
+    let mut stuck = deployment(
+        "stuck",
+        1,
+        json!({"nodeSelector": {"no": "such-node"}, "containers": [{"name": "c", "image": "x"}]}),
+    );
     stuck["spec"]["progressDeadlineSeconds"] = json!(2);
     apply(&server, stuck);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
     let condition = eventually(20, "the deadline exceeded", || async {
         let d = deployments.get("stuck").await.ok()?;
-        d.status?.conditions?.into_iter().find(|c| c.type_.as_deref() == Some("Progressing") && c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
+        d.status?.conditions?.into_iter().find(|c| {
+            c.type_.as_deref() == Some("Progressing") && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+        })
     })
     .await;
     assert_eq!(condition.status.as_deref(), Some("False"));
@@ -270,7 +367,11 @@ async fn failure_policies_and_progress_deadlines() {
     assert!(described.contains("ScalingReplicaSet") && described.contains("from 0 to 1"), "{described}");
     let out = server.kubectl(&["rollout", "status", "deployment/stuck", "--timeout=10s"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("exceeded its progress deadline"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exceeded its progress deadline"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A stand-alone component process, killed on drop.
@@ -304,20 +405,31 @@ async fn standalone_components_elect_a_leader_and_fail_over() {
     let client = server.client().await;
     let quick = ["--leader-elect-lease-duration-seconds", "3"];
     let _controllers = Component::start(&server, &[&["controller-manager"][..], &quick].concat());
-    let mut one = Some(Component::start(&server, &[&["scheduler", "--leader-elect-identity", "one"][..], &quick].concat()));
+    let mut one =
+        Some(Component::start(&server, &[&["scheduler", "--leader-elect-identity", "one"][..], &quick].concat()));
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-system");
-    eventually(15, "scheduler one leading", || async { (leases.get("kube-scheduler").await.ok()?.spec?.holder_identity? == "one").then_some(()) }).await;
+    eventually(15, "scheduler one leading", || async {
+        (leases.get("kube-scheduler").await.ok()?.spec?.holder_identity? == "one").then_some(())
+    })
+    .await;
     let _two = Component::start(&server, &[&["scheduler", "--leader-elect-identity", "two"][..], &quick].concat());
 
     server.kubectl_ok(&["create", "deployment", "web", "--image=nginx", "--replicas=2"]);
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     running(&pods, "app=web", 2).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(leases.get("kube-scheduler").await.unwrap().spec.unwrap().holder_identity.as_deref(), Some("one"), "the standby does not take over a live leader");
+    assert_eq!(
+        leases.get("kube-scheduler").await.unwrap().spec.unwrap().holder_identity.as_deref(),
+        Some("one"),
+        "the standby does not take over a live leader"
+    );
 
     // The leader dies: the standby takes over after the lease expires, and schedules.
     drop(one.take());
-    eventually(20, "scheduler two leading", || async { (leases.get("kube-scheduler").await.ok()?.spec?.holder_identity? == "two").then_some(()) }).await;
+    eventually(20, "scheduler two leading", || async {
+        (leases.get("kube-scheduler").await.ok()?.spec?.holder_identity? == "two").then_some(())
+    })
+    .await;
     let lease = leases.get("kube-scheduler").await.unwrap().spec.unwrap();
     assert!(lease.lease_transitions.unwrap_or(0) >= 1);
     server.kubectl_ok(&["scale", "deployment", "web", "--replicas=4"]);

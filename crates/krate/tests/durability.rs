@@ -24,7 +24,8 @@ async fn acknowledged_writes_survive_sigkill() {
             let cms: Api<ConfigMap> = Api::namespaced(client_for(&kubeconfig).await, "default");
             for i in 0.. {
                 let name = format!("w{w}-{i}");
-                let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": name}, "data": {"i": i.to_string()}})).unwrap();
+                let cm: ConfigMap =
+                    serde_json::from_value(json!({"metadata": {"name": name}, "data": {"i": i.to_string()}})).unwrap();
                 match cms.create(&PostParams::default(), &cm).await {
                     Ok(created) => {
                         let rv = created.metadata.resource_version.unwrap().parse().unwrap();
@@ -46,13 +47,15 @@ async fn acknowledged_writes_survive_sigkill() {
     server.restart();
     let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
     let stored = cms.list(&ListParams::default()).await.unwrap();
-    let names: std::collections::HashSet<String> = stored.items.iter().map(|c| c.metadata.name.clone().unwrap()).collect();
+    let names: std::collections::HashSet<String> =
+        stored.items.iter().map(|c| c.metadata.name.clone().unwrap()).collect();
     for (name, _) in &acknowledged {
         assert!(names.contains(name), "acknowledged write {name} was lost");
     }
     let max_acked = acknowledged.iter().map(|(_, rv)| *rv).max().unwrap();
     let next: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "after-restart"}})).unwrap();
-    let rv: i64 = cms.create(&PostParams::default(), &next).await.unwrap().metadata.resource_version.unwrap().parse().unwrap();
+    let rv: i64 =
+        cms.create(&PostParams::default(), &next).await.unwrap().metadata.resource_version.unwrap().parse().unwrap();
     assert!(rv > max_acked, "revision {rv} after restart must exceed {max_acked}");
     let list_rv: i64 = stored.metadata.resource_version.unwrap().parse().unwrap();
     assert!(list_rv >= max_acked);

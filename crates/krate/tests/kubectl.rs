@@ -76,11 +76,19 @@ fn stderr(out: &std::process::Output) -> String {
 fn apply_get_and_output_formats() {
     let server = TestServer::start();
     let manifest = server.dir.path().join("shop.yaml");
-    std::fs::write(&manifest, format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n---{MANIFEST}")).unwrap();
+    std::fs::write(&manifest, format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n---{MANIFEST}"))
+        .unwrap();
     let manifest = manifest.to_str().unwrap();
 
     let applied = server.kubectl_ok(&["apply", "-f", manifest]);
-    for line in ["namespace/shop created", "configmap/settings created", "secret/creds created", "deployment.apps/web created", "service/web created", "job.batch/migrate created"] {
+    for line in [
+        "namespace/shop created",
+        "configmap/settings created",
+        "secret/creds created",
+        "deployment.apps/web created",
+        "service/web created",
+        "job.batch/migrate created",
+    ] {
         assert!(applied.contains(line), "{line:?} in {applied}");
     }
     let again = server.kubectl_ok(&["apply", "-f", manifest]);
@@ -96,13 +104,18 @@ fn apply_get_and_output_formats() {
     let wide = server.kubectl_ok(&["get", "deploy", "-n", "shop", "-o", "wide"]);
     assert!(wide.contains("web"), "{wide}");
 
-    let json: serde_json::Value = serde_json::from_str(&server.kubectl_ok(&["get", "cm", "settings", "-n", "shop", "-o", "json"])).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&server.kubectl_ok(&["get", "cm", "settings", "-n", "shop", "-o", "json"])).unwrap();
     assert_eq!(json["data"]["color"], "blue");
     let yaml = server.kubectl_ok(&["get", "deploy", "web", "-n", "shop", "-o", "yaml"]);
-    assert!(yaml.contains("maxSurge: 25%") && yaml.contains("revisionHistoryLimit: 10"), "defaults are applied:\n{yaml}");
+    assert!(
+        yaml.contains("maxSurge: 25%") && yaml.contains("revisionHistoryLimit: 10"),
+        "defaults are applied:\n{yaml}"
+    );
     let secret = server.kubectl_ok(&["get", "secret", "creds", "-n", "shop", "-o", "jsonpath={.data.password}"]);
     assert_eq!(secret, "aHVudGVyMg==", "stringData was merged into data");
-    let selector = server.kubectl_ok(&["get", "job", "migrate", "-n", "shop", "-o", "jsonpath={.spec.selector.matchLabels}"]);
+    let selector =
+        server.kubectl_ok(&["get", "job", "migrate", "-n", "shop", "-o", "jsonpath={.spec.selector.matchLabels}"]);
     assert!(selector.contains("batch.kubernetes.io/controller-uid"), "{selector}");
 
     let by_label = server.kubectl_ok(&["get", "cm", "-n", "shop", "-l", "tier=config", "-o", "name"]);
@@ -112,21 +125,56 @@ fn apply_get_and_output_formats() {
     let by_field = server.kubectl_ok(&["get", "cm", "-A", "--field-selector", "metadata.name=settings", "-o", "name"]);
     assert_eq!(by_field.trim(), "configmap/settings");
     let bad_field = server.kubectl(&["get", "cm", "--field-selector", "data.color=blue"]);
-    assert!(!bad_field.status.success() && stderr(&bad_field).contains("field label not supported"), "{}", stderr(&bad_field));
+    assert!(
+        !bad_field.status.success() && stderr(&bad_field).contains("field label not supported"),
+        "{}",
+        stderr(&bad_field)
+    );
 
     let described = server.kubectl_ok(&["describe", "deployment", "web", "-n", "shop"]);
-    assert!(described.contains("Name:") && described.contains("registry.local/web:1.0") && described.contains("RollingUpdate"), "{described}");
+    assert!(
+        described.contains("Name:")
+            && described.contains("registry.local/web:1.0")
+            && described.contains("RollingUpdate"),
+        "{described}"
+    );
 
     let raw = server.kubectl_ok(&["get", "--raw", "/apis/apps/v1/namespaces/shop/deployments/web"]);
     let raw: serde_json::Value = serde_json::from_str(&raw).unwrap();
     assert_eq!(raw["spec"]["replicas"], 2);
 
     let resources = server.kubectl_ok(&["api-resources"]);
-    for needle in ["deployments", "deploy", "apps/v1", "horizontalpodautoscalers", "certificatesigningrequests", "leases", "endpointslices", "priorityclasses", "runtimeclasses"] {
+    for needle in [
+        "deployments",
+        "deploy",
+        "apps/v1",
+        "horizontalpodautoscalers",
+        "certificatesigningrequests",
+        "leases",
+        "endpointslices",
+        "priorityclasses",
+        "runtimeclasses",
+    ] {
         assert!(resources.contains(needle), "{needle} in api-resources");
     }
     let versions = server.kubectl_ok(&["api-versions"]);
-    for v in ["v1", "apps/v1", "batch/v1", "autoscaling/v1", "autoscaling/v2", "coordination.k8s.io/v1", "discovery.k8s.io/v1", "events.k8s.io/v1", "networking.k8s.io/v1", "policy/v1", "rbac.authorization.k8s.io/v1", "scheduling.k8s.io/v1", "storage.k8s.io/v1", "node.k8s.io/v1", "certificates.k8s.io/v1"] {
+    for v in [
+        "v1",
+        "apps/v1",
+        "batch/v1",
+        "autoscaling/v1",
+        "autoscaling/v2",
+        "coordination.k8s.io/v1",
+        "discovery.k8s.io/v1",
+        "events.k8s.io/v1",
+        "networking.k8s.io/v1",
+        "policy/v1",
+        "rbac.authorization.k8s.io/v1",
+        "scheduling.k8s.io/v1",
+        "storage.k8s.io/v1",
+        "node.k8s.io/v1",
+        "certificates.k8s.io/v1",
+    ] {
         assert!(versions.lines().any(|l| l == v), "{v} in api-versions");
     }
 }
@@ -139,15 +187,38 @@ fn mutate_and_delete() {
     server.kubectl_ok(&["label", "deploy", "web", "-n", "shop", "tier=frontend"]);
     server.kubectl_ok(&["annotate", "deploy", "web", "-n", "shop", "note=hello"]);
     server.kubectl_ok(&["patch", "deploy", "web", "-n", "shop", "--type", "merge", "-p", r#"{"spec":{"replicas":4}}"#]);
-    server.kubectl_ok(&["patch", "deploy", "web", "-n", "shop", "--type", "json", "-p", r#"[{"op":"replace","path":"/spec/template/spec/containers/0/image","value":"registry.local/web:2.0"}]"#]);
+    server.kubectl_ok(&[
+        "patch",
+        "deploy",
+        "web",
+        "-n",
+        "shop",
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/template/spec/containers/0/image","value":"registry.local/web:2.0"}]"#,
+    ]);
     let got = server.kubectl_ok(&["get", "deploy", "web", "-n", "shop", "-o", "jsonpath={.metadata.labels.tier} {.metadata.annotations.note} {.spec.replicas} {.spec.template.spec.containers[0].image} {.metadata.generation}"]);
     assert_eq!(got, "frontend hello 4 registry.local/web:2.0 3");
     server.kubectl_ok(&["scale", "deploy", "web", "-n", "shop", "--replicas=7"]);
     assert_eq!(server.kubectl_ok(&["get", "deploy", "web", "-n", "shop", "-o", "jsonpath={.spec.replicas}"]), "7");
     server.kubectl_ok(&["label", "deploy", "web", "-n", "shop", "tier-"]);
-    assert_eq!(server.kubectl_ok(&["get", "deploy", "web", "-n", "shop", "-o", "jsonpath={.metadata.labels}"]), r#"{"app":"web"}"#);
+    assert_eq!(
+        server.kubectl_ok(&["get", "deploy", "web", "-n", "shop", "-o", "jsonpath={.metadata.labels}"]),
+        r#"{"app":"web"}"#
+    );
 
-    let bad = server.kubectl(&["patch", "deploy", "web", "-n", "shop", "--type", "merge", "-p", r#"{"spec":{"replicas":"many"}}"#]);
+    let bad = server.kubectl(&[
+        "patch",
+        "deploy",
+        "web",
+        "-n",
+        "shop",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"replicas":"many"}}"#,
+    ]);
     assert!(!bad.status.success() && stderr(&bad).contains("cannot be handled as a Deployment"), "{}", stderr(&bad));
 
     let deleted = server.kubectl_ok(&["delete", "secret", "creds", "-n", "shop"]);
@@ -161,10 +232,23 @@ fn mutate_and_delete() {
     let by_file = server.kubectl(&["delete", "-f", manifest.to_str().unwrap(), "--ignore-not-found"]);
     assert!(by_file.status.success(), "{}", stderr(&by_file));
     // (Every namespace keeps its kube-root-ca.crt, as upstream.)
-    let left = server.kubectl_ok(&["get", "deploy,svc,job,cm,secret", "-n", "shop", "-o", "name", "--field-selector", "metadata.name!=kube-root-ca.crt"]);
+    let left = server.kubectl_ok(&[
+        "get",
+        "deploy,svc,job,cm,secret",
+        "-n",
+        "shop",
+        "-o",
+        "name",
+        "--field-selector",
+        "metadata.name!=kube-root-ca.crt",
+    ]);
     assert_eq!(left.trim(), "", "everything from the manifest is gone");
     let missing = server.kubectl(&["delete", "deploy", "web", "-n", "shop"]);
-    assert!(stderr(&missing).contains("NotFound") && stderr(&missing).contains("deployments.apps \"web\" not found"), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("NotFound") && stderr(&missing).contains("deployments.apps \"web\" not found"),
+        "{}",
+        stderr(&missing)
+    );
 
     // Deleting a namespace removes what is in it, then the namespace itself.
     server.kubectl_ok(&["create", "configmap", "leftover", "-n", "shop"]);
@@ -179,7 +263,14 @@ fn watch_and_wait() {
     let server = TestServer::start();
     server.kubectl_ok(&["create", "configmap", "watched", "--from-literal=color=blue"]);
     let mut watch = std::process::Command::new(common::kubectl_path())
-        .args(["get", "configmaps", "-w", "--output-watch-events", "-o", "jsonpath={.type} configmap/{.object.metadata.name}{\"\\n\"}"])
+        .args([
+            "get",
+            "configmaps",
+            "-w",
+            "--output-watch-events",
+            "-o",
+            "jsonpath={.type} configmap/{.object.metadata.name}{\"\\n\"}",
+        ])
         .env("KUBECONFIG", server.kubeconfig())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -203,8 +294,14 @@ fn watch_and_wait() {
     let _ = watch.kill();
     let out = watch.wait_with_output().unwrap();
     let events = String::from_utf8_lossy(&out.stdout);
-    for expected in ["ADDED configmap/watched", "MODIFIED configmap/watched", "ADDED configmap/later", "DELETED configmap/later"] {
-        assert!(events.contains(expected), "{expected:?} in:\n{events}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    for expected in
+        ["ADDED configmap/watched", "MODIFIED configmap/watched", "ADDED configmap/later", "DELETED configmap/later"]
+    {
+        assert!(
+            events.contains(expected),
+            "{expected:?} in:\n{events}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -213,13 +310,28 @@ fn protobuf_clients_and_dry_run() {
     // kubectl's typed clients send built-in objects as protobuf.
     let server = TestServer::start();
     server.kubectl_ok(&["create", "namespace", "proto"]);
-    server.kubectl_ok(&["create", "deployment", "web", "-n", "proto", "--image=registry.local/web:1.0", "--replicas=0"]);
-    assert_eq!(server.kubectl_ok(&["get", "deploy", "web", "-n", "proto", "-o", "jsonpath={.spec.replicas}"]), "0", "an explicit zero survives protobuf decoding");
+    server.kubectl_ok(&[
+        "create",
+        "deployment",
+        "web",
+        "-n",
+        "proto",
+        "--image=registry.local/web:1.0",
+        "--replicas=0",
+    ]);
+    assert_eq!(
+        server.kubectl_ok(&["get", "deploy", "web", "-n", "proto", "-o", "jsonpath={.spec.replicas}"]),
+        "0",
+        "an explicit zero survives protobuf decoding"
+    );
     server.kubectl_ok(&["create", "secret", "generic", "s", "-n", "proto", "--from-literal=k=v"]);
     assert_eq!(server.kubectl_ok(&["get", "secret", "s", "-n", "proto", "-o", "jsonpath={.data.k}"]), "dg==");
     server.kubectl_ok(&["create", "job", "j", "-n", "proto", "--image=busybox", "--", "true"]);
     server.kubectl_ok(&["create", "service", "clusterip", "svc", "-n", "proto", "--tcp=80:8080"]);
-    assert_eq!(server.kubectl_ok(&["get", "svc", "svc", "-n", "proto", "-o", "jsonpath={.spec.ports[0].targetPort}"]), "8080");
+    assert_eq!(
+        server.kubectl_ok(&["get", "svc", "svc", "-n", "proto", "-o", "jsonpath={.spec.ports[0].targetPort}"]),
+        "8080"
+    );
     let dry = server.kubectl_ok(&["create", "configmap", "dry", "-n", "proto", "--dry-run=server", "-o", "name"]);
     assert_eq!(dry.trim(), "configmap/dry");
     let missing = server.kubectl(&["get", "configmap", "dry", "-n", "proto"]);
@@ -249,7 +361,8 @@ fn service_account_tokens_authenticate_while_their_account_lives() {
     // A token whose payload was changed no longer matches its signature.
     let (head, rest) = token.split_once('.').unwrap();
     let (payload, signature) = rest.split_once('.').unwrap();
-    let forged_payload = String::from_utf8(base64_url(payload).into_iter().map(|b| if b == b'r' { b'R' } else { b }).collect()).unwrap();
+    let forged_payload =
+        String::from_utf8(base64_url(payload).into_iter().map(|b| if b == b'r' { b'R' } else { b }).collect()).unwrap();
     let forged = format!("{head}.{}.{signature}", encode_url(forged_payload.as_bytes()));
     let refused = as_token(&forged, &["get", "serviceaccounts"]);
     assert!(!refused.status.success() && stderr(&refused).contains("Unauthorized"), "{}", stderr(&refused));
@@ -263,9 +376,24 @@ fn service_account_tokens_authenticate_while_their_account_lives() {
 
     // Pods get the API-access volume unless they opt out.
     server.kubectl_ok(&["run", "with-token", "--image=registry.local/web:1.0"]);
-    let volumes = server.kubectl_ok(&["get", "pod", "with-token", "-o", "jsonpath={.spec.volumes[*].name} {.spec.containers[0].volumeMounts[*].mountPath}"]);
-    assert!(volumes.starts_with("kube-api-access-") && volumes.ends_with(" /var/run/secrets/kubernetes.io/serviceaccount"), "{volumes}");
-    server.kubectl_ok(&["run", "without", "--image=registry.local/web:1.0", "--overrides", r#"{"spec": {"automountServiceAccountToken": false}}"#]);
+    let volumes = server.kubectl_ok(&[
+        "get",
+        "pod",
+        "with-token",
+        "-o",
+        "jsonpath={.spec.volumes[*].name} {.spec.containers[0].volumeMounts[*].mountPath}",
+    ]);
+    assert!(
+        volumes.starts_with("kube-api-access-") && volumes.ends_with(" /var/run/secrets/kubernetes.io/serviceaccount"),
+        "{volumes}"
+    );
+    server.kubectl_ok(&[
+        "run",
+        "without",
+        "--image=registry.local/web:1.0",
+        "--overrides",
+        r#"{"spec": {"automountServiceAccountToken": false}}"#,
+    ]);
     assert_eq!(server.kubectl_ok(&["get", "pod", "without", "-o", "jsonpath={.spec.volumes}"]), "");
 }
 

@@ -62,8 +62,15 @@ fn client_side_apply_three_way_merge() {
     std::fs::write(&file, deployment(TWO_CONTAINERS)).unwrap();
     server.kubectl_ok(&["apply", "-f", path]);
     // Someone else adds a field the manifest does not mention; apply must keep it.
-    server.kubectl_ok(&["patch", "deploy", "web", "--type", "strategic", "-p",
-        r#"{"spec":{"template":{"spec":{"containers":[{"name":"app","resources":{"limits":{"cpu":"1"}}}]}}}}"#]);
+    server.kubectl_ok(&[
+        "patch",
+        "deploy",
+        "web",
+        "--type",
+        "strategic",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"app","resources":{"limits":{"cpu":"1"}}}]}}}}"#,
+    ]);
 
     // Change an image, remove an env var, reorder the containers.
     std::fs::write(&file, deployment(EDITED)).unwrap();
@@ -107,7 +114,8 @@ fn server_side_apply_with_two_managers() {
     let conflict = server.kubectl(&["apply", "--server-side", "--field-manager", "team-b", "-f", path]);
     assert!(!conflict.status.success());
     assert!(
-        stderr(&conflict).contains(r#"Apply failed with 1 conflict: conflict with "team-a" using apps/v1: .spec.replicas"#),
+        stderr(&conflict)
+            .contains(r#"Apply failed with 1 conflict: conflict with "team-a" using apps/v1: .spec.replicas"#),
         "{}",
         stderr(&conflict)
     );
@@ -122,7 +130,10 @@ fn server_side_apply_with_two_managers() {
     assert!(entry("team-b")["fieldsV1"]["f:spec"]["f:replicas"].is_object());
     assert!(entry("team-a")["fieldsV1"]["f:spec"].get("f:replicas").is_none(), "team-a lost spec.replicas");
     // Both still share the container image (same value: no conflict).
-    let image = |m: &str| entry(m)["fieldsV1"]["f:spec"]["f:template"]["f:spec"]["f:containers"]["k:{\"name\":\"app\"}"]["f:image"].clone();
+    let image = |m: &str| {
+        entry(m)["fieldsV1"]["f:spec"]["f:template"]["f:spec"]["f:containers"]["k:{\"name\":\"app\"}"]["f:image"]
+            .clone()
+    };
     assert!(image("team-a").is_object() && image("team-b").is_object());
 
     // Without --show-managed-fields kubectl hides them, as upstream.
@@ -142,11 +153,18 @@ fn tables_explain_edit_diff_and_server_dry_run() {
     assert!(pods.contains("solo") && pods.contains("0/1") && pods.contains("Pending"), "{pods}");
     let wide = server.kubectl_ok(&["get", "deploy", "-o", "wide"]);
     let header: Vec<&str> = wide.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE", "CONTAINERS", "IMAGES", "SELECTOR"], "{wide}");
+    assert_eq!(
+        header,
+        ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE", "CONTAINERS", "IMAGES", "SELECTOR"],
+        "{wide}"
+    );
     assert!(wide.contains("nginx:1") && wide.contains("app=web"), "{wide}");
 
     let explained = server.kubectl_ok(&["explain", "deployment.spec.strategy"]);
-    assert!(explained.contains("The deployment strategy to use to replace existing pods with new ones."), "{explained}");
+    assert!(
+        explained.contains("The deployment strategy to use to replace existing pods with new ones."),
+        "{explained}"
+    );
     assert!(explained.contains("rollingUpdate") && explained.contains("<RollingUpdateDeployment>"), "{explained}");
 
     // kubectl edit with a scripted editor.
@@ -163,21 +181,36 @@ fn tables_explain_edit_diff_and_server_dry_run() {
     assert!(out.status.success(), "{}", stderr(&out));
     let d = get_json(&server, &["deploy", "web", "--show-managed-fields"]);
     assert_eq!(d["spec"]["replicas"], 4);
-    let managers: Vec<&str> = d["metadata"]["managedFields"].as_array().unwrap().iter().map(|e| e["manager"].as_str().unwrap()).collect();
+    let managers: Vec<&str> =
+        d["metadata"]["managedFields"].as_array().unwrap().iter().map(|e| e["manager"].as_str().unwrap()).collect();
     assert!(managers.contains(&"kubectl-create") && managers.contains(&"kubectl-edit"), "{managers:?}");
 
     // kubectl diff asks the server for a dry-run apply; exit code 1 means "differs".
     let manifest = server.dir.path().join("cm.yaml");
-    std::fs::write(&manifest, "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {color: blue}\n").unwrap();
+    std::fs::write(&manifest, "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {color: blue}\n")
+        .unwrap();
     server.kubectl_ok(&["apply", "-f", manifest.to_str().unwrap()]);
-    std::fs::write(&manifest, "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {color: red}\n").unwrap();
+    std::fs::write(&manifest, "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {color: red}\n")
+        .unwrap();
     let diff = server.kubectl(&["diff", "-f", manifest.to_str().unwrap()]);
     assert_eq!(diff.status.code(), Some(1), "{}", stderr(&diff));
     let text = String::from_utf8_lossy(&diff.stdout);
     assert!(text.contains("-  color: blue") && text.contains("+  color: red"), "{text}");
-    assert_eq!(server.kubectl_ok(&["get", "cm", "settings", "-o", "jsonpath={.data.color}"]), "blue", "diff wrote nothing");
+    assert_eq!(
+        server.kubectl_ok(&["get", "cm", "settings", "-o", "jsonpath={.data.color}"]),
+        "blue",
+        "diff wrote nothing"
+    );
 
-    let dry = server.kubectl_ok(&["create", "configmap", "ghost", "--from-literal=a=b", "--dry-run=server", "-o", "jsonpath={.metadata.uid}"]);
+    let dry = server.kubectl_ok(&[
+        "create",
+        "configmap",
+        "ghost",
+        "--from-literal=a=b",
+        "--dry-run=server",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
     assert!(!dry.is_empty(), "server dry-run returns a defaulted object");
     assert!(!server.kubectl(&["get", "cm", "ghost"]).status.success(), "and stores nothing");
 
@@ -244,7 +277,11 @@ fn custom_resource_definitions_with_kubectl() {
     assert!(out.status.success(), "{}", stderr(&out));
     let table = server.kubectl_ok(&["get", "wd"]);
     let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
-    assert_eq!(rows, [vec!["NAME", "SIZE", "COLOR"], vec!["w1", "3", "blue"]], "printer columns and the defaulted color");
+    assert_eq!(
+        rows,
+        [vec!["NAME", "SIZE", "COLOR"], vec!["w1", "3", "blue"]],
+        "printer columns and the defaulted color"
+    );
     let w = get_json(&server, &["widget", "w1"]);
     assert_eq!(w["spec"]["extra"]["deep"]["kept"], true, "x-kubernetes-preserve-unknown-fields");
     assert!(server.kubectl_ok(&["get", "all"]).contains("widget.example.com/w1"), "category all");
@@ -254,20 +291,41 @@ fn custom_resource_definitions_with_kubectl() {
 
     // Subresources.
     server.kubectl_ok(&["scale", "widget", "w1", "--replicas=4"]);
-    server.kubectl_ok(&["patch", "widget", "w1", "--subresource=status", "--type=merge", "-p", r#"{"status":{"replicas":4}}"#]);
-    assert_eq!(server.kubectl_ok(&["get", "widget", "w1", "-o", "jsonpath={.spec.replicas}/{.status.replicas}"]), "4/4");
+    server.kubectl_ok(&[
+        "patch",
+        "widget",
+        "w1",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"replicas":4}}"#,
+    ]);
+    assert_eq!(
+        server.kubectl_ok(&["get", "widget", "w1", "-o", "jsonpath={.spec.replicas}/{.status.replicas}"]),
+        "4/4"
+    );
 
     // Objects that break the schema are refused with every problem listed.
     let bad = "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w2}\nspec: {size: 30, color: 5}\n";
     let out = server.kubectl_stdin(&["apply", "-f", "-"], Some(bad));
     let err = stderr(&out);
     assert!(!out.status.success());
-    assert!(err.contains("spec.size: Invalid value: 30: spec.size in body should be less than or equal to 10"), "{err}");
-    assert!(err.contains(r#"spec.color: Invalid value: "integer": spec.color in body must be of type string: "integer""#), "{err}");
+    assert!(
+        err.contains("spec.size: Invalid value: 30: spec.size in body should be less than or equal to 10"),
+        "{err}"
+    );
+    assert!(
+        err.contains(r#"spec.color: Invalid value: "integer": spec.color in body must be of type string: "integer""#),
+        "{err}"
+    );
     let unknown = "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w3}\nspec: {size: 1, bogus: 1}\n";
     let out = server.kubectl_stdin(&["apply", "-f", "-"], Some(unknown));
     assert!(stderr(&out).contains(r#"unknown field "spec.bogus""#), "{}", stderr(&out));
-    assert_eq!(server.kubectl_ok(&["get", "widgets", "-o", "name"]).trim(), "widget.example.com/w1", "nothing half-written");
+    assert_eq!(
+        server.kubectl_ok(&["get", "widgets", "-o", "name"]).trim(),
+        "widget.example.com/w1",
+        "nothing half-written"
+    );
     // Strategic merge patch is not supported for custom resources, as upstream.
     let smp = server.kubectl(&["patch", "widget", "w1", "--type=strategic", "-p", r#"{"spec":{"size":2}}"#]);
     assert!(!smp.status.success(), "strategic merge patch of a custom resource must fail");

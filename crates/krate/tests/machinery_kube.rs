@@ -21,7 +21,8 @@ use common::TestServer;
 fn conflict_causes(err: &kube::Error) -> (u16, String, Vec<String>) {
     match err {
         kube::Error::Api(status) => {
-            let fields = status.details.as_ref().map(|d| d.causes.iter().map(|c| c.field.clone()).collect()).unwrap_or_default();
+            let fields =
+                status.details.as_ref().map(|d| d.causes.iter().map(|c| c.field.clone()).collect()).unwrap_or_default();
             (status.code, status.message.clone(), fields)
         }
         other => panic!("expected an API error, got {other:?}"),
@@ -33,9 +34,7 @@ async fn server_side_apply_from_two_managers() {
     let server = TestServer::start();
     let client = server.client().await;
     let cms: Api<ConfigMap> = Api::namespaced(client, "default");
-    let config = |value: &str| {
-        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": {"color": value}})
-    };
+    let config = |value: &str| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": {"color": value}});
 
     let created = cms.patch("shared", &PatchParams::apply("alpha"), &Patch::Apply(config("blue"))).await.unwrap();
     assert_eq!(created.data.unwrap()["color"], "blue");
@@ -55,26 +54,55 @@ async fn server_side_apply_from_two_managers() {
     let managers: Vec<(String, bool)> = forced
         .managed_fields()
         .iter()
-        .map(|m| (m.manager.clone().unwrap(), m.fields_v1.as_ref().is_some_and(|f| f.0.pointer("/f:data/f:color").is_some())))
+        .map(|m| {
+            (m.manager.clone().unwrap(), m.fields_v1.as_ref().is_some_and(|f| f.0.pointer("/f:data/f:color").is_some()))
+        })
         .collect();
     assert_eq!(managers, [("gamma".to_string(), true)], "alpha and beta own nothing any more");
 
     // A manager that stops applying a field removes it.
-    cms.patch("shared", &PatchParams::apply("gamma"), &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": {"size": "L"}})))
-        .await
-        .unwrap();
+    cms.patch(
+        "shared",
+        &PatchParams::apply("gamma"),
+        &Patch::Apply(
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": {"size": "L"}}),
+        ),
+    )
+    .await
+    .unwrap();
     let data = cms.get("shared").await.unwrap().data.unwrap();
     assert_eq!(data.len(), 1);
     assert_eq!(data["size"], "L");
 
     // Bad input: no field manager; wrong kind; a malformed body.
     let raw_client = server.client().await;
-    let (status, body) = common::raw(&raw_client, "PATCH", "/api/v1/namespaces/default/configmaps/shared", "application/apply-patch+yaml", b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: shared}\n".to_vec()).await;
+    let (status, body) = common::raw(
+        &raw_client,
+        "PATCH",
+        "/api/v1/namespaces/default/configmaps/shared",
+        "application/apply-patch+yaml",
+        b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: shared}\n".to_vec(),
+    )
+    .await;
     assert_eq!(status, 422, "{body}");
     assert!(body["message"].as_str().unwrap().contains("fieldManager: Required value"), "{body}");
-    let (status, body) = common::raw(&raw_client, "PATCH", "/api/v1/namespaces/default/configmaps/shared?fieldManager=x", "application/apply-patch+yaml", b"apiVersion: v1\nkind: Secret\nmetadata: {name: shared}\n".to_vec()).await;
+    let (status, body) = common::raw(
+        &raw_client,
+        "PATCH",
+        "/api/v1/namespaces/default/configmaps/shared?fieldManager=x",
+        "application/apply-patch+yaml",
+        b"apiVersion: v1\nkind: Secret\nmetadata: {name: shared}\n".to_vec(),
+    )
+    .await;
     assert_eq!(status, 400, "{body}");
-    let (status, body) = common::raw(&raw_client, "PATCH", "/api/v1/namespaces/default/configmaps/shared?fieldManager=x", "application/apply-patch+yaml", b"data: [unclosed".to_vec()).await;
+    let (status, body) = common::raw(
+        &raw_client,
+        "PATCH",
+        "/api/v1/namespaces/default/configmaps/shared?fieldManager=x",
+        "application/apply-patch+yaml",
+        b"data: [unclosed".to_vec(),
+    )
+    .await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(cms.get("shared").await.unwrap().data.unwrap()["size"], "L");
 }
@@ -116,17 +144,26 @@ async fn custom_resource_from_kube_derive() {
 
     let gadgets: Api<Gadget> = Api::namespaced(client.clone(), "default");
     let mut events = gadgets.watch(&WatchParams::default(), "0").await.unwrap().boxed();
-    gadgets.create(&PostParams::default(), &Gadget::new("g1", GadgetSpec { size: 1, color: "red".into() })).await.unwrap();
+    gadgets
+        .create(&PostParams::default(), &Gadget::new("g1", GadgetSpec { size: 1, color: "red".into() }))
+        .await
+        .unwrap();
 
     // A defaulted field: created without color through the dynamic API.
     let gvk = GroupVersionKind::gvk("example.com", "v1", "Gadget");
     let dynamic: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &ApiResource::from_gvk(&gvk));
-    let obj: DynamicObject = serde_json::from_value(json!({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": "g2"}, "spec": {"size": 2}})).unwrap();
+    let obj: DynamicObject = serde_json::from_value(
+        json!({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": "g2"}, "spec": {"size": 2}}),
+    )
+    .unwrap();
     dynamic.create(&PostParams::default(), &obj).await.unwrap();
     assert_eq!(gadgets.get("g2").await.unwrap().spec.color, "blue");
 
     // An invalid object is refused.
-    let bad: DynamicObject = serde_json::from_value(json!({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": "g3"}, "spec": {"size": "big"}})).unwrap();
+    let bad: DynamicObject = serde_json::from_value(
+        json!({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": "g3"}, "spec": {"size": "big"}}),
+    )
+    .unwrap();
     let err = dynamic.create(&PostParams::default(), &bad).await.unwrap_err();
     match err {
         kube::Error::Api(s) => {
@@ -155,7 +192,9 @@ async fn custom_resource_from_kube_derive() {
 
     // Server-side apply works on custom resources too: spec.size belongs to whoever
     // replaced the object last, so taking it over needs force.
-    let config = Patch::Apply(json!({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": "g1"}, "spec": {"size": 6}}));
+    let config = Patch::Apply(
+        json!({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": "g1"}, "spec": {"size": 6}}),
+    );
     let err = gadgets.patch("g1", &PatchParams::apply("op"), &config).await.unwrap_err();
     assert_eq!(conflict_causes(&err).2, [".spec.size"]);
     let applied = gadgets.patch("g1", &PatchParams::apply("op").force(), &config).await.unwrap();
@@ -164,7 +203,12 @@ async fn custom_resource_from_kube_derive() {
     // The watch saw both creations and the updates.
     let mut seen = Vec::new();
     while seen.len() < 5 {
-        match tokio::time::timeout(Duration::from_secs(10), events.try_next()).await.expect("watch event").unwrap().unwrap() {
+        match tokio::time::timeout(Duration::from_secs(10), events.try_next())
+            .await
+            .expect("watch event")
+            .unwrap()
+            .unwrap()
+        {
             WatchEvent::Added(g) => seen.push(format!("ADDED {}", g.name_any())),
             WatchEvent::Modified(g) => seen.push(format!("MODIFIED {}", g.name_any())),
             other => panic!("{other:?}"),

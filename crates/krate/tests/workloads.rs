@@ -16,7 +16,10 @@ use serde_json::json;
 
 fn running(pods: &[Pod]) -> Vec<&Pod> {
     pods.iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none() && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        })
         .collect()
 }
 
@@ -64,21 +67,32 @@ async fn deployments_schedule_heal_scale_roll_and_delete() {
     // A rolling update within maxSurge=1 / maxUnavailable=0, observed pod by pod.
     server.kubectl_ok(&["scale", "deployment", "web", "--replicas=4"]);
     running_pods(&pods, "app=web", 4).await;
-    server.kubectl_ok(&["patch", "deployment", "web", "-p", r#"{"spec":{"strategy":{"rollingUpdate":{"maxSurge":1,"maxUnavailable":0}}}}"#]);
+    server.kubectl_ok(&[
+        "patch",
+        "deployment",
+        "web",
+        "-p",
+        r#"{"spec":{"strategy":{"rollingUpdate":{"maxSurge":1,"maxUnavailable":0}}}}"#,
+    ]);
     let rv = pods.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
     let mut stream = pods.watch(&WatchParams::default().labels("app=web").timeout(60), &rv).await.unwrap().boxed();
-    let mut alive: HashMap<String, (String, bool)> = running_pods(&pods, "app=web", 4)
-        .await
-        .iter()
-        .map(|p| (p.name_any(), (image_of(p), true)))
-        .collect();
+    let mut alive: HashMap<String, (String, bool)> =
+        running_pods(&pods, "app=web", 4).await.iter().map(|p| (p.name_any(), (image_of(p), true))).collect();
     server.kubectl_ok(&["set", "image", "deployment/web", "nginx=nginx:2"]);
     let (mut max_alive, mut min_ready) = (alive.len(), alive.len());
     while !(alive.len() == 4 && alive.values().all(|(image, ready)| image == "nginx:2" && *ready)) {
-        let event = tokio::time::timeout(Duration::from_secs(30), stream.try_next()).await.expect("rollout progresses").unwrap().unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(30), stream.try_next())
+            .await
+            .expect("rollout progresses")
+            .unwrap()
+            .unwrap();
         match event {
             WatchEvent::Added(p) | WatchEvent::Modified(p) if p.metadata.deletion_timestamp.is_none() => {
-                let ready = p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                let ready = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
                 alive.insert(p.name_any(), (image_of(&p), ready));
             }
             WatchEvent::Modified(p) | WatchEvent::Deleted(p) => {
@@ -94,7 +108,8 @@ async fn deployments_schedule_heal_scale_roll_and_delete() {
     server.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=30s"]);
 
     // Undo returns to the first ReplicaSet.
-    let before: Vec<String> = replica_sets.list(&ListParams::default()).await.unwrap().items.iter().map(|r| r.name_any()).collect();
+    let before: Vec<String> =
+        replica_sets.list(&ListParams::default()).await.unwrap().items.iter().map(|r| r.name_any()).collect();
     assert_eq!(before.len(), 2);
     server.kubectl_ok(&["rollout", "undo", "deployment/web"]);
     server.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=30s"]);
@@ -131,11 +146,13 @@ async fn a_pod_too_big_for_every_node_waits_for_one_that_fits() {
     })
     .await;
     let big: Pod = serde_json::from_value(json!({"metadata": {"name": "big"}, "spec": {"containers": [
-        {"name": "c", "image": "x:1", "resources": {"requests": {"cpu": "16", "memory": "1Gi"}}}]}})).unwrap();
+        {"name": "c", "image": "x:1", "resources": {"requests": {"cpu": "16", "memory": "1Gi"}}}]}}))
+    .unwrap();
     pods.create(&PostParams::default(), &big).await.unwrap();
     let events: Api<Event> = Api::namespaced(client.clone(), "default");
     let message = eventually(30, "a FailedScheduling event", || async {
-        let list = events.list(&ListParams::default().fields("involvedObject.name=big,reason=FailedScheduling")).await.ok()?;
+        let list =
+            events.list(&ListParams::default().fields("involvedObject.name=big,reason=FailedScheduling")).await.ok()?;
         list.items.first().and_then(|e| e.message.clone())
     })
     .await;
@@ -178,7 +195,8 @@ spec:
     let two = running_pods(&pods, "app=legacy", 2).await;
     assert!(two.iter().all(|p| p.owner_references()[0].kind == "ReplicationController"));
     let status = eventually(10, "the controller's status", || {
-        let s = server.kubectl_ok(&["get", "rc", "legacy", "-o", "jsonpath={.status.replicas}/{.status.readyReplicas}"]);
+        let s =
+            server.kubectl_ok(&["get", "rc", "legacy", "-o", "jsonpath={.status.replicas}/{.status.readyReplicas}"]);
         async move { (s == "2/2").then_some(s) }
     })
     .await;
@@ -250,7 +268,12 @@ spec:
     // StatefulSet pods appear in order, each after its predecessor runs.
     let mut created = Vec::new();
     while created.len() < 3 {
-        if let WatchEvent::Added(p) = tokio::time::timeout(Duration::from_secs(30), stream.try_next()).await.expect("statefulset pods").unwrap().unwrap() {
+        if let WatchEvent::Added(p) = tokio::time::timeout(Duration::from_secs(30), stream.try_next())
+            .await
+            .expect("statefulset pods")
+            .unwrap()
+            .unwrap()
+        {
             created.push(p.name_any());
         }
     }
@@ -258,7 +281,10 @@ spec:
     let web = running_pods(&pods, "app=web", 3).await;
     assert!(web.iter().all(|p| p.spec.as_ref().unwrap().hostname.as_deref() == Some(p.name_any().as_str())));
     let claims = server.kubectl_ok(&["get", "pvc", "-o", "name"]);
-    assert_eq!(claims.lines().collect::<Vec<_>>(), ["persistentvolumeclaim/data-web-0", "persistentvolumeclaim/data-web-1", "persistentvolumeclaim/data-web-2"]);
+    assert_eq!(
+        claims.lines().collect::<Vec<_>>(),
+        ["persistentvolumeclaim/data-web-0", "persistentvolumeclaim/data-web-1", "persistentvolumeclaim/data-web-2"]
+    );
 
     // One daemon pod per node, and one more when a node joins.
     let daemons = running_pods(&pods, "app=agent", 3).await;
@@ -332,14 +358,26 @@ spec:
       tolerations: [{key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 1}]
       containers: [{name: c, image: "x:1"}]
 "#;
-    eventually(30, "two nodes", || async { (server.kubectl_ok(&["get", "nodes", "-o", "name"]).lines().count() == 2).then_some(()) }).await;
+    eventually(30, "two nodes", || async {
+        (server.kubectl_ok(&["get", "nodes", "-o", "name"]).lines().count() == 2).then_some(())
+    })
+    .await;
     server.kubectl_stdin(&["apply", "-f", "-"], Some(deployment));
     let before = running_pods(&pods, "app=web", 4).await;
-    assert!(before.iter().any(|p| p.spec.as_ref().unwrap().node_name.as_deref() == Some("doomed-0")), "pods spread to both nodes");
+    assert!(
+        before.iter().any(|p| p.spec.as_ref().unwrap().node_name.as_deref() == Some("doomed-0")),
+        "pods spread to both nodes"
+    );
 
     doomed.kill();
     let ready = eventually(30, "doomed-0 to become NotReady", || async {
-        let node = server.kubectl_ok(&["get", "node", "doomed-0", "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status} {.spec.taints[*].key}"]);
+        let node = server.kubectl_ok(&[
+            "get",
+            "node",
+            "doomed-0",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status} {.spec.taints[*].key}",
+        ]);
         node.starts_with("Unknown").then_some(node)
     })
     .await;
@@ -350,7 +388,8 @@ spec:
     eventually(30, "all replicas on the healthy node", || async {
         let list = pods.list(&ListParams::default().labels("app=web")).await.ok()?.items;
         let live = running(&list);
-        (live.len() == 4 && live.iter().all(|p| p.spec.as_ref().unwrap().node_name.as_deref() == Some("healthy-0"))).then_some(())
+        (live.len() == 4 && live.iter().all(|p| p.spec.as_ref().unwrap().node_name.as_deref() == Some("healthy-0")))
+            .then_some(())
     })
     .await;
 }
@@ -395,7 +434,10 @@ async fn collects_on_a_fresh_server(server: &TestServer) {
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     let pods: Api<Pod> = Api::namespaced(client, "default");
     for owner in ["bg", "fg", "or"] {
-        let created = maps.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": owner}})).unwrap()).await.unwrap();
+        let created = maps
+            .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": owner}})).unwrap())
+            .await
+            .unwrap();
         let refs = json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": owner, "uid": created.uid().unwrap()}]);
         let map = json!({"metadata": {"name": format!("{owner}-cm"), "ownerReferences": refs}});
         maps.create(&PostParams::default(), &serde_json::from_value(map).unwrap()).await.unwrap();
@@ -413,7 +455,8 @@ async fn collects_on_a_fresh_server(server: &TestServer) {
     .await;
     eventually(20, &format!("server on port {port}: foreground owner to go after its dependents"), || async {
         let gone = maps.get_opt("fg").await.ok()?.is_none();
-        (gone && maps.get_opt("fg-cm").await.ok()?.is_none() && pods.get_opt("fg-pod").await.ok()?.is_none()).then_some(())
+        (gone && maps.get_opt("fg-cm").await.ok()?.is_none() && pods.get_opt("fg-pod").await.ok()?.is_none())
+            .then_some(())
     })
     .await;
     eventually(20, &format!("server on port {port}: orphan owner to go and leave its dependents"), || async {

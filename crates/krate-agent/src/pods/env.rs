@@ -19,10 +19,17 @@ pub struct Runtime<'a> {
 
 /// A ConfigMap's keys as bytes: `data`, and `binaryData` too when `binary` (volumes use
 /// both, the environment only `data`). Empty when it does not exist and is optional.
-pub(super) async fn config_map_bytes(client: &kube::Client, ns: &str, name: &str, optional: bool, binary: bool) -> Result<BTreeMap<String, Vec<u8>>> {
+pub(super) async fn config_map_bytes(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    optional: bool,
+    binary: bool,
+) -> Result<BTreeMap<String, Vec<u8>>> {
     match Api::<ConfigMap>::namespaced(client.clone(), ns).get_opt(name).await? {
         Some(cm) => {
-            let mut out: BTreeMap<String, Vec<u8>> = cm.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+            let mut out: BTreeMap<String, Vec<u8>> =
+                cm.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
             if binary {
                 out.extend(cm.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
             }
@@ -35,10 +42,16 @@ pub(super) async fn config_map_bytes(client: &kube::Client, ns: &str, name: &str
 
 /// A Secret's keys as bytes (`stringData`, overridden by `data`). Empty when it does not
 /// exist and is optional.
-pub(super) async fn secret_bytes(client: &kube::Client, ns: &str, name: &str, optional: bool) -> Result<BTreeMap<String, Vec<u8>>> {
+pub(super) async fn secret_bytes(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    optional: bool,
+) -> Result<BTreeMap<String, Vec<u8>>> {
     match Api::<Secret>::namespaced(client.clone(), ns).get_opt(name).await? {
         Some(s) => {
-            let mut out: BTreeMap<String, Vec<u8>> = s.string_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+            let mut out: BTreeMap<String, Vec<u8>> =
+                s.string_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
             out.extend(s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
             Ok(out)
         }
@@ -66,7 +79,8 @@ pub fn field(pod: &Pod, path: &str, rt: &Runtime) -> Result<String> {
         let key = path.strip_prefix(prefix)?.strip_prefix("['")?.strip_suffix("']")?;
         Some(map.as_ref().and_then(|m| m.get(key).cloned()).unwrap_or_default())
     };
-    if let Some(v) = keyed("metadata.labels", &meta.labels).or_else(|| keyed("metadata.annotations", &meta.annotations)) {
+    if let Some(v) = keyed("metadata.labels", &meta.labels).or_else(|| keyed("metadata.annotations", &meta.annotations))
+    {
         return Ok(v);
     }
     let spec = pod.spec.as_ref();
@@ -104,10 +118,16 @@ fn service_vars(svc: &Service) -> Vec<(String, String)> {
     let Some(ip) = spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty() && *ip != "None") else { return vec![] };
     let Some(ports) = spec.ports.as_ref().filter(|p| !p.is_empty()) else { return vec![] };
     let name = svc.metadata.name.as_deref().unwrap_or_default().to_uppercase().replace('-', "_");
-    let mut out = vec![(format!("{name}_SERVICE_HOST"), ip.to_string()), (format!("{name}_SERVICE_PORT"), ports[0].port.to_string())];
+    let mut out = vec![
+        (format!("{name}_SERVICE_HOST"), ip.to_string()),
+        (format!("{name}_SERVICE_PORT"), ports[0].port.to_string()),
+    ];
     for p in ports {
         if let Some(port_name) = p.name.as_deref().filter(|n| !n.is_empty()) {
-            out.push((format!("{name}_SERVICE_PORT_{}", port_name.to_uppercase().replace('-', "_")), p.port.to_string()));
+            out.push((
+                format!("{name}_SERVICE_PORT_{}", port_name.to_uppercase().replace('-', "_")),
+                p.port.to_string(),
+            ));
         }
     }
     let proto = |p: &k8s_openapi::api::core::v1::ServicePort| p.protocol.clone().unwrap_or_else(|| "TCP".into());
@@ -136,7 +156,12 @@ async fn service_environment(client: &kube::Client, ns: &str, links: bool) -> Re
 }
 
 /// The container's environment, in order, with later definitions replacing earlier ones.
-pub async fn resolve(client: &kube::Client, pod: &Pod, container: &Container, rt: &Runtime<'_>) -> Result<Vec<(String, String)>> {
+pub async fn resolve(
+    client: &kube::Client,
+    pod: &Pod,
+    container: &Container,
+    rt: &Runtime<'_>,
+) -> Result<Vec<(String, String)>> {
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
     let mut vars: BTreeMap<String, String> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
@@ -180,7 +205,8 @@ pub async fn resolve(client: &kube::Client, pod: &Pod, container: &Container, rt
                     }
                 } else if let Some(r) = &from.secret_key_ref {
                     let optional = r.optional.unwrap_or(false);
-                    match secret(client, ns, &r.name, optional).await.context("reading a secretKeyRef")?.remove(&r.key) {
+                    match secret(client, ns, &r.name, optional).await.context("reading a secretKeyRef")?.remove(&r.key)
+                    {
                         Some(v) => v,
                         None if optional => continue,
                         None => return Err(anyhow!("couldn't find key {} in Secret {ns}/{}", r.key, r.name)),
@@ -192,10 +218,13 @@ pub async fn resolve(client: &kube::Client, pod: &Pod, container: &Container, rt
         };
         set(&mut vars, e.name.clone(), value);
     }
-    Ok(order.into_iter().map(|k| {
-        let v = vars[&k].clone();
-        (k, v)
-    }).collect())
+    Ok(order
+        .into_iter()
+        .map(|k| {
+            let v = vars[&k].clone();
+            (k, v)
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -224,13 +253,18 @@ mod tests {
         assert_eq!(vars["MY_DB_PORT"], "tcp://10.43.0.7:5432");
         assert_eq!(vars["MY_DB_PORT_53_UDP"], "udp://10.43.0.7:53");
         assert_eq!(vars["MY_DB_PORT_53_UDP_ADDR"], "10.43.0.7");
-        let headless: Service = serde_json::from_value(json!({"metadata": {"name": "h"}, "spec": {"clusterIP": "None", "ports": [{"port": 80}]}})).unwrap();
+        let headless: Service = serde_json::from_value(
+            json!({"metadata": {"name": "h"}, "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}),
+        )
+        .unwrap();
         assert!(service_vars(&headless).is_empty());
     }
 
     #[test]
     fn resource_fields_round_up_by_divisor() {
-        let c: Container = serde_json::from_value(json!({"name": "c", "resources": {"limits": {"cpu": "250m", "memory": "64Mi"}}})).unwrap();
+        let c: Container =
+            serde_json::from_value(json!({"name": "c", "resources": {"limits": {"cpu": "250m", "memory": "64Mi"}}}))
+                .unwrap();
         assert_eq!(resource_field(&c, "limits.cpu", None).unwrap(), "1");
         assert_eq!(resource_field(&c, "limits.cpu", Some("1m")).unwrap(), "250");
         assert_eq!(resource_field(&c, "limits.memory", Some("1Mi")).unwrap(), "64");

@@ -39,7 +39,11 @@ pub fn static_pod(manifest: &[u8], node: &str) -> Result<Pod> {
     if pod["kind"] != "Pod" || pod["apiVersion"] != "v1" {
         bail!("a static pod manifest holds one v1 Pod, not {} {}", pod["apiVersion"], pod["kind"]);
     }
-    let name = pod["metadata"]["name"].as_str().filter(|n| !n.is_empty()).context("metadata.name: Required value")?.to_string();
+    let name = pod["metadata"]["name"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+        .context("metadata.name: Required value")?
+        .to_string();
     // The hash covers what the user wrote, so any edit makes a new pod.
     let canonical = serde_json::to_vec(&pod)?;
     let digest = <sha2::Sha256 as sha2::Digest>::digest([node.as_bytes(), b"\n", &canonical].concat());
@@ -82,16 +86,21 @@ fn load(dir: &Path, node: &str, reported: &mut HashMap<PathBuf, String>) -> Vec<
     let mut names = HashSet::new();
     for path in files {
         let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        if file_name.starts_with('.') || !matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
+        if file_name.starts_with('.')
+            || !matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+        {
             continue;
         }
-        let loaded = std::fs::read(&path).map_err(anyhow::Error::from).and_then(|bytes| static_pod(&bytes, node)).and_then(|pod| {
-            let key = (pod.metadata.namespace.clone(), pod.metadata.name.clone());
-            if !names.insert(key) {
-                bail!("another manifest already defines a pod of this name");
-            }
-            Ok(pod)
-        });
+        let loaded = std::fs::read(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| static_pod(&bytes, node))
+            .and_then(|pod| {
+                let key = (pod.metadata.namespace.clone(), pod.metadata.name.clone());
+                if !names.insert(key) {
+                    bail!("another manifest already defines a pod of this name");
+                }
+                Ok(pod)
+            });
         match loaded {
             Ok(pod) => {
                 reported.remove(&path);
@@ -153,7 +162,9 @@ async fn sync_mirrors(shared: &Shared, pods: &[Pod]) -> Result<()> {
         }
     }
     for pod in pods {
-        let existing = on_node.iter().find(|p| p.metadata.namespace == pod.metadata.namespace && p.metadata.name == pod.metadata.name);
+        let existing = on_node
+            .iter()
+            .find(|p| p.metadata.namespace == pod.metadata.namespace && p.metadata.name == pod.metadata.name);
         if let Err(e) = ensure_mirror(shared, pod, existing).await {
             tracing::warn!(pod = %pod.metadata.name.as_deref().unwrap_or_default(), error = %format!("{e:#}"), "keeping the mirror pod of a static pod failed");
         }
@@ -169,7 +180,11 @@ fn mirror_hash(pod: &Pod) -> Option<&str> {
 /// (`existing`). A fresh mirror gets the status at once.
 async fn ensure_mirror(shared: &Shared, pod: &Pod, existing: Option<&Pod>) -> Result<()> {
     let (ns, name, uid) = super::spec::pod_key(pod);
-    let not_a_mirror = || anyhow::anyhow!("pod {ns}/{name} exists in the API and is not a mirror pod of this node; the static pod runs without one");
+    let not_a_mirror = || {
+        anyhow::anyhow!(
+            "pod {ns}/{name} exists in the API and is not a mirror pod of this node; the static pod runs without one"
+        )
+    };
     if let Some(existing) = existing {
         match mirror_hash(existing) {
             Some(h) if h == uid && existing.metadata.deletion_timestamp.is_none() => return Ok(()),
@@ -184,7 +199,9 @@ async fn ensure_mirror(shared: &Shared, pod: &Pod, existing: Option<&Pod>) -> Re
     mirror.metadata.annotations.get_or_insert_with(Default::default).insert(CONFIG_MIRROR.into(), uid.clone());
     let nodes: Api<Node> = Api::all(shared.client.clone());
     if let Some(node_uid) = nodes.get_opt(&shared.node_name).await?.and_then(|n| n.metadata.uid) {
-        mirror.metadata.owner_references = Some(vec![serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node", "name": shared.node_name, "uid": node_uid, "controller": true}))?]);
+        mirror.metadata.owner_references = Some(vec![serde_json::from_value(
+            json!({"apiVersion": "v1", "kind": "Node", "name": shared.node_name, "uid": node_uid, "controller": true}),
+        )?]);
     }
     let api: Api<Pod> = Api::namespaced(shared.client.clone(), &ns);
     match api.create(&PostParams::default(), &mirror).await {
@@ -201,7 +218,8 @@ async fn delete_mirror(shared: &Shared, mirror: &Pod) -> Result<()> {
     let (ns, name, _) = super::spec::pod_key(mirror);
     let api: Api<Pod> = Api::namespaced(shared.client.clone(), &ns);
     let precondition = Preconditions { uid: mirror.metadata.uid.clone(), resource_version: None };
-    let params = DeleteParams { grace_period_seconds: Some(0), preconditions: Some(precondition), ..Default::default() };
+    let params =
+        DeleteParams { grace_period_seconds: Some(0), preconditions: Some(precondition), ..Default::default() };
     Ok(krate_client::tolerate(api.delete(&name, &params).await.map(|_| ()), &[404, 409])?)
 }
 
@@ -235,7 +253,9 @@ mod tests {
         let err = |m: &[u8]| format!("{:#}", static_pod(m, "n").unwrap_err());
         assert!(err(b"{{not yaml").contains("not valid YAML"));
         assert!(err(b"apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n").contains("one v1 Pod"));
-        assert!(err(b"apiVersion: v1\nkind: Pod\nmetadata: {}\nspec: {containers: [{name: c, image: i}]}\n").contains("metadata.name"));
-        assert!(err(b"apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {containers: [{name: c}]}\n").contains("spec.containers[0].image: Required value"));
+        assert!(err(b"apiVersion: v1\nkind: Pod\nmetadata: {}\nspec: {containers: [{name: c, image: i}]}\n")
+            .contains("metadata.name"));
+        assert!(err(b"apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {containers: [{name: c}]}\n")
+            .contains("spec.containers[0].image: Required value"));
     }
 }

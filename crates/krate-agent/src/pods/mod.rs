@@ -7,9 +7,9 @@ pub mod admission;
 mod env;
 pub mod manifests;
 mod probe;
-pub mod volumes;
 pub mod spec;
 pub mod status;
+pub mod volumes;
 mod worker;
 
 use std::collections::{HashMap, HashSet};
@@ -65,10 +65,34 @@ pub struct Shared {
 
 impl Shared {
     /// `dir`: the agent's directory, which holds pod logs and volumes.
-    pub fn new(client: kube::Client, cri: Cri, node_name: String, node_ip: String, dir: &std::path::Path, sync_frequency: std::time::Duration, conditions: watch::Receiver<Vec<crate::pressure::Condition>>) -> Arc<Self> {
+    pub fn new(
+        client: kube::Client,
+        cri: Cri,
+        node_name: String,
+        node_ip: String,
+        dir: &std::path::Path,
+        sync_frequency: std::time::Duration,
+        conditions: watch::Receiver<Vec<crate::pressure::Condition>>,
+    ) -> Arc<Self> {
         let events = krate_client::events::Recorder::new(client.clone(), "kubelet");
         let (log_root, volume_root) = (dir.join("pods"), dir.join("volumes"));
-        Arc::new(Shared { client, cri, node_name, node_ip, log_root, volume_root, sync_frequency, events, workers: Mutex::default(), owners: Mutex::default(), exits: Mutex::default(), statics: Mutex::default(), mirrors_changed: Notify::new(), conditions, shutting_down: watch::Sender::new(false) })
+        Arc::new(Shared {
+            client,
+            cri,
+            node_name,
+            node_ip,
+            log_root,
+            volume_root,
+            sync_frequency,
+            events,
+            workers: Mutex::default(),
+            owners: Mutex::default(),
+            exits: Mutex::default(),
+            statics: Mutex::default(),
+            mirrors_changed: Notify::new(),
+            conditions,
+            shutting_down: watch::Sender::new(false),
+        })
     }
 
     fn own(&self, id: &str, uid: &str) {
@@ -107,7 +131,10 @@ impl Shared {
         let wake = Arc::new(Notify::new());
         let republish = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(Mutex::new(None));
-        workers.insert(uid.clone(), WorkerHandle { pod: tx, wake: wake.clone(), republish: republish.clone(), stop: stop.clone() });
+        workers.insert(
+            uid.clone(),
+            WorkerHandle { pod: tx, wake: wake.clone(), republish: republish.clone(), stop: stop.clone() },
+        );
         tokio::spawn(worker::PodWorker::new(self.clone(), uid, rx, wake, republish, stop).run());
     }
 
@@ -117,7 +144,11 @@ impl Shared {
 
     /// Has the workers of the pods `which` selects stop them within `grace` (the node
     /// shuts down); returns how many were asked and a future that ends when all have.
-    pub fn stop_pods(&self, which: impl Fn(&Pod) -> bool, grace: std::time::Duration) -> (usize, impl std::future::Future<Output = ()>) {
+    pub fn stop_pods(
+        &self,
+        which: impl Fn(&Pod) -> bool,
+        grace: std::time::Duration,
+    ) -> (usize, impl std::future::Future<Output = ()>) {
         let mut waits = Vec::new();
         for w in self.workers.lock().unwrap().values() {
             let selected = w.pod.borrow().as_ref().is_some_and(|p| p.metadata.deletion_timestamp.is_none() && which(p));
@@ -186,7 +217,9 @@ impl Shared {
                     }
                     tracing::warn!("containerd's event stream ended; subscribing again");
                 }
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), "subscribing to containerd's events failed; retrying"),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "subscribing to containerd's events failed; retrying")
+                }
             }
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             // Anything may have exited while the stream was down.

@@ -126,7 +126,10 @@ async fn run(target: Target, kind: Kind, probe: Probe, results: Results) {
             Err(message) => {
                 failures += 1;
                 successes = 0;
-                target.events.warning(&target.object, "Unhealthy", &format!("{} probe failed: {message}", kind.name())).await;
+                target
+                    .events
+                    .warning(&target.object, "Unhealthy", &format!("{} probe failed: {message}", kind.name()))
+                    .await;
                 (failures >= failure_threshold).then_some(Verdict::Failure(message))
             }
         };
@@ -154,7 +157,12 @@ pub async fn run_hook(target: &Target, hook: &LifecycleHandler, timeout: Duratio
         tokio::time::sleep(Duration::from_secs(sleep.seconds.max(0) as u64).min(timeout)).await;
         return Ok(());
     }
-    let probe = Probe { exec: hook.exec.clone(), http_get: hook.http_get.clone(), tcp_socket: hook.tcp_socket.clone(), ..Default::default() };
+    let probe = Probe {
+        exec: hook.exec.clone(),
+        http_get: hook.http_get.clone(),
+        tcp_socket: hook.tcp_socket.clone(),
+        ..Default::default()
+    };
     match tokio::time::timeout(timeout, check(target, &probe, timeout)).await {
         Ok(r) => r,
         Err(_) => Err(format!("the hook did not finish within {}s", timeout.as_secs())),
@@ -178,13 +186,23 @@ fn port(c: &Container, p: &IntOrString) -> Result<u16, String> {
 async fn check(target: &Target, probe: &Probe, timeout: Duration) -> Result<(), String> {
     let c = &target.container;
     if let Some(exec) = &probe.exec {
-        let request = api::ExecSyncRequest { container_id: target.container_id.clone(), cmd: exec.command.clone().unwrap_or_default(), timeout: timeout.as_secs() as i64 };
-        let out = target.cri.clone().runtime.exec_sync(request).await.map_err(|e| e.message().to_string())?.into_inner();
+        let request = api::ExecSyncRequest {
+            container_id: target.container_id.clone(),
+            cmd: exec.command.clone().unwrap_or_default(),
+            timeout: timeout.as_secs() as i64,
+        };
+        let out =
+            target.cri.clone().runtime.exec_sync(request).await.map_err(|e| e.message().to_string())?.into_inner();
         if out.exit_code == 0 {
             return Ok(());
         }
-        let output = String::from_utf8_lossy(&out.stdout).trim().to_string() + String::from_utf8_lossy(&out.stderr).trim();
-        return Err(format!("command {:?} exited with {}: {output}", exec.command.clone().unwrap_or_default(), out.exit_code));
+        let output =
+            String::from_utf8_lossy(&out.stdout).trim().to_string() + String::from_utf8_lossy(&out.stderr).trim();
+        return Err(format!(
+            "command {:?} exited with {}: {output}",
+            exec.command.clone().unwrap_or_default(),
+            out.exit_code
+        ));
     }
     if let Some(http) = &probe.http_get {
         let host = http.host.clone().filter(|h| !h.is_empty()).unwrap_or_else(|| target.pod_ip.clone());
@@ -193,7 +211,9 @@ async fn check(target: &Target, probe: &Probe, timeout: Duration) -> Result<(), 
             return Err("HTTPS probes are not supported by this agent yet".into());
         }
         let path = http.path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into());
-        let mut stream = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| format!("Get \"http://{host}:{port}{path}\": {e}"))?;
+        let mut stream = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| format!("Get \"http://{host}:{port}{path}\": {e}"))?;
         let mut request = format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.37\r\nAccept: */*\r\nConnection: close\r\n");
         for h in http.http_headers.iter().flatten() {
             request.push_str(&format!("{}: {}\r\n", h.name, h.value));
@@ -210,13 +230,23 @@ async fn check(target: &Target, probe: &Probe, timeout: Duration) -> Result<(), 
             head.extend_from_slice(&buf[..n]);
         }
         let line = String::from_utf8_lossy(&head);
-        let code: u16 = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| "malformed HTTP response".to_string())?;
-        return if (200..400).contains(&code) { Ok(()) } else { Err(format!("HTTP probe failed with statuscode: {code}")) };
+        let code: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| "malformed HTTP response".to_string())?;
+        return if (200..400).contains(&code) {
+            Ok(())
+        } else {
+            Err(format!("HTTP probe failed with statuscode: {code}"))
+        };
     }
     if let Some(tcp) = &probe.tcp_socket {
         let host = tcp.host.clone().filter(|h| !h.is_empty()).unwrap_or_else(|| target.pod_ip.clone());
         let port = port(c, &tcp.port)?;
-        tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| format!("dial tcp {host}:{port}: {e}"))?;
+        tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| format!("dial tcp {host}:{port}: {e}"))?;
         return Ok(());
     }
     if let Some(grpc) = &probe.grpc {
@@ -241,12 +271,19 @@ struct HealthCheckResponse {
 
 /// The gRPC health checking protocol (`grpc.health.v1.Health/Check`).
 async fn grpc_health(ip: &str, port: u16, service: String) -> Result<(), String> {
-    let channel = tonic::transport::Endpoint::try_from(format!("http://{ip}:{port}")).map_err(|e| e.to_string())?.connect().await.map_err(|e| format!("connecting to {ip}:{port}: {e}"))?;
+    let channel = tonic::transport::Endpoint::try_from(format!("http://{ip}:{port}"))
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("connecting to {ip}:{port}: {e}"))?;
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.map_err(|e| e.to_string())?;
     let path = http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check");
     let codec = tonic_prost::ProstCodec::<HealthCheckRequest, HealthCheckResponse>::default();
-    let response = grpc.unary(tonic::Request::new(HealthCheckRequest { service }), path, codec).await.map_err(|e| e.message().to_string())?;
+    let response = grpc
+        .unary(tonic::Request::new(HealthCheckRequest { service }), path, codec)
+        .await
+        .map_err(|e| e.message().to_string())?;
     match response.into_inner().status {
         1 => Ok(()),
         s => Err(format!("service unhealthy (responded with status {s})")),

@@ -69,7 +69,12 @@ pub fn sandbox_config(pod: &Pod, attempt: u32, log_root: &Path) -> api::PodSandb
         annotations: pod.metadata.annotations.clone().unwrap_or_default().into_iter().collect(),
         linux: Some(api::LinuxPodSandboxConfig {
             security_context: Some(api::LinuxSandboxSecurityContext {
-                namespace_options: Some(api::NamespaceOption { network: mode(host_network), pid: if host_pid { api::NamespaceMode::Node as i32 } else { api::NamespaceMode::Container as i32 }, ipc: mode(host_ipc), ..Default::default() }),
+                namespace_options: Some(api::NamespaceOption {
+                    network: mode(host_network),
+                    pid: if host_pid { api::NamespaceMode::Node as i32 } else { api::NamespaceMode::Container as i32 },
+                    ipc: mode(host_ipc),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -128,7 +133,8 @@ fn amount(container: &Container, which: &str, resource: &str, scale: f64) -> Opt
 /// from the CPU limit, the memory limit as is.
 pub fn linux_resources(container: &Container) -> api::LinuxContainerResources {
     const PERIOD: i64 = 100_000;
-    let cpu_request = amount(container, "requests", "cpu", 1000.0).or_else(|| amount(container, "limits", "cpu", 1000.0));
+    let cpu_request =
+        amount(container, "requests", "cpu", 1000.0).or_else(|| amount(container, "limits", "cpu", 1000.0));
     let cpu_limit = amount(container, "limits", "cpu", 1000.0);
     api::LinuxContainerResources {
         cpu_shares: cpu_request.map(|m| (m * 1024 / 1000).max(2)).unwrap_or(2),
@@ -181,7 +187,8 @@ impl ContainerPlan<'_> {
         let (ns, name, uid) = pod_key(self.pod);
         let c = self.container;
         let vars: BTreeMap<String, String> = self.env.iter().cloned().collect();
-        let expand_all = |list: &Option<Vec<String>>| list.iter().flatten().map(|s| expand(s, &vars)).collect::<Vec<_>>();
+        let expand_all =
+            |list: &Option<Vec<String>>| list.iter().flatten().map(|s| expand(s, &vars)).collect::<Vec<_>>();
         let mut labels = HashMap::from([
             (POD_UID.to_string(), uid),
             (POD_NAME.to_string(), name),
@@ -192,22 +199,36 @@ impl ContainerPlan<'_> {
         labels.shrink_to_fit();
         api::ContainerConfig {
             metadata: Some(api::ContainerMetadata { name: c.name.clone(), attempt: self.restart_count }),
-            image: Some(api::ImageSpec { image: self.image_ref.clone(), user_specified_image: c.image.clone().unwrap_or_default(), ..Default::default() }),
+            image: Some(api::ImageSpec {
+                image: self.image_ref.clone(),
+                user_specified_image: c.image.clone().unwrap_or_default(),
+                ..Default::default()
+            }),
             command: expand_all(&c.command),
             args: expand_all(&c.args),
             working_dir: c.working_dir.clone().unwrap_or_default(),
-            envs: self.env.iter().map(|(key, value)| api::KeyValue { key: key.clone(), value: value.clone() }).collect(),
+            envs: self
+                .env
+                .iter()
+                .map(|(key, value)| api::KeyValue { key: key.clone(), value: value.clone() })
+                .collect(),
             mounts: self.mounts.clone(),
             labels,
             annotations: HashMap::from([
                 (RESTART_COUNT.to_string(), self.restart_count.to_string()),
-                ("io.kubernetes.container.terminationMessagePath".to_string(), c.termination_message_path.clone().unwrap_or_else(|| "/dev/termination-log".into())),
+                (
+                    "io.kubernetes.container.terminationMessagePath".to_string(),
+                    c.termination_message_path.clone().unwrap_or_else(|| "/dev/termination-log".into()),
+                ),
             ]),
             log_path: format!("{}/{}.log", c.name, self.restart_count),
             stdin: c.stdin.unwrap_or(false),
             stdin_once: c.stdin_once.unwrap_or(false),
             tty: c.tty.unwrap_or(false),
-            linux: Some(api::LinuxContainerConfig { resources: Some(linux_resources(c)), security_context: Some(security_context(self.pod, c)) }),
+            linux: Some(api::LinuxContainerConfig {
+                resources: Some(linux_resources(c)),
+                security_context: Some(security_context(self.pod, c)),
+            }),
             ..Default::default()
         }
     }
@@ -231,7 +252,10 @@ mod tests {
     fn cgroup_settings_come_from_requests_and_limits() {
         let c: Container = serde_json::from_value(serde_json::json!({"name": "c", "resources": {"requests": {"cpu": "250m"}, "limits": {"cpu": "500m", "memory": "64Mi"}}})).unwrap();
         let r = linux_resources(&c);
-        assert_eq!((r.cpu_shares, r.cpu_quota, r.cpu_period, r.memory_limit_in_bytes), (256, 50_000, 100_000, 64 << 20));
+        assert_eq!(
+            (r.cpu_shares, r.cpu_quota, r.cpu_period, r.memory_limit_in_bytes),
+            (256, 50_000, 100_000, 64 << 20)
+        );
         let none: Container = serde_json::from_value(serde_json::json!({"name": "c"})).unwrap();
         assert_eq!((linux_resources(&none).cpu_shares, linux_resources(&none).memory_limit_in_bytes), (2, 0));
     }

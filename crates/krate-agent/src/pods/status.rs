@@ -22,7 +22,11 @@ pub struct Waiting {
 }
 
 pub fn time(nanos: i64) -> String {
-    jiff::Timestamp::from_nanosecond(nanos as i128).ok().and_then(|t| t.round(jiff::Unit::Second).ok()).map(|t| t.to_string()).unwrap_or_default()
+    jiff::Timestamp::from_nanosecond(nanos as i128)
+        .ok()
+        .and_then(|t| t.round(jiff::Unit::Second).ok())
+        .map(|t| t.to_string())
+        .unwrap_or_default()
 }
 
 pub fn is_running(s: &api::ContainerStatus) -> bool {
@@ -38,7 +42,13 @@ pub fn restart_count(s: &api::ContainerStatus) -> u32 {
 }
 
 fn terminated(s: &api::ContainerStatus) -> Value {
-    let reason = if !s.reason.is_empty() { s.reason.clone() } else if s.exit_code == 0 { "Completed".into() } else { "Error".into() };
+    let reason = if !s.reason.is_empty() {
+        s.reason.clone()
+    } else if s.exit_code == 0 {
+        "Completed".into()
+    } else {
+        "Error".into()
+    };
     let mut t = json!({
         "exitCode": s.exit_code, "reason": reason, "containerID": format!("containerd://{}", s.id),
         "startedAt": if s.started_at > 0 { json!(time(s.started_at)) } else { Value::Null },
@@ -52,7 +62,13 @@ fn terminated(s: &api::ContainerStatus) -> Value {
 
 /// One entry of `containerStatuses`. `started`: its startup probe (if any) passed;
 /// `ready`: its readiness probe (if any) passed.
-pub fn container_status(spec: &Container, observed: &Observed, waiting: Option<&Waiting>, started: bool, ready: bool) -> Value {
+pub fn container_status(
+    spec: &Container,
+    observed: &Observed,
+    waiting: Option<&Waiting>,
+    started: bool,
+    ready: bool,
+) -> Value {
     let image = spec.image.clone().unwrap_or_default();
     let mut out = json!({"name": spec.name, "image": image, "imageID": "", "ready": false, "started": false, "restartCount": 0, "lastState": {}});
     let state = match (&observed.latest, waiting) {
@@ -119,20 +135,26 @@ pub fn phase(pod: &Pod, init_done: bool, init_failed: bool, app: &[(Observed, Op
 
 /// Guaranteed, Burstable or BestEffort, from requests and limits.
 pub fn qos_class(pod: &Pod) -> &'static str {
-    let containers: Vec<&Container> = pod.spec.iter().flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten())).collect();
+    let containers: Vec<&Container> =
+        pod.spec.iter().flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten())).collect();
     let get = |c: &Container, which: &str, r: &str| {
         let res = c.resources.as_ref()?;
         let map = if which == "limits" { res.limits.as_ref() } else { res.requests.as_ref() }?;
         map.get(r).map(|q| q.0.clone())
     };
-    let any = containers.iter().any(|c| ["cpu", "memory"].iter().any(|r| get(c, "requests", r).is_some() || get(c, "limits", r).is_some()));
+    let any = containers
+        .iter()
+        .any(|c| ["cpu", "memory"].iter().any(|r| get(c, "requests", r).is_some() || get(c, "limits", r).is_some()));
     if !any {
         return "BestEffort";
     }
     let guaranteed = containers.iter().all(|c| {
         ["cpu", "memory"].iter().all(|r| {
             let limit = get(c, "limits", r);
-            limit.is_some() && get(c, "requests", r).is_none_or(|req| krate_api::quantity::parse(&req) == limit.as_deref().and_then(krate_api::quantity::parse))
+            limit.is_some()
+                && get(c, "requests", r).is_none_or(|req| {
+                    krate_api::quantity::parse(&req) == limit.as_deref().and_then(krate_api::quantity::parse)
+                })
         })
     });
     if guaranteed {
@@ -155,16 +177,32 @@ mod tests {
     use super::*;
 
     fn pod(policy: &str) -> Pod {
-        serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {"restartPolicy": policy, "containers": [{"name": "c"}]}})).unwrap()
+        serde_json::from_value(
+            json!({"metadata": {"name": "p"}, "spec": {"restartPolicy": policy, "containers": [{"name": "c"}]}}),
+        )
+        .unwrap()
     }
 
     fn exited(code: i32) -> Observed {
-        Observed { latest: Some(api::ContainerStatus { state: api::ContainerState::ContainerExited as i32, exit_code: code, ..Default::default() }), previous: None }
+        Observed {
+            latest: Some(api::ContainerStatus {
+                state: api::ContainerState::ContainerExited as i32,
+                exit_code: code,
+                ..Default::default()
+            }),
+            previous: None,
+        }
     }
 
     #[test]
     fn phase_follows_the_restart_policy() {
-        let running = Observed { latest: Some(api::ContainerStatus { state: api::ContainerState::ContainerRunning as i32, ..Default::default() }), previous: None };
+        let running = Observed {
+            latest: Some(api::ContainerStatus {
+                state: api::ContainerState::ContainerRunning as i32,
+                ..Default::default()
+            }),
+            previous: None,
+        };
         assert_eq!(phase(&pod("Always"), true, false, &[(Observed::default(), None)]), "Pending");
         assert_eq!(phase(&pod("Always"), true, false, &[(running, None)]), "Running");
         assert_eq!(phase(&pod("Never"), true, false, &[(exited(0), None)]), "Succeeded");
@@ -177,10 +215,20 @@ mod tests {
 
     #[test]
     fn qos_classes() {
-        let with = |res: Value| -> Pod { serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "resources": res}]}})).unwrap() };
+        let with = |res: Value| -> Pod {
+            serde_json::from_value(
+                json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "resources": res}]}}),
+            )
+            .unwrap()
+        };
         assert_eq!(qos_class(&with(json!({}))), "BestEffort");
         assert_eq!(qos_class(&with(json!({"limits": {"cpu": "1", "memory": "1Gi"}}))), "Guaranteed");
-        assert_eq!(qos_class(&with(json!({"requests": {"cpu": "1000m", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "1Gi"}}))), "Guaranteed");
+        assert_eq!(
+            qos_class(&with(
+                json!({"requests": {"cpu": "1000m", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "1Gi"}})
+            )),
+            "Guaranteed"
+        );
         assert_eq!(qos_class(&with(json!({"requests": {"cpu": "100m"}}))), "Burstable");
     }
 

@@ -10,7 +10,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use k8s_openapi::api::core::v1::{Container, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod, ServiceAccount, ServiceAccountTokenProjection, Volume};
+use k8s_openapi::api::core::v1::{
+    Container, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod, ServiceAccount, ServiceAccountTokenProjection,
+    Volume,
+};
 use kube::Api;
 
 use super::env::{config_map_bytes, field, secret_bytes, Runtime};
@@ -24,7 +27,13 @@ pub fn pod_dir(root: &Path, uid: &str) -> PathBuf {
 /// Files of a projected-style volume: relative path → (content, mode).
 type Files = BTreeMap<String, (Vec<u8>, u32)>;
 
-fn key_files(data: BTreeMap<String, Vec<u8>>, items: Option<&Vec<KeyToPath>>, default_mode: u32, what: &str, optional: bool) -> Result<Files> {
+fn key_files(
+    data: BTreeMap<String, Vec<u8>>,
+    items: Option<&Vec<KeyToPath>>,
+    default_mode: u32,
+    what: &str,
+    optional: bool,
+) -> Result<Files> {
     let mut out = Files::new();
     match items {
         None => {
@@ -47,24 +56,47 @@ fn key_files(data: BTreeMap<String, Vec<u8>>, items: Option<&Vec<KeyToPath>>, de
     Ok(out)
 }
 
-async fn config_map_files(client: &kube::Client, ns: &str, name: &str, items: Option<&Vec<KeyToPath>>, mode: u32, optional: bool) -> Result<Files> {
+async fn config_map_files(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    items: Option<&Vec<KeyToPath>>,
+    mode: u32,
+    optional: bool,
+) -> Result<Files> {
     let data = config_map_bytes(client, ns, name, optional, true).await?;
     key_files(data, items, mode, &format!("configmap \"{name}\""), optional)
 }
 
-async fn secret_files(client: &kube::Client, ns: &str, name: &str, items: Option<&Vec<KeyToPath>>, mode: u32, optional: bool) -> Result<Files> {
+async fn secret_files(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    items: Option<&Vec<KeyToPath>>,
+    mode: u32,
+    optional: bool,
+) -> Result<Files> {
     let data = secret_bytes(client, ns, name, optional).await?;
     key_files(data, items, mode, &format!("secret \"{name}\""), optional)
 }
 
-fn downward_files(pod: &Pod, items: &[k8s_openapi::api::core::v1::DownwardAPIVolumeFile], mode: u32, rt: &Runtime) -> Result<Files> {
+fn downward_files(
+    pod: &Pod,
+    items: &[k8s_openapi::api::core::v1::DownwardAPIVolumeFile],
+    mode: u32,
+    rt: &Runtime,
+) -> Result<Files> {
     let mut out = Files::new();
     for item in items {
         let value = if let Some(f) = &item.field_ref {
             match f.field_path.as_str() {
                 // Whole maps, one `key="value"` per line as upstream writes them.
                 "metadata.labels" | "metadata.annotations" => {
-                    let map = if f.field_path == "metadata.labels" { &pod.metadata.labels } else { &pod.metadata.annotations };
+                    let map = if f.field_path == "metadata.labels" {
+                        &pod.metadata.labels
+                    } else {
+                        &pod.metadata.annotations
+                    };
                     map.iter().flatten().map(|(k, v)| format!("{k}={v:?}")).collect::<Vec<_>>().join("\n")
                 }
                 path => field(pod, path, rt)?,
@@ -130,12 +162,15 @@ fn files_equal(dir: &Path, files: &Files) -> bool {
     use std::os::unix::fs::PermissionsExt;
     files.iter().all(|(p, (bytes, mode))| {
         let path = dir.join(p);
-        std::fs::read(&path).ok().as_ref() == Some(bytes) && std::fs::metadata(&path).is_ok_and(|m| m.permissions().mode() & 0o7777 == *mode)
+        std::fs::read(&path).ok().as_ref() == Some(bytes)
+            && std::fs::metadata(&path).is_ok_and(|m| m.permissions().mode() & 0o7777 == *mode)
     }) && count_files(dir) == files.len()
 }
 
 fn count_files(dir: &Path) -> usize {
-    std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| if e.path().is_dir() { count_files(&e.path()) } else { 1 }).sum()).unwrap_or(0)
+    std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| if e.path().is_dir() { count_files(&e.path()) } else { 1 }).sum())
+        .unwrap_or(0)
 }
 
 fn is_mount_point(path: &Path) -> bool {
@@ -150,7 +185,15 @@ fn mount_tmpfs(path: &Path, size: Option<u64>) -> Result<()> {
     }
     let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
     let options = std::ffi::CString::new(size.map(|s| format!("size={s}")).unwrap_or_default())?;
-    let rc = unsafe { libc::mount(c"tmpfs".as_ptr(), target.as_ptr(), c"tmpfs".as_ptr(), libc::MS_NOSUID | libc::MS_NODEV, options.as_ptr() as *const libc::c_void) };
+    let rc = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            options.as_ptr() as *const libc::c_void,
+        )
+    };
     if rc != 0 {
         bail!("mounting a tmpfs at {}: {}", path.display(), std::io::Error::last_os_error());
     }
@@ -162,11 +205,21 @@ fn check_host_path(path: &Path, kind: &str) -> Result<()> {
     match kind {
         "DirectoryOrCreate" => std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?,
         "FileOrCreate" if meta.is_err() => {
-            std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("creating {}", path.display()))?;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
         }
-        "Directory" if !meta.as_ref().is_ok_and(|m| m.is_dir()) => bail!("hostPath type check failed: {} is not a directory", path.display()),
-        "File" if !meta.as_ref().is_ok_and(|m| m.is_file()) => bail!("hostPath type check failed: {} is not a file", path.display()),
-        "Socket" | "CharDevice" | "BlockDevice" if meta.is_err() => bail!("hostPath type check failed: {} does not exist", path.display()),
+        "Directory" if !meta.as_ref().is_ok_and(|m| m.is_dir()) => {
+            bail!("hostPath type check failed: {} is not a directory", path.display())
+        }
+        "File" if !meta.as_ref().is_ok_and(|m| m.is_file()) => {
+            bail!("hostPath type check failed: {} is not a file", path.display())
+        }
+        "Socket" | "CharDevice" | "BlockDevice" if meta.is_err() => {
+            bail!("hostPath type check failed: {} does not exist", path.display())
+        }
         _ => {}
     }
     Ok(())
@@ -189,10 +242,26 @@ async fn set_up(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, rt: &R
         return Ok(host);
     }
     let files = if let Some(c) = &v.config_map {
-        config_map_files(client, ns, &c.name, c.items.as_ref(), c.default_mode.unwrap_or(0o644) as u32, c.optional.unwrap_or(false)).await?
+        config_map_files(
+            client,
+            ns,
+            &c.name,
+            c.items.as_ref(),
+            c.default_mode.unwrap_or(0o644) as u32,
+            c.optional.unwrap_or(false),
+        )
+        .await?
     } else if let Some(s) = &v.secret {
         let name = s.secret_name.clone().unwrap_or_default();
-        secret_files(client, ns, &name, s.items.as_ref(), s.default_mode.unwrap_or(0o644) as u32, s.optional.unwrap_or(false)).await?
+        secret_files(
+            client,
+            ns,
+            &name,
+            s.items.as_ref(),
+            s.default_mode.unwrap_or(0o644) as u32,
+            s.optional.unwrap_or(false),
+        )
+        .await?
     } else if let Some(d) = &v.downward_api {
         downward_files(pod, d.items.as_deref().unwrap_or_default(), d.default_mode.unwrap_or(0o644) as u32, rt)?
     } else if let Some(p) = &v.projected {
@@ -226,14 +295,27 @@ async fn set_up(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, rt: &R
 /// (younger than 80% of its lifetime, as upstream's token manager), else a new one from
 /// the TokenRequest API, bound to the pod. Reading it back from the volume keeps it
 /// across agent restarts without asking again.
-async fn token_files(client: &kube::Client, pod: &Pod, source: &ServiceAccountTokenProjection, volume: &Path, mode: u32) -> Result<Files> {
+async fn token_files(
+    client: &kube::Client,
+    pod: &Pod,
+    source: &ServiceAccountTokenProjection,
+    volume: &Path,
+    mode: u32,
+) -> Result<Files> {
     let audiences: Vec<String> = source.audience.iter().filter(|a| !a.is_empty()).cloned().collect();
-    let current = std::fs::read_to_string(volume.join(&source.path)).ok().filter(|t| token_is_fresh(t, &audiences, krate_api::object::unix_seconds()));
+    let current = std::fs::read_to_string(volume.join(&source.path))
+        .ok()
+        .filter(|t| token_is_fresh(t, &audiences, krate_api::object::unix_seconds()));
     let token = match current {
         Some(token) => token,
         None => {
             let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
-            let account = pod.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).filter(|a| !a.is_empty()).unwrap_or("default");
+            let account = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.as_deref())
+                .filter(|a| !a.is_empty())
+                .unwrap_or("default");
             let request = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {
                 "audiences": audiences,
                 "expirationSeconds": source.expiration_seconds.unwrap_or(3600),
@@ -243,7 +325,10 @@ async fn token_files(client: &kube::Client, pod: &Pod, source: &ServiceAccountTo
                 .create_subresource("token", account, &Default::default(), &request)
                 .await
                 .with_context(|| format!("requesting a token for service account {ns}/{account}"))?;
-            issued["status"]["token"].as_str().map(str::to_string).ok_or_else(|| anyhow!("the TokenRequest came back without a token"))?
+            issued["status"]["token"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("the TokenRequest came back without a token"))?
         }
     };
     Ok(Files::from([(source.path.clone(), (token.into_bytes(), mode))]))
@@ -263,21 +348,40 @@ fn token_is_fresh(token: &str, audiences: &[String], now: i64) -> bool {
 }
 
 async fn claim_path(client: &kube::Client, ns: &str, claim: &str) -> Result<PathBuf> {
-    let pvc = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns).get_opt(claim).await?.ok_or_else(|| anyhow!("persistentvolumeclaim \"{claim}\" not found"))?;
-    let volume = pvc.spec.and_then(|s| s.volume_name).filter(|v| !v.is_empty()).ok_or_else(|| anyhow!("persistentvolumeclaim \"{claim}\" is not bound to a volume yet"))?;
-    let pv = Api::<PersistentVolume>::all(client.clone()).get(&volume).await.with_context(|| format!("reading persistentvolume {volume}"))?;
+    let pvc = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
+        .get_opt(claim)
+        .await?
+        .ok_or_else(|| anyhow!("persistentvolumeclaim \"{claim}\" not found"))?;
+    let volume = pvc
+        .spec
+        .and_then(|s| s.volume_name)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| anyhow!("persistentvolumeclaim \"{claim}\" is not bound to a volume yet"))?;
+    let pv = Api::<PersistentVolume>::all(client.clone())
+        .get(&volume)
+        .await
+        .with_context(|| format!("reading persistentvolume {volume}"))?;
     let spec = pv.spec.unwrap_or_default();
-    let path = spec.host_path.map(|h| h.path).or(spec.local.map(|l| l.path)).ok_or_else(|| anyhow!("persistentvolume {volume} is neither hostPath nor local; this agent mounts only those"))?;
+    let path = spec.host_path.map(|h| h.path).or(spec.local.map(|l| l.path)).ok_or_else(|| {
+        anyhow!("persistentvolume {volume} is neither hostPath nor local; this agent mounts only those")
+    })?;
     std::fs::create_dir_all(&path).with_context(|| format!("creating {path}"))?;
     Ok(PathBuf::from(path))
 }
 
 /// Sets up every volume of the pod: volume name → host path.
-pub async fn set_up_all(client: &kube::Client, pod: &Pod, root: &Path, rt: &Runtime<'_>) -> Result<BTreeMap<String, PathBuf>> {
+pub async fn set_up_all(
+    client: &kube::Client,
+    pod: &Pod,
+    root: &Path,
+    rt: &Runtime<'_>,
+) -> Result<BTreeMap<String, PathBuf>> {
     let dir = pod_dir(root, pod.metadata.uid.as_deref().unwrap_or_default());
     let mut out = BTreeMap::new();
     for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
-        let path = set_up(client, pod, v, &dir, rt).await.map_err(|e| anyhow!("MountVolume.SetUp failed for volume \"{}\" : {e:#}", v.name))?;
+        let path = set_up(client, pod, v, &dir, rt)
+            .await
+            .map_err(|e| anyhow!("MountVolume.SetUp failed for volume \"{}\" : {e:#}", v.name))?;
         out.insert(v.name.clone(), path);
     }
     Ok(out)
@@ -285,7 +389,10 @@ pub async fn set_up_all(client: &kube::Client, pod: &Pod, root: &Path, rt: &Runt
 
 /// Whether the pod has volumes whose content follows API objects (refreshed on resync).
 pub fn has_live_content(pod: &Pod) -> bool {
-    pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()).any(|v| v.config_map.is_some() || v.secret.is_some() || v.projected.is_some() || v.downward_api.is_some())
+    pod.spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .any(|v| v.config_map.is_some() || v.secret.is_some() || v.projected.is_some() || v.downward_api.is_some())
 }
 
 /// The CRI mounts of one container.
@@ -303,7 +410,12 @@ pub fn mounts(container: &Container, volumes: &BTreeMap<String, PathBuf>) -> Res
                 std::fs::create_dir_all(&host).with_context(|| format!("creating subPath {sub}"))?;
             }
         }
-        out.push(api::Mount { container_path: m.mount_path.clone(), host_path: host.display().to_string(), readonly: m.read_only.unwrap_or(false), ..Default::default() });
+        out.push(api::Mount {
+            container_path: m.mount_path.clone(),
+            host_path: host.display().to_string(),
+            readonly: m.read_only.unwrap_or(false),
+            ..Default::default()
+        });
     }
     Ok(out)
 }
@@ -322,7 +434,8 @@ pub fn termination_log(root: &Path, uid: &str, c: &Container, attempt: u32) -> R
     std::fs::create_dir_all(file.parent().unwrap_or(root))?;
     std::fs::write(&file, b"")?;
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666))?;
-    let path = c.termination_message_path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/dev/termination-log".into());
+    let path =
+        c.termination_message_path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/dev/termination-log".into());
     Ok(api::Mount { container_path: path, host_path: file.display().to_string(), ..Default::default() })
 }
 
@@ -330,7 +443,11 @@ pub fn termination_log(root: &Path, uid: &str, c: &Container, attempt: u32) -> R
 pub fn termination_message(root: &Path, uid: &str, container: &str, attempt: u32) -> Option<String> {
     use std::io::Read;
     let mut text = String::new();
-    std::fs::File::open(termination_file(root, uid, container, attempt)).ok()?.take(TERMINATION_MESSAGE_LIMIT).read_to_string(&mut text).ok()?;
+    std::fs::File::open(termination_file(root, uid, container, attempt))
+        .ok()?
+        .take(TERMINATION_MESSAGE_LIMIT)
+        .read_to_string(&mut text)
+        .ok()?;
     (!text.is_empty()).then_some(text)
 }
 
@@ -358,8 +475,11 @@ mod tests {
     #[test]
     fn projected_tokens_are_reused_until_80_percent_of_their_life() {
         use base64::Engine;
-        let jwt = |claims: serde_json::Value| format!("h.{}.s", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string()));
-        let token = jwt(serde_json::json!({"iat": 1000, "exp": 2000, "aud": ["https://kubernetes.default.svc.cluster.local"]}));
+        let jwt = |claims: serde_json::Value| {
+            format!("h.{}.s", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string()))
+        };
+        let token =
+            jwt(serde_json::json!({"iat": 1000, "exp": 2000, "aud": ["https://kubernetes.default.svc.cluster.local"]}));
         assert!(token_is_fresh(&token, &[], 1799));
         assert!(!token_is_fresh(&token, &[], 1800));
         assert!(!token_is_fresh(&token, &["vault".to_string()], 1100), "another audience needs another token");
@@ -370,7 +490,8 @@ mod tests {
     fn atomic_writes_swap_generations_and_drop_removed_keys() {
         let dir = tempfile::tempdir().unwrap();
         let v = dir.path().join("cfg");
-        let files = Files::from([("a".to_string(), (b"1".to_vec(), 0o644)), ("sub/b".to_string(), (b"2".to_vec(), 0o600))]);
+        let files =
+            Files::from([("a".to_string(), (b"1".to_vec(), 0o644)), ("sub/b".to_string(), (b"2".to_vec(), 0o600))]);
         write_atomically(&v, &files).unwrap();
         assert_eq!(std::fs::read_to_string(v.join("a")).unwrap(), "1");
         assert_eq!(std::fs::read_to_string(v.join("sub/b")).unwrap(), "2");
@@ -386,10 +507,16 @@ mod tests {
 
     #[test]
     fn sub_paths_stay_inside_their_volume() {
-        let c: Container = serde_json::from_value(serde_json::json!({"name": "c", "volumeMounts": [{"name": "v", "mountPath": "/x", "subPath": "../etc"}]})).unwrap();
+        let c: Container = serde_json::from_value(
+            serde_json::json!({"name": "c", "volumeMounts": [{"name": "v", "mountPath": "/x", "subPath": "../etc"}]}),
+        )
+        .unwrap();
         let vols = BTreeMap::from([("v".to_string(), PathBuf::from("/tmp"))]);
         assert!(mounts(&c, &vols).is_err());
-        let missing: Container = serde_json::from_value(serde_json::json!({"name": "c", "volumeMounts": [{"name": "nope", "mountPath": "/x"}]})).unwrap();
+        let missing: Container = serde_json::from_value(
+            serde_json::json!({"name": "c", "volumeMounts": [{"name": "nope", "mountPath": "/x"}]}),
+        )
+        .unwrap();
         assert!(mounts(&missing, &vols).unwrap_err().to_string().contains("nope"));
     }
 

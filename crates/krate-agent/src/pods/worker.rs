@@ -123,8 +123,28 @@ fn restarts(pod: &Pod, code: i32) -> bool {
 }
 
 impl PodWorker {
-    pub(super) fn new(shared: Arc<Shared>, uid: String, pod_rx: watch::Receiver<Option<Arc<Pod>>>, wake: Arc<Notify>, republish: Arc<AtomicBool>, stop: Arc<std::sync::Mutex<Option<StopRequest>>>) -> Self {
-        PodWorker { shared, uid, pod_rx, wake, republish, stop, backoff: Backoffs::default(), waiting: HashMap::new(), published: None, last: None, failures: 0, probers: Probers::default() }
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        uid: String,
+        pod_rx: watch::Receiver<Option<Arc<Pod>>>,
+        wake: Arc<Notify>,
+        republish: Arc<AtomicBool>,
+        stop: Arc<std::sync::Mutex<Option<StopRequest>>>,
+    ) -> Self {
+        PodWorker {
+            shared,
+            uid,
+            pod_rx,
+            wake,
+            republish,
+            stop,
+            backoff: Backoffs::default(),
+            waiting: HashMap::new(),
+            published: None,
+            last: None,
+            failures: 0,
+            probers: Probers::default(),
+        }
     }
 
     pub(super) async fn run(mut self) {
@@ -204,10 +224,17 @@ impl PodWorker {
                 stale.push(c.id);
                 continue;
             }
-            let mut st = self.cri().runtime.container_status(api::ContainerStatusRequest { container_id: c.id.clone(), verbose: false }).await?.into_inner().status;
+            let mut st = self
+                .cri()
+                .runtime
+                .container_status(api::ContainerStatusRequest { container_id: c.id.clone(), verbose: false })
+                .await?
+                .into_inner()
+                .status;
             if let Some(st) = st.as_mut().filter(|st| status::is_exited(st)) {
                 let attempt = st.metadata.as_ref().map(|m| m.attempt).unwrap_or(0);
-                if let Some(message) = volumes::termination_message(&self.shared.volume_root, &self.uid, &name, attempt) {
+                if let Some(message) = volumes::termination_message(&self.shared.volume_root, &self.uid, &name, attempt)
+                {
                     st.message = message;
                 }
             }
@@ -229,17 +256,30 @@ impl PodWorker {
     /// A ready sandbox for the pod, creating one (and clearing dead ones) if needed.
     async fn ensure_sandbox(&mut self, pod: &Pod) -> Result<(String, api::PodSandboxConfig, String)> {
         let sandboxes = self.sandboxes().await?;
-        let attempt = sandboxes.iter().map(|s| s.metadata.as_ref().map(|m| m.attempt + 1).unwrap_or(0)).max().unwrap_or(0);
+        let attempt =
+            sandboxes.iter().map(|s| s.metadata.as_ref().map(|m| m.attempt + 1).unwrap_or(0)).max().unwrap_or(0);
         let ready = sandboxes.iter().rev().find(|s| s.state == api::PodSandboxState::SandboxReady as i32);
         let (id, config) = match ready {
-            Some(s) => (s.id.clone(), spec::sandbox_config(pod, s.metadata.as_ref().map(|m| m.attempt).unwrap_or(0), &self.shared.log_root)),
+            Some(s) => (
+                s.id.clone(),
+                spec::sandbox_config(pod, s.metadata.as_ref().map(|m| m.attempt).unwrap_or(0), &self.shared.log_root),
+            ),
             None => {
                 for dead in &sandboxes {
                     self.remove_sandbox(&dead.id).await;
                 }
                 let config = spec::sandbox_config(pod, attempt, &self.shared.log_root);
-                std::fs::create_dir_all(&config.log_directory).with_context(|| format!("creating {}", config.log_directory))?;
-                let id = match self.cri().runtime.run_pod_sandbox(api::RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() }).await {
+                std::fs::create_dir_all(&config.log_directory)
+                    .with_context(|| format!("creating {}", config.log_directory))?;
+                let id = match self
+                    .cri()
+                    .runtime
+                    .run_pod_sandbox(api::RunPodSandboxRequest {
+                        config: Some(config.clone()),
+                        runtime_handler: String::new(),
+                    })
+                    .await
+                {
                     Ok(r) => r.into_inner().pod_sandbox_id,
                     Err(e) => {
                         let message = format!("Failed to create pod sandbox: {}", e.message());
@@ -251,7 +291,12 @@ impl PodWorker {
                 (id, config)
             }
         };
-        let st = self.cri().runtime.pod_sandbox_status(api::PodSandboxStatusRequest { pod_sandbox_id: id.clone(), verbose: false }).await?.into_inner();
+        let st = self
+            .cri()
+            .runtime
+            .pod_sandbox_status(api::PodSandboxStatusRequest { pod_sandbox_id: id.clone(), verbose: false })
+            .await?
+            .into_inner();
         let ip = st.status.and_then(|s| s.network).map(|n| n.ip).unwrap_or_default();
         Ok((id, config, ip))
     }
@@ -270,18 +315,21 @@ impl PodWorker {
     /// One pass: acts on the runtime, then reports. Returns when to look again (back-off).
     async fn sync(&mut self, pod: &Pod) -> Result<Option<Instant>> {
         if self.published.is_none() {
-            self.published = pod.status.as_ref().map(serde_json::to_value).transpose()?.filter(|s| s.get("phase").is_some());
+            self.published =
+                pod.status.as_ref().map(serde_json::to_value).transpose()?.filter(|s| s.get("phase").is_some());
         }
         if self.is_terminal() {
             // A finished pod keeps its containers (for logs) but not its sandbox.
             for s in self.sandboxes().await? {
                 if s.state == api::PodSandboxState::SandboxReady as i32 {
-                    let _ = self.cri().runtime.stop_pod_sandbox(api::StopPodSandboxRequest { pod_sandbox_id: s.id }).await;
+                    let _ =
+                        self.cri().runtime.stop_pod_sandbox(api::StopPodSandboxRequest { pod_sandbox_id: s.id }).await;
                 }
             }
             return Ok(None);
         }
-        let new = pod.status.as_ref().and_then(|s| s.start_time.as_ref()).is_none() && self.published.as_ref().is_none_or(|p| p.get("startTime").is_none());
+        let new = pod.status.as_ref().and_then(|s| s.start_time.as_ref()).is_none()
+            && self.published.as_ref().is_none_or(|p| p.get("startTime").is_none());
         if new {
             let conditions = self.shared.conditions.borrow().clone();
             if let Some((reason, message)) = admission::rejection(pod, &conditions, self.shared.is_shutting_down()) {
@@ -337,7 +385,9 @@ impl PodWorker {
                 }
             }
         }
-        if volumes::has_live_content(pod) && observed.values().any(|o| o.latest.as_ref().is_some_and(status::is_running)) {
+        if volumes::has_live_content(pod)
+            && observed.values().any(|o| o.latest.as_ref().is_some_and(status::is_running))
+        {
             // Running containers see ConfigMap/Secret/downward API changes within a period.
             if let Err(e) = volumes::set_up_all(&self.shared.client, pod, &self.shared.volume_root, &rt).await {
                 tracing::warn!(pod = %spec::pod_key(pod).1, error = %format!("{e:#}"), "refreshing volumes failed");
@@ -347,7 +397,11 @@ impl PodWorker {
         }
         let observed = self.observe(&sandbox_id).await?;
         // containerd announces an exit before its CRI plugin records it: look again shortly.
-        let exit_pending = observed.values().filter_map(|o| o.latest.as_ref()).map(|s| self.shared.exit_pending(&s.id, status::is_exited(s))).fold(false, |a, b| a | b);
+        let exit_pending = observed
+            .values()
+            .filter_map(|o| o.latest.as_ref())
+            .map(|s| self.shared.exit_pending(&s.id, status::is_exited(s)))
+            .fold(false, |a, b| a | b);
         if exit_pending {
             let at = Instant::now() + Duration::from_millis(200);
             wake_at(&mut next, at);
@@ -355,12 +409,21 @@ impl PodWorker {
         self.update_probes(pod, &observed, &pod_ip);
         self.publish(pod, &observed, init_done, init_failed, &pod_ip, None).await?;
         if self.is_terminal() {
-            let _ = self.cri().runtime.stop_pod_sandbox(api::StopPodSandboxRequest { pod_sandbox_id: sandbox_id }).await;
+            let _ =
+                self.cri().runtime.stop_pod_sandbox(api::StopPodSandboxRequest { pod_sandbox_id: sandbox_id }).await;
         }
         Ok(next)
     }
 
-    async fn restart_or_wait(&mut self, pod: &Pod, c: &Container, init: bool, last: &api::ContainerStatus, sandbox: &Sandbox<'_>, next: &mut Option<Instant>) {
+    async fn restart_or_wait(
+        &mut self,
+        pod: &Pod,
+        c: &Container,
+        init: bool,
+        last: &api::ContainerStatus,
+        sandbox: &Sandbox<'_>,
+        next: &mut Option<Instant>,
+    ) {
         let key = format!("container/{}", c.name);
         if Duration::from_nanos((last.finished_at - last.started_at).max(0) as u64) > BACKOFF_RESET_AFTER {
             self.backoff.reset(&key);
@@ -374,9 +437,16 @@ impl PodWorker {
             }
             Some((until, delay)) => {
                 let (ns, name, uid) = spec::pod_key(pod);
-                let message = format!("back-off {}s restarting failed container={} pod={name}_{ns}({uid})", delay.as_secs(), c.name);
+                let message = format!(
+                    "back-off {}s restarting failed container={} pod={name}_{ns}({uid})",
+                    delay.as_secs(),
+                    c.name
+                );
                 if self.waiting.get(&c.name).map(|w| w.reason.as_str()) != Some("CrashLoopBackOff") {
-                    self.shared.events.warning(&container_ref(pod, c, init), "BackOff", "Back-off restarting failed container").await;
+                    self.shared
+                        .events
+                        .warning(&container_ref(pod, c, init), "BackOff", "Back-off restarting failed container")
+                        .await;
                 }
                 self.waiting.insert(c.name.clone(), Waiting { reason: "CrashLoopBackOff".into(), message });
                 wake_at(next, until);
@@ -386,7 +456,15 @@ impl PodWorker {
 
     /// Pulls (per imagePullPolicy), creates and starts one container. Failures become
     /// the container's waiting reason and an event; back-offs set `next`.
-    async fn start(&mut self, pod: &Pod, c: &Container, init: bool, restart_count: u32, sandbox: &Sandbox<'_>, next: &mut Option<Instant>) {
+    async fn start(
+        &mut self,
+        pod: &Pod,
+        c: &Container,
+        init: bool,
+        restart_count: u32,
+        sandbox: &Sandbox<'_>,
+        next: &mut Option<Instant>,
+    ) {
         let rt = sandbox.rt;
         let object = container_ref(pod, c, init);
         let image = c.image.clone().unwrap_or_default();
@@ -415,16 +493,27 @@ impl PodWorker {
                 None
             }
         };
-        let image_ref = match crate::images::ensure(&self.shared, &image, c.image_pull_policy.as_deref(), auth, sandbox.config, &object).await {
+        let image_ref = match crate::images::ensure(
+            &self.shared,
+            &image,
+            c.image_pull_policy.as_deref(),
+            auth,
+            sandbox.config,
+            &object,
+        )
+        .await
+        {
             Ok(r) => {
                 self.backoff.reset(&pull_key);
                 r
             }
             Err(e) => {
                 self.backoff.bump(&pull_key);
-                let until = self.backoff.waiting(&pull_key, None).map_or(Instant::now() + BACKOFF_START, |(until, _)| until);
+                let until =
+                    self.backoff.waiting(&pull_key, None).map_or(Instant::now() + BACKOFF_START, |(until, _)| until);
                 wake_at(next, until);
-                self.waiting.insert(c.name.clone(), Waiting { reason: "ErrImagePull".into(), message: format!("{e:#}") });
+                self.waiting
+                    .insert(c.name.clone(), Waiting { reason: "ErrImagePull".into(), message: format!("{e:#}") });
                 return;
             }
         };
@@ -454,7 +543,11 @@ impl PodWorker {
         let created = self
             .cri()
             .runtime
-            .create_container(api::CreateContainerRequest { pod_sandbox_id: sandbox.id.to_string(), config: Some(plan.config()), sandbox_config: Some(sandbox.config.clone()) })
+            .create_container(api::CreateContainerRequest {
+                pod_sandbox_id: sandbox.id.to_string(),
+                config: Some(plan.config()),
+                sandbox_config: Some(sandbox.config.clone()),
+            })
             .await;
         let id = match created {
             Ok(r) => r.into_inner().container_id,
@@ -468,10 +561,16 @@ impl PodWorker {
                 self.shared.events.normal(&object, "Started", &format!("Started container {}", c.name)).await;
                 if let Some(hook) = c.lifecycle.as_ref().and_then(|l| l.post_start.as_ref()) {
                     // A failed postStart hook kills the container; the restart policy decides.
-                    if let Err(message) = probe::run_hook(&self.target(pod, c, &id, rt.pod_ip), hook, HOOK_TIMEOUT).await {
+                    if let Err(message) =
+                        probe::run_hook(&self.target(pod, c, &id, rt.pod_ip), hook, HOOK_TIMEOUT).await
+                    {
                         self.shared.events.warning(&object, "FailedPostStartHook", &message).await;
                         let grace = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
-                        let _ = self.cri().runtime.stop_container(api::StopContainerRequest { container_id: id, timeout: grace }).await;
+                        let _ = self
+                            .cri()
+                            .runtime
+                            .stop_container(api::StopContainerRequest { container_id: id, timeout: grace })
+                            .await;
                     }
                 }
             }
@@ -484,11 +583,18 @@ impl PodWorker {
     /// Runs the probes of running app containers: the startup probe until it succeeds,
     /// then liveness and readiness.
     fn update_probes(&mut self, pod: &Pod, observed: &HashMap<String, Observed>, pod_ip: &str) {
-        let running: std::collections::HashSet<String> = observed.values().filter_map(|o| o.latest.as_ref().filter(|s| status::is_running(s)).map(|s| s.id.clone())).collect();
+        let running: std::collections::HashSet<String> = observed
+            .values()
+            .filter_map(|o| o.latest.as_ref().filter(|s| status::is_running(s)).map(|s| s.id.clone()))
+            .collect();
         self.probers.retain(&running);
         for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
-            let Some(s) = observed.get(&c.name).and_then(|o| o.latest.as_ref()).filter(|s| status::is_running(s)) else { continue };
-            let kinds: &[Kind] = if self.started(c, &s.id) { &[Kind::Liveness, Kind::Readiness] } else { &[Kind::Startup] };
+            let Some(s) = observed.get(&c.name).and_then(|o| o.latest.as_ref()).filter(|s| status::is_running(s))
+            else {
+                continue;
+            };
+            let kinds: &[Kind] =
+                if self.started(c, &s.id) { &[Kind::Liveness, Kind::Readiness] } else { &[Kind::Startup] };
             for kind in kinds {
                 let target = self.target(pod, c, &s.id, pod_ip);
                 self.probers.ensure(target, *kind);
@@ -516,26 +622,41 @@ impl PodWorker {
 
     /// Whether the running container counts as ready (its readiness probe, if any, passed).
     fn ready(&self, c: &Container, id: &str) -> bool {
-        self.started(c, id) && (c.readiness_probe.is_none() || self.probers.verdict(id, Kind::Readiness) == Some(Verdict::Success))
+        self.started(c, id)
+            && (c.readiness_probe.is_none() || self.probers.verdict(id, Kind::Readiness) == Some(Verdict::Success))
     }
 
     /// Stops a container whose liveness or startup probe failed; its exit then restarts it
     /// under the restart policy.
     async fn kill_if_unhealthy(&mut self, pod: &Pod, c: &Container, s: &api::ContainerStatus) {
-        let failed = [Kind::Liveness, Kind::Startup].into_iter().find(|k| matches!(self.probers.verdict(&s.id, *k), Some(Verdict::Failure(_))));
+        let failed = [Kind::Liveness, Kind::Startup]
+            .into_iter()
+            .find(|k| matches!(self.probers.verdict(&s.id, *k), Some(Verdict::Failure(_))));
         let Some(kind) = failed else { return };
         let object = container_ref(pod, c, false);
         let message = format!("Container {} failed {} probe, will be restarted", c.name, kind.name().to_lowercase());
         self.shared.events.normal(&object, "Killing", &message).await;
         let grace = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
-        if let Err(e) = self.cri().runtime.stop_container(api::StopContainerRequest { container_id: s.id.clone(), timeout: grace }).await {
+        if let Err(e) = self
+            .cri()
+            .runtime
+            .stop_container(api::StopContainerRequest { container_id: s.id.clone(), timeout: grace })
+            .await
+        {
             tracing::warn!(container = %s.id, error = %e.message(), "stopping an unhealthy container failed");
         }
     }
 
     /// A container that could not be created this pass: a Failed event, its waiting
     /// reason, and another try after the first back-off step.
-    async fn not_created(&mut self, object: &ObjectReference, c: &Container, reason: &str, message: String, next: &mut Option<Instant>) {
+    async fn not_created(
+        &mut self,
+        object: &ObjectReference,
+        c: &Container,
+        reason: &str,
+        message: String,
+        next: &mut Option<Instant>,
+    ) {
         self.shared.events.warning(object, "Failed", &format!("Error: {message}")).await;
         self.waiting.insert(c.name.clone(), Waiting { reason: reason.into(), message });
         wake_at(next, Instant::now() + BACKOFF_START);
@@ -543,9 +664,21 @@ impl PodWorker {
 
     /// Reports the pod's status from what the runtime shows. `ended`: the agent stopped the
     /// pod (node shutdown) and says so: Failed, with this reason and message.
-    async fn publish(&mut self, pod: &Pod, observed: &HashMap<String, Observed>, init_done: bool, init_failed: bool, pod_ip: &str, ended: Option<(&str, &str)>) -> Result<()> {
+    async fn publish(
+        &mut self,
+        pod: &Pod,
+        observed: &HashMap<String, Observed>,
+        init_done: bool,
+        init_failed: bool,
+        pod_ip: &str,
+        ended: Option<(&str, &str)>,
+    ) -> Result<()> {
         let spec = pod.spec.clone().unwrap_or_default();
-        let app: Vec<(Observed, Option<Waiting>)> = spec.containers.iter().map(|c| (observed.get(&c.name).cloned().unwrap_or_default(), self.waiting.get(&c.name).cloned())).collect();
+        let app: Vec<(Observed, Option<Waiting>)> = spec
+            .containers
+            .iter()
+            .map(|c| (observed.get(&c.name).cloned().unwrap_or_default(), self.waiting.get(&c.name).cloned()))
+            .collect();
         let phase = if ended.is_some() { "Failed" } else { status::phase(pod, init_done, init_failed, &app) };
         let statuses: Vec<Value> = spec
             .containers
@@ -560,11 +693,22 @@ impl PodWorker {
             .init_containers
             .iter()
             .flatten()
-            .map(|c| status::container_status(c, &observed.get(&c.name).cloned().unwrap_or_default(), self.waiting.get(&c.name), true, false))
+            .map(|c| {
+                status::container_status(
+                    c,
+                    &observed.get(&c.name).cloned().unwrap_or_default(),
+                    self.waiting.get(&c.name),
+                    true,
+                    false,
+                )
+            })
             .collect();
         let all_ready = statuses.iter().all(|s| s["ready"] == true) && phase == "Running";
         let previous = self.published.as_ref();
-        let start_time = previous.and_then(|p| p.get("startTime").cloned()).filter(|t| !t.is_null()).unwrap_or_else(|| json!(status::time(nanos_now())));
+        let start_time = previous
+            .and_then(|p| p.get("startTime").cloned())
+            .filter(|t| !t.is_null())
+            .unwrap_or_else(|| json!(status::time(nanos_now())));
         let host_ip = &self.shared.node_ip;
         let mut status = json!({
             "phase": phase,
@@ -603,7 +747,9 @@ impl PodWorker {
         let now = status::time(nanos_now());
         if let Some(conditions) = status["conditions"].as_array_mut() {
             for c in conditions {
-                let before = previous.and_then(|p| p["conditions"].as_array()).and_then(|l| l.iter().find(|x| x["type"] == c["type"]));
+                let before = previous
+                    .and_then(|p| p["conditions"].as_array())
+                    .and_then(|l| l.iter().find(|x| x["type"] == c["type"]));
                 let time = match before {
                     Some(b) if b["status"] == c["status"] => b["lastTransitionTime"].clone(),
                     _ => json!(now),
@@ -621,7 +767,9 @@ impl PodWorker {
     async fn write_status(&mut self, pod: &Pod, status: Value) -> Result<()> {
         let (ns, name, _) = spec::pod_key(pod);
         let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), &ns);
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await.with_context(|| format!("reporting the status of pod {ns}/{name}"))?;
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status})))
+            .await
+            .with_context(|| format!("reporting the status of pod {ns}/{name}"))?;
         self.published = Some(status);
         Ok(())
     }
@@ -643,9 +791,17 @@ impl PodWorker {
         self.stop_containers(grace).await;
         let sandboxes = self.sandboxes().await?;
         let Some(sandbox) = sandboxes.last() else { return Ok(()) };
-        let _ = self.cri().runtime.stop_pod_sandbox(api::StopPodSandboxRequest { pod_sandbox_id: sandbox.id.clone() }).await;
+        let _ = self
+            .cri()
+            .runtime
+            .stop_pod_sandbox(api::StopPodSandboxRequest { pod_sandbox_id: sandbox.id.clone() })
+            .await;
         let observed = self.observe(&sandbox.id).await?;
-        let init_done = self.published.as_ref().and_then(|p| p["conditions"].as_array()?.iter().find(|c| c["type"] == "Initialized").cloned()).is_none_or(|c| c["status"] == "True");
+        let init_done = self
+            .published
+            .as_ref()
+            .and_then(|p| p["conditions"].as_array()?.iter().find(|c| c["type"] == "Initialized").cloned())
+            .is_none_or(|c| c["status"] == "True");
         let pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
         // No later pass prunes the probes of a terminal pod.
         self.probers = Probers::default();
@@ -687,7 +843,9 @@ impl PodWorker {
             let events = self.shared.events.clone();
             async move {
                 if let Some((target, hook, object)) = hook {
-                    if let Err(message) = probe::run_hook(&target, &hook, deadline.saturating_duration_since(Instant::now())).await {
+                    if let Err(message) =
+                        probe::run_hook(&target, &hook, deadline.saturating_duration_since(Instant::now())).await
+                    {
                         events.warning(&object, "FailedPreStopHook", &message).await;
                     }
                 }
@@ -703,7 +861,11 @@ impl PodWorker {
     async fn finish_deletion(&self, pod: &Pod) {
         let (ns, name, uid) = spec::pod_key(pod);
         let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), &ns);
-        let params = DeleteParams { grace_period_seconds: Some(0), preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }), ..Default::default() };
+        let params = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }),
+            ..Default::default()
+        };
         if let Err(e) = krate_client::tolerate(api.delete(&name, &params).await, &[404, 409]) {
             tracing::warn!(pod = %format!("{ns}/{name}"), error = %e, "finishing a pod deletion failed");
         }

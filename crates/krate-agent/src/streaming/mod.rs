@@ -93,10 +93,18 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
 }
 
 /// Serves one exec/attach/port-forward request for `namespace/pod` (and `container`).
-pub async fn serve(mut req: Request<hyper::body::Incoming>, mut cri: Cri, action: Action, namespace: &str, pod: &str, container: Option<&str>) -> Response<Body> {
+pub async fn serve(
+    mut req: Request<hyper::body::Incoming>,
+    mut cri: Cri,
+    action: Action,
+    namespace: &str,
+    pod: &str,
+    container: Option<&str>,
+) -> Response<Body> {
     let query = req.uri().query().unwrap_or_default().to_string();
     let opts = StreamOptions::from_query(&query);
-    let upgrade = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_ascii_lowercase();
+    let upgrade =
+        req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_ascii_lowercase();
     let offered = header_list(req.headers(), "Sec-WebSocket-Protocol");
     let url = match streaming_url(&mut cri, action, namespace, pod, container, &opts).await {
         Ok(url) => url,
@@ -104,12 +112,19 @@ pub async fn serve(mut req: Request<hyper::body::Incoming>, mut cri: Cri, action
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     if upgrade == "websocket" {
-        let wanted: &[&str] = if action == Action::PortForward { &[PORT_FORWARD_TUNNEL, CHANNEL_V5, CHANNEL_V4] } else { &[CHANNEL_V5, CHANNEL_V4] };
+        let wanted: &[&str] = if action == Action::PortForward {
+            &[PORT_FORWARD_TUNNEL, CHANNEL_V5, CHANNEL_V4]
+        } else {
+            &[CHANNEL_V5, CHANNEL_V4]
+        };
         let Some(protocol) = wanted.iter().find(|p| offered.iter().any(|o| o == *p)).copied() else {
             return text(StatusCode::BAD_REQUEST, format!("unable to upgrade: none of the offered WebSocket protocols {offered:?} is supported; this agent speaks {wanted:?}"));
         };
         if action == Action::PortForward && protocol != PORT_FORWARD_TUNNEL && opts.ports.is_empty() {
-            return text(StatusCode::BAD_REQUEST, "port-forward over channels needs the ports to forward: add ports=<port>[,<port>...] to the query");
+            return text(
+                StatusCode::BAD_REQUEST,
+                "port-forward over channels needs the ports to forward: add ports=<port>[,<port>...] to the query",
+            );
         }
         let Some(key) = req.headers().get("Sec-WebSocket-Key") else {
             return text(StatusCode::BAD_REQUEST, "unable to upgrade: missing Sec-WebSocket-Key");
@@ -137,7 +152,12 @@ pub async fn serve(mut req: Request<hyper::body::Incoming>, mut cri: Cri, action
         let protocols = header_list(req.headers(), STREAM_PROTOCOL_HEADER);
         let (runtime, chosen) = match dial(&url, &protocols).await {
             Ok(dialed) => dialed,
-            Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("connecting to the container runtime's streaming server: {e:#}")),
+            Err(e) => {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("connecting to the container runtime's streaming server: {e:#}"),
+                )
+            }
         };
         tokio::spawn(pipe(on_upgrade, runtime));
         let mut response = switching_to("SPDY/3.1");
@@ -146,13 +166,23 @@ pub async fn serve(mut req: Request<hyper::body::Incoming>, mut cri: Cri, action
         }
         return response;
     }
-    text(StatusCode::BAD_REQUEST, "Upgrade request required: connect with a WebSocket (v5.channel.k8s.io) or SPDY/3.1 client such as kubectl")
+    text(
+        StatusCode::BAD_REQUEST,
+        "Upgrade request required: connect with a WebSocket (v5.channel.k8s.io) or SPDY/3.1 client such as kubectl",
+    )
 }
 
 /// The values of a comma-separated list header, possibly given over several headers
 /// (the protocols a WebSocket or SPDY client offers).
 fn header_list(headers: &HeaderMap, name: &str) -> Vec<String> {
-    headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect()
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect()
 }
 
 /// A `101 Switching Protocols` answer to `upgrade`.
@@ -165,30 +195,68 @@ fn switching_to(upgrade: &'static str) -> Response<Body> {
 }
 
 /// Asks CRI for the streaming URL of the request. Errors carry the HTTP status to answer.
-async fn streaming_url(cri: &mut Cri, action: Action, namespace: &str, pod: &str, container: Option<&str>, opts: &StreamOptions) -> Result<String, (StatusCode, String)> {
+async fn streaming_url(
+    cri: &mut Cri,
+    action: Action,
+    namespace: &str,
+    pod: &str,
+    container: Option<&str>,
+    opts: &StreamOptions,
+) -> Result<String, (StatusCode, String)> {
     let internal = |e: tonic::Status| (StatusCode::INTERNAL_SERVER_ERROR, e.message().to_string());
     if action == Action::PortForward {
-        let sandboxes = cri.sandboxes_labelled(&[(spec::POD_NAMESPACE, namespace), (spec::POD_NAME, pod)]).await.map_err(internal)?;
-        let ready = sandboxes.iter().filter(|s| s.state == api::PodSandboxState::SandboxReady as i32).max_by_key(|s| s.created_at);
-        let sandbox = ready.ok_or_else(|| (StatusCode::NOT_FOUND, format!("pod {namespace}/{pod} has no running sandbox on this node")))?;
+        let sandboxes = cri
+            .sandboxes_labelled(&[(spec::POD_NAMESPACE, namespace), (spec::POD_NAME, pod)])
+            .await
+            .map_err(internal)?;
+        let ready = sandboxes
+            .iter()
+            .filter(|s| s.state == api::PodSandboxState::SandboxReady as i32)
+            .max_by_key(|s| s.created_at);
+        let sandbox = ready.ok_or_else(|| {
+            (StatusCode::NOT_FOUND, format!("pod {namespace}/{pod} has no running sandbox on this node"))
+        })?;
         let request = api::PortForwardRequest { pod_sandbox_id: sandbox.id.clone(), port: vec![] };
         return Ok(cri.runtime.port_forward(request).await.map_err(internal)?.into_inner().url);
     }
     let container = container.unwrap_or_default();
-    let list = cri.containers_labelled(&[(spec::POD_NAMESPACE, namespace), (spec::POD_NAME, pod), (spec::CONTAINER_NAME, container)]).await.map_err(internal)?;
+    let list = cri
+        .containers_labelled(&[
+            (spec::POD_NAMESPACE, namespace),
+            (spec::POD_NAME, pod),
+            (spec::CONTAINER_NAME, container),
+        ])
+        .await
+        .map_err(internal)?;
     let running = list.first().filter(|c| c.state == api::ContainerState::ContainerRunning as i32);
     let Some(target) = running else {
-        return Err((StatusCode::NOT_FOUND, format!("container not found (\"{container}\"): it is not running in pod {namespace}/{pod}")));
+        return Err((
+            StatusCode::NOT_FOUND,
+            format!("container not found (\"{container}\"): it is not running in pod {namespace}/{pod}"),
+        ));
     };
     let id = target.id.clone();
     if action == Action::Attach {
-        let request = api::AttachRequest { container_id: id, stdin: opts.stdin, tty: opts.tty, stdout: opts.stdout, stderr: opts.stderr };
+        let request = api::AttachRequest {
+            container_id: id,
+            stdin: opts.stdin,
+            tty: opts.tty,
+            stdout: opts.stdout,
+            stderr: opts.stderr,
+        };
         return Ok(cri.runtime.attach(request).await.map_err(internal)?.into_inner().url);
     }
     if opts.command.is_empty() {
         return Err((StatusCode::BAD_REQUEST, "you must specify at least one command for the container".to_string()));
     }
-    let request = api::ExecRequest { container_id: id, cmd: opts.command.clone(), tty: opts.tty, stdin: opts.stdin, stdout: opts.stdout, stderr: opts.stderr };
+    let request = api::ExecRequest {
+        container_id: id,
+        cmd: opts.command.clone(),
+        tty: opts.tty,
+        stdin: opts.stdin,
+        stdout: opts.stdout,
+        stderr: opts.stderr,
+    };
     Ok(cri.runtime.exec(request).await.map_err(internal)?.into_inner().url)
 }
 
@@ -197,13 +265,20 @@ async fn streaming_url(cri: &mut Cri, action: Action, namespace: &str, pod: &str
 async fn dial(url: &str, protocols: &[String]) -> Result<(Upgraded, Option<HeaderValue>)> {
     let uri: http::Uri = url.parse().with_context(|| format!("the runtime's streaming URL {url:?}"))?;
     if uri.scheme_str() != Some("http") {
-        bail!("streaming URL {url} is not plain HTTP on this node; only containerd's local streaming server is supported");
+        bail!(
+            "streaming URL {url} is not plain HTTP on this node; only containerd's local streaming server is supported"
+        );
     }
     let authority = uri.authority().context("streaming URL without a host")?.clone();
-    let tcp = tokio::net::TcpStream::connect(authority.as_str()).await.with_context(|| format!("connecting to {authority}"))?;
+    let tcp = tokio::net::TcpStream::connect(authority.as_str())
+        .await
+        .with_context(|| format!("connecting to {authority}"))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(connection.with_upgrades());
-    let mut request = Request::post(uri.path()).header(header::HOST, authority.as_str()).header(header::CONNECTION, "Upgrade").header(header::UPGRADE, "SPDY/3.1");
+    let mut request = Request::post(uri.path())
+        .header(header::HOST, authority.as_str())
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "SPDY/3.1");
     for protocol in protocols {
         request = request.header(STREAM_PROTOCOL_HEADER, protocol);
     }
@@ -232,7 +307,11 @@ fn closing() -> Message {
 
 /// A SPDY session with the runtime speaking `protocol`; if there is none, the WebSocket
 /// client is told why and closed.
-async fn runtime_session(url: &str, protocol: &str, ws: &mut futures::stream::SplitSink<Socket, Message>) -> Option<spdy::Session> {
+async fn runtime_session(
+    url: &str,
+    protocol: &str,
+    ws: &mut futures::stream::SplitSink<Socket, Message>,
+) -> Option<spdy::Session> {
     match dial(url, &[protocol.to_string()]).await {
         Ok((io, _)) => Some(spdy::Session::start(TokioIo::new(io))),
         Err(e) => {
@@ -295,7 +374,13 @@ async fn channels(ws: Socket, url: &str, opts: &StreamOptions, v5: bool) -> Resu
     let mut error = session.open(&[("streamtype", "error")]).await?;
     let open = |wanted: bool, kind: &'static str| {
         let session = session.clone();
-        async move { if wanted { session.open(&[("streamtype", kind)]).await.map(Some) } else { Ok(None) } }
+        async move {
+            if wanted {
+                session.open(&[("streamtype", kind)]).await.map(Some)
+            } else {
+                Ok(None)
+            }
+        }
     };
     let stdin = open(opts.stdin, "stdin").await?;
     let stdout = open(opts.stdout, "stdout").await?;
@@ -435,9 +520,15 @@ async fn tunnel(ws: Socket, url: &str) -> Result<()> {
 /// Parses `/exec|attach/{namespace}/{pod}/{container}` and `/portForward/{namespace}/{pod}`.
 pub fn route(parts: &[&str]) -> Option<(Action, String, String, Option<String>)> {
     match parts {
-        ["exec", ns, pod, container] | ["exec", ns, pod, _, container] => Some((Action::Exec, ns.to_string(), pod.to_string(), Some(container.to_string()))),
-        ["attach", ns, pod, container] | ["attach", ns, pod, _, container] => Some((Action::Attach, ns.to_string(), pod.to_string(), Some(container.to_string()))),
-        ["portForward", ns, pod] | ["portForward", ns, pod, _] => Some((Action::PortForward, ns.to_string(), pod.to_string(), None)),
+        ["exec", ns, pod, container] | ["exec", ns, pod, _, container] => {
+            Some((Action::Exec, ns.to_string(), pod.to_string(), Some(container.to_string())))
+        }
+        ["attach", ns, pod, container] | ["attach", ns, pod, _, container] => {
+            Some((Action::Attach, ns.to_string(), pod.to_string(), Some(container.to_string())))
+        }
+        ["portForward", ns, pod] | ["portForward", ns, pod, _] => {
+            Some((Action::PortForward, ns.to_string(), pod.to_string(), None))
+        }
         _ => None,
     }
 }
@@ -448,8 +539,20 @@ mod tests {
 
     #[test]
     fn options_come_from_the_query_and_a_tty_merges_stderr() {
-        let opts = StreamOptions::from_query("command=sh&command=-c&command=echo%20hi&stdin=true&stdout=1&stderr=true&tty=true");
-        assert_eq!(opts, StreamOptions { command: vec!["sh".into(), "-c".into(), "echo hi".into()], stdin: true, stdout: true, stderr: false, tty: true, ports: vec![] });
+        let opts = StreamOptions::from_query(
+            "command=sh&command=-c&command=echo%20hi&stdin=true&stdout=1&stderr=true&tty=true",
+        );
+        assert_eq!(
+            opts,
+            StreamOptions {
+                command: vec!["sh".into(), "-c".into(), "echo hi".into()],
+                stdin: true,
+                stdout: true,
+                stderr: false,
+                tty: true,
+                ports: vec![]
+            }
+        );
         assert_eq!(StreamOptions::from_query("ports=80%2C1234&ports=9").ports, vec![80, 1234, 9]);
         let opts = StreamOptions::from_query("command=ls&output=1&error=1");
         assert_eq!((opts.stdout, opts.stderr, opts.stdin), (true, true, false));

@@ -35,13 +35,70 @@ pub fn dictionary() -> &'static [u8] {
     static DICTIONARY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     DICTIONARY.get_or_init(|| {
         const WORDS: &[&str] = &[
-            "options", "head", "post", "put", "delete", "trace", "accept", "accept-charset", "accept-encoding", "accept-language",
-            "accept-ranges", "age", "allow", "authorization", "cache-control", "connection", "content-base", "content-encoding",
-            "content-language", "content-length", "content-location", "content-md5", "content-range", "content-type", "date", "etag",
-            "expect", "expires", "from", "host", "if-match", "if-modified-since", "if-none-match", "if-range", "if-unmodified-since",
-            "last-modified", "location", "max-forwards", "pragma", "proxy-authenticate", "proxy-authorization", "range", "referer",
-            "retry-after", "server", "te", "trailer", "transfer-encoding", "upgrade", "user-agent", "vary", "via", "warning",
-            "www-authenticate", "method", "get", "status", "200 OK", "version", "HTTP/1.1", "url", "public", "set-cookie", "keep-alive",
+            "options",
+            "head",
+            "post",
+            "put",
+            "delete",
+            "trace",
+            "accept",
+            "accept-charset",
+            "accept-encoding",
+            "accept-language",
+            "accept-ranges",
+            "age",
+            "allow",
+            "authorization",
+            "cache-control",
+            "connection",
+            "content-base",
+            "content-encoding",
+            "content-language",
+            "content-length",
+            "content-location",
+            "content-md5",
+            "content-range",
+            "content-type",
+            "date",
+            "etag",
+            "expect",
+            "expires",
+            "from",
+            "host",
+            "if-match",
+            "if-modified-since",
+            "if-none-match",
+            "if-range",
+            "if-unmodified-since",
+            "last-modified",
+            "location",
+            "max-forwards",
+            "pragma",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "range",
+            "referer",
+            "retry-after",
+            "server",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "user-agent",
+            "vary",
+            "via",
+            "warning",
+            "www-authenticate",
+            "method",
+            "get",
+            "status",
+            "200 OK",
+            "version",
+            "HTTP/1.1",
+            "url",
+            "public",
+            "set-cookie",
+            "keep-alive",
             "origin",
         ];
         const TAIL: &str = concat!(
@@ -98,7 +155,9 @@ fn decode_headers(zlib: &mut Decompress, block: &[u8]) -> Result<Vec<(String, St
         let before = zlib.total_in();
         match zlib.decompress_vec(&block[consumed..], &mut out, FlushDecompress::Sync) {
             Ok(_) => {}
-            Err(e) if e.needs_dictionary().is_some() => zlib.set_dictionary(dictionary()).map(|_| ()).context("setting the SPDY header dictionary")?,
+            Err(e) if e.needs_dictionary().is_some() => {
+                zlib.set_dictionary(dictionary()).map(|_| ()).context("setting the SPDY header dictionary")?
+            }
             Err(e) => bail!("corrupt SPDY header block: {e}"),
         }
         consumed += (zlib.total_in() - before) as usize;
@@ -184,7 +243,11 @@ pub struct StreamWriter {
 
 impl StreamWriter {
     pub async fn send(&self, data: Bytes) -> Result<()> {
-        self.out.send(Outgoing::Data { id: self.id, data, fin: false }).await.ok().context("the SPDY connection is closed")
+        self.out
+            .send(Outgoing::Data { id: self.id, data, fin: false })
+            .await
+            .ok()
+            .context("the SPDY connection is closed")
     }
 
     /// Half-closes this side of the stream.
@@ -260,7 +323,12 @@ async fn write_loop<W: AsyncWrite>(write: W, mut rx: mpsc::Receiver<Outgoing>) -
     Ok(())
 }
 
-async fn read_loop<R: AsyncRead>(read: R, inboxes: Inboxes, out: mpsc::Sender<Outgoing>, session: Session) -> Result<()> {
+async fn read_loop<R: AsyncRead>(
+    read: R,
+    inboxes: Inboxes,
+    out: mpsc::Sender<Outgoing>,
+    session: Session,
+) -> Result<()> {
     tokio::pin!(read);
     let mut zlib = Decompress::new(true);
     loop {
@@ -277,7 +345,9 @@ async fn read_loop<R: AsyncRead>(read: R, inboxes: Inboxes, out: mpsc::Sender<Ou
         }
         let mut payload = vec![0u8; len];
         read.read_exact(&mut payload).await?;
-        let word = |at: usize| payload.get(at..at + 4).map(|b| u32::from_be_bytes(b.try_into().unwrap()) & 0x7fff_ffff).unwrap_or(0);
+        let word = |at: usize| {
+            payload.get(at..at + 4).map(|b| u32::from_be_bytes(b.try_into().unwrap()) & 0x7fff_ffff).unwrap_or(0)
+        };
         if head[0] & 0x80 == 0 {
             let id = u32::from_be_bytes(head[..4].try_into().unwrap());
             let inbox = inboxes.lock().unwrap().get(&id).cloned();
@@ -335,10 +405,14 @@ mod tests {
     fn header_blocks_round_trip_through_one_context_per_direction() {
         let (mut compress, mut decompress) = (Compress::new(Compression::best(), true), Decompress::new(true));
         for round in 0..3 {
-            let headers = vec![("StreamType".to_string(), "stdout".to_string()), ("port".to_string(), format!("80{round}"))];
+            let headers =
+                vec![("StreamType".to_string(), "stdout".to_string()), ("port".to_string(), format!("80{round}"))];
             let block = encode_headers(&mut compress, &headers).unwrap();
             let decoded = decode_headers(&mut decompress, &block).unwrap();
-            assert_eq!(decoded, vec![("streamtype".to_string(), "stdout".to_string()), ("port".to_string(), format!("80{round}"))]);
+            assert_eq!(
+                decoded,
+                vec![("streamtype".to_string(), "stdout".to_string()), ("port".to_string(), format!("80{round}"))]
+            );
         }
     }
 

@@ -143,7 +143,10 @@ fn element_key(keys: &[String], item: &Value, element: Option<&Node>) -> Option<
     for k in keys {
         let value = match item.get(k) {
             Some(v) if !v.is_null() => v.clone(),
-            _ => match element.and_then(|e| e.field(k)).and_then(|f| f.default.clone().or_else(|| f.resolve().default.clone())) {
+            _ => match element
+                .and_then(|e| e.field(k))
+                .and_then(|f| f.default.clone().or_else(|| f.resolve().default.clone()))
+            {
                 Some(d) => d,
                 None if k == "protocol" => Value::String("TCP".into()),
                 None => continue,
@@ -228,7 +231,9 @@ fn walk_changed(schema: Option<&Node>, old: Option<&Value>, new: &Value, path: &
             let old_items = old.and_then(Value::as_array);
             for (i, item) in items.iter().enumerate() {
                 let key = item_path_element(schema, i, item);
-                let before = old_items.and_then(|o| o.iter().enumerate().find(|(j, x)| item_path_element(schema, *j, x) == key)).map(|(_, x)| x);
+                let before = old_items
+                    .and_then(|o| o.iter().enumerate().find(|(j, x)| item_path_element(schema, *j, x) == key))
+                    .map(|(_, x)| x);
                 path.push(key);
                 if before.is_none() {
                     out.insert(path);
@@ -267,7 +272,9 @@ pub fn remove_at(schema: Option<&Node>, value: &mut Value, path: &[String]) -> b
     }
     let element = schema.and_then(Node::element);
     let Some(items) = value.as_array_mut() else { return false };
-    let Some(pos) = items.iter().enumerate().position(|(i, item)| item_path_element(schema, i, item) == *first) else { return false };
+    let Some(pos) = items.iter().enumerate().position(|(i, item)| item_path_element(schema, i, item) == *first) else {
+        return false;
+    };
     if rest.is_empty() {
         items.remove(pos);
         return true;

@@ -60,7 +60,9 @@ impl Entry {
     }
 
     fn is(&self, manager: &Manager, operation: &str) -> bool {
-        self.manager == manager.name && self.operation == operation && self.subresource.as_deref() == manager.subresource
+        self.manager == manager.name
+            && self.operation == operation
+            && self.subresource.as_deref() == manager.subresource
     }
 }
 
@@ -82,8 +84,16 @@ fn store_entries(obj: &mut Value, entries: &[Entry]) {
 
 /// Metadata the system owns; never part of a manager's fields.
 const SYSTEM_METADATA: &[&str] = &[
-    "name", "namespace", "uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp",
-    "deletionGracePeriodSeconds", "managedFields", "selfLink",
+    "name",
+    "namespace",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "managedFields",
+    "selfLink",
 ];
 
 /// Drops the paths no manager can own through `manager`'s endpoint.
@@ -93,7 +103,9 @@ fn scope_fields(set: &mut FieldSet, manager: &Manager) {
         if matches!(first, Some("f:apiVersion" | "f:kind")) {
             return false;
         }
-        if first == Some("f:metadata") && path.get(1).is_some_and(|p| SYSTEM_METADATA.iter().any(|s| p == &format!("f:{s}"))) {
+        if first == Some("f:metadata")
+            && path.get(1).is_some_and(|p| SYSTEM_METADATA.iter().any(|s| p == &format!("f:{s}")))
+        {
             return false;
         }
         match manager.subresource {
@@ -118,7 +130,9 @@ pub fn track_update(schema: Option<&Node>, old: Option<&Value>, new: &mut Value,
     let requested = object::get(new, &["metadata", "managedFields"]).cloned();
     let previous = old.map(entries).unwrap_or_default();
     let mut list = match &requested {
-        Some(Value::Array(items)) if old.and_then(|o| object::get(o, &["metadata", "managedFields"])) != requested.as_ref() => {
+        Some(Value::Array(items))
+            if old.and_then(|o| object::get(o, &["metadata", "managedFields"])) != requested.as_ref() =>
+        {
             let parsed: Vec<Entry> = items.iter().filter_map(Entry::parse).collect();
             store_entries(new, &parsed);
             return;
@@ -154,7 +168,13 @@ pub fn track_update(schema: Option<&Node>, old: Option<&Value>, new: &mut Value,
 /// Server-side apply of `config` by `manager` onto `live` (None: the object is new).
 /// Returns the merged object with updated managedFields, or a 409 listing the fields
 /// other managers own with different values (unless `force`, which takes them over).
-pub fn apply(schema: Option<&Node>, live: Option<&Value>, config: &Value, manager: &Manager, force: bool) -> Result<Value, ApiError> {
+pub fn apply(
+    schema: Option<&Node>,
+    live: Option<&Value>,
+    config: &Value,
+    manager: &Manager,
+    force: bool,
+) -> Result<Value, ApiError> {
     let mut config = config.clone();
     if let Some(map) = config.as_object_mut() {
         if let Some(meta) = map.get_mut("metadata").and_then(Value::as_object_mut) {
@@ -179,8 +199,16 @@ pub fn apply(schema: Option<&Node>, live: Option<&Value>, config: &Value, manage
     let mut conflicts: Vec<(String, String, Path)> = Vec::new();
     if let Some(live) = live {
         // An element's identity is its key; only its fields can conflict.
-        for path in applied.members().into_iter().filter(|p| p.last().is_some_and(|e| e.starts_with("f:") || e.starts_with("i:"))) {
-            let (Some(before), Some(after)) = (fields::lookup(schema, live, &path), fields::lookup(schema, &merged, &path)) else { continue };
+        for path in applied
+            .members()
+            .into_iter()
+            .filter(|p| p.last().is_some_and(|e| e.starts_with("f:") || e.starts_with("i:")))
+        {
+            let (Some(before), Some(after)) =
+                (fields::lookup(schema, live, &path), fields::lookup(schema, &merged, &path))
+            else {
+                continue;
+            };
             if before == after {
                 continue;
             }

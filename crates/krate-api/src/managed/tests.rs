@@ -15,7 +15,8 @@ fn deployment(image: &str, replicas: i64) -> Value {
 }
 
 fn fields_of(obj: &Value, manager: &str) -> Value {
-    obj["metadata"]["managedFields"].as_array().unwrap().iter().find(|e| e["manager"] == manager).unwrap()["fieldsV1"].clone()
+    obj["metadata"]["managedFields"].as_array().unwrap().iter().find(|e| e["manager"] == manager).unwrap()["fieldsV1"]
+        .clone()
 }
 
 #[test]
@@ -56,7 +57,8 @@ fn fields_no_longer_applied_are_removed_unless_shared() {
     let schema = builtin_kind("apps", "v1", "Deployment").unwrap();
     let s = Some(&*schema);
     let mut with_env = deployment("nginx:1", 2);
-    with_env["spec"]["template"]["spec"]["containers"][0]["env"] = json!([{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]);
+    with_env["spec"]["template"]["spec"]["containers"][0]["env"] =
+        json!([{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]);
     let live = apply(s, None, &with_env, &manager("alice"), false).unwrap();
     let mut fewer = deployment("nginx:1", 2);
     fewer["spec"]["template"]["spec"]["containers"][0]["env"] = json!([{"name": "A", "value": "1"}]);

@@ -78,7 +78,9 @@ fn schema() -> &'static Schema {
                     current = Some(name);
                 }
                 Some("F") => {
-                    let (Some(tag), Some(json), Some(kind)) = (parts.next(), parts.next(), parts.next()) else { continue };
+                    let (Some(tag), Some(json), Some(kind)) = (parts.next(), parts.next(), parts.next()) else {
+                        continue;
+                    };
                     let (Some(msg), Ok(tag)) = (current.as_ref(), tag.parse::<u32>()) else { continue };
                     schema
                         .messages
@@ -180,8 +182,12 @@ fn special(name: &str, fields: &Map<String, Value>, raw: &[u8]) -> Option<Value>
     let int = |k: &str| fields.get(k).and_then(Value::as_i64).unwrap_or(0);
     let short = name.rsplit('.').next().unwrap_or(name);
     match name {
-        "apimachinery.pkg.apis.meta.v1.Time" => Some(timestamp(int("seconds"), int("nanos"), false).unwrap_or(Value::Null)),
-        "apimachinery.pkg.apis.meta.v1.MicroTime" => Some(timestamp(int("seconds"), int("nanos"), true).unwrap_or(Value::Null)),
+        "apimachinery.pkg.apis.meta.v1.Time" => {
+            Some(timestamp(int("seconds"), int("nanos"), false).unwrap_or(Value::Null))
+        }
+        "apimachinery.pkg.apis.meta.v1.MicroTime" => {
+            Some(timestamp(int("seconds"), int("nanos"), true).unwrap_or(Value::Null))
+        }
         "apimachinery.pkg.util.intstr.IntOrString" => Some(if int("type") == 1 {
             fields.get("strVal").cloned().unwrap_or(json!(""))
         } else {
@@ -189,12 +195,20 @@ fn special(name: &str, fields: &Map<String, Value>, raw: &[u8]) -> Option<Value>
         }),
         "apimachinery.pkg.api.resource.Quantity" => Some(fields.get("string").cloned().unwrap_or(json!("0"))),
         "apimachinery.pkg.apis.meta.v1.Duration" => Some(json!(go_duration(int("duration")))),
-        _ if short == "RawExtension" || short == "FieldsV1" || (short == "JSON" && name.starts_with("apiextensions")) => {
+        _ if short == "RawExtension"
+            || short == "FieldsV1"
+            || (short == "JSON" && name.starts_with("apiextensions")) =>
+        {
             let _ = raw;
-            let bytes = fields.get("raw").and_then(Value::as_str).and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
+            let bytes = fields
+                .get("raw")
+                .and_then(Value::as_str)
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
             Some(bytes.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null))
         }
-        _ if fields.len() <= 1 && (short == "ExtraValue" || short == "Verbs") => Some(fields.get("items").cloned().unwrap_or(json!([]))),
+        _ if fields.len() <= 1 && (short == "ExtraValue" || short == "Verbs") => {
+            Some(fields.get("items").cloned().unwrap_or(json!([])))
+        }
         _ => None,
     }
 }
@@ -206,10 +220,29 @@ const MEANINGFUL_EMPTY_STRINGS: &[&str] = &["storageClassName", "volumeAttribute
 /// zeros are kept: for pointer fields (replicas, suspend, ...) a zero is meaningful, and
 /// for the rest a zero means the same as absent.
 const OMITTED_WHEN_ZERO: &[&str] = &[
-    "generation", "observedGeneration", "minReadySeconds", "paused", "stdin", "stdinOnce", "tty", "hostIPC",
-    "hostNetwork", "hostPID", "readOnly", "publishNotReadyAddresses", "unschedulable", "initialDelaySeconds",
-    "timeoutSeconds", "periodSeconds", "successThreshold", "failureThreshold", "hostPort", "nodePort",
-    "healthCheckNodePort", "restartCount", "deletionGracePeriodSeconds",
+    "generation",
+    "observedGeneration",
+    "minReadySeconds",
+    "paused",
+    "stdin",
+    "stdinOnce",
+    "tty",
+    "hostIPC",
+    "hostNetwork",
+    "hostPID",
+    "readOnly",
+    "publishNotReadyAddresses",
+    "unschedulable",
+    "initialDelaySeconds",
+    "timeoutSeconds",
+    "periodSeconds",
+    "successThreshold",
+    "failureThreshold",
+    "hostPort",
+    "nodePort",
+    "healthCheckNodePort",
+    "restartCount",
+    "deletionGracePeriodSeconds",
 ];
 
 fn is_omitted_zero(field: &str, v: &Value) -> bool {

@@ -167,7 +167,13 @@ impl Node {
     /// True when unknown fields below this node are kept.
     pub fn preserves_unknown(&self) -> bool {
         let node = self.resolve();
-        node.preserve_unknown_fields || (node.type_.is_none() && node.properties.is_empty() && node.reference.is_none() && node.items.is_none() && !node.int_or_string && node.additional_properties.is_none())
+        node.preserve_unknown_fields
+            || (node.type_.is_none()
+                && node.properties.is_empty()
+                && node.reference.is_none()
+                && node.items.is_none()
+                && !node.int_or_string
+                && node.additional_properties.is_none())
     }
 
     fn has_patch_strategy(&self, strategy: &str) -> bool {
@@ -253,11 +259,20 @@ mod tests {
     #[test]
     fn builtin_definitions_carry_patch_and_list_metadata() {
         let deploy = builtin_kind("apps", "v1", "Deployment").unwrap();
-        let containers = deploy.field("spec").unwrap().field("template").unwrap().field("spec").unwrap().field("containers").unwrap();
+        let containers = deploy
+            .field("spec")
+            .unwrap()
+            .field("template")
+            .unwrap()
+            .field("spec")
+            .unwrap()
+            .field("containers")
+            .unwrap();
         assert!(containers.merges());
         assert_eq!(containers.merge_key(), Some("name"));
         assert_eq!(containers.list_type(), ListType::Map(&["name".to_string()]));
-        let volumes = deploy.field("spec").unwrap().field("template").unwrap().field("spec").unwrap().field("volumes").unwrap();
+        let volumes =
+            deploy.field("spec").unwrap().field("template").unwrap().field("spec").unwrap().field("volumes").unwrap();
         assert!(volumes.retains_keys());
         let selector = deploy.field("spec").unwrap().field("selector").unwrap();
         assert!(selector.is_atomic_map());

@@ -61,7 +61,11 @@ fn walk(schema: &Node, value: &mut Value, path: &str, root: bool, out: &mut Chec
     }
     if !type_matches(node, value) {
         let t = node.type_.as_deref().unwrap_or("integer or string");
-        out.errors.push(FieldError::invalid(shown, &Value::from(type_name(value)), &format!("{shown} in body must be of type {t}: \"{}\"", type_name(value))));
+        out.errors.push(FieldError::invalid(
+            shown,
+            &Value::from(type_name(value)),
+            &format!("{shown} in body must be of type {t}: \"{}\"", type_name(value)),
+        ));
         return;
     }
     validate_scalar(node, value, shown, out);
@@ -73,7 +77,11 @@ fn walk(schema: &Node, value: &mut Value, path: &str, root: bool, out: &mut Chec
         Value::Object(map) => walk_object(node, map, path, root, out),
         Value::Array(items) => {
             if let Some(min) = node.min_items.filter(|m| (items.len() as u64) < *m) {
-                out.errors.push(FieldError::invalid(shown, &Value::from(items.len()), &format!("{shown} in body should have at least {min} items")));
+                out.errors.push(FieldError::invalid(
+                    shown,
+                    &Value::from(items.len()),
+                    &format!("{shown} in body should have at least {min} items"),
+                ));
             }
             if let Some(max) = node.max_items.filter(|m| (items.len() as u64) > *m) {
                 out.errors.push(FieldError::too_many(shown, items.len(), max));
@@ -130,7 +138,11 @@ fn validate_scalar(node: &Node, value: &Value, shown: &str, out: &mut Checked) {
     if let Some(s) = value.as_str() {
         let len = s.chars().count() as u64;
         if let Some(min) = node.min_length.filter(|m| len < *m) {
-            out.errors.push(FieldError::invalid(shown, value, &format!("{shown} in body should be at least {min} chars long")));
+            out.errors.push(FieldError::invalid(
+                shown,
+                value,
+                &format!("{shown} in body should be at least {min} chars long"),
+            ));
         }
         if let Some(max) = node.max_length.filter(|m| len > *m) {
             out.errors.push(FieldError::too_long(shown, max));
@@ -172,15 +184,24 @@ fn walk_object(node: &Node, map: &mut Map<String, Value>, path: &str, root: bool
         }
     }
     if let Some(min) = node.min_properties.filter(|m| (map.len() as u64) < *m) {
-        out.errors.push(FieldError::invalid(shown, &Value::from(map.len()), &format!("{shown} in body should have at least {min} properties")));
+        out.errors.push(FieldError::invalid(
+            shown,
+            &Value::from(map.len()),
+            &format!("{shown} in body should have at least {min} properties"),
+        ));
     }
     if let Some(max) = node.max_properties.filter(|m| (map.len() as u64) > *m) {
-        out.errors.push(FieldError::invalid(shown, &Value::from(map.len()), &format!("{shown} in body should have at most {max} properties")));
+        out.errors.push(FieldError::invalid(
+            shown,
+            &Value::from(map.len()),
+            &format!("{shown} in body should have at most {max} properties"),
+        ));
     }
     let keys: Vec<String> = map.keys().cloned().collect();
     for key in keys {
         let p = child_path(path, &key);
-        if embedded && matches!(key.as_str(), "apiVersion" | "kind" | "metadata") && !node.properties.contains_key(&key) {
+        if embedded && matches!(key.as_str(), "apiVersion" | "kind" | "metadata") && !node.properties.contains_key(&key)
+        {
             continue;
         }
         if root && key == "metadata" {
@@ -209,7 +230,9 @@ fn check_list_uniqueness(node: &Node, items: &[Value], shown: &str, out: &mut Ch
         Some("set") => items.to_vec(),
         Some("map") => items
             .iter()
-            .map(|i| Value::Array(node.list_map_keys.iter().map(|k| i.get(k).cloned().unwrap_or(Value::Null)).collect()))
+            .map(|i| {
+                Value::Array(node.list_map_keys.iter().map(|k| i.get(k).cloned().unwrap_or(Value::Null)).collect())
+            })
             .collect(),
         _ => return,
     };

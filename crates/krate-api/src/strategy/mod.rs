@@ -65,7 +65,11 @@ pub(crate) fn require_str(obj: &Value, path: &[&str], field: &str, errs: &mut Er
 pub(crate) fn check_min(obj: &Value, path: &[&str], field: &str, min: i64, errs: &mut Errors) {
     if let Some(v) = get(obj, path).and_then(Value::as_i64) {
         if v < min {
-            let detail = if min == 0 { "must be greater than or equal to 0".to_string() } else { format!("must be greater than or equal to {min}") };
+            let detail = if min == 0 {
+                "must be greater than or equal to 0".to_string()
+            } else {
+                format!("must be greater than or equal to {min}")
+            };
             errs.push(FieldError::invalid(field, &json!(v), &detail));
         }
     }
@@ -120,7 +124,11 @@ impl Strategy for ConfigMapStrategy {
         validate_data_keys(obj, &["data", "binaryData"], errs);
         if let (Some(Value::Object(d)), Some(Value::Object(b))) = (obj.get("data"), obj.get("binaryData")) {
             for key in d.keys().filter(|k| b.contains_key(*k)) {
-                errs.push(FieldError::invalid(format!("data[{key}]"), &json!(key), "duplicate of key present in binaryData"));
+                errs.push(FieldError::invalid(
+                    format!("data[{key}]"),
+                    &json!(key),
+                    "duplicate of key present in binaryData",
+                ));
             }
         }
     }
@@ -213,7 +221,9 @@ impl Strategy for PvcStrategy {
         if get(obj, &["spec", "accessModes"]).and_then(Value::as_array).is_none_or(Vec::is_empty) {
             errs.push(FieldError::required("spec.accessModes", "at least 1 access mode is required"));
         }
-        if get(obj, &["spec", "resources", "requests", "storage"]).is_none() && get(obj, &["spec", "dataSourceRef"]).is_none() {
+        if get(obj, &["spec", "resources", "requests", "storage"]).is_none()
+            && get(obj, &["spec", "dataSourceRef"]).is_none()
+        {
             errs.push(FieldError::required("spec.resources[storage]", ""));
         }
     }

@@ -117,7 +117,11 @@ pub fn validate_pod_spec(spec: &Value, path: &str, errs: &mut Errors) {
             }
             if let Some(policy) = get_str(c, &["imagePullPolicy"]) {
                 if !["Always", "IfNotPresent", "Never"].contains(&policy) {
-                    errs.push(FieldError::not_supported(format!("{at}.imagePullPolicy"), &json!(policy), &["Always", "IfNotPresent", "Never"]));
+                    errs.push(FieldError::not_supported(
+                        format!("{at}.imagePullPolicy"),
+                        &json!(policy),
+                        &["Always", "IfNotPresent", "Never"],
+                    ));
                 }
             }
             if let Some(ports) = c.get("ports").and_then(Value::as_array) {
@@ -136,7 +140,11 @@ pub fn validate_pod_spec(spec: &Value, path: &str, errs: &mut Errors) {
     }
     if let Some(policy) = get_str(spec, &["restartPolicy"]) {
         if !["Always", "OnFailure", "Never"].contains(&policy) {
-            errs.push(FieldError::not_supported(format!("{path}.restartPolicy"), &json!(policy), &["Always", "OnFailure", "Never"]));
+            errs.push(FieldError::not_supported(
+                format!("{path}.restartPolicy"),
+                &json!(policy),
+                &["Always", "OnFailure", "Never"],
+            ));
         }
     }
     if let Some(policy) = get_str(spec, &["dnsPolicy"]) {
@@ -262,7 +270,9 @@ impl Strategy for PodStrategy {
                     get_str(t, &["key"]) == Some(key) && get_str(t, &["effect"]).is_none_or(|e| e == "NoExecute")
                 });
                 if !present {
-                    list.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}));
+                    list.push(
+                        json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}),
+                    );
                 }
             }
         }

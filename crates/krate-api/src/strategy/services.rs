@@ -51,7 +51,11 @@ impl Strategy for ServiceStrategy {
         for (i, p) in ports.iter().enumerate() {
             let port = p.get("port").and_then(Value::as_i64).unwrap_or(0);
             if !(1..=65535).contains(&port) {
-                errs.push(FieldError::invalid(format!("spec.ports[{i}].port"), &json!(port), "must be between 1 and 65535, inclusive"));
+                errs.push(FieldError::invalid(
+                    format!("spec.ports[{i}].port"),
+                    &json!(port),
+                    "must be between 1 and 65535, inclusive",
+                ));
             }
             let name = get_str(p, &["name"]).unwrap_or_default();
             if ports.len() > 1 && name.is_empty() {
@@ -62,7 +66,11 @@ impl Strategy for ServiceStrategy {
             }
             if let Some(protocol) = get_str(p, &["protocol"]) {
                 if !["TCP", "UDP", "SCTP"].contains(&protocol) {
-                    errs.push(FieldError::not_supported(format!("spec.ports[{i}].protocol"), &json!(protocol), &["SCTP", "TCP", "UDP"]));
+                    errs.push(FieldError::not_supported(
+                        format!("spec.ports[{i}].protocol"),
+                        &json!(protocol),
+                        &["SCTP", "TCP", "UDP"],
+                    ));
                 }
             }
         }
@@ -102,7 +110,11 @@ impl Strategy for EndpointSliceStrategy {
     fn validate(&self, obj: &Value, errs: &mut Errors) {
         match get_str(obj, &["addressType"]) {
             Some("IPv4" | "IPv6" | "FQDN") => {}
-            other => errs.push(FieldError::not_supported("addressType", &json!(other.unwrap_or_default()), &["FQDN", "IPv4", "IPv6"])),
+            other => errs.push(FieldError::not_supported(
+                "addressType",
+                &json!(other.unwrap_or_default()),
+                &["FQDN", "IPv4", "IPv6"],
+            )),
         }
     }
 }

@@ -20,7 +20,13 @@ fn default_template(obj: &mut Value, path: &[&str]) {
 }
 
 /// Validates that a selector is present, non-empty and matches the template's labels.
-fn validate_selector_and_template(obj: &Value, selector_path: &[&str], template_path: &[&str], prefix: &str, errs: &mut Errors) {
+fn validate_selector_and_template(
+    obj: &Value,
+    selector_path: &[&str],
+    template_path: &[&str],
+    prefix: &str,
+    errs: &mut Errors,
+) {
     let selector_field = format!("{prefix}.selector");
     let template = get(obj, template_path);
     let template_field = format!("{prefix}.template");
@@ -77,7 +83,10 @@ impl Strategy for DeploymentStrategy {
                 errs.push(FieldError::not_supported("spec.strategy.type", &json!(t), &["Recreate", "RollingUpdate"]));
             }
             if t == "Recreate" && get(obj, &["spec", "strategy", "rollingUpdate"]).is_some() {
-                errs.push(FieldError::forbidden("spec.strategy.rollingUpdate", "may not be specified when strategy `type` is 'Recreate'"));
+                errs.push(FieldError::forbidden(
+                    "spec.strategy.rollingUpdate",
+                    "may not be specified when strategy `type` is 'Recreate'",
+                ));
             }
         }
     }
@@ -146,7 +155,11 @@ impl Strategy for StatefulSetStrategy {
         validate_replicated(obj, errs);
         if let Some(p) = get_str(obj, &["spec", "podManagementPolicy"]) {
             if !["OrderedReady", "Parallel"].contains(&p) {
-                errs.push(FieldError::not_supported("spec.podManagementPolicy", &json!(p), &["OrderedReady", "Parallel"]));
+                errs.push(FieldError::not_supported(
+                    "spec.podManagementPolicy",
+                    &json!(p),
+                    &["OrderedReady", "Parallel"],
+                ));
             }
         }
     }
@@ -216,7 +229,11 @@ fn validate_job_spec(spec: &Value, path: &str, errs: &mut Errors) {
     }
     if let Some(mode) = get_str(spec, &["completionMode"]) {
         if !["NonIndexed", "Indexed"].contains(&mode) {
-            errs.push(FieldError::not_supported(format!("{path}.completionMode"), &json!(mode), &["NonIndexed", "Indexed"]));
+            errs.push(FieldError::not_supported(
+                format!("{path}.completionMode"),
+                &json!(mode),
+                &["NonIndexed", "Indexed"],
+            ));
         }
         if mode == "Indexed" && spec.get("completions").is_none_or(Value::is_null) {
             errs.push(FieldError::required(format!("{path}.completions"), "when completion mode is Indexed"));
@@ -239,7 +256,11 @@ impl Strategy for JobStrategy {
         }
         let uid = crate::object::uid(obj).to_string();
         let name = crate::object::name(obj).to_string();
-        crate::object::set(obj, &["spec", "selector"], json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}));
+        crate::object::set(
+            obj,
+            &["spec", "selector"],
+            json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}),
+        );
         if let Some(labels) = crate::object::object_at(obj, &["spec", "template", "metadata", "labels"]) {
             labels.insert("batch.kubernetes.io/controller-uid".into(), json!(uid));
             labels.insert("batch.kubernetes.io/job-name".into(), json!(name));
@@ -282,7 +303,11 @@ impl Strategy for CronJobStrategy {
         }
         if let Some(p) = get_str(obj, &["spec", "concurrencyPolicy"]) {
             if !["Allow", "Forbid", "Replace"].contains(&p) {
-                errs.push(FieldError::not_supported("spec.concurrencyPolicy", &json!(p), &["Allow", "Forbid", "Replace"]));
+                errs.push(FieldError::not_supported(
+                    "spec.concurrencyPolicy",
+                    &json!(p),
+                    &["Allow", "Forbid", "Replace"],
+                ));
             }
         }
         let job_spec = get(obj, &["spec", "jobTemplate", "spec"]).unwrap_or(&Value::Null);
@@ -310,9 +335,7 @@ fn valid_cron_schedule(schedule: &str) -> bool {
         && fields.iter().all(|f| {
             f.split(',').all(|part| {
                 !part.is_empty()
-                    && part
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '*' | '/' | '-' | '?'))
+                    && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '*' | '/' | '-' | '?'))
             })
         })
 }

@@ -13,20 +13,14 @@ pub fn legacy_root(advertise_address: &str) -> Value {
 }
 
 fn group_json(name: &str, versions: &[String]) -> Value {
-    let versions: Vec<Value> = versions
-        .iter()
-        .map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v}))
-        .collect();
+    let versions: Vec<Value> =
+        versions.iter().map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v})).collect();
     json!({"name": name, "versions": versions, "preferredVersion": versions[0]})
 }
 
 pub fn group_list(kinds: &Registry) -> Value {
-    let groups: Vec<Value> = kinds
-        .groups()
-        .iter()
-        .filter(|g| !g.name.is_empty())
-        .map(|g| group_json(&g.name, &g.versions))
-        .collect();
+    let groups: Vec<Value> =
+        kinds.groups().iter().filter(|g| !g.name.is_empty()).map(|g| group_json(&g.name, &g.versions)).collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
@@ -58,9 +52,7 @@ pub fn api_resources(k: &KindInfo) -> Vec<Value> {
         main["categories"] = json!(k.categories);
     }
     let mut out = vec![main];
-    let sub = |name: &str, kind: &str, verbs: &[&str]| {
-        json!({"name": format!("{}/{name}", k.plural), "singularName": "", "namespaced": k.namespaced, "kind": kind, "verbs": verbs})
-    };
+    let sub = |name: &str, kind: &str, verbs: &[&str]| json!({"name": format!("{}/{name}", k.plural), "singularName": "", "namespaced": k.namespaced, "kind": kind, "verbs": verbs});
     if k.status {
         out.push(sub("status", &k.kind, &["get", "patch", "update"]));
     }
@@ -115,7 +107,9 @@ pub fn wants_aggregated(accept: Option<&str>) -> Option<&'static str> {
                 return Some("application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList");
             }
         }
-        if params.first().is_some_and(|e| matches!(*e, "application/json" | "*/*" | "application/*")) && params.len() == 1 {
+        if params.first().is_some_and(|e| matches!(*e, "application/json" | "*/*" | "application/*"))
+            && params.len() == 1
+        {
             return None;
         }
     }

@@ -32,7 +32,12 @@ struct Cached {
 
 impl Documents {
     /// The document `key`, built by `build` unless cached for this registry.
-    pub fn get(&self, kinds: &Arc<Registry>, key: &str, build: impl FnOnce() -> ApiResult<Value>) -> ApiResult<Document> {
+    pub fn get(
+        &self,
+        kinds: &Arc<Registry>,
+        key: &str,
+        build: impl FnOnce() -> ApiResult<Value>,
+    ) -> ApiResult<Document> {
         let identity = kinds.generation();
         {
             let mut cached = self.inner.lock().expect("documents lock");

@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 
 use crate::auth::User;
 use crate::registry::{
-    self, check_fields, decode_body, served_json, DeleteOptions, FieldValidation, ListOptions, Scope,
-    Subresource, WriteOptions, Written,
+    self, check_fields, decode_body, served_json, DeleteOptions, FieldValidation, ListOptions, Scope, Subresource,
+    WriteOptions, Written,
 };
 use crate::ApiServer;
 
@@ -47,7 +47,10 @@ pub fn json_response(code: u16, body: &Value) -> Response<Body> {
 pub fn bytes_response(code: u16, body: Bytes, content_type: &str) -> Response<Body> {
     let mut resp = Response::new(Body::from(body));
     *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("application/json")));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("application/json")),
+    );
     resp
 }
 
@@ -141,15 +144,25 @@ async fn dispatch(server: &Arc<ApiServer>, user: &User, route: Route, req: Reque
     match route {
         Route::Health(check) => Ok(server.health(check, query.contains_key("verbose")).await),
         Route::Version => Ok(json_response(200, &crate::version_info())),
-        Route::Metrics => Ok(bytes_response(200, Bytes::from(server.metrics.render(&server.storage.cache)), "text/plain; version=0.0.4; charset=utf-8")),
+        Route::Metrics => Ok(bytes_response(
+            200,
+            Bytes::from(server.metrics.render(&server.storage.cache)),
+            "text/plain; version=0.0.4; charset=utf-8",
+        )),
         Route::LegacyRoot | Route::GroupList => {
             let core = route == Route::LegacyRoot;
             let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
             match discovery::wants_aggregated(accept) {
                 Some(media) => {
                     let kinds = server.kinds();
-                    let api_version = if media.contains("v=v2beta1") { "apidiscovery.k8s.io/v2beta1" } else { "apidiscovery.k8s.io/v2" };
-                    let doc = server.documents.get(&kinds, &format!("discovery {core} {api_version}"), || Ok(discovery::aggregated(&kinds, core, api_version)))?;
+                    let api_version = if media.contains("v=v2beta1") {
+                        "apidiscovery.k8s.io/v2beta1"
+                    } else {
+                        "apidiscovery.k8s.io/v2"
+                    };
+                    let doc = server.documents.get(&kinds, &format!("discovery {core} {api_version}"), || {
+                        Ok(discovery::aggregated(&kinds, core, api_version))
+                    })?;
                     Ok(document_response(&doc, media, req.headers()))
                 }
                 None if core => Ok(json_response(200, &discovery::legacy_root(&server.settings.advertise_address))),
@@ -186,15 +199,29 @@ async fn dispatch(server: &Arc<ApiServer>, user: &User, route: Route, req: Reque
     }
 }
 
-fn openapi_v3_document(server: &ApiServer, kinds: &Arc<krate_api::Registry>, group: &str, version: &str) -> ApiResult<docs::Document> {
-    server.documents.get(kinds, &format!("openapi/v3/{group}/{version}"), || openapi::v3_group_version(kinds, group, version))
+fn openapi_v3_document(
+    server: &ApiServer,
+    kinds: &Arc<krate_api::Registry>,
+    group: &str,
+    version: &str,
+) -> ApiResult<docs::Document> {
+    server
+        .documents
+        .get(kinds, &format!("openapi/v3/{group}/{version}"), || openapi::v3_group_version(kinds, group, version))
 }
 
 /// A cached document, or 304 when the client already has this version of it.
 fn document_response(doc: &docs::Document, content_type: &str, request: &HeaderMap) -> Response<Body> {
     let etag = format!("\"{}\"", doc.etag);
-    let fresh = request.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
-    let mut resp = if fresh { bytes_response(304, Bytes::new(), content_type) } else { bytes_response(200, doc.body.clone(), content_type) };
+    let fresh = request
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    let mut resp = if fresh {
+        bytes_response(304, Bytes::new(), content_type)
+    } else {
+        bytes_response(200, doc.body.clone(), content_type)
+    };
     if let Ok(v) = HeaderValue::from_str(&etag) {
         resp.headers_mut().insert(header::ETAG, v);
     }
@@ -223,9 +250,15 @@ fn subresource(kind: &KindInfo, path: &ResourcePath) -> ApiResult<Subresource> {
         Some("eviction") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Eviction),
         Some("log") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Log),
         Some("token") if kind.plural == "serviceaccounts" && kind.group.is_empty() => Ok(Subresource::Token),
-        Some("exec") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Connect(registry::Connect::Exec)),
-        Some("attach") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Connect(registry::Connect::Attach)),
-        Some("portforward") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Connect(registry::Connect::PortForward)),
+        Some("exec") if kind.plural == "pods" && kind.group.is_empty() => {
+            Ok(Subresource::Connect(registry::Connect::Exec))
+        }
+        Some("attach") if kind.plural == "pods" && kind.group.is_empty() => {
+            Ok(Subresource::Connect(registry::Connect::Attach))
+        }
+        Some("portforward") if kind.plural == "pods" && kind.group.is_empty() => {
+            Ok(Subresource::Connect(registry::Connect::PortForward))
+        }
         Some(_) => Err(not_found()),
     }
 }
@@ -246,7 +279,11 @@ fn write_options(query: &Query, headers: &HeaderMap, apply: bool) -> ApiResult<W
     let dry_run = match query.get("dryRun").map(String::as_str) {
         None | Some("") => false,
         Some("All") => true,
-        Some(other) => return Err(ApiError::bad_request(format!("dryRun: Unsupported value: {other:?}: supported values: \"All\""))),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "dryRun: Unsupported value: {other:?}: supported values: \"All\""
+            )))
+        }
     };
     let field_validation = match query.get("fieldValidation").map(String::as_str) {
         None | Some("") | Some("Warn") => FieldValidation::Warn,
@@ -260,7 +297,12 @@ fn write_options(query: &Query, headers: &HeaderMap, apply: bool) -> ApiResult<W
     };
     let field_manager = match query.get("fieldManager") {
         Some(m) if m.chars().count() > 128 => {
-            return Err(ApiError::invalid("meta.k8s.io", "PatchOptions", "", &[krate_api::FieldError::too_long("fieldManager", 128)]))
+            return Err(ApiError::invalid(
+                "meta.k8s.io",
+                "PatchOptions",
+                "",
+                &[krate_api::FieldError::too_long("fieldManager", 128)],
+            ))
         }
         Some(m) if !m.is_empty() => m.clone(),
         _ if apply => String::new(),
@@ -277,10 +319,7 @@ fn list_options(kind: &KindInfo, query: &Query) -> ApiResult<ListOptions> {
         .map_err(ApiError::bad_request)?;
     for r in &fields.requirements {
         if !kind.supports_field(&r.field) {
-            return Err(ApiError::bad_request(format!(
-                "field label not supported: {}",
-                r.field
-            )));
+            return Err(ApiError::bad_request(format!("field label not supported: {}", r.field)));
         }
     }
     let limit = match query.get("limit").map(String::as_str) {
@@ -337,7 +376,8 @@ pub fn parse_body(content_type: &str, body: &[u8]) -> ApiResult<Value> {
     }
     let essence = content_type.split(';').next().unwrap_or_default().trim();
     if essence == krate_api::protobuf::CONTENT_TYPE {
-        return krate_api::protobuf::decode(body).map_err(|e| ApiError::bad_request(format!("the protobuf body could not be decoded: {e}")));
+        return krate_api::protobuf::decode(body)
+            .map_err(|e| ApiError::bad_request(format!("the protobuf body could not be decoded: {e}")));
     }
     let yaml = essence.ends_with("yaml");
     let parsed = if yaml {
@@ -348,10 +388,23 @@ pub fn parse_body(content_type: &str, body: &[u8]) -> ApiResult<Value> {
     parsed.map_err(|e| ApiError::bad_request(format!("couldn't get version/kind; {e}")))
 }
 
-fn decode_object_body(kind: &KindInfo, headers: &HeaderMap, body: &[u8], opts: &WriteOptions) -> ApiResult<(Value, Vec<String>)> {
+fn decode_object_body(
+    kind: &KindInfo,
+    headers: &HeaderMap,
+    body: &[u8],
+    opts: &WriteOptions,
+) -> ApiResult<(Value, Vec<String>)> {
     let ct = content_type(headers);
     let essence = ct.split(';').next().unwrap_or_default().trim();
-    if !matches!(essence, "application/json" | "application/yaml" | "application/x-yaml" | "text/yaml" | "" | krate_api::protobuf::CONTENT_TYPE) {
+    if !matches!(
+        essence,
+        "application/json"
+            | "application/yaml"
+            | "application/x-yaml"
+            | "text/yaml"
+            | ""
+            | krate_api::protobuf::CONTENT_TYPE
+    ) {
         return Err(ApiError::unsupported_media_type(&ct));
     }
     let value = parse_body(&ct, body)?;
@@ -372,7 +425,10 @@ fn written_response(w: Written, format: &Format, kind: &KindInfo) -> Response<Bo
         _ => w.body,
     };
     let content_type = format.content_type();
-    with_warnings(bytes_response(w.code, Bytes::from(serde_json::to_vec(&body).unwrap_or_default()), &content_type), &w.warnings)
+    with_warnings(
+        bytes_response(w.code, Bytes::from(serde_json::to_vec(&body).unwrap_or_default()), &content_type),
+        &w.warnings,
+    )
 }
 
 async fn resource_request(
@@ -388,7 +444,8 @@ async fn resource_request(
         .with_include_object(query.get("includeObject").map(String::as_str));
     let scope = Scope { kind: kind.clone(), namespace: path.namespace.clone() };
     let storage = &server.storage;
-    let not_allowed = || ApiError::method_not_allowed("the server does not allow this method on the requested resource");
+    let not_allowed =
+        || ApiError::method_not_allowed("the server does not allow this method on the requested resource");
     if let (Subresource::Connect(action), Some(name)) = (sub, path.name.as_deref()) {
         if method != Method::GET && method != Method::POST {
             return Err(not_allowed());
@@ -400,14 +457,21 @@ async fn resource_request(
         (&Method::GET, None) => "list",
         (&Method::GET, Some(_)) => "get",
         (&Method::POST, None) if !kind.namespaced || scope.namespace.is_some() => "create",
-        (&Method::POST, Some(_)) if matches!(sub, Subresource::Binding | Subresource::Eviction | Subresource::Token) => "create",
+        (&Method::POST, Some(_))
+            if matches!(sub, Subresource::Binding | Subresource::Eviction | Subresource::Token) =>
+        {
+            "create"
+        }
         (&Method::PUT, Some(_)) => "update",
         (&Method::PATCH, Some(_)) => "patch",
         (&Method::DELETE, Some(_)) => "delete",
         (&Method::DELETE, None) => "deletecollection",
         _ => return Err(not_allowed()),
     };
-    if !kind.verbs.iter().any(|v| v == verb) || (matches!(sub, Subresource::Binding | Subresource::Eviction | Subresource::Token) && verb != "create") || (sub == Subresource::Log && verb != "get") {
+    if !kind.verbs.iter().any(|v| v == verb)
+        || (matches!(sub, Subresource::Binding | Subresource::Eviction | Subresource::Token) && verb != "create")
+        || (sub == Subresource::Log && verb != "get")
+    {
         return Err(not_allowed());
     }
     let name = path.name.as_deref().unwrap_or_default();
@@ -426,23 +490,46 @@ async fn resource_request(
             let (headers, body) = read_body(req).await?;
             if sub == Subresource::Token {
                 let request = parse_body(&content_type(&headers), &body)?;
-                let issued = server.request_token(scope.namespace.as_deref().unwrap_or_default(), name, &request).await?;
+                let issued =
+                    server.request_token(scope.namespace.as_deref().unwrap_or_default(), name, &request).await?;
                 return Ok(json_response(201, &issued));
             }
             if sub == Subresource::Eviction {
                 let eviction = parse_body(&content_type(&headers), &body)?;
-                let delete_body = serde_json::to_vec(eviction.get("deleteOptions").unwrap_or(&Value::Null)).unwrap_or_default();
+                let delete_body =
+                    serde_json::to_vec(eviction.get("deleteOptions").unwrap_or(&Value::Null)).unwrap_or_default();
                 let delete = delete_options(&query, &HeaderMap::new(), &delete_body)?;
-                let budgets = lookup(server, &ResourcePath { group: "policy".into(), version: "v1".into(), resource: "poddisruptionbudgets".into(), name: None, subresource: None, namespace: path.namespace.clone() })?;
-                let written = storage.evict(&scope, &Scope { kind: budgets, namespace: scope.namespace.clone() }, name, &delete).await?;
+                let budgets = lookup(
+                    server,
+                    &ResourcePath {
+                        group: "policy".into(),
+                        version: "v1".into(),
+                        resource: "poddisruptionbudgets".into(),
+                        name: None,
+                        subresource: None,
+                        namespace: path.namespace.clone(),
+                    },
+                )?;
+                let written = storage
+                    .evict(&scope, &Scope { kind: budgets, namespace: scope.namespace.clone() }, name, &delete)
+                    .await?;
                 return Ok(json_response(written.code, &written.body));
             }
             let opts = write_options(&query, &headers, false)?;
             if sub == Subresource::Binding || (kind.group.is_empty() && kind.plural == "bindings") {
                 let binding = parse_body(&content_type(&headers), &body)?;
-                let pods = lookup(server, &ResourcePath { resource: "pods".into(), name: None, subresource: None, ..path.clone() })?;
-                let pod_name = if sub == Subresource::Binding { name.to_string() } else { krate_api::object::name(&binding).to_string() };
-                let written = storage.bind(&Scope { kind: pods, namespace: scope.namespace.clone() }, &pod_name, &binding, &opts).await?;
+                let pods = lookup(
+                    server,
+                    &ResourcePath { resource: "pods".into(), name: None, subresource: None, ..path.clone() },
+                )?;
+                let pod_name = if sub == Subresource::Binding {
+                    name.to_string()
+                } else {
+                    krate_api::object::name(&binding).to_string()
+                };
+                let written = storage
+                    .bind(&Scope { kind: pods, namespace: scope.namespace.clone() }, &pod_name, &binding, &opts)
+                    .await?;
                 return Ok(json_response(written.code, &written.body));
             }
             let (obj, warnings) = if sub == Subresource::Scale {
@@ -461,10 +548,16 @@ async fn resource_request(
         "patch" => {
             let (headers, body) = read_body(req).await?;
             let ct = content_type(&headers);
-            let patch_type = PatchType::from_content_type(&ct).ok_or_else(|| ApiError::unsupported_among(&ct, registry::patch_types(&kind)))?;
+            let patch_type = PatchType::from_content_type(&ct)
+                .ok_or_else(|| ApiError::unsupported_among(&ct, registry::patch_types(&kind)))?;
             let opts = write_options(&query, &headers, patch_type == PatchType::Apply)?;
             if opts.force && patch_type != PatchType::Apply {
-                return Err(ApiError::invalid("meta.k8s.io", "PatchOptions", "", &[krate_api::FieldError::forbidden("force", "may not be specified for non-apply patch")]));
+                return Err(ApiError::invalid(
+                    "meta.k8s.io",
+                    "PatchOptions",
+                    "",
+                    &[krate_api::FieldError::forbidden("force", "may not be specified for non-apply patch")],
+                ));
             }
             let patch = parse_body(&ct, &body)?;
             let written = storage.patch(&scope, name, sub, patch_type, patch, &opts).await?;
@@ -479,29 +572,48 @@ async fn resource_request(
             let (headers, body) = read_body(req).await?;
             let opts = delete_options(&query, &headers, &body)?;
             let deleted = storage.delete_collection(&scope, &list_options(&kind, &query)?, &opts).await?;
-            Ok(json_response(200, &json!({
-                "kind": kind.list_kind(), "apiVersion": kind.api_version(),
-                "metadata": {"resourceVersion": storage.cache.revision().to_string()}, "items": deleted,
-            })))
+            Ok(json_response(
+                200,
+                &json!({
+                    "kind": kind.list_kind(), "apiVersion": kind.api_version(),
+                    "metadata": {"resourceVersion": storage.cache.revision().to_string()}, "items": deleted,
+                }),
+            ))
         }
     }
 }
 
 fn delete_options(query: &Query, headers: &HeaderMap, body: &[u8]) -> ApiResult<DeleteOptions> {
-    let from_body = if body.iter().all(u8::is_ascii_whitespace) { Value::Null } else { parse_body(&content_type(headers), body)? };
+    let from_body =
+        if body.iter().all(u8::is_ascii_whitespace) { Value::Null } else { parse_body(&content_type(headers), body)? };
     let field = |name: &str| from_body.get(name).cloned().filter(|v| !v.is_null());
     let grace_period_seconds = match (field("gracePeriodSeconds"), query.get("gracePeriodSeconds")) {
         (Some(v), _) => v.as_i64(),
-        (None, Some(q)) => Some(q.parse::<i64>().map_err(|_| ApiError::bad_request(format!("gracePeriodSeconds: Invalid value: {q:?}")))?),
+        (None, Some(q)) => Some(
+            q.parse::<i64>().map_err(|_| ApiError::bad_request(format!("gracePeriodSeconds: Invalid value: {q:?}")))?,
+        ),
         _ => None,
     };
-    let propagation_policy = field("propagationPolicy").and_then(|v| v.as_str().map(str::to_string)).or_else(|| query.get("propagationPolicy").cloned());
+    let propagation_policy = field("propagationPolicy")
+        .and_then(|v| v.as_str().map(str::to_string))
+        .or_else(|| query.get("propagationPolicy").cloned());
     if let Some(p) = &propagation_policy {
         if !["Orphan", "Background", "Foreground"].contains(&p.as_str()) {
-            return Err(ApiError::invalid("", "DeleteOptions", "", &[krate_api::FieldError::not_supported("propagationPolicy", &json!(p), &["Foreground", "Background", "Orphan"])]));
+            return Err(ApiError::invalid(
+                "",
+                "DeleteOptions",
+                "",
+                &[krate_api::FieldError::not_supported(
+                    "propagationPolicy",
+                    &json!(p),
+                    &["Foreground", "Background", "Orphan"],
+                )],
+            ));
         }
     }
-    let orphan_dependents = field("orphanDependents").and_then(|v| v.as_bool()).or_else(|| query.get("orphanDependents").map(|v| v == "true"));
+    let orphan_dependents = field("orphanDependents")
+        .and_then(|v| v.as_bool())
+        .or_else(|| query.get("orphanDependents").map(|v| v == "true"));
     let dry_run = field("dryRun").and_then(|v| v.as_array().map(|a| a.iter().any(|x| x == "All"))).unwrap_or(false)
         || query.get("dryRun").is_some_and(|v| v == "All");
     Ok(DeleteOptions {
@@ -509,7 +621,10 @@ fn delete_options(query: &Query, headers: &HeaderMap, body: &[u8]) -> ApiResult<
         propagation_policy,
         orphan_dependents,
         precondition_uid: from_body.pointer("/preconditions/uid").and_then(Value::as_str).map(str::to_string),
-        precondition_resource_version: from_body.pointer("/preconditions/resourceVersion").and_then(Value::as_str).map(str::to_string),
+        precondition_resource_version: from_body
+            .pointer("/preconditions/resourceVersion")
+            .and_then(Value::as_str)
+            .map(str::to_string),
         dry_run,
     })
 }
@@ -530,13 +645,20 @@ fn list_response(kind: &KindInfo, result: registry::ListResult, format: &Format)
             t["metadata"] = list_metadata(&result);
             json_response(200, &t)
         }
-        Format::Metadata => assembled_list("PartialObjectMetadataList", "meta.k8s.io/v1", &result, |o| negotiate::partial_metadata_json(&o.json)),
+        Format::Metadata => assembled_list("PartialObjectMetadataList", "meta.k8s.io/v1", &result, |o| {
+            negotiate::partial_metadata_json(&o.json)
+        }),
         Format::Json => assembled_list(&kind.list_kind(), &kind.api_version(), &result, |o| served_json(kind, o)),
     }
 }
 
 /// A list assembled from each item's encoded JSON, without re-encoding objects.
-fn assembled_list(list_kind: &str, api_version: &str, result: &registry::ListResult, item: impl Fn(&crate::cache::CachedObject) -> Bytes) -> Response<Body> {
+fn assembled_list(
+    list_kind: &str,
+    api_version: &str,
+    result: &registry::ListResult,
+    item: impl Fn(&crate::cache::CachedObject) -> Bytes,
+) -> Response<Body> {
     let items: Vec<Bytes> = result.items.iter().map(|o| item(o)).collect();
     let mut out = BytesMut::with_capacity(64 + items.iter().map(|i| i.len() + 1).sum::<usize>());
     let head = json!({"kind": list_kind, "apiVersion": api_version, "metadata": list_metadata(result)});

@@ -16,7 +16,9 @@ pub enum IncludeObject {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Format {
     Json,
-    Table { include_object: IncludeObject },
+    Table {
+        include_object: IncludeObject,
+    },
     /// PartialObjectMetadata / PartialObjectMetadataList.
     Metadata,
 }
@@ -50,7 +52,8 @@ pub fn negotiate(accept: Option<&str>) -> ApiResult<Format> {
     for media in accept.split(',') {
         let mut parts = media.split(';').map(str::trim);
         let essence = parts.next().unwrap_or_default();
-        let params: Vec<(&str, &str)> = parts.filter_map(|p| p.split_once('=')).map(|(k, v)| (k.trim(), v.trim())).collect();
+        let params: Vec<(&str, &str)> =
+            parts.filter_map(|p| p.split_once('=')).map(|(k, v)| (k.trim(), v.trim())).collect();
         let param = |name: &str| params.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
         if !matches!(essence, "application/json" | "application/*" | "*/*" | "application/yaml") {
             continue;
@@ -60,9 +63,11 @@ pub fn negotiate(accept: Option<&str>) -> ApiResult<Format> {
             (Some("Table"), Some("meta.k8s.io"), Some("v1" | "v1beta1")) => {
                 return Ok(Format::Table { include_object: IncludeObject::Metadata })
             }
-            (Some("PartialObjectMetadata" | "PartialObjectMetadataList"), Some("meta.k8s.io"), Some("v1" | "v1beta1")) => {
-                return Ok(Format::Metadata)
-            }
+            (
+                Some("PartialObjectMetadata" | "PartialObjectMetadataList"),
+                Some("meta.k8s.io"),
+                Some("v1" | "v1beta1"),
+            ) => return Ok(Format::Metadata),
             _ => continue,
         }
     }
@@ -116,7 +121,10 @@ mod tests {
         assert_eq!(negotiate(Some(kubectl)).unwrap(), Format::Table { include_object: IncludeObject::Metadata });
         assert_eq!(negotiate(Some("application/vnd.kubernetes.protobuf, application/json")).unwrap(), Format::Json);
         assert_eq!(negotiate(None).unwrap(), Format::Json);
-        assert_eq!(negotiate(Some("application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1")).unwrap(), Format::Metadata);
+        assert_eq!(
+            negotiate(Some("application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1")).unwrap(),
+            Format::Metadata
+        );
         assert_eq!(negotiate(Some("application/vnd.kubernetes.protobuf")).unwrap_err().code, 406);
         assert_eq!(negotiate(Some("application/json;as=Table;v=v9;g=meta.k8s.io")).unwrap_err().code, 406);
     }

@@ -43,17 +43,34 @@ pub async fn pod_log(server: &Arc<ApiServer>, pods: &Scope, name: &str, query: &
 }
 
 /// Headers of an upgrade handshake, passed on both ways.
-const UPGRADE_HEADERS: &[&str] = &["connection", "upgrade", "sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol", "sec-websocket-accept", "x-stream-protocol-version"];
+const UPGRADE_HEADERS: &[&str] = &[
+    "connection",
+    "upgrade",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-protocol",
+    "sec-websocket-accept",
+    "x-stream-protocol-version",
+];
 
 /// `GET|POST pods/{name}/exec|attach|portforward`: the client's upgrade request goes to
 /// the pod's node; the agent's answer (101 or an error) comes back.
-pub async fn connect(server: &Arc<ApiServer>, pods: &Scope, name: &str, action: Connect, query: &Query, mut req: Request<Body>) -> ApiResult<Response<Body>> {
+pub async fn connect(
+    server: &Arc<ApiServer>,
+    pods: &Scope,
+    name: &str,
+    action: Connect,
+    query: &Query,
+    mut req: Request<Body>,
+) -> ApiResult<Response<Body>> {
     let pod = server.storage.get(pods, name).await?.parse();
     let ns = pods.namespace.clone().unwrap_or_default();
     let phase = pod["status"]["phase"].as_str().unwrap_or_default();
     if matches!(phase, "Succeeded" | "Failed") && action != Connect::PortForward {
         let verb = if action == Connect::Exec { "exec into" } else { "attach to" };
-        return Err(ApiError::bad_request(format!("cannot {verb} a container in a completed pod; current phase is {phase}")));
+        return Err(ApiError::bad_request(format!(
+            "cannot {verb} a container in a completed pod; current phase is {phase}"
+        )));
     }
     let path = match action {
         Connect::PortForward => format!("/portForward/{ns}/{name}"),
@@ -94,13 +111,23 @@ pub async fn connect(server: &Arc<ApiServer>, pods: &Scope, name: &str, action: 
 
 /// The container a request names (`container=`), or the pod's only container.
 fn container_of(pod: &Value, name: &str, query: &Query) -> ApiResult<String> {
-    let names = |key: &str| -> Vec<String> { pod["spec"][key].as_array().into_iter().flatten().filter_map(|c| c["name"].as_str().map(str::to_string)).collect() };
+    let names = |key: &str| -> Vec<String> {
+        pod["spec"][key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str().map(str::to_string))
+            .collect()
+    };
     let (containers, init) = (names("containers"), names("initContainers"));
     match query.get("container").filter(|c| !c.is_empty()) {
         Some(c) if containers.contains(c) || init.contains(c) => Ok(c.clone()),
         Some(c) => Err(ApiError::bad_request(format!("container {c} is not valid for pod {name}"))),
         None if containers.len() == 1 => Ok(containers[0].clone()),
-        None => Err(ApiError::bad_request(format!("a container name must be specified for pod {name}, choose one of: [{}]", containers.join(" ")))),
+        None => Err(ApiError::bad_request(format!(
+            "a container name must be specified for pod {name}, choose one of: [{}]",
+            containers.join(" ")
+        ))),
     }
 }
 
@@ -109,7 +136,17 @@ async fn agent_of(server: &ApiServer, pod: &Value, name: &str) -> ApiResult<(Str
     let Some(node_name) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) else {
         return Err(ApiError::bad_request(format!("pod {name} does not have a host assigned")));
     };
-    let nodes = super::lookup(server, &ResourcePath { group: String::new(), version: "v1".into(), resource: "nodes".into(), name: None, subresource: None, namespace: None })?;
+    let nodes = super::lookup(
+        server,
+        &ResourcePath {
+            group: String::new(),
+            version: "v1".into(),
+            resource: "nodes".into(),
+            name: None,
+            subresource: None,
+            namespace: None,
+        },
+    )?;
     let node = server.storage.get(&Scope { kind: nodes, namespace: None }, node_name).await?.parse();
     agent_address(&node).ok_or_else(|| ApiError::internal(format!("node {node_name} reports no address for its agent")))
 }
@@ -117,7 +154,9 @@ async fn agent_of(server: &ApiServer, pod: &Value, name: &str) -> ApiResult<(Str
 /// The node's InternalIP (else its first address) and agent port.
 fn agent_address(node: &Value) -> Option<(String, u16)> {
     let addresses = node["status"]["addresses"].as_array()?;
-    let ip = addresses.iter().find(|a| a["type"] == "InternalIP").or_else(|| addresses.first())?["address"].as_str()?.to_string();
+    let ip = addresses.iter().find(|a| a["type"] == "InternalIP").or_else(|| addresses.first())?["address"]
+        .as_str()?
+        .to_string();
     let port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"].as_u64().unwrap_or(10250) as u16;
     Some((ip, port))
 }
@@ -136,15 +175,26 @@ async fn agent_error(response: Response<hyper::body::Incoming>) -> ApiError {
 
 /// Sends `request` to the agent at `host:port` over TLS (one connection per request,
 /// which upgraded requests keep).
-async fn send(server: &ApiServer, host: &str, port: u16, mut request: Request<Body>) -> ApiResult<Response<hyper::body::Incoming>> {
+async fn send(
+    server: &ApiServer,
+    host: &str,
+    port: u16,
+    mut request: Request<Body>,
+) -> ApiResult<Response<hyper::body::Incoming>> {
     // Worded as Go's HTTP client words it, e.g. `Get "https://10.0.0.1:10250/...": ...`.
     let method = request.method().as_str();
     let verb = format!("{}{}", &method[..1], method[1..].to_ascii_lowercase());
     let target = format!("{verb} \"https://{host}:{port}{}\"", request.uri());
     let failed = |e: anyhow::Error| ApiError::internal(format!("{target}: {e}"));
-    let tls = server.settings.kubelet_client.clone().ok_or_else(|| failed(anyhow::anyhow!("this API server has no client certificate for node agents")))?;
+    let tls = server
+        .settings
+        .kubelet_client
+        .clone()
+        .ok_or_else(|| failed(anyhow::anyhow!("this API server has no client certificate for node agents")))?;
     let connect = async {
-        let tcp = tokio::time::timeout(std::time::Duration::from_secs(10), tokio::net::TcpStream::connect((host, port))).await??;
+        let tcp =
+            tokio::time::timeout(std::time::Duration::from_secs(10), tokio::net::TcpStream::connect((host, port)))
+                .await??;
         let name = rustls::pki_types::ServerName::try_from(host.to_string())?;
         let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
@@ -152,7 +202,9 @@ async fn send(server: &ApiServer, host: &str, port: u16, mut request: Request<Bo
         anyhow::Ok(sender)
     };
     let mut sender = connect.await.map_err(failed)?;
-    request.headers_mut().insert(header::HOST, header::HeaderValue::from_str(&format!("{host}:{port}")).map_err(|e| failed(e.into()))?);
+    request
+        .headers_mut()
+        .insert(header::HOST, header::HeaderValue::from_str(&format!("{host}:{port}")).map_err(|e| failed(e.into()))?);
     sender.send_request(request).await.map_err(|e| failed(e.into()))
 }
 
@@ -161,8 +213,10 @@ async fn send(server: &ApiServer, host: &str, port: u16, mut request: Request<Bo
 /// serving certificates beyond the handshake signatures.
 pub fn kubelet_client_config(cert_pem: &str, key_pem: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs: Vec<rustls::pki_types::CertificateDer<'static>> = rustls_pemfile::certs(&mut cert_pem.as_bytes()).collect::<Result<_, _>>()?;
-    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())?.ok_or_else(|| anyhow::anyhow!("no private key for the kubelet client certificate"))?;
+    let certs: Vec<rustls::pki_types::CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut cert_pem.as_bytes()).collect::<Result<_, _>>()?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())?
+        .ok_or_else(|| anyhow::anyhow!("no private key for the kubelet client certificate"))?;
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .dangerous()
@@ -186,11 +240,21 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &rustls::pki_types::CertificateDer<'_>, dss: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &rustls::pki_types::CertificateDer<'_>, dss: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 

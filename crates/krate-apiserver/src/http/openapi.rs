@@ -117,8 +117,12 @@ struct OpSpec<'a> {
 fn operation(style: Style, k: &KindInfo, spec: &OpSpec) -> Value {
     let gvk = json!({"group": k.group, "version": k.version, "kind": k.kind});
     let responses = match style {
-        Style::V2 => json!({"200": {"description": "OK", "schema": style.reference(spec.response)}, "401": {"description": "Unauthorized"}}),
-        Style::V3 => json!({"200": {"description": "OK", "content": {"application/json": {"schema": style.reference(spec.response)}}}, "401": {"description": "Unauthorized"}}),
+        Style::V2 => {
+            json!({"200": {"description": "OK", "schema": style.reference(spec.response)}, "401": {"description": "Unauthorized"}})
+        }
+        Style::V3 => {
+            json!({"200": {"description": "OK", "content": {"application/json": {"schema": style.reference(spec.response)}}}, "401": {"description": "Unauthorized"}})
+        }
     };
     let mut op = json!({
         "operationId": format!("{}{}", spec.action, k.kind),
@@ -132,17 +136,28 @@ fn operation(style: Style, k: &KindInfo, spec: &OpSpec) -> Value {
             Style::V2 => op["parameters"].as_array_mut().expect("parameters is a list").push(body_param(style, body)),
             Style::V3 => {
                 let types: &[&str] = if spec.method == "patch" {
-                    &["application/json-patch+json", "application/merge-patch+json", "application/strategic-merge-patch+json", "application/apply-patch+yaml"]
+                    &[
+                        "application/json-patch+json",
+                        "application/merge-patch+json",
+                        "application/strategic-merge-patch+json",
+                        "application/apply-patch+yaml",
+                    ]
                 } else {
                     &["application/json", "application/yaml"]
                 };
-                let content: Map<String, Value> = types.iter().map(|t| (t.to_string(), json!({"schema": style.reference(body)}))).collect();
+                let content: Map<String, Value> =
+                    types.iter().map(|t| (t.to_string(), json!({"schema": style.reference(body)}))).collect();
                 op["requestBody"] = json!({"content": content, "required": true});
             }
         }
     }
     if style == Style::V2 && spec.method == "patch" {
-        op["consumes"] = json!(["application/json-patch+json", "application/merge-patch+json", "application/strategic-merge-patch+json", "application/apply-patch+yaml"]);
+        op["consumes"] = json!([
+            "application/json-patch+json",
+            "application/merge-patch+json",
+            "application/strategic-merge-patch+json",
+            "application/apply-patch+yaml"
+        ]);
     }
     op
 }
@@ -158,7 +173,13 @@ fn kind_paths(style: Style, k: &KindInfo) -> Vec<(String, Value)> {
     let item = format!("{collection}/{{name}}");
     let mut path_params = vec![];
     if k.namespaced {
-        path_params.push(param(style, "namespace", "path", "string", "object name and auth scope, such as for teams and projects"));
+        path_params.push(param(
+            style,
+            "namespace",
+            "path",
+            "string",
+            "object name and auth scope, such as for teams and projects",
+        ));
     }
     let with_name = {
         let mut p = path_params.clone();
@@ -179,30 +200,109 @@ fn kind_paths(style: Style, k: &KindInfo) -> Vec<(String, Value)> {
     let mut paths = vec![
         (
             collection,
-            build(&path_params, vec![
-                OpSpec { verb: "list", method: "get", action: "list", params: list_params(style), body: None, response: &list_def },
-                OpSpec { verb: "create", method: "post", action: "post", params: write_params(style), body: Some(&item_def), response: &item_def },
-                OpSpec { verb: "deletecollection", method: "delete", action: "deletecollection", params: list_params(style), body: Some(&delete_options), response: &status },
-            ]),
+            build(
+                &path_params,
+                vec![
+                    OpSpec {
+                        verb: "list",
+                        method: "get",
+                        action: "list",
+                        params: list_params(style),
+                        body: None,
+                        response: &list_def,
+                    },
+                    OpSpec {
+                        verb: "create",
+                        method: "post",
+                        action: "post",
+                        params: write_params(style),
+                        body: Some(&item_def),
+                        response: &item_def,
+                    },
+                    OpSpec {
+                        verb: "deletecollection",
+                        method: "delete",
+                        action: "deletecollection",
+                        params: list_params(style),
+                        body: Some(&delete_options),
+                        response: &status,
+                    },
+                ],
+            ),
         ),
         (
             item.clone(),
-            build(&with_name, vec![
-                OpSpec { verb: "get", method: "get", action: "get", params: vec![], body: None, response: &item_def },
-                OpSpec { verb: "update", method: "put", action: "put", params: write_params(style), body: Some(&item_def), response: &item_def },
-                OpSpec { verb: "patch", method: "patch", action: "patch", params: patch_params(style), body: Some(&format!("{META}.Patch")), response: &item_def },
-                OpSpec { verb: "delete", method: "delete", action: "delete", params: vec![], body: Some(&delete_options), response: &status },
-            ]),
+            build(
+                &with_name,
+                vec![
+                    OpSpec {
+                        verb: "get",
+                        method: "get",
+                        action: "get",
+                        params: vec![],
+                        body: None,
+                        response: &item_def,
+                    },
+                    OpSpec {
+                        verb: "update",
+                        method: "put",
+                        action: "put",
+                        params: write_params(style),
+                        body: Some(&item_def),
+                        response: &item_def,
+                    },
+                    OpSpec {
+                        verb: "patch",
+                        method: "patch",
+                        action: "patch",
+                        params: patch_params(style),
+                        body: Some(&format!("{META}.Patch")),
+                        response: &item_def,
+                    },
+                    OpSpec {
+                        verb: "delete",
+                        method: "delete",
+                        action: "delete",
+                        params: vec![],
+                        body: Some(&delete_options),
+                        response: &status,
+                    },
+                ],
+            ),
         ),
     ];
     if k.status {
         paths.push((
             format!("{item}/status"),
-            build(&with_name, vec![
-                OpSpec { verb: "get", method: "get", action: "get", params: vec![], body: None, response: &item_def },
-                OpSpec { verb: "update", method: "put", action: "put", params: write_params(style), body: Some(&item_def), response: &item_def },
-                OpSpec { verb: "patch", method: "patch", action: "patch", params: patch_params(style), body: Some(&format!("{META}.Patch")), response: &item_def },
-            ]),
+            build(
+                &with_name,
+                vec![
+                    OpSpec {
+                        verb: "get",
+                        method: "get",
+                        action: "get",
+                        params: vec![],
+                        body: None,
+                        response: &item_def,
+                    },
+                    OpSpec {
+                        verb: "update",
+                        method: "put",
+                        action: "put",
+                        params: write_params(style),
+                        body: Some(&item_def),
+                        response: &item_def,
+                    },
+                    OpSpec {
+                        verb: "patch",
+                        method: "patch",
+                        action: "patch",
+                        params: patch_params(style),
+                        body: Some(&format!("{META}.Patch")),
+                        response: &item_def,
+                    },
+                ],
+            ),
         ));
     }
     paths.retain(|(_, ops)| ops.as_object().is_some_and(|o| !o.is_empty()));
@@ -238,7 +338,8 @@ fn to_v3(v: &Value) -> Value {
                 if m.len() == 1 {
                     return target;
                 }
-                let mut out: Map<String, Value> = m.iter().filter(|(k, _)| *k != "$ref").map(|(k, v)| (k.clone(), to_v3(v))).collect();
+                let mut out: Map<String, Value> =
+                    m.iter().filter(|(k, _)| *k != "$ref").map(|(k, v)| (k.clone(), to_v3(v))).collect();
                 out.insert("allOf".into(), json!([target]));
                 return Value::Object(out);
             }
@@ -288,7 +389,8 @@ pub fn v2(kinds: &Registry) -> Value {
     for k in kinds.kinds() {
         paths.extend(kind_paths(Style::V2, k));
     }
-    let mut defs: Map<String, Value> = schema::builtin().names().map(|n| (n.clone(), schema::builtin().raw(n).cloned().unwrap_or_default())).collect();
+    let mut defs: Map<String, Value> =
+        schema::builtin().names().map(|n| (n.clone(), schema::builtin().raw(n).cloned().unwrap_or_default())).collect();
     defs.extend(custom);
     json!({"swagger": "2.0", "info": info(), "paths": paths, "definitions": defs})
 }

@@ -15,11 +15,17 @@ pub enum Route {
     /// `/apis/{group}`
     Group(String),
     /// `/api/v1` or `/apis/{group}/{version}`
-    GroupVersion { group: String, version: String },
+    GroupVersion {
+        group: String,
+        version: String,
+    },
     OpenApiV2,
     OpenApiV3Root,
     /// `/openapi/v3/api/v1` or `/openapi/v3/apis/{group}/{version}`
-    OpenApiV3 { group: String, version: String },
+    OpenApiV3 {
+        group: String,
+        version: String,
+    },
     Resource(ResourcePath),
     NotFound,
 }
@@ -58,7 +64,9 @@ pub fn parse_path(path: &str) -> Route {
         ["openapi", "v2"] => Route::OpenApiV2,
         ["openapi", "v3"] => Route::OpenApiV3Root,
         ["openapi", "v3", "api", version] => Route::OpenApiV3 { group: String::new(), version: version.to_string() },
-        ["openapi", "v3", "apis", group, version] => Route::OpenApiV3 { group: group.to_string(), version: version.to_string() },
+        ["openapi", "v3", "apis", group, version] => {
+            Route::OpenApiV3 { group: group.to_string(), version: version.to_string() }
+        }
         ["api"] => Route::LegacyRoot,
         ["apis"] => Route::GroupList,
         ["apis", group] => Route::Group(group.to_string()),
@@ -110,12 +118,17 @@ mod tests {
     #[test]
     fn paths_resolve_like_upstream_request_info() {
         let r = res("/api/v1/namespaces/default/pods/web/status");
-        assert_eq!((r.namespace.as_deref(), r.resource.as_str(), r.name.as_deref(), r.subresource.as_deref()),
-            (Some("default"), "pods", Some("web"), Some("status")));
+        assert_eq!(
+            (r.namespace.as_deref(), r.resource.as_str(), r.name.as_deref(), r.subresource.as_deref()),
+            (Some("default"), "pods", Some("web"), Some("status"))
+        );
         let r = res("/api/v1/namespaces/kube-system");
         assert_eq!((r.namespace, r.resource.as_str(), r.name.as_deref()), (None, "namespaces", Some("kube-system")));
         let r = res("/api/v1/namespaces/x/finalize");
-        assert_eq!((r.resource.as_str(), r.name.as_deref(), r.subresource.as_deref()), ("namespaces", Some("x"), Some("finalize")));
+        assert_eq!(
+            (r.resource.as_str(), r.name.as_deref(), r.subresource.as_deref()),
+            ("namespaces", Some("x"), Some("finalize"))
+        );
         let r = res("/apis/apps/v1/deployments");
         assert_eq!((r.group.as_str(), r.namespace, r.name), ("apps", None, None));
         assert_eq!(parse_path("/apis/apps/v1"), Route::GroupVersion { group: "apps".into(), version: "v1".into() });

@@ -62,7 +62,14 @@ const NAME_COLUMN: Column = ("Name", "string", "name", 0, "Name must be unique w
 const AGE_COLUMN: Column = ("Age", "string", "", 0, "CreationTimestamp is a timestamp representing the server time when this object was created. It is not guaranteed to be set in happens-before order across separate operations. Clients may not set this value. It is represented in RFC3339 form and is in UTC.\n\nPopulated by the system. Read-only. Null for lists. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#metadata");
 
 fn col(name: &'static str, priority: u8) -> Column {
-    let ty = if matches!(name, "Restarts" | "Desired" | "Current" | "Ready " | "Up-to-date" | "Available" | "Data" | "Secrets" | "Count") { "integer" } else { "string" };
+    let ty = if matches!(
+        name,
+        "Restarts" | "Desired" | "Current" | "Ready " | "Up-to-date" | "Available" | "Data" | "Secrets" | "Count"
+    ) {
+        "integer"
+    } else {
+        "string"
+    };
     (name, ty, "", priority, "")
 }
 
@@ -74,29 +81,109 @@ fn columns_for(kind: &KindInfo) -> Vec<Column> {
         out
     };
     match (kind.group.as_str(), kind.plural.as_str()) {
-        ("", "pods") => named(&[("Ready", 0), ("Status", 0), ("Restarts", 0), ("Age", 0), ("IP", 1), ("Node", 1), ("Nominated Node", 1), ("Readiness Gates", 1)]),
-        ("apps", "deployments") => named(&[("Ready", 0), ("Up-to-date", 0), ("Available", 0), ("Age", 0), ("Containers", 1), ("Images", 1), ("Selector", 1)]),
-        ("apps", "replicasets") | ("", "replicationcontrollers") => named(&[("Desired", 0), ("Current", 0), ("Ready", 0), ("Age", 0), ("Containers", 1), ("Images", 1), ("Selector", 1)]),
+        ("", "pods") => named(&[
+            ("Ready", 0),
+            ("Status", 0),
+            ("Restarts", 0),
+            ("Age", 0),
+            ("IP", 1),
+            ("Node", 1),
+            ("Nominated Node", 1),
+            ("Readiness Gates", 1),
+        ]),
+        ("apps", "deployments") => named(&[
+            ("Ready", 0),
+            ("Up-to-date", 0),
+            ("Available", 0),
+            ("Age", 0),
+            ("Containers", 1),
+            ("Images", 1),
+            ("Selector", 1),
+        ]),
+        ("apps", "replicasets") | ("", "replicationcontrollers") => named(&[
+            ("Desired", 0),
+            ("Current", 0),
+            ("Ready", 0),
+            ("Age", 0),
+            ("Containers", 1),
+            ("Images", 1),
+            ("Selector", 1),
+        ]),
         ("apps", "statefulsets") => named(&[("Ready", 0), ("Age", 0), ("Containers", 1), ("Images", 1)]),
-        ("apps", "daemonsets") => named(&[("Desired", 0), ("Current", 0), ("Ready", 0), ("Up-to-date", 0), ("Available", 0), ("Node Selector", 0), ("Age", 0), ("Containers", 1), ("Images", 1), ("Selector", 1)]),
-        ("batch", "jobs") => named(&[("Status", 0), ("Completions", 0), ("Duration", 0), ("Age", 0), ("Containers", 1), ("Images", 1), ("Selector", 1)]),
-        ("batch", "cronjobs") => named(&[("Schedule", 0), ("Timezone", 0), ("Suspend", 0), ("Active", 0), ("Last Schedule", 0), ("Age", 0), ("Containers", 1), ("Images", 1), ("Selector", 1)]),
-        ("", "services") => named(&[("Type", 0), ("Cluster-IP", 0), ("External-IP", 0), ("Port(s)", 0), ("Age", 0), ("Selector", 1)]),
+        ("apps", "daemonsets") => named(&[
+            ("Desired", 0),
+            ("Current", 0),
+            ("Ready", 0),
+            ("Up-to-date", 0),
+            ("Available", 0),
+            ("Node Selector", 0),
+            ("Age", 0),
+            ("Containers", 1),
+            ("Images", 1),
+            ("Selector", 1),
+        ]),
+        ("batch", "jobs") => named(&[
+            ("Status", 0),
+            ("Completions", 0),
+            ("Duration", 0),
+            ("Age", 0),
+            ("Containers", 1),
+            ("Images", 1),
+            ("Selector", 1),
+        ]),
+        ("batch", "cronjobs") => named(&[
+            ("Schedule", 0),
+            ("Timezone", 0),
+            ("Suspend", 0),
+            ("Active", 0),
+            ("Last Schedule", 0),
+            ("Age", 0),
+            ("Containers", 1),
+            ("Images", 1),
+            ("Selector", 1),
+        ]),
+        ("", "services") => {
+            named(&[("Type", 0), ("Cluster-IP", 0), ("External-IP", 0), ("Port(s)", 0), ("Age", 0), ("Selector", 1)])
+        }
         ("", "namespaces") => named(&[("Status", 0), ("Age", 0)]),
-        ("", "nodes") => named(&[("Status", 0), ("Roles", 0), ("Age", 0), ("Version", 0), ("Internal-IP", 1), ("External-IP", 1), ("OS-Image", 1), ("Kernel-Version", 1), ("Container-Runtime", 1)]),
+        ("", "nodes") => named(&[
+            ("Status", 0),
+            ("Roles", 0),
+            ("Age", 0),
+            ("Version", 0),
+            ("Internal-IP", 1),
+            ("External-IP", 1),
+            ("OS-Image", 1),
+            ("Kernel-Version", 1),
+            ("Container-Runtime", 1),
+        ]),
         ("", "configmaps") => named(&[("Data", 0), ("Age", 0)]),
         ("", "secrets") => named(&[("Type", 0), ("Data", 0), ("Age", 0)]),
         ("", "serviceaccounts") => named(&[("Secrets", 0), ("Age", 0)]),
         ("", "endpoints") => named(&[("Endpoints", 0), ("Age", 0)]),
-        ("discovery.k8s.io", "endpointslices") => named(&[("AddressType", 0), ("Ports", 0), ("Endpoints", 0), ("Age", 0)]),
-        ("policy", "poddisruptionbudgets") => named(&[("Min Available", 0), ("Max Unavailable", 0), ("Allowed Disruptions", 0), ("Age", 0)]),
-        ("scheduling.k8s.io", "priorityclasses") => named(&[("Value", 0), ("Global-Default", 0), ("Age", 0), ("PreemptionPolicy", 0)]),
+        ("discovery.k8s.io", "endpointslices") => {
+            named(&[("AddressType", 0), ("Ports", 0), ("Endpoints", 0), ("Age", 0)])
+        }
+        ("policy", "poddisruptionbudgets") => {
+            named(&[("Min Available", 0), ("Max Unavailable", 0), ("Allowed Disruptions", 0), ("Age", 0)])
+        }
+        ("scheduling.k8s.io", "priorityclasses") => {
+            named(&[("Value", 0), ("Global-Default", 0), ("Age", 0), ("PreemptionPolicy", 0)])
+        }
         ("", "resourcequotas") => named(&[("Age", 0), ("Request", 0), ("Limit", 0)]),
         ("coordination.k8s.io", "leases") => named(&[("Holder", 0), ("Age", 0)]),
         ("apiextensions.k8s.io", "customresourcedefinitions") => vec![NAME_COLUMN, ("Created At", "date", "", 0, "")],
         ("", "events") | ("events.k8s.io", "events") => vec![
-            col("Last Seen", 0), col("Type", 0), col("Reason", 0), col("Object", 0), col("Subobject", 1),
-            col("Source", 1), col("Message", 0), col("First Seen", 1), col("Count", 1), NAME_COLUMN_WIDE,
+            col("Last Seen", 0),
+            col("Type", 0),
+            col("Reason", 0),
+            col("Object", 0),
+            col("Subobject", 1),
+            col("Source", 1),
+            col("Message", 0),
+            col("First Seen", 1),
+            col("Count", 1),
+            NAME_COLUMN_WIDE,
         ],
         _ => vec![NAME_COLUMN, AGE_COLUMN],
     }
@@ -113,7 +200,11 @@ fn int(obj: &Value, path: &[&str]) -> i64 {
 }
 
 fn or_none(v: String) -> String {
-    if v.is_empty() { "<none>".into() } else { v }
+    if v.is_empty() {
+        "<none>".into()
+    } else {
+        v
+    }
 }
 
 /// Containers and images of a pod template, comma separated.
@@ -147,10 +238,14 @@ struct PodSummary {
 }
 
 fn pod_summary(pod: &Value) -> PodSummary {
-    let statuses = |key: &str| krate_api::object::get(pod, &["status", key]).and_then(Value::as_array).cloned().unwrap_or_default();
-    let mut reason = get_str(pod, &["status", "reason"]).or(get_str(pod, &["status", "phase"])).unwrap_or("Pending").to_string();
+    let statuses = |key: &str| {
+        krate_api::object::get(pod, &["status", key]).and_then(Value::as_array).cloned().unwrap_or_default()
+    };
+    let mut reason =
+        get_str(pod, &["status", "reason"]).or(get_str(pod, &["status", "phase"])).unwrap_or("Pending").to_string();
     let init = statuses("initContainerStatuses");
-    let total_init = krate_api::object::get(pod, &["spec", "initContainers"]).and_then(Value::as_array).map_or(0, Vec::len);
+    let total_init =
+        krate_api::object::get(pod, &["spec", "initContainers"]).and_then(Value::as_array).map_or(0, Vec::len);
     let mut restarts = 0;
     let mut initializing = false;
     for (i, c) in init.iter().enumerate() {
@@ -163,7 +258,11 @@ fn pod_summary(pod: &Value) -> PodSummary {
                 Some(r) if !r.is_empty() => format!("Init:{r}"),
                 _ => format!("Init:ExitCode:{}", int(t, &["exitCode"])),
             };
-        } else if let Some(r) = c.pointer("/state/waiting/reason").and_then(Value::as_str).filter(|r| !r.is_empty() && *r != "PodInitializing") {
+        } else if let Some(r) = c
+            .pointer("/state/waiting/reason")
+            .and_then(Value::as_str)
+            .filter(|r| !r.is_empty() && *r != "PodInitializing")
+        {
             reason = format!("Init:{r}");
         } else {
             reason = format!("Init:{i}/{total_init}");
@@ -172,7 +271,8 @@ fn pod_summary(pod: &Value) -> PodSummary {
         break;
     }
     let containers = statuses("containerStatuses");
-    let total = krate_api::object::get(pod, &["spec", "containers"]).and_then(Value::as_array).map_or(0, Vec::len) as i64;
+    let total =
+        krate_api::object::get(pod, &["spec", "containers"]).and_then(Value::as_array).map_or(0, Vec::len) as i64;
     let mut ready = 0;
     let mut last_restart: Option<String> = None;
     if !initializing {
@@ -201,7 +301,11 @@ fn pod_summary(pod: &Value) -> PodSummary {
         }
     }
     if pod.pointer("/metadata/deletionTimestamp").is_some() {
-        reason = if get_str(pod, &["status", "reason"]) == Some("NodeLost") { "Unknown".into() } else { "Terminating".into() };
+        reason = if get_str(pod, &["status", "reason"]) == Some("NodeLost") {
+            "Unknown".into()
+        } else {
+            "Terminating".into()
+        };
     }
     let last_restart = last_restart.as_deref().and_then(seconds_since).filter(|_| restarts > 0);
     PodSummary { reason, ready, total, restarts, last_restart }
@@ -214,7 +318,11 @@ fn service_ports(svc: &Value) -> String {
         .map(|p| {
             let node = int(p, &["nodePort"]);
             let proto = get_str(p, &["protocol"]).unwrap_or("TCP");
-            if node > 0 { format!("{}:{node}/{proto}", int(p, &["port"])) } else { format!("{}/{proto}", int(p, &["port"])) }
+            if node > 0 {
+                format!("{}:{node}/{proto}", int(p, &["port"]))
+            } else {
+                format!("{}/{proto}", int(p, &["port"]))
+            }
         })
         .collect();
     or_none(rendered.join(","))
@@ -231,17 +339,26 @@ fn service_external_ip(svc: &Value) -> String {
             let ingress: Vec<String> = svc
                 .pointer("/status/loadBalancer/ingress")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().map(|i| get_str(i, &["ip"]).or(get_str(i, &["hostname"])).unwrap_or_default().to_string()).collect())
+                .map(|a| {
+                    a.iter()
+                        .map(|i| get_str(i, &["ip"]).or(get_str(i, &["hostname"])).unwrap_or_default().to_string())
+                        .collect()
+                })
                 .unwrap_or_default();
             let all: Vec<String> = ingress.into_iter().chain(external).collect();
-            if all.is_empty() { "<pending>".into() } else { all.join(",") }
+            if all.is_empty() {
+                "<pending>".into()
+            } else {
+                all.join(",")
+            }
         }
         _ => or_none(external.join(",")),
     }
 }
 
 fn node_status(node: &Value) -> (String, String) {
-    let conditions = krate_api::object::get(node, &["status", "conditions"]).and_then(Value::as_array).cloned().unwrap_or_default();
+    let conditions =
+        krate_api::object::get(node, &["status", "conditions"]).and_then(Value::as_array).cloned().unwrap_or_default();
     let ready = conditions.iter().find(|c| get_str(c, &["type"]) == Some("Ready"));
     let mut status = match ready.and_then(|c| get_str(c, &["status"])) {
         Some("True") => "Ready".to_string(),
@@ -254,7 +371,12 @@ fn node_status(node: &Value) -> (String, String) {
     let mut roles: Vec<String> = node
         .pointer("/metadata/labels")
         .and_then(Value::as_object)
-        .map(|l| l.keys().filter_map(|k| k.strip_prefix("node-role.kubernetes.io/").map(str::to_string)).filter(|r| !r.is_empty()).collect())
+        .map(|l| {
+            l.keys()
+                .filter_map(|k| k.strip_prefix("node-role.kubernetes.io/").map(str::to_string))
+                .filter(|r| !r.is_empty())
+                .collect()
+        })
         .unwrap_or_default();
     roles.sort();
     (status, or_none(roles.join(",")))
@@ -270,8 +392,11 @@ fn node_address(node: &Value, kind: &str) -> String {
 }
 
 fn job_status(job: &Value) -> String {
-    let conditions = krate_api::object::get(job, &["status", "conditions"]).and_then(Value::as_array).cloned().unwrap_or_default();
-    let has = |t: &str| conditions.iter().any(|c| get_str(c, &["type"]) == Some(t) && get_str(c, &["status"]) == Some("True"));
+    let conditions =
+        krate_api::object::get(job, &["status", "conditions"]).and_then(Value::as_array).cloned().unwrap_or_default();
+    let has = |t: &str| {
+        conditions.iter().any(|c| get_str(c, &["type"]) == Some(t) && get_str(c, &["status"]) == Some("True"))
+    };
     if has("Complete") {
         "Complete"
     } else if has("Failed") {
@@ -310,36 +435,79 @@ fn cells_for(kind: &KindInfo, obj: &Value) -> Vec<Value> {
                 None => pod.restarts.to_string(),
             };
             let gates = count(obj, &["spec", "readinessGates"]);
-            vec![name, json!(format!("{}/{}", pod.ready, pod.total)), json!(pod.reason), json!(restarts), age,
-                 json!(or_none(s(obj, &["status", "podIP"]))), json!(or_none(s(obj, &["spec", "nodeName"]))),
-                 json!(or_none(s(obj, &["status", "nominatedNodeName"]))), json!(if gates == 0 { "<none>".to_string() } else { format!("0/{gates}") })]
+            vec![
+                name,
+                json!(format!("{}/{}", pod.ready, pod.total)),
+                json!(pod.reason),
+                json!(restarts),
+                age,
+                json!(or_none(s(obj, &["status", "podIP"]))),
+                json!(or_none(s(obj, &["spec", "nodeName"]))),
+                json!(or_none(s(obj, &["status", "nominatedNodeName"]))),
+                json!(if gates == 0 { "<none>".to_string() } else { format!("0/{gates}") }),
+            ]
         }
         ("apps", "deployments") => {
             let (c, i) = containers_and_images(template);
-            vec![name, json!(format!("{}/{}", int(obj, &["status", "readyReplicas"]), int(obj, &["spec", "replicas"]))),
-                 json!(int(obj, &["status", "updatedReplicas"])), json!(int(obj, &["status", "availableReplicas"])), age,
-                 json!(c), json!(i), json!(selector_string(obj, &["spec", "selector"]))]
+            vec![
+                name,
+                json!(format!("{}/{}", int(obj, &["status", "readyReplicas"]), int(obj, &["spec", "replicas"]))),
+                json!(int(obj, &["status", "updatedReplicas"])),
+                json!(int(obj, &["status", "availableReplicas"])),
+                age,
+                json!(c),
+                json!(i),
+                json!(selector_string(obj, &["spec", "selector"])),
+            ]
         }
         ("apps", "replicasets") | ("", "replicationcontrollers") => {
             let (c, i) = containers_and_images(template);
-            vec![name, json!(int(obj, &["spec", "replicas"])), json!(int(obj, &["status", "replicas"])),
-                 json!(int(obj, &["status", "readyReplicas"])), age, json!(c), json!(i), json!(selector_string(obj, &["spec", "selector"]))]
+            vec![
+                name,
+                json!(int(obj, &["spec", "replicas"])),
+                json!(int(obj, &["status", "replicas"])),
+                json!(int(obj, &["status", "readyReplicas"])),
+                age,
+                json!(c),
+                json!(i),
+                json!(selector_string(obj, &["spec", "selector"])),
+            ]
         }
         ("apps", "statefulsets") => {
             let (c, i) = containers_and_images(template);
-            vec![name, json!(format!("{}/{}", int(obj, &["status", "readyReplicas"]), int(obj, &["spec", "replicas"]))), age, json!(c), json!(i)]
+            vec![
+                name,
+                json!(format!("{}/{}", int(obj, &["status", "readyReplicas"]), int(obj, &["spec", "replicas"]))),
+                age,
+                json!(c),
+                json!(i),
+            ]
         }
         ("apps", "daemonsets") => {
             let (c, i) = containers_and_images(template);
             let node_selector = obj
                 .pointer("/spec/template/spec/nodeSelector")
                 .and_then(Value::as_object)
-                .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(","))
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
                 .unwrap_or_default();
-            vec![name, json!(int(obj, &["status", "desiredNumberScheduled"])), json!(int(obj, &["status", "currentNumberScheduled"])),
-                 json!(int(obj, &["status", "numberReady"])), json!(int(obj, &["status", "updatedNumberScheduled"])),
-                 json!(int(obj, &["status", "numberAvailable"])), json!(or_none(node_selector)), age, json!(c), json!(i),
-                 json!(selector_string(obj, &["spec", "selector"]))]
+            vec![
+                name,
+                json!(int(obj, &["status", "desiredNumberScheduled"])),
+                json!(int(obj, &["status", "currentNumberScheduled"])),
+                json!(int(obj, &["status", "numberReady"])),
+                json!(int(obj, &["status", "updatedNumberScheduled"])),
+                json!(int(obj, &["status", "numberAvailable"])),
+                json!(or_none(node_selector)),
+                age,
+                json!(c),
+                json!(i),
+                json!(selector_string(obj, &["spec", "selector"])),
+            ]
         }
         ("batch", "jobs") => {
             let (c, i) = containers_and_images(template);
@@ -355,32 +523,76 @@ fn cells_for(kind: &KindInfo, obj: &Value) -> Vec<Value> {
                 (Some(s), None) => human_duration(s),
                 _ => String::new(),
             };
-            vec![name, json!(job_status(obj)), json!(completions), json!(duration), age, json!(c), json!(i), json!(selector_string(obj, &["spec", "selector"]))]
+            vec![
+                name,
+                json!(job_status(obj)),
+                json!(completions),
+                json!(duration),
+                age,
+                json!(c),
+                json!(i),
+                json!(selector_string(obj, &["spec", "selector"])),
+            ]
         }
         ("batch", "cronjobs") => {
             let (c, i) = containers_and_images(obj.pointer("/spec/jobTemplate/spec/template/spec"));
-            let last = get_str(obj, &["status", "lastScheduleTime"]).map(|t| since(Some(t))).unwrap_or_else(|| "<none>".into());
-            vec![name, json!(s(obj, &["spec", "schedule"])), json!(or_none(s(obj, &["spec", "timeZone"]))),
-                 json!(krate_api::object::get(obj, &["spec", "suspend"]).and_then(Value::as_bool).unwrap_or(false).to_string().replace("true", "True").replace("false", "False")),
-                 json!(count(obj, &["status", "active"])), json!(last), age, json!(c), json!(i),
-                 json!(selector_string(obj, &["spec", "jobTemplate", "spec", "selector"]))]
+            let last = get_str(obj, &["status", "lastScheduleTime"])
+                .map(|t| since(Some(t)))
+                .unwrap_or_else(|| "<none>".into());
+            vec![
+                name,
+                json!(s(obj, &["spec", "schedule"])),
+                json!(or_none(s(obj, &["spec", "timeZone"]))),
+                json!(krate_api::object::get(obj, &["spec", "suspend"])
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)
+                    .to_string()
+                    .replace("true", "True")
+                    .replace("false", "False")),
+                json!(count(obj, &["status", "active"])),
+                json!(last),
+                age,
+                json!(c),
+                json!(i),
+                json!(selector_string(obj, &["spec", "jobTemplate", "spec", "selector"])),
+            ]
         }
         ("", "services") => {
             let selector = obj
                 .pointer("/spec/selector")
                 .and_then(Value::as_object)
-                .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(","))
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
                 .unwrap_or_default();
-            vec![name, json!(s(obj, &["spec", "type"])), json!(or_none(s(obj, &["spec", "clusterIP"]))), json!(service_external_ip(obj)),
-                 json!(service_ports(obj)), age, json!(or_none(selector))]
+            vec![
+                name,
+                json!(s(obj, &["spec", "type"])),
+                json!(or_none(s(obj, &["spec", "clusterIP"]))),
+                json!(service_external_ip(obj)),
+                json!(service_ports(obj)),
+                age,
+                json!(or_none(selector)),
+            ]
         }
         ("", "namespaces") => vec![name, json!(s(obj, &["status", "phase"])), age],
         ("", "nodes") => {
             let (status, roles) = node_status(obj);
-            vec![name, json!(status), json!(roles), age, json!(s(obj, &["status", "nodeInfo", "kubeletVersion"])),
-                 json!(node_address(obj, "InternalIP")), json!(node_address(obj, "ExternalIP")),
-                 json!(or_none(s(obj, &["status", "nodeInfo", "osImage"]))), json!(or_none(s(obj, &["status", "nodeInfo", "kernelVersion"]))),
-                 json!(or_none(s(obj, &["status", "nodeInfo", "containerRuntimeVersion"])))]
+            vec![
+                name,
+                json!(status),
+                json!(roles),
+                age,
+                json!(s(obj, &["status", "nodeInfo", "kubeletVersion"])),
+                json!(node_address(obj, "InternalIP")),
+                json!(node_address(obj, "ExternalIP")),
+                json!(or_none(s(obj, &["status", "nodeInfo", "osImage"]))),
+                json!(or_none(s(obj, &["status", "nodeInfo", "kernelVersion"]))),
+                json!(or_none(s(obj, &["status", "nodeInfo", "containerRuntimeVersion"]))),
+            ]
         }
         ("", "configmaps") => vec![name, json!(count(obj, &["data"]) + count(obj, &["binaryData"])), age],
         ("", "secrets") => vec![name, json!(s(obj, &["type"])), json!(count(obj, &["data"])), age],
@@ -388,17 +600,35 @@ fn cells_for(kind: &KindInfo, obj: &Value) -> Vec<Value> {
         ("", "endpoints") => {
             let mut eps = Vec::new();
             for subset in obj.get("subsets").and_then(Value::as_array).into_iter().flatten() {
-                let ports: Vec<i64> = subset.get("ports").and_then(Value::as_array).map(|p| p.iter().map(|p| int(p, &["port"])).collect()).unwrap_or_default();
+                let ports: Vec<i64> = subset
+                    .get("ports")
+                    .and_then(Value::as_array)
+                    .map(|p| p.iter().map(|p| int(p, &["port"])).collect())
+                    .unwrap_or_default();
                 for addr in subset.get("addresses").and_then(Value::as_array).into_iter().flatten() {
                     let ip = s(addr, &["ip"]);
-                    if ports.is_empty() { eps.push(ip.clone()) } else { eps.extend(ports.iter().map(|p| format!("{ip}:{p}"))) }
+                    if ports.is_empty() {
+                        eps.push(ip.clone())
+                    } else {
+                        eps.extend(ports.iter().map(|p| format!("{ip}:{p}")))
+                    }
                 }
             }
-            let shown = if eps.len() > 3 { format!("{} + {} more...", eps[..3].join(","), eps.len() - 3) } else { eps.join(",") };
+            let shown = if eps.len() > 3 {
+                format!("{} + {} more...", eps[..3].join(","), eps.len() - 3)
+            } else {
+                eps.join(",")
+            };
             vec![name, json!(or_none(shown)), age]
         }
         ("discovery.k8s.io", "endpointslices") => {
-            let ports: Vec<String> = obj.get("ports").and_then(Value::as_array).into_iter().flatten().map(|p| int(p, &["port"]).to_string()).collect();
+            let ports: Vec<String> = obj
+                .get("ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|p| int(p, &["port"]).to_string())
+                .collect();
             let addresses: Vec<String> = obj
                 .get("endpoints")
                 .and_then(Value::as_array)
@@ -408,12 +638,26 @@ fn cells_for(kind: &KindInfo, obj: &Value) -> Vec<Value> {
                 .filter_map(|a| a.as_str().map(String::from))
                 .collect();
             let unset = |v: String| if v.is_empty() { "<unset>".to_string() } else { v };
-            let shown = if addresses.len() > 3 { format!("{} + {} more...", addresses[..3].join(","), addresses.len() - 3) } else { addresses.join(",") };
+            let shown = if addresses.len() > 3 {
+                format!("{} + {} more...", addresses[..3].join(","), addresses.len() - 3)
+            } else {
+                addresses.join(",")
+            };
             vec![name, json!(s(obj, &["addressType"])), json!(unset(ports.join(","))), json!(unset(shown)), age]
         }
         ("policy", "poddisruptionbudgets") => {
-            let bound = |key: &str| krate_api::object::get(obj, &["spec", key]).map(|v| v.as_str().map(String::from).unwrap_or_else(|| v.to_string())).unwrap_or_else(|| "N/A".into());
-            vec![name, json!(bound("minAvailable")), json!(bound("maxUnavailable")), json!(int(obj, &["status", "disruptionsAllowed"])), age]
+            let bound = |key: &str| {
+                krate_api::object::get(obj, &["spec", key])
+                    .map(|v| v.as_str().map(String::from).unwrap_or_else(|| v.to_string()))
+                    .unwrap_or_else(|| "N/A".into())
+            };
+            vec![
+                name,
+                json!(bound("minAvailable")),
+                json!(bound("maxUnavailable")),
+                json!(int(obj, &["status", "disruptionsAllowed"])),
+                age,
+            ]
         }
         ("scheduling.k8s.io", "priorityclasses") => {
             let global = obj.get("globalDefault").and_then(Value::as_bool).unwrap_or(false);
@@ -428,7 +672,13 @@ fn cells_for(kind: &KindInfo, obj: &Value) -> Vec<Value> {
                         Some(p) => k.starts_with(p),
                         None => !k.starts_with("limits."),
                     })
-                    .map(|(k, h)| format!("{k}: {}/{}", obj.pointer(&format!("/status/used/{k}")).and_then(Value::as_str).unwrap_or("0"), h.as_str().unwrap_or_default()))
+                    .map(|(k, h)| {
+                        format!(
+                            "{k}: {}/{}",
+                            obj.pointer(&format!("/status/used/{k}")).and_then(Value::as_str).unwrap_or("0"),
+                            h.as_str().unwrap_or_default()
+                        )
+                    })
                     .collect();
                 parts.sort();
                 parts.join(", ")
@@ -436,17 +686,37 @@ fn cells_for(kind: &KindInfo, obj: &Value) -> Vec<Value> {
             vec![name, age, json!(used_of(None)), json!(used_of(Some("limits.")))]
         }
         ("coordination.k8s.io", "leases") => vec![name, json!(s(obj, &["spec", "holderIdentity"])), age],
-        ("apiextensions.k8s.io", "customresourcedefinitions") => vec![name, json!(s(obj, &["metadata", "creationTimestamp"]))],
+        ("apiextensions.k8s.io", "customresourcedefinitions") => {
+            vec![name, json!(s(obj, &["metadata", "creationTimestamp"]))]
+        }
         ("", "events") | ("events.k8s.io", "events") => {
             // Stored form is core/v1 either way for the fields used here.
-            let core = if kind.group.is_empty() { obj.clone() } else { krate_api::convert::EVENTS_V1.store(obj.clone()) };
-            let last = get_str(&core, &["lastTimestamp"]).or(get_str(&core, &["eventTime"])).or(get_str(&core, &["metadata", "creationTimestamp"]));
+            let core =
+                if kind.group.is_empty() { obj.clone() } else { krate_api::convert::EVENTS_V1.store(obj.clone()) };
+            let last = get_str(&core, &["lastTimestamp"])
+                .or(get_str(&core, &["eventTime"]))
+                .or(get_str(&core, &["metadata", "creationTimestamp"]));
             let first = get_str(&core, &["firstTimestamp"]).or(get_str(&core, &["eventTime"]));
-            let object = format!("{}/{}", s(&core, &["involvedObject", "kind"]).to_lowercase(), s(&core, &["involvedObject", "name"]));
-            let source = get_str(&core, &["source", "component"]).or(get_str(&core, &["reportingComponent"])).unwrap_or_default();
-            vec![json!(since(last)), json!(s(&core, &["type"])), json!(s(&core, &["reason"])), json!(object),
-                 json!(s(&core, &["involvedObject", "fieldPath"])), json!(source), json!(s(&core, &["message"])),
-                 json!(since(first)), json!(int(&core, &["count"]).max(1)), name]
+            let object = format!(
+                "{}/{}",
+                s(&core, &["involvedObject", "kind"]).to_lowercase(),
+                s(&core, &["involvedObject", "name"])
+            );
+            let source = get_str(&core, &["source", "component"])
+                .or(get_str(&core, &["reportingComponent"]))
+                .unwrap_or_default();
+            vec![
+                json!(since(last)),
+                json!(s(&core, &["type"])),
+                json!(s(&core, &["reason"])),
+                json!(object),
+                json!(s(&core, &["involvedObject", "fieldPath"])),
+                json!(source),
+                json!(s(&core, &["message"])),
+                json!(since(first)),
+                json!(int(&core, &["count"]).max(1)),
+                name,
+            ]
         }
         _ => vec![name, age],
     }
@@ -471,7 +741,9 @@ fn json_path(obj: &Value, path: &str) -> Vec<Value> {
             match (index, child) {
                 (None, c) => next.push(c),
                 (Some("*"), Value::Array(items)) => next.extend(items),
-                (Some(i), Value::Array(items)) => next.extend(i.parse::<usize>().ok().and_then(|i| items.get(i).cloned())),
+                (Some(i), Value::Array(items)) => {
+                    next.extend(i.parse::<usize>().ok().and_then(|i| items.get(i).cloned()))
+                }
                 _ => {}
             }
         }
@@ -484,9 +756,15 @@ fn custom_cell(column: &krate_api::custom::PrinterColumn, obj: &Value) -> Value 
     let values = json_path(obj, &column.json_path);
     match (column.type_.as_str(), values.as_slice()) {
         (_, []) => Value::Null,
-        ("date", [Value::String(ts)]) => json!(seconds_since(ts).map(human_duration).unwrap_or_else(|| "<unknown>".into())),
+        ("date", [Value::String(ts)]) => {
+            json!(seconds_since(ts).map(human_duration).unwrap_or_else(|| "<unknown>".into()))
+        }
         (_, [one]) => one.clone(),
-        (_, many) => json!(many.iter().map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).collect::<Vec<_>>().join(",")),
+        (_, many) => json!(many
+            .iter()
+            .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+            .collect::<Vec<_>>()
+            .join(",")),
     }
 }
 
@@ -507,7 +785,9 @@ fn column_definitions(kind: &KindInfo) -> Vec<Value> {
 
 fn row(kind: &KindInfo, obj: &Value, include: IncludeObject) -> Value {
     let cells = match custom_columns(kind) {
-        Some(columns) => std::iter::once(json!(krate_api::object::name(obj))).chain(columns.iter().map(|c| custom_cell(c, obj))).collect(),
+        Some(columns) => std::iter::once(json!(krate_api::object::name(obj)))
+            .chain(columns.iter().map(|c| custom_cell(c, obj)))
+            .collect(),
         None => cells_for(kind, obj),
     };
     let mut row = json!({"cells": cells});

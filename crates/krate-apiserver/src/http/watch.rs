@@ -114,29 +114,45 @@ fn too_old(requested: Revision, oldest: Revision) -> ApiError {
 }
 
 /// Opens a watch and returns the streaming response.
-pub async fn serve(server: Arc<ApiServer>, scope: Scope, opts: ListOptions, query: &Query, format: Format) -> ApiResult<Response<Body>> {
+pub async fn serve(
+    server: Arc<ApiServer>,
+    scope: Scope,
+    opts: ListOptions,
+    query: &Query,
+    format: Format,
+) -> ApiResult<Response<Body>> {
     let send_initial = query.get("sendInitialEvents").map(String::as_str) == Some("true");
     let rv = opts.resource_version.clone().filter(|rv| !rv.is_empty());
     let start = match rv.as_deref() {
         None | Some("0") => Start::Snapshot,
         Some(rv) => {
-            let rev = rv.parse::<Revision>().map_err(|_| ApiError::bad_request(format!("invalid resource version {rv:?}")))?;
-            if send_initial { Start::Snapshot } else { Start::After(rev) }
+            let rev = rv
+                .parse::<Revision>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resource version {rv:?}")))?;
+            if send_initial {
+                Start::Snapshot
+            } else {
+                Start::After(rev)
+            }
         }
     };
     if send_initial && opts.resource_version_match.as_deref() != Some("NotOlderThan") {
-        return Err(ApiError::invalid("meta.k8s.io", "ListOptions", "", &[krate_api::FieldError::forbidden(
-            "resourceVersionMatch", "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan")]));
+        return Err(ApiError::invalid(
+            "meta.k8s.io",
+            "ListOptions",
+            "",
+            &[krate_api::FieldError::forbidden(
+                "resourceVersionMatch",
+                "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+            )],
+        ));
     }
     // Upstream starts `resourceVersion=""` watches from a consistent snapshot.
     if rv.is_none() {
         server.storage.cache.sync().await;
     }
-    let timeout = query
-        .get("timeoutSeconds")
-        .and_then(|t| t.parse::<u64>().ok())
-        .map(Duration::from_secs)
-        .unwrap_or_else(|| {
+    let timeout =
+        query.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).map(Duration::from_secs).unwrap_or_else(|| {
             // Upstream spreads watch lifetimes over [min, 2*min) to avoid thundering re-lists.
             let base = server.settings.min_request_timeout;
             base + Duration::from_millis(rand::random::<u64>() % base.as_millis().max(1) as u64)
@@ -158,7 +174,8 @@ pub async fn serve(server: Arc<ApiServer>, scope: Scope, opts: ListOptions, quer
         metrics_server.metrics.watch_closed();
     });
     let mut resp = Response::new(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_str(&format.content_type()).expect("valid header"));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_str(&format.content_type()).expect("valid header"));
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, private"));
     Ok(resp)
 }
@@ -186,7 +203,8 @@ async fn run(
         Start::Snapshot => {
             let (objects, revision) = {
                 let state = rc.state.read().expect("cache lock");
-                let objects: Vec<Arc<CachedObject>> = state.objects.values().filter(|o| w.matches(o)).cloned().collect();
+                let objects: Vec<Arc<CachedObject>> =
+                    state.objects.values().filter(|o| w.matches(o)).cloned().collect();
                 (objects, cache.revision().max(state.last_change))
             };
             for obj in &objects {

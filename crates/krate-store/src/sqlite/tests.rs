@@ -17,33 +17,21 @@ async fn create_update_delete_with_compare_and_swap() {
     let created = store.create("/a/x", b("1")).await.unwrap();
     assert_eq!(created.mod_revision, 1);
     assert_eq!(created.create_revision, 1);
-    assert_eq!(
-        store.create("/a/x", b("again")).await,
-        Err(StoreError::AlreadyExists("/a/x".into()))
-    );
+    assert_eq!(store.create("/a/x", b("again")).await, Err(StoreError::AlreadyExists("/a/x".into())));
 
     let updated = store.update("/a/x", b("2"), 1).await.unwrap();
     assert_eq!((updated.create_revision, updated.mod_revision), (1, 2));
     // A stale expected revision is a conflict and writes nothing.
-    assert!(matches!(
-        store.update("/a/x", b("3"), 1).await,
-        Err(StoreError::Conflict { actual: 2, .. })
-    ));
+    assert!(matches!(store.update("/a/x", b("3"), 1).await, Err(StoreError::Conflict { actual: 2, .. })));
     assert_eq!(store.get("/a/x").await.unwrap().unwrap().value, b("2"));
     assert_eq!(store.current_revision().await.unwrap(), 2);
 
-    assert!(matches!(
-        store.delete("/a/x", Some(1)).await,
-        Err(StoreError::Conflict { .. })
-    ));
+    assert!(matches!(store.delete("/a/x", Some(1)).await, Err(StoreError::Conflict { .. })));
     let (rev, prev) = store.delete("/a/x", Some(2)).await.unwrap();
     assert_eq!(rev, 3);
     assert_eq!(prev.value, b("2"));
     assert_eq!(store.get("/a/x").await.unwrap(), None);
-    assert_eq!(
-        store.update("/a/x", b("4"), 3).await,
-        Err(StoreError::NotFound("/a/x".into()))
-    );
+    assert_eq!(store.update("/a/x", b("4"), 3).await, Err(StoreError::NotFound("/a/x".into())));
 }
 
 #[tokio::test]
@@ -54,19 +42,13 @@ async fn list_by_prefix_with_limit_and_past_revision() {
         store.create(&format!("/p/{name}"), b(name)).await.unwrap();
     }
     store.create("/q/a", b("other prefix")).await.unwrap();
-    let all = store
-        .list(ListRequest { prefix: "/p/".into(), ..Default::default() })
-        .await
-        .unwrap();
+    let all = store.list(ListRequest { prefix: "/p/".into(), ..Default::default() }).await.unwrap();
     let keys: Vec<_> = all.items.iter().map(|kv| kv.key.as_str()).collect();
     assert_eq!(keys, ["/p/a", "/p/b", "/p/c"]);
     assert_eq!(all.revision, 4);
     assert!(!all.more);
 
-    let page = store
-        .list(ListRequest { prefix: "/p/".into(), limit: Some(2), ..Default::default() })
-        .await
-        .unwrap();
+    let page = store.list(ListRequest { prefix: "/p/".into(), limit: Some(2), ..Default::default() }).await.unwrap();
     assert_eq!(page.items.len(), 2);
     assert!(page.more);
     let rest = store
@@ -84,23 +66,15 @@ async fn list_by_prefix_with_limit_and_past_revision() {
     // Change history, then read the old state back.
     store.update("/p/a", b("a2"), 2).await.unwrap();
     store.delete("/p/b", None).await.unwrap();
-    let old = store
-        .list(ListRequest { prefix: "/p/".into(), revision: Some(4), ..Default::default() })
-        .await
-        .unwrap();
+    let old = store.list(ListRequest { prefix: "/p/".into(), revision: Some(4), ..Default::default() }).await.unwrap();
     let values: Vec<_> = old.items.iter().map(|kv| kv.value.clone()).collect();
     assert_eq!(values, [b("a"), b("b"), b("c")]);
     assert_eq!(old.revision, 4);
-    let now = store
-        .list(ListRequest { prefix: "/p/".into(), ..Default::default() })
-        .await
-        .unwrap();
+    let now = store.list(ListRequest { prefix: "/p/".into(), ..Default::default() }).await.unwrap();
     let values: Vec<_> = now.items.iter().map(|kv| kv.value.clone()).collect();
     assert_eq!(values, [b("a2"), b("c")]);
     assert!(matches!(
-        store
-            .list(ListRequest { prefix: "/p/".into(), revision: Some(99), ..Default::default() })
-            .await,
+        store.list(ListRequest { prefix: "/p/".into(), revision: Some(99), ..Default::default() }).await,
         Err(StoreError::FutureRevision { .. })
     ));
 }
@@ -143,16 +117,11 @@ async fn compaction_expires_old_revisions_but_keeps_current_state() {
     store.compact(4).await.unwrap();
     assert_eq!(store.compacted_revision().await.unwrap(), 4);
 
-    let err = store
-        .list(ListRequest { prefix: "/c/".into(), revision: Some(2), ..Default::default() })
-        .await
-        .unwrap_err();
+    let err =
+        store.list(ListRequest { prefix: "/c/".into(), revision: Some(2), ..Default::default() }).await.unwrap_err();
     assert!(matches!(err, StoreError::Compacted { requested: 2, compacted: 4 }));
     // Revision 4 itself is still readable: /c/a was "2" then.
-    let at4 = store
-        .list(ListRequest { prefix: "/c/".into(), revision: Some(4), ..Default::default() })
-        .await
-        .unwrap();
+    let at4 = store.list(ListRequest { prefix: "/c/".into(), revision: Some(4), ..Default::default() }).await.unwrap();
     assert_eq!(at4.items.len(), 1);
     assert_eq!(at4.items[0].value, b("2"));
 
@@ -186,9 +155,8 @@ async fn concurrent_writers_each_get_a_distinct_revision() {
     let mut tasks = Vec::new();
     for i in 0..200 {
         let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            store.create(&format!("/k/{i:04}"), b("v")).await.unwrap().mod_revision
-        }));
+        tasks
+            .push(tokio::spawn(async move { store.create(&format!("/k/{i:04}"), b("v")).await.unwrap().mod_revision }));
     }
     let mut revisions = Vec::new();
     for task in tasks {

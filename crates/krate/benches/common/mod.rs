@@ -56,7 +56,12 @@ impl BenchServer {
         while !(kubeconfig.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let config = kube::Config::from_custom_kubeconfig(Kubeconfig::read_from(&kubeconfig).unwrap(), &KubeConfigOptions::default()).await.unwrap();
+        let config = kube::Config::from_custom_kubeconfig(
+            Kubeconfig::read_from(&kubeconfig).unwrap(),
+            &KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap();
         let client = kube::Client::try_from(config).unwrap();
         BenchServer { child: Some(Killed(child)), data, kubeconfig, client, _dir: dir }
     }

@@ -39,7 +39,13 @@ impl TestServer {
 
     fn unstarted(extra_args: &[&str], agent: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        Self { dir, port: free_port(), child: None, extra_args: extra_args.iter().map(|s| s.to_string()).collect(), agent }
+        Self {
+            dir,
+            port: free_port(),
+            child: None,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            agent,
+        }
     }
 
     /// A server with its embedded node agent running real containers.
@@ -158,7 +164,11 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill();
         if self.agent {
-            let out = Command::new(env!("CARGO_BIN_EXE_krate")).args(["reset", "--data-dir"]).arg(self.data_dir()).output().expect("run krate reset");
+            let out = Command::new(env!("CARGO_BIN_EXE_krate"))
+                .args(["reset", "--data-dir"])
+                .arg(self.data_dir())
+                .output()
+                .expect("run krate reset");
             if !out.status.success() {
                 eprintln!("krate reset failed: {}", String::from_utf8_lossy(&out.stderr));
             }
@@ -177,17 +187,20 @@ pub async fn client_for(kubeconfig: &Path) -> kube::Client {
 }
 
 /// Sends a raw request and returns (status, body as JSON or string).
-pub async fn raw(client: &kube::Client, method: &str, path: &str, content_type: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
-    let req = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("Content-Type", content_type)
-        .body(body)
-        .unwrap();
+pub async fn raw(
+    client: &kube::Client,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (u16, serde_json::Value) {
+    let req =
+        http::Request::builder().method(method).uri(path).header("Content-Type", content_type).body(body).unwrap();
     let resp = client.send(req.map(kube::client::Body::from)).await.expect("send");
     let status = resp.status().as_u16();
     let bytes = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
-    let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     (status, value)
 }
 

@@ -43,7 +43,10 @@ impl TestRegistry {
         }
         match credentials {
             None => krate_agent::testimages::push_all(&address).expect("push the test images"),
-            Some(c) => krate_agent::testimages::test_server().unwrap().push_as(&address, "test-server", "1", Some(c)).expect("push test-server"),
+            Some(c) => krate_agent::testimages::test_server()
+                .unwrap()
+                .push_as(&address, "test-server", "1", Some(c))
+                .expect("push test-server"),
         }
         TestRegistry { address, child, _dir: dir }
     }
