@@ -1,5 +1,7 @@
-//! Admission on create: checks and defaults that need other objects, as upstream's
-//! admission plugins do.
+//! Admission: a chain of plugins every create passes through, as upstream's admission
+//! plugins: first each plugin's mutating `admit` (before the object is validated), then
+//! each plugin's `validate` (after validation, before it is stored; it may only refuse).
+//! Plugins read other objects through the storage's cache. The built-in plugins:
 //! - Priority: a pod's `priorityClassName` (or the global default class) resolves to
 //!   `spec.priority` and `spec.preemptionPolicy`; unknown classes are refused.
 //! - PriorityClasses: at most one global default; values above one billion and the
@@ -15,7 +17,139 @@ use krate_api::object::{self, get, get_str};
 use krate_api::{ApiError, ApiResult, FieldError, KindInfo};
 use serde_json::{json, Value};
 
+use std::sync::Arc;
+
 use crate::registry::{builtin_kind, storage_prefix, Scope, Storage};
+use crate::request::RequestAttributes;
+
+/// What admission is asked about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    Create,
+}
+
+/// The request an object comes with, for admission plugins.
+pub struct Attributes<'a> {
+    pub kind: &'a KindInfo,
+    pub operation: Operation,
+    /// Who asks and for what; `None` for the server's own writes.
+    pub request: Option<&'a RequestAttributes>,
+    pub dry_run: bool,
+}
+
+impl Attributes<'_> {
+    /// Whether the object is of the built-in `group`/`plural`.
+    pub fn is(&self, group: &str, plural: &str) -> bool {
+        self.kind.group == group && self.kind.plural == plural
+    }
+}
+
+/// Upstream's refusal by an admission plugin: `pods "p" is forbidden: <why>`.
+pub fn forbidden(kind: &KindInfo, obj: &Value, why: impl std::fmt::Display) -> ApiError {
+    let resource = krate_api::error::qualified(&kind.group, &kind.plural);
+    match object::name(obj) {
+        "" => ApiError::forbidden(format!("{resource} is forbidden: {why}")),
+        name => ApiError::forbidden(format!("{resource} {name:?} is forbidden: {why}")),
+    }
+}
+
+/// One admission plugin. Both phases default to doing nothing.
+#[async_trait::async_trait]
+pub trait Plugin: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// Mutating phase: may change the object, or refuse it.
+    async fn admit(&self, _storage: &Storage, _attrs: &Attributes<'_>, _obj: &mut Value) -> ApiResult<()> {
+        Ok(())
+    }
+
+    /// Validating phase: sees the validated object and may only refuse it.
+    async fn validate(&self, _storage: &Storage, _attrs: &Attributes<'_>, _obj: &Value) -> ApiResult<()> {
+        Ok(())
+    }
+}
+
+/// The plugins of a server, in order.
+#[derive(Clone)]
+pub struct Chain(pub Vec<Arc<dyn Plugin>>);
+
+impl Default for Chain {
+    fn default() -> Self {
+        Self(vec![Arc::new(Priority), Arc::new(ServiceAccount), Arc::new(ResourceQuota)])
+    }
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|p| p.name())).finish()
+    }
+}
+
+impl Chain {
+    pub async fn admit(&self, storage: &Storage, attrs: &Attributes<'_>, obj: &mut Value) -> ApiResult<()> {
+        for plugin in &self.0 {
+            plugin.admit(storage, attrs, obj).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn validate(&self, storage: &Storage, attrs: &Attributes<'_>, obj: &Value) -> ApiResult<()> {
+        for plugin in &self.0 {
+            plugin.validate(storage, attrs, obj).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Pod priority from PriorityClasses, and the rules for PriorityClasses themselves.
+pub struct Priority;
+
+#[async_trait::async_trait]
+impl Plugin for Priority {
+    fn name(&self) -> &'static str {
+        "Priority"
+    }
+
+    async fn admit(&self, storage: &Storage, attrs: &Attributes<'_>, obj: &mut Value) -> ApiResult<()> {
+        if attrs.is("", "pods") {
+            storage.admit_pod_priority(obj).await?;
+        } else if attrs.is("scheduling.k8s.io", "priorityclasses") {
+            storage.admit_priority_class(obj).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The service-account token volume in pods.
+pub struct ServiceAccount;
+
+#[async_trait::async_trait]
+impl Plugin for ServiceAccount {
+    fn name(&self) -> &'static str {
+        "ServiceAccount"
+    }
+
+    async fn admit(&self, storage: &Storage, attrs: &Attributes<'_>, obj: &mut Value) -> ApiResult<()> {
+        if attrs.is("", "pods") {
+            storage.admit_pod_service_account(obj).await;
+        }
+        Ok(())
+    }
+}
+
+/// ResourceQuota limits, charged as objects are created.
+pub struct ResourceQuota;
+
+#[async_trait::async_trait]
+impl Plugin for ResourceQuota {
+    fn name(&self) -> &'static str {
+        "ResourceQuota"
+    }
+
+    async fn validate(&self, storage: &Storage, attrs: &Attributes<'_>, obj: &Value) -> ApiResult<()> {
+        storage.admit_quota(attrs.kind, obj, attrs.dry_run).await
+    }
+}
 
 /// The built-in priority classes every cluster has.
 pub const SYSTEM_PRIORITY_CLASSES: &[(&str, i64, &str)] = &[
@@ -57,20 +191,6 @@ impl Storage {
             .take_while(|(k, _)| k.starts_with(&prefix))
             .map(|(_, o)| o.parse())
             .collect()
-    }
-
-    /// Admission for a new object of `kind` (storage form, defaulted).
-    /// (A dry run is checked but counts in no quota.)
-    pub(crate) async fn admit_create(&self, kind: &KindInfo, obj: &mut Value, dry_run: bool) -> ApiResult<()> {
-        match (kind.group.as_str(), kind.plural.as_str()) {
-            ("", "pods") => {
-                self.admit_pod_priority(obj).await?;
-                self.admit_pod_service_account(obj).await;
-            }
-            ("scheduling.k8s.io", "priorityclasses") => self.admit_priority_class(obj).await?,
-            _ => {}
-        }
-        self.admit_quota(kind, obj, dry_run).await
     }
 
     async fn admit_pod_priority(&self, pod: &mut Value) -> ApiResult<()> {
@@ -208,13 +328,7 @@ impl Storage {
         let delta = krate_api::quota::usage(&kind.group, &kind.plural, obj);
         let scope = Scope { kind: builtin_kind("", "v1", "resourcequotas"), namespace: Some(ns.clone()) };
         let quotas = self.cached_objects(&scope, false).await;
-        let name = object::name(obj).to_string();
-        let forbidden = |detail: String| {
-            ApiError::forbidden(format!(
-                "{} {name:?} is forbidden: {detail}",
-                krate_api::error::qualified(&kind.group, &kind.plural)
-            ))
-        };
+        let forbidden = |detail: String| forbidden(kind, obj, detail);
         for quota in quotas {
             let quota_name = object::name(&quota).to_string();
             let mut current = quota;
@@ -280,5 +394,67 @@ impl Storage {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Method;
+
+    /// Labels what it admits, and refuses ConfigMaps named `refused`.
+    struct Stamp;
+
+    #[async_trait::async_trait]
+    impl Plugin for Stamp {
+        fn name(&self) -> &'static str {
+            "Stamp"
+        }
+
+        async fn admit(&self, _: &Storage, attrs: &Attributes<'_>, obj: &mut Value) -> ApiResult<()> {
+            let user = attrs.request.map(|r| r.user.name.clone()).unwrap_or_default();
+            object::set(obj, &["metadata", "labels", "admitted-for"], json!(user));
+            Ok(())
+        }
+
+        async fn validate(&self, _: &Storage, attrs: &Attributes<'_>, obj: &Value) -> ApiResult<()> {
+            match object::name(obj) {
+                "refused" => Err(forbidden(attrs.kind, obj, "not today")),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    async fn api() -> crate::testing::TestApi {
+        let mut admission = Chain::default();
+        admission.0.push(Arc::new(Stamp));
+        crate::testing::TestApi::start(crate::Settings { admission, ..Default::default() }).await
+    }
+
+    fn config_map(name: &str) -> Option<Value> {
+        Some(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}}))
+    }
+
+    #[tokio::test]
+    async fn mutating_plugins_change_what_is_stored_and_see_who_asks() {
+        let api = api().await;
+        let (code, created) =
+            api.call("alice", Method::POST, "/api/v1/namespaces/default/configmaps", config_map("c")).await;
+        assert_eq!(code, 201, "{created}");
+        assert_eq!(created["metadata"]["labels"]["admitted-for"], "alice");
+        let (_, stored) = api.call("alice", Method::GET, "/api/v1/namespaces/default/configmaps/c", None).await;
+        assert_eq!(stored["metadata"]["labels"]["admitted-for"], "alice");
+    }
+
+    #[tokio::test]
+    async fn a_refusing_plugin_gives_upstreams_message_and_stores_nothing() {
+        let api = api().await;
+        let (code, status) =
+            api.call("alice", Method::POST, "/api/v1/namespaces/default/configmaps", config_map("refused")).await;
+        assert_eq!(code, 403);
+        assert_eq!(status["reason"], "Forbidden");
+        assert_eq!(status["message"], r#"configmaps "refused" is forbidden: not today"#);
+        let (code, _) = api.call("alice", Method::GET, "/api/v1/namespaces/default/configmaps/refused", None).await;
+        assert_eq!(code, 404, "nothing was stored");
     }
 }

@@ -7,15 +7,20 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// An authenticated user, as upstream's `user.Info`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct User {
     pub name: String,
     pub groups: Vec<String>,
+    /// Set for service accounts (the account's uid); empty for certificate users.
+    pub uid: String,
+    /// Further attributes (service-account tokens: the pod they are bound to).
+    pub extra: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl User {
     pub fn anonymous() -> Self {
-        Self { name: "system:anonymous".into(), groups: vec!["system:unauthenticated".into()] }
+        Self { name: "system:anonymous".into(), groups: vec!["system:unauthenticated".into()], ..Self::default() }
     }
 
     pub fn is_anonymous(&self) -> bool {
@@ -30,7 +35,7 @@ impl User {
         let mut groups: Vec<String> =
             subject.iter_organization().filter_map(|o| o.as_str().ok().map(str::to_string)).collect();
         groups.push("system:authenticated".into());
-        Some(Self { name, groups })
+        Some(Self { name, groups, ..Self::default() })
     }
 
     pub fn from_peer(certs: Option<&[CertificateDer<'_>]>) -> Self {

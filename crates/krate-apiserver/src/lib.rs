@@ -19,13 +19,18 @@ use tokio::net::TcpListener;
 
 pub mod admission;
 pub mod auth;
+pub mod authz;
 pub mod cache;
 pub mod crd;
 pub mod eviction;
 pub mod http;
 pub mod metrics;
 pub mod registry;
+pub mod request;
 pub mod tokens;
+
+#[cfg(test)]
+pub(crate) mod testing;
 
 use cache::WatchCache;
 use registry::{Scope, Storage};
@@ -48,6 +53,10 @@ pub struct Settings {
     /// What service-account tokens are signed under (the cluster CA key, so that every
     /// server of a cluster accepts the others' tokens).
     pub token_secret: Vec<u8>,
+    /// Who may do what: asked in order for every request.
+    pub authorizers: authz::Chain,
+    /// The admission plugins every create passes through.
+    pub admission: admission::Chain,
 }
 
 impl Default for Settings {
@@ -60,6 +69,8 @@ impl Default for Settings {
             compaction_interval: Duration::from_secs(300),
             kubelet_client: None,
             token_secret: rand::random::<[u8; 32]>().to_vec(),
+            authorizers: authz::Chain::default(),
+            admission: admission::Chain::default(),
         }
     }
 }
@@ -97,7 +108,7 @@ impl ApiServer {
         let kinds = Arc::new(Registry::builtin());
         let cache = WatchCache::start(store.clone(), settings.watch_cache_size, field_paths(&kinds)).await?;
         let server = Arc::new(Self {
-            storage: Storage::new(store, cache),
+            storage: Storage::new(store, cache, settings.admission.clone()),
             kinds: RwLock::new(kinds),
             documents: Default::default(),
             tokens: tokens::Tokens::new(&settings.token_secret),

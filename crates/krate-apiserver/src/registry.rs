@@ -17,7 +17,9 @@ use krate_api::{ApiError, ApiResult, FieldError, KindInfo};
 use krate_store::{ListRequest, Revision, Store, StoreError};
 use serde_json::{json, Value};
 
+use crate::admission::{Attributes, Operation};
 use crate::cache::{CachedObject, WatchCache};
+use crate::request::RequestAttributes;
 
 /// How unknown fields in a request body are treated (`fieldValidation`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -36,6 +38,8 @@ pub struct WriteOptions {
     pub field_manager: String,
     /// `force` (server-side apply takes conflicting fields over).
     pub force: bool,
+    /// Who asks and for what (None: the server's own writes).
+    pub request: Option<Arc<RequestAttributes>>,
 }
 
 fn manager<'a>(kind: &KindInfo, opts: &'a WriteOptions, api_version: &'a str, sub: Subresource) -> Manager<'a> {
@@ -125,6 +129,8 @@ pub struct ListResult {
 pub struct Storage {
     pub store: Arc<dyn Store>,
     pub cache: Arc<WatchCache>,
+    /// Admission plugins every create passes through.
+    pub admission: crate::admission::Chain,
 }
 
 const CONFLICT_RETRIES: usize = 16;
@@ -401,8 +407,8 @@ enum Mutation {
 }
 
 impl Storage {
-    pub fn new(store: Arc<dyn Store>, cache: Arc<WatchCache>) -> Self {
-        Self { store, cache }
+    pub fn new(store: Arc<dyn Store>, cache: Arc<WatchCache>, admission: crate::admission::Chain) -> Self {
+        Self { store, cache, admission }
     }
 
     async fn ensure_namespace_usable(&self, scope: &Scope) -> ApiResult<()> {
@@ -477,7 +483,9 @@ impl Storage {
 
         kind.strategy.default(&mut obj);
         kind.strategy.prepare_for_create(&mut obj);
-        self.admit_create(kind, &mut obj, opts.dry_run).await?;
+        let admission =
+            Attributes { kind, operation: Operation::Create, request: opts.request.as_deref(), dry_run: opts.dry_run };
+        self.admission.admit(self, &admission, &mut obj).await?;
         if kind.status {
             match kind.strategy.initial_status(&obj) {
                 Some(status) => object::set(&mut obj, &["status"], status),
@@ -498,6 +506,9 @@ impl Storage {
                 object::set(&mut obj, &["metadata", "name"], json!(generate_name(prefix)));
             }
             validate(kind, &obj, None)?;
+            if attempt == 0 {
+                self.admission.validate(self, &admission, &obj).await?;
+            }
             let name = object::name(&obj).to_string();
             if opts.dry_run {
                 return Ok(Written { code: 201, body: to_served(kind, obj), warnings: vec![] });

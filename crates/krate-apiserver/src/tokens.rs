@@ -217,6 +217,11 @@ impl ApiServer {
                 return Err(ApiError::unauthorized());
             }
         }
+        let mut extra = std::collections::BTreeMap::new();
+        if let Some(pod) = &k.pod {
+            extra.insert("authentication.kubernetes.io/pod-name".to_string(), vec![pod.name.clone()]);
+            extra.insert("authentication.kubernetes.io/pod-uid".to_string(), vec![pod.uid.clone()]);
+        }
         Ok(User {
             name: claims.sub.clone(),
             groups: vec![
@@ -224,6 +229,8 @@ impl ApiServer {
                 format!("system:serviceaccounts:{}", k.namespace),
                 "system:authenticated".into(),
             ],
+            uid: k.serviceaccount.uid.clone(),
+            extra,
         })
     }
 }

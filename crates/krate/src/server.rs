@@ -149,7 +149,11 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         // In-process components reach the API without TCP and TLS, as the users their
         // stand-alone certificates would name.
         let local_client = |user: &str, agent: &'static str| {
-            let user = auth::User { name: user.to_string(), groups: vec!["system:authenticated".to_string()] };
+            let user = auth::User {
+                name: user.to_string(),
+                groups: vec!["system:authenticated".to_string()],
+                ..Default::default()
+            };
             kube::Client::new(server.local_service(user, agent), "default")
         };
         let controllers = ControllerSettings {
@@ -177,6 +181,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         let user = auth::User {
             name: format!("system:node:{}", config.node.name),
             groups: vec!["system:nodes".to_string(), "system:authenticated".to_string()],
+            ..Default::default()
         };
         let client = kube::Client::new(server.local_service(user, "kubelet/v1.37.0 (krate)"), "default");
         tokio::spawn(async move {

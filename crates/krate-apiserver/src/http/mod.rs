@@ -19,6 +19,7 @@ use crate::registry::{
     self, check_fields, decode_body, served_json, DeleteOptions, FieldValidation, ListOptions, Scope, Subresource,
     WriteOptions, Written,
 };
+use crate::request::{RequestAttributes, Verb};
 use crate::ApiServer;
 
 pub mod discovery;
@@ -132,15 +133,9 @@ fn metrics_labels(method: &Method, route: &Route, query: Option<&str>) -> (Strin
 }
 
 async fn dispatch(server: &Arc<ApiServer>, user: &User, route: Route, req: Request<Body>) -> ApiResult<Response<Body>> {
-    let public = matches!(route, Route::Health(_) | Route::Version);
-    if !public && user.is_anonymous() {
-        let path = req.uri().path();
-        return Err(ApiError::forbidden(format!(
-            "forbidden: User \"system:anonymous\" cannot {} path \"{path}\"",
-            req.method().as_str().to_lowercase()
-        )));
-    }
     let query = parse_query(req.uri().query());
+    let attrs = RequestAttributes::new(user.clone(), req.method(), req.uri().path(), &route, &query);
+    server.settings.authorizers.authorize(&attrs)?;
     match route {
         Route::Health(check) => Ok(server.health(check, query.contains_key("verbose")).await),
         Route::Version => Ok(json_response(200, &crate::version_info())),
@@ -194,7 +189,7 @@ async fn dispatch(server: &Arc<ApiServer>, user: &User, route: Route, req: Reque
             let doc = openapi_v3_document(server, &kinds, &group, &version)?;
             Ok(document_response(&doc, "application/json", req.headers()))
         }
-        Route::Resource(path) => resource_request(server, path, query, req).await,
+        Route::Resource(path) => resource_request(server, &attrs, path, query, req).await,
         Route::NotFound => Err(ApiError::new(404, "NotFound", "the server could not find the requested resource")),
     }
 }
@@ -309,7 +304,7 @@ fn write_options(query: &Query, headers: &HeaderMap, apply: bool) -> ApiResult<W
         _ => default_field_manager(headers),
     };
     let force = flag(query, "force");
-    Ok(WriteOptions { dry_run, field_validation, field_manager, force })
+    Ok(WriteOptions { dry_run, field_validation, field_manager, force, request: None })
 }
 
 fn list_options(kind: &KindInfo, query: &Query) -> ApiResult<ListOptions> {
@@ -433,6 +428,7 @@ fn written_response(w: Written, format: &Format, kind: &KindInfo) -> Response<Bo
 
 async fn resource_request(
     server: &Arc<ApiServer>,
+    attrs: &RequestAttributes,
     path: ResourcePath,
     query: Query,
     req: Request<Body>,
@@ -452,41 +448,37 @@ async fn resource_request(
         }
         return nodeproxy::connect(server, &scope, name, action, &query, req).await;
     }
-    let verb = match (&method, path.name.as_deref()) {
-        (&Method::GET, None) if flag(&query, "watch") => "watch",
-        (&Method::GET, None) => "list",
-        (&Method::GET, Some(_)) => "get",
-        (&Method::POST, None) if !kind.namespaced || scope.namespace.is_some() => "create",
-        (&Method::POST, Some(_))
-            if matches!(sub, Subresource::Binding | Subresource::Eviction | Subresource::Token) =>
-        {
-            "create"
-        }
-        (&Method::PUT, Some(_)) => "update",
-        (&Method::PATCH, Some(_)) => "patch",
-        (&Method::DELETE, Some(_)) => "delete",
-        (&Method::DELETE, None) => "deletecollection",
-        _ => return Err(not_allowed()),
+    let verb = &attrs.verb;
+    let named = path.name.is_some();
+    let fits_path = match verb {
+        _ if method == Method::HEAD => false,
+        Verb::Create if named => matches!(sub, Subresource::Binding | Subresource::Eviction | Subresource::Token),
+        Verb::Create => !kind.namespaced || scope.namespace.is_some(),
+        Verb::Update | Verb::Patch | Verb::Delete => named,
+        Verb::Get | Verb::List | Verb::Watch | Verb::DeleteCollection => true,
+        Verb::Other(_) => false,
     };
-    if !kind.verbs.iter().any(|v| v == verb)
-        || (matches!(sub, Subresource::Binding | Subresource::Eviction | Subresource::Token) && verb != "create")
-        || (sub == Subresource::Log && verb != "get")
+    let only_create = matches!(sub, Subresource::Binding | Subresource::Eviction | Subresource::Token);
+    if !fits_path
+        || !kind.verbs.iter().any(|v| v == verb.as_str())
+        || (only_create && *verb != Verb::Create)
+        || (sub == Subresource::Log && *verb != Verb::Get)
     {
         return Err(not_allowed());
     }
     let name = path.name.as_deref().unwrap_or_default();
     match verb {
-        "watch" => watch::serve(server.clone(), scope, list_options(&kind, &query)?, &query, format).await,
-        "list" => Ok(list_response(&kind, storage.list(&scope, &list_options(&kind, &query)?).await?, &format)),
-        "get" if sub == Subresource::Log => nodeproxy::pod_log(server, &scope, name, &query).await,
-        "get" => {
+        Verb::Watch => watch::serve(server.clone(), scope, list_options(&kind, &query)?, &query, format).await,
+        Verb::List => Ok(list_response(&kind, storage.list(&scope, &list_options(&kind, &query)?).await?, &format)),
+        Verb::Get if sub == Subresource::Log => nodeproxy::pod_log(server, &scope, name, &query).await,
+        Verb::Get => {
             let obj = storage.get(&scope, name).await?;
             match sub {
                 Subresource::Scale => Ok(json_response(200, &registry::scale_of(&kind, &obj.parse()))),
                 _ => Ok(object_response(&kind, &obj, &format)),
             }
         }
-        "create" | "update" => {
+        Verb::Create | Verb::Update => {
             let (headers, body) = read_body(req).await?;
             if sub == Subresource::Token {
                 let request = parse_body(&content_type(&headers), &body)?;
@@ -515,7 +507,8 @@ async fn resource_request(
                     .await?;
                 return Ok(json_response(written.code, &written.body));
             }
-            let opts = write_options(&query, &headers, false)?;
+            let opts =
+                WriteOptions { request: Some(Arc::new(attrs.clone())), ..write_options(&query, &headers, false)? };
             if sub == Subresource::Binding || (kind.group.is_empty() && kind.plural == "bindings") {
                 let binding = parse_body(&content_type(&headers), &body)?;
                 let pods = lookup(
@@ -537,7 +530,7 @@ async fn resource_request(
             } else {
                 decode_object_body(&kind, &headers, &body, &opts)?
             };
-            let mut written = if verb == "create" {
+            let mut written = if *verb == Verb::Create {
                 storage.create(&scope, obj, &opts).await?
             } else {
                 storage.update(&scope, name, sub, obj, &opts).await?
@@ -545,12 +538,15 @@ async fn resource_request(
             written.warnings.extend(warnings);
             Ok(written_response(written, &format, &kind))
         }
-        "patch" => {
+        Verb::Patch => {
             let (headers, body) = read_body(req).await?;
             let ct = content_type(&headers);
             let patch_type = PatchType::from_content_type(&ct)
                 .ok_or_else(|| ApiError::unsupported_among(&ct, registry::patch_types(&kind)))?;
-            let opts = write_options(&query, &headers, patch_type == PatchType::Apply)?;
+            let opts = WriteOptions {
+                request: Some(Arc::new(attrs.clone())),
+                ..write_options(&query, &headers, patch_type == PatchType::Apply)?
+            };
             if opts.force && patch_type != PatchType::Apply {
                 return Err(ApiError::invalid(
                     "meta.k8s.io",
@@ -563,7 +559,7 @@ async fn resource_request(
             let written = storage.patch(&scope, name, sub, patch_type, patch, &opts).await?;
             Ok(written_response(written, &format, &kind))
         }
-        "delete" => {
+        Verb::Delete => {
             let (headers, body) = read_body(req).await?;
             let written = storage.delete(&scope, name, &delete_options(&query, &headers, &body)?).await?;
             Ok(json_response(written.code, &written.body))
