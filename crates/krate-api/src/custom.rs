@@ -139,6 +139,7 @@ pub fn kinds_of(crd: &Value) -> Vec<KindInfo> {
             verbs: ALL_VERBS.iter().map(|v| v.to_string()).collect(),
             status,
             scale,
+            subresources: &[],
             generation: true,
             name_rule: NameRule::Subdomain,
             storage: StorageResource { group: intern(&group), resource: intern(&plural) },

@@ -51,6 +51,66 @@ pub struct StorageResource {
     pub resource: &'static str,
 }
 
+/// A subresource with a write path of its own, beyond `status` and `scale` (which every
+/// kind may have and the generic storage path serves).
+#[derive(Clone, Copy, Debug)]
+pub struct SubresourceInfo {
+    pub name: &'static str,
+    /// What the API server does with it.
+    pub handler: SubresourceHandler,
+    /// The kind of object it takes or returns, for discovery, with its group and version
+    /// when they differ from the parent's.
+    pub kind: &'static str,
+    pub group_version: Option<(&'static str, &'static str)>,
+    pub verbs: &'static [&'static str],
+}
+
+/// The handlers of the API server that subresources map to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubresourceHandler {
+    /// `namespaces/finalize`: writes `spec.finalizers`.
+    Finalize,
+    /// `pods/binding`: assigns a pod to a node.
+    Binding,
+    /// `pods/eviction`: a deletion that respects disruption budgets.
+    Eviction,
+    /// `pods/log`: read from the pod's node agent.
+    Log,
+    /// `pods/exec`, `pods/attach`, `pods/portforward`: upgraded through to the node agent.
+    Exec,
+    Attach,
+    PortForward,
+    /// `serviceaccounts/token`: issues a token (TokenRequest), stores nothing.
+    Token,
+}
+
+const fn subresource(
+    name: &'static str,
+    handler: SubresourceHandler,
+    kind: &'static str,
+    verbs: &'static [&'static str],
+) -> SubresourceInfo {
+    SubresourceInfo { name, handler, kind, group_version: None, verbs }
+}
+
+const NAMESPACE_SUBRESOURCES: &[SubresourceInfo] =
+    &[subresource("finalize", SubresourceHandler::Finalize, "Namespace", &["update"])];
+const POD_SUBRESOURCES: &[SubresourceInfo] = &[
+    subresource("binding", SubresourceHandler::Binding, "Binding", &["create"]),
+    subresource("log", SubresourceHandler::Log, "Pod", &["get"]),
+    subresource("exec", SubresourceHandler::Exec, "PodExecOptions", &["create", "get"]),
+    subresource("attach", SubresourceHandler::Attach, "PodAttachOptions", &["create", "get"]),
+    subresource("portforward", SubresourceHandler::PortForward, "PodPortForwardOptions", &["create", "get"]),
+    SubresourceInfo {
+        group_version: Some(("policy", "v1")),
+        ..subresource("eviction", SubresourceHandler::Eviction, "Eviction", &["create"])
+    },
+];
+const SERVICE_ACCOUNT_SUBRESOURCES: &[SubresourceInfo] = &[SubresourceInfo {
+    group_version: Some(("authentication.k8s.io", "v1")),
+    ..subresource("token", SubresourceHandler::Token, "TokenRequest", &["create"])
+}];
+
 /// The scale subresource's view of a kind.
 #[derive(Clone, Copy, Debug)]
 pub struct ScaleInfo {
@@ -78,6 +138,8 @@ pub struct KindInfo {
     pub verbs: Vec<String>,
     pub status: bool,
     pub scale: Option<ScaleInfo>,
+    /// Subresources with handlers of their own (pods' binding, eviction, log, ...).
+    pub subresources: &'static [SubresourceInfo],
     /// `metadata.generation` moves when anything outside metadata and status changes.
     pub generation: bool,
     pub name_rule: NameRule,
@@ -99,6 +161,11 @@ pub struct KindInfo {
 }
 
 impl KindInfo {
+    /// A subresource with a handler of its own, by name.
+    pub fn subresource(&self, name: &str) -> Option<&'static SubresourceInfo> {
+        self.subresources.iter().find(|s| s.name == name)
+    }
+
     pub fn api_version(&self) -> String {
         if self.group.is_empty() {
             self.version.clone()
@@ -156,6 +223,7 @@ where
         verbs: ALL_VERBS.iter().map(|v| v.to_string()).collect(),
         status: false,
         scale: None,
+        subresources: &[],
         generation: false,
         name_rule: NameRule::Subdomain,
         storage: StorageResource { group: T::GROUP, resource: T::URL_PATH_SEGMENT },
@@ -191,6 +259,10 @@ impl Builder {
     }
     fn scale(mut self) -> Self {
         self.0.scale = Some(STANDARD_SCALE);
+        self
+    }
+    fn subresources(mut self, subresources: &'static [SubresourceInfo]) -> Self {
+        self.0.subresources = subresources;
         self
     }
     fn names(mut self, rule: NameRule) -> Self {
@@ -272,13 +344,21 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .short(&["ns"])
             .status_only()
             .names(NameRule::Label)
+            .subresources(NAMESPACE_SUBRESOURCES)
             .fields(NAMESPACE_FIELDS)
             .strategy(&NamespaceStrategy)
             .0,
         kind::<core::Node>().short(&["no"]).status_only().fields(NODE_FIELDS).strategy(&NodeStrategy).0,
         kind::<core::PersistentVolumeClaim>().short(&["pvc"]).status_only().strategy(&PvcStrategy).0,
         kind::<core::PersistentVolume>().short(&["pv"]).status_only().strategy(&PvStrategy).0,
-        kind::<core::Pod>().short(&["po"]).all().status().fields(POD_FIELDS).strategy(&PodStrategy).0,
+        kind::<core::Pod>()
+            .short(&["po"])
+            .all()
+            .status()
+            .subresources(POD_SUBRESOURCES)
+            .fields(POD_FIELDS)
+            .strategy(&PodStrategy)
+            .0,
         kind::<core::PodTemplate>().strategy(&PodTemplateStrategy).0,
         kind::<core::ReplicationController>()
             .short(&["rc"])
@@ -290,7 +370,7 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .0,
         kind::<core::ResourceQuota>().short(&["quota"]).status_only().strategy(&ResetStatusStrategy).0,
         kind::<core::Secret>().fields(SECRET_FIELDS).strategy(&SecretStrategy).0,
-        kind::<core::ServiceAccount>().short(&["sa"]).0,
+        kind::<core::ServiceAccount>().short(&["sa"]).subresources(SERVICE_ACCOUNT_SUBRESOURCES).0,
         kind::<core::Service>()
             .short(&["svc"])
             .all()

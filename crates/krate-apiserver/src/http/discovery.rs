@@ -62,25 +62,13 @@ pub fn api_resources(k: &KindInfo) -> Vec<Value> {
         s["version"] = json!("v1");
         out.push(s);
     }
-    if k.plural == "namespaces" && k.group.is_empty() {
-        out.push(sub("finalize", "Namespace", &["update"]));
-    }
-    if k.plural == "pods" && k.group.is_empty() {
-        out.push(sub("binding", "Binding", &["create"]));
-        out.push(sub("log", "Pod", &["get"]));
-        out.push(sub("exec", "PodExecOptions", &["create", "get"]));
-        out.push(sub("attach", "PodAttachOptions", &["create", "get"]));
-        out.push(sub("portforward", "PodPortForwardOptions", &["create", "get"]));
-        let mut eviction = sub("eviction", "Eviction", &["create"]);
-        eviction["group"] = json!("policy");
-        eviction["version"] = json!("v1");
-        out.push(eviction);
-    }
-    if k.plural == "serviceaccounts" && k.group.is_empty() {
-        let mut token = sub("token", "TokenRequest", &["create"]);
-        token["group"] = json!("authentication.k8s.io");
-        token["version"] = json!("v1");
-        out.push(token);
+    for extra in k.subresources {
+        let mut s = sub(extra.name, extra.kind, extra.verbs);
+        if let Some((group, version)) = extra.group_version {
+            s["group"] = json!(group);
+            s["version"] = json!(version);
+        }
+        out.push(s);
     }
     out
 }

@@ -235,27 +235,24 @@ fn lookup(server: &ApiServer, path: &ResourcePath) -> ApiResult<Arc<KindInfo>> {
 }
 
 fn subresource(kind: &KindInfo, path: &ResourcePath) -> ApiResult<Subresource> {
+    use krate_api::kinds::SubresourceHandler as Handler;
     let not_found = || ApiError::new(404, "NotFound", "the server could not find the requested resource");
-    match path.subresource.as_deref() {
-        None => Ok(Subresource::Main),
-        Some("status") if kind.status => Ok(Subresource::Status),
-        Some("scale") if kind.scale.is_some() => Ok(Subresource::Scale),
-        Some("finalize") if kind.plural == "namespaces" && kind.group.is_empty() => Ok(Subresource::Finalize),
-        Some("binding") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Binding),
-        Some("eviction") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Eviction),
-        Some("log") if kind.plural == "pods" && kind.group.is_empty() => Ok(Subresource::Log),
-        Some("token") if kind.plural == "serviceaccounts" && kind.group.is_empty() => Ok(Subresource::Token),
-        Some("exec") if kind.plural == "pods" && kind.group.is_empty() => {
-            Ok(Subresource::Connect(registry::Connect::Exec))
-        }
-        Some("attach") if kind.plural == "pods" && kind.group.is_empty() => {
-            Ok(Subresource::Connect(registry::Connect::Attach))
-        }
-        Some("portforward") if kind.plural == "pods" && kind.group.is_empty() => {
-            Ok(Subresource::Connect(registry::Connect::PortForward))
-        }
-        Some(_) => Err(not_found()),
+    let Some(name) = path.subresource.as_deref() else { return Ok(Subresource::Main) };
+    match name {
+        "status" if kind.status => return Ok(Subresource::Status),
+        "scale" if kind.scale.is_some() => return Ok(Subresource::Scale),
+        _ => {}
     }
+    Ok(match kind.subresource(name).ok_or_else(not_found)?.handler {
+        Handler::Finalize => Subresource::Finalize,
+        Handler::Binding => Subresource::Binding,
+        Handler::Eviction => Subresource::Eviction,
+        Handler::Log => Subresource::Log,
+        Handler::Token => Subresource::Token,
+        Handler::Exec => Subresource::Connect(registry::Connect::Exec),
+        Handler::Attach => Subresource::Connect(registry::Connect::Attach),
+        Handler::PortForward => Subresource::Connect(registry::Connect::PortForward),
+    })
 }
 
 fn flag(query: &Query, key: &str) -> bool {
@@ -450,20 +447,21 @@ async fn resource_request(
     }
     let verb = &attrs.verb;
     let named = path.name.is_some();
+    // A subresource with a handler of its own takes the verbs the kinds table gives it.
+    let extra = path.subresource.as_deref().and_then(|n| kind.subresource(n));
+    let allowed = match extra {
+        Some(extra) => extra.verbs.contains(&verb.as_str()),
+        None => kind.verbs.iter().any(|v| v == verb.as_str()),
+    };
     let fits_path = match verb {
         _ if method == Method::HEAD => false,
-        Verb::Create if named => matches!(sub, Subresource::Binding | Subresource::Eviction | Subresource::Token),
+        Verb::Create if named => extra.is_some(),
         Verb::Create => !kind.namespaced || scope.namespace.is_some(),
         Verb::Update | Verb::Patch | Verb::Delete => named,
         Verb::Get | Verb::List | Verb::Watch | Verb::DeleteCollection => true,
         Verb::Other(_) => false,
     };
-    let only_create = matches!(sub, Subresource::Binding | Subresource::Eviction | Subresource::Token);
-    if !fits_path
-        || !kind.verbs.iter().any(|v| v == verb.as_str())
-        || (only_create && *verb != Verb::Create)
-        || (sub == Subresource::Log && *verb != Verb::Get)
-    {
+    if !fits_path || !allowed {
         return Err(not_allowed());
     }
     let name = path.name.as_deref().unwrap_or_default();
@@ -680,4 +678,40 @@ fn list_metadata(result: &registry::ListResult) -> Value {
         meta["remainingItemCount"] = json!(remaining);
     }
     meta
+}
+
+#[cfg(test)]
+mod tests {
+    use http::Method;
+    use serde_json::json;
+
+    use crate::testing::TestApi;
+
+    #[tokio::test]
+    async fn subresources_and_their_verbs_come_from_the_kinds_table() {
+        let api = TestApi::start(Default::default()).await;
+        let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}});
+        assert_eq!(api.call("x", Method::POST, "/api/v1/namespaces/default/configmaps", Some(cm)).await.0, 201);
+        // ConfigMaps declare no binding; pods do, for create only.
+        let (code, _) = api.call("x", Method::POST, "/api/v1/namespaces/default/configmaps/c/binding", None).await;
+        assert_eq!(code, 404);
+        let (code, status) = api.call("x", Method::GET, "/api/v1/namespaces/default/pods/p/binding", None).await;
+        assert_eq!((code, status["reason"].as_str()), (405, Some("MethodNotAllowed")));
+        // namespaces/finalize is update-only, as upstream.
+        assert_eq!(api.call("x", Method::GET, "/api/v1/namespaces/default/finalize", None).await.0, 405);
+        let (_, list) = api.call("x", Method::GET, "/api/v1", None).await;
+        let names: Vec<&str> =
+            list["resources"].as_array().unwrap().iter().filter_map(|r| r["name"].as_str()).collect();
+        for sub in
+            ["pods/binding", "pods/eviction", "pods/log", "pods/exec", "serviceaccounts/token", "namespaces/finalize"]
+        {
+            assert!(names.contains(&sub), "{sub} in discovery: {names:?}");
+        }
+        let token =
+            list["resources"].as_array().unwrap().iter().find(|r| r["name"] == "serviceaccounts/token").unwrap();
+        assert_eq!(
+            (token["group"].as_str(), token["kind"].as_str()),
+            (Some("authentication.k8s.io"), Some("TokenRequest"))
+        );
+    }
 }
