@@ -4,8 +4,8 @@
 //! agent` runs it against a cluster, `krate server` embeds one for a single-node cluster.
 //!
 //! Rooms: `containerd.rs` (the supervised runtime), `cri.rs` (the gRPC client and
-//! containerd's events), `network.rs` (bridge CNI and nftables), `node.rs` (Node and
-//! Lease, status and housekeeping), `pressure.rs` (eviction signals and the pressure
+//! containerd's events), `node.rs` (Node and Lease, status and housekeeping; the pod
+//! network itself is `krate-net`'s), `pressure.rs` (eviction signals and the pressure
 //! conditions), `images.rs` (pulls, the sandbox image, air-gap imports), `imagegc.rs`
 //! (unused images removed when the disk fills), `oci.rs` (building images), `pods/` (the
 //! per-pod workers, admission, CRI configs, status), `shutdown.rs` (graceful node
@@ -17,7 +17,6 @@ pub mod cri;
 pub mod imagegc;
 pub mod images;
 pub mod logs;
-pub mod network;
 pub mod node;
 pub mod oci;
 pub mod pods;
@@ -126,7 +125,7 @@ pub async fn run(client: kube::Client, config: AgentConfig) -> Result<()> {
     let version = cri.runtime.version(cri::api::VersionRequest { version: "v1".into() }).await?.into_inner();
     let runtime_version = format!("{}://{}", version.runtime_name, version.runtime_version);
     let pod_cidr = node::register(&client, &config.node).await?;
-    let network = network::PodNetwork { bridge: config.bridge.clone(), pod_cidr };
+    let network = krate_net::PodNetwork { bridge: config.bridge.clone(), pod_cidr };
     // What `reset` needs to undo, should this process not be there to tell it.
     let state = serde_json::json!({"bridge": config.bridge, "podCIDR": pod_cidr.to_string(), "runtimeEndpoint": config.runtime_endpoint});
     std::fs::write(config.dir.join(STATE_FILE), serde_json::to_vec_pretty(&state)?)?;
@@ -219,7 +218,7 @@ pub async fn reset(dir: &std::path::Path) -> Result<()> {
         containerd::stop(&containerd_dir).await;
     }
     if let (Some(bridge), Some(cidr)) = (state["bridge"].as_str(), state["podCIDR"].as_str()) {
-        network::PodNetwork { bridge: bridge.to_string(), pod_cidr: cidr.parse()? }.remove().await?;
+        krate_net::PodNetwork { bridge: bridge.to_string(), pod_cidr: cidr.parse()? }.remove().await?;
     }
     unmount_under(dir)?;
     match std::fs::remove_dir_all(dir) {

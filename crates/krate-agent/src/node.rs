@@ -17,8 +17,8 @@ use tokio::sync::watch;
 
 use crate::cri::Cri;
 use crate::imagegc::ImageGc;
-use crate::network::Cidr;
 use crate::pressure::{meminfo, Condition, Filesystems, FsStats, Pressure};
+use krate_net::Cidr;
 
 pub const MANAGER: &str = "krate-agent";
 const STATUS_EVERY: Duration = Duration::from_secs(300);
