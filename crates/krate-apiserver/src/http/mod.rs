@@ -85,12 +85,15 @@ pub async fn handle(server: Arc<ApiServer>, user: User, req: Request<Body>) -> R
         Some(token) if user.is_anonymous() => server.authenticate_token(token).await,
         _ => Ok(user),
     };
-    let (user, response) = match authenticated {
+    let (user_name, response) = match authenticated {
         Ok(user) => {
-            let response = dispatch(&server, &user, route, req).await;
-            (user, response)
+            // Who asks for what, built once and shared by every later stage.
+            let query = parse_query(req.uri().query());
+            let attrs = Arc::new(RequestAttributes::new(user, req.method(), &path, &route, &query));
+            let response = dispatch(&server, &attrs, route, query, req).await;
+            (attrs.user.name.clone(), response)
         }
-        Err(err) => (User::anonymous(), Err(err)),
+        Err(err) => (User::anonymous().name, Err(err)),
     };
     let response = match response {
         Ok(resp) => resp,
@@ -99,9 +102,9 @@ pub async fn handle(server: Arc<ApiServer>, user: User, req: Request<Body>) -> R
     let code = response.status().as_u16();
     server.metrics.observe_request(&verb, &resource, code, started.elapsed());
     if code >= 500 {
-        tracing::warn!(%method, %path, code, user = %user.name, "request failed");
+        tracing::warn!(%method, %path, code, user = %user_name, "request failed");
     } else {
-        tracing::debug!(%method, %path, code, user = %user.name, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "request");
+        tracing::debug!(%method, %path, code, user = %user_name, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "request");
     }
     response
 }
@@ -132,10 +135,14 @@ fn metrics_labels(method: &Method, route: &Route, query: Option<&str>) -> (Strin
     }
 }
 
-async fn dispatch(server: &Arc<ApiServer>, user: &User, route: Route, req: Request<Body>) -> ApiResult<Response<Body>> {
-    let query = parse_query(req.uri().query());
-    let attrs = RequestAttributes::new(user.clone(), req.method(), req.uri().path(), &route, &query);
-    server.settings.authorizers.authorize(&attrs)?;
+async fn dispatch(
+    server: &Arc<ApiServer>,
+    attrs: &Arc<RequestAttributes>,
+    route: Route,
+    query: Query,
+    req: Request<Body>,
+) -> ApiResult<Response<Body>> {
+    server.settings.authorizers.authorize(attrs)?;
     match route {
         Route::Health(check) => Ok(server.health(check, query.contains_key("verbose")).await),
         Route::Version => Ok(json_response(200, &crate::version_info())),
@@ -189,7 +196,7 @@ async fn dispatch(server: &Arc<ApiServer>, user: &User, route: Route, req: Reque
             let doc = openapi_v3_document(server, &kinds, &group, &version)?;
             Ok(document_response(&doc, "application/json", req.headers()))
         }
-        Route::Resource(path) => resource_request(server, &attrs, path, query, req).await,
+        Route::Resource(path) => resource_request(server, attrs, path, query, req).await,
         Route::NotFound => Err(ApiError::new(404, "NotFound", "the server could not find the requested resource")),
     }
 }
@@ -267,7 +274,12 @@ fn default_field_manager(headers: &HeaderMap) -> String {
 
 /// Write parameters. Server-side apply requires an explicit field manager; other
 /// writes default to the user agent's.
-fn write_options(query: &Query, headers: &HeaderMap, apply: bool) -> ApiResult<WriteOptions> {
+fn write_options(
+    attrs: &Arc<RequestAttributes>,
+    query: &Query,
+    headers: &HeaderMap,
+    apply: bool,
+) -> ApiResult<WriteOptions> {
     let dry_run = match query.get("dryRun").map(String::as_str) {
         None | Some("") => false,
         Some("All") => true,
@@ -301,7 +313,7 @@ fn write_options(query: &Query, headers: &HeaderMap, apply: bool) -> ApiResult<W
         _ => default_field_manager(headers),
     };
     let force = flag(query, "force");
-    Ok(WriteOptions { dry_run, field_validation, field_manager, force, request: None })
+    Ok(WriteOptions { dry_run, field_validation, field_manager, force, request: Some(attrs.clone()) })
 }
 
 fn list_options(kind: &KindInfo, query: &Query) -> ApiResult<ListOptions> {
@@ -425,7 +437,7 @@ fn written_response(w: Written, format: &Format, kind: &KindInfo) -> Response<Bo
 
 async fn resource_request(
     server: &Arc<ApiServer>,
-    attrs: &RequestAttributes,
+    attrs: &Arc<RequestAttributes>,
     path: ResourcePath,
     query: Query,
     req: Request<Body>,
@@ -505,8 +517,7 @@ async fn resource_request(
                     .await?;
                 return Ok(json_response(written.code, &written.body));
             }
-            let opts =
-                WriteOptions { request: Some(Arc::new(attrs.clone())), ..write_options(&query, &headers, false)? };
+            let opts = write_options(attrs, &query, &headers, false)?;
             if sub == Subresource::Binding || (kind.group.is_empty() && kind.plural == "bindings") {
                 let binding = parse_body(&content_type(&headers), &body)?;
                 let pods = lookup(
@@ -541,10 +552,7 @@ async fn resource_request(
             let ct = content_type(&headers);
             let patch_type = PatchType::from_content_type(&ct)
                 .ok_or_else(|| ApiError::unsupported_among(&ct, registry::patch_types(&kind)))?;
-            let opts = WriteOptions {
-                request: Some(Arc::new(attrs.clone())),
-                ..write_options(&query, &headers, patch_type == PatchType::Apply)?
-            };
+            let opts = write_options(attrs, &query, &headers, patch_type == PatchType::Apply)?;
             if opts.force && patch_type != PatchType::Apply {
                 return Err(ApiError::invalid(
                     "meta.k8s.io",
