@@ -151,6 +151,9 @@ pub fn kinds_of(crd: &Value) -> Vec<KindInfo> {
             strategy: &CustomResourceStrategy,
             field_selectors: &[],
             custom: Some(CustomKind { printer_columns }),
+            printer: &crate::printers::DEFAULT,
+            returns_deleted_object: false,
+            handler: None,
         });
     }
     out

@@ -17,6 +17,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 
 use crate::convert::{self, Conversion};
+use crate::printers::{self, Printer};
 use crate::schema::KindSchema;
 use crate::strategy::{self, Strategy};
 use crate::validation::NameRule;
@@ -49,6 +50,13 @@ fn round_trip<T: DeserializeOwned + Serialize>(value: &Value) -> Result<Value, S
 pub struct StorageResource {
     pub group: &'static str,
     pub resource: &'static str,
+}
+
+impl StorageResource {
+    /// Where objects of the k8s-openapi type `T` are stored.
+    pub fn of<T: Resource>() -> Self {
+        Self { group: T::GROUP, resource: T::URL_PATH_SEGMENT }
+    }
 }
 
 /// A subresource with a write path of its own, beyond `status` and `scale` (which every
@@ -158,9 +166,22 @@ pub struct KindInfo {
     pub field_selectors: &'static [(&'static str, &'static [&'static str])],
     /// Set for kinds defined by a CustomResourceDefinition.
     pub custom: Option<crate::custom::CustomKind>,
+    /// The columns of its server-side tables (custom kinds: their printer columns first).
+    pub printer: &'static Printer,
+    /// A DELETE that removes the object answers with the object rather than a `Status`
+    /// (upstream's `ReturnDeletedObject`).
+    pub returns_deleted_object: bool,
+    /// A resource that is not stored but served entirely by a handler (core/v1 Binding).
+    pub handler: Option<SubresourceHandler>,
 }
 
 impl KindInfo {
+    /// Whether this kind stores objects of the k8s-openapi type `T` (whatever version
+    /// it serves them in).
+    pub fn is<T: Resource>(&self) -> bool {
+        self.storage == StorageResource::of::<T>()
+    }
+
     /// A subresource with a handler of its own, by name.
     pub fn subresource(&self, name: &str) -> Option<&'static SubresourceInfo> {
         self.subresources.iter().find(|s| s.name == name)
@@ -234,6 +255,9 @@ where
         strategy: &strategy::Plain,
         field_selectors: &[],
         custom: None,
+        printer: &printers::DEFAULT,
+        returns_deleted_object: false,
+        handler: None,
     };
     Builder(info)
 }
@@ -276,6 +300,19 @@ impl Builder {
     fn fields(mut self, f: &'static [(&'static str, &'static [&'static str])]) -> Self {
         self.0.field_selectors = f;
         self
+    }
+    fn printer(mut self, printer: &'static Printer) -> Self {
+        self.0.printer = printer;
+        self
+    }
+    fn returns_deleted_object(mut self) -> Self {
+        self.0.returns_deleted_object = true;
+        self
+    }
+    /// Served by `handler` alone, for the given verbs.
+    fn handled_by(mut self, handler: SubresourceHandler, verbs: &[&str]) -> Self {
+        self.0.handler = Some(handler);
+        self.verbs(verbs)
     }
     fn verbs(mut self, verbs: &[&str]) -> Self {
         self.0.verbs = verbs.iter().map(|s| s.to_string()).collect();
@@ -336,23 +373,32 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
     use strategy::*;
     vec![
         // core/v1
-        kind::<core::ConfigMap>().short(&["cm"]).strategy(&ConfigMapStrategy).0,
-        kind::<core::Endpoints>().short(&["ep"]).strategy(&EndpointsStrategy).0,
-        kind::<core::Event>().short(&["ev"]).fields(EVENT_FIELDS).0,
+        kind::<core::ConfigMap>().short(&["cm"]).printer(&printers::CONFIG_MAPS).strategy(&ConfigMapStrategy).0,
+        kind::<core::Endpoints>().short(&["ep"]).printer(&printers::ENDPOINTS).strategy(&EndpointsStrategy).0,
+        kind::<core::Event>().short(&["ev"]).printer(&printers::EVENTS).fields(EVENT_FIELDS).0,
         kind::<core::LimitRange>().short(&["limits"]).0,
         kind::<core::Namespace>()
             .short(&["ns"])
+            .printer(&printers::NAMESPACES)
             .status_only()
             .names(NameRule::Label)
             .subresources(NAMESPACE_SUBRESOURCES)
             .fields(NAMESPACE_FIELDS)
             .strategy(&NamespaceStrategy)
             .0,
-        kind::<core::Node>().short(&["no"]).status_only().fields(NODE_FIELDS).strategy(&NodeStrategy).0,
+        kind::<core::Node>()
+            .short(&["no"])
+            .printer(&printers::NODES)
+            .status_only()
+            .fields(NODE_FIELDS)
+            .strategy(&NodeStrategy)
+            .0,
         kind::<core::PersistentVolumeClaim>().short(&["pvc"]).status_only().strategy(&PvcStrategy).0,
         kind::<core::PersistentVolume>().short(&["pv"]).status_only().strategy(&PvStrategy).0,
         kind::<core::Pod>()
             .short(&["po"])
+            .printer(&printers::PODS)
+            .returns_deleted_object()
             .all()
             .status()
             .subresources(POD_SUBRESOURCES)
@@ -362,17 +408,28 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
         kind::<core::PodTemplate>().strategy(&PodTemplateStrategy).0,
         kind::<core::ReplicationController>()
             .short(&["rc"])
+            .printer(&printers::REPLICA_SETS)
             .all()
             .status()
             .scale()
             .fields(REPLICAS_FIELDS)
             .strategy(&ReplicationControllerStrategy)
             .0,
-        kind::<core::ResourceQuota>().short(&["quota"]).status_only().strategy(&ResetStatusStrategy).0,
-        kind::<core::Secret>().fields(SECRET_FIELDS).strategy(&SecretStrategy).0,
-        kind::<core::ServiceAccount>().short(&["sa"]).subresources(SERVICE_ACCOUNT_SUBRESOURCES).0,
+        kind::<core::ResourceQuota>()
+            .short(&["quota"])
+            .printer(&printers::RESOURCE_QUOTAS)
+            .status_only()
+            .strategy(&ResetStatusStrategy)
+            .0,
+        kind::<core::Secret>().printer(&printers::SECRETS).fields(SECRET_FIELDS).strategy(&SecretStrategy).0,
+        kind::<core::ServiceAccount>()
+            .short(&["sa"])
+            .printer(&printers::SERVICE_ACCOUNTS)
+            .subresources(SERVICE_ACCOUNT_SUBRESOURCES)
+            .0,
         kind::<core::Service>()
             .short(&["svc"])
+            .printer(&printers::SERVICES)
             .all()
             .status_only()
             .names(NameRule::Dns1035)
@@ -381,20 +438,47 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .0,
         // apps/v1
         kind::<apps::ControllerRevision>().0,
-        kind::<apps::DaemonSet>().short(&["ds"]).all().status().strategy(&DaemonSetStrategy).0,
-        kind::<apps::Deployment>().short(&["deploy"]).all().status().scale().strategy(&DeploymentStrategy).0,
+        kind::<apps::DaemonSet>()
+            .short(&["ds"])
+            .printer(&printers::DAEMON_SETS)
+            .all()
+            .status()
+            .strategy(&DaemonSetStrategy)
+            .0,
+        kind::<apps::Deployment>()
+            .short(&["deploy"])
+            .printer(&printers::DEPLOYMENTS)
+            .all()
+            .status()
+            .scale()
+            .strategy(&DeploymentStrategy)
+            .0,
         kind::<apps::ReplicaSet>()
             .short(&["rs"])
+            .printer(&printers::REPLICA_SETS)
             .all()
             .status()
             .scale()
             .fields(REPLICAS_FIELDS)
             .strategy(&ReplicaSetStrategy)
             .0,
-        kind::<apps::StatefulSet>().short(&["sts"]).all().status().scale().strategy(&StatefulSetStrategy).0,
+        kind::<apps::StatefulSet>()
+            .short(&["sts"])
+            .printer(&printers::STATEFUL_SETS)
+            .all()
+            .status()
+            .scale()
+            .strategy(&StatefulSetStrategy)
+            .0,
         // batch/v1
-        kind::<batch::CronJob>().short(&["cj"]).all().status().strategy(&CronJobStrategy).0,
-        kind::<batch::Job>().all().status().fields(JOB_FIELDS).strategy(&JobStrategy).0,
+        kind::<batch::CronJob>()
+            .short(&["cj"])
+            .printer(&printers::CRON_JOBS)
+            .all()
+            .status()
+            .strategy(&CronJobStrategy)
+            .0,
+        kind::<batch::Job>().printer(&printers::JOBS).all().status().fields(JOB_FIELDS).strategy(&JobStrategy).0,
         // autoscaling: v2 is the storage version, v1 converts.
         kind::<autoscaling2::HorizontalPodAutoscaler>().short(&["hpa"]).all().status().strategy(&HpaStrategy).0,
         kind::<autoscaling1::HorizontalPodAutoscaler>()
@@ -404,23 +488,37 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .stored_as("autoscaling", "horizontalpodautoscalers", &convert::HPA_V1)
             .strategy(&HpaStrategy)
             .0,
-        kind::<coordination::Lease>().0,
-        kind::<discovery::EndpointSlice>().strategy(&EndpointSliceStrategy).0,
+        kind::<coordination::Lease>().printer(&printers::LEASES).0,
+        kind::<discovery::EndpointSlice>().printer(&printers::ENDPOINT_SLICES).strategy(&EndpointSliceStrategy).0,
         // events.k8s.io/v1 is a view of core/v1 events.
-        kind::<events::Event>().short(&["ev"]).fields(EVENTS_V1_FIELDS).stored_as("", "events", convert::EVENTS_V1).0,
+        kind::<events::Event>()
+            .short(&["ev"])
+            .printer(&printers::EVENTS_V1)
+            .fields(EVENTS_V1_FIELDS)
+            .stored_as("", "events", convert::EVENTS_V1)
+            .0,
         // networking.k8s.io/v1
         kind::<networking::IngressClass>().0,
         kind::<networking::Ingress>().short(&["ing"]).status_only().strategy(&ResetStatusStrategy).0,
         kind::<networking::NetworkPolicy>().short(&["netpol"]).strategy(&NetworkPolicyStrategy).0,
         kind::<networking::IPAddress>().short(&["ip"]).0,
         kind::<networking::ServiceCIDR>().status_only().0,
-        kind::<policy::PodDisruptionBudget>().short(&["pdb"]).status().strategy(&ResetStatusStrategy).0,
+        kind::<policy::PodDisruptionBudget>()
+            .short(&["pdb"])
+            .printer(&printers::PDBS)
+            .status()
+            .strategy(&ResetStatusStrategy)
+            .0,
         // rbac.authorization.k8s.io/v1
         kind::<rbac::ClusterRoleBinding>().names(NameRule::PathSegment).strategy(&RoleBindingStrategy).0,
         kind::<rbac::ClusterRole>().names(NameRule::PathSegment).0,
         kind::<rbac::RoleBinding>().names(NameRule::PathSegment).strategy(&RoleBindingStrategy).0,
         kind::<rbac::Role>().names(NameRule::PathSegment).0,
-        kind::<scheduling::PriorityClass>().short(&["pc"]).strategy(&PriorityClassStrategy).0,
+        kind::<scheduling::PriorityClass>()
+            .short(&["pc"])
+            .printer(&printers::PRIORITY_CLASSES)
+            .strategy(&PriorityClassStrategy)
+            .0,
         // storage.k8s.io/v1
         kind::<storage::CSIDriver>().0,
         kind::<storage::CSINode>().0,
@@ -431,6 +529,7 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
         kind::<node::RuntimeClass>().0,
         kind::<apiextensions::CustomResourceDefinition>()
             .short(&["crd", "crds"])
+            .printer(&printers::CRDS)
             .status_only()
             .strategy(&crate::custom::CrdStrategy)
             .0,
@@ -441,7 +540,7 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .strategy(&ResetStatusStrategy)
             .0,
         // core/v1 bindings: create-only, used by schedulers (pods/binding is the subresource form).
-        kind::<core::Binding>().verbs(&["create"]).0,
+        kind::<core::Binding>().handled_by(SubresourceHandler::Binding, &["create"]).0,
         kind::<core::ComponentStatus>().short(&["cs"]).verbs(&["get", "list"]).0,
     ]
 }
@@ -514,6 +613,11 @@ impl Registry {
 
     pub fn lookup(&self, group: &str, version: &str, plural: &str) -> Option<&Arc<KindInfo>> {
         self.by_resource.get(&(group.to_string(), version.to_string(), plural.to_string()))
+    }
+
+    /// The served kind of a k8s-openapi type.
+    pub fn of<T: Resource>(&self) -> Option<&Arc<KindInfo>> {
+        self.lookup(T::GROUP, T::VERSION, T::URL_PATH_SEGMENT)
     }
 
     pub fn kinds(&self) -> &[Arc<KindInfo>] {

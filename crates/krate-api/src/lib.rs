@@ -8,6 +8,7 @@ pub mod kinds;
 pub mod managed;
 pub mod object;
 pub mod patch;
+pub mod printers;
 pub mod protobuf;
 pub mod quantity;
 pub mod quota;

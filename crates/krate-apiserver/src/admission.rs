@@ -1,7 +1,11 @@
-//! Admission: a chain of plugins every create passes through, as upstream's admission
+//! Admission: a chain of plugins every write passes through, as upstream's admission
 //! plugins: first each plugin's mutating `admit` (before the object is validated), then
 //! each plugin's `validate` (after validation, before it is stored; it may only refuse).
-//! Plugins read other objects through the storage's cache. The built-in plugins:
+//! Creates and updates go through both phases, deletes through `validate` with the
+//! object being deleted. Plugins read other objects through the storage's cache. The
+//! built-in plugins, all acting on creates only:
+//! - NamespaceLifecycle: nothing is created in a namespace that does not exist or is
+//!   being deleted.
 //! - Priority: a pod's `priorityClassName` (or the global default class) resolves to
 //!   `spec.priority` and `spec.preemptionPolicy`; unknown classes are refused.
 //! - PriorityClasses: at most one global default; values above one billion and the
@@ -13,34 +17,39 @@
 //! - ResourceQuota: a create that would take a namespace over a quota's `hard` limits
 //!   is refused (counts and pod requests/limits).
 
+use k8s_openapi::api::{core::v1 as core, scheduling::v1 as scheduling};
 use krate_api::object::{self, get, get_str};
 use krate_api::{ApiError, ApiResult, FieldError, KindInfo};
 use serde_json::{json, Value};
 
 use std::sync::Arc;
 
-use crate::registry::{builtin_kind, storage_prefix, Scope, Storage};
+use crate::registry::{storage_prefix, Scope, Storage};
 use crate::request::RequestAttributes;
 
 /// What admission is asked about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operation {
     Create,
+    Update,
+    Delete,
 }
 
 /// The request an object comes with, for admission plugins.
 pub struct Attributes<'a> {
     pub kind: &'a KindInfo,
     pub operation: Operation,
+    /// The stored object an update or delete starts from.
+    pub old: Option<&'a Value>,
     /// Who asks and for what; `None` for the server's own writes.
     pub request: Option<&'a RequestAttributes>,
     pub dry_run: bool,
 }
 
 impl Attributes<'_> {
-    /// Whether the object is of the built-in `group`/`plural`.
-    pub fn is(&self, group: &str, plural: &str) -> bool {
-        self.kind.group == group && self.kind.plural == plural
+    /// Whether a new object of the k8s-openapi type `T` is being created.
+    pub fn creates<T: k8s_openapi::Resource>(&self) -> bool {
+        self.operation == Operation::Create && self.kind.is::<T>()
     }
 }
 
@@ -75,7 +84,7 @@ pub struct Chain(pub Vec<Arc<dyn Plugin>>);
 
 impl Default for Chain {
     fn default() -> Self {
-        Self(vec![Arc::new(Priority), Arc::new(ServiceAccount), Arc::new(ResourceQuota)])
+        Self(vec![Arc::new(NamespaceLifecycle), Arc::new(Priority), Arc::new(ServiceAccount), Arc::new(ResourceQuota)])
     }
 }
 
@@ -101,6 +110,23 @@ impl Chain {
     }
 }
 
+/// Nothing new in a namespace that is missing or terminating.
+pub struct NamespaceLifecycle;
+
+#[async_trait::async_trait]
+impl Plugin for NamespaceLifecycle {
+    fn name(&self) -> &'static str {
+        "NamespaceLifecycle"
+    }
+
+    async fn admit(&self, storage: &Storage, attrs: &Attributes<'_>, obj: &mut Value) -> ApiResult<()> {
+        match object::namespace(obj).filter(|_| attrs.operation == Operation::Create && attrs.kind.namespaced) {
+            Some(ns) => storage.ensure_namespace_usable(ns).await,
+            None => Ok(()),
+        }
+    }
+}
+
 /// Pod priority from PriorityClasses, and the rules for PriorityClasses themselves.
 pub struct Priority;
 
@@ -111,9 +137,9 @@ impl Plugin for Priority {
     }
 
     async fn admit(&self, storage: &Storage, attrs: &Attributes<'_>, obj: &mut Value) -> ApiResult<()> {
-        if attrs.is("", "pods") {
+        if attrs.creates::<core::Pod>() {
             storage.admit_pod_priority(obj).await?;
-        } else if attrs.is("scheduling.k8s.io", "priorityclasses") {
+        } else if attrs.creates::<scheduling::PriorityClass>() {
             storage.admit_priority_class(obj).await?;
         }
         Ok(())
@@ -130,7 +156,7 @@ impl Plugin for ServiceAccount {
     }
 
     async fn admit(&self, storage: &Storage, attrs: &Attributes<'_>, obj: &mut Value) -> ApiResult<()> {
-        if attrs.is("", "pods") {
+        if attrs.creates::<core::Pod>() {
             storage.admit_pod_service_account(obj).await;
         }
         Ok(())
@@ -147,7 +173,10 @@ impl Plugin for ResourceQuota {
     }
 
     async fn validate(&self, storage: &Storage, attrs: &Attributes<'_>, obj: &Value) -> ApiResult<()> {
-        storage.admit_quota(attrs.kind, obj, attrs.dry_run).await
+        match attrs.operation {
+            Operation::Create => storage.admit_quota(attrs.kind, obj, attrs.dry_run).await,
+            Operation::Update | Operation::Delete => Ok(()),
+        }
     }
 }
 
@@ -193,9 +222,27 @@ impl Storage {
             .collect()
     }
 
+    async fn ensure_namespace_usable(&self, ns: &str) -> ApiResult<()> {
+        let namespaces = self.builtin::<core::Namespace>(None);
+        let found = match self.cached(&namespaces, ns) {
+            Ok(found) => found,
+            Err(_) => self.get(&namespaces, ns).await?,
+        };
+        if found.parse().pointer("/metadata/deletionTimestamp").is_some() {
+            let mut e = ApiError::forbidden(format!(
+                "unable to create new content in namespace {ns} because it is being terminated"
+            ));
+            e.details = Some(
+                json!({"name": ns, "kind": namespaces.kind.plural, "causes": [{"reason": "NamespaceTerminating", "message": format!("namespace {ns} is being terminated"), "field": "metadata.namespace"}]}),
+            );
+            return Err(e);
+        }
+        Ok(())
+    }
+
     async fn admit_pod_priority(&self, pod: &mut Value) -> ApiResult<()> {
         let name = object::name(pod).to_string();
-        let classes_scope = Scope { kind: builtin_kind("scheduling.k8s.io", "v1", "priorityclasses"), namespace: None };
+        let classes_scope = self.builtin::<scheduling::PriorityClass>(None);
         let mut classes = self.cached_objects(&classes_scope, false).await;
         let wanted = get_str(pod, &["spec", "priorityClassName"]).filter(|c| !c.is_empty());
         if wanted.is_some_and(|w| !classes.iter().any(|c| object::name(c) == w)) {
@@ -238,8 +285,7 @@ impl Storage {
         let automount = match get(pod, &["spec", "automountServiceAccountToken"]).and_then(Value::as_bool) {
             Some(set) => set,
             None => {
-                let account = self
-                    .cached(&Scope { kind: builtin_kind("", "v1", "serviceaccounts"), namespace: Some(ns) }, &account);
+                let account = self.cached(&self.builtin::<core::ServiceAccount>(Some(ns)), &account);
                 account.ok().and_then(|a| a.parse().get("automountServiceAccountToken").and_then(Value::as_bool))
                     != Some(false)
             }
@@ -297,7 +343,7 @@ impl Storage {
             object::set(class, &["preemptionPolicy"], json!("PreemptLowerPriority"));
         }
         if class.get("globalDefault") == Some(&json!(true)) {
-            let scope = Scope { kind: builtin_kind("scheduling.k8s.io", "v1", "priorityclasses"), namespace: None };
+            let scope = self.builtin::<scheduling::PriorityClass>(None);
             let classes = self.cached_objects(&scope, true).await;
             if let Some(other) = classes.iter().find(|c| c.get("globalDefault") == Some(&json!(true))) {
                 return Err(ApiError::invalid(
@@ -326,7 +372,7 @@ impl Storage {
             return Ok(());
         };
         let delta = krate_api::quota::usage(&kind.group, &kind.plural, obj);
-        let scope = Scope { kind: builtin_kind("", "v1", "resourcequotas"), namespace: Some(ns.clone()) };
+        let scope = self.builtin::<core::ResourceQuota>(Some(ns.clone()));
         let quotas = self.cached_objects(&scope, false).await;
         let forbidden = |detail: String| forbidden(kind, obj, detail);
         for quota in quotas {
@@ -338,7 +384,7 @@ impl Storage {
                 if tracked.is_empty() {
                     break;
                 }
-                if kind.group.is_empty() && kind.plural == "pods" {
+                if kind.is::<core::Pod>() {
                     let missing = krate_api::quota::missing_pod_amounts(&hard, obj);
                     if !missing.is_empty() {
                         return Err(forbidden(format!(
@@ -402,7 +448,8 @@ mod tests {
     use super::*;
     use http::Method;
 
-    /// Labels what it admits, and refuses ConfigMaps named `refused`.
+    /// Labels what it admits, refuses ConfigMaps named `refused`, and refuses changing
+    /// or deleting ConfigMaps labelled `frozen`.
     struct Stamp;
 
     #[async_trait::async_trait]
@@ -418,8 +465,11 @@ mod tests {
         }
 
         async fn validate(&self, _: &Storage, attrs: &Attributes<'_>, obj: &Value) -> ApiResult<()> {
-            match object::name(obj) {
-                "refused" => Err(forbidden(attrs.kind, obj, "not today")),
+            let frozen = attrs.old.is_some_and(|old| old.pointer("/metadata/labels/frozen").is_some());
+            match (object::name(obj), attrs.operation) {
+                ("refused", _) => Err(forbidden(attrs.kind, obj, "not today")),
+                (_, Operation::Update) if frozen => Err(forbidden(attrs.kind, obj, "frozen")),
+                (_, Operation::Delete) if frozen => Err(forbidden(attrs.kind, obj, "frozen for good")),
                 _ => Ok(()),
             }
         }
@@ -456,5 +506,34 @@ mod tests {
         assert_eq!(status["message"], r#"configmaps "refused" is forbidden: not today"#);
         let (code, _) = api.call("alice", Method::GET, "/api/v1/namespaces/default/configmaps/refused", None).await;
         assert_eq!(code, 404, "nothing was stored");
+    }
+
+    #[tokio::test]
+    async fn updates_and_deletes_pass_through_admission_with_the_old_object() {
+        let api = api().await;
+        let frozen =
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "f", "labels": {"frozen": "yes"}}});
+        let path = "/api/v1/namespaces/default/configmaps/f";
+        assert_eq!(api.call("alice", Method::POST, "/api/v1/namespaces/default/configmaps", Some(frozen)).await.0, 201);
+        let changed = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "f"}, "data": {"k": "v"}});
+        let (code, status) = api.call("bob", Method::PUT, path, Some(changed)).await;
+        assert_eq!((code, status["message"].as_str()), (403, Some(r#"configmaps "f" is forbidden: frozen"#)));
+        let (code, status) = api.call("bob", Method::DELETE, path, None).await;
+        assert_eq!((code, status["message"].as_str()), (403, Some(r#"configmaps "f" is forbidden: frozen for good"#)));
+        let (_, stored) = api.call("bob", Method::GET, path, None).await;
+        assert_eq!(stored["metadata"]["labels"], json!({"frozen": "yes", "admitted-for": "alice"}));
+        assert!(stored.get("data").is_none(), "the refused update changed nothing: {stored}");
+    }
+
+    #[tokio::test]
+    async fn mutating_plugins_see_updates_too() {
+        let api = api().await;
+        let path = "/api/v1/namespaces/default/configmaps/c";
+        assert_eq!(
+            api.call("alice", Method::POST, "/api/v1/namespaces/default/configmaps", config_map("c")).await.0,
+            201
+        );
+        let (code, updated) = api.call("bob", Method::PUT, path, config_map("c")).await;
+        assert_eq!((code, updated["metadata"]["labels"]["admitted-for"].as_str()), (200, Some("bob")), "{updated}");
     }
 }

@@ -16,7 +16,8 @@ use crate::ApiServer;
 const MANAGER: &str = "krate-apiextensions-controller";
 
 fn crd_kind(kinds: &Registry) -> Arc<KindInfo> {
-    kinds.lookup("apiextensions.k8s.io", "v1", "customresourcedefinitions").expect("CRDs are built in").clone()
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    kinds.of::<CustomResourceDefinition>().expect("CRDs are built in").clone()
 }
 
 /// Runs the CRD loop until the server stops; the first pass completes before returning

@@ -1,13 +1,15 @@
 //! krate's Kubernetes-compatible API server.
 //!
-//! Request flow: TLS accept ([`auth`]) → [`http::handle`] (routing, negotiation, body
-//! decoding) → [`registry::Storage`] (the one generic create/get/list/update/patch/delete
-//! path, per-kind behaviour from `krate_api::kinds`) → [`krate_store::Store`] for writes;
-//! reads and watches come from the [`cache::WatchCache`], which follows the store.
+//! Request flow: TLS accept ([`auth`]) → [`http::handle`] (request attributes,
+//! [`authz`], routing, negotiation, body decoding) → [`registry::Storage`] (the one
+//! generic create/get/list/update/patch/delete path, with [`admission`]; per-kind
+//! behaviour from `krate_api::kinds` and, where it needs the store or the server, from
+//! [`rest`]) → [`krate_store::Store`] for writes; reads and watches come from the
+//! [`cache::WatchCache`], which follows the store.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -22,18 +24,17 @@ pub mod auth;
 pub mod authz;
 pub mod cache;
 pub mod crd;
-pub mod eviction;
 pub mod http;
 pub mod metrics;
 pub mod registry;
 pub mod request;
-pub mod tokens;
+pub mod rest;
 
 #[cfg(test)]
 pub(crate) mod testing;
 
 use cache::WatchCache;
-use registry::{Scope, Storage};
+use registry::Storage;
 
 /// Tunables of a running API server.
 #[derive(Clone, Debug)]
@@ -55,8 +56,10 @@ pub struct Settings {
     pub token_secret: Vec<u8>,
     /// Who may do what: asked in order for every request.
     pub authorizers: authz::Chain,
-    /// The admission plugins every create passes through.
+    /// The admission plugins every write passes through.
     pub admission: admission::Chain,
+    /// Stateful per-kind hooks (allocators reserve and release through them).
+    pub hooks: rest::HookTable,
 }
 
 impl Default for Settings {
@@ -71,17 +74,17 @@ impl Default for Settings {
             token_secret: rand::random::<[u8; 32]>().to_vec(),
             authorizers: authz::Chain::default(),
             admission: admission::Chain::default(),
+            hooks: rest::HookTable::default(),
         }
     }
 }
 
 pub struct ApiServer {
     pub storage: Storage,
-    kinds: RwLock<Arc<Registry>>,
     pub documents: http::docs::Documents,
     pub settings: Settings,
     pub metrics: metrics::Metrics,
-    pub tokens: tokens::Tokens,
+    pub tokens: rest::serviceaccounts::tokens::Tokens,
 }
 
 /// Namespaces every cluster starts with.
@@ -108,10 +111,9 @@ impl ApiServer {
         let kinds = Arc::new(Registry::builtin());
         let cache = WatchCache::start(store.clone(), settings.watch_cache_size, field_paths(&kinds)).await?;
         let server = Arc::new(Self {
-            storage: Storage::new(store, cache, settings.admission.clone()),
-            kinds: RwLock::new(kinds),
+            storage: Storage::new(store, cache, kinds, settings.admission.clone(), settings.hooks.clone()),
             documents: Default::default(),
-            tokens: tokens::Tokens::new(&settings.token_secret),
+            tokens: rest::serviceaccounts::tokens::Tokens::new(&settings.token_secret),
             settings,
             metrics: metrics::Metrics::new(),
         });
@@ -122,30 +124,27 @@ impl ApiServer {
     }
 
     pub fn kinds(&self) -> Arc<Registry> {
-        self.kinds.read().expect("kinds lock").clone()
+        self.storage.kinds()
     }
 
     /// Replaces the served kinds (custom resources came or went).
     pub fn set_kinds(&self, kinds: Registry) {
-        *self.kinds.write().expect("kinds lock") = Arc::new(kinds);
+        self.storage.set_kinds(kinds)
     }
 
     async fn bootstrap(&self) -> anyhow::Result<()> {
-        let kinds = self.kinds();
-        let ns_kind = kinds.lookup("", "v1", "namespaces").expect("namespaces are built in").clone();
+        let namespaces = self.storage.builtin::<k8s_openapi::api::core::v1::Namespace>(None);
         for ns in SYSTEM_NAMESPACES {
-            let scope = Scope { kind: ns_kind.clone(), namespace: None };
             self.storage
-                .ensure(&scope, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
+                .ensure(&namespaces, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
                 .await
                 .map_err(|e| anyhow::anyhow!("creating namespace {ns}: {e}"))?;
         }
-        let classes =
-            kinds.lookup("scheduling.k8s.io", "v1", "priorityclasses").expect("priority classes are built in").clone();
+        let classes = self.storage.builtin::<k8s_openapi::api::scheduling::v1::PriorityClass>(None);
         for (name, value, description) in admission::SYSTEM_PRIORITY_CLASSES {
             let class = json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": name}, "value": value, "description": description});
             self.storage
-                .ensure(&Scope { kind: classes.clone(), namespace: None }, class)
+                .ensure(&classes, class)
                 .await
                 .map_err(|e| anyhow::anyhow!("creating priority class {name}: {e}"))?;
         }

@@ -2,7 +2,7 @@
 //! patch and delete for every kind, with per-kind behaviour taken from the kinds table
 //! (`KindInfo`) and its strategy.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,13 +13,14 @@ use krate_api::patch::{apply_json_patch, apply_merge_patch, PatchType};
 use krate_api::schema::{self, Node};
 use krate_api::selectors::{FieldSelector, LabelSelector};
 use krate_api::validation::{self, validate_annotations, validate_labels};
-use krate_api::{ApiError, ApiResult, FieldError, KindInfo};
+use krate_api::{ApiError, ApiResult, FieldError, KindInfo, Registry};
 use krate_store::{ListRequest, Revision, Store, StoreError};
 use serde_json::{json, Value};
 
 use crate::admission::{Attributes, Operation};
 use crate::cache::{CachedObject, WatchCache};
 use crate::request::RequestAttributes;
+use crate::rest::HookTable;
 
 /// How unknown fields in a request body are treated (`fieldValidation`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -42,7 +43,12 @@ pub struct WriteOptions {
     pub request: Option<Arc<RequestAttributes>>,
 }
 
-fn manager<'a>(kind: &KindInfo, opts: &'a WriteOptions, api_version: &'a str, sub: Subresource) -> Manager<'a> {
+pub(crate) fn manager<'a>(
+    kind: &KindInfo,
+    opts: &'a WriteOptions,
+    api_version: &'a str,
+    sub: Subresource,
+) -> Manager<'a> {
     Manager {
         name: &opts.field_manager,
         api_version,
@@ -61,26 +67,8 @@ pub enum Subresource {
     Main,
     Status,
     Scale,
+    /// `namespaces/finalize`: writes only `spec.finalizers`.
     Finalize,
-    /// `pods/binding`: assigns a pod to a node.
-    Binding,
-    /// `pods/eviction`: a deletion that respects disruption budgets.
-    Eviction,
-    /// `serviceaccounts/token`: issues a token (TokenRequest), stores nothing.
-    Token,
-    /// `pods/log`: read from the pod's node agent, never written.
-    Log,
-    /// `pods/exec`, `pods/attach`, `pods/portforward`: connections upgraded through to the
-    /// pod's node agent.
-    Connect(Connect),
-}
-
-/// The streaming subresources of pods.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Connect {
-    Exec,
-    Attach,
-    PortForward,
 }
 
 /// The resource a request addresses.
@@ -105,6 +93,14 @@ pub struct DeleteOptions {
     pub precondition_uid: Option<String>,
     pub precondition_resource_version: Option<String>,
     pub dry_run: bool,
+    /// Who asks and for what (None: the server's own deletions).
+    pub request: Option<Arc<RequestAttributes>>,
+}
+
+impl DeleteOptions {
+    fn write_options(&self) -> WriteOptions {
+        WriteOptions { dry_run: self.dry_run, request: self.request.clone(), ..Default::default() }
+    }
 }
 
 /// List parameters shared by list and watch.
@@ -129,25 +125,18 @@ pub struct ListResult {
 pub struct Storage {
     pub store: Arc<dyn Store>,
     pub cache: Arc<WatchCache>,
-    /// Admission plugins every create passes through.
+    /// Admission plugins every write passes through.
     pub admission: crate::admission::Chain,
+    /// Stateful per-kind hooks (allocators).
+    pub hooks: HookTable,
+    /// The served kinds; replaced whole when custom resources come or go.
+    kinds: RwLock<Arc<Registry>>,
 }
 
 const CONFLICT_RETRIES: usize = 16;
 static SCALE_SCHEMA: std::sync::LazyLock<Option<schema::KindSchema>> =
     std::sync::LazyLock::new(|| schema::builtin_kind("autoscaling", "v1", "Scale"));
 const GENERATE_NAME_RETRIES: usize = 8;
-
-/// A built-in kind by group, version and plural (for storage paths that reach across
-/// kinds, such as admission reading quotas).
-pub fn builtin_kind(group: &str, version: &str, plural: &str) -> Arc<KindInfo> {
-    static BUILTIN: std::sync::LazyLock<krate_api::kinds::Registry> =
-        std::sync::LazyLock::new(krate_api::kinds::Registry::builtin);
-    BUILTIN
-        .lookup(group, version, plural)
-        .unwrap_or_else(|| panic!("{group}/{version} {plural} is a built-in kind"))
-        .clone()
-}
 
 pub fn storage_prefix(kind: &KindInfo) -> String {
     let group = if kind.storage.group.is_empty() { "core" } else { kind.storage.group };
@@ -393,52 +382,44 @@ fn with_revision(mut obj: Value, revision: Revision) -> Value {
 
 /// How a read-modify-write ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Done {
+pub(crate) enum Done {
     Stored,
     Removed,
     Unchanged,
 }
 
 /// What a mutation closure decided for the current object.
-enum Mutation {
+pub(crate) enum Mutation {
     Write(Value),
     /// The object is finished (deletion with no finalizers left): remove it.
     Remove,
 }
 
 impl Storage {
-    pub fn new(store: Arc<dyn Store>, cache: Arc<WatchCache>, admission: crate::admission::Chain) -> Self {
-        Self { store, cache, admission }
+    pub fn new(
+        store: Arc<dyn Store>,
+        cache: Arc<WatchCache>,
+        kinds: Arc<Registry>,
+        admission: crate::admission::Chain,
+        hooks: HookTable,
+    ) -> Self {
+        Self { store, cache, admission, hooks, kinds: RwLock::new(kinds) }
     }
 
-    async fn ensure_namespace_usable(&self, scope: &Scope) -> ApiResult<()> {
-        let Some(ns) = scope.namespace.as_deref().filter(|_| scope.kind.namespaced) else { return Ok(()) };
-        let key = format!("{}core/namespaces/{ns}", crate::cache::REGISTRY_PREFIX);
-        let lookup = || {
-            let rc = self.cache.resource(&format!("{}core/namespaces/", crate::cache::REGISTRY_PREFIX));
-            let state = rc.state.read().expect("cache lock");
-            state.objects.get(&key).cloned()
-        };
-        let found = match lookup() {
-            Some(found) => Some(found),
-            None => {
-                self.cache.sync().await;
-                lookup()
-            }
-        };
-        let Some(found) = found else {
-            return Err(ApiError::not_found("", "namespaces", ns));
-        };
-        if found.parse().pointer("/metadata/deletionTimestamp").is_some() {
-            let mut e = ApiError::forbidden(format!(
-                "unable to create new content in namespace {ns} because it is being terminated"
-            ));
-            e.details = Some(
-                json!({"name": ns, "kind": "namespaces", "causes": [{"reason": "NamespaceTerminating", "message": format!("namespace {ns} is being terminated"), "field": "metadata.namespace"}]}),
-            );
-            return Err(e);
-        }
-        Ok(())
+    /// The served kinds.
+    pub fn kinds(&self) -> Arc<Registry> {
+        self.kinds.read().expect("kinds lock").clone()
+    }
+
+    /// Replaces the served kinds (custom resources came or went).
+    pub fn set_kinds(&self, kinds: Registry) {
+        *self.kinds.write().expect("kinds lock") = Arc::new(kinds);
+    }
+
+    /// The scope of a built-in kind (always served), by its k8s-openapi type.
+    pub fn builtin<T: k8s_openapi::Resource>(&self, namespace: Option<String>) -> Scope {
+        let kind = self.kinds().of::<T>().unwrap_or_else(|| panic!("{} is a built-in kind", T::KIND)).clone();
+        Scope { kind, namespace }
     }
 
     /// Creates an object from a decoded (served-form) body.
@@ -479,12 +460,16 @@ impl Storage {
             .then(|| meta.get("generateName").and_then(Value::as_str).map(str::to_string))
             .flatten()
             .filter(|g| !g.is_empty());
-        self.ensure_namespace_usable(scope).await?;
 
         kind.strategy.default(&mut obj);
         kind.strategy.prepare_for_create(&mut obj);
-        let admission =
-            Attributes { kind, operation: Operation::Create, request: opts.request.as_deref(), dry_run: opts.dry_run };
+        let admission = Attributes {
+            kind,
+            operation: Operation::Create,
+            old: None,
+            request: opts.request.as_deref(),
+            dry_run: opts.dry_run,
+        };
         self.admission.admit(self, &admission, &mut obj).await?;
         if kind.status {
             match kind.strategy.initial_status(&obj) {
@@ -510,18 +495,26 @@ impl Storage {
                 self.admission.validate(self, &admission, &obj).await?;
             }
             let name = object::name(&obj).to_string();
-            if opts.dry_run {
-                return Ok(Written { code: 201, body: to_served(kind, obj), warnings: vec![] });
+            let hooks = self.hooks.get(&kind.storage);
+            if let Some(hooks) = hooks {
+                hooks.begin_create(self, &mut obj, opts).await?;
             }
-            let key = key_for(kind, scope.namespace.as_deref(), &name);
-            match self.store.create(&key, encode(&obj)?).await {
-                Ok(kv) => {
-                    return Ok(Written {
-                        code: 201,
-                        body: to_served(kind, with_revision(obj, kv.mod_revision)),
-                        warnings: vec![],
-                    })
-                }
+            let stored = match opts.dry_run {
+                true => Ok(obj.clone()),
+                false => match encode(&obj) {
+                    Ok(bytes) => self
+                        .store
+                        .create(&key_for(kind, scope.namespace.as_deref(), &name), bytes)
+                        .await
+                        .map(|kv| with_revision(obj.clone(), kv.mod_revision)),
+                    Err(e) => Err(StoreError::Backend(e.message)),
+                },
+            };
+            if let Some(hooks) = hooks {
+                hooks.finish_create(self, &obj, stored.is_ok(), opts).await;
+            }
+            match stored {
+                Ok(obj) => return Ok(Written { code: 201, body: to_served(kind, obj), warnings: vec![] }),
                 Err(StoreError::AlreadyExists(_)) if generate.is_some() && attempt + 1 < GENERATE_NAME_RETRIES => {
                     continue
                 }
@@ -563,29 +556,38 @@ impl Storage {
     }
 
     /// Read-modify-write with optimistic concurrency, retried on conflicts unless the
-    /// mutation pinned a resourceVersion. `mutate` gets the current stored object.
+    /// mutation pinned a resourceVersion. `mutate` gets the current stored object and
+    /// builds (and validates) what replaces it; admission for `operation` and the kind's
+    /// hooks then run on the change before it is written.
     ///
     /// The first attempt starts from the watch cache, as upstream's GuaranteedUpdate does:
     /// the compare-and-swap on the revision catches a stale copy, and anything decided on
     /// the cached copy other than a successful write (an error, "unchanged", a pinned
     /// conflict, a dry run) is decided again on a fresh read from the store.
-    async fn guaranteed_update(
+    pub(crate) async fn guaranteed_update(
         &self,
         scope: &Scope,
         name: &str,
-        dry_run: bool,
+        operation: Operation,
+        opts: &WriteOptions,
         mut mutate: impl FnMut(&Value) -> ApiResult<(Mutation, bool)>,
     ) -> ApiResult<(Value, Done)> {
         let kind = &scope.kind;
         let key = key_for(kind, scope.namespace.as_deref(), name);
         for attempt in 0..CONFLICT_RETRIES {
-            let cached = if attempt == 0 && !dry_run { self.cached_current(scope, name) } else { None };
+            let cached = if attempt == 0 && !opts.dry_run { self.cached_current(scope, name) } else { None };
             let from_cache = cached.is_some();
             let (current, revision) = match cached {
                 Some(c) => c,
                 None => self.read_current(scope, name).await?,
             };
-            let (mutation, pinned) = match mutate(&current) {
+            let admitted = match mutate(&current) {
+                Ok((mutation, pinned)) => {
+                    self.admit_change(kind, operation, opts, &current, mutation).await.map(|m| (m, pinned))
+                }
+                Err(e) => Err(e),
+            };
+            let (mutation, pinned) = match admitted {
                 Ok(m) => m,
                 Err(_) if from_cache => continue,
                 Err(e) => return Err(e),
@@ -593,18 +595,15 @@ impl Storage {
             let result = match mutation {
                 Mutation::Write(new) if new == current && from_cache => continue,
                 Mutation::Write(new) if new == current => return Ok((new, Done::Unchanged)),
-                Mutation::Write(new) if dry_run => return Ok((new, Done::Stored)),
-                Mutation::Remove if dry_run => return Ok((current, Done::Removed)),
-                Mutation::Write(new) => self
-                    .store
-                    .update(&key, encode(&new)?, revision)
-                    .await
-                    .map(|kv| (with_revision(new, kv.mod_revision), Done::Stored)),
-                Mutation::Remove => self
-                    .store
-                    .delete(&key, Some(revision))
-                    .await
-                    .map(|(rev, _)| (with_revision(current, rev), Done::Removed)),
+                Mutation::Remove if opts.dry_run => return Ok((current, Done::Removed)),
+                Mutation::Write(new) => self.write_change(kind, &key, &current, revision, new, opts).await?,
+                Mutation::Remove => {
+                    let removed = self.store.delete(&key, Some(revision)).await;
+                    if let (Ok(_), Some(hooks)) = (&removed, self.hooks.get(&kind.storage)) {
+                        hooks.after_delete(self, &current).await;
+                    }
+                    removed.map(|(rev, _)| (with_revision(current, rev), Done::Removed))
+                }
             };
             match result {
                 Ok(done) => return Ok(done),
@@ -613,6 +612,70 @@ impl Storage {
             }
         }
         Err(ApiError::modified(&kind.group, &kind.plural, name))
+    }
+
+    /// Admission of a changed object: for an update, the mutating phase (the object is
+    /// validated again if a plugin changed it) and the validating phase; for a delete,
+    /// the validating phase on the object being deleted. An update that finishes a
+    /// deletion (the last finalizer removed) is not asked about.
+    async fn admit_change(
+        &self,
+        kind: &KindInfo,
+        operation: Operation,
+        opts: &WriteOptions,
+        current: &Value,
+        mutation: Mutation,
+    ) -> ApiResult<Mutation> {
+        let attrs =
+            Attributes { kind, operation, old: Some(current), request: opts.request.as_deref(), dry_run: opts.dry_run };
+        match (operation, mutation) {
+            (Operation::Delete, mutation) => {
+                self.admission.validate(self, &attrs, current).await?;
+                Ok(mutation)
+            }
+            (_, Mutation::Write(mut new)) if new != *current => {
+                let built = new.clone();
+                self.admission.admit(self, &attrs, &mut new).await?;
+                if new != built {
+                    validate(kind, &new, Some(current))?;
+                }
+                self.admission.validate(self, &attrs, &new).await?;
+                Ok(Mutation::Write(new))
+            }
+            (_, mutation) => Ok(mutation),
+        }
+    }
+
+    /// Writes `new` over `current` (at `revision`), between the kind's update hooks.
+    /// Inner error: the store's (a conflict is retried by the caller); outer: a hook's.
+    async fn write_change(
+        &self,
+        kind: &KindInfo,
+        key: &str,
+        current: &Value,
+        revision: Revision,
+        mut new: Value,
+        opts: &WriteOptions,
+    ) -> ApiResult<Result<(Value, Done), StoreError>> {
+        let hooks = self.hooks.get(&kind.storage);
+        if let Some(hooks) = hooks {
+            hooks.begin_update(self, current, &mut new, opts).await?;
+        }
+        let written = match opts.dry_run {
+            true => Ok((new.clone(), Done::Stored)),
+            false => match encode(&new) {
+                Ok(bytes) => self
+                    .store
+                    .update(key, bytes, revision)
+                    .await
+                    .map(|kv| (with_revision(new.clone(), kv.mod_revision), Done::Stored)),
+                Err(e) => Err(StoreError::Backend(e.message)),
+            },
+        };
+        if let Some(hooks) = hooks {
+            hooks.finish_update(self, current, &new, written.is_ok(), opts).await;
+        }
+        Ok(written)
     }
 
     /// Builds the object an update of `sub` produces from `current` and the new served
@@ -683,14 +746,7 @@ impl Storage {
                 }
                 new
             }
-            Subresource::Scale
-            | Subresource::Binding
-            | Subresource::Eviction
-            | Subresource::Token
-            | Subresource::Log
-            | Subresource::Connect(_) => {
-                unreachable!("scale, binding, eviction, token, log and connect have their own paths")
-            }
+            Subresource::Scale => unreachable!("scale has its own path"),
         };
         object::set(
             &mut new,
@@ -743,7 +799,7 @@ impl Storage {
         }
         let precondition = object::resource_version(&body).map(parse_revision).transpose()?;
         let (obj, _) = self
-            .guaranteed_update(scope, name, opts.dry_run, |current| {
+            .guaranteed_update(scope, name, Operation::Update, opts, |current| {
                 if let Some(rv) = precondition {
                     if get_str(current, &["metadata", "resourceVersion"]) != Some(rv.to_string().as_str()) {
                         return Err(ApiError::modified(&kind.group, &kind.plural, name));
@@ -776,7 +832,7 @@ impl Storage {
         }
         let mut warnings = Vec::new();
         let (obj, _) = self
-            .guaranteed_update(scope, name, opts.dry_run, |current| {
+            .guaranteed_update(scope, name, Operation::Update, opts, |current| {
                 let served = to_served(&kind, current.clone());
                 let mut patched = served.clone();
                 apply_patch(
@@ -803,43 +859,6 @@ impl Storage {
             })
             .await?;
         Ok(Written { code: 200, body: to_served(&kind, obj), warnings })
-    }
-
-    /// `pods/binding` (and the `bindings` resource): sets spec.nodeName once and marks the
-    /// pod PodScheduled, as the scheduler's bind step does upstream.
-    pub async fn bind(&self, scope: &Scope, name: &str, binding: &Value, opts: &WriteOptions) -> ApiResult<Written> {
-        let kind = scope.kind.clone();
-        let node = get_str(binding, &["target", "name"]).unwrap_or_default().to_string();
-        if node.is_empty() {
-            return Err(ApiError::invalid("", "Binding", name, &[FieldError::required("target.name", "")]));
-        }
-        let (obj, _) = self
-            .guaranteed_update(scope, name, opts.dry_run, |current| {
-                if get(current, &["metadata", "deletionTimestamp"]).is_some() {
-                    return Err(ApiError::conflict("", "pods", name, &format!("pod {name} is being deleted, cannot be assigned to a host")));
-                }
-                if let Some(uid) = get_str(binding, &["metadata", "uid"]).filter(|u| !u.is_empty()) {
-                    if object::uid(current) != uid {
-                        return Err(ApiError::conflict("", "pods", name, "the UID in the binding does not match the pod"));
-                    }
-                }
-                match get_str(current, &["spec", "nodeName"]).filter(|n| !n.is_empty()) {
-                    Some(assigned) => Err(ApiError::conflict("", "pods", name, &format!("pod {name} is already assigned to node \"{assigned}\""))),
-                    None => {
-                        let mut new = current.clone();
-                        object::set(&mut new, &["spec", "nodeName"], json!(node));
-                        let mut conditions: Vec<Value> = get(current, &["status", "conditions"]).and_then(Value::as_array).cloned().unwrap_or_default();
-                        conditions.retain(|c| c["type"] != "PodScheduled");
-                        conditions.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": object::now_rfc3339()}));
-                        object::set(&mut new, &["status", "conditions"], json!(conditions));
-                        let api_version = kind.api_version();
-                        managed::track_update(kind.schema.as_deref(), Some(current), &mut new, &manager(&kind, opts, &api_version, Subresource::Main));
-                        Ok((Mutation::Write(new), false))
-                    }
-                }
-            })
-            .await?;
-        Ok(Written { code: 201, body: success_status("", "pods", name, object::uid(&obj)), warnings: vec![] })
     }
 
     /// Server-side apply: creates the object if needed, else merges the configuration
@@ -906,7 +925,7 @@ impl Storage {
         }
         let mut warnings = Vec::new();
         let (obj, _) = self
-            .guaranteed_update(scope, name, opts.dry_run, |current| {
+            .guaranteed_update(scope, name, Operation::Update, opts, |current| {
                 let served = to_served(&kind, current.clone());
                 let merged = managed::apply(schema.as_deref(), Some(&served), &config, &who, opts.force)?;
                 let (canonical, unknown) = decode_body(&kind, merged)?;
@@ -929,7 +948,7 @@ impl Storage {
             return Err(ApiError::not_found(&kind.group, &format!("{}/scale", kind.plural), name));
         };
         let (obj, _) = self
-            .guaranteed_update(scope, name, opts.dry_run, |current| {
+            .guaranteed_update(scope, name, Operation::Update, opts, |current| {
                 let api_version = kind.api_version();
                 let scale = scale_of(&kind, current);
                 let new_scale = match &change {
@@ -978,7 +997,7 @@ impl Storage {
     pub async fn delete(&self, scope: &Scope, name: &str, opts: &DeleteOptions) -> ApiResult<Written> {
         let kind = scope.kind.clone();
         let (obj, done) = self
-            .guaranteed_update(scope, name, opts.dry_run, |current| {
+            .guaranteed_update(scope, name, Operation::Delete, &opts.write_options(), |current| {
                 if let Some(uid) = &opts.precondition_uid {
                     if object::uid(current) != uid {
                         return Err(ApiError::conflict(&kind.group, &kind.plural, name, &format!(
@@ -998,8 +1017,8 @@ impl Storage {
             .await?;
         let served = to_served(&kind, obj);
         if done == Done::Removed {
-            // Upstream returns the deleted pod itself, a Status for other kinds.
-            let body = if kind.plural == "pods" && kind.group.is_empty() {
+            // Some kinds answer with the deleted object, the others with a Status.
+            let body = if kind.returns_deleted_object {
                 served
             } else {
                 success_status(&kind.group, &kind.plural, name, object::uid(&served))
@@ -1262,7 +1281,8 @@ fn plan_delete(kind: &KindInfo, current: &Value, opts: &DeleteOptions) -> Mutati
         }
         return Mutation::Write(obj);
     }
-    if opts.grace_period_seconds == Some(0) && already_deleting && kind.plural == "pods" {
+    if opts.grace_period_seconds == Some(0) && already_deleting {
+        // Ends a running grace period now (kinds deleted without one already have 0).
         object::set(&mut obj, &["metadata", "deletionGracePeriodSeconds"], json!(0));
     }
     if finalizers.is_empty() && !blocked && !awaits_graceful_termination(&obj) {

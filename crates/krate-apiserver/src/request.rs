@@ -110,7 +110,9 @@ impl RequestAttributes {
             if matches!(attrs.verb, Verb::List | Verb::Watch) {
                 attrs.name = exact_name(query.get("fieldSelector").map(String::as_str).unwrap_or_default());
             }
-            attrs.namespace = match (&r.namespace, r.group.is_empty() && r.resource == "namespaces") {
+            use k8s_openapi::{api::core::v1::Namespace, Resource};
+            let is_namespace = r.group == Namespace::GROUP && r.resource == Namespace::URL_PATH_SEGMENT;
+            attrs.namespace = match (&r.namespace, is_namespace) {
                 (Some(ns), _) => ns.clone(),
                 (None, true) => attrs.name.clone(),
                 (None, false) => String::new(),

@@ -6,8 +6,12 @@
 //! unlike kube-rs's shared reflector, which drops deletions): first everything already
 //! known, then each change. After a re-list every object is sent again, along with the
 //! objects that vanished while the watch was down.
+//!
+//! Controllers read what they act on from the store rather than listing it from the API
+//! on every reconcile, through two indexes kept with it: by namespace, and by the uid
+//! of the controlling owner (what a ReplicaSet, Job or DaemonSet owns).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use futures::channel::mpsc;
@@ -38,12 +42,60 @@ struct Hub<K: Watched> {
     subscribers: Vec<mpsc::UnboundedSender<Arc<K>>>,
     /// What the store held when a re-list began, to find what vanished meanwhile.
     before_relist: Vec<Arc<K>>,
+    by_namespace: Index<K>,
+    by_controller: Index<K>,
+}
+
+/// Objects by a key of theirs.
+struct Index<K: Watched> {
+    key: fn(&K) -> Option<String>,
+    entries: HashMap<String, HashSet<ObjectRef<K>>>,
+}
+
+impl<K: Watched> Index<K> {
+    fn new(key: fn(&K) -> Option<String>) -> Self {
+        Self { key, entries: HashMap::new() }
+    }
+
+    fn insert(&mut self, obj: &K) {
+        if let Some(key) = (self.key)(obj) {
+            self.entries.entry(key).or_default().insert(ObjectRef::from_obj(obj));
+        }
+    }
+
+    fn remove(&mut self, obj: &K) {
+        let Some(key) = (self.key)(obj) else { return };
+        if let Some(refs) = self.entries.get_mut(&key) {
+            refs.remove(&ObjectRef::from_obj(obj));
+            if refs.is_empty() {
+                self.entries.remove(&key);
+            }
+        }
+    }
+
+    fn rebuild(&mut self, objects: &[Arc<K>]) {
+        self.entries.clear();
+        for obj in objects {
+            self.insert(obj);
+        }
+    }
+}
+
+/// The uid of the object's controlling owner.
+pub fn controller_uid<K: Resource>(obj: &K) -> Option<String> {
+    obj.meta().owner_references.as_ref()?.iter().find(|r| r.controller == Some(true)).map(|r| r.uid.clone())
 }
 
 impl<K: Watched> Default for Informer<K> {
     fn default() -> Self {
         let (store, writer) = reflector::store();
-        let hub = Hub { writer, subscribers: Vec::new(), before_relist: Vec::new() };
+        let hub = Hub {
+            writer,
+            subscribers: Vec::new(),
+            before_relist: Vec::new(),
+            by_namespace: Index::new(|o: &K| o.meta().namespace.clone()),
+            by_controller: Index::new(controller_uid),
+        };
         Self { store, hub: Arc::new(Mutex::new(hub)), synced: Arc::new(tokio::sync::watch::Sender::new(false)) }
     }
 }
@@ -60,6 +112,22 @@ impl<K: Watched> Informer<K> {
     /// `wait_until_ready`, which may never wake a task when several wait.
     pub async fn synced(&self) {
         let _ = self.synced.subscribe().wait_for(|synced| *synced).await;
+    }
+
+    /// The objects in a namespace, as last seen.
+    pub fn in_namespace(&self, namespace: &str) -> Vec<Arc<K>> {
+        self.indexed(|hub| &hub.by_namespace, namespace)
+    }
+
+    /// The objects whose controlling owner has this uid, as last seen.
+    pub fn controlled_by(&self, uid: &str) -> Vec<Arc<K>> {
+        self.indexed(|hub| &hub.by_controller, uid)
+    }
+
+    fn indexed(&self, index: fn(&Hub<K>) -> &Index<K>, key: &str) -> Vec<Arc<K>> {
+        let hub = self.hub.lock().expect("informer lock");
+        let refs = index(&hub).entries.get(key);
+        refs.into_iter().flatten().filter_map(|r| self.store.get(r)).collect()
     }
 
     /// Every object known now, then every change.
@@ -85,14 +153,31 @@ impl<K: Watched> Informer<K> {
         anyhow::bail!("the shared {} watch ended", K::kind(&()))
     }
 
+    /// Applies one watch event (what `run` does with each; tests feed events directly).
+    pub fn apply(&self, event: Event<K>) {
+        self.dispatch(event)
+    }
+
     fn dispatch(&self, event: Event<K>) {
         let mut hub = self.hub.lock().expect("informer lock");
         if matches!(event, Event::Init) {
             hub.before_relist = self.store.state();
         }
+        let previous = match &event {
+            Event::Apply(obj) | Event::Delete(obj) => self.store.get(&ObjectRef::from_obj(obj)),
+            _ => None,
+        };
+        if let Some(previous) = &previous {
+            hub.by_namespace.remove(previous);
+            hub.by_controller.remove(previous);
+        }
         hub.writer.apply_watcher_event(&event);
         let changed: Vec<Arc<K>> = match event {
-            Event::Apply(obj) => self.store.get(&ObjectRef::from_obj(&obj)).into_iter().collect(),
+            Event::Apply(obj) => {
+                hub.by_namespace.insert(&obj);
+                hub.by_controller.insert(&obj);
+                self.store.get(&ObjectRef::from_obj(&obj)).into_iter().collect()
+            }
             Event::Delete(obj) => vec![Arc::new(obj)],
             Event::Init | Event::InitApply(_) => return,
             Event::InitDone => {
@@ -102,6 +187,8 @@ impl<K: Watched> Informer<K> {
                     .into_iter()
                     .filter(|o| !present.contains(&ObjectRef::from_obj(&**o)))
                     .collect();
+                hub.by_namespace.rebuild(&now);
+                hub.by_controller.rebuild(&now);
                 self.synced.send_replace(true);
                 now.into_iter().chain(vanished).collect()
             }
@@ -186,6 +273,42 @@ mod tests {
                 .expect("a waiter never woke")
                 .unwrap();
         }
+    }
+
+    fn owned(name: &str, ns: &str, owner: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name, "namespace": ns, "resourceVersion": "1",
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs", "uid": owner, "controller": true}]}}))
+        .unwrap()
+    }
+
+    fn names(pods: Vec<Arc<Pod>>) -> Vec<String> {
+        let mut names: Vec<String> = pods.iter().map(|p| p.metadata.name.clone().unwrap()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn indexes_follow_changes_deletions_and_relists() {
+        let informer = Informer::<Pod>::default();
+        for event in
+            [Event::Init, Event::InitApply(owned("a", "x", "u1")), Event::InitApply(pod("b", "1")), Event::InitDone]
+        {
+            informer.dispatch(event);
+        }
+        assert_eq!(names(informer.controlled_by("u1")), ["a"]);
+        assert_eq!(names(informer.in_namespace("ns")), ["b"]);
+        informer.dispatch(Event::Apply(owned("c", "x", "u1")));
+        informer.dispatch(Event::Apply(owned("a", "x", "u2")));
+        assert_eq!(names(informer.controlled_by("u1")), ["c"], "a changed owner");
+        assert_eq!(names(informer.controlled_by("u2")), ["a"]);
+        assert_eq!(names(informer.in_namespace("x")), ["a", "c"]);
+        informer.dispatch(Event::Delete(owned("c", "x", "u1")));
+        assert!(informer.controlled_by("u1").is_empty());
+        for event in [Event::Init, Event::InitApply(owned("d", "y", "u1")), Event::InitDone] {
+            informer.dispatch(event);
+        }
+        assert_eq!(names(informer.controlled_by("u1")), ["d"], "a relist replaces what was indexed");
+        assert!(informer.controlled_by("u2").is_empty() && informer.in_namespace("x").is_empty());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 pub mod caches;
 pub mod events;
+pub mod expectations;
 pub mod informer;
 pub mod node_lease;
 

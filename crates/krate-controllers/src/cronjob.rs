@@ -7,20 +7,22 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::cron::Schedule;
-use crate::{reference, Error, Recorder};
+use crate::owned::{beside, Owned, CACHE_LAG_RETRY};
+use crate::{reference, Error, Informer, Recorder};
 
 const SCHEDULED_AT: &str = "batch.kubernetes.io/cronjob-scheduled-timestamp";
 
 struct Context {
     client: kube::Client,
     events: Recorder,
+    jobs: Owned<Job>,
 }
 
 fn finished(job: &Job) -> Option<&str> {
@@ -45,13 +47,7 @@ async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Context>) -> Result<Action, Error>
     let spec = cj.spec.clone();
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let uid = cj.uid().unwrap_or_default();
-    let mut jobs: Vec<Job> = jobs_api
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|j| j.owner_references().iter().any(|r| r.uid == uid))
-        .collect();
+    let Some(mut jobs) = ctx.jobs.of(&uid, None) else { return Ok(Action::requeue(CACHE_LAG_RETRY)) };
     jobs.sort_by_key(|j| j.metadata.creation_timestamp.as_ref().map(|t| t.0));
 
     // History limits.
@@ -63,9 +59,10 @@ async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Context>) -> Result<Action, Error>
         let excess = done.len().saturating_sub(limit.max(0) as usize);
         for j in &done[..excess] {
             let _ = jobs_api.delete(&j.name_any(), &DeleteParams::background()).await;
+            ctx.jobs.deleted(&uid, j);
         }
     }
-    let active: Vec<&Job> = jobs.iter().filter(|j| finished(j).is_none()).collect();
+    let mut active: Vec<Job> = jobs.iter().filter(|j| finished(j).is_none()).cloned().collect();
 
     let schedule = match Schedule::parse(&spec.schedule) {
         Ok(s) => s,
@@ -106,8 +103,9 @@ async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Context>) -> Result<Action, Error>
         let blocked = policy == "Forbid" && !active.is_empty();
         if !too_late && !blocked {
             if policy == "Replace" {
-                for j in &active {
+                for j in active.drain(..) {
                     let _ = jobs_api.delete(&j.name_any(), &DeleteParams::background()).await;
+                    ctx.jobs.deleted(&uid, &j);
                 }
             }
             let mut job = serde_json::to_value(&spec.job_template)?;
@@ -120,9 +118,11 @@ async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Context>) -> Result<Action, Error>
                 json!([cj.controller_owner_ref(&()).expect("a stored cronjob has a name and uid")]);
             match jobs_api.create(&PostParams::default(), &serde_json::from_value(job)?).await {
                 Ok(created) => {
+                    ctx.jobs.created(&uid, &created);
                     ctx.events
                         .normal(&reference(&*cj), "SuccessfulCreate", &format!("Created job {}", created.name_any()))
-                        .await
+                        .await;
+                    active.push(created);
                 }
                 Err(kube::Error::Api(e)) if e.code == 409 => {}
                 Err(e) => return Err(e.into()),
@@ -132,12 +132,8 @@ async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Context>) -> Result<Action, Error>
             last_scheduled = Some(at);
         }
     }
-    let active_refs: Vec<_> = jobs_api
-        .list(&ListParams::default())
-        .await?
-        .items
+    let active_refs: Vec<_> = active
         .iter()
-        .filter(|j| j.owner_references().iter().any(|r| r.uid == uid) && finished(j).is_none())
         .map(
             |j| json!({"apiVersion": "batch/v1", "kind": "Job", "name": j.name_any(), "namespace": ns, "uid": j.uid()}),
         )
@@ -176,14 +172,12 @@ fn error_policy(cj: Arc<CronJob>, err: &Error, _ctx: Arc<Context>) -> Action {
 }
 
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
-    Controller::new(Api::<CronJob>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<Job>::all(client.clone()), watcher::Config::default())
-        .run(
-            reconcile,
-            error_policy,
-            Arc::new(Context { events: Recorder::new(client.clone(), "cronjob-controller"), client }),
-        )
-        .for_each(|_| futures::future::ready(()))
-        .await;
-    Ok(())
+    let jobs = Informer::<Job>::default();
+    let events = Recorder::new(client.clone(), "cronjob-controller");
+    let context = Context { events, client: client.clone(), jobs: Owned::new(&jobs) };
+    let controller = Controller::new(Api::<CronJob>::all(client.clone()), watcher::Config::default())
+        .owns_shared_stream(context.jobs.changes())
+        .run(reconcile, error_policy, Arc::new(context))
+        .for_each(|_| futures::future::ready(()));
+    beside(&jobs, Api::all(client), controller).await
 }

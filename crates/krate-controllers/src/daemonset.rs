@@ -13,15 +13,16 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
+use crate::owned::{OwnedPods, CACHE_LAG_RETRY};
 use crate::replicas::is_ready;
 use crate::selector::label_selector_string;
-use crate::{reference, tolerate, Error, Recorder};
+use crate::{reference, tolerate, Error, Informer, Recorder};
 
 const HASH_LABEL: &str = "controller-revision-hash";
 
@@ -29,6 +30,7 @@ struct Context {
     client: kube::Client,
     nodes: reflector::Store<Node>,
     events: Recorder,
+    pods: OwnedPods,
 }
 
 /// Tolerations every daemon pod gets, as upstream adds them.
@@ -96,12 +98,9 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Erro
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let uid = ds.uid().unwrap_or_default();
     let selector = label_selector_string(&serde_json::to_value(&spec.selector)?);
-    let pods: Vec<Pod> = pods_api
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items
+    let Some(owned) = ctx.pods.of(&uid, Some(&selector)) else { return Ok(Action::requeue(CACHE_LAG_RETRY)) };
+    let pods: Vec<Pod> = owned
         .into_iter()
-        .filter(|p| p.owner_references().iter().any(|r| r.controller == Some(true) && r.uid == uid))
         .filter(|p| {
             p.metadata.deletion_timestamp.is_none()
                 && !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Failed" | "Succeeded"))
@@ -139,6 +138,7 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Erro
     }
     for node in eligible.iter().filter(|n| !by_node.contains_key(*n)) {
         let pod = pods_api.create(&PostParams::default(), &daemon_pod(&ds, node, &hash)?).await?;
+        ctx.pods.created(&uid, &pod);
         ctx.events.normal(&reference(&*ds), "SuccessfulCreate", &format!("Created pod: {}", pod.name_any())).await;
     }
     // Rolling update: replace outdated pods, at most maxUnavailable unavailable at once.
@@ -165,6 +165,7 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Erro
     }
     for pod in to_delete {
         tolerate(pods_api.delete(&pod.name_any(), &DeleteParams::default()).await, &[404])?;
+        ctx.pods.deleted(&uid, pod);
     }
     let scheduled = current.iter().filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()).count();
     let ready = current.iter().filter(|p| is_ready(p)).count();
@@ -193,7 +194,9 @@ fn error_policy(ds: Arc<DaemonSet>, err: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(1))
 }
 
-pub async fn run(client: kube::Client, pods: crate::PodChanges) -> anyhow::Result<()> {
+pub async fn run(client: kube::Client, pods: &Informer<Pod>) -> anyhow::Result<()> {
+    let pods = OwnedPods::new(pods);
+    pods.synced().await;
     let (store, writer) = reflector::store();
     // Every node change re-examines every DaemonSet.
     let node_changes = watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
@@ -202,12 +205,17 @@ pub async fn run(client: kube::Client, pods: crate::PodChanges) -> anyhow::Resul
         .touched_objects()
         .map(|_| ());
     Controller::new(Api::<DaemonSet>::all(client.clone()), watcher::Config::default())
-        .owns_shared_stream(pods)
+        .owns_shared_stream(pods.changes())
         .reconcile_all_on(node_changes)
         .run(
             reconcile,
             error_policy,
-            Arc::new(Context { events: Recorder::new(client.clone(), "daemonset-controller"), client, nodes: store }),
+            Arc::new(Context {
+                events: Recorder::new(client.clone(), "daemonset-controller"),
+                client,
+                nodes: store,
+                pods,
+            }),
         )
         .for_each(|_| futures::future::ready(()))
         .await;

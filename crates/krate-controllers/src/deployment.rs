@@ -9,15 +9,16 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
+use crate::owned::{beside, Owned, CACHE_LAG_RETRY};
 use crate::selector::label_selector_string;
 use crate::template_hash;
-use crate::{int_or_percent, reference, Error, Recorder};
+use crate::{int_or_percent, reference, Error, Informer, Recorder};
 
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
 const DESIRED: &str = "deployment.kubernetes.io/desired-replicas";
@@ -27,6 +28,7 @@ const HASH_LABEL: &str = "pod-template-hash";
 struct Context {
     client: kube::Client,
     events: Recorder,
+    replica_sets: Owned<ReplicaSet>,
 }
 
 /// A ReplicaSet's template without the hash label, for comparing with the Deployment's.
@@ -94,7 +96,8 @@ async fn scale(
 ) -> Result<(), Error> {
     let wanted = d.spec.replicas.unwrap_or(1);
     let patch = json!({"metadata": {"annotations": {DESIRED: wanted.to_string(), MAX: max.to_string()}}, "spec": {"replicas": replicas}});
-    api.patch(&rs.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+    let after = api.patch(&rs.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+    ctx.replica_sets.updated(&d.uid().unwrap_or_default(), rs, &after);
     scaled_event(ctx, d, &rs.name_any(), spec_replicas(rs), replicas).await;
     Ok(())
 }
@@ -128,13 +131,9 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
     let rs_api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
     let uid = d.uid().unwrap_or_default();
     let selector = label_selector_string(&serde_json::to_value(&spec.selector)?);
-    let mut owned: Vec<ReplicaSet> = rs_api
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items
-        .into_iter()
-        .filter(|rs| rs.owner_references().iter().any(|r| r.controller == Some(true) && r.uid == uid))
-        .collect();
+    let Some(mut owned) = ctx.replica_sets.of(&uid, Some(&selector)) else {
+        return Ok(Action::requeue(CACHE_LAG_RETRY));
+    };
     owned.sort_by_key(|rs| rs.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()));
     let template = serde_json::to_value(&spec.template)?;
     let max_revision = owned.iter().map(revision).max().unwrap_or(0);
@@ -161,7 +160,9 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
         // A template seen before (rollback): it becomes the newest revision again.
         Some(rs) if revision(rs) < max_revision && !paused => {
             let patch = json!({"metadata": {"annotations": {REVISION: (max_revision + 1).to_string()}}});
-            new_rs = Some(rs_api.patch(&rs.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?);
+            let after = rs_api.patch(&rs.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+            ctx.replica_sets.updated(&uid, rs, &after);
+            new_rs = Some(after);
         }
         Some(_) => {}
         None if paused => {}
@@ -180,6 +181,7 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
             let rs = new_replica_set(&d, &template, &template_hash(&template, collisions), initial, max_revision + 1)?;
             match rs_api.create(&PostParams::default(), &rs).await {
                 Ok(created) => {
+                    ctx.replica_sets.created(&uid, &created);
                     scaled_event(&ctx, &d, &created.name_any(), 0, initial).await;
                     owned.push(created.clone());
                     new_rs = Some(created);
@@ -265,6 +267,7 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
         if empty.len() > limit {
             for rs in &empty[..empty.len() - limit] {
                 let _ = rs_api.delete(&rs.name_any(), &DeleteParams::background()).await;
+                ctx.replica_sets.deleted(&uid, rs);
             }
         }
     }
@@ -362,16 +365,14 @@ fn error_policy(d: Arc<Deployment>, err: &Error, _ctx: Arc<Context>) -> Action {
 }
 
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
-    Controller::new(Api::<Deployment>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<ReplicaSet>::all(client.clone()), watcher::Config::default())
-        .run(
-            reconcile,
-            error_policy,
-            Arc::new(Context { events: Recorder::new(client.clone(), "deployment-controller"), client }),
-        )
-        .for_each(|_| futures::future::ready(()))
-        .await;
-    Ok(())
+    let replica_sets = Informer::<ReplicaSet>::default();
+    let events = Recorder::new(client.clone(), "deployment-controller");
+    let context = Context { events, client: client.clone(), replica_sets: Owned::new(&replica_sets) };
+    let controller = Controller::new(Api::<Deployment>::all(client.clone()), watcher::Config::default())
+        .owns_shared_stream(context.replica_sets.changes())
+        .run(reconcile, error_policy, Arc::new(context))
+        .for_each(|_| futures::future::ready(()));
+    beside(&replica_sets, Api::all(client), controller).await
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams};
+use krate_scheduler::plugins::selector_matches;
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -19,13 +20,14 @@ use kube::ResourceExt;
 use serde_json::{json, Value};
 
 use crate::replicas::is_ready;
-use crate::{int_or_percent, resource, Error};
+use crate::{int_or_percent, resource, Error, Informer};
 
 /// How long an eviction's mark on a pod counts before the pod is judged by itself again.
 const DISRUPTION_TIMEOUT: Duration = Duration::from_secs(120);
 
 struct Context {
     client: kube::Client,
+    pods: Informer<Pod>,
 }
 
 /// `value` of a count-or-percentage field against `total` (percentages round up).
@@ -70,19 +72,15 @@ async fn expected_pods(client: &kube::Client, ns: &str, pods: &[Pod]) -> Result<
 async fn reconcile(pdb: Arc<PodDisruptionBudget>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = pdb.namespace().unwrap_or_default();
     let spec = pdb.spec.clone().unwrap_or_default();
-    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let pods: Vec<Pod> = match &spec.selector {
         None => vec![],
-        Some(sel) => {
-            let query = crate::selector::label_selector_string(&serde_json::to_value(sel)?);
-            pods_api
-                .list(&ListParams::default().labels(&query))
-                .await?
-                .items
-                .into_iter()
-                .filter(|p| p.metadata.deletion_timestamp.is_none())
-                .collect()
-        }
+        Some(sel) => ctx
+            .pods
+            .in_namespace(&ns)
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none() && selector_matches(sel, p.labels()))
+            .map(Arc::unwrap_or_clone)
+            .collect(),
     };
     let now = jiff::Timestamp::now();
     let old_status = pdb.status.clone().unwrap_or_default();
@@ -142,7 +140,8 @@ fn error_policy(pdb: Arc<PodDisruptionBudget>, err: &Error, _ctx: Arc<Context>) 
     Action::requeue(Duration::from_millis(500))
 }
 
-pub async fn run(client: kube::Client, pods: crate::PodChanges) -> anyhow::Result<()> {
+pub async fn run(client: kube::Client, pods: &Informer<Pod>) -> anyhow::Result<()> {
+    pods.synced().await;
     let controller = Controller::new(Api::<PodDisruptionBudget>::all(client.clone()), watcher::Config::default());
     let budgets = controller.store();
     // A pod change wakes the budgets of its namespace that cover it.
@@ -152,17 +151,14 @@ pub async fn run(client: kube::Client, pods: crate::PodChanges) -> anyhow::Resul
             .into_iter()
             .filter(|b| b.namespace() == pod.namespace())
             .filter(|b| {
-                b.spec
-                    .as_ref()
-                    .and_then(|s| s.selector.as_ref())
-                    .is_some_and(|sel| krate_scheduler::plugins::selector_matches(sel, pod.labels()))
+                b.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|sel| selector_matches(sel, pod.labels()))
             })
             .map(|b| ObjectRef::from_obj(&*b))
             .collect::<Vec<_>>()
     };
     controller
-        .watches_shared_stream(pods, covering)
-        .run(reconcile, error_policy, Arc::new(Context { client }))
+        .watches_shared_stream(pods.subscribe(), covering)
+        .run(reconcile, error_policy, Arc::new(Context { client, pods: pods.clone() }))
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::Endpoints;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
@@ -26,8 +26,9 @@ use tokio::sync::Notify;
 
 use krate_client::caches::Caches;
 
+use crate::owned::{Owned, CACHE_LAG_RETRY};
 use crate::replicas::is_ready;
-use crate::{tolerate, Error};
+use crate::{tolerate, Error, Informer};
 
 const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 const CONTROLLER_NAME: &str = "endpointslice-controller.k8s.io";
@@ -108,7 +109,8 @@ fn port_list(ports: &[ResolvedPort]) -> Value {
 struct Controller {
     client: kube::Client,
     services: Store<Service>,
-    pods: Store<Pod>,
+    pods: Informer<Pod>,
+    slices: Owned<EndpointSlice>,
     /// Service → the pods its endpoints listed last time (a pod that stops matching
     /// still wakes the service that listed it).
     listed: Mutex<HashMap<Key, HashSet<Key>>>,
@@ -137,7 +139,7 @@ impl Controller {
         let publish_not_ready = service.spec.as_ref().and_then(|s| s.publish_not_ready_addresses).unwrap_or(false);
         let mut members: Vec<Member> = self
             .pods
-            .state()
+            .in_namespace(&service.namespace().unwrap_or_default())
             .into_iter()
             .filter(|p| selects(service, p))
             .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
@@ -278,7 +280,8 @@ impl Controller {
             desired.push((json!([]), Value::Null));
         }
         let selector = format!("{SERVICE_NAME}={name},{MANAGED_BY}={CONTROLLER_NAME}");
-        let mut existing = api.list(&ListParams::default().labels(&selector)).await?.items;
+        let uid = service.uid().unwrap_or_default();
+        let Some(mut existing) = self.slices.of(&uid, Some(&selector)) else { return Err(Error::CacheLag) };
         existing.sort_by_key(|s| s.name_any());
         let owner = json!([{"apiVersion": "v1", "kind": "Service", "name": name, "uid": service.uid(), "controller": true, "blockOwnerDeletion": true}]);
         let address_type = if members_ipv6(groups) { "IPv6" } else { "IPv4" };
@@ -290,10 +293,12 @@ impl Controller {
                         && serde_json::to_value(&slice.ports)? == ports
                         && slice.metadata.labels.as_ref() == Some(&labels);
                     if !same {
+                        let before = slice.clone();
                         slice.endpoints = serde_json::from_value(endpoints)?;
                         slice.ports = serde_json::from_value(ports)?;
                         slice.metadata.labels = Some(labels.clone());
-                        api.replace(&slice.name_any(), &PostParams::default(), &slice).await?;
+                        let after = api.replace(&slice.name_any(), &PostParams::default(), &slice).await?;
+                        self.slices.updated(&uid, &before, &after);
                     }
                 }
                 None => {
@@ -302,12 +307,14 @@ impl Controller {
                         "metadata": {"generateName": format!("{name}-"), "namespace": ns, "labels": labels, "ownerReferences": owner},
                         "addressType": address_type, "endpoints": endpoints, "ports": ports,
                     });
-                    api.create(&PostParams::default(), &serde_json::from_value(slice)?).await?;
+                    let created = api.create(&PostParams::default(), &serde_json::from_value(slice)?).await?;
+                    self.slices.created(&uid, &created);
                 }
             }
         }
         for extra in existing {
             tolerate(api.delete(&extra.name_any(), &DeleteParams::default()).await, &[404])?;
+            self.slices.deleted(&uid, &extra);
         }
         Ok(())
     }
@@ -317,13 +324,15 @@ fn members_ipv6(groups: &BTreeMap<Vec<ResolvedPort>, Vec<&Member>>) -> bool {
     groups.values().flatten().next().is_some_and(|m| m.ip.contains(':'))
 }
 
-pub async fn run(client: kube::Client, pod_informer: &crate::Informer<Pod>) -> anyhow::Result<()> {
-    let caches = Caches::new("endpoints", ["services", "pods"]);
+pub async fn run(client: kube::Client, pod_informer: &Informer<Pod>) -> anyhow::Result<()> {
+    let caches = Caches::new("endpoints", ["services", "pods", "endpointslices"]);
     let (services, service_writer) = reflector::store::<Service>();
+    let slice_informer = Informer::<EndpointSlice>::default();
     let controller = Arc::new(Controller {
         client: client.clone(),
         services,
-        pods: pod_informer.store(),
+        pods: pod_informer.clone(),
+        slices: Owned::new(&slice_informer),
         listed: Mutex::default(),
         pending: Mutex::default(),
         wake: Notify::new(),
@@ -341,11 +350,23 @@ pub async fn run(client: kube::Client, pod_informer: &crate::Informer<Pod>) -> a
         });
         let c = controller.clone();
         let pods = pod_informer.subscribe().map(move |p| c.enqueue(c.services_for_pod(&p)));
-        futures::stream::select(services, pods).for_each(|_| futures::future::ready(()))
+        // A slice the cache now shows may be what a service's sync waits for.
+        let c = controller.clone();
+        let slices = slice_informer.subscribe().map(move |slice| {
+            let owner = krate_client::informer::controller_uid(&*slice).unwrap_or_default();
+            if c.slices.waiting(&owner) {
+                let service = slice.labels().get(SERVICE_NAME).cloned().unwrap_or_default();
+                c.enqueue([(slice.namespace().unwrap_or_default(), service)]);
+            }
+        });
+        futures::stream::select(futures::stream::select(services, pods), slices)
+            .for_each(|_| futures::future::ready(()))
     };
     let worker = async {
         pod_informer.synced().await;
         caches.mark_synced("pods");
+        slice_informer.synced().await;
+        caches.mark_synced("endpointslices");
         caches.wait_all().await;
         // Services listed before the pods were known: look at all of them again.
         controller.enqueue(controller.services.state().iter().map(|s| key_of(&**s)));
@@ -354,10 +375,13 @@ pub async fn run(client: kube::Client, pod_informer: &crate::Informer<Pod>) -> a
             let batch: Vec<Key> = controller.pending.lock().unwrap().drain().collect();
             for key in batch {
                 if let Err(e) = controller.sync(&key).await {
-                    tracing::warn!(namespace = %key.0, service = %key.1, error = %e, "syncing endpoints failed; retrying");
+                    if !matches!(e, Error::CacheLag) {
+                        tracing::warn!(namespace = %key.0, service = %key.1, error = %e, "syncing endpoints failed; retrying");
+                    }
                     let c = controller.clone();
+                    let retry = if matches!(e, Error::CacheLag) { CACHE_LAG_RETRY } else { Duration::from_secs(1) };
                     tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        tokio::time::sleep(retry).await;
                         c.enqueue([key]);
                     });
                 }
@@ -366,6 +390,7 @@ pub async fn run(client: kube::Client, pod_informer: &crate::Informer<Pod>) -> a
     };
     tokio::select! {
         _ = feeder => anyhow::bail!("the service and pod watches ended"),
+        watched = slice_informer.run(Api::all(client.clone())) => watched,
         _ = worker => Ok(()),
     }
 }

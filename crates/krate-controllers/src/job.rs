@@ -9,19 +9,21 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
-use crate::{reference, tolerate, Error, Recorder};
+use crate::owned::{OwnedPods, CACHE_LAG_RETRY};
+use crate::{reference, tolerate, Error, Informer, Recorder};
 
 const INDEX_ANNOTATION: &str = "batch.kubernetes.io/job-completion-index";
 
 struct Context {
     client: kube::Client,
     events: Recorder,
+    pods: OwnedPods,
 }
 
 fn phase(pod: &Pod) -> &str {
@@ -93,9 +95,10 @@ fn new_pod(job: &Job, index: Option<i32>) -> Result<Pod, Error> {
     Ok(serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}))?)
 }
 
-async fn delete_pods(api: &Api<Pod>, pods: &[&Pod]) -> Result<(), Error> {
+async fn delete_pods(ctx: &Context, job: &str, api: &Api<Pod>, pods: &[&Pod]) -> Result<(), Error> {
     for pod in pods {
         tolerate(api.delete(&pod.name_any(), &DeleteParams::background()).await, &[404])?;
+        ctx.pods.deleted(job, pod);
     }
     Ok(())
 }
@@ -160,13 +163,7 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
     }
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let uid = job.uid().unwrap_or_default();
-    let pods: Vec<Pod> = pods_api
-        .list(&ListParams::default().labels(&format!("batch.kubernetes.io/controller-uid={uid}")))
-        .await?
-        .items
-        .into_iter()
-        .filter(|p| p.owner_references().iter().any(|r| r.uid == uid))
-        .collect();
+    let Some(pods) = ctx.pods.of(&uid, None) else { return Ok(Action::requeue(CACHE_LAG_RETRY)) };
     let indexed = spec.completion_mode.as_deref() == Some("Indexed");
     let completions = spec.completions;
     let parallelism = spec.parallelism.unwrap_or(1);
@@ -199,20 +196,20 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
     let mut completion_time = None;
     let mut requeue = None;
     if let Some(message) = fail_job {
-        delete_pods(&pods_api, &active).await?;
+        delete_pods(&ctx, &uid, &pods_api, &active).await?;
         new_conditions = vec![
             condition("FailureTarget", "PodFailurePolicy", &message),
             condition("Failed", "PodFailurePolicy", &message),
         ];
     } else if failed > backoff_limit {
-        delete_pods(&pods_api, &active).await?;
+        delete_pods(&ctx, &uid, &pods_api, &active).await?;
         let message = "Job has reached the specified backoff limit";
         new_conditions = vec![
             condition("FailureTarget", "BackoffLimitExceeded", message),
             condition("Failed", "BackoffLimitExceeded", message),
         ];
     } else if deadline.is_some_and(|d| now() >= d) {
-        delete_pods(&pods_api, &active).await?;
+        delete_pods(&ctx, &uid, &pods_api, &active).await?;
         let message = "Job was active longer than specified deadline";
         new_conditions = vec![
             condition("FailureTarget", "DeadlineExceeded", message),
@@ -240,6 +237,7 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
                 (0..completions.unwrap_or(parallelism)).filter(|i| !completed_indexes.contains(i) && !busy.contains(i));
             for i in free.take(to_create as usize) {
                 let pod = pods_api.create(&PostParams::default(), &new_pod(&job, Some(i))?).await?;
+                ctx.pods.created(&uid, &pod);
                 ctx.events
                     .normal(&reference(&*job), "SuccessfulCreate", &format!("Created pod: {}", pod.name_any()))
                     .await;
@@ -247,6 +245,7 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
         } else {
             for _ in 0..to_create {
                 let pod = pods_api.create(&PostParams::default(), &new_pod(&job, None)?).await?;
+                ctx.pods.created(&uid, &pod);
                 ctx.events
                     .normal(&reference(&*job), "SuccessfulCreate", &format!("Created pod: {}", pod.name_any()))
                     .await;
@@ -256,7 +255,7 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
             requeue = Some(Duration::from_secs_f64(d.duration_since(now()).as_secs_f64().max(0.0)));
         }
     } else {
-        delete_pods(&pods_api, &active).await?;
+        delete_pods(&ctx, &uid, &pods_api, &active).await?;
     }
 
     let mut conditions: Vec<Value> =
@@ -299,14 +298,16 @@ fn error_policy(job: Arc<Job>, err: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(1))
 }
 
-pub async fn run(client: kube::Client, pods: crate::PodChanges) -> anyhow::Result<()> {
-    Controller::new(Api::<Job>::all(client.clone()), watcher::Config::default())
-        .owns_shared_stream(pods)
-        .run(
-            reconcile,
-            error_policy,
-            Arc::new(Context { events: Recorder::new(client.clone(), "job-controller"), client }),
-        )
+pub async fn run(client: kube::Client, pods: &Informer<Pod>) -> anyhow::Result<()> {
+    let context = Context {
+        events: Recorder::new(client.clone(), "job-controller"),
+        client: client.clone(),
+        pods: OwnedPods::new(pods),
+    };
+    context.pods.synced().await;
+    Controller::new(Api::<Job>::all(client), watcher::Config::default())
+        .owns_shared_stream(context.pods.changes())
+        .run(reconcile, error_policy, Arc::new(context))
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

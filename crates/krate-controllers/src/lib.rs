@@ -11,6 +11,7 @@ pub mod gc;
 pub mod job;
 pub mod namespace;
 pub mod nodelifecycle;
+pub mod owned;
 pub mod perns;
 pub mod podgc;
 pub mod quota;
@@ -31,6 +32,9 @@ pub enum Error {
     Api(#[from] kube::Error),
     #[error("building an object: {0}")]
     Encode(#[from] serde_json::Error),
+    /// The informer has not shown this controller's own last writes yet; try again soon.
+    #[error("the cache has not caught up with this controller's writes")]
+    CacheLag,
 }
 
 fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
@@ -111,25 +115,25 @@ pub async fn run(client: kube::Client, config: Config) -> anyhow::Result<()> {
         supervise("namespace", client.clone(), namespace::run),
         supervise("deployment", client.clone(), deployment::run),
         supervise("garbagecollector", client.clone(), |c| gc::run(c, pods.clone())),
-        supervise("job", client.clone(), |c| job::run(c, pods.subscribe())),
+        supervise("job", client.clone(), |c| job::run(c, &pods)),
         supervise("cronjob", client.clone(), cronjob::run),
-        supervise("daemonset", client.clone(), |c| daemonset::run(c, pods.subscribe())),
-        supervise("statefulset", client.clone(), |c| statefulset::run(c, pods.subscribe())),
-        supervise("nodelifecycle", client.clone(), |c| nodelifecycle::run(c, grace)),
+        supervise("daemonset", client.clone(), |c| daemonset::run(c, &pods)),
+        supervise("statefulset", client.clone(), |c| statefulset::run(c, &pods)),
+        supervise("nodelifecycle", client.clone(), |c| nodelifecycle::run(c, grace, &pods)),
         supervise("endpoints", client.clone(), |c| endpoints::run(c, &pods)),
-        supervise("disruption", client.clone(), |c| disruption::run(c, pods.subscribe())),
-        supervise("resourcequota", client.clone(), |c| quota::run(c, pods.subscribe())),
+        supervise("disruption", client.clone(), |c| disruption::run(c, &pods)),
+        supervise("resourcequota", client.clone(), |c| quota::run(c, &pods)),
         supervise("podgc", client.clone(), |c| podgc::run(c, &pods, gc_threshold)),
         supervise("serviceaccount", client.clone(), |c| perns::run(c, perns::PerNamespace::default_service_account())),
         supervise("root-ca-cert-publisher", client.clone(), |c| perns::run(c, root_ca.clone())),
         supervise("replicaset", client.clone(), |c| replicas::run(
             c,
-            pods.subscribe(),
+            &pods,
             resource("apps", "v1", "ReplicaSet", "replicasets")
         )),
         supervise("replicationcontroller", client.clone(), |c| replicas::run(
             c,
-            pods.subscribe(),
+            &pods,
             resource("", "v1", "ReplicationController", "replicationcontrollers")
         )),
     );

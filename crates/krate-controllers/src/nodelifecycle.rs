@@ -16,12 +16,14 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::ResourceExt;
 use serde_json::json;
 use tokio::time::Instant;
+
+use crate::Informer;
 
 pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
 
@@ -123,8 +125,8 @@ async fn mark_unreachable(client: &kube::Client, node: &Node, reachable: bool) -
 }
 
 /// Schedules the eviction of pods on a NoExecute-tainted node.
-async fn plan_evictions(
-    client: &kube::Client,
+fn plan_evictions(
+    pods: &Informer<Pod>,
     node: &Node,
     due: &mut BTreeMap<(Instant, String), (String, String)>,
 ) -> anyhow::Result<()> {
@@ -139,9 +141,10 @@ async fn plan_evictions(
     if taints.is_empty() {
         return Ok(());
     }
-    let pods: Api<Pod> = Api::all(client.clone());
-    let on_node = pods.list(&ListParams::default().fields(&format!("spec.nodeName={}", node.name_any()))).await?.items;
-    for pod in on_node.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
+    let name = node.name_any();
+    let on_node =
+        pods.store().state().into_iter().filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()) == Some(&name));
+    for pod in on_node.filter(|p| p.metadata.deletion_timestamp.is_none()) {
         let tolerations = pod.spec.as_ref().and_then(|s| s.tolerations.clone()).unwrap_or_default();
         // The shortest toleration among the taints decides; an untolerated taint evicts now.
         let mut wait: Option<Duration> = None;
@@ -163,7 +166,8 @@ async fn plan_evictions(
     Ok(())
 }
 
-pub async fn run(client: kube::Client, grace: Duration) -> anyhow::Result<()> {
+pub async fn run(client: kube::Client, grace: Duration, pods: &Informer<Pod>) -> anyhow::Result<()> {
+    pods.synced().await;
     let mut leases =
         watcher::watcher(Api::<Lease>::namespaced(client.clone(), "kube-node-lease"), watcher::Config::default())
             .default_backoff()
@@ -202,7 +206,7 @@ pub async fn run(client: kube::Client, grace: Duration) -> anyhow::Result<()> {
                 Some(Ok(Event::Apply(node) | Event::InitApply(node))) => {
                     let newly_tainted = unreachable(&node) && !nodes.get(&node.name_any()).is_some_and(unreachable);
                     if newly_tainted {
-                        plan_evictions(&client, &node, &mut evictions).await?;
+                        plan_evictions(pods, &node, &mut evictions)?;
                     }
                     if let Some(taints) = condition_taints(&node) {
                         taint_by_conditions(&client, &node, taints).await?;

@@ -1,6 +1,7 @@
 //! ResourceQuota usage: `status.hard` mirrors the spec and `status.used` is recounted
 //! from the namespace's objects (pods, services and claims wake it when they change;
-//! other counted kinds are recounted every five minutes, as upstream resyncs). Admission
+//! other counted kinds are recounted every five minutes, as upstream resyncs). Pods are
+//! counted from the shared pod informer, other kinds listed at each recount. Admission
 //! in the API server refuses creates over the limits and counts them meanwhile.
 //!
 //! Admission charges a quota just before the object is stored, so a recount can run in
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, ResourceQuota, Service};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ResourceQuota, Service};
 use kube::api::{Api, DynamicObject, ListParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::discovery::ApiResource;
@@ -25,13 +26,14 @@ use serde_json::{json, Value};
 use krate_api::quantity::{format, Resources};
 use krate_api::quota::{counted_resource, usage};
 
-use crate::Error;
+use crate::{Error, Informer};
 
 const RESYNC: Duration = Duration::from_secs(300);
 const LOWER_AFTER: Duration = Duration::from_secs(1);
 
 struct Context {
     client: kube::Client,
+    pods: Informer<Pod>,
     /// Quotas whose recount came out lower than their usage: (namespace/name) → the
     /// quota's resourceVersion then, and when.
     lowering: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
@@ -59,6 +61,13 @@ async fn reconcile(quota: Arc<ResourceQuota>, ctx: Arc<Context>) -> Result<Actio
     let wanted: BTreeSet<(String, String)> = hard.keys().filter_map(|k| counted_resource(k)).collect();
     let mut total = Resources::default();
     for (group, plural) in &wanted {
+        use k8s_openapi::Resource as _;
+        if (group.as_str(), plural.as_str()) == (Pod::GROUP, Pod::URL_PATH_SEGMENT) {
+            for pod in ctx.pods.in_namespace(&ns) {
+                total.add(&usage(group, plural, &serde_json::to_value(&*pod)?));
+            }
+            continue;
+        }
         let Some(resource) = find_resource(&ctx.client, group, plural).await? else { continue };
         let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &resource);
         for obj in api.list(&ListParams::default()).await?.items {
@@ -104,7 +113,9 @@ fn quotas_in(store: Store<ResourceQuota>) -> impl Fn(Option<String>) -> Vec<Obje
     move |ns| store.state().into_iter().filter(|q| q.namespace() == ns).map(|q| ObjectRef::from_obj(&*q)).collect()
 }
 
-pub async fn run(client: kube::Client, pod_changes: crate::PodChanges) -> anyhow::Result<()> {
+pub async fn run(client: kube::Client, pod_informer: &Informer<Pod>) -> anyhow::Result<()> {
+    pod_informer.synced().await;
+    let pod_changes = pod_informer.subscribe();
     let controller = Controller::new(Api::<ResourceQuota>::all(client.clone()), watcher::Config::default());
     let (pods, services, claims) =
         (quotas_in(controller.store()), quotas_in(controller.store()), quotas_in(controller.store()));
@@ -118,7 +129,11 @@ pub async fn run(client: kube::Client, pod_changes: crate::PodChanges) -> anyhow
             watcher::Config::default(),
             move |o| claims(o.namespace()),
         )
-        .run(reconcile, error_policy, Arc::new(Context { client, lowering: Default::default() }))
+        .run(
+            reconcile,
+            error_policy,
+            Arc::new(Context { client, pods: pod_informer.clone(), lowering: Default::default() }),
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

@@ -8,19 +8,21 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
+use crate::owned::{OwnedPods, CACHE_LAG_RETRY};
 use crate::selector::{label_selector_string, map_selector_string};
-use crate::{tolerate, Error, Recorder};
+use crate::{tolerate, Error, Informer, Recorder};
 
 struct Context {
     client: kube::Client,
     resource: ApiResource,
     events: Recorder,
+    pods: OwnedPods,
 }
 
 fn is_active(pod: &Pod) -> bool {
@@ -78,19 +80,14 @@ async fn reconcile(owner: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Actio
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let Some(selector) = selector(&owner) else { return Ok(Action::await_change()) };
     let uid = owner.uid().unwrap_or_default();
-    let owned: Vec<Pod> = pods
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items
-        .into_iter()
-        .filter(|p| p.owner_references().iter().any(|r| r.controller == Some(true) && r.uid == uid))
-        .collect();
+    let Some(owned) = ctx.pods.of(&uid, Some(&selector)) else { return Ok(Action::requeue(CACHE_LAG_RETRY)) };
     let mut active: Vec<Pod> = owned.iter().filter(|p| is_active(p)).cloned().collect();
     let wanted = owner.data.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1).max(0) as usize;
     if active.len() < wanted {
         let pod = pod_from_template(&owner, &ctx.resource)?;
         for _ in active.len()..wanted {
             let created = pods.create(&PostParams::default(), &pod).await?;
+            ctx.pods.created(&uid, &created);
             ctx.events
                 .normal(
                     &owner.object_ref(&ctx.resource),
@@ -105,6 +102,7 @@ async fn reconcile(owner: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Actio
         let excess: Vec<Pod> = active.drain(..active.len() - wanted).collect();
         for pod in excess {
             tolerate(pods.delete(&pod.name_any(), &DeleteParams::default()).await, &[404])?;
+            ctx.pods.deleted(&uid, &pod);
             ctx.events
                 .normal(
                     &owner.object_ref(&ctx.resource),
@@ -154,15 +152,18 @@ fn controller_name(resource: &ApiResource) -> &'static str {
 }
 
 /// Runs the controller for one kind (ReplicaSet or ReplicationController).
-pub async fn run(client: kube::Client, pods: crate::PodChanges, resource: ApiResource) -> anyhow::Result<()> {
+pub async fn run(client: kube::Client, pods: &Informer<Pod>, resource: ApiResource) -> anyhow::Result<()> {
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
-    Controller::new_with(api, watcher::Config::default(), resource.clone())
-        .owns_shared_stream(pods)
-        .run(
-            reconcile,
-            error_policy,
-            Arc::new(Context { events: Recorder::new(client.clone(), controller_name(&resource)), client, resource }),
-        )
+    let context = Context {
+        events: Recorder::new(client.clone(), controller_name(&resource)),
+        client,
+        resource: resource.clone(),
+        pods: OwnedPods::new(pods),
+    };
+    context.pods.synced().await;
+    Controller::new_with(api, watcher::Config::default(), resource)
+        .owns_shared_stream(context.pods.changes())
+        .run(reconcile, error_policy, Arc::new(context))
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())

@@ -1,6 +1,14 @@
-//! Label selectors as list/watch query strings.
+//! Label selectors as list/watch query strings, and matched against objects read from
+//! an informer's cache.
 
+use krate_api::selectors::LabelSelector;
+use kube::ResourceExt;
 use serde_json::Value;
+
+/// Whether `obj`'s labels satisfy the selector `query` (a malformed one matches nothing).
+pub fn selects(query: &str, obj: &impl ResourceExt) -> bool {
+    LabelSelector::parse(query).is_ok_and(|s| s.matches(obj.labels()))
+}
 
 /// `{"a": "1"}` → `a=1` (ReplicationController and Service selectors).
 pub fn map_selector_string(map: &Value) -> String {

@@ -11,21 +11,23 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
+use crate::owned::{OwnedPods, CACHE_LAG_RETRY};
 use crate::replicas::is_ready;
 use crate::selector::label_selector_string;
-use crate::{reference, tolerate, Error, Recorder};
+use crate::{reference, tolerate, Error, Informer, Recorder};
 
 const REVISION_LABEL: &str = "controller-revision-hash";
 
 struct Context {
     client: kube::Client,
     events: Recorder,
+    pods: OwnedPods,
 }
 
 fn revision(sts: &StatefulSet) -> Result<String, Error> {
@@ -100,14 +102,8 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action, E
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let uid = sts.uid().unwrap_or_default();
     let selector = label_selector_string(&serde_json::to_value(&sts.spec.selector)?);
-    let pods: BTreeMap<i32, Pod> = api
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items
-        .into_iter()
-        .filter(|p| p.owner_references().iter().any(|r| r.controller == Some(true) && r.uid == uid))
-        .filter_map(|p| ordinal(&sts, &p).map(|i| (i, p)))
-        .collect();
+    let Some(owned) = ctx.pods.of(&uid, Some(&selector)) else { return Ok(Action::requeue(CACHE_LAG_RETRY)) };
+    let pods: BTreeMap<i32, Pod> = owned.into_iter().filter_map(|p| ordinal(&sts, &p).map(|i| (i, p))).collect();
     let wanted = sts.spec.replicas.unwrap_or(1);
     let parallel = sts.spec.pod_management_policy.as_deref() == Some("Parallel");
     let update_revision = revision(&sts)?;
@@ -126,6 +122,7 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action, E
                 ensure_claims(&ctx.client, &sts, i).await?;
                 match api.create(&PostParams::default(), &pod_for(&sts, i, &update_revision)?).await {
                     Ok(pod) => {
+                        ctx.pods.created(&uid, &pod);
                         let message =
                             format!("create Pod {} in StatefulSet {} successful", pod.name_any(), sts.name_any());
                         ctx.events.normal(&reference(&*sts), "SuccessfulCreate", &message).await;
@@ -143,6 +140,7 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action, E
     let extra: Vec<&Pod> = pods.range(wanted..).rev().map(|(_, p)| p).filter(|p| live(p)).collect();
     for p in extra.iter().take(if parallel { extra.len() } else { 1 }) {
         let _ = api.delete(&p.name_any(), &DeleteParams::default()).await;
+        ctx.pods.deleted(&uid, p);
     }
     // Rolling update: highest outdated ordinal at or above the partition, once all are ready.
     let on_delete = sts.spec.update_strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("OnDelete");
@@ -160,6 +158,7 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action, E
             .find_map(|i| pods.get(&i).filter(|p| p.labels().get(REVISION_LABEL) != Some(&update_revision)));
         if let Some(p) = outdated {
             let _ = api.delete(&p.name_any(), &DeleteParams::default()).await;
+            ctx.pods.deleted(&uid, p);
         }
     }
 
@@ -190,13 +189,15 @@ fn error_policy(sts: Arc<StatefulSet>, err: &Error, _ctx: Arc<Context>) -> Actio
     Action::requeue(Duration::from_secs(1))
 }
 
-pub async fn run(client: kube::Client, pods: crate::PodChanges) -> anyhow::Result<()> {
+pub async fn run(client: kube::Client, pods: &Informer<Pod>) -> anyhow::Result<()> {
+    let pods = OwnedPods::new(pods);
+    pods.synced().await;
     Controller::new(Api::<StatefulSet>::all(client.clone()), watcher::Config::default())
-        .owns_shared_stream(pods)
+        .owns_shared_stream(pods.changes())
         .run(
             reconcile,
             error_policy,
-            Arc::new(Context { events: Recorder::new(client.clone(), "statefulset-controller"), client }),
+            Arc::new(Context { events: Recorder::new(client.clone(), "statefulset-controller"), client, pods }),
         )
         .for_each(|_| futures::future::ready(()))
         .await;

@@ -101,7 +101,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let kubelet_client =
         pki.client_certificate("apiserver-kubelet-client", "kube-apiserver-kubelet-client", &["system:masters"])?;
     let settings = Settings {
-        kubelet_client: Some(krate_apiserver::http::nodeproxy::kubelet_client_config(
+        kubelet_client: Some(krate_apiserver::rest::pods::nodeproxy::kubelet_client_config(
             &kubelet_client.cert_pem,
             &kubelet_client.key_pem,
         )?),

@@ -25,7 +25,6 @@ use crate::ApiServer;
 pub mod discovery;
 pub mod docs;
 pub mod negotiate;
-pub mod nodeproxy;
 pub mod openapi;
 pub mod route;
 pub mod table;
@@ -241,25 +240,29 @@ fn lookup(server: &ApiServer, path: &ResourcePath) -> ApiResult<Arc<KindInfo>> {
     Ok(kind)
 }
 
-fn subresource(kind: &KindInfo, path: &ResourcePath) -> ApiResult<Subresource> {
-    use krate_api::kinds::SubresourceHandler as Handler;
+/// What serves a request's resource or subresource: the generic storage path, or a
+/// handler the kinds table names.
+enum Target {
+    Generic(Subresource),
+    Handler(krate_api::kinds::SubresourceHandler, &'static [&'static str]),
+}
+
+fn target(kind: &KindInfo, path: &ResourcePath) -> ApiResult<Target> {
     let not_found = || ApiError::new(404, "NotFound", "the server could not find the requested resource");
-    let Some(name) = path.subresource.as_deref() else { return Ok(Subresource::Main) };
+    let Some(name) = path.subresource.as_deref() else {
+        return Ok(match kind.handler {
+            Some(handler) => Target::Handler(handler, &[]),
+            None => Target::Generic(Subresource::Main),
+        });
+    };
     match name {
-        "status" if kind.status => return Ok(Subresource::Status),
-        "scale" if kind.scale.is_some() => return Ok(Subresource::Scale),
-        _ => {}
+        "status" if kind.status => Ok(Target::Generic(Subresource::Status)),
+        "scale" if kind.scale.is_some() => Ok(Target::Generic(Subresource::Scale)),
+        _ => {
+            let declared = kind.subresource(name).ok_or_else(not_found)?;
+            Ok(Target::Handler(declared.handler, declared.verbs))
+        }
     }
-    Ok(match kind.subresource(name).ok_or_else(not_found)?.handler {
-        Handler::Finalize => Subresource::Finalize,
-        Handler::Binding => Subresource::Binding,
-        Handler::Eviction => Subresource::Eviction,
-        Handler::Log => Subresource::Log,
-        Handler::Token => Subresource::Token,
-        Handler::Exec => Subresource::Connect(registry::Connect::Exec),
-        Handler::Attach => Subresource::Connect(registry::Connect::Attach),
-        Handler::PortForward => Subresource::Connect(registry::Connect::PortForward),
-    })
 }
 
 fn flag(query: &Query, key: &str) -> bool {
@@ -274,7 +277,7 @@ fn default_field_manager(headers: &HeaderMap) -> String {
 
 /// Write parameters. Server-side apply requires an explicit field manager; other
 /// writes default to the user agent's.
-fn write_options(
+pub(crate) fn write_options(
     attrs: &Arc<RequestAttributes>,
     query: &Query,
     headers: &HeaderMap,
@@ -340,7 +343,7 @@ fn list_options(kind: &KindInfo, query: &Query) -> ApiResult<ListOptions> {
     })
 }
 
-async fn read_body(req: Request<Body>) -> ApiResult<(HeaderMap, Bytes)> {
+pub(crate) async fn read_body(req: Request<Body>) -> ApiResult<(HeaderMap, Bytes)> {
     let (parts, mut body) = req.into_parts();
     let mut buf = BytesMut::new();
     let mut too_large = false;
@@ -369,7 +372,7 @@ async fn read_body(req: Request<Body>) -> ApiResult<(HeaderMap, Bytes)> {
     Ok((parts.headers, buf.freeze()))
 }
 
-fn content_type(headers: &HeaderMap) -> String {
+pub(crate) fn content_type(headers: &HeaderMap) -> String {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json").to_string()
 }
 
@@ -392,7 +395,7 @@ pub fn parse_body(content_type: &str, body: &[u8]) -> ApiResult<Value> {
     parsed.map_err(|e| ApiError::bad_request(format!("couldn't get version/kind; {e}")))
 }
 
-fn decode_object_body(
+pub(crate) fn decode_object_body(
     kind: &KindInfo,
     headers: &HeaderMap,
     body: &[u8],
@@ -422,7 +425,7 @@ fn decode_object_body(
     Ok((canonical, warnings))
 }
 
-fn written_response(w: Written, format: &Format, kind: &KindInfo) -> Response<Body> {
+pub(crate) fn written_response(w: Written, format: &Format, kind: &KindInfo) -> Response<Body> {
     let body = match format {
         Format::Table { .. } => table::object_table(kind, &w.body),
         Format::Metadata => negotiate::partial_metadata(&w.body),
@@ -443,7 +446,7 @@ async fn resource_request(
     req: Request<Body>,
 ) -> ApiResult<Response<Body>> {
     let kind = lookup(server, &path)?;
-    let sub = subresource(&kind, &path)?;
+    let target = target(&kind, &path)?;
     let method = req.method().clone();
     let format = negotiate::negotiate(req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()))?
         .with_include_object(query.get("includeObject").map(String::as_str));
@@ -451,23 +454,16 @@ async fn resource_request(
     let storage = &server.storage;
     let not_allowed =
         || ApiError::method_not_allowed("the server does not allow this method on the requested resource");
-    if let (Subresource::Connect(action), Some(name)) = (sub, path.name.as_deref()) {
-        if method != Method::GET && method != Method::POST {
-            return Err(not_allowed());
-        }
-        return nodeproxy::connect(server, &scope, name, action, &query, req).await;
-    }
     let verb = &attrs.verb;
     let named = path.name.is_some();
-    // A subresource with a handler of its own takes the verbs the kinds table gives it.
-    let extra = path.subresource.as_deref().and_then(|n| kind.subresource(n));
-    let allowed = match extra {
-        Some(extra) => extra.verbs.contains(&verb.as_str()),
-        None => kind.verbs.iter().any(|v| v == verb.as_str()),
+    let allowed = match target {
+        // A handled subresource takes the verbs the kinds table gives it.
+        Target::Handler(_, verbs) if named => verbs.contains(&verb.as_str()),
+        _ => kind.verbs.iter().any(|v| v == verb.as_str()),
     };
     let fits_path = match verb {
         _ if method == Method::HEAD => false,
-        Verb::Create if named => extra.is_some(),
+        Verb::Create if named => matches!(target, Target::Handler(..)),
         Verb::Create => !kind.namespaced || scope.namespace.is_some(),
         Verb::Update | Verb::Patch | Verb::Delete => named,
         Verb::Get | Verb::List | Verb::Watch | Verb::DeleteCollection => true,
@@ -477,10 +473,16 @@ async fn resource_request(
         return Err(not_allowed());
     }
     let name = path.name.as_deref().unwrap_or_default();
+    let sub = match target {
+        Target::Handler(handler, _) => {
+            let call = crate::rest::Call { server, attrs, scope, name, query: &query, format, req };
+            return crate::rest::handler(handler).serve(call).await;
+        }
+        Target::Generic(sub) => sub,
+    };
     match verb {
         Verb::Watch => watch::serve(server.clone(), scope, list_options(&kind, &query)?, &query, format).await,
         Verb::List => Ok(list_response(&kind, storage.list(&scope, &list_options(&kind, &query)?).await?, &format)),
-        Verb::Get if sub == Subresource::Log => nodeproxy::pod_log(server, &scope, name, &query).await,
         Verb::Get => {
             let obj = storage.get(&scope, name).await?;
             match sub {
@@ -490,50 +492,7 @@ async fn resource_request(
         }
         Verb::Create | Verb::Update => {
             let (headers, body) = read_body(req).await?;
-            if sub == Subresource::Token {
-                let request = parse_body(&content_type(&headers), &body)?;
-                let issued =
-                    server.request_token(scope.namespace.as_deref().unwrap_or_default(), name, &request).await?;
-                return Ok(json_response(201, &issued));
-            }
-            if sub == Subresource::Eviction {
-                let eviction = parse_body(&content_type(&headers), &body)?;
-                let delete_body =
-                    serde_json::to_vec(eviction.get("deleteOptions").unwrap_or(&Value::Null)).unwrap_or_default();
-                let delete = delete_options(&query, &HeaderMap::new(), &delete_body)?;
-                let budgets = lookup(
-                    server,
-                    &ResourcePath {
-                        group: "policy".into(),
-                        version: "v1".into(),
-                        resource: "poddisruptionbudgets".into(),
-                        name: None,
-                        subresource: None,
-                        namespace: path.namespace.clone(),
-                    },
-                )?;
-                let written = storage
-                    .evict(&scope, &Scope { kind: budgets, namespace: scope.namespace.clone() }, name, &delete)
-                    .await?;
-                return Ok(json_response(written.code, &written.body));
-            }
             let opts = write_options(attrs, &query, &headers, false)?;
-            if sub == Subresource::Binding || (kind.group.is_empty() && kind.plural == "bindings") {
-                let binding = parse_body(&content_type(&headers), &body)?;
-                let pods = lookup(
-                    server,
-                    &ResourcePath { resource: "pods".into(), name: None, subresource: None, ..path.clone() },
-                )?;
-                let pod_name = if sub == Subresource::Binding {
-                    name.to_string()
-                } else {
-                    krate_api::object::name(&binding).to_string()
-                };
-                let written = storage
-                    .bind(&Scope { kind: pods, namespace: scope.namespace.clone() }, &pod_name, &binding, &opts)
-                    .await?;
-                return Ok(json_response(written.code, &written.body));
-            }
             let (obj, warnings) = if sub == Subresource::Scale {
                 (parse_body(&content_type(&headers), &body)?, vec![])
             } else {
@@ -567,12 +526,13 @@ async fn resource_request(
         }
         Verb::Delete => {
             let (headers, body) = read_body(req).await?;
-            let written = storage.delete(&scope, name, &delete_options(&query, &headers, &body)?).await?;
+            let opts = DeleteOptions { request: Some(attrs.clone()), ..delete_options(&query, &headers, &body)? };
+            let written = storage.delete(&scope, name, &opts).await?;
             Ok(json_response(written.code, &written.body))
         }
         _ => {
             let (headers, body) = read_body(req).await?;
-            let opts = delete_options(&query, &headers, &body)?;
+            let opts = DeleteOptions { request: Some(attrs.clone()), ..delete_options(&query, &headers, &body)? };
             let deleted = storage.delete_collection(&scope, &list_options(&kind, &query)?, &opts).await?;
             Ok(json_response(
                 200,
@@ -585,7 +545,7 @@ async fn resource_request(
     }
 }
 
-fn delete_options(query: &Query, headers: &HeaderMap, body: &[u8]) -> ApiResult<DeleteOptions> {
+pub(crate) fn delete_options(query: &Query, headers: &HeaderMap, body: &[u8]) -> ApiResult<DeleteOptions> {
     let from_body =
         if body.iter().all(u8::is_ascii_whitespace) { Value::Null } else { parse_body(&content_type(headers), body)? };
     let field = |name: &str| from_body.get(name).cloned().filter(|v| !v.is_null());
@@ -628,6 +588,7 @@ fn delete_options(query: &Query, headers: &HeaderMap, body: &[u8]) -> ApiResult<
             .and_then(Value::as_str)
             .map(str::to_string),
         dry_run,
+        request: None,
     })
 }
 

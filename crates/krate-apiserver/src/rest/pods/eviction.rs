@@ -59,7 +59,8 @@ impl Storage {
             }
         }
         self.delete(pods, name, delete).await?;
-        Ok(Written { code: 201, body: success_status("", "pods", name, object::uid(&pod)), warnings: vec![] })
+        let body = success_status(&pods.kind.group, &pods.kind.plural, name, object::uid(&pod));
+        Ok(Written { code: 201, body, warnings: vec![] })
     }
 
     /// Takes one disruption from budget `pdb_name` for `pod`, or refuses with 429.

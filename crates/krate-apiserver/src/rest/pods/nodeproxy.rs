@@ -13,9 +13,11 @@ use http::{header, Request, Response, StatusCode};
 use krate_api::{ApiError, ApiResult};
 use serde_json::Value;
 
-use super::route::ResourcePath;
-use super::Query;
-use crate::registry::{Connect, Scope};
+use k8s_openapi::api::core::v1 as core;
+
+use super::Action;
+use crate::http::Query;
+use crate::registry::Scope;
 use crate::ApiServer;
 
 /// `GET pods/{name}/log`: the container's log from the pod's node.
@@ -59,23 +61,23 @@ pub async fn connect(
     server: &Arc<ApiServer>,
     pods: &Scope,
     name: &str,
-    action: Connect,
+    action: Action,
     query: &Query,
     mut req: Request<Body>,
 ) -> ApiResult<Response<Body>> {
     let pod = server.storage.get(pods, name).await?.parse();
     let ns = pods.namespace.clone().unwrap_or_default();
     let phase = pod["status"]["phase"].as_str().unwrap_or_default();
-    if matches!(phase, "Succeeded" | "Failed") && action != Connect::PortForward {
-        let verb = if action == Connect::Exec { "exec into" } else { "attach to" };
+    if matches!(phase, "Succeeded" | "Failed") && action != Action::PortForward {
+        let verb = if action == Action::Exec { "exec into" } else { "attach to" };
         return Err(ApiError::bad_request(format!(
             "cannot {verb} a container in a completed pod; current phase is {phase}"
         )));
     }
     let path = match action {
-        Connect::PortForward => format!("/portForward/{ns}/{name}"),
-        Connect::Exec => format!("/exec/{ns}/{name}/{}", container_of(&pod, name, query)?),
-        Connect::Attach => format!("/attach/{ns}/{name}/{}", container_of(&pod, name, query)?),
+        Action::PortForward => format!("/portForward/{ns}/{name}"),
+        Action::Exec => format!("/exec/{ns}/{name}/{}", container_of(&pod, name, query)?),
+        Action::Attach => format!("/attach/{ns}/{name}/{}", container_of(&pod, name, query)?),
     };
     let (host, port) = agent_of(server, &pod, name).await?;
     let path = match req.uri().query() {
@@ -136,18 +138,7 @@ async fn agent_of(server: &ApiServer, pod: &Value, name: &str) -> ApiResult<(Str
     let Some(node_name) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) else {
         return Err(ApiError::bad_request(format!("pod {name} does not have a host assigned")));
     };
-    let nodes = super::lookup(
-        server,
-        &ResourcePath {
-            group: String::new(),
-            version: "v1".into(),
-            resource: "nodes".into(),
-            name: None,
-            subresource: None,
-            namespace: None,
-        },
-    )?;
-    let node = server.storage.get(&Scope { kind: nodes, namespace: None }, node_name).await?.parse();
+    let node = server.storage.get(&server.storage.builtin::<core::Node>(None), node_name).await?.parse();
     agent_address(&node).ok_or_else(|| ApiError::internal(format!("node {node_name} reports no address for its agent")))
 }
 

@@ -8,12 +8,13 @@
 //! Only API servers verify them; nothing outside needs the key.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::Resource as _;
 use krate_api::object::unix_seconds;
 use krate_api::{ApiError, ApiResult, FieldError};
 use serde_json::{json, Value};
 
 use crate::auth::User;
-use crate::registry::{builtin_kind, Scope};
 use crate::ApiServer;
 use base64::Engine;
 use ring::hmac;
@@ -105,18 +106,15 @@ impl Tokens {
 
 impl ApiServer {
     /// A core object from the cache (callers sync it once for all their reads).
-    fn object(&self, resource: &str, namespace: &str, name: &str) -> ApiResult<Value> {
-        Ok(self
-            .storage
-            .cached(&Scope { kind: builtin_kind("", "v1", resource), namespace: Some(namespace.to_string()) }, name)?
-            .parse())
+    fn object<T: k8s_openapi::Resource>(&self, namespace: &str, name: &str) -> ApiResult<Value> {
+        Ok(self.storage.cached(&self.storage.builtin::<T>(Some(namespace.to_string())), name)?.parse())
     }
 
     /// `POST serviceaccounts/{name}/token`: a token for the account, bound to a pod when
     /// the request names one (it stops working when that pod is gone).
     pub async fn request_token(&self, namespace: &str, name: &str, request: &Value) -> ApiResult<Value> {
         self.storage.cache.sync().await;
-        let account = self.object("serviceaccounts", namespace, name)?;
+        let account = self.object::<core::ServiceAccount>(namespace, name)?;
         let spec = &request["spec"];
         let expiration = spec["expirationSeconds"].as_i64().unwrap_or(DEFAULT_EXPIRATION_SECONDS);
         let invalid = |field: &str, value: Value, detail: &str| {
@@ -150,10 +148,10 @@ impl ApiServer {
             None => None,
             Some("Pod") => {
                 let pod_name = bound["name"].as_str().unwrap_or_default();
-                let pod = self.object("pods", namespace, pod_name)?;
+                let pod = self.object::<core::Pod>(namespace, pod_name)?;
                 let uid = pod["metadata"]["uid"].as_str().unwrap_or_default();
                 if bound["uid"].as_str().is_some_and(|wanted| !wanted.is_empty() && wanted != uid) {
-                    return Err(ApiError::conflict("", "pods", pod_name, &format!(
+                    return Err(ApiError::conflict(core::Pod::GROUP, core::Pod::URL_PATH_SEGMENT, pod_name, &format!(
                         "the UID in the bound object reference ({}) does not match the UID in record. The object might have been deleted and then recreated",
                         bound["uid"].as_str().unwrap_or_default()
                     )));
@@ -205,14 +203,14 @@ impl ApiServer {
         let k = &claims.kubernetes;
         let uid_of = |obj: ApiResult<Value>| obj.ok().and_then(|o| o["metadata"]["uid"].as_str().map(str::to_string));
         self.storage.cache.sync().await;
-        if uid_of(self.object("serviceaccounts", &k.namespace, &k.serviceaccount.name)).as_deref()
+        if uid_of(self.object::<core::ServiceAccount>(&k.namespace, &k.serviceaccount.name)).as_deref()
             != Some(k.serviceaccount.uid.as_str())
         {
             tracing::debug!(account = %claims.sub, "bearer token of a service account that is gone");
             return Err(ApiError::unauthorized());
         }
         if let Some(pod) = &k.pod {
-            if uid_of(self.object("pods", &k.namespace, &pod.name)).as_deref() != Some(pod.uid.as_str()) {
+            if uid_of(self.object::<core::Pod>(&k.namespace, &pod.name)).as_deref() != Some(pod.uid.as_str()) {
                 tracing::debug!(account = %claims.sub, pod = %pod.name, "bearer token bound to a pod that is gone");
                 return Err(ApiError::unauthorized());
             }
