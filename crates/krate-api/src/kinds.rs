@@ -430,6 +430,7 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
         kind::<core::Service>()
             .short(&["svc"])
             .printer(&printers::SERVICES)
+            .returns_deleted_object()
             .all()
             .status_only()
             .names(NameRule::Dns1035)
@@ -501,7 +502,7 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
         kind::<networking::IngressClass>().0,
         kind::<networking::Ingress>().short(&["ing"]).status_only().strategy(&ResetStatusStrategy).0,
         kind::<networking::NetworkPolicy>().short(&["netpol"]).strategy(&NetworkPolicyStrategy).0,
-        kind::<networking::IPAddress>().short(&["ip"]).0,
+        kind::<networking::IPAddress>().short(&["ip"]).names(NameRule::IpAddress).0,
         kind::<networking::ServiceCIDR>().status_only().0,
         kind::<policy::PodDisruptionBudget>()
             .short(&["pdb"])

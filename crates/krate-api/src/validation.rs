@@ -21,6 +21,8 @@ pub enum NameRule {
     Dns1035,
     /// Anything usable as a path segment: RBAC objects.
     PathSegment,
+    /// An IP address in canonical form: IPAddress objects.
+    IpAddress,
 }
 
 fn is_alnum_lower(c: u8) -> bool {
@@ -92,6 +94,11 @@ pub fn validate_name(rule: NameRule, name: &str) -> Vec<String> {
         NameRule::Label => is_dns1123_label(name),
         NameRule::Dns1035 => is_dns1035_label(name),
         NameRule::PathSegment => is_path_segment(name),
+        NameRule::IpAddress => match name.parse::<std::net::IpAddr>() {
+            Err(_) => vec!["must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)".to_string()],
+            Ok(ip) if ip.to_string() != name => vec![format!("must be in canonical form (\"{ip}\")")],
+            Ok(_) => vec![],
+        },
     }
 }
 

@@ -23,6 +23,7 @@ pub mod admission;
 pub mod auth;
 pub mod authz;
 pub mod cache;
+mod controlplane;
 pub mod crd;
 pub mod http;
 pub mod metrics;
@@ -58,8 +59,10 @@ pub struct Settings {
     pub authorizers: authz::Chain,
     /// The admission plugins every write passes through.
     pub admission: admission::Chain,
-    /// Stateful per-kind hooks (allocators reserve and release through them).
+    /// Stateful per-kind hooks beyond the built-in ones (tests add their own).
     pub hooks: rest::HookTable,
+    /// Service cluster IPs and node ports.
+    pub service_network: rest::services::ServiceNetwork,
 }
 
 impl Default for Settings {
@@ -75,6 +78,7 @@ impl Default for Settings {
             authorizers: authz::Chain::default(),
             admission: admission::Chain::default(),
             hooks: rest::HookTable::default(),
+            service_network: Default::default(),
         }
     }
 }
@@ -85,6 +89,8 @@ pub struct ApiServer {
     pub settings: Settings,
     pub metrics: metrics::Metrics,
     pub tokens: rest::serviceaccounts::tokens::Tokens,
+    /// Reserves the Services' cluster IPs and node ports.
+    pub allocator: Arc<rest::services::Allocator>,
 }
 
 /// Namespaces every cluster starts with.
@@ -110,14 +116,27 @@ impl ApiServer {
     pub async fn start(store: Arc<dyn Store>, settings: Settings) -> anyhow::Result<Arc<Self>> {
         let kinds = Arc::new(Registry::builtin());
         let cache = WatchCache::start(store.clone(), settings.watch_cache_size, field_paths(&kinds)).await?;
+        let allocator = rest::services::Allocator::new(settings.service_network.clone());
+        let mut hooks = settings.hooks.clone();
+        hooks.register::<k8s_openapi::api::core::v1::Service>(allocator.clone());
         let server = Arc::new(Self {
-            storage: Storage::new(store, cache, kinds, settings.admission.clone(), settings.hooks.clone()),
+            storage: Storage::new(store, cache, kinds, settings.admission.clone(), hooks),
+            allocator,
             documents: Default::default(),
             tokens: rest::serviceaccounts::tokens::Tokens::new(&settings.token_secret),
             settings,
             metrics: metrics::Metrics::new(),
         });
         server.bootstrap().await?;
+        let repaired = server
+            .allocator
+            .repair(&server.storage)
+            .await
+            .map_err(|e| anyhow::anyhow!("repairing service allocations: {e}"))?;
+        if repaired != Default::default() {
+            tracing::info!(claimed = repaired.claimed, released = repaired.released, "service allocations repaired");
+        }
+        server.clone().start_control_plane_loops();
         crd::start(server.clone()).await;
         server.clone().start_compactor();
         Ok(server)
@@ -148,6 +167,7 @@ impl ApiServer {
                 .await
                 .map_err(|e| anyhow::anyhow!("creating priority class {name}: {e}"))?;
         }
+        self.bootstrap_services().await.map_err(|e| anyhow::anyhow!("creating the kubernetes Service: {e}"))?;
         Ok(())
     }
 

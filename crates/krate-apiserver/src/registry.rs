@@ -732,6 +732,7 @@ impl Storage {
                     new = updated;
                 } else {
                     kind.strategy.default(&mut new);
+                    kind.strategy.prepare_for_update(&mut new, current);
                 }
                 new
             }
@@ -1173,6 +1174,11 @@ impl Storage {
 
     /// Creates `scope`'s object unless it exists (bootstrap of built-in objects).
     pub async fn ensure(&self, scope: &Scope, obj: Value) -> ApiResult<()> {
+        // Looked up first: a create of what exists could fail for another reason first
+        // (the `kubernetes` Service's address is taken, by itself).
+        if self.get(scope, object::name(&obj)).await.is_ok() {
+            return Ok(());
+        }
         match self.create(scope, obj, &WriteOptions::default()).await {
             Ok(_) => Ok(()),
             Err(e) if e.code == 409 => Ok(()),

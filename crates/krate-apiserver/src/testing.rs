@@ -26,12 +26,28 @@ impl TestApi {
 
     /// Sends a JSON request as user `user` (authenticated); the status and parsed body.
     pub async fn call(&self, user: &str, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.send(user, method, path, "application/json", body).await
+    }
+
+    /// A PATCH of the given patch type.
+    pub async fn call_patch(&self, user: &str, path: &str, content_type: &str, patch: Value) -> (u16, Value) {
+        self.send(user, Method::PATCH, path, content_type, Some(patch)).await
+    }
+
+    async fn send(
+        &self,
+        user: &str,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let user = User { name: user.into(), groups: vec!["system:authenticated".into()], ..Default::default() };
         let body = body.map(|b| Body::from(serde_json::to_vec(&b).unwrap())).unwrap_or_else(Body::empty);
         let req = http::Request::builder()
             .method(method)
             .uri(path)
-            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONTENT_TYPE, content_type)
             .body(body)
             .unwrap();
         let resp = crate::http::handle(self.server.clone(), user, req).await;

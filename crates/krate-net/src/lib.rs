@@ -3,6 +3,8 @@
 //! The service proxy and cluster DNS will live here too, so that every node agent runs
 //! them and `krate server` alone stays a complete single-node cluster.
 
+pub mod cidr;
 pub mod pod;
 
-pub use pod::{Cidr, PodNetwork};
+pub use cidr::Cidr;
+pub use pod::PodNetwork;

@@ -2,46 +2,12 @@
 //! node's podCIDR (Debian's CNI `bridge` + `host-local` plugins, configured here and run
 //! by containerd), and egress masquerade in krate's own nftables table.
 
-use std::net::Ipv4Addr;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-/// An IPv4 CIDR such as `10.42.0.0/24`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub network: Ipv4Addr,
-    pub prefix: u8,
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Cidr> {
-        let (ip, prefix) = s.split_once('/').with_context(|| format!("{s:?} is not a CIDR (like 10.42.0.0/24)"))?;
-        let ip: Ipv4Addr = ip.parse().with_context(|| format!("{s:?}: {ip:?} is not an IPv4 address"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| (8..=30).contains(p))
-            .with_context(|| format!("{s:?}: the prefix must be 8..30"))?;
-        let mask = u32::MAX << (32 - prefix);
-        Ok(Cidr { network: Ipv4Addr::from(u32::from(ip) & mask), prefix })
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.network, self.prefix)
-    }
-}
-
-impl Cidr {
-    /// The first address, the bridge's (the pods' gateway).
-    pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.network) + 1)
-    }
-}
+use crate::Cidr;
 
 /// The node's pod network.
 #[derive(Clone, Debug)]
@@ -51,6 +17,15 @@ pub struct PodNetwork {
 }
 
 impl PodNetwork {
+    /// A node's pod range: IPv4 (the masquerade rules are), between /8 and /30.
+    pub fn parse_cidr(s: &str) -> Result<Cidr> {
+        let cidr: Cidr = s.parse()?;
+        if !cidr.is_ipv4() || !(8..=30).contains(&cidr.prefix) {
+            bail!("{s:?}: a pod network is an IPv4 range between /8 and /30");
+        }
+        Ok(cidr)
+    }
+
     /// The nftables table holding this network's rules (one per bridge).
     pub fn table(&self) -> String {
         format!("krate-{}", self.bridge)
@@ -139,13 +114,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cidr_parses_masks_and_rejects_bad_input() {
-        let c: Cidr = "10.42.0.7/24".parse().unwrap();
-        assert_eq!(c.to_string(), "10.42.0.0/24");
-        assert_eq!(c.gateway(), Ipv4Addr::new(10, 42, 0, 1));
-        assert!("10.42.0.0".parse::<Cidr>().is_err());
-        assert!("10.42.0.0/31".parse::<Cidr>().is_err());
-        assert!("fd00::/64".parse::<Cidr>().is_err());
+    fn pod_ranges_are_ipv4_and_sized_for_a_bridge() {
+        assert_eq!(PodNetwork::parse_cidr("10.42.0.7/24").unwrap().to_string(), "10.42.0.0/24");
+        assert!(PodNetwork::parse_cidr("10.42.0.0/31").is_err());
+        assert!(PodNetwork::parse_cidr("fd00::/64").is_err());
+        assert!(PodNetwork::parse_cidr("10.42.0.0").is_err());
     }
 
     #[test]

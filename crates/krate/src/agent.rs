@@ -162,7 +162,7 @@ impl AgentOptions {
             node: NodeSettings {
                 name: self.node_name.clone().unwrap_or_else(host_name),
                 ip: self.node_ip,
-                pod_cidr: self.pod_cidr.parse()?,
+                pod_cidr: krate_net::PodNetwork::parse_cidr(&self.pod_cidr).context("--pod-cidr")?,
                 max_pods: self.max_pods,
                 reserved_cpu_millis: quantity(&self.reserved_cpu, 1000.0, "--reserved-cpu")?,
                 reserved_memory_bytes: quantity(&self.reserved_memory, 1.0, "--reserved-memory")?,

@@ -24,6 +24,18 @@ pub struct ServerArgs {
     /// HTTPS port of the API server.
     #[arg(long, default_value_t = 6443)]
     pub port: u16,
+    /// The address pods and other nodes reach the API server at (the `kubernetes`
+    /// Service's endpoint). Default: the bind address, or this machine's primary address
+    /// when binding to all.
+    #[arg(long)]
+    pub advertise_address: Option<IpAddr>,
+    /// Ranges of Service cluster IPs: one, or one per IP family (`10.43.0.0/16,fd00:43::/112`).
+    /// The first address is the `kubernetes` Service's.
+    #[arg(long, default_value = "10.43.0.0/16")]
+    pub service_cidr: String,
+    /// Ports NodePort Services get (`low-high`).
+    #[arg(long, default_value = "30000-32767")]
+    pub service_node_port_range: String,
     /// Extra names or IPs to put in the serving certificate (repeatable).
     #[arg(long = "tls-san")]
     pub tls_san: Vec<String>,
@@ -76,6 +88,12 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         IpAddr::V4(v4) if v4.is_unspecified() => "127.0.0.1".to_string(),
         ip => ip.to_string(),
     };
+    let service_network = service_network(&args.service_cidr, &args.service_node_port_range)?;
+    let advertise_ip = match args.advertise_address {
+        Some(ip) => ip,
+        None if args.bind_address.is_unspecified() => primary_address().unwrap_or(IpAddr::from([127, 0, 0, 1])),
+        None => args.bind_address,
+    };
     let mut sans = vec![
         "localhost".to_string(),
         "127.0.0.1".to_string(),
@@ -84,6 +102,8 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         "kubernetes.default.svc".to_string(),
         "kubernetes.default.svc.cluster.local".to_string(),
         host.clone(),
+        advertise_ip.to_string(),
+        service_network.kubernetes_ip().to_string(),
     ];
     sans.extend(args.tls_san.iter().cloned());
     sans.dedup();
@@ -97,7 +117,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let db_dir = args.data_dir.join("db");
     std::fs::create_dir_all(&db_dir)?;
     let store = SqliteStore::open(db_dir.join("state.db")).context("opening the database")?;
-    let advertise = format!("{host}:{}", args.port);
+    let advertise = std::net::SocketAddr::new(advertise_ip, args.port).to_string();
     let kubelet_client =
         pki.client_certificate("apiserver-kubelet-client", "kube-apiserver-kubelet-client", &["system:masters"])?;
     let settings = Settings {
@@ -110,6 +130,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         compaction_interval: Duration::from_secs(args.compaction_interval_seconds.max(1)),
         bookmark_interval: Duration::from_secs(args.bookmark_interval_seconds.max(1)),
         token_secret: pki.token_secret(),
+        service_network,
         ..Settings::default()
     };
     let server = ApiServer::start(Arc::new(store), settings).await?;
@@ -122,7 +143,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         )
     })?;
 
-    let url = format!("https://{advertise}");
+    let url = format!("https://{host}:{}", args.port);
     let kubeconfig = args.data_dir.join("admin.kubeconfig");
     pki.write_kubeconfig(&kubeconfig, &url, &pki.admin_certificate()?)?;
     tracing::info!(%url, kubeconfig = %kubeconfig.display(), "krate server is ready");
@@ -207,4 +228,32 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// The service network of `--service-cidr` and `--service-node-port-range`.
+fn service_network(cidrs: &str, ports: &str) -> Result<krate_apiserver::rest::services::ServiceNetwork> {
+    let cidrs: Vec<krate_net::Cidr> = cidrs
+        .split(',')
+        .map(|c| c.trim().parse().with_context(|| format!("--service-cidr {c:?}")))
+        .collect::<Result<_>>()?;
+    if cidrs.is_empty() || cidrs.len() > 2 || (cidrs.len() == 2 && cidrs[0].is_ipv4() == cidrs[1].is_ipv4()) {
+        anyhow::bail!("--service-cidr takes one range, or two of different IP families");
+    }
+    if let Some(small) = cidrs.iter().find(|c| c.host_bits() < 3) {
+        anyhow::bail!("--service-cidr {small} is too small: a service range needs at least 8 addresses");
+    }
+    let (low, high) = ports
+        .split_once('-')
+        .and_then(|(l, h)| Some((l.trim().parse::<u16>().ok()?, h.trim().parse::<u16>().ok()?)))
+        .filter(|(l, h)| l <= h && *l > 0)
+        .with_context(|| format!("--service-node-port-range {ports:?} must look like 30000-32767"))?;
+    Ok(krate_apiserver::rest::services::ServiceNetwork { cidrs, node_ports: low..=high, ..Default::default() })
+}
+
+/// The address this machine's default route leaves from (no packet is sent: connecting
+/// a UDP socket only picks the route).
+fn primary_address() -> Option<IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.1:9").ok()?;
+    socket.local_addr().ok().map(|a| a.ip())
 }

@@ -12,7 +12,10 @@ mod services;
 mod workloads;
 
 pub use pod::{default_pod_spec, validate_pod_spec, PodStrategy, PodTemplateStrategy};
-pub use services::{EndpointSliceStrategy, EndpointsStrategy, NetworkPolicyStrategy, ServiceStrategy};
+pub use services::{
+    needs_cluster_ip, needs_health_check_node_port, needs_node_ports, EndpointSliceStrategy, EndpointsStrategy,
+    NetworkPolicyStrategy, ServiceStrategy,
+};
 pub use workloads::{
     CronJobStrategy, DaemonSetStrategy, DeploymentStrategy, JobStrategy, ReplicaSetStrategy,
     ReplicationControllerStrategy, StatefulSetStrategy,
@@ -25,6 +28,10 @@ pub trait Strategy: Sync {
     fn default(&self, _obj: &mut Value) {}
     /// Create-only changes, after defaulting (e.g. admission-style defaults for pods).
     fn prepare_for_create(&self, _obj: &mut Value) {}
+    /// Update-only changes of the main resource, after defaulting: what the new object
+    /// keeps of the old one when the client left it out (a Service's allocated IPs and
+    /// ports), and fields the change made meaningless.
+    fn prepare_for_update(&self, _new: &mut Value, _old: &Value) {}
     /// Status an object starts with, for kinds with a status subresource (None: empty).
     fn initial_status(&self, _obj: &Value) -> Option<Value> {
         None

@@ -28,6 +28,7 @@ use crate::ApiServer;
 mod namespaces;
 pub mod pods;
 pub mod serviceaccounts;
+pub mod services;
 
 /// Stateful per-kind hooks around the generic writes. Each `begin_*` that succeeds is
 /// followed by exactly one `finish_*` with whether the write was stored (or, on a dry
