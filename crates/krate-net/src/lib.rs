@@ -1,10 +1,12 @@
-//! Networking, node and cluster: address ranges (`Cidr`) and the pod network of a node
-//! (`pod`: bridge, per-pod veths through the CNI plugins, egress masquerade in nftables).
-//! The service proxy and cluster DNS will live here too, so that every node agent runs
-//! them and `krate server` alone stays a complete single-node cluster.
+//! Networking, node and cluster: address ranges (`Cidr`), the pod network of a node
+//! (`pod`: bridge, per-pod veths through the CNI plugins, egress masquerade in nftables)
+//! and the service proxy (`proxy`: Services to endpoints in the same nftables table).
+//! Every node agent runs them, so `krate server` alone is a complete single-node cluster.
 
+pub mod catalog;
 pub mod cidr;
 pub mod pod;
+pub mod proxy;
 
 pub use cidr::Cidr;
 pub use pod::PodNetwork;

@@ -62,12 +62,13 @@ impl PodNetwork {
         Ok(())
     }
 
-    /// The nftables ruleset: pods reaching beyond the pod network leave with the node's
-    /// address. Replaces the table whole, so running it again is harmless.
+    /// The nftables rules: pods reaching beyond the pod network leave with the node's
+    /// address. Rewrites only its own chain, so running it again is harmless and leaves
+    /// the service proxy's chains in the same table alone.
     fn ruleset(&self) -> String {
         let table = self.table();
         format!(
-            "table ip {table} {{}}\ndelete table ip {table}\ntable ip {table} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr {cidr} ip daddr != {cidr} oifname != \"{bridge}\" masquerade\n  }}\n}}\n",
+            "add table ip {table}\nadd chain ip {table} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\nflush chain ip {table} postrouting\nadd rule ip {table} postrouting ip saddr {cidr} ip daddr != {cidr} oifname != \"{bridge}\" masquerade\n",
             cidr = self.pod_cidr,
             bridge = self.bridge,
         )
