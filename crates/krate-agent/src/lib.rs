@@ -64,6 +64,9 @@ pub struct AgentConfig {
     pub image_gc: imagegc::ImageGcPolicy,
     /// How long the node's shutdown may take (`krate shutdown-node`).
     pub shutdown_grace: shutdown::ShutdownGrace,
+    /// Pods' DNS: the cluster DNS address (answered on this node), the cluster domain
+    /// and the node's own resolv.conf.
+    pub dns: pods::dns::PodDns,
 }
 
 impl AgentConfig {
@@ -135,6 +138,8 @@ pub async fn run(client: kube::Client, config: AgentConfig) -> Result<()> {
         images::ensure_sandbox_image(&mut cri, &socket, &config.dir.join("tmp")).await?;
     }
     network.install_rules().await?;
+    network.ensure_bridge().await?;
+    let networking = serve_networking(client.clone(), &config, &network);
     if let Some(dir) = &config.airgap_images {
         let n = images::import_dir(&socket, dir).await?;
         tracing::info!(count = n, dir = %dir.display(), "imported air-gap images");
@@ -163,20 +168,72 @@ pub async fn run(client: kube::Client, config: AgentConfig) -> Result<()> {
         conditions,
         events: krate_client::events::Recorder::new(client.clone(), "kubelet"),
     };
-    let shared = pods::Shared::new(
-        client.clone(),
-        cri,
-        config.node.name.clone(),
-        config.node.ip.to_string(),
-        &config.dir,
-        config.sync_frequency,
-        conditions_rx,
-    );
+    let shared =
+        pods::Shared::new(client.clone(), cri, &config.node, config.sync_frequency, conditions_rx, config.dns.clone());
     let control = shutdown::serve(&config.dir, shared.clone(), config.shutdown_grace);
     tokio::select! {
+        () = networking => Ok(()),
         r = node::heartbeat(client, config.node.clone(), runtime_version, housekeeping, shared.shutting_down.subscribe()) => r,
         r = control => r.context("the agent's control socket failed"),
         r = pods::run(shared, (config.pod_manifest_path.clone(), config.file_check_frequency)) => r,
+    }
+}
+
+/// The node's service proxy and cluster DNS responder, on one shared view of Services
+/// and endpoints; each restarted on failure (and neither stops the pods).
+async fn serve_networking(client: kube::Client, config: &AgentConfig, network: &krate_net::PodNetwork) {
+    use std::net::IpAddr;
+    let catalog = krate_net::catalog::Catalog::default();
+    let gateway = network.pod_cidr.gateway();
+    let cluster_dns = config.dns.cluster_dns.and_then(|ip| match ip {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(_) => None,
+    });
+    let local_dns = match (cluster_dns, gateway) {
+        (Some(cluster_ip), IpAddr::V4(responder)) => {
+            Some(krate_net::proxy::LocalDns { cluster_ip, responder, port: 53 })
+        }
+        _ => None,
+    };
+    let proxy = krate_net::proxy::ProxyConfig {
+        table: network.table(),
+        bridge: network.bridge.clone(),
+        node_name: config.node.name.clone(),
+        node_ips: krate_net::proxy::ipv4s(&[config.node.ip]),
+        pod_cidr: network.pod_cidr,
+        service_cidrs: service_cidrs(&client).await,
+        local_dns,
+    };
+    let skip: Vec<IpAddr> = config.dns.cluster_dns.into_iter().chain([gateway]).collect();
+    let dns = krate_net::dns::DnsConfig {
+        zone: config.dns.domain.clone(),
+        listen: std::net::SocketAddr::new(gateway, 53),
+        upstreams: krate_net::dns::upstreams(&config.dns.host.servers, &skip),
+        ttl: 5,
+    };
+    tokio::join!(
+        krate_client::supervised("service-watch", || catalog.run(client.clone())),
+        krate_client::supervised("service-proxy", || krate_net::proxy::run(&catalog, proxy.clone())),
+        krate_client::supervised("cluster-dns", || krate_net::dns::run(&catalog, dns.clone())),
+    );
+}
+
+/// The cluster's service ranges, as its ServiceCIDR objects say (none if the API serves
+/// no ServiceCIDRs).
+async fn service_cidrs(client: &kube::Client) -> Vec<krate_net::Cidr> {
+    use k8s_openapi::api::networking::v1::ServiceCIDR;
+    let api = kube::Api::<ServiceCIDR>::all(client.clone());
+    match api.list(&Default::default()).await {
+        Ok(list) => list
+            .items
+            .iter()
+            .flat_map(|c| c.spec.as_ref().and_then(|s| s.cidrs.clone()).unwrap_or_default())
+            .filter_map(|c| c.parse().ok())
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the cluster's ServiceCIDRs; untranslated service addresses may leave the node");
+            vec![]
+        }
     }
 }
 

@@ -7,6 +7,8 @@
 //!   GET /alloc/<MiB>       allocates and touches <MiB> of memory, and keeps it
 //!   GET /env/<NAME>        the value of an environment variable
 //!   GET /file/<path>       the content of a file (404 if it cannot be read)
+//!   GET /client            "<hostname> <client address>" (who connected, as seen here)
+//!   GET /stream/<seconds>  a line a tenth of a second, for that long
 //! With EXIT_AFTER_SECONDS set, exits with EXIT_CODE (default 0) after that long.
 //! `test-server sleep <seconds>` just sleeps. SIGTERM exits at once (code 0).
 
@@ -38,6 +40,7 @@ fn handle(mut stream: TcpStream) {
         header.clear();
     }
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let peer = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
     let status = |flag: &AtomicBool| if flag.load(Ordering::SeqCst) { (200, "ok".to_string()) } else { (500, "failing".to_string()) };
     let (code, body) = match path.as_str() {
@@ -62,6 +65,18 @@ fn handle(mut stream: TcpStream) {
             (200, format!("holding {mib} MiB more"))
         }
         p if p.starts_with("/env/") => (200, std::env::var(&p[5..]).unwrap_or_default()),
+        "/client" => (200, format!("{hostname} {peer}")),
+        p if p.starts_with("/stream/") => {
+            let ticks = p[8..].parse::<u64>().unwrap_or(1) * 10;
+            let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n");
+            for i in 0..ticks {
+                if writeln!(stream, "{hostname} {i}").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            return;
+        }
         p if p.starts_with("/file/") => match std::fs::read_to_string(&p[5..]) {
             Ok(text) => (200, text),
             Err(e) => (404, e.to_string()),

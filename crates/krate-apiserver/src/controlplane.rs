@@ -1,8 +1,8 @@
 //! What an API server keeps up in the cluster for itself, as upstream's control-plane
 //! controllers: the default ServiceCIDR `kubernetes`, the `kubernetes` Service in
 //! `default` with its Endpoints and EndpointSlice naming this server's advertise address
-//! (so pods reach the API at `kubernetes.default.svc`), and the repair pass of the
-//! service allocator.
+//! (so pods reach the API at `kubernetes.default.svc`), the `kube-dns` Service at the
+//! cluster DNS address, and the repair pass of the service allocator.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,6 +49,16 @@ impl ApiServer {
             "spec": {"type": "ClusterIP", "clusterIP": net.kubernetes_ip().to_string(), "ipFamilyPolicy": "SingleStack",
                 "sessionAffinity": "None", "ports": [{"name": "https", "protocol": "TCP", "port": 443, "targetPort": port}]}});
         self.storage.ensure(&self.storage.builtin::<Service>(Some("default".into())), service).await?;
+        if let Some(dns) = self.settings.cluster_dns {
+            // Answered on every node by the node's own DNS responder, so nothing selects pods.
+            let kube_dns = json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "kube-dns", "namespace": "kube-system",
+                    "labels": {"k8s-app": "kube-dns", "kubernetes.io/cluster-service": "true", "kubernetes.io/name": "CoreDNS"}},
+                "spec": {"type": "ClusterIP", "clusterIP": dns.to_string(), "ports": [
+                    {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+                    {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53}]}});
+            self.storage.ensure(&self.storage.builtin::<Service>(Some("kube-system".into())), kube_dns).await?;
+        }
         match self.advertised() {
             Some(address) => self.write_kubernetes_endpoints(address).await,
             None => Ok(()),

@@ -63,6 +63,8 @@ pub struct Settings {
     pub hooks: rest::HookTable,
     /// Service cluster IPs and node ports.
     pub service_network: rest::services::ServiceNetwork,
+    /// The cluster DNS address: the `kube-dns` Service in kube-system gets it.
+    pub cluster_dns: Option<std::net::IpAddr>,
 }
 
 impl Default for Settings {
@@ -79,6 +81,7 @@ impl Default for Settings {
             admission: admission::Chain::default(),
             hooks: rest::HookTable::default(),
             service_network: Default::default(),
+            cluster_dns: None,
         }
     }
 }

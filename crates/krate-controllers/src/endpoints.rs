@@ -85,6 +85,16 @@ fn resolve_ports(service: &Service, pod: &Pod) -> Vec<ResolvedPort> {
     ports
 }
 
+/// The hostname an endpoint of `service` carries for `pod` (upstream's
+/// ShouldSetHostname: the pod names one and its subdomain is this Service), which DNS
+/// publishes as `<hostname>.<service>.<ns>.svc`.
+fn endpoint_hostname(service: &Service, pod: &Pod) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    let hostname = spec.hostname.clone().filter(|h| !h.is_empty())?;
+    (spec.subdomain.as_deref() == Some(service.name_any().as_str()) && pod.namespace() == service.namespace())
+        .then_some(hostname)
+}
+
 fn target_ref(pod: &Pod) -> Value {
     json!({"kind": "Pod", "namespace": pod.namespace(), "name": pod.name_any(), "uid": pod.uid()})
 }
@@ -193,6 +203,9 @@ impl Controller {
     ) -> Result<(), Error> {
         let address = |m: &Member| {
             let mut a = json!({"ip": m.ip, "targetRef": target_ref(&m.pod)});
+            if let Some(hostname) = endpoint_hostname(service, &m.pod) {
+                a["hostname"] = json!(hostname);
+            }
             if let Some(node) = m.pod.spec.as_ref().and_then(|s| s.node_name.as_ref()) {
                 a["nodeName"] = json!(node);
             }
@@ -261,6 +274,9 @@ impl Controller {
                             "conditions": {"ready": m.ready && !m.terminating, "serving": m.ready, "terminating": m.terminating},
                             "targetRef": target_ref(&m.pod),
                         });
+                        if let Some(hostname) = endpoint_hostname(service, &m.pod) {
+                            e["hostname"] = json!(hostname);
+                        }
                         if let Some(node) = m.pod.spec.as_ref().and_then(|s| s.node_name.as_ref()) {
                             e["nodeName"] = json!(node);
                         }

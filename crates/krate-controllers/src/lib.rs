@@ -17,6 +17,7 @@ pub mod podgc;
 pub mod quota;
 pub mod replicas;
 pub mod selector;
+pub mod servicelb;
 pub mod statefulset;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -125,6 +126,7 @@ pub async fn run(client: kube::Client, config: Config) -> anyhow::Result<()> {
         supervise("resourcequota", client.clone(), |c| quota::run(c, &pods)),
         supervise("podgc", client.clone(), |c| podgc::run(c, &pods, gc_threshold)),
         supervise("serviceaccount", client.clone(), |c| perns::run(c, perns::PerNamespace::default_service_account())),
+        supervise("service-lb", client.clone(), servicelb::run),
         supervise("root-ca-cert-publisher", client.clone(), |c| perns::run(c, root_ca.clone())),
         supervise("replicaset", client.clone(), |c| replicas::run(
             c,

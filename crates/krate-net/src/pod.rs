@@ -82,6 +82,37 @@ impl PodNetwork {
         Ok(())
     }
 
+    /// Creates the bridge with the pods' gateway address, if the CNI plugin has not yet
+    /// (it finds them in place): the node's DNS responder listens on that address before
+    /// the first pod starts. Bridged traffic passes netfilter, so replies of connections
+    /// DNATed to a pod on the same bridge find their way back.
+    pub async fn ensure_bridge(&self) -> Result<()> {
+        let ip = |args: &[&str]| {
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            async move { tokio::process::Command::new("ip").args(&args).output().await }
+        };
+        let exists = ip(&["link", "show", &self.bridge]).await?.status.success();
+        if !exists {
+            let out = ip(&["link", "add", &self.bridge, "type", "bridge"]).await?;
+            if !out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("File exists") {
+                bail!("creating bridge {}: {}", self.bridge, String::from_utf8_lossy(&out.stderr).trim());
+            }
+        }
+        let gateway = format!("{}/{}", self.pod_cidr.gateway(), self.pod_cidr.prefix);
+        let out = ip(&["addr", "add", &gateway, "dev", &self.bridge]).await?;
+        if !out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("File exists") {
+            bail!("adding {gateway} to bridge {}: {}", self.bridge, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let out = ip(&["link", "set", &self.bridge, "up"]).await?;
+        if !out.status.success() {
+            bail!("bringing bridge {} up: {}", self.bridge, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        if let Err(e) = std::fs::write("/proc/sys/net/bridge/bridge-nf-call-iptables", "1") {
+            tracing::warn!(error = %e, "cannot make bridged traffic pass netfilter (is br_netfilter loaded?); a pod reaching a Service whose endpoint shares its node may get no answer");
+        }
+        Ok(())
+    }
+
     /// Removes the bridge and the nftables table (for `reset` and tests).
     pub async fn remove(&self) -> Result<()> {
         let table = self.table();

@@ -33,7 +33,8 @@ impl Lab {
         let tag = format!("kp{n}x{}", std::process::id() % 10000);
         let net = 230 + n;
         let bridge = format!("{tag}br");
-        let base = nft::Base { table: format!("krate-{tag}"), bridge: bridge.clone(), node_ips: vec![] };
+        let service_cidrs = vec![format!("10.{net}.100.0/24").parse().unwrap()];
+        let base = nft::Base { table: format!("krate-{tag}"), bridge: bridge.clone(), node_ips: vec![], service_cidrs };
         let lab = Lab { tag, net, namespaces: vec![], servers: vec![], base };
         sh(&["ip", "link", "add", &bridge, "type", "bridge"]);
         sh(&["ip", "addr", "add", &format!("10.{net}.0.1/24"), "dev", &bridge]);
@@ -243,6 +244,41 @@ fn a_service_without_endpoints_refuses_connections_at_once() {
     let started = Instant::now();
     assert_eq!(lab.fetch("client", &vip(&empty)), Err("refused".into()));
     assert!(started.elapsed() < Duration::from_secs(1), "refused, not timed out: {:?}", started.elapsed());
+}
+
+#[test]
+fn an_address_of_the_service_range_without_a_service_goes_nowhere() {
+    let mut lab = Lab::new(6);
+    let a = lab.pod("a", 11);
+    lab.pod("client", 10);
+    lab.serve("a");
+    let svc = service(&lab, "web", 5, vec![endpoint(a, true)]);
+    lab.full(&svc);
+    assert!(lab.get("client", &vip(&svc)).is_some());
+    let unallocated = format!("10.{}.100.77:80", lab.net);
+    assert_eq!(lab.fetch("client", &unallocated), Err("timeout".into()), "dropped, not routed out of the node");
+    let counter = sh(&["nft", "list", "chain", "ip", &lab.base.table, "cluster-ips-check"]);
+    assert!(counter.contains(&format!("10.{}.100.0/24", lab.net)), "{counter}");
+}
+
+#[test]
+fn a_refused_transaction_changes_nothing() {
+    let mut lab = Lab::new(7);
+    let a = lab.pod("a", 11);
+    lab.pod("client", 10);
+    lab.serve("a");
+    let svc = service(&lab, "web", 5, vec![endpoint(a, true)]);
+    lab.full(&svc);
+    let before = sh(&["nft", "list", "table", "ip", &lab.base.table]);
+    let mut broken = lab.share(&svc);
+    broken.chains.insert("service-BROKEN".into(), vec!["this is not a rule".into()]);
+    for full in [false, true] {
+        let result = run(apply_pass(&lab.base.table, &lab.base, full, &lab.share(&svc), &broken));
+        let err = result.expect_err("nft refuses the rule").to_string();
+        assert!(err.contains("nft refused the transaction"), "{err}");
+        assert_eq!(sh(&["nft", "list", "table", "ip", &lab.base.table]), before, "nothing half-applied (full: {full})");
+        assert!(lab.get("client", &vip(&svc)).is_some(), "the service still answers");
+    }
 }
 
 #[test]

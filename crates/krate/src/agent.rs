@@ -22,6 +22,18 @@ pub struct AgentOptions {
     /// Linux bridge the pods of this node attach to.
     #[arg(long, default_value = "krate0")]
     pub bridge: String,
+    /// The cluster DNS address pods are given (the `kube-dns` Service's; this node's own
+    /// DNS responder answers it). Default: 10.43.0.10, or with `krate server`, the tenth
+    /// address of --service-cidr.
+    #[arg(long)]
+    pub cluster_dns: Option<IpAddr>,
+    /// The cluster's DNS domain.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// The resolver configuration pods with dnsPolicy Default get, and where the
+    /// cluster DNS sends names outside the cluster.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
     /// Where the CNI plugins are (Debian: containernetworking-plugins).
     #[arg(long, default_value = "/usr/lib/cni")]
     pub cni_bin_dir: PathBuf,
@@ -193,6 +205,13 @@ impl AgentOptions {
             )?,
             image_gc: self.image_gc_policy()?,
             shutdown_grace: self.shutdown_grace()?,
+            dns: krate_agent::pods::dns::PodDns {
+                cluster_dns: Some(self.cluster_dns.unwrap_or(IpAddr::from([10, 43, 0, 10]))),
+                domain: self.cluster_domain.trim_end_matches('.').to_string(),
+                host: krate_agent::pods::dns::ResolvConf::parse(
+                    &std::fs::read_to_string(&self.resolv_conf).unwrap_or_default(),
+                ),
+            },
         })
     }
 

@@ -61,6 +61,16 @@ enum Command {
         #[arg(long, default_value = server::DEFAULT_DATA_DIR)]
         data_dir: std::path::PathBuf,
     },
+    /// Serve a local image registry (Debian's docker-registry) without authentication,
+    /// storing its images under the data directory: what `krate test-images` pushes to
+    /// and nodes pull from with --insecure-registry. Runs until stopped.
+    Registry {
+        /// Where it listens (keep it on loopback: it asks no one for credentials).
+        #[arg(long, default_value = "127.0.0.1:5000")]
+        address: String,
+        #[arg(long, default_value = server::DEFAULT_DATA_DIR)]
+        data_dir: std::path::PathBuf,
+    },
     /// Build krate's test images (busybox, test-server) and push them to a registry
     /// reached over plain HTTP, e.g. a local docker-registry at 127.0.0.1:5000.
     TestImages {
@@ -79,6 +89,28 @@ enum Command {
     },
     /// Print version information.
     Version,
+}
+
+/// Runs docker-registry with a configuration of krate's: no authentication (Debian's
+/// default one asks for htpasswd credentials), images under `<data_dir>/registry`.
+fn serve_registry(address: &str, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let dir = data_dir.join("registry");
+    std::fs::create_dir_all(dir.join("data")).with_context(|| format!("creating {}", dir.display()))?;
+    let config = dir.join("config.yml");
+    let yaml = format!(
+        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {address}\n",
+        dir.join("data").display()
+    );
+    std::fs::write(&config, yaml).with_context(|| format!("writing {}", config.display()))?;
+    println!("registry at {address} (images in {}); push with: krate test-images --registry {address}", dir.display());
+    let status = std::process::Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .status()
+        .context("running docker-registry (apt-get install -y docker-registry)")?;
+    anyhow::ensure!(status.success(), "docker-registry exited: {status}");
+    Ok(())
 }
 
 fn init_logging(format: &str) {
@@ -110,6 +142,7 @@ fn main() -> std::process::ExitCode {
             Command::ShutdownNode { data_dir } => block_on(async move {
                 krate_agent::shutdown::request(&data_dir.join("agent"), &mut std::io::stdout()).await
             }),
+            Command::Registry { address, data_dir } => serve_registry(&address, &data_dir),
             Command::TestImages { registry } => krate_agent::testimages::push_all(&registry)
                 .map(|()| println!("pushed {registry}/busybox:1 and {registry}/test-server:1 (also :latest)")),
             Command::Kubeconfig { data_dir } => {

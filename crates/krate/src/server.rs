@@ -80,15 +80,21 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     })?;
 
     let pki = crate::pki::Pki::load_or_create(&args.data_dir.join("pki"))?;
+    let service_network = service_network(&args.service_cidr, &args.service_node_port_range)?;
+    let cluster_dns = args.agent.cluster_dns.or_else(|| service_network.cidrs[0].nth(10));
+
     // Bad agent flags fail before anything starts.
     let agent_config = (!args.disable_agent)
         .then(|| args.agent.config(args.data_dir.join("agent"), Some(pki.ca_cert_pem.clone())))
-        .transpose()?;
+        .transpose()?
+        .map(|mut config| {
+            config.dns.cluster_dns = cluster_dns;
+            config
+        });
     let host = match args.bind_address {
         IpAddr::V4(v4) if v4.is_unspecified() => "127.0.0.1".to_string(),
         ip => ip.to_string(),
     };
-    let service_network = service_network(&args.service_cidr, &args.service_node_port_range)?;
     let advertise_ip = match args.advertise_address {
         Some(ip) => ip,
         None if args.bind_address.is_unspecified() => primary_address().unwrap_or(IpAddr::from([127, 0, 0, 1])),
@@ -131,6 +137,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         bookmark_interval: Duration::from_secs(args.bookmark_interval_seconds.max(1)),
         token_secret: pki.token_secret(),
         service_network,
+        cluster_dns,
         ..Settings::default()
     };
     let server = ApiServer::start(Arc::new(store), settings).await?;

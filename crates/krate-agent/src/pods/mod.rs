@@ -4,6 +4,7 @@
 //! pods neither source has are removed.
 
 pub mod admission;
+pub mod dns;
 mod env;
 pub mod manifests;
 mod probe;
@@ -61,6 +62,8 @@ pub struct Shared {
     pub conditions: watch::Receiver<Vec<crate::pressure::Condition>>,
     /// The node is shutting down: no new pods; the heartbeat reports it not ready.
     pub shutting_down: watch::Sender<bool>,
+    /// Pods' resolv.conf and hosts files.
+    pub dns: dns::PodDns,
 }
 
 impl Shared {
@@ -68,19 +71,19 @@ impl Shared {
     pub fn new(
         client: kube::Client,
         cri: Cri,
-        node_name: String,
-        node_ip: String,
-        dir: &std::path::Path,
+        node: &crate::node::NodeSettings,
         sync_frequency: std::time::Duration,
         conditions: watch::Receiver<Vec<crate::pressure::Condition>>,
+        dns: dns::PodDns,
     ) -> Arc<Self> {
         let events = krate_client::events::Recorder::new(client.clone(), "kubelet");
+        let dir = &node.data_dir;
         let (log_root, volume_root) = (dir.join("pods"), dir.join("volumes"));
         Arc::new(Shared {
             client,
             cri,
-            node_name,
-            node_ip,
+            node_name: node.name.clone(),
+            node_ip: node.ip.to_string(),
             log_root,
             volume_root,
             sync_frequency,
@@ -92,6 +95,7 @@ impl Shared {
             mirrors_changed: Notify::new(),
             conditions,
             shutting_down: watch::Sender::new(false),
+            dns,
         })
     }
 

@@ -31,7 +31,7 @@ pub fn log_directory(root: &Path, pod: &Pod) -> std::path::PathBuf {
     root.join(format!("{ns}_{name}_{uid}"))
 }
 
-pub fn sandbox_config(pod: &Pod, attempt: u32, log_root: &Path) -> api::PodSandboxConfig {
+pub fn sandbox_config(pod: &Pod, attempt: u32, log_root: &Path, dns: &super::dns::PodDns) -> api::PodSandboxConfig {
     let (ns, name, uid) = pod_key(pod);
     let spec = pod.spec.as_ref();
     let hostname = spec.and_then(|s| s.hostname.clone()).unwrap_or_else(|| name.chars().take(63).collect());
@@ -64,6 +64,7 @@ pub fn sandbox_config(pod: &Pod, attempt: u32, log_root: &Path) -> api::PodSandb
         metadata: Some(api::PodSandboxMetadata { name, uid, namespace: ns, attempt }),
         hostname,
         log_directory: log_directory(log_root, pod).display().to_string(),
+        dns_config: Some(dns.config(pod)),
         port_mappings,
         labels,
         annotations: pod.metadata.annotations.clone().unwrap_or_default().into_iter().collect(),

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::probe::{self, Kind, Probers, Verdict};
 use super::status::{self, Observed, Waiting};
-use super::{admission, env, spec, volumes, Shared};
+use super::{admission, dns, env, spec, volumes, Shared};
 use crate::cri::api;
 
 const BACKOFF_START: Duration = Duration::from_secs(10);
@@ -262,13 +262,18 @@ impl PodWorker {
         let (id, config) = match ready {
             Some(s) => (
                 s.id.clone(),
-                spec::sandbox_config(pod, s.metadata.as_ref().map(|m| m.attempt).unwrap_or(0), &self.shared.log_root),
+                spec::sandbox_config(
+                    pod,
+                    s.metadata.as_ref().map(|m| m.attempt).unwrap_or(0),
+                    &self.shared.log_root,
+                    &self.shared.dns,
+                ),
             ),
             None => {
                 for dead in &sandboxes {
                     self.remove_sandbox(&dead.id).await;
                 }
-                let config = spec::sandbox_config(pod, attempt, &self.shared.log_root);
+                let config = spec::sandbox_config(pod, attempt, &self.shared.log_root, &self.shared.dns);
                 std::fs::create_dir_all(&config.log_directory)
                     .with_context(|| format!("creating {}", config.log_directory))?;
                 let id = match self
@@ -534,6 +539,11 @@ impl PodWorker {
         match volumes::termination_log(&self.shared.volume_root, &self.uid, c, restart_count) {
             Ok(m) => mounts.push(m),
             Err(e) => tracing::warn!(container = %c.name, error = %format!("{e:#}"), "no termination message file"),
+        }
+        let pod_dir = volumes::pod_dir(&self.shared.volume_root, &self.uid);
+        match dns::hosts_mount(&pod_dir, pod, c, rt.pod_ip, &self.shared.dns.domain) {
+            Ok(m) => mounts.extend(m),
+            Err(e) => tracing::warn!(container = %c.name, error = %format!("{e:#}"), "no managed /etc/hosts"),
         }
         let env = match env::resolve(&self.shared.client, pod, c, rt).await {
             Ok(env) => env,

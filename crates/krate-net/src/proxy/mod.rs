@@ -44,6 +44,8 @@ pub struct ProxyConfig {
     /// Addresses that accept node port and load balancer traffic.
     pub node_ips: Vec<Ipv4Addr>,
     pub pod_cidr: Cidr,
+    /// The cluster's service ranges (their addresses never leave the node untranslated).
+    pub service_cidrs: Vec<Cidr>,
     /// The cluster DNS address, answered on this node by the DNS responder at the given
     /// address and port instead of by endpoints.
     pub local_dns: Option<LocalDns>,
@@ -134,7 +136,9 @@ pub fn service_ports(svc: &Service, slices: &[&EndpointSlice], node_name: &str) 
 fn local_dns_share(dns: &LocalDns) -> Share {
     let mut share = Share::default();
     let chain = rules::chain_name("local", "kube-system/kube-dns/dns");
-    share.chains.insert(chain.clone(), vec![format!("dnat to {}:{}", dns.responder, dns.port)]);
+    share
+        .chains
+        .insert(chain.clone(), vec![format!("meta l4proto {{ tcp, udp }} dnat to {}:{}", dns.responder, dns.port)]);
     for protocol in ["udp", "tcp"] {
         share
             .elements
@@ -164,8 +168,12 @@ pub async fn run(catalog: &Catalog, config: ProxyConfig) -> Result<()> {
     enable_loopback_endpoints(&config.bridge);
     let changes = catalog.listen();
     let node = NodeContext { pod_cidr: config.pod_cidr };
-    let base =
-        nft::Base { table: config.table.clone(), bridge: config.bridge.clone(), node_ips: config.node_ips.clone() };
+    let base = nft::Base {
+        table: config.table.clone(),
+        bridge: config.bridge.clone(),
+        node_ips: config.node_ips.clone(),
+        service_cidrs: config.service_cidrs.clone(),
+    };
     // What the kernel holds, per Service, after the last successful pass.
     let mut applied: HashMap<Key, Share> = HashMap::new();
     let mut full = true;
@@ -237,8 +245,12 @@ pub async fn run(catalog: &Catalog, config: ProxyConfig) -> Result<()> {
 pub async fn apply_pass(table: &str, base: &nft::Base, full: bool, old: &Share, wanted: &Share) -> Result<()> {
     let mut tx = nft::Tx::new(table);
     if full {
+        // The base alone first: whatever a Service's share does to the second
+        // transaction, the drop for untranslated service addresses is in place.
+        let mut base_tx = nft::Tx::new(table);
+        base_tx.base(base);
+        nft::apply(&base_tx).await?;
         let existing = nft::existing(table).await?;
-        tx.base(base);
         tx.full(wanted, &existing);
     } else {
         tx.partial(old, wanted);

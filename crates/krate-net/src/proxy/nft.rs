@@ -33,6 +33,7 @@ const HELPERS: &[&str] = &[
     "service-endpoints-check",
     "nodeport-endpoints-check",
     "firewall-check",
+    "cluster-ips-check",
     "reject-chain",
 ];
 
@@ -48,9 +49,21 @@ pub struct Base {
     pub bridge: String,
     /// Addresses that accept node port traffic.
     pub node_ips: Vec<Ipv4Addr>,
+    /// The service ranges: a new connection to an address of theirs that no rule
+    /// translated (no such Service, or not yet programmed) is dropped rather than routed
+    /// out of the node.
+    pub service_cidrs: Vec<crate::Cidr>,
 }
 
 impl Base {
+    fn unallocated_drop(&self) -> Vec<String> {
+        let v4: Vec<String> = self.service_cidrs.iter().filter(|c| c.is_ipv4()).map(|c| c.to_string()).collect();
+        if v4.is_empty() {
+            return vec![];
+        }
+        vec![format!("ip daddr {{ {} }} drop", v4.join(", "))]
+    }
+
     fn rules(&self) -> Vec<(&'static str, Vec<String>)> {
         let bridge = &self.bridge;
         vec![
@@ -59,7 +72,10 @@ impl Base {
             ("nat-postrouting", vec!["jump masquerading".into()]),
             ("filter-prerouting-pre-dnat", vec!["ct state new jump firewall-check".into()]),
             ("filter-output-pre-dnat", vec!["ct state new jump firewall-check".into()]),
-            ("filter-forward", vec!["ct state new jump service-endpoints-check".into()]),
+            (
+                "filter-forward",
+                vec!["ct state new jump service-endpoints-check".into(), "ct state new jump cluster-ips-check".into()],
+            ),
             (
                 "filter-input",
                 vec![
@@ -68,7 +84,10 @@ impl Base {
                     "ct state new jump service-endpoints-check".into(),
                 ],
             ),
-            ("filter-output", vec!["ct state new jump service-endpoints-check".into()]),
+            (
+                "filter-output",
+                vec!["ct state new jump service-endpoints-check".into(), "ct state new jump cluster-ips-check".into()],
+            ),
             (
                 "services",
                 vec![
@@ -91,6 +110,7 @@ impl Base {
                 vec!["ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports".into()],
             ),
             ("firewall-check", vec!["ip daddr . meta l4proto . th dport vmap @firewall-ips".into()]),
+            ("cluster-ips-check", self.unallocated_drop()),
             ("reject-chain", vec!["reject".into()]),
         ]
     }

@@ -1,0 +1,101 @@
+//! Servers with a node agent running real containers, and what tests ask of their pods.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, ListParams};
+
+use super::registry::TestRegistry;
+use super::{eventually, TestServer};
+
+/// The agent port of test `n`: below the ephemeral range, because a port merely free now
+/// could be handed to a test's containerd (its streaming server binds port 0) before the
+/// agent binds it.
+pub fn kubelet_port(n: u8) -> String {
+    (20_000 + std::process::id() % 200 * 20 + u32::from(n)).to_string()
+}
+
+/// A server whose agent gets a bridge and pod CIDR of its own (`n` tells tests apart),
+/// pulling from `registries` over plain HTTP, with `extra` arguments.
+pub fn server_with_agent(registries: &[&TestRegistry], n: u8, extra: &[&str]) -> TestServer {
+    let args = agent_args(registries, n, extra);
+    TestServer::start_with_agent(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+pub fn agent_args(registries: &[&TestRegistry], n: u8, extra: &[&str]) -> Vec<String> {
+    let id = std::process::id() % 200;
+    let mut args: Vec<String> = vec![
+        "--node-name".into(),
+        "node-1".into(),
+        "--bridge".into(),
+        format!("kt{n}p{id}"),
+        "--pod-cidr".into(),
+        format!("10.{}.{}.0/24", 200 + n, id),
+        // Servers of concurrent tests share this machine's netfilter: their Services
+        // must not share addresses.
+        "--service-cidr".into(),
+        format!("10.{}.{}.0/24", 100 + n, id),
+        "--kubelet-port".into(),
+        kubelet_port(n),
+    ];
+    // Names outside the cluster go to a resolver on loopback (none listens): the
+    // tests' DNS traffic stays on this machine.
+    let resolv = std::env::temp_dir().join(format!("krate-test-resolv-{}.conf", std::process::id()));
+    std::fs::write(&resolv, "nameserver 127.0.0.53\nsearch krate.test\n").expect("write a resolv.conf");
+    args.extend(["--resolv-conf".to_string(), resolv.display().to_string()]);
+    for r in registries {
+        args.extend(["--insecure-registry".to_string(), r.address.clone()]);
+    }
+    // How full this machine's disk happens to be must not refuse the tests' pods
+    // (the default, nodefs.available<5%, would on a big, mostly full disk).
+    if !extra.contains(&"--eviction-hard") {
+        args.extend(["--eviction-hard".to_string(), LENIENT_EVICTION.to_string()]);
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+pub const LENIENT_EVICTION: &str = "memory.available<100Mi,nodefs.available<512Mi,imagefs.available<512Mi";
+
+/// One HTTP GET to a pod, straight to its IP on the node's bridge.
+pub fn http_get(ip: &str, port: u16, path: &str) -> Option<String> {
+    let mut s =
+        std::net::TcpStream::connect_timeout(&format!("{ip}:{port}").parse().ok()?, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+}
+
+pub async fn wait_node_ready(client: &kube::Client, server: &TestServer) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    eventually(60, &format!("node-1 Ready\n{}", server.log()), || async {
+        let node = nodes.get_opt("node-1").await.ok()??;
+        let ready = node.status?.conditions?.into_iter().any(|c| c.type_ == "Ready" && c.status == "True");
+        ready.then_some(())
+    })
+    .await;
+}
+
+pub fn container_status(pod: &Pod) -> Option<serde_json::Value> {
+    let status = serde_json::to_value(pod.status.as_ref()?).ok()?;
+    status["containerStatuses"].get(0).cloned()
+}
+
+pub async fn running_pods(pods: &Api<Pod>, selector: &str, count: usize) -> Vec<Pod> {
+    eventually(120, &format!("{count} running pods ({selector})"), || async {
+        let list = pods.list(&ListParams::default().labels(selector)).await.ok()?.items;
+        let running: Vec<Pod> = list
+            .into_iter()
+            .filter(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            })
+            .collect();
+        (running.len() == count && running.iter().all(|p| p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some()))
+            .then_some(running)
+    })
+    .await
+}
