@@ -139,7 +139,8 @@ pub async fn run(client: kube::Client, config: AgentConfig) -> Result<()> {
     }
     network.install_rules().await?;
     network.ensure_bridge().await?;
-    let networking = serve_networking(client.clone(), &config, &network);
+    let catalog = krate_net::catalog::Catalog::default();
+    let networking = serve_networking(client.clone(), &config, &network, &catalog);
     if let Some(dir) = &config.airgap_images {
         let n = images::import_dir(&socket, dir).await?;
         tracing::info!(count = n, dir = %dir.display(), "imported air-gap images");
@@ -168,8 +169,15 @@ pub async fn run(client: kube::Client, config: AgentConfig) -> Result<()> {
         conditions,
         events: krate_client::events::Recorder::new(client.clone(), "kubelet"),
     };
-    let shared =
-        pods::Shared::new(client.clone(), cri, &config.node, config.sync_frequency, conditions_rx, config.dns.clone());
+    let shared = pods::Shared::new(
+        client.clone(),
+        cri,
+        &config.node,
+        config.sync_frequency,
+        conditions_rx,
+        config.dns.clone(),
+        catalog.clone(),
+    );
     let control = shutdown::serve(&config.dir, shared.clone(), config.shutdown_grace);
     tokio::select! {
         () = networking => Ok(()),
@@ -181,9 +189,13 @@ pub async fn run(client: kube::Client, config: AgentConfig) -> Result<()> {
 
 /// The node's service proxy and cluster DNS responder, on one shared view of Services
 /// and endpoints; each restarted on failure (and neither stops the pods).
-async fn serve_networking(client: kube::Client, config: &AgentConfig, network: &krate_net::PodNetwork) {
+async fn serve_networking(
+    client: kube::Client,
+    config: &AgentConfig,
+    network: &krate_net::PodNetwork,
+    catalog: &krate_net::catalog::Catalog,
+) {
     use std::net::IpAddr;
-    let catalog = krate_net::catalog::Catalog::default();
     let gateway = network.pod_cidr.gateway();
     let cluster_dns = config.dns.cluster_dns.and_then(|ip| match ip {
         IpAddr::V4(v4) => Some(v4),
@@ -203,6 +215,7 @@ async fn serve_networking(client: kube::Client, config: &AgentConfig, network: &
         pod_cidr: network.pod_cidr,
         service_cidrs: service_cidrs(&client).await,
         local_dns,
+        applied: None,
     };
     let skip: Vec<IpAddr> = config.dns.cluster_dns.into_iter().chain([gateway]).collect();
     let dns = krate_net::dns::DnsConfig {
@@ -213,8 +226,8 @@ async fn serve_networking(client: kube::Client, config: &AgentConfig, network: &
     };
     tokio::join!(
         krate_client::supervised("service-watch", || catalog.run(client.clone())),
-        krate_client::supervised("service-proxy", || krate_net::proxy::run(&catalog, proxy.clone())),
-        krate_client::supervised("cluster-dns", || krate_net::dns::run(&catalog, dns.clone())),
+        krate_client::supervised("service-proxy", || krate_net::proxy::run(catalog, proxy.clone())),
+        krate_client::supervised("cluster-dns", || krate_net::dns::run(catalog, dns.clone())),
     );
 }
 

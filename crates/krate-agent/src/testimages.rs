@@ -71,6 +71,11 @@ pub fn busybox_with(extra: Vec<Entry>) -> Result<Image> {
     Image::build(&entries, &RunConfig { cmd: vec!["sh".into()], env: vec![PATH_ENV.into()], ..Default::default() })
 }
 
+/// The test server program itself (static), for benchmarks that run it outside images.
+pub fn test_server_program() -> &'static [u8] {
+    TEST_SERVER
+}
+
 pub fn test_server() -> Result<Image> {
     let mut entries = busybox_entries(Path::new(BUSYBOX))?;
     entries.push(Entry::File { path: "test-server".into(), data: TEST_SERVER.to_vec(), mode: 0o755 });

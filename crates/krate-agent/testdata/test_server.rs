@@ -22,23 +22,43 @@ static HEALTHY: AtomicBool = AtomicBool::new(true);
 static READY: AtomicBool = AtomicBool::new(true);
 static HELD: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
-fn reply(stream: &mut TcpStream, code: u16, body: &str) {
+fn reply(stream: &mut TcpStream, code: u16, body: &str, keep: bool) {
     let reason = if code == 200 { "OK" } else { "Error" };
-    let _ = write!(stream, "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let connection = if keep { "keep-alive" } else { "close" };
+    // One write: a reply in pieces would wait on the client's delayed ACKs.
+    let text = format!("HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}", body.len());
+    let _ = stream.write_all(text.as_bytes());
 }
 
+/// Serves requests on one connection: HTTP/1.1 ones keep it open unless they ask to
+/// close it; HTTP/1.0 ones close it.
 fn handle(mut stream: TcpStream) {
-    // Read the whole request head: closing with unread bytes would reset the connection
-    // before the client reads the reply.
-    let mut reader = BufReader::new(&stream);
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
-        return;
+    let _ = stream.set_nodelay(true);
+    let Ok(read_half) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(read_half);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).map(|n| n == 0).unwrap_or(true) {
+            return;
+        }
+        // Read the whole request head: closing with unread bytes would reset the
+        // connection before the client reads the reply.
+        let mut keep = line.trim_end().ends_with("HTTP/1.1");
+        let mut header = String::new();
+        while reader.read_line(&mut header).map(|n| n > 0).unwrap_or(false) && header != "\r\n" {
+            if header.to_ascii_lowercase().starts_with("connection:") && header.to_ascii_lowercase().contains("close") {
+                keep = false;
+            }
+            header.clear();
+        }
+        if !answer(&mut stream, &line, keep) || !keep {
+            return;
+        }
     }
-    let mut header = String::new();
-    while reader.read_line(&mut header).map(|n| n > 0).unwrap_or(false) && header != "\r\n" {
-        header.clear();
-    }
+}
+
+/// Answers one request; false when the connection is done with.
+fn answer(stream: &mut TcpStream, line: &str, keep: bool) -> bool {
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let peer = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
@@ -51,7 +71,7 @@ fn handle(mut stream: TcpStream) {
         "/fail/readyz" => (200, format!("{}", READY.swap(false, Ordering::SeqCst))),
         "/ok/readyz" => (200, format!("{}", READY.swap(true, Ordering::SeqCst))),
         p if p.starts_with("/exit/") => {
-            reply(&mut stream, 200, "bye");
+            reply(stream, 200, "bye", false);
             let _ = stream.flush();
             std::process::exit(p[6..].parse().unwrap_or(1));
         }
@@ -71,11 +91,11 @@ fn handle(mut stream: TcpStream) {
             let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n");
             for i in 0..ticks {
                 if writeln!(stream, "{hostname} {i}").is_err() {
-                    return;
+                    return false;
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            return;
+            return false;
         }
         p if p.starts_with("/file/") => match std::fs::read_to_string(&p[5..]) {
             Ok(text) => (200, text),
@@ -83,7 +103,8 @@ fn handle(mut stream: TcpStream) {
         },
         p => (200, format!("{hostname} {p}")),
     };
-    reply(&mut stream, code, &body);
+    reply(stream, code, &body, keep);
+    true
 }
 
 extern "C" {

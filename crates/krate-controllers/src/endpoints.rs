@@ -126,10 +126,24 @@ struct Controller {
     listed: Mutex<HashMap<Key, HashSet<Key>>>,
     pending: Mutex<HashSet<Key>>,
     wake: Notify,
+    /// When the change that queued a Service happened, for the trigger-time annotation
+    /// proxies measure network programming latency from.
+    triggers: Mutex<HashMap<Key, String>>,
 }
+
+/// Upstream's annotation: when the change behind an Endpoints or EndpointSlice update
+/// happened.
+const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 impl Controller {
     fn enqueue(&self, keys: impl IntoIterator<Item = Key>) {
+        let keys: Vec<Key> = keys.into_iter().collect();
+        let now = jiff::Timestamp::now().to_string();
+        let mut triggers = self.triggers.lock().unwrap();
+        for key in &keys {
+            triggers.entry(key.clone()).or_insert_with(|| now.clone());
+        }
+        drop(triggers);
         self.pending.lock().unwrap().extend(keys);
         self.wake.notify_one();
     }
@@ -184,8 +198,9 @@ impl Controller {
         for m in &members {
             groups.entry(resolve_ports(&service, &m.pod)).or_default().push(m);
         }
-        self.write_endpoints(&service, &groups).await?;
-        self.write_slices(&service, &groups).await
+        let trigger = self.triggers.lock().unwrap().remove(key);
+        self.write_endpoints(&service, &groups, trigger.as_deref()).await?;
+        self.write_slices(&service, &groups, trigger.as_deref()).await
     }
 
     fn remember(&self, key: &Key, members: &[Member]) {
@@ -200,6 +215,7 @@ impl Controller {
         &self,
         service: &Service,
         groups: &BTreeMap<Vec<ResolvedPort>, Vec<&Member>>,
+        trigger: Option<&str>,
     ) -> Result<(), Error> {
         let address = |m: &Member| {
             let mut a = json!({"ip": m.ip, "targetRef": target_ref(&m.pod)});
@@ -236,7 +252,10 @@ impl Controller {
         let (ns, name) = key_of(service);
         let api: Api<Endpoints> = Api::namespaced(self.client.clone(), &ns);
         let labels = service.labels().clone();
-        let desired = json!({"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": name, "namespace": ns, "labels": labels}, "subsets": subsets});
+        let mut desired = json!({"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": name, "namespace": ns, "labels": labels}, "subsets": subsets});
+        if let Some(t) = trigger {
+            desired["metadata"]["annotations"] = json!({TRIGGER_TIME: t});
+        }
         match api.get_opt(&name).await? {
             None => {
                 api.create(&PostParams::default(), &serde_json::from_value(desired)?).await?;
@@ -246,6 +265,9 @@ impl Controller {
                 if current_subsets != json!(subsets) || current.metadata.labels.clone().unwrap_or_default() != labels {
                     current.subsets = serde_json::from_value(json!(subsets))?;
                     current.metadata.labels = Some(labels);
+                    if let Some(t) = trigger {
+                        current.annotations_mut().insert(TRIGGER_TIME.into(), t.into());
+                    }
                     api.replace(&name, &PostParams::default(), &current).await?;
                 }
             }
@@ -257,6 +279,7 @@ impl Controller {
         &self,
         service: &Service,
         groups: &BTreeMap<Vec<ResolvedPort>, Vec<&Member>>,
+        trigger: Option<&str>,
     ) -> Result<(), Error> {
         let (ns, name) = key_of(service);
         let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &ns);
@@ -313,6 +336,9 @@ impl Controller {
                         slice.endpoints = serde_json::from_value(endpoints)?;
                         slice.ports = serde_json::from_value(ports)?;
                         slice.metadata.labels = Some(labels.clone());
+                        if let Some(t) = trigger {
+                            slice.annotations_mut().insert(TRIGGER_TIME.into(), t.into());
+                        }
                         let after = api.replace(&slice.name_any(), &PostParams::default(), &slice).await?;
                         self.slices.updated(&uid, &before, &after);
                     }
@@ -320,7 +346,8 @@ impl Controller {
                 None => {
                     let slice = json!({
                         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                        "metadata": {"generateName": format!("{name}-"), "namespace": ns, "labels": labels, "ownerReferences": owner},
+                        "metadata": {"generateName": format!("{name}-"), "namespace": ns, "labels": labels, "ownerReferences": owner,
+                            "annotations": trigger.map(|t| json!({TRIGGER_TIME: t}))},
                         "addressType": address_type, "endpoints": endpoints, "ports": ports,
                     });
                     let created = api.create(&PostParams::default(), &serde_json::from_value(slice)?).await?;
@@ -352,6 +379,7 @@ pub async fn run(client: kube::Client, pod_informer: &Informer<Pod>) -> anyhow::
         listed: Mutex::default(),
         pending: Mutex::default(),
         wake: Notify::new(),
+        triggers: Mutex::default(),
     });
     let service_events = watcher::watcher(Api::<Service>::all(client.clone()), watcher::Config::default())
         .default_backoff()

@@ -1,7 +1,9 @@
 //! The Services and EndpointSlices of the cluster, as one node's networking sees them:
-//! one watch of each, shared by the service proxy and the DNS responder. Listeners are
-//! told which Services changed (a Service's slices changing counts as the Service
-//! changing); after a re-list, every Service counts as changed.
+//! one watch of each, shared by the service proxy and the DNS responder, plus the host
+//! ports of this node's pods, which the node agent sets. Listeners are told which
+//! Services changed (a Service's slices changing counts as the Service changing; a pod's
+//! host ports count under [`host_ports_key`]); after a re-list, every Service counts as
+//! changed.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -21,12 +23,30 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// A Service by namespace and name.
 pub type Key = (String, String);
 
+/// A port of the node forwarded to a pod (`hostPort`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPort {
+    pub protocol: String,
+    /// Only this node address (None: any of them).
+    pub host_ip: Option<std::net::Ipv4Addr>,
+    pub host_port: u16,
+    pub pod_ip: std::net::Ipv4Addr,
+    pub container_port: u16,
+}
+
+/// The key under which a pod's host ports change.
+pub fn host_ports_key(pod_uid: &str) -> Key {
+    (String::new(), format!("hostports/{pod_uid}"))
+}
+
 /// What the watches have shown.
 #[derive(Default)]
 pub struct Known {
     pub services: HashMap<Key, Service>,
     /// Service → its slices by name.
     pub slices: HashMap<Key, HashMap<String, EndpointSlice>>,
+    /// Pod uid → its host ports (this node's pods only).
+    pub host_ports: HashMap<String, Vec<HostPort>>,
 }
 
 impl Known {
@@ -112,6 +132,22 @@ impl Catalog {
             l.dirty.extend(keys.iter().cloned());
             l.wake.notify_one();
         }
+    }
+
+    /// Sets the host ports of a pod of this node (none: it is gone).
+    pub fn set_host_ports(&self, pod_uid: &str, ports: Vec<HostPort>) {
+        let mut state = self.state.lock().expect("catalog lock");
+        let current = state.known.host_ports.get(pod_uid).cloned().unwrap_or_default();
+        if current == ports {
+            return;
+        }
+        if ports.is_empty() {
+            state.known.host_ports.remove(pod_uid);
+        } else {
+            state.known.host_ports.insert(pod_uid.to_string(), ports);
+        }
+        drop(state);
+        self.changed(|_| vec![host_ports_key(pod_uid)]);
     }
 
     /// Follows Services and EndpointSlices until a watch ends.

@@ -143,6 +143,10 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let server = ApiServer::start(Arc::new(store), settings).await?;
     // The in-process components' cache readiness shows on the API server's /metrics.
     server.metrics.add_source(Box::new(krate_client::caches::render_metrics));
+    // The embedded agent's service proxy and DNS responder, under kube-proxy's and
+    // CoreDNS's names.
+    server.metrics.add_source(Box::new(krate_net::proxy::metrics::render));
+    server.metrics.add_source(Box::new(krate_net::dns::metrics::render));
     let listener = tokio::net::TcpListener::bind((args.bind_address, args.port)).await.with_context(|| {
         format!(
             "cannot listen on {}:{} (is another API server running? pick another --port)",

@@ -320,6 +320,18 @@ async fn node_ports_and_load_balancers_answer_outside_clients_and_local_policy_k
     .await;
     let listing = server.kubectl_ok(&["get", "service", "lb"]);
     assert!(listing.contains(&outside.node_ip), "EXTERNAL-IP shows the node: {listing}");
+
+    // A pod's hostPort goes through the same table.
+    let host_port = 20_000 + (std::process::id() % 5000) as i32;
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "hp", "labels": {"role": "hp"}}, "spec": {
+        "containers": [{"name": "c", "image": registry.image("test-server"), "ports": [{"containerPort": 8080, "hostPort": host_port}]}]}}))
+    .unwrap();
+    Api::<Pod>::namespaced(client.clone(), "default").create(&PostParams::default(), &pod).await.unwrap();
+    let hp_target = format!("{}:{host_port}", outside.node_ip);
+    let body = eventually(60, "the host port answers", || async { outside.get(&hp_target).ok() }).await;
+    assert!(body.starts_with("hp "), "{body}");
+    server.kubectl_ok(&["delete", "pod", "hp", "--grace-period=0"]);
+    eventually(30, "the host port goes with the pod", || async { outside.get(&hp_target).err() }).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

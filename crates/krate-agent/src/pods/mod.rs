@@ -64,6 +64,8 @@ pub struct Shared {
     pub shutting_down: watch::Sender<bool>,
     /// Pods' resolv.conf and hosts files.
     pub dns: dns::PodDns,
+    /// The node's networking view, where pods' host ports go.
+    pub catalog: krate_net::catalog::Catalog,
 }
 
 impl Shared {
@@ -75,6 +77,7 @@ impl Shared {
         sync_frequency: std::time::Duration,
         conditions: watch::Receiver<Vec<crate::pressure::Condition>>,
         dns: dns::PodDns,
+        catalog: krate_net::catalog::Catalog,
     ) -> Arc<Self> {
         let events = krate_client::events::Recorder::new(client.clone(), "kubelet");
         let dir = &node.data_dir;
@@ -96,6 +99,7 @@ impl Shared {
             conditions,
             shutting_down: watch::Sender::new(false),
             dns,
+            catalog,
         })
     }
 

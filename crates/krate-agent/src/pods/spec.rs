@@ -84,6 +84,30 @@ pub fn sandbox_config(pod: &Pod, attempt: u32, log_root: &Path, dns: &super::dns
     }
 }
 
+/// The node ports the pod's containers ask for (`hostPort`), forwarded to `pod_ip` by
+/// the node's proxy.
+pub fn host_ports(pod: &Pod, pod_ip: &str) -> Vec<krate_net::catalog::HostPort> {
+    let Ok(pod_ip) = pod_ip.parse() else { return vec![] };
+    let containers = pod.spec.iter().flat_map(|s| s.containers.iter());
+    containers
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            let host_port = u16::try_from(p.host_port.filter(|h| *h > 0)?).ok()?;
+            Some(krate_net::catalog::HostPort {
+                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                host_ip: p
+                    .host_ip
+                    .as_deref()
+                    .and_then(|ip| ip.parse().ok())
+                    .filter(|ip: &std::net::Ipv4Addr| !ip.is_unspecified()),
+                host_port,
+                pod_ip,
+                container_port: u16::try_from(p.container_port).ok()?,
+            })
+        })
+        .collect()
+}
+
 /// Replaces `$(VAR)` with the variable's value when it is defined; `$$(VAR)` stays
 /// `$(VAR)` literally; references to undefined variables are kept as written (upstream).
 pub fn expand(input: &str, vars: &BTreeMap<String, String>) -> String {

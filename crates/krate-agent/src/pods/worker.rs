@@ -343,6 +343,7 @@ impl PodWorker {
             }
         }
         let (sandbox_id, sandbox_config, pod_ip) = self.ensure_sandbox(pod).await?;
+        self.shared.catalog.set_host_ports(&self.uid, spec::host_ports(pod, &pod_ip));
         let mut next: Option<Instant> = None;
         let observed = self.observe(&sandbox_id).await?;
         let spec = pod.spec.clone().unwrap_or_default();
@@ -823,6 +824,7 @@ impl PodWorker {
     async fn teardown(&mut self, grace: i64) {
         let Ok(sandboxes) = self.sandboxes().await else { return };
         let containers = self.stop_containers(grace).await;
+        self.shared.catalog.set_host_ports(&self.uid, vec![]);
         for s in &sandboxes {
             self.remove_sandbox(&s.id).await;
         }

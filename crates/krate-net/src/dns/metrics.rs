@@ -62,20 +62,45 @@ pub fn type_label(t: RecordType) -> &'static str {
     }
 }
 
-pub fn observe(transport: Transport, qtype: &str, zone: &str, rcode: &str, took: Duration) {
+/// The counters and histogram of one label set, resolved once.
+struct Handles {
+    requests: Counter,
+    responses: Counter,
+    duration: Histogram,
+}
+
+/// (transport, query type, in the cluster zone, rcode).
+type Key = (Transport, &'static str, bool, &'static str);
+
+static HANDLES: LazyLock<std::sync::RwLock<std::collections::HashMap<Key, Handles>>> = LazyLock::new(Default::default);
+
+pub fn observe(transport: Transport, qtype: &'static str, zone: &str, rcode: &'static str, took: Duration) {
+    let key: Key = (transport, qtype, zone != ".", rcode);
+    let record = |h: &Handles| {
+        h.requests.inc();
+        h.responses.inc();
+        h.duration.observe(took.as_secs_f64());
+    };
+    if let Some(h) = HANDLES.read().expect("dns metrics lock").get(&key) {
+        return record(h);
+    }
     let m = &*METRICS;
     let server = SERVER.get().cloned().unwrap_or_default();
     let proto = if transport == Transport::Udp { "udp" } else { "tcp" };
     let base = || vec![("server", server.clone()), ("zone", zone.to_string()), ("view", String::new())];
     let mut requests = base();
     requests.extend([("proto", proto.to_string()), ("family", "1".to_string()), ("type", qtype.to_string())]);
-    m.requests.get_or_create(&requests).inc();
     let mut responses = base();
     responses.extend([("rcode", rcode.to_string()), ("plugin", String::new())]);
-    m.responses.get_or_create(&responses).inc();
     let mut duration = base();
     duration.push(("type", qtype.to_string()));
-    m.duration.get_or_create(&duration).observe(took.as_secs_f64());
+    let h = Handles {
+        requests: m.requests.get_or_create(&requests).clone(),
+        responses: m.responses.get_or_create(&responses).clone(),
+        duration: m.duration.get_or_create(&duration).clone(),
+    };
+    record(&h);
+    HANDLES.write().expect("dns metrics lock").insert(key, h);
 }
 
 /// The metrics in Prometheus' text format (no `# EOF`).

@@ -67,6 +67,11 @@ pub struct Responder {
     zone: String,
     index: RwLock<Index>,
     cache: Mutex<HashMap<(String, RecordType), Cached>>,
+    /// The zone's encoded answers, by the request's bytes after its ID (flags, counts,
+    /// question, EDNS): a repeated question costs a copy and two bytes of ID. Valid for
+    /// one generation of the index.
+    answers: RwLock<AnswerCache>,
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// What [`Responder::local`] made of a message.
@@ -87,21 +92,65 @@ pub struct Pending {
     chase: bool,
 }
 
-/// CoreDNS's rcode label.
-fn rcode_label(code: ResponseCode) -> String {
+/// The rcode labels of the codes a 4-bit header field carries.
+fn rcode_static(code: u8) -> &'static str {
     match code {
-        ResponseCode::NoError => "NOERROR".into(),
-        ResponseCode::FormErr => "FORMERR".into(),
-        ResponseCode::ServFail => "SERVFAIL".into(),
-        ResponseCode::NXDomain => "NXDOMAIN".into(),
-        ResponseCode::NotImp => "NOTIMP".into(),
-        ResponseCode::Refused => "REFUSED".into(),
-        other => format!("{}", u16::from(other)),
+        0 => "NOERROR",
+        1 => "FORMERR",
+        2 => "SERVFAIL",
+        3 => "NXDOMAIN",
+        4 => "NOTIMP",
+        5 => "REFUSED",
+        _ => "other",
+    }
+}
+
+/// An encoded zone answer.
+struct CachedAnswer {
+    generation: u64,
+    transport: Transport,
+    bytes: Vec<u8>,
+    type_label: &'static str,
+    rcode: &'static str,
+    zone: String,
+}
+
+impl CachedAnswer {
+    /// The answer to `packet`: its ID, and the metrics a fresh answer would record.
+    fn finish(&self, packet: &[u8], transport: Transport, started: Instant) -> Vec<u8> {
+        let mut bytes = self.bytes.clone();
+        bytes[..2].copy_from_slice(&packet[..2]);
+        metrics::observe(transport, self.type_label, &self.zone, self.rcode, started.elapsed());
+        bytes
+    }
+}
+
+/// Encoded zone answers, bounded.
+#[derive(Default)]
+struct AnswerCache(HashMap<Vec<u8>, CachedAnswer>);
+
+const ANSWER_ENTRIES: usize = 50_000;
+
+impl AnswerCache {
+    fn get(&self, packet: &[u8], generation: u64, transport: Transport) -> Option<&CachedAnswer> {
+        let hit = self.0.get(packet.get(2..)?)?;
+        (hit.generation == generation && hit.transport == transport).then_some(hit)
+    }
+
+    fn insert(&mut self, key: Vec<u8>, answer: CachedAnswer) {
+        if self.0.len() >= ANSWER_ENTRIES {
+            let generation = answer.generation;
+            self.0.retain(|_, a| a.generation == generation);
+            if self.0.len() >= ANSWER_ENTRIES {
+                self.0.clear();
+            }
+        }
+        self.0.insert(key, answer);
     }
 }
 
 /// How a request arrived.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Transport {
     Udp,
     Tcp,
@@ -110,7 +159,14 @@ pub enum Transport {
 impl Responder {
     pub fn new(config: DnsConfig) -> Arc<Self> {
         let zone = format!("{}.", config.zone.trim_end_matches('.')).to_lowercase();
-        Arc::new(Self { config, zone, index: RwLock::default(), cache: Mutex::default() })
+        Arc::new(Self {
+            config,
+            zone,
+            index: RwLock::default(),
+            cache: Mutex::default(),
+            answers: RwLock::default(),
+            generation: Default::default(),
+        })
     }
 
     /// Applies what changed in the catalog.
@@ -120,6 +176,7 @@ impl Responder {
             for key in dirty {
                 index.update(&key, known.services.get(&key), &known.slices_of(&key), &self.zone);
             }
+            self.generation.store(index.generation, std::sync::atomic::Ordering::Release);
         });
     }
 
@@ -207,6 +264,10 @@ impl Responder {
     /// as [`Handled::Forward`], for [`Self::complete`].
     pub fn local(&self, packet: &[u8], transport: Transport) -> Handled {
         let started = Instant::now();
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        if let Some(reply) = self.answers.read().expect("dns answers lock").get(packet, generation, transport) {
+            return Handled::Done(Some(reply.finish(packet, transport, started)));
+        }
         let request = match Message::from_vec(packet) {
             Ok(m) => m,
             Err(_) if packet.len() >= 12 => {
@@ -262,18 +323,45 @@ impl Responder {
                 if response.answers.is_empty() {
                     response.authorities.push(self.soa());
                 }
-                Handled::Done(self.finish(response, &request, transport, type_label, &zone, started))
+                let reply = self.finish(response, &request, transport, type_label, &zone, started);
+                Handled::Done(self.remember(packet, generation, transport, type_label, reply))
             }
             Lookup::NxDomain => {
                 response.metadata.authoritative = true;
                 response.metadata.response_code = ResponseCode::NXDomain;
                 response.authorities.push(self.soa());
-                Handled::Done(self.finish(response, &request, transport, type_label, &zone, started))
+                let reply = self.finish(response, &request, transport, type_label, &zone, started);
+                Handled::Done(self.remember(packet, generation, transport, type_label, reply))
             }
             Lookup::Forward => {
                 Handled::Forward(Box::new(Pending { request, response, query, transport, started, chase: false }))
             }
         }
+    }
+
+    /// Keeps a zone answer for the next time the same question comes.
+    fn remember(
+        &self,
+        packet: &[u8],
+        generation: u64,
+        transport: Transport,
+        type_label: &'static str,
+        reply: Option<Vec<u8>>,
+    ) -> Option<Vec<u8>> {
+        let bytes = reply?;
+        if bytes.len() >= 12 && packet.len() >= 12 {
+            let rcode = rcode_static(bytes[3] & 0x0f);
+            let answer = CachedAnswer {
+                generation,
+                transport,
+                bytes: bytes.clone(),
+                type_label,
+                rcode,
+                zone: self.zone.clone(),
+            };
+            self.answers.write().expect("dns answers lock").insert(packet[2..].to_vec(), answer);
+        }
+        Some(bytes)
     }
 
     /// Finishes a question the upstream resolvers answer.
@@ -306,7 +394,7 @@ impl Responder {
         mut response: Message,
         request: &Message,
         transport: Transport,
-        type_label: &str,
+        type_label: &'static str,
         zone: &str,
         started: Instant,
     ) -> Option<Vec<u8>> {
@@ -318,7 +406,8 @@ impl Responder {
             response.metadata.truncation = true;
             bytes = response.to_vec().ok()?;
         }
-        metrics::observe(transport, type_label, zone, &rcode_label(response.metadata.response_code), started.elapsed());
+        let rcode = rcode_static((u16::from(response.metadata.response_code) & 0x0f) as u8);
+        metrics::observe(transport, type_label, zone, rcode, started.elapsed());
         Some(bytes)
     }
 
@@ -414,12 +503,20 @@ async fn exchange(upstream: SocketAddr, query: &[u8], id: u16) -> Result<Message
 /// Serves `config.listen` over UDP and TCP from what `catalog` shows, until dropped.
 pub async fn run(catalog: &Catalog, config: DnsConfig) -> Result<()> {
     let listen = config.listen;
-    let udp =
-        Arc::new(UdpSocket::bind(listen).await.with_context(|| format!("cluster DNS: listening on udp {listen}"))?);
+    let sockets =
+        udp_sockets(listen, UDP_THREADS).with_context(|| format!("cluster DNS: listening on udp {listen}"))?;
     let tcp = TcpListener::bind(listen).await.with_context(|| format!("cluster DNS: listening on tcp {listen}"))?;
     let responder = Responder::new(config);
     metrics::set_server(&format!("dns://{listen}"));
     tracing::info!(%listen, upstreams = ?responder.config.upstreams, "cluster DNS serving");
+    let stop = Stop::default();
+    for (n, socket) in sockets.into_iter().enumerate() {
+        let (responder, stop, handle) = (responder.clone(), stop.0.clone(), tokio::runtime::Handle::current());
+        std::thread::Builder::new()
+            .name(format!("krate-dns-udp-{n}"))
+            .spawn(move || serve_udp(socket, &responder, &stop, &handle))
+            .context("cluster DNS: starting a UDP thread")?;
+    }
     let changes = catalog.listen();
     let follow = async {
         loop {
@@ -427,19 +524,56 @@ pub async fn run(catalog: &Catalog, config: DnsConfig) -> Result<()> {
             responder.follow(&changes);
         }
     };
-    let udp_workers = (0..2).map(|_| serve_udp(udp.clone(), responder.clone()));
     tokio::select! {
         () = follow => Ok(()),
-        r = futures::future::try_join_all(udp_workers) => r.map(|_| ()),
         r = serve_tcp(tcp, responder.clone()) => r,
     }
 }
 
-async fn serve_udp(socket: Arc<UdpSocket>, responder: Arc<Responder>) -> Result<()> {
+/// Threads answering UDP: zone answers are a lookup and an encode, so blocking sockets
+/// on threads of their own (one socket each, the kernel spreading datagrams by
+/// `SO_REUSEPORT`) answer more per core than tasks woken by the async runtime.
+const UDP_THREADS: usize = 2;
+
+/// Tells the UDP threads to finish when `run` is dropped.
+#[derive(Default)]
+struct Stop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// `count` UDP sockets on `listen` sharing it by `SO_REUSEPORT` (a port 0 is chosen once).
+fn udp_sockets(listen: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::UdpSocket>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut addr = listen;
+    let mut sockets = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&addr.into())?;
+        socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let socket: std::net::UdpSocket = socket.into();
+        addr = socket.local_addr()?;
+        sockets.push(socket);
+    }
+    Ok(sockets)
+}
+
+fn serve_udp(
+    socket: std::net::UdpSocket,
+    responder: &Arc<Responder>,
+    stop: &std::sync::atomic::AtomicBool,
+    runtime: &tokio::runtime::Handle,
+) {
+    let socket = Arc::new(socket);
     let mut buf = vec![0u8; 4096];
-    loop {
-        let (n, peer) = match socket.recv_from(&mut buf).await {
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        let (n, peer) = match socket.recv_from(&mut buf) {
             Ok(r) => r,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
             Err(e) => {
                 tracing::debug!(error = %e, "dns: receive failed");
                 continue;
@@ -448,14 +582,15 @@ async fn serve_udp(socket: Arc<UdpSocket>, responder: Arc<Responder>) -> Result<
         // Answers from the zone go at once; forwarded ones must not hold up the rest.
         match responder.local(&buf[..n], Transport::Udp) {
             Handled::Done(Some(reply)) => {
-                let _ = socket.send_to(&reply, peer).await;
+                let _ = socket.send_to(&reply, peer);
             }
             Handled::Done(None) => {}
             Handled::Forward(pending) => {
                 let (socket, responder) = (socket.clone(), responder.clone());
-                tokio::spawn(async move {
+                runtime.spawn(async move {
                     if let Some(reply) = responder.complete(pending).await {
-                        let _ = socket.send_to(&reply, peer).await;
+                        // A datagram send does not wait on the peer.
+                        let _ = socket.send_to(&reply, peer);
                     }
                 });
             }

@@ -116,3 +116,26 @@ fn upstreams_leave_out_the_cluster_dns() {
     let skip = ["10.43.0.10".parse().unwrap()];
     assert_eq!(upstreams(&servers, &skip), ["192.0.2.53:53".parse().unwrap()]);
 }
+
+#[test]
+fn remembered_answers_follow_changes_to_the_zone() {
+    let config =
+        DnsConfig { zone: "cluster.local".into(), listen: "127.0.0.1:0".parse().unwrap(), upstreams: vec![], ttl: 5 };
+    let responder = Responder::new(config);
+    let catalog = Catalog::default();
+    let changes = catalog.listen();
+    let web = |ip: &str| -> k8s_openapi::api::core::v1::Service {
+        serde_json::from_value(json!({"metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": [{"port": 80}]}}))
+        .unwrap()
+    };
+    catalog.set(vec![web("10.43.0.5")], vec![]);
+    responder.follow(&changes);
+    let first = ask(&responder, "web.default.svc.cluster.local.", RecordType::A);
+    let again = ask(&responder, "web.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(first.answers, again.answers, "the same answer, from memory");
+    catalog.set(vec![web("10.43.0.6")], vec![]);
+    responder.follow(&changes);
+    let changed = ask(&responder, "web.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(changed.answers[0].data, RData::A(A(Ipv4Addr::new(10, 43, 0, 6))));
+}

@@ -49,6 +49,9 @@ pub struct ProxyConfig {
     /// The cluster DNS address, answered on this node by the DNS responder at the given
     /// address and port instead of by endpoints.
     pub local_dns: Option<LocalDns>,
+    /// Told the Services of each pass once its rules are in the kernel (benchmarks and
+    /// tests measure programming latency with it).
+    pub applied: Option<tokio::sync::broadcast::Sender<Vec<Key>>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -149,6 +152,9 @@ fn local_dns_share(dns: &LocalDns) -> Share {
 
 /// The share of one Service as the catalog shows it now.
 fn share(config: &ProxyConfig, known: &Known, key: &Key, node: &NodeContext) -> Share {
+    if let Some(uid) = key.1.strip_prefix("hostports/").filter(|_| key.0.is_empty()) {
+        return rules::host_ports_share(uid, known.host_ports.get(uid).map(Vec::as_slice).unwrap_or_default());
+    }
     let mut share = Share::default();
     let Some(svc) = known.services.get(key) else { return share };
     let dns = config
@@ -186,7 +192,9 @@ pub async fn run(catalog: &Catalog, config: ProxyConfig) -> Result<()> {
         }
         let (changed, old, new) = changes.take(|dirty, known| {
             let changed: Vec<Key> = if full {
-                known.services.keys().chain(applied.keys()).cloned().collect::<BTreeSet<_>>().into_iter().collect()
+                let host_ports = known.host_ports.keys().map(|uid| crate::catalog::host_ports_key(uid));
+                let all = known.services.keys().cloned().chain(host_ports).chain(applied.keys().cloned());
+                all.collect::<BTreeSet<_>>().into_iter().collect()
             } else {
                 dirty
             };
@@ -225,6 +233,9 @@ pub async fn run(catalog: &Catalog, config: ProxyConfig) -> Result<()> {
                     }
                 }
                 metrics::programmed();
+                if let Some(applied) = &config.applied {
+                    let _ = applied.send(changed.clone());
+                }
                 full = false;
                 backoff = Duration::from_secs(1);
             }

@@ -28,6 +28,7 @@ const HOOKS: &[(&str, &str, &str, &str)] = &[
 /// Chains without hooks that the base rules use.
 const HELPERS: &[&str] = &[
     "services",
+    "hostports",
     "masquerading",
     "mark-for-masquerade",
     "service-endpoints-check",
@@ -38,7 +39,8 @@ const HELPERS: &[&str] = &[
 ];
 
 /// Name prefixes of the chains and sets a share may own.
-const SHARE_PREFIXES: &[&str] = &["service-", "local-", "external-", "endpoint-", "firewall-", "affinity-"];
+const SHARE_PREFIXES: &[&str] =
+    &["service-", "local-", "external-", "endpoint-", "firewall-", "affinity-", "hostport-"];
 
 /// What the base rules depend on.
 #[derive(Clone, Debug)]
@@ -67,8 +69,17 @@ impl Base {
     fn rules(&self) -> Vec<(&'static str, Vec<String>)> {
         let bridge = &self.bridge;
         vec![
-            ("nat-prerouting", vec!["jump services".into()]),
-            ("nat-output", vec!["jump services".into()]),
+            ("nat-prerouting", vec!["jump hostports".into(), "jump services".into()]),
+            ("nat-output", vec!["jump hostports".into(), "jump services".into()]),
+            (
+                "hostports",
+                vec![
+                    "ip daddr . meta l4proto . th dport vmap @host-ip-ports".into(),
+                    // A cheap lookup for every new connection; the host port's chain checks
+                    // the address is the node's (a route lookup) only for its own port.
+                    "meta l4proto . th dport vmap @host-ports".into(),
+                ],
+            ),
             ("nat-postrouting", vec!["jump masquerading".into()]),
             ("filter-prerouting-pre-dnat", vec!["ct state new jump firewall-check".into()]),
             ("filter-output-pre-dnat", vec!["ct state new jump firewall-check".into()]),

@@ -98,11 +98,21 @@ pub enum Map {
     NoEndpointServices,
     NoEndpointNodePorts,
     FirewallIps,
+    /// Pods' host ports on any of the node's addresses, and on one of them.
+    HostPorts,
+    HostIpPorts,
 }
 
 impl Map {
-    pub const ALL: [Map; 5] =
-        [Map::ServiceIps, Map::ServiceNodePorts, Map::NoEndpointServices, Map::NoEndpointNodePorts, Map::FirewallIps];
+    pub const ALL: [Map; 7] = [
+        Map::ServiceIps,
+        Map::ServiceNodePorts,
+        Map::NoEndpointServices,
+        Map::NoEndpointNodePorts,
+        Map::FirewallIps,
+        Map::HostPorts,
+        Map::HostIpPorts,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -111,13 +121,15 @@ impl Map {
             Map::NoEndpointServices => "no-endpoint-services",
             Map::NoEndpointNodePorts => "no-endpoint-nodeports",
             Map::FirewallIps => "firewall-ips",
+            Map::HostPorts => "host-ports",
+            Map::HostIpPorts => "host-ip-ports",
         }
     }
 
     /// The map's key type.
     pub fn key_type(self) -> &'static str {
         match self {
-            Map::ServiceNodePorts | Map::NoEndpointNodePorts => "inet_proto . inet_service",
+            Map::ServiceNodePorts | Map::NoEndpointNodePorts | Map::HostPorts => "inet_proto . inet_service",
             _ => "ipv4_addr . inet_proto . inet_service",
         }
     }
@@ -212,6 +224,33 @@ fn balance(
     let choices: Vec<String> = endpoint_chains.iter().enumerate().map(|(i, c)| format!("{i} : goto {c}")).collect();
     rules.push(format!("numgen random mod {} vmap {{ {} }}", endpoint_chains.len(), choices.join(", ")));
     share.chains.insert(chain, rules);
+}
+
+/// The share of one pod's host ports: each DNATs to the pod (masqueraded when the pod
+/// itself or the node is the client, so that the answer comes back the same way).
+pub fn host_ports_share(pod_uid: &str, ports: &[crate::catalog::HostPort]) -> Share {
+    let mut share = Share::default();
+    for p in ports {
+        let Some(protocol) = Protocol::parse(&p.protocol) else { continue };
+        let chain = chain_name("hostport", &format!("{pod_uid}/{}/{}", protocol.nft(), p.host_port));
+        let mut rules = Vec::new();
+        if p.host_ip.is_none() {
+            // Any of the node's addresses, and only those.
+            rules.push("fib daddr type != local return".to_string());
+        }
+        rules.extend([
+            format!("ip saddr {} jump mark-for-masquerade", p.pod_ip),
+            "fib saddr type local jump mark-for-masquerade".to_string(),
+            format!("meta l4proto {} dnat to {}:{}", protocol.nft(), p.pod_ip, p.container_port),
+        ]);
+        share.chains.insert(chain.clone(), rules);
+        let element = match p.host_ip {
+            Some(ip) => (Map::HostIpPorts, key(ip, protocol, p.host_port)),
+            None => (Map::HostPorts, node_port_key(protocol, p.host_port)),
+        };
+        share.elements.insert(element, format!("goto {chain}"));
+    }
+    share
 }
 
 /// The share of one service port.
