@@ -161,9 +161,8 @@ pub struct KindInfo {
     /// built-in kinds publish upstream's definitions instead).
     pub schema_json: Option<Arc<Value>>,
     pub strategy: &'static dyn Strategy,
-    /// Extra field selectors beyond metadata.name/metadata.namespace: (label, path into
-    /// the stored form of the object).
-    pub field_selectors: &'static [(&'static str, &'static [&'static str])],
+    /// Extra field selectors beyond metadata.name/metadata.namespace.
+    pub field_selectors: &'static [SelectableField],
     /// Set for kinds defined by a CustomResourceDefinition.
     pub custom: Option<crate::custom::CustomKind>,
     /// The columns of its server-side tables (custom kinds: their printer columns first).
@@ -204,25 +203,55 @@ impl KindInfo {
         let path: &[&str] = match field {
             "metadata.name" => &["metadata", "name"],
             "metadata.namespace" => &["metadata", "namespace"],
-            other => self.field_selectors.iter().find(|(label, _)| *label == other)?.1,
+            other => return Some(self.field_selectors.iter().find(|f| f.label == other)?.value(obj)),
         };
-        Some(match crate::object::get(obj, path) {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Null) | None => String::new(),
-            Some(other) => other.to_string(),
-        })
+        Some(text("", path).value(obj))
     }
 
     pub fn supports_field(&self, field: &str) -> bool {
-        matches!(field, "metadata.name" | "metadata.namespace")
-            || self.field_selectors.iter().any(|(label, _)| *label == field)
+        matches!(field, "metadata.name" | "metadata.namespace") || self.field_selectors.iter().any(|f| f.label == field)
     }
 
     pub fn field_labels(&self) -> Vec<&str> {
         let mut labels = vec!["metadata.name", "metadata.namespace"];
-        labels.extend(self.field_selectors.iter().map(|(l, _)| *l));
+        labels.extend(self.field_selectors.iter().map(|f| f.label));
         labels
     }
+}
+
+/// A field selector a kind supports beyond `metadata.name` and `metadata.namespace`: its
+/// label, its path into the stored form of the object, and what an absent field selects
+/// as. Upstream formats the typed field, so an unset flag is `false` and an unset count `0`
+/// (`spec.unschedulable=false` selects a node that never set it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SelectableField {
+    pub label: &'static str,
+    pub path: &'static [&'static str],
+    pub absent: &'static str,
+}
+
+impl SelectableField {
+    /// The field's value in `obj` as a field selector compares it.
+    pub fn value(&self, obj: &Value) -> String {
+        match crate::object::get(obj, self.path) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Null) | None => self.absent.to_string(),
+            Some(other) => other.to_string(),
+        }
+    }
+}
+
+/// A string field (absent: the empty string).
+const fn text(label: &'static str, path: &'static [&'static str]) -> SelectableField {
+    SelectableField { label, path, absent: "" }
+}
+/// A boolean field (absent: `false`).
+const fn flag(label: &'static str, path: &'static [&'static str]) -> SelectableField {
+    SelectableField { label, path, absent: "false" }
+}
+/// An integer field (absent: `0`).
+const fn count(label: &'static str, path: &'static [&'static str]) -> SelectableField {
+    SelectableField { label, path, absent: "0" }
 }
 
 struct Builder(KindInfo);
@@ -297,7 +326,7 @@ impl Builder {
         self.0.strategy = s;
         self
     }
-    fn fields(mut self, f: &'static [(&'static str, &'static [&'static str])]) -> Self {
+    fn fields(mut self, f: &'static [SelectableField]) -> Self {
         self.0.field_selectors = f;
         self
     }
@@ -326,47 +355,47 @@ impl Builder {
     }
 }
 
-const POD_FIELDS: &[(&str, &[&str])] = &[
-    ("spec.nodeName", &["spec", "nodeName"]),
-    ("spec.restartPolicy", &["spec", "restartPolicy"]),
-    ("spec.schedulerName", &["spec", "schedulerName"]),
-    ("spec.serviceAccountName", &["spec", "serviceAccountName"]),
-    ("spec.hostNetwork", &["spec", "hostNetwork"]),
-    ("status.phase", &["status", "phase"]),
-    ("status.podIP", &["status", "podIP"]),
-    ("status.nominatedNodeName", &["status", "nominatedNodeName"]),
+const POD_FIELDS: &[SelectableField] = &[
+    text("spec.nodeName", &["spec", "nodeName"]),
+    text("spec.restartPolicy", &["spec", "restartPolicy"]),
+    text("spec.schedulerName", &["spec", "schedulerName"]),
+    text("spec.serviceAccountName", &["spec", "serviceAccountName"]),
+    flag("spec.hostNetwork", &["spec", "hostNetwork"]),
+    text("status.phase", &["status", "phase"]),
+    text("status.podIP", &["status", "podIP"]),
+    text("status.nominatedNodeName", &["status", "nominatedNodeName"]),
 ];
-const EVENT_FIELDS: &[(&str, &[&str])] = &[
-    ("involvedObject.kind", &["involvedObject", "kind"]),
-    ("involvedObject.namespace", &["involvedObject", "namespace"]),
-    ("involvedObject.name", &["involvedObject", "name"]),
-    ("involvedObject.uid", &["involvedObject", "uid"]),
-    ("involvedObject.apiVersion", &["involvedObject", "apiVersion"]),
-    ("involvedObject.resourceVersion", &["involvedObject", "resourceVersion"]),
-    ("involvedObject.fieldPath", &["involvedObject", "fieldPath"]),
-    ("reason", &["reason"]),
-    ("reportingComponent", &["reportingComponent"]),
-    ("source", &["source", "component"]),
-    ("type", &["type"]),
+const EVENT_FIELDS: &[SelectableField] = &[
+    text("involvedObject.kind", &["involvedObject", "kind"]),
+    text("involvedObject.namespace", &["involvedObject", "namespace"]),
+    text("involvedObject.name", &["involvedObject", "name"]),
+    text("involvedObject.uid", &["involvedObject", "uid"]),
+    text("involvedObject.apiVersion", &["involvedObject", "apiVersion"]),
+    text("involvedObject.resourceVersion", &["involvedObject", "resourceVersion"]),
+    text("involvedObject.fieldPath", &["involvedObject", "fieldPath"]),
+    text("reason", &["reason"]),
+    text("reportingComponent", &["reportingComponent"]),
+    text("source", &["source", "component"]),
+    text("type", &["type"]),
 ];
 /// events.k8s.io/v1 selects under its own field names; paths are into the stored (core/v1) form.
-const EVENTS_V1_FIELDS: &[(&str, &[&str])] = &[
-    ("regarding.kind", &["involvedObject", "kind"]),
-    ("regarding.namespace", &["involvedObject", "namespace"]),
-    ("regarding.name", &["involvedObject", "name"]),
-    ("regarding.uid", &["involvedObject", "uid"]),
-    ("reason", &["reason"]),
-    ("reportingController", &["reportingComponent"]),
-    ("type", &["type"]),
+const EVENTS_V1_FIELDS: &[SelectableField] = &[
+    text("regarding.kind", &["involvedObject", "kind"]),
+    text("regarding.namespace", &["involvedObject", "namespace"]),
+    text("regarding.name", &["involvedObject", "name"]),
+    text("regarding.uid", &["involvedObject", "uid"]),
+    text("reason", &["reason"]),
+    text("reportingController", &["reportingComponent"]),
+    text("type", &["type"]),
 ];
-const SECRET_FIELDS: &[(&str, &[&str])] = &[("type", &["type"])];
-const NAMESPACE_FIELDS: &[(&str, &[&str])] = &[("status.phase", &["status", "phase"])];
-const NODE_FIELDS: &[(&str, &[&str])] = &[("spec.unschedulable", &["spec", "unschedulable"])];
-const REPLICAS_FIELDS: &[(&str, &[&str])] = &[("status.replicas", &["status", "replicas"])];
-const JOB_FIELDS: &[(&str, &[&str])] = &[("status.successful", &["status", "successful"])];
-const CSR_FIELDS: &[(&str, &[&str])] = &[("spec.signerName", &["spec", "signerName"])];
-const SERVICE_FIELDS: &[(&str, &[&str])] =
-    &[("spec.clusterIP", &["spec", "clusterIP"]), ("spec.type", &["spec", "type"])];
+const SECRET_FIELDS: &[SelectableField] = &[text("type", &["type"])];
+const NAMESPACE_FIELDS: &[SelectableField] = &[text("status.phase", &["status", "phase"])];
+const NODE_FIELDS: &[SelectableField] = &[flag("spec.unschedulable", &["spec", "unschedulable"])];
+const REPLICAS_FIELDS: &[SelectableField] = &[count("status.replicas", &["status", "replicas"])];
+const JOB_FIELDS: &[SelectableField] = &[count("status.successful", &["status", "successful"])];
+const CSR_FIELDS: &[SelectableField] = &[text("spec.signerName", &["spec", "signerName"])];
+const SERVICE_FIELDS: &[SelectableField] =
+    &[text("spec.clusterIP", &["spec", "clusterIP"]), text("spec.type", &["spec", "type"])];
 
 /// Every built-in kind krate serves.
 pub fn builtin_kinds() -> Vec<KindInfo> {
@@ -665,6 +694,20 @@ mod tests {
         assert!(pods.supports_field("spec.nodeName") && !pods.supports_field("spec.bogus"));
     }
 
+    #[test]
+    fn absent_fields_select_as_their_typed_zero() {
+        let r = Registry::builtin();
+        let node = r.lookup("", "v1", "nodes").unwrap();
+        let fresh = serde_json::json!({"metadata": {"name": "n"}, "spec": {}});
+        assert_eq!(node.field_value(&fresh, "spec.unschedulable").as_deref(), Some("false"));
+        let cordoned = serde_json::json!({"metadata": {"name": "n"}, "spec": {"unschedulable": true}});
+        assert_eq!(node.field_value(&cordoned, "spec.unschedulable").as_deref(), Some("true"));
+        let rs = r.lookup("apps", "v1", "replicasets").unwrap();
+        assert_eq!(rs.field_value(&fresh, "status.replicas").as_deref(), Some("0"));
+        let pods = r.lookup("", "v1", "pods").unwrap();
+        assert_eq!(pods.field_value(&fresh, "spec.hostNetwork").as_deref(), Some("false"));
+        assert_eq!(pods.field_value(&fresh, "spec.nodeName").as_deref(), Some(""));
+    }
     #[test]
     fn typed_round_trip_drops_unknown_fields_and_rejects_bad_types() {
         let r = Registry::builtin();

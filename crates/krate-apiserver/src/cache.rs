@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use krate_api::kinds::SelectableField;
 use krate_store::{Event, KeyValue, ListRequest, Revision, Store, StoreError};
 use serde_json::Value;
 use tokio::sync::watch;
@@ -30,7 +31,7 @@ pub struct CachedObject {
 }
 
 /// Which fields of a resource (by store prefix) field selectors may use: (label, path).
-pub type FieldPaths = Arc<dyn Fn(&str) -> Vec<(&'static str, &'static [&'static str])> + Send + Sync>;
+pub type FieldPaths = Arc<dyn Fn(&str) -> Vec<SelectableField> + Send + Sync>;
 
 impl CachedObject {
     /// Parses the stored JSON (for conversions, tables and the like).
@@ -46,11 +47,7 @@ impl CachedObject {
         }
     }
 
-    pub fn from_kv(
-        kv: &KeyValue,
-        revision: Revision,
-        field_paths: &[(&'static str, &'static [&'static str])],
-    ) -> Option<Self> {
+    pub fn from_kv(kv: &KeyValue, revision: Revision, field_paths: &[SelectableField]) -> Option<Self> {
         let mut value: Value = match serde_json::from_slice(&kv.value) {
             Ok(v) => v,
             Err(err) => {
@@ -67,17 +64,7 @@ impl CachedObject {
             .and_then(Value::as_object)
             .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
             .unwrap_or_default();
-        let fields = field_paths
-            .iter()
-            .map(|(label, path)| {
-                let v = match krate_api::object::get(&value, path) {
-                    Some(Value::String(s)) => s.clone(),
-                    Some(Value::Null) | None => String::new(),
-                    Some(other) => other.to_string(),
-                };
-                (*label, v)
-            })
-            .collect();
+        let fields = field_paths.iter().map(|f| (f.label, f.value(&value))).collect();
         let json = Bytes::from(serde_json::to_vec(&value).ok()?);
         Some(Self {
             key: kv.key.clone(),

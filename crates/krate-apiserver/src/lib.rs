@@ -101,11 +101,11 @@ const SYSTEM_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "k
 
 /// Field-selector paths per store prefix, from every served kind that stores there.
 fn field_paths(kinds: &Registry) -> cache::FieldPaths {
-    let mut map: HashMap<String, Vec<(&'static str, &'static [&'static str])>> = HashMap::new();
+    let mut map: HashMap<String, Vec<krate_api::kinds::SelectableField>> = HashMap::new();
     for k in kinds.kinds() {
         let entry = map.entry(registry::storage_prefix(k)).or_default();
         for field in k.field_selectors {
-            if !entry.iter().any(|(l, _)| *l == field.0) {
+            if !entry.iter().any(|f| f.label == field.label) {
                 entry.push(*field);
             }
         }

@@ -59,8 +59,9 @@ fn body_of(out: &Output) -> Result<String, String> {
     }
 }
 
-/// What a GET of `path` from `host[:port]` gets in pod `from` (busybox's nc: its wget
-/// crashes in these images): the body, or the complaint.
+/// What a GET of `path` from `host[:port]` gets in pod `from` (with busybox's nc, which
+/// can give up after a timeout: Debian's busybox 1.35 crashes on `wget -T`): the body,
+/// or the complaint.
 fn get(server: &TestServer, from: &str, host: &str, path: &str) -> Result<String, String> {
     let (host, port) = host.split_once(':').unwrap_or((host, "80"));
     let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n");
@@ -103,6 +104,17 @@ async fn a_deployment_behind_a_service_is_reached_by_name_and_spreads_over_its_p
     }
     let lookup = stdout(&kubectl_exec(&server, "client", &["nslookup", "web"]));
     assert!(lookup.contains(&ip), "nslookup web names the ClusterIP {ip}: {lookup}");
+    // As the README has a new user try it: busybox's wget, by both names.
+    for url in ["http://web", "http://web.default.svc.cluster.local/hello"] {
+        let out = kubectl_exec(&server, "client", &["wget", "-qO-", url]);
+        let body = stdout(&out);
+        let pod = body.split_whitespace().next().unwrap_or_default();
+        assert!(
+            names.contains(pod),
+            "wget -qO- {url} answers from one of {names:?}: {body}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     // No endpoints: connections are refused at once; endpoints again: answered again.
     server.kubectl_ok(&["scale", "deployment", "web", "--replicas=0"]);

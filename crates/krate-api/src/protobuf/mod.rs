@@ -214,6 +214,9 @@ fn special(name: &str, fields: &Map<String, Value>, raw: &[u8]) -> Option<Value>
 }
 
 /// Pointer strings where "" means something (so empty is kept, not dropped).
+/// The JSON name `schema.txt` gives an embedded (`json:",inline"`) field.
+const INLINE: &str = "*";
+
 const MEANINGFUL_EMPTY_STRINGS: &[&str] = &["storageClassName", "volumeAttributesClassName"];
 
 /// Non-pointer Go fields that protobuf always carries but JSON omits when zero. Other
@@ -304,6 +307,12 @@ fn decode_message(name: &str, buf: &[u8]) -> Result<Value, String> {
                 };
                 let key = k.as_str().map(str::to_string).unwrap_or_else(|| k.to_string());
                 out.entry(field.json.clone()).or_insert_with(|| json!({}))[key] = v.unwrap_or(default);
+            }
+            kind if field.json == INLINE => {
+                // An embedded Go struct: its fields are the parent's in JSON.
+                if let Value::Object(inner) = decode_scalar(kind, wire, &mut r)? {
+                    out.extend(inner);
+                }
             }
             kind => {
                 let v = decode_scalar(kind, wire, &mut r)?;
@@ -423,5 +432,50 @@ mod tests {
         assert!(decode(b"not protobuf").is_err());
         assert!(decode(&[MAGIC, &[0x0a, 0xff]].concat()).is_err());
         assert_eq!(go_duration(90_000_000_000), "1m30s");
+    }
+
+    #[test]
+    fn embedded_structs_are_inlined_and_acronyms_keep_their_spelling() {
+        // A volume: VolumeSource (tag 2) is embedded; configMap's LocalObjectReference too.
+        let mut reference = Vec::new();
+        field_bytes(1, b"settings", &mut reference);
+        let mut config_map = Vec::new();
+        field_bytes(1, &reference, &mut config_map);
+        let mut source = Vec::new();
+        field_bytes(19, &config_map, &mut source); // configMap
+        let mut volume = Vec::new();
+        field_bytes(1, b"config", &mut volume);
+        field_bytes(2, &source, &mut volume);
+        assert_eq!(
+            decode_message("api.core.v1.Volume", &volume).unwrap(),
+            json!({"name": "config", "configMap": {"name": "settings"}})
+        );
+        // A probe: ProbeHandler (tag 1) is embedded.
+        let mut exec = Vec::new();
+        field_bytes(1, b"true", &mut exec);
+        let mut handler = Vec::new();
+        field_bytes(1, &exec, &mut handler);
+        let mut probe = Vec::new();
+        field_bytes(1, &handler, &mut probe);
+        field_varint(2, 3, &mut probe); // initialDelaySeconds
+        assert_eq!(
+            decode_message("api.core.v1.Probe", &probe).unwrap(),
+            json!({"exec": {"command": ["true"]}, "initialDelaySeconds": 3})
+        );
+        // Names prost's snake case loses.
+        let mut spec = Vec::new();
+        field_bytes(7, b"10.0.0.0/24", &mut spec);
+        assert_eq!(decode_message("api.core.v1.NodeSpec", &spec).unwrap(), json!({"podCIDRs": ["10.0.0.0/24"]}));
+        // An empty message still decodes, as an empty object (a CRD's status subresource).
+        let mut subresources = Vec::new();
+        field_bytes(1, b"", &mut subresources);
+        assert_eq!(
+            decode_message(
+                "apiextensions_apiserver.pkg.apis.apiextensions.v1.CustomResourceSubresources",
+                &subresources
+            )
+            .unwrap(),
+            json!({"status": {}})
+        );
     }
 }
