@@ -36,6 +36,7 @@ SERVED = [
     "io.k8s.api.storage.v1.",
     "io.k8s.api.node.v1.",
     "io.k8s.api.certificates.v1.",
+    "io.k8s.api.flowcontrol.v1.",
     "io.k8s.apiextensions-apiserver.pkg.apis.apiextensions.v1.",
     "io.k8s.apimachinery.pkg.",
 ]

@@ -68,7 +68,7 @@ def json_name(field, known):
         return known[field]
     camel = snake_to_camel(field)
     for json in known.values():
-        if json.lower() == camel.lower():
+        if json.lstrip("$").lower() == camel.lower():  # $ref, $schema
             return json
     return camel
 
@@ -107,6 +107,8 @@ def mark_inline(messages):
 
 def main():
     names = json_names()
+    # prost renames acronyms (JSONSchemaProps is JsonSchemaProps, CSIDriver CsiDriver).
+    by_lower = {(module, struct.lower()): fields for (module, struct), fields in names.items()}
     messages = {}  # qualified name -> [(tag, json, kind)]
     for path in sorted(glob.glob(f"{PB}/**/mod.rs", recursive=True)):
         module = os.path.relpath(os.path.dirname(path), PB).replace("/", ".")
@@ -117,7 +119,7 @@ def main():
         for sm in re.finditer(r"pub struct (\w+) \{(?:\}|(.*?)\n\})", text, re.S):
             struct, body = sm.group(1), sm.group(2) or ""
             fields = re.findall(r"#\[prost\(([^\]]*)\)\]\s*pub ([\w#]+):\s*(.*?),\n\s*(?=(?:///|#\[|$))", body + "\n", re.S)
-            known = names.get((module, struct), {})
+            known = names.get((module, struct)) or by_lower.get((module, struct.lower()), {})
             entries = messages.setdefault(f"{module}.{struct}", [])
             for attrs, rust_name, rust_type in fields:
                 tag = re.search(r'tag = "(\d+)"', attrs).group(1)

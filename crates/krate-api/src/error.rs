@@ -90,6 +90,9 @@ pub struct ApiError {
     pub details: Option<Value>,
     /// Extra headers such as `Retry-After`.
     pub retry_after_seconds: Option<u64>,
+    /// The Status's `metadata.continue`: a list whose continue token expired offers one
+    /// that goes on from the same key at the newest revision.
+    pub continue_token: Option<String>,
 }
 
 impl std::fmt::Display for ApiError {
@@ -104,7 +107,7 @@ pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
     pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        Self { code, reason, message: message.into(), details: None, retry_after_seconds: None }
+        Self { code, reason, message: message.into(), details: None, retry_after_seconds: None, continue_token: None }
     }
 
     pub fn with_details(mut self, details: Value) -> Self {
@@ -227,6 +230,9 @@ impl ApiError {
         }
         if let Some(seconds) = self.retry_after_seconds {
             status["details"]["retryAfterSeconds"] = json!(seconds);
+        }
+        if let Some(token) = &self.continue_token {
+            status["metadata"]["continue"] = json!(token);
         }
         status
     }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use k8s_openapi::api::{
     apps::v1 as apps, autoscaling::v1 as autoscaling1, autoscaling::v2 as autoscaling2, batch::v1 as batch,
     certificates::v1 as certificates, coordination::v1 as coordination, core::v1 as core, discovery::v1 as discovery,
-    events::v1 as events, networking::v1 as networking, node::v1 as node, policy::v1 as policy, rbac::v1 as rbac,
-    scheduling::v1 as scheduling, storage::v1 as storage,
+    events::v1 as events, flowcontrol::v1 as flowcontrol, networking::v1 as networking, node::v1 as node,
+    policy::v1 as policy, rbac::v1 as rbac, scheduling::v1 as scheduling, storage::v1 as storage,
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiextensions;
 use k8s_openapi::{ClusterResourceScope, NamespaceResourceScope, Resource};
@@ -557,6 +557,10 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
         kind::<storage::VolumeAttachment>().status_only().0,
         kind::<storage::VolumeAttributesClass>().short(&["vac"]).0,
         kind::<node::RuntimeClass>().0,
+        // flowcontrol.apiserver.k8s.io/v1: API priority and fairness's objects (served and
+        // stored; requests are not yet classified by them).
+        kind::<flowcontrol::FlowSchema>().status_only().strategy(&ResetStatusStrategy).0,
+        kind::<flowcontrol::PriorityLevelConfiguration>().status_only().strategy(&ResetStatusStrategy).0,
         kind::<apiextensions::CustomResourceDefinition>()
             .short(&["crd", "crds"])
             .printer(&printers::CRDS)
@@ -591,6 +595,7 @@ pub const GROUP_ORDER: &[(&str, &str)] = &[
     ("coordination.k8s.io", "v1"),
     ("node.k8s.io", "v1"),
     ("discovery.k8s.io", "v1"),
+    ("flowcontrol.apiserver.k8s.io", "v1"),
     ("apiextensions.k8s.io", "v1"),
 ];
 

@@ -157,6 +157,7 @@ fn merge_list(schema: Option<&Node>, target: &mut Value, patch: &[Value]) -> Res
         *target = Value::Array(patch.iter().map(strip_directives).collect());
         return Ok(());
     }
+    let original = target.as_array().expect("checked above").clone();
     let list = target.as_array_mut().expect("checked above");
     let Some(key) = schema.and_then(Node::merge_key) else {
         // A merging list of scalars is a set.
@@ -165,6 +166,7 @@ fn merge_list(schema: Option<&Node>, target: &mut Value, patch: &[Value]) -> Res
                 list.push(item.clone());
             }
         }
+        *list = upstream_order(None, std::mem::take(list), &original, patch);
         return Ok(());
     };
     let element = schema.and_then(Node::element);
@@ -185,7 +187,37 @@ fn merge_list(schema: Option<&Node>, target: &mut Value, patch: &[Value]) -> Res
             }
         }
     }
+    *list = upstream_order(Some(key), std::mem::take(list), &original, patch);
     Ok(())
+}
+
+/// The order upstream's strategic merge leaves a merged list in: the patch's elements in
+/// the patch's order, with the live object's other elements put back among them where
+/// the live order places them relative to patch elements it also holds; a patch element
+/// new to the list goes before a live-only one (upstream's normalizeElementOrder and
+/// mergeSortedSlice). So a new container patched into a pod template comes first.
+fn upstream_order(key: Option<&str>, merged: Vec<Value>, original: &[Value], patch: &[Value]) -> Vec<Value> {
+    let id = |v: &Value| match key {
+        Some(k) => v.get(k).cloned(),
+        None => Some(v.clone()),
+    };
+    let position = |list: &[Value], v: &Value| list.iter().position(|o| id(o) == id(v));
+    let (mut ours, theirs): (Vec<Value>, Vec<Value>) = merged.into_iter().partition(|v| position(patch, v).is_some());
+    ours.sort_by_key(|v| position(patch, v));
+    let (mut left, mut right) = (theirs.into_iter().peekable(), ours.into_iter().peekable());
+    let mut out = Vec::new();
+    loop {
+        let take_left = match (left.peek(), right.peek()) {
+            (None, None) => break,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some(l), Some(r)) => {
+                matches!((position(original, l), position(original, r)), (Some(li), Some(ri)) if li < ri)
+            }
+        };
+        out.extend(if take_left { left.next() } else { right.next() });
+    }
+    out
 }
 
 /// Orders `list` as `order` names its elements; elements not named keep their relative
@@ -242,7 +274,37 @@ mod tests {
         assert_eq!(names, ["c", "a", "b"]);
         assert_eq!(pod["spec"]["containers"][1]["image"], "a:2");
         assert_eq!(pod["spec"]["containers"][1]["env"], json!([{"name": "X", "value": "1"}]));
-        assert_eq!(pod["metadata"]["finalizers"], json!(["f1", "f2"]));
+        // A new element of a merging list goes first, as upstream orders it.
+        assert_eq!(pod["metadata"]["finalizers"], json!(["f2", "f1"]));
+    }
+
+    #[test]
+    fn strategic_merge_keeps_upstreams_element_order() {
+        let rs = schema("apps", "ReplicaSet");
+        let names = |obj: &Value| -> Vec<String> {
+            obj["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let with = |names: &[&str]| {
+            let containers: Vec<Value> = names.iter().map(|n| json!({"name": n, "image": "i"})).collect();
+            json!({"spec": {"template": {"spec": {"containers": containers}}}})
+        };
+        // A new element comes before the live ones (upstream's conformance test of
+        // ReplicaSet patches reads the patched container as containers[0]).
+        let mut obj = with(&["agnhost"]);
+        apply_strategic_merge_patch(&mut obj, &with(&["test-rs"]), &rs).unwrap();
+        assert_eq!(names(&obj), ["test-rs", "agnhost"]);
+        // Live elements keep their places around the patched ones they precede.
+        let mut obj = with(&["a", "b", "c"]);
+        apply_strategic_merge_patch(&mut obj, &with(&["c", "x"]), &rs).unwrap();
+        assert_eq!(names(&obj), ["a", "b", "c", "x"]);
+        let mut obj = with(&["a", "b"]);
+        apply_strategic_merge_patch(&mut obj, &with(&["b"]), &rs).unwrap();
+        assert_eq!(names(&obj), ["a", "b"]);
     }
 
     #[test]

@@ -1059,7 +1059,18 @@ impl Storage {
                 }
             }
         }
-        let snapshot_rev = token.as_ref().map(|t| t.rv).or(requested.filter(|_| exact));
+        if let Some(t) = token.as_ref().filter(|t| t.rv > 0) {
+            // As etcd would: a snapshot older than the compacted history is gone, even
+            // where the cache could still serve it. The error offers an inconsistent
+            // token (rv -1) that goes on from the same key at the newest revision.
+            let compacted = self.store.compacted_revision().await.map_err(|e| store_error(kind, "", e))?;
+            if t.rv < compacted {
+                let mut gone = ApiError::gone(EXPIRED_CONTINUE);
+                gone.continue_token = Some(ContinueToken { rv: -1, start: t.start.clone() }.encode());
+                return Err(gone);
+            }
+        }
+        let snapshot_rev = token.as_ref().map(|t| t.rv).filter(|rv| *rv > 0).or(requested.filter(|_| exact));
         let start = token.as_ref().map(|t| format!("{prefix}{}", t.start));
         if let Some(page) = self.list_from_cache(kind, &prefix, snapshot_rev, start.clone(), opts) {
             return Ok(page);
@@ -1121,10 +1132,21 @@ impl Storage {
         loop {
             let page = self
                 .store
-                .list(ListRequest { prefix: prefix.to_string(), start_key: cursor.clone(), limit: Some(500), revision: Some(revision) })
+                .list(ListRequest {
+                    prefix: prefix.to_string(),
+                    start_key: cursor.clone(),
+                    limit: Some(500),
+                    revision: Some(revision),
+                })
                 .await
                 .map_err(|e| match e {
-                    StoreError::Compacted { .. } if !exact => ApiError::gone("The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list."),
+                    StoreError::Compacted { .. } if !exact => {
+                        let mut gone = ApiError::gone(EXPIRED_CONTINUE);
+                        gone.continue_token = cursor
+                            .as_deref()
+                            .map(|k| ContinueToken { rv: -1, start: k[prefix.len()..].to_string() }.encode());
+                        gone
+                    }
                     other => store_error(kind, "", other),
                 })?;
             for kv in &page.items {
@@ -1337,6 +1359,9 @@ pub(crate) fn uuid_v4() -> String {
         b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]
     )
 }
+
+/// Upstream's message for a continue token whose snapshot was compacted away.
+const EXPIRED_CONTINUE: &str = "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.";
 
 /// Upstream's continue token: base64 of `{"v":"meta.k8s.io/v1","rv":N,"start":"key\0"}`.
 struct ContinueToken {

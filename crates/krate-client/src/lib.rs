@@ -5,6 +5,7 @@ pub mod events;
 pub mod expectations;
 pub mod informer;
 pub mod node_lease;
+pub mod tls;
 
 /// The current time as the API writes timestamps (RFC 3339, whole seconds).
 pub fn now() -> String {

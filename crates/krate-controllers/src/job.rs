@@ -2,7 +2,7 @@
 //! activeDeadlineSeconds, suspend, Indexed completion mode and ttlSecondsAfterFinished,
 //! with upstream's conditions (Complete/Failed, SuccessCriteriaMet/FailureTarget).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,20 +173,34 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
         .filter(|p| p.metadata.deletion_timestamp.is_none() && !matches!(phase(p), "Succeeded" | "Failed"))
         .collect();
     let succeeded_pods: Vec<&Pod> = pods.iter().filter(|p| phase(p) == "Succeeded").collect();
-    // podFailurePolicy decides per failed pod: fail the Job, ignore the failure, or count it.
+    // podFailurePolicy decides per failed pod: fail the Job, fail its index, ignore the
+    // failure, or count it (against the Job's backoffLimit, or its index's
+    // backoffLimitPerIndex).
+    let per_index = spec.backoff_limit_per_index.filter(|_| indexed);
     let mut fail_job: Option<String> = None;
     let mut failed = 0;
+    let mut index_failures: BTreeMap<i32, i32> = BTreeMap::new();
+    let mut failed_indexes: BTreeSet<i32> = BTreeSet::new();
     for pod in pods.iter().filter(|p| phase(p) == "Failed") {
-        match failure_action(&spec, pod) {
+        let action = failure_action(&spec, pod);
+        match &action {
             Some((action, message)) if action == "FailJob" => {
-                fail_job.get_or_insert(message);
-                failed += 1;
+                fail_job.get_or_insert(message.clone());
             }
-            Some((action, _)) if action == "Ignore" => {}
-            _ => failed += 1,
+            Some((action, _)) if action == "Ignore" => continue,
+            _ => {}
+        }
+        failed += 1;
+        if let (Some(limit), Some(i)) = (per_index, index_of(pod)) {
+            let count = index_failures.entry(i).or_default();
+            *count += 1;
+            if *count > limit || action.is_some_and(|(a, _)| a == "FailIndex") {
+                failed_indexes.insert(i);
+            }
         }
     }
     let completed_indexes: BTreeSet<i32> = succeeded_pods.iter().filter_map(|p| index_of(p)).collect();
+    failed_indexes.retain(|i| !completed_indexes.contains(i));
     let succeeded = if indexed { completed_indexes.len() as i32 } else { succeeded_pods.len() as i32 };
     let status = job.status.clone().unwrap_or_default();
     let start = status.start_time.as_ref().map(|t| t.0).unwrap_or_else(now);
@@ -201,6 +215,21 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
             condition("FailureTarget", "PodFailurePolicy", &message),
             condition("Failed", "PodFailurePolicy", &message),
         ];
+    } else if spec.max_failed_indexes.is_some_and(|max| failed_indexes.len() as i32 > max) {
+        delete_pods(&ctx, &uid, &pods_api, &active).await?;
+        let message = "Job has exceeded the specified maximal number of failed indexes";
+        new_conditions = vec![
+            condition("FailureTarget", "MaxFailedIndexesExceeded", message),
+            condition("Failed", "MaxFailedIndexesExceeded", message),
+        ];
+    } else if !failed_indexes.is_empty()
+        && active.is_empty()
+        && completions.is_some_and(|c| succeeded + failed_indexes.len() as i32 >= c)
+    {
+        // Every index has ended, some of them failed.
+        let message = "Job has failed indexes";
+        new_conditions =
+            vec![condition("FailureTarget", "FailedIndexes", message), condition("Failed", "FailedIndexes", message)];
     } else if failed > backoff_limit {
         delete_pods(&ctx, &uid, &pods_api, &active).await?;
         let message = "Job has reached the specified backoff limit";
@@ -226,15 +255,15 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
         completion_time = Some(timestamp(now()));
     } else if spec.suspend != Some(true) {
         let remaining = match completions {
-            Some(c) => (c - succeeded - active.len() as i32).max(0),
+            Some(c) => (c - succeeded - failed_indexes.len() as i32 - active.len() as i32).max(0),
             None if succeeded > 0 => 0,
             None => parallelism,
         };
         let to_create = (parallelism - active.len() as i32).min(remaining).max(0);
         if indexed {
             let busy: BTreeSet<i32> = active.iter().filter_map(|p| index_of(p)).collect();
-            let free =
-                (0..completions.unwrap_or(parallelism)).filter(|i| !completed_indexes.contains(i) && !busy.contains(i));
+            let free = (0..completions.unwrap_or(parallelism))
+                .filter(|i| !completed_indexes.contains(i) && !failed_indexes.contains(i) && !busy.contains(i));
             for i in free.take(to_create as usize) {
                 let pod = pods_api.create(&PostParams::default(), &new_pod(&job, Some(i))?).await?;
                 ctx.pods.created(&uid, &pod);
@@ -280,6 +309,9 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
     }});
     if indexed {
         patch["status"]["completedIndexes"] = json!(index_ranges(&completed_indexes));
+    }
+    if per_index.is_some() {
+        patch["status"]["failedIndexes"] = json!(index_ranges(&failed_indexes));
     }
     if let Some(t) = completion_time {
         patch["status"]["completionTime"] = json!(t);

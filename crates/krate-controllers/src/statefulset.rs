@@ -136,9 +136,20 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action, E
             }
         }
     }
-    // Scale down from the highest ordinal.
+    // Scale down from the highest ordinal. OrderedReady halts while any pod is unhealthy
+    // and removes one pod at a time, the next once the last is gone (upstream's monotonic
+    // scaling).
     let extra: Vec<&Pod> = pods.range(wanted..).rev().map(|(_, p)| p).filter(|p| live(p)).collect();
-    for p in extra.iter().take(if parallel { extra.len() } else { 1 }) {
+    let halted = !parallel
+        && (pods.values().any(|p| live(p) && !running_and_ready(p)) || pods.range(wanted..).any(|(_, p)| !live(p)));
+    let deletions = if parallel {
+        extra.len()
+    } else if halted {
+        0
+    } else {
+        1
+    };
+    for p in extra.iter().take(deletions) {
         let _ = api.delete(&p.name_any(), &DeleteParams::default()).await;
         ctx.pods.deleted(&uid, p);
     }

@@ -395,6 +395,60 @@ spec:
 }
 
 #[tokio::test]
+async fn indexed_jobs_fail_indexes_on_their_own_limits() {
+    let server = TestServer::start();
+    let _nodes = HollowNodes::start(&server, "hollow", 2, &[]);
+    let client = server.client().await;
+    let job = |name: &str, parallelism: u32, extra: &str| {
+        format!(
+            r#"
+apiVersion: batch/v1
+kind: Job
+metadata: {{name: {name}}}
+spec:
+  completionMode: Indexed
+  completions: 3
+  parallelism: {parallelism}
+  {extra}
+  template:
+    metadata: {{annotations: {{hollow.krate.io/exit-code: "1", hollow.krate.io/run-seconds: "0.1"}}}}
+    spec: {{restartPolicy: Never, containers: [{{name: c, image: "x:1"}}]}}
+"#
+        )
+    };
+    let manifest = [
+        job("per-index", 3, "backoffLimitPerIndex: 1"),
+        job("max-failed", 1, "backoffLimitPerIndex: 0\n  maxFailedIndexes: 0"),
+        job(
+            "fail-index",
+            3,
+            "backoffLimitPerIndex: 5\n  podFailurePolicy: {rules: [{action: FailIndex, onExitCodes: {operator: In, values: [1]}}]}",
+        ),
+    ]
+    .join("---\n");
+    let out = server.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), "default");
+    let ended = |name: &'static str| {
+        let jobs = jobs.clone();
+        eventually(60, name, move || {
+            let jobs = jobs.clone();
+            async move {
+                let s = jobs.get(name).await.ok()?.status?;
+                let reason = s.conditions?.into_iter().find(|c| c.type_ == "Failed" && c.status == "True")?.reason?;
+                Some((reason, s.failed_indexes.unwrap_or_default(), s.failed.unwrap_or(0)))
+            }
+        })
+    };
+    // Each index retried once, then given up on: the Job fails once every index has ended.
+    assert_eq!(ended("per-index").await, ("FailedIndexes".to_string(), "0-2".to_string(), 6));
+    // No failed index allowed: the first one ends the Job (one pod at a time: index 0).
+    assert_eq!(ended("max-failed").await, ("MaxFailedIndexesExceeded".to_string(), "0".to_string(), 1));
+    // FailIndex: no retries despite the per-index limit.
+    assert_eq!(ended("fail-index").await, ("FailedIndexes".to_string(), "0-2".to_string(), 3));
+}
+
+#[tokio::test]
 async fn a_cronjob_fires() {
     let server = TestServer::start();
     let _nodes = HollowNodes::start(&server, "hollow", 1, &[]);

@@ -15,6 +15,8 @@ use super::spec::expand;
 pub struct Runtime<'a> {
     pub pod_ip: &'a str,
     pub host_ip: &'a str,
+    /// The node's allocatable resources (the limits of a container that sets none).
+    pub allocatable: &'a BTreeMap<String, String>,
 }
 
 /// A ConfigMap's keys as bytes: `data`, and `binaryData` too when `binary` (volumes use
@@ -98,15 +100,24 @@ pub fn field(pod: &Pod, path: &str, rt: &Runtime) -> Result<String> {
 
 /// The value of a `resourceFieldRef` (limits default to the node's allocatable, which
 /// the agent does not pass here: an unset limit reads as 0).
-fn resource_field(container: &Container, resource: &str, divisor: Option<&str>) -> Result<String> {
+/// A container's resource as the downward API gives it (`limits.cpu`, `requests.memory`,
+/// ...), divided by `divisor` and rounded up. An unset limit is the node's allocatable
+/// amount, as upstream's kubelet reports it; an unset request is 0.
+pub(super) fn resource_field(
+    container: &Container,
+    resource: &str,
+    divisor: Option<&str>,
+    allocatable: &BTreeMap<String, String>,
+) -> Result<String> {
     let (which, name) = resource.split_once('.').ok_or_else(|| anyhow!("unsupported resourceFieldRef {resource:?}"))?;
     let res = container.resources.as_ref();
-    let map = match which {
-        "limits" => res.and_then(|r| r.limits.as_ref()),
-        "requests" => res.and_then(|r| r.requests.as_ref()),
+    let set = match which {
+        "limits" => res.and_then(|r| r.limits.as_ref()).and_then(|m| m.get(name)).map(|q| q.0.as_str()),
+        "requests" => res.and_then(|r| r.requests.as_ref()).and_then(|m| m.get(name)).map(|q| q.0.as_str()),
         _ => return Err(anyhow!("unsupported resourceFieldRef {resource:?}")),
     };
-    let value = map.and_then(|m| m.get(name)).and_then(|q| krate_api::quantity::parse(&q.0)).unwrap_or(0.0);
+    let set = if which == "limits" { set.or(allocatable.get(name).map(String::as_str)) } else { set };
+    let value = set.and_then(krate_api::quantity::parse).unwrap_or(0.0);
     let divisor = divisor.and_then(krate_api::quantity::parse).filter(|d| *d > 0.0).unwrap_or(1.0);
     Ok(((value / divisor).ceil() as i64).to_string())
 }
@@ -195,7 +206,7 @@ pub async fn resolve(
                 if let Some(f) = &from.field_ref {
                     field(pod, &f.field_path, rt)?
                 } else if let Some(r) = &from.resource_field_ref {
-                    resource_field(container, &r.resource, r.divisor.as_ref().map(|d| d.0.as_str()))?
+                    resource_field(container, &r.resource, r.divisor.as_ref().map(|d| d.0.as_str()), rt.allocatable)?
                 } else if let Some(r) = &from.config_map_key_ref {
                     let optional = r.optional.unwrap_or(false);
                     match config_map(client, ns, &r.name, optional).await?.remove(&r.key) {
@@ -235,7 +246,8 @@ mod tests {
     #[test]
     fn field_paths() {
         let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "ns", "labels": {"app": "web"}}, "spec": {"nodeName": "n1", "containers": []}})).unwrap();
-        let rt = Runtime { pod_ip: "10.42.0.5", host_ip: "127.0.0.1" };
+        let allocatable = BTreeMap::new();
+        let rt = Runtime { pod_ip: "10.42.0.5", host_ip: "127.0.0.1", allocatable: &allocatable };
         assert_eq!(field(&pod, "metadata.labels['app']", &rt).unwrap(), "web");
         assert_eq!(field(&pod, "metadata.annotations['x']", &rt).unwrap(), "");
         assert_eq!(field(&pod, "spec.nodeName", &rt).unwrap(), "n1");
@@ -265,8 +277,15 @@ mod tests {
         let c: Container =
             serde_json::from_value(json!({"name": "c", "resources": {"limits": {"cpu": "250m", "memory": "64Mi"}}}))
                 .unwrap();
-        assert_eq!(resource_field(&c, "limits.cpu", None).unwrap(), "1");
-        assert_eq!(resource_field(&c, "limits.cpu", Some("1m")).unwrap(), "250");
-        assert_eq!(resource_field(&c, "limits.memory", Some("1Mi")).unwrap(), "64");
+        let node =
+            BTreeMap::from([("cpu".to_string(), "1500m".to_string()), ("memory".to_string(), "2Gi".to_string())]);
+        assert_eq!(resource_field(&c, "limits.cpu", None, &node).unwrap(), "1");
+        assert_eq!(resource_field(&c, "limits.cpu", Some("1m"), &node).unwrap(), "250");
+        assert_eq!(resource_field(&c, "limits.memory", Some("1Mi"), &node).unwrap(), "64");
+        // No limits: the node's allocatable; no requests: 0.
+        let bare: Container = serde_json::from_value(json!({"name": "c"})).unwrap();
+        assert_eq!(resource_field(&bare, "limits.cpu", Some("1m"), &node).unwrap(), "1500");
+        assert_eq!(resource_field(&bare, "limits.memory", None, &node).unwrap(), (2u64 << 30).to_string());
+        assert_eq!(resource_field(&bare, "requests.cpu", None, &node).unwrap(), "0");
     }
 }

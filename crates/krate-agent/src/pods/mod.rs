@@ -13,7 +13,7 @@ pub mod status;
 pub mod volumes;
 mod worker;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,6 +42,9 @@ pub struct Shared {
     pub cri: Cri,
     pub node_name: String,
     pub node_ip: String,
+    /// The node's allocatable resources: what a container without limits is limited to
+    /// as the downward API reports it.
+    pub allocatable: BTreeMap<String, String>,
     /// Container logs: `<log_root>/<ns>_<name>_<uid>/<container>/<restarts>.log`.
     pub log_root: PathBuf,
     /// Pod volumes: `<volume_root>/<uid>/<volume>`.
@@ -87,6 +90,7 @@ impl Shared {
             cri,
             node_name: node.name.clone(),
             node_ip: node.ip.to_string(),
+            allocatable: crate::node::allocatable(node),
             log_root,
             volume_root,
             sync_frequency,

@@ -207,34 +207,26 @@ async fn check(target: &Target, probe: &Probe, timeout: Duration) -> Result<(), 
     if let Some(http) = &probe.http_get {
         let host = http.host.clone().filter(|h| !h.is_empty()).unwrap_or_else(|| target.pod_ip.clone());
         let port = port(c, &http.port)?;
-        if http.scheme.as_deref() == Some("HTTPS") {
-            return Err("HTTPS probes are not supported by this agent yet".into());
-        }
+        let https = http.scheme.as_deref() == Some("HTTPS");
         let path = http.path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into());
-        let mut stream = tokio::net::TcpStream::connect((host.as_str(), port))
-            .await
-            .map_err(|e| format!("Get \"http://{host}:{port}{path}\": {e}"))?;
+        let url = format!("{}://{host}:{port}{path}", if https { "https" } else { "http" });
+        let stream =
+            tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| format!("Get \"{url}\": {e}"))?;
         let mut request = format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.37\r\nAccept: */*\r\nConnection: close\r\n");
         for h in http.http_headers.iter().flatten() {
             request.push_str(&format!("{}: {}\r\n", h.name, h.value));
         }
         request.push_str("\r\n");
-        stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
-        let mut head = Vec::with_capacity(256);
-        let mut buf = [0u8; 256];
-        while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 4096 {
-            let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        let line = String::from_utf8_lossy(&head);
-        let code: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| "malformed HTTP response".to_string())?;
+        let code = if https {
+            // As upstream's kubelet: TLS without verifying the target's certificate.
+            let connector = tokio_rustls::TlsConnector::from(krate_client::tls::unverified_client_config());
+            let name =
+                rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| format!("Get \"{url}\": {e}"))?;
+            let tls = connector.connect(name, stream).await.map_err(|e| format!("Get \"{url}\": {e}"))?;
+            status_code(tls, &request).await?
+        } else {
+            status_code(stream, &request).await?
+        };
         return if (200..400).contains(&code) {
             Ok(())
         } else {
@@ -254,6 +246,25 @@ async fn check(target: &Target, probe: &Probe, timeout: Duration) -> Result<(), 
         return grpc_health(&target.pod_ip, port, grpc.service.clone().unwrap_or_default()).await;
     }
     Err("the probe has no handler".into())
+}
+
+/// Sends `request` on `stream` and reads the status code of the response.
+async fn status_code<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    request: &str,
+) -> Result<u16, String> {
+    stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut head = Vec::with_capacity(256);
+    let mut buf = [0u8; 256];
+    while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 4096 {
+        let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| "malformed HTTP response".to_string())
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -34,13 +34,19 @@ pub fn log_directory(root: &Path, pod: &Pod) -> std::path::PathBuf {
 pub fn sandbox_config(pod: &Pod, attempt: u32, log_root: &Path, dns: &super::dns::PodDns) -> api::PodSandboxConfig {
     let (ns, name, uid) = pod_key(pod);
     let spec = pod.spec.as_ref();
-    let hostname = spec.and_then(|s| s.hostname.clone()).unwrap_or_else(|| name.chars().take(63).collect());
+    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+    // A pod on the host's network shares the host's UTS namespace too, so it gets no
+    // hostname of its own (as upstream's kubelet: runc refuses to set one there).
+    let hostname = if host_network {
+        String::new()
+    } else {
+        spec.and_then(|s| s.hostname.clone()).unwrap_or_else(|| name.chars().take(63).collect())
+    };
     let mut labels: HashMap<String, String> = pod.metadata.labels.clone().unwrap_or_default().into_iter().collect();
     labels.insert(POD_UID.into(), uid.clone());
     labels.insert(POD_NAME.into(), name.clone());
     labels.insert(POD_NAMESPACE.into(), ns.clone());
     labels.insert(MANAGED_BY.into(), MANAGED_BY_AGENT.into());
-    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
     let host_pid = spec.and_then(|s| s.host_pid).unwrap_or(false);
     let host_ipc = spec.and_then(|s| s.host_ipc).unwrap_or(false);
     let mode = |host: bool| if host { api::NamespaceMode::Node as i32 } else { api::NamespaceMode::Pod as i32 };
@@ -75,6 +81,14 @@ pub fn sandbox_config(pod: &Pod, attempt: u32, log_root: &Path, dns: &super::dns
                     pid: if host_pid { api::NamespaceMode::Node as i32 } else { api::NamespaceMode::Container as i32 },
                     ipc: mode(host_ipc),
                     ..Default::default()
+                }),
+                // A privileged container needs a privileged sandbox (containerd refuses
+                // it otherwise), as upstream's kubelet asks for.
+                privileged: spec.is_some_and(|s| {
+                    s.containers
+                        .iter()
+                        .chain(s.init_containers.iter().flatten())
+                        .any(|c| c.security_context.as_ref().and_then(|sc| sc.privileged).unwrap_or(false))
                 }),
                 ..Default::default()
             }),

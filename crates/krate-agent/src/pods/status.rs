@@ -61,18 +61,22 @@ fn terminated(s: &api::ContainerStatus) -> Value {
 }
 
 /// One entry of `containerStatuses`. `started`: its startup probe (if any) passed;
-/// `ready`: its readiness probe (if any) passed.
+/// `ready`: its readiness probe (if any) passed; `initializing`: the pod's init
+/// containers have not all succeeded (a container not created yet waits with upstream's
+/// `PodInitializing` rather than `ContainerCreating`).
 pub fn container_status(
     spec: &Container,
     observed: &Observed,
     waiting: Option<&Waiting>,
     started: bool,
     ready: bool,
+    initializing: bool,
 ) -> Value {
     let image = spec.image.clone().unwrap_or_default();
     let mut out = json!({"name": spec.name, "image": image, "imageID": "", "ready": false, "started": false, "restartCount": 0, "lastState": {}});
     let state = match (&observed.latest, waiting) {
         (_, Some(w)) => json!({"waiting": {"reason": w.reason, "message": w.message}}),
+        (None, None) if initializing => json!({"waiting": {"reason": "PodInitializing"}}),
         (None, None) => json!({"waiting": {"reason": "ContainerCreating"}}),
         (Some(s), None) if is_running(s) => json!({"running": {"startedAt": time(s.started_at)}}),
         (Some(s), None) if is_exited(s) => terminated(s),
@@ -236,7 +240,7 @@ mod tests {
     fn a_container_in_back_off_shows_its_last_run() {
         let c: Container = serde_json::from_value(json!({"name": "c", "image": "i"})).unwrap();
         let w = Waiting { reason: "CrashLoopBackOff".into(), message: "back-off 10s".into() };
-        let s = container_status(&c, &exited(1), Some(&w), true, true);
+        let s = container_status(&c, &exited(1), Some(&w), true, true, false);
         assert_eq!(s["state"]["waiting"]["reason"], "CrashLoopBackOff");
         assert_eq!(s["lastState"]["terminated"]["exitCode"], 1);
         assert_eq!(s["lastState"]["terminated"]["reason"], "Error");

@@ -101,8 +101,20 @@ fn downward_files(
                 }
                 path => field(pod, path, rt)?,
             }
-        } else if item.resource_field_ref.is_some() {
-            bail!("resourceFieldRef in downwardAPI volumes is not supported by this agent yet");
+        } else if let Some(r) = &item.resource_field_ref {
+            let name = r.container_name.as_deref().unwrap_or_default();
+            let spec = pod.spec.as_ref();
+            let container = spec
+                .into_iter()
+                .flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()))
+                .find(|c| c.name == name)
+                .ok_or_else(|| anyhow::anyhow!("resourceFieldRef names no container {name:?} of the pod"))?;
+            super::env::resource_field(
+                container,
+                &r.resource,
+                r.divisor.as_ref().map(|d| d.0.as_str()),
+                rt.allocatable,
+            )?
         } else {
             String::new()
         };
@@ -234,6 +246,9 @@ async fn set_up(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, rt: &R
         if e.medium.as_deref() == Some("Memory") {
             mount_tmpfs(&path, e.size_limit.as_ref().and_then(|q| krate_api::quantity::parse(&q.0)).map(|b| b as u64))?;
         }
+        // World-writable, as upstream's: containers of any user share it.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))?;
         return Ok(path);
     }
     if let Some(h) = &v.host_path {
@@ -395,15 +410,23 @@ pub fn has_live_content(pod: &Pod) -> bool {
         .any(|v| v.config_map.is_some() || v.secret.is_some() || v.projected.is_some() || v.downward_api.is_some())
 }
 
-/// The CRI mounts of one container.
-pub fn mounts(container: &Container, volumes: &BTreeMap<String, PathBuf>) -> Result<Vec<api::Mount>> {
+/// The CRI mounts of one container. `env` is the container's environment, which
+/// `subPathExpr` is expanded with (`$(VAR)`, as in commands).
+pub fn mounts(
+    container: &Container,
+    volumes: &BTreeMap<String, PathBuf>,
+    env: &[(String, String)],
+) -> Result<Vec<api::Mount>> {
+    let vars: BTreeMap<String, String> = env.iter().cloned().collect();
     let mut out = Vec::new();
     for m in container.volume_mounts.iter().flatten() {
         let base = volumes.get(&m.name).ok_or_else(|| anyhow!("volume {:?} is not defined in the pod", m.name))?;
         let mut host = base.clone();
-        if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+        let expanded = m.sub_path_expr.as_deref().filter(|s| !s.is_empty()).map(|e| super::spec::expand(e, &vars));
+        if let Some(sub) = expanded.as_deref().or(m.sub_path.as_deref()).filter(|s| !s.is_empty()) {
             if Path::new(sub).is_absolute() || sub.split('/').any(|c| c == "..") {
-                bail!("subPath {sub:?} must be a relative path within the volume");
+                let what = if expanded.is_some() { "subPathExpr" } else { "subPath" };
+                bail!("{what} {sub:?} must be a relative path within the volume");
             }
             host = base.join(sub);
             if std::fs::symlink_metadata(&host).is_err() {
@@ -512,12 +535,28 @@ mod tests {
         )
         .unwrap();
         let vols = BTreeMap::from([("v".to_string(), PathBuf::from("/tmp"))]);
-        assert!(mounts(&c, &vols).is_err());
+        assert!(mounts(&c, &vols, &[]).is_err());
         let missing: Container = serde_json::from_value(
             serde_json::json!({"name": "c", "volumeMounts": [{"name": "nope", "mountPath": "/x"}]}),
         )
         .unwrap();
-        assert!(mounts(&missing, &vols).unwrap_err().to_string().contains("nope"));
+        assert!(mounts(&missing, &vols, &[]).unwrap_err().to_string().contains("nope"));
+    }
+
+    #[test]
+    fn sub_path_exprs_expand_the_environment_and_stay_inside_their_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let c: Container = serde_json::from_value(serde_json::json!({"name": "c", "volumeMounts": [
+            {"name": "v", "mountPath": "/x", "subPathExpr": "$(ANNOTATION)/$(POD_NAME)"}]}))
+        .unwrap();
+        let vols = BTreeMap::from([("v".to_string(), dir.path().to_path_buf())]);
+        let env = |annotation: &str| vec![("ANNOTATION".into(), annotation.into()), ("POD_NAME".into(), "p".into())];
+        let m = mounts(&c, &vols, &env("mypath")).unwrap();
+        assert_eq!(m[0].host_path, dir.path().join("mypath/p").display().to_string());
+        assert!(dir.path().join("mypath/p").is_dir());
+        // An unset variable leaves an absolute path: refused, as upstream's kubelet does.
+        let err = mounts(&c, &vols, &env("")).unwrap_err().to_string();
+        assert!(err.contains("subPathExpr \"/p\" must be a relative path"), "{err}");
     }
 
     #[test]

@@ -348,7 +348,8 @@ impl PodWorker {
         let observed = self.observe(&sandbox_id).await?;
         let spec = pod.spec.clone().unwrap_or_default();
         let host_ip = self.shared.node_ip.clone();
-        let rt = env::Runtime { pod_ip: &pod_ip, host_ip: &host_ip };
+        let shared = self.shared.clone();
+        let rt = env::Runtime { pod_ip: &pod_ip, host_ip: &host_ip, allocatable: &shared.allocatable };
         let sandbox = Sandbox { id: &sandbox_id, config: &sandbox_config, rt: &rt };
 
         // Init containers: one at a time, each must succeed before the next.
@@ -533,7 +534,11 @@ impl PodWorker {
                 return;
             }
         };
-        let mut mounts = match volumes::mounts(c, &volumes) {
+        let env = match env::resolve(&self.shared.client, pod, c, rt).await {
+            Ok(env) => env,
+            Err(e) => return self.not_created(&object, c, "CreateContainerConfigError", format!("{e:#}"), next).await,
+        };
+        let mut mounts = match volumes::mounts(c, &volumes, &env) {
             Ok(m) => m,
             Err(e) => return self.not_created(&object, c, "CreateContainerConfigError", format!("{e:#}"), next).await,
         };
@@ -546,10 +551,6 @@ impl PodWorker {
             Ok(m) => mounts.extend(m),
             Err(e) => tracing::warn!(container = %c.name, error = %format!("{e:#}"), "no managed /etc/hosts"),
         }
-        let env = match env::resolve(&self.shared.client, pod, c, rt).await {
-            Ok(env) => env,
-            Err(e) => return self.not_created(&object, c, "CreateContainerConfigError", format!("{e:#}"), next).await,
-        };
         let plan = spec::ContainerPlan { pod, container: c, image_ref, restart_count, env, mounts };
         let created = self
             .cri()
@@ -697,7 +698,7 @@ impl PodWorker {
             .zip(&app)
             .map(|(c, (o, w))| {
                 let id = o.latest.as_ref().map(|s| s.id.as_str()).unwrap_or_default();
-                status::container_status(c, o, w.as_ref(), self.started(c, id), self.ready(c, id))
+                status::container_status(c, o, w.as_ref(), self.started(c, id), self.ready(c, id), !init_done)
             })
             .collect();
         let init_statuses: Vec<Value> = spec
@@ -705,13 +706,14 @@ impl PodWorker {
             .iter()
             .flatten()
             .map(|c| {
-                status::container_status(
-                    c,
-                    &observed.get(&c.name).cloned().unwrap_or_default(),
-                    self.waiting.get(&c.name),
-                    true,
-                    false,
-                )
+                let o = observed.get(&c.name).cloned().unwrap_or_default();
+                // An init container that has completed counts as ready (upstream's kubelet).
+                let done = o.latest.as_ref().is_some_and(|s| status::is_exited(s) && s.exit_code == 0);
+                let mut s = status::container_status(c, &o, self.waiting.get(&c.name), true, false, false);
+                if done && !self.waiting.contains_key(&c.name) {
+                    s["ready"] = json!(true);
+                }
+                s
             })
             .collect();
         let all_ready = statuses.iter().all(|s| s["ready"] == true) && phase == "Running";

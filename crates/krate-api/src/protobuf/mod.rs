@@ -197,7 +197,7 @@ fn special(name: &str, fields: &Map<String, Value>, raw: &[u8]) -> Option<Value>
         "apimachinery.pkg.apis.meta.v1.Duration" => Some(json!(go_duration(int("duration")))),
         _ if short == "RawExtension"
             || short == "FieldsV1"
-            || (short == "JSON" && name.starts_with("apiextensions")) =>
+            || (short.eq_ignore_ascii_case("json") && name.starts_with("apiextensions")) =>
         {
             let _ = raw;
             let bytes = fields
@@ -206,6 +206,13 @@ fn special(name: &str, fields: &Map<String, Value>, raw: &[u8]) -> Option<Value>
                 .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
             Some(bytes.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null))
         }
+        // CRD schemas' unions: a schema, else the other member (their MarshalJSON).
+        _ if short.starts_with("JsonSchemaPropsOr") && fields.contains_key("schema") => fields.get("schema").cloned(),
+        _ if short == "JsonSchemaPropsOrBool" => {
+            Some(json!(fields.get("allows").and_then(Value::as_bool).unwrap_or(false)))
+        }
+        _ if short == "JsonSchemaPropsOrArray" => Some(fields.get("jSonSchemas").cloned().unwrap_or(json!([]))),
+        _ if short == "JsonSchemaPropsOrStringArray" => Some(fields.get("property").cloned().unwrap_or(json!([]))),
         _ if fields.len() <= 1 && (short == "ExtraValue" || short == "Verbs") => {
             Some(fields.get("items").cloned().unwrap_or(json!([])))
         }
@@ -213,10 +220,10 @@ fn special(name: &str, fields: &Map<String, Value>, raw: &[u8]) -> Option<Value>
     }
 }
 
-/// Pointer strings where "" means something (so empty is kept, not dropped).
 /// The JSON name `schema.txt` gives an embedded (`json:",inline"`) field.
 const INLINE: &str = "*";
 
+/// Pointer strings where "" means something (so empty is kept, not dropped).
 const MEANINGFUL_EMPTY_STRINGS: &[&str] = &["storageClassName", "volumeAttributesClassName"];
 
 /// Non-pointer Go fields that protobuf always carries but JSON omits when zero. Other
@@ -476,6 +483,31 @@ mod tests {
             )
             .unwrap(),
             json!({"status": {}})
+        );
+    }
+
+    #[test]
+    fn crd_schemas_decode_to_their_json_forms() {
+        const PROPS: &str = "apiextensions_apiserver.pkg.apis.apiextensions.v1.JsonSchemaProps";
+        let mut item = Vec::new();
+        field_bytes(5, b"object", &mut item); // type
+        let mut raw = Vec::new();
+        field_bytes(1, b"7", &mut raw);
+        field_bytes(8, &raw, &mut item); // default: a JSON value
+        let mut items = Vec::new();
+        field_bytes(1, &item, &mut items); // the one-schema member
+        let mut allows = Vec::new();
+        field_varint(1, 0, &mut allows);
+        let mut schema = Vec::new();
+        field_bytes(5, b"array", &mut schema);
+        field_bytes(24, &items, &mut schema);
+        field_bytes(30, &allows, &mut schema); // additionalProperties: false
+        field_varint(38, 1, &mut schema); // x-kubernetes-preserve-unknown-fields
+        field_bytes(3, b"#/definitions/x", &mut schema); // $ref
+        assert_eq!(
+            decode_message(PROPS, &schema).unwrap(),
+            json!({"type": "array", "items": {"type": "object", "default": 7}, "additionalProperties": false,
+                   "x-kubernetes-preserve-unknown-fields": true, "$ref": "#/definitions/x"})
         );
     }
 }

@@ -91,6 +91,32 @@ pub fn default_pod_spec(spec: &mut Value) {
 }
 
 /// Validates a PodSpec found at `path` (e.g. `spec.template.spec`).
+/// Upstream's sysctl name pattern (segments of lowercase alphanumerics, `-` and `_`,
+/// separated by `.` or `/`) and length limit.
+const SYSCTL_PATTERN: &str = r"^([a-z0-9]([-_a-z0-9]*[a-z0-9])?[\./])*[a-z0-9]([-_a-z0-9]*[a-z0-9])?$";
+const SYSCTL_MAX_LENGTH: usize = 253;
+
+/// `securityContext.sysctls`: names well formed and not repeated (whether the node
+/// allows them is the node's call).
+fn validate_sysctls(spec: &Value, path: &str, errs: &mut Errors) {
+    static PATTERN: std::sync::LazyLock<regex::Regex> =
+        std::sync::LazyLock::new(|| regex::Regex::new(SYSCTL_PATTERN).expect("the sysctl pattern compiles"));
+    let Some(sysctls) = spec.pointer("/securityContext/sysctls").and_then(Value::as_array) else { return };
+    let mut seen = std::collections::HashSet::new();
+    for (i, s) in sysctls.iter().enumerate() {
+        let at = format!("{path}.securityContext.sysctls[{i}].name");
+        let name = get_str(s, &["name"]).unwrap_or_default();
+        if name.is_empty() {
+            errs.push(FieldError::required(at, ""));
+        } else if name.len() > SYSCTL_MAX_LENGTH || !PATTERN.is_match(name) {
+            let msg = format!("must have at most {SYSCTL_MAX_LENGTH} characters and match regex {SYSCTL_PATTERN}");
+            errs.push(FieldError::invalid(at, &json!(name), &msg));
+        } else if !seen.insert(name) {
+            errs.push(FieldError::duplicate(at, &json!(name)));
+        }
+    }
+}
+
 pub fn validate_pod_spec(spec: &Value, path: &str, errs: &mut Errors) {
     let containers = spec.get("containers").and_then(Value::as_array);
     if containers.is_none_or(Vec::is_empty) {
@@ -156,6 +182,7 @@ pub fn validate_pod_spec(spec: &Value, path: &str, errs: &mut Errors) {
             ));
         }
     }
+    validate_sysctls(spec, path, errs);
     check_min(spec, &["terminationGracePeriodSeconds"], &format!("{path}.terminationGracePeriodSeconds"), 0, errs);
     check_min(spec, &["activeDeadlineSeconds"], &format!("{path}.activeDeadlineSeconds"), 1, errs);
     let mut volume_names = std::collections::HashSet::new();
@@ -367,6 +394,24 @@ mod tests {
         assert!(fields.contains(&"spec.containers[0].name"));
         assert!(fields.contains(&"spec.containers[0].image"));
         assert!(fields.contains(&"spec.containers[1].volumeMounts[0].name"));
+    }
+
+    #[test]
+    fn sysctl_names_are_checked_as_upstream_does() {
+        let sysctls = json!([{"name": "foo-", "value": "bar"}, {"name": "kernel.shmmax", "value": "1"},
+            {"name": "safe-and-unsafe", "value": "1"}, {"name": "bar..", "value": "42"}, {"name": "net/ipv4/ip_forward", "value": "1"}]);
+        let pod =
+            json!({"spec": {"containers": [{"name": "c", "image": "x"}], "securityContext": {"sysctls": sysctls}}});
+        let mut errs = Vec::new();
+        PodStrategy.validate(&pod, &mut errs);
+        let invalid: Vec<_> = errs.iter().map(|e| (e.field.as_str(), e.reason)).collect();
+        assert_eq!(
+            invalid,
+            [
+                ("spec.securityContext.sysctls[0].name", "FieldValueInvalid"),
+                ("spec.securityContext.sysctls[3].name", "FieldValueInvalid")
+            ]
+        );
     }
 
     #[test]

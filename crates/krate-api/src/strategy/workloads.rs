@@ -201,7 +201,9 @@ fn default_job_spec(spec: &mut Value) {
         default(spec, &["completions"], json!(1));
     }
     default(spec, &["parallelism"], json!(1));
-    default(spec, &["backoffLimit"], json!(6));
+    // With a per-index limit the Job-wide one is effectively off (upstream: MaxInt32).
+    let per_index = spec.get("backoffLimitPerIndex").is_some_and(|v| !v.is_null());
+    default(spec, &["backoffLimit"], json!(if per_index { i32::MAX } else { 6 }));
     default(spec, &["completionMode"], json!("NonIndexed"));
     default(spec, &["suspend"], json!(false));
     if spec.get("podFailurePolicy").is_none() {
