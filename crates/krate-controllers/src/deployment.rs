@@ -134,6 +134,14 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
     let Some(mut owned) = ctx.replica_sets.of(&uid, Some(&selector)) else {
         return Ok(Action::requeue(CACHE_LAG_RETRY));
     };
+    // ReplicaSets nobody controls whose labels match are adopted (their revisions count).
+    for rs in ctx.replica_sets.orphans(&ns, &selector) {
+        let mut refs = rs.owner_references().to_vec();
+        refs.push(crate::owned::controller_reference(&*d, &()));
+        let adopted = crate::owned::set_owner_references(&rs_api, &rs, refs).await?;
+        ctx.replica_sets.updated(&uid, &rs, &adopted);
+        owned.push(adopted);
+    }
     owned.sort_by_key(|rs| rs.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()));
     let template = serde_json::to_value(&spec.template)?;
     let max_revision = owned.iter().map(revision).max().unwrap_or(0);

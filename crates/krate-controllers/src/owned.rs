@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::channel::mpsc::UnboundedReceiver;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use krate_client::expectations::Expectations;
 use krate_client::informer::Watched;
 use kube::ResourceExt;
@@ -50,6 +51,14 @@ impl<K: Watched> Owned<K> {
         Some(owned.filter(|o| selector.is_none_or(|s| selects(s, &**o))).map(Arc::unwrap_or_clone).collect())
     }
 
+    /// The objects in `namespace` that no controller owns, are not being deleted and
+    /// match `selector`: what a controller with that selector adopts.
+    pub fn orphans(&self, namespace: &str, selector: &str) -> Vec<K> {
+        let free = |o: &K| krate_client::informer::controller_uid(o).is_none() && o.meta().deletion_timestamp.is_none();
+        let candidates = self.informer.in_namespace(namespace).into_iter();
+        candidates.filter(|o| free(o) && selects(selector, &**o)).map(Arc::unwrap_or_clone).collect()
+    }
+
     /// Whether writes for `owner` are still to show in the cache.
     pub fn waiting(&self, owner: &str) -> bool {
         self.expectations.pending(owner)
@@ -71,6 +80,30 @@ impl<K: Watched> Owned<K> {
     pub fn deleted(&self, owner: &str, obj: &K) {
         self.expectations.deleted(owner, obj)
     }
+}
+
+/// The owner reference a controller puts on what it controls.
+pub fn controller_reference<O: kube::Resource<DynamicType = D>, D>(owner: &O, dt: &D) -> OwnerReference {
+    OwnerReference {
+        api_version: O::api_version(dt).into_owned(),
+        kind: O::kind(dt).into_owned(),
+        name: owner.name_any(),
+        uid: owner.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+/// Replaces an object's owner references, on the condition that it is still the object
+/// seen (its uid and resourceVersion), as upstream's adoption and release do.
+pub async fn set_owner_references<K: Watched>(
+    api: &kube::Api<K>,
+    obj: &K,
+    refs: Vec<OwnerReference>,
+) -> kube::Result<K> {
+    let patch = serde_json::json!({"metadata": {
+        "ownerReferences": refs, "uid": obj.uid(), "resourceVersion": obj.resource_version()}});
+    api.patch(&obj.name_any(), &kube::api::PatchParams::default(), &kube::api::Patch::Merge(patch)).await
 }
 
 /// Runs `controller` (once `informer` has listed) beside the watch that feeds the

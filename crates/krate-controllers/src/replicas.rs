@@ -15,7 +15,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
 use crate::owned::{OwnedPods, CACHE_LAG_RETRY};
-use crate::selector::{label_selector_string, map_selector_string};
+use crate::selector::{label_selector_string, map_selector_string, selects};
 use crate::{tolerate, Error, Informer, Recorder};
 
 struct Context {
@@ -65,7 +65,7 @@ fn pod_from_template(owner: &DynamicObject, resource: &ApiResource) -> Result<Po
             "namespace": owner.namespace(),
             "labels": template.pointer("/metadata/labels"),
             "annotations": template.pointer("/metadata/annotations"),
-            "ownerReferences": [{"apiVersion": resource.api_version, "kind": resource.kind, "name": owner.name_any(), "uid": owner.uid(), "controller": true, "blockOwnerDeletion": true}],
+            "ownerReferences": [crate::owned::controller_reference(owner, resource)],
         },
         "spec": template.get("spec"),
     });
@@ -80,13 +80,44 @@ async fn reconcile(owner: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Actio
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let Some(selector) = selector(&owner) else { return Ok(Action::await_change()) };
     let uid = owner.uid().unwrap_or_default();
-    let Some(owned) = ctx.pods.of(&uid, Some(&selector)) else { return Ok(Action::requeue(CACHE_LAG_RETRY)) };
+    let Some(controlled) = ctx.pods.of(&uid, None) else { return Ok(Action::requeue(CACHE_LAG_RETRY)) };
+    // Claim as upstream's controllers do: release pods that no longer match the selector,
+    // adopt orphans that do.
+    let mut owned = Vec::new();
+    for pod in controlled {
+        if selects(&selector, &pod) {
+            owned.push(pod);
+        } else if pod.metadata.deletion_timestamp.is_none() {
+            let refs: Vec<_> = pod.owner_references().iter().filter(|r| r.uid != uid).cloned().collect();
+            let released = crate::owned::set_owner_references(&pods, &pod, refs).await?;
+            ctx.pods.updated(&uid, &pod, &released);
+        }
+    }
+    for pod in ctx.pods.orphans(&ns, &selector) {
+        let mut refs = pod.owner_references().to_vec();
+        refs.push(crate::owned::controller_reference(&*owner, &ctx.resource));
+        let adopted = crate::owned::set_owner_references(&pods, &pod, refs).await?;
+        ctx.pods.updated(&uid, &pod, &adopted);
+        owned.push(adopted);
+    }
     let mut active: Vec<Pod> = owned.iter().filter(|p| is_active(p)).cloned().collect();
     let wanted = owner.data.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1).max(0) as usize;
+    // A create the API refuses (a quota, admission) shows as the ReplicaFailure
+    // condition until the replicas are all there again, as upstream's.
+    let mut failed_create: Option<String> = None;
     if active.len() < wanted {
         let pod = pod_from_template(&owner, &ctx.resource)?;
         for _ in active.len()..wanted {
-            let created = pods.create(&PostParams::default(), &pod).await?;
+            let created = match pods.create(&PostParams::default(), &pod).await {
+                Ok(created) => created,
+                Err(kube::Error::Api(e)) => {
+                    let message = format!("Error creating: {}", e.message);
+                    ctx.events.warning(&owner.object_ref(&ctx.resource), "FailedCreate", &message).await;
+                    failed_create = Some(e.message);
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
             ctx.pods.created(&uid, &created);
             ctx.events
                 .normal(
@@ -119,22 +150,46 @@ async fn reconcile(owner: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Actio
         .filter(|p| template_labels.iter().all(|(k, v)| p.labels().get(k).map(String::as_str) == v.as_str()))
         .count();
     let ready = active.iter().filter(|p| is_ready(p)).count();
+    let current = owner.data.get("status").cloned().unwrap_or_default();
+    let mut conditions: Vec<Value> = current
+        .get("conditions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|c| c["type"] != "ReplicaFailure")
+        .cloned()
+        .collect();
+    if let Some(message) = &failed_create {
+        let kept = current
+            .get("conditions")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "ReplicaFailure" && c["message"] == json!(message));
+        conditions.push(kept.cloned().unwrap_or_else(|| {
+            json!({"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": message,
+                   "lastTransitionTime": krate_client::now()})
+        }));
+    }
     let status = json!({
         "replicas": active.len(),
         "fullyLabeledReplicas": fully_labeled,
         "readyReplicas": ready,
         "availableReplicas": ready,
         "observedGeneration": owner.metadata.generation,
+        // Merge patch: null removes the last condition.
+        "conditions": if conditions.is_empty() { Value::Null } else { json!(conditions) },
     });
-    let current = owner.data.get("status").cloned().unwrap_or_default();
     let changed = ["replicas", "fullyLabeledReplicas", "readyReplicas", "availableReplicas", "observedGeneration"]
         .iter()
-        .any(|k| current.get(*k).cloned().unwrap_or(json!(0)) != status[*k]);
+        .any(|k| current.get(*k).cloned().unwrap_or(json!(0)) != status[*k])
+        || current.get("conditions").cloned().unwrap_or(Value::Null) != status["conditions"];
     if changed {
         let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &ctx.resource);
         api.patch_status(&owner.name_any(), &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await?;
     }
-    Ok(Action::await_change())
+    // A refused create is tried again (the quota may have room by then).
+    Ok(if failed_create.is_some() { Action::requeue(Duration::from_secs(5)) } else { Action::await_change() })
 }
 
 fn error_policy(owner: Arc<DynamicObject>, err: &Error, _ctx: Arc<Context>) -> Action {

@@ -239,6 +239,44 @@ async fn quotas_refuse_creates_over_their_limits_and_count_usage() {
 }
 
 #[tokio::test]
+async fn a_replication_controller_over_its_quota_shows_replica_failure_until_it_fits() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    server.kubectl_ok(&["create", "quota", "two-pods", "--hard=pods=2"]);
+    let rcs: Api<k8s_openapi::api::core::v1::ReplicationController> = Api::namespaced(client.clone(), "default");
+    eventually(15, "the quota counted", || async {
+        let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), "default");
+        quotas.get("two-pods").await.ok()?.status?.used.map(|_| ())
+    })
+    .await;
+    let rc = json!({"apiVersion": "v1", "kind": "ReplicationController", "metadata": {"name": "condition-test"},
+        "spec": {"replicas": 3, "selector": {"name": "condition-test"}, "template": {"metadata": {"labels": {"name": "condition-test"}},
+            "spec": {"containers": [{"name": "c", "image": "x"}]}}}});
+    rcs.create(&PostParams::default(), &serde_json::from_value(rc).unwrap()).await.unwrap();
+    let failure = |present: bool| {
+        let rcs = rcs.clone();
+        move || {
+            let rcs = rcs.clone();
+            async move {
+                let status = rcs.get("condition-test").await.ok()?.status?;
+                let cond = status.conditions.into_iter().flatten().find(|c| c.type_ == "ReplicaFailure");
+                match (present, cond) {
+                    (true, Some(c)) => Some(Some((c.reason, c.message))),
+                    (false, None) => Some(None),
+                    _ => None,
+                }
+            }
+        }
+    };
+    let (reason, message) = eventually(30, "the ReplicaFailure condition", failure(true)).await.unwrap();
+    assert_eq!(reason.as_deref(), Some("FailedCreate"));
+    assert!(message.unwrap().contains("exceeded quota: two-pods"));
+    // Scaled down to what the quota allows: the condition goes.
+    server.kubectl_ok(&["scale", "rc", "condition-test", "--replicas=2"]);
+    eventually(30, "the ReplicaFailure condition to go", failure(false)).await;
+}
+
+#[tokio::test]
 async fn higher_priority_pods_preempt_lower_ones() {
     let server = TestServer::start();
     let _nodes = HollowNodes::start(&server, "small", 1, &["--cpu", "2"]);

@@ -395,6 +395,88 @@ spec:
 }
 
 #[tokio::test]
+async fn a_replica_set_adopts_matching_orphans_and_releases_pods_it_no_longer_selects() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let orphan = json!({"metadata": {"name": "pod-adoption-release", "labels": {"name": "pod-adoption-release"}},
+        "spec": {"containers": [{"name": "c", "image": "x:1"}]}});
+    pods.create(&PostParams::default(), &serde_json::from_value(orphan).unwrap()).await.unwrap();
+    let rs = json!({"metadata": {"name": "pod-adoption-release"}, "spec": {"replicas": 1,
+        "selector": {"matchLabels": {"name": "pod-adoption-release"}},
+        "template": {"metadata": {"labels": {"name": "pod-adoption-release"}}, "spec": {"containers": [{"name": "c", "image": "x:1"}]}}}});
+    let rss: Api<ReplicaSet> = Api::namespaced(client.clone(), "default");
+    let uid = rss.create(&PostParams::default(), &serde_json::from_value(rs).unwrap()).await.unwrap().uid().unwrap();
+    let controller_of = |name: &'static str| {
+        let pods = pods.clone();
+        async move {
+            pods.get(name)
+                .await
+                .ok()?
+                .owner_references()
+                .iter()
+                .find(|r| r.controller == Some(true))
+                .map(|r| r.uid.clone())
+        }
+    };
+    eventually(30, "the orphan adopted", || async {
+        (controller_of("pod-adoption-release").await? == uid).then_some(())
+    })
+    .await;
+    let all = pods.list(&ListParams::default().labels("name=pod-adoption-release")).await.unwrap().items;
+    assert_eq!(all.len(), 1, "the adopted pod counts: no new one");
+
+    // Relabelled out of the selector: released, and replaced.
+    pods.patch(
+        "pod-adoption-release",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"metadata": {"labels": {"name": "not-matching"}}})),
+    )
+    .await
+    .unwrap();
+    eventually(30, "the pod released", || async {
+        pods.get("pod-adoption-release").await.ok()?.owner_references().is_empty().then_some(())
+    })
+    .await;
+    eventually(30, "a replacement", || async {
+        let left = pods.list(&ListParams::default().labels("name=pod-adoption-release")).await.ok()?.items;
+        (left.len() == 1 && left[0].name_any() != "pod-adoption-release").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_deployment_adopts_a_matching_replica_set_and_takes_the_next_revision() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let labels = json!({"name": "sample-pod"});
+    let rs = json!({"metadata": {"name": "test-rolling-update-controller", "labels": labels,
+            "annotations": {"deployment.kubernetes.io/revision": "3546343826724305832"}},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {"containers": [{"name": "httpd", "image": "x:1"}]}}}});
+    let rss: Api<ReplicaSet> = Api::namespaced(client.clone(), "default");
+    rss.create(&PostParams::default(), &serde_json::from_value(rs).unwrap()).await.unwrap();
+    let deploy = json!({"metadata": {"name": "test-rolling-update-deployment"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {"containers": [{"name": "agnhost", "image": "y:1"}]}}}});
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let uid = deployments
+        .create(&PostParams::default(), &serde_json::from_value(deploy).unwrap())
+        .await
+        .unwrap()
+        .uid()
+        .unwrap();
+    let revision = eventually(30, "the deployment's revision", || async {
+        let d = deployments.get("test-rolling-update-deployment").await.ok()?;
+        d.annotations().get("deployment.kubernetes.io/revision").cloned()
+    })
+    .await;
+    assert_eq!(revision, "3546343826724305833");
+    let adopted = rss.get("test-rolling-update-controller").await.unwrap();
+    assert!(adopted.owner_references().iter().any(|r| r.uid == uid && r.controller == Some(true)));
+}
+
+#[tokio::test]
 async fn indexed_jobs_fail_indexes_on_their_own_limits() {
     let server = TestServer::start();
     let _nodes = HollowNodes::start(&server, "hollow", 2, &[]);
