@@ -138,6 +138,7 @@ pub fn kinds_of(crd: &Value) -> Vec<KindInfo> {
             categories: strings(names.get("categories")),
             verbs: ALL_VERBS.iter().map(|v| v.to_string()).collect(),
             status,
+            status_metadata: &[],
             scale,
             subresources: &[],
             generation: true,

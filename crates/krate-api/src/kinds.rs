@@ -145,6 +145,11 @@ pub struct KindInfo {
     pub categories: Vec<String>,
     pub verbs: Vec<String>,
     pub status: bool,
+    /// What of `metadata` a write of the status subresource may change. Upstream's older
+    /// kinds take the whole object but the spec from a status write (labels,
+    /// annotations, finalizers and owner references with it; pods keep their owner
+    /// references); newer kinds and custom resources take only the status.
+    pub status_metadata: &'static [&'static str],
     pub scale: Option<ScaleInfo>,
     /// Subresources with handlers of their own (pods' binding, eviction, log, ...).
     pub subresources: &'static [SubresourceInfo],
@@ -241,6 +246,9 @@ impl SelectableField {
     }
 }
 
+/// The metadata a status write of most built-in kinds may change.
+pub const STATUS_WRITES_METADATA: &[&str] = &["labels", "annotations", "finalizers", "ownerReferences"];
+
 /// A string field (absent: the empty string).
 const fn text(label: &'static str, path: &'static [&'static str]) -> SelectableField {
     SelectableField { label, path, absent: "" }
@@ -272,6 +280,7 @@ where
         categories: vec![],
         verbs: ALL_VERBS.iter().map(|v| v.to_string()).collect(),
         status: false,
+        status_metadata: STATUS_WRITES_METADATA,
         scale: None,
         subresources: &[],
         generation: false,
@@ -308,6 +317,11 @@ impl Builder {
     }
     fn status_only(mut self) -> Self {
         self.0.status = true;
+        self
+    }
+    /// A status write changes the status and these metadata fields only.
+    fn status_metadata(mut self, fields: &'static [&'static str]) -> Self {
+        self.0.status_metadata = fields;
         self
     }
     fn scale(mut self) -> Self {
@@ -430,6 +444,7 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .returns_deleted_object()
             .all()
             .status()
+            .status_metadata(&["labels", "annotations", "finalizers"])
             .subresources(POD_SUBRESOURCES)
             .fields(POD_FIELDS)
             .strategy(&PodStrategy)
@@ -532,7 +547,7 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
         kind::<networking::Ingress>().short(&["ing"]).status_only().strategy(&ResetStatusStrategy).0,
         kind::<networking::NetworkPolicy>().short(&["netpol"]).strategy(&NetworkPolicyStrategy).0,
         kind::<networking::IPAddress>().short(&["ip"]).names(NameRule::IpAddress).0,
-        kind::<networking::ServiceCIDR>().status_only().0,
+        kind::<networking::ServiceCIDR>().status_only().status_metadata(&[]).0,
         kind::<policy::PodDisruptionBudget>()
             .short(&["pdb"])
             .printer(&printers::PDBS)
@@ -554,13 +569,17 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
         kind::<storage::CSINode>().0,
         kind::<storage::CSIStorageCapacity>().0,
         kind::<storage::StorageClass>().short(&["sc"]).strategy(&StorageClassStrategy).0,
-        kind::<storage::VolumeAttachment>().status_only().0,
+        kind::<storage::VolumeAttachment>().status_only().status_metadata(&[]).0,
         kind::<storage::VolumeAttributesClass>().short(&["vac"]).0,
         kind::<node::RuntimeClass>().0,
         // flowcontrol.apiserver.k8s.io/v1: API priority and fairness's objects (served and
         // stored; requests are not yet classified by them).
-        kind::<flowcontrol::FlowSchema>().status_only().strategy(&ResetStatusStrategy).0,
-        kind::<flowcontrol::PriorityLevelConfiguration>().status_only().strategy(&ResetStatusStrategy).0,
+        kind::<flowcontrol::FlowSchema>().status_only().status_metadata(&[]).strategy(&ResetStatusStrategy).0,
+        kind::<flowcontrol::PriorityLevelConfiguration>()
+            .status_only()
+            .status_metadata(&[])
+            .strategy(&ResetStatusStrategy)
+            .0,
         kind::<apiextensions::CustomResourceDefinition>()
             .short(&["crd", "crds"])
             .printer(&printers::CRDS)

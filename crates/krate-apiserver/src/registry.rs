@@ -745,6 +745,15 @@ impl Storage {
                         object::remove(&mut new, &["status"]);
                     }
                 }
+                // The metadata the kind lets a status write change comes with it.
+                for field in kind.status_metadata {
+                    match get(&served, &["metadata", field]) {
+                        Some(v) => object::set(&mut new, &["metadata", field], v.clone()),
+                        None => {
+                            object::remove(&mut new, &["metadata", field]);
+                        }
+                    }
+                }
                 new
             }
             Subresource::Scale => unreachable!("scale has its own path"),
@@ -1296,6 +1305,13 @@ fn plan_delete(kind: &KindInfo, current: &Value, opts: &DeleteOptions) -> Mutati
         kind.strategy.prepare_for_delete(&mut obj);
     }
     let already_deleting = get(&obj, &["metadata", "deletionTimestamp"]).is_some();
+    // Being marked for deletion changes how controllers treat an object: its
+    // generation moves on (upstream's BeforeDelete and markAsDeleting), where it has one.
+    let bump_generation = |obj: &mut Value| {
+        if let Some(generation) = get(obj, &["metadata", "generation"]).and_then(Value::as_i64).filter(|g| *g > 0) {
+            object::set(obj, &["metadata", "generation"], json!(generation + 1));
+        }
+    };
     let grace = kind.strategy.graceful_delete_seconds(&obj, opts.grace_period_seconds);
     if let Some(grace) = grace {
         // A shorter grace period may replace a longer one, never the reverse.
@@ -1303,6 +1319,9 @@ fn plan_delete(kind: &KindInfo, current: &Value, opts: &DeleteOptions) -> Mutati
         if current_grace.is_none_or(|g| grace < g) {
             object::set(&mut obj, &["metadata", "deletionGracePeriodSeconds"], json!(grace));
             object::set(&mut obj, &["metadata", "deletionTimestamp"], json!(object::rfc3339_in(grace)));
+        }
+        if !already_deleting {
+            bump_generation(&mut obj);
         }
         if !finalizers.is_empty() {
             object::set(&mut obj, &["metadata", "finalizers"], json!(finalizers));
@@ -1319,6 +1338,7 @@ fn plan_delete(kind: &KindInfo, current: &Value, opts: &DeleteOptions) -> Mutati
     if !already_deleting {
         object::set(&mut obj, &["metadata", "deletionTimestamp"], json!(object::now_rfc3339()));
         object::set(&mut obj, &["metadata", "deletionGracePeriodSeconds"], json!(0));
+        bump_generation(&mut obj);
     }
     if !finalizers.is_empty() {
         object::set(&mut obj, &["metadata", "finalizers"], json!(finalizers));

@@ -136,6 +136,49 @@ async fn an_expired_continue_token_offers_an_inconsistent_one_that_goes_on_from_
 }
 
 #[tokio::test]
+async fn status_writes_change_the_metadata_upstream_lets_them_change() {
+    let server = TestServer::start_with(&["--disable-controllers"]);
+    let client = server.client().await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let d = json!({"metadata": {"name": "d", "labels": {"app": "d"}}, "spec": {"selector": {"matchLabels": {"app": "d"}},
+        "template": {"metadata": {"labels": {"app": "d"}}, "spec": {"containers": [{"name": "c", "image": "x"}]}}}});
+    deployments.create(&PostParams::default(), &serde_json::from_value(d).unwrap()).await.unwrap();
+    // A Deployment's status write takes its annotations along (upstream's status strategy
+    // keeps only the spec), but never the spec.
+    let patch = json!({"metadata": {"annotations": {"patchedstatus": "true"}}, "spec": {"replicas": 7},
+        "status": {"observedGeneration": 1}});
+    let patched = deployments.patch_status("d", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+    assert_eq!(patched.metadata.annotations.unwrap().get("patchedstatus").map(String::as_str), Some("true"));
+    assert_eq!(patched.spec.replicas, Some(1));
+    assert_eq!(patched.status.unwrap().observed_generation, Some(1));
+    // A pod's keeps its owner references.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "x"}]}});
+    pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
+    let patch = json!({"metadata": {"labels": {"seen": "yes"}, "ownerReferences": [{"apiVersion": "v1", "kind": "Node",
+        "name": "n", "uid": "u"}]}, "status": {"phase": "Pending"}});
+    let patched = pods.patch_status("p", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+    assert_eq!(patched.metadata.labels.unwrap().get("seen").map(String::as_str), Some("yes"));
+    assert!(patched.metadata.owner_references.unwrap_or_default().is_empty());
+}
+
+#[tokio::test]
+async fn a_graceful_delete_moves_the_generation_on() {
+    let server = TestServer::start_with(&["--disable-controllers"]);
+    let pods: Api<Pod> = Api::namespaced(server.client().await, "default");
+    let pod = json!({"metadata": {"name": "g"}, "spec": {"nodeName": "somewhere", "containers": [{"name": "c", "image": "x"}]}});
+    let created = pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
+    assert_eq!(created.metadata.generation, Some(1));
+    pods.delete("g", &DeleteParams { grace_period_seconds: Some(60), ..Default::default() }).await.unwrap();
+    let deleting = pods.get("g").await.unwrap();
+    assert!(deleting.metadata.deletion_timestamp.is_some());
+    assert_eq!(deleting.metadata.generation, Some(2));
+    // A second delete (a shorter grace period) does not move it again.
+    pods.delete("g", &DeleteParams { grace_period_seconds: Some(30), ..Default::default() }).await.unwrap();
+    assert_eq!(pods.get("g").await.unwrap().metadata.generation, Some(2));
+}
+
+#[tokio::test]
 async fn watch_resumes_from_a_resource_version_and_follows_selectors() {
     let server = TestServer::start_with(&["--disable-controllers"]);
     let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");

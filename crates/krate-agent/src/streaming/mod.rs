@@ -3,7 +3,8 @@
 //! (containerd's streaming server, on 127.0.0.1) and joins the two connections.
 //!
 //! What the client speaks decides how:
-//! - WebSocket `v5.channel.k8s.io` / `v4.channel.k8s.io` (kubectl's exec and attach):
+//! - WebSocket `v5.channel.k8s.io` / `v4.channel.k8s.io` (kubectl's exec and attach; also the
+//!   first `channel.k8s.io`):
 //!   channel-prefixed messages, translated to a SPDY session with containerd — SPDY
 //!   streams can be half-closed, which v5's stdin CLOSE signal needs and containerd's own
 //!   (v4) WebSocket server cannot express.
@@ -32,6 +33,9 @@ use crate::pods::spec;
 const STREAM_PROTOCOL_HEADER: &str = "X-Stream-Protocol-Version";
 const CHANNEL_V5: &str = "v5.channel.k8s.io";
 const CHANNEL_V4: &str = "v4.channel.k8s.io";
+/// The first channel protocol (its frames are v4's; the error channel carries text),
+/// which upstream's e2e suite and older clients still offer.
+const CHANNEL_V1: &str = "channel.k8s.io";
 const PORT_FORWARD: &str = "portforward.k8s.io";
 const PORT_FORWARD_TUNNEL: &str = "SPDY/3.1+portforward.k8s.io";
 /// v5's signal that the client closed a stream: `[CLOSE, stream]`.
@@ -113,9 +117,9 @@ pub async fn serve(
     let on_upgrade = hyper::upgrade::on(&mut req);
     if upgrade == "websocket" {
         let wanted: &[&str] = if action == Action::PortForward {
-            &[PORT_FORWARD_TUNNEL, CHANNEL_V5, CHANNEL_V4]
+            &[PORT_FORWARD_TUNNEL, CHANNEL_V5, CHANNEL_V4, CHANNEL_V1]
         } else {
-            &[CHANNEL_V5, CHANNEL_V4]
+            &[CHANNEL_V5, CHANNEL_V4, CHANNEL_V1]
         };
         let Some(protocol) = wanted.iter().find(|p| offered.iter().any(|o| o == *p)).copied() else {
             return text(StatusCode::BAD_REQUEST, format!("unable to upgrade: none of the offered WebSocket protocols {offered:?} is supported; this agent speaks {wanted:?}"));
