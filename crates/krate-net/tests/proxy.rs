@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use krate_net::proxy::rules::{self, Endpoint, NodeContext, Protocol, ServicePort, Share};
+use krate_net::proxy::rules::{self, Endpoint, NodeContext, ServicePort, Share};
 use krate_net::proxy::{apply_pass, nft};
 
 /// A bridge with pod-like namespaces on it, a table, and an outside namespace that
@@ -184,22 +184,7 @@ fn endpoint(ip: Ipv4Addr, local: bool) -> Endpoint {
 }
 
 fn service(lab: &Lab, name: &str, vip_last: u8, endpoints: Vec<Endpoint>) -> ServicePort {
-    ServicePort {
-        namespace: "default".into(),
-        name: name.into(),
-        port_name: String::new(),
-        protocol: Protocol::Tcp,
-        cluster_ip: Some(Ipv4Addr::new(10, lab.net, 100, vip_last)),
-        port: 80,
-        node_port: None,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        source_ranges: vec![],
-        affinity: None,
-        internal_local: false,
-        external_local: false,
-        endpoints,
-    }
+    ServicePort::cluster_ip("default", name, Ipv4Addr::new(10, lab.net, 100, vip_last), 80, endpoints)
 }
 
 fn vip(sp: &ServicePort) -> String {

@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use krate_net::proxy::nft;
-use krate_net::proxy::rules::{self, Endpoint, NodeContext, Protocol, ServicePort, Share};
+use krate_net::proxy::rules::{self, Endpoint, NodeContext, ServicePort, Share};
 use krate_net::Cidr;
 
 mod common;
@@ -38,25 +38,12 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn service(i: u32, endpoints: [Ipv4Addr; 2]) -> ServicePort {
-    ServicePort {
-        namespace: "bench".into(),
-        name: format!("svc-{i}"),
-        port_name: String::new(),
-        protocol: Protocol::Tcp,
-        cluster_ip: Some(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i + 1)),
-        port: 80,
-        node_port: None,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        source_ranges: vec![],
-        affinity: None,
-        internal_local: false,
-        external_local: false,
-        endpoints: endpoints
-            .iter()
-            .map(|ip| Endpoint { ip: *ip, port: 8080, ready: true, serving: true, terminating: false, local: true })
-            .collect(),
-    }
+    let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i + 1);
+    let endpoints = endpoints
+        .iter()
+        .map(|ip| Endpoint { ip: *ip, port: 8080, ready: true, serving: true, terminating: false, local: true })
+        .collect();
+    ServicePort::cluster_ip("bench", &format!("svc-{i}"), ip, 80, endpoints)
 }
 
 fn endpoint_ip(i: u32, j: u32) -> Ipv4Addr {

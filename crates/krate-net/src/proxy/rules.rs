@@ -77,6 +77,27 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
+    /// A plain TCP ClusterIP port: unnamed, no node port, external addresses, source
+    /// ranges, affinity or local traffic policies (what tests and benchmarks start from).
+    pub fn cluster_ip(namespace: &str, name: &str, ip: Ipv4Addr, port: u16, endpoints: Vec<Endpoint>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            port_name: String::new(),
+            protocol: Protocol::Tcp,
+            cluster_ip: Some(ip),
+            port,
+            node_port: None,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            source_ranges: vec![],
+            affinity: None,
+            internal_local: false,
+            external_local: false,
+            endpoints,
+        }
+    }
+
     /// `ns/name/proto/port-name`, upstream's chain name base.
     pub fn id(&self) -> String {
         format!("{}/{}/{}/{}", self.namespace, self.name, self.protocol.nft(), self.port_name)
@@ -374,22 +395,7 @@ mod tests {
     }
 
     fn web(endpoints: Vec<Endpoint>) -> ServicePort {
-        ServicePort {
-            namespace: "default".into(),
-            name: "web".into(),
-            port_name: "".into(),
-            protocol: Protocol::Tcp,
-            cluster_ip: Some(Ipv4Addr::new(10, 43, 0, 5)),
-            port: 80,
-            node_port: None,
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            source_ranges: vec![],
-            affinity: None,
-            internal_local: false,
-            external_local: false,
-            endpoints,
-        }
+        ServicePort::cluster_ip("default", "web", Ipv4Addr::new(10, 43, 0, 5), 80, endpoints)
     }
 
     #[test]
