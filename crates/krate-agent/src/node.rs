@@ -61,24 +61,40 @@ fn os_image() -> String {
 
 /// What the node offers pods (capacity less what is reserved), as quantities by resource.
 pub fn allocatable(settings: &NodeSettings) -> BTreeMap<String, String> {
-    let cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
-    let memory = meminfo("MemTotal").unwrap_or(0);
-    let disk = FsStats::of(&settings.data_dir).map(|fs| fs.bytes).unwrap_or(0);
+    allocatable_of(settings, &Machine::read(settings))
+}
+
+/// This machine's capacity: CPUs, memory and the agent directory's filesystem, in bytes.
+struct Machine {
+    cpus: u64,
+    memory: u64,
+    disk: u64,
+}
+
+impl Machine {
+    fn read(settings: &NodeSettings) -> Self {
+        Self {
+            cpus: std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1),
+            memory: meminfo("MemTotal").unwrap_or(0),
+            disk: FsStats::of(&settings.data_dir).map(|fs| fs.bytes).unwrap_or(0),
+        }
+    }
+}
+
+fn allocatable_of(settings: &NodeSettings, m: &Machine) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("cpu".into(), format!("{}m", (cpus * 1000).saturating_sub(settings.reserved_cpu_millis))),
-        ("memory".into(), format!("{}Ki", memory.saturating_sub(settings.reserved_memory_bytes) / 1024)),
+        ("cpu".into(), format!("{}m", (m.cpus * 1000).saturating_sub(settings.reserved_cpu_millis))),
+        ("memory".into(), format!("{}Ki", m.memory.saturating_sub(settings.reserved_memory_bytes) / 1024)),
         ("pods".into(), settings.max_pods.to_string()),
-        ("ephemeral-storage".into(), format!("{}Ki", disk * 9 / 10 / 1024)),
+        ("ephemeral-storage".into(), format!("{}Ki", m.disk * 9 / 10 / 1024)),
     ])
 }
 
 /// The Node's status as this machine reports it, with `conditions`.
 pub fn status(settings: &NodeSettings, runtime_version: &str, conditions: Vec<Value>) -> Value {
-    let cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
-    let memory = meminfo("MemTotal").unwrap_or(0);
-    let disk = FsStats::of(&settings.data_dir).map(|fs| fs.bytes).unwrap_or(0);
-    let capacity = json!({"cpu": cpus.to_string(), "memory": format!("{}Ki", memory / 1024), "pods": settings.max_pods.to_string(), "ephemeral-storage": format!("{}Ki", disk / 1024)});
-    let allocatable = json!(allocatable(settings));
+    let m = Machine::read(settings);
+    let capacity = json!({"cpu": m.cpus.to_string(), "memory": format!("{}Ki", m.memory / 1024), "pods": settings.max_pods.to_string(), "ephemeral-storage": format!("{}Ki", m.disk / 1024)});
+    let allocatable = json!(allocatable_of(settings, &m));
     json!({
         "capacity": capacity,
         "allocatable": allocatable,
