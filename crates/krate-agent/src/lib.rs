@@ -112,8 +112,17 @@ impl AgentConfig {
     }
 }
 
+/// The API clients of an agent: the node's own, and the one its service proxy and DNS
+/// responder watch Services and endpoints with (kube-proxy's user inside `krate server`;
+/// a stand-alone agent uses its kubeconfig's user for both).
+pub struct Clients {
+    pub node: kube::Client,
+    pub network: kube::Client,
+}
+
 /// Runs the agent until the process stops.
-pub async fn run(client: kube::Client, config: AgentConfig) -> Result<()> {
+pub async fn run(clients: Clients, config: AgentConfig) -> Result<()> {
+    let client = clients.node;
     std::fs::create_dir_all(&config.dir)
         .with_context(|| format!("creating the agent directory {} (run as root)", config.dir.display()))?;
     let socket = config.runtime_socket();
@@ -140,7 +149,7 @@ pub async fn run(client: kube::Client, config: AgentConfig) -> Result<()> {
     network.install_rules().await?;
     network.ensure_bridge().await?;
     let catalog = krate_net::catalog::Catalog::default();
-    let networking = serve_networking(client.clone(), &config, &network, &catalog);
+    let networking = serve_networking(clients.network, &config, &network, &catalog);
     if let Some(dir) = &config.airgap_images {
         let n = images::import_dir(&socket, dir).await?;
         tracing::info!(count = n, dir = %dir.display(), "imported air-gap images");

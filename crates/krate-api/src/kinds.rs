@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::{
-    apps::v1 as apps, autoscaling::v1 as autoscaling1, autoscaling::v2 as autoscaling2, batch::v1 as batch,
+    apps::v1 as apps, authentication::v1 as authentication, authorization::v1 as authorization,
+    autoscaling::v1 as autoscaling1, autoscaling::v2 as autoscaling2, batch::v1 as batch,
     certificates::v1 as certificates, coordination::v1 as coordination, core::v1 as core, discovery::v1 as discovery,
     events::v1 as events, flowcontrol::v1 as flowcontrol, networking::v1 as networking, node::v1 as node,
     policy::v1 as policy, rbac::v1 as rbac, scheduling::v1 as scheduling, storage::v1 as storage,
@@ -90,6 +91,9 @@ pub enum SubresourceHandler {
     PortForward,
     /// `serviceaccounts/token`: issues a token (TokenRequest), stores nothing.
     Token,
+    /// The review kinds (access, rules, token and self-subject reviews): answered, not
+    /// stored.
+    Review,
 }
 
 const fn subresource(
@@ -595,6 +599,13 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
         // core/v1 bindings: create-only, used by schedulers (pods/binding is the subresource form).
         kind::<core::Binding>().handled_by(SubresourceHandler::Binding, &["create"]).0,
         kind::<core::ComponentStatus>().short(&["cs"]).verbs(&["get", "list"]).0,
+        // authentication.k8s.io/v1 and authorization.k8s.io/v1: reviews, create-only.
+        kind::<authentication::TokenReview>().handled_by(SubresourceHandler::Review, &["create"]).0,
+        kind::<authentication::SelfSubjectReview>().handled_by(SubresourceHandler::Review, &["create"]).0,
+        kind::<authorization::LocalSubjectAccessReview>().handled_by(SubresourceHandler::Review, &["create"]).0,
+        kind::<authorization::SelfSubjectAccessReview>().handled_by(SubresourceHandler::Review, &["create"]).0,
+        kind::<authorization::SelfSubjectRulesReview>().handled_by(SubresourceHandler::Review, &["create"]).0,
+        kind::<authorization::SubjectAccessReview>().handled_by(SubresourceHandler::Review, &["create"]).0,
     ]
 }
 
@@ -603,6 +614,8 @@ pub const GROUP_ORDER: &[(&str, &str)] = &[
     ("", "v1"),
     ("apps", "v1"),
     ("events.k8s.io", "v1"),
+    ("authentication.k8s.io", "v1"),
+    ("authorization.k8s.io", "v1"),
     ("autoscaling", "v2"),
     ("batch", "v1"),
     ("certificates.k8s.io", "v1"),

@@ -5,7 +5,7 @@
 //! object being deleted. Plugins read other objects through the storage's cache. The
 //! built-in plugins, all acting on creates only:
 //! - NamespaceLifecycle: nothing is created in a namespace that does not exist or is
-//!   being deleted.
+//!   being deleted; `default`, `kube-system` and `kube-public` cannot be deleted.
 //! - Priority: a pod's `priorityClassName` (or the global default class) resolves to
 //!   `spec.priority` and `spec.preemptionPolicy`; unknown classes are refused.
 //! - PriorityClasses: at most one global default; values above one billion and the
@@ -16,6 +16,9 @@
 //!   /var/run/secrets/kubernetes.io/serviceaccount. Mirror pods are left alone.
 //! - ResourceQuota: a create that would take a namespace over a quota's `hard` limits
 //!   is refused (counts and pod requests/limits).
+//! - NodeRestriction: a node agent (`system:node:<name>`) may create only mirror pods
+//!   bound to itself, delete, evict and write the status of only its own pods, and
+//!   create or change only its own Node and node Lease.
 
 use k8s_openapi::api::{core::v1 as core, scheduling::v1 as scheduling};
 use krate_api::object::{self, get, get_str};
@@ -84,7 +87,13 @@ pub struct Chain(pub Vec<Arc<dyn Plugin>>);
 
 impl Default for Chain {
     fn default() -> Self {
-        Self(vec![Arc::new(NamespaceLifecycle), Arc::new(Priority), Arc::new(ServiceAccount), Arc::new(ResourceQuota)])
+        Self(vec![
+            Arc::new(NamespaceLifecycle),
+            Arc::new(NodeRestriction),
+            Arc::new(Priority),
+            Arc::new(ServiceAccount),
+            Arc::new(ResourceQuota),
+        ])
     }
 }
 
@@ -124,6 +133,68 @@ impl Plugin for NamespaceLifecycle {
             Some(ns) => storage.ensure_namespace_usable(ns).await,
             None => Ok(()),
         }
+    }
+
+    async fn validate(&self, _: &Storage, attrs: &Attributes<'_>, obj: &Value) -> ApiResult<()> {
+        const IMMORTAL: &[&str] = &["default", "kube-system", "kube-public"];
+        let deletes_namespace = attrs.operation == Operation::Delete && attrs.kind.is::<core::Namespace>();
+        if deletes_namespace && IMMORTAL.contains(&object::name(obj)) {
+            return Err(forbidden(attrs.kind, obj, "this namespace may not be deleted"));
+        }
+        Ok(())
+    }
+}
+
+/// What a node agent may write (upstream's NodeRestriction, for pods, nodes and leases).
+pub struct NodeRestriction;
+
+#[async_trait::async_trait]
+impl Plugin for NodeRestriction {
+    fn name(&self) -> &'static str {
+        "NodeRestriction"
+    }
+
+    async fn validate(&self, _: &Storage, attrs: &Attributes<'_>, obj: &Value) -> ApiResult<()> {
+        let Some(request) = attrs.request else { return Ok(()) };
+        let Some(node) = crate::rbac::node::node_name(&request.user) else { return Ok(()) };
+        let refuse = |why: String| Err(forbidden(attrs.kind, obj, why));
+        let bound_here = |pod: &Value| get_str(pod, &["spec", "nodeName"]) == Some(node);
+        let op = attrs.operation;
+        if attrs.kind.is::<core::Pod>() {
+            match (op, request.subresource.as_str()) {
+                (Operation::Create, "") => {
+                    if get(obj, &["metadata", "annotations", "kubernetes.io/config.mirror"]).is_none() {
+                        return refuse(format!(
+                            "pod does not have \"kubernetes.io/config.mirror\" annotation, node {node:?} can only create mirror pods"
+                        ));
+                    }
+                    if !bound_here(obj) {
+                        return refuse(format!("node {node:?} can only create pods with spec.nodeName set to itself"));
+                    }
+                }
+                (Operation::Delete, _) if !bound_here(obj) => {
+                    return refuse(format!("node {node:?} can only delete pods with spec.nodeName set to itself"));
+                }
+                (Operation::Update, "status") if !attrs.old.is_some_and(bound_here) => {
+                    return refuse(format!(
+                        "node {node:?} can only update pod status for pods with spec.nodeName set to itself"
+                    ));
+                }
+                (_, "eviction") if !bound_here(attrs.old.unwrap_or(obj)) => {
+                    return refuse(format!("node {node} can only evict pods with spec.nodeName set to itself"));
+                }
+                _ => {}
+            }
+        } else if attrs.kind.is::<core::Node>() && op != Operation::Delete && object::name(obj) != node {
+            return refuse(format!("node {node:?} is not allowed to modify node {:?}", object::name(obj)));
+        } else if attrs.kind.is::<k8s_openapi::api::coordination::v1::Lease>()
+            && op == Operation::Create
+            && object::namespace(obj) == Some("kube-node-lease")
+            && object::name(obj) != node
+        {
+            return refuse("can only access node lease with the same name as the requesting node".into());
+        }
+        Ok(())
     }
 }
 

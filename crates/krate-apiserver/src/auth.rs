@@ -23,6 +23,19 @@ impl User {
         Self { name: "system:anonymous".into(), groups: vec!["system:unauthenticated".into()], ..Self::default() }
     }
 
+    /// The user of service account `name` in `namespace`, as its tokens authenticate.
+    pub fn service_account(namespace: &str, name: &str) -> Self {
+        Self {
+            name: format!("system:serviceaccount:{namespace}:{name}"),
+            groups: vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{namespace}"),
+                "system:authenticated".into(),
+            ],
+            ..Self::default()
+        }
+    }
+
     pub fn is_anonymous(&self) -> bool {
         self.name == "system:anonymous"
     }
@@ -71,4 +84,104 @@ pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
         .with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Upstream's impersonation headers: who the request acts as, each part authorized with
+/// the `impersonate` verb for the authenticated user first.
+pub fn impersonate(
+    headers: &http::HeaderMap,
+    user: User,
+    authorizer: &crate::authz::Chain,
+) -> Result<User, krate_api::ApiError> {
+    use crate::request::{RequestAttributes, Verb};
+    let values = |name: &str| -> Vec<String> {
+        headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).map(str::to_string).collect()
+    };
+    let name = values("impersonate-user").into_iter().next();
+    let groups = values("impersonate-group");
+    let uid = values("impersonate-uid").into_iter().next();
+    let mut extra = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for (key, value) in headers {
+        if let Some(k) = key.as_str().strip_prefix("impersonate-extra-") {
+            let k = percent_decode(k).to_ascii_lowercase();
+            extra.entry(k).or_default().extend(value.to_str().ok().map(str::to_string));
+        }
+    }
+    let Some(name) = name else {
+        if groups.is_empty() && uid.is_none() && extra.is_empty() {
+            return Ok(user);
+        }
+        return Err(krate_api::ApiError::bad_request(
+            "requested impersonation of groups, a uid or extra fields without impersonating a user",
+        ));
+    };
+    let check = |group: &str, resource: &str, sub: &str, namespace: &str, target: &str| {
+        let attrs = RequestAttributes::resource(
+            user.clone(),
+            Verb::parse("impersonate"),
+            group,
+            resource,
+            sub,
+            namespace,
+            target,
+        );
+        authorizer.authorize(&attrs)
+    };
+    let service_account = name.strip_prefix("system:serviceaccount:").and_then(|rest| rest.split_once(':'));
+    match service_account {
+        Some((ns, sa)) => check("", "serviceaccounts", "", ns, sa)?,
+        None => check("", "users", "", "", &name)?,
+    }
+    for group in &groups {
+        check("", "groups", "", "", group)?;
+    }
+    if let Some(uid) = &uid {
+        check("authentication.k8s.io", "uids", "", "", uid)?;
+    }
+    for (key, values) in &extra {
+        for value in values {
+            check("authentication.k8s.io", "userextras", key, "", value)?;
+        }
+    }
+    let mut groups = groups;
+    if let (Some((ns, _)), true) = (service_account, groups.is_empty()) {
+        groups = vec!["system:serviceaccounts".into(), format!("system:serviceaccounts:{ns}")];
+    }
+    let everyone = if name == "system:anonymous" { "system:unauthenticated" } else { "system:authenticated" };
+    if !groups.iter().any(|g| g == everyone) {
+        groups.push(everyone.into());
+    }
+    Ok(User { name, groups, uid: uid.unwrap_or_default(), extra })
+}
+
+/// `%XX` escapes of an impersonated extra key.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_keys_are_unescaped() {
+        assert_eq!(percent_decode("example.com%2fscopes"), "example.com/scopes");
+        assert_eq!(percent_decode("plain"), "plain");
+        assert_eq!(percent_decode("bad%zz%4"), "bad%zz%4");
+    }
 }

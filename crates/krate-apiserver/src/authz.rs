@@ -1,19 +1,24 @@
 //! Authorization: a chain of authorizers asked in order for every request, as
 //! upstream's union authorizer. The first to allow or deny decides; a request no
-//! authorizer allows is refused with upstream's `Forbidden` message. Today's one plugin
-//! lets every authenticated user do everything and anonymous users read only health and
-//! version; RBAC and the node authorizer come as further plugins.
+//! authorizer allows is refused with upstream's `Forbidden` message. The chain always
+//! starts with `system:masters` (upstream's privileged group), then the modes of
+//! `--authorization-mode`: `Node` and `RBAC` (`crate::rbac`) for `krate server`, or
+//! `AlwaysAllow` (every authenticated user may do everything; the default of the
+//! library's `Settings`, for tests of other concerns).
 
 use std::sync::Arc;
 
 use krate_api::ApiError;
 use serde_json::json;
 
+use crate::auth::User;
+use crate::rbac::Rule;
 use crate::request::RequestAttributes;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
-    Allow,
+    /// Allowed, with why (reported by SubjectAccessReviews).
+    Allow(String),
     /// Refused, whatever later authorizers would say.
     Deny(String),
     /// Neither: the next authorizer is asked. The reason (if any) is reported when no
@@ -23,32 +28,144 @@ pub enum Decision {
 
 pub trait Authorizer: Send + Sync + std::fmt::Debug {
     fn authorize(&self, attrs: &RequestAttributes) -> Decision;
-}
 
-/// The authorizers of a server, asked in order.
-#[derive(Clone, Debug)]
-pub struct Chain(pub Vec<Arc<dyn Authorizer>>);
-
-impl Default for Chain {
-    /// krate's behaviour before RBAC: authenticated users may do everything.
-    fn default() -> Self {
-        Self(vec![Arc::new(PublicInfo), Arc::new(AuthenticatedUsers)])
+    /// The rules this authorizer grants `user` in `namespace` and the references it
+    /// could not resolve (SelfSubjectRulesReview), or None if it cannot list them.
+    fn rules_for(&self, _user: &User, _namespace: &str) -> Option<(Vec<Rule>, Vec<String>)> {
+        None
     }
 }
 
+/// One entry of `--authorization-mode`.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// Authenticated users may do everything; anonymous ones read health and version.
+    AlwaysAllow,
+    /// The node authorizer (`crate::rbac::node`).
+    Node,
+    /// RBAC (`crate::rbac`), with upstream's default policy kept at start.
+    Rbac,
+    /// An authorizer of the caller's own (tests).
+    Custom(Arc<dyn Authorizer>),
+}
+
+impl Mode {
+    /// `--authorization-mode`'s comma-separated list (`Node,RBAC`).
+    pub fn parse_list(text: &str) -> Result<Vec<Mode>, String> {
+        text.split(',')
+            .map(|m| match m.trim() {
+                "AlwaysAllow" => Ok(Mode::AlwaysAllow),
+                "Node" => Ok(Mode::Node),
+                "RBAC" => Ok(Mode::Rbac),
+                other => Err(format!("unknown authorization mode {other:?} (known: Node, RBAC, AlwaysAllow)")),
+            })
+            .collect()
+    }
+}
+
+/// The authorizers of a server, asked in order.
+#[derive(Clone, Debug, Default)]
+pub struct Chain(pub Vec<Arc<dyn Authorizer>>);
+
+/// What the chain says of a request: allowed, denied outright, or neither; with reasons.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub allowed: bool,
+    pub denied: bool,
+    pub reason: String,
+}
+
 impl Chain {
-    /// `Ok` if some authorizer allows the request before any denies it.
-    pub fn authorize(&self, attrs: &RequestAttributes) -> Result<(), ApiError> {
+    /// The chain of `modes` behind the privileged group, with `rbac` and `node` as the
+    /// implementations of those modes.
+    pub fn of(modes: &[Mode], rbac: Option<Arc<dyn Authorizer>>, node: Option<Arc<dyn Authorizer>>) -> Self {
+        let mut chain: Vec<Arc<dyn Authorizer>> = vec![Arc::new(PrivilegedGroups)];
+        for mode in modes {
+            match mode {
+                Mode::AlwaysAllow => {
+                    chain.extend([Arc::new(PublicInfo) as Arc<dyn Authorizer>, Arc::new(AuthenticatedUsers)])
+                }
+                Mode::Node => chain.extend(node.clone()),
+                Mode::Rbac => chain.extend(rbac.clone()),
+                Mode::Custom(a) => chain.push(a.clone()),
+            }
+        }
+        Self(chain)
+    }
+
+    /// Asks each authorizer in turn, as upstream's union authorizer.
+    pub fn decide(&self, attrs: &RequestAttributes) -> Verdict {
         let mut reasons = Vec::new();
         for authorizer in &self.0 {
             match authorizer.authorize(attrs) {
-                Decision::Allow => return Ok(()),
-                Decision::Deny(reason) => return Err(forbidden(attrs, &reason)),
+                Decision::Allow(reason) => return Verdict { allowed: true, denied: false, reason },
+                Decision::Deny(reason) => return Verdict { allowed: false, denied: true, reason },
                 Decision::NoOpinion(reason) if !reason.is_empty() => reasons.push(reason),
                 Decision::NoOpinion(_) => {}
             }
         }
-        Err(forbidden(attrs, &reasons.join("\n")))
+        Verdict { allowed: false, denied: false, reason: reasons.join("\n") }
+    }
+
+    /// `Ok` if some authorizer allows the request before any denies it.
+    pub fn authorize(&self, attrs: &RequestAttributes) -> Result<(), ApiError> {
+        let verdict = self.decide(attrs);
+        if verdict.allowed {
+            Ok(())
+        } else {
+            Err(forbidden(attrs, &verdict.reason))
+        }
+    }
+
+    pub fn allows(&self, attrs: &RequestAttributes) -> bool {
+        self.decide(attrs).allowed
+    }
+
+    /// The union of what each authorizer can list, and whether that is all
+    /// (SelfSubjectRulesReview's `incomplete`).
+    pub fn rules_for(&self, user: &User, namespace: &str) -> (Vec<Rule>, Vec<String>, bool) {
+        let (mut rules, mut errors, mut incomplete) = (Vec::new(), Vec::new(), false);
+        for authorizer in &self.0 {
+            match authorizer.rules_for(user, namespace) {
+                Some((r, e)) => {
+                    rules.extend(r);
+                    errors.extend(e);
+                }
+                None => incomplete = true,
+            }
+        }
+        (rules, errors, incomplete)
+    }
+}
+
+/// Members of `system:masters` may do everything, whatever else is configured: the
+/// group of the admin certificate and of the API server's own privileged clients.
+#[derive(Debug)]
+pub struct PrivilegedGroups;
+
+pub const PRIVILEGED_GROUP: &str = "system:masters";
+
+impl Authorizer for PrivilegedGroups {
+    fn authorize(&self, attrs: &RequestAttributes) -> Decision {
+        if attrs.user.groups.iter().any(|g| g == PRIVILEGED_GROUP) {
+            Decision::Allow(String::new())
+        } else {
+            Decision::NoOpinion(String::new())
+        }
+    }
+
+    fn rules_for(&self, user: &User, _namespace: &str) -> Option<(Vec<Rule>, Vec<String>)> {
+        if !user.groups.iter().any(|g| g == PRIVILEGED_GROUP) {
+            return Some((vec![], vec![]));
+        }
+        let all = vec!["*".to_string()];
+        Some((
+            vec![
+                Rule { verbs: all.clone(), api_groups: all.clone(), resources: all.clone(), ..Rule::default() },
+                Rule { verbs: all.clone(), non_resource_urls: all, ..Rule::default() },
+            ],
+            vec![],
+        ))
     }
 }
 
@@ -106,7 +223,7 @@ impl Authorizer for PublicInfo {
                 .iter()
                 .any(|p| attrs.path == *p || attrs.path.strip_prefix(p).is_some_and(|rest| rest.starts_with('/')));
         if public {
-            Decision::Allow
+            Decision::Allow(String::new())
         } else {
             Decision::NoOpinion(String::new())
         }
@@ -122,7 +239,7 @@ impl Authorizer for AuthenticatedUsers {
         if attrs.user.is_anonymous() {
             Decision::NoOpinion(String::new())
         } else {
-            Decision::Allow
+            Decision::Allow(String::new())
         }
     }
 }
@@ -130,7 +247,6 @@ impl Authorizer for AuthenticatedUsers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::User;
     use crate::http::route::{parse_path, parse_query};
     use http::Method;
 
@@ -166,7 +282,7 @@ mod tests {
 
     #[test]
     fn anonymous_users_read_only_public_information() {
-        let chain = Chain::default();
+        let chain = Chain::of(&[Mode::AlwaysAllow], None, None);
         let anonymous = |method, path: &str| {
             RequestAttributes::new(User::anonymous(), &method, path, &parse_path(path), &parse_query(None))
         };
@@ -194,8 +310,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_denying_authorizer_refuses_the_request_before_it_is_served() {
-        let authorizers = Chain(vec![Arc::new(DenyVerb("delete")), Arc::new(AuthenticatedUsers)]);
-        let api = crate::testing::TestApi::start(crate::Settings { authorizers, ..Default::default() }).await;
+        let authorization = vec![Mode::Custom(Arc::new(DenyVerb("delete"))), Mode::AlwaysAllow];
+        let api = crate::testing::TestApi::start(crate::Settings { authorization, ..Default::default() }).await;
         let (code, body) = api.call("x", Method::DELETE, "/api/v1/namespaces/y/pods/p", None).await;
         assert_eq!(code, 403);
         assert_eq!(body["reason"], "Forbidden");
@@ -217,15 +333,18 @@ mod tests {
             }
         }
         let req = request("x", Method::GET, "/api/v1/pods");
-        let deny_first = Chain(vec![Arc::new(Says(Decision::Deny("no".into()))), Arc::new(Says(Decision::Allow))]);
+        let deny_first =
+            Chain(vec![Arc::new(Says(Decision::Deny("no".into()))), Arc::new(Says(Decision::Allow(String::new())))]);
         assert!(deny_first.authorize(&req).unwrap_err().message.ends_with("at the cluster scope: no"));
         let undecided = Chain(vec![
             Arc::new(Says(Decision::NoOpinion("first".into()))),
             Arc::new(Says(Decision::NoOpinion("second".into()))),
         ]);
         assert!(undecided.authorize(&req).unwrap_err().message.ends_with(": first\nsecond"));
-        let allow_later =
-            Chain(vec![Arc::new(Says(Decision::NoOpinion(String::new()))), Arc::new(Says(Decision::Allow))]);
+        let allow_later = Chain(vec![
+            Arc::new(Says(Decision::NoOpinion(String::new()))),
+            Arc::new(Says(Decision::Allow(String::new()))),
+        ]);
         assert_eq!(allow_later.authorize(&req), Ok(()));
     }
 }

@@ -8,13 +8,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use krate_api::ApiResult;
 use serde_json::{json, Value};
 
-use crate::registry::{Scope, Subresource, WriteOptions};
+use crate::registry::{self, Scope, Subresource, WriteOptions};
 use crate::ApiServer;
 
 /// How often the endpoints of the `kubernetes` Service are checked (upstream: 10 s).
@@ -72,6 +72,19 @@ impl ApiServer {
     /// Keeps the `kubernetes` Endpoints and EndpointSlice on this server's address, and
     /// runs the allocator's repair, until the server stops.
     pub(crate) fn start_control_plane_loops(self: Arc<Self>) {
+        // The system namespaces come back when they go (upstream's system namespaces
+        // controller): looked at on every change of namespaces, and every minute.
+        let server = self.clone();
+        tokio::spawn(async move {
+            let prefix = registry::storage_prefix(server.storage.builtin::<Namespace>(None).kind.as_ref());
+            let mut changes = server.storage.cache.resource(&prefix).subscribe();
+            loop {
+                let _ = tokio::time::timeout(Duration::from_secs(60), changes.changed()).await;
+                if let Err(e) = server.ensure_system_namespaces().await {
+                    tracing::warn!(error = %format!("{e:#}"), "recreating a system namespace failed");
+                }
+            }
+        });
         let Some(address) = self.advertised() else {
             tracing::warn!(address = %self.settings.advertise_address, "the advertise address is not an IP:port; the kubernetes Service gets no endpoints");
             return;

@@ -25,8 +25,10 @@ pub mod authz;
 pub mod cache;
 mod controlplane;
 pub mod crd;
+pub mod encryption;
 pub mod http;
 pub mod metrics;
+pub mod rbac;
 pub mod registry;
 pub mod request;
 pub mod rest;
@@ -55,8 +57,9 @@ pub struct Settings {
     /// What service-account tokens are signed under (the cluster CA key, so that every
     /// server of a cluster accepts the others' tokens).
     pub token_secret: Vec<u8>,
-    /// Who may do what: asked in order for every request.
-    pub authorizers: authz::Chain,
+    /// Who may do what (`--authorization-mode`): asked in order for every request,
+    /// after `system:masters`.
+    pub authorization: Vec<authz::Mode>,
     /// The admission plugins every write passes through.
     pub admission: admission::Chain,
     /// Stateful per-kind hooks beyond the built-in ones (tests add their own).
@@ -77,7 +80,7 @@ impl Default for Settings {
             compaction_interval: Duration::from_secs(300),
             kubelet_client: None,
             token_secret: rand::random::<[u8; 32]>().to_vec(),
-            authorizers: authz::Chain::default(),
+            authorization: vec![authz::Mode::AlwaysAllow],
             admission: admission::Chain::default(),
             hooks: rest::HookTable::default(),
             service_network: Default::default(),
@@ -88,6 +91,8 @@ impl Default for Settings {
 
 pub struct ApiServer {
     pub storage: Storage,
+    /// The authorizers of `Settings::authorization`, asked for every request.
+    pub authorizer: Arc<authz::Chain>,
     pub documents: http::docs::Documents,
     pub settings: Settings,
     pub metrics: metrics::Metrics,
@@ -122,7 +127,18 @@ impl ApiServer {
         let allocator = rest::services::Allocator::new(settings.service_network.clone());
         let mut hooks = settings.hooks.clone();
         hooks.register::<k8s_openapi::api::core::v1::Service>(allocator.clone());
+        let modes = &settings.authorization;
+        let rbac = modes.iter().any(|m| matches!(m, authz::Mode::Rbac)).then(|| rbac::Rbac::new(cache.clone()));
+        let node = modes
+            .iter()
+            .any(|m| matches!(m, authz::Mode::Node))
+            .then(|| rbac::node::NodeAuthorizer::new(cache.clone()) as Arc<dyn authz::Authorizer>);
+        let authorizer = Arc::new(authz::Chain::of(modes, rbac.clone().map(|r| r as Arc<dyn authz::Authorizer>), node));
+        if let Some(rbac) = &rbac {
+            rbac::escalation::register(&mut hooks, rbac.clone(), authorizer.clone());
+        }
         let server = Arc::new(Self {
+            authorizer,
             storage: Storage::new(store, cache, kinds, settings.admission.clone(), hooks),
             allocator,
             documents: Default::default(),
@@ -154,7 +170,8 @@ impl ApiServer {
         self.storage.set_kinds(kinds)
     }
 
-    async fn bootstrap(&self) -> anyhow::Result<()> {
+    /// Creates whichever of the system namespaces is missing.
+    async fn ensure_system_namespaces(&self) -> anyhow::Result<()> {
         let namespaces = self.storage.builtin::<k8s_openapi::api::core::v1::Namespace>(None);
         for ns in SYSTEM_NAMESPACES {
             self.storage
@@ -162,6 +179,11 @@ impl ApiServer {
                 .await
                 .map_err(|e| anyhow::anyhow!("creating namespace {ns}: {e}"))?;
         }
+        Ok(())
+    }
+
+    async fn bootstrap(&self) -> anyhow::Result<()> {
+        self.ensure_system_namespaces().await?;
         let classes = self.storage.builtin::<k8s_openapi::api::scheduling::v1::PriorityClass>(None);
         for (name, value, description) in admission::SYSTEM_PRIORITY_CLASSES {
             let class = json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": name}, "value": value, "description": description});
@@ -171,6 +193,9 @@ impl ApiServer {
                 .map_err(|e| anyhow::anyhow!("creating priority class {name}: {e}"))?;
         }
         self.bootstrap_services().await.map_err(|e| anyhow::anyhow!("creating the kubernetes Service: {e}"))?;
+        if self.settings.authorization.iter().any(|m| matches!(m, authz::Mode::Rbac)) {
+            rbac::bootstrap::reconcile(&self.storage).await?;
+        }
         Ok(())
     }
 
@@ -265,13 +290,39 @@ impl ApiServer {
 pub struct LocalService {
     server: Arc<ApiServer>,
     user: auth::User,
+    /// Who lists and watches, when not `user` (see `local_service_listing_as`).
+    lister: Option<auth::User>,
     user_agent: ::http::HeaderValue,
 }
 
 impl ApiServer {
     pub fn local_service(self: &Arc<Self>, user: auth::User, user_agent: &'static str) -> LocalService {
-        LocalService { server: self.clone(), user, user_agent: ::http::HeaderValue::from_static(user_agent) }
+        LocalService {
+            server: self.clone(),
+            user,
+            lister: None,
+            user_agent: ::http::HeaderValue::from_static(user_agent),
+        }
     }
+
+    /// Like `local_service`, but lists and watches go as `lister`: how a controller of
+    /// upstream's controller manager reads through the manager's shared informers
+    /// (`system:kube-controller-manager` may list and watch everything) while it writes
+    /// (and gets single objects) as its own service account.
+    pub fn local_service_listing_as(
+        self: &Arc<Self>,
+        user: auth::User,
+        lister: auth::User,
+        user_agent: &'static str,
+    ) -> LocalService {
+        LocalService { lister: Some(lister), ..self.local_service(user, user_agent) }
+    }
+}
+
+/// A GET of a collection (a list or a watch).
+fn lists<B>(req: &::http::Request<B>) -> bool {
+    req.method() == ::http::Method::GET
+        && matches!(http::route::parse_path(req.uri().path()), http::route::Route::Resource(r) if r.name.is_none())
 }
 
 impl<B> tower::Service<::http::Request<B>> for LocalService
@@ -289,7 +340,11 @@ where
 
     fn call(&mut self, mut req: ::http::Request<B>) -> Self::Future {
         req.headers_mut().entry(::http::header::USER_AGENT).or_insert_with(|| self.user_agent.clone());
-        let (server, user) = (self.server.clone(), self.user.clone());
+        let user = match &self.lister {
+            Some(lister) if lists(&req) => lister.clone(),
+            _ => self.user.clone(),
+        };
+        let server = self.server.clone();
         Box::pin(async move { Ok(http::handle(server, user, req.map(Body::new)).await) })
     }
 }

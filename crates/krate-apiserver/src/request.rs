@@ -26,6 +26,21 @@ pub enum Verb {
 }
 
 impl Verb {
+    /// A verb by name (SubjectAccessReviews, `bind`, `escalate`, `impersonate`).
+    pub fn parse(verb: &str) -> Self {
+        match verb {
+            "get" => Verb::Get,
+            "list" => Verb::List,
+            "watch" => Verb::Watch,
+            "create" => Verb::Create,
+            "update" => Verb::Update,
+            "patch" => Verb::Patch,
+            "delete" => Verb::Delete,
+            "deletecollection" => Verb::DeleteCollection,
+            other => Verb::Other(other.to_string()),
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         match self {
             Verb::Get => "get",
@@ -81,6 +96,8 @@ pub struct RequestAttributes {
     /// upstream, so that namespaced permissions can cover their namespace).
     pub namespace: String,
     pub name: String,
+    /// The request's `fieldSelector` (the node authorizer lets nodes list their own pods).
+    pub field_selector: String,
 }
 
 impl RequestAttributes {
@@ -96,6 +113,7 @@ impl RequestAttributes {
             subresource: String::new(),
             namespace: String::new(),
             name: String::new(),
+            field_selector: query.get("fieldSelector").cloned().unwrap_or_default(),
         };
         if let Route::Resource(r) = route {
             let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
@@ -119,6 +137,50 @@ impl RequestAttributes {
             };
         }
         attrs
+    }
+
+    /// A resource request that no HTTP request made (access reviews, `bind` and
+    /// `escalate` checks, impersonation).
+    pub fn resource(
+        user: User,
+        verb: Verb,
+        group: &str,
+        resource: &str,
+        subresource: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Self {
+        Self {
+            user,
+            verb,
+            is_resource_request: true,
+            path: String::new(),
+            api_group: group.to_string(),
+            api_version: "*".to_string(),
+            resource: resource.to_string(),
+            subresource: subresource.to_string(),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            field_selector: String::new(),
+        }
+    }
+
+    /// A non-resource request that no HTTP request made (access reviews).
+    pub fn non_resource(user: User, verb: &str, path: &str) -> Self {
+        let mut attrs = Self::resource(user, Verb::parse(verb), "", "", "", "", "");
+        attrs.is_resource_request = false;
+        attrs.api_version.clear();
+        attrs.path = path.to_string();
+        attrs
+    }
+
+    /// The field selector requires `field` to equal `value`.
+    pub fn field_selector_pins(&self, field: &str, value: &str) -> bool {
+        self.field_selector.split(',').any(|term| {
+            term.strip_prefix(field)
+                .and_then(|rest| rest.strip_prefix("==").or_else(|| rest.strip_prefix('=')))
+                .is_some_and(|v| v == value)
+        })
     }
 
     /// `resource/subresource`, as authorization names what is asked for.

@@ -118,6 +118,8 @@ fn port_list(ports: &[ResolvedPort]) -> Value {
 
 struct Controller {
     client: kube::Client,
+    /// Writes the EndpointSlices.
+    slices_client: kube::Client,
     services: Store<Service>,
     pods: Informer<Pod>,
     slices: Owned<EndpointSlice>,
@@ -282,7 +284,7 @@ impl Controller {
         trigger: Option<&str>,
     ) -> Result<(), Error> {
         let (ns, name) = key_of(service);
-        let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &ns);
+        let api: Api<EndpointSlice> = Api::namespaced(self.slices_client.clone(), &ns);
         let mut labels = service.labels().clone();
         labels.insert(SERVICE_NAME.into(), name.clone());
         labels.insert(MANAGED_BY.into(), CONTROLLER_NAME.into());
@@ -367,12 +369,19 @@ fn members_ipv6(groups: &BTreeMap<Vec<ResolvedPort>, Vec<&Member>>) -> bool {
     groups.values().flatten().next().is_some_and(|m| m.ip.contains(':'))
 }
 
-pub async fn run(client: kube::Client, pod_informer: &Informer<Pod>) -> anyhow::Result<()> {
+/// Runs the controller: `client` writes Endpoints (upstream's endpoint-controller),
+/// `slices_client` EndpointSlices (endpointslice-controller).
+pub async fn run(
+    client: kube::Client,
+    slices_client: kube::Client,
+    pod_informer: &Informer<Pod>,
+) -> anyhow::Result<()> {
     let caches = Caches::new("endpoints", ["services", "pods", "endpointslices"]);
     let (services, service_writer) = reflector::store::<Service>();
     let slice_informer = Informer::<EndpointSlice>::default();
     let controller = Arc::new(Controller {
         client: client.clone(),
+        slices_client: slices_client.clone(),
         services,
         pods: pod_informer.clone(),
         slices: Owned::new(&slice_informer),
@@ -434,7 +443,7 @@ pub async fn run(client: kube::Client, pod_informer: &Informer<Pod>) -> anyhow::
     };
     tokio::select! {
         _ = feeder => anyhow::bail!("the service and pod watches ended"),
-        watched = slice_informer.run(Api::all(client.clone())) => watched,
+        watched = slice_informer.run(Api::all(slices_client.clone())) => watched,
         _ = worker => Ok(()),
     }
 }

@@ -22,6 +22,8 @@ const INDEX_ANNOTATION: &str = "batch.kubernetes.io/job-completion-index";
 
 struct Context {
     client: kube::Client,
+    /// Deletes Jobs whose TTL after finishing ran out.
+    ttl_client: kube::Client,
     events: Recorder,
     pods: OwnedPods,
 }
@@ -155,7 +157,8 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
         let Some(ttl) = spec.ttl_seconds_after_finished else { return Ok(Action::await_change()) };
         let expires = at + jiff::SignedDuration::from_secs(ttl as i64);
         if now() >= expires {
-            jobs.delete(&job.name_any(), &DeleteParams::background()).await?;
+            let expired: Api<Job> = Api::namespaced(ctx.ttl_client.clone(), &ns);
+            expired.delete(&job.name_any(), &DeleteParams::background()).await?;
             return Ok(Action::await_change());
         }
         let wait = expires.duration_since(now()).as_secs_f64().max(0.0);
@@ -330,10 +333,13 @@ fn error_policy(job: Arc<Job>, err: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(1))
 }
 
-pub async fn run(client: kube::Client, pods: &Informer<Pod>) -> anyhow::Result<()> {
+/// Runs the controller; `ttl_client` deletes finished Jobs whose TTL ran out (upstream's
+/// ttl-after-finished-controller).
+pub async fn run(client: kube::Client, ttl_client: kube::Client, pods: &Informer<Pod>) -> anyhow::Result<()> {
     let context = Context {
         events: Recorder::new(client.clone(), "job-controller"),
         client: client.clone(),
+        ttl_client,
         pods: OwnedPods::new(pods),
     };
     context.pods.synced().await;

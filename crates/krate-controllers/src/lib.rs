@@ -15,6 +15,7 @@ pub mod owned;
 pub mod perns;
 pub mod podgc;
 pub mod quota;
+pub mod rbacaggregation;
 pub mod replicas;
 pub mod selector;
 pub mod servicelb;
@@ -105,35 +106,75 @@ pub struct Config {
     pub root_ca_pem: String,
 }
 
+/// The API clients the controllers act through. Inside `krate server` each controller
+/// is its own service account in kube-system (upstream's controller-manager with
+/// `--use-service-account-credentials`), bound by the default RBAC policy to
+/// `system:controller:<name>`; its lists and watches go as the manager's own identity
+/// (`system:kube-controller-manager`, which may list and watch everything), as
+/// upstream's shared informers do. A stand-alone
+/// controller manager acts as its kubeconfig's user throughout.
+#[derive(Clone)]
+pub struct Clients(std::sync::Arc<ClientOf>);
+
+/// The client of a controller's account (None: the manager's own).
+type ClientOf = dyn Fn(Option<&str>) -> kube::Client + Send + Sync;
+
+impl Clients {
+    /// Every controller as `client`.
+    pub fn single(client: kube::Client) -> Self {
+        Self(std::sync::Arc::new(move |_| client.clone()))
+    }
+
+    /// `clients(None)` for the manager, `clients(Some(account))` for each controller.
+    pub fn per_controller(clients: impl Fn(Option<&str>) -> kube::Client + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(clients))
+    }
+
+    /// The manager's own client (shared watches, leader election).
+    pub fn manager(&self) -> kube::Client {
+        (self.0)(None)
+    }
+
+    /// The client of the controller whose service account is `account`.
+    pub fn of(&self, account: &str) -> kube::Client {
+        (self.0)(Some(account))
+    }
+}
+
 /// Runs every controller, each restarted on failure.
-pub async fn run(client: kube::Client, config: Config) -> anyhow::Result<()> {
+pub async fn run(clients: Clients, config: Config) -> anyhow::Result<()> {
     let grace = config.node_monitor_grace_period;
     let gc_threshold = config.terminated_pod_gc_threshold;
     let root_ca = perns::PerNamespace::root_ca(&config.root_ca_pem);
     let pods = Informer::<Pod>::default();
+    let c = |account: &str| clients.of(account);
     tokio::join!(
-        supervise("pod-informer", client.clone(), |c| pods.run(Api::all(c))),
-        supervise("namespace", client.clone(), namespace::run),
-        supervise("deployment", client.clone(), deployment::run),
-        supervise("garbagecollector", client.clone(), |c| gc::run(c, pods.clone())),
-        supervise("job", client.clone(), |c| job::run(c, &pods)),
-        supervise("cronjob", client.clone(), cronjob::run),
-        supervise("daemonset", client.clone(), |c| daemonset::run(c, &pods)),
-        supervise("statefulset", client.clone(), |c| statefulset::run(c, &pods)),
-        supervise("nodelifecycle", client.clone(), |c| nodelifecycle::run(c, grace, &pods)),
-        supervise("endpoints", client.clone(), |c| endpoints::run(c, &pods)),
-        supervise("disruption", client.clone(), |c| disruption::run(c, &pods)),
-        supervise("resourcequota", client.clone(), |c| quota::run(c, &pods)),
-        supervise("podgc", client.clone(), |c| podgc::run(c, &pods, gc_threshold)),
-        supervise("serviceaccount", client.clone(), |c| perns::run(c, perns::PerNamespace::default_service_account())),
-        supervise("service-lb", client.clone(), servicelb::run),
-        supervise("root-ca-cert-publisher", client.clone(), |c| perns::run(c, root_ca.clone())),
-        supervise("replicaset", client.clone(), |c| replicas::run(
+        supervise("pod-informer", clients.manager(), |c| pods.run(Api::all(c))),
+        supervise("namespace", c("namespace-controller"), namespace::run),
+        supervise("deployment", c("deployment-controller"), deployment::run),
+        supervise("garbagecollector", c("generic-garbage-collector"), |c| gc::run(c, pods.clone())),
+        supervise("job", c("job-controller"), |jobs| job::run(jobs, c("ttl-after-finished-controller"), &pods)),
+        supervise("cronjob", c("cronjob-controller"), cronjob::run),
+        supervise("daemonset", c("daemon-set-controller"), |c| daemonset::run(c, &pods)),
+        supervise("statefulset", c("statefulset-controller"), |c| statefulset::run(c, &pods)),
+        supervise("nodelifecycle", c("node-controller"), |c| nodelifecycle::run(c, grace, &pods)),
+        supervise("endpoints", c("endpoint-controller"), |e| endpoints::run(e, c("endpointslice-controller"), &pods)),
+        supervise("disruption", c("disruption-controller"), |c| disruption::run(c, &pods)),
+        supervise("resourcequota", c("resourcequota-controller"), |c| quota::run(c, &pods)),
+        supervise("podgc", c("pod-garbage-collector"), |c| podgc::run(c, &pods, gc_threshold)),
+        supervise("serviceaccount", c("service-account-controller"), |c| perns::run(
+            c,
+            perns::PerNamespace::default_service_account()
+        )),
+        supervise("service-lb", c("service-lb-controller"), servicelb::run),
+        supervise("root-ca-cert-publisher", c("root-ca-cert-publisher"), |c| perns::run(c, root_ca.clone())),
+        supervise("clusterrole-aggregation", c("clusterrole-aggregation-controller"), rbacaggregation::run),
+        supervise("replicaset", c("replicaset-controller"), |c| replicas::run(
             c,
             &pods,
             resource("apps", "v1", "ReplicaSet", "replicasets")
         )),
-        supervise("replicationcontroller", client.clone(), |c| replicas::run(
+        supervise("replicationcontroller", c("replication-controller"), |c| replicas::run(
             c,
             &pods,
             resource("", "v1", "ReplicationController", "replicationcontrollers")

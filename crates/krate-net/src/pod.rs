@@ -100,7 +100,10 @@ impl PodNetwork {
         }
         let gateway = format!("{}/{}", self.pod_cidr.gateway(), self.pod_cidr.prefix);
         let out = ip(&["addr", "add", &gateway, "dev", &self.bridge]).await?;
-        if !out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("File exists") {
+        // A bridge left by an earlier run keeps its address ("File exists" from older
+        // iproute2, "Address already assigned" from newer kernels).
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && !stderr.contains("File exists") && !stderr.contains("already assigned") {
             bail!("adding {gateway} to bridge {}: {}", self.bridge, String::from_utf8_lossy(&out.stderr).trim());
         }
         let out = ip(&["link", "set", &self.bridge, "up"]).await?;

@@ -1,7 +1,10 @@
 //! API server benchmark: create, get, list and watch throughput and latency for N
 //! ConfigMaps through a real `krate server` (kube-rs client over HTTPS), beside the same
 //! bytes inserted straight into SQLite with the same settings in the same run. Also the
-//! server's resident memory at N and 10×N objects.
+//! server's resident memory at N and 10×N objects. And the cost of authorization:
+//! creates and gets as a service account that a RoleBinding lets write ConfigMaps
+//! (RBAC decides), beside the same as the admin certificate (`system:masters`, decided
+//! before RBAC is asked), in the same run.
 //!
 //!     cargo bench -p krate --bench api            # N = 10,000
 //!     KRATE_BENCH_N=2000 cargo bench -p krate --bench api
@@ -93,6 +96,66 @@ where
         latencies.extend(w.await.unwrap());
     }
     Stats { latencies, elapsed: start.elapsed() }
+}
+
+/// `m` creates then `m` gets of ConfigMaps in a fresh namespace, as the admin and as a
+/// service account bound to a Role that allows exactly that: [create, get] each.
+async fn authorization(server: &BenchServer, m: usize) -> ([Stats; 2], [Stats; 2]) {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let admin = server.client.clone();
+    let post = PostParams::default();
+    for ns in ["bench-admin", "bench-rbac"] {
+        let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
+        Api::<Namespace>::all(admin.clone()).create(&post, &namespace).await.unwrap();
+    }
+    let ns = "bench-rbac";
+    let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "writer"}})).unwrap();
+    Api::<ServiceAccount>::namespaced(admin.clone(), ns).create(&post, &account).await.unwrap();
+    let role: Role = serde_json::from_value(json!({"metadata": {"name": "configmaps"},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get"]}]}))
+    .unwrap();
+    Api::<Role>::namespaced(admin.clone(), ns).create(&post, &role).await.unwrap();
+    let binding: RoleBinding = serde_json::from_value(json!({"metadata": {"name": "writer"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "configmaps"},
+        "subjects": [{"kind": "ServiceAccount", "name": "writer", "namespace": ns}]}))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(admin.clone(), ns).create(&post, &binding).await.unwrap();
+    let request: TokenRequest = serde_json::from_value(json!({"spec": {"audiences": []}})).unwrap();
+    let token = Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+        .create_token_request("writer", &post, &request)
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.token)
+        .expect("the TokenRequest issues a token");
+    let bound = server.client_with_token(&token).await;
+    // The binding counts once the cache has it.
+    let probe: Api<ConfigMap> = Api::namespaced(bound.clone(), ns);
+    while probe.get_opt("probe").await.is_err() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let phase = |client: kube::Client, ns: &'static str| async move {
+        let api: Api<ConfigMap> = Api::namespaced(client, ns);
+        let creates = api.clone();
+        let create = run(0..m, move |i| {
+            let api = creates.clone();
+            async move {
+                api.create(&PostParams::default(), &configmap(i)).await.unwrap();
+            }
+        })
+        .await;
+        let get = run(0..m, move |i| {
+            let api = api.clone();
+            async move {
+                api.get(&format!("bench-{i:06}")).await.unwrap();
+            }
+        })
+        .await;
+        [create, get]
+    };
+    (phase(admin, "bench-admin").await, phase(bound, ns).await)
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -319,6 +382,16 @@ async fn main() {
     println!(
         "server RSS with {n} ConfigMaps: {rss_created:.1} MiB after create; {rss_n:.1} MiB after patches and apply"
     );
+
+    let m = 2000.min(n);
+    let (admin, bound) = authorization(&server, m).await;
+    println!();
+    admin[0].row("create as admin");
+    bound[0].row("create as bound SA (RBAC)");
+    admin[1].row("get as admin");
+    bound[1].row("get as bound SA (RBAC)");
+    println!("create throughput, bound service account (RBAC) vs admin: {:.2}x", bound[0].rate() / admin[0].rate());
+    println!("get throughput, bound service account (RBAC) vs admin:    {:.2}x", bound[1].rate() / admin[1].rate());
 
     if std::env::var("KRATE_BENCH_SKIP_100K").is_err() {
         let api = cms.clone();

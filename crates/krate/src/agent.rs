@@ -250,7 +250,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         .context("decoding the kubeconfig's certificate-authority-data")?;
     let config = args.options.config(args.dir, ca_pem.map(|b| String::from_utf8_lossy(&b).into_owned()))?;
     let client = crate::components::kube_client(&args.kubeconfig).await?;
-    krate_agent::run(client, config).await
+    krate_agent::run(krate_agent::Clients { node: client.clone(), network: client }, config).await
 }
 
 /// `krate reset`: undoes the node agent of `data_dir` (see `krate_agent::reset`). The

@@ -115,12 +115,13 @@ where
 
 pub async fn run_controller_manager(args: ControllerManagerArgs) -> Result<()> {
     let client = kube_client(&args.kubeconfig).await?;
-    controller_manager(client, cluster_ca_pem(&args.kubeconfig)?, &args.settings).await
+    let clients = krate_controllers::Clients::single(client);
+    controller_manager(clients, cluster_ca_pem(&args.kubeconfig)?, &args.settings).await
 }
 
-/// The controllers as `client`, under `settings`' election.
+/// The controllers through `clients`, under `settings`' election.
 pub async fn controller_manager(
-    client: kube::Client,
+    clients: krate_controllers::Clients,
     root_ca_pem: String,
     settings: &ControllerSettings,
 ) -> Result<()> {
@@ -129,8 +130,8 @@ pub async fn controller_manager(
         terminated_pod_gc_threshold: settings.terminated_pod_gc_threshold,
         root_ca_pem,
     };
-    elected(client.clone(), "kube-controller-manager", &settings.election, || {
-        krate_controllers::run(client.clone(), config.clone())
+    elected(clients.manager(), "kube-controller-manager", &settings.election, || {
+        krate_controllers::run(clients.clone(), config.clone())
     })
     .await
 }

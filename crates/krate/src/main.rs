@@ -7,6 +7,7 @@ mod components;
 mod hollow;
 mod leader;
 mod pki;
+mod secrets;
 mod server;
 
 #[derive(Parser)]
@@ -42,6 +43,8 @@ enum Command {
     /// containers (containerd + runc, started and supervised by krate). `krate server`
     /// already runs one for its own machine.
     Agent(agent::AgentArgs),
+    /// Show or rotate the key that encrypts Secrets at rest (run on the server's machine).
+    SecretsEncrypt(secrets::SecretsEncryptArgs),
     /// Remove what krate set up on this machine under a data directory: the node agent's
     /// containers and sandboxes, its containerd, pod bridge and nftables table. The
     /// server or agent using it must be stopped first.
@@ -139,6 +142,7 @@ fn main() -> std::process::ExitCode {
             Command::HollowNodes(args) => block_on(hollow::run(args)),
             Command::Agent(args) => block_on(agent::run(args)),
             Command::Reset { data_dir } => block_on(agent::reset(data_dir)),
+            Command::SecretsEncrypt(args) => secrets::run(args),
             Command::ShutdownNode { data_dir } => block_on(async move {
                 krate_agent::shutdown::request(&data_dir.join("agent"), &mut std::io::stdout()).await
             }),

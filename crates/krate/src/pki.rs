@@ -32,7 +32,7 @@ fn validity(params: &mut CertificateParams, days: i64) {
     params.not_after = to_date(now + jiff::SignedDuration::from_hours(24 * days));
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");

@@ -52,6 +52,20 @@ pub struct ServerArgs {
     /// (NotReady, tainted) and its pods are evicted after their tolerations.
     #[arg(long, default_value_t = 40)]
     pub node_monitor_grace_period_seconds: u64,
+    /// Who may do what, in order (upstream's `--authorization-mode`): `Node` (node agents
+    /// reach only what their pods use), `RBAC` (roles and bindings; upstream's default
+    /// policy is created and kept at start), or `AlwaysAllow` (every authenticated user
+    /// may do everything: for experiments only). Members of `system:masters`, like the
+    /// admin kubeconfig's user, may always do everything.
+    #[arg(long, default_value = "Node,RBAC", value_parser = parse_authorization_mode)]
+    pub authorization_mode: AuthorizationModes,
+    /// How Secrets are encrypted in the database: an EncryptionConfiguration file
+    /// (upstream's format: aescbc, aesgcm, secretbox or identity providers with named
+    /// keys). Default: <data-dir>/pki/encryption-config.yaml, generated with a new AES-CBC
+    /// key on first start. Edits are picked up while running (`krate secrets-encrypt
+    /// rotate` makes one), and stored values are rewritten under the new first key.
+    #[arg(long)]
+    pub encryption_provider_config: Option<PathBuf>,
     /// Serve the API only; do not run the built-in controllers and scheduler.
     #[arg(long)]
     pub disable_controllers: bool,
@@ -61,6 +75,14 @@ pub struct ServerArgs {
     pub disable_agent: bool,
     #[command(flatten)]
     pub agent: crate::agent::AgentOptions,
+}
+
+/// The parsed `--authorization-mode`.
+#[derive(Clone, Debug)]
+pub struct AuthorizationModes(pub Vec<krate_apiserver::authz::Mode>);
+
+fn parse_authorization_mode(text: &str) -> Result<AuthorizationModes, String> {
+    krate_apiserver::authz::Mode::parse_list(text).map(AuthorizationModes)
 }
 
 pub async fn run(args: ServerArgs) -> Result<()> {
@@ -123,6 +145,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let db_dir = args.data_dir.join("db");
     std::fs::create_dir_all(&db_dir)?;
     let store = SqliteStore::open(db_dir.join("state.db")).context("opening the database")?;
+    let store = encrypted_store(Arc::new(store), &args).await?;
     let advertise = std::net::SocketAddr::new(advertise_ip, args.port).to_string();
     let kubelet_client =
         pki.client_certificate("apiserver-kubelet-client", "kube-apiserver-kubelet-client", &["system:masters"])?;
@@ -136,11 +159,12 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         compaction_interval: Duration::from_secs(args.compaction_interval_seconds.max(1)),
         bookmark_interval: Duration::from_secs(args.bookmark_interval_seconds.max(1)),
         token_secret: pki.token_secret(),
+        authorization: args.authorization_mode.0.clone(),
         service_network,
         cluster_dns,
         ..Settings::default()
     };
-    let server = ApiServer::start(Arc::new(store), settings).await?;
+    let server = ApiServer::start(store, settings).await?;
     // The in-process components' cache readiness shows on the API server's /metrics.
     server.metrics.add_source(Box::new(krate_client::caches::render_metrics));
     // The embedded agent's service proxy and DNS responder, under kube-proxy's and
@@ -179,24 +203,34 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             leader_elect_identity: Some(identity),
         };
         // In-process components reach the API without TCP and TLS, as the users their
-        // stand-alone certificates would name.
+        // stand-alone certificates would name; each controller as its service account.
         let local_client = |user: &str, agent: &'static str| {
-            let user = auth::User {
-                name: user.to_string(),
-                groups: vec!["system:authenticated".to_string()],
-                ..Default::default()
-            };
-            kube::Client::new(server.local_service(user, agent), "default")
+            kube::Client::new(server.local_service(component_user(user), agent), "default")
         };
         let controllers = ControllerSettings {
             node_monitor_grace_period_seconds: args.node_monitor_grace_period_seconds,
             terminated_pod_gc_threshold: 12_500,
             election: election.clone(),
         };
-        let client = local_client("system:kube-controller-manager", "kube-controller-manager/v1.37.0 (krate)");
+        let clients = {
+            let server = server.clone();
+            let manager = component_user("system:kube-controller-manager");
+            const AGENT: &str = "kube-controller-manager/v1.37.0 (krate)";
+            krate_controllers::Clients::per_controller(move |account| {
+                let service = match account {
+                    None => server.local_service(manager.clone(), AGENT),
+                    Some(account) => server.local_service_listing_as(
+                        auth::User::service_account("kube-system", account),
+                        manager.clone(),
+                        AGENT,
+                    ),
+                };
+                kube::Client::new(service, "default")
+            })
+        };
         let root_ca_pem = pki.ca_cert_pem.clone();
         tokio::spawn(async move {
-            if let Err(err) = components::controller_manager(client, root_ca_pem, &controllers).await {
+            if let Err(err) = components::controller_manager(clients, root_ca_pem, &controllers).await {
                 tracing::error!(error = %format!("{err:#}"), "controllers stopped");
             }
         });
@@ -215,9 +249,16 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             groups: vec!["system:nodes".to_string(), "system:authenticated".to_string()],
             ..Default::default()
         };
-        let client = kube::Client::new(server.local_service(user, "kubelet/v1.37.0 (krate)"), "default");
+        let clients = krate_agent::Clients {
+            node: kube::Client::new(server.local_service(user, "kubelet/v1.37.0 (krate)"), "default"),
+            // The service proxy and DNS as kube-proxy's user (role system:node-proxier).
+            network: kube::Client::new(
+                server.local_service(component_user("system:kube-proxy"), "kube-proxy/v1.37.0 (krate)"),
+                "default",
+            ),
+        };
         tokio::spawn(async move {
-            if let Err(err) = krate_agent::run(client, config).await {
+            if let Err(err) = krate_agent::run(clients, config).await {
                 tracing::error!(error = %format!("{err:#}"), "the node agent stopped; this server runs no pods (pass --disable-agent to run a control plane only)");
             }
         });
@@ -230,6 +271,39 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The database behind encryption at rest (see `--encryption-provider-config`): every
+/// stored value is checked readable and the ones not under the writing key are
+/// rewritten before the server starts.
+async fn encrypted_store(store: Arc<dyn krate_store::Store>, args: &ServerArgs) -> Result<Arc<dyn krate_store::Store>> {
+    use krate_apiserver::encryption::{self, EncryptedStore};
+    let path = match &args.encryption_provider_config {
+        Some(path) => path.clone(),
+        None => {
+            let path = args.data_dir.join("pki/encryption-config.yaml");
+            if !path.exists() {
+                crate::pki::write_private(&path, &encryption::generated_config())?;
+                tracing::info!(path = %path.display(), "generated a key for encrypting Secrets at rest");
+            }
+            path
+        }
+    };
+    let encrypted = EncryptedStore::open(store, &path).context("loading the encryption configuration")?;
+    let rewritten = encrypted.rewrite_stale().await.map_err(|e| {
+        anyhow::anyhow!("{e}\nThe database holds values the encryption configuration {} cannot read: start with the configuration (and keys) that wrote them.", path.display())
+    })?;
+    if rewritten > 0 {
+        tracing::info!(rewritten, writer = %encrypted.secrets_writer(), "stored values re-encrypted");
+    }
+    encrypted.write_status(rewritten);
+    encrypted.clone().watch_config();
+    Ok(encrypted)
+}
+
+/// A component's user as its client certificate would name it.
+fn component_user(name: &str) -> auth::User {
+    auth::User { name: name.to_string(), groups: vec!["system:authenticated".to_string()], ..Default::default() }
 }
 
 async fn shutdown_signal() {

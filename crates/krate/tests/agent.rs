@@ -587,10 +587,16 @@ async fn exec_attach_cp_and_port_forward_reach_containers_through_the_api_server
     let as_pod = std::process::Command::new(common::kubectl_path())
         .args(["--kubeconfig", "/dev/null", "--server", &server.url(), "--token", &token, "--certificate-authority"])
         .arg(server.data_dir().join("pki/ca.crt"))
-        .args(["get", "pod", "shell", "-o", "jsonpath={.metadata.name}"])
+        .args(["auth", "whoami", "-o", "jsonpath={.status.userInfo.username} {.status.userInfo.extra}"])
         .output()
         .unwrap();
-    assert_eq!(text(&as_pod.stdout), "shell", "{}", text(&as_pod.stderr));
+    let who = text(&as_pod.stdout);
+    assert!(
+        who.starts_with("system:serviceaccount:default:default ")
+            && who.contains(r#""authentication.kubernetes.io/pod-name":["shell"]"#),
+        "the token is the pod's: {who} {}",
+        text(&as_pod.stderr)
+    );
 
     // kubectl cp both ways (tar through exec, stdin closed at the end of the archive).
     let local = tempfile::tempdir().unwrap();

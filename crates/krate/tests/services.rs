@@ -145,6 +145,14 @@ async fn in_cluster_clients_find_the_api_through_the_kubernetes_service() {
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
     let kubernetes = cluster_ip(&server, "kubernetes");
+    // The pod's account reads what the view role lets it (RBAC grants nothing by default).
+    server.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "in-cluster-view",
+        "--clusterrole=view",
+        "--serviceaccount=default:default",
+    ]);
     let pod = json!({"metadata": {"name": "in-cluster", "labels": {"role": "in-cluster"}}, "spec": {
         "restartPolicy": "Never",
         "containers": [{"name": "c", "image": registry.image("kubectl"), "command": ["sh", "-c",

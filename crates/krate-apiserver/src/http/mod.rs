@@ -84,6 +84,8 @@ pub async fn handle(server: Arc<ApiServer>, user: User, req: Request<Body>) -> R
         Some(token) if user.is_anonymous() => server.authenticate_token(token).await,
         _ => Ok(user),
     };
+    let authenticated =
+        authenticated.and_then(|user| crate::auth::impersonate(req.headers(), user, &server.authorizer));
     let (user_name, response) = match authenticated {
         Ok(user) => {
             // Who asks for what, built once and shared by every later stage.
@@ -141,7 +143,7 @@ async fn dispatch(
     query: Query,
     req: Request<Body>,
 ) -> ApiResult<Response<Body>> {
-    server.settings.authorizers.authorize(attrs)?;
+    server.authorizer.authorize(attrs)?;
     match route {
         Route::Health(check) => Ok(server.health(check, query.contains_key("verbose")).await),
         Route::Version => Ok(json_response(200, &crate::version_info())),

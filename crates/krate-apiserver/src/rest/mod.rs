@@ -27,6 +27,7 @@ use crate::ApiServer;
 
 mod namespaces;
 pub mod pods;
+mod reviews;
 pub mod serviceaccounts;
 pub mod services;
 
@@ -113,6 +114,7 @@ pub fn handler(declared: SubresourceHandler) -> &'static dyn Handler {
         H::Attach => &pods::Connect(pods::Action::Attach),
         H::PortForward => &pods::Connect(pods::Action::PortForward),
         H::Token => &serviceaccounts::Token,
+        H::Review => &reviews::Review,
     }
 }
 

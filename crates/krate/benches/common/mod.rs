@@ -66,6 +66,18 @@ impl BenchServer {
         BenchServer { child: Some(Killed(child)), data, kubeconfig, client, _dir: dir }
     }
 
+    /// A client of this server that authenticates with a bearer `token` instead of the
+    /// admin certificate.
+    pub async fn client_with_token(&self, token: &str) -> kube::Client {
+        let mut kubeconfig = Kubeconfig::read_from(&self.kubeconfig).unwrap();
+        for named in &mut kubeconfig.auth_infos {
+            named.auth_info =
+                Some(kube::config::AuthInfo { token: Some(token.to_string().into()), ..Default::default() });
+        }
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.unwrap();
+        kube::Client::try_from(config).unwrap()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.0.id()).unwrap_or_default()
     }

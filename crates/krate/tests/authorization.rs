@@ -1,0 +1,415 @@
+//! Who may do what, tried as users would: RBAC on a fresh server (its default policy, a
+//! service account's own token, kubectl's `auth` commands, escalation checks,
+//! impersonation), the identities of the built-in components, the node authorizer and
+//! NodeRestriction, and the namespaces that cannot go.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{eventually, raw, HollowNodes, TestServer};
+use serde_json::{json, Value};
+
+/// A kubeconfig for the server that authenticates as service account `ns/name` (created
+/// if missing) with a fresh token.
+fn service_account_kubeconfig(server: &TestServer, ns: &str, name: &str) -> PathBuf {
+    let _ = server.kubectl(&["create", "serviceaccount", name, "-n", ns]);
+    let token = server.kubectl_ok(&["create", "token", name, "-n", ns]).trim().to_string();
+    let admin = std::fs::read_to_string(server.kubeconfig()).unwrap();
+    let mut config: Value = serde_yaml::from_str(&admin).unwrap();
+    config["users"][0]["user"] = json!({"token": token});
+    let path = server.data_dir().join(format!("{ns}-{name}.kubeconfig"));
+    std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
+    path
+}
+
+/// kubectl with another kubeconfig: (succeeded, stdout, stderr).
+fn kubectl_with(server: &TestServer, kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let mut all = vec!["--kubeconfig", kubeconfig.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = server.kubectl(&all);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A GET with extra headers: (status, body).
+async fn as_user(client: &kube::Client, headers: &[(&str, &str)], path: &str) -> (u16, Value) {
+    let mut req = http::Request::builder().method("GET").uri(path);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let resp = client.send(req.body(kube::client::Body::empty()).unwrap()).await.expect("send");
+    let code = resp.status().as_u16();
+    let bytes = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+/// kubectl as the admin, impersonating `as_user` (and groups): the stderr of a refusal.
+fn refused_as(server: &TestServer, as_user: &[&str], args: &[&str]) -> String {
+    let mut all: Vec<&str> = as_user.to_vec();
+    all.extend_from_slice(args);
+    let out = server.kubectl(&all);
+    assert!(!out.status.success(), "kubectl {all:?} should be refused");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn a_service_accounts_token_reads_secrets_only_once_a_binding_grants_it() {
+    let server = TestServer::start();
+    let bob = service_account_kubeconfig(&server, "default", "bob");
+    let client = common::client_for(&bob).await;
+    let (code, body) = raw(&client, "GET", "/api/v1/namespaces/kube-system/secrets", "application/json", vec![]).await;
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(
+        body["message"],
+        r#"secrets is forbidden: User "system:serviceaccount:default:bob" cannot list resource "secrets" in API group "" in the namespace "kube-system""#
+    );
+    let (code, _) = raw(&client, "DELETE", "/api/v1/namespaces/kube-system", "application/json", vec![]).await;
+    assert_eq!(code, 403, "a service account cannot delete kube-system");
+    server.kubectl_ok(&["create", "role", "secret-reader", "-n", "kube-system", "--verb=list", "--resource=secrets"]);
+    server.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "bob-reads-secrets",
+        "-n",
+        "kube-system",
+        "--role=secret-reader",
+        "--serviceaccount=default:bob",
+    ]);
+    eventually(10, "bob to list secrets", || async {
+        let (code, _) = raw(&client, "GET", "/api/v1/namespaces/kube-system/secrets", "application/json", vec![]).await;
+        (code == 200).then_some(())
+    })
+    .await;
+    // Only what was granted: not another namespace, not another verb.
+    let (code, _) = raw(&client, "GET", "/api/v1/namespaces/default/secrets", "application/json", vec![]).await;
+    assert_eq!(code, 403);
+    let (code, _) = raw(&client, "GET", "/api/v1/namespaces/kube-system/secrets/x", "application/json", vec![]).await;
+    assert_eq!(code, 403, "list does not grant get");
+}
+
+#[tokio::test]
+async fn can_i_lists_exactly_what_was_granted() {
+    let server = TestServer::start();
+    let as_bob = ["--as", "system:serviceaccount:default:bob"];
+    server.kubectl_ok(&["create", "serviceaccount", "bob"]);
+    let can_i = |args: &[&str]| {
+        let mut all = vec!["auth", "can-i"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&as_bob);
+        server.kubectl(&all).stdout.starts_with(b"yes")
+    };
+    assert!(!can_i(&["list", "pods"]));
+    assert!(can_i(&["create", "selfsubjectaccessreviews.authorization.k8s.io"]), "everyone may ask");
+    server.kubectl_ok(&[
+        "create",
+        "role",
+        "cm-editor",
+        "--verb=get,update",
+        "--resource=configmaps",
+        "--resource-name=app",
+    ]);
+    server.kubectl_ok(&["create", "rolebinding", "bob-cm", "--role=cm-editor", "--serviceaccount=default:bob"]);
+    let list = eventually(10, "the rule to show in can-i --list", || async {
+        let mut args = vec!["auth", "can-i", "--list"];
+        args.extend_from_slice(&as_bob);
+        let out = server.kubectl_ok(&args);
+        out.lines().any(|l| l.starts_with("configmaps ")).then_some(out)
+    })
+    .await;
+    let row = list.lines().find(|l| l.starts_with("configmaps ")).unwrap();
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(columns, ["configmaps", "[]", "[app]", "[get", "update]"], "{list}");
+    assert!(!list.lines().any(|l| l.starts_with("pods ") || l.starts_with("secrets ")), "{list}");
+    assert!(can_i(&["update", "configmaps/app"]) && !can_i(&["update", "configmaps/other"]));
+
+    // The view role: reads, and nothing more (no secrets, no writes).
+    server.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "bob-view",
+        "--clusterrole=view",
+        "--serviceaccount=default:bob",
+    ]);
+    eventually(20, "view to be aggregated and bound", || async {
+        can_i(&["list", "deployments", "-n", "kube-system"]).then_some(())
+    })
+    .await;
+    assert!(can_i(&["get", "pods", "-A"]));
+    assert!(!can_i(&["list", "secrets"]), "view does not read secrets");
+    assert!(!can_i(&["delete", "pods"]) && !can_i(&["create", "deployments"]));
+}
+
+#[tokio::test]
+async fn whoami_shows_the_user_and_groups() {
+    let server = TestServer::start();
+    let admin = server.kubectl_ok(&["auth", "whoami", "-o", "json"]);
+    let admin: Value = serde_json::from_str(&admin).unwrap();
+    assert_eq!(admin["kind"], "SelfSubjectReview");
+    assert_eq!(admin["status"]["userInfo"]["username"], "krate-admin");
+    assert_eq!(admin["status"]["userInfo"]["groups"], json!(["system:masters", "system:authenticated"]));
+    let bob = service_account_kubeconfig(&server, "default", "bob");
+    let (ok, table, err) = kubectl_with(&server, &bob, &["auth", "whoami"]);
+    assert!(ok, "{err}");
+    assert!(table.contains("system:serviceaccount:default:bob"), "{table}");
+    assert!(table.contains("[system:serviceaccounts system:serviceaccounts:default system:authenticated]"), "{table}");
+}
+
+#[tokio::test]
+async fn roles_and_bindings_grant_no_more_than_their_author_holds() {
+    let server = TestServer::start();
+    server.kubectl_ok(&["create", "namespace", "team"]);
+    for (account, role) in [("editor", "edit"), ("boss", "admin")] {
+        server.kubectl_ok(&["create", "serviceaccount", account, "-n", "team"]);
+        let subject = format!("--serviceaccount=team:{account}");
+        server.kubectl_ok(&[
+            "create",
+            "rolebinding",
+            account,
+            "-n",
+            "team",
+            &format!("--clusterrole={role}"),
+            &subject,
+        ]);
+    }
+    let editor = service_account_kubeconfig(&server, "team", "editor");
+    let boss = service_account_kubeconfig(&server, "team", "boss");
+    eventually(20, "admin to be aggregated", || async {
+        kubectl_with(&server, &boss, &["auth", "can-i", "create", "rolebindings", "-n", "team"])
+            .1
+            .starts_with("yes")
+            .then_some(())
+    })
+    .await;
+    let (ok, _, err) = kubectl_with(
+        &server,
+        &editor,
+        &["create", "rolebinding", "grab", "-n", "team", "--clusterrole=cluster-admin", "--serviceaccount=team:editor"],
+    );
+    assert!(!ok && err.contains("cannot create resource \"rolebindings\""), "edit writes no RBAC: {err}");
+    let (ok, _, err) = kubectl_with(
+        &server,
+        &boss,
+        &["create", "rolebinding", "grab", "-n", "team", "--clusterrole=cluster-admin", "--serviceaccount=team:boss"],
+    );
+    assert!(!ok, "binding cluster-admin must be refused");
+    assert!(
+        err.contains(r#"rolebindings.rbac.authorization.k8s.io "grab" is forbidden: user "system:serviceaccount:team:boss" (groups=["system:serviceaccounts" "system:serviceaccounts:team" "system:authenticated"]) is attempting to grant RBAC permissions not currently held:"#),
+        "{err}"
+    );
+    let (ok, _, err) =
+        kubectl_with(&server, &boss, &["create", "role", "nodes", "-n", "team", "--verb=get", "--resource=nodes"]);
+    assert!(!ok && err.contains("{APIGroups:[\"\"], Resources:[\"nodes\"], Verbs:[\"get\"]}"), "{err}");
+    // What the author holds may be granted.
+    let (ok, _, err) =
+        kubectl_with(&server, &boss, &["create", "role", "pods", "-n", "team", "--verb=get", "--resource=pods"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = kubectl_with(
+        &server,
+        &boss,
+        &["create", "rolebinding", "view", "-n", "team", "--clusterrole=view", "--serviceaccount=team:editor"],
+    );
+    assert!(ok, "{err}");
+}
+
+#[tokio::test]
+async fn impersonating_needs_the_impersonate_verb() {
+    let server = TestServer::start();
+    let bob = service_account_kubeconfig(&server, "default", "bob");
+    let (code, body) = as_user(&common::client_for(&bob).await, &[("Impersonate-User", "alice")], "/api/v1/pods").await;
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(
+        body["message"],
+        r#"users "alice" is forbidden: User "system:serviceaccount:default:bob" cannot impersonate resource "users" in API group "" at the cluster scope"#
+    );
+    server.kubectl_ok(&[
+        "create",
+        "clusterrole",
+        "impersonate-alice",
+        "--verb=impersonate",
+        "--resource=users",
+        "--resource-name=alice",
+    ]);
+    server.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "bob-as-alice",
+        "--clusterrole=impersonate-alice",
+        "--serviceaccount=default:bob",
+    ]);
+    let whoami = eventually(10, "bob to act as alice", || async {
+        let (ok, out, _) = kubectl_with(&server, &bob, &["auth", "whoami", "--as", "alice", "-o", "json"]);
+        ok.then_some(out)
+    })
+    .await;
+    let whoami: Value = serde_json::from_str(&whoami).unwrap();
+    assert_eq!(whoami["status"]["userInfo"], json!({"username": "alice", "groups": ["system:authenticated"]}));
+    let (ok, _, err) = kubectl_with(&server, &bob, &["get", "pods", "--as", "alice", "--as-group", "system:masters"]);
+    assert!(!ok && err.contains(r#"groups "system:masters" is forbidden"#), "{err}");
+}
+
+#[tokio::test]
+async fn built_in_components_are_refused_outside_their_roles() {
+    let server = TestServer::start();
+    server.kubectl_ok(&["create", "secret", "generic", "s", "--from-literal=k=v"]);
+    // What each component may not do, asked as the user it runs as.
+    let cases: [(&[&str], &[&str], &str); 4] = [
+        (
+            &["--as", "system:kube-scheduler"],
+            &["delete", "node", "n1"],
+            r#"User "system:kube-scheduler" cannot delete resource "nodes""#,
+        ),
+        (&["--as", "system:kube-scheduler"], &["get", "secret", "s"], r#"cannot get resource "secrets""#),
+        (
+            &["--as", "system:serviceaccount:kube-system:replicaset-controller"],
+            &["get", "secret", "s"],
+            r#"User "system:serviceaccount:kube-system:replicaset-controller" cannot get resource "secrets""#,
+        ),
+        (
+            &["--as", "system:serviceaccount:kube-system:deployment-controller"],
+            &["delete", "namespace", "default"],
+            r#"cannot delete resource "namespaces""#,
+        ),
+    ];
+    for (who, what, expected) in cases {
+        let err = refused_as(&server, who, what);
+        assert!(err.contains(expected), "{who:?} {what:?}: {err}");
+    }
+    // The same identities do their work: controllers scale a Deployment into pods.
+    let _nodes = HollowNodes::start(&server, "worker", 1, &[]);
+    server.kubectl_ok(&["create", "deployment", "web", "--image=registry.k8s.io/pause:3.10", "--replicas=2"]);
+    eventually(60, "the deployment's pods to be scheduled", || async {
+        let out = server.kubectl_ok(&["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].spec.nodeName}"]);
+        (out.split_whitespace().filter(|n| n.starts_with("worker")).count() == 2).then_some(())
+    })
+    .await;
+    let log = server.log();
+    assert!(!log.contains("code: 403"), "a built-in component was refused:\n{log}");
+}
+
+/// Two registered nodes; a pod on node b uses a Secret.
+fn node_b_with_a_pod(server: &TestServer) {
+    for node in ["a", "b"] {
+        let manifest = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}});
+        server.kubectl_stdin(&["create", "-f", "-"], Some(&manifest.to_string()));
+    }
+    server.kubectl_ok(&["create", "secret", "generic", "b-secret", "--from-literal=k=v"]);
+    server.kubectl_ok(&["create", "secret", "generic", "unused", "--from-literal=k=v"]);
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "on-b"}, "spec": {
+        "nodeName": "b",
+        "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10",
+            "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "b-secret", "key": "k"}}}]}]}});
+    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&pod.to_string()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn as_node(node: &'static str) -> [&'static str; 4] {
+    let user: &'static str = Box::leak(format!("system:node:{node}").into_boxed_str());
+    ["--as", user, "--as-group", "system:nodes"]
+}
+
+#[tokio::test]
+async fn a_node_reaches_only_what_its_own_pods_use() {
+    let server = TestServer::start();
+    node_b_with_a_pod(&server);
+    let err = refused_as(&server, &as_node("a"), &["get", "secret", "b-secret"]);
+    assert!(
+        err.contains(r#"secrets "b-secret" is forbidden: User "system:node:a" cannot get resource "secrets" in API group "" in the namespace "default": no relationship found between node 'a' and this object"#),
+        "{err}"
+    );
+    let ok = server.kubectl(&[&as_node("b")[..], &["get", "secret", "b-secret"]].concat());
+    assert!(ok.status.success(), "node b reads its pod's secret: {}", String::from_utf8_lossy(&ok.stderr));
+    let err = refused_as(&server, &as_node("b"), &["get", "secret", "unused"]);
+    assert!(err.contains("no relationship found between node 'b'"), "{err}");
+    let err = refused_as(&server, &as_node("a"), &["get", "secrets"]);
+    assert!(err.contains("No Object name found") || err.contains("can only"), "{err}");
+    let err = refused_as(&server, &as_node("a"), &["get", "pods"]);
+    assert!(err.contains("can only list/watch pods with spec.nodeName field selector"), "{err}");
+    // Writes: as the node would send them (kubectl patch would first read node b).
+    let client = server.client().await;
+    let node_a = [("Impersonate-User", "system:node:a"), ("Impersonate-Group", "system:nodes")];
+    let status = json!({"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "Hijacked"}]}});
+    let patch = |node: &str| {
+        let mut req = http::Request::builder()
+            .method("PATCH")
+            .uri(format!("/api/v1/nodes/{node}/status"))
+            .header("Content-Type", "application/merge-patch+json");
+        for (name, value) in node_a {
+            req = req.header(name, value);
+        }
+        req.body(kube::client::Body::from(status.to_string().into_bytes())).unwrap()
+    };
+    let resp = client.send(patch("b")).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    let bytes = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(body["message"], r#"nodes "b" is forbidden: node "a" is not allowed to modify node "b""#);
+    assert_eq!(client.send(patch("a")).await.unwrap().status().as_u16(), 200, "a node writes its own status");
+    let err = refused_as(&server, &as_node("a"), &["delete", "pod", "on-b"]);
+    assert!(err.contains(r#"node "a" can only delete pods with spec.nodeName set to itself"#), "{err}");
+}
+
+#[tokio::test]
+async fn system_namespaces_cannot_be_deleted_and_come_back() {
+    let server = TestServer::start();
+    for ns in ["default", "kube-system", "kube-public"] {
+        let out = server.kubectl(&["delete", "namespace", ns]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!(r#"namespaces "{ns}" is forbidden: this namespace may not be deleted"#)),
+            "{ns}: {err}"
+        );
+    }
+    let uid = |server: &TestServer| {
+        server.kubectl_ok(&["get", "namespace", "kube-node-lease", "-o", "jsonpath={.metadata.uid}"])
+    };
+    let before = uid(&server);
+    server.kubectl_ok(&["delete", "namespace", "kube-node-lease", "--wait=false"]);
+    eventually(60, "kube-node-lease to come back", || async {
+        let out = server.kubectl(&["get", "namespace", "kube-node-lease", "-o", "jsonpath={.metadata.uid}"]);
+        let now = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success() && !now.is_empty() && now != before).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn access_reviews_answer_for_any_user() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let review = |user: &str, verb: &str, resource: &str| {
+        json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+            "spec": {"user": user, "resourceAttributes": {"verb": verb, "resource": resource, "namespace": "default"}}})
+    };
+    let path = "/apis/authorization.k8s.io/v1/subjectaccessreviews";
+    let ask = |body: Value| {
+        let client = client.clone();
+        async move { raw(&client, "POST", path, "application/json", body.to_string().into_bytes()).await }
+    };
+    let (code, body) = ask(review("system:kube-scheduler", "create", "pods/binding")).await;
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(body["status"]["allowed"], true);
+    assert_eq!(
+        body["status"]["reason"],
+        r#"RBAC: allowed by ClusterRoleBinding "system:kube-scheduler" of ClusterRole "system:kube-scheduler" to User "system:kube-scheduler""#
+    );
+    let (_, body) = ask(review("nobody", "get", "pods")).await;
+    assert_eq!(body["status"], json!({"allowed": false}));
+    let (code, body) = ask(json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": {"resourceAttributes": {"verb": "get"}}})).await;
+    assert_eq!(code, 422, "{body}");
+    // TokenReview: a service account's token is recognized, garbage is not.
+    let token = server.kubectl_ok(&["create", "token", "default"]).trim().to_string();
+    let token_review = |token: &str| json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}});
+    let path = "/apis/authentication.k8s.io/v1/tokenreviews";
+    let (code, body) =
+        raw(&client, "POST", path, "application/json", token_review(&token).to_string().into_bytes()).await;
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(body["status"]["authenticated"], true);
+    assert_eq!(body["status"]["user"]["username"], "system:serviceaccount:default:default");
+    let (_, body) =
+        raw(&client, "POST", path, "application/json", token_review("garbage").to_string().into_bytes()).await;
+    assert_eq!(body["status"]["authenticated"], false);
+}
