@@ -16,6 +16,7 @@
 //!   /var/run/secrets/kubernetes.io/serviceaccount. Mirror pods are left alone.
 //! - ResourceQuota: a create that would take a namespace over a quota's `hard` limits
 //!   is refused (counts and pod requests/limits).
+//! - PodSecurity (`podsecurity.rs`): the Pod Security Standards from namespace labels.
 //! - NodeRestriction: a node agent (`system:node:<name>`) may create only mirror pods
 //!   bound to itself, delete, evict and write the status of only its own pods, and
 //!   create or change only its own Node and node Lease.
@@ -90,6 +91,7 @@ impl Default for Chain {
         Self(vec![
             Arc::new(NamespaceLifecycle),
             Arc::new(NodeRestriction),
+            Arc::new(crate::podsecurity::PodSecurity),
             Arc::new(Priority),
             Arc::new(ServiceAccount),
             Arc::new(ResourceQuota),

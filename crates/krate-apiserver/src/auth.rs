@@ -56,6 +56,10 @@ impl User {
     }
 }
 
+/// The client's address, as request extension (the audit log's `sourceIPs`).
+#[derive(Clone, Copy, Debug)]
+pub struct SourceIp(pub std::net::IpAddr);
+
 /// PEM inputs for serving TLS.
 pub struct TlsFiles {
     pub ca_pem: String,

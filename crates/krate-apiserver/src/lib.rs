@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 pub mod admission;
+pub mod audit;
 pub mod auth;
 pub mod authz;
 pub mod cache;
@@ -28,6 +29,7 @@ pub mod crd;
 pub mod encryption;
 pub mod http;
 pub mod metrics;
+pub mod podsecurity;
 pub mod rbac;
 pub mod registry;
 pub mod request;
@@ -68,6 +70,8 @@ pub struct Settings {
     pub service_network: rest::services::ServiceNetwork,
     /// The cluster DNS address: the `kube-dns` Service in kube-system gets it.
     pub cluster_dns: Option<std::net::IpAddr>,
+    /// The audit log (`--audit-policy-file`, `--audit-log-path`); None: no auditing.
+    pub audit: Option<Arc<audit::Auditor>>,
 }
 
 impl Default for Settings {
@@ -85,6 +89,7 @@ impl Default for Settings {
             hooks: rest::HookTable::default(),
             service_network: Default::default(),
             cluster_dns: None,
+            audit: None,
         }
     }
 }
@@ -268,9 +273,10 @@ impl ApiServer {
                     Err(_) => return,
                 };
                 let user = auth::User::from_peer(stream.get_ref().1.peer_certificates());
-                let service = hyper::service::service_fn(move |req| {
+                let service = hyper::service::service_fn(move |mut req: ::http::Request<hyper::body::Incoming>| {
                     let server = server.clone();
                     let user = user.clone();
+                    req.extensions_mut().insert(auth::SourceIp(peer.ip()));
                     async move { Ok::<_, Infallible>(http::handle(server, user, req.map(Body::new)).await) }
                 });
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

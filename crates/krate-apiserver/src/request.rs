@@ -98,6 +98,8 @@ pub struct RequestAttributes {
     pub name: String,
     /// The request's `fieldSelector` (the node authorizer lets nodes list their own pods).
     pub field_selector: String,
+    /// Warnings for the client (`Warning` headers), from any stage (admission plugins).
+    warnings: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl RequestAttributes {
@@ -114,6 +116,7 @@ impl RequestAttributes {
             namespace: String::new(),
             name: String::new(),
             field_selector: query.get("fieldSelector").cloned().unwrap_or_default(),
+            warnings: Default::default(),
         };
         if let Route::Resource(r) = route {
             let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
@@ -162,6 +165,7 @@ impl RequestAttributes {
             namespace: namespace.to_string(),
             name: name.to_string(),
             field_selector: String::new(),
+            warnings: Default::default(),
         }
     }
 
@@ -172,6 +176,19 @@ impl RequestAttributes {
         attrs.api_version.clear();
         attrs.path = path.to_string();
         attrs
+    }
+
+    /// Adds a warning for the client, once.
+    pub fn warn(&self, text: String) {
+        let mut warnings = self.warnings.lock().expect("warnings lock");
+        if !warnings.contains(&text) {
+            warnings.push(text);
+        }
+    }
+
+    /// The warnings added so far, taken.
+    pub fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut *self.warnings.lock().expect("warnings lock"))
     }
 
     /// The field selector requires `field` to equal `value`.

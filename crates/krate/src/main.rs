@@ -27,6 +27,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start; the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the API server (and, as they arrive, the rest of the control plane).
@@ -84,11 +86,24 @@ enum Command {
     /// the pods bound to them as Running (or Succeeded/Failed when annotated
     /// `hollow.krate.io/exit-code`), without running anything. For testing and scale runs.
     HollowNodes(hollow::HollowArgs),
-    /// Print the admin kubeconfig of a data directory.
+    /// Print the admin kubeconfig of a data directory, or (with --user or --node) a new
+    /// one for another user, signed by the cluster CA: give each machine and tool only
+    /// the identity it needs (a node's agent: `--node NAME`, then RBAC and the node
+    /// authorizer decide what it may do).
     Kubeconfig {
         /// The server's data directory.
         #[arg(long, default_value = server::DEFAULT_DATA_DIR)]
         data_dir: std::path::PathBuf,
+        /// A kubeconfig for this user name (e.g. `jane`, `system:kube-scheduler`).
+        #[arg(long, conflicts_with = "node")]
+        user: Option<String>,
+        /// Groups of that user (repeatable).
+        #[arg(long = "group", requires = "user")]
+        groups: Vec<String>,
+        /// A kubeconfig for the node agent of node NAME (`system:node:NAME` in
+        /// `system:nodes`).
+        #[arg(long)]
+        node: Option<String>,
     },
     /// Print version information.
     Version,
@@ -96,6 +111,35 @@ enum Command {
 
 /// Runs docker-registry with a configuration of krate's: no authentication (Debian's
 /// default one asks for htpasswd credentials), images under `<data_dir>/registry`.
+fn print_kubeconfig(
+    data_dir: &std::path::Path,
+    user: Option<String>,
+    groups: Vec<String>,
+    node: Option<String>,
+) -> anyhow::Result<()> {
+    let admin = std::fs::read_to_string(data_dir.join("admin.kubeconfig")).map_err(|e| {
+        anyhow::anyhow!(
+            "reading {}/admin.kubeconfig: {e}; has `krate server --data-dir {}` run yet?",
+            data_dir.display(),
+            data_dir.display()
+        )
+    })?;
+    let (user, groups) = match (user, node) {
+        (None, None) => {
+            print!("{admin}");
+            return Ok(());
+        }
+        (Some(user), _) => (user, groups),
+        (None, Some(node)) => (format!("system:node:{node}"), vec!["system:nodes".to_string()]),
+    };
+    let config: serde_json::Value = serde_yaml::from_str(&admin)?;
+    let server = config["clusters"][0]["cluster"]["server"].as_str().unwrap_or("https://127.0.0.1:6443").to_string();
+    let pki = pki::Pki::load_or_create(&data_dir.join("pki"))?;
+    let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+    print!("{}", pki.user_kubeconfig(&server, &user, &groups)?);
+    Ok(())
+}
+
 fn serve_registry(address: &str, data_dir: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;
     let dir = data_dir.join("registry");
@@ -149,15 +193,7 @@ fn main() -> std::process::ExitCode {
             Command::Registry { address, data_dir } => serve_registry(&address, &data_dir),
             Command::TestImages { registry } => krate_agent::testimages::push_all(&registry)
                 .map(|()| println!("pushed {registry}/busybox:1 and {registry}/test-server:1 (also :latest)")),
-            Command::Kubeconfig { data_dir } => {
-                std::fs::read_to_string(data_dir.join("admin.kubeconfig")).map(|k| print!("{k}")).map_err(|e| {
-                    anyhow::anyhow!(
-                        "reading {}/admin.kubeconfig: {e}; has `krate server --data-dir {}` run yet?",
-                        data_dir.display(),
-                        data_dir.display()
-                    )
-                })
-            }
+            Command::Kubeconfig { data_dir, user, groups, node } => print_kubeconfig(&data_dir, user, groups, node),
             Command::Version => {
                 println!(
                     "krate {} (Kubernetes API {})",

@@ -129,6 +129,15 @@ impl Pki {
 
     /// Writes a kubeconfig for `leaf` that points at `server`.
     pub fn write_kubeconfig(&self, path: &Path, server: &str, leaf: &Leaf) -> Result<()> {
+        write_private(path, &self.kubeconfig(server, leaf)?)
+    }
+
+    /// A kubeconfig with a fresh client certificate for `user` in `groups`.
+    pub fn user_kubeconfig(&self, server: &str, user: &str, groups: &[&str]) -> Result<String> {
+        self.kubeconfig(server, &self.issue(user, groups, &[], false)?)
+    }
+
+    fn kubeconfig(&self, server: &str, leaf: &Leaf) -> Result<String> {
         use base64::Engine;
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
         let config = serde_json::json!({
@@ -140,6 +149,6 @@ impl Pki {
             "current-context": "krate",
             "preferences": {},
         });
-        write_private(path, &serde_yaml::to_string(&config)?)
+        Ok(serde_yaml::to_string(&config)?)
     }
 }

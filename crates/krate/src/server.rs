@@ -66,6 +66,19 @@ pub struct ServerArgs {
     /// rotate` makes one), and stored values are rewritten under the new first key.
     #[arg(long)]
     pub encryption_provider_config: Option<PathBuf>,
+    /// An audit Policy (audit.k8s.io/v1, upstream's format): which requests are logged
+    /// at which level (None, Metadata, Request, RequestResponse). Needs --audit-log-path.
+    #[arg(long, requires = "audit_log_path")]
+    pub audit_policy_file: Option<PathBuf>,
+    /// Where audit events go, one JSON line each (audit.k8s.io/v1 Event).
+    #[arg(long, requires = "audit_policy_file")]
+    pub audit_log_path: Option<PathBuf>,
+    /// Megabytes the audit log grows to before it is rotated (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub audit_log_maxsize: u64,
+    /// Rotated audit logs kept (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub audit_log_maxbackup: usize,
     /// Serve the API only; do not run the built-in controllers and scheduler.
     #[arg(long)]
     pub disable_controllers: bool,
@@ -160,6 +173,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         bookmark_interval: Duration::from_secs(args.bookmark_interval_seconds.max(1)),
         token_secret: pki.token_secret(),
         authorization: args.authorization_mode.0.clone(),
+        audit: auditor(&args)?,
         service_network,
         cluster_dns,
         ..Settings::default()
@@ -299,6 +313,16 @@ async fn encrypted_store(store: Arc<dyn krate_store::Store>, args: &ServerArgs) 
     encrypted.write_status(rewritten);
     encrypted.clone().watch_config();
     Ok(encrypted)
+}
+
+/// The audit log of `--audit-policy-file` and `--audit-log-path`, if asked for.
+fn auditor(args: &ServerArgs) -> Result<Option<Arc<krate_apiserver::audit::Auditor>>> {
+    use krate_apiserver::audit::{Auditor, LogFile, Policy};
+    let (Some(policy), Some(path)) = (&args.audit_policy_file, &args.audit_log_path) else { return Ok(None) };
+    let policy = Policy::load(policy).context("loading --audit-policy-file")?;
+    let log =
+        LogFile { path: path.clone(), max_size_mb: args.audit_log_maxsize, max_backups: args.audit_log_maxbackup };
+    Ok(Some(Arc::new(Auditor::start(policy, log)?)))
 }
 
 /// A component's user as its client certificate would name it.

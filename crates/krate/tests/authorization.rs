@@ -413,3 +413,127 @@ async fn access_reviews_answer_for_any_user() {
         raw(&client, "POST", path, "application/json", token_review("garbage").to_string().into_bytes()).await;
     assert_eq!(body["status"]["authenticated"], false);
 }
+
+fn privileged_pod(ns: &str, name: &str) -> String {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns}, "spec": {
+        "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "securityContext": {"privileged": true}}]}})
+    .to_string()
+}
+
+#[tokio::test]
+async fn pod_security_labels_refuse_warn_and_leave_running_pods_alone() {
+    let server = TestServer::start();
+    server.kubectl_ok(&["create", "namespace", "locked"]);
+    server.kubectl_ok(&["label", "namespace", "locked", "pod-security.kubernetes.io/enforce=restricted"]);
+    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&privileged_pod("locked", "p")));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a privileged pod must be refused");
+    assert!(
+        err.contains(r#"pods "p" is forbidden: violates PodSecurity "restricted:latest": privileged (container "c" must not set securityContext.privileged=true), allowPrivilegeEscalation != false (container "c" must set securityContext.allowPrivilegeEscalation=false)"#),
+        "{err}"
+    );
+    // Workloads are warned (warn follows enforce), not refused: their pods are.
+    let out = server.kubectl(&["create", "deployment", "web", "-n", "locked", "--image=registry.k8s.io/pause:3.10"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(r#"Warning: would violate PodSecurity "restricted:latest": allowPrivilegeEscalation != false"#),
+        "{err}"
+    );
+
+    server.kubectl_ok(&["create", "namespace", "watched"]);
+    server.kubectl_ok(&["label", "namespace", "watched", "pod-security.kubernetes.io/warn=baseline"]);
+    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&privileged_pod("watched", "p")));
+    assert!(out.status.success(), "warn mode admits the pod");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(r#"Warning: would violate PodSecurity "baseline:latest": privileged (container "c" must not set securityContext.privileged=true)"#),
+        "{err}"
+    );
+
+    // A stricter level on a namespace with pods: warnings, and the pods stay.
+    server.kubectl_ok(&["create", "namespace", "later"]);
+    server.kubectl_stdin(&["create", "-f", "-"], Some(&privileged_pod("later", "old")));
+    let out = server.kubectl(&["label", "namespace", "later", "pod-security.kubernetes.io/enforce=baseline"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            r#"existing pods in namespace "later" violate the new PodSecurity enforce level "baseline:latest""#
+        ),
+        "{err}"
+    );
+    assert!(err.contains("Warning: old: privileged"), "{err}");
+    server.kubectl_ok(&["get", "pod", "old", "-n", "later"]);
+
+    let out =
+        server.kubectl(&["label", "namespace", "later", "--overwrite", "pod-security.kubernetes.io/enforce=strict"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(r#"metadata.labels[pod-security.kubernetes.io/enforce]: Invalid value: "strict": must be one of privileged, baseline, restricted"#),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_audit_log_records_who_did_what() {
+    let files = tempfile::tempdir().unwrap();
+    let policy = files.path().join("policy.yaml");
+    let log = files.path().join("audit/audit.log");
+    std::fs::write(
+        &policy,
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n\
+         - level: Metadata\n  resources: [{group: \"\", resources: [secrets]}]\n\
+         - level: RequestResponse\n  resources: [{group: \"\", resources: [configmaps]}]\n\
+         - level: None\n",
+    )
+    .unwrap();
+    let server = TestServer::start_with(&[
+        "--audit-policy-file",
+        policy.to_str().unwrap(),
+        "--audit-log-path",
+        log.to_str().unwrap(),
+    ]);
+    server.kubectl_ok(&["create", "configmap", "audited", "--from-literal=k=v"]);
+    server.kubectl_ok(&["create", "secret", "generic", "s", "--from-literal=k=v"]);
+    server.kubectl_ok(&["get", "secret", "s"]);
+    let bob = service_account_kubeconfig(&server, "default", "bob");
+    let (code, _) =
+        raw(&common::client_for(&bob).await, "GET", "/api/v1/namespaces/default/secrets", "application/json", vec![])
+            .await;
+    assert_eq!(code, 403);
+    let find = |events: &[Value], verb: &str, resource: &str, user: &str| -> Option<Value> {
+        events
+            .iter()
+            .find(|e| e["verb"] == verb && e["objectRef"]["resource"] == resource && e["user"]["username"] == user)
+            .cloned()
+    };
+    let events = eventually(10, "the audit events", || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let events: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        find(&events, "list", "secrets", "system:serviceaccount:default:bob").is_some().then_some(events)
+    })
+    .await;
+    for e in &events {
+        assert!(e["kind"] == "Event" && e["apiVersion"] == "audit.k8s.io/v1", "{e}");
+        // RequestReceived is omitted; watches log when their response starts.
+        let stage = if e["verb"] == "watch" { "ResponseStarted" } else { "ResponseComplete" };
+        assert_eq!(e["stage"], stage, "{e}");
+    }
+    let created = find(&events, "create", "configmaps", "krate-admin").expect("the create is logged");
+    assert_eq!(
+        (created["level"].as_str(), created["responseStatus"]["code"].as_i64()),
+        (Some("RequestResponse"), Some(201))
+    );
+    assert_eq!(created["requestObject"]["data"]["k"], "v");
+    assert_eq!(created["responseObject"]["metadata"]["name"], "audited");
+    let denied = find(&events, "list", "secrets", "system:serviceaccount:default:bob").unwrap();
+    assert_eq!((denied["level"].as_str(), denied["responseStatus"]["code"].as_i64()), (Some("Metadata"), Some(403)));
+    assert_eq!(denied["annotations"]["authorization.k8s.io/decision"], "forbid");
+    assert_eq!(denied["responseStatus"]["reason"], "Forbidden");
+    let read = find(&events, "get", "secrets", "krate-admin").expect("the secret read is logged");
+    assert_eq!((read["level"].as_str(), read["responseStatus"]["code"].as_i64()), (Some("Metadata"), Some(200)));
+    assert_eq!(read["objectRef"]["name"], "s");
+    assert!(read.get("responseObject").is_none() && read.get("requestObject").is_none(), "Metadata keeps no bodies");
+    assert!(!events.iter().any(|e| e["objectRef"]["resource"] == "pods"), "level None logs nothing");
+}

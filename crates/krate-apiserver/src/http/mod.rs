@@ -91,14 +91,13 @@ pub async fn handle(server: Arc<ApiServer>, user: User, req: Request<Body>) -> R
             // Who asks for what, built once and shared by every later stage.
             let query = parse_query(req.uri().query());
             let attrs = Arc::new(RequestAttributes::new(user, req.method(), &path, &route, &query));
-            let response = dispatch(&server, &attrs, route, query, req).await;
+            let response = match &server.settings.audit {
+                Some(auditor) => audited(&server, auditor, &attrs, route, query, req).await,
+                None => authorized_dispatch(&server, &attrs, route, query, req).await.0,
+            };
             (attrs.user.name.clone(), response)
         }
-        Err(err) => (User::anonymous().name, Err(err)),
-    };
-    let response = match response {
-        Ok(resp) => resp,
-        Err(err) => error_response(&err),
+        Err(err) => (User::anonymous().name, error_response(&err)),
     };
     let code = response.status().as_u16();
     server.metrics.observe_request(&verb, &resource, code, started.elapsed());
@@ -107,6 +106,80 @@ pub async fn handle(server: Arc<ApiServer>, user: User, req: Request<Body>) -> R
     } else {
         tracing::debug!(%method, %path, code, user = %user_name, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "request");
     }
+    response
+}
+
+/// Authorizes, then serves; the response carries the warnings of every stage. Also
+/// says whether the authorizer refused it (for the audit log).
+async fn authorized_dispatch(
+    server: &Arc<ApiServer>,
+    attrs: &Arc<RequestAttributes>,
+    route: Route,
+    query: Query,
+    req: Request<Body>,
+) -> (Response<Body>, bool) {
+    if let Err(err) = server.authorizer.authorize(attrs) {
+        return (error_response(&err), true);
+    }
+    let response = match dispatch(server, attrs, route, query, req).await {
+        Ok(resp) => with_warnings(resp, &attrs.take_warnings()),
+        Err(err) => error_response(&err),
+    };
+    (response, false)
+}
+
+/// `authorized_dispatch` with its audit events: the request and response bodies are
+/// read into memory only at the levels that keep them, and never for watches and
+/// upgraded connections.
+async fn audited(
+    server: &Arc<ApiServer>,
+    auditor: &crate::audit::Auditor,
+    attrs: &Arc<RequestAttributes>,
+    route: Route,
+    query: Query,
+    req: Request<Body>,
+) -> Response<Body> {
+    use crate::audit::{Level, Outcome};
+    let uri = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+    let source = req.extensions().get::<crate::auth::SourceIp>().map(|s| s.0.to_string());
+    let agent = req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let Some(record) = auditor.begin(attrs, &uri, source.as_deref().unwrap_or("127.0.0.1"), &agent) else {
+        return authorized_dispatch(server, attrs, route, query, req).await.0;
+    };
+    let upgrade = req.headers().contains_key(header::UPGRADE);
+    let streaming_verb = attrs.verb == crate::request::Verb::Watch;
+    let (req, request_object) = if record.level_at_least(Level::Request) && !upgrade && req.method() != Method::GET {
+        let (parts, body) = req.into_parts();
+        match http_body_util::BodyExt::collect(body).await {
+            Ok(collected) => {
+                let bytes = collected.to_bytes();
+                // Whatever the body's encoding (JSON, YAML, protobuf), the log shows JSON.
+                let object = parse_body(&content_type(&parts.headers), &bytes).ok();
+                (Request::from_parts(parts, Body::from(bytes)), object)
+            }
+            Err(e) => return error_response(&ApiError::bad_request(format!("reading the request body: {e}"))),
+        }
+    } else {
+        (req, None)
+    };
+    let (mut response, forbidden_by_authorizer) = authorized_dispatch(server, attrs, route, query, req).await;
+    let code = response.status().as_u16();
+    let streaming = streaming_verb || code == 101;
+    let keep_body = !streaming && (code >= 400 || record.level_at_least(Level::RequestResponse));
+    let mut response_object = None;
+    if keep_body {
+        let (parts, body) = response.into_parts();
+        let bytes = http_body_util::BodyExt::collect(body).await.map(|c| c.to_bytes()).unwrap_or_default();
+        response_object = serde_json::from_slice::<Value>(&bytes).ok();
+        response = Response::from_parts(parts, Body::from(bytes));
+    }
+    if let Ok(id) = HeaderValue::from_str(record.id()) {
+        response.headers_mut().insert("audit-id", id);
+    }
+    auditor.finish(
+        record,
+        Outcome { code, request: request_object, response: response_object, streaming, forbidden_by_authorizer },
+    );
     response
 }
 
@@ -143,7 +216,6 @@ async fn dispatch(
     query: Query,
     req: Request<Body>,
 ) -> ApiResult<Response<Body>> {
-    server.authorizer.authorize(attrs)?;
     match route {
         Route::Health(check) => Ok(server.health(check, query.contains_key("verbose")).await),
         Route::Version => Ok(json_response(200, &crate::version_info())),

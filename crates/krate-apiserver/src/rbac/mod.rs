@@ -97,7 +97,8 @@ impl Subject {
             "Group" => user.groups.contains(&self.name),
             "ServiceAccount" => {
                 let ns = if self.namespace.is_empty() { namespace } else { &self.namespace };
-                !ns.is_empty() && user.name == format!("system:serviceaccount:{ns}:{}", self.name)
+                let account = user.name.strip_prefix("system:serviceaccount:").and_then(|rest| rest.split_once(':'));
+                !ns.is_empty() && account == Some((ns, self.name.as_str()))
             }
             _ => false,
         }

@@ -202,16 +202,25 @@ impl ApiServer {
         })?;
         let k = &claims.kubernetes;
         let uid_of = |obj: ApiResult<Value>| obj.ok().and_then(|o| o["metadata"]["uid"].as_str().map(str::to_string));
-        self.storage.cache.sync().await;
-        if uid_of(self.object::<core::ServiceAccount>(&k.namespace, &k.serviceaccount.name)).as_deref()
-            != Some(k.serviceaccount.uid.as_str())
-        {
-            tracing::debug!(account = %claims.sub, "bearer token of a service account that is gone");
-            return Err(ApiError::unauthorized());
-        }
-        if let Some(pod) = &k.pod {
-            if uid_of(self.object::<core::Pod>(&k.namespace, &pod.name)).as_deref() != Some(pod.uid.as_str()) {
-                tracing::debug!(account = %claims.sub, pod = %pod.name, "bearer token bound to a pod that is gone");
+        let account_lives = || {
+            uid_of(self.object::<core::ServiceAccount>(&k.namespace, &k.serviceaccount.name)).as_deref()
+                == Some(k.serviceaccount.uid.as_str())
+        };
+        let pod_lives = || {
+            k.pod.as_ref().is_none_or(|pod| {
+                uid_of(self.object::<core::Pod>(&k.namespace, &pod.name)).as_deref() == Some(pod.uid.as_str())
+            })
+        };
+        // The cache as it is answers almost always; only a token of an account (or pod)
+        // it does not show yet waits for it to catch up with the store.
+        if !(account_lives() && pod_lives()) {
+            self.storage.cache.sync().await;
+            if !account_lives() {
+                tracing::debug!(account = %claims.sub, "bearer token of a service account that is gone");
+                return Err(ApiError::unauthorized());
+            }
+            if !pod_lives() {
+                tracing::debug!(account = %claims.sub, "bearer token bound to a pod that is gone");
                 return Err(ApiError::unauthorized());
             }
         }
