@@ -16,6 +16,8 @@
 //!   /var/run/secrets/kubernetes.io/serviceaccount. Mirror pods are left alone.
 //! - ResourceQuota: a create that would take a namespace over a quota's `hard` limits
 //!   is refused (counts and pod requests/limits).
+//! - LimitRanger (`limitranger.rs`): LimitRange defaults and bounds for pods and claims.
+//! - DefaultStorageClass: a claim that names no class gets the default one.
 //! - PodSecurity (`podsecurity.rs`): the Pod Security Standards from namespace labels.
 //! - NodeRestriction: a node agent (`system:node:<name>`) may create only mirror pods
 //!   bound to itself, delete, evict and write the status of only its own pods, and
@@ -90,9 +92,11 @@ impl Default for Chain {
     fn default() -> Self {
         Self(vec![
             Arc::new(NamespaceLifecycle),
+            Arc::new(crate::limitranger::LimitRanger),
             Arc::new(NodeRestriction),
             Arc::new(crate::podsecurity::PodSecurity),
             Arc::new(Priority),
+            Arc::new(DefaultStorageClass),
             Arc::new(ServiceAccount),
             Arc::new(ResourceQuota),
         ])
@@ -142,6 +146,42 @@ impl Plugin for NamespaceLifecycle {
         let deletes_namespace = attrs.operation == Operation::Delete && attrs.kind.is::<core::Namespace>();
         if deletes_namespace && IMMORTAL.contains(&object::name(obj)) {
             return Err(forbidden(attrs.kind, obj, "this namespace may not be deleted"));
+        }
+        Ok(())
+    }
+}
+
+/// A new PersistentVolumeClaim without `storageClassName` gets the default StorageClass
+/// (annotated `storageclass.kubernetes.io/is-default-class: "true"`; the newest when
+/// several are).
+pub struct DefaultStorageClass;
+
+#[async_trait::async_trait]
+impl Plugin for DefaultStorageClass {
+    fn name(&self) -> &'static str {
+        "DefaultStorageClass"
+    }
+
+    async fn admit(&self, storage: &Storage, attrs: &Attributes<'_>, obj: &mut Value) -> ApiResult<()> {
+        if !attrs.creates::<core::PersistentVolumeClaim>() || obj["spec"].get("storageClassName").is_some() {
+            return Ok(());
+        }
+        let classes =
+            storage.cached_objects(&storage.builtin::<k8s_openapi::api::storage::v1::StorageClass>(None), false).await;
+        let default = classes
+            .iter()
+            .filter(|c| {
+                ["storageclass.kubernetes.io/is-default-class", "storageclass.beta.kubernetes.io/is-default-class"]
+                    .iter()
+                    .any(|a| get_str(c, &["metadata", "annotations", a]) == Some("true"))
+            })
+            .max_by(|a, b| {
+                let created =
+                    |c: &Value| get_str(c, &["metadata", "creationTimestamp"]).unwrap_or_default().to_string();
+                created(a).cmp(&created(b)).then_with(|| object::name(b).cmp(object::name(a)))
+            });
+        if let Some(class) = default {
+            object::set(obj, &["spec", "storageClassName"], json!(object::name(class)));
         }
         Ok(())
     }

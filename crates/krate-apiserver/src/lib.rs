@@ -28,6 +28,7 @@ mod controlplane;
 pub mod crd;
 pub mod encryption;
 pub mod http;
+pub mod limitranger;
 pub mod metrics;
 pub mod podsecurity;
 pub mod rbac;

@@ -306,41 +306,54 @@ fn node_b_with_a_pod(server: &TestServer) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-fn as_node(node: &'static str) -> [&'static str; 4] {
-    let user: &'static str = Box::leak(format!("system:node:{node}").into_boxed_str());
-    ["--as", user, "--as-group", "system:nodes"]
+/// The kubeconfig `krate kubeconfig --node NAME` mints: node NAME's own credentials.
+fn node_kubeconfig(server: &TestServer, node: &str) -> PathBuf {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_krate"))
+        .args(["kubeconfig", "--node", node, "--data-dir"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let path = server.data_dir().join(format!("node-{node}.kubeconfig"));
+    std::fs::write(&path, &out.stdout).unwrap();
+    path
 }
 
 #[tokio::test]
 async fn a_node_reaches_only_what_its_own_pods_use() {
     let server = TestServer::start();
     node_b_with_a_pod(&server);
-    let err = refused_as(&server, &as_node("a"), &["get", "secret", "b-secret"]);
+    let (a, b) = (node_kubeconfig(&server, "a"), node_kubeconfig(&server, "b"));
+    // Every node may read discovery; list it once so kubectl's discovery cache is warm.
+    server.kubectl_ok(&["api-resources", "-o", "name"]);
+    let refused = |kubeconfig: &PathBuf, args: &[&str]| {
+        let (ok, _, err) = kubectl_with(&server, kubeconfig, args);
+        assert!(!ok, "{args:?} must be refused");
+        err
+    };
+    let err = refused(&a, &["get", "secret", "b-secret"]);
     assert!(
         err.contains(r#"secrets "b-secret" is forbidden: User "system:node:a" cannot get resource "secrets" in API group "" in the namespace "default": no relationship found between node 'a' and this object"#),
         "{err}"
     );
-    let ok = server.kubectl(&[&as_node("b")[..], &["get", "secret", "b-secret"]].concat());
-    assert!(ok.status.success(), "node b reads its pod's secret: {}", String::from_utf8_lossy(&ok.stderr));
-    let err = refused_as(&server, &as_node("b"), &["get", "secret", "unused"]);
+    let (ok, _, err) = kubectl_with(&server, &b, &["get", "secret", "b-secret"]);
+    assert!(ok, "node b reads its pod's secret: {err}");
+    let err = refused(&b, &["get", "secret", "unused"]);
     assert!(err.contains("no relationship found between node 'b'"), "{err}");
-    let err = refused_as(&server, &as_node("a"), &["get", "secrets"]);
-    assert!(err.contains("No Object name found") || err.contains("can only"), "{err}");
-    let err = refused_as(&server, &as_node("a"), &["get", "pods"]);
+    let err = refused(&a, &["get", "pods"]);
     assert!(err.contains("can only list/watch pods with spec.nodeName field selector"), "{err}");
-    // Writes: as the node would send them (kubectl patch would first read node b).
-    let client = server.client().await;
-    let node_a = [("Impersonate-User", "system:node:a"), ("Impersonate-Group", "system:nodes")];
+    let (ok, _, err) = kubectl_with(&server, &b, &["get", "pods", "-A", "--field-selector", "spec.nodeName=b"]);
+    assert!(ok, "a node lists its own pods: {err}");
+    // Writes as the node sends them (kubectl patch would first read node b).
+    let client = common::client_for(&a).await;
     let status = json!({"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "Hijacked"}]}});
     let patch = |node: &str| {
-        let mut req = http::Request::builder()
+        http::Request::builder()
             .method("PATCH")
             .uri(format!("/api/v1/nodes/{node}/status"))
-            .header("Content-Type", "application/merge-patch+json");
-        for (name, value) in node_a {
-            req = req.header(name, value);
-        }
-        req.body(kube::client::Body::from(status.to_string().into_bytes())).unwrap()
+            .header("Content-Type", "application/merge-patch+json")
+            .body(kube::client::Body::from(status.to_string().into_bytes()))
+            .unwrap()
     };
     let resp = client.send(patch("b")).await.unwrap();
     assert_eq!(resp.status().as_u16(), 403);
@@ -348,7 +361,7 @@ async fn a_node_reaches_only_what_its_own_pods_use() {
     let body: Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(body["message"], r#"nodes "b" is forbidden: node "a" is not allowed to modify node "b""#);
     assert_eq!(client.send(patch("a")).await.unwrap().status().as_u16(), 200, "a node writes its own status");
-    let err = refused_as(&server, &as_node("a"), &["delete", "pod", "on-b"]);
+    let err = refused(&a, &["delete", "pod", "on-b"]);
     assert!(err.contains(r#"node "a" can only delete pods with spec.nodeName set to itself"#), "{err}");
 }
 
@@ -536,4 +549,67 @@ async fn the_audit_log_records_who_did_what() {
     assert_eq!(read["objectRef"]["name"], "s");
     assert!(read.get("responseObject").is_none() && read.get("requestObject").is_none(), "Metadata keeps no bodies");
     assert!(!events.iter().any(|e| e["objectRef"]["resource"] == "pods"), "level None logs nothing");
+}
+
+#[tokio::test]
+async fn limit_ranges_default_and_bound_pods() {
+    let server = TestServer::start();
+    let range = json!({"apiVersion": "v1", "kind": "LimitRange", "metadata": {"name": "limits"}, "spec": {"limits": [
+        {"type": "Container", "max": {"cpu": "1"}, "min": {"memory": "10Mi"}, "default": {"cpu": "500m"}, "defaultRequest": {"cpu": "100m"}}]}});
+    server.kubectl_stdin(&["create", "-f", "-"], Some(&range.to_string()));
+    let pod = |name: &str, resources: Value| {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {
+            "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "resources": resources}]}})
+        .to_string()
+    };
+    let out =
+        server.kubectl_stdin(&["create", "-f", "-"], Some(&pod("defaulted", json!({"requests": {"memory": "20Mi"}}))));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: Value = serde_json::from_str(&server.kubectl_ok(&["get", "pod", "defaulted", "-o", "json"])).unwrap();
+    assert_eq!(
+        got["spec"]["containers"][0]["resources"],
+        json!({"limits": {"cpu": "500m"}, "requests": {"cpu": "100m", "memory": "20Mi"}})
+    );
+    assert_eq!(
+        got["metadata"]["annotations"]["kubernetes.io/limit-ranger"],
+        "LimitRanger plugin set: cpu request for container c; cpu limit for container c"
+    );
+    let out = server.kubectl_stdin(
+        &["create", "-f", "-"],
+        Some(&pod("greedy", json!({"limits": {"cpu": "2"}, "requests": {"memory": "20Mi"}}))),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(r#"pods "greedy" is forbidden: maximum cpu usage per Container is 1, but limit is 2"#),
+        "{err}"
+    );
+    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&pod("tiny", json!({"requests": {"memory": "5Mi"}}))));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("minimum memory usage per Container is 10Mi, but request is 5Mi"), "{err}");
+    // With no request at all, the min is the default request (upstream's defaulting).
+    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&pod("bare", json!({}))));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn claims_without_a_class_get_the_default_one() {
+    let server = TestServer::start();
+    for (name, default) in [("slow", "false"), ("fast", "true")] {
+        let class = json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "provisioner": "example.com/none",
+            "metadata": {"name": name, "annotations": {"storageclass.kubernetes.io/is-default-class": default}}});
+        server.kubectl_stdin(&["create", "-f", "-"], Some(&class.to_string()));
+    }
+    let claim = |name: &str, class: Option<&str>| {
+        let mut claim = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}});
+        if let Some(class) = class {
+            claim["spec"]["storageClassName"] = json!(class);
+        }
+        claim.to_string()
+    };
+    server.kubectl_stdin(&["create", "-f", "-"], Some(&claim("plain", None)));
+    server.kubectl_stdin(&["create", "-f", "-"], Some(&claim("none", Some(""))));
+    let class = |name: &str| server.kubectl_ok(&["get", "pvc", name, "-o", "jsonpath={.spec.storageClassName}"]);
+    assert_eq!(class("plain"), "fast");
+    assert_eq!(class("none"), "", "an explicit empty class stays empty");
 }
