@@ -57,9 +57,9 @@ pub struct Settings {
     pub compaction_interval: Duration,
     /// TLS client configuration for reaching node agents (`pods/log`); None: not possible.
     pub kubelet_client: Option<Arc<rustls::ClientConfig>>,
-    /// What service-account tokens are signed under (the cluster CA key, so that every
-    /// server of a cluster accepts the others' tokens).
-    pub token_secret: Vec<u8>,
+    /// What service-account tokens are signed under: an ECDSA P-256 key in PKCS#8 DER,
+    /// shared by every server of a cluster so each accepts the others' tokens.
+    pub service_account_key: Vec<u8>,
     /// Who may do what (`--authorization-mode`): asked in order for every request,
     /// after `system:masters`.
     pub authorization: Vec<authz::Mode>,
@@ -84,7 +84,7 @@ impl Default for Settings {
             watch_cache_size: 10_000,
             compaction_interval: Duration::from_secs(300),
             kubelet_client: None,
-            token_secret: rand::random::<[u8; 32]>().to_vec(),
+            service_account_key: rest::serviceaccounts::tokens::generate_key(),
             authorization: vec![authz::Mode::AlwaysAllow],
             admission: admission::Chain::default(),
             hooks: rest::HookTable::default(),
@@ -148,7 +148,7 @@ impl ApiServer {
             storage: Storage::new(store, cache, kinds, settings.admission.clone(), hooks),
             allocator,
             documents: Default::default(),
-            tokens: rest::serviceaccounts::tokens::Tokens::new(&settings.token_secret),
+            tokens: rest::serviceaccounts::tokens::Tokens::new(&settings.service_account_key)?,
             settings,
             metrics: metrics::Metrics::new(),
         });

@@ -50,10 +50,19 @@ pub(crate) fn write_private(path: &Path, contents: &str) -> Result<()> {
 }
 
 impl Pki {
-    /// What service-account tokens are signed under: the CA key, which every API server
-    /// of the cluster holds.
-    pub fn token_secret(&self) -> Vec<u8> {
-        self.ca_key.serialize_der()
+    /// What service-account tokens are signed under (`service-account.key`, an ECDSA
+    /// P-256 key in PKCS#8, created once): kept with the CA, which every API server of
+    /// the cluster holds.
+    pub fn service_account_key(&self) -> Result<Vec<u8>> {
+        let path = self.dir.join("service-account.key");
+        if path.exists() {
+            let key = KeyPair::from_pem(&fs::read_to_string(&path)?).context("reading service-account.key")?;
+            return Ok(key.serialize_der());
+        }
+        let der = krate_apiserver::rest::serviceaccounts::tokens::generate_key();
+        let key = KeyPair::try_from(der.as_slice()).context("encoding the service-account key")?;
+        write_private(&path, &key.serialize_pem())?;
+        Ok(der)
     }
 
     /// Loads the CA from `dir`, creating it on first use.

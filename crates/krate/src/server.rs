@@ -171,7 +171,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         watch_cache_size: args.watch_cache_size,
         compaction_interval: Duration::from_secs(args.compaction_interval_seconds.max(1)),
         bookmark_interval: Duration::from_secs(args.bookmark_interval_seconds.max(1)),
-        token_secret: pki.token_secret(),
+        service_account_key: pki.service_account_key()?,
         authorization: args.authorization_mode.0.clone(),
         audit: auditor(&args)?,
         service_network,

@@ -593,7 +593,8 @@ async fn exec_attach_cp_and_port_forward_reach_containers_through_the_api_server
     let who = text(&as_pod.stdout);
     assert!(
         who.starts_with("system:serviceaccount:default:default ")
-            && who.contains(r#""authentication.kubernetes.io/pod-name":["shell"]"#),
+            && who.contains(r#""authentication.kubernetes.io/pod-name":["shell"]"#)
+            && who.contains(r#""authentication.kubernetes.io/node-name":["#),
         "the token is the pod's: {who} {}",
         text(&as_pod.stderr)
     );

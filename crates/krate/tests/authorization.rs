@@ -422,6 +422,8 @@ async fn access_reviews_answer_for_any_user() {
     assert_eq!(code, 201, "{body}");
     assert_eq!(body["status"]["authenticated"], true);
     assert_eq!(body["status"]["user"]["username"], "system:serviceaccount:default:default");
+    let credential = &body["status"]["user"]["extra"]["authentication.kubernetes.io/credential-id"];
+    assert!(credential[0].as_str().is_some_and(|c| c.starts_with("JTI=")), "{body}");
     let (_, body) =
         raw(&client, "POST", path, "application/json", token_review("garbage").to_string().into_bytes()).await;
     assert_eq!(body["status"]["authenticated"], false);
@@ -612,4 +614,33 @@ async fn claims_without_a_class_get_the_default_one() {
     let class = |name: &str| server.kubectl_ok(&["get", "pvc", name, "-o", "jsonpath={.spec.storageClassName}"]);
     assert_eq!(class("plain"), "fast");
     assert_eq!(class("none"), "", "an explicit empty class stays empty");
+}
+
+#[tokio::test]
+async fn service_accounts_find_the_key_their_tokens_are_signed_with() {
+    let server = TestServer::start();
+    let bob = service_account_kubeconfig(&server, "default", "bob");
+    let client = common::client_for(&bob).await;
+    let (code, config) = raw(&client, "GET", "/.well-known/openid-configuration", "application/json", vec![]).await;
+    assert_eq!(code, 200, "{config}");
+    assert_eq!(config["issuer"], "https://kubernetes.default.svc.cluster.local");
+    assert_eq!(config["jwks_uri"], "https://kubernetes.default.svc.cluster.local/openid/v1/jwks");
+    let (code, keys) = raw(&client, "GET", "/openid/v1/jwks", "application/json", vec![]).await;
+    assert_eq!(code, 200);
+    let token = server.kubectl_ok(&["create", "token", "bob"]);
+    let header = token.split('.').next().unwrap();
+    use base64::Engine;
+    let header: Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header).unwrap()).unwrap();
+    assert_eq!(header["alg"], "ES256");
+    assert_eq!(keys["keys"][0]["kid"], header["kid"], "the token names the published key");
+    // Discovery is for service accounts (and whoever else is bound to the role).
+    let admin = std::fs::read_to_string(server.kubeconfig()).unwrap();
+    let mut config: Value = serde_yaml::from_str(&admin).unwrap();
+    config["users"][0]["user"] = json!({});
+    let anonymous = server.data_dir().join("anonymous.kubeconfig");
+    std::fs::write(&anonymous, serde_json::to_vec(&config).unwrap()).unwrap();
+    let (code, _) =
+        raw(&common::client_for(&anonymous).await, "GET", "/openid/v1/jwks", "application/json", vec![]).await;
+    assert_eq!(code, 403);
 }

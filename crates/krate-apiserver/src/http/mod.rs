@@ -253,6 +253,11 @@ async fn dispatch(
             let doc = server.documents.get(&kinds, "openapi/v2", || Ok(openapi::v2(&kinds)))?;
             Ok(document_response(&doc, "application/json", req.headers()))
         }
+        // Upstream serves both as application/json (the key set as jwk-set+json).
+        Route::OpenIdConfiguration => Ok(json_response(200, &server.tokens.discovery())),
+        Route::OpenIdKeys => {
+            Ok(bytes_response(200, Bytes::from(server.tokens.jwks().to_string()), "application/jwk-set+json"))
+        }
         Route::OpenApiV3Root => {
             let kinds = server.kinds();
             let mut etags = HashMap::new();

@@ -20,6 +20,10 @@ pub enum Route {
         version: String,
     },
     OpenApiV2,
+    /// `/.well-known/openid-configuration`: service-account issuer discovery.
+    OpenIdConfiguration,
+    /// `/openid/v1/jwks`: the keys service-account tokens are signed with.
+    OpenIdKeys,
     OpenApiV3Root,
     /// `/openapi/v3/api/v1` or `/openapi/v3/apis/{group}/{version}`
     OpenApiV3 {
@@ -62,6 +66,8 @@ pub fn parse_path(path: &str) -> Route {
         ["version"] => Route::Version,
         ["metrics"] => Route::Metrics,
         ["openapi", "v2"] => Route::OpenApiV2,
+        [".well-known", "openid-configuration"] => Route::OpenIdConfiguration,
+        ["openid", "v1", "jwks"] => Route::OpenIdKeys,
         ["openapi", "v3"] => Route::OpenApiV3Root,
         ["openapi", "v3", "api", version] => Route::OpenApiV3 { group: String::new(), version: version.to_string() },
         ["openapi", "v3", "apis", group, version] => {

@@ -3,9 +3,10 @@
 //! `system:serviceaccount:<ns>:<name>`, the `kubernetes.io` claim naming the account and
 //! the pod the token is bound to).
 //!
-//! Signed with HMAC-SHA256 under a key derived from the cluster CA key, so every API
-//! server of a cluster issues and accepts the same tokens without another shared secret.
-//! Only API servers verify them; nothing outside needs the key.
+//! Signed ES256 under the cluster's service-account key (`pki/service-account.key`, kept
+//! with the CA, so every API server of a cluster issues and accepts the same tokens); the
+//! public key is published for OIDC discovery, as upstream's ServiceAccountIssuerDiscovery,
+//! so that other systems can check a pod's token without asking the API server.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use k8s_openapi::api::core::v1 as core;
@@ -17,7 +18,7 @@ use serde_json::{json, Value};
 use crate::auth::User;
 use crate::ApiServer;
 use base64::Engine;
-use ring::hmac;
+use ring::signature;
 use serde::{Deserialize, Serialize};
 
 /// The issuer and default audience, as upstream's default `--service-account-issuer`.
@@ -38,6 +39,9 @@ pub struct KubernetesClaims {
     pub serviceaccount: ObjectRef,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<ObjectRef>,
+    /// The node of the pod the token is bound to (upstream adds it since 1.32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<ObjectRef>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,23 +70,72 @@ pub enum Refused {
     Audience,
 }
 
+/// The service-account token signer: ES256 (ECDSA P-256) under the cluster's
+/// service-account key, so that anyone may check a token against the published key set
+/// (`/openid/v1/jwks`, found through `/.well-known/openid-configuration`).
 pub struct Tokens {
-    key: hmac::Key,
+    key: signature::EcdsaKeyPair,
+    /// The uncompressed public point (65 bytes).
+    public: Vec<u8>,
+    /// Upstream's key id: base64url of the SHA-256 of the public key's DER (PKIX) form.
+    kid: String,
+}
+
+/// DER prefix of a P-256 SubjectPublicKeyInfo before the uncompressed point.
+const P256_SPKI_PREFIX: &[u8] = &[
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce,
+    0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+
+/// A new service-account signing key (PKCS#8 DER).
+pub fn generate_key() -> Vec<u8> {
+    let rng = ring::rand::SystemRandom::new();
+    signature::EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+        .expect("generating an ECDSA key")
+        .as_ref()
+        .to_vec()
 }
 
 impl Tokens {
-    /// Tokens signed under a key derived from `secret` (the CA key).
-    pub fn new(secret: &[u8]) -> Self {
-        let derived = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, b"krate service account tokens"), secret);
-        Self { key: hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref()) }
+    /// Tokens signed under `pkcs8` (an ECDSA P-256 key in PKCS#8 DER).
+    pub fn new(pkcs8: &[u8]) -> anyhow::Result<Self> {
+        use signature::KeyPair;
+        let rng = ring::rand::SystemRandom::new();
+        let key = signature::EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8, &rng)
+            .map_err(|e| anyhow::anyhow!("the service-account key is not an ECDSA P-256 PKCS#8 key: {e}"))?;
+        let public = key.public_key().as_ref().to_vec();
+        let spki = [P256_SPKI_PREFIX, &public].concat();
+        let kid = URL_SAFE_NO_PAD.encode(ring::digest::digest(&ring::digest::SHA256, &spki));
+        Ok(Self { key, public, kid })
     }
 
     pub fn issue(&self, claims: &Claims) -> String {
-        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+        let header = serde_json::json!({"alg": "ES256", "kid": self.kid});
+        let header = URL_SAFE_NO_PAD.encode(header.to_string());
         let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).expect("claims encode"));
         let signed = format!("{header}.{payload}");
-        let signature = URL_SAFE_NO_PAD.encode(hmac::sign(&self.key, signed.as_bytes()));
-        format!("{signed}.{signature}")
+        let rng = ring::rand::SystemRandom::new();
+        let signature = self.key.sign(&rng, signed.as_bytes()).expect("signing a token");
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()))
+    }
+
+    /// The key set (`/openid/v1/jwks`).
+    pub fn jwks(&self) -> Value {
+        let (x, y) = self.public[1..].split_at(32);
+        json!({"keys": [{"use": "sig", "kty": "EC", "kid": self.kid, "crv": "P-256", "alg": "ES256",
+            "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y)}]})
+    }
+
+    /// The provider configuration (`/.well-known/openid-configuration`). The key set is
+    /// named under the issuer, which pods reach as the `kubernetes` Service.
+    pub fn discovery(&self) -> Value {
+        json!({
+            "issuer": ISSUER,
+            "jwks_uri": format!("{ISSUER}/openid/v1/jwks"),
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["ES256"],
+        })
     }
 
     /// The claims of a token this cluster issued, valid at `now` (Unix seconds) for the
@@ -91,7 +144,9 @@ impl Tokens {
         let (signed, signature) = token.rsplit_once('.').ok_or(Refused::Malformed)?;
         let (_, payload) = signed.split_once('.').ok_or(Refused::Malformed)?;
         let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| Refused::Malformed)?;
-        hmac::verify(&self.key, signed.as_bytes(), &signature).map_err(|_| Refused::Signature)?;
+        signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &self.public)
+            .verify(signed.as_bytes(), &signature)
+            .map_err(|_| Refused::Signature)?;
         let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| Refused::Malformed)?;
         let claims: Claims = serde_json::from_slice(&payload).map_err(|_| Refused::Malformed)?;
         if now < claims.nbf || now >= claims.exp {
@@ -156,7 +211,11 @@ impl ApiServer {
                         bound["uid"].as_str().unwrap_or_default()
                     )));
                 }
-                Some(ObjectRef { name: pod_name.to_string(), uid: uid.to_string() })
+                let node = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()).and_then(|n| {
+                    let node = self.storage.cached(&self.storage.builtin::<core::Node>(None), n).ok()?.parse();
+                    Some(ObjectRef { name: n.to_string(), uid: node["metadata"]["uid"].as_str()?.to_string() })
+                });
+                Some((ObjectRef { name: pod_name.to_string(), uid: uid.to_string() }, node))
             }
             Some(other) => return Err(invalid("spec.boundObjectRef.kind", json!(other), "supported values: \"Pod\"")),
         };
@@ -175,7 +234,8 @@ impl ApiServer {
                     name: name.to_string(),
                     uid: account["metadata"]["uid"].as_str().unwrap_or_default().to_string(),
                 },
-                pod,
+                pod: pod.as_ref().map(|(pod, _)| pod.clone()),
+                node: pod.and_then(|(_, node)| node),
             },
         };
         let expires = jiff::Timestamp::from_second(claims.exp)
@@ -225,9 +285,14 @@ impl ApiServer {
             }
         }
         let mut extra = std::collections::BTreeMap::new();
+        extra.insert("authentication.kubernetes.io/credential-id".to_string(), vec![format!("JTI={}", claims.jti)]);
         if let Some(pod) = &k.pod {
             extra.insert("authentication.kubernetes.io/pod-name".to_string(), vec![pod.name.clone()]);
             extra.insert("authentication.kubernetes.io/pod-uid".to_string(), vec![pod.uid.clone()]);
+        }
+        if let Some(node) = &k.node {
+            extra.insert("authentication.kubernetes.io/node-name".to_string(), vec![node.name.clone()]);
+            extra.insert("authentication.kubernetes.io/node-uid".to_string(), vec![node.uid.clone()]);
         }
         Ok(User {
             name: claims.sub.clone(),
@@ -259,18 +324,19 @@ mod tests {
                 namespace: "ns".into(),
                 serviceaccount: ObjectRef { name: "default".into(), uid: "u".into() },
                 pod: None,
+                node: None,
             },
         }
     }
 
     #[test]
     fn issued_tokens_verify_and_tampering_is_refused() {
-        let tokens = Tokens::new(b"ca key");
+        let tokens = Tokens::new(&generate_key()).unwrap();
         let token = tokens.issue(&claims(ISSUER));
         assert_eq!(tokens.verify(&token, 1500), Ok(claims(ISSUER)));
         assert_eq!(tokens.verify(&token, 2000), Err(Refused::Time));
         assert_eq!(tokens.verify(&token, 999), Err(Refused::Time));
-        assert_eq!(Tokens::new(b"another key").verify(&token, 1500), Err(Refused::Signature));
+        assert_eq!(Tokens::new(&generate_key()).unwrap().verify(&token, 1500), Err(Refused::Signature));
         let (header, rest) = token.split_once('.').unwrap();
         let (_, signature) = rest.split_once('.').unwrap();
         let mut forged = claims(ISSUER);
@@ -279,5 +345,27 @@ mod tests {
         assert_eq!(tokens.verify(&forged, 1500), Err(Refused::Signature));
         assert_eq!(tokens.verify("not-a-token", 1500), Err(Refused::Malformed));
         assert_eq!(tokens.verify(&tokens.issue(&claims("vault")), 1500), Err(Refused::Audience));
+    }
+
+    #[test]
+    fn the_published_key_checks_issued_tokens() {
+        let tokens = Tokens::new(&generate_key()).unwrap();
+        let token = tokens.issue(&claims(ISSUER));
+        let jwks = tokens.jwks();
+        let key = &jwks["keys"][0];
+        let header: Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap()).unwrap();
+        assert_eq!((header["alg"].as_str(), &header["kid"]), (Some("ES256"), &key["kid"]));
+        let point = [
+            &[4u8][..],
+            &URL_SAFE_NO_PAD.decode(key["x"].as_str().unwrap()).unwrap(),
+            &URL_SAFE_NO_PAD.decode(key["y"].as_str().unwrap()).unwrap(),
+        ]
+        .concat();
+        let (signed, sig) = token.rsplit_once('.').unwrap();
+        signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &point)
+            .verify(signed.as_bytes(), &URL_SAFE_NO_PAD.decode(sig).unwrap())
+            .expect("the key set verifies the token");
+        assert_eq!(tokens.discovery()["jwks_uri"], format!("{ISSUER}/openid/v1/jwks"));
     }
 }
