@@ -274,7 +274,7 @@ impl Auditor {
         let mut fields = Map::new();
         fields.insert("requestURI".into(), json!(uri));
         fields.insert("verb".into(), json!(attrs.verb.as_str()));
-        fields.insert("user".into(), user_json(&attrs.user));
+        fields.insert("user".into(), attrs.user.info());
         fields.insert("sourceIPs".into(), json!([source_ip]));
         if !user_agent.is_empty() {
             fields.insert("userAgent".into(), json!(user_agent));
@@ -352,19 +352,6 @@ pub struct Outcome {
     pub streaming: bool,
     /// The authorizer refused it (rather than admission or the REST layer).
     pub forbidden_by_authorizer: bool,
-}
-
-fn user_json(user: &crate::auth::User) -> Value {
-    let mut u = Map::new();
-    u.insert("username".into(), json!(user.name));
-    if !user.uid.is_empty() {
-        u.insert("uid".into(), json!(user.uid));
-    }
-    u.insert("groups".into(), json!(user.groups));
-    if !user.extra.is_empty() {
-        u.insert("extra".into(), json!(user.extra));
-    }
-    Value::Object(u)
 }
 
 /// Renames the log to `<stem>-<UTC time>.<ext>` and drops the oldest backups beyond

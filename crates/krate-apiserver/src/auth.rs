@@ -36,6 +36,21 @@ impl User {
         }
     }
 
+    /// authentication.k8s.io's UserInfo (TokenReview, SelfSubjectReview, audit events).
+    pub fn info(&self) -> serde_json::Value {
+        use serde_json::json;
+        let mut info = serde_json::Map::new();
+        info.insert("username".into(), json!(self.name));
+        if !self.uid.is_empty() {
+            info.insert("uid".into(), json!(self.uid));
+        }
+        info.insert("groups".into(), json!(self.groups));
+        if !self.extra.is_empty() {
+            info.insert("extra".into(), json!(self.extra));
+        }
+        serde_json::Value::Object(info)
+    }
+
     pub fn is_anonymous(&self) -> bool {
         self.name == "system:anonymous"
     }

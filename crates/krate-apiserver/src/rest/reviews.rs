@@ -49,7 +49,7 @@ impl Handler for Review {
         } else if kind.is::<authn::TokenReview>() {
             token_review(&server, &review).await?
         } else if kind.is::<authn::SelfSubjectReview>() {
-            json!({"userInfo": user_info(requester)})
+            json!({"userInfo": requester.info()})
         } else {
             return Err(ApiError::new(405, "MethodNotAllowed", format!("{} is not a review", kind.kind)));
         };
@@ -178,23 +178,9 @@ async fn token_review(server: &ApiServer, review: &Value) -> ApiResult<Value> {
         return Ok(json!({"authenticated": false, "error": "token audiences don't match the requested audiences"}));
     }
     Ok(match server.authenticate_token(token).await {
-        Ok(user) => json!({"authenticated": true, "user": user_info(&user), "audiences": [own]}),
+        Ok(user) => json!({"authenticated": true, "user": user.info(), "audiences": [own]}),
         Err(_) => json!({"authenticated": false, "error": "invalid bearer token"}),
     })
-}
-
-/// authentication.k8s.io's UserInfo.
-fn user_info(user: &User) -> Value {
-    let mut info = Map::new();
-    info.insert("username".into(), json!(user.name));
-    if !user.uid.is_empty() {
-        info.insert("uid".into(), json!(user.uid));
-    }
-    info.insert("groups".into(), json!(user.groups));
-    if !user.extra.is_empty() {
-        info.insert("extra".into(), json!(user.extra));
-    }
-    Value::Object(info)
 }
 
 #[cfg(test)]
