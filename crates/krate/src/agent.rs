@@ -112,9 +112,15 @@ pub struct AgentOptions {
 
 #[derive(Args, Debug)]
 pub struct AgentArgs {
-    /// Kubeconfig of the cluster to join.
+    /// Kubeconfig of the cluster to join: best the node's own (`krate kubeconfig --node
+    /// NAME` on the server), which the node authorizer limits to what the node's pods use.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: PathBuf,
+    /// Kubeconfig the node's service proxy and DNS responder watch Services and
+    /// endpoints with (default: --kubeconfig). With node credentials in --kubeconfig, give
+    /// it kube-proxy's: `krate kubeconfig --user system:kube-proxy`.
+    #[arg(long)]
+    pub network_kubeconfig: Option<PathBuf>,
     /// Where the agent keeps containerd's state, the CNI configuration and pod logs.
     #[arg(long, default_value = "/var/lib/krate/agent")]
     pub dir: PathBuf,
@@ -250,7 +256,11 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         .context("decoding the kubeconfig's certificate-authority-data")?;
     let config = args.options.config(args.dir, ca_pem.map(|b| String::from_utf8_lossy(&b).into_owned()))?;
     let client = crate::components::kube_client(&args.kubeconfig).await?;
-    krate_agent::run(krate_agent::Clients { node: client.clone(), network: client }, config).await
+    let network = match &args.network_kubeconfig {
+        Some(path) => crate::components::kube_client(path).await?,
+        None => client.clone(),
+    };
+    krate_agent::run(krate_agent::Clients { node: client, network }, config).await
 }
 
 /// `krate reset`: undoes the node agent of `data_dir` (see `krate_agent::reset`). The

@@ -74,6 +74,11 @@ pub enum Refused {
 /// service-account key, so that anyone may check a token against the published key set
 /// (`/openid/v1/jwks`, found through `/.well-known/openid-configuration`).
 pub struct Tokens {
+    /// Tokens whose signature was checked, with their claims: a signature stays good, so
+    /// each token's is checked once (times and the account are checked on every use).
+    verified: std::sync::Mutex<std::collections::HashMap<String, Claims>>,
+    /// The uids of accounts and pods tokens name, by store key, as of a revision.
+    uids: std::sync::Mutex<std::collections::HashMap<String, (krate_store::Revision, String)>>,
     key: signature::EcdsaKeyPair,
     /// The uncompressed public point (65 bytes).
     public: Vec<u8>,
@@ -106,7 +111,7 @@ impl Tokens {
         let public = key.public_key().as_ref().to_vec();
         let spki = [P256_SPKI_PREFIX, &public].concat();
         let kid = URL_SAFE_NO_PAD.encode(ring::digest::digest(&ring::digest::SHA256, &spki));
-        Ok(Self { key, public, kid })
+        Ok(Self { verified: Default::default(), uids: Default::default(), key, public, kid })
     }
 
     pub fn issue(&self, claims: &Claims) -> String {
@@ -141,14 +146,21 @@ impl Tokens {
     /// The claims of a token this cluster issued, valid at `now` (Unix seconds) for the
     /// API server's audience.
     pub fn verify(&self, token: &str, now: i64) -> Result<Claims, Refused> {
-        let (signed, signature) = token.rsplit_once('.').ok_or(Refused::Malformed)?;
-        let (_, payload) = signed.split_once('.').ok_or(Refused::Malformed)?;
-        let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| Refused::Malformed)?;
-        signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &self.public)
-            .verify(signed.as_bytes(), &signature)
-            .map_err(|_| Refused::Signature)?;
-        let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| Refused::Malformed)?;
-        let claims: Claims = serde_json::from_slice(&payload).map_err(|_| Refused::Malformed)?;
+        /// Tokens remembered at most; past it the memory starts over.
+        const REMEMBERED: usize = 10_000;
+        let known = self.verified.lock().expect("token cache lock").get(token).cloned();
+        let claims = match known {
+            Some(claims) => claims,
+            None => {
+                let claims = self.check_signature(token)?;
+                let mut verified = self.verified.lock().expect("token cache lock");
+                if verified.len() >= REMEMBERED {
+                    verified.clear();
+                }
+                verified.insert(token.to_string(), claims.clone());
+                claims
+            }
+        };
         if now < claims.nbf || now >= claims.exp {
             return Err(Refused::Time);
         }
@@ -157,9 +169,42 @@ impl Tokens {
         }
         Ok(claims)
     }
+
+    /// The claims of a token whose signature is this cluster's.
+    fn check_signature(&self, token: &str) -> Result<Claims, Refused> {
+        let (signed, signature) = token.rsplit_once('.').ok_or(Refused::Malformed)?;
+        let (_, payload) = signed.split_once('.').ok_or(Refused::Malformed)?;
+        let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| Refused::Malformed)?;
+        signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &self.public)
+            .verify(signed.as_bytes(), &signature)
+            .map_err(|_| Refused::Signature)?;
+        let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| Refused::Malformed)?;
+        serde_json::from_slice(&payload).map_err(|_| Refused::Malformed)
+    }
 }
 
 impl ApiServer {
+    /// Whether the cache holds `object` with its uid. Each object's uid is read once per
+    /// revision (tokens are checked on every request; parsing the object each time
+    /// showed in the API benchmark).
+    fn has_uid<T: k8s_openapi::Resource>(&self, namespace: &str, object: &ObjectRef) -> bool {
+        let scope = self.storage.builtin::<T>(Some(namespace.to_string()));
+        let Ok(cached) = self.storage.cached(&scope, &object.name) else { return false };
+        let mut uids = self.tokens.uids.lock().expect("uid cache lock");
+        if let Some((revision, uid)) = uids.get(&cached.key) {
+            if *revision == cached.revision {
+                return *uid == object.uid;
+            }
+        }
+        let uid = cached.parse()["metadata"]["uid"].as_str().unwrap_or_default().to_string();
+        if uids.len() >= 10_000 {
+            uids.clear();
+        }
+        let matches = uid == object.uid;
+        uids.insert(cached.key.clone(), (cached.revision, uid));
+        matches
+    }
+
     /// A core object from the cache (callers sync it once for all their reads).
     fn object<T: k8s_openapi::Resource>(&self, namespace: &str, name: &str) -> ApiResult<Value> {
         Ok(self.storage.cached(&self.storage.builtin::<T>(Some(namespace.to_string())), name)?.parse())
@@ -261,16 +306,8 @@ impl ApiServer {
             ApiError::unauthorized()
         })?;
         let k = &claims.kubernetes;
-        let uid_of = |obj: ApiResult<Value>| obj.ok().and_then(|o| o["metadata"]["uid"].as_str().map(str::to_string));
-        let account_lives = || {
-            uid_of(self.object::<core::ServiceAccount>(&k.namespace, &k.serviceaccount.name)).as_deref()
-                == Some(k.serviceaccount.uid.as_str())
-        };
-        let pod_lives = || {
-            k.pod.as_ref().is_none_or(|pod| {
-                uid_of(self.object::<core::Pod>(&k.namespace, &pod.name)).as_deref() == Some(pod.uid.as_str())
-            })
-        };
+        let account_lives = || self.has_uid::<core::ServiceAccount>(&k.namespace, &k.serviceaccount);
+        let pod_lives = || k.pod.as_ref().is_none_or(|pod| self.has_uid::<core::Pod>(&k.namespace, pod));
         // The cache as it is answers almost always; only a token of an account (or pod)
         // it does not show yet waits for it to catch up with the store.
         if !(account_lives() && pod_lives()) {
