@@ -18,6 +18,8 @@
 //!   is refused (counts and pod requests/limits).
 //! - LimitRanger (`limitranger.rs`): LimitRange defaults and bounds for pods and claims.
 //! - DefaultStorageClass: a claim that names no class gets the default one.
+//! - StorageObjectInUseProtection: new claims and volumes get the protection
+//!   finalizers that krate-controllers' `protection.rs` removes once they are unused.
 //! - PodSecurity (`podsecurity.rs`): the Pod Security Standards from namespace labels.
 //! - NodeRestriction: a node agent (`system:node:<name>`) may create only mirror pods
 //!   bound to itself, delete, evict and write the status of only its own pods, and
@@ -97,6 +99,7 @@ impl Default for Chain {
             Arc::new(crate::podsecurity::PodSecurity),
             Arc::new(Priority),
             Arc::new(DefaultStorageClass),
+            Arc::new(StorageObjectInUseProtection),
             Arc::new(ServiceAccount),
             Arc::new(ResourceQuota),
         ])
@@ -182,6 +185,35 @@ impl Plugin for DefaultStorageClass {
             });
         if let Some(class) = default {
             object::set(obj, &["spec", "storageClassName"], json!(object::name(class)));
+        }
+        Ok(())
+    }
+}
+
+/// New PersistentVolumeClaims and PersistentVolumes get `kubernetes.io/pvc-protection`
+/// and `kubernetes.io/pv-protection`.
+pub struct StorageObjectInUseProtection;
+
+#[async_trait::async_trait]
+impl Plugin for StorageObjectInUseProtection {
+    fn name(&self) -> &'static str {
+        "StorageObjectInUseProtection"
+    }
+
+    async fn admit(&self, _: &Storage, attrs: &Attributes<'_>, obj: &mut Value) -> ApiResult<()> {
+        let finalizer = if attrs.creates::<core::PersistentVolumeClaim>() {
+            "kubernetes.io/pvc-protection"
+        } else if attrs.creates::<core::PersistentVolume>() {
+            "kubernetes.io/pv-protection"
+        } else {
+            return Ok(());
+        };
+        let meta = obj.as_object_mut().and_then(|o| o.get_mut("metadata")).and_then(Value::as_object_mut);
+        if let Some(meta) = meta {
+            let list = meta.entry("finalizers").or_insert(json!([]));
+            if let Some(list) = list.as_array_mut().filter(|l| !l.iter().any(|f| f == finalizer)) {
+                list.push(json!(finalizer));
+            }
         }
         Ok(())
     }

@@ -14,6 +14,7 @@ pub mod nodelifecycle;
 pub mod owned;
 pub mod perns;
 pub mod podgc;
+pub mod protection;
 pub mod quota;
 pub mod rbacaggregation;
 pub mod replicas;
@@ -162,6 +163,8 @@ pub async fn run(clients: Clients, config: Config) -> anyhow::Result<()> {
         supervise("disruption", c("disruption-controller"), |c| disruption::run(c, &pods)),
         supervise("resourcequota", c("resourcequota-controller"), |c| quota::run(c, &pods)),
         supervise("podgc", c("pod-garbage-collector"), |c| podgc::run(c, &pods, gc_threshold)),
+        supervise("pvc-protection", c("pvc-protection-controller"), |c| protection::run_claims(c, &pods)),
+        supervise("pv-protection", c("pv-protection-controller"), protection::run_volumes),
         supervise("serviceaccount", c("service-account-controller"), |c| perns::run(
             c,
             perns::PerNamespace::default_service_account()

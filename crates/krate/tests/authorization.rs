@@ -644,3 +644,40 @@ async fn service_accounts_find_the_key_their_tokens_are_signed_with() {
         raw(&common::client_for(&anonymous).await, "GET", "/openid/v1/jwks", "application/json", vec![]).await;
     assert_eq!(code, 403);
 }
+
+#[tokio::test]
+async fn a_claim_in_use_stays_until_its_pod_goes() {
+    let server = TestServer::start();
+    let claim = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data"},
+        "spec": {"storageClassName": "", "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}});
+    server.kubectl_stdin(&["create", "-f", "-"], Some(&claim.to_string()));
+    let finalizers = server.kubectl_ok(&["get", "pvc", "data", "-o", "jsonpath={.metadata.finalizers}"]);
+    assert_eq!(finalizers, r#"["kubernetes.io/pvc-protection"]"#);
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "user"}, "spec": {
+        "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}],
+        "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": "data"}}]}});
+    server.kubectl_stdin(&["create", "-f", "-"], Some(&pod.to_string()));
+    server.kubectl_ok(&["delete", "pvc", "data", "--wait=false"]);
+    // Deleting, but kept while the pod may use it.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let deleting = server.kubectl_ok(&["get", "pvc", "data", "-o", "jsonpath={.metadata.deletionTimestamp}"]);
+    assert!(!deleting.is_empty(), "the claim is being deleted and still there");
+    server.kubectl_ok(&["delete", "pod", "user", "--grace-period=0", "--force"]);
+    eventually(30, "the claim to go with its last pod", || async {
+        let out = server.kubectl(&["get", "pvc", "data"]);
+        String::from_utf8_lossy(&out.stderr).contains("NotFound").then_some(())
+    })
+    .await;
+
+    let volume = json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "disk"},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "hostPath": {"path": "/tmp/disk"}}});
+    server.kubectl_stdin(&["create", "-f", "-"], Some(&volume.to_string()));
+    let finalizers = server.kubectl_ok(&["get", "pv", "disk", "-o", "jsonpath={.metadata.finalizers}"]);
+    assert_eq!(finalizers, r#"["kubernetes.io/pv-protection"]"#);
+    server.kubectl_ok(&["delete", "pv", "disk", "--wait=false"]);
+    eventually(30, "an unbound volume to go", || async {
+        let out = server.kubectl(&["get", "pv", "disk"]);
+        String::from_utf8_lossy(&out.stderr).contains("NotFound").then_some(())
+    })
+    .await;
+}
