@@ -150,6 +150,9 @@ pub struct Policy {
     cluster_roles: HashMap<String, Vec<Rule>>,
     roles: HashMap<(String, String), Vec<Rule>>,
     cluster_bindings: Vec<Binding>,
+    /// Which cluster bindings name a subject (`User:u`, `Group:g`, `ServiceAccount:ns/n`),
+    /// so a request looks only at those that can apply.
+    cluster_index: HashMap<String, Vec<usize>>,
     bindings: HashMap<String, Vec<Binding>>,
 }
 
@@ -187,8 +190,21 @@ impl Policy {
             cluster_roles: parse::<Role>(cluster_roles).map(|r| (r.metadata.name, r.rules)).collect(),
             roles: parse::<Role>(roles).map(|r| ((r.metadata.namespace, r.metadata.name), r.rules)).collect(),
             cluster_bindings: parse(cluster_bindings).collect(),
+            cluster_index: HashMap::new(),
             bindings: HashMap::new(),
         };
+        for (i, binding) in policy.cluster_bindings.iter().enumerate() {
+            for subject in &binding.subjects {
+                let key = match subject.kind.as_str() {
+                    "ServiceAccount" => format!("ServiceAccount:{}/{}", subject.namespace, subject.name),
+                    kind => format!("{kind}:{}", subject.name),
+                };
+                let entry = policy.cluster_index.entry(key).or_default();
+                if entry.last() != Some(&i) {
+                    entry.push(i);
+                }
+            }
+        }
         for b in parse::<Binding>(bindings) {
             policy.bindings.entry(b.metadata.namespace.clone()).or_default().push(b);
         }
@@ -217,11 +233,23 @@ impl Policy {
     /// that do not exist.
     pub fn visit(&self, user: &User, namespace: &str, mut visit: impl FnMut(&Source, &Rule) -> bool) -> Vec<String> {
         let mut errors = Vec::new();
-        let scopes = [("", self.cluster_bindings.as_slice())].into_iter().chain(
-            (!namespace.is_empty())
-                .then(|| (namespace, self.bindings.get(namespace).map(Vec::as_slice).unwrap_or_default())),
-        );
-        for (ns, bindings) in scopes {
+        // The cluster bindings that name the user, one of its groups or its account, in
+        // their order.
+        let mut keys: Vec<String> = vec![format!("User:{}", user.name)];
+        keys.extend(user.groups.iter().map(|g| format!("Group:{g}")));
+        if let Some((ns, name)) = user.name.strip_prefix("system:serviceaccount:").and_then(|r| r.split_once(':')) {
+            keys.push(format!("ServiceAccount:{ns}/{name}"));
+        }
+        let mut candidates: Vec<usize> =
+            keys.iter().filter_map(|k| self.cluster_index.get(k)).flatten().copied().collect();
+        candidates.sort_unstable();
+        candidates.dedup();
+        let cluster: Vec<&Binding> = candidates.iter().map(|i| &self.cluster_bindings[*i]).collect();
+        let local: Vec<&Binding> = match namespace {
+            "" => vec![],
+            ns => self.bindings.get(ns).into_iter().flatten().collect(),
+        };
+        for (ns, bindings) in [("", cluster), (namespace, local)] {
             for binding in bindings {
                 let Some(subject) = binding.subjects.iter().find(|s| s.applies_to(user, ns)) else { continue };
                 match self.role_rules(&binding.role_ref, ns) {
