@@ -76,7 +76,7 @@ impl ApiServer {
         // controller): looked at on every change of namespaces, and every minute.
         let server = self.clone();
         tokio::spawn(async move {
-            let prefix = registry::storage_prefix(server.storage.builtin::<Namespace>(None).kind.as_ref());
+            let prefix = registry::storage_prefix_of(krate_api::StorageResource::of::<Namespace>());
             let mut changes = server.storage.cache.resource(&prefix).subscribe();
             loop {
                 let _ = tokio::time::timeout(Duration::from_secs(60), changes.changed()).await;

@@ -139,8 +139,13 @@ static SCALE_SCHEMA: std::sync::LazyLock<Option<schema::KindSchema>> =
 const GENERATE_NAME_RETRIES: usize = 8;
 
 pub fn storage_prefix(kind: &KindInfo) -> String {
-    let group = if kind.storage.group.is_empty() { "core" } else { kind.storage.group };
-    format!("{}{}/{}/", crate::cache::REGISTRY_PREFIX, group, kind.storage.resource)
+    storage_prefix_of(kind.storage)
+}
+
+/// Where objects of a stored resource live: `/registry/{group|core}/{resource}/`.
+pub fn storage_prefix_of(storage: krate_api::StorageResource) -> String {
+    let group = if storage.group.is_empty() { "core" } else { storage.group };
+    format!("{}{}/{}/", crate::cache::REGISTRY_PREFIX, group, storage.resource)
 }
 
 pub fn key_for(kind: &KindInfo, namespace: Option<&str>, name: &str) -> String {

@@ -308,9 +308,8 @@ pub fn aggregate(errors: &[String]) -> String {
 
 /// Store prefixes of the four RBAC resources, in `Policy::from_objects`' order.
 fn prefixes() -> [String; 4] {
-    use k8s_openapi::Resource;
-    fn prefix<T: Resource>() -> String {
-        format!("{}{}/{}/", crate::cache::REGISTRY_PREFIX, T::GROUP, T::URL_PATH_SEGMENT)
+    fn prefix<T: k8s_openapi::Resource>() -> String {
+        crate::registry::storage_prefix_of(krate_api::StorageResource::of::<T>())
     }
     [
         prefix::<rbac::ClusterRole>(),

@@ -40,8 +40,7 @@ impl std::fmt::Debug for NodeAuthorizer {
 }
 
 fn prefix<T: Resource>() -> String {
-    let group = if T::GROUP.is_empty() { "core" } else { T::GROUP };
-    format!("{}{group}/{}/", crate::cache::REGISTRY_PREFIX, T::URL_PATH_SEGMENT)
+    crate::registry::storage_prefix_of(krate_api::StorageResource::of::<T>())
 }
 
 fn no(reason: impl Into<String>) -> Decision {
@@ -116,17 +115,29 @@ impl NodeAuthorizer {
         Arc::new(Self { cache, rules: super::bootstrap::cluster_role_rules("system:node") })
     }
 
-    /// The pods bound to `node` in `namespace` (every namespace if empty), parsed.
+    /// The pods bound to `node` in `namespace`, parsed (only those of that namespace are
+    /// looked at: their keys share its prefix).
     fn pods_on(&self, node: &str, namespace: &str) -> Vec<Value> {
-        let rc = self.cache.resource(&prefix::<core::Pod>());
+        let pods = prefix::<core::Pod>();
+        let in_namespace = format!("{pods}{namespace}/");
+        let rc = self.cache.resource(&pods);
         let state = rc.state.read().expect("cache lock");
         state
             .objects
-            .values()
-            .filter(|o| o.field("spec.nodeName") == Some(node))
-            .filter(|o| namespace.is_empty() || o.namespace.as_deref() == Some(namespace))
-            .map(|o| o.parse())
+            .range(in_namespace.clone()..)
+            .take_while(|(key, _)| key.starts_with(&in_namespace))
+            .filter(|(_, o)| o.field("spec.nodeName") == Some(node))
+            .map(|(_, o)| o.parse())
             .collect()
+    }
+
+    /// Whether pod `namespace/name` is bound to `node` (no parsing: the cache keeps the
+    /// field).
+    fn pod_on(&self, node: &str, namespace: &str, name: &str) -> bool {
+        let pods = prefix::<core::Pod>();
+        let rc = self.cache.resource(&pods);
+        let state = rc.state.read().expect("cache lock");
+        state.objects.get(&format!("{pods}{namespace}/{name}")).is_some_and(|o| o.field("spec.nodeName") == Some(node))
     }
 
     fn related(&self, node: &str, attrs: &RequestAttributes) -> bool {
@@ -137,7 +148,7 @@ impl NodeAuthorizer {
             "configmaps" => uses(Uses::ConfigMap),
             "persistentvolumeclaims" => uses(Uses::Claim),
             "serviceaccounts" => uses(Uses::ServiceAccount),
-            "pods" => self.pods_on(node, ns).iter().any(|p| p["metadata"]["name"] == name),
+            "pods" => self.pod_on(node, ns, name),
             "persistentvolumes" => {
                 let claims = self.cache.resource(&prefix::<core::PersistentVolumeClaim>());
                 let state = claims.state.read().expect("cache lock");
