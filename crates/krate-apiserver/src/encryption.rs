@@ -18,7 +18,6 @@
 //! rotate` writes such a file with a new key first.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
@@ -225,6 +224,21 @@ impl Config {
             .map(|rule| rule.providers.as_slice())
     }
 
+    /// The store prefixes of the configured resources (the whole registry when a rule
+    /// names resources by wildcard).
+    fn stored_prefixes(&self) -> Vec<String> {
+        let mut prefixes = std::collections::BTreeSet::new();
+        for resource in self.rules.iter().flat_map(|r| &r.resources) {
+            if resource.contains('*') {
+                return vec![crate::cache::REGISTRY_PREFIX.to_string()];
+            }
+            let (res, group) = resource.split_once('.').unwrap_or((resource.as_str(), ""));
+            let group = if group.is_empty() { "core" } else { group };
+            prefixes.insert(format!("{}{group}/{res}/", crate::cache::REGISTRY_PREFIX));
+        }
+        prefixes.into_iter().collect()
+    }
+
     /// The provider writing the resource of `key` (as `aescbc:key1`), if not identity.
     pub fn writer(&self, key: &str) -> Option<String> {
         self.providers(key).and_then(|p| p.first()).filter(|p| !matches!(p, Provider::Identity)).map(Provider::label)
@@ -366,6 +380,11 @@ fn open(cipher: Cipher, secret: &[u8], context: &[u8], data: &[u8]) -> Result<Ve
     }
 }
 
+/// The SHA-256 (hex) of a configuration file's text, which the status file names.
+pub fn fingerprint(text: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A fresh configuration: Secrets under a new AES-CBC key, unencrypted values still
 /// readable (as k3s's default).
 pub fn generated_config() -> String {
@@ -413,18 +432,11 @@ pub struct EncryptedStore {
     inner: Arc<dyn Store>,
     config: Arc<RwLock<Arc<Config>>>,
     path: PathBuf,
-    /// Values read that were not written by the current writing key, since the last
-    /// rewrite pass.
-    stale: Arc<AtomicUsize>,
 }
 
-/// `kv` with its value decrypted, counting values a rewrite pass should renew.
-fn plain(config: &Config, stale: &AtomicUsize, mut kv: KeyValue) -> Result<KeyValue, StoreError> {
-    let (value, current) = config.decrypt(&kv.key, &kv.value)?;
-    if !current {
-        stale.fetch_add(1, Ordering::Relaxed);
-    }
-    kv.value = value;
+/// `kv` with its value decrypted.
+fn plain(config: &Config, mut kv: KeyValue) -> Result<KeyValue, StoreError> {
+    kv.value = config.decrypt(&kv.key, &kv.value)?.0;
     Ok(kv)
 }
 
@@ -432,12 +444,7 @@ impl EncryptedStore {
     /// Loads `path` and wraps `inner`.
     pub fn open(inner: Arc<dyn Store>, path: &Path) -> anyhow::Result<Arc<Self>> {
         let config = Config::load(path)?;
-        Ok(Arc::new(Self {
-            inner,
-            config: Arc::new(RwLock::new(Arc::new(config))),
-            path: path.to_path_buf(),
-            stale: Default::default(),
-        }))
+        Ok(Arc::new(Self { inner, config: Arc::new(RwLock::new(Arc::new(config))), path: path.to_path_buf() }))
     }
 
     fn config(&self) -> Arc<Config> {
@@ -447,15 +454,6 @@ impl EncryptedStore {
     /// The writing provider of Secrets (`aescbc:key-...`), for status reports.
     pub fn secrets_writer(&self) -> String {
         self.config().writer("/registry/core/secrets/").unwrap_or_else(|| "identity".into())
-    }
-
-    fn plain(&self, config: &Config, kv: KeyValue) -> Result<KeyValue, StoreError> {
-        plain(config, &self.stale, kv)
-    }
-
-    /// Values read since the last rewrite pass that the writing key did not write.
-    pub fn stale_reads(&self) -> usize {
-        self.stale.load(Ordering::Relaxed)
     }
 
     /// Reloads the file when it changed, then rewrites what the new writing key did not
@@ -498,10 +496,11 @@ impl EncryptedStore {
         config.with_file_name(name)
     }
 
-    /// Records that every value is now under the current writing key.
+    /// Records that every value is now under the current writing key, and for which
+    /// configuration (by its fingerprint: the file holds the keys, the status must not).
     pub fn write_status(&self, rewritten: usize) {
-        let status =
-            serde_json::json!({"writer": self.secrets_writer(), "rewritten": rewritten, "config": self.config().text});
+        let status = serde_json::json!({"writer": self.secrets_writer(), "rewritten": rewritten,
+            "configSha256": fingerprint(&self.config().text)});
         if let Err(e) = std::fs::write(Self::status_path(&self.path), status.to_string()) {
             tracing::warn!(error = %e, "cannot write the encryption status file");
         }
@@ -512,9 +511,11 @@ impl EncryptedStore {
     pub async fn rewrite_stale(&self) -> Result<usize, StoreError> {
         let config = self.config();
         let mut rewritten = 0;
-        let list =
-            self.inner.list(ListRequest { prefix: crate::cache::REGISTRY_PREFIX.into(), ..Default::default() }).await?;
-        for kv in list.items {
+        let mut items = Vec::new();
+        for prefix in config.stored_prefixes() {
+            items.extend(self.inner.list(ListRequest { prefix, ..Default::default() }).await?.items);
+        }
+        for kv in items {
             if config.providers(&kv.key).is_none() {
                 continue;
             }
@@ -539,7 +540,6 @@ impl EncryptedStore {
                 }
             }
         }
-        self.stale.store(0, Ordering::Relaxed);
         Ok(rewritten)
     }
 }
@@ -548,13 +548,13 @@ impl EncryptedStore {
 impl Store for EncryptedStore {
     async fn get(&self, key: &str) -> krate_store::Result<Option<KeyValue>> {
         let config = self.config();
-        self.inner.get(key).await?.map(|kv| self.plain(&config, kv)).transpose()
+        self.inner.get(key).await?.map(|kv| plain(&config, kv)).transpose()
     }
 
     async fn list(&self, request: ListRequest) -> krate_store::Result<ListResponse> {
         let config = self.config();
         let mut response = self.inner.list(request).await?;
-        response.items = response.items.into_iter().map(|kv| self.plain(&config, kv)).collect::<Result<_, _>>()?;
+        response.items = response.items.into_iter().map(|kv| plain(&config, kv)).collect::<Result<_, _>>()?;
         Ok(response)
     }
 
@@ -578,20 +578,20 @@ impl Store for EncryptedStore {
         expected_revision: Option<Revision>,
     ) -> krate_store::Result<(Revision, KeyValue)> {
         let (revision, prev) = self.inner.delete(key, expected_revision).await?;
-        Ok((revision, self.plain(&self.config(), prev)?))
+        Ok((revision, plain(&self.config(), prev)?))
     }
 
     fn watch(&self, prefix: &str, from_revision: Revision) -> WatchStream {
         // Events are decrypted with the configuration of the moment they arrive.
-        let (config, stale) = (self.config.clone(), self.stale.clone());
+        let config = self.config.clone();
         Box::pin(self.inner.watch(prefix, from_revision).map(move |batch| {
             let config = config.read().expect("encryption config lock").clone();
             batch?
                 .into_iter()
                 .map(|event| match event {
-                    Event::Put(kv) => plain(&config, &stale, kv).map(Event::Put),
+                    Event::Put(kv) => plain(&config, kv).map(Event::Put),
                     Event::Delete { revision, prev } => {
-                        plain(&config, &stale, prev).map(|prev| Event::Delete { revision, prev })
+                        plain(&config, prev).map(|prev| Event::Delete { revision, prev })
                     }
                 })
                 .collect()
@@ -663,6 +663,13 @@ mod tests {
         // A value moved to another key is refused (aesgcm binds the store key).
         let err = writer.decrypt("/registry/core/secrets/default/t", &sealed).unwrap_err().to_string();
         assert!(err.contains("decrypting"), "{err}");
+    }
+
+    #[test]
+    fn rewrites_read_only_the_configured_resources() {
+        assert_eq!(Config::parse(&config("aescbc", &[1; 32])).unwrap().stored_prefixes(), ["/registry/core/secrets/"]);
+        let wide = config("aescbc", &[1; 32]).replace("[secrets]", "[secrets, deployments.apps, \"*.batch\"]");
+        assert_eq!(Config::parse(&wide).unwrap().stored_prefixes(), ["/registry/"]);
     }
 
     #[test]

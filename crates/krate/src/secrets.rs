@@ -51,7 +51,7 @@ pub fn run(args: SecretsEncryptArgs) -> Result<()> {
             println!("configuration:  {}", path.display());
             println!("writing key:    {writer}");
             match status() {
-                Some(s) if s["config"].as_str() == Some(text.as_str()) => {
+                Some(s) if s["configSha256"].as_str() == Some(encryption::fingerprint(&text).as_str()) => {
                     println!(
                         "stored values:  all under {} (the server's last pass rewrote {})",
                         s["writer"].as_str().unwrap_or("?"),
@@ -70,8 +70,9 @@ pub fn run(args: SecretsEncryptArgs) -> Result<()> {
             println!("wrote {} with the new key {new_writer} first", path.display());
             println!("waiting for the server to rewrite stored Secrets under it ...");
             let deadline = Instant::now() + timeout;
+            let wanted = encryption::fingerprint(&rotated);
             loop {
-                if let Some(s) = status().filter(|s| s["config"].as_str() == Some(rotated.as_str())) {
+                if let Some(s) = status().filter(|s| s["configSha256"].as_str() == Some(wanted.as_str())) {
                     println!("done: {} values rewritten; every Secret is now under {new_writer}", s["rewritten"]);
                     return Ok(());
                 }

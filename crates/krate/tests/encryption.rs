@@ -79,6 +79,12 @@ fn rotation_rewrites_every_secret_under_the_new_key() {
     }
     let read = server.kubectl_ok(&["get", "secret", "s3", "-o", "jsonpath={.data.password}"]);
     assert_eq!(read, base64_of(VALUE));
+    // The status file the server reports in says which configuration, not its keys.
+    let config = std::fs::read_to_string(data_dir.join("pki/encryption-config.yaml")).unwrap();
+    let status_file = std::fs::read_to_string(data_dir.join("pki/encryption-config.yaml.status")).unwrap();
+    for line in config.lines().filter_map(|l| l.trim().strip_prefix("secret: ")) {
+        assert!(!status_file.contains(line), "the status file must not hold a key");
+    }
     let status = krate(&["secrets-encrypt", "status", "--data-dir", data_dir.to_str().unwrap()]);
     assert!(
         String::from_utf8_lossy(&status.stdout).contains("stored values:  all under aescbc:key-"),
