@@ -382,14 +382,8 @@ fn rotate(log: &LogFile) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::User;
-    use crate::http::route::{parse_path, parse_query};
+    use crate::testing::{authenticated, request};
     use http::Method;
-
-    fn attrs(user: &str, method: Method, path: &str) -> RequestAttributes {
-        let user = User { name: user.into(), groups: vec!["system:authenticated".into()], ..Default::default() };
-        RequestAttributes::new(user, &method, path, &parse_path(path), &parse_query(None))
-    }
 
     #[test]
     fn the_first_matching_rule_sets_the_level() {
@@ -413,12 +407,24 @@ rules:
         )
         .unwrap();
         let level = |a: &RequestAttributes| policy.level(a).0;
-        assert_eq!(level(&attrs("system:kube-proxy", Method::GET, "/api/v1/secrets")), Level::None);
-        assert_eq!(level(&attrs("bob", Method::GET, "/api/v1/namespaces/a/secrets/s")), Level::RequestResponse);
-        assert_eq!(level(&attrs("bob", Method::POST, "/api/v1/namespaces/team/pods")), Level::Request);
-        assert_eq!(level(&attrs("bob", Method::POST, "/api/v1/namespaces/other/pods")), Level::Metadata);
-        assert_eq!(level(&attrs("bob", Method::GET, "/healthz/etcd")), Level::None);
-        assert_eq!(policy.level(&attrs("bob", Method::GET, "/version")).1, vec!["RequestReceived".to_string()]);
+        assert_eq!(level(&request(&authenticated("system:kube-proxy"), Method::GET, "/api/v1/secrets")), Level::None);
+        assert_eq!(
+            level(&request(&authenticated("bob"), Method::GET, "/api/v1/namespaces/a/secrets/s")),
+            Level::RequestResponse
+        );
+        assert_eq!(
+            level(&request(&authenticated("bob"), Method::POST, "/api/v1/namespaces/team/pods")),
+            Level::Request
+        );
+        assert_eq!(
+            level(&request(&authenticated("bob"), Method::POST, "/api/v1/namespaces/other/pods")),
+            Level::Metadata
+        );
+        assert_eq!(level(&request(&authenticated("bob"), Method::GET, "/healthz/etcd")), Level::None);
+        assert_eq!(
+            policy.level(&request(&authenticated("bob"), Method::GET, "/version")).1,
+            vec!["RequestReceived".to_string()]
+        );
     }
 
     #[test]

@@ -158,14 +158,7 @@ impl Authorizer for PrivilegedGroups {
         if !user.groups.iter().any(|g| g == PRIVILEGED_GROUP) {
             return Some((vec![], vec![]));
         }
-        let all = vec!["*".to_string()];
-        Some((
-            vec![
-                Rule { verbs: all.clone(), api_groups: all.clone(), resources: all.clone(), ..Rule::default() },
-                Rule { verbs: all.clone(), non_resource_urls: all, ..Rule::default() },
-            ],
-            vec![],
-        ))
+        Some((Rule::full_authority(), vec![]))
     }
 }
 
@@ -247,17 +240,12 @@ impl Authorizer for AuthenticatedUsers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::route::{parse_path, parse_query};
+    use crate::testing::{authenticated, request};
     use http::Method;
-
-    fn request(user: &str, method: Method, path: &str) -> RequestAttributes {
-        let user = User { name: user.into(), groups: vec!["system:authenticated".into()], ..Default::default() };
-        RequestAttributes::new(user, &method, path, &parse_path(path), &parse_query(None))
-    }
 
     #[test]
     fn messages_are_upstreams() {
-        let err = forbidden(&request("x", Method::DELETE, "/api/v1/namespaces/y/pods/p"), "");
+        let err = forbidden(&request(&authenticated("x"), Method::DELETE, "/api/v1/namespaces/y/pods/p"), "");
         assert_eq!(err.code, 403);
         assert_eq!(err.reason, "Forbidden");
         assert_eq!(
@@ -265,34 +253,39 @@ mod tests {
             r#"pods "p" is forbidden: User "x" cannot delete resource "pods" in API group "" in the namespace "y""#
         );
         assert_eq!(err.details, Some(json!({"name": "p", "kind": "pods"})));
-        let err = forbidden(&request("x", Method::GET, "/apis/apps/v1/deployments"), "no RBAC policy matched");
+        let err = forbidden(
+            &request(&authenticated("x"), Method::GET, "/apis/apps/v1/deployments"),
+            "no RBAC policy matched",
+        );
         assert_eq!(
             err.message,
             r#"deployments.apps is forbidden: User "x" cannot list resource "deployments" in API group "apps" at the cluster scope: no RBAC policy matched"#
         );
-        let err = forbidden(&request("x", Method::PUT, "/apis/apps/v1/namespaces/y/deployments/d/scale"), "");
+        let err =
+            forbidden(&request(&authenticated("x"), Method::PUT, "/apis/apps/v1/namespaces/y/deployments/d/scale"), "");
         assert!(
             err.message.contains(r#"cannot update resource "deployments/scale" in API group "apps""#),
             "{}",
             err.message
         );
-        let err = forbidden(&request("system:anonymous", Method::GET, "/metrics"), "");
+        let err = forbidden(&request(&authenticated("system:anonymous"), Method::GET, "/metrics"), "");
         assert_eq!(err.message, r#"forbidden: User "system:anonymous" cannot get path "/metrics""#);
     }
 
     #[test]
     fn anonymous_users_read_only_public_information() {
         let chain = Chain::of(&[Mode::AlwaysAllow], None, None);
-        let anonymous = |method, path: &str| {
-            RequestAttributes::new(User::anonymous(), &method, path, &parse_path(path), &parse_query(None))
-        };
+        let anonymous = |method, path: &str| request(&User::anonymous(), method, path);
         for path in ["/healthz", "/livez", "/readyz/etcd", "/version"] {
             assert_eq!(chain.authorize(&anonymous(Method::GET, path)), Ok(()), "{path}");
         }
         for path in ["/api/v1/pods", "/apis", "/metrics", "/healthzz", "/openapi/v2"] {
             assert_eq!(chain.authorize(&anonymous(Method::GET, path)).unwrap_err().code, 403, "{path}");
         }
-        assert_eq!(chain.authorize(&request("x", Method::DELETE, "/api/v1/namespaces/y/pods/p")), Ok(()));
+        assert_eq!(
+            chain.authorize(&request(&authenticated("x"), Method::DELETE, "/api/v1/namespaces/y/pods/p")),
+            Ok(())
+        );
     }
 
     /// Refuses one verb, has no opinion on the rest.
@@ -332,7 +325,7 @@ mod tests {
                 self.0.clone()
             }
         }
-        let req = request("x", Method::GET, "/api/v1/pods");
+        let req = request(&authenticated("x"), Method::GET, "/api/v1/pods");
         let deny_first =
             Chain(vec![Arc::new(Says(Decision::Deny("no".into()))), Arc::new(Says(Decision::Allow(String::new())))]);
         assert!(deny_first.authorize(&req).unwrap_err().message.ends_with("at the cluster scope: no"));

@@ -222,12 +222,9 @@ fn exact_name(selector: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::route::parse_path;
 
     fn attrs(method: Method, path_and_query: &str) -> RequestAttributes {
-        let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
-        let query = crate::http::route::parse_query(Some(query));
-        RequestAttributes::new(User::anonymous(), &method, path, &parse_path(path), &query)
+        crate::testing::request(&User::anonymous(), method, path_and_query)
     }
 
     #[test]

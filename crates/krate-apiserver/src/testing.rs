@@ -11,6 +11,18 @@ use serde_json::Value;
 use crate::auth::User;
 use crate::{ApiServer, Settings};
 
+/// A user in `system:authenticated`, as a client certificate would give.
+pub fn authenticated(name: &str) -> User {
+    User { name: name.into(), groups: vec!["system:authenticated".into()], ..Default::default() }
+}
+
+/// What a request of `user` to `path_and_query` asks, as the front door parses it.
+pub fn request(user: &User, method: Method, path_and_query: &str) -> crate::request::RequestAttributes {
+    use crate::http::route::{parse_path, parse_query};
+    let (path, query) = path_and_query.split_once('?').map_or((path_and_query, None), |(p, q)| (p, Some(q)));
+    crate::request::RequestAttributes::new(user.clone(), &method, path, &parse_path(path), &parse_query(query))
+}
+
 pub struct TestApi {
     pub server: Arc<ApiServer>,
     _dir: tempfile::TempDir,

@@ -207,12 +207,8 @@ impl Escalation {
             let aggregation = obj.get("aggregationRule").filter(|a| !a.is_null());
             let changed = old.is_none_or(|old| old.get("aggregationRule").filter(|a| !a.is_null()) != aggregation);
             if aggregation.is_some() && changed {
-                let all = vec!["*".to_string()];
-                let full = [
-                    Rule { verbs: all.clone(), api_groups: all.clone(), resources: all.clone(), ..Rule::default() },
-                    Rule { verbs: all.clone(), non_resource_urls: all, ..Rule::default() },
-                ];
-                if !covers_all(&self.rbac.policy().rules_for(&request.user, "").0, &full).is_empty() {
+                let held = self.rbac.policy().rules_for(&request.user, "").0;
+                if !covers_all(&held, &Rule::full_authority()).is_empty() {
                     return Err(
                         self.forbidden(name, "must have cluster-admin privileges to use the aggregationRule".into())
                     );

@@ -48,6 +48,16 @@ fn covers(list: &[String], value: &str) -> bool {
 }
 
 impl Rule {
+    /// Everything on every resource and every path: what `system:masters` holds, and
+    /// what an aggregationRule needs.
+    pub fn full_authority() -> Vec<Rule> {
+        let all = vec!["*".to_string()];
+        vec![
+            Rule { verbs: all.clone(), api_groups: all.clone(), resources: all.clone(), ..Rule::default() },
+            Rule { verbs: all.clone(), non_resource_urls: all, ..Rule::default() },
+        ]
+    }
+
     /// Upstream's `RuleAllows`.
     pub fn allows(&self, attrs: &RequestAttributes) -> bool {
         if !covers(&self.verbs, attrs.verb.as_str()) {
@@ -341,8 +351,8 @@ impl Rbac {
     }
 
     fn stamp(&self) -> Stamp {
-        self.prefixes.clone().map(|p| {
-            let rc = self.cache.resource(&p);
+        self.prefixes.each_ref().map(|p| {
+            let rc = self.cache.resource(p);
             let last = rc.state.read().expect("cache lock").last_change;
             (Arc::as_ptr(&rc) as usize, last)
         })
@@ -356,8 +366,8 @@ impl Rbac {
                 return current.1.clone();
             }
         }
-        let [a, b, c, d] = self.prefixes.clone().map(|p| {
-            let rc = self.cache.resource(&p);
+        let [a, b, c, d] = self.prefixes.each_ref().map(|p| {
+            let rc = self.cache.resource(p);
             let state = rc.state.read().expect("cache lock");
             state.objects.values().map(|o| o.parse()).collect::<Vec<_>>()
         });
@@ -382,16 +392,12 @@ impl Authorizer for Rbac {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::route::{parse_path, parse_query};
+    use crate::testing::request;
     use http::Method;
     use serde_json::json;
 
     fn user(name: &str, groups: &[&str]) -> User {
         User { name: name.into(), groups: groups.iter().map(|g| g.to_string()).collect(), ..Default::default() }
-    }
-
-    fn attrs(user: &User, method: Method, path: &str) -> RequestAttributes {
-        RequestAttributes::new(user.clone(), &method, path, &parse_path(path), &parse_query(None))
     }
 
     fn rule(v: Value) -> Rule {
@@ -402,23 +408,23 @@ mod tests {
     fn rules_match_as_upstreams() {
         let bob = user("bob", &[]);
         let pods = rule(json!({"verbs": ["get"], "apiGroups": [""], "resources": ["pods"]}));
-        assert!(pods.allows(&attrs(&bob, Method::GET, "/api/v1/namespaces/a/pods/p")));
-        assert!(!pods.allows(&attrs(&bob, Method::GET, "/api/v1/namespaces/a/pods/p/log")), "subresources are apart");
-        assert!(!pods.allows(&attrs(&bob, Method::DELETE, "/api/v1/namespaces/a/pods/p")));
-        assert!(!pods.allows(&attrs(&bob, Method::GET, "/apis/apps/v1/namespaces/a/deployments/d")));
+        assert!(pods.allows(&request(&bob, Method::GET, "/api/v1/namespaces/a/pods/p")));
+        assert!(!pods.allows(&request(&bob, Method::GET, "/api/v1/namespaces/a/pods/p/log")), "subresources are apart");
+        assert!(!pods.allows(&request(&bob, Method::DELETE, "/api/v1/namespaces/a/pods/p")));
+        assert!(!pods.allows(&request(&bob, Method::GET, "/apis/apps/v1/namespaces/a/deployments/d")));
         let logs = rule(json!({"verbs": ["get"], "apiGroups": [""], "resources": ["*/log"]}));
-        assert!(logs.allows(&attrs(&bob, Method::GET, "/api/v1/namespaces/a/pods/p/log")));
-        assert!(!logs.allows(&attrs(&bob, Method::GET, "/api/v1/namespaces/a/pods/p")));
+        assert!(logs.allows(&request(&bob, Method::GET, "/api/v1/namespaces/a/pods/p/log")));
+        assert!(!logs.allows(&request(&bob, Method::GET, "/api/v1/namespaces/a/pods/p")));
         let named =
             rule(json!({"verbs": ["*"], "apiGroups": ["*"], "resources": ["configmaps"], "resourceNames": ["c"]}));
-        assert!(named.allows(&attrs(&bob, Method::PUT, "/api/v1/namespaces/a/configmaps/c")));
-        assert!(!named.allows(&attrs(&bob, Method::PUT, "/api/v1/namespaces/a/configmaps/d")));
-        assert!(!named.allows(&attrs(&bob, Method::POST, "/api/v1/namespaces/a/configmaps")), "creates name nothing");
+        assert!(named.allows(&request(&bob, Method::PUT, "/api/v1/namespaces/a/configmaps/c")));
+        assert!(!named.allows(&request(&bob, Method::PUT, "/api/v1/namespaces/a/configmaps/d")));
+        assert!(!named.allows(&request(&bob, Method::POST, "/api/v1/namespaces/a/configmaps")), "creates name nothing");
         let urls = rule(json!({"verbs": ["get"], "nonResourceURLs": ["/healthz", "/apis/*"]}));
-        assert!(urls.allows(&attrs(&bob, Method::GET, "/healthz")));
-        assert!(urls.allows(&attrs(&bob, Method::GET, "/apis/apps/v1")));
-        assert!(!urls.allows(&attrs(&bob, Method::GET, "/healthz/etcd")));
-        assert!(!urls.allows(&attrs(&bob, Method::GET, "/api/v1/pods")), "resource requests need resource rules");
+        assert!(urls.allows(&request(&bob, Method::GET, "/healthz")));
+        assert!(urls.allows(&request(&bob, Method::GET, "/apis/apps/v1")));
+        assert!(!urls.allows(&request(&bob, Method::GET, "/healthz/etcd")));
+        assert!(!urls.allows(&request(&bob, Method::GET, "/api/v1/pods")), "resource requests need resource rules");
     }
 
     fn policy() -> Policy {
@@ -443,7 +449,7 @@ mod tests {
     fn bindings_grant_their_roles_to_their_subjects() {
         let policy = policy();
         let reader = user("alice", &["readers"]);
-        let decision = policy.decide(&attrs(&reader, Method::GET, "/api/v1/pods"));
+        let decision = policy.decide(&request(&reader, Method::GET, "/api/v1/pods"));
         assert_eq!(
             decision,
             Decision::Allow(
@@ -452,18 +458,21 @@ mod tests {
         );
         let bob = user("system:serviceaccount:a:bob", &[]);
         assert!(matches!(
-            policy.decide(&attrs(&bob, Method::GET, "/api/v1/namespaces/a/configmaps/c")),
+            policy.decide(&request(&bob, Method::GET, "/api/v1/namespaces/a/configmaps/c")),
             Decision::Allow(_)
         ));
         assert_eq!(
-            policy.decide(&attrs(&bob, Method::GET, "/api/v1/namespaces/b/configmaps/c")),
+            policy.decide(&request(&bob, Method::GET, "/api/v1/namespaces/b/configmaps/c")),
             Decision::NoOpinion("".into())
         );
         // A ClusterRole bound in one namespace grants only there.
         let carol = user("carol", &[]);
-        assert!(matches!(policy.decide(&attrs(&carol, Method::GET, "/api/v1/namespaces/b/pods")), Decision::Allow(_)));
+        assert!(matches!(
+            policy.decide(&request(&carol, Method::GET, "/api/v1/namespaces/b/pods")),
+            Decision::Allow(_)
+        ));
         assert_eq!(
-            policy.decide(&attrs(&carol, Method::GET, "/api/v1/namespaces/c/pods")),
+            policy.decide(&request(&carol, Method::GET, "/api/v1/namespaces/c/pods")),
             Decision::NoOpinion(r#"RBAC: clusterrole.rbac.authorization.k8s.io "gone" not found"#.into())
         );
     }

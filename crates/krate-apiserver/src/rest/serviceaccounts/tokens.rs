@@ -86,6 +86,17 @@ pub struct Tokens {
     kid: String,
 }
 
+/// Entries the token caches keep at most; past it a cache starts over.
+const REMEMBERED: usize = 10_000;
+
+/// Inserts into a bounded cache.
+fn remember<V>(cache: &mut std::collections::HashMap<String, V>, key: String, value: V) {
+    if cache.len() >= REMEMBERED {
+        cache.clear();
+    }
+    cache.insert(key, value);
+}
+
 /// DER prefix of a P-256 SubjectPublicKeyInfo before the uncompressed point.
 const P256_SPKI_PREFIX: &[u8] = &[
     0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce,
@@ -146,18 +157,12 @@ impl Tokens {
     /// The claims of a token this cluster issued, valid at `now` (Unix seconds) for the
     /// API server's audience.
     pub fn verify(&self, token: &str, now: i64) -> Result<Claims, Refused> {
-        /// Tokens remembered at most; past it the memory starts over.
-        const REMEMBERED: usize = 10_000;
         let known = self.verified.lock().expect("token cache lock").get(token).cloned();
         let claims = match known {
             Some(claims) => claims,
             None => {
                 let claims = self.check_signature(token)?;
-                let mut verified = self.verified.lock().expect("token cache lock");
-                if verified.len() >= REMEMBERED {
-                    verified.clear();
-                }
-                verified.insert(token.to_string(), claims.clone());
+                remember(&mut self.verified.lock().expect("token cache lock"), token.to_string(), claims.clone());
                 claims
             }
         };
@@ -197,11 +202,8 @@ impl ApiServer {
             }
         }
         let uid = cached.parse()["metadata"]["uid"].as_str().unwrap_or_default().to_string();
-        if uids.len() >= 10_000 {
-            uids.clear();
-        }
         let matches = uid == object.uid;
-        uids.insert(cached.key.clone(), (cached.revision, uid));
+        remember(&mut uids, cached.key.clone(), (cached.revision, uid));
         matches
     }
 
