@@ -103,11 +103,24 @@ fn a_server_with_the_wrong_key_refuses_to_start() {
     let secret_line = text.lines().find(|l| l.trim_start().starts_with("secret:")).unwrap();
     let other = format!("        secret: {}", base64_of("0123456789abcdef0123456789abcdef"));
     std::fs::write(&config, text.replace(secret_line, &other)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_krate"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_krate"))
         .args(["server", "--disable-agent", "--port", &common::free_port().to_string(), "--data-dir"])
         .arg(server.data_dir())
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // A server that did start would run forever: stop it and fail rather than hang.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server started with the wrong key");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
     assert!(!out.status.success(), "the server must not start");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("the key's secret differs from the one that wrote it"), "{err}");
