@@ -169,7 +169,16 @@ async fn garbage_on_the_wire_leaves_the_responder_serving() {
     let mut stream = tokio::net::TcpStream::connect(listen).await.unwrap();
     stream.write_all(&[0x40, 0x00, 1, 2, 3]).await.unwrap();
     drop(stream);
-    let apex = over_udp(listen, &question("cluster.local.", RecordType::SOA)).await.expect("still answering");
+    // UDP may drop a query behind 2,000 garbage packets in the socket buffers, as it may
+    // any: ask again, as resolvers do; what must hold is that the responder answers.
+    let mut apex = None;
+    for _ in 0..5 {
+        apex = over_udp(listen, &question("cluster.local.", RecordType::SOA)).await;
+        if apex.is_some() {
+            break;
+        }
+    }
+    let apex = apex.expect("still answering");
     assert_eq!(apex.answers[0].record_type(), RecordType::SOA);
     assert!(!serving.is_finished());
     serving.abort();
