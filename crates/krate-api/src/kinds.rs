@@ -94,6 +94,8 @@ pub enum SubresourceHandler {
     /// The review kinds (access, rules, token and self-subject reviews): answered, not
     /// stored.
     Review,
+    /// `certificatesigningrequests/approval`: writes the Approved and Denied conditions.
+    Approval,
 }
 
 const fn subresource(
@@ -118,6 +120,8 @@ const POD_SUBRESOURCES: &[SubresourceInfo] = &[
         ..subresource("eviction", SubresourceHandler::Eviction, "Eviction", &["create"])
     },
 ];
+const CSR_SUBRESOURCES: &[SubresourceInfo] =
+    &[subresource("approval", SubresourceHandler::Approval, "CertificateSigningRequest", &["update"])];
 const SERVICE_ACCOUNT_SUBRESOURCES: &[SubresourceInfo] = &[SubresourceInfo {
     group_version: Some(("authentication.k8s.io", "v1")),
     ..subresource("token", SubresourceHandler::Token, "TokenRequest", &["create"])
@@ -592,7 +596,9 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .0,
         kind::<certificates::CertificateSigningRequest>()
             .short(&["csr"])
+            .printer(&printers::CSRS)
             .status_only()
+            .subresources(CSR_SUBRESOURCES)
             .fields(CSR_FIELDS)
             .strategy(&ResetStatusStrategy)
             .0,

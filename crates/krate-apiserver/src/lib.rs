@@ -23,6 +23,7 @@ pub mod admission;
 pub mod audit;
 pub mod auth;
 pub mod authz;
+mod bootstraptoken;
 pub mod cache;
 mod controlplane;
 pub mod crd;
@@ -45,6 +46,9 @@ use registry::Storage;
 /// Tunables of a running API server.
 #[derive(Clone, Debug)]
 pub struct Settings {
+    /// Where bootstrap tokens may request node certificates from (`--node-registration-
+    /// allow-cidr`); empty: anywhere.
+    pub node_registration_allow: Vec<krate_net::cidr::Cidr>,
     /// The address clients are told to use (discovery's serverAddressByClientCIDRs).
     pub advertise_address: String,
     /// How often watches with `allowWatchBookmarks` get a bookmark.
@@ -78,6 +82,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
+            node_registration_allow: Vec::new(),
             advertise_address: "127.0.0.1:6443".into(),
             bookmark_interval: Duration::from_secs(60),
             min_request_timeout: Duration::from_secs(1800),
@@ -133,6 +138,9 @@ impl ApiServer {
         let allocator = rest::services::Allocator::new(settings.service_network.clone());
         let mut hooks = settings.hooks.clone();
         hooks.register::<k8s_openapi::api::core::v1::Service>(allocator.clone());
+        hooks.register::<k8s_openapi::api::certificates::v1::CertificateSigningRequest>(Arc::new(rest::CsrHooks {
+            allow: settings.node_registration_allow.clone(),
+        }));
         let modes = &settings.authorization;
         let rbac = modes.iter().any(|m| matches!(m, authz::Mode::Rbac)).then(|| rbac::Rbac::new(cache.clone()));
         let node = modes

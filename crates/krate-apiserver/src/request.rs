@@ -98,6 +98,8 @@ pub struct RequestAttributes {
     pub name: String,
     /// The request's `fieldSelector` (the node authorizer lets nodes list their own pods).
     pub field_selector: String,
+    /// The client's address, where the request came over the network.
+    pub source: Option<std::net::IpAddr>,
     /// Warnings for the client (`Warning` headers), from any stage (admission plugins).
     warnings: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
@@ -116,6 +118,7 @@ impl RequestAttributes {
             namespace: String::new(),
             name: String::new(),
             field_selector: query.get("fieldSelector").cloned().unwrap_or_default(),
+            source: None,
             warnings: Default::default(),
         };
         if let Route::Resource(r) = route {
@@ -165,6 +168,7 @@ impl RequestAttributes {
             namespace: namespace.to_string(),
             name: name.to_string(),
             field_selector: String::new(),
+            source: None,
             warnings: Default::default(),
         }
     }

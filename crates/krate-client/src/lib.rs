@@ -1,5 +1,6 @@
 //! Helpers shared by krate's API clients: the scheduler, the controllers and the nodes.
 
+pub mod bootstrap;
 pub mod caches;
 pub mod events;
 pub mod expectations;

@@ -1,6 +1,8 @@
 //! Controllers: API clients (kube-rs watchers and reconcilers) that work against any
 //! Kubernetes API server. `krate server` runs them in-process.
 
+pub mod bootstrap;
+pub mod certificates;
 pub mod cron;
 pub mod cronjob;
 pub mod daemonset;
@@ -105,6 +107,11 @@ pub struct Config {
     pub terminated_pod_gc_threshold: usize,
     /// The cluster CA (PEM) published in every namespace as `kube-root-ca.crt`.
     pub root_ca_pem: String,
+    /// The CA approved certificate requests are signed with (None: none are signed).
+    pub signing: Option<certificates::SigningCa>,
+    /// Approve bootstrap tokens' node client certificate requests at once (`false`:
+    /// an admin approves each new node).
+    pub approve_joins: bool,
 }
 
 /// The API clients the controllers act through. Inside `krate server` each controller
@@ -172,6 +179,13 @@ pub async fn run(clients: Clients, config: Config) -> anyhow::Result<()> {
         supervise("service-lb", c("service-lb-controller"), servicelb::run),
         supervise("root-ca-cert-publisher", c("root-ca-cert-publisher"), |c| perns::run(c, root_ca.clone())),
         supervise("clusterrole-aggregation", c("clusterrole-aggregation-controller"), rbacaggregation::run),
+        supervise("bootstrap-signer", c("bootstrap-signer"), bootstrap::run_signer),
+        supervise("token-cleaner", c("token-cleaner"), bootstrap::run_cleaner),
+        supervise("csr-approving", c("certificate-controller"), |c| certificates::run_approver(
+            c,
+            config.approve_joins
+        )),
+        supervise("csr-signing", c("certificate-controller"), |c| certificates::run_signer(c, config.signing.clone())),
         supervise("replicaset", c("replicaset-controller"), |c| replicas::run(
             c,
             &pods,

@@ -114,8 +114,26 @@ pub struct AgentOptions {
 pub struct AgentArgs {
     /// Kubeconfig of the cluster to join: best the node's own (`krate kubeconfig --node
     /// NAME` on the server), which the node authorizer limits to what the node's pods use.
-    #[arg(long, env = "KUBECONFIG")]
-    pub kubeconfig: PathBuf,
+    /// Or join with --server, --token and --ca-cert-hash instead.
+    #[arg(long, env = "KUBECONFIG", conflicts_with = "server")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The API server to join, e.g. https://10.0.0.1:6443 (with --token and
+    /// --ca-cert-hash: what `krate server` prints at start, or `krate token create
+    /// --print-join-command`). The credentials it gets stay in --dir; a restarted agent
+    /// needs only --server.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// A bootstrap token (ID.SECRET) to join with.
+    #[arg(long, env = "KRATE_TOKEN", requires = "server", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The expected hash of the cluster CA's public key, `sha256:<hex>` (repeatable);
+    /// joining stops if the server's CA does not match.
+    #[arg(long = "ca-cert-hash", requires = "server")]
+    pub ca_cert_hashes: Vec<String>,
+    /// Join without checking the CA against --ca-cert-hash: anyone who knows the token
+    /// could then pose as the cluster.
+    #[arg(long, requires = "server")]
+    pub unsafe_skip_ca_verification: bool,
     /// Kubeconfig the node's service proxy and DNS responder watch Services and
     /// endpoints with (default: --kubeconfig). With node credentials in --kubeconfig, give
     /// it kube-proxy's: `krate kubeconfig --user system:kube-proxy`.
@@ -135,7 +153,7 @@ fn host_name() -> String {
 }
 
 /// A duration as Kubernetes writes them: `1h30m`, `2m`, `45s`, `500ms`, `0s`.
-fn duration(value: &str, what: &str) -> Result<std::time::Duration> {
+pub(crate) fn duration(value: &str, what: &str) -> Result<std::time::Duration> {
     let bad = || anyhow::anyhow!("{what}: {value:?} is not a duration (like 5m, 30s or 0s)");
     let mut rest = value.trim();
     if rest == "0" {
@@ -247,15 +265,44 @@ impl AgentOptions {
 }
 
 pub async fn run(args: AgentArgs) -> Result<()> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(&args.kubeconfig)
-        .with_context(|| format!("reading {}", args.kubeconfig.display()))?;
+    let node_name = args.options.node_name.clone().unwrap_or_else(host_name);
+    let (kubeconfig_path, rotation) = match (&args.kubeconfig, &args.server) {
+        (Some(path), _) => (path.clone(), None),
+        (None, Some(server)) => {
+            let join = crate::join::Join {
+                server: server.clone(),
+                token: args.token.as_deref().map(str::parse).transpose().map_err(|e: String| anyhow::anyhow!("--token: {e}"))?,
+                ca_cert_hashes: args.ca_cert_hashes.clone(),
+                unsafe_skip_ca_verification: args.unsafe_skip_ca_verification,
+                node_name: node_name.clone(),
+            };
+            std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
+            let creds = crate::join::Credentials::in_dir(&args.dir);
+            let path = crate::join::credentials(&join, &creds).await?;
+            let rotation = crate::join::Rotation::new(&path, creds, &node_name).await?;
+            (path, Some(rotation))
+        }
+        (None, None) => anyhow::bail!(
+            "give --kubeconfig, or --server with --token and --ca-cert-hash to join a cluster (`krate token create --print-join-command` on the server prints the command)"
+        ),
+    };
+    let kubeconfig = kube::config::Kubeconfig::read_from(&kubeconfig_path)
+        .with_context(|| format!("reading {}", kubeconfig_path.display()))?;
     let ca = kubeconfig.clusters.first().and_then(|c| c.cluster.as_ref()?.certificate_authority_data.clone());
     let ca_pem = ca
         .map(|b64| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64.trim()))
         .transpose()
         .context("decoding the kubeconfig's certificate-authority-data")?;
-    let config = args.options.config(args.dir, ca_pem.map(|b| String::from_utf8_lossy(&b).into_owned()))?;
-    let client = crate::components::kube_client(&args.kubeconfig).await?;
+    let mut config = args.options.config(args.dir, ca_pem.map(|b| String::from_utf8_lossy(&b).into_owned()))?;
+    config.node.name = node_name;
+    let client = match rotation {
+        Some(rotation) => {
+            let client = rotation.client();
+            tokio::spawn(rotation.run());
+            client
+        }
+        None => crate::components::kube_client(&kubeconfig_path).await?,
+    };
     let network = match &args.network_kubeconfig {
         Some(path) => crate::components::kube_client(path).await?,
         None => client.clone(),

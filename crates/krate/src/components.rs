@@ -41,6 +41,16 @@ pub struct ControllerManagerArgs {
     /// Kubeconfig of the cluster to manage.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: PathBuf,
+    /// The CA certificate (PEM) approved CertificateSigningRequests are signed with, as
+    /// upstream's flag; with --cluster-signing-key-file. Without them nothing is signed.
+    #[arg(long, requires = "cluster_signing_key_file")]
+    pub cluster_signing_cert_file: Option<PathBuf>,
+    /// The CA's private key (PEM).
+    #[arg(long, requires = "cluster_signing_cert_file")]
+    pub cluster_signing_key_file: Option<PathBuf>,
+    /// The longest lifetime of the certificates it signs.
+    #[arg(long, default_value = "8760h")]
+    pub cluster_signing_duration: String,
     #[command(flatten)]
     pub settings: ControllerSettings,
 }
@@ -84,7 +94,7 @@ pub async fn kube_client(kubeconfig: &Path) -> Result<kube::Client> {
 }
 
 /// The cluster CA as PEM, from the kubeconfig (for the `kube-root-ca.crt` ConfigMaps).
-fn cluster_ca_pem(kubeconfig: &Path) -> Result<String> {
+pub(crate) fn cluster_ca_pem(kubeconfig: &Path) -> Result<String> {
     let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
     let cluster = kc.clusters.first().and_then(|c| c.cluster.as_ref()).context("the kubeconfig names no cluster")?;
     if let Some(data) = &cluster.certificate_authority_data {
@@ -116,19 +126,32 @@ where
 pub async fn run_controller_manager(args: ControllerManagerArgs) -> Result<()> {
     let client = kube_client(&args.kubeconfig).await?;
     let clients = krate_controllers::Clients::single(client);
-    controller_manager(clients, cluster_ca_pem(&args.kubeconfig)?, &args.settings).await
+    let read = |path: &Path| std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()));
+    let signing = match (&args.cluster_signing_cert_file, &args.cluster_signing_key_file) {
+        (Some(cert), Some(key)) => Some(krate_controllers::certificates::SigningCa {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            duration: crate::agent::duration(&args.cluster_signing_duration, "--cluster-signing-duration")?,
+        }),
+        _ => None,
+    };
+    controller_manager(clients, cluster_ca_pem(&args.kubeconfig)?, signing, true, &args.settings).await
 }
 
 /// The controllers through `clients`, under `settings`' election.
 pub async fn controller_manager(
     clients: krate_controllers::Clients,
     root_ca_pem: String,
+    signing: Option<krate_controllers::certificates::SigningCa>,
+    approve_joins: bool,
     settings: &ControllerSettings,
 ) -> Result<()> {
     let config = krate_controllers::Config {
         node_monitor_grace_period: Duration::from_secs(settings.node_monitor_grace_period_seconds),
         terminated_pod_gc_threshold: settings.terminated_pod_gc_threshold,
         root_ca_pem,
+        signing,
+        approve_joins,
     };
     elected(clients.manager(), "kube-controller-manager", &settings.election, || {
         krate_controllers::run(clients.clone(), config.clone())

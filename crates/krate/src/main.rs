@@ -5,10 +5,12 @@ use clap::{Parser, Subcommand};
 mod agent;
 mod components;
 mod hollow;
+mod join;
 mod leader;
 mod pki;
 mod secrets;
 mod server;
+mod token;
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +47,9 @@ enum Command {
     /// containers (containerd + runc, started and supervised by krate). `krate server`
     /// already runs one for its own machine.
     Agent(agent::AgentArgs),
+    /// Create, list and delete bootstrap tokens, with which new nodes join
+    /// (`krate agent --server URL --token TOKEN --ca-cert-hash HASH`).
+    Token(token::TokenArgs),
     /// Show or rotate the key that encrypts Secrets at rest (run on the server's machine).
     SecretsEncrypt(secrets::SecretsEncryptArgs),
     /// Remove what krate set up on this machine under a data directory: the node agent's
@@ -187,6 +192,7 @@ fn main() -> std::process::ExitCode {
             Command::Agent(args) => block_on(agent::run(args)),
             Command::Reset { data_dir } => block_on(agent::reset(data_dir)),
             Command::SecretsEncrypt(args) => secrets::run(args),
+            Command::Token(args) => block_on(token::run(args)),
             Command::ShutdownNode { data_dir } => block_on(async move {
                 krate_agent::shutdown::request(&data_dir.join("agent"), &mut std::io::stdout()).await
             }),

@@ -65,6 +65,11 @@ impl Pki {
         Ok(der)
     }
 
+    /// The CA's private key, PEM (for the CSR signer).
+    pub fn ca_key_pem(&self) -> String {
+        self.ca_key.serialize_pem()
+    }
+
     /// Loads the CA from `dir`, creating it on first use.
     pub fn load_or_create(dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -52,6 +52,20 @@ pub struct ServerArgs {
     /// (NotReady, tainted) and its pods are evicted after their tolerations.
     #[arg(long, default_value_t = 40)]
     pub node_monitor_grace_period_seconds: u64,
+    /// The longest lifetime of certificates the cluster CA signs for approved
+    /// CertificateSigningRequests (nodes' client and serving certificates), e.g. 8760h.
+    /// Agents renew theirs at 80% of it.
+    #[arg(long, default_value = "8760h")]
+    pub cluster_signing_duration: String,
+    /// How new nodes get in: `token`, their bootstrap token's client certificate
+    /// request is approved at once; `approve`, it waits for an admin (`kubectl get csr`,
+    /// `kubectl certificate approve NAME`). Nodes that joined keep working either way.
+    #[arg(long, default_value = "token", value_parser = ["token", "approve"])]
+    pub node_registration: String,
+    /// Accept joining nodes' certificate requests only from these addresses
+    /// (repeatable CIDR, e.g. 10.0.0.0/8); default: from anywhere.
+    #[arg(long = "node-registration-allow-cidr")]
+    pub node_registration_allow_cidrs: Vec<String>,
     /// Who may do what, in order (upstream's `--authorization-mode`): `Node` (node agents
     /// reach only what their pods use), `RBAC` (roles and bindings; upstream's default
     /// policy is created and kept at start), or `AlwaysAllow` (every authenticated user
@@ -176,6 +190,11 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         audit: auditor(&args)?,
         service_network,
         cluster_dns,
+        node_registration_allow: args
+            .node_registration_allow_cidrs
+            .iter()
+            .map(|c| c.parse().with_context(|| format!("--node-registration-allow-cidr {c:?} is not a CIDR")))
+            .collect::<Result<_>>()?,
         ..Settings::default()
     };
     let server = ApiServer::start(store, settings).await?;
@@ -202,6 +221,24 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     println!("    kubectl get namespaces");
 
     let serving = tokio::spawn(server.clone().serve(listener, tls));
+    // What joining nodes discover, and the command they join with.
+    {
+        let admin = kube::Client::new(server.local_service(server_user(), "krate-server"), "default");
+        let published = format!("https://{advertise}");
+        let ca_pem = pki.ca_cert_pem.clone();
+        let joining = async move {
+            crate::token::publish_cluster_info(&admin, &published, &ca_pem).await?;
+            let token = crate::token::server_token(&admin).await?;
+            anyhow::Ok(crate::token::join_command(&published, &token, &ca_pem)?)
+        };
+        match joining.await {
+            Ok(command) => {
+                println!("Join more nodes (the token is valid for a day; `krate token create` makes more):");
+                println!("    {command}");
+            }
+            Err(err) => tracing::warn!(error = %format!("{err:#}"), "could not publish cluster-info for joining nodes"),
+        }
+    }
     if !args.disable_controllers {
         // One server per data directory (the lock above), so an identity derived from it
         // lets a restarted server take its Leases back without waiting for them to expire.
@@ -243,8 +280,16 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             })
         };
         let root_ca_pem = pki.ca_cert_pem.clone();
+        let signing = krate_controllers::certificates::SigningCa {
+            cert_pem: pki.ca_cert_pem.clone(),
+            key_pem: pki.ca_key_pem(),
+            duration: crate::agent::duration(&args.cluster_signing_duration, "--cluster-signing-duration")?,
+        };
+        let approve_joins = args.node_registration == "token";
         tokio::spawn(async move {
-            if let Err(err) = components::controller_manager(clients, root_ca_pem, &controllers).await {
+            if let Err(err) =
+                components::controller_manager(clients, root_ca_pem, Some(signing), approve_joins, &controllers).await
+            {
                 tracing::error!(error = %format!("{err:#}"), "controllers stopped");
             }
         });
@@ -323,6 +368,15 @@ fn auditor(args: &ServerArgs) -> Result<Option<Arc<krate_apiserver::audit::Audit
     let log =
         LogFile { path: path.clone(), max_size_mb: args.audit_log_maxsize, max_backups: args.audit_log_maxbackup };
     Ok(Some(Arc::new(Auditor::start(policy, log)?)))
+}
+
+/// The server's own writes (cluster-info, its join token) as an in-process admin.
+fn server_user() -> auth::User {
+    auth::User {
+        name: "system:apiserver".to_string(),
+        groups: vec!["system:masters".to_string(), "system:authenticated".to_string()],
+        ..Default::default()
+    }
 }
 
 /// A component's user as its client certificate would name it.

@@ -85,6 +85,53 @@ pub const SECRETS: Printer = Printer {
     cells: |obj| vec![name(obj), json!(s(obj, &["type"])), json!(count(obj, &["data"])), json!(age(obj))],
 };
 
+/// Upstream's `extractCSRStatus`: the decision (Denied over Approved, else Pending),
+/// then Failed and Issued.
+fn csr_condition(obj: &Value) -> String {
+    let conditions = get(obj, &["status", "conditions"]).and_then(Value::as_array).cloned().unwrap_or_default();
+    let has = |t: &str| conditions.iter().any(|c| c["type"] == t);
+    let mut status = if has("Denied") {
+        "Denied"
+    } else if has("Approved") {
+        "Approved"
+    } else {
+        "Pending"
+    }
+    .to_string();
+    if has("Failed") {
+        status.push_str(",Failed");
+    }
+    if get(obj, &["status", "certificate"]).and_then(Value::as_str).is_some_and(|c| !c.is_empty()) {
+        status.push_str(",Issued");
+    }
+    status
+}
+
+pub const CSRS: Printer = Printer {
+    columns: &[
+        NAME,
+        AGE,
+        string("SignerName", 0),
+        string("Requestor", 0),
+        string("RequestedDuration", 0),
+        string("Condition", 0),
+    ],
+    cells: |obj| {
+        let requested = get(obj, &["spec", "expirationSeconds"])
+            .and_then(Value::as_i64)
+            .map(super::human_duration)
+            .unwrap_or_else(|| "<none>".into());
+        vec![
+            name(obj),
+            json!(age(obj)),
+            json!(or_none(s(obj, &["spec", "signerName"]))),
+            json!(s(obj, &["spec", "username"])),
+            json!(requested),
+            json!(csr_condition(obj)),
+        ]
+    },
+};
+
 pub const SERVICE_ACCOUNTS: Printer = Printer {
     columns: &[NAME, integer("Secrets", 0), AGE],
     cells: |obj| vec![name(obj), json!(count(obj, &["secrets"])), json!(age(obj))],

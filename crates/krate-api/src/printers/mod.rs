@@ -13,8 +13,8 @@ mod services;
 mod workloads;
 
 pub use cluster::{
-    CONFIG_MAPS, CRDS, EVENTS, EVENTS_V1, LEASES, NAMESPACES, NODES, PDBS, PRIORITY_CLASSES, RESOURCE_QUOTAS, SECRETS,
-    SERVICE_ACCOUNTS,
+    CONFIG_MAPS, CRDS, CSRS, EVENTS, EVENTS_V1, LEASES, NAMESPACES, NODES, PDBS, PRIORITY_CLASSES, RESOURCE_QUOTAS,
+    SECRETS, SERVICE_ACCOUNTS,
 };
 pub use pods::PODS;
 pub use services::{ENDPOINTS, ENDPOINT_SLICES, SERVICES};
@@ -219,6 +219,7 @@ mod tests {
             &RESOURCE_QUOTAS,
             &LEASES,
             &CRDS,
+            &CSRS,
             &EVENTS,
             &EVENTS_V1,
         ];

@@ -90,7 +90,9 @@ pub async fn handle(server: Arc<ApiServer>, user: User, req: Request<Body>) -> R
         Ok(user) => {
             // Who asks for what, built once and shared by every later stage.
             let query = parse_query(req.uri().query());
-            let attrs = Arc::new(RequestAttributes::new(user, req.method(), &path, &route, &query));
+            let mut attrs = RequestAttributes::new(user, req.method(), &path, &route, &query);
+            attrs.source = req.extensions().get::<crate::auth::SourceIp>().map(|s| s.0);
+            let attrs = Arc::new(attrs);
             let response = match &server.settings.audit {
                 Some(auditor) => audited(&server, auditor, &attrs, route, query, req).await,
                 None => authorized_dispatch(&server, &attrs, route, query, req).await.0,

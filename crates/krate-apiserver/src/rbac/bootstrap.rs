@@ -20,10 +20,22 @@ use crate::registry::{Scope, Storage, WriteOptions};
 
 const UPSTREAM_POLICY: &str = include_str!("bootstrap-policy.jsonl");
 
-/// Roles and bindings for krate's components that upstream has no counterpart of.
+/// Roles and bindings for krate's components that upstream has no counterpart of, and
+/// those kubeadm adds for joining nodes (under krate's names): anyone may read
+/// `kube-public/cluster-info`; tokens in `system:bootstrappers:krate:default-node-token`
+/// (what `krate token create` makes) may request node client certificates, approved
+/// automatically, and nodes may renew their own. Every node runs the service proxy and
+/// DNS responder of krate's agent, so nodes also hold `system:node-proxier`'s reads (as
+/// every k3s agent holds kube-proxy's identity).
 const KRATE_POLICY: &str = r#"
 {"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRole","metadata":{"name":"system:controller:service-lb-controller"},"rules":[{"apiGroups":[""],"resources":["services","nodes","pods"],"verbs":["get","list","watch"]},{"apiGroups":[""],"resources":["services/status"],"verbs":["patch","update"]},{"apiGroups":["","events.k8s.io"],"resources":["events"],"verbs":["create","patch","update"]}]}
 {"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"system:controller:service-lb-controller"},"roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"system:controller:service-lb-controller"},"subjects":[{"kind":"ServiceAccount","name":"service-lb-controller","namespace":"kube-system"}]}
+{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"Role","metadata":{"name":"system:krate:bootstrap-signer-clusterinfo","namespace":"kube-public"},"rules":[{"apiGroups":[""],"resources":["configmaps"],"resourceNames":["cluster-info"],"verbs":["get"]}]}
+{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"RoleBinding","metadata":{"name":"system:krate:bootstrap-signer-clusterinfo","namespace":"kube-public"},"roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"Role","name":"system:krate:bootstrap-signer-clusterinfo"},"subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"User","name":"system:anonymous"}]}
+{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"system:krate:node-bootstrapper"},"roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"system:node-bootstrapper"},"subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"Group","name":"system:bootstrappers:krate:default-node-token"}]}
+{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"system:krate:node-autoapprove-bootstrap"},"roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"system:certificates.k8s.io:certificatesigningrequests:nodeclient"},"subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"Group","name":"system:bootstrappers:krate:default-node-token"}]}
+{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"system:krate:node-autoapprove-certificate-rotation"},"roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"system:certificates.k8s.io:certificatesigningrequests:selfnodeclient"},"subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"Group","name":"system:nodes"}]}
+{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"system:krate:node-proxier"},"roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"system:node-proxier"},"subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"Group","name":"system:nodes"}]}
 "#;
 
 /// What krate's controllers do beyond their upstream roles, granted to each controller's
@@ -43,6 +55,7 @@ const CONTROLLER_EXTRAS: &[Extra] = &[
     ("statefulset-controller", &[("apps", &["statefulsets/status"], &["patch"])]),
     ("service-account-controller", &[("", &["serviceaccounts"], &["get"])]),
     ("root-ca-cert-publisher", &[("", &["configmaps"], &["get"])]),
+    ("certificate-controller", &[("", &["nodes"], &["get"])]),
 ];
 
 /// The roles and bindings of `CONTROLLER_EXTRAS`.

@@ -25,7 +25,9 @@ use crate::registry::{Scope, Storage, WriteOptions};
 use crate::request::RequestAttributes;
 use crate::ApiServer;
 
+mod certificates;
 mod namespaces;
+pub use certificates::CsrHooks;
 pub mod pods;
 mod reviews;
 pub mod serviceaccounts;
@@ -115,6 +117,7 @@ pub fn handler(declared: SubresourceHandler) -> &'static dyn Handler {
         H::PortForward => &pods::Connect(pods::Action::PortForward),
         H::Token => &serviceaccounts::Token,
         H::Review => &reviews::Review,
+        H::Approval => &certificates::Approval,
     }
 }
 

@@ -65,13 +65,14 @@ impl TestServer {
 
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("server.log")).expect("log file");
+        let out = std::fs::File::create(self.dir.path().join("server.out")).expect("output file");
         let child = Command::new(env!("CARGO_BIN_EXE_krate"))
             .args(["server", "--data-dir"])
             .arg(self.data_dir())
             .args(["--port", &self.port.to_string()])
             .args(&self.extra_args)
             .args(if self.agent { &[][..] } else { &["--disable-agent"][..] })
-            .stdout(Stdio::null())
+            .stdout(out)
             .stderr(log)
             .spawn()
             .expect("start krate server");
@@ -89,6 +90,11 @@ impl TestServer {
 
     pub fn url(&self) -> String {
         format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// What the server printed for its operator (standard output).
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.out")).unwrap_or_default()
     }
 
     pub fn log(&self) -> String {

@@ -300,9 +300,13 @@ impl ApiServer {
         }))
     }
 
-    /// The service account a bearer token stands for, while the account (and the pod it
-    /// is bound to) still exist as they were when it was issued. Anything else is 401.
+    /// The user a bearer token stands for: a bootstrap token's (`ID.SECRET`), or the
+    /// service account of a JWT while the account (and the pod it is bound to) still
+    /// exist as they were when it was issued. Anything else is 401.
     pub async fn authenticate_token(&self, token: &str) -> ApiResult<User> {
+        if let Ok(bootstrap) = token.parse::<krate_client::bootstrap::Token>() {
+            return self.authenticate_bootstrap_token(&bootstrap).await;
+        }
         let claims = self.tokens.verify(token, unix_seconds()).map_err(|why| {
             tracing::debug!(reason = %why, "bearer token refused");
             ApiError::unauthorized()

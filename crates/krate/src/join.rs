@@ -1,0 +1,334 @@
+//! How `krate agent --server URL --token ID.SECRET --ca-cert-hash sha256:...` gets into
+//! a cluster, as kubeadm's token discovery and the kubelet's TLS bootstrap:
+//!
+//! 1. **Discovery**: read `kube-public/cluster-info` anonymously without trusting the
+//!    server yet; its detached JWS for the token's ID must verify under the token's
+//!    secret (so the ConfigMap came from a server that knows the token), and the CA
+//!    bundle it carries must hold a certificate whose public key matches a pinned hash
+//!    (so the CA is the cluster's, not a man in the middle's). Then read it again over
+//!    TLS verified with that CA and require the same content.
+//! 2. **TLS bootstrap**: with the token, ask for a client certificate for
+//!    `system:node:<name>` (a CSR for `kubernetes.io/kube-apiserver-client-kubelet`,
+//!    approved automatically for tokens of the default node group, or by an admin),
+//!    and wait until it is signed.
+//! 3. The key, the certificate and a kubeconfig with them stay in the agent's
+//!    directory: a restarted agent uses them without the token, and the agent renews
+//!    the certificate with itself before it expires (see [`Rotation`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use k8s_openapi::api::core::v1::ConfigMap;
+use krate_client::bootstrap::{self, Token};
+use kube::api::{Api, PostParams};
+
+const KUBELET_CLIENT: &str = "kubernetes.io/kube-apiserver-client-kubelet";
+
+/// What joining needs.
+pub struct Join {
+    pub server: String,
+    pub token: Option<Token>,
+    pub ca_cert_hashes: Vec<String>,
+    pub unsafe_skip_ca_verification: bool,
+    pub node_name: String,
+}
+
+/// Where the agent keeps its credentials.
+pub struct Credentials {
+    pub kubeconfig: PathBuf,
+    key: PathBuf,
+    cert: PathBuf,
+}
+
+impl Credentials {
+    pub fn in_dir(dir: &Path) -> Self {
+        Credentials {
+            kubeconfig: dir.join("kubelet.kubeconfig"),
+            key: dir.join("pki/kubelet-client.key"),
+            cert: dir.join("pki/kubelet-client.crt"),
+        }
+    }
+}
+
+fn b64(text: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+/// A client of `server` that trusts nothing yet and presents nothing.
+fn insecure_client(server: &str) -> Result<kube::Client> {
+    let mut config = kube::Config::new(server.parse().with_context(|| format!("--server {server:?} is not a URL"))?);
+    config.accept_invalid_certs = true;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// A client of `server` that trusts `ca_pem`, as the token's user (or nobody).
+fn verified_client(server: &str, ca_pem: &str, token: Option<&Token>) -> Result<kube::Client> {
+    let mut config = kube::Config::new(server.parse()?);
+    config.root_cert = Some(bootstrap::pem_certificates(ca_pem));
+    if let Some(token) = token {
+        config.auth_info.token = Some(token.to_string().into());
+    }
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn cluster_info(client: kube::Client) -> Result<ConfigMap> {
+    let api: Api<ConfigMap> = Api::namespaced(client, bootstrap::CLUSTER_INFO_NAMESPACE);
+    api.get(bootstrap::CLUSTER_INFO).await.map_err(|e| match e {
+        kube::Error::Api(e) if e.code == 404 => {
+            anyhow::anyhow!(
+                "the server has no {}/{}: is it a krate (or kubeadm) cluster?",
+                bootstrap::CLUSTER_INFO_NAMESPACE,
+                bootstrap::CLUSTER_INFO
+            )
+        }
+        kube::Error::Api(e) if e.code == 401 || e.code == 403 => {
+            anyhow::anyhow!("the server does not let anonymous users read cluster-info ({})", e.message)
+        }
+        e => anyhow::Error::new(e).context("reading cluster-info"),
+    })
+}
+
+/// The CA bundle (PEM) of the cluster behind `join.server`, checked as the module says.
+pub async fn discover(join: &Join, token: &Token) -> Result<String> {
+    let info = cluster_info(insecure_client(&join.server)?).await?;
+    let data = info.data.unwrap_or_default();
+    let kubeconfig = data.get(bootstrap::KUBECONFIG_KEY).context("cluster-info carries no kubeconfig")?;
+    let jws = data.get(&format!("{}{}", bootstrap::JWS_PREFIX, token.id)).with_context(|| {
+        format!("cluster-info is not signed for token ID {:?}: the token does not exist, has expired or is not for signing (`krate token list` on the server)", token.id)
+    })?;
+    if !bootstrap::verify_detached(kubeconfig, jws, token) {
+        bail!("cluster-info's signature for token ID {:?} does not match the token's secret: a wrong token, or a server that is not the cluster's", token.id);
+    }
+    let (_, ca_pem) = bootstrap::read_cluster_info_kubeconfig(kubeconfig)?;
+    let hashes: Vec<String> =
+        bootstrap::pem_certificates(&ca_pem).iter().map(|der| bootstrap::ca_cert_hash(der)).collect::<Result<_>>()?;
+    if hashes.is_empty() {
+        bail!("cluster-info carries no CA certificate");
+    }
+    if join.unsafe_skip_ca_verification {
+        tracing::warn!(ca = ?hashes, "trusting the CA cluster-info names without checking its hash (--unsafe-skip-ca-verification): anyone who knows the token could pose as the cluster");
+    } else if !hashes.iter().any(|h| join.ca_cert_hashes.iter().any(|pin| pin.eq_ignore_ascii_case(h))) {
+        bail!(
+            "the cluster's CA is not the pinned one: its public key hash is {}, --ca-cert-hash says {}; refusing to join (a server with another CA, or a wrong hash: `krate token create --print-join-command` on the server prints the right one)",
+            hashes.join(", "),
+            join.ca_cert_hashes.join(", ")
+        );
+    }
+    // The same content over TLS verified with that CA.
+    let again = cluster_info(verified_client(&join.server, &ca_pem, None)?)
+        .await
+        .context("reading cluster-info again over verified TLS")?;
+    if again.data.unwrap_or_default().get(bootstrap::KUBECONFIG_KEY) != Some(kubeconfig) {
+        bail!("cluster-info changed between reading it unverified and verified; try again");
+    }
+    Ok(ca_pem)
+}
+
+/// A kubeconfig for `server` with the CA and a client certificate.
+fn kubeconfig(server: &str, ca_pem: &str, cert_pem: &str, key_pem: &str, node: &str) -> String {
+    let user = format!("system:node:{node}");
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "krate", "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)}}],
+        "users": [{"name": user, "user": {"client-certificate-data": b64(cert_pem), "client-key-data": b64(key_pem)}}],
+        "contexts": [{"name": "krate", "context": {"cluster": "krate", "user": user}}],
+        "current-context": "krate",
+        "preferences": {},
+    });
+    serde_json::to_string_pretty(&config).expect("JSON serializes")
+}
+
+/// The agent's key, made once and kept.
+fn key_pair(path: &Path) -> Result<rcgen::KeyPair> {
+    if let Ok(pem) = std::fs::read_to_string(path) {
+        return rcgen::KeyPair::from_pem(&pem).with_context(|| format!("reading {}", path.display()));
+    }
+    std::fs::create_dir_all(path.parent().expect("a key path has a directory"))?;
+    let key = rcgen::KeyPair::generate()?;
+    crate::pki::write_private(path, &key.serialize_pem())?;
+    Ok(key)
+}
+
+/// Asks for a client certificate for `node` through `client` and waits until it is
+/// issued; refused or failed requests end with their reason.
+async fn request_certificate(client: &kube::Client, key: &rcgen::KeyPair, node: &str) -> Result<String> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(rcgen::DnType::CommonName, format!("system:node:{node}"));
+    params.distinguished_name.push(rcgen::DnType::OrganizationName, "system:nodes");
+    let request = params.serialize_request(key)?.pem()?;
+    let csr: CertificateSigningRequest = serde_json::from_value(serde_json::json!({
+        "metadata": {"generateName": "node-csr-"},
+        "spec": {"request": b64(&request), "signerName": KUBELET_CLIENT, "usages": ["digital signature", "client auth"]},
+    }))?;
+    let api: Api<CertificateSigningRequest> = Api::all(client.clone());
+    let created = api.create(&PostParams::default(), &csr).await.map_err(|e| match e {
+        kube::Error::Api(e) if e.code == 401 => anyhow::anyhow!(
+            "the server refused the token: it does not exist, has expired, or is not for authentication"
+        ),
+        kube::Error::Api(e) if e.code == 403 => {
+            anyhow::anyhow!("this identity may not request certificates: {}", e.message)
+        }
+        e => anyhow::Error::new(e).context("creating the certificate signing request"),
+    })?;
+    let name = created.metadata.name.clone().unwrap_or_default();
+    tracing::info!(csr = %name, node, "asked for a client certificate");
+    let started = tokio::time::Instant::now();
+    let mut reported = Duration::ZERO;
+    loop {
+        let csr = api.get(&name).await.with_context(|| format!("reading the certificate signing request {name}"))?;
+        let status = csr.status.unwrap_or_default();
+        for c in status.conditions.iter().flatten() {
+            if c.status == "True" && (c.type_ == "Denied" || c.type_ == "Failed") {
+                bail!(
+                    "the certificate signing request {name} was {}: {}",
+                    c.type_.to_lowercase(),
+                    c.message.clone().unwrap_or_default()
+                );
+            }
+        }
+        if let Some(cert) = status.certificate {
+            return Ok(String::from_utf8(cert.0)?);
+        }
+        if started.elapsed() >= reported + Duration::from_secs(30) {
+            reported = started.elapsed();
+            println!("waiting for the certificate signing request {name} to be approved (an admin: kubectl certificate approve {name})");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// When the certificate stored at `path` should be renewed, and when it expires: at 80%
+/// of its lifetime from when it was received (the file's time; signers backdate
+/// `notBefore` by minutes, which would leave a short-lived certificate no time at all).
+fn renewal_time(path: &Path) -> Result<(jiff::Timestamp, jiff::Timestamp)> {
+    let pem = std::fs::read_to_string(path)?;
+    let der = bootstrap::pem_certificates(&pem).into_iter().next().context("no certificate")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let received = std::fs::metadata(path)?.modified()?.duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+    let (from, to) = (cert.validity().not_before.timestamp().max(received), cert.validity().not_after.timestamp());
+    let at = |s: i64| jiff::Timestamp::from_second(s).unwrap_or_default();
+    Ok((at(from + (to - from) * 8 / 10), at(to)))
+}
+
+/// The kubeconfig the agent runs with: the stored one while its certificate is valid,
+/// otherwise a new one through discovery and TLS bootstrap with the token.
+pub async fn credentials(join: &Join, creds: &Credentials) -> Result<PathBuf> {
+    if creds.cert.exists() {
+        match renewal_time(&creds.cert) {
+            Ok((_, expires)) if expires > jiff::Timestamp::now() && creds.kubeconfig.exists() => {
+                tracing::info!(kubeconfig = %creds.kubeconfig.display(), %expires, "using the stored client certificate");
+                return Ok(creds.kubeconfig.clone());
+            }
+            _ => tracing::warn!("the stored client certificate has expired; joining again with the token"),
+        }
+    }
+    let token = join.token.as_ref().context(
+        "this agent has no valid client certificate yet: give --token (and --ca-cert-hash) to join; `krate token create --print-join-command` on the server prints the command",
+    )?;
+    if join.ca_cert_hashes.is_empty() && !join.unsafe_skip_ca_verification {
+        bail!("give --ca-cert-hash sha256:... to check the cluster's CA (or --unsafe-skip-ca-verification, which lets anyone who knows the token pose as the cluster)");
+    }
+    println!("discovering the cluster at {}", join.server);
+    let ca_pem = discover(join, token).await?;
+    let key = key_pair(&creds.key)?;
+    println!("asking for a client certificate for node {}", join.node_name);
+    let cert =
+        request_certificate(&verified_client(&join.server, &ca_pem, Some(token))?, &key, &join.node_name).await?;
+    std::fs::write(&creds.cert, &cert)?;
+    crate::pki::write_private(
+        &creds.kubeconfig,
+        &kubeconfig(&join.server, &ca_pem, &cert, &key.serialize_pem(), &join.node_name),
+    )?;
+    println!("joined: credentials in {}", creds.kubeconfig.display());
+    Ok(creds.kubeconfig.clone())
+}
+
+/// A kube client whose requests go through the client of the current certificate:
+/// [`Rotation::run`] swaps in a new one after each renewal (open watches carry on over
+/// their connections).
+#[derive(Clone)]
+pub struct Rotation {
+    current: Arc<RwLock<kube::Client>>,
+    kubeconfig: PathBuf,
+    creds: Arc<Credentials>,
+    node: String,
+}
+
+impl Rotation {
+    pub async fn new(kubeconfig: &Path, creds: Credentials, node: &str) -> Result<Self> {
+        let client = crate::components::kube_client(kubeconfig).await?;
+        Ok(Rotation {
+            current: Arc::new(RwLock::new(client)),
+            kubeconfig: kubeconfig.to_path_buf(),
+            creds: Arc::new(creds),
+            node: node.to_string(),
+        })
+    }
+
+    pub fn client(&self) -> kube::Client {
+        kube::Client::new(self.clone(), "default")
+    }
+
+    /// Renews the certificate at 80% of its lifetime, for ever.
+    pub async fn run(self) {
+        loop {
+            let wait = match renewal_time(&self.creds.cert) {
+                Ok((renew, expires)) => {
+                    tracing::info!(%renew, %expires, "client certificate renewal scheduled");
+                    renew.duration_since(jiff::Timestamp::now()).as_secs_f64().max(0.0)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot read the client certificate's lifetime; looking again in a minute");
+                    60.0
+                }
+            };
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+            match self.renew().await {
+                Ok(expires) => tracing::info!(%expires, "renewed the client certificate"),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "renewing the client certificate failed; trying again in 10 s");
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                }
+            }
+        }
+    }
+
+    async fn renew(&self) -> Result<jiff::Timestamp> {
+        let client = self.current.read().expect("client lock").clone();
+        let key = key_pair(&self.creds.key)?;
+        let cert = request_certificate(&client, &key, &self.node).await?;
+        let config: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(&self.kubeconfig)?)?;
+        let cluster = &config["clusters"][0]["cluster"];
+        let ca = base64::engine::general_purpose::STANDARD
+            .decode(cluster["certificate-authority-data"].as_str().unwrap_or_default())?;
+        let server = cluster["server"].as_str().unwrap_or_default();
+        std::fs::write(&self.creds.cert, &cert)?;
+        crate::pki::write_private(
+            &self.kubeconfig,
+            &kubeconfig(server, &String::from_utf8(ca)?, &cert, &key.serialize_pem(), &self.node),
+        )?;
+        *self.current.write().expect("client lock") = crate::components::kube_client(&self.kubeconfig).await?;
+        Ok(renewal_time(&self.creds.cert)?.1)
+    }
+}
+
+impl tower::Service<http::Request<kube::client::Body>> for Rotation {
+    type Response = http::Response<kube::client::Body>;
+    type Error = kube::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, kube::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), kube::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
+        let client = self.current.read().expect("client lock").clone();
+        Box::pin(async move { client.send(req).await })
+    }
+}
