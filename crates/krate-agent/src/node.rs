@@ -28,8 +28,8 @@ const STATUS_EVERY: Duration = Duration::from_secs(300);
 pub struct NodeSettings {
     pub name: String,
     pub ip: IpAddr,
-    /// Used when the Node has no podCIDR yet.
-    pub pod_cidr: Cidr,
+    /// The Node's podCIDR when it has none yet (None: wait for the cluster to assign one).
+    pub pod_cidr: Option<Cidr>,
     pub max_pods: u32,
     /// Millicores and bytes kept back from pods (system and kube reserved).
     pub reserved_cpu_millis: u64,
@@ -142,27 +142,46 @@ pub async fn register(client: &kube::Client, settings: &NodeSettings) -> Result<
     labels.insert("kubernetes.io/hostname".into(), settings.name.clone());
     labels.insert("kubernetes.io/os".into(), "linux".into());
     labels.insert("kubernetes.io/arch".into(), arch());
+    let own = settings.pod_cidr.map(|c| json!({"podCIDR": c.to_string(), "podCIDRs": [c.to_string()]}));
     let node: Node = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": settings.name, "labels": labels},
-        "spec": {"podCIDR": settings.pod_cidr.to_string(), "podCIDRs": [settings.pod_cidr.to_string()]},
+        "spec": own.clone().unwrap_or(json!({})),
     }))?;
     krate_client::tolerate(nodes.create(&PostParams::default(), &node).await, &[409])
         .with_context(|| format!("registering node {}", settings.name))?;
+    let assigned = |node: &Node| node.spec.as_ref().and_then(|s| s.pod_cidr.clone());
     let current = nodes.get(&settings.name).await?;
-    let cidr = match current.spec.as_ref().and_then(|s| s.pod_cidr.as_deref()) {
-        Some(assigned) => assigned.parse()?,
-        None => {
-            let patch = json!({"spec": {"podCIDR": settings.pod_cidr.to_string(), "podCIDRs": [settings.pod_cidr.to_string()]}});
-            nodes.patch(&settings.name, &PatchParams::default(), &Patch::Merge(patch)).await?;
-            settings.pod_cidr
+    let cidr = match (assigned(&current), own) {
+        (Some(assigned), _) => assigned.parse()?,
+        (None, Some(own)) => {
+            nodes.patch(&settings.name, &PatchParams::default(), &Patch::Merge(json!({"spec": own}))).await?;
+            settings.pod_cidr.expect("given")
         }
+        (None, None) => wait_for_pod_cidr(&nodes, &settings.name).await?.parse()?,
     };
     nodes
         .patch(&settings.name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": labels}})))
         .await
         .with_context(|| format!("labelling node {}", settings.name))?;
     Ok(cidr)
+}
+
+/// Waits for the cluster (its node IPAM controller) to give the Node a podCIDR.
+async fn wait_for_pod_cidr(nodes: &Api<Node>, name: &str) -> Result<String> {
+    let started = tokio::time::Instant::now();
+    let mut told = std::time::Duration::ZERO;
+    loop {
+        let node = nodes.get(name).await?;
+        if let Some(cidr) = node.spec.and_then(|s| s.pod_cidr) {
+            return Ok(cidr);
+        }
+        if started.elapsed() >= told + std::time::Duration::from_secs(10) {
+            told = started.elapsed();
+            tracing::warn!(node = name, waited_s = told.as_secs(), "no pod CIDR assigned to this node yet: is the server's node IPAM controller running (krate server --cluster-cidr)? Or give the agent --pod-cidr");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 /// What the agent watches on its node besides the Lease: pressure, and the images it may

@@ -12,6 +12,7 @@ pub mod endpoints;
 pub mod gc;
 pub mod job;
 pub mod namespace;
+pub mod nodeipam;
 pub mod nodelifecycle;
 pub mod owned;
 pub mod perns;
@@ -112,6 +113,8 @@ pub struct Config {
     /// Approve bootstrap tokens' node client certificate requests at once (`false`:
     /// an admin approves each new node).
     pub approve_joins: bool,
+    /// The range node pod CIDRs are assigned from (None: nodes bring their own).
+    pub cluster_cidr: Option<nodeipam::ClusterCidr>,
 }
 
 /// The API clients the controllers act through. Inside `krate server` each controller
@@ -166,6 +169,12 @@ pub async fn run(clients: Clients, config: Config) -> anyhow::Result<()> {
         supervise("daemonset", c("daemon-set-controller"), |c| daemonset::run(c, &pods)),
         supervise("statefulset", c("statefulset-controller"), |c| statefulset::run(c, &pods)),
         supervise("nodelifecycle", c("node-controller"), |c| nodelifecycle::run(c, grace, &pods)),
+        supervise("nodeipam", c("node-controller"), |c| async move {
+            match config.cluster_cidr {
+                Some(range) => nodeipam::run(c, range).await,
+                None => futures::future::pending().await,
+            }
+        }),
         supervise("endpoints", c("endpoint-controller"), |e| endpoints::run(e, c("endpointslice-controller"), &pods)),
         supervise("disruption", c("disruption-controller"), |c| disruption::run(c, &pods)),
         supervise("resourcequota", c("resourcequota-controller"), |c| quota::run(c, &pods)),

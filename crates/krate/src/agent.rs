@@ -16,9 +16,10 @@ pub struct AgentOptions {
     /// Address the node reports (status.addresses InternalIP, pods' hostIP).
     #[arg(long, default_value = "127.0.0.1")]
     pub node_ip: IpAddr,
-    /// Pod addresses of this node, used when the Node has no podCIDR assigned yet.
-    #[arg(long, default_value = "10.42.0.0/24")]
-    pub pod_cidr: String,
+    /// Pod addresses of this node. Default: the pod CIDR the cluster assigns the Node
+    /// (from the server's --cluster-cidr); given, the Node is registered with this one.
+    #[arg(long)]
+    pub pod_cidr: Option<String>,
     /// Linux bridge the pods of this node attach to.
     #[arg(long, default_value = "krate0")]
     pub bridge: String,
@@ -198,7 +199,11 @@ impl AgentOptions {
             node: NodeSettings {
                 name: self.node_name.clone().unwrap_or_else(host_name),
                 ip: self.node_ip,
-                pod_cidr: krate_net::PodNetwork::parse_cidr(&self.pod_cidr).context("--pod-cidr")?,
+                pod_cidr: self
+                    .pod_cidr
+                    .as_deref()
+                    .map(|c| krate_net::PodNetwork::parse_cidr(c).context("--pod-cidr"))
+                    .transpose()?,
                 max_pods: self.max_pods,
                 reserved_cpu_millis: quantity(&self.reserved_cpu, 1000.0, "--reserved-cpu")?,
                 reserved_memory_bytes: quantity(&self.reserved_memory, 1.0, "--reserved-memory")?,

@@ -51,6 +51,13 @@ pub struct ControllerManagerArgs {
     /// The longest lifetime of the certificates it signs.
     #[arg(long, default_value = "8760h")]
     pub cluster_signing_duration: String,
+    /// Assign each Node without one a pod CIDR from this range (as upstream's
+    /// --allocate-node-cidrs with --cluster-cidr); default: nodes bring their own.
+    #[arg(long)]
+    pub cluster_cidr: Option<String>,
+    /// The prefix length of each node's pod CIDR (default 24 for IPv4, 64 for IPv6).
+    #[arg(long)]
+    pub node_cidr_mask_size: Option<u8>,
     #[command(flatten)]
     pub settings: ControllerSettings,
 }
@@ -135,25 +142,44 @@ pub async fn run_controller_manager(args: ControllerManagerArgs) -> Result<()> {
         }),
         _ => None,
     };
-    controller_manager(clients, cluster_ca_pem(&args.kubeconfig)?, signing, true, &args.settings).await
+    let cluster_cidr = args.cluster_cidr.as_deref().map(|c| cluster_cidr(c, args.node_cidr_mask_size)).transpose()?;
+    let config = args.settings.config(cluster_ca_pem(&args.kubeconfig)?, signing, true, cluster_cidr);
+    controller_manager(clients, config, &args.settings.election).await
 }
 
-/// The controllers through `clients`, under `settings`' election.
+/// `--cluster-cidr` and `--node-cidr-mask-size`, checked.
+pub fn cluster_cidr(cidr: &str, mask: Option<u8>) -> Result<krate_controllers::nodeipam::ClusterCidr> {
+    let parsed = cidr.parse().with_context(|| format!("--cluster-cidr {cidr:?}"))?;
+    krate_controllers::nodeipam::ClusterCidr::new(parsed, mask).context("--node-cidr-mask-size")
+}
+
+impl ControllerSettings {
+    /// The controllers' configuration under these settings.
+    pub fn config(
+        &self,
+        root_ca_pem: String,
+        signing: Option<krate_controllers::certificates::SigningCa>,
+        approve_joins: bool,
+        cluster_cidr: Option<krate_controllers::nodeipam::ClusterCidr>,
+    ) -> krate_controllers::Config {
+        krate_controllers::Config {
+            node_monitor_grace_period: Duration::from_secs(self.node_monitor_grace_period_seconds),
+            terminated_pod_gc_threshold: self.terminated_pod_gc_threshold,
+            root_ca_pem,
+            signing,
+            approve_joins,
+            cluster_cidr,
+        }
+    }
+}
+
+/// The controllers through `clients`, under `election`.
 pub async fn controller_manager(
     clients: krate_controllers::Clients,
-    root_ca_pem: String,
-    signing: Option<krate_controllers::certificates::SigningCa>,
-    approve_joins: bool,
-    settings: &ControllerSettings,
+    config: krate_controllers::Config,
+    election: &ElectionArgs,
 ) -> Result<()> {
-    let config = krate_controllers::Config {
-        node_monitor_grace_period: Duration::from_secs(settings.node_monitor_grace_period_seconds),
-        terminated_pod_gc_threshold: settings.terminated_pod_gc_threshold,
-        root_ca_pem,
-        signing,
-        approve_joins,
-    };
-    elected(clients.manager(), "kube-controller-manager", &settings.election, || {
+    elected(clients.manager(), "kube-controller-manager", election, || {
         krate_controllers::run(clients.clone(), config.clone())
     })
     .await

@@ -57,6 +57,13 @@ pub struct ServerArgs {
     /// Agents renew theirs at 80% of it.
     #[arg(long, default_value = "8760h")]
     pub cluster_signing_duration: String,
+    /// The range nodes' pod CIDRs are assigned from, one per node (a node whose agent
+    /// gives --pod-cidr keeps that one).
+    #[arg(long, default_value = "10.42.0.0/16")]
+    pub cluster_cidr: String,
+    /// The prefix length of each node's pod CIDR (default 24 for IPv4, 64 for IPv6).
+    #[arg(long)]
+    pub node_cidr_mask_size: Option<u8>,
     /// How new nodes get in: `token`, their bootstrap token's client certificate
     /// request is approved at once; `approve`, it waits for an admin (`kubectl get csr`,
     /// `kubectl certificate approve NAME`). Nodes that joined keep working either way.
@@ -129,6 +136,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     })?;
 
     let pki = crate::pki::Pki::load_or_create(&args.data_dir.join("pki"))?;
+    let cluster_cidr = components::cluster_cidr(&args.cluster_cidr, args.node_cidr_mask_size)?;
     let service_network = service_network(&args.service_cidr, &args.service_node_port_range)?;
     let cluster_dns = args.agent.cluster_dns.or_else(|| service_network.cidrs[0].nth(10));
 
@@ -286,10 +294,9 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             duration: crate::agent::duration(&args.cluster_signing_duration, "--cluster-signing-duration")?,
         };
         let approve_joins = args.node_registration == "token";
+        let config = controllers.config(root_ca_pem, Some(signing), approve_joins, Some(cluster_cidr));
         tokio::spawn(async move {
-            if let Err(err) =
-                components::controller_manager(clients, root_ca_pem, Some(signing), approve_joins, &controllers).await
-            {
+            if let Err(err) = components::controller_manager(clients, config, &controllers.election).await {
                 tracing::error!(error = %format!("{err:#}"), "controllers stopped");
             }
         });

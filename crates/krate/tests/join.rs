@@ -59,8 +59,9 @@ async fn cluster_info(client: &kube::Client) -> ConfigMap {
     Api::<ConfigMap>::namespaced(client.clone(), "kube-public").get("cluster-info").await.expect("cluster-info")
 }
 
-/// A stand-alone `krate agent` on this machine with a bridge, pod range and port of its
-/// own; its containers, containerd and network are reset on drop.
+/// A stand-alone `krate agent` on this machine with a bridge and port of its own (its pod
+/// range the cluster assigns: see `cluster`); its containers, containerd and network are
+/// reset on drop.
 struct Agent {
     child: Option<Child>,
     data: PathBuf,
@@ -78,8 +79,6 @@ impl Agent {
             data.join("agent").to_str().unwrap(),
             "--bridge",
             &format!("kj{n}p{id}"),
-            "--pod-cidr",
-            &format!("10.{}.{}.0/24", 230 + n, id),
             "--kubelet-port",
             &node::kubelet_port(50 + n),
             "--resolv-conf",
@@ -126,6 +125,15 @@ impl Drop for Agent {
             eprintln!("krate reset failed: {}", String::from_utf8_lossy(&out.stderr));
         }
     }
+}
+
+/// A server whose nodes get pod CIDRs (/26) from a range of its own (`n` tells tests
+/// apart), so that concurrent tests' pod networks do not overlap.
+fn cluster(n: u8, extra: &[&str]) -> TestServer {
+    let range = format!("10.{}.{}.0/24", 248 + n, std::process::id() % 200);
+    let mut args = vec!["--cluster-cidr", &range, "--node-cidr-mask-size", "26"];
+    args.extend_from_slice(extra);
+    TestServer::start_with(&args)
 }
 
 /// A join that must fail before the agent starts anything: its error text.
@@ -350,7 +358,7 @@ fn stored_certificate(data: &Path) -> (String, String) {
 
 #[tokio::test]
 async fn a_node_joins_with_a_token_renews_its_certificate_and_restarts_without_it() {
-    let server = TestServer::start_with(&["--cluster-signing-duration", "40s"]);
+    let server = cluster(1, &["--cluster-signing-duration", "40s"]);
     let command = printed_join_command(&server).await;
     let (url, token, hash) = (flag(&command, "--server"), flag(&command, "--token"), flag(&command, "--ca-cert-hash"));
     signed(&server, &token).await;
@@ -361,6 +369,13 @@ async fn a_node_joins_with_a_token_renews_its_certificate_and_restarts_without_i
     let client = server.client().await;
     wait_ready(&client, "joiner-1", &agent).await;
 
+    let node = Api::<Node>::all(client.clone()).get("joiner-1").await.unwrap();
+    let range = format!("10.249.{}.0/26", std::process::id() % 200);
+    assert_eq!(node.spec.unwrap().pod_cidr.as_deref(), Some(range.as_str()), "the node's pod CIDR, assigned");
+    assert!(
+        agent.log().lines().any(|l| l.contains("node agent ready") && l.contains(&range)),
+        "the agent runs its pods in it"
+    );
     let (subject, first_serial) = stored_certificate(&data);
     assert_eq!(subject, "CN=system:node:joiner-1, O=system:nodes");
     let csrs = Api::<CertificateSigningRequest>::all(client.clone()).list(&ListParams::default()).await.unwrap().items;
@@ -410,7 +425,7 @@ async fn a_node_joins_with_a_token_renews_its_certificate_and_restarts_without_i
 
 #[tokio::test]
 async fn in_approve_mode_a_new_node_waits_for_kubectl_certificate_approve() {
-    let server = TestServer::start_with(&["--node-registration", "approve"]);
+    let server = cluster(2, &["--node-registration", "approve"]);
     let command = printed_join_command(&server).await;
     let (url, token, hash) = (flag(&command, "--server"), flag(&command, "--token"), flag(&command, "--ca-cert-hash"));
     signed(&server, &token).await;
@@ -458,4 +473,44 @@ async fn a_join_from_outside_the_allowed_range_is_refused() {
     assert!(refused.contains("only from 10.0.0.0/8") && refused.contains("came from 127.0.0.1"), "{refused}");
     let csrs = Api::<CertificateSigningRequest>::all(server.client().await).list(&ListParams::default()).await.unwrap();
     assert!(csrs.items.is_empty());
+}
+
+fn pod_cidr(node: &Node) -> Option<String> {
+    node.spec.as_ref()?.pod_cidr.clone()
+}
+
+#[tokio::test]
+async fn nodes_get_free_pod_cidrs_and_release_them_when_deleted() {
+    let server = cluster(3, &[]);
+    let id = std::process::id() % 200;
+    let nodes: Api<Node> = Api::all(server.client().await);
+    let create = |name: &str, cidr: Option<String>| {
+        let spec = cidr.map(|c| serde_json::json!({"podCIDR": c, "podCIDRs": [c]})).unwrap_or(serde_json::json!({}));
+        serde_json::from_value::<Node>(serde_json::json!({"metadata": {"name": name}, "spec": spec})).unwrap()
+    };
+    let assigned = |name: &'static str| {
+        let nodes = nodes.clone();
+        async move {
+            eventually(30, &format!("a pod CIDR for {name}"), || async { pod_cidr(&nodes.get(name).await.ok()?) }).await
+        }
+    };
+    let pp = kube::api::PostParams::default();
+    nodes.create(&pp, &create("n1", None)).await.unwrap();
+    assert_eq!(assigned("n1").await, format!("10.251.{id}.0/26"));
+    // A node that brings its own CIDR keeps it, and it counts as taken.
+    nodes.create(&pp, &create("own", Some(format!("10.251.{id}.64/26")))).await.unwrap();
+    nodes.create(&pp, &create("n2", None)).await.unwrap();
+    assert_eq!(assigned("n2").await, format!("10.251.{id}.128/26"));
+    nodes.create(&pp, &create("n3", None)).await.unwrap();
+    assert_eq!(assigned("n3").await, format!("10.251.{id}.192/26"));
+    // The range is full: the next node waits...
+    nodes.create(&pp, &create("n4", None)).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(pod_cidr(&nodes.get("n4").await.unwrap()), None);
+    // ...until a node goes and its CIDR with it.
+    nodes.delete("n2", &Default::default()).await.unwrap();
+    assert_eq!(assigned("n4").await, format!("10.251.{id}.128/26"));
+    let wide =
+        server.kubectl_ok(&["get", "nodes", "-o", "jsonpath={range .items[*]}{.metadata.name}={.spec.podCIDR} {end}"]);
+    assert_eq!(wide.split_whitespace().count(), 4, "{wide}");
 }
