@@ -74,12 +74,18 @@ pub(crate) fn template_hash(template: &serde_json::Value, collisions: i64) -> St
 }
 
 /// Runs `controller` forever with its own client, restarted when it stops or fails.
-async fn supervise<F, Fut>(name: &'static str, client: kube::Client, controller: F)
+/// Boxed: `run` joins some thirty of these, and a join of them unboxed is one state
+/// machine large enough (in debug builds) to overflow a worker thread's stack when polled.
+fn supervise<'a, F, Fut>(
+    name: &'static str,
+    client: kube::Client,
+    controller: F,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>
 where
-    F: Fn(kube::Client) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
+    F: Fn(kube::Client) -> Fut + Send + Sync + 'a,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'a,
 {
-    krate_client::supervised(name, || controller(client.clone())).await
+    Box::pin(async move { krate_client::supervised(name, || controller(client.clone())).await })
 }
 
 /// An int-or-percent field (maxSurge, maxUnavailable, minAvailable) as a count of

@@ -70,6 +70,50 @@ impl Pki {
         self.ca_key.serialize_pem()
     }
 
+    /// Puts a CA of the operator's own (certificate and key, PEM) in `dir` before the
+    /// first start, after checking that the key is the certificate's and the certificate
+    /// a CA. A directory that has a CA already must have this one.
+    pub fn install_ca(dir: &Path, cert_file: &Path, key_file: &Path) -> Result<()> {
+        let read = |p: &Path| fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+        let (cert_pem, key_pem) = (read(cert_file)?, read(key_file)?);
+        let der = krate_client::bootstrap::pem_certificates(&cert_pem)
+            .into_iter()
+            .next()
+            .with_context(|| format!("{} holds no PEM certificate", cert_file.display()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| anyhow::anyhow!("{} is not a certificate: {e}", cert_file.display()))?;
+        if !cert.is_ca() {
+            anyhow::bail!("{} is not a CA certificate (its basicConstraints do not say CA:TRUE)", cert_file.display());
+        }
+        let key = KeyPair::from_pem(&key_pem).with_context(|| {
+            format!("{} is not a private key krate can use (PKCS#8 or SEC1 EC, or RSA)", key_file.display())
+        })?;
+        if key.public_key_raw() != &cert.public_key().subject_public_key.data[..] {
+            anyhow::bail!("{} is not the key of {}", key_file.display(), cert_file.display());
+        }
+        let existing = dir.join("ca.crt");
+        if existing.exists() {
+            if fs::read_to_string(&existing)?.trim() != cert_pem.trim() {
+                anyhow::bail!(
+                    "{} already has another CA ({}); a cluster's CA cannot be swapped under it (start a new data directory, or leave out --ca-cert)",
+                    dir.display(),
+                    existing.display()
+                );
+            }
+            return Ok(());
+        }
+        fs::create_dir_all(dir)?;
+        write_private(&dir.join("ca.key"), &key_pem)?;
+        fs::write(&existing, &cert_pem)?;
+        Ok(())
+    }
+
+    /// The CA bundle joining nodes are given (cluster-info): `ca-bundle.crt` when the
+    /// operator put one there (old and new CA during a rotation), else the CA.
+    pub fn ca_bundle_pem(&self) -> String {
+        fs::read_to_string(self.dir.join("ca-bundle.crt")).unwrap_or_else(|_| self.ca_cert_pem.clone())
+    }
+
     /// Loads the CA from `dir`, creating it on first use.
     pub fn load_or_create(dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -57,6 +57,15 @@ pub struct ServerArgs {
     /// Agents renew theirs at 80% of it.
     #[arg(long, default_value = "8760h")]
     pub cluster_signing_duration: String,
+    /// A CA certificate of your own (PEM), used instead of a generated one: given at the
+    /// first start (with --ca-key), it is kept in <data-dir>/pki. Or place ca.crt and
+    /// ca.key there before the first start. A pki/ca-bundle.crt, if present, is what
+    /// joining nodes are told to trust (old and new CA together, to rotate).
+    #[arg(long, requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The private key of --ca-cert (PEM).
+    #[arg(long, requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
     /// The range nodes' pod CIDRs are assigned from, one per node (a node whose agent
     /// gives --pod-cidr keeps that one).
     #[arg(long, default_value = "10.42.0.0/16")]
@@ -135,6 +144,9 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         )
     })?;
 
+    if let (Some(cert), Some(key)) = (&args.ca_cert, &args.ca_key) {
+        crate::pki::Pki::install_ca(&args.data_dir.join("pki"), cert, key).context("--ca-cert and --ca-key")?;
+    }
     let pki = crate::pki::Pki::load_or_create(&args.data_dir.join("pki"))?;
     let cluster_cidr = components::cluster_cidr(&args.cluster_cidr, args.node_cidr_mask_size)?;
     let service_network = service_network(&args.service_cidr, &args.service_node_port_range)?;
@@ -233,7 +245,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     {
         let admin = kube::Client::new(server.local_service(server_user(), "krate-server"), "default");
         let published = format!("https://{advertise}");
-        let ca_pem = pki.ca_cert_pem.clone();
+        let ca_pem = pki.ca_bundle_pem();
         let joining = async move {
             crate::token::publish_cluster_info(&admin, &published, &ca_pem).await?;
             let token = crate::token::server_token(&admin).await?;

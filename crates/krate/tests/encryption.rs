@@ -62,12 +62,15 @@ fn rotation_rewrites_every_secret_under_the_new_key() {
         ]);
     }
     let before = stored(&server, "s0");
+    // Every Secret: the five, and what the server keeps itself (its join token).
+    let secrets = server.kubectl_ok(&["get", "secrets", "-A", "--no-headers"]).lines().count();
+    assert!(secrets > 5);
     let data_dir = server.data_dir();
     let out =
         krate(&["secrets-encrypt", "rotate", "--data-dir", data_dir.to_str().unwrap(), "--timeout-seconds", "60"]);
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("done: 5 values rewritten"),
+        String::from_utf8_lossy(&out.stdout).contains(&format!("done: {secrets} values rewritten")),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );

@@ -17,6 +17,12 @@ fn krate(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_krate")).args(args).output().expect("run krate")
 }
 
+/// `krate` that must end by itself: a server that wrongly starts is stopped after 30 s
+/// (and the assertions on its output fail) instead of hanging the test.
+fn krate_bounded(args: &[&str]) -> Output {
+    Command::new("timeout").arg("30").arg(env!("CARGO_BIN_EXE_krate")).args(args).output().expect("run krate")
+}
+
 fn token_cmd(server: &TestServer, args: &[&str]) -> Output {
     let kubeconfig = server.kubeconfig();
     let mut all = vec!["token", "--kubeconfig", kubeconfig.to_str().unwrap()];
@@ -43,6 +49,15 @@ async fn printed_join_command(server: &TestServer) -> Vec<String> {
 fn flag(command: &[String], name: &str) -> String {
     let at = command.iter().position(|a| a == name).unwrap_or_else(|| panic!("{name} in {command:?}"));
     command[at + 1].clone()
+}
+
+/// The `--server`, `--token` and `--ca-cert-hash` of the server's join command, once the
+/// token signs `cluster-info`.
+async fn join_flags(server: &TestServer) -> (String, String, String) {
+    let command = printed_join_command(server).await;
+    let (url, token, hash) = (flag(&command, "--server"), flag(&command, "--token"), flag(&command, "--ca-cert-hash"));
+    signed(server, &token).await;
+    (url, token, hash)
 }
 
 /// Waits until `cluster-info` carries a signature for `token`.
@@ -286,11 +301,9 @@ async fn a_bootstrap_token_authenticates_as_a_bootstrapper_until_it_is_deleted()
 #[tokio::test]
 async fn joins_are_refused_for_a_wrong_token_or_ca_and_create_nothing() {
     let server = TestServer::start();
-    let command = printed_join_command(&server).await;
-    let (url, token, hash) = (flag(&command, "--server"), flag(&command, "--token"), flag(&command, "--ca-cert-hash"));
+    let (url, token, hash) = join_flags(&server).await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    signed(&server, &token).await;
 
     let unknown =
         refused_join(data, &["--server", &url, "--token", "zzzzzz.0123456789abcdef", "--ca-cert-hash", &hash]);
@@ -359,9 +372,7 @@ fn stored_certificate(data: &Path) -> (String, String) {
 #[tokio::test]
 async fn a_node_joins_with_a_token_renews_its_certificate_and_restarts_without_it() {
     let server = cluster(1, &["--cluster-signing-duration", "40s"]);
-    let command = printed_join_command(&server).await;
-    let (url, token, hash) = (flag(&command, "--server"), flag(&command, "--token"), flag(&command, "--ca-cert-hash"));
-    signed(&server, &token).await;
+    let (url, token, hash) = join_flags(&server).await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("n1");
     let join = ["--server", &url, "--token", &token, "--ca-cert-hash", &hash, "--node-name", "joiner-1"];
@@ -426,9 +437,7 @@ async fn a_node_joins_with_a_token_renews_its_certificate_and_restarts_without_i
 #[tokio::test]
 async fn in_approve_mode_a_new_node_waits_for_kubectl_certificate_approve() {
     let server = cluster(2, &["--node-registration", "approve"]);
-    let command = printed_join_command(&server).await;
-    let (url, token, hash) = (flag(&command, "--server"), flag(&command, "--token"), flag(&command, "--ca-cert-hash"));
-    signed(&server, &token).await;
+    let (url, token, hash) = join_flags(&server).await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("n1");
     let agent = Agent::start(
@@ -465,9 +474,7 @@ async fn in_approve_mode_a_new_node_waits_for_kubectl_certificate_approve() {
 #[tokio::test]
 async fn a_join_from_outside_the_allowed_range_is_refused() {
     let server = TestServer::start_with(&["--node-registration-allow-cidr", "10.0.0.0/8"]);
-    let command = printed_join_command(&server).await;
-    let (url, token, hash) = (flag(&command, "--server"), flag(&command, "--token"), flag(&command, "--ca-cert-hash"));
-    signed(&server, &token).await;
+    let (url, token, hash) = join_flags(&server).await;
     let dir = tempfile::tempdir().unwrap();
     let refused = refused_join(dir.path(), &["--server", &url, "--token", &token, "--ca-cert-hash", &hash]);
     assert!(refused.contains("only from 10.0.0.0/8") && refused.contains("came from 127.0.0.1"), "{refused}");
@@ -513,4 +520,62 @@ async fn nodes_get_free_pod_cidrs_and_release_them_when_deleted() {
     let wide =
         server.kubectl_ok(&["get", "nodes", "-o", "jsonpath={range .items[*]}{.metadata.name}={.spec.podCIDR} {end}"]);
     assert_eq!(wide.split_whitespace().count(), 4, "{wide}");
+}
+
+/// A CA made with openssl, as an operator would: (certificate, key) paths.
+fn openssl_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "30"])
+        .args(["-subj", &format!("/CN={name}"), "-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl");
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    (cert, key)
+}
+
+#[tokio::test]
+async fn a_server_uses_a_ca_of_the_operators_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = openssl_ca(dir.path(), "my-ca");
+    let server = TestServer::start_with(&["--ca-cert", cert.to_str().unwrap(), "--ca-key", key.to_str().unwrap()]);
+    let ours = std::fs::read_to_string(&cert).unwrap();
+    let hash = bootstrap::ca_cert_hash(&bootstrap::pem_certificates(&ours)[0]).unwrap();
+    let command = printed_join_command(&server).await;
+    assert_eq!(flag(&command, "--ca-cert-hash"), hash, "joining nodes pin the operator's CA");
+    // kubectl verifies the server against it (the admin kubeconfig carries it).
+    let kubeconfig = std::fs::read_to_string(server.kubeconfig()).unwrap();
+    assert!(kubeconfig.contains(&base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &ours)));
+    server.kubectl_ok(&["get", "namespaces"]);
+
+    // The wrong key, or a CA other than the one the cluster has, is refused with why.
+    let (_, other_key) = openssl_ca(dir.path(), "other");
+    let data = dir.path().join("fresh");
+    let mismatched = krate_bounded(&[
+        "server",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--ca-cert",
+        cert.to_str().unwrap(),
+        "--ca-key",
+        other_key.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&mismatched.stderr).contains("is not the key of"), "{mismatched:?}");
+    let (other_cert, other_key) = openssl_ca(dir.path(), "other2");
+    let mut server = server;
+    server.kill();
+    let swapped = krate_bounded(&[
+        "server",
+        "--data-dir",
+        server.data_dir().to_str().unwrap(),
+        "--ca-cert",
+        other_cert.to_str().unwrap(),
+        "--ca-key",
+        other_key.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&swapped.stderr).contains("already has another CA"), "{swapped:?}");
 }
