@@ -178,29 +178,41 @@ async fn request_certificate(client: &kube::Client, key: &rcgen::KeyPair, node: 
     })?;
     let name = created.metadata.name.clone().unwrap_or_default();
     tracing::info!(csr = %name, node, "asked for a client certificate");
-    let started = tokio::time::Instant::now();
-    let mut reported = Duration::ZERO;
-    loop {
-        let csr = api.get(&name).await.with_context(|| format!("reading the certificate signing request {name}"))?;
-        let status = csr.status.unwrap_or_default();
-        for c in status.conditions.iter().flatten() {
-            if c.status == "True" && (c.type_ == "Denied" || c.type_ == "Failed") {
-                bail!(
-                    "the certificate signing request {name} was {}: {}",
-                    c.type_.to_lowercase(),
-                    c.message.clone().unwrap_or_default()
-                );
+    // Decided: issued, denied or failed.
+    let decided = |csr: Option<&CertificateSigningRequest>| {
+        let status = csr.and_then(|c| c.status.as_ref());
+        status.is_some_and(|s| {
+            s.certificate.is_some()
+                || s.conditions
+                    .iter()
+                    .flatten()
+                    .any(|c| c.status == "True" && (c.type_ == "Denied" || c.type_ == "Failed"))
+        })
+    };
+    let wait = kube::runtime::wait::await_condition(api.clone(), &name, decided);
+    tokio::pin!(wait);
+    let csr = loop {
+        tokio::select! {
+            done = &mut wait => break done.with_context(|| format!("watching the certificate signing request {name}"))?,
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {
+                println!("waiting for the certificate signing request {name} to be approved (an admin: kubectl certificate approve {name})");
             }
         }
-        if let Some(cert) = status.certificate {
-            return Ok(String::from_utf8(cert.0)?);
+    };
+    let status =
+        csr.and_then(|c| c.status).with_context(|| format!("the certificate signing request {name} is gone"))?;
+    for c in status.conditions.iter().flatten() {
+        if c.status == "True" && (c.type_ == "Denied" || c.type_ == "Failed") {
+            bail!(
+                "the certificate signing request {name} was {}: {}",
+                c.type_.to_lowercase(),
+                c.message.clone().unwrap_or_default()
+            );
         }
-        if started.elapsed() >= reported + Duration::from_secs(30) {
-            reported = started.elapsed();
-            println!("waiting for the certificate signing request {name} to be approved (an admin: kubectl certificate approve {name})");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let cert =
+        status.certificate.with_context(|| format!("the certificate signing request {name} has no certificate"))?;
+    Ok(String::from_utf8(cert.0)?)
 }
 
 /// When the certificate stored at `path` should be renewed, and when it expires: at 80%
