@@ -94,7 +94,8 @@ pub enum SubresourceHandler {
     /// The review kinds (access, rules, token and self-subject reviews): answered, not
     /// stored.
     Review,
-    /// `certificatesigningrequests/approval`: writes the Approved and Denied conditions.
+    /// `certificatesigningrequests/approval`: writes the Approved and Denied conditions
+    /// (the generic path serves it, as a status-like subresource).
     Approval,
 }
 
@@ -121,7 +122,7 @@ const POD_SUBRESOURCES: &[SubresourceInfo] = &[
     },
 ];
 const CSR_SUBRESOURCES: &[SubresourceInfo] =
-    &[subresource("approval", SubresourceHandler::Approval, "CertificateSigningRequest", &["update"])];
+    &[subresource("approval", SubresourceHandler::Approval, "CertificateSigningRequest", &["get", "patch", "update"])];
 const SERVICE_ACCOUNT_SUBRESOURCES: &[SubresourceInfo] = &[SubresourceInfo {
     group_version: Some(("authentication.k8s.io", "v1")),
     ..subresource("token", SubresourceHandler::Token, "TokenRequest", &["create"])

@@ -55,6 +55,7 @@ pub(crate) fn manager<'a>(
         subresource: match sub {
             Subresource::Status => Some("status"),
             Subresource::Scale => Some("scale"),
+            Subresource::Approval => Some("approval"),
             _ => None,
         },
         ignore_status: kind.status,
@@ -69,6 +70,9 @@ pub enum Subresource {
     Scale,
     /// `namespaces/finalize`: writes only `spec.finalizers`.
     Finalize,
+    /// `certificatesigningrequests/approval`: writes only `status.conditions` (and the
+    /// metadata a status write may change).
+    Approval,
 }
 
 /// The resource a request addresses.
@@ -741,13 +745,17 @@ impl Storage {
                 }
                 new
             }
-            Subresource::Status => {
+            Subresource::Status | Subresource::Approval => {
                 let served = to_storage(kind, body);
                 let mut new = current.clone();
-                match served.get("status") {
-                    Some(s) => object::set(&mut new, &["status"], s.clone()),
+                let (path, value): (&[&str], _) = match sub {
+                    Subresource::Approval => (&["status", "conditions"], get(&served, &["status", "conditions"])),
+                    _ => (&["status"], served.get("status")),
+                };
+                match value {
+                    Some(v) => object::set(&mut new, path, v.clone()),
                     None => {
-                        object::remove(&mut new, &["status"]);
+                        object::remove(&mut new, path);
                     }
                 }
                 // The metadata the kind lets a status write change comes with it.

@@ -341,7 +341,11 @@ fn target(kind: &KindInfo, path: &ResourcePath) -> ApiResult<Target> {
         "scale" if kind.scale.is_some() => Ok(Target::Generic(Subresource::Scale)),
         _ => {
             let declared = kind.subresource(name).ok_or_else(not_found)?;
-            Ok(Target::Handler(declared.handler, declared.verbs))
+            Ok(match declared.handler {
+                // Served by the generic path, as a status-like write.
+                krate_api::kinds::SubresourceHandler::Approval => Target::Generic(Subresource::Approval),
+                handler => Target::Handler(handler, declared.verbs),
+            })
         }
     }
 }

@@ -1,19 +1,16 @@
 //! CertificateSigningRequests (certificates.k8s.io/v1): on create, the requester's
 //! identity is recorded in `spec.username`, `uid`, `groups` and `extra` whatever the
 //! client sent (what approvers decide on, as upstream's strategy), and the request must
-//! be a PEM `CERTIFICATE REQUEST` with a signer named; `certificatesigningrequests/
-//! {name}/approval` (`kubectl certificate approve|deny`) writes only the Approved and
-//! Denied conditions.
+//! be a PEM `CERTIFICATE REQUEST` with a signer named. Writes of its conditions (through
+//! `approval`, which the generic path serves as `Subresource::Approval`, or `status`)
+//! are checked here: Approved and Denied exclude each other, timestamps are filled.
 
-use axum::body::Body;
 use base64::Engine;
-use http::Response;
 use krate_api::{object, ApiError, ApiResult, FieldError};
 use serde_json::{json, Value};
 
-use super::{Call, Handler, Hooks};
-use crate::http::{decode_object_body, read_body, write_options, written_response};
-use crate::registry::{Storage, Subresource, WriteOptions};
+use super::Hooks;
+use crate::registry::{Storage, WriteOptions};
 
 const GROUP: &str = "certificates.k8s.io";
 const KIND: &str = "CertificateSigningRequest";
@@ -153,28 +150,6 @@ impl Hooks for CsrHooks {
             return Err(invalid(new, &errors));
         }
         Ok(())
-    }
-}
-
-/// `PUT certificatesigningrequests/{name}/approval`: the body's conditions replace the
-/// stored ones; the certificate and everything else stay.
-pub struct Approval;
-
-#[async_trait::async_trait]
-impl Handler for Approval {
-    async fn serve(&self, call: Call<'_>) -> ApiResult<Response<Body>> {
-        let (headers, body) = read_body(call.req).await?;
-        let opts = write_options(call.attrs, call.query, &headers, false)?;
-        let (obj, warnings) = decode_object_body(&call.scope.kind, &headers, &body, &opts)?;
-        let current = call.server.storage.get(&call.scope, call.name).await?.parse();
-        let mut new = current.clone();
-        object::set(&mut new, &["status", "conditions"], obj["status"]["conditions"].clone());
-        if let Some(rv) = obj["metadata"]["resourceVersion"].as_str() {
-            object::set(&mut new, &["metadata", "resourceVersion"], json!(rv));
-        }
-        let mut written = call.server.storage.update(&call.scope, call.name, Subresource::Status, new, &opts).await?;
-        written.warnings.extend(warnings);
-        Ok(written_response(written, &call.format, &call.scope.kind))
     }
 }
 

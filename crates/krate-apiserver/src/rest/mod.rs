@@ -104,6 +104,16 @@ pub trait Handler: Send + Sync {
     async fn serve(&self, call: Call<'_>) -> ApiResult<Response<Body>>;
 }
 
+/// A declared subresource the generic path serves.
+struct Unrouted;
+
+#[async_trait::async_trait]
+impl Handler for Unrouted {
+    async fn serve(&self, _: Call<'_>) -> ApiResult<Response<Body>> {
+        Err(krate_api::ApiError::new(404, "NotFound", "the server could not find the requested resource"))
+    }
+}
+
 /// The implementation of a declared subresource handler.
 pub fn handler(declared: SubresourceHandler) -> &'static dyn Handler {
     use SubresourceHandler as H;
@@ -117,7 +127,8 @@ pub fn handler(declared: SubresourceHandler) -> &'static dyn Handler {
         H::PortForward => &pods::Connect(pods::Action::PortForward),
         H::Token => &serviceaccounts::Token,
         H::Review => &reviews::Review,
-        H::Approval => &certificates::Approval,
+        // The generic path serves it (`http::target`); nothing routes it here.
+        H::Approval => &Unrouted,
     }
 }
 
