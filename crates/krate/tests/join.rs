@@ -579,3 +579,48 @@ async fn a_server_uses_a_ca_of_the_operators_own() {
     ]);
     assert!(String::from_utf8_lossy(&swapped.stderr).contains("already has another CA"), "{swapped:?}");
 }
+
+#[tokio::test]
+async fn the_approval_subresource_writes_only_conditions() {
+    let server = TestServer::start();
+    let api: Api<CertificateSigningRequest> = Api::all(server.client().await);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let request = rcgen::CertificateParams::new(vec!["e2e.example.com".to_string()])
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let csr: CertificateSigningRequest = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "by-hand"},
+        "spec": {"request": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, request), "signerName": "example.com/by-hand", "usages": ["server auth"], "username": "someone-else"},
+    }))
+    .unwrap();
+    let created = api.create(&Default::default(), &csr).await.unwrap();
+    assert_eq!(created.spec.username.as_deref(), Some("krate-admin"), "the requester, not what the client claimed");
+    let patch = serde_json::json!({
+        "metadata": {"annotations": {"patched": "true"}},
+        "spec": {"signerName": "example.com/other"},
+        "status": {"conditions": [{"type": "Approved", "status": "True", "reason": "ByHand"}], "certificate": "AAAA"},
+    });
+    let patched = api
+        .patch_subresource("approval", "by-hand", &Default::default(), &kube::api::Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let status = patched.status.unwrap();
+    let condition = &status.conditions.unwrap()[0];
+    assert_eq!((condition.type_.as_str(), condition.reason.as_deref()), ("Approved", Some("ByHand")));
+    assert!(condition.last_update_time.is_some(), "timestamps filled in");
+    assert_eq!(status.certificate, None, "approval writes no certificate");
+    assert_eq!(patched.spec.signer_name, "example.com/by-hand", "nor the spec");
+    assert_eq!(patched.metadata.annotations.unwrap()["patched"], "true");
+    let both = serde_json::json!({"status": {"conditions": [{"type": "Approved", "status": "True"}, {"type": "Denied", "status": "True"}]}});
+    let err = api
+        .patch_subresource("approval", "by-hand", &Default::default(), &kube::api::Patch::Merge(&both))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(e) if e.code == 422 && e.message.contains("mutually exclusive")),
+        "{err:?}"
+    );
+}
