@@ -13,21 +13,42 @@ use krate_client::bootstrap::{self, TokenSecret};
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use kube::runtime::watcher;
 
-/// Watching this (filtered) kind, calls `act` after every change and, at the latest, when
-/// `act` says to look again.
-async fn on_changes<K, F, Fut>(api: Api<K>, config: watcher::Config, mut act: F) -> anyhow::Result<()>
+/// What a watch says, reduced to "something changed" (the initial listing's events
+/// count once, at its end).
+fn changes<K>(api: Api<K>, config: watcher::Config) -> Changes
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher(api, config)
+        .filter_map(|event| async move {
+            match event {
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => None,
+                Ok(_) => Some(Ok(())),
+                Err(e) => Some(Err(e)),
+            }
+        })
+        .boxed()
+}
+
+type Changes = futures::stream::BoxStream<'static, Result<(), watcher::Error>>;
+
+fn conflict(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<kube::Error>().is_some_and(|e| matches!(e, kube::Error::Api(a) if a.code == 409))
+}
+
+/// Calls `act` after every change of `events` and, at the latest, when `act` says to
+/// look again. One loop for all the watches a controller follows, so that its writes
+/// never race each other.
+async fn on_changes<F, Fut>(mut events: Changes, mut act: F) -> anyhow::Result<()>
+where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Option<Duration>>>,
 {
-    let mut events = watcher(api, config).boxed();
     let mut again = Duration::from_secs(3600);
     loop {
         tokio::select! {
             event = events.next() => match event {
-                Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => continue,
-                Some(Ok(_)) => {}
+                Some(Ok(())) => {}
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "bootstrap token watch failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -38,6 +59,8 @@ where
         }
         again = match act().await {
             Ok(next) => next.unwrap_or(Duration::from_secs(3600)).max(Duration::from_millis(100)),
+            // Someone else wrote first (the server publishing cluster-info): look again.
+            Err(e) if conflict(&e) => Duration::from_millis(100),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "bootstrap token controller");
                 Duration::from_secs(5)
@@ -103,22 +126,14 @@ pub async fn run_signer(client: kube::Client) -> anyhow::Result<()> {
         Ok(next_expiry(tokens.iter(), now))
     };
     // The ConfigMap's own changes matter too (a new kubeconfig must be signed again).
-    let map_changes = maps.clone();
-    let secret_changes = secrets.clone();
-    tokio::try_join!(
-        on_changes(secret_changes, token_watch(), sign),
-        on_changes(
-            map_changes,
-            watcher::Config::default().fields(&format!("metadata.name={}", bootstrap::CLUSTER_INFO)),
-            sign
-        ),
-    )?;
-    Ok(())
+    let info = watcher::Config::default().fields(&format!("metadata.name={}", bootstrap::CLUSTER_INFO));
+    let events = futures::stream::select(changes(secrets.clone(), token_watch()), changes(maps.clone(), info)).boxed();
+    on_changes(events, sign).await
 }
 
 pub async fn run_cleaner(client: kube::Client) -> anyhow::Result<()> {
     let secrets: Api<Secret> = Api::namespaced(client, bootstrap::SECRET_NAMESPACE);
-    on_changes(secrets.clone(), token_watch(), || async {
+    on_changes(changes(secrets.clone(), token_watch()), || async {
         let now = jiff::Timestamp::now();
         let mut live = Vec::new();
         for (secret, token) in tokens(&secrets).await? {

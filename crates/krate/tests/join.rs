@@ -174,6 +174,7 @@ async fn a_new_server_prints_a_join_command_whose_token_signs_cluster_info() {
         data.contains_key(&format!("jws-kubeconfig-{}", token.id)).then_some(data)
     })
     .await;
+    assert!(!server.log().contains("bootstrap token controller"), "signing raced nothing:\n{}", server.log());
     let kubeconfig = &data["kubeconfig"];
     assert!(bootstrap::verify_detached(kubeconfig, &data[&format!("jws-kubeconfig-{}", token.id)], &token));
     let (url, ca) = bootstrap::read_cluster_info_kubeconfig(kubeconfig).unwrap();
