@@ -156,13 +156,11 @@ fn serve_registry(address: &str, data_dir: &std::path::Path) -> anyhow::Result<(
     );
     std::fs::write(&config, yaml).with_context(|| format!("writing {}", config.display()))?;
     println!("registry at {address} (images in {}); push with: krate test-images --registry {address}", dir.display());
-    let status = std::process::Command::new("docker-registry")
-        .arg("serve")
-        .arg(&config)
-        .status()
-        .context("running docker-registry (apt-get install -y docker-registry)")?;
-    anyhow::ensure!(status.success(), "docker-registry exited: {status}");
-    Ok(())
+    // The registry takes this process's place, so that stopping `krate registry` (by its
+    // PID, as scripts do) stops the registry too rather than orphaning it.
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new("docker-registry").arg("serve").arg(&config).exec();
+    Err(anyhow::Error::new(err).context("running docker-registry (apt-get install -y docker-registry)"))
 }
 
 fn init_logging(format: &str) {
