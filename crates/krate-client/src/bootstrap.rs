@@ -257,7 +257,7 @@ pub fn cluster_info_kubeconfig(server: &str, ca_pem: &str) -> String {
 
 /// The server address and CA bundle (PEM) of a `cluster-info` kubeconfig.
 pub fn read_cluster_info_kubeconfig(text: &str) -> anyhow::Result<(String, String)> {
-    let config: Value = serde_yaml_ng_compat(text)?;
+    let config: Value = parse_kubeconfig(text)?;
     let cluster = &config["clusters"][0]["cluster"];
     let server = cluster["server"].as_str().ok_or_else(|| anyhow::anyhow!("cluster-info names no server"))?;
     let ca = cluster["certificate-authority-data"]
@@ -268,7 +268,7 @@ pub fn read_cluster_info_kubeconfig(text: &str) -> anyhow::Result<(String, Strin
 }
 
 /// Reads a kubeconfig as JSON or YAML.
-fn serde_yaml_ng_compat(text: &str) -> anyhow::Result<Value> {
+fn parse_kubeconfig(text: &str) -> anyhow::Result<Value> {
     if let Ok(v) = serde_json::from_str(text) {
         return Ok(v);
     }

@@ -14,7 +14,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
 use futures::StreamExt;
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
@@ -24,7 +23,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::ResourceExt;
 use rcgen::{CertificateSigningRequestParams, DnType, DnValue, ExtendedKeyUsagePurpose, KeyUsagePurpose, SanType};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::Error;
 
@@ -313,14 +312,10 @@ pub async fn run_signer(client: kube::Client, ca: Option<SigningCa>) -> anyhow::
     run_with(Context { client, ca, approve_joins: false }, sign).await
 }
 
-/// The CSR spec's request (base64 in JSON) for a PEM request.
-pub fn request_field(pem: &str) -> Value {
-    json!(base64::engine::general_purpose::STANDARD.encode(pem))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
 
     fn csr(
         signer: &str,
@@ -339,7 +334,7 @@ mod tests {
         let pem = params.serialize_request(&key).unwrap().pem().unwrap();
         let csr: CertificateSigningRequest = serde_json::from_value(json!({
             "metadata": {"name": "c"},
-            "spec": {"request": request_field(&pem), "signerName": signer, "usages": usages, "username": cn},
+            "spec": {"request": base64::engine::general_purpose::STANDARD.encode(&pem), "signerName": signer, "usages": usages, "username": cn},
         }))
         .unwrap();
         let request = read_request(&csr).unwrap();

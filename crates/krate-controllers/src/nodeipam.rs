@@ -48,10 +48,14 @@ impl ClusterCidr {
         1u64 << (self.node_prefix - self.cidr.prefix)
     }
 
+    /// How many addresses a node CIDR holds.
+    fn step(&self) -> u128 {
+        1u128 << (u32::from(if self.cidr.is_ipv4() { 32 } else { 128u8 }) - u32::from(self.node_prefix))
+    }
+
     /// The `n`th node CIDR.
     fn nth(&self, n: u64) -> Cidr {
-        let step = 1u128 << (u32::from(if self.cidr.is_ipv4() { 32 } else { 128u8 }) - u32::from(self.node_prefix));
-        let first = self.cidr.nth(u128::from(n) * step).expect("inside the cluster CIDR");
+        let first = self.cidr.nth(u128::from(n) * self.step()).expect("inside the cluster CIDR");
         Cidr::new(first, self.node_prefix)
     }
 
@@ -60,8 +64,7 @@ impl ClusterCidr {
         if cidr.prefix < self.cidr.prefix || !self.cidr.contains(cidr.network) {
             return None;
         }
-        let step = 1u128 << (u32::from(if self.cidr.is_ipv4() { 32 } else { 128u8 }) - u32::from(self.node_prefix));
-        Some((self.cidr.offset_of(cidr.network)? / step) as u64)
+        Some((self.cidr.offset_of(cidr.network)? / self.step()) as u64)
     }
 
     /// The first node CIDR none of `taken` overlaps.

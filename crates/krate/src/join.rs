@@ -128,19 +128,10 @@ pub async fn discover(join: &Join, token: &Token) -> Result<String> {
     Ok(ca_pem)
 }
 
-/// A kubeconfig for `server` with the CA and a client certificate.
-fn kubeconfig(server: &str, ca_pem: &str, cert_pem: &str, key_pem: &str, node: &str) -> String {
-    let user = format!("system:node:{node}");
-    let config = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "krate", "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)}}],
-        "users": [{"name": user, "user": {"client-certificate-data": b64(cert_pem), "client-key-data": b64(key_pem)}}],
-        "contexts": [{"name": "krate", "context": {"cluster": "krate", "user": user}}],
-        "current-context": "krate",
-        "preferences": {},
-    });
-    serde_json::to_string_pretty(&config).expect("JSON serializes")
+/// The node's kubeconfig for `server` with the CA and its client certificate.
+fn kubeconfig(server: &str, ca_pem: &str, cert_pem: &str, key: &rcgen::KeyPair, node: &str) -> Result<String> {
+    let leaf = crate::pki::Leaf { cert_pem: cert_pem.to_string(), key_pem: key.serialize_pem() };
+    crate::pki::client_kubeconfig(server, ca_pem, &leaf, &format!("system:node:{node}"))
 }
 
 /// The agent's key, made once and kept.
@@ -152,6 +143,13 @@ fn key_pair(path: &Path) -> Result<rcgen::KeyPair> {
     let key = rcgen::KeyPair::generate()?;
     crate::pki::write_private(path, &key.serialize_pem())?;
     Ok(key)
+}
+
+/// The Denied or Failed condition of a request, if it has one.
+fn refusal(
+    status: &k8s_openapi::api::certificates::v1::CertificateSigningRequestStatus,
+) -> Option<&k8s_openapi::api::certificates::v1::CertificateSigningRequestCondition> {
+    status.conditions.iter().flatten().find(|c| c.status == "True" && (c.type_ == "Denied" || c.type_ == "Failed"))
 }
 
 /// Asks for a client certificate for `node` through `client` and waits until it is
@@ -180,14 +178,7 @@ async fn request_certificate(client: &kube::Client, key: &rcgen::KeyPair, node: 
     tracing::info!(csr = %name, node, "asked for a client certificate");
     // Decided: issued, denied or failed.
     let decided = |csr: Option<&CertificateSigningRequest>| {
-        let status = csr.and_then(|c| c.status.as_ref());
-        status.is_some_and(|s| {
-            s.certificate.is_some()
-                || s.conditions
-                    .iter()
-                    .flatten()
-                    .any(|c| c.status == "True" && (c.type_ == "Denied" || c.type_ == "Failed"))
-        })
+        csr.and_then(|c| c.status.as_ref()).is_some_and(|s| s.certificate.is_some() || refusal(s).is_some())
     };
     let wait = kube::runtime::wait::await_condition(api.clone(), &name, decided);
     tokio::pin!(wait);
@@ -201,14 +192,12 @@ async fn request_certificate(client: &kube::Client, key: &rcgen::KeyPair, node: 
     };
     let status =
         csr.and_then(|c| c.status).with_context(|| format!("the certificate signing request {name} is gone"))?;
-    for c in status.conditions.iter().flatten() {
-        if c.status == "True" && (c.type_ == "Denied" || c.type_ == "Failed") {
-            bail!(
-                "the certificate signing request {name} was {}: {}",
-                c.type_.to_lowercase(),
-                c.message.clone().unwrap_or_default()
-            );
-        }
+    if let Some(c) = refusal(&status) {
+        bail!(
+            "the certificate signing request {name} was {}: {}",
+            c.type_.to_lowercase(),
+            c.message.clone().unwrap_or_default()
+        );
     }
     let cert =
         status.certificate.with_context(|| format!("the certificate signing request {name} has no certificate"))?;
@@ -253,10 +242,7 @@ pub async fn credentials(join: &Join, creds: &Credentials) -> Result<PathBuf> {
     let cert =
         request_certificate(&verified_client(&join.server, &ca_pem, Some(token))?, &key, &join.node_name).await?;
     std::fs::write(&creds.cert, &cert)?;
-    crate::pki::write_private(
-        &creds.kubeconfig,
-        &kubeconfig(&join.server, &ca_pem, &cert, &key.serialize_pem(), &join.node_name),
-    )?;
+    crate::pki::write_private(&creds.kubeconfig, &kubeconfig(&join.server, &ca_pem, &cert, &key, &join.node_name)?)?;
     println!("joined: credentials in {}", creds.kubeconfig.display());
     Ok(creds.kubeconfig.clone())
 }
@@ -315,16 +301,12 @@ impl Rotation {
         let client = self.current.read().expect("client lock").clone();
         let key = key_pair(&self.creds.key)?;
         let cert = request_certificate(&client, &key, &self.node).await?;
-        let config: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(&self.kubeconfig)?)?;
-        let cluster = &config["clusters"][0]["cluster"];
-        let ca = base64::engine::general_purpose::STANDARD
-            .decode(cluster["certificate-authority-data"].as_str().unwrap_or_default())?;
-        let server = cluster["server"].as_str().unwrap_or_default();
+        // The same server and CA as the kubeconfig being replaced.
+        let ca_pem = crate::components::cluster_ca_pem(&self.kubeconfig)?;
+        let stored = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
+        let server = stored.clusters.first().and_then(|c| c.cluster.as_ref()?.server.clone()).unwrap_or_default();
         std::fs::write(&self.creds.cert, &cert)?;
-        crate::pki::write_private(
-            &self.kubeconfig,
-            &kubeconfig(server, &String::from_utf8(ca)?, &cert, &key.serialize_pem(), &self.node),
-        )?;
+        crate::pki::write_private(&self.kubeconfig, &kubeconfig(&server, &ca_pem, &cert, &key, &self.node)?)?;
         *self.current.write().expect("client lock") = crate::components::kube_client(&self.kubeconfig).await?;
         Ok(renewal_time(&self.creds.cert)?.1)
     }

@@ -196,17 +196,23 @@ impl Pki {
     }
 
     fn kubeconfig(&self, server: &str, leaf: &Leaf) -> Result<String> {
-        use base64::Engine;
-        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-        let config = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "krate", "cluster": {"server": server, "certificate-authority-data": b64(&self.ca_cert_pem)}}],
-            "users": [{"name": "krate-admin", "user": {"client-certificate-data": b64(&leaf.cert_pem), "client-key-data": b64(&leaf.key_pem)}}],
-            "contexts": [{"name": "krate", "context": {"cluster": "krate", "user": "krate-admin"}}],
-            "current-context": "krate",
-            "preferences": {},
-        });
-        Ok(serde_yaml::to_string(&config)?)
+        client_kubeconfig(server, &self.ca_cert_pem, leaf, "krate-admin")
     }
+}
+
+/// A kubeconfig for `server`, trusting `ca_pem`, as the holder of `leaf` (named `user`
+/// in it).
+pub(crate) fn client_kubeconfig(server: &str, ca_pem: &str, leaf: &Leaf, user: &str) -> Result<String> {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "krate", "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)}}],
+        "users": [{"name": user, "user": {"client-certificate-data": b64(&leaf.cert_pem), "client-key-data": b64(&leaf.key_pem)}}],
+        "contexts": [{"name": "krate", "context": {"cluster": "krate", "user": user}}],
+        "current-context": "krate",
+        "preferences": {},
+    });
+    Ok(serde_yaml::to_string(&config)?)
 }

@@ -149,6 +149,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     }
     let pki = crate::pki::Pki::load_or_create(&args.data_dir.join("pki"))?;
     let cluster_cidr = components::cluster_cidr(&args.cluster_cidr, args.node_cidr_mask_size)?;
+    let signing_duration = crate::agent::duration(&args.cluster_signing_duration, "--cluster-signing-duration")?;
     let service_network = service_network(&args.service_cidr, &args.service_node_port_range)?;
     let cluster_dns = args.agent.cluster_dns.or_else(|| service_network.cidrs[0].nth(10));
 
@@ -303,7 +304,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         let signing = krate_controllers::certificates::SigningCa {
             cert_pem: pki.ca_cert_pem.clone(),
             key_pem: pki.ca_key_pem(),
-            duration: crate::agent::duration(&args.cluster_signing_duration, "--cluster-signing-duration")?,
+            duration: signing_duration,
         };
         let approve_joins = args.node_registration == "token";
         let config = controllers.config(root_ca_pem, Some(signing), approve_joins, Some(cluster_cidr));
@@ -391,11 +392,9 @@ fn auditor(args: &ServerArgs) -> Result<Option<Arc<krate_apiserver::audit::Audit
 
 /// The server's own writes (cluster-info, its join token) as an in-process admin.
 fn server_user() -> auth::User {
-    auth::User {
-        name: "system:apiserver".to_string(),
-        groups: vec!["system:masters".to_string(), "system:authenticated".to_string()],
-        ..Default::default()
-    }
+    let mut user = component_user("system:apiserver");
+    user.groups.insert(0, "system:masters".to_string());
+    user
 }
 
 /// A component's user as its client certificate would name it.
