@@ -43,6 +43,9 @@ pub struct AgentConfig {
     pub cni_bin_dir: PathBuf,
     /// The Linux bridge pods attach to.
     pub bridge: String,
+    /// How this node's pods reach other nodes' pods, and the VXLAN port if they tunnel.
+    pub pod_network: krate_net::routes::Backend,
+    pub vxlan_port: u16,
     /// Registries (`host:port`) reached over plain HTTP.
     pub insecure_registries: Vec<String>,
     /// `registry=mirror-url` pairs: pulls from `registry` try the mirror first.
@@ -137,7 +140,8 @@ pub async fn run(clients: Clients, config: AgentConfig) -> Result<()> {
     let version = cri.runtime.version(cri::api::VersionRequest { version: "v1".into() }).await?.into_inner();
     let runtime_version = format!("{}://{}", version.runtime_name, version.runtime_version);
     let pod_cidr = node::register(&client, &config.node).await?;
-    let network = krate_net::PodNetwork { bridge: config.bridge.clone(), pod_cidr };
+    let mtu = krate_net::routes::pod_mtu(config.node.ip, config.pod_network).await;
+    let network = krate_net::PodNetwork { bridge: config.bridge.clone(), pod_cidr, mtu };
     // What `reset` needs to undo, should this process not be there to tell it.
     let state = serde_json::json!({"bridge": config.bridge, "podCIDR": pod_cidr.to_string(), "runtimeEndpoint": config.runtime_endpoint});
     std::fs::write(config.dir.join(STATE_FILE), serde_json::to_vec_pretty(&state)?)?;
@@ -154,7 +158,7 @@ pub async fn run(clients: Clients, config: AgentConfig) -> Result<()> {
         let n = images::import_dir(&socket, dir).await?;
         tracing::info!(count = n, dir = %dir.display(), "imported air-gap images");
     }
-    tracing::info!(node = %config.node.name, pod_cidr = %pod_cidr, runtime = %runtime_version, "node agent ready");
+    tracing::info!(node = %config.node.name, pod_cidr = %pod_cidr, mtu = ?mtu, runtime = %runtime_version, "node agent ready");
     if let Some(ca) = &config.cluster_ca_pem {
         let names = vec![config.node.name.clone(), config.node.ip.to_string()];
         let tls = server::tls_config(&config.dir.join("pki"), names, ca)?;
@@ -196,8 +200,9 @@ pub async fn run(clients: Clients, config: AgentConfig) -> Result<()> {
     }
 }
 
-/// The node's service proxy and cluster DNS responder, on one shared view of Services
-/// and endpoints; each restarted on failure (and neither stops the pods).
+/// The node's routes to other nodes' pods, its service proxy and its cluster DNS
+/// responder (the last two on one shared view of Services and endpoints); each restarted
+/// on failure (and none stops the pods).
 async fn serve_networking(
     client: kube::Client,
     config: &AgentConfig,
@@ -233,7 +238,16 @@ async fn serve_networking(
         upstreams: krate_net::dns::upstreams(&config.dns.host.servers, &skip),
         ttl: 5,
     };
+    let routes = krate_net::routes::RouteConfig {
+        backend: config.pod_network,
+        node_name: config.node.name.clone(),
+        node_ip: config.node.ip,
+        table: network.table(),
+        vxlan_port: config.vxlan_port,
+        vxlan_id: 1,
+    };
     tokio::join!(
+        krate_client::supervised("pod-routes", || krate_net::routes::run_routes(client.clone(), routes.clone())),
         krate_client::supervised("service-watch", || catalog.run(client.clone())),
         krate_client::supervised("service-proxy", || krate_net::proxy::run(catalog, proxy.clone())),
         krate_client::supervised("cluster-dns", || krate_net::dns::run(catalog, dns.clone())),
@@ -270,7 +284,7 @@ const STATE_FILE: &str = "agent.json";
 
 /// Removes everything the agent that used `dir` created on this machine: its pods'
 /// sandboxes and containers, its containerd and what it mounted, its bridge and nftables
-/// table, and then `dir` itself. The agent must be stopped.
+/// table, the routes to other nodes' pods and the VXLAN device, and then `dir` itself. The agent must be stopped.
 pub async fn reset(dir: &std::path::Path) -> Result<()> {
     let state: serde_json::Value = match std::fs::read(dir.join(STATE_FILE)) {
         Ok(bytes) => {
@@ -297,7 +311,8 @@ pub async fn reset(dir: &std::path::Path) -> Result<()> {
         containerd::stop(&containerd_dir).await;
     }
     if let (Some(bridge), Some(cidr)) = (state["bridge"].as_str(), state["podCIDR"].as_str()) {
-        krate_net::PodNetwork { bridge: bridge.to_string(), pod_cidr: cidr.parse()? }.remove().await?;
+        krate_net::PodNetwork { bridge: bridge.to_string(), pod_cidr: cidr.parse()?, mtu: None }.remove().await?;
+        krate_net::routes::remove_all().await?;
     }
     unmount_under(dir)?;
     match std::fs::remove_dir_all(dir) {

@@ -96,6 +96,21 @@ pub fn push_all(registry: &str) -> Result<()> {
     Ok(())
 }
 
+/// Writes both images as archives `busybox.tar` and `test-server.tar` into `dir`, named
+/// `krate.local/busybox:1` and `krate.local/test-server:1` (for `--airgap-images`).
+pub fn write_archives(dir: &Path) -> Result<Vec<String>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut names = Vec::new();
+    for (file, image) in [("busybox", busybox()?), ("test-server", test_server()?)] {
+        let name = format!("krate.local/{file}:1");
+        let path = dir.join(format!("{file}.tar"));
+        let out = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        image.write_archive(std::io::BufWriter::new(out), &name)?;
+        names.push(name);
+    }
+    Ok(names)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -14,6 +14,9 @@ use crate::Cidr;
 pub struct PodNetwork {
     pub bridge: String,
     pub pod_cidr: Cidr,
+    /// The pods' interface MTU (None: the plugin's default); below the link's when pod
+    /// traffic may be encapsulated (`routes::pod_mtu`).
+    pub mtu: Option<u32>,
 }
 
 impl PodNetwork {
@@ -33,7 +36,7 @@ impl PodNetwork {
 
     /// The CNI configuration list containerd reads for every sandbox.
     pub fn cni_config(&self, ipam_dir: &Path) -> serde_json::Value {
-        json!({
+        let mut config = json!({
             "cniVersion": "1.0.0",
             "name": "krate",
             "plugins": [{
@@ -49,7 +52,11 @@ impl PodNetwork {
                     "dataDir": ipam_dir.display().to_string(),
                 },
             }],
-        })
+        });
+        if let Some(mtu) = self.mtu {
+            config["plugins"][0]["mtu"] = json!(mtu);
+        }
+        config
     }
 
     /// Writes the CNI configuration (the only file in `conf_dir`, so containerd picks it).
@@ -62,13 +69,20 @@ impl PodNetwork {
         Ok(())
     }
 
-    /// The nftables rules: pods reaching beyond the pod network leave with the node's
-    /// address. Rewrites only its own chain, so running it again is harmless and leaves
-    /// the service proxy's chains in the same table alone.
+    /// The nftables rules: pods reaching beyond the cluster's pods (the `pod-cidrs` set:
+    /// this node's range until `routes` adds every node's) leave with the node's address.
+    /// Rewrites only its own chain and set, so running it again is harmless and leaves the
+    /// service proxy's chains in the same table alone.
     fn ruleset(&self) -> String {
         let table = self.table();
         format!(
-            "add table ip {table}\nadd chain ip {table} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\nflush chain ip {table} postrouting\nadd rule ip {table} postrouting ip saddr {cidr} ip daddr != {cidr} oifname != \"{bridge}\" masquerade\n",
+            "add table ip {table}\n\
+             add set ip {table} {POD_CIDRS} {{ type ipv4_addr; flags interval; }}\n\
+             flush set ip {table} {POD_CIDRS}\n\
+             add element ip {table} {POD_CIDRS} {{ {cidr} }}\n\
+             add chain ip {table} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
+             flush chain ip {table} postrouting\n\
+             add rule ip {table} postrouting ip saddr {cidr} ip daddr != @{POD_CIDRS} oifname != \"{bridge}\" masquerade\n",
             cidr = self.pod_cidr,
             bridge = self.bridge,
         )
@@ -128,6 +142,19 @@ impl PodNetwork {
     }
 }
 
+/// The set of pod CIDRs masquerade leaves alone.
+const POD_CIDRS: &str = "pod-cidrs";
+
+/// Makes the `pod-cidrs` set of `table` exactly `cidrs` (one transaction).
+pub(crate) async fn set_cluster_pod_cidrs(table: &str, cidrs: &std::collections::BTreeSet<String>) -> Result<()> {
+    let mut script = format!("flush set ip {table} {POD_CIDRS}\n");
+    if !cidrs.is_empty() {
+        let list: Vec<&str> = cidrs.iter().map(String::as_str).collect();
+        script.push_str(&format!("add element ip {table} {POD_CIDRS} {{ {} }}\n", list.join(", ")));
+    }
+    nft(&script).await.context("updating the cluster's pod CIDRs in nftables")
+}
+
 async fn nft(script: &str) -> Result<()> {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new("nft")
@@ -158,12 +185,17 @@ mod tests {
 
     #[test]
     fn masquerade_excludes_pod_to_pod_traffic() {
-        let net = PodNetwork { bridge: "krate0".into(), pod_cidr: "10.42.0.0/24".parse().unwrap() };
+        let mut net = PodNetwork { bridge: "krate0".into(), pod_cidr: "10.42.0.0/24".parse().unwrap(), mtu: None };
         let rules = net.ruleset();
         assert!(
-            rules.contains("ip saddr 10.42.0.0/24 ip daddr != 10.42.0.0/24 oifname != \"krate0\" masquerade"),
+            rules.contains("ip saddr 10.42.0.0/24 ip daddr != @pod-cidrs oifname != \"krate0\" masquerade"),
             "{rules}"
         );
-        assert_eq!(net.cni_config(Path::new("/x"))["plugins"][0]["ipam"]["ranges"][0][0]["gateway"], "10.42.0.1");
+        assert!(rules.contains("add element ip krate-krate0 pod-cidrs { 10.42.0.0/24 }"), "{rules}");
+        let cni = net.cni_config(Path::new("/x"));
+        assert_eq!(cni["plugins"][0]["ipam"]["ranges"][0][0]["gateway"], "10.42.0.1");
+        assert!(cni["plugins"][0].get("mtu").is_none());
+        net.mtu = Some(1450);
+        assert_eq!(net.cni_config(Path::new("/x"))["plugins"][0]["mtu"], 1450);
     }
 }

@@ -13,9 +13,11 @@ pub struct AgentOptions {
     /// Name of this node (default: the host name).
     #[arg(long)]
     pub node_name: Option<String>,
-    /// Address the node reports (status.addresses InternalIP, pods' hostIP).
-    #[arg(long, default_value = "127.0.0.1")]
-    pub node_ip: IpAddr,
+    /// Address the node reports (status.addresses InternalIP, pods' hostIP), which other
+    /// nodes route this node's pods through. Default: the address this machine reaches
+    /// the API server from (127.0.0.1 for the agent inside `krate server`).
+    #[arg(long)]
+    pub node_ip: Option<IpAddr>,
     /// Pod addresses of this node. Default: the pod CIDR the cluster assigns the Node
     /// (from the server's --cluster-cidr); given, the Node is registered with this one.
     #[arg(long)]
@@ -23,6 +25,16 @@ pub struct AgentOptions {
     /// Linux bridge the pods of this node attach to.
     #[arg(long, default_value = "krate0")]
     pub bridge: String,
+    /// How pods reach the pods of other nodes: `host-gw` (a route via the other node's
+    /// address; nodes must share a link), `vxlan` (a tunnel over UDP; pods get the
+    /// link's MTU less 50), or `auto` (host-gw to nodes on a shared link, VXLAN to the
+    /// rest).
+    #[arg(long, default_value = "auto")]
+    pub pod_network: krate_net::routes::Backend,
+    /// UDP port of the VXLAN tunnel between nodes (the same on every node; 8472 as
+    /// flannel's).
+    #[arg(long, default_value_t = 8472)]
+    pub vxlan_port: u16,
     /// The cluster DNS address pods are given (the `kube-dns` Service's; this node's own
     /// DNS responder answers it). Default: 10.43.0.10, or with `krate server`, the tenth
     /// address of --service-cidr.
@@ -198,7 +210,7 @@ impl AgentOptions {
         Ok(AgentConfig {
             node: NodeSettings {
                 name: self.node_name.clone().unwrap_or_else(host_name),
-                ip: self.node_ip,
+                ip: self.node_ip.unwrap_or(IpAddr::from([127, 0, 0, 1])),
                 pod_cidr: self
                     .pod_cidr
                     .as_deref()
@@ -216,6 +228,8 @@ impl AgentOptions {
             runtime_endpoint: self.container_runtime_endpoint.clone(),
             cni_bin_dir: self.cni_bin_dir.clone(),
             bridge: self.bridge.clone(),
+            pod_network: self.pod_network,
+            vxlan_port: self.vxlan_port,
             insecure_registries: self.insecure_registries.clone(),
             registry_mirrors: self
                 .registry_mirrors
@@ -300,6 +314,12 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         .context("decoding the kubeconfig's certificate-authority-data")?;
     let mut config = args.options.config(args.dir, ca_pem.map(|b| String::from_utf8_lossy(&b).into_owned()))?;
     config.node.name = node_name;
+    if args.options.node_ip.is_none() {
+        let server = kubeconfig.clusters.first().and_then(|c| c.cluster.as_ref()?.server.clone()).unwrap_or_default();
+        config.node.ip = source_address(&server)
+            .await
+            .with_context(|| format!("finding the address this machine reaches {server} from; give --node-ip"))?;
+    }
     let client = match rotation {
         Some(rotation) => {
             let client = rotation.client();
@@ -313,6 +333,17 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         None => client.clone(),
     };
     krate_agent::run(krate_agent::Clients { node: client, network }, config).await
+}
+
+/// The local address connections to `url`'s host leave from (no packet is sent).
+async fn source_address(url: &str) -> Result<IpAddr> {
+    let uri: http::Uri = url.parse().with_context(|| format!("{url:?} is not a URL"))?;
+    let host = uri.host().context("the server URL has no host")?.trim_matches(['[', ']']);
+    let port = uri.port_u16().unwrap_or(443);
+    let target = tokio::net::lookup_host((host, port)).await?.next().context("the server's host has no address")?;
+    let socket = std::net::UdpSocket::bind(if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+    socket.connect(target)?;
+    Ok(socket.local_addr()?.ip())
 }
 
 /// `krate reset`: undoes the node agent of `data_dir` (see `krate_agent::reset`). The

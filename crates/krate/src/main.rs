@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod agent;
 mod components;
+mod dev;
 mod hollow;
 mod join;
 mod leader;
@@ -82,10 +83,15 @@ enum Command {
         data_dir: std::path::PathBuf,
     },
     /// Build krate's test images (busybox, test-server) and push them to a registry
-    /// reached over plain HTTP, e.g. a local docker-registry at 127.0.0.1:5000.
+    /// reached over plain HTTP, e.g. a local docker-registry at 127.0.0.1:5000, or write
+    /// them as image archives for nodes' --airgap-images.
     TestImages {
         #[arg(long, default_value = "127.0.0.1:5000")]
         registry: String,
+        /// Write `busybox.tar` and `test-server.tar` (images `krate.local/busybox:1` and
+        /// `krate.local/test-server:1`) here instead of pushing.
+        #[arg(long)]
+        archive_dir: Option<std::path::PathBuf>,
     },
     /// Simulate nodes (like kwok/kubemark): register Nodes, renew their Leases and report
     /// the pods bound to them as Running (or Succeeded/Failed when annotated
@@ -110,12 +116,15 @@ enum Command {
         #[arg(long)]
         node: Option<String>,
     },
+    /// Tools for trying krate and for its tests: `krate dev cluster up --nodes 3` runs a
+    /// multi-node cluster on this machine, each node in its own network namespace.
+    #[command(subcommand)]
+    Dev(dev::DevCommand),
     /// Print version information.
     Version,
 }
 
-/// Runs docker-registry with a configuration of krate's: no authentication (Debian's
-/// default one asks for htpasswd credentials), images under `<data_dir>/registry`.
+/// Prints the admin kubeconfig, or a new one for `user` (or the node agent of `node`).
 fn print_kubeconfig(
     data_dir: &std::path::Path,
     user: Option<String>,
@@ -145,6 +154,8 @@ fn print_kubeconfig(
     Ok(())
 }
 
+/// Runs docker-registry with a configuration of krate's: no authentication (Debian's
+/// default one asks for htpasswd credentials), images under `<data_dir>/registry`.
 fn serve_registry(address: &str, data_dir: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;
     let dir = data_dir.join("registry");
@@ -195,9 +206,12 @@ fn main() -> std::process::ExitCode {
                 krate_agent::shutdown::request(&data_dir.join("agent"), &mut std::io::stdout()).await
             }),
             Command::Registry { address, data_dir } => serve_registry(&address, &data_dir),
-            Command::TestImages { registry } => krate_agent::testimages::push_all(&registry)
+            Command::TestImages { archive_dir: Some(dir), .. } => krate_agent::testimages::write_archives(&dir)
+                .map(|names| println!("wrote {} to {}", names.join(" and "), dir.display())),
+            Command::TestImages { registry, archive_dir: None } => krate_agent::testimages::push_all(&registry)
                 .map(|()| println!("pushed {registry}/busybox:1 and {registry}/test-server:1 (also :latest)")),
             Command::Kubeconfig { data_dir, user, groups, node } => print_kubeconfig(&data_dir, user, groups, node),
+            Command::Dev(command) => block_on(dev::run(command)),
             Command::Version => {
                 println!(
                     "krate {} (Kubernetes API {})",

@@ -242,23 +242,30 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     println!("    kubectl get namespaces");
 
     let serving = tokio::spawn(server.clone().serve(listener, tls));
-    // What joining nodes discover, and the command they join with.
+    // What joining nodes discover, and the command they join with: printed once the
+    // bootstrap signer (started with the controllers below) has signed cluster-info for
+    // the token, so that the command works the moment it shows.
     {
         let admin = kube::Client::new(server.local_service(server_user(), "krate-server"), "default");
         let published = format!("https://{advertise}");
         let ca_pem = pki.ca_bundle_pem();
-        let joining = async move {
-            crate::token::publish_cluster_info(&admin, &published, &ca_pem).await?;
-            let token = crate::token::server_token(&admin).await?;
-            anyhow::Ok(crate::token::join_command(&published, &token, &ca_pem)?)
-        };
-        match joining.await {
-            Ok(command) => {
-                println!("Join more nodes (the token is valid for a day; `krate token create` makes more):");
-                println!("    {command}");
+        tokio::spawn(async move {
+            let joining = async move {
+                crate::token::publish_cluster_info(&admin, &published, &ca_pem).await?;
+                let token = crate::token::server_token(&admin).await?;
+                crate::token::wait_signed(&admin, &token, Duration::from_secs(60)).await?;
+                anyhow::Ok(crate::token::join_command(&published, &token, &ca_pem)?)
+            };
+            match joining.await {
+                Ok(command) => {
+                    println!("Join more nodes (the token is valid for a day; `krate token create` makes more):");
+                    println!("    {command}");
+                }
+                Err(err) => {
+                    tracing::warn!(error = %format!("{err:#}"), "could not publish cluster-info for joining nodes")
+                }
             }
-            Err(err) => tracing::warn!(error = %format!("{err:#}"), "could not publish cluster-info for joining nodes"),
-        }
+        });
     }
     if !args.disable_controllers {
         // One server per data directory (the lock above), so an identity derived from it

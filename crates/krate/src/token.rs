@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use k8s_openapi::api::core::v1::Secret;
 use krate_client::bootstrap::{self, Token, TokenSecret};
@@ -137,6 +137,24 @@ pub async fn server_token(client: &kube::Client) -> Result<Token> {
     Ok(token.token)
 }
 
+/// Waits until `cluster-info` carries the bootstrap signer's signature for `token`.
+pub async fn wait_signed(client: &kube::Client, token: &Token, timeout: Duration) -> Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), bootstrap::CLUSTER_INFO_NAMESPACE);
+    let key = format!("{}{}", bootstrap::JWS_PREFIX, token.id);
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let info = api.get_opt(bootstrap::CLUSTER_INFO).await?;
+        if info.and_then(|i| i.data).is_some_and(|d| d.contains_key(&key)) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("cluster-info is not signed for token {:?} after {timeout:?}: is the bootstrap signer (the controllers) running?", token.id);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// `cluster-info` in kube-public: the address and CA bundle joining nodes discover.
 pub async fn publish_cluster_info(client: &kube::Client, server: &str, ca_pem: &str) -> Result<()> {
     use k8s_openapi::api::core::v1::ConfigMap;
@@ -194,6 +212,7 @@ pub async fn run(args: TokenArgs) -> Result<()> {
                     kc.clusters.first().and_then(|c| c.cluster.clone()).context("the kubeconfig names no cluster")?;
                 let ca = crate::components::cluster_ca_pem(&kubeconfig)?;
                 let server = client_server(&client, cluster.server.unwrap_or_default()).await;
+                wait_signed(&client, &token.token, Duration::from_secs(30)).await?;
                 println!("{}", join_command(&server, &token.token, &ca)?);
             } else {
                 println!("{}", token.token);
