@@ -200,9 +200,9 @@ pub async fn run(clients: Clients, config: AgentConfig) -> Result<()> {
     }
 }
 
-/// The node's routes to other nodes' pods, its service proxy and its cluster DNS
-/// responder (the last two on one shared view of Services and endpoints); each restarted
-/// on failure (and none stops the pods).
+/// The node's routes to other nodes' pods, its NetworkPolicy rules, its service proxy
+/// and its cluster DNS responder (the last two on one shared view of Services and
+/// endpoints); each restarted on failure (and none stops the pods).
 async fn serve_networking(
     client: kube::Client,
     config: &AgentConfig,
@@ -248,6 +248,9 @@ async fn serve_networking(
     };
     tokio::join!(
         krate_client::supervised("pod-routes", || krate_net::routes::run_routes(client.clone(), routes.clone())),
+        krate_client::supervised("network-policy", || {
+            krate_net::policy::run(client.clone(), config.node.name.clone(), network.policy_table())
+        }),
         krate_client::supervised("service-watch", || catalog.run(client.clone())),
         krate_client::supervised("service-proxy", || krate_net::proxy::run(catalog, proxy.clone())),
         krate_client::supervised("cluster-dns", || krate_net::dns::run(catalog, dns.clone())),

@@ -6,6 +6,7 @@ pub mod events;
 pub mod expectations;
 pub mod informer;
 pub mod node_lease;
+pub mod selectors;
 pub mod tls;
 
 /// The current time as the API writes timestamps (RFC 3339, whole seconds).

@@ -56,7 +56,7 @@ fn selects(service: &Service, pod: &Pod) -> bool {
         return false;
     };
     let selector = LabelSelector { match_labels: Some(selector.clone()), match_expressions: None };
-    service.namespace() == pod.namespace() && krate_scheduler::plugins::selector_matches(&selector, pod.labels())
+    service.namespace() == pod.namespace() && krate_client::selectors::selector_matches(&selector, pod.labels())
 }
 
 /// The service's ports as `pod` serves them; a named target port the pod does not

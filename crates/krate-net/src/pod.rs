@@ -34,6 +34,11 @@ impl PodNetwork {
         format!("krate-{}", self.bridge)
     }
 
+    /// The nftables table of the NetworkPolicy rules for this network's pods.
+    pub fn policy_table(&self) -> String {
+        format!("krate-policy-{}", self.bridge)
+    }
+
     /// The CNI configuration list containerd reads for every sandbox.
     pub fn cni_config(&self, ipam_dir: &Path) -> serde_json::Value {
         let mut config = json!({
@@ -90,7 +95,7 @@ impl PodNetwork {
 
     /// Installs the masquerade rules and turns on IPv4 forwarding.
     pub async fn install_rules(&self) -> Result<()> {
-        nft(&self.ruleset()).await.context("installing the pod network's nftables rules")?;
+        crate::nft_apply(&self.ruleset()).await.context("installing the pod network's nftables rules")?;
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .context("enabling IPv4 forwarding (is the agent running as root?)")?;
         Ok(())
@@ -130,10 +135,11 @@ impl PodNetwork {
         Ok(())
     }
 
-    /// Removes the bridge and the nftables table (for `reset` and tests).
+    /// Removes the bridge and the nftables tables (for `reset` and tests).
     pub async fn remove(&self) -> Result<()> {
-        let table = self.table();
-        nft(&format!("table ip {table} {{}}\ndelete table ip {table}\n")).await?;
+        for table in [self.table(), self.policy_table()] {
+            crate::nft_apply(&format!("table ip {table} {{}}\ndelete table ip {table}\n")).await?;
+        }
         let out = tokio::process::Command::new("ip").args(["link", "delete", &self.bridge]).output().await?;
         if !out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("Cannot find device") {
             bail!("deleting bridge {}: {}", self.bridge, String::from_utf8_lossy(&out.stderr).trim());
@@ -152,23 +158,7 @@ pub(crate) async fn set_cluster_pod_cidrs(table: &str, cidrs: &std::collections:
         let list: Vec<&str> = cidrs.iter().map(String::as_str).collect();
         script.push_str(&format!("add element ip {table} {POD_CIDRS} {{ {} }}\n", list.join(", ")));
     }
-    nft(&script).await.context("updating the cluster's pod CIDRs in nftables")
-}
-
-async fn nft(script: &str) -> Result<()> {
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("running nft (apt-get install -y nftables)")?;
-    child.stdin.take().context("nft stdin")?.write_all(script.as_bytes()).await?;
-    let out = child.wait_with_output().await?;
-    if !out.status.success() {
-        bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
+    crate::nft_apply(&script).await.context("updating the cluster's pod CIDRs in nftables")
 }
 
 #[cfg(test)]

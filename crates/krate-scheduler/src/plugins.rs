@@ -7,7 +7,6 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{
     Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodAffinityTerm, Taint, Toleration,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::quantity::{parse, Resources};
 
@@ -318,21 +317,7 @@ pub fn filter(pod: &Pod, needs: &Needs, info: &NodeInfo, usage: &NodeUsage) -> O
         .map(|resource| format!("Insufficient {resource}").into())
 }
 
-pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let labels_ok = selector.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
-    let exprs_ok = selector.match_expressions.iter().flatten().all(|e| {
-        let values: &[String] = e.values.as_deref().unwrap_or_default();
-        let value = labels.get(&e.key);
-        match e.operator.as_str() {
-            "In" => value.is_some_and(|v| values.contains(v)),
-            "NotIn" => value.is_none_or(|v| !values.contains(v)),
-            "Exists" => value.is_some(),
-            "DoesNotExist" => value.is_none(),
-            _ => false,
-        }
-    });
-    labels_ok && exprs_ok
-}
+pub use krate_client::selectors::selector_matches;
 
 /// Does `term` (declared by a pod in `owner_ns`) select `pod`?
 fn term_selects(term: &PodAffinityTerm, owner_ns: &str, pod: &Pod) -> bool {

@@ -342,3 +342,107 @@ async fn a_removed_node_loses_its_routes_and_cidr_and_reset_cleans_it() {
         eventually(30, "a pod CIDR for node-9", || async { nodes.get("node-9").await.ok()?.spec?.pod_cidr }).await;
     assert_eq!(reused, cidr, "node-2's released range is handed out again");
 }
+
+/// A test-server pod `name` in `ns` on `node`, labelled `app=<app>`, once it runs.
+async fn pod_on(cluster: &DevCluster, ns: &str, name: &str, node: &str, app: &str) -> Pod {
+    let manifest = format!(
+        r#"{{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "{name}", "namespace": "{ns}", "labels": {{"app": "{app}"}}}},
+ "spec": {{"nodeName": "{node}", "containers": [{{"name": "web", "image": "krate.local/test-server:1",
+   "ports": [{{"name": "http", "containerPort": 8080}}]}}]}}}}"#
+    );
+    let out = kubectl_at(&cluster.kubeconfig(), &["apply", "-f", "-"], Some(&manifest));
+    assert!(out.status.success(), "{}", text(&out));
+    let pods: Api<Pod> = Api::namespaced(cluster.client().await, ns);
+    eventually(120, &format!("pod {ns}/{name} running"), || async {
+        let pod = pods.get(name).await.ok()?;
+        let status = pod.status.as_ref()?;
+        (status.phase.as_deref() == Some("Running") && status.pod_ip.is_some()).then_some(pod)
+    })
+    .await
+}
+
+/// Whether `from` gets an answer from `to` (a few seconds' wait for a refusal).
+fn reaches(cluster: &DevCluster, from: &Pod, to: &Pod) -> bool {
+    let url = format!("http://{}:8080/client", pod_ip(to));
+    let out = kubectl_at(
+        &cluster.kubeconfig(),
+        &[
+            "exec",
+            "-n",
+            from.metadata.namespace.as_deref().unwrap(),
+            &pod_name(from),
+            "--",
+            "timeout",
+            "3",
+            "wget",
+            "-qO-",
+            &url,
+        ],
+        None,
+    );
+    out.status.success()
+}
+
+/// Waits until `from` reaching `to` is `expected` (rules take a moment to reach nodes).
+async fn until_reach(cluster: &DevCluster, from: &Pod, to: &Pod, expected: bool, why: &str) {
+    let what =
+        format!("{} {} {}: {why}", pod_name(from), if expected { "reaching" } else { "cut off from" }, pod_name(to));
+    eventually(60, &what, || async { (reaches(cluster, from, to) == expected).then_some(()) }).await;
+}
+
+fn apply_json(cluster: &DevCluster, manifest: &str) {
+    let out = kubectl_at(&cluster.kubeconfig(), &["apply", "-f", "-"], Some(manifest));
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[tokio::test]
+async fn network_policies_deny_allow_exact_paths_and_lift() {
+    let cluster = DevCluster::up(4, 2, &[]);
+    cluster.kubectl_ok(&["create", "namespace", "web"]);
+    cluster.kubectl_ok(&["create", "namespace", "friends"]);
+    cluster.kubectl_ok(&["label", "namespace", "friends", "team=friends"]);
+    let server = pod_on(&cluster, "web", "server", "node-1", "server").await;
+    let client = pod_on(&cluster, "friends", "client", "node-2", "client").await;
+    let stranger = pod_on(&cluster, "friends", "stranger", "node-2", "stranger").await;
+    until_reach(&cluster, &client, &server, true, "no policy yet").await;
+    assert!(reaches(&cluster, &stranger, &server));
+
+    // Default deny for the server's namespace cuts both off.
+    apply_json(
+        &cluster,
+        r#"{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "deny", "namespace": "web"},
+            "spec": {"podSelector": {}}}"#,
+    );
+    until_reach(&cluster, &client, &server, false, "default deny").await;
+    assert!(!reaches(&cluster, &stranger, &server), "default deny");
+
+    // Allowed: app=client pods of namespaces labelled team=friends, on the named port.
+    apply_json(
+        &cluster,
+        r#"{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "friends", "namespace": "web"},
+            "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [
+              {"namespaceSelector": {"matchLabels": {"team": "friends"}}, "podSelector": {"matchLabels": {"app": "client"}}}],
+              "ports": [{"port": "http"}]}]}}"#,
+    );
+    until_reach(&cluster, &client, &server, true, "allowed by namespace and pod labels").await;
+    assert!(!reaches(&cluster, &stranger, &server), "the stranger is still denied");
+
+    // Egress from the client only to the server's address: its neighbour on the same
+    // node is cut off, the server still answers.
+    let egress = format!(
+        r#"{{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {{"name": "out", "namespace": "friends"}},
+            "spec": {{"podSelector": {{"matchLabels": {{"app": "client"}}}}, "policyTypes": ["Egress"],
+              "egress": [{{"to": [{{"ipBlock": {{"cidr": "{}/32"}}}}]}}]}}}}"#,
+        pod_ip(&server)
+    );
+    assert!(reaches(&cluster, &client, &stranger), "before the egress policy");
+    apply_json(&cluster, &egress);
+    until_reach(&cluster, &client, &stranger, false, "egress only to the server's ipBlock").await;
+    assert!(reaches(&cluster, &client, &server), "egress to the ipBlock");
+
+    // Removing the policies restores every path.
+    cluster.kubectl_ok(&["delete", "networkpolicy", "--all", "-n", "web"]);
+    cluster.kubectl_ok(&["delete", "networkpolicy", "--all", "-n", "friends"]);
+    until_reach(&cluster, &stranger, &server, true, "policies removed").await;
+    until_reach(&cluster, &client, &stranger, true, "policies removed").await;
+}

@@ -298,21 +298,7 @@ pub async fn existing(table: &str) -> Result<Existing> {
 
 /// Applies a transaction (`nft -f -`): all of it, or nothing.
 pub async fn apply(tx: &Tx) -> Result<()> {
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .context("running nft (apt-get install -y nftables)")?;
-    child.stdin.take().context("nft stdin")?.write_all(tx.text().as_bytes()).await?;
-    let out = child.wait_with_output().await?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        bail!("nft refused the transaction: {}", err.lines().take(6).collect::<Vec<_>>().join(" | "));
-    }
-    Ok(())
+    crate::nft_apply(tx.text()).await
 }
 
 #[cfg(test)]
