@@ -161,7 +161,13 @@ pub async fn run(clients: Clients, config: AgentConfig) -> Result<()> {
     tracing::info!(node = %config.node.name, pod_cidr = %pod_cidr, mtu = ?mtu, runtime = %runtime_version, "node agent ready");
     if let Some(ca) = &config.cluster_ca_pem {
         let names = vec![config.node.name.clone(), config.node.ip.to_string()];
-        let tls = server::tls_config(&config.dir.join("pki"), names, ca)?;
+        let (tls, serving) = server::tls_config(&config.dir.join("pki"), names, ca)?;
+        tokio::spawn(serving.keep_signed(
+            client.clone(),
+            config.dir.join("pki"),
+            config.node.name.clone(),
+            config.node.ip,
+        ));
         let addr = std::net::SocketAddr::new(config.node.ip, config.node.kubelet_port);
         let api_cri = cri.clone();
         tokio::spawn(async move {

@@ -1,9 +1,14 @@
 //! The agent's HTTPS API, on upstream's kubelet port (10250): what the API server
 //! proxies to for `kubectl logs` (`/containerLogs/{namespace}/{pod}/{container}`),
 //! `exec`/`attach` (`/exec|attach/{namespace}/{pod}/{container}`) and `port-forward`
-//! (`/portForward/{namespace}/{pod}`), plus `/healthz`. The serving certificate is self-signed (as a kubelet's is by default, and
-//! the API server does not verify it unless told to); clients must present a
+//! (`/portForward/{namespace}/{pod}`), plus `/healthz`. Clients must present a
 //! certificate signed by the cluster CA.
+//!
+//! The serving certificate comes from the cluster (`kubernetes.io/kubelet-serving`, as
+//! a kubelet with `serverTLSBootstrap`): the agent asks for one naming the node and its
+//! address, serves it as soon as it is issued and renews it at 80% of its lifetime. Until
+//! the first is issued (or where the cluster does not sign serving certificates) it
+//! serves a self-signed one, as a kubelet does by default.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,22 +31,110 @@ use crate::streaming;
 
 type Body = BoxBody<Bytes, Infallible>;
 
-/// The TLS configuration: a self-signed certificate kept in `dir` (made once), and
-/// client certificates required and checked against `cluster_ca_pem`.
-pub fn tls_config(dir: &Path, names: Vec<String>, cluster_ca_pem: &str) -> Result<Arc<rustls::ServerConfig>> {
-    std::fs::create_dir_all(dir)?;
-    let (cert_path, key_path) = (dir.join("kubelet.crt"), dir.join("kubelet.key"));
-    if !cert_path.exists() || !key_path.exists() {
-        let cert = rcgen::generate_simple_self_signed(names).context("making the agent's serving certificate")?;
-        std::fs::write(&cert_path, cert.cert.pem())?;
-        std::fs::write(&key_path, cert.signing_key.serialize_pem())?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
+/// The certificate the agent's API serves, swapped when a new one is issued.
+#[derive(Debug)]
+pub struct ServingCert {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl rustls::server::ResolvesServerCert for ServingCert {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.read().expect("serving certificate lock").clone())
     }
-    let certs: Vec<CertificateDer<'static>> =
-        rustls_pemfile::certs(&mut std::fs::read(&cert_path)?.as_slice()).collect::<Result<_, _>>()?;
-    let key: PrivateKeyDer<'static> =
-        rustls_pemfile::private_key(&mut std::fs::read(&key_path)?.as_slice())?.context("no key in kubelet.key")?;
+}
+
+const SIGNED_CERT: &str = "kubelet-serving.crt";
+const SIGNED_KEY: &str = "kubelet-serving.key";
+
+fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::sign::CertifiedKey>> {
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..]).collect::<Result<_, _>>()?;
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])?.context("no private key")?;
+    let provider = rustls::crypto::ring::default_provider();
+    Ok(Arc::new(rustls::sign::CertifiedKey::from_der(certs, key, &provider)?))
+}
+
+impl ServingCert {
+    /// The cluster-signed certificate in `dir` if one is valid, else a self-signed one
+    /// for `names` (made once and kept there).
+    fn load(dir: &Path, names: Vec<String>) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        if let Some(key) = Self::signed(dir) {
+            return Ok(ServingCert { current: std::sync::RwLock::new(key) });
+        }
+        let (cert_path, key_path) = (dir.join("kubelet.crt"), dir.join("kubelet.key"));
+        if !cert_path.exists() || !key_path.exists() {
+            let cert = rcgen::generate_simple_self_signed(names).context("making the agent's serving certificate")?;
+            std::fs::write(&cert_path, cert.cert.pem())?;
+            krate_client::csr::write_private(&key_path, &cert.signing_key.serialize_pem())?;
+        }
+        let key = certified_key(&std::fs::read(&cert_path)?, &std::fs::read(&key_path)?)?;
+        Ok(ServingCert { current: std::sync::RwLock::new(key) })
+    }
+
+    /// The stored cluster-signed certificate, while it has not expired.
+    fn signed(dir: &Path) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let (_, expires) = krate_client::csr::renewal_time(&dir.join(SIGNED_CERT)).ok()?;
+        if expires <= jiff::Timestamp::now() {
+            return None;
+        }
+        certified_key(&std::fs::read(dir.join(SIGNED_CERT)).ok()?, &std::fs::read(dir.join(SIGNED_KEY)).ok()?).ok()
+    }
+
+    /// Asks the cluster for serving certificates naming `node` and `ip`, and renews them
+    /// at 80% of their lifetime, for ever. A cluster that does not answer is asked again
+    /// later; meanwhile the current certificate stays.
+    pub async fn keep_signed(
+        self: Arc<Self>,
+        client: kube::Client,
+        dir: std::path::PathBuf,
+        node: String,
+        ip: std::net::IpAddr,
+    ) {
+        loop {
+            let renew = krate_client::csr::renewal_time(&dir.join(SIGNED_CERT)).ok().map(|(renew, _)| renew);
+            if let Some(renew) = renew {
+                let wait = renew.duration_since(jiff::Timestamp::now()).as_secs_f64().max(0.0);
+                tokio::time::sleep(std::time::Duration::from_secs_f64(wait)).await;
+            }
+            match self.request(&client, &dir, &node, ip).await {
+                Ok(()) => tracing::info!(node, "serving the cluster-signed certificate of the agent's API"),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "no serving certificate from the cluster; keeping the current one and asking again in a minute");
+                    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                }
+            }
+        }
+    }
+
+    async fn request(&self, client: &kube::Client, dir: &Path, node: &str, ip: std::net::IpAddr) -> Result<()> {
+        let key = krate_client::csr::key_pair(&dir.join(SIGNED_KEY))?;
+        let what = krate_client::csr::Request {
+            signer: krate_client::csr::KUBELET_SERVING,
+            node,
+            dns_names: vec![node.to_string()],
+            ips: vec![ip],
+            usages: &["digital signature", "server auth"],
+            generate_name: "csr-",
+        };
+        let request = krate_client::csr::request(client, &key, &what);
+        let cert = tokio::time::timeout(std::time::Duration::from_secs(120), request).await.context(
+            "the serving certificate was not issued within 2 minutes (approve it: kubectl certificate approve)",
+        )??;
+        let certified = certified_key(cert.as_bytes(), key.serialize_pem().as_bytes())?;
+        std::fs::write(dir.join(SIGNED_CERT), &cert)?;
+        *self.current.write().expect("serving certificate lock") = certified;
+        Ok(())
+    }
+}
+
+/// The TLS configuration: the serving certificate of `dir` (see [`ServingCert`]), and
+/// client certificates required and checked against `cluster_ca_pem`.
+pub fn tls_config(
+    dir: &Path,
+    names: Vec<String>,
+    cluster_ca_pem: &str,
+) -> Result<(Arc<rustls::ServerConfig>, Arc<ServingCert>)> {
+    let serving = Arc::new(ServingCert::load(dir, names)?);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut cluster_ca_pem.as_bytes()) {
@@ -52,8 +145,8 @@ pub fn tls_config(dir: &Path, names: Vec<String>, cluster_ca_pem: &str) -> Resul
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)?;
-    Ok(Arc::new(config))
+        .with_cert_resolver(serving.clone());
+    Ok((Arc::new(config), serving))
 }
 
 /// Serves until the process stops.

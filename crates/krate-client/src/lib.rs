@@ -2,6 +2,7 @@
 
 pub mod bootstrap;
 pub mod caches;
+pub mod csr;
 pub mod events;
 pub mod expectations;
 pub mod informer;

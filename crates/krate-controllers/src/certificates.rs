@@ -5,7 +5,9 @@
 //!   certificate, `.../nodeclient` for a first one (bootstrap tokens have it by default).
 //!   Anything else waits for `kubectl certificate approve`. A bootstrap token's request
 //!   for the name of a node already in the cluster is denied (krate's addition: a
-//!   token brings new nodes, it does not take over existing ones).
+//!   token brings new nodes, it does not take over existing ones). Serving certificates
+//!   (`kubernetes.io/kubelet-serving`) are approved when a node asks for its own names
+//!   and addresses only (krate's addition, as k3s; upstream leaves them to an admin).
 //! - the **signer** issues approved CSRs of the `kubernetes.io/` signers it serves
 //!   (`kube-apiserver-client`, `kube-apiserver-client-kubelet`, `kubelet-serving`) with
 //!   the cluster CA, after checking the request has the shape its signer requires; one
@@ -181,8 +183,41 @@ async fn may_auto_approve(ctx: &Context, csr: &CertificateSigningRequest, reques
     Ok(answer.status.is_some_and(|s| s.allowed))
 }
 
+/// Why a serving certificate request is not only for its requester's own node, if it is
+/// not: the requester must be `system:node:<name>` in `system:nodes`, the subject that
+/// node, the DNS names the node's name or its DNS addresses, the IPs its addresses.
+fn not_own_serving_request(csr: &CertificateSigningRequest, request: &Request, node: Option<&Node>) -> Option<String> {
+    let spec = &csr.spec;
+    let Some(node) = node else { return Some("no such node".into()) };
+    let name = node.name_any();
+    if spec.username.as_deref() != Some(request.common_name.as_str())
+        || request.common_name != format!("system:node:{name}")
+        || !spec.groups.iter().flatten().any(|g| g == "system:nodes")
+    {
+        return Some(format!("requested by {:?}, not by node {name}", spec.username.as_deref().unwrap_or_default()));
+    }
+    let addresses: Vec<&str> =
+        node.status.iter().flat_map(|s| s.addresses.iter().flatten()).map(|a| a.address.as_str()).collect();
+    let foreign: Vec<String> = request
+        .sans
+        .iter()
+        .filter_map(|san| match san {
+            SanType::DnsName(dns) if dns.as_str() == name || addresses.contains(&dns.as_str()) => None,
+            SanType::IpAddress(ip) if addresses.contains(&ip.to_string().as_str()) => None,
+            other => Some(format!("{other:?}")),
+        })
+        .collect();
+    (!foreign.is_empty()).then(|| format!("names {} besides the node's own names and addresses", foreign.join(", ")))
+}
+
 async fn approve(csr: Arc<CertificateSigningRequest>, ctx: Arc<Context>) -> Result<Action, Error> {
-    if csr.spec.signer_name != KUBELET_CLIENT || condition(&csr, "Approved") || condition(&csr, "Denied") {
+    if condition(&csr, "Approved") || condition(&csr, "Denied") {
+        return Ok(Action::await_change());
+    }
+    if csr.spec.signer_name == KUBELET_SERVING {
+        return approve_serving(&csr, &ctx).await;
+    }
+    if csr.spec.signer_name != KUBELET_CLIENT {
         return Ok(Action::await_change());
     }
     let Ok(request) = read_request(&csr) else { return Ok(Action::await_change()) };
@@ -213,6 +248,34 @@ async fn approve(csr: Arc<CertificateSigningRequest>, ctx: Arc<Context>) -> Resu
     );
     put_subresource(&ctx, &approved, "approval").await?;
     tracing::info!(csr = %csr.name_any(), user = ?csr.spec.username, "approved a node client certificate");
+    Ok(Action::await_change())
+}
+
+/// Serving certificates are approved for a node's own names and addresses (krate's
+/// addition, as k3s signs its agents' serving certificates: upstream leaves them to an
+/// admin or an external approver); anything else waits for `kubectl certificate approve`.
+async fn approve_serving(csr: &CertificateSigningRequest, ctx: &Context) -> Result<Action, Error> {
+    let Ok(request) = read_request(csr) else { return Ok(Action::await_change()) };
+    if misfit(csr, &request).is_some() {
+        return Ok(Action::await_change());
+    }
+    let name = request.common_name.trim_start_matches("system:node:");
+    let node = Api::<Node>::all(ctx.client.clone()).get_opt(name).await?;
+    if let Some(why) = not_own_serving_request(csr, &request, node.as_ref()) {
+        // A node that just registered may not report its addresses yet: look again for
+        // a few minutes.
+        let age = csr.metadata.creation_timestamp.as_ref().map(|t| jiff::Timestamp::now().duration_since(t.0));
+        if age.is_some_and(|a| a < jiff::SignedDuration::from_mins(5)) {
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+        tracing::info!(csr = %csr.name_any(), user = ?csr.spec.username, why, "a serving certificate request waits for approval (kubectl certificate approve)");
+        return Ok(Action::await_change());
+    }
+    let mut approved = csr.clone();
+    let message = "Auto approving kubelet serving certificate: it names the requesting node's own names and addresses.";
+    add_condition(&mut approved, "Approved", "AutoApproved", message);
+    put_subresource(ctx, &approved, "approval").await?;
+    tracing::info!(csr = %csr.name_any(), node = name, "approved a node serving certificate");
     Ok(Action::await_change())
 }
 
@@ -339,6 +402,24 @@ mod tests {
         .unwrap();
         let request = read_request(&csr).unwrap();
         (csr, request)
+    }
+
+    #[test]
+    fn serving_requests_are_approved_only_for_the_nodes_own_names() {
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": "n1"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.5"}, {"type": "Hostname", "address": "n1.lan"}]}}))
+        .unwrap();
+        let usages = ["digital signature", "server auth"];
+        let ask = |cn: &str, sans: &[&str], groups: &[&str]| {
+            let (mut c, r) = csr(KUBELET_SERVING, cn, &["system:nodes"], sans, &usages);
+            c.spec.groups = Some(groups.iter().map(|g| g.to_string()).collect());
+            not_own_serving_request(&c, &r, Some(&node)).is_none()
+        };
+        assert!(ask("system:node:n1", &["n1", "n1.lan", "10.0.0.5"], &["system:nodes"]));
+        assert!(!ask("system:node:n1", &["n1", "10.0.0.6"], &["system:nodes"]), "another address");
+        assert!(!ask("system:node:n1", &["kubernetes.default"], &["system:nodes"]), "another name");
+        assert!(!ask("system:node:n1", &["n1"], &["system:authenticated"]), "not a node");
+        assert!(!ask("system:node:n2", &["n1"], &["system:nodes"]), "another node's subject");
     }
 
     #[test]

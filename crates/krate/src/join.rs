@@ -20,13 +20,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use base64::Engine;
-use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::core::v1::ConfigMap;
 use krate_client::bootstrap::{self, Token};
-use kube::api::{Api, PostParams};
-
-const KUBELET_CLIENT: &str = "kubernetes.io/kube-apiserver-client-kubelet";
+use krate_client::csr;
+use kube::api::Api;
 
 /// What joining needs.
 pub struct Join {
@@ -52,10 +49,6 @@ impl Credentials {
             cert: dir.join("pki/kubelet-client.crt"),
         }
     }
-}
-
-fn b64(text: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(text)
 }
 
 /// A client of `server` that trusts nothing yet and presents nothing.
@@ -134,94 +127,24 @@ fn kubeconfig(server: &str, ca_pem: &str, cert_pem: &str, key: &rcgen::KeyPair, 
     crate::pki::client_kubeconfig(server, ca_pem, &leaf, &format!("system:node:{node}"))
 }
 
-/// The agent's key, made once and kept.
-fn key_pair(path: &Path) -> Result<rcgen::KeyPair> {
-    if let Ok(pem) = std::fs::read_to_string(path) {
-        return rcgen::KeyPair::from_pem(&pem).with_context(|| format!("reading {}", path.display()));
-    }
-    std::fs::create_dir_all(path.parent().expect("a key path has a directory"))?;
-    let key = rcgen::KeyPair::generate()?;
-    crate::pki::write_private(path, &key.serialize_pem())?;
-    Ok(key)
-}
-
-/// The Denied or Failed condition of a request, if it has one.
-fn refusal(
-    status: &k8s_openapi::api::certificates::v1::CertificateSigningRequestStatus,
-) -> Option<&k8s_openapi::api::certificates::v1::CertificateSigningRequestCondition> {
-    status.conditions.iter().flatten().find(|c| c.status == "True" && (c.type_ == "Denied" || c.type_ == "Failed"))
-}
-
-/// Asks for a client certificate for `node` through `client` and waits until it is
-/// issued; refused or failed requests end with their reason.
+/// Asks for a client certificate for `node` through `client` and waits until issued.
 async fn request_certificate(client: &kube::Client, key: &rcgen::KeyPair, node: &str) -> Result<String> {
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(rcgen::DnType::CommonName, format!("system:node:{node}"));
-    params.distinguished_name.push(rcgen::DnType::OrganizationName, "system:nodes");
-    let request = params.serialize_request(key)?.pem()?;
-    let csr: CertificateSigningRequest = serde_json::from_value(serde_json::json!({
-        "metadata": {"generateName": "node-csr-"},
-        "spec": {"request": b64(&request), "signerName": KUBELET_CLIENT, "usages": ["digital signature", "client auth"]},
-    }))?;
-    let api: Api<CertificateSigningRequest> = Api::all(client.clone());
-    let created = api.create(&PostParams::default(), &csr).await.map_err(|e| match e {
-        kube::Error::Api(e) if e.code == 401 => anyhow::anyhow!(
-            "the server refused the token: it does not exist, has expired, or is not for authentication"
-        ),
-        kube::Error::Api(e) if e.code == 403 => {
-            anyhow::anyhow!("this identity may not request certificates: {}", e.message)
-        }
-        e => anyhow::Error::new(e).context("creating the certificate signing request"),
-    })?;
-    let name = created.metadata.name.clone().unwrap_or_default();
-    tracing::info!(csr = %name, node, "asked for a client certificate");
-    // Decided: issued, denied or failed.
-    let decided = |csr: Option<&CertificateSigningRequest>| {
-        csr.and_then(|c| c.status.as_ref()).is_some_and(|s| s.certificate.is_some() || refusal(s).is_some())
+    let what = csr::Request {
+        signer: csr::KUBELET_CLIENT,
+        node,
+        dns_names: vec![],
+        ips: vec![],
+        usages: &["digital signature", "client auth"],
+        generate_name: "node-csr-",
     };
-    let wait = kube::runtime::wait::await_condition(api.clone(), &name, decided);
-    tokio::pin!(wait);
-    let csr = loop {
-        tokio::select! {
-            done = &mut wait => break done.with_context(|| format!("watching the certificate signing request {name}"))?,
-            _ = tokio::time::sleep(Duration::from_secs(30)) => {
-                println!("waiting for the certificate signing request {name} to be approved (an admin: kubectl certificate approve {name})");
-            }
-        }
-    };
-    let status =
-        csr.and_then(|c| c.status).with_context(|| format!("the certificate signing request {name} is gone"))?;
-    if let Some(c) = refusal(&status) {
-        bail!(
-            "the certificate signing request {name} was {}: {}",
-            c.type_.to_lowercase(),
-            c.message.clone().unwrap_or_default()
-        );
-    }
-    let cert =
-        status.certificate.with_context(|| format!("the certificate signing request {name} has no certificate"))?;
-    Ok(String::from_utf8(cert.0)?)
-}
-
-/// When the certificate stored at `path` should be renewed, and when it expires: at 80%
-/// of its lifetime from when it was received (the file's time; signers backdate
-/// `notBefore` by minutes, which would leave a short-lived certificate no time at all).
-fn renewal_time(path: &Path) -> Result<(jiff::Timestamp, jiff::Timestamp)> {
-    let pem = std::fs::read_to_string(path)?;
-    let der = bootstrap::pem_certificates(&pem).into_iter().next().context("no certificate")?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let received = std::fs::metadata(path)?.modified()?.duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
-    let (from, to) = (cert.validity().not_before.timestamp().max(received), cert.validity().not_after.timestamp());
-    let at = |s: i64| jiff::Timestamp::from_second(s).unwrap_or_default();
-    Ok((at(from + (to - from) * 8 / 10), at(to)))
+    csr::request(client, key, &what).await
 }
 
 /// The kubeconfig the agent runs with: the stored one while its certificate is valid,
 /// otherwise a new one through discovery and TLS bootstrap with the token.
 pub async fn credentials(join: &Join, creds: &Credentials) -> Result<PathBuf> {
     if creds.cert.exists() {
-        match renewal_time(&creds.cert) {
+        match csr::renewal_time(&creds.cert) {
             Ok((_, expires)) if expires > jiff::Timestamp::now() && creds.kubeconfig.exists() => {
                 tracing::info!(kubeconfig = %creds.kubeconfig.display(), %expires, "using the stored client certificate");
                 return Ok(creds.kubeconfig.clone());
@@ -237,7 +160,7 @@ pub async fn credentials(join: &Join, creds: &Credentials) -> Result<PathBuf> {
     }
     println!("discovering the cluster at {}", join.server);
     let ca_pem = discover(join, token).await?;
-    let key = key_pair(&creds.key)?;
+    let key = csr::key_pair(&creds.key)?;
     println!("asking for a client certificate for node {}", join.node_name);
     let cert =
         request_certificate(&verified_client(&join.server, &ca_pem, Some(token))?, &key, &join.node_name).await?;
@@ -276,7 +199,7 @@ impl Rotation {
     /// Renews the certificate at 80% of its lifetime, for ever.
     pub async fn run(self) {
         loop {
-            let wait = match renewal_time(&self.creds.cert) {
+            let wait = match csr::renewal_time(&self.creds.cert) {
                 Ok((renew, expires)) => {
                     tracing::info!(%renew, %expires, "client certificate renewal scheduled");
                     renew.duration_since(jiff::Timestamp::now()).as_secs_f64().max(0.0)
@@ -299,7 +222,7 @@ impl Rotation {
 
     async fn renew(&self) -> Result<jiff::Timestamp> {
         let client = self.current.read().expect("client lock").clone();
-        let key = key_pair(&self.creds.key)?;
+        let key = csr::key_pair(&self.creds.key)?;
         let cert = request_certificate(&client, &key, &self.node).await?;
         // The same server and CA as the kubeconfig being replaced.
         let ca_pem = crate::components::cluster_ca_pem(&self.kubeconfig)?;
@@ -308,7 +231,7 @@ impl Rotation {
         std::fs::write(&self.creds.cert, &cert)?;
         crate::pki::write_private(&self.kubeconfig, &kubeconfig(&server, &ca_pem, &cert, &key, &self.node)?)?;
         *self.current.write().expect("client lock") = crate::components::kube_client(&self.kubeconfig).await?;
-        Ok(renewal_time(&self.creds.cert)?.1)
+        Ok(csr::renewal_time(&self.creds.cert)?.1)
     }
 }
 

@@ -32,22 +32,7 @@ fn validity(params: &mut CertificateParams, days: i64) {
     params.not_after = to_date(now + jiff::SignedDuration::from_hours(24 * days));
 }
 
-pub(crate) fn write_private(path: &Path, contents: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
+pub(crate) use krate_client::csr::write_private;
 
 impl Pki {
     /// What service-account tokens are signed under (`service-account.key`, an ECDSA

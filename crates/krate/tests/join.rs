@@ -391,7 +391,7 @@ async fn a_node_joins_with_a_token_renews_its_certificate_and_restarts_without_i
     let (subject, first_serial) = stored_certificate(&data);
     assert_eq!(subject, "CN=system:node:joiner-1, O=system:nodes");
     let csrs = Api::<CertificateSigningRequest>::all(client.clone()).list(&ListParams::default()).await.unwrap().items;
-    let first = &csrs[0];
+    let first = csrs.iter().find(|c| c.spec.signer_name == "kubernetes.io/kube-apiserver-client-kubelet").unwrap();
     assert_eq!(first.spec.username.as_deref(), Some(&*format!("system:bootstrap:{}", &token[..6])));
     let approved = first.status.as_ref().unwrap().conditions.as_ref().unwrap();
     assert_eq!((approved[0].type_.as_str(), approved[0].reason.as_deref()), ("Approved", Some("AutoApproved")));
@@ -433,6 +433,39 @@ async fn a_node_joins_with_a_token_renews_its_certificate_and_restarts_without_i
         &["--server", &url, "--token", &token, "--ca-cert-hash", &hash, "--node-name", "joiner-1"],
     );
     assert!(taken.contains("denied") && taken.contains("is in the cluster already"), "{taken}");
+}
+
+#[tokio::test]
+async fn a_joined_node_serves_a_certificate_the_cluster_signed() {
+    let server = cluster(4, &[]);
+    let (url, token, hash) = join_flags(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n1");
+    let join = ["--server", &url, "--token", &token, "--ca-cert-hash", &hash, "--node-name", "serving-1"];
+    let agent = Agent::start(&data, 4, &join);
+    let client = server.client().await;
+    wait_ready(&client, "serving-1", &agent).await;
+    let pem =
+        until(60, || std::fs::read_to_string(data.join("agent/pki/kubelet-serving.crt")).ok()).await.unwrap_or_else(
+            || panic!("no serving certificate; the agent's log:\n{}\nthe server's:\n{}", agent.log(), server.log()),
+        );
+    let der = bootstrap::pem_certificates(&pem).remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let ca_pem = std::fs::read_to_string(server.data_dir().join("pki/ca.crt")).unwrap();
+    let ca_der = bootstrap::pem_certificates(&ca_pem).remove(0);
+    let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+    assert_eq!(cert.issuer(), ca.subject(), "issued by the cluster CA");
+    assert_eq!(cert.subject().to_string(), "CN=system:node:serving-1, O=system:nodes");
+    let sans = format!("{:?}", cert.subject_alternative_name().unwrap().unwrap().value.general_names);
+    assert_eq!(sans, r#"[DNSName("serving-1"), IPAddress([127, 0, 0, 1])]"#);
+    let csrs = Api::<CertificateSigningRequest>::all(client).list(&ListParams::default()).await.unwrap().items;
+    let serving = csrs.iter().find(|c| c.spec.signer_name == "kubernetes.io/kubelet-serving").unwrap();
+    assert_eq!(serving.spec.username.as_deref(), Some("system:node:serving-1"), "asked for by the node itself");
+    let approved = &serving.status.as_ref().unwrap().conditions.as_ref().unwrap()[0];
+    assert_eq!((approved.type_.as_str(), approved.reason.as_deref()), ("Approved", Some("AutoApproved")));
+    // The agent's API serves it (the log says it swapped it in).
+    let swapped = until(30, || agent.log().contains("serving the cluster-signed certificate").then_some(())).await;
+    assert!(swapped.is_some(), "{}", agent.log());
 }
 
 #[tokio::test]

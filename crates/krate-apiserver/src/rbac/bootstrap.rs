@@ -27,8 +27,12 @@ const UPSTREAM_POLICY: &str = include_str!("bootstrap-policy.jsonl");
 /// automatically, and nodes may renew their own. Every node runs the service proxy and
 /// DNS responder of krate's agent, so nodes also hold `system:node-proxier`'s reads (as
 /// every k3s agent holds kube-proxy's identity), and its NetworkPolicy enforcement, so
-/// nodes and the service proxy's user read policies, pods and namespaces.
+/// nodes and the service proxy's user read policies, pods and namespaces. The certificate
+/// controller approves nodes' own serving certificates (upstream's may approve only
+/// client ones).
 const KRATE_POLICY: &str = r#"
+{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRole","metadata":{"name":"system:krate:kubelet-serving-approver"},"rules":[{"apiGroups":["certificates.k8s.io"],"resources":["signers"],"resourceNames":["kubernetes.io/kubelet-serving"],"verbs":["approve"]}]}
+{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"system:krate:kubelet-serving-approver"},"roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"system:krate:kubelet-serving-approver"},"subjects":[{"kind":"ServiceAccount","name":"certificate-controller","namespace":"kube-system"}]}
 {"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRole","metadata":{"name":"system:krate:network-policy"},"rules":[{"apiGroups":["networking.k8s.io"],"resources":["networkpolicies"],"verbs":["get","list","watch"]},{"apiGroups":[""],"resources":["pods","namespaces"],"verbs":["get","list","watch"]}]}
 {"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"system:krate:network-policy"},"roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"system:krate:network-policy"},"subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"Group","name":"system:nodes"},{"apiGroup":"rbac.authorization.k8s.io","kind":"User","name":"system:kube-proxy"}]}
 {"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRole","metadata":{"name":"system:controller:service-lb-controller"},"rules":[{"apiGroups":[""],"resources":["services","nodes","pods"],"verbs":["get","list","watch"]},{"apiGroups":[""],"resources":["services/status"],"verbs":["patch","update"]},{"apiGroups":["","events.k8s.io"],"resources":["events"],"verbs":["create","patch","update"]}]}
