@@ -226,14 +226,16 @@ async fn approve(csr: Arc<CertificateSigningRequest>, ctx: Arc<Context>) -> Resu
     }
     // A token may bring a new node, not take over the name of one that is there.
     let node = request.common_name.trim_start_matches("system:node:");
-    let by_token = csr.spec.username.as_deref().is_some_and(|u| u.starts_with("system:bootstrap:"));
-    if by_token && !ctx.approve_joins {
+    // A joining machine: a bootstrap token's user, or nobody (--node-registration open).
+    let joining =
+        csr.spec.username.as_deref().is_some_and(|u| u.starts_with("system:bootstrap:") || u == "system:anonymous");
+    if joining && !ctx.approve_joins {
         tracing::info!(csr = %csr.name_any(), node, "a new node waits for approval (--node-registration approve)");
         return Ok(Action::await_change());
     }
-    if by_token && Api::<Node>::all(ctx.client.clone()).get_opt(node).await?.is_some() {
+    if joining && Api::<Node>::all(ctx.client.clone()).get_opt(node).await?.is_some() {
         let mut denied = (*csr).clone();
-        let message = format!("node {node:?} is in the cluster already; a bootstrap token cannot take over its name (delete it first, kubectl delete node {node}, to join another machine under it)");
+        let message = format!("node {node:?} is in the cluster already; a joining machine cannot take over its name (delete it first, kubectl delete node {node}, to join another machine under it)");
         add_condition(&mut denied, "Denied", "NodeExists", &message);
         put_subresource(&ctx, &denied, "approval").await?;
         tracing::info!(csr = %csr.name_any(), node, "denied a bootstrap request for an existing node's name");

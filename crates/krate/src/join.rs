@@ -85,16 +85,19 @@ async fn cluster_info(client: kube::Client) -> Result<ConfigMap> {
     })
 }
 
-/// The CA bundle (PEM) of the cluster behind `join.server`, checked as the module says.
-pub async fn discover(join: &Join, token: &Token) -> Result<String> {
+/// The CA bundle (PEM) of the cluster behind `join.server`, checked as the module says
+/// (without a token, for `--node-registration open`, only against the CA pin).
+pub async fn discover(join: &Join, token: Option<&Token>) -> Result<String> {
     let info = cluster_info(insecure_client(&join.server)?).await?;
     let data = info.data.unwrap_or_default();
     let kubeconfig = data.get(bootstrap::KUBECONFIG_KEY).context("cluster-info carries no kubeconfig")?;
-    let jws = data.get(&format!("{}{}", bootstrap::JWS_PREFIX, token.id)).with_context(|| {
-        format!("cluster-info is not signed for token ID {:?}: the token does not exist, has expired or is not for signing (`krate token list` on the server)", token.id)
-    })?;
-    if !bootstrap::verify_detached(kubeconfig, jws, token) {
-        bail!("cluster-info's signature for token ID {:?} does not match the token's secret: a wrong token, or a server that is not the cluster's", token.id);
+    if let Some(token) = token {
+        let jws = data.get(&format!("{}{}", bootstrap::JWS_PREFIX, token.id)).with_context(|| {
+            format!("cluster-info is not signed for token ID {:?}: the token does not exist, has expired or is not for signing (`krate token list` on the server)", token.id)
+        })?;
+        if !bootstrap::verify_detached(kubeconfig, jws, token) {
+            bail!("cluster-info's signature for token ID {:?} does not match the token's secret: a wrong token, or a server that is not the cluster's", token.id);
+        }
     }
     let (_, ca_pem) = bootstrap::read_cluster_info_kubeconfig(kubeconfig)?;
     let hashes: Vec<String> =
@@ -152,9 +155,9 @@ pub async fn credentials(join: &Join, creds: &Credentials) -> Result<PathBuf> {
             _ => tracing::warn!("the stored client certificate has expired; joining again with the token"),
         }
     }
-    let token = join.token.as_ref().context(
-        "this agent has no valid client certificate yet: give --token (and --ca-cert-hash) to join; `krate token create --print-join-command` on the server prints the command",
-    )?;
+    // Without a token the request goes as an anonymous user: only a server with
+    // `--node-registration open` lets that in.
+    let token = join.token.as_ref();
     if join.ca_cert_hashes.is_empty() && !join.unsafe_skip_ca_verification {
         bail!("give --ca-cert-hash sha256:... to check the cluster's CA (or --unsafe-skip-ca-verification, which lets anyone who knows the token pose as the cluster)");
     }
@@ -162,8 +165,11 @@ pub async fn credentials(join: &Join, creds: &Credentials) -> Result<PathBuf> {
     let ca_pem = discover(join, token).await?;
     let key = csr::key_pair(&creds.key)?;
     println!("asking for a client certificate for node {}", join.node_name);
-    let cert =
-        request_certificate(&verified_client(&join.server, &ca_pem, Some(token))?, &key, &join.node_name).await?;
+    let client = verified_client(&join.server, &ca_pem, token)?;
+    let cert = request_certificate(&client, &key, &join.node_name).await.map_err(|e| match token {
+        None => e.context("joining without a token (the server lets nodes in without one only with --node-registration open; otherwise give --token: `krate token create --print-join-command` on the server prints the command)"),
+        Some(_) => e,
+    })?;
     std::fs::write(&creds.cert, &cert)?;
     crate::pki::write_private(&creds.kubeconfig, &kubeconfig(&join.server, &ca_pem, &cert, &key, &join.node_name)?)?;
     println!("joined: credentials in {}", creds.kubeconfig.display());

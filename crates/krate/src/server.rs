@@ -75,8 +75,10 @@ pub struct ServerArgs {
     pub node_cidr_mask_size: Option<u8>,
     /// How new nodes get in: `token`, their bootstrap token's client certificate
     /// request is approved at once; `approve`, it waits for an admin (`kubectl get csr`,
-    /// `kubectl certificate approve NAME`). Nodes that joined keep working either way.
-    #[arg(long, default_value = "token", value_parser = ["token", "approve"])]
+    /// `kubectl certificate approve NAME`); `open`, anyone who reaches the server may
+    /// join without a token (`krate agent --server URL --ca-cert-hash HASH`), best with
+    /// --node-registration-allow-cidr. Nodes that joined keep working when it changes.
+    #[arg(long, default_value = "token", value_parser = ["token", "approve", "open"])]
     pub node_registration: String,
     /// Accept joining nodes' certificate requests only from these addresses
     /// (repeatable CIDR, e.g. 10.0.0.0/8); default: from anywhere.
@@ -249,9 +251,11 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         let admin = kube::Client::new(server.local_service(server_user(), "krate-server"), "default");
         let published = format!("https://{advertise}");
         let ca_pem = pki.ca_bundle_pem();
+        let open = args.node_registration == "open";
         tokio::spawn(async move {
             let joining = async move {
                 crate::token::publish_cluster_info(&admin, &published, &ca_pem).await?;
+                crate::token::open_registration(&admin, open).await?;
                 let token = crate::token::server_token(&admin).await?;
                 crate::token::wait_signed(&admin, &token, Duration::from_secs(60)).await?;
                 anyhow::Ok(crate::token::join_command(&published, &token, &ca_pem)?)
@@ -313,7 +317,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             key_pem: pki.ca_key_pem(),
             duration: signing_duration,
         };
-        let approve_joins = args.node_registration == "token";
+        let approve_joins = args.node_registration != "approve";
         let config = controllers.config(root_ca_pem, Some(signing), approve_joins, Some(cluster_cidr));
         tokio::spawn(async move {
             if let Err(err) = components::controller_manager(clients, config, &controllers.election).await {

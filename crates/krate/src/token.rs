@@ -155,6 +155,45 @@ pub async fn wait_signed(client: &kube::Client, token: &Token, timeout: Duration
     }
 }
 
+/// The bindings that let anonymous users ask for node client certificates (and have them
+/// approved), present exactly while `open` (`--node-registration open`).
+pub async fn open_registration(client: &kube::Client, open: bool) -> Result<()> {
+    use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+    let api: Api<ClusterRoleBinding> = Api::all(client.clone());
+    for (name, role) in [
+        ("system:krate:node-registration-open", "system:node-bootstrapper"),
+        (
+            "system:krate:node-registration-open-autoapprove",
+            "system:certificates.k8s.io:certificatesigningrequests:nodeclient",
+        ),
+    ] {
+        if open {
+            let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:unauthenticated"}],
+            }))?;
+            match api.create(&PostParams::default(), &binding).await {
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                r => {
+                    r?;
+                }
+            }
+        } else {
+            match api.delete(name, &DeleteParams::default()).await {
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                r => {
+                    r?;
+                }
+            }
+        }
+    }
+    if open {
+        tracing::warn!("--node-registration open: anyone who reaches this server may join as a node");
+    }
+    Ok(())
+}
+
 /// `cluster-info` in kube-public: the address and CA bundle joining nodes discover.
 pub async fn publish_cluster_info(client: &kube::Client, server: &str, ca_pem: &str) -> Result<()> {
     use k8s_openapi::api::core::v1::ConfigMap;

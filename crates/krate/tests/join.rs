@@ -145,10 +145,15 @@ impl Drop for Agent {
 /// A server whose nodes get pod CIDRs (/26) from a range of its own (`n` tells tests
 /// apart), so that concurrent tests' pod networks do not overlap.
 fn cluster(n: u8, extra: &[&str]) -> TestServer {
+    let args = cluster_args(n, extra);
+    TestServer::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn cluster_args(n: u8, extra: &[&str]) -> Vec<String> {
     let range = format!("10.{}.{}.0/24", 248 + n, std::process::id() % 200);
-    let mut args = vec!["--cluster-cidr", &range, "--node-cidr-mask-size", "26"];
-    args.extend_from_slice(extra);
-    TestServer::start_with(&args)
+    let mut args: Vec<String> = ["--cluster-cidr", &range, "--node-cidr-mask-size", "26"].map(String::from).into();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
 }
 
 /// A join that must fail before the agent starts anything: its error text.
@@ -466,6 +471,41 @@ async fn a_joined_node_serves_a_certificate_the_cluster_signed() {
     // The agent's API serves it (the log says it swapped it in).
     let swapped = until(30, || agent.log().contains("serving the cluster-signed certificate").then_some(())).await;
     assert!(swapped.is_some(), "{}", agent.log());
+}
+
+#[tokio::test]
+async fn in_open_mode_a_node_joins_without_a_token_and_keeps_working_when_the_mode_changes() {
+    let mut server = cluster(5, &["--node-registration", "open"]);
+    let (url, _, hash) = join_flags(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent =
+        Agent::start(&dir.path().join("n1"), 5, &["--server", &url, "--ca-cert-hash", &hash, "--node-name", "open-1"]);
+    let client = server.client().await;
+    wait_ready(&client, "open-1", &agent).await;
+    let csrs = Api::<CertificateSigningRequest>::all(client).list(&ListParams::default()).await.unwrap().items;
+    let joined = csrs.iter().find(|c| c.spec.signer_name == "kubernetes.io/kube-apiserver-client-kubelet").unwrap();
+    assert_eq!(joined.spec.username.as_deref(), Some("system:anonymous"), "no token, no identity");
+
+    // Back to tokens: the node keeps its certificate and stays Ready; a new machine
+    // without a token is refused.
+    let args = cluster_args(5, &[]);
+    server.restart_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(server.client().await, "kube-node-lease");
+    let renewed = |l: &k8s_openapi::api::coordination::v1::Lease| l.spec.as_ref()?.renew_time.clone();
+    let before = renewed(&leases.get("open-1").await.unwrap());
+    eventually(60, &format!("open-1 renewing its lease with its certificate\n{}", agent.log()), || async {
+        (renewed(&leases.get("open-1").await.ok()?) != before).then_some(())
+    })
+    .await;
+    assert!(node_ready(&Api::<Node>::all(server.client().await).get("open-1").await.unwrap()));
+    let (url, _, hash) = join_flags(&server).await;
+    let refused =
+        refused_join(&dir.path().join("n2"), &["--server", &url, "--ca-cert-hash", &hash, "--node-name", "open-2"]);
+    assert!(
+        refused.contains("may not request certificates") && refused.contains("--node-registration open"),
+        "{refused}"
+    );
 }
 
 #[tokio::test]

@@ -117,13 +117,14 @@ impl Hooks for CsrHooks {
         }
         let user = opts.request.as_ref().map(|r| r.user.clone()).unwrap_or_default();
         let source = opts.request.as_ref().and_then(|r| r.source);
-        if user.name.starts_with(krate_client::bootstrap::USER_PREFIX) && !self.allow.is_empty() {
+        let joining = user.name.starts_with(krate_client::bootstrap::USER_PREFIX) || user.name == "system:anonymous";
+        if joining && !self.allow.is_empty() {
             let allowed = source.is_some_and(|ip| self.allow.iter().any(|c| c.contains(ip)));
             if !allowed {
                 let from = source.map(|ip| ip.to_string()).unwrap_or_else(|| "an unknown address".into());
                 let ranges: Vec<String> = self.allow.iter().map(|c| c.to_string()).collect();
                 return Err(ApiError::forbidden(format!(
-                    "certificatesigningrequests.certificates.k8s.io is forbidden: nodes may join with a bootstrap token only from {} (--node-registration-allow-cidr); this request came from {from}",
+                    "certificatesigningrequests.certificates.k8s.io is forbidden: nodes may join only from {} (--node-registration-allow-cidr); this request came from {from}",
                     ranges.join(", ")
                 )));
             }

@@ -123,6 +123,12 @@ impl TestServer {
         }
     }
 
+    /// Restarts with other arguments (in place of the first start's extra ones).
+    pub fn restart_with(&mut self, extra_args: &[&str]) {
+        self.extra_args = extra_args.iter().map(|s| s.to_string()).collect();
+        self.restart();
+    }
+
     pub fn restart(&mut self) {
         self.kill();
         let _ = std::fs::remove_file(self.kubeconfig());
