@@ -111,6 +111,8 @@ impl ServingCert {
         let what = krate_client::csr::Request {
             signer: krate_client::csr::KUBELET_SERVING,
             node,
+            common_name: format!("system:node:{node}"),
+            organization: "system:nodes",
             dns_names: vec![node.to_string()],
             ips: vec![ip],
             usages: &["digital signature", "server auth"],

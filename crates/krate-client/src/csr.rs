@@ -17,12 +17,26 @@ use kube::api::{Api, PostParams};
 
 pub const KUBELET_CLIENT: &str = "kubernetes.io/kube-apiserver-client-kubelet";
 pub const KUBELET_SERVING: &str = "kubernetes.io/kubelet-serving";
+pub const APISERVER_CLIENT: &str = "kubernetes.io/kube-apiserver-client";
+
+/// The user a node's networking (service proxy, DNS, NetworkPolicy) acts as: an
+/// identity of its own, since NetworkPolicy must see every pod and the node authorizer
+/// lets a node see only its own. Its group holds what networking reads.
+pub fn network_user(node: &str) -> String {
+    format!("{NETWORK_USER_PREFIX}{node}")
+}
+pub const NETWORK_USER_PREFIX: &str = "system:krate:network:";
+pub const NETWORK_GROUP: &str = "system:krate:networks";
 
 /// What a node asks for.
 pub struct Request<'a> {
     pub signer: &'a str,
-    /// The node's name: the subject is `CN=system:node:<node>, O=system:nodes`.
+    /// The node's name.
     pub node: &'a str,
+    /// The subject: `CN=<common_name>, O=<organization>` (a node's own certificates:
+    /// `system:node:<node>`, `system:nodes`).
+    pub common_name: String,
+    pub organization: &'a str,
     pub dns_names: Vec<String>,
     pub ips: Vec<IpAddr>,
     pub usages: &'a [&'a str],
@@ -70,8 +84,8 @@ pub async fn request(client: &kube::Client, key: &rcgen::KeyPair, what: &Request
     sans.extend(what.ips.iter().map(IpAddr::to_string));
     let mut params = rcgen::CertificateParams::new(sans)?;
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(rcgen::DnType::CommonName, format!("system:node:{}", what.node));
-    params.distinguished_name.push(rcgen::DnType::OrganizationName, "system:nodes");
+    params.distinguished_name.push(rcgen::DnType::CommonName, what.common_name.clone());
+    params.distinguished_name.push(rcgen::DnType::OrganizationName, what.organization);
     let pem = params.serialize_request(key)?.pem()?;
     let encoded = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pem);
     let csr: CertificateSigningRequest = serde_json::from_value(serde_json::json!({

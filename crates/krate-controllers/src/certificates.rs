@@ -7,7 +7,9 @@
 //!   for the name of a node already in the cluster is denied (krate's addition: a
 //!   token brings new nodes, it does not take over existing ones). Serving certificates
 //!   (`kubernetes.io/kubelet-serving`) are approved when a node asks for its own names
-//!   and addresses only (krate's addition, as k3s; upstream leaves them to an admin).
+//!   and addresses only (krate's addition, as k3s; upstream leaves them to an admin),
+//!   and a node's request for its networking identity (`kube-apiserver-client`,
+//!   `system:krate:network:<node>`).
 //! - the **signer** issues approved CSRs of the `kubernetes.io/` signers it serves
 //!   (`kube-apiserver-client`, `kube-apiserver-client-kubelet`, `kubelet-serving`) with
 //!   the cluster CA, after checking the request has the shape its signer requires; one
@@ -217,6 +219,9 @@ async fn approve(csr: Arc<CertificateSigningRequest>, ctx: Arc<Context>) -> Resu
     if csr.spec.signer_name == KUBELET_SERVING {
         return approve_serving(&csr, &ctx).await;
     }
+    if csr.spec.signer_name == APISERVER_CLIENT {
+        return approve_network_identity(&csr, &ctx).await;
+    }
     if csr.spec.signer_name != KUBELET_CLIENT {
         return Ok(Action::await_change());
     }
@@ -278,6 +283,32 @@ async fn approve_serving(csr: &CertificateSigningRequest, ctx: &Context) -> Resu
     add_condition(&mut approved, "Approved", "AutoApproved", message);
     put_subresource(ctx, &approved, "approval").await?;
     tracing::info!(csr = %csr.name_any(), node = name, "approved a node serving certificate");
+    Ok(Action::await_change())
+}
+
+/// Whether a `kube-apiserver-client` request is a node asking for its networking's own
+/// identity (`system:krate:network:<node>` in `system:krate:networks`, client usages only).
+fn network_identity_request(csr: &CertificateSigningRequest, request: &Request) -> bool {
+    let Some(node) = csr.spec.username.as_deref().and_then(|u| u.strip_prefix("system:node:")) else { return false };
+    csr.spec.groups.iter().flatten().any(|g| g == "system:nodes")
+        && request.common_name == krate_client::csr::network_user(node)
+        && request.organizations == [krate_client::csr::NETWORK_GROUP]
+        && request.sans.is_empty()
+        && usages_are(&usages(csr), &["client auth", "digital signature"])
+}
+
+/// A node's request for its networking identity is approved (krate's addition); other
+/// `kube-apiserver-client` requests wait for an admin, as upstream.
+async fn approve_network_identity(csr: &CertificateSigningRequest, ctx: &Context) -> Result<Action, Error> {
+    let Ok(request) = read_request(csr) else { return Ok(Action::await_change()) };
+    if !network_identity_request(csr, &request) {
+        return Ok(Action::await_change());
+    }
+    let mut approved = csr.clone();
+    let message = "Auto approving the node's networking identity: it names the requesting node.";
+    add_condition(&mut approved, "Approved", "AutoApproved", message);
+    put_subresource(ctx, &approved, "approval").await?;
+    tracing::info!(csr = %csr.name_any(), user = %request.common_name, "approved a node networking identity");
     Ok(Action::await_change())
 }
 
@@ -404,6 +435,23 @@ mod tests {
         .unwrap();
         let request = read_request(&csr).unwrap();
         (csr, request)
+    }
+
+    #[test]
+    fn only_a_nodes_own_networking_identity_is_approved() {
+        let ask = |requester: &str, cn: &str, org: &str, usages: &[&str]| {
+            let (mut c, r) = csr(APISERVER_CLIENT, cn, &[org], &[], usages);
+            c.spec.username = Some(requester.into());
+            c.spec.groups = Some(vec!["system:nodes".into(), "system:authenticated".into()]);
+            network_identity_request(&c, &r)
+        };
+        let client = ["digital signature", "client auth"];
+        assert!(ask("system:node:n1", "system:krate:network:n1", "system:krate:networks", &client));
+        assert!(!ask("system:node:n1", "system:krate:network:n2", "system:krate:networks", &client), "another node's");
+        assert!(!ask("system:node:n1", "system:kube-proxy", "system:krate:networks", &client), "another user");
+        assert!(!ask("system:node:n1", "system:krate:network:n1", "system:masters", &client), "another group");
+        assert!(!ask("jane", "system:krate:network:jane", "system:krate:networks", &client), "not a node");
+        assert!(!ask("system:node:n1", "system:krate:network:n1", "system:krate:networks", &["server auth"]));
     }
 
     #[test]

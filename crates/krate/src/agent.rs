@@ -2,7 +2,7 @@
 //! `krate server` shares for the agent it embeds.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -147,9 +147,11 @@ pub struct AgentArgs {
     /// could then pose as the cluster.
     #[arg(long, requires = "server")]
     pub unsafe_skip_ca_verification: bool,
-    /// Kubeconfig the node's service proxy and DNS responder watch Services and
-    /// endpoints with (default: --kubeconfig). With node credentials in --kubeconfig, give
-    /// it kube-proxy's: `krate kubeconfig --user system:kube-proxy`.
+    /// Kubeconfig the node's networking (service proxy, DNS responder, NetworkPolicy)
+    /// watches the cluster with. Default: a node joined with --server asks for an
+    /// identity of its own (`system:krate:network:<node>`); with --kubeconfig, that one.
+    /// With node credentials in --kubeconfig, give it kube-proxy's (`krate kubeconfig
+    /// --user system:kube-proxy`): NetworkPolicy must see every pod, a node only its own.
     #[arg(long)]
     pub network_kubeconfig: Option<PathBuf>,
     /// Where the agent keeps containerd's state, the CNI configuration and pod logs.
@@ -285,6 +287,7 @@ impl AgentOptions {
 
 pub async fn run(args: AgentArgs) -> Result<()> {
     let node_name = args.options.node_name.clone().unwrap_or_else(host_name);
+    let joined = args.kubeconfig.is_none();
     let (kubeconfig_path, rotation) = match (&args.kubeconfig, &args.server) {
         (Some(path), _) => (path.clone(), None),
         (None, Some(server)) => {
@@ -298,7 +301,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
             let creds = crate::join::Credentials::in_dir(&args.dir);
             let path = crate::join::credentials(&join, &creds).await?;
-            let rotation = crate::join::Rotation::new(&path, creds, &node_name).await?;
+            let rotation = crate::join::Rotation::new(&path, creds, &node_name, crate::join::Identity::Node, None).await?;
             (path, Some(rotation))
         }
         (None, None) => anyhow::bail!(
@@ -328,11 +331,34 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         }
         None => crate::components::kube_client(&kubeconfig_path).await?,
     };
-    let network = match &args.network_kubeconfig {
-        Some(path) => crate::components::kube_client(path).await?,
-        None => client.clone(),
+    let network = match (&args.network_kubeconfig, joined) {
+        (Some(path), _) => crate::components::kube_client(path).await?,
+        (None, true) => network_client(&client, &kubeconfig_path, &config.dir, &config.node.name).await,
+        (None, false) => client.clone(),
     };
     krate_agent::run(krate_agent::Clients { node: client, network }, config).await
+}
+
+/// The client of a joined node's networking identity (renewed like the node's), or the
+/// node's own where the cluster does not issue one (NetworkPolicy then cannot see pods).
+async fn network_client(node: &kube::Client, node_kubeconfig: &Path, dir: &Path, name: &str) -> kube::Client {
+    use crate::join::{Credentials, Identity, Rotation};
+    let creds = Credentials::network_in_dir(dir);
+    let rotation = async {
+        let path = crate::join::network_credentials(node, node_kubeconfig, &creds, name).await?;
+        Rotation::new(&path, Credentials::network_in_dir(dir), name, Identity::Network, Some(node.clone())).await
+    };
+    match rotation.await {
+        Ok(rotation) => {
+            let client = rotation.client();
+            tokio::spawn(rotation.run());
+            client
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "no networking identity; the service proxy, DNS and NetworkPolicy use the node's (NetworkPolicy cannot see other nodes' pods then)");
+            node.clone()
+        }
+    }
 }
 
 /// The local address connections to `url`'s host leave from (no packet is sent).

@@ -14,6 +14,10 @@
 //! 3. The key, the certificate and a kubeconfig with them stay in the agent's
 //!    directory: a restarted agent uses them without the token, and the agent renews
 //!    the certificate with itself before it expires (see [`Rotation`]).
+//! 4. The node's networking gets an identity of its own, `system:krate:network:<name>`
+//!    in `system:krate:networks` (a `kube-apiserver-client` CSR the node asks for,
+//!    approved for exactly that name): NetworkPolicy must see every pod, which the node
+//!    authorizer rightly keeps from the node's own identity.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -47,6 +51,54 @@ impl Credentials {
             kubeconfig: dir.join("kubelet.kubeconfig"),
             key: dir.join("pki/kubelet-client.key"),
             cert: dir.join("pki/kubelet-client.crt"),
+        }
+    }
+
+    /// The networking identity's.
+    pub fn network_in_dir(dir: &Path) -> Self {
+        Credentials {
+            kubeconfig: dir.join("network.kubeconfig"),
+            key: dir.join("pki/network-client.key"),
+            cert: dir.join("pki/network-client.crt"),
+        }
+    }
+
+    /// The stored kubeconfig, while its certificate has not expired.
+    fn valid(&self) -> Option<&Path> {
+        let (_, expires) = csr::renewal_time(&self.cert).ok()?;
+        (expires > jiff::Timestamp::now() && self.kubeconfig.exists()).then_some(self.kubeconfig.as_path())
+    }
+}
+
+/// Whose certificate: the node's, or its networking's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Identity {
+    Node,
+    Network,
+}
+
+impl Identity {
+    fn user(self, node: &str) -> String {
+        match self {
+            Identity::Node => format!("system:node:{node}"),
+            Identity::Network => csr::network_user(node),
+        }
+    }
+
+    fn request(self, node: &str) -> csr::Request<'_> {
+        let (signer, organization, generate_name) = match self {
+            Identity::Node => (csr::KUBELET_CLIENT, "system:nodes", "node-csr-"),
+            Identity::Network => (csr::APISERVER_CLIENT, csr::NETWORK_GROUP, "network-csr-"),
+        };
+        csr::Request {
+            signer,
+            node,
+            common_name: self.user(node),
+            organization,
+            dns_names: vec![],
+            ips: vec![],
+            usages: &["digital signature", "client auth"],
+            generate_name,
         }
     }
 }
@@ -124,35 +176,48 @@ pub async fn discover(join: &Join, token: Option<&Token>) -> Result<String> {
     Ok(ca_pem)
 }
 
-/// The node's kubeconfig for `server` with the CA and its client certificate.
-fn kubeconfig(server: &str, ca_pem: &str, cert_pem: &str, key: &rcgen::KeyPair, node: &str) -> Result<String> {
+/// A kubeconfig for `server` with the CA and a client certificate of `user`.
+fn kubeconfig(server: &str, ca_pem: &str, cert_pem: &str, key: &rcgen::KeyPair, user: &str) -> Result<String> {
     let leaf = crate::pki::Leaf { cert_pem: cert_pem.to_string(), key_pem: key.serialize_pem() };
-    crate::pki::client_kubeconfig(server, ca_pem, &leaf, &format!("system:node:{node}"))
+    crate::pki::client_kubeconfig(server, ca_pem, &leaf, user)
 }
 
-/// Asks for a client certificate for `node` through `client` and waits until issued.
-async fn request_certificate(client: &kube::Client, key: &rcgen::KeyPair, node: &str) -> Result<String> {
-    let what = csr::Request {
-        signer: csr::KUBELET_CLIENT,
-        node,
-        dns_names: vec![],
-        ips: vec![],
-        usages: &["digital signature", "client auth"],
-        generate_name: "node-csr-",
-    };
-    csr::request(client, key, &what).await
+/// The networking identity's kubeconfig: the stored one while valid, else a new one the
+/// node asks for with `node_client`, for the server and CA of `node_kubeconfig`.
+pub async fn network_credentials(
+    node_client: &kube::Client,
+    node_kubeconfig: &Path,
+    creds: &Credentials,
+    node: &str,
+) -> Result<PathBuf> {
+    if let Some(path) = creds.valid() {
+        return Ok(path.to_path_buf());
+    }
+    let key = csr::key_pair(&creds.key)?;
+    let what = Identity::Network.request(node);
+    let request = csr::request(node_client, &key, &what);
+    let cert = tokio::time::timeout(Duration::from_secs(60), request)
+        .await
+        .context("the networking identity's certificate was not issued within a minute")??;
+    let ca_pem = crate::components::cluster_ca_pem(node_kubeconfig)?;
+    let stored = kube::config::Kubeconfig::read_from(node_kubeconfig)?;
+    let server = stored.clusters.first().and_then(|c| c.cluster.as_ref()?.server.clone()).unwrap_or_default();
+    std::fs::write(&creds.cert, &cert)?;
+    let text = kubeconfig(&server, &ca_pem, &cert, &key, &Identity::Network.user(node))?;
+    crate::pki::write_private(&creds.kubeconfig, &text)?;
+    Ok(creds.kubeconfig.clone())
 }
 
 /// The kubeconfig the agent runs with: the stored one while its certificate is valid,
 /// otherwise a new one through discovery and TLS bootstrap with the token.
 pub async fn credentials(join: &Join, creds: &Credentials) -> Result<PathBuf> {
     if creds.cert.exists() {
-        match csr::renewal_time(&creds.cert) {
-            Ok((_, expires)) if expires > jiff::Timestamp::now() && creds.kubeconfig.exists() => {
-                tracing::info!(kubeconfig = %creds.kubeconfig.display(), %expires, "using the stored client certificate");
-                return Ok(creds.kubeconfig.clone());
+        match creds.valid() {
+            Some(path) => {
+                tracing::info!(kubeconfig = %path.display(), "using the stored client certificate");
+                return Ok(path.to_path_buf());
             }
-            _ => tracing::warn!("the stored client certificate has expired; joining again with the token"),
+            None => tracing::warn!("the stored client certificate has expired; joining again with the token"),
         }
     }
     // Without a token the request goes as an anonymous user: only a server with
@@ -166,12 +231,13 @@ pub async fn credentials(join: &Join, creds: &Credentials) -> Result<PathBuf> {
     let key = csr::key_pair(&creds.key)?;
     println!("asking for a client certificate for node {}", join.node_name);
     let client = verified_client(&join.server, &ca_pem, token)?;
-    let cert = request_certificate(&client, &key, &join.node_name).await.map_err(|e| match token {
+    let cert = csr::request(&client, &key, &Identity::Node.request(&join.node_name)).await.map_err(|e| match token {
         None => e.context("joining without a token (the server lets nodes in without one only with --node-registration open; otherwise give --token: `krate token create --print-join-command` on the server prints the command)"),
         Some(_) => e,
     })?;
     std::fs::write(&creds.cert, &cert)?;
-    crate::pki::write_private(&creds.kubeconfig, &kubeconfig(&join.server, &ca_pem, &cert, &key, &join.node_name)?)?;
+    let user = Identity::Node.user(&join.node_name);
+    crate::pki::write_private(&creds.kubeconfig, &kubeconfig(&join.server, &ca_pem, &cert, &key, &user)?)?;
     println!("joined: credentials in {}", creds.kubeconfig.display());
     Ok(creds.kubeconfig.clone())
 }
@@ -185,16 +251,27 @@ pub struct Rotation {
     kubeconfig: PathBuf,
     creds: Arc<Credentials>,
     node: String,
+    identity: Identity,
+    /// Who asks for renewals: the node (for its networking's), else the identity itself.
+    requester: Option<kube::Client>,
 }
 
 impl Rotation {
-    pub async fn new(kubeconfig: &Path, creds: Credentials, node: &str) -> Result<Self> {
+    pub async fn new(
+        kubeconfig: &Path,
+        creds: Credentials,
+        node: &str,
+        identity: Identity,
+        requester: Option<kube::Client>,
+    ) -> Result<Self> {
         let client = crate::components::kube_client(kubeconfig).await?;
         Ok(Rotation {
             current: Arc::new(RwLock::new(client)),
             kubeconfig: kubeconfig.to_path_buf(),
             creds: Arc::new(creds),
             node: node.to_string(),
+            identity,
+            requester,
         })
     }
 
@@ -207,7 +284,7 @@ impl Rotation {
         loop {
             let wait = match csr::renewal_time(&self.creds.cert) {
                 Ok((renew, expires)) => {
-                    tracing::info!(%renew, %expires, "client certificate renewal scheduled");
+                    tracing::info!(identity = ?self.identity, %renew, %expires, "client certificate renewal scheduled");
                     renew.duration_since(jiff::Timestamp::now()).as_secs_f64().max(0.0)
                 }
                 Err(e) => {
@@ -217,7 +294,7 @@ impl Rotation {
             };
             tokio::time::sleep(Duration::from_secs_f64(wait)).await;
             match self.renew().await {
-                Ok(expires) => tracing::info!(%expires, "renewed the client certificate"),
+                Ok(expires) => tracing::info!(identity = ?self.identity, %expires, "renewed the client certificate"),
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "renewing the client certificate failed; trying again in 10 s");
                     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -227,15 +304,17 @@ impl Rotation {
     }
 
     async fn renew(&self) -> Result<jiff::Timestamp> {
-        let client = self.current.read().expect("client lock").clone();
+        let own = self.current.read().expect("client lock").clone();
+        let client = self.requester.clone().unwrap_or(own);
         let key = csr::key_pair(&self.creds.key)?;
-        let cert = request_certificate(&client, &key, &self.node).await?;
+        let cert = csr::request(&client, &key, &self.identity.request(&self.node)).await?;
         // The same server and CA as the kubeconfig being replaced.
         let ca_pem = crate::components::cluster_ca_pem(&self.kubeconfig)?;
         let stored = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
         let server = stored.clusters.first().and_then(|c| c.cluster.as_ref()?.server.clone()).unwrap_or_default();
         std::fs::write(&self.creds.cert, &cert)?;
-        crate::pki::write_private(&self.kubeconfig, &kubeconfig(&server, &ca_pem, &cert, &key, &self.node)?)?;
+        let user = self.identity.user(&self.node);
+        crate::pki::write_private(&self.kubeconfig, &kubeconfig(&server, &ca_pem, &cert, &key, &user)?)?;
         *self.current.write().expect("client lock") = crate::components::kube_client(&self.kubeconfig).await?;
         Ok(csr::renewal_time(&self.creds.cert)?.1)
     }

@@ -401,6 +401,11 @@ async fn network_policies_deny_allow_exact_paths_and_lift() {
     cluster.kubectl_ok(&["create", "namespace", "web"]);
     cluster.kubectl_ok(&["create", "namespace", "friends"]);
     cluster.kubectl_ok(&["label", "namespace", "friends", "team=friends"]);
+    // Each node's networking has an identity of its own (a node sees only its pods).
+    for node in [1, 2] {
+        let network = std::fs::read_to_string(cluster.node_dir(node).join("agent/network.kubeconfig")).unwrap();
+        assert!(network.contains(&format!("system:krate:network:node-{node}")), "{network}");
+    }
     let server = pod_on(&cluster, "web", "server", "node-1", "server").await;
     let client = pod_on(&cluster, "friends", "client", "node-2", "client").await;
     let stranger = pod_on(&cluster, "friends", "stranger", "node-2", "stranger").await;
