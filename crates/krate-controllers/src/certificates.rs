@@ -169,6 +169,13 @@ fn add_condition(csr: &mut CertificateSigningRequest, kind: &str, reason: &str, 
     status.conditions.get_or_insert_with(Vec::new).push(serde_json::from_value(value).expect("a valid condition"));
 }
 
+/// Approves `csr` as the controller does (reason AutoApproved, `message`).
+async fn auto_approve(ctx: &Context, csr: &CertificateSigningRequest, message: &str) -> Result<(), Error> {
+    let mut approved = csr.clone();
+    add_condition(&mut approved, "Approved", "AutoApproved", message);
+    put_subresource(ctx, &approved, "approval").await
+}
+
 /// Whether the requester may have a node client certificate approved automatically.
 async fn may_auto_approve(ctx: &Context, csr: &CertificateSigningRequest, request: &Request) -> Result<bool, Error> {
     let spec = &csr.spec;
@@ -246,14 +253,7 @@ async fn approve(csr: Arc<CertificateSigningRequest>, ctx: Arc<Context>) -> Resu
         tracing::info!(csr = %csr.name_any(), node, "denied a bootstrap request for an existing node's name");
         return Ok(Action::await_change());
     }
-    let mut approved = (*csr).clone();
-    add_condition(
-        &mut approved,
-        "Approved",
-        "AutoApproved",
-        "Auto approving kubelet client certificate after SubjectAccessReview.",
-    );
-    put_subresource(&ctx, &approved, "approval").await?;
+    auto_approve(&ctx, &csr, "Auto approving kubelet client certificate after SubjectAccessReview.").await?;
     tracing::info!(csr = %csr.name_any(), user = ?csr.spec.username, "approved a node client certificate");
     Ok(Action::await_change())
 }
@@ -278,10 +278,8 @@ async fn approve_serving(csr: &CertificateSigningRequest, ctx: &Context) -> Resu
         tracing::info!(csr = %csr.name_any(), user = ?csr.spec.username, why, "a serving certificate request waits for approval (kubectl certificate approve)");
         return Ok(Action::await_change());
     }
-    let mut approved = csr.clone();
     let message = "Auto approving kubelet serving certificate: it names the requesting node's own names and addresses.";
-    add_condition(&mut approved, "Approved", "AutoApproved", message);
-    put_subresource(ctx, &approved, "approval").await?;
+    auto_approve(ctx, csr, message).await?;
     tracing::info!(csr = %csr.name_any(), node = name, "approved a node serving certificate");
     Ok(Action::await_change())
 }
@@ -304,10 +302,7 @@ async fn approve_network_identity(csr: &CertificateSigningRequest, ctx: &Context
     if !network_identity_request(csr, &request) {
         return Ok(Action::await_change());
     }
-    let mut approved = csr.clone();
-    let message = "Auto approving the node's networking identity: it names the requesting node.";
-    add_condition(&mut approved, "Approved", "AutoApproved", message);
-    put_subresource(ctx, &approved, "approval").await?;
+    auto_approve(ctx, csr, "Auto approving the node's networking identity: it names the requesting node.").await?;
     tracing::info!(csr = %csr.name_any(), user = %request.common_name, "approved a node networking identity");
     Ok(Action::await_change())
 }

@@ -13,10 +13,10 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
-use kube::runtime::watcher::{self, Event};
-use kube::runtime::WatchStreamExt;
 use kube::ResourceExt;
 use tokio::sync::Notify;
+
+use crate::watch::Change;
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -159,50 +159,42 @@ impl Catalog {
     }
 
     async fn watch_services(&self, client: kube::Client) -> Result<()> {
-        let mut events =
-            watcher::watcher(Api::<Service>::all(client), watcher::Config::default()).default_backoff().boxed();
-        let mut relisted: HashMap<Key, Service> = HashMap::new();
+        let mut changes = crate::watch::changes(Api::<Service>::all(client), "Service").boxed();
         let key = |svc: &Service| (svc.namespace().unwrap_or_default(), svc.name_any());
-        while let Some(event) = events.next().await {
-            match event {
-                Ok(Event::Apply(svc)) => self.changed(|s| {
+        while let Some(change) = changes.next().await {
+            match change {
+                Change::Apply(svc) => self.changed(|s| {
                     let k = key(&svc);
                     s.known.services.insert(k.clone(), svc);
                     vec![k]
                 }),
-                Ok(Event::Delete(svc)) => self.changed(|s| {
+                Change::Delete(svc) => self.changed(|s| {
                     let k = key(&svc);
                     s.known.services.remove(&k);
                     vec![k]
                 }),
-                Ok(Event::Init) => relisted.clear(),
-                Ok(Event::InitApply(svc)) => {
-                    relisted.insert(key(&svc), svc);
-                }
-                Ok(Event::InitDone) => self.changed(|s| {
+                Change::Relisted(all) => self.changed(|s| {
+                    let relisted: HashMap<Key, Service> = all.into_iter().map(|svc| (key(&svc), svc)).collect();
                     let mut keys: Vec<Key> = s.known.services.keys().cloned().collect();
                     keys.extend(relisted.keys().cloned());
-                    s.known.services = std::mem::take(&mut relisted);
+                    s.known.services = relisted;
                     s.services_listed = true;
                     keys
                 }),
-                Err(e) => tracing::warn!(error = %e, "the Service watch failed; retrying"),
             }
         }
         anyhow::bail!("the Service watch ended")
     }
 
     async fn watch_slices(&self, client: kube::Client) -> Result<()> {
-        let api = Api::<EndpointSlice>::all(client);
-        let mut events = watcher::watcher(api, watcher::Config::default()).default_backoff().boxed();
-        let mut relisted: HashMap<Key, HashMap<String, EndpointSlice>> = HashMap::new();
+        let mut changes = crate::watch::changes(Api::<EndpointSlice>::all(client), "EndpointSlice").boxed();
         let key = |slice: &EndpointSlice| {
             let service = slice.labels().get(SERVICE_NAME_LABEL)?.clone();
             Some(((slice.namespace().unwrap_or_default(), service), slice.name_any()))
         };
-        while let Some(event) = events.next().await {
-            match event {
-                Ok(Event::Apply(slice)) => {
+        while let Some(change) = changes.next().await {
+            match change {
+                Change::Apply(slice) => {
                     let Some((k, name)) = key(&slice) else { continue };
                     crate::proxy::metrics::observe_trigger(&slice);
                     self.changed(|s| {
@@ -210,7 +202,7 @@ impl Catalog {
                         vec![k]
                     })
                 }
-                Ok(Event::Delete(slice)) => {
+                Change::Delete(slice) => {
                     let Some((k, name)) = key(&slice) else { continue };
                     self.changed(|s| {
                         if let Some(m) = s.known.slices.get_mut(&k) {
@@ -222,20 +214,19 @@ impl Catalog {
                         vec![k]
                     })
                 }
-                Ok(Event::Init) => relisted.clear(),
-                Ok(Event::InitApply(slice)) => {
-                    if let Some((k, name)) = key(&slice) {
-                        relisted.entry(k).or_default().insert(name, slice);
+                Change::Relisted(all) => self.changed(|s| {
+                    let mut relisted: HashMap<Key, HashMap<String, EndpointSlice>> = HashMap::new();
+                    for slice in all {
+                        if let Some((k, name)) = key(&slice) {
+                            relisted.entry(k).or_default().insert(name, slice);
+                        }
                     }
-                }
-                Ok(Event::InitDone) => self.changed(|s| {
                     let mut keys: Vec<Key> = s.known.slices.keys().cloned().collect();
                     keys.extend(relisted.keys().cloned());
-                    s.known.slices = std::mem::take(&mut relisted);
+                    s.known.slices = relisted;
                     s.slices_listed = true;
                     keys
                 }),
-                Err(e) => tracing::warn!(error = %e, "the EndpointSlice watch failed; retrying"),
             }
         }
         anyhow::bail!("the EndpointSlice watch ended")

@@ -13,6 +13,7 @@ pub mod pod;
 pub mod policy;
 pub mod proxy;
 pub mod routes;
+pub mod watch;
 
 pub use cidr::Cidr;
 pub use pod::PodNetwork;

@@ -26,10 +26,10 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use krate_client::selectors::selector_matches;
-use kube::runtime::watcher::{self, Event};
-use kube::runtime::WatchStreamExt;
 use kube::{Api, Resource, ResourceExt};
 use tokio::sync::Notify;
+
+use crate::watch::Change;
 
 /// What a node needs to know of a pod.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -106,6 +106,14 @@ impl Direction {
         match self {
             Direction::Ingress => "ip saddr",
             Direction::Egress => "ip daddr",
+        }
+    }
+
+    /// The address that names the node's own pod: the other one.
+    fn pod_field(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ip daddr",
+            Direction::Egress => "ip saddr",
         }
     }
 }
@@ -256,11 +264,7 @@ impl View {
 }
 
 fn chain_name(dir: Direction, ip: Ipv4Addr) -> String {
-    let prefix = match dir {
-        Direction::Ingress => "ingress",
-        Direction::Egress => "egress",
-    };
-    format!("{prefix}-{}", ip.to_string().replace('.', "-"))
+    format!("{}-{}", dir.name().to_lowercase(), ip.to_string().replace('.', "-"))
 }
 
 /// The whole table for the pods of `node`: one transaction that replaces the table.
@@ -282,11 +286,7 @@ pub fn ruleset(view: &View, node: &str, table: &str) -> String {
     out.push_str("    ct state established,related accept\n");
     for (dir, entries) in &maps {
         if !entries.is_empty() {
-            let field = match dir {
-                Direction::Egress => "ip saddr",
-                Direction::Ingress => "ip daddr",
-            };
-            out.push_str(&format!("    {field} vmap {{ {} }}\n", entries.join(", ")));
+            out.push_str(&format!("    {} vmap {{ {} }}\n", dir.pod_field(), entries.join(", ")));
         }
     }
     out.push_str("  }\n");
@@ -323,34 +323,22 @@ where
     F: Fn(&mut View, &K),
     G: Fn(&mut View, &K),
 {
-    let mut events = watcher::watcher(api, watcher::Config::default()).default_backoff().boxed();
-    let mut relisted: Vec<K> = Vec::new();
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(Event::Apply(o)) => apply(&mut shared.view.lock().unwrap(), &o),
-            Ok(Event::Delete(o)) => remove(&mut shared.view.lock().unwrap(), &o),
-            Ok(Event::Init) => {
-                relisted.clear();
-                continue;
-            }
-            Ok(Event::InitApply(o)) => {
-                relisted.push(o);
-                continue;
-            }
-            Ok(Event::InitDone) => {
+    let mut changes = crate::watch::changes(api, what).boxed();
+    while let Some(change) = changes.next().await {
+        let mut view = shared.view.lock().unwrap();
+        match change {
+            Change::Apply(o) => apply(&mut view, &o),
+            Change::Delete(o) => remove(&mut view, &o),
+            Change::Relisted(all) => {
                 // A relist replaces what was known of this kind.
-                let mut view = shared.view.lock().unwrap();
                 clear(&mut view);
-                for o in relisted.drain(..) {
-                    apply(&mut view, &o);
+                for o in &all {
+                    apply(&mut view, o);
                 }
                 shared.listed.lock().unwrap().insert(what);
             }
-            Err(e) => {
-                tracing::warn!(error = %e, what, "a NetworkPolicy input watch failed; retrying");
-                continue;
-            }
         }
+        drop(view);
         shared.changed.notify_one();
     }
     anyhow::bail!("the {what} watch ended")

@@ -22,10 +22,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
-use kube::runtime::watcher::{self, Event};
-use kube::runtime::WatchStreamExt;
 use kube::{Api, ResourceExt};
 
+use crate::watch::Change;
 use crate::Cidr;
 
 /// The kernel's route protocol number marking krate's routes (`ip route show proto 75`).
@@ -165,28 +164,39 @@ async fn run(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The addresses of this host (network namespace).
-async fn local_addresses() -> Result<BTreeSet<IpAddr>> {
+/// A link of this host (network namespace): its name, MTU and addresses.
+struct Link {
+    name: String,
+    mtu: u32,
+    addresses: Vec<IpAddr>,
+}
+
+async fn links() -> Result<Vec<Link>> {
     let text = run("ip", &["-j", "addr", "show"]).await?;
     let links: serde_json::Value = serde_json::from_str(&text).context("reading `ip -j addr show`")?;
     Ok(links
         .as_array()
         .into_iter()
         .flatten()
-        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
-        .filter_map(|a| a["local"].as_str()?.parse().ok())
+        .filter_map(|l| {
+            let addresses = l["addr_info"].as_array()?.iter().filter_map(|a| a["local"].as_str()?.parse().ok());
+            Some(Link {
+                name: l["ifname"].as_str()?.to_string(),
+                mtu: l["mtu"].as_u64()? as u32,
+                addresses: addresses.collect(),
+            })
+        })
         .collect())
+}
+
+/// The addresses of this host (network namespace).
+async fn local_addresses() -> Result<BTreeSet<IpAddr>> {
+    Ok(links().await?.into_iter().flat_map(|l| l.addresses).collect())
 }
 
 /// The link holding `ip` and its MTU.
 pub async fn link_of(ip: IpAddr) -> Result<Option<(String, u32)>> {
-    let text = run("ip", &["-j", "addr", "show"]).await?;
-    let links: serde_json::Value = serde_json::from_str(&text).context("reading `ip -j addr show`")?;
-    let ip = ip.to_string();
-    Ok(links.as_array().into_iter().flatten().find_map(|l| {
-        let holds = l["addr_info"].as_array()?.iter().any(|a| a["local"].as_str() == Some(ip.as_str()));
-        holds.then(|| Some((l["ifname"].as_str()?.to_string(), l["mtu"].as_u64()? as u32))).flatten()
-    }))
+    Ok(links().await?.into_iter().find(|l| l.addresses.contains(&ip)).map(|l| (l.name, l.mtu)))
 }
 
 /// The MTU pods get: the node link's, less VXLAN's overhead unless only host-gw is used.
@@ -209,17 +219,32 @@ async fn directly_reachable(ip: Ipv4Addr) -> bool {
     routes.get(0).is_some_and(|r| r.get("gateway").is_none() && r["type"].as_str() != Some("local"))
 }
 
+/// What of the Nodes decides the routes: each one's pod CIDRs and InternalIP.
+type Routing = BTreeMap<String, (Vec<Cidr>, Ipv4Addr)>;
+
 /// The node's routes to its peers, as applied.
 struct Routes {
     config: RouteConfig,
     applied: BTreeMap<String, Peer>,
     pod_cidrs: BTreeSet<String>,
     vxlan_ready: bool,
+    /// The Nodes' routing as last applied: most Node updates (status, heartbeats) leave
+    /// it alone, and then nothing is looked up or run.
+    synced: Option<Routing>,
+    /// Whether a peer address is on a shared link, as the kernel said the first time.
+    reachable: HashMap<Ipv4Addr, bool>,
 }
 
 impl Routes {
     fn new(config: RouteConfig) -> Self {
-        Routes { config, applied: BTreeMap::new(), pod_cidrs: BTreeSet::new(), vxlan_ready: false }
+        Routes {
+            config,
+            applied: BTreeMap::new(),
+            pod_cidrs: BTreeSet::new(),
+            vxlan_ready: false,
+            synced: None,
+            reachable: HashMap::new(),
+        }
     }
 
     async fn ensure_vxlan(&mut self) -> Result<()> {
@@ -298,16 +323,19 @@ impl Routes {
     }
 
     /// Brings the routes and the `pod-cidrs` set to what `nodes` say.
-    async fn sync(&mut self, nodes: &[&Node], first: bool) -> Result<()> {
+    async fn sync(&mut self, nodes: &[&Node]) -> Result<()> {
+        let routing: Routing = nodes.iter().filter_map(|n| Some((n.name_any(), node_route(n)?))).collect();
+        if self.synced.as_ref() == Some(&routing) {
+            return Ok(());
+        }
+        let first = self.synced.is_none();
         let local = local_addresses().await?;
-        let mut reachable: HashMap<Ipv4Addr, bool> = HashMap::new();
-        for node in nodes {
-            if let Some((_, ip)) = node_route(node) {
-                if self.config.backend == Backend::Auto && !reachable.contains_key(&ip) {
-                    reachable.insert(ip, directly_reachable(ip).await);
-                }
+        for (_, ip) in routing.values() {
+            if self.config.backend == Backend::Auto && !self.reachable.contains_key(ip) {
+                self.reachable.insert(*ip, directly_reachable(*ip).await);
             }
         }
+        let reachable = &self.reachable;
         let desired = peers(nodes.iter().copied(), &self.config, &local, |ip| reachable.get(&ip) == Some(&true));
         let pod_cidrs = cluster_pod_cidrs(nodes.iter().copied());
         if pod_cidrs != self.pod_cidrs {
@@ -334,25 +362,27 @@ impl Routes {
             self.applied.insert(name.clone(), peer.clone());
         }
         if first {
-            self.remove_stale(&desired).await?;
+            remove_stale(&desired).await?;
         }
+        self.synced = Some(routing);
         Ok(())
     }
+}
 
-    /// Routes of an earlier run to nodes that are gone.
-    async fn remove_stale(&self, desired: &BTreeMap<String, Peer>) -> Result<()> {
-        let wanted: BTreeSet<String> = desired.values().flat_map(|p| p.cidrs.iter().map(Cidr::to_string)).collect();
-        for dst in own_routes().await? {
-            if !wanted.contains(&dst) {
-                let _ = run("ip", &["route", "del", &dst, "proto", ROUTE_PROTOCOL]).await;
-                tracing::info!(cidr = %dst, "removed a route to a node that left");
-            }
+/// Removes krate's routes other than to `desired`, and the VXLAN device if no peer is
+/// reached through it: what an earlier run left for nodes that are gone.
+async fn remove_stale(desired: &BTreeMap<String, Peer>) -> Result<()> {
+    let wanted: BTreeSet<String> = desired.values().flat_map(|p| p.cidrs.iter().map(Cidr::to_string)).collect();
+    for dst in own_routes().await? {
+        if !wanted.contains(&dst) {
+            let _ = run("ip", &["route", "del", &dst, "proto", ROUTE_PROTOCOL]).await;
+            tracing::info!(cidr = %dst, "removed a route to a node that left");
         }
-        if !desired.values().any(|p| p.via == Via::Vxlan) && run("ip", &["link", "show", VXLAN_DEVICE]).await.is_ok() {
-            let _ = run("ip", &["link", "del", VXLAN_DEVICE]).await;
-        }
-        Ok(())
     }
+    if !desired.values().any(|p| p.via == Via::Vxlan) && run("ip", &["link", "show", VXLAN_DEVICE]).await.is_ok() {
+        let _ = run("ip", &["link", "del", VXLAN_DEVICE]).await;
+    }
+    Ok(())
 }
 
 /// The destinations of krate's routes in this network namespace.
@@ -370,37 +400,22 @@ async fn own_routes() -> Result<Vec<String>> {
 
 /// Follows the Nodes and keeps the routes to their pods until the watch ends.
 pub async fn run_routes(client: kube::Client, config: RouteConfig) -> Result<()> {
-    let mut events = watcher::watcher(Api::<Node>::all(client), watcher::Config::default()).default_backoff().boxed();
+    let mut changes = crate::watch::changes(Api::<Node>::all(client), "Node").boxed();
     let mut routes = Routes::new(config);
     let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
-    let mut relisted: BTreeMap<String, Node> = BTreeMap::new();
-    let mut synced_once = false;
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(Event::Apply(node)) => {
+    while let Some(change) = changes.next().await {
+        match change {
+            Change::Apply(node) => {
                 nodes.insert(node.name_any(), node);
             }
-            Ok(Event::Delete(node)) => {
+            Change::Delete(node) => {
                 nodes.remove(&node.name_any());
             }
-            Ok(Event::Init) => {
-                relisted.clear();
-                continue;
-            }
-            Ok(Event::InitApply(node)) => {
-                relisted.insert(node.name_any(), node);
-                continue;
-            }
-            Ok(Event::InitDone) => nodes = std::mem::take(&mut relisted),
-            Err(e) => {
-                tracing::warn!(error = %e, "the Node watch failed; retrying");
-                continue;
-            }
+            Change::Relisted(all) => nodes = all.into_iter().map(|n| (n.name_any(), n)).collect(),
         }
         let list: Vec<&Node> = nodes.values().collect();
-        match routes.sync(&list, !synced_once).await {
-            Ok(()) => synced_once = true,
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot route to the other nodes' pods yet"),
+        if let Err(e) = routes.sync(&list).await {
+            tracing::warn!(error = %format!("{e:#}"), "cannot route to the other nodes' pods yet");
         }
     }
     bail!("the Node watch ended")

@@ -301,7 +301,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
             let creds = crate::join::Credentials::in_dir(&args.dir);
             let path = crate::join::credentials(&join, &creds).await?;
-            let rotation = crate::join::Rotation::new(&path, creds, &node_name, crate::join::Identity::Node, None).await?;
+            let rotation = crate::join::Rotation::new(creds, &node_name, crate::join::Identity::Node, None).await?;
             (path, Some(rotation))
         }
         (None, None) => anyhow::bail!(
@@ -345,8 +345,8 @@ async fn network_client(node: &kube::Client, node_kubeconfig: &Path, dir: &Path,
     use crate::join::{Credentials, Identity, Rotation};
     let creds = Credentials::network_in_dir(dir);
     let rotation = async {
-        let path = crate::join::network_credentials(node, node_kubeconfig, &creds, name).await?;
-        Rotation::new(&path, Credentials::network_in_dir(dir), name, Identity::Network, Some(node.clone())).await
+        crate::join::network_credentials(node, node_kubeconfig, &creds, name).await?;
+        Rotation::new(creds, name, Identity::Network, Some(node.clone())).await
     };
     match rotation.await {
         Ok(rotation) => {

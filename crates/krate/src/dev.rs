@@ -165,20 +165,20 @@ fn sh(program: &str, args: &[&str]) -> Result<String> {
 /// namespace, inside that network namespace (only the network: mounts stay this
 /// machine's, so `krate reset` sees what the agent mounted).
 fn prepare(command: &mut Command, netns: Option<&str>) -> Result<()> {
-    let fd = match netns {
+    let netns = match netns {
         Some(ns) => {
             let path = Path::new("/run/netns").join(ns);
-            let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-            Some(std::os::fd::IntoRawFd::into_raw_fd(file))
+            Some(std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?)
         }
         None => None,
     };
-    // SAFETY: between fork and exec only async-signal-safe calls (setsid, setns).
+    // SAFETY: between fork and exec only async-signal-safe calls (setsid, setns). The
+    // namespace's file lives as long as the command (closed on exec in the child).
     unsafe {
         command.pre_exec(move || {
             libc::setsid();
-            if let Some(fd) = fd {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+            if let Some(file) = &netns {
+                if libc::setns(std::os::fd::AsRawFd::as_raw_fd(file), libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
@@ -255,7 +255,7 @@ async fn up(args: UpArgs) -> Result<()> {
         Err(e) => {
             let _ = state.save(&dir);
             eprintln!("krate dev cluster up failed; removing what it started (logs stay in {})", dir.display());
-            let _ = stop_and_remove(&state, &dir);
+            let _ = stop_and_remove(&state);
             Err(e)
         }
     }
@@ -450,13 +450,13 @@ fn down(dir: &Path) -> Result<()> {
     let Some(state) = State::load(dir)? else {
         bail!("no cluster at {} (no cluster.json)", dir.display());
     };
-    stop_and_remove(&state, dir)?;
+    stop_and_remove(&state)?;
     std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
 }
 
 /// Stops the agents and the server, resets every node inside its namespace, and removes
 /// the namespaces, the bridge and this machine's routes.
-fn stop_and_remove(state: &State, _dir: &Path) -> Result<()> {
+fn stop_and_remove(state: &State) -> Result<()> {
     let exe = std::env::current_exe()?;
     let mut problems = Vec::new();
     for node in &state.nodes {

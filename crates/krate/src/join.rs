@@ -63,6 +63,16 @@ impl Credentials {
         }
     }
 
+    /// Stores `cert` (of `user`, for `key`) and a kubeconfig with it for the server and
+    /// CA of the kubeconfig at `like`.
+    fn store(&self, like: &Path, cert: &str, key: &rcgen::KeyPair, user: &str) -> Result<()> {
+        let ca_pem = crate::components::cluster_ca_pem(like)?;
+        let stored = kube::config::Kubeconfig::read_from(like)?;
+        let server = stored.clusters.first().and_then(|c| c.cluster.as_ref()?.server.clone()).unwrap_or_default();
+        std::fs::write(&self.cert, cert)?;
+        crate::pki::write_private(&self.kubeconfig, &kubeconfig(&server, &ca_pem, cert, key, user)?)
+    }
+
     /// The stored kubeconfig, while its certificate has not expired.
     fn valid(&self) -> Option<&Path> {
         let (_, expires) = csr::renewal_time(&self.cert).ok()?;
@@ -182,16 +192,17 @@ fn kubeconfig(server: &str, ca_pem: &str, cert_pem: &str, key: &rcgen::KeyPair, 
     crate::pki::client_kubeconfig(server, ca_pem, &leaf, user)
 }
 
-/// The networking identity's kubeconfig: the stored one while valid, else a new one the
-/// node asks for with `node_client`, for the server and CA of `node_kubeconfig`.
+/// Makes sure `creds` hold the networking identity's kubeconfig: the stored one while
+/// valid, else a new one the node asks for with `node_client`, for the server and CA of
+/// `node_kubeconfig`.
 pub async fn network_credentials(
     node_client: &kube::Client,
     node_kubeconfig: &Path,
     creds: &Credentials,
     node: &str,
-) -> Result<PathBuf> {
-    if let Some(path) = creds.valid() {
-        return Ok(path.to_path_buf());
+) -> Result<()> {
+    if creds.valid().is_some() {
+        return Ok(());
     }
     let key = csr::key_pair(&creds.key)?;
     let what = Identity::Network.request(node);
@@ -199,13 +210,7 @@ pub async fn network_credentials(
     let cert = tokio::time::timeout(Duration::from_secs(60), request)
         .await
         .context("the networking identity's certificate was not issued within a minute")??;
-    let ca_pem = crate::components::cluster_ca_pem(node_kubeconfig)?;
-    let stored = kube::config::Kubeconfig::read_from(node_kubeconfig)?;
-    let server = stored.clusters.first().and_then(|c| c.cluster.as_ref()?.server.clone()).unwrap_or_default();
-    std::fs::write(&creds.cert, &cert)?;
-    let text = kubeconfig(&server, &ca_pem, &cert, &key, &Identity::Network.user(node))?;
-    crate::pki::write_private(&creds.kubeconfig, &text)?;
-    Ok(creds.kubeconfig.clone())
+    creds.store(node_kubeconfig, &cert, &key, &Identity::Network.user(node))
 }
 
 /// The kubeconfig the agent runs with: the stored one while its certificate is valid,
@@ -248,7 +253,6 @@ pub async fn credentials(join: &Join, creds: &Credentials) -> Result<PathBuf> {
 #[derive(Clone)]
 pub struct Rotation {
     current: Arc<RwLock<kube::Client>>,
-    kubeconfig: PathBuf,
     creds: Arc<Credentials>,
     node: String,
     identity: Identity,
@@ -257,17 +261,16 @@ pub struct Rotation {
 }
 
 impl Rotation {
+    /// The rotation of the stored credentials `creds`.
     pub async fn new(
-        kubeconfig: &Path,
         creds: Credentials,
         node: &str,
         identity: Identity,
         requester: Option<kube::Client>,
     ) -> Result<Self> {
-        let client = crate::components::kube_client(kubeconfig).await?;
+        let client = crate::components::kube_client(&creds.kubeconfig).await?;
         Ok(Rotation {
             current: Arc::new(RwLock::new(client)),
-            kubeconfig: kubeconfig.to_path_buf(),
             creds: Arc::new(creds),
             node: node.to_string(),
             identity,
@@ -309,13 +312,9 @@ impl Rotation {
         let key = csr::key_pair(&self.creds.key)?;
         let cert = csr::request(&client, &key, &self.identity.request(&self.node)).await?;
         // The same server and CA as the kubeconfig being replaced.
-        let ca_pem = crate::components::cluster_ca_pem(&self.kubeconfig)?;
-        let stored = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
-        let server = stored.clusters.first().and_then(|c| c.cluster.as_ref()?.server.clone()).unwrap_or_default();
-        std::fs::write(&self.creds.cert, &cert)?;
-        let user = self.identity.user(&self.node);
-        crate::pki::write_private(&self.kubeconfig, &kubeconfig(&server, &ca_pem, &cert, &key, &user)?)?;
-        *self.current.write().expect("client lock") = crate::components::kube_client(&self.kubeconfig).await?;
+        let kubeconfig = &self.creds.kubeconfig;
+        self.creds.store(kubeconfig, &cert, &key, &self.identity.user(&self.node))?;
+        *self.current.write().expect("client lock") = crate::components::kube_client(kubeconfig).await?;
         Ok(csr::renewal_time(&self.creds.cert)?.1)
     }
 }

@@ -203,8 +203,14 @@ fn pod_name(pod: &Pod) -> String {
 
 /// `wget` from inside `from` (kubectl exec, through the API server and the agent).
 fn fetch(cluster: &DevCluster, from: &Pod, url: &str) -> Option<String> {
-    let out =
-        kubectl_at(&cluster.kubeconfig(), &["exec", &pod_name(from), "--", "timeout", "10", "wget", "-qO-", url], None);
+    fetch_within(cluster, from, url, 10)
+}
+
+/// `wget` from inside `from`, given up after `seconds`.
+fn fetch_within(cluster: &DevCluster, from: &Pod, url: &str, seconds: u32) -> Option<String> {
+    let (ns, seconds) = (from.metadata.namespace.as_deref().unwrap_or("default"), seconds.to_string());
+    let args = ["exec", "-n", ns, &pod_name(from), "--", "timeout", &seconds, "wget", "-qO-", url];
+    let out = kubectl_at(&cluster.kubeconfig(), &args, None);
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -363,24 +369,7 @@ async fn pod_on(cluster: &DevCluster, ns: &str, name: &str, node: &str, app: &st
 
 /// Whether `from` gets an answer from `to` (a few seconds' wait for a refusal).
 fn reaches(cluster: &DevCluster, from: &Pod, to: &Pod) -> bool {
-    let url = format!("http://{}:8080/client", pod_ip(to));
-    let out = kubectl_at(
-        &cluster.kubeconfig(),
-        &[
-            "exec",
-            "-n",
-            from.metadata.namespace.as_deref().unwrap(),
-            &pod_name(from),
-            "--",
-            "timeout",
-            "3",
-            "wget",
-            "-qO-",
-            &url,
-        ],
-        None,
-    );
-    out.status.success()
+    fetch_within(cluster, from, &format!("http://{}:8080/client", pod_ip(to)), 3).is_some()
 }
 
 /// Waits until `from` reaching `to` is `expected` (rules take a moment to reach nodes).
