@@ -186,6 +186,29 @@ pub async fn discover(join: &Join, token: Option<&Token>) -> Result<String> {
     Ok(ca_pem)
 }
 
+/// [`discover`], tried again for a minute while the server cannot be reached or drops the
+/// connection (it may be starting, or busy), as kubeadm's discovery retries; a refusal
+/// (wrong token, CA, signature) ends it at once.
+async fn discover_patiently(join: &Join, token: Option<&Token>) -> Result<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match discover(join, token).await {
+            Err(e) if std::time::Instant::now() < deadline && transport_error(&e) => {
+                println!("cannot reach {} yet ({e:#}); trying again", join.server);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Whether `e` is the connection's failing rather than the server's answer.
+fn transport_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(cause.downcast_ref::<kube::Error>(), Some(kube::Error::Service(_) | kube::Error::HyperError(_)))
+    })
+}
+
 /// A kubeconfig for `server` with the CA and a client certificate of `user`.
 fn kubeconfig(server: &str, ca_pem: &str, cert_pem: &str, key: &rcgen::KeyPair, user: &str) -> Result<String> {
     let leaf = crate::pki::Leaf { cert_pem: cert_pem.to_string(), key_pem: key.serialize_pem() };
@@ -232,7 +255,7 @@ pub async fn credentials(join: &Join, creds: &Credentials) -> Result<PathBuf> {
         bail!("give --ca-cert-hash sha256:... to check the cluster's CA (or --unsafe-skip-ca-verification, which lets anyone who knows the token pose as the cluster)");
     }
     println!("discovering the cluster at {}", join.server);
-    let ca_pem = discover(join, token).await?;
+    let ca_pem = discover_patiently(join, token).await?;
     let key = csr::key_pair(&creds.key)?;
     println!("asking for a client certificate for node {}", join.node_name);
     let client = verified_client(&join.server, &ca_pem, token)?;
