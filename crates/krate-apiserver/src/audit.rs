@@ -217,6 +217,8 @@ pub struct LogFile {
     pub max_size_mb: u64,
     /// Rotated files kept (0: all).
     pub max_backups: usize,
+    /// Days a rotated file is kept (0: no limit), as upstream's `--audit-log-maxage`.
+    pub max_age_days: u64,
 }
 
 impl Auditor {
@@ -335,7 +337,12 @@ impl Auditor {
             }
         }
         let decision = if outcome.code == 403 && outcome.forbidden_by_authorizer { "forbid" } else { "allow" };
-        extra.insert("annotations".into(), json!({"authorization.k8s.io/decision": decision}));
+        let mut annotations = Map::new();
+        annotations.insert("authorization.k8s.io/decision".into(), json!(decision));
+        for (key, value) in outcome.annotations {
+            annotations.insert(key, Value::String(value));
+        }
+        extra.insert("annotations".into(), Value::Object(annotations));
         let stage = if outcome.streaming { "ResponseStarted" } else { "ResponseComplete" };
         self.write(record.event(stage, extra));
     }
@@ -352,6 +359,8 @@ pub struct Outcome {
     pub streaming: bool,
     /// The authorizer refused it (rather than admission or the REST layer).
     pub forbidden_by_authorizer: bool,
+    /// What the stages added (`RequestAttributes::annotate`).
+    pub annotations: Vec<(String, String)>,
 }
 
 /// Renames the log to `<stem>-<UTC time>.<ext>` and drops the oldest backups beyond
@@ -361,7 +370,7 @@ fn rotate(log: &LogFile) -> std::io::Result<()> {
     let ext = log.path.extension().and_then(|s| s.to_str()).map(|e| format!(".{e}")).unwrap_or_default();
     let time = jiff::Timestamp::now().strftime("%Y-%m-%dT%H-%M-%S%.3f").to_string();
     std::fs::rename(&log.path, log.path.with_file_name(format!("{stem}-{time}{ext}")))?;
-    if log.max_backups == 0 {
+    if log.max_backups == 0 && log.max_age_days == 0 {
         return Ok(());
     }
     let dir = log.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -372,8 +381,19 @@ fn rotate(log: &LogFile) -> std::io::Result<()> {
             name.starts_with(&format!("{stem}-")) && name.ends_with(&ext) && *p != log.path
         })
         .collect();
+    // Oldest first: the names carry the time of their rotation.
     backups.sort();
-    while backups.len() > log.max_backups {
+    if log.max_age_days > 0 {
+        let max_age = std::time::Duration::from_secs(log.max_age_days * 86_400);
+        let expired = |p: &PathBuf| {
+            std::fs::metadata(p).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|age| age > max_age))
+        };
+        for old in backups.iter().filter(|p| expired(p)) {
+            std::fs::remove_file(old)?;
+        }
+        backups.retain(|p| p.exists());
+    }
+    while log.max_backups > 0 && backups.len() > log.max_backups {
         std::fs::remove_file(backups.remove(0))?;
     }
     Ok(())
@@ -430,7 +450,7 @@ rules:
     #[test]
     fn the_log_rotates_and_keeps_its_backups() {
         let dir = tempfile::tempdir().unwrap();
-        let log = LogFile { path: dir.path().join("audit.log"), max_size_mb: 0, max_backups: 2 };
+        let log = LogFile { path: dir.path().join("audit.log"), max_size_mb: 0, max_backups: 2, max_age_days: 0 };
         for _ in 0..4 {
             std::fs::write(&log.path, "x\n").unwrap();
             rotate(&log).unwrap();
@@ -440,5 +460,21 @@ rules:
             std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
         assert!(names.iter().all(|n| n.starts_with("audit-") && n.ends_with(".log")), "{names:?}");
+    }
+
+    #[test]
+    fn rotation_drops_backups_older_than_the_maximum_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogFile { path: dir.path().join("audit.log"), max_size_mb: 0, max_backups: 0, max_age_days: 1 };
+        let old = dir.path().join("audit-2020-01-01T00-00-00.000.log");
+        std::fs::write(&old, "x\n").unwrap();
+        let two_days_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
+        std::fs::File::options().write(true).open(&old).unwrap().set_modified(two_days_ago).unwrap();
+        std::fs::write(&log.path, "y\n").unwrap();
+        rotate(&log).unwrap();
+        let names: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        assert_eq!(names.len(), 1, "only the new backup stays: {names:?}");
+        assert_ne!(names[0], "audit-2020-01-01T00-00-00.000.log");
     }
 }

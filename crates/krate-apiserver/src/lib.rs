@@ -335,7 +335,7 @@ impl ApiServer {
 }
 
 /// A GET of a collection (a list or a watch).
-fn lists<B>(req: &::http::Request<B>) -> bool {
+pub fn reads_collection<B>(req: &::http::Request<B>) -> bool {
     req.method() == ::http::Method::GET
         && matches!(http::route::parse_path(req.uri().path()), http::route::Route::Resource(r) if r.name.is_none())
 }
@@ -356,7 +356,7 @@ where
     fn call(&mut self, mut req: ::http::Request<B>) -> Self::Future {
         req.headers_mut().entry(::http::header::USER_AGENT).or_insert_with(|| self.user_agent.clone());
         let user = match &self.lister {
-            Some(lister) if lists(&req) => lister.clone(),
+            Some(lister) if reads_collection(&req) => lister.clone(),
             _ => self.user.clone(),
         };
         let server = self.server.clone();

@@ -786,6 +786,9 @@ impl PodSecurity {
             return Ok(());
         }
         let policy = Self::namespace_policy(storage, object::namespace(obj).unwrap_or_default()).await?;
+        if let Some(request) = attrs.request {
+            request.annotate(&format!("{LABEL_PREFIX}enforce-policy"), policy.enforce.to_string());
+        }
         if policy.errors.is_empty() && policy.privileged() {
             return Ok(());
         }
@@ -797,14 +800,24 @@ impl PodSecurity {
                 format!("violates PodSecurity {:?}: {}", policy.enforce.to_string(), detailed(&broken)),
             ));
         }
-        Self::warn(attrs, &policy, &obj["metadata"], &obj["spec"]);
+        Self::warn_and_audit(attrs, &policy, &obj["metadata"], &obj["spec"]);
         Ok(())
     }
 
-    fn warn(attrs: &Attributes<'_>, policy: &Policy, metadata: &Value, spec: &Value) {
-        let broken = violations(policy.warn.level, metadata, spec);
-        if let (false, Some(request)) = (broken.is_empty(), attrs.request) {
-            request.warn(format!("would violate PodSecurity {:?}: {}", policy.warn.to_string(), detailed(&broken)));
+    /// The warn level's violations become `Warning`s, the audit level's an annotation
+    /// of the request's audit event (`pod-security.kubernetes.io/audit-violations`).
+    fn warn_and_audit(attrs: &Attributes<'_>, policy: &Policy, metadata: &Value, spec: &Value) {
+        let Some(request) = attrs.request else { return };
+        let would_violate = |mode: &LevelVersion| {
+            let broken = violations(mode.level, metadata, spec);
+            (!broken.is_empty())
+                .then(|| format!("would violate PodSecurity {:?}: {}", mode.to_string(), detailed(&broken)))
+        };
+        if let Some(text) = would_violate(&policy.warn) {
+            request.warn(text);
+        }
+        if let Some(text) = would_violate(&policy.audit) {
+            request.annotate(&format!("{LABEL_PREFIX}audit-violations"), text);
         }
     }
 
@@ -892,7 +905,7 @@ impl Plugin for PodSecurity {
             {
                 return Ok(());
             }
-            Self::warn(attrs, &policy, &metadata, &spec);
+            Self::warn_and_audit(attrs, &policy, &metadata, &spec);
             Ok(())
         } else {
             Ok(())

@@ -102,6 +102,9 @@ pub struct RequestAttributes {
     pub source: Option<std::net::IpAddr>,
     /// Warnings for the client (`Warning` headers), from any stage (admission plugins).
     warnings: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Annotations for the request's audit event, from any stage (PodSecurity's
+    /// `pod-security.kubernetes.io/audit-violations`).
+    audit_annotations: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
 }
 
 impl RequestAttributes {
@@ -120,6 +123,7 @@ impl RequestAttributes {
             field_selector: query.get("fieldSelector").cloned().unwrap_or_default(),
             source: None,
             warnings: Default::default(),
+            audit_annotations: Default::default(),
         };
         if let Route::Resource(r) = route {
             let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
@@ -170,6 +174,7 @@ impl RequestAttributes {
             field_selector: String::new(),
             source: None,
             warnings: Default::default(),
+            audit_annotations: Default::default(),
         }
     }
 
@@ -193,6 +198,18 @@ impl RequestAttributes {
     /// The warnings added so far, taken.
     pub fn take_warnings(&self) -> Vec<String> {
         std::mem::take(&mut *self.warnings.lock().expect("warnings lock"))
+    }
+
+    /// Adds (or replaces) an annotation of the request's audit event.
+    pub fn annotate(&self, key: &str, value: String) {
+        let mut annotations = self.audit_annotations.lock().expect("audit annotations lock");
+        annotations.retain(|(k, _)| k != key);
+        annotations.push((key.to_string(), value));
+    }
+
+    /// The audit annotations added so far.
+    pub fn audit_annotations(&self) -> Vec<(String, String)> {
+        self.audit_annotations.lock().expect("audit annotations lock").clone()
     }
 
     /// The field selector requires `field` to equal `value`.

@@ -128,8 +128,9 @@ pub struct Config {
 /// `--use-service-account-credentials`), bound by the default RBAC policy to
 /// `system:controller:<name>`; its lists and watches go as the manager's own identity
 /// (`system:kube-controller-manager`, which may list and watch everything), as
-/// upstream's shared informers do. A stand-alone
-/// controller manager acts as its kubeconfig's user throughout.
+/// upstream's shared informers do. A stand-alone controller manager does the same with
+/// tokens it requests for the accounts (`krate/src/accounts.rs`), unless told
+/// `--use-service-account-credentials=false`.
 #[derive(Clone)]
 pub struct Clients(std::sync::Arc<ClientOf>);
 

@@ -8,6 +8,7 @@
 //!
 //!     cargo bench -p krate --bench api            # N = 10,000
 //!     KRATE_BENCH_N=2000 cargo bench -p krate --bench api
+//!     KRATE_BENCH_AUTHZ_ONLY=1 cargo bench -p krate --bench api   # authorization only
 //!
 //! Prints a report; numbers are recorded in BENCHMARKS.md.
 
@@ -24,6 +25,10 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, Wat
 use serde_json::json;
 
 const CONCURRENCY: usize = 32;
+/// How many times the authorization rounds read each object they created.
+const GET_PASSES: usize = 5;
+/// Rounds of the authorization comparison, alternating admin and service account.
+const AUTHZ_ROUNDS: usize = 7;
 
 fn configmap(i: usize) -> ConfigMap {
     serde_json::from_value(json!({
@@ -100,7 +105,7 @@ where
 
 /// Rounds of `m` creates then `m` gets of ConfigMaps, as the admin and as a service
 /// account bound to a Role that allows exactly that: [create, get] each, median rounds.
-async fn authorization(server: &BenchServer, m: usize) -> ([Stats; 2], [Stats; 2]) {
+async fn authorization(server: &BenchServer, m: usize) -> ([Stats; 2], [Stats; 2], [f64; 2]) {
     use k8s_openapi::api::authentication::v1::TokenRequest;
     use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
     use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -147,8 +152,11 @@ async fn authorization(server: &BenchServer, m: usize) -> ([Stats; 2], [Stats; 2
             }
         })
         .await;
-        let get = run(range, move |i| {
+        // Each object is read GET_PASSES times, so that a round of gets lasts long
+        // enough (m gets alone take about a tenth of a second) to measure steadily.
+        let get = run(0..m * GET_PASSES, move |i| {
             let api = api.clone();
+            let i = range.start + i % m;
             async move {
                 api.get(&format!("bench-{i:06}")).await.unwrap();
             }
@@ -159,11 +167,31 @@ async fn authorization(server: &BenchServer, m: usize) -> ([Stats; 2], [Stats; 2
     // Rounds alternate between the two, so that drift and warm-up hit both alike; each
     // side reports its median round.
     let (mut as_admin, mut as_bound) = (Vec::new(), Vec::new());
-    for round in 0..5 {
+    for round in 0..AUTHZ_ROUNDS {
         as_admin.push(phase(admin.clone(), "bench-admin", round).await);
         as_bound.push(phase(bound.clone(), ns, round).await);
     }
-    (median(as_admin), median(as_bound))
+    // The ratio of each pair of neighbouring rounds, whose conditions are the closest
+    // (this machine's speed drifts by a third between runs), then their median.
+    let ratios = [0, 1].map(|which| {
+        let mut r: Vec<f64> = as_admin.iter().zip(&as_bound).map(|(a, b)| b[which].rate() / a[which].rate()).collect();
+        r.sort_by(f64::total_cmp);
+        r[r.len() / 2]
+    });
+    (median(as_admin), median(as_bound), ratios)
+}
+
+/// `authorization`'s rounds, printed with their ratios.
+async fn authorization_report(server: &BenchServer, m: usize) {
+    let (admin, bound, ratios) = authorization(server, m).await;
+    println!();
+    admin[0].row(&format!("create as admin (median of {AUTHZ_ROUNDS})"));
+    bound[0].row("create as bound SA (RBAC)");
+    admin[1].row(&format!("get as admin (median of {AUTHZ_ROUNDS})"));
+    bound[1].row("get as bound SA (RBAC)");
+    println!("median of the rounds' ratios, bound service account (RBAC) vs admin:");
+    println!("create throughput: {:.2}x", ratios[0]);
+    println!("get throughput:    {:.2}x", ratios[1]);
 }
 
 /// The round whose create rate is the median, and likewise for gets.
@@ -243,6 +271,10 @@ async fn main() {
         std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1)
     );
     println!("idle server RSS: {:.1} MiB", rss_mib(pid));
+    if std::env::var("KRATE_BENCH_AUTHZ_ONLY").is_ok() {
+        authorization_report(&server, 2000.min(n)).await;
+        return;
+    }
 
     let start_rv = cms.list(&ListParams::default().limit(1)).await.unwrap().metadata.resource_version.unwrap();
     let api = cms.clone();
@@ -403,15 +435,7 @@ async fn main() {
         "server RSS with {n} ConfigMaps: {rss_created:.1} MiB after create; {rss_n:.1} MiB after patches and apply"
     );
 
-    let m = 2000.min(n);
-    let (admin, bound) = authorization(&server, m).await;
-    println!();
-    admin[0].row("create as admin (median of 5)");
-    bound[0].row("create as bound SA (RBAC)");
-    admin[1].row("get as admin (median of 5)");
-    bound[1].row("get as bound SA (RBAC)");
-    println!("create throughput, bound service account (RBAC) vs admin: {:.2}x", bound[0].rate() / admin[0].rate());
-    println!("get throughput, bound service account (RBAC) vs admin:    {:.2}x", bound[1].rate() / admin[1].rate());
+    authorization_report(&server, 2000.min(n)).await;
 
     if std::env::var("KRATE_BENCH_SKIP_100K").is_err() {
         let api = cms.clone();

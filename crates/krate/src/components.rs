@@ -58,6 +58,12 @@ pub struct ControllerManagerArgs {
     /// The prefix length of each node's pod CIDR (default 24 for IPv4, 64 for IPv6).
     #[arg(long)]
     pub node_cidr_mask_size: Option<u8>,
+    /// Run each controller as its own service account in kube-system (created when
+    /// missing), with a token the manager requests for it, as upstream's flag of the
+    /// same name: a controller may change only what its role allows. With `false`,
+    /// every controller acts as the kubeconfig's user.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub use_service_account_credentials: bool,
     #[command(flatten)]
     pub settings: ControllerSettings,
 }
@@ -131,8 +137,15 @@ where
 }
 
 pub async fn run_controller_manager(args: ControllerManagerArgs) -> Result<()> {
-    let client = kube_client(&args.kubeconfig).await?;
-    let clients = krate_controllers::Clients::single(client);
+    let clients = if args.use_service_account_credentials {
+        let accounts = crate::accounts::AccountClients::new(&args.kubeconfig).await?;
+        krate_controllers::Clients::per_controller(move |account| match account {
+            None => accounts.manager(),
+            Some(account) => accounts.client(account),
+        })
+    } else {
+        krate_controllers::Clients::single(kube_client(&args.kubeconfig).await?)
+    };
     let read = |path: &Path| std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()));
     let signing = match (&args.cluster_signing_cert_file, &args.cluster_signing_key_file) {
         (Some(cert), Some(key)) => Some(krate_controllers::certificates::SigningCa {

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod accounts;
 mod agent;
 mod components;
 mod dev;

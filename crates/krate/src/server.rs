@@ -111,6 +111,9 @@ pub struct ServerArgs {
     /// Rotated audit logs kept (0: all).
     #[arg(long, default_value_t = 0)]
     pub audit_log_maxbackup: usize,
+    /// Days a rotated audit log is kept (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub audit_log_maxage: u64,
     /// Serve the API only; do not run the built-in controllers and scheduler.
     #[arg(long)]
     pub disable_controllers: bool,
@@ -396,8 +399,12 @@ fn auditor(args: &ServerArgs) -> Result<Option<Arc<krate_apiserver::audit::Audit
     use krate_apiserver::audit::{Auditor, LogFile, Policy};
     let (Some(policy), Some(path)) = (&args.audit_policy_file, &args.audit_log_path) else { return Ok(None) };
     let policy = Policy::load(policy).context("loading --audit-policy-file")?;
-    let log =
-        LogFile { path: path.clone(), max_size_mb: args.audit_log_maxsize, max_backups: args.audit_log_maxbackup };
+    let log = LogFile {
+        path: path.clone(),
+        max_size_mb: args.audit_log_maxsize,
+        max_backups: args.audit_log_maxbackup,
+        max_age_days: args.audit_log_maxage,
+    };
     Ok(Some(Arc::new(Auditor::start(policy, log)?)))
 }
 

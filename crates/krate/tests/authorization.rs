@@ -308,15 +308,7 @@ fn node_b_with_a_pod(server: &TestServer) {
 
 /// The kubeconfig `krate kubeconfig --node NAME` mints: node NAME's own credentials.
 fn node_kubeconfig(server: &TestServer, node: &str) -> PathBuf {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_krate"))
-        .args(["kubeconfig", "--node", node, "--data-dir"])
-        .arg(server.data_dir())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let path = server.data_dir().join(format!("node-{node}.kubeconfig"));
-    std::fs::write(&path, &out.stdout).unwrap();
-    path
+    server.minted_kubeconfig(&["--node", node], &format!("node-{node}.kubeconfig"))
 }
 
 #[tokio::test]
@@ -491,24 +483,42 @@ async fn pod_security_labels_refuse_warn_and_leave_running_pods_alone() {
 }
 
 #[tokio::test]
+async fn pod_security_audit_level_annotates_the_audit_event() {
+    let server = TestServer::start_audited(
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n\
+         - level: Metadata\n  resources: [{group: \"\", resources: [pods]}]\n- level: None\n",
+        &[],
+    );
+    server.kubectl_ok(&["create", "namespace", "audited"]);
+    server.kubectl_ok(&["label", "namespace", "audited", "pod-security.kubernetes.io/audit=baseline"]);
+    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&privileged_pod("audited", "p")));
+    assert!(out.status.success(), "audit mode admits the pod");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("Warning"), "audit mode does not warn");
+    let created = eventually(10, "the pod's audit event", || async {
+        let events = server.audit_events().into_iter();
+        events
+            .filter(|e| e["verb"] == "create" && e["objectRef"]["resource"] == "pods")
+            .find(|e| e["objectRef"]["namespace"] == "audited")
+    })
+    .await;
+    let annotations = &created["annotations"];
+    assert_eq!(
+        annotations["pod-security.kubernetes.io/audit-violations"],
+        r#"would violate PodSecurity "baseline:latest": privileged (container "c" must not set securityContext.privileged=true)"#,
+        "{created}"
+    );
+    assert_eq!(annotations["pod-security.kubernetes.io/enforce-policy"], "privileged:latest", "{created}");
+}
+
+#[tokio::test]
 async fn the_audit_log_records_who_did_what() {
-    let files = tempfile::tempdir().unwrap();
-    let policy = files.path().join("policy.yaml");
-    let log = files.path().join("audit/audit.log");
-    std::fs::write(
-        &policy,
+    let server = TestServer::start_audited(
         "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n\
          - level: Metadata\n  resources: [{group: \"\", resources: [secrets]}]\n\
          - level: RequestResponse\n  resources: [{group: \"\", resources: [configmaps]}]\n\
          - level: None\n",
-    )
-    .unwrap();
-    let server = TestServer::start_with(&[
-        "--audit-policy-file",
-        policy.to_str().unwrap(),
-        "--audit-log-path",
-        log.to_str().unwrap(),
-    ]);
+        &[],
+    );
     server.kubectl_ok(&["create", "configmap", "audited", "--from-literal=k=v"]);
     server.kubectl_ok(&["create", "secret", "generic", "s", "--from-literal=k=v"]);
     server.kubectl_ok(&["get", "secret", "s"]);
@@ -524,8 +534,7 @@ async fn the_audit_log_records_who_did_what() {
             .cloned()
     };
     let events = eventually(10, "the audit events", || async {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let events: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let events = server.audit_events();
         find(&events, "list", "secrets", "system:serviceaccount:default:bob").is_some().then_some(events)
     })
     .await;

@@ -417,10 +417,15 @@ struct Component(Child);
 
 impl Component {
     fn start(server: &TestServer, args: &[&str]) -> Self {
+        Self::start_as(&server.kubeconfig(), args)
+    }
+
+    /// The component with the credentials of `kubeconfig`.
+    fn start_as(kubeconfig: &std::path::Path, args: &[&str]) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_krate"))
             .args(args)
             .arg("--kubeconfig")
-            .arg(server.kubeconfig())
+            .arg(kubeconfig)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -472,4 +477,38 @@ async fn standalone_components_elect_a_leader_and_fail_over() {
     assert!(lease.lease_transitions.unwrap_or(0) >= 1);
     server.kubectl_ok(&["scale", "deployment", "web", "--replicas=4"]);
     running(&pods, "app=web", 4).await;
+}
+
+#[tokio::test]
+async fn a_standalone_controller_manager_acts_as_each_controllers_account() {
+    let server = TestServer::start_audited(
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n\
+         - level: Metadata\n  verbs: [create]\n- level: None\n",
+        &["--disable-controllers"],
+    );
+    let manager = server.minted_kubeconfig(&["--user", "system:kube-controller-manager"], "manager.kubeconfig");
+    let _controllers = Component::start_as(&manager, &["controller-manager", "--leader-elect=false"]);
+    server.kubectl_ok(&["create", "deployment", "web", "--image=nginx", "--replicas=2"]);
+    let pods: Api<Pod> = Api::namespaced(server.client().await, "default");
+    eventually(30, "the deployment's pods", || async {
+        (pods.list(&ListParams::default().labels("app=web")).await.ok()?.items.len() == 2).then_some(())
+    })
+    .await;
+
+    let creates: Vec<serde_json::Value> =
+        server.audit_events().into_iter().filter(|e| e["responseStatus"]["code"] == 201).collect();
+    let creator = |resource: &str, subresource: Option<&str>| -> Vec<&str> {
+        creates
+            .iter()
+            .filter(|e| e["objectRef"]["resource"] == resource && e["objectRef"]["subresource"].as_str() == subresource)
+            .filter_map(|e| e["user"]["username"].as_str())
+            .collect()
+    };
+    let account = |name: &str| format!("system:serviceaccount:kube-system:{name}");
+    assert_eq!(creator("replicasets", None), [account("deployment-controller")]);
+    assert_eq!(creator("pods", None), vec![account("replicaset-controller"); 2]);
+    let tokens = creator("serviceaccounts", Some("token"));
+    assert!(!tokens.is_empty() && tokens.iter().all(|u| *u == "system:kube-controller-manager"), "{tokens:?}");
+    let accounts: Api<ServiceAccount> = Api::namespaced(server.client().await, "kube-system");
+    assert!(accounts.get_opt("replicaset-controller").await.unwrap().is_some(), "the manager creates the accounts");
 }

@@ -180,7 +180,14 @@ async fn audited(
     }
     auditor.finish(
         record,
-        Outcome { code, request: request_object, response: response_object, streaming, forbidden_by_authorizer },
+        Outcome {
+            code,
+            request: request_object,
+            response: response_object,
+            streaming,
+            forbidden_by_authorizer,
+            annotations: attrs.audit_annotations(),
+        },
     );
     response
 }

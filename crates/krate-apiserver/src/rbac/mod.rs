@@ -158,11 +158,14 @@ struct Role {
 #[derive(Default, Debug)]
 pub struct Policy {
     cluster_roles: HashMap<String, Vec<Rule>>,
-    roles: HashMap<(String, String), Vec<Rule>>,
+    /// Namespace, then name.
+    roles: HashMap<String, HashMap<String, Vec<Rule>>>,
     cluster_bindings: Vec<Binding>,
-    /// Which cluster bindings name a subject (`User:u`, `Group:g`, `ServiceAccount:ns/n`),
-    /// so a request looks only at those that can apply.
-    cluster_index: HashMap<String, Vec<usize>>,
+    /// Which cluster bindings name a user (a User subject, or a ServiceAccount subject
+    /// under its user name) or a group, so a request looks only at those that can
+    /// apply, without building a key.
+    by_user: HashMap<String, Vec<usize>>,
+    by_group: HashMap<String, Vec<usize>>,
     bindings: HashMap<String, Vec<Binding>>,
 }
 
@@ -198,18 +201,23 @@ impl Policy {
         }
         let mut policy = Policy {
             cluster_roles: parse::<Role>(cluster_roles).map(|r| (r.metadata.name, r.rules)).collect(),
-            roles: parse::<Role>(roles).map(|r| ((r.metadata.namespace, r.metadata.name), r.rules)).collect(),
             cluster_bindings: parse(cluster_bindings).collect(),
-            cluster_index: HashMap::new(),
-            bindings: HashMap::new(),
+            ..Policy::default()
         };
+        for role in parse::<Role>(roles) {
+            policy.roles.entry(role.metadata.namespace).or_default().insert(role.metadata.name, role.rules);
+        }
         for (i, binding) in policy.cluster_bindings.iter().enumerate() {
             for subject in &binding.subjects {
-                let key = match subject.kind.as_str() {
-                    "ServiceAccount" => format!("ServiceAccount:{}/{}", subject.namespace, subject.name),
-                    kind => format!("{kind}:{}", subject.name),
+                let (index, key) = match subject.kind.as_str() {
+                    "User" => (&mut policy.by_user, subject.name.clone()),
+                    "Group" => (&mut policy.by_group, subject.name.clone()),
+                    "ServiceAccount" => {
+                        (&mut policy.by_user, format!("system:serviceaccount:{}:{}", subject.namespace, subject.name))
+                    }
+                    _ => continue,
                 };
-                let entry = policy.cluster_index.entry(key).or_default();
+                let entry = index.entry(key).or_default();
                 if entry.last() != Some(&i) {
                     entry.push(i);
                 }
@@ -231,7 +239,8 @@ impl Policy {
                 .ok_or_else(|| format!("clusterrole.rbac.authorization.k8s.io {:?} not found", role.name)),
             "Role" => self
                 .roles
-                .get(&(namespace.to_string(), role.name.clone()))
+                .get(namespace)
+                .and_then(|roles| roles.get(&role.name))
                 .map(Vec::as_slice)
                 .ok_or_else(|| format!("role.rbac.authorization.k8s.io {:?} not found", role.name)),
             other => Err(format!("unsupported role reference kind: {other:?}")),
@@ -243,36 +252,28 @@ impl Policy {
     /// that do not exist.
     pub fn visit(&self, user: &User, namespace: &str, mut visit: impl FnMut(&Source, &Rule) -> bool) -> Vec<String> {
         let mut errors = Vec::new();
-        // The cluster bindings that name the user, one of its groups or its account, in
-        // their order.
-        let mut keys: Vec<String> = vec![format!("User:{}", user.name)];
-        keys.extend(user.groups.iter().map(|g| format!("Group:{g}")));
-        if let Some((ns, name)) = user.name.strip_prefix("system:serviceaccount:").and_then(|r| r.split_once(':')) {
-            keys.push(format!("ServiceAccount:{ns}/{name}"));
+        // The cluster bindings that name the user, its account or one of its groups, in
+        // their order; then the namespace's.
+        let mut candidates: Vec<usize> = self.by_user.get(&user.name).cloned().unwrap_or_default();
+        for group in &user.groups {
+            candidates.extend(self.by_group.get(group).into_iter().flatten());
         }
-        let mut candidates: Vec<usize> =
-            keys.iter().filter_map(|k| self.cluster_index.get(k)).flatten().copied().collect();
         candidates.sort_unstable();
         candidates.dedup();
-        let cluster: Vec<&Binding> = candidates.iter().map(|i| &self.cluster_bindings[*i]).collect();
-        let local: Vec<&Binding> = match namespace {
-            "" => vec![],
-            ns => self.bindings.get(ns).into_iter().flatten().collect(),
-        };
-        for (ns, bindings) in [("", cluster), (namespace, local)] {
-            for binding in bindings {
-                let Some(subject) = binding.subjects.iter().find(|s| s.applies_to(user, ns)) else { continue };
-                match self.role_rules(&binding.role_ref, ns) {
-                    Ok(rules) => {
-                        let source = Source { binding, subject };
-                        for rule in rules {
-                            if !visit(&source, rule) {
-                                return errors;
-                            }
+        let cluster = candidates.iter().map(|i| ("", &self.cluster_bindings[*i]));
+        let local = self.bindings.get(namespace).filter(|_| !namespace.is_empty()).into_iter().flatten();
+        for (ns, binding) in cluster.chain(local.map(|b| (namespace, b))) {
+            let Some(subject) = binding.subjects.iter().find(|s| s.applies_to(user, ns)) else { continue };
+            match self.role_rules(&binding.role_ref, ns) {
+                Ok(rules) => {
+                    let source = Source { binding, subject };
+                    for rule in rules {
+                        if !visit(&source, rule) {
+                            return errors;
                         }
                     }
-                    Err(e) => errors.push(e),
                 }
+                Err(e) => errors.push(e),
             }
         }
         errors

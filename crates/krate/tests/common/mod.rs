@@ -38,6 +38,29 @@ impl TestServer {
         server
     }
 
+    /// A server that logs audit events under `policy` (an audit.k8s.io/v1 Policy in
+    /// YAML); `audit_events` reads them back.
+    pub fn start_audited(policy: &str, extra_args: &[&str]) -> Self {
+        let mut server = Self::unstarted(extra_args, false);
+        let file = server.dir.path().join("audit-policy.yaml");
+        std::fs::write(&file, policy).unwrap();
+        let log = server.audit_log();
+        server.extra_args.extend(["--audit-policy-file".into(), file.display().to_string()]);
+        server.extra_args.extend(["--audit-log-path".into(), log.display().to_string()]);
+        server.spawn();
+        server
+    }
+
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit/audit.log")
+    }
+
+    /// The audit events logged so far.
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
+        text.lines().filter_map(|line| serde_json::from_str(line).ok()).collect()
+    }
+
     fn unstarted(extra_args: &[&str], agent: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         Self {
@@ -86,6 +109,22 @@ impl TestServer {
 
     pub fn kubeconfig(&self) -> PathBuf {
         self.data_dir().join("admin.kubeconfig")
+    }
+
+    /// A kubeconfig minted by `krate kubeconfig ARGS` (e.g. `--node a`, `--user
+    /// system:kube-controller-manager`), saved as `file` in the data directory.
+    pub fn minted_kubeconfig(&self, args: &[&str], file: &str) -> PathBuf {
+        let out = Command::new(env!("CARGO_BIN_EXE_krate"))
+            .arg("kubeconfig")
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "krate kubeconfig {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let path = self.data_dir().join(file);
+        std::fs::write(&path, &out.stdout).unwrap();
+        path
     }
 
     pub fn url(&self) -> String {

@@ -76,7 +76,7 @@ pub enum Refused {
 pub struct Tokens {
     /// Tokens whose signature was checked, with their claims: a signature stays good, so
     /// each token's is checked once (times and the account are checked on every use).
-    verified: std::sync::Mutex<std::collections::HashMap<String, Claims>>,
+    verified: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Claims>>>,
     /// The uids of accounts and pods tokens name, by store key, as of a revision.
     uids: std::sync::Mutex<std::collections::HashMap<String, (krate_store::Revision, String)>>,
     key: signature::EcdsaKeyPair,
@@ -156,12 +156,12 @@ impl Tokens {
 
     /// The claims of a token this cluster issued, valid at `now` (Unix seconds) for the
     /// API server's audience.
-    pub fn verify(&self, token: &str, now: i64) -> Result<Claims, Refused> {
+    pub fn verify(&self, token: &str, now: i64) -> Result<std::sync::Arc<Claims>, Refused> {
         let known = self.verified.lock().expect("token cache lock").get(token).cloned();
         let claims = match known {
             Some(claims) => claims,
             None => {
-                let claims = self.check_signature(token)?;
+                let claims = std::sync::Arc::new(self.check_signature(token)?);
                 remember(&mut self.verified.lock().expect("token cache lock"), token.to_string(), claims.clone());
                 claims
             }
@@ -376,7 +376,7 @@ mod tests {
     fn issued_tokens_verify_and_tampering_is_refused() {
         let tokens = Tokens::new(&generate_key()).unwrap();
         let token = tokens.issue(&claims(ISSUER));
-        assert_eq!(tokens.verify(&token, 1500), Ok(claims(ISSUER)));
+        assert_eq!(tokens.verify(&token, 1500).map(|c| (*c).clone()), Ok(claims(ISSUER)));
         assert_eq!(tokens.verify(&token, 2000), Err(Refused::Time));
         assert_eq!(tokens.verify(&token, 999), Err(Refused::Time));
         assert_eq!(Tokens::new(&generate_key()).unwrap().verify(&token, 1500), Err(Refused::Signature));
