@@ -261,12 +261,14 @@ impl Plugin for NodeRestriction {
             }
         } else if attrs.kind.is::<core::Node>() && op != Operation::Delete && object::name(obj) != node {
             return refuse(format!("node {node:?} is not allowed to modify node {:?}", object::name(obj)));
-        } else if attrs.kind.is::<k8s_openapi::api::coordination::v1::Lease>()
-            && op == Operation::Create
-            && object::namespace(obj) == Some("kube-node-lease")
-            && object::name(obj) != node
-        {
-            return refuse("can only access node lease with the same name as the requesting node".into());
+        } else if attrs.kind.is::<k8s_openapi::api::coordination::v1::Lease>() {
+            // Any write: a node keeps its own heartbeat Lease and no other.
+            if request.namespace != "kube-node-lease" {
+                return refuse("can only access leases in the \"kube-node-lease\" system namespace".into());
+            }
+            if object::name(obj) != node {
+                return refuse("can only access node lease with the same name as the requesting node".into());
+            }
         }
         Ok(())
     }

@@ -358,8 +358,57 @@ async fn a_node_reaches_only_what_its_own_pods_use() {
 }
 
 #[tokio::test]
-async fn system_namespaces_cannot_be_deleted_and_come_back() {
+async fn a_node_creates_only_its_own_mirror_pods_and_keeps_only_its_own_lease() {
     let server = TestServer::start();
+    node_b_with_a_pod(&server);
+    let a = common::client_for(&node_kubeconfig(&server, "a")).await;
+    let post = |path: &'static str, object: Value| {
+        let a = a.clone();
+        async move { raw(&a, "POST", path, "application/json", object.to_string().into_bytes()).await }
+    };
+    let pod = |name: &str, node: &str, mirror: bool| {
+        let annotations = if mirror { json!({"kubernetes.io/config.mirror": "static"}) } else { json!({}) };
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "annotations": annotations},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]}})
+    };
+    let pods = "/api/v1/namespaces/default/pods";
+    let (code, body) = post(pods, pod("plain", "a", false)).await;
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(
+        body["message"],
+        r#"pods "plain" is forbidden: pod does not have "kubernetes.io/config.mirror" annotation, node "a" can only create mirror pods"#
+    );
+    let (code, body) = post(pods, pod("elsewhere", "b", true)).await;
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(
+        body["message"],
+        r#"pods "elsewhere" is forbidden: node "a" can only create pods with spec.nodeName set to itself"#
+    );
+    let (code, body) = post(pods, pod("static-a", "a", true)).await;
+    assert_eq!(code, 201, "a node creates its own mirror pod: {body}");
+
+    let lease = |name: &str| json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": name, "namespace": "kube-node-lease"}, "spec": {"holderIdentity": name}});
+    let leases = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases";
+    let (code, body) = post(leases, lease("b")).await;
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(
+        body["message"],
+        r#"leases.coordination.k8s.io "b" is forbidden: can only access node lease with the same name as the requesting node"#
+    );
+    let (code, body) = post(leases, lease("a")).await;
+    assert_eq!(code, 201, "a node creates its own lease: {body}");
+    // Node b's Lease, made by someone else, stays out of node a's reach.
+    server.kubectl_stdin(&["create", "-f", "-"], Some(&lease("b").to_string()));
+    let path = format!("{leases}/b");
+    let (code, body) = raw(&a, "PUT", &path, "application/json", lease("b").to_string().into_bytes()).await;
+    assert_eq!(code, 403, "{body}");
+}
+
+#[tokio::test]
+async fn system_namespaces_cannot_be_deleted_and_come_back() {
+    let mut server = TestServer::start();
     for ns in ["default", "kube-system", "kube-public"] {
         let out = server.kubectl(&["delete", "namespace", ns]);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -377,6 +426,18 @@ async fn system_namespaces_cannot_be_deleted_and_come_back() {
         let out = server.kubectl(&["get", "namespace", "kube-node-lease", "-o", "jsonpath={.metadata.uid}"]);
         let now = String::from_utf8_lossy(&out.stdout).into_owned();
         (out.status.success() && !now.is_empty() && now != before).then_some(())
+    })
+    .await;
+
+    // Removed from the store behind the server's back (while it is down): back at start.
+    server.kill();
+    let db = rusqlite::Connection::open(server.data_dir().join("db/state.db")).unwrap();
+    let key = "/registry/core/namespaces/kube-node-lease";
+    assert_eq!(db.execute("DELETE FROM kv_current WHERE key = ?1", [key]).unwrap(), 1);
+    drop(db);
+    server.restart();
+    eventually(30, "kube-node-lease recreated at start", || async {
+        server.kubectl(&["get", "namespace", "kube-node-lease"]).status.success().then_some(())
     })
     .await;
 }
