@@ -213,6 +213,74 @@ async fn roles_and_bindings_grant_no_more_than_their_author_holds() {
         &["create", "rolebinding", "view", "-n", "team", "--clusterrole=view", "--serviceaccount=team:editor"],
     );
     assert!(ok, "{err}");
+
+    // The bind verb on cluster-admin lets boss bind it, escalate lets boss write any role.
+    server.kubectl_ok(&[
+        "create",
+        "clusterrole",
+        "bind-and-escalate",
+        "--verb=bind,escalate",
+        "--resource=clusterroles,roles.rbac.authorization.k8s.io",
+    ]);
+    let subject = "--serviceaccount=team:boss";
+    server.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "boss-binds",
+        "-n",
+        "team",
+        "--clusterrole=bind-and-escalate",
+        subject,
+    ]);
+    eventually(20, "boss to hold bind", || async {
+        let args = ["create", "rolebinding", "grab", "-n", "team", "--clusterrole=cluster-admin", subject];
+        kubectl_with(&server, &boss, &args).0.then_some(())
+    })
+    .await;
+    let (ok, _, err) =
+        kubectl_with(&server, &boss, &["create", "role", "nodes", "-n", "team", "--verb=get", "--resource=nodes"]);
+    assert!(ok, "escalate lets boss write a role beyond its own rules: {err}");
+}
+
+#[tokio::test]
+async fn auth_reconcile_creates_and_then_keeps_roles_and_bindings() {
+    let server = TestServer::start();
+    server.kubectl_ok(&["create", "namespace", "team"]);
+    let manifest = r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: reader, namespace: team}
+rules:
+- {apiGroups: [""], resources: [configmaps], verbs: [get, list]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: reader, namespace: team}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: reader}
+subjects:
+- {kind: User, apiGroup: rbac.authorization.k8s.io, name: jane}
+"#;
+    let reconcile = || server.kubectl_stdin(&["auth", "reconcile", "-f", "-"], Some(manifest));
+    let out = reconcile();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("role.rbac.authorization.k8s.io/reader reconciled"), "{text}");
+    let version =
+        || server.kubectl_ok(&["get", "role", "reader", "-n", "team", "-o", "jsonpath={.metadata.resourceVersion}"]);
+    let created = version();
+    let can = server.kubectl_ok(&["auth", "can-i", "list", "configmaps", "-n", "team", "--as", "jane"]);
+    assert_eq!(can.trim(), "yes");
+    // Once in place, a second run changes nothing.
+    let out = reconcile();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(version(), created, "the role is left as it was");
+    // Impersonating a uid shows in whoami.
+    let who = server.kubectl_ok(&["auth", "whoami", "--as", "jane", "--as-uid", "1234", "-o", "json"]);
+    let who: Value = serde_json::from_str(&who).unwrap();
+    assert_eq!(
+        (&who["status"]["userInfo"]["username"], &who["status"]["userInfo"]["uid"]),
+        (&json!("jane"), &json!("1234"))
+    );
 }
 
 #[tokio::test]
@@ -388,8 +456,10 @@ async fn a_node_creates_only_its_own_mirror_pods_and_keeps_only_its_own_lease() 
     let (code, body) = post(pods, pod("static-a", "a", true)).await;
     assert_eq!(code, 201, "a node creates its own mirror pod: {body}");
 
-    let lease = |name: &str| json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-        "metadata": {"name": name, "namespace": "kube-node-lease"}, "spec": {"holderIdentity": name}});
+    let lease = |name: &str| {
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": name, "namespace": "kube-node-lease"}, "spec": {"holderIdentity": name}})
+    };
     let leases = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases";
     let (code, body) = post(leases, lease("b")).await;
     assert_eq!(code, 403, "{body}");
