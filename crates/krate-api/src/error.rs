@@ -238,6 +238,61 @@ impl ApiError {
     }
 }
 
+/// A `Status` as upstream's JSON serializer writes it: fields in the Go struct's order
+/// (`kind`, `apiVersion`, `metadata`, `status`, `message`, `reason`, `details`, `code`;
+/// details' `name`, `group`, `kind`, `uid`, `causes`, `retryAfterSeconds`; each cause's
+/// `reason`, `message`, `field`), then a newline. Clients compare these bodies as text.
+pub fn status_bytes(status: &Value) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec(&InOrder(status, STATUS)).unwrap_or_default();
+    bytes.push(b'\n');
+    bytes
+}
+
+const STATUS: &[&str] = &["kind", "apiVersion", "metadata", "status", "message", "reason", "details", "code"];
+const LIST_META: &[&str] = &["selfLink", "resourceVersion", "continue", "remainingItemCount"];
+const DETAILS: &[&str] = &["name", "group", "kind", "uid", "causes", "retryAfterSeconds"];
+const CAUSE: &[&str] = &["reason", "message", "field"];
+
+/// An object whose known keys come in `order` (the rest after them, sorted); the
+/// nested Status structures keep their own orders.
+struct InOrder<'a>(&'a Value, &'static [&'static str]);
+
+impl serde::Serialize for InOrder<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        let Value::Object(map) = self.0 else { return self.0.serialize(serializer) };
+        let child = |key: &str| match key {
+            "metadata" => Some(LIST_META),
+            "details" => Some(DETAILS),
+            _ => None,
+        };
+        let mut out = serializer.serialize_map(Some(map.len()))?;
+        let known = self.1.iter().filter_map(|k| map.get_key_value(*k));
+        let rest = map.iter().filter(|(k, _)| !self.1.contains(&k.as_str()));
+        for (key, value) in known.chain(rest) {
+            match (key.as_str(), value) {
+                ("causes", Value::Array(causes)) => out.serialize_entry(key, &Causes(causes))?,
+                (k, v) => match child(k) {
+                    Some(order) => out.serialize_entry(key, &InOrder(v, order))?,
+                    None => out.serialize_entry(key, v)?,
+                },
+            }
+        }
+        return out.end();
+
+        struct Causes<'a>(&'a [Value]);
+        impl serde::Serialize for Causes<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+                for cause in self.0 {
+                    seq.serialize_element(&InOrder(cause, CAUSE))?;
+                }
+                seq.end()
+            }
+        }
+    }
+}
+
 /// `deployments.apps` or `pods`.
 pub fn qualified(group: &str, resource: &str) -> String {
     if group.is_empty() {
@@ -265,6 +320,28 @@ pub fn success_status(group: &str, resource: &str, name: &str, uid: &str) -> Val
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statuses_are_written_in_upstreams_field_order() {
+        let err = ApiError::not_found("", "configmaps", "x");
+        assert_eq!(
+            String::from_utf8(status_bytes(&err.to_status())).unwrap(),
+            "{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"metadata\":{},\"status\":\"Failure\",\"message\":\"configmaps \\\"x\\\" not found\",\"reason\":\"NotFound\",\"details\":{\"name\":\"x\",\"kind\":\"configmaps\"},\"code\":404}\n"
+        );
+        let invalid =
+            ApiError::invalid("apps", "Deployment", "d", &[crate::error::FieldError::required("spec.selector", "")]);
+        let text = String::from_utf8(status_bytes(&invalid.to_status())).unwrap();
+        assert!(
+            text.contains("\"details\":{\"name\":\"d\",\"group\":\"apps\",\"kind\":\"Deployment\",\"causes\":[{\"reason\":\"FieldValueRequired\",\"message\":"),
+            "{text}"
+        );
+        assert!(text.ends_with(",\"code\":422}\n"), "{text}");
+        let deleted = success_status("apps", "deployments", "d", "u");
+        assert_eq!(
+            String::from_utf8(status_bytes(&deleted)).unwrap(),
+            "{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"metadata\":{},\"status\":\"Success\",\"details\":{\"name\":\"d\",\"group\":\"apps\",\"kind\":\"deployments\",\"uid\":\"u\"}}\n"
+        );
+    }
 
     #[test]
     fn messages_match_upstream_wording() {

@@ -483,6 +483,29 @@ async fn volumes_and_environment_reach_the_container_and_follow_their_objects() 
 }
 
 /// Runs kubectl with `env` set, feeding `stdin`.
+/// `cat` in `pod` over a WebSocket exec, fed `input` as one text frame and closed:
+/// what it wrote to stdout.
+async fn exec_cat_with_text_frames(client: &kube::Client, pod: &str, input: &str) -> String {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let uri = format!("/api/v1/namespaces/default/pods/{pod}/exec?command=cat&stdin=true&stdout=true");
+    let connection = client.connect(http::Request::get(uri).body(vec![]).unwrap()).await.expect("exec upgrades");
+    let mut ws = connection.into_stream();
+    ws.send(Message::Text(format!("\u{0}{input}").into())).await.unwrap();
+    ws.send(Message::Binary(vec![255, 0].into())).await.unwrap();
+    let mut stdout = Vec::new();
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(20), ws.next()).await.expect("exec answers in time");
+        match next {
+            Some(Ok(Message::Binary(data))) if data.first() == Some(&1) => stdout.extend_from_slice(&data[1..]),
+            Some(Ok(Message::Binary(data))) if data.first() == Some(&3) => break,
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+            Some(Ok(_)) => {}
+        }
+    }
+    String::from_utf8_lossy(&stdout).into_owned()
+}
+
 fn kubectl_env(server: &TestServer, env: &[(&str, &str)], args: &[&str], stdin: &str) -> std::process::Output {
     let mut child = std::process::Command::new(common::kubectl_path())
         .args(args)
@@ -576,6 +599,10 @@ async fn exec_attach_cp_and_port_forward_reach_containers_through_the_api_server
     let shown = text(&tty.stdout);
     assert!(shown.contains("/dev/pts/") && shown.contains("answer=42"), "{shown}");
     assert_eq!(tty.status.code(), Some(4), "{shown}");
+
+    // The Python client's way: stdin in text frames whose first character is the
+    // channel; v5's close of stdin ([255, 0]) ends `cat`.
+    assert_eq!(exec_cat_with_text_frames(&client, "shell", "hello from text frames").await, "hello from text frames");
 
     // The pod's service-account volume: a token the API server accepts as the pod's
     // account, the cluster CA and the namespace.

@@ -290,3 +290,72 @@ fn bad_agent_flags_are_refused_at_start() {
         assert!(!dir.path().join("admin.kubeconfig").exists(), "{args:?}: nothing was started");
     }
 }
+
+/// The response's status and exact body bytes.
+async fn raw_bytes(client: &kube::Client, method: &str, path: &str, body: &str) -> (u16, String) {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("Content-Type", "application/json")
+        .body(kube::client::Body::from(body.as_bytes().to_vec()))
+        .unwrap();
+    let resp = client.send(req).await.expect("send");
+    let code = resp.status().as_u16();
+    let bytes = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    (code, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+#[tokio::test]
+async fn statuses_are_byte_for_byte_upstreams() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    // Golden bodies, as kube-apiserver writes them (field order of the Go struct, newline).
+    let (code, body) = raw_bytes(&client, "GET", "/api/v1/namespaces/default/configmaps/x", "").await;
+    assert_eq!(
+        (code, body.as_str()),
+        (
+            404,
+            "{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"metadata\":{},\"status\":\"Failure\",\"message\":\"configmaps \\\"x\\\" not found\",\"reason\":\"NotFound\",\"details\":{\"name\":\"x\",\"kind\":\"configmaps\"},\"code\":404}\n"
+        )
+    );
+    let cm = r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"x"}}"#;
+    assert_eq!(raw_bytes(&client, "POST", "/api/v1/namespaces/default/configmaps", cm).await.0, 201);
+    let (code, body) = raw_bytes(&client, "POST", "/api/v1/namespaces/default/configmaps", cm).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (
+            409,
+            "{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"metadata\":{},\"status\":\"Failure\",\"message\":\"configmaps \\\"x\\\" already exists\",\"reason\":\"AlreadyExists\",\"details\":{\"name\":\"x\",\"kind\":\"configmaps\"},\"code\":409}\n"
+        )
+    );
+    // Objects end with a newline too.
+    let (_, body) = raw_bytes(&client, "GET", "/api/v1/namespaces/default/configmaps/x", "").await;
+    assert!(body.ends_with("}\n") && !body.ends_with("}\n\n"), "{body:?}");
+
+    // An eviction's answer: 201 and a bare Success.
+    let pod =
+        r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p"},"spec":{"containers":[{"name":"c","image":"i"}]}}"#;
+    assert_eq!(raw_bytes(&client, "POST", "/api/v1/namespaces/default/pods", pod).await.0, 201);
+    let eviction = r#"{"apiVersion":"policy/v1","kind":"Eviction","metadata":{"name":"p","namespace":"default"}}"#;
+    let (code, body) = raw_bytes(&client, "POST", "/api/v1/namespaces/default/pods/p/eviction", eviction).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (201, "{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"metadata\":{},\"status\":\"Success\",\"code\":201}\n")
+    );
+}
+
+#[tokio::test]
+async fn a_field_selector_with_non_ascii_characters_is_answered() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let (code, body) = raw_bytes(
+        &client,
+        "GET",
+        "/api/v1/pods?fieldSelector=metadata.name%3D%C3%A9x%2Cspec.nodeName%21%3D%E6%97%A5",
+        "",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"items\":[]"), "{body}");
+    assert!(!server.log().contains("panicked"), "the handler panicked");
+}

@@ -335,12 +335,15 @@ async fn fail(ws: &mut futures::stream::SplitSink<Socket, Message>, message: Str
     let _ = ws.send(closing()).await;
 }
 
-/// The client's next binary message; None once it closed or the connection ended
-/// (other messages are skipped; pings are answered by the WebSocket layer).
+/// The client's next data message; None once it closed or the connection ended
+/// (pings are answered by the WebSocket layer). Text frames count as binary ones, as
+/// upstream's reader ignores the frame type: the Python client sends stdin as text
+/// frames whose first character is the channel's byte.
 async fn next_binary(source: &mut futures::stream::SplitStream<Socket>) -> Option<Bytes> {
     while let Some(Ok(message)) = source.next().await {
         match message {
             Message::Binary(data) => return Some(data),
+            Message::Text(text) => return Some(text.into()),
             Message::Close(_) => return None,
             _ => {}
         }

@@ -40,8 +40,28 @@ const MAX_DRAINED_BYTES: usize = 64 * 1024 * 1024;
 
 pub type Query = HashMap<String, String>;
 
+/// A JSON body as upstream writes it: followed by a newline, a `Status` in its Go
+/// field order.
 pub fn json_response(code: u16, body: &Value) -> Response<Body> {
-    bytes_response(code, Bytes::from(serde_json::to_vec(body).unwrap_or_default()), "application/json")
+    bytes_response(code, json_body(body), "application/json")
+}
+
+/// `body` encoded as upstream's JSON serializer does (see `json_response`).
+fn json_body(body: &Value) -> Bytes {
+    if body["kind"] == "Status" {
+        return Bytes::from(krate_api::error::status_bytes(body));
+    }
+    let mut bytes = serde_json::to_vec(body).unwrap_or_default();
+    bytes.push(b'\n');
+    Bytes::from(bytes)
+}
+
+/// Already encoded JSON, with the newline upstream's encoder ends each body with.
+fn with_newline(json: Bytes) -> Bytes {
+    let mut out = BytesMut::with_capacity(json.len() + 1);
+    out.put_slice(&json);
+    out.put_u8(b'\n');
+    out.freeze()
 }
 
 pub fn bytes_response(code: u16, body: Bytes, content_type: &str) -> Response<Body> {
@@ -524,10 +544,7 @@ pub(crate) fn written_response(w: Written, format: &Format, kind: &KindInfo) -> 
         _ => w.body,
     };
     let content_type = format.content_type();
-    with_warnings(
-        bytes_response(w.code, Bytes::from(serde_json::to_vec(&body).unwrap_or_default()), &content_type),
-        &w.warnings,
-    )
+    with_warnings(bytes_response(w.code, json_body(&body), &content_type), &w.warnings)
 }
 
 async fn resource_request(
@@ -686,9 +703,11 @@ pub(crate) fn delete_options(query: &Query, headers: &HeaderMap, body: &[u8]) ->
 
 fn object_response(kind: &KindInfo, obj: &crate::cache::CachedObject, format: &Format) -> Response<Body> {
     match format {
-        Format::Json => bytes_response(200, served_json(kind, obj), "application/json"),
+        Format::Json => bytes_response(200, with_newline(served_json(kind, obj)), "application/json"),
         Format::Table { .. } => json_response(200, &table::object_table(kind, &registry::to_served(kind, obj.parse()))),
-        Format::Metadata => bytes_response(200, negotiate::partial_metadata_json(&obj.json), "application/json"),
+        Format::Metadata => {
+            bytes_response(200, with_newline(negotiate::partial_metadata_json(&obj.json)), "application/json")
+        }
     }
 }
 
@@ -715,7 +734,7 @@ fn assembled_list(
     item: impl Fn(&crate::cache::CachedObject) -> Bytes,
 ) -> Response<Body> {
     let items: Vec<Bytes> = result.items.iter().map(|o| item(o)).collect();
-    let mut out = BytesMut::with_capacity(64 + items.iter().map(|i| i.len() + 1).sum::<usize>());
+    let mut out = BytesMut::with_capacity(64 + items.iter().map(|i| i.len() + 1).sum::<usize>() + 1);
     let head = json!({"kind": list_kind, "apiVersion": api_version, "metadata": list_metadata(result)});
     let head = serde_json::to_string(&head).unwrap_or_default();
     out.put_slice(&head.as_bytes()[..head.len() - 1]);
@@ -726,7 +745,7 @@ fn assembled_list(
         }
         out.put_slice(encoded);
     }
-    out.put_slice(b"]}");
+    out.put_slice(b"]}\n");
     bytes_response(200, out.freeze(), "application/json")
 }
 
