@@ -91,6 +91,9 @@ pub enum SubresourceHandler {
     PortForward,
     /// `serviceaccounts/token`: issues a token (TokenRequest), stores nothing.
     Token,
+    /// `pods/proxy` and `services/proxy`: the request passed on to the pod or to one of
+    /// the service's endpoints (any method).
+    Proxy,
     /// The review kinds (access, rules, token and self-subject reviews): answered, not
     /// stored.
     Review,
@@ -120,7 +123,12 @@ const POD_SUBRESOURCES: &[SubresourceInfo] = &[
         group_version: Some(("policy", "v1")),
         ..subresource("eviction", SubresourceHandler::Eviction, "Eviction", &["create"])
     },
+    subresource("proxy", SubresourceHandler::Proxy, "PodProxyOptions", PROXY_VERBS),
 ];
+const SERVICE_SUBRESOURCES: &[SubresourceInfo] =
+    &[subresource("proxy", SubresourceHandler::Proxy, "ServiceProxyOptions", PROXY_VERBS)];
+/// The verbs discovery lists for a proxy subresource (it takes any method).
+const PROXY_VERBS: &[&str] = &["create", "delete", "get", "patch", "update"];
 const CSR_SUBRESOURCES: &[SubresourceInfo] =
     &[subresource("approval", SubresourceHandler::Approval, "CertificateSigningRequest", &["get", "patch", "update"])];
 const SERVICE_ACCOUNT_SUBRESOURCES: &[SubresourceInfo] = &[SubresourceInfo {
@@ -482,6 +490,7 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .0,
         kind::<core::Service>()
             .short(&["svc"])
+            .subresources(SERVICE_SUBRESOURCES)
             .printer(&printers::SERVICES)
             .returns_deleted_object()
             .all()

@@ -447,3 +447,48 @@ async fn a_stream_through_a_service_outlives_the_agent_and_a_restart_adds_no_rul
     assert!(last.ends_with(|c: char| c.is_ascii_digit()), "{last}");
     assert_eq!(dnat_rules(&server), rules, "the restarted agent rewrote its rules without duplicates");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_servers_proxy_reaches_pods_and_services() {
+    let registry = TestRegistry::start();
+    let server = server_with_agent(&[&registry], 27, &[]);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    let image = format!("--image={}", registry.image("test-server"));
+    server.kubectl_ok(&["run", "web", &image, "--port=8080", "--labels=app=web"]);
+    server.kubectl_ok(&["expose", "pod", "web", "--port=80", "--target-port=8080"]);
+    running_pods(&Api::namespaced(client.clone(), "default"), "app=web", 1).await;
+    let raw = |path: &str| server.kubectl(&["get", "--raw", path]);
+
+    // A pod on its first container port, or on one named; the path and query go along.
+    let answer = stdout(&raw("/api/v1/namespaces/default/pods/web/proxy/hello?x=1"));
+    assert_eq!(answer, "web /hello?x=1");
+    assert_eq!(stdout(&raw("/api/v1/namespaces/default/pods/http:web:8080/proxy/there")), "web /there");
+    // A service by its port's number, through one of its endpoints.
+    let answer = eventually(60, "the service's endpoint", || async {
+        let out = raw("/api/v1/namespaces/default/services/web:80/proxy/via-service");
+        out.status.success().then(|| stdout(&out))
+    })
+    .await;
+    assert_eq!(answer, "web /via-service");
+    // Other methods pass through too (the test server echoes any).
+    let (code, body) =
+        common::raw(&client, "POST", "/api/v1/namespaces/default/pods/web/proxy/posted", "text/plain", b"x".to_vec())
+            .await;
+    assert_eq!((code, body), (200, json!("web /posted")));
+
+    // An empty path is redirected to the same URL ending in '/'.
+    let req =
+        http::Request::get("/api/v1/namespaces/default/pods/web/proxy?a=b").body(kube::client::Body::empty()).unwrap();
+    let resp = client.send(req).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 301);
+    assert_eq!(resp.headers()["location"], "/api/v1/namespaces/default/pods/web/proxy/?a=b");
+    // A port the service does not have: 503 with upstream's message.
+    let out = raw("/api/v1/namespaces/default/services/web:81/proxy/");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(r#"no service port 81 found for service "web""#), "{err}");
+    // Nothing listens there: 503, the server carries on.
+    let out = raw("/api/v1/namespaces/default/pods/web:9999/proxy/");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("error trying to reach service"), "{err}");
+}

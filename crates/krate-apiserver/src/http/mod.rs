@@ -565,12 +565,16 @@ async fn resource_request(
         || ApiError::method_not_allowed("the server does not allow this method on the requested resource");
     let verb = &attrs.verb;
     let named = path.name.is_some();
+    // A proxy subresource passes any method on.
+    let proxy = matches!(target, Target::Handler(krate_api::kinds::SubresourceHandler::Proxy, _)) && named;
     let allowed = match target {
+        _ if proxy => true,
         // A handled subresource takes the verbs the kinds table gives it.
         Target::Handler(_, verbs) if named => verbs.contains(&verb.as_str()),
         _ => kind.verbs.iter().any(|v| v == verb.as_str()),
     };
     let fits_path = match verb {
+        _ if proxy => true,
         _ if method == Method::HEAD => false,
         Verb::Create if named => matches!(target, Target::Handler(..)),
         Verb::Create => !kind.namespaced || scope.namespace.is_some(),

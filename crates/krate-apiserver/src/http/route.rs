@@ -92,7 +92,8 @@ fn resource_route(group: &str, version: &str, rest: &[&str]) -> Route {
         }
         _ => (None, rest.to_vec()),
     };
-    if rest.len() > 3 {
+    // Only a proxy subresource has a path of its own after it (`pods/p/proxy/a/b`).
+    if rest.len() > 3 && rest[2] != "proxy" {
         return Route::NotFound;
     }
     Route::Resource(ResourcePath {
@@ -141,5 +142,7 @@ mod tests {
         assert_eq!(parse_path("/apis/apps"), Route::Group("apps".into()));
         assert_eq!(parse_path("/nope"), Route::NotFound);
         assert_eq!(parse_path("/api/v1/namespaces/a/pods/b/c/d"), Route::NotFound);
+        let r = res("/api/v1/namespaces/a/pods/b:8080/proxy/some/path/");
+        assert_eq!((r.name.as_deref(), r.subresource.as_deref()), (Some("b:8080"), Some("proxy")));
     }
 }

@@ -29,6 +29,7 @@ mod certificates;
 mod namespaces;
 pub use certificates::CsrHooks;
 pub mod pods;
+mod proxy;
 mod reviews;
 pub mod serviceaccounts;
 pub mod services;
@@ -126,6 +127,7 @@ pub fn handler(declared: SubresourceHandler) -> &'static dyn Handler {
         H::Attach => &pods::Connect(pods::Action::Attach),
         H::PortForward => &pods::Connect(pods::Action::PortForward),
         H::Token => &serviceaccounts::Token,
+        H::Proxy => &proxy::Proxy,
         H::Review => &reviews::Review,
         // The generic path serves it (`http::target`); nothing routes it here.
         H::Approval => &Unrouted,
