@@ -91,8 +91,8 @@ pub enum SubresourceHandler {
     PortForward,
     /// `serviceaccounts/token`: issues a token (TokenRequest), stores nothing.
     Token,
-    /// `pods/proxy` and `services/proxy`: the request passed on to the pod or to one of
-    /// the service's endpoints (any method).
+    /// `pods/proxy`, `services/proxy` and `nodes/proxy`: the request passed on to the pod,
+    /// one of the service's endpoints or the node's agent (any method).
     Proxy,
     /// The review kinds (access, rules, token and self-subject reviews): answered, not
     /// stored.
@@ -125,6 +125,8 @@ const POD_SUBRESOURCES: &[SubresourceInfo] = &[
     },
     subresource("proxy", SubresourceHandler::Proxy, "PodProxyOptions", PROXY_VERBS),
 ];
+const NODE_SUBRESOURCES: &[SubresourceInfo] =
+    &[subresource("proxy", SubresourceHandler::Proxy, "NodeProxyOptions", PROXY_VERBS)];
 const SERVICE_SUBRESOURCES: &[SubresourceInfo] =
     &[subresource("proxy", SubresourceHandler::Proxy, "ServiceProxyOptions", PROXY_VERBS)];
 /// The verbs discovery lists for a proxy subresource (it takes any method).
@@ -448,6 +450,7 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .0,
         kind::<core::Node>()
             .short(&["no"])
+            .subresources(NODE_SUBRESOURCES)
             .printer(&printers::NODES)
             .status_only()
             .fields(NODE_FIELDS)

@@ -487,6 +487,9 @@ async fn the_api_servers_proxy_reaches_pods_and_services() {
     let out = raw("/api/v1/namespaces/default/services/web:81/proxy/");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains(r#"no service port 81 found for service "web""#), "{err}");
+    // A node is its agent, over HTTPS with the API server's client certificate.
+    let node = server.kubectl_ok(&["get", "nodes", "-o", "jsonpath={.items[0].metadata.name}"]);
+    assert_eq!(stdout(&raw(&format!("/api/v1/nodes/{node}/proxy/healthz"))), "ok");
     // Nothing listens there: 503, the server carries on.
     let out = raw("/api/v1/namespaces/default/pods/web:9999/proxy/");
     let err = String::from_utf8_lossy(&out.stderr);

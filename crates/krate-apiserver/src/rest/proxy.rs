@@ -1,10 +1,12 @@
-//! The API server's proxy subresources, as upstream's: `pods/{id}/proxy[/path]` and
-//! `services/{id}/proxy[/path]` pass the request on to the pod's IP, or to a ready
-//! endpoint of the service, and stream the answer back (any method; upgrades are not
-//! carried). The id is `[scheme:]name[:port]` with scheme `http` (the default) or
-//! `https`: a pod without a port is reached on its first declared container port; a
-//! service port is named by its number or its name, and the endpoint is picked at
-//! random among those that serve it. Hop-by-hop headers and the client's credentials
+//! The API server's proxy subresources, as upstream's: `pods/{id}/proxy[/path]`,
+//! `services/{id}/proxy[/path]` and `nodes/{id}/proxy[/path]` pass the request on to the
+//! pod's IP, to a ready endpoint of the service, or to the node's agent, and stream the
+//! answer back (any method; upgrades are not carried). The id is `[scheme:]name[:port]`
+//! with scheme `http` (the default) or `https`: a pod without a port is reached on its
+//! first declared container port; a service port is named by its number or its name,
+//! and the endpoint is picked at random among those that serve it; a node without a
+//! port (or with its agent's) is its agent, over HTTPS with the API server's client
+//! certificate for agents. Hop-by-hop headers and the client's credentials
 //! stay behind; `X-Forwarded-For` and `X-Forwarded-Uri` are added. HTTPS targets are not
 //! verified, as upstream's proxy transport does not verify them either.
 //!
@@ -40,8 +42,24 @@ impl Handler for Proxy {
             return Ok(response);
         }
         let object = call.server.storage.get(&call.scope, name).await?.parse();
+        let unverified = || Some(krate_client::tls::unverified_client_config());
+        let mut tls = if scheme == "https" { unverified() } else { None };
         let (host, port) = if call.scope.kind.is::<core::Pod>() {
             pod_location(&object, name, port)?
+        } else if call.scope.kind.is::<core::Node>() {
+            let (host, agent_port) = super::pods::nodeproxy::agent_address(&object)
+                .ok_or_else(|| ApiError::internal(format!("node {name} reports no address for its agent")))?;
+            match port {
+                "" => {
+                    tls = call.server.settings.kubelet_client.clone().or_else(unverified);
+                    (host, agent_port)
+                }
+                port if port.parse() == Ok(agent_port) => {
+                    tls = call.server.settings.kubelet_client.clone().or_else(unverified);
+                    (host, agent_port)
+                }
+                port => (host, port.parse().map_err(|_| ApiError::bad_request(format!("invalid port {port:?}")))?),
+            }
         } else {
             let endpoints = call.server.storage.builtin::<core::Endpoints>(call.scope.namespace.clone());
             let endpoints = call.server.storage.get(&endpoints, name).await.ok().map(|e| e.parse());
@@ -62,7 +80,7 @@ impl Handler for Proxy {
         parts.headers = headers;
         parts.uri =
             format!("{rest}{query}").parse().map_err(|e| ApiError::bad_request(format!("the proxy path: {e}")))?;
-        let response = send(scheme, &host, port, Request::from_parts(parts, body))
+        let response = send(tls, &host, port, Request::from_parts(parts, body))
             .await
             .map_err(|e| ApiError::new(503, "ServiceUnavailable", format!("error trying to reach service: {e:#}")))?;
         let (mut parts, body) = response.into_parts();
@@ -170,9 +188,10 @@ fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
-/// Sends `request` to `host:port` (one connection per request).
+/// Sends `request` to `host:port`, over TLS with `tls` if given (one connection per
+/// request).
 async fn send(
-    scheme: &str,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     host: &str,
     port: u16,
     request: Request<Body>,
@@ -180,10 +199,9 @@ async fn send(
     let tcp = tokio::time::timeout(std::time::Duration::from_secs(10), tokio::net::TcpStream::connect((host, port)))
         .await
         .map_err(|_| anyhow::anyhow!("dial tcp {host}:{port}: i/o timeout"))??;
-    if scheme == "https" {
+    if let Some(tls) = tls {
         let name = rustls::pki_types::ServerName::try_from(host.to_string())?;
-        let stream =
-            tokio_rustls::TlsConnector::from(krate_client::tls::unverified_client_config()).connect(name, tcp).await?;
+        let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         tokio::spawn(conn);
         Ok(sender.send_request(request).await?)

@@ -143,7 +143,7 @@ async fn agent_of(server: &ApiServer, pod: &Value, name: &str) -> ApiResult<(Str
 }
 
 /// The node's InternalIP (else its first address) and agent port.
-fn agent_address(node: &Value) -> Option<(String, u16)> {
+pub(crate) fn agent_address(node: &Value) -> Option<(String, u16)> {
     let addresses = node["status"]["addresses"].as_array()?;
     let ip = addresses.iter().find(|a| a["type"] == "InternalIP").or_else(|| addresses.first())?["address"]
         .as_str()?
