@@ -91,6 +91,8 @@ pub enum SubresourceHandler {
     PortForward,
     /// `serviceaccounts/token`: issues a token (TokenRequest), stores nothing.
     Token,
+    /// `componentstatuses`: the control plane's health, worked out on each read.
+    ComponentStatuses,
     /// `pods/proxy`, `services/proxy` and `nodes/proxy`: the request passed on to the pod,
     /// one of the service's endpoints or the node's agent (any method).
     Proxy,
@@ -617,7 +619,11 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .0,
         // core/v1 bindings: create-only, used by schedulers (pods/binding is the subresource form).
         kind::<core::Binding>().handled_by(SubresourceHandler::Binding, &["create"]).0,
-        kind::<core::ComponentStatus>().short(&["cs"]).verbs(&["get", "list"]).0,
+        kind::<core::ComponentStatus>()
+            .short(&["cs"])
+            .printer(&printers::COMPONENT_STATUSES)
+            .handled_by(SubresourceHandler::ComponentStatuses, &["get", "list"])
+            .0,
         // authentication.k8s.io/v1 and authorization.k8s.io/v1: reviews, create-only.
         kind::<authentication::TokenReview>().handled_by(SubresourceHandler::Review, &["create"]).0,
         kind::<authentication::SelfSubjectReview>().handled_by(SubresourceHandler::Review, &["create"]).0,

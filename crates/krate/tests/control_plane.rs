@@ -512,3 +512,27 @@ async fn a_standalone_controller_manager_acts_as_each_controllers_account() {
     let accounts: Api<ServiceAccount> = Api::namespaced(server.client().await, "kube-system");
     assert!(accounts.get_opt("replicaset-controller").await.unwrap().is_some(), "the manager creates the accounts");
 }
+
+#[tokio::test]
+async fn component_statuses_follow_the_leaders_leases_and_the_store() {
+    let server = TestServer::start();
+    let (table, warnings) = eventually(30, "every component healthy", || async {
+        let out = server.kubectl(&["get", "componentstatuses"]);
+        let table = String::from_utf8_lossy(&out.stdout).into_owned();
+        let healthy = table.lines().filter(|l| l.split_whitespace().nth(1) == Some("Healthy")).count();
+        (healthy == 3).then(|| (table, String::from_utf8_lossy(&out.stderr).into_owned()))
+    })
+    .await;
+    for component in ["scheduler", "controller-manager", "etcd-0"] {
+        assert!(table.contains(component), "{table}");
+    }
+    assert!(table.starts_with("NAME") && table.contains("MESSAGE") && table.contains("ERROR"), "{table}");
+    assert!(warnings.contains("v1 ComponentStatus is deprecated in v1.19+"), "{warnings}");
+
+    // Without controllers nobody takes the scheduler's Lease.
+    let bare = TestServer::start_with(&["--disable-controllers"]);
+    let row = bare.kubectl_ok(&["get", "cs", "scheduler", "--no-headers"]);
+    assert!(row.contains("Unhealthy") && row.contains("no scheduler has ever taken its leader Lease"), "{row}");
+    let out = bare.kubectl(&["get", "cs", "nope"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Component not found: nope"));
+}

@@ -132,6 +132,18 @@ pub const CSRS: Printer = Printer {
     },
 };
 
+/// Upstream's: the Healthy condition as Status, its message and error.
+pub const COMPONENT_STATUSES: Printer = Printer {
+    columns: &[NAME, string("Status", 0), string("Message", 0), string("Error", 0)],
+    cells: |obj| {
+        let healthy =
+            get(obj, &["conditions"]).and_then(Value::as_array).and_then(|c| c.iter().find(|c| c["type"] == "Healthy"));
+        let field = |key: &str| json!(healthy.and_then(|c| c[key].as_str()).unwrap_or_default());
+        let status = if healthy.is_some_and(|c| c["status"] == "True") { "Healthy" } else { "Unhealthy" };
+        vec![name(obj), json!(status), field("message"), field("error")]
+    },
+};
+
 pub const SERVICE_ACCOUNTS: Printer = Printer {
     columns: &[NAME, integer("Secrets", 0), AGE],
     cells: |obj| vec![name(obj), json!(count(obj, &["secrets"])), json!(age(obj))],

@@ -570,7 +570,7 @@ async fn resource_request(
     let allowed = match target {
         _ if proxy => true,
         // A handled subresource takes the verbs the kinds table gives it.
-        Target::Handler(_, verbs) if named => verbs.contains(&verb.as_str()),
+        Target::Handler(_, verbs) if named && path.subresource.is_some() => verbs.contains(&verb.as_str()),
         _ => kind.verbs.iter().any(|v| v == verb.as_str()),
     };
     let fits_path = match verb {

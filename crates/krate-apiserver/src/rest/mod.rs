@@ -26,6 +26,7 @@ use crate::request::RequestAttributes;
 use crate::ApiServer;
 
 mod certificates;
+mod componentstatuses;
 mod namespaces;
 pub use certificates::CsrHooks;
 pub mod pods;
@@ -128,6 +129,7 @@ pub fn handler(declared: SubresourceHandler) -> &'static dyn Handler {
         H::PortForward => &pods::Connect(pods::Action::PortForward),
         H::Token => &serviceaccounts::Token,
         H::Proxy => &proxy::Proxy,
+        H::ComponentStatuses => &componentstatuses::ComponentStatuses,
         H::Review => &reviews::Review,
         // The generic path serves it (`http::target`); nothing routes it here.
         H::Approval => &Unrouted,
