@@ -10,7 +10,8 @@
 //! stay behind; `X-Forwarded-For` and `X-Forwarded-Uri` are added. HTTPS targets are not
 //! verified, as upstream's proxy transport does not verify them either.
 //!
-//! Not done: upstream's rewriting of links in proxied HTML and of `Location` headers.
+//! Links in HTML answers and `Location` headers are rewritten to go through the proxy
+//! (`rewrite.rs`), as upstream's proxy transport does.
 
 use axum::body::Body;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
@@ -20,6 +21,8 @@ use rand::Rng;
 use serde_json::Value;
 
 use super::{Call, Handler};
+
+mod rewrite;
 
 /// `pods|services/{id}/proxy[/path]`.
 pub struct Proxy;
@@ -32,8 +35,11 @@ impl Handler for Proxy {
         let full_path = call.req.uri().path().to_string();
         let rest = full_path.find(&marker).map(|i| &full_path[i + marker.len()..]).unwrap_or_default().to_string();
         let query = call.req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
-        if rest.is_empty() {
-            // Upstream's answer to an empty path (issue 4958): the same URL ending in '/'.
+        let prefix = full_path[..full_path.find(&marker).unwrap_or(0) + marker.len()].to_string();
+        let get_or_head = matches!(*call.req.method(), http::Method::GET | http::Method::HEAD);
+        if rest.is_empty() && get_or_head {
+            // Upstream's answer to a GET of an empty path (issue 4958): the same URL
+            // ending in '/'. Other methods go to '/'.
             let mut response = Response::new(Body::empty());
             *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
             let location = HeaderValue::from_str(&format!("{full_path}/{query}"))
@@ -66,13 +72,16 @@ impl Handler for Proxy {
             service_location(&object, endpoints.as_ref(), name, port)?
         };
         let source = call.attrs.source.map(|ip| ip.to_string());
-        let original = call.req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+        // As upstream's path.Join of the prefix and the rest: cleaned, no query.
+        let forwarded_uri = rewrite::clean(&full_path);
+        let client_host = call.req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string);
+        let rest = if rest.is_empty() { "/".to_string() } else { rest };
         let (mut parts, body) = call.req.into_parts();
         let mut headers = forwarded_headers(&parts.headers);
         if let Some(source) = source.and_then(|s| HeaderValue::from_str(&s).ok()) {
             headers.insert(HeaderName::from_static("x-forwarded-for"), source);
         }
-        if let Ok(uri) = HeaderValue::from_str(&original) {
+        if let Ok(uri) = HeaderValue::from_str(&forwarded_uri) {
             headers.insert(HeaderName::from_static("x-forwarded-uri"), uri);
         }
         let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
@@ -85,7 +94,31 @@ impl Handler for Proxy {
             .map_err(|e| ApiError::new(503, "ServiceUnavailable", format!("error trying to reach service: {e:#}")))?;
         let (mut parts, body) = response.into_parts();
         parts.headers = forwarded_headers(&parts.headers);
-        Ok(Response::from_parts(parts, Body::new(body)))
+        let rewriter = rewrite::Rewriter {
+            prefix,
+            hosts: [Some(authority.clone()), Some(host.clone()), client_host].into_iter().flatten().collect(),
+        };
+        if let Some(location) = parts.headers.get(header::LOCATION).and_then(|l| l.to_str().ok()) {
+            let location = rewriter.url(location);
+            if let Ok(value) = HeaderValue::from_str(&location) {
+                parts.headers.insert(header::LOCATION, value);
+            }
+            return Ok(Response::from_parts(parts, Body::new(body)));
+        }
+        let media_type =
+            |v: &HeaderValue| v.to_str().ok().map(|t| t.split(';').next().unwrap_or_default().trim() == "text/html");
+        let html = parts.headers.get(header::CONTENT_TYPE).and_then(media_type).unwrap_or(false);
+        let encoded = parts.headers.get(header::CONTENT_ENCODING).is_some_and(|e| e != "identity");
+        if !html || encoded {
+            return Ok(Response::from_parts(parts, Body::new(body)));
+        }
+        let bytes = http_body_util::BodyExt::collect(body)
+            .await
+            .map_err(|e| ApiError::new(503, "ServiceUnavailable", format!("error trying to reach service: {e}")))?
+            .to_bytes();
+        let page = rewriter.html(&String::from_utf8_lossy(&bytes));
+        parts.headers.remove(header::CONTENT_LENGTH);
+        Ok(Response::from_parts(parts, Body::from(page)))
     }
 }
 
