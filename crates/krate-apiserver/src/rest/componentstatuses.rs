@@ -73,7 +73,7 @@ fn lease_health(component: &str, lease: Option<&Value>, now: jiff::Timestamp) ->
     match renewed {
         Some(at) if now.duration_since(at).as_secs() <= duration => Ok(()),
         Some(at) => Err(format!("its leader Lease was last renewed at {at}, more than {duration}s ago")),
-        None => Err(format!("its leader Lease has no renewTime")),
+        None => Err("its leader Lease has no renewTime".to_string()),
     }
 }
 
