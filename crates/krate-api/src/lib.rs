@@ -4,6 +4,8 @@
 pub mod convert;
 pub mod custom;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod kinds;
 pub mod managed;
 pub mod object;

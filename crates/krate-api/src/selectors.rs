@@ -394,39 +394,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn selectors_with_any_characters_parse_or_fail_without_panicking() {
-        let pieces = [
-            "é",
-            "\\",
-            "=",
-            "==",
-            "!=",
-            "!",
-            ",",
-            "in",
-            "(",
-            ")",
-            "a",
-            " ",
-            "日本",
-            "\u{1F600}",
-            "metadata.name",
-            ".",
-            "-",
-        ];
-        // A deterministic walk over many combinations of tricky pieces (xorshift).
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        for _ in 0..20_000 {
-            let mut text = String::new();
-            for _ in 0..(state % 7 + 1) {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                text.push_str(pieces[(state % pieces.len() as u64) as usize]);
-            }
-            let _ = FieldSelector::parse(&text);
-            let _ = LabelSelector::parse(&text);
-        }
+    fn non_ascii_values_and_escapes_parse() {
         let selector = FieldSelector::parse("metadata.name=éx").unwrap();
         assert_eq!(selector.exact_value("metadata.name"), Some("éx"));
         assert!(FieldSelector::parse("metadata.name=\\é=x").is_ok());
