@@ -369,6 +369,8 @@ impl Builder {
         self.0.printer = printer;
         self
     }
+    /// DELETE answers the deleted object instead of a Status (upstream's
+    /// `ReturnDeletedObject`, set for these kinds' registries).
     fn returns_deleted_object(mut self) -> Self {
         self.0.returns_deleted_object = true;
         self
@@ -442,6 +444,7 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
         kind::<core::Event>().short(&["ev"]).printer(&printers::EVENTS).fields(EVENT_FIELDS).0,
         kind::<core::LimitRange>().short(&["limits"]).0,
         kind::<core::Namespace>()
+            .returns_deleted_object()
             .short(&["ns"])
             .printer(&printers::NAMESPACES)
             .status_only()
@@ -458,8 +461,13 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .fields(NODE_FIELDS)
             .strategy(&NodeStrategy)
             .0,
-        kind::<core::PersistentVolumeClaim>().short(&["pvc"]).status_only().strategy(&PvcStrategy).0,
-        kind::<core::PersistentVolume>().short(&["pv"]).status_only().strategy(&PvStrategy).0,
+        kind::<core::PersistentVolumeClaim>()
+            .short(&["pvc"])
+            .returns_deleted_object()
+            .status_only()
+            .strategy(&PvcStrategy)
+            .0,
+        kind::<core::PersistentVolume>().short(&["pv"]).returns_deleted_object().status_only().strategy(&PvStrategy).0,
         kind::<core::Pod>()
             .short(&["po"])
             .printer(&printers::PODS)
@@ -471,7 +479,7 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .fields(POD_FIELDS)
             .strategy(&PodStrategy)
             .0,
-        kind::<core::PodTemplate>().strategy(&PodTemplateStrategy).0,
+        kind::<core::PodTemplate>().returns_deleted_object().strategy(&PodTemplateStrategy).0,
         kind::<core::ReplicationController>()
             .short(&["rc"])
             .printer(&printers::REPLICA_SETS)
@@ -482,6 +490,7 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .strategy(&ReplicationControllerStrategy)
             .0,
         kind::<core::ResourceQuota>()
+            .returns_deleted_object()
             .short(&["quota"])
             .printer(&printers::RESOURCE_QUOTAS)
             .status_only()
@@ -489,6 +498,7 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .0,
         kind::<core::Secret>().printer(&printers::SECRETS).fields(SECRET_FIELDS).strategy(&SecretStrategy).0,
         kind::<core::ServiceAccount>()
+            .returns_deleted_object()
             .short(&["sa"])
             .printer(&printers::SERVICE_ACCOUNTS)
             .subresources(SERVICE_ACCOUNT_SUBRESOURCES)
@@ -588,12 +598,12 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .strategy(&PriorityClassStrategy)
             .0,
         // storage.k8s.io/v1
-        kind::<storage::CSIDriver>().0,
-        kind::<storage::CSINode>().0,
+        kind::<storage::CSIDriver>().returns_deleted_object().0,
+        kind::<storage::CSINode>().returns_deleted_object().0,
         kind::<storage::CSIStorageCapacity>().0,
-        kind::<storage::StorageClass>().short(&["sc"]).strategy(&StorageClassStrategy).0,
-        kind::<storage::VolumeAttachment>().status_only().status_metadata(&[]).0,
-        kind::<storage::VolumeAttributesClass>().short(&["vac"]).0,
+        kind::<storage::StorageClass>().short(&["sc"]).returns_deleted_object().strategy(&StorageClassStrategy).0,
+        kind::<storage::VolumeAttachment>().returns_deleted_object().status_only().status_metadata(&[]).0,
+        kind::<storage::VolumeAttributesClass>().short(&["vac"]).returns_deleted_object().0,
         kind::<node::RuntimeClass>().0,
         // flowcontrol.apiserver.k8s.io/v1: API priority and fairness's objects (served and
         // stored; requests are not yet classified by them).

@@ -452,3 +452,22 @@ async fn random_requests_get_answers_and_leave_the_server_healthy() {
     server.kubectl_ok(&["create", "configmap", "after", "--from-literal=k=v"]);
     server.kubectl_ok(&["get", "namespace", "kube-system"]);
 }
+
+#[tokio::test]
+async fn deletes_answer_the_object_where_upstreams_registry_does() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    server.kubectl_ok(&["create", "serviceaccount", "sa"]);
+    server.kubectl_ok(&["create", "configmap", "cm"]);
+    server.kubectl_ok(&["create", "quota", "q", "--hard=pods=1"]);
+    // ServiceAccounts and ResourceQuotas (as Pods, Services, PVs and PVCs, StorageClasses,
+    // ...) answer the deleted object; ConfigMaps a Status.
+    for (path, kind) in [
+        ("/api/v1/namespaces/default/serviceaccounts/sa", "ServiceAccount"),
+        ("/api/v1/namespaces/default/resourcequotas/q", "ResourceQuota"),
+        ("/api/v1/namespaces/default/configmaps/cm", "Status"),
+    ] {
+        let (code, body) = raw(&client, "DELETE", path, "application/json", vec![]).await;
+        assert_eq!((code, body["kind"].as_str()), (200, Some(kind)), "{path}: {body}");
+    }
+}
