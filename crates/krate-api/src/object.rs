@@ -110,3 +110,73 @@ pub fn rfc3339_in(seconds: i64) -> String {
     let t = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(seconds);
     t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
+
+/// JSON text indented with two spaces per level, as Go's `json.MarshalIndent(v, "", "  ")`
+/// writes it (`{}` and `[]` stay empty, `": "` after keys, no final newline), without
+/// parsing it into a map, so its fields keep their order. Text that is not JSON comes
+/// out re-spaced but otherwise as it went in.
+pub fn indent_json(text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() * 2);
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let newline = |out: &mut Vec<u8>, depth: usize| {
+        out.push(b'\n');
+        out.extend(std::iter::repeat_n(b' ', depth * 2));
+    };
+    let mut bytes = text.iter().copied().peekable();
+    while let Some(b) = bytes.next() {
+        if in_string {
+            out.push(b);
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_string = true;
+                out.push(b);
+            }
+            b'{' | b'[' => {
+                out.push(b);
+                while bytes.peek().is_some_and(u8::is_ascii_whitespace) {
+                    bytes.next();
+                }
+                if matches!(bytes.peek(), Some(b'}' | b']')) {
+                    out.push(bytes.next().unwrap_or_default());
+                } else {
+                    depth += 1;
+                    newline(&mut out, depth);
+                }
+            }
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                newline(&mut out, depth);
+                out.push(b);
+            }
+            b',' => {
+                out.push(b);
+                newline(&mut out, depth);
+            }
+            b':' => out.extend_from_slice(b": "),
+            b if b.is_ascii_whitespace() => {}
+            _ => out.push(b),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::indent_json;
+
+    #[test]
+    fn json_is_indented_as_gos_marshal_indent_in_its_own_order() {
+        let text = br#"{"kind":"Status","apiVersion":"v1","metadata":{},"items":[],"details":{"name":"a \"b\" {c}","causes":[{"x":1},{"y":[1,2]}]},"code":404}"#;
+        let expected = "{\n  \"kind\": \"Status\",\n  \"apiVersion\": \"v1\",\n  \"metadata\": {},\n  \"items\": [],\n  \"details\": {\n    \"name\": \"a \\\"b\\\" {c}\",\n    \"causes\": [\n      {\n        \"x\": 1\n      },\n      {\n        \"y\": [\n          1,\n          2\n        ]\n      }\n    ]\n  },\n  \"code\": 404\n}";
+        assert_eq!(String::from_utf8(indent_json(text)).unwrap(), expected);
+        assert_eq!(indent_json(b"{\"a\":1}\n"), b"{\n  \"a\": 1\n}");
+    }
+}

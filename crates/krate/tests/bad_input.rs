@@ -471,3 +471,26 @@ async fn deletes_answer_the_object_where_upstreams_registry_does() {
         assert_eq!((code, body["kind"].as_str()), (200, Some(kind)), "{path}: {body}");
     }
 }
+
+#[tokio::test]
+async fn curl_and_pretty_get_indented_answers_in_upstreams_order() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let get = |agent: &'static str, query: &'static str| {
+        let client = client.clone();
+        async move {
+            let req = http::Request::get(format!("/api/v1/namespaces/default/configmaps/x{query}"))
+                .header("User-Agent", agent)
+                .body(kube::client::Body::empty())
+                .unwrap();
+            let resp = client.send(req).await.unwrap();
+            let bytes = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+    };
+    let indented = "{\n  \"kind\": \"Status\",\n  \"apiVersion\": \"v1\",\n  \"metadata\": {},\n  \"status\": \"Failure\",\n  \"message\": \"configmaps \\\"x\\\" not found\",\n  \"reason\": \"NotFound\",\n  \"details\": {\n    \"name\": \"x\",\n    \"kind\": \"configmaps\"\n  },\n  \"code\": 404\n}";
+    assert_eq!(get("curl/8.5.0", "").await, indented);
+    assert_eq!(get("kubectl/v1.37.1", "?pretty=true").await, indented);
+    assert!(get("curl/8.5.0", "?pretty=false").await.ends_with("\"code\":404}\n"));
+    assert!(get("kubectl/v1.37.1", "").await.ends_with("\"code\":404}\n"));
+}

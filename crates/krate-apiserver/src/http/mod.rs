@@ -99,6 +99,9 @@ pub async fn handle(server: Arc<ApiServer>, user: User, req: Request<Body>) -> R
     let path = req.uri().path().to_string();
     let route = parse_path(&path);
     let (verb, resource) = metrics_labels(&method, &route, req.uri().query());
+    // Proxied answers are the backend's, and watches stream: neither is re-indented.
+    let passed_through = matches!(&route, Route::Resource(r) if r.subresource.as_deref() == Some("proxy"));
+    let pretty = verb != "WATCH" && !passed_through && pretty_requested(&req);
     let authenticated = match bearer_token(req.headers()) {
         // A client certificate comes first, as upstream's union of authenticators.
         Some(token) if user.is_anonymous() => server.authenticate_token(token).await,
@@ -121,6 +124,7 @@ pub async fn handle(server: Arc<ApiServer>, user: User, req: Request<Body>) -> R
         }
         Err(err) => (User::anonymous().name, error_response(&err)),
     };
+    let response = if pretty { prettified(response).await } else { response };
     let code = response.status().as_u16();
     server.metrics.observe_request(&verb, &resource, code, started.elapsed());
     if code >= 500 {
@@ -210,6 +214,39 @@ async fn audited(
         },
     );
     response
+}
+
+/// Upstream's `isPrettyPrint`: `?pretty=` when given, else a user agent of a browser,
+/// curl or Wget.
+fn pretty_requested<B>(req: &Request<B>) -> bool {
+    let query = req.uri().query().unwrap_or_default();
+    if query.contains("pretty") {
+        if let Some((_, value)) = form_urlencoded::parse(query.as_bytes()).find(|(k, v)| k == "pretty" && !v.is_empty())
+        {
+            return matches!(value.as_ref(), "1" | "t" | "T" | "true" | "TRUE" | "True");
+        }
+    }
+    let agent = req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    ["curl", "Wget", "Mozilla/5.0"].iter().any(|p| agent.starts_with(p))
+}
+
+/// A JSON answer indented as Go's `json.MarshalIndent(obj, "", "  ")` writes it (no
+/// final newline), keeping its fields' order.
+async fn prettified(response: Response<Body>) -> Response<Body> {
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    if !json || response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(collected) = http_body_util::BodyExt::collect(body).await else {
+        return error_response(&ApiError::internal("reading the response to indent it"));
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(krate_api::object::indent_json(&collected.to_bytes())))
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {
