@@ -388,10 +388,11 @@ fn rotate(log: &LogFile) -> std::io::Result<()> {
         let expired = |p: &PathBuf| {
             std::fs::metadata(p).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|age| age > max_age))
         };
-        for old in backups.iter().filter(|p| expired(p)) {
-            std::fs::remove_file(old)?;
+        let (old, kept): (Vec<PathBuf>, Vec<PathBuf>) = backups.into_iter().partition(expired);
+        for path in old {
+            std::fs::remove_file(path)?;
         }
-        backups.retain(|p| p.exists());
+        backups = kept;
     }
     while log.max_backups > 0 && backups.len() > log.max_backups {
         std::fs::remove_file(backups.remove(0))?;

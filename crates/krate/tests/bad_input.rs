@@ -291,18 +291,9 @@ fn bad_agent_flags_are_refused_at_start() {
     }
 }
 
-/// The response's status and exact body bytes.
+/// The response's status and exact body, a JSON request's.
 async fn raw_bytes(client: &kube::Client, method: &str, path: &str, body: &str) -> (u16, String) {
-    let req = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("Content-Type", "application/json")
-        .body(kube::client::Body::from(body.as_bytes().to_vec()))
-        .unwrap();
-    let resp = client.send(req).await.expect("send");
-    let code = resp.status().as_u16();
-    let bytes = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
-    (code, String::from_utf8_lossy(&bytes).into_owned())
+    common::raw_text(client, method, path, "application/json", body.as_bytes().to_vec()).await
 }
 
 #[tokio::test]

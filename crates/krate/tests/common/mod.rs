@@ -256,14 +256,25 @@ pub async fn raw(
     content_type: &str,
     body: Vec<u8>,
 ) -> (u16, serde_json::Value) {
+    let (status, text) = raw_text(client, method, path, content_type, body).await;
+    let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    (status, value)
+}
+
+/// Like `raw`, with the answer's exact text.
+pub async fn raw_text(
+    client: &kube::Client,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (u16, String) {
     let req =
         http::Request::builder().method(method).uri(path).header("Content-Type", content_type).body(body).unwrap();
     let resp = client.send(req.map(kube::client::Body::from)).await.expect("send");
     let status = resp.status().as_u16();
     let bytes = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
-    let value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-    (status, value)
+    (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// A `krate hollow-nodes` process joined to a test server; stopped on drop.

@@ -182,21 +182,34 @@ async fn send(
         .kubelet_client
         .clone()
         .ok_or_else(|| failed(anyhow::anyhow!("this API server has no client certificate for node agents")))?;
-    let connect = async {
-        let tcp =
-            tokio::time::timeout(std::time::Duration::from_secs(10), tokio::net::TcpStream::connect((host, port)))
-                .await??;
-        let name = rustls::pki_types::ServerName::try_from(host.to_string())?;
-        let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(conn.with_upgrades());
-        anyhow::Ok(sender)
-    };
-    let mut sender = connect.await.map_err(failed)?;
+    let mut sender = open_connection(host, port, Some(tls)).await.map_err(failed)?;
     request
         .headers_mut()
         .insert(header::HOST, header::HeaderValue::from_str(&format!("{host}:{port}")).map_err(|e| failed(e.into()))?);
     sender.send_request(request).await.map_err(|e| failed(e.into()))
+}
+
+/// An HTTP/1.1 connection to `host:port`, over TLS with `tls` if given, that upgraded
+/// requests may keep: one per request, for the agent requests here and the proxy
+/// subresources (`rest/proxy`).
+pub(crate) async fn open_connection(
+    host: &str,
+    port: u16,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Body>> {
+    let tcp = tokio::time::timeout(std::time::Duration::from_secs(10), tokio::net::TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| anyhow::anyhow!("dial tcp {host}:{port}: i/o timeout"))??;
+    let Some(tls) = tls else {
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        tokio::spawn(conn.with_upgrades());
+        return Ok(sender);
+    };
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn.with_upgrades());
+    Ok(sender)
 }
 
 /// A client configuration for node agents: the API server's client certificate, and, as

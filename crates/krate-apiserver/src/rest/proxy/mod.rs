@@ -20,22 +20,25 @@ use krate_api::{ApiError, ApiResult};
 use rand::Rng;
 use serde_json::Value;
 
+use super::pods::nodeproxy::open_connection;
 use super::{Call, Handler};
 
 mod rewrite;
 
-/// `pods|services/{id}/proxy[/path]`.
+/// `pods|services|nodes/{id}/proxy[/path]`.
 pub struct Proxy;
 
 #[async_trait::async_trait]
 impl Handler for Proxy {
     async fn serve(&self, call: Call<'_>) -> ApiResult<Response<Body>> {
         let (scheme, name, port) = split_id(call.name)?;
+        // The URL up to `.../{id}/proxy` (the prefix links are rewritten under), then the
+        // path passed on.
         let marker = format!("/{}/{}/proxy", call.scope.kind.plural, call.name);
         let full_path = call.req.uri().path().to_string();
-        let rest = full_path.find(&marker).map(|i| &full_path[i + marker.len()..]).unwrap_or_default().to_string();
+        let end = full_path.find(&marker).map_or(full_path.len(), |i| i + marker.len());
+        let (prefix, rest) = (full_path[..end].to_string(), full_path[end..].to_string());
         let query = call.req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
-        let prefix = full_path[..full_path.find(&marker).unwrap_or(0) + marker.len()].to_string();
         let get_or_head = matches!(*call.req.method(), http::Method::GET | http::Method::HEAD);
         if rest.is_empty() && get_or_head {
             // Upstream's answer to a GET of an empty path (issue 4958): the same URL
@@ -56,11 +59,8 @@ impl Handler for Proxy {
             let (host, agent_port) = super::pods::nodeproxy::agent_address(&object)
                 .ok_or_else(|| ApiError::internal(format!("node {name} reports no address for its agent")))?;
             match port {
-                "" => {
-                    tls = call.server.settings.kubelet_client.clone().or_else(unverified);
-                    (host, agent_port)
-                }
-                port if port.parse() == Ok(agent_port) => {
+                // The agent's own port: its HTTPS, with the API server's certificate.
+                port if port.is_empty() || port.parse() == Ok(agent_port) => {
                     tls = call.server.settings.kubelet_client.clone().or_else(unverified);
                     (host, agent_port)
                 }
@@ -89,7 +89,10 @@ impl Handler for Proxy {
         parts.headers = headers;
         parts.uri =
             format!("{rest}{query}").parse().map_err(|e| ApiError::bad_request(format!("the proxy path: {e}")))?;
-        let response = send(tls, &host, port, Request::from_parts(parts, body))
+        let request = Request::from_parts(parts, body);
+        let sent =
+            async { Ok::<_, anyhow::Error>(open_connection(&host, port, tls).await?.send_request(request).await?) };
+        let response = sent
             .await
             .map_err(|e| ApiError::new(503, "ServiceUnavailable", format!("error trying to reach service: {e:#}")))?;
         let (mut parts, body) = response.into_parts();
@@ -219,30 +222,6 @@ fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
         }
     }
     out
-}
-
-/// Sends `request` to `host:port`, over TLS with `tls` if given (one connection per
-/// request).
-async fn send(
-    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
-    host: &str,
-    port: u16,
-    request: Request<Body>,
-) -> anyhow::Result<Response<hyper::body::Incoming>> {
-    let tcp = tokio::time::timeout(std::time::Duration::from_secs(10), tokio::net::TcpStream::connect((host, port)))
-        .await
-        .map_err(|_| anyhow::anyhow!("dial tcp {host}:{port}: i/o timeout"))??;
-    if let Some(tls) = tls {
-        let name = rustls::pki_types::ServerName::try_from(host.to_string())?;
-        let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        Ok(sender.send_request(request).await?)
-    } else {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-        tokio::spawn(conn);
-        Ok(sender.send_request(request).await?)
-    }
 }
 
 #[cfg(test)]

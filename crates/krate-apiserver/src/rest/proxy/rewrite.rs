@@ -46,19 +46,20 @@ impl Rewriter {
     /// One URL, as upstream's `rewriteURL` (with the scheme and host dropped, as the
     /// API server's own transport has none).
     pub fn url(&self, url: &str) -> String {
-        let (rest, host) = if let Some(after) = url.strip_prefix("//") {
-            split_authority(after)
-        } else if let Some((scheme, after)) = url.split_once("://").filter(|(s, _)| is_scheme(s)) {
-            let _ = scheme;
-            split_authority(after)
-        } else {
-            (url, None)
-        };
-        if let Some(host) = host {
-            if !self.hosts.iter().any(|h| h == host) {
-                return url.to_string();
+        // What follows `scheme://` or `//`: the host, then the path.
+        let authority = url
+            .strip_prefix("//")
+            .or_else(|| url.split_once("://").filter(|(scheme, _)| is_scheme(scheme)).map(|(_, after)| after));
+        let rest = match authority {
+            Some(after) => {
+                let end = after.find(['/', '?', '#']).unwrap_or(after.len());
+                if !self.hosts.iter().any(|h| h == &after[..end]) {
+                    return url.to_string();
+                }
+                &after[end..]
             }
-        }
+            None => url,
+        };
         let end = rest.find(['?', '#']).unwrap_or(rest.len());
         let (path, tail) = rest.split_at(end);
         if !path.starts_with('/') {
@@ -120,12 +121,6 @@ impl Rewriter {
 fn is_scheme(s: &str) -> bool {
     s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
         && s.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
-}
-
-/// `host[:port]/rest` split into the rest (from its '/', '?' or '#') and the host.
-fn split_authority(after: &str) -> (&str, Option<&str>) {
-    let end = after.find(['/', '?', '#']).unwrap_or(after.len());
-    (&after[end..], Some(&after[..end]))
 }
 
 /// Go's `path.Clean` for absolute paths: no empty, `.` or resolved `..` segments.
