@@ -201,6 +201,14 @@ pub struct KindInfo {
 }
 
 impl KindInfo {
+    /// The protobuf message this kind is served as, if it has one (custom kinds do not).
+    pub fn protobuf_message(&self) -> Option<&'static str> {
+        match self.custom {
+            Some(_) => None,
+            None => crate::protobuf::message_for(&self.api_version(), &self.kind),
+        }
+    }
+
     /// Whether this kind stores objects of the k8s-openapi type `T` (whatever version
     /// it serves them in).
     pub fn is<T: Resource>(&self) -> bool {

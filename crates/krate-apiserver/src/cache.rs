@@ -28,6 +28,8 @@ pub struct CachedObject {
     pub labels: BTreeMap<String, String>,
     /// Values of the resource's selectable fields (beyond name and namespace).
     pub fields: Vec<(&'static str, String)>,
+    /// Its protobuf message, encoded on first demand and shared by every list and watch.
+    proto: std::sync::OnceLock<Bytes>,
 }
 
 /// Which fields of a resource (by store prefix) field selectors may use: (label, path).
@@ -37,6 +39,11 @@ impl CachedObject {
     /// Parses the stored JSON (for conversions, tables and the like).
     pub fn parse(&self) -> Value {
         serde_json::from_slice(&self.json).unwrap_or(Value::Null)
+    }
+
+    /// The object as protobuf message `message` (no envelope), encoded once.
+    pub fn proto(&self, message: &str) -> &Bytes {
+        self.proto.get_or_init(|| Bytes::from(krate_api::protobuf::message(message, &self.parse())))
     }
 
     pub fn field(&self, label: &str) -> Option<&str> {
@@ -74,6 +81,7 @@ impl CachedObject {
             json,
             labels,
             fields,
+            proto: Default::default(),
         })
     }
 }

@@ -182,6 +182,16 @@ pub fn served_json(kind: &KindInfo, obj: &CachedObject) -> Bytes {
     }
 }
 
+/// The served protobuf message of a cached object (no envelope); `None` for kinds
+/// without a protobuf form.
+pub fn served_proto(kind: &KindInfo, obj: &CachedObject) -> Option<Bytes> {
+    let message = kind.protobuf_message()?;
+    Some(match kind.conversion {
+        Some(c) => Bytes::from(krate_api::protobuf::message(message, &c.serve(obj.parse()))),
+        None => obj.proto(message).clone(),
+    })
+}
+
 fn store_error(kind: &KindInfo, name: &str, err: StoreError) -> ApiError {
     match err {
         StoreError::AlreadyExists(_) => ApiError::already_exists(&kind.group, &kind.plural, name),

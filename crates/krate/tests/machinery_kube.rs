@@ -1,5 +1,5 @@
-//! Server-side apply and CustomResourceDefinitions driven by kube-rs, as controllers
-//! and operators use them.
+//! Server-side apply, CustomResourceDefinitions and protobuf, driven by kube-rs and
+//! client-go as controllers and operators use them.
 
 mod common;
 
@@ -124,10 +124,8 @@ struct GadgetStatus {
     ready: bool,
 }
 
-#[tokio::test]
-async fn custom_resource_from_kube_derive() {
-    let server = TestServer::start();
-    let client = server.client().await;
+/// Creates the Gadget CRD and waits until it is served.
+async fn establish_gadgets(client: &kube::Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     crds.create(&PostParams::default(), &Gadget::crd()).await.unwrap();
     let established = tokio::time::timeout(Duration::from_secs(20), async {
@@ -141,6 +139,14 @@ async fn custom_resource_from_kube_derive() {
         }
     });
     established.await.expect("the CRD becomes Established");
+}
+
+#[tokio::test]
+async fn custom_resource_from_kube_derive() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    establish_gadgets(&client).await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
 
     let gadgets: Api<Gadget> = Api::namespaced(client.clone(), "default");
     let mut events = gadgets.watch(&WatchParams::default(), "0").await.unwrap().boxed();
@@ -240,4 +246,80 @@ async fn custom_resource_from_kube_derive() {
     .await
     .expect("served again");
     assert!(listed.items.is_empty());
+}
+
+const PROTOBUF: &str = "application/vnd.kubernetes.protobuf";
+
+/// A GET with an `Accept` header: (status, content type, body).
+async fn get_accepting(client: &kube::Client, path: &str, accept: &str) -> (u16, String, Vec<u8>) {
+    let req = http::Request::builder().uri(path).header("Accept", accept).body(Vec::new()).unwrap();
+    let resp = client.send(req.map(kube::client::Body::from)).await.expect("send");
+    let status = resp.status().as_u16();
+    let content_type = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes().to_vec();
+    (status, content_type, body)
+}
+
+#[tokio::test]
+async fn client_go_writes_reads_and_watches_pods_over_protobuf() {
+    let server = TestServer::start();
+    let out = std::process::Command::new(common::goclient::path())
+        .arg("check")
+        .arg(server.kubeconfig())
+        .arg("default")
+        .output()
+        .expect("run the client-go program");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "client-go failed: {}{stdout}", String::from_utf8_lossy(&out.stderr));
+    // Every answer client-go got (created, read, listed, patched, watched, refused,
+    // deleted) was protobuf, the watch framed as a protobuf stream.
+    let answers: Vec<(&str, &str)> = stdout.lines().filter_map(|l| l.split_once(" -> ")).collect();
+    assert_eq!(answers.len(), 7, "{stdout}");
+    for (request, content_type) in answers {
+        let expected = if request.starts_with("WATCH") { "application/vnd.kubernetes.protobuf;stream=watch" } else { PROTOBUF };
+        assert_eq!(content_type, expected, "{request}");
+    }
+}
+
+#[tokio::test]
+async fn protobuf_lists_carry_what_json_lists_do() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    for name in ["a", "b"] {
+        let cm = json!({"metadata": {"name": name, "labels": {"app": "x"}}, "data": {"k": name}});
+        cms.create(&PostParams::default(), &serde_json::from_value(cm).unwrap()).await.unwrap();
+    }
+    let path = "/api/v1/namespaces/default/configmaps?labelSelector=app%3Dx";
+    let (status, content_type, proto) = get_accepting(&client, path, &format!("{PROTOBUF}, application/json")).await;
+    assert_eq!((status, content_type.as_str()), (200, PROTOBUF));
+    assert!(proto.starts_with(b"k8s\0"), "the protobuf magic leads");
+    let decoded = krate_api::protobuf::decode(&proto).unwrap();
+    let revision = decoded["metadata"]["resourceVersion"].as_str().unwrap();
+    let at_revision = format!("{path}&resourceVersion={revision}&resourceVersionMatch=Exact");
+    let (_, _, json) = get_accepting(&client, &at_revision, "application/json").await;
+    let mut json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    // Protobuf items carry no type (nor do upstream's JSON ones; krate's do).
+    for item in json["items"].as_array_mut().unwrap() {
+        let item = item.as_object_mut().unwrap();
+        item.remove("kind");
+        item.remove("apiVersion");
+    }
+    assert_eq!(decoded, json);
+}
+
+#[tokio::test]
+async fn custom_resources_stay_json_for_clients_that_prefer_protobuf() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    establish_gadgets(&client).await;
+    let path = "/apis/example.com/v1/namespaces/default/gadgets";
+    let (status, content_type, body) = get_accepting(&client, path, &format!("{PROTOBUF}, application/json")).await;
+    assert_eq!((status, content_type.as_str()), (200, "application/json"), "{}", String::from_utf8_lossy(&body));
+    // Protobuf alone cannot be had: upstream's 406, as a protobuf Status.
+    let (status, content_type, body) = get_accepting(&client, path, PROTOBUF).await;
+    assert_eq!((status, content_type.as_str()), (406, PROTOBUF));
+    let refusal = krate_api::protobuf::decode(&body).unwrap();
+    assert_eq!(refusal["reason"], "NotAcceptable");
+    assert!(refusal["message"].as_str().unwrap().contains("does not implement the protobuf marshalling interface"));
 }

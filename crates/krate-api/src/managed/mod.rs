@@ -35,7 +35,7 @@ struct Entry {
 impl Entry {
     fn parse(v: &Value) -> Option<Entry> {
         Some(Entry {
-            manager: v.get("manager")?.as_str()?.to_string(),
+            manager: v.get("manager").and_then(Value::as_str).unwrap_or_default().to_string(),
             operation: v.get("operation").and_then(Value::as_str).unwrap_or("Update").to_string(),
             api_version: v.get("apiVersion").and_then(Value::as_str).unwrap_or_default().to_string(),
             time: v.get("time").and_then(Value::as_str).unwrap_or_default().to_string(),
@@ -55,6 +55,10 @@ impl Entry {
         });
         if let Some(s) = &self.subresource {
             v["subresource"] = json!(s);
+        }
+        // A request without a field manager or user agent: upstream omits the empty name.
+        if self.manager.is_empty() {
+            v.as_object_mut().expect("an object").remove("manager");
         }
         v
     }

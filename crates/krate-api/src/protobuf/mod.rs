@@ -12,9 +12,14 @@ use std::sync::OnceLock;
 use base64::Engine;
 use serde_json::{json, Map, Value};
 
+mod encode;
+pub use encode::{encode, envelope, list, message, watch_frame};
+
 /// The prefix of every Kubernetes protobuf body.
 pub const MAGIC: &[u8] = b"k8s\0";
 pub const CONTENT_TYPE: &str = "application/vnd.kubernetes.protobuf";
+/// The content type of a protobuf watch stream.
+pub const WATCH_CONTENT_TYPE: &str = "application/vnd.kubernetes.protobuf;stream=watch";
 
 #[derive(Debug, Clone, PartialEq)]
 enum Kind {
@@ -29,6 +34,7 @@ enum Kind {
     Map(Box<Kind>, Box<Kind>),
 }
 
+#[derive(Clone)]
 struct Field {
     json: String,
     kind: Kind,
@@ -37,6 +43,8 @@ struct Field {
 #[derive(Default)]
 struct Schema {
     messages: HashMap<String, HashMap<u32, Field>>,
+    /// Each message's fields in tag order, the order they are written in.
+    ordered: HashMap<String, Vec<(u32, Field)>>,
     /// Lower-cased message name → its spelling in `messages` (prost renames CSIDriver to
     /// CsiDriver, the API says CSIDriver).
     by_lower: HashMap<String, String>,
@@ -91,19 +99,46 @@ fn schema() -> &'static Schema {
                 _ => {}
             }
         }
+        for (name, fields) in &schema.messages {
+            let mut ordered: Vec<(u32, Field)> = fields.iter().map(|(t, f)| (*t, f.clone())).collect();
+            ordered.sort_by_key(|(t, _)| *t);
+            schema.ordered.insert(name.clone(), ordered);
+        }
         schema
     })
 }
 
-/// The message module for an apiVersion: `apps/v1` → `api.apps.v1`.
-fn module_for(api_version: &str) -> String {
+/// The message an apiVersion and kind are encoded as; `None` for kinds without a
+/// protobuf form (custom resources, tables).
+pub fn message_for(api_version: &str, kind: &str) -> Option<&'static str> {
+    let own = module_for(api_version).map(|m| format!("{m}.{kind}"));
+    // Status and the discovery documents say `v1` but are meta's.
+    let meta = (api_version == "v1").then(|| format!("apimachinery.pkg.apis.meta.v1.{kind}"));
+    [own, meta].into_iter().flatten().find_map(|c| schema().by_lower.get(&c.to_lowercase())).map(String::as_str)
+}
+
+/// The message module for an apiVersion (`apps/v1` → `api.apps.v1`); `None` for groups
+/// that are not built in, whatever their kinds are called.
+fn module_for(api_version: &str) -> Option<String> {
     let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
-    match group {
-        "" => format!("api.core.{version}"),
-        "apiextensions.k8s.io" => format!("apiextensions_apiserver.pkg.apis.apiextensions.{version}"),
-        "meta.k8s.io" => format!("apimachinery.pkg.apis.meta.{version}"),
-        g => format!("api.{}.{version}", g.split('.').next().unwrap_or(g)),
-    }
+    let module = match group {
+        "" => "api.core".to_string(),
+        "apps" | "batch" | "autoscaling" | "policy" | "extensions" => format!("api.{group}"),
+        "rbac.authorization.k8s.io" => "api.rbac".into(),
+        "flowcontrol.apiserver.k8s.io" => "api.flowcontrol".into(),
+        "internal.apiserver.k8s.io" => "api.apiserverinternal".into(),
+        "apiextensions.k8s.io" => "apiextensions_apiserver.pkg.apis.apiextensions".into(),
+        "apiregistration.k8s.io" => "kube_aggregator.pkg.apis.apiregistration".into(),
+        "meta.k8s.io" => "apimachinery.pkg.apis.meta".into(),
+        "metrics.k8s.io" => "metrics.pkg.apis.metrics".into(),
+        "custom.metrics.k8s.io" => "metrics.pkg.apis.custom_metrics".into(),
+        "external.metrics.k8s.io" => "metrics.pkg.apis.external_metrics".into(),
+        g => {
+            let short = g.strip_suffix(".k8s.io").filter(|s| !s.contains('.'))?;
+            format!("api.{short}")
+        }
+    };
+    Some(format!("{module}.{version}"))
 }
 
 struct Reader<'a> {
@@ -346,11 +381,8 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
         .and_then(Value::as_str)
         .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
         .unwrap_or_default();
-    let candidates = [format!("{}.{kind}", module_for(&api_version)), format!("apimachinery.pkg.apis.meta.v1.{kind}")];
-    let message = candidates
-        .iter()
-        .find_map(|c| schema().by_lower.get(&c.to_lowercase()))
-        .ok_or_else(|| format!("no protobuf schema for {api_version} {kind}"))?;
+    let message =
+        message_for(&api_version, &kind).ok_or_else(|| format!("no protobuf schema for {api_version} {kind}"))?;
     let mut value = decode_message(message, &raw)?;
     if let Some(map) = value.as_object_mut() {
         if !api_version.is_empty() {

@@ -102,6 +102,8 @@ pub async fn handle(server: Arc<ApiServer>, user: User, req: Request<Body>) -> R
     // Proxied answers are the backend's, and watches stream: neither is re-indented.
     let passed_through = matches!(&route, Route::Resource(r) if r.subresource.as_deref() == Some("proxy"));
     let pretty = verb != "WATCH" && !passed_through && pretty_requested(&req);
+    let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let protobuf_wanted = matches!(negotiate::negotiate(accept, true), Ok(Format::Protobuf));
     let authenticated = match bearer_token(req.headers()) {
         // A client certificate comes first, as upstream's union of authenticators.
         Some(token) if user.is_anonymous() => server.authenticate_token(token).await,
@@ -125,6 +127,7 @@ pub async fn handle(server: Arc<ApiServer>, user: User, req: Request<Body>) -> R
         Err(err) => (User::anonymous().name, error_response(&err)),
     };
     let response = if pretty { prettified(response).await } else { response };
+    let response = if protobuf_wanted && !passed_through && verb != "WATCH" { in_protobuf(response).await } else { response };
     let code = response.status().as_u16();
     server.metrics.observe_request(&verb, &resource, code, started.elapsed());
     if code >= 500 {
@@ -247,6 +250,27 @@ async fn prettified(response: Response<Body>) -> Response<Body> {
     };
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(krate_api::object::indent_json(&collected.to_bytes())))
+}
+
+/// A JSON answer (a `Status`, a subresource's object, a handler's) re-encoded as
+/// protobuf for a client that prefers it, when its kind has a protobuf form. Objects,
+/// lists and watches are encoded directly where they are served.
+async fn in_protobuf(response: Response<Body>) -> Response<Body> {
+    let plain_json = response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v == "application/json");
+    if !plain_json || response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(collected) = http_body_util::BodyExt::collect(body).await else {
+        return error_response(&ApiError::internal("reading the response to encode it"));
+    };
+    let json = collected.to_bytes();
+    let Some(encoded) = serde_json::from_slice::<Value>(&json).ok().and_then(|v| krate_api::protobuf::encode(&v)) else {
+        return Response::from_parts(parts, Body::from(json));
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(krate_api::protobuf::CONTENT_TYPE));
+    Response::from_parts(parts, Body::from(encoded))
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {
@@ -578,7 +602,14 @@ pub(crate) fn written_response(w: Written, format: &Format, kind: &KindInfo) -> 
     let body = match format {
         Format::Table { .. } => table::object_table(kind, &w.body),
         Format::Metadata => negotiate::partial_metadata(&w.body),
-        _ => w.body,
+        Format::Protobuf => {
+            if let Some(encoded) = krate_api::protobuf::encode(&w.body) {
+                let resp = bytes_response(w.code, Bytes::from(encoded), krate_api::protobuf::CONTENT_TYPE);
+                return with_warnings(resp, &w.warnings);
+            }
+            w.body
+        }
+        Format::Json => w.body,
     };
     let content_type = format.content_type();
     with_warnings(bytes_response(w.code, json_body(&body), &content_type), &w.warnings)
@@ -594,7 +625,8 @@ async fn resource_request(
     let kind = lookup(server, &path)?;
     let target = target(&kind, &path)?;
     let method = req.method().clone();
-    let format = negotiate::negotiate(req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()))?
+    let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = negotiate::negotiate(accept, kind.protobuf_message().is_some())?
         .with_include_object(query.get("includeObject").map(String::as_str));
     let scope = Scope { kind: kind.clone(), namespace: path.namespace.clone() };
     let storage = &server.storage;
@@ -745,6 +777,10 @@ pub(crate) fn delete_options(query: &Query, headers: &HeaderMap, body: &[u8]) ->
 fn object_response(kind: &KindInfo, obj: &crate::cache::CachedObject, format: &Format) -> Response<Body> {
     match format {
         Format::Json => bytes_response(200, with_newline(served_json(kind, obj)), "application/json"),
+        Format::Protobuf => match registry::served_proto(kind, obj) {
+            Some(raw) => proto_response(200, krate_api::protobuf::envelope(&kind.api_version(), &kind.kind, &raw)),
+            None => bytes_response(200, with_newline(served_json(kind, obj)), "application/json"),
+        },
         Format::Table { .. } => json_response(200, &table::object_table(kind, &registry::to_served(kind, obj.parse()))),
         Format::Metadata => {
             bytes_response(200, with_newline(negotiate::partial_metadata_json(&obj.json)), "application/json")
@@ -763,8 +799,19 @@ fn list_response(kind: &KindInfo, result: registry::ListResult, format: &Format)
         Format::Metadata => assembled_list("PartialObjectMetadataList", "meta.k8s.io/v1", &result, |o| {
             negotiate::partial_metadata_json(&o.json)
         }),
-        Format::Json => assembled_list(&kind.list_kind(), &kind.api_version(), &result, |o| served_json(kind, o)),
+        Format::Protobuf if kind.protobuf_message().is_some() => {
+            let items: Vec<Bytes> = result.items.iter().filter_map(|o| registry::served_proto(kind, o)).collect();
+            let list_meta = list_metadata(&result);
+            proto_response(200, krate_api::protobuf::list(&kind.api_version(), &kind.list_kind(), &list_meta, &items))
+        }
+        Format::Json | Format::Protobuf => {
+            assembled_list(&kind.list_kind(), &kind.api_version(), &result, |o| served_json(kind, o))
+        }
     }
+}
+
+fn proto_response(code: u16, body: Vec<u8>) -> Response<Body> {
+    bytes_response(code, Bytes::from(body), krate_api::protobuf::CONTENT_TYPE)
 }
 
 /// A list assembled from each item's encoded JSON, without re-encoding objects.

@@ -1,5 +1,5 @@
-//! Content negotiation on the `Accept` header: plain JSON, server-side tables, or
-//! metadata-only objects.
+//! Content negotiation on the `Accept` header: plain JSON, protobuf for built-in
+//! kinds, server-side tables, or metadata-only objects.
 
 use bytes::Bytes;
 use krate_api::{ApiError, ApiResult};
@@ -16,6 +16,8 @@ pub enum IncludeObject {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Format {
     Json,
+    /// `application/vnd.kubernetes.protobuf`, for kinds with a protobuf form.
+    Protobuf,
     Table {
         include_object: IncludeObject,
     },
@@ -27,6 +29,7 @@ impl Format {
     pub fn content_type(&self) -> String {
         match self {
             Format::Json => "application/json".to_string(),
+            Format::Protobuf => krate_api::protobuf::CONTENT_TYPE.to_string(),
             Format::Table { .. } => "application/json;as=Table;v=v1;g=meta.k8s.io".to_string(),
             Format::Metadata => "application/json;as=PartialObjectMetadata;v=v1;g=meta.k8s.io".to_string(),
         }
@@ -47,14 +50,24 @@ impl Format {
 }
 
 /// Picks the first acceptable media type, as upstream does; 406 when none is.
-pub fn negotiate(accept: Option<&str>) -> ApiResult<Format> {
+/// `protobuf` says whether the resource has a protobuf form: custom resources have none
+/// and fall back to a later JSON type where upstream would fail (kubernetes#86253).
+pub fn negotiate(accept: Option<&str>, protobuf: bool) -> ApiResult<Format> {
     let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else { return Ok(Format::Json) };
+    let mut protobuf_refused = false;
     for media in accept.split(',') {
         let mut parts = media.split(';').map(str::trim);
         let essence = parts.next().unwrap_or_default();
         let params: Vec<(&str, &str)> =
             parts.filter_map(|p| p.split_once('=')).map(|(k, v)| (k.trim(), v.trim())).collect();
         let param = |name: &str| params.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+        if essence == krate_api::protobuf::CONTENT_TYPE && param("as").is_none() {
+            if protobuf {
+                return Ok(Format::Protobuf);
+            }
+            protobuf_refused = true;
+            continue;
+        }
         if !matches!(essence, "application/json" | "application/*" | "*/*" | "application/yaml") {
             continue;
         }
@@ -70,6 +83,11 @@ pub fn negotiate(accept: Option<&str>) -> ApiResult<Format> {
             ) => return Ok(Format::Metadata),
             _ => continue,
         }
+    }
+    if protobuf_refused {
+        return Err(ApiError::not_acceptable(
+            "object *unstructured.Unstructured does not implement the protobuf marshalling interface and cannot be encoded to a protobuf message",
+        ));
     }
     Err(ApiError::not_acceptable(format!(
         "only the following media types are accepted: application/json, application/yaml, application/json;as=Table;v=v1;g=meta.k8s.io (got {accept:?})"
@@ -118,14 +136,23 @@ mod tests {
     #[test]
     fn kubectl_accept_headers() {
         let kubectl = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json";
-        assert_eq!(negotiate(Some(kubectl)).unwrap(), Format::Table { include_object: IncludeObject::Metadata });
-        assert_eq!(negotiate(Some("application/vnd.kubernetes.protobuf, application/json")).unwrap(), Format::Json);
-        assert_eq!(negotiate(None).unwrap(), Format::Json);
+        assert_eq!(negotiate(Some(kubectl), true).unwrap(), Format::Table { include_object: IncludeObject::Metadata });
+        assert_eq!(negotiate(None, true).unwrap(), Format::Json);
         assert_eq!(
-            negotiate(Some("application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1")).unwrap(),
+            negotiate(Some("application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"), true).unwrap(),
             Format::Metadata
         );
-        assert_eq!(negotiate(Some("application/vnd.kubernetes.protobuf")).unwrap_err().code, 406);
-        assert_eq!(negotiate(Some("application/json;as=Table;v=v9;g=meta.k8s.io")).unwrap_err().code, 406);
+        assert_eq!(negotiate(Some("application/json;as=Table;v=v9;g=meta.k8s.io"), true).unwrap_err().code, 406);
+    }
+
+    #[test]
+    fn protobuf_for_kinds_that_have_it_json_for_the_rest() {
+        let client_go = "application/vnd.kubernetes.protobuf, application/json";
+        assert_eq!(negotiate(Some(client_go), true).unwrap(), Format::Protobuf);
+        assert_eq!(negotiate(Some(client_go), false).unwrap(), Format::Json);
+        let refused = negotiate(Some("application/vnd.kubernetes.protobuf"), false).unwrap_err();
+        assert_eq!(refused.code, 406);
+        assert!(refused.message.contains("does not implement the protobuf marshalling interface"), "{}", refused.message);
+        assert_eq!(negotiate(Some("application/json, application/vnd.kubernetes.protobuf"), true).unwrap(), Format::Json);
     }
 }

@@ -1,5 +1,6 @@
-//! Watch streams served from the watch cache: newline-delimited JSON events, with
-//! bookmarks, timeouts and upstream's resourceVersion semantics.
+//! Watch streams served from the watch cache: newline-delimited JSON events (or
+//! length-prefixed protobuf ones), with bookmarks, timeouts and upstream's
+//! resourceVersion semantics.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -66,6 +67,13 @@ impl Watcher {
 
     fn encode(&mut self, kind: &str, obj: &CachedObject) -> Bytes {
         let object = match &self.format {
+            Format::Protobuf => {
+                if let Some(raw) = registry::served_proto(&self.kind, obj) {
+                    let object = krate_api::protobuf::envelope(&self.kind.api_version(), &self.kind.kind, &raw);
+                    return Bytes::from(krate_api::protobuf::watch_frame(kind, &object));
+                }
+                registry::served_json(&self.kind, obj)
+            }
             Format::Json => registry::served_json(&self.kind, obj),
             Format::Metadata => partial_metadata_json(&obj.json),
             Format::Table { include_object } => {
@@ -91,11 +99,26 @@ impl Watcher {
             meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
         }
         let (kind, api_version) = match self.format {
-            Format::Json => (self.kind.kind.clone(), self.kind.api_version()),
+            Format::Json | Format::Protobuf => (self.kind.kind.clone(), self.kind.api_version()),
             Format::Table { .. } => ("Table".into(), "meta.k8s.io/v1".into()),
             Format::Metadata => ("PartialObjectMetadata".into(), "meta.k8s.io/v1".into()),
         };
-        line(json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version, "metadata": meta}}))
+        let object = json!({"kind": kind, "apiVersion": api_version, "metadata": meta});
+        self.event("BOOKMARK", object)
+    }
+
+    fn error(&self, err: &ApiError) -> Bytes {
+        self.event("ERROR", err.to_status())
+    }
+
+    /// An event around an object built here (bookmarks, errors), in the stream's framing.
+    fn event(&self, event_type: &str, object: Value) -> Bytes {
+        if self.format == Format::Protobuf {
+            if let Some(encoded) = krate_api::protobuf::encode(&object) {
+                return Bytes::from(krate_api::protobuf::watch_frame(event_type, &encoded));
+            }
+        }
+        line(json!({"type": event_type, "object": object}))
     }
 }
 
@@ -103,10 +126,6 @@ fn line(v: Value) -> Bytes {
     let mut bytes = serde_json::to_vec(&v).unwrap_or_default();
     bytes.push(b'\n');
     Bytes::from(bytes)
-}
-
-fn error_line(err: &ApiError) -> Bytes {
-    line(json!({"type": "ERROR", "object": err.to_status()}))
 }
 
 fn too_old(requested: Revision, oldest: Revision) -> ApiError {
@@ -174,8 +193,11 @@ pub async fn serve(
         metrics_server.metrics.watch_closed();
     });
     let mut resp = Response::new(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)));
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_str(&format.content_type()).expect("valid header"));
+    let content_type = match format {
+        Format::Protobuf => krate_api::protobuf::WATCH_CONTENT_TYPE.to_string(),
+        other => other.content_type(),
+    };
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_str(&content_type).expect("valid header"));
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, private"));
     Ok(resp)
 }
@@ -220,7 +242,7 @@ async fn run(
         Start::After(rev) => {
             let compacted = server.storage.store.compacted_revision().await.unwrap_or(0);
             if rev < compacted {
-                let _ = send(error_line(&too_old(rev, compacted))).await;
+                let _ = send(w.error(&too_old(rev, compacted))).await;
                 return;
             }
             rev
@@ -230,7 +252,7 @@ async fn run(
     let mut next_bookmark = Instant::now() + bookmark_interval;
     loop {
         if rc.replaced.load(Ordering::Acquire) {
-            let _ = send(error_line(&too_old(last, cache.revision()))).await;
+            let _ = send(w.error(&too_old(last, cache.revision()))).await;
             return;
         }
         // Everything applied up to `applied` is in the window we read next.
@@ -242,7 +264,7 @@ async fn run(
         let events = match events {
             Ok(events) => events,
             Err(oldest) => {
-                let _ = send(error_line(&too_old(last, oldest))).await;
+                let _ = send(w.error(&too_old(last, oldest))).await;
                 return;
             }
         };
@@ -290,7 +312,7 @@ async fn run(
             }
             changed = changes.changed() => {
                 if changed.is_err() {
-                    let _ = send(error_line(&too_old(last, cache.revision()))).await;
+                    let _ = send(w.error(&too_old(last, cache.revision()))).await;
                     return;
                 }
             }

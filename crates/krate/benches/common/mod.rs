@@ -13,6 +13,9 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 #[path = "../../tests/common/registry.rs"]
 pub mod registry;
 
+#[path = "../../tests/common/goclient.rs"]
+pub mod goclient;
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+pub mod goclient;
 pub mod node;
 pub mod registry;
 
