@@ -102,6 +102,9 @@ pub enum SubresourceHandler {
     /// `certificatesigningrequests/approval`: writes the Approved and Denied conditions
     /// (the generic path serves it, as a status-like subresource).
     Approval,
+    /// `pods/ephemeralcontainers`: writes only `spec.ephemeralContainers` (the generic
+    /// path serves it; `kubectl debug` adds a container this way).
+    EphemeralContainers,
 }
 
 const fn subresource(
@@ -126,6 +129,7 @@ const POD_SUBRESOURCES: &[SubresourceInfo] = &[
         ..subresource("eviction", SubresourceHandler::Eviction, "Eviction", &["create"])
     },
     subresource("proxy", SubresourceHandler::Proxy, "PodProxyOptions", PROXY_VERBS),
+    subresource("ephemeralcontainers", SubresourceHandler::EphemeralContainers, "Pod", &["get", "patch", "update"]),
 ];
 const NODE_SUBRESOURCES: &[SubresourceInfo] =
     &[subresource("proxy", SubresourceHandler::Proxy, "NodeProxyOptions", PROXY_VERBS)];

@@ -56,6 +56,7 @@ pub(crate) fn manager<'a>(
             Subresource::Status => Some("status"),
             Subresource::Scale => Some("scale"),
             Subresource::Approval => Some("approval"),
+            Subresource::EphemeralContainers => Some("ephemeralcontainers"),
             _ => None,
         },
         ignore_status: kind.status,
@@ -73,6 +74,18 @@ pub enum Subresource {
     /// `certificatesigningrequests/approval`: writes only `status.conditions` (and the
     /// metadata a status write may change).
     Approval,
+    /// `pods/ephemeralcontainers`: writes only `spec.ephemeralContainers`.
+    EphemeralContainers,
+}
+
+impl Subresource {
+    /// The generic-path subresource a request addressed, from its attributes.
+    fn of_request(opts: &WriteOptions) -> Self {
+        match opts.request.as_deref().map(|r| r.subresource.as_str()) {
+            Some("ephemeralcontainers") => Subresource::EphemeralContainers,
+            _ => Subresource::Main,
+        }
+    }
 }
 
 /// The resource a request addresses.
@@ -340,13 +353,18 @@ fn validate_metadata(kind: &KindInfo, obj: &Value, errs: &mut Vec<FieldError>) {
     }
 }
 
-fn validate(kind: &KindInfo, obj: &Value, old: Option<&Value>) -> ApiResult<()> {
+fn validate(kind: &KindInfo, obj: &Value, old: Option<&Value>, sub: Subresource) -> ApiResult<()> {
     let mut errs = Vec::new();
     validate_metadata(kind, obj, &mut errs);
     match old {
         None => kind.strategy.validate(obj, &mut errs),
         Some(old) => {
-            kind.strategy.validate_update(obj, old, &mut errs);
+            match sub {
+                Subresource::EphemeralContainers => {
+                    kind.strategy.validate_subresource_update("ephemeralcontainers", obj, old, &mut errs)
+                }
+                _ => kind.strategy.validate_update(obj, old, &mut errs),
+            }
             if get(old, &["metadata", "deletionTimestamp"]).is_some() {
                 let old_f = object::finalizers(old);
                 if object::finalizers(obj).iter().any(|f| !old_f.contains(f)) {
@@ -509,7 +527,7 @@ impl Storage {
             if let Some(prefix) = &generate {
                 object::set(&mut obj, &["metadata", "name"], json!(generate_name(prefix)));
             }
-            validate(kind, &obj, None)?;
+            validate(kind, &obj, None, Subresource::Main)?;
             if attempt == 0 {
                 self.admission.validate(self, &admission, &obj).await?;
             }
@@ -656,7 +674,7 @@ impl Storage {
                 let built = new.clone();
                 self.admission.admit(self, &attrs, &mut new).await?;
                 if new != built {
-                    validate(kind, &new, Some(current))?;
+                    validate(kind, &new, Some(current), Subresource::of_request(opts))?;
                 }
                 self.admission.validate(self, &attrs, &new).await?;
                 Ok(Mutation::Write(new))
@@ -755,11 +773,14 @@ impl Storage {
                 }
                 new
             }
-            Subresource::Status | Subresource::Approval => {
+            Subresource::Status | Subresource::Approval | Subresource::EphemeralContainers => {
                 let served = to_storage(kind, body);
                 let mut new = current.clone();
                 let (path, value): (&[&str], _) = match sub {
                     Subresource::Approval => (&["status", "conditions"], get(&served, &["status", "conditions"])),
+                    Subresource::EphemeralContainers => {
+                        (&["spec", "ephemeralContainers"], get(&served, &["spec", "ephemeralContainers"]))
+                    }
                     _ => (&["status"], served.get("status")),
                 };
                 match value {
@@ -768,12 +789,18 @@ impl Storage {
                         object::remove(&mut new, path);
                     }
                 }
-                // The metadata the kind lets a status write change comes with it.
-                for field in kind.status_metadata {
-                    match get(&served, &["metadata", field]) {
-                        Some(v) => object::set(&mut new, &["metadata", field], v.clone()),
-                        None => {
-                            object::remove(&mut new, &["metadata", field]);
+                if sub == Subresource::EphemeralContainers {
+                    // The added containers get the defaults every container gets; the
+                    // metadata stays the stored one (upstream's ResetObjectMetaForStatus).
+                    kind.strategy.default(&mut new);
+                } else {
+                    // The metadata the kind lets a status write change comes with it.
+                    for field in kind.status_metadata {
+                        match get(&served, &["metadata", field]) {
+                            Some(v) => object::set(&mut new, &["metadata", field], v.clone()),
+                            None => {
+                                object::remove(&mut new, &["metadata", field]);
+                            }
                         }
                     }
                 }
@@ -799,7 +826,7 @@ impl Storage {
                 &manager(kind, opts, &api_version, sub),
             );
         }
-        validate(kind, &new, Some(current))?;
+        validate(kind, &new, Some(current), sub)?;
         let deleting = get(&new, &["metadata", "deletionTimestamp"]).is_some();
         if deleting
             && object::finalizers(&new).is_empty()

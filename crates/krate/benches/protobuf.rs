@@ -60,7 +60,10 @@ async fn main() {
         let slot = usize::from(field("encoding") == "json");
         rounds[round][slot] = (field("list_ms").parse().unwrap(), field("watch_ms").parse().unwrap());
     }
-    println!("{:<8} {:>14} {:>14} {:>14} {:>14}", "round", "list pb ms", "list json ms", "watch pb ms", "watch json ms");
+    println!(
+        "{:<8} {:>14} {:>14} {:>14} {:>14}",
+        "round", "list pb ms", "list json ms", "watch pb ms", "watch json ms"
+    );
     for (i, [(lp, wp), (lj, wj)]) in rounds.iter().enumerate() {
         println!("{i:<8} {lp:>14.1} {lj:>14.1} {wp:>14.1} {wj:>14.1}");
     }

@@ -1114,3 +1114,41 @@ async fn shutting_the_node_down_stops_regular_pods_then_critical_ones_and_report
     let tasks = containerd_list(&server, "tasks", false);
     assert!(!tasks.contains("RUNNING"), "nothing runs any more: {tasks}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_debug_runs_an_ephemeral_container_that_sees_its_targets_processes() {
+    let registry = TestRegistry::start();
+    let server = server_with_agent(&[&registry], 9, &[]);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    let busybox = registry.image("busybox");
+    server.kubectl_ok(&["run", "app", &format!("--image={busybox}"), "--labels=app=debugged", "--", "sleep", "3600"]);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    running_pods(&pods, "app=debugged", 1).await;
+
+    // Non-interactive: kubectl adds the container through pods/ephemeralcontainers.
+    server.kubectl_ok(&[
+        "debug",
+        "app",
+        &format!("--image={busybox}"),
+        "--target=app",
+        "--container=debugger",
+        "--",
+        "ps",
+    ]);
+    let finished = eventually(120, "the ephemeral container runs to its end", || async {
+        let pod = pods.get("app").await.ok()?;
+        let status = serde_json::to_value(pod.status?).ok()?;
+        let debugger = status["ephemeralContainerStatuses"].as_array()?.iter().find(|s| s["name"] == "debugger")?;
+        debugger["state"].get("terminated").cloned()
+    })
+    .await;
+    assert_eq!(finished["exitCode"], 0, "{finished}");
+    // It shares the target's process namespace: `ps` there lists the app's sleep.
+    let logs = server.kubectl_ok(&["logs", "app", "-c", "debugger"]);
+    assert!(logs.contains("sleep 3600"), "{logs}");
+    // The pod itself is untouched: still running, its container never restarted.
+    let pod = pods.get("app").await.unwrap();
+    assert_eq!(pod.status.as_ref().unwrap().phase.as_deref(), Some("Running"));
+    assert_eq!(container_status(&pod).unwrap()["restartCount"], 0);
+}

@@ -478,3 +478,67 @@ async fn finalizers_dry_run_generate_name_and_namespaces() {
         assert!(waited < 200, "the namespace was not finalized");
     }
 }
+
+#[tokio::test]
+async fn ephemeral_containers_are_only_added_through_their_subresource() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod = json!({"metadata": {"name": "app"}, "spec": {"containers": [{"name": "app", "image": "busybox"}]}});
+    pods.create(&PostParams::default(), &serde_json::from_value(pod.clone()).unwrap()).await.unwrap();
+
+    // Not on create.
+    let mut with_debugger = pod.clone();
+    with_debugger["metadata"]["name"] = json!("app-2");
+    with_debugger["spec"]["ephemeralContainers"] = json!([{"name": "dbg", "image": "busybox"}]);
+    let err = api_error(
+        pods.create(&PostParams::default(), &serde_json::from_value(with_debugger).unwrap()).await.unwrap_err(),
+    );
+    assert_eq!(err.code, 422);
+    assert!(err.message.contains("spec.ephemeralContainers: Forbidden: cannot be set on create"), "{}", err.message);
+
+    // Added through pods/ephemeralcontainers, as kubectl debug does (a strategic merge
+    // patch): defaulted like any container, tracked under its subresource.
+    let path = "/api/v1/namespaces/default/pods/app/ephemeralcontainers";
+    let add = |name: &str, extra: serde_json::Value| {
+        let mut c = json!({"name": name, "image": "busybox", "targetContainerName": "app", "stdin": true, "tty": true});
+        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        serde_json::to_vec(&json!({"spec": {"ephemeralContainers": [c]}})).unwrap()
+    };
+    let patch = "application/strategic-merge-patch+json";
+    let (status, body) = common::raw(&client, "PATCH", path, patch, add("dbg", json!({}))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["kind"], "Pod");
+    let added = &body["spec"]["ephemeralContainers"][0];
+    assert_eq!((added["name"].as_str(), added["terminationMessagePolicy"].as_str()), (Some("dbg"), Some("File")));
+    assert!(body["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["subresource"] == "ephemeralcontainers"));
+    let (status, read) = common::raw(&client, "GET", path, "application/json", vec![]).await;
+    assert_eq!((status, read["spec"]["ephemeralContainers"][0]["name"].as_str()), (200, Some("dbg")));
+
+    // What upstream refuses: ports, a target that is not one of the pod's containers, a
+    // duplicate name, changing or removing one already there, or the main resource
+    // changing them.
+    let refused = [
+        (add("dbg2", json!({"ports": [{"containerPort": 80}]})), "Forbidden: cannot be set for an Ephemeral Container"),
+        (add("dbg2", json!({"targetContainerName": "nope"})), "targetContainerName: Not found: \"nope\""),
+        (add("app", json!({})), ".name: Duplicate value: \"app\""),
+        (add("dbg", json!({"image": "other"})), "existing ephemeral containers \"dbg\" may not be changed"),
+    ];
+    for (body, expected) in refused {
+        let (status, answer) = common::raw(&client, "PATCH", path, patch, body).await;
+        assert_eq!(status, 422, "{answer}");
+        assert!(answer["message"].as_str().unwrap().contains(expected), "{expected}: {answer}");
+    }
+    let removal = serde_json::to_vec(&json!({"spec": {"ephemeralContainers": []}})).unwrap();
+    let (status, answer) = common::raw(&client, "PATCH", path, "application/merge-patch+json", removal).await;
+    assert_eq!(status, 422, "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("may not be removed"), "{answer}");
+    let mut replaced = pods.get("app").await.unwrap();
+    replaced.spec.as_mut().unwrap().ephemeral_containers = None;
+    let err = api_error(pods.replace("app", &PostParams::default(), &replaced).await.unwrap_err());
+    assert_eq!(err.code, 422, "{}", err.message);
+}

@@ -276,7 +276,8 @@ async fn client_go_writes_reads_and_watches_pods_over_protobuf() {
     let answers: Vec<(&str, &str)> = stdout.lines().filter_map(|l| l.split_once(" -> ")).collect();
     assert_eq!(answers.len(), 7, "{stdout}");
     for (request, content_type) in answers {
-        let expected = if request.starts_with("WATCH") { "application/vnd.kubernetes.protobuf;stream=watch" } else { PROTOBUF };
+        let expected =
+            if request.starts_with("WATCH") { "application/vnd.kubernetes.protobuf;stream=watch" } else { PROTOBUF };
         assert_eq!(content_type, expected, "{request}");
     }
 }

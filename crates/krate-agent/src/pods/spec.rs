@@ -219,9 +219,21 @@ pub struct ContainerPlan<'a> {
     pub restart_count: u32,
     pub env: Vec<(String, String)>,
     pub mounts: Vec<api::Mount>,
+    /// An ephemeral container's target: the id of the container whose process
+    /// namespace it joins.
+    pub pid_target: Option<String>,
 }
 
 impl ContainerPlan<'_> {
+    fn security_context(&self) -> api::LinuxContainerSecurityContext {
+        let mut sc = security_context(self.pod, self.container);
+        if let (Some(target), Some(ns)) = (&self.pid_target, sc.namespace_options.as_mut()) {
+            ns.pid = api::NamespaceMode::Target as i32;
+            ns.target_id = target.clone();
+        }
+        sc
+    }
+
     pub fn config(&self) -> api::ContainerConfig {
         let (ns, name, uid) = pod_key(self.pod);
         let c = self.container;
@@ -266,7 +278,7 @@ impl ContainerPlan<'_> {
             tty: c.tty.unwrap_or(false),
             linux: Some(api::LinuxContainerConfig {
                 resources: Some(linux_resources(c)),
-                security_context: Some(security_context(self.pod, c)),
+                security_context: Some(self.security_context()),
             }),
             ..Default::default()
         }

@@ -109,8 +109,30 @@ fn reference(pod: &Pod, field: Option<String>) -> ObjectReference {
     }
 }
 
-fn container_ref(pod: &Pod, c: &Container, init: bool) -> ObjectReference {
-    reference(pod, Some(format!("spec.{}{{{}}}", if init { "initContainers" } else { "containers" }, c.name)))
+/// Which of the pod's container lists a container comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role<'a> {
+    Init,
+    App,
+    /// Added by `kubectl debug`: started once, never restarted; `target` is the id of the
+    /// container whose processes it sees (its `targetContainerName`).
+    Ephemeral {
+        target: Option<&'a str>,
+    },
+}
+
+fn container_ref(pod: &Pod, c: &Container, role: Role<'_>) -> ObjectReference {
+    let list = match role {
+        Role::Init => "initContainers",
+        Role::App => "containers",
+        Role::Ephemeral { .. } => "ephemeralContainers",
+    };
+    reference(pod, Some(format!("spec.{list}{{{}}}", c.name)))
+}
+
+/// An ephemeral container as the container it runs as (the same fields, less the target).
+fn ephemeral_as_container(ec: &k8s_openapi::api::core::v1::EphemeralContainer) -> Option<Container> {
+    serde_json::to_value(ec).ok().and_then(|v| serde_json::from_value(v).ok())
 }
 
 /// Whether the restart policy restarts a container that exited with `code`.
@@ -364,13 +386,13 @@ impl PodWorker {
                     if !restarts(pod, s.exit_code) {
                         init_failed = true;
                     } else {
-                        self.restart_or_wait(pod, c, true, s, &sandbox, &mut next).await;
+                        self.restart_or_wait(pod, c, Role::Init, s, &sandbox, &mut next).await;
                     }
                 }
                 Some(_) => init_done = false,
                 None => {
                     init_done = false;
-                    self.start(pod, c, true, 0, &sandbox, &mut next).await;
+                    self.start(pod, c, Role::Init, 0, &sandbox, &mut next).await;
                 }
             }
             break;
@@ -379,9 +401,9 @@ impl PodWorker {
             for c in &spec.containers {
                 let o = observed.get(&c.name).cloned().unwrap_or_default();
                 match &o.latest {
-                    None => self.start(pod, c, false, 0, &sandbox, &mut next).await,
+                    None => self.start(pod, c, Role::App, 0, &sandbox, &mut next).await,
                     Some(s) if status::is_exited(s) && restarts(pod, s.exit_code) => {
-                        self.restart_or_wait(pod, c, false, s, &sandbox, &mut next).await
+                        self.restart_or_wait(pod, c, Role::App, s, &sandbox, &mut next).await
                     }
                     Some(s) => {
                         self.waiting.remove(&c.name);
@@ -391,6 +413,16 @@ impl PodWorker {
                     }
                 }
             }
+        }
+        // Ephemeral containers start once each, initialized or not, and are never restarted.
+        for ec in spec.ephemeral_containers.iter().flatten() {
+            if observed.get(&ec.name).is_some_and(|o| o.latest.is_some()) {
+                continue;
+            }
+            let Some(c) = ephemeral_as_container(ec) else { continue };
+            let target = ec.target_container_name.as_ref().and_then(|t| observed.get(t)?.latest.as_ref());
+            let role = Role::Ephemeral { target: target.map(|s| s.id.as_str()) };
+            self.start(pod, &c, role, 0, &sandbox, &mut next).await;
         }
         if volumes::has_live_content(pod)
             && observed.values().any(|o| o.latest.as_ref().is_some_and(status::is_running))
@@ -426,7 +458,7 @@ impl PodWorker {
         &mut self,
         pod: &Pod,
         c: &Container,
-        init: bool,
+        role: Role<'_>,
         last: &api::ContainerStatus,
         sandbox: &Sandbox<'_>,
         next: &mut Option<Instant>,
@@ -440,7 +472,7 @@ impl PodWorker {
         match self.backoff.waiting(&key, Some(exited)) {
             None => {
                 self.backoff.bump(&key);
-                self.start(pod, c, init, status::restart_count(last) + 1, sandbox, next).await;
+                self.start(pod, c, role, status::restart_count(last) + 1, sandbox, next).await;
             }
             Some((until, delay)) => {
                 let (ns, name, uid) = spec::pod_key(pod);
@@ -452,7 +484,7 @@ impl PodWorker {
                 if self.waiting.get(&c.name).map(|w| w.reason.as_str()) != Some("CrashLoopBackOff") {
                     self.shared
                         .events
-                        .warning(&container_ref(pod, c, init), "BackOff", "Back-off restarting failed container")
+                        .warning(&container_ref(pod, c, role), "BackOff", "Back-off restarting failed container")
                         .await;
                 }
                 self.waiting.insert(c.name.clone(), Waiting { reason: "CrashLoopBackOff".into(), message });
@@ -467,13 +499,13 @@ impl PodWorker {
         &mut self,
         pod: &Pod,
         c: &Container,
-        init: bool,
+        role: Role<'_>,
         restart_count: u32,
         sandbox: &Sandbox<'_>,
         next: &mut Option<Instant>,
     ) {
         let rt = sandbox.rt;
-        let object = container_ref(pod, c, init);
+        let object = container_ref(pod, c, role);
         let image = c.image.clone().unwrap_or_default();
         let pull_key = format!("image/{}", c.name);
         if let Some((until, _)) = self.backoff.waiting(&pull_key, None) {
@@ -551,7 +583,11 @@ impl PodWorker {
             Ok(m) => mounts.extend(m),
             Err(e) => tracing::warn!(container = %c.name, error = %format!("{e:#}"), "no managed /etc/hosts"),
         }
-        let plan = spec::ContainerPlan { pod, container: c, image_ref, restart_count, env, mounts };
+        let pid_target = match role {
+            Role::Ephemeral { target } => target.map(str::to_string),
+            _ => None,
+        };
+        let plan = spec::ContainerPlan { pod, container: c, image_ref, restart_count, env, mounts, pid_target };
         let created = self
             .cri()
             .runtime
@@ -622,7 +658,7 @@ impl PodWorker {
             container_id: id.to_string(),
             pod_ip: pod_ip.to_string(),
             events: self.shared.events.clone(),
-            object: container_ref(pod, c, false),
+            object: container_ref(pod, c, Role::App),
             wake: self.wake.clone(),
         }
     }
@@ -645,7 +681,7 @@ impl PodWorker {
             .into_iter()
             .find(|k| matches!(self.probers.verdict(&s.id, *k), Some(Verdict::Failure(_))));
         let Some(kind) = failed else { return };
-        let object = container_ref(pod, c, false);
+        let object = container_ref(pod, c, Role::App);
         let message = format!("Container {} failed {} probe, will be restarted", c.name, kind.name().to_lowercase());
         self.shared.events.normal(&object, "Killing", &message).await;
         let grace = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
@@ -716,6 +752,18 @@ impl PodWorker {
                 s
             })
             .collect();
+        let ephemeral_statuses: Vec<Value> = spec
+            .ephemeral_containers
+            .iter()
+            .flatten()
+            .filter_map(|ec| {
+                let c = ephemeral_as_container(ec)?;
+                let o = observed.get(&c.name).cloned().unwrap_or_default();
+                let id = o.latest.as_ref().map(|s| s.id.clone()).unwrap_or_default();
+                // Never ready: nothing probes an ephemeral container.
+                Some(status::container_status(&c, &o, self.waiting.get(&c.name), !id.is_empty(), false, false))
+            })
+            .collect();
         let all_ready = statuses.iter().all(|s| s["ready"] == true) && phase == "Running";
         let previous = self.published.as_ref();
         let start_time = previous
@@ -743,6 +791,9 @@ impl PodWorker {
         }
         if !init_statuses.is_empty() {
             status["initContainerStatuses"] = json!(init_statuses);
+        }
+        if !ephemeral_statuses.is_empty() {
+            status["ephemeralContainerStatuses"] = json!(ephemeral_statuses);
         }
         if let Some((reason, message)) = ended {
             status["reason"] = json!(reason);
@@ -852,7 +903,7 @@ impl PodWorker {
             let hook = pod.as_ref().filter(|_| grace > 0).and_then(|p| {
                 let spec = p.spec.as_ref()?.containers.iter().find(|s| s.name == name)?;
                 let hook = spec.lifecycle.as_ref()?.pre_stop.clone()?;
-                Some((self.target(p, spec, &id, &pod_ip), hook, container_ref(p, spec, false)))
+                Some((self.target(p, spec, &id, &pod_ip), hook, container_ref(p, spec, Role::App)))
             });
             let events = self.shared.events.clone();
             async move {

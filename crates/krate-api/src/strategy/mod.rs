@@ -40,6 +40,11 @@ pub trait Strategy: Sync {
     fn validate_update(&self, new: &Value, _old: &Value, errs: &mut Errors) {
         self.validate(new, errs)
     }
+    /// Validation of a write through a subresource that changes part of the spec
+    /// (pods' `ephemeralcontainers`), where the main resource's update rules give way.
+    fn validate_subresource_update(&self, _subresource: &str, new: &Value, old: &Value, errs: &mut Errors) {
+        self.validate_update(new, old, errs)
+    }
     /// Whether a deleted object must stay until something else finishes it, beyond
     /// metadata.finalizers (namespaces wait for their content: spec.finalizers).
     fn deletion_blocked(&self, _obj: &Value) -> bool {

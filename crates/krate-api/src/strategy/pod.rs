@@ -196,7 +196,8 @@ pub fn validate_pod_spec(spec: &Value, path: &str, errs: &mut Errors) {
             }
         }
     }
-    for list in ["initContainers", "containers"] {
+    validate_ephemeral_containers(spec, path, &names, errs);
+    for list in CONTAINER_LISTS {
         let Some(items) = spec.get(list).and_then(Value::as_array) else { continue };
         for (i, c) in items.iter().enumerate() {
             let Some(mounts) = c.get("volumeMounts").and_then(Value::as_array) else { continue };
@@ -252,6 +253,112 @@ pub fn qos_class(spec: &Value) -> &'static str {
 pub struct PodStrategy;
 
 /// Spec fields a pod update may change (upstream's ValidatePodUpdate).
+/// What an ephemeral container may set besides these is forbidden: it must not be relied
+/// on for the pod's own service (no ports, probes, lifecycle or resources).
+const EPHEMERAL_ALLOWED: &[&str] = &[
+    "name",
+    "image",
+    "command",
+    "args",
+    "workingDir",
+    "envFrom",
+    "env",
+    "volumeMounts",
+    "volumeDevices",
+    "terminationMessagePath",
+    "terminationMessagePolicy",
+    "imagePullPolicy",
+    "securityContext",
+    "stdin",
+    "stdinOnce",
+    "tty",
+    "targetContainerName",
+];
+
+/// Upstream's validateEphemeralContainers: names unique across every container, a target
+/// among the pod's own containers, only the allowed fields, no subPath mounts.
+fn validate_ephemeral_containers(
+    spec: &Value,
+    path: &str,
+    others: &std::collections::HashSet<String>,
+    errs: &mut Errors,
+) {
+    let Some(items) = spec.get("ephemeralContainers").and_then(Value::as_array) else { return };
+    let mut names = others.clone();
+    for (i, c) in items.iter().enumerate() {
+        let at = format!("{path}.ephemeralContainers[{i}]");
+        let name = get_str(c, &["name"]).unwrap_or_default();
+        if name.is_empty() {
+            errs.push(FieldError::required(format!("{at}.name"), ""));
+        } else {
+            for msg in validation::is_dns1123_label(name) {
+                errs.push(FieldError::invalid(format!("{at}.name"), &json!(name), &msg));
+            }
+            if !names.insert(name.to_string()) {
+                errs.push(FieldError::duplicate(format!("{at}.name"), &json!(name)));
+            }
+        }
+        if get_str(c, &["image"]).is_none_or(str::is_empty) {
+            errs.push(FieldError::required(format!("{at}.image"), ""));
+        }
+        if let Some(target) = get_str(c, &["targetContainerName"]).filter(|t| !t.is_empty()) {
+            if !others.contains(target) {
+                errs.push(FieldError {
+                    reason: "FieldValueNotFound",
+                    field: format!("{at}.targetContainerName"),
+                    message: format!("Not found: \"{target}\""),
+                });
+            }
+        }
+        for (field, value) in c.as_object().into_iter().flatten() {
+            let unset = match value {
+                Value::Null => true,
+                Value::Object(m) => m.is_empty(),
+                Value::Array(a) => a.is_empty(),
+                _ => false,
+            };
+            if !unset && !EPHEMERAL_ALLOWED.contains(&field.as_str()) {
+                errs.push(FieldError::forbidden(format!("{at}.{field}"), "cannot be set for an Ephemeral Container"));
+            }
+        }
+        for (j, m) in c.get("volumeMounts").and_then(Value::as_array).into_iter().flatten().enumerate() {
+            for field in ["subPath", "subPathExpr"] {
+                if get_str(m, &[field]).is_some_and(|v| !v.is_empty()) {
+                    errs.push(FieldError::forbidden(
+                        format!("{at}.volumeMounts[{j}].{field}"),
+                        "cannot be set for an Ephemeral Container",
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Upstream's ValidatePodEphemeralContainersUpdate: ephemeral containers are only added,
+/// never changed or removed, and static pods take none.
+fn validate_ephemeral_update(new: &Value, old: &Value, errs: &mut Errors) {
+    if get_str(old, &["metadata", "annotations", "kubernetes.io/config.mirror"]).is_some() {
+        errs.push(FieldError::forbidden("", "static pods do not support ephemeral containers"));
+        return;
+    }
+    let list = |obj: &Value| get(obj, &["spec", "ephemeralContainers"]).and_then(Value::as_array).cloned();
+    let added = list(new).unwrap_or_default();
+    for existing in list(old).unwrap_or_default() {
+        let name = get_str(&existing, &["name"]).unwrap_or_default();
+        match added.iter().find(|c| get_str(c, &["name"]) == Some(name)) {
+            None => errs.push(FieldError::forbidden(
+                "spec.ephemeralContainers",
+                &format!("existing ephemeral containers {name:?} may not be removed\n"),
+            )),
+            Some(now) if *now != existing => errs.push(FieldError::forbidden(
+                "spec.ephemeralContainers",
+                &format!("existing ephemeral containers {name:?} may not be changed\n"),
+            )),
+            Some(_) => {}
+        }
+    }
+}
+
 fn mutable_pod_spec_view(spec: &Value) -> Value {
     let mut view = spec.clone();
     for list in ["containers", "initContainers"] {
@@ -312,10 +419,24 @@ impl Strategy for PodStrategy {
 
     fn validate(&self, obj: &Value, errs: &mut Errors) {
         validate_pod_spec(obj.get("spec").unwrap_or(&Value::Null), "spec", errs);
+        // Added later, through pods/ephemeralcontainers, only.
+        if get(obj, &["spec", "ephemeralContainers"]).and_then(Value::as_array).is_some_and(|l| !l.is_empty()) {
+            errs.push(FieldError::forbidden("spec.ephemeralContainers", "cannot be set on create"));
+        }
+    }
+
+    fn validate_subresource_update(&self, subresource: &str, new: &Value, old: &Value, errs: &mut Errors) {
+        match subresource {
+            "ephemeralcontainers" => {
+                validate_pod_spec(new.get("spec").unwrap_or(&Value::Null), "spec", errs);
+                validate_ephemeral_update(new, old, errs);
+            }
+            _ => self.validate_update(new, old, errs),
+        }
     }
 
     fn validate_update(&self, new: &Value, old: &Value, errs: &mut Errors) {
-        self.validate(new, errs);
+        validate_pod_spec(new.get("spec").unwrap_or(&Value::Null), "spec", errs);
         let (n, o) = (new.get("spec").unwrap_or(&Value::Null), old.get("spec").unwrap_or(&Value::Null));
         if mutable_pod_spec_view(n) != mutable_pod_spec_view(o) {
             errs.push(FieldError::forbidden(

@@ -127,7 +127,8 @@ pub async fn handle(server: Arc<ApiServer>, user: User, req: Request<Body>) -> R
         Err(err) => (User::anonymous().name, error_response(&err)),
     };
     let response = if pretty { prettified(response).await } else { response };
-    let response = if protobuf_wanted && !passed_through && verb != "WATCH" { in_protobuf(response).await } else { response };
+    let response =
+        if protobuf_wanted && !passed_through && verb != "WATCH" { in_protobuf(response).await } else { response };
     let code = response.status().as_u16();
     server.metrics.observe_request(&verb, &resource, code, started.elapsed());
     if code >= 500 {
@@ -265,7 +266,8 @@ async fn in_protobuf(response: Response<Body>) -> Response<Body> {
         return error_response(&ApiError::internal("reading the response to encode it"));
     };
     let json = collected.to_bytes();
-    let Some(encoded) = serde_json::from_slice::<Value>(&json).ok().and_then(|v| krate_api::protobuf::encode(&v)) else {
+    let Some(encoded) = serde_json::from_slice::<Value>(&json).ok().and_then(|v| krate_api::protobuf::encode(&v))
+    else {
         return Response::from_parts(parts, Body::from(json));
     };
     parts.headers.remove(header::CONTENT_LENGTH);
@@ -432,6 +434,9 @@ fn target(kind: &KindInfo, path: &ResourcePath) -> ApiResult<Target> {
             Ok(match declared.handler {
                 // Served by the generic path, as a status-like write.
                 krate_api::kinds::SubresourceHandler::Approval => Target::Generic(Subresource::Approval),
+                krate_api::kinds::SubresourceHandler::EphemeralContainers => {
+                    Target::Generic(Subresource::EphemeralContainers)
+                }
                 handler => Target::Handler(handler, declared.verbs),
             })
         }

@@ -152,7 +152,14 @@ mod tests {
         assert_eq!(negotiate(Some(client_go), false).unwrap(), Format::Json);
         let refused = negotiate(Some("application/vnd.kubernetes.protobuf"), false).unwrap_err();
         assert_eq!(refused.code, 406);
-        assert!(refused.message.contains("does not implement the protobuf marshalling interface"), "{}", refused.message);
-        assert_eq!(negotiate(Some("application/json, application/vnd.kubernetes.protobuf"), true).unwrap(), Format::Json);
+        assert!(
+            refused.message.contains("does not implement the protobuf marshalling interface"),
+            "{}",
+            refused.message
+        );
+        assert_eq!(
+            negotiate(Some("application/json, application/vnd.kubernetes.protobuf"), true).unwrap(),
+            Format::Json
+        );
     }
 }

@@ -132,7 +132,7 @@ pub fn handler(declared: SubresourceHandler) -> &'static dyn Handler {
         H::ComponentStatuses => &componentstatuses::ComponentStatuses,
         H::Review => &reviews::Review,
         // The generic path serves it (`http::target`); nothing routes it here.
-        H::Approval => &Unrouted,
+        H::Approval | H::EphemeralContainers => &Unrouted,
     }
 }
 

@@ -111,7 +111,8 @@ pub async fn connect(
     Ok(out)
 }
 
-/// The container a request names (`container=`), or the pod's only container.
+/// The container a request names (`container=`), or the pod's only container; any of
+/// its init, app and ephemeral containers may be named (upstream's validateContainer).
 fn container_of(pod: &Value, name: &str, query: &Query) -> ApiResult<String> {
     let names = |key: &str| -> Vec<String> {
         pod["spec"][key]
@@ -121,14 +122,18 @@ fn container_of(pod: &Value, name: &str, query: &Query) -> ApiResult<String> {
             .filter_map(|c| c["name"].as_str().map(str::to_string))
             .collect()
     };
-    let (containers, init) = (names("containers"), names("initContainers"));
+    let containers = names("containers");
+    let all: Vec<String> = [names("initContainers"), containers.clone(), names("ephemeralContainers")].concat();
     match query.get("container").filter(|c| !c.is_empty()) {
-        Some(c) if containers.contains(c) || init.contains(c) => Ok(c.clone()),
+        Some(c) if all.contains(c) => Ok(c.clone()),
         Some(c) => Err(ApiError::bad_request(format!("container {c} is not valid for pod {name}"))),
         None if containers.len() == 1 => Ok(containers[0].clone()),
+        None if containers.is_empty() => {
+            Err(ApiError::bad_request(format!("a container name must be specified for pod {name}")))
+        }
         None => Err(ApiError::bad_request(format!(
             "a container name must be specified for pod {name}, choose one of: [{}]",
-            containers.join(" ")
+            all.join(" ")
         ))),
     }
 }
