@@ -3,7 +3,9 @@
 //! detection, Kubernetes protobuf bodies and the three kinds of patch. Each input must
 //! get an answer (a value or an error), never a panic. The inputs are generated from a
 //! fixed seed, so a failure repeats; each target runs a few thousand cases (well under
-//! a second in all).
+//! a second in all). The committed corpus (`fuzz-corpus/`: inputs that broke a parser
+//! once, and typical ones) is run too, each entry with a few hundred byte-level
+//! mutations of it; an input that breaks something belongs there.
 
 use serde_json::{json, Value};
 
@@ -229,4 +231,99 @@ fn patches_apply_or_fail() {
         let operations = json!([{"op": op, "path": path, "from": from, "value": rng.json(2)}]);
         let _ = patch::apply_json_patch(&mut target, &operations);
     }
+}
+
+/// A byte-level mutation of `seed`: a flip, a cut, an insertion or a repeat.
+fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    const INSERTS: &[&[u8]] =
+        &[b"\"", b"{", b"}", b"[", b"]", b",", b"=", b"(", b")", b"\\", b"\xc3\xa9", b"\xff", b"\0"];
+    let mut out = seed.to_vec();
+    for _ in 0..=rng.below(3) {
+        let at = rng.below(out.len() + 1);
+        match rng.below(4) {
+            0 if at < out.len() => out[at] ^= 1 << rng.below(8),
+            1 => out.truncate(at),
+            2 => {
+                let piece = INSERTS[rng.below(INSERTS.len())];
+                out.splice(at..at, piece.iter().copied());
+            }
+            _ => {
+                let end = (at + rng.below(8)).min(out.len());
+                let copy = out[at..end].to_vec();
+                out.splice(at..at, copy);
+            }
+        }
+    }
+    out
+}
+
+/// The entries of a corpus file: one per line, `#` lines left out; `.hex` files decoded.
+fn corpus(file: &str) -> Vec<Vec<u8>> {
+    let text = match file {
+        "selectors.txt" => include_str!("../fuzz-corpus/selectors.txt"),
+        "quantities.txt" => include_str!("../fuzz-corpus/quantities.txt"),
+        "json.txt" => include_str!("../fuzz-corpus/json.txt"),
+        "protobuf.hex" => include_str!("../fuzz-corpus/protobuf.hex"),
+        other => panic!("no corpus {other}"),
+    };
+    let lines = text.lines().filter(|l| !l.starts_with('#'));
+    if file.ends_with(".hex") {
+        let byte = |pair: &[u8]| u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap();
+        lines.map(|l| l.as_bytes().chunks(2).map(byte).collect()).collect()
+    } else {
+        lines.map(|l| l.as_bytes().to_vec()).collect()
+    }
+}
+
+/// Every entry of `file` and `per_entry` mutations of each.
+fn corpus_inputs(file: &str, per_entry: usize) -> Vec<Vec<u8>> {
+    let mut rng = rng();
+    let mut inputs = Vec::new();
+    for seed in corpus(file) {
+        inputs.extend((0..per_entry).map(|_| mutate(&mut rng, &seed)));
+        inputs.push(seed);
+    }
+    inputs
+}
+
+#[test]
+fn the_corpus_of_selectors_and_quantities_parses_or_fails() {
+    for input in corpus_inputs("selectors.txt", 300) {
+        let text = String::from_utf8_lossy(&input);
+        let _ = selectors::FieldSelector::parse(&text);
+        let _ = selectors::LabelSelector::parse(&text);
+    }
+    for input in corpus_inputs("quantities.txt", 300) {
+        let text = String::from_utf8_lossy(&input);
+        let _ = quantity::parse(&text);
+        let _ = validation::is_label_value(&text);
+    }
+}
+
+#[test]
+fn the_corpus_of_bodies_and_patches_applies_or_fails() {
+    let schema = crate::schema::builtin_kind("", "v1", "Pod").unwrap();
+    let pod = json!({"metadata": {"name": "a", "labels": {"a": "b"}},
+                     "spec": {"containers": [{"name": "a", "image": "i", "ports": [{"containerPort": 80}]}, {"name": "b"}]}});
+    for input in corpus_inputs("json.txt", 300) {
+        let _ = validation::duplicate_json_fields(&input);
+        let Ok(patch_value) = serde_json::from_slice::<Value>(&input) else { continue };
+        let _ = patch::apply_merge_patch(&mut pod.clone(), &patch_value);
+        let _ = patch::apply_strategic_merge_patch(&mut pod.clone(), &patch_value, &schema);
+        let _ = patch::apply_json_patch(&mut pod.clone(), &patch_value);
+    }
+}
+
+#[test]
+fn the_corpus_of_protobuf_bodies_decodes_or_fails_and_reencodes_to_the_same() {
+    let mut round_trips = 0;
+    for input in corpus_inputs("protobuf.hex", 500) {
+        let Ok(decoded) = protobuf::decode(&input) else { continue };
+        // What decodes encodes again to what decodes the same.
+        if let Some(encoded) = protobuf::encode(&decoded) {
+            assert_eq!(protobuf::decode(&encoded).as_ref(), Ok(&decoded), "{input:02x?}");
+            round_trips += 1;
+        }
+    }
+    assert!(round_trips > 100, "only {round_trips} mutated bodies decoded");
 }

@@ -794,6 +794,7 @@ impl Storage {
                     // metadata stays the stored one (upstream's ResetObjectMetaForStatus).
                     kind.strategy.default(&mut new);
                 } else {
+                    kind.strategy.default_status(&mut new);
                     // The metadata the kind lets a status write change comes with it.
                     for field in kind.status_metadata {
                         match get(&served, &["metadata", field]) {

@@ -542,3 +542,24 @@ async fn ephemeral_containers_are_only_added_through_their_subresource() {
     let err = api_error(pods.replace("app", &PostParams::default(), &replaced).await.unwrap_err());
     assert_eq!(err.code, 422, "{}", err.message);
 }
+
+#[tokio::test]
+async fn a_namespace_status_write_keeps_its_phase_in_step_with_its_deletion() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let path = "/api/v1/namespaces/default/status";
+    let body = |status: serde_json::Value| {
+        serde_json::to_vec(
+            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}, "status": status}),
+        )
+        .unwrap()
+    };
+    // No phase: upstream's defaulting makes it Active again.
+    let (code, ns) = common::raw(&client, "PUT", path, "application/json", body(json!({}))).await;
+    assert_eq!((code, ns["status"]["phase"].as_str()), (200, Some("Active")), "{ns}");
+    // Terminating without a deletion: refused.
+    let (code, answer) =
+        common::raw(&client, "PUT", path, "application/json", body(json!({"phase": "Terminating"}))).await;
+    assert_eq!(code, 422, "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("may only be 'Active' if `deletionTimestamp` is empty"));
+}

@@ -485,3 +485,50 @@ async fn curl_and_pretty_get_indented_answers_in_upstreams_order() {
     assert!(get("curl/8.5.0", "?pretty=false").await.ends_with("\"code\":404}\n"));
     assert!(get("kubectl/v1.37.1", "").await.ends_with("\"code\":404}\n"));
 }
+
+/// Sends two writes on one TLS connection, each body a moment after its headers (as a
+/// client streaming it would): the first refused by content negotiation (406) before
+/// anything reads its body, the second an ordinary create. Returns what each got.
+const TWO_WRITES: &str = r#"
+import socket, ssl, sys, time
+pki, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+tls = ssl.create_default_context(cafile=pki + "/ca.crt")
+tls.load_cert_chain(pki + "/admin.crt", pki + "/admin.key")
+conn = tls.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1")
+body = b'{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"x"}}'
+reader = conn.makefile("rb")
+for accept in ["text/html", "application/json"]:
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAccept: {accept}\r\nContent-Length: {len(body)}\r\n\r\n"
+    try:
+        conn.sendall(head.encode())
+        time.sleep(0.3)
+        conn.sendall(body)
+        status = reader.readline().split()[1].decode()
+        length = 0
+        while (line := reader.readline().strip()):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        reader.read(length)
+    except (OSError, IndexError) as e:
+        status = "dropped"
+    print(status)
+"#;
+
+#[test]
+fn a_write_refused_before_its_body_is_read_keeps_the_connection() {
+    let server = TestServer::start();
+    let out = std::process::Command::new("python3")
+        .args(["-c", TWO_WRITES])
+        .arg(server.data_dir().join("pki"))
+        .arg(server.port.to_string())
+        .arg(CMS)
+        .output()
+        .expect("run python3");
+    let answers = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        answers.split_whitespace().collect::<Vec<_>>(),
+        ["406", "201"],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -534,5 +534,5 @@ async fn component_statuses_follow_the_leaders_leases_and_the_store() {
     let row = bare.kubectl_ok(&["get", "cs", "scheduler", "--no-headers"]);
     assert!(row.contains("Unhealthy") && row.contains("no scheduler has ever taken its leader Lease"), "{row}");
     let out = bare.kubectl(&["get", "cs", "nope"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Component not found: nope"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("componentstatus \"nope\" not found"));
 }

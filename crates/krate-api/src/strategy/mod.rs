@@ -32,6 +32,9 @@ pub trait Strategy: Sync {
     /// keeps of the old one when the client left it out (a Service's allocated IPs and
     /// ports), and fields the change made meaningless.
     fn prepare_for_update(&self, _new: &mut Value, _old: &Value) {}
+    /// Defaults of the status a status write brings (upstream defaults every decoded
+    /// object, status included).
+    fn default_status(&self, _obj: &mut Value) {}
     /// Status an object starts with, for kinds with a status subresource (None: empty).
     fn initial_status(&self, _obj: &Value) -> Option<Value> {
         None
@@ -204,6 +207,22 @@ impl Strategy for NamespaceStrategy {
     }
     fn initial_status(&self, _obj: &Value) -> Option<Value> {
         Some(json!({"phase": "Active"}))
+    }
+    fn default_status(&self, obj: &mut Value) {
+        if get_str(obj, &["status", "phase"]).is_none_or(str::is_empty) {
+            crate::object::set(obj, &["status", "phase"], json!("Active"));
+        }
+    }
+    /// Upstream's ValidateNamespaceStatusUpdate: the phase follows the deletion.
+    fn validate_update(&self, new: &Value, _old: &Value, errs: &mut Errors) {
+        let phase = get_str(new, &["status", "phase"]).unwrap_or_default();
+        let (expected, detail) = match get(new, &["metadata", "deletionTimestamp"]).is_some_and(|t| !t.is_null()) {
+            false => ("Active", "may only be 'Active' if `deletionTimestamp` is empty"),
+            true => ("Terminating", "may only be 'Terminating' if `deletionTimestamp` is not empty"),
+        };
+        if phase != expected {
+            errs.push(FieldError::invalid("status.Phase", &json!(phase), detail));
+        }
     }
     fn deletion_blocked(&self, obj: &Value) -> bool {
         get(obj, &["spec", "finalizers"]).and_then(Value::as_array).is_some_and(|f| !f.is_empty())

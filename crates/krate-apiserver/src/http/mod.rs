@@ -104,6 +104,7 @@ pub async fn handle(server: Arc<ApiServer>, user: User, req: Request<Body>) -> R
     let pretty = verb != "WATCH" && !passed_through && pretty_requested(&req);
     let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let protobuf_wanted = matches!(negotiate::negotiate(accept, true), Ok(Format::Protobuf));
+    let req = if passed_through { req } else { read_ahead(req).await };
     let authenticated = match bearer_token(req.headers()) {
         // A client certificate comes first, as upstream's union of authenticators.
         Some(token) if user.is_anonymous() => server.authenticate_token(token).await,
@@ -522,12 +523,24 @@ fn list_options(kind: &KindInfo, query: &Query) -> ApiResult<ListOptions> {
 }
 
 pub(crate) async fn read_body(req: Request<Body>) -> ApiResult<(HeaderMap, Bytes)> {
-    let (parts, mut body) = req.into_parts();
+    let (parts, body) = req.into_parts();
+    if let Some(BodyError(err)) = parts.extensions.get::<BodyError>() {
+        return Err(err.clone());
+    }
+    Ok((parts.headers, collect_bounded(body).await?))
+}
+
+/// What reading a body read ahead (`read_ahead`) ran into, kept for the handler to answer.
+#[derive(Clone)]
+struct BodyError(ApiError);
+
+/// The body in full, refused past `MAX_BODY_BYTES`. Oversized bodies are drained (up to
+/// a bound) rather than cut off, so the client reads the 413 instead of a broken
+/// connection.
+async fn collect_bounded(mut body: Body) -> ApiResult<Bytes> {
     let mut buf = BytesMut::new();
     let mut too_large = false;
     let mut drained = 0usize;
-    // Oversized bodies are drained (up to a bound) rather than cut off, so the client
-    // reads the 413 instead of a broken connection.
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the request body failed: {e}")))?;
         if let Ok(data) = frame.into_data() {
@@ -547,7 +560,26 @@ pub(crate) async fn read_body(req: Request<Body>) -> ApiResult<(HeaderMap, Bytes
     if too_large {
         return Err(ApiError::too_large());
     }
-    Ok((parts.headers, buf.freeze()))
+    Ok(buf.freeze())
+}
+
+/// Reads a write's body before anything answers the request: an answer given before
+/// the handler would have read it (a 406, a 404, a refusal) then leaves the connection
+/// reusable, where hyper would close a connection with an unread body. Proxied and
+/// upgraded requests keep their streams.
+async fn read_ahead(req: Request<Body>) -> Request<Body> {
+    let writes = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
+    if !writes || req.headers().contains_key(header::UPGRADE) {
+        return req;
+    }
+    let (mut parts, body) = req.into_parts();
+    match collect_bounded(body).await {
+        Ok(bytes) => Request::from_parts(parts, Body::from(bytes)),
+        Err(err) => {
+            parts.extensions.insert(BodyError(err));
+            Request::from_parts(parts, Body::empty())
+        }
+    }
 }
 
 pub(crate) fn content_type(headers: &HeaderMap) -> String {

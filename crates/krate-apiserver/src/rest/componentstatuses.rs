@@ -28,8 +28,8 @@ impl Handler for ComponentStatuses {
         let kind = &call.scope.kind;
         if !call.name.is_empty() {
             let Some(status) = statuses.into_iter().find(|s| s["metadata"]["name"] == call.name) else {
-                // Upstream answers an unknown name with a plain error, hence 500.
-                return Err(ApiError::internal(format!("Component not found: {}", call.name)));
+                // Upstream names the resource in the singular here.
+                return Err(ApiError::not_found("", "componentstatus", call.name));
             };
             return Ok(match call.format {
                 Format::Table { .. } => json_response(200, &table::object_table(kind, &status)),
