@@ -125,6 +125,12 @@ impl ApiError {
             .with_details(details(group, resource, name))
     }
 
+    /// A path the API does not serve (an unknown resource or subresource): upstream's
+    /// router answers a generic 404 whose details are empty but present.
+    pub fn no_such_path() -> Self {
+        Self::new(404, "NotFound", "the server could not find the requested resource").with_details(json!({}))
+    }
+
     pub fn already_exists(group: &str, resource: &str, name: &str) -> Self {
         Self::new(409, "AlreadyExists", format!("{} \"{name}\" already exists", qualified(group, resource)))
             .with_details(details(group, resource, name))
@@ -240,57 +246,11 @@ impl ApiError {
 
 /// A `Status` as upstream's JSON serializer writes it: fields in the Go struct's order
 /// (`kind`, `apiVersion`, `metadata`, `status`, `message`, `reason`, `details`, `code`;
-/// details' `name`, `group`, `kind`, `uid`, `causes`, `retryAfterSeconds`; each cause's
-/// `reason`, `message`, `field`), then a newline. Clients compare these bodies as text.
+/// details and causes likewise), then a newline. Clients compare these bodies as text.
 pub fn status_bytes(status: &Value) -> Vec<u8> {
-    let mut bytes = serde_json::to_vec(&InOrder(status, STATUS)).unwrap_or_default();
+    let mut bytes = crate::protobuf::to_go_json(status);
     bytes.push(b'\n');
     bytes
-}
-
-const STATUS: &[&str] = &["kind", "apiVersion", "metadata", "status", "message", "reason", "details", "code"];
-const LIST_META: &[&str] = &["selfLink", "resourceVersion", "continue", "remainingItemCount"];
-const DETAILS: &[&str] = &["name", "group", "kind", "uid", "causes", "retryAfterSeconds"];
-const CAUSE: &[&str] = &["reason", "message", "field"];
-
-/// An object whose known keys come in `order` (the rest after them, sorted); the
-/// nested Status structures keep their own orders.
-struct InOrder<'a>(&'a Value, &'static [&'static str]);
-
-impl serde::Serialize for InOrder<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::{SerializeMap, SerializeSeq};
-        let Value::Object(map) = self.0 else { return self.0.serialize(serializer) };
-        let child = |key: &str| match key {
-            "metadata" => Some(LIST_META),
-            "details" => Some(DETAILS),
-            _ => None,
-        };
-        let mut out = serializer.serialize_map(Some(map.len()))?;
-        let known = self.1.iter().filter_map(|k| map.get_key_value(*k));
-        let rest = map.iter().filter(|(k, _)| !self.1.contains(&k.as_str()));
-        for (key, value) in known.chain(rest) {
-            match (key.as_str(), value) {
-                ("causes", Value::Array(causes)) => out.serialize_entry(key, &Causes(causes))?,
-                (k, v) => match child(k) {
-                    Some(order) => out.serialize_entry(key, &InOrder(v, order))?,
-                    None => out.serialize_entry(key, v)?,
-                },
-            }
-        }
-        return out.end();
-
-        struct Causes<'a>(&'a [Value]);
-        impl serde::Serialize for Causes<'_> {
-            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
-                for cause in self.0 {
-                    seq.serialize_element(&InOrder(cause, CAUSE))?;
-                }
-                seq.end()
-            }
-        }
-    }
 }
 
 /// `deployments.apps` or `pods`.

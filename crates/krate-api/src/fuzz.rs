@@ -9,29 +9,16 @@
 
 use serde_json::{json, Value};
 
+use crate::fuzzing::{corpus, with_mutations, Rng};
 use crate::{patch, protobuf, quantity, selectors, validation};
 
-/// xorshift64: small, fast and deterministic.
-struct Rng(u64);
+/// The shapes of input these parsers read.
+trait Shapes {
+    fn json(&mut self, depth: usize) -> Value;
+    fn proto(&mut self, depth: usize) -> Vec<u8>;
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// A string of 1 to `most` pieces.
-    fn text(&mut self, pieces: &[&str], most: usize) -> String {
-        let count = self.below(most) + 1;
-        (0..count).map(|_| pieces[self.below(pieces.len())]).collect()
-    }
-
+impl Shapes for Rng {
     /// A JSON value at most `depth` deep, with keys a patch or an object may use.
     fn json(&mut self, depth: usize) -> Value {
         const KEYS: &[&str] = &[
@@ -58,7 +45,7 @@ impl Rng {
         let leaf = |rng: &mut Rng| match rng.below(6) {
             0 => Value::Null,
             1 => json!(rng.below(3) == 0),
-            2 => json!(rng.next() as i64),
+            2 => json!(rng.next_u64() as i64),
             3 => json!(f64::from(rng.below(1000) as u32) / 7.0),
             4 => json!(["replace", "delete", "merge", "add", "remove", "/spec/containers/0", "/-"][rng.below(7)]),
             _ => json!(rng.text(&["a", "é", "/", "~1", "~0", "-", "0"], 4)),
@@ -87,7 +74,7 @@ impl Rng {
             match self.below(if depth == 0 { 3 } else { 4 }) {
                 0 => {
                     varint(tag << 3, &mut out);
-                    varint(self.next() >> self.below(64), &mut out);
+                    varint(self.next_u64() >> self.below(64), &mut out);
                 }
                 1 => {
                     varint((tag << 3) | 2, &mut out);
@@ -95,7 +82,7 @@ impl Rng {
                     varint(bytes.len() as u64, &mut out);
                     out.extend(bytes);
                 }
-                2 => out.push(self.next() as u8), // garbage, or a wire type the decoder must refuse
+                2 => out.push(self.next_u64() as u8), // garbage, or a wire type the decoder must refuse
                 _ => {
                     varint((tag << 3) | 2, &mut out);
                     let inner = self.proto(depth - 1);
@@ -123,7 +110,7 @@ fn varint(mut v: u64, out: &mut Vec<u8>) {
 }
 
 fn rng() -> Rng {
-    Rng(0x2545_F491_4F6C_DD1D)
+    Rng::default()
 }
 
 #[test]
@@ -180,7 +167,7 @@ fn duplicate_fields_are_found_in_any_bytes() {
             0 => body.truncate(rng.below(body.len() + 1)),
             1 if !body.is_empty() => {
                 let at = rng.below(body.len());
-                body[at] = rng.next() as u8;
+                body[at] = rng.next_u64() as u8;
             }
             _ => {}
         }
@@ -233,32 +220,8 @@ fn patches_apply_or_fail() {
     }
 }
 
-/// A byte-level mutation of `seed`: a flip, a cut, an insertion or a repeat.
-fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
-    const INSERTS: &[&[u8]] =
-        &[b"\"", b"{", b"}", b"[", b"]", b",", b"=", b"(", b")", b"\\", b"\xc3\xa9", b"\xff", b"\0"];
-    let mut out = seed.to_vec();
-    for _ in 0..=rng.below(3) {
-        let at = rng.below(out.len() + 1);
-        match rng.below(4) {
-            0 if at < out.len() => out[at] ^= 1 << rng.below(8),
-            1 => out.truncate(at),
-            2 => {
-                let piece = INSERTS[rng.below(INSERTS.len())];
-                out.splice(at..at, piece.iter().copied());
-            }
-            _ => {
-                let end = (at + rng.below(8)).min(out.len());
-                let copy = out[at..end].to_vec();
-                out.splice(at..at, copy);
-            }
-        }
-    }
-    out
-}
-
-/// The entries of a corpus file: one per line, `#` lines left out; `.hex` files decoded.
-fn corpus(file: &str) -> Vec<Vec<u8>> {
+/// Every entry of corpus file `file` and `per_entry` mutations of each.
+fn corpus_inputs(file: &str, per_entry: usize) -> Vec<Vec<u8>> {
     let text = match file {
         "selectors.txt" => include_str!("../fuzz-corpus/selectors.txt"),
         "quantities.txt" => include_str!("../fuzz-corpus/quantities.txt"),
@@ -266,24 +229,7 @@ fn corpus(file: &str) -> Vec<Vec<u8>> {
         "protobuf.hex" => include_str!("../fuzz-corpus/protobuf.hex"),
         other => panic!("no corpus {other}"),
     };
-    let lines = text.lines().filter(|l| !l.starts_with('#'));
-    if file.ends_with(".hex") {
-        let byte = |pair: &[u8]| u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap();
-        lines.map(|l| l.as_bytes().chunks(2).map(byte).collect()).collect()
-    } else {
-        lines.map(|l| l.as_bytes().to_vec()).collect()
-    }
-}
-
-/// Every entry of `file` and `per_entry` mutations of each.
-fn corpus_inputs(file: &str, per_entry: usize) -> Vec<Vec<u8>> {
-    let mut rng = rng();
-    let mut inputs = Vec::new();
-    for seed in corpus(file) {
-        inputs.extend((0..per_entry).map(|_| mutate(&mut rng, &seed)));
-        inputs.push(seed);
-    }
-    inputs
+    with_mutations(&corpus(text, file.ends_with(".hex")), per_entry)
 }
 
 #[test]

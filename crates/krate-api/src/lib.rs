@@ -6,6 +6,8 @@ pub mod custom;
 pub mod error;
 #[cfg(test)]
 mod fuzz;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kinds;
 pub mod managed;
 pub mod object;

@@ -72,7 +72,8 @@ impl CachedObject {
             .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
             .unwrap_or_default();
         let fields = field_paths.iter().map(|f| (f.label, f.value(&value))).collect();
-        let json = Bytes::from(serde_json::to_vec(&value).ok()?);
+        // Served as stored here: in upstream's field order.
+        let json = Bytes::from(krate_api::protobuf::to_go_json(&value));
         Some(Self {
             key: kv.key.clone(),
             namespace: namespace.map(str::to_string),

@@ -28,6 +28,8 @@ pub mod cache;
 mod controlplane;
 pub mod crd;
 pub mod encryption;
+#[cfg(test)]
+mod fuzz;
 pub mod http;
 pub mod limitranger;
 pub mod metrics;

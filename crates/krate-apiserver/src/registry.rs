@@ -190,7 +190,7 @@ fn to_storage(kind: &KindInfo, served: Value) -> Value {
 /// The served JSON of a cached object, without re-encoding when no conversion applies.
 pub fn served_json(kind: &KindInfo, obj: &CachedObject) -> Bytes {
     match kind.conversion {
-        Some(c) => Bytes::from(serde_json::to_vec(&c.serve(obj.parse())).unwrap_or_default()),
+        Some(c) => Bytes::from(krate_api::protobuf::to_go_json(&c.serve(obj.parse()))),
         None => obj.json.clone(),
     }
 }
@@ -1435,7 +1435,7 @@ pub(crate) fn uuid_v4() -> String {
 const EXPIRED_CONTINUE: &str = "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.";
 
 /// Upstream's continue token: base64 of `{"v":"meta.k8s.io/v1","rv":N,"start":"key\0"}`.
-struct ContinueToken {
+pub(crate) struct ContinueToken {
     rv: Revision,
     start: String,
 }
@@ -1447,7 +1447,7 @@ impl ContinueToken {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw.to_string())
     }
 
-    fn decode(token: &str) -> ApiResult<Self> {
+    pub(crate) fn decode(token: &str) -> ApiResult<Self> {
         use base64::Engine;
         let invalid = || ApiError::bad_request("continue key is not valid: the continue token is malformed");
         let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD

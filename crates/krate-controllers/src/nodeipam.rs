@@ -15,7 +15,6 @@ use k8s_openapi::api::core::v1::Node;
 use krate_net::cidr::Cidr;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::ResourceExt;
 use serde_json::json;
@@ -76,7 +75,6 @@ impl ClusterCidr {
 
 struct Context {
     client: kube::Client,
-    nodes: Store<Node>,
     range: ClusterCidr,
 }
 
@@ -91,16 +89,18 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Error> 
     if node.spec.as_ref().and_then(|s| s.pod_cidr.as_ref()).is_some() || node.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    let taken: Vec<Cidr> = ctx.nodes.state().iter().flat_map(|n| node_cidrs(n)).collect();
+    // The table is read from the API, not the controller's cache: assignments are rare,
+    // and a cache that is relisting (or has not yet shown the last assignment) would
+    // hand out a CIDR a live Node holds.
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let taken: Vec<Cidr> = api.list(&Default::default()).await?.items.iter().flat_map(node_cidrs).collect();
     let Some(cidr) = ctx.range.first_free(taken.iter()) else {
         tracing::warn!(node = %node.name_any(), cluster_cidr = %ctx.range.cidr, "no pod CIDR left for a node (CIDRNotAvailable)");
         return Ok(Action::requeue(Duration::from_secs(30)));
     };
-    let api: Api<Node> = Api::all(ctx.client.clone());
     let patch = json!({"spec": {"podCIDR": cidr.to_string(), "podCIDRs": [cidr.to_string()]}});
     api.patch(&node.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
     tracing::info!(node = %node.name_any(), pod_cidr = %cidr, "assigned a pod CIDR");
-    // The store must show this CIDR before the next node is given one.
     Ok(Action::await_change())
 }
 
@@ -112,8 +112,7 @@ fn error_policy(_: Arc<Node>, err: &Error, _: Arc<Context>) -> Action {
 pub async fn run(client: kube::Client, range: ClusterCidr) -> anyhow::Result<()> {
     let api: Api<Node> = Api::all(client.clone());
     let controller = Controller::new(api, watcher::Config::default());
-    let nodes = controller.store();
-    let context = Arc::new(Context { client, nodes, range });
+    let context = Arc::new(Context { client, range });
     // One node at a time, so that two never get the same CIDR from a stale store.
     controller
         .with_config(kube::runtime::controller::Config::default().concurrency(1))

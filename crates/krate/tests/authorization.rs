@@ -177,11 +177,12 @@ async fn roles_and_bindings_grant_no_more_than_their_author_holds() {
     }
     let editor = service_account_kubeconfig(&server, "team", "editor");
     let boss = service_account_kubeconfig(&server, "team", "boss");
+    // admin aggregates edit, which aggregates view: wait for a rule from each link.
     eventually(20, "admin to be aggregated", || async {
-        kubectl_with(&server, &boss, &["auth", "can-i", "create", "rolebindings", "-n", "team"])
-            .1
-            .starts_with("yes")
-            .then_some(())
+        let can = |verb: &str, resource: &str| {
+            kubectl_with(&server, &boss, &["auth", "can-i", verb, resource, "-n", "team"]).1.starts_with("yes")
+        };
+        (can("create", "rolebindings") && can("get", "pods")).then_some(())
     })
     .await;
     let (ok, _, err) = kubectl_with(

@@ -203,6 +203,10 @@ fn walk_leaves(schema: Option<&Node>, value: &Value, path: &mut Path, out: &mut 
     }
 }
 
+/// Granular lists whose Go fields have no `omitempty` (`PodSpec.containers`,
+/// `CSINodeSpec.drivers`): an empty object of their kind already has them (as null).
+const LISTS_WRITTEN_WHEN_EMPTY: &[&str] = &["f:containers", "f:drivers"];
+
 /// The fields an update changed: present in `new` and absent or different in `old`.
 pub fn changed(schema: Option<&Node>, old: Option<&Value>, new: &Value) -> FieldSet {
     let mut out = FieldSet::default();
@@ -229,6 +233,13 @@ fn walk_changed(schema: Option<&Node>, old: Option<&Value>, new: &Value, path: &
         Value::Array(items) if schema.is_some_and(|s| s.list_type() != ListType::Atomic) => {
             let element = schema.and_then(Node::element);
             let old_items = old.and_then(Value::as_array);
+            // A list the old object lacked is itself a member (upstream's `".": {}`).
+            // Upstream compares with an empty typed object, which has the lists Go
+            // writes even when empty (no `omitempty`) as null: those are not new.
+            let always_written = path.last().is_some_and(|f| LISTS_WRITTEN_WHEN_EMPTY.contains(&f.as_str()));
+            if old.is_none() && !items.is_empty() && !always_written && !path.is_empty() {
+                out.insert(path);
+            }
             for (i, item) in items.iter().enumerate() {
                 let key = item_path_element(schema, i, item);
                 let before = old_items

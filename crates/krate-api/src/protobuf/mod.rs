@@ -13,7 +13,9 @@ use base64::Engine;
 use serde_json::{json, Map, Value};
 
 mod encode;
+mod go_json;
 pub use encode::{encode, envelope, list, message, watch_frame};
+pub use go_json::to_go_json;
 
 /// The prefix of every Kubernetes protobuf body.
 pub const MAGIC: &[u8] = b"k8s\0";
@@ -48,6 +50,25 @@ struct Schema {
     /// Lower-cased message name → its spelling in `messages` (prost renames CSIDriver to
     /// CsiDriver, the API says CSIDriver).
     by_lower: HashMap<String, String>,
+    /// Each message's JSON fields in declaration (Go struct) order, embedded structs'
+    /// fields in their place: the order upstream's JSON comes in.
+    declared: HashMap<String, Declared>,
+}
+
+#[derive(Default)]
+struct Declared {
+    fields: Vec<(String, Kind)>,
+    names: std::collections::HashSet<String>,
+}
+
+/// A message's fields in declaration order with embedded messages' fields inlined.
+fn flatten(name: &str, in_file_order: &HashMap<String, Vec<Field>>, out: &mut Vec<(String, Kind)>, depth: usize) {
+    for field in in_file_order.get(name).into_iter().flatten() {
+        match &field.kind {
+            Kind::Message(inner) if field.json == INLINE && depth < 8 => flatten(inner, in_file_order, out, depth + 1),
+            kind => out.push((field.json.clone(), kind.clone())),
+        }
+    }
 }
 
 fn parse_kind(s: &str) -> Kind {
@@ -76,6 +97,7 @@ fn schema() -> &'static Schema {
     SCHEMA.get_or_init(|| {
         let mut schema = Schema::default();
         let mut current: Option<String> = None;
+        let mut in_file_order: HashMap<String, Vec<Field>> = HashMap::new();
         for line in include_str!("schema.txt").lines() {
             let mut parts = line.split(' ');
             match parts.next() {
@@ -90,11 +112,9 @@ fn schema() -> &'static Schema {
                         continue;
                     };
                     let (Some(msg), Ok(tag)) = (current.as_ref(), tag.parse::<u32>()) else { continue };
-                    schema
-                        .messages
-                        .get_mut(msg)
-                        .expect("message declared")
-                        .insert(tag, Field { json: json.to_string(), kind: parse_kind(kind) });
+                    let field = Field { json: json.to_string(), kind: parse_kind(kind) };
+                    in_file_order.entry(msg.clone()).or_default().push(field.clone());
+                    schema.messages.get_mut(msg).expect("message declared").insert(tag, field);
                 }
                 _ => {}
             }
@@ -103,6 +123,10 @@ fn schema() -> &'static Schema {
             let mut ordered: Vec<(u32, Field)> = fields.iter().map(|(t, f)| (*t, f.clone())).collect();
             ordered.sort_by_key(|(t, _)| *t);
             schema.ordered.insert(name.clone(), ordered);
+            let mut fields = Vec::new();
+            flatten(name, &in_file_order, &mut fields, 0);
+            let names = fields.iter().map(|(json, _)| json.clone()).collect();
+            schema.declared.insert(name.clone(), Declared { fields, names });
         }
         schema
     })

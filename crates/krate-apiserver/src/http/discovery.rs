@@ -33,7 +33,7 @@ pub fn group(kinds: &Registry, name: &str) -> ApiResult<Value> {
 }
 
 fn not_found() -> ApiError {
-    ApiError::new(404, "NotFound", "the server could not find the requested resource")
+    ApiError::no_such_path()
 }
 
 /// The resources and subresources of one kind, as discovery lists them.

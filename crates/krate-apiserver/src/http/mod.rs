@@ -48,10 +48,7 @@ pub fn json_response(code: u16, body: &Value) -> Response<Body> {
 
 /// `body` encoded as upstream's JSON serializer does (see `json_response`).
 fn json_body(body: &Value) -> Bytes {
-    if body["kind"] == "Status" {
-        return Bytes::from(krate_api::error::status_bytes(body));
-    }
-    let mut bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut bytes = krate_api::protobuf::to_go_json(body);
     bytes.push(b'\n');
     Bytes::from(bytes)
 }
@@ -201,7 +198,11 @@ async fn audited(
     if keep_body {
         let (parts, body) = response.into_parts();
         let bytes = http_body_util::BodyExt::collect(body).await.map(|c| c.to_bytes()).unwrap_or_default();
-        response_object = serde_json::from_slice::<Value>(&bytes).ok();
+        // The log shows JSON whatever the client was answered in.
+        response_object = match bytes.starts_with(krate_api::protobuf::MAGIC) {
+            true => krate_api::protobuf::decode(&bytes).ok(),
+            false => serde_json::from_slice::<Value>(&bytes).ok(),
+        };
         response = Response::from_parts(parts, Body::from(bytes));
     }
     if let Ok(id) = HeaderValue::from_str(record.id()) {
@@ -368,7 +369,7 @@ async fn dispatch(
             Ok(document_response(&doc, "application/json", req.headers()))
         }
         Route::Resource(path) => resource_request(server, attrs, path, query, req).await,
-        Route::NotFound => Err(ApiError::new(404, "NotFound", "the server could not find the requested resource")),
+        Route::NotFound => Err(ApiError::no_such_path()),
     }
 }
 
@@ -404,7 +405,7 @@ fn document_response(doc: &docs::Document, content_type: &str, request: &HeaderM
 
 fn lookup(server: &ApiServer, path: &ResourcePath) -> ApiResult<Arc<KindInfo>> {
     let kinds = server.kinds();
-    let not_found = || ApiError::new(404, "NotFound", "the server could not find the requested resource");
+    let not_found = || ApiError::no_such_path();
     let kind = kinds.lookup(&path.group, &path.version, &path.resource).cloned().ok_or_else(not_found)?;
     if path.namespace.is_some() && !kind.namespaced {
         return Err(not_found());
@@ -420,7 +421,7 @@ enum Target {
 }
 
 fn target(kind: &KindInfo, path: &ResourcePath) -> ApiResult<Target> {
-    let not_found = || ApiError::new(404, "NotFound", "the server could not find the requested resource");
+    let not_found = || ApiError::no_such_path();
     let Some(name) = path.subresource.as_deref() else {
         return Ok(match kind.handler {
             Some(handler) => Target::Handler(handler, &[]),
@@ -498,7 +499,7 @@ pub(crate) fn write_options(
     Ok(WriteOptions { dry_run, field_validation, field_manager, force, request: Some(attrs.clone()) })
 }
 
-fn list_options(kind: &KindInfo, query: &Query) -> ApiResult<ListOptions> {
+pub(crate) fn list_options(kind: &KindInfo, query: &Query) -> ApiResult<ListOptions> {
     let labels = LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or_default())
         .map_err(ApiError::bad_request)?;
     let fields = FieldSelector::parse(query.get("fieldSelector").map(String::as_str).unwrap_or_default())
@@ -833,7 +834,7 @@ fn list_response(kind: &KindInfo, result: registry::ListResult, format: &Format)
             t["metadata"] = list_metadata(&result);
             json_response(200, &t)
         }
-        Format::Metadata => assembled_list("PartialObjectMetadataList", "meta.k8s.io/v1", &result, |o| {
+        Format::Metadata => assembled_list("PartialObjectMetadataList", "meta.k8s.io/v1", &result, None, |o| {
             negotiate::partial_metadata_json(&o.json)
         }),
         Format::Protobuf if kind.protobuf_message().is_some() => {
@@ -842,7 +843,11 @@ fn list_response(kind: &KindInfo, result: registry::ListResult, format: &Format)
             proto_response(200, krate_api::protobuf::list(&kind.api_version(), &kind.list_kind(), &list_meta, &items))
         }
         Format::Json | Format::Protobuf => {
-            assembled_list(&kind.list_kind(), &kind.api_version(), &result, |o| served_json(kind, o))
+            // A typed list's items go without the kind and apiVersion the list carries
+            // (upstream's typed lists); custom resources, unstructured there, keep theirs.
+            let type_meta = format!("{{\"kind\":\"{}\",\"apiVersion\":\"{}\",", kind.kind, kind.api_version());
+            let strip = kind.custom.is_none().then_some(type_meta.as_bytes());
+            assembled_list(&kind.list_kind(), &kind.api_version(), &result, strip, |o| served_json(kind, o))
         }
     }
 }
@@ -851,24 +856,33 @@ fn proto_response(code: u16, body: Vec<u8>) -> Response<Body> {
     bytes_response(code, Bytes::from(body), krate_api::protobuf::CONTENT_TYPE)
 }
 
-/// A list assembled from each item's encoded JSON, without re-encoding objects.
+/// A list assembled from each item's encoded JSON, without re-encoding objects; items
+/// that open with `strip` (their kind and apiVersion, first in Go's field order) go
+/// without it.
 fn assembled_list(
     list_kind: &str,
     api_version: &str,
     result: &registry::ListResult,
+    strip: Option<&[u8]>,
     item: impl Fn(&crate::cache::CachedObject) -> Bytes,
 ) -> Response<Body> {
     let items: Vec<Bytes> = result.items.iter().map(|o| item(o)).collect();
     let mut out = BytesMut::with_capacity(64 + items.iter().map(|i| i.len() + 1).sum::<usize>() + 1);
     let head = json!({"kind": list_kind, "apiVersion": api_version, "metadata": list_metadata(result)});
-    let head = serde_json::to_string(&head).unwrap_or_default();
-    out.put_slice(&head.as_bytes()[..head.len() - 1]);
+    let head = krate_api::protobuf::to_go_json(&head);
+    out.put_slice(&head[..head.len() - 1]);
     out.put_slice(b",\"items\":[");
     for (i, encoded) in items.iter().enumerate() {
         if i > 0 {
             out.put_u8(b',');
         }
-        out.put_slice(encoded);
+        match strip.and_then(|prefix| encoded.strip_prefix(prefix)) {
+            Some(rest) => {
+                out.put_u8(b'{');
+                out.put_slice(rest);
+            }
+            None => out.put_slice(encoded),
+        }
     }
     out.put_slice(b"]}\n");
     bytes_response(200, out.freeze(), "application/json")

@@ -412,7 +412,7 @@ pub fn v3_root(kinds: &Registry, hash: impl Fn(&str) -> String) -> Value {
 pub fn v3_group_version(kinds: &Registry, group: &str, version: &str) -> ApiResult<Value> {
     let served: Vec<_> = kinds.kinds_in(group, version).collect();
     if served.is_empty() {
-        return Err(ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+        return Err(ApiError::no_such_path());
     }
     let custom = definitions(served.iter().copied());
     let mut paths = Map::new();

@@ -22,7 +22,7 @@ use crate::registry::{self, storage_prefix, ListOptions, Scope};
 use crate::ApiServer;
 
 /// Where a watch begins.
-enum Start {
+pub(crate) enum Start {
     /// Synthetic ADDED events for the current state, then changes after it.
     Snapshot,
     /// Only changes after this revision.
@@ -80,17 +80,10 @@ impl Watcher {
                 let served = registry::to_served(&self.kind, obj.parse());
                 let t = table::event_table(&self.kind, &served, *include_object, !self.sent_table_headers);
                 self.sent_table_headers = true;
-                return line(json!({"type": kind, "object": t}));
+                return line(kind, &krate_api::protobuf::to_go_json(&t));
             }
         };
-        // Framed around the already-encoded object rather than re-encoding it.
-        let mut line = Vec::with_capacity(object.len() + 32);
-        line.extend_from_slice(b"{\"type\":\"");
-        line.extend_from_slice(kind.as_bytes());
-        line.extend_from_slice(b"\",\"object\":");
-        line.extend_from_slice(&object);
-        line.extend_from_slice(b"}\n");
-        Bytes::from(line)
+        line(kind, &object)
     }
 
     fn bookmark(&self, revision: Revision, initial_events_end: bool) -> Bytes {
@@ -118,31 +111,32 @@ impl Watcher {
                 return Bytes::from(krate_api::protobuf::watch_frame(event_type, &encoded));
             }
         }
-        line(json!({"type": event_type, "object": object}))
+        line(event_type, &krate_api::protobuf::to_go_json(&object))
     }
 }
 
-fn line(v: Value) -> Bytes {
-    let mut bytes = serde_json::to_vec(&v).unwrap_or_default();
-    bytes.push(b'\n');
-    Bytes::from(bytes)
+/// One JSON watch event, framed around the already-encoded object (upstream's
+/// WatchEvent: `type`, then `object`), and the newline that ends it.
+fn line(event_type: &str, object: &[u8]) -> Bytes {
+    let mut line = Vec::with_capacity(object.len() + 32);
+    line.extend_from_slice(b"{\"type\":\"");
+    line.extend_from_slice(event_type.as_bytes());
+    line.extend_from_slice(b"\",\"object\":");
+    line.extend_from_slice(object);
+    line.extend_from_slice(b"}\n");
+    Bytes::from(line)
 }
 
 fn too_old(requested: Revision, oldest: Revision) -> ApiError {
     ApiError::gone(format!("too old resource version: {requested} ({oldest})"))
 }
 
-/// Opens a watch and returns the streaming response.
-pub async fn serve(
-    server: Arc<ApiServer>,
-    scope: Scope,
-    opts: ListOptions,
-    query: &Query,
-    format: Format,
-) -> ApiResult<Response<Body>> {
+/// Where a watch starts, and whether it sends the initial events, from its parameters
+/// (`resourceVersion`, `sendInitialEvents`, `resourceVersionMatch`).
+pub(crate) fn start_of(opts: &ListOptions, query: &Query) -> ApiResult<(Start, bool)> {
     let send_initial = query.get("sendInitialEvents").map(String::as_str) == Some("true");
-    let rv = opts.resource_version.clone().filter(|rv| !rv.is_empty());
-    let start = match rv.as_deref() {
+    let rv = opts.resource_version.as_deref().filter(|rv| !rv.is_empty());
+    let start = match rv {
         None | Some("0") => Start::Snapshot,
         Some(rv) => {
             let rev = rv
@@ -166,6 +160,19 @@ pub async fn serve(
             )],
         ));
     }
+    Ok((start, send_initial))
+}
+
+/// Opens a watch and returns the streaming response.
+pub async fn serve(
+    server: Arc<ApiServer>,
+    scope: Scope,
+    opts: ListOptions,
+    query: &Query,
+    format: Format,
+) -> ApiResult<Response<Body>> {
+    let (start, send_initial) = start_of(&opts, query)?;
+    let rv = opts.resource_version.clone().filter(|rv| !rv.is_empty());
     // Upstream starts `resourceVersion=""` watches from a consistent snapshot.
     if rv.is_none() {
         server.storage.cache.sync().await;

@@ -112,7 +112,7 @@ struct Unrouted;
 #[async_trait::async_trait]
 impl Handler for Unrouted {
     async fn serve(&self, _: Call<'_>) -> ApiResult<Response<Body>> {
-        Err(krate_api::ApiError::new(404, "NotFound", "the server could not find the requested resource"))
+        Err(krate_api::ApiError::no_such_path())
     }
 }
 
