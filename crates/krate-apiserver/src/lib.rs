@@ -366,17 +366,52 @@ where
     }
 }
 
-/// `/version`: the Kubernetes API version served (the k8s-openapi feature) and krate's own.
+/// Where the running binary came from. The `krate` binary sets it at start from its
+/// build (the `krate-version` crate, kept out of the libraries so that its build script,
+/// which reruns on every change to the tree, rebuilds only the binary); a server started
+/// without it (tests) reports the workspace's version.
+#[derive(Clone, Debug)]
+pub struct BuildInfo {
+    /// krate's own version, `git describe` form (`v0.1-13-g4567bcdef6789a-dirty`).
+    pub version: &'static str,
+    pub commit: &'static str,
+    pub tree_state: &'static str,
+    pub build_date: &'static str,
+}
+
+static BUILD: std::sync::OnceLock<BuildInfo> = std::sync::OnceLock::new();
+
+/// Records this process's build; the first call wins.
+pub fn set_build_info(info: BuildInfo) {
+    let _ = BUILD.set(info);
+}
+
+pub fn build_info() -> &'static BuildInfo {
+    BUILD.get_or_init(|| BuildInfo {
+        version: concat!("v", env!("CARGO_PKG_VERSION")),
+        commit: "",
+        tree_state: "",
+        build_date: "1970-01-01T00:00:00Z",
+    })
+}
+
+/// The Kubernetes version whose API krate serves.
+pub const KUBERNETES_VERSION: &str = "v1.37.0";
+
+/// `/version`: the Kubernetes major and minor clients decide by, and krate's own build
+/// in `gitVersion`'s semver build metadata (`v1.37.0+krate-v0.1-13-g4567bcdef6789a`, as
+/// k3s carries its own) and in the commit, tree state and date fields.
 pub fn version_info() -> Value {
+    let build = build_info();
     json!({
         "major": "1",
         "minor": "37",
         "emulationMajor": "1",
         "emulationMinor": "37",
-        "gitVersion": format!("v1.37.0+krate-{}", env!("CARGO_PKG_VERSION")),
-        "gitCommit": option_env!("KRATE_GIT_COMMIT").unwrap_or("unknown"),
-        "gitTreeState": "clean",
-        "buildDate": "1970-01-01T00:00:00Z",
+        "gitVersion": format!("{KUBERNETES_VERSION}+krate-{}", build.version),
+        "gitCommit": build.commit,
+        "gitTreeState": build.tree_state,
+        "buildDate": build.build_date,
         "goVersion": "n/a (rust)",
         "compiler": "rustc",
         "platform": format!("{}/{}", std::env::consts::OS, if std::env::consts::ARCH == "x86_64" { "amd64" } else { std::env::consts::ARCH }),

@@ -8,6 +8,7 @@ mod components;
 mod dev;
 mod hollow;
 mod join;
+mod kubeconfig;
 mod leader;
 mod pki;
 mod secrets;
@@ -17,7 +18,7 @@ mod token;
 #[derive(Parser)]
 #[command(
     name = "krate",
-    version,
+    version = krate_version::VERSION,
     about = "A Kubernetes-compatible container orchestrator in one binary",
     long_about = "krate runs a Kubernetes-compatible control plane that stock kubectl and client \
 libraries talk to.\n\nStart a single-node cluster:\n    krate server\nthen point kubectl at the \
@@ -116,43 +117,25 @@ enum Command {
         /// `system:nodes`).
         #[arg(long)]
         node: Option<String>,
+        /// Add it to your own kubeconfig (the first file of $KUBECONFIG, else
+        /// ~/.kube/config) as a new context named after the server, `krate-HOST`,
+        /// instead of printing it. Other clusters' entries are never changed; merging
+        /// the same cluster again refreshes its own.
+        #[arg(long)]
+        merge: bool,
     },
     /// Tools for trying krate and for its tests: `krate dev cluster up --nodes 3` runs a
     /// multi-node cluster on this machine, each node in its own network namespace.
     #[command(subcommand)]
     Dev(dev::DevCommand),
-    /// Print version information.
-    Version,
-}
-
-/// Prints the admin kubeconfig, or a new one for `user` (or the node agent of `node`).
-fn print_kubeconfig(
-    data_dir: &std::path::Path,
-    user: Option<String>,
-    groups: Vec<String>,
-    node: Option<String>,
-) -> anyhow::Result<()> {
-    let admin = std::fs::read_to_string(data_dir.join("admin.kubeconfig")).map_err(|e| {
-        anyhow::anyhow!(
-            "reading {}/admin.kubeconfig: {e}; has `krate server --data-dir {}` run yet?",
-            data_dir.display(),
-            data_dir.display()
-        )
-    })?;
-    let (user, groups) = match (user, node) {
-        (None, None) => {
-            print!("{admin}");
-            return Ok(());
-        }
-        (Some(user), _) => (user, groups),
-        (None, Some(node)) => (format!("system:node:{node}"), vec!["system:nodes".to_string()]),
-    };
-    let config: serde_json::Value = serde_yaml::from_str(&admin)?;
-    let server = config["clusters"][0]["cluster"]["server"].as_str().unwrap_or("https://127.0.0.1:6443").to_string();
-    let pki = pki::Pki::load_or_create(&data_dir.join("pki"))?;
-    let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
-    print!("{}", pki.user_kubeconfig(&server, &user, &groups)?);
-    Ok(())
+    /// Print where this build came from: krate's version (`git describe` of its
+    /// source tree), commit, tree state and build date, and the Kubernetes API version
+    /// it serves.
+    Version {
+        /// `json`: the same object as the API server's /version.
+        #[arg(long, short = 'o', value_parser = ["json"])]
+        output: Option<String>,
+    },
 }
 
 /// Runs docker-registry with a configuration of krate's: no authentication (Debian's
@@ -190,7 +173,35 @@ fn block_on(task: impl std::future::Future<Output = anyhow::Result<()>>) -> anyh
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(task)
 }
 
+/// `krate version`.
+fn print_version(output: Option<&str>) -> anyhow::Result<()> {
+    let info = krate_apiserver::version_info();
+    if output == Some("json") {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    let build = krate_apiserver::build_info();
+    let or_unknown = |s: &'static str| if s.is_empty() { "unknown (not built from git)" } else { s };
+    println!("krate {}", build.version);
+    println!("  commit:     {}", or_unknown(build.commit));
+    println!("  tree:       {}", or_unknown(build.tree_state));
+    println!("  built:      {}", build.build_date);
+    println!(
+        "  serves:     Kubernetes {} API (/version gitVersion {})",
+        krate_apiserver::KUBERNETES_VERSION,
+        info["gitVersion"].as_str().unwrap_or_default()
+    );
+    println!("  platform:   {}", info["platform"].as_str().unwrap_or_default());
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
+    krate_apiserver::set_build_info(krate_apiserver::BuildInfo {
+        version: krate_version::VERSION,
+        commit: krate_version::COMMIT,
+        tree_state: krate_version::TREE_STATE,
+        build_date: krate_version::BUILD_DATE,
+    });
     let cli = Cli::parse();
     init_logging(&cli.log_format);
     let result =
@@ -211,16 +222,11 @@ fn main() -> std::process::ExitCode {
                 .map(|names| println!("wrote {} to {}", names.join(" and "), dir.display())),
             Command::TestImages { registry, archive_dir: None } => krate_agent::testimages::push_all(&registry)
                 .map(|()| println!("pushed {registry}/busybox:1 and {registry}/test-server:1 (also :latest)")),
-            Command::Kubeconfig { data_dir, user, groups, node } => print_kubeconfig(&data_dir, user, groups, node),
-            Command::Dev(command) => block_on(dev::run(command)),
-            Command::Version => {
-                println!(
-                    "krate {} (Kubernetes API {})",
-                    env!("CARGO_PKG_VERSION"),
-                    krate_apiserver::version_info()["gitVersion"].as_str().unwrap_or_default()
-                );
-                Ok(())
+            Command::Kubeconfig { data_dir, user, groups, node, merge } => {
+                kubeconfig::run(&data_dir, user, groups, node, merge)
             }
+            Command::Dev(command) => block_on(dev::run(command)),
+            Command::Version { output } => print_version(output.as_deref()),
         };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,130 @@
+//! Operating a cluster: what a build says it is (`krate version`, `/version`) and adding
+//! a cluster to one's own kubeconfig without clobbering others (`krate kubeconfig
+//! --merge`).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{kubectl_at_ok, TestServer};
+use serde_json::Value;
+
+fn git(args: &[&str]) -> Option<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new("git").arg("-C").arg(root).args(args).env("TZ", "UTC").output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn krate(args: &[&str], kubeconfig: Option<&Path>) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_krate"));
+    command.args(args);
+    if let Some(path) = kubeconfig {
+        command.env("KUBECONFIG", path);
+    }
+    let out = command.output().expect("run krate");
+    assert!(out.status.success(), "krate {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `SOURCE_VERSION` of the krate-version crate, read from its source (depending on the
+/// crate would rebuild every test on every change).
+fn source_version() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../krate-version/src/lib.rs");
+    let source = std::fs::read_to_string(path).unwrap();
+    let line = source.lines().find_map(|l| l.strip_prefix("pub const SOURCE_VERSION: &str = \"")).unwrap();
+    line.trim_end_matches("\";").to_string()
+}
+
+#[test]
+fn the_version_names_the_commit_it_was_built_from_and_the_server_reports_it() {
+    let info: Value = serde_json::from_str(&krate(&["version", "-o", "json"], None)).unwrap();
+    let Some(head) = git(&["rev-parse", "HEAD"]) else {
+        // Built outside git: the source's version, no commit.
+        assert_eq!(info["gitCommit"], "");
+        return;
+    };
+    assert_eq!(info["gitCommit"], head.as_str());
+    assert!(matches!(info["gitTreeState"].as_str(), Some("clean" | "dirty")), "{info}");
+    let described = git(&["describe", "--tags", "--match", "v*", "--abbrev=14", "HEAD"])
+        .unwrap_or_else(|| format!("{}-g{}", source_version(), &head[..14]));
+    let git_version = info["gitVersion"].as_str().unwrap();
+    assert!(git_version.starts_with(&format!("v1.37.0+krate-{described}")), "{git_version} for {described}");
+    assert_eq!(git_version.ends_with("-dirty"), info["gitTreeState"] == "dirty", "{info}");
+    if std::env::var_os("SOURCE_DATE_EPOCH").is_none() {
+        let committed = git(&["log", "-1", "--format=%cd", "--date=format-local:%Y-%m-%dT%H:%M:%SZ", "HEAD"]);
+        if let Some(date) = committed {
+            assert_eq!(info["buildDate"], date.as_str(), "the build date is the commit's, not the clock's");
+        }
+    }
+    let text = krate(&["version"], None);
+    assert!(text.starts_with(&format!("krate {described}")), "{text}");
+    assert!(text.contains(&format!("commit:     {head}")), "{text}");
+
+    // The server reports the same build.
+    let server = TestServer::start();
+    let reported: Value = serde_json::from_str(&server.kubectl_ok(&["version", "-o", "json"])).unwrap();
+    assert_eq!(reported["serverVersion"]["gitVersion"], info["gitVersion"]);
+    assert_eq!(reported["serverVersion"]["gitCommit"], head.as_str());
+    assert_eq!(reported["serverVersion"]["minor"], "37");
+}
+
+/// A data directory holding only an admin kubeconfig for `server`.
+fn data_dir_for(server: &str, ca: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: krate\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: krate-admin\n  user:\n    token: t-{ca}\ncontexts:\n- name: krate\n  context:\n    cluster: krate\n    user: krate-admin\ncurrent-context: krate\n"
+    );
+    std::fs::write(dir.path().join("admin.kubeconfig"), config).unwrap();
+    dir
+}
+
+#[test]
+fn merging_a_kubeconfig_adds_a_context_and_keeps_other_clusters() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = tempfile::tempdir().unwrap();
+    let target = home.path().join("kube/config");
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    let theirs = "apiVersion: v1\nkind: Config\nclusters:\n- name: krate-127.0.0.1\n  cluster:\n    server: https://127.0.0.1:7443\nusers:\n- name: prod\n  user:\n    token: secret\ncontexts:\n- name: prod\n  context:\n    cluster: krate-127.0.0.1\n    user: prod\ncurrent-context: prod\n";
+    std::fs::write(&target, theirs).unwrap();
+
+    let ours = data_dir_for("https://127.0.0.1:6443", "Q0E=");
+    let data_dir = ours.path().to_str().unwrap();
+    let said = krate(&["kubeconfig", "--merge", "--data-dir", data_dir], Some(&target));
+    assert!(said.contains("added context \"krate-127.0.0.1-2\""), "{said}");
+    assert!(said.contains("kubectl config use-context krate-127.0.0.1-2"), "{said}");
+    let contexts = kubectl_at_ok(&target, &["config", "get-contexts", "-o", "name"]);
+    assert_eq!(contexts.lines().collect::<Vec<_>>(), ["krate-127.0.0.1-2", "prod"]);
+    assert_eq!(kubectl_at_ok(&target, &["config", "current-context"]).trim(), "prod");
+    let view = kubectl_at_ok(&target, &["config", "view", "--raw", "-o", "json"]);
+    let view: Value = serde_json::from_str(&view).unwrap();
+    let server_of = |name: &str| {
+        view["clusters"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap()["cluster"]["server"].clone()
+    };
+    assert_eq!(server_of("krate-127.0.0.1"), "https://127.0.0.1:7443", "the other cluster is untouched");
+    assert_eq!(server_of("krate-127.0.0.1-2"), "https://127.0.0.1:6443");
+    assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // Again: the same cluster's entries are refreshed, nothing is added.
+    let said = krate(&["kubeconfig", "--merge", "--data-dir", data_dir], Some(&target));
+    assert!(said.contains("refreshed context \"krate-127.0.0.1-2\""), "{said}");
+    let again = kubectl_at_ok(&target, &["config", "get-contexts", "-o", "name"]);
+    assert_eq!(again, contexts);
+}
+
+#[test]
+fn merging_into_a_broken_kubeconfig_changes_nothing_and_says_what_to_do() {
+    let home = tempfile::tempdir().unwrap();
+    let target = home.path().join("config");
+    std::fs::write(&target, "clusters: [unclosed\n").unwrap();
+    let ours = data_dir_for("https://127.0.0.1:6443", "Q0E=");
+    let out = Command::new(env!("CARGO_BIN_EXE_krate"))
+        .args(["kubeconfig", "--merge", "--data-dir", ours.path().to_str().unwrap()])
+        .env("KUBECONFIG", &target)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a kubeconfig; fix or move it"), "{err}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "clusters: [unclosed\n");
+}
