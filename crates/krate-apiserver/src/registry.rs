@@ -499,6 +499,20 @@ impl Storage {
             .filter(|g| !g.is_empty());
 
         kind.strategy.default(&mut obj);
+        // Upstream's create handler tracks managed fields on the decoded, defaulted
+        // object, before admission and the strategy's PrepareForCreate: what those add
+        // (a namespace's finalizer, a pod's service account, a job's selector) has no
+        // manager. A kind's status is a reset field, owned by no one on create.
+        let status = if kind.status { object::remove(&mut obj, &["status"]) } else { None };
+        managed::track_update(
+            kind.schema.as_deref(),
+            None,
+            &mut obj,
+            &manager(kind, opts, &kind.api_version(), Subresource::Main),
+        );
+        if let Some(status) = status {
+            object::set(&mut obj, &["status"], status);
+        }
         kind.strategy.prepare_for_create(&mut obj);
         let admission = Attributes {
             kind,
@@ -516,13 +530,6 @@ impl Storage {
                 }
             }
         }
-        let api_version = kind.api_version();
-        managed::track_update(
-            kind.schema.as_deref(),
-            None,
-            &mut obj,
-            &manager(kind, opts, &api_version, Subresource::Main),
-        );
         for attempt in 0..GENERATE_NAME_RETRIES {
             if let Some(prefix) = &generate {
                 object::set(&mut obj, &["metadata", "name"], json!(generate_name(prefix)));
@@ -1388,7 +1395,11 @@ fn plan_delete(kind: &KindInfo, current: &Value, opts: &DeleteOptions) -> Mutati
     }
     if !already_deleting {
         object::set(&mut obj, &["metadata", "deletionTimestamp"], json!(object::now_rfc3339()));
-        object::set(&mut obj, &["metadata", "deletionGracePeriodSeconds"], json!(0));
+        // Upstream's markAsDeleting sets a zero grace period; a namespace's own
+        // deletion (blocked on its spec.finalizers) sets only the timestamp.
+        if !blocked {
+            object::set(&mut obj, &["metadata", "deletionGracePeriodSeconds"], json!(0));
+        }
         bump_generation(&mut obj);
     }
     if !finalizers.is_empty() {

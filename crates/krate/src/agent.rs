@@ -159,6 +159,8 @@ pub struct AgentArgs {
     pub dir: PathBuf,
     #[command(flatten)]
     pub options: AgentOptions,
+    #[command(flatten)]
+    pub config: crate::config::ConfigArgs,
 }
 
 fn host_name() -> String {

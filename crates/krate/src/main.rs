@@ -1,10 +1,11 @@
 //! `krate`: a Kubernetes-compatible container orchestrator in one binary.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod accounts;
 mod agent;
 mod components;
+mod config;
 mod dev;
 mod hollow;
 mod join;
@@ -202,7 +203,36 @@ fn main() -> std::process::ExitCode {
         tree_state: krate_version::TREE_STATE,
         build_date: krate_version::BUILD_DATE,
     });
-    let cli = Cli::parse();
+    let mut command = Cli::command();
+    let (args, origins) = match config::expand(std::env::args_os().collect(), &command) {
+        Ok(expanded) => expanded,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let parsed = command.try_get_matches_from_mut(args).and_then(|m| Cli::from_arg_matches(&m).map(|cli| (m, cli)));
+    let (matches, cli) = match parsed {
+        Ok(parsed) => parsed,
+        Err(err) => {
+            let _ = err.print();
+            let files: std::collections::BTreeSet<_> = origins.values().map(|f| f.display().to_string()).collect();
+            if err.use_stderr() && !files.is_empty() {
+                eprintln!("note: flags were also read from {}", files.into_iter().collect::<Vec<_>>().join(", "));
+            }
+            return std::process::ExitCode::from(err.exit_code() as u8);
+        }
+    };
+    let print_config = match &cli.command {
+        Command::Server(args) => args.config.print_config,
+        Command::Agent(args) => args.config.print_config,
+        _ => false,
+    };
+    if let (true, Some((name, sub_matches))) = (print_config, matches.subcommand()) {
+        let sub = command.find_subcommand(name).expect("the parsed subcommand");
+        print!("{}", config::print(sub, sub_matches, &origins));
+        return std::process::ExitCode::SUCCESS;
+    }
     init_logging(&cli.log_format);
     let result =
         match cli.command {

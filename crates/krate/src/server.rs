@@ -123,6 +123,8 @@ pub struct ServerArgs {
     pub disable_agent: bool,
     #[command(flatten)]
     pub agent: crate::agent::AgentOptions,
+    #[command(flatten)]
+    pub config: crate::config::ConfigArgs,
 }
 
 /// The parsed `--authorization-mode`.

@@ -66,6 +66,7 @@ fn placeholders(text: &str) -> String {
         ("\"uid\":\"", "<uid>"),
         ("\"resourceVersion\":\"", "<rv>"),
         ("\"creationTimestamp\":\"", "<time>"),
+        ("\"deletionTimestamp\":\"", "<time>"),
         ("\"time\":\"", "<time>"),
         ("\"clusterIP\":\"", "<ip>"),
         ("\"clusterIPs\":[\"", "<ip>"),
@@ -123,4 +124,9 @@ async fn configmaps_answer_as_upstream_does() {
 #[tokio::test]
 async fn services_answer_as_upstream_does() {
     run_corpus("services.txt").await;
+}
+
+#[tokio::test]
+async fn namespaces_answer_as_upstream_does() {
+    run_corpus("namespaces.txt").await;
 }

@@ -128,3 +128,55 @@ fn merging_into_a_broken_kubeconfig_changes_nothing_and_says_what_to_do() {
     assert!(err.contains("is not a kubeconfig; fix or move it"), "{err}");
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "clusters: [unclosed\n");
 }
+
+fn krate_output(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_krate")).args(args).env_remove("KRATE_CONFIG_FILE").output().expect("run krate")
+}
+
+#[test]
+fn a_configuration_file_sets_flags_and_the_command_line_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.yaml");
+    std::fs::write(&file, "service-cidr: 10.99.0.0/16\ntls-san: [a.example, b.example]\nwatch-cache-size: 123\n")
+        .unwrap();
+    std::fs::create_dir(dir.path().join("config.yaml.d")).unwrap();
+    std::fs::write(dir.path().join("config.yaml.d/10-cache.yaml"), "watch-cache-size: 456\n").unwrap();
+    let file_arg = file.to_str().unwrap();
+
+    let out = krate_output(&["server", "--config", file_arg, "--print-config", "--port", "7777"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        format!("service-cidr: 10.99.0.0/16  # {file_arg}"),
+        format!("tls-san: [a.example, b.example]  # {file_arg}"),
+        format!("watch-cache-size: 456  # {}/config.yaml.d/10-cache.yaml", dir.path().display()),
+        "port: 7777  # command line".to_string(),
+        "bind-address: 127.0.0.1  # default".to_string(),
+    ] {
+        assert!(printed.lines().any(|l| l == line), "{line:?} in:\n{printed}");
+    }
+
+    // A server started with it uses it: the kubernetes Service's address comes from
+    // the file's service range.
+    let server = TestServer::start_with(&["--config", file_arg]);
+    let ip = server.kubectl_ok(&["get", "service", "kubernetes", "-o", "jsonpath={.spec.clusterIP}"]);
+    assert_eq!(ip, "10.99.0.1");
+}
+
+#[test]
+fn an_unknown_key_or_a_bad_value_in_a_configuration_file_is_refused_with_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.yaml");
+    std::fs::write(&file, "prot: 7443\n").unwrap();
+    let out = krate_output(&["server", "--config", file.to_str().unwrap(), "--print-config"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}: unknown key \"prot\" (did you mean \"port\"?)", file.display())), "{err}");
+
+    std::fs::write(&file, "port: many\n").unwrap();
+    let out = krate_output(&["server", "--config", file.to_str().unwrap(), "--print-config"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid value 'many' for '--port <PORT>'"), "{err}");
+    assert!(err.contains(&format!("note: flags were also read from {}", file.display())), "{err}");
+}

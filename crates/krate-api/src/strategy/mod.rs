@@ -200,10 +200,30 @@ impl Strategy for SecretStrategy {
 pub struct NamespaceStrategy;
 impl Strategy for NamespaceStrategy {
     fn default(&self, obj: &mut Value) {
-        default(obj, &["spec", "finalizers"], json!(["kubernetes"]));
         // Upstream labels every namespace with its own name.
         let name = crate::object::name(obj).to_string();
         crate::object::set(obj, &["metadata", "labels", "kubernetes.io/metadata.name"], json!(name));
+    }
+    /// The `kubernetes` finalizer is added on create only, not as a default, since the
+    /// namespace controller removes it over the namespace's life (as upstream).
+    fn prepare_for_create(&self, obj: &mut Value) {
+        let finalizers = crate::object::object_at(obj, &["spec"])
+            .map(|spec| spec.entry("finalizers").or_insert(json!([])))
+            .and_then(Value::as_array_mut);
+        if let Some(finalizers) = finalizers {
+            if !finalizers.iter().any(|f| f == "kubernetes") {
+                finalizers.push(json!("kubernetes"));
+            }
+        }
+    }
+    /// Finalizers change only through `namespaces/finalize` (upstream's PrepareForUpdate).
+    fn prepare_for_update(&self, new: &mut Value, old: &Value) {
+        match get(old, &["spec", "finalizers"]) {
+            Some(finalizers) => crate::object::set(new, &["spec", "finalizers"], finalizers.clone()),
+            None => {
+                crate::object::remove(new, &["spec", "finalizers"]);
+            }
+        }
     }
     fn initial_status(&self, _obj: &Value) -> Option<Value> {
         Some(json!({"phase": "Active"}))
