@@ -90,6 +90,7 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let conn = open_connection(&path)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
+        check_format(&conn, &path)?;
         let max_rev: Revision =
             conn.query_row("SELECT COALESCE(MAX(rev), 0) FROM kv_log", [], |r| r.get(0)).map_err(backend)?;
         let compacted = read_meta(&conn, "compacted")?;
@@ -144,6 +145,106 @@ fn read_meta(conn: &Connection, name: &str) -> Result<i64> {
         .optional()
         .map_err(backend)?
         .unwrap_or(0))
+}
+
+/// The layout version of a database file, kept in `kv_meta` as `format`: a newer krate
+/// migrates an older file forward when it opens it; an older krate refuses a newer file
+/// rather than misread it (no silent downgrade).
+pub const FORMAT: i64 = 1;
+
+/// Refuses a file of a newer format; records this format in an older one (format 0, the
+/// files written before formats were recorded, has format 1's layout).
+fn check_format(conn: &Connection, path: &Path) -> Result<()> {
+    let format = read_meta(conn, "format")?;
+    if format > FORMAT {
+        return Err(backend(format!(
+            "{} was written by a newer krate (store format {format}; this krate reads formats up to {FORMAT}): \
+             run that krate version or newer, or restore a backup taken before the upgrade (krate restore)",
+            path.display()
+        )));
+    }
+    if format < FORMAT {
+        conn.execute(
+            "INSERT INTO kv_meta(name, value) VALUES ('format', ?1) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            [FORMAT],
+        )
+        .map_err(backend)?;
+    }
+    Ok(())
+}
+
+/// What a database file holds, for backups' manifests and reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The newest revision (the resourceVersion of a list taken there).
+    pub revision: Revision,
+    /// Live keys (objects).
+    pub keys: i64,
+    pub format: i64,
+}
+
+fn describe(conn: &Connection) -> Result<Snapshot> {
+    let max_rev: Revision =
+        conn.query_row("SELECT COALESCE(MAX(rev), 0) FROM kv_log", [], |r| r.get(0)).map_err(backend)?;
+    let revision = max_rev.max(read_meta(conn, "revision")?).max(read_meta(conn, "compacted")?);
+    let keys = conn.query_row("SELECT COUNT(*) FROM kv_current", [], |r| r.get(0)).map_err(backend)?;
+    Ok(Snapshot { revision, keys, format: read_meta(conn, "format")? })
+}
+
+/// Copies the database at `db` to a new file `dest` with SQLite's online backup API, in
+/// one step: a consistent copy at one revision, taken while a server goes on writing
+/// (WAL readers do not block the writer).
+pub fn backup(db: &Path, dest: &Path) -> Result<Snapshot> {
+    use rusqlite::OpenFlags;
+    let src = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| backend(format!("opening {}: {e}", db.display())))?;
+    src.busy_timeout(Duration::from_secs(30)).map_err(backend)?;
+    let mut dst = Connection::open(dest).map_err(|e| backend(format!("creating {}: {e}", dest.display())))?;
+    {
+        let copy = rusqlite::backup::Backup::new(&src, &mut dst).map_err(backend)?;
+        // All pages in one step (-1): one read transaction, so one revision; a step
+        // that finds the source locked is tried again.
+        loop {
+            match copy.step(-1).map_err(backend)? {
+                rusqlite::backup::StepResult::Done => break,
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+    // The copy is an ordinary (rollback-journal) file: one file to archive.
+    dst.pragma_update(None, "journal_mode", "DELETE").map_err(backend)?;
+    describe(&dst)
+}
+
+/// Prepares `db`, a copy of a backup, to serve a restored cluster: checks it is an intact
+/// krate database of a format this krate reads, then moves its revision on by `bump` and
+/// marks everything before that compacted, as `etcdutl snapshot restore --bump-revision
+/// --mark-compacted` does. resourceVersions handed out afterwards are above any the old
+/// cluster gave since the backup, and a client watching from an old one gets 410 Gone
+/// and lists again instead of missing changes.
+pub fn prepare_restored(db: &Path, bump: Revision) -> Result<Snapshot> {
+    use rusqlite::OpenFlags;
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_WRITE)
+        .map_err(|e| backend(format!("opening {}: {e}", db.display())))?;
+    let damaged = |e: rusqlite::Error| backend(format!("{} is not an intact krate database: {e}", db.display()));
+    let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(damaged)?;
+    if check != "ok" {
+        return Err(backend(format!("{} is damaged: {check}", db.display())));
+    }
+    for table in ["kv_log", "kv_current", "kv_meta"] {
+        conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get::<_, i64>(0)).map_err(damaged)?;
+    }
+    check_format(&conn, db)?;
+    let before = describe(&conn)?;
+    let revision = before.revision + bump;
+    for name in ["revision", "compacted"] {
+        conn.execute(
+            "INSERT INTO kv_meta(name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            params![name, revision],
+        )
+        .map_err(backend)?;
+    }
+    Ok(Snapshot { revision, ..before })
 }
 
 fn writer_loop(

@@ -4,6 +4,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod accounts;
 mod agent;
+mod backup;
 mod components;
 mod config;
 mod dev;
@@ -125,6 +126,13 @@ enum Command {
         #[arg(long)]
         merge: bool,
     },
+    /// Write the cluster's state to FILE while the server runs: every object (a
+    /// consistent copy of the store), and the certificates and keys unless --no-keys.
+    Backup(backup::BackupArgs),
+    /// Make a new data directory from a backup (never overwriting one); a server
+    /// started on it has every object of the backup, and resourceVersions that go on
+    /// past any the old cluster handed out.
+    Restore(backup::RestoreArgs),
     /// Tools for trying krate and for its tests: `krate dev cluster up --nodes 3` runs a
     /// multi-node cluster on this machine, each node in its own network namespace.
     #[command(subcommand)]
@@ -256,6 +264,8 @@ fn main() -> std::process::ExitCode {
                 kubeconfig::run(&data_dir, user, groups, node, merge)
             }
             Command::Dev(command) => block_on(dev::run(command)),
+            Command::Backup(args) => backup::backup(args),
+            Command::Restore(args) => backup::restore(args),
             Command::Version { output } => print_version(output.as_deref()),
         };
     match result {

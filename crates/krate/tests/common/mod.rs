@@ -87,21 +87,41 @@ impl TestServer {
         (prepared, server)
     }
 
+    /// Like `start_with`, after `prepare` had the (not yet created) data directory.
+    pub fn start_prepared(extra_args: &[&str], prepare: impl FnOnce(&Path)) -> Self {
+        let mut server = Self::unstarted(extra_args, false);
+        prepare(&server.data_dir());
+        server.spawn();
+        server
+    }
+
+    /// Starts the server and waits until it answers. The port came from `free_port`,
+    /// which cannot hold it: when something else took it meanwhile (another test's
+    /// client connection, say), the server starts again on another.
     fn spawn(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("server.log")).expect("log file");
-        let out = std::fs::File::create(self.dir.path().join("server.out")).expect("output file");
-        let child = Command::new(env!("CARGO_BIN_EXE_krate"))
-            .args(["server", "--data-dir"])
-            .arg(self.data_dir())
-            .args(["--port", &self.port.to_string()])
-            .args(&self.extra_args)
-            .args(if self.agent { &[][..] } else { &["--disable-agent"][..] })
-            .stdout(out)
-            .stderr(log)
-            .spawn()
-            .expect("start krate server");
-        self.child = Some(child);
-        self.wait_ready();
+        for attempt in 1.. {
+            let log = std::fs::File::create(self.dir.path().join("server.log")).expect("log file");
+            let out = std::fs::File::create(self.dir.path().join("server.out")).expect("output file");
+            let child = Command::new(env!("CARGO_BIN_EXE_krate"))
+                .args(["server", "--data-dir"])
+                .arg(self.data_dir())
+                .args(["--port", &self.port.to_string()])
+                .args(&self.extra_args)
+                .args(if self.agent { &[][..] } else { &["--disable-agent"][..] })
+                .stdout(out)
+                .stderr(log)
+                .spawn()
+                .expect("start krate server");
+            self.child = Some(child);
+            match self.wait_ready() {
+                Ok(()) => return,
+                Err(status) if attempt < 3 && self.log().contains("cannot listen on") => {
+                    eprintln!("port {} was taken ({status}); starting again on another", self.port);
+                    self.port = free_port();
+                }
+                Err(status) => panic!("krate server exited early ({status}):\n{}", self.log()),
+            }
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -141,14 +161,16 @@ impl TestServer {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until the server answers; the exit status if it stopped instead.
+    fn wait_ready(&mut self) -> Result<(), std::process::ExitStatus> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("krate server exited early ({status}):\n{}", self.log());
+                self.child = None;
+                return Err(status);
             }
             if self.kubeconfig().exists() && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+                return Ok(());
             }
             assert!(Instant::now() < deadline, "krate server did not become ready:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
