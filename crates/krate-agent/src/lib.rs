@@ -16,6 +16,7 @@ pub mod containerd;
 pub mod cri;
 pub mod imagegc;
 pub mod images;
+pub mod logrotate;
 pub mod logs;
 pub mod node;
 pub mod oci;
@@ -65,6 +66,8 @@ pub struct AgentConfig {
     /// How long a pressure condition outlasts the signal's last crossing.
     pub eviction_pressure_transition_period: std::time::Duration,
     pub image_gc: imagegc::ImageGcPolicy,
+    /// When container logs rotate and how many files each keeps.
+    pub log_rotation: logrotate::LogRotation,
     /// How long the node's shutdown may take (`krate shutdown-node`).
     pub shutdown_grace: shutdown::ShutdownGrace,
     /// Pods' DNS: the cluster DNS address (answered on this node), the cluster domain
@@ -184,6 +187,7 @@ pub async fn run(clients: Clients, config: AgentConfig) -> Result<()> {
         },
         pressure: pressure::Pressure::new(config.eviction_hard.clone(), config.eviction_pressure_transition_period),
         image_gc: imagegc::ImageGc::new(config.image_gc),
+        log_rotation: config.log_rotation,
         cri: cri.clone(),
         conditions,
         events: krate_client::events::Recorder::new(client.clone(), "kubelet"),
@@ -294,48 +298,95 @@ const STATE_FILE: &str = "agent.json";
 /// Removes everything the agent that used `dir` created on this machine: its pods'
 /// sandboxes and containers, its containerd and what it mounted, its bridge and nftables
 /// table, the routes to other nodes' pods and the VXLAN device, and then `dir` itself. The agent must be stopped.
-pub async fn reset(dir: &std::path::Path) -> Result<()> {
+/// It goes on past what fails and reports it, so that one stuck item leaves no others.
+pub async fn reset(dir: &std::path::Path) -> ResetReport {
+    let mut report = ResetReport::default();
     let state: serde_json::Value = match std::fs::read(dir.join(STATE_FILE)) {
-        Ok(bytes) => {
-            serde_json::from_slice(&bytes).with_context(|| format!("reading {}", dir.join(STATE_FILE).display()))?
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
-        Err(e) => return Err(e.into()),
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            report.left.push(format!(
+                "{}: not readable ({e}); its bridge and network, if any, were not identified",
+                dir.join(STATE_FILE).display()
+            ));
+            serde_json::Value::Null
+        }),
+        Err(_) => serde_json::Value::Null,
     };
     let endpoint = state["runtimeEndpoint"].as_str().map(PathBuf::from);
     let containerd_dir = dir.join("containerd");
     let socket = endpoint.clone().unwrap_or_else(|| containerd_dir.join("containerd.sock"));
-    if let Ok((mut cri, _)) = cri::Cri::connect(&socket).await {
-        let sandboxes = cri.sandboxes_labelled(&[(pods::spec::MANAGED_BY, pods::spec::MANAGED_BY_AGENT)]).await?;
-        // All at once: each stop waits for its containers.
-        let removals = sandboxes.into_iter().map(|s| {
-            let mut cri = cri.clone();
-            async move { cri.remove_sandbox(&s.id).await.with_context(|| format!("removing pod sandbox {}", s.id)) }
-        });
-        for result in futures::future::join_all(removals).await {
-            result?;
+    if let Ok((cri, _)) = cri::Cri::connect(&socket).await {
+        match cri.clone().sandboxes_labelled(&[(pods::spec::MANAGED_BY, pods::spec::MANAGED_BY_AGENT)]).await {
+            Ok(sandboxes) => {
+                // All at once: each stop waits for its containers.
+                let removals = sandboxes.into_iter().map(|s| {
+                    let mut cri = cri.clone();
+                    async move {
+                        let meta = s.metadata.clone().unwrap_or_default();
+                        let what = format!("pod sandbox {} ({}/{})", s.id, meta.namespace, meta.name);
+                        cri.remove_sandbox(&s.id).await.map(|()| what.clone()).map_err(|e| format!("{what}: {e:#}"))
+                    }
+                });
+                for result in futures::future::join_all(removals).await {
+                    report.record(result);
+                }
+            }
+            Err(e) => report.left.push(format!("the pods' containers: listing them failed: {e:#}")),
         }
     }
-    if endpoint.is_none() {
+    if endpoint.is_none() && containerd::running_pid(&containerd_dir).is_some() {
         containerd::stop(&containerd_dir).await;
+        report.record(match containerd::running_pid(&containerd_dir) {
+            None => Ok(format!("krate's containerd ({})", containerd_dir.display())),
+            Some(pid) => Err(format!("krate's containerd (pid {pid}) did not stop")),
+        });
     }
     if let (Some(bridge), Some(cidr)) = (state["bridge"].as_str(), state["podCIDR"].as_str()) {
-        krate_net::PodNetwork { bridge: bridge.to_string(), pod_cidr: cidr.parse()?, mtu: None }.remove().await?;
-        krate_net::routes::remove_all().await?;
-    }
-    unmount_under(dir)?;
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", dir.display()))
+        match cidr.parse() {
+            Ok(pod_cidr) => {
+                let network = krate_net::PodNetwork { bridge: bridge.to_string(), pod_cidr, mtu: None };
+                let what = format!("pod bridge {bridge} and its nftables tables");
+                report.record(network.remove().await.map(|()| what.clone()).map_err(|e| format!("{what}: {e:#}")));
+            }
+            Err(e) => report.left.push(format!("pod bridge {bridge}: its CIDR {cidr:?} is not readable ({e})")),
         }
-        _ => Ok(()),
+        let what = "routes to other nodes' pods and the VXLAN device".to_string();
+        report
+            .record(krate_net::routes::remove_all().await.map(|()| what.clone()).map_err(|e| format!("{what}: {e:#}")));
+    }
+    match unmount_under(dir) {
+        Ok(0) => {}
+        Ok(n) => report.removed.push(format!("{n} mounts under {}", dir.display())),
+        Err(e) => report.left.push(format!("mounts under {}: {e:#}", dir.display())),
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => report.removed.push(dir.display().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => report.left.push(format!("{}: {e}", dir.display())),
+    }
+    report
+}
+
+/// What `reset` removed and what it could not (each with why), so that nothing is left
+/// behind silently.
+#[derive(Debug, Default)]
+pub struct ResetReport {
+    pub removed: Vec<String>,
+    pub left: Vec<String>,
+}
+
+impl ResetReport {
+    fn record(&mut self, result: std::result::Result<String, String>) {
+        match result {
+            Ok(what) => self.removed.push(what),
+            Err(why) => self.left.push(why),
+        }
     }
 }
 
 /// Unmounts every mount point below `dir`, deepest first, so removing `dir` cannot reach
 /// into a mounted filesystem.
-fn unmount_under(dir: &std::path::Path) -> Result<()> {
-    let Ok(dir) = std::fs::canonicalize(dir) else { return Ok(()) };
+fn unmount_under(dir: &std::path::Path) -> Result<usize> {
+    let Ok(dir) = std::fs::canonicalize(dir) else { return Ok(0) };
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     let mut points: Vec<PathBuf> = info
         .lines()
@@ -344,11 +395,12 @@ fn unmount_under(dir: &std::path::Path) -> Result<()> {
         .filter(|p| p.starts_with(&dir))
         .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    let count = points.len();
     for p in points {
         let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())?;
         if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
             anyhow::bail!("unmounting {}: {}", p.display(), std::io::Error::last_os_error());
         }
     }
-    Ok(())
+    Ok(count)
 }

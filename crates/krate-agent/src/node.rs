@@ -184,12 +184,13 @@ async fn wait_for_pod_cidr(nodes: &Api<Node>, name: &str) -> Result<String> {
     }
 }
 
-/// What the agent watches on its node besides the Lease: pressure, and the images it may
-/// collect.
+/// What the agent watches on its node besides the Lease: pressure, the images it may
+/// collect and the container logs it rotates.
 pub struct Housekeeping {
     pub filesystems: Filesystems,
     pub pressure: Pressure,
     pub image_gc: ImageGc,
+    pub log_rotation: crate::logrotate::LogRotation,
     pub cri: Cri,
     /// The pressure conditions now true, for the pod workers' admission.
     pub conditions: watch::Sender<Vec<Condition>>,
@@ -215,6 +216,9 @@ impl Housekeeping {
             Ok(Some(message)) => self.events.warning(node, "FreeDiskSpaceFailed", &message).await,
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "image garbage collection failed"),
+        }
+        if let Err(e) = self.log_rotation.rotate(&mut self.cri).await {
+            tracing::warn!(error = %format!("{e:#}"), "rotating container logs failed");
         }
         on
     }

@@ -24,6 +24,8 @@
 //! - NodeRestriction: a node agent (`system:node:<name>`) may create only mirror pods
 //!   bound to itself, delete, evict and write the status of only its own pods, and
 //!   create or change only its own Node and node Lease.
+//! - VersionSkew: a node agent more than three minor versions older than its server,
+//!   or newer, may not write its Node (krate's skew policy, as upstream's for kubelets).
 
 use k8s_openapi::api::{core::v1 as core, scheduling::v1 as scheduling};
 use krate_api::object::{self, get, get_str};
@@ -96,6 +98,7 @@ impl Default for Chain {
             Arc::new(NamespaceLifecycle),
             Arc::new(crate::limitranger::LimitRanger),
             Arc::new(NodeRestriction),
+            Arc::new(VersionSkew),
             Arc::new(crate::podsecurity::PodSecurity),
             Arc::new(Priority),
             Arc::new(DefaultStorageClass),
@@ -272,6 +275,62 @@ impl Plugin for NodeRestriction {
         }
         Ok(())
     }
+}
+
+/// krate's version skew policy for node agents (as upstream's for kubelets): an agent may
+/// be up to three minor versions older than its server, never newer. A node agent's
+/// writes of its Node carry its version (`status.nodeInfo.kubeletVersion`, krate's in the
+/// build metadata, `v1.37.0+krate-v0.3-…`); one outside the policy is refused with what
+/// to do, so the operator upgrades in the supported order: servers, then agents.
+pub struct VersionSkew;
+
+/// How many minor versions an agent may trail its server.
+const AGENT_MINORS_BEHIND: u64 = 3;
+
+#[async_trait::async_trait]
+impl Plugin for VersionSkew {
+    fn name(&self) -> &'static str {
+        "VersionSkew"
+    }
+
+    async fn validate(&self, _: &Storage, attrs: &Attributes<'_>, obj: &Value) -> ApiResult<()> {
+        let by_node = attrs.request.is_some_and(|r| crate::rbac::node::node_name(&r.user).is_some());
+        if !by_node || !attrs.kind.is::<core::Node>() || attrs.operation == Operation::Delete {
+            return Ok(());
+        }
+        let Some(agent) = get_str(obj, &["status", "nodeInfo", "kubeletVersion"]) else { return Ok(()) };
+        match skew_refusal(agent, crate::build_info().version) {
+            Some(why) => Err(forbidden(attrs.kind, obj, why)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `(major, minor)` of a krate version (`v0.3`, `v0.3-dev`, `v0.3-13-g…-dirty`).
+fn krate_minor(version: &str) -> Option<(u64, u64)> {
+    let rest = version.strip_prefix('v')?;
+    let (major, rest) = rest.split_once('.')?;
+    let minor: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// Why an agent reporting `agent` (a kubeletVersion) may not work with a server of krate
+/// version `server`; `None` when it may (or either version is not krate's).
+fn skew_refusal(agent: &str, server: &str) -> Option<String> {
+    let agent_krate = agent.split_once("+krate-")?.1;
+    let (a, s) = (krate_minor(agent_krate)?, krate_minor(server)?);
+    let (a_text, s_text) = (format!("v{}.{}", a.0, a.1), format!("v{}.{}", s.0, s.1));
+    if a > s {
+        return Some(format!(
+            "node agent krate {a_text} is newer than this API server's krate {s_text}: upgrade the servers first, then the agents"
+        ));
+    }
+    if a.0 < s.0 || s.1 - a.1 > AGENT_MINORS_BEHIND {
+        return Some(format!(
+            "node agent krate {a_text} is more than {AGENT_MINORS_BEHIND} minor versions older than this API server's krate {s_text}: upgrade the agent"
+        ));
+    }
+    None
 }
 
 /// Pod priority from PriorityClasses, and the rules for PriorityClasses themselves.
@@ -682,5 +741,21 @@ mod tests {
         );
         let (code, updated) = api.call("bob", Method::PUT, path, config_map("c")).await;
         assert_eq!((code, updated["metadata"]["labels"]["admitted-for"].as_str()), (200, Some("bob")), "{updated}");
+    }
+
+    #[test]
+    fn agents_may_trail_their_server_by_three_minors_and_never_lead() {
+        use super::skew_refusal;
+        let server = "v0.5-3-g0123456789abcd-dirty";
+        for ok in
+            ["v1.37.0+krate-v0.5", "v1.37.0+krate-v0.5-dev-gabc", "v1.37.0+krate-v0.2-7-gabc", "v1.37.0", "kubelet"]
+        {
+            assert_eq!(skew_refusal(ok, server), None, "{ok}");
+        }
+        let newer = skew_refusal("v1.37.0+krate-v0.6", server).unwrap();
+        assert!(newer.starts_with("node agent krate v0.6 is newer than this API server's krate v0.5"), "{newer}");
+        let older = skew_refusal("v1.37.0+krate-v0.1-dev", server).unwrap();
+        assert!(older.contains("more than 3 minor versions older"), "{older}");
+        assert!(skew_refusal("v1.37.0+krate-v1.0", server).is_some());
     }
 }

@@ -28,6 +28,7 @@ pub mod cache;
 mod controlplane;
 pub mod crd;
 pub mod encryption;
+mod expiry;
 #[cfg(test)]
 mod fuzz;
 pub mod http;
@@ -61,6 +62,8 @@ pub struct Settings {
     pub watch_cache_size: usize,
     /// How often history older than the previous interval is compacted.
     pub compaction_interval: Duration,
+    /// How long an Event lives after its last write (`--event-ttl`).
+    pub event_ttl: Duration,
     /// TLS client configuration for reaching node agents (`pods/log`); None: not possible.
     pub kubelet_client: Option<Arc<rustls::ClientConfig>>,
     /// What service-account tokens are signed under: an ECDSA P-256 key in PKCS#8 DER,
@@ -90,6 +93,7 @@ impl Default for Settings {
             min_request_timeout: Duration::from_secs(1800),
             watch_cache_size: 10_000,
             compaction_interval: Duration::from_secs(300),
+            event_ttl: Duration::from_secs(3600),
             kubelet_client: None,
             service_account_key: rest::serviceaccounts::tokens::generate_key(),
             authorization: vec![authz::Mode::AlwaysAllow],
@@ -174,6 +178,7 @@ impl ApiServer {
         server.clone().start_control_plane_loops();
         crd::start(server.clone()).await;
         server.clone().start_compactor();
+        server.clone().start_event_expiry();
         Ok(server)
     }
 

@@ -113,6 +113,12 @@ pub struct AgentOptions {
     /// Images are never removed within this time of being first seen unused, e.g. 2m.
     #[arg(long, default_value = "2m")]
     pub minimum_image_ttl_duration: String,
+    /// A container's log is rotated when it reaches this size (a quantity: 10Mi, 500Ki).
+    #[arg(long, default_value = "10Mi")]
+    pub container_log_max_size: String,
+    /// Log files kept per container, the current one included (at least 2).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(2..))]
+    pub container_log_max_files: u16,
     /// How long `krate shutdown-node` may take to stop this node's pods before it powers
     /// off; regular pods get this minus the critical pods' share.
     #[arg(long, default_value = "30s")]
@@ -251,6 +257,10 @@ impl AgentOptions {
                 "--eviction-pressure-transition-period",
             )?,
             image_gc: self.image_gc_policy()?,
+            log_rotation: krate_agent::logrotate::LogRotation {
+                max_size: quantity(&self.container_log_max_size, 1.0, "--container-log-max-size")?.max(1),
+                max_files: usize::from(self.container_log_max_files),
+            },
             shutdown_grace: self.shutdown_grace()?,
             dns: krate_agent::pods::dns::PodDns {
                 cluster_dns: Some(self.cluster_dns.unwrap_or(IpAddr::from([10, 43, 0, 10]))),
@@ -384,8 +394,22 @@ pub async fn reset(data_dir: PathBuf) -> Result<()> {
         }
     }
     let dir = data_dir.join("agent");
-    krate_agent::reset(&dir).await?;
-    println!("removed the node agent's containers, containerd, pod network and {}", dir.display());
+    let report = krate_agent::reset(&dir).await;
+    for what in &report.removed {
+        println!("removed {what}");
+    }
+    if report.removed.is_empty() && report.left.is_empty() {
+        println!("nothing to remove under {}", dir.display());
+    }
+    for what in &report.left {
+        eprintln!("NOT removed: {what}");
+    }
+    if !report.left.is_empty() {
+        anyhow::bail!(
+            "{} item(s) left behind (above): remove them by hand, or fix the cause and run krate reset again",
+            report.left.len()
+        );
+    }
     Ok(())
 }
 

@@ -88,21 +88,9 @@ fn user_kubeconfig_path() -> anyhow::Result<PathBuf> {
 /// Writes `text` to `path` through a temporary file (a reader never sees half a
 /// kubeconfig), readable by its owner only, as kubectl does.
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(".{}.krate-merge", path.file_name().and_then(|n| n.to_str()).unwrap_or("config")));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+    krate_client::csr::write_private(path, text)
 }
 
 /// What merging did, with the name of the cluster, user and context.

@@ -57,6 +57,10 @@ pub struct ServerArgs {
     /// Agents renew theirs at 80% of it.
     #[arg(long, default_value = "8760h")]
     pub cluster_signing_duration: String,
+    /// How long an Event is kept after its last change (upstream's --event-ttl), e.g.
+    /// 1h, 30m: Events are the busiest writes of a cluster and must not grow its store.
+    #[arg(long, default_value = "1h")]
+    pub event_ttl: String,
     /// A CA certificate of your own (PEM), used instead of a generated one: given at the
     /// first start (with --ca-key), it is kept in <data-dir>/pki. Or place ca.crt and
     /// ca.key there before the first start. A pki/ca-bundle.crt, if present, is what
@@ -212,6 +216,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         advertise_address: advertise.clone(),
         watch_cache_size: args.watch_cache_size,
         compaction_interval: Duration::from_secs(args.compaction_interval_seconds.max(1)),
+        event_ttl: crate::agent::duration(&args.event_ttl, "--event-ttl")?,
         bookmark_interval: Duration::from_secs(args.bookmark_interval_seconds.max(1)),
         service_account_key: pki.service_account_key()?,
         authorization: args.authorization_mode.0.clone(),

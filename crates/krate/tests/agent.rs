@@ -1152,3 +1152,70 @@ async fn kubectl_debug_runs_an_ephemeral_container_that_sees_its_targets_process
     assert_eq!(pod.status.as_ref().unwrap().phase.as_deref(), Some("Running"));
     assert_eq!(container_status(&pod).unwrap()["restartCount"], 0);
 }
+
+/// The files of `container`'s first log (`0.log` and its rotations) under the agent's
+/// log directory, with their contents.
+fn log_files(server: &TestServer, pod: &str, container: &str) -> Vec<(String, String)> {
+    let root = server.data_dir().join("agent/pods");
+    let Some(pod_dir) = std::fs::read_dir(&root).ok().and_then(|entries| {
+        entries.filter_map(Result::ok).find(|e| e.file_name().to_string_lossy().starts_with(&format!("default_{pod}_")))
+    }) else {
+        return Vec::new();
+    };
+    let mut files: Vec<(String, String)> = std::fs::read_dir(pod_dir.path().join(container))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with("0.log"))
+                .map(|name| {
+                    let text = std::fs::read_to_string(pod_dir.path().join(container).join(&name)).unwrap_or_default();
+                    (name, text)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+#[tokio::test]
+async fn container_logs_rotate_at_their_size_and_keep_their_file_count() {
+    let registry = TestRegistry::start();
+    let extra = ["--container-log-max-size", "32Ki", "--container-log-max-files", "3"];
+    let server = server_with_agent(&[&registry], 10, &extra);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    // About 4 KB a second: a rotation every housekeeping tick or two.
+    let script = "i=0; while true; do for j in $(seq 40); do echo \"line $i $(printf '%080d' 0)\"; i=$((i+1)); done; sleep 1; done";
+    let logger: Pod = serde_json::from_value(json!({"metadata": {"name": "logger"}, "spec": {"containers": [{
+        "name": "c", "image": registry.image("busybox"), "command": ["sh", "-c", script],
+    }]}}))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.create(&PostParams::default(), &logger).await.unwrap();
+    eventually(120, "rotations past the file count", || async {
+        let files = log_files(&server, "logger", "c");
+        let rotated = files.iter().filter(|(name, _)| name != "0.log").count();
+        assert!(
+            rotated <= 2,
+            "more than max-files - 1 rotated files kept: {:?}",
+            files.iter().map(|f| &f.0).collect::<Vec<_>>()
+        );
+        // The first lines are gone only once the oldest rotation was removed.
+        let first_gone = !files.iter().any(|(_, text)| text.contains(" line 0 "));
+        (rotated == 2 && first_gone).then_some(())
+    })
+    .await;
+    for (name, text) in log_files(&server, "logger", "c") {
+        assert!(text.len() < 128 * 1024, "{name} grew to {} bytes", text.len());
+    }
+    // kubectl logs reads the current file (just after a rotation it may be empty for
+    // the second until the next burst).
+    let logs = eventually(10, "kubectl logs to show the newest lines", || async {
+        let logs = server.kubectl_ok(&["logs", "logger", "--tail", "3"]);
+        (logs.lines().count() == 3).then_some(logs)
+    })
+    .await;
+    assert!(logs.lines().all(|l| l.starts_with("line ")), "{logs}");
+}

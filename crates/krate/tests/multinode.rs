@@ -330,6 +330,11 @@ async fn a_removed_node_loses_its_routes_and_cidr_and_reset_cleans_it() {
         .output()
         .unwrap();
     assert!(reset.status.success(), "{}", text(&reset));
+    // It says what it removed.
+    let said = String::from_utf8_lossy(&reset.stdout);
+    for what in ["removed krate's containerd", "removed pod bridge krate0", "removed routes to other nodes' pods"] {
+        assert!(said.contains(what), "{what:?} in:\n{said}");
+    }
     assert_eq!(routes_on(&cluster, 2), "", "no routes left on the reset node");
     let links = cluster.on_node(2, &["ip", "-o", "link"]);
     assert!(!links.contains("krate0") && !links.contains("krate.vxlan"), "{links}");

@@ -241,3 +241,49 @@ fn a_restore_refuses_a_damaged_backup_and_a_directory_in_use() {
     assert!(!out.status.success() && err.contains("refusing to restore into"), "{err}");
     assert_eq!(std::fs::read_to_string(in_use.join("keep")).unwrap(), "x");
 }
+
+#[tokio::test]
+async fn events_expire_after_the_event_ttl() {
+    let server = TestServer::start_with(&["--event-ttl", "2s"]);
+    let event = r#"{"apiVersion": "v1", "kind": "Event", "metadata": {"name": "fleeting"},
+        "involvedObject": {"kind": "Pod", "name": "p", "namespace": "default"}, "reason": "Fleeting"}"#;
+    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(event));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(server.kubectl_ok(&["get", "events", "-o", "name"]).contains("event/fleeting"));
+    common::eventually(30, "the event to expire", || async {
+        (!server.kubectl_ok(&["get", "events", "-o", "name"]).contains("event/fleeting")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_node_agent_newer_than_its_server_is_refused() {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    let server = TestServer::start();
+    // As the node's own agent would: its own identity, its Node's status.
+    let kubeconfig = server.minted_kubeconfig(&["--node", "skewed"], "skewed.kubeconfig");
+    let nodes: Api<Node> = Api::all(common::client_for(&kubeconfig).await);
+    let node: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": "skewed"}})).unwrap();
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+    let report = |version: String| {
+        let nodes = nodes.clone();
+        async move {
+            let status = serde_json::json!({"status": {"nodeInfo": {"kubeletVersion": version}}});
+            nodes.patch_status("skewed", &PatchParams::default(), &Patch::Merge(status)).await
+        }
+    };
+    let info: Value = serde_json::from_str(&krate(&["version", "-o", "json"], None)).unwrap();
+    report(info["gitVersion"].as_str().unwrap().to_string()).await.expect("an agent of the server's own version");
+    let Err(kube::Error::Api(refused)) = report("v1.37.0+krate-v99.0".into()).await else {
+        panic!("a newer agent was let in");
+    };
+    assert_eq!(refused.code, 403);
+    assert!(
+        refused
+            .message
+            .starts_with("nodes \"skewed\" is forbidden: node agent krate v99.0 is newer than this API server's krate"),
+        "{}",
+        refused.message
+    );
+}

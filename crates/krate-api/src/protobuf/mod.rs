@@ -132,12 +132,32 @@ fn schema() -> &'static Schema {
     })
 }
 
+/// The meta.k8s.io/v1 kinds upstream registers in every group version
+/// (`metav1.AddToGroupVersion`), and its unversioned ones.
+const IN_EVERY_GROUP_VERSION: &[&str] = &[
+    "WatchEvent",
+    "ListOptions",
+    "GetOptions",
+    "DeleteOptions",
+    "CreateOptions",
+    "UpdateOptions",
+    "PatchOptions",
+    "Status",
+    "APIVersions",
+    "APIGroupList",
+    "APIGroup",
+    "APIResourceList",
+];
+
 /// The message an apiVersion and kind are encoded as; `None` for kinds without a
 /// protobuf form (custom resources, tables).
 pub fn message_for(api_version: &str, kind: &str) -> Option<&'static str> {
     let own = module_for(api_version).map(|m| format!("{m}.{kind}"));
-    // Status and the discovery documents say `v1` but are meta's.
-    let meta = (api_version == "v1").then(|| format!("apimachinery.pkg.apis.meta.v1.{kind}"));
+    // Status and the discovery documents say `v1` but are meta's; the options and
+    // WatchEvent are meta's in every group version (a client deleting a Deployment
+    // sends apps/v1 DeleteOptions).
+    let meta = (api_version == "v1" || IN_EVERY_GROUP_VERSION.contains(&kind))
+        .then(|| format!("apimachinery.pkg.apis.meta.v1.{kind}"));
     [own, meta].into_iter().flatten().find_map(|c| schema().by_lower.get(&c.to_lowercase())).map(String::as_str)
 }
 
@@ -477,6 +497,24 @@ mod tests {
             json!({"apiVersion": "v1", "kind": "ConfigMap", "immutable": true, "data": {"k": ""},
                    "metadata": {"name": "settings", "namespace": "default", "labels": {"app": "web"}}})
         );
+    }
+
+    /// client-go deletes a Deployment with apps/v1 DeleteOptions in protobuf (upstream's
+    /// conformance garbage-collector specs do).
+    #[test]
+    fn options_decode_in_any_group_version() {
+        let mut options = Vec::new();
+        field_bytes(4, b"Background", &mut options); // propagationPolicy
+        for api_version in ["apps/v1", "batch/v1", "v1", "stable.example.com/v1"] {
+            let mut type_meta = Vec::new();
+            field_bytes(1, api_version.as_bytes(), &mut type_meta);
+            field_bytes(2, b"DeleteOptions", &mut type_meta);
+            let mut unknown = Vec::new();
+            field_bytes(1, &type_meta, &mut unknown);
+            field_bytes(2, &options, &mut unknown);
+            let v = decode(&[MAGIC, &unknown].concat()).unwrap();
+            assert_eq!(v["propagationPolicy"], "Background", "{api_version}: {v}");
+        }
     }
 
     #[test]
