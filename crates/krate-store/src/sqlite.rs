@@ -191,6 +191,15 @@ fn describe(conn: &Connection) -> Result<Snapshot> {
     Ok(Snapshot { revision, keys, format: read_meta(conn, "format")? })
 }
 
+/// What the database at `db` holds, read without writing to it (`krate doctor`).
+pub fn inspect(db: &Path) -> Result<Snapshot> {
+    use rusqlite::OpenFlags;
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| backend(format!("opening {}: {e}", db.display())))?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(backend)?;
+    describe(&conn)
+}
+
 /// Copies the database at `db` to a new file `dest` with SQLite's online backup API, in
 /// one step: a consistent copy at one revision, taken while a server goes on writing
 /// (WAL readers do not block the writer).

@@ -8,6 +8,7 @@ mod backup;
 mod components;
 mod config;
 mod dev;
+mod doctor;
 mod hollow;
 mod join;
 mod kubeconfig;
@@ -126,6 +127,11 @@ enum Command {
         #[arg(long)]
         merge: bool,
     },
+    /// Check that this cluster is healthy, or find out why not: the API server, the
+    /// certificates and when they expire, the store (size, fsync latency), every node
+    /// Ready or why not, and what this machine needs to run pods. A ✓/!/✗ line per check
+    /// with what to do about each failure; exit code 1 if any failed.
+    Doctor(doctor::DoctorArgs),
     /// Write the cluster's state to FILE while the server runs: every object (a
     /// consistent copy of the store), and the certificates and keys unless --no-keys.
     Backup(backup::BackupArgs),
@@ -264,6 +270,7 @@ fn main() -> std::process::ExitCode {
                 kubeconfig::run(&data_dir, user, groups, node, merge)
             }
             Command::Dev(command) => block_on(dev::run(command)),
+            Command::Doctor(args) => block_on(doctor::run(args)),
             Command::Backup(args) => backup::backup(args),
             Command::Restore(args) => backup::restore(args),
             Command::Version { output } => print_version(output.as_deref()),

@@ -287,3 +287,52 @@ async fn a_node_agent_newer_than_its_server_is_refused() {
         refused.message
     );
 }
+
+/// `krate doctor -o json` on `data_dir`: its exit code and document.
+fn doctor(data_dir: &Path) -> (i32, Value) {
+    let out = krate_output(&["doctor", "--data-dir", data_dir.to_str().unwrap(), "-o", "json"]);
+    let doc = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
+    (out.status.code().unwrap_or(-1), doc)
+}
+
+/// The outcome and fix of the check named `name`.
+fn outcome_of(doc: &Value, name: &str) -> (String, String) {
+    let check = doc["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no check {name}: {doc}"));
+    (check["outcome"].as_str().unwrap().to_string(), check["fix"].as_str().unwrap_or_default().to_string())
+}
+
+#[test]
+fn doctor_checks_the_cluster_and_says_what_to_do_about_what_fails() {
+    let mut server = TestServer::start();
+    let (code, doc) = doctor(&server.data_dir());
+    for name in ["API server", "certificate ca.crt", "certificate apiserver.crt", "store", "store fsync"] {
+        assert_eq!(outcome_of(&doc, name).0, "ok", "{name}: {doc}");
+    }
+    // A server without its agent has no nodes yet: worth saying, not a failure.
+    assert_eq!(outcome_of(&doc, "nodes").0, "warning");
+    assert_eq!(code, if doc["healthy"] == true { 0 } else { 1 }, "{doc}");
+
+    // A node that never reported is a failure, with what to do.
+    let ghost = r#"{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "ghost"}}"#;
+    let created = server.kubectl_stdin(&["create", "-f", "-"], Some(ghost));
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let (code, doc) = doctor(&server.data_dir());
+    let (outcome, fix) = outcome_of(&doc, "node ghost");
+    assert_eq!((code, outcome.as_str()), (1, "failed"), "{doc}");
+    assert!(fix.contains("check the agent on ghost"), "{fix}");
+
+    // The server down: the API check fails and says to start it; the rest still runs.
+    server.kill();
+    let out = krate_output(&["doctor", "--data-dir", server.data_dir().to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("✗ API server") && text.contains("what to do: start it (krate server)"), "{text}");
+    assert!(text.contains("✓ store"), "{text}");
+}
