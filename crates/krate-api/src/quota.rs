@@ -138,3 +138,94 @@ mod tests {
         assert_eq!(super::counted_resource("count/deployments.apps"), Some(("apps".into(), "deployments".into())));
     }
 }
+
+/// Whether `obj` (of `group/plural`) falls under the scopes of `quota` (its
+/// `spec.scopes` and `spec.scopeSelector`, all of which must match, as upstream). The
+/// pod scopes (Terminating, NotTerminating, BestEffort, NotBestEffort, PriorityClass,
+/// CrossNamespacePodAffinity) match pods only: a quota with one counts nothing else.
+pub fn in_scope(quota: &Value, group: &str, plural: &str, obj: &Value) -> bool {
+    let mut requirements: Vec<(String, String, Vec<String>)> = quota
+        .pointer("/spec/scopes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(|scope| (scope.to_string(), "Exists".to_string(), Vec::new()))
+        .collect();
+    for expr in quota.pointer("/spec/scopeSelector/matchExpressions").and_then(Value::as_array).into_iter().flatten() {
+        let field = |k: &str| expr.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+        let values = expr.get("values").and_then(Value::as_array).into_iter().flatten();
+        let values = values.filter_map(Value::as_str).map(str::to_string).collect();
+        requirements.push((field("scopeName"), field("operator"), values));
+    }
+    if requirements.is_empty() {
+        return true;
+    }
+    let is_pod = group.is_empty() && plural == "pods";
+    requirements.iter().all(|(scope, operator, values)| is_pod && pod_in_scope(obj, scope, operator, values))
+}
+
+fn pod_in_scope(pod: &Value, scope: &str, operator: &str, values: &[String]) -> bool {
+    let terminating = pod.pointer("/spec/activeDeadlineSeconds").and_then(Value::as_i64).is_some_and(|s| s >= 0);
+    let best_effort =
+        pod_amounts(pod, "requests").iter().next().is_none() && pod_amounts(pod, "limits").iter().next().is_none();
+    match scope {
+        "Terminating" => terminating,
+        "NotTerminating" => !terminating,
+        "BestEffort" => best_effort,
+        "NotBestEffort" => !best_effort,
+        "PriorityClass" => {
+            let class = pod.pointer("/spec/priorityClassName").and_then(Value::as_str).filter(|c| !c.is_empty());
+            match operator {
+                "In" => class.is_some_and(|c| values.iter().any(|v| v == c)),
+                "NotIn" => class.is_none_or(|c| !values.iter().any(|v| v == c)),
+                "Exists" => class.is_some(),
+                "DoesNotExist" => class.is_none(),
+                _ => false,
+            }
+        }
+        "CrossNamespacePodAffinity" => {
+            let terms = ["podAffinity", "podAntiAffinity"].iter().flat_map(|kind| {
+                ["requiredDuringSchedulingIgnoredDuringExecution", "preferredDuringSchedulingIgnoredDuringExecution"]
+                    .iter()
+                    .filter_map(move |when| pod.pointer(&format!("/spec/affinity/{kind}/{when}")))
+                    .filter_map(Value::as_array)
+                    .flatten()
+            });
+            let crosses = terms.into_iter().any(|t| {
+                let term = t.get("podAffinityTerm").unwrap_or(t);
+                term.get("namespaceSelector").is_some()
+                    || term.get("namespaces").and_then(Value::as_array).is_some_and(|n| !n.is_empty())
+            });
+            crosses == (operator != "DoesNotExist")
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod scope_tests {
+    use serde_json::json;
+
+    use super::in_scope;
+
+    #[test]
+    fn scoped_quotas_count_only_the_pods_in_their_scopes() {
+        let terminating = json!({"spec": {"scopes": ["Terminating"]}});
+        let not_best_effort = json!({"spec": {"scopes": ["NotTerminating", "NotBestEffort"]}});
+        let high = json!({"spec": {"scopeSelector": {"matchExpressions": [
+            {"scopeName": "PriorityClass", "operator": "In", "values": ["high"]}]}}});
+        let plain = json!({"spec": {"containers": [{"name": "c"}]}});
+        let deadline = json!({"spec": {"activeDeadlineSeconds": 30, "containers": [{"name": "c"}]}});
+        let burstable = json!({"spec": {"containers": [{"name": "c", "resources": {"requests": {"cpu": "1"}}}],
+                                        "priorityClassName": "high"}});
+        assert!(!in_scope(&terminating, "", "pods", &plain));
+        assert!(in_scope(&terminating, "", "pods", &deadline));
+        assert!(!in_scope(&not_best_effort, "", "pods", &plain));
+        assert!(in_scope(&not_best_effort, "", "pods", &burstable));
+        assert!(in_scope(&high, "", "pods", &burstable) && !in_scope(&high, "", "pods", &plain));
+        // Scoped quotas count pods only; unscoped ones count everything.
+        assert!(!in_scope(&terminating, "", "configmaps", &json!({})));
+        assert!(in_scope(&json!({"spec": {}}), "", "configmaps", &json!({})));
+    }
+}

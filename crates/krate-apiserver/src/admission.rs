@@ -582,6 +582,9 @@ impl Storage {
         let quotas = self.cached_objects(&scope, false).await;
         let forbidden = |detail: String| forbidden(kind, obj, detail);
         for quota in quotas {
+            if !krate_api::quota::in_scope(&quota, &kind.group, &kind.plural, obj) {
+                continue;
+            }
             let quota_name = object::name(&quota).to_string();
             let mut current = quota;
             for _ in 0..QUOTA_RETRIES {

@@ -326,6 +326,37 @@ pub fn check_fields(
     }
 }
 
+/// `check_fields` for server-side apply: a strict apply with unknown fields fails as
+/// upstream's field manager fails to build the typed patch (structured-merge-diff's
+/// "field not declared in schema", one per field).
+fn check_applied_fields(
+    kind: &KindInfo,
+    scope: &Scope,
+    name: &str,
+    unknown: &[String],
+    mode: FieldValidation,
+) -> ApiResult<Vec<String>> {
+    if mode != FieldValidation::Strict || unknown.is_empty() {
+        return check_fields(kind, unknown, &[], mode);
+    }
+    let errors: Vec<String> = unknown.iter().map(|f| format!(".{f}: field not declared in schema")).collect();
+    let errors = match errors.as_slice() {
+        [one] => one.clone(),
+        many => std::iter::once("errors:".to_string())
+            .chain(many.iter().map(|e| format!("  {e}")))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    };
+    // Go's NamespacedName and GroupVersionKind strings: `ns/name; group/version, Kind=K`.
+    Err(ApiError::bad_request(format!(
+        "failed to create typed patch object ({}/{name}; {}/{}, Kind={}): {errors}",
+        scope.namespace.as_deref().unwrap_or_default(),
+        kind.group,
+        kind.version,
+        kind.kind
+    )))
+}
+
 fn validate_metadata(kind: &KindInfo, obj: &Value, errs: &mut Vec<FieldError>) {
     let name = object::name(obj);
     if name.is_empty() {
@@ -980,7 +1011,7 @@ impl Storage {
         if !exists {
             let obj = managed::apply(schema.as_deref(), None, &config, &who, opts.force)?;
             let (canonical, unknown) = decode_body(&kind, obj)?;
-            let warnings = check_fields(&kind, &unknown, &[], opts.field_validation)?;
+            let warnings = check_applied_fields(&kind, scope, name, &unknown, opts.field_validation)?;
             return match self.create(scope, canonical, opts).await {
                 Ok(mut written) => {
                     written.warnings.extend(warnings);
@@ -997,7 +1028,7 @@ impl Storage {
                 let served = to_served(&kind, current.clone());
                 let merged = managed::apply(schema.as_deref(), Some(&served), &config, &who, opts.force)?;
                 let (canonical, unknown) = decode_body(&kind, merged)?;
-                warnings = check_fields(&kind, &unknown, &[], opts.field_validation)?;
+                warnings = check_applied_fields(&kind, scope, name, &unknown, opts.field_validation)?;
                 Ok((Self::prepare_update(scope, sub, current, canonical, opts)?, false))
             })
             .await?;

@@ -24,7 +24,7 @@ use kube::ResourceExt;
 use serde_json::{json, Value};
 
 use krate_api::quantity::{format, Resources};
-use krate_api::quota::{counted_resource, usage};
+use krate_api::quota::{counted_resource, in_scope, usage};
 
 use crate::{Error, Informer};
 
@@ -60,18 +60,24 @@ async fn reconcile(quota: Arc<ResourceQuota>, ctx: Arc<Context>) -> Result<Actio
     // Count each resource kind the quota names once.
     let wanted: BTreeSet<(String, String)> = hard.keys().filter_map(|k| counted_resource(k)).collect();
     let mut total = Resources::default();
+    let quota_json = serde_json::to_value(&*quota)?;
+    let mut count = |group: &str, plural: &str, obj: serde_json::Value| {
+        if in_scope(&quota_json, group, plural, &obj) {
+            total.add(&usage(group, plural, &obj));
+        }
+    };
     for (group, plural) in &wanted {
         use k8s_openapi::Resource as _;
         if (group.as_str(), plural.as_str()) == (Pod::GROUP, Pod::URL_PATH_SEGMENT) {
             for pod in ctx.pods.in_namespace(&ns) {
-                total.add(&usage(group, plural, &serde_json::to_value(&*pod)?));
+                count(group, plural, serde_json::to_value(&*pod)?);
             }
             continue;
         }
         let Some(resource) = find_resource(&ctx.client, group, plural).await? else { continue };
         let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &resource);
         for obj in api.list(&ListParams::default()).await?.items {
-            total.add(&usage(group, plural, &serde_json::to_value(&obj)?));
+            count(group, plural, serde_json::to_value(&obj)?);
         }
     }
     let used: BTreeMap<String, Value> =

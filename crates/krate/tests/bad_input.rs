@@ -146,6 +146,20 @@ async fn stale_updates_unknown_fields_and_bad_patches() {
     .await;
     assert_eq!(code, 400);
     assert!(status["message"].as_str().unwrap().contains("strict decoding error: unknown field \"bogus\""), "{status}");
+    // A strict server-side apply fails as upstream's field manager does.
+    let (code, status) = raw(
+        &client,
+        "PATCH",
+        &format!("{CMS}/u?fieldValidation=Strict&fieldManager=golden"),
+        "application/apply-patch+yaml",
+        unknown.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(code, 400, "{status}");
+    assert_eq!(
+        status["message"],
+        "failed to create typed patch object (default/u; /v1, Kind=ConfigMap): .bogus: field not declared in schema"
+    );
     let (code, stored) = raw(
         &client,
         "POST",

@@ -332,6 +332,14 @@ const OMITTED_WHEN_ZERO: &[&str] = &[
     "healthCheckNodePort",
     "restartCount",
     "deletionGracePeriodSeconds",
+    // apiextensions.k8s.io/v1: JSONSchemaProps' and the CRD spec's plain booleans.
+    "exclusiveMaximum",
+    "exclusiveMinimum",
+    "uniqueItems",
+    "nullable",
+    "x-kubernetes-embedded-resource",
+    "x-kubernetes-int-or-string",
+    "preserveUnknownFields",
 ];
 
 fn is_omitted_zero(field: &str, v: &Value) -> bool {

@@ -39,15 +39,31 @@ pub fn definition_name(k: &KindInfo, kind: &str) -> String {
     format!("{}.{}.{kind}", reversed.join("."), k.version)
 }
 
-/// The published schema of a kind and of its list.
-fn kind_definitions(k: &KindInfo) -> Vec<(String, Value)> {
+/// The published schema of a kind and of its list. As upstream's CRD OpenAPI builder:
+/// a schema that keeps unknown fields at its root is published in v2 as a bare object
+/// (kubectl's v2 validation would otherwise refuse the unknown fields), v2 loses what it
+/// cannot say (`allOf`, `oneOf`, `anyOf`, `not`, nullable types), and the boolean
+/// `x-kubernetes-*` extensions appear only when true.
+fn kind_definitions(k: &KindInfo, style: Style) -> Vec<(String, Value)> {
     let Some(custom) = &k.schema_json else { return vec![] };
     let gvk = |kind: &str| json!([{"group": k.group, "version": k.version, "kind": kind}]);
-    let mut item = (**custom).clone();
+    let v2 = matches!(style, Style::V2);
+    let mut item = if v2 && custom.get("x-kubernetes-preserve-unknown-fields") == Some(&json!(true)) {
+        json!({"type": "object"})
+    } else {
+        published(custom, v2)
+    };
     if let Some(props) = item.get_mut("properties").and_then(Value::as_object_mut) {
-        props.insert("metadata".into(), json!({"$ref": format!("#/definitions/{META}.ObjectMeta")}));
-        props.insert("apiVersion".into(), json!({"type": "string"}));
-        props.insert("kind".into(), json!({"type": "string"}));
+        // Type and object metadata as every built-in kind has them, descriptions
+        // included (what `kubectl explain` shows).
+        let builtin = schema::builtin().raw("io.k8s.api.core.v1.ConfigMap").and_then(|d| d.get("properties"));
+        for (field, fallback) in [
+            ("metadata", json!({"$ref": format!("#/definitions/{META}.ObjectMeta")})),
+            ("apiVersion", json!({"type": "string"})),
+            ("kind", json!({"type": "string"})),
+        ] {
+            props.insert(field.into(), builtin.and_then(|b| b.get(field)).cloned().unwrap_or(fallback));
+        }
     }
     item["x-kubernetes-group-version-kind"] = gvk(&k.kind);
     let list = json!({
@@ -316,12 +332,58 @@ fn patch_params(style: Style) -> Vec<Value> {
 }
 
 /// All definitions a document needs: built-ins plus the custom kinds in `kinds`.
-fn definitions<'a>(kinds: impl Iterator<Item = &'a std::sync::Arc<KindInfo>>) -> BTreeMap<String, Value> {
+fn definitions<'a>(kinds: impl Iterator<Item = &'a std::sync::Arc<KindInfo>>, style: Style) -> BTreeMap<String, Value> {
     let mut defs = BTreeMap::new();
     for k in kinds {
-        defs.extend(kind_definitions(k));
+        defs.extend(kind_definitions(k, style));
     }
     defs
+}
+
+/// A custom resource's schema as published (see `kind_definitions`).
+fn published(schema: &Value, v2: bool) -> Value {
+    let Value::Object(map) = schema else { return schema.clone() };
+    let mut out = Map::new();
+    let nullable = v2 && map.get("nullable") == Some(&json!(true));
+    for (key, value) in map {
+        match key.as_str() {
+            "x-kubernetes-preserve-unknown-fields"
+            | "x-kubernetes-embedded-resource"
+            | "x-kubernetes-int-or-string"
+                if value != &json!(true) => {}
+            "allOf" | "oneOf" | "anyOf" | "not" if v2 => {}
+            "nullable" | "type" if nullable => {}
+            "properties" | "patternProperties" | "definitions" => {
+                let inner = value.as_object().map(|m| m.iter().map(|(k, v)| (k.clone(), published(v, v2))).collect());
+                out.insert(key.clone(), inner.map(Value::Object).unwrap_or_else(|| value.clone()));
+            }
+            "items" | "additionalProperties" | "not" | "additionalItems" => {
+                out.insert(key.clone(), published(value, v2));
+            }
+            "allOf" | "oneOf" | "anyOf" => {
+                let inner = value.as_array().map(|a| a.iter().map(|v| published(v, v2)).collect());
+                out.insert(key.clone(), inner.map(Value::Array).unwrap_or_else(|| value.clone()));
+            }
+            _ => {
+                out.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    // v2 has no nullable: a nullable property cannot be required.
+    if v2 {
+        let nullable_props: Vec<String> = map
+            .get("properties")
+            .and_then(Value::as_object)
+            .map(|p| p.iter().filter(|(_, v)| v["nullable"] == json!(true)).map(|(k, _)| k.clone()).collect())
+            .unwrap_or_default();
+        if let Some(required) = out.get_mut("required").and_then(Value::as_array_mut) {
+            required.retain(|r| !r.as_str().is_some_and(|r| nullable_props.iter().any(|n| n == r)));
+            if required.is_empty() {
+                out.remove("required");
+            }
+        }
+    }
+    Value::Object(out)
 }
 
 fn lookup_definition<'a>(custom: &'a BTreeMap<String, Value>, name: &str) -> Option<&'a Value> {
@@ -384,7 +446,7 @@ fn info() -> Value {
 
 /// `/openapi/v2`.
 pub fn v2(kinds: &Registry) -> Value {
-    let custom = definitions(kinds.kinds().iter());
+    let custom = definitions(kinds.kinds().iter(), Style::V2);
     let mut paths = Map::new();
     for k in kinds.kinds() {
         paths.extend(kind_paths(Style::V2, k));
@@ -414,7 +476,7 @@ pub fn v3_group_version(kinds: &Registry, group: &str, version: &str) -> ApiResu
     if served.is_empty() {
         return Err(ApiError::no_such_path());
     }
-    let custom = definitions(served.iter().copied());
+    let custom = definitions(served.iter().copied(), Style::V3);
     let mut paths = Map::new();
     let mut roots = vec![format!("{META}.Status"), format!("{META}.DeleteOptions"), format!("{META}.Patch")];
     for k in &served {
@@ -427,4 +489,37 @@ pub fn v3_group_version(kinds: &Registry, group: &str, version: &str) -> ApiResu
         .filter_map(|name| lookup_definition(&custom, &name).map(|d| (name, to_v3(d))))
         .collect();
     Ok(json!({"openapi": "3.0.0", "info": info(), "paths": paths, "components": {"schemas": schemas}}))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::published;
+
+    #[test]
+    fn published_schemas_keep_true_extensions_only_and_v2_drops_what_it_cannot_say() {
+        let schema = json!({
+            "type": "object", "x-kubernetes-embedded-resource": false, "x-kubernetes-int-or-string": false,
+            "required": ["a", "b"],
+            "properties": {
+                "a": {"type": "string", "nullable": true},
+                "b": {"x-kubernetes-int-or-string": true, "anyOf": [{"type": "integer"}, {"type": "string"}]},
+            },
+        });
+        assert_eq!(
+            published(&schema, false),
+            json!({"type": "object", "required": ["a", "b"], "properties": {
+                "a": {"type": "string", "nullable": true},
+                "b": {"x-kubernetes-int-or-string": true, "anyOf": [{"type": "integer"}, {"type": "string"}]},
+            }})
+        );
+        assert_eq!(
+            published(&schema, true),
+            json!({"type": "object", "required": ["b"], "properties": {
+                "a": {},
+                "b": {"x-kubernetes-int-or-string": true},
+            }})
+        );
+    }
 }
