@@ -332,6 +332,11 @@ pub async fn reset(dir: &std::path::Path) -> ResetReport {
             }
             Err(e) => report.left.push(format!("the pods' containers: listing them failed: {e:#}")),
         }
+    } else if socket.exists() {
+        report.left.push(format!(
+            "the pods' containers: the runtime at {} did not answer, so they may still run (their containerd-shim-runc-v2 processes)",
+            socket.display()
+        ));
     }
     if endpoint.is_none() && containerd::running_pid(&containerd_dir).is_some() {
         containerd::stop(&containerd_dir).await;
