@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ResourceQuota, Service};
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, PersistentVolumeClaim, Pod, ReplicationController, ResourceQuota, Secret, Service,
+};
 use kube::api::{Api, DynamicObject, ListParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::discovery::ApiResource;
@@ -114,6 +117,24 @@ fn error_policy(quota: Arc<ResourceQuota>, err: &Error, _ctx: Arc<Context>) -> A
     Action::requeue(Duration::from_secs(1))
 }
 
+/// `controller`, also recounting a namespace's quotas when an object of `K` changes there.
+fn recount_on<K>(controller: Controller<ResourceQuota>, client: &kube::Client) -> Controller<ResourceQuota>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
+    PartialObjectMeta<K>: kube::Resource<DynamicType = ()>
+        + serde::de::DeserializeOwned
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let quotas = quotas_in(controller.store());
+    controller.watches(Api::<PartialObjectMeta<K>>::all(client.clone()), watcher::Config::default(), move |o| {
+        quotas(o.namespace())
+    })
+}
+
 /// The quotas in the namespace of a changed object.
 fn quotas_in(store: Store<ResourceQuota>) -> impl Fn(Option<String>) -> Vec<ObjectRef<ResourceQuota>> {
     move |ns| store.state().into_iter().filter(|q| q.namespace() == ns).map(|q| ObjectRef::from_obj(&*q)).collect()
@@ -123,18 +144,16 @@ pub async fn run(client: kube::Client, pod_informer: &Informer<Pod>) -> anyhow::
     pod_informer.synced().await;
     let pod_changes = pod_informer.subscribe();
     let controller = Controller::new(Api::<ResourceQuota>::all(client.clone()), watcher::Config::default());
-    let (pods, services, claims) =
-        (quotas_in(controller.store()), quotas_in(controller.store()), quotas_in(controller.store()));
-    controller
-        .watches_shared_stream(pod_changes, move |o| pods(o.namespace()))
-        .watches(Api::<PartialObjectMeta<Service>>::all(client.clone()), watcher::Config::default(), move |o| {
-            services(o.namespace())
-        })
-        .watches(
-            Api::<PartialObjectMeta<PersistentVolumeClaim>>::all(client.clone()),
-            watcher::Config::default(),
-            move |o| claims(o.namespace()),
-        )
+    let pods = quotas_in(controller.store());
+    let controller = controller.watches_shared_stream(pod_changes, move |o| pods(o.namespace()));
+    // Upstream's replenishment: a change to any counted kind recounts its namespace's
+    // quotas at once, rather than at the next resync.
+    let controller = recount_on::<Service>(controller, &client);
+    let controller = recount_on::<PersistentVolumeClaim>(controller, &client);
+    let controller = recount_on::<ConfigMap>(controller, &client);
+    let controller = recount_on::<Secret>(controller, &client);
+    let controller = recount_on::<ReplicationController>(controller, &client);
+    recount_on::<ReplicaSet>(controller, &client)
         .run(
             reconcile,
             error_policy,

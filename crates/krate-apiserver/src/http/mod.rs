@@ -587,6 +587,39 @@ pub(crate) fn content_type(headers: &HeaderMap) -> String {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json").to_string()
 }
 
+/// A key repeated in a YAML (or JSON) mapping, as upstream's strict YAML decoding
+/// reports it: `error converting YAML to JSON: yaml: unmarshal errors:\n  line 9: key
+/// "foo" already set in map`.
+fn yaml_duplicate_key(body: &[u8]) -> Option<String> {
+    let err = serde_yaml::from_slice::<serde_yaml::Value>(body).err()?;
+    let text = err.to_string();
+    let key = text.split_once("duplicate entry with key ")?.1;
+    let key = key.split(" at line ").next().unwrap_or(key).trim_matches('"');
+    // serde_yaml points at the mapping; upstream names the line of the second key: the
+    // mapping's lines at its indentation are searched for it (block style).
+    let (start, column) = err.location().map(|l| (l.line(), l.column())).unwrap_or((0, 1));
+    let indent = " ".repeat(column.saturating_sub(1));
+    let mut seen = 0;
+    let line = String::from_utf8_lossy(body)
+        .lines()
+        .enumerate()
+        .skip(start.saturating_sub(1))
+        .take_while(|(_, l)| l.trim().is_empty() || l.starts_with(&indent))
+        .find(|(_, l)| {
+            let own = l.strip_prefix(&indent).filter(|rest| !rest.starts_with(' '));
+            let matches = own.is_some_and(|rest| {
+                let after = rest.trim_start_matches(['"', '\'']).strip_prefix(key);
+                after.is_some_and(|a| a.starts_with([':', '"', '\'']))
+            });
+            seen += usize::from(matches);
+            seen == 2
+        })
+        .map_or(start, |(n, _)| n + 1);
+    Some(format!(
+        "error converting YAML to JSON: yaml: unmarshal errors:\n  line {line}: key {key:?} already set in map"
+    ))
+}
+
 /// Parses a JSON or YAML body into a value.
 pub fn parse_body(content_type: &str, body: &[u8]) -> ApiResult<Value> {
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -739,6 +772,11 @@ async fn resource_request(
                     "",
                     &[krate_api::FieldError::forbidden("force", "may not be specified for non-apply patch")],
                 ));
+            }
+            if patch_type == PatchType::Apply && opts.field_validation == registry::FieldValidation::Strict {
+                if let Some(duplicate) = yaml_duplicate_key(&body) {
+                    return Err(ApiError::bad_request(format!("error strict decoding YAML: {duplicate}")));
+                }
             }
             let patch = parse_body(&ct, &body)?;
             let written = storage.patch(&scope, name, sub, patch_type, patch, &opts).await?;
@@ -902,6 +940,17 @@ fn list_metadata(result: &registry::ListResult) -> Value {
 #[cfg(test)]
 mod tests {
     use http::Method;
+
+    #[test]
+    fn a_repeated_yaml_key_is_reported_with_its_line() {
+        let body =
+            b"\napiVersion: v1\nkind: X\nmetadata:\n  name: a\nspec:\n  unknown: uk1\n  foo: foo1\n  foo: foo2\n";
+        assert_eq!(
+            super::yaml_duplicate_key(body).as_deref(),
+            Some("error converting YAML to JSON: yaml: unmarshal errors:\n  line 9: key \"foo\" already set in map")
+        );
+        assert_eq!(super::yaml_duplicate_key(b"a: 1\nb: 2\n"), None);
+    }
     use serde_json::json;
 
     use crate::testing::TestApi;
