@@ -173,9 +173,10 @@ fn serve_registry(address: &str, data_dir: &std::path::Path) -> anyhow::Result<(
     Err(anyhow::Error::new(err).context("running docker-registry (apt-get install -y docker-registry)"))
 }
 
-fn init_logging(format: &str) {
+/// Logs to stderr, filtered by `KRATE_LOG` or `default`.
+fn init_logging(format: &str, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KRATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
@@ -247,7 +248,9 @@ fn main() -> std::process::ExitCode {
         print!("{}", config::print(sub, sub_matches, &origins));
         return std::process::ExitCode::SUCCESS;
     }
-    init_logging(&cli.log_format);
+    // doctor reports what fails in its own words; the client's logs would repeat it.
+    let default_log = if matches!(cli.command, Command::Doctor(_)) { "warn,kube_client=off" } else { "info" };
+    init_logging(&cli.log_format, default_log);
     let result =
         match cli.command {
             Command::Server(args) => block_on(server::run(args)),
