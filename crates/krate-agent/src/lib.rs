@@ -322,12 +322,12 @@ pub async fn reset(dir: &std::path::Path) -> ResetReport {
                     let mut cri = cri.clone();
                     async move {
                         let meta = s.metadata.clone().unwrap_or_default();
-                        let what = format!("pod sandbox {} ({}/{})", s.id, meta.namespace, meta.name);
-                        cri.remove_sandbox(&s.id).await.map(|()| what.clone()).map_err(|e| format!("{what}: {e:#}"))
+                        let removed = cri.remove_sandbox(&s.id).await.map_err(anyhow::Error::from);
+                        (format!("pod sandbox {} ({}/{})", s.id, meta.namespace, meta.name), removed)
                     }
                 });
-                for result in futures::future::join_all(removals).await {
-                    report.record(result);
+                for (what, result) in futures::future::join_all(removals).await {
+                    report.record(what, result);
                 }
             }
             Err(e) => report.left.push(format!("the pods' containers: listing them failed: {e:#}")),
@@ -340,23 +340,22 @@ pub async fn reset(dir: &std::path::Path) -> ResetReport {
     }
     if endpoint.is_none() && containerd::running_pid(&containerd_dir).is_some() {
         containerd::stop(&containerd_dir).await;
-        report.record(match containerd::running_pid(&containerd_dir) {
-            None => Ok(format!("krate's containerd ({})", containerd_dir.display())),
-            Some(pid) => Err(format!("krate's containerd (pid {pid}) did not stop")),
-        });
+        let stopped = match containerd::running_pid(&containerd_dir) {
+            None => Ok(()),
+            Some(pid) => Err(anyhow::anyhow!("it did not stop (pid {pid})")),
+        };
+        report.record(format!("krate's containerd ({})", containerd_dir.display()), stopped);
     }
     if let (Some(bridge), Some(cidr)) = (state["bridge"].as_str(), state["podCIDR"].as_str()) {
         match cidr.parse() {
             Ok(pod_cidr) => {
                 let network = krate_net::PodNetwork { bridge: bridge.to_string(), pod_cidr, mtu: None };
-                let what = format!("pod bridge {bridge} and its nftables tables");
-                report.record(network.remove().await.map(|()| what.clone()).map_err(|e| format!("{what}: {e:#}")));
+                report.record(format!("pod bridge {bridge} and its nftables tables"), network.remove().await);
             }
             Err(e) => report.left.push(format!("pod bridge {bridge}: its CIDR {cidr:?} is not readable ({e})")),
         }
-        let what = "routes to other nodes' pods and the VXLAN device".to_string();
-        report
-            .record(krate_net::routes::remove_all().await.map(|()| what.clone()).map_err(|e| format!("{what}: {e:#}")));
+        let routes = krate_net::routes::remove_all().await;
+        report.record("routes to other nodes' pods and the VXLAN device".into(), routes);
     }
     match unmount_under(dir) {
         Ok(0) => {}
@@ -380,10 +379,11 @@ pub struct ResetReport {
 }
 
 impl ResetReport {
-    fn record(&mut self, result: std::result::Result<String, String>) {
+    /// `what` goes to `removed`, or with why to `left`.
+    fn record(&mut self, what: String, result: Result<()>) {
         match result {
-            Ok(what) => self.removed.push(what),
-            Err(why) => self.left.push(why),
+            Ok(()) => self.removed.push(what),
+            Err(e) => self.left.push(format!("{what}: {e:#}")),
         }
     }
 }

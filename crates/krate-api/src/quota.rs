@@ -118,27 +118,6 @@ pub fn missing_pod_amounts(hard: &serde_json::Map<String, Value>, pod: &Value) -
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use serde_json::json;
-
-    #[test]
-    fn pods_count_requests_and_limits() {
-        let pod = json!({"spec": {"containers": [{"resources": {"requests": {"cpu": "250m"}, "limits": {"memory": "1Gi"}}}]}});
-        let u = super::usage("", "pods", &pod);
-        assert_eq!(u.get("pods"), Some(1.0));
-        assert_eq!(u.get("count/pods"), Some(1.0));
-        assert_eq!(u.get("requests.cpu"), Some(0.25));
-        assert_eq!(u.get("cpu"), Some(0.25));
-        assert_eq!(u.get("limits.memory"), Some(1024.0 * 1024.0 * 1024.0));
-        assert_eq!(super::usage("", "pods", &json!({"status": {"phase": "Succeeded"}})).get("pods"), None);
-        assert_eq!(super::usage("apps", "deployments", &json!({})).get("count/deployments.apps"), Some(1.0));
-        let hard = json!({"requests.cpu": "1", "limits.cpu": "2", "pods": "3"});
-        assert_eq!(super::missing_pod_amounts(hard.as_object().unwrap(), &pod), vec!["limits.cpu".to_string()]);
-        assert_eq!(super::counted_resource("count/deployments.apps"), Some(("apps".into(), "deployments".into())));
-    }
-}
-
 /// Whether `obj` (of `group/plural`) falls under the scopes of `quota` (its
 /// `spec.scopes` and `spec.scopeSelector`, all of which must match, as upstream). The
 /// pod scopes (Terminating, NotTerminating, BestEffort, NotBestEffort, PriorityClass,
@@ -167,13 +146,12 @@ pub fn in_scope(quota: &Value, group: &str, plural: &str, obj: &Value) -> bool {
 
 fn pod_in_scope(pod: &Value, scope: &str, operator: &str, values: &[String]) -> bool {
     let terminating = pod.pointer("/spec/activeDeadlineSeconds").and_then(Value::as_i64).is_some_and(|s| s >= 0);
-    let best_effort =
-        pod_amounts(pod, "requests").iter().next().is_none() && pod_amounts(pod, "limits").iter().next().is_none();
+    let best_effort = || crate::strategy::qos_class(pod.get("spec").unwrap_or(&Value::Null)) == "BestEffort";
     match scope {
         "Terminating" => terminating,
         "NotTerminating" => !terminating,
-        "BestEffort" => best_effort,
-        "NotBestEffort" => !best_effort,
+        "BestEffort" => best_effort(),
+        "NotBestEffort" => !best_effort(),
         "PriorityClass" => {
             let class = pod.pointer("/spec/priorityClassName").and_then(Value::as_str).filter(|c| !c.is_empty());
             match operator {
@@ -204,10 +182,24 @@ fn pod_in_scope(pod: &Value, scope: &str, operator: &str, values: &[String]) -> 
 }
 
 #[cfg(test)]
-mod scope_tests {
+mod tests {
     use serde_json::json;
 
-    use super::in_scope;
+    #[test]
+    fn pods_count_requests_and_limits() {
+        let pod = json!({"spec": {"containers": [{"resources": {"requests": {"cpu": "250m"}, "limits": {"memory": "1Gi"}}}]}});
+        let u = super::usage("", "pods", &pod);
+        assert_eq!(u.get("pods"), Some(1.0));
+        assert_eq!(u.get("count/pods"), Some(1.0));
+        assert_eq!(u.get("requests.cpu"), Some(0.25));
+        assert_eq!(u.get("cpu"), Some(0.25));
+        assert_eq!(u.get("limits.memory"), Some(1024.0 * 1024.0 * 1024.0));
+        assert_eq!(super::usage("", "pods", &json!({"status": {"phase": "Succeeded"}})).get("pods"), None);
+        assert_eq!(super::usage("apps", "deployments", &json!({})).get("count/deployments.apps"), Some(1.0));
+        let hard = json!({"requests.cpu": "1", "limits.cpu": "2", "pods": "3"});
+        assert_eq!(super::missing_pod_amounts(hard.as_object().unwrap(), &pod), vec!["limits.cpu".to_string()]);
+        assert_eq!(super::counted_resource("count/deployments.apps"), Some(("apps".into(), "deployments".into())));
+    }
 
     #[test]
     fn scoped_quotas_count_only_the_pods_in_their_scopes() {
@@ -219,13 +211,13 @@ mod scope_tests {
         let deadline = json!({"spec": {"activeDeadlineSeconds": 30, "containers": [{"name": "c"}]}});
         let burstable = json!({"spec": {"containers": [{"name": "c", "resources": {"requests": {"cpu": "1"}}}],
                                         "priorityClassName": "high"}});
-        assert!(!in_scope(&terminating, "", "pods", &plain));
-        assert!(in_scope(&terminating, "", "pods", &deadline));
-        assert!(!in_scope(&not_best_effort, "", "pods", &plain));
-        assert!(in_scope(&not_best_effort, "", "pods", &burstable));
-        assert!(in_scope(&high, "", "pods", &burstable) && !in_scope(&high, "", "pods", &plain));
+        assert!(!super::in_scope(&terminating, "", "pods", &plain));
+        assert!(super::in_scope(&terminating, "", "pods", &deadline));
+        assert!(!super::in_scope(&not_best_effort, "", "pods", &plain));
+        assert!(super::in_scope(&not_best_effort, "", "pods", &burstable));
+        assert!(super::in_scope(&high, "", "pods", &burstable) && !super::in_scope(&high, "", "pods", &plain));
         // Scoped quotas count pods only; unscoped ones count everything.
-        assert!(!in_scope(&terminating, "", "configmaps", &json!({})));
-        assert!(in_scope(&json!({"spec": {}}), "", "configmaps", &json!({})));
+        assert!(!super::in_scope(&terminating, "", "configmaps", &json!({})));
+        assert!(super::in_scope(&json!({"spec": {}}), "", "configmaps", &json!({})));
     }
 }

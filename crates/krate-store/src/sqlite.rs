@@ -139,6 +139,15 @@ impl SqliteStore {
     }
 }
 
+fn write_meta(conn: &Connection, name: &str, value: i64) -> Result<()> {
+    conn.execute(
+        "INSERT INTO kv_meta(name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+        params![name, value],
+    )
+    .map(drop)
+    .map_err(backend)
+}
+
 fn read_meta(conn: &Connection, name: &str) -> Result<i64> {
     Ok(conn
         .query_row("SELECT value FROM kv_meta WHERE name = ?1", [name], |r| r.get(0))
@@ -164,11 +173,7 @@ fn check_format(conn: &Connection, path: &Path) -> Result<()> {
         )));
     }
     if format < FORMAT {
-        conn.execute(
-            "INSERT INTO kv_meta(name, value) VALUES ('format', ?1) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-            [FORMAT],
-        )
-        .map_err(backend)?;
+        write_meta(conn, "format", FORMAT)?;
     }
     Ok(())
 }
@@ -191,11 +196,14 @@ fn describe(conn: &Connection) -> Result<Snapshot> {
     Ok(Snapshot { revision, keys, format: read_meta(conn, "format")? })
 }
 
+/// Opens an existing database file (never creating one) with `flags`.
+fn open_existing(db: &Path, flags: rusqlite::OpenFlags) -> Result<Connection> {
+    Connection::open_with_flags(db, flags).map_err(|e| backend(format!("opening {}: {e}", db.display())))
+}
+
 /// What the database at `db` holds, read without writing to it (`krate doctor`).
 pub fn inspect(db: &Path) -> Result<Snapshot> {
-    use rusqlite::OpenFlags;
-    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|e| backend(format!("opening {}: {e}", db.display())))?;
+    let conn = open_existing(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(Duration::from_secs(5)).map_err(backend)?;
     describe(&conn)
 }
@@ -205,8 +213,7 @@ pub fn inspect(db: &Path) -> Result<Snapshot> {
 /// (WAL readers do not block the writer).
 pub fn backup(db: &Path, dest: &Path) -> Result<Snapshot> {
     use rusqlite::OpenFlags;
-    let src = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(|e| backend(format!("opening {}: {e}", db.display())))?;
+    let src = open_existing(db, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     src.busy_timeout(Duration::from_secs(30)).map_err(backend)?;
     let mut dst = Connection::open(dest).map_err(|e| backend(format!("creating {}: {e}", dest.display())))?;
     {
@@ -232,9 +239,7 @@ pub fn backup(db: &Path, dest: &Path) -> Result<Snapshot> {
 /// cluster gave since the backup, and a client watching from an old one gets 410 Gone
 /// and lists again instead of missing changes.
 pub fn prepare_restored(db: &Path, bump: Revision) -> Result<Snapshot> {
-    use rusqlite::OpenFlags;
-    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_WRITE)
-        .map_err(|e| backend(format!("opening {}: {e}", db.display())))?;
+    let conn = open_existing(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)?;
     let damaged = |e: rusqlite::Error| backend(format!("{} is not an intact krate database: {e}", db.display()));
     let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(damaged)?;
     if check != "ok" {
@@ -247,11 +252,7 @@ pub fn prepare_restored(db: &Path, bump: Revision) -> Result<Snapshot> {
     let before = describe(&conn)?;
     let revision = before.revision + bump;
     for name in ["revision", "compacted"] {
-        conn.execute(
-            "INSERT INTO kv_meta(name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-            params![name, revision],
-        )
-        .map_err(backend)?;
+        write_meta(&conn, name, revision)?;
     }
     Ok(Snapshot { revision, ..before })
 }

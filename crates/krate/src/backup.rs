@@ -69,7 +69,7 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let manifest = json!({
         "kind": "KrateBackup",
         "krateVersion": krate_version::VERSION,
-        "created": now_rfc3339(),
+        "created": krate_api::object::now_rfc3339(),
         "storeFormat": snapshot.format,
         "revision": snapshot.revision,
         "objects": snapshot.keys,
@@ -191,8 +191,4 @@ fn unpack(file: &Path, dir: &Path) -> anyhow::Result<Value> {
         }
     }
     manifest.ok_or_else(|| anyhow::anyhow!("it has no {MANIFEST}"))
-}
-
-fn now_rfc3339() -> String {
-    krate_api::object::now_rfc3339()
 }

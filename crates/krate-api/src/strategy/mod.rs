@@ -11,7 +11,7 @@ mod pod;
 mod services;
 mod workloads;
 
-pub use pod::{default_pod_spec, validate_pod_spec, PodStrategy, PodTemplateStrategy};
+pub use pod::{default_pod_spec, qos_class, validate_pod_spec, PodStrategy, PodTemplateStrategy};
 pub use services::{
     needs_cluster_ip, needs_health_check_node_port, needs_node_ports, EndpointSliceStrategy, EndpointsStrategy,
     NetworkPolicyStrategy, ServiceStrategy,

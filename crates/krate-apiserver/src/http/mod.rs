@@ -405,10 +405,9 @@ fn document_response(doc: &docs::Document, content_type: &str, request: &HeaderM
 
 fn lookup(server: &ApiServer, path: &ResourcePath) -> ApiResult<Arc<KindInfo>> {
     let kinds = server.kinds();
-    let not_found = || ApiError::no_such_path();
-    let kind = kinds.lookup(&path.group, &path.version, &path.resource).cloned().ok_or_else(not_found)?;
+    let kind = kinds.lookup(&path.group, &path.version, &path.resource).cloned().ok_or_else(ApiError::no_such_path)?;
     if path.namespace.is_some() && !kind.namespaced {
-        return Err(not_found());
+        return Err(ApiError::no_such_path());
     }
     Ok(kind)
 }
@@ -421,7 +420,6 @@ enum Target {
 }
 
 fn target(kind: &KindInfo, path: &ResourcePath) -> ApiResult<Target> {
-    let not_found = || ApiError::no_such_path();
     let Some(name) = path.subresource.as_deref() else {
         return Ok(match kind.handler {
             Some(handler) => Target::Handler(handler, &[]),
@@ -432,7 +430,7 @@ fn target(kind: &KindInfo, path: &ResourcePath) -> ApiResult<Target> {
         "status" if kind.status => Ok(Target::Generic(Subresource::Status)),
         "scale" if kind.scale.is_some() => Ok(Target::Generic(Subresource::Scale)),
         _ => {
-            let declared = kind.subresource(name).ok_or_else(not_found)?;
+            let declared = kind.subresource(name).ok_or_else(ApiError::no_such_path)?;
             Ok(match declared.handler {
                 // Served by the generic path, as a status-like write.
                 krate_api::kinds::SubresourceHandler::Approval => Target::Generic(Subresource::Approval),
@@ -940,6 +938,9 @@ fn list_metadata(result: &registry::ListResult) -> Value {
 #[cfg(test)]
 mod tests {
     use http::Method;
+    use serde_json::json;
+
+    use crate::testing::TestApi;
 
     #[test]
     fn a_repeated_yaml_key_is_reported_with_its_line() {
@@ -951,9 +952,6 @@ mod tests {
         );
         assert_eq!(super::yaml_duplicate_key(b"a: 1\nb: 2\n"), None);
     }
-    use serde_json::json;
-
-    use crate::testing::TestApi;
 
     #[tokio::test]
     async fn subresources_and_their_verbs_come_from_the_kinds_table() {
