@@ -37,6 +37,7 @@ SERVED = [
     "io.k8s.api.node.v1.",
     "io.k8s.api.certificates.v1.",
     "io.k8s.api.flowcontrol.v1.",
+    "io.k8s.api.admissionregistration.v1.",
     "io.k8s.apiextensions-apiserver.pkg.apis.apiextensions.v1.",
     "io.k8s.apimachinery.pkg.",
 ]

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::{
-    apps::v1 as apps, authentication::v1 as authentication, authorization::v1 as authorization,
+    admissionregistration::v1 as admissionregistration, apps::v1 as apps, authentication::v1 as authentication, authorization::v1 as authorization,
     autoscaling::v1 as autoscaling1, autoscaling::v2 as autoscaling2, batch::v1 as batch,
     certificates::v1 as certificates, coordination::v1 as coordination, core::v1 as core, discovery::v1 as discovery,
     events::v1 as events, flowcontrol::v1 as flowcontrol, networking::v1 as networking, node::v1 as node,
@@ -525,6 +525,15 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .names(NameRule::Dns1035)
             .fields(SERVICE_FIELDS)
             .strategy(&ServiceStrategy)
+            .0,
+        // admissionregistration.k8s.io/v1
+        kind::<admissionregistration::MutatingWebhookConfiguration>()
+            .printer(&printers::WEBHOOK_CONFIGURATIONS)
+            .strategy(&MUTATING_WEBHOOKS)
+            .0,
+        kind::<admissionregistration::ValidatingWebhookConfiguration>()
+            .printer(&printers::WEBHOOK_CONFIGURATIONS)
+            .strategy(&VALIDATING_WEBHOOKS)
             .0,
         // apps/v1
         kind::<apps::ControllerRevision>().0,

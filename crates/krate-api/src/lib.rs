@@ -1,6 +1,7 @@
 //! The krate API model: which kinds exist and how each behaves, independent of HTTP and
 //! storage. The API server drives these pieces through one generic REST path.
 
+pub mod cel;
 pub mod convert;
 pub mod custom;
 pub mod error;

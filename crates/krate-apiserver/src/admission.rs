@@ -24,6 +24,8 @@
 //! - NodeRestriction: a node agent (`system:node:<name>`) may create only mirror pods
 //!   bound to itself, delete, evict and write the status of only its own pods, and
 //!   create or change only its own Node and node Lease.
+//! - MutatingAdmissionWebhook and ValidatingAdmissionWebhook (`webhook/`): the
+//!   webhooks of admissionregistration.k8s.io/v1 configurations, on every operation.
 //! - VersionSkew: a node agent more than three minor versions older than its server,
 //!   or newer, may not write its Node (krate's skew policy, as upstream's for kubelets).
 
@@ -104,6 +106,8 @@ impl Default for Chain {
             Arc::new(DefaultStorageClass),
             Arc::new(StorageObjectInUseProtection),
             Arc::new(ServiceAccount),
+            Arc::new(crate::webhook::MutatingWebhooks),
+            Arc::new(crate::webhook::ValidatingWebhooks),
             Arc::new(ResourceQuota),
         ])
     }

@@ -39,6 +39,7 @@ pub mod rbac;
 pub mod registry;
 pub mod request;
 pub mod rest;
+pub mod webhook;
 
 #[cfg(test)]
 pub(crate) mod testing;

@@ -180,7 +180,7 @@ pub fn to_served(kind: &KindInfo, stored: Value) -> Value {
     }
 }
 
-fn to_storage(kind: &KindInfo, served: Value) -> Value {
+pub(crate) fn to_storage(kind: &KindInfo, served: Value) -> Value {
     match kind.conversion {
         Some(c) => c.store(served),
         None => served,

@@ -258,3 +258,9 @@ fn event_cells(core: &Value) -> Vec<Value> {
         name(core),
     ]
 }
+
+/// Mutating and validating webhook configurations: how many webhooks each holds.
+pub const WEBHOOK_CONFIGURATIONS: Printer = Printer {
+    columns: &[NAME, integer("Webhooks", 0), AGE],
+    cells: |obj| vec![name(obj), json!(count(obj, &["webhooks"])), json!(age(obj))],
+};

@@ -7,10 +7,12 @@ use serde_json::{json, Value};
 use crate::error::FieldError;
 use crate::object::{default, get, get_str};
 
+mod admissionregistration;
 mod pod;
 mod services;
 mod workloads;
 
+pub use admissionregistration::{MUTATING_WEBHOOKS, VALIDATING_WEBHOOKS};
 pub use pod::{default_pod_spec, qos_class, validate_pod_spec, PodStrategy, PodTemplateStrategy};
 pub use services::{
     needs_cluster_ip, needs_health_check_node_port, needs_node_ports, EndpointSliceStrategy, EndpointsStrategy,

@@ -30,7 +30,7 @@ mod componentstatuses;
 mod namespaces;
 pub use certificates::CsrHooks;
 pub mod pods;
-mod proxy;
+pub(crate) mod proxy;
 mod reviews;
 pub mod serviceaccounts;
 pub mod services;

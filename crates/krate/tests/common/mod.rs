@@ -13,6 +13,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 pub mod goclient;
 pub mod node;
 pub mod registry;
+pub mod webhook;
 
 pub struct TestServer {
     pub dir: tempfile::TempDir,

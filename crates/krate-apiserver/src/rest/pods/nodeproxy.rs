@@ -202,6 +202,17 @@ pub(crate) async fn open_connection(
     port: u16,
     tls: Option<Arc<rustls::ClientConfig>>,
 ) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Body>> {
+    open_connection_as(host, port, tls, host).await
+}
+
+/// `open_connection` with TLS verifying the server as `server_name` (a webhook's
+/// `svc.namespace.svc` reached at one of its endpoints).
+pub(crate) async fn open_connection_as(
+    host: &str,
+    port: u16,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    server_name: &str,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Body>> {
     let tcp = tokio::time::timeout(std::time::Duration::from_secs(10), tokio::net::TcpStream::connect((host, port)))
         .await
         .map_err(|_| anyhow::anyhow!("dial tcp {host}:{port}: i/o timeout"))??;
@@ -210,7 +221,7 @@ pub(crate) async fn open_connection(
         tokio::spawn(conn.with_upgrades());
         return Ok(sender);
     };
-    let name = rustls::pki_types::ServerName::try_from(host.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())?;
     let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
     let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn.with_upgrades());

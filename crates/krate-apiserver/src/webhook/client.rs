@@ -1,0 +1,176 @@
+//! Calling a webhook: where its `clientConfig` points (a URL, or a Service resolved to
+//! one of its ready endpoints, verified as `name.namespace.svc` as upstream's service
+//! resolver names it), HTTPS trusting only the `caBundle`, the time limit, and errors
+//! worded as upstream's Go client words them (`Post "https://...?timeout=10s": ...`),
+//! since clients and tests match on them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use base64::Engine;
+use http::{header, Request};
+use http_body_util::BodyExt;
+use k8s_openapi::api::core::v1 as core;
+use serde_json::Value;
+
+use crate::registry::Storage;
+
+/// Where one call goes.
+pub(crate) struct Target {
+    /// The URL as upstream reports it in errors (the Service's DNS name, not the endpoint).
+    pub url: String,
+    connect_host: String,
+    connect_port: u16,
+    server_name: String,
+    host_header: String,
+    path_and_query: String,
+}
+
+/// Resolves a webhook's client config for a call limited to `timeout`.
+pub(crate) async fn target(storage: &Storage, config: &Value, timeout: Duration) -> Result<Target, String> {
+    let query = format!("?timeout={}s", timeout.as_secs());
+    if let Some(url) = config["url"].as_str() {
+        let rest = url.strip_prefix("https://").ok_or_else(|| format!("webhook URL {url:?} is not https"))?;
+        let (authority, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
+        let (host, port) = split_host_port(authority)?;
+        return Ok(Target {
+            url: format!("{url}{query}"),
+            connect_host: host.clone(),
+            connect_port: port,
+            server_name: host,
+            host_header: authority.to_string(),
+            path_and_query: format!("{path}{query}"),
+        });
+    }
+    let service = &config["service"];
+    let (namespace, name) = (service["namespace"].as_str().unwrap_or_default(), service["name"].as_str().unwrap_or_default());
+    let port = service["port"].as_u64().unwrap_or(443);
+    let path = service["path"].as_str().filter(|p| !p.is_empty()).unwrap_or("/");
+    let host = format!("{name}.{namespace}.svc");
+    let url = format!("https://{host}:{port}{path}{query}");
+    let scope = storage.builtin::<core::Service>(Some(namespace.to_string()));
+    let object = storage
+        .get(&scope, name)
+        .await
+        .map_err(|_| format!("Post {url:?}: service \"{namespace}/{name}\" not found"))?
+        .parse();
+    let endpoints = storage.builtin::<core::Endpoints>(Some(namespace.to_string()));
+    let endpoints = storage.get(&endpoints, name).await.ok().map(|e| e.parse());
+    let (ip, target_port) =
+        crate::rest::proxy::service_location(&object, endpoints.as_ref(), name, &port.to_string())
+            .map_err(|e| format!("Post {url:?}: {}", e.message))?;
+    Ok(Target {
+        url,
+        connect_host: ip,
+        connect_port: target_port,
+        server_name: host.clone(),
+        host_header: format!("{host}:{port}"),
+        path_and_query: format!("{path}{query}"),
+    })
+}
+
+fn split_host_port(authority: &str) -> Result<(String, u16), String> {
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+            (h, p.parse::<u16>().map_err(|_| format!("invalid port in {authority:?}"))?)
+        }
+        _ => (authority, 443),
+    };
+    Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
+}
+
+/// TLS client configurations by caBundle, so a busy webhook does not parse its bundle
+/// on every call.
+static TLS: LazyLock<Mutex<HashMap<String, Arc<rustls::ClientConfig>>>> = LazyLock::new(Default::default);
+
+fn tls_for(ca_bundle: &str) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut cache = TLS.lock().expect("webhook TLS cache");
+    if let Some(config) = cache.get(ca_bundle) {
+        return Ok(config.clone());
+    }
+    let pem = base64::engine::general_purpose::STANDARD
+        .decode(ca_bundle)
+        .unwrap_or_else(|_| ca_bundle.as_bytes().to_vec());
+    let mut roots = rustls::RootCertStore::empty();
+    if !pem.is_empty() {
+        let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice()).filter_map(Result::ok).collect();
+        if certs.is_empty() {
+            return Err("could not get REST client: unable to load root certificates: unable to parse bytes as PEM block".into());
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| format!("could not get REST client: unable to load root certificates: {e}"))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let config = Arc::new(config);
+    if cache.len() >= 64 {
+        cache.clear();
+    }
+    cache.insert(ca_bundle.to_string(), config.clone());
+    Ok(config)
+}
+
+/// POSTs `body` (an AdmissionReview) and returns the answer's body; every failure is
+/// described as upstream's client describes it.
+pub(crate) async fn post(target: &Target, ca_bundle: &str, body: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, String> {
+    let tls = tls_for(ca_bundle)?;
+    let call = async {
+        let mut sender = crate::rest::pods::nodeproxy::open_connection_as(
+            &target.connect_host,
+            target.connect_port,
+            Some(tls),
+            &target.server_name,
+        )
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+        let request = Request::post(&target.path_and_query)
+            .header(header::HOST, &target.host_header)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json, */*")
+            .body(Body::from(body))
+            .map_err(|e| e.to_string())?;
+        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&bytes);
+            return Err(match status.as_u16() {
+                500.. => format!("an error on the server ({:?}) has prevented the request from succeeding", text.trim()),
+                code => format!("the server responded with the status code {code} but did not return more information"),
+            });
+        }
+        Ok(bytes.to_vec())
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(e)) => Err(format!("Post {:?}: {e}", target.url)),
+        Err(_) => Err(format!("Post {:?}: context deadline exceeded", target.url)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_and_ports_split_as_urls_write_them() {
+        assert_eq!(split_host_port("example.com").unwrap(), ("example.com".into(), 443));
+        assert_eq!(split_host_port("127.0.0.1:8443").unwrap(), ("127.0.0.1".into(), 8443));
+        assert_eq!(split_host_port("[::1]:9443").unwrap(), ("::1".into(), 9443));
+        assert!(split_host_port("h:port").is_err());
+    }
+
+    #[test]
+    fn a_ca_bundle_without_certificates_is_a_clear_error() {
+        let bundle = base64::engine::general_purpose::STANDARD.encode("not a certificate");
+        let err = tls_for(&bundle).unwrap_err();
+        assert!(err.contains("unable to load root certificates"), "{err}");
+    }
+}

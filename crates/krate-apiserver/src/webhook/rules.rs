@@ -1,0 +1,126 @@
+//! Which webhooks a request selects by their `rules`, as upstream's rule matcher:
+//! operation, API group, version, resource and subresource (`*` is every resource but
+//! no subresource, `*/*` everything, `pods/*` every subresource of pods, `*/status`
+//! the status of everything), and scope (a Namespace counts as cluster-scoped).
+//! Under `matchPolicy: Equivalent` a request for another version of the same stored
+//! resource (autoscaling/v1 and v2 HPAs, a CRD's versions) matches too, and the
+//! webhook is sent the object in the version its rule names.
+
+use std::sync::Arc;
+
+use krate_api::kinds::Registry;
+use krate_api::KindInfo;
+use serde_json::Value;
+
+use crate::admission::Operation;
+
+fn listed(rule: &Value, key: &str, value: &str) -> bool {
+    rule[key].as_array().into_iter().flatten().any(|v| v == "*" || v == value)
+}
+
+fn resource_matches(rule: &Value, resource: &str, subresource: &str) -> bool {
+    rule["resources"].as_array().into_iter().flatten().filter_map(Value::as_str).any(|entry| {
+        let (res, sub) = entry.split_once('/').unwrap_or((entry, ""));
+        (res == "*" || res == resource) && (sub == "*" || sub == subresource)
+    })
+}
+
+fn scope_matches(rule: &Value, kind: &KindInfo) -> bool {
+    match rule["scope"].as_str().unwrap_or("*") {
+        "Cluster" => !kind.namespaced,
+        "Namespaced" => kind.namespaced,
+        _ => true,
+    }
+}
+
+/// Whether one rule selects a request for `kind`'s resource.
+pub(super) fn rule_matches(rule: &Value, kind: &KindInfo, subresource: &str, operation: Operation) -> bool {
+    let operation = match operation {
+        Operation::Create => "CREATE",
+        Operation::Update => "UPDATE",
+        Operation::Delete => "DELETE",
+    };
+    listed(rule, "operations", operation)
+        && listed(rule, "apiGroups", &kind.group)
+        && listed(rule, "apiVersions", &kind.version)
+        && resource_matches(rule, &kind.plural, subresource)
+        && scope_matches(rule, kind)
+}
+
+/// The version of the resource the webhook is called for, if its rules select the
+/// request: the requested one, or under `Equivalent` another served version of the
+/// same stored resource that a rule names.
+pub(super) fn matching_kind(
+    kinds: &Registry,
+    requested: &KindInfo,
+    subresource: &str,
+    operation: Operation,
+    hook: &Value,
+) -> Option<Arc<KindInfo>> {
+    let rules: Vec<&Value> = hook["rules"].as_array().into_iter().flatten().collect();
+    let selects = |kind: &KindInfo| rules.iter().any(|rule| rule_matches(rule, kind, subresource, operation));
+    if selects(requested) {
+        return kinds.lookup(&requested.group, &requested.version, &requested.plural).cloned();
+    }
+    if hook["matchPolicy"] == "Exact" {
+        return None;
+    }
+    kinds
+        .kinds()
+        .iter()
+        .filter(|k| k.storage == requested.storage && (k.group != requested.group || k.version != requested.version))
+        .find(|k| selects(k))
+        .cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::autoscaling::{v1 as autoscaling1, v2 as autoscaling2};
+    use k8s_openapi::api::core::v1 as core;
+    use serde_json::json;
+
+    fn registry() -> Registry {
+        Registry::new(krate_api::kinds::builtin_kinds())
+    }
+
+    fn rule(resources: &[&str]) -> Value {
+        json!({"operations": ["CREATE"], "apiGroups": ["*"], "apiVersions": ["*"], "resources": resources, "scope": "*"})
+    }
+
+    #[test]
+    fn wildcards_select_resources_and_subresources_as_upstreams() {
+        let kinds = registry();
+        let pods = kinds.of::<core::Pod>().unwrap();
+        assert!(rule_matches(&rule(&["*"]), pods, "", Operation::Create));
+        assert!(!rule_matches(&rule(&["*"]), pods, "status", Operation::Create));
+        assert!(rule_matches(&rule(&["*/*"]), pods, "status", Operation::Create));
+        assert!(rule_matches(&rule(&["pods/*"]), pods, "ephemeralcontainers", Operation::Create));
+        assert!(rule_matches(&rule(&["*/status"]), pods, "status", Operation::Create));
+        assert!(!rule_matches(&rule(&["configmaps"]), pods, "", Operation::Create));
+        assert!(!rule_matches(&rule(&["pods"]), pods, "", Operation::Delete));
+    }
+
+    #[test]
+    fn namespaces_are_cluster_scoped() {
+        let kinds = registry();
+        let namespaces = kinds.of::<core::Namespace>().unwrap();
+        let mut namespaced = rule(&["*"]);
+        namespaced["scope"] = json!("Namespaced");
+        assert!(!rule_matches(&namespaced, namespaces, "", Operation::Create));
+        namespaced["scope"] = json!("Cluster");
+        assert!(rule_matches(&namespaced, namespaces, "", Operation::Create));
+    }
+
+    #[test]
+    fn equivalent_versions_match_unless_the_policy_is_exact() {
+        let kinds = registry();
+        let v1 = kinds.of::<autoscaling1::HorizontalPodAutoscaler>().unwrap();
+        let mut hook = json!({"rules": [{"operations": ["CREATE"], "apiGroups": ["autoscaling"], "apiVersions": ["v2"],
+            "resources": ["horizontalpodautoscalers"]}]});
+        let matched = matching_kind(&kinds, v1, "", Operation::Create, &hook).expect("equivalent");
+        assert!(matched.is::<autoscaling2::HorizontalPodAutoscaler>());
+        hook["matchPolicy"] = json!("Exact");
+        assert!(matching_kind(&kinds, v1, "", Operation::Create, &hook).is_none());
+    }
+}

@@ -1,0 +1,148 @@
+//! A small admission webhook server of the tests' own: HTTPS on 127.0.0.1 with a
+//! certificate from a CA made for it (its `ca_bundle` goes in the webhook
+//! configuration), answering AdmissionReviews by path:
+//!   /allow         allowed
+//!   /deny          refused (403, "the object carries the label deny=true") when the
+//!                  object (or, on DELETE, the old object) has the label deny=true
+//!   /mutate        allowed with a JSON patch adding the label mutated=<n>, n counting
+//!                  calls (so a reinvocation shows)
+//!   /add-init      allowed with a patch adding an init container of only a name and
+//!                  an image (the API server must default the rest)
+//!   /warn          allowed with the warning "careful"
+//!   /slow          allowed after 5 seconds
+//!   /garbage       a body that is not an AdmissionReview
+//! Every review received is kept for the test to inspect.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use serde_json::{json, Value};
+
+pub struct WebhookServer {
+    pub port: u16,
+    /// The CA's certificate, base64 of its PEM, as `clientConfig.caBundle` takes it.
+    pub ca_bundle: String,
+    reviews: Arc<Mutex<Vec<(String, Value)>>>,
+}
+
+impl WebhookServer {
+    pub fn start() -> Self {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "webhook-test-ca");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert.pem(), &ca_key).unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let chain = vec![cert.der().clone()];
+        let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key_der)
+            .unwrap();
+        let config = Arc::new(config);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let reviews: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let kept = reviews.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (config, kept, calls) = (config.clone(), kept.clone(), calls.clone());
+                std::thread::spawn(move || serve(stream, config, kept, calls));
+            }
+        });
+        let ca_bundle = base64::engine::general_purpose::STANDARD.encode(ca_cert.pem());
+        Self { port, ca_bundle, reviews }
+    }
+
+    /// The URL of one of the paths above.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The reviews received on `path` so far.
+    pub fn reviews(&self, path: &str) -> Vec<Value> {
+        self.reviews.lock().unwrap().iter().filter(|(p, _)| p == path).map(|(_, r)| r.clone()).collect()
+    }
+}
+
+fn serve(stream: TcpStream, config: Arc<rustls::ServerConfig>, kept: Arc<Mutex<Vec<(String, Value)>>>, calls: Arc<AtomicUsize>) {
+    let Ok(connection) = rustls::ServerConnection::new(config) else { return };
+    let mut tls = rustls::StreamOwned::new(connection, stream);
+    let mut reader = BufReader::new(&mut tls);
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/").to_string();
+    let mut length = 0;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).map(|n| n == 0).unwrap_or(true) || header == "\r\n" {
+            break;
+        }
+        if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    if reader.read_exact(&mut body).is_err() {
+        return;
+    }
+    let review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    kept.lock().unwrap().push((path.clone(), review.clone()));
+    let answer = answer(&path, &review, calls.fetch_add(1, Ordering::SeqCst) + 1);
+    let text = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+        answer.len()
+    );
+    let _ = tls.write_all(text.as_bytes());
+    let _ = tls.flush();
+    tls.conn.send_close_notify();
+    let _ = tls.flush();
+}
+
+fn patch(operations: Value) -> Value {
+    json!(base64::engine::general_purpose::STANDARD.encode(operations.to_string()))
+}
+
+fn answer(path: &str, review: &Value, call: usize) -> String {
+    let request = &review["request"];
+    let mut response = json!({"uid": request["uid"], "allowed": true});
+    match path {
+        "/deny" => {
+            let object = if request["operation"] == "DELETE" { &request["oldObject"] } else { &request["object"] };
+            if object.pointer("/metadata/labels/deny") == Some(&json!("true")) {
+                response["allowed"] = json!(false);
+                response["status"] = json!({"code": 403, "message": "the object carries the label deny=true"});
+            }
+        }
+        "/mutate" => {
+            let value = json!(call.to_string());
+            response["patchType"] = json!("JSONPatch");
+            response["patch"] = patch(match request["object"].pointer("/metadata/labels") {
+                Some(_) => json!([{"op": "add", "path": "/metadata/labels/mutated", "value": value}]),
+                None => json!([{"op": "add", "path": "/metadata/labels", "value": {"mutated": value}}]),
+            });
+        }
+        "/add-init" => {
+            let container = json!({"name": "webhook-added", "image": "busybox"});
+            response["patchType"] = json!("JSONPatch");
+            response["patch"] = patch(json!([{"op": "add", "path": "/spec/initContainers", "value": [container]}]));
+        }
+        "/warn" => response["warnings"] = json!(["careful"]),
+        "/slow" => std::thread::sleep(std::time::Duration::from_secs(5)),
+        "/garbage" => return "this is not a review".to_string(),
+        _ => {}
+    }
+    json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}).to_string()
+}
