@@ -62,18 +62,27 @@ pub fn to_cel(value: &Value) -> cel::Value {
 }
 
 impl Program {
-    /// Evaluates to a boolean with `variables` bound; an error names what went wrong
-    /// (a missing field, a non-boolean result).
-    pub fn evaluate_bool(&self, variables: &[(&str, &Value)]) -> Result<bool, String> {
+    fn execute(&self, variables: &[(&str, &Value)]) -> Result<cel::Value, String> {
         let mut context = cel::Context::default();
         for (name, value) in variables {
             context.add_variable_from_value(*name, to_cel(value));
         }
-        match self.0.execute(&context) {
-            Ok(cel::Value::Bool(b)) => Ok(b),
-            Ok(other) => Err(format!("expression must evaluate to bool, got {:?}", other.type_of())),
-            Err(e) => Err(e.to_string()),
+        self.0.execute(&context).map_err(|e| e.to_string())
+    }
+
+    /// Evaluates to a boolean with `variables` bound; an error names what went wrong
+    /// (a missing field, a non-boolean result).
+    pub fn evaluate_bool(&self, variables: &[(&str, &Value)]) -> Result<bool, String> {
+        match self.execute(variables)? {
+            cel::Value::Bool(b) => Ok(b),
+            other => Err(format!("expression must evaluate to bool, got {:?}", other.type_of())),
         }
+    }
+
+    /// Evaluates to any value representable in JSON.
+    pub fn evaluate(&self, variables: &[(&str, &Value)]) -> Result<Value, String> {
+        let value = self.execute(variables)?;
+        value.json().map_err(|e| e.to_string())
     }
 }
 
@@ -145,7 +154,10 @@ mod tests {
         ]);
         validate_match_conditions(&conditions, "webhooks[0].matchConditions", &mut errs);
         let lines: Vec<String> = errs.iter().map(FieldError::to_line).collect();
-        assert!(lines.contains(&"webhooks[0].matchConditions[1].name: Duplicate value: \"a\"".to_string()), "{lines:?}");
+        assert!(
+            lines.contains(&"webhooks[0].matchConditions[1].name: Duplicate value: \"a\"".to_string()),
+            "{lines:?}"
+        );
         assert!(lines.iter().any(|l| l.starts_with("webhooks[0].matchConditions[1].expression: Invalid value: \"... [] bad expression\": compilation failed")), "{lines:?}");
         assert!(lines.contains(&"webhooks[0].matchConditions[2].name: Required value".to_string()), "{lines:?}");
         assert!(lines.contains(&"webhooks[0].matchConditions[2].expression: Required value".to_string()), "{lines:?}");

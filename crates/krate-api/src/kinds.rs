@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::{
-    admissionregistration::v1 as admissionregistration, apps::v1 as apps, authentication::v1 as authentication, authorization::v1 as authorization,
-    autoscaling::v1 as autoscaling1, autoscaling::v2 as autoscaling2, batch::v1 as batch,
-    certificates::v1 as certificates, coordination::v1 as coordination, core::v1 as core, discovery::v1 as discovery,
-    events::v1 as events, flowcontrol::v1 as flowcontrol, networking::v1 as networking, node::v1 as node,
-    policy::v1 as policy, rbac::v1 as rbac, scheduling::v1 as scheduling, storage::v1 as storage,
+    admissionregistration::v1 as admissionregistration, apps::v1 as apps, authentication::v1 as authentication,
+    authorization::v1 as authorization, autoscaling::v1 as autoscaling1, autoscaling::v2 as autoscaling2,
+    batch::v1 as batch, certificates::v1 as certificates, coordination::v1 as coordination, core::v1 as core,
+    discovery::v1 as discovery, events::v1 as events, flowcontrol::v1 as flowcontrol, networking::v1 as networking,
+    node::v1 as node, policy::v1 as policy, rbac::v1 as rbac, scheduling::v1 as scheduling, storage::v1 as storage,
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiextensions;
 use k8s_openapi::{ClusterResourceScope, NamespaceResourceScope, Resource};
@@ -534,6 +534,14 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
         kind::<admissionregistration::ValidatingWebhookConfiguration>()
             .printer(&printers::WEBHOOK_CONFIGURATIONS)
             .strategy(&VALIDATING_WEBHOOKS)
+            .0,
+        kind::<admissionregistration::ValidatingAdmissionPolicy>()
+            .status()
+            .status_metadata(&[])
+            .strategy(&ValidatingAdmissionPolicyStrategy)
+            .0,
+        kind::<admissionregistration::ValidatingAdmissionPolicyBinding>()
+            .strategy(&ValidatingAdmissionPolicyBindingStrategy)
             .0,
         // apps/v1
         kind::<apps::ControllerRevision>().0,

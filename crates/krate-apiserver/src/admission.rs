@@ -26,6 +26,8 @@
 //!   create or change only its own Node and node Lease.
 //! - MutatingAdmissionWebhook and ValidatingAdmissionWebhook (`webhook/`): the
 //!   webhooks of admissionregistration.k8s.io/v1 configurations, on every operation.
+//! - ValidatingAdmissionPolicy (`policy.rs`): CEL validations of policies in force
+//!   through their bindings.
 //! - VersionSkew: a node agent more than three minor versions older than its server,
 //!   or newer, may not write its Node (krate's skew policy, as upstream's for kubelets).
 
@@ -45,6 +47,8 @@ pub enum Operation {
     Create,
     Update,
     Delete,
+    /// exec, attach, port-forward and proxy: the object is the request's options.
+    Connect,
 }
 
 /// The request an object comes with, for admission plugins.
@@ -107,6 +111,7 @@ impl Default for Chain {
             Arc::new(StorageObjectInUseProtection),
             Arc::new(ServiceAccount),
             Arc::new(crate::webhook::MutatingWebhooks),
+            Arc::new(crate::policy::ValidatingAdmissionPolicy),
             Arc::new(crate::webhook::ValidatingWebhooks),
             Arc::new(ResourceQuota),
         ])
@@ -385,7 +390,7 @@ impl Plugin for ResourceQuota {
     async fn validate(&self, storage: &Storage, attrs: &Attributes<'_>, obj: &Value) -> ApiResult<()> {
         match attrs.operation {
             Operation::Create => storage.admit_quota(attrs.kind, obj, attrs.dry_run).await,
-            Operation::Update | Operation::Delete => Ok(()),
+            Operation::Update | Operation::Delete | Operation::Connect => Ok(()),
         }
     }
 }
@@ -411,6 +416,20 @@ const HIGHEST_USER_PRIORITY: i64 = 1_000_000_000;
 const QUOTA_RETRIES: usize = 16;
 
 impl Storage {
+    /// Admission of a connect request (exec, attach, port-forward) on its options
+    /// object; built-in plugins leave connects alone, webhooks and policies may refuse.
+    pub async fn admit_connect(
+        &self,
+        kind: &KindInfo,
+        request: &RequestAttributes,
+        mut options: Value,
+    ) -> ApiResult<()> {
+        let attrs =
+            Attributes { kind, operation: Operation::Connect, old: None, request: Some(request), dry_run: false };
+        self.admission.admit(self, &attrs, &mut options).await?;
+        self.admission.validate(self, &attrs, &options).await
+    }
+
     /// The cached objects of `scope`. As upstream's admission reads informers, this does
     /// not wait for the cache to catch up with the store unless `fresh` is asked for.
     pub(crate) async fn cached_objects(&self, scope: &Scope, fresh: bool) -> Vec<Value> {

@@ -35,6 +35,7 @@ pub mod http;
 pub mod limitranger;
 pub mod metrics;
 pub mod podsecurity;
+pub mod policy;
 pub mod rbac;
 pub mod registry;
 pub mod request;

@@ -125,8 +125,13 @@ fn a_mutating_webhook_adds_a_label() {
 fn a_webhook_asking_to_be_reinvoked_runs_again_after_a_later_change() {
     let server = TestServer::start();
     let hooks = WebhookServer::start();
-    let first =
-        webhook("a.krate.test", &hooks.url("/mutate"), &hooks.ca_bundle, &["configmaps"], json!({"reinvocationPolicy": "IfNeeded"}));
+    let first = webhook(
+        "a.krate.test",
+        &hooks.url("/mutate"),
+        &hooks.ca_bundle,
+        &["configmaps"],
+        json!({"reinvocationPolicy": "IfNeeded"}),
+    );
     let second = webhook("b.krate.test", &hooks.url("/mutate"), &hooks.ca_bundle, &["configmaps"], json!({}));
     configure(&server, "MutatingWebhookConfiguration", "mutate", vec![first, second]);
     assert!(create_configmap(&server, "twice", &[]).status.success());
@@ -164,7 +169,13 @@ fn an_unreachable_webhook_fails_closed_unless_its_policy_is_ignore() {
         "ValidatingWebhookConfiguration",
         "down",
         vec![
-            webhook("closed.krate.test", &down, &hooks.ca_bundle, &["configmaps"], json!({"objectSelector": {"matchLabels": {"policy": "fail"}}})),
+            webhook(
+                "closed.krate.test",
+                &down,
+                &hooks.ca_bundle,
+                &["configmaps"],
+                json!({"objectSelector": {"matchLabels": {"policy": "fail"}}}),
+            ),
             webhook("open.krate.test", &down, &hooks.ca_bundle, &["configmaps"], json!({"failurePolicy": "Ignore"})),
         ],
     );
@@ -214,7 +225,8 @@ fn warnings_from_a_webhook_reach_the_client() {
 fn match_conditions_select_requests_and_must_compile() {
     let server = TestServer::start();
     let hooks = WebhookServer::start();
-    let conditions = json!({"matchConditions": [{"name": "not-skipped", "expression": "object.metadata.name != 'skip-me'"}]});
+    let conditions =
+        json!({"matchConditions": [{"name": "not-skipped", "expression": "object.metadata.name != 'skip-me'"}]});
     configure(
         &server,
         "ValidatingWebhookConfiguration",
@@ -245,8 +257,20 @@ fn bad_webhook_answers_and_ca_bundles_fail_with_clear_errors() {
         "ValidatingWebhookConfiguration",
         "broken",
         vec![
-            webhook("garbage.krate.test", &hooks.url("/garbage"), &hooks.ca_bundle, &["configmaps"], json!({"objectSelector": {"matchLabels": {"case": "garbage"}}})),
-            webhook("untrusted.krate.test", &hooks.url("/allow"), &other_ca, &["configmaps"], json!({"objectSelector": {"matchLabels": {"case": "untrusted"}}})),
+            webhook(
+                "garbage.krate.test",
+                &hooks.url("/garbage"),
+                &hooks.ca_bundle,
+                &["configmaps"],
+                json!({"objectSelector": {"matchLabels": {"case": "garbage"}}}),
+            ),
+            webhook(
+                "untrusted.krate.test",
+                &hooks.url("/allow"),
+                &other_ca,
+                &["configmaps"],
+                json!({"objectSelector": {"matchLabels": {"case": "untrusted"}}}),
+            ),
         ],
     );
     let out = create_configmap(&server, "g", &["case=garbage"]);
@@ -256,7 +280,11 @@ fn bad_webhook_answers_and_ca_bundles_fail_with_clear_errors() {
         stderr(&out)
     );
     let out = create_configmap(&server, "u", &["case=untrusted"]);
-    assert!(stderr(&out).contains("failed calling webhook \"untrusted.krate.test\": failed to call webhook"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("failed calling webhook \"untrusted.krate.test\": failed to call webhook"),
+        "{}",
+        stderr(&out)
+    );
     assert!(stderr(&out).to_lowercase().contains("certificate"), "{}", stderr(&out));
     assert!(hooks.reviews("/allow").is_empty(), "nothing was sent to a server the bundle does not trust");
 }
@@ -266,7 +294,8 @@ fn webhook_configurations_are_never_sent_to_webhooks_so_a_broken_one_can_be_remo
     let server = TestServer::start();
     let hooks = WebhookServer::start();
     let down = format!("https://127.0.0.1:{}/allow", common::free_port());
-    let everything = json!({"rules": [{"operations": ["*"], "apiGroups": ["*"], "apiVersions": ["*"], "resources": ["*/*"]}]});
+    let everything =
+        json!({"rules": [{"operations": ["*"], "apiGroups": ["*"], "apiVersions": ["*"], "resources": ["*/*"]}]});
     configure(
         &server,
         "ValidatingWebhookConfiguration",

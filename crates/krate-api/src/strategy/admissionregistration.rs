@@ -1,7 +1,9 @@
-//! admissionregistration.k8s.io/v1 webhook configurations: upstream's v1 defaults and
-//! validation (`pkg/apis/admissionregistration/validation`), with its messages. The
-//! API server's webhook dispatcher (`krate-apiserver/src/webhook/`) relies on what is
-//! checked here: every webhook has a client config, known policies and sane rules.
+//! admissionregistration.k8s.io/v1: webhook configurations and validating admission
+//! policies with their bindings; upstream's v1 defaults and validation
+//! (`pkg/apis/admissionregistration/validation`), with its messages. The API server's
+//! webhook dispatcher (`krate-apiserver/src/webhook/`) and policy plugin (`policy.rs`)
+//! rely on what is checked here: every webhook has a client config, known policies and
+//! sane rules; every CEL expression of a policy compiles.
 
 use serde_json::{json, Value};
 
@@ -63,6 +65,166 @@ impl Strategy for WebhookConfigurationStrategy {
     }
 }
 
+/// ValidatingAdmissionPolicy.
+pub struct ValidatingAdmissionPolicyStrategy;
+
+/// The variables a policy's expressions may use.
+pub const POLICY_VARIABLES: &[&str] =
+    &["object", "oldObject", "request", "params", "namespaceObject", "authorizer", "variables"];
+
+/// `matchConstraints` / `matchResources` defaults.
+fn default_match_resources(match_resources: &mut Value) {
+    if !match_resources.is_object() {
+        return;
+    }
+    default(match_resources, &["matchPolicy"], json!("Equivalent"));
+    default(match_resources, &["namespaceSelector"], json!({}));
+    default(match_resources, &["objectSelector"], json!({}));
+    for key in ["resourceRules", "excludeResourceRules"] {
+        for rule in match_resources.get_mut(key).and_then(Value::as_array_mut).into_iter().flatten() {
+            default(rule, &["scope"], json!("*"));
+        }
+    }
+}
+
+fn validate_match_resources(match_resources: &Value, path: &str, errs: &mut Errors) {
+    check_enum(match_resources, "matchPolicy", path, MATCH_POLICIES, errs);
+    for selector in ["namespaceSelector", "objectSelector"] {
+        if let Some(s) = match_resources.get(selector).filter(|s| !s.is_null()) {
+            if let Err(e) = LabelSelector::from_json(s) {
+                errs.push(FieldError::invalid(format!("{path}.{selector}"), s, &e));
+            }
+        }
+    }
+    for key in ["resourceRules", "excludeResourceRules"] {
+        for (i, rule) in match_resources[key].as_array().into_iter().flatten().enumerate() {
+            validate_rule(rule, &format!("{path}.{key}[{i}]"), errs);
+        }
+    }
+}
+
+/// An expression that must compile in the policy environment.
+fn check_expression(value: &Value, path: String, required: bool, errs: &mut Errors) {
+    match value.as_str().filter(|e| !e.trim().is_empty()) {
+        None if required => errs.push(FieldError::required(path, "")),
+        None => {}
+        Some(expression) => {
+            if let Err(e) = crate::cel::compile(expression, POLICY_VARIABLES) {
+                errs.push(FieldError::invalid(path, value, &e));
+            }
+        }
+    }
+}
+
+impl Strategy for ValidatingAdmissionPolicyStrategy {
+    fn default(&self, obj: &mut Value) {
+        default(obj, &["spec", "failurePolicy"], json!("Fail"));
+        if let Some(constraints) = obj.pointer_mut("/spec/matchConstraints") {
+            default_match_resources(constraints);
+        }
+    }
+
+    fn validate(&self, obj: &Value, errs: &mut Errors) {
+        let spec = &obj["spec"];
+        check_enum(spec, "failurePolicy", "spec", FAILURE_POLICIES, errs);
+        match spec.get("matchConstraints").filter(|c| c.is_object()) {
+            None => errs.push(FieldError::required("spec.matchConstraints", "")),
+            Some(constraints) => {
+                if constraints["resourceRules"].as_array().is_none_or(Vec::is_empty) {
+                    errs.push(FieldError::required("spec.matchConstraints.resourceRules", ""));
+                }
+                validate_match_resources(constraints, "spec.matchConstraints", errs);
+            }
+        }
+        let validations = spec["validations"].as_array().map_or(0, Vec::len);
+        let annotations = spec["auditAnnotations"].as_array().map_or(0, Vec::len);
+        if validations == 0 && annotations == 0 {
+            let why = "validations or auditAnnotations must contain at least one item";
+            errs.push(FieldError::required("spec.validations", why));
+            errs.push(FieldError::required("spec.auditAnnotations", why));
+        }
+        for (i, v) in spec["validations"].as_array().into_iter().flatten().enumerate() {
+            check_expression(&v["expression"], format!("spec.validations[{i}].expression"), true, errs);
+            check_expression(&v["messageExpression"], format!("spec.validations[{i}].messageExpression"), false, errs);
+            const REASONS: &[&str] = &["Forbidden", "Invalid", "RequestEntityTooLarge", "Unauthorized"];
+            check_enum(v, "reason", &format!("spec.validations[{i}]"), REASONS, errs);
+        }
+        for (i, a) in spec["auditAnnotations"].as_array().into_iter().flatten().enumerate() {
+            check_expression(&a["valueExpression"], format!("spec.auditAnnotations[{i}].valueExpression"), true, errs);
+        }
+        for (i, v) in spec["variables"].as_array().into_iter().flatten().enumerate() {
+            if v["name"].as_str().is_none_or(str::is_empty) {
+                errs.push(FieldError::required(format!("spec.variables[{i}].name"), ""));
+            }
+            check_expression(&v["expression"], format!("spec.variables[{i}].expression"), true, errs);
+        }
+        for (i, c) in spec["matchConditions"].as_array().into_iter().flatten().enumerate() {
+            check_expression(&c["expression"], format!("spec.matchConditions[{i}].expression"), true, errs);
+        }
+        if let Some(param_kind) = spec.get("paramKind").filter(|p| !p.is_null()) {
+            for key in ["apiVersion", "kind"] {
+                if param_kind[key].as_str().is_none_or(str::is_empty) {
+                    errs.push(FieldError::required(format!("spec.paramKind.{key}"), ""));
+                }
+            }
+        }
+    }
+}
+
+/// ValidatingAdmissionPolicyBinding.
+pub struct ValidatingAdmissionPolicyBindingStrategy;
+
+impl Strategy for ValidatingAdmissionPolicyBindingStrategy {
+    fn default(&self, obj: &mut Value) {
+        if let Some(resources) = obj.pointer_mut("/spec/matchResources") {
+            default_match_resources(resources);
+        }
+    }
+
+    fn validate(&self, obj: &Value, errs: &mut Errors) {
+        let spec = &obj["spec"];
+        if spec["policyName"].as_str().is_none_or(str::is_empty) {
+            errs.push(FieldError::required("spec.policyName", ""));
+        }
+        if let Some(resources) = spec.get("matchResources").filter(|r| r.is_object()) {
+            validate_match_resources(resources, "spec.matchResources", errs);
+        }
+        const ACTIONS: &[&str] = &["Audit", "Deny", "Warn"];
+        let actions: Vec<&str> =
+            spec["validationActions"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        if actions.is_empty() {
+            errs.push(FieldError::required("spec.validationActions", ""));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, action) in actions.iter().enumerate() {
+            if !ACTIONS.contains(action) {
+                errs.push(FieldError::not_supported(format!("spec.validationActions[{i}]"), &json!(action), ACTIONS));
+            } else if !seen.insert(action) {
+                errs.push(FieldError::duplicate(format!("spec.validationActions[{i}]"), &json!(action)));
+            }
+        }
+        if actions.contains(&"Deny") && actions.contains(&"Warn") {
+            errs.push(FieldError::invalid(
+                "spec.validationActions",
+                &spec["validationActions"],
+                "must not contain both Deny and Warn (repeating the same validation failure information in the API response and headers serves no purpose)",
+            ));
+        }
+        if let Some(param_ref) = spec.get("paramRef").filter(|p| !p.is_null()) {
+            let named = param_ref["name"].as_str().is_some_and(|n| !n.is_empty());
+            if named == param_ref.get("selector").is_some_and(|s| !s.is_null()) {
+                errs.push(FieldError::required("spec.paramRef", "one of name or selector must be specified"));
+            }
+            match param_ref.get("parameterNotFoundAction") {
+                None | Some(Value::Null) => {
+                    errs.push(FieldError::required("spec.paramRef.parameterNotFoundAction", ""))
+                }
+                Some(_) => check_enum(param_ref, "parameterNotFoundAction", "spec.paramRef", &["Allow", "Deny"], errs),
+            }
+        }
+    }
+}
+
 fn str_at<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(Value::as_str)
 }
@@ -84,7 +246,11 @@ fn validate_webhook(hook: &Value, path: &str, mutating: bool, errs: &mut Errors)
     } else if let Some(problems) = Some(is_dns1123_subdomain(name)).filter(|p| !p.is_empty()) {
         errs.push(FieldError::invalid(name_path, &json!(name), &problems.join(",")));
     } else if name.split('.').count() < 3 {
-        errs.push(FieldError::invalid(name_path, &json!(name), "should be a domain with at least three segments separated by dots"));
+        errs.push(FieldError::invalid(
+            name_path,
+            &json!(name),
+            "should be a domain with at least three segments separated by dots",
+        ));
     }
     for (i, rule) in hook["rules"].as_array().into_iter().flatten().enumerate() {
         validate_rule(rule, &format!("{path}.rules[{i}]"), errs);
@@ -334,8 +500,20 @@ mod tests {
             "clientConfig": {"url": "http://h/p?q=1"}}));
         let errs = errors_of(bad);
         assert!(errs.contains(&"webhooks[0].name: Invalid value: \"deny\": should be a domain with at least three segments separated by dots".to_string()), "{errs:?}");
-        assert!(errs.contains(&"webhooks[0].sideEffects: Unsupported value: \"Some\": supported values: \"None\", \"NoneOnDryRun\"".to_string()), "{errs:?}");
-        assert!(errs.contains(&"webhooks[0].timeoutSeconds: Invalid value: 31: the timeout value must be between 1 and 30 seconds".to_string()), "{errs:?}");
+        assert!(
+            errs.contains(
+                &"webhooks[0].sideEffects: Unsupported value: \"Some\": supported values: \"None\", \"NoneOnDryRun\""
+                    .to_string()
+            ),
+            "{errs:?}"
+        );
+        assert!(
+            errs.contains(
+                &"webhooks[0].timeoutSeconds: Invalid value: 31: the timeout value must be between 1 and 30 seconds"
+                    .to_string()
+            ),
+            "{errs:?}"
+        );
         assert!(errs.iter().any(|e| e.contains("'https' is the only allowed URL scheme")), "{errs:?}");
         assert!(errs.iter().any(|e| e.contains("query parameters are not permitted")), "{errs:?}");
     }
@@ -348,14 +526,21 @@ mod tests {
         h.remove("sideEffects");
         h.remove("admissionReviewVersions");
         let errs = errors_of(obj);
-        assert!(errs.contains(&"webhooks[0].clientConfig: Required value: exactly one of url or service is required".to_string()));
-        assert!(errs.contains(&"webhooks[0].sideEffects: Required value: must specify one of None, NoneOnDryRun".to_string()));
-        assert!(errs.contains(&"webhooks[0].admissionReviewVersions: Required value: must specify one of v1, v1beta1".to_string()));
+        assert!(errs.contains(
+            &"webhooks[0].clientConfig: Required value: exactly one of url or service is required".to_string()
+        ));
+        assert!(errs
+            .contains(&"webhooks[0].sideEffects: Required value: must specify one of None, NoneOnDryRun".to_string()));
+        assert!(errs.contains(
+            &"webhooks[0].admissionReviewVersions: Required value: must specify one of v1, v1beta1".to_string()
+        ));
     }
 
     #[test]
     fn duplicate_names_and_bad_resources_are_refused() {
-        let mut obj = hook(json!({"rules": [{"operations": ["*", "CREATE"], "apiGroups": ["*"], "apiVersions": ["*"], "resources": ["*/*", "pods"]}]}));
+        let mut obj = hook(
+            json!({"rules": [{"operations": ["*", "CREATE"], "apiGroups": ["*"], "apiVersions": ["*"], "resources": ["*/*", "pods"]}]}),
+        );
         let copy = obj["webhooks"][0].clone();
         obj["webhooks"].as_array_mut().unwrap().push(copy);
         let errs = errors_of(obj);

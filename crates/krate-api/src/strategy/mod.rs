@@ -12,7 +12,10 @@ mod pod;
 mod services;
 mod workloads;
 
-pub use admissionregistration::{MUTATING_WEBHOOKS, VALIDATING_WEBHOOKS};
+pub use admissionregistration::{
+    ValidatingAdmissionPolicyBindingStrategy, ValidatingAdmissionPolicyStrategy, MUTATING_WEBHOOKS, POLICY_VARIABLES,
+    VALIDATING_WEBHOOKS,
+};
 pub use pod::{default_pod_spec, qos_class, validate_pod_spec, PodStrategy, PodTemplateStrategy};
 pub use services::{
     needs_cluster_ip, needs_health_check_node_port, needs_node_ports, EndpointSliceStrategy, EndpointsStrategy,

@@ -45,7 +45,8 @@ pub(crate) async fn target(storage: &Storage, config: &Value, timeout: Duration)
         });
     }
     let service = &config["service"];
-    let (namespace, name) = (service["namespace"].as_str().unwrap_or_default(), service["name"].as_str().unwrap_or_default());
+    let (namespace, name) =
+        (service["namespace"].as_str().unwrap_or_default(), service["name"].as_str().unwrap_or_default());
     let port = service["port"].as_u64().unwrap_or(443);
     let path = service["path"].as_str().filter(|p| !p.is_empty()).unwrap_or("/");
     let host = format!("{name}.{namespace}.svc");
@@ -58,9 +59,8 @@ pub(crate) async fn target(storage: &Storage, config: &Value, timeout: Duration)
         .parse();
     let endpoints = storage.builtin::<core::Endpoints>(Some(namespace.to_string()));
     let endpoints = storage.get(&endpoints, name).await.ok().map(|e| e.parse());
-    let (ip, target_port) =
-        crate::rest::proxy::service_location(&object, endpoints.as_ref(), name, &port.to_string())
-            .map_err(|e| format!("Post {url:?}: {}", e.message))?;
+    let (ip, target_port) = crate::rest::proxy::service_location(&object, endpoints.as_ref(), name, &port.to_string())
+        .map_err(|e| format!("Post {url:?}: {}", e.message))?;
     Ok(Target {
         url,
         connect_host: ip,
@@ -90,14 +90,16 @@ fn tls_for(ca_bundle: &str) -> Result<Arc<rustls::ClientConfig>, String> {
     if let Some(config) = cache.get(ca_bundle) {
         return Ok(config.clone());
     }
-    let pem = base64::engine::general_purpose::STANDARD
-        .decode(ca_bundle)
-        .unwrap_or_else(|_| ca_bundle.as_bytes().to_vec());
+    let pem =
+        base64::engine::general_purpose::STANDARD.decode(ca_bundle).unwrap_or_else(|_| ca_bundle.as_bytes().to_vec());
     let mut roots = rustls::RootCertStore::empty();
     if !pem.is_empty() {
         let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice()).filter_map(Result::ok).collect();
         if certs.is_empty() {
-            return Err("could not get REST client: unable to load root certificates: unable to parse bytes as PEM block".into());
+            return Err(
+                "could not get REST client: unable to load root certificates: unable to parse bytes as PEM block"
+                    .into(),
+            );
         }
         for cert in certs {
             roots.add(cert).map_err(|e| format!("could not get REST client: unable to load root certificates: {e}"))?;
@@ -119,7 +121,12 @@ fn tls_for(ca_bundle: &str) -> Result<Arc<rustls::ClientConfig>, String> {
 
 /// POSTs `body` (an AdmissionReview) and returns the answer's body; every failure is
 /// described as upstream's client describes it.
-pub(crate) async fn post(target: &Target, ca_bundle: &str, body: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, String> {
+pub(crate) async fn post(
+    target: &Target,
+    ca_bundle: &str,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<Vec<u8>, String> {
     let tls = tls_for(ca_bundle)?;
     let call = async {
         let mut sender = crate::rest::pods::nodeproxy::open_connection_as(
@@ -142,7 +149,9 @@ pub(crate) async fn post(target: &Target, ca_bundle: &str, body: Vec<u8>, timeou
         if !status.is_success() {
             let text = String::from_utf8_lossy(&bytes);
             return Err(match status.as_u16() {
-                500.. => format!("an error on the server ({:?}) has prevented the request from succeeding", text.trim()),
+                500.. => {
+                    format!("an error on the server ({:?}) has prevented the request from succeeding", text.trim())
+                }
                 code => format!("the server responded with the status code {code} but did not return more information"),
             });
         }

@@ -15,7 +15,7 @@
 //! to webhooks, so a broken webhook can always be removed.
 
 mod client;
-mod rules;
+pub(crate) mod rules;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,7 +99,7 @@ impl Plugin for ValidatingWebhooks {
 
 /// Whether a write is subject to webhooks: requests from clients (not the server's own
 /// writes), of kinds other than the admission configuration kinds.
-fn applies(attrs: &Attributes<'_>) -> bool {
+pub(crate) fn applies(attrs: &Attributes<'_>) -> bool {
     const EXEMPT: &[&str] = &[
         "mutatingwebhookconfigurations",
         "validatingwebhookconfigurations",
@@ -151,9 +151,15 @@ struct Invocation {
 /// Decides whether `hook` is called: rules, namespace and object selectors, match
 /// conditions. An error only from a match condition that could not be evaluated under
 /// `failurePolicy: Fail`.
-async fn invocation(storage: &Storage, attrs: &Attributes<'_>, hook: &Hook, obj: &Value) -> ApiResult<Option<Invocation>> {
+async fn invocation(
+    storage: &Storage,
+    attrs: &Attributes<'_>,
+    hook: &Hook,
+    obj: &Value,
+) -> ApiResult<Option<Invocation>> {
     let request = attrs.request.expect("applies() checked");
-    let Some(kind) = rules::matching_kind(&storage.kinds(), attrs.kind, &request.subresource, attrs.operation, &hook.spec)
+    let Some(kind) =
+        rules::webhook_kind(&storage.kinds(), attrs.kind, &request.subresource, attrs.operation, &hook.spec)
     else {
         return Ok(None);
     };
@@ -161,11 +167,7 @@ async fn invocation(storage: &Storage, attrs: &Attributes<'_>, hook: &Hook, obj:
     if !namespace_selected(storage, attrs, &hook.spec["namespaceSelector"], new.or(old)).await {
         return Ok(None);
     }
-    let labels = |o: Option<&Value>| o.and_then(|o| o.pointer("/metadata/labels")).cloned();
-    let object_selector = LabelSelector::from_json(&hook.spec["objectSelector"]).unwrap_or_default();
-    if !object_selector.is_empty()
-        && ![new, old].iter().any(|o| o.is_some() && object_selector.matches_json(labels(*o).as_ref()))
-    {
+    if !object_selected(&hook.spec["objectSelector"], new, old) {
         return Ok(None);
     }
     for condition in hook.spec["matchConditions"].as_array().into_iter().flatten() {
@@ -173,9 +175,8 @@ async fn invocation(storage: &Storage, attrs: &Attributes<'_>, hook: &Hook, obj:
         let served = |o: Option<&Value>| o.map(|o| to_served(&kind, o.clone())).unwrap_or(Value::Null);
         let (object, old_object) = (served(new), served(old));
         let review = review_request(attrs, &kind, new, old, "");
-        let evaluated = krate_api::cel::compile(expression, krate_api::cel::MATCH_CONDITION_VARIABLES).and_then(|p| {
-            p.evaluate_bool(&[("object", &object), ("oldObject", &old_object), ("request", &review)])
-        });
+        let evaluated = krate_api::cel::compile(expression, krate_api::cel::MATCH_CONDITION_VARIABLES)
+            .and_then(|p| p.evaluate_bool(&[("object", &object), ("oldObject", &old_object), ("request", &review)]));
         match evaluated {
             Ok(true) => {}
             Ok(false) => return Ok(None),
@@ -193,16 +194,28 @@ async fn invocation(storage: &Storage, attrs: &Attributes<'_>, hook: &Hook, obj:
 }
 
 /// The new and the old object of the request (a delete has only an old one).
-fn objects<'a>(attrs: &'a Attributes<'_>, obj: &'a Value) -> (Option<&'a Value>, Option<&'a Value>) {
+pub(crate) fn objects<'a>(attrs: &'a Attributes<'_>, obj: &'a Value) -> (Option<&'a Value>, Option<&'a Value>) {
     match attrs.operation {
         Operation::Delete => (None, Some(obj)),
         _ => (Some(obj), attrs.old),
     }
 }
 
+/// Upstream's object matcher: the new or the old object's labels satisfy the selector.
+pub(crate) fn object_selected(selector: &Value, new: Option<&Value>, old: Option<&Value>) -> bool {
+    let selector = LabelSelector::from_json(selector).unwrap_or_default();
+    selector.is_empty()
+        || [new, old].into_iter().flatten().any(|o| selector.matches_json(o.pointer("/metadata/labels")))
+}
+
 /// Upstream's namespace matcher: a namespace is judged by its own labels, a namespaced
 /// object by its namespace's, a cluster-scoped object always matches.
-async fn namespace_selected(storage: &Storage, attrs: &Attributes<'_>, selector: &Value, obj: Option<&Value>) -> bool {
+pub(crate) async fn namespace_selected(
+    storage: &Storage,
+    attrs: &Attributes<'_>,
+    selector: &Value,
+    obj: Option<&Value>,
+) -> bool {
     let selector = LabelSelector::from_json(selector).unwrap_or_default();
     if selector.is_empty() {
         return true;
@@ -213,9 +226,10 @@ async fn namespace_selected(storage: &Storage, attrs: &Attributes<'_>, selector:
     if !attrs.kind.namespaced {
         return true;
     }
-    let namespace = obj.and_then(object::namespace).map(str::to_string).or_else(|| {
-        attrs.request.map(|r| r.namespace.clone()).filter(|n| !n.is_empty())
-    });
+    let namespace = obj
+        .and_then(object::namespace)
+        .map(str::to_string)
+        .or_else(|| attrs.request.map(|r| r.namespace.clone()).filter(|n| !n.is_empty()));
     let Some(namespace) = namespace else { return true };
     let labels = storage
         .cached(&storage.builtin::<core::Namespace>(None), &namespace)
@@ -233,16 +247,28 @@ fn group_version_resource(kind: &KindInfo) -> Value {
 }
 
 /// The `request` of an AdmissionReview, in upstream's field order.
-fn review_request(attrs: &Attributes<'_>, kind: &KindInfo, new: Option<&Value>, old: Option<&Value>, uid: &str) -> Value {
+pub(crate) fn review_request(
+    attrs: &Attributes<'_>,
+    kind: &KindInfo,
+    new: Option<&Value>,
+    old: Option<&Value>,
+    uid: &str,
+) -> Value {
     let request = attrs.request.expect("applies() checked");
     let mut review = serde_json::Map::new();
     review.insert("uid".into(), json!(uid));
-    review.insert("kind".into(), group_version_kind(kind));
+    let object_kind = match (attrs.operation, new.and_then(|o| o["kind"].as_str())) {
+        // A connect's object is its options (`PodExecOptions`), a core/v1 kind.
+        (Operation::Connect, Some(options)) => json!({"group": "", "version": "v1", "kind": options}),
+        _ => group_version_kind(kind),
+    };
+    review.insert("kind".into(), object_kind.clone());
     review.insert("resource".into(), group_version_resource(kind));
     if !request.subresource.is_empty() {
         review.insert("subResource".into(), json!(request.subresource));
     }
-    review.insert("requestKind".into(), group_version_kind(attrs.kind));
+    let request_kind = if attrs.operation == Operation::Connect { object_kind } else { group_version_kind(attrs.kind) };
+    review.insert("requestKind".into(), request_kind);
     review.insert("requestResource".into(), group_version_resource(attrs.kind));
     if !request.subresource.is_empty() {
         review.insert("requestSubResource".into(), json!(request.subresource));
@@ -259,6 +285,7 @@ fn review_request(attrs: &Attributes<'_>, kind: &KindInfo, new: Option<&Value>, 
         Operation::Create => ("CREATE", "CreateOptions"),
         Operation::Update => ("UPDATE", "UpdateOptions"),
         Operation::Delete => ("DELETE", "DeleteOptions"),
+        Operation::Connect => ("CONNECT", ""),
     };
     review.insert("operation".into(), json!(operation));
     let user = &request.user;
@@ -274,11 +301,17 @@ fn review_request(attrs: &Attributes<'_>, kind: &KindInfo, new: Option<&Value>, 
         user_info.insert("extra".into(), json!(user.extra));
     }
     review.insert("userInfo".into(), Value::Object(user_info));
-    let served = |o: Option<&Value>| o.map(|o| to_served(kind, o.clone())).unwrap_or(Value::Null);
+    let served = |o: Option<&Value>| match o {
+        Some(o) if attrs.operation == Operation::Connect => o.clone(),
+        Some(o) => to_served(kind, o.clone()),
+        None => Value::Null,
+    };
     review.insert("object".into(), served(new));
     review.insert("oldObject".into(), served(old));
     review.insert("dryRun".into(), json!(attrs.dry_run));
-    review.insert("options".into(), json!({"kind": options, "apiVersion": "meta.k8s.io/v1"}));
+    if !options.is_empty() {
+        review.insert("options".into(), json!({"kind": options, "apiVersion": "meta.k8s.io/v1"}));
+    }
     Value::Object(review)
 }
 
@@ -312,9 +345,25 @@ fn denial(hook: &Hook, status: &Value) -> ApiError {
 /// The webhook's reason as one of upstream's `StatusReason`s ("" for anything else).
 fn known_reason(reason: &str) -> &'static str {
     const REASONS: &[&str] = &[
-        "Unauthorized", "Forbidden", "NotFound", "AlreadyExists", "Conflict", "Gone", "Invalid", "ServerTimeout",
-        "StoreReadError", "Timeout", "TooManyRequests", "BadRequest", "MethodNotAllowed", "NotAcceptable",
-        "RequestEntityTooLarge", "UnsupportedMediaType", "InternalError", "Expired", "ServiceUnavailable",
+        "Unauthorized",
+        "Forbidden",
+        "NotFound",
+        "AlreadyExists",
+        "Conflict",
+        "Gone",
+        "Invalid",
+        "ServerTimeout",
+        "StoreReadError",
+        "Timeout",
+        "TooManyRequests",
+        "BadRequest",
+        "MethodNotAllowed",
+        "NotAcceptable",
+        "RequestEntityTooLarge",
+        "UnsupportedMediaType",
+        "InternalError",
+        "Expired",
+        "ServiceUnavailable",
     ];
     REASONS.iter().find(|r| **r == reason).copied().unwrap_or("")
 }
@@ -380,9 +429,12 @@ fn verify_response(body: &[u8], uid: &str, api_version: &str) -> Result<Value, S
     if got_uid != uid {
         return Err(format!("expected response.uid={uid:?}, got {got_uid:?}"));
     }
-    let (version, kind) = (get_str(&review, &["apiVersion"]).unwrap_or_default(), get_str(&review, &["kind"]).unwrap_or_default());
+    let (version, kind) =
+        (get_str(&review, &["apiVersion"]).unwrap_or_default(), get_str(&review, &["kind"]).unwrap_or_default());
     if version != api_version || kind != "AdmissionReview" {
-        return Err(format!("expected webhook response of {api_version}, Kind=AdmissionReview, got {version}, Kind={kind}"));
+        return Err(format!(
+            "expected webhook response of {api_version}, Kind=AdmissionReview, got {version}, Kind={kind}"
+        ));
     }
     let patch = response.get("patch").is_some_and(|p| !p.is_null() && p != "");
     let patch_type = response.get("patchType").is_some_and(|p| !p.is_null());
@@ -400,7 +452,10 @@ fn verify_response(body: &[u8], uid: &str, api_version: &str) -> Result<Value, S
 async fn call_mutating(storage: &Storage, attrs: &Attributes<'_>, hook: &Hook, obj: &mut Value) -> ApiResult<bool> {
     let Some(invocation) = invocation(storage, attrs, hook, obj).await? else { return Ok(false) };
     let Some(response) = call(storage, attrs, hook, &invocation, obj).await? else { return Ok(true) };
-    let Some(patch) = response["patch"].as_str().filter(|p| !p.is_empty()) else { return Ok(true) };
+    // A connect's options come from its query; krate does not take them back from a
+    // patch (upstream would).
+    let patch = response["patch"].as_str().filter(|p| !p.is_empty() && attrs.operation != Operation::Connect);
+    let Some(patch) = patch else { return Ok(true) };
     let undecodable = |e: String| calling_error(hook, &format!("received undecodable patch in webhook response: {e}"));
     if response["patchType"] != "JSONPatch" {
         return Err(calling_error(hook, &format!("unsupported patch type {:?}", response["patchType"])));
@@ -433,7 +488,10 @@ mod tests {
     fn denials_read_as_upstreams() {
         let e = denial(&hook(), &json!({"code": 403, "message": "the pod contains unwanted label"}));
         assert_eq!(e.code, 403);
-        assert_eq!(e.message, "admission webhook \"deny.example.com\" denied the request: the pod contains unwanted label");
+        assert_eq!(
+            e.message,
+            "admission webhook \"deny.example.com\" denied the request: the pod contains unwanted label"
+        );
         let e = denial(&hook(), &json!({"reason": "Forbidden"}));
         assert_eq!((e.code, e.reason), (400, "Forbidden"));
         assert_eq!(e.message, "admission webhook \"deny.example.com\" denied the request: Forbidden");
@@ -443,9 +501,13 @@ mod tests {
 
     #[test]
     fn responses_are_verified() {
-        let ok = br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"u","allowed":true}}"#;
+        let ok =
+            br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"u","allowed":true}}"#;
         assert!(verify_response(ok, "u", "admission.k8s.io/v1").is_ok());
-        assert_eq!(verify_response(ok, "v", "admission.k8s.io/v1").unwrap_err(), "expected response.uid=\"v\", got \"u\"");
+        assert_eq!(
+            verify_response(ok, "v", "admission.k8s.io/v1").unwrap_err(),
+            "expected response.uid=\"v\", got \"u\""
+        );
         let absent = br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#;
         assert_eq!(verify_response(absent, "u", "admission.k8s.io/v1").unwrap_err(), "webhook response was absent");
         let patch_only = br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"u","allowed":true,"patch":"W10="}}"#;

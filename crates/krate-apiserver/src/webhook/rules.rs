@@ -39,6 +39,7 @@ pub(super) fn rule_matches(rule: &Value, kind: &KindInfo, subresource: &str, ope
         Operation::Create => "CREATE",
         Operation::Update => "UPDATE",
         Operation::Delete => "DELETE",
+        Operation::Connect => "CONNECT",
     };
     listed(rule, "operations", operation)
         && listed(rule, "apiGroups", &kind.group)
@@ -47,22 +48,27 @@ pub(super) fn rule_matches(rule: &Value, kind: &KindInfo, subresource: &str, ope
         && scope_matches(rule, kind)
 }
 
-/// The version of the resource the webhook is called for, if its rules select the
-/// request: the requested one, or under `Equivalent` another served version of the
-/// same stored resource that a rule names.
-pub(super) fn matching_kind(
+/// The version of the resource `rules` select a request for, if they select it: the
+/// requested one, or unless `exact` another served version of the same stored resource
+/// that a rule names. A rule with `resourceNames` (admission policies') selects only
+/// objects of those names.
+pub(crate) fn matching_kind(
     kinds: &Registry,
     requested: &KindInfo,
-    subresource: &str,
-    operation: Operation,
-    hook: &Value,
+    request: (&str, &str, Operation),
+    rules: &[Value],
+    exact: bool,
 ) -> Option<Arc<KindInfo>> {
-    let rules: Vec<&Value> = hook["rules"].as_array().into_iter().flatten().collect();
-    let selects = |kind: &KindInfo| rules.iter().any(|rule| rule_matches(rule, kind, subresource, operation));
+    let (subresource, name, operation) = request;
+    let named = |rule: &Value| {
+        rule["resourceNames"].as_array().is_none_or(|names| names.is_empty() || names.iter().any(|n| n == name))
+    };
+    let selects =
+        |kind: &KindInfo| rules.iter().any(|rule| rule_matches(rule, kind, subresource, operation) && named(rule));
     if selects(requested) {
         return kinds.lookup(&requested.group, &requested.version, &requested.plural).cloned();
     }
-    if hook["matchPolicy"] == "Exact" {
+    if exact {
         return None;
     }
     kinds
@@ -71,6 +77,18 @@ pub(super) fn matching_kind(
         .filter(|k| k.storage == requested.storage && (k.group != requested.group || k.version != requested.version))
         .find(|k| selects(k))
         .cloned()
+}
+
+/// A webhook's choice: its rules under its `matchPolicy`.
+pub(super) fn webhook_kind(
+    kinds: &Registry,
+    requested: &KindInfo,
+    subresource: &str,
+    operation: Operation,
+    hook: &Value,
+) -> Option<Arc<KindInfo>> {
+    let rules = hook["rules"].as_array().map(Vec::as_slice).unwrap_or_default();
+    matching_kind(kinds, requested, (subresource, "", operation), rules, hook["matchPolicy"] == "Exact")
 }
 
 #[cfg(test)]
@@ -118,9 +136,9 @@ mod tests {
         let v1 = kinds.of::<autoscaling1::HorizontalPodAutoscaler>().unwrap();
         let mut hook = json!({"rules": [{"operations": ["CREATE"], "apiGroups": ["autoscaling"], "apiVersions": ["v2"],
             "resources": ["horizontalpodautoscalers"]}]});
-        let matched = matching_kind(&kinds, v1, "", Operation::Create, &hook).expect("equivalent");
+        let matched = webhook_kind(&kinds, v1, "", Operation::Create, &hook).expect("equivalent");
         assert!(matched.is::<autoscaling2::HorizontalPodAutoscaler>());
         hook["matchPolicy"] = json!("Exact");
-        assert!(matching_kind(&kinds, v1, "", Operation::Create, &hook).is_none());
+        assert!(webhook_kind(&kinds, v1, "", Operation::Create, &hook).is_none());
     }
 }

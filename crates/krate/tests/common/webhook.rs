@@ -75,7 +75,12 @@ impl WebhookServer {
     }
 }
 
-fn serve(stream: TcpStream, config: Arc<rustls::ServerConfig>, kept: Arc<Mutex<Vec<(String, Value)>>>, calls: Arc<AtomicUsize>) {
+fn serve(
+    stream: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    kept: Arc<Mutex<Vec<(String, Value)>>>,
+    calls: Arc<AtomicUsize>,
+) {
     let Ok(connection) = rustls::ServerConnection::new(config) else { return };
     let mut tls = rustls::StreamOwned::new(connection, stream);
     let mut reader = BufReader::new(&mut tls);

@@ -80,7 +80,39 @@ pub struct Connect(pub Action);
 #[async_trait::async_trait]
 impl Handler for Connect {
     async fn serve(&self, call: Call<'_>) -> ApiResult<Response<Body>> {
+        let options = connect_options(self.0, call.req.uri().query().unwrap_or_default());
+        call.server.storage.admit_connect(&call.scope.kind, call.attrs, options).await?;
         nodeproxy::connect(call.server, &call.scope, call.name, self.0, call.query, call.req).await
+    }
+}
+
+/// The options object a connect request carries in its query (`PodExecOptions`,
+/// `PodAttachOptions`, `PodPortForwardOptions`), as admission sees it.
+fn connect_options(action: Action, query: &str) -> Value {
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    let flag = |key: &str| pairs.iter().any(|(k, v)| k == key && matches!(v.as_str(), "1" | "true" | "True"));
+    let all = |key: &str| -> Vec<String> { pairs.iter().filter(|(k, _)| k == key).map(|(_, v)| v.clone()).collect() };
+    let container = pairs.iter().find(|(k, _)| k == "container").map(|(_, v)| v.clone()).unwrap_or_default();
+    let streams = |kind: &str| {
+        let mut options = json!({"kind": kind, "apiVersion": "v1", "stdin": flag("stdin"), "stdout": flag("stdout"),
+            "stderr": flag("stderr"), "tty": flag("tty")});
+        if !container.is_empty() {
+            options["container"] = json!(container);
+        }
+        options
+    };
+    match action {
+        Action::Attach => streams("PodAttachOptions"),
+        Action::Exec => {
+            let mut options = streams("PodExecOptions");
+            options["command"] = json!(all("command"));
+            options
+        }
+        Action::PortForward => {
+            let ports: Vec<Value> =
+                all("ports").iter().filter_map(|p| p.parse::<u16>().ok()).map(|p| json!(p)).collect();
+            json!({"kind": "PodPortForwardOptions", "apiVersion": "v1", "ports": ports})
+        }
     }
 }
 
@@ -130,5 +162,25 @@ impl Storage {
             body: success_status(&kind.group, &kind.plural, name, object::uid(&obj)),
             warnings: vec![],
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_queries_become_the_options_admission_sees() {
+        let exec = connect_options(Action::Exec, "command=sh&command=-c&command=echo%20hi&stdout=true&container=c");
+        assert_eq!(
+            exec,
+            json!({"kind": "PodExecOptions", "apiVersion": "v1", "stdin": false, "stdout": true, "stderr": false,
+                "tty": false, "container": "c", "command": ["sh", "-c", "echo hi"]})
+        );
+        let attach = connect_options(Action::Attach, "stdin=1&tty=1");
+        assert_eq!(attach["kind"], "PodAttachOptions");
+        assert_eq!((attach["stdin"].clone(), attach["tty"].clone()), (json!(true), json!(true)));
+        let forward = connect_options(Action::PortForward, "ports=80&ports=8080");
+        assert_eq!(forward, json!({"kind": "PodPortForwardOptions", "apiVersion": "v1", "ports": [80, 8080]}));
     }
 }

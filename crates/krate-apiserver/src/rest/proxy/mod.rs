@@ -161,7 +161,12 @@ fn pod_location(pod: &Value, name: &str, port: &str) -> ApiResult<(String, u16)>
 }
 
 /// A random ready endpoint of the service port named (by number or name) in `port`.
-pub(crate) fn service_location(service: &Value, endpoints: Option<&Value>, name: &str, port: &str) -> ApiResult<(String, u16)> {
+pub(crate) fn service_location(
+    service: &Value,
+    endpoints: Option<&Value>,
+    name: &str,
+    port: &str,
+) -> ApiResult<(String, u16)> {
     let unavailable = |message: String| ApiError::new(503, "ServiceUnavailable", message);
     let mut port_name = port.to_string();
     if let Ok(number) = port.parse::<u64>() {

@@ -1,0 +1,177 @@
+//! ValidatingAdmissionPolicy end to end through kubectl: CEL validations put in force
+//! by bindings, with upstream's messages, actions, parameters and failure policies.
+
+mod common;
+
+use common::TestServer;
+use serde_json::{json, Value};
+
+fn apply(server: &TestServer, object: Value) -> std::process::Output {
+    server.kubectl_stdin(&["create", "-f", "-"], Some(&object.to_string()))
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn policy(name: &str, spec: Value) -> Value {
+    let mut spec = spec;
+    spec["matchConstraints"] = json!({"resourceRules": [{"apiGroups": ["apps"], "apiVersions": ["v1"],
+        "operations": ["CREATE", "UPDATE"], "resources": ["deployments"]}]});
+    json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name}, "spec": spec})
+}
+
+fn binding(name: &str, policy: &str, spec: Value) -> Value {
+    let mut spec = spec;
+    spec["policyName"] = json!(policy);
+    if spec.get("validationActions").is_none() {
+        spec["validationActions"] = json!(["Deny"]);
+    }
+    json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name}, "spec": spec})
+}
+
+/// Creates the objects and waits until the API server's cache has the binding.
+fn put_in_force(server: &TestServer, objects: &[Value]) {
+    for object in objects {
+        let out = apply(server, object.clone());
+        assert!(out.status.success(), "creating {}: {}", object["kind"], stderr(&out));
+    }
+    server.kubectl_ok(&["get", "validatingadmissionpolicybindings"]);
+}
+
+fn deployment(server: &TestServer, namespace: &str, name: &str, replicas: u32) -> std::process::Output {
+    let labels = json!({"app": name});
+    let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}});
+    apply(server, deployment)
+}
+
+#[test]
+fn a_policy_bound_to_a_namespace_denies_a_deployment_of_six_replicas() {
+    let server = TestServer::start();
+    server.kubectl_ok(&["create", "namespace", "limited"]);
+    server.kubectl_ok(&["label", "namespace", "limited", "replicas=limited"]);
+    server.kubectl_ok(&["create", "namespace", "free"]);
+    let validations =
+        json!({"validations": [{"expression": "object.spec.replicas <= 5", "message": "at most 5 replicas"}]});
+    put_in_force(
+        &server,
+        &[
+            policy("max-replicas", validations),
+            binding(
+                "max-replicas-limited",
+                "max-replicas",
+                json!({"matchResources": {"namespaceSelector": {"matchLabels": {"replicas": "limited"}}}}),
+            ),
+        ],
+    );
+    let out = deployment(&server, "limited", "big", 6);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(
+            "ValidatingAdmissionPolicy 'max-replicas' with binding 'max-replicas-limited' denied request: at most 5 replicas"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    assert!(deployment(&server, "limited", "small", 5).status.success());
+    assert!(deployment(&server, "free", "big", 6).status.success(), "the binding selects only labelled namespaces");
+    let out = server.kubectl(&["patch", "deployment", "small", "-n", "limited", "-p", r#"{"spec":{"replicas":7}}"#]);
+    assert!(stderr(&out).contains("at most 5 replicas"), "updates are checked too: {}", stderr(&out));
+}
+
+#[test]
+fn the_denial_is_an_invalid_status_with_the_policys_reason_code() {
+    let server = TestServer::start();
+    let validations = json!({"validations": [
+        {"expression": "object.spec.replicas != 3", "reason": "Forbidden",
+         "messageExpression": "'three is not allowed, got ' + string(object.spec.replicas)"},
+        {"expression": "object.metadata.name != 'bad'"},
+    ]});
+    put_in_force(&server, &[policy("p", validations), binding("b", "p", json!({}))]);
+    let out = deployment(&server, "default", "three", 3);
+    assert!(stderr(&out).contains("Error from server (Forbidden)"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("denied request: three is not allowed, got 3"), "{}", stderr(&out));
+    let out = deployment(&server, "default", "bad", 1);
+    assert!(
+        stderr(&out).contains("denied request: failed expression: object.metadata.name != 'bad'"),
+        "{}",
+        stderr(&out)
+    );
+    // No reason is Invalid (422), which kubectl reports as such.
+    assert!(stderr(&out).contains("The deployments \"bad\" is invalid"), "{}", stderr(&out));
+}
+
+#[test]
+fn variables_parameters_and_warnings() {
+    let server = TestServer::start();
+    server.kubectl_ok(&["create", "configmap", "limits", "--from-literal=max=2"]);
+    let mut spec = json!({
+        "paramKind": {"apiVersion": "v1", "kind": "ConfigMap"},
+        "variables": [{"name": "max", "expression": "int(params.data.max)"}],
+        "validations": [{"expression": "object.spec.replicas <= variables.max",
+            "messageExpression": "'at most ' + string(variables.max)"}],
+    });
+    spec["failurePolicy"] = json!("Fail");
+    put_in_force(
+        &server,
+        &[
+            policy("from-params", spec),
+            binding(
+                "warn-only",
+                "from-params",
+                json!({"validationActions": ["Warn"],
+                "paramRef": {"name": "limits", "namespace": "default", "parameterNotFoundAction": "Deny"}}),
+            ),
+        ],
+    );
+    let out = deployment(&server, "default", "three", 3);
+    assert!(out.status.success(), "Warn does not refuse: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Warning: Validation failed for ValidatingAdmissionPolicy 'from-params' with binding 'warn-only': at most 2"),
+        "{}",
+        stderr(&out)
+    );
+    put_in_force(
+        &server,
+        &[binding(
+            "missing-params",
+            "from-params",
+            json!({
+            "paramRef": {"name": "absent", "namespace": "default", "parameterNotFoundAction": "Deny"}}),
+        )],
+    );
+    let out = deployment(&server, "default", "one", 1);
+    assert!(
+        stderr(&out).contains("no params found for policy binding with `Deny` parameterNotFoundAction"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn expressions_that_do_not_compile_are_refused_and_failing_ones_follow_the_failure_policy() {
+    let server = TestServer::start();
+    let out = apply(&server, policy("broken", json!({"validations": [{"expression": "object.spec.replicas <="}]})));
+    assert!(stderr(&out).contains("spec.validations[0].expression: Invalid value"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("compilation failed"), "{}", stderr(&out));
+    let out = apply(&server, policy("unknown", json!({"validations": [{"expression": "foo.bar == 1"}]})));
+    assert!(stderr(&out).contains("undeclared reference to 'foo'"), "{}", stderr(&out));
+
+    let failing = |policy_name: &str, failure: &str| {
+        policy(
+            policy_name,
+            json!({"failurePolicy": failure, "validations": [{"expression": "object.spec.missing == 1"}]}),
+        )
+    };
+    put_in_force(&server, &[failing("closed", "Fail"), binding("closed", "closed", json!({}))]);
+    let out = deployment(&server, "default", "refused", 1);
+    assert!(stderr(&out).contains("expression 'object.spec.missing == 1' resulted in error"), "{}", stderr(&out));
+    server.kubectl_ok(&["delete", "validatingadmissionpolicybinding", "closed"]);
+    put_in_force(&server, &[failing("open", "Ignore"), binding("open", "open", json!({}))]);
+    assert!(deployment(&server, "default", "allowed", 1).status.success());
+}
