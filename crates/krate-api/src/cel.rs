@@ -30,15 +30,51 @@ impl std::fmt::Debug for Program {
 /// Compiles `source` for an environment that declares `variables`; the error reads as
 /// upstream's (`compilation failed: ERROR: <input>:1:5: ...`).
 pub fn compile(source: &str, variables: &[&str]) -> Result<Program, String> {
-    let program = cel::Program::compile(source).map_err(|e| {
-        let detail = e.to_string().replace('\n', "\n ");
-        format!("compilation failed: ERROR: <input>:{detail}")
-    })?;
-    let references = program.references();
-    if let Some(unknown) = references.variables().into_iter().find(|v| !variables.contains(v)) {
+    let program = cel::Program::compile(source).map_err(|e| format!("compilation failed: {e}"))?;
+    let mut free = Vec::new();
+    free_variables(program.expression(), &mut Vec::new(), &mut free);
+    const TYPES: &[&str] = &["bool", "bytes", "double", "int", "list", "map", "null_type", "string", "type", "uint"];
+    let known = |v: &str| variables.contains(&v) || TYPES.contains(&v);
+    if let Some(unknown) = free.into_iter().find(|v| !known(v)) {
         return Err(format!("compilation failed: ERROR: <input>:1:1: undeclared reference to '{unknown}'"));
     }
     Ok(Program(program))
+}
+
+/// The identifiers an expression reads that no comprehension binds.
+fn free_variables(expr: &Expr, bound: &mut Vec<String>, out: &mut Vec<String>) {
+    use cel::common::ast::Expr as E;
+    match &expr.expr {
+        E::Ident(name) if !bound.contains(name) && !out.contains(name) => out.push(name.clone()),
+        E::Select(select) => free_variables(&select.operand, bound, out),
+        E::Call(call) => {
+            for e in call.target.as_deref().into_iter().chain(&call.args) {
+                free_variables(e, bound, out);
+            }
+        }
+        E::List(list) => list.elements.iter().for_each(|e| free_variables(e, bound, out)),
+        E::Map(map) => {
+            for entry in &map.entries {
+                if let cel::common::ast::EntryExpr::MapEntry(e) = &entry.expr {
+                    free_variables(&e.key, bound, out);
+                    free_variables(&e.value, bound, out);
+                }
+            }
+        }
+        E::Comprehension(c) => {
+            free_variables(&c.iter_range, bound, out);
+            free_variables(&c.accu_init, bound, out);
+            let depth = bound.len();
+            bound.push(c.iter_var.clone());
+            bound.extend(c.iter_var2.clone());
+            bound.push(c.accu_var.clone());
+            for e in [&c.loop_cond, &c.loop_step, &c.result] {
+                free_variables(e, bound, out);
+            }
+            bound.truncate(depth);
+        }
+        _ => {}
+    }
 }
 
 /// The JSON value as CEL sees it.
@@ -79,10 +115,72 @@ impl Program {
         }
     }
 
+    /// Whether the expression reads the variable `name`.
+    pub fn references_variable(&self, name: &str) -> bool {
+        let mut free = Vec::new();
+        free_variables(self.0.expression(), &mut Vec::new(), &mut free);
+        free.iter().any(|v| v == name)
+    }
+
+    /// A static estimate of the evaluation cost, in the spirit of upstream's estimator:
+    /// each node costs one, a comprehension (`all`, `exists`, `map`, `filter`) costs its
+    /// body times the size of its range. `range_size` gives the size of a range from its
+    /// path (`["self", "spec", "items"]`, `"[]"` for an element of an enclosing range).
+    pub fn estimated_cost(&self, range_size: &dyn Fn(&[String]) -> u64) -> u64 {
+        cost(self.0.expression(), &mut Vec::new(), range_size)
+    }
+
     /// Evaluates to any value representable in JSON.
     pub fn evaluate(&self, variables: &[(&str, &Value)]) -> Result<Value, String> {
         let value = self.execute(variables)?;
         value.json().map_err(|e| e.to_string())
+    }
+}
+
+type Expr = cel::common::ast::IdedExpr;
+
+/// The path an expression selects (`self.spec.items`), with comprehension variables
+/// replaced by their range's path and `[]`.
+fn path_of(expr: &Expr, bound: &[(String, Vec<String>)]) -> Option<Vec<String>> {
+    use cel::common::ast::Expr as E;
+    match &expr.expr {
+        E::Ident(name) => match bound.iter().rev().find(|(var, _)| var == name) {
+            Some((_, path)) => Some(path.clone()),
+            None => Some(vec![name.clone()]),
+        },
+        E::Select(select) => {
+            let mut path = path_of(&select.operand, bound)?;
+            path.push(select.field.clone());
+            Some(path)
+        }
+        _ => None,
+    }
+}
+
+fn cost(expr: &Expr, bound: &mut Vec<(String, Vec<String>)>, range_size: &dyn Fn(&[String]) -> u64) -> u64 {
+    use cel::common::ast::Expr as E;
+    match &expr.expr {
+        E::Comprehension(c) => {
+            let range = path_of(&c.iter_range, bound);
+            let size = range.as_deref().map_or(1, range_size);
+            let mut element = range.unwrap_or_default();
+            element.push("[]".into());
+            bound.push((c.iter_var.clone(), element));
+            let body = cost(&c.loop_step, bound, range_size) + cost(&c.loop_cond, bound, range_size);
+            bound.pop();
+            let outside = cost(&c.iter_range, bound, range_size) + cost(&c.accu_init, bound, range_size);
+            outside
+                .saturating_add(size.saturating_mul(body.saturating_add(1)))
+                .saturating_add(cost(&c.result, bound, range_size))
+        }
+        E::Call(call) => {
+            let target = call.target.as_deref().map_or(0, |t| cost(t, bound, range_size));
+            call.args.iter().fold(1 + target, |sum, a| sum.saturating_add(cost(a, bound, range_size)))
+        }
+        E::Select(select) => 1 + cost(&select.operand, bound, range_size),
+        E::List(list) => list.elements.iter().fold(1, |sum, e| sum.saturating_add(cost(e, bound, range_size))),
+        E::Map(map) => map.entries.len() as u64 + 1,
+        _ => 1,
     }
 }
 

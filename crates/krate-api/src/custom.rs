@@ -332,6 +332,7 @@ fn check_structural(node: &Node, path: &str, errs: &mut Errors) {
     if node.type_.as_deref() == Some("array") && node.items.is_none() {
         errs.push(FieldError::required(format!("{path}.items"), "must be specified"));
     }
+    crate::schema::rules::check_declared(node, path, errs);
     if let Some(p) = &node.pattern {
         if regex::Regex::new(p).is_err() {
             errs.push(FieldError::invalid(format!("{path}.pattern"), &json!(p), "must be a valid regular expression"));

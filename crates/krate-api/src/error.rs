@@ -26,6 +26,12 @@ impl FieldError {
         }
     }
 
+    /// `Invalid value: <detail>`, the value left out (upstream's `OmitValueType`, used
+    /// for objects and lists).
+    pub fn invalid_omitting_value(field: impl Into<String>, detail: &str) -> Self {
+        Self { reason: "FieldValueInvalid", field: field.into(), message: format!("Invalid value: {detail}") }
+    }
+
     pub fn not_supported(field: impl Into<String>, value: &Value, allowed: &[&str]) -> Self {
         let allowed: Vec<String> = allowed.iter().map(|a| format!("\"{a}\"")).collect();
         Self::not_supported_values(field, value, &allowed)

@@ -407,6 +407,12 @@ fn validate(kind: &KindInfo, obj: &Value, old: Option<&Value>, sub: Subresource)
             }
         }
     }
+    // A custom kind's CEL validation rules, on the object as its version's schema sees it.
+    if let (Some(_), Some(schema)) = (&kind.custom, &kind.schema) {
+        let served = to_served(kind, obj.clone());
+        let old = old.map(|o| to_served(kind, o.clone()));
+        errs.extend(krate_api::schema::rules::validate(schema, &served, old.as_ref()));
+    }
     if errs.is_empty() {
         Ok(())
     } else {

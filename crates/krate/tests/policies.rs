@@ -1,5 +1,6 @@
-//! ValidatingAdmissionPolicy end to end through kubectl: CEL validations put in force
-//! by bindings, with upstream's messages, actions, parameters and failure policies.
+//! CEL in the API end to end through kubectl: ValidatingAdmissionPolicy validations
+//! put in force by bindings (upstream's messages, actions, parameters and failure
+//! policies), and CRD `x-kubernetes-validations` rules, transition rules included.
 
 mod common;
 
@@ -174,4 +175,62 @@ fn expressions_that_do_not_compile_are_refused_and_failing_ones_follow_the_failu
     server.kubectl_ok(&["delete", "validatingadmissionpolicybinding", "closed"]);
     put_in_force(&server, &[failing("open", "Ignore"), binding("open", "open", json!({}))]);
     assert!(deployment(&server, "default", "allowed", 1).status.success());
+}
+
+fn widget_crd(rules: Value) -> Value {
+    json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.example.com"},
+        "spec": {"group": "example.com", "scope": "Namespaced",
+            "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+            "versions": [{"name": "v1", "served": true, "storage": true, "schema": {"openAPIV3Schema": {
+                "type": "object", "properties": {"spec": {"type": "object", "x-kubernetes-validations": rules,
+                    "properties": {"replicas": {"type": "integer"},
+                        "tags": {"type": "array", "items": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}}}}}}}}}]}})
+}
+
+fn widget(server: &TestServer, verb: &str, replicas: i64) -> std::process::Output {
+    let widget = json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"replicas": replicas}});
+    server.kubectl_stdin(&[verb, "-f", "-"], Some(&widget.to_string()))
+}
+
+#[test]
+fn crd_validation_rules_refuse_violations_and_transition_rules_judge_updates() {
+    let server = TestServer::start();
+    let costly = widget_crd(json!([{"rule": "self.tags.all(a, a.all(b, b.all(c, c == 'x')))"}]));
+    let out = apply(&server, costly);
+    assert!(
+        stderr(&out).contains("estimated rule cost exceeds budget by factor of more than 100x"),
+        "{}",
+        stderr(&out)
+    );
+    let broken = widget_crd(json!([{"rule": "self.replicas <"}]));
+    assert!(stderr(&apply(&server, broken)).contains("compilation failed"));
+
+    let rules = json!([
+        {"rule": "self.replicas <= 10", "message": "at most 10 replicas"},
+        {"rule": "self.replicas >= oldSelf.replicas", "message": "replicas may not decrease"},
+    ]);
+    assert!(apply(&server, widget_crd(rules)).status.success());
+    server.kubectl_ok(&["wait", "--for=condition=Established", "crd/widgets.example.com"]);
+    let served = (0..100).any(|_| {
+        let ok = server.kubectl(&["get", "widgets"]).status.success();
+        if !ok {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        ok
+    });
+    assert!(served, "widgets are served once the CRD is established");
+
+    let out = widget(&server, "create", 20);
+    assert!(
+        stderr(&out).contains("The Widget \"w\" is invalid: spec: Invalid value: at most 10 replicas"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(widget(&server, "create", 3).status.success());
+    assert!(widget(&server, "replace", 5).status.success(), "the transition rule allows an increase");
+    let out = widget(&server, "replace", 2);
+    assert!(stderr(&out).contains("spec: Invalid value: replicas may not decrease"), "{}", stderr(&out));
+    let replicas = server.kubectl_ok(&["get", "widget", "w", "-o", "jsonpath={.spec.replicas}"]);
+    assert_eq!(replicas, "5");
 }
