@@ -6,6 +6,7 @@
 //! unstructured conversion does).
 
 use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use serde_json::Value;
 
@@ -97,22 +98,80 @@ pub fn to_cel(value: &Value) -> cel::Value {
     }
 }
 
+/// Variables bound for evaluating several expressions against the same request: the
+/// JSON is turned into CEL values once.
+pub struct Bindings(Vec<(String, cel::Value)>);
+
+thread_local! {
+    /// The standard environment (its function registry takes microseconds to build);
+    /// each evaluation binds its variables in a scope of its own below it.
+    static ROOT: cel::Context<'static, 'static> = cel::Context::default();
+}
+
+impl Bindings {
+    pub fn new(variables: &[(&str, &Value)]) -> Self {
+        Self(variables.iter().map(|(name, value)| (name.to_string(), to_cel(value))).collect())
+    }
+
+    /// Binds (or rebinds) one variable.
+    pub fn set(&mut self, name: &str, value: &Value) {
+        let value = to_cel(value);
+        match self.0.iter_mut().find(|(n, _)| n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((name.to_string(), value)),
+        }
+    }
+
+    fn execute(&self, program: &cel::Program) -> Result<cel::Value, String> {
+        ROOT.with(|root| {
+            let mut scope = root.new_inner_scope();
+            for (name, value) in &self.0 {
+                scope.add_variable_from_value(name.as_str(), value.clone());
+            }
+            program.execute(&scope).map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Compiled programs by source and environment: admission and CRD validation evaluate
+/// the same few expressions on every request.
+static COMPILED: LazyLock<Mutex<HashMap<(String, &'static [&'static str]), Arc<Program>>>> =
+    LazyLock::new(Default::default);
+
+/// `compile`, remembered: the same source in the same environment compiles once.
+pub fn compile_cached(source: &str, variables: &'static [&'static str]) -> Result<Arc<Program>, String> {
+    let key = (source.to_string(), variables);
+    if let Some(program) = COMPILED.lock().expect("CEL cache").get(&key) {
+        return Ok(program.clone());
+    }
+    let program = Arc::new(compile(source, variables)?);
+    let mut cache = COMPILED.lock().expect("CEL cache");
+    if cache.len() >= 4096 {
+        cache.clear();
+    }
+    cache.insert(key, program.clone());
+    Ok(program)
+}
+
 impl Program {
     fn execute(&self, variables: &[(&str, &Value)]) -> Result<cel::Value, String> {
-        let mut context = cel::Context::default();
-        for (name, value) in variables {
-            context.add_variable_from_value(*name, to_cel(value));
-        }
-        self.0.execute(&context).map_err(|e| e.to_string())
+        Bindings::new(variables).execute(&self.0)
     }
 
     /// Evaluates to a boolean with `variables` bound; an error names what went wrong
     /// (a missing field, a non-boolean result).
     pub fn evaluate_bool(&self, variables: &[(&str, &Value)]) -> Result<bool, String> {
-        match self.execute(variables)? {
-            cel::Value::Bool(b) => Ok(b),
-            other => Err(format!("expression must evaluate to bool, got {:?}", other.type_of())),
-        }
+        as_bool(self.execute(variables)?)
+    }
+
+    /// `evaluate_bool` against prepared bindings.
+    pub fn evaluate_bool_in(&self, bindings: &Bindings) -> Result<bool, String> {
+        as_bool(bindings.execute(&self.0)?)
+    }
+
+    /// `evaluate` against prepared bindings.
+    pub fn evaluate_in(&self, bindings: &Bindings) -> Result<Value, String> {
+        bindings.execute(&self.0)?.json().map_err(|e| e.to_string())
     }
 
     /// Whether the expression reads the variable `name`.
@@ -134,6 +193,13 @@ impl Program {
     pub fn evaluate(&self, variables: &[(&str, &Value)]) -> Result<Value, String> {
         let value = self.execute(variables)?;
         value.json().map_err(|e| e.to_string())
+    }
+}
+
+fn as_bool(value: cel::Value) -> Result<bool, String> {
+    match value {
+        cel::Value::Bool(b) => Ok(b),
+        other => Err(format!("expression must evaluate to bool, got {:?}", other.type_of())),
     }
 }
 

@@ -94,6 +94,11 @@ pub trait Plugin: Send + Sync {
     }
 }
 
+/// A plugin's parsed copy of the configuration objects it reads on every request, and
+/// the cache revision it was taken at (`Storage::cached_configuration`).
+#[derive(Default)]
+pub struct ConfigurationMemo(std::sync::Mutex<Option<(krate_store::Revision, Arc<Vec<Value>>)>>);
+
 /// The plugins of a server, in order.
 #[derive(Clone)]
 pub struct Chain(pub Vec<Arc<dyn Plugin>>);
@@ -110,9 +115,9 @@ impl Default for Chain {
             Arc::new(DefaultStorageClass),
             Arc::new(StorageObjectInUseProtection),
             Arc::new(ServiceAccount),
-            Arc::new(crate::webhook::MutatingWebhooks),
-            Arc::new(crate::policy::ValidatingAdmissionPolicy),
-            Arc::new(crate::webhook::ValidatingWebhooks),
+            Arc::new(crate::webhook::MutatingWebhooks::default()),
+            Arc::new(crate::policy::ValidatingAdmissionPolicy::default()),
+            Arc::new(crate::webhook::ValidatingWebhooks::default()),
             Arc::new(ResourceQuota),
         ])
     }
@@ -449,6 +454,25 @@ impl Storage {
             .take_while(|(k, _)| k.starts_with(&prefix))
             .map(|(_, o)| o.parse())
             .collect()
+    }
+
+    /// All cached objects of the cluster-scoped built-in kind `T`, parsed once per change
+    /// of that kind and kept in `memo`: for plugins that read their configuration
+    /// (webhooks, policies) on every request.
+    pub(crate) fn cached_configuration<T: k8s_openapi::Resource>(&self, memo: &ConfigurationMemo) -> Arc<Vec<Value>> {
+        let scope = self.builtin::<T>(None);
+        let prefix = storage_prefix(&scope.kind);
+        let rc = self.cache.resource(&prefix);
+        let state = rc.state.read().expect("cache lock");
+        let mut memo = memo.0.lock().expect("configuration memo");
+        match &*memo {
+            Some((revision, objects)) if *revision == state.last_change => objects.clone(),
+            _ => {
+                let objects: Arc<Vec<Value>> = Arc::new(state.objects.values().map(|o| o.parse()).collect());
+                *memo = Some((state.last_change, objects.clone()));
+                objects
+            }
+        }
     }
 
     async fn ensure_namespace_usable(&self, ns: &str) -> ApiResult<()> {

@@ -20,11 +20,16 @@ use krate_api::strategy::POLICY_VARIABLES;
 use krate_api::{ApiError, ApiResult, KindInfo};
 use serde_json::{json, Value};
 
-use crate::admission::{forbidden, Attributes, Plugin};
+use crate::admission::{forbidden, Attributes, ConfigurationMemo, Plugin};
 use crate::registry::{to_served, Scope, Storage};
 use crate::webhook::{self, rules};
 
-pub struct ValidatingAdmissionPolicy;
+/// The plugin, with its parsed copies of the bindings and the policies.
+#[derive(Default)]
+pub struct ValidatingAdmissionPolicy {
+    bindings: ConfigurationMemo,
+    policies: ConfigurationMemo,
+}
 
 #[async_trait::async_trait]
 impl Plugin for ValidatingAdmissionPolicy {
@@ -36,16 +41,15 @@ impl Plugin for ValidatingAdmissionPolicy {
         if !webhook::applies(attrs) {
             return Ok(());
         }
-        let mut bindings = storage
-            .cached_objects(&storage.builtin::<admissionregistration::ValidatingAdmissionPolicyBinding>(None), false)
-            .await;
+        let bindings =
+            storage.cached_configuration::<admissionregistration::ValidatingAdmissionPolicyBinding>(&self.bindings);
         if bindings.is_empty() {
             return Ok(());
         }
+        let mut bindings: Vec<&Value> = bindings.iter().collect();
         bindings.sort_by(|a, b| object::name(a).cmp(object::name(b)));
-        let mut policies = storage
-            .cached_objects(&storage.builtin::<admissionregistration::ValidatingAdmissionPolicy>(None), false)
-            .await;
+        let policies = storage.cached_configuration::<admissionregistration::ValidatingAdmissionPolicy>(&self.policies);
+        let mut policies: Vec<&Value> = policies.iter().collect();
         policies.sort_by(|a, b| object::name(a).cmp(object::name(b)));
         let mut denied: Option<ApiError> = None;
         for policy in &policies {
@@ -148,81 +152,76 @@ async fn evaluate(
     let (new, old) = webhook::objects(attrs, obj);
     let served = |o: Option<&Value>| o.map(|o| to_served(&kind, o.clone())).unwrap_or(Value::Null);
     let (object, old_object) = (served(new), served(old));
-    let request = webhook::review_request(attrs, &kind, new, old, "");
+    let request = webhook::cel_request(attrs, &kind, new, old);
     let namespace_object = namespace_object(storage, attrs, obj);
     let mut denials = Vec::new();
     for params in params {
-        let mut variables = serde_json::Map::new();
-        let bound = |variables: &serde_json::Map<String, Value>| -> Vec<(&'static str, Value)> {
-            vec![
-                ("object", object.clone()),
-                ("oldObject", old_object.clone()),
-                ("request", request.clone()),
-                ("params", params.clone()),
-                ("namespaceObject", namespace_object.clone()),
-                ("variables", Value::Object(variables.clone())),
-            ]
-        };
-        let run = |expression: &str, variables: &serde_json::Map<String, Value>| {
-            let values = bound(variables);
-            let refs: Vec<(&str, &Value)> = values.iter().map(|(n, v)| (*n, v)).collect();
-            cel::compile(expression, POLICY_VARIABLES).and_then(|p| p.evaluate(&refs))
-        };
-        let conditions = policy["spec"]["matchConditions"].as_array().into_iter().flatten();
-        let mut selected = true;
-        for condition in conditions {
-            match run(condition["expression"].as_str().unwrap_or_default(), &variables) {
-                Ok(Value::Bool(true)) => {}
-                Ok(Value::Bool(false)) => selected = false,
-                Ok(_) | Err(_) if policy["spec"]["failurePolicy"] == "Ignore" => selected = false,
-                Ok(other) => {
-                    return config_error(policy, format!("match condition must evaluate to bool, got {other}"))
-                }
-                Err(e) => return config_error(policy, format!("failed to evaluate match condition: {e}")),
-            }
-        }
-        if !selected {
-            continue;
-        }
-        for variable in policy["spec"]["variables"].as_array().into_iter().flatten() {
-            // A variable that cannot be evaluated stays unset; an expression using it
-            // then fails, as upstream's lazily evaluated variables do.
-            if let Ok(value) = run(variable["expression"].as_str().unwrap_or_default(), &variables) {
-                variables.insert(variable["name"].as_str().unwrap_or_default().to_string(), value);
-            }
-        }
-        for validation in policy["spec"]["validations"].as_array().into_iter().flatten() {
-            let expression = validation["expression"].as_str().unwrap_or_default();
-            let reason = validation["reason"].as_str().unwrap_or_default().to_string();
-            match run(expression, &variables) {
-                Ok(Value::Bool(true)) => {}
-                Ok(Value::Bool(false)) => {
-                    let from_expression = validation["messageExpression"]
-                        .as_str()
-                        .and_then(|m| run(m, &variables).ok())
-                        .and_then(|m| m.as_str().map(str::to_string))
-                        .filter(|m| !m.trim().is_empty() && !m.contains('\n'));
-                    let message = from_expression
-                        .or_else(|| validation["message"].as_str().filter(|m| !m.is_empty()).map(str::to_string))
-                        .unwrap_or_else(|| format!("failed expression: {}", expression.trim()));
-                    denials.push(Denial { message, reason });
-                }
-                Ok(_) | Err(_) if policy["spec"]["failurePolicy"] == "Ignore" => {}
-                Ok(other) => denials.push(Denial {
-                    message: format!(
-                        "expression '{}' resulted in error: expected bool, got {other}",
-                        expression.trim()
-                    ),
-                    reason,
-                }),
-                Err(e) => denials.push(Denial {
-                    message: format!("expression '{}' resulted in error: {e}", expression.trim()),
-                    reason,
-                }),
-            }
+        let bound = [
+            ("object", &object),
+            ("oldObject", &old_object),
+            ("request", &request),
+            ("params", &params),
+            ("namespaceObject", &namespace_object),
+            ("variables", &Value::Object(Default::default())),
+        ];
+        match validations(policy, cel::Bindings::new(&bound)) {
+            Ok(found) => denials.extend(found),
+            Err(message) => return config_error(policy, message),
         }
     }
     denials
+}
+
+/// Runs a policy's match conditions, variables and validations against `bindings`
+/// (one parameter object's); the failed validations, or an error for a match
+/// condition that could not be evaluated under `failurePolicy: Fail`.
+fn validations(policy: &Value, mut bindings: cel::Bindings) -> Result<Vec<Denial>, String> {
+    let spec = &policy["spec"];
+    let ignore = spec["failurePolicy"] == "Ignore";
+    let program = |expression: &str| cel::compile_cached(expression, POLICY_VARIABLES);
+    for condition in spec["matchConditions"].as_array().into_iter().flatten() {
+        match program(condition["expression"].as_str().unwrap_or_default()).and_then(|p| p.evaluate_bool_in(&bindings))
+        {
+            Ok(true) => {}
+            Ok(false) => return Ok(vec![]),
+            Err(_) if ignore => return Ok(vec![]),
+            Err(e) => return Err(format!("failed to evaluate match condition: {e}")),
+        }
+    }
+    // Variables in order, each seeing those before it; one that cannot be evaluated
+    // stays unset, and an expression using it then fails, as upstream's lazily
+    // evaluated variables do.
+    let mut variables = serde_json::Map::new();
+    for variable in spec["variables"].as_array().into_iter().flatten() {
+        let value = program(variable["expression"].as_str().unwrap_or_default()).and_then(|p| p.evaluate_in(&bindings));
+        if let Ok(value) = value {
+            variables.insert(variable["name"].as_str().unwrap_or_default().to_string(), value);
+            bindings.set("variables", &Value::Object(variables.clone()));
+        }
+    }
+    let mut denials = Vec::new();
+    for validation in spec["validations"].as_array().into_iter().flatten() {
+        let expression = validation["expression"].as_str().unwrap_or_default();
+        let reason = validation["reason"].as_str().unwrap_or_default().to_string();
+        match program(expression).and_then(|p| p.evaluate_bool_in(&bindings)) {
+            Ok(true) => {}
+            Ok(false) => {
+                let from_expression = validation["messageExpression"]
+                    .as_str()
+                    .and_then(|m| program(m).and_then(|p| p.evaluate_in(&bindings)).ok())
+                    .and_then(|m| m.as_str().map(str::to_string))
+                    .filter(|m| !m.trim().is_empty() && !m.contains('\n'));
+                let message = from_expression
+                    .or_else(|| validation["message"].as_str().filter(|m| !m.is_empty()).map(str::to_string))
+                    .unwrap_or_else(|| format!("failed expression: {}", expression.trim()));
+                denials.push(Denial { message, reason });
+            }
+            Err(_) if ignore => {}
+            Err(e) => denials
+                .push(Denial { message: format!("expression '{}' resulted in error: {e}", expression.trim()), reason }),
+        }
+    }
+    Ok(denials)
 }
 
 /// Whether `match_resources` (a policy's constraints or a binding's resources) select

@@ -173,7 +173,7 @@ fn correlated<'a>(list: &Node, item: &Value, olds: &'a [Value]) -> Option<&'a Va
 }
 
 fn check_rule(rule: &Rule, node: &Node, new: &Value, old: Option<&Value>, path: &str, errs: &mut Errors) {
-    let Ok(program) = cel::compile(&rule.rule, VARIABLES) else { return };
+    let Ok(program) = cel::compile_cached(&rule.rule, VARIABLES) else { return };
     let transition = program.references_variable("oldSelf");
     if transition && old.is_none() && rule.optional_old_self != Some(true) {
         return;
@@ -198,7 +198,7 @@ fn check_rule(rule: &Rule, node: &Node, new: &Value, old: Option<&Value>, path: 
         Ok(true) => {}
         Ok(false) => {
             let from_expression = (!rule.message_expression.trim().is_empty())
-                .then(|| cel::compile(&rule.message_expression, VARIABLES).ok()?.evaluate(&bound).ok())
+                .then(|| cel::compile_cached(&rule.message_expression, VARIABLES).ok()?.evaluate(&bound).ok())
                 .flatten()
                 .and_then(|m| m.as_str().map(str::to_string))
                 .filter(|m| !m.trim().is_empty());

@@ -119,33 +119,80 @@ fn tls_for(ca_bundle: &str) -> Result<Arc<rustls::ClientConfig>, String> {
     Ok(config)
 }
 
+/// Idle keep-alive connections to webhooks, by where they go and whom they trust.
+type Connection = hyper::client::conn::http1::SendRequest<Body>;
+type PoolKey = (String, u16, String, u64);
+static POOL: LazyLock<Mutex<HashMap<PoolKey, Vec<Connection>>>> = LazyLock::new(Default::default);
+const IDLE_PER_WEBHOOK: usize = 32;
+
+fn pool_key(target: &Target, ca_bundle: &str) -> PoolKey {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    ca_bundle.hash(&mut hasher);
+    (target.connect_host.clone(), target.connect_port, target.server_name.clone(), hasher.finish())
+}
+
+/// An idle pooled connection that is still open (and true), else a new one.
+async fn connection(target: &Target, ca_bundle: &str, key: &PoolKey) -> Result<(Connection, bool), String> {
+    loop {
+        let idle = POOL.lock().expect("webhook pool").get_mut(key).and_then(Vec::pop);
+        match idle {
+            Some(mut sender) if !sender.is_closed() => {
+                if sender.ready().await.is_ok() {
+                    return Ok((sender, true));
+                }
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    Ok((connect(target, ca_bundle).await?, false))
+}
+
+async fn connect(target: &Target, ca_bundle: &str) -> Result<Connection, String> {
+    let tls = tls_for(ca_bundle)?;
+    let (host, port, name) = (&target.connect_host, target.connect_port, &target.server_name);
+    crate::rest::pods::nodeproxy::open_connection_as(host, port, Some(tls), name).await.map_err(|e| format!("{e:#}"))
+}
+
 /// POSTs `body` (an AdmissionReview) and returns the answer's body; every failure is
-/// described as upstream's client describes it.
+/// described as upstream's client describes it. Connections are kept for the next call.
 pub(crate) async fn post(
     target: &Target,
     ca_bundle: &str,
     body: Vec<u8>,
     timeout: Duration,
 ) -> Result<Vec<u8>, String> {
-    let tls = tls_for(ca_bundle)?;
-    let call = async {
-        let mut sender = crate::rest::pods::nodeproxy::open_connection_as(
-            &target.connect_host,
-            target.connect_port,
-            Some(tls),
-            &target.server_name,
-        )
-        .await
-        .map_err(|e| format!("{e:#}"))?;
-        let request = Request::post(&target.path_and_query)
+    let key = pool_key(target, ca_bundle);
+    let body = bytes::Bytes::from(body);
+    let request = || {
+        Request::post(&target.path_and_query)
             .header(header::HOST, &target.host_header)
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::ACCEPT, "application/json, */*")
-            .body(Body::from(body))
-            .map_err(|e| e.to_string())?;
-        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+            .body(Body::from(body.clone()))
+            .map_err(|e| e.to_string())
+    };
+    let call = async {
+        let (mut sender, reused) = connection(target, ca_bundle, &key).await?;
+        let response = match sender.send_request(request()?).await {
+            Ok(response) => response,
+            // A kept connection the webhook closed meanwhile: once more on a new one.
+            Err(e) if reused && (e.is_closed() || e.is_canceled()) => {
+                (sender, _) = connect(target, ca_bundle).await.map(|s| (s, false))?;
+                sender.send_request(request()?).await.map_err(|e| e.to_string())?
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         let status = response.status();
         let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        if !sender.is_closed() {
+            let mut pool = POOL.lock().expect("webhook pool");
+            let idle = pool.entry(key.clone()).or_default();
+            if idle.len() < IDLE_PER_WEBHOOK {
+                idle.push(sender);
+            }
+        }
         if !status.is_success() {
             let text = String::from_utf8_lossy(&bytes);
             return Err(match status.as_u16() {

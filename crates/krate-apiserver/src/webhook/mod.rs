@@ -28,14 +28,16 @@ use krate_api::selectors::LabelSelector;
 use krate_api::{ApiError, ApiResult, KindInfo};
 use serde_json::{json, Value};
 
-use crate::admission::{Attributes, Operation, Plugin};
+use crate::admission::{Attributes, ConfigurationMemo, Operation, Plugin};
 use crate::registry::{decode_body, to_served, to_storage, Storage};
 
 /// MutatingAdmissionWebhook.
-pub struct MutatingWebhooks;
+#[derive(Default)]
+pub struct MutatingWebhooks(ConfigurationMemo);
 
 /// ValidatingAdmissionWebhook.
-pub struct ValidatingWebhooks;
+#[derive(Default)]
+pub struct ValidatingWebhooks(ConfigurationMemo);
 
 #[async_trait::async_trait]
 impl Plugin for MutatingWebhooks {
@@ -47,7 +49,7 @@ impl Plugin for MutatingWebhooks {
         if !applies(attrs) || attrs.operation == Operation::Delete {
             return Ok(());
         }
-        let hooks = webhooks::<admissionregistration::MutatingWebhookConfiguration>(storage).await;
+        let hooks = webhooks::<admissionregistration::MutatingWebhookConfiguration>(storage, &self.0);
         if hooks.is_empty() {
             return Ok(());
         }
@@ -77,7 +79,7 @@ impl Plugin for ValidatingWebhooks {
         if !applies(attrs) {
             return Ok(());
         }
-        let hooks = webhooks::<admissionregistration::ValidatingWebhookConfiguration>(storage).await;
+        let hooks = webhooks::<admissionregistration::ValidatingWebhookConfiguration>(storage, &self.0);
         let calls = hooks.iter().map(|hook| async move {
             let Some(invocation) = invocation(storage, attrs, hook, obj).await? else { return Ok(()) };
             let response = call(storage, attrs, hook, &invocation, obj).await?;
@@ -133,8 +135,9 @@ impl Hook {
 
 /// The webhooks of every configuration of kind `T`, configurations sorted by name (as
 /// upstream orders them), webhooks in their order.
-async fn webhooks<T: k8s_openapi::Resource>(storage: &Storage) -> Vec<Hook> {
-    let mut configs = storage.cached_objects(&storage.builtin::<T>(None), false).await;
+fn webhooks<T: k8s_openapi::Resource>(storage: &Storage, memo: &ConfigurationMemo) -> Vec<Hook> {
+    let configs = storage.cached_configuration::<T>(memo);
+    let mut configs: Vec<&Value> = configs.iter().collect();
     configs.sort_by(|a, b| object::name(a).cmp(object::name(b)));
     configs
         .into_iter()
@@ -174,8 +177,8 @@ async fn invocation(
         let expression = condition["expression"].as_str().unwrap_or_default();
         let served = |o: Option<&Value>| o.map(|o| to_served(&kind, o.clone())).unwrap_or(Value::Null);
         let (object, old_object) = (served(new), served(old));
-        let review = review_request(attrs, &kind, new, old, "");
-        let evaluated = krate_api::cel::compile(expression, krate_api::cel::MATCH_CONDITION_VARIABLES)
+        let review = cel_request(attrs, &kind, new, old);
+        let evaluated = krate_api::cel::compile_cached(expression, krate_api::cel::MATCH_CONDITION_VARIABLES)
             .and_then(|p| p.evaluate_bool(&[("object", &object), ("oldObject", &old_object), ("request", &review)]));
         match evaluated {
             Ok(true) => {}
@@ -247,7 +250,7 @@ fn group_version_resource(kind: &KindInfo) -> Value {
 }
 
 /// The `request` of an AdmissionReview, in upstream's field order.
-pub(crate) fn review_request(
+fn review_request(
     attrs: &Attributes<'_>,
     kind: &KindInfo,
     new: Option<&Value>,
@@ -313,6 +316,21 @@ pub(crate) fn review_request(
         review.insert("options".into(), json!({"kind": options, "apiVersion": "meta.k8s.io/v1"}));
     }
     Value::Object(review)
+}
+
+/// The `request` variable of CEL expressions: the AdmissionReview's request without the
+/// objects (they are variables of their own), as upstream's `CreateAdmissionRequest`.
+pub(crate) fn cel_request(attrs: &Attributes<'_>, kind: &KindInfo, new: Option<&Value>, old: Option<&Value>) -> Value {
+    let mut request = review_request(attrs, kind, None, None, "");
+    if let (Some(map), Some(name)) = (request.as_object_mut(), new.or(old).map(object::name).filter(|n| !n.is_empty()))
+    {
+        map.insert("name".into(), json!(name));
+    }
+    if let Some(map) = request.as_object_mut() {
+        map.remove("object");
+        map.remove("oldObject");
+    }
+    request
 }
 
 /// `failed calling webhook "name": <why>`, as upstream's ErrCallingWebhook, in the

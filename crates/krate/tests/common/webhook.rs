@@ -75,6 +75,7 @@ impl WebhookServer {
     }
 }
 
+/// Serves the requests of one connection (HTTP/1.1 keep-alive) until the client closes it.
 fn serve(
     stream: TcpStream,
     config: Arc<rustls::ServerConfig>,
@@ -82,38 +83,45 @@ fn serve(
     calls: Arc<AtomicUsize>,
 ) {
     let Ok(connection) = rustls::ServerConnection::new(config) else { return };
+    let _ = stream.set_nodelay(true);
     let mut tls = rustls::StreamOwned::new(connection, stream);
-    let mut reader = BufReader::new(&mut tls);
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
-        return;
-    }
-    let path = line.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/").to_string();
-    let mut length = 0;
     loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header).map(|n| n == 0).unwrap_or(true) || header == "\r\n" {
-            break;
+        let mut reader = BufReader::new(&mut tls);
+        let mut line = String::new();
+        if reader.read_line(&mut line).map(|n| n == 0).unwrap_or(true) {
+            return;
         }
-        if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse().unwrap_or(0);
+        let path = line.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/").to_string();
+        let (mut length, mut close) = (0, false);
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).map(|n| n == 0).unwrap_or(true) || header == "\r\n" {
+                break;
+            }
+            let lower = header.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+            close |= lower.starts_with("connection:") && lower.contains("close");
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        // The reader holds no bytes of a next request: the API server's client sends
+        // one request at a time on a connection.
+        drop(reader);
+        let review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        kept.lock().unwrap().push((path.clone(), review.clone()));
+        let answer = answer(&path, &review, calls.fetch_add(1, Ordering::SeqCst) + 1);
+        let text = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+            answer.len()
+        );
+        if tls.write_all(text.as_bytes()).and_then(|_| tls.flush()).is_err() || close {
+            return;
         }
     }
-    let mut body = vec![0; length];
-    if reader.read_exact(&mut body).is_err() {
-        return;
-    }
-    let review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    kept.lock().unwrap().push((path.clone(), review.clone()));
-    let answer = answer(&path, &review, calls.fetch_add(1, Ordering::SeqCst) + 1);
-    let text = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
-        answer.len()
-    );
-    let _ = tls.write_all(text.as_bytes());
-    let _ = tls.flush();
-    tls.conn.send_close_notify();
-    let _ = tls.flush();
 }
 
 fn patch(operations: Value) -> Value {
