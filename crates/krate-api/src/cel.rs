@@ -135,8 +135,8 @@ impl Bindings {
 
 /// Compiled programs by source and environment: admission and CRD validation evaluate
 /// the same few expressions on every request.
-static COMPILED: LazyLock<Mutex<HashMap<(String, &'static [&'static str]), Arc<Program>>>> =
-    LazyLock::new(Default::default);
+type CompiledKey = (String, &'static [&'static str]);
+static COMPILED: LazyLock<Mutex<HashMap<CompiledKey, Arc<Program>>>> = LazyLock::new(Default::default);
 
 /// `compile`, remembered: the same source in the same environment compiles once.
 pub fn compile_cached(source: &str, variables: &'static [&'static str]) -> Result<Arc<Program>, String> {

@@ -2,10 +2,12 @@
 
 use serde_json::{json, Value};
 
-/// Converts objects of one served version to and from their stored form.
-pub trait Conversion: Sync {
-    fn store(&self, obj: Value) -> Value;
-    fn serve(&self, obj: Value) -> Value;
+/// Converts objects of one served version to and from their stored form. Built-in
+/// conversions cannot fail; a CRD's conversion webhook can (the error is upstream's
+/// `conversion webhook for ... failed: ...`).
+pub trait Conversion: Sync + Send {
+    fn store(&self, obj: Value) -> Result<Value, String>;
+    fn serve(&self, obj: Value) -> Result<Value, String>;
 }
 
 /// Renames top-level fields and rewrites apiVersion.
@@ -35,11 +37,11 @@ impl Renames {
 }
 
 impl Conversion for Renames {
-    fn store(&self, obj: Value) -> Value {
-        rename(obj, self.storage_api_version, self.fields.iter().copied())
+    fn store(&self, obj: Value) -> Result<Value, String> {
+        Ok(rename(obj, self.storage_api_version, self.fields.iter().copied()))
     }
-    fn serve(&self, obj: Value) -> Value {
-        rename(obj, self.served_api_version, self.fields.iter().map(|(a, b)| (*b, *a)))
+    fn serve(&self, obj: Value) -> Result<Value, String> {
+        Ok(rename(obj, self.served_api_version, self.fields.iter().map(|(a, b)| (*b, *a))))
     }
 }
 
@@ -75,7 +77,16 @@ fn find_cpu_utilization(metrics: Option<&Value>, key: &str) -> Option<Value> {
 }
 
 impl Conversion for HpaV1 {
-    fn store(&self, mut obj: Value) -> Value {
+    fn store(&self, obj: Value) -> Result<Value, String> {
+        Ok(Self::to_v2(obj))
+    }
+    fn serve(&self, obj: Value) -> Result<Value, String> {
+        Ok(Self::to_v1(obj))
+    }
+}
+
+impl HpaV1 {
+    fn to_v2(mut obj: Value) -> Value {
         obj["apiVersion"] = json!("autoscaling/v2");
         if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
             if let Some(pct) = spec.remove("targetCPUUtilizationPercentage") {
@@ -96,7 +107,7 @@ impl Conversion for HpaV1 {
         obj
     }
 
-    fn serve(&self, mut obj: Value) -> Value {
+    fn to_v1(mut obj: Value) -> Value {
         obj["apiVersion"] = json!("autoscaling/v1");
         if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
             let target = find_cpu_utilization(spec.get("metrics"), "target");
@@ -132,19 +143,19 @@ mod tests {
     #[test]
     fn events_v1_round_trips_through_core() {
         let v1 = json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "regarding": {"name": "p"}, "note": "hi", "reason": "R"});
-        let core = EVENTS_V1.store(v1.clone());
+        let core = EVENTS_V1.store(v1.clone()).unwrap();
         assert_eq!(core["apiVersion"], "v1");
         assert_eq!(core["involvedObject"]["name"], "p");
         assert_eq!(core["message"], "hi");
-        assert_eq!(EVENTS_V1.serve(core), v1);
+        assert_eq!(EVENTS_V1.serve(core).unwrap(), v1);
     }
 
     #[test]
     fn hpa_v1_cpu_target_maps_to_v2_metrics() {
         let v1 = json!({"apiVersion": "autoscaling/v1", "kind": "HorizontalPodAutoscaler",
             "spec": {"maxReplicas": 5, "targetCPUUtilizationPercentage": 70}});
-        let v2 = HPA_V1.store(v1.clone());
+        let v2 = HPA_V1.store(v1.clone()).unwrap();
         assert_eq!(v2["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"], 70);
-        assert_eq!(HPA_V1.serve(v2), v1);
+        assert_eq!(HPA_V1.serve(v2).unwrap(), v1);
     }
 }

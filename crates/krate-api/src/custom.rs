@@ -373,7 +373,7 @@ mod tests {
         assert!(kinds[0].status && kinds[0].conversion.is_none());
         assert!(kinds[1].conversion.is_some(), "v1beta1 is stored as v1");
         assert_eq!(kinds[1].storage, kinds[0].storage);
-        let stored = kinds[1].conversion.unwrap().store(json!({"apiVersion": "example.com/v1beta1"}));
+        let stored = kinds[1].conversion.unwrap().store(json!({"apiVersion": "example.com/v1beta1"})).unwrap();
         assert_eq!(stored["apiVersion"], "example.com/v1");
     }
 

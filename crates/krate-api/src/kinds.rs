@@ -159,6 +159,7 @@ pub const STANDARD_SCALE: ScaleInfo = ScaleInfo {
 };
 
 /// One served group/version/resource.
+#[derive(Clone)]
 pub struct KindInfo {
     pub group: String,
     pub version: String,

@@ -33,6 +33,26 @@ pub async fn start(server: Arc<ApiServer>) {
     });
 }
 
+/// A CRD whose conversion strategy is Webhook converts every served version through it
+/// (objects stored before a storage version change are converted too).
+fn with_conversion_webhook(server: &Arc<ApiServer>, crd: &Value, kinds: &mut [KindInfo]) {
+    let conversion = &crd["spec"]["conversion"];
+    if conversion["strategy"] != "Webhook" {
+        return;
+    }
+    let versions = crd["spec"]["versions"].as_array().into_iter().flatten();
+    let Some(storage) = versions.into_iter().find(|v| v["storage"] == true).and_then(|v| v["name"].as_str()) else {
+        return;
+    };
+    let group = crd["spec"]["group"].as_str().unwrap_or_default();
+    let storage = format!("{group}/{storage}");
+    for kind in kinds {
+        let webhook = &conversion["webhook"];
+        kind.conversion =
+            Some(crate::webhook::conversion::for_version(server, &kind.api_version(), &storage, &kind.kind, webhook));
+    }
+}
+
 fn condition(type_: &str, status: &str, reason: &str, message: &str) -> Value {
     json!({"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": object::now_rfc3339()})
 }
@@ -47,7 +67,8 @@ async fn reconcile(server: &Arc<ApiServer>, prefix: &str) {
     let mut kinds = builtin_kinds();
     let mut verdicts = Vec::new();
     for crd in &crds {
-        let custom = custom::kinds_of(crd);
+        let mut custom = custom::kinds_of(crd);
+        with_conversion_webhook(server, crd, &mut custom);
         let clash = custom.iter().find(|c| {
             kinds
                 .iter()
@@ -142,11 +163,13 @@ async fn clean_up(
     }
     let group = get_str(crd, &["spec", "group"]).unwrap_or_default();
     let plural = get_str(crd, &["spec", "names", "plural"]).unwrap_or_default();
-    let served = kinds
-        .kinds()
-        .iter()
-        .find(|k| k.custom.is_some() && k.group == group && k.plural == plural && k.conversion.is_none())
-        .cloned();
+    // Objects go as stored, unconverted: a conversion webhook that is gone must not keep
+    // a CRD from being deleted.
+    let served = kinds.kinds().iter().find(|k| k.custom.is_some() && k.group == group && k.plural == plural).map(|k| {
+        let mut unconverted = KindInfo::clone(k);
+        unconverted.conversion = None;
+        Arc::new(unconverted)
+    });
     if let Some(kind) = served {
         let scope = Scope { kind, namespace: None };
         server.storage.delete_collection(&scope, &ListOptions::default(), &DeleteOptions::default()).await?;

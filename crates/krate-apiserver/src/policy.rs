@@ -150,8 +150,11 @@ async fn evaluate(
         Err(message) => return config_error(policy, message),
     };
     let (new, old) = webhook::objects(attrs, obj);
-    let served = |o: Option<&Value>| o.map(|o| to_served(&kind, o.clone())).unwrap_or(Value::Null);
-    let (object, old_object) = (served(new), served(old));
+    let served = |o: Option<&Value>| o.map(|o| to_served(&kind, o.clone())).transpose();
+    let (object, old_object) = match (served(new), served(old)) {
+        (Ok(new), Ok(old)) => (new.unwrap_or(Value::Null), old.unwrap_or(Value::Null)),
+        (Err(e), _) | (_, Err(e)) => return config_error(policy, e.message),
+    };
     let request = webhook::cel_request(attrs, &kind, new, old);
     let namespace_object = namespace_object(storage, attrs, obj);
     let mut denials = Vec::new();
@@ -308,16 +311,19 @@ async fn params(
     };
     let scope = Scope { kind: kind.clone(), namespace };
     let found: Vec<Value> = match param_ref["name"].as_str().filter(|n| !n.is_empty()) {
-        Some(name) => storage.cached(&scope, name).ok().map(|o| to_served(&kind, o.parse())).into_iter().collect(),
+        Some(name) => {
+            storage.cached(&scope, name).ok().map(|o| to_served(&kind, o.parse())).into_iter().collect::<Result<_, _>>()
+        }
         None => {
             let selector = LabelSelector::from_json(&param_ref["selector"]).unwrap_or_default();
             let all = storage.cached_objects(&scope, false).await;
             all.into_iter()
                 .filter(|o| selector.matches_json(o.pointer("/metadata/labels")))
                 .map(|o| to_served(&kind, o))
-                .collect()
+                .collect::<Result<_, _>>()
         }
-    };
+    }
+    .map_err(|e| e.message)?;
     match (found.is_empty(), param_ref["parameterNotFoundAction"].as_str()) {
         (false, _) => Ok(Some(found)),
         (true, Some("Allow")) => Ok(None),

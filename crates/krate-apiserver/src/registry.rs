@@ -172,35 +172,35 @@ pub fn key_for(kind: &KindInfo, namespace: Option<&str>, name: &str) -> String {
     }
 }
 
-/// The served form of a stored object.
-pub fn to_served(kind: &KindInfo, stored: Value) -> Value {
+/// The served form of a stored object (an error when a CRD's conversion webhook fails).
+pub fn to_served(kind: &KindInfo, stored: Value) -> ApiResult<Value> {
     match kind.conversion {
-        Some(c) => c.serve(stored),
-        None => stored,
+        Some(c) => c.serve(stored).map_err(ApiError::internal),
+        None => Ok(stored),
     }
 }
 
-pub(crate) fn to_storage(kind: &KindInfo, served: Value) -> Value {
+pub(crate) fn to_storage(kind: &KindInfo, served: Value) -> ApiResult<Value> {
     match kind.conversion {
-        Some(c) => c.store(served),
-        None => served,
+        Some(c) => c.store(served).map_err(ApiError::internal),
+        None => Ok(served),
     }
 }
 
 /// The served JSON of a cached object, without re-encoding when no conversion applies.
-pub fn served_json(kind: &KindInfo, obj: &CachedObject) -> Bytes {
+pub fn served_json(kind: &KindInfo, obj: &CachedObject) -> ApiResult<Bytes> {
     match kind.conversion {
-        Some(c) => Bytes::from(krate_api::protobuf::to_go_json(&c.serve(obj.parse()))),
-        None => obj.json.clone(),
+        Some(_) => Ok(Bytes::from(krate_api::protobuf::to_go_json(&to_served(kind, obj.parse())?))),
+        None => Ok(obj.json.clone()),
     }
 }
 
 /// The served protobuf message of a cached object (no envelope); `None` for kinds
-/// without a protobuf form.
+/// without a protobuf form (custom kinds, the only ones whose conversion can fail).
 pub fn served_proto(kind: &KindInfo, obj: &CachedObject) -> Option<Bytes> {
     let message = kind.protobuf_message()?;
     Some(match kind.conversion {
-        Some(c) => Bytes::from(krate_api::protobuf::message(message, &c.serve(obj.parse()))),
+        Some(c) => Bytes::from(krate_api::protobuf::message(message, &c.serve(obj.parse()).ok()?)),
         None => obj.proto(message).clone(),
     })
 }
@@ -409,8 +409,8 @@ fn validate(kind: &KindInfo, obj: &Value, old: Option<&Value>, sub: Subresource)
     }
     // A custom kind's CEL validation rules, on the object as its version's schema sees it.
     if let (Some(_), Some(schema)) = (&kind.custom, &kind.schema) {
-        let served = to_served(kind, obj.clone());
-        let old = old.map(|o| to_served(kind, o.clone()));
+        let served = to_served(kind, obj.clone())?;
+        let old = old.map(|o| to_served(kind, o.clone())).transpose()?;
         errs.extend(krate_api::schema::rules::validate(schema, &served, old.as_ref()));
     }
     if errs.is_empty() {
@@ -499,7 +499,7 @@ impl Storage {
     /// Creates an object from a decoded (served-form) body.
     pub async fn create(&self, scope: &Scope, body: Value, opts: &WriteOptions) -> ApiResult<Written> {
         let kind = &scope.kind;
-        let mut obj = to_storage(kind, body);
+        let mut obj = to_storage(kind, body)?;
         let meta = object::object_at(&mut obj, &["metadata"])
             .ok_or_else(|| ApiError::bad_request("metadata must be an object"))?;
         if kind.namespaced {
@@ -595,7 +595,7 @@ impl Storage {
                 hooks.finish_create(self, &obj, stored.is_ok(), opts).await;
             }
             match stored {
-                Ok(obj) => return Ok(Written { code: 201, body: to_served(kind, obj), warnings: vec![] }),
+                Ok(obj) => return Ok(Written { code: 201, body: to_served(kind, obj)?, warnings: vec![] }),
                 Err(StoreError::AlreadyExists(_)) if generate.is_some() && attempt + 1 < GENERATE_NAME_RETRIES => {
                     continue
                 }
@@ -771,7 +771,7 @@ impl Storage {
         let kind = &scope.kind;
         let mut new = match sub {
             Subresource::Main | Subresource::Finalize => {
-                let mut new = to_storage(kind, body);
+                let mut new = to_storage(kind, body)?;
                 // System-owned metadata always comes from the stored object.
                 for field in [
                     "uid",
@@ -818,7 +818,7 @@ impl Storage {
                 new
             }
             Subresource::Status | Subresource::Approval | Subresource::EphemeralContainers => {
-                let served = to_storage(kind, body);
+                let served = to_storage(kind, body)?;
                 let mut new = current.clone();
                 let (path, value): (&[&str], _) = match sub {
                     Subresource::Approval => (&["status", "conditions"], get(&served, &["status", "conditions"])),
@@ -915,7 +915,7 @@ impl Storage {
                 Ok((Self::prepare_update(scope, sub, current, body, opts)?, precondition.is_some()))
             })
             .await?;
-        Ok(Written { code: 200, body: to_served(&kind, obj), warnings: vec![] })
+        Ok(Written { code: 200, body: to_served(&kind, obj)?, warnings: vec![] })
     }
 
     /// PATCH of the main resource or a subresource.
@@ -938,7 +938,7 @@ impl Storage {
         let mut warnings = Vec::new();
         let (obj, _) = self
             .guaranteed_update(scope, name, Operation::Update, opts, |current| {
-                let served = to_served(&kind, current.clone());
+                let served = to_served(&kind, current.clone())?;
                 let mut patched = served.clone();
                 apply_patch(
                     &mut patched,
@@ -963,7 +963,7 @@ impl Storage {
                 Ok((Self::prepare_update(scope, sub, current, canonical, opts)?, pinned))
             })
             .await?;
-        Ok(Written { code: 200, body: to_served(&kind, obj), warnings })
+        Ok(Written { code: 200, body: to_served(&kind, obj)?, warnings })
     }
 
     /// Server-side apply: creates the object if needed, else merges the configuration
@@ -1031,14 +1031,14 @@ impl Storage {
         let mut warnings = Vec::new();
         let (obj, _) = self
             .guaranteed_update(scope, name, Operation::Update, opts, |current| {
-                let served = to_served(&kind, current.clone());
+                let served = to_served(&kind, current.clone())?;
                 let merged = managed::apply(schema.as_deref(), Some(&served), &config, &who, opts.force)?;
                 let (canonical, unknown) = decode_body(&kind, merged)?;
                 warnings = check_applied_fields(&kind, scope, name, &unknown, opts.field_validation)?;
                 Ok((Self::prepare_update(scope, sub, current, canonical, opts)?, false))
             })
             .await?;
-        Ok(Written { code: 200, body: to_served(&kind, obj), warnings })
+        Ok(Written { code: 200, body: to_served(&kind, obj)?, warnings })
     }
 
     async fn update_scale(
@@ -1120,7 +1120,7 @@ impl Storage {
                 Ok((plan_delete(&kind, current, opts), pinned))
             })
             .await?;
-        let served = to_served(&kind, obj);
+        let served = to_served(&kind, obj)?;
         if done == Done::Removed {
             // Some kinds answer with the deleted object, the others with a Status.
             let body = if kind.returns_deleted_object {
@@ -1290,7 +1290,7 @@ impl Storage {
         for obj in listed.items {
             let item_scope = Scope { kind: scope.kind.clone(), namespace: obj.namespace.clone() };
             match self.delete(&item_scope, &obj.name, opts).await {
-                Ok(_) => deleted.push(to_served(&scope.kind, obj.parse())),
+                Ok(_) => deleted.push(to_served(&scope.kind, obj.parse())?),
                 Err(e) if e.code == 404 => {}
                 Err(e) => return Err(e),
             }

@@ -307,3 +307,90 @@ fn webhook_configurations_are_never_sent_to_webhooks_so_a_broken_one_can_be_remo
     server.kubectl_ok(&["get", "validatingwebhookconfigurations"]);
     assert!(create_configmap(&server, "free", &[]).status.success());
 }
+
+fn gadget_crd(hooks: &WebhookServer, path: &str) -> Value {
+    let schema = json!({"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}});
+    json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "gadgets.example.com"},
+    "spec": {"group": "example.com", "scope": "Namespaced",
+        "names": {"plural": "gadgets", "singular": "gadget", "kind": "Gadget"},
+        "conversion": {"strategy": "Webhook", "webhook": {"conversionReviewVersions": ["v1"],
+            "clientConfig": {"url": hooks.url(path), "caBundle": hooks.ca_bundle}}},
+        "versions": [
+            {"name": "v1", "served": true, "storage": true, "schema": schema},
+            {"name": "v2", "served": true, "storage": false, "schema": schema},
+        ]}})
+}
+
+fn get_json(server: &TestServer, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    serde_json::from_str(&server.kubectl_ok(&all)).unwrap()
+}
+
+#[test]
+fn a_conversion_webhook_serves_each_version_converted() {
+    let server = TestServer::start();
+    let hooks = WebhookServer::start();
+    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&gadget_crd(&hooks, "/convert").to_string()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    server.kubectl_ok(&["wait", "--for=condition=Established", "crd/gadgets.example.com"]);
+    let served = (0..100).any(|_| {
+        let ok = server.kubectl(&["get", "gadgets.v2.example.com"]).status.success();
+        if !ok {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        ok
+    });
+    assert!(served);
+    let v1 =
+        json!({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": "old"}, "spec": {"replicas": 3}});
+    server.kubectl_stdin(&["create", "-f", "-"], Some(&v1.to_string()));
+    let as_v2 = get_json(&server, &["get", "gadgets.v2.example.com", "old"]);
+    assert_eq!(as_v2["apiVersion"], "example.com/v2");
+    assert_eq!(as_v2["spec"], json!({"count": 3}));
+    assert_eq!(as_v2["metadata"]["labels"]["converted"], "v2", "labels may change in conversion");
+    assert_eq!(as_v2["metadata"]["name"], "old");
+
+    let v2 =
+        json!({"apiVersion": "example.com/v2", "kind": "Gadget", "metadata": {"name": "new"}, "spec": {"count": 5}});
+    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&v2.to_string()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let as_v1 = get_json(&server, &["get", "gadgets.v1.example.com", "new"]);
+    assert_eq!(as_v1["spec"], json!({"replicas": 5}), "stored in v1 through the webhook");
+    let list = get_json(&server, &["get", "gadgets.v2.example.com"]);
+    let counts: Vec<&Value> = list["items"].as_array().unwrap().iter().map(|g| &g["spec"]["count"]).collect();
+    assert_eq!(counts, vec![&json!(5), &json!(3)]);
+    let review = hooks.reviews("/convert").into_iter().next().unwrap();
+    assert_eq!(review["apiVersion"], "apiextensions.k8s.io/v1");
+    assert_eq!(review["kind"], "ConversionReview");
+}
+
+#[test]
+fn a_failing_conversion_webhook_fails_reads_of_other_versions_only() {
+    let server = TestServer::start();
+    let hooks = WebhookServer::start();
+    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&gadget_crd(&hooks, "/convert-fail").to_string()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    server.kubectl_ok(&["wait", "--for=condition=Established", "crd/gadgets.example.com"]);
+    let v1 =
+        json!({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": "g"}, "spec": {"replicas": 1}});
+    let created = (0..100).any(|_| {
+        let ok = server.kubectl_stdin(&["create", "-f", "-"], Some(&v1.to_string())).status.success();
+        if !ok {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        ok
+    });
+    assert!(created, "the storage version needs no conversion");
+    let out = server.kubectl(&["get", "gadgets.v2.example.com", "g"]);
+    assert!(
+        stderr(&out).contains(
+            "conversion webhook for example.com/v1, Kind=Gadget failed: response.result.status was 'Failure', not 'Success': cannot convert"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    server.kubectl_ok(&["get", "gadgets.v1.example.com", "g"]);
+    server.kubectl_ok(&["delete", "crd", "gadgets.example.com"]);
+}

@@ -234,8 +234,10 @@ const EVENT_COLUMNS: &[Column] = &[
 pub const EVENTS: Printer = Printer { columns: EVENT_COLUMNS, cells: event_cells };
 
 /// events.k8s.io/v1 Events, printed from their core/v1 form.
-pub const EVENTS_V1: Printer =
-    Printer { columns: EVENT_COLUMNS, cells: |obj| event_cells(&crate::convert::EVENTS_V1.store(obj.clone())) };
+pub const EVENTS_V1: Printer = Printer {
+    columns: EVENT_COLUMNS,
+    cells: |obj| event_cells(&crate::convert::EVENTS_V1.store(obj.clone()).unwrap_or_else(|_| obj.clone())),
+};
 
 fn event_cells(core: &Value) -> Vec<Value> {
     let last = get_str(core, &["lastTimestamp"])

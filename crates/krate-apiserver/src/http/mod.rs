@@ -733,12 +733,12 @@ async fn resource_request(
     };
     match verb {
         Verb::Watch => watch::serve(server.clone(), scope, list_options(&kind, &query)?, &query, format).await,
-        Verb::List => Ok(list_response(&kind, storage.list(&scope, &list_options(&kind, &query)?).await?, &format)),
+        Verb::List => list_response(&kind, storage.list(&scope, &list_options(&kind, &query)?).await?, &format),
         Verb::Get => {
             let obj = storage.get(&scope, name).await?;
             match sub {
                 Subresource::Scale => Ok(json_response(200, &registry::scale_of(&kind, &obj.parse()))),
-                _ => Ok(object_response(&kind, &obj, &format)),
+                _ => object_response(&kind, &obj, &format),
             }
         }
         Verb::Create | Verb::Update => {
@@ -848,31 +848,34 @@ pub(crate) fn delete_options(query: &Query, headers: &HeaderMap, body: &[u8]) ->
     })
 }
 
-fn object_response(kind: &KindInfo, obj: &crate::cache::CachedObject, format: &Format) -> Response<Body> {
-    match format {
-        Format::Json => bytes_response(200, with_newline(served_json(kind, obj)), "application/json"),
+fn object_response(kind: &KindInfo, obj: &crate::cache::CachedObject, format: &Format) -> ApiResult<Response<Body>> {
+    Ok(match format {
+        Format::Json => bytes_response(200, with_newline(served_json(kind, obj)?), "application/json"),
         Format::Protobuf => match registry::served_proto(kind, obj) {
             Some(raw) => proto_response(200, krate_api::protobuf::envelope(&kind.api_version(), &kind.kind, &raw)),
-            None => bytes_response(200, with_newline(served_json(kind, obj)), "application/json"),
+            None => bytes_response(200, with_newline(served_json(kind, obj)?), "application/json"),
         },
-        Format::Table { .. } => json_response(200, &table::object_table(kind, &registry::to_served(kind, obj.parse()))),
+        Format::Table { .. } => {
+            json_response(200, &table::object_table(kind, &registry::to_served(kind, obj.parse())?))
+        }
         Format::Metadata => {
             bytes_response(200, with_newline(negotiate::partial_metadata_json(&obj.json)), "application/json")
         }
-    }
+    })
 }
 
-fn list_response(kind: &KindInfo, result: registry::ListResult, format: &Format) -> Response<Body> {
-    match format {
+fn list_response(kind: &KindInfo, result: registry::ListResult, format: &Format) -> ApiResult<Response<Body>> {
+    Ok(match format {
         Format::Table { include_object } => {
-            let items: Vec<Value> = result.items.iter().map(|o| registry::to_served(kind, o.parse())).collect();
+            let items: Vec<Value> =
+                result.items.iter().map(|o| registry::to_served(kind, o.parse())).collect::<ApiResult<_>>()?;
             let mut t = table::list_table(kind, &items, *include_object);
             t["metadata"] = list_metadata(&result);
             json_response(200, &t)
         }
         Format::Metadata => assembled_list("PartialObjectMetadataList", "meta.k8s.io/v1", &result, None, |o| {
-            negotiate::partial_metadata_json(&o.json)
-        }),
+            Ok(negotiate::partial_metadata_json(&o.json))
+        })?,
         Format::Protobuf if kind.protobuf_message().is_some() => {
             let items: Vec<Bytes> = result.items.iter().filter_map(|o| registry::served_proto(kind, o)).collect();
             let list_meta = list_metadata(&result);
@@ -883,9 +886,9 @@ fn list_response(kind: &KindInfo, result: registry::ListResult, format: &Format)
             // (upstream's typed lists); custom resources, unstructured there, keep theirs.
             let type_meta = format!("{{\"kind\":\"{}\",\"apiVersion\":\"{}\",", kind.kind, kind.api_version());
             let strip = kind.custom.is_none().then_some(type_meta.as_bytes());
-            assembled_list(&kind.list_kind(), &kind.api_version(), &result, strip, |o| served_json(kind, o))
+            assembled_list(&kind.list_kind(), &kind.api_version(), &result, strip, |o| served_json(kind, o))?
         }
-    }
+    })
 }
 
 fn proto_response(code: u16, body: Vec<u8>) -> Response<Body> {
@@ -900,9 +903,9 @@ fn assembled_list(
     api_version: &str,
     result: &registry::ListResult,
     strip: Option<&[u8]>,
-    item: impl Fn(&crate::cache::CachedObject) -> Bytes,
-) -> Response<Body> {
-    let items: Vec<Bytes> = result.items.iter().map(|o| item(o)).collect();
+    item: impl Fn(&crate::cache::CachedObject) -> ApiResult<Bytes>,
+) -> ApiResult<Response<Body>> {
+    let items: Vec<Bytes> = result.items.iter().map(|o| item(o)).collect::<ApiResult<_>>()?;
     let mut out = BytesMut::with_capacity(64 + items.iter().map(|i| i.len() + 1).sum::<usize>() + 1);
     let head = json!({"kind": list_kind, "apiVersion": api_version, "metadata": list_metadata(result)});
     let head = krate_api::protobuf::to_go_json(&head);
@@ -921,7 +924,7 @@ fn assembled_list(
         }
     }
     out.put_slice(b"]}\n");
-    bytes_response(200, out.freeze(), "application/json")
+    Ok(bytes_response(200, out.freeze(), "application/json"))
 }
 
 fn list_metadata(result: &registry::ListResult) -> Value {

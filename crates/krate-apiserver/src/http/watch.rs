@@ -75,15 +75,21 @@ impl Watcher {
                 registry::served_json(&self.kind, obj)
             }
             Format::Json => registry::served_json(&self.kind, obj),
-            Format::Metadata => partial_metadata_json(&obj.json),
+            Format::Metadata => Ok(partial_metadata_json(&obj.json)),
             Format::Table { include_object } => {
-                let served = registry::to_served(&self.kind, obj.parse());
+                let served = match registry::to_served(&self.kind, obj.parse()) {
+                    Ok(served) => served,
+                    Err(e) => return conversion_failed(&e),
+                };
                 let t = table::event_table(&self.kind, &served, *include_object, !self.sent_table_headers);
                 self.sent_table_headers = true;
                 return line(kind, &krate_api::protobuf::to_go_json(&t));
             }
         };
-        line(kind, &object)
+        match object {
+            Ok(object) => line(kind, &object),
+            Err(e) => conversion_failed(&e),
+        }
     }
 
     fn bookmark(&self, revision: Revision, initial_events_end: bool) -> Bytes {
@@ -117,6 +123,12 @@ impl Watcher {
 
 /// One JSON watch event, framed around the already-encoded object (upstream's
 /// WatchEvent: `type`, then `object`), and the newline that ends it.
+/// An object that could not be converted to the watched version (a failing CRD
+/// conversion webhook) is sent as an ERROR event with its Status.
+fn conversion_failed(error: &krate_api::ApiError) -> Bytes {
+    line("ERROR", &krate_api::protobuf::to_go_json(&error.to_status()))
+}
+
 fn line(event_type: &str, object: &[u8]) -> Bytes {
     let mut line = Vec::with_capacity(object.len() + 32);
     line.extend_from_slice(b"{\"type\":\"");

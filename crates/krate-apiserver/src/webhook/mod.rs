@@ -15,6 +15,7 @@
 //! to webhooks, so a broken webhook can always be removed.
 
 mod client;
+pub(crate) mod conversion;
 pub(crate) mod rules;
 
 use std::sync::Arc;
@@ -175,8 +176,8 @@ async fn invocation(
     }
     for condition in hook.spec["matchConditions"].as_array().into_iter().flatten() {
         let expression = condition["expression"].as_str().unwrap_or_default();
-        let served = |o: Option<&Value>| o.map(|o| to_served(&kind, o.clone())).unwrap_or(Value::Null);
-        let (object, old_object) = (served(new), served(old));
+        let served = |o: Option<&Value>| o.map(|o| to_served(&kind, o.clone())).transpose();
+        let (object, old_object) = (served(new)?.unwrap_or_default(), served(old)?.unwrap_or_default());
         let review = cel_request(attrs, &kind, new, old);
         let evaluated = krate_api::cel::compile_cached(expression, krate_api::cel::MATCH_CONDITION_VARIABLES)
             .and_then(|p| p.evaluate_bool(&[("object", &object), ("oldObject", &old_object), ("request", &review)]));
@@ -249,14 +250,15 @@ fn group_version_resource(kind: &KindInfo) -> Value {
     json!({"group": kind.group, "version": kind.version, "resource": kind.plural})
 }
 
-/// The `request` of an AdmissionReview, in upstream's field order.
+/// The `request` of an AdmissionReview, in upstream's field order; the objects only when
+/// `with_objects` (CEL's `request` has them as variables of their own).
 fn review_request(
     attrs: &Attributes<'_>,
     kind: &KindInfo,
-    new: Option<&Value>,
-    old: Option<&Value>,
+    (new, old): (Option<&Value>, Option<&Value>),
     uid: &str,
-) -> Value {
+    with_objects: bool,
+) -> ApiResult<Value> {
     let request = attrs.request.expect("applies() checked");
     let mut review = serde_json::Map::new();
     review.insert("uid".into(), json!(uid));
@@ -305,32 +307,25 @@ fn review_request(
     }
     review.insert("userInfo".into(), Value::Object(user_info));
     let served = |o: Option<&Value>| match o {
-        Some(o) if attrs.operation == Operation::Connect => o.clone(),
+        Some(o) if attrs.operation == Operation::Connect => Ok(o.clone()),
         Some(o) => to_served(kind, o.clone()),
-        None => Value::Null,
+        None => Ok(Value::Null),
     };
-    review.insert("object".into(), served(new));
-    review.insert("oldObject".into(), served(old));
+    if with_objects {
+        review.insert("object".into(), served(new)?);
+        review.insert("oldObject".into(), served(old)?);
+    }
     review.insert("dryRun".into(), json!(attrs.dry_run));
     if !options.is_empty() {
         review.insert("options".into(), json!({"kind": options, "apiVersion": "meta.k8s.io/v1"}));
     }
-    Value::Object(review)
+    Ok(Value::Object(review))
 }
 
 /// The `request` variable of CEL expressions: the AdmissionReview's request without the
 /// objects (they are variables of their own), as upstream's `CreateAdmissionRequest`.
 pub(crate) fn cel_request(attrs: &Attributes<'_>, kind: &KindInfo, new: Option<&Value>, old: Option<&Value>) -> Value {
-    let mut request = review_request(attrs, kind, None, None, "");
-    if let (Some(map), Some(name)) = (request.as_object_mut(), new.or(old).map(object::name).filter(|n| !n.is_empty()))
-    {
-        map.insert("name".into(), json!(name));
-    }
-    if let Some(map) = request.as_object_mut() {
-        map.remove("object");
-        map.remove("oldObject");
-    }
-    request
+    review_request(attrs, kind, (new, old), "", false).unwrap_or_default()
 }
 
 /// `failed calling webhook "name": <why>`, as upstream's ErrCallingWebhook, in the
@@ -408,7 +403,7 @@ async fn call(
     let review = json!({
         "kind": "AdmissionReview",
         "apiVersion": review_version,
-        "request": review_request(attrs, &invocation.kind, new, old, &uid),
+        "request": review_request(attrs, &invocation.kind, (new, old), &uid, true)?,
     });
     let timeout = hook.timeout();
     let sent = async {
@@ -484,13 +479,13 @@ async fn call_mutating(storage: &Storage, attrs: &Attributes<'_>, hook: &Hook, o
         return Ok(true);
     }
     let kind = &invocation.kind;
-    let mut served = to_served(kind, obj.clone());
+    let mut served = to_served(kind, obj.clone())?;
     krate_api::patch::apply_json_patch(&mut served, &operations).map_err(|e| ApiError::internal(e.message))?;
     // Decoded and defaulted again, as upstream decodes the patched object into its type
     // and runs the defaulters; custom resources are pruned and defaulted by their schema.
     let (mut patched, _) = decode_body(kind, served).map_err(|e| ApiError::internal(e.message))?;
     kind.strategy.default(&mut patched);
-    *obj = to_storage(kind, patched);
+    *obj = to_storage(kind, patched)?;
     Ok(true)
 }
 

@@ -11,6 +11,9 @@
 //!   /warn          allowed with the warning "careful"
 //!   /slow          allowed after 5 seconds
 //!   /garbage       a body that is not an AdmissionReview
+//!   /convert       a ConversionReview answered: example.com/v1's spec.replicas is
+//!                  v2's spec.count (and back), the label converted=<desired version>
+//!   /convert-fail  a ConversionReview refused (result Failure, "cannot convert")
 //! Every review received is kept for the test to inspect.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -128,7 +131,41 @@ fn patch(operations: Value) -> Value {
     json!(base64::engine::general_purpose::STANDARD.encode(operations.to_string()))
 }
 
+/// A ConversionReview's answer: objects renamed between v1 (`replicas`) and v2 (`count`).
+fn convert(review: &Value, fail: bool) -> String {
+    let request = &review["request"];
+    let desired = request["desiredAPIVersion"].as_str().unwrap_or_default();
+    let converted: Vec<Value> = request["objects"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|object| {
+            let mut object = object.clone();
+            let spec = object["spec"].as_object_mut().cloned().unwrap_or_default();
+            let (from, to) = if desired.ends_with("/v2") { ("replicas", "count") } else { ("count", "replicas") };
+            let mut spec_out = spec.clone();
+            if let Some(v) = spec_out.remove(from) {
+                spec_out.insert(to.into(), v);
+            }
+            object["spec"] = Value::Object(spec_out);
+            object["apiVersion"] = json!(desired);
+            object["metadata"]["labels"]["converted"] = json!(desired.rsplit('/').next().unwrap_or_default());
+            object
+        })
+        .collect();
+    let result =
+        if fail { json!({"status": "Failure", "message": "cannot convert"}) } else { json!({"status": "Success"}) };
+    json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "ConversionReview",
+        "response": {"uid": request["uid"], "convertedObjects": converted, "result": result}})
+    .to_string()
+}
+
 fn answer(path: &str, review: &Value, call: usize) -> String {
+    match path {
+        "/convert" => return convert(review, false),
+        "/convert-fail" => return convert(review, true),
+        _ => {}
+    }
     let request = &review["request"];
     let mut response = json!({"uid": request["uid"], "allowed": true});
     match path {
