@@ -31,7 +31,8 @@ impl std::fmt::Debug for Program {
 /// Compiles `source` for an environment that declares `variables`; the error reads as
 /// upstream's (`compilation failed: ERROR: <input>:1:5: ...`).
 pub fn compile(source: &str, variables: &[&str]) -> Result<Program, String> {
-    let program = cel::Program::compile(source).map_err(|e| format!("compilation failed: {e}"))?;
+    let source = object_literals_as_maps(source);
+    let program = cel::Program::compile(&source).map_err(|e| format!("compilation failed: {e}"))?;
     let mut free = Vec::new();
     free_variables(program.expression(), &mut Vec::new(), &mut free);
     const TYPES: &[&str] = &["bool", "bytes", "double", "int", "list", "map", "null_type", "string", "type", "uint"];
@@ -76,6 +77,88 @@ fn free_variables(expr: &Expr, bound: &mut Vec<String>, out: &mut Vec<String>) {
         }
         _ => {}
     }
+}
+
+/// Mutating admission policies build objects with typed literals (`Object{spec:
+/// Object.spec{replicas: 3}}`, `JSONPatch{op: "add", ...}`), which upstream's type
+/// checker resolves against the object's schema. Here they become map literals with
+/// the field names quoted (`{"spec": {"replicas": 3}}`), which evaluate to the same
+/// JSON. String literals are left alone.
+pub fn object_literals_as_maps(source: &str) -> String {
+    const TYPES: &[&str] = &["Object", "JSONPatch"];
+    let chars: Vec<char> = source.chars().collect();
+    let mut out = String::with_capacity(source.len() + 16);
+    // Open brackets; true for a typed literal's brace, where `name:` is a field name.
+    let mut open: Vec<bool> = Vec::new();
+    let mut expect_field = false;
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '"' || c == '\'' {
+            let triple = chars.get(i + 1) == Some(&c) && chars.get(i + 2) == Some(&c);
+            let quote_len = if triple { 3 } else { 1 };
+            let start = i;
+            i += quote_len;
+            while i < chars.len() {
+                if chars[i] == '\\' {
+                    i += 2;
+                    continue;
+                }
+                if chars[i] == c && (!triple || (chars.get(i + 1) == Some(&c) && chars.get(i + 2) == Some(&c))) {
+                    i += quote_len;
+                    break;
+                }
+                i += 1;
+            }
+            out.extend(&chars[start..i.min(chars.len())]);
+            expect_field = false;
+            continue;
+        }
+        if c.is_alphabetic() || c == '_' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '.') {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let mut j = i;
+            while j < chars.len() && chars[j].is_whitespace() {
+                j += 1;
+            }
+            let head = word.split('.').next().unwrap_or_default();
+            if TYPES.contains(&head) && chars.get(j) == Some(&'{') {
+                out.push('{');
+                open.push(true);
+                expect_field = true;
+                i = j + 1;
+                continue;
+            }
+            if expect_field && open.last() == Some(&true) && chars.get(j) == Some(&':') {
+                out.push('"');
+                out.push_str(&word);
+                out.push('"');
+            } else {
+                out.push_str(&word);
+            }
+            expect_field = false;
+            continue;
+        }
+        match c {
+            '{' | '(' | '[' => {
+                open.push(false);
+                expect_field = false;
+            }
+            '}' | ')' | ']' => {
+                open.pop();
+                expect_field = false;
+            }
+            ',' => expect_field = open.last() == Some(&true),
+            c if c.is_whitespace() => {}
+            _ => expect_field = false,
+        }
+        out.push(c);
+        i += 1;
+    }
+    out
 }
 
 /// The JSON value as CEL sees it.
@@ -290,6 +373,22 @@ mod tests {
         assert_eq!(program.evaluate_bool(&[("object", &obj)]), Ok(true));
         let obj = json!({"metadata": {"name": "skip-me"}, "spec": {"replicas": 3}});
         assert_eq!(program.evaluate_bool(&[("object", &obj)]), Ok(false));
+    }
+
+    #[test]
+    fn typed_object_literals_evaluate_to_json() {
+        assert_eq!(
+            object_literals_as_maps(
+                r#"Object{spec: Object.spec{replicas: 3, name: "a: b"}, metadata: Object.metadata{labels: {"x": 'y'}}}"#
+            ),
+            r#"{"spec": {"replicas": 3, "name": "a: b"}, "metadata": {"labels": {"x": 'y'}}}"#
+        );
+        let program = compile("Object{spec: Object.spec{replicas: object.spec.replicas + 1}}", &["object"]).unwrap();
+        let obj = json!({"spec": {"replicas": 2}});
+        assert_eq!(program.evaluate(&[("object", &obj)]).unwrap(), json!({"spec": {"replicas": 3}}));
+        let patch =
+            compile(r#"[JSONPatch{op: "add", path: "/spec/x", value: size(object.spec)}]"#, &["object"]).unwrap();
+        assert_eq!(patch.evaluate(&[("object", &obj)]).unwrap(), json!([{"op": "add", "path": "/spec/x", "value": 1}]));
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub struct PrinterColumn {
 #[derive(Clone, Debug, Default)]
 pub struct CustomKind {
     pub printer_columns: Vec<PrinterColumn>,
+    /// The schema declares defaults: objects are defaulted when read too, so a default
+    /// added later shows on objects stored before it (upstream defaults from storage).
+    pub defaults_on_read: bool,
 }
 
 /// Custom kinds live as long as the process; their names and conversions are interned
@@ -101,6 +104,7 @@ pub fn kinds_of(crd: &Value) -> Vec<KindInfo> {
             .cloned()
             .unwrap_or(json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}));
         let Ok(schema) = serde_json::from_value::<Node>(schema_json.clone()) else { continue };
+        let defaults_on_read = crate::schema::has_defaults(&schema);
         let api_version = format!("{group}/{version}");
         let scale = v.pointer("/subresources/scale").map(|s| ScaleInfo {
             spec_replicas: intern_path(s["specReplicasPath"].as_str().unwrap_or(".spec.replicas")),
@@ -151,7 +155,7 @@ pub fn kinds_of(crd: &Value) -> Vec<KindInfo> {
             schema_json: Some(Arc::new(schema_json)),
             strategy: &CustomResourceStrategy,
             field_selectors: &[],
-            custom: Some(CustomKind { printer_columns }),
+            custom: Some(CustomKind { printer_columns, defaults_on_read }),
             printer: &crate::printers::DEFAULT,
             returns_deleted_object: false,
             handler: None,

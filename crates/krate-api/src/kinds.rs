@@ -544,6 +544,10 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
         kind::<admissionregistration::ValidatingAdmissionPolicyBinding>()
             .strategy(&ValidatingAdmissionPolicyBindingStrategy)
             .0,
+        kind::<admissionregistration::MutatingAdmissionPolicy>().strategy(&MutatingAdmissionPolicyStrategy).0,
+        kind::<admissionregistration::MutatingAdmissionPolicyBinding>()
+            .strategy(&MutatingAdmissionPolicyBindingStrategy)
+            .0,
         // apps/v1
         kind::<apps::ControllerRevision>().0,
         kind::<apps::DaemonSet>()

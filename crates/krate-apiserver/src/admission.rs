@@ -26,8 +26,8 @@
 //!   create or change only its own Node and node Lease.
 //! - MutatingAdmissionWebhook and ValidatingAdmissionWebhook (`webhook/`): the
 //!   webhooks of admissionregistration.k8s.io/v1 configurations, on every operation.
-//! - ValidatingAdmissionPolicy (`policy.rs`): CEL validations of policies in force
-//!   through their bindings.
+//! - ValidatingAdmissionPolicy and MutatingAdmissionPolicy (`policy.rs`): CEL
+//!   validations and mutations of policies in force through their bindings.
 //! - VersionSkew: a node agent more than three minor versions older than its server,
 //!   or newer, may not write its Node (krate's skew policy, as upstream's for kubelets).
 
@@ -115,6 +115,7 @@ impl Default for Chain {
             Arc::new(DefaultStorageClass),
             Arc::new(StorageObjectInUseProtection),
             Arc::new(ServiceAccount),
+            Arc::new(crate::policy::MutatingAdmissionPolicy::default()),
             Arc::new(crate::webhook::MutatingWebhooks::default()),
             Arc::new(crate::policy::ValidatingAdmissionPolicy::default()),
             Arc::new(crate::webhook::ValidatingWebhooks::default()),

@@ -1,5 +1,5 @@
-//! ValidatingAdmissionPolicy (admissionregistration.k8s.io/v1), as upstream's plugin of
-//! that name: in-process CEL validations instead of a webhook call. A policy says what
+//! ValidatingAdmissionPolicy and MutatingAdmissionPolicy (admissionregistration.k8s.io/v1),
+//! as upstream's plugins of those names: in-process CEL instead of a webhook call. A policy says what
 //! it applies to (`matchConstraints`, matched as webhook rules are, plus resource
 //! names and exclusions) and what must hold (`validations`, over `object`,
 //! `oldObject`, `request`, `params`, `namespaceObject` and its own `variables`); a
@@ -8,6 +8,12 @@
 //! does (`validationActions`: Deny refuses with upstream's message, Warn adds a
 //! warning, Audit an audit annotation). Expressions that fail to evaluate, and
 //! missing parameters, follow the policy's `failurePolicy`.
+//!
+//! A mutating policy's `mutations` build an apply configuration (`Object{spec:
+//! Object.spec{replicas: 3}}`, merged into the object by its schema's merge rules) or a
+//! list of JSON patch operations, each seeing the result of the ones before; the result
+//! is decoded and defaulted again, like a webhook's patch. (Typed object literals are
+//! read as maps, `krate_api::cel::object_literals_as_maps`; reinvocation is not done.)
 
 use std::sync::Arc;
 
@@ -20,8 +26,8 @@ use krate_api::strategy::POLICY_VARIABLES;
 use krate_api::{ApiError, ApiResult, KindInfo};
 use serde_json::{json, Value};
 
-use crate::admission::{forbidden, Attributes, ConfigurationMemo, Plugin};
-use crate::registry::{to_served, Scope, Storage};
+use crate::admission::{forbidden, Attributes, ConfigurationMemo, Operation, Plugin};
+use crate::registry::{decode_body, to_served, to_storage, Scope, Storage};
 use crate::webhook::{self, rules};
 
 /// The plugin, with its parsed copies of the bindings and the policies.
@@ -41,31 +47,132 @@ impl Plugin for ValidatingAdmissionPolicy {
         if !webhook::applies(attrs) {
             return Ok(());
         }
-        let bindings =
-            storage.cached_configuration::<admissionregistration::ValidatingAdmissionPolicyBinding>(&self.bindings);
-        if bindings.is_empty() {
-            return Ok(());
-        }
-        let mut bindings: Vec<&Value> = bindings.iter().collect();
-        bindings.sort_by(|a, b| object::name(a).cmp(object::name(b)));
-        let policies = storage.cached_configuration::<admissionregistration::ValidatingAdmissionPolicy>(&self.policies);
-        let mut policies: Vec<&Value> = policies.iter().collect();
-        policies.sort_by(|a, b| object::name(a).cmp(object::name(b)));
+        let in_force = InForce::of::<
+            admissionregistration::ValidatingAdmissionPolicy,
+            admissionregistration::ValidatingAdmissionPolicyBinding,
+        >(storage, &self.policies, &self.bindings);
         let mut denied: Option<ApiError> = None;
-        for policy in &policies {
-            let name = object::name(policy);
-            let mine = bindings.iter().filter(|b| b["spec"]["policyName"] == name);
-            for binding in mine {
-                let outcome = evaluate(storage, attrs, obj, policy, binding).await;
-                for decision in outcome {
-                    if let Some(error) = act(attrs, obj, policy, binding, decision) {
-                        denied.get_or_insert(error);
-                    }
+        for (policy, binding) in in_force.pairs() {
+            for decision in evaluate(storage, attrs, obj, policy, binding).await {
+                if let Some(error) = act(attrs, obj, policy, binding, decision) {
+                    denied.get_or_insert(error);
                 }
             }
         }
         denied.map_or(Ok(()), Err)
     }
+}
+
+/// The policies of a kind with their bindings, read from the cache.
+struct InForce {
+    policies: Arc<Vec<Value>>,
+    bindings: Arc<Vec<Value>>,
+}
+
+impl InForce {
+    fn of<P: k8s_openapi::Resource, B: k8s_openapi::Resource>(
+        storage: &Storage,
+        policies: &ConfigurationMemo,
+        bindings: &ConfigurationMemo,
+    ) -> Self {
+        let bindings = storage.cached_configuration::<B>(bindings);
+        let policies = if bindings.is_empty() { Arc::default() } else { storage.cached_configuration::<P>(policies) };
+        Self { policies, bindings }
+    }
+
+    /// Each policy with each of its bindings, both in name order.
+    fn pairs(&self) -> Vec<(&Value, &Value)> {
+        let by_name = |a: &&Value, b: &&Value| object::name(a).cmp(object::name(b));
+        let mut policies: Vec<&Value> = self.policies.iter().collect();
+        policies.sort_by(by_name);
+        let mut bindings: Vec<&Value> = self.bindings.iter().collect();
+        bindings.sort_by(by_name);
+        policies
+            .into_iter()
+            .flat_map(|p| {
+                bindings.iter().filter(move |b| b["spec"]["policyName"] == object::name(p)).map(move |b| (p, *b))
+            })
+            .collect()
+    }
+}
+
+/// The plugin, with its parsed copies of the bindings and the policies.
+#[derive(Default)]
+pub struct MutatingAdmissionPolicy {
+    bindings: ConfigurationMemo,
+    policies: ConfigurationMemo,
+}
+
+#[async_trait::async_trait]
+impl Plugin for MutatingAdmissionPolicy {
+    fn name(&self) -> &'static str {
+        "MutatingAdmissionPolicy"
+    }
+
+    async fn admit(&self, storage: &Storage, attrs: &Attributes<'_>, obj: &mut Value) -> ApiResult<()> {
+        if !webhook::applies(attrs) || matches!(attrs.operation, Operation::Delete | Operation::Connect) {
+            return Ok(());
+        }
+        let in_force = InForce::of::<
+            admissionregistration::MutatingAdmissionPolicy,
+            admissionregistration::MutatingAdmissionPolicyBinding,
+        >(storage, &self.policies, &self.bindings);
+        for (policy, binding) in in_force.pairs() {
+            let ignore = policy["spec"]["failurePolicy"] == "Ignore";
+            let refused = |message: String| {
+                let (p, b) = (object::name(policy), object::name(binding));
+                forbidden(attrs.kind, obj, format!("policy '{p}' with binding '{b}' denied request: {message}"))
+            };
+            let evaluation = match prepare(storage, attrs, obj, policy, binding).await {
+                Ok(Some(evaluation)) => evaluation,
+                Ok(None) => continue,
+                Err(_) if ignore => continue,
+                Err(message) => return Err(refused(message)),
+            };
+            let mut served = evaluation.object.clone();
+            for params in &evaluation.params {
+                match mutate(policy, evaluation.bindings(params), &mut served, &evaluation.kind) {
+                    Ok(()) => {}
+                    Err(_) if ignore => {}
+                    Err(message) => return Err(refused(message)),
+                }
+            }
+            if served != evaluation.object {
+                let kind = &evaluation.kind;
+                let (mut patched, _) = decode_body(kind, served).map_err(|e| refused(e.message))?;
+                kind.strategy.default(&mut patched);
+                *obj = to_storage(kind, patched)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Applies a mutating policy's mutations to `served` in order, each seeing the result
+/// of those before it as `object`.
+fn mutate(policy: &Value, mut bindings: cel::Bindings, served: &mut Value, kind: &KindInfo) -> Result<(), String> {
+    let spec = &policy["spec"];
+    if !selected_with_variables(spec, &mut bindings)? {
+        return Ok(());
+    }
+    for mutation in spec["mutations"].as_array().into_iter().flatten() {
+        let (expression, apply) = match mutation["patchType"].as_str() {
+            Some("ApplyConfiguration") => (&mutation["applyConfiguration"]["expression"], true),
+            _ => (&mutation["jsonPatch"]["expression"], false),
+        };
+        let expression = expression.as_str().unwrap_or_default();
+        let result = cel::compile_cached(expression, POLICY_VARIABLES)
+            .and_then(|p| p.evaluate_in(&bindings))
+            .map_err(|e| format!("expression '{}' resulted in error: {e}", expression.trim()))?;
+        let applied = match (apply, kind.schema.as_deref()) {
+            (true, Some(schema)) => krate_api::patch::apply_strategic_merge_patch(served, &result, schema),
+            (true, None) => krate_api::patch::apply_merge_patch(served, &result),
+            (false, _) => krate_api::patch::apply_json_patch(served, &result),
+        };
+        applied.map_err(|e| format!("failed to apply the mutation: {}", e.message))?;
+        bindings.set("object", served);
+    }
+    Ok(())
 }
 
 /// What one validation (or a configuration problem) decided.
@@ -132,6 +239,55 @@ fn config_error(policy: &Value, message: String) -> Vec<Denial> {
 }
 
 /// The failed validations of one policy under one binding for this request.
+/// What a policy's expressions see for one request under one binding: the version of
+/// the resource the policy matched, the served objects, the request, the namespace,
+/// and the binding's parameter objects (`[null]` without `paramKind`).
+struct Evaluation {
+    kind: Arc<KindInfo>,
+    object: Value,
+    old_object: Value,
+    request: Value,
+    namespace_object: Value,
+    params: Vec<Value>,
+}
+
+impl Evaluation {
+    /// The variables for one parameter object.
+    fn bindings(&self, params: &Value) -> cel::Bindings {
+        cel::Bindings::new(&[
+            ("object", &self.object),
+            ("oldObject", &self.old_object),
+            ("request", &self.request),
+            ("params", params),
+            ("namespaceObject", &self.namespace_object),
+            ("variables", &Value::Object(Default::default())),
+        ])
+    }
+}
+
+/// Whether a policy under a binding applies to the request, and what it then sees; an
+/// error (missing parameters, a failed conversion) goes by the policy's failurePolicy.
+async fn prepare(
+    storage: &Storage,
+    attrs: &Attributes<'_>,
+    obj: &Value,
+    policy: &Value,
+    binding: &Value,
+) -> Result<Option<Evaluation>, String> {
+    let Some(kind) = matches(storage, attrs, obj, &policy["spec"]["matchConstraints"]).await else { return Ok(None) };
+    let binding_resources = &binding["spec"]["matchResources"];
+    if binding_resources.is_object() && matches(storage, attrs, obj, binding_resources).await.is_none() {
+        return Ok(None);
+    }
+    let Some(params) = params(storage, attrs, policy, binding).await? else { return Ok(None) };
+    let (new, old) = webhook::objects(attrs, obj);
+    let served = |o: Option<&Value>| o.map(|o| to_served(&kind, o.clone())).transpose().map_err(|e| e.message);
+    let (object, old_object) = (served(new)?.unwrap_or_default(), served(old)?.unwrap_or_default());
+    let request = webhook::cel_request(attrs, &kind, new, old);
+    let namespace_object = namespace_object(storage, attrs, obj);
+    Ok(Some(Evaluation { kind, object, old_object, request, namespace_object, params }))
+}
+
 async fn evaluate(
     storage: &Storage,
     attrs: &Attributes<'_>,
@@ -139,35 +295,14 @@ async fn evaluate(
     policy: &Value,
     binding: &Value,
 ) -> Vec<Denial> {
-    let Some(kind) = matches(storage, attrs, obj, &policy["spec"]["matchConstraints"]).await else { return vec![] };
-    let binding_resources = &binding["spec"]["matchResources"];
-    if binding_resources.is_object() && matches(storage, attrs, obj, binding_resources).await.is_none() {
-        return vec![];
-    }
-    let params = match params(storage, attrs, policy, binding).await {
-        Ok(Some(params)) => params,
+    let evaluation = match prepare(storage, attrs, obj, policy, binding).await {
+        Ok(Some(evaluation)) => evaluation,
         Ok(None) => return vec![],
         Err(message) => return config_error(policy, message),
     };
-    let (new, old) = webhook::objects(attrs, obj);
-    let served = |o: Option<&Value>| o.map(|o| to_served(&kind, o.clone())).transpose();
-    let (object, old_object) = match (served(new), served(old)) {
-        (Ok(new), Ok(old)) => (new.unwrap_or(Value::Null), old.unwrap_or(Value::Null)),
-        (Err(e), _) | (_, Err(e)) => return config_error(policy, e.message),
-    };
-    let request = webhook::cel_request(attrs, &kind, new, old);
-    let namespace_object = namespace_object(storage, attrs, obj);
     let mut denials = Vec::new();
-    for params in params {
-        let bound = [
-            ("object", &object),
-            ("oldObject", &old_object),
-            ("request", &request),
-            ("params", &params),
-            ("namespaceObject", &namespace_object),
-            ("variables", &Value::Object(Default::default())),
-        ];
-        match validations(policy, cel::Bindings::new(&bound)) {
+    for params in &evaluation.params {
+        match validations(policy, evaluation.bindings(params)) {
             Ok(found) => denials.extend(found),
             Err(message) => return config_error(policy, message),
         }
@@ -181,27 +316,10 @@ async fn evaluate(
 fn validations(policy: &Value, mut bindings: cel::Bindings) -> Result<Vec<Denial>, String> {
     let spec = &policy["spec"];
     let ignore = spec["failurePolicy"] == "Ignore";
+    if !selected_with_variables(spec, &mut bindings)? {
+        return Ok(vec![]);
+    }
     let program = |expression: &str| cel::compile_cached(expression, POLICY_VARIABLES);
-    for condition in spec["matchConditions"].as_array().into_iter().flatten() {
-        match program(condition["expression"].as_str().unwrap_or_default()).and_then(|p| p.evaluate_bool_in(&bindings))
-        {
-            Ok(true) => {}
-            Ok(false) => return Ok(vec![]),
-            Err(_) if ignore => return Ok(vec![]),
-            Err(e) => return Err(format!("failed to evaluate match condition: {e}")),
-        }
-    }
-    // Variables in order, each seeing those before it; one that cannot be evaluated
-    // stays unset, and an expression using it then fails, as upstream's lazily
-    // evaluated variables do.
-    let mut variables = serde_json::Map::new();
-    for variable in spec["variables"].as_array().into_iter().flatten() {
-        let value = program(variable["expression"].as_str().unwrap_or_default()).and_then(|p| p.evaluate_in(&bindings));
-        if let Ok(value) = value {
-            variables.insert(variable["name"].as_str().unwrap_or_default().to_string(), value);
-            bindings.set("variables", &Value::Object(variables.clone()));
-        }
-    }
     let mut denials = Vec::new();
     for validation in spec["validations"].as_array().into_iter().flatten() {
         let expression = validation["expression"].as_str().unwrap_or_default();
@@ -225,6 +343,32 @@ fn validations(policy: &Value, mut bindings: cel::Bindings) -> Result<Vec<Denial
         }
     }
     Ok(denials)
+}
+
+/// A policy's match conditions (false: the policy does not apply; an error under
+/// `failurePolicy: Fail`), then its variables bound in order, each seeing those before
+/// it. A variable that cannot be evaluated stays unset, and an expression using it then
+/// fails, as upstream's lazily evaluated variables do.
+fn selected_with_variables(spec: &Value, bindings: &mut cel::Bindings) -> Result<bool, String> {
+    let ignore = spec["failurePolicy"] == "Ignore";
+    let program = |expression: &str| cel::compile_cached(expression, POLICY_VARIABLES);
+    for condition in spec["matchConditions"].as_array().into_iter().flatten() {
+        match program(condition["expression"].as_str().unwrap_or_default()).and_then(|p| p.evaluate_bool_in(bindings)) {
+            Ok(true) => {}
+            Ok(false) => return Ok(false),
+            Err(_) if ignore => return Ok(false),
+            Err(e) => return Err(format!("failed to evaluate match condition: {e}")),
+        }
+    }
+    let mut variables = serde_json::Map::new();
+    for variable in spec["variables"].as_array().into_iter().flatten() {
+        let value = program(variable["expression"].as_str().unwrap_or_default()).and_then(|p| p.evaluate_in(bindings));
+        if let Ok(value) = value {
+            variables.insert(variable["name"].as_str().unwrap_or_default().to_string(), value);
+            bindings.set("variables", &Value::Object(variables.clone()));
+        }
+    }
+    Ok(true)
 }
 
 /// Whether `match_resources` (a policy's constraints or a binding's resources) select

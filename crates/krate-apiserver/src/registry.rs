@@ -172,12 +172,24 @@ pub fn key_for(kind: &KindInfo, namespace: Option<&str>, name: &str) -> String {
     }
 }
 
-/// The served form of a stored object (an error when a CRD's conversion webhook fails).
+/// The served form of a stored object (an error when a CRD's conversion webhook fails);
+/// a custom kind's schema defaults are applied, as upstream defaults what it reads.
 pub fn to_served(kind: &KindInfo, stored: Value) -> ApiResult<Value> {
-    match kind.conversion {
-        Some(c) => c.serve(stored).map_err(ApiError::internal),
-        None => Ok(stored),
+    let mut served = match kind.conversion {
+        Some(c) => c.serve(stored).map_err(ApiError::internal)?,
+        None => stored,
+    };
+    if let (Some(custom), Some(schema)) = (&kind.custom, &kind.schema) {
+        if custom.defaults_on_read {
+            krate_api::schema::apply_defaults(schema, &mut served);
+        }
     }
+    Ok(served)
+}
+
+/// Whether serving a stored object changes it (a conversion, or defaults on read).
+fn serving_changes(kind: &KindInfo) -> bool {
+    kind.conversion.is_some() || kind.custom.as_ref().is_some_and(|c| c.defaults_on_read)
 }
 
 pub(crate) fn to_storage(kind: &KindInfo, served: Value) -> ApiResult<Value> {
@@ -189,9 +201,9 @@ pub(crate) fn to_storage(kind: &KindInfo, served: Value) -> ApiResult<Value> {
 
 /// The served JSON of a cached object, without re-encoding when no conversion applies.
 pub fn served_json(kind: &KindInfo, obj: &CachedObject) -> ApiResult<Bytes> {
-    match kind.conversion {
-        Some(_) => Ok(Bytes::from(krate_api::protobuf::to_go_json(&to_served(kind, obj.parse())?))),
-        None => Ok(obj.json.clone()),
+    match serving_changes(kind) {
+        true => Ok(Bytes::from(krate_api::protobuf::to_go_json(&to_served(kind, obj.parse())?))),
+        false => Ok(obj.json.clone()),
     }
 }
 

@@ -234,3 +234,47 @@ fn crd_validation_rules_refuse_violations_and_transition_rules_judge_updates() {
     let replicas = server.kubectl_ok(&["get", "widget", "w", "-o", "jsonpath={.spec.replicas}"]);
     assert_eq!(replicas, "5");
 }
+
+fn mutating_policy(name: &str, mutations: Value) -> Value {
+    json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {"matchConstraints": {"resourceRules": [{"apiGroups": ["apps"], "apiVersions": ["v1"],
+            "operations": ["CREATE"], "resources": ["deployments"]}]}, "mutations": mutations}})
+}
+
+fn mutating_binding(name: &str, policy: &str) -> Value {
+    json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingAdmissionPolicyBinding",
+        "metadata": {"name": name}, "spec": {"policyName": policy}})
+}
+
+#[test]
+fn mutating_policies_apply_configurations_and_json_patches() {
+    let server = TestServer::start();
+    let scale = json!([{"patchType": "ApplyConfiguration", "applyConfiguration": {
+        "expression": "Object{spec: Object.spec{replicas: object.spec.replicas + 10}}"}}]);
+    let patch = json!([{"patchType": "JSONPatch", "jsonPatch": {
+        "expression": r#"[JSONPatch{op: "add", path: "/metadata/annotations", value: {"mutated-by": "admission-policy"}}]"#}}]);
+    for object in [
+        mutating_policy("a-scale", scale),
+        mutating_binding("a-scale", "a-scale"),
+        mutating_policy("b-annotate", patch),
+        mutating_binding("b-annotate", "b-annotate"),
+    ] {
+        let out = apply(&server, object);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    server.kubectl_ok(&["get", "mutatingadmissionpolicybindings"]);
+    assert!(deployment(&server, "default", "d", 2).status.success());
+    let got: Value = serde_json::from_str(&server.kubectl_ok(&["get", "deployment", "d", "-o", "json"])).unwrap();
+    assert_eq!(got["spec"]["replicas"], 12);
+    assert_eq!(got["metadata"]["annotations"]["mutated-by"], "admission-policy");
+    assert_eq!(got["spec"]["strategy"]["type"], "RollingUpdate", "the mutated object is defaulted");
+
+    let broken = json!([{"patchType": "ApplyConfiguration", "applyConfiguration": {"expression": "Object{spec: "}}]);
+    let out = apply(&server, mutating_policy("broken", broken));
+    assert!(
+        stderr(&out).contains("spec.mutations[0].applyConfiguration.expression: Invalid value"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -15,7 +15,7 @@ use std::sync::{Arc, LazyLock};
 use serde::Deserialize;
 use serde_json::Value;
 
-pub use structural::{check, Checked};
+pub use structural::{apply_defaults, check, has_defaults, Checked};
 
 const DEFINITIONS: &str = include_str!("definitions.json");
 pub const OBJECT_META: &str = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta";

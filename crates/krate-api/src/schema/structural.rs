@@ -22,6 +22,44 @@ pub fn check(schema: &Node, value: &mut Value) -> Checked {
     out
 }
 
+/// Whether any node of the schema declares a default.
+pub fn has_defaults(node: &Node) -> bool {
+    node.default.is_some()
+        || node.properties.values().any(has_defaults)
+        || node.items.as_deref().is_some_and(has_defaults)
+        || matches!(&node.additional_properties, Some(super::Additional::Schema(s)) if has_defaults(s))
+}
+
+/// Fills missing fields that have defaults, and nothing else (no pruning, no
+/// validation): what reading a stored object does.
+pub fn apply_defaults(schema: &Node, value: &mut Value) {
+    let node = schema.resolve();
+    match value {
+        Value::Object(map) => {
+            for (name, prop) in &node.properties {
+                if !map.contains_key(name) {
+                    if let Some(default) = prop.default.clone().or_else(|| prop.resolve().default.clone()) {
+                        map.insert(name.clone(), default);
+                    }
+                }
+            }
+            for (key, child) in map.iter_mut() {
+                if let Some(prop) = node.properties.get(key) {
+                    apply_defaults(prop, child);
+                } else if let Some(super::Additional::Schema(s)) = &node.additional_properties {
+                    apply_defaults(s, child);
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(element) = node.items.as_deref() {
+                items.iter_mut().for_each(|item| apply_defaults(element, item));
+            }
+        }
+        _ => {}
+    }
+}
+
 fn child_path(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_string()

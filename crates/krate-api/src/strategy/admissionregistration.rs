@@ -171,6 +171,91 @@ impl Strategy for ValidatingAdmissionPolicyStrategy {
     }
 }
 
+/// MutatingAdmissionPolicy.
+pub struct MutatingAdmissionPolicyStrategy;
+
+impl Strategy for MutatingAdmissionPolicyStrategy {
+    fn default(&self, obj: &mut Value) {
+        default(obj, &["spec", "failurePolicy"], json!("Fail"));
+        if let Some(constraints) = obj.pointer_mut("/spec/matchConstraints") {
+            default_match_resources(constraints);
+        }
+    }
+
+    fn validate(&self, obj: &Value, errs: &mut Errors) {
+        let spec = &obj["spec"];
+        check_enum(spec, "failurePolicy", "spec", FAILURE_POLICIES, errs);
+        check_enum(spec, "reinvocationPolicy", "spec", REINVOCATION_POLICIES, errs);
+        match spec.get("matchConstraints").filter(|c| c.is_object()) {
+            None => errs.push(FieldError::required("spec.matchConstraints", "")),
+            Some(constraints) => {
+                if constraints["resourceRules"].as_array().is_none_or(Vec::is_empty) {
+                    errs.push(FieldError::required("spec.matchConstraints.resourceRules", ""));
+                }
+                validate_match_resources(constraints, "spec.matchConstraints", errs);
+            }
+        }
+        let mutations = spec["mutations"].as_array().map(Vec::as_slice).unwrap_or_default();
+        if mutations.is_empty() {
+            errs.push(FieldError::required("spec.mutations", "mutations must contain at least one item"));
+        }
+        for (i, m) in mutations.iter().enumerate() {
+            let path = format!("spec.mutations[{i}]");
+            let expression = match m["patchType"].as_str() {
+                Some("ApplyConfiguration") => ("applyConfiguration", &m["applyConfiguration"]["expression"]),
+                Some("JSONPatch") => ("jsonPatch", &m["jsonPatch"]["expression"]),
+                _ => {
+                    let allowed = &["ApplyConfiguration", "JSONPatch"];
+                    errs.push(FieldError::not_supported(format!("{path}.patchType"), &m["patchType"], allowed));
+                    continue;
+                }
+            };
+            check_expression(expression.1, format!("{path}.{}.expression", expression.0), true, errs);
+        }
+        for (i, v) in spec["variables"].as_array().into_iter().flatten().enumerate() {
+            check_expression(&v["expression"], format!("spec.variables[{i}].expression"), true, errs);
+        }
+        for (i, c) in spec["matchConditions"].as_array().into_iter().flatten().enumerate() {
+            check_expression(&c["expression"], format!("spec.matchConditions[{i}].expression"), true, errs);
+        }
+    }
+}
+
+/// MutatingAdmissionPolicyBinding.
+pub struct MutatingAdmissionPolicyBindingStrategy;
+
+impl Strategy for MutatingAdmissionPolicyBindingStrategy {
+    fn default(&self, obj: &mut Value) {
+        if let Some(resources) = obj.pointer_mut("/spec/matchResources") {
+            default_match_resources(resources);
+        }
+    }
+
+    fn validate(&self, obj: &Value, errs: &mut Errors) {
+        let spec = &obj["spec"];
+        if spec["policyName"].as_str().is_none_or(str::is_empty) {
+            errs.push(FieldError::required("spec.policyName", ""));
+        }
+        if let Some(resources) = spec.get("matchResources").filter(|r| r.is_object()) {
+            validate_match_resources(resources, "spec.matchResources", errs);
+        }
+        validate_param_ref(spec, errs);
+    }
+}
+
+/// A binding's `paramRef`: a name or a selector, and what to do without parameters.
+fn validate_param_ref(spec: &Value, errs: &mut Errors) {
+    let Some(param_ref) = spec.get("paramRef").filter(|p| !p.is_null()) else { return };
+    let named = param_ref["name"].as_str().is_some_and(|n| !n.is_empty());
+    if named == param_ref.get("selector").is_some_and(|s| !s.is_null()) {
+        errs.push(FieldError::required("spec.paramRef", "one of name or selector must be specified"));
+    }
+    match param_ref.get("parameterNotFoundAction") {
+        None | Some(Value::Null) => errs.push(FieldError::required("spec.paramRef.parameterNotFoundAction", "")),
+        Some(_) => check_enum(param_ref, "parameterNotFoundAction", "spec.paramRef", &["Allow", "Deny"], errs),
+    }
+}
+
 /// ValidatingAdmissionPolicyBinding.
 pub struct ValidatingAdmissionPolicyBindingStrategy;
 
@@ -210,18 +295,7 @@ impl Strategy for ValidatingAdmissionPolicyBindingStrategy {
                 "must not contain both Deny and Warn (repeating the same validation failure information in the API response and headers serves no purpose)",
             ));
         }
-        if let Some(param_ref) = spec.get("paramRef").filter(|p| !p.is_null()) {
-            let named = param_ref["name"].as_str().is_some_and(|n| !n.is_empty());
-            if named == param_ref.get("selector").is_some_and(|s| !s.is_null()) {
-                errs.push(FieldError::required("spec.paramRef", "one of name or selector must be specified"));
-            }
-            match param_ref.get("parameterNotFoundAction") {
-                None | Some(Value::Null) => {
-                    errs.push(FieldError::required("spec.paramRef.parameterNotFoundAction", ""))
-                }
-                Some(_) => check_enum(param_ref, "parameterNotFoundAction", "spec.paramRef", &["Allow", "Deny"], errs),
-            }
-        }
+        validate_param_ref(spec, errs);
     }
 }
 

@@ -13,8 +13,8 @@ mod services;
 mod workloads;
 
 pub use admissionregistration::{
-    ValidatingAdmissionPolicyBindingStrategy, ValidatingAdmissionPolicyStrategy, MUTATING_WEBHOOKS, POLICY_VARIABLES,
-    VALIDATING_WEBHOOKS,
+    MutatingAdmissionPolicyBindingStrategy, MutatingAdmissionPolicyStrategy, ValidatingAdmissionPolicyBindingStrategy,
+    ValidatingAdmissionPolicyStrategy, MUTATING_WEBHOOKS, POLICY_VARIABLES, VALIDATING_WEBHOOKS,
 };
 pub use pod::{default_pod_spec, qos_class, validate_pod_spec, PodStrategy, PodTemplateStrategy};
 pub use services::{
