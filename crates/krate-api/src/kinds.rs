@@ -267,12 +267,20 @@ pub struct SelectableField {
     pub label: &'static str,
     pub path: &'static [&'static str],
     pub absent: &'static str,
+    /// Where the value comes from when the path holds none (an Event's `source` is its
+    /// reporting controller when it has no source component).
+    pub fallback: Option<&'static [&'static str]>,
 }
 
 impl SelectableField {
     /// The field's value in `obj` as a field selector compares it.
     pub fn value(&self, obj: &Value) -> String {
-        match crate::object::get(obj, self.path) {
+        let found = match crate::object::get(obj, self.path) {
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(Value::Null) | None => None,
+            found => found,
+        };
+        match found.or_else(|| crate::object::get(obj, self.fallback?)) {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Null) | None => self.absent.to_string(),
             Some(other) => other.to_string(),
@@ -285,15 +293,15 @@ pub const STATUS_WRITES_METADATA: &[&str] = &["labels", "annotations", "finalize
 
 /// A string field (absent: the empty string).
 const fn text(label: &'static str, path: &'static [&'static str]) -> SelectableField {
-    SelectableField { label, path, absent: "" }
+    SelectableField { label, path, absent: "", fallback: None }
 }
 /// A boolean field (absent: `false`).
 const fn flag(label: &'static str, path: &'static [&'static str]) -> SelectableField {
-    SelectableField { label, path, absent: "false" }
+    SelectableField { label, path, absent: "false", fallback: None }
 }
 /// An integer field (absent: `0`).
 const fn count(label: &'static str, path: &'static [&'static str]) -> SelectableField {
-    SelectableField { label, path, absent: "0" }
+    SelectableField { label, path, absent: "0", fallback: None }
 }
 
 struct Builder(KindInfo);
@@ -425,7 +433,7 @@ const EVENT_FIELDS: &[SelectableField] = &[
     text("involvedObject.fieldPath", &["involvedObject", "fieldPath"]),
     text("reason", &["reason"]),
     text("reportingComponent", &["reportingComponent"]),
-    text("source", &["source", "component"]),
+    SelectableField { fallback: Some(&["reportingComponent"]), ..text("source", &["source", "component"]) },
     text("type", &["type"]),
 ];
 /// events.k8s.io/v1 selects under its own field names; paths are into the stored (core/v1) form.
@@ -782,6 +790,16 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_events_source_is_its_reporting_controller_when_it_has_no_component() {
+        let source = EVENT_FIELDS.iter().find(|f| f.label == "source").unwrap();
+        let reported = serde_json::json!({"reportingComponent": "test-controller"});
+        assert_eq!(source.value(&reported), "test-controller");
+        let both = serde_json::json!({"source": {"component": "kubelet"}, "reportingComponent": "x"});
+        assert_eq!(source.value(&both), "kubelet");
+        assert_eq!(source.value(&serde_json::json!({})), "");
+    }
 
     #[test]
     fn table_has_upstream_scopes_and_names() {
