@@ -8,6 +8,11 @@ use serde_json::{json, Value};
 pub trait Conversion: Sync + Send {
     fn store(&self, obj: Value) -> Result<Value, String>;
     fn serve(&self, obj: Value) -> Result<Value, String>;
+    /// Whether an object stored with `api_version` is served exactly as stored (so its
+    /// stored bytes can be sent without decoding).
+    fn serves_as_stored(&self, _api_version: &str) -> bool {
+        false
+    }
 }
 
 /// Renames top-level fields and rewrites apiVersion.
@@ -42,6 +47,9 @@ impl Conversion for Renames {
     }
     fn serve(&self, obj: Value) -> Result<Value, String> {
         Ok(rename(obj, self.served_api_version, self.fields.iter().map(|(a, b)| (*b, *a))))
+    }
+    fn serves_as_stored(&self, api_version: &str) -> bool {
+        self.fields.is_empty() && api_version == self.served_api_version
     }
 }
 

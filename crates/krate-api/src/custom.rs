@@ -148,8 +148,9 @@ pub fn kinds_of(crd: &Value) -> Vec<KindInfo> {
             generation: true,
             name_rule: NameRule::Subdomain,
             storage: StorageResource { group: intern(&group), resource: intern(&plural) },
-            conversion: (api_version != storage_api_version)
-                .then(|| version_conversion(&api_version, &storage_api_version)),
+            // Every version converts, the storage version too: objects written before
+            // the storage version changed keep their old apiVersion until rewritten.
+            conversion: Some(version_conversion(&api_version, &storage_api_version)),
             typed: None,
             schema: Some(Arc::new(schema)),
             schema_json: Some(Arc::new(schema_json)),
@@ -374,11 +375,15 @@ mod tests {
         let kinds = kinds_of(&crd());
         assert_eq!(kinds.len(), 2);
         assert_eq!(kinds[0].api_version(), "example.com/v1");
-        assert!(kinds[0].status && kinds[0].conversion.is_none());
-        assert!(kinds[1].conversion.is_some(), "v1beta1 is stored as v1");
+        assert!(kinds[0].status);
         assert_eq!(kinds[1].storage, kinds[0].storage);
         let stored = kinds[1].conversion.unwrap().store(json!({"apiVersion": "example.com/v1beta1"})).unwrap();
-        assert_eq!(stored["apiVersion"], "example.com/v1");
+        assert_eq!(stored["apiVersion"], "example.com/v1", "v1beta1 is stored as v1");
+        // The storage version converts too: an object stored as v1beta1 before the
+        // storage version moved to v1 is served as v1.
+        let v1 = kinds[0].conversion.unwrap();
+        assert_eq!(v1.serve(json!({"apiVersion": "example.com/v1beta1"})).unwrap()["apiVersion"], "example.com/v1");
+        assert!(v1.serves_as_stored("example.com/v1") && !v1.serves_as_stored("example.com/v1beta1"));
     }
 
     #[test]

@@ -780,11 +780,6 @@ impl Registry {
         let (group, version) = (group.to_string(), version.to_string());
         self.kinds.iter().filter(move |k| k.group == group && k.version == version)
     }
-
-    /// The served kind that stores its objects natively at `storage` (no conversion).
-    pub fn storage_kind(&self, storage: StorageResource) -> Option<&Arc<KindInfo>> {
-        self.kinds.iter().find(|k| k.storage == storage && k.conversion.is_none())
-    }
 }
 
 #[cfg(test)]

@@ -187,9 +187,23 @@ pub fn to_served(kind: &KindInfo, stored: Value) -> ApiResult<Value> {
     Ok(served)
 }
 
-/// Whether serving a stored object changes it (a conversion, or defaults on read).
-fn serving_changes(kind: &KindInfo) -> bool {
-    kind.conversion.is_some() || kind.custom.as_ref().is_some_and(|c| c.defaults_on_read)
+/// Whether serving this stored object changes it (a conversion, defaults on read).
+fn serving_changes(kind: &KindInfo, obj: &CachedObject) -> bool {
+    if kind.custom.as_ref().is_some_and(|c| c.defaults_on_read) {
+        return true;
+    }
+    match kind.conversion {
+        None => false,
+        Some(c) => !stored_api_version(&obj.json).is_some_and(|v| c.serves_as_stored(v)),
+    }
+}
+
+/// The apiVersion of stored JSON that opens with it (custom resources, whose keys are
+/// written sorted), without decoding the rest.
+fn stored_api_version(json: &[u8]) -> Option<&str> {
+    let rest = json.strip_prefix(b"{\"apiVersion\":\"")?;
+    let end = rest.iter().position(|b| *b == b'"')?;
+    std::str::from_utf8(&rest[..end]).ok()
 }
 
 pub(crate) fn to_storage(kind: &KindInfo, served: Value) -> ApiResult<Value> {
@@ -201,7 +215,7 @@ pub(crate) fn to_storage(kind: &KindInfo, served: Value) -> ApiResult<Value> {
 
 /// The served JSON of a cached object, without re-encoding when no conversion applies.
 pub fn served_json(kind: &KindInfo, obj: &CachedObject) -> ApiResult<Bytes> {
-    match serving_changes(kind) {
+    match serving_changes(kind, obj) {
         true => Ok(Bytes::from(krate_api::protobuf::to_go_json(&to_served(kind, obj.parse())?))),
         false => Ok(obj.json.clone()),
     }

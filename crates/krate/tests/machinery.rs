@@ -346,3 +346,48 @@ fn custom_resource_definitions_with_kubectl() {
     server.kubectl_ok(&["wait", "--for=condition=Established", "crd/widgets.example.com", "--timeout=20s"]);
     assert_eq!(server.kubectl_ok(&["get", "widgets", "-o", "name"]).trim(), "");
 }
+
+#[test]
+fn objects_stored_before_a_storage_version_change_are_served_in_each_version() {
+    let server = TestServer::start();
+    let crd = |storage: &str| {
+        let schema = json!({"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}});
+        json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "things.example.com"},
+        "spec": {"group": "example.com", "scope": "Namespaced",
+            "names": {"plural": "things", "singular": "thing", "kind": "Thing"},
+            "versions": [
+                {"name": "v1", "served": true, "storage": storage == "v1", "schema": schema},
+                {"name": "v2", "served": true, "storage": storage == "v2", "schema": schema},
+            ]}})
+    };
+    let out = server.kubectl_stdin(&["apply", "-f", "-"], Some(&crd("v1").to_string()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    server.kubectl_ok(&["wait", "--for=condition=Established", "crd/things.example.com"]);
+    let thing = json!({"apiVersion": "example.com/v1", "kind": "Thing", "metadata": {"name": "t"}, "spec": {"n": 1}});
+    let created = (0..100).any(|_| {
+        let ok = server.kubectl_stdin(&["create", "-f", "-"], Some(&thing.to_string())).status.success();
+        if !ok {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        ok
+    });
+    assert!(created);
+    let out = server.kubectl_stdin(&["apply", "-f", "-"], Some(&crd("v2").to_string()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Whether or not the server has switched yet, each version serves the object as its own.
+    for version in ["v1", "v2"] {
+        let got = get_json(&server, &[&format!("things.{version}.example.com"), "t"]);
+        assert_eq!(got["apiVersion"], format!("example.com/{version}"));
+    }
+    server.kubectl_ok(&[
+        "patch",
+        "things.v2.example.com",
+        "t",
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/spec/m","value":2}]"#,
+    ]);
+    let got = get_json(&server, &["things.v2.example.com", "t"]);
+    assert_eq!(got["spec"], json!({"n": 1, "m": 2}));
+}

@@ -72,6 +72,10 @@ impl Conversion for WebhookConversion {
     fn serve(&self, obj: Value) -> Result<Value, String> {
         self.convert(obj, &self.served)
     }
+
+    fn serves_as_stored(&self, api_version: &str) -> bool {
+        api_version == self.served
+    }
 }
 
 impl WebhookConversion {
