@@ -8,7 +8,11 @@ use std::path::Path;
 use std::process::Command;
 
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    // Read when the script runs, not baked in when it is compiled: a shared target
+    // directory reuses this script's binary across checkouts (cargo hashes workspace
+    // members by relative path), and a baked-in path may name a clone that is gone.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let root = Path::new(&manifest_dir).join("../..");
     println!("cargo:rerun-if-changed=src/lib.rs");
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
     // A commit, a tag or a change to the tree changes the version; the tree's sources
@@ -35,8 +39,7 @@ fn main() {
     // Upstream's form: the nearest `v*` tag, commits since, `g` and 14 hex digits.
     // A repository without a release tag yet: the source's version and the commit.
     let described = git(&["describe", "--tags", "--match", "v*", "--abbrev=14", "HEAD"]).unwrap_or_else(|| {
-        let source =
-            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lib.rs")).unwrap_or_default();
+        let source = std::fs::read_to_string(Path::new(&manifest_dir).join("src/lib.rs")).unwrap_or_default();
         let version = source
             .lines()
             .find_map(|l| l.strip_prefix("pub const SOURCE_VERSION: &str = \""))
