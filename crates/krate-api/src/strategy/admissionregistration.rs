@@ -116,26 +116,56 @@ fn check_expression(value: &Value, path: String, required: bool, errs: &mut Erro
     }
 }
 
+/// What both kinds of admission policy share: their defaults, ...
+fn default_policy(obj: &mut Value) {
+    default(obj, &["spec", "failurePolicy"], json!("Fail"));
+    if let Some(constraints) = obj.pointer_mut("/spec/matchConstraints") {
+        default_match_resources(constraints);
+    }
+}
+
+/// ... their failure policy and what they match ...
+fn validate_policy_match(spec: &Value, errs: &mut Errors) {
+    check_enum(spec, "failurePolicy", "spec", FAILURE_POLICIES, errs);
+    match spec.get("matchConstraints").filter(|c| c.is_object()) {
+        None => errs.push(FieldError::required("spec.matchConstraints", "")),
+        Some(constraints) => {
+            if constraints["resourceRules"].as_array().is_none_or(Vec::is_empty) {
+                errs.push(FieldError::required("spec.matchConstraints.resourceRules", ""));
+            }
+            validate_match_resources(constraints, "spec.matchConstraints", errs);
+        }
+    }
+}
+
+/// ... and their variables, match conditions and parameter kind.
+fn validate_policy_inputs(spec: &Value, errs: &mut Errors) {
+    for (i, v) in spec["variables"].as_array().into_iter().flatten().enumerate() {
+        if v["name"].as_str().is_none_or(str::is_empty) {
+            errs.push(FieldError::required(format!("spec.variables[{i}].name"), ""));
+        }
+        check_expression(&v["expression"], format!("spec.variables[{i}].expression"), true, errs);
+    }
+    for (i, c) in spec["matchConditions"].as_array().into_iter().flatten().enumerate() {
+        check_expression(&c["expression"], format!("spec.matchConditions[{i}].expression"), true, errs);
+    }
+    if let Some(param_kind) = spec.get("paramKind").filter(|p| !p.is_null()) {
+        for key in ["apiVersion", "kind"] {
+            if param_kind[key].as_str().is_none_or(str::is_empty) {
+                errs.push(FieldError::required(format!("spec.paramKind.{key}"), ""));
+            }
+        }
+    }
+}
+
 impl Strategy for ValidatingAdmissionPolicyStrategy {
     fn default(&self, obj: &mut Value) {
-        default(obj, &["spec", "failurePolicy"], json!("Fail"));
-        if let Some(constraints) = obj.pointer_mut("/spec/matchConstraints") {
-            default_match_resources(constraints);
-        }
+        default_policy(obj);
     }
 
     fn validate(&self, obj: &Value, errs: &mut Errors) {
         let spec = &obj["spec"];
-        check_enum(spec, "failurePolicy", "spec", FAILURE_POLICIES, errs);
-        match spec.get("matchConstraints").filter(|c| c.is_object()) {
-            None => errs.push(FieldError::required("spec.matchConstraints", "")),
-            Some(constraints) => {
-                if constraints["resourceRules"].as_array().is_none_or(Vec::is_empty) {
-                    errs.push(FieldError::required("spec.matchConstraints.resourceRules", ""));
-                }
-                validate_match_resources(constraints, "spec.matchConstraints", errs);
-            }
-        }
+        validate_policy_match(spec, errs);
         let validations = spec["validations"].as_array().map_or(0, Vec::len);
         let annotations = spec["auditAnnotations"].as_array().map_or(0, Vec::len);
         if validations == 0 && annotations == 0 {
@@ -152,22 +182,7 @@ impl Strategy for ValidatingAdmissionPolicyStrategy {
         for (i, a) in spec["auditAnnotations"].as_array().into_iter().flatten().enumerate() {
             check_expression(&a["valueExpression"], format!("spec.auditAnnotations[{i}].valueExpression"), true, errs);
         }
-        for (i, v) in spec["variables"].as_array().into_iter().flatten().enumerate() {
-            if v["name"].as_str().is_none_or(str::is_empty) {
-                errs.push(FieldError::required(format!("spec.variables[{i}].name"), ""));
-            }
-            check_expression(&v["expression"], format!("spec.variables[{i}].expression"), true, errs);
-        }
-        for (i, c) in spec["matchConditions"].as_array().into_iter().flatten().enumerate() {
-            check_expression(&c["expression"], format!("spec.matchConditions[{i}].expression"), true, errs);
-        }
-        if let Some(param_kind) = spec.get("paramKind").filter(|p| !p.is_null()) {
-            for key in ["apiVersion", "kind"] {
-                if param_kind[key].as_str().is_none_or(str::is_empty) {
-                    errs.push(FieldError::required(format!("spec.paramKind.{key}"), ""));
-                }
-            }
-        }
+        validate_policy_inputs(spec, errs);
     }
 }
 
@@ -176,25 +191,13 @@ pub struct MutatingAdmissionPolicyStrategy;
 
 impl Strategy for MutatingAdmissionPolicyStrategy {
     fn default(&self, obj: &mut Value) {
-        default(obj, &["spec", "failurePolicy"], json!("Fail"));
-        if let Some(constraints) = obj.pointer_mut("/spec/matchConstraints") {
-            default_match_resources(constraints);
-        }
+        default_policy(obj);
     }
 
     fn validate(&self, obj: &Value, errs: &mut Errors) {
         let spec = &obj["spec"];
-        check_enum(spec, "failurePolicy", "spec", FAILURE_POLICIES, errs);
+        validate_policy_match(spec, errs);
         check_enum(spec, "reinvocationPolicy", "spec", REINVOCATION_POLICIES, errs);
-        match spec.get("matchConstraints").filter(|c| c.is_object()) {
-            None => errs.push(FieldError::required("spec.matchConstraints", "")),
-            Some(constraints) => {
-                if constraints["resourceRules"].as_array().is_none_or(Vec::is_empty) {
-                    errs.push(FieldError::required("spec.matchConstraints.resourceRules", ""));
-                }
-                validate_match_resources(constraints, "spec.matchConstraints", errs);
-            }
-        }
         let mutations = spec["mutations"].as_array().map(Vec::as_slice).unwrap_or_default();
         if mutations.is_empty() {
             errs.push(FieldError::required("spec.mutations", "mutations must contain at least one item"));
@@ -212,12 +215,7 @@ impl Strategy for MutatingAdmissionPolicyStrategy {
             };
             check_expression(expression.1, format!("{path}.{}.expression", expression.0), true, errs);
         }
-        for (i, v) in spec["variables"].as_array().into_iter().flatten().enumerate() {
-            check_expression(&v["expression"], format!("spec.variables[{i}].expression"), true, errs);
-        }
-        for (i, c) in spec["matchConditions"].as_array().into_iter().flatten().enumerate() {
-            check_expression(&c["expression"], format!("spec.matchConditions[{i}].expression"), true, errs);
-        }
+        validate_policy_inputs(spec, errs);
     }
 }
 
@@ -226,24 +224,34 @@ pub struct MutatingAdmissionPolicyBindingStrategy;
 
 impl Strategy for MutatingAdmissionPolicyBindingStrategy {
     fn default(&self, obj: &mut Value) {
-        if let Some(resources) = obj.pointer_mut("/spec/matchResources") {
-            default_match_resources(resources);
-        }
+        default_binding(obj);
     }
 
     fn validate(&self, obj: &Value, errs: &mut Errors) {
         let spec = &obj["spec"];
-        if spec["policyName"].as_str().is_none_or(str::is_empty) {
-            errs.push(FieldError::required("spec.policyName", ""));
-        }
-        if let Some(resources) = spec.get("matchResources").filter(|r| r.is_object()) {
-            validate_match_resources(resources, "spec.matchResources", errs);
-        }
+        validate_binding_target(spec, errs);
         validate_param_ref(spec, errs);
     }
 }
 
-/// A binding's `paramRef`: a name or a selector, and what to do without parameters.
+/// What both kinds of policy binding share: the defaults of `matchResources`, ...
+fn default_binding(obj: &mut Value) {
+    if let Some(resources) = obj.pointer_mut("/spec/matchResources") {
+        default_match_resources(resources);
+    }
+}
+
+/// ... the policy they name and what they narrow it to ...
+fn validate_binding_target(spec: &Value, errs: &mut Errors) {
+    if spec["policyName"].as_str().is_none_or(str::is_empty) {
+        errs.push(FieldError::required("spec.policyName", ""));
+    }
+    if let Some(resources) = spec.get("matchResources").filter(|r| r.is_object()) {
+        validate_match_resources(resources, "spec.matchResources", errs);
+    }
+}
+
+/// ... and `paramRef`: a name or a selector, and what to do without parameters.
 fn validate_param_ref(spec: &Value, errs: &mut Errors) {
     let Some(param_ref) = spec.get("paramRef").filter(|p| !p.is_null()) else { return };
     let named = param_ref["name"].as_str().is_some_and(|n| !n.is_empty());
@@ -261,19 +269,12 @@ pub struct ValidatingAdmissionPolicyBindingStrategy;
 
 impl Strategy for ValidatingAdmissionPolicyBindingStrategy {
     fn default(&self, obj: &mut Value) {
-        if let Some(resources) = obj.pointer_mut("/spec/matchResources") {
-            default_match_resources(resources);
-        }
+        default_binding(obj);
     }
 
     fn validate(&self, obj: &Value, errs: &mut Errors) {
         let spec = &obj["spec"];
-        if spec["policyName"].as_str().is_none_or(str::is_empty) {
-            errs.push(FieldError::required("spec.policyName", ""));
-        }
-        if let Some(resources) = spec.get("matchResources").filter(|r| r.is_object()) {
-            validate_match_resources(resources, "spec.matchResources", errs);
-        }
+        validate_binding_target(spec, errs);
         const ACTIONS: &[&str] = &["Audit", "Deny", "Warn"];
         let actions: Vec<&str> =
             spec["validationActions"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
