@@ -457,9 +457,10 @@ impl Storage {
             .collect()
     }
 
-    /// All cached objects of the cluster-scoped built-in kind `T`, parsed once per change
-    /// of that kind and kept in `memo`: for plugins that read their configuration
-    /// (webhooks, policies) on every request.
+    /// All cached objects of the cluster-scoped built-in kind `T`, in name order (the
+    /// cache's keys end in their names), parsed once per change of that kind and kept in
+    /// `memo`: for plugins that read their configuration (webhooks, policies) on every
+    /// request.
     pub(crate) fn cached_configuration<T: k8s_openapi::Resource>(&self, memo: &ConfigurationMemo) -> Arc<Vec<Value>> {
         let scope = self.builtin::<T>(None);
         let prefix = storage_prefix(&scope.kind);

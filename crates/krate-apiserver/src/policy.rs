@@ -80,17 +80,13 @@ impl InForce {
         Self { policies, bindings }
     }
 
-    /// Each policy with each of its bindings, both in name order.
+    /// Each policy with each of its bindings, both in name order (as the cache holds them).
     fn pairs(&self) -> Vec<(&Value, &Value)> {
-        let by_name = |a: &&Value, b: &&Value| object::name(a).cmp(object::name(b));
-        let mut policies: Vec<&Value> = self.policies.iter().collect();
-        policies.sort_by(by_name);
-        let mut bindings: Vec<&Value> = self.bindings.iter().collect();
-        bindings.sort_by(by_name);
-        policies
-            .into_iter()
+        let bindings = &self.bindings;
+        self.policies
+            .iter()
             .flat_map(|p| {
-                bindings.iter().filter(move |b| b["spec"]["policyName"] == object::name(p)).map(move |b| (p, *b))
+                bindings.iter().filter(move |b| b["spec"]["policyName"] == object::name(p)).map(move |b| (p, b))
             })
             .collect()
     }

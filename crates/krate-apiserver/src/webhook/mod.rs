@@ -50,7 +50,8 @@ impl Plugin for MutatingWebhooks {
         if !applies(attrs) || attrs.operation == Operation::Delete {
             return Ok(());
         }
-        let hooks = webhooks::<admissionregistration::MutatingWebhookConfiguration>(storage, &self.0);
+        let configs = storage.cached_configuration::<admissionregistration::MutatingWebhookConfiguration>(&self.0);
+        let hooks = webhooks(&configs);
         if hooks.is_empty() {
             return Ok(());
         }
@@ -80,7 +81,8 @@ impl Plugin for ValidatingWebhooks {
         if !applies(attrs) {
             return Ok(());
         }
-        let hooks = webhooks::<admissionregistration::ValidatingWebhookConfiguration>(storage, &self.0);
+        let configs = storage.cached_configuration::<admissionregistration::ValidatingWebhookConfiguration>(&self.0);
+        let hooks = webhooks(&configs);
         let calls = hooks.iter().map(|hook| async move {
             let Some(invocation) = invocation(storage, attrs, hook, obj).await? else { return Ok(()) };
             let response = call(storage, attrs, hook, &invocation, obj).await?;
@@ -116,11 +118,11 @@ pub(crate) fn applies(attrs: &Attributes<'_>) -> bool {
 }
 
 /// One webhook of a configuration.
-struct Hook {
-    spec: Value,
+struct Hook<'a> {
+    spec: &'a Value,
 }
 
-impl Hook {
+impl Hook<'_> {
     fn name(&self) -> &str {
         self.spec["name"].as_str().unwrap_or_default()
     }
@@ -134,17 +136,10 @@ impl Hook {
     }
 }
 
-/// The webhooks of every configuration of kind `T`, configurations sorted by name (as
-/// upstream orders them), webhooks in their order.
-fn webhooks<T: k8s_openapi::Resource>(storage: &Storage, memo: &ConfigurationMemo) -> Vec<Hook> {
-    let configs = storage.cached_configuration::<T>(memo);
-    let mut configs: Vec<&Value> = configs.iter().collect();
-    configs.sort_by(|a, b| object::name(a).cmp(object::name(b)));
-    configs
-        .into_iter()
-        .flat_map(|c| c["webhooks"].as_array().cloned().unwrap_or_default())
-        .map(|spec| Hook { spec })
-        .collect()
+/// The webhooks of `configs` (in name order, as upstream orders configurations), each
+/// configuration's in their order.
+fn webhooks(configs: &[Value]) -> Vec<Hook<'_>> {
+    configs.iter().flat_map(|c| c["webhooks"].as_array().into_iter().flatten()).map(|spec| Hook { spec }).collect()
 }
 
 /// A webhook's call for this request: the version of the resource it asked for.
@@ -158,12 +153,12 @@ struct Invocation {
 async fn invocation(
     storage: &Storage,
     attrs: &Attributes<'_>,
-    hook: &Hook,
+    hook: &Hook<'_>,
     obj: &Value,
 ) -> ApiResult<Option<Invocation>> {
     let request = attrs.request.expect("applies() checked");
     let Some(kind) =
-        rules::webhook_kind(&storage.kinds(), attrs.kind, &request.subresource, attrs.operation, &hook.spec)
+        rules::webhook_kind(&storage.kinds(), attrs.kind, &request.subresource, attrs.operation, hook.spec)
     else {
         return Ok(None);
     };
@@ -174,13 +169,20 @@ async fn invocation(
     if !object_selected(&hook.spec["objectSelector"], new, old) {
         return Ok(None);
     }
-    for condition in hook.spec["matchConditions"].as_array().into_iter().flatten() {
+    let conditions = hook.spec["matchConditions"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if conditions.is_empty() {
+        return Ok(Some(Invocation { kind }));
+    }
+    // The variables are the same for every condition: converted once.
+    let served = |o: Option<&Value>| o.map(|o| to_served(&kind, o.clone())).transpose();
+    let (object, old_object) = (served(new)?.unwrap_or_default(), served(old)?.unwrap_or_default());
+    let review = cel_request(attrs, &kind, new, old);
+    let bindings =
+        krate_api::cel::Bindings::new(&[("object", &object), ("oldObject", &old_object), ("request", &review)]);
+    for condition in conditions {
         let expression = condition["expression"].as_str().unwrap_or_default();
-        let served = |o: Option<&Value>| o.map(|o| to_served(&kind, o.clone())).transpose();
-        let (object, old_object) = (served(new)?.unwrap_or_default(), served(old)?.unwrap_or_default());
-        let review = cel_request(attrs, &kind, new, old);
         let evaluated = krate_api::cel::compile_cached(expression, krate_api::cel::MATCH_CONDITION_VARIABLES)
-            .and_then(|p| p.evaluate_bool(&[("object", &object), ("oldObject", &old_object), ("request", &review)]));
+            .and_then(|p| p.evaluate_bool_in(&bindings));
         match evaluated {
             Ok(true) => {}
             Ok(false) => return Ok(None),
@@ -330,7 +332,7 @@ pub(crate) fn cel_request(attrs: &Attributes<'_>, kind: &KindInfo, new: Option<&
 
 /// `failed calling webhook "name": <why>`, as upstream's ErrCallingWebhook, in the
 /// InternalError status a failing-closed webhook answers with.
-fn calling_error(hook: &Hook, why: &str) -> ApiError {
+fn calling_error(hook: &Hook<'_>, why: &str) -> ApiError {
     let message = format!("failed calling webhook {:?}: {why}", hook.name());
     let mut error = ApiError::internal(&message);
     error.details = Some(json!({"causes": [{"message": message}]}));
@@ -338,7 +340,7 @@ fn calling_error(hook: &Hook, why: &str) -> ApiError {
 }
 
 /// Upstream's `ToStatusErr`: a denial as the webhook's status, at least a 400.
-fn denial(hook: &Hook, status: &Value) -> ApiError {
+fn denial(hook: &Hook<'_>, status: &Value) -> ApiError {
     let denied_by = format!("admission webhook {:?} denied the request", hook.name());
     let message = status["message"].as_str().filter(|m| !m.is_empty());
     let reason = status["reason"].as_str().filter(|r| !r.is_empty());
@@ -386,7 +388,7 @@ fn known_reason(reason: &str) -> &'static str {
 async fn call(
     storage: &Storage,
     attrs: &Attributes<'_>,
-    hook: &Hook,
+    hook: &Hook<'_>,
     invocation: &Invocation,
     obj: &Value,
 ) -> ApiResult<Option<Value>> {
@@ -462,7 +464,7 @@ fn verify_response(body: &[u8], uid: &str, api_version: &str) -> Result<Value, S
 
 /// Calls a mutating webhook if it selects the request and applies its patch to `obj`;
 /// true when it was called.
-async fn call_mutating(storage: &Storage, attrs: &Attributes<'_>, hook: &Hook, obj: &mut Value) -> ApiResult<bool> {
+async fn call_mutating(storage: &Storage, attrs: &Attributes<'_>, hook: &Hook<'_>, obj: &mut Value) -> ApiResult<bool> {
     let Some(invocation) = invocation(storage, attrs, hook, obj).await? else { return Ok(false) };
     let Some(response) = call(storage, attrs, hook, &invocation, obj).await? else { return Ok(true) };
     // A connect's options come from its query; krate does not take them back from a
@@ -493,8 +495,10 @@ async fn call_mutating(storage: &Storage, attrs: &Attributes<'_>, hook: &Hook, o
 mod tests {
     use super::*;
 
-    fn hook() -> Hook {
-        Hook { spec: json!({"name": "deny.example.com"}) }
+    static SPEC: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| json!({"name": "deny.example.com"}));
+
+    fn hook() -> Hook<'static> {
+        Hook { spec: &SPEC }
     }
 
     #[test]
