@@ -16,10 +16,9 @@ mod common;
 #[path = "../tests/common/webhook.rs"]
 mod webhook;
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::BenchServer;
+use common::{run_with, BenchServer, Stats};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::discovery::ApiResource;
@@ -45,35 +44,16 @@ async fn create_dynamic(client: &kube::Client, api_version: &str, kind: &str, pl
     Api::<DynamicObject>::all_with(client.clone(), &resource).create(&PostParams::default(), &object).await.unwrap();
 }
 
-/// Creates with `concurrency` in flight; each create's latency and the wall time.
-async fn creates(api: &Api<ConfigMap>, range: std::ops::Range<usize>, concurrency: usize) -> (Vec<Duration>, Duration) {
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(range.start));
-    let start = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..concurrency {
-        let (api, next, end) = (api.clone(), next.clone(), range.end);
-        workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= end {
-                    return latencies;
-                }
-                let t = Instant::now();
-                api.create(&PostParams::default(), &configmap(i)).await.expect("create");
-                latencies.push(t.elapsed());
-            }
-        }));
-    }
-    let mut latencies = Vec::new();
-    for w in workers {
-        latencies.extend(w.await.unwrap());
-    }
-    (latencies, start.elapsed())
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1).min(sorted.len() - 1)].as_secs_f64() * 1e3
+/// Creates with `concurrency` in flight.
+async fn creates(api: &Api<ConfigMap>, range: std::ops::Range<usize>, concurrency: usize) -> Stats {
+    let api = api.clone();
+    run_with(concurrency, range, move |i| {
+        let api = api.clone();
+        async move {
+            api.create(&PostParams::default(), &configmap(i)).await.expect("create");
+        }
+    })
+    .await
 }
 
 #[tokio::main]
@@ -122,15 +102,14 @@ async fn main() {
     for api in &apis {
         creates(api, 10_000_000..10_000_050, 1).await;
     }
-    let mut latency: Vec<Vec<Duration>> = vec![Vec::new(); MODES.len()];
+    // Per mode: every sequential create's latency, and each round's concurrent rate.
+    let mut latency: Vec<Stats> = MODES.iter().map(|_| Stats { latencies: vec![], elapsed: Duration::ZERO }).collect();
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
     for round in 0..ROUNDS {
         for (m, api) in apis.iter().enumerate() {
             let base = round * 2 * n;
-            let (lat, _) = creates(api, base..base + n, 1).await;
-            latency[m].extend(lat);
-            let (done, took) = creates(api, base + n..base + 2 * n, 16).await;
-            rates[m].push(done.len() as f64 / took.as_secs_f64());
+            latency[m].latencies.extend(creates(api, base..base + n, 1).await.latencies);
+            rates[m].push(creates(api, base + n..base + 2 * n, 16).await.rate());
         }
     }
     let reviews = hooks.reviews("/allow");
@@ -144,8 +123,8 @@ async fn main() {
     };
     let mut base = (0.0, 0.0, 0.0);
     for (m, mode) in MODES.iter().enumerate() {
-        latency[m].sort();
-        let (p50, p99, rate) = (percentile(&latency[m], 0.5), percentile(&latency[m], 0.99), median(&mut rates[m]));
+        let ms = |p: f64| latency[m].percentile(p).as_secs_f64() * 1e3;
+        let (p50, p99, rate) = (ms(0.5), ms(0.99), median(&mut rates[m]));
         if m == 0 {
             base = (p50, p99, rate);
         }

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::BenchServer;
+use common::{run_with, BenchServer, Stats};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
@@ -38,31 +38,6 @@ fn configmap(i: usize) -> ConfigMap {
     .unwrap()
 }
 
-struct Stats {
-    latencies: Vec<Duration>,
-    elapsed: Duration,
-}
-
-impl Stats {
-    fn percentile(&self, p: f64) -> Duration {
-        let mut sorted = self.latencies.clone();
-        sorted.sort();
-        sorted[((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1).min(sorted.len() - 1)]
-    }
-    fn rate(&self) -> f64 {
-        self.latencies.len() as f64 / self.elapsed.as_secs_f64()
-    }
-    fn row(&self, name: &str) {
-        println!(
-            "{name:<28} {:>8} ops {:>10.0} ops/s   p50 {:>8.2} ms   p99 {:>8.2} ms",
-            self.latencies.len(),
-            self.rate(),
-            self.percentile(0.50).as_secs_f64() * 1e3,
-            self.percentile(0.99).as_secs_f64() * 1e3
-        );
-    }
-}
-
 /// Runs `op(i)` for i in range with CONCURRENCY workers, timing each call.
 async fn run<F, Fut>(range: std::ops::Range<usize>, op: F) -> Stats
 where
@@ -70,37 +45,6 @@ where
     Fut: std::future::Future<Output = ()> + Send,
 {
     run_with(CONCURRENCY, range, op).await
-}
-
-async fn run_with<F, Fut>(concurrency: usize, range: std::ops::Range<usize>, op: F) -> Stats
-where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let op = Arc::new(op);
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(range.start));
-    let start = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..concurrency {
-        let (op, next, end) = (op.clone(), next.clone(), range.end);
-        workers.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= end {
-                    return lat;
-                }
-                let t = Instant::now();
-                op(i).await;
-                lat.push(t.elapsed());
-            }
-        }));
-    }
-    let mut latencies = Vec::new();
-    for w in workers {
-        latencies.extend(w.await.unwrap());
-    }
-    Stats { latencies, elapsed: start.elapsed() }
 }
 
 /// Rounds of `m` creates then `m` gets of ConfigMaps, as the admin and as a service

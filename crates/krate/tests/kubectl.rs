@@ -5,7 +5,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::TestServer;
+use common::{stderr, TestServer};
 
 const MANIFEST: &str = r#"
 apiVersion: v1
@@ -67,10 +67,6 @@ spec:
         image: busybox
         command: ["true"]
 "#;
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 #[test]
 fn apply_get_and_output_formats() {

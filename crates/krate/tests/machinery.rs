@@ -4,12 +4,8 @@
 
 mod common;
 
-use common::TestServer;
-use serde_json::{json, Value};
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use common::{stderr, TestServer};
+use serde_json::json;
 
 fn deployment(containers: &str) -> String {
     format!(
@@ -47,13 +43,6 @@ const EDITED: &str = r#"      - name: sidecar
         - {name: A, value: "1"}
 "#;
 
-fn get_json(server: &TestServer, args: &[&str]) -> Value {
-    let mut all = vec!["get"];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["-o", "json"]);
-    serde_json::from_str(&server.kubectl_ok(&all)).unwrap()
-}
-
 #[test]
 fn client_side_apply_three_way_merge() {
     let server = TestServer::start();
@@ -76,7 +65,7 @@ fn client_side_apply_three_way_merge() {
     std::fs::write(&file, deployment(EDITED)).unwrap();
     let out = server.kubectl_ok(&["apply", "-f", path]);
     assert!(out.contains("deployment.apps/web configured"), "{out}");
-    let d = get_json(&server, &["deploy", "web"]);
+    let d = server.get_json(&["deploy", "web"]);
     let containers = &d["spec"]["template"]["spec"]["containers"];
     let names: Vec<&str> = containers.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["sidecar", "app"], "reordered as the manifest says");
@@ -96,7 +85,7 @@ fn client_side_apply_three_way_merge() {
     let recreate = deployment(EDITED).replace("  replicas: 1\n", "  replicas: 1\n  strategy: {type: Recreate}\n");
     std::fs::write(&file, recreate).unwrap();
     server.kubectl_ok(&["apply", "-f", path]);
-    let d = get_json(&server, &["deploy", "web"]);
+    let d = server.get_json(&["deploy", "web"]);
     assert_eq!(d["spec"]["strategy"], json!({"type": "Recreate"}));
 }
 
@@ -119,10 +108,10 @@ fn server_side_apply_with_two_managers() {
         "{}",
         stderr(&conflict)
     );
-    assert_eq!(get_json(&server, &["deploy", "web"])["spec"]["replicas"], 1, "nothing was written");
+    assert_eq!(server.get_json(&["deploy", "web"])["spec"]["replicas"], 1, "nothing was written");
 
     server.kubectl_ok(&["apply", "--server-side", "--field-manager", "team-b", "--force-conflicts", "-f", path]);
-    let d = get_json(&server, &["deploy", "web", "--show-managed-fields"]);
+    let d = server.get_json(&["deploy", "web", "--show-managed-fields"]);
     assert_eq!(d["spec"]["replicas"], 5);
     let managed = d["metadata"]["managedFields"].as_array().unwrap();
     let entry = |m: &str| managed.iter().find(|e| e["manager"] == m).unwrap_or_else(|| panic!("{m} in {managed:?}"));
@@ -179,7 +168,7 @@ fn tables_explain_edit_diff_and_server_dry_run() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    let d = get_json(&server, &["deploy", "web", "--show-managed-fields"]);
+    let d = server.get_json(&["deploy", "web", "--show-managed-fields"]);
     assert_eq!(d["spec"]["replicas"], 4);
     let managers: Vec<&str> =
         d["metadata"]["managedFields"].as_array().unwrap().iter().map(|e| e["manager"].as_str().unwrap()).collect();
@@ -282,7 +271,7 @@ fn custom_resource_definitions_with_kubectl() {
         [vec!["NAME", "SIZE", "COLOR"], vec!["w1", "3", "blue"]],
         "printer columns and the defaulted color"
     );
-    let w = get_json(&server, &["widget", "w1"]);
+    let w = server.get_json(&["widget", "w1"]);
     assert_eq!(w["spec"]["extra"]["deep"]["kept"], true, "x-kubernetes-preserve-unknown-fields");
     assert!(server.kubectl_ok(&["get", "all"]).contains("widget.example.com/w1"), "category all");
     assert!(server.kubectl_ok(&["explain", "widget.spec.size"]).contains("How big the widget is."));
@@ -365,19 +354,15 @@ fn objects_stored_before_a_storage_version_change_are_served_in_each_version() {
     assert!(out.status.success(), "{}", stderr(&out));
     server.kubectl_ok(&["wait", "--for=condition=Established", "crd/things.example.com"]);
     let thing = json!({"apiVersion": "example.com/v1", "kind": "Thing", "metadata": {"name": "t"}, "spec": {"n": 1}});
-    let created = (0..100).any(|_| {
-        let ok = server.kubectl_stdin(&["create", "-f", "-"], Some(&thing.to_string())).status.success();
-        if !ok {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        ok
+    let created = common::holds_within(10, || {
+        server.kubectl_stdin(&["create", "-f", "-"], Some(&thing.to_string())).status.success()
     });
     assert!(created);
     let out = server.kubectl_stdin(&["apply", "-f", "-"], Some(&crd("v2").to_string()));
     assert!(out.status.success(), "{}", stderr(&out));
     // Whether or not the server has switched yet, each version serves the object as its own.
     for version in ["v1", "v2"] {
-        let got = get_json(&server, &[&format!("things.{version}.example.com"), "t"]);
+        let got = server.get_json(&[&format!("things.{version}.example.com"), "t"]);
         assert_eq!(got["apiVersion"], format!("example.com/{version}"));
     }
     server.kubectl_ok(&[
@@ -388,6 +373,6 @@ fn objects_stored_before_a_storage_version_change_are_served_in_each_version() {
         "-p",
         r#"[{"op":"add","path":"/spec/m","value":2}]"#,
     ]);
-    let got = get_json(&server, &["things.v2.example.com", "t"]);
+    let got = server.get_json(&["things.v2.example.com", "t"]);
     assert_eq!(got["spec"], json!({"n": 1, "m": 2}));
 }

@@ -4,15 +4,11 @@
 
 mod common;
 
-use common::TestServer;
+use common::{stderr, TestServer};
 use serde_json::{json, Value};
 
 fn apply(server: &TestServer, object: Value) -> std::process::Output {
     server.kubectl_stdin(&["create", "-f", "-"], Some(&object.to_string()))
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn policy(name: &str, spec: Value) -> Value {
@@ -212,13 +208,7 @@ fn crd_validation_rules_refuse_violations_and_transition_rules_judge_updates() {
     ]);
     assert!(apply(&server, widget_crd(rules)).status.success());
     server.kubectl_ok(&["wait", "--for=condition=Established", "crd/widgets.example.com"]);
-    let served = (0..100).any(|_| {
-        let ok = server.kubectl(&["get", "widgets"]).status.success();
-        if !ok {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        ok
-    });
+    let served = common::holds_within(10, || server.kubectl(&["get", "widgets"]).status.success());
     assert!(served, "widgets are served once the CRD is established");
 
     let out = widget(&server, "create", 20);
@@ -265,7 +255,7 @@ fn mutating_policies_apply_configurations_and_json_patches() {
     }
     server.kubectl_ok(&["get", "mutatingadmissionpolicybindings"]);
     assert!(deployment(&server, "default", "d", 2).status.success());
-    let got: Value = serde_json::from_str(&server.kubectl_ok(&["get", "deployment", "d", "-o", "json"])).unwrap();
+    let got = server.get_json(&["deployment", "d"]);
     assert_eq!(got["spec"]["replicas"], 12);
     assert_eq!(got["metadata"]["annotations"]["mutated-by"], "admission-policy");
     assert_eq!(got["spec"]["strategy"]["type"], "RollingUpdate", "the mutated object is defaulted");

@@ -5,7 +5,7 @@
 mod common;
 
 use common::webhook::WebhookServer;
-use common::TestServer;
+use common::{stderr, TestServer};
 use serde_json::{json, Value};
 
 /// One webhook entry for `url`, on `resources` of the core group, CREATE and DELETE.
@@ -35,10 +35,6 @@ fn configure(server: &TestServer, kind: &str, name: &str, hooks: Vec<Value>) {
     let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&config.to_string()));
     assert!(out.status.success(), "creating {kind}: {}", String::from_utf8_lossy(&out.stderr));
     server.kubectl_ok(&["get", &format!("{}s", kind.to_lowercase()), name]);
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn create_configmap(server: &TestServer, name: &str, labels: &[&str]) -> std::process::Output {
@@ -322,12 +318,6 @@ fn gadget_crd(hooks: &WebhookServer, path: &str) -> Value {
         ]}})
 }
 
-fn get_json(server: &TestServer, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.extend(["-o", "json"]);
-    serde_json::from_str(&server.kubectl_ok(&all)).unwrap()
-}
-
 #[test]
 fn a_conversion_webhook_serves_each_version_converted() {
     let server = TestServer::start();
@@ -335,18 +325,12 @@ fn a_conversion_webhook_serves_each_version_converted() {
     let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&gadget_crd(&hooks, "/convert").to_string()));
     assert!(out.status.success(), "{}", stderr(&out));
     server.kubectl_ok(&["wait", "--for=condition=Established", "crd/gadgets.example.com"]);
-    let served = (0..100).any(|_| {
-        let ok = server.kubectl(&["get", "gadgets.v2.example.com"]).status.success();
-        if !ok {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        ok
-    });
+    let served = common::holds_within(10, || server.kubectl(&["get", "gadgets.v2.example.com"]).status.success());
     assert!(served);
     let v1 =
         json!({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": "old"}, "spec": {"replicas": 3}});
     server.kubectl_stdin(&["create", "-f", "-"], Some(&v1.to_string()));
-    let as_v2 = get_json(&server, &["get", "gadgets.v2.example.com", "old"]);
+    let as_v2 = server.get_json(&["gadgets.v2.example.com", "old"]);
     assert_eq!(as_v2["apiVersion"], "example.com/v2");
     assert_eq!(as_v2["spec"], json!({"count": 3}));
     assert_eq!(as_v2["metadata"]["labels"]["converted"], "v2", "labels may change in conversion");
@@ -356,9 +340,9 @@ fn a_conversion_webhook_serves_each_version_converted() {
         json!({"apiVersion": "example.com/v2", "kind": "Gadget", "metadata": {"name": "new"}, "spec": {"count": 5}});
     let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&v2.to_string()));
     assert!(out.status.success(), "{}", stderr(&out));
-    let as_v1 = get_json(&server, &["get", "gadgets.v1.example.com", "new"]);
+    let as_v1 = server.get_json(&["gadgets.v1.example.com", "new"]);
     assert_eq!(as_v1["spec"], json!({"replicas": 5}), "stored in v1 through the webhook");
-    let list = get_json(&server, &["get", "gadgets.v2.example.com"]);
+    let list = server.get_json(&["gadgets.v2.example.com"]);
     let counts: Vec<&Value> = list["items"].as_array().unwrap().iter().map(|g| &g["spec"]["count"]).collect();
     assert_eq!(counts, vec![&json!(5), &json!(3)]);
     let review = hooks.reviews("/convert").into_iter().next().unwrap();
@@ -375,12 +359,8 @@ fn a_failing_conversion_webhook_fails_reads_of_other_versions_only() {
     server.kubectl_ok(&["wait", "--for=condition=Established", "crd/gadgets.example.com"]);
     let v1 =
         json!({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": "g"}, "spec": {"replicas": 1}});
-    let created = (0..100).any(|_| {
-        let ok = server.kubectl_stdin(&["create", "-f", "-"], Some(&v1.to_string())).status.success();
-        if !ok {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        ok
+    let created = common::holds_within(10, || {
+        server.kubectl_stdin(&["create", "-f", "-"], Some(&v1.to_string())).status.success()
     });
     assert!(created, "the storage version needs no conversion");
     let out = server.kubectl(&["get", "gadgets.v2.example.com", "g"]);

@@ -6,7 +6,8 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
@@ -89,4 +90,62 @@ impl BenchServer {
     pub fn stop(&mut self) {
         self.child = None;
     }
+}
+
+/// Each operation's latency and the whole run's wall time.
+pub struct Stats {
+    pub latencies: Vec<Duration>,
+    pub elapsed: Duration,
+}
+
+impl Stats {
+    pub fn percentile(&self, p: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        sorted[((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1).min(sorted.len() - 1)]
+    }
+    pub fn rate(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64()
+    }
+    pub fn row(&self, name: &str) {
+        println!(
+            "{name:<28} {:>8} ops {:>10.0} ops/s   p50 {:>8.2} ms   p99 {:>8.2} ms",
+            self.latencies.len(),
+            self.rate(),
+            self.percentile(0.50).as_secs_f64() * 1e3,
+            self.percentile(0.99).as_secs_f64() * 1e3
+        );
+    }
+}
+
+/// Runs `op(i)` for each i of `range` with `concurrency` workers, timing each call.
+pub async fn run_with<F, Fut>(concurrency: usize, range: std::ops::Range<usize>, op: F) -> Stats
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(range.start));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (op, next, end) = (op.clone(), next.clone(), range.end);
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= end {
+                    return lat;
+                }
+                let t = Instant::now();
+                op(i).await;
+                lat.push(t.elapsed());
+            }
+        }));
+    }
+    let mut latencies = Vec::new();
+    for w in workers {
+        latencies.extend(w.await.unwrap());
+    }
+    Stats { latencies, elapsed: start.elapsed() }
 }

@@ -215,6 +215,34 @@ impl TestServer {
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
         kubectl_at_ok(&self.kubeconfig(), args)
     }
+
+    /// `kubectl get <args> -o json`, which must succeed, parsed.
+    pub fn get_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["get"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-o", "json"]);
+        serde_json::from_str(&self.kubectl_ok(&all)).unwrap()
+    }
+}
+
+/// What a command wrote to stderr.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Tries `check` every 100 ms until it holds, for at most `seconds`; whether it did (the
+/// synchronous `eventually`, for tests that drive kubectl).
+pub fn holds_within(seconds: u64, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Runs kubectl with `kubeconfig`, feeding it `stdin`.
