@@ -29,7 +29,7 @@ pub(crate) struct Target {
 }
 
 /// Resolves a webhook's client config for a call limited to `timeout`.
-pub(crate) async fn target(storage: &Storage, config: &Value, timeout: Duration) -> Result<Target, String> {
+pub(crate) fn target(storage: &Storage, config: &Value, timeout: Duration) -> Result<Target, String> {
     let query = format!("?timeout={}s", timeout.as_secs());
     if let Some(url) = config["url"].as_str() {
         let rest = url.strip_prefix("https://").ok_or_else(|| format!("webhook URL {url:?} is not https"))?;
@@ -51,14 +51,15 @@ pub(crate) async fn target(storage: &Storage, config: &Value, timeout: Duration)
     let path = service["path"].as_str().filter(|p| !p.is_empty()).unwrap_or("/");
     let host = format!("{name}.{namespace}.svc");
     let url = format!("https://{host}:{port}{path}{query}");
+    // From the watch cache as it stands, as upstream's resolver reads its informers: a
+    // consistent read would cost a store round trip on every call.
     let scope = storage.builtin::<core::Service>(Some(namespace.to_string()));
     let object = storage
-        .get(&scope, name)
-        .await
+        .cached(&scope, name)
         .map_err(|_| format!("Post {url:?}: service \"{namespace}/{name}\" not found"))?
         .parse();
     let endpoints = storage.builtin::<core::Endpoints>(Some(namespace.to_string()));
-    let endpoints = storage.get(&endpoints, name).await.ok().map(|e| e.parse());
+    let endpoints = storage.cached(&endpoints, name).ok().map(|e| e.parse());
     let (ip, target_port) = crate::rest::proxy::service_location(&object, endpoints.as_ref(), name, &port.to_string())
         .map_err(|e| format!("Post {url:?}: {}", e.message))?;
     Ok(Target {

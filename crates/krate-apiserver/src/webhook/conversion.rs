@@ -98,7 +98,7 @@ impl WebhookConversion {
             "request": {"uid": uid, "desiredAPIVersion": desired, "objects": [obj]},
         });
         let call = async {
-            let target = client::target(&server.storage, &self.client_config, TIMEOUT).await?;
+            let target = client::target(&server.storage, &self.client_config, TIMEOUT)?;
             let ca_bundle = self.client_config["caBundle"].as_str().unwrap_or_default();
             client::post(&target, ca_bundle, krate_api::protobuf::to_go_json(&review), TIMEOUT).await
         };

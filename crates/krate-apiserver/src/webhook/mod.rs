@@ -409,7 +409,7 @@ async fn call(
     });
     let timeout = hook.timeout();
     let sent = async {
-        let target = client::target(storage, &hook.spec["clientConfig"], timeout).await?;
+        let target = client::target(storage, &hook.spec["clientConfig"], timeout)?;
         let ca_bundle = hook.spec["clientConfig"]["caBundle"].as_str().unwrap_or_default();
         let body = client::post(&target, ca_bundle, krate_api::protobuf::to_go_json(&review), timeout).await?;
         Ok::<_, String>(body)
