@@ -317,7 +317,11 @@ async fn a_removed_node_loses_its_routes_and_cidr_and_reset_cleans_it() {
     let client = cluster.client().await;
     let nodes: Api<Node> = Api::all(client.clone());
     let cidr = nodes.get("node-2").await.unwrap().spec.unwrap().pod_cidr.unwrap();
-    assert!(routes_on(&cluster, 1).contains(&cidr), "{}", routes_on(&cluster, 1));
+    // node-1 routes to node-2's pods once its agent has seen node-2's Node.
+    eventually(30, "node-1's route to node-2's pods", || async {
+        routes_on(&cluster, 1).contains(&cidr).then_some(())
+    })
+    .await;
 
     // The machine of node-2 goes away: its agent stops, `krate reset` undoes it there.
     let pid = cluster.agent_pid(2);
