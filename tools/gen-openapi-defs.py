@@ -39,6 +39,7 @@ SERVED = [
     "io.k8s.api.flowcontrol.v1.",
     "io.k8s.api.admissionregistration.v1.",
     "io.k8s.apiextensions-apiserver.pkg.apis.apiextensions.v1.",
+    "io.k8s.kube-aggregator.pkg.apis.apiregistration.v1.",
     "io.k8s.apimachinery.pkg.",
 ]
 

@@ -13,6 +13,7 @@ use k8s_openapi::api::{
     node::v1 as node, policy::v1 as policy, rbac::v1 as rbac, scheduling::v1 as scheduling, storage::v1 as storage,
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiextensions;
+use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1 as apiregistration;
 use k8s_openapi::{ClusterResourceScope, NamespaceResourceScope, Resource};
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
@@ -347,6 +348,10 @@ impl Builder {
         self.0.short_names = names.iter().map(|s| s.to_string()).collect();
         self
     }
+    fn categories(mut self, categories: &[&str]) -> Self {
+        self.0.categories = categories.iter().map(|s| s.to_string()).collect();
+        self
+    }
     fn all(mut self) -> Self {
         self.0.categories = vec!["all".to_string()];
         self
@@ -654,6 +659,14 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .status_only()
             .status_metadata(&[])
             .strategy(&ResetStatusStrategy)
+            .0,
+        // apiregistration.k8s.io/v1: which server answers each group/version.
+        kind::<apiregistration::APIService>()
+            .categories(&["api-extensions"])
+            .printer(&printers::API_SERVICES)
+            .status_only()
+            .names(NameRule::PathSegment)
+            .strategy(&ApiServiceStrategy)
             .0,
         kind::<apiextensions::CustomResourceDefinition>()
             .short(&["crd", "crds"])

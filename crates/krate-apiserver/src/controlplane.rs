@@ -133,7 +133,7 @@ impl ApiServer {
 
     /// Creates `desired`, or rewrites the stored object's `fields` (and labels) where they
     /// differ.
-    async fn converge(&self, scope: Scope, desired: Value, fields: &[&str]) -> ApiResult<()> {
+    pub(crate) async fn converge(&self, scope: Scope, desired: Value, fields: &[&str]) -> ApiResult<()> {
         let name = krate_api::object::name(&desired).to_string();
         let current = match self.storage.get(&scope, &name).await {
             Ok(found) => found.parse(),

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 pub mod admission;
+pub mod aggregator;
 pub mod audit;
 pub mod auth;
 pub mod authz;
@@ -84,6 +85,9 @@ pub struct Settings {
     pub cluster_dns: Option<std::net::IpAddr>,
     /// The audit log (`--audit-policy-file`, `--audit-log-path`); None: no auditing.
     pub audit: Option<Arc<audit::Auditor>>,
+    /// The front proxy's certificates for extension API servers; None: requests to them
+    /// carry no client certificate and no authentication ConfigMap is published.
+    pub front_proxy: Option<aggregator::FrontProxy>,
 }
 
 impl Default for Settings {
@@ -104,6 +108,7 @@ impl Default for Settings {
             service_network: Default::default(),
             cluster_dns: None,
             audit: None,
+            front_proxy: None,
         }
     }
 }
@@ -118,6 +123,8 @@ pub struct ApiServer {
     pub tokens: rest::serviceaccounts::tokens::Tokens,
     /// Reserves the Services' cluster IPs and node ports.
     pub allocator: Arc<rest::services::Allocator>,
+    /// APIServices: which group/versions extension API servers answer.
+    pub aggregator: aggregator::Aggregator,
 }
 
 /// Namespaces every cluster starts with.
@@ -164,6 +171,7 @@ impl ApiServer {
             storage: Storage::new(store, cache, kinds, settings.admission.clone(), hooks),
             allocator,
             documents: Default::default(),
+            aggregator: Default::default(),
             tokens: rest::serviceaccounts::tokens::Tokens::new(&settings.service_account_key)?,
             settings,
             metrics: metrics::Metrics::new(),
@@ -179,6 +187,7 @@ impl ApiServer {
         }
         server.clone().start_control_plane_loops();
         crd::start(server.clone()).await;
+        aggregator::start(server.clone());
         server.clone().start_compactor();
         server.clone().start_event_expiry();
         Ok(server)

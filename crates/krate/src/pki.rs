@@ -101,17 +101,24 @@ impl Pki {
 
     /// Loads the CA from `dir`, creating it on first use.
     pub fn load_or_create(dir: &Path) -> Result<Self> {
+        Self::load_or_create_named(dir, "ca", "krate-ca")
+    }
+
+    /// The CA stored as `<file>.crt`/`<file>.key` in `dir`, created (as `common_name`) on
+    /// first use.
+    fn load_or_create_named(dir: &Path, file: &str, common_name: &str) -> Result<Self> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
+        let (cert_path, key_path) = (dir.join(format!("{file}.crt")), dir.join(format!("{file}.key")));
         if cert_path.exists() && key_path.exists() {
             let ca_cert_pem = fs::read_to_string(&cert_path)?;
-            let ca_key = KeyPair::from_pem(&fs::read_to_string(&key_path)?).context("reading the CA key")?;
+            let ca_key = KeyPair::from_pem(&fs::read_to_string(&key_path)?)
+                .with_context(|| format!("reading {}", key_path.display()))?;
             return Ok(Self { dir: dir.to_path_buf(), ca_cert_pem, ca_key });
         }
         let ca_key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, "krate-ca");
+        params.distinguished_name.push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages =
             vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
@@ -120,6 +127,20 @@ impl Pki {
         write_private(&key_path, &ca_key.serialize_pem())?;
         fs::write(&cert_path, cert.pem())?;
         Ok(Self { dir: dir.to_path_buf(), ca_cert_pem: cert.pem(), ca_key })
+    }
+
+    /// The front proxy's identity for extension API servers (`front-proxy-ca` and
+    /// `front-proxy-client`, upstream's names), a CA of its own so that no other client
+    /// certificate of the cluster can speak for users to them.
+    pub fn front_proxy(&self) -> Result<krate_apiserver::aggregator::FrontProxy> {
+        let ca = Self::load_or_create_named(&self.dir, "front-proxy-ca", "front-proxy-ca")?;
+        let client = ca.client_certificate("front-proxy-client", "front-proxy-client", &[])?;
+        Ok(krate_apiserver::aggregator::FrontProxy {
+            client_cert_pem: client.cert_pem,
+            client_key_pem: client.key_pem,
+            ca_pem: ca.ca_cert_pem,
+            client_ca_pem: self.ca_bundle_pem(),
+        })
     }
 
     fn issue(&self, common_name: &str, organizations: &[&str], sans: &[String], server: bool) -> Result<Leaf> {

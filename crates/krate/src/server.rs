@@ -221,6 +221,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         service_account_key: pki.service_account_key()?,
         authorization: args.authorization_mode.0.clone(),
         audit: auditor(&args)?,
+        front_proxy: Some(pki.front_proxy()?),
         service_network,
         cluster_dns,
         node_registration_allow: args

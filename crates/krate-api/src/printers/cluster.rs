@@ -266,3 +266,22 @@ pub const WEBHOOK_CONFIGURATIONS: Printer = Printer {
     columns: &[NAME, integer("Webhooks", 0), AGE],
     cells: |obj| vec![name(obj), json!(count(obj, &["webhooks"])), json!(age(obj))],
 };
+
+/// APIServices: who serves the group/version (`Local`, or the Service), and the
+/// Available condition with its reason when not True, as kube-aggregator prints them.
+pub const API_SERVICES: Printer = Printer {
+    columns: &[NAME, string("Service", 0), string("Available", 0), AGE],
+    cells: |obj| {
+        let service = match get(obj, &["spec", "service"]).filter(|s| s.is_object()) {
+            Some(svc) => format!("{}/{}", s(svc, &["namespace"]), s(svc, &["name"])),
+            None => "Local".to_string(),
+        };
+        let conditions = get(obj, &["status", "conditions"]).and_then(Value::as_array).into_iter().flatten();
+        let available = match conditions.into_iter().find(|c| get_str(c, &["type"]) == Some("Available")) {
+            Some(c) if s(c, &["status"]) == "True" || s(c, &["reason"]).is_empty() => s(c, &["status"]).to_string(),
+            Some(c) => format!("{} ({})", s(c, &["status"]), s(c, &["reason"])),
+            None => "Unknown".to_string(),
+        };
+        vec![name(obj), json!(service), json!(available), json!(age(obj))]
+    },
+};

@@ -8,6 +8,7 @@ use crate::error::FieldError;
 use crate::object::{default, get, get_str};
 
 mod admissionregistration;
+mod apiregistration;
 mod pod;
 mod services;
 mod workloads;
@@ -16,6 +17,7 @@ pub use admissionregistration::{
     MutatingAdmissionPolicyBindingStrategy, MutatingAdmissionPolicyStrategy, ValidatingAdmissionPolicyBindingStrategy,
     ValidatingAdmissionPolicyStrategy, MUTATING_WEBHOOKS, POLICY_VARIABLES, VALIDATING_WEBHOOKS,
 };
+pub use apiregistration::{local_available_condition, ApiServiceStrategy};
 pub use pod::{default_pod_spec, qos_class, validate_pod_spec, PodStrategy, PodTemplateStrategy};
 pub use services::{
     needs_cluster_ip, needs_health_check_node_port, needs_node_ports, EndpointSliceStrategy, EndpointsStrategy,

@@ -1,8 +1,12 @@
-//! Legacy discovery documents (`/api`, `/apis`, `/apis/{group}`, `/api/v1`, ...).
+//! Legacy discovery documents (`/api`, `/apis`, `/apis/{group}`, `/api/v1`, ...) and
+//! aggregated discovery, each with the group/versions of remote APIServices after the
+//! kinds table's (`crate::aggregator`).
 
 use krate_api::kinds::Registry;
 use krate_api::{ApiError, ApiResult, KindInfo};
 use serde_json::{json, Value};
+
+use crate::aggregator::Remote;
 
 pub fn legacy_root(advertise_address: &str) -> Value {
     json!({
@@ -18,15 +22,35 @@ fn group_json(name: &str, versions: &[String]) -> Value {
     json!({"name": name, "versions": versions, "preferredVersion": versions[0]})
 }
 
-pub fn group_list(kinds: &Registry) -> Value {
+/// Remote groups and versions, best first (`Aggregator::remote_groups`).
+pub type RemoteGroups = [(String, Vec<String>)];
+
+/// Every named group with its versions: the kinds table's, then remote ones (a remote
+/// version of a local group comes after the local versions).
+fn all_groups(kinds: &Registry, remote: &RemoteGroups) -> Vec<(String, Vec<String>)> {
+    let mut groups: Vec<(String, Vec<String>)> =
+        kinds.groups().iter().filter(|g| !g.name.is_empty()).map(|g| (g.name.clone(), g.versions.clone())).collect();
+    for (name, versions) in remote {
+        match groups.iter_mut().find(|(g, _)| g == name) {
+            Some((_, local)) => {
+                local.extend(versions.iter().filter(|v| !local.contains(v)).cloned().collect::<Vec<_>>())
+            }
+            None => groups.push((name.clone(), versions.clone())),
+        }
+    }
+    groups
+}
+
+pub fn group_list(kinds: &Registry, remote: &RemoteGroups) -> Value {
     let groups: Vec<Value> =
-        kinds.groups().iter().filter(|g| !g.name.is_empty()).map(|g| group_json(&g.name, &g.versions)).collect();
+        all_groups(kinds, remote).iter().map(|(name, versions)| group_json(name, versions)).collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
-pub fn group(kinds: &Registry, name: &str) -> ApiResult<Value> {
-    let g = kinds.group(name).filter(|g| !g.name.is_empty()).ok_or_else(not_found)?;
-    let mut v = group_json(&g.name, &g.versions);
+pub fn group(kinds: &Registry, remote: &RemoteGroups, name: &str) -> ApiResult<Value> {
+    let groups = all_groups(kinds, remote);
+    let (name, versions) = groups.iter().find(|(g, _)| g == name).ok_or_else(not_found)?;
+    let mut v = group_json(name, versions);
     v["kind"] = json!("APIGroup");
     v["apiVersion"] = json!("v1");
     Ok(v)
@@ -143,9 +167,44 @@ fn resource_discovery(k: &KindInfo) -> Value {
     r
 }
 
-/// `APIGroupDiscoveryList` for `/api` (core) or `/apis` (every named group).
-pub fn aggregated(kinds: &Registry, core: bool, api_version: &str) -> Value {
-    let items: Vec<Value> = kinds
+/// A remote group/version's resources (an APIResourceList's) in aggregated discovery's
+/// form: subresources (`parent/sub`) under their parent.
+fn remote_discovery(remote: &Remote) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    for r in &remote.resources {
+        let name = r["name"].as_str().unwrap_or_default();
+        let kind = json!({
+            "group": r.get("group").cloned().unwrap_or(json!(remote.group)),
+            "version": r.get("version").cloned().unwrap_or(json!(remote.version)),
+            "kind": r["kind"],
+        });
+        if let Some((parent, sub)) = name.split_once('/') {
+            let subresource = json!({"subresource": sub, "responseKind": kind, "verbs": r["verbs"]});
+            if let Some(p) = out.iter_mut().find(|p| p["resource"] == parent) {
+                p["subresources"]
+                    .as_array_mut()
+                    .map(|s| s.push(subresource.clone()))
+                    .unwrap_or_else(|| p["subresources"] = json!([subresource]));
+            }
+            continue;
+        }
+        let scope = if r["namespaced"].as_bool().unwrap_or(false) { "Namespaced" } else { "Cluster" };
+        let mut d = json!({"resource": name, "responseKind": kind, "scope": scope,
+            "singularResource": r["singularName"].as_str().unwrap_or_default(), "verbs": r["verbs"]});
+        for field in ["shortNames", "categories"] {
+            if r[field].as_array().is_some_and(|a| !a.is_empty()) {
+                d[field] = r[field].clone();
+            }
+        }
+        out.push(d);
+    }
+    out
+}
+
+/// `APIGroupDiscoveryList` for `/api` (core) or `/apis` (every named group, then the
+/// remote group/versions whose servers answered their last check).
+pub fn aggregated(kinds: &Registry, remotes: &[Remote], core: bool, api_version: &str) -> Value {
+    let mut items: Vec<Value> = kinds
         .groups()
         .iter()
         .filter(|g| g.name.is_empty() == core)
@@ -161,5 +220,13 @@ pub fn aggregated(kinds: &Registry, core: bool, api_version: &str) -> Value {
             json!({"metadata": {"name": g.name, "creationTimestamp": null}, "versions": versions})
         })
         .collect();
+    for remote in remotes.iter().filter(|_| !core) {
+        let version = json!({"version": remote.version, "resources": remote_discovery(remote), "freshness": "Current"});
+        match items.iter_mut().find(|i| i["metadata"]["name"] == remote.group.as_str()) {
+            Some(item) => item["versions"].as_array_mut().expect("versions").push(version),
+            None => items
+                .push(json!({"metadata": {"name": remote.group, "creationTimestamp": null}, "versions": [version]})),
+        }
+    }
     json!({"kind": "APIGroupDiscoveryList", "apiVersion": api_version, "metadata": {}, "items": items})
 }

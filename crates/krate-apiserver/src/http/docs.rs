@@ -1,5 +1,5 @@
-//! Generated documents (aggregated discovery, OpenAPI) cached per set of served kinds,
-//! with ETags so clients revalidate instead of refetching.
+//! Generated documents (aggregated discovery, OpenAPI) cached per set of served kinds
+//! and of remote group/versions, with ETags so clients revalidate instead of refetching.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -25,24 +25,27 @@ pub struct Documents {
 
 #[derive(Default)]
 struct Cached {
-    /// Generation of the registry the entries were built from.
-    registry: u64,
+    /// Generations of the registry and of the aggregator's remotes the entries were
+    /// built from.
+    identity: (u64, u64),
     entries: HashMap<String, Document>,
 }
 
 impl Documents {
-    /// The document `key`, built by `build` unless cached for this registry.
+    /// The document `key`, built by `build` unless cached for this registry and these
+    /// remotes (`remotes`: the aggregator's generation).
     pub fn get(
         &self,
         kinds: &Arc<Registry>,
+        remotes: u64,
         key: &str,
         build: impl FnOnce() -> ApiResult<Value>,
     ) -> ApiResult<Document> {
-        let identity = kinds.generation();
+        let identity = (kinds.generation(), remotes);
         {
             let mut cached = self.inner.lock().expect("documents lock");
-            if cached.registry != identity {
-                cached.registry = identity;
+            if cached.identity != identity {
+                cached.identity = identity;
                 cached.entries.clear();
             }
             if let Some(doc) = cached.entries.get(key) {
@@ -54,7 +57,7 @@ impl Documents {
         body.hash(&mut hasher);
         let doc = Document { etag: format!("{:016X}", hasher.finish()), body };
         let mut cached = self.inner.lock().expect("documents lock");
-        if cached.registry == identity {
+        if cached.identity == identity {
             cached.entries.insert(key.to_string(), doc.clone());
         }
         Ok(doc)

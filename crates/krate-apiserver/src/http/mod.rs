@@ -97,7 +97,14 @@ pub async fn handle(server: Arc<ApiServer>, user: User, req: Request<Body>) -> R
     let route = parse_path(&path);
     let (verb, resource) = metrics_labels(&method, &route, req.uri().query());
     // Proxied answers are the backend's, and watches stream: neither is re-indented.
-    let passed_through = matches!(&route, Route::Resource(r) if r.subresource.as_deref() == Some("proxy"));
+    let passed_through = match &route {
+        Route::Resource(r) if r.subresource.as_deref() == Some("proxy") => true,
+        // An extension API server's answers are its own.
+        Route::Resource(ResourcePath { group, version, .. }) | Route::GroupVersion { group, version } => {
+            server.aggregator.remote_for(&server.storage, group, version).is_some()
+        }
+        _ => false,
+    };
     let pretty = verb != "WATCH" && !passed_through && pretty_requested(&req);
     let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let protobuf_wanted = matches!(negotiate::negotiate(accept, true), Ok(Format::Protobuf));
@@ -329,22 +336,34 @@ async fn dispatch(
                     } else {
                         "apidiscovery.k8s.io/v2"
                     };
-                    let doc = server.documents.get(&kinds, &format!("discovery {core} {api_version}"), || {
-                        Ok(discovery::aggregated(&kinds, core, api_version))
+                    let key = format!("discovery {core} {api_version}");
+                    let doc = server.documents.get(&kinds, server.aggregator.generation(), &key, || {
+                        Ok(discovery::aggregated(&kinds, &server.aggregator.remotes(), core, api_version))
                     })?;
                     Ok(document_response(&doc, media, req.headers()))
                 }
                 None if core => Ok(json_response(200, &discovery::legacy_root(&server.settings.advertise_address))),
-                None => Ok(json_response(200, &discovery::group_list(&server.kinds()))),
+                None => {
+                    let remote = server.aggregator.remote_groups(&server.storage);
+                    Ok(json_response(200, &discovery::group_list(&server.kinds(), &remote)))
+                }
             }
         }
-        Route::Group(group) => discovery::group(&server.kinds(), &group).map(|v| json_response(200, &v)),
+        Route::Group(group) => {
+            let remote = server.aggregator.remote_groups(&server.storage);
+            discovery::group(&server.kinds(), &remote, &group).map(|v| json_response(200, &v))
+        }
         Route::GroupVersion { group, version } => {
-            discovery::resource_list(&server.kinds(), &group, &version).map(|v| json_response(200, &v))
+            match server.aggregator.remote_for(&server.storage, &group, &version) {
+                Some(api_service) => Ok(crate::aggregator::proxy::serve(server, &attrs.user, &api_service, req).await),
+                None => discovery::resource_list(&server.kinds(), &group, &version).map(|v| json_response(200, &v)),
+            }
         }
         Route::OpenApiV2 => {
             let kinds = server.kinds();
-            let doc = server.documents.get(&kinds, "openapi/v2", || Ok(openapi::v2(&kinds)))?;
+            let doc = server
+                .documents
+                .get(&kinds, server.aggregator.generation(), "openapi/v2", || Ok(openapi::v2(&kinds)))?;
             Ok(document_response(&doc, "application/json", req.headers()))
         }
         // Upstream serves both as application/json (the key set as jwk-set+json).
@@ -368,7 +387,10 @@ async fn dispatch(
             let doc = openapi_v3_document(server, &kinds, &group, &version)?;
             Ok(document_response(&doc, "application/json", req.headers()))
         }
-        Route::Resource(path) => resource_request(server, attrs, path, query, req).await,
+        Route::Resource(path) => match server.aggregator.remote_for(&server.storage, &path.group, &path.version) {
+            Some(api_service) => Ok(crate::aggregator::proxy::serve(server, &attrs.user, &api_service, req).await),
+            None => resource_request(server, attrs, path, query, req).await,
+        },
         Route::NotFound => Err(ApiError::no_such_path()),
     }
 }
@@ -379,9 +401,9 @@ fn openapi_v3_document(
     group: &str,
     version: &str,
 ) -> ApiResult<docs::Document> {
-    server
-        .documents
-        .get(kinds, &format!("openapi/v3/{group}/{version}"), || openapi::v3_group_version(kinds, group, version))
+    server.documents.get(kinds, server.aggregator.generation(), &format!("openapi/v3/{group}/{version}"), || {
+        openapi::v3_group_version(kinds, group, version)
+    })
 }
 
 /// A cached document, or 304 when the client already has this version of it.

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+pub mod extension;
 pub mod goclient;
+pub mod https;
 pub mod node;
 pub mod registry;
 pub mod webhook;

@@ -16,13 +16,13 @@
 //!   /convert-fail  a ConversionReview refused (result Failure, "cannot convert")
 //! Every review received is kept for the test to inspect.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use serde_json::{json, Value};
+
+use super::https::HttpsServer;
 
 pub struct WebhookServer {
     pub port: u16,
@@ -33,38 +33,19 @@ pub struct WebhookServer {
 
 impl WebhookServer {
     pub fn start() -> Self {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "webhook-test-ca");
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert.pem(), &ca_key).unwrap();
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        let chain = vec![cert.der().clone()];
-        let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key_der)
-            .unwrap();
-        let config = Arc::new(config);
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
         let reviews: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
         let calls = Arc::new(AtomicUsize::new(0));
         let kept = reviews.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let (config, kept, calls) = (config.clone(), kept.clone(), calls.clone());
-                std::thread::spawn(move || serve(stream, config, kept, calls));
-            }
-        });
-        let ca_bundle = base64::engine::general_purpose::STANDARD.encode(ca_cert.pem());
-        Self { port, ca_bundle, reviews }
+        let server = HttpsServer::start(
+            &["127.0.0.1"],
+            None,
+            Arc::new(move |request| {
+                let review: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+                kept.lock().unwrap().push((request.path.clone(), review.clone()));
+                (200, "application/json", answer(&request.path, &review, calls.fetch_add(1, Ordering::SeqCst) + 1))
+            }),
+        );
+        Self { port: server.port, ca_bundle: server.ca_bundle, reviews }
     }
 
     /// The URL of one of the paths above.
@@ -75,55 +56,6 @@ impl WebhookServer {
     /// The reviews received on `path` so far.
     pub fn reviews(&self, path: &str) -> Vec<Value> {
         self.reviews.lock().unwrap().iter().filter(|(p, _)| p == path).map(|(_, r)| r.clone()).collect()
-    }
-}
-
-/// Serves the requests of one connection (HTTP/1.1 keep-alive) until the client closes it.
-fn serve(
-    stream: TcpStream,
-    config: Arc<rustls::ServerConfig>,
-    kept: Arc<Mutex<Vec<(String, Value)>>>,
-    calls: Arc<AtomicUsize>,
-) {
-    let Ok(connection) = rustls::ServerConnection::new(config) else { return };
-    let _ = stream.set_nodelay(true);
-    let mut tls = rustls::StreamOwned::new(connection, stream);
-    loop {
-        let mut reader = BufReader::new(&mut tls);
-        let mut line = String::new();
-        if reader.read_line(&mut line).map(|n| n == 0).unwrap_or(true) {
-            return;
-        }
-        let path = line.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/").to_string();
-        let (mut length, mut close) = (0, false);
-        loop {
-            let mut header = String::new();
-            if reader.read_line(&mut header).map(|n| n == 0).unwrap_or(true) || header == "\r\n" {
-                break;
-            }
-            let lower = header.to_ascii_lowercase();
-            if let Some(v) = lower.strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap_or(0);
-            }
-            close |= lower.starts_with("connection:") && lower.contains("close");
-        }
-        let mut body = vec![0; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        // The reader holds no bytes of a next request: the API server's client sends
-        // one request at a time on a connection.
-        drop(reader);
-        let review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        kept.lock().unwrap().push((path.clone(), review.clone()));
-        let answer = answer(&path, &review, calls.fetch_add(1, Ordering::SeqCst) + 1);
-        let text = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
-            answer.len()
-        );
-        if tls.write_all(text.as_bytes()).and_then(|_| tls.flush()).is_err() || close {
-            return;
-        }
     }
 }
 

@@ -201,7 +201,7 @@ pub(crate) fn service_location(
 
 /// `headers` without the hop-by-hop ones (and those a `Connection` header names) and the
 /// client's credentials.
-fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
+pub(crate) fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
     let named_by_connection: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
