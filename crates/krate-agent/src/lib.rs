@@ -24,6 +24,7 @@ pub mod pods;
 pub mod pressure;
 pub mod server;
 pub mod shutdown;
+pub mod stats;
 pub mod streaming;
 pub mod testimages;
 
@@ -172,9 +173,9 @@ pub async fn run(clients: Clients, config: AgentConfig) -> Result<()> {
             config.node.ip,
         ));
         let addr = std::net::SocketAddr::new(config.node.ip, config.node.kubelet_port);
-        let api_cri = cri.clone();
+        let (api_cri, node_name) = (cri.clone(), config.node.name.clone());
         tokio::spawn(async move {
-            if let Err(e) = server::serve(addr, tls, api_cri).await {
+            if let Err(e) = server::serve(addr, tls, api_cri, &node_name).await {
                 tracing::error!(error = %format!("{e:#}"), "the agent API stopped; kubectl logs will not reach this node");
             }
         });

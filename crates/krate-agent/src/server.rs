@@ -1,8 +1,9 @@
 //! The agent's HTTPS API, on upstream's kubelet port (10250): what the API server
 //! proxies to for `kubectl logs` (`/containerLogs/{namespace}/{pod}/{container}`),
 //! `exec`/`attach` (`/exec|attach/{namespace}/{pod}/{container}`) and `port-forward`
-//! (`/portForward/{namespace}/{pod}`), plus `/healthz`. Clients must present a
-//! certificate signed by the cluster CA.
+//! (`/portForward/{namespace}/{pod}`), resource usage for metrics pipelines
+//! (`/metrics/resource`, `/stats/summary`, see `stats.rs`), plus `/healthz`. Clients
+//! must present a certificate signed by the cluster CA.
 //!
 //! The serving certificate comes from the cluster (`kubernetes.io/kubelet-serving`, as
 //! a kubelet with `serverTLSBootstrap`): the agent asks for one naming the node and its
@@ -27,7 +28,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use crate::cri::{api, Cri};
 use crate::logs::{self, LogOptions};
 use crate::pods::spec;
-use crate::streaming;
+use crate::{stats, streaming};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -151,20 +152,29 @@ pub fn tls_config(
     Ok((Arc::new(config), serving))
 }
 
+/// What every request of the agent's API may use.
+#[derive(Clone)]
+struct Shared {
+    cri: Cri,
+    node: Arc<str>,
+    rates: Arc<stats::Rates>,
+}
+
 /// Serves until the process stops.
-pub async fn serve(addr: SocketAddr, tls: Arc<rustls::ServerConfig>, cri: Cri) -> Result<()> {
+pub async fn serve(addr: SocketAddr, tls: Arc<rustls::ServerConfig>, cri: Cri, node: &str) -> Result<()> {
+    let context = Shared { cri, node: node.into(), rates: Default::default() };
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("listening on {addr} for the agent API (is another agent running? pick another --kubelet-port)")
     })?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let (tcp, _) = listener.accept().await?;
-        let (acceptor, cri) = (acceptor.clone(), cri.clone());
+        let (acceptor, context) = (acceptor.clone(), context.clone());
         tokio::spawn(async move {
             let Ok(stream) = acceptor.accept(tcp).await else { return };
             let service = hyper::service::service_fn(move |req| {
-                let cri = cri.clone();
-                async move { Ok::<_, Infallible>(handle(req, cri).await) }
+                let context = context.clone();
+                async move { Ok::<_, Infallible>(handle(req, context).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -181,7 +191,8 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
     r
 }
 
-async fn handle(req: Request<Incoming>, cri: Cri) -> Response<Body> {
+async fn handle(req: Request<Incoming>, context: Shared) -> Response<Body> {
+    let cri = context.cri.clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or_default().to_string();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -193,6 +204,24 @@ async fn handle(req: Request<Incoming>, cri: Cri) -> Response<Body> {
     }
     match parts.as_slice() {
         ["healthz"] => text(StatusCode::OK, "ok"),
+        ["metrics", "resource"] => match stats::collect(&mut cri.clone()).await {
+            Ok(snapshot) => {
+                let mut r = text(StatusCode::OK, stats::render_resource_metrics(&snapshot));
+                let content_type = http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
+                r.headers_mut().insert(http::header::CONTENT_TYPE, content_type);
+                r
+            }
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        },
+        ["stats", "summary"] => match stats::collect(&mut cri.clone()).await {
+            Ok(snapshot) => {
+                let summary = context.rates.summary(&context.node, &snapshot);
+                let mut r = text(StatusCode::OK, summary.to_string());
+                r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                r
+            }
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        },
         ["containerLogs", ns, pod, container] => container_logs(cri, ns, pod, container, &query).await,
         _ => text(StatusCode::NOT_FOUND, "404 page not found"),
     }

@@ -100,6 +100,8 @@ pub enum SubresourceHandler {
     /// The review kinds (access, rules, token and self-subject reviews): answered, not
     /// stored.
     Review,
+    /// metrics.k8s.io's NodeMetrics and PodMetrics: usage scraped from the node agents.
+    ResourceMetrics,
     /// `certificatesigningrequests/approval`: writes the Approved and Denied conditions
     /// (the generic path serves it, as a status-like subresource).
     Approval,
@@ -307,6 +309,44 @@ const fn count(label: &'static str, path: &'static [&'static str]) -> Selectable
 
 struct Builder(KindInfo);
 
+/// A kind no k8s-openapi type describes, served by `handler` alone for `verbs`.
+fn handled_kind(
+    (group, version, kind, plural): (&'static str, &'static str, &str, &'static str),
+    namespaced: bool,
+    handler: SubresourceHandler,
+    verbs: &[&str],
+) -> KindInfo {
+    let info = KindInfo {
+        group: group.to_string(),
+        version: version.to_string(),
+        kind: kind.to_string(),
+        plural: plural.to_string(),
+        singular: kind.to_lowercase(),
+        namespaced,
+        short_names: vec![],
+        categories: vec![],
+        verbs: vec![],
+        status: false,
+        status_metadata: STATUS_WRITES_METADATA,
+        scale: None,
+        subresources: &[],
+        generation: false,
+        name_rule: NameRule::Subdomain,
+        storage: StorageResource { group, resource: plural },
+        conversion: None,
+        typed: None,
+        schema: None,
+        schema_json: None,
+        strategy: &strategy::Plain,
+        field_selectors: &[],
+        custom: None,
+        printer: &printers::DEFAULT,
+        returns_deleted_object: false,
+        handler: None,
+    };
+    Builder(info).handled_by(handler, verbs).0
+}
+
 fn kind<T>() -> Builder
 where
     T: Resource + DeserializeOwned + Serialize,
@@ -459,6 +499,10 @@ const JOB_FIELDS: &[SelectableField] = &[count("status.successful", &["status", 
 const CSR_FIELDS: &[SelectableField] = &[text("spec.signerName", &["spec", "signerName"])];
 const SERVICE_FIELDS: &[SelectableField] =
     &[text("spec.clusterIP", &["spec", "clusterIP"]), text("spec.type", &["spec", "type"])];
+
+/// metrics.k8s.io/v1beta1's kinds: group, version, kind, resource.
+pub const METRICS_NODES: (&str, &str, &str, &str) = ("metrics.k8s.io", "v1beta1", "NodeMetrics", "nodes");
+pub const METRICS_PODS: (&str, &str, &str, &str) = ("metrics.k8s.io", "v1beta1", "PodMetrics", "pods");
 
 /// Every built-in kind krate serves.
 pub fn builtin_kinds() -> Vec<KindInfo> {
@@ -696,6 +740,10 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
         kind::<authorization::SelfSubjectAccessReview>().handled_by(SubresourceHandler::Review, &["create"]).0,
         kind::<authorization::SelfSubjectRulesReview>().handled_by(SubresourceHandler::Review, &["create"]).0,
         kind::<authorization::SubjectAccessReview>().handled_by(SubresourceHandler::Review, &["create"]).0,
+        // metrics.k8s.io/v1beta1, as metrics-server serves it (a local APIService that a
+        // real metrics-server's may replace).
+        handled_kind(METRICS_NODES, false, SubresourceHandler::ResourceMetrics, &["get", "list"]),
+        handled_kind(METRICS_PODS, true, SubresourceHandler::ResourceMetrics, &["get", "list"]),
     ]
 }
 

@@ -125,6 +125,8 @@ pub struct ApiServer {
     pub allocator: Arc<rest::services::Allocator>,
     /// APIServices: which group/versions extension API servers answer.
     pub aggregator: aggregator::Aggregator,
+    /// The node agents' usage scraped for metrics.k8s.io.
+    pub resource_metrics: rest::resourcemetrics::Scraper,
 }
 
 /// Namespaces every cluster starts with.
@@ -172,6 +174,7 @@ impl ApiServer {
             allocator,
             documents: Default::default(),
             aggregator: Default::default(),
+            resource_metrics: Default::default(),
             tokens: rest::serviceaccounts::tokens::Tokens::new(&settings.service_account_key)?,
             settings,
             metrics: metrics::Metrics::new(),

@@ -376,8 +376,10 @@ async fn dispatch(
             let mut etags = HashMap::new();
             for g in kinds.groups() {
                 for v in &g.versions {
-                    let doc = openapi_v3_document(server, &kinds, &g.name, v)?;
-                    etags.insert(route::gv_path(&g.name, v), doc.etag);
+                    // A group/version without schemas (metrics.k8s.io) has no document.
+                    if let Ok(doc) = openapi_v3_document(server, &kinds, &g.name, v) {
+                        etags.insert(route::gv_path(&g.name, v), doc.etag);
+                    }
                 }
             }
             Ok(json_response(200, &openapi::v3_root(&kinds, |p| etags.get(p).cloned().unwrap_or_default())))

@@ -444,11 +444,17 @@ fn info() -> Value {
     json!({"title": "Kubernetes", "version": crate::version_info()["gitVersion"]})
 }
 
+/// Whether a kind has a schema to publish: metrics.k8s.io's kinds have none (upstream's
+/// OpenAPI documents do not describe them either; metrics-server publishes its own).
+fn has_schema(k: &KindInfo) -> bool {
+    k.schema.is_some() || k.schema_json.is_some()
+}
+
 /// `/openapi/v2`.
 pub fn v2(kinds: &Registry) -> Value {
     let custom = definitions(kinds.kinds().iter(), Style::V2);
     let mut paths = Map::new();
-    for k in kinds.kinds() {
+    for k in kinds.kinds().iter().filter(|k| has_schema(k)) {
         paths.extend(kind_paths(Style::V2, k));
     }
     let mut defs: Map<String, Value> =
@@ -461,7 +467,7 @@ pub fn v2(kinds: &Registry) -> Value {
 pub fn v3_root(kinds: &Registry, hash: impl Fn(&str) -> String) -> Value {
     let mut paths = Map::new();
     for g in kinds.groups() {
-        for v in &g.versions {
+        for v in g.versions.iter().filter(|v| kinds.kinds_in(&g.name, v).any(|k| has_schema(k))) {
             let p = gv_path(&g.name, v);
             let url = format!("/openapi/v3/{p}?hash={}", hash(&p));
             paths.insert(p, json!({"serverRelativeURL": url}));
@@ -472,7 +478,7 @@ pub fn v3_root(kinds: &Registry, hash: impl Fn(&str) -> String) -> Value {
 
 /// `/openapi/v3/{api/v1 | apis/group/version}`.
 pub fn v3_group_version(kinds: &Registry, group: &str, version: &str) -> ApiResult<Value> {
-    let served: Vec<_> = kinds.kinds_in(group, version).collect();
+    let served: Vec<_> = kinds.kinds_in(group, version).filter(|k| has_schema(k)).collect();
     if served.is_empty() {
         return Err(ApiError::no_such_path());
     }

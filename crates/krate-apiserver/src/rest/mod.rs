@@ -31,6 +31,7 @@ mod namespaces;
 pub use certificates::CsrHooks;
 pub mod pods;
 pub(crate) mod proxy;
+pub mod resourcemetrics;
 mod reviews;
 pub mod serviceaccounts;
 pub mod services;
@@ -131,6 +132,7 @@ pub fn handler(declared: SubresourceHandler) -> &'static dyn Handler {
         H::Proxy => &proxy::Proxy,
         H::ComponentStatuses => &componentstatuses::ComponentStatuses,
         H::Review => &reviews::Review,
+        H::ResourceMetrics => &resourcemetrics::ResourceMetrics,
         // The generic path serves it (`http::target`); nothing routes it here.
         H::Approval | H::EphemeralContainers => &Unrouted,
     }
