@@ -10,6 +10,7 @@ pub mod deployment;
 pub mod disruption;
 pub mod endpoints;
 pub mod gc;
+pub mod hpa;
 pub mod job;
 pub mod namespace;
 pub mod nodeipam;
@@ -184,6 +185,7 @@ pub async fn run(clients: Clients, config: Config) -> anyhow::Result<()> {
         }),
         supervise("endpoints", c("endpoint-controller"), |e| endpoints::run(e, c("endpointslice-controller"), &pods)),
         supervise("disruption", c("disruption-controller"), |c| disruption::run(c, &pods)),
+        supervise("horizontal-pod-autoscaler", c("horizontal-pod-autoscaler"), |c| hpa::run(c, &pods)),
         supervise("resourcequota", c("resourcequota-controller"), |c| quota::run(c, &pods)),
         supervise("podgc", c("pod-garbage-collector"), |c| podgc::run(c, &pods, gc_threshold)),
         supervise("pvc-protection", c("pvc-protection-controller"), |c| protection::run_claims(c, &pods)),

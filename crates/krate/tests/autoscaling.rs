@@ -78,3 +78,56 @@ async fn kubectl_top_shows_what_real_containers_use() {
     let memory = metrics["containers"][0]["usage"]["memory"].as_str().unwrap();
     assert!(memory != "0" && memory != "0Ki", "a running shell uses some memory: {metrics}");
 }
+
+/// The Deployment's replicas as its status counts them.
+fn replicas(server: &TestServer, name: &str) -> i64 {
+    let out = server.kubectl(&["get", "deployment", name, "-o", "jsonpath={.status.replicas}"]);
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_autoscaler_scales_a_busy_deployment_up_and_an_idle_one_back_down() {
+    let registry = TestRegistry::start();
+    let server = server_with_agent(&[&registry], 1, &[]);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    // Each pod spins at its limit, 200m, twice its request: 200% of it, four times the
+    // autoscaler's 50% target, while MODE is burn.
+    let script = format!("if [ \"$MODE\" = burn ]; then {BURN}; else sleep 3600; fi");
+    let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "burner"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "burner"}},
+            "template": {"metadata": {"labels": {"app": "burner"}}, "spec": {"terminationGracePeriodSeconds": 0,
+                "containers": [{"name": "main", "image": registry.image("busybox"), "command": ["sh", "-c", script],
+                    "env": [{"name": "MODE", "value": "burn"}],
+                    "resources": {"requests": {"cpu": "100m"}, "limits": {"cpu": "200m"}}}]}}}});
+    let hpa = json!({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "burner"},
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "burner"},
+            "minReplicas": 1, "maxReplicas": 3,
+            "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 50}}}],
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": 20}}}});
+    for object in [deployment, hpa] {
+        let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&object.to_string()));
+        assert!(out.status.success(), "creating {}: {}", object["kind"], common::stderr(&out));
+    }
+    let scaled_up = holds_within(150, || replicas(&server, "burner") == 3);
+    let described = server.kubectl_ok(&["describe", "hpa", "burner"]);
+    assert!(scaled_up, "the busy deployment was never scaled to its maximum:\n{described}");
+    assert!(
+        described.contains("New size: 3; reason: cpu resource utilization (percentage of request) above target"),
+        "{described}"
+    );
+    let status = server.get_json(&["hpa", "burner"])["status"].clone();
+    let conditions = status["conditions"].as_array().cloned().unwrap_or_default();
+    let active =
+        conditions.iter().find(|c| c["type"] == "ScalingActive").cloned().unwrap_or_else(|| panic!("{status}"));
+    assert_eq!(active["reason"], "ValidMetricFound", "{status}");
+    let utilization = status["currentMetrics"][0]["resource"]["current"]["averageUtilization"].as_i64().unwrap_or(0);
+    assert!(utilization > 100, "pods spinning at twice their request read {utilization}%: {status}");
+
+    // The load stops (new pods only sleep): after the 20 s window, back to one.
+    server.kubectl_ok(&["set", "env", "deployment/burner", "MODE=idle"]);
+    let scaled_down = holds_within(180, || replicas(&server, "burner") == 1);
+    let described = server.kubectl_ok(&["describe", "hpa", "burner"]);
+    assert!(scaled_down, "the idle deployment was never scaled back down:\n{described}");
+    assert!(described.contains("New size: 1; reason: All metrics below target"), "{described}");
+}
