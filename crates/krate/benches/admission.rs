@@ -13,6 +13,9 @@
 
 mod common;
 
+#[path = "../tests/common/https.rs"]
+#[allow(dead_code)]
+mod https;
 #[path = "../tests/common/webhook.rs"]
 mod webhook;
 

@@ -374,3 +374,49 @@ fn a_failing_conversion_webhook_fails_reads_of_other_versions_only() {
     server.kubectl_ok(&["get", "gadgets.v1.example.com", "g"]);
     server.kubectl_ok(&["delete", "crd", "gadgets.example.com"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_in_a_pod_behind_a_service_refuse_and_mutate() {
+    use common::node::{listen_in_pod, running_pods, server_with_agent, wait_node_ready};
+    let registry = common::registry::TestRegistry::start();
+    let server = server_with_agent(&[&registry], 1, &[]);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "webhook", "labels": {"app": "webhook"}},
+        "spec": {"containers": [{"name": "main", "image": registry.image("busybox"), "command": ["sleep", "3600"]}],
+            "terminationGracePeriodSeconds": 0}});
+    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&pod.to_string()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client.clone(), "default");
+    running_pods(&pods, "app=webhook", 1).await;
+    // The server answers on the pod's IP, port 8443, as `webhook.default.svc`.
+    let hooks = WebhookServer::start_on(listen_in_pod(&server, "webhook", 8443), &["webhook.default.svc"]);
+    let service = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "webhook"},
+        "spec": {"selector": {"app": "webhook"}, "ports": [{"port": 443, "targetPort": 8443}]}});
+    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&service.to_string()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        common::holds_within(30, || server.kubectl_ok(&["get", "endpoints", "webhook"]).contains(":8443")),
+        "the Service never got the pod as its endpoint"
+    );
+    let through_service = |path: &str| json!({"service": {"namespace": "default", "name": "webhook", "path": path}, "caBundle": hooks.ca_bundle});
+    let mut deny = webhook("deny.krate.test", "", "", &["configmaps"], json!({}));
+    deny["clientConfig"] = through_service("/deny");
+    configure(&server, "ValidatingWebhookConfiguration", "deny", vec![deny]);
+    let mut mutate = webhook("mutate.krate.test", "", "", &["configmaps"], json!({}));
+    mutate["clientConfig"] = through_service("/mutate");
+    configure(&server, "MutatingWebhookConfiguration", "mutate", vec![mutate]);
+
+    let out = create_configmap(&server, "refused", &["deny=true"]);
+    assert!(
+        stderr(&out).contains(
+            "admission webhook \"deny.krate.test\" denied the request: the object carries the label deny=true"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    assert!(create_configmap(&server, "accepted", &[]).status.success());
+    let labels = server.get_json(&["configmap", "accepted"])["metadata"]["labels"].clone();
+    assert!(labels["mutated"].is_string(), "the mutating webhook's label is on the object: {labels}");
+    assert!(!hooks.reviews("/deny").is_empty() && !hooks.reviews("/mutate").is_empty());
+}

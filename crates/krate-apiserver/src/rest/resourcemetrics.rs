@@ -110,7 +110,7 @@ fn rate(now: &Point, before: &Point) -> Option<(f64, Duration)> {
 fn usage(cores: f64, memory_bytes: f64) -> Value {
     let nanocores = (cores * 1e9).round() as u64;
     let bytes = memory_bytes as u64;
-    let memory = if bytes % 1024 == 0 { format!("{}Ki", bytes / 1024) } else { bytes.to_string() };
+    let memory = if bytes.is_multiple_of(1024) { format!("{}Ki", bytes / 1024) } else { bytes.to_string() };
     json!({"cpu": format!("{nanocores}n"), "memory": memory})
 }
 

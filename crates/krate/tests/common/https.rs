@@ -42,9 +42,14 @@ pub struct HttpsServer {
 }
 
 impl HttpsServer {
-    /// Serves `handler` with a certificate for `names` (DNS names or IP addresses),
-    /// requiring client certificates signed by `client_ca` (PEM) when given.
+    /// Serves `handler` on 127.0.0.1 with a certificate for `names` (DNS names or IP
+    /// addresses), requiring client certificates signed by `client_ca` (PEM) when given.
     pub fn start(names: &[&str], client_ca: Option<&str>, handler: Handler) -> Self {
+        Self::start_on(TcpListener::bind("127.0.0.1:0").unwrap(), names, client_ca, handler)
+    }
+
+    /// `start` on a listener of the caller's (one in a pod's network namespace).
+    pub fn start_on(listener: TcpListener, names: &[&str], client_ca: Option<&str>, handler: Handler) -> Self {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -74,7 +79,6 @@ impl HttpsServer {
             None => builder.with_no_client_auth(),
         };
         let config = Arc::new(builder.with_single_cert(chain, key_der).unwrap());
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {

@@ -99,3 +99,40 @@ pub async fn running_pods(pods: &Api<Pod>, selector: &str, count: usize) -> Vec<
     })
     .await
 }
+
+/// A listener on `port` of every address of pod `pod`'s network namespace: a server of
+/// the test's own then answers on the pod's IP as a container of the pod would (a
+/// sidecar sharing its network), behind whatever Service selects the pod. The namespace
+/// is found through the pod's containerd task.
+pub fn listen_in_pod(server: &TestServer, pod: &str, port: u16) -> std::net::TcpListener {
+    let socket = server.data_dir().join("agent/containerd/containerd.sock");
+    let ctr = |args: &[&str]| {
+        let out = std::process::Command::new("ctr")
+            .arg("--address")
+            .arg(&socket)
+            .args(["--namespace", "k8s.io"])
+            .args(args)
+            .output()
+            .expect("run ctr");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let filter = format!("labels.\"io.kubernetes.pod.name\"=={pod}");
+    let ids = ctr(&["containers", "list", "--quiet", &filter]);
+    let tasks = ctr(&["tasks", "list"]);
+    let pid = ids
+        .lines()
+        .find_map(|id| tasks.lines().find(|t| t.starts_with(id)).and_then(|t| t.split_whitespace().nth(1)))
+        .unwrap_or_else(|| panic!("no running task of pod {pod}: containers {ids:?}, tasks {tasks:?}"))
+        .to_string();
+    let netns = std::fs::File::open(format!("/proc/{pid}/ns/net")).expect("the pod's network namespace");
+    // Only this thread enters the namespace; the socket stays in it when the thread ends.
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a namespace file descriptor held open above.
+        let entered = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0, "entering the pod's network namespace: {}", std::io::Error::last_os_error());
+        std::net::TcpListener::bind(("0.0.0.0", port)).expect("listening in the pod")
+    })
+    .join()
+    .unwrap()
+}

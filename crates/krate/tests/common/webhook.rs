@@ -33,11 +33,17 @@ pub struct WebhookServer {
 
 impl WebhookServer {
     pub fn start() -> Self {
+        Self::start_on(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), &["127.0.0.1"])
+    }
+
+    /// Serves on `listener` (one in a pod's network namespace) as `names`.
+    pub fn start_on(listener: std::net::TcpListener, names: &[&str]) -> Self {
         let reviews: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
         let calls = Arc::new(AtomicUsize::new(0));
         let kept = reviews.clone();
-        let server = HttpsServer::start(
-            &["127.0.0.1"],
+        let server = HttpsServer::start_on(
+            listener,
+            names,
             None,
             Arc::new(move |request| {
                 let review: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
