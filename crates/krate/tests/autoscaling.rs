@@ -1,6 +1,7 @@
 //! Resource metrics and autoscaling with real containers: the node agent's usage
 //! figures reach `kubectl top` through krate's metrics.k8s.io, and the
-//! HorizontalPodAutoscaler acts on them.
+//! HorizontalPodAutoscaler acts on them. Each test has its own node number (bridge, pod
+//! CIDR, agent port), since the tests of a file run at once.
 
 mod common;
 
@@ -45,7 +46,7 @@ async fn kubectl_top_shows_what_real_containers_use() {
     let mut table = String::new();
     let settled = holds_within(90, || {
         let out = server.kubectl(&["top", "pods"]);
-        table = String::from_utf8_lossy(&out.stdout).into_owned();
+        table = format!("{}{}", String::from_utf8_lossy(&out.stdout), common::stderr(&out));
         millicores(&table, "burn").is_some_and(|m| m >= 700) && millicores(&table, "idle").is_some()
     });
     assert!(settled, "kubectl top pods never showed burn near one CPU:\n{table}");
@@ -88,7 +89,7 @@ fn replicas(server: &TestServer, name: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_autoscaler_scales_a_busy_deployment_up_and_an_idle_one_back_down() {
     let registry = TestRegistry::start();
-    let server = server_with_agent(&[&registry], 1, &[]);
+    let server = server_with_agent(&[&registry], 2, &[]);
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
     // Each pod spins at its limit, 200m, twice its request: 200% of it, four times the
