@@ -122,6 +122,22 @@ fn an_extension_api_server_answers_kubectl_through_krate() {
         stderr(&missing)
     );
 
+    // Its OpenAPI documents join krate's: its paths (only its group's) and definitions
+    // in v2, its own v3 document for its group/version, which kubectl explain reads.
+    let mut v2 = String::new();
+    assert!(
+        holds_within(30, || {
+            v2 = server.kubectl_ok(&["get", "--raw", "/openapi/v2"]);
+            v2.contains("com.example.wardle.v1alpha1.Flunder")
+        }),
+        "the extension server's definitions never reached /openapi/v2"
+    );
+    assert!(v2.contains("/apis/wardle.example.com/v1alpha1/namespaces/{namespace}/flunders"));
+    assert!(!v2.contains("/apis/other.example.com/v1/things"), "another group's path came along");
+    assert!(v2.contains("io.k8s.api.core.v1.Pod"), "krate's own definitions are still there");
+    let explained = server.kubectl_ok(&["explain", "flunders.spec"]);
+    assert!(explained.contains("What the flunder is.") && explained.contains("reference"), "{explained}");
+
     // krate spoke as the front proxy, for the user kubectl authenticated as.
     let seen = extension.seen();
     let listing = seen.iter().find(|s| s.path.ends_with("/flunders")).expect("the list reached the extension server");

@@ -93,6 +93,9 @@ async fn check(server: &ApiServer, api_service: &Value) -> (Condition, Option<Re
             return (("False", "FailedDiscoveryCheck", format!("failing or missing response from {url}: {e}")), None)
         }
     };
+    if server.aggregator.openapi_due(api_service["metadata"]["name"].as_str().unwrap_or_default()) {
+        fetch_openapi(server, api_service).await;
+    }
     let resources = serde_json::from_slice::<Value>(&body)
         .ok()
         .and_then(|list| list["resources"].as_array().cloned())
@@ -105,6 +108,27 @@ async fn check(server: &ApiServer, api_service: &Value) -> (Condition, Option<Re
         resources,
     };
     (("True", "Passed", "all checks passed".to_string()), Some(remote))
+}
+
+/// Fetches the remote server's OpenAPI v2 document; a server without one (or with one
+/// that does not parse) just adds nothing to krate's.
+async fn fetch_openapi(server: &ApiServer, api_service: &Value) {
+    let name = api_service["metadata"]["name"].as_str().unwrap_or_default();
+    let Ok(backend) = proxy::backend(server, api_service) else { return };
+    match proxy::get(&backend, "/openapi/v2", DISCOVERY_TIMEOUT).await {
+        Ok((status, body)) if status.is_success() => match serde_json::from_slice::<Value>(&body) {
+            Ok(spec) => server.aggregator.set_openapi(name, spec),
+            Err(e) => {
+                tracing::debug!(apiservice = %name, error = %e, "an extension server's OpenAPI document does not parse")
+            }
+        },
+        Ok((status, _)) => {
+            tracing::debug!(apiservice = %name, %status, "an extension server has no OpenAPI v2 document")
+        }
+        Err(e) => {
+            tracing::debug!(apiservice = %name, error = %e, "fetching an extension server's OpenAPI document failed")
+        }
+    }
 }
 
 /// Whether some subset has a ready address and a port named `port_name`.

@@ -68,12 +68,17 @@ pub struct Remote {
     pub resources: Vec<Value>,
 }
 
+/// How often a remote server's OpenAPI v2 document is fetched again.
+const OPENAPI_REFRESH: Duration = Duration::from_secs(60);
+
 /// The aggregator's state shared by routing and discovery.
 #[derive(Default)]
 pub struct Aggregator {
     memo: ConfigurationMemo,
     /// Remote group/versions with a discovery document, by APIService name.
     remotes: Mutex<BTreeMap<String, Remote>>,
+    /// Remote servers' OpenAPI v2 documents, by APIService name, with when fetched.
+    openapi: Mutex<BTreeMap<String, (std::time::Instant, Arc<Value>)>>,
     /// Bumped whenever `remotes` changes, so cached discovery documents are rebuilt.
     generation: AtomicU64,
 }
@@ -152,8 +157,47 @@ impl Aggregator {
         let mut remotes = self.remotes.lock().expect("aggregator lock");
         let before = remotes.len();
         remotes.retain(|name, _| names.contains(name));
+        self.openapi.lock().expect("aggregator lock").retain(|name, _| remotes.contains_key(name));
         if remotes.len() != before {
             self.generation.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `name`'s OpenAPI document is missing or due for a refresh.
+    fn openapi_due(&self, name: &str) -> bool {
+        let specs = self.openapi.lock().expect("aggregator lock");
+        specs.get(name).is_none_or(|(at, _)| at.elapsed() >= OPENAPI_REFRESH)
+    }
+
+    /// Keeps `name`'s OpenAPI v2 document (bumping the generation when it changed).
+    fn set_openapi(&self, name: &str, spec: Value) {
+        let mut specs = self.openapi.lock().expect("aggregator lock");
+        let changed = specs.get(name).is_none_or(|(_, old)| **old != spec);
+        specs.insert(name.to_string(), (std::time::Instant::now(), Arc::new(spec)));
+        if changed {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds the remote group/versions' paths and every definition they bring to an
+    /// OpenAPI v2 document (the kinds table's definitions win a name clash), as
+    /// upstream's aggregator merges the specs it downloads.
+    pub fn merge_openapi_v2(&self, doc: &mut Value) {
+        let remotes = self.remotes.lock().expect("aggregator lock").clone();
+        let specs = self.openapi.lock().expect("aggregator lock");
+        for (name, remote) in &remotes {
+            let Some((_, spec)) = specs.get(name) else { continue };
+            let prefix = format!("/apis/{}/{}", remote.group, remote.version);
+            if let (Some(paths), Some(theirs)) = (doc["paths"].as_object_mut(), spec["paths"].as_object()) {
+                for (path, item) in theirs.iter().filter(|(p, _)| p.starts_with(&prefix)) {
+                    paths.insert(path.clone(), item.clone());
+                }
+            }
+            if let (Some(defs), Some(theirs)) = (doc["definitions"].as_object_mut(), spec["definitions"].as_object()) {
+                for (def, schema) in theirs {
+                    defs.entry(def.clone()).or_insert_with(|| schema.clone());
+                }
+            }
         }
     }
 }

@@ -361,9 +361,11 @@ async fn dispatch(
         }
         Route::OpenApiV2 => {
             let kinds = server.kinds();
-            let doc = server
-                .documents
-                .get(&kinds, server.aggregator.generation(), "openapi/v2", || Ok(openapi::v2(&kinds)))?;
+            let doc = server.documents.get(&kinds, server.aggregator.generation(), "openapi/v2", || {
+                let mut doc = openapi::v2(&kinds);
+                server.aggregator.merge_openapi_v2(&mut doc);
+                Ok(doc)
+            })?;
             Ok(document_response(&doc, "application/json", req.headers()))
         }
         // Upstream serves both as application/json (the key set as jwk-set+json).
@@ -382,9 +384,19 @@ async fn dispatch(
                     }
                 }
             }
-            Ok(json_response(200, &openapi::v3_root(&kinds, |p| etags.get(p).cloned().unwrap_or_default())))
+            let mut root = openapi::v3_root(&kinds, |p| etags.get(p).cloned().unwrap_or_default());
+            // Remote group/versions: their servers answer for their documents.
+            for remote in server.aggregator.remotes() {
+                let path = route::gv_path(&remote.group, &remote.version);
+                let url = format!("/openapi/v3/{path}?hash={:016X}", server.aggregator.generation());
+                root["paths"][path] = json!({"serverRelativeURL": url});
+            }
+            Ok(json_response(200, &root))
         }
         Route::OpenApiV3 { group, version } => {
+            if let Some(api_service) = server.aggregator.remote_for(&server.storage, &group, &version) {
+                return Ok(crate::aggregator::proxy::serve(server, &attrs.user, &api_service, req).await);
+            }
             let kinds = server.kinds();
             let doc = openapi_v3_document(server, &kinds, &group, &version)?;
             Ok(document_response(&doc, "application/json", req.headers()))

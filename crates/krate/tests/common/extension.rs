@@ -74,13 +74,40 @@ fn flunder(namespace: &str) -> Value {
         "spec": {"reference": "blue"}})
 }
 
+/// The Flunder schema, as both OpenAPI versions carry it.
+fn flunder_schema() -> Value {
+    json!({"description": "A flunder of the tests' own.", "type": "object",
+        "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
+            "spec": {"type": "object", "description": "What the flunder is.",
+                "properties": {"reference": {"type": "string", "description": "What the flunder refers to."}}}},
+        "x-kubernetes-group-version-kind": [{"group": "wardle.example.com", "kind": "Flunder", "version": "v1alpha1"}]})
+}
+
 fn answer(request: &Request, user: &str) -> (u16, &'static str, String) {
+    let json = "application/json";
+    match request.path.as_str() {
+        "/openapi/v2" => {
+            let spec = json!({"swagger": "2.0", "info": {"title": "wardle", "version": "v1alpha1"},
+                "paths": {format!("/apis/{GROUP_VERSION}/namespaces/{{namespace}}/flunders"): {"get": {"description": "list flunders"}},
+                    "/apis/other.example.com/v1/things": {"get": {"description": "not this server's group"}}},
+                "definitions": {"com.example.wardle.v1alpha1.Flunder": flunder_schema()}});
+            return (200, json, spec.to_string());
+        }
+        "/openapi/v3/apis/wardle.example.com/v1alpha1" => {
+            let gvk = json!({"group": "wardle.example.com", "kind": "Flunder", "version": "v1alpha1"});
+            let list = json!({"get": {"description": "list flunders", "x-kubernetes-group-version-kind": gvk}});
+            let paths = json!({format!("/apis/{GROUP_VERSION}/namespaces/{{namespace}}/flunders"): list});
+            let spec = json!({"openapi": "3.0.0", "info": {"title": "wardle", "version": "v1alpha1"}, "paths": paths,
+                "components": {"schemas": {"com.example.wardle.v1alpha1.Flunder": flunder_schema()}}});
+            return (200, json, spec.to_string());
+        }
+        _ => {}
+    }
     let prefix = format!("/apis/{GROUP_VERSION}");
     let Some(rest) = request.path.strip_prefix(&prefix) else {
         return (404, "application/json", status(404, "NotFound", "the server could not find the requested resource"));
     };
     let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
-    let json = "application/json";
     match parts.as_slice() {
         [] => {
             let resources = json!([{"name": "flunders", "singularName": "flunder", "namespaced": true, "kind": "Flunder",
