@@ -144,20 +144,33 @@ pub async fn ensure(
     }
 }
 
-/// Imports krate's sandbox image unless the runtime already has it.
-pub async fn ensure_sandbox_image(cri: &mut Cri, socket: &Path, scratch: &Path) -> Result<()> {
-    if present(cri, SANDBOX_IMAGE).await?.is_some() {
-        return Ok(());
+/// krate's echo image: a small static HTTP server on $PORT (8080) answering `GET /x`
+/// with `<hostname> /x` (`testdata/test_server.rs`), on every node so that `krate soak`
+/// has pods to reach without a registry.
+pub const ECHO_IMAGE: &str = "krate.local/echo:1";
+
+/// Imports krate's sandbox and echo images unless the runtime already has them.
+pub async fn ensure_builtin_images(cri: &mut Cri, socket: &Path, scratch: &Path) -> Result<()> {
+    let program = |name: &str, data: &[u8]| {
+        oci::Image::build(
+            &[oci::Entry::File { path: name.into(), data: data.to_vec(), mode: 0o755 }],
+            &oci::RunConfig { entrypoint: vec![format!("/{name}")], ..Default::default() },
+        )
+    };
+    for (reference, name, data) in
+        [(SANDBOX_IMAGE, "pause", PAUSE), (ECHO_IMAGE, "echo", crate::testimages::test_server_program())]
+    {
+        if present(cri, reference).await?.is_some() {
+            continue;
+        }
+        std::fs::create_dir_all(scratch)?;
+        let archive = scratch.join(format!("{name}.oci.tar"));
+        program(name, data)?.write_archive(std::fs::File::create(&archive)?, reference)?;
+        crate::containerd::import_archive(socket, &archive)
+            .await
+            .with_context(|| format!("importing krate's image {reference}"))?;
+        let _ = std::fs::remove_file(&archive);
     }
-    let image = oci::Image::build(
-        &[oci::Entry::File { path: "pause".into(), data: PAUSE.to_vec(), mode: 0o755 }],
-        &oci::RunConfig { entrypoint: vec!["/pause".into()], ..Default::default() },
-    )?;
-    std::fs::create_dir_all(scratch)?;
-    let archive = scratch.join("pause.oci.tar");
-    image.write_archive(std::fs::File::create(&archive)?, SANDBOX_IMAGE)?;
-    crate::containerd::import_archive(socket, &archive).await.context("importing krate's sandbox image")?;
-    let _ = std::fs::remove_file(&archive);
     Ok(())
 }
 

@@ -152,7 +152,7 @@ pub async fn run(clients: Clients, config: AgentConfig) -> Result<()> {
     if config.runtime_endpoint.is_none() {
         let settings = config.containerd_settings();
         network.write_cni_config(&settings.cni_conf_dir, &config.dir.join("cni/ipam"))?;
-        images::ensure_sandbox_image(&mut cri, &socket, &config.dir.join("tmp")).await?;
+        images::ensure_builtin_images(&mut cri, &socket, &config.dir.join("tmp")).await?;
     }
     network.install_rules().await?;
     network.ensure_bridge().await?;

@@ -2,7 +2,8 @@
 //! proxies to for `kubectl logs` (`/containerLogs/{namespace}/{pod}/{container}`),
 //! `exec`/`attach` (`/exec|attach/{namespace}/{pod}/{container}`) and `port-forward`
 //! (`/portForward/{namespace}/{pod}`), resource usage for metrics pipelines
-//! (`/metrics/resource`, `/stats/summary`, see `stats.rs`), plus `/healthz`. Clients
+//! (`/metrics/resource`, `/stats/summary`, see `stats.rs`), the process's own metrics
+//! (`/metrics`: memory, descriptors, CPU), plus `/healthz`. Clients
 //! must present a certificate signed by the cluster CA.
 //!
 //! The serving certificate comes from the cluster (`kubernetes.io/kubelet-serving`, as
@@ -204,6 +205,12 @@ async fn handle(req: Request<Incoming>, context: Shared) -> Response<Body> {
     }
     match parts.as_slice() {
         ["healthz"] => text(StatusCode::OK, "ok"),
+        ["metrics"] => {
+            let mut r = text(StatusCode::OK, krate_client::process::render());
+            let content_type = http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
+            r.headers_mut().insert(http::header::CONTENT_TYPE, content_type);
+            r
+        }
         ["metrics", "resource"] => match stats::collect(&mut cri.clone()).await {
             Ok(snapshot) => {
                 let mut r = text(StatusCode::OK, stats::render_resource_metrics(&snapshot));

@@ -81,6 +81,7 @@ impl Metrics {
     pub fn render(&self, cache: &WatchCache) -> String {
         let mut out = String::new();
         let _ = encode_registry(&mut out, &self.registry);
+        out.push_str(&krate_client::process::render());
         // Point-in-time gauges read from the cache.
         out.push_str(
             "# HELP apiserver_storage_objects Objects stored, by resource.\n# TYPE apiserver_storage_objects gauge\n",

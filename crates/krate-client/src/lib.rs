@@ -7,6 +7,7 @@ pub mod events;
 pub mod expectations;
 pub mod informer;
 pub mod node_lease;
+pub mod process;
 pub mod selectors;
 pub mod tls;
 

@@ -16,6 +16,7 @@ mod leader;
 mod pki;
 mod secrets;
 mod server;
+mod soak;
 mod token;
 
 #[derive(Parser)]
@@ -132,6 +133,12 @@ enum Command {
     /// Ready or why not, and what this machine needs to run pods. A ✓/!/✗ line per check
     /// with what to do about each failure; exit code 1 if any failed.
     Doctor(doctor::DoctorArgs),
+    /// Soak the cluster: pin --pods-per-node pods to every Ready node and reach each
+    /// through the API server's pod proxy, round after round, printing a progress line
+    /// every --interval (requests, errors, latency, the API server's and agents' memory
+    /// and open files); exit 1 on any error or on memory growth past
+    /// --max-memory-growth. Runs until --duration is over, or for days until Ctrl-C.
+    Soak(soak::SoakArgs),
     /// Write the cluster's state to FILE while the server runs: every object (a
     /// consistent copy of the store), and the certificates and keys unless --no-keys.
     Backup(backup::BackupArgs),
@@ -249,7 +256,8 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     // doctor reports what fails in its own words; the client's logs would repeat it.
-    let default_log = if matches!(cli.command, Command::Doctor(_)) { "warn,kube_client=off" } else { "info" };
+    let default_log =
+        if matches!(cli.command, Command::Doctor(_) | Command::Soak(_)) { "warn,kube_client=off" } else { "info" };
     init_logging(&cli.log_format, default_log);
     let result =
         match cli.command {
@@ -274,6 +282,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Dev(command) => block_on(dev::run(command)),
             Command::Doctor(args) => block_on(doctor::run(args)),
+            Command::Soak(args) => block_on(soak::run(args)),
             Command::Backup(args) => backup::backup(args),
             Command::Restore(args) => backup::restore(args),
             Command::Version { output } => print_version(output.as_deref()),

@@ -336,3 +336,54 @@ fn doctor_checks_the_cluster_and_says_what_to_do_about_what_fails() {
     assert!(text.contains("✗ API server") && text.contains("what to do: start it (krate server)"), "{text}");
     assert!(text.contains("✓ store"), "{text}");
 }
+
+/// `krate soak` against `server` with `extra` arguments.
+fn soak(server: &TestServer, extra: &[&str]) -> std::process::Output {
+    let kubeconfig = server.kubeconfig();
+    let mut args =
+        vec!["soak", "--kubeconfig", kubeconfig.to_str().unwrap(), "--pods-per-node", "3", "--interval", "4s"];
+    args.extend_from_slice(extra);
+    Command::new(env!("CARGO_BIN_EXE_krate"))
+        .args(&args)
+        .env_remove("KRATE_CONFIG_FILE")
+        .output()
+        .expect("run krate soak")
+}
+
+#[test]
+fn a_soak_reaches_every_pod_through_the_proxy_and_reports_progress() {
+    let server = common::node::server_with_agent(&[], 1, &[]);
+    let _hollow = common::HollowNodes::start(&server, "hollow", 2, &[]);
+    assert!(
+        common::holds_within(90, || server.kubectl_ok(&["get", "nodes"]).matches(" Ready ").count() == 3),
+        "three Ready nodes: {}",
+        server.kubectl_ok(&["get", "nodes"])
+    );
+    let out = soak(&server, &["--duration", "14s"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}\n{}", common::stderr(&out));
+    assert!(stdout.contains("all 9 pods Ready"), "{stdout}");
+    assert!(
+        stdout.contains("soaking 9 pods (3 through the pod proxy, 6 on hollow nodes through GET), each every 1s"),
+        "{stdout}"
+    );
+    let progress: Vec<&str> = stdout.lines().filter(|l| l.starts_with('[')).collect();
+    assert!(progress.len() >= 3, "a line every 4 s for 14 s: {stdout}");
+    for line in &progress {
+        assert!(
+            line.contains(" errors 0 ") && line.contains("server rss ") && line.contains("agents (max of 1) rss "),
+            "{line}"
+        );
+    }
+    let after = progress.last().unwrap().split("requests ").nth(1).unwrap_or_default();
+    let requests: u64 = after.split_whitespace().next().unwrap_or_default().parse().unwrap_or(0);
+    assert!(requests >= 9 * 10, "every pod reached about once a second: {stdout}");
+    assert!(stdout.contains(", 0 errors; API server memory slope "), "{stdout}");
+    // The namespace goes at the end.
+    assert!(common::holds_within(60, || !server.kubectl_ok(&["get", "namespaces"]).contains("krate-soak")));
+
+    // Memory growth past the bound fails the run, with the reason.
+    let out = soak(&server, &["--duration", "5s", "--max-memory-growth=-100"]);
+    assert!(!out.status.success());
+    assert!(common::stderr(&out).contains("the API server's memory grew"), "{}", common::stderr(&out));
+}
