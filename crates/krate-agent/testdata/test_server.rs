@@ -9,11 +9,16 @@
 //!   GET /file/<path>       the content of a file (404 if it cannot be read)
 //!   GET /client            "<hostname> <client address>" (who connected, as seen here)
 //!   GET /stream/<seconds>  a line a tenth of a second, for that long
+//!   GET /time              this node's clock: milliseconds since the epoch
+//!   GET /fetch/<host>:<port>/<path>   GETs http://<host>:<port>/<path> from this pod and
+//!                          answers with its body (502 and the error when it fails); a
+//!                          name is resolved with an A query to resolv.conf's first
+//!                          nameserver (the program is static: no NSS)
 //! With EXIT_AFTER_SECONDS set, exits with EXIT_CODE (default 0) after that long.
 //! `test-server sleep <seconds>` just sleeps. SIGTERM exits at once (code 0).
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -97,6 +102,14 @@ fn answer(stream: &mut TcpStream, line: &str, keep: bool) -> bool {
             }
             return false;
         }
+        "/time" => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            (200, now.as_millis().to_string())
+        }
+        p if p.starts_with("/fetch/") => match fetch(&p[7..]) {
+            Ok(body) => (200, body),
+            Err(e) => (502, e),
+        },
         p if p.starts_with("/file/") => match std::fs::read_to_string(&p[5..]) {
             Ok(text) => (200, text),
             Err(e) => (404, e.to_string()),
@@ -105,6 +118,73 @@ fn answer(stream: &mut TcpStream, line: &str, keep: bool) -> bool {
     };
     reply(stream, code, &body, keep);
     true
+}
+
+/// The IPv4 address of `name` from the first nameserver of /etc/resolv.conf.
+fn resolve(name: &str) -> Result<Ipv4Addr, String> {
+    if let Ok(ip) = name.parse::<Ipv4Addr>() {
+        return Ok(ip);
+    }
+    let conf = std::fs::read_to_string("/etc/resolv.conf").map_err(|e| format!("reading /etc/resolv.conf: {e}"))?;
+    let server = conf
+        .lines()
+        .find_map(|l| l.strip_prefix("nameserver"))
+        .map(str::trim)
+        .ok_or("no nameserver in /etc/resolv.conf")?;
+    let mut query = vec![0x4b, 0x52, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.trim_end_matches('.').split('.') {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    socket.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+    socket.send_to(&query, (server, 53)).map_err(|e| format!("asking {server}: {e}"))?;
+    let mut answer = [0u8; 1500];
+    let n = socket.recv(&mut answer).map_err(|e| format!("no answer from {server} for {name}: {e}"))?;
+    let answer = &answer[..n];
+    if n < 12 || answer[3] & 0x0f != 0 {
+        return Err(format!("{server} answered {name} with rcode {}", answer.get(3).map_or(0, |b| b & 0x0f)));
+    }
+    // Skip the question, then take the first A record.
+    let mut at = 12;
+    while at < n && answer[at] != 0 {
+        at += answer[at] as usize + 1;
+    }
+    at += 5;
+    for _ in 0..u16::from_be_bytes([answer[6], answer[7]]) {
+        if at + 12 > n {
+            break;
+        }
+        at += if answer[at] & 0xc0 == 0xc0 { 2 } else { answer[at..].iter().position(|b| *b == 0).unwrap_or(0) + 1 };
+        let kind = u16::from_be_bytes([answer[at], answer[at + 1]]);
+        let length = u16::from_be_bytes([answer[at + 8], answer[at + 9]]) as usize;
+        at += 10;
+        if kind == 1 && length == 4 && at + 4 <= n {
+            return Ok(Ipv4Addr::new(answer[at], answer[at + 1], answer[at + 2], answer[at + 3]));
+        }
+        at += length;
+    }
+    Err(format!("{server} has no A record for {name}"))
+}
+
+/// GETs `target` (`host:port/path`) and returns the body.
+fn fetch(target: &str) -> Result<String, String> {
+    let (authority, path) = target.split_once('/').unwrap_or((target, ""));
+    let (host, port) = authority.rsplit_once(':').ok_or("fetch needs host:port")?;
+    let port: u16 = port.parse().map_err(|_| format!("bad port {port:?}"))?;
+    let ip = resolve(host)?;
+    let mut stream = TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(3))
+        .map_err(|e| format!("connecting to {ip}:{port}: {e}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    write!(stream, "GET /{path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(|e| format!("reading from {ip}:{port}: {e}"))?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or("no HTTP answer")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(format!("{ip}:{port} answered {}", head.lines().next().unwrap_or_default()));
+    }
+    Ok(body.to_string())
 }
 
 extern "C" {

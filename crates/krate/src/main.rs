@@ -130,8 +130,10 @@ enum Command {
     },
     /// Check that this cluster is healthy, or find out why not: the API server, the
     /// certificates and when they expire, the store (size, fsync latency), every node
-    /// Ready or why not, and what this machine needs to run pods. A ✓/!/✗ line per check
-    /// with what to do about each failure; exit code 1 if any failed.
+    /// Ready or why not, what this machine needs to run pods, and a live probe (a pod
+    /// on every node reaching the others' pods, a Service VIP and cluster DNS, and the
+    /// nodes' clocks). A ✓/!/✗ line per check with what to do about each failure; exit
+    /// code 1 if any failed.
     Doctor(doctor::DoctorArgs),
     /// Soak the cluster: pin --pods-per-node pods to every Ready node and reach each
     /// through the API server's pod proxy, round after round, printing a progress line

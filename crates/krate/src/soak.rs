@@ -5,8 +5,9 @@
 //! have no network, through a GET of the pod) and checks the answer. Every `--interval`
 //! it prints a progress line: requests, errors, latency percentiles, and the resident
 //! memory and open file descriptors of the API server and of the nodes' agents (from
-//! their `/metrics`). It ends with the API server's memory slope and exits non-zero on
-//! any error or when that memory grew by more than `--max-memory-growth` percent.
+//! their `/metrics`). It ends (at `--duration`, or on SIGINT or SIGTERM) with the API
+//! server's memory slope and exits non-zero on any error or when that memory grew by
+//! more than `--max-memory-growth` percent.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -324,7 +325,14 @@ pub async fn run(args: SoakArgs) -> Result<()> {
     };
     let mut memory: Vec<(f64, f64)> = Vec::new();
     let mut previous_requests = 0;
-    let interrupted = tokio::signal::ctrl_c();
+    // Ctrl-C or a plain `kill` ends the run with its summary and verdict.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let interrupted = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    };
     futures::pin_mut!(interrupted);
     loop {
         let wait = match deadline {

@@ -387,3 +387,26 @@ fn a_soak_reaches_every_pod_through_the_proxy_and_reports_progress() {
     assert!(!out.status.success());
     assert!(common::stderr(&out).contains("the API server's memory grew"), "{}", common::stderr(&out));
 }
+
+#[test]
+fn doctor_probes_the_network_from_a_pod_on_every_node() {
+    let server = common::node::server_with_agent(&[], 2, &[]);
+    assert!(
+        common::holds_within(90, || server.kubectl_ok(&["get", "nodes"]).contains(" Ready ")),
+        "the node never became Ready"
+    );
+    let (_, doc) = doctor(&server.data_dir());
+    for name in ["pod network", "Service VIP", "cluster DNS", "time skew"] {
+        assert_eq!(outcome_of(&doc, name).0, "ok", "{name}: {doc}");
+    }
+    // The probe's namespace goes.
+    assert!(common::holds_within(60, || !server.kubectl_ok(&["get", "namespaces"]).contains("krate-doctor")));
+
+    // Without the kube-dns Service, pods have no DNS: named, with what to do.
+    server.kubectl_ok(&["delete", "service", "kube-dns", "-n", "kube-system"]);
+    let (code, doc) = doctor(&server.data_dir());
+    let (outcome, fix) = outcome_of(&doc, "cluster DNS");
+    assert_eq!((code, outcome.as_str()), (1, "failed"), "{doc}");
+    assert!(fix.contains("kube-dns"), "{fix}");
+    assert_eq!(outcome_of(&doc, "pod network").0, "ok", "the rest still works: {doc}");
+}

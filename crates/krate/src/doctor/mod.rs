@@ -3,7 +3,10 @@
 //! what to do. Run on a server's machine: it reads the data directory (certificates,
 //! store) and this machine's kernel and runtime, and asks the API about the nodes.
 //!
-//! A failed check (✗) makes the exit code 1; a warning (!) does not.
+//! A failed check (✗) makes the exit code 1; a warning (!) does not. The live probe
+//! (`probe.rs`) runs pods to check the network as pods see it.
+
+mod probe;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,6 +28,13 @@ pub struct DoctorArgs {
     /// `json`: the checks as a JSON document.
     #[arg(long, short = 'o', value_parser = ["json"])]
     pub output: Option<String>,
+    /// Leave out the live probe (a pod on every node reaching the others, a Service's
+    /// cluster IP and its DNS name, and telling its node's time).
+    #[arg(long)]
+    pub no_probe: bool,
+    /// The cluster's DNS domain, for the live probe's DNS check.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -55,7 +65,10 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
     certificate_checks(&args.data_dir.join("pki"), &mut checks);
     store_checks(&args.data_dir.join("db"), &mut checks);
     if let Some(client) = client {
-        node_checks(client, &mut checks).await;
+        node_checks(client.clone(), &mut checks).await;
+        if !args.no_probe {
+            probe::probe_checks(client, &args.cluster_domain, &mut checks).await;
+        }
     }
     machine_checks(&mut checks);
     let failed = checks.iter().filter(|c| c.outcome == Outcome::Failed).count();
