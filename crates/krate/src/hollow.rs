@@ -26,6 +26,14 @@ pub const RUN_SECONDS_ANNOTATION: &str = "hollow.krate.io/run-seconds";
 
 const MANAGER: &str = "krate-hollow-node";
 
+/// The label every hollow node carries (`true`).
+pub const HOLLOW_LABEL: &str = "node.krate.io/hollow";
+
+/// Whether `node` is a hollow node: its pods have no containers and no network.
+pub fn is_hollow(node: &k8s_openapi::api::core::v1::Node) -> bool {
+    node.metadata.labels.as_ref().and_then(|l| l.get(HOLLOW_LABEL)).is_some_and(|v| v == "true")
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct HollowArgs {
     /// How many nodes to simulate.
@@ -66,7 +74,7 @@ impl Hollow {
             ("kubernetes.io/hostname".into(), name.into()),
             ("kubernetes.io/os".into(), "linux".into()),
             ("kubernetes.io/arch".into(), "amd64".into()),
-            ("node.krate.io/hollow".into(), "true".into()),
+            (HOLLOW_LABEL.into(), "true".into()),
         ]);
         for l in &self.args.labels {
             if let Some((k, v)) = l.split_once('=') {

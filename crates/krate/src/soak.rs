@@ -22,9 +22,6 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
-/// The label of hollow nodes (`krate hollow-nodes`), whose pods have no network.
-const HOLLOW: &str = "node.krate.io/hollow";
-
 #[derive(Args, Debug)]
 pub struct SoakArgs {
     /// The server's data directory (for its admin kubeconfig).
@@ -194,7 +191,7 @@ async fn place(client: &kube::Client, args: &SoakArgs) -> Result<Vec<Target>> {
             println!("skipping node {name}: not Ready");
             continue;
         }
-        let hollow = node.metadata.labels.as_ref().is_some_and(|l| l.get(HOLLOW).is_some_and(|v| v == "true"));
+        let hollow = crate::hollow::is_hollow(&node);
         for i in 0..args.pods_per_node {
             targets.push(Target { name: format!("soak-{name}-{i}"), node: name.clone(), hollow });
         }

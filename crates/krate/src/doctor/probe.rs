@@ -53,9 +53,7 @@ async fn deploy(client: &kube::Client, cluster_domain: &str) -> Result<Option<De
     let nodes = nodes.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items;
     let real_ready: Vec<String> = nodes
         .iter()
-        .filter(|n| {
-            !n.metadata.labels.as_ref().is_some_and(|l| l.get("node.krate.io/hollow").is_some_and(|v| v == "true"))
-        })
+        .filter(|n| !crate::hollow::is_hollow(n))
         .filter(|n| {
             let conditions = n.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
             conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
