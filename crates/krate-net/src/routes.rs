@@ -29,6 +29,11 @@ use crate::Cidr;
 
 /// The kernel's route protocol number marking krate's routes (`ip route show proto 75`).
 pub const ROUTE_PROTOCOL: &str = "75";
+/// The protocol of the routes `krate dev cluster` adds on its host to its nodes' pods:
+/// one of their own, so that an agent in the host's namespace (another cluster's, whose
+/// first sync removes the protocol-75 routes it does not want) never takes them for its
+/// stale ones, which would send the dev cluster's pod traffic to the default route.
+pub const DEV_ROUTE_PROTOCOL: &str = "76";
 /// The VXLAN device of a node.
 pub const VXLAN_DEVICE: &str = "krate.vxlan";
 /// What VXLAN adds to each packet (outer IPv4 20, UDP 8, VXLAN 8, inner Ethernet 14).

@@ -341,7 +341,7 @@ async fn start(args: &UpArgs, dir: &Path, subnet: krate_net::Cidr, dns: IpAddr, 
         let (Some(cidr), Some(ip)) = (node.spec.as_ref().and_then(|s| s.pod_cidr.clone()), internal_ip(node)) else {
             continue;
         };
-        sh("ip", &["route", "replace", &cidr, "via", &ip, "proto", krate_net::routes::ROUTE_PROTOCOL])?;
+        sh("ip", &["route", "replace", &cidr, "via", &ip, "proto", krate_net::routes::DEV_ROUTE_PROTOCOL])?;
         state.routes.push(cidr);
     }
     state.save(dir)?;
@@ -493,7 +493,10 @@ fn stop_and_remove(state: &State) -> Result<()> {
         stop(pid, Duration::from_secs(15));
     }
     for route in &state.routes {
-        let _ = sh("ip", &["route", "del", route, "proto", krate_net::routes::ROUTE_PROTOCOL]);
+        // Clusters made before the dev routes had a protocol of their own used krate's.
+        for protocol in [krate_net::routes::DEV_ROUTE_PROTOCOL, krate_net::routes::ROUTE_PROTOCOL] {
+            let _ = sh("ip", &["route", "del", route, "proto", protocol]);
+        }
     }
     if !state.bridge.is_empty() && sh("ip", &["link", "show", &state.bridge]).is_ok() {
         if let Err(e) = sh("ip", &["link", "del", &state.bridge]) {

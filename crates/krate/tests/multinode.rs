@@ -449,3 +449,20 @@ async fn network_policies_deny_allow_exact_paths_and_lift() {
     until_reach(&cluster, &stranger, &server, true, "policies removed").await;
     until_reach(&cluster, &client, &stranger, true, "policies removed").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_on_the_host_leaves_a_dev_clusters_routes_alone() {
+    let cluster = DevCluster::up(5, 1, &[]);
+    let cidr = cluster.kubectl_ok(&["get", "node", "node-1", "-o", "jsonpath={.spec.podCIDR}"]);
+    let host_route = || {
+        let out = Command::new("ip").args(["route", "show", cidr.trim()]).output().expect("ip route");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(host_route().contains("proto 76"), "the host routes the dev cluster's pods: {:?}", host_route());
+    // Another cluster's agent in the host's namespace removes the protocol-75 routes it
+    // does not want when it first syncs; the dev cluster's must survive that.
+    let other = node::server_with_agent(&[], 1, &[]);
+    let client = other.client().await;
+    node::wait_node_ready(&client, &other).await;
+    assert!(!host_route().is_empty(), "the other cluster's agent removed the dev cluster's route");
+}
