@@ -3,8 +3,10 @@
 //! housekeeping tick, each running container whose log has reached the size is rotated
 //! as upstream does: the file is renamed `<log>.<YYYYMMDD-HHMMSS>` (UTC), the runtime is
 //! asked to reopen its log (CRI ReopenContainerLog), and rotated files beyond
-//! max-files − 1 are removed, oldest first. `kubectl logs` reads the current file, as
-//! upstream. (Upstream also gzips the rotated files but the newest; these stay plain.)
+//! max-files − 1 are removed, oldest first. Rotated files but the newest are compressed
+//! to `<log>.<stamp>.gz`, as upstream's kubelet does (written to a `.tmp` first, so a
+//! crash leaves either the plain file or the whole archive). `kubectl logs` reads the
+//! current file, as upstream.
 
 use std::path::{Path, PathBuf};
 
@@ -49,6 +51,9 @@ impl LogRotation {
             if let Err(e) = remove_excess(&log, self.max_files) {
                 tracing::warn!(log = %log.display(), error = %e, "removing old rotated logs failed");
             }
+            if let Err(e) = compress_older(&log) {
+                tracing::warn!(log = %log.display(), error = %e, "compressing rotated logs failed");
+            }
         }
         Ok(rotated)
     }
@@ -70,16 +75,43 @@ impl LogRotation {
     }
 }
 
-/// Removes the oldest rotated files of `log` beyond `max_files - 1`.
-fn remove_excess(log: &Path, max_files: usize) -> std::io::Result<()> {
-    let (Some(dir), Some(name)) = (log.parent(), log.file_name().and_then(|n| n.to_str())) else { return Ok(()) };
+/// The rotated files of `log` (plain or compressed), oldest first.
+fn rotated_files(log: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let (Some(dir), Some(name)) = (log.parent(), log.file_name().and_then(|n| n.to_str())) else {
+        return Ok(Vec::new());
+    };
     let prefix = format!("{name}.");
     let mut rotated: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|path| path.file_name().and_then(|n| n.to_str()).is_some_and(|n| is_rotated(n, &prefix)))
         .collect();
-    // The stamps sort as they were made.
+    // The stamps sort as they were made (a `.gz` after its stamp changes nothing).
     rotated.sort();
+    Ok(rotated)
+}
+
+/// Compresses every plain rotated file of `log` but the newest.
+fn compress_older(log: &Path) -> std::io::Result<()> {
+    let rotated = rotated_files(log)?;
+    let plain: Vec<&PathBuf> = rotated.iter().filter(|p| p.extension().is_none_or(|e| e != "gz")).collect();
+    let newest = rotated.last();
+    for path in plain.into_iter().filter(|p| Some(*p) != newest) {
+        let target = PathBuf::from(format!("{}.gz", path.display()));
+        let partial = PathBuf::from(format!("{}.gz.tmp", path.display()));
+        let mut input = std::fs::File::open(path)?;
+        let mut encoder =
+            flate2::write::GzEncoder::new(std::fs::File::create(&partial)?, flate2::Compression::default());
+        std::io::copy(&mut input, &mut encoder)?;
+        encoder.finish()?.sync_all()?;
+        std::fs::rename(&partial, &target)?;
+        std::fs::remove_file(path)?;
+    }
+    Ok(())
+}
+
+/// Removes the oldest rotated files of `log` beyond `max_files - 1`.
+fn remove_excess(log: &Path, max_files: usize) -> std::io::Result<()> {
+    let rotated = rotated_files(log)?;
     let keep = max_files.saturating_sub(1).max(1);
     let excess = rotated.len().saturating_sub(keep);
     for old in &rotated[..excess] {
@@ -88,9 +120,9 @@ fn remove_excess(log: &Path, max_files: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Whether `name` is `<prefix>YYYYMMDD-HHMMSS`.
+/// Whether `name` is `<prefix>YYYYMMDD-HHMMSS`, or that and `.gz`.
 fn is_rotated(name: &str, prefix: &str) -> bool {
-    name.strip_prefix(prefix).is_some_and(|stamp| {
+    name.strip_prefix(prefix).map(|rest| rest.strip_suffix(".gz").unwrap_or(rest)).is_some_and(|stamp| {
         stamp.len() == 15 && stamp.char_indices().all(|(i, c)| if i == 8 { c == '-' } else { c.is_ascii_digit() })
     })
 }
@@ -118,5 +150,34 @@ mod tests {
             left,
             ["0.log", "0.log.20261204-100020", "0.log.20261204-100030", "0.log.bak", "1.log.20261204-090000"]
         );
+    }
+
+    #[test]
+    fn rotated_files_but_the_newest_are_compressed_and_still_counted() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("0.log");
+        std::fs::write(&log, "current").unwrap();
+        for stamp in ["20261204-100000", "20261204-100010", "20261204-100020"] {
+            std::fs::write(dir.path().join(format!("0.log.{stamp}")), format!("lines of {stamp}\n")).unwrap();
+        }
+        compress_older(&log).unwrap();
+        let names = |d: &Path| {
+            let mut names: Vec<String> =
+                std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            names.sort();
+            names
+        };
+        assert_eq!(
+            names(dir.path()),
+            ["0.log", "0.log.20261204-100000.gz", "0.log.20261204-100010.gz", "0.log.20261204-100020"]
+        );
+        let mut text = String::new();
+        let archive = std::fs::File::open(dir.path().join("0.log.20261204-100010.gz")).unwrap();
+        flate2::read::GzDecoder::new(archive).read_to_string(&mut text).unwrap();
+        assert_eq!(text, "lines of 20261204-100010\n");
+        // Compressed files count towards max-files and go first.
+        remove_excess(&log, 3).unwrap();
+        assert_eq!(names(dir.path()), ["0.log", "0.log.20261204-100010.gz", "0.log.20261204-100020"]);
     }
 }
