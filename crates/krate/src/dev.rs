@@ -189,9 +189,12 @@ fn prepare(command: &mut Command, netns: Option<&str>) -> Result<()> {
 }
 
 fn alive(pid: u32) -> bool {
-    // A PID reused by another program is not ours to stop.
+    // A PID reused by another program is not ours to stop. Ours run as `krate`, or as
+    // this very binary whatever it is called (`krate-v0.2`): `up` starts them with its
+    // own path.
+    let this = std::env::current_exe().ok().map(|p| p.into_os_string().into_encoded_bytes());
     std::fs::read(format!("/proc/{pid}/cmdline"))
-        .is_ok_and(|c| c.split(|b| *b == 0).next().is_some_and(|a| a.ends_with(b"krate")))
+        .is_ok_and(|c| c.split(|b| *b == 0).next().is_some_and(|a| a.ends_with(b"krate") || this.as_deref() == Some(a)))
 }
 
 /// Stops a process `up` started: SIGTERM, then SIGKILL after `grace`.

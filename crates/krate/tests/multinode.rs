@@ -19,13 +19,15 @@ use kube::api::{Api, DeleteParams, ListParams};
 struct DevCluster {
     name: String,
     dir: PathBuf,
+    /// The krate binary `up` and `down` run.
+    program: PathBuf,
     n: u8,
     _images: tempfile::TempDir,
     up: Option<Output>,
 }
 
-fn krate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_krate")).args(args).output().expect("run krate")
+fn krate(program: &Path, args: &[&str]) -> Output {
+    Command::new(program).args(args).output().expect("run krate")
 }
 
 fn text(out: &Output) -> String {
@@ -34,6 +36,11 @@ fn text(out: &Output) -> String {
 
 impl DevCluster {
     fn up(n: u8, nodes: u8, extra: &[&str]) -> Self {
+        Self::up_as(Path::new(env!("CARGO_BIN_EXE_krate")), n, nodes, extra)
+    }
+
+    /// `up` with the krate binary at `program`.
+    fn up_as(program: &Path, n: u8, nodes: u8, extra: &[&str]) -> Self {
         let id = std::process::id() % 1000;
         let name = format!("m{n}{id}");
         let dir = std::env::temp_dir().join(format!("krate-dev-{name}"));
@@ -68,8 +75,8 @@ impl DevCluster {
             "240",
         ];
         args.extend_from_slice(extra);
-        let out = krate(&args);
-        let mut cluster = DevCluster { name, dir, n, _images: images, up: None };
+        let out = krate(program, &args);
+        let mut cluster = DevCluster { name, dir, program: program.to_path_buf(), n, _images: images, up: None };
         if !out.status.success() {
             // `up` took down what it started and left its logs; they go into the message.
             let logs = cluster.logs();
@@ -143,7 +150,7 @@ impl DevCluster {
 
     fn down(&mut self) -> Output {
         self.up = None;
-        krate(&["dev", "cluster", "down", "--name", &self.name, "--dir", self.dir.to_str().unwrap()])
+        krate(&self.program, &["dev", "cluster", "down", "--name", &self.name, "--dir", self.dir.to_str().unwrap()])
     }
 }
 
@@ -465,4 +472,22 @@ async fn an_agent_on_the_host_leaves_a_dev_clusters_routes_alone() {
     let client = other.client().await;
     node::wait_node_ready(&client, &other).await;
     assert!(!host_route().is_empty(), "the other cluster's agent removed the dev cluster's route");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dev_cluster_comes_up_and_down_from_a_binary_not_named_krate() {
+    // Installed under another name (a versioned one, say), krate still knows its own
+    // processes: `up` watches the server it started, `down` stops it.
+    let bin = tempfile::tempdir().unwrap();
+    let program = bin.path().join("krate-v0.9");
+    std::fs::copy(env!("CARGO_BIN_EXE_krate"), &program).unwrap();
+    let mut cluster = DevCluster::up_as(&program, 6, 1, &[]);
+    assert!(cluster.kubectl_ok(&["get", "nodes"]).contains("node-1"));
+    let out = cluster.down();
+    cluster.up = None;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !std::path::Path::new("/run/netns").join(format!("krate-{}-1", cluster.name)).exists(),
+        "the node's namespace is gone"
+    );
 }
