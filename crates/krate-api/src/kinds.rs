@@ -309,14 +309,13 @@ const fn count(label: &'static str, path: &'static [&'static str]) -> Selectable
 
 struct Builder(KindInfo);
 
-/// A kind no k8s-openapi type describes, served by `handler` alone for `verbs`.
-fn handled_kind(
+/// A kind with every verb, stored under its own group and resource, and no typed form,
+/// schema, strategy or printer of its own yet.
+fn plain_kind(
     (group, version, kind, plural): (&'static str, &'static str, &str, &'static str),
     namespaced: bool,
-    handler: SubresourceHandler,
-    verbs: &[&str],
 ) -> KindInfo {
-    let info = KindInfo {
+    KindInfo {
         group: group.to_string(),
         version: version.to_string(),
         kind: kind.to_string(),
@@ -325,7 +324,7 @@ fn handled_kind(
         namespaced,
         short_names: vec![],
         categories: vec![],
-        verbs: vec![],
+        verbs: ALL_VERBS.iter().map(|v| v.to_string()).collect(),
         status: false,
         status_metadata: STATUS_WRITES_METADATA,
         scale: None,
@@ -343,8 +342,17 @@ fn handled_kind(
         printer: &printers::DEFAULT,
         returns_deleted_object: false,
         handler: None,
-    };
-    Builder(info).handled_by(handler, verbs).0
+    }
+}
+
+/// A kind no k8s-openapi type describes, served by `handler` alone for `verbs`.
+fn handled_kind(
+    names: (&'static str, &'static str, &str, &'static str),
+    namespaced: bool,
+    handler: SubresourceHandler,
+    verbs: &[&str],
+) -> KindInfo {
+    Builder(plain_kind(names, namespaced)).handled_by(handler, verbs).0
 }
 
 fn kind<T>() -> Builder
@@ -352,34 +360,10 @@ where
     T: Resource + DeserializeOwned + Serialize,
     T::Scope: ScopeInfo,
 {
-    let info = KindInfo {
-        group: T::GROUP.to_string(),
-        version: T::VERSION.to_string(),
-        kind: T::KIND.to_string(),
-        plural: T::URL_PATH_SEGMENT.to_string(),
-        singular: T::KIND.to_lowercase(),
-        namespaced: <T::Scope as ScopeInfo>::NAMESPACED,
-        short_names: vec![],
-        categories: vec![],
-        verbs: ALL_VERBS.iter().map(|v| v.to_string()).collect(),
-        status: false,
-        status_metadata: STATUS_WRITES_METADATA,
-        scale: None,
-        subresources: &[],
-        generation: false,
-        name_rule: NameRule::Subdomain,
-        storage: StorageResource { group: T::GROUP, resource: T::URL_PATH_SEGMENT },
-        conversion: None,
-        typed: Some(round_trip::<T>),
-        schema: crate::schema::builtin_kind(T::GROUP, T::VERSION, T::KIND),
-        schema_json: None,
-        strategy: &strategy::Plain,
-        field_selectors: &[],
-        custom: None,
-        printer: &printers::DEFAULT,
-        returns_deleted_object: false,
-        handler: None,
-    };
+    let names = (T::GROUP, T::VERSION, T::KIND, T::URL_PATH_SEGMENT);
+    let mut info = plain_kind(names, <T::Scope as ScopeInfo>::NAMESPACED);
+    info.typed = Some(round_trip::<T>);
+    info.schema = crate::schema::builtin_kind(T::GROUP, T::VERSION, T::KIND);
     Builder(info)
 }
 
@@ -392,9 +376,8 @@ impl Builder {
         self.0.categories = categories.iter().map(|s| s.to_string()).collect();
         self
     }
-    fn all(mut self) -> Self {
-        self.0.categories = vec!["all".to_string()];
-        self
+    fn all(self) -> Self {
+        self.categories(&["all"])
     }
     /// Has a status subresource (and so a generation).
     fn status(mut self) -> Self {
