@@ -22,8 +22,7 @@ type Condition = (&'static str, &'static str, String);
 
 /// Checks every remote APIService (concurrently) and records what each showed.
 pub async fn check_all(server: &ApiServer) {
-    let services = server.aggregator.api_services(&server.storage);
-    let remote: Vec<&Value> = services.iter().filter(|s| s["spec"]["service"].is_object()).collect();
+    let remote = server.aggregator.remote_api_services(&server.storage);
     let names: Vec<String> =
         remote.iter().map(|s| s["metadata"]["name"].as_str().unwrap_or_default().to_string()).collect();
     let checks = remote.iter().map(|api_service| async move {
@@ -73,28 +72,22 @@ async fn check(server: &ApiServer, api_service: &Value) -> (Condition, Option<Re
     }
     let (group, version) = (spec["group"].as_str().unwrap_or_default(), spec["version"].as_str().unwrap_or_default());
     let path = format!("/apis/{group}/{version}");
-    let answer = match proxy::backend(server, api_service) {
-        Ok(backend) => proxy::get(&backend, &path, DISCOVERY_TIMEOUT)
-            .await
-            .map_err(|e| (backend.url(&path), e))
-            .and_then(|(status, body)| {
-                if status.is_success() {
-                    Ok(body)
-                } else {
-                    let url = backend.url(&path);
-                    Err((url.clone(), format!("bad status from {url}: {}", status.as_u16())))
-                }
-            }),
-        Err(e) => Err((format!("https://{name}.{namespace}.svc:{port}{path}"), e)),
+    let failed = |url: &str, e: &str| {
+        (("False", "FailedDiscoveryCheck", format!("failing or missing response from {url}: {e}")), None)
     };
-    let body = match answer {
-        Ok(body) => body,
-        Err((url, e)) => {
-            return (("False", "FailedDiscoveryCheck", format!("failing or missing response from {url}: {e}")), None)
-        }
+    let backend = match proxy::backend(server, api_service) {
+        Ok(backend) => backend,
+        Err(e) => return failed(&format!("https://{name}.{namespace}.svc:{port}{path}"), &e),
     };
-    if server.aggregator.openapi_due(api_service["metadata"]["name"].as_str().unwrap_or_default()) {
-        fetch_openapi(server, api_service).await;
+    let url = backend.url(&path);
+    let body = match proxy::get(&backend, &path, DISCOVERY_TIMEOUT).await {
+        Ok((status, body)) if status.is_success() => body,
+        Ok((status, _)) => return failed(&url, &format!("bad status from {url}: {}", status.as_u16())),
+        Err(e) => return failed(&url, &e),
+    };
+    let api_service_name = api_service["metadata"]["name"].as_str().unwrap_or_default();
+    if server.aggregator.openapi_due(api_service_name) {
+        fetch_openapi(server, api_service_name, &backend).await;
     }
     let resources = serde_json::from_slice::<Value>(&body)
         .ok()
@@ -112,10 +105,8 @@ async fn check(server: &ApiServer, api_service: &Value) -> (Condition, Option<Re
 
 /// Fetches the remote server's OpenAPI v2 document; a server without one (or with one
 /// that does not parse) just adds nothing to krate's.
-async fn fetch_openapi(server: &ApiServer, api_service: &Value) {
-    let name = api_service["metadata"]["name"].as_str().unwrap_or_default();
-    let Ok(backend) = proxy::backend(server, api_service) else { return };
-    match proxy::get(&backend, "/openapi/v2", DISCOVERY_TIMEOUT).await {
+async fn fetch_openapi(server: &ApiServer, name: &str, backend: &proxy::Backend) {
+    match proxy::get(backend, "/openapi/v2", DISCOVERY_TIMEOUT).await {
         Ok((status, body)) if status.is_success() => match serde_json::from_slice::<Value>(&body) {
             Ok(spec) => server.aggregator.set_openapi(name, spec),
             Err(e) => {

@@ -68,6 +68,9 @@ pub struct Remote {
     pub resources: Vec<Value>,
 }
 
+/// The APIService list a remote subset was drawn from, and that subset.
+type RemoteMemo = (Arc<Vec<Value>>, Arc<Vec<Arc<Value>>>);
+
 /// How often a remote server's OpenAPI v2 document is fetched again.
 const OPENAPI_REFRESH: Duration = Duration::from_secs(60);
 
@@ -75,6 +78,9 @@ const OPENAPI_REFRESH: Duration = Duration::from_secs(60);
 #[derive(Default)]
 pub struct Aggregator {
     memo: ConfigurationMemo,
+    /// The remote APIServices of the memo's list it was drawn from: every request asks
+    /// whether its group/version is remote, and the answer is almost always no.
+    remote_memo: Mutex<Option<RemoteMemo>>,
     /// Remote group/versions with a discovery document, by APIService name.
     remotes: Mutex<BTreeMap<String, Remote>>,
     /// Remote servers' OpenAPI v2 documents, by APIService name, with when fetched.
@@ -89,21 +95,36 @@ impl Aggregator {
         storage.cached_configuration::<APIService>(&self.memo)
     }
 
+    /// The APIServices that name a Service, as the watch cache has them.
+    pub fn remote_api_services(&self, storage: &Storage) -> Arc<Vec<Arc<Value>>> {
+        let services = self.api_services(storage);
+        let mut memo = self.remote_memo.lock().expect("aggregator lock");
+        match &*memo {
+            Some((source, remote)) if Arc::ptr_eq(source, &services) => remote.clone(),
+            _ => {
+                let remote: Arc<Vec<Arc<Value>>> = Arc::new(
+                    services.iter().filter(|s| s["spec"]["service"].is_object()).map(|s| Arc::new(s.clone())).collect(),
+                );
+                *memo = Some((services, remote.clone()));
+                remote
+            }
+        }
+    }
+
     /// The remote APIService that serves `group`/`version`, if one does.
-    pub fn remote_for(&self, storage: &Storage, group: &str, version: &str) -> Option<Value> {
+    pub fn remote_for(&self, storage: &Storage, group: &str, version: &str) -> Option<Arc<Value>> {
         if group.is_empty() {
             return None;
         }
-        let services = self.api_services(storage);
-        let name = format!("{version}.{group}");
-        services.iter().find(|s| s["metadata"]["name"] == name.as_str() && s["spec"]["service"].is_object()).cloned()
+        let remote = self.remote_api_services(storage);
+        remote.iter().find(|s| s["spec"]["group"] == group && s["spec"]["version"] == version).cloned()
     }
 
     /// The groups remote APIServices serve (whether available or not, as upstream's
     /// group list), with their versions: best group first, best version first.
     pub fn remote_groups(&self, storage: &Storage) -> Vec<(String, Vec<String>)> {
-        let services = self.api_services(storage);
-        let mut remote: Vec<&Value> = services.iter().filter(|s| s["spec"]["service"].is_object()).collect();
+        let services = self.remote_api_services(storage);
+        let mut remote: Vec<&Value> = services.iter().map(|s| &**s).collect();
         let key = |s: &Value| {
             let spec = &s["spec"];
             let priority = |f: &str| -spec[f].as_i64().unwrap_or(0);

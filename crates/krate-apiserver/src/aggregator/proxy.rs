@@ -14,7 +14,6 @@ use base64::Engine;
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use k8s_openapi::api::core::v1 as core;
 use serde_json::Value;
 
 use crate::auth::User;
@@ -30,6 +29,12 @@ pub(crate) struct Backend {
 }
 
 impl Backend {
+    /// A new connection to the backend, verified as the Service's name.
+    async fn connect(&self) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Body>> {
+        let tls = Some(self.tls.clone());
+        crate::rest::pods::nodeproxy::open_connection_as(&self.host, self.port, tls, &self.server_name).await
+    }
+
     /// `https://host:port{path}`, as errors name the URL.
     pub fn url(&self, path: &str) -> String {
         let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
@@ -51,15 +56,11 @@ pub(crate) fn backend(server: &ApiServer, api_service: &Value) -> Result<Backend
 /// A Service's address for `port`, from the watch cache: an ExternalName Service's name,
 /// else a ready endpoint (upstream's endpoint routing).
 pub(crate) fn resolve(storage: &Storage, namespace: &str, name: &str, port: u16) -> Result<(String, u16), String> {
-    let services = storage.builtin::<core::Service>(Some(namespace.to_string()));
-    let service =
-        storage.cached(&services, name).map_err(|_| format!("service \"{namespace}/{name}\" not found"))?.parse();
+    let (service, endpoints) = crate::rest::proxy::cached_service(storage, namespace, name)?;
     if service["spec"]["type"] == "ExternalName" {
         let external = service["spec"]["externalName"].as_str().unwrap_or_default();
         return Ok((external.to_string(), port));
     }
-    let endpoints = storage.builtin::<core::Endpoints>(Some(namespace.to_string()));
-    let endpoints = storage.cached(&endpoints, name).ok().map(|e| e.parse());
     crate::rest::proxy::service_location(&service, endpoints.as_ref(), name, &port.to_string()).map_err(|e| e.message)
 }
 
@@ -183,16 +184,7 @@ pub(crate) async fn serve(server: &ApiServer, user: &User, api_service: &Value, 
         Err(e) => return plain(StatusCode::BAD_REQUEST, &e.to_string()),
     };
     let request = Request::from_parts(parts, body);
-    let sent = async {
-        let mut sender = crate::rest::pods::nodeproxy::open_connection_as(
-            &backend.host,
-            backend.port,
-            Some(backend.tls.clone()),
-            &backend.server_name,
-        )
-        .await?;
-        Ok::<_, anyhow::Error>(sender.send_request(request).await?)
-    };
+    let sent = async { Ok::<_, anyhow::Error>(backend.connect().await?.send_request(request).await?) };
     match sent.await {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
@@ -207,14 +199,7 @@ pub(crate) async fn serve(server: &ApiServer, user: &User, api_service: &Value, 
 /// `system:masters`, as upstream's availability check asks), within `timeout`.
 pub(crate) async fn get(backend: &Backend, path: &str, timeout: Duration) -> Result<(StatusCode, Bytes), String> {
     let call = async {
-        let mut sender = crate::rest::pods::nodeproxy::open_connection_as(
-            &backend.host,
-            backend.port,
-            Some(backend.tls.clone()),
-            &backend.server_name,
-        )
-        .await
-        .map_err(|e| format!("{e:#}"))?;
+        let mut sender = backend.connect().await.map_err(|e| format!("{e:#}"))?;
         let request = Request::get(path)
             .header(header::HOST, format!("{}:{}", backend.server_name, backend.port))
             .header(header::ACCEPT, "application/json")

@@ -12,7 +12,6 @@ use axum::body::Body;
 use base64::Engine;
 use http::{header, Request};
 use http_body_util::BodyExt;
-use k8s_openapi::api::core::v1 as core;
 use serde_json::Value;
 
 use crate::registry::Storage;
@@ -51,15 +50,8 @@ pub(crate) fn target(storage: &Storage, config: &Value, timeout: Duration) -> Re
     let path = service["path"].as_str().filter(|p| !p.is_empty()).unwrap_or("/");
     let host = format!("{name}.{namespace}.svc");
     let url = format!("https://{host}:{port}{path}{query}");
-    // From the watch cache as it stands, as upstream's resolver reads its informers: a
-    // consistent read would cost a store round trip on every call.
-    let scope = storage.builtin::<core::Service>(Some(namespace.to_string()));
-    let object = storage
-        .cached(&scope, name)
-        .map_err(|_| format!("Post {url:?}: service \"{namespace}/{name}\" not found"))?
-        .parse();
-    let endpoints = storage.builtin::<core::Endpoints>(Some(namespace.to_string()));
-    let endpoints = storage.cached(&endpoints, name).ok().map(|e| e.parse());
+    let (object, endpoints) =
+        crate::rest::proxy::cached_service(storage, namespace, name).map_err(|e| format!("Post {url:?}: {e}"))?;
     let (ip, target_port) = crate::rest::proxy::service_location(&object, endpoints.as_ref(), name, &port.to_string())
         .map_err(|e| format!("Post {url:?}: {}", e.message))?;
     Ok(Target {

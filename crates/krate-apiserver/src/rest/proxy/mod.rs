@@ -160,6 +160,21 @@ fn pod_location(pod: &Value, name: &str, port: &str) -> ApiResult<(String, u16)>
     Ok((ip.to_string(), port as u16))
 }
 
+/// A Service and its Endpoints as the watch cache has them (how webhooks and extension
+/// API servers are reached, as upstream's resolvers read informers: a consistent read
+/// would cost a store round trip on every call).
+pub(crate) fn cached_service(
+    storage: &crate::registry::Storage,
+    namespace: &str,
+    name: &str,
+) -> Result<(Value, Option<Value>), String> {
+    let services = storage.builtin::<core::Service>(Some(namespace.to_string()));
+    let service =
+        storage.cached(&services, name).map_err(|_| format!("service \"{namespace}/{name}\" not found"))?.parse();
+    let endpoints = storage.builtin::<core::Endpoints>(Some(namespace.to_string()));
+    Ok((service, storage.cached(&endpoints, name).ok().map(|e| e.parse())))
+}
+
 /// A random ready endpoint of the service port named (by number or name) in `port`.
 pub(crate) fn service_location(
     service: &Value,
