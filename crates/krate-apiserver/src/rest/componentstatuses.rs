@@ -13,8 +13,6 @@ use krate_api::{ApiError, ApiResult};
 use serde_json::{json, Value};
 
 use super::{Call, Handler};
-use crate::http::negotiate::Format;
-use crate::http::{json_response, table};
 use crate::ApiServer;
 
 /// `GET componentstatuses[/{name}]`.
@@ -25,24 +23,8 @@ impl Handler for ComponentStatuses {
     async fn serve(&self, call: Call<'_>) -> ApiResult<Response<Body>> {
         call.attrs.warn("v1 ComponentStatus is deprecated in v1.19+".into());
         let statuses = statuses(call.server).await;
-        let kind = &call.scope.kind;
-        if !call.name.is_empty() {
-            let Some(status) = statuses.into_iter().find(|s| s["metadata"]["name"] == call.name) else {
-                // Upstream names the resource in the singular here.
-                return Err(ApiError::not_found("", "componentstatus", call.name));
-            };
-            return Ok(match call.format {
-                Format::Table { .. } => json_response(200, &table::object_table(kind, &status)),
-                _ => json_response(200, &status),
-            });
-        }
-        Ok(match call.format {
-            Format::Table { include_object } => json_response(200, &table::list_table(kind, &statuses, include_object)),
-            _ => json_response(
-                200,
-                &json!({"kind": "ComponentStatusList", "apiVersion": "v1", "metadata": {}, "items": statuses}),
-            ),
-        })
+        // Upstream names the resource in the singular here.
+        super::read_answer(&call, statuses, || ApiError::not_found("", "componentstatus", call.name))
     }
 }
 

@@ -107,6 +107,32 @@ pub trait Handler: Send + Sync {
     async fn serve(&self, call: Call<'_>) -> ApiResult<Response<Body>>;
 }
 
+/// Answers a read of a resource a handler works out on each request rather than
+/// stores (`componentstatuses`, metrics.k8s.io): the object the call names, or
+/// `not_found`, or the whole list; as JSON or as a Table, as the client asked.
+pub(crate) fn read_answer(
+    call: &Call<'_>,
+    items: Vec<Value>,
+    not_found: impl FnOnce() -> krate_api::ApiError,
+) -> ApiResult<Response<Body>> {
+    use crate::http::{json_response, table};
+    let kind = &call.scope.kind;
+    if !call.name.is_empty() {
+        let item = items.into_iter().find(|i| i["metadata"]["name"] == call.name).ok_or_else(not_found)?;
+        return Ok(match call.format {
+            Format::Table { .. } => json_response(200, &table::object_table(kind, &item)),
+            _ => json_response(200, &item),
+        });
+    }
+    Ok(match call.format {
+        Format::Table { include_object } => json_response(200, &table::list_table(kind, &items, include_object)),
+        _ => json_response(
+            200,
+            &serde_json::json!({"kind": kind.list_kind(), "apiVersion": kind.api_version(), "metadata": {}, "items": items}),
+        ),
+    })
+}
+
 /// A declared subresource the generic path serves.
 struct Unrouted;
 

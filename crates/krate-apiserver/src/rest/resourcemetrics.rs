@@ -22,8 +22,6 @@ use krate_api::{ApiError, ApiResult};
 use serde_json::{json, Value};
 
 use super::{Call, Handler};
-use crate::http::negotiate::Format;
-use crate::http::{json_response, table};
 use crate::registry::ListOptions;
 use crate::ApiServer;
 
@@ -287,28 +285,12 @@ impl Handler for ResourceMetrics {
             }
         }
         items.retain(|item| fields.matches(|f| kind.field_value(item, f)));
-        if !call.name.is_empty() {
-            let Some(item) = items.into_iter().find(|i| i["metadata"]["name"] == call.name) else {
-                // As metrics-server names what it did not find.
-                return Err(match &call.scope.namespace {
-                    Some(ns) if pods => {
-                        ApiError::not_found("metrics.k8s.io", "podmetrics", &format!("{ns}/{}", call.name))
-                    }
-                    _ => ApiError::not_found("metrics.k8s.io", "nodemetrics", call.name),
-                });
-            };
-            return Ok(match call.format {
-                Format::Table { .. } => json_response(200, &table::object_table(kind, &item)),
-                _ => json_response(200, &item),
-            });
-        }
-        Ok(match call.format {
-            Format::Table { include_object } => json_response(200, &table::list_table(kind, &items, include_object)),
-            _ => json_response(
-                200,
-                &json!({"kind": kind.list_kind(), "apiVersion": "metrics.k8s.io/v1beta1", "metadata": {}, "items": items}),
-            ),
-        })
+        // As metrics-server names what it did not find.
+        let not_found = || match &call.scope.namespace {
+            Some(ns) if pods => ApiError::not_found("metrics.k8s.io", "podmetrics", &format!("{ns}/{}", call.name)),
+            _ => ApiError::not_found("metrics.k8s.io", "nodemetrics", call.name),
+        };
+        super::read_answer(&call, items, not_found)
     }
 }
 
