@@ -330,12 +330,16 @@ fn missing_request(resource: &str, container: &str, pod: &str) -> String {
     format!("missing request for {resource} in container {container} of Pod {pod}")
 }
 
-/// The target's scale, its kind's API resource, and the pods its selector picks.
+/// What every evaluation shares: the controller's client, the pods, its event recorder,
+/// each autoscaler's history, and the API resources of the scale targets' kinds.
 struct Context {
     client: kube::Client,
     pods: Informer<Pod>,
     events: Recorder,
     histories: Mutex<HashMap<String, History>>,
+    /// By `apiVersion` and `kind`: found by discovery once, not on every evaluation
+    /// (upstream's controller keeps a cached REST mapper).
+    resources: Mutex<HashMap<(String, String), ApiResource>>,
 }
 
 /// A sample of `pod` for `resource` with its usage from `metrics` (PodMetrics by name).
@@ -395,12 +399,17 @@ async fn pod_usage(
 }
 
 /// The API resource of a scale target (`apiVersion` + `kind`) by discovery.
-async fn target_resource(client: &kube::Client, api_version: &str, kind: &str) -> Result<ApiResource, String> {
+async fn target_resource(ctx: &Context, api_version: &str, kind: &str) -> Result<ApiResource, String> {
+    let key = (api_version.to_string(), kind.to_string());
+    if let Some(found) = ctx.resources.lock().expect("hpa resources").get(&key) {
+        return Ok(found.clone());
+    }
     let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
     let gvk = kube::api::GroupVersionKind::gvk(group, version, kind);
-    let (ar, _) = kube::discovery::pinned_kind(client, &gvk)
+    let (ar, _) = kube::discovery::pinned_kind(&ctx.client, &gvk)
         .await
         .map_err(|e| format!("unable to determine resource for scale target reference: {e}"))?;
+    ctx.resources.lock().expect("hpa resources").insert(key, ar.clone());
     Ok(ar)
 }
 
@@ -457,7 +466,7 @@ async fn reconcile(hpa: Arc<HorizontalPodAutoscaler>, ctx: Arc<Context>) -> Resu
         target["kind"].as_str().unwrap_or_default(),
         target["name"].as_str().unwrap_or_default(),
     );
-    let scale = match target_resource(&ctx.client, api_version, kind).await {
+    let scale = match target_resource(&ctx, api_version, kind).await {
         Ok(ar) => {
             let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &ar);
             api.get_scale(name).await.map(|s| (api, s)).map_err(|e| e.to_string())
@@ -630,7 +639,6 @@ async fn reconcile(hpa: Arc<HorizontalPodAutoscaler>, ctx: Arc<Context>) -> Resu
                 );
                 status["lastScaleTime"] =
                     json!(jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default());
-                status["currentReplicas"] = json!(current);
             }
             Err(e) => {
                 let message = format!("New size: {desired}; reason: {reason}; error: {e}");
@@ -715,6 +723,7 @@ pub async fn run(client: kube::Client, pods: &Informer<Pod>) -> anyhow::Result<(
         pods: pods.clone(),
         events: Recorder::new(client.clone(), "horizontal-pod-autoscaler"),
         histories: Mutex::default(),
+        resources: Mutex::default(),
     };
     Controller::new(Api::<HorizontalPodAutoscaler>::all(client), watcher::Config::default())
         .run(reconcile, error_policy, Arc::new(context))
