@@ -152,42 +152,52 @@ async fn probe(client: &kube::Client, namespace: &str, target: &Target) -> Resul
     Ok(started.elapsed())
 }
 
-fn pod(namespace: &str, name: &str, node: &str, image: &str) -> Pod {
+/// A pod of `image` (krate's echo server or one like it) pinned to `node`, labelled
+/// `app.kubernetes.io/name=<app>`, Ready once its `/readyz` answers (checked every
+/// `probe_period` seconds). Soak's and the doctor's probe pods.
+pub(crate) fn echo_pod(namespace: &str, name: &str, node: &str, image: &str, app: &str, probe_period: i32) -> Pod {
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "krate-soak"}},
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": app}},
         "spec": {
             "nodeName": node,
             "terminationGracePeriodSeconds": 0,
             "tolerations": [{"operator": "Exists"}],
             "containers": [{"name": "echo", "image": image, "imagePullPolicy": "IfNotPresent",
                 "ports": [{"containerPort": 8080}],
-                "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8080}, "periodSeconds": 5}}],
+                "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8080}, "periodSeconds": probe_period}}],
         },
     }))
     .expect("a pod")
 }
 
-fn ready(pod: &Pod) -> bool {
+pub(crate) fn pod_ready(pod: &Pod) -> bool {
     let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
     conditions.is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+pub(crate) fn node_ready(node: &Node) -> bool {
+    let conditions = node.status.as_ref().and_then(|s| s.conditions.as_ref());
+    conditions.is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Creates namespace `name` unless it exists.
+pub(crate) async fn ensure_namespace(client: &kube::Client, name: &str) -> Result<(), kube::Error> {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespace = serde_json::from_value(json!({"metadata": {"name": name}})).expect("a namespace");
+    krate_client::tolerate(namespaces.create(&PostParams::default(), &namespace).await, &[409])
+}
+
 /// Creates the namespace and the pods, and waits until every pod is Ready.
 async fn place(client: &kube::Client, args: &SoakArgs) -> Result<Vec<Target>> {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let namespace = serde_json::from_value(json!({"metadata": {"name": args.namespace}}))?;
-    match namespaces.create(&PostParams::default(), &namespace).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => return Err(e).context(format!("creating namespace {}", args.namespace)),
-    }
+    ensure_namespace(client, &args.namespace)
+        .await
+        .with_context(|| format!("creating namespace {}", args.namespace))?;
     let nodes: Api<Node> = Api::all(client.clone());
     let mut targets = Vec::new();
     for node in nodes.list(&ListParams::default()).await.context("listing nodes")?.items {
         let name = node.metadata.name.clone().unwrap_or_default();
-        let conditions = node.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
-        if !conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True") {
+        if !node_ready(&node) {
             println!("skipping node {name}: not Ready");
             continue;
         }
@@ -201,11 +211,9 @@ async fn place(client: &kube::Client, args: &SoakArgs) -> Result<Vec<Target>> {
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), &args.namespace);
     for t in &targets {
-        match pods.create(&PostParams::default(), &pod(&args.namespace, &t.name, &t.node, &args.image)).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(e).context(format!("creating pod {}", t.name)),
-        }
+        let pod = echo_pod(&args.namespace, &t.name, &t.node, &args.image, "krate-soak", 5);
+        krate_client::tolerate(pods.create(&PostParams::default(), &pod).await, &[409])
+            .with_context(|| format!("creating pod {}", t.name))?;
     }
     let nodes = targets.iter().map(|t| &t.node).collect::<std::collections::BTreeSet<_>>().len();
     println!(
@@ -217,13 +225,13 @@ async fn place(client: &kube::Client, args: &SoakArgs) -> Result<Vec<Target>> {
     let mut last_report = Instant::now();
     loop {
         let listed = pods.list(&ListParams::default().labels("app.kubernetes.io/name=krate-soak")).await?.items;
-        let ready_count = listed.iter().filter(|p| ready(p)).count();
+        let ready_count = listed.iter().filter(|p| pod_ready(p)).count();
         if ready_count >= targets.len() {
             println!("all {} pods Ready after {:.0?}", targets.len(), started.elapsed());
             return Ok(targets);
         }
         if started.elapsed() > Duration::from_secs(600) {
-            let stuck = listed.iter().find(|p| !ready(p)).map(|p| {
+            let stuck = listed.iter().find(|p| !pod_ready(p)).map(|p| {
                 let status = p.status.clone().unwrap_or_default();
                 format!("{} is {}", p.metadata.name.clone().unwrap_or_default(), status.phase.unwrap_or_default())
             });

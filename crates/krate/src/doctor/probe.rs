@@ -13,6 +13,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
 use super::{check, Check, Outcome};
+use crate::soak::{echo_pod, ensure_namespace, node_ready, pod_ready};
 
 const NAMESPACE: &str = "krate-doctor";
 const SERVICE: &str = "probe";
@@ -42,22 +43,12 @@ type Deployed = (Vec<ProbePod>, String, String);
 /// Creates the namespace, a pod per real Ready node and the Service; waits (at most a
 /// minute) for the pods to be Ready. None: no node to probe.
 async fn deploy(client: &kube::Client, cluster_domain: &str) -> Result<Option<Deployed>, String> {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let namespace = serde_json::from_value(json!({"metadata": {"name": NAMESPACE}})).expect("a namespace");
-    match namespaces.create(&PostParams::default(), &namespace).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => return Err(format!("creating namespace {NAMESPACE}: {e}")),
-    }
+    ensure_namespace(client, NAMESPACE).await.map_err(|e| format!("creating namespace {NAMESPACE}: {e}"))?;
     let nodes: Api<Node> = Api::all(client.clone());
     let nodes = nodes.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items;
     let real_ready: Vec<String> = nodes
         .iter()
-        .filter(|n| !crate::hollow::is_hollow(n))
-        .filter(|n| {
-            let conditions = n.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
-            conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-        })
+        .filter(|n| !crate::hollow::is_hollow(n) && node_ready(n))
         .filter_map(|n| n.metadata.name.clone())
         .collect();
     if real_ready.is_empty() {
@@ -65,17 +56,9 @@ async fn deploy(client: &kube::Client, cluster_domain: &str) -> Result<Option<De
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     for (i, node) in real_ready.iter().enumerate() {
-        let pod = json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": format!("probe-{i}"), "labels": {"app.kubernetes.io/name": "krate-doctor"}},
-            "spec": {"nodeName": node, "terminationGracePeriodSeconds": 0, "tolerations": [{"operator": "Exists"}],
-                "containers": [{"name": "echo", "image": krate_agent::images::ECHO_IMAGE, "imagePullPolicy": "IfNotPresent",
-                    "ports": [{"containerPort": 8080}], "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8080}, "periodSeconds": 1}}]}});
-        let pod: Pod = serde_json::from_value(pod).expect("a pod");
-        match pods.create(&PostParams::default(), &pod).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(format!("creating a probe pod on {node}: {e}")),
-        }
+        let pod = echo_pod(NAMESPACE, &format!("probe-{i}"), node, krate_agent::images::ECHO_IMAGE, "krate-doctor", 1);
+        krate_client::tolerate(pods.create(&PostParams::default(), &pod).await, &[409])
+            .map_err(|e| format!("creating a probe pod on {node}: {e}"))?;
     }
     let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
     let service = json!({"metadata": {"name": SERVICE}, "spec": {"selector": {"app.kubernetes.io/name": "krate-doctor"},
@@ -94,10 +77,7 @@ async fn deploy(client: &kube::Client, cluster_domain: &str) -> Result<Option<De
         let listed = pods.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items;
         let ready: Vec<ProbePod> = listed
             .iter()
-            .filter(|p| {
-                let conditions = p.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
-                conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-            })
+            .filter(|p| pod_ready(p))
             .map(|p| ProbePod {
                 name: p.metadata.name.clone().unwrap_or_default(),
                 node: p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
