@@ -126,98 +126,78 @@ fn escape(value: &str) -> String {
 /// `/metrics/resource`: the kubelet's resource metrics (stable names), timestamps in
 /// milliseconds.
 pub fn render_resource_metrics(snapshot: &Snapshot) -> String {
-    let ms = |ns: i64| ns / 1_000_000;
-    let seconds = |ns: u64| ns as f64 / 1e9;
+    let seconds = |ns: u64| (ns as f64 / 1e9).to_string();
     let mut out = String::new();
-    let node = &snapshot.node;
-    let series = |out: &mut String, name: &str, help: &str, kind: &str| {
-        let _ = writeln!(out, "# HELP {name} [STABLE] {help}\n# TYPE {name} {kind}");
+    let (node, containers, pods) = (&snapshot.node, &snapshot.containers, pods(snapshot));
+    let each_container = |value: &dyn Fn(&ContainerUsage) -> String| {
+        containers.iter().map(|c| (container_labels(c), value(c), c.usage.timestamp)).collect::<Vec<_>>()
     };
-    series(
+    let each_pod = |value: &dyn Fn(&Usage) -> String| {
+        let labels = |(namespace, pod): &(String, String)| {
+            format!("namespace=\"{}\",pod=\"{}\"", escape(namespace), escape(pod))
+        };
+        pods.iter().map(|(key, usage)| (labels(key), value(usage), usage.timestamp)).collect::<Vec<_>>()
+    };
+    family(
         &mut out,
-        "container_cpu_usage_seconds_total",
-        "Cumulative cpu time consumed by the container in core-seconds",
-        "counter",
+        (
+            "container_cpu_usage_seconds_total",
+            "Cumulative cpu time consumed by the container in core-seconds",
+            "counter",
+        ),
+        each_container(&|c| seconds(c.usage.cpu_nanoseconds)),
     );
-    for c in &snapshot.containers {
-        let labels = container_labels(c);
-        let _ = writeln!(
-            out,
-            "container_cpu_usage_seconds_total{{{labels}}} {} {}",
-            seconds(c.usage.cpu_nanoseconds),
-            ms(c.usage.timestamp)
-        );
-    }
-    series(&mut out, "container_memory_working_set_bytes", "Current working set of the container in bytes", "gauge");
-    for c in &snapshot.containers {
-        let labels = container_labels(c);
-        let _ = writeln!(
-            out,
-            "container_memory_working_set_bytes{{{labels}}} {} {}",
-            c.usage.working_set_bytes,
-            ms(c.usage.timestamp)
-        );
-    }
-    series(
+    family(
         &mut out,
-        "container_start_time_seconds",
-        "Start time of the container since unix epoch in seconds",
-        "gauge",
+        ("container_memory_working_set_bytes", "Current working set of the container in bytes", "gauge"),
+        each_container(&|c| c.usage.working_set_bytes.to_string()),
     );
-    for c in &snapshot.containers {
-        let labels = container_labels(c);
-        let _ = writeln!(
-            out,
-            "container_start_time_seconds{{{labels}}} {} {}",
-            c.started as f64 / 1e9,
-            ms(c.usage.timestamp)
-        );
-    }
-    series(
+    family(
         &mut out,
-        "node_cpu_usage_seconds_total",
-        "Cumulative cpu time consumed by the node in core-seconds",
-        "counter",
+        ("container_start_time_seconds", "Start time of the container since unix epoch in seconds", "gauge"),
+        each_container(&|c| (c.started as f64 / 1e9).to_string()),
     );
-    let _ = writeln!(out, "node_cpu_usage_seconds_total {} {}", seconds(node.cpu_nanoseconds), ms(node.timestamp));
-    series(&mut out, "node_memory_working_set_bytes", "Current working set of the node in bytes", "gauge");
-    let _ = writeln!(out, "node_memory_working_set_bytes {} {}", node.working_set_bytes, ms(node.timestamp));
-    let pods = pods(snapshot);
-    series(
+    family(
         &mut out,
-        "pod_cpu_usage_seconds_total",
-        "Cumulative cpu time consumed by the pod in core-seconds",
-        "counter",
+        ("node_cpu_usage_seconds_total", "Cumulative cpu time consumed by the node in core-seconds", "counter"),
+        [(String::new(), seconds(node.cpu_nanoseconds), node.timestamp)],
     );
-    for ((namespace, pod), usage) in &pods {
-        let _ = writeln!(
-            out,
-            "pod_cpu_usage_seconds_total{{namespace=\"{}\",pod=\"{}\"}} {} {}",
-            escape(namespace),
-            escape(pod),
-            seconds(usage.cpu_nanoseconds),
-            ms(usage.timestamp)
-        );
-    }
-    series(&mut out, "pod_memory_working_set_bytes", "Current working set of the pod in bytes", "gauge");
-    for ((namespace, pod), usage) in &pods {
-        let _ = writeln!(
-            out,
-            "pod_memory_working_set_bytes{{namespace=\"{}\",pod=\"{}\"}} {} {}",
-            escape(namespace),
-            escape(pod),
-            usage.working_set_bytes,
-            ms(usage.timestamp)
-        );
-    }
-    series(
+    family(
         &mut out,
-        "resource_scrape_error",
-        "1 if there was an error while getting container metrics, 0 otherwise",
-        "gauge",
+        ("node_memory_working_set_bytes", "Current working set of the node in bytes", "gauge"),
+        [(String::new(), node.working_set_bytes.to_string(), node.timestamp)],
+    );
+    family(
+        &mut out,
+        ("pod_cpu_usage_seconds_total", "Cumulative cpu time consumed by the pod in core-seconds", "counter"),
+        each_pod(&|u| seconds(u.cpu_nanoseconds)),
+    );
+    family(
+        &mut out,
+        ("pod_memory_working_set_bytes", "Current working set of the pod in bytes", "gauge"),
+        each_pod(&|u| u.working_set_bytes.to_string()),
+    );
+    family(
+        &mut out,
+        ("resource_scrape_error", "1 if there was an error while getting container metrics, 0 otherwise", "gauge"),
+        [],
     );
     out.push_str("resource_scrape_error 0\n");
     out
+}
+
+/// One metric family: its HELP and TYPE lines (name, help, type), then a sample per
+/// (labels, value, timestamp in nanoseconds), the timestamp written in milliseconds.
+fn family(
+    out: &mut String,
+    (name, help, kind): (&str, &str, &str),
+    samples: impl IntoIterator<Item = (String, String, i64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} [STABLE] {help}\n# TYPE {name} {kind}");
+    for (labels, value, at) in samples {
+        let labels = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}{labels} {value} {}", at / 1_000_000);
+    }
 }
 
 fn container_labels(c: &ContainerUsage) -> String {
