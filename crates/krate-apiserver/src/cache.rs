@@ -224,11 +224,9 @@ impl WatchCache {
             let mut stream = self.store.watch(REGISTRY_PREFIX, revision + 1);
             while let Some(batch) = stream.next().await {
                 match batch {
-                    Ok(events) => {
-                        if let Some(last) = events.last() {
-                            revision = last.revision();
-                        }
-                        self.apply(events);
+                    Ok(batch) => {
+                        revision = revision.max(batch.revision);
+                        self.apply(batch.events);
                         self.revision.send_replace(revision);
                     }
                     Err(err) => {

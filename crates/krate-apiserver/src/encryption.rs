@@ -24,7 +24,9 @@ use async_trait::async_trait;
 use base64::Engine;
 use bytes::Bytes;
 use futures::StreamExt;
-use krate_store::{Event, KeyValue, ListRequest, ListResponse, Revision, Store, StoreError, WatchStream};
+use krate_store::{
+    Event, KeyValue, ListRequest, ListResponse, Revision, Store, StoreError, WatchBatch, WatchStream,
+};
 use serde::{Deserialize, Serialize};
 
 const PREFIX: &[u8] = b"k8s:enc:";
@@ -586,7 +588,9 @@ impl Store for EncryptedStore {
         let config = self.config.clone();
         Box::pin(self.inner.watch(prefix, from_revision).map(move |batch| {
             let config = config.read().expect("encryption config lock").clone();
-            batch?
+            let batch = batch?;
+            let events = batch
+                .events
                 .into_iter()
                 .map(|event| match event {
                     Event::Put(kv) => plain(&config, kv).map(Event::Put),
@@ -594,7 +598,8 @@ impl Store for EncryptedStore {
                         plain(&config, prev).map(|prev| Event::Delete { revision, prev })
                     }
                 })
-                .collect()
+                .collect::<krate_store::Result<_>>()?;
+            Ok(WatchBatch { events, revision: batch.revision })
         }))
     }
 

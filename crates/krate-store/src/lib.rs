@@ -5,8 +5,10 @@
 //! compare-and-swap on a key's modification revision, lists can be taken at a past
 //! revision (until it is compacted), and watches stream every change from a revision on.
 //!
-//! The [`Store`] trait is the only thing the API server sees; [`sqlite::SqliteStore`] is
-//! the embedded backend.
+//! The [`Store`] trait is the only thing the API server sees. [`sqlite::SqliteStore`] is
+//! the embedded backend of a single server; [`etcd::EtcdStore`] keeps the same contract on
+//! an etcd cluster (revisions are etcd's, compare-and-swap is an etcd transaction), so
+//! several API servers can share one history.
 
 use std::pin::Pin;
 
@@ -14,6 +16,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::Stream;
 
+#[cfg(test)]
+mod contract;
+pub mod etcd;
 pub mod sqlite;
 
 /// A position in the store's history. Revision 0 means "nothing written yet".
@@ -94,8 +99,26 @@ pub struct ListResponse {
     pub more: bool,
 }
 
-/// A stream of event batches in revision order. An error ends the stream.
-pub type WatchStream = Pin<Box<dyn Stream<Item = Result<Vec<Event>>> + Send>>;
+/// What a watch delivers at once: every change under its prefix up to `revision`, in
+/// revision order. `events` may be empty: a progress notification, telling a follower
+/// (the watch cache) that the store's history has been seen up to `revision` even though
+/// nothing under the prefix changed (etcd moves its revision for writes elsewhere too).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchBatch {
+    pub events: Vec<Event>,
+    /// At least the revision of the last event.
+    pub revision: Revision,
+}
+
+impl WatchBatch {
+    pub fn new(events: Vec<Event>) -> Self {
+        let revision = events.last().map_or(0, Event::revision);
+        Self { events, revision }
+    }
+}
+
+/// A stream of batches in revision order. An error ends the stream.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchBatch>> + Send>>;
 
 /// Revisioned key-value storage with compare-and-swap and watch.
 #[async_trait]

@@ -17,7 +17,9 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{oneshot, watch};
 
-use crate::{prefix_end, Event, KeyValue, ListRequest, ListResponse, Result, Revision, Store, StoreError, WatchStream};
+use crate::{
+    prefix_end, Event, KeyValue, ListRequest, ListResponse, Result, Revision, Store, StoreError, WatchBatch, WatchStream,
+};
 
 /// Largest number of queued writes committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -635,13 +637,15 @@ impl Store for SqliteStore {
                     st.conn = Some(conn);
                     match events {
                         Ok(events) if !events.is_empty() => {
-                            st.next = events.last().map(Event::revision).unwrap_or(st.next) + 1;
-                            return Some((Ok(events), st));
+                            let batch = WatchBatch::new(events);
+                            st.next = batch.revision + 1;
+                            return Some((Ok(batch), st));
                         }
                         Ok(_) => {
-                            // Nothing under our prefix up to `current`.
+                            // Nothing under our prefix up to `current`: say so, for
+                            // followers that wait for a revision.
                             st.next = st.next.max(current + 1);
-                            continue;
+                            return Some((Ok(WatchBatch { events: Vec::new(), revision: current }), st));
                         }
                         Err(err) => {
                             st.failed = true;

@@ -1,0 +1,48 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::process::{EtcdProcess, MemberConfig};
+use super::*;
+
+/// A free local port (bound, then released for etcd to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A fresh single-member etcd in a temporary directory, and a store on it.
+async fn open() -> ((tempfile::TempDir, EtcdProcess), Arc<dyn Store>) {
+    let dir = tempfile::tempdir().unwrap();
+    let member = MemberConfig::single("test", &dir.path().join("etcd"), free_port(), free_port());
+    let process = EtcdProcess::start(member, Duration::from_secs(30)).await.expect("starting etcd");
+    let config = EtcdConfig { endpoints: vec![process.config.client_url.clone()], ..Default::default() };
+    let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(&config).await.unwrap());
+    ((dir, process), store)
+}
+
+crate::contract_tests!(open());
+
+#[tokio::test]
+async fn only_one_of_two_servers_compacts_a_round() {
+    let (guard, _) = open().await;
+    let config = EtcdConfig { endpoints: vec![guard.1.config.client_url.clone()], ..Default::default() };
+    let (a, b) = (EtcdStore::connect(&config).await.unwrap(), EtcdStore::connect(&config).await.unwrap());
+    for i in 0..5 {
+        a.create(&format!("/x/{i}"), Bytes::from("v")).await.unwrap();
+    }
+    let current = a.current_revision().await.unwrap();
+    a.compact(current - 2).await.unwrap();
+    // b has not seen the round a won: it learns it instead of compacting again.
+    b.compact(current).await.unwrap();
+    assert_eq!(b.compacted_revision().await.unwrap(), current - 2);
+    // Next round, b is current and compacts.
+    b.compact(current).await.unwrap();
+    assert_eq!(a.compacted_revision().await.unwrap(), current);
+}
+
+#[tokio::test]
+async fn a_dead_cluster_is_a_clear_error_not_a_hang() {
+    let (mut guard, store) = open().await;
+    guard.1.kill();
+    let err = tokio::time::timeout(Duration::from_secs(30), store.get("/a")).await.expect("no answer in 30 s");
+    assert!(matches!(err, Err(StoreError::Backend(ref m)) if m.starts_with("etcd: ")), "{err:?}");
+}
