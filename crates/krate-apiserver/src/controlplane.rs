@@ -1,13 +1,21 @@
 //! What an API server keeps up in the cluster for itself, as upstream's control-plane
 //! controllers: the default ServiceCIDR `kubernetes`, the `kubernetes` Service in
-//! `default` with its Endpoints and EndpointSlice naming this server's advertise address
-//! (so pods reach the API at `kubernetes.default.svc`), the `kube-dns` Service at the
-//! cluster DNS address, and the repair pass of the service allocator.
+//! `default` with its Endpoints and EndpointSlice naming every live API server (so pods
+//! reach the API at `kubernetes.default.svc`), the `kube-dns` Service at the cluster DNS
+//! address, and the repair pass of the service allocator.
+//!
+//! Several servers may share one store (etcd). Each keeps an identity Lease in
+//! `kube-system` as upstream's API servers do (`apiserver-<hash>`, label
+//! `apiserver.kubernetes.io/identity=kube-apiserver`), renewed every 10 s and carrying
+//! its advertise address; the `kubernetes` endpoints are the addresses of the Leases
+//! renewed within the last 15 s (upstream's lease endpoint reconciler keeps the same TTL
+//! on its `masterleases`), so a server that dies drops out of them within 25 s.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
@@ -19,6 +27,13 @@ use crate::ApiServer;
 
 /// How often the endpoints of the `kubernetes` Service are checked (upstream: 10 s).
 const ENDPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a server counts as live after its last renewal (upstream's masterlease TTL).
+const ENDPOINT_TTL: Duration = Duration::from_secs(15);
+/// Upstream's identity Leases: their label, and how long one lasts unrenewed.
+const IDENTITY_LABEL: &str = "apiserver.kubernetes.io/identity";
+const IDENTITY_DURATION_SECONDS: i64 = 3600;
+/// The annotation on a server's identity Lease that holds its advertise address.
+pub const ADVERTISE_ANNOTATION: &str = "krate.dev/advertise-address";
 /// How often the allocator's reservations are reconciled with the Services.
 const REPAIR_INTERVAL: Duration = Duration::from_secs(180);
 const MANAGER: &str = "kube-apiserver";
@@ -112,23 +127,77 @@ impl ApiServer {
         });
     }
 
+    /// Renews this server's identity Lease, then points the `kubernetes` Service at every
+    /// server whose Lease is fresh (this one always among them).
     async fn write_kubernetes_endpoints(&self, address: SocketAddr) -> ApiResult<()> {
-        let (ip, port) = (address.ip().to_string(), address.port());
+        let live = self.renew_identity(address).await?;
+        let port = address.port();
+        let mut ips: Vec<String> = live.iter().filter(|a| a.port() == port).map(|a| a.ip().to_string()).collect();
+        ips.sort();
+        ips.dedup();
         let ports = json!([{"name": "https", "port": port, "protocol": "TCP"}]);
+        let addresses: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
         let endpoints = json!({"apiVersion": "v1", "kind": "Endpoints",
             "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
-            "subsets": [{"addresses": [{"ip": ip}], "ports": ports}]});
+            "subsets": [{"addresses": addresses, "ports": ports}]});
         self.converge(self.storage.builtin::<Endpoints>(Some("default".into())), endpoints, &["subsets"]).await?;
         let family = if address.is_ipv4() { "IPv4" } else { "IPv6" };
+        let slice_endpoints: Vec<Value> =
+            ips.iter().map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}})).collect();
         let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubernetes"}},
-            "addressType": family, "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}], "ports": ports});
+            "addressType": family, "endpoints": slice_endpoints, "ports": ports});
         self.converge(
             self.storage.builtin::<EndpointSlice>(Some("default".into())),
             slice,
             &["addressType", "endpoints", "ports"],
         )
         .await
+    }
+
+    /// Writes this server's identity Lease (renewed now) and returns the advertise
+    /// addresses of every server whose Lease was renewed within [`ENDPOINT_TTL`].
+    async fn renew_identity(&self, address: SocketAddr) -> ApiResult<Vec<SocketAddr>> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, address.to_string().as_bytes());
+        let hash: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let name = format!("apiserver-{hash}");
+        let scope = self.storage.builtin::<Lease>(Some("kube-system".into()));
+        let now = krate_api::object::now_rfc3339_micros();
+        let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": name, "namespace": "kube-system",
+                "labels": {IDENTITY_LABEL: "kube-apiserver", "kubernetes.io/hostname": hostname()},
+                "annotations": {ADVERTISE_ANNOTATION: address.to_string()}},
+            "spec": {"holderIdentity": format!("{name}_{}", self.identity), "leaseDurationSeconds": IDENTITY_DURATION_SECONDS,
+                "renewTime": now}});
+        match self.storage.get(&scope, &name).await {
+            Ok(found) => {
+                let mut renewed = found.parse();
+                renewed["spec"] = lease["spec"].clone();
+                renewed["metadata"]["annotations"] = lease["metadata"]["annotations"].clone();
+                self.storage.update(&scope, &name, Subresource::Main, renewed, &write_options()).await?;
+            }
+            Err(e) if e.code == 404 => self.storage.ensure(&scope, lease).await?,
+            Err(e) => return Err(e),
+        }
+        let cutoff = jiff::Timestamp::now() - ENDPOINT_TTL;
+        let mut live = vec![address];
+        for other in self.storage.cached_objects(&scope, false).await {
+            if other.pointer("/metadata/labels").and_then(|l| l.get(IDENTITY_LABEL)).is_none() {
+                continue;
+            }
+            let renewed = other.pointer("/spec/renewTime").and_then(Value::as_str).and_then(|t| t.parse::<jiff::Timestamp>().ok());
+            let advertised = other
+                .pointer("/metadata/annotations")
+                .and_then(|a| a.get(ADVERTISE_ANNOTATION))
+                .and_then(Value::as_str)
+                .and_then(|a| a.parse::<SocketAddr>().ok());
+            if let (Some(renewed), Some(advertised)) = (renewed, advertised) {
+                if renewed >= cutoff {
+                    live.push(advertised);
+                }
+            }
+        }
+        Ok(live)
     }
 
     /// Creates `desired`, or rewrites the stored object's `fields` (and labels) where they
@@ -153,4 +222,9 @@ impl ApiServer {
         updated["metadata"]["labels"] = desired["metadata"]["labels"].clone();
         self.storage.update(&scope, &name, Subresource::Main, updated, &write_options()).await.map(|_| ())
     }
+}
+
+/// This machine's host name (upstream's identity Leases carry it as a label).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
 }

@@ -127,6 +127,8 @@ pub struct ApiServer {
     pub aggregator: aggregator::Aggregator,
     /// The node agents' usage scraped for metrics.k8s.io.
     pub resource_metrics: rest::resourcemetrics::Scraper,
+    /// This process's identity among the API servers of the cluster (a UUID).
+    pub identity: String,
 }
 
 /// Namespaces every cluster starts with.
@@ -175,6 +177,7 @@ impl ApiServer {
             documents: Default::default(),
             aggregator: Default::default(),
             resource_metrics: Default::default(),
+            identity: registry::uuid_v4(),
             tokens: rest::serviceaccounts::tokens::Tokens::new(&settings.service_account_key)?,
             settings,
             metrics: metrics::Metrics::new(),

@@ -118,6 +118,21 @@ pub struct ServerArgs {
     /// Days a rotated audit log is kept (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub audit_log_maxage: u64,
+    /// Keep the cluster's state in an etcd cluster instead of the embedded SQLite
+    /// database: its client URLs, comma-separated (`https://10.0.0.1:2379,https://...`).
+    /// Several krate servers on the same etcd (and the same --ca-cert/--ca-key) serve
+    /// the same cluster. Keys are stored under /registry/ as upstream's API server does.
+    #[arg(long, value_delimiter = ',')]
+    pub datastore_endpoint: Vec<String>,
+    /// The CA that signed the etcd members' serving certificates (PEM).
+    #[arg(long, requires = "datastore_endpoint")]
+    pub datastore_cafile: Option<PathBuf>,
+    /// A client certificate for etcd (PEM), with --datastore-keyfile.
+    #[arg(long, requires_all = ["datastore_endpoint", "datastore_keyfile"])]
+    pub datastore_certfile: Option<PathBuf>,
+    /// The key of --datastore-certfile (PEM).
+    #[arg(long, requires = "datastore_certfile")]
+    pub datastore_keyfile: Option<PathBuf>,
     /// Serve the API only; do not run the built-in controllers and scheduler.
     #[arg(long)]
     pub disable_controllers: bool,
@@ -201,10 +216,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         key_pem: serving.key_pem,
     })?;
 
-    let db_dir = args.data_dir.join("db");
-    std::fs::create_dir_all(&db_dir)?;
-    let store = SqliteStore::open(db_dir.join("state.db")).context("opening the database")?;
-    let store = encrypted_store(Arc::new(store), &args).await?;
+    let store = encrypted_store(open_store(&args).await?, &args).await?;
     let advertise = std::net::SocketAddr::new(advertise_ip, args.port).to_string();
     let kubelet_client =
         pki.client_certificate("apiserver-kubelet-client", "kube-apiserver-kubelet-client", &["system:masters"])?;
@@ -377,6 +389,32 @@ pub async fn run(args: ServerArgs) -> Result<()> {
 /// The database behind encryption at rest (see `--encryption-provider-config`): every
 /// stored value is checked readable and the ones not under the writing key are
 /// rewritten before the server starts.
+/// The embedded SQLite database under the data directory, or the etcd cluster of
+/// --datastore-endpoint.
+async fn open_store(args: &ServerArgs) -> Result<Arc<dyn krate_store::Store>> {
+    if args.datastore_endpoint.is_empty() {
+        let db_dir = args.data_dir.join("db");
+        std::fs::create_dir_all(&db_dir)?;
+        let store = SqliteStore::open(db_dir.join("state.db")).context("opening the database")?;
+        return Ok(Arc::new(store));
+    }
+    let read = |path: &Option<PathBuf>, flag: &str| -> Result<Option<Vec<u8>>> {
+        path.as_ref().map(|p| std::fs::read(p).with_context(|| format!("{flag} {}", p.display()))).transpose()
+    };
+    let config = krate_store::etcd::EtcdConfig {
+        endpoints: args.datastore_endpoint.clone(),
+        ca_pem: read(&args.datastore_cafile, "--datastore-cafile")?,
+        client_cert_pem: read(&args.datastore_certfile, "--datastore-certfile")?
+            .zip(read(&args.datastore_keyfile, "--datastore-keyfile")?),
+    };
+    let endpoints = config.endpoints.join(",");
+    let store = krate_store::etcd::EtcdStore::connect(&config).await.with_context(|| {
+        format!("cannot reach etcd at {endpoints} (is it running? check --datastore-endpoint and its TLS files)")
+    })?;
+    tracing::info!(%endpoints, "using etcd as the datastore");
+    Ok(Arc::new(store))
+}
+
 async fn encrypted_store(store: Arc<dyn krate_store::Store>, args: &ServerArgs) -> Result<Arc<dyn krate_store::Store>> {
     use krate_apiserver::encryption::{self, EncryptedStore};
     let path = match &args.encryption_provider_config {

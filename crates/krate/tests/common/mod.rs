@@ -20,6 +20,8 @@ pub mod webhook;
 pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// The loopback address it listens on (127.0.0.1 unless started with `start_bound`).
+    pub host: String,
     child: Option<Child>,
     extra_args: Vec<String>,
     /// Whether the server runs its node agent (containers on containerd); the agent's
@@ -70,6 +72,7 @@ impl TestServer {
         Self {
             dir,
             port: free_port(),
+            host: "127.0.0.1".into(),
             child: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             agent,
@@ -93,6 +96,18 @@ impl TestServer {
     /// Like `start_with`, after `prepare` had the (not yet created) data directory.
     pub fn start_prepared(extra_args: &[&str], prepare: impl FnOnce(&Path)) -> Self {
         let mut server = Self::unstarted(extra_args, false);
+        prepare(&server.data_dir());
+        server.spawn();
+        server
+    }
+
+    /// Like `start_prepared`, listening on `host:port` (another loopback address, so that
+    /// several servers of one cluster share a port as upstream's API servers must).
+    pub fn start_bound(host: &str, port: u16, extra_args: &[&str], prepare: impl FnOnce(&Path)) -> Self {
+        let mut server = Self::unstarted(extra_args, false);
+        server.host = host.to_string();
+        server.port = port;
+        server.extra_args.extend(["--bind-address".to_string(), host.to_string()]);
         prepare(&server.data_dir());
         server.spawn();
         server
@@ -152,7 +167,7 @@ impl TestServer {
     }
 
     pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}:{}", self.host, self.port)
     }
 
     /// What the server printed for its operator (standard output).
@@ -172,7 +187,7 @@ impl TestServer {
                 self.child = None;
                 return Err(status);
             }
-            if self.kubeconfig().exists() && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if self.kubeconfig().exists() && std::net::TcpStream::connect((self.host.as_str(), self.port)).is_ok() {
                 return Ok(());
             }
             assert!(Instant::now() < deadline, "krate server did not become ready:\n{}", self.log());

@@ -1,0 +1,199 @@
+//! Several krate servers on one etcd cluster: every server serves the same objects and
+//! watches, the `kubernetes` Service lists exactly the live servers, and when one server
+//! is killed mid-stream of writes the writes go on through another with nothing
+//! acknowledged lost.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{client_for, eventually, free_port, TestServer};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Endpoints};
+use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
+use krate_store::etcd::process::{EtcdProcess, MemberConfig};
+use serde_json::json;
+
+/// A one-member etcd in its own directory (dropped last: bind it first).
+async fn etcd() -> (tempfile::TempDir, EtcdProcess) {
+    let dir = tempfile::tempdir().unwrap();
+    let member = MemberConfig::single("etcd-0", &dir.path().join("member"), free_port(), free_port());
+    let process = EtcdProcess::start(member, Duration::from_secs(30)).await.expect("etcd starts (Debian etcd-server)");
+    (dir, process)
+}
+
+/// Servers of one cluster: the first creates the cluster's keys (CA, service-account key,
+/// encryption configuration); the others start with a copy of them, as a joining server
+/// must hold them.
+fn servers(etcd: &EtcdProcess, count: usize) -> Vec<TestServer> {
+    let endpoint = etcd.config.client_url.clone();
+    let port = free_port();
+    let args = ["--datastore-endpoint", endpoint.as_str()];
+    let first = TestServer::start_bound("127.0.0.2", port, &args, |_| ());
+    let mut all = vec![first];
+    for i in 1..count {
+        let pki = all[0].data_dir().join("pki");
+        let host = format!("127.0.0.{}", i + 2);
+        all.push(TestServer::start_bound(&host, port, &args, |dir| copy_dir(&pki, &dir.join("pki"))));
+    }
+    all
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+fn config_map(name: &str, value: &str) -> ConfigMap {
+    serde_json::from_value(json!({"metadata": {"name": name}, "data": {"v": value}})).unwrap()
+}
+
+async fn endpoint_ips(client: &kube::Client) -> Vec<String> {
+    let endpoints: Api<Endpoints> = Api::namespaced(client.clone(), "default");
+    let Ok(found) = endpoints.get("kubernetes").await else { return Vec::new() };
+    let mut ips: Vec<String> = found
+        .subsets
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|s| s.addresses.clone().unwrap_or_default())
+        .map(|a| a.ip)
+        .collect();
+    ips.sort();
+    ips
+}
+
+#[tokio::test]
+async fn servers_on_one_etcd_serve_the_same_objects_and_watches() {
+    let (_dir, etcd) = etcd().await;
+    let servers = servers(&etcd, 2);
+    let (a, b) = (servers[0].client().await, servers[1].client().await);
+    let on_a: Api<ConfigMap> = Api::namespaced(a, "default");
+    let on_b: Api<ConfigMap> = Api::namespaced(b, "default");
+
+    let start = on_b.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
+    let mut watch = on_b.watch(&WatchParams::default().timeout(30), &start).await.unwrap().boxed();
+    let created = on_a.create(&PostParams::default(), &config_map("shared", "1")).await.unwrap();
+    let seen = on_b.get("shared").await.unwrap();
+    assert_eq!(seen.metadata.uid, created.metadata.uid);
+    assert_eq!(seen.metadata.resource_version, created.metadata.resource_version, "resourceVersions are etcd's");
+    let added = loop {
+        match watch.try_next().await.unwrap().expect("the watch on b ended") {
+            WatchEvent::Added(cm) if cm.metadata.name.as_deref() == Some("shared") => break cm,
+            _ => continue,
+        }
+    };
+    assert_eq!(added.metadata.resource_version, created.metadata.resource_version);
+
+    // An update through b moves the object on; a's stale copy is a conflict.
+    let mut newer = seen.clone();
+    newer.data = Some([("v".to_string(), "2".to_string())].into());
+    on_b.replace("shared", &PostParams::default(), &newer).await.unwrap();
+    let mut stale = created.clone();
+    stale.data = Some([("v".to_string(), "3".to_string())].into());
+    let err = on_a.replace("shared", &PostParams::default(), &stale).await.unwrap_err();
+    assert!(matches!(err, kube::Error::Api(ref s) if s.code == 409), "{err:?}");
+}
+
+#[tokio::test]
+async fn the_kubernetes_service_lists_exactly_the_live_servers() {
+    let (_dir, etcd) = etcd().await;
+    let mut servers = servers(&etcd, 2);
+    let a = servers[0].client().await;
+    eventually(40, "both servers in the kubernetes endpoints", || async {
+        (endpoint_ips(&a).await == ["127.0.0.2", "127.0.0.3"]).then_some(())
+    })
+    .await;
+    let leases = servers[0].kubectl_ok(&["get", "leases", "-n", "kube-system", "-l", "apiserver.kubernetes.io/identity"]);
+    assert_eq!(leases.lines().count(), 3, "one identity Lease per server:\n{leases}");
+    servers[1].kill();
+    eventually(60, "the killed server to leave the kubernetes endpoints", || async {
+        (endpoint_ips(&a).await == ["127.0.0.2"]).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn killing_a_server_mid_writes_loses_nothing_and_writes_go_on_through_another() {
+    let (_dir, etcd) = etcd().await;
+    let mut servers = servers(&etcd, 2);
+    let kubeconfigs = [servers[0].kubeconfig(), servers[1].kubeconfig()];
+    let acknowledged: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
+    let failed_over: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let killed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (acknowledged, failed_over, kubeconfigs) = (acknowledged.clone(), failed_over.clone(), kubeconfigs.clone());
+        writers.push(tokio::spawn(async move {
+            // Each writer goes through server a until a write fails, then through b (a
+            // client-side failover, as a client with both servers configured does).
+            let mut target = 0;
+            let mut cms: Api<ConfigMap> = Api::namespaced(client_for(&kubeconfigs[0]).await, "default");
+            for i in 0..400 {
+                let name = format!("w{w}-{i}");
+                loop {
+                    match cms.create(&PostParams::default(), &config_map(&name, "x")).await {
+                        Ok(created) => {
+                            let rv = created.metadata.resource_version.unwrap().parse().unwrap();
+                            acknowledged.lock().unwrap().push((name.clone(), rv));
+                            if target == 1 {
+                                failed_over.lock().unwrap().get_or_insert_with(Instant::now);
+                            }
+                            break;
+                        }
+                        // The write may or may not have landed: a retry may find it.
+                        Err(kube::Error::Api(s)) if s.code == 409 => break,
+                        Err(_) if target == 0 => {
+                            target = 1;
+                            cms = Api::namespaced(client_for(&kubeconfigs[1]).await, "default");
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            }
+        }));
+    }
+    eventually(30, "writes to be flowing", || async { (acknowledged.lock().unwrap().len() > 100).then_some(()) }).await;
+    servers[0].kill();
+    *killed_at.lock().unwrap() = Some(Instant::now());
+    for w in writers {
+        tokio::time::timeout(Duration::from_secs(120), w).await.expect("writers finish").unwrap();
+    }
+    let pause = failed_over.lock().unwrap().zip(*killed_at.lock().unwrap()).map(|(f, k)| f.saturating_duration_since(k));
+    eprintln!("writes resumed through the second server {pause:?} after the kill");
+    assert!(pause.is_some(), "no write went through the second server");
+
+    let cms: Api<ConfigMap> = Api::namespaced(servers[1].client().await, "default");
+    let stored = cms.list(&ListParams::default()).await.unwrap();
+    let names: HashSet<String> = stored.items.iter().filter_map(|c| c.metadata.name.clone()).collect();
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    for (name, _) in &acknowledged {
+        assert!(names.contains(name), "acknowledged write {name} was lost");
+    }
+    assert_eq!(names.iter().filter(|n| n.starts_with('w')).count(), 1600, "every writer finished its 400 writes");
+
+    // The killed server comes back on the same etcd and serves the same state, with
+    // revisions past every acknowledged one.
+    servers[0].restart();
+    let again: Api<ConfigMap> = Api::namespaced(servers[0].client().await, "default");
+    let relisted = again.list(&ListParams::default()).await.unwrap();
+    assert_eq!(relisted.items.len(), stored.items.len());
+    let max_acked = acknowledged.iter().map(|(_, rv)| *rv).max().unwrap();
+    let rv: i64 = again
+        .create(&PostParams::default(), &config_map("after", "x"))
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(rv > max_acked, "revision {rv} after the restart must exceed {max_acked}");
+}
