@@ -9,6 +9,7 @@ mod components;
 mod config;
 mod dev;
 mod doctor;
+mod etcd;
 mod hollow;
 mod join;
 mod kubeconfig;

@@ -144,6 +144,17 @@ impl Pki {
     }
 
     fn issue(&self, common_name: &str, organizations: &[&str], sans: &[String], server: bool) -> Result<Leaf> {
+        let usage = if server { ExtendedKeyUsagePurpose::ServerAuth } else { ExtendedKeyUsagePurpose::ClientAuth };
+        self.issue_for(common_name, organizations, sans, vec![usage])
+    }
+
+    fn issue_for(
+        &self,
+        common_name: &str,
+        organizations: &[&str],
+        sans: &[String],
+        usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<Leaf> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = DistinguishedName::new();
@@ -158,8 +169,7 @@ impl Pki {
             });
         }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages =
-            vec![if server { ExtendedKeyUsagePurpose::ServerAuth } else { ExtendedKeyUsagePurpose::ClientAuth }];
+        params.extended_key_usages = usages;
         validity(&mut params, 365);
         let issuer = Issuer::from_ca_cert_pem(&self.ca_cert_pem, &self.ca_key)?;
         let cert = params.signed_by(&key, &issuer)?;
@@ -184,6 +194,26 @@ impl Pki {
         fs::write(&cert_path, &leaf.cert_pem)?;
         write_private(&key_path, &leaf.key_pem)?;
         Ok(leaf)
+    }
+
+    /// A fresh certificate for this machine's etcd member, under `etcd/`: it serves
+    /// clients and peers at `sans` and is the client certificate the member's peers and
+    /// the local API server present (etcd checks only that the cluster CA signed it).
+    /// Returns the certificate and key files.
+    pub fn etcd_member(&self, name: &str, sans: &[String]) -> Result<(PathBuf, PathBuf)> {
+        let usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let leaf = self.issue_for(name, &[], sans, usages)?;
+        let dir = self.dir.join("etcd");
+        fs::create_dir_all(&dir)?;
+        let (cert, key) = (dir.join("member.crt"), dir.join("member.key"));
+        fs::write(&cert, &leaf.cert_pem)?;
+        write_private(&key, &leaf.key_pem)?;
+        Ok((cert, key))
+    }
+
+    /// The cluster CA's certificate file.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.crt")
     }
 
     /// The cluster-admin client certificate (group system:masters).

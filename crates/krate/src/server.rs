@@ -118,6 +118,20 @@ pub struct ServerArgs {
     /// Days a rotated audit log is kept (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub audit_log_maxage: u64,
+    /// Run an etcd member on this machine and keep the cluster's state in it instead of
+    /// the embedded SQLite database: the first server of a highly available control
+    /// plane. The member's data is in <data-dir>/db/etcd, its client and peer TLS come
+    /// from the cluster CA, and it is supervised (restarted if it exits, stopped with the
+    /// server). Later starts of the same data directory run the member again without
+    /// this flag.
+    #[arg(long, conflicts_with = "datastore_endpoint")]
+    pub cluster_init: bool,
+    /// Client port of the managed etcd member.
+    #[arg(long, default_value_t = 2379)]
+    pub etcd_client_port: u16,
+    /// Peer port of the managed etcd member.
+    #[arg(long, default_value_t = 2380)]
+    pub etcd_peer_port: u16,
     /// Keep the cluster's state in an etcd cluster instead of the embedded SQLite
     /// database: its client URLs, comma-separated (`https://10.0.0.1:2379,https://...`).
     /// Several krate servers on the same etcd (and the same --ca-cert/--ca-key) serve
@@ -216,7 +230,12 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         key_pem: serving.key_pem,
     })?;
 
-    let store = encrypted_store(open_store(&args).await?, &args).await?;
+    let member = managed_etcd(&args, &pki, advertise_ip).await?;
+    let store = match &member {
+        Some(member) => connect_etcd(&member.client_config().await?).await?,
+        None => open_store(&args).await?,
+    };
+    let store = encrypted_store(store, &args).await?;
     let advertise = std::net::SocketAddr::new(advertise_ip, args.port).to_string();
     let kubelet_client =
         pki.client_certificate("apiserver-kubelet-client", "kube-apiserver-kubelet-client", &["system:masters"])?;
@@ -389,6 +408,29 @@ pub async fn run(args: ServerArgs) -> Result<()> {
 /// The database behind encryption at rest (see `--encryption-provider-config`): every
 /// stored value is checked readable and the ones not under the writing key are
 /// rewritten before the server starts.
+/// The etcd member this server runs (with --cluster-init, or when its data directory
+/// already holds one), started and supervised.
+async fn managed_etcd(
+    args: &ServerArgs,
+    pki: &crate::pki::Pki,
+    advertise: IpAddr,
+) -> Result<Option<crate::etcd::Supervised>> {
+    let dir = args.data_dir.join("db/etcd");
+    if !args.cluster_init && !dir.join("member").is_dir() {
+        return Ok(None);
+    }
+    if args.cluster_init && args.data_dir.join("db/state.db").exists() {
+        anyhow::bail!(
+            "{} holds a SQLite cluster: --cluster-init starts a new etcd one (move the data directory aside, \
+             or run without --cluster-init)",
+            args.data_dir.display()
+        );
+    }
+    let member = crate::etcd::member_config(&dir, pki, advertise, args.etcd_client_port, args.etcd_peer_port)?;
+    eprintln!("starting the etcd member {} (client {}, peer {})", member.name, member.client_url, member.peer_url);
+    Ok(Some(crate::etcd::Supervised::start(member).await?))
+}
+
 /// The embedded SQLite database under the data directory, or the etcd cluster of
 /// --datastore-endpoint.
 async fn open_store(args: &ServerArgs) -> Result<Arc<dyn krate_store::Store>> {
@@ -407,8 +449,12 @@ async fn open_store(args: &ServerArgs) -> Result<Arc<dyn krate_store::Store>> {
         client_cert_pem: read(&args.datastore_certfile, "--datastore-certfile")?
             .zip(read(&args.datastore_keyfile, "--datastore-keyfile")?),
     };
+    connect_etcd(&config).await
+}
+
+async fn connect_etcd(config: &krate_store::etcd::EtcdConfig) -> Result<Arc<dyn krate_store::Store>> {
     let endpoints = config.endpoints.join(",");
-    let store = krate_store::etcd::EtcdStore::connect(&config).await.with_context(|| {
+    let store = krate_store::etcd::EtcdStore::connect(config).await.with_context(|| {
         format!("cannot reach etcd at {endpoints} (is it running? check --datastore-endpoint and its TLS files)")
     })?;
     tracing::info!(%endpoints, "using etcd as the datastore");

@@ -197,3 +197,26 @@ async fn killing_a_server_mid_writes_loses_nothing_and_writes_go_on_through_anot
         .unwrap();
     assert!(rv > max_acked, "revision {rv} after the restart must exceed {max_acked}");
 }
+
+#[tokio::test]
+async fn cluster_init_runs_an_etcd_member_that_stops_with_the_server_and_comes_back_with_it() {
+    let (client_port, peer_port) = (free_port().to_string(), free_port().to_string());
+    let ports = ["--etcd-client-port", client_port.as_str(), "--etcd-peer-port", peer_port.as_str()];
+    let mut args = vec!["--cluster-init"];
+    args.extend(ports);
+    let mut server = TestServer::start_with(&args);
+    let member_answers = || std::net::TcpStream::connect(("127.0.0.1", client_port.parse::<u16>().unwrap())).is_ok();
+    assert!(member_answers(), "the member listens on its client port");
+    assert!(server.data_dir().join("db/etcd/member").is_dir(), "the member's data is in the data directory");
+    assert!(!server.data_dir().join("db/state.db").exists(), "no SQLite database beside it");
+    let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
+    cms.create(&PostParams::default(), &config_map("kept", "1")).await.unwrap();
+
+    server.kill();
+    eventually(10, "the member to stop with its server", || async { (!member_answers()).then_some(()) }).await;
+
+    // Without --cluster-init: the data directory says it runs a member.
+    server.restart_with(&ports);
+    let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
+    assert_eq!(cms.get("kept").await.unwrap().data.unwrap()["v"], "1");
+}

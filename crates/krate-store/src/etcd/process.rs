@@ -16,14 +16,29 @@ use crate::Store;
 pub struct MemberConfig {
     pub name: String,
     pub data_dir: PathBuf,
-    /// Where clients connect (`http://127.0.0.1:2379`).
+    /// Where clients connect (`http://127.0.0.1:2379`): advertised to clients.
     pub client_url: String,
+    /// Where the member listens for clients, if not only at `client_url` (loopback and
+    /// the advertised address, say).
+    pub listen_client_urls: Vec<String>,
     /// Where the other members connect.
     pub peer_url: String,
     /// `name=peer_url,...` of every member, this one included.
     pub initial_cluster: String,
     /// Joining a running cluster (`existing`) rather than forming a new one (`new`).
     pub existing: bool,
+    /// Client and peer TLS (required client certificates on both); plain HTTP if None.
+    pub tls: Option<MemberTls>,
+}
+
+/// The files of a member's TLS: one certificate serves clients and peers alike (it has
+/// both the server and the client key usage), and every connection must present a
+/// certificate from `ca`.
+#[derive(Clone, Debug)]
+pub struct MemberTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 impl MemberConfig {
@@ -34,9 +49,11 @@ impl MemberConfig {
             name: name.to_string(),
             data_dir: data_dir.to_path_buf(),
             client_url: format!("http://127.0.0.1:{client_port}"),
+            listen_client_urls: Vec::new(),
             initial_cluster: format!("{name}={peer_url}"),
             peer_url,
             existing: false,
+            tls: None,
         }
     }
 }
@@ -57,7 +74,10 @@ impl EtcdProcess {
     pub async fn start(config: MemberConfig, timeout: Duration) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
-        let log = std::fs::File::create(config.data_dir.with_extension("log"))
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(config.data_dir.with_extension("log"))
             .with_context(|| format!("creating the etcd log next to {}", config.data_dir.display()))?;
         let mut command = Command::new(binary());
         command
@@ -66,7 +86,11 @@ impl EtcdProcess {
             .arg("--data-dir")
             .arg(&config.data_dir)
             .arg("--listen-client-urls")
-            .arg(&config.client_url)
+            .arg(if config.listen_client_urls.is_empty() {
+                config.client_url.clone()
+            } else {
+                config.listen_client_urls.join(",")
+            })
             .arg("--advertise-client-urls")
             .arg(&config.client_url)
             .arg("--listen-peer-urls")
@@ -77,9 +101,34 @@ impl EtcdProcess {
             .arg(&config.initial_cluster)
             .arg("--initial-cluster-state")
             .arg(if config.existing { "existing" } else { "new" })
+            // The member's own housekeeping, as upstream's kubeadm sets it.
+            .args(["--snapshot-count", "10000"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        if let Some(tls) = &config.tls {
+            for (flag, path) in [
+                ("--cert-file", &tls.cert),
+                ("--key-file", &tls.key),
+                ("--trusted-ca-file", &tls.ca),
+                ("--peer-cert-file", &tls.cert),
+                ("--peer-key-file", &tls.key),
+                ("--peer-trusted-ca-file", &tls.ca),
+            ] {
+                command.arg(flag).arg(path);
+            }
+            command.args(["--client-cert-auth", "--peer-client-cert-auth"]);
+        }
+        // The member dies with its supervisor (a killed krate server must not leave an
+        // etcd behind holding its ports and data directory).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = command.spawn().with_context(|| {
             format!("starting {} (install Debian's etcd-server, or set KRATE_ETCD)", binary().display())
         })?;
@@ -92,8 +141,7 @@ impl EtcdProcess {
                 let tail: Vec<&str> = tail.lines().rev().take(5).collect();
                 anyhow::bail!("etcd exited ({status}); its log ends: {}", tail.join(" | "));
             }
-            let config = EtcdConfig { endpoints: vec![process.config.client_url.clone()], ..Default::default() };
-            if let Ok(store) = EtcdStore::connect(&config).await {
+            if let Ok(store) = EtcdStore::connect(&process.client_config()?).await {
                 if store.current_revision().await.is_ok() {
                     return Ok(process);
                 }
@@ -103,6 +151,23 @@ impl EtcdProcess {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// How a client reaches this member (with the member's own certificate, which is
+    /// also a client certificate of the cluster's CA).
+    pub fn client_config(&self) -> anyhow::Result<EtcdConfig> {
+        let mut config = EtcdConfig { endpoints: vec![self.config.client_url.clone()], ..Default::default() };
+        if let Some(tls) = &self.config.tls {
+            let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            config.ca_pem = Some(read(&tls.ca)?);
+            config.client_cert_pem = Some((read(&tls.cert)?, read(&tls.key)?));
+        }
+        Ok(config)
+    }
+
+    /// The member's exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     pub fn pid(&self) -> u32 {
