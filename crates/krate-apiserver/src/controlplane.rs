@@ -185,7 +185,10 @@ impl ApiServer {
             if other.pointer("/metadata/labels").and_then(|l| l.get(IDENTITY_LABEL)).is_none() {
                 continue;
             }
-            let renewed = other.pointer("/spec/renewTime").and_then(Value::as_str).and_then(|t| t.parse::<jiff::Timestamp>().ok());
+            let renewed = other
+                .pointer("/spec/renewTime")
+                .and_then(Value::as_str)
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok());
             let advertised = other
                 .pointer("/metadata/annotations")
                 .and_then(|a| a.get(ADVERTISE_ANNOTATION))

@@ -24,9 +24,7 @@ use async_trait::async_trait;
 use base64::Engine;
 use bytes::Bytes;
 use futures::StreamExt;
-use krate_store::{
-    Event, KeyValue, ListRequest, ListResponse, Revision, Store, StoreError, WatchBatch, WatchStream,
-};
+use krate_store::{Event, KeyValue, ListRequest, ListResponse, Revision, Store, StoreError, WatchBatch, WatchStream};
 use serde::{Deserialize, Serialize};
 
 const PREFIX: &[u8] = b"k8s:enc:";

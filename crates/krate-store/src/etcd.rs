@@ -24,7 +24,10 @@ use etcd_client::{
 };
 use futures::StreamExt;
 
-use crate::{prefix_end, Event, KeyValue, ListRequest, ListResponse, Result, Revision, Store, StoreError, WatchBatch, WatchStream};
+use crate::{
+    prefix_end, Event, KeyValue, ListRequest, ListResponse, Result, Revision, Store, StoreError, WatchBatch,
+    WatchStream,
+};
 
 /// The key whose value is the newest compacted revision and whose version orders
 /// compaction rounds among servers (upstream's name).
@@ -43,6 +46,28 @@ pub struct EtcdConfig {
     pub ca_pem: Option<Vec<u8>>,
     /// PEM client certificate and key, for members that require client certificates.
     pub client_cert_pem: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// An etcd cluster's health, as `krate doctor` shows it.
+#[derive(Clone, Debug)]
+pub struct ClusterStatus {
+    pub version: String,
+    /// Bytes of the answering member's database file.
+    pub db_size: i64,
+    pub revision: Revision,
+    /// Member ID of the leader (0: none).
+    pub leader: u64,
+    /// Keys under /registry/.
+    pub objects: i64,
+    pub members: Vec<MemberStatus>,
+}
+
+#[derive(Clone, Debug)]
+pub struct MemberStatus {
+    pub id: u64,
+    pub name: String,
+    pub client_urls: Vec<String>,
+    pub learner: bool,
 }
 
 pub struct EtcdStore {
@@ -134,12 +159,53 @@ impl EtcdStore {
         self.client.clone()
     }
 
+    /// What the member answering says about itself and its cluster.
+    pub async fn status(&self) -> Result<ClusterStatus> {
+        let mut client = self.client.clone();
+        let status = client.status().await.map_err(backend)?;
+        let members = client.member_list().await.map_err(backend)?;
+        let count = client
+            .get("/registry/", Some(GetOptions::new().with_range(prefix_end("/registry/")).with_count_only()))
+            .await
+            .map_err(backend)?;
+        Ok(ClusterStatus {
+            version: status.version().to_string(),
+            db_size: status.db_size(),
+            revision: header_revision(status.header()),
+            leader: status.leader(),
+            objects: count.count(),
+            members: members
+                .members()
+                .iter()
+                .map(|m| MemberStatus {
+                    id: m.id(),
+                    name: m.name().to_string(),
+                    client_urls: m.client_urls().to_vec(),
+                    learner: m.is_learner(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Streams a snapshot of the whole database (etcd's own `snapshot save`) into
+    /// `out`; returns its size.
+    pub async fn snapshot(&self, out: &mut (impl std::io::Write + Send)) -> Result<u64> {
+        let mut stream = self.client.clone().snapshot().await.map_err(backend)?;
+        let mut size = 0;
+        while let Some(part) = stream.message().await.map_err(backend)? {
+            out.write_all(part.blob()).map_err(backend)?;
+            size += part.blob().len() as u64;
+        }
+        Ok(size)
+    }
+
     /// The value and version of [`COMPACT_KEY`].
     async fn compact_state(&self) -> Result<(Revision, i64)> {
         let response = self.client.clone().get(COMPACT_KEY, None).await.map_err(backend)?;
-        Ok(response.kvs().first().map_or((0, 0), |kv| {
-            (String::from_utf8_lossy(kv.value()).parse().unwrap_or(0), kv.version())
-        }))
+        Ok(response
+            .kvs()
+            .first()
+            .map_or((0, 0), |kv| (String::from_utf8_lossy(kv.value()).parse().unwrap_or(0), kv.version())))
     }
 
     /// Puts `key` if `compare` holds, reading it back in the same transaction (a put's

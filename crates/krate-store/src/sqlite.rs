@@ -18,7 +18,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{oneshot, watch};
 
 use crate::{
-    prefix_end, Event, KeyValue, ListRequest, ListResponse, Result, Revision, Store, StoreError, WatchBatch, WatchStream,
+    prefix_end, Event, KeyValue, ListRequest, ListResponse, Result, Revision, Store, StoreError, WatchBatch,
+    WatchStream,
 };
 
 /// Largest number of queued writes committed in one transaction.

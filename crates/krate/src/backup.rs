@@ -3,7 +3,8 @@
 //!
 //! A backup is a gzipped tar: `krate-backup.json` (what it holds: krate version, store
 //! format, revision, object count, whether keys are in it), `db/state.db` (a consistent
-//! copy of the SQLite store from its online backup API) and, unless `--no-keys`, the
+//! copy of the SQLite store from its online backup API) or, for a server on etcd,
+//! `db/etcd.snapshot` (etcd's own snapshot, streamed from a member) and, unless `--no-keys`, the
 //! cluster's certificates and keys (`pki/`, the CA, service-account signing and
 //! encryption-at-rest keys) and `admin.kubeconfig`. The node agent's directory is not
 //! cluster state and stays out.
@@ -22,6 +23,7 @@ use serde_json::{json, Value};
 
 const MANIFEST: &str = "krate-backup.json";
 const DB: &str = "db/state.db";
+const ETCD_SNAPSHOT: &str = "db/etcd.snapshot";
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
@@ -52,9 +54,20 @@ pub struct RestoreArgs {
     pub bump_revision: i64,
 }
 
-pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
+/// What a backup took from the store: the file to add under its name, and its figures.
+struct StoreCopy {
+    path: PathBuf,
+    name: &'static str,
+    keys: i64,
+    revision: i64,
+    format: Value,
+    datastore: &'static str,
+}
+
+pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    let datastore = crate::etcd::Datastore::load(&args.data_dir)?;
     let db = args.data_dir.join(DB);
-    if !db.is_file() {
+    if datastore.is_none() && !db.is_file() {
         bail!("no database at {}; is --data-dir the server's data directory?", db.display());
     }
     let dir = args.file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -62,17 +75,31 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
         .prefix(".krate-backup")
         .tempdir_in(dir)
         .with_context(|| format!("creating a working directory in {} (is it writable?)", dir.display()))?;
-    eprintln!("copying the store at {} (online)", db.display());
-    let copy = staging.path().join("state.db");
-    let snapshot = krate_store::sqlite::backup(&db, &copy)?;
-    eprintln!("  {} objects at revision {}", snapshot.keys, snapshot.revision);
+    let copy = match &datastore {
+        Some(datastore) => etcd_snapshot(datastore, staging.path()).await?,
+        None => {
+            eprintln!("copying the store at {} (online)", db.display());
+            let copy = staging.path().join("state.db");
+            let snapshot = krate_store::sqlite::backup(&db, &copy)?;
+            StoreCopy {
+                path: copy,
+                name: DB,
+                keys: snapshot.keys as i64,
+                revision: snapshot.revision,
+                format: json!(snapshot.format),
+                datastore: "sqlite",
+            }
+        }
+    };
+    eprintln!("  {} objects at revision {}", copy.keys, copy.revision);
     let manifest = json!({
         "kind": "KrateBackup",
         "krateVersion": krate_version::VERSION,
         "created": krate_api::object::now_rfc3339(),
-        "storeFormat": snapshot.format,
-        "revision": snapshot.revision,
-        "objects": snapshot.keys,
+        "datastore": copy.datastore,
+        "storeFormat": copy.format,
+        "revision": copy.revision,
+        "objects": copy.keys,
         "includesKeys": !args.no_keys,
     });
     let partial = staging.path().join("backup.tar.gz");
@@ -80,7 +107,7 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
         tar::Builder::new(flate2::write::GzEncoder::new(File::create(&partial)?, flate2::Compression::default()));
     let manifest_bytes = serde_json::to_vec_pretty(&manifest)?;
     append_bytes(&mut tar, MANIFEST, &manifest_bytes, 0o644)?;
-    tar.append_path_with_name(&copy, DB)?;
+    tar.append_path_with_name(&copy.path, copy.name)?;
     if args.no_keys {
         eprintln!(
             "WARNING: the backup holds no certificates or keys (--no-keys). Restoring it needs {}/pki copied into the new data directory, or Secrets encrypted at rest cannot be read and nodes must join again.",
@@ -105,11 +132,32 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
         "wrote {} ({:.1} MB): {} objects at revision {}{}",
         args.file.display(),
         size as f64 / 1e6,
-        snapshot.keys,
-        snapshot.revision,
+        copy.keys,
+        copy.revision,
         if args.no_keys { ", without keys" } else { "" }
     );
     Ok(())
+}
+
+/// An etcd snapshot (etcd's own format, as `etcdctl snapshot save` writes) streamed from
+/// the member the client reaches.
+async fn etcd_snapshot(datastore: &crate::etcd::Datastore, dir: &Path) -> anyhow::Result<StoreCopy> {
+    let store = datastore.connect().await?;
+    eprintln!("taking an etcd snapshot from {} (online)", datastore.endpoints.join(","));
+    let status = store.status().await?;
+    let path = dir.join("etcd.snapshot");
+    let mut file = File::create(&path)?;
+    let size = store.snapshot(&mut file).await?;
+    file.sync_all()?;
+    eprintln!("  {:.1} MB from etcd {}", size as f64 / 1e6, status.version);
+    Ok(StoreCopy {
+        path,
+        name: ETCD_SNAPSHOT,
+        keys: status.objects,
+        revision: status.revision,
+        format: json!(format!("etcd {}", status.version)),
+        datastore: "etcd",
+    })
 }
 
 fn append_bytes<W: Write>(tar: &mut tar::Builder<W>, name: &str, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
@@ -134,6 +182,13 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let staging = tempfile::Builder::new().prefix(".krate-restore").tempdir_in(parent)?;
     let manifest = unpack(&args.file, staging.path())
         .with_context(|| format!("{} is not a readable krate backup", args.file.display()))?;
+    if manifest["datastore"] == "etcd" {
+        bail!(
+            "{} holds an etcd snapshot ({ETCD_SNAPSHOT}): krate restore does not restore those yet; unpack it and \
+             use `etcdctl snapshot restore` for the etcd member's data directory",
+            args.file.display()
+        );
+    }
     let format = manifest["storeFormat"].as_i64().unwrap_or(0);
     if format > krate_store::sqlite::FORMAT {
         bail!(

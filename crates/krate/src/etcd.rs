@@ -4,14 +4,81 @@
 //! (parent-death signal), so a crashed server never leaves an etcd behind.
 
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use krate_store::etcd::process::{EtcdProcess, MemberConfig, MemberTls};
 use krate_store::etcd::EtcdConfig;
 use tokio::sync::Mutex;
+
+/// Where a server's datastore record is kept, under its data directory.
+const RECORD: &str = "db/datastore.json";
+
+/// Which etcd a server's data directory uses, recorded at start so that `krate doctor`
+/// and `krate backup` reach the same store without the server's flags. No record: the
+/// embedded SQLite database.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Datastore {
+    pub endpoints: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Whether the server runs the member itself (--cluster-init).
+    #[serde(default)]
+    pub managed: bool,
+}
+
+impl Datastore {
+    pub fn load(data_dir: &Path) -> Result<Option<Self>> {
+        let path = data_dir.join(RECORD);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    pub fn save(&self, data_dir: &Path) -> Result<()> {
+        let path = data_dir.join(RECORD);
+        std::fs::create_dir_all(path.parent().expect("the record is in a directory"))?;
+        std::fs::write(&path, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Removes the record: the data directory is back on SQLite.
+    pub fn forget(data_dir: &Path) -> Result<()> {
+        match std::fs::remove_file(data_dir.join(RECORD)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The client configuration, with the TLS files read.
+    pub fn config(&self) -> Result<EtcdConfig> {
+        let read = |path: &Option<PathBuf>| {
+            path.as_ref().map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display()))).transpose()
+        };
+        Ok(EtcdConfig {
+            endpoints: self.endpoints.clone(),
+            ca_pem: read(&self.ca_file)?,
+            client_cert_pem: read(&self.cert_file)?.zip(read(&self.key_file)?),
+        })
+    }
+
+    pub async fn connect(&self) -> Result<krate_store::etcd::EtcdStore> {
+        let endpoints = self.endpoints.join(",");
+        krate_store::etcd::EtcdStore::connect(&self.config()?).await.with_context(|| {
+            format!("cannot reach etcd at {endpoints} (is it running? check --datastore-endpoint and its TLS files)")
+        })
+    }
+}
 
 /// How long a member may take to answer after it starts (a restarted member replays its
 /// write-ahead log first).
@@ -82,7 +149,15 @@ impl Supervised {
     }
 
     /// How the API server reaches the member.
-    pub async fn client_config(&self) -> Result<EtcdConfig> {
-        self.process.lock().await.client_config()
+    pub async fn datastore(&self) -> Datastore {
+        let member = &self.process.lock().await.config;
+        let tls = member.tls.as_ref();
+        Datastore {
+            endpoints: vec![member.client_url.clone()],
+            ca_file: tls.map(|t| t.ca.clone()),
+            cert_file: tls.map(|t| t.cert.clone()),
+            key_file: tls.map(|t| t.key.clone()),
+            managed: true,
+        }
     }
 }

@@ -286,7 +286,7 @@ fn main() -> std::process::ExitCode {
             Command::Dev(command) => block_on(dev::run(command)),
             Command::Doctor(args) => block_on(doctor::run(args)),
             Command::Soak(args) => block_on(soak::run(args)),
-            Command::Backup(args) => backup::backup(args),
+            Command::Backup(args) => block_on(backup::backup(args)),
             Command::Restore(args) => backup::restore(args),
             Command::Version { output } => print_version(output.as_deref()),
         };

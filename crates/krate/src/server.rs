@@ -232,7 +232,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
 
     let member = managed_etcd(&args, &pki, advertise_ip).await?;
     let store = match &member {
-        Some(member) => connect_etcd(&member.client_config().await?).await?,
+        Some(member) => connect_etcd(&member.datastore().await, &args.data_dir).await?,
         None => open_store(&args).await?,
     };
     let store = encrypted_store(store, &args).await?;
@@ -438,25 +438,28 @@ async fn open_store(args: &ServerArgs) -> Result<Arc<dyn krate_store::Store>> {
         let db_dir = args.data_dir.join("db");
         std::fs::create_dir_all(&db_dir)?;
         let store = SqliteStore::open(db_dir.join("state.db")).context("opening the database")?;
+        crate::etcd::Datastore::forget(&args.data_dir)?;
         return Ok(Arc::new(store));
     }
-    let read = |path: &Option<PathBuf>, flag: &str| -> Result<Option<Vec<u8>>> {
-        path.as_ref().map(|p| std::fs::read(p).with_context(|| format!("{flag} {}", p.display()))).transpose()
-    };
-    let config = krate_store::etcd::EtcdConfig {
+    let absolute = |p: &Option<PathBuf>| p.as_deref().map(std::path::absolute).transpose();
+    let datastore = crate::etcd::Datastore {
         endpoints: args.datastore_endpoint.clone(),
-        ca_pem: read(&args.datastore_cafile, "--datastore-cafile")?,
-        client_cert_pem: read(&args.datastore_certfile, "--datastore-certfile")?
-            .zip(read(&args.datastore_keyfile, "--datastore-keyfile")?),
+        ca_file: absolute(&args.datastore_cafile)?,
+        cert_file: absolute(&args.datastore_certfile)?,
+        key_file: absolute(&args.datastore_keyfile)?,
+        managed: false,
     };
-    connect_etcd(&config).await
+    connect_etcd(&datastore, &args.data_dir).await
 }
 
-async fn connect_etcd(config: &krate_store::etcd::EtcdConfig) -> Result<Arc<dyn krate_store::Store>> {
-    let endpoints = config.endpoints.join(",");
-    let store = krate_store::etcd::EtcdStore::connect(config).await.with_context(|| {
-        format!("cannot reach etcd at {endpoints} (is it running? check --datastore-endpoint and its TLS files)")
-    })?;
+/// Connects to etcd and records where it is, for `krate doctor` and `krate backup`.
+async fn connect_etcd(
+    datastore: &crate::etcd::Datastore,
+    data_dir: &std::path::Path,
+) -> Result<Arc<dyn krate_store::Store>> {
+    let store = datastore.connect().await?;
+    datastore.save(data_dir)?;
+    let endpoints = datastore.endpoints.join(",");
     tracing::info!(%endpoints, "using etcd as the datastore");
     Ok(Arc::new(store))
 }

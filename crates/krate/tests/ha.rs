@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use common::{client_for, eventually, free_port, TestServer};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Endpoints};
-use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use krate_store::etcd::process::{EtcdProcess, MemberConfig};
+use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use serde_json::json;
 
 /// A one-member etcd in its own directory (dropped last: bind it first).
@@ -50,6 +50,10 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
         }
     }
+}
+
+fn krate(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_krate")).args(args).output().expect("run krate")
 }
 
 fn config_map(name: &str, value: &str) -> ConfigMap {
@@ -111,7 +115,8 @@ async fn the_kubernetes_service_lists_exactly_the_live_servers() {
         (endpoint_ips(&a).await == ["127.0.0.2", "127.0.0.3"]).then_some(())
     })
     .await;
-    let leases = servers[0].kubectl_ok(&["get", "leases", "-n", "kube-system", "-l", "apiserver.kubernetes.io/identity"]);
+    let leases =
+        servers[0].kubectl_ok(&["get", "leases", "-n", "kube-system", "-l", "apiserver.kubernetes.io/identity"]);
     assert_eq!(leases.lines().count(), 3, "one identity Lease per server:\n{leases}");
     servers[1].kill();
     eventually(60, "the killed server to leave the kubernetes endpoints", || async {
@@ -166,7 +171,8 @@ async fn killing_a_server_mid_writes_loses_nothing_and_writes_go_on_through_anot
     for w in writers {
         tokio::time::timeout(Duration::from_secs(120), w).await.expect("writers finish").unwrap();
     }
-    let pause = failed_over.lock().unwrap().zip(*killed_at.lock().unwrap()).map(|(f, k)| f.saturating_duration_since(k));
+    let pause =
+        failed_over.lock().unwrap().zip(*killed_at.lock().unwrap()).map(|(f, k)| f.saturating_duration_since(k));
     eprintln!("writes resumed through the second server {pause:?} after the kill");
     assert!(pause.is_some(), "no write went through the second server");
 
@@ -211,6 +217,25 @@ async fn cluster_init_runs_an_etcd_member_that_stops_with_the_server_and_comes_b
     assert!(!server.data_dir().join("db/state.db").exists(), "no SQLite database beside it");
     let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
     cms.create(&PostParams::default(), &config_map("kept", "1")).await.unwrap();
+
+    // The doctor and backups find the member through the data directory.
+    let data_dir = server.data_dir().display().to_string();
+    let doctor = krate(&["doctor", "--no-probe", "-o", "json", "--data-dir", &data_dir]);
+    let doc: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap();
+    let store = doc["checks"].as_array().unwrap().iter().find(|c| c["name"] == "store").unwrap().clone();
+    assert_eq!(store["outcome"], "ok", "{store}");
+    let detail = store["detail"].as_str().unwrap();
+    assert!(detail.starts_with("etcd 3.") && detail.contains("1 members, leader krate-127-0-0-1"), "{detail}");
+    let file = server.dir.path().join("backup.tar.gz").display().to_string();
+    let backup = krate(&["backup", &file, "--data-dir", &data_dir]);
+    assert!(backup.status.success(), "{}", String::from_utf8_lossy(&backup.stderr));
+    let listing = std::process::Command::new("tar").args(["tzf", &file]).output().unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.contains("db/etcd.snapshot") && listing.contains("pki/ca.key"), "{listing}");
+    let restore_dir = server.dir.path().join("restored").display().to_string();
+    let restore = krate(&["restore", &file, "--data-dir", &restore_dir]);
+    assert!(!restore.status.success(), "restoring an etcd snapshot is not built: it must say so");
+    assert!(String::from_utf8_lossy(&restore.stderr).contains("etcdctl snapshot restore"));
 
     server.kill();
     eventually(10, "the member to stop with its server", || async { (!member_answers()).then_some(()) }).await;

@@ -72,8 +72,7 @@ pub fn binary() -> PathBuf {
 impl EtcdProcess {
     /// Starts the member and waits until it answers reads (at most `timeout`).
     pub async fn start(config: MemberConfig, timeout: Duration) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("creating {}", config.data_dir.display()))?;
+        std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

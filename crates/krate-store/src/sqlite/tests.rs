@@ -1,4 +1,3 @@
-
 use super::*;
 
 fn open(dir: &tempfile::TempDir) -> SqliteStore {

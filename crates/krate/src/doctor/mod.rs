@@ -63,7 +63,13 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
     let kubeconfig = args.kubeconfig.clone().unwrap_or_else(|| args.data_dir.join("admin.kubeconfig"));
     let client = api_check(&kubeconfig, &mut checks).await;
     certificate_checks(&args.data_dir.join("pki"), &mut checks);
-    store_checks(&args.data_dir.join("db"), &mut checks);
+    match crate::etcd::Datastore::load(&args.data_dir) {
+        Ok(Some(datastore)) => etcd_checks(&datastore, &args.data_dir.join("db"), &mut checks).await,
+        Ok(None) => store_checks(&args.data_dir.join("db"), &mut checks),
+        Err(e) => {
+            checks.push(check("store", Outcome::Failed, format!("{e:#}"), "restart krate server, which rewrites it"))
+        }
+    }
     if let Some(client) = client {
         node_checks(client.clone(), &mut checks).await;
         if !args.no_probe {
@@ -192,6 +198,53 @@ fn certificate_checks(pki: &Path, checks: &mut Vec<Check>) {
     }
 }
 
+/// The etcd cluster: reachable, with a leader, its members, size and revision; and the
+/// fsync latency of the managed member's disk.
+async fn etcd_checks(datastore: &crate::etcd::Datastore, db_dir: &Path, checks: &mut Vec<Check>) {
+    let endpoints = datastore.endpoints.join(",");
+    let status = match datastore.connect().await {
+        Ok(store) => store.status().await.map_err(anyhow::Error::from),
+        Err(e) => Err(e),
+    };
+    match status {
+        Ok(status) if status.leader == 0 => checks.push(check(
+            "store",
+            Outcome::Failed,
+            format!("etcd at {endpoints} has no leader"),
+            "a majority of the etcd members must be up and reach each other: start the stopped servers",
+        )),
+        Ok(status) => {
+            let leader = status.members.iter().find(|m| m.id == status.leader).map_or("?", |m| m.name.as_str());
+            let learners = status.members.iter().filter(|m| m.learner).count();
+            let members = match learners {
+                0 => format!("{} members", status.members.len()),
+                n => format!("{} members ({n} learning)", status.members.len()),
+            };
+            checks.push(check(
+                "store",
+                Outcome::Ok,
+                format!(
+                    "etcd {}: {members}, leader {leader}, {} objects at revision {}, {:.1} MB",
+                    status.version,
+                    status.objects,
+                    status.revision,
+                    status.db_size as f64 / 1e6
+                ),
+                "",
+            ));
+        }
+        Err(e) => checks.push(check(
+            "store",
+            Outcome::Failed,
+            format!("{e:#}"),
+            "start etcd (or the server that runs it, with its data directory), or fix --datastore-endpoint",
+        )),
+    }
+    if datastore.managed {
+        fsync_check(db_dir, checks);
+    }
+}
+
 /// The store's size, format and revision, and how long an fsync takes on its disk.
 fn store_checks(db_dir: &Path, checks: &mut Vec<Check>) {
     let db = db_dir.join("state.db");
@@ -223,6 +276,11 @@ fn store_checks(db_dir: &Path, checks: &mut Vec<Check>) {
             "run doctor with the server's --data-dir; a damaged store is restored from a backup (krate restore)",
         )),
     }
+    fsync_check(db_dir, checks);
+}
+
+/// How long an fsync takes where the store writes.
+fn fsync_check(db_dir: &Path, checks: &mut Vec<Check>) {
     match fsync_latency(db_dir) {
         Ok(latency) => {
             let ms = latency.as_secs_f64() * 1000.0;
