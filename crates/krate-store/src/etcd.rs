@@ -116,6 +116,31 @@ fn txn_get(responses: &[TxnOpResponse]) -> Vec<KeyValue> {
         .unwrap_or_default()
 }
 
+/// A client of the cluster at `config` (requests balanced over its endpoints, each
+/// requiring a leader), not yet checked.
+pub async fn connect_client(config: &EtcdConfig) -> Result<Client> {
+    if config.endpoints.is_empty() {
+        return Err(backend("no endpoints given"));
+    }
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(15))
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true)
+        .with_require_leader(true);
+    if config.ca_pem.is_some() || config.client_cert_pem.is_some() {
+        let mut tls = etcd_client::TlsOptions::new();
+        if let Some(ca) = &config.ca_pem {
+            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(ca));
+        }
+        if let Some((cert, key)) = &config.client_cert_pem {
+            tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+        }
+        options = options.with_tls(tls);
+    }
+    Client::connect(&config.endpoints, Some(options)).await.map_err(backend)
+}
+
 /// Turns a failed compare of a write on `key` into the store's error, from the key's
 /// current value read in the same transaction.
 fn refused(key: &str, expected: Option<Revision>, current: Vec<KeyValue>) -> StoreError {
@@ -129,27 +154,7 @@ fn refused(key: &str, expected: Option<Revision>, current: Vec<KeyValue>) -> Sto
 impl EtcdStore {
     /// Connects to the cluster and checks that it answers.
     pub async fn connect(config: &EtcdConfig) -> Result<Self> {
-        if config.endpoints.is_empty() {
-            return Err(backend("no endpoints given"));
-        }
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(15))
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true)
-            .with_require_leader(true);
-        if config.ca_pem.is_some() || config.client_cert_pem.is_some() {
-            let mut tls = etcd_client::TlsOptions::new();
-            if let Some(ca) = &config.ca_pem {
-                tls = tls.ca_certificate(etcd_client::Certificate::from_pem(ca));
-            }
-            if let Some((cert, key)) = &config.client_cert_pem {
-                tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
-            }
-            options = options.with_tls(tls);
-        }
-        let client = Client::connect(&config.endpoints, Some(options)).await.map_err(backend)?;
-        let store = Self { client, compact_version: AtomicI64::new(0) };
+        let store = Self { client: connect_client(config).await?, compact_version: AtomicI64::new(0) };
         store.current_revision().await?;
         Ok(store)
     }

@@ -72,6 +72,12 @@ impl Datastore {
         })
     }
 
+    /// The client URLs of every member of the cluster.
+    pub async fn member_urls(&self) -> Result<Vec<String>> {
+        let status = self.connect().await?.status().await?;
+        Ok(status.members.into_iter().flat_map(|m| m.client_urls).collect())
+    }
+
     pub async fn connect(&self) -> Result<krate_store::etcd::EtcdStore> {
         let endpoints = self.endpoints.join(",");
         krate_store::etcd::EtcdStore::connect(&self.config()?).await.with_context(|| {
@@ -90,8 +96,8 @@ fn url(ip: IpAddr, port: u16) -> String {
 }
 
 /// This machine's member: named after its advertise address, serving clients on
-/// loopback and that address, peers on that address, with a fresh certificate from the
-/// cluster CA.
+/// loopback and that address (advertised), peers on that address, with a fresh
+/// certificate from the cluster CA.
 pub fn member_config(
     dir: &Path,
     pki: &crate::pki::Pki,
@@ -112,12 +118,72 @@ pub fn member_config(
         initial_cluster: format!("{name}={peer_url}"),
         name,
         data_dir: dir.to_path_buf(),
-        client_url: url(loopback, client_port),
+        client_url: url(advertise, client_port),
         listen_client_urls: listen,
         peer_url,
         existing: false,
         tls: Some(MemberTls { cert, key, ca: pki.ca_file() }),
     })
+}
+
+/// Adds this machine's member (`member`, from [`member_config`]) to the etcd cluster at
+/// `endpoints` as a learner, starts it with the cluster's membership, and promotes it to
+/// a voting member once it has caught up with the leader (etcd refuses before).
+pub async fn join_member(mut member: MemberConfig, endpoints: &[String]) -> Result<Supervised> {
+    let tls = member.tls.clone().context("a joining member needs TLS")?;
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let cluster = EtcdConfig {
+        endpoints: endpoints.to_vec(),
+        ca_pem: Some(read(&tls.ca)?),
+        client_cert_pem: Some((read(&tls.cert)?, read(&tls.key)?)),
+    };
+    let mut client = krate_store::etcd::connect_client(&cluster)
+        .await
+        .with_context(|| format!("reaching the cluster's etcd at {}", endpoints.join(",")))?;
+    // A member added by an earlier attempt that never started is replaced.
+    for stale in client.member_list().await?.members() {
+        if stale.peer_urls().contains(&member.peer_url) {
+            eprintln!("removing the member {:x} an earlier join left at {}", stale.id(), member.peer_url);
+            client.member_remove(stale.id()).await?;
+        }
+    }
+    // etcd refuses changes of membership until every member has been connected for a
+    // while ("unhealthy cluster", right after another member joined): retried.
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    let added = loop {
+        let options = etcd_client::MemberAddOptions::new().with_is_learner();
+        match client.member_add([member.peer_url.clone()], Some(options)).await {
+            Ok(added) => break added,
+            Err(e) if e.to_string().contains("unhealthy cluster") && std::time::Instant::now() < deadline => {
+                eprintln!("etcd is not ready for another member yet ({e}); trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e).context("adding the etcd member"),
+        }
+    };
+    let id = added.member().context("etcd did not say which member it added")?.id();
+    let mut peers = Vec::new();
+    for m in added.member_list() {
+        let name = if m.id() == id { member.name.as_str() } else { m.name() };
+        peers.extend(m.peer_urls().iter().map(|url| format!("{name}={url}")));
+    }
+    member.initial_cluster = peers.join(",");
+    member.existing = true;
+    eprintln!("added etcd member {} as a learner; starting it", member.name);
+    let process = EtcdProcess::start(member, START_TIMEOUT).await?;
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    loop {
+        match client.member_promote(id).await {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "the learner cannot be promoted yet");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e).context("promoting the etcd learner (it did not catch up in time)"),
+        }
+    }
+    eprintln!("the etcd member caught up and votes");
+    Ok(Supervised::adopt(process))
 }
 
 /// A member kept running: restarted (after a pause) whenever it exits.
@@ -127,7 +193,12 @@ pub struct Supervised {
 
 impl Supervised {
     pub async fn start(config: MemberConfig) -> Result<Self> {
-        let process = Arc::new(Mutex::new(EtcdProcess::start(config, START_TIMEOUT).await?));
+        Ok(Self::adopt(EtcdProcess::start(config, START_TIMEOUT).await?))
+    }
+
+    /// Supervises a member already started.
+    pub fn adopt(process: EtcdProcess) -> Self {
+        let process = Arc::new(Mutex::new(process));
         let watched = process.clone();
         tokio::spawn(async move {
             loop {
@@ -145,7 +216,7 @@ impl Supervised {
                 }
             }
         });
-        Ok(Self { process })
+        Self { process }
     }
 
     /// How the API server reaches the member.

@@ -121,7 +121,7 @@ fn insecure_client(server: &str) -> Result<kube::Client> {
 }
 
 /// A client of `server` that trusts `ca_pem`, as the token's user (or nobody).
-fn verified_client(server: &str, ca_pem: &str, token: Option<&Token>) -> Result<kube::Client> {
+pub(crate) fn verified_client(server: &str, ca_pem: &str, token: Option<&Token>) -> Result<kube::Client> {
     let mut config = kube::Config::new(server.parse()?);
     config.root_cert = Some(bootstrap::pem_certificates(ca_pem));
     if let Some(token) = token {

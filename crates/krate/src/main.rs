@@ -17,6 +17,7 @@ mod leader;
 mod pki;
 mod secrets;
 mod server;
+mod serverjoin;
 mod soak;
 mod token;
 

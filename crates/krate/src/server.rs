@@ -132,6 +132,22 @@ pub struct ServerArgs {
     /// Peer port of the managed etcd member.
     #[arg(long, default_value_t = 2380)]
     pub etcd_peer_port: u16,
+    /// Join the control plane of the cluster at this API server (e.g.
+    /// https://10.0.0.1:6443) as another server: with --token, --ca-cert-hash and
+    /// --certificate-key, what a server on etcd prints at start. The cluster's keys and
+    /// an etcd member of its own come from there; later starts need none of these flags.
+    #[arg(long, requires_all = ["token", "certificate_key"], conflicts_with_all = ["cluster_init", "datastore_endpoint"])]
+    pub server: Option<String>,
+    /// A bootstrap token (ID.SECRET) of the cluster, to join with --server.
+    #[arg(long, env = "KRATE_TOKEN", requires = "server", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The expected hash of the cluster CA's public key, `sha256:<hex>` (repeatable).
+    #[arg(long = "ca-cert-hash", requires = "server")]
+    pub ca_cert_hashes: Vec<String>,
+    /// The key the cluster's keys are encrypted under in kube-system/krate-certs (64 hex
+    /// digits, printed by a server on etcd).
+    #[arg(long, requires = "server", hide_env_values = true, env = "KRATE_CERTIFICATE_KEY")]
+    pub certificate_key: Option<String>,
     /// Keep the cluster's state in an etcd cluster instead of the embedded SQLite
     /// database: its client URLs, comma-separated (`https://10.0.0.1:2379,https://...`).
     /// Several krate servers on the same etcd (and the same --ca-cert/--ca-key) serve
@@ -184,6 +200,30 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         )
     })?;
 
+    // A joining server takes the cluster's keys before anything would make its own.
+    let join_endpoints = match (&args.server, &args.certificate_key) {
+        (Some(server), Some(key)) if !args.data_dir.join("db/etcd/member").is_dir() => {
+            let token =
+                args.token.as_deref().unwrap_or_default().parse().map_err(|e| anyhow::anyhow!("--token: {e}"))?;
+            let join = crate::join::Join {
+                server: server.clone(),
+                token: Some(token),
+                ca_cert_hashes: args.ca_cert_hashes.clone(),
+                unsafe_skip_ca_verification: false,
+                node_name: String::new(),
+            };
+            let pki_dir = args.data_dir.join("pki");
+            let endpoints = if pki_dir.join("ca.key").exists() {
+                Vec::new()
+            } else {
+                eprintln!("fetching the cluster's keys from {server}");
+                crate::serverjoin::download(&join, key, &pki_dir).await?
+            };
+            crate::pki::write_private(&pki_dir.join("certificate-key"), key)?;
+            Some(endpoints)
+        }
+        _ => None,
+    };
     if let (Some(cert), Some(key)) = (&args.ca_cert, &args.ca_key) {
         crate::pki::Pki::install_ca(&args.data_dir.join("pki"), cert, key).context("--ca-cert and --ca-key")?;
     }
@@ -230,7 +270,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         key_pem: serving.key_pem,
     })?;
 
-    let member = managed_etcd(&args, &pki, advertise_ip).await?;
+    let member = managed_etcd(&args, &pki, advertise_ip, join_endpoints).await?;
     let store = match &member {
         Some(member) => connect_etcd(&member.datastore().await, &args.data_dir).await?,
         None => open_store(&args).await?,
@@ -294,18 +334,38 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         let published = format!("https://{advertise}");
         let ca_pem = pki.ca_bundle_pem();
         let open = args.node_registration == "open";
+        // On a managed etcd, other servers may join: the cluster's keys go up sealed.
+        let sealing = match &member {
+            Some(member) => {
+                Some((member.datastore().await, crate::serverjoin::certificate_key(&pki.dir)?, pki.dir.clone()))
+            }
+            None => None,
+        };
         tokio::spawn(async move {
             let joining = async move {
                 crate::token::publish_cluster_info(&admin, &published, &ca_pem).await?;
                 crate::token::open_registration(&admin, open).await?;
                 let token = crate::token::server_token(&admin).await?;
                 crate::token::wait_signed(&admin, &token, Duration::from_secs(60)).await?;
-                anyhow::Ok(crate::token::join_command(&published, &token, &ca_pem)?)
+                let command = crate::token::join_command(&published, &token, &ca_pem)?;
+                let server_command = match sealing {
+                    Some((datastore, key, pki_dir)) => {
+                        let endpoints = datastore.member_urls().await?;
+                        crate::serverjoin::upload(&admin, &pki_dir, &key, &endpoints).await?;
+                        Some(crate::serverjoin::join_command(&command, &key))
+                    }
+                    None => None,
+                };
+                anyhow::Ok((command, server_command))
             };
             match joining.await {
-                Ok(command) => {
+                Ok((command, server_command)) => {
                     println!("Join more nodes (the token is valid for a day; `krate token create` makes more):");
                     println!("    {command}");
+                    if let Some(server_command) = server_command {
+                        println!("Join more servers (keep the certificate key secret: it opens the cluster's keys):");
+                        println!("    {server_command}");
+                    }
                 }
                 Err(err) => {
                     tracing::warn!(error = %format!("{err:#}"), "could not publish cluster-info for joining nodes")
@@ -414,8 +474,15 @@ async fn managed_etcd(
     args: &ServerArgs,
     pki: &crate::pki::Pki,
     advertise: IpAddr,
+    join_endpoints: Option<Vec<String>>,
 ) -> Result<Option<crate::etcd::Supervised>> {
     let dir = args.data_dir.join("db/etcd");
+    let member = || crate::etcd::member_config(&dir, pki, advertise, args.etcd_client_port, args.etcd_peer_port);
+    if let Some(endpoints) = join_endpoints.filter(|e| !e.is_empty()) {
+        let member = member()?;
+        eprintln!("joining etcd at {} as member {}", endpoints.join(","), member.name);
+        return Ok(Some(crate::etcd::join_member(member, &endpoints).await?));
+    }
     if !args.cluster_init && !dir.join("member").is_dir() {
         return Ok(None);
     }
@@ -426,7 +493,7 @@ async fn managed_etcd(
             args.data_dir.display()
         );
     }
-    let member = crate::etcd::member_config(&dir, pki, advertise, args.etcd_client_port, args.etcd_peer_port)?;
+    let member = member()?;
     eprintln!("starting the etcd member {} (client {}, peer {})", member.name, member.client_url, member.peer_url);
     Ok(Some(crate::etcd::Supervised::start(member).await?))
 }
@@ -457,7 +524,18 @@ async fn connect_etcd(
     datastore: &crate::etcd::Datastore,
     data_dir: &std::path::Path,
 ) -> Result<Arc<dyn krate_store::Store>> {
-    let store = datastore.connect().await?;
+    // A member that just started may still be electing a leader: a little patience.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let store = loop {
+        match datastore.connect().await {
+            Ok(store) => break store,
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::info!(error = %format!("{e:#}"), "waiting for etcd");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     datastore.save(data_dir)?;
     let endpoints = datastore.endpoints.join(",");
     tracing::info!(%endpoints, "using etcd as the datastore");

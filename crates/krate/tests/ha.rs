@@ -245,3 +245,74 @@ async fn cluster_init_runs_an_etcd_member_that_stops_with_the_server_and_comes_b
     let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
     assert_eq!(cms.get("kept").await.unwrap().data.unwrap()["v"], "1");
 }
+
+/// `--etcd-client-port P --etcd-peer-port Q` on free ports (every member also listens on
+/// loopback, so servers on one machine need their own).
+fn etcd_ports() -> Vec<String> {
+    let (client, peer) = (free_port().to_string(), free_port().to_string());
+    vec!["--etcd-client-port".into(), client, "--etcd-peer-port".into(), peer]
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+#[tokio::test]
+async fn three_servers_join_with_one_command_each_and_survive_the_first_ones_death() {
+    let port = free_port();
+    let mut first_args = vec!["--cluster-init".to_string()];
+    first_args.extend(etcd_ports());
+    let mut first = TestServer::start_bound("127.0.0.2", port, &strs(&first_args), |_| ());
+    let command = eventually(60, "the join command for servers", || async {
+        first.output().lines().find(|l| l.contains("krate server --server")).map(|l| l.trim().to_string())
+    })
+    .await;
+    let join: Vec<String> = command.split_whitespace().skip(2).map(str::to_string).collect();
+    assert!(join.iter().any(|a| a == "--certificate-key"), "{command}");
+    let mut others = Vec::new();
+    for host in ["127.0.0.3", "127.0.0.4"] {
+        let mut args = join.clone();
+        args.extend(etcd_ports());
+        others.push(TestServer::start_bound(host, port, &strs(&args), |_| ()));
+    }
+    // They hold the cluster's CA, so the first one's kubeconfig works on every server.
+    let ca = std::fs::read(first.data_dir().join("pki/ca.crt")).unwrap();
+    for other in &others {
+        assert_eq!(std::fs::read(other.data_dir().join("pki/ca.crt")).unwrap(), ca);
+    }
+    let data_dir = first.data_dir().display().to_string();
+    let doctor = krate(&["doctor", "--no-probe", "-o", "json", "--data-dir", &data_dir]);
+    let doc: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap();
+    let store = doc["checks"].as_array().unwrap().iter().find(|c| c["name"] == "store").unwrap().clone();
+    assert!(store["detail"].as_str().unwrap().contains("3 members,"), "every member votes: {store}");
+
+    let on_third: Api<ConfigMap> = Api::namespaced(others[1].client().await, "default");
+    on_third.create(&PostParams::default(), &config_map("before", "1")).await.unwrap();
+    let on_first: Api<ConfigMap> = Api::namespaced(first.client().await, "default");
+    assert_eq!(on_first.get("before").await.unwrap().data.unwrap()["v"], "1");
+
+    // The first server (and with it its etcd member) dies: the other two are a majority.
+    first.kill();
+    let on_second: Api<ConfigMap> = Api::namespaced(others[0].client().await, "default");
+    let started = Instant::now();
+    eventually(60, "a write through the second server", || async {
+        on_second.create(&PostParams::default(), &config_map("after", "2")).await.ok()
+    })
+    .await;
+    eprintln!("the first write after the kill took {:?}", started.elapsed());
+    let second = others[0].client().await;
+    eventually(60, "the dead server to leave the kubernetes endpoints", || async {
+        (endpoint_ips(&second).await == ["127.0.0.3", "127.0.0.4"]).then_some(())
+    })
+    .await;
+
+    // Back, without any join flag: its member rejoins and catches up.
+    let mut again = vec!["--bind-address".to_string(), "127.0.0.2".to_string()];
+    again.extend(first_args[1..].iter().cloned());
+    first.restart_with(&strs(&again));
+    let on_first: Api<ConfigMap> = Api::namespaced(first.client().await, "default");
+    eventually(30, "the restarted server to see the write made without it", || async {
+        on_first.get("after").await.ok()
+    })
+    .await;
+}

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::{EtcdConfig, EtcdStore};
-use crate::Store;
+use super::EtcdConfig;
 
 /// How to run one member.
 #[derive(Clone, Debug)]
@@ -70,7 +69,7 @@ pub fn binary() -> PathBuf {
 }
 
 impl EtcdProcess {
-    /// Starts the member and waits until it answers reads (at most `timeout`).
+    /// Starts the member and waits until it answers (at most `timeout`).
     pub async fn start(config: MemberConfig, timeout: Duration) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
         let log = std::fs::OpenOptions::new()
@@ -140,8 +139,9 @@ impl EtcdProcess {
                 let tail: Vec<&str> = tail.lines().rev().take(5).collect();
                 anyhow::bail!("etcd exited ({status}); its log ends: {}", tail.join(" | "));
             }
-            if let Ok(store) = EtcdStore::connect(&process.client_config()?).await {
-                if store.current_revision().await.is_ok() {
+            // Status, not a read: a learner answers it while it refuses reads.
+            if let Ok(mut client) = super::connect_client(&process.client_config()?).await {
+                if client.status().await.is_ok() {
                     return Ok(process);
                 }
             }
