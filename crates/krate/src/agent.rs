@@ -149,6 +149,11 @@ pub struct AgentArgs {
     /// joining stops if the server's CA does not match.
     #[arg(long = "ca-cert-hash", requires = "server")]
     pub ca_cert_hashes: Vec<String>,
+    /// Loopback port of the agent's load balancer over the API servers (a joined agent's
+    /// clients go through it, to whichever server is alive; the servers are learned from
+    /// the `kubernetes` Service's endpoints).
+    #[arg(long, default_value_t = 6444)]
+    pub lb_server_port: u16,
     /// Join without checking the CA against --ca-cert-hash: anyone who knows the token
     /// could then pose as the cluster.
     #[arg(long, requires = "server")]
@@ -313,8 +318,15 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
             let creds = crate::join::Credentials::in_dir(&args.dir);
             let path = crate::join::credentials(&join, &creds).await?;
+            let target = host_port(server)?;
+            let lb = crate::loadbalancer::LoadBalancer::start(args.lb_server_port, &target, &args.dir).await?;
+            crate::loadbalancer::point_kubeconfig(&path, &lb.url())?;
+            let network = crate::join::Credentials::network_in_dir(&args.dir).kubeconfig;
+            if network.exists() {
+                crate::loadbalancer::point_kubeconfig(&network, &lb.url())?;
+            }
             let rotation = crate::join::Rotation::new(creds, &node_name, crate::join::Identity::Node, None).await?;
-            (path, Some(rotation))
+            (path, Some((rotation, lb)))
         }
         (None, None) => anyhow::bail!(
             "give --kubeconfig, or --server with --token and --ca-cert-hash to join a cluster (`krate token create --print-join-command` on the server prints the command)"
@@ -330,24 +342,30 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let mut config = args.options.config(args.dir, ca_pem.map(|b| String::from_utf8_lossy(&b).into_owned()))?;
     config.node.name = node_name;
     if args.options.node_ip.is_none() {
-        let server = kubeconfig.clusters.first().and_then(|c| c.cluster.as_ref()?.server.clone()).unwrap_or_default();
+        // Where the agent joined, not its load balancer on loopback.
+        let server = args.server.clone().unwrap_or_else(|| {
+            kubeconfig.clusters.first().and_then(|c| c.cluster.as_ref()?.server.clone()).unwrap_or_default()
+        });
         config.node.ip = source_address(&server)
             .await
             .with_context(|| format!("finding the address this machine reaches {server} from; give --node-ip"))?;
     }
-    let client = match rotation {
-        Some(rotation) => {
+    let (client, lb) = match rotation {
+        Some((rotation, lb)) => {
             let client = rotation.client();
             tokio::spawn(rotation.run());
-            client
+            (client, Some(lb))
         }
-        None => crate::components::kube_client(&kubeconfig_path).await?,
+        None => (crate::components::kube_client(&kubeconfig_path).await?, None),
     };
     let network = match (&args.network_kubeconfig, joined) {
         (Some(path), _) => crate::components::kube_client(path).await?,
         (None, true) => network_client(&client, &kubeconfig_path, &config.dir, &config.node.name).await,
         (None, false) => client.clone(),
     };
+    if let Some(lb) = lb {
+        tokio::spawn(lb.follow(network.clone()));
+    }
     krate_agent::run(krate_agent::Clients { node: client, network }, config).await
 }
 
@@ -371,6 +389,13 @@ async fn network_client(node: &kube::Client, node_kubeconfig: &Path, dir: &Path,
             node.clone()
         }
     }
+}
+
+/// `host:port` of a server URL (port 443 when it names none).
+fn host_port(url: &str) -> Result<String> {
+    let uri: http::Uri = url.parse().with_context(|| format!("--server {url:?} is not a URL"))?;
+    let host = uri.host().context("the server URL has no host")?;
+    Ok(format!("{host}:{}", uri.port_u16().unwrap_or(443)))
 }
 
 /// The local address connections to `url`'s host leave from (no packet is sent).

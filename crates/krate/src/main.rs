@@ -14,6 +14,7 @@ mod hollow;
 mod join;
 mod kubeconfig;
 mod leader;
+mod loadbalancer;
 mod pki;
 mod secrets;
 mod server;

@@ -202,7 +202,14 @@ pub async fn publish_cluster_info(client: &kube::Client, server: &str, ca_pem: &
     match api.get_opt(bootstrap::CLUSTER_INFO).await? {
         Some(mut info) => {
             let data = info.data.get_or_insert_with(Default::default);
-            if data.get(bootstrap::KUBECONFIG_KEY) != Some(&kubeconfig) {
+            // Several servers of one cluster each advertise their own address: the first
+            // one's stays while the CA is the same (a rewrite would void the tokens'
+            // signatures until the signer catches up, failing joins meanwhile).
+            let same_ca = data
+                .get(bootstrap::KUBECONFIG_KEY)
+                .and_then(|k| bootstrap::read_cluster_info_kubeconfig(k).ok())
+                .is_some_and(|(_, ca)| ca.trim() == ca_pem.trim());
+            if !same_ca && data.get(bootstrap::KUBECONFIG_KEY) != Some(&kubeconfig) {
                 data.insert(bootstrap::KUBECONFIG_KEY.into(), kubeconfig);
                 api.replace(bootstrap::CLUSTER_INFO, &PostParams::default(), &info).await?;
             }

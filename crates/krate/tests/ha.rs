@@ -10,9 +10,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::node::Agent;
+use common::registry::TestRegistry;
 use common::{client_for, eventually, free_port, TestServer};
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Endpoints};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Node, Pod};
 use krate_store::etcd::process::{EtcdProcess, MemberConfig};
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use serde_json::json;
@@ -315,4 +318,97 @@ async fn three_servers_join_with_one_command_each_and_survive_the_first_ones_dea
         on_first.get("after").await.ok()
     })
     .await;
+}
+
+/// The join command a server printed for `what` ("krate agent" or "krate server"), its
+/// arguments after the command.
+async fn printed_join(server: &TestServer, what: &str) -> Vec<String> {
+    let line = eventually(60, &format!("the {what} join command"), || async {
+        server.output().lines().find(|l| l.trim_start().starts_with(&format!("{what} --server"))).map(str::to_string)
+    })
+    .await;
+    line.split_whitespace().skip(2).map(str::to_string).collect()
+}
+
+#[tokio::test]
+async fn an_agent_moves_to_another_server_when_its_server_dies_and_its_pods_keep_running() {
+    let registry = TestRegistry::start();
+    let id = std::process::id() % 200;
+    let port = free_port();
+    let ranges = [
+        "--cluster-cidr".to_string(),
+        format!("10.247.{id}.0/24"),
+        "--node-cidr-mask-size".into(),
+        "26".into(),
+        "--service-cidr".into(),
+        format!("10.246.{id}.0/24"),
+    ];
+    let mut first_args = vec!["--cluster-init".to_string()];
+    first_args.extend(etcd_ports());
+    first_args.extend(ranges.iter().cloned());
+    let mut first = TestServer::start_bound("127.0.0.2", port, &strs(&first_args), |_| ());
+    // Three servers: etcd keeps a majority when one dies.
+    let mut others = Vec::new();
+    for host in ["127.0.0.3", "127.0.0.4"] {
+        let mut args = printed_join(&first, "krate server").await;
+        args.extend(etcd_ports());
+        args.extend(ranges.iter().cloned());
+        others.push(TestServer::start_bound(host, port, &strs(&args), |_| ()));
+    }
+    let second = &others[0];
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut join = printed_join(&first, "krate agent").await;
+    join.extend(["--node-name".into(), "ha-node".into(), "--insecure-registry".into(), registry.address.clone()]);
+    let agent = Agent::start(dir.path(), 6, &strs(&join));
+    let client = second.client().await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    eventually(90, "the node Ready", || async {
+        let node = nodes.get("ha-node").await.ok()?;
+        let ready = node.status?.conditions?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+        ready.then_some(())
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "steady"}, "spec": {"containers": [{
+        "name": "c", "image": registry.image("busybox"), "command": ["sleep", "3600"]}]}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let running = |pod: &Pod| {
+        let status = pod.status.as_ref()?.container_statuses.as_ref()?.first()?.clone();
+        status.state?.running.is_some().then(|| (status.container_id.clone(), status.restart_count))
+    };
+    let before = eventually(120, "the pod running", || async { running(&pods.get("steady").await.ok()?) }).await;
+    // The agent learns both servers from the kubernetes endpoints.
+    let servers_file = dir.path().join("agent/api-servers.json");
+    eventually(60, "the agent to know every server", || async {
+        let text = std::fs::read_to_string(&servers_file).ok()?;
+        ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().all(|ip| text.contains(ip)).then_some(())
+    })
+    .await;
+
+    first.kill();
+    let killed = jiff::Timestamp::now();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let renewed = tokio::time::timeout(Duration::from_secs(90), async {
+        loop {
+            let renewed = leases.get("ha-node").await.ok().and_then(|l| l.spec?.renew_time).map(|t| t.0);
+            if renewed.is_some_and(|r| r.as_second() > killed.as_second() + 1) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await;
+    assert!(
+        renewed.is_ok(),
+        "the node's Lease was not renewed through the other server; the agent's log:\n{}",
+        agent.log()
+    );
+    assert!(agent.log().contains("switched server"), "the agent's load balancer switched:\n{}", agent.log());
+    let after = running(&pods.get("steady").await.unwrap()).expect("the pod still runs");
+    assert_eq!(after, before, "same container, no restart");
+    let node = nodes.get("ha-node").await.unwrap();
+    let ready = node.status.unwrap().conditions.unwrap().into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.status, "True", "{ready:?}");
 }

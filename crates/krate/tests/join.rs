@@ -5,9 +5,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
-use common::{eventually, node, raw, TestServer};
+use common::node::Agent;
+use common::{eventually, raw, TestServer};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
 use krate_client::bootstrap::{self, Token};
@@ -72,74 +73,6 @@ async fn signed(server: &TestServer, token: &str) {
 
 async fn cluster_info(client: &kube::Client) -> ConfigMap {
     Api::<ConfigMap>::namespaced(client.clone(), "kube-public").get("cluster-info").await.expect("cluster-info")
-}
-
-/// A stand-alone `krate agent` on this machine with a bridge and port of its own (its pod
-/// range the cluster assigns: see `cluster`); its containers, containerd and network are
-/// reset on drop.
-struct Agent {
-    child: Option<Child>,
-    data: PathBuf,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn args(data: &Path, n: u8) -> Vec<String> {
-        let id = std::process::id() % 200;
-        let resolv = data.join("resolv.conf");
-        std::fs::create_dir_all(data).unwrap();
-        std::fs::write(&resolv, "nameserver 127.0.0.53\n").unwrap();
-        [
-            "--dir",
-            data.join("agent").to_str().unwrap(),
-            "--bridge",
-            &format!("kj{n}p{id}"),
-            "--kubelet-port",
-            &node::kubelet_port(50 + n),
-            "--resolv-conf",
-            resolv.to_str().unwrap(),
-            "--eviction-hard",
-            node::LENIENT_EVICTION,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    }
-
-    fn start(data: &Path, n: u8, join: &[&str]) -> Self {
-        let log = data.join(format!("agent-{n}.log"));
-        std::fs::create_dir_all(data).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_krate"))
-            .arg("agent")
-            .args(join)
-            .args(Self::args(data, n))
-            .stdout(std::fs::File::create(data.join(format!("agent-{n}.out"))).unwrap())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start krate agent");
-        Agent { child: Some(child), data: data.to_path_buf(), log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.stop();
-        let out = krate(&["reset", "--data-dir", self.data.to_str().unwrap()]);
-        if !out.status.success() {
-            eprintln!("krate reset failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-    }
 }
 
 /// A server whose nodes get pod CIDRs (/26) from a range of its own (`n` tells tests

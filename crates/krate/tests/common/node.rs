@@ -1,6 +1,8 @@
 //! Servers with a node agent running real containers, and what tests ask of their pods.
 
 use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -135,4 +137,77 @@ pub fn listen_in_pod(server: &TestServer, pod: &str, port: u16) -> std::net::Tcp
     })
     .join()
     .unwrap()
+}
+
+/// A stand-alone `krate agent` on this machine with a bridge and port of its own (its pod
+/// range the cluster assigns: see `cluster`); its containers, containerd and network are
+/// reset on drop.
+pub struct Agent {
+    child: Option<Child>,
+    data: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    pub fn args(data: &Path, n: u8) -> Vec<String> {
+        let id = std::process::id() % 200;
+        let resolv = data.join("resolv.conf");
+        std::fs::create_dir_all(data).unwrap();
+        std::fs::write(&resolv, "nameserver 127.0.0.53\n").unwrap();
+        [
+            "--dir",
+            data.join("agent").to_str().unwrap(),
+            "--bridge",
+            &format!("kj{n}p{id}"),
+            "--kubelet-port",
+            &kubelet_port(50 + n),
+            "--lb-server-port",
+            &kubelet_port(100 + n),
+            "--resolv-conf",
+            resolv.to_str().unwrap(),
+            "--eviction-hard",
+            LENIENT_EVICTION,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    pub fn start(data: &Path, n: u8, join: &[&str]) -> Self {
+        let log = data.join(format!("agent-{n}.log"));
+        std::fs::create_dir_all(data).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_krate"))
+            .arg("agent")
+            .args(join)
+            .args(Self::args(data, n))
+            .stdout(std::fs::File::create(data.join(format!("agent-{n}.out"))).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start krate agent");
+        Agent { child: Some(child), data: data.to_path_buf(), log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+        let out = Command::new(env!("CARGO_BIN_EXE_krate"))
+            .args(["reset", "--data-dir", self.data.to_str().unwrap()])
+            .output()
+            .expect("run krate reset");
+        if !out.status.success() {
+            eprintln!("krate reset failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
 }
