@@ -12,6 +12,8 @@ use krate_store::sqlite::SqliteStore;
 use crate::components::{self, ControllerSettings, ElectionArgs, SchedulerSettings};
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/krate";
+/// Upstream's label of control-plane nodes (`kubectl get nodes` shows the role).
+const CONTROL_PLANE_ROLE: &str = "node-role.kubernetes.io/control-plane";
 
 #[derive(clap::Args, Debug)]
 pub struct ServerArgs {
@@ -449,6 +451,22 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                 "default",
             ),
         };
+        // The server's own node carries upstream's control-plane role (set by the server,
+        // as kubeadm does: node restriction keeps nodes from giving themselves roles).
+        let admin = kube::Client::new(server.local_service(server_user(), "krate-server"), "default");
+        let name = config.node.name.clone();
+        tokio::spawn(async move {
+            let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(admin);
+            let label = serde_json::json!({"metadata": {"labels": {CONTROL_PLANE_ROLE: ""}}});
+            for _ in 0..120 {
+                let patch = kube::api::Patch::Merge(&label);
+                if nodes.patch(&name, &kube::api::PatchParams::default(), &patch).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            tracing::warn!(node = %name, "could not label this server's node as control-plane");
+        });
         tokio::spawn(async move {
             if let Err(err) = krate_agent::run(clients, config).await {
                 tracing::error!(error = %format!("{err:#}"), "the node agent stopped; this server runs no pods (pass --disable-agent to run a control plane only)");

@@ -45,6 +45,13 @@ async fn a_deployment_runs_as_real_containers_with_their_own_ips() {
     let info = node.status.as_ref().unwrap().node_info.as_ref().unwrap();
     assert!(info.container_runtime_version.starts_with("containerd://"), "{info:?}");
     assert!(node.status.as_ref().unwrap().allocatable.as_ref().unwrap().contains_key("memory"));
+    // The server's own node is a control-plane node, as kubeadm labels it.
+    let roles = eventually(30, "the control-plane role", || async {
+        let out = server.kubectl_ok(&["get", "nodes", "node-1"]);
+        out.contains("control-plane").then_some(out)
+    })
+    .await;
+    assert!(roles.lines().next().unwrap().contains("ROLES"), "{roles}");
 
     server.kubectl_ok(&[
         "create",
