@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::netns::Lan;
 use common::node::Agent;
 use common::registry::TestRegistry;
 use common::{client_for, eventually, free_port, TestServer};
@@ -411,4 +412,45 @@ async fn an_agent_moves_to_another_server_when_its_server_dies_and_its_pods_keep
     let node = nodes.get("ha-node").await.unwrap();
     let ready = node.status.unwrap().conditions.unwrap().into_iter().find(|c| c.type_ == "Ready").unwrap();
     assert_eq!(ready.status, "True", "{ready:?}");
+}
+
+/// Three servers, each alone in a network namespace (a machine), the first with
+/// --cluster-init and the others joined with the command it printed.
+async fn three_machines(lan: &Lan, port: u16) -> Vec<TestServer> {
+    let first = TestServer::start_in(lan.ns(0), &lan.ip(0), port, &["--cluster-init"]);
+    let join = printed_join(&first, "krate server").await;
+    let mut servers = vec![first];
+    for i in 1..3 {
+        servers.push(TestServer::start_in(lan.ns(i), &lan.ip(i), port, &strs(&join)));
+    }
+    servers
+}
+
+#[tokio::test]
+async fn a_partitioned_server_refuses_writes_while_the_majority_goes_on_and_it_converges_after() {
+    let lan = Lan::new(3);
+    let servers = three_machines(&lan, free_port()).await;
+    let cut: Api<ConfigMap> = Api::namespaced(servers[0].client().await, "default");
+    let majority: Api<ConfigMap> = Api::namespaced(servers[1].client().await, "default");
+    cut.create(&PostParams::default(), &config_map("before", "1")).await.unwrap();
+
+    lan.partition(0);
+    let started = Instant::now();
+    let refused = tokio::time::timeout(Duration::from_secs(60), cut.create(&PostParams::default(), &config_map("cut-off", "x")))
+        .await
+        .expect("the cut-off server answers (an error) within a minute");
+    eprintln!("the cut-off server refused a write after {:?}: {refused:?}", started.elapsed());
+    assert!(matches!(refused, Err(kube::Error::Api(ref s)) if s.code >= 500), "{refused:?}");
+    eventually(60, "a write through the majority", || async {
+        majority.create(&PostParams::default(), &config_map("during", "2")).await.ok()
+    })
+    .await;
+
+    lan.heal(0);
+    eventually(60, "the healed server to see the majority's write", || async { cut.get("during").await.ok() }).await;
+    eventually(60, "a write through the healed server", || async {
+        cut.create(&PostParams::default(), &config_map("after", "3")).await.ok()
+    })
+    .await;
+    assert!(majority.get("cut-off").await.is_err(), "the refused write never landed");
 }

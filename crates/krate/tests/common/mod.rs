@@ -13,6 +13,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 pub mod extension;
 pub mod goclient;
 pub mod https;
+pub mod netns;
 pub mod node;
 pub mod registry;
 pub mod webhook;
@@ -20,8 +21,10 @@ pub mod webhook;
 pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub port: u16,
-    /// The loopback address it listens on (127.0.0.1 unless started with `start_bound`).
+    /// The address it listens on (127.0.0.1 unless started with `start_bound`).
     pub host: String,
+    /// The network namespace it runs in (the host's unless started with `start_in`).
+    netns: Option<String>,
     child: Option<Child>,
     extra_args: Vec<String>,
     /// Whether the server runs its node agent (containers on containerd); the agent's
@@ -73,6 +76,7 @@ impl TestServer {
             dir,
             port: free_port(),
             host: "127.0.0.1".into(),
+            netns: None,
             child: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             agent,
@@ -113,6 +117,17 @@ impl TestServer {
         server
     }
 
+    /// Like `start_bound`, in network namespace `netns` (a machine of a `netns::Lan`).
+    pub fn start_in(netns: &str, host: &str, port: u16, extra_args: &[&str]) -> Self {
+        let mut server = Self::unstarted(extra_args, false);
+        server.host = host.to_string();
+        server.port = port;
+        server.netns = Some(netns.to_string());
+        server.extra_args.extend(["--bind-address".to_string(), host.to_string()]);
+        server.spawn();
+        server
+    }
+
     /// Starts the server and waits until it answers. The port came from `free_port`,
     /// which cannot hold it: when something else took it meanwhile (another test's
     /// client connection, say), the server starts again on another.
@@ -120,7 +135,15 @@ impl TestServer {
         for attempt in 1.. {
             let log = std::fs::File::create(self.dir.path().join("server.log")).expect("log file");
             let out = std::fs::File::create(self.dir.path().join("server.out")).expect("output file");
-            let child = Command::new(env!("CARGO_BIN_EXE_krate"))
+            let mut command = match &self.netns {
+                Some(ns) => {
+                    let mut command = Command::new("ip");
+                    command.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_krate")]);
+                    command
+                }
+                None => Command::new(env!("CARGO_BIN_EXE_krate")),
+            };
+            let child = command
                 .args(["server", "--data-dir"])
                 .arg(self.data_dir())
                 .args(["--port", &self.port.to_string()])
