@@ -631,9 +631,13 @@ impl Storage {
         unreachable!("the create loop always returns")
     }
 
-    /// A consistent read of one object from the cache.
+    /// A consistent read of one object from the cache: when the cache cannot be shown
+    /// current (the store is unreachable, or has no quorum), an error rather than what
+    /// the cache happens to hold, which another server may already have changed.
     pub async fn get(&self, scope: &Scope, name: &str) -> ApiResult<Arc<CachedObject>> {
-        self.cache.sync().await;
+        if !self.cache.sync().await {
+            return Err(ApiError::timeout("Timeout: the watch cache did not catch up with storage"));
+        }
         self.cached(scope, name)
     }
 

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::linearizability::{linearizable, Kind, Op, Outcome};
 use common::netns::Lan;
 use common::node::Agent;
 use common::registry::TestRegistry;
@@ -436,9 +437,10 @@ async fn a_partitioned_server_refuses_writes_while_the_majority_goes_on_and_it_c
 
     lan.partition(0);
     let started = Instant::now();
-    let refused = tokio::time::timeout(Duration::from_secs(60), cut.create(&PostParams::default(), &config_map("cut-off", "x")))
-        .await
-        .expect("the cut-off server answers (an error) within a minute");
+    let refused =
+        tokio::time::timeout(Duration::from_secs(60), cut.create(&PostParams::default(), &config_map("cut-off", "x")))
+            .await
+            .expect("the cut-off server answers (an error) within a minute");
     eprintln!("the cut-off server refused a write after {:?}: {refused:?}", started.elapsed());
     assert!(matches!(refused, Err(kube::Error::Api(ref s)) if s.code >= 500), "{refused:?}");
     eventually(60, "a write through the majority", || async {
@@ -453,4 +455,117 @@ async fn a_partitioned_server_refuses_writes_while_the_majority_goes_on_and_it_c
     })
     .await;
     assert!(majority.get("cut-off").await.is_err(), "the refused write never landed");
+}
+
+fn cas(call: u64, ret: u64, from: &str, to: &str, outcome: Outcome) -> Op {
+    Op { call, ret, kind: Kind::Cas { from: from.into(), to: to.into(), outcome } }
+}
+
+fn read(call: u64, ret: u64, value: &str) -> Op {
+    Op { call, ret, kind: Kind::Read(value.into()) }
+}
+
+#[test]
+fn the_checker_accepts_overlapping_operations_in_some_order_and_refuses_a_stale_read() {
+    // a→b and a read of b overlap: fine in either order that works.
+    assert!(linearizable("a", &[read(0, 10, "b"), cas(1, 9, "a", "b", Outcome::Ok)]));
+    // A read of a after a→b had returned is stale.
+    assert!(!linearizable("a", &[cas(0, 5, "a", "b", Outcome::Ok), read(6, 8, "a")]));
+    // Two successful swaps from the same value cannot both have happened.
+    assert!(!linearizable("a", &[cas(0, 5, "a", "b", Outcome::Ok), cas(6, 9, "a", "c", Outcome::Ok)]));
+    // A conflict is right only if the value had moved on.
+    assert!(!linearizable("a", &[cas(0, 5, "a", "b", Outcome::Conflict)]));
+    assert!(linearizable("a", &[cas(0, 5, "a", "b", Outcome::Ok), cas(6, 9, "a", "c", Outcome::Conflict)]));
+    // An unknown outcome may have happened later, or never.
+    assert!(linearizable("a", &[cas(0, 1, "a", "b", Outcome::Unknown), read(50, 60, "b")]));
+    assert!(linearizable("a", &[cas(0, 1, "a", "b", Outcome::Unknown), read(50, 60, "a")]));
+    assert!(!linearizable("a", &[cas(0, 1, "a", "b", Outcome::Unknown), read(50, 60, "b"), read(70, 80, "a")]));
+}
+
+/// What concurrent clients did to one ConfigMap's value through every server.
+#[derive(Default)]
+struct Recorder {
+    ops: Mutex<Vec<Op>>,
+}
+
+impl Recorder {
+    fn micros(origin: Instant) -> u64 {
+        origin.elapsed().as_micros() as u64
+    }
+
+    /// Reads, then swaps the value read for one of its own, until `stop`.
+    async fn client(&self, api: Api<ConfigMap>, me: usize, origin: Instant, stop: Instant) {
+        let mut i = 0;
+        while Instant::now() < stop {
+            let call = Self::micros(origin);
+            let current = match tokio::time::timeout(Duration::from_secs(15), api.get("register")).await {
+                Ok(Ok(cm)) => cm,
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let from = current.data.clone().unwrap_or_default().get("v").cloned().unwrap_or_default();
+            self.ops.lock().unwrap().push(Op { call, ret: Self::micros(origin), kind: Kind::Read(from.clone()) });
+            i += 1;
+            let to = format!("c{me}-{i}");
+            let mut next = current.clone();
+            next.data = Some([("v".to_string(), to.clone())].into());
+            let call = Self::micros(origin);
+            let result =
+                tokio::time::timeout(Duration::from_secs(15), api.replace("register", &PostParams::default(), &next))
+                    .await;
+            let outcome = match result {
+                Ok(Ok(_)) => Outcome::Ok,
+                Ok(Err(kube::Error::Api(s))) if s.code == 409 => Outcome::Conflict,
+                _ => Outcome::Unknown,
+            };
+            let failed = outcome == Outcome::Unknown;
+            self.ops.lock().unwrap().push(Op {
+                call,
+                ret: Self::micros(origin),
+                kind: Kind::Cas { from, to, outcome },
+            });
+            // A pace that keeps the history to a few thousand operations.
+            tokio::time::sleep(Duration::from_millis(if failed { 200 } else { 60 })).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_compare_and_swaps_across_three_servers_through_a_partition_and_a_kill_are_linearizable() {
+    let lan = Lan::new(3);
+    let mut servers = three_machines(&lan, free_port()).await;
+    let first: Api<ConfigMap> = Api::namespaced(servers[0].client().await, "default");
+    first.create(&PostParams::default(), &config_map("register", "initial")).await.unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let origin = Instant::now();
+    let stop = origin + Duration::from_secs(40);
+    let mut clients = Vec::new();
+    for me in 0..6 {
+        let api: Api<ConfigMap> = Api::namespaced(servers[me % 3].client().await, "default");
+        let recorder = recorder.clone();
+        clients.push(tokio::spawn(async move { recorder.client(api, me, origin, stop).await }));
+    }
+    // Seconds 5–15: the first server cut off; from second 25: the third one killed.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    lan.partition(0);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    lan.heal(0);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    servers[2].kill();
+    for client in clients {
+        client.await.unwrap();
+    }
+    let ops = recorder.ops.lock().unwrap().clone();
+    let count = |f: &dyn Fn(&Op) -> bool| ops.iter().filter(|op| f(op)).count();
+    let swapped = count(&|op| matches!(op.kind, Kind::Cas { outcome: Outcome::Ok, .. }));
+    let conflicts = count(&|op| matches!(op.kind, Kind::Cas { outcome: Outcome::Conflict, .. }));
+    let unknown = count(&|op| matches!(op.kind, Kind::Cas { outcome: Outcome::Unknown, .. }));
+    let reads = count(&|op| matches!(op.kind, Kind::Read(_)));
+    eprintln!("history: {reads} reads, {swapped} swaps, {conflicts} conflicts, {unknown} unknown outcomes");
+    assert!(swapped > 50 && conflicts > 0, "the clients contended ({swapped} swaps, {conflicts} conflicts)");
+    let started = Instant::now();
+    assert!(linearizable("initial", &ops), "the history of {} operations is not linearizable", ops.len());
+    eprintln!("checked in {:?}", started.elapsed());
 }

@@ -13,6 +13,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 pub mod extension;
 pub mod goclient;
 pub mod https;
+pub mod linearizability;
 pub mod netns;
 pub mod node;
 pub mod registry;

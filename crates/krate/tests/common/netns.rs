@@ -78,14 +78,19 @@ impl Lan {
     }
 
     pub fn heal(&self, i: usize) {
-        run(&["ip", "netns", "exec", self.ns(i), "nft", "delete", "table", "inet", "krate_partition"]).expect("healing");
+        run(&["ip", "netns", "exec", self.ns(i), "nft", "delete", "table", "inet", "krate_partition"])
+            .expect("healing");
     }
 }
 
 impl Drop for Lan {
     fn drop(&mut self) {
-        for ns in &self.namespaces {
+        let id = std::process::id() % 200;
+        for (i, ns) in self.namespaces.iter().enumerate() {
             let _ = run(&["ip", "netns", "del", ns]);
+            // A namespace outlives its name while anything still holds it; its veth
+            // must not.
+            let _ = run(&["ip", "link", "del", &format!("kha{id}v{i}")]);
         }
         let _ = run(&["ip", "link", "del", &self.bridge]);
     }
