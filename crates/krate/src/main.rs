@@ -15,6 +15,7 @@ mod join;
 mod kubeconfig;
 mod leader;
 mod loadbalancer;
+mod migrate;
 mod pki;
 mod secrets;
 mod server;
@@ -151,6 +152,11 @@ enum Command {
     /// started on it has every object of the backup, and resourceVersions that go on
     /// past any the old cluster handed out.
     Restore(backup::RestoreArgs),
+    /// Change where the cluster's state is kept: `krate datastore migrate --to etcd`
+    /// moves a stopped single server from SQLite onto an etcd member it runs, so that
+    /// other servers can join it.
+    #[command(subcommand)]
+    Datastore(migrate::DatastoreCommand),
     /// Tools for trying krate and for its tests: `krate dev cluster up --nodes 3` runs a
     /// multi-node cluster on this machine, each node in its own network namespace.
     #[command(subcommand)]
@@ -290,6 +296,7 @@ fn main() -> std::process::ExitCode {
             Command::Soak(args) => block_on(soak::run(args)),
             Command::Backup(args) => block_on(backup::backup(args)),
             Command::Restore(args) => backup::restore(args),
+            Command::Datastore(command) => block_on(migrate::run(command)),
             Command::Version { output } => print_version(output.as_deref()),
         };
     match result {
