@@ -182,8 +182,16 @@ mod tests {
         let connect = || tokio::net::TcpStream::connect(lb.local);
         let _client = connect().await.unwrap();
         let (_accepted, _) = tokio::time::timeout(Duration::from_secs(5), live.accept()).await.unwrap().unwrap();
-        let preferred = lb.servers()[lb.preferred.load(Ordering::Relaxed)].clone();
-        assert_eq!(preferred, live.local_addr().unwrap().to_string(), "the live server is preferred now");
+        // The balancer notes its choice just after connecting: give it a moment.
+        let live_name = live.local_addr().unwrap().to_string();
+        let preferred = || lb.servers()[lb.preferred.load(Ordering::Relaxed)].clone();
+        for _ in 0..100 {
+            if preferred() == live_name {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(preferred(), live_name, "the live server is preferred now");
         // The list is remembered for the next start.
         let again = LoadBalancer::start(0, &dead.to_string(), dir.path()).await.unwrap();
         assert_eq!(again.servers().len(), 2);

@@ -137,9 +137,11 @@ impl TestServer {
             let log = std::fs::File::create(self.dir.path().join("server.log")).expect("log file");
             let out = std::fs::File::create(self.dir.path().join("server.out")).expect("output file");
             let mut command = match &self.netns {
+                // nsenter enters the namespace and execs krate in its own process (`ip
+                // netns exec` forks, so killing the child would leave krate running).
                 Some(ns) => {
-                    let mut command = Command::new("ip");
-                    command.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_krate")]);
+                    let mut command = Command::new("nsenter");
+                    command.arg(format!("--net=/run/netns/{ns}")).arg(env!("CARGO_BIN_EXE_krate"));
                     command
                 }
                 None => Command::new(env!("CARGO_BIN_EXE_krate")),
