@@ -62,13 +62,24 @@ pub fn key_pair(path: &Path) -> Result<rcgen::KeyPair> {
 
 /// Writes `text` readable by its owner only.
 pub fn write_private(path: &Path, text: &str) -> Result<()> {
+    write_synced(path, text, 0o600)
+}
+
+/// Writes `text` to `path` readable by all (certificates), durably as `write_private`.
+pub fn write_public(path: &Path, text: &str) -> Result<()> {
+    write_synced(path, text, 0o644)
+}
+
+/// Written beside, synced, then renamed over: after a crash or power loss `path` holds
+/// either its old content or the new, never a part.
+fn write_synced(path: &Path, text: &str, mode: u32) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
+        .mode(mode)
         .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::io::Write::write_all(&mut file, text.as_bytes())?;

@@ -83,14 +83,22 @@ fn open_connection(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path).map_err(backend)?;
     conn.busy_timeout(Duration::from_secs(30)).map_err(backend)?;
     conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
-    conn.pragma_update(None, "synchronous", "FULL").map_err(backend)?;
+    let synchronous = if std::env::var_os(UNSAFE_NO_FSYNC).is_some() { "OFF" } else { "FULL" };
+    conn.pragma_update(None, "synchronous", synchronous).map_err(backend)?;
     Ok(conn)
 }
+
+/// Set in the environment, commits are not synced to disk: acknowledged writes can be
+/// lost on power loss. Only for the test that proves the power-loss test can fail.
+pub const UNSAFE_NO_FSYNC: &str = "KRATE_UNSAFE_NO_FSYNC";
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and starts its writer thread.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
+        if std::env::var_os(UNSAFE_NO_FSYNC).is_some() {
+            tracing::warn!("{UNSAFE_NO_FSYNC} is set: commits are not synced, a power loss loses acknowledged writes");
+        }
         let conn = open_connection(&path)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
         check_format(&conn, &path)?;

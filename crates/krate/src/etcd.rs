@@ -49,7 +49,7 @@ impl Datastore {
     pub fn save(&self, data_dir: &Path) -> Result<()> {
         let path = data_dir.join(RECORD);
         std::fs::create_dir_all(path.parent().expect("the record is in a directory"))?;
-        std::fs::write(&path, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", path.display()))
+        crate::pki::write_public(&path, &serde_json::to_string_pretty(self)?)
     }
 
     /// Removes the record: the data directory is back on SQLite.

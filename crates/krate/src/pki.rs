@@ -32,7 +32,7 @@ fn validity(params: &mut CertificateParams, days: i64) {
     params.not_after = to_date(now + jiff::SignedDuration::from_hours(24 * days));
 }
 
-pub(crate) use krate_client::csr::write_private;
+pub(crate) use krate_client::csr::{write_private, write_public};
 
 impl Pki {
     /// What service-account tokens are signed under (`service-account.key`, an ECDSA
@@ -89,7 +89,7 @@ impl Pki {
         }
         fs::create_dir_all(dir)?;
         write_private(&dir.join("ca.key"), &key_pem)?;
-        fs::write(&existing, &cert_pem)?;
+        write_public(&existing, &cert_pem)?;
         Ok(())
     }
 
@@ -125,7 +125,7 @@ impl Pki {
         validity(&mut params, 3650);
         let cert = params.self_signed(&ca_key)?;
         write_private(&key_path, &ca_key.serialize_pem())?;
-        fs::write(&cert_path, cert.pem())?;
+        write_public(&cert_path, &cert.pem())?;
         Ok(Self { dir: dir.to_path_buf(), ca_cert_pem: cert.pem(), ca_key })
     }
 
@@ -179,7 +179,7 @@ impl Pki {
     /// A fresh serving certificate for the API server's names and addresses.
     pub fn serving_certificate(&self, sans: &[String]) -> Result<Leaf> {
         let leaf = self.issue("kube-apiserver", &[], sans, true)?;
-        fs::write(self.dir.join("apiserver.crt"), &leaf.cert_pem)?;
+        write_public(&self.dir.join("apiserver.crt"), &leaf.cert_pem)?;
         write_private(&self.dir.join("apiserver.key"), &leaf.key_pem)?;
         Ok(leaf)
     }
@@ -191,7 +191,7 @@ impl Pki {
             return Ok(Leaf { cert_pem: fs::read_to_string(cert_path)?, key_pem: fs::read_to_string(key_path)? });
         }
         let leaf = self.issue(user, groups, &[], false)?;
-        fs::write(&cert_path, &leaf.cert_pem)?;
+        write_public(&cert_path, &leaf.cert_pem)?;
         write_private(&key_path, &leaf.key_pem)?;
         Ok(leaf)
     }
@@ -206,7 +206,7 @@ impl Pki {
         let dir = self.dir.join("etcd");
         fs::create_dir_all(&dir)?;
         let (cert, key) = (dir.join("member.crt"), dir.join("member.key"));
-        fs::write(&cert, &leaf.cert_pem)?;
+        write_public(&cert, &leaf.cert_pem)?;
         write_private(&key, &leaf.key_pem)?;
         Ok((cert, key))
     }

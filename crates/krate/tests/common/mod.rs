@@ -13,6 +13,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 pub mod extension;
 pub mod goclient;
 pub mod https;
+pub mod lazyfs;
 pub mod linearizability;
 pub mod netns;
 pub mod node;
@@ -26,6 +27,8 @@ pub struct TestServer {
     pub host: String,
     /// The network namespace it runs in (the host's unless started with `start_in`).
     netns: Option<String>,
+    /// Environment variables of its process.
+    envs: Vec<(String, String)>,
     child: Option<Child>,
     extra_args: Vec<String>,
     /// Whether the server runs its node agent (containers on containerd); the agent's
@@ -78,6 +81,7 @@ impl TestServer {
             port: free_port(),
             host: "127.0.0.1".into(),
             netns: None,
+            envs: Vec::new(),
             child: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             agent,
@@ -129,6 +133,17 @@ impl TestServer {
         server
     }
 
+    /// Like `start_prepared`, with environment variables, keeping what `prepare` returns
+    /// (a file system mounted on the data directory, say; it comes first, so that bound
+    /// in order it is dropped after the server).
+    pub fn start_mounted<T>(extra_args: &[&str], envs: &[(&str, &str)], prepare: impl FnOnce(&Path) -> T) -> (T, Self) {
+        let mut server = Self::unstarted(extra_args, false);
+        server.envs = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let prepared = prepare(&server.data_dir());
+        server.spawn();
+        (prepared, server)
+    }
+
     /// Starts the server and waits until it answers. The port came from `free_port`,
     /// which cannot hold it: when something else took it meanwhile (another test's
     /// client connection, say), the server starts again on another.
@@ -152,6 +167,7 @@ impl TestServer {
                 .args(["--port", &self.port.to_string()])
                 .args(&self.extra_args)
                 .args(if self.agent { &[][..] } else { &["--disable-agent"][..] })
+                .envs(self.envs.iter().map(|(k, v)| (k, v)))
                 .stdout(out)
                 .stderr(log)
                 .spawn()
