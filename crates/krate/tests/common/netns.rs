@@ -14,6 +14,8 @@ fn run(args: &[&str]) -> Result<(), String> {
 }
 
 pub struct Lan {
+    /// Tells this process's LANs apart (names, subnet).
+    id: u32,
     bridge: String,
     namespaces: Vec<String>,
     /// The first three octets of the bridge's /24.
@@ -21,17 +23,20 @@ pub struct Lan {
 }
 
 impl Lan {
-    /// `count` machines on a /24 of 172.29 chosen by the test process.
+    /// `count` machines on a /24 of 172.29 of their own (up to five LANs per test
+    /// process at once).
     pub fn new(count: usize) -> Self {
-        let id = std::process::id() % 200;
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 5;
+        let id = std::process::id() % 50 * 5 + n;
         let prefix = format!("172.29.{id}");
-        let mut lan = Lan { bridge: format!("kha{id}"), namespaces: Vec::new(), prefix };
+        let mut lan = Lan { id, bridge: format!("kha{id}"), namespaces: Vec::new(), prefix };
         let host = format!("{}.1/24", lan.prefix);
         run(&["ip", "link", "add", &lan.bridge, "type", "bridge"]).expect("a bridge");
         run(&["ip", "addr", "add", &host, "dev", &lan.bridge]).unwrap();
         run(&["ip", "link", "set", &lan.bridge, "up"]).unwrap();
         for i in 0..count {
-            let ns = format!("krate-ha-{}-{i}", std::process::id());
+            let ns = format!("krate-ha-{id}-{i}");
             run(&["ip", "netns", "add", &ns]).expect("a network namespace");
             lan.namespaces.push(ns.clone());
             let (outer, inner) = (format!("kha{id}v{i}"), format!("kha{id}i{i}"));
@@ -71,7 +76,7 @@ impl Lan {
              chain input {{ type filter hook input priority -10; ip saddr {{ {set} }} drop; }}\n\
              chain output {{ type filter hook output priority -10; ip daddr {{ {set} }} drop; }}\n}}\n"
         );
-        let file = std::env::temp_dir().join(format!("krate-partition-{}.nft", std::process::id()));
+        let file = std::env::temp_dir().join(format!("krate-partition-{}.nft", self.id));
         std::fs::write(&file, rules).unwrap();
         run(&["ip", "netns", "exec", self.ns(i), "nft", "-f", file.to_str().unwrap()]).expect("the partition");
         let _ = std::fs::remove_file(file);
@@ -85,7 +90,7 @@ impl Lan {
 
 impl Drop for Lan {
     fn drop(&mut self) {
-        let id = std::process::id() % 200;
+        let id = self.id;
         for (i, ns) in self.namespaces.iter().enumerate() {
             let _ = run(&["ip", "netns", "del", ns]);
             // A namespace outlives its name while anything still holds it; its veth
