@@ -419,7 +419,12 @@ pub async fn reset(data_dir: PathBuf) -> Result<()> {
         }
     }
     let dir = data_dir.join("agent");
-    let report = krate_agent::reset(&dir).await;
+    let mut report = krate_agent::reset(&dir).await;
+    // A control-plane server's etcd member leaves its cluster.
+    match crate::etcd::leave(&data_dir).await {
+        Ok(done) => report.removed.extend(done),
+        Err(e) => report.left.push(format!("the etcd member of {}: {e:#}", data_dir.display())),
+    }
     for what in &report.removed {
         println!("removed {what}");
     }

@@ -32,6 +32,12 @@ pub struct Datastore {
     /// Whether the server runs the member itself (--cluster-init).
     #[serde(default)]
     pub managed: bool,
+    /// The managed member's name, and the client URLs of the cluster's members when the
+    /// server last started (where `krate reset` finds the others to leave them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster: Vec<String>,
 }
 
 impl Datastore {
@@ -229,6 +235,36 @@ impl Supervised {
             cert_file: tls.map(|t| t.cert.clone()),
             key_file: tls.map(|t| t.key.clone()),
             managed: true,
+            member: Some(member.name.clone()),
+            cluster: Vec::new(),
         }
     }
+}
+
+/// Takes this data directory's member out of its etcd cluster (the server is stopped):
+/// removed from the membership through another member, then its data deleted. Returns
+/// what it did, for `krate reset` to report.
+pub async fn leave(data_dir: &Path) -> Result<Vec<String>> {
+    let Some(datastore) = Datastore::load(data_dir)? else { return Ok(Vec::new()) };
+    let (true, Some(name)) = (datastore.managed, datastore.member.clone()) else { return Ok(Vec::new()) };
+    let mut done = Vec::new();
+    let others: Vec<String> = datastore.cluster.iter().filter(|u| !datastore.endpoints.contains(u)).cloned().collect();
+    if !others.is_empty() {
+        let config = Datastore { endpoints: others.clone(), ..datastore.clone() }.config()?;
+        let mut client = krate_store::etcd::connect_client(&config)
+            .await
+            .with_context(|| format!("reaching the other etcd members at {} to leave", others.join(",")))?;
+        let members = client.member_list().await.context("listing the etcd members")?;
+        if let Some(me) = members.members().iter().find(|m| m.name() == name) {
+            client.member_remove(me.id()).await.context("removing this member from etcd")?;
+            done.push(format!("etcd member {name} (removed from the cluster at {})", others.join(",")));
+        }
+    }
+    let dir = data_dir.join("db/etcd");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        done.push(format!("{} (the member's data)", dir.display()));
+    }
+    Datastore::forget(data_dir)?;
+    Ok(done)
 }

@@ -533,6 +533,8 @@ async fn open_store(args: &ServerArgs) -> Result<Arc<dyn krate_store::Store>> {
         cert_file: absolute(&args.datastore_certfile)?,
         key_file: absolute(&args.datastore_keyfile)?,
         managed: false,
+        member: None,
+        cluster: Vec::new(),
     };
     connect_etcd(&datastore, &args.data_dir).await
 }
@@ -554,7 +556,12 @@ async fn connect_etcd(
             Err(e) => return Err(e),
         }
     };
-    datastore.save(data_dir)?;
+    // Where the other members are, for `krate reset` to leave them later.
+    let mut record = datastore.clone();
+    if let Ok(status) = store.status().await {
+        record.cluster = status.members.into_iter().flat_map(|m| m.client_urls).collect();
+    }
+    record.save(data_dir)?;
     let endpoints = datastore.endpoints.join(",");
     tracing::info!(%endpoints, "using etcd as the datastore");
     Ok(Arc::new(store))

@@ -321,6 +321,19 @@ async fn three_servers_join_with_one_command_each_and_survive_the_first_ones_dea
         on_first.get("after").await.ok()
     })
     .await;
+
+    // The third server goes away for good: `krate reset` takes its member out of etcd.
+    others[1].kill();
+    let third = others[1].data_dir().display().to_string();
+    let reset = krate(&["reset", "--data-dir", &third]);
+    let said = String::from_utf8_lossy(&reset.stdout).into_owned();
+    assert!(reset.status.success(), "{said}{}", String::from_utf8_lossy(&reset.stderr));
+    assert!(said.contains("removed etcd member krate-127-0-0-4"), "{said}");
+    assert!(!others[1].data_dir().join("db/etcd").exists());
+    let doctor = krate(&["doctor", "--no-probe", "-o", "json", "--data-dir", &data_dir]);
+    let doc: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap();
+    let store = doc["checks"].as_array().unwrap().iter().find(|c| c["name"] == "store").unwrap().clone();
+    assert!(store["detail"].as_str().unwrap().contains("2 members,"), "the member left: {store}");
 }
 
 /// The join command a server printed for `what` ("krate agent" or "krate server"), its
