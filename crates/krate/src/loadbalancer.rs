@@ -18,8 +18,11 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams};
 
-/// How long a server may take to accept a connection before the next one is tried.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a server may take to accept a connection before the next one is tried (a
+/// dead server's machine refuses at once; a busy or unreachable one takes this long).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Rounds over every server before a client's connection is given up.
+const ROUNDS: usize = 3;
 /// How often the list of servers is refreshed from the `kubernetes` endpoints.
 const REFRESH: Duration = Duration::from_secs(10);
 const SERVERS_FILE: &str = "api-servers.json";
@@ -84,7 +87,7 @@ impl LoadBalancer {
     async fn pass(self: Arc<Self>, mut inbound: tokio::net::TcpStream) {
         let servers = self.servers();
         let first = self.preferred.load(Ordering::Relaxed);
-        for k in 0..servers.len() {
+        for k in 0..servers.len() * ROUNDS {
             let index = (first + k) % servers.len();
             let server = &servers[index];
             match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(server.as_str())).await {
@@ -98,6 +101,10 @@ impl LoadBalancer {
                 }
                 Ok(Err(e)) => tracing::debug!(%server, error = %e, "API server refused the connection"),
                 Err(_) => tracing::debug!(%server, "API server did not accept in time"),
+            }
+            if (k + 1) % servers.len() == 0 {
+                // A round without an answer: a server may be starting or swamped.
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
         tracing::warn!(servers = ?servers, "no API server accepts connections");

@@ -77,22 +77,37 @@ async fn acknowledged_writes_survive_sigkill() {
     assert!(list_rv >= max_acked);
 }
 
-/// Writes through a server whose data directory is on a lazy file system, cuts the
-/// power (after `stopped` says every process writing there has gone), brings the
-/// machine back and returns what was acknowledged and what of it was lost, with the
+/// Writes through a server whose data directory is on a lazy file system (fsync
+/// ignored under `lying_under`), cuts the power (after `stopped` says every process
+/// writing there has gone), brings the machine back and returns what was acknowledged
+/// and what of it was lost (all of it if the server does not come back), with the
 /// unsynced bytes the power loss dropped.
-async fn power_loss(args: &[&str], envs: &[(&str, &str)], stopped: impl Fn() -> bool) -> (usize, Vec<String>, usize) {
+async fn power_loss_lying(
+    args: &[&str],
+    envs: &[(&str, &str)],
+    lying_under: Option<&Path>,
+    stopped: impl Fn() -> bool,
+) -> (usize, Vec<String>, usize) {
     let backing = tempfile::tempdir().unwrap();
-    let mount = |data: &Path| LazyFs::mount(backing.path(), data);
+    let mount = |data: &Path| LazyFs::mount_lying(backing.path(), data, lying_under);
     let (fs, mut server) = TestServer::start_mounted(args, envs, mount);
     let acknowledged = writes_until(&mut server, TestServer::kill).await;
     eventually(20, "every process on the file system to stop", || async { stopped().then_some(()) }).await;
     let dropped = fs.power_loss();
     let _fs = LazyFs::mount(backing.path(), &server.data_dir());
-    server.restart();
-    let lost = lost(&server, &acknowledged).await;
+    let lost = match server.try_restart() {
+        Ok(()) => lost(&server, &acknowledged).await,
+        Err(log) => {
+            eprintln!("the server did not come back after the power loss: {log}");
+            acknowledged.iter().map(|(name, _)| name.clone()).collect()
+        }
+    };
     drop(server);
     (acknowledged.len(), lost, dropped)
+}
+
+async fn power_loss(args: &[&str], envs: &[(&str, &str)], stopped: impl Fn() -> bool) -> (usize, Vec<String>, usize) {
+    power_loss_lying(args, envs, None, stopped).await
 }
 
 #[tokio::test]
@@ -113,16 +128,38 @@ async fn with_fsync_off_a_power_loss_loses_acknowledged_writes() {
     );
 }
 
+/// A server on its own etcd member, on fresh ports; and whether that member has stopped
+/// (it dies with its server, a moment later).
+fn etcd_args() -> (Vec<String>, impl Fn() -> bool) {
+    let (client, peer) = (free_port(), free_port());
+    let args = ["--cluster-init", "--etcd-client-port", &client.to_string(), "--etcd-peer-port", &peer.to_string()]
+        .map(String::from)
+        .to_vec();
+    (args, move || std::net::TcpStream::connect(("127.0.0.1", client)).is_err())
+}
+
 #[tokio::test]
 async fn acknowledged_writes_survive_power_loss_on_etcd() {
-    let (client, peer) = (free_port(), free_port());
-    let (client_arg, peer_arg) = (client.to_string(), peer.to_string());
-    let args = ["--cluster-init", "--etcd-client-port", &client_arg, "--etcd-peer-port", &peer_arg];
-    // The member dies with its server, a moment later.
-    let member_gone = || std::net::TcpStream::connect(("127.0.0.1", client)).is_err();
+    let (args, member_gone) = etcd_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (acknowledged, lost, dropped) = power_loss(&args, &[], member_gone).await;
     eprintln!("{acknowledged} writes acknowledged; the power loss dropped {dropped} unsynced bytes");
     assert_eq!(lost, Vec::<String>::new(), "acknowledged writes were lost");
+}
+
+/// Debian's etcd cannot switch its fsync off, so the disk lies instead: fsync under the
+/// member's directory does nothing.
+#[tokio::test]
+async fn with_fsync_ignored_under_etcd_a_power_loss_loses_acknowledged_writes() {
+    let (args, member_gone) = etcd_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let lying = Path::new("db/etcd");
+    let (acknowledged, lost, dropped) = power_loss_lying(&args, &[], Some(lying), member_gone).await;
+    eprintln!("{acknowledged} writes acknowledged, {} lost; {dropped} unsynced bytes dropped", lost.len());
+    assert!(
+        !lost.is_empty(),
+        "without fsync, a power loss must lose acknowledged writes (or this test proves nothing)"
+    );
 }
 
 #[test]

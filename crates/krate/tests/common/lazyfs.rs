@@ -36,6 +36,9 @@ struct State {
 struct Lazy {
     backing: PathBuf,
     state: Arc<Mutex<State>>,
+    /// Files under this directory (relative) are never really synced: a disk that lies
+    /// about fsync, to show that a power-loss test can fail.
+    lying_under: Option<PathBuf>,
 }
 
 fn errno(e: std::io::Error) -> Errno {
@@ -315,7 +318,13 @@ impl Filesystem for Lazy {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        match self.relative(ino).map(|p| self.sync(ino.0, &p)) {
+        let relative = self.relative(ino);
+        if let (Some(relative), Some(lying)) = (&relative, &self.lying_under) {
+            if relative.starts_with(lying) {
+                return reply.ok();
+            }
+        }
+        match relative.map(|p| self.sync(ino.0, &p)) {
             Some(Ok(())) => reply.ok(),
             Some(Err(e)) => reply.error(errno(e)),
             None => reply.error(Errno::ENOENT),
@@ -382,10 +391,17 @@ pub struct LazyFs {
 impl LazyFs {
     /// Mounts `backing` at `mountpoint` (both directories).
     pub fn mount(backing: &Path, mountpoint: &Path) -> Self {
+        Self::mount_lying(backing, mountpoint, None)
+    }
+
+    /// Like `mount`, but fsync of files under `lying_under` (relative to the mount)
+    /// does nothing: durability deliberately off there.
+    pub fn mount_lying(backing: &Path, mountpoint: &Path, lying_under: Option<&Path>) -> Self {
         std::fs::create_dir_all(backing).unwrap();
         std::fs::create_dir_all(mountpoint).unwrap();
         let state = Arc::new(Mutex::new(State { next: 1, ..Default::default() }));
-        let fs = Lazy { backing: backing.to_path_buf(), state: state.clone() };
+        let lying_under = lying_under.map(Path::to_path_buf);
+        let fs = Lazy { backing: backing.to_path_buf(), state: state.clone(), lying_under };
         let mut config = Config::default();
         config.mount_options = vec![MountOption::FSName("krate-lazyfs".into()), MountOption::DefaultPermissions];
         let session = fuser::spawn_mount(fs, mountpoint, &config).expect("mounting the lazy file system (FUSE)");

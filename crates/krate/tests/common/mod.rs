@@ -149,30 +149,7 @@ impl TestServer {
     /// client connection, say), the server starts again on another.
     fn spawn(&mut self) {
         for attempt in 1.. {
-            let log = std::fs::File::create(self.dir.path().join("server.log")).expect("log file");
-            let out = std::fs::File::create(self.dir.path().join("server.out")).expect("output file");
-            let mut command = match &self.netns {
-                // nsenter enters the namespace and execs krate in its own process (`ip
-                // netns exec` forks, so killing the child would leave krate running).
-                Some(ns) => {
-                    let mut command = Command::new("nsenter");
-                    command.arg(format!("--net=/run/netns/{ns}")).arg(env!("CARGO_BIN_EXE_krate"));
-                    command
-                }
-                None => Command::new(env!("CARGO_BIN_EXE_krate")),
-            };
-            let child = command
-                .args(["server", "--data-dir"])
-                .arg(self.data_dir())
-                .args(["--port", &self.port.to_string()])
-                .args(&self.extra_args)
-                .args(if self.agent { &[][..] } else { &["--disable-agent"][..] })
-                .envs(self.envs.iter().map(|(k, v)| (k, v)))
-                .stdout(out)
-                .stderr(log)
-                .spawn()
-                .expect("start krate server");
-            self.child = Some(child);
+            self.launch();
             match self.wait_ready() {
                 Ok(()) => return,
                 Err(status) if attempt < 3 && self.log().contains("cannot listen on") => {
@@ -182,6 +159,34 @@ impl TestServer {
                 Err(status) => panic!("krate server exited early ({status}):\n{}", self.log()),
             }
         }
+    }
+
+    /// Starts the server process (in its network namespace, if any), not waiting.
+    fn launch(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("server.log")).expect("log file");
+        let out = std::fs::File::create(self.dir.path().join("server.out")).expect("output file");
+        let mut command = match &self.netns {
+            // nsenter enters the namespace and execs krate in its own process (`ip
+            // netns exec` forks, so killing the child would leave krate running).
+            Some(ns) => {
+                let mut command = Command::new("nsenter");
+                command.arg(format!("--net=/run/netns/{ns}")).arg(env!("CARGO_BIN_EXE_krate"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_krate")),
+        };
+        let child = command
+            .args(["server", "--data-dir"])
+            .arg(self.data_dir())
+            .args(["--port", &self.port.to_string()])
+            .args(&self.extra_args)
+            .args(if self.agent { &[][..] } else { &["--disable-agent"][..] })
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .stdout(out)
+            .stderr(log)
+            .spawn()
+            .expect("start krate server");
+        self.child = Some(child);
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -255,6 +260,14 @@ impl TestServer {
         self.kill();
         let _ = std::fs::remove_file(self.kubeconfig());
         self.spawn();
+    }
+
+    /// Restarts once; the server's log if it exits instead of answering.
+    pub fn try_restart(&mut self) -> Result<(), String> {
+        self.kill();
+        let _ = std::fs::remove_file(self.kubeconfig());
+        self.launch();
+        self.wait_ready().map_err(|status| format!("exited ({status}):\n{}", self.log()))
     }
 
     pub async fn client(&self) -> kube::Client {
