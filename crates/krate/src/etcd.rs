@@ -256,7 +256,21 @@ pub async fn leave(data_dir: &Path) -> Result<Vec<String>> {
             .with_context(|| format!("reaching the other etcd members at {} to leave", others.join(",")))?;
         let members = client.member_list().await.context("listing the etcd members")?;
         if let Some(me) = members.members().iter().find(|m| m.name() == name) {
-            client.member_remove(me.id()).await.context("removing this member from etcd")?;
+            // etcd refuses or delays changes of membership while the cluster settles (a
+            // member just restarted, say): retried for a minute.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                match client.member_remove(me.id()).await {
+                    Ok(_) => break,
+                    // An earlier try that timed out on our side went through after all.
+                    Err(e) if e.to_string().contains("member not found") => break,
+                    Err(e) if std::time::Instant::now() < deadline => {
+                        eprintln!("etcd did not remove the member yet ({e}); trying again");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                    Err(e) => return Err(e).context("removing this member from etcd"),
+                }
+            }
             done.push(format!("etcd member {name} (removed from the cluster at {})", others.join(",")));
         }
     }
