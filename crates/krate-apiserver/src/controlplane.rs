@@ -169,16 +169,8 @@ impl ApiServer {
                 "annotations": {ADVERTISE_ANNOTATION: address.to_string()}},
             "spec": {"holderIdentity": format!("{name}_{}", self.identity), "leaseDurationSeconds": IDENTITY_DURATION_SECONDS,
                 "renewTime": now}});
-        match self.storage.get(&scope, &name).await {
-            Ok(found) => {
-                let mut renewed = found.parse();
-                renewed["spec"] = lease["spec"].clone();
-                renewed["metadata"]["annotations"] = lease["metadata"]["annotations"].clone();
-                self.storage.update(&scope, &name, Subresource::Main, renewed, &write_options()).await?;
-            }
-            Err(e) if e.code == 404 => self.storage.ensure(&scope, lease).await?,
-            Err(e) => return Err(e),
-        }
+        // (The name is derived from the address, so the annotation never changes.)
+        self.converge(scope.clone(), lease, &["spec"]).await?;
         let cutoff = jiff::Timestamp::now() - ENDPOINT_TTL;
         let mut live = vec![address];
         for other in self.storage.cached_objects(&scope, false).await {

@@ -62,6 +62,13 @@ pub struct ClusterStatus {
     pub members: Vec<MemberStatus>,
 }
 
+impl ClusterStatus {
+    /// The client URLs of every member.
+    pub fn client_urls(&self) -> Vec<String> {
+        self.members.iter().flat_map(|m| m.client_urls.iter().cloned()).collect()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct MemberStatus {
     pub id: u64,
@@ -157,11 +164,6 @@ impl EtcdStore {
         let store = Self { client: connect_client(config).await?, compact_version: AtomicI64::new(0) };
         store.current_revision().await?;
         Ok(store)
-    }
-
-    /// The client, for callers that manage the cluster itself (members, snapshots).
-    pub fn client(&self) -> Client {
-        self.client.clone()
     }
 
     /// What the member answering says about itself and its cluster.

@@ -412,12 +412,7 @@ async fn source_address(url: &str) -> Result<IpAddr> {
 /// `krate reset`: undoes the node agent of `data_dir` (see `krate_agent::reset`). The
 /// cluster's database and certificates stay.
 pub async fn reset(data_dir: PathBuf) -> Result<()> {
-    let lock_path = data_dir.join("server.lock");
-    if let Ok(lock) = std::fs::File::open(&lock_path) {
-        if lock.try_lock().is_err() {
-            anyhow::bail!("a krate server is running on {}; stop it first", data_dir.display());
-        }
-    }
+    let _lock = crate::server::lock_stopped(&data_dir)?;
     let dir = data_dir.join("agent");
     let mut report = krate_agent::reset(&dir).await;
     // A control-plane server's etcd member leaves its cluster.

@@ -80,8 +80,22 @@ impl Datastore {
 
     /// The client URLs of every member of the cluster.
     pub async fn member_urls(&self) -> Result<Vec<String>> {
-        let status = self.connect().await?.status().await?;
-        Ok(status.members.into_iter().flat_map(|m| m.client_urls).collect())
+        Ok(self.connect().await?.status().await?.client_urls())
+    }
+
+    /// How to reach `member` (started with --cluster-init or joined): at its client URL,
+    /// with its own certificate, which the cluster CA signed for clients too.
+    fn of_member(member: &MemberConfig) -> Self {
+        let tls = member.tls.as_ref();
+        Datastore {
+            endpoints: vec![member.client_url.clone()],
+            ca_file: tls.map(|t| t.ca.clone()),
+            cert_file: tls.map(|t| t.cert.clone()),
+            key_file: tls.map(|t| t.key.clone()),
+            managed: true,
+            member: Some(member.name.clone()),
+            cluster: Vec::new(),
+        }
     }
 
     pub async fn connect(&self) -> Result<krate_store::etcd::EtcdStore> {
@@ -136,13 +150,7 @@ pub fn member_config(
 /// `endpoints` as a learner, starts it with the cluster's membership, and promotes it to
 /// a voting member once it has caught up with the leader (etcd refuses before).
 pub async fn join_member(mut member: MemberConfig, endpoints: &[String]) -> Result<Supervised> {
-    let tls = member.tls.clone().context("a joining member needs TLS")?;
-    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-    let cluster = EtcdConfig {
-        endpoints: endpoints.to_vec(),
-        ca_pem: Some(read(&tls.ca)?),
-        client_cert_pem: Some((read(&tls.cert)?, read(&tls.key)?)),
-    };
+    let cluster = Datastore { endpoints: endpoints.to_vec(), ..Datastore::of_member(&member) }.config()?;
     let mut client = krate_store::etcd::connect_client(&cluster)
         .await
         .with_context(|| format!("reaching the cluster's etcd at {}", endpoints.join(",")))?;
@@ -154,19 +162,14 @@ pub async fn join_member(mut member: MemberConfig, endpoints: &[String]) -> Resu
         }
     }
     // etcd refuses changes of membership until every member has been connected for a
-    // while ("unhealthy cluster", right after another member joined): retried.
-    let deadline = std::time::Instant::now() + START_TIMEOUT;
-    let added = loop {
-        let options = etcd_client::MemberAddOptions::new().with_is_learner();
-        match client.member_add([member.peer_url.clone()], Some(options)).await {
-            Ok(added) => break added,
-            Err(e) if e.to_string().contains("unhealthy cluster") && std::time::Instant::now() < deadline => {
-                eprintln!("etcd is not ready for another member yet ({e}); trying again");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(e).context("adding the etcd member"),
-        }
-    };
+    // while ("unhealthy cluster", right after another member joined).
+    let unhealthy = |e: &etcd_client::Error| e.to_string().contains("unhealthy cluster");
+    let added = retrying("adding the etcd member", Duration::from_secs(1), unhealthy, || {
+        let (mut client, peer_url) = (client.clone(), member.peer_url.clone());
+        async move { client.member_add([peer_url], Some(etcd_client::MemberAddOptions::new().with_is_learner())).await }
+    })
+    .await
+    .context("adding the etcd member")?;
     let id = added.member().context("etcd did not say which member it added")?.id();
     let mut peers = Vec::new();
     for m in added.member_list() {
@@ -177,19 +180,43 @@ pub async fn join_member(mut member: MemberConfig, endpoints: &[String]) -> Resu
     member.existing = true;
     eprintln!("added etcd member {} as a learner; starting it", member.name);
     let process = EtcdProcess::start(member, START_TIMEOUT).await?;
-    let deadline = std::time::Instant::now() + START_TIMEOUT;
-    loop {
-        match client.member_promote(id).await {
-            Ok(_) => break,
-            Err(e) if std::time::Instant::now() < deadline => {
-                tracing::debug!(error = %e, "the learner cannot be promoted yet");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => return Err(e).context("promoting the etcd learner (it did not catch up in time)"),
-        }
-    }
+    retrying(
+        "promoting the etcd learner",
+        Duration::from_millis(500),
+        |_| true,
+        || {
+            let mut client = client.clone();
+            async move { client.member_promote(id).await }
+        },
+    )
+    .await
+    .context("promoting the etcd learner (it did not catch up in time)")?;
     eprintln!("the etcd member caught up and votes");
     Ok(Supervised::adopt(process))
+}
+
+/// Runs `op` until it succeeds, fails with an error `passing` does not excuse, or
+/// [`START_TIMEOUT`] is over, `pause` apart, saying why it tries again.
+async fn retrying<T, F, Fut>(
+    what: &str,
+    pause: Duration,
+    passing: impl Fn(&etcd_client::Error) -> bool,
+    mut op: F,
+) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    loop {
+        match op().await {
+            Err(e) if passing(&e) && std::time::Instant::now() < deadline => {
+                eprintln!("{what}: not yet ({e}); trying again");
+                tokio::time::sleep(pause).await;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// A member kept running: restarted (after a pause) whenever it exits.
@@ -227,17 +254,7 @@ impl Supervised {
 
     /// How the API server reaches the member.
     pub async fn datastore(&self) -> Datastore {
-        let member = &self.process.lock().await.config;
-        let tls = member.tls.as_ref();
-        Datastore {
-            endpoints: vec![member.client_url.clone()],
-            ca_file: tls.map(|t| t.ca.clone()),
-            cert_file: tls.map(|t| t.cert.clone()),
-            key_file: tls.map(|t| t.key.clone()),
-            managed: true,
-            member: Some(member.name.clone()),
-            cluster: Vec::new(),
-        }
+        Datastore::of_member(&self.process.lock().await.config)
     }
 }
 
@@ -257,20 +274,25 @@ pub async fn leave(data_dir: &Path) -> Result<Vec<String>> {
         let members = client.member_list().await.context("listing the etcd members")?;
         if let Some(me) = members.members().iter().find(|m| m.name() == name) {
             // etcd refuses or delays changes of membership while the cluster settles (a
-            // member just restarted, say): retried for a minute.
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                match client.member_remove(me.id()).await {
-                    Ok(_) => break,
-                    // An earlier try that timed out on our side went through after all.
-                    Err(e) if e.to_string().contains("member not found") => break,
-                    Err(e) if std::time::Instant::now() < deadline => {
-                        eprintln!("etcd did not remove the member yet ({e}); trying again");
-                        tokio::time::sleep(Duration::from_secs(2)).await;
+            // member just restarted, say).
+            let id = me.id();
+            retrying(
+                "removing this member from etcd",
+                Duration::from_secs(2),
+                |_| true,
+                || {
+                    let mut client = client.clone();
+                    async move {
+                        match client.member_remove(id).await {
+                            // An earlier try that timed out on our side went through after all.
+                            Err(e) if e.to_string().contains("member not found") => Ok(()),
+                            result => result.map(|_| ()),
+                        }
                     }
-                    Err(e) => return Err(e).context("removing this member from etcd"),
-                }
-            }
+                },
+            )
+            .await
+            .context("removing this member from etcd")?;
             done.push(format!("etcd member {name} (removed from the cluster at {})", others.join(",")));
         }
     }

@@ -49,10 +49,7 @@ const BUMP_KEY: &str = "/krate/migration/bump";
 
 pub async fn run(command: DatastoreCommand) -> Result<()> {
     let DatastoreCommand::Migrate(args) = command;
-    let lock_path = args.data_dir.join("server.lock");
-    let lock = std::fs::File::create(&lock_path).with_context(|| format!("opening {}", lock_path.display()))?;
-    lock.try_lock()
-        .map_err(|_| anyhow::anyhow!("a krate server is running on {}; stop it first", args.data_dir.display()))?;
+    let _lock = crate::server::lock_stopped(&args.data_dir)?;
     let db = args.data_dir.join("db/state.db");
     if !db.is_file() {
         bail!("no SQLite database at {}: nothing to migrate", db.display());

@@ -483,9 +483,16 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     }
 }
 
-/// The database behind encryption at rest (see `--encryption-provider-config`): every
-/// stored value is checked readable and the ones not under the writing key are
-/// rewritten before the server starts.
+/// Holds `<data-dir>/server.lock` (if a server ever ran there) for a command that must
+/// not run beside a server on the same data directory; fails while one runs.
+pub fn lock_stopped(data_dir: &std::path::Path) -> Result<Option<std::fs::File>> {
+    let Ok(lock) = std::fs::File::open(data_dir.join("server.lock")) else { return Ok(None) };
+    if lock.try_lock().is_err() {
+        anyhow::bail!("a krate server is running on {}; stop it first", data_dir.display());
+    }
+    Ok(Some(lock))
+}
+
 /// The etcd member this server runs (with --cluster-init, or when its data directory
 /// already holds one), started and supervised.
 async fn managed_etcd(
@@ -559,7 +566,7 @@ async fn connect_etcd(
     // Where the other members are, for `krate reset` to leave them later.
     let mut record = datastore.clone();
     if let Ok(status) = store.status().await {
-        record.cluster = status.members.into_iter().flat_map(|m| m.client_urls).collect();
+        record.cluster = status.client_urls();
     }
     record.save(data_dir)?;
     let endpoints = datastore.endpoints.join(",");
@@ -567,6 +574,9 @@ async fn connect_etcd(
     Ok(Arc::new(store))
 }
 
+/// The database behind encryption at rest (see `--encryption-provider-config`): every
+/// stored value is checked readable and the ones not under the writing key are
+/// rewritten before the server starts.
 async fn encrypted_store(store: Arc<dyn krate_store::Store>, args: &ServerArgs) -> Result<Arc<dyn krate_store::Store>> {
     use krate_apiserver::encryption::{self, EncryptedStore};
     let path = match &args.encryption_provider_config {

@@ -269,12 +269,8 @@ async fn three_servers_join_with_one_command_each_and_survive_the_first_ones_dea
     let mut first_args = vec!["--cluster-init".to_string()];
     first_args.extend(etcd_ports());
     let mut first = TestServer::start_bound("127.0.0.2", port, &strs(&first_args), |_| ());
-    let command = eventually(60, "the join command for servers", || async {
-        first.output().lines().find(|l| l.contains("krate server --server")).map(|l| l.trim().to_string())
-    })
-    .await;
-    let join: Vec<String> = command.split_whitespace().skip(2).map(str::to_string).collect();
-    assert!(join.iter().any(|a| a == "--certificate-key"), "{command}");
+    let join = printed_join(&first, "krate server").await;
+    assert!(join.iter().any(|a| a == "--certificate-key"), "{join:?}");
     let mut others = Vec::new();
     for host in ["127.0.0.3", "127.0.0.4"] {
         let mut args = join.clone();

@@ -119,6 +119,18 @@ impl Lazy {
         }
     }
 
+    /// Removes `name` in `parent` with `remove` (a file or a directory) and forgets it.
+    fn remove(&self, parent: INodeNo, name: &OsStr, reply: ReplyEmpty, remove: fn(&Path) -> std::io::Result<()>) {
+        let Some(relative) = self.child(parent, name) else { return reply.error(Errno::ENOENT) };
+        match remove(&self.backing.join(&relative)) {
+            Ok(()) => {
+                self.state.lock().unwrap().forget_path(&relative);
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
     /// Writes the unsynced data of `ino` to the backing file and syncs it.
     fn sync(&self, ino: u64, relative: &Path) -> std::io::Result<()> {
         let writes = self.state.lock().unwrap().dirty.remove(&ino).unwrap_or_default();
@@ -200,25 +212,11 @@ impl Filesystem for Lazy {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Some(relative) = self.child(parent, name) else { return reply.error(Errno::ENOENT) };
-        match std::fs::remove_file(self.backing.join(&relative)) {
-            Ok(()) => {
-                self.state.lock().unwrap().forget_path(&relative);
-                reply.ok()
-            }
-            Err(e) => reply.error(errno(e)),
-        }
+        self.remove(parent, name, reply, |p| std::fs::remove_file(p));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Some(relative) = self.child(parent, name) else { return reply.error(Errno::ENOENT) };
-        match std::fs::remove_dir(self.backing.join(&relative)) {
-            Ok(()) => {
-                self.state.lock().unwrap().forget_path(&relative);
-                reply.ok()
-            }
-            Err(e) => reply.error(errno(e)),
-        }
+        self.remove(parent, name, reply, |p| std::fs::remove_dir(p));
     }
 
     fn rename(
