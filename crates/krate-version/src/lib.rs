@@ -14,7 +14,7 @@
 
 /// The version of this source tree outside git: `vX.Y` on a release commit, `vX.Y-dev`
 /// between releases.
-pub const SOURCE_VERSION: &str = "v0.1";
+pub const SOURCE_VERSION: &str = "v0.1-dev";
 
 /// The build's version: `git describe --tags --match 'v*' --abbrev=14` plus `-dirty`; in
 /// a repository without a release tag yet, [`SOURCE_VERSION`] with `-g` and the commit;
