@@ -22,6 +22,15 @@ WANTED = [
         "MutatingAdmissionPolicyBinding", "MutatingAdmissionPolicyBindingList",
         "MutatingAdmissionPolicyBindingSpec",
     ]),
+    ("certificates/v1", ["ClusterTrustBundle", "ClusterTrustBundleList", "ClusterTrustBundleSpec"]),
+    ("storagemigration/v1", [
+        "StorageVersionMigration", "StorageVersionMigrationList", "StorageVersionMigrationSpec",
+        "StorageVersionMigrationStatus",
+    ]),
+    ("resource/v1", [
+        "DeviceTaintRule", "DeviceTaintRuleList", "DeviceTaintRuleSpec", "DeviceTaintRuleStatus",
+        "DeviceTaintSelector",
+    ]),
 ]
 
 SCALARS = {"string", "bool", "int32", "int64", "double", "bytes", "float"}

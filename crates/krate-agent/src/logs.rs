@@ -86,6 +86,30 @@ fn render(lines: &[&str], opts: &LogOptions, carry: &mut String) -> String {
     out
 }
 
+/// The last `lines` lines of the log at `path`, at most its last `bytes` bytes (a failed
+/// container's termination message under `FallbackToLogsOnError`).
+pub fn last_lines(path: &std::path::Path, lines: usize, bytes: usize) -> String {
+    // Enough of the file's end for `lines` lines of `bytes` in all, with their prefixes.
+    let Ok(mut file) = std::fs::File::open(path) else { return String::new() };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let window = (bytes as u64 * 4 + 4096).min(len);
+    let mut raw = String::new();
+    if file.seek(SeekFrom::Start(len - window)).is_err() || file.read_to_string(&mut raw).is_err() {
+        return String::new();
+    }
+    // The first line may be cut by the window: skip it unless the window is the file.
+    let all: Vec<&str> = raw.lines().skip(usize::from(window < len)).collect();
+    // A last line the container left unfinished (`echo -n`) counts too.
+    let mut carry = String::new();
+    let mut text = render(&all, &LogOptions::default(), &mut carry);
+    text.push_str(&carry);
+    let kept: Vec<&str> = text.lines().collect();
+    let tail = kept[kept.len().saturating_sub(lines)..].join("\n");
+    let start = tail.len().saturating_sub(bytes);
+    let start = (start..=tail.len()).find(|i| tail.is_char_boundary(*i)).unwrap_or(tail.len());
+    tail[start..].to_string()
+}
+
 /// Streams the log at `path` into `tx`: the existing content (after tail/since), then,
 /// when following, new lines until `running()` says the container stopped.
 pub async fn stream<F, Fut>(path: PathBuf, opts: LogOptions, tx: mpsc::Sender<Bytes>, running: F)
@@ -159,6 +183,19 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_logs_end_is_its_last_lines_within_a_byte_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        let mut log: String = (0..100).map(|i| format!("2026-11-23T10:00:00Z stdout F line {i}\n")).collect();
+        log.push_str("2026-11-23T10:00:01Z stderr P DONE\n");
+        std::fs::write(&path, log).unwrap();
+        let tail = last_lines(&path, 3, 2048);
+        assert_eq!(tail, "line 98\nline 99\nDONE");
+        assert_eq!(last_lines(&path, 80, 10), "ne 99\nDONE", "at most the last bytes");
+        assert_eq!(last_lines(&dir.path().join("none"), 80, 2048), "");
+    }
 
     #[test]
     fn partial_lines_join_and_timestamps_prefix_whole_lines() {

@@ -111,9 +111,18 @@ pub fn status(settings: &NodeSettings, runtime_version: &str, conditions: Vec<Va
 }
 
 /// The node's conditions: a pressure condition per `Condition`, true for those in
-/// `pressure`, and Ready (false while the node shuts down). A condition keeps its
-/// lastTransitionTime from `previous` while its status stays.
-fn conditions(pressure: &[Condition], shutting_down: bool, previous: &[Value]) -> Vec<Value> {
+/// `state.pressure`, and Ready (false while the node shuts down or its container runtime
+/// is down, with upstream's messages). A condition keeps its lastTransitionTime from
+/// `previous` while its status stays.
+fn conditions(state: &NodeState, previous: &[Value]) -> Vec<Value> {
+    let pressure = &state.pressure;
+    let not_ready = if state.shutting_down {
+        Some("node is shutting down")
+    } else if state.runtime_down {
+        Some("container runtime is down")
+    } else {
+        None
+    };
     let now = now();
     let mut out: Vec<Value> = Condition::ALL
         .iter()
@@ -122,7 +131,10 @@ fn conditions(pressure: &[Condition], shutting_down: bool, previous: &[Value]) -
             let (reason, message) = c.reason_and_message(on);
             (c.type_name(), if on { "True" } else { "False" }, reason, message)
         })
-        .chain([if shutting_down { ("Ready", "False", "KubeletNotReady", "node is shutting down") } else { ("Ready", "True", "KubeletReady", "kubelet is posting ready status") }])
+        .chain([match not_ready {
+            Some(why) => ("Ready", "False", "KubeletNotReady", why),
+            None => ("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+        }])
         .map(|(type_, status, reason, message)| {
             let before = previous.iter().find(|p| p["type"] == type_ && p["status"] == status);
             let since = before.map(|b| b["lastTransitionTime"].clone()).unwrap_or_else(|| json!(now));
@@ -222,6 +234,12 @@ impl Housekeeping {
         }
         on
     }
+
+    /// Whether the container runtime answers (its CRI version) within 5 s.
+    async fn runtime_answers(&mut self) -> bool {
+        let asked = self.cri.runtime.version(crate::cri::api::VersionRequest { version: "v1".into() });
+        matches!(tokio::time::timeout(Duration::from_secs(5), asked).await, Ok(Ok(_)))
+    }
 }
 
 fn node_reference(name: &str) -> ObjectReference {
@@ -242,7 +260,7 @@ async fn report_status(
     state: &NodeState,
     previous: &[Value],
 ) -> Result<Vec<Value>> {
-    let conditions = conditions(&state.0, state.1, previous);
+    let conditions = conditions(state, previous);
     nodes
         .patch_status(
             &settings.name,
@@ -254,8 +272,19 @@ async fn report_status(
     Ok(conditions)
 }
 
-/// What the status reports besides machine facts: (pressure conditions, shutting down).
-type NodeState = (Vec<Condition>, bool);
+/// What the status reports besides machine facts.
+#[derive(Clone, Debug, PartialEq)]
+struct NodeState {
+    /// The pressure conditions now true.
+    pressure: Vec<Condition>,
+    shutting_down: bool,
+    /// The runtime has not answered for [`RUNTIME_DOWN_AFTER`].
+    runtime_down: bool,
+}
+
+/// How long the container runtime may not answer before the node is not Ready
+/// (upstream's kubelet: 30 s without a successful runtime status check).
+const RUNTIME_DOWN_AFTER: Duration = Duration::from_secs(30);
 
 /// Renews the node's Lease every 10 s and looks after the node as often (pressure, image
 /// garbage collection); reports the status when a condition changes (a shutdown at once),
@@ -272,6 +301,7 @@ pub async fn heartbeat(
     let nodes: Api<Node> = Api::all(client);
     let node = node_reference(&settings.name);
     let mut reported: Option<(NodeState, tokio::time::Instant)> = None;
+    let mut runtime_answered = tokio::time::Instant::now();
     let mut previous: Vec<Value> = nodes
         .get_opt(&settings.name)
         .await
@@ -286,13 +316,26 @@ pub async fn heartbeat(
         if let Err(e) = krate_client::node_lease::renew(&leases, &settings.name, MANAGER).await {
             tracing::warn!(node = %settings.name, error = %e, "renewing the node lease failed");
         }
-        let state = (housekeeping.tick(&node).await, *shutting_down.borrow_and_update());
+        // A runtime that does not answer (hung, stopped) would hold up the housekeeping's
+        // CRI calls: the pressure stays as last seen until it answers again.
+        let pressure = if housekeeping.runtime_answers().await {
+            runtime_answered = tokio::time::Instant::now();
+            housekeeping.tick(&node).await
+        } else {
+            reported.as_ref().map(|(was, _)| was.pressure.clone()).unwrap_or_default()
+        };
+        let state = NodeState {
+            pressure,
+            shutting_down: *shutting_down.borrow_and_update(),
+            runtime_down: runtime_answered.elapsed() >= RUNTIME_DOWN_AFTER,
+        };
         let due = reported.as_ref().is_none_or(|(was, at)| *was != state || at.elapsed() >= STATUS_EVERY);
         if due {
             match report_status(&nodes, &settings, &runtime_version, &state, &previous).await {
                 Ok(written) => {
                     for c in Condition::ALL {
-                        let (on, was) = (state.0.contains(&c), reported.as_ref().map(|((was, _), _)| was.contains(&c)));
+                        let was = reported.as_ref().map(|(was, _)| was.pressure.contains(&c));
+                        let on = state.pressure.contains(&c);
                         if was.is_some_and(|was| was != on) {
                             let reason = format!("Node{}", c.reason_and_message(on).0.trim_start_matches("Kubelet"));
                             housekeeping

@@ -192,7 +192,7 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
     r
 }
 
-async fn handle(req: Request<Incoming>, context: Shared) -> Response<Body> {
+async fn handle(mut req: Request<Incoming>, context: Shared) -> Response<Body> {
     let cri = context.cri.clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or_default().to_string();
@@ -229,12 +229,20 @@ async fn handle(req: Request<Incoming>, context: Shared) -> Response<Body> {
             }
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
         },
-        ["containerLogs", ns, pod, container] => container_logs(cri, ns, pod, container, &query).await,
+        ["containerLogs", ns, pod, container] => container_logs(cri, ns, pod, container, &query, &mut req).await,
         _ => text(StatusCode::NOT_FOUND, "404 page not found"),
     }
 }
 
-async fn container_logs(mut cri: Cri, ns: &str, pod: &str, container: &str, query: &str) -> Response<Body> {
+/// A container's log, as text or (asked for with an upgrade) over a WebSocket.
+async fn container_logs(
+    mut cri: Cri,
+    ns: &str,
+    pod: &str,
+    container: &str,
+    query: &str,
+    req: &mut Request<Incoming>,
+) -> Response<Body> {
     let opts = match LogOptions::from_query(query) {
         Ok(o) => o,
         Err(e) => return text(StatusCode::BAD_REQUEST, e),
@@ -282,6 +290,9 @@ async fn container_logs(mut cri: Cri, ns: &str, pod: &str, container: &str, quer
         }
     };
     tokio::spawn(logs::stream(status.log_path.into(), opts, tx, running));
+    if streaming::wants_websocket(req.headers()) {
+        return streaming::stream_websocket(req, rx);
+    }
     let body =
         StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b))));
     let mut r = Response::new(BodyExt::boxed(body));

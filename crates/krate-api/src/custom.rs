@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::convert::{Conversion, Renames};
 use crate::error::FieldError;
-use crate::kinds::{KindInfo, ScaleInfo, StorageResource, ALL_VERBS};
+use crate::kinds::{KindInfo, ScaleInfo, SelectableField, StorageResource, ALL_VERBS};
 use crate::object::{get, get_str};
 use crate::schema::{Additional, Node};
 use crate::strategy::{Errors, Strategy};
@@ -42,6 +42,37 @@ pub struct CustomKind {
 static INTERNED: LazyLock<Mutex<HashMap<String, &'static str>>> = LazyLock::new(Default::default);
 static CONVERSIONS: LazyLock<Mutex<HashMap<(String, String), &'static Renames>>> = LazyLock::new(Default::default);
 static PATHS: LazyLock<Mutex<HashMap<String, &'static [&'static str]>>> = LazyLock::new(Default::default);
+static FIELDS: LazyLock<Mutex<HashMap<Vec<String>, &'static [SelectableField]>>> = LazyLock::new(Default::default);
+
+/// A version's `selectableFields` (`.spec.color` is selected as `spec.color`), interned.
+fn selectable_fields(version: &Value) -> &'static [SelectableField] {
+    let paths: Vec<String> = version
+        .get("selectableFields")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["jsonPath"].as_str().map(str::to_string))
+        .collect();
+    if paths.is_empty() {
+        return &[];
+    }
+    let mut map = FIELDS.lock().expect("fields lock");
+    if let Some(fields) = map.get(&paths) {
+        return fields;
+    }
+    let fields: Vec<SelectableField> = paths
+        .iter()
+        .map(|p| SelectableField {
+            label: intern(p.trim_start_matches('.')),
+            path: intern_path(p),
+            absent: "",
+            fallback: None,
+        })
+        .collect();
+    let leaked: &'static [SelectableField] = Box::leak(fields.into_boxed_slice());
+    map.insert(paths, leaked);
+    leaked
+}
 
 fn intern(s: &str) -> &'static str {
     let mut map = INTERNED.lock().expect("intern lock");
@@ -155,7 +186,7 @@ pub fn kinds_of(crd: &Value) -> Vec<KindInfo> {
             schema: Some(Arc::new(schema)),
             schema_json: Some(Arc::new(schema_json)),
             strategy: &CustomResourceStrategy,
-            field_selectors: &[],
+            field_selectors: selectable_fields(v),
             custom: Some(CustomKind { printer_columns, defaults_on_read }),
             printer: &crate::printers::DEFAULT,
             returns_deleted_object: false,

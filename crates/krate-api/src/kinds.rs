@@ -10,7 +10,8 @@ use k8s_openapi::api::{
     authorization::v1 as authorization, autoscaling::v1 as autoscaling1, autoscaling::v2 as autoscaling2,
     batch::v1 as batch, certificates::v1 as certificates, coordination::v1 as coordination, core::v1 as core,
     discovery::v1 as discovery, events::v1 as events, flowcontrol::v1 as flowcontrol, networking::v1 as networking,
-    node::v1 as node, policy::v1 as policy, rbac::v1 as rbac, scheduling::v1 as scheduling, storage::v1 as storage,
+    node::v1 as node, policy::v1 as policy, rbac::v1 as rbac, resource::v1 as resource, scheduling::v1 as scheduling,
+    storage::v1 as storage, storagemigration::v1 as storagemigration,
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiextensions;
 use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1 as apiregistration;
@@ -679,6 +680,20 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
         kind::<storage::VolumeAttachment>().returns_deleted_object().status_only().status_metadata(&[]).0,
         kind::<storage::VolumeAttributesClass>().short(&["vac"]).returns_deleted_object().0,
         kind::<node::RuntimeClass>().0,
+        // resource.k8s.io/v1: dynamic resource allocation's objects (served and stored;
+        // nothing allocates devices yet).
+        kind::<resource::DeviceClass>().0,
+        kind::<resource::DeviceTaintRule>().status_only().status_metadata(&[]).strategy(&ResetStatusStrategy).0,
+        kind::<resource::ResourceClaim>().status_only().status_metadata(&[]).strategy(&ResetStatusStrategy).0,
+        kind::<resource::ResourceClaimTemplate>().0,
+        kind::<resource::ResourceSlice>().0,
+        // storagemigration.k8s.io/v1: served and stored (krate stores one version per
+        // kind, so a migration has nothing to rewrite).
+        kind::<storagemigration::StorageVersionMigration>()
+            .status_only()
+            .status_metadata(&[])
+            .strategy(&ResetStatusStrategy)
+            .0,
         // flowcontrol.apiserver.k8s.io/v1: API priority and fairness's objects (served and
         // stored; requests are not yet classified by them).
         kind::<flowcontrol::FlowSchema>().status_only().status_metadata(&[]).strategy(&ResetStatusStrategy).0,
@@ -701,6 +716,8 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .status_only()
             .strategy(&crate::custom::CrdStrategy)
             .0,
+        // Trust anchors for pods (the clusterTrustBundle projected volume source).
+        kind::<certificates::ClusterTrustBundle>().names(NameRule::PathSegment).0,
         kind::<certificates::CertificateSigningRequest>()
             .short(&["csr"])
             .printer(&printers::CSRS)

@@ -8,6 +8,9 @@
 //!   being deleted; `default`, `kube-system` and `kube-public` cannot be deleted.
 //! - Priority: a pod's `priorityClassName` (or the global default class) resolves to
 //!   `spec.priority` and `spec.preemptionPolicy`; unknown classes are refused.
+//! - RuntimeClass: a pod's `runtimeClassName` must name a RuntimeClass; the class's
+//!   `overhead.podFixed` becomes the pod's `spec.overhead` (a different one given is
+//!   refused) and its `scheduling` joins the pod's node selector and tolerations.
 //! - PriorityClasses: at most one global default; values above one billion and the
 //!   `system-` prefix are reserved for the built-in classes.
 //! - ServiceAccount: pods that do not opt out (`automountServiceAccountToken: false`
@@ -112,6 +115,7 @@ impl Default for Chain {
             Arc::new(VersionSkew),
             Arc::new(crate::podsecurity::PodSecurity),
             Arc::new(Priority),
+            Arc::new(RuntimeClass),
             Arc::new(DefaultStorageClass),
             Arc::new(StorageObjectInUseProtection),
             Arc::new(ServiceAccount),
@@ -322,7 +326,7 @@ impl Plugin for VersionSkew {
 }
 
 /// `(major, minor)` of a krate version (`v0.3`, `v0.3-dev`, `v0.3-13-g…-dirty`).
-fn krate_minor(version: &str) -> Option<(u64, u64)> {
+pub(crate) fn krate_minor(version: &str) -> Option<(u64, u64)> {
     let rest = version.strip_prefix('v')?;
     let (major, rest) = rest.split_once('.')?;
     let minor: String = rest.chars().take_while(char::is_ascii_digit).collect();
@@ -364,6 +368,98 @@ impl Plugin for Priority {
             storage.admit_priority_class(obj).await?;
         }
         Ok(())
+    }
+}
+
+/// Pods of a RuntimeClass: its overhead and scheduling constraints (upstream's
+/// RuntimeClass admission plugin, its messages).
+pub struct RuntimeClass;
+
+impl RuntimeClass {
+    /// The RuntimeClass a new pod names (a live read when the cache has not seen it
+    /// yet); `None` when it names none.
+    async fn of(storage: &Storage, attrs: &Attributes<'_>, pod: &Value) -> ApiResult<Option<Value>> {
+        if !attrs.creates::<core::Pod>() {
+            return Ok(None);
+        }
+        let Some(name) = get_str(pod, &["spec", "runtimeClassName"]) else { return Ok(None) };
+        let scope = storage.builtin::<k8s_openapi::api::node::v1::RuntimeClass>(None);
+        let found = match storage.cached(&scope, name) {
+            Ok(found) => found,
+            Err(_) => storage.get(&scope, name).await.map_err(|e| {
+                if e.code == 404 {
+                    forbidden(attrs.kind, pod, format!("pod rejected: RuntimeClass {name:?} not found"))
+                } else {
+                    e
+                }
+            })?,
+        };
+        Ok(Some(found.parse()))
+    }
+}
+
+#[async_trait::async_trait]
+impl Plugin for RuntimeClass {
+    fn name(&self) -> &'static str {
+        "RuntimeClass"
+    }
+
+    async fn admit(&self, storage: &Storage, attrs: &Attributes<'_>, pod: &mut Value) -> ApiResult<()> {
+        let Some(class) = Self::of(storage, attrs, pod).await? else { return Ok(()) };
+        if let Some(fixed) = get(&class, &["overhead", "podFixed"]) {
+            if get(pod, &["spec", "overhead"]).is_some_and(|given| given != fixed) {
+                return Err(forbidden(
+                    attrs.kind,
+                    pod,
+                    "pod rejected: Pod's Overhead doesn't match RuntimeClass's defined Overhead",
+                ));
+            }
+            object::set(pod, &["spec", "overhead"], fixed.clone());
+        }
+        if let Some(selector) = get(&class, &["scheduling", "nodeSelector"]).and_then(Value::as_object) {
+            for (key, wanted) in selector {
+                let given = get(pod, &["spec", "nodeSelector", key]);
+                if let Some(given) = given.filter(|g| *g != wanted) {
+                    let (wanted, given) = (wanted.as_str().unwrap_or_default(), given.as_str().unwrap_or_default());
+                    return Err(forbidden(attrs.kind, pod, format!(
+                        "conflict: runtimeClass.scheduling.nodeSelector[{key}] = {wanted}; pod.spec.nodeSelector[{key}] = {given}"
+                    )));
+                }
+                object::set(pod, &["spec", "nodeSelector", key], wanted.clone());
+            }
+        }
+        if let Some(extra) = get(&class, &["scheduling", "tolerations"]).and_then(Value::as_array) {
+            let mut tolerations =
+                get(pod, &["spec", "tolerations"]).and_then(Value::as_array).cloned().unwrap_or_default();
+            for toleration in extra {
+                if !tolerations.contains(toleration) {
+                    tolerations.push(toleration.clone());
+                }
+            }
+            object::set(pod, &["spec", "tolerations"], json!(tolerations));
+        }
+        Ok(())
+    }
+
+    async fn validate(&self, storage: &Storage, attrs: &Attributes<'_>, pod: &Value) -> ApiResult<()> {
+        if !attrs.creates::<core::Pod>() {
+            return Ok(());
+        }
+        let class = Self::of(storage, attrs, pod).await?;
+        let given = get(pod, &["spec", "overhead"]);
+        match class.as_ref().and_then(|c| get(c, &["overhead", "podFixed"])) {
+            Some(fixed) if given != Some(fixed) => Err(forbidden(
+                attrs.kind,
+                pod,
+                "pod rejected: Pod's Overhead doesn't match RuntimeClass's defined Overhead",
+            )),
+            None if given.is_some() => Err(forbidden(
+                attrs.kind,
+                pod,
+                "pod rejected: Pod Overhead set without corresponding RuntimeClass defined Overhead",
+            )),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -177,10 +177,22 @@ pub struct WatchCache {
     /// Newest revision fully applied to the cache.
     revision: watch::Sender<Revision>,
     window: usize,
-    field_paths: FieldPaths,
+    /// Which fields to keep per store prefix; replaced when the served kinds change (a
+    /// CRD's selectableFields).
+    field_paths: RwLock<FieldPaths>,
 }
 
 impl WatchCache {
+    /// The selectable fields of the objects under `prefix`.
+    fn field_paths_of(&self, prefix: &str) -> Vec<SelectableField> {
+        (self.field_paths.read().expect("field paths lock"))(prefix)
+    }
+
+    /// Keeps `field_paths` from now on (objects written from then on carry the fields).
+    pub fn set_field_paths(&self, field_paths: FieldPaths) {
+        *self.field_paths.write().expect("field paths lock") = field_paths;
+    }
+
     /// Loads every object from the store and keeps following it in the background.
     pub async fn start(store: Arc<dyn Store>, window: usize, field_paths: FieldPaths) -> Result<Arc<Self>, StoreError> {
         let cache = Arc::new(Self {
@@ -188,7 +200,7 @@ impl WatchCache {
             resources: RwLock::new(HashMap::new()),
             revision: watch::channel(0).0,
             window: window.max(1),
-            field_paths,
+            field_paths: RwLock::new(field_paths),
         });
         let revision = cache.load().await?;
         let follower = cache.clone();
@@ -201,7 +213,7 @@ impl WatchCache {
         let mut resources: HashMap<String, Arc<ResourceCache>> = HashMap::new();
         for kv in &list.items {
             let Some((prefix, _, _)) = split_key(&kv.key) else { continue };
-            let Some(obj) = CachedObject::from_kv(kv, kv.mod_revision, &(self.field_paths)(prefix)) else { continue };
+            let Some(obj) = CachedObject::from_kv(kv, kv.mod_revision, &self.field_paths_of(prefix)) else { continue };
             let rc = resources.entry(prefix.to_string()).or_insert_with(|| Arc::new(ResourceCache::new(list.revision)));
             rc.state.write().expect("cache lock").objects.insert(kv.key.clone(), Arc::new(obj));
         }
@@ -248,7 +260,7 @@ impl WatchCache {
         for event in events {
             let Some((prefix, _, _)) = split_key(event.key()) else { continue };
             let rc = self.resource(prefix);
-            let paths = (self.field_paths)(prefix);
+            let paths = self.field_paths_of(prefix);
             let rev = event.revision();
             let mut state = rc.state.write().expect("cache lock");
             let cache_event = match &event {

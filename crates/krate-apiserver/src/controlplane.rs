@@ -9,7 +9,11 @@
 //! `apiserver.kubernetes.io/identity=kube-apiserver`), renewed every 10 s and carrying
 //! its advertise address; the `kubernetes` endpoints are the addresses of the Leases
 //! renewed within the last 15 s (upstream's lease endpoint reconciler keeps the same TTL
-//! on its `masterleases`), so a server that dies drops out of them within 25 s.
+//! on its `masterleases`), so a server that dies drops out of them within 25 s. The Lease
+//! also carries the server's krate version (label `krate.dev/version`): a server starting
+//! beside live ones more than one minor version away refuses to
+//! ([`check_server_versions`]), so servers in HA stay within one minor, as upgrades
+//! one server at a time keep them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +38,10 @@ const IDENTITY_LABEL: &str = "apiserver.kubernetes.io/identity";
 const IDENTITY_DURATION_SECONDS: i64 = 3600;
 /// The annotation on a server's identity Lease that holds its advertise address.
 pub const ADVERTISE_ANNOTATION: &str = "krate.dev/advertise-address";
+/// The label on a server's identity Lease that holds its krate version.
+pub const VERSION_LABEL: &str = "krate.dev/version";
+/// How many minor versions apart servers sharing a store may be.
+const SERVER_MINORS_APART: u64 = 1;
 /// How often the allocator's reservations are reconciled with the Services.
 const REPAIR_INTERVAL: Duration = Duration::from_secs(180);
 const MANAGER: &str = "kube-apiserver";
@@ -165,7 +173,8 @@ impl ApiServer {
         let now = krate_api::object::now_rfc3339_micros();
         let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
             "metadata": {"name": name, "namespace": "kube-system",
-                "labels": {IDENTITY_LABEL: "kube-apiserver", "kubernetes.io/hostname": hostname()},
+                "labels": {IDENTITY_LABEL: "kube-apiserver", "kubernetes.io/hostname": hostname(),
+                    VERSION_LABEL: crate::build_info().version},
                 "annotations": {ADVERTISE_ANNOTATION: address.to_string()}},
             "spec": {"holderIdentity": format!("{name}_{}", self.identity), "leaseDurationSeconds": IDENTITY_DURATION_SECONDS,
                 "renewTime": now}});
@@ -219,7 +228,67 @@ impl ApiServer {
     }
 }
 
+/// Checks, before a server starts on a shared `store`, that every other server live in
+/// it (identity Lease renewed within the last minute) runs a krate within one minor
+/// version of this one (`advertise` is this server's own address, skipped): the error
+/// says which server and what to do.
+pub async fn check_server_versions(store: &dyn krate_store::Store, advertise: SocketAddr) -> Result<(), String> {
+    let prefix =
+        format!("{}kube-system/apiserver-", registry::storage_prefix_of(krate_api::StorageResource::of::<Lease>()));
+    let listed = store
+        .list(krate_store::ListRequest { prefix, ..Default::default() })
+        .await
+        .map_err(|e| format!("reading the other servers' identity Leases: {e}"))?;
+    let mine = crate::build_info().version;
+    let cutoff = jiff::Timestamp::now() - Duration::from_secs(60);
+    for kv in listed.items {
+        let Ok(lease) = serde_json::from_slice::<Value>(&kv.value) else { continue };
+        let address =
+            lease.pointer("/metadata/annotations").and_then(|a| a.get(ADVERTISE_ANNOTATION)).and_then(Value::as_str);
+        let version = lease.pointer("/metadata/labels").and_then(|l| l.get(VERSION_LABEL)).and_then(Value::as_str);
+        let renewed =
+            lease.pointer("/spec/renewTime").and_then(Value::as_str).and_then(|t| t.parse::<jiff::Timestamp>().ok());
+        let (Some(address), Some(version), Some(renewed)) = (address, version, renewed) else { continue };
+        if address == advertise.to_string() || renewed < cutoff {
+            continue;
+        }
+        if let Some(why) = server_skew_refusal(version, mine) {
+            return Err(format!("the server at {address} runs krate {version}, this one {mine}: {why}"));
+        }
+    }
+    Ok(())
+}
+
+/// Why a server of krate version `mine` may not run beside one of version `other`.
+fn server_skew_refusal(other: &str, mine: &str) -> Option<String> {
+    let (o, m) = (crate::admission::krate_minor(other)?, crate::admission::krate_minor(mine)?);
+    let apart = if o.0 != m.0 { u64::MAX } else { o.1.abs_diff(m.1) };
+    (apart > SERVER_MINORS_APART).then(|| {
+        format!(
+            "servers sharing a datastore must be within {SERVER_MINORS_APART} minor version of each other; \
+             upgrade the servers one minor version at a time (stop this one, upgrade the others first)"
+        )
+    })
+}
+
 /// This machine's host name (upstream's identity Leases carry it as a label).
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_skew_refusal;
+
+    #[test]
+    fn servers_may_be_one_minor_version_apart_and_no_more() {
+        for other in ["v0.3", "v0.2-dev", "v0.4-7-g0123456789abcd-dirty", "v0.3-dev"] {
+            assert_eq!(server_skew_refusal(other, "v0.3-2-gabc"), None, "{other}");
+        }
+        let far = server_skew_refusal("v0.5", "v0.3").unwrap();
+        assert!(far.contains("within 1 minor version") && far.contains("one minor version at a time"), "{far}");
+        assert!(server_skew_refusal("v0.1", "v0.3").is_some());
+        assert!(server_skew_refusal("v1.3", "v0.3").is_some(), "another major");
+        assert_eq!(server_skew_refusal("unknown", "v0.3"), None, "not a krate version: no judgement");
+    }
 }

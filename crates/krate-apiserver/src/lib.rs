@@ -27,6 +27,7 @@ pub mod authz;
 mod bootstraptoken;
 pub mod cache;
 mod controlplane;
+pub use controlplane::check_server_versions;
 pub mod crd;
 pub mod encryption;
 mod expiry;
@@ -139,7 +140,7 @@ fn field_paths(kinds: &Registry) -> cache::FieldPaths {
     let mut map: HashMap<String, Vec<krate_api::kinds::SelectableField>> = HashMap::new();
     for k in kinds.kinds() {
         let entry = map.entry(registry::storage_prefix(k)).or_default();
-        for field in k.field_selectors {
+        for field in k.field_selectors.iter() {
             if !entry.iter().any(|f| f.label == field.label) {
                 entry.push(*field);
             }
@@ -203,8 +204,10 @@ impl ApiServer {
         self.storage.kinds()
     }
 
-    /// Replaces the served kinds (custom resources came or went).
+    /// Replaces the served kinds (custom resources came or went), and the fields the
+    /// cache keeps for field selectors with them.
     pub fn set_kinds(&self, kinds: Registry) {
+        self.storage.cache.set_field_paths(field_paths(&kinds));
         self.storage.set_kinds(kinds)
     }
 

@@ -291,15 +291,55 @@ pub fn decode_body(kind: &KindInfo, mut body: Value) -> ApiResult<(Value, Vec<St
         return krate_api::custom::check_object(kind, schema, body);
     }
     let Some(typed) = kind.typed else { return Ok((body, vec![])) };
-    let canonical = typed(&body).map_err(|e| {
+    let refused = |e: &dyn std::fmt::Display| {
         ApiError::bad_request(format!(
             "{} in version {:?} cannot be handled as a {}: {e}",
             kind.kind, kind.version, kind.kind
         ))
-    })?;
+    };
+    let canonical = match typed(&body) {
+        Ok(canonical) => canonical,
+        // Go clients send a zero metav1.Condition's lastTransitionTime as null, which
+        // upstream decodes (to the zero time); the typed form requires a time: now.
+        Err(e) => {
+            let mut timed = body.clone();
+            if !time_null_conditions(&mut timed, &krate_api::object::now_rfc3339()) {
+                return Err(refused(&e));
+            }
+            typed(&timed).map_err(|e| refused(&e))?
+        }
+    };
     let mut unknown = Vec::new();
     unknown_fields(&body, &canonical, "", &mut unknown);
     Ok((canonical, unknown))
+}
+
+/// Sets the null `lastTransitionTime` of every condition in `value` to `now`; whether
+/// there was one.
+fn time_null_conditions(value: &mut Value, now: &str) -> bool {
+    let mut changed = false;
+    match value {
+        Value::Object(map) => {
+            if let Some(Value::Array(conditions)) = map.get_mut("conditions") {
+                for condition in conditions.iter_mut().filter_map(Value::as_object_mut) {
+                    if condition.get("lastTransitionTime").is_some_and(Value::is_null) {
+                        condition.insert("lastTransitionTime".into(), json!(now));
+                        changed = true;
+                    }
+                }
+            }
+            for v in map.values_mut() {
+                changed |= time_null_conditions(v, now);
+            }
+        }
+        Value::Array(items) => {
+            for v in items.iter_mut() {
+                changed |= time_null_conditions(v, now);
+            }
+        }
+        _ => {}
+    }
+    changed
 }
 
 /// Paths present in `input` but dropped by the typed round trip.
@@ -888,7 +928,9 @@ impl Storage {
             &["metadata", "resourceVersion"],
             get(current, &["metadata", "resourceVersion"]).cloned().unwrap_or(Value::Null),
         );
-        if kind.generation && sub == Subresource::Main && spec_changed(&new, current) {
+        // A pod's ephemeral containers are its spec too (upstream bumps its generation).
+        let spec_write = matches!(sub, Subresource::Main | Subresource::EphemeralContainers);
+        if kind.generation && spec_write && spec_changed(&new, current) {
             let generation = get(current, &["metadata", "generation"]).and_then(Value::as_i64).unwrap_or(0);
             object::set(&mut new, &["metadata", "generation"], json!(generation + 1));
         }

@@ -31,7 +31,13 @@ struct Context {
     nodes: reflector::Store<Node>,
     events: Recorder,
     pods: OwnedPods,
+    /// Per daemon set and node: when a pod that failed there may next be replaced, and
+    /// the back-off after that (upstream's failed-pods back-off, 1 s doubling to 15 min).
+    failed_backoff: std::sync::Mutex<HashMap<(String, String), (std::time::Instant, Duration)>>,
 }
+
+/// The longest wait before a failed daemon pod is replaced.
+const FAILED_BACKOFF_MAX: Duration = Duration::from_secs(15 * 60);
 
 /// Tolerations every daemon pod gets, as upstream adds them.
 fn daemon_tolerations() -> Value {
@@ -99,6 +105,38 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Erro
     let uid = ds.uid().unwrap_or_default();
     let selector = label_selector_string(&serde_json::to_value(&spec.selector)?);
     let Some(owned) = ctx.pods.of(&uid, Some(&selector)) else { return Ok(Action::requeue(CACHE_LAG_RETRY)) };
+    // A daemon pod that failed is deleted and made again below, as upstream's, after a
+    // back-off per node that grows while pods keep failing there.
+    let mut backing_off: Vec<String> = Vec::new();
+    let mut requeue: Option<Duration> = None;
+    for pod in owned.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
+        if pod.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Failed") {
+            continue;
+        }
+        let node = target_node(pod).unwrap_or_default();
+        let key = (uid.clone(), node.clone());
+        let now = std::time::Instant::now();
+        let wait = {
+            let mut backoff = ctx.failed_backoff.lock().expect("backoff lock");
+            match backoff.get(&key).copied() {
+                Some((next, _)) if now < next => Some(next - now),
+                previous => {
+                    let delay = previous.map_or(Duration::from_secs(1), |(_, d)| (d * 2).min(FAILED_BACKOFF_MAX));
+                    backoff.insert(key, (now + delay, delay));
+                    None
+                }
+            }
+        };
+        if let Some(wait) = wait {
+            backing_off.push(node);
+            requeue = Some(requeue.map_or(wait, |r| r.min(wait)));
+            continue;
+        }
+        let message = format!("Found failed daemon pod {ns}/{} on node {node}, will try to kill it", pod.name_any());
+        ctx.events.warning(&reference(&*ds), "FailedDaemonPod", &message).await;
+        tolerate(pods_api.delete(&pod.name_any(), &DeleteParams::default()).await, &[404])?;
+        ctx.pods.deleted(&uid, pod);
+    }
     let pods: Vec<Pod> = owned
         .into_iter()
         .filter(|p| {
@@ -136,7 +174,7 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Erro
             to_delete.extend(list.iter().skip(1).copied());
         }
     }
-    for node in eligible.iter().filter(|n| !by_node.contains_key(*n)) {
+    for node in eligible.iter().filter(|n| !by_node.contains_key(*n) && !backing_off.contains(n)) {
         let pod = pods_api.create(&PostParams::default(), &daemon_pod(&ds, node, &hash)?).await?;
         ctx.pods.created(&uid, &pod);
         ctx.events.normal(&reference(&*ds), "SuccessfulCreate", &format!("Created pod: {}", pod.name_any())).await;
@@ -186,7 +224,7 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Erro
             .patch_status(&ds.name_any(), &PatchParams::default(), &Patch::Merge(json!({"status": status})))
             .await?;
     }
-    Ok(Action::await_change())
+    Ok(requeue.map(Action::requeue).unwrap_or_else(Action::await_change))
 }
 
 fn error_policy(ds: Arc<DaemonSet>, err: &Error, _ctx: Arc<Context>) -> Action {
@@ -215,6 +253,7 @@ pub async fn run(client: kube::Client, pods: &Informer<Pod>) -> anyhow::Result<(
                 client,
                 nodes: store,
                 pods,
+                failed_backoff: Default::default(),
             }),
         )
         .for_each(|_| futures::future::ready(()))

@@ -116,9 +116,72 @@ async fn scaled_event(ctx: &Context, d: &Deployment, rs: &str, from: i32, to: i3
     }
 }
 
+/// Upstream's proportional scaling: a Deployment resized while several ReplicaSets are
+/// active gets the difference (to `wanted + surge` in all) spread over them in
+/// proportion to their sizes under the size they were last scaled for (their
+/// max-replicas annotation), the largest first (the newest among equals when growing,
+/// the oldest when shrinking), leftovers to the largest. The new sizes, by name.
+fn proportional_sizes(active: &[&ReplicaSet], wanted: i32, surge: i32, status_replicas: i32) -> Vec<(String, i32)> {
+    let allowed = if wanted > 0 { wanted + surge } else { 0 };
+    let total: i32 = active.iter().map(|rs| spec_replicas(rs)).sum();
+    let to_add = allowed - total;
+    let created = |rs: &ReplicaSet| rs.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string());
+    let mut sorted: Vec<&ReplicaSet> = active.to_vec();
+    sorted.sort_by(|a, b| {
+        let by_size = spec_replicas(b).cmp(&spec_replicas(a));
+        let by_age = if to_add >= 0 { created(b).cmp(&created(a)) } else { created(a).cmp(&created(b)) };
+        by_size.then(by_age)
+    });
+    let mut added = 0;
+    let mut sizes: Vec<(String, i32)> = sorted
+        .iter()
+        .map(|rs| {
+            let current = spec_replicas(rs);
+            if to_add == 0 || current == 0 || added == to_add {
+                return (rs.name_any(), current);
+            }
+            let fraction = if wanted == 0 {
+                -current
+            } else {
+                let before = rs.annotations().get(MAX).and_then(|m| m.parse::<i32>().ok()).filter(|m| *m > 0);
+                let before = before.unwrap_or(status_replicas).max(1);
+                (current as f64 * allowed as f64 / before as f64).round() as i32 - current
+            };
+            let left = to_add - added;
+            let proportion = if to_add > 0 { fraction.min(left) } else { fraction.max(left) };
+            added += proportion;
+            (rs.name_any(), current + proportion)
+        })
+        .collect();
+    if let Some(first) = sizes.first_mut() {
+        first.1 = (first.1 + to_add - added).max(0);
+    }
+    sizes
+}
+
 fn condition(type_: &str, status: &str, reason: &str, message: &str) -> Value {
     let now = krate_client::now();
     json!({"type": type_, "status": status, "reason": reason, "message": message, "lastUpdateTime": now, "lastTransitionTime": now})
+}
+
+/// The proportional sizes when the Deployment was resized (an active ReplicaSet's
+/// desired-replicas annotation is not `wanted`) with several ReplicaSets active and the
+/// new one not yet saturated, as upstream's `isScalingEvent` and `scale`.
+fn scaling_event(
+    owned: &[ReplicaSet],
+    wanted: i32,
+    surge: i32,
+    new: &ReplicaSet,
+    d: &Deployment,
+) -> Option<Vec<(String, i32)>> {
+    let active: Vec<&ReplicaSet> = owned.iter().filter(|rs| spec_replicas(rs) > 0).collect();
+    let resized = active.iter().any(|rs| rs.annotations().get(DESIRED).is_some_and(|w| *w != wanted.to_string()));
+    let saturated = spec_replicas(new) == wanted && status_of(new).2 >= wanted;
+    if !resized || active.len() < 2 || saturated {
+        return None;
+    }
+    let status_replicas = d.status.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+    Some(proportional_sizes(&active, wanted, surge, status_replicas))
 }
 
 async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -229,6 +292,14 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Erro
                 let old_running: i32 = old.iter().map(|rs| status_of(rs).0).sum();
                 if old_running == 0 && new_spec != wanted {
                     scale(&ctx, &rs_api, new, wanted, &d, wanted).await?;
+                }
+            } else if let Some(sizes) = scaling_event(&owned, wanted, surge, new, &d) {
+                // Resized mid-rollout: every active ReplicaSet grows or shrinks in
+                // proportion; the rollout goes on from there at the next pass.
+                for (name, size) in sizes {
+                    if let Some(rs) = owned.iter().find(|rs| rs.name_any() == name) {
+                        scale(&ctx, &rs_api, rs, size, &d, wanted + surge).await?;
+                    }
                 }
             } else {
                 // Pods of a ReplicaSet that was just scaled down still count until they
@@ -386,6 +457,32 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    #[test]
+    fn a_resize_mid_rollout_is_spread_in_proportion() {
+        // Upstream's conformance case: 10 replicas, surge 3, stuck rollout at 8 old + 5
+        // new; resized to 30: 20 old and 13 new.
+        let rs = |name: &str, replicas: i32, created: &str| -> ReplicaSet {
+            serde_json::from_value(json!({"metadata": {"name": name, "creationTimestamp": created,
+                "annotations": {DESIRED: "10", MAX: "13"}}, "spec": {"replicas": replicas, "selector": {}}}))
+            .unwrap()
+        };
+        let (old, new) = (rs("old", 8, "2026-01-01T00:00:00Z"), rs("new", 5, "2026-01-02T00:00:00Z"));
+        let sizes = proportional_sizes(&[&old, &new], 30, 3, 13);
+        assert_eq!(sizes, vec![("old".to_string(), 20), ("new".to_string(), 13)]);
+        // And back down to 10: 8 and 5 again.
+        let (old, new) = (rs("old", 20, "2026-01-01T00:00:00Z"), rs("new", 13, "2026-01-02T00:00:00Z"));
+        let old = ReplicaSet {
+            metadata: ObjectMeta { annotations: Some([(MAX.to_string(), "33".to_string())].into()), ..old.metadata },
+            ..old
+        };
+        let new = ReplicaSet {
+            metadata: ObjectMeta { annotations: Some([(MAX.to_string(), "33".to_string())].into()), ..new.metadata },
+            ..new
+        };
+        assert_eq!(proportional_sizes(&[&old, &new], 10, 3, 33), vec![("old".to_string(), 8), ("new".to_string(), 5)]);
+    }
 
     #[test]
     fn surge_rounds_up_and_unavailable_rounds_down() {

@@ -403,11 +403,14 @@ pub async fn run(
         });
         let c = controller.clone();
         let pods = pod_informer.subscribe().map(move |p| c.enqueue(c.services_for_pod(&p)));
-        // A slice the cache now shows may be what a service's sync waits for.
+        // A slice the cache now shows may be what a service's sync waits for; one of
+        // ours changed or deleted by someone else is put back (upstream's controller
+        // resyncs its service too).
         let c = controller.clone();
         let slices = slice_informer.subscribe().map(move |slice| {
             let owner = krate_client::informer::controller_uid(&*slice).unwrap_or_default();
-            if c.slices.waiting(&owner) {
+            let ours = slice.labels().get(MANAGED_BY).map(String::as_str) == Some(CONTROLLER_NAME);
+            if ours || c.slices.waiting(&owner) {
                 let service = slice.labels().get(SERVICE_NAME).cloned().unwrap_or_default();
                 c.enqueue([(slice.namespace().unwrap_or_default(), service)]);
             }

@@ -1,7 +1,12 @@
 //! Garbage collector: follows ownerReferences across every deletable resource.
 //! - A dependent whose owners are all gone is deleted (background propagation).
 //! - An owner deleted with `propagationPolicy=Foreground` (finalizer
-//!   `foregroundDeletion`) has its dependents deleted first, then loses the finalizer.
+//!   `foregroundDeletion`) has its blocking dependents (`blockOwnerDeletion`) deleted
+//!   first, in the foreground too, then loses the finalizer; the others are collected
+//!   once it is gone; a blocking dependent another live owner still holds only loses
+//!   its references to the owners being deleted. A dependent about to be deleted so whose own dependents are
+//!   already waiting for theirs (a cycle of owners) stops blocking its owners first, as
+//!   upstream breaks such cycles.
 //! - An owner deleted with `Orphan` (finalizer `orphan`) has its references removed
 //!   from its dependents, then loses the finalizer.
 //!
@@ -46,6 +51,8 @@ struct Item {
     name: String,
     /// Owner uids.
     owners: Vec<String>,
+    /// The owners whose deletion it blocks (`blockOwnerDeletion`).
+    blocking: Vec<String>,
     deleting: bool,
     finalizers: Vec<String>,
 }
@@ -88,6 +95,14 @@ impl Graph {
     fn dependents_of(&self, uid: &str) -> Vec<String> {
         self.dependents.get(uid).map(|s| s.iter().cloned().collect()).unwrap_or_default()
     }
+
+    /// Whether `uid` has a dependent deleted in the foreground (waiting for its own).
+    fn has_dependent_waiting(&self, uid: &str) -> bool {
+        self.dependents_of(uid)
+            .iter()
+            .filter_map(|d| self.items.get(d))
+            .any(|d| d.deleting && d.finalizers.iter().any(|f| f == FOREGROUND))
+    }
 }
 
 fn api_for(client: &kube::Client, item: &Item) -> Api<DynamicObject> {
@@ -109,6 +124,36 @@ async fn delete(client: &kube::Client, item: &Item, uid: &str, policy: Propagati
         Err(e) => {
             tracing::warn!(kind = %item.resource.kind, name = %item.name, error = %e, "garbage collection failed")
         }
+    }
+}
+
+/// Removes the owner references of `item` that `drop` picks.
+async fn drop_owner_references(client: &kube::Client, item: &Item, drop: impl Fn(&OwnerReference) -> bool) {
+    let api = api_for(client, item);
+    let Ok(live) = api.get(&item.name).await else { return };
+    let kept: Vec<OwnerReference> = live.owner_references().iter().filter(|r| !drop(r)).cloned().collect();
+    if kept.len() == live.owner_references().len() {
+        return;
+    }
+    let patch = Patch::Merge(json!({"metadata": {"ownerReferences": kept}}));
+    if let Err(e) = api.patch(&item.name, &PatchParams::default(), &patch).await {
+        tracing::debug!(name = %item.name, error = %e, "removing owner references failed");
+    }
+}
+
+/// Makes every owner reference of `item` non-blocking (upstream's cycle breaking).
+async fn unblock_owners(client: &kube::Client, item: &Item) {
+    let api = api_for(client, item);
+    let Ok(live) = api.get(&item.name).await else { return };
+    let refs: Vec<OwnerReference> = live
+        .owner_references()
+        .iter()
+        .cloned()
+        .map(|r| OwnerReference { block_owner_deletion: r.block_owner_deletion.map(|_| false), ..r })
+        .collect();
+    let patch = Patch::Merge(json!({"metadata": {"ownerReferences": refs}}));
+    if let Err(e) = api.patch(&item.name, &PatchParams::default(), &patch).await {
+        tracing::debug!(name = %item.name, error = %e, "unblocking owner references failed");
     }
 }
 
@@ -185,12 +230,28 @@ async fn process(client: &kube::Client, kinds: &Kinds, graph: &Graph, uid: &str)
         }
         set_finalizers(client, item, item.finalizers.iter().filter(|f| *f != ORPHAN).cloned().collect()).await;
     } else if item.finalizers.iter().any(|f| f == FOREGROUND) {
-        if dependents.is_empty() {
+        let blocking: Vec<(&String, &Item)> = dependents
+            .iter()
+            .filter_map(|d| graph.items.get(d).map(|dep| (d, dep)))
+            .filter(|(_, dep)| dep.blocking.iter().any(|o| o == uid))
+            .collect();
+        if blocking.is_empty() {
             set_finalizers(client, item, item.finalizers.iter().filter(|f| *f != FOREGROUND).cloned().collect()).await;
             return;
         }
-        for d in &dependents {
-            if let Some(dep) = graph.items.get(d).filter(|dep| !dep.deleting) {
+        for (d, dep) in blocking {
+            // Another owner still holds it: it stays, without its references to the
+            // owners being deleted (upstream's "solid" owner).
+            let solid = dep.owners.iter().any(|o| o != uid && graph.items.get(o).is_some_and(|owner| !owner.deleting));
+            if solid {
+                let waiting = |r: &OwnerReference| r.uid == uid || graph.items.get(&r.uid).is_some_and(|o| o.deleting);
+                drop_owner_references(client, dep, waiting).await;
+                continue;
+            }
+            if graph.has_dependent_waiting(d) {
+                unblock_owners(client, dep).await;
+            }
+            if !dep.deleting {
                 delete(client, dep, d, PropagationPolicy::Foreground).await;
             }
         }
@@ -204,6 +265,13 @@ fn item_of(resource: &ApiResource, namespaced: bool, meta: &ObjectMeta) -> Item 
         namespace: meta.namespace.clone(),
         name: meta.name.clone().unwrap_or_default(),
         owners: meta.owner_references.iter().flatten().map(|r| r.uid.clone()).collect(),
+        blocking: meta
+            .owner_references
+            .iter()
+            .flatten()
+            .filter(|r| r.block_owner_deletion == Some(true))
+            .map(|r| r.uid.clone())
+            .collect(),
         deleting: meta.deletion_timestamp.is_some(),
         finalizers: meta.finalizers.clone().unwrap_or_default(),
     }

@@ -56,6 +56,32 @@ fn finished(job: &Job) -> Option<(String, jiff::Timestamp)> {
 }
 
 /// "0,2-4" from a set of indexes, as upstream's completedIndexes.
+/// The indexes `0,2-4` names (upstream's interval list; malformed parts name none).
+fn parse_ranges(text: &str) -> BTreeSet<i32> {
+    text.split(',')
+        .filter_map(|part| match part.trim().split_once('-') {
+            Some((a, b)) => Some(a.parse().ok()?..=b.parse().ok()?),
+            None => part.trim().parse().ok().map(|i| i..=i),
+        })
+        .flatten()
+        .collect()
+}
+
+/// The first rule of an Indexed Job's successPolicy its `completed` indexes meet: all
+/// of `succeededIndexes`, at least `succeededCount` indexes, or that many of those.
+fn success_rule_met(spec: &k8s_openapi::api::batch::v1::JobSpec, completed: &BTreeSet<i32>) -> Option<usize> {
+    let rules = &spec.success_policy.as_ref()?.rules;
+    rules.iter().position(|rule| {
+        let wanted = rule.succeeded_indexes.as_deref().map(parse_ranges);
+        match (wanted, rule.succeeded_count) {
+            (Some(wanted), None) => wanted.iter().all(|i| completed.contains(i)),
+            (None, Some(count)) => completed.len() as i32 >= count,
+            (Some(wanted), Some(count)) => wanted.iter().filter(|i| completed.contains(i)).count() as i32 >= count,
+            (None, None) => false,
+        }
+    })
+}
+
 fn index_ranges(indexes: &BTreeSet<i32>) -> String {
     let mut out: Vec<String> = Vec::new();
     let mut iter = indexes.iter().peekable();
@@ -166,7 +192,17 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
     }
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let uid = job.uid().unwrap_or_default();
-    let Some(pods) = ctx.pods.of(&uid, None) else { return Ok(Action::requeue(CACHE_LAG_RETRY)) };
+    let Some(controlled) = ctx.pods.of(&uid, None) else { return Ok(Action::requeue(CACHE_LAG_RETRY)) };
+    // Pods that match the Job's selector and no one controls are its own (upstream's
+    // claim); those that stopped matching are let go.
+    let pods = match &spec.selector {
+        Some(selector) => {
+            let selector = crate::selector::label_selector_string(&serde_json::to_value(selector)?);
+            let owner_ref = crate::owned::controller_reference(&*job, &());
+            ctx.pods.claim(&pods_api, &uid, &owner_ref, &ns, &selector, controlled).await?
+        }
+        None => controlled,
+    };
     let indexed = spec.completion_mode.as_deref() == Some("Indexed");
     let completions = spec.completions;
     let parallelism = spec.parallelism.unwrap_or(1);
@@ -247,6 +283,15 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
             condition("FailureTarget", "DeadlineExceeded", message),
             condition("Failed", "DeadlineExceeded", message),
         ];
+    } else if let Some(rule) = success_rule_met(&spec, &completed_indexes).filter(|_| indexed) {
+        // The successPolicy is met: the Job succeeds, the indexes still running stop.
+        delete_pods(&ctx, &uid, &pods_api, &active).await?;
+        let message = format!("Matched rules at index {rule}");
+        new_conditions = vec![
+            condition("SuccessCriteriaMet", "SuccessPolicy", &message),
+            condition("Complete", "SuccessPolicy", &message),
+        ];
+        completion_time = Some(timestamp(now()));
     } else if completions.is_some_and(|c| succeeded >= c)
         || (completions.is_none() && succeeded > 0 && active.is_empty())
     {
@@ -343,8 +388,16 @@ pub async fn run(client: kube::Client, ttl_client: kube::Client, pods: &Informer
         pods: OwnedPods::new(pods),
     };
     context.pods.synced().await;
-    Controller::new(Api::<Job>::all(client), watcher::Config::default())
+    let controller = Controller::new(Api::<Job>::all(client), watcher::Config::default());
+    let jobs = controller.store();
+    let selector_of = |job: &Job| {
+        Some(crate::selector::label_selector_string(&serde_json::to_value(job.spec.as_ref()?.selector.as_ref()?).ok()?))
+    };
+    controller
         .owns_shared_stream(context.pods.changes())
+        .watches_shared_stream(context.pods.changes(), move |pod: Arc<Pod>| {
+            crate::owned::adopters(&jobs, &*pod, selector_of)
+        })
         .run(reconcile, error_policy, Arc::new(context))
         .for_each(|_| futures::future::ready(()))
         .await;
@@ -353,6 +406,9 @@ pub async fn run(client: kube::Client, ttl_client: kube::Client, pods: &Informer
 
 #[cfg(test)]
 mod tests {
+    use super::{parse_ranges, success_rule_met, BTreeSet};
+    use serde_json::json;
+
     #[test]
     fn pod_failure_policy_picks_the_first_matching_rule() {
         let spec: k8s_openapi::api::batch::v1::JobSpec =
@@ -378,6 +434,19 @@ mod tests {
             "Ignore"
         );
         assert!(super::failure_action(&spec, &failed(1, serde_json::json!([]))).is_none());
+    }
+
+    #[test]
+    fn a_success_policy_is_met_by_its_indexes_or_its_count() {
+        assert_eq!(parse_ranges("0,2-4, 7"), BTreeSet::from([0, 2, 3, 4, 7]));
+        let spec = |rules: serde_json::Value| -> k8s_openapi::api::batch::v1::JobSpec {
+            serde_json::from_value(json!({"template": {}, "successPolicy": {"rules": rules}})).unwrap()
+        };
+        let done = BTreeSet::from([0, 1]);
+        assert_eq!(success_rule_met(&spec(json!([{"succeededIndexes": "0-1"}])), &done), Some(0));
+        assert_eq!(success_rule_met(&spec(json!([{"succeededIndexes": "0-2"}])), &done), None);
+        assert_eq!(success_rule_met(&spec(json!([{"succeededIndexes": "5"}, {"succeededCount": 2}])), &done), Some(1));
+        assert_eq!(success_rule_met(&spec(json!([{"succeededIndexes": "1-3", "succeededCount": 1}])), &done), Some(0));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod endpoints;
 pub mod gc;
 pub mod hpa;
 pub mod job;
+pub mod mirroring;
 pub mod namespace;
 pub mod nodeipam;
 pub mod nodelifecycle;
@@ -184,6 +185,7 @@ pub async fn run(clients: Clients, config: Config) -> anyhow::Result<()> {
             }
         }),
         supervise("endpoints", c("endpoint-controller"), |e| endpoints::run(e, c("endpointslice-controller"), &pods)),
+        supervise("endpointslice-mirroring", c("endpointslicemirroring-controller"), mirroring::run),
         supervise("disruption", c("disruption-controller"), |c| disruption::run(c, &pods)),
         supervise("horizontal-pod-autoscaler", c("horizontal-pod-autoscaler"), |c| hpa::run(c, &pods)),
         supervise("resourcequota", c("resourcequota-controller"), |c| quota::run(c, &pods)),

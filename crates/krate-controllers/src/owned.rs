@@ -59,6 +59,39 @@ impl<K: Watched> Owned<K> {
         candidates.filter(|o| free(o) && selects(selector, &**o)).map(Arc::unwrap_or_clone).collect()
     }
 
+    /// Claims objects as upstream's controllers do: of `controlled` (what `owner`
+    /// controls), those that no longer match `selector` are released (its reference
+    /// removed) and left out; the orphans in `namespace` that match are adopted
+    /// (`reference` added) and joined.
+    pub async fn claim(
+        &self,
+        api: &kube::Api<K>,
+        owner: &str,
+        reference: &OwnerReference,
+        namespace: &str,
+        selector: &str,
+        controlled: Vec<K>,
+    ) -> kube::Result<Vec<K>> {
+        let mut owned = Vec::new();
+        for obj in controlled {
+            if selects(selector, &obj) {
+                owned.push(obj);
+            } else if obj.meta().deletion_timestamp.is_none() {
+                let refs: Vec<_> = obj.owner_references().iter().filter(|r| r.uid != owner).cloned().collect();
+                let released = set_owner_references(api, &obj, refs).await?;
+                self.updated(owner, &obj, &released);
+            }
+        }
+        for orphan in self.orphans(namespace, selector) {
+            let mut refs = orphan.owner_references().to_vec();
+            refs.push(reference.clone());
+            let adopted = set_owner_references(api, &orphan, refs).await?;
+            self.updated(owner, &orphan, &adopted);
+            owned.push(adopted);
+        }
+        Ok(owned)
+    }
+
     /// Whether writes for `owner` are still to show in the cache.
     pub fn waiting(&self, owner: &str) -> bool {
         self.expectations.pending(owner)
@@ -121,6 +154,30 @@ pub async fn beside<K: Watched>(
         watched = informer.run(api) => watched,
         () = controller => Ok(()),
     }
+}
+
+/// The owners in `store` that would adopt `obj` (an orphan in their namespace that the
+/// selector `selector_of` gives matches): upstream's controllers look at those when an
+/// orphan changes, so a pod let go is claimed again without waiting for a resync.
+pub fn adopters<O, K>(
+    store: &kube::runtime::reflector::Store<O>,
+    obj: &K,
+    selector_of: impl Fn(&O) -> Option<String>,
+) -> Vec<kube::runtime::reflector::ObjectRef<O>>
+where
+    O: kube::Resource<DynamicType = ()> + Clone,
+    K: kube::Resource,
+{
+    if krate_client::informer::controller_uid(obj).is_some() || obj.meta().deletion_timestamp.is_some() {
+        return Vec::new();
+    }
+    store
+        .state()
+        .iter()
+        .filter(|o| o.meta().namespace == obj.meta().namespace)
+        .filter(|o| selector_of(o).is_some_and(|s| selects(&s, obj)))
+        .map(|o| kube::runtime::reflector::ObjectRef::from_obj(&**o))
+        .collect()
 }
 
 /// The pods a controller owns.

@@ -15,7 +15,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
 use crate::owned::{OwnedPods, CACHE_LAG_RETRY};
-use crate::selector::{label_selector_string, map_selector_string, selects};
+use crate::selector::{label_selector_string, map_selector_string};
 use crate::{tolerate, Error, Informer, Recorder};
 
 struct Context {
@@ -81,25 +81,8 @@ async fn reconcile(owner: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Actio
     let Some(selector) = selector(&owner) else { return Ok(Action::await_change()) };
     let uid = owner.uid().unwrap_or_default();
     let Some(controlled) = ctx.pods.of(&uid, None) else { return Ok(Action::requeue(CACHE_LAG_RETRY)) };
-    // Claim as upstream's controllers do: release pods that no longer match the selector,
-    // adopt orphans that do.
-    let mut owned = Vec::new();
-    for pod in controlled {
-        if selects(&selector, &pod) {
-            owned.push(pod);
-        } else if pod.metadata.deletion_timestamp.is_none() {
-            let refs: Vec<_> = pod.owner_references().iter().filter(|r| r.uid != uid).cloned().collect();
-            let released = crate::owned::set_owner_references(&pods, &pod, refs).await?;
-            ctx.pods.updated(&uid, &pod, &released);
-        }
-    }
-    for pod in ctx.pods.orphans(&ns, &selector) {
-        let mut refs = pod.owner_references().to_vec();
-        refs.push(crate::owned::controller_reference(&*owner, &ctx.resource));
-        let adopted = crate::owned::set_owner_references(&pods, &pod, refs).await?;
-        ctx.pods.updated(&uid, &pod, &adopted);
-        owned.push(adopted);
-    }
+    let reference = crate::owned::controller_reference(&*owner, &ctx.resource);
+    let owned = ctx.pods.claim(&pods, &uid, &reference, &ns, &selector, controlled).await?;
     let mut active: Vec<Pod> = owned.iter().filter(|p| is_active(p)).cloned().collect();
     let wanted = owner.data.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1).max(0) as usize;
     // A create the API refuses (a quota, admission) shows as the ReplicaFailure

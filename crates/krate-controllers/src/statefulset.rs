@@ -3,13 +3,20 @@
 //! once (Parallel), removed from the highest ordinal down, with a PersistentVolumeClaim
 //! per volumeClaimTemplate and pod, and rolling updates from the highest ordinal down to
 //! the partition.
+//!
+//! Each template the set has had is kept as a ControllerRevision (`<set>-<hash>`, its
+//! template in `data`, numbered in order; `revisionHistoryLimit` of the unused ones
+//! kept), as upstream's: `status.currentRevision` stays the revision the pods had until
+//! every pod runs the update revision and is ready, and a pod recreated below the
+//! partition comes from the current revision's template, so a canary or phased rollout
+//! holds when pods are deleted.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{ControllerRevision, StatefulSet};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
@@ -42,8 +49,8 @@ fn claim_name(template: &Value, sts: &str, i: i32) -> String {
     format!("{}-{sts}-{i}", template.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default())
 }
 
-fn pod_for(sts: &StatefulSet, i: i32, revision: &str) -> Result<Pod, Error> {
-    let template = serde_json::to_value(&sts.spec.template)?;
+/// The pod of ordinal `i` from `template` (of revision `revision`).
+fn pod_for(sts: &StatefulSet, template: &Value, i: i32, revision: &str) -> Result<Pod, Error> {
     let name = format!("{}-{i}", sts.name_any());
     let mut metadata = template.get("metadata").cloned().unwrap_or_else(|| json!({}));
     metadata["name"] = json!(name);
@@ -71,6 +78,60 @@ fn pod_for(sts: &StatefulSet, i: i32, revision: &str) -> Result<Pod, Error> {
         spec["volumes"] = json!(volumes);
     }
     Ok(serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}))?)
+}
+
+/// The ControllerRevisions of `sts`, oldest first.
+async fn revisions(client: &kube::Client, sts: &StatefulSet) -> Result<Vec<ControllerRevision>, Error> {
+    let api: Api<ControllerRevision> = Api::namespaced(client.clone(), &sts.namespace().unwrap_or_default());
+    let uid = sts.uid().unwrap_or_default();
+    let mut owned: Vec<ControllerRevision> = api
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|r| r.owner_references().iter().any(|o| o.uid == uid && o.controller == Some(true)))
+        .collect();
+    owned.sort_by_key(|r| r.revision.unwrap_or(0));
+    Ok(owned)
+}
+
+/// Makes sure the set's template is kept as ControllerRevision `name` (the next number)
+/// and that no more than `revisionHistoryLimit` revisions nobody uses remain.
+async fn record_revision(client: &kube::Client, sts: &StatefulSet, name: &str, in_use: &[&str]) -> Result<(), Error> {
+    let api: Api<ControllerRevision> = Api::namespaced(client.clone(), &sts.namespace().unwrap_or_default());
+    if api.get_opt(name).await?.is_some() {
+        return Ok(());
+    }
+    let existing = revisions(client, sts).await?;
+    let number = existing.last().and_then(|r| r.revision).unwrap_or(0) + 1;
+    let mut template = serde_json::to_value(&sts.spec.template)?;
+    template["$patch"] = json!("replace");
+    let labels = sts.spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+    let revision: ControllerRevision = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels,
+            "ownerReferences": [sts.controller_owner_ref(&()).expect("a stored statefulset has a name and uid")]},
+        "data": {"spec": {"template": template}},
+        "revision": number,
+    }))?;
+    tolerate(api.create(&PostParams::default(), &revision).await, &[409])?;
+    let limit = sts.spec.revision_history_limit.unwrap_or(10).max(0) as usize;
+    let unused: Vec<&ControllerRevision> =
+        existing.iter().filter(|r| !in_use.contains(&r.name_any().as_str()) && r.name_any() != name).collect();
+    for old in unused.iter().take(unused.len().saturating_sub(limit)) {
+        let _ = api.delete(&old.name_any(), &DeleteParams::background()).await;
+    }
+    Ok(())
+}
+
+/// The pod template a ControllerRevision of the set keeps (None: not found).
+async fn revision_template(client: &kube::Client, sts: &StatefulSet, name: &str) -> Result<Option<Value>, Error> {
+    let api: Api<ControllerRevision> = Api::namespaced(client.clone(), &sts.namespace().unwrap_or_default());
+    let Some(revision) = api.get_opt(name).await? else { return Ok(None) };
+    let mut template = revision.data.0.pointer("/spec/template").cloned();
+    if let Some(Value::Object(t)) = template.as_mut() {
+        t.remove("$patch");
+    }
+    Ok(template)
 }
 
 async fn ensure_claims(client: &kube::Client, sts: &StatefulSet, i: i32) -> Result<(), Error> {
@@ -108,7 +169,38 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action, E
     let parallel = sts.spec.pod_management_policy.as_deref() == Some("Parallel");
     let update_revision = revision(&sts)?;
     let live = |p: &Pod| p.metadata.deletion_timestamp.is_none();
+    let current_revision = sts
+        .status
+        .as_ref()
+        .and_then(|s| s.current_revision.clone())
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| update_revision.clone());
+    let mut in_use: Vec<&str> =
+        pods.values().filter_map(|p| p.labels().get(REVISION_LABEL).map(String::as_str)).collect();
+    in_use.push(&current_revision);
+    record_revision(&ctx.client, &sts, &update_revision, &in_use).await?;
+    let on_delete = sts.spec.update_strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("OnDelete");
+    let rolling = sts.spec.update_strategy.as_ref().and_then(|s| s.rolling_update.as_ref());
+    let partition = rolling.and_then(|r| r.partition).unwrap_or(0);
+    // Below the partition (or, with no rollingUpdate at all, below the pods already at
+    // the current revision), a pod is recreated as it was: from the current revision.
+    let held_below = match rolling {
+        Some(_) => partition,
+        None => pods.values().filter(|p| p.labels().get(REVISION_LABEL) == Some(&current_revision)).count() as i32,
+    };
+    let template = serde_json::to_value(&sts.spec.template)?;
 
+    // A pod that failed or finished (a node refused it, say) is deleted to be made again,
+    // as upstream's.
+    for pod in pods.values().filter(|p| live(p)) {
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Failed" | "Succeeded")) {
+            let _ = api.delete(&pod.name_any(), &DeleteParams::default()).await;
+            ctx.pods.deleted(&uid, pod);
+            let message = format!("delete Pod {} in StatefulSet {} successful", pod.name_any(), sts.name_any());
+            ctx.events.normal(&reference(&*sts), "SuccessfulDelete", &message).await;
+        }
+    }
     // Create missing pods in order; OrderedReady waits for each predecessor.
     for i in 0..wanted {
         match pods.get(&i) {
@@ -120,7 +212,16 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action, E
             Some(_) => break, // still terminating: its name is not free yet
             None => {
                 ensure_claims(&ctx.client, &sts, i).await?;
-                match api.create(&PostParams::default(), &pod_for(&sts, i, &update_revision)?).await {
+                let old = if !on_delete && i < held_below && current_revision != update_revision {
+                    revision_template(&ctx.client, &sts, &current_revision).await?
+                } else {
+                    None
+                };
+                let pod = match &old {
+                    Some(old) => pod_for(&sts, old, i, &current_revision)?,
+                    None => pod_for(&sts, &template, i, &update_revision)?,
+                };
+                match api.create(&PostParams::default(), &pod).await {
                     Ok(pod) => {
                         ctx.pods.created(&uid, &pod);
                         let message =
@@ -154,14 +255,6 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action, E
         ctx.pods.deleted(&uid, p);
     }
     // Rolling update: highest outdated ordinal at or above the partition, once all are ready.
-    let on_delete = sts.spec.update_strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("OnDelete");
-    let partition = sts
-        .spec
-        .update_strategy
-        .as_ref()
-        .and_then(|s| s.rolling_update.as_ref())
-        .and_then(|r| r.partition)
-        .unwrap_or(0);
     let all_ready = (0..wanted).all(|i| pods.get(&i).is_some_and(|p| live(p) && running_and_ready(p)));
     if !on_delete && all_ready && extra.is_empty() {
         let outdated = (partition..wanted)
@@ -176,9 +269,13 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action, E
     let current: Vec<&Pod> = pods.values().filter(|p| live(p)).collect();
     let ready = current.iter().filter(|p| is_ready(p)).count();
     let updated = current.iter().filter(|p| p.labels().get(REVISION_LABEL) == Some(&update_revision)).count();
+    // The update is complete once every pod runs it and is ready (upstream's rule).
+    let complete = !on_delete && updated == current.len() && ready == current.len();
+    let current_revision = if complete { update_revision.clone() } else { current_revision };
+    let at_current = current.iter().filter(|p| p.labels().get(REVISION_LABEL) == Some(&current_revision)).count();
     let status = json!({
-        "replicas": current.len(), "readyReplicas": ready, "availableReplicas": ready, "currentReplicas": updated,
-        "updatedReplicas": updated, "updateRevision": update_revision, "currentRevision": update_revision,
+        "replicas": current.len(), "readyReplicas": ready, "availableReplicas": ready, "currentReplicas": at_current,
+        "updatedReplicas": updated, "updateRevision": update_revision, "currentRevision": current_revision,
         "observedGeneration": sts.metadata.generation,
     });
     let before = serde_json::to_value(sts.status.clone().unwrap_or_default())?;

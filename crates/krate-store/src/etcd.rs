@@ -10,6 +10,12 @@
 //! with the same interval only one compacts each round, and the key's value records the
 //! newest compacted revision for everyone.
 //!
+//! A cluster's revisions may be offset from etcd's by the number kept under
+//! [`REVISION_OFFSET_KEY`] (written by `krate restore` and `krate datastore migrate`
+//! while no server runs, read once at connect): a restored snapshot or a migrated store
+//! then hands out resourceVersions past any the old cluster did, while etcd's own count
+//! goes on where it was. Every revision is translated where it enters or leaves this file.
+//!
 //! Every request requires a leader (`require_leader`), so a member cut off from the
 //! majority answers with an error instead of serving stale data or hanging.
 
@@ -32,6 +38,9 @@ use crate::{
 /// The key whose value is the newest compacted revision and whose version orders
 /// compaction rounds among servers (upstream's name).
 pub const COMPACT_KEY: &str = "compact_rev_key";
+
+/// The key holding how far this cluster's revisions are ahead of etcd's (absent: 0).
+pub const REVISION_OFFSET_KEY: &str = "/krate/revision-offset";
 
 /// How often an idle watch asks etcd how far it has seen, so a follower learns the
 /// revision even while nothing under its prefix changes.
@@ -79,6 +88,8 @@ pub struct MemberStatus {
 
 pub struct EtcdStore {
     client: Client,
+    /// The cluster's revision minus etcd's ([`REVISION_OFFSET_KEY`]).
+    offset: Revision,
     /// The version of [`COMPACT_KEY`] this server last saw (its compaction round).
     compact_version: AtomicI64,
 }
@@ -99,28 +110,52 @@ fn revision_error(err: etcd_client::Error, requested: Revision, compacted: Revis
     }
 }
 
-fn to_kv(kv: &etcd_client::KeyValue) -> KeyValue {
-    KeyValue {
-        key: String::from_utf8_lossy(kv.key()).into_owned(),
-        value: Bytes::copy_from_slice(kv.value()),
-        create_revision: kv.create_revision(),
-        mod_revision: kv.mod_revision(),
+/// The cluster's revision for etcd's `revision` (0, none, stays 0).
+fn up(offset: Revision, revision: Revision) -> Revision {
+    if revision > 0 {
+        revision + offset
+    } else {
+        revision
     }
 }
 
-fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> Revision {
-    header.map_or(0, |h| h.revision())
+fn to_kv(offset: Revision, kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: Bytes::copy_from_slice(kv.value()),
+        create_revision: up(offset, kv.create_revision()),
+        mod_revision: up(offset, kv.mod_revision()),
+    }
+}
+
+fn header_revision(offset: Revision, header: Option<&etcd_client::ResponseHeader>) -> Revision {
+    up(offset, header.map_or(0, |h| h.revision()))
 }
 
 /// The key-values of the first Get among a transaction's else-branch responses.
-fn txn_get(responses: &[TxnOpResponse]) -> Vec<KeyValue> {
+fn txn_get(offset: Revision, responses: &[TxnOpResponse]) -> Vec<KeyValue> {
     responses
         .iter()
         .find_map(|r| match r {
-            TxnOpResponse::Get(get) => Some(get.kvs().iter().map(to_kv).collect()),
+            TxnOpResponse::Get(get) => Some(get.kvs().iter().map(|kv| to_kv(offset, kv)).collect()),
             _ => None,
         })
         .unwrap_or_default()
+}
+
+/// The revision offset recorded in the cluster (0 when none is).
+pub async fn revision_offset(client: &Client) -> Result<Revision> {
+    let response = client.clone().get(REVISION_OFFSET_KEY, None).await.map_err(backend)?;
+    let Some(kv) = response.kvs().first() else { return Ok(0) };
+    let text = String::from_utf8_lossy(kv.value());
+    text.trim().parse().map_err(|_| backend(format!("{REVISION_OFFSET_KEY} holds {text:?}, not a revision")))
+}
+
+/// Records that the cluster's revisions are `offset` ahead of etcd's. Only while no
+/// server is connected: each reads it once, when it connects.
+pub async fn set_revision_offset(client: &Client, offset: Revision) -> Result<()> {
+    client.clone().put(REVISION_OFFSET_KEY, offset.to_string(), None).await.map_err(backend)?;
+    Ok(())
 }
 
 /// A client of the cluster at `config` (requests balanced over its endpoints, each
@@ -161,9 +196,14 @@ fn refused(key: &str, expected: Option<Revision>, current: Vec<KeyValue>) -> Sto
 impl EtcdStore {
     /// Connects to the cluster and checks that it answers.
     pub async fn connect(config: &EtcdConfig) -> Result<Self> {
-        let store = Self { client: connect_client(config).await?, compact_version: AtomicI64::new(0) };
-        store.current_revision().await?;
-        Ok(store)
+        let client = connect_client(config).await?;
+        let offset = revision_offset(&client).await?;
+        Ok(Self { client, offset, compact_version: AtomicI64::new(0) })
+    }
+
+    /// The store's revision as etcd's (0 or less: before this etcd's history).
+    fn down(&self, revision: Revision) -> Revision {
+        revision - self.offset
     }
 
     /// What the member answering says about itself and its cluster.
@@ -178,7 +218,7 @@ impl EtcdStore {
         Ok(ClusterStatus {
             version: status.version().to_string(),
             db_size: status.db_size(),
-            revision: header_revision(status.header()),
+            revision: header_revision(self.offset, status.header()),
             leader: status.leader(),
             objects: count.count(),
             members: members
@@ -223,7 +263,7 @@ impl EtcdStore {
             .and_then([TxnOp::put(key, value.to_vec(), None), TxnOp::get(key, None)])
             .or_else([TxnOp::get(key, None)]);
         let response = self.client.clone().txn(txn).await.map_err(backend)?;
-        let current = txn_get(&response.op_responses());
+        let current = txn_get(self.offset, &response.op_responses());
         if !response.succeeded() {
             return Err(refused(key, expected, current));
         }
@@ -235,7 +275,7 @@ impl EtcdStore {
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         let response = self.client.clone().get(key, None).await.map_err(backend)?;
-        Ok(response.kvs().first().map(to_kv))
+        Ok(response.kvs().first().map(|kv| to_kv(self.offset, kv)))
     }
 
     async fn list(&self, request: ListRequest) -> Result<ListResponse> {
@@ -245,20 +285,26 @@ impl Store for EtcdStore {
             options = options.with_limit(limit as i64);
         }
         if let Some(revision) = request.revision {
-            options = options.with_revision(revision);
+            if self.down(revision) < 1 {
+                // Before this etcd's history: a revision of the cluster it was restored
+                // or migrated from.
+                let compacted = self.compacted_revision().await?.max(self.offset);
+                return Err(StoreError::Compacted { requested: revision, compacted });
+            }
+            options = options.with_revision(self.down(revision));
         }
         let response = match self.client.clone().get(start, Some(options)).await {
             Ok(response) => response,
             Err(err) => {
                 let requested = request.revision.unwrap_or(0);
-                let compacted = self.compact_state().await.map_or(0, |(rev, _)| rev);
+                let compacted = self.compacted_revision().await.unwrap_or(0);
                 let current = self.current_revision().await.unwrap_or(0);
                 return Err(revision_error(err, requested, compacted, current));
             }
         };
         Ok(ListResponse {
-            items: response.kvs().iter().map(to_kv).collect(),
-            revision: request.revision.unwrap_or_else(|| header_revision(response.header())),
+            items: response.kvs().iter().map(|kv| to_kv(self.offset, kv)).collect(),
+            revision: request.revision.unwrap_or_else(|| header_revision(self.offset, response.header())),
             more: response.more(),
         })
     }
@@ -268,13 +314,13 @@ impl Store for EtcdStore {
     }
 
     async fn update(&self, key: &str, value: Bytes, expected_revision: Revision) -> Result<KeyValue> {
-        let compare = Compare::mod_revision(key, CompareOp::Equal, expected_revision);
+        let compare = Compare::mod_revision(key, CompareOp::Equal, self.down(expected_revision));
         self.put_if(key, value, compare, Some(expected_revision)).await
     }
 
     async fn delete(&self, key: &str, expected_revision: Option<Revision>) -> Result<(Revision, KeyValue)> {
         let compare = match expected_revision {
-            Some(expected) => Compare::mod_revision(key, CompareOp::Equal, expected),
+            Some(expected) => Compare::mod_revision(key, CompareOp::Equal, self.down(expected)),
             None => Compare::create_revision(key, CompareOp::Greater, 0),
         };
         let txn = Txn::new()
@@ -282,17 +328,17 @@ impl Store for EtcdStore {
             .and_then([TxnOp::delete(key, Some(DeleteOptions::new().with_prev_key()))])
             .or_else([TxnOp::get(key, None)]);
         let response = self.client.clone().txn(txn).await.map_err(backend)?;
-        let revision = header_revision(response.header());
+        let revision = header_revision(self.offset, response.header());
         let responses = response.op_responses();
         if !response.succeeded() {
-            let current = txn_get(&responses);
+            let current = txn_get(self.offset, &responses);
             return Err(match expected_revision {
                 Some(_) => refused(key, expected_revision, current),
                 None => StoreError::NotFound(key.to_string()),
             });
         }
         let prev = responses.iter().find_map(|r| match r {
-            TxnOpResponse::Delete(deleted) => deleted.prev_kvs().first().map(to_kv),
+            TxnOpResponse::Delete(deleted) => deleted.prev_kvs().first().map(|kv| to_kv(self.offset, kv)),
             _ => None,
         });
         // Only a concurrent delete between compare and delete could leave no previous
@@ -304,10 +350,14 @@ impl Store for EtcdStore {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<WatchBatch>>(16);
         let mut client = self.client.clone();
         let prefix = prefix.to_string();
+        let offset = self.offset;
+        // From before this etcd's history: its first revision, which compaction (at a
+        // restore or migration) has made too old, so the watcher relists.
+        let start = self.down(from_revision).max(1);
         tokio::spawn(async move {
             let options = WatchOptions::new()
                 .with_range(prefix_end(&prefix))
-                .with_start_revision(from_revision.max(1))
+                .with_start_revision(start)
                 .with_prev_key()
                 .with_progress_notify();
             let mut stream = match client.watch(prefix.as_str(), Some(options)).await {
@@ -343,7 +393,7 @@ impl Store for EtcdStore {
                     }
                 };
                 if response.compact_revision() > 0 {
-                    let compacted = response.compact_revision();
+                    let compacted = up(offset, response.compact_revision());
                     let _ = tx.send(Err(StoreError::Compacted { requested: from_revision, compacted })).await;
                     return;
                 }
@@ -360,15 +410,15 @@ impl Store for EtcdStore {
                     .filter_map(|event| {
                         let kv = event.kv()?;
                         Some(match event.event_type() {
-                            EventType::Put => Event::Put(to_kv(kv)),
+                            EventType::Put => Event::Put(to_kv(offset, kv)),
                             EventType::Delete => {
-                                let prev = event.prev_kv().map(to_kv).unwrap_or_else(|| KeyValue {
+                                let prev = event.prev_kv().map(|kv| to_kv(offset, kv)).unwrap_or_else(|| KeyValue {
                                     key: String::from_utf8_lossy(kv.key()).into_owned(),
                                     value: Bytes::new(),
                                     create_revision: 0,
                                     mod_revision: 0,
                                 });
-                                Event::Delete { revision: kv.mod_revision(), prev }
+                                Event::Delete { revision: up(offset, kv.mod_revision()), prev }
                             }
                         })
                     })
@@ -377,7 +427,7 @@ impl Store for EtcdStore {
                 // A progress notification's header says how far the watch has seen; an
                 // event batch's header may be ahead of its events (later writes
                 // elsewhere), and the next batch may still hold events up to it.
-                let revision = if events.is_empty() { header_revision(response.header()) } else { last };
+                let revision = if events.is_empty() { header_revision(offset, response.header()) } else { last };
                 if tx.send(Ok(WatchBatch { events, revision })).await.is_err() {
                     return;
                 }
@@ -387,6 +437,10 @@ impl Store for EtcdStore {
     }
 
     async fn compact(&self, revision: Revision) -> Result<()> {
+        let revision = self.down(revision);
+        if revision < 1 {
+            return Ok(());
+        }
         // Propose this round: only the server whose view of the key's version is current
         // wins, the others learn the newer version and leave the round to it.
         let seen = self.compact_version.load(Ordering::Acquire);
@@ -419,11 +473,11 @@ impl Store for EtcdStore {
     async fn current_revision(&self) -> Result<Revision> {
         let options = GetOptions::new().with_count_only();
         let response = self.client.clone().get(COMPACT_KEY, Some(options)).await.map_err(backend)?;
-        Ok(header_revision(response.header()))
+        Ok(header_revision(self.offset, response.header()))
     }
 
     async fn compacted_revision(&self) -> Result<Revision> {
-        Ok(self.compact_state().await?.0)
+        Ok(up(self.offset, self.compact_state().await?.0))
     }
 }
 

@@ -11,7 +11,10 @@
 //!
 //! A restore never overwrites: it writes a new data directory (staged beside it and
 //! renamed into place), with the store's revision moved past anything the old cluster
-//! can have handed out (`krate_store::sqlite::prepare_restored`).
+//! can have handed out: SQLite's at once (`krate_store::sqlite::prepare_restored`); an
+//! etcd snapshot becomes a one-member cluster's data (etcd's own `etcdctl snapshot
+//! restore`) whose revision offset the member's first start moves on
+//! (`crate::etcd::finish_restore`), since etcd 3.4 cannot bump a snapshot's revision.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -52,6 +55,14 @@ pub struct RestoreArgs {
     /// etcd restore procedure uses the same default).
     #[arg(long, default_value_t = 1_000_000_000)]
     pub bump_revision: i64,
+    /// For a backup taken on etcd: the address the restored server will advertise (its
+    /// --advertise-address), which names the restored etcd member and its peer URL.
+    /// Default: the server's, this machine's primary address.
+    #[arg(long)]
+    pub advertise_address: Option<std::net::IpAddr>,
+    /// For a backup taken on etcd: the restored server's --etcd-peer-port.
+    #[arg(long, default_value_t = 2380)]
+    pub etcd_peer_port: u16,
 }
 
 /// What a backup took from the store: the file to add under its name, and its figures.
@@ -182,38 +193,21 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let staging = tempfile::Builder::new().prefix(".krate-restore").tempdir_in(parent)?;
     let manifest = unpack(&args.file, staging.path())
         .with_context(|| format!("{} is not a readable krate backup", args.file.display()))?;
-    if manifest["datastore"] == "etcd" {
-        bail!(
-            "{} holds an etcd snapshot ({ETCD_SNAPSHOT}): krate restore does not restore those yet; unpack it and \
-             use `etcdctl snapshot restore` for the etcd member's data directory",
-            args.file.display()
-        );
-    }
-    let format = manifest["storeFormat"].as_i64().unwrap_or(0);
-    if format > krate_store::sqlite::FORMAT {
-        bail!(
-            "{} was taken by a newer krate ({}, store format {format}); restore it with that version or newer",
-            args.file.display(),
-            manifest["krateVersion"].as_str().unwrap_or("unknown")
-        );
-    }
-    let db = staging.path().join(DB);
-    if !db.is_file() {
-        bail!("{} holds no {DB}: not a krate backup", args.file.display());
-    }
-    let restored = krate_store::sqlite::prepare_restored(&db, args.bump_revision)?;
     let keys = manifest["includesKeys"].as_bool().unwrap_or(false);
+    let (count, revision) = if manifest["datastore"] == "etcd" {
+        restore_etcd(staging.path(), &manifest, &args)?
+    } else {
+        restore_sqlite(staging.path(), &manifest, &args)?
+    };
     if target.exists() {
         std::fs::remove_dir(target).with_context(|| format!("replacing the empty {}", target.display()))?;
     }
     std::fs::rename(staging.keep(), target).with_context(|| format!("moving the restore into {}", target.display()))?;
     println!(
-        "restored {} objects (revision {} at the backup, {}) into {}; resourceVersions go on from {}",
-        restored.keys,
+        "restored {count} objects (revision {} at the backup, {}) into {}; resourceVersions go on from {revision}",
         manifest["revision"],
         manifest["created"].as_str().unwrap_or("unknown time"),
         target.display(),
-        restored.revision
     );
     if !keys {
         eprintln!(
@@ -222,7 +216,70 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         );
     }
     println!("start it with: krate server --data-dir {}", target.display());
+    if manifest["datastore"] == "etcd" {
+        let advertise = args.advertise_address.unwrap_or_else(crate::server::default_advertise_address);
+        println!(
+            "  (it runs the restored etcd member as a cluster of one: give it --advertise-address {advertise} \
+             --etcd-peer-port {}; other servers join it anew)",
+            args.etcd_peer_port
+        );
+    }
     Ok(())
+}
+
+/// The SQLite database of a backup, with its revision bumped: its object count and the
+/// revision new writes go on from.
+fn restore_sqlite(staging: &Path, manifest: &Value, args: &RestoreArgs) -> anyhow::Result<(i64, i64)> {
+    let format = manifest["storeFormat"].as_i64().unwrap_or(0);
+    if format > krate_store::sqlite::FORMAT {
+        bail!(
+            "{} was taken by a newer krate ({}, store format {format}); restore it with that version or newer",
+            args.file.display(),
+            manifest["krateVersion"].as_str().unwrap_or("unknown")
+        );
+    }
+    let db = staging.join(DB);
+    if !db.is_file() {
+        bail!("{} holds no {DB}: not a krate backup", args.file.display());
+    }
+    let restored = krate_store::sqlite::prepare_restored(&db, args.bump_revision)?;
+    Ok((restored.keys, restored.revision))
+}
+
+/// The etcd snapshot of a backup made the data of a one-member etcd cluster
+/// (`etcdctl snapshot restore`: fresh membership, the snapshot's keys and revisions), the
+/// bump left to the member's first start: its object count and the revision new writes
+/// go on from.
+fn restore_etcd(staging: &Path, manifest: &Value, args: &RestoreArgs) -> anyhow::Result<(i64, i64)> {
+    let snapshot = staging.join(ETCD_SNAPSHOT);
+    if !snapshot.is_file() {
+        bail!("{} holds no {ETCD_SNAPSHOT}: not a krate backup", args.file.display());
+    }
+    let advertise = args.advertise_address.unwrap_or_else(crate::server::default_advertise_address);
+    let (name, peer_url) = crate::etcd::member_identity(advertise, args.etcd_peer_port);
+    let member_dir = staging.join("db/etcd");
+    eprintln!("restoring the etcd snapshot as member {name} ({peer_url})");
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg("snapshot")
+        .arg("restore")
+        .arg(&snapshot)
+        .args(["--name", &name, "--initial-advertise-peer-urls", &peer_url])
+        .arg(format!("--initial-cluster={name}={peer_url}"))
+        .arg(format!("--initial-cluster-token=krate-restored-{:08x}", rand::random::<u32>()))
+        .arg("--data-dir")
+        .arg(&member_dir)
+        .output()
+        .map_err(|e| {
+            anyhow::anyhow!("running etcdctl: {e} (install it: apt-get install etcd-client, or scripts/install-deps)")
+        })?;
+    if !out.status.success() {
+        bail!("etcdctl snapshot restore failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    std::fs::remove_file(&snapshot)?;
+    crate::etcd::restore_pending(staging, args.bump_revision)?;
+    let revision = manifest["revision"].as_i64().unwrap_or(0) + args.bump_revision;
+    Ok((manifest["objects"].as_i64().unwrap_or(0), revision))
 }
 
 /// Unpacks a backup into `dir` (entries only below it) and returns its manifest.

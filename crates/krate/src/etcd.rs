@@ -115,6 +115,12 @@ fn url(ip: IpAddr, port: u16) -> String {
     format!("https://{}", std::net::SocketAddr::new(ip, port))
 }
 
+/// The name and peer URL of the member at `advertise`: what etcd records in its
+/// membership, so the same on every start (and in a restored snapshot).
+pub fn member_identity(advertise: IpAddr, peer_port: u16) -> (String, String) {
+    (format!("krate-{}", advertise.to_string().replace(['.', ':'], "-")), url(advertise, peer_port))
+}
+
 /// This machine's member: named after its advertise address, serving clients on
 /// loopback and that address (advertised), peers on that address, with a fresh
 /// certificate from the cluster CA.
@@ -125,7 +131,7 @@ pub fn member_config(
     client_port: u16,
     peer_port: u16,
 ) -> Result<MemberConfig> {
-    let name = format!("krate-{}", advertise.to_string().replace(['.', ':'], "-"));
+    let (name, peer_url) = member_identity(advertise, peer_port);
     let loopback = IpAddr::from([127, 0, 0, 1]);
     let sans = vec!["localhost".to_string(), loopback.to_string(), advertise.to_string()];
     let (cert, key) = pki.etcd_member(&name, &sans)?;
@@ -133,7 +139,6 @@ pub fn member_config(
     if advertise != loopback {
         listen.push(url(advertise, client_port));
     }
-    let peer_url = url(advertise, peer_port);
     Ok(MemberConfig {
         initial_cluster: format!("{name}={peer_url}"),
         name,
@@ -256,6 +261,37 @@ impl Supervised {
     pub async fn datastore(&self) -> Datastore {
         Datastore::of_member(&self.process.lock().await.config)
     }
+}
+
+/// Where `krate restore` leaves what the restored member's first start must finish.
+const RESTORE_PENDING: &str = "db/etcd-restore-pending.json";
+
+/// Leaves the last step of restoring an etcd snapshot into `data_dir` to the member's
+/// first start: moving the cluster's revisions `bump` past the snapshot's.
+pub fn restore_pending(data_dir: &Path, bump: i64) -> Result<()> {
+    crate::pki::write_public(&data_dir.join(RESTORE_PENDING), &serde_json::json!({ "bumpRevision": bump }).to_string())
+}
+
+/// A restore's last step, on the restored member's first start: the cluster's revisions
+/// move past the old cluster's (the revision offset grows by the restore's bump) and the
+/// restored history is compacted, so a client of the old cluster relists instead of
+/// seeing a resourceVersion again. Done once; a crash before the record goes only bumps
+/// further.
+pub async fn finish_restore(data_dir: &Path, datastore: &Datastore) -> Result<()> {
+    let path = data_dir.join(RESTORE_PENDING);
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let pending: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+    let bump = pending["bumpRevision"].as_i64().unwrap_or(1_000_000_000);
+    let client = krate_store::etcd::connect_client(&datastore.config()?).await?;
+    let offset = krate_store::etcd::revision_offset(&client).await? + bump;
+    krate_store::etcd::set_revision_offset(&client, offset).await?;
+    let store = datastore.connect().await?;
+    let current = krate_store::Store::current_revision(&store).await?;
+    krate_store::Store::compact(&store, current).await?;
+    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    tracing::info!(offset, revision = current, "restored etcd snapshot: resourceVersions go on past the old cluster's");
+    Ok(())
 }
 
 /// Takes this data directory's member out of its etcd cluster (the server is stopped):

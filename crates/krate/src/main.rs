@@ -11,6 +11,7 @@ mod dev;
 mod doctor;
 mod etcd;
 mod hollow;
+mod install;
 mod join;
 mod kubeconfig;
 mod leader;
@@ -161,6 +162,13 @@ enum Command {
     /// multi-node cluster on this machine, each node in its own network namespace.
     #[command(subcommand)]
     Dev(dev::DevCommand),
+    /// Set this machine up to run krate as a systemd service, as k3s's installer does:
+    /// this binary copied to /usr/local/bin/krate, a unit running `krate server` (or
+    /// `krate agent`) with the flags after `--`, restarted when it exits and stopping
+    /// only krate itself (containers keep running across restarts and upgrades), the
+    /// graceful-shutdown unit, then enabled and started. `--root DIR` only writes the
+    /// files under DIR.
+    Install(install::InstallArgs),
     /// Print where this build came from: krate's version (`git describe` of its
     /// source tree), commit, tree state and build date, and the Kubernetes API version
     /// it serves.
@@ -298,6 +306,10 @@ fn main() -> std::process::ExitCode {
             Command::Restore(args) => backup::restore(args),
             Command::Datastore(command) => block_on(migrate::run(command)),
             Command::Version { output } => print_version(output.as_deref()),
+            Command::Install(args) => install::run(args, |line| {
+                let argv = std::iter::once("krate".to_string()).chain(line.iter().cloned());
+                Cli::try_parse_from(argv).map(|_| ()).map_err(|e| anyhow::anyhow!("the service would not start:\n{e}"))
+            }),
         };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

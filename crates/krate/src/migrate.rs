@@ -2,17 +2,15 @@
 //! managed etcd member in the same data directory, so that other servers can join it.
 //!
 //! The server must be stopped. Every key is copied as stored (Secrets stay encrypted
-//! under the same keys), after etcd's revision has been driven past the SQLite store's:
-//! clients of the old store never see a resourceVersion go backwards (their watches
+//! under the same keys), and the cluster's revisions are offset past the SQLite store's
+//! (`krate_store::etcd::REVISION_OFFSET_KEY`): clients of the old store never see a resourceVersion go backwards (their watches
 //! relist, as after any restore). The SQLite file is kept beside, renamed
 //! `state.db.migrated`, and the data directory then starts as a `--cluster-init` one.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use bytes::Bytes;
 use clap::{Args, Subcommand};
 use krate_store::sqlite::SqliteStore;
 use krate_store::{ListRequest, Store};
@@ -33,9 +31,9 @@ pub struct MigrateArgs {
     #[arg(long, default_value = crate::server::DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
     /// The address the server advertises (its --advertise-address; the member is named
-    /// and reached by it).
-    #[arg(long, default_value = "127.0.0.1")]
-    pub advertise_address: IpAddr,
+    /// and reached by it). Default: the server's, this machine's primary address.
+    #[arg(long)]
+    pub advertise_address: Option<IpAddr>,
     /// Client port of the etcd member (the server's --etcd-client-port).
     #[arg(long, default_value_t = 2379)]
     pub etcd_client_port: u16,
@@ -43,9 +41,6 @@ pub struct MigrateArgs {
     #[arg(long, default_value_t = 2380)]
     pub etcd_peer_port: u16,
 }
-
-/// The key written over and over to move etcd's revision forward.
-const BUMP_KEY: &str = "/krate/migration/bump";
 
 pub async fn run(command: DatastoreCommand) -> Result<()> {
     let DatastoreCommand::Migrate(args) = command;
@@ -65,42 +60,24 @@ pub async fn run(command: DatastoreCommand) -> Result<()> {
 
     let pki = crate::pki::Pki::load_or_create(&args.data_dir.join("pki"))?;
     let dir = args.data_dir.join("db/etcd");
-    let member =
-        crate::etcd::member_config(&dir, &pki, args.advertise_address, args.etcd_client_port, args.etcd_peer_port)?;
+    let advertise = args.advertise_address.unwrap_or_else(crate::server::default_advertise_address);
+    let member = crate::etcd::member_config(&dir, &pki, advertise, args.etcd_client_port, args.etcd_peer_port)?;
     eprintln!("starting the etcd member {} in {}", member.name, dir.display());
     let supervised = crate::etcd::Supervised::start(member).await?;
     let datastore = supervised.datastore().await;
-    let etcd = Arc::new(datastore.connect().await?);
-
-    let mut current = etcd.current_revision().await?;
-    if current < revision {
-        eprintln!("moving etcd's revision from {current} past {revision}");
-    }
-    while current < revision {
-        let batch = (revision - current).min(64);
-        let writes: Vec<_> = (0..batch)
-            .map(|_| {
-                let etcd = etcd.clone();
-                tokio::spawn(async move {
-                    etcd.create(&format!("{BUMP_KEY}/{}", rand::random::<u64>()), Bytes::new()).await
-                })
-            })
-            .collect();
-        for write in writes {
-            write.await??;
-        }
-        current = etcd.current_revision().await?;
-    }
+    // etcd's count starts again near 1: the cluster's revisions are offset past the
+    // SQLite store's, so no resourceVersion goes back.
+    let client = krate_store::etcd::connect_client(&datastore.config()?).await?;
+    let offset = krate_store::etcd::revision_offset(&client).await? + revision;
+    krate_store::etcd::set_revision_offset(&client, offset).await?;
+    let etcd = datastore.connect().await?;
+    eprintln!("etcd's revisions are offset by {offset}, past the SQLite store's {revision}");
     let total = listed.items.len();
     for (i, kv) in listed.items.into_iter().enumerate() {
         etcd.create(&kv.key, kv.value).await.with_context(|| format!("copying {}", kv.key))?;
         if (i + 1) % 1000 == 0 {
             eprintln!("  {} of {total} keys copied", i + 1);
         }
-    }
-    let bumps = etcd.list(ListRequest { prefix: format!("{BUMP_KEY}/"), ..Default::default() }).await?;
-    for kv in bumps.items {
-        etcd.delete(&kv.key, None).await?;
     }
     let now = etcd.current_revision().await?;
     etcd.compact(now).await?;

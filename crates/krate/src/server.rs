@@ -216,7 +216,18 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             };
             let pki_dir = args.data_dir.join("pki");
             let endpoints = if pki_dir.join("ca.key").exists() {
-                Vec::new()
+                // A join that stopped after taking the keys and before its member
+                // started: the endpoints again, from the same cluster.
+                eprintln!("fetching the cluster's etcd endpoints from {server} again");
+                let fetched = tempfile::tempdir()?;
+                let endpoints = crate::serverjoin::download(&join, key, fetched.path()).await?;
+                if std::fs::read(fetched.path().join("ca.crt")).ok() != std::fs::read(pki_dir.join("ca.crt")).ok() {
+                    anyhow::bail!(
+                        "{} holds another cluster's CA than {server}'s: start the joining server with a new --data-dir",
+                        args.data_dir.display()
+                    );
+                }
+                endpoints
             } else {
                 eprintln!("fetching the cluster's keys from {server}");
                 crate::serverjoin::download(&join, key, &pki_dir).await?
@@ -249,7 +260,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     };
     let advertise_ip = match args.advertise_address {
         Some(ip) => ip,
-        None if args.bind_address.is_unspecified() => primary_address().unwrap_or(IpAddr::from([127, 0, 0, 1])),
+        None if args.bind_address.is_unspecified() => default_advertise_address(),
         None => args.bind_address,
     };
     let mut sans = vec![
@@ -277,6 +288,10 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         Some(member) => connect_etcd(&member.datastore().await, &args.data_dir).await?,
         None => open_store(&args).await?,
     };
+    if member.is_some() || !args.datastore_endpoint.is_empty() {
+        let me = std::net::SocketAddr::new(advertise_ip, args.port);
+        krate_apiserver::check_server_versions(&*store, me).await.map_err(anyhow::Error::msg)?;
+    }
     let store = encrypted_store(store, &args).await?;
     let advertise = std::net::SocketAddr::new(advertise_ip, args.port).to_string();
     let kubelet_client =
@@ -520,7 +535,11 @@ async fn managed_etcd(
     }
     let member = member()?;
     eprintln!("starting the etcd member {} (client {}, peer {})", member.name, member.client_url, member.peer_url);
-    Ok(Some(crate::etcd::Supervised::start(member).await?))
+    let supervised = crate::etcd::Supervised::start(member).await?;
+    crate::etcd::finish_restore(&args.data_dir, &supervised.datastore().await)
+        .await
+        .context("finishing the restore of an etcd backup")?;
+    Ok(Some(supervised))
 }
 
 /// The embedded SQLite database under the data directory, or the etcd cluster of
@@ -655,6 +674,13 @@ fn service_network(cidrs: &str, ports: &str) -> Result<krate_apiserver::rest::se
         .filter(|(l, h)| l <= h && *l > 0)
         .with_context(|| format!("--service-node-port-range {ports:?} must look like 30000-32767"))?;
     Ok(krate_apiserver::rest::services::ServiceNetwork { cidrs, node_ports: low..=high, ..Default::default() })
+}
+
+/// The address a server advertises unless told (`--advertise-address`): its primary
+/// address, else loopback. Commands that prepare a data directory for a server
+/// (`krate restore`, `krate datastore migrate`) default to it too.
+pub fn default_advertise_address() -> IpAddr {
+    primary_address().unwrap_or(IpAddr::from([127, 0, 0, 1]))
 }
 
 /// The address this machine's default route leaves from (no packet is sent: connecting

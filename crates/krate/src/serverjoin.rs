@@ -161,10 +161,13 @@ pub async fn download(join: &crate::join::Join, key: &str, pki_dir: &Path) -> Re
         }
         crate::pki::write_private(&pki_dir.join(name), &String::from_utf8_lossy(&plain))?;
     }
-    let endpoints = data
+    let endpoints: Vec<String> = data
         .get(ETCD_ENDPOINTS)
         .map(|v| String::from_utf8_lossy(&v.0).split(',').filter(|s| !s.is_empty()).map(str::to_string).collect())
         .unwrap_or_default();
+    if endpoints.is_empty() {
+        bail!("kube-system/{CERTS_SECRET} names no etcd endpoints: restart the first server (it publishes them) and join again");
+    }
     Ok(endpoints)
 }
 

@@ -1242,3 +1242,166 @@ async fn container_logs_rotate_at_their_size_and_keep_their_file_count() {
     .await;
     assert!(logs.lines().all(|l| l.starts_with("line ")), "{logs}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_starts_first_runs_beside_the_containers_and_counts_for_readiness() {
+    let registry = TestRegistry::start();
+    let server = server_with_agent(&[&registry], 11, &[]);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    let busybox = registry.image("busybox");
+    // The sidecar's startup probe passes once it has written /shared/up: the container
+    // after it must see the file when it starts.
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "with-sidecar"}, "spec": {
+        "volumes": [{"name": "shared", "emptyDir": {}}],
+        "initContainers": [{"name": "side", "image": busybox, "restartPolicy": "Always",
+            "command": ["sh", "-c", "sleep 2; touch /shared/up; exec sleep 3600"],
+            "startupProbe": {"exec": {"command": ["test", "-f", "/shared/up"]}, "periodSeconds": 1, "failureThreshold": 30},
+            "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]}],
+        "containers": [{"name": "main", "image": busybox,
+            "command": ["sh", "-c", "test -f /shared/up && echo sidecar was up; exec sleep 3600"],
+            "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]}]}});
+    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&pod.to_string()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let ready = eventually(90, "the pod Running and Ready", || async {
+        let pod = pods.get("with-sidecar").await.ok()?;
+        let status = pod.status.clone()?;
+        let ready = status.conditions?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+        (status.phase.as_deref() == Some("Running") && ready).then_some(pod)
+    })
+    .await;
+    let side = &ready.status.as_ref().unwrap().init_container_statuses.as_ref().unwrap()[0];
+    assert!(side.state.as_ref().unwrap().running.is_some(), "the sidecar keeps running: {side:?}");
+    assert_eq!((side.started, side.ready), (Some(true), true), "{side:?}");
+    assert_eq!(server.kubectl_ok(&["logs", "with-sidecar", "-c", "main"]), "sidecar was up\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_fs_group_owns_its_volumes_and_its_processes_are_in_it() {
+    let registry = TestRegistry::start();
+    let server = server_with_agent(&[&registry], 12, &[]);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    server.kubectl_ok(&["create", "secret", "generic", "key", "--from-literal=key=s3cret"]);
+    let script =
+        "id -G; stat -c '%g %a' /secret/..data/key; cat /secret/key; echo; touch /scratch/f; stat -c %g /scratch/f";
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "grouped"}, "spec": {
+        "restartPolicy": "Never",
+        "securityContext": {"runAsUser": 1000, "fsGroup": 2000},
+        "volumes": [{"name": "secret", "secret": {"secretName": "key", "defaultMode": 0o440}}, {"name": "scratch", "emptyDir": {}}],
+        "containers": [{"name": "c", "image": registry.image("busybox"), "command": ["sh", "-c", script],
+            "volumeMounts": [{"name": "secret", "mountPath": "/secret"}, {"name": "scratch", "mountPath": "/scratch"}]}]}});
+    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&pod.to_string()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let phase = eventually(90, "the pod to finish", || async {
+        let phase = pods.get("grouped").await.ok()?.status?.phase?;
+        (phase == "Succeeded" || phase == "Failed").then_some(phase)
+    })
+    .await;
+    let logs = server.kubectl_ok(&["logs", "grouped"]);
+    assert_eq!(phase, "Succeeded", "{logs}");
+    let lines: Vec<&str> = logs.lines().collect();
+    assert!(lines[0].split_whitespace().any(|g| g == "2000"), "the process is in the fsGroup: {logs}");
+    assert_eq!(&lines[1..], ["2000 440", "s3cret", "2000"], "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_stops_at_its_active_deadline_and_its_status_names_what_holds_it_back() {
+    let registry = TestRegistry::start();
+    let server = server_with_agent(&[&registry], 13, &[]);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    let busybox = registry.image("busybox");
+    // An init container that never finishes: the pod says which one holds it back.
+    let stuck = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "stuck"}, "spec": {
+        "initContainers": [{"name": "wait", "image": busybox, "command": ["sleep", "3600"]}],
+        "containers": [{"name": "main", "image": busybox, "command": ["sleep", "3600"]}]}});
+    let deadline = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "deadline"}, "spec": {
+        "activeDeadlineSeconds": 30,
+        "containers": [{"name": "main", "image": busybox, "command": ["sleep", "3600"]}]}});
+    for pod in [stuck, deadline] {
+        let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&pod.to_string()));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let condition =
+        |pod: &Pod, type_: &str| pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == type_).cloned();
+    let initialized = eventually(60, "the stuck pod's Initialized condition", || async {
+        let pod = pods.get("stuck").await.ok()?;
+        let running = pod.status.as_ref()?.init_container_statuses.as_ref()?[0].state.as_ref()?.running.is_some();
+        running.then(|| (condition(&pod, "Initialized"), pod))
+    })
+    .await;
+    let (condition_now, pod) = initialized;
+    let initialized = condition_now.unwrap();
+    assert_eq!(initialized.message.as_deref(), Some("containers with incomplete status: [wait]"), "{initialized:?}");
+    let main = &pod.status.as_ref().unwrap().container_statuses.as_ref().unwrap()[0];
+    assert_eq!(main.state.as_ref().unwrap().waiting.as_ref().unwrap().reason.as_deref(), Some("PodInitializing"));
+    assert_eq!(pod.status.as_ref().unwrap().observed_generation, Some(1), "the generation the status is of");
+
+    // Past its deadline (lowered while it runs, as upstream's conformance test does),
+    // the pod is stopped and Failed.
+    eventually(60, "the deadline pod running", || async {
+        (pods.get("deadline").await.ok()?.status?.phase.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    server.kubectl_ok(&["patch", "pod", "deadline", "-p", r#"{"spec": {"activeDeadlineSeconds": 5}}"#]);
+    let status = eventually(60, "the pod Failed at its deadline", || async {
+        let status = pods.get("deadline").await.ok()?.status?;
+        (status.phase.as_deref() == Some("Failed")).then_some(status)
+    })
+    .await;
+    assert_eq!(status.reason.as_deref(), Some("DeadlineExceeded"), "{status:?}");
+    assert_eq!(status.message.as_deref(), Some("Pod was active on the node longer than the specified deadline"));
+    assert_eq!(status.observed_generation, Some(2), "the patch made generation 2: {status:?}");
+}
+
+/// A self-signed certificate's PEM, for trust bundles.
+fn certificate_pem(name: &str) -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    rcgen::CertificateParams::new(vec![name.to_string()]).unwrap().self_signed(&key).unwrap().pem()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projected_trust_bundle_holds_the_certificates_of_its_bundles() {
+    let registry = TestRegistry::start();
+    let server = server_with_agent(&[&registry], 14, &[]);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    let (a, b) = (certificate_pem("a"), certificate_pem("b"));
+    let bundles = [
+        json!({"metadata": {"name": "example.com:signer:one", "labels": {"app": "x"}},
+            "spec": {"signerName": "example.com/signer", "trustBundle": format!("{a}{b}")}}),
+        json!({"metadata": {"name": "example.com:signer:two", "labels": {"app": "x"}},
+            "spec": {"signerName": "example.com/signer", "trustBundle": a}}),
+        json!({"metadata": {"name": "example.com:signer:other", "labels": {"app": "y"}},
+            "spec": {"signerName": "example.com/signer", "trustBundle": certificate_pem("c")}}),
+        json!({"metadata": {"name": "plain"}, "spec": {"trustBundle": certificate_pem("d")}}),
+    ];
+    for bundle in bundles {
+        let mut bundle = bundle;
+        bundle["apiVersion"] = json!("certificates.k8s.io/v1");
+        bundle["kind"] = json!("ClusterTrustBundle");
+        let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&bundle.to_string()));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let script = "grep -c BEGIN /b/signer.pem; grep -c BEGIN /b/plain.pem";
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "anchors"}, "spec": {
+        "restartPolicy": "Never",
+        "volumes": [{"name": "b", "projected": {"sources": [
+            {"clusterTrustBundle": {"signerName": "example.com/signer", "labelSelector": {"matchLabels": {"app": "x"}}, "path": "signer.pem"}},
+            {"clusterTrustBundle": {"name": "plain", "path": "plain.pem"}}]}}],
+        "containers": [{"name": "c", "image": registry.image("busybox"), "command": ["sh", "-c", script],
+            "volumeMounts": [{"name": "b", "mountPath": "/b"}]}]}});
+    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&pod.to_string()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    eventually(90, "the pod to succeed", || async {
+        (pods.get("anchors").await.ok()?.status?.phase.as_deref() == Some("Succeeded")).then_some(())
+    })
+    .await;
+    // Two bundles of the signer with label app=x, three certificates, one of them twice.
+    assert_eq!(server.kubectl_ok(&["logs", "anchors"]), "2\n1\n");
+}

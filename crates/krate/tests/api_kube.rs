@@ -614,3 +614,41 @@ async fn the_store_stops_growing_under_steady_churn_once_history_is_compacted() 
     );
     assert!(compacted < kept / 4, "compacted, the store reuses its space: grew {compacted} bytes against {kept}");
 }
+
+#[tokio::test]
+async fn a_review_asked_for_as_a_table_is_not_acceptable() {
+    // Upstream has no table for kinds that are never stored: 406, not the review.
+    let server = TestServer::start();
+    let client = server.client().await;
+    let review = json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+        "spec": {"nonResourceAttributes": {"path": "/", "verb": "get"}}});
+    let request = http::Request::post("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews")
+        .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+        .header("Content-Type", "application/json")
+        .body(serde_json::to_vec(&review).unwrap())
+        .unwrap();
+    match client.request::<serde_json::Value>(request).await {
+        Err(kube::Error::Api(e)) => assert_eq!((e.code, e.reason.as_str()), (406, "NotAcceptable"), "{e:?}"),
+        other => panic!("expected 406: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_condition_with_a_null_transition_time_is_accepted_as_go_clients_send_it() {
+    // client-go sends a zero metav1.Time as null (the Services conformance test does).
+    let server = TestServer::start();
+    let client = server.client().await;
+    server.kubectl_ok(&["create", "service", "clusterip", "plain", "--tcp=80:80"]);
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), "default");
+    let mut service = serde_json::to_value(services.get("plain").await.unwrap()).unwrap();
+    service["status"]["conditions"] = json!([{"type": "StatusUpdate", "status": "True", "reason": "E2E",
+        "message": "Set from e2e test", "lastTransitionTime": null}]);
+    let request = http::Request::put("/api/v1/namespaces/default/services/plain/status")
+        .header("Content-Type", "application/json")
+        .body(serde_json::to_vec(&service).unwrap())
+        .unwrap();
+    let updated: serde_json::Value = client.request(request).await.expect("the status update is accepted");
+    let condition = &updated["status"]["conditions"][0];
+    assert_eq!(condition["type"], "StatusUpdate", "{updated}");
+    assert!(condition["lastTransitionTime"].is_string(), "{condition}");
+}

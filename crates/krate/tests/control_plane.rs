@@ -125,6 +125,15 @@ async fn services_get_endpoints_and_namespaces_get_their_defaults() {
     .await;
     let table = server.kubectl_ok(&["get", "endpointslices"]);
     assert!(table.contains("IPv4") && table.contains("8080"), "{table}");
+    // A slice deleted from under the controller comes back.
+    let slice = slices.list(&by_service).await.unwrap().items[0].metadata.name.clone().unwrap();
+    slices.delete(&slice, &DeleteParams::default()).await.unwrap();
+    eventually(15, "the slice recreated", || async {
+        let list = slices.list(&by_service).await.ok()?.items;
+        let endpoints = list.iter().map(|s| s.endpoints.as_ref().map_or(0, Vec::len)).sum::<usize>();
+        (list.iter().all(|s| s.metadata.name.as_deref() != Some(&slice)) && endpoints == 3).then_some(())
+    })
+    .await;
     // The service goes, its endpoints and slices go.
     server.kubectl_ok(&["delete", "service", "web"]);
     eventually(15, "endpoints removed", || async {
@@ -308,6 +317,52 @@ async fn higher_priority_pods_preempt_lower_ones() {
     let events: Api<Event> = Api::namespaced(client.clone(), "default");
     let preempted = events.list(&ListParams::default().fields("involvedObject.name=low-small")).await.unwrap().items;
     assert!(preempted.iter().any(|e| e.reason.as_deref() == Some("Preempted")), "{preempted:?}");
+}
+
+#[tokio::test]
+async fn a_pods_runtime_class_gives_it_its_overhead_and_scheduling_and_must_exist() {
+    let server = TestServer::start();
+    let pods: Api<Pod> = Api::namespaced(server.client().await, "default");
+    let pod = |name: &str, class: &str, extra: serde_json::Value| -> Pod {
+        let mut spec = json!({"runtimeClassName": class, "nodeSelector": {"disk": "ssd"}, "containers": [{"name": "c", "image": "x"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap()
+    };
+    let missing = pods.create(&PostParams::default(), &pod("lost", "nope", json!({}))).await.expect_err("refused");
+    assert!(
+        missing.to_string().contains(r#"pods "lost" is forbidden: pod rejected: RuntimeClass "nope" not found"#),
+        "{missing}"
+    );
+    apply(
+        &server,
+        json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "gvisor"}, "handler": "runsc",
+            "overhead": {"podFixed": {"cpu": "10m", "memory": "1Mi"}},
+            "scheduling": {"nodeSelector": {"sandbox": "yes"}, "tolerations": [{"key": "sandbox", "operator": "Exists"}]}}),
+    );
+    let created = pods.create(&PostParams::default(), &pod("boxed", "gvisor", json!({}))).await.unwrap();
+    let spec = created.spec.unwrap();
+    let overhead = spec.overhead.unwrap();
+    assert_eq!((overhead["cpu"].0.as_str(), overhead["memory"].0.as_str()), ("10m", "1Mi"));
+    let selector = spec.node_selector.unwrap();
+    assert_eq!((selector["disk"].as_str(), selector["sandbox"].as_str()), ("ssd", "yes"));
+    assert!(spec.tolerations.unwrap().iter().any(|t| t.key.as_deref() == Some("sandbox")));
+    // An overhead of its own that differs, or a node selector that conflicts: refused.
+    let overhead = json!({"overhead": {"cpu": "1"}});
+    let differs = pods.create(&PostParams::default(), &pod("greedy", "gvisor", overhead)).await.expect_err("refused");
+    assert!(
+        differs.to_string().contains("pod rejected: Pod's Overhead doesn't match RuntimeClass's defined Overhead"),
+        "{differs}"
+    );
+    let conflict = json!({"nodeSelector": {"sandbox": "no"}});
+    let conflict = pods.create(&PostParams::default(), &pod("torn", "gvisor", conflict)).await.expect_err("refused");
+    assert!(
+        conflict.to_string().contains(
+            "conflict: runtimeClass.scheduling.nodeSelector[sandbox] = yes; pod.spec.nodeSelector[sandbox] = no"
+        ),
+        "{conflict}"
+    );
 }
 
 #[tokio::test]
@@ -535,4 +590,87 @@ async fn component_statuses_follow_the_leaders_leases_and_the_store() {
     assert!(row.contains("Unhealthy") && row.contains("no scheduler has ever taken its leader Lease"), "{row}");
     let out = bare.kubectl(&["get", "cs", "nope"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("componentstatus \"nope\" not found"));
+}
+
+#[tokio::test]
+async fn a_namespace_deletes_its_pods_before_the_rest_and_says_what_is_left() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    server.kubectl_ok(&["create", "namespace", "ordered"]);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "ordered");
+    let pod = json!({"metadata": {"name": "held", "finalizers": ["e2e.example.com/finalizer"]},
+        "spec": {"containers": [{"name": "c", "image": "x"}]}});
+    pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
+    server.kubectl_ok(&["create", "configmap", "kept", "-n", "ordered", "--from-literal=a=1"]);
+    server.kubectl_ok(&["delete", "namespace", "ordered", "--wait=false"]);
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let failure = eventually(30, "the content failure condition", || async {
+        let ns = namespaces.get("ordered").await.ok()?;
+        let conditions = ns.status?.conditions?;
+        conditions.into_iter().find(|c| c.type_ == "NamespaceDeletionContentFailure" && c.status == "True")
+    })
+    .await;
+    assert!(failure.message.unwrap_or_default().contains("Resource=pods"));
+    let ns = namespaces.get("ordered").await.unwrap();
+    let conditions = ns.status.unwrap().conditions.unwrap();
+    let remaining = conditions.iter().find(|c| c.type_ == "NamespaceFinalizersRemaining").unwrap();
+    assert_eq!(
+        remaining.message.as_deref(),
+        Some(
+            "Some content in the namespace has finalizers remaining: e2e.example.com/finalizer in 1 resource instances"
+        )
+    );
+    // The pod is going, the ConfigMap waits for it.
+    assert!(pods.get("held").await.unwrap().metadata.deletion_timestamp.is_some());
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "ordered");
+    assert!(maps.get_opt("kept").await.unwrap().is_some(), "nothing else goes while a pod is left");
+
+    let release = kube::api::Patch::Merge(json!({"metadata": {"finalizers": null}}));
+    pods.patch("held", &kube::api::PatchParams::default(), &release).await.unwrap();
+    eventually(60, "the namespace gone", || async {
+        namespaces.get_opt("ordered").await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn endpoints_of_a_service_without_selector_are_mirrored_into_slices() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let service = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "custom"},
+        "spec": {"ports": [{"name": "http", "port": 80}]}});
+    let endpoints = |ip: &str| {
+        json!({"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "custom"},
+            "subsets": [{"addresses": [{"ip": ip}], "ports": [{"name": "http", "port": 8080}]}]})
+    };
+    for object in [service, endpoints("10.9.9.9")] {
+        apply(&server, object);
+    }
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+    let mirrored = ListParams::default()
+        .labels("kubernetes.io/service-name=custom,endpointslice.kubernetes.io/managed-by=endpointslicemirroring-controller.k8s.io");
+    let addresses = || async {
+        let list = slices.list(&mirrored).await.ok()?.items;
+        let ips: Vec<String> =
+            list.iter().flat_map(|s| s.endpoints.iter().flatten().flat_map(|e| e.addresses.clone())).collect();
+        Some((ips, list.first().and_then(|s| s.ports.clone()?.first()?.port)))
+    };
+    eventually(15, "the mirrored slice", || async {
+        addresses().await.filter(|(ips, port)| *ips == ["10.9.9.9"] && *port == Some(8080))
+    })
+    .await;
+    apply(&server, endpoints("10.9.9.10"));
+    eventually(15, "the slice following the Endpoints", || async {
+        addresses().await.filter(|(ips, _)| *ips == ["10.9.9.10"])
+    })
+    .await;
+    // The kubernetes Service's own Endpoints say not to mirror them.
+    let kubernetes = ListParams::default()
+        .labels("kubernetes.io/service-name=kubernetes,endpointslice.kubernetes.io/managed-by=endpointslicemirroring-controller.k8s.io");
+    assert!(slices.list(&kubernetes).await.unwrap().items.is_empty());
+    server.kubectl_ok(&["delete", "endpoints", "custom"]);
+    eventually(15, "the mirrored slice gone", || async {
+        slices.list(&mirrored).await.ok()?.items.is_empty().then_some(())
+    })
+    .await;
 }

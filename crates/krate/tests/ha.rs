@@ -47,6 +47,40 @@ fn servers(etcd: &EtcdProcess, count: usize) -> Vec<TestServer> {
     all
 }
 
+#[tokio::test]
+async fn a_server_more_than_one_minor_version_from_a_live_one_refuses_to_start() {
+    let (_dir, etcd) = etcd().await;
+    let running = servers(&etcd, 1).remove(0);
+    // A live server of krate v9.9: its identity Lease, renewed now.
+    let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S.000000Z").to_string();
+    let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "apiserver-far", "namespace": "kube-system",
+            "labels": {"apiserver.kubernetes.io/identity": "kube-apiserver", "krate.dev/version": "v9.9"},
+            "annotations": {"krate.dev/advertise-address": "127.0.0.99:6443"}},
+        "spec": {"holderIdentity": "apiserver-far", "leaseDurationSeconds": 3600, "renewTime": now}});
+    let leases: Api<Lease> = Api::namespaced(running.client().await, "kube-system");
+    leases.create(&PostParams::default(), &serde_json::from_value(lease).unwrap()).await.unwrap();
+    let own: Lease = leases
+        .list(&ListParams::default().labels("apiserver.kubernetes.io/identity"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|l| l.metadata.name.as_deref() != Some("apiserver-far"))
+        .expect("the running server's identity Lease");
+    let version = own.metadata.labels.unwrap_or_default().get("krate.dev/version").cloned().unwrap_or_default();
+    assert!(version.starts_with('v'), "a server's Lease carries its krate version: {version:?}");
+
+    let endpoint = etcd.config.client_url.clone();
+    let pki = running.data_dir().join("pki");
+    let args = ["--datastore-endpoint", endpoint.as_str()];
+    let log = TestServer::refused_bound("127.0.0.3", free_port(), &args, |dir| copy_dir(&pki, &dir.join("pki")));
+    assert!(
+        log.contains("the server at 127.0.0.99:6443 runs krate v9.9") && log.contains("within 1 minor version"),
+        "{log}"
+    );
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
@@ -238,10 +272,6 @@ async fn cluster_init_runs_an_etcd_member_that_stops_with_the_server_and_comes_b
     let listing = std::process::Command::new("tar").args(["tzf", &file]).output().unwrap();
     let listing = String::from_utf8_lossy(&listing.stdout);
     assert!(listing.contains("db/etcd.snapshot") && listing.contains("pki/ca.key"), "{listing}");
-    let restore_dir = server.dir.path().join("restored").display().to_string();
-    let restore = krate(&["restore", &file, "--data-dir", &restore_dir]);
-    assert!(!restore.status.success(), "restoring an etcd snapshot is not built: it must say so");
-    assert!(String::from_utf8_lossy(&restore.stderr).contains("etcdctl snapshot restore"));
 
     server.kill();
     eventually(10, "the member to stop with its server", || async { (!member_answers()).then_some(()) }).await;
@@ -250,6 +280,88 @@ async fn cluster_init_runs_an_etcd_member_that_stops_with_the_server_and_comes_b
     server.restart_with(&ports);
     let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
     assert_eq!(cms.get("kept").await.unwrap().data.unwrap()["v"], "1");
+}
+
+/// The resourceVersion of a list of the default namespace's ConfigMaps.
+async fn list_revision(cms: &Api<ConfigMap>) -> i64 {
+    cms.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn an_etcd_backup_taken_under_writes_restores_as_a_new_member_and_resource_versions_go_on() {
+    let ports = etcd_ports();
+    let mut args = vec!["--cluster-init"];
+    args.extend(strs(&ports));
+    let mut server = TestServer::start_with(&args);
+    let client = server.client().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    // Secrets are encrypted at rest: reading one back needs the restored keys.
+    server.kubectl_ok(&["create", "secret", "generic", "token", "--from-literal=key=s3cret"]);
+    // Writes go on while the backup is taken; each acknowledged one is recorded.
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (cms, acked, stop) = (cms.clone(), acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            for i in 0.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let name = format!("w-{i}");
+                if cms.create(&PostParams::default(), &config_map(&name, "1")).await.is_ok() {
+                    acked.lock().unwrap().push(name);
+                }
+            }
+        })
+    };
+    eventually(30, "writes to be acknowledged", || async { (acked.lock().unwrap().len() >= 50).then_some(()) }).await;
+    let before_backup = acked.lock().unwrap().clone();
+    let file = server.dir.path().join("backup.tar.gz").display().to_string();
+    let data_dir = server.data_dir().display().to_string();
+    let backup = tokio::task::spawn_blocking(move || krate(&["backup", &file, "--data-dir", &data_dir]));
+    let backup = backup.await.unwrap();
+    assert!(backup.status.success(), "{}", String::from_utf8_lossy(&backup.stderr));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    cms.create(&PostParams::default(), &config_map("later", "1")).await.unwrap();
+    let old_revision = list_revision(&cms).await;
+    let file = server.dir.path().join("backup.tar.gz").display().to_string();
+    server.kill();
+
+    let new_ports = etcd_ports();
+    let restored = TestServer::start_prepared(&strs(&new_ports), |dir| {
+        let dir = dir.display().to_string();
+        let peer = ["--advertise-address", "127.0.0.1", "--etcd-peer-port", new_ports[3].as_str()];
+        let mut args = vec!["restore", file.as_str(), "--data-dir", dir.as_str()];
+        args.extend(peer);
+        let out = krate(&args);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(said.contains("restored") && said.contains("start it with: krate server"), "{said}");
+        assert!(std::path::Path::new(&dir).join("db/etcd/member").is_dir(), "an etcd member's data: {said}");
+    });
+    let cms: Api<ConfigMap> = Api::namespaced(restored.client().await, "default");
+    let names: HashSet<String> =
+        cms.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|c| c.metadata.name).collect();
+    let lost: Vec<&String> = before_backup.iter().filter(|n| !names.contains(*n)).collect();
+    assert!(lost.is_empty(), "acknowledged before the backup, missing after the restore: {lost:?}");
+    assert!(!names.contains("later"), "a write after the backup came back");
+    let secret = restored.kubectl_ok(&["get", "secret", "token", "-o", "jsonpath={.data.key}"]);
+    assert_eq!(secret, "czNjcmV0", "the secret reads back (base64 of s3cret)");
+    let created = cms.create(&PostParams::default(), &config_map("after", "1")).await.unwrap();
+    let rv: i64 = created.metadata.resource_version.unwrap().parse().unwrap();
+    assert!(rv > old_revision, "resourceVersion went back: {rv} after {old_revision} on the old cluster");
+    // A client of the old cluster resuming a watch relists (410 Gone), never misses writes.
+    let stale = cms.watch(&WatchParams::default(), &old_revision.to_string()).await;
+    let gone = match stale {
+        Err(kube::Error::Api(e)) => e.code == 410,
+        Ok(stream) => {
+            let first = stream.boxed().next().await;
+            matches!(first, Some(Ok(WatchEvent::Error(e))) if e.code == 410)
+        }
+        Err(_) => false,
+    };
+    assert!(gone, "a watch from the old cluster's resourceVersion {old_revision} must get 410 Gone");
 }
 
 /// `--etcd-client-port P --etcd-peer-port Q` on free ports (every member also listens on

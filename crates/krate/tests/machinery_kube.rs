@@ -324,3 +324,51 @@ async fn custom_resources_stay_json_for_clients_that_prefer_protobuf() {
     assert_eq!(refusal["reason"], "NotAcceptable");
     assert!(refusal["message"].as_str().unwrap().contains("does not implement the protobuf marshalling interface"));
 }
+
+#[tokio::test]
+async fn custom_resources_are_listed_and_watched_by_their_selectable_fields() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let crd = json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "shirts.example.com"},
+        "spec": {"group": "example.com", "scope": "Namespaced",
+            "names": {"plural": "shirts", "singular": "shirt", "kind": "Shirt"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "selectableFields": [{"jsonPath": ".spec.color"}],
+                "schema": {"openAPIV3Schema": {"type": "object", "properties": {"spec": {"type": "object",
+                    "properties": {"color": {"type": "string"}, "size": {"type": "string"}}}}}}}]}});
+    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&crd.to_string()));
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let gvk = GroupVersionKind::gvk("example.com", "v1", "Shirt");
+    let shirts: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &ApiResource::from_gvk(&gvk));
+    let shirt = |name: &str, color: &str| -> DynamicObject {
+        serde_json::from_value(json!({"apiVersion": "example.com/v1", "kind": "Shirt",
+            "metadata": {"name": name}, "spec": {"color": color, "size": "M"}}))
+        .unwrap()
+    };
+    common::eventually(20, "the CRD served", || async {
+        shirts.create(&PostParams::default(), &shirt("one", "blue")).await.ok()
+    })
+    .await;
+    shirts.create(&PostParams::default(), &shirt("two", "red")).await.unwrap();
+    let blue = ListParams::default().fields("spec.color=blue");
+    let names: Vec<String> = shirts.list(&blue).await.unwrap().items.iter().map(|s| s.name_any()).collect();
+    assert_eq!(names, ["one"]);
+    let table = server.kubectl_ok(&["get", "shirts", "--field-selector", "spec.color!=blue", "-o", "name"]);
+    assert_eq!(table.trim(), "shirt.example.com/two");
+    // A field the CRD does not make selectable is refused, as upstream.
+    let refused = shirts.list(&ListParams::default().fields("spec.size=M")).await.unwrap_err();
+    assert!(refused.to_string().contains("field label not supported: spec.size"), "{refused}");
+
+    // A watch sees a shirt turn blue as added, and turn red again as deleted.
+    let mut events = shirts.watch(&WatchParams::default().fields("spec.color=blue"), "0").await.unwrap().boxed();
+    let first = tokio::time::timeout(Duration::from_secs(10), events.try_next()).await.unwrap().unwrap();
+    assert!(matches!(first, Some(WatchEvent::Added(ref s)) if s.name_any() == "one"), "{first:?}");
+    let paint = |color: &str| Patch::Merge(json!({"spec": {"color": color}}));
+    shirts.patch("two", &PatchParams::default(), &paint("blue")).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), events.try_next()).await.unwrap().unwrap();
+    assert!(matches!(next, Some(WatchEvent::Added(ref s)) if s.name_any() == "two"), "{next:?}");
+    shirts.patch("two", &PatchParams::default(), &paint("red")).await.unwrap();
+    let gone = tokio::time::timeout(Duration::from_secs(10), events.try_next()).await.unwrap().unwrap();
+    assert!(matches!(gone, Some(WatchEvent::Deleted(ref s)) if s.name_any() == "two"), "{gone:?}");
+}

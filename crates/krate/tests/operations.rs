@@ -181,6 +181,37 @@ fn an_unknown_key_or_a_bad_value_in_a_configuration_file_is_refused_with_its_fil
     assert!(err.contains(&format!("note: flags were also read from {}", file.display())), "{err}");
 }
 
+#[test]
+fn install_writes_a_service_running_krate_with_its_flags_that_stops_only_krate() {
+    let root = tempfile::tempdir().unwrap();
+    let root_arg = root.path().to_str().unwrap();
+    let out =
+        krate_output(&["install", "server", "--root", root_arg, "--", "--port", "7443", "--tls-san", "api example"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let unit = std::fs::read_to_string(root.path().join("etc/systemd/system/krate.service")).unwrap();
+    assert!(unit.contains("\nExecStart=/usr/local/bin/krate server --port 7443 --tls-san \"api example\"\n"), "{unit}");
+    assert!(unit.contains("\nKillMode=process\n") && unit.contains("\nRestart=always\n"), "{unit}");
+    let shutdown = std::fs::read_to_string(root.path().join("etc/systemd/system/krate-shutdown.service")).unwrap();
+    assert!(
+        shutdown.contains("ExecStart=/usr/local/bin/krate shutdown-node")
+            && shutdown.contains("Before=shutdown.target")
+    );
+    let installed = std::fs::metadata(root.path().join("usr/local/bin/krate")).unwrap();
+    assert_eq!(installed.len(), std::fs::metadata(env!("CARGO_BIN_EXE_krate")).unwrap().len());
+    assert!(std::os::unix::fs::PermissionsExt::mode(&installed.permissions()) & 0o111 != 0, "executable");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing started (--root)"));
+
+    // A flag the service would refuse is refused now, and nothing is written.
+    let other = tempfile::tempdir().unwrap();
+    let out = krate_output(&["install", "agent", "--root", other.path().to_str().unwrap(), "--", "--no-such-flag"]);
+    let err = common::stderr(&out);
+    assert!(
+        !out.status.success() && err.contains("the service would not start") && err.contains("--no-such-flag"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(other.path()).unwrap().count(), 0, "nothing written");
+}
+
 /// The resourceVersion of a list of configmaps, as the server reports it.
 fn list_revision(server: &TestServer) -> i64 {
     let list: Value =
@@ -319,15 +350,6 @@ fn doctor_checks_the_cluster_and_says_what_to_do_about_what_fails() {
     assert_eq!(outcome_of(&doc, "nodes").0, "warning");
     assert_eq!(code, if doc["healthy"] == true { 0 } else { 1 }, "{doc}");
 
-    // A node that never reported is a failure, with what to do.
-    let ghost = r#"{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "ghost"}}"#;
-    let created = server.kubectl_stdin(&["create", "-f", "-"], Some(ghost));
-    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
-    let (code, doc) = doctor(&server.data_dir());
-    let (outcome, fix) = outcome_of(&doc, "node ghost");
-    assert_eq!((code, outcome.as_str()), (1, "failed"), "{doc}");
-    assert!(fix.contains("check the agent on ghost"), "{fix}");
-
     // The server down: the API check fails and says to start it; the rest still runs.
     server.kill();
     let out = krate_output(&["doctor", "--data-dir", server.data_dir().to_str().unwrap()]);
@@ -335,6 +357,107 @@ fn doctor_checks_the_cluster_and_says_what_to_do_about_what_fails() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("✗ API server") && text.contains("what to do: start it (krate server)"), "{text}");
     assert!(text.contains("✓ store"), "{text}");
+}
+
+#[test]
+fn doctor_names_a_node_that_never_reported() {
+    let server = TestServer::start();
+    let ghost = r#"{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "ghost"}}"#;
+    let created = server.kubectl_stdin(&["create", "-f", "-"], Some(ghost));
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let (code, doc) = doctor(&server.data_dir());
+    let (outcome, fix) = outcome_of(&doc, "node ghost");
+    assert_eq!((code, outcome.as_str()), (1, "failed"), "{doc}");
+    assert!(fix.contains("check the agent on ghost"), "{fix}");
+}
+
+#[test]
+fn doctor_names_a_node_whose_lease_expired() {
+    // Ready when it last reported, its Lease renewed five minutes ago: the agent is gone.
+    let server = TestServer::start();
+    let stale = r#"{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "stale"}}"#;
+    let created = server.kubectl_stdin(&["create", "-f", "-"], Some(stale));
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let now = jiff::Timestamp::now();
+    let time = now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let ready = serde_json::json!({"status": {"conditions": [{"type": "Ready", "status": "True",
+        "reason": "KubeletReady", "message": "kubelet is posting ready status",
+        "lastHeartbeatTime": time, "lastTransitionTime": time}]}});
+    server.kubectl_ok(&["patch", "node", "stale", "--subresource=status", "--type=merge", "-p", &ready.to_string()]);
+    let renewed = (now - jiff::SignedDuration::from_mins(5)).strftime("%Y-%m-%dT%H:%M:%S.000000Z").to_string();
+    let lease = serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "stale", "namespace": "kube-node-lease"},
+        "spec": {"holderIdentity": "stale", "leaseDurationSeconds": 40, "renewTime": renewed}});
+    let created = server.kubectl_stdin(&["create", "-f", "-"], Some(&lease.to_string()));
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let (code, doc) = doctor(&server.data_dir());
+    let check = doc["checks"].as_array().unwrap().iter().find(|c| c["name"] == "node stale").unwrap().clone();
+    assert_eq!((code, check["outcome"].as_str()), (1, Some("failed")), "{doc}");
+    let detail = check["detail"].as_str().unwrap();
+    // Either as it stands (Ready, the Lease stale) or once the node lifecycle controller
+    // has marked it (Unknown): the Lease's age is named.
+    assert!(detail.contains("lease renewed 30"), "{detail}");
+    assert!(check["fix"].as_str().unwrap().contains("check the agent on stale"), "{check}");
+}
+
+#[test]
+fn doctor_warns_of_a_certificate_within_30_days_of_expiry() {
+    let server = TestServer::start();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["soon".to_string()]).unwrap();
+    let expiry =
+        (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(24 * 10 + 12)).to_zoned(jiff::tz::TimeZone::UTC);
+    params.not_after = rcgen::date_time_ymd(expiry.year() as i32, expiry.month() as u8, expiry.day() as u8);
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(server.data_dir().join("pki/soon.crt"), cert.pem()).unwrap();
+    let (_, doc) = doctor(&server.data_dir());
+    let check = doc["checks"].as_array().unwrap().iter().find(|c| c["name"] == "certificate soon.crt").unwrap().clone();
+    assert_eq!(check["outcome"], "warning", "{check}");
+    // Valid to the day: 9 to 11 days from now.
+    let days = check["detail"].as_str().unwrap().split('(').nth(1).and_then(|d| d.strip_suffix(" days)"));
+    assert!(matches!(days, Some("9" | "10" | "11")), "{check}");
+    assert!(check["fix"].as_str().unwrap().contains("expires within 30 days: renew it"), "{check}");
+    assert_eq!(outcome_of(&doc, "certificate ca.crt").0, "ok", "the others are fine: {doc}");
+}
+
+#[test]
+fn doctor_names_a_node_whose_container_runtime_does_not_answer() {
+    let server = common::node::server_with_agent(&[], 3, &[]);
+    assert!(
+        common::holds_within(90, || server.kubectl_ok(&["get", "nodes"]).contains(" Ready ")),
+        "the node never became Ready"
+    );
+    // containerd hung (stopped, not exited: the agent restarts one that exits).
+    let pid_file = server.data_dir().join("agent/containerd/containerd.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    struct Resume(i32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    let _resume = Resume(pid);
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let down = || {
+        server.kubectl_ok(&["get", "nodes", "-o", "jsonpath={.items[0].status.conditions[?(@.type=='Ready')].message}"])
+    };
+    assert!(common::holds_within(90, || down() == "container runtime is down"), "Ready says: {}", down());
+    let (code, doc) = doctor(&server.data_dir());
+    let node = doc["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"].as_str().unwrap_or_default().starts_with("node "))
+        .unwrap()
+        .clone();
+    assert_eq!((code, node["outcome"].as_str()), (1, Some("failed")), "{doc}");
+    assert!(node["detail"].as_str().unwrap().contains("container runtime is down"), "{node}");
+    assert!(node["fix"].as_str().unwrap().contains("containerd on "), "{node}");
+
+    // Answering again, the node is Ready again.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let ready = || server.kubectl_ok(&["get", "nodes"]).contains(" Ready ");
+    assert!(common::holds_within(60, ready), "{}", server.kubectl_ok(&["get", "nodes"]));
 }
 
 /// `krate soak` against `server` with `extra` arguments.

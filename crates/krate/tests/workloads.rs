@@ -653,3 +653,194 @@ async fn fresh_servers_collect_garbage_at_once() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_statefulset_partition_holds_a_canary_and_pods_below_it_come_back_at_the_current_revision() {
+    let server = TestServer::start();
+    let _nodes = HollowNodes::start(&server, "sts", 1, &[]);
+    let client = server.client().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let sets: Api<k8s_openapi::api::apps::v1::StatefulSet> = Api::namespaced(client.clone(), "default");
+    let manifest = |image: &str, partition: i32| {
+        format!(
+            "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: canary}}\nspec:\n  replicas: 3\n  serviceName: canary\n  selector: {{matchLabels: {{app: canary}}}}\n  updateStrategy: {{type: RollingUpdate, rollingUpdate: {{partition: {partition}}}}}\n  template:\n    metadata: {{labels: {{app: canary}}}}\n    spec: {{containers: [{{name: c, image: {image}}}]}}\n"
+        )
+    };
+    let apply = |yaml: String| {
+        let out = server.kubectl_stdin(&["apply", "-f", "-"], Some(&yaml));
+        assert!(out.status.success(), "{}", common::stderr(&out));
+    };
+    apply(manifest("v1", 2));
+    running_pods(&pods, "app=canary", 3).await;
+    let revisions = || async {
+        let status = sets.get("canary").await.ok()?.status?;
+        Some((status.current_revision?, status.update_revision?, status.current_replicas?, status.updated_replicas?))
+    };
+    let (first, _, _, _) = eventually(30, "the first revision", || async {
+        revisions().await.filter(|(c, u, current, _)| c == u && *current == 3)
+    })
+    .await;
+
+    // A new template: only the canary at and above the partition takes it.
+    apply(manifest("v2", 2));
+    let images = || async {
+        let mut list: Vec<(String, String)> = pods
+            .list(&ListParams::default().labels("app=canary"))
+            .await
+            .ok()?
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| (p.name_any(), image_of(p)))
+            .collect();
+        list.sort();
+        Some(list)
+    };
+    let expected = |a: &str, b: &str, c: &str| {
+        vec![("canary-0".into(), a.into()), ("canary-1".into(), b.into()), ("canary-2".into(), c.into())]
+    };
+    eventually(60, "the canary to run v2", || async { (images().await? == expected("v1", "v1", "v2")).then_some(()) })
+        .await;
+    let (current, update, at_current, updated) = revisions().await.unwrap();
+    assert_eq!(current, first, "the current revision stays while the update is partial");
+    assert_ne!(update, first);
+    assert_eq!((at_current, updated), (2, 1));
+    let history: Api<k8s_openapi::api::apps::v1::ControllerRevision> = Api::namespaced(client.clone(), "default");
+    let kept: HashSet<String> =
+        history.list(&ListParams::default()).await.unwrap().items.iter().map(|r| r.name_any()).collect();
+    assert!(kept.contains(&first) && kept.contains(&update), "both revisions are kept: {kept:?}");
+
+    // A pod below the partition deleted comes back as it was, not at the update.
+    pods.delete("canary-0", &DeleteParams::default()).await.unwrap();
+    eventually(60, "canary-0 back at v1", || async {
+        let pod = pods.get_opt("canary-0").await.ok()??;
+        (pod.metadata.deletion_timestamp.is_none() && image_of(&pod) == "v1").then_some(())
+    })
+    .await;
+    assert_eq!(images().await.unwrap(), expected("v1", "v1", "v2"));
+
+    // The partition lowered to 0: the rest roll, and the update becomes current.
+    apply(manifest("v2", 0));
+    eventually(90, "every pod at v2", || async { (images().await? == expected("v2", "v2", "v2")).then_some(()) }).await;
+    eventually(30, "the update revision to become current", || async {
+        revisions().await.filter(|(c, u, current, _)| c == u && *c == update && *current == 3)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_cycle_of_blocking_owners_does_not_stop_a_foreground_deletion() {
+    // Upstream's conformance case: pod1 owned by pod3, pod2 by pod1, pod3 by pod2, each
+    // reference blocking; pod1 deleted in the foreground takes all three.
+    let server = TestServer::start();
+    let pods: Api<Pod> = Api::namespaced(server.client().await, "default");
+    let mut uids = Vec::new();
+    for name in ["pod1", "pod2", "pod3"] {
+        let pod = json!({"metadata": {"name": name}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+        let created = pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
+        uids.push(created.uid().unwrap());
+    }
+    for (dependent, owner) in [(0, 2), (1, 0), (2, 1)] {
+        let reference = json!({"metadata": {"ownerReferences": [{"apiVersion": "v1", "kind": "Pod",
+            "name": format!("pod{}", owner + 1), "uid": uids[owner], "controller": true, "blockOwnerDeletion": true}]}});
+        let patch = kube::api::Patch::Strategic(reference);
+        pods.patch(&format!("pod{}", dependent + 1), &kube::api::PatchParams::default(), &patch).await.unwrap();
+    }
+    let foreground =
+        DeleteParams { propagation_policy: Some(kube::api::PropagationPolicy::Foreground), ..Default::default() };
+    pods.delete("pod1", &foreground).await.unwrap();
+    eventually(60, "all three pods to be collected", || async {
+        pods.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_job_adopts_its_orphaned_pods_and_lets_go_of_those_that_stop_matching() {
+    let server = TestServer::start();
+    let _nodes = HollowNodes::start(&server, "job", 1, &[]);
+    let client = server.client().await;
+    let job = "apiVersion: batch/v1\nkind: Job\nmetadata: {name: adopt}\nspec:\n  parallelism: 2\n  completions: 2\n  template:\n    metadata: {labels: {job: adopt}}\n    spec: {restartPolicy: Never, containers: [{name: c, image: busybox}]}\n";
+    let out = server.kubectl_stdin(&["apply", "-f", "-"], Some(job));
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let running = running_pods(&pods, "job=adopt", 2).await;
+    let controller =
+        |pod: &Pod| pod.owner_references().iter().find(|r| r.controller == Some(true)).map(|r| r.uid.clone());
+    let job_uid = controller(&running[0]).expect("the Job controls its pods");
+    let (orphan, leaver) = (running[0].name_any(), running[1].name_any());
+
+    let patch = kube::api::Patch::Merge(json!({"metadata": {"ownerReferences": null}}));
+    pods.patch(&orphan, &kube::api::PatchParams::default(), &patch).await.unwrap();
+    eventually(30, "the orphan adopted again", || async {
+        (controller(&pods.get(&orphan).await.ok()?) == Some(job_uid.clone())).then_some(())
+    })
+    .await;
+    // Without its labels (the Job's selector is on its controller-uid label) it no longer matches.
+    let relabel = kube::api::Patch::Merge(json!({"metadata": {"labels": null}}));
+    pods.patch(&leaver, &kube::api::PatchParams::default(), &relabel).await.unwrap();
+    eventually(30, "the pod that stopped matching let go", || async {
+        controller(&pods.get(&leaver).await.ok()?).is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_failed_daemon_pod_is_replaced() {
+    let server = TestServer::start();
+    let _nodes = HollowNodes::start(&server, "ds", 1, &[]);
+    let client = server.client().await;
+    let ds = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: agent}\nspec:\n  selector: {matchLabels: {app: agent}}\n  template:\n    metadata: {labels: {app: agent}}\n    spec: {containers: [{name: c, image: busybox}]}\n";
+    let out = server.kubectl_stdin(&["apply", "-f", "-"], Some(ds));
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let first = running_pods(&pods, "app=agent", 1).await.remove(0);
+    let failed = json!({"status": {"phase": "Failed"}});
+    server.kubectl_ok(&[
+        "patch",
+        "pod",
+        &first.name_any(),
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &failed.to_string(),
+    ]);
+    eventually(30, "the failed pod deleted and replaced", || async {
+        let list = pods.list(&ListParams::default().labels("app=agent")).await.ok()?.items;
+        let replaced = list.len() == 1 && list[0].name_any() != first.name_any();
+        replaced.then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_dependent_another_owner_holds_outlives_a_foreground_deletion() {
+    // Upstream's conformance case: deleting one owner in the foreground leaves the
+    // dependents another live owner holds, without their reference to the deleted one.
+    let server = TestServer::start();
+    let client = server.client().await;
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), "default");
+    let mut uids = Vec::new();
+    for name in ["going", "staying"] {
+        let map = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        uids.push(maps.create(&PostParams::default(), &map).await.unwrap().uid().unwrap());
+    }
+    let reference = |name: &str, uid: &str, block: bool| json!({"apiVersion": "v1", "kind": "ConfigMap", "name": name, "uid": uid, "blockOwnerDeletion": block});
+    let held = json!({"metadata": {"name": "held", "ownerReferences": [reference("going", &uids[0], true), reference("staying", &uids[1], false)]}});
+    let only = json!({"metadata": {"name": "only", "ownerReferences": [reference("going", &uids[0], true)]}});
+    for dependent in [held, only] {
+        maps.create(&PostParams::default(), &serde_json::from_value(dependent).unwrap()).await.unwrap();
+    }
+    let foreground =
+        DeleteParams { propagation_policy: Some(kube::api::PropagationPolicy::Foreground), ..Default::default() };
+    maps.delete("going", &foreground).await.unwrap();
+    eventually(30, "the owner and its only dependent gone", || async {
+        let names: Vec<String> =
+            maps.list(&ListParams::default()).await.ok()?.items.iter().map(|m| m.name_any()).collect();
+        (!names.contains(&"going".to_string()) && !names.contains(&"only".to_string())).then_some(())
+    })
+    .await;
+    let held = maps.get("held").await.expect("the dependent another owner holds stays");
+    let owners: Vec<String> = held.owner_references().iter().map(|r| r.name.clone()).collect();
+    assert_eq!(owners, ["staying"]);
+}

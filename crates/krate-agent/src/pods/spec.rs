@@ -92,6 +92,13 @@ pub fn sandbox_config(pod: &Pod, attempt: u32, log_root: &Path, dns: &super::dns
                 }),
                 ..Default::default()
             }),
+            // The pod's namespaced sysctls, set in its sandbox (upstream's kubelet).
+            sysctls: spec
+                .and_then(|s| s.security_context.as_ref()?.sysctls.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| (s.name, s.value))
+                .collect(),
             ..Default::default()
         }),
         ..Default::default()
@@ -201,7 +208,13 @@ pub fn security_context(pod: &Pod, container: &Container) -> api::LinuxContainer
         readonly_rootfs: sc.and_then(|s| s.read_only_root_filesystem).unwrap_or(false),
         run_as_user: run_as_user.map(|value| api::Int64Value { value }),
         run_as_group: run_as_group.map(|value| api::Int64Value { value }),
-        supplemental_groups: pod_sc.and_then(|s| s.supplemental_groups.clone()).unwrap_or_default(),
+        // The pod's fsGroup owns its volumes: its processes are in it (upstream's kubelet).
+        supplemental_groups: pod_sc
+            .and_then(|s| s.supplemental_groups.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .chain(pod_sc.and_then(|s| s.fs_group))
+            .collect(),
         no_new_privs: sc.and_then(|s| s.allow_privilege_escalation) == Some(false),
         namespace_options: Some(api::NamespaceOption {
             pid: if host_pid { api::NamespaceMode::Node as i32 } else { api::NamespaceMode::Container as i32 },

@@ -168,10 +168,12 @@ pub fn qos_class(pod: &Pod) -> &'static str {
     }
 }
 
-pub fn condition(type_: &str, ok: bool, reason: Option<&str>) -> Value {
+/// A pod condition; `why` (reason, message) says why it does not hold.
+pub fn condition(type_: &str, ok: bool, why: Option<(&str, &str)>) -> Value {
     let mut c = json!({"type": type_, "status": if ok { "True" } else { "False" }, "lastProbeTime": null});
-    if let Some(r) = reason.filter(|_| !ok) {
-        c["reason"] = json!(r);
+    if let Some((reason, message)) = why.filter(|_| !ok) {
+        c["reason"] = json!(reason);
+        c["message"] = json!(message);
     }
     c
 }

@@ -10,9 +10,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use k8s_openapi::api::certificates::v1::ClusterTrustBundle;
 use k8s_openapi::api::core::v1::{
-    Container, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod, ServiceAccount, ServiceAccountTokenProjection,
-    Volume,
+    ClusterTrustBundleProjection, Container, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod, ServiceAccount,
+    ServiceAccountTokenProjection, Volume,
 };
 use kube::Api;
 
@@ -123,11 +124,40 @@ fn downward_files(
     Ok(out)
 }
 
+/// Gives `path` to group `gid` as upstream's volume ownership does for a pod's fsGroup:
+/// group-readable (and writable unless `read_only`); a directory also group-searchable
+/// and set-group-ID, so what is created in it belongs to the group too.
+fn own_by_group(path: &Path, gid: u32, read_only: bool) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::lchown(path, None, Some(gid))
+        .with_context(|| format!("giving {} to group {gid}", path.display()))?;
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let mut mask = if read_only { 0o440 } else { 0o660 };
+    if meta.is_dir() {
+        mask |= 0o2110;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(meta.permissions().mode() & 0o7777 | mask))?;
+    Ok(())
+}
+
 /// Writes `files` into `dir` atomically: into `..<timestamp>`, then `..data` is swapped to
-/// it, and each top-level name links through `..data`.
-fn write_atomically(dir: &Path, files: &Files) -> Result<()> {
+/// it, and each top-level name links through `..data`. With `fs_group`, everything is
+/// the group's, read-only (upstream's ownership of secret, configMap, downward API and
+/// projected volumes).
+fn write_atomically(dir: &Path, files: &Files, fs_group: Option<u32>) -> Result<()> {
     use std::os::unix::fs::{symlink, PermissionsExt};
     std::fs::create_dir_all(dir)?;
+    let owned: Files;
+    let files = match fs_group {
+        Some(_) => {
+            owned = files.iter().map(|(p, (bytes, mode))| (p.clone(), (bytes.clone(), mode | 0o440))).collect();
+            &owned
+        }
+        None => files,
+    };
     let current = std::fs::read_link(dir.join("..data")).ok();
     if let Some(cur) = &current {
         if files_equal(&dir.join(cur), files) {
@@ -146,6 +176,12 @@ fn write_atomically(dir: &Path, files: &Files) -> Result<()> {
         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(*mode))?;
     }
     std::fs::create_dir_all(&staging)?;
+    if let Some(gid) = fs_group {
+        own_by_group(dir, gid, true)?;
+        for entry in walkdir(&staging)? {
+            own_by_group(&entry, gid, true)?;
+        }
+    }
     let tmp_link = dir.join("..data_tmp");
     let _ = std::fs::remove_file(&tmp_link);
     symlink(&stamp, &tmp_link)?;
@@ -168,6 +204,21 @@ fn write_atomically(dir: &Path, files: &Files) -> Result<()> {
         let _ = std::fs::remove_dir_all(dir.join(cur));
     }
     Ok(())
+}
+
+/// `dir` and everything below it.
+fn walkdir(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        if std::fs::symlink_metadata(&out[i])?.is_dir() {
+            for entry in std::fs::read_dir(&out[i])? {
+                out.push(entry?.path());
+            }
+        }
+        i += 1;
+    }
+    Ok(out)
 }
 
 fn files_equal(dir: &Path, files: &Files) -> bool {
@@ -241,6 +292,7 @@ fn check_host_path(path: &Path, kind: &str) -> Result<()> {
 async fn set_up(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, rt: &Runtime<'_>) -> Result<PathBuf> {
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
     let path = dir.join(&v.name);
+    let fs_group = pod.spec.as_ref().and_then(|s| s.security_context.as_ref()?.fs_group).map(|g| g as u32);
     if let Some(e) = &v.empty_dir {
         std::fs::create_dir_all(&path)?;
         if e.medium.as_deref() == Some("Memory") {
@@ -249,6 +301,11 @@ async fn set_up(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, rt: &R
         // World-writable, as upstream's: containers of any user share it.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))?;
+        if let Some(gid) = fs_group {
+            for entry in walkdir(&path)? {
+                own_by_group(&entry, gid, false)?;
+            }
+        }
         return Ok(path);
     }
     if let Some(h) = &v.host_path {
@@ -289,6 +346,8 @@ async fn set_up(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, rt: &R
                 secret_files(client, ns, &s.name, s.items.as_ref(), mode, s.optional.unwrap_or(false)).await?
             } else if let Some(d) = &source.downward_api {
                 downward_files(pod, d.items.as_deref().unwrap_or_default(), mode, rt)?
+            } else if let Some(b) = &source.cluster_trust_bundle {
+                trust_bundle_files(client, b, mode).await?
             } else if let Some(t) = &source.service_account_token {
                 token_files(client, pod, t, &path, mode).await?
             } else {
@@ -302,8 +361,52 @@ async fn set_up(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, rt: &R
     } else {
         bail!("volume {:?}: this volume type is not supported by this agent", v.name);
     };
-    write_atomically(&path, &files)?;
+    write_atomically(&path, &files, fs_group)?;
     Ok(path)
+}
+
+/// A clusterTrustBundle projection: the PEM certificates of the ClusterTrustBundle it
+/// names, or of every bundle of its signer whose labels its selector matches (no
+/// selector: none; an empty one: all), each certificate once, in a stable order.
+/// Nothing found fails the volume unless `optional`.
+async fn trust_bundle_files(client: &kube::Client, source: &ClusterTrustBundleProjection, mode: u32) -> Result<Files> {
+    use kube::core::SelectorExt;
+    let api: Api<ClusterTrustBundle> = Api::all(client.clone());
+    let bundles: Vec<ClusterTrustBundle> = match (&source.name, &source.signer_name) {
+        (Some(name), _) => api.get_opt(name).await?.into_iter().collect(),
+        (None, Some(signer)) => match &source.label_selector {
+            None => Vec::new(),
+            Some(selector) => {
+                let selector = kube::core::Selector::try_from(selector.clone())
+                    .map_err(|e| anyhow!("clusterTrustBundle labelSelector: {e}"))?;
+                let all = api.list(&Default::default()).await?.items;
+                all.into_iter()
+                    .filter(|b| b.spec.signer_name.as_deref() == Some(signer.as_str()))
+                    .filter(|b| selector.matches(b.metadata.labels.as_ref().unwrap_or(&BTreeMap::new())))
+                    .collect()
+            }
+        },
+        (None, None) => bail!("a clusterTrustBundle projection names neither a bundle nor a signer"),
+    };
+    let certificates: std::collections::BTreeSet<String> = bundles
+        .iter()
+        .flat_map(|b| b.spec.trust_bundle.split("-----END CERTIFICATE-----"))
+        .map(str::trim)
+        .filter(|block| block.starts_with("-----BEGIN CERTIFICATE-----"))
+        .map(|block| format!("{block}\n-----END CERTIFICATE-----\n"))
+        .collect();
+    if certificates.is_empty() {
+        if source.optional == Some(true) {
+            return Ok(Files::new());
+        }
+        let what = source.name.as_ref().map_or_else(
+            || format!("signer {:?}", source.signer_name.as_deref().unwrap_or_default()),
+            |n| format!("ClusterTrustBundle {n:?}"),
+        );
+        bail!("no trust anchors from {what} for the clusterTrustBundle projection to {:?}", source.path);
+    }
+    let pem: String = certificates.into_iter().collect();
+    Ok(Files::from([(source.path.clone(), (pem.into_bytes(), mode))]))
 }
 
 /// A projected service-account token: the one already in the volume while it is fresh
@@ -515,17 +618,36 @@ mod tests {
         let v = dir.path().join("cfg");
         let files =
             Files::from([("a".to_string(), (b"1".to_vec(), 0o644)), ("sub/b".to_string(), (b"2".to_vec(), 0o600))]);
-        write_atomically(&v, &files).unwrap();
+        write_atomically(&v, &files, None).unwrap();
         assert_eq!(std::fs::read_to_string(v.join("a")).unwrap(), "1");
         assert_eq!(std::fs::read_to_string(v.join("sub/b")).unwrap(), "2");
         let first = std::fs::read_link(v.join("..data")).unwrap();
-        write_atomically(&v, &files).unwrap();
+        write_atomically(&v, &files, None).unwrap();
         assert_eq!(std::fs::read_link(v.join("..data")).unwrap(), first, "no new generation without a change");
-        write_atomically(&v, &Files::from([("a".to_string(), (b"3".to_vec(), 0o644))])).unwrap();
+        write_atomically(&v, &Files::from([("a".to_string(), (b"3".to_vec(), 0o644))]), None).unwrap();
         assert_eq!(std::fs::read_to_string(v.join("a")).unwrap(), "3");
         assert!(std::fs::symlink_metadata(v.join("sub")).is_err(), "removed keys go");
         assert!(!v.join(&first).exists(), "the old generation goes");
-        assert!(write_atomically(&v, &Files::from([("../x".to_string(), (vec![], 0o644))])).is_err());
+        assert!(write_atomically(&v, &Files::from([("../x".to_string(), (vec![], 0o644))]), None).is_err());
+    }
+
+    #[test]
+    fn an_fs_group_owns_a_volume_read_only_and_its_directories_pass_it_on() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let v = dir.path().join("secret");
+        let files =
+            Files::from([("a".to_string(), (b"1".to_vec(), 0o400)), ("sub/b".to_string(), (b"2".to_vec(), 0o600))]);
+        write_atomically(&v, &files, Some(1234)).unwrap();
+        for (file, mode) in [("a", 0o440), ("sub/b", 0o640)] {
+            let meta = std::fs::metadata(v.join(file)).unwrap();
+            assert_eq!((meta.gid(), meta.permissions().mode() & 0o7777), (1234, mode), "{file}");
+        }
+        let sub = std::fs::metadata(v.join("sub")).unwrap();
+        assert_eq!(sub.permissions().mode() & 0o2000, 0o2000, "set-group-ID directory");
+        let first = std::fs::read_link(v.join("..data")).unwrap();
+        write_atomically(&v, &files, Some(1234)).unwrap();
+        assert_eq!(std::fs::read_link(v.join("..data")).unwrap(), first, "unchanged: no new generation");
     }
 
     #[test]

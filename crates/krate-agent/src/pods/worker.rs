@@ -80,6 +80,19 @@ pub(super) struct StopRequest {
 /// Upstream's words for pods stopped by a node shutdown.
 const SHUTDOWN_REASON: &str = "Terminated";
 const SHUTDOWN_MESSAGE: &str = "Pod was terminated in response to imminent node shutdown.";
+/// Upstream's words for a pod stopped at its `activeDeadlineSeconds`.
+const DEADLINE_REASON: &str = "DeadlineExceeded";
+const DEADLINE_MESSAGE: &str = "Pod was active on the node longer than the specified deadline";
+
+/// How long `pod` may still run under its `activeDeadlineSeconds` (None: no deadline or
+/// not started).
+fn deadline_left(pod: &Pod) -> Option<Duration> {
+    let deadline = pod.spec.as_ref()?.active_deadline_seconds?;
+    let started = pod.status.as_ref()?.start_time.as_ref()?.0.to_string().parse::<jiff::Timestamp>().ok()?;
+    let ends = started.checked_add(jiff::SignedDuration::from_secs(deadline)).ok()?;
+    let left = ends.duration_since(jiff::Timestamp::now());
+    Some(Duration::try_from(left).unwrap_or(Duration::ZERO))
+}
 
 /// The pod's running sandbox, as containers are started in it.
 struct Sandbox<'a> {
@@ -136,6 +149,17 @@ fn ephemeral_as_container(ec: &k8s_openapi::api::core::v1::EphemeralContainer) -
 }
 
 /// Whether the restart policy restarts a container that exited with `code`.
+/// A sidecar: an init container with `restartPolicy: Always` (upstream's restartable
+/// init container), which keeps running beside the pod's containers.
+/// How much of a failed container's log becomes its termination message under
+/// `FallbackToLogsOnError` (upstream's limits).
+const TERMINATION_LOG_LINES: usize = 80;
+const TERMINATION_LOG_BYTES: usize = 2048;
+
+fn is_sidecar(c: &Container) -> bool {
+    c.restart_policy.as_deref() == Some("Always")
+}
+
 fn restarts(pod: &Pod, code: i32) -> bool {
     match pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()).unwrap_or("Always") {
         "Always" => true,
@@ -184,18 +208,27 @@ impl PodWorker {
                     self.last = Some(pod.clone());
                     let stop = self.stop.lock().unwrap().take();
                     if let Some(request) = stop.filter(|_| pod.metadata.deletion_timestamp.is_none()) {
-                        if let Err(e) = self.shut_down(&pod, request.grace).await {
+                        if let Err(e) = self.stop_pod(&pod, request.grace, (SHUTDOWN_REASON, SHUTDOWN_MESSAGE)).await {
                             tracing::warn!(pod = %pod.metadata.name.as_deref().unwrap_or_default(), error = %format!("{e:#}"), "reporting a pod stopped for the node's shutdown failed");
                         }
                         let _ = request.done.send(());
                     } else if pod.metadata.deletion_timestamp.is_some() {
                         self.teardown(pod.metadata.deletion_grace_period_seconds.unwrap_or(30)).await;
                         self.finish_deletion(&pod).await;
+                    } else if deadline_left(&pod).is_some_and(|d| d.is_zero()) && !self.is_terminal() {
+                        let grace = Duration::from_secs(u64::MAX >> 2);
+                        if let Err(e) = self.stop_pod(&pod, grace, (DEADLINE_REASON, DEADLINE_MESSAGE)).await {
+                            tracing::warn!(pod = %pod.metadata.name.as_deref().unwrap_or_default(), error = %format!("{e:#}"), "stopping a pod past its deadline failed");
+                            next = Some(Instant::now() + Duration::from_secs(1));
+                        }
                     } else {
                         match self.sync(&pod).await {
                             Ok(n) => {
                                 self.failures = 0;
                                 next = n;
+                                if let Some(left) = deadline_left(&pod) {
+                                    wake_at(&mut next, Instant::now() + left);
+                                }
                             }
                             Err(e) => {
                                 let wait = Duration::from_secs(1 << self.failures.min(6)).min(Duration::from_secs(60));
@@ -232,8 +265,16 @@ impl PodWorker {
         Ok(list)
     }
 
-    /// The latest two attempts of each container in `sandbox_id`, by name.
-    async fn observe(&self, sandbox_id: &str) -> Result<HashMap<String, Observed>> {
+    /// The latest two attempts of each container of `pod` in `sandbox_id`, by name.
+    async fn observe(&self, pod: &Pod, sandbox_id: &str) -> Result<HashMap<String, Observed>> {
+        // Containers whose failure message may come from their log's end.
+        let fallback: std::collections::HashSet<&str> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()))
+            .filter(|c| c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError"))
+            .map(|c| c.name.as_str())
+            .collect();
         let filter = api::ContainerFilter { pod_sandbox_id: sandbox_id.to_string(), ..Default::default() };
         let list = self.cri().containers(filter).await?;
         let mut out: HashMap<String, Observed> = HashMap::new();
@@ -258,6 +299,13 @@ impl PodWorker {
                 if let Some(message) = volumes::termination_message(&self.shared.volume_root, &self.uid, &name, attempt)
                 {
                     st.message = message;
+                }
+                if st.message.is_empty() && st.exit_code != 0 && fallback.contains(name.as_str()) {
+                    st.message = crate::logs::last_lines(
+                        std::path::Path::new(&st.log_path),
+                        TERMINATION_LOG_LINES,
+                        TERMINATION_LOG_BYTES,
+                    );
                 }
             }
             if entry.latest.is_none() {
@@ -367,18 +415,44 @@ impl PodWorker {
         let (sandbox_id, sandbox_config, pod_ip) = self.ensure_sandbox(pod).await?;
         self.shared.catalog.set_host_ports(&self.uid, spec::host_ports(pod, &pod_ip));
         let mut next: Option<Instant> = None;
-        let observed = self.observe(&sandbox_id).await?;
+        let observed = self.observe(pod, &sandbox_id).await?;
         let spec = pod.spec.clone().unwrap_or_default();
         let host_ip = self.shared.node_ip.clone();
         let shared = self.shared.clone();
         let rt = env::Runtime { pod_ip: &pod_ip, host_ip: &host_ip, allocatable: &shared.allocatable };
         let sandbox = Sandbox { id: &sandbox_id, config: &sandbox_config, rt: &rt };
 
-        // Init containers: one at a time, each must succeed before the next.
+        // Init containers: one at a time, each must succeed before the next. A sidecar
+        // (an init container with restartPolicy Always) must only have started (its
+        // startup probe passed) for the next to start; it runs beside the pod's
+        // containers and is restarted whenever it exits, whatever the pod's policy.
         let mut init_done = true;
         let mut init_failed = false;
+        let app_started = spec.containers.iter().any(|c| observed.get(&c.name).is_some_and(|o| o.latest.is_some()));
         for c in spec.init_containers.iter().flatten() {
             let o = observed.get(&c.name).cloned().unwrap_or_default();
+            if is_sidecar(c) {
+                match &o.latest {
+                    None => self.start(pod, c, Role::Init, 0, &sandbox, &mut next).await,
+                    Some(s) if status::is_exited(s) => {
+                        self.restart_or_wait(pod, c, Role::Init, s, &sandbox, &mut next).await;
+                        if app_started {
+                            continue;
+                        }
+                    }
+                    Some(s) => {
+                        self.waiting.remove(&c.name);
+                        if status::is_running(s) {
+                            self.kill_if_unhealthy(pod, c, s).await;
+                        }
+                        if app_started || self.started(c, &s.id) {
+                            continue;
+                        }
+                    }
+                }
+                init_done = false;
+                break;
+            }
             match &o.latest {
                 Some(s) if status::is_exited(s) && s.exit_code == 0 => continue,
                 Some(s) if status::is_exited(s) => {
@@ -434,7 +508,7 @@ impl PodWorker {
             let at = Instant::now() + self.shared.sync_frequency;
             wake_at(&mut next, at);
         }
-        let observed = self.observe(&sandbox_id).await?;
+        let observed = self.observe(pod, &sandbox_id).await?;
         // containerd announces an exit before its CRI plugin records it: look again shortly.
         let exit_pending = observed
             .values()
@@ -636,7 +710,8 @@ impl PodWorker {
             .filter_map(|o| o.latest.as_ref().filter(|s| status::is_running(s)).map(|s| s.id.clone()))
             .collect();
         self.probers.retain(&running);
-        for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+        let sidecars = pod.spec.iter().flat_map(|s| s.init_containers.iter().flatten()).filter(|c| is_sidecar(c));
+        for c in pod.spec.iter().flat_map(|s| s.containers.iter()).chain(sidecars) {
             let Some(s) = observed.get(&c.name).and_then(|o| o.latest.as_ref()).filter(|s| status::is_running(s))
             else {
                 continue;
@@ -743,9 +818,15 @@ impl PodWorker {
             .flatten()
             .map(|c| {
                 let o = observed.get(&c.name).cloned().unwrap_or_default();
+                if is_sidecar(c) {
+                    let running = o.latest.as_ref().filter(|s| status::is_running(s)).map(|s| s.id.as_str());
+                    let (started, ready) =
+                        running.map_or((false, false), |id| (self.started(c, id), self.ready(c, id)));
+                    return status::container_status(c, &o, self.waiting.get(&c.name), started, ready, true);
+                }
                 // An init container that has completed counts as ready (upstream's kubelet).
                 let done = o.latest.as_ref().is_some_and(|s| status::is_exited(s) && s.exit_code == 0);
-                let mut s = status::container_status(c, &o, self.waiting.get(&c.name), true, false, false);
+                let mut s = status::container_status(c, &o, self.waiting.get(&c.name), true, false, true);
                 if done && !self.waiting.contains_key(&c.name) {
                     s["ready"] = json!(true);
                 }
@@ -764,7 +845,39 @@ impl PodWorker {
                 Some(status::container_status(&c, &o, self.waiting.get(&c.name), !id.is_empty(), false, false))
             })
             .collect();
-        let all_ready = statuses.iter().all(|s| s["ready"] == true) && phase == "Running";
+        // Sidecars' readiness counts towards the pod's, as upstream's.
+        let sidecars_ready = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .zip(&init_statuses)
+            .all(|(c, s)| !is_sidecar(c) || s["ready"] == true);
+        let all_ready = statuses.iter().all(|s| s["ready"] == true) && sidecars_ready && phase == "Running";
+        // Upstream's messages name the containers holding a condition back.
+        let names = |list: Vec<&Value>| {
+            let names: Vec<&str> = list.iter().filter_map(|s| s["name"].as_str()).collect();
+            format!("[{}]", names.join(" "))
+        };
+        let incomplete =
+            names(
+                spec.init_containers
+                    .iter()
+                    .flatten()
+                    .zip(&init_statuses)
+                    .filter(|(c, s)| {
+                        if is_sidecar(c) {
+                            s["started"] != true
+                        } else {
+                            s["state"]["terminated"]["exitCode"] != 0
+                        }
+                    })
+                    .map(|(_, s)| s)
+                    .collect(),
+            );
+        let sidecar_statuses = spec.init_containers.iter().flatten().zip(&init_statuses).filter(|(c, _)| is_sidecar(c));
+        let unready = names(sidecar_statuses.map(|(_, s)| s).chain(&statuses).filter(|s| s["ready"] != true).collect());
+        let not_initialized = format!("containers with incomplete status: {incomplete}");
+        let not_ready = format!("containers with unready status: {unready}");
         let previous = self.published.as_ref();
         let start_time = previous
             .and_then(|p| p.get("startTime").cloned())
@@ -775,9 +888,9 @@ impl PodWorker {
             "phase": phase,
             "conditions": [
                 status::condition("PodReadyToStartContainers", !pod_ip.is_empty() || phase == "Running", None),
-                status::condition("Initialized", init_done, Some("ContainersNotInitialized")),
-                status::condition("Ready", all_ready, Some("ContainersNotReady")),
-                status::condition("ContainersReady", all_ready, Some("ContainersNotReady")),
+                status::condition("Initialized", init_done, Some(("ContainersNotInitialized", &not_initialized))),
+                status::condition("Ready", all_ready, Some(("ContainersNotReady", &not_ready))),
+                status::condition("ContainersReady", all_ready, Some(("ContainersNotReady", &not_ready))),
                 status::condition("PodScheduled", true, None),
             ],
             "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
@@ -785,6 +898,16 @@ impl PodWorker {
             "qosClass": status::qos_class(pod),
             "containerStatuses": statuses,
         });
+        // The pod generation this status describes (upstream's observedGeneration, on the
+        // status and on each condition the agent owns).
+        if let Some(generation) = pod.metadata.generation {
+            status["observedGeneration"] = json!(generation);
+            for condition in status["conditions"].as_array_mut().into_iter().flatten() {
+                if condition["type"] != "PodScheduled" {
+                    condition["observedGeneration"] = json!(generation);
+                }
+            }
+        }
         if !pod_ip.is_empty() {
             status["podIP"] = json!(pod_ip);
             status["podIPs"] = json!([{"ip": pod_ip}]);
@@ -798,6 +921,9 @@ impl PodWorker {
         if let Some((reason, message)) = ended {
             status["reason"] = json!(reason);
             status["message"] = json!(message);
+        }
+        // Stopped for the node's shutdown: a disruption, which controllers replace.
+        if let Some((_, message)) = ended.filter(|(reason, _)| *reason == SHUTDOWN_REASON) {
             let mut target = status::condition("DisruptionTarget", true, None);
             target["reason"] = json!("TerminationByKubelet");
             target["message"] = json!(message);
@@ -849,7 +975,9 @@ impl PodWorker {
 
     /// Stops the pod for the node's shutdown: its containers within `grace` (or the pod's
     /// own shorter grace period), then its sandbox, and reports it Failed as upstream does.
-    async fn shut_down(&mut self, pod: &Pod, grace: Duration) -> Result<()> {
+    /// Stops a pod's containers (within `grace` and its own grace period) and reports it
+    /// Failed for `why` (reason, message): the node shutting down, or its deadline.
+    async fn stop_pod(&mut self, pod: &Pod, grace: Duration, why: (&str, &str)) -> Result<()> {
         let own = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
         let grace = own.min(grace.as_secs() as i64);
         self.stop_containers(grace).await;
@@ -860,7 +988,7 @@ impl PodWorker {
             .runtime
             .stop_pod_sandbox(api::StopPodSandboxRequest { pod_sandbox_id: sandbox.id.clone() })
             .await;
-        let observed = self.observe(&sandbox.id).await?;
+        let observed = self.observe(pod, &sandbox.id).await?;
         let init_done = self
             .published
             .as_ref()
@@ -869,7 +997,7 @@ impl PodWorker {
         let pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
         // No later pass prunes the probes of a terminal pod.
         self.probers = Probers::default();
-        self.publish(pod, &observed, init_done, false, &pod_ip, Some((SHUTDOWN_REASON, SHUTDOWN_MESSAGE))).await
+        self.publish(pod, &observed, init_done, false, &pod_ip, Some(why)).await
     }
 
     /// Stops the pod's containers (SIGTERM, SIGKILL after `grace` seconds) and removes its

@@ -140,7 +140,7 @@ pub async fn serve(
             let result = match (protocol, action) {
                 (PORT_FORWARD_TUNNEL, _) => tunnel(ws, &url).await,
                 (_, Action::PortForward) => port_channels(ws, &url, &opts.ports, protocol == CHANNEL_V5).await,
-                _ => channels(ws, &url, &opts, protocol == CHANNEL_V5).await,
+                _ => channels(ws, &url, &opts, protocol).await,
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "streaming session ended with an error");
@@ -325,6 +325,53 @@ async fn runtime_session(
     }
 }
 
+/// Whether `headers` ask for a WebSocket.
+pub fn wants_websocket(headers: &HeaderMap) -> bool {
+    headers.get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
+}
+
+/// Serves `chunks` (a container's log) over a WebSocket, as upstream's API server streams
+/// `pods/log` to a WebSocket client: each chunk one binary message (`binary.k8s.io`, or no
+/// protocol), or base64 in a text message (`base64.binary.k8s.io`); a close at the end.
+pub fn stream_websocket(req: &mut Request<hyper::body::Incoming>, mut chunks: mpsc::Receiver<Bytes>) -> Response<Body> {
+    const BINARY: &str = "binary.k8s.io";
+    const BASE64: &str = "base64.binary.k8s.io";
+    let offered = header_list(req.headers(), "Sec-WebSocket-Protocol");
+    let protocol = offered.iter().find(|p| *p == BINARY || *p == BASE64).cloned();
+    if protocol.is_none() && !offered.is_empty() {
+        return text(StatusCode::BAD_REQUEST, format!("unable to upgrade: none of the offered WebSocket protocols {offered:?} is supported; logs speak [{BINARY:?}, {BASE64:?}]"));
+    }
+    let Some(key) = req.headers().get("Sec-WebSocket-Key") else {
+        return text(StatusCode::BAD_REQUEST, "unable to upgrade: missing Sec-WebSocket-Key");
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let base64 = protocol.as_deref() == Some(BASE64);
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(io) = on_upgrade.await else { return };
+        let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(io), Role::Server, None).await;
+        while let Some(chunk) = chunks.recv().await {
+            let message = if base64 {
+                use base64::Engine;
+                Message::Text(base64::engine::general_purpose::STANDARD.encode(&chunk).into())
+            } else {
+                Message::Binary(chunk)
+            };
+            if ws.send(message).await.is_err() {
+                return;
+            }
+        }
+        let _ = ws.send(closing()).await;
+    });
+    let mut response = switching_to("websocket");
+    let headers = response.headers_mut();
+    if let Some(protocol) = protocol {
+        headers.insert("Sec-WebSocket-Protocol", HeaderValue::from_str(&protocol).expect("a known protocol"));
+    }
+    headers.insert("Sec-WebSocket-Accept", HeaderValue::from_str(&accept).expect("base64 is a valid header value"));
+    response
+}
+
 /// Tells a WebSocket client why its session failed (on the error channel, as a Status)
 /// and closes.
 async fn fail(ws: &mut futures::stream::SplitSink<Socket, Message>, message: String) {
@@ -373,8 +420,24 @@ async fn write_frames(mut sink: futures::stream::SplitSink<Socket, Message>, mut
     }
 }
 
+/// What the error channel carries at the end of an exec or attach: v4 and v5 send the
+/// runtime's Status (JSON, success too); the first protocol sends a failure's message as
+/// text and nothing on success (upstream's `channel.k8s.io`).
+fn final_status(status: Vec<u8>, structured: bool) -> Option<Vec<u8>> {
+    if structured {
+        return Some(status);
+    }
+    let parsed: serde_json::Value = serde_json::from_slice(&status).ok()?;
+    if parsed["status"] == "Success" {
+        return None;
+    }
+    Some(parsed["message"].as_str().map(|m| m.as_bytes().to_vec()).unwrap_or(status))
+}
+
 /// Exec/attach over WebSocket channels, translated to a SPDY session with the runtime.
-async fn channels(ws: Socket, url: &str, opts: &StreamOptions, v5: bool) -> Result<()> {
+async fn channels(ws: Socket, url: &str, opts: &StreamOptions, protocol: &str) -> Result<()> {
+    let v5 = protocol == CHANNEL_V5;
+    let structured = protocol != CHANNEL_V1;
     let (mut sink, mut source) = ws.split();
     let Some(session) = runtime_session(url, CHANNEL_V4, &mut sink).await else { return Ok(()) };
     // The runtime waits for exactly the streams the request named, error first.
@@ -407,12 +470,13 @@ async fn channels(ws: Socket, url: &str, opts: &StreamOptions, v5: bool) -> Resu
     let output = async move {
         futures::join!(stdout, stderr);
         // The status comes last, after every byte of output.
-        let mut status = vec![ERROR];
+        let mut status = Vec::new();
         while let Some(data) = error.incoming.recv().await {
             status.extend_from_slice(&data);
         }
-        if status.len() > 1 {
-            let _ = frames.send(Message::Binary(status.into())).await;
+        if let Some(payload) = final_status(status, structured).filter(|p| !p.is_empty()) {
+            let frame: Vec<u8> = std::iter::once(ERROR).chain(payload).collect();
+            let _ = frames.send(Message::Binary(frame.into())).await;
         }
         let _ = frames.send(closing()).await;
     };
@@ -563,6 +627,16 @@ mod tests {
         assert_eq!(StreamOptions::from_query("ports=80%2C1234&ports=9").ports, vec![80, 1234, 9]);
         let opts = StreamOptions::from_query("command=ls&output=1&error=1");
         assert_eq!((opts.stdout, opts.stderr, opts.stdin), (true, true, false));
+    }
+
+    #[test]
+    fn the_first_channel_protocol_gets_a_failures_message_and_nothing_on_success() {
+        let success = br#"{"metadata":{},"status":"Success"}"#.to_vec();
+        let failure =
+            br#"{"metadata":{},"status":"Failure","message":"command terminated with non-zero exit code"}"#.to_vec();
+        assert_eq!(final_status(success.clone(), true), Some(success.clone()), "v4 and v5 get the Status");
+        assert_eq!(final_status(success, false), None);
+        assert_eq!(final_status(failure, false), Some(b"command terminated with non-zero exit code".to_vec()));
     }
 
     #[test]

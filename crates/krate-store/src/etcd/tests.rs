@@ -21,6 +21,39 @@ async fn open() -> ((tempfile::TempDir, EtcdProcess), Arc<dyn Store>) {
 
 crate::contract_tests!(open());
 
+/// The same contract on a cluster whose revisions are offset from etcd's (a restored or
+/// migrated one).
+mod offset {
+    use super::*;
+
+    pub(super) const OFFSET: Revision = 1_000_000;
+
+    pub(super) async fn open_offset() -> ((tempfile::TempDir, EtcdProcess), Arc<dyn Store>) {
+        let (guard, _) = open().await;
+        let config = EtcdConfig { endpoints: vec![guard.1.config.client_url.clone()], ..Default::default() };
+        let client = connect_client(&config).await.unwrap();
+        set_revision_offset(&client, OFFSET).await.unwrap();
+        let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(&config).await.unwrap());
+        (guard, store)
+    }
+
+    crate::contract_tests!(open_offset());
+}
+
+#[tokio::test]
+async fn an_offset_cluster_hands_out_revisions_past_it_and_calls_older_ones_compacted() {
+    let (_guard, store) = offset::open_offset().await;
+    let created = store.create("/registry/a", Bytes::from("1")).await.unwrap();
+    assert!(created.mod_revision > offset::OFFSET, "{created:?}");
+    let old = offset::OFFSET - 5;
+    let err = store.list(ListRequest { prefix: "/registry/".into(), revision: Some(old), ..Default::default() }).await;
+    assert!(matches!(err, Err(StoreError::Compacted { requested, .. }) if requested == old), "{err:?}");
+    let updated = store.update("/registry/a", Bytes::from("2"), created.mod_revision).await.unwrap();
+    assert!(updated.mod_revision > created.mod_revision);
+    let stale = store.update("/registry/a", Bytes::from("3"), created.mod_revision).await;
+    assert!(matches!(stale, Err(StoreError::Conflict { actual, .. }) if actual == updated.mod_revision), "{stale:?}");
+}
+
 #[tokio::test]
 async fn only_one_of_two_servers_compacts_a_round() {
     let (guard, _) = open().await;

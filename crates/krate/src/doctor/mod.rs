@@ -319,6 +319,10 @@ fn fsync_latency(dir: &Path) -> std::io::Result<Duration> {
     Ok(times[2])
 }
 
+/// How long a node's Lease may go unrenewed (the default of the server's
+/// --node-monitor-grace-period-seconds).
+const LEASE_GRACE_SECONDS: i64 = 40;
+
 /// Every node Ready, or why not.
 async fn node_checks(client: kube::Client, checks: &mut Vec<Check>) {
     let nodes: Api<Node> = Api::all(client.clone());
@@ -364,7 +368,16 @@ async fn node_checks(client: kube::Client, checks: &mut Vec<Check>) {
             .map(|t| now.duration_since(t).as_secs());
         let age = lease_age.map_or("no lease".to_string(), |s| format!("lease renewed {s}s ago"));
         let label = format!("node {name}");
+        let agent_fix = format!("check the agent on {name} (its log; `krate agent` running, containerd up, the node reaching the API server)");
         match ready {
+            // Ready as last reported, but the agent stopped renewing its Lease: the node
+            // lifecycle controller marks it Unknown once the grace period is over.
+            Some(c) if c.status == "True" && lease_age.is_none_or(|s| s > LEASE_GRACE_SECONDS) => checks.push(check(
+                label,
+                Outcome::Failed,
+                format!("Ready when it last reported, but {age} (more than {LEASE_GRACE_SECONDS}s: the agent stopped renewing it)"),
+                agent_fix,
+            )),
             Some(c) if c.status == "True" && pressure.is_empty() => {
                 checks.push(check(label, Outcome::Ok, format!("Ready, {age}"), ""))
             }
@@ -385,8 +398,12 @@ async fn node_checks(client: kube::Client, checks: &mut Vec<Check>) {
                         )
                     })
                     .unwrap_or_else(|| "no Ready condition reported yet".into());
-                checks.push(check(label, Outcome::Failed, format!("not Ready ({why}), {age}"),
-                    format!("check the agent on {name} (its log; `krate agent` running, containerd up, the node reaching the API server)")));
+                let fix = if why.contains("container runtime is down") {
+                    format!("containerd on {name} does not answer: start it again (the agent restarts a containerd that exits; a hung one must be killed), and see its log (the agent's containerd/containerd.log)")
+                } else {
+                    agent_fix
+                };
+                checks.push(check(label, Outcome::Failed, format!("not Ready ({why}), {age}"), fix));
             }
         }
     }

@@ -34,6 +34,8 @@ pub struct TestServer {
     /// Whether the server runs its node agent (containers on containerd); the agent's
     /// containers, containerd, bridge and nftables table are reset on drop.
     agent: bool,
+    /// The krate binary it runs: this build's, unless a test runs another.
+    program: PathBuf,
 }
 
 pub fn free_port() -> u16 {
@@ -85,12 +87,38 @@ impl TestServer {
             child: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             agent,
+            program: PathBuf::from(env!("CARGO_BIN_EXE_krate")),
         }
     }
 
     /// A server with its embedded node agent running real containers.
     pub fn start_with_agent(extra_args: &[&str]) -> Self {
         Self::start_with_agent_prepared(extra_args, |_| ()).1
+    }
+
+    /// Like `start_with_agent`, running `program` (another build of krate).
+    pub fn start_program_with_agent(program: &Path, extra_args: &[&str]) -> Self {
+        let mut server = Self::unstarted(extra_args, true);
+        server.program = program.to_path_buf();
+        server.spawn();
+        server
+    }
+
+    /// Stops the server as an operator does (SIGTERM, then waits for it to exit) and
+    /// starts `program` on the same data directory: an upgrade (or a downgrade).
+    pub fn replace_program(&mut self, program: &Path) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.program = program.to_path_buf();
+        let _ = std::fs::remove_file(self.kubeconfig());
+        self.spawn();
     }
 
     /// Like `start_with_agent`, after `prepare` had the data directory to itself; what it
@@ -113,12 +141,27 @@ impl TestServer {
     /// Like `start_prepared`, listening on `host:port` (another loopback address, so that
     /// several servers of one cluster share a port as upstream's API servers must).
     pub fn start_bound(host: &str, port: u16, extra_args: &[&str], prepare: impl FnOnce(&Path)) -> Self {
+        let mut server = Self::bound(host, port, extra_args, prepare);
+        server.spawn();
+        server
+    }
+
+    /// Like `start_bound`, for a server that must refuse to start: its log.
+    pub fn refused_bound(host: &str, port: u16, extra_args: &[&str], prepare: impl FnOnce(&Path)) -> String {
+        let mut server = Self::bound(host, port, extra_args, prepare);
+        server.launch();
+        match server.wait_ready() {
+            Ok(()) => panic!("the server started, but should have refused to:\n{}", server.log()),
+            Err(_) => server.log(),
+        }
+    }
+
+    fn bound(host: &str, port: u16, extra_args: &[&str], prepare: impl FnOnce(&Path)) -> Self {
         let mut server = Self::unstarted(extra_args, false);
         server.host = host.to_string();
         server.port = port;
         server.extra_args.extend(["--bind-address".to_string(), host.to_string()]);
         prepare(&server.data_dir());
-        server.spawn();
         server
     }
 
@@ -170,10 +213,10 @@ impl TestServer {
             // netns exec` forks, so killing the child would leave krate running).
             Some(ns) => {
                 let mut command = Command::new("nsenter");
-                command.arg(format!("--net=/run/netns/{ns}")).arg(env!("CARGO_BIN_EXE_krate"));
+                command.arg(format!("--net=/run/netns/{ns}")).arg(&self.program);
                 command
             }
-            None => Command::new(env!("CARGO_BIN_EXE_krate")),
+            None => Command::new(&self.program),
         };
         let child = command
             .args(["server", "--data-dir"])

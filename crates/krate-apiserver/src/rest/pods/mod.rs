@@ -70,7 +70,7 @@ pub struct Log;
 #[async_trait::async_trait]
 impl Handler for Log {
     async fn serve(&self, call: Call<'_>) -> ApiResult<Response<Body>> {
-        nodeproxy::pod_log(call.server, &call.scope, call.name, call.query).await
+        nodeproxy::pod_log(call.server, &call.scope, call.name, call.query, call.req).await
     }
 }
 

@@ -20,8 +20,15 @@ use crate::http::Query;
 use crate::registry::Scope;
 use crate::ApiServer;
 
-/// `GET pods/{name}/log`: the container's log from the pod's node.
-pub async fn pod_log(server: &Arc<ApiServer>, pods: &Scope, name: &str, query: &Query) -> ApiResult<Response<Body>> {
+/// `GET pods/{name}/log`: the container's log from the pod's node; a WebSocket
+/// request (upstream streams logs to those too) is passed on as an upgrade.
+pub async fn pod_log(
+    server: &Arc<ApiServer>,
+    pods: &Scope,
+    name: &str,
+    query: &Query,
+    req: Request<Body>,
+) -> ApiResult<Response<Body>> {
     let pod = server.storage.get(pods, name).await?.parse();
     let ns = pods.namespace.clone().unwrap_or_default();
     let container = container_of(&pod, name, query)?;
@@ -34,6 +41,9 @@ pub async fn pod_log(server: &Arc<ApiServer>, pods: &Scope, name: &str, query: &
     }
     let qs = form_urlencoded::Serializer::new(String::new()).extend_pairs(&forwarded).finish();
     let path = format!("/containerLogs/{ns}/{name}/{container}?{qs}");
+    if req.headers().contains_key(header::UPGRADE) {
+        return forward_upgrade(server, &host, port, &path, req).await;
+    }
     let request = Request::get(path.as_str()).body(Body::empty()).map_err(|e| ApiError::internal(e.to_string()))?;
     let response = send(server, &host, port, request).await?;
     if response.status() != StatusCode::OK {
@@ -63,7 +73,7 @@ pub async fn connect(
     name: &str,
     action: Action,
     query: &Query,
-    mut req: Request<Body>,
+    req: Request<Body>,
 ) -> ApiResult<Response<Body>> {
     let pod = server.storage.get(pods, name).await?.parse();
     let ns = pods.namespace.clone().unwrap_or_default();
@@ -84,14 +94,26 @@ pub async fn connect(
         Some(q) => format!("{path}?{q}"),
         None => path,
     };
-    let mut forwarded = Request::builder().method(req.method()).uri(path.as_str());
+    forward_upgrade(server, &host, port, &path, req).await
+}
+
+/// Passes an upgrade request on to the agent at `host:port` as `path` and, once it
+/// switches protocols, joins the two upgraded connections.
+async fn forward_upgrade(
+    server: &Arc<ApiServer>,
+    host: &str,
+    port: u16,
+    path: &str,
+    mut req: Request<Body>,
+) -> ApiResult<Response<Body>> {
+    let mut forwarded = Request::builder().method(req.method()).uri(path);
     for name in UPGRADE_HEADERS {
         for value in req.headers().get_all(*name) {
             forwarded = forwarded.header(*name, value);
         }
     }
     let forwarded = forwarded.body(Body::empty()).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let mut response = send(server, &host, port, forwarded).await?;
+    let mut response = send(server, host, port, forwarded).await?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Err(agent_error(response).await);
     }
