@@ -38,6 +38,8 @@ SERVED = [
     "io.k8s.api.certificates.v1.",
     "io.k8s.api.flowcontrol.v1.",
     "io.k8s.api.admissionregistration.v1.",
+    "io.k8s.api.resource.v1.",
+    "io.k8s.api.storagemigration.v1.",
     "io.k8s.apiextensions-apiserver.pkg.apis.apiextensions.v1.",
     "io.k8s.kube-aggregator.pkg.apis.apiregistration.v1.",
     "io.k8s.apimachinery.pkg.",

@@ -314,15 +314,17 @@ pub fn decode_body(kind: &KindInfo, mut body: Value) -> ApiResult<(Value, Vec<St
     Ok((canonical, unknown))
 }
 
-/// Sets the null `lastTransitionTime` of every condition in `value` to `now`; whether
-/// there was one.
+/// Sets the null or missing `lastTransitionTime` of every condition in `value` to `now`
+/// (a zero time comes as null in JSON, and not at all in protobuf); whether there was
+/// one.
 fn time_null_conditions(value: &mut Value, now: &str) -> bool {
     let mut changed = false;
     match value {
         Value::Object(map) => {
             if let Some(Value::Array(conditions)) = map.get_mut("conditions") {
                 for condition in conditions.iter_mut().filter_map(Value::as_object_mut) {
-                    if condition.get("lastTransitionTime").is_some_and(Value::is_null) {
+                    let untimed = condition.get("lastTransitionTime").is_none_or(Value::is_null);
+                    if untimed && condition.contains_key("type") && condition.contains_key("status") {
                         condition.insert("lastTransitionTime".into(), json!(now));
                         changed = true;
                     }

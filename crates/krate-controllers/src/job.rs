@@ -284,14 +284,19 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
             condition("Failed", "DeadlineExceeded", message),
         ];
     } else if let Some(rule) = success_rule_met(&spec, &completed_indexes).filter(|_| indexed) {
-        // The successPolicy is met: the Job succeeds, the indexes still running stop.
-        delete_pods(&ctx, &uid, &pods_api, &active).await?;
+        // The successPolicy is met: the indexes still running stop, and once their pods
+        // are gone the Job is Complete (upstream's interim SuccessCriteriaMet first).
         let message = format!("Matched rules at index {rule}");
-        new_conditions = vec![
-            condition("SuccessCriteriaMet", "SuccessPolicy", &message),
-            condition("Complete", "SuccessPolicy", &message),
-        ];
-        completion_time = Some(timestamp(now()));
+        let met = status.conditions.iter().flatten().any(|c| c.type_ == "SuccessCriteriaMet");
+        if !met {
+            new_conditions.push(condition("SuccessCriteriaMet", "SuccessPolicy", &message));
+        }
+        delete_pods(&ctx, &uid, &pods_api, &active).await?;
+        let terminating = pods.iter().any(|p| p.metadata.deletion_timestamp.is_some());
+        if active.is_empty() && !terminating {
+            new_conditions.push(condition("Complete", "SuccessPolicy", &message));
+            completion_time = Some(timestamp(now()));
+        }
     } else if completions.is_some_and(|c| succeeded >= c)
         || (completions.is_none() && succeeded > 0 && active.is_empty())
     {

@@ -9,7 +9,9 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::time::Duration;
 
-use common::node::{agent_args, container_status, http_get, running_pods, server_with_agent, wait_node_ready};
+use common::node::{
+    agent_args, container_status, http_get, keep_deployment, running_pods, server_with_agent, wait_node_ready,
+};
 use common::registry::TestRegistry;
 use common::{eventually, TestServer};
 use k8s_openapi::api::core::v1::{Event, Node, Pod};
@@ -267,15 +269,7 @@ async fn killing_the_agent_leaves_containers_running_and_the_next_one_adopts_the
     let mut server = server_with_agent(&[&registry], 3, &[]);
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
-    server.kubectl_ok(&[
-        "create",
-        "deployment",
-        "keep",
-        &format!("--image={}", registry.image("test-server")),
-        "--replicas=2",
-    ]);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let before = running_pods(&pods, "app=keep", 2).await;
+    let (_, before) = keep_deployment(&server, &registry).await;
     let ids = |pods: &[Pod]| -> HashSet<String> {
         pods.iter().filter_map(|p| container_status(p)?["containerID"].as_str().map(String::from)).collect()
     };
@@ -1261,8 +1255,7 @@ async fn a_sidecar_starts_first_runs_beside_the_containers_and_counts_for_readin
         "containers": [{"name": "main", "image": busybox,
             "command": ["sh", "-c", "test -f /shared/up && echo sidecar was up; exec sleep 3600"],
             "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]}]}});
-    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&pod.to_string()));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    server.create(&pod.to_string());
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let ready = eventually(90, "the pod Running and Ready", || async {
         let pod = pods.get("with-sidecar").await.ok()?;
@@ -1292,8 +1285,7 @@ async fn a_pods_fs_group_owns_its_volumes_and_its_processes_are_in_it() {
         "volumes": [{"name": "secret", "secret": {"secretName": "key", "defaultMode": 0o440}}, {"name": "scratch", "emptyDir": {}}],
         "containers": [{"name": "c", "image": registry.image("busybox"), "command": ["sh", "-c", script],
             "volumeMounts": [{"name": "secret", "mountPath": "/secret"}, {"name": "scratch", "mountPath": "/scratch"}]}]}});
-    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&pod.to_string()));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    server.create(&pod.to_string());
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let phase = eventually(90, "the pod to finish", || async {
         let phase = pods.get("grouped").await.ok()?.status?.phase?;
@@ -1322,8 +1314,7 @@ async fn a_pod_stops_at_its_active_deadline_and_its_status_names_what_holds_it_b
         "activeDeadlineSeconds": 30,
         "containers": [{"name": "main", "image": busybox, "command": ["sleep", "3600"]}]}});
     for pod in [stuck, deadline] {
-        let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&pod.to_string()));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        server.create(&pod.to_string());
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let condition =
@@ -1384,24 +1375,24 @@ async fn a_projected_trust_bundle_holds_the_certificates_of_its_bundles() {
         let mut bundle = bundle;
         bundle["apiVersion"] = json!("certificates.k8s.io/v1");
         bundle["kind"] = json!("ClusterTrustBundle");
-        let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&bundle.to_string()));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        server.create(&bundle.to_string());
     }
-    let script = "grep -c BEGIN /b/signer.pem; grep -c BEGIN /b/plain.pem";
+    let script = "grep -c BEGIN /b/signer.pem; grep -c BEGIN /b/plain.pem; test -f /b/none.pem && ! test -s /b/none.pem && echo empty";
     let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "anchors"}, "spec": {
         "restartPolicy": "Never",
         "volumes": [{"name": "b", "projected": {"sources": [
             {"clusterTrustBundle": {"signerName": "example.com/signer", "labelSelector": {"matchLabels": {"app": "x"}}, "path": "signer.pem"}},
-            {"clusterTrustBundle": {"name": "plain", "path": "plain.pem"}}]}}],
+            {"clusterTrustBundle": {"name": "plain", "path": "plain.pem"}},
+            {"clusterTrustBundle": {"name": "missing", "optional": true, "path": "none.pem"}}]}}],
         "containers": [{"name": "c", "image": registry.image("busybox"), "command": ["sh", "-c", script],
             "volumeMounts": [{"name": "b", "mountPath": "/b"}]}]}});
-    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&pod.to_string()));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    server.create(&pod.to_string());
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     eventually(90, "the pod to succeed", || async {
         (pods.get("anchors").await.ok()?.status?.phase.as_deref() == Some("Succeeded")).then_some(())
     })
     .await;
-    // Two bundles of the signer with label app=x, three certificates, one of them twice.
-    assert_eq!(server.kubectl_ok(&["logs", "anchors"]), "2\n1\n");
+    // Two bundles of the signer with label app=x, three certificates, one of them twice;
+    // an optional bundle that does not exist is an empty file.
+    assert_eq!(server.kubectl_ok(&["logs", "anchors"]), "2\n1\nempty\n");
 }

@@ -641,8 +641,10 @@ async fn a_condition_with_a_null_transition_time_is_accepted_as_go_clients_send_
     server.kubectl_ok(&["create", "service", "clusterip", "plain", "--tcp=80:80"]);
     let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), "default");
     let mut service = serde_json::to_value(services.get("plain").await.unwrap()).unwrap();
+    // As JSON sends a zero time (null), and as protobuf does (not at all).
     service["status"]["conditions"] = json!([{"type": "StatusUpdate", "status": "True", "reason": "E2E",
-        "message": "Set from e2e test", "lastTransitionTime": null}]);
+        "message": "Set from e2e test", "lastTransitionTime": null},
+        {"type": "Other", "status": "True", "reason": "E2E", "message": "no time"}]);
     let request = http::Request::put("/api/v1/namespaces/default/services/plain/status")
         .header("Content-Type", "application/json")
         .body(serde_json::to_vec(&service).unwrap())
@@ -651,4 +653,5 @@ async fn a_condition_with_a_null_transition_time_is_accepted_as_go_clients_send_
     let condition = &updated["status"]["conditions"][0];
     assert_eq!(condition["type"], "StatusUpdate", "{updated}");
     assert!(condition["lastTransitionTime"].is_string(), "{condition}");
+    assert!(updated["status"]["conditions"][1]["lastTransitionTime"].is_string(), "{updated}");
 }

@@ -363,8 +363,7 @@ fn doctor_checks_the_cluster_and_says_what_to_do_about_what_fails() {
 fn doctor_names_a_node_that_never_reported() {
     let server = TestServer::start();
     let ghost = r#"{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "ghost"}}"#;
-    let created = server.kubectl_stdin(&["create", "-f", "-"], Some(ghost));
-    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    server.create(ghost);
     let (code, doc) = doctor(&server.data_dir());
     let (outcome, fix) = outcome_of(&doc, "node ghost");
     assert_eq!((code, outcome.as_str()), (1, "failed"), "{doc}");
@@ -376,8 +375,7 @@ fn doctor_names_a_node_whose_lease_expired() {
     // Ready when it last reported, its Lease renewed five minutes ago: the agent is gone.
     let server = TestServer::start();
     let stale = r#"{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "stale"}}"#;
-    let created = server.kubectl_stdin(&["create", "-f", "-"], Some(stale));
-    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    server.create(stale);
     let now = jiff::Timestamp::now();
     let time = now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
     let ready = serde_json::json!({"status": {"conditions": [{"type": "Ready", "status": "True",
@@ -388,8 +386,7 @@ fn doctor_names_a_node_whose_lease_expired() {
     let lease = serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
         "metadata": {"name": "stale", "namespace": "kube-node-lease"},
         "spec": {"holderIdentity": "stale", "leaseDurationSeconds": 40, "renewTime": renewed}});
-    let created = server.kubectl_stdin(&["create", "-f", "-"], Some(&lease.to_string()));
-    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    server.create(&lease.to_string());
     let (code, doc) = doctor(&server.data_dir());
     let check = doc["checks"].as_array().unwrap().iter().find(|c| c["name"] == "node stale").unwrap().clone();
     assert_eq!((code, check["outcome"].as_str()), (1, Some("failed")), "{doc}");

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::node::{agent_args, container_status, http_get, running_pods, wait_node_ready};
+use common::node::{agent_args, container_status, http_get, keep_deployment, running_pods, wait_node_ready};
 use common::registry::TestRegistry;
 use common::{eventually, TestServer};
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -53,15 +53,7 @@ async fn a_cluster_upgraded_from_the_previous_release_keeps_every_pod_running() 
     let mut server = TestServer::start_program_with_agent(&previous, &args);
     let client = server.client().await;
     wait_node_ready(&client, &server).await;
-    server.kubectl_ok(&[
-        "create",
-        "deployment",
-        "keep",
-        &format!("--image={}", registry.image("test-server")),
-        "--replicas=2",
-    ]);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let before = running_pods(&pods, "app=keep", 2).await;
+    let (_, before) = keep_deployment(&server, &registry).await;
     let node_version = |node: &Node| node.status.as_ref()?.node_info.as_ref().map(|i| i.kubelet_version.clone());
     let nodes: Api<Node> = Api::all(client.clone());
     let reported = node_version(&nodes.get("node-1").await.unwrap()).unwrap_or_default();

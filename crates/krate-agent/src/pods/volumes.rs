@@ -368,7 +368,7 @@ async fn set_up(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, rt: &R
 /// A clusterTrustBundle projection: the PEM certificates of the ClusterTrustBundle it
 /// names, or of every bundle of its signer whose labels its selector matches (no
 /// selector: none; an empty one: all), each certificate once, in a stable order.
-/// Nothing found fails the volume unless `optional`.
+/// Nothing found fails the volume unless `optional` (then the file is empty).
 async fn trust_bundle_files(client: &kube::Client, source: &ClusterTrustBundleProjection, mode: u32) -> Result<Files> {
     use kube::core::SelectorExt;
     let api: Api<ClusterTrustBundle> = Api::all(client.clone());
@@ -396,8 +396,9 @@ async fn trust_bundle_files(client: &kube::Client, source: &ClusterTrustBundlePr
         .map(|block| format!("{block}\n-----END CERTIFICATE-----\n"))
         .collect();
     if certificates.is_empty() {
+        // Optional: the file is there, empty (upstream's).
         if source.optional == Some(true) {
-            return Ok(Files::new());
+            return Ok(Files::from([(source.path.clone(), (Vec::new(), mode))]));
         }
         let what = source.name.as_ref().map_or_else(
             || format!("signer {:?}", source.signer_name.as_deref().unwrap_or_default()),

@@ -326,6 +326,12 @@ impl TestServer {
         kubectl_at(&self.kubeconfig(), args, stdin)
     }
 
+    /// `kubectl create -f -` of `manifest` (JSON or YAML), which must succeed.
+    pub fn create(&self, manifest: &str) {
+        let out = self.kubectl_stdin(&["create", "-f", "-"], Some(manifest));
+        assert!(out.status.success(), "kubectl create: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// kubectl that must succeed; returns stdout.
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
         kubectl_at_ok(&self.kubeconfig(), args)

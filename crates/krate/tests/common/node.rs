@@ -86,6 +86,16 @@ pub fn container_status(pod: &Pod) -> Option<serde_json::Value> {
     status["containerStatuses"].get(0).cloned()
 }
 
+/// The Deployment `keep`: two pods of `registry`'s test server (which answers on 8080),
+/// running; the pods API of `default` and the pods.
+pub async fn keep_deployment(server: &TestServer, registry: &TestRegistry) -> (Api<Pod>, Vec<Pod>) {
+    let image = format!("--image={}", registry.image("test-server"));
+    server.kubectl_ok(&["create", "deployment", "keep", &image, "--replicas=2"]);
+    let pods: Api<Pod> = Api::namespaced(server.client().await, "default");
+    let running = running_pods(&pods, "app=keep", 2).await;
+    (pods, running)
+}
+
 pub async fn running_pods(pods: &Api<Pod>, selector: &str, count: usize) -> Vec<Pod> {
     eventually(120, &format!("{count} running pods ({selector})"), || async {
         let list = pods.list(&ListParams::default().labels(selector)).await.ok()?.items;
