@@ -127,33 +127,22 @@ async fn delete(client: &kube::Client, item: &Item, uid: &str, policy: Propagati
     }
 }
 
-/// Removes the owner references of `item` that `drop` picks.
-async fn drop_owner_references(client: &kube::Client, item: &Item, drop: impl Fn(&OwnerReference) -> bool) {
+/// Rewrites the owner references of `item`, read live, with `rewrite`; written only when
+/// they change (orphaning, a solid owner's dependent, upstream's cycle breaking).
+async fn rewrite_owner_references(
+    client: &kube::Client,
+    item: &Item,
+    rewrite: impl FnOnce(&[OwnerReference]) -> Vec<OwnerReference>,
+) {
     let api = api_for(client, item);
     let Ok(live) = api.get(&item.name).await else { return };
-    let kept: Vec<OwnerReference> = live.owner_references().iter().filter(|r| !drop(r)).cloned().collect();
-    if kept.len() == live.owner_references().len() {
+    let refs = rewrite(live.owner_references());
+    if refs == live.owner_references() {
         return;
     }
-    let patch = Patch::Merge(json!({"metadata": {"ownerReferences": kept}}));
-    if let Err(e) = api.patch(&item.name, &PatchParams::default(), &patch).await {
-        tracing::debug!(name = %item.name, error = %e, "removing owner references failed");
-    }
-}
-
-/// Makes every owner reference of `item` non-blocking (upstream's cycle breaking).
-async fn unblock_owners(client: &kube::Client, item: &Item) {
-    let api = api_for(client, item);
-    let Ok(live) = api.get(&item.name).await else { return };
-    let refs: Vec<OwnerReference> = live
-        .owner_references()
-        .iter()
-        .cloned()
-        .map(|r| OwnerReference { block_owner_deletion: r.block_owner_deletion.map(|_| false), ..r })
-        .collect();
     let patch = Patch::Merge(json!({"metadata": {"ownerReferences": refs}}));
     if let Err(e) = api.patch(&item.name, &PatchParams::default(), &patch).await {
-        tracing::debug!(name = %item.name, error = %e, "unblocking owner references failed");
+        tracing::debug!(name = %item.name, error = %e, "rewriting owner references failed");
     }
 }
 
@@ -216,17 +205,7 @@ async fn process(client: &kube::Client, kinds: &Kinds, graph: &Graph, uid: &str)
     if item.finalizers.iter().any(|f| f == ORPHAN) {
         for d in &dependents {
             let Some(dep) = graph.items.get(d) else { continue };
-            let api = api_for(client, dep);
-            if let Ok(obj) = api.get(&dep.name).await {
-                let refs: Vec<_> = obj.owner_references().iter().filter(|r| r.uid != uid).cloned().collect();
-                let _ = api
-                    .patch(
-                        &dep.name,
-                        &PatchParams::default(),
-                        &Patch::Merge(json!({"metadata": {"ownerReferences": refs}})),
-                    )
-                    .await;
-            }
+            rewrite_owner_references(client, dep, |refs| refs.iter().filter(|r| r.uid != uid).cloned().collect()).await;
         }
         set_finalizers(client, item, item.finalizers.iter().filter(|f| *f != ORPHAN).cloned().collect()).await;
     } else if item.finalizers.iter().any(|f| f == FOREGROUND) {
@@ -245,11 +224,16 @@ async fn process(client: &kube::Client, kinds: &Kinds, graph: &Graph, uid: &str)
             let solid = dep.owners.iter().any(|o| o != uid && graph.items.get(o).is_some_and(|owner| !owner.deleting));
             if solid {
                 let waiting = |r: &OwnerReference| r.uid == uid || graph.items.get(&r.uid).is_some_and(|o| o.deleting);
-                drop_owner_references(client, dep, waiting).await;
+                rewrite_owner_references(client, dep, |refs| refs.iter().filter(|r| !waiting(r)).cloned().collect())
+                    .await;
                 continue;
             }
             if graph.has_dependent_waiting(d) {
-                unblock_owners(client, dep).await;
+                let unblocked = |r: &OwnerReference| OwnerReference {
+                    block_owner_deletion: r.block_owner_deletion.map(|_| false),
+                    ..r.clone()
+                };
+                rewrite_owner_references(client, dep, |refs| refs.iter().map(unblocked).collect()).await;
             }
             if !dep.deleting {
                 delete(client, dep, d, PropagationPolicy::Foreground).await;

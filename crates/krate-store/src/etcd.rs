@@ -151,11 +151,12 @@ pub async fn revision_offset(client: &Client) -> Result<Revision> {
     text.trim().parse().map_err(|_| backend(format!("{REVISION_OFFSET_KEY} holds {text:?}, not a revision")))
 }
 
-/// Records that the cluster's revisions are `offset` ahead of etcd's. Only while no
-/// server is connected: each reads it once, when it connects.
-pub async fn set_revision_offset(client: &Client, offset: Revision) -> Result<()> {
+/// Moves the cluster's revisions `by` further ahead of etcd's; returns the new offset.
+/// Only while no server is connected: each reads the offset once, when it connects.
+pub async fn advance_revision_offset(client: &Client, by: Revision) -> Result<Revision> {
+    let offset = revision_offset(client).await? + by;
     client.clone().put(REVISION_OFFSET_KEY, offset.to_string(), None).await.map_err(backend)?;
-    Ok(())
+    Ok(offset)
 }
 
 /// A client of the cluster at `config` (requests balanced over its endpoints, each

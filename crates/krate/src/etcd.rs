@@ -98,6 +98,13 @@ impl Datastore {
         }
     }
 
+    /// Moves the cluster's revisions `by` further ahead of etcd's own (a restore, a
+    /// migration; no server may be connected); returns the new offset.
+    pub async fn advance_revision_offset(&self, by: i64) -> Result<i64> {
+        let client = krate_store::etcd::connect_client(&self.config()?).await?;
+        Ok(krate_store::etcd::advance_revision_offset(&client, by).await?)
+    }
+
     pub async fn connect(&self) -> Result<krate_store::etcd::EtcdStore> {
         let endpoints = self.endpoints.join(",");
         krate_store::etcd::EtcdStore::connect(&self.config()?).await.with_context(|| {
@@ -283,9 +290,7 @@ pub async fn finish_restore(data_dir: &Path, datastore: &Datastore) -> Result<()
     let pending: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
     let bump = pending["bumpRevision"].as_i64().unwrap_or(1_000_000_000);
-    let client = krate_store::etcd::connect_client(&datastore.config()?).await?;
-    let offset = krate_store::etcd::revision_offset(&client).await? + bump;
-    krate_store::etcd::set_revision_offset(&client, offset).await?;
+    let offset = datastore.advance_revision_offset(bump).await?;
     let store = datastore.connect().await?;
     let current = krate_store::Store::current_revision(&store).await?;
     krate_store::Store::compact(&store, current).await?;

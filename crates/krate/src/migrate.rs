@@ -67,9 +67,7 @@ pub async fn run(command: DatastoreCommand) -> Result<()> {
     let datastore = supervised.datastore().await;
     // etcd's count starts again near 1: the cluster's revisions are offset past the
     // SQLite store's, so no resourceVersion goes back.
-    let client = krate_store::etcd::connect_client(&datastore.config()?).await?;
-    let offset = krate_store::etcd::revision_offset(&client).await? + revision;
-    krate_store::etcd::set_revision_offset(&client, offset).await?;
+    let offset = datastore.advance_revision_offset(revision).await?;
     let etcd = datastore.connect().await?;
     eprintln!("etcd's revisions are offset by {offset}, past the SQLite store's {revision}");
     let total = listed.items.len();

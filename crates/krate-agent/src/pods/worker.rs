@@ -845,37 +845,24 @@ impl PodWorker {
                 Some(status::container_status(&c, &o, self.waiting.get(&c.name), !id.is_empty(), false, false))
             })
             .collect();
-        // Sidecars' readiness counts towards the pod's, as upstream's.
-        let sidecars_ready = spec
-            .init_containers
-            .iter()
-            .flatten()
-            .zip(&init_statuses)
-            .all(|(c, s)| !is_sidecar(c) || s["ready"] == true);
-        let all_ready = statuses.iter().all(|s| s["ready"] == true) && sidecars_ready && phase == "Running";
-        // Upstream's messages name the containers holding a condition back.
-        let names = |list: Vec<&Value>| {
+        // Upstream's messages name the containers holding a condition back; sidecars'
+        // readiness counts towards the pod's, as upstream's.
+        let init: Vec<(&Container, &Value)> = spec.init_containers.iter().flatten().zip(&init_statuses).collect();
+        let names = |list: &[&Value]| {
             let names: Vec<&str> = list.iter().filter_map(|s| s["name"].as_str()).collect();
             format!("[{}]", names.join(" "))
         };
-        let incomplete =
-            names(
-                spec.init_containers
-                    .iter()
-                    .flatten()
-                    .zip(&init_statuses)
-                    .filter(|(c, s)| {
-                        if is_sidecar(c) {
-                            s["started"] != true
-                        } else {
-                            s["state"]["terminated"]["exitCode"] != 0
-                        }
-                    })
-                    .map(|(_, s)| s)
-                    .collect(),
-            );
-        let sidecar_statuses = spec.init_containers.iter().flatten().zip(&init_statuses).filter(|(c, _)| is_sidecar(c));
-        let unready = names(sidecar_statuses.map(|(_, s)| s).chain(&statuses).filter(|s| s["ready"] != true).collect());
+        let incomplete: Vec<&Value> = init
+            .iter()
+            .filter(
+                |(c, s)| if is_sidecar(c) { s["started"] != true } else { s["state"]["terminated"]["exitCode"] != 0 },
+            )
+            .map(|(_, s)| *s)
+            .collect();
+        let sidecars = init.iter().filter(|(c, _)| is_sidecar(c)).map(|(_, s)| *s);
+        let unready: Vec<&Value> = sidecars.chain(&statuses).filter(|s| s["ready"] != true).collect();
+        let all_ready = unready.is_empty() && phase == "Running";
+        let (incomplete, unready) = (names(&incomplete), names(&unready));
         let not_initialized = format!("containers with incomplete status: {incomplete}");
         let not_ready = format!("containers with unready status: {unready}");
         let previous = self.published.as_ref();

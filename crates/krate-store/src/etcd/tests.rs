@@ -32,7 +32,7 @@ mod offset {
         let (guard, _) = open().await;
         let config = EtcdConfig { endpoints: vec![guard.1.config.client_url.clone()], ..Default::default() };
         let client = connect_client(&config).await.unwrap();
-        set_revision_offset(&client, OFFSET).await.unwrap();
+        advance_revision_offset(&client, OFFSET).await.unwrap();
         let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(&config).await.unwrap());
         (guard, store)
     }
