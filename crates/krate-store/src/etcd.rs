@@ -25,8 +25,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, KvClient, Txn, TxnOp,
+    TxnOpResponse, WatchClient, WatchOptions,
 };
 use futures::StreamExt;
 
@@ -86,8 +86,16 @@ pub struct MemberStatus {
     pub learner: bool,
 }
 
+/// The largest response the store accepts from etcd: gRPC's default of 4 MiB would fail a
+/// list of a kind larger than that (10,000 ConfigMaps), and with it a server's start.
+/// Upstream's etcd client accepts up to `math.MaxInt32` bytes too.
+const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
+
 pub struct EtcdStore {
     client: Client,
+    /// Ranges and watches, whose responses may be large (see [`MAX_RESPONSE_BYTES`]).
+    kv: KvClient,
+    watcher: WatchClient,
     /// The cluster's revision minus etcd's ([`REVISION_OFFSET_KEY`]).
     offset: Revision,
     /// The version of [`COMPACT_KEY`] this server last saw (its compaction round).
@@ -199,7 +207,9 @@ impl EtcdStore {
     pub async fn connect(config: &EtcdConfig) -> Result<Self> {
         let client = connect_client(config).await?;
         let offset = revision_offset(&client).await?;
-        Ok(Self { client, offset, compact_version: AtomicI64::new(0) })
+        let kv = client.kv_client().max_decoding_message_size(MAX_RESPONSE_BYTES);
+        let watcher = client.watch_client().max_decoding_message_size(MAX_RESPONSE_BYTES);
+        Ok(Self { client, kv, watcher, offset, compact_version: AtomicI64::new(0) })
     }
 
     /// The store's revision as etcd's (0 or less: before this etcd's history).
@@ -294,7 +304,7 @@ impl Store for EtcdStore {
             }
             options = options.with_revision(self.down(revision));
         }
-        let response = match self.client.clone().get(start, Some(options)).await {
+        let response = match self.kv.clone().get(start, Some(options)).await {
             Ok(response) => response,
             Err(err) => {
                 let requested = request.revision.unwrap_or(0);
@@ -349,7 +359,7 @@ impl Store for EtcdStore {
 
     fn watch(&self, prefix: &str, from_revision: Revision) -> WatchStream {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<WatchBatch>>(16);
-        let mut client = self.client.clone();
+        let mut client = self.watcher.clone();
         let prefix = prefix.to_string();
         let offset = self.offset;
         // From before this etcd's history: its first revision, which compaction (at a

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::backup::{backup_under_writes, check_restored, config_map};
 use common::linearizability::{linearizable, Kind, Op, Outcome};
 use common::netns::Lan;
 use common::node::Agent;
@@ -93,10 +94,6 @@ fn copy_dir(from: &Path, to: &Path) {
 
 fn krate(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_krate")).args(args).output().expect("run krate")
-}
-
-fn config_map(name: &str, value: &str) -> ConfigMap {
-    serde_json::from_value(json!({"metadata": {"name": name}, "data": {"v": value}})).unwrap()
 }
 
 async fn endpoint_ips(client: &kube::Client) -> Vec<String> {
@@ -282,55 +279,20 @@ async fn cluster_init_runs_an_etcd_member_that_stops_with_the_server_and_comes_b
     assert_eq!(cms.get("kept").await.unwrap().data.unwrap()["v"], "1");
 }
 
-/// The resourceVersion of a list of the default namespace's ConfigMaps.
-async fn list_revision(cms: &Api<ConfigMap>) -> i64 {
-    cms.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap().parse().unwrap()
-}
-
 #[tokio::test]
-async fn an_etcd_backup_taken_under_writes_restores_as_a_new_member_and_resource_versions_go_on() {
+async fn an_etcd_backup_of_10000_objects_under_writes_restores_as_a_new_member_and_resource_versions_go_on() {
     let ports = etcd_ports();
     let mut args = vec!["--cluster-init"];
     args.extend(strs(&ports));
     let mut server = TestServer::start_with(&args);
-    let client = server.client().await;
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    // Secrets are encrypted at rest: reading one back needs the restored keys.
-    server.kubectl_ok(&["create", "secret", "generic", "token", "--from-literal=key=s3cret"]);
-    // Writes go on while the backup is taken; each acknowledged one is recorded.
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (cms, acked, stop) = (cms.clone(), acked.clone(), stop.clone());
-        tokio::spawn(async move {
-            for i in 0.. {
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                let name = format!("w-{i}");
-                if cms.create(&PostParams::default(), &config_map(&name, "1")).await.is_ok() {
-                    acked.lock().unwrap().push(name);
-                }
-            }
-        })
-    };
-    eventually(30, "writes to be acknowledged", || async { (acked.lock().unwrap().len() >= 50).then_some(()) }).await;
-    let before_backup = acked.lock().unwrap().clone();
-    let file = server.dir.path().join("backup.tar.gz").display().to_string();
-    let data_dir = server.data_dir().display().to_string();
-    let backup = tokio::task::spawn_blocking(move || krate(&["backup", &file, "--data-dir", &data_dir]));
-    let backup = backup.await.unwrap();
-    assert!(backup.status.success(), "{}", String::from_utf8_lossy(&backup.stderr));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    writer.await.unwrap();
-    cms.create(&PostParams::default(), &config_map("later", "1")).await.unwrap();
-    let old_revision = list_revision(&cms).await;
-    let file = server.dir.path().join("backup.tar.gz").display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let taken = backup_under_writes(&server, 10_000, &dir.path().join("backup.tar.gz")).await;
     server.kill();
 
     let new_ports = etcd_ports();
     let restored = TestServer::start_prepared(&strs(&new_ports), |dir| {
         let dir = dir.display().to_string();
+        let file = taken.file.display().to_string();
         let peer = ["--advertise-address", "127.0.0.1", "--etcd-peer-port", new_ports[3].as_str()];
         let mut args = vec!["restore", file.as_str(), "--data-dir", dir.as_str()];
         args.extend(peer);
@@ -340,28 +302,7 @@ async fn an_etcd_backup_taken_under_writes_restores_as_a_new_member_and_resource
         assert!(said.contains("restored") && said.contains("start it with: krate server"), "{said}");
         assert!(std::path::Path::new(&dir).join("db/etcd/member").is_dir(), "an etcd member's data: {said}");
     });
-    let cms: Api<ConfigMap> = Api::namespaced(restored.client().await, "default");
-    let names: HashSet<String> =
-        cms.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|c| c.metadata.name).collect();
-    let lost: Vec<&String> = before_backup.iter().filter(|n| !names.contains(*n)).collect();
-    assert!(lost.is_empty(), "acknowledged before the backup, missing after the restore: {lost:?}");
-    assert!(!names.contains("later"), "a write after the backup came back");
-    let secret = restored.kubectl_ok(&["get", "secret", "token", "-o", "jsonpath={.data.key}"]);
-    assert_eq!(secret, "czNjcmV0", "the secret reads back (base64 of s3cret)");
-    let created = cms.create(&PostParams::default(), &config_map("after", "1")).await.unwrap();
-    let rv: i64 = created.metadata.resource_version.unwrap().parse().unwrap();
-    assert!(rv > old_revision, "resourceVersion went back: {rv} after {old_revision} on the old cluster");
-    // A client of the old cluster resuming a watch relists (410 Gone), never misses writes.
-    let stale = cms.watch(&WatchParams::default(), &old_revision.to_string()).await;
-    let gone = match stale {
-        Err(kube::Error::Api(e)) => e.code == 410,
-        Ok(stream) => {
-            let first = stream.boxed().next().await;
-            matches!(first, Some(Ok(WatchEvent::Error(e))) if e.code == 410)
-        }
-        Err(_) => false,
-    };
-    assert!(gone, "a watch from the old cluster's resourceVersion {old_revision} must get 410 Gone");
+    check_restored(&restored, &taken, 10_000).await;
 }
 
 /// `--etcd-client-port P --etcd-peer-port Q` on free ports (every member also listens on

@@ -79,3 +79,23 @@ async fn a_dead_cluster_is_a_clear_error_not_a_hang() {
     let err = tokio::time::timeout(Duration::from_secs(30), store.get("/a")).await.expect("no answer in 30 s");
     assert!(matches!(err, Err(StoreError::Backend(ref m)) if m.starts_with("etcd: ")), "{err:?}");
 }
+
+#[tokio::test]
+async fn a_list_and_a_watch_replay_larger_than_four_mebibytes_are_read() {
+    use futures::StreamExt;
+    let (_guard, store) = open().await;
+    // Six values of 1 MiB (etcd takes requests up to 1.5 MiB): 6 MiB in one response.
+    let value = Bytes::from(vec![b'x'; 1 << 20]);
+    let first = store.create("/registry/big/0", value.clone()).await.unwrap();
+    for i in 1..6 {
+        store.create(&format!("/registry/big/{i}"), value.clone()).await.unwrap();
+    }
+    let list = store.list(ListRequest { prefix: "/registry/big/".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(list.items.len(), 6);
+    let mut watch = store.watch("/registry/big/", first.mod_revision);
+    let mut seen = 0;
+    while seen < 6 {
+        let batch = tokio::time::timeout(Duration::from_secs(30), watch.next()).await.expect("events in 30 s");
+        seen += batch.expect("the watch goes on").expect("no error").events.len();
+    }
+}

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+pub mod backup;
 pub mod extension;
 pub mod goclient;
 pub mod https;
