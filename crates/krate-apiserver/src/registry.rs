@@ -630,9 +630,13 @@ impl Storage {
         if kind.status {
             match kind.strategy.initial_status(&obj) {
                 Some(status) => object::set(&mut obj, &["status"], status),
-                None => {
+                // Custom resources start without one (upstream deletes it); built-in
+                // kinds with an empty one, as Go encodes a struct field: a JSON patch
+                // may add to `/status/...` at once.
+                None if kind.custom.is_some() => {
                     object::remove(&mut obj, &["status"]);
                 }
+                None => object::set(&mut obj, &["status"], json!({})),
             }
         }
         for attempt in 0..GENERATE_NAME_RETRIES {

@@ -999,6 +999,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn built_in_kinds_start_with_an_empty_status_a_json_patch_can_add_to() {
+        let api = TestApi::start(Default::default()).await;
+        let claim = json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+            "metadata": {"name": "c"}, "spec": {}, "status": {"allocation": {}}});
+        let path = "/apis/resource.k8s.io/v1/namespaces/default/resourceclaims";
+        let (code, created) = api.call("x", Method::POST, path, Some(claim)).await;
+        assert_eq!((code, &created["status"]), (201, &json!({})), "{created}");
+        let status = "/apis/apps/v1/namespaces/default/deployments/d/status";
+        let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+            "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {"metadata": {"labels": {"a": "b"}},
+            "spec": {"containers": [{"name": "c", "image": "i"}]}}}});
+        let deployments = "/apis/apps/v1/namespaces/default/deployments";
+        assert_eq!(api.call("x", Method::POST, deployments, Some(deployment)).await.0, 201);
+        let patch = json!([{"op": "add", "path": "/status/observedGeneration", "value": 1}]);
+        let (code, patched) = api.call_patch("x", status, "application/json-patch+json", patch).await;
+        assert_eq!((code, &patched["status"]["observedGeneration"]), (200, &json!(1)), "{patched}");
+    }
+
+    #[tokio::test]
     async fn subresources_and_their_verbs_come_from_the_kinds_table() {
         let api = TestApi::start(Default::default()).await;
         let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}});
