@@ -10,6 +10,7 @@ pub mod deployment;
 pub mod disruption;
 pub mod endpoints;
 pub mod gc;
+mod history;
 pub mod hpa;
 pub mod job;
 pub mod mirroring;

@@ -24,6 +24,7 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
+use crate::history;
 use crate::owned::{OwnedPods, CACHE_LAG_RETRY};
 use crate::replicas::is_ready;
 use crate::selector::label_selector_string;
@@ -80,21 +81,6 @@ fn pod_for(sts: &StatefulSet, template: &Value, i: i32, revision: &str) -> Resul
     Ok(serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}))?)
 }
 
-/// The ControllerRevisions of `sts`, oldest first.
-async fn revisions(client: &kube::Client, sts: &StatefulSet) -> Result<Vec<ControllerRevision>, Error> {
-    let api: Api<ControllerRevision> = Api::namespaced(client.clone(), &sts.namespace().unwrap_or_default());
-    let uid = sts.uid().unwrap_or_default();
-    let mut owned: Vec<ControllerRevision> = api
-        .list(&Default::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|r| r.owner_references().iter().any(|o| o.uid == uid && o.controller == Some(true)))
-        .collect();
-    owned.sort_by_key(|r| r.revision.unwrap_or(0));
-    Ok(owned)
-}
-
 /// Makes sure the set's template is kept as ControllerRevision `name` (the next number)
 /// and that no more than `revisionHistoryLimit` revisions nobody uses remain.
 async fn record_revision(client: &kube::Client, sts: &StatefulSet, name: &str, in_use: &[&str]) -> Result<(), Error> {
@@ -102,36 +88,22 @@ async fn record_revision(client: &kube::Client, sts: &StatefulSet, name: &str, i
     if api.get_opt(name).await?.is_some() {
         return Ok(());
     }
-    let existing = revisions(client, sts).await?;
+    let existing = history::owned(&api, &sts.uid().unwrap_or_default()).await?;
     let number = existing.last().and_then(|r| r.revision).unwrap_or(0) + 1;
-    let mut template = serde_json::to_value(&sts.spec.template)?;
-    template["$patch"] = json!("replace");
-    let labels = sts.spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
-    let revision: ControllerRevision = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": labels,
-            "ownerReferences": [sts.controller_owner_ref(&()).expect("a stored statefulset has a name and uid")]},
-        "data": {"spec": {"template": template}},
-        "revision": number,
-    }))?;
+    let labels = json!(sts.spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default());
+    let owner = json!(sts.controller_owner_ref(&()).expect("a stored statefulset has a name and uid"));
+    let template = serde_json::to_value(&sts.spec.template)?;
+    let revision = history::revision(name, owner, labels, &template, number)?;
     tolerate(api.create(&PostParams::default(), &revision).await, &[409])?;
-    let limit = sts.spec.revision_history_limit.unwrap_or(10).max(0) as usize;
-    let unused: Vec<&ControllerRevision> =
-        existing.iter().filter(|r| !in_use.contains(&r.name_any().as_str()) && r.name_any() != name).collect();
-    for old in unused.iter().take(unused.len().saturating_sub(limit)) {
-        let _ = api.delete(&old.name_any(), &DeleteParams::background()).await;
-    }
+    let limit = sts.spec.revision_history_limit.unwrap_or(10);
+    history::prune(&api, &existing, |r| in_use.contains(&r.name_any().as_str()), limit).await;
     Ok(())
 }
 
 /// The pod template a ControllerRevision of the set keeps (None: not found).
 async fn revision_template(client: &kube::Client, sts: &StatefulSet, name: &str) -> Result<Option<Value>, Error> {
     let api: Api<ControllerRevision> = Api::namespaced(client.clone(), &sts.namespace().unwrap_or_default());
-    let Some(revision) = api.get_opt(name).await? else { return Ok(None) };
-    let mut template = revision.data.0.pointer("/spec/template").cloned();
-    if let Some(Value::Object(t)) = template.as_mut() {
-        t.remove("$patch");
-    }
-    Ok(template)
+    Ok(api.get_opt(name).await?.as_ref().and_then(history::template_of))
 }
 
 async fn ensure_claims(client: &kube::Client, sts: &StatefulSet, i: i32) -> Result<(), Error> {

@@ -23,6 +23,9 @@ use tokio::sync::Mutex;
 pub const EXIT_CODE_ANNOTATION: &str = "hollow.krate.io/exit-code";
 /// Annotation: how long a hollow pod's containers run before exiting (seconds).
 pub const RUN_SECONDS_ANNOTATION: &str = "hollow.krate.io/run-seconds";
+/// Annotation: a hollow pod runs but never becomes ready (as a container whose image
+/// cannot be pulled or whose readiness probe fails holds a rollout).
+pub const NOT_READY_ANNOTATION: &str = "hollow.krate.io/not-ready";
 
 const MANAGER: &str = "krate-hollow-node";
 
@@ -165,10 +168,11 @@ impl Hollow {
                 .collect()
         };
         let condition = |t: &str, s: bool| json!({"type": t, "status": if s { "True" } else { "False" }, "lastProbeTime": null, "lastTransitionTime": now()});
+        let ready = !annotations.contains_key(NOT_READY_ANNOTATION);
         let running = json!({"status": {
             "phase": "Running", "hostIP": host_ip, "hostIPs": [{"ip": host_ip}], "podIP": ip, "podIPs": [{"ip": ip}], "startTime": started,
-            "conditions": [condition("PodReadyToStartContainers", true), condition("Initialized", true), condition("Ready", true), condition("ContainersReady", true), condition("PodScheduled", true)],
-            "containerStatuses": statuses(json!({"running": {"startedAt": started}}), true),
+            "conditions": [condition("PodReadyToStartContainers", true), condition("Initialized", true), condition("Ready", ready), condition("ContainersReady", ready), condition("PodScheduled", true)],
+            "containerStatuses": statuses(json!({"running": {"startedAt": started}}), ready),
         }});
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(running)).await?;
 

@@ -106,7 +106,8 @@ enum Command {
     },
     /// Simulate nodes (like kwok/kubemark): register Nodes, renew their Leases and report
     /// the pods bound to them as Running (or Succeeded/Failed when annotated
-    /// `hollow.krate.io/exit-code`), without running anything. For testing and scale runs.
+    /// `hollow.krate.io/exit-code`, never ready with `hollow.krate.io/not-ready`), without
+    /// running anything. For testing and scale runs.
     HollowNodes(hollow::HollowArgs),
     /// Print the admin kubeconfig of a data directory, or (with --user or --node) a new
     /// one for another user, signed by the cluster CA: give each machine and tool only

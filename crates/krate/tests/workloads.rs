@@ -844,3 +844,59 @@ async fn a_dependent_another_owner_holds_outlives_a_foreground_deletion() {
     let owners: Vec<String> = held.owner_references().iter().map(|r| r.name.clone()).collect();
     assert_eq!(owners, ["staying"]);
 }
+
+/// The names of the pods matching `selector` that run `image`.
+async fn pods_with_image(pods: &Api<Pod>, selector: &str, image: &str) -> Vec<String> {
+    let list = pods.list(&ListParams::default().labels(selector)).await.map(|l| l.items).unwrap_or_default();
+    list.iter().filter(|p| image_of(p) == image).map(|p| p.name_any()).collect()
+}
+
+#[tokio::test]
+async fn a_daemonset_rolled_back_mid_rollout_restarts_only_the_pods_the_rollout_replaced() {
+    use k8s_openapi::api::apps::v1::ControllerRevision;
+    let server = TestServer::start();
+    let _nodes = HollowNodes::start(&server, "rb", 3, &[]);
+    let client = server.client().await;
+    let ds = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: agent}\nspec:\n  selector: {matchLabels: {app: agent}}\n  updateStrategy: {type: RollingUpdate, rollingUpdate: {maxUnavailable: 1}}\n  template:\n    metadata: {labels: {app: agent}}\n    spec: {containers: [{name: c, image: good}]}\n";
+    server.create(ds);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let first: HashSet<String> = running_pods(&pods, "app=agent", 3).await.iter().map(|p| p.name_any()).collect();
+    let revisions: Api<ControllerRevision> = Api::namespaced(client.clone(), "default");
+    let kept = revisions.list(&ListParams::default().labels("app=agent")).await.unwrap().items;
+    assert_eq!(kept.len(), 1, "one ControllerRevision for the first template");
+    let initial = &kept[0];
+    assert_eq!(initial.revision, Some(1));
+    assert_eq!(initial.data.0.pointer("/spec/template/$patch"), Some(&json!("replace")), "{:?}", initial.data);
+    let hash = &initial.labels()["controller-revision-hash"];
+    assert_eq!(initial.name_any(), format!("agent-{hash}"));
+
+    // An update whose pods never become ready: the rollout replaces one pod and stalls.
+    let bad = json!({"spec": {"template": {"metadata": {"annotations": {"hollow.krate.io/not-ready": "true"}},
+        "spec": {"containers": [{"name": "c", "image": "bad"}]}}}});
+    server.kubectl_ok(&["patch", "daemonset", "agent", "--type=strategic", "-p", &bad.to_string()]);
+    eventually(30, "one pod of the update", || async {
+        (pods_with_image(&pods, "app=agent", "bad").await.len() == 1).then_some(())
+    })
+    .await;
+    common::stays(3, "the rollout stalling at maxUnavailable with an unready pod", || async {
+        pods_with_image(&pods, "app=agent", "good").await.len() == 2
+    })
+    .await;
+    let untouched: HashSet<String> = pods_with_image(&pods, "app=agent", "good").await.into_iter().collect();
+    assert!(untouched.is_subset(&first));
+
+    // Rolling back (as kubectl does, from the revision's data) replaces only the bad pod.
+    server.kubectl_ok(&["rollout", "undo", "daemonset/agent"]);
+    let after = eventually(30, "every pod back on the first template and ready", || async {
+        let list = pods.list(&ListParams::default().labels("app=agent")).await.ok()?.items;
+        let ready = running(&list).iter().filter(|p| image_of(p) == "good").count() == 3 && list.len() == 3;
+        ready.then_some(list)
+    })
+    .await;
+    let names: HashSet<String> = after.iter().map(|p| p.name_any()).collect();
+    assert!(untouched.is_subset(&names), "a pod the rollout had not replaced restarted: {untouched:?} {names:?}");
+    let kept = revisions.list(&ListParams::default().labels("app=agent")).await.unwrap().items;
+    let numbers: HashMap<String, i64> = kept.iter().map(|r| (r.name_any(), r.revision.unwrap())).collect();
+    assert_eq!(numbers.len(), 2, "{numbers:?}");
+    assert_eq!(numbers[&initial.name_any()], 3, "the first template's revision moves past the update's: {numbers:?}");
+}

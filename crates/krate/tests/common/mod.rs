@@ -482,6 +482,20 @@ impl Drop for HollowNodes {
     }
 }
 
+/// Polls `check` for `seconds`, panicking with `what` the first time it fails: for
+/// what must stay true (a rollout that must not go on), the counterpart of `eventually`.
+pub async fn stays<F, Fut>(seconds: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < deadline {
+        assert!(check().await, "{what} did not hold");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Polls `check` until it returns Some, or panics after `seconds` with `what`.
 pub async fn eventually<T, F, Fut>(seconds: u64, what: &str, mut check: F) -> T
 where
