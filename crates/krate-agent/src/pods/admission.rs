@@ -1,7 +1,13 @@
 //! The node's last word on a new pod, as upstream's eviction admission: under memory
 //! pressure a BestEffort pod is refused (unless it tolerates the memory-pressure taint);
 //! under disk or PID pressure every pod is; critical pods (static pods, and pods of
-//! system-critical priority) still run. A node shutting down refuses every pod.
+//! system-critical priority) still run. A node shutting down refuses every pod. A pod
+//! asking for a host port another pod of the node holds is refused too (upstream's
+//! NodePorts predicate, for pods bound without the scheduler).
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::{Pod, Taint};
 
@@ -42,6 +48,55 @@ pub fn rejection(pod: &Pod, conditions: &[Condition], shutting_down: bool) -> Op
     Some(("Evicted", format!("The node had condition: [{}]. ", names.join(" "))))
 }
 
+/// A host port a container asks for: protocol, address (None: all of the node's), port.
+type HostPort = (String, Option<Ipv4Addr>, i32);
+
+fn host_ports(pod: &Pod) -> Vec<HostPort> {
+    let containers = pod.spec.iter().flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()));
+    containers
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| p.host_port.is_some_and(|h| h > 0))
+        .map(|p| {
+            let ip = p.host_ip.as_deref().and_then(|ip| ip.parse().ok()).filter(|ip: &Ipv4Addr| !ip.is_unspecified());
+            (p.protocol.clone().unwrap_or_else(|| "TCP".into()), ip, p.host_port.unwrap_or_default())
+        })
+        .collect()
+}
+
+fn conflict(a: &HostPort, b: &HostPort) -> bool {
+    a.0 == b.0 && a.2 == b.2 && (a.1.is_none() || b.1.is_none() || a.1 == b.1)
+}
+
+/// The host ports the node's running pods hold, by pod UID.
+#[derive(Default)]
+pub struct HostPortClaims(Mutex<HashMap<String, Vec<HostPort>>>);
+
+impl HostPortClaims {
+    /// Records the host ports of pod `uid`. A pod not yet admitted (`admitting`) is
+    /// refused, holding nothing, when another pod holds one of them: upstream's reason
+    /// and message.
+    pub fn claim(&self, uid: &str, pod: &Pod, admitting: bool) -> Option<(&'static str, String)> {
+        let wanted = host_ports(pod);
+        let mut claims = self.0.lock().expect("host port claims");
+        let taken = claims.iter().filter(|(holder, _)| *holder != uid).flat_map(|(_, held)| held);
+        if admitting && taken.into_iter().any(|held| wanted.iter().any(|w| conflict(w, held))) {
+            let message = "Predicate NodePorts failed: node(s) didn't have free ports for the requested pod ports";
+            return Some(("NodePorts", message.into()));
+        }
+        if wanted.is_empty() {
+            claims.remove(uid);
+        } else {
+            claims.insert(uid.to_string(), wanted);
+        }
+        None
+    }
+
+    /// Pod `uid` finished or is gone: its host ports are free.
+    pub fn release(&self, uid: &str) {
+        self.0.lock().expect("host port claims").remove(uid);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,6 +127,24 @@ mod tests {
             rejection(&pod(json!({}), json!({})), &[Condition::Memory, Condition::Disk], false).map(|r| r.1).as_deref(),
             Some("The node had condition: [MemoryPressure DiskPressure]. ")
         );
+    }
+
+    #[test]
+    fn a_pod_asking_for_a_host_port_another_holds_is_refused() {
+        let with_port = |ip: &str, protocol: &str| {
+            let port = json!({"containerPort": 80, "hostPort": 8080, "hostIP": ip, "protocol": protocol});
+            pod(json!({}), json!({"containers": [{"name": "c", "image": "i", "ports": [port]}]}))
+        };
+        let claims = HostPortClaims::default();
+        assert_eq!(claims.claim("a", &with_port("", "TCP"), true), None);
+        let refused = claims.claim("b", &with_port("10.0.0.1", "TCP"), true);
+        assert_eq!(refused.map(|r| r.0), Some("NodePorts"), "all addresses include 10.0.0.1");
+        assert_eq!(claims.claim("c", &with_port("", "UDP"), true), None, "another protocol");
+        assert_eq!(claims.claim("a", &with_port("", "TCP"), true), None, "a pod never conflicts with itself");
+        // A running pod found after a restart is recorded, not refused.
+        assert_eq!(claims.claim("d", &with_port("", "UDP"), false), None);
+        claims.release("a");
+        assert_eq!(claims.claim("b", &with_port("10.0.0.1", "TCP"), true), None, "free once the holder is gone");
     }
 
     #[test]

@@ -69,6 +69,8 @@ pub struct Shared {
     pub dns: dns::PodDns,
     /// The node's networking view, where pods' host ports go.
     pub catalog: krate_net::catalog::Catalog,
+    /// The host ports running pods hold (a new pod asking for one is refused).
+    pub host_ports: admission::HostPortClaims,
 }
 
 impl Shared {
@@ -104,6 +106,7 @@ impl Shared {
             shutting_down: watch::Sender::new(false),
             dns,
             catalog,
+            host_ports: Default::default(),
         })
     }
 

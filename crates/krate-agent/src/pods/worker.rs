@@ -394,6 +394,7 @@ impl PodWorker {
                 pod.status.as_ref().map(serde_json::to_value).transpose()?.filter(|s| s.get("phase").is_some());
         }
         if self.is_terminal() {
+            self.shared.host_ports.release(&self.uid);
             // A finished pod keeps its containers (for logs) but not its sandbox.
             for s in self.sandboxes().await? {
                 if s.state == api::PodSandboxState::SandboxReady as i32 {
@@ -411,6 +412,10 @@ impl PodWorker {
                 self.reject(pod, reason, &message).await?;
                 return Ok(None);
             }
+        }
+        if let Some((reason, message)) = self.shared.host_ports.claim(&self.uid, pod, new) {
+            self.reject(pod, reason, &message).await?;
+            return Ok(None);
         }
         let (sandbox_id, sandbox_config, pod_ip) = self.ensure_sandbox(pod).await?;
         self.shared.catalog.set_host_ports(&self.uid, spec::host_ports(pod, &pod_ip));
@@ -993,6 +998,7 @@ impl PodWorker {
         let Ok(sandboxes) = self.sandboxes().await else { return };
         let containers = self.stop_containers(grace).await;
         self.shared.catalog.set_host_ports(&self.uid, vec![]);
+        self.shared.host_ports.release(&self.uid);
         for s in &sandboxes {
             self.remove_sandbox(&s.id).await;
         }
