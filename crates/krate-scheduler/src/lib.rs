@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use krate_client::events::Recorder;
 
-use plugins::{Needs, NodeInfo, Usage};
+use plugins::{Needs, NodeInfo, NodeUsage, Usage};
 
 pub const DEFAULT_SCHEDULER: &str = "default-scheduler";
 /// Bindings in flight at once.
@@ -205,6 +205,30 @@ struct Cluster<'a> {
     by_name: &'a BTreeMap<String, Arc<NodeInfo>>,
     /// Placed pods with required anti-affinity, and their nodes.
     anti_holders: Vec<(String, Arc<Pod>)>,
+    /// Pending pods that preempted others, with the node they did it on: room there is
+    /// theirs against pods of no higher priority (upstream's nominated pods).
+    nominated: Vec<(String, Arc<Pod>)>,
+}
+
+impl Cluster<'_> {
+    /// What `node` holds as `pod` must see it: its placed pods, and the pods nominated
+    /// to it that are at least as important as `pod`.
+    fn usage_for<'u>(&self, pod: &Pod, node: &str, placed: &'u NodeUsage) -> std::borrow::Cow<'u, NodeUsage> {
+        let mine = preemption::priority(pod);
+        let mut ahead = self
+            .nominated
+            .iter()
+            .filter(|(n, p)| n == node && p.metadata.uid != pod.metadata.uid && preemption::priority(p) >= mine)
+            .peekable();
+        if ahead.peek().is_none() {
+            return std::borrow::Cow::Borrowed(placed);
+        }
+        let mut usage = placed.clone();
+        for (_, p) in ahead {
+            usage.add(p.clone());
+        }
+        std::borrow::Cow::Owned(usage)
+    }
 }
 
 /// How many feasible nodes to find before scoring: all in small clusters, a share of
@@ -237,7 +261,7 @@ fn place(
         let name = info.node.metadata.name.as_deref().unwrap_or_default();
         let u = usage.at(cluster.slots[i]);
         examined += 1;
-        let verdict = plugins::filter(pod, &needs, info, u)
+        let verdict = plugins::filter(pod, &needs, info, &cluster.usage_for(pod, name, u))
             .or_else(|| if topology.is_trivial() { None } else { topology.filter(&info.node) })
             .or_else(|| if spread.is_trivial() { None } else { spread.filter(&info.node) });
         match verdict {
@@ -379,6 +403,12 @@ fn schedule_pass(state: &mut State, io: &Io, binds: &Arc<Semaphore>, done: &mpsc
             .iter()
             .filter_map(|(id, node)| Some((node.clone(), state.pods.get(id)?.clone())))
             .collect(),
+        nominated: state
+            .pods
+            .values()
+            .filter(|p| state.wants(p))
+            .filter_map(|p| Some((p.status.as_ref()?.nominated_node_name.clone()?, p.clone())))
+            .collect(),
         nodes,
         slots,
     };
@@ -502,5 +532,40 @@ pub(crate) fn merge(a: &mut serde_json::Value, b: &serde_json::Value) {
             }
         }
         (a, b) => *a = b.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, cpu: &str, priority: i32) -> Arc<Pod> {
+        let pod = json!({"metadata": {"name": name, "uid": name},
+            "spec": {"priority": priority, "containers": [{"name": "c", "resources": {"requests": {"cpu": cpu}}}]}});
+        Arc::new(serde_json::from_value(pod).unwrap())
+    }
+
+    #[test]
+    fn room_a_preemptor_was_nominated_to_is_kept_from_less_important_pods() {
+        let node: Node = serde_json::from_value(
+            json!({"metadata": {"name": "n"}, "status": {"allocatable": {"cpu": "1", "pods": "110"}}}),
+        )
+        .unwrap();
+        let by_name = BTreeMap::from([("n".to_string(), Arc::new(NodeInfo::new(node)))]);
+        let mut usage = Usage::default();
+        let list = NodeList::new(&by_name, &mut usage);
+        let preemptor = pod("preemptor", "600m", 10);
+        let cluster = Cluster {
+            nodes: list.nodes,
+            slots: list.slots,
+            by_name: &by_name,
+            anti_holders: Vec::new(),
+            nominated: vec![("n".to_string(), preemptor.clone())],
+        };
+        let mut terms = plugins::TermDomains::default();
+        assert!(place(&pod("lower", "500m", 1), &cluster, &usage, &mut terms, 0).is_err(), "the room is reserved");
+        assert!(place(&pod("small", "300m", 1), &cluster, &usage, &mut terms, 0).is_ok(), "what is left is not");
+        assert!(place(&pod("higher", "500m", 20), &cluster, &usage, &mut terms, 0).is_ok(), "a more important pod");
+        assert!(place(&preemptor, &cluster, &usage, &mut terms, 0).is_ok(), "the preemptor itself");
     }
 }
