@@ -394,7 +394,9 @@ impl PodWorker {
                 pod.status.as_ref().map(serde_json::to_value).transpose()?.filter(|s| s.get("phase").is_some());
         }
         if self.is_terminal() {
+            // A finished pod holds no host port (nor forwards one to its stopped sandbox).
             self.shared.host_ports.release(&self.uid);
+            self.shared.catalog.set_host_ports(&self.uid, vec![]);
             // A finished pod keeps its containers (for logs) but not its sandbox.
             for s in self.sandboxes().await? {
                 if s.state == api::PodSandboxState::SandboxReady as i32 {
