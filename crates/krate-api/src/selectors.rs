@@ -1,11 +1,47 @@
 //! Label selectors (equality- and set-based) and field selectors, parsed from the query
-//! string syntax and from `LabelSelector` objects; and whether a toleration tolerates a
-//! taint.
+//! string syntax and from `LabelSelector` objects; whether a toleration tolerates a
+//! taint; and which host ports two pods cannot both hold on one node.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Taint, Toleration};
+use k8s_openapi::api::core::v1::{Pod, Taint, Toleration};
 use serde_json::Value;
+
+/// A host port a pod's container asks of its node (upstream's NodePorts): the protocol,
+/// the node address it binds (None: all of them, as an empty or unspecified `hostIP`)
+/// and the port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    pub protocol: String,
+    pub ip: Option<IpAddr>,
+    pub port: i32,
+}
+
+impl HostPort {
+    /// Whether pods asking for these two could not both run on one node: the same
+    /// protocol and port, on the same address or either on all of them.
+    pub fn conflicts(&self, other: &HostPort) -> bool {
+        self.protocol == other.protocol
+            && self.port == other.port
+            && (self.ip.is_none() || other.ip.is_none() || self.ip == other.ip)
+    }
+}
+
+/// The host ports a pod's containers ask for (upstream counts the pod's containers, not
+/// its init containers).
+pub fn host_ports(pod: &Pod) -> Vec<HostPort> {
+    let containers = pod.spec.iter().flat_map(|s| s.containers.iter());
+    containers
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| p.host_port.is_some_and(|h| h > 0))
+        .map(|p| HostPort {
+            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            ip: p.host_ip.as_deref().and_then(|ip| ip.parse().ok()).filter(|ip: &IpAddr| !ip.is_unspecified()),
+            port: p.host_port.unwrap_or_default(),
+        })
+        .collect()
+}
 
 /// Upstream's `ToleratesTaint`: the key matches (an empty key with `Exists` matches every
 /// key), the value matches unless the operator is `Exists`, and the effect matches (an

@@ -85,6 +85,19 @@ impl State {
             && spec.and_then(|s| s.scheduler_name.as_deref()).unwrap_or(DEFAULT_SCHEDULER) == self.name
     }
 
+    /// Pending pods a preemption nominated to a node, with the node. Pending pods are
+    /// the active and the waiting ones (a waiting pod made active again is both), not
+    /// every pod the scheduler follows.
+    fn nominated(&self) -> Vec<(String, Arc<Pod>)> {
+        let pending: HashSet<&String> = self.active.iter().chain(self.unschedulable.keys()).collect();
+        pending
+            .into_iter()
+            .filter_map(|id| self.pods.get(id))
+            .filter(|p| self.wants(p))
+            .filter_map(|p| Some((p.status.as_ref()?.nominated_node_name.clone()?, p.clone())))
+            .collect()
+    }
+
     /// Something freed or added capacity: every waiting pod gets another try.
     fn cluster_changed(&mut self) {
         let waiting: Vec<String> = self.unschedulable.keys().cloned().collect();
@@ -386,6 +399,7 @@ fn existing_unschedulable_message(pod: &Pod) -> Option<String> {
 
 /// One pass over the active queue: highest priority first, then oldest.
 fn schedule_pass(state: &mut State, io: &Io, binds: &Arc<Semaphore>, done: &mpsc::UnboundedSender<(String, Outcome)>) {
+    let nominated = state.nominated();
     let mut queue: Vec<Arc<Pod>> = state.active.drain().filter_map(|id| state.pods.get(&id).cloned()).collect();
     queue.sort_by_key(|p| {
         (
@@ -403,12 +417,7 @@ fn schedule_pass(state: &mut State, io: &Io, binds: &Arc<Semaphore>, done: &mpsc
             .iter()
             .filter_map(|(id, node)| Some((node.clone(), state.pods.get(id)?.clone())))
             .collect(),
-        nominated: state
-            .pods
-            .values()
-            .filter(|p| state.wants(p))
-            .filter_map(|p| Some((p.status.as_ref()?.nominated_node_name.clone()?, p.clone())))
-            .collect(),
+        nominated,
         nodes,
         slots,
     };

@@ -8,6 +8,8 @@ use k8s_openapi::api::core::v1::{
     Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodAffinityTerm, Taint, Toleration,
 };
 
+use krate_api::selectors::{host_ports, HostPort};
+
 use crate::quantity::{parse, Resources};
 
 /// What is placed on a node (bound or assumed pods).
@@ -15,8 +17,7 @@ use crate::quantity::{parse, Resources};
 pub struct NodeUsage {
     pub requested: Resources,
     pub pods: usize,
-    /// (protocol, hostIP, hostPort)
-    pub host_ports: HashSet<(String, String, i32)>,
+    pub host_ports: HashSet<HostPort>,
     /// CPU and memory with upstream's defaults for pods that request none (scoring
     /// only, so that such pods spread instead of piling onto one node).
     pub non_zero: (f64, f64),
@@ -63,7 +64,7 @@ fn non_zero(requests: &Resources) -> (f64, f64) {
 #[derive(Clone, Debug)]
 pub struct Needs {
     pub requests: Resources,
-    host_ports: Vec<(String, String, i32)>,
+    host_ports: Vec<HostPort>,
     non_zero: (f64, f64),
     /// The pod's images, normalized.
     images: Vec<String>,
@@ -156,23 +157,6 @@ pub fn pod_requests(pod: &Pod) -> Resources {
         sum.add_one(k, parse(&v.0).unwrap_or(0.0));
     }
     sum
-}
-
-fn host_ports(pod: &Pod) -> Vec<(String, String, i32)> {
-    let Some(spec) = &pod.spec else { return vec![] };
-    spec.containers
-        .iter()
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| {
-            p.host_port.filter(|hp| *hp > 0).map(|hp| {
-                (
-                    p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                    p.host_ip.clone().unwrap_or_else(|| "0.0.0.0".into()),
-                    hp,
-                )
-            })
-        })
-        .collect()
 }
 
 /// A node with what the plugins read from it parsed once.
@@ -299,12 +283,7 @@ pub fn filter(pod: &Pod, needs: &Needs, info: &NodeInfo, usage: &NodeUsage) -> O
     if let Some(reason) = node_selected(pod, &info.node) {
         return Some(reason);
     }
-    if needs.host_ports.iter().any(|(proto, ip, port)| {
-        usage
-            .host_ports
-            .iter()
-            .any(|(p2, ip2, port2)| p2 == proto && port2 == port && (ip == ip2 || ip == "0.0.0.0" || ip2 == "0.0.0.0"))
-    }) {
+    if needs.host_ports.iter().any(|wanted| usage.host_ports.iter().any(|held| wanted.conflicts(held))) {
         return Some("node(s) didn't have free ports for the requested pod ports".into());
     }
     let max_pods = info.allocatable.pods().unwrap_or(110.0) as usize;
@@ -578,6 +557,23 @@ mod tests {
         let mut p = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "resources": {"requests": {"cpu": cpu}}}]}});
         crate::merge(&mut p, &extra);
         serde_json::from_value(p).unwrap()
+    }
+
+    #[test]
+    fn a_host_port_held_on_all_addresses_is_taken_on_each() {
+        let with_port = |ip: &str, protocol: &str| {
+            let port = json!({"containerPort": 80, "hostPort": 8080, "hostIP": ip, "protocol": protocol});
+            let mut p = pod("100m", json!({}));
+            p.spec.as_mut().unwrap().containers[0].ports = Some(vec![serde_json::from_value(port).unwrap()]);
+            p
+        };
+        let mut usage = NodeUsage::default();
+        // An empty hostIP binds every address of the node.
+        usage.add(Arc::new(with_port("", "TCP")));
+        let n = node("n", "2", json!({}));
+        let taken = Some("node(s) didn't have free ports for the requested pod ports");
+        assert_eq!(fits(&with_port("10.0.0.1", "TCP"), &n, &usage).as_deref(), taken);
+        assert_eq!(fits(&with_port("10.0.0.1", "UDP"), &n, &usage), None, "another protocol");
     }
 
     #[test]

@@ -1154,23 +1154,27 @@ async fn kubectl_debug_runs_an_ephemeral_container_that_sees_its_targets_process
     assert_eq!(container_status(&pod).unwrap()["restartCount"], 0);
 }
 
+/// The directory of `container`'s logs under the agent's (`<ns>_<pod>_<uid>/<container>`),
+/// once the pod has one.
+fn log_dir(server: &TestServer, pod: &str, container: &str) -> Option<std::path::PathBuf> {
+    let prefix = format!("default_{pod}_");
+    let entries = std::fs::read_dir(server.data_dir().join("agent/pods")).ok()?;
+    let pod_dir = entries.filter_map(Result::ok).find(|e| e.file_name().to_string_lossy().starts_with(&prefix))?;
+    Some(pod_dir.path().join(container))
+}
+
 /// The files of `container`'s first log (`0.log` and its rotations) under the agent's
 /// log directory, with their contents.
 fn log_files(server: &TestServer, pod: &str, container: &str) -> Vec<(String, String)> {
-    let root = server.data_dir().join("agent/pods");
-    let Some(pod_dir) = std::fs::read_dir(&root).ok().and_then(|entries| {
-        entries.filter_map(Result::ok).find(|e| e.file_name().to_string_lossy().starts_with(&format!("default_{pod}_")))
-    }) else {
-        return Vec::new();
-    };
-    let mut files: Vec<(String, String)> = std::fs::read_dir(pod_dir.path().join(container))
+    let Some(dir) = log_dir(server, pod, container) else { return Vec::new() };
+    let mut files: Vec<(String, String)> = std::fs::read_dir(&dir)
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .filter(|name| name.starts_with("0.log"))
                 .map(|name| {
-                    let bytes = std::fs::read(pod_dir.path().join(container).join(&name)).unwrap_or_default();
+                    let bytes = std::fs::read(dir.join(&name)).unwrap_or_default();
                     // Older rotations are gzipped, as upstream's kubelet leaves them.
                     let text = if name.ends_with(".gz") {
                         let mut text = String::new();
@@ -1399,15 +1403,8 @@ async fn a_projected_trust_bundle_holds_the_certificates_of_its_bundles() {
 
 /// The bytes a container's log files take on disk (current, rotated and compressed).
 fn log_bytes_on_disk(server: &TestServer, pod: &str, container: &str) -> u64 {
-    let root = server.data_dir().join("agent/pods");
-    let prefix = format!("default_{pod}_");
-    let Some(pod_dir) = std::fs::read_dir(&root).ok().and_then(|entries| {
-        entries.filter_map(Result::ok).find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-    }) else {
-        return 0;
-    };
-    let files = std::fs::read_dir(pod_dir.path().join(container)).map(|e| e.filter_map(Result::ok).collect::<Vec<_>>());
-    files.unwrap_or_default().iter().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()
+    let Some(entries) = log_dir(server, pod, container).and_then(|dir| std::fs::read_dir(dir).ok()) else { return 0 };
+    entries.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()
 }
 
 #[tokio::test]

@@ -6,10 +6,10 @@
 //! NodePorts predicate, for pods bound without the scheduler).
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::{Pod, Taint};
+use krate_api::selectors::{host_ports, HostPort};
 
 use super::{manifests, status};
 use crate::pressure::Condition;
@@ -48,25 +48,6 @@ pub fn rejection(pod: &Pod, conditions: &[Condition], shutting_down: bool) -> Op
     Some(("Evicted", format!("The node had condition: [{}]. ", names.join(" "))))
 }
 
-/// A host port a container asks for: protocol, address (None: all of the node's), port.
-type HostPort = (String, Option<Ipv4Addr>, i32);
-
-fn host_ports(pod: &Pod) -> Vec<HostPort> {
-    let containers = pod.spec.iter().flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()));
-    containers
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter(|p| p.host_port.is_some_and(|h| h > 0))
-        .map(|p| {
-            let ip = p.host_ip.as_deref().and_then(|ip| ip.parse().ok()).filter(|ip: &Ipv4Addr| !ip.is_unspecified());
-            (p.protocol.clone().unwrap_or_else(|| "TCP".into()), ip, p.host_port.unwrap_or_default())
-        })
-        .collect()
-}
-
-fn conflict(a: &HostPort, b: &HostPort) -> bool {
-    a.0 == b.0 && a.2 == b.2 && (a.1.is_none() || b.1.is_none() || a.1 == b.1)
-}
-
 /// The host ports the node's running pods hold, by pod UID.
 #[derive(Default)]
 pub struct HostPortClaims(Mutex<HashMap<String, Vec<HostPort>>>);
@@ -79,7 +60,7 @@ impl HostPortClaims {
         let wanted = host_ports(pod);
         let mut claims = self.0.lock().expect("host port claims");
         let taken = claims.iter().filter(|(holder, _)| *holder != uid).flat_map(|(_, held)| held);
-        if admitting && taken.into_iter().any(|held| wanted.iter().any(|w| conflict(w, held))) {
+        if admitting && taken.into_iter().any(|held| wanted.iter().any(|w| w.conflicts(held))) {
             let message = "Predicate NodePorts failed: node(s) didn't have free ports for the requested pod ports";
             return Some(("NodePorts", message.into()));
         }
