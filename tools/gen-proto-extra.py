@@ -22,7 +22,11 @@ WANTED = [
         "MutatingAdmissionPolicyBinding", "MutatingAdmissionPolicyBindingList",
         "MutatingAdmissionPolicyBindingSpec",
     ]),
-    ("certificates/v1", ["ClusterTrustBundle", "ClusterTrustBundleList", "ClusterTrustBundleSpec"]),
+    ("certificates/v1", [
+        "ClusterTrustBundle", "ClusterTrustBundleList", "ClusterTrustBundleSpec",
+        "PodCertificateRequest", "PodCertificateRequestList", "PodCertificateRequestSpec",
+        "PodCertificateRequestStatus",
+    ]),
     ("storagemigration/v1", [
         "StorageVersionMigration", "StorageVersionMigrationList", "StorageVersionMigrationSpec",
         "StorageVersionMigrationStatus",
@@ -52,14 +56,17 @@ def main():
         for name in messages:
             body = re.search(r"^message %s \{(.*?)^\}" % name, text, re.M | re.S).group(1)
             lines.append(f"M api.{package.replace('/', '.')}.{name}")
+            fields = []
             for field in re.finditer(r"(optional|repeated)\s+([\w.]+)\s+(\w+)\s*=\s*(\d+);", body):
                 label, proto_type, json_name, tag = field.groups()
                 kind = type_of(proto_type, package)
                 if label == "repeated":
                     kind = "r:" + kind
-                lines.append(f"F {tag} {json_name} {kind}")
-            if re.search(r"\bmap<", body):
-                raise SystemExit(f"{name}: map fields are not handled by this generator")
+                fields.append((int(tag), f"F {tag} {json_name} {kind}"))
+            for field in re.finditer(r"map<\s*(\w+),\s*([\w.]+)>\s+(\w+)\s*=\s*(\d+);", body):
+                key, value, json_name, tag = field.groups()
+                fields.append((int(tag), f"F {tag} {json_name} map:{key}:{type_of(value, package)}"))
+            lines.extend(line for _, line in sorted(fields))
     with open(OUT, "w") as out:
         out.write("\n".join(lines) + "\n")
     print(f"wrote {OUT}")

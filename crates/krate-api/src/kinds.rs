@@ -109,6 +109,9 @@ pub enum SubresourceHandler {
     /// `pods/ephemeralcontainers`: writes only `spec.ephemeralContainers` (the generic
     /// path serves it; `kubectl debug` adds a container this way).
     EphemeralContainers,
+    /// `pods/resize`: writes only the containers' resources and resize policies (the
+    /// generic path serves it; the node agent applies the change in place).
+    Resize,
 }
 
 const fn subresource(
@@ -134,6 +137,7 @@ const POD_SUBRESOURCES: &[SubresourceInfo] = &[
     },
     subresource("proxy", SubresourceHandler::Proxy, "PodProxyOptions", PROXY_VERBS),
     subresource("ephemeralcontainers", SubresourceHandler::EphemeralContainers, "Pod", &["get", "patch", "update"]),
+    subresource("resize", SubresourceHandler::Resize, "Pod", &["get", "patch", "update"]),
 ];
 const NODE_SUBRESOURCES: &[SubresourceInfo] =
     &[subresource("proxy", SubresourceHandler::Proxy, "NodeProxyOptions", PROXY_VERBS)];
@@ -481,6 +485,11 @@ const NODE_FIELDS: &[SelectableField] = &[flag("spec.unschedulable", &["spec", "
 const REPLICAS_FIELDS: &[SelectableField] = &[count("status.replicas", &["status", "replicas"])];
 const JOB_FIELDS: &[SelectableField] = &[count("status.successful", &["status", "successful"])];
 const CSR_FIELDS: &[SelectableField] = &[text("spec.signerName", &["spec", "signerName"])];
+const PCR_FIELDS: &[SelectableField] = &[
+    text("spec.signerName", &["spec", "signerName"]),
+    text("spec.podName", &["spec", "podName"]),
+    text("spec.nodeName", &["spec", "nodeName"]),
+];
 const SERVICE_FIELDS: &[SelectableField] =
     &[text("spec.clusterIP", &["spec", "clusterIP"]), text("spec.type", &["spec", "type"])];
 
@@ -718,6 +727,13 @@ pub fn builtin_kinds() -> Vec<KindInfo> {
             .0,
         // Trust anchors for pods (the clusterTrustBundle projected volume source).
         kind::<certificates::ClusterTrustBundle>().names(NameRule::PathSegment).0,
+        // What node agents ask signers for, for pods' podCertificate projected volumes.
+        kind::<certificates::PodCertificateRequest>()
+            .status_only()
+            .status_metadata(&[])
+            .fields(PCR_FIELDS)
+            .strategy(&strategy::PodCertificateRequestStrategy)
+            .0,
         kind::<certificates::CertificateSigningRequest>()
             .short(&["csr"])
             .printer(&printers::CSRS)

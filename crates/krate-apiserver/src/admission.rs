@@ -250,7 +250,7 @@ impl Plugin for NodeRestriction {
         "NodeRestriction"
     }
 
-    async fn validate(&self, _: &Storage, attrs: &Attributes<'_>, obj: &Value) -> ApiResult<()> {
+    async fn validate(&self, storage: &Storage, attrs: &Attributes<'_>, obj: &Value) -> ApiResult<()> {
         let Some(request) = attrs.request else { return Ok(()) };
         let Some(node) = crate::rbac::node::node_name(&request.user) else { return Ok(()) };
         let refuse = |why: String| Err(forbidden(attrs.kind, obj, why));
@@ -281,6 +281,12 @@ impl Plugin for NodeRestriction {
                 }
                 _ => {}
             }
+        } else if attrs.kind.is::<k8s_openapi::api::certificates::v1::PodCertificateRequest>()
+            && op == Operation::Create
+        {
+            if let Some(why) = pod_certificate_refusal(storage, node, obj).await {
+                return refuse(why);
+            }
         } else if attrs.kind.is::<core::Node>() && op != Operation::Delete && object::name(obj) != node {
             return refuse(format!("node {node:?} is not allowed to modify node {:?}", object::name(obj)));
         } else if attrs.kind.is::<k8s_openapi::api::coordination::v1::Lease>() {
@@ -294,6 +300,33 @@ impl Plugin for NodeRestriction {
         }
         Ok(())
     }
+}
+
+/// Why node `node` may not ask for the PodCertificateRequest `pcr`, if it may not: only
+/// for a pod bound to itself, naming that pod's UID and service account (upstream's
+/// NodeRestriction, which also checks the node's own UID, as this does).
+async fn pod_certificate_refusal(storage: &Storage, node: &str, pcr: &Value) -> Option<String> {
+    let spec = |field: &str| get_str(pcr, &["spec", field]).unwrap_or_default();
+    if spec("nodeName") != node {
+        return Some(format!("node {node:?} can only create podcertificaterequests with spec.nodeName set to itself"));
+    }
+    let namespace = object::namespace(pcr).map(str::to_string);
+    let pod = storage.get(&storage.builtin::<core::Pod>(namespace), spec("podName")).await.ok().map(|p| p.parse());
+    let matches = pod.as_ref().is_some_and(|pod| {
+        object::uid(pod) == spec("podUID")
+            && get_str(pod, &["spec", "nodeName"]) == Some(node)
+            && get_str(pod, &["spec", "serviceAccountName"]).unwrap_or("default") == spec("serviceAccountName")
+    });
+    if !matches {
+        return Some(format!(
+            "node {node:?} can only create podcertificaterequests for pods bound to it, naming their UID and service account"
+        ));
+    }
+    let own = storage.get(&storage.builtin::<core::Node>(None), node).await.ok().map(|n| n.parse());
+    if own.as_ref().is_some_and(|n| object::uid(n) != spec("nodeUID")) {
+        return Some(format!("node {node:?} can only create podcertificaterequests with spec.nodeUID set to its own"));
+    }
+    None
 }
 
 /// krate's version skew policy for node agents (as upstream's for kubelets): an agent may

@@ -57,6 +57,7 @@ pub(crate) fn manager<'a>(
             Subresource::Scale => Some("scale"),
             Subresource::Approval => Some("approval"),
             Subresource::EphemeralContainers => Some("ephemeralcontainers"),
+            Subresource::Resize => Some("resize"),
             _ => None,
         },
         ignore_status: kind.status,
@@ -76,6 +77,8 @@ pub enum Subresource {
     Approval,
     /// `pods/ephemeralcontainers`: writes only `spec.ephemeralContainers`.
     EphemeralContainers,
+    /// `pods/resize`: writes only the containers' `resources` and `resizePolicy`.
+    Resize,
 }
 
 impl Subresource {
@@ -83,6 +86,7 @@ impl Subresource {
     fn of_request(opts: &WriteOptions) -> Self {
         match opts.request.as_deref().map(|r| r.subresource.as_str()) {
             Some("ephemeralcontainers") => Subresource::EphemeralContainers,
+            Some("resize") => Subresource::Resize,
             _ => Subresource::Main,
         }
     }
@@ -214,6 +218,24 @@ pub(crate) fn to_storage(kind: &KindInfo, served: Value) -> ApiResult<Value> {
 }
 
 /// The served JSON of a cached object, without re-encoding when no conversion applies.
+/// Whether `obj` matches `fields` as `kind` serves it. The watch cache keeps the field
+/// values of the stored form; a custom resource served in another version is matched
+/// on its converted form (a version's selectable fields may exist only there, as
+/// upstream selects after conversion). An object that cannot be converted matches
+/// nothing.
+pub fn fields_match(kind: &KindInfo, obj: &CachedObject, fields: &FieldSelector) -> bool {
+    if fields.is_empty() {
+        return true;
+    }
+    if kind.custom.is_some() && serving_changes(kind, obj) {
+        return match to_served(kind, obj.parse()) {
+            Ok(served) => fields.matches(|f| kind.field_value(&served, f)),
+            Err(_) => false,
+        };
+    }
+    fields.matches(|f| obj.field(f).map(str::to_string))
+}
+
 pub fn served_json(kind: &KindInfo, obj: &CachedObject) -> ApiResult<Bytes> {
     match serving_changes(kind, obj) {
         true => Ok(Bytes::from(krate_api::protobuf::to_go_json(&to_served(kind, obj.parse())?))),
@@ -462,6 +484,7 @@ fn validate(kind: &KindInfo, obj: &Value, old: Option<&Value>, sub: Subresource)
                 Subresource::EphemeralContainers => {
                     kind.strategy.validate_subresource_update("ephemeralcontainers", obj, old, &mut errs)
                 }
+                Subresource::Resize => kind.strategy.validate_subresource_update("resize", obj, old, &mut errs),
                 _ => kind.strategy.validate_update(obj, old, &mut errs),
             }
             if get(old, &["metadata", "deletionTimestamp"]).is_some() {
@@ -927,6 +950,15 @@ impl Storage {
                 }
                 new
             }
+            Subresource::Resize => {
+                // Upstream's dropNonResizeUpdates: each container of the stored pod takes
+                // the resources and resize policy the body gives the container of its name.
+                let served = to_storage(kind, body)?;
+                let mut new = current.clone();
+                krate_api::strategy::take_resize(&mut new, &served);
+                kind.strategy.default(&mut new);
+                new
+            }
             Subresource::Scale => unreachable!("scale has its own path"),
         };
         object::set(
@@ -934,8 +966,9 @@ impl Storage {
             &["metadata", "resourceVersion"],
             get(current, &["metadata", "resourceVersion"]).cloned().unwrap_or(Value::Null),
         );
-        // A pod's ephemeral containers are its spec too (upstream bumps its generation).
-        let spec_write = matches!(sub, Subresource::Main | Subresource::EphemeralContainers);
+        // A pod's ephemeral containers and resources are its spec too (upstream bumps its
+        // generation).
+        let spec_write = matches!(sub, Subresource::Main | Subresource::EphemeralContainers | Subresource::Resize);
         if kind.generation && spec_write && spec_changed(&new, current) {
             let generation = get(current, &["metadata", "generation"]).and_then(Value::as_i64).unwrap_or(0);
             object::set(&mut new, &["metadata", "generation"], json!(generation + 1));
@@ -1280,9 +1313,7 @@ impl Storage {
         let revision = snapshot_rev.unwrap_or_else(|| self.cache.revision().max(state.last_change));
         let lower = start.unwrap_or_else(|| prefix.to_string());
         let upper = krate_store::prefix_end(prefix);
-        let matches = |o: &CachedObject| {
-            opts.labels.matches(&o.labels) && opts.fields.matches(|f| o.field(f).map(str::to_string))
-        };
+        let matches = |o: &CachedObject| opts.labels.matches(&o.labels) && fields_match(kind, o, &opts.fields);
         let mut items = Vec::new();
         let mut iter = state.objects.range(lower..upper).map(|(_, o)| o).filter(|o| matches(o));
         for obj in iter.by_ref() {
@@ -1333,7 +1364,7 @@ impl Storage {
                 })?;
             for kv in &page.items {
                 let Some(obj) = CachedObject::from_kv(kv, kv.mod_revision, paths) else { continue };
-                if opts.labels.matches(&obj.labels) && opts.fields.matches(|f| obj.field(f).map(str::to_string)) {
+                if opts.labels.matches(&obj.labels) && fields_match(kind, &obj, &opts.fields) {
                     items.push(Arc::new(obj));
                 }
             }

@@ -1444,3 +1444,150 @@ async fn a_container_writing_100_mib_keeps_its_logs_within_the_configured_bound(
     );
     eprintln!("100 MiB written; the logs took at most {:.1} MiB on disk", largest.get() as f64 / MIB as f64);
 }
+
+/// Signs a PodCertificateRequest's stub request as a signer would: a certificate for
+/// its key, valid from a minute ago for an hour, beginning to refresh after half of it.
+fn issue(request: &serde_json::Value) -> serde_json::Value {
+    use base64::Engine;
+    let der = base64::engine::general_purpose::STANDARD.decode(request["spec"]["stubPKCS10Request"].as_str().unwrap());
+    let csr = rcgen::CertificateSigningRequestParams::from_der(&der.unwrap().into()).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(vec![]).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let not_before = now - 60;
+    let mut csr = csr;
+    csr.params.not_before = rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(not_before);
+    csr.params.not_after = csr.params.not_before + Duration::from_secs(3600);
+    let leaf = csr.signed_by(&issuer).unwrap().pem();
+    let at = |s: u64| jiff::Timestamp::from_second(s as i64).unwrap().to_string();
+    let mut issued = request.clone();
+    issued["status"] = json!({"certificateChain": leaf, "notBefore": at(not_before), "notAfter": at(not_before + 3600),
+        "beginRefreshAt": at(not_before + 1800),
+        "conditions": [{"type": "Issued", "status": "True", "reason": "Test", "message": "issued by the test",
+            "lastTransitionTime": at(now)}]});
+    issued
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_certificate_volume_holds_a_node_made_key_and_the_certificate_its_signer_issued() {
+    let registry = TestRegistry::start();
+    let server = server_with_agent(&[&registry], 15, &[]);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "holder"}, "spec": {
+        "restartPolicy": "Never",
+        "volumes": [{"name": "tls", "projected": {"sources": [{"podCertificate": {
+            "signerName": "example.com/test-signer", "keyType": "ECDSAP256",
+            "credentialBundlePath": "bundle.pem", "certificateChainPath": "chain.pem",
+            "userAnnotations": {"example.com/purpose": "test"}}}]}}],
+        "containers": [{"name": "c", "image": registry.image("busybox"),
+            "command": ["sh", "-c", "cat /tls/bundle.pem; echo =====; cat /tls/chain.pem"],
+            "volumeMounts": [{"name": "tls", "mountPath": "/tls"}]}]}});
+    server.create(&pod.to_string());
+    let requests: Api<k8s_openapi::api::certificates::v1::PodCertificateRequest> =
+        Api::namespaced(client.clone(), "default");
+    // The node asks: for this pod on this node, with the key type's public key and the
+    // default lifetime the API server fills in.
+    let request = eventually(60, "the node's PodCertificateRequest", || async {
+        requests.list(&ListParams::default()).await.ok()?.items.into_iter().next()
+    })
+    .await;
+    let holder: Pod = Api::namespaced(client.clone(), "default").get("holder").await.unwrap();
+    let request = serde_json::to_value(&request).unwrap();
+    let spec = &request["spec"];
+    assert_eq!(spec["podName"], "holder");
+    assert_eq!(spec["podUID"].as_str(), holder.metadata.uid.as_deref());
+    assert_eq!((&spec["nodeName"], &spec["serviceAccountName"]), (&json!("node-1"), &json!("default")));
+    assert_eq!(spec["maxExpirationSeconds"], 86400);
+    assert_eq!(spec["unverifiedUserAnnotations"]["example.com/purpose"], "test");
+    assert_eq!(request["metadata"]["ownerReferences"][0]["name"], "holder");
+
+    // The signer answers through /status; a second answer is refused (issued is final).
+    let issued = issue(&request);
+    let name = request["metadata"]["name"].as_str().unwrap();
+    let typed = |v: serde_json::Value| serde_json::from_value(v).unwrap();
+    requests.replace_status(name, &PostParams::default(), &typed(issued.clone())).await.unwrap();
+    let current = serde_json::to_value(requests.get(name).await.unwrap()).unwrap();
+    let again = typed(issue(&current));
+    let refused = requests.replace_status(name, &PostParams::default(), &again).await.unwrap_err();
+    assert!(refused.to_string().contains("immutable after PodCertificateRequest is issued"), "{refused}");
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    eventually(90, "the pod to succeed", || async {
+        (pods.get("holder").await.ok()?.status?.phase.as_deref() == Some("Succeeded")).then_some(())
+    })
+    .await;
+    let logs = server.kubectl_ok(&["logs", "holder"]);
+    let (bundle, chain) = logs.split_once("=====\n").unwrap();
+    let leaf = issued["status"]["certificateChain"].as_str().unwrap();
+    assert_eq!(chain, leaf, "the chain as issued");
+    // The bundle: the node's private key (PKCS#8), then the chain; the key is the one
+    // the certificate certifies.
+    assert!(bundle.starts_with("-----BEGIN PRIVATE KEY-----") && bundle.ends_with(leaf), "{bundle}");
+    let key_pem = &bundle[..bundle.len() - leaf.len()];
+    let key = rcgen::KeyPair::from_pem(key_pem).unwrap();
+    let (_, cert) = x509_parser::pem::parse_x509_pem(leaf.as_bytes()).unwrap();
+    let cert = cert.parse_x509().unwrap();
+    assert_eq!(&cert.public_key().subject_public_key.data[..], key.public_key_raw());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resized_container_gets_its_new_cpu_and_memory_in_place() {
+    let registry = TestRegistry::start();
+    let server = server_with_agent(&[&registry], 16, &[]);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "elastic"}, "spec": {
+        "containers": [{"name": "c", "image": registry.image("busybox"), "command": ["sleep", "3600"],
+            "resources": {"requests": {"cpu": "20m", "memory": "35Mi"}, "limits": {"cpu": "30m", "memory": "45Mi"}}}]}});
+    server.create(&pod.to_string());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let cgroup = |file: &str| server.kubectl_ok(&["exec", "elastic", "--", "cat", file]).trim().to_string();
+    let status = eventually(90, "the pod running with its resources reported", || async {
+        let s = container_status(&pods.get("elastic").await.ok()?)?;
+        s["state"]["running"].is_object().then_some(s)
+    })
+    .await;
+    assert_eq!(status["allocatedResources"], json!({"cpu": "20m", "memory": "35Mi"}));
+    assert_eq!(status["resources"]["limits"], json!({"cpu": "30m", "memory": "45Mi"}));
+    assert_eq!(cgroup("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), "3000");
+
+    let resize = json!({"spec": {"containers": [{"name": "c",
+        "resources": {"requests": {"cpu": "25m", "memory": "40Mi"}, "limits": {"cpu": "35m", "memory": "50Mi"}}}]}});
+    let patched = pods
+        .patch_subresource(
+            "resize",
+            "elastic",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Strategic(resize),
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.metadata.generation, Some(2), "a resize is a spec change");
+    let status = eventually(60, "the resize applied and reported", || async {
+        let pod = pods.get("elastic").await.ok()?;
+        let s = container_status(&pod)?;
+        let observed = pod.status.as_ref()?.observed_generation == Some(2);
+        (observed && s["resources"]["limits"]["cpu"] == "35m").then_some(s)
+    })
+    .await;
+    assert_eq!(status["allocatedResources"], json!({"cpu": "25m", "memory": "40Mi"}));
+    assert_eq!(status["restartCount"], 0, "resized in place: {status}");
+    assert_eq!(cgroup("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), "3500");
+    assert_eq!(cgroup("/sys/fs/cgroup/memory/memory.limit_in_bytes"), (50u64 << 20).to_string());
+    // Only resources go through pods/resize; the QoS class stays.
+    let upgrade = json!({"spec": {"containers": [{"name": "c",
+        "resources": {"requests": {"cpu": "35m", "memory": "50Mi"}, "limits": {"cpu": "35m", "memory": "50Mi"}}}]}});
+    let err = pods
+        .patch_subresource(
+            "resize",
+            "elastic",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Strategic(upgrade),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("Pod QOS Class may not change as a result of resizing"), "{err}");
+}

@@ -351,6 +351,44 @@ fn a_conversion_webhook_serves_each_version_converted() {
 }
 
 #[test]
+fn field_selectors_of_a_converted_version_select_on_its_converted_form() {
+    let server = TestServer::start();
+    let hooks = WebhookServer::start();
+    // v1 (stored) selects on spec.replicas, v2 on spec.count: a field only the
+    // webhook's answer holds.
+    let mut crd = gadget_crd(&hooks, "/convert");
+    crd["spec"]["versions"][0]["selectableFields"] = json!([{"jsonPath": ".spec.replicas"}]);
+    crd["spec"]["versions"][1]["selectableFields"] = json!([{"jsonPath": ".spec.count"}]);
+    let out = server.kubectl_stdin(&["create", "-f", "-"], Some(&crd.to_string()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    server.kubectl_ok(&["wait", "--for=condition=Established", "crd/gadgets.example.com"]);
+    for (name, replicas) in [("three", 3), ("five", 5)] {
+        let gadget = json!({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": name},
+            "spec": {"replicas": replicas}});
+        let created = common::holds_within(10, || {
+            server.kubectl_stdin(&["create", "-f", "-"], Some(&gadget.to_string())).status.success()
+        });
+        assert!(created, "creating {name}");
+    }
+    let names = |args: &[&str]| server.kubectl_ok(&[args, &["-o", "name"]].concat());
+    assert_eq!(
+        names(&["get", "gadgets.v2.example.com", "--field-selector", "spec.count=5"]),
+        "gadget.example.com/five\n"
+    );
+    assert_eq!(
+        names(&["get", "gadgets.v1.example.com", "--field-selector", "spec.replicas=3"]),
+        "gadget.example.com/three\n"
+    );
+    assert_eq!(
+        names(&["get", "gadgets.v2.example.com", "--field-selector", "spec.count!=5"]),
+        "gadget.example.com/three\n"
+    );
+    // Deleting a collection selects the same way.
+    server.kubectl_ok(&["delete", "gadgets.v2.example.com", "--field-selector", "spec.count=3"]);
+    assert_eq!(names(&["get", "gadgets.v1.example.com"]), "gadget.example.com/five\n");
+}
+
+#[test]
 fn a_failing_conversion_webhook_fails_reads_of_other_versions_only() {
     let server = TestServer::start();
     let hooks = WebhookServer::start();

@@ -4,6 +4,7 @@
 //! pods neither source has are removed.
 
 pub mod admission;
+mod certificates;
 pub mod dns;
 mod env;
 pub mod manifests;

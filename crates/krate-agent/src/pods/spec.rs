@@ -175,6 +175,40 @@ fn amount(container: &Container, which: &str, resource: &str, scale: f64) -> Opt
     krate_api::quantity::parse(&map.get(resource)?.0).map(|v| (v * scale).round() as i64)
 }
 
+/// The container's resources as its spec states them (`{}` for none), the form a
+/// container status reports them in.
+pub fn resources_json(container: &Container) -> serde_json::Value {
+    let mut out = serde_json::json!({});
+    let resources = container.resources.as_ref();
+    for (key, map) in [
+        ("requests", resources.and_then(|r| r.requests.as_ref())),
+        ("limits", resources.and_then(|r| r.limits.as_ref())),
+    ] {
+        if let Some(map) = map.filter(|m| !m.is_empty()) {
+            out[key] = serde_json::to_value(map).unwrap_or_default();
+        }
+    }
+    out
+}
+
+/// The first of CPU and memory whose request or limit differs between `have` and `want`
+/// (in `resources_json`'s form) and whose resize policy says RestartContainer.
+pub fn resize_restarts(
+    container: &Container,
+    have: &serde_json::Value,
+    want: &serde_json::Value,
+) -> Option<&'static str> {
+    ["cpu", "memory"].into_iter().find(|resource| {
+        let changed = ["requests", "limits"].iter().any(|k| have[k][resource] != want[k][resource]);
+        let restart = container
+            .resize_policy
+            .iter()
+            .flatten()
+            .any(|p| p.resource_name == *resource && p.restart_policy == "RestartContainer");
+        changed && restart
+    })
+}
+
 /// cgroup settings as upstream derives them: shares from the CPU request, a CFS quota
 /// from the CPU limit, the memory limit as is.
 pub fn linux_resources(container: &Container) -> api::LinuxContainerResources {
@@ -310,6 +344,22 @@ mod tests {
         assert_eq!(expand("$(C)", &vars), "$(C)");
         assert_eq!(expand("cost $5 $(A", &vars), "cost $5 $(A");
         assert_eq!(expand("plain", &vars), "plain");
+    }
+
+    #[test]
+    fn a_resize_restarts_a_container_only_for_a_changed_resource_whose_policy_says_so() {
+        let c: Container = serde_json::from_value(serde_json::json!({"name": "c",
+            "resources": {"requests": {"cpu": "25m", "memory": "35Mi"}},
+            "resizePolicy": [{"resourceName": "memory", "restartPolicy": "RestartContainer"}]}))
+        .unwrap();
+        let want = resources_json(&c);
+        assert_eq!(want, serde_json::json!({"requests": {"cpu": "25m", "memory": "35Mi"}}));
+        let cpu_only = serde_json::json!({"requests": {"cpu": "20m", "memory": "35Mi"}});
+        assert_eq!(resize_restarts(&c, &cpu_only, &want), None);
+        let memory = serde_json::json!({"requests": {"cpu": "25m", "memory": "30Mi"}});
+        assert_eq!(resize_restarts(&c, &memory, &want), Some("memory"));
+        let none: Container = serde_json::from_value(serde_json::json!({"name": "c"})).unwrap();
+        assert_eq!(resources_json(&none), serde_json::json!({}));
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! it (CRI mounts, with subPath and readOnly). emptyDir (disk, or tmpfs for
 //! `medium: Memory`), hostPath (with its type checks), configMap, secret, downwardAPI and
 //! projected (files written atomically: a new timestamped directory, then the `..data`
-//! link swapped, so a container never reads half an update), and persistentVolumeClaim
-//! bound to hostPath or local PersistentVolumes.
+//! link swapped, so a container never reads half an update; podCertificate sources are
+//! `certificates.rs`), and persistentVolumeClaim bound to hostPath or local
+//! PersistentVolumes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,7 +27,7 @@ pub fn pod_dir(root: &Path, uid: &str) -> PathBuf {
 }
 
 /// Files of a projected-style volume: relative path → (content, mode).
-type Files = BTreeMap<String, (Vec<u8>, u32)>;
+pub(super) type Files = BTreeMap<String, (Vec<u8>, u32)>;
 
 fn key_files(
     data: BTreeMap<String, Vec<u8>>,
@@ -339,7 +340,7 @@ async fn set_up(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, rt: &R
     } else if let Some(p) = &v.projected {
         let mode = p.default_mode.unwrap_or(0o644) as u32;
         let mut all = Files::new();
-        for source in p.sources.iter().flatten() {
+        for (index, source) in p.sources.iter().flatten().enumerate() {
             let files = if let Some(c) = &source.config_map {
                 config_map_files(client, ns, &c.name, c.items.as_ref(), mode, c.optional.unwrap_or(false)).await?
             } else if let Some(s) = &source.secret {
@@ -350,6 +351,10 @@ async fn set_up(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, rt: &R
                 trust_bundle_files(client, b, mode).await?
             } else if let Some(t) = &source.service_account_token {
                 token_files(client, pod, t, &path, mode).await?
+            } else if let Some(c) = &source.pod_certificate {
+                // Private keys: owner-only when a group or user is given the volume.
+                let mode = if fs_group.is_some() { 0o600 } else { mode };
+                super::certificates::files(client, pod, c, dir, (&v.name, index), mode).await?
             } else {
                 Files::new()
             };

@@ -67,6 +67,9 @@ pub(super) struct PodWorker {
     /// Consecutive failed passes (runtime errors): the next retry waits 2^n s, ≤ 60 s.
     failures: u32,
     probers: Probers,
+    /// The resources each running container (by id) was given, as the pod spec states
+    /// them: what its status reports, and what a resize is measured against.
+    applied: HashMap<String, Value>,
     /// Set when the node shuts down: stop the pod within the grace period given.
     stop: Arc<std::sync::Mutex<Option<StopRequest>>>,
 }
@@ -190,6 +193,7 @@ impl PodWorker {
             last: None,
             failures: 0,
             probers: Probers::default(),
+            applied: HashMap::new(),
         }
     }
 
@@ -451,6 +455,7 @@ impl PodWorker {
                         self.waiting.remove(&c.name);
                         if status::is_running(s) {
                             self.kill_if_unhealthy(pod, c, s).await;
+                            self.resize(pod, c, s).await;
                         }
                         if app_started || self.started(c, &s.id) {
                             continue;
@@ -490,6 +495,7 @@ impl PodWorker {
                         self.waiting.remove(&c.name);
                         if status::is_running(s) {
                             self.kill_if_unhealthy(pod, c, s).await;
+                            self.resize(pod, c, s).await;
                         }
                     }
                 }
@@ -527,6 +533,9 @@ impl PodWorker {
             wake_at(&mut next, at);
         }
         self.update_probes(pod, &observed, &pod_ip);
+        let current: std::collections::HashSet<&str> =
+            observed.values().filter_map(|o| o.latest.as_ref()).map(|s| s.id.as_str()).collect();
+        self.applied.retain(|id, _| current.contains(id.as_str()));
         self.publish(pod, &observed, init_done, init_failed, &pod_ip, None).await?;
         if self.is_terminal() {
             let _ =
@@ -683,6 +692,7 @@ impl PodWorker {
             Err(e) => return self.not_created(&object, c, "CreateContainerError", e.message().to_string(), next).await,
         };
         self.shared.own(&id, &self.uid);
+        self.applied.insert(id.clone(), spec::resources_json(c));
         self.shared.events.normal(&object, "Created", &format!("Created container {}", c.name)).await;
         self.waiting.remove(&c.name);
         match self.cri().runtime.start_container(api::StartContainerRequest { container_id: id.clone() }).await {
@@ -777,6 +787,57 @@ impl PodWorker {
         }
     }
 
+    /// Applies a resize (upstream's in-place pod vertical scaling): a running container
+    /// whose spec asks for other CPU or memory than it was given gets them through the
+    /// runtime's UpdateContainerResources, or is restarted when its resize policy for a
+    /// changed resource says RestartContainer. An agent that restarted knows nothing of
+    /// what it gave earlier, so it applies the spec once (the update is idempotent).
+    async fn resize(&mut self, pod: &Pod, c: &Container, s: &api::ContainerStatus) {
+        let want = spec::resources_json(c);
+        let have = self.applied.get(&s.id);
+        if have == Some(&want) {
+            return;
+        }
+        let object = container_ref(pod, c, if is_sidecar(c) { Role::Init } else { Role::App });
+        if let Some(resource) = have.and_then(|have| spec::resize_restarts(c, have, &want)) {
+            let message = format!("Container {} {resource} resize requires restart", c.name);
+            self.shared.events.normal(&object, "Killing", &message).await;
+            let grace = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
+            let stop = api::StopContainerRequest { container_id: s.id.clone(), timeout: grace };
+            if let Err(e) = self.cri().runtime.stop_container(stop).await {
+                tracing::warn!(container = %s.id, error = %e.message(), "stopping a container to resize it failed");
+            }
+            self.applied.remove(&s.id);
+            return;
+        }
+        let update = api::UpdateContainerResourcesRequest {
+            container_id: s.id.clone(),
+            linux: Some(spec::linux_resources(c)),
+            ..Default::default()
+        };
+        match self.cri().runtime.update_container_resources(update).await {
+            Ok(_) => {
+                self.applied.insert(s.id.clone(), want);
+            }
+            Err(e) => {
+                let message = format!("Resize of container {} failed: {}", c.name, e.message());
+                self.shared.events.warning(&object, "ResizeFailed", &message).await;
+            }
+        }
+    }
+
+    /// A container's status with the resources it runs with (upstream reports them for
+    /// running containers): `resources` as given, `allocatedResources` its requests.
+    fn with_resources(&self, c: &Container, o: &Observed, mut out: Value) -> Value {
+        let Some(s) = o.latest.as_ref().filter(|s| status::is_running(s)) else { return out };
+        let given = self.applied.get(&s.id).cloned().unwrap_or_else(|| spec::resources_json(c));
+        if let Some(requests) = given.get("requests").filter(|r| r.as_object().is_some_and(|m| !m.is_empty())) {
+            out["allocatedResources"] = requests.clone();
+        }
+        out["resources"] = given;
+        out
+    }
+
     /// A container that could not be created this pass: a Failed event, its waiting
     /// reason, and another try after the first back-off step.
     async fn not_created(
@@ -816,7 +877,9 @@ impl PodWorker {
             .zip(&app)
             .map(|(c, (o, w))| {
                 let id = o.latest.as_ref().map(|s| s.id.as_str()).unwrap_or_default();
-                status::container_status(c, o, w.as_ref(), self.started(c, id), self.ready(c, id), !init_done)
+                let status =
+                    status::container_status(c, o, w.as_ref(), self.started(c, id), self.ready(c, id), !init_done);
+                self.with_resources(c, o, status)
             })
             .collect();
         let init_statuses: Vec<Value> = spec
@@ -829,7 +892,8 @@ impl PodWorker {
                     let running = o.latest.as_ref().filter(|s| status::is_running(s)).map(|s| s.id.as_str());
                     let (started, ready) =
                         running.map_or((false, false), |id| (self.started(c, id), self.ready(c, id)));
-                    return status::container_status(c, &o, self.waiting.get(&c.name), started, ready, true);
+                    let status = status::container_status(c, &o, self.waiting.get(&c.name), started, ready, true);
+                    return self.with_resources(c, &o, status);
                 }
                 // An init container that has completed counts as ready (upstream's kubelet).
                 let done = o.latest.as_ref().is_some_and(|s| status::is_exited(s) && s.exit_code == 0);

@@ -9,6 +9,7 @@ use crate::object::{default, get, get_str};
 
 mod admissionregistration;
 mod apiregistration;
+mod certificates;
 mod pod;
 mod services;
 mod workloads;
@@ -18,7 +19,11 @@ pub use admissionregistration::{
     ValidatingAdmissionPolicyStrategy, MUTATING_WEBHOOKS, POLICY_VARIABLES, VALIDATING_WEBHOOKS,
 };
 pub use apiregistration::{local_available_condition, ApiServiceStrategy};
-pub use pod::{default_pod_spec, qos_class, validate_pod_spec, PodStrategy, PodTemplateStrategy};
+pub use certificates::{
+    max_expiration_seconds, validate_signer_name, validate_user_annotations, PodCertificateRequestStrategy, KEY_TYPES,
+    MIN_MAX_EXPIRATION_SECONDS,
+};
+pub use pod::{default_pod_spec, qos_class, take_resize, validate_pod_spec, PodStrategy, PodTemplateStrategy};
 pub use services::{
     needs_cluster_ip, needs_health_check_node_port, needs_node_ports, EndpointSliceStrategy, EndpointsStrategy,
     NetworkPolicyStrategy, ServiceStrategy,

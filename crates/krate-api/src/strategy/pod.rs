@@ -194,6 +194,7 @@ pub fn validate_pod_spec(spec: &Value, path: &str, errs: &mut Errors) {
             } else if !volume_names.insert(name.to_string()) {
                 errs.push(FieldError::duplicate(format!("{path}.volumes[{i}].name"), &json!(name)));
             }
+            validate_pod_certificates(v, &format!("{path}.volumes[{i}].projected.sources"), errs);
         }
     }
     validate_ephemeral_containers(spec, path, &names, errs);
@@ -211,6 +212,42 @@ pub fn validate_pod_spec(spec: &Value, path: &str, errs: &mut Errors) {
                     });
                 }
             }
+        }
+    }
+}
+
+/// A projected volume's `podCertificate` sources: a signer name, a key type the node
+/// can make, a lifetime within the signer's bounds and at least one file to write.
+fn validate_pod_certificates(volume: &Value, path: &str, errs: &mut Errors) {
+    use super::certificates::*;
+    let Some(sources) = get(volume, &["projected", "sources"]).and_then(Value::as_array) else { return };
+    for (i, source) in sources.iter().enumerate() {
+        let Some(cert) = source.get("podCertificate") else { continue };
+        let at = format!("{path}[{i}].podCertificate");
+        let signer = get_str(cert, &["signerName"]).unwrap_or_default();
+        validate_signer_name(&format!("{at}.signerName"), signer, errs);
+        validate_user_annotations(cert.get("userAnnotations"), &format!("{at}.userAnnotations"), errs);
+        let key_type = get_str(cert, &["keyType"]).unwrap_or_default();
+        if !KEY_TYPES.contains(&key_type) {
+            errs.push(FieldError::not_supported(format!("{at}.keyType"), &json!(key_type), KEY_TYPES));
+        }
+        if let Some(max) = cert.get("maxExpirationSeconds").and_then(Value::as_i64) {
+            if max < MIN_MAX_EXPIRATION_SECONDS {
+                let detail = format!("if provided, maxExpirationSeconds must be >= {MIN_MAX_EXPIRATION_SECONDS}");
+                errs.push(FieldError::invalid(format!("{at}.maxExpirationSeconds"), &json!(max), &detail));
+            }
+            let ceiling = max_expiration_seconds(signer);
+            if max > ceiling {
+                let detail = format!("if provided, maxExpirationSeconds must be <= {ceiling}");
+                errs.push(FieldError::invalid(format!("{at}.maxExpirationSeconds"), &json!(max), &detail));
+            }
+        }
+        let paths = ["credentialBundlePath", "keyPath", "certificateChainPath"];
+        if paths.iter().all(|p| get_str(cert, &[p]).is_none_or(str::is_empty)) {
+            errs.push(FieldError::required(
+                at,
+                "specify at least one of credentialBundlePath, keyPath, and certificateChainPath",
+            ));
         }
     }
 }
@@ -359,6 +396,73 @@ fn validate_ephemeral_update(new: &Value, old: &Value, errs: &mut Errors) {
     }
 }
 
+/// The container lists a resize may change, and the fields of their containers it takes.
+const RESIZABLE_LISTS: [&str; 2] = ["containers", "initContainers"];
+const RESIZE_FIELDS: [&str; 2] = ["resources", "resizePolicy"];
+
+/// Gives each container of `pod` the resources and resize policy that `body` gives the
+/// container of the same name (what a `pods/resize` write keeps of its body).
+pub fn take_resize(pod: &mut Value, body: &Value) {
+    for list in RESIZABLE_LISTS {
+        let given = get(body, &["spec", list]).and_then(Value::as_array).cloned().unwrap_or_default();
+        for_each_mut(pod, &["spec", list], |c| {
+            let name = get_str(c, &["name"]).unwrap_or_default().to_string();
+            let Some(from) = given.iter().find(|g| get_str(g, &["name"]) == Some(name.as_str())) else { return };
+            let Some(c) = c.as_object_mut() else { return };
+            for field in RESIZE_FIELDS {
+                match from.get(field) {
+                    Some(v) => c.insert(field.into(), v.clone()),
+                    None => c.remove(field),
+                };
+            }
+        });
+    }
+}
+
+/// Upstream's ValidatePodResize, for what krate's agents can do: static pods keep their
+/// resources, the QoS class stays, and only CPU and memory change (of regular containers
+/// and sidecars; other init containers have run already).
+fn validate_resize(new: &Value, old: &Value, errs: &mut Errors) {
+    if get_str(old, &["metadata", "annotations", "kubernetes.io/config.mirror"]).is_some() {
+        errs.push(FieldError::forbidden("", "static pods cannot be resized"));
+        return;
+    }
+    let (new_spec, old_spec) = (new.get("spec").unwrap_or(&Value::Null), old.get("spec").unwrap_or(&Value::Null));
+    let new_qos = qos_class(new_spec);
+    if qos_class(old_spec) != new_qos {
+        errs.push(FieldError::invalid("spec", &json!(new_qos), "Pod QOS Class may not change as a result of resizing"));
+    }
+    // The containers without their CPU and memory: what must not have changed.
+    let rest = |c: &Value| {
+        let mut c = c.clone();
+        for which in ["requests", "limits"] {
+            if let Some(map) = crate::object::object_at(&mut c, &["resources", which]) {
+                map.remove("cpu");
+                map.remove("memory");
+                if map.is_empty() {
+                    c["resources"].as_object_mut().map(|r| r.remove(which));
+                }
+            }
+        }
+        c.as_object_mut().map(|m| m.remove("resizePolicy"));
+        c
+    };
+    for list in RESIZABLE_LISTS {
+        let containers = |spec: &Value| spec.get(list).and_then(Value::as_array).cloned().unwrap_or_default();
+        for (i, (n, o)) in containers(new_spec).iter().zip(containers(old_spec).iter()).enumerate() {
+            let sidecar = get_str(o, &["restartPolicy"]) == Some("Always");
+            if list == "initContainers" && !sidecar && n != o {
+                errs.push(FieldError::forbidden(
+                    format!("spec.initContainers[{i}].resources"),
+                    "resize is not supported for non-restartable init containers",
+                ));
+            } else if rest(n) != rest(o) {
+                errs.push(FieldError::forbidden("spec", "only cpu and memory resources are mutable"));
+            }
+        }
+    }
+}
+
 fn mutable_pod_spec_view(spec: &Value) -> Value {
     let mut view = spec.clone();
     for list in ["containers", "initContainers"] {
@@ -430,6 +534,10 @@ impl Strategy for PodStrategy {
             "ephemeralcontainers" => {
                 validate_pod_spec(new.get("spec").unwrap_or(&Value::Null), "spec", errs);
                 validate_ephemeral_update(new, old, errs);
+            }
+            "resize" => {
+                validate_pod_spec(new.get("spec").unwrap_or(&Value::Null), "spec", errs);
+                validate_resize(new, old, errs);
             }
             _ => self.validate_update(new, old, errs),
         }
@@ -531,6 +639,38 @@ mod tests {
             [
                 ("spec.securityContext.sysctls[0].name", "FieldValueInvalid"),
                 ("spec.securityContext.sysctls[3].name", "FieldValueInvalid")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_resize_takes_only_resources_and_keeps_the_qos_class() {
+        let pod = |cpu: &str, extra: Value| {
+            json!({"spec": {"containers": [{"name": "a", "image": "x:1",
+                "resources": {"requests": {"cpu": cpu, "example.com/gpu": "1"}}, "resizePolicy": extra}]}})
+        };
+        let old = pod("20m", json!([]));
+        // The body's other fields are not taken; its resources are, by container name.
+        let mut new = old.clone();
+        let mut body = pod("25m", json!([{"resourceName": "cpu", "restartPolicy": "RestartContainer"}]));
+        body["spec"]["containers"][0]["image"] = json!("y:2");
+        take_resize(&mut new, &body);
+        assert_eq!(new["spec"]["containers"][0]["image"], "x:1");
+        assert_eq!(new["spec"]["containers"][0]["resources"]["requests"]["cpu"], "25m");
+        assert_eq!(new["spec"]["containers"][0]["resizePolicy"][0]["restartPolicy"], "RestartContainer");
+        let errors = |new: &Value| {
+            let mut errs = Vec::new();
+            PodStrategy.validate_subresource_update("resize", new, &old, &mut errs);
+            errs.into_iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>()
+        };
+        assert_eq!(errors(&new), Vec::<String>::new());
+        let mut guaranteed = old.clone();
+        guaranteed["spec"]["containers"][0]["resources"] = json!({"limits": {"cpu": "20m", "memory": "1Gi"}});
+        assert_eq!(
+            errors(&guaranteed),
+            [
+                "spec: Invalid value: \"Guaranteed\": Pod QOS Class may not change as a result of resizing",
+                "spec: Forbidden: only cpu and memory resources are mutable"
             ]
         );
     }

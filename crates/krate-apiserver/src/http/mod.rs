@@ -473,6 +473,7 @@ fn target(kind: &KindInfo, path: &ResourcePath) -> ApiResult<Target> {
                 krate_api::kinds::SubresourceHandler::EphemeralContainers => {
                     Target::Generic(Subresource::EphemeralContainers)
                 }
+                krate_api::kinds::SubresourceHandler::Resize => Target::Generic(Subresource::Resize),
                 handler => Target::Handler(handler, declared.verbs),
             })
         }

@@ -45,7 +45,7 @@ impl Watcher {
                 return false;
             }
         }
-        self.opts.labels.matches(&obj.labels) && self.opts.fields.matches(|f| obj.field(f).map(str::to_string))
+        self.opts.labels.matches(&obj.labels) && registry::fields_match(&self.kind, obj, &self.opts.fields)
     }
 
     /// The event type to send for a cache event, given selector transitions.

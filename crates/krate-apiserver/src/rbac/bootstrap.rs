@@ -29,13 +29,14 @@ const UPSTREAM_POLICY: &str = include_str!("bootstrap-policy.jsonl");
 /// every k3s agent holds kube-proxy's identity), and its NetworkPolicy enforcement, so
 /// the nodes' networking identities (`system:krate:networks`, see `krate/src/join.rs`)
 /// and the service proxy's user read policies, pods and namespaces (nodes themselves
-/// see only their own pods). Nodes read ClusterTrustBundles for pods' projected volumes
-/// (upstream's system:node role grants it with the projection's feature). The certificate controller approves nodes' own serving
+/// see only their own pods). Nodes read ClusterTrustBundles and ask for
+/// PodCertificateRequests for pods' projected volumes (upstream's system:node role
+/// grants both with the projections' features; NodeRestriction keeps a node to its pods). The certificate controller approves nodes' own serving
 /// certificates and networking identities (upstream's may approve only client ones).
 const KRATE_POLICY: &str = r#"
 {"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRole","metadata":{"name":"system:krate:node-certificate-approver"},"rules":[{"apiGroups":["certificates.k8s.io"],"resources":["signers"],"resourceNames":["kubernetes.io/kubelet-serving","kubernetes.io/kube-apiserver-client"],"verbs":["approve"]}]}
 {"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"system:krate:node-certificate-approver"},"roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"system:krate:node-certificate-approver"},"subjects":[{"kind":"ServiceAccount","name":"certificate-controller","namespace":"kube-system"}]}
-{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRole","metadata":{"name":"system:krate:node-trust-bundles"},"rules":[{"apiGroups":["certificates.k8s.io"],"resources":["clustertrustbundles"],"verbs":["get","list","watch"]}]}
+{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRole","metadata":{"name":"system:krate:node-trust-bundles"},"rules":[{"apiGroups":["certificates.k8s.io"],"resources":["clustertrustbundles"],"verbs":["get","list","watch"]},{"apiGroups":["certificates.k8s.io"],"resources":["podcertificaterequests"],"verbs":["create","get","list","watch"]}]}
 {"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"system:krate:node-trust-bundles"},"roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"system:krate:node-trust-bundles"},"subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"Group","name":"system:nodes"}]}
 {"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRole","metadata":{"name":"system:krate:network-policy"},"rules":[{"apiGroups":["networking.k8s.io"],"resources":["networkpolicies"],"verbs":["get","list","watch"]},{"apiGroups":[""],"resources":["pods","namespaces"],"verbs":["get","list","watch"]}]}
 {"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"system:krate:network-policy"},"roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"system:krate:network-policy"},"subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"Group","name":"system:krate:networks"},{"apiGroup":"rbac.authorization.k8s.io","kind":"User","name":"system:kube-proxy"}]}

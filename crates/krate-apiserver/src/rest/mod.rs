@@ -160,7 +160,7 @@ pub fn handler(declared: SubresourceHandler) -> &'static dyn Handler {
         H::Review => &reviews::Review,
         H::ResourceMetrics => &resourcemetrics::ResourceMetrics,
         // The generic path serves it (`http::target`); nothing routes it here.
-        H::Approval | H::EphemeralContainers => &Unrouted,
+        H::Approval | H::EphemeralContainers | H::Resize => &Unrouted,
     }
 }
 
