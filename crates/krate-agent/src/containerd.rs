@@ -189,6 +189,39 @@ pub async fn stop(dir: &Path) {
     unsafe { libc::kill(pid, libc::SIGKILL) };
 }
 
+/// Mounts image `image` (a name or ID in CRI's image store) read-only at `target`, as a
+/// view of its unpacked layers (containerd's `ctr images mount`; the view's key is the
+/// target, so `unmount_image` finds it).
+pub async fn mount_image(socket: &Path, image: &str, target: &Path) -> Result<()> {
+    let out = tokio::process::Command::new("ctr")
+        .arg("--address")
+        .arg(socket)
+        .args(["--namespace", CRI_NAMESPACE, "images", "mount", image])
+        .arg(target)
+        .output()
+        .await
+        .context("running ctr (from the containerd package)")?;
+    if !out.status.success() {
+        bail!("mounting image {image}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Unmounts what `mount_image` mounted at `target` and removes its view.
+pub fn unmount_image(socket: &Path, target: &Path) -> Result<()> {
+    let out = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(socket)
+        .args(["--namespace", CRI_NAMESPACE, "images", "unmount", "--rm"])
+        .arg(target)
+        .output()
+        .context("running ctr (from the containerd package)")?;
+    if !out.status.success() {
+        bail!("unmounting image volume {}: {}", target.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
 /// Imports an OCI/docker archive into CRI's image store with containerd's `ctr`.
 pub async fn import_archive(socket: &Path, archive: &Path) -> Result<()> {
     let out = tokio::process::Command::new("ctr")

@@ -19,6 +19,8 @@ pub struct Cri {
     pub runtime: RuntimeServiceClient<Channel>,
     pub images: ImageServiceClient<Channel>,
     channel: Channel,
+    /// Where the runtime listens (containerd's own API shares it: image volumes).
+    pub socket: PathBuf,
 }
 
 async fn channel(socket: &Path) -> Result<Channel> {
@@ -42,6 +44,7 @@ impl Cri {
             runtime: RuntimeServiceClient::new(channel.clone()),
             images: ImageServiceClient::new(channel.clone()),
             channel,
+            socket: socket.to_path_buf(),
         };
         let version = cri
             .runtime

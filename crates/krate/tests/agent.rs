@@ -1591,3 +1591,32 @@ async fn a_resized_container_gets_its_new_cpu_and_memory_in_place() {
         .unwrap_err();
     assert!(err.to_string().contains("Pod QOS Class may not change as a result of resizing"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_volume_shows_the_image_files_read_only_and_goes_with_its_pod() {
+    let registry = TestRegistry::start();
+    let server = server_with_agent(&[&registry], 17, &[]);
+    let client = server.client().await;
+    wait_node_ready(&client, &server).await;
+    let script = "ls /v/test-server; touch /v/new 2>&1; true";
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "reader"}, "spec": {
+        "restartPolicy": "Never",
+        "volumes": [{"name": "v", "image": {"reference": registry.image("test-server"), "pullPolicy": "Always"}}],
+        "containers": [{"name": "c", "image": registry.image("busybox"), "command": ["sh", "-c", script],
+            "volumeMounts": [{"name": "v", "mountPath": "/v"}]}]}});
+    server.create(&pod.to_string());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    eventually(90, "the pod to succeed", || async {
+        (pods.get("reader").await.ok()?.status?.phase.as_deref() == Some("Succeeded")).then_some(())
+    })
+    .await;
+    let logs = server.kubectl_ok(&["logs", "reader"]);
+    assert_eq!(logs, "/v/test-server\ntouch: /v/new: Read-only file system\n", "the image's files, read-only");
+    let views = || containerd_list(&server, "snapshots", false);
+    assert!(views().contains("volumes"), "the image's view is a snapshot: {}", views());
+    pods.delete("reader", &DeleteParams::default()).await.unwrap();
+    eventually(60, "the image volume's view removed with the pod", || async {
+        (!views().contains("volumes")).then_some(())
+    })
+    .await;
+}

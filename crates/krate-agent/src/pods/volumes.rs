@@ -4,8 +4,10 @@
 //! `medium: Memory`), hostPath (with its type checks), configMap, secret, downwardAPI and
 //! projected (files written atomically: a new timestamped directory, then the `..data`
 //! link swapped, so a container never reads half an update; podCertificate sources are
-//! `certificates.rs`), and persistentVolumeClaim bound to hostPath or local
-//! PersistentVolumes.
+//! `certificates.rs`), persistentVolumeClaim bound to hostPath or local
+//! PersistentVolumes, and image (an image's files, read-only: the worker pulls it and
+//! `mount_image` mounts containerd's view of it; a marker beside the volume says to
+//! remove that view when the pod goes).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -309,6 +311,12 @@ async fn set_up(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, rt: &R
         }
         return Ok(path);
     }
+    if v.image.is_some() {
+        if !is_mount_point(&path) {
+            bail!("image volume {:?} is not mounted yet", v.name);
+        }
+        return Ok(path);
+    }
     if let Some(h) = &v.host_path {
         let host = PathBuf::from(&h.path);
         check_host_path(&host, h.type_.as_deref().unwrap_or(""))?;
@@ -584,10 +592,42 @@ pub fn termination_message(root: &Path, uid: &str, container: &str, attempt: u32
 }
 
 /// Removes the pod's volume directories (unmounting tmpfs volumes first).
-pub fn tear_down(root: &Path, uid: &str) {
+/// The marker of image volume `volume` in pod directory `dir`.
+fn image_marker(dir: &Path, volume: &str) -> PathBuf {
+    dir.join(format!(".image-{volume}"))
+}
+
+/// Whether image volume `volume` of pod `uid` is mounted.
+pub fn image_mounted(root: &Path, uid: &str, volume: &str) -> bool {
+    is_mount_point(&pod_dir(root, uid).join(volume))
+}
+
+/// Mounts image `image_id` (pulled) as volume `volume` of pod `uid`.
+pub async fn mount_image(socket: &Path, root: &Path, uid: &str, volume: &str, image_id: &str) -> Result<()> {
+    let dir = pod_dir(root, uid);
+    let path = dir.join(volume);
+    if is_mount_point(&path) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&path)?;
+    std::fs::write(image_marker(&dir, volume), image_id)?;
+    crate::containerd::mount_image(socket, image_id, &path).await
+}
+
+/// Unmounts and removes the volumes of pod `uid` (image volumes' views with them).
+pub fn tear_down(root: &Path, uid: &str, runtime_socket: &Path) {
     let dir = pod_dir(root, uid);
     let Ok(entries) = std::fs::read_dir(&dir) else { return };
-    for entry in entries.flatten() {
+    let entries: Vec<_> = entries.flatten().collect();
+    for entry in &entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(volume) = name.strip_prefix(".image-") {
+            if let Err(e) = crate::containerd::unmount_image(runtime_socket, &dir.join(volume)) {
+                tracing::warn!(error = %format!("{e:#}"), "removing an image volume failed");
+            }
+        }
+    }
+    for entry in entries {
         let path = entry.path();
         if is_mount_point(&path) {
             if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {

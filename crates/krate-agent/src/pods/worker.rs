@@ -646,7 +646,11 @@ impl PodWorker {
                 return;
             }
         };
-        let volumes = match volumes::set_up_all(&self.shared.client, pod, &self.shared.volume_root, rt).await {
+        let set_up = async {
+            self.mount_image_volumes(pod, sandbox.config, &object).await?;
+            volumes::set_up_all(&self.shared.client, pod, &self.shared.volume_root, rt).await
+        };
+        let volumes = match set_up.await {
             Ok(v) => v,
             Err(e) => {
                 let message = format!("{e:#}");
@@ -785,6 +789,32 @@ impl PodWorker {
         {
             tracing::warn!(container = %s.id, error = %e.message(), "stopping an unhealthy container failed");
         }
+    }
+
+    /// Pulls the images of the pod's image volumes (by their pull policies) and mounts
+    /// them, once per pod.
+    async fn mount_image_volumes(
+        &self,
+        pod: &Pod,
+        sandbox: &api::PodSandboxConfig,
+        object: &ObjectReference,
+    ) -> anyhow::Result<()> {
+        let shared = &self.shared;
+        for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+            let Some(image) = &v.image else { continue };
+            if volumes::image_mounted(&shared.volume_root, &self.uid, &v.name) {
+                continue;
+            }
+            let failed =
+                |e: anyhow::Error| anyhow::anyhow!("MountVolume.SetUp failed for volume \"{}\" : {e:#}", v.name);
+            let reference = image.reference.as_deref().unwrap_or_default();
+            let auth = crate::images::pull_auth(&shared.client, pod, reference).await.unwrap_or(None);
+            let policy = image.pull_policy.as_deref();
+            let id = crate::images::ensure(shared, reference, policy, auth, sandbox, object).await.map_err(failed)?;
+            let (root, socket) = (&shared.volume_root, &shared.cri.socket);
+            volumes::mount_image(socket, root, &self.uid, &v.name, &id).await.map_err(failed)?;
+        }
+        Ok(())
     }
 
     /// Applies a resize (upstream's in-place pod vertical scaling): a running container
@@ -1071,7 +1101,7 @@ impl PodWorker {
         for c in &containers {
             self.shared.disown(&c.id);
         }
-        volumes::tear_down(&self.shared.volume_root, &self.uid);
+        volumes::tear_down(&self.shared.volume_root, &self.uid, &self.shared.cri.socket);
     }
 
     /// Stops the pod's running containers: each one's preStop hook, then SIGTERM, then

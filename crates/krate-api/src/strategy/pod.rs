@@ -24,15 +24,23 @@ fn default_probe(probe: &mut Value) {
     }
 }
 
+/// Upstream's default pull policy of an image (containers' and image volumes'): Always
+/// for ":latest" or untagged images, IfNotPresent otherwise.
+fn default_pull_policy(image: &str) -> &'static str {
+    let last = image.rsplit('/').next().unwrap_or_default();
+    let tagged = last.contains(':') && !last.ends_with(":latest");
+    if tagged || image.contains('@') {
+        "IfNotPresent"
+    } else {
+        "Always"
+    }
+}
+
 fn default_container(c: &mut Value) {
     default(c, &["terminationMessagePath"], json!("/dev/termination-log"));
     default(c, &["terminationMessagePolicy"], json!("File"));
     default(c, &["resources"], json!({}));
-    // Upstream: Always for ":latest" or untagged images, IfNotPresent otherwise.
-    let image = get_str(c, &["image"]).unwrap_or_default();
-    let last = image.rsplit('/').next().unwrap_or_default();
-    let tagged = last.contains(':') && !last.ends_with(":latest");
-    let policy = if tagged || image.contains('@') { "IfNotPresent" } else { "Always" };
+    let policy = default_pull_policy(get_str(c, &["image"]).unwrap_or_default());
     default(c, &["imagePullPolicy"], json!(policy));
     for_each_mut(c, &["ports"], |p| default(p, &["protocol"], json!("TCP")));
     for_each_mut(c, &["env"], |e| {
@@ -86,6 +94,9 @@ pub fn default_pod_spec(spec: &mut Value) {
         }
         if v.get("hostPath").is_some() {
             default(v, &["hostPath", "type"], json!(""));
+        }
+        if let Some(reference) = get_str(v, &["image", "reference"]).map(str::to_string) {
+            default(v, &["image", "pullPolicy"], json!(default_pull_policy(&reference)));
         }
     });
 }
