@@ -84,20 +84,18 @@ pub fn validate_signer_name(field: &str, signer: &str, errs: &mut Errors) {
 }
 
 /// Keys of `unverifiedUserAnnotations` (and a projection's `userAnnotations`) must be
-/// domain-prefixed (`example.com/key`).
+/// label keys with a prefix (`example.com/key`), case aside (upstream's
+/// IsDomainPrefixedKey).
 pub fn validate_user_annotations(annotations: Option<&Value>, field: &str, errs: &mut Errors) {
     let Some(Value::Object(map)) = annotations else { return };
     for key in map.keys() {
         let lower = key.to_lowercase();
-        let ok = lower.split_once('/').is_some_and(|(prefix, name)| {
-            prefix.contains('.') && validation::is_dns1123_subdomain(prefix).is_empty() && !name.is_empty()
-        });
-        if !ok {
-            errs.push(FieldError::invalid(
-                field,
-                &json!(lower),
-                "must be a domain-prefixed path (such as \"acme.io/foo\")",
-            ));
+        let msgs = validation::is_qualified_name(&lower);
+        if !msgs.is_empty() {
+            errs.extend(msgs.iter().map(|msg| FieldError::invalid(field, &json!(lower), msg)));
+        } else if lower.split('/').count() != 2 {
+            let detail = "must be a domain-prefixed key (such as \"acme.io/foo\")";
+            errs.push(FieldError::invalid(field, &json!(lower), detail));
         }
     }
 }
@@ -461,6 +459,13 @@ mod tests {
         assert_eq!(
             errors(|e| PodCertificateRequestStrategy.validate(&unsigned, e)),
             ["spec.stubPKCS10Request: Invalid value: invalid signature"]
+        );
+        // Keys are prefixed label keys (the e2e signer's own is `spiffe/path-overriding`).
+        let mut annotated = ok.clone();
+        annotated["spec"]["unverifiedUserAnnotations"] = json!({"spiffe/path-overriding": "/x", "plain": "y"});
+        assert_eq!(
+            errors(|e| PodCertificateRequestStrategy.validate(&annotated, e)),
+            ["spec.unverifiedUserAnnotations: Invalid value: \"plain\": must be a domain-prefixed key (such as \"acme.io/foo\")"]
         );
         let mut bad_signer = ok;
         bad_signer["spec"]["signerName"] = json!("signer");
