@@ -171,6 +171,8 @@ impl ApiServer {
         if let Some(rbac) = &rbac {
             rbac::escalation::register(&mut hooks, rbac.clone(), authorizer.clone());
         }
+        let signers = Arc::new(rest::PodCertificateHooks { authorizer: authorizer.clone() });
+        hooks.register::<k8s_openapi::api::certificates::v1::PodCertificateRequest>(signers);
         let server = Arc::new(Self {
             authorizer,
             storage: Storage::new(store, cache, kinds, settings.admission.clone(), hooks),

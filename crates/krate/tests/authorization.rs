@@ -822,3 +822,69 @@ async fn a_claim_in_use_stays_until_its_pod_goes() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn only_a_user_who_may_sign_for_its_signer_answers_a_pod_certificate_request() {
+    use base64::Engine;
+    let server = TestServer::start();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let stub = params.serialize_request(&key).unwrap();
+    let request = json!({"apiVersion": "certificates.k8s.io/v1", "kind": "PodCertificateRequest",
+        "metadata": {"name": "req", "namespace": "default"},
+        "spec": {"signerName": "example.com/signer", "podName": "p", "podUID": "u1", "serviceAccountName": "default",
+            "serviceAccountUID": "u2", "nodeName": "n", "nodeUID": "u3",
+            "stubPKCS10Request": base64::engine::general_purpose::STANDARD.encode(stub.der())}});
+    server.create(&request.to_string());
+    // bob may write the status of PodCertificateRequests, and nothing about signers.
+    server.kubectl_ok(&["create", "serviceaccount", "bob"]);
+    server.kubectl_ok(&[
+        "create",
+        "clusterrole",
+        "pcr-status",
+        "--verb=get,update",
+        "--resource=podcertificaterequests.certificates.k8s.io/status",
+    ]);
+    server.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "bob-pcr-status",
+        "--clusterrole=pcr-status",
+        "--serviceaccount=default:bob",
+    ]);
+    let mut denied = server.get_json(&["podcertificaterequest", "req"]);
+    denied["status"] = json!({"conditions": [{"type": "Denied", "status": "True", "reason": "Policy",
+        "message": "not for this pod", "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
+    let as_bob = ["--as", "system:serviceaccount:default:bob"];
+    let answer = |server: &TestServer| {
+        let mut all: Vec<&str> = as_bob.to_vec();
+        all.extend(["replace", "--subresource=status", "-f", "-"]);
+        server.kubectl_stdin(&all, Some(&denied.to_string()))
+    };
+    let out = answer(&server);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(r#"spec.signerName: Forbidden: User "system:serviceaccount:default:bob" is not permitted to "sign" for signer "example.com/signer""#),
+        "{stderr}"
+    );
+    // `sign` for the signer's domain (`example.com/*`) makes bob a signer.
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "signer"},
+        "rules": [{"apiGroups": ["certificates.k8s.io"], "resources": ["signers"], "resourceNames": ["example.com/*"],
+            "verbs": ["sign"]}]});
+    server.create(&role.to_string());
+    server.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "bob-signs",
+        "--clusterrole=signer",
+        "--serviceaccount=default:bob",
+    ]);
+    let signed =
+        eventually(10, "bob to answer as a signer", || async { answer(&server).status.success().then_some(()) });
+    signed.await;
+    let stored = server.get_json(&["podcertificaterequest", "req"]);
+    assert_eq!(stored["status"]["conditions"][0]["reason"], "Policy");
+    assert_eq!(stored["spec"]["maxExpirationSeconds"], 86400, "defaulted");
+}

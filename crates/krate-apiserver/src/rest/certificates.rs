@@ -4,6 +4,7 @@
 //! be a PEM `CERTIFICATE REQUEST` with a signer named. Writes of its conditions (through
 //! `approval`, which the generic path serves as `Subresource::Approval`, or `status`)
 //! are checked here: Approved and Denied exclude each other, timestamps are filled.
+//! PodCertificateRequests are answered only by who may `sign` for their signer.
 
 use base64::Engine;
 use krate_api::{object, ApiError, ApiResult, FieldError};
@@ -151,6 +152,49 @@ impl Hooks for CsrHooks {
             return Err(invalid(new, &errors));
         }
         Ok(())
+    }
+}
+
+/// PodCertificateRequests: only a signer may answer one. A status write that changes
+/// the status needs the `sign` verb on `signers` for the request's signer name (or
+/// its `<domain>/*`), as upstream's status strategy asks of its authorizer.
+pub struct PodCertificateHooks {
+    pub authorizer: std::sync::Arc<crate::authz::Chain>,
+}
+
+impl PodCertificateHooks {
+    fn may_sign(&self, request: &crate::request::RequestAttributes, signer: &str) -> bool {
+        let domain_wildcard = format!("{}/*", signer.split('/').next().unwrap_or_default());
+        for name in [signer, domain_wildcard.as_str()] {
+            let verb = crate::request::Verb::parse("sign");
+            let user = request.user.clone();
+            let attrs = crate::request::RequestAttributes::resource(user, verb, GROUP, "signers", "", "", name);
+            if self.authorizer.allows(&attrs) {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+#[async_trait::async_trait]
+impl Hooks for PodCertificateHooks {
+    async fn begin_update(&self, _: &Storage, old: &Value, new: &mut Value, opts: &WriteOptions) -> ApiResult<()> {
+        let Some(request) = opts.request.as_deref() else { return Ok(()) };
+        if old.get("status") == new.get("status") {
+            return Ok(());
+        }
+        let signer = object::get_str(old, &["spec", "signerName"]).unwrap_or_default();
+        if self.may_sign(request, signer) {
+            return Ok(());
+        }
+        let why = format!("User {:?} is not permitted to \"sign\" for signer {signer:?}", request.user.name);
+        Err(ApiError::invalid(
+            GROUP,
+            "PodCertificateRequest",
+            object::name(old),
+            &[FieldError::forbidden("spec.signerName", &why)],
+        ))
     }
 }
 

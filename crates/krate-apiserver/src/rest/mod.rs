@@ -28,7 +28,7 @@ use crate::ApiServer;
 mod certificates;
 mod componentstatuses;
 mod namespaces;
-pub use certificates::CsrHooks;
+pub use certificates::{CsrHooks, PodCertificateHooks};
 pub mod pods;
 pub(crate) mod proxy;
 pub mod resourcemetrics;
