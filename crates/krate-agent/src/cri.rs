@@ -34,6 +34,12 @@ async fn channel(socket: &Path) -> Result<Channel> {
         .await?)
 }
 
+/// Whether process `pid` holds file `path` open.
+pub fn holds_open(pid: i32, path: &Path) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == path))
+}
+
 impl Cri {
     /// Connects and asks the runtime its version (so a socket nobody serves fails here).
     pub async fn connect(socket: &Path) -> Result<(Cri, api::VersionResponse)> {
@@ -53,6 +59,24 @@ impl Cri {
             .context("asking the container runtime its CRI version")?
             .into_inner();
         Ok((cri, version))
+    }
+
+    /// The process serving the runtime's socket (SO_PEERCRED of a connection to it).
+    pub fn runtime_pid(&self) -> Option<i32> {
+        use std::os::fd::AsRawFd;
+        let stream = std::os::unix::net::UnixStream::connect(&self.socket).ok()?;
+        let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                &mut cred as *mut libc::ucred as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        (rc == 0 && cred.pid > 0).then_some(cred.pid)
     }
 
     /// The sandboxes carrying all of `labels`.
@@ -164,5 +188,22 @@ pub mod events {
                 _ => None,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_is_held_open_by_the_process_that_opened_it_until_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        let file = std::fs::File::create(&path).unwrap();
+        let me = std::process::id() as i32;
+        let path = std::fs::canonicalize(&path).unwrap();
+        assert!(holds_open(me, &path));
+        drop(file);
+        assert!(!holds_open(me, &path));
     }
 }

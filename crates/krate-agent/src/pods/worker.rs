@@ -67,6 +67,8 @@ pub(super) struct PodWorker {
     /// Consecutive failed passes (runtime errors): the next retry waits 2^n s, ≤ 60 s.
     failures: u32,
     probers: Probers,
+    /// Exited containers (by id) whose logs the runtime has finished writing.
+    logs_written: std::collections::HashSet<String>,
     /// The resources each running container (by id) was given, as the pod spec states
     /// them: what its status reports, and what a resize is measured against.
     applied: HashMap<String, Value>,
@@ -194,6 +196,7 @@ impl PodWorker {
             failures: 0,
             probers: Probers::default(),
             applied: HashMap::new(),
+            logs_written: Default::default(),
         }
     }
 
@@ -536,6 +539,8 @@ impl PodWorker {
         let current: std::collections::HashSet<&str> =
             observed.values().filter_map(|o| o.latest.as_ref()).map(|s| s.id.as_str()).collect();
         self.applied.retain(|id, _| current.contains(id.as_str()));
+        self.logs_written.retain(|id| current.contains(id.as_str()));
+        self.await_logs(&observed).await;
         self.publish(pod, &observed, init_done, init_failed, &pod_ip, None).await?;
         if self.is_terminal() {
             let _ =
@@ -788,6 +793,33 @@ impl PodWorker {
             .await
         {
             tracing::warn!(container = %s.id, error = %e.message(), "stopping an unhealthy container failed");
+        }
+    }
+
+    /// Waits (up to 2 s) for the runtime to finish writing the logs of containers that
+    /// just exited: containerd marks a container exited while its CRI plugin may still
+    /// be copying the last output into the log file, which it holds open until done. A
+    /// status saying the container finished is read as "its logs are complete" (a
+    /// client reads them next), so it waits for the file to be closed.
+    async fn await_logs(&mut self, observed: &HashMap<String, Observed>) {
+        let exited: Vec<&api::ContainerStatus> = observed
+            .values()
+            .filter_map(|o| o.latest.as_ref())
+            .filter(|s| status::is_exited(s) && !s.log_path.is_empty() && !self.logs_written.contains(&s.id))
+            .collect();
+        if exited.is_empty() {
+            return;
+        }
+        let runtime = self.shared.cri.runtime_pid();
+        for s in exited {
+            if let Some(pid) = runtime {
+                let path = std::fs::canonicalize(&s.log_path).unwrap_or_else(|_| s.log_path.clone().into());
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while crate::cri::holds_open(pid, &path) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            self.logs_written.insert(s.id.clone());
         }
     }
 
