@@ -1577,6 +1577,10 @@ async fn a_resized_container_gets_its_new_cpu_and_memory_in_place() {
     assert_eq!(status["restartCount"], 0, "resized in place: {status}");
     assert_eq!(cgroup("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), "3500");
     assert_eq!(cgroup("/sys/fs/cgroup/memory/memory.limit_in_bytes"), (50u64 << 20).to_string());
+    // GET on pods/resize answers the pod itself.
+    let request = http::Request::get("/api/v1/namespaces/default/pods/elastic/resize").body(Vec::new()).unwrap();
+    let via_resize: Pod = client.request(request).await.unwrap();
+    assert_eq!(via_resize, pods.get("elastic").await.unwrap());
     // Only resources go through pods/resize; the QoS class stays.
     let upgrade = json!({"spec": {"containers": [{"name": "c",
         "resources": {"requests": {"cpu": "35m", "memory": "50Mi"}, "limits": {"cpu": "35m", "memory": "50Mi"}}}]}});
