@@ -112,10 +112,18 @@ fn api_for(client: &kube::Client, item: &Item) -> Api<DynamicObject> {
     }
 }
 
-async fn delete(client: &kube::Client, item: &Item, uid: &str, policy: PropagationPolicy) {
+/// Deletes `item` if it still is object `uid` (and, with `resource_version`, unchanged
+/// since it was read: a change in between is decided on again when its event comes).
+async fn delete(
+    client: &kube::Client,
+    item: &Item,
+    uid: &str,
+    resource_version: Option<String>,
+    policy: PropagationPolicy,
+) {
     let params = DeleteParams {
         propagation_policy: Some(policy),
-        preconditions: Some(kube::api::Preconditions { uid: Some(uid.to_string()), resource_version: None }),
+        preconditions: Some(kube::api::Preconditions { uid: Some(uid.to_string()), resource_version }),
         ..Default::default()
     };
     match api_for(client, item).delete(&item.name, &params).await {
@@ -195,7 +203,7 @@ async fn process(client: &kube::Client, kinds: &Kinds, graph: &Graph, uid: &str)
                 return;
             }
         }
-        delete(client, item, uid, PropagationPolicy::Background).await;
+        delete(client, item, uid, live.resource_version(), PropagationPolicy::Background).await;
         return;
     }
     if !item.deleting {
@@ -219,9 +227,24 @@ async fn process(client: &kube::Client, kinds: &Kinds, graph: &Graph, uid: &str)
             return;
         }
         for (d, dep) in blocking {
+            // Decided on the live dependent: an owner added since the event the graph
+            // holds (a second owner given just before this deletion) must count.
+            let live = match api_for(client, dep).get(&dep.name).await {
+                Ok(obj) if obj.uid().as_deref() == Some(d.as_str()) => obj,
+                _ => continue,
+            };
             // Another owner still holds it: it stays, without its references to the
             // owners being deleted (upstream's "solid" owner).
-            let solid = dep.owners.iter().any(|o| o != uid && graph.items.get(o).is_some_and(|owner| !owner.deleting));
+            let mut solid = false;
+            for owner in live.owner_references().iter().filter(|o| o.uid != uid) {
+                solid = match graph.items.get(&owner.uid) {
+                    Some(known) => !known.deleting,
+                    None => !owner_gone(client, kinds, dep.namespace.as_deref(), owner).await,
+                };
+                if solid {
+                    break;
+                }
+            }
             if solid {
                 let waiting = |r: &OwnerReference| r.uid == uid || graph.items.get(&r.uid).is_some_and(|o| o.deleting);
                 rewrite_owner_references(client, dep, |refs| refs.iter().filter(|r| !waiting(r)).cloned().collect())
@@ -236,7 +259,7 @@ async fn process(client: &kube::Client, kinds: &Kinds, graph: &Graph, uid: &str)
                 rewrite_owner_references(client, dep, |refs| refs.iter().map(unblocked).collect()).await;
             }
             if !dep.deleting {
-                delete(client, dep, d, PropagationPolicy::Foreground).await;
+                delete(client, dep, d, live.resource_version(), PropagationPolicy::Foreground).await;
             }
         }
     }

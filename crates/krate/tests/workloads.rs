@@ -903,3 +903,38 @@ async fn a_daemonset_rolled_back_mid_rollout_restarts_only_the_pods_the_rollout_
     assert_eq!(numbers.len(), 2, "{numbers:?}");
     assert_eq!(numbers[&initial.name_any()], 3, "the first template's revision moves past the update's: {numbers:?}");
 }
+
+#[tokio::test]
+async fn a_replication_controllers_pods_with_a_second_owner_outlive_its_foreground_deletion() {
+    // The conformance case itself: 100 running pods of an RC, half given a second RC
+    // as owner, then the first deleted in the foreground at once. (Under the load of a
+    // conformance run the collector once acted on a graph that had not seen 13 of the
+    // second references yet; it now decides on each dependent as read live.)
+    let server = TestServer::start();
+    let _nodes = HollowNodes::start(&server, "gc", 2, &[]);
+    let client = server.client().await;
+    let rc = |name: &str, replicas: u32| {
+        format!("apiVersion: v1\nkind: ReplicationController\nmetadata: {{name: {name}}}\nspec:\n  replicas: {replicas}\n  selector: {{app: {name}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec: {{containers: [{{name: c, image: nginx}}]}}\n")
+    };
+    server.create(&rc("going", 100));
+    server.create(&rc("staying", 0));
+    let rcs: Api<k8s_openapi::api::core::v1::ReplicationController> = Api::namespaced(client.clone(), "default");
+    let staying = rcs.get("staying").await.unwrap().uid().unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let all = running_pods(&pods, "app=going", 100).await;
+    let second = json!([{"op": "add", "path": "/metadata/ownerReferences/-",
+        "value": {"apiVersion": "v1", "kind": "ReplicationController", "name": "staying", "uid": staying}}]);
+    for pod in &all[..50] {
+        let patch: kube::api::Patch<()> = kube::api::Patch::Json(serde_json::from_value(second.clone()).unwrap());
+        pods.patch(&pod.name_any(), &kube::api::PatchParams::default(), &patch).await.unwrap();
+    }
+    let foreground =
+        DeleteParams { propagation_policy: Some(kube::api::PropagationPolicy::Foreground), ..Default::default() };
+    rcs.delete("going", &foreground).await.unwrap();
+    eventually(90, "the RC gone", || async { rcs.get_opt("going").await.ok()?.is_none().then_some(()) }).await;
+    let left = pods.list(&ListParams::default().labels("app=going")).await.unwrap().items;
+    let kept: Vec<String> =
+        left.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).map(|p| p.name_any()).collect();
+    let held: HashSet<String> = all[..50].iter().map(|p| p.name_any()).collect();
+    assert_eq!(kept.iter().cloned().collect::<HashSet<_>>(), held, "exactly the pods the second RC holds stay");
+}
