@@ -139,7 +139,13 @@ where
         lines = lines.split_off(lines.len().saturating_sub(n));
     }
     let mut carry = String::new();
-    if let Some(b) = send(render(&lines, &opts, &mut carry), &mut budget) {
+    let mut first = render(&lines, &opts, &mut carry);
+    if !opts.follow {
+        // A last line the container left unfinished (`echo -n`, output without a final
+        // newline) is part of its log, as upstream's kubelet writes it.
+        first.push_str(&std::mem::take(&mut carry));
+    }
+    if let Some(b) = send(first, &mut budget) {
         if tx.send(b).await.is_err() {
             return;
         }
@@ -171,9 +177,13 @@ where
         if tx.is_closed() {
             return;
         }
-        // Every second of quiet, ask whether the container still runs.
+        // Every second of quiet, ask whether the container still runs; when it has
+        // stopped, what it left unfinished ends the stream.
         idle += 1;
         if idle.is_multiple_of(5) && !running().await {
+            if let Some(b) = send(std::mem::take(&mut carry), &mut budget) {
+                let _ = tx.send(b).await;
+            }
             return;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -231,5 +241,26 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(8);
         stream(path, LogOptions { limit_bytes: Some(5), ..Default::default() }, tx, || async { false }).await;
         assert_eq!(rx.recv().await.unwrap(), Bytes::from("one\nt"));
+    }
+
+    #[tokio::test]
+    async fn output_without_a_final_newline_is_in_the_log() {
+        // `cat` of files without newlines: the runtime writes the output as a partial
+        // ("P") entry, and nothing completes it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        std::fs::write(&path, "2026-11-23T10:00:00Z stdout F first\n2026-11-23T10:00:01Z stdout P podsecret\n")
+            .unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        stream(path.clone(), LogOptions::default(), tx, || async { false }).await;
+        assert_eq!(rx.recv().await.unwrap(), Bytes::from("first\npodsecret"));
+        // Following a container that has stopped ends with it too.
+        let (tx, mut rx) = mpsc::channel(8);
+        stream(path, LogOptions { follow: true, ..Default::default() }, tx, || async { false }).await;
+        let mut all = Vec::new();
+        while let Some(b) = rx.recv().await {
+            all.extend_from_slice(&b);
+        }
+        assert_eq!(all, b"first\npodsecret");
     }
 }
