@@ -23,6 +23,9 @@ use super::{admission, dns, env, spec, volumes, Shared};
 use crate::cri::api;
 
 const BACKOFF_START: Duration = Duration::from_secs(10);
+/// How long a just exited container's status may wait for the runtime to finish its log
+/// (a loaded node's containerd took over 2 s to copy 1.3 MB of output).
+const LOG_CLOSE_WAIT: Duration = Duration::from_secs(10);
 /// How long a postStart hook may run.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
@@ -796,7 +799,7 @@ impl PodWorker {
         }
     }
 
-    /// Waits (up to 2 s) for the runtime to finish writing the logs of containers that
+    /// Waits (up to LOG_CLOSE_WAIT) for the runtime to finish writing the logs of containers that
     /// just exited: containerd marks a container exited while its CRI plugin may still
     /// be copying the last output into the log file, which it holds open until done. A
     /// status saying the container finished is read as "its logs are complete" (a
@@ -814,7 +817,7 @@ impl PodWorker {
         for s in exited {
             if let Some(pid) = runtime {
                 let path = std::fs::canonicalize(&s.log_path).unwrap_or_else(|_| s.log_path.clone().into());
-                let deadline = Instant::now() + Duration::from_secs(2);
+                let deadline = Instant::now() + LOG_CLOSE_WAIT;
                 while crate::cri::holds_open(pid, &path) && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
