@@ -1556,15 +1556,14 @@ async fn a_resized_container_gets_its_new_cpu_and_memory_in_place() {
 
     let resize = json!({"spec": {"containers": [{"name": "c",
         "resources": {"requests": {"cpu": "25m", "memory": "40Mi"}, "limits": {"cpu": "35m", "memory": "50Mi"}}}]}});
-    let patched = pods
-        .patch_subresource(
-            "resize",
-            "elastic",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Strategic(resize),
-        )
-        .await
-        .unwrap();
+    let resize_to = |body: serde_json::Value| {
+        let pods = pods.clone();
+        async move {
+            let patch = kube::api::Patch::Strategic(body);
+            pods.patch_subresource("resize", "elastic", &kube::api::PatchParams::default(), &patch).await
+        }
+    };
+    let patched = resize_to(resize).await.unwrap();
     assert_eq!(patched.metadata.generation, Some(2), "a resize is a spec change");
     let status = eventually(60, "the resize applied and reported", || async {
         let pod = pods.get("elastic").await.ok()?;
@@ -1584,15 +1583,7 @@ async fn a_resized_container_gets_its_new_cpu_and_memory_in_place() {
     // Only resources go through pods/resize; the QoS class stays.
     let upgrade = json!({"spec": {"containers": [{"name": "c",
         "resources": {"requests": {"cpu": "35m", "memory": "50Mi"}, "limits": {"cpu": "35m", "memory": "50Mi"}}}]}});
-    let err = pods
-        .patch_subresource(
-            "resize",
-            "elastic",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Strategic(upgrade),
-        )
-        .await
-        .unwrap_err();
+    let err = resize_to(upgrade).await.unwrap_err();
     assert!(err.to_string().contains("Pod QOS Class may not change as a result of resizing"), "{err}");
 }
 
